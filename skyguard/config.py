@@ -1,0 +1,22 @@
+"""Where skyguard keeps its state on the host: one place for every default path.
+
+Each can be overridden by an environment variable so tests and parallel labs do not collide.
+"""
+
+import os
+from pathlib import Path
+
+# Daemon state: host key, sealed store, signed log, learned DNS state. Mode 0700.
+STATE_DIR = Path(os.environ.get("SKYGUARD_STATE_DIR", "/var/lib/skyguard"))
+# Runtime files: the control socket (root only) and the pid file.
+RUN_DIR = Path(os.environ.get("SKYGUARD_RUN_DIR", "/run/skyguard"))
+# Pinned maps and programs in bpffs, so enforcement survives a daemon crash and is re-adopted.
+PIN_DIR = Path(os.environ.get("SKYGUARD_PIN_DIR", "/sys/fs/bpf/skyguard"))
+# Lab namespaces get this prefix (empty by default, so they are named after the workloads).
+LAB_PREFIX = os.environ.get("SKYGUARD_LAB_PREFIX", "")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BPF_DIR = REPO_ROOT / "bpf"
+POLICIES_DIR = REPO_ROOT / "policies"
+DEFAULT_POLICY = POLICIES_DIR / "keysystems.yaml"
+DEFAULT_METRICS_ADDR = "127.0.0.1:9464"

@@ -1,0 +1,148 @@
+"""The policy as typed, validated, immutable values: what every other part consumes.
+
+This module only defines shapes. Parsing YAML into them (with file:line errors) is parse.py's
+job; turning them into BPF map entries is the datapath compiler's. Names here follow
+../shared/SPEC.md section 3.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+Protocol = Literal["tcp", "udp", "icmp", "icmpv6"]
+Action = Literal["allow", "deny"]
+
+ALL_ZONES = "*"
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    zone: str
+    interface: str  # host-side interface of the VM (veth or tap)
+    mac: str  # lower-case "aa:bb:cc:dd:ee:ff": the only source MAC the VM may send
+    addresses: tuple[IPAddress, ...]  # the only source IPs the VM may send
+
+
+@dataclass(frozen=True)
+class Zone:
+    name: str
+    workloads: tuple[Workload, ...]
+
+
+@dataclass(frozen=True)
+class PortRange:
+    """One `ports:` item. tcp/udp carry an inclusive port range; icmp/icmpv6 carry none
+    (lo = hi = 0) and mean every ICMP type of that family."""
+
+    protocol: Protocol
+    lo: int = 0
+    hi: int = 0
+
+    def __str__(self) -> str:
+        if self.protocol in ("icmp", "icmpv6"):
+            return self.protocol
+        return f"{self.protocol}/{self.lo}" if self.lo == self.hi else f"{self.protocol}/{self.lo}-{self.hi}"
+
+
+@dataclass(frozen=True)
+class Destination:
+    """`to:` of a rule. Any combination; at least one part is non-empty."""
+
+    zones: tuple[str, ...] = ()
+    networks: tuple[str, ...] = ()  # names from Policy.networks
+    cidrs: tuple[IPNetwork, ...] = ()
+    fqdns: tuple[str, ...] = ()  # lower-case patterns without trailing dot: "a.b", "*.b", "**.b"
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    action: Action
+    from_zones: tuple[str, ...]  # "*" already expanded to every zone, in policy order
+    to: Destination
+    ports: tuple[PortRange, ...]  # empty means every protocol and port
+    line: int = 0  # where the rule starts in the file, for messages
+
+
+@dataclass(frozen=True)
+class TunnelDetection:
+    action: Literal["block", "alert", "off"] = "block"
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    upstreams: tuple[str, ...] = ()
+    refuse_with: Literal["refused", "nxdomain"] = "refused"
+    min_ttl: int = 5
+    max_ttl: int = 3600
+    tunnel_detection: TunnelDetection = TunnelDetection()
+
+
+@dataclass(frozen=True)
+class Injection:
+    header: str | None = "Authorization"
+    format: str = "{secret}"
+    body: bool = False  # also swap in request bodies
+    max_occurrences: int = 1  # body swaps per request
+
+
+@dataclass(frozen=True)
+class Credential:
+    name: str
+    placeholder: str  # not secret: the only thing the VM ever knows
+    secret: str  # a name in the sealed store, never the value
+    zones: tuple[str, ...]
+    destinations: tuple[str, ...]  # host names (lower-case)
+    inject: Injection = Injection()
+    strip_response_headers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TlsTermination:
+    workload: str
+    port: int
+    forward_to: int
+    certificate: str  # a name in the key store
+
+
+@dataclass(frozen=True)
+class SshOperator:
+    name: str
+    public_key: str
+    may_access: tuple[str, ...]  # zone names
+
+
+@dataclass(frozen=True)
+class AdminSsh:
+    listen: str = "0.0.0.0:2222"
+    operators: tuple[SshOperator, ...] = ()
+    port_forwarding: bool = False
+    agent_forwarding: bool = False
+    sftp: bool = False
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    zones: dict[str, Zone]
+    networks: dict[str, tuple[IPNetwork, ...]]
+    rules: tuple[Rule, ...]
+    dns: DnsConfig = DnsConfig()
+    credentials: tuple[Credential, ...] = ()
+    tls_termination: tuple[TlsTermination, ...] = ()
+    admin_ssh: AdminSsh | None = None
+    source: str = ""  # the file it came from
+    sha256: str = ""  # hex digest of the file's bytes: the "policy hash" everywhere
+    extra: dict = field(default_factory=dict)
+
+    def workloads(self) -> list[Workload]:
+        return [w for z in self.zones.values() for w in z.workloads]
+
+    def workload(self, name: str) -> Workload | None:
+        return next((w for w in self.workloads() if w.name == name), None)

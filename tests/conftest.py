@@ -1,0 +1,26 @@
+"""Shared test setup. Tiers are markers (unit, bpf, integration, vm), given per folder below.
+
+Privileged tiers never skip: on a machine (or CI) where they cannot run, they fail.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+TIER_BY_FOLDER = {"unit": "unit", "bpf": "bpf", "integration": "integration", "vm": "vm"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        folder = Path(str(item.fspath)).parent.name
+        tier = TIER_BY_FOLDER.get(folder)
+        if tier:
+            item.add_marker(getattr(pytest.mark, tier))
+
+
+@pytest.fixture(scope="session")
+def root():
+    """Privileged tests depend on this: it fails (never skips) when not root."""
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root (BPF and network namespaces); run it as root")
