@@ -1,0 +1,155 @@
+"""The daemon's control channel: one JSON request and one JSON reply per connection over a Unix
+socket that only root can use (socket mode 0600 in a 0700 directory, and the peer's uid checked
+with SO_PEERCRED). Nothing here listens on a network address.
+
+Not the place for what the requests do: the daemon registers a handler per operation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import socketserver
+import struct
+import threading
+from pathlib import Path
+from typing import Callable
+
+from skyguard import config
+from skyguard.errors import BadInput, DaemonError, SkyguardError
+
+log = logging.getLogger("skyguard.control")
+
+MAX_REQUEST = 4 * 1024 * 1024  # a policy file travels inside a request
+Handler = Callable[[dict], dict]
+
+
+def socket_path() -> Path:
+    return config.RUN_DIR / "control.sock"
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
+
+
+def _read_message(sock: socket.socket) -> dict:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > MAX_REQUEST:
+            raise BadInput("control request too large")
+    if not data:
+        raise DaemonError("empty message on the control socket")
+    return json.loads(data)
+
+
+class _RequestHandler(socketserver.BaseRequestHandler):
+    def handle(self):
+        server: ControlServer = self.server  # type: ignore[assignment]
+        try:
+            if _peer_uid(self.request) != 0:
+                reply = {"ok": False, "error": "only root may use the skyguard control socket", "code": 1}
+            else:
+                reply = server.dispatch(_read_message(self.request))
+        except (ValueError, SkyguardError) as e:
+            reply = {"ok": False, "error": str(e), "code": getattr(e, "exit_code", 2)}
+        try:
+            self.request.sendall(json.dumps(reply, default=str).encode() + b"\n")
+        except OSError:
+            pass  # the client went away; nothing to tell it
+
+
+class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+    def __init__(self, handlers: dict[str, Handler], path: Path | None = None):
+        self.handlers = handlers
+        self.path = path or socket_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.path.parent, 0o700)
+        if self.path.exists():
+            if _is_alive(self.path):
+                raise DaemonError(f"a skyguard daemon already answers on {self.path}; stop it with `skyguard down`")
+            self.path.unlink()  # left by a daemon that was killed
+        old_umask = os.umask(0o177)
+        try:
+            super().__init__(str(self.path), _RequestHandler)
+        finally:
+            os.umask(old_umask)
+        self._thread: threading.Thread | None = None
+
+    def dispatch(self, message: dict) -> dict:
+        op = message.get("op")
+        handler = self.handlers.get(op)
+        if handler is None:
+            return {"ok": False, "error": f"unknown operation {op!r}", "code": 2}
+        try:
+            return {"ok": True, **handler(message.get("args") or {})}
+        except SkyguardError as e:
+            return {"ok": False, "error": str(e), "code": e.exit_code}
+        except Exception as e:  # the daemon must survive a bad request; say what broke
+            log.exception("control operation %s failed", op)
+            return {"ok": False, "error": f"{op} failed inside the daemon: {type(e).__name__}: {e}", "code": 1}
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.serve_forever, name="sg-control", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _is_alive(path: Path) -> bool:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(1)
+            s.connect(str(path))
+        return True
+    except OSError:
+        return False
+
+
+def daemon_running() -> bool:
+    return socket_path().exists() and _is_alive(socket_path())
+
+
+def request(op: str, timeout: float = 30.0, **args) -> dict:
+    """Send one request to the running daemon; raise DaemonError (or BadInput) on failure."""
+    path = socket_path()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(path))
+            s.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
+            reply = _read_message(s)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise DaemonError(f"no skyguard daemon is running (no socket at {path}); start one with `skyguard up --policy FILE`") from None
+    except PermissionError:
+        raise DaemonError(f"permission denied on {path}: the control socket is root-only; run as root") from None
+    if not reply.get("ok"):
+        cls = BadInput if reply.get("code") == 2 else DaemonError
+        raise cls(reply.get("error", "the daemon refused the request"))
+    return reply
+
+
+def wait_gone(timeout: float = 30.0) -> None:
+    """Wait until the daemon has shut down and its socket no longer answers."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while daemon_running():
+        if time.monotonic() > deadline:
+            raise DaemonError(f"the daemon did not stop within {timeout:.0f}s; check its log")
+        time.sleep(0.1)
