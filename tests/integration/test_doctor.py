@@ -83,3 +83,16 @@ def test_require_privileges_raises_privilege_error_with_the_fix(root, env):
     assert "CAP_BPF" in unprivileged.stdout and "sudo" in unprivileged.stdout
     privileged = run([sys.executable, "-c", snippet], env)
     assert privileged.stdout.strip() == "NOT RAISED"
+
+
+def test_doctor_removes_a_leftover_namespace_of_a_killed_doctor(root, env):
+    dead_pid = subprocess.Popen(["true"]).pid  # reaped below: a pid no process holds
+    os.waitpid(dead_pid, 0)
+    leftover = f"{NETNS_PREFIX}{dead_pid}"
+    subprocess.run(["ip", "netns", "add", leftover], check=True)
+    try:
+        result = run(doctor_argv(), env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert leftover not in doctor_namespaces()
+    finally:
+        subprocess.run(["ip", "netns", "del", leftover], capture_output=True)
