@@ -23,6 +23,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -211,7 +212,9 @@ def _kernel_headers_note() -> str:
     kver = platform.release()
     build = Path("/lib/modules") / kver / "build"
     if not build.exists():
-        return f"no headers at {build}"
+        return (f"no headers at {build} for the running kernel {kver}; where Debian packages "
+                "none for it, scripts/setup links Debian's 6.1 linux-headers-amd64 there (enough "
+                "for the stable UAPI that skyguard's programs use), and that link is missing")
     target = build.resolve()
     if kver not in str(target):
         return (f"no headers packaged for kernel {kver}; using {target} through the link that "
@@ -221,17 +224,22 @@ def _kernel_headers_note() -> str:
 
 
 @contextlib.contextmanager
-def _captured_stderr_fd():
-    """Capture what C code (clang inside bcc) writes to fd 2, so a failure can quote it."""
+def _captured_c_output():
+    """Capture what C code (bcc and its clang) writes to fds 1 and 2: a failure can then quote
+    it, and it never corrupts doctor's own output (--json on stdout)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
     with tempfile.TemporaryFile() as sink:
-        saved = os.dup(2)
-        os.dup2(sink.fileno(), 2)
+        saved = {fd: os.dup(fd) for fd in (1, 2)}
         captured: list[str] = []
         try:
+            for fd in saved:
+                os.dup2(sink.fileno(), fd)
             yield captured
         finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
             sink.seek(0)
             captured.append(sink.read().decode(errors="replace"))
 
@@ -258,7 +266,7 @@ def check_kernel_headers(state: dict) -> Check:
     if not state.get("bcc"):
         return Check(name, False, f"not tried: bcc is not usable ({note})",
                      "fix the bcc check above")
-    with _captured_stderr_fd() as clang_output:
+    with _captured_c_output() as clang_output:
         try:
             state["programs"] = compile_doctor_programs()
             failure = None

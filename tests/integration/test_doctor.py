@@ -96,3 +96,22 @@ def test_doctor_removes_a_leftover_namespace_of_a_killed_doctor(root, env):
         assert leftover not in doctor_namespaces()
     finally:
         subprocess.run(["ip", "netns", "del", leftover], capture_output=True)
+
+
+def test_doctor_without_kernel_headers_explains_the_fallback_and_keeps_json_clean(root, env):
+    # An empty /lib/modules in a private mount namespace: bcc finds no headers, for doctor only.
+    script = "mount -t tmpfs tmpfs /lib/modules && exec " + " ".join(doctor_argv("--json"))
+    result = run(["unshare", "-m", "sh", "-c", script], env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    report = json.loads(result.stdout)  # bcc's own complaints must not leak into the JSON
+    checks = {c["name"]: c for c in report["checks"]}
+    headers = checks["kernel headers"]
+    assert headers["ok"] is False
+    assert "no headers at /lib/modules/" in headers["detail"]
+    assert "6.1" in headers["detail"] and "scripts/setup" in headers["fix"]
+    assert "ln -sfn" in headers["fix"] and "linux-headers-amd64" in headers["fix"]
+    for dependent in ("XDP generic", "XDP native", "TC clsact+bpf"):
+        assert checks[dependent]["ok"] is False
+        assert "kernel headers check failed" in checks[dependent]["detail"]
+    assert checks["bpffs"]["ok"] and checks["nftables"]["ok"]
+    assert doctor_namespaces() == []
