@@ -20,3 +20,5 @@ BPF_DIR = REPO_ROOT / "bpf"
 POLICIES_DIR = REPO_ROOT / "policies"
 DEFAULT_POLICY = POLICIES_DIR / "keysystems.yaml"
 DEFAULT_METRICS_ADDR = "127.0.0.1:9464"
+# `skyguard doctor` names its throwaway namespace this prefix + its pid (tests use their own).
+DOCTOR_NETNS_PREFIX = os.environ.get("SKYGUARD_DOCTOR_NETNS_PREFIX", "sgdoctor-")

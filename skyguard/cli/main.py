@@ -13,6 +13,7 @@ from skyguard.errors import SkyguardError
 
 # (module under skyguard.cli, attribute): each a click command or group. One line per command.
 COMMANDS = [
+    ("doctor", "doctor"),
 ]
 
 
@@ -36,7 +37,9 @@ for module_name, attr in COMMANDS:
 
 def main() -> None:
     try:
-        cli(standalone_mode=False)
+        # standalone_mode=False returns ctx.exit(n)'s code instead of exiting: honour it.
+        code = cli(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(1)
