@@ -88,8 +88,8 @@ def check_pattern(text: str, *, allow_wildcards: bool = True) -> str:
             raise ValueError("has an empty label ('..' or a leading dot)")
         if "*" in label:
             hint = "'*.' (one label) or '**.' (one or more labels)" if allow_wildcards else "none"
-            raise ValueError(f"has a wildcard inside label '{label}'; wildcards are only allowed as "
-                             f"the whole leftmost label: {hint}")
+            raise ValueError(f"has '*' in label '{label}'; a wildcard is only allowed as the whole "
+                             f"leftmost label: {hint}")
         if len(label) > MAX_LABEL_LENGTH:
             raise ValueError(f"has a label of {len(label)} characters; a label has at most {MAX_LABEL_LENGTH}")
         if not _LABEL.match(label):
