@@ -102,5 +102,9 @@ def policy_summary(policy: Policy) -> dict:
 
 def summary_line(policy: Policy) -> str:
     s = policy_summary(policy)
-    return (f"{s['name']}: {s['zones']} zones, {s['workloads']} workloads, {s['rules']} rules, "
-            f"sha256 {s['sha256']}")
+    counts = ", ".join(_count(s[key], key[:-1]) for key in ("zones", "workloads", "rules"))
+    return f"{s['name']}: {counts}, sha256 {s['sha256']}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

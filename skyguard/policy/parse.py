@@ -126,9 +126,12 @@ def _load_yaml(text: str, source: str):
     except MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None
+        duplicate = re.match(r'found duplicate key "(.*?)" with value', e.problem or "")
+        if duplicate:
+            # ruamel's own message quotes both values; we name only the key.
+            raise PolicyError([Problem(source, line, duplicate.group(1), "is given twice in the same "
+                                       "mapping; keep one (YAML would silently drop the first)")]) from None
         message = " ".join(x for x in (e.context, e.problem) if x)
-        if "duplicate key" in (e.problem or "") or "found duplicate key" in str(e):
-            message = "a key appears twice in the same mapping; remove one"
         raise PolicyError([Problem(source, line, "", f"not valid YAML: {message}")]) from None
     except YAMLError as e:
         raise PolicyError([Problem(source, None, "", f"not valid YAML: {e}")]) from None
@@ -671,7 +674,8 @@ class _Checker:
         parts = ("zones", "networks", "cidrs", "fqdns")
         if not self.mapping(node, path, line, parts):
             return None
-        if not any(node.get(part) for part in parts):
+        # With a misspelt key the typo is the problem to report, not its consequence.
+        if not any(node.get(part) for part in parts) and all(key in parts for key in node):
             self.problem(line, path, "names no destination; give at least one of zones, networks, "
                                      "cidrs, fqdns")
             return None
@@ -895,7 +899,7 @@ class _Checker:
     def tls_termination(self, node, line, zones) -> tuple[TlsTermination, ...]:
         if node is None or not self.seq(node, "tls_termination", line):
             return ()
-        workloads = {w.name for z in zones.values() for w in z.workloads}
+        workloads = [w.name for z in zones.values() for w in z.workloads]  # ordered, for hints
         result = []
         seen: dict[tuple[str, int], str] = {}
         for index, item in enumerate(node):
