@@ -47,6 +47,7 @@ API_VERSION = "skyguard/v1"
 KIND = "Policy"
 MAX_FILE_BYTES = 4 * 1024 * 1024  # a policy is hand-written; anything bigger is a mistake or an attack
 MAX_IFNAME = 15  # IFNAMSIZ - 1: the kernel's limit on interface (and our namespace) names
+MAX_EXTENSION_NODES = 10_000  # x- extension keys are copied into Policy.extra; aliases can multiply them
 MIN_PLACEHOLDER = 16  # long enough that a placeholder never occurs in traffic by chance
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")  # zones, workloads, networks, rules
@@ -122,7 +123,13 @@ def _load_yaml(text: str, source: str):
     yaml = YAML(typ="rt")  # round-trip mode keeps line numbers for every key and item
     yaml.allow_duplicate_keys = False
     try:
+        if "*" in text:  # only aliases can inflate a key; composing costs a second parse
+            _refuse_complex_keys(YAML(typ="rt").compose_all(text), source)
         documents = list(yaml.load_all(text))
+    except TypeError:
+        # ruamel cannot hash a list or mapping used as a key inside another key.
+        raise PolicyError([Problem(source, None, "", "a mapping key is a list or mapping; keys are "
+                                   "plain names")]) from None
     except MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None
@@ -141,6 +148,30 @@ def _load_yaml(text: str, source: str):
         raise PolicyError([Problem(source, 1 if documents else None, "",
                                    f"{found}; a policy file holds exactly one")])
     return documents[0]
+
+
+def _refuse_complex_keys(documents, source: str) -> None:
+    """Refuse mapping keys that are lists or mappings (`? [a, b]: x`) before ruamel constructs
+    them: it turns such keys into nested tuples, which an alias chain inflates to billions of
+    items. The walk is over the composed node graph, where an alias is one shared node."""
+    from ruamel.yaml.nodes import MappingNode, ScalarNode, SequenceNode
+
+    seen: set[int] = set()
+    stack = [d for d in documents if d is not None]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, MappingNode):
+            for key, value in node.value:
+                if not isinstance(key, ScalarNode):
+                    raise PolicyError([Problem(source, key.start_mark.line + 1, "",
+                                               "a mapping key is a list or mapping; keys are plain "
+                                               "names")])
+                stack.append(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,6 +292,11 @@ def format_hostport(address: str, port: int | None) -> str:
 
 
 def _quote(value: Any) -> str:
+    # Never str() a container: through YAML aliases it may stand for a tree of billions of nodes.
+    if _is_map(value):
+        return "'{...}'"
+    if isinstance(value, (list, tuple)):
+        return "'[...]'"
     text = str(value)
     if len(text) > 60:
         text = text[:57] + "..."
@@ -290,7 +326,11 @@ def _type_name(node) -> str:
         return "a boolean"
     if isinstance(node, (int, float)):
         return "a number"
-    return "a string" if isinstance(node, str) else type(node).__name__
+    if isinstance(node, str):
+        return "a string"
+    if type(node).__name__ == "TaggedScalar":
+        return "a value with a YAML tag (remove the '!tag')"
+    return f"a {type(node).__name__} value"
 
 
 class _Checker:
@@ -466,10 +506,18 @@ class _Checker:
         tls = self.tls_termination(document.get("tls_termination", []),
                                    self.line_of(document, "tls_termination"), zones)
         admin = self.admin(document.get("admin"), self.line_of(document, "admin"), zones)
-        extra = {k: v for k, v in document.items() if isinstance(k, str) and k.startswith("x-")}
+        extra = {}
+        for key, value in document.items():
+            if isinstance(key, str) and key.startswith("x-"):
+                try:
+                    extra[key] = _plain(value, budget=[MAX_EXTENSION_NODES])
+                except ValueError:
+                    self.problem(self.key_line(document, key), key,
+                                 f"holds more than {MAX_EXTENSION_NODES} values (YAML aliases expand); "
+                                 f"keep extensions small")
         return Policy(name=name or "", zones=zones, networks=networks, rules=tuple(rules),
                       dns=dns or DnsConfig(), credentials=credentials, tls_termination=tls,
-                      admin_ssh=admin, sha256=digest, source=self.source, extra=_plain(extra))
+                      admin_ssh=admin, sha256=digest, source=self.source, extra=extra)
 
     def metadata(self, node, line) -> str | None:
         if not self.mapping(node, "metadata", line, ("name", "description"), required=("name",)):
@@ -1053,10 +1101,15 @@ def _hint(value: Any, known) -> str:
     return f"; known: {', '.join(known)}" if known else ""
 
 
-def _plain(node):
-    """ruamel's commented containers to plain dicts and lists (for Policy.extra)."""
+def _plain(node, budget: list[int]):
+    """ruamel's commented containers to plain dicts and lists (for Policy.extra). YAML aliases
+    share nodes, so a small file can describe a huge tree ("billion laughs"): the budget counts
+    every value copied and raises ValueError when it runs out."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ValueError("extension too large")
     if _is_map(node):
-        return {str(k): _plain(v) for k, v in node.items()}
+        return {str(k): _plain(v, budget) for k, v in node.items()}
     if _is_seq(node):
-        return [_plain(v) for v in node]
+        return [_plain(v, budget) for v in node]
     return node

@@ -340,3 +340,94 @@ def test_unreadable_inputs_are_policy_errors(tmp_path):
     binary.write_bytes(b"apiVersion: skyguard/v1\nkind: \xff\xfe\n")
     with pytest.raises(PolicyError, match=r"binary.yaml:2: is not valid UTF-8"):
         load_policy(binary)
+
+
+# -- robustness: whatever the YAML, the parser returns a Policy or raises PolicyError -----------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from skyguard.policy.canonical import policy_to_dict  # noqa: E402
+
+CANONICAL = policy_to_dict(load_policy(REPO / "policies" / "keysystems.yaml"))
+odd_values = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True),
+    st.text(max_size=30), st.sampled_from(["*", "", "tcp/0", "::", "0.0.0.0/0", "auth", "{secret}"]),
+    st.lists(st.text(max_size=5), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
+
+
+def paths(node, prefix=()):
+    yield prefix
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from paths(v, prefix + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from paths(v, prefix + (i,))
+
+
+ALL_PATHS = [p for p in paths(CANONICAL) if p]
+
+
+def replaced(doc, path, value):
+    import copy
+    doc = copy.deepcopy(doc)
+    node = doc
+    for step in path[:-1]:
+        node = node[step]
+    node[path[-1]] = value
+    return doc
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(ALL_PATHS), odd_values)
+def test_any_single_odd_value_is_a_policy_error_or_a_policy(path, value):
+    import json
+    text = json.dumps(replaced(CANONICAL, path, value), default=str)
+    try:
+        parse_policy(text)
+    except PolicyError as e:
+        assert e.problems and all(p.message for p in e.problems)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from("ab:-[]{}*&!|>'\"\n #,.?%@`\t0"), max_size=80))
+def test_arbitrary_text_is_a_policy_error(text):
+    with pytest.raises(PolicyError):
+        parse_policy(text)
+
+
+def test_yaml_anchors_merge_keys_and_tags_do_not_crash():
+    text = HEADER + ("base: &base {from: a, to: {zones: [b]}}\n"
+                     "rules:\n  - {<<: *base, name: r}\n  - !!python/object:os.system {name: x}\n")
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(text)
+    keys = {p.key for p in caught.value.problems}
+    assert "base" in keys  # an unknown top-level key, anchor or not
+
+
+def test_alias_bomb_in_an_extension_is_refused_quickly():
+    levels = ["l0: &l0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 9)]
+    text = HEADER + "x-bomb:\n" + "".join(f"  {line}\n" for line in levels)
+    with pytest.raises(PolicyError, match="x-bomb: holds more than 10000 values"):
+        parse_policy(text)
+
+
+@pytest.mark.parametrize("where", ["addresses", "ports", "key", "nested-key"])
+def test_alias_bombs_in_values_are_reported_not_expanded(where):
+    levels = ["l0: &l0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 9)]
+    bombs = "x-bombs:\n" + "".join(f"  {line}\n" for line in levels)
+    if where == "addresses":
+        tail = zone_c(addresses="*l8")
+    elif where == "ports":
+        tail = rule("to: {zones: [b]}, ports: *l8")
+    elif where == "key":
+        tail = "? *l8\n: 1\n"
+    else:
+        tail = "? [[a], {b: c}]\n: 1\n"
+    text = HEADER.replace("zones:\n", "zones:\n" + tail, 1) if where == "addresses" else HEADER + tail
+    text = bombs + text
+    with pytest.raises(PolicyError):
+        parse_policy(text)
