@@ -94,3 +94,10 @@ def test_diff(tmp_path):
 def test_help_has_examples(command):
     out = skyguard(*command, "--help")
     assert out.returncode == 0 and "Examples:" in out.stdout
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "policies" / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_show_every_example(path):
+    out = skyguard("show", path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(path.stem + ":")
