@@ -1062,6 +1062,7 @@ class _Checker:
 
 def parse_ssh_public_key(text: Any) -> str:
     """An OpenSSH public key line; returns "TYPE BASE64" (the comment dropped)."""
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.asymmetric import rsa
     from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
@@ -1075,7 +1076,7 @@ def parse_ssh_public_key(text: Any) -> str:
     except (ValueError, UnicodeEncodeError) as e:
         raise ValueError(f"is not a valid OpenSSH public key ({e}); paste the whole line of the "
                          f"operator's .pub file") from None
-    except Exception as e:  # cryptography raises UnsupportedAlgorithm for unknown key types
+    except UnsupportedAlgorithm as e:
         raise ValueError(f"is not a supported OpenSSH public key ({e}); use ed25519, ecdsa or rsa") from None
     if isinstance(key, rsa.RSAPublicKey) and key.key_size < 2048:
         raise ValueError(f"is an RSA key of {key.key_size} bits; use at least 2048 (or ed25519)")
