@@ -1,0 +1,163 @@
+"""`skyguard policy validate | show | diff`: thin commands over skyguard.policy.
+
+Printing a policy is `format_policy(policy)`, a function of a Policy, so `show` can print the
+running policy once the daemon serves it. `policy load` (hot swap in a running daemon) belongs to
+the daemon's CLI and is registered on this group from there.
+"""
+
+from __future__ import annotations
+
+import click
+
+from skyguard.cli.common import emit_json, json_option
+from skyguard.errors import BadInput, PolicyError
+from skyguard.policy.canonical import policy_summary, policy_to_dict, summary_line
+from skyguard.policy.diff import diff_policies, format_diff
+from skyguard.policy.model import Policy
+from skyguard.policy.parse import load_policy
+
+POLICY_FILE = click.Path(dir_okay=False, path_type=str)  # existence is checked by load_policy
+
+
+@click.group("policy")
+def policy():
+    """Check, print and compare policy files.
+
+    \b
+    Examples:
+      skyguard policy validate policies/keysystems.yaml
+      skyguard policy show policies/keysystems.yaml
+      skyguard policy diff old.yaml new.yaml --json
+    """
+
+
+@policy.command("validate")
+@click.argument("file", type=POLICY_FILE)
+@json_option
+def validate(file: str, as_json: bool) -> None:
+    """Check FILE and print a summary, or every problem with its file, line and key.
+
+    Exit status 0 when the policy is valid, 2 when it has any problem (and then nothing of it
+    would be loaded).
+
+    \b
+    Examples:
+      skyguard policy validate policies/keysystems.yaml
+      skyguard policy validate new.yaml --json | jq .problems
+    """
+    try:
+        parsed = load_policy(file)
+    except PolicyError as e:
+        count = len(e.problems)
+        if as_json:
+            emit_json({"valid": False, "file": file, "problems": [p.to_dict() for p in e.problems]})
+        else:
+            for problem in e.problems:
+                click.echo(str(problem), err=True)
+        # Raised, not click's Exit: main() turns SkyguardError into the exit code (2, bad input).
+        raise BadInput(f"{file}: {count} problem{'s' if count != 1 else ''}; nothing loaded") from None
+    if as_json:
+        emit_json({"valid": True, "file": file, **policy_summary(parsed)})
+    else:
+        click.echo(summary_line(parsed))
+
+
+@policy.command("show")
+@click.argument("file", type=POLICY_FILE, required=False)
+@json_option
+def show(file: str | None, as_json: bool) -> None:
+    """Print the zones, workloads, networks and rules of the policy in FILE.
+
+    --json prints the canonical form (every default spelled out, "*" expanded), which is itself a
+    valid policy, with the file's sha256.
+
+    \b
+    Examples:
+      skyguard policy show policies/keysystems.yaml
+      skyguard policy show policies/keysystems.yaml --json | jq '.policy.rules[].name'
+    """
+    if file is None:
+        raise BadInput("give a policy FILE; printing the running policy needs the daemon "
+                       "(`skyguard up`), which this build does not have yet")
+    parsed = load_policy(file)
+    if as_json:
+        emit_json({"source": parsed.source, "sha256": parsed.sha256, "summary": policy_summary(parsed),
+                   "policy": policy_to_dict(parsed)})
+    else:
+        click.echo(format_policy(parsed))
+
+
+@policy.command("diff")
+@click.argument("old", type=POLICY_FILE)
+@click.argument("new", type=POLICY_FILE)
+@json_option
+def diff(old: str, new: str, as_json: bool) -> None:
+    """Show what NEW adds, removes and changes relative to OLD, by name.
+
+    Zones, workloads, networks, rules, credentials, TLS terminations, SSH operators and settings
+    are compared in canonical form: reordering, comments and spelling are not changes.
+
+    \b
+    Examples:
+      skyguard policy diff policies/keysystems.yaml new.yaml
+      skyguard policy diff a.yaml b.yaml --json | jq '.changes[] | select(.kind == "rule")'
+    """
+    result = diff_policies(load_policy(old), load_policy(new))
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        click.echo(format_diff(result))
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*headers).rstrip(), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*row).rstrip() for row in rows]
+    return lines
+
+
+def format_policy(policy: Policy) -> str:
+    """A readable, plain-text view of a policy (what `policy show` prints)."""
+    lines = [summary_line(policy), f"source {policy.source}" if policy.source else "", ""]
+    lines.append("Workloads")
+    lines += _table(["zone", "workload", "interface", "mac", "addresses"],
+                    [[w.zone, w.name, w.interface, w.mac, ", ".join(str(a) for a in w.addresses)]
+                     for w in policy.workloads()])
+    if policy.networks:
+        lines += ["", "Networks"]
+        lines += _table(["network", "cidrs"],
+                        [[name, ", ".join(str(c) for c in cidrs)] for name, cidrs in policy.networks.items()])
+    lines += ["", "Rules (default deny; deny beats allow)"]
+    every_zone = tuple(policy.zones)
+    rows = []
+    for rule in policy.rules:
+        source = "*" if rule.from_zones == every_zone and len(every_zone) > 1 else ", ".join(rule.from_zones)
+        targets = [f"zone {z}" for z in rule.to.zones] + [f"net {n}" for n in rule.to.networks]
+        targets += [str(c) for c in rule.to.cidrs] + list(rule.to.fqdns)
+        ports = ", ".join(str(p) for p in rule.ports) or "any"
+        rows.append([rule.name, rule.action, source, ", ".join(targets), ports])
+    lines += _table(["rule", "action", "from", "to", "ports"], rows)
+    dns = policy.dns
+    lines += ["", f"DNS: upstreams {', '.join(dns.upstreams) or '(none)'}; refuse with {dns.refuse_with}; "
+                  f"ttl {dns.min_ttl}-{dns.max_ttl}s; tunnel detection {dns.tunnel_detection.action}"]
+    if policy.credentials:
+        lines += ["", "Credentials (placeholders only; secrets stay in the store)"]
+        lines += _table(["credential", "secret name", "zones", "destinations", "inject"],
+                        [[c.name, c.secret, ", ".join(c.zones), ", ".join(c.destinations),
+                          (f"header {c.inject.header}" if c.inject.header else "")
+                          + (" + body" if c.inject.body else "")]
+                         for c in policy.credentials])
+    if policy.tls_termination:
+        lines += ["", "TLS termination"]
+        lines += _table(["workload", "port", "forward to", "certificate"],
+                        [[t.workload, str(t.port), str(t.forward_to), t.certificate]
+                         for t in policy.tls_termination])
+    if policy.admin_ssh:
+        ssh = policy.admin_ssh
+        lines += ["", f"Admin SSH on {ssh.listen} (port forwarding {'on' if ssh.port_forwarding else 'off'}, "
+                      f"agent forwarding {'on' if ssh.agent_forwarding else 'off'}, "
+                      f"sftp {'on' if ssh.sftp else 'off'})"]
+        lines += _table(["operator", "key type", "may access"],
+                        [[o.name, o.public_key.split()[0], ", ".join(o.may_access)] for o in ssh.operators])
+    return "\n".join(line for i, line in enumerate(lines) if line or i > 1)
