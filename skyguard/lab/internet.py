@@ -273,11 +273,13 @@ class InternetServers:
             }
             self.log.append(record)
             payload = (json.dumps(record, sort_keys=True, indent=1) + "\n").encode("utf-8")
-            response = h11.Response(status_code=200, headers=[
+            response = h11.Response(status_code=200, reason=b"OK", headers=[
                 ("Content-Type", "application/json"), ("Content-Length", str(len(payload))),
                 ("Server", "skyguard-lab-echo")])
-            stream.sendall(http.send(response) + http.send(h11.Data(data=payload))
-                           + http.send(h11.EndOfMessage()))
+            wire = http.send(response)
+            if request.method != b"HEAD":  # a HEAD response announces the body but carries none
+                wire += http.send(h11.Data(data=payload))
+            stream.sendall(wire + http.send(h11.EndOfMessage()))
             if http.our_state is h11.MUST_CLOSE or http.their_state is h11.MUST_CLOSE:
                 return
             try:
@@ -291,6 +293,8 @@ class InternetServers:
         while True:
             event = http.next_event()
             if event is h11.NEED_DATA:
+                if http.they_are_waiting_for_100_continue:
+                    stream.sendall(http.send(h11.InformationalResponse(status_code=100, headers=[])))
                 try:
                     data = stream.recv(65536)
                 except (TimeoutError, ConnectionError, ssl.SSLError):
