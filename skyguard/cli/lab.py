@@ -68,13 +68,16 @@ Examples:
 """)
 @json_option
 def status(as_json):
-    """Show namespaces, interfaces, addresses, server pids and health, CA path and requests log."""
-    result = _lab().status()
+    """Show namespaces, interfaces, addresses, server pids and health, CA path and requests log.
+
+    Exits 1 when the lab is not up (or its servers do not answer), 0 otherwise.
+    """
+    result = _lab().status(probe=True)
     if as_json:
         emit_json(result)
     else:
         _print_status(result)
-    if not result["up"]:
+    if not (result["up"] and result["internet"]["servers"]["healthy"]):
         sys.exit(1)
 
 
@@ -110,7 +113,8 @@ def _print_status(s: dict) -> None:
                    f"{vm['mac']}, {' '.join(vm['addresses'])}")
     inet = s["internet"]
     srv = inet["servers"]
-    health = "running" if srv["running"] and srv["ready"] else "NOT running"
+    health = ("healthy" if srv["healthy"] else "running but NOT answering" if srv["running"]
+              else "NOT running")
     click.echo(f"  internet  netns {inet['netns']}, owns {' '.join(inet['owns'])}")
     click.echo(f"            DNS {' '.join(inet['dns'])} ({inet['names']})")
     click.echo(f"            servers pid {srv['pid']} {health}; log {srv['log']}")

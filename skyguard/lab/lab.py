@@ -18,6 +18,8 @@ This is not skyguard's datapath: it builds the plumbing skyguard attaches to, no
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -188,10 +190,23 @@ class Lab:
                 and (self.lab_dir / READY_FILE).exists())
 
     # ---- up ------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _exclusive(self):
+        """One `up` or `down` of this lab at a time (a second waits). The lock file sits beside the
+        lab folder because `down` removes the folder."""
+        self.lab_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.lab_dir.parent / f".{self.lab_dir.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
     def up(self) -> dict:
         """Build the lab (or confirm it is already built). Returns status(). Bad policy: nothing made."""
         workloads = read_workloads(self.policy_path)  # raises PolicyError before anything exists
         _require_root()
+        with self._exclusive():
+            return self._up(workloads)
+
+    def _up(self, workloads: list[Workload]) -> dict:
         fingerprint = self._fingerprint(workloads)
         state = self._read_state()
         if state and state.get("fingerprint") == fingerprint and self._healthy(state):
@@ -352,6 +367,10 @@ class Lab:
     def down(self) -> None:
         """Remove everything this lab made. Nothing up: nothing to do, no error."""
         _require_root()
+        with self._exclusive():
+            self._down()
+
+    def _down(self) -> None:
         state = self._read_state()
         present = [n for n in self._namespaces_of(state) if (NETNS_DIR / n).exists()]
         if state is None and not present and not self._stray_servers():
@@ -398,11 +417,14 @@ class Lab:
             shutil.rmtree(self.lab_dir)
 
     # ---- status and use ------------------------------------------------------------------------
-    def status(self) -> dict:
+    def status(self, probe: bool = False) -> dict:
+        """What exists. With probe, also ask the servers (one DNS query, HTTP and HTTPS connects
+        from inside the internet namespace) and report `healthy` (None when not probed)."""
         state = self._read_state() or {}
         pid = self._server_pid(state)
         namespaces = {n: (NETNS_DIR / n).exists() for n in self._namespaces_of(state)}
         up = bool(state.get("complete")) and all(namespaces.values()) and pid is not None
+        healthy = self._probe() if probe and up else (False if probe else None)
         return {
             "up": up,
             "prefix": self.prefix,
@@ -427,6 +449,7 @@ class Lab:
                     "pid": pid,
                     "running": pid is not None,
                     "ready": (self.lab_dir / READY_FILE).exists(),
+                    "healthy": healthy,
                     "log": str(self.server_log),
                     "tcp_ports": [53, 80, 443, 7, 514, 5001, 6514],
                     "udp_ports": [53, 7, 514, 5001, 6514],
@@ -435,6 +458,14 @@ class Lab:
             "ca_cert": str(self.ca_cert),
             "requests_log": str(self.requests_log),
         }
+
+    def _probe(self) -> bool:
+        try:
+            out = self.exec(INTERNET, [sys.executable, "-c", _PROBE, str(plan.DNS_SERVER_V4)],
+                            lab_resolver=False, capture_output=True, text=True, timeout=10)
+        except subprocess.TimeoutExpired:
+            return False
+        return out.returncode == 0
 
     def command(self, name: str, argv: list[str], lab_resolver: bool = True) -> list[str]:
         """The argv that runs `argv` inside lab member `name`.
@@ -468,6 +499,18 @@ class Lab:
 
     def __repr__(self) -> str:
         return f"Lab(prefix={self.prefix!r}, policy={str(self.policy_path)!r})"
+
+
+# Run inside the internet namespace by status(probe=True): DNS over UDP, then TCP connects.
+_PROBE = r"""
+import socket, sys
+from dnslib import DNSRecord
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(2)
+u.sendto(DNSRecord.question("health.test").pack(), (sys.argv[1], 53))
+assert DNSRecord.parse(u.recv(4096)).rr, "no DNS answer"
+for port in (80, 443, 7):
+    socket.create_connection(("203.0.113.1", port), timeout=2).close()
+"""
 
 
 def _require_root() -> None:

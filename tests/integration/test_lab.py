@@ -204,7 +204,7 @@ def test_cli_status_json_names_the_ca_and_requests_log(lab):
     assert out.returncode == 0, out.stderr
     status = json.loads(out.stdout)
     assert status["ca_cert"] == str(lab.ca_cert) and status["requests_log"] == str(lab.requests_log)
-    assert status["internet"]["servers"]["running"] and status["internet"]["servers"]["pid"]
+    assert status["internet"]["servers"]["healthy"] and status["internet"]["servers"]["pid"]
     assert [vm["name"] for vm in status["vms"]] == VMS
 
 

@@ -100,6 +100,9 @@ def test_stray_namespaces_and_a_dead_server_are_repaired(root, labs_dir):
         os.kill(first["internet"]["servers"]["pid"], signal.SIGKILL)
         subprocess.run(["ip", "netns", "del", prefix + "dc2"], check=True)
         assert not lab.status()["up"]
+        out = subprocess.run([sys.executable, "-m", "skyguard.cli.main", "lab", "status"],
+                             capture_output=True, text=True, env=cli_env(prefix, labs_dir), timeout=60)
+        assert out.returncode == 1 and "NOT running" in out.stdout
         again = lab.up()
         assert again["up"] and again["internet"]["servers"]["pid"] != first["internet"]["servers"]["pid"]
         out = lab.exec("dc1", ["ping", "-c1", "-W2", "10.10.2.3"], capture_output=True, text=True)
@@ -107,3 +110,14 @@ def test_stray_namespaces_and_a_dead_server_are_repaired(root, labs_dir):
     finally:
         lab.down()
     assert namespaces_with(prefix) == [] and server_pids(lab_dir) == []
+
+
+def test_without_root_up_and_down_say_so_and_exit_1(root, labs_dir):
+    prefix = lab_prefix("u")
+    for command in ("up", "down"):
+        out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                              sys.executable, "-m", "skyguard.cli.main", "lab", command],
+                             capture_output=True, text=True, env=cli_env(prefix, labs_dir), timeout=60)
+        assert out.returncode == 1, out.stderr
+        assert "needs root" in out.stderr and "Traceback" not in out.stderr
+    assert namespaces_with(prefix) == []
