@@ -52,7 +52,7 @@ STATE_VERSION = 1
 def _stderr_progress(message: str) -> None:
     from rich.console import Console
 
-    Console(stderr=True, highlight=False).print(f"[bold cyan]lab[/]  {message}")
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold cyan]lab[/]  {message}")
 
 
 def _run(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:

@@ -2,7 +2,8 @@
 
 The lab gets a prefix unique to this test run (so parallel runs and a developer's own lab never
 collide) and a state folder under pytest's temporary directory. Other parts' integration tests
-reuse it: `def test_x(lab): lab.exec("radius1", [...])`. It is torn down at the end of the session.
+reuse it: `def test_x(lab): lab.exec("radius1", [...])`; `lab_env` is the environment for running
+the CLI against it. It is torn down at the end of the session.
 """
 
 import os
@@ -22,6 +23,13 @@ def lab_prefix(tag: str = "") -> str:
 def labs_dir(tmp_path_factory):
     """Parent folder of every lab's state in this session (what SKYGUARD_LAB_DIR would name)."""
     return tmp_path_factory.mktemp("labs")
+
+
+@pytest.fixture(scope="session")
+def lab_env(lab):
+    """Environment for running `skyguard ...` as a subprocess against the session lab."""
+    return dict(os.environ, SKYGUARD_LAB_PREFIX=lab.prefix, SKYGUARD_LAB_DIR=str(lab.lab_dir.parent),
+                PYTHONPATH=str(config.REPO_ROOT))
 
 
 @pytest.fixture(scope="session")

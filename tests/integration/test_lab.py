@@ -12,7 +12,6 @@ import time
 
 import pytest
 
-from skyguard import config
 from skyguard.lab import Lab, addresses_for_name
 
 VMS = ["radius1", "tacacs1", "dc1", "dc2", "sdnctl1", "vfw1", "agent1"]
@@ -26,11 +25,9 @@ def run(lab, name, argv, **kw):
     return lab.exec(name, argv, capture_output=True, text=True, timeout=30, **kw)
 
 
-def cli(lab, *args):
-    env = dict(os.environ, SKYGUARD_LAB_PREFIX=lab.prefix, SKYGUARD_LAB_DIR=str(lab.lab_dir.parent),
-               PYTHONPATH=str(config.REPO_ROOT))
+def cli(lab_env, *args):
     return subprocess.run([sys.executable, "-m", "skyguard.cli.main", *args], capture_output=True,
-                          text=True, env=env, timeout=60)
+                          text=True, env=lab_env, timeout=60)
 
 
 def test_up_creates_every_namespace_and_each_vm_reaches_its_gateway(lab):
@@ -199,8 +196,8 @@ def test_a_second_up_changes_nothing(lab):
     assert any("nothing changed" in m for m in messages)
 
 
-def test_cli_status_json_names_the_ca_and_requests_log(lab):
-    out = cli(lab, "lab", "status", "--json")
+def test_cli_status_json_names_the_ca_and_requests_log(lab, lab_env):
+    out = cli(lab_env, "lab", "status", "--json")
     assert out.returncode == 0, out.stderr
     status = json.loads(out.stdout)
     assert status["ca_cert"] == str(lab.ca_cert) and status["requests_log"] == str(lab.requests_log)
@@ -208,11 +205,11 @@ def test_cli_status_json_names_the_ca_and_requests_log(lab):
     assert [vm["name"] for vm in status["vms"]] == VMS
 
 
-def test_cli_exec_passes_the_exit_status_through(lab):
-    assert cli(lab, "lab", "exec", "dc2", "--", "sh", "-c", "exit 7").returncode == 7
-    out = cli(lab, "lab", "exec", "dc2", "--", "ip", "-br", "addr", "show", "eth0")
+def test_cli_exec_passes_the_exit_status_through(lab_env):
+    assert cli(lab_env, "lab", "exec", "dc2", "--", "sh", "-c", "exit 7").returncode == 7
+    out = cli(lab_env, "lab", "exec", "dc2", "--", "ip", "-br", "addr", "show", "eth0")
     assert out.returncode == 0 and "10.10.2.3/32" in out.stdout
-    bad = cli(lab, "lab", "exec", "nosuchvm", "--", "true")
+    bad = cli(lab_env, "lab", "exec", "nosuchvm", "--", "true")
     assert bad.returncode == 2 and "nosuchvm" in bad.stderr
 
 
@@ -220,3 +217,25 @@ def test_exec_gives_vms_the_lab_resolver(lab):
     v4, _ = addresses_for_name("files.pythonhosted.test")
     out = run(lab, "agent1", ["dig", "+short", "+time=2", "+tries=1", "files.pythonhosted.test"])
     assert out.stdout.split() == [str(v4)]
+
+
+def test_exec_keeps_bpffs_visible(lab):
+    # skyguard runs in the host namespace and pins its maps: `ip netns exec` would hide bpffs.
+    out = run(lab, "host", ["stat", "-f", "-c", "%T", "/sys/fs/bpf"])
+    assert out.stdout.strip() == "bpf_fs", out.stdout + out.stderr
+
+
+def test_the_host_namespace_reaches_the_internet_servers(lab):
+    # skyguard's DNS and credential proxies run in the host namespace and talk to the internet.
+    v4, _ = addresses_for_name("api.github.test")
+    out = run(lab, "host", ["dig", "+short", "+time=2", "+tries=1", "@192.0.2.53", "api.github.test"])
+    assert out.stdout.split() == [str(v4)]
+    out = run(lab, "host", ["curl", "-sS", "--max-time", "5", "--cacert", str(lab.ca_cert),
+                            "https://api.github.test/from-host"])
+    assert out.returncode == 0 and json.loads(out.stdout)["client"] == "100.64.0.1"
+
+
+@pytest.mark.parametrize("target", ["203.0.113.5", "2001:db8:203::5", "198.51.100.1", "192.0.2.53"])
+def test_internet_addresses_answer_ping(lab, target):
+    out = run(lab, "tacacs1", ["ping", "-c1", "-W2", target])
+    assert out.returncode == 0, out.stdout + out.stderr
