@@ -217,7 +217,8 @@ class Lab:
         leftovers = [n for n in planned if (NETNS_DIR / n).exists()]
         if state or leftovers or self._stray_servers():
             why = ("its topology changed" if state and state.get("complete")
-                   and state.get("fingerprint") != fingerprint else "a previous run left it incomplete")
+                   and state.get("fingerprint") != fingerprint
+                   else "a previous run left it incomplete or it was damaged")
             self.progress(f"cleaning the existing lab first ({why})")
             self._teardown(extra_namespaces=planned)
         self._write_state({"version": STATE_VERSION, "complete": False, "prefix": self.prefix,
