@@ -14,6 +14,8 @@ RUN_DIR = Path(os.environ.get("SKYGUARD_RUN_DIR", "/run/skyguard"))
 PIN_DIR = Path(os.environ.get("SKYGUARD_PIN_DIR", "/sys/fs/bpf/skyguard"))
 # Lab namespaces get this prefix (empty by default, so they are named after the workloads).
 LAB_PREFIX = os.environ.get("SKYGUARD_LAB_PREFIX", "")
+# Lab state (server pids, lab CA, requests log), one subfolder per lab prefix ("default" for none).
+LAB_DIR = Path(os.environ.get("SKYGUARD_LAB_DIR", "/run/skyguard-lab"))
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BPF_DIR = REPO_ROOT / "bpf"

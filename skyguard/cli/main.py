@@ -15,6 +15,7 @@ from skyguard.errors import SkyguardError
 COMMANDS = [
     ("doctor", "doctor"),
     ("policy", "policy"),
+    ("lab", "lab"),
 ]
 
 
