@@ -14,6 +14,7 @@ from skyguard.errors import SkyguardError
 # (module under skyguard.cli, attribute): each a click command or group. One line per command.
 COMMANDS = [
     ("secret", "secret"),
+    ("admin", "admin"),
 ]
 
 
