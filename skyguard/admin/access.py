@@ -43,7 +43,7 @@ def parse_login(username: str) -> Login:
     """Split 'alice+dc1' into Login('alice', 'dc1'). Raises BadInput for names that are not
     plain identifiers (the user name comes from an unauthenticated client)."""
     operator, sep, workload = username.partition(TARGET_SEPARATOR)
-    if not _SIMPLE_NAME.match(operator) or (sep and not _SIMPLE_NAME.match(workload)):
+    if not _SIMPLE_NAME.fullmatch(operator) or (sep and not _SIMPLE_NAME.fullmatch(workload)):
         raise BadInput("the SSH user name must be OPERATOR+WORKLOAD, e.g. alice+dc1")
     return Login(operator, workload if sep else None)
 

@@ -135,11 +135,14 @@ class AdminSshProxy:
         self.vm_key = keys.vm_key(store)
         self.host_key = keys.proxy_host_key(store)
         self._server = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._connections: set[_OperatorConnection] = set()
         self.update_policy(policy)
 
     def update_policy(self, policy: Policy) -> None:
-        """Use a new policy for new logins and sessions (open sessions keep running)."""
+        """Use a new policy from now on. Open connections whose operator, key or target the new
+        policy no longer allows are ended (revocation takes effect at once). Thread-safe: the
+        revocation runs in the proxy's event loop."""
         if policy.admin_ssh is None:
             raise BadInput("the policy has no admin.ssh section")
         operator_keys = {}
@@ -151,6 +154,28 @@ class AdminSshProxy:
                                "OpenSSH public key line (ssh-ed25519 AAAA...)") from None
         self.policy = policy
         self.operator_keys = operator_keys
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._end_revoked)
+
+    def _still_allowed(self, connection: "_OperatorConnection") -> bool:
+        if connection.operator is None or connection.workload is None:
+            return True  # not past authentication and authorisation yet: the new policy applies
+        operator = access.find_operator(self.policy.admin_ssh, connection.operator.name)
+        key = self.operator_keys.get(connection.operator.name)
+        if operator is None or key is None or keys.fingerprint(key) != connection.key_fingerprint:
+            return False
+        try:
+            access.authorize(self.policy, operator, connection.login)
+        except access.AccessRefused:
+            return False
+        return True
+
+    def _end_revoked(self) -> None:
+        for connection in list(self._connections):
+            if not self._still_allowed(connection):
+                self.record({"type": "admin_access_revoked", "operator": connection.operator.name,
+                             "workload": connection.workload.name, "source": connection.source})
+                connection.shutdown("access revoked by a policy change", result="revoked")
 
     def record(self, entry: dict) -> None:
         try:
@@ -160,6 +185,7 @@ class AdminSshProxy:
 
     async def start(self, listen: str | None = None) -> tuple[str, int]:
         host, port = parse_listen(listen or self.policy.admin_ssh.listen)
+        self._loop = asyncio.get_running_loop()
         for session_id in self.archive.recover_interrupted():
             log.warning("session %s was interrupted by a proxy restart; its record is closed", session_id)
         try:
@@ -184,7 +210,7 @@ class AdminSshProxy:
             await self._server.wait_closed()
             self._server = None
         for connection in list(self._connections):
-            connection.shutdown("skyguard's SSH access proxy is shutting down")
+            connection.shutdown("the SSH access proxy is shutting down")
         for _ in range(50):
             if not self._connections:
                 break
@@ -238,9 +264,9 @@ class _OperatorConnection(asyncssh.SSHServer):
         if self._upstream is not None:
             self._upstream.close()
 
-    def shutdown(self, reason: str) -> None:
+    def shutdown(self, reason: str, result: str = "proxy_shutdown") -> None:
         for session in list(self.sessions):
-            session.end_with_message(f"skyguard: {reason}\r\n", EXIT_UNREACHABLE, "proxy_shutdown")
+            session.end_with_message(f"\r\nskyguard: {reason}\r\n", EXIT_UNREACHABLE, result)
         if self.conn is not None:
             self.conn.close()
 
@@ -412,6 +438,12 @@ class _VmSession(asyncssh.SSHClientSession):
         self.front.chan.write_eof()
         return True
 
+    def pause_writing(self):
+        self.front.chan.pause_reading()  # the VM is not keeping up: stop reading the operator
+
+    def resume_writing(self):
+        self.front.chan.resume_reading()
+
     def exit_status_received(self, status):
         self.exit_status = status
 
@@ -464,7 +496,7 @@ class _ProxySession(asyncssh.SSHServerSession):
 
     def session_started(self):
         self.chan.pause_reading()  # nothing reaches the VM before it is authorised and connected
-        asyncio.get_running_loop().create_task(self._open())
+        self._opening = asyncio.get_running_loop().create_task(self._open())  # keep a reference
 
     async def _open(self):
         owner = self.owner

@@ -42,7 +42,7 @@ def new_session_id(ts: float) -> str:
 
 
 def validate_session_id(session_id: str) -> str:
-    if not _SESSION_ID.match(session_id or ""):
+    if not _SESSION_ID.fullmatch(session_id or ""):
         raise BadInput(f"invalid session id {session_id!r}: `skyguard admin sessions` lists them "
                        "(they look like 20261130T031500Z-1a2b3c4d)")
     return session_id
@@ -134,6 +134,8 @@ class SessionArchive:
     def __init__(self, directory: Path | str, decision_log: DecisionLog | None = None):
         self.directory = Path(directory)
         self.decision_log = decision_log
+        # Tells this proxy's sessions from those of an earlier, dead one (a pid could be reused).
+        self.instance = secrets.token_hex(8)
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def begin(self, *, operator: str, key_fingerprint: str, workload: str, zone: str, source: str,
@@ -145,7 +147,7 @@ class SessionArchive:
             "workload": workload, "zone": zone, "source": source, "kind": kind, "command": command,
             "start": utc_iso(start), "start_ts": start, "end": None, "exit_status": None,
             "exit_signal": None, "bytes_in": 0, "bytes_out": 0, "result": "active",
-            "transcript_sha256": None, "proxy_pid": os.getpid(),
+            "transcript_sha256": None, "archive_instance": self.instance,
         }
         recording = SessionRecording(self, meta, width, height, term)
         self._log({"type": "admin_session_start", **_log_fields(meta)})
@@ -165,7 +167,7 @@ class SessionArchive:
     def list(self) -> list[dict]:
         out = []
         for path in self.directory.glob("*.json"):
-            if _SESSION_ID.match(path.stem):
+            if _SESSION_ID.fullmatch(path.stem):
                 try:
                     out.append(json.loads(path.read_text()))
                 except (OSError, ValueError):
@@ -208,12 +210,13 @@ class SessionArchive:
                                      f"{actual}, the log says {e.get('transcript_sha256')}")
         return actual
 
-    def recover_interrupted(self, running_pids: set[int] | None = None) -> list[str]:
-        """Close the records of sessions left 'active' by a proxy that is gone: the transcript is
-        hashed as it stands and an end entry with result 'interrupted' is logged."""
+    def recover_interrupted(self) -> list[str]:
+        """Close the records of sessions left 'active' by an earlier proxy (one proxy per state
+        directory; call at start): the transcript is hashed as it stands and an end entry with
+        result 'interrupted' is logged. Sessions recorded through this archive object are left."""
         recovered = []
         for meta in self.list():
-            if meta.get("result") != "active" or meta.get("proxy_pid") in (running_pids or {os.getpid()}):
+            if meta.get("result") != "active" or meta.get("archive_instance") == self.instance:
                 continue
             cast_path = self.transcript_path(meta["id"])
             end = cast_path.stat().st_mtime if cast_path.exists() else time.time()

@@ -45,7 +45,7 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
 def validate_secret_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name) or name == SEALING_KEY_FILE:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name == SEALING_KEY_FILE:
         raise BadInput(
             f"invalid secret name {name!r}: use 1-64 characters of a-z, 0-9, '.', '_', '-', "
             "starting with a letter or digit (for example 'github' or 'web1.tls-key')"
@@ -176,7 +176,7 @@ class SecretStore:
         out = []
         for path in sorted(self.directory.glob("*" + SEALED_SUFFIX)):
             name = path.name[: -len(SEALED_SUFFIX)]
-            if not _NAME.match(name):
+            if not _NAME.fullmatch(name):
                 continue
             out.append(self._read_header(name))
         return out

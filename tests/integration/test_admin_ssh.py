@@ -306,6 +306,40 @@ def test_port_forwarding_is_refused_by_default(lab):
     assert lab.entries("admin_request_refused")
 
 
+def test_port_forwarding_when_policy_allows_opens_from_the_vm(lab):
+    allowing = replace(lab.policy, admin_ssh=replace(lab.policy.admin_ssh, port_forwarding=True))
+    lab.proxy.update_policy(allowing)
+    try:
+        # -W joins our stdio to a TCP connection that the VM opens: here to its own sshd.
+        out = subprocess.run(lab.ssh_args("alice", "alice+dc1", "-W", f"{lab.vm_ip}:22"),
+                             input=b"", capture_output=True, timeout=60)
+    finally:
+        lab.proxy.update_policy(lab.policy)
+    assert out.stdout.startswith(b"SSH-2.0-OpenSSH"), out.stderr
+    assert any(e["dest"] == f"{lab.vm_ip}:22" for e in lab.entries("admin_port_forward"))
+
+
+def test_policy_change_revokes_open_sessions(lab):
+    command = "echo revocable-session-up; sleep 60"
+    client = subprocess.Popen(lab.ssh_args("alice", "alice+dc1") + [command], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == "revocable-session-up"
+        alice_elsewhere = tuple(replace(op, may_access=("auth",)) if op.name == "alice" else op
+                                for op in lab.policy.admin_ssh.operators)
+        lab.proxy.update_policy(replace(lab.policy, admin_ssh=replace(lab.policy.admin_ssh,
+                                                                       operators=alice_elsewhere)))
+        _, stderr = client.communicate(timeout=30)
+    finally:
+        lab.proxy.update_policy(lab.policy)
+        client.kill()
+        client.wait()
+    assert client.returncode == 255 and "access revoked by a policy change" in stderr
+    [meta] = lab.session_by_command(command)
+    assert meta["result"] == "revoked"
+    assert any(e["operator"] == "alice" for e in lab.entries("admin_access_revoked"))
+
+
 def test_sftp_refused_by_default_and_logged_with_file_names_when_allowed(lab):
     batch = "ls /etc/hostname\nget /etc/hostname {}\n".format(lab.tmp / "fetched")
     refused = lab.ssh("alice", "alice+dc1", extra=["-b", "-"], tool="sftp", input=batch)

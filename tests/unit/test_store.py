@@ -111,7 +111,7 @@ def test_value_never_in_repr_str_or_format(store):
     assert VALUE.decode() not in repr(store)
 
 
-@pytest.mark.parametrize("name", ["", "../etc", ".hidden", "UPPER", "a/b", "x" * 65, "sealing.key", "a b"])
+@pytest.mark.parametrize("name", ["", "../etc", ".hidden", "UPPER", "a/b", "x" * 65, "sealing.key", "a b", "github\n"])
 def test_bad_names_are_refused(store, name):
     with pytest.raises(BadInput, match="invalid secret name"):
         store.set(name, b"v")
