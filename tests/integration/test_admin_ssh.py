@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry
 from skyguard.admin import keys
 from skyguard.admin.decisionlog import JsonLinesDecisionLog, fallback_log_path
 from skyguard.admin.proxy import AdminProxyConfig, AdminSshProxy
+from skyguard.admin.recording import SessionArchive
 from skyguard.custody.store import SecretStore
 from skyguard.errors import AdminError
 from skyguard.policy.model import AdminSsh, Policy, SshOperator, Workload, Zone
@@ -38,6 +39,42 @@ from skyguard.policy.model import AdminSsh, Policy, SshOperator, Workload, Zone
 REPO = Path(__file__).resolve().parents[2]
 CLONE_NEWNET = 0x40000000
 PROXY_PORT = 24222
+KILLABLE_PROXY_PORT = 24223  # the proxy run as its own process, to be killed
+
+
+def build_policy(spec: dict, port: int) -> Policy:
+    vm_ip, ghost_ip, operators = spec["vm_ip"], spec["ghost_ip"], spec["operators"]
+    return Policy(
+        name="admin-test",
+        zones={
+            "directory": Zone("directory", (
+                Workload("dc1", "directory", "sg-dc1", "02:00:00:00:02:02", (ip_address(vm_ip),)),
+                Workload("ghost", "directory", "sg-ghost", "02:00:00:00:02:09", (ip_address(ghost_ip),)),
+            )),
+            "auth": Zone("auth", (
+                Workload("radius1", "auth", "sg-radius1", "02:00:00:00:01:02", (ip_address("10.251.0.3"),)),
+            )),
+        },
+        networks={}, rules=(),
+        admin_ssh=AdminSsh(listen=f"127.0.0.1:{port}", operators=(
+            SshOperator("alice", operators["alice"], ("directory",)),
+            SshOperator("bob", operators["bob"], ("auth",)),
+        )),
+    )
+
+
+def serve_until_killed(spec_file: str, state_dir: str, secrets_dir: str) -> None:
+    """Run as a separate process (see the killed-proxy test): the proxy alone, until a signal."""
+    spec = json.loads(Path(spec_file).read_text())
+    state = Path(state_dir)
+
+    async def main():
+        proxy = AdminSshProxy(build_policy(spec, KILLABLE_PROXY_PORT), SecretStore(secrets_dir), state,
+                              JsonLinesDecisionLog(fallback_log_path(state)))
+        await proxy.start()
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
 
 
 def sh(*args, check=True, **kw):
@@ -135,30 +172,17 @@ LogLevel VERBOSE
                                 stdout=subprocess.DEVNULL, stderr=open(tmp / "sshd.log", "w"))
 
         operators = {name: keygen(tmp / name) for name in ("alice", "bob", "carol")}
-        policy = Policy(
-            name="admin-test",
-            zones={
-                "directory": Zone("directory", (
-                    Workload("dc1", "directory", "sg-dc1", "02:00:00:00:02:02", (ip_address(vm_ip),)),
-                    Workload("ghost", "directory", "sg-ghost", "02:00:00:00:02:09", (ip_address(ghost_ip),)),
-                )),
-                "auth": Zone("auth", (
-                    Workload("radius1", "auth", "sg-radius1", "02:00:00:00:01:02", (ip_address("10.251.0.3"),)),
-                )),
-            },
-            networks={}, rules=(),
-            admin_ssh=AdminSsh(listen=f"127.0.0.1:{PROXY_PORT}", operators=(
-                SshOperator("alice", operators["alice"], ("directory",)),
-                SshOperator("bob", operators["bob"], ("auth",)),
-            )),
-        )
+        spec = {"vm_ip": vm_ip, "ghost_ip": ghost_ip, "operators": operators}
+        (tmp / "policy-spec.json").write_text(json.dumps(spec))
+        policy = build_policy(spec, PROXY_PORT)
         registry = CollectorRegistry()
         decision_log = JsonLinesDecisionLog(fallback_log_path(state))
         proxy_thread = ProxyThread(px_ns)
         config = AdminProxyConfig(connect_timeout=2.0, max_failures=3, failure_window=600, block_for=600)
         proxy = AdminSshProxy(policy, SecretStore(state / "secrets"), state, decision_log, registry, config)
         proxy_thread.run(proxy.start())
-        (tmp / "known_hosts").write_text(f"[127.0.0.1]:{PROXY_PORT} {keys.public_line(proxy.host_key)}\n")
+        (tmp / "known_hosts").write_text("".join(f"[127.0.0.1]:{port} {keys.public_line(proxy.host_key)}\n"
+                                                 for port in (PROXY_PORT, KILLABLE_PROXY_PORT)))
 
         # Wait until the VM's sshd listens (a real TCP connect from the proxy's namespace).
         for _ in range(100):
@@ -189,12 +213,12 @@ class Lab:
         self.policy, self.proxy, self.proxy_thread = policy, proxy, proxy_thread
         self.registry, self.decision_log, self.env = registry, decision_log, env
 
-    def ssh_args(self, key: str, user: str, *extra, tool="ssh", source=None):
+    def ssh_args(self, key: str, user: str, *extra, tool="ssh", source=None, port=PROXY_PORT):
         port_flag = "-P" if tool == "sftp" else "-p"
         args = ["nsenter", f"--net=/run/netns/{self.px_ns}", tool, "-F", "/dev/null",
                 "-i", str(self.tmp / key), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
                 "-o", f"UserKnownHostsFile={self.tmp / 'known_hosts'}", "-o", "StrictHostKeyChecking=yes",
-                "-o", "ConnectTimeout=10", port_flag, str(PROXY_PORT)]
+                "-o", "ConnectTimeout=10", port_flag, str(port)]
         if source:
             args += ["-o", f"BindAddress={source}"]
         return args + list(extra) + [f"{user}@127.0.0.1"]
@@ -398,3 +422,59 @@ def test_metrics_after_sessions(lab):
     assert lab.metric("skyguard_admin_ssh_active_sessions") == 0
     text = __import__("prometheus_client").generate_latest(lab.registry).decode()
     assert "carol" not in text and "127.0.0" not in text
+
+
+def wait_for_ssh_banner(lab, port, process):
+    for _ in range(200):
+        probe = sh("nsenter", f"--net=/run/netns/{lab.px_ns}", "bash", "-c",
+                   f"exec 3<>/dev/tcp/127.0.0.1/{port} && head -c 4 <&3", check=False)
+        if probe.stdout.startswith("SSH-"):
+            return
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.05)
+    pytest.fail(f"the proxy on port {port} did not start")
+
+
+def test_proxy_killed_midway_leaves_a_complete_record(lab):
+    state = lab.tmp / "killable-state"
+    state.mkdir(mode=0o700)
+
+    def start_proxy():
+        process = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{lab.px_ns}", sys.executable, __file__, "serve",
+             str(lab.tmp / "policy-spec.json"), str(state), str(lab.state / "secrets")],
+            env=lab.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        wait_for_ssh_banner(lab, KILLABLE_PROXY_PORT, process)
+        return process
+
+    proxy = start_proxy()
+    command = "echo before-the-kill; sleep 60"
+    client = subprocess.Popen(lab.ssh_args("alice", "alice+dc1", port=KILLABLE_PROXY_PORT) + [command],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == "before-the-kill"
+    finally:
+        proxy.kill()  # SIGKILL: no cleanup code runs
+        proxy.wait()
+        client.kill()
+        client.wait()
+    archive = SessionArchive(state / "admin" / "sessions")
+    [meta] = archive.list()
+    assert meta["result"] == "active" and "before-the-kill" in archive.transcript_path(meta["id"]).read_text()
+    log = JsonLinesDecisionLog(fallback_log_path(state))
+    assert [e["type"] for e in log.entries()] == ["admin_session_start"]
+
+    restarted = start_proxy()  # the next start closes the record of the dead one's session
+    try:
+        meta = archive.load(meta["id"])
+        assert meta["result"] == "interrupted"
+        [end] = [e for e in log.entries() if e["type"] == "admin_session_end"]
+        assert end["session"] == meta["id"] and end["transcript_sha256"] == meta["transcript_sha256"]
+        assert archive.verify(meta["id"], list(log.entries()))
+    finally:
+        restarted.terminate()
+        restarted.wait(10)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["serve"]:
+    serve_until_killed(*sys.argv[2:5])
