@@ -142,7 +142,8 @@ class AdminSshProxy:
     def update_policy(self, policy: Policy) -> None:
         """Use a new policy from now on. Open connections whose operator, key or target the new
         policy no longer allows are ended (revocation takes effect at once). Thread-safe: the
-        revocation runs in the proxy's event loop."""
+        swap and the revocation run in the proxy's event loop. `listen` and `agent_forwarding`
+        take effect at the next start."""
         if policy.admin_ssh is None:
             raise BadInput("the policy has no admin.ssh section")
         operator_keys = {}
@@ -152,10 +153,14 @@ class AdminSshProxy:
             except (asyncssh.KeyImportError, ValueError):
                 raise BadInput(f"admin.ssh.operators: the public_key of operator {op.name!r} is not an "
                                "OpenSSH public key line (ssh-ed25519 AAAA...)") from None
-        self.policy = policy
-        self.operator_keys = operator_keys
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._end_revoked)
+        if self._loop is None:
+            self._apply(policy, operator_keys)
+        else:
+            self._loop.call_soon_threadsafe(self._apply, policy, operator_keys)
+
+    def _apply(self, policy: Policy, operator_keys: dict) -> None:
+        self.policy, self.operator_keys = policy, operator_keys
+        self._end_revoked()
 
     def _still_allowed(self, connection: "_OperatorConnection") -> bool:
         if connection.operator is None or connection.workload is None:
@@ -299,10 +304,15 @@ class _OperatorConnection(asyncssh.SSHServer):
         return True
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-        operator = access.find_operator(self.proxy.policy.admin_ssh, self.login.operator) if self.login else None
+        # Parse the name of this very request: SSH lets a client change it between attempts.
+        try:
+            login = access.parse_login(username)
+        except BadInput:
+            login = None
+        operator = access.find_operator(self.proxy.policy.admin_ssh, login.operator) if login else None
         expected = self.proxy.operator_keys.get(operator.name) if operator else None
         if expected is not None and expected.public_data == key.public_data:
-            self.operator = operator
+            self.login, self.operator = login, operator
             self.key_fingerprint = keys.fingerprint(key)
             return True
         self.rejected_keys += 1
@@ -515,6 +525,8 @@ class _ProxySession(asyncssh.SSHServerSession):
                     "file_transfer_refused",
                     "skyguard: file transfer (SFTP/scp) is disabled by policy (admin.ssh.sftp)")
             upstream = await owner.upstream()
+            if self.ended:  # the operator left while the VM was being reached
+                return
         except access.AccessRefused as refused:
             self._refused(refused)
             return
@@ -554,6 +566,8 @@ class _ProxySession(asyncssh.SSHServerSession):
         self.chan.resume_reading()
 
     def _refused(self, refused: access.AccessRefused):
+        if self.ended:
+            return
         self.ended = True
         operator = self.owner.operator.name
         self.proxy.metrics.sessions.labels(operator, refused.reason).inc()
@@ -562,8 +576,11 @@ class _ProxySession(asyncssh.SSHServerSession):
                            "workload": self.owner.login.workload if self.owner.login else None,
                            "kind": self.kind, "command": self.command, "reason": refused.reason})
         code = EXIT_UNREACHABLE if refused.reason.startswith("vm_") else EXIT_REFUSED
-        self.chan.write_stderr((str(refused) + "\r\n").encode())
-        self.chan.exit(code)
+        try:
+            self.chan.write_stderr((str(refused) + "\r\n").encode())
+            self.chan.exit(code)
+        except (asyncssh.Error, OSError):
+            pass  # the operator is already gone
 
     # operator -> VM
     def data_received(self, data, datatype):
