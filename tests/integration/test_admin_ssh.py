@@ -14,7 +14,6 @@ import asyncio
 import ctypes
 import json
 import os
-import re
 import secrets
 import signal
 import subprocess
@@ -50,6 +49,8 @@ def build_policy(spec: dict, port: int) -> Policy:
             "directory": Zone("directory", (
                 Workload("dc1", "directory", "sg-dc1", "02:00:00:00:02:02", (ip_address(vm_ip),)),
                 Workload("ghost", "directory", "sg-ghost", "02:00:00:00:02:09", (ip_address(ghost_ip),)),
+                # Up, but no sshd: the proxy's own end of the veth.
+                Workload("nosshd", "directory", "sg-nosshd", "02:00:00:00:02:0a", (ip_address(spec["px_ip"]),)),
             )),
             "auth": Zone("auth", (
                 Workload("radius1", "auth", "sg-radius1", "02:00:00:00:01:02", (ip_address("10.251.0.3"),)),
@@ -172,7 +173,7 @@ LogLevel VERBOSE
                                 stdout=subprocess.DEVNULL, stderr=open(tmp / "sshd.log", "w"))
 
         operators = {name: keygen(tmp / name) for name in ("alice", "bob", "carol")}
-        spec = {"vm_ip": vm_ip, "ghost_ip": ghost_ip, "operators": operators}
+        spec = {"vm_ip": vm_ip, "ghost_ip": ghost_ip, "px_ip": px_ip, "operators": operators}
         (tmp / "policy-spec.json").write_text(json.dumps(spec))
         policy = build_policy(spec, PROXY_PORT)
         registry = CollectorRegistry()
@@ -318,6 +319,12 @@ def test_vm_that_does_not_answer_gets_a_clear_message(lab):
     out = lab.ssh("alice", "alice+ghost", "true")
     assert out.returncode == 255
     assert "ghost" in out.stderr and "did not answer" in out.stderr
+
+
+def test_vm_without_sshd_gets_a_clear_message(lab):
+    out = lab.ssh("alice", "alice+nosshd", "true")
+    assert out.returncode == 255
+    assert "cannot reach nosshd" in out.stderr and "refused" in out.stderr.lower(), out.stderr
 
 
 def test_port_forwarding_is_refused_by_default(lab):
