@@ -367,9 +367,11 @@ class _OperatorConnection(asyncssh.SSHServer):
                     raise access.AccessRefused("vm_host_key_changed",
                         f"skyguard: the host key of {workload.name} changed since it was pinned; if "
                         f"the VM was reinstalled, remove its entry from {self.proxy.vm_host_keys.path}") from None
-                reason = getattr(e, "strerror", None) or getattr(e, "reason", None) or type(e).__name__
+                errno = getattr(e, "errno", None)
+                reason = (os.strerror(errno) if errno else None) or getattr(e, "reason", None) or type(e).__name__
                 raise access.AccessRefused("vm_unreachable",
-                    f"skyguard: cannot reach {workload.name} ({address}:{cfg.vm_port}): {reason}") from None
+                    f"skyguard: cannot reach {workload.name} ({address}:{cfg.vm_port}): {reason}; "
+                    "is the VM up and its sshd running?") from None
             self._upstream = conn
             return conn
 
