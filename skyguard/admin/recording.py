@@ -136,11 +136,11 @@ class SessionArchive:
         self.decision_log = decision_log
         # Tells this proxy's sessions from those of an earlier, dead one (a pid could be reused).
         self.instance = secrets.token_hex(8)
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def begin(self, *, operator: str, key_fingerprint: str, workload: str, zone: str, source: str,
               kind: str, command: str | None, width: int = 80, height: int = 24,
               term: str | None = None) -> SessionRecording:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         start = time.time()
         meta = {
             "id": new_session_id(start), "operator": operator, "key_fingerprint": key_fingerprint,

@@ -43,8 +43,8 @@ def admin():
 
     \b
     Examples:
-      skyguard admin vm-key >> /root/.ssh/authorized_keys     (on each VM)
-      skyguard admin host-key                                  (for operators' known_hosts)
+      skyguard admin vm-key        the line for each VM's /root/.ssh/authorized_keys
+      skyguard admin host-key      the line for operators' known_hosts
       skyguard admin sessions --json
       skyguard admin replay 20261130T031500Z-1a2b3c4d --speed 2
     """
