@@ -45,6 +45,7 @@ log = logging.getLogger("skyguard.admin")
 
 EXIT_REFUSED = 1
 EXIT_UNREACHABLE = 255  # what OpenSSH itself returns when it cannot reach a host
+SHUTDOWN_GRACE = 2.0  # seconds a revoked or shut-down connection gets to deliver its last words
 
 
 @dataclass
@@ -202,6 +203,9 @@ class AdminSshProxy:
                 agent_forwarding=self.policy.admin_ssh.agent_forwarding,
                 allow_scp=False, x11_forwarding=False, password_auth=False, kbdint_auth=False,
                 keepalive_interval=30,
+                # asyncssh defaults to False: a restarted daemon would then fail to listen for
+                # a minute while the killed one's connections sit in TIME_WAIT.
+                reuse_address=True,
             )
         except OSError as e:
             raise AdminError(f"cannot listen on {host}:{port} for the SSH access proxy: {e.strerror}") from None
@@ -253,6 +257,7 @@ class _OperatorConnection(asyncssh.SSHServer):
         self._upstream: asyncssh.SSHClientConnection | None = None
         self._upstream_lock = asyncio.Lock()
         self.sessions: set[_ProxySession] = set()
+        self.closing = False
 
     # -- connection and authentication ---------------------------------------------------------
 
@@ -270,10 +275,25 @@ class _OperatorConnection(asyncssh.SSHServer):
             self._upstream.close()
 
     def shutdown(self, reason: str, result: str = "proxy_shutdown") -> None:
+        """End every session with `reason` on the operator's terminal, then the connection. The
+        connection closes once the sessions have (closing it at once could drop the message),
+        or after SHUTDOWN_GRACE seconds at the latest."""
+        self.closing = True
         for session in list(self.sessions):
             session.end_with_message(f"\r\nskyguard: {reason}\r\n", EXIT_UNREACHABLE, result)
+        if not self.sessions:
+            self.close_now()
+        else:
+            asyncio.get_running_loop().call_later(SHUTDOWN_GRACE, self.close_now)
+
+    def close_now(self) -> None:
         if self.conn is not None:
             self.conn.close()
+
+    def session_closed(self, session: "_ProxySession") -> None:
+        self.sessions.discard(session)
+        if self.closing and not self.sessions:
+            self.close_now()
 
     def _auth_failed(self, reason: str) -> None:
         self.proxy.metrics.auth_failures.labels(reason).inc()
@@ -687,8 +707,8 @@ class _ProxySession(asyncssh.SSHServerSession):
     def connection_lost(self, exc):
         """The operator's channel is gone (client exited or was killed): close the VM side and
         finish the record with what was transferred up to now."""
-        self.owner.sessions.discard(self)
         if not self.ended:
             self._finish("client_disconnected", None, None)
             if self.vm_chan is not None:
                 self.vm_chan.close()
+        self.owner.session_closed(self)

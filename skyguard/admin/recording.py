@@ -123,8 +123,10 @@ class SessionRecording:
         self.meta.update(end=utc_iso(end), end_ts=end, result=result, exit_status=exit_status,
                          exit_signal=exit_signal, transcript_sha256=sha256_file(self.cast_path),
                          duration=round(end - self.meta["start_ts"], 3))
-        _atomic_write_json(self.meta_path, self.meta)
+        # Log first: a crash between the two leaves the record 'active', and recovery then logs
+        # the same hash again, rather than a closed record the log never heard of.
         self.archive.log_end(self.meta)
+        _atomic_write_json(self.meta_path, self.meta)
         return self.meta
 
 
@@ -222,8 +224,8 @@ class SessionArchive:
             end = cast_path.stat().st_mtime if cast_path.exists() else time.time()
             meta.update(end=utc_iso(end), end_ts=end, result="interrupted",
                         transcript_sha256=sha256_file(cast_path) if cast_path.exists() else None)
-            _atomic_write_json(self.directory / f"{meta['id']}.json", meta)
             self.log_end(meta)
+            _atomic_write_json(self.directory / f"{meta['id']}.json", meta)
             recovered.append(meta["id"])
         return recovered
 

@@ -437,7 +437,7 @@ def wait_for_ssh_banner(lab, port, process):
                    f"exec 3<>/dev/tcp/127.0.0.1/{port} && head -c 4 <&3", check=False)
         if probe.stdout.startswith("SSH-"):
             return
-        assert process.poll() is None, process.stderr.read()
+        assert process.poll() is None, process.stderr.read()[-500:]
         time.sleep(0.05)
     pytest.fail(f"the proxy on port {port} did not start")
 
