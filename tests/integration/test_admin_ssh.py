@@ -371,6 +371,25 @@ def test_policy_change_revokes_open_sessions(lab):
     assert any(e["operator"] == "alice" for e in lab.entries("admin_access_revoked"))
 
 
+def test_agent_forwarding_is_refused_by_default(lab):
+    agent_socket = lab.tmp / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(agent_socket)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if agent_socket.exists():
+                break
+            time.sleep(0.02)
+        args = lab.ssh_args("alice", "alice+dc1", "-A") + ['echo "agent=[$SSH_AUTH_SOCK]"']
+        out = subprocess.run(args, capture_output=True, text=True, timeout=60,
+                             env=dict(os.environ, SSH_AUTH_SOCK=str(agent_socket)))
+    finally:
+        agent.terminate()
+        agent.wait(10)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "agent=[]"
+
+
 def test_sftp_refused_by_default_and_logged_with_file_names_when_allowed(lab):
     batch = "ls /etc/hostname\nget /etc/hostname {}\n".format(lab.tmp / "fetched")
     refused = lab.ssh("alice", "alice+dc1", extra=["-b", "-"], tool="sftp", input=batch)

@@ -180,3 +180,16 @@ def test_cli_sessions_table_and_replay(tmp_path):
     played = cli("replay", rec.id, "--speed", "100", state=tmp_path)
     assert played.returncode == 0 and "uptime output" in played.stdout
     assert "matches the session record and" in played.stderr
+
+
+def test_proxy_refuses_a_policy_with_a_bad_operator_key(tmp_path):
+    from skyguard.admin.proxy import AdminSshProxy
+    from skyguard.policy.model import AdminSsh, Policy, SshOperator
+
+    policy = Policy(name="t", zones={}, networks={}, rules=(),
+                    admin_ssh=AdminSsh(operators=(SshOperator("mallory", "ssh-ed25519 not-base64!", ()),)))
+    with pytest.raises(BadInput, match="operator 'mallory' is not an OpenSSH public key"):
+        AdminSshProxy(policy, SecretStore(tmp_path / "secrets"), tmp_path, JsonLinesDecisionLog(tmp_path / "l"))
+    with pytest.raises(BadInput, match="no admin.ssh section"):
+        AdminSshProxy(Policy(name="t", zones={}, networks={}, rules=()), SecretStore(tmp_path / "secrets"),
+                      tmp_path, JsonLinesDecisionLog(tmp_path / "l"))
