@@ -16,6 +16,8 @@ COMMANDS = [
     ("doctor", "doctor"),
     ("policy", "policy"),
     ("lab", "lab"),
+    ("secret", "secret"),
+    ("admin", "admin"),
 ]
 
 

@@ -1,0 +1,52 @@
+"""The interface through which parts hand decisions to the signed log, and a plain fallback.
+
+`DecisionLog.record(entry)` takes one JSON-serialisable dict and returns once it is durable. The
+signed, Merkle-tree log (skyguard/tlog) implements it; `JsonLinesDecisionLog` is the unsigned
+fallback used by tests and by a proxy run without the daemon. Neither ever receives a secret.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Iterator, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class DecisionLog(Protocol):
+    def record(self, entry: dict) -> None:
+        """Append one entry; return once it is durable."""
+
+
+class JsonLinesDecisionLog:
+    """One canonical JSON object per line, fsync'd per entry. Unsigned: edits are not detected."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+
+    def record(self, entry: dict) -> None:
+        line = json.dumps(entry, sort_keys=True, separators=(",", ":"), default=str) + "\n"
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def entries(self) -> Iterator[dict]:
+        if not self.path.exists():
+            return
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    yield json.loads(line)
+
+
+def fallback_log_path(state_dir: Path | str) -> Path:
+    """Where the unsigned fallback log lives when the proxy runs without the signed log."""
+    return Path(state_dir) / "admin" / "decisions.jsonl"

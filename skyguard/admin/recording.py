@@ -1,0 +1,270 @@
+"""Session recording: each SSH session's metadata and terminal transcript, and their proof.
+
+For session ID there are two files under `<state>/admin/sessions/`:
+- `ID.cast`: the transcript in asciicast v2 (a JSON header line, then one `[time, "o", text]`
+  line per piece of output and `[time, "r", "WxH"]` per resize). Each event is written through to
+  the file as it happens, so a session killed mid-way leaves a transcript complete up to then.
+  What the operator types is recorded as the terminal echoes it, not as raw keystrokes, so a
+  password typed at a no-echo prompt is not stored.
+- `ID.json`: operator, key fingerprint, workload, source, kind, command, start, end, exit status,
+  bytes each way, result, and the transcript's SHA-256 once the session ends.
+A start entry and an end entry (with the SHA-256) go to the DecisionLog, so `verify()` can prove
+a transcript untouched against the log. `recover_interrupted()` closes the records of sessions
+whose proxy died, hashing what was written. Not the SSH server, not the signed log itself.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import os
+import re
+import secrets
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from skyguard.admin.decisionlog import DecisionLog
+from skyguard.errors import AdminError, BadInput
+
+_SESSION_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
+FLUSH_EVERY_EVENTS = 1  # write-through: the transcript must survive a killed proxy
+
+
+def utc_iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def new_session_id(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(4)
+
+
+def validate_session_id(session_id: str) -> str:
+    if not _SESSION_ID.fullmatch(session_id or ""):
+        raise BadInput(f"invalid session id {session_id!r}: `skyguard admin sessions` lists them "
+                       "(they look like 20261130T031500Z-1a2b3c4d)")
+    return session_id
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 16), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _atomic_write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+class SessionRecording:
+    """One session being recorded. Create with SessionArchive.begin()."""
+
+    def __init__(self, archive: "SessionArchive", meta: dict, width: int, height: int, term: str | None):
+        self.archive = archive
+        self.meta = meta
+        self.id = meta["id"]
+        self._t0 = time.monotonic()
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._finished = False
+        self.cast_path = archive.directory / f"{self.id}.cast"
+        self.meta_path = archive.directory / f"{self.id}.json"
+        header = {"version": 2, "width": width, "height": height, "timestamp": int(meta["start_ts"]),
+                  "title": f"{meta['operator']}@{meta['workload']}"}
+        if term:
+            header["env"] = {"TERM": term}
+        fd = os.open(self.cast_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._cast = os.fdopen(fd, "w", encoding="utf-8")
+        self._write_line(header)
+        _atomic_write_json(self.meta_path, self.meta)
+
+    def _write_line(self, value) -> None:
+        self._cast.write(json.dumps(value, ensure_ascii=False) + "\n")
+        self._cast.flush()  # into the kernel: survives the proxy being killed
+
+    def _event(self, code: str, text: str) -> None:
+        if not self._finished and text:
+            self._write_line([round(time.monotonic() - self._t0, 6), code, text])
+
+    def output(self, data: bytes) -> None:
+        self.meta["bytes_out"] += len(data)
+        self._event("o", self._decoder.decode(data))
+
+    def input(self, data: bytes) -> None:
+        # Counted, not stored: keystrokes include what no-echo prompts hide (see module doc).
+        self.meta["bytes_in"] += len(data)
+
+    def resize(self, width: int, height: int) -> None:
+        self._event("r", f"{width}x{height}")
+
+    def note(self, key: str, value) -> None:
+        self.meta.setdefault(key, []).append(value)
+
+    def finish(self, result: str, exit_status: int | None = None, exit_signal: str | None = None) -> dict:
+        """Close the transcript, hash it, store the metadata and log the end. Idempotent."""
+        if self._finished:
+            return self.meta
+        self._event("o", self._decoder.decode(b"", final=True))
+        self._finished = True
+        self._cast.flush()
+        os.fsync(self._cast.fileno())
+        self._cast.close()
+        end = time.time()
+        self.meta.update(end=utc_iso(end), end_ts=end, result=result, exit_status=exit_status,
+                         exit_signal=exit_signal, transcript_sha256=sha256_file(self.cast_path),
+                         duration=round(end - self.meta["start_ts"], 3))
+        # Log first: a crash between the two leaves the record 'active', and recovery then logs
+        # the same hash again, rather than a closed record the log never heard of.
+        self.archive.log_end(self.meta)
+        _atomic_write_json(self.meta_path, self.meta)
+        return self.meta
+
+
+class SessionArchive:
+    """The folder of recorded sessions, and the log entries that vouch for them."""
+
+    def __init__(self, directory: Path | str, decision_log: DecisionLog | None = None):
+        self.directory = Path(directory)
+        self.decision_log = decision_log
+        # Tells this proxy's sessions from those of an earlier, dead one (a pid could be reused).
+        self.instance = secrets.token_hex(8)
+
+    def begin(self, *, operator: str, key_fingerprint: str, workload: str, zone: str, source: str,
+              kind: str, command: str | None, width: int = 80, height: int = 24,
+              term: str | None = None) -> SessionRecording:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        start = time.time()
+        meta = {
+            "id": new_session_id(start), "operator": operator, "key_fingerprint": key_fingerprint,
+            "workload": workload, "zone": zone, "source": source, "kind": kind, "command": command,
+            "start": utc_iso(start), "start_ts": start, "end": None, "exit_status": None,
+            "exit_signal": None, "bytes_in": 0, "bytes_out": 0, "result": "active",
+            "transcript_sha256": None, "archive_instance": self.instance,
+        }
+        recording = SessionRecording(self, meta, width, height, term)
+        self._log({"type": "admin_session_start", **_log_fields(meta)})
+        return recording
+
+    def log_end(self, meta: dict) -> None:
+        self._log({"type": "admin_session_end", **_log_fields(meta),
+                   "end": meta["end"], "result": meta["result"], "exit_status": meta["exit_status"],
+                   "exit_signal": meta.get("exit_signal"), "bytes_in": meta["bytes_in"],
+                   "bytes_out": meta["bytes_out"], "transcript_sha256": meta["transcript_sha256"],
+                   "files": meta.get("files", [])})
+
+    def _log(self, entry: dict) -> None:
+        if self.decision_log is not None:
+            self.decision_log.record(entry)
+
+    def list(self) -> list[dict]:
+        out = []
+        for path in self.directory.glob("*.json"):
+            if _SESSION_ID.fullmatch(path.stem):
+                try:
+                    out.append(json.loads(path.read_text()))
+                except (OSError, ValueError):
+                    out.append({"id": path.stem, "result": "unreadable"})
+        return sorted(out, key=lambda m: (m.get("start") or "", m["id"]))
+
+    def load(self, session_id: str) -> dict:
+        validate_session_id(session_id)
+        path = self.directory / f"{session_id}.json"
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise BadInput(f"no session {session_id} in {self.directory}; "
+                           "`skyguard admin sessions` lists them") from None
+        except ValueError:
+            raise AdminError(f"session metadata {path} is not valid JSON: it was damaged or edited") from None
+
+    def transcript_path(self, session_id: str) -> Path:
+        return self.directory / f"{validate_session_id(session_id)}.cast"
+
+    def verify(self, session_id: str, logged: list[dict] | None = None) -> str:
+        """The transcript's SHA-256 if it matches the metadata and every end entry for it in
+        `logged` (the decision log's entries); else AdminError naming the mismatch."""
+        meta = self.load(session_id)
+        expected = meta.get("transcript_sha256")
+        if not expected:
+            raise AdminError(f"session {session_id} has not ended yet (or its proxy died and "
+                             "recovery has not run): no hash to check against")
+        actual = sha256_file(self.transcript_path(session_id))
+        if actual != expected:
+            raise AdminError(f"transcript of session {session_id} was modified: its SHA-256 is {actual}, "
+                             f"the session record says {expected}")
+        if logged is not None:
+            ends = [e for e in logged if e.get("type") == "admin_session_end" and e.get("session") == session_id]
+            if not ends:
+                raise AdminError(f"session {session_id} has no end entry in the decision log")
+            for e in ends:
+                if e.get("transcript_sha256") != actual:
+                    raise AdminError(f"transcript of session {session_id} was modified: its SHA-256 is "
+                                     f"{actual}, the log says {e.get('transcript_sha256')}")
+        return actual
+
+    def recover_interrupted(self) -> list[str]:
+        """Close the records of sessions left 'active' by an earlier proxy (one proxy per state
+        directory; call at start): the transcript is hashed as it stands and an end entry with
+        result 'interrupted' is logged. Sessions recorded through this archive object are left."""
+        recovered = []
+        for meta in self.list():
+            if meta.get("result") != "active" or meta.get("archive_instance") == self.instance:
+                continue
+            cast_path = self.transcript_path(meta["id"])
+            end = cast_path.stat().st_mtime if cast_path.exists() else time.time()
+            meta.update(end=utc_iso(end), end_ts=end, result="interrupted",
+                        transcript_sha256=sha256_file(cast_path) if cast_path.exists() else None)
+            self.log_end(meta)
+            _atomic_write_json(self.directory / f"{meta['id']}.json", meta)
+            recovered.append(meta["id"])
+        return recovered
+
+
+def _log_fields(meta: dict) -> dict:
+    return {"session": meta["id"], "operator": meta["operator"], "key_fingerprint": meta["key_fingerprint"],
+            "workload": meta["workload"], "zone": meta["zone"], "source": meta["source"],
+            "kind": meta["kind"], "command": meta["command"], "start": meta["start"]}
+
+
+def replay(cast_path: Path, out=None, speed: float = 1.0, idle_limit: float | None = 2.0,
+           sleep=time.sleep) -> int:
+    """Write a transcript's output to `out` with its original timing (divided by speed; pauses
+    capped at idle_limit seconds). Returns the number of output events played."""
+    out = out or sys.stdout
+    if speed <= 0:
+        raise BadInput("--speed must be greater than 0")
+    played = 0
+    previous = 0.0
+    with open(cast_path, encoding="utf-8") as f:
+        header = f.readline()
+        try:
+            if json.loads(header).get("version") != 2:
+                raise ValueError
+        except (ValueError, AttributeError):
+            raise AdminError(f"{cast_path} is not an asciicast v2 transcript") from None
+        for line in f:
+            try:
+                at, code, text = json.loads(line)
+            except ValueError:
+                raise AdminError(f"{cast_path}: damaged event line after {played} events") from None
+            delay = (at - previous) / speed
+            if idle_limit is not None:
+                delay = min(delay, idle_limit)
+            if delay > 0:
+                sleep(delay)
+            previous = at
+            if code == "o":
+                out.write(text)
+                out.flush()
+                played += 1
+    return played

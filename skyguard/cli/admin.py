@@ -1,0 +1,133 @@
+"""`skyguard admin`: the SSH access proxy's keys and recorded sessions.
+
+Thin commands over skyguard.admin: print the public half of skyguard's VM key (for the VMs'
+authorized_keys) and of the proxy's host key (for operators' known_hosts), list recorded sessions
+and replay one after checking its transcript against the record and the log. Running the proxy
+is the daemon's job (`skyguard up`), not this module's.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from skyguard import config
+from skyguard.cli.common import emit_json, json_option
+
+state_dir_option = click.option(
+    "--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="skyguard's state directory (default: $SKYGUARD_STATE_DIR or /var/lib/skyguard).")
+
+
+def _state(state_dir: Path | None) -> Path:
+    return state_dir or config.STATE_DIR
+
+
+def _archive(state_dir: Path | None):
+    from skyguard.admin.recording import SessionArchive
+
+    return SessionArchive(_state(state_dir) / "admin" / "sessions")
+
+
+@click.group("admin")
+def admin():
+    """Administrative SSH access to VMs through skyguard.
+
+    Operators connect with the OpenSSH client, naming the VM after a '+' in the user name:
+
+    \b
+      ssh -p 2222 alice+dc1@skyguard-host              a shell on dc1
+      ssh -p 2222 alice+dc1@skyguard-host uptime       one command
+
+    \b
+    Examples:
+      skyguard admin vm-key        the line for each VM's /root/.ssh/authorized_keys
+      skyguard admin host-key      the line for operators' known_hosts
+      skyguard admin sessions --json
+      skyguard admin replay 20261130T031500Z-1a2b3c4d --speed 2
+    """
+
+
+@admin.command("vm-key")
+@state_dir_option
+def vm_key_command(state_dir):
+    """Print the public half of the key skyguard logs into VMs with (generated on first use).
+
+    Put it in the authorized_keys of the VM account skyguard uses (root by default); the
+    private half never leaves skyguard's sealed store.
+    """
+    from skyguard.admin import keys
+    from skyguard.custody.store import SecretStore
+
+    click.echo(keys.public_line(keys.vm_key(SecretStore(_state(state_dir) / "secrets"))))
+
+
+@admin.command("host-key")
+@state_dir_option
+def host_key_command(state_dir):
+    """Print the SSH access proxy's host public key (for operators' known_hosts)."""
+    from skyguard.admin import keys
+    from skyguard.custody.store import SecretStore
+
+    key = keys.proxy_host_key(SecretStore(_state(state_dir) / "secrets"))
+    click.echo(keys.public_line(key))
+    click.echo(f"fingerprint: {keys.fingerprint(key)}", err=True)
+
+
+@admin.command("sessions")
+@json_option
+@state_dir_option
+def sessions_command(as_json, state_dir):
+    """List recorded SSH sessions, oldest first."""
+    sessions = _archive(state_dir).list()
+    if as_json:
+        emit_json(sessions)
+        return
+    if not sessions:
+        click.echo("no recorded sessions", err=True)
+        return
+    click.echo(f"{'ID':<26} {'OPERATOR':<12} {'WORKLOAD':<12} {'KIND':<9} {'START':<20} {'RESULT':<20} EXIT")
+    for s in sessions:
+        exit_status = s.get("exit_signal") or ("" if s.get("exit_status") is None else s["exit_status"])
+        click.echo(f"{s['id']:<26} {s.get('operator', '?'):<12} {s.get('workload', '?'):<12} "
+                   f"{s.get('kind') or '?':<9} {(s.get('start') or '')[:19]:<20} "
+                   f"{s.get('result', '?'):<20} {exit_status}")
+
+
+@admin.command("replay")
+@click.argument("session_id")
+@click.option("--speed", type=float, default=1.0, show_default=True, help="Playback speed factor.")
+@click.option("--idle-limit", type=float, default=2.0, show_default=True,
+              help="Cap pauses at this many seconds.")
+@click.option("--log", "log_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A JSON-lines decision log to check the transcript's hash against "
+                   "(default: the proxy's fallback log in the state directory, if present).")
+@click.option("--no-verify", is_flag=True, help="Play even if the transcript fails its hash check.")
+@state_dir_option
+def replay_command(session_id, speed, idle_limit, log_file, no_verify, state_dir):
+    """Play a recorded session back in the terminal, with its timing.
+
+    The transcript's SHA-256 is checked first against the session record and the decision log;
+    a modified transcript is refused (exit 1) unless --no-verify.
+
+    \b
+    Examples:
+      skyguard admin replay 20261130T031500Z-1a2b3c4d
+      skyguard admin replay 20261130T031500Z-1a2b3c4d --speed 4 --idle-limit 0.5
+    """
+    from skyguard.admin.decisionlog import JsonLinesDecisionLog, fallback_log_path
+    from skyguard.admin.recording import replay
+    from skyguard.errors import BadInput
+
+    if speed <= 0:
+        raise BadInput("--speed must be greater than 0")
+    archive = _archive(state_dir)
+    if not no_verify:
+        log_path = log_file or fallback_log_path(_state(state_dir))
+        logged = list(JsonLinesDecisionLog(log_path).entries()) if log_path.exists() else None
+        digest = archive.verify(session_id, logged)
+        click.echo(f"transcript sha256 {digest} matches the session record"
+                   + (f" and {log_path}" if logged is not None else ""), err=True)
+    replay(archive.transcript_path(session_id), sys.stdout, speed=speed, idle_limit=idle_limit)

@@ -1,0 +1,506 @@
+"""The SSH access proxy end to end, with the real OpenSSH client and a real sshd as the VM.
+
+Layout (two network namespaces this module creates and removes, prefix shx-):
+- shx-vm-N: the "VM": a real sshd on 10.251.N.2:22 whose AuthorizedKeysFile holds only
+  skyguard's VM key (printed by `skyguard admin vm-key`).
+- shx-px-N: the proxy (an asyncio thread that entered this namespace) on 127.0.0.1 and the
+  OpenSSH client (`ssh`, `sftp`, run with nsenter); a veth joins it to the VM.
+10.251.N.9 is on the veth's subnet but nobody answers there: the "VM that does not answer".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from ipaddress import ip_address
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from skyguard.admin import keys
+from skyguard.admin.decisionlog import JsonLinesDecisionLog, fallback_log_path
+from skyguard.admin.proxy import AdminProxyConfig, AdminSshProxy
+from skyguard.admin.recording import SessionArchive
+from skyguard.custody.store import SecretStore
+from skyguard.errors import AdminError
+from skyguard.policy.model import AdminSsh, Policy, SshOperator, Workload, Zone
+
+REPO = Path(__file__).resolve().parents[2]
+CLONE_NEWNET = 0x40000000
+PROXY_PORT = 24222
+KILLABLE_PROXY_PORT = 24223  # the proxy run as its own process, to be killed
+
+
+def build_policy(spec: dict, port: int) -> Policy:
+    vm_ip, ghost_ip, operators = spec["vm_ip"], spec["ghost_ip"], spec["operators"]
+    return Policy(
+        name="admin-test",
+        zones={
+            "directory": Zone("directory", (
+                Workload("dc1", "directory", "sg-dc1", "02:00:00:00:02:02", (ip_address(vm_ip),)),
+                Workload("ghost", "directory", "sg-ghost", "02:00:00:00:02:09", (ip_address(ghost_ip),)),
+                # Up, but no sshd: the proxy's own end of the veth.
+                Workload("nosshd", "directory", "sg-nosshd", "02:00:00:00:02:0a", (ip_address(spec["px_ip"]),)),
+            )),
+            "auth": Zone("auth", (
+                Workload("radius1", "auth", "sg-radius1", "02:00:00:00:01:02", (ip_address("10.251.0.3"),)),
+            )),
+        },
+        networks={}, rules=(),
+        admin_ssh=AdminSsh(listen=f"127.0.0.1:{port}", operators=(
+            SshOperator("alice", operators["alice"], ("directory",)),
+            SshOperator("bob", operators["bob"], ("auth",)),
+        )),
+    )
+
+
+def serve_until_killed(spec_file: str, state_dir: str, secrets_dir: str) -> None:
+    """Run as a separate process (see the killed-proxy test): the proxy alone, until a signal."""
+    spec = json.loads(Path(spec_file).read_text())
+    state = Path(state_dir)
+
+    async def main():
+        proxy = AdminSshProxy(build_policy(spec, KILLABLE_PROXY_PORT), SecretStore(secrets_dir), state,
+                              JsonLinesDecisionLog(fallback_log_path(state)))
+        await proxy.start()
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def sh(*args, check=True, **kw):
+    return subprocess.run(args, check=check, capture_output=True, text=True, **kw)
+
+
+def keygen(path: Path) -> str:
+    sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f", str(path))
+    return (path.with_suffix(".pub") if path.suffix else Path(str(path) + ".pub")).read_text().strip()
+
+
+class ProxyThread:
+    """Runs an asyncio loop in a thread that lives in another network namespace."""
+
+    def __init__(self, netns: str):
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        errors = []
+
+        def main():
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns")
+                os.close(fd)
+            except BaseException as e:  # reported to the test below
+                errors.append(e)
+                ready.set()
+                return
+            asyncio.set_event_loop(self.loop)
+            ready.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=main, daemon=True)
+        self.thread.start()
+        ready.wait()
+        if errors:
+            raise errors[0]
+
+    def run(self, coro, timeout=30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def lab(root, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("admin-ssh")
+    os.chmod(tmp, 0o700)
+    net = 200 + secrets.randbelow(50)
+    suffix = secrets.token_hex(2)
+    vm_ns, px_ns = f"shx-vm-{suffix}", f"shx-px-{suffix}"
+    vm_ip, px_ip, ghost_ip = f"10.251.{net}.2", f"10.251.{net}.1", f"10.251.{net}.9"
+    state = tmp / "state"
+    state.mkdir(mode=0o700)
+    sshd = proxy_thread = proxy = None
+    try:
+        for ns in (vm_ns, px_ns):
+            sh("ip", "netns", "add", ns)
+        sh("ip", "-n", px_ns, "link", "add", "shx-px0", "type", "veth", "peer", "name", "shx-vm0",
+           "netns", vm_ns)
+        sh("ip", "-n", px_ns, "addr", "add", f"{px_ip}/24", "dev", "shx-px0")
+        sh("ip", "-n", vm_ns, "addr", "add", f"{vm_ip}/24", "dev", "shx-vm0")
+        for ns, dev in ((px_ns, "shx-px0"), (vm_ns, "shx-vm0")):
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+
+        # skyguard's VM key, public half through the CLI, into the VM's authorized_keys.
+        env = dict(os.environ, PYTHONPATH=str(REPO), SKYGUARD_STATE_DIR=str(state))
+        vm_key_line = sh(sys.executable, "-m", "skyguard.cli.main", "admin", "vm-key", env=env).stdout.strip()
+        assert vm_key_line.startswith("ssh-ed25519 ")
+        (tmp / "authorized_keys").write_text(vm_key_line + "\n")
+        keygen(tmp / "vm_host_key")
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
+        (tmp / "sshd_config").write_text(f"""
+ListenAddress {vm_ip}
+Port 22
+HostKey {tmp}/vm_host_key
+AuthorizedKeysFile {tmp}/authorized_keys
+PidFile {tmp}/sshd.pid
+StrictModes no
+UsePAM no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin prohibit-password
+AllowTcpForwarding yes
+Subsystem sftp /usr/lib/openssh/sftp-server
+LogLevel VERBOSE
+""")
+        sshd = subprocess.Popen(["nsenter", f"--net=/run/netns/{vm_ns}", "/usr/sbin/sshd", "-D", "-e",
+                                 "-f", str(tmp / "sshd_config")],
+                                stdout=subprocess.DEVNULL, stderr=open(tmp / "sshd.log", "w"))
+
+        operators = {name: keygen(tmp / name) for name in ("alice", "bob", "carol")}
+        spec = {"vm_ip": vm_ip, "ghost_ip": ghost_ip, "px_ip": px_ip, "operators": operators}
+        (tmp / "policy-spec.json").write_text(json.dumps(spec))
+        policy = build_policy(spec, PROXY_PORT)
+        registry = CollectorRegistry()
+        decision_log = JsonLinesDecisionLog(fallback_log_path(state))
+        proxy_thread = ProxyThread(px_ns)
+        config = AdminProxyConfig(connect_timeout=2.0, max_failures=3, failure_window=600, block_for=600)
+        proxy = AdminSshProxy(policy, SecretStore(state / "secrets"), state, decision_log, registry, config)
+        proxy_thread.run(proxy.start())
+        (tmp / "known_hosts").write_text("".join(f"[127.0.0.1]:{port} {keys.public_line(proxy.host_key)}\n"
+                                                 for port in (PROXY_PORT, KILLABLE_PROXY_PORT)))
+
+        # Wait until the VM's sshd listens (a real TCP connect from the proxy's namespace).
+        for _ in range(100):
+            probe = sh("nsenter", f"--net=/run/netns/{px_ns}", "bash", "-c",
+                       f"exec 3<>/dev/tcp/{vm_ip}/22 && head -c 4 <&3", check=False)
+            if probe.stdout.startswith("SSH-"):
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"the VM's sshd did not start: {(tmp / 'sshd.log').read_text()}")
+
+        yield Lab(tmp, state, px_ns, vm_ip, policy, proxy, proxy_thread, registry, decision_log, env)
+    finally:
+        if proxy is not None:
+            proxy_thread.run(proxy.close())
+        if proxy_thread is not None:
+            proxy_thread.stop()
+        if sshd is not None:
+            sshd.terminate()
+            sshd.wait(10)
+        for ns in (vm_ns, px_ns):
+            sh("ip", "netns", "del", ns, check=False)
+
+
+class Lab:
+    def __init__(self, tmp, state, px_ns, vm_ip, policy, proxy, proxy_thread, registry, decision_log, env):
+        self.tmp, self.state, self.px_ns, self.vm_ip = tmp, state, px_ns, vm_ip
+        self.policy, self.proxy, self.proxy_thread = policy, proxy, proxy_thread
+        self.registry, self.decision_log, self.env = registry, decision_log, env
+
+    def ssh_args(self, key: str, user: str, *extra, tool="ssh", source=None, port=PROXY_PORT):
+        port_flag = "-P" if tool == "sftp" else "-p"
+        args = ["nsenter", f"--net=/run/netns/{self.px_ns}", tool, "-F", "/dev/null",
+                "-i", str(self.tmp / key), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+                "-o", f"UserKnownHostsFile={self.tmp / 'known_hosts'}", "-o", "StrictHostKeyChecking=yes",
+                "-o", "ConnectTimeout=10", port_flag, str(port)]
+        if source:
+            args += ["-o", f"BindAddress={source}"]
+        return args + list(extra) + [f"{user}@127.0.0.1"]
+
+    def ssh(self, key, user, *command, extra=(), input=None, tool="ssh", source=None, timeout=60):
+        return subprocess.run(self.ssh_args(key, user, *extra, tool=tool, source=source) + list(command),
+                              input=input, capture_output=True, text=True, timeout=timeout)
+
+    def cli(self, *args):
+        return subprocess.run([sys.executable, "-m", "skyguard.cli.main", *args],
+                              capture_output=True, text=True, env=self.env, timeout=60)
+
+    def entries(self, type_=None):
+        return [e for e in self.decision_log.entries() if type_ is None or e["type"] == type_]
+
+    def metric(self, name, **labels):
+        value = self.registry.get_sample_value(name, labels)
+        return value or 0.0
+
+    def session_by_command(self, command):
+        return [m for m in self.proxy.archive.list() if m.get("command") == command]
+
+
+def test_exec_output_and_exit_status_propagate(lab):
+    out = lab.ssh("alice", "alice+dc1", "echo hi from $(hostname -I); echo err >&2; exit 3")
+    assert out.returncode == 3, out.stderr
+    assert out.stdout.strip() == f"hi from {lab.vm_ip}"
+    assert "err" in out.stderr
+    [meta] = lab.session_by_command("echo hi from $(hostname -I); echo err >&2; exit 3")
+    assert meta["operator"] == "alice" and meta["workload"] == "dc1" and meta["zone"] == "directory"
+    assert meta["exit_status"] == 3 and meta["result"] == "ok"
+    assert meta["key_fingerprint"].startswith("SHA256:") and meta["bytes_out"] > 0
+    assert lab.metric("skyguard_admin_ssh_sessions_total", operator="alice", result="ok") >= 1
+
+
+def test_interactive_shell_is_recorded_hashed_logged_and_replayed(lab):
+    out = lab.ssh("alice", "alice+dc1", extra=["-tt"], input="echo shell-marker-$((6*7))\nexit 5\n")
+    assert out.returncode == 5, out.stderr
+    assert "shell-marker-42" in out.stdout
+    shells = [m for m in lab.proxy.archive.list() if m["kind"] == "shell" and m["result"] == "ok"]
+    meta = shells[-1]
+    cast = (lab.state / "admin" / "sessions" / f"{meta['id']}.cast").read_text().splitlines()
+    header = json.loads(cast[0])
+    assert header["version"] == 2 and header["width"] > 0 and header["env"]["TERM"]
+    assert "shell-marker-42" in "".join(json.loads(line)[2] for line in cast[1:])
+    [end] = [e for e in lab.entries("admin_session_end") if e["session"] == meta["id"]]
+    assert end["transcript_sha256"] == meta["transcript_sha256"]
+    assert lab.proxy.archive.verify(meta["id"], list(lab.decision_log.entries())) == meta["transcript_sha256"]
+
+    listed = lab.cli("admin", "sessions", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert meta["id"] in [s["id"] for s in json.loads(listed.stdout)]
+    replayed = lab.cli("admin", "replay", meta["id"], "--speed", "1000")
+    assert replayed.returncode == 0, replayed.stderr
+    assert "shell-marker-42" in replayed.stdout
+
+
+def test_tampered_transcript_is_detected(lab):
+    out = lab.ssh("alice", "alice+dc1", "echo original-output")
+    assert out.returncode == 0
+    [meta] = lab.session_by_command("echo original-output")
+    cast = lab.state / "admin" / "sessions" / f"{meta['id']}.cast"
+    cast.write_text(cast.read_text().replace("original-output", "innocent-output"))
+    with pytest.raises(AdminError, match="was modified"):
+        lab.proxy.archive.verify(meta["id"], list(lab.decision_log.entries()))
+    replayed = lab.cli("admin", "replay", meta["id"])
+    assert replayed.returncode == 1 and "was modified" in replayed.stderr
+    assert "innocent-output" not in replayed.stdout
+
+
+def test_operator_outside_may_access_is_refused(lab):
+    out = lab.ssh("bob", "bob+dc1", "echo should-not-run")
+    assert out.returncode == 1
+    assert "should-not-run" not in out.stdout
+    assert "may not access dc1" in out.stderr and "radius1" in out.stderr
+    assert lab.metric("skyguard_admin_ssh_sessions_total", operator="bob", result="not_allowed") >= 1
+    assert any(e["operator"] == "bob" and e["reason"] == "not_allowed" for e in lab.entries("admin_session_refused"))
+
+
+@pytest.mark.parametrize("key,user,source", [("carol", "carol+dc1", "127.0.0.11"),
+                                             ("carol", "alice+dc1", "127.0.0.12"),
+                                             ("bob", "alice+dc1", "127.0.0.13")])
+def test_unknown_or_wrong_key_is_refused(lab, key, user, source):
+    # Each from its own address, so that the brute-force brake (tested below) stays out of the way.
+    out = lab.ssh(key, user, "echo should-not-run", source=source)
+    assert out.returncode == 255 and "Permission denied" in out.stderr
+    assert "should-not-run" not in out.stdout
+
+
+def test_unknown_vm_is_refused_with_a_clear_message(lab):
+    out = lab.ssh("alice", "alice+nosuchvm", "true")
+    assert out.returncode == 1
+    assert "no workload named 'nosuchvm'" in out.stderr and "dc1" in out.stderr
+
+
+def test_vm_that_does_not_answer_gets_a_clear_message(lab):
+    out = lab.ssh("alice", "alice+ghost", "true")
+    assert out.returncode == 255
+    assert "ghost" in out.stderr and "did not answer" in out.stderr
+
+
+def test_vm_without_sshd_gets_a_clear_message(lab):
+    out = lab.ssh("alice", "alice+nosshd", "true")
+    assert out.returncode == 255
+    assert "cannot reach nosshd" in out.stderr and "refused" in out.stderr.lower(), out.stderr
+
+
+def test_port_forwarding_is_refused_by_default(lab):
+    before = lab.metric("skyguard_admin_ssh_refused_requests_total", request="port_forward")
+    local = lab.ssh("alice", "alice+dc1", extra=["-W", f"{lab.vm_ip}:22"])
+    assert local.returncode != 0 and "administratively prohibited" in local.stderr
+    remote = lab.ssh("alice", "alice+dc1", "true", extra=["-o", "ExitOnForwardFailure=yes", "-R", "0:127.0.0.1:9"])
+    assert remote.returncode == 255 and "forwarding failed" in remote.stderr
+    assert lab.metric("skyguard_admin_ssh_refused_requests_total", request="port_forward") == before + 1
+    assert lab.entries("admin_request_refused")
+
+
+def test_port_forwarding_when_policy_allows_opens_from_the_vm(lab):
+    allowing = replace(lab.policy, admin_ssh=replace(lab.policy.admin_ssh, port_forwarding=True))
+    lab.proxy.update_policy(allowing)
+    try:
+        # -W joins our stdio to a TCP connection that the VM opens: here to its own sshd.
+        out = subprocess.run(lab.ssh_args("alice", "alice+dc1", "-W", f"{lab.vm_ip}:22"),
+                             input=b"", capture_output=True, timeout=60)
+    finally:
+        lab.proxy.update_policy(lab.policy)
+    assert out.stdout.startswith(b"SSH-2.0-OpenSSH"), out.stderr
+    assert any(e["dest"] == f"{lab.vm_ip}:22" for e in lab.entries("admin_port_forward"))
+
+
+def test_policy_change_revokes_open_sessions(lab):
+    command = "echo revocable-session-up; sleep 60"
+    client = subprocess.Popen(lab.ssh_args("alice", "alice+dc1") + [command], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == "revocable-session-up"
+        alice_elsewhere = tuple(replace(op, may_access=("auth",)) if op.name == "alice" else op
+                                for op in lab.policy.admin_ssh.operators)
+        lab.proxy.update_policy(replace(lab.policy, admin_ssh=replace(lab.policy.admin_ssh,
+                                                                       operators=alice_elsewhere)))
+        _, stderr = client.communicate(timeout=30)
+    finally:
+        lab.proxy.update_policy(lab.policy)
+        client.kill()
+        client.wait()
+    assert client.returncode == 255 and "access revoked by a policy change" in stderr
+    [meta] = lab.session_by_command(command)
+    assert meta["result"] == "revoked"
+    assert any(e["operator"] == "alice" for e in lab.entries("admin_access_revoked"))
+
+
+def test_agent_forwarding_is_refused_by_default(lab):
+    agent_socket = lab.tmp / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(agent_socket)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if agent_socket.exists():
+                break
+            time.sleep(0.02)
+        args = lab.ssh_args("alice", "alice+dc1", "-A") + ['echo "agent=[$SSH_AUTH_SOCK]"']
+        out = subprocess.run(args, capture_output=True, text=True, timeout=60,
+                             env=dict(os.environ, SSH_AUTH_SOCK=str(agent_socket)))
+    finally:
+        agent.terminate()
+        agent.wait(10)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "agent=[]"
+
+
+def test_sftp_refused_by_default_and_logged_with_file_names_when_allowed(lab):
+    batch = "ls /etc/hostname\nget /etc/hostname {}\n".format(lab.tmp / "fetched")
+    refused = lab.ssh("alice", "alice+dc1", extra=["-b", "-"], tool="sftp", input=batch)
+    assert refused.returncode != 0 and "disabled by policy" in refused.stderr
+    scp = lab.ssh("alice", "alice+dc1", "scp -f /etc/hostname")
+    assert scp.returncode == 1 and "disabled by policy" in scp.stderr
+
+    allowing = replace(lab.policy, admin_ssh=replace(lab.policy.admin_ssh, sftp=True))
+    lab.proxy.update_policy(allowing)
+    try:
+        allowed = lab.ssh("alice", "alice+dc1", extra=["-b", "-"], tool="sftp", input=batch)
+    finally:
+        lab.proxy.update_policy(lab.policy)
+    assert allowed.returncode == 0, allowed.stderr
+    assert (lab.tmp / "fetched").read_text() == Path("/etc/hostname").read_text()
+    transfers = lab.entries("admin_file_transfer")
+    assert {"op": "open-read", "path": "/etc/hostname"}.items() <= transfers[-1].items()
+
+
+def test_session_killed_midway_is_complete_up_to_then(lab):
+    command = "echo started-long-job; sleep 60"
+    client = subprocess.Popen(lab.ssh_args("alice", "alice+dc1") + [command], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == "started-long-job"
+    finally:
+        client.send_signal(signal.SIGKILL)
+        client.wait()
+    for _ in range(200):
+        metas = lab.session_by_command(command)
+        if metas and metas[0]["result"] != "active":
+            break
+        time.sleep(0.05)
+    [meta] = lab.session_by_command(command)
+    assert meta["result"] == "client_disconnected" and meta["end"]
+    cast = (lab.state / "admin" / "sessions" / f"{meta['id']}.cast").read_text()
+    assert "started-long-job" in cast
+    lab.proxy.archive.verify(meta["id"], list(lab.decision_log.entries()))
+
+
+def test_repeated_failures_from_one_address_are_rate_limited(lab):
+    source = "127.0.0.9"
+    for _ in range(3):
+        assert lab.ssh("carol", "alice+dc1", "true", source=source).returncode == 255
+    blocked = lab.ssh("alice", "alice+dc1", "echo should-not-run", source=source)
+    assert blocked.returncode == 255 and "should-not-run" not in blocked.stdout
+    assert "too many failed logins" in blocked.stderr
+    assert any(e["source"] == source for e in lab.entries("admin_source_blocked"))
+    assert lab.metric("skyguard_admin_ssh_auth_failures_total", reason="rate_limited") >= 1
+    # Other addresses are not affected.
+    assert lab.ssh("alice", "alice+dc1", "true").returncode == 0
+
+
+def test_metrics_after_sessions(lab):
+    assert lab.metric("skyguard_admin_ssh_auth_failures_total", reason="bad_key") >= 1
+    assert lab.metric("skyguard_admin_ssh_active_sessions") == 0
+    text = __import__("prometheus_client").generate_latest(lab.registry).decode()
+    assert "carol" not in text and "127.0.0" not in text
+
+
+def wait_for_ssh_banner(lab, port, process):
+    for _ in range(200):
+        probe = sh("nsenter", f"--net=/run/netns/{lab.px_ns}", "bash", "-c",
+                   f"exec 3<>/dev/tcp/127.0.0.1/{port} && head -c 4 <&3", check=False)
+        if probe.stdout.startswith("SSH-"):
+            return
+        assert process.poll() is None, process.stderr.read()[-500:]
+        time.sleep(0.05)
+    pytest.fail(f"the proxy on port {port} did not start")
+
+
+def test_proxy_killed_midway_leaves_a_complete_record(lab):
+    state = lab.tmp / "killable-state"
+    state.mkdir(mode=0o700)
+
+    def start_proxy():
+        process = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{lab.px_ns}", sys.executable, __file__, "serve",
+             str(lab.tmp / "policy-spec.json"), str(state), str(lab.state / "secrets")],
+            env=lab.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        wait_for_ssh_banner(lab, KILLABLE_PROXY_PORT, process)
+        return process
+
+    proxy = start_proxy()
+    command = "echo before-the-kill; sleep 60"
+    client = subprocess.Popen(lab.ssh_args("alice", "alice+dc1", port=KILLABLE_PROXY_PORT) + [command],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == "before-the-kill"
+    finally:
+        proxy.kill()  # SIGKILL: no cleanup code runs
+        proxy.wait()
+        client.kill()
+        client.wait()
+    archive = SessionArchive(state / "admin" / "sessions")
+    [meta] = archive.list()
+    assert meta["result"] == "active" and "before-the-kill" in archive.transcript_path(meta["id"]).read_text()
+    log = JsonLinesDecisionLog(fallback_log_path(state))
+    assert [e["type"] for e in log.entries()] == ["admin_session_start"]
+
+    restarted = start_proxy()  # the next start closes the record of the dead one's session
+    try:
+        meta = archive.load(meta["id"])
+        assert meta["result"] == "interrupted"
+        [end] = [e for e in log.entries() if e["type"] == "admin_session_end"]
+        assert end["session"] == meta["id"] and end["transcript_sha256"] == meta["transcript_sha256"]
+        assert archive.verify(meta["id"], list(log.entries()))
+    finally:
+        restarted.terminate()
+        restarted.wait(10)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["serve"]:
+    serve_until_killed(*sys.argv[2:5])

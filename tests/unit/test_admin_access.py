@@ -1,0 +1,133 @@
+"""Who may reach which VM (access.py), the brute-force brake (ratelimit.py) and the SFTP file-name
+watcher (sftp.py): the SSH access proxy's decisions, without sockets."""
+
+import struct
+from ipaddress import ip_address
+
+import pytest
+
+from skyguard.admin import access
+from skyguard.admin.ratelimit import AuthFailureLimiter
+from skyguard.admin.sftp import SftpRequestWatcher
+from skyguard.errors import BadInput
+from skyguard.policy.model import AdminSsh, Policy, SshOperator, Workload, Zone
+
+
+def workload(name, zone, *addresses):
+    return Workload(name, zone, f"sg-{name}", "02:00:00:00:00:01", tuple(ip_address(a) for a in addresses))
+
+
+POLICY = Policy(
+    name="t",
+    zones={
+        "auth": Zone("auth", (workload("radius1", "auth", "fd00::2", "10.0.1.2"),)),
+        "directory": Zone("directory", (workload("dc1", "directory", "10.0.2.2"),)),
+        "empty": Zone("empty", (workload("bare", "empty"),)),
+    },
+    networks={}, rules=(),
+    admin_ssh=AdminSsh(operators=(SshOperator("alice", "ssh-ed25519 AAAA", ("directory", "empty")),
+                                  SshOperator("nobody", "ssh-ed25519 BBBB", ()))),
+)
+ALICE = access.find_operator(POLICY.admin_ssh, "alice")
+
+
+@pytest.mark.parametrize("username,expected", [
+    ("alice+dc1", access.Login("alice", "dc1")),
+    ("alice", access.Login("alice", None)),
+    ("bob.smith+web-1.prod", access.Login("bob.smith", "web-1.prod")),
+])
+def test_parse_login(username, expected):
+    assert access.parse_login(username) == expected
+
+
+@pytest.mark.parametrize("username", ["", "+dc1", "alice+", "alice+dc1+x", "al ice+dc1", "alice+../x",
+                                      "alice+dc1\n", "a" * 65 + "+dc1", "alice+-dc1"])
+def test_parse_login_rejects_odd_names(username):
+    with pytest.raises(BadInput, match="OPERATOR\\+WORKLOAD"):
+        access.parse_login(username)
+
+
+@pytest.mark.parametrize("operator,target,reason,shown", [
+    ("alice", "radius1", "not_allowed", "zone auth is not in their may_access"),
+    ("alice", "nosuch", "unknown_workload", "no workload named 'nosuch'"),
+    ("alice", None, "no_target", "alice+WORKLOAD"),
+    ("nobody", "dc1", "not_allowed", "you may reach no workload"),
+])
+def test_authorize_refusals_say_why_and_what_is_allowed(operator, target, reason, shown):
+    op = access.find_operator(POLICY.admin_ssh, operator)
+    with pytest.raises(access.AccessRefused) as refused:
+        access.authorize(POLICY, op, access.Login(operator, target))
+    assert refused.value.reason == reason and shown in str(refused.value)
+    if operator == "alice":
+        assert "dc1" in str(refused.value)
+
+
+def test_authorize_allows_zones_in_may_access():
+    assert access.authorize(POLICY, ALICE, access.Login("alice", "dc1")).name == "dc1"
+
+
+def test_workload_address_prefers_ipv4_and_requires_one():
+    assert access.workload_ssh_address(POLICY.workload("radius1")) == "10.0.1.2"
+    with pytest.raises(access.AccessRefused, match="no address"):
+        access.workload_ssh_address(POLICY.workload("bare"))
+
+
+@pytest.mark.parametrize("command,is_scp", [("scp -t /tmp", True), ("/usr/bin/scp -f x", True),
+                                            ("echo scp", False), ("", False), ("scpx", False)])
+def test_scp_detection(command, is_scp):
+    assert access.looks_like_scp(command) is is_scp
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_limiter_blocks_after_failures_in_window_and_releases_later():
+    clock = Clock()
+    limiter = AuthFailureLimiter(max_failures=3, window=60, block_for=300, clock=clock)
+    assert not limiter.failure("192.0.2.1")
+    clock.now += 61  # the first failure leaves the window
+    assert not limiter.failure("192.0.2.1")
+    assert not limiter.failure("192.0.2.1")
+    assert limiter.failure("192.0.2.1")
+    assert limiter.is_blocked("192.0.2.1") and not limiter.is_blocked("192.0.2.2")
+    clock.now += 301
+    assert not limiter.is_blocked("192.0.2.1")
+
+
+def test_limiter_success_forgets_and_memory_is_bounded():
+    clock = Clock()
+    limiter = AuthFailureLimiter(max_failures=2, window=60, block_for=300, max_tracked=100, clock=clock)
+    limiter.failure("192.0.2.1")
+    limiter.success("192.0.2.1")
+    assert not limiter.failure("192.0.2.1")
+    for i in range(1000):
+        limiter.failure(f"198.51.100.{i % 256}-{i}")
+    assert len(limiter._failures) <= 100
+
+
+def sftp_packet(kind: int, request_id: int, path: bytes, tail: bytes = b"") -> bytes:
+    body = bytes([kind]) + struct.pack(">I", request_id) + struct.pack(">I", len(path)) + path + tail
+    return struct.pack(">I", len(body)) + body
+
+
+def test_sftp_watcher_reads_names_across_split_packets():
+    stream = sftp_packet(1, 3, b"")  # a well-formed INIT first
+    stream += (sftp_packet(3, 1, b"/etc/passwd", struct.pack(">I", 0x01) + b"\0\0\0\0")
+               + sftp_packet(3, 2, b"/tmp/upload", struct.pack(">I", 0x1A) + b"\0\0\0\0")
+               + sftp_packet(13, 3, b"/tmp/old") + sftp_packet(5, 4, b"handle"))
+    watcher = SftpRequestWatcher()
+    found = []
+    for i in range(0, len(stream), 7):
+        found += watcher.feed(stream[i:i + 7])
+    assert found == [("open-read", "/etc/passwd"), ("open-write", "/tmp/upload"), ("remove", "/tmp/old")]
+
+
+def test_sftp_watcher_gives_up_quietly_on_garbage():
+    watcher = SftpRequestWatcher()
+    assert watcher.feed(b"\xff\xff\xff\xff garbage") == []
+    assert watcher.feed(sftp_packet(13, 1, b"/x")) == []

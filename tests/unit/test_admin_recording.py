@@ -1,0 +1,195 @@
+"""Session recording (asciicast v2 transcripts, metadata, hashes in the decision log), tamper
+detection, recovery after a dead proxy, replay timing, VM host key pinning and the admin CLI."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from skyguard.admin import keys
+from skyguard.admin.decisionlog import DecisionLog, JsonLinesDecisionLog
+from skyguard.admin.proxy import VmHostKeys, parse_listen
+from skyguard.admin.recording import SessionArchive, replay, sha256_file, validate_session_id
+from skyguard.custody.store import SecretStore
+from skyguard.errors import AdminError, BadInput
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def log(tmp_path):
+    return JsonLinesDecisionLog(tmp_path / "decisions.jsonl")
+
+
+@pytest.fixture
+def archive(tmp_path, log):
+    return SessionArchive(tmp_path / "sessions", log)
+
+
+def begin(archive, **kw):
+    args = dict(operator="alice", key_fingerprint="SHA256:abc", workload="dc1", zone="directory",
+                source="192.0.2.7", kind="shell", command=None, width=100, height=30, term="xterm")
+    args.update(kw)
+    return archive.begin(**args)
+
+
+def test_recording_is_asciicast_v2_with_hash_in_metadata_and_log(archive, log):
+    assert isinstance(log, DecisionLog)
+    rec = begin(archive)
+    rec.output(b"hello \xe2\x82")  # a euro sign split across two reads
+    rec.output(b"\xac world\r\n")
+    rec.resize(120, 40)
+    rec.input(b"secret-typed-at-no-echo-prompt\n")
+    meta = rec.finish("ok", exit_status=0)
+    lines = rec.cast_path.read_text(encoding="utf-8").splitlines()
+    header = json.loads(lines[0])
+    assert header["version"] == 2 and (header["width"], header["height"]) == (100, 30)
+    assert header["env"] == {"TERM": "xterm"}
+    events = [json.loads(line) for line in lines[1:]]
+    assert "".join(e[2] for e in events if e[1] == "o") == "hello € world\r\n"
+    assert [e[2] for e in events if e[1] == "r"] == ["120x40"]
+    assert all(isinstance(e[0], float) for e in events)
+    assert "secret-typed" not in rec.cast_path.read_text()
+    assert meta["bytes_in"] == 31 and meta["bytes_out"] == 17
+    assert meta["transcript_sha256"] == sha256_file(rec.cast_path)
+    start, end = list(log.entries())
+    assert start["type"] == "admin_session_start" and end["type"] == "admin_session_end"
+    assert end["session"] == meta["id"] and end["transcript_sha256"] == meta["transcript_sha256"]
+    assert end["operator"] == "alice" and end["key_fingerprint"] == "SHA256:abc" and end["exit_status"] == 0
+    assert archive.verify(meta["id"], list(log.entries())) == meta["transcript_sha256"]
+    assert oct(os.stat(rec.cast_path).st_mode & 0o777) == "0o600"
+
+
+def test_edited_transcript_is_detected_even_when_its_record_is_edited_too(archive, log):
+    rec = begin(archive)
+    rec.output(b"rm -rf /important\r\n")
+    meta = rec.finish("ok", exit_status=0)
+    rec.cast_path.write_text(rec.cast_path.read_text().replace("important", "nothing!!"))
+    with pytest.raises(AdminError, match="was modified.*session record says"):
+        archive.verify(meta["id"])
+    # The attacker also fixes the metadata: the log still disagrees.
+    record = json.loads((archive.directory / f"{meta['id']}.json").read_text())
+    record["transcript_sha256"] = sha256_file(rec.cast_path)
+    (archive.directory / f"{meta['id']}.json").write_text(json.dumps(record))
+    archive.verify(meta["id"])  # metadata alone is fooled ...
+    with pytest.raises(AdminError, match="the log says"):
+        archive.verify(meta["id"], list(log.entries()))  # ... the log is not
+
+
+def test_session_of_a_dead_proxy_is_closed_complete_up_to_then(archive, log):
+    rec = begin(archive, kind="exec", command="long-job")
+    rec.output(b"step 1 done\r\n")
+    # The proxy is killed here: no finish(). The next proxy's archive recovers it at start.
+    restarted = SessionArchive(archive.directory, log)
+    recovered = restarted.recover_interrupted()
+    assert recovered == [rec.id]
+    meta = archive.load(rec.id)
+    assert meta["result"] == "interrupted" and meta["end"]
+    assert "step 1 done" in rec.cast_path.read_text()
+    assert archive.verify(rec.id, list(log.entries())) == meta["transcript_sha256"]
+    assert SessionArchive(archive.directory, log).recover_interrupted() == []  # once only
+
+
+def test_active_sessions_of_this_proxy_are_not_recovered(archive):
+    rec = begin(archive)
+    assert archive.recover_interrupted() == []
+    rec.finish("ok", 0)
+
+
+def test_replay_plays_output_with_scaled_and_capped_timing(tmp_path):
+    cast = tmp_path / "s.cast"
+    cast.write_text("\n".join(json.dumps(x) for x in [
+        {"version": 2, "width": 80, "height": 24},
+        [0.5, "o", "one "], [1.5, "r", "100x30"], [2.5, "o", "two "], [30.5, "o", "three"]]) + "\n")
+    out, sleeps = io.StringIO(), []
+    assert replay(cast, out, speed=2, idle_limit=5, sleep=sleeps.append) == 3
+    assert out.getvalue() == "one two three"
+    assert sleeps == [0.25, 0.5, 0.5, 5]
+    with pytest.raises(BadInput):
+        replay(cast, out, speed=0, sleep=sleeps.append)
+    (tmp_path / "bad.cast").write_text("not json\n")
+    with pytest.raises(AdminError, match="not an asciicast v2"):
+        replay(tmp_path / "bad.cast", out, sleep=sleeps.append)
+
+
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "20261130T031500Z-1a2b3c4d/../x", "", "x"])
+def test_session_ids_are_validated(bad):
+    with pytest.raises(BadInput, match="invalid session id"):
+        validate_session_id(bad)
+
+
+def test_vm_host_keys_are_pinned_on_first_use(tmp_path):
+    pins = VmHostKeys(tmp_path / "pins.json")
+    first, second = (asyncssh.generate_private_key("ssh-ed25519") for _ in range(2))
+    assert pins.check("dc1", first) and pins.check("dc1", first)
+    assert not pins.check("dc1", second)
+    assert pins.check("dc2", second)
+
+
+def test_parse_listen():
+    assert parse_listen("0.0.0.0:2222") == ("0.0.0.0", 2222)
+    assert parse_listen("[::1]:22") == ("::1", 22)
+    for bad in ("2222", "host:", "host:99999", "host:ssh"):
+        with pytest.raises(BadInput, match="HOST:PORT"):
+            parse_listen(bad)
+
+
+def test_keys_are_generated_once_and_sealed(tmp_path):
+    store = SecretStore(tmp_path / "secrets")
+    vm1, vm2 = keys.vm_key(store), keys.vm_key(store)
+    assert keys.public_line(vm1) == keys.public_line(vm2)
+    assert keys.public_line(keys.proxy_host_key(store)) != keys.public_line(vm1)
+    private = vm1.export_private_key()
+    for path in store.directory.iterdir():
+        assert private not in path.read_bytes()
+
+
+def cli(*args, state):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "skyguard.cli.main", "admin", *args, "--state-dir", str(state)],
+                          capture_output=True, text=True, env=env)
+
+
+def test_cli_vm_key_sessions_and_replay_errors(tmp_path):
+    first = cli("vm-key", state=tmp_path)
+    assert first.returncode == 0 and first.stdout.startswith("ssh-ed25519 ")
+    assert "PRIVATE" not in first.stdout + first.stderr
+    assert cli("vm-key", state=tmp_path).stdout == first.stdout
+    host = cli("host-key", state=tmp_path)
+    assert host.returncode == 0 and "SHA256:" in host.stderr
+    listed = cli("sessions", "--json", state=tmp_path)
+    assert listed.returncode == 0 and json.loads(listed.stdout) == []
+    bad = cli("replay", "../../etc/shadow", state=tmp_path)
+    assert bad.returncode == 2 and "invalid session id" in bad.stderr
+    missing = cli("replay", "20261130T031500Z-1a2b3c4d", state=tmp_path)
+    assert missing.returncode == 2 and "no session" in missing.stderr
+
+
+def test_cli_sessions_table_and_replay(tmp_path):
+    archive = SessionArchive(tmp_path / "admin" / "sessions", JsonLinesDecisionLog(tmp_path / "admin" / "decisions.jsonl"))
+    rec = begin(archive)
+    rec.output(b"uptime output\r\n")
+    rec.finish("ok", 0)
+    table = cli("sessions", state=tmp_path)
+    assert table.returncode == 0 and rec.id in table.stdout and "alice" in table.stdout
+    played = cli("replay", rec.id, "--speed", "100", state=tmp_path)
+    assert played.returncode == 0 and "uptime output" in played.stdout
+    assert "matches the session record and" in played.stderr
+
+
+def test_proxy_refuses_a_policy_with_a_bad_operator_key(tmp_path):
+    from skyguard.admin.proxy import AdminSshProxy
+    from skyguard.policy.model import AdminSsh, Policy, SshOperator
+
+    policy = Policy(name="t", zones={}, networks={}, rules=(),
+                    admin_ssh=AdminSsh(operators=(SshOperator("mallory", "ssh-ed25519 not-base64!", ()),)))
+    with pytest.raises(BadInput, match="operator 'mallory' is not an OpenSSH public key"):
+        AdminSshProxy(policy, SecretStore(tmp_path / "secrets"), tmp_path, JsonLinesDecisionLog(tmp_path / "l"))
+    with pytest.raises(BadInput, match="no admin.ssh section"):
+        AdminSshProxy(Policy(name="t", zones={}, networks={}, rules=()), SecretStore(tmp_path / "secrets"),
+                      tmp_path, JsonLinesDecisionLog(tmp_path / "l"))
