@@ -59,6 +59,11 @@ class CertificateAuthority:
     def _load_or_create(self):
         key_path = self.directory / CA_KEY_FILE
         cert_path = self.directory / CA_CERT_FILE
+        if key_path.exists() != cert_path.exists():
+            raise CredentialError(
+                f"the CA in {self.directory} is incomplete (one of {CA_KEY_FILE}, {CA_CERT_FILE} is "
+                "missing); remove both to have a new CA created (VMs must then trust the new one)"
+            )
         if key_path.exists() and cert_path.exists():
             try:
                 key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
@@ -99,8 +104,17 @@ class CertificateAuthority:
         )
         key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
-        _write_private(key_path, key_pem)
-        _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        # Written under temporary names and renamed cert-last, so a concurrent reader sees either
+        # no CA or a whole one; if another process won the race, use its CA.
+        suffix = f".tmp-{os.getpid()}"
+        _write_private(key_path.with_name(CA_KEY_FILE + suffix), key_pem)
+        _write_private(cert_path.with_name(CA_CERT_FILE + suffix), cert.public_bytes(serialization.Encoding.PEM))
+        if key_path.exists() or cert_path.exists():
+            for name in (CA_KEY_FILE, CA_CERT_FILE):
+                (self.directory / (name + suffix)).unlink(missing_ok=True)
+            return self._load_or_create() if key_path.exists() and cert_path.exists() else (key, cert)
+        os.replace(key_path.with_name(CA_KEY_FILE + suffix), key_path)
+        os.replace(cert_path.with_name(CA_CERT_FILE + suffix), cert_path)
         return key, cert
 
     def mint(self, name: str) -> bytes:
