@@ -302,7 +302,7 @@ class CredentialProxy:
                     return None
                 raise ProtocolRefusal(400, "connection closed mid-request")
             if isinstance(event, h11.Request):
-                _check_head(event, bytes(head))
+                _check_head(event, bytes(head), self.limits.max_header_bytes)
                 request = event
             elif isinstance(event, h11.Data):
                 body += event.data
@@ -359,7 +359,8 @@ class CredentialProxy:
         if not any(n == b"content-length" for n, _ in headers):
             headers.append((b"content-length", str(len(body)).encode()))
         try:
-            data = server.send(h11.Response(status_code=status, headers=headers))
+            status_code, reason = status
+            data = server.send(h11.Response(status_code=status_code, headers=headers, reason=reason))
             if body:
                 data += server.send(h11.Data(data=body))
             data += server.send(h11.EndOfMessage())
@@ -370,7 +371,7 @@ class CredentialProxy:
         return True
 
 
-def _check_head(request: h11.Request, raw_head: bytes) -> None:
+def _check_head(request: h11.Request, raw_head: bytes, max_header_bytes: int) -> None:
     """Refuse what h11 tolerates but an upstream might read differently (request smuggling)."""
     if request.http_version not in (b"1.0", b"1.1"):
         raise ProtocolRefusal(505, "only HTTP/1.0 and HTTP/1.1 are inspected")
@@ -380,7 +381,10 @@ def _check_head(request: h11.Request, raw_head: bytes) -> None:
     end = raw_head.find(b"\r\n\r\n")
     if end < 0:
         end = raw_head.find(b"\n\n")
-    if _OBS_FOLD.search(raw_head[: end if end >= 0 else len(raw_head)]):
+    if end < 0 or end > max_header_bytes:
+        # h11 bounds only heads that arrive in pieces; one that arrives whole is bounded here.
+        raise ProtocolRefusal(431, "request head larger than the proxy's limit")
+    if _OBS_FOLD.search(raw_head[:end]):
         raise ProtocolRefusal(400, "obsolete header line folding")
 
 
@@ -442,7 +446,7 @@ class _Upstream:
             elif isinstance(event, h11.EndOfMessage):
                 if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
                     conn.start_next_cycle()
-                return response.status_code, tuple(response.headers), bytes(body)
+                return (response.status_code, response.reason), tuple(response.headers), bytes(body)
             elif isinstance(event, h11.ConnectionClosed):
                 raise ConnectionResetError("upstream closed mid-response")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import gzip
 import ipaddress
 import json
 import ssl
@@ -28,6 +29,8 @@ def _now():
 
 
 class TestCA:
+    __test__ = False  # a fixture, not a pytest test class
+
     """A CA in memory; `issue(names)` returns (certificate PEM, key PEM) for a server."""
 
     def __init__(self, common_name: str = "skyguard test upstream CA"):
@@ -107,9 +110,17 @@ class EchoProtocol(asyncio.Protocol):
                 self.log_file.flush()
             payload = json.dumps(record).encode()
             close = any(k.lower() == "connection" and v.lower() == "close" for k, v in headers)
+            # Tests ask for an encoded echo, to check that the proxy decodes before scrubbing.
+            encoding = next((v.lower() for k, v in headers if k.lower() == "x-echo-encoding"), "")
+            extra = b""
+            if encoding == "gzip":
+                payload = gzip.compress(payload)
+                extra = b"content-encoding: gzip\r\n"
+            elif encoding:
+                extra = b"content-encoding: %s\r\n" % encoding.encode()
             self.transport.write(
-                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n%s"
-                % (len(payload), b"connection: close\r\n" if close else b"", payload)
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s%s\r\n%s"
+                % (len(payload), extra, b"connection: close\r\n" if close else b"", payload)
             )
             if close:
                 self.transport.close()
