@@ -152,7 +152,7 @@ async def serve_echo(host, port, context=None, log_path=None):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m skyguard.credproxy.testing")
     parser.add_argument("mode", choices=["echo"])
-    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--host", action="append", help="repeatable; default 0.0.0.0")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--cert")
     parser.add_argument("--key")
@@ -162,7 +162,7 @@ def main(argv=None):
     context = echo_ssl_context(args.cert, args.key, args.client_ca) if args.cert else None
 
     async def run():
-        server = await serve_echo(args.host, args.port, context, args.log)
+        server = await serve_echo(args.host or ["0.0.0.0"], args.port, context, args.log)
         print("ready", flush=True)
         async with server:
             await server.serve_forever()
