@@ -71,6 +71,15 @@ class ProxyLimits:
     max_connections: int = 1024
 
 
+@dataclass(frozen=True)
+class ClientCertificate:
+    """Outbound mutual TLS toward one destination name: a PEM bundle (certificate chain and
+    key) in the store, presented only for requests from these zones."""
+
+    store_name: str
+    zones: tuple[str, ...]
+
+
 class ProtocolRefusal(Exception):
     """Internal: this request cannot be handled; answer `status` with `reason` and close."""
 
@@ -78,6 +87,17 @@ class ProtocolRefusal(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+
+async def start_servers(callback, hosts: str | list[str], port: int, **kwargs):
+    """Listen on every host on ONE port (asyncio would give each host its own ephemeral port
+    when port is 0, and steering redirects to a single port). Returns (servers, port)."""
+    servers = []
+    for host in [hosts] if isinstance(hosts, str) else hosts:
+        server = await asyncio.start_server(callback, host, port, reuse_address=True, **kwargs)
+        port = server.sockets[0].getsockname()[1]
+        servers.append(server)
+    return servers, port
 
 
 def original_destination(sock: socket.socket) -> tuple[str, int] | None:
@@ -112,7 +132,7 @@ class CredentialProxy:
         decision_log: DecisionLog,
         metrics: CredentialMetrics,
         upstream_ca_file: str | None = None,
-        client_certificates: dict[str, str] | None = None,
+        client_certificates: dict[str, ClientCertificate] | None = None,
         content_patterns=(),
         limits: ProxyLimits = ProxyLimits(),
         destination_of: Callable[[socket.socket], tuple[str, int] | None] = original_destination,
@@ -129,8 +149,9 @@ class CredentialProxy:
             str(address): (w.name, w.zone) for w in policy.workloads() for address in w.addresses
         }
         self._upstream_ca_file = upstream_ca_file
-        self._client_certificates = dict(client_certificates or {})  # host -> store name
+        self._client_certificates = dict(client_certificates or {})  # destination name -> certificate
         self._client_contexts: dict[str | None, ssl.SSLContext] = {}
+        self.upstreams = UpstreamPool(self)
         self._servers: list[asyncio.base_events.Server] = []
         self._slots = asyncio.Semaphore(limits.max_connections)
         self._tasks: set[asyncio.Task] = set()
@@ -143,15 +164,13 @@ class CredentialProxy:
 
     async def start(self, host: str | list[str] = "0.0.0.0", http_port: int = 0, https_port: int = 0) -> tuple[int, int]:
         """Listen; returns the (http, https) ports actually bound."""
-        http = await asyncio.start_server(
-            lambda r, w: self._accept(r, w, tls=False), host, http_port, reuse_address=True
-        )
-        https = await asyncio.start_server(
+        http, http_port = await start_servers(lambda r, w: self._accept(r, w, tls=False), host, http_port)
+        https, https_port = await start_servers(
             lambda r, w: self._accept(r, w, tls=True), host, https_port, ssl=self._tls_context,
-            ssl_handshake_timeout=self.limits.header_timeout, reuse_address=True,
+            ssl_handshake_timeout=self.limits.header_timeout,
         )
-        self._servers = [http, https]
-        return http.sockets[0].getsockname()[1], https.sockets[0].getsockname()[1]
+        self._servers = http + https
+        return http_port, https_port
 
     async def stop(self) -> None:
         for server in self._servers:
@@ -159,6 +178,7 @@ class CredentialProxy:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.upstreams.close()
         for server in self._servers:
             await server.wait_closed()
         self._servers = []
@@ -187,17 +207,22 @@ class CredentialProxy:
                                     self.ca._leaf_key_pem)
         return context
 
-    def _client_context(self, host: str) -> ssl.SSLContext:
-        key = host if host in self._client_certificates else None
-        context = self._client_contexts.get(key)
+    def _client_certificate_for(self, host: str | None, zone: str | None) -> str | None:
+        """The store name of the client certificate to present to `host` for `zone`, if any."""
+        certificate = self._client_certificates.get(host)
+        return certificate.store_name if certificate and zone in certificate.zones else None
+
+    def _client_context(self, certificate: str | None) -> ssl.SSLContext:
+        """Upstream TLS settings, verified against the system or the configured bundle."""
+        context = self._client_contexts.get(certificate)
         if context is None:
             context = ssl.create_default_context(cafile=self._upstream_ca_file)
             context.set_alpn_protocols(["http/1.1"])
-            if key is not None:
+            if certificate is not None:
                 # Outbound mutual TLS: the client certificate lives in the store, never in the VM.
-                certificate, private_key = split_pem(self._secrets.get(self._client_certificates[key]))
-                load_cert_chain_from_memory(context, certificate, private_key)
-            self._client_contexts[key] = context
+                chain, private_key = split_pem(bytes(self._secrets.get(certificate)))
+                load_cert_chain_from_memory(context, chain, private_key)
+            self._client_contexts[certificate] = context
         return context
 
     # ---- one client connection ------------------------------------------------------------
@@ -229,38 +254,34 @@ class CredentialProxy:
         workload, zone = self._workload_by_address.get(ipaddress.ip_address(peer[0]).compressed, (None, None))
         facts = ConnectionFacts(workload, zone, sni, destination[0], destination[1], tls, self.address_matches)
         server = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
-        upstream = _Upstream(self, facts)
-        try:
-            while True:
-                try:
-                    request = await self._read_request(reader, writer, server)
-                except ProtocolRefusal as refusal:
-                    self._account_protocol_block(facts, refusal.reason)
-                    await self._refuse(writer, server, refusal.status, refusal.reason)
-                    return
-                if request is None:
-                    return
-                verdict = self.engine.decide(request, facts)
-                self._account(verdict)
-                if verdict.action == "block":
-                    await self._refuse(writer, server, verdict.status, verdict.reason)
-                    return
-                try:
-                    status, headers, body = await upstream.exchange(verdict.request)
-                    headers, body = self._safe_response(verdict, request, headers, body, facts)
-                except (UnscrubbableResponse, CredentialError) as error:
-                    await self._refuse(writer, server, 502, str(error))
-                    return
-                except (OSError, ssl.SSLError, asyncio.TimeoutError, h11.ProtocolError) as error:
-                    await self._refuse(writer, server, 502, f"upstream failed: {type(error).__name__}")
-                    return
-                if not await self._respond(writer, server, status, headers, body):
-                    return
-                if server.our_state is not h11.DONE or server.their_state is not h11.DONE:
-                    return
-                server.start_next_cycle()
-        finally:
-            await upstream.close()
+        while True:
+            try:
+                request = await self._read_request(reader, writer, server)
+            except ProtocolRefusal as refusal:
+                self._account_protocol_block(facts, refusal.reason)
+                await self._refuse(writer, server, refusal.status, refusal.reason)
+                return
+            if request is None:
+                return
+            verdict = self.engine.decide(request, facts)
+            self._account(verdict)
+            if verdict.action == "block":
+                await self._refuse(writer, server, verdict.status, verdict.reason)
+                return
+            try:
+                status, headers, body = await self.upstreams.exchange(facts, verdict.request)
+                headers, body = self._safe_response(verdict, request, headers, body, facts)
+            except (UnscrubbableResponse, CredentialError) as error:
+                await self._refuse(writer, server, 502, str(error))
+                return
+            except (OSError, ssl.SSLError, asyncio.TimeoutError, h11.ProtocolError) as error:
+                await self._refuse(writer, server, 502, f"upstream failed: {type(error).__name__}")
+                return
+            if not await self._respond(writer, server, status, headers, body):
+                return
+            if server.our_state is not h11.DONE or server.their_state is not h11.DONE:
+                return
+            server.start_next_cycle()
 
     async def _read_request(self, reader, writer, server: h11.Connection) -> HttpRequest | None:
         loop = asyncio.get_running_loop()
@@ -281,7 +302,8 @@ class CredentialProxy:
                     if server.they_are_waiting_for_100_continue:
                         writer.write(server.send(h11.InformationalResponse(status_code=100, headers=[])))
                 try:
-                    data = await asyncio.wait_for(reader.read(READ_CHUNK), max(timeout, 0.001))
+                    async with asyncio.timeout(max(timeout, 0.001)):  # no extra task, unlike wait_for
+                        data = await reader.read(READ_CHUNK)
                 except (asyncio.TimeoutError, ConnectionError, ssl.SSLError):
                     if request is None and not head:
                         return None  # idle keep-alive connection went away or timed out
@@ -350,7 +372,8 @@ class CredentialProxy:
             writer.write(server.send(h11.Response(status_code=status, headers=headers)))
             writer.write(server.send(h11.Data(data=body)))
             writer.write(server.send(h11.EndOfMessage()))
-            await asyncio.wait_for(writer.drain(), self.limits.body_read_timeout)
+            async with asyncio.timeout(self.limits.body_read_timeout):
+                await writer.drain()
         except (h11.LocalProtocolError, ConnectionError, asyncio.TimeoutError, ssl.SSLError):
             pass
 
@@ -365,7 +388,8 @@ class CredentialProxy:
                 data += server.send(h11.Data(data=body))
             data += server.send(h11.EndOfMessage())
             writer.write(data)
-            await asyncio.wait_for(writer.drain(), self.limits.body_read_timeout)
+            async with asyncio.timeout(self.limits.body_read_timeout):
+                await writer.drain()
         except (h11.LocalProtocolError, ConnectionError, asyncio.TimeoutError, ssl.SSLError):
             return False
         return True
@@ -388,32 +412,23 @@ def _check_head(request: h11.Request, raw_head: bytes, max_header_bytes: int) ->
         raise ProtocolRefusal(400, "obsolete header line folding")
 
 
-class _Upstream:
-    """The one upstream connection of a client connection, opened on first use, kept alive."""
+class _StaleConnection(ConnectionResetError):
+    """A pooled upstream connection was closed before it answered: safe to retry once."""
 
-    def __init__(self, proxy: CredentialProxy, facts: ConnectionFacts):
-        self.proxy = proxy
-        self.facts = facts
-        self.reader = self.writer = self.conn = None
 
-    async def _open(self, host: str) -> None:
-        limits = self.proxy.limits
-        context = self.proxy._client_context(host) if self.facts.tls else None
-        self.reader, self.writer = await asyncio.wait_for(
-            asyncio.open_connection(self.facts.address, self.facts.port, ssl=context,
-                                    server_hostname=host if context else None),
-            limits.upstream_timeout,
-        )
-        self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=limits.max_header_bytes)
+class _UpstreamConnection:
+    """One upstream connection and its h11 state."""
 
-    async def exchange(self, request: HttpRequest):
-        host = normalise_name(next(v for n, v in request.headers if n == b"host"))
-        if self.conn is None or self.conn.our_state is not h11.IDLE:
-            await self.close()
-            await self._open(host)
-        return await asyncio.wait_for(self._exchange(request), self.proxy.limits.upstream_timeout)
+    def __init__(self, reader, writer, max_header_bytes: int):
+        self.reader, self.writer = reader, writer
+        self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes)
+        self.idle_since = 0.0
 
-    async def _exchange(self, request: HttpRequest):
+    @property
+    def reusable(self) -> bool:
+        return self.conn.our_state is h11.IDLE and self.conn.their_state is h11.IDLE and not self.reader.at_eof()
+
+    async def exchange(self, request: HttpRequest, limit: int):
         connection_tokens = {t.strip().lower() for n, v in request.headers if n == b"connection" for t in v.split(b",")}
         headers = [(n, v) for n, v in request.headers
                    if n not in HOP_BY_HOP and n != b"expect" and n not in connection_tokens]
@@ -428,11 +443,14 @@ class _Upstream:
         await self.writer.drain()
         response = None
         body = bytearray()
-        limit = self.proxy.limits.max_response_body
+        received = False
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
                 data = await self.reader.read(READ_CHUNK)
+                if not data and not received:
+                    raise _StaleConnection("upstream closed before answering")
+                received = True
                 conn.receive_data(data)
                 continue
             if isinstance(event, h11.InformationalResponse):
@@ -450,11 +468,76 @@ class _Upstream:
             elif isinstance(event, h11.ConnectionClosed):
                 raise ConnectionResetError("upstream closed mid-response")
 
-    async def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            try:
-                await asyncio.wait_for(self.writer.wait_closed(), 1)
-            except (OSError, ssl.SSLError, asyncio.TimeoutError):
-                pass
-        self.reader = self.writer = self.conn = None
+    def close(self) -> None:
+        self.writer.close()
+
+
+class UpstreamPool:
+    """Idle keep-alive upstream connections, shared by client connections.
+
+    A connection is only reused for the same (address, port, TLS, verified name, client
+    certificate): the name is what the certificate was checked against, so a connection is
+    never lent to a request for another name. Reusing them spares an upstream TLS handshake per
+    client connection (what makes short client connections cheap)."""
+
+    MAX_IDLE_PER_KEY = 64
+    IDLE_SECONDS = 30.0  # below common server keep-alive timeouts, so few stale retries
+
+    def __init__(self, proxy: "CredentialProxy"):
+        self.proxy = proxy
+        self._idle: dict[tuple, list[_UpstreamConnection]] = {}
+
+    async def exchange(self, facts: ConnectionFacts, request: HttpRequest):
+        host = normalise_name(next(v for n, v in request.headers if n == b"host"))
+        certificate = self.proxy._client_certificate_for(host, facts.zone) if facts.tls else None
+        key = (facts.address, facts.port, facts.tls, host if facts.tls else None, certificate)
+        limits = self.proxy.limits
+        for attempt in range(2):
+            connection = self._checkout(key) if attempt == 0 else None
+            reused = connection is not None
+            async with asyncio.timeout(limits.upstream_timeout):
+                if connection is None:
+                    context = self.proxy._client_context(certificate) if facts.tls else None
+                    reader, writer = await asyncio.open_connection(
+                        facts.address, facts.port, ssl=context, server_hostname=host if context else None)
+                    connection = _UpstreamConnection(reader, writer, limits.max_header_bytes)
+                try:
+                    result = await connection.exchange(request, limits.max_response_body)
+                except _StaleConnection:
+                    connection.close()
+                    if reused:
+                        continue
+                    raise
+                except BaseException:
+                    connection.close()
+                    raise
+            if connection.reusable:
+                self._checkin(key, connection)
+            else:
+                connection.close()
+            return result
+        raise _StaleConnection("upstream closed before answering")  # not reached: attempt 1 raises
+
+    def _checkout(self, key) -> _UpstreamConnection | None:
+        idle = self._idle.get(key)
+        now = asyncio.get_running_loop().time()
+        while idle:
+            connection = idle.pop()
+            if connection.reusable and now - connection.idle_since < self.IDLE_SECONDS:
+                return connection
+            connection.close()
+        return None
+
+    def _checkin(self, key, connection: _UpstreamConnection) -> None:
+        idle = self._idle.setdefault(key, [])
+        if len(idle) >= self.MAX_IDLE_PER_KEY:
+            connection.close()
+            return
+        connection.idle_since = asyncio.get_running_loop().time()
+        idle.append(connection)
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            for connection in idle:
+                connection.close()
+        self._idle.clear()

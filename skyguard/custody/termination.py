@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from skyguard.credproxy.ca import new_server_context
+from skyguard.credproxy.proxy import original_destination, start_servers
 from skyguard.credproxy.interfaces import CredentialMetrics, DecisionLog, SecretSource
 from skyguard.custody.pemload import load_cert_chain_from_memory, split_pem
 from skyguard.errors import CredentialError
@@ -81,13 +82,12 @@ class TlsTerminator:
             plans.append((termination, workload, self._context(termination)))
         for termination, workload, context in plans:
             addresses = tuple(str(a) for a in workload.addresses)
-            server = await asyncio.start_server(
+            servers, port = await start_servers(
                 lambda r, w, t=termination, z=workload.zone, a=addresses: self._accept(r, w, t, z, a),
-                host, 0, ssl=context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT, reuse_address=True,
+                host, 0, ssl=context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
             )
-            self._servers.append(server)
-            self.listeners.append(TerminationListener(termination, workload.zone, addresses,
-                                                      server.sockets[0].getsockname()[1]))
+            self._servers += servers
+            self.listeners.append(TerminationListener(termination, workload.zone, addresses, port))
         return self.listeners
 
     async def stop(self) -> None:
@@ -132,8 +132,6 @@ class TlsTerminator:
 def _pick_address(sock: socket.socket, addresses: tuple[str, ...]) -> str:
     """The VM address the client meant (SO_ORIGINAL_DST), else the VM's first address of the
     listener's family."""
-    from skyguard.credproxy.proxy import original_destination
-
     original = original_destination(sock) if sock is not None else None
     if original and original[0] in addresses:
         return original[0]

@@ -19,7 +19,7 @@ import pytest
 
 from skyguard.credproxy.ca import CertificateAuthority
 from skyguard.credproxy.interfaces import CredentialMetrics, ListDecisionLog, MemorySecretSource
-from skyguard.credproxy.proxy import CredentialProxy, ProxyLimits, original_destination
+from skyguard.credproxy.proxy import ClientCertificate, CredentialProxy, ProxyLimits, original_destination
 from skyguard.credproxy.secretforms import SecretForms
 from skyguard.credproxy.testing import TestCA, echo_ssl_context, serve_echo
 from skyguard.policy.model import Credential, Injection, Policy, Workload, Zone
@@ -70,7 +70,7 @@ class Rig:
         self.echo = await serve_echo("127.0.0.1", 0, context, str(self.echo_log))
         self.echo_port = self.echo.sockets[0].getsockname()[1]
         self.proxy = self.make_proxy(lambda s: ("127.0.0.1", self.echo_port),
-                                     client_certificates={"api.github.test": "mtls"})
+                                     client_certificates={"api.github.test": ClientCertificate("mtls", ("sdn",))})
         self.http_port, self.https_port = await self.proxy.start("127.0.0.1")
         # The same proxy with the real SO_ORIGINAL_DST lookup: nothing is redirected on loopback.
         self.real = self.make_proxy(original_destination)
