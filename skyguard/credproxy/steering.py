@@ -43,6 +43,10 @@ class CredentialSteering:
     https_port: int
     terminations: Sequence[TerminationSteer] = ()
     nft: Sequence[str] = ("nft",)
+    # True: every tcp/80 and tcp/443 connection of those interfaces goes to the proxy, so a
+    # placeholder sent to ANY host is seen and blocked (VMs then trust the skyguard CA for all
+    # HTTPS). False: only the destination addresses in the sets are steered.
+    all_destinations: bool = False
     installed: bool = field(default=False, init=False)
 
     def ruleset(self, addresses: Iterable[str] = ()) -> str:
@@ -56,7 +60,11 @@ class CredentialSteering:
             "  chain prerouting {",
             "    type nat hook prerouting priority dstnat; policy accept;",
         ]
-        if self.interfaces:
+        if self.interfaces and self.all_destinations:
+            ifaces = ", ".join(_quote(name) for name in self.interfaces)
+            lines.append(f"    iifname {{ {ifaces} }} meta nfproto {{ ipv4, ipv6 }} tcp dport 80 redirect to :{self.http_port}")
+            lines.append(f"    iifname {{ {ifaces} }} meta nfproto {{ ipv4, ipv6 }} tcp dport 443 redirect to :{self.https_port}")
+        elif self.interfaces:
             ifaces = ", ".join(_quote(name) for name in self.interfaces)
             for family, set_name in (("ip", "cred_v4"), ("ip6", "cred_v6")):
                 lines.append(f"    iifname {{ {ifaces} }} {family} daddr @{set_name} tcp dport 80 redirect to :{self.http_port}")

@@ -79,6 +79,11 @@ class TlsTerminator:
             workload = self.policy.workload(termination.workload)
             if workload is None:
                 raise CredentialError(f"tls_termination names unknown workload {termination.workload!r}")
+            if termination.forward_to == termination.port:
+                # skyguard's own plaintext connection to the VM would be steered back to itself.
+                raise CredentialError(
+                    f"tls_termination for {termination.workload}: forward_to ({termination.forward_to}) "
+                    f"must differ from port ({termination.port}); let the VM serve plaintext on another port")
             plans.append((termination, workload, self._context(termination)))
         for termination, workload, context in plans:
             addresses = tuple(str(a) for a in workload.addresses)
