@@ -23,13 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from skyguard.credproxy.ca import CertificateAuthority
-from skyguard.credproxy.interfaces import CredentialMetrics, ListDecisionLog, MemorySecretSource
-from skyguard.credproxy.proxy import CredentialProxy
+from skyguard.credproxy.interfaces import ListDecisionLog, MemorySecretSource
+from skyguard.credproxy.service import CredentialService
 from skyguard.credproxy.secretforms import SecretForms
-from skyguard.credproxy.steering import CredentialSteering, TerminationSteer
+from skyguard.credproxy.steering import CredentialSteering
 from skyguard.credproxy.testing import TestCA
-from skyguard.custody.termination import TlsTerminator
 from skyguard.policy.model import Credential, Injection, Policy, TlsTermination, Workload, Zone
 
 VM, HOST, UP = "crx-vm", "crx-host", "crx-up"
@@ -171,32 +169,25 @@ def lab(root, tmp_path_factory):
             tls_termination=(TlsTermination("crxvm", 443, 8080, "crxvm-tls"),),
         )
         secrets = MemorySecretSource({"github": SECRET, "crxvm-tls": service_cert + service_key})
-        log, metrics = ListDecisionLog(), CredentialMetrics()
-        ca = CertificateAuthority(tmp / "state" / "ca")
-        (tmp / "skyca.pem").write_bytes(ca.certificate_pem)
+        log = ListDecisionLog()
         loop = NamespaceLoop(HOST)
-        proxy = CredentialProxy(policy, secrets, ca, address_matches=lambda n, ip: (n, ip) in LEARNED,
-                                decision_log=log, metrics=metrics, upstream_ca_file=str(tmp / "upca.pem"))
-        terminator = TlsTerminator(policy, secrets, decision_log=log, metrics=metrics)
-        http_port, https_port = loop.run(proxy.start(["0.0.0.0", "::"], 25080, 25443))
-        listeners = loop.run(terminator.start(["0.0.0.0", "::"]))
-        steering = CredentialSteering(
-            [VM_IF], http_port, https_port,
-            [TerminationSteer(l.vm_addresses, l.termination.port, l.listen_port) for l in listeners],
-            nft=("ip", "netns", "exec", HOST, "nft"))
-        steering.install([API4, API6])
-        steering.add_address(OTHER4)  # as DNS learning would, for a name the VM looked up
-        steering.install([API4, API6, OTHER4])  # idempotent: a second install replaces the table
-        state.update(tmp=tmp, echo_log=echo_log, log=log, metrics=metrics, steering=steering, loop=loop,
-                     proxy=proxy, terminator=terminator)
+        service = CredentialService(
+            policy, secrets, state_dir=tmp / "state", decision_log=log, registry=None,
+            address_matches=lambda n, ip: (n, ip) in LEARNED, upstream_ca_file=str(tmp / "upca.pem"),
+            http_port=25080, https_port=25443, nft=("ip", "netns", "exec", HOST, "nft"),
+        )
+        loop.run(service.start())
+        (tmp / "skyca.pem").write_bytes(service.ca.certificate_pem)
+        for name, address in LEARNED:
+            service.learned(name, address)  # as DNS learning would
+        state.update(tmp=tmp, echo_log=echo_log, log=log, metrics=service.metrics, steering=service.steering,
+                     loop=loop, service=service)
         yield state
     finally:
         if loop is not None:
-            if "proxy" in state:
-                loop.run(state["proxy"].stop())
-                loop.run(state["terminator"].stop())
-                state["steering"].remove()
-                state["steering"].remove()  # idempotent
+            if "service" in state:
+                loop.run(state["service"].stop())
+                CredentialSteering([], 1, 1, nft=("ip", "netns", "exec", HOST, "nft")).remove()  # idempotent
             loop.close()
         for process in processes:
             process.terminate()
@@ -293,11 +284,28 @@ def test_tls_termination_serves_the_vm_with_a_key_the_vm_never_has(lab):
     assert (entry["workload"], entry["result"]) == ("crxvm", "terminated")
 
 
-def test_steering_table_is_the_one_table_and_metrics_add_up(lab):
+def test_steering_table_and_metrics_add_up(lab):
     ruleset = in_ns(HOST, "nft", "list", "table", "inet", "skyguard_cred").stdout.decode()
-    assert "redirect to :25443" in ruleset and OTHER4 in ruleset
+    assert 'iifname "crx-h-vm"' in ruleset and "redirect to :25443" in ruleset and API4 in ruleset
     value = lab["metrics"].registry.get_sample_value
     assert value("skyguard_credential_swaps_total", {"credential": "github", "result": "swapped"}) >= 2
     assert value("skyguard_credential_swaps_total", {"credential": "github", "result": "blocked_exfiltration"}) >= 1
     assert value("skyguard_tls_terminations_total", {"workload": "crxvm", "result": "terminated"}) >= 1
     assert all(no_secret(json.dumps(e).encode()) for e in lab["log"].snapshot())
+
+
+def test_address_set_mode_steers_only_the_destinations(lab):
+    steering = lab["steering"]
+    steering.all_destinations = False
+    try:
+        steering.install([API4, API6])
+        # other.test is not steered now: the VM reaches it directly (its real certificate), and
+        # the placeholder goes out unswapped (it is worthless there).
+        before = len(echoed(lab))
+        code, body, _ = vm_curl(lab, "https://other.test/", "-H", AUTH, connect=OTHER4, cacert="upca.pem")
+        assert code == 200 and PH.encode() in body and echoed(lab)[before]["sni"] == "other.test"
+        code, _, _ = vm_curl(lab, "https://api.github.test/", "-H", AUTH)  # still swapped via skyguard
+        assert code == 200 and ["authorization", "Bearer " + SECRET.decode()] in echoed(lab)[-1]["headers"]
+    finally:
+        steering.all_destinations = True
+        steering.install([API4, API6, OTHER4])
