@@ -104,6 +104,7 @@ class EchoProtocol(asyncio.Protocol):
                 "method": method, "path": path, "headers": headers, "body": body.decode("latin-1"),
                 "sni": getattr(ssl_object, "skyguard_sni", None) if ssl_object else None,
                 "client_certificate": dict(x[0] for x in peer_cert["subject"]).get("commonName") if peer_cert else None,
+                "connection": id(self),  # which upstream connection carried it (pooling tests)
             }
             if self.log_file:
                 self.log_file.write(json.dumps(record) + "\n")
@@ -125,6 +126,9 @@ class EchoProtocol(asyncio.Protocol):
             if close:
                 self.transport.close()
                 return
+            if any(k.lower() == "x-echo-drop-idle" for k, _ in headers):
+                # Answer, then drop the kept-alive connection as an idle upstream would.
+                asyncio.get_running_loop().call_later(0.05, self.transport.close)
 
 
 def echo_ssl_context(cert_file: str, key_file: str, client_ca: str | None = None) -> ssl.SSLContext:

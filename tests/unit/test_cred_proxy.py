@@ -47,9 +47,11 @@ class Rig:
         self.ca = CertificateAuthority(tmp / "skyca")
         (tmp / "skyca.pem").write_bytes(self.ca.certificate_pem)
         workload = Workload("sdnctl1", "sdn", "sg-x", "02:00:00:00:03:02", (ipaddress.ip_address("127.0.0.1"),))
+        agent = Workload("agent1", "sandbox", "sg-y", "02:00:00:00:05:02", (ipaddress.ip_address("127.0.0.2"),))
         credential = Credential("github", PH, "github", ("sdn",), ("api.github.test",),
                                 Injection("Authorization", "Bearer {secret}"), ("X-Auth-Token",))
-        self.policy = Policy("t", {"sdn": Zone("sdn", (workload,))}, {}, (), credentials=(credential,))
+        self.policy = Policy("t", {"sdn": Zone("sdn", (workload,)), "sandbox": Zone("sandbox", (agent,))}, {}, (),
+                             credentials=(credential,))
         self.secrets = MemorySecretSource({"github": SECRET, "mtls": client_cert + client_key})
         self.log = ListDecisionLog()
         self.metrics = CredentialMetrics()
@@ -252,3 +254,28 @@ def test_metrics_count_by_credential_and_result(rig):
     blocked = value("skyguard_credential_swaps_total", {"credential": "github", "result": "blocked_exfiltration"})
     assert swapped >= 1 and blocked >= 1
     assert all(no_secret(json.dumps(e).encode()) for e in rig.log.snapshot())
+
+
+def test_upstream_connections_are_pooled_across_client_connections(rig):
+    before = len(rig.echoed())
+    assert rig.curl("https://api.github.test/one", "-H", AUTH)[0] == 200
+    assert rig.curl("https://api.github.test/two", "-H", AUTH)[0] == 200
+    one, two = rig.echoed()[before:]
+    assert one["connection"] == two["connection"]  # two VM connections, one upstream handshake
+
+
+def test_an_upstream_that_drops_an_idle_pooled_connection_costs_nothing(rig):
+    assert rig.curl("https://api.github.test/", "-H", AUTH, "-H", "X-Echo-Drop-Idle: 1")[0] == 200
+    import time
+    time.sleep(0.2)  # let the upstream drop it while it sits in the pool
+    code, body = rig.curl("https://api.github.test/after", "-H", AUTH)
+    assert code == 200 and b'"/after"' in body
+
+
+def test_client_certificate_only_for_its_zones(rig):
+    before = len(rig.echoed())
+    code, _ = rig.curl("https://api.github.test/", "--interface", "127.0.0.2")  # agent1, zone sandbox
+    assert code == 200
+    assert rig.echoed()[before]["client_certificate"] is None
+    code, _ = rig.curl("https://api.github.test/", "-H", AUTH, "--interface", "127.0.0.2")
+    assert code == 403  # and its zone may not use the credential either
