@@ -192,6 +192,11 @@ class CredentialProxy:
             name = normalise_name(server_name)
             if name is None:
                 # Without a name there is nothing to check Host against: refuse the handshake.
+                self.metrics.count(None, BLOCKED_PROTOCOL)
+                self.decision_log.record({
+                    "event": "credential", "credential": None, "zone": None, "workload": None,
+                    "destination": "-", "result": BLOCKED_PROTOCOL, "reason": "TLS ClientHello without a usable SNI",
+                })
                 return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
             try:
                 leaf = self.ca.server_context(name)

@@ -230,6 +230,7 @@ def test_tls_without_sni_is_refused(rig):
             tls.sendall(b"GET / HTTP/1.1\r\nHost: api.github.test\r\n\r\n")
             assert tls.recv(100) == b""
             raise ConnectionError("closed without answer")
+    assert rig.log.snapshot()[-1]["reason"] == "TLS ClientHello without a usable SNI"
 
 
 def test_untrusted_upstream_is_a_502(rig):
