@@ -21,7 +21,7 @@ import re
 import socket
 import ssl
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import h11

@@ -16,7 +16,6 @@ import logging
 import socket
 import ssl
 from dataclasses import dataclass
-from typing import Callable
 
 from skyguard.credproxy.ca import new_server_context
 from skyguard.credproxy.proxy import original_destination, start_servers

@@ -14,11 +14,9 @@ import ctypes
 import ipaddress
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
