@@ -280,3 +280,28 @@ def test_client_certificate_only_for_its_zones(rig):
     assert rig.echoed()[before]["client_certificate"] is None
     code, _ = rig.curl("https://api.github.test/", "-H", AUTH, "--interface", "127.0.0.2")
     assert code == 403  # and its zone may not use the credential either
+
+
+def test_mutated_requests_never_crash_a_connection_handler(rig, caplog):
+    import random
+
+    generator = random.Random(6)  # fixed seed: the same 120 mutants every run
+    valid = (b"POST /x HTTP/1.1\r\nHost: api.github.test\r\n" + AUTH.encode() +
+             b"\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    alphabet = b"\r\n :\t\x00\x7f\xff0123456789abcdefABCDEF-%;,\"\\"
+    for _ in range(120):
+        mutant = bytearray(valid)
+        for _ in range(generator.randint(1, 8)):
+            position = generator.randrange(len(mutant))
+            action = generator.randrange(3)
+            if action == 0:
+                mutant[position] = generator.choice(alphabet)
+            elif action == 1:
+                mutant.insert(position, generator.choice(alphabet))
+            else:
+                del mutant[position]
+        out = rig.raw(bytes(mutant), tls=generator.random() < 0.5)
+        assert out == b"" or out.startswith(b"HTTP/1.1 "), out[:80]
+        assert no_secret(out)
+    assert not [r for r in caplog.records if "connection failed" in r.getMessage()]
+    assert rig.curl("https://api.github.test/", "-H", AUTH)[0] == 200
