@@ -43,6 +43,7 @@ HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization",
      b"proxy-authenticate", b"te", b"trailer", b"transfer-encoding", b"content-length", b"upgrade"}
 )
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # Longest destination name we put in a log entry (the Host header is the client's to choose).
 MAX_LOGGED_NAME = 253
 
@@ -236,6 +237,9 @@ class SwapEngine:
                     f"(at most {credential.inject.max_occurrences} allowed)")
         if credential.name in self.unavailable:
             return f"secret of credential {credential.name} is not available in the store"
+        if credential.inject.header and _CONTROL.search(self._values[credential.name]):
+            # A CR or LF in a header value would let the secret's bytes forge headers upstream.
+            return f"secret of credential {credential.name} holds control characters and cannot go in a header"
         return None
 
     def _carries_secret(self, request: HttpRequest) -> bool:

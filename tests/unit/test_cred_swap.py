@@ -250,3 +250,9 @@ def test_metrics_and_log_protocols():
     metrics.count(None, "blocked_protocol")
     assert metrics.registry.get_sample_value("skyguard_credential_swaps_total", {"credential": "github", "result": "swapped"}) == 1
     assert metrics.registry.get_sample_value("skyguard_credential_swaps_total", {"credential": "-", "result": "blocked_protocol"}) == 1
+
+
+def test_secret_with_line_breaks_is_never_injected_into_a_header():
+    eng = SwapEngine([GITHUB], MemorySecretSource({"github": b"abc\r\nX-Forged: 1"}))
+    verdict = eng.decide(request(headers=[AUTH]), facts())
+    assert verdict.action == "block" and "control characters" in verdict.reason
