@@ -18,6 +18,7 @@ COMMANDS = [
     ("lab", "lab"),
     ("secret", "secret"),
     ("admin", "admin"),
+    ("ca", "ca"),
 ]
 
 

@@ -1,0 +1,252 @@
+#!/usr/bin/env python3
+"""Benchmark `credproxy`: HTTPS requests/s through skyguard's credential-swap proxy, side by side
+in one run with mitmdump doing the same header rewrite (the anchor) and with direct access.
+
+Everything runs on loopback (ports 25900-25909): an HTTPS echo upstream (its own test CA), the
+skyguard proxy and mitmdump (reverse mode, a 3-line addon swapping the placeholder for the
+secret), each in its own process; wrk is the load generator. Two scenarios: keep-alive
+(many requests per TLS connection) and resumed TLS (Connection: close, so a new connection per
+request, with TLS session resumption, which wrk does). Reported: requests/s, p50/p99 latency
+and the added latency over direct. Targets (SPEC.md section 8): >= 10x mitmdump keep-alive,
+>= 5x with resumed TLS.
+
+mitmproxy conflicts with skyguard's pinned dependencies, so it lives in its own virtualenv:
+--mitmdump PATH (default: $MITMDUMP, then /tmp/crx-mitm-venv/bin/mitmdump, then PATH). Create one
+with `python3 -m venv /tmp/mitm && /tmp/mitm/bin/pip install mitmproxy`.
+
+Progress goes to stderr; the last stdout line is one JSON object. Results land in bench/results/.
+Not a test: nothing here asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+PLACEHOLDER = "sg-placeholder-bench-1234"
+SECRET = b"ghp_BenchmarkSecretValue_0123456789"
+UPSTREAM_PORT, MITM_PORT, SKYGUARD_PORT, SKYGUARD_HTTP_PORT = 25901, 25902, 25903, 25904
+TARGET_KEEPALIVE, TARGET_RESUMED = 10.0, 5.0
+
+MITM_ADDON = f'''
+from mitmproxy import http
+def request(flow: http.HTTPFlow) -> None:
+    if flow.request.headers.get("authorization") == "Bearer {PLACEHOLDER}":
+        flow.request.headers["authorization"] = "Bearer {SECRET.decode()}"
+'''
+
+
+def progress(message: str) -> None:
+    print(f"[credproxy] {message}", file=sys.stderr, flush=True)
+
+
+def wait_for_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def serve_skyguard(tmp: Path) -> None:
+    """Child process: the skyguard proxy, forwarding everything to the echo upstream."""
+    import ipaddress
+
+    from skyguard.credproxy.ca import CertificateAuthority
+    from skyguard.credproxy.interfaces import CredentialMetrics, ListDecisionLog, MemorySecretSource
+    from skyguard.credproxy.proxy import CredentialProxy
+    from skyguard.policy.model import Credential, Injection, Policy, Workload, Zone
+
+    class CountingLog(ListDecisionLog):  # do not grow memory during the run
+        def record(self, entry):
+            pass
+
+    workload = Workload("bench", "sdn", "lo", "02:00:00:00:00:01", (ipaddress.ip_address("127.0.0.1"),))
+    policy = Policy("bench", {"sdn": Zone("sdn", (workload,))}, {}, (), credentials=(
+        Credential("bench", PLACEHOLDER, "bench", ("sdn",), ("localhost",), Injection("Authorization", "Bearer {secret}")),))
+    proxy = CredentialProxy(
+        policy, MemorySecretSource({"bench": SECRET}), CertificateAuthority(tmp / "skyca"),
+        address_matches=lambda name, ip: ip == "127.0.0.1", decision_log=CountingLog(),
+        metrics=CredentialMetrics(), upstream_ca_file=str(tmp / "upca.pem"),
+        destination_of=lambda sock: ("127.0.0.1", UPSTREAM_PORT),
+    )
+
+    async def run():
+        await proxy.start("127.0.0.1", SKYGUARD_HTTP_PORT, SKYGUARD_PORT)
+        await asyncio.Event().wait()
+
+    asyncio.run(run())
+
+
+def wrk(port: int, duration: int, connections: int, close: bool) -> dict:
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency",
+               "-H", f"Authorization: Bearer {PLACEHOLDER}"]
+    if close:
+        command += ["-H", "Connection: close"]
+    command.append(f"https://localhost:{port}/")
+    out = subprocess.run(command, capture_output=True, text=True, timeout=duration + 60).stdout
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+
+    def percentile(p):
+        match = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not match:
+            return None
+        value, unit = float(match.group(1)), match.group(2)
+        return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    return {"rps": float(rps.group(1)) if rps else 0.0, "p50_ms": percentile(50), "p99_ms": percentile(99),
+            "non_2xx": int(errors.group(1)) if errors else 0,
+            "socket_errors": socket_errors.group(1) if socket_errors else None}
+
+
+def check_swap(port: int, cafile: str) -> str:
+    """One request: what the upstream echoed for the Authorization header, as seen by the client."""
+    context = ssl.create_default_context(cafile=cafile)
+    with socket.create_connection(("127.0.0.1", port), 5) as raw, context.wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(f"GET / HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {PLACEHOLDER}\r\n"
+                    "Connection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := tls.recv(65536):
+            data += chunk
+    body = json.loads(data.split(b"\r\n\r\n", 1)[1])
+    return dict((k.lower(), v) for k, v in body["headers"]).get("authorization", "")
+
+
+def find_mitmdump(explicit: str | None) -> str | None:
+    for candidate in (explicit, os.environ.get("MITMDUMP"), "/tmp/crx-mitm-venv/bin/mitmdump", shutil.which("mitmdump")):
+        if candidate and Path(candidate).exists():
+            return candidate
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=int, default=6, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--repeat", type=int, default=2, help="runs per target (best kept)")
+    parser.add_argument("--mitmdump", help="path to mitmdump (in its own virtualenv)")
+    parser.add_argument("--serve-skyguard", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_skyguard:
+        serve_skyguard(Path(args.serve_skyguard))
+        return
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is missing: apt-get install wrk (scripts/setup installs it)")
+
+    from skyguard.credproxy.testing import TestCA
+
+    tmp = Path(tempfile.mkdtemp(prefix="crx-bench-"))
+    upstream_ca = TestCA()
+    cert, key = upstream_ca.issue(["localhost", "127.0.0.1"])
+    (tmp / "up.pem").write_bytes(cert)
+    (tmp / "up.key").write_bytes(key)
+    (tmp / "upca.pem").write_bytes(upstream_ca.certificate_pem)
+    (tmp / "addon.py").write_text(MITM_ADDON)
+    processes: list[subprocess.Popen] = []
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    try:
+        progress("starting the echo upstream and the skyguard proxy")
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "skyguard.credproxy.testing", "echo", "--host", "127.0.0.1",
+             "--port", str(UPSTREAM_PORT), "--cert", str(tmp / "up.pem"), "--key", str(tmp / "up.key")],
+            env=env, stdout=subprocess.DEVNULL))
+        processes.append(subprocess.Popen([sys.executable, __file__, "--serve-skyguard", str(tmp)], env=env))
+        wait_for_port(UPSTREAM_PORT)
+        wait_for_port(SKYGUARD_PORT)
+        seen = check_swap(SKYGUARD_PORT, str(tmp / "skyca" / "ca-cert.pem"))
+        if "[skyguard-redacted]" not in seen:
+            raise SystemExit(f"skyguard did not swap and scrub as expected (upstream echoed {seen!r})")
+        targets = {"direct": UPSTREAM_PORT, "skyguard": SKYGUARD_PORT}
+        mitmdump = find_mitmdump(args.mitmdump)
+        if mitmdump:
+            progress(f"starting mitmdump ({mitmdump})")
+            processes.append(subprocess.Popen(
+                [mitmdump, "-q", "--mode", f"reverse:https://localhost:{UPSTREAM_PORT}", "--listen-host", "127.0.0.1",
+                 "-p", str(MITM_PORT), "--ssl-insecure", "-s", str(tmp / "addon.py"), "--set", f"confdir={tmp / 'mitm'}"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            wait_for_port(MITM_PORT, 60)
+            mitm_seen = check_swap(MITM_PORT, str(tmp / "mitm" / "mitmproxy-ca-cert.pem"))
+            if SECRET.decode() not in mitm_seen:
+                raise SystemExit(f"mitmdump did not rewrite the header (upstream echoed {mitm_seen!r})")
+            targets["mitmdump"] = MITM_PORT
+        else:
+            progress("mitmdump not found: comparing with direct only (see --mitmdump)")
+
+        # Each target runs `repeat` times, interleaved, and keeps its best run: on a shared machine
+        # a neighbour's burst then penalises no target more than another.
+        results: dict[str, dict[str, dict]] = {}
+        for scenario, close in (("keepalive", False), ("resumed_tls", True)):
+            results[scenario] = {}
+            for round_number in range(args.repeat):
+                for name, port in targets.items():
+                    progress(f"{scenario} #{round_number + 1}: wrk -c{args.connections} -d{args.duration}s through {name}")
+                    run = wrk(port, args.duration, args.connections, close)
+                    progress(f"  {run}")
+                    if run["rps"] > results[scenario].get(name, {}).get("rps", -1):
+                        results[scenario][name] = run
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def ratio(scenario, anchor):
+        a = results[scenario].get(anchor, {}).get("rps")
+        return round(results[scenario]["skyguard"]["rps"] / a, 2) if a else None
+
+    def added(scenario, p):
+        s, d = results[scenario]["skyguard"][p], results[scenario]["direct"][p]
+        return round(s - d, 3) if s is not None and d is not None else None
+
+    anchor_name = "mitmdump" if "mitmdump" in targets else "direct"
+    keepalive_ratio = ratio("keepalive", anchor_name)
+    resumed_ratio = ratio("resumed_tls", anchor_name)
+    summary = {
+        "name": "credproxy",
+        "metric": "HTTPS requests/s, keep-alive, through the credential-swap proxy",
+        "skyguard": results["keepalive"]["skyguard"]["rps"],
+        "anchor": results["keepalive"].get(anchor_name, {}).get("rps"),
+        "anchor_name": anchor_name,
+        "ratio": keepalive_ratio,
+        "target": f">= {TARGET_KEEPALIVE}x mitmdump keep-alive, >= {TARGET_RESUMED}x resumed TLS",
+        "meets_target": bool(anchor_name == "mitmdump" and keepalive_ratio and resumed_ratio
+                             and keepalive_ratio >= TARGET_KEEPALIVE and resumed_ratio >= TARGET_RESUMED),
+        "resumed_tls": {"skyguard": results["resumed_tls"]["skyguard"]["rps"],
+                        "anchor": results["resumed_tls"].get(anchor_name, {}).get("rps"), "ratio": resumed_ratio},
+        "direct": {s: results[s]["direct"]["rps"] for s in results},
+        "added_latency_ms": {s: {"p50": added(s, "p50_ms"), "p99": added(s, "p99_ms")} for s in results},
+        "runs": results,
+        "wrk": {"threads": 1, "connections": args.connections, "duration_s": args.duration, "repeat": args.repeat},
+    }
+    out_dir = REPO / "bench" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"credproxy-{time.strftime('%Y%m%dT%H%M%S')}.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,356 @@
+"""The credential-swap decision, without I/O: given one parsed HTTP request and the facts of the
+connection it came on, decide swap, pass or block, and rewrite the request; given a response,
+make it safe to hand back to the VM.
+
+This is the whole security logic of the proxy, so it is small, pure and table-tested. It does
+not parse HTTP (proxy.py does, with h11), open sockets, or frame messages: it never touches
+Content-Length / Transfer-Encoding, because the proxy re-frames every message it forwards.
+
+Rules (SPEC: credentials):
+- A placeholder is swapped only when the TLS SNI, the Host header and the address the VM
+  connected to (learned from DNS for that name) all agree with one of the credential's
+  destinations, the client's zone is one of the credential's zones, and the placeholder sits
+  only where `inject` says. Anything else carrying a placeholder is blocked as attempted
+  exfiltration. Cleartext HTTP never carries a real secret.
+- A request carrying a real secret in any form, or matching a configured pattern, is blocked.
+- Responses lose every form of every secret and the auth-bearing headers named in policy.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable, Sequence
+
+from skyguard.credproxy.interfaces import (
+    BLOCKED_CONTENT,
+    BLOCKED_EXFILTRATION,
+    BLOCKED_PROTOCOL,
+    PASSED,
+    SWAPPED,
+    SecretSource,
+)
+from skyguard.credproxy.secretforms import SecretForms
+from skyguard.errors import CredentialError
+from skyguard.policy.model import Credential
+
+Headers = tuple[tuple[bytes, bytes], ...]
+
+# Headers that only concern one hop; the proxy drops them from what it forwards. Upgrade is
+# refused outright (see decide): a WebSocket or h2c stream could not be inspected.
+HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization",
+     b"proxy-authenticate", b"te", b"trailer", b"transfer-encoding", b"content-length", b"upgrade"}
+)
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# Longest destination name we put in a log entry (the Host header is the client's to choose).
+MAX_LOGGED_NAME = 253
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    method: bytes
+    target: bytes
+    headers: Headers  # as received, names lower-case (h11 normalises them)
+    body: bytes = b""
+    http_version: bytes = b"1.1"
+
+    def __repr__(self) -> str:  # bodies and header values may hold secrets after a swap
+        return f"HttpRequest({self.method.decode('latin-1')} <target hidden>, {len(self.headers)} headers, {len(self.body)} body bytes)"
+
+
+@dataclass(frozen=True)
+class ConnectionFacts:
+    """What the proxy knows about the connection, independent of what the request claims."""
+
+    workload: str | None  # None: the client address belongs to no workload of the policy
+    zone: str | None
+    sni: str | None  # None for cleartext HTTP or a ClientHello without SNI
+    address: str  # the address the VM connected to (SO_ORIGINAL_DST)
+    port: int
+    tls: bool
+    address_matches: Callable[[str, str], bool]  # (name, ip) -> was ip learned from DNS for name
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: str  # "swap" | "pass" | "block"
+    status: int  # HTTP status to answer with when blocked (0 otherwise)
+    reason: str  # human-readable, never a secret
+    request: HttpRequest | None  # what to forward (None when blocked)
+    entries: tuple[dict, ...] = ()  # decision-log entries, one per credential concerned
+    results: tuple[tuple[str | None, str], ...] = ()  # (credential, result) for the metrics
+    host: str | None = None  # normalised destination name the request was for
+
+    def __repr__(self) -> str:
+        return f"Verdict({self.action}, {self.status}, {self.reason!r})"
+
+
+def normalise_name(name: str | bytes | None) -> str | None:
+    """Lower-case, no trailing dot, no port. None when empty or not a plausible host name."""
+    if name is None:
+        return None
+    if isinstance(name, bytes):
+        try:
+            name = name.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    name = name.strip().lower()
+    if name.startswith("["):  # [v6]:port
+        end = name.find("]")
+        name = name[1:end] if end > 0 else ""
+    elif name.count(":") == 1:
+        name = name.split(":", 1)[0]
+    name = name.rstrip(".")
+    if not name or len(name) > 253 or not re.fullmatch(r"[a-z0-9._:-]+", name):
+        return None
+    return name
+
+
+def _authority_of(target: bytes) -> bytes | None:
+    """The authority of an absolute-form target (http://host/...), else None."""
+    match = re.match(rb"(?i)https?://([^/?#]*)", target)
+    return match.group(1) if match else None
+
+
+class SwapEngine:
+    """Decides for every request of the proxy. Thread-safe after construction (read-only state).
+
+    Secrets are read once from the SecretSource at construction (call reload() after the store
+    or the policy changes). A credential whose secret cannot be read stays in force for
+    blocking: its placeholder is still recognised, and a would-be swap fails closed."""
+
+    def __init__(
+        self,
+        credentials: Sequence[Credential],
+        secrets: SecretSource,
+        content_patterns: Iterable[str | bytes] = (),
+    ):
+        self.credentials = tuple(credentials)
+        self._source = secrets
+        self._patterns = tuple(
+            re.compile(p if isinstance(p, bytes) else p.encode()) for p in content_patterns
+        )
+        self.reload()
+
+    def reload(self) -> None:
+        values: dict[str, bytes] = {}
+        self.unavailable: tuple[str, ...] = ()
+        missing = []
+        for credential in self.credentials:
+            try:
+                value = self._source.get(credential.secret)
+                values[credential.name] = bytes(value)
+            except Exception:  # fail closed per credential; the message could hold anything
+                missing.append(credential.name)
+        self._values = values
+        self.unavailable = tuple(missing)
+        self.forms = SecretForms(values.values())
+
+    def __repr__(self) -> str:
+        return f"SwapEngine(credentials={[c.name for c in self.credentials]})"
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def decide(self, request: HttpRequest, facts: ConnectionFacts) -> Verdict:
+        host_values = [v for n, v in request.headers if n == b"host"]
+        host = normalise_name(host_values[0]) if len(host_values) == 1 else None
+        authority = _authority_of(request.target)
+        if authority is not None and normalise_name(authority) != host:
+            host = None
+        destination = host or "-"
+
+        def block(status, reason, result, credential=None):
+            entry = self._entry(credential, facts, destination, result, reason)
+            return Verdict("block", status, reason, None, (entry,), ((credential, result),), host)
+
+        if host is None:
+            return block(400, "missing, repeated or malformed Host header", BLOCKED_PROTOCOL)
+        if any(n == b"upgrade" for n, _ in request.headers) or request.method == b"CONNECT":
+            return block(501, "protocol upgrades and CONNECT cannot be inspected", BLOCKED_PROTOCOL)
+        if facts.tls and facts.sni != host:
+            return block(421, "TLS SNI and Host header disagree", BLOCKED_EXFILTRATION)
+
+        if self._carries_secret(request):
+            return block(403, "request carries a real secret value", BLOCKED_CONTENT)
+        for pattern in self._patterns:
+            if any(pattern.search(part) for part in _parts(request)):
+                return block(403, "request matches a content-filter pattern", BLOCKED_CONTENT)
+
+        headers = list(request.headers)
+        body = request.body
+        swapped: list[str] = []
+        for credential in self.credentials:
+            placeholder = credential.placeholder.encode()
+            where = _placeholder_locations(request, placeholder)
+            if not where:
+                continue
+            refusal = self._refusal(credential, facts, host, where, request.body.lower().count(placeholder.lower()))
+            if refusal:
+                return block(403, refusal, BLOCKED_EXFILTRATION, credential.name)
+            secret = self._values[credential.name]
+            if credential.inject.header:
+                headers = _swap_header(headers, credential, placeholder, secret)
+                if headers is None:
+                    return block(403, f"placeholder in an unexpected form in {credential.inject.header}",
+                                 BLOCKED_EXFILTRATION, credential.name)
+            if "body" in where:
+                if body.count(placeholder) != request.body.lower().count(placeholder.lower()):
+                    return block(403, "placeholder in an unexpected form in the body",
+                                 BLOCKED_EXFILTRATION, credential.name)
+                body = body.replace(placeholder, secret)
+            swapped.append(credential.name)
+
+        # The proxy speaks identity to upstreams: it must see response bodies to scrub them.
+        headers = [(n, v) for n, v in headers if n != b"accept-encoding"] + [(b"accept-encoding", b"identity")]
+        rewritten = replace(request, headers=tuple(headers), body=body)
+        if not swapped:
+            return Verdict("pass", 0, "no placeholder", rewritten, (), ((None, PASSED),), host)
+        entries = tuple(self._entry(name, facts, destination, SWAPPED, "swapped") for name in swapped)
+        return Verdict("swap", 0, "swapped", rewritten, entries,
+                       tuple((name, SWAPPED) for name in swapped), host)
+
+    def _refusal(self, credential: Credential, facts: ConnectionFacts, host: str, where: set[str],
+                 body_count: int) -> str | None:
+        """Why this credential must not be swapped here, or None when every check passes."""
+        if facts.zone not in credential.zones:
+            return f"zone {facts.zone or 'unknown'} may not use credential {credential.name}"
+        if host not in credential.destinations:
+            return f"{host[:MAX_LOGGED_NAME]} is not a destination of credential {credential.name}"
+        if not facts.tls:
+            return "a real secret is never sent over cleartext HTTP"
+        if facts.sni != host:
+            return "TLS SNI and Host header disagree"
+        if not facts.address_matches(host, facts.address):
+            return f"the connected address was not learned from DNS for {host}"
+        allowed = set()
+        if credential.inject.header:
+            allowed.add("header:" + credential.inject.header.lower())
+        if credential.inject.body:
+            allowed.add("body")
+        stray = sorted(where - allowed)
+        if stray:
+            return f"placeholder of {credential.name} in {', '.join(stray)}"
+        if "body" in where and body_count > credential.inject.max_occurrences:
+            return (f"placeholder of {credential.name} appears {body_count} times in the body "
+                    f"(at most {credential.inject.max_occurrences} allowed)")
+        if credential.name in self.unavailable:
+            return f"secret of credential {credential.name} is not available in the store"
+        if credential.inject.header and _CONTROL.search(self._values[credential.name]):
+            # A CR or LF in a header value would let the secret's bytes forge headers upstream.
+            return f"secret of credential {credential.name} holds control characters and cannot go in a header"
+        return None
+
+    def _carries_secret(self, request: HttpRequest) -> bool:
+        return any(self.forms.found_in(part) for part in _parts(request))
+
+    @staticmethod
+    def _entry(credential, facts: ConnectionFacts, destination: str, result: str, reason: str) -> dict:
+        return {
+            "event": "credential",
+            "credential": credential,
+            "zone": facts.zone,
+            "workload": facts.workload,
+            "destination": destination[:MAX_LOGGED_NAME],
+            "address": facts.address,
+            "port": facts.port,
+            "result": result,
+            "reason": reason,
+        }
+
+    # ---- responses ------------------------------------------------------------------------
+
+    def response_headers_to_strip(self, host: str | None) -> frozenset[bytes]:
+        names = set()
+        for credential in self.credentials:
+            if host in credential.destinations:
+                names.update(h.lower().encode() for h in credential.strip_response_headers)
+        return frozenset(names)
+
+    def scrub_response(self, host: str | None, headers: Headers, body: bytes) -> tuple[Headers, bytes, int]:
+        """Headers and body safe for the VM, and how many secret occurrences were removed.
+
+        The body must already be decoded (decode_body); framing headers are dropped here and
+        re-created by the proxy."""
+        strip = self.response_headers_to_strip(host) | HOP_BY_HOP | {b"content-encoding"}
+        scrubbed = 0
+        kept = []
+        for name, value in headers:
+            if name in strip:
+                continue
+            value, n = self.forms.scrub(value)
+            scrubbed += n
+            kept.append((name, value))
+        body, n = self.forms.scrub(body)
+        return tuple(kept), body, scrubbed + n
+
+
+class UnscrubbableResponse(CredentialError):
+    """A response body the proxy cannot decode, so cannot prove free of secrets."""
+
+
+def decode_body(headers: Headers, body: bytes, limit: int) -> bytes:
+    """The body with its Content-Encoding undone (gzip, deflate, identity), at most `limit` bytes.
+
+    Anything else (br, zstd, stacked unknowns) raises UnscrubbableResponse: fail closed."""
+    codings = [c.strip().lower() for n, v in headers if n == b"content-encoding" for c in v.split(b",")]
+    for coding in reversed([c for c in codings if c and c != b"identity"]):
+        if coding in (b"gzip", b"x-gzip"):
+            decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif coding == b"deflate":
+            decoder = zlib.decompressobj(zlib.MAX_WBITS if body[:1] == b"\x78" else -zlib.MAX_WBITS)
+        else:
+            raise UnscrubbableResponse(f"upstream used content coding {coding.decode('latin-1')!r}, which the proxy cannot inspect")
+        try:
+            body = decoder.decompress(body, limit + 1)
+        except zlib.error:
+            raise UnscrubbableResponse("upstream sent a body that does not decode") from None
+        if len(body) > limit:
+            raise UnscrubbableResponse("decoded response body is larger than the proxy's limit")
+    return body
+
+
+def _parts(request: HttpRequest) -> list[bytes]:
+    parts = [request.target, request.body]
+    for name, value in request.headers:
+        parts.append(name)
+        parts.append(value)
+    return parts
+
+
+def _placeholder_locations(request: HttpRequest, placeholder: bytes) -> set[str]:
+    """Where the placeholder appears, as "target", "header:<name>", "body". Case-insensitive
+    match (so a case-mangled copy is still caught), raw only: the placeholder is no secret, so
+    encoded copies of it leak nothing and are left alone."""
+    needle = placeholder.lower()
+    where = set()
+    if needle in request.target.lower():
+        where.add("target")
+    for name, value in request.headers:
+        if needle in value.lower() or needle in name.lower():
+            where.add("header:" + name.decode("latin-1"))
+    if needle in request.body.lower():
+        where.add("body")
+    return where
+
+
+def _swap_header(headers: list, credential: Credential, placeholder: bytes, secret: bytes):
+    """Headers with the injection header's value replaced, or None when the placeholder is in
+    the header in a shape other than the placeholder itself or `format` applied to it."""
+    target = credential.inject.header.lower().encode()
+    expected = {placeholder, credential.inject.format.format(secret="\0").encode().replace(b"\0", placeholder)}
+    injected = credential.inject.format.format(secret="\0").encode().replace(b"\0", secret)
+    out = []
+    done = 0
+    for name, value in headers:
+        if name == target and placeholder.lower() in value.lower():
+            if value.strip() not in expected:
+                return None
+            out.append((name, injected))
+            done += 1
+        else:
+            out.append((name, value))
+    if done > 1:
+        return None
+    return out

@@ -1,0 +1,167 @@
+"""Key custody for services the VMs offer: skyguard terminates TLS on workload:port with a
+certificate and key from the store and forwards plaintext to the VM's `forward_to` port, so the
+VM never holds the private key.
+
+Each tls_termination entry gets its own listener on the host; steering.py redirects connections
+for the workload's address and port to it. After the handshake the streams are spliced as bytes
+(no HTTP parsing: the VM's service may speak anything over TLS). Not here: certificate issuance,
+the store itself (store.py), outbound client certificates (the proxy loads those).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import ssl
+from dataclasses import dataclass
+
+from skyguard.credproxy.ca import new_server_context
+from skyguard.credproxy.proxy import original_destination, start_servers
+from skyguard.credproxy.interfaces import CredentialMetrics, DecisionLog, SecretSource
+from skyguard.custody.pemload import load_cert_chain_from_memory, split_pem
+from skyguard.errors import CredentialError
+from skyguard.policy.model import Policy, TlsTermination
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 10.0  # seconds for the client's TLS handshake
+CONNECT_TIMEOUT = 5.0  # seconds to reach the VM's plaintext port
+IDLE_TIMEOUT = 300.0  # seconds without a byte in either direction before both sides close
+CHUNK = 65536
+
+
+@dataclass(frozen=True)
+class TerminationListener:
+    termination: TlsTermination
+    zone: str
+    vm_addresses: tuple[str, ...]
+    listen_port: int
+
+
+class TlsTerminator:
+    """Starts one listener per tls_termination entry of the policy."""
+
+    def __init__(self, policy: Policy, secrets: SecretSource, *, decision_log: DecisionLog,
+                 metrics: CredentialMetrics, idle_timeout: float = IDLE_TIMEOUT):
+        self.policy = policy
+        self.secrets = secrets
+        self.decision_log = decision_log
+        self.metrics = metrics
+        self.idle_timeout = idle_timeout
+        self.listeners: list[TerminationListener] = []
+        self._servers: list[asyncio.base_events.Server] = []
+        self._tasks: set[asyncio.Task] = set()
+
+    def __repr__(self) -> str:
+        return f"TlsTerminator({[t.workload for t in self.policy.tls_termination]})"
+
+    def _context(self, termination: TlsTermination) -> ssl.SSLContext:
+        try:
+            bundle = self.secrets.get(termination.certificate)
+        except Exception:
+            raise CredentialError(
+                f"certificate {termination.certificate!r} for {termination.workload}:{termination.port} "
+                f"is not in the store; add the PEM (certificate then key) with "
+                f"`skyguard secret set {termination.certificate}`"
+            ) from None
+        certificate, key = split_pem(bytes(bundle))
+        context = new_server_context()
+        load_cert_chain_from_memory(context, certificate, key)
+        return context
+
+    async def start(self, host: str | list[str] = "0.0.0.0") -> list[TerminationListener]:
+        """Load every certificate first (nothing listens if one is missing), then listen."""
+        plans = []
+        for termination in self.policy.tls_termination:
+            workload = self.policy.workload(termination.workload)
+            if workload is None:
+                raise CredentialError(f"tls_termination names unknown workload {termination.workload!r}")
+            if termination.forward_to == termination.port:
+                # skyguard's own plaintext connection to the VM would be steered back to itself.
+                raise CredentialError(
+                    f"tls_termination for {termination.workload}: forward_to ({termination.forward_to}) "
+                    f"must differ from port ({termination.port}); let the VM serve plaintext on another port")
+            plans.append((termination, workload, self._context(termination)))
+        for termination, workload, context in plans:
+            addresses = tuple(str(a) for a in workload.addresses)
+            servers, port = await start_servers(
+                lambda r, w, t=termination, z=workload.zone, a=addresses: self._accept(r, w, t, z, a),
+                host, 0, ssl=context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+            )
+            self._servers += servers
+            self.listeners.append(TerminationListener(termination, workload.zone, addresses, port))
+        return self.listeners
+
+    async def stop(self) -> None:
+        for server in self._servers:
+            server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._servers, self.listeners = [], []
+
+    async def _accept(self, reader, writer, termination: TlsTermination, zone: str, addresses: tuple[str, ...]):
+        task = asyncio.current_task()
+        self._tasks.add(task)
+        peer = writer.get_extra_info("peername")
+        result = "terminated"
+        try:
+            target = _pick_address(writer.get_extra_info("socket"), addresses)
+            try:
+                vm_reader, vm_writer = await asyncio.wait_for(
+                    asyncio.open_connection(target, termination.forward_to), CONNECT_TIMEOUT)
+            except (OSError, asyncio.TimeoutError):
+                result = "vm_unreachable"
+                return
+            try:
+                await _splice(reader, writer, vm_reader, vm_writer, self.idle_timeout)
+            finally:
+                vm_writer.close()
+        except Exception:
+            result = "failed"
+            log.exception("TLS termination connection failed")
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+            self.metrics.terminations.labels(termination.workload, result).inc()
+            self.decision_log.record({
+                "event": "tls_termination", "credential": termination.certificate, "zone": zone,
+                "workload": termination.workload, "destination": f"{termination.workload}:{termination.port}",
+                "forward_to": termination.forward_to, "client": peer[0] if peer else None, "result": result,
+            })
+
+
+def _pick_address(sock: socket.socket, addresses: tuple[str, ...]) -> str:
+    """The VM address the client meant (SO_ORIGINAL_DST), else the VM's first address of the
+    listener's family."""
+    original = original_destination(sock) if sock is not None else None
+    if original and original[0] in addresses:
+        return original[0]
+    family = 4 if sock is None or sock.family == socket.AF_INET else 6
+    same = [a for a in addresses if ipaddress.ip_address(a).version == family]
+    return (same or list(addresses))[0]
+
+
+async def _splice(client_reader, client_writer, vm_reader, vm_writer, idle_timeout: float) -> None:
+    async def pump(reader, writer):
+        try:
+            while True:
+                data = await asyncio.wait_for(reader.read(CHUNK), idle_timeout)
+                if not data:
+                    break
+                writer.write(data)
+                await writer.drain()
+        except (OSError, ssl.SSLError, asyncio.TimeoutError):
+            pass
+        finally:
+            try:
+                if writer.can_write_eof():
+                    writer.write_eof()
+                else:
+                    writer.close()
+            except (OSError, RuntimeError):
+                pass
+
+    await asyncio.gather(pump(client_reader, vm_writer), pump(vm_reader, client_writer))

@@ -1,0 +1,113 @@
+"""The interception CA, `skyguard ca export`, PEM handling without disk, TLS termination's
+configuration checks and the steering ruleset text. No privileges needed."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import stat
+
+import pytest
+from click.testing import CliRunner
+from cryptography import x509
+from cryptography.x509.verification import PolicyBuilder, Store
+
+from skyguard.cli.main import cli
+from skyguard.credproxy.ca import CertificateAuthority
+from skyguard.credproxy.interfaces import CredentialMetrics, ListDecisionLog, MemorySecretSource
+from skyguard.credproxy.steering import CredentialSteering, TerminationSteer
+from skyguard.credproxy.testing import TestCA
+from skyguard.custody.pemload import load_cert_chain_from_memory, split_pem
+from skyguard.custody.termination import TlsTerminator
+from skyguard.errors import CredentialError
+from skyguard.policy.model import Policy, TlsTermination, Workload, Zone
+
+
+def test_ca_is_created_once_private_and_reused(tmp_path):
+    first = CertificateAuthority(tmp_path / "ca")
+    assert stat.S_IMODE(os.stat(tmp_path / "ca").st_mode) == 0o700
+    for name in ("ca-key.pem", "ca-cert.pem"):
+        assert stat.S_IMODE(os.stat(tmp_path / "ca" / name).st_mode) == 0o600
+    again = CertificateAuthority(tmp_path / "ca")
+    assert again.certificate_pem == first.certificate_pem
+    assert b"PRIVATE" not in first.certificate_pem and "PRIVATE" not in repr(first)
+
+
+def test_leaf_chains_to_the_ca_for_exactly_its_name(tmp_path):
+    authority = CertificateAuthority(tmp_path / "ca")
+    leaf = x509.load_pem_x509_certificate(authority.mint("api.github.test"))
+    verifier = PolicyBuilder().store(Store([authority.certificate])).build_server_verifier(
+        x509.DNSName("api.github.test"))
+    verifier.verify(leaf, [])
+    other = PolicyBuilder().store(Store([authority.certificate])).build_server_verifier(x509.DNSName("other.test"))
+    with pytest.raises(Exception):
+        other.verify(leaf, [])
+    assert authority.server_context("api.github.test") is authority.server_context("api.github.test")  # cached
+
+
+def test_half_written_ca_is_an_error_not_a_silent_new_ca(tmp_path):
+    CertificateAuthority(tmp_path / "ca")
+    (tmp_path / "ca" / "ca-cert.pem").unlink()
+    with pytest.raises(CredentialError, match="incomplete"):
+        CertificateAuthority(tmp_path / "ca")
+
+
+def test_cli_ca_export_prints_only_the_certificate(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["ca", "export", "--state-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("-----BEGIN CERTIFICATE-----") and "PRIVATE" not in result.output
+    assert x509.load_pem_x509_certificate(result.output.encode()).subject.rfc4514_string().endswith("O=skyguard")
+    as_json = runner.invoke(cli, ["ca", "export", "--state-dir", str(tmp_path), "--json"])
+    assert '"sha256_fingerprint"' in as_json.output and result.output.strip() in as_json.output.replace("\\n", "\n")
+
+
+def test_pem_split_and_load_from_memory():
+    import ssl
+
+    cert, key = TestCA().issue(["svc.test"])
+    chain, private = split_pem(key + cert)
+    assert chain.startswith(b"-----BEGIN CERTIFICATE") and b"PRIVATE KEY" in private
+    load_cert_chain_from_memory(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), chain, private)
+    with pytest.raises(CredentialError) as error:
+        split_pem(cert)
+    with pytest.raises(CredentialError) as mismatch:
+        load_cert_chain_from_memory(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), chain, TestCA().issue(["x"])[1])
+    assert b"PRIVATE" not in str(error.value).encode() + str(mismatch.value).encode()
+
+
+def _policy(forward_to=8080):
+    vm = Workload("web1", "web", "sg-web1", "02:00:00:00:09:02", (ipaddress.ip_address("10.9.0.2"),))
+    return Policy("t", {"web": Zone("web", (vm,))}, {}, (),
+                  tls_termination=(TlsTermination("web1", 443, forward_to, "web1-tls"),))
+
+
+def test_termination_refuses_missing_certificate_and_loops():
+    async def start(policy, secrets):
+        terminator = TlsTerminator(policy, secrets, decision_log=ListDecisionLog(), metrics=CredentialMetrics())
+        try:
+            return await terminator.start("127.0.0.1")
+        finally:
+            await terminator.stop()
+
+    with pytest.raises(CredentialError, match="skyguard secret set web1-tls"):
+        asyncio.run(start(_policy(), MemorySecretSource({})))
+    cert, key = TestCA().issue(["web1.test"])
+    with pytest.raises(CredentialError, match="must differ"):
+        asyncio.run(start(_policy(forward_to=443), MemorySecretSource({"web1-tls": cert + key})))
+    listeners = asyncio.run(start(_policy(), MemorySecretSource({"web1-tls": cert + key})))
+    assert listeners[0].vm_addresses == ("10.9.0.2",) and listeners[0].listen_port > 0
+
+
+def test_steering_ruleset_is_atomic_and_validates_names():
+    steering = CredentialSteering(["sg-sdnctl1"], 25080, 25443, [TerminationSteer(("10.1.0.2", "fd00::2"), 443, 25500)])
+    text = steering.ruleset(["203.0.113.10", "2001:db8::10"])
+    assert text.startswith("table inet skyguard_cred {}\ndelete table inet skyguard_cred\n")  # replace in one go
+    assert 'iifname { "sg-sdnctl1" } ip daddr @cred_v4 tcp dport 443 redirect to :25443' in text
+    assert "add element inet skyguard_cred cred_v6 { 2001:db8::10 }" in text
+    assert "ip6 daddr { fd00::2 } tcp dport 443 redirect to :25500" in text
+    with pytest.raises(CredentialError):
+        CredentialSteering(['x"; flush ruleset; "'], 1, 2).ruleset()
+    with pytest.raises(CredentialError):
+        steering.ruleset(["not-an-ip"])

@@ -1,0 +1,258 @@
+"""The credential-swap decision (swap.py), table-driven, plus the secret-forms matcher and the
+promise that no secret reaches a log entry, a reason, a repr or an exception."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import urllib.parse
+import zlib
+
+import pytest
+
+from skyguard.credproxy.interfaces import MemorySecretSource, ListDecisionLog, CredentialMetrics
+from skyguard.credproxy.secretforms import SecretForms
+from skyguard.credproxy.swap import (
+    ConnectionFacts,
+    HttpRequest,
+    SwapEngine,
+    UnscrubbableResponse,
+    decode_body,
+    normalise_name,
+)
+from skyguard.errors import CredentialError
+from skyguard.policy.model import Credential, Injection
+
+SECRET = b"ghp_R3alS3cret/Value+xyz"
+BODY_SECRET = b"sk_live_body_secret_0123"
+PH = "sg-placeholder-github-7f3a"
+BODY_PH = "sg-placeholder-pay-11aa"
+
+GITHUB = Credential(
+    name="github", placeholder=PH, secret="github", zones=("sdn",), destinations=("api.github.test",),
+    inject=Injection(header="Authorization", format="Bearer {secret}"),
+    strip_response_headers=("X-Auth-Token",),
+)
+PAY = Credential(
+    name="pay", placeholder=BODY_PH, secret="pay", zones=("sdn", "sandbox"), destinations=("pay.test",),
+    inject=Injection(header=None, body=True, max_occurrences=2),
+)
+LEARNED = {("api.github.test", "203.0.113.10"), ("pay.test", "203.0.113.20"), ("other.test", "203.0.113.30")}
+
+
+def learned(name, ip):
+    return (name, ip) in LEARNED
+
+
+def engine(patterns=()):
+    return SwapEngine([GITHUB, PAY], MemorySecretSource({"github": SECRET, "pay": BODY_SECRET}), patterns)
+
+
+def facts(zone="sdn", sni="api.github.test", address="203.0.113.10", tls=True, workload="sdnctl1"):
+    return ConnectionFacts(workload, zone, sni if tls else None, address, 443 if tls else 80, tls, learned)
+
+
+def request(host="api.github.test", headers=(), body=b"", target=b"/repos", method=b"GET"):
+    hs = ((b"host", host.encode()),) if host is not None else ()
+    return HttpRequest(method, target, hs + tuple((n.lower().encode(), v.encode()) for n, v in headers), body)
+
+
+AUTH = ("Authorization", f"Bearer {PH}")
+
+# (description, request, facts, expected action, expected result label, expected status)
+CASES = [
+    ("placeholder to the right host: swapped", request(headers=[AUTH]), facts(), "swap", "swapped", 0),
+    ("bare placeholder in the header is also accepted", request(headers=[("Authorization", PH)]), facts(), "swap", "swapped", 0),
+    ("no placeholder: passed untouched", request(headers=[("Accept", "*/*")]), facts(), "pass", "passed", 0),
+    ("host name case and trailing dot are normalised", request(host="API.GitHub.test.", headers=[AUTH]),
+     facts(), "swap", "swapped", 0),
+    ("host with port", request(host="api.github.test:443", headers=[AUTH]), facts(), "swap", "swapped", 0),
+    ("placeholder to another host", request(host="other.test", headers=[AUTH]),
+     facts(sni="other.test", address="203.0.113.30"), "block", "blocked_exfiltration", 403),
+    ("SNI and Host disagree", request(headers=[AUTH]), facts(sni="other.test"), "block", "blocked_exfiltration", 421),
+    ("SNI and Host disagree, no placeholder", request(), facts(sni="other.test"), "block", "blocked_exfiltration", 421),
+    ("no SNI on a TLS connection", request(headers=[AUTH]), facts(sni=None), "block", "blocked_exfiltration", 421),
+    ("address not learned for the host", request(headers=[AUTH]), facts(address="203.0.113.30"),
+     "block", "blocked_exfiltration", 403),
+    ("zone not allowed", request(headers=[AUTH]), facts(zone="sandbox", workload="agent1"),
+     "block", "blocked_exfiltration", 403),
+    ("unknown client", request(headers=[AUTH]), facts(zone=None, workload=None), "block", "blocked_exfiltration", 403),
+    ("cleartext HTTP never carries the secret", request(headers=[AUTH]), facts(tls=False),
+     "block", "blocked_exfiltration", 403),
+    ("cleartext without placeholder passes", request(), facts(tls=False), "pass", "passed", 0),
+    ("placeholder in another header", request(headers=[AUTH, ("X-Debug", PH)]), facts(),
+     "block", "blocked_exfiltration", 403),
+    ("placeholder in a header name", request(headers=[(f"X-{PH}", "1")]), facts(), "block", "blocked_exfiltration", 403),
+    ("placeholder in the URL", request(target=f"/search?q={PH}".encode(), headers=[AUTH]), facts(),
+     "block", "blocked_exfiltration", 403),
+    ("placeholder in the body when body injection is off", request(headers=[AUTH], body=PH.encode(), method=b"POST"),
+     facts(), "block", "blocked_exfiltration", 403),
+    ("placeholder in a different case elsewhere", request(headers=[AUTH, ("Cookie", PH.upper())]), facts(),
+     "block", "blocked_exfiltration", 403),
+    ("injection header in an unexpected shape", request(headers=[("Authorization", f"token {PH} {PH}")]), facts(),
+     "block", "blocked_exfiltration", 403),
+    ("injection header repeated", request(headers=[AUTH, AUTH]), facts(), "block", "blocked_exfiltration", 403),
+    ("absolute-form target naming another host", request(target=b"http://other.test/x", headers=[AUTH]), facts(),
+     "block", "blocked_protocol", 400),
+    ("missing Host", request(host=None, headers=[AUTH]), facts(), "block", "blocked_protocol", 400),
+    ("garbage Host", request(host="a b/c", headers=[AUTH]), facts(), "block", "blocked_protocol", 400),
+    ("WebSocket upgrade refused", request(headers=[AUTH, ("Upgrade", "websocket"), ("Connection", "Upgrade")]),
+     facts(), "block", "blocked_protocol", 501),
+    ("h2c upgrade refused", request(headers=[("Upgrade", "h2c")]), facts(), "block", "blocked_protocol", 501),
+    ("CONNECT refused", request(method=b"CONNECT", target=b"api.github.test:443"), facts(), "block", "blocked_protocol", 501),
+    ("raw secret in a header", request(headers=[("X-Leak", SECRET.decode())]), facts(), "block", "blocked_content", 403),
+    ("base64 secret in Basic auth", request(headers=[("Authorization", "Basic " + base64.b64encode(b"u:" + SECRET).decode())]),
+     facts(), "block", "blocked_content", 403),
+    ("hex secret in the body", request(body=SECRET.hex().upper().encode(), method=b"POST"), facts(),
+     "block", "blocked_content", 403),
+    ("URL-encoded secret in the query", request(target=b"/?t=" + urllib.parse.quote(SECRET, safe="").encode()),
+     facts(), "block", "blocked_content", 403),
+    ("urlsafe base64 of the body secret toward another host",
+     request(host="other.test", body=base64.urlsafe_b64encode(b"xx" + BODY_SECRET), method=b"POST"),
+     facts(sni="other.test", address="203.0.113.30"), "block", "blocked_content", 403),
+    ("secret sent to its own destination is still blocked (the VM must not hold it)",
+     request(headers=[("Authorization", "Bearer " + SECRET.decode())]), facts(), "block", "blocked_content", 403),
+    ("body placeholder swapped", request(host="pay.test", body=f'{{"key":"{BODY_PH}"}}'.encode(), method=b"POST"),
+     facts(sni="pay.test", address="203.0.113.20"), "swap", "swapped", 0),
+    ("body placeholder within the occurrence cap",
+     request(host="pay.test", body=f"{BODY_PH}&{BODY_PH}".encode(), method=b"POST"),
+     facts(sni="pay.test", address="203.0.113.20"), "swap", "swapped", 0),
+    ("body placeholder over the occurrence cap",
+     request(host="pay.test", body=f"{BODY_PH}{BODY_PH}{BODY_PH}".encode(), method=b"POST"),
+     facts(sni="pay.test", address="203.0.113.20"), "block", "blocked_exfiltration", 403),
+    ("body placeholder in a header when only body injection is configured",
+     request(host="pay.test", headers=[("Authorization", BODY_PH)]),
+     facts(sni="pay.test", address="203.0.113.20"), "block", "blocked_exfiltration", 403),
+    ("sandbox may use pay but not github at once",
+     request(host="pay.test", headers=[("Authorization", f"Bearer {PH}")], body=BODY_PH.encode(), method=b"POST"),
+     facts(zone="sandbox", sni="pay.test", address="203.0.113.20"), "block", "blocked_exfiltration", 403),
+]
+
+
+@pytest.mark.parametrize("description, req, conn, action, result, status", CASES, ids=[c[0] for c in CASES])
+def test_decision_table(description, req, conn, action, result, status):
+    verdict = engine().decide(req, conn)
+    assert verdict.action == action, verdict.reason
+    assert [r for _, r in verdict.results] and all(r == result for _, r in verdict.results)
+    assert verdict.status == status
+    if action == "block":
+        assert verdict.request is None
+    everything = repr(verdict).encode() + verdict.reason.encode() + json.dumps(verdict.entries).encode()
+    assert not SecretForms([SECRET, BODY_SECRET]).found_in(everything)
+
+
+def test_swap_injects_the_secret_exactly_where_configured():
+    verdict = engine().decide(request(headers=[AUTH, ("Accept-Encoding", "br")]), facts())
+    headers = dict(verdict.request.headers)
+    assert headers[b"authorization"] == b"Bearer " + SECRET
+    assert headers[b"accept-encoding"] == b"identity"  # the proxy must be able to read responses
+    assert SECRET not in verdict.request.target + verdict.request.body
+    entry = verdict.entries[0]
+    assert (entry["credential"], entry["zone"], entry["workload"], entry["destination"], entry["result"]) == (
+        "github", "sdn", "sdnctl1", "api.github.test", "swapped")
+
+
+def test_body_swap_replaces_every_allowed_occurrence():
+    req = request(host="pay.test", body=f"a={BODY_PH}&b={BODY_PH}".encode(), method=b"POST")
+    verdict = engine().decide(req, facts(sni="pay.test", address="203.0.113.20"))
+    assert verdict.request.body == b"a=" + BODY_SECRET + b"&b=" + BODY_SECRET
+
+
+def test_exfiltration_attempt_is_logged_with_who_and_where():
+    verdict = engine().decide(request(host="other.test", headers=[AUTH]), facts(sni="other.test", address="203.0.113.30"))
+    (entry,) = verdict.entries
+    assert entry["credential"] == "github" and entry["destination"] == "other.test"
+    assert entry["zone"] == "sdn" and entry["workload"] == "sdnctl1" and entry["result"] == "blocked_exfiltration"
+
+
+def test_missing_secret_fails_closed_and_does_not_break_other_credentials():
+    eng = SwapEngine([GITHUB, PAY], MemorySecretSource({"pay": BODY_SECRET}))
+    verdict = eng.decide(request(headers=[AUTH]), facts())
+    assert verdict.action == "block" and "not available" in verdict.reason
+    ok = eng.decide(request(host="pay.test", body=BODY_PH.encode(), method=b"POST"),
+                    facts(sni="pay.test", address="203.0.113.20"))
+    assert ok.action == "swap"
+
+
+def test_configured_content_pattern_blocks():
+    eng = engine(patterns=[rb"AKIA[0-9A-Z]{16}"])
+    verdict = eng.decide(request(body=b"key=AKIAABCDEFGHIJKLMNOP", method=b"POST"), facts())
+    assert (verdict.action, verdict.results[0][1]) == ("block", "blocked_content")
+
+
+@pytest.mark.parametrize("encode", [
+    lambda s: s,
+    lambda s: base64.b64encode(s),
+    lambda s: base64.b64encode(b"p" + s),
+    lambda s: base64.b64encode(b"pq" + s),
+    lambda s: base64.urlsafe_b64encode(s),
+    lambda s: s.hex().encode(),
+    lambda s: s.hex().upper().encode(),
+    lambda s: urllib.parse.quote(s, safe="").encode(),
+    lambda s: urllib.parse.quote_plus(s).encode(),
+    lambda s: json.dumps(s.decode()).replace("/", "\\/").encode(),
+    lambda s: "".join(f"\\u{b:04x}" for b in s).encode(),
+], ids=["raw", "b64", "b64+1", "b64+2", "b64url", "hex", "HEX", "pct", "pct+", "json-solidus", "json-u"])
+def test_response_scrubbing_removes_every_form(encode):
+    eng = engine()
+    form = encode(SECRET)
+    headers = ((b"content-type", b"text/plain"), (b"location", b"https://x.test/?t=" + form),
+               (b"x-auth-token", b"anything"), (b"content-length", b"5"))
+    safe_headers, body, count = eng.scrub_response("api.github.test", headers, b"<<" + form + b">>")
+    blob = body + b"".join(n + v for n, v in safe_headers)
+    assert not SecretForms([SECRET]).found_in(blob)
+    assert form not in blob and count == 2
+    names = [n for n, _ in safe_headers]
+    assert b"x-auth-token" not in names and b"content-length" not in names
+
+
+def test_strip_headers_only_for_the_credentials_destination():
+    headers = ((b"x-auth-token", b"abc"),)
+    assert engine().scrub_response("other.test", headers, b"")[0] == headers
+
+
+def test_decode_body_gzip_deflate_and_refuses_unknown():
+    data = b"hello " + SECRET
+    assert decode_body(((b"content-encoding", b"gzip"),), gzip.compress(data), 1000) == data
+    assert decode_body(((b"content-encoding", b"deflate"),), zlib.compress(data), 1000) == data
+    with pytest.raises(UnscrubbableResponse):
+        decode_body(((b"content-encoding", b"br"),), b"xx", 1000)
+    with pytest.raises(UnscrubbableResponse):
+        decode_body(((b"content-encoding", b"gzip"),), gzip.compress(b"a" * 5000), 1000)  # zip bomb bound
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("API.Github.Test.", "api.github.test"), ("a.test:8443", "a.test"), ("[2001:db8::1]:443", "2001:db8::1"),
+    ("", None), ("bad host", None), ("x" * 300, None), (b"\xff", None),
+])
+def test_normalise_name(raw, expected):
+    assert normalise_name(raw) == expected
+
+
+def test_secrets_never_in_reprs_or_errors():
+    source = MemorySecretSource({"github": SECRET})
+    eng = SwapEngine([GITHUB], source)
+    swapped = eng.decide(request(headers=[AUTH]), facts())
+    blob = repr(source) + repr(eng) + repr(eng.forms) + repr(swapped) + repr(swapped.request)
+    with pytest.raises(CredentialError) as error:
+        source.get("nope")
+    blob += str(error.value)
+    assert SECRET.decode() not in blob and "R3alS3cret" not in blob
+
+
+def test_metrics_and_log_protocols():
+    log = ListDecisionLog()
+    log.record({"result": "x"})
+    assert log.snapshot() == [{"result": "x"}]
+    metrics = CredentialMetrics()
+    metrics.count("github", "swapped")
+    metrics.count(None, "blocked_protocol")
+    assert metrics.registry.get_sample_value("skyguard_credential_swaps_total", {"credential": "github", "result": "swapped"}) == 1
+    assert metrics.registry.get_sample_value("skyguard_credential_swaps_total", {"credential": "-", "result": "blocked_protocol"}) == 1
+
+
+def test_secret_with_line_breaks_is_never_injected_into_a_header():
+    eng = SwapEngine([GITHUB], MemorySecretSource({"github": b"abc\r\nX-Forged: 1"}))
+    verdict = eng.decide(request(headers=[AUTH]), facts())
+    assert verdict.action == "block" and "control characters" in verdict.reason
