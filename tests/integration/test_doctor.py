@@ -86,8 +86,9 @@ def test_require_privileges_raises_privilege_error_with_the_fix(root, env):
 
 
 def test_doctor_removes_a_leftover_namespace_of_a_killed_doctor(root, env):
-    dead_pid = subprocess.Popen(["true"]).pid  # reaped below: a pid no process holds
-    os.waitpid(dead_pid, 0)
+    finished = subprocess.Popen(["true"])
+    finished.wait()  # reaped: a pid no process holds
+    dead_pid = finished.pid
     leftover = f"{NETNS_PREFIX}{dead_pid}"
     subprocess.run(["ip", "netns", "add", leftover], check=True)
     try:
