@@ -13,6 +13,7 @@ from skyguard.errors import SkyguardError
 
 # (module under skyguard.cli, attribute): each a click command or group. One line per command.
 COMMANDS = [
+    ("log", "log"),
 ]
 
 
