@@ -122,7 +122,7 @@ def ed25519_verify(public: bytes, message: bytes, signature: bytes) -> bool:
 
 def check_note_signature(note: str, vkey: str) -> None:
     """C2SP signed-note: key hash = SHA-256(name || 0x0A || 0x01 || key)[:4]."""
-    name, hash_hex, blob = vkey.strip().split("+")
+    name, hash_hex, blob = vkey.strip().split("+", 2)
     raw = base64.b64decode(blob, validate=True)
     if len(raw) != 33 or raw[0] != 1:
         raise ValueError("verifier key is not Ed25519")

@@ -84,7 +84,7 @@ class Verifier:
 
     @classmethod
     def from_vkey(cls, vkey: str) -> "Verifier":
-        parts = vkey.strip().split("+")
+        parts = vkey.strip().split("+", 2)  # base64 may itself contain "+"
         if len(parts) != 3:
             raise BadLogInput("a verifier key has the form name+hash+base64key "
                               "(as printed by `skyguard log checkpoint --public-key`)")
@@ -189,20 +189,21 @@ def parse_and_verify(note: str, verifier: Verifier, origin: str | None = None) -
 
 
 def split_notes(text: str) -> list[str]:
-    """Several notes concatenated in one file (a witness's collection), split back into notes."""
-    chunks = text.split("\n\n")
-    if len(chunks) < 2:
+    """Several notes in one file (a witness's collection, blank lines between allowed), split."""
+    notes, body, signatures = [], [], []
+    for line in text.split("\n"):
+        if line.startswith(SIGNATURE_PREFIX) and body and not body[-1]:
+            signatures.append(line)
+            continue
+        if signatures:   # the first line after a signature block starts the next note
+            notes.append("\n".join(body) + "\n" + "\n".join(signatures) + "\n")
+            body, signatures = [], []
+        if line or body:  # blank lines between notes are not part of any note
+            body.append(line)
+    if signatures:
+        notes.append("\n".join(body) + "\n" + "\n".join(signatures) + "\n")
+    elif any(body):
+        raise BadLogInput("text after the last signed note (or no note) in the checkpoint file")
+    if not notes:
         raise BadLogInput("no signed note found in the checkpoint file")
-    # chunks are: text0 | sigs0 + text1 | sigs1 + text2 | ...: each middle chunk is cut at its
-    # first line that is not a signature line.
-    notes, text_part = [], chunks[0].lstrip("\n")
-    for chunk in chunks[1:]:
-        lines = chunk.split("\n")
-        signature_lines = []
-        while lines and lines[0].startswith(SIGNATURE_PREFIX):
-            signature_lines.append(lines.pop(0))
-        notes.append(text_part + "\n\n" + "\n".join(signature_lines) + "\n")
-        text_part = "\n".join(lines).lstrip("\n")
-    if text_part.strip():
-        raise BadLogInput("trailing text after the last signed note in the checkpoint file")
     return notes
