@@ -467,7 +467,8 @@ class LogWriter:
                 futures = []
                 due = (self.size - self._checkpointed_size >= self.checkpoint_every
                        or time.monotonic() - self._last_checkpoint_time >= self.checkpoint_interval)
-                if checkpoint_requests or stopping or (due and self.size > self._checkpointed_size):
+                unsigned = self.size > self._checkpointed_size or self.latest_checkpoint is None
+                if checkpoint_requests or (unsigned and (stopping or due)):
                     note = self._write_checkpoint()
                     for future in checkpoint_requests:
                         future.set_result(note)
