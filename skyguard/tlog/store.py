@@ -148,13 +148,19 @@ class LogReader:
         self.segment_entries = meta["segment_entries"]
         self.segments = _list_segments(self.directory, self.segment_entries)
         self._tail_scan: records.Scan | None = None
+        self._last_scan: tuple[int, records.Scan] | None = None
 
     # --- entries -----------------------------------------------------------------------------
     def segment_path(self, first: int) -> Path:
         return self.directory / segment_name(first)
 
     def scan_segment(self, first: int) -> records.Scan:
-        return records.scan(self.segment_path(first).read_bytes(), first, self.segment_entries)
+        # One sealed segment is kept: `entry()` calls for nearby indexes then cost one read.
+        if self._last_scan is None or self._last_scan[0] != first:
+            scan = records.scan(self.segment_path(first).read_bytes(), first,
+                                self.segment_entries)
+            self._last_scan = (first, scan)
+        return self._last_scan[1]
 
     def tail(self) -> tuple[int, records.Scan]:
         """(first index, scan) of the last segment, read once per reader."""
