@@ -53,7 +53,8 @@ def entry(type: str, **fields) -> bytes:  # noqa: A002 - `type` is the entry's f
     """A canonical entry of that type; `time` defaults to now in integer nanoseconds."""
     if not isinstance(type, str) or not _TYPE_RE.match(type):
         raise BadLogInput(f"log entry type {type!r} must be lower snake case, e.g. 'flow_start'")
-    record = {"type": type, "time": fields.pop("time", None) or time.time_ns()}
+    when = fields.pop("time", None)
+    record = {"type": type, "time": time.time_ns() if when is None else when}
     record.update(fields)
     return canonical(record)
 

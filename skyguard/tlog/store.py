@@ -11,7 +11,8 @@ Layout of a log directory (mode 0700):
   torn/                     bytes cut from a torn tail, kept for forensics
 
 The segments are the truth; everything else is derived or signed. An entry is acknowledged only
-after its segment, the caches and (when a file was created) the directory are fsynced. Recovery
+after its segment and (when the segment file is new) the directory are fsynced; the caches are
+fsynced when a segment is sealed, and the last segment's are rebuilt on open. Recovery
 cuts a torn tail only where no checkpoint covers it: damage under a checkpoint is tampering, and
 the writer refuses to extend such a log (fail closed) until `skyguard log verify` has been read.
 
@@ -525,9 +526,9 @@ class LogWriter:
                 _write_all(self._nodes_fd, b"".join(
                     fold_perfect(tail[i * NODE_SPAN:(i + 1) * NODE_SPAN])
                     for i in range(done_nodes, full_nodes)))
+            # Only the segment must be durable to acknowledge: the caches of the tail segment are
+            # rebuilt from it on open, and are fsynced when the segment is sealed.
             os.fdatasync(self._segment_fd)
-            os.fdatasync(self._leaves_fd)
-            os.fdatasync(self._nodes_fd)
             for h in hashes:
                 tree.append(h)
             self.size += len(chunk)
@@ -536,6 +537,9 @@ class LogWriter:
 
     def _start_segment(self) -> None:
         if self._segment_fd is not None:
+            # Sealing: recovery trusts the caches for every segment before the last one.
+            os.fsync(self._leaves_fd)
+            os.fsync(self._nodes_fd)
             os.close(self._segment_fd)
         first = self.size
         path = self.directory / segment_name(first)

@@ -191,7 +191,9 @@ def verify_log(directory: Path | str, verifier: Verifier,
                        if leaves_map[(first + i) * HASH_SIZE:(first + i + 1) * HASH_SIZE]
                        != hashes[i])
             message = f"stored leaf hash of entry {bad} does not match the entry"
-            if bad < covered:
+            # The last segment's cache is not fsynced before acknowledgement (it is rebuilt on
+            # open), so after a crash it may lag: only sealed segments' caches must match.
+            if bad < covered and position < len(firsts) - 1:
                 report.fail(message + " (the entry or leaves.bin was edited)", bad)
                 break
             report.notes.append(message + " (after the last checkpoint; rebuilt on next open)")
@@ -208,7 +210,7 @@ def verify_log(directory: Path | str, verifier: Verifier,
                                                         (node_index + 1) * HASH_SIZE] != node:
                     message = f"stored subtree hash for entries [{size}, {size + NODE_SPAN})" \
                               f" does not match them"
-                    if size < covered:
+                    if size < covered and position < len(firsts) - 1:
                         report.fail(message + " (nodes8.bin was edited)", size,
                                     (size, size + NODE_SPAN))
                         stop = True

@@ -97,6 +97,20 @@ def test_checkpoints_every_n_entries_and_each_matches_the_tree(tmp_path, signer)
         assert range_root(MemorySource(leaves), 0, cp.size) == cp.hash
 
 
+def test_checkpoint_after_an_interval_without_more_entries(tmp_path, signer):
+    import time
+    with LogWriter(tmp_path / "log", signer, checkpoint_every=10**6,
+                   checkpoint_interval=0.05) as w:
+        w.append_batch([entry("deny", time=1, n=i) for i in range(3)])
+        reader_notes = []
+        for _ in range(200):   # poll: the writer thread signs on its own once the interval passes
+            reader_notes = LogReader(tmp_path / "log").checkpoint_notes()
+            if reader_notes:
+                break
+            time.sleep(0.05)
+        assert [parse_and_verify(n, signer.verifier).size for n in reader_notes] == [3]
+
+
 def test_explicit_checkpoint_covers_everything_acknowledged(tmp_path, signer):
     with LogWriter(tmp_path / "log", signer, checkpoint_every=10**6) as w:
         w.append_batch([entry("deny", time=1, n=i) for i in range(7)])
