@@ -269,6 +269,11 @@ class LogWriter:
             os.replace(tmp, d / META_FILE)
             fsync_dir(d)
         meta = _read_meta(d)
+        recorded = Verifier.from_vkey(meta["verifier_key"])
+        if (recorded.public_key == self.signer.verifier.public_key
+                and recorded.name != self.signer.name):
+            # Same key, another default name (the hostname changed): keep the log's key name.
+            self.signer = Signer(recorded.name, self.signer._key)
         if meta["verifier_key"] != self.signer.verifier.vkey():
             raise LogError(f"the log at {d} is signed by key {meta['verifier_key']}, not by this "
                            f"host key ({self.signer.verifier.vkey()}); use the right state dir")

@@ -240,3 +240,13 @@ def test_append_after_close_is_an_error(tmp_path, signer):
 def test_missing_log_is_a_clear_error(tmp_path):
     with pytest.raises(LogError, match="no signed log"):
         LogReader(tmp_path / "nothing")
+
+
+def test_same_key_under_another_name_keeps_the_logs_key_name(tmp_path, signer):
+    path = tmp_path / "log"
+    with LogWriter(path, signer) as w:
+        w.append(entry("deny", time=1))
+    renamed = Signer("renamed-host.skyguard/log", signer._key)
+    with LogWriter(path, renamed) as w:
+        w.append(entry("deny", time=2))
+    assert verify_log(path, signer.verifier).ok
