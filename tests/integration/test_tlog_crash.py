@@ -1,5 +1,5 @@
 """Crash safety of the signed log with a real writer process killed with SIGKILL at random
-moments, and a real full disk (a small tmpfs, hence root): every acknowledged entry survives, the
+moments, and a real full disk (a small tmpfs, so that test needs root): every acknowledged entry survives, the
 log verifies after each crash, and a write failure stops acknowledgements."""
 
 import os
@@ -57,7 +57,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def test_sigkill_at_random_moments_loses_no_acknowledged_entry(tmp_path, root):
+def test_sigkill_at_random_moments_loses_no_acknowledged_entry(tmp_path):
     state, log_dir, acks = tmp_path / "state", tmp_path / "log", tmp_path / "acks"
     verifier = host_signer(state, name="crash.test/log").verifier
     env = dict(os.environ, PYTHONPATH=str(REPO), SKYGUARD_STATE_DIR=str(state),
