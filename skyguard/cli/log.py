@@ -18,7 +18,7 @@ import click
 from skyguard import config
 from skyguard.cli.common import emit_json, json_option, warn
 from skyguard.tlog import entries as tlog_entries
-from skyguard.tlog.checkpoint import Checkpoint, Verifier
+from skyguard.tlog.checkpoint import Checkpoint, Signer, Verifier
 from skyguard.tlog.errors import BadLogInput, VerificationError
 from skyguard.tlog.hashing import hash_leaf
 from skyguard.tlog.hostkey import key_path, load_or_create_host_key
@@ -52,7 +52,6 @@ def _verifier(reader: LogReader, key: str | None) -> Verifier:
     recorded = Verifier.from_vkey(reader.verifier_key)
     if key_path(config.STATE_DIR).exists():
         private = load_or_create_host_key(config.STATE_DIR, create=False)
-        from skyguard.tlog.checkpoint import Signer
         return Signer(recorded.name, private).verifier
     warn(f"note: checking signatures with the key recorded in {reader.directory} "
          f"({reader.verifier_key}); pass --key with a key you hold elsewhere to trust the result")
