@@ -19,6 +19,7 @@ COMMANDS = [
     ("secret", "secret"),
     ("admin", "admin"),
     ("ca", "ca"),
+    ("log", "log"),
 ]
 
 

@@ -1,0 +1,329 @@
+"""`skyguard log ...`: thin click commands over skyguard.tlog (verify, show, tail, prove,
+consistency, checkpoint). Reads the log directory directly; writes nothing to it.
+
+Exit status: 0 ok, 1 verification failed or the log is unreadable, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import re
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from skyguard import config
+from skyguard.cli.common import emit_json, json_option, warn
+from skyguard.tlog import entries as tlog_entries
+from skyguard.tlog.checkpoint import Checkpoint, Signer, Verifier
+from skyguard.tlog.errors import BadLogInput, VerificationError
+from skyguard.tlog.hashing import hash_leaf
+from skyguard.tlog.hostkey import key_path, load_or_create_host_key
+from skyguard.tlog.store import LogReader
+from skyguard.tlog.tree import (consistency_proof, inclusion_proof, range_root,
+                                verify_consistency, verify_inclusion)
+from skyguard.tlog.verify import read_notes_file, verify_log
+
+log_dir_option = click.option(
+    "--log-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Log directory (default: $SKYGUARD_STATE_DIR/log, i.e. /var/lib/skyguard/log).")
+key_option = click.option(
+    "--key", "key", default=None, metavar="VKEY|FILE",
+    help="Verifier key (name+hash+base64, as `log checkpoint --public-key` prints) or a file "
+         "holding it. Default: the host key in the state dir.")
+
+
+def _log_dir(log_dir: Path | None) -> Path:
+    return log_dir or (config.STATE_DIR / "log")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _verifier(reader: LogReader, key: str | None) -> Verifier:
+    """The key to check signatures with: given, else the host key, else the log's own record."""
+    if key:
+        text = Path(key).read_text() if Path(key).is_file() else key
+        return Verifier.from_vkey(text)
+    recorded = Verifier.from_vkey(reader.verifier_key)
+    if key_path(config.STATE_DIR).exists():
+        private = load_or_create_host_key(config.STATE_DIR, create=False)
+        return Signer(recorded.name, private).verifier
+    warn(f"note: checking signatures with the key recorded in {reader.directory} "
+         f"({reader.verifier_key}); pass --key with a key you hold elsewhere to trust the result")
+    return recorded
+
+
+@click.group("log")
+def log():
+    """The append-only signed log: verify it, read it, prove entries.
+
+    \b
+    Examples:
+      skyguard log verify --checkpoint saved.note   detect any edit since that checkpoint
+      skyguard log show --type deny --since 10m     denies of the last ten minutes
+      skyguard log tail -n 20 --follow              the last 20 entries, then new ones
+      skyguard log prove 1234 --json > proof.json   then: tools/verify_inclusion.py proof.json
+      skyguard log checkpoint > saved.note          keep this somewhere the host cannot write
+    """
+
+
+@log.command()
+@log_dir_option
+@key_option
+@click.option("--checkpoint", "checkpoint_files", multiple=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="A signed checkpoint saved elsewhere (one or several notes per file; repeat "
+                   "the option for more files). The log must be consistent with each.")
+@json_option
+def verify(log_dir, key, checkpoint_files, as_json):
+    """Recompute every leaf and the tree; check every checkpoint; name the first bad index.
+
+    \b
+    Examples:
+      skyguard log verify
+      skyguard log verify --checkpoint /mnt/witness/skyguard.note --json
+    """
+    reader = LogReader(_log_dir(log_dir))
+    verifier = _verifier(reader, key)
+    notes = [n for f in checkpoint_files for n in read_notes_file(f)]
+    show_progress = not as_json and sys.stderr.isatty()
+    if show_progress:
+        from rich.progress import Progress
+        with Progress(transient=True) as bar:
+            task = bar.add_task("verifying", total=None)
+            report = verify_log(reader.directory, verifier, notes,
+                                progress=lambda done, total: bar.update(task, completed=done,
+                                                                        total=total))
+    else:
+        report = verify_log(reader.directory, verifier, notes)
+    if as_json:
+        emit_json(report.as_dict())
+        if not report.ok:
+            raise click.exceptions.Exit(1)
+        return
+    for note in report.notes:
+        warn(f"note: {note}")
+    if not report.ok:
+        where = "" if report.first_bad_index is None else f"first bad index {report.first_bad_index}: "
+        for other in report.problems:
+            warn(f"also: {other}")
+        raise VerificationError(f"log verification FAILED: {where}{report.problem}")
+    click.echo(f"ok: {report.size} entries, root {_b64(report.root)}, "
+               f"{report.checkpoints_checked} stored and {report.external_checked} external "
+               f"checkpoints consistent")
+
+
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+
+
+def _parse_since(text: str) -> int:
+    """--since as integer ns: '10m' ago, an RFC 3339 time, or integer nanoseconds."""
+    if text.isdigit():
+        return int(text)
+    m = _DURATION.match(text)
+    if m:
+        seconds = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+        return time.time_ns() - seconds * 1_000_000_000
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadLogInput(f"--since {text!r}: use a duration (30s, 10m, 2h, 1d), an RFC 3339 "
+                          f"time (2026-01-31T12:00:00Z) or integer nanoseconds") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return int(when.timestamp()) * 1_000_000_000 + when.microsecond * 1000
+
+
+def _format_time(value) -> str:
+    if isinstance(value, int):
+        return dt.datetime.fromtimestamp(value / 1e9, dt.timezone.utc).strftime(
+            "%Y-%m-%dT%H:%M:%S.%fZ")
+    return str(value)
+
+
+def _print_entry(index: int, payload: bytes, as_json: bool) -> None:
+    try:
+        record = tlog_entries.decode(payload)
+    except ValueError:
+        record = {"type": "?", "raw": payload.decode("utf-8", "replace")}
+    if as_json:
+        click.echo(tlog_entries.canonical({"index": index, "entry": record}).decode())
+        return
+    fields = " ".join(f"{k}={v}" for k, v in record.items() if k not in ("type", "time"))
+    click.echo(f"{index:>8}  {_format_time(record.get('time'))}  {record.get('type', '?'):<15} "
+               f"{fields}")
+
+
+def _matches(payload: bytes, types, since) -> bool:
+    if not types and since is None:
+        return True
+    try:
+        record = tlog_entries.decode(payload)
+    except ValueError:
+        return False
+    if types and record.get("type") not in types:
+        return False
+    t = record.get("time")
+    return since is None or (isinstance(t, int) and t >= since)
+
+
+@log.command()
+@log_dir_option
+@click.option("--type", "types", multiple=True, help="Only entries of this type (repeatable).")
+@click.option("--since", help="Only entries at or after: 10m, 2h, an RFC 3339 time, or ns.")
+@click.option("--limit", type=click.IntRange(min=1), help="Stop after this many entries.")
+@json_option
+def show(log_dir, types, since, limit, as_json):
+    """Print entries, oldest first (one JSON object per line with --json).
+
+    \b
+    Examples:
+      skyguard log show --type deny --type tamper --since 1h
+      skyguard log show --since 2026-01-31T12:00:00Z --limit 100 --json
+    """
+    reader = LogReader(_log_dir(log_dir))
+    since_ns = _parse_since(since) if since else None
+    shown = 0
+    for index, payload in reader.entries():
+        if _matches(payload, set(types), since_ns):
+            _print_entry(index, payload, as_json)
+            shown += 1
+            if limit and shown >= limit:
+                break
+
+
+@log.command()
+@log_dir_option
+@click.option("-n", "count", type=click.IntRange(min=0), default=10, show_default=True,
+              help="How many of the last entries to print.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing entries as they are appended.")
+@json_option
+def tail(log_dir, count, follow, as_json):
+    """Print the last entries, and with --follow new ones as they become durable.
+
+    \b
+    Examples:
+      skyguard log tail -n 50
+      skyguard log tail --follow --json | jq .entry.type
+    """
+    directory = _log_dir(log_dir)
+    reader = LogReader(directory)
+    size = reader.size
+    for index, payload in reader.entries(max(0, size - count)):
+        _print_entry(index, payload, as_json)
+    while follow:
+        time.sleep(0.5)
+        reader = LogReader(directory)
+        for index, payload in reader.entries(size):
+            _print_entry(index, payload, as_json)
+            size = index + 1
+
+
+def _latest_checkpoint(reader: LogReader, verifier: Verifier) -> tuple[str, Checkpoint]:
+    note = reader.latest_checkpoint_note()
+    checkpoint = Checkpoint.parse_body(verifier.verify(note))
+    return note, checkpoint
+
+
+@log.command()
+@click.argument("index", type=int)
+@log_dir_option
+@key_option
+@json_option
+def prove(index, log_dir, key, as_json):
+    """Inclusion proof of entry INDEX in the latest signed checkpoint.
+
+    The JSON is checkable without skyguard: tools/verify_inclusion.py proof.json [--key VKEY].
+
+    \b
+    Examples:
+      skyguard log prove 1234 --json > proof.json
+    """
+    reader = LogReader(_log_dir(log_dir))
+    note, checkpoint = _latest_checkpoint(reader, _verifier(reader, key))
+    if not 0 <= index < checkpoint.size:
+        raise BadLogInput(f"index {index} is not covered by the latest checkpoint (size "
+                          f"{checkpoint.size}): choose 0..{checkpoint.size - 1}, or wait for "
+                          f"the next checkpoint")
+    payload = reader.entry(index)
+    leaf = hash_leaf(payload)
+    hashes = inclusion_proof(reader.source(), index, checkpoint.size)
+    verify_inclusion(index, checkpoint.size, leaf, hashes, checkpoint.hash)
+    proof = {"format": "skyguard-inclusion-proof/v1", "origin": checkpoint.origin,
+             "index": index, "size": checkpoint.size, "entry": payload.decode("utf-8"),
+             "leaf_hash": _b64(leaf), "hashes": [_b64(h) for h in hashes],
+             "root": _b64(checkpoint.hash), "checkpoint": note}
+    if as_json:
+        emit_json(proof)
+        return
+    click.echo(f"entry {index} is in the log {checkpoint.origin} of size {checkpoint.size} "
+               f"(root {_b64(checkpoint.hash)}), proof of {len(hashes)} hashes:")
+    for h in hashes:
+        click.echo(f"  {_b64(h)}")
+    click.echo(f"entry: {payload.decode('utf-8')}")
+
+
+@log.command()
+@click.argument("old", type=int)
+@click.argument("new", type=int)
+@log_dir_option
+@json_option
+def consistency(old, new, log_dir, as_json):
+    """Consistency proof that the tree of size OLD is a prefix of the tree of size NEW.
+
+    \b
+    Examples:
+      skyguard log consistency 1000 5000 --json
+    """
+    reader = LogReader(_log_dir(log_dir))
+    size = reader.size
+    if not 0 <= old <= new <= size:
+        raise BadLogInput(f"need 0 <= OLD <= NEW <= {size} (the log's size); got {old} {new}")
+    source = reader.source()
+    old_root, new_root = range_root(source, 0, old), range_root(source, 0, new)
+    hashes = consistency_proof(source, old, new)
+    verify_consistency(old, new, old_root, new_root, hashes)
+    result = {"origin": reader.origin, "old_size": old, "new_size": new,
+              "old_root": _b64(old_root), "new_root": _b64(new_root),
+              "hashes": [_b64(h) for h in hashes]}
+    if as_json:
+        emit_json(result)
+        return
+    click.echo(f"tree {old} ({result['old_root']}) is a prefix of tree {new} "
+               f"({result['new_root']}); proof of {len(hashes)} hashes:")
+    for h in result["hashes"]:
+        click.echo(f"  {h}")
+
+
+@log.command()
+@log_dir_option
+@key_option
+@click.option("--public-key", is_flag=True,
+              help="Print the verifier key (name+hash+base64) instead of the checkpoint.")
+@json_option
+def checkpoint(log_dir, key, public_key, as_json):
+    """Print the latest signed checkpoint (C2SP signed note), for a witness to keep.
+
+    \b
+    Examples:
+      skyguard log checkpoint > /mnt/witness/skyguard-$(date +%s).note
+      skyguard log checkpoint --public-key > skyguard.vkey
+    """
+    reader = LogReader(_log_dir(log_dir))
+    verifier = _verifier(reader, key)
+    if public_key:
+        if as_json:
+            emit_json({"verifier_key": verifier.vkey(), "name": verifier.name})
+        else:
+            click.echo(verifier.vkey())
+        return
+    note, cp = _latest_checkpoint(reader, verifier)
+    if as_json:
+        emit_json({"origin": cp.origin, "size": cp.size, "root": _b64(cp.hash), "note": note})
+    else:
+        click.echo(note, nl=False)

@@ -1,0 +1,195 @@
+"""`skyguard log ...` run as a real process over a real log, and tools/verify_inclusion.py (the
+standalone checker) run on the proofs it prints: valid, tampered, and from another key."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from skyguard.tlog import records
+from skyguard.tlog.checkpoint import Checkpoint, Signer
+from skyguard.tlog.entries import entry
+from skyguard.tlog.hostkey import host_signer
+from skyguard.tlog.store import LogWriter, segment_name
+
+REPO = Path(__file__).resolve().parents[2]
+TOOL = REPO / "tools" / "verify_inclusion.py"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cli")
+    environment = dict(os.environ, PYTHONPATH=str(REPO), SKYGUARD_STATE_DIR=str(base / "state"),
+                       SKYGUARD_RUN_DIR=str(base / "run"), SKYGUARD_PIN_DIR=str(base / "pin"))
+    signer = host_signer(base / "state")
+    with LogWriter(base / "state" / "log", signer, checkpoint_every=100,
+                   segment_entries=256) as w:
+        w.append_batch([entry("flow_start", time=1_700_000_000_000_000_000 + i, n=i,
+                              zone="auth") for i in range(300)])
+        w.append_batch([entry("deny", time=1_800_000_000_000_000_000, n=i, reason="no_rule")
+                        for i in range(5)])
+    return environment, base, signer
+
+
+def run(env, *args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "skyguard.cli.main", "log", *args], env=env[0],
+                          capture_output=True, text=True, input=stdin)
+
+
+def test_verify_ok_and_json(env):
+    out = run(env, "verify")
+    assert out.returncode == 0, out.stderr
+    assert "ok: 305 entries" in out.stdout
+    report = json.loads(run(env, "verify", "--json").stdout)
+    assert report["ok"] and report["size"] == 305 and report["first_bad_index"] is None
+
+
+def test_verify_with_a_saved_checkpoint_and_a_fork(env, tmp_path):
+    _, base, signer = env
+    saved = tmp_path / "saved.note"
+    saved.write_text(run(env, "checkpoint").stdout)
+    assert run(env, "verify", "--checkpoint", str(saved)).returncode == 0
+    # A witness that saw size 300 of this log, then a different size-305 history signed by the
+    # same key (a fork): the fork is somewhere after 300.
+    from skyguard.tlog.store import LogReader
+    seen_300 = next(n for n in LogReader(base / "state" / "log").checkpoint_notes()
+                    if n.split("\n")[1] == "300")
+    fork_note = Checkpoint(signer.name, 305, b"\x01" * 32).sign(signer)
+    forked = tmp_path / "fork.note"
+    forked.write_text(seen_300 + fork_note)
+    out = run(env, "verify", "--checkpoint", str(forked))
+    assert out.returncode == 1
+    assert "first bad index 300" in out.stderr
+    report = json.loads(run(env, "verify", "--checkpoint", str(forked), "--json").stdout)
+    assert report["first_bad_index"] == 300 and not report["ok"]
+
+
+def test_verify_fails_with_index_after_an_edit(env, tmp_path):
+    _, base, _ = env
+    import shutil
+    copy = tmp_path / "log"
+    shutil.copytree(base / "state" / "log", copy)
+    seg = copy / segment_name(256)
+    data = bytearray(seg.read_bytes())
+    data[data.index(b'"n":4,"reason"') + 4] = ord("7")
+    seg.write_bytes(bytes(data))
+    out = run(env, "verify", "--log-dir", str(copy))
+    assert out.returncode == 1
+    assert "first bad index 304" in out.stderr
+
+
+def test_bad_checkpoint_file_is_bad_input(env, tmp_path):
+    junk = tmp_path / "junk.note"
+    junk.write_text("hello\n")
+    out = run(env, "verify", "--checkpoint", str(junk))
+    assert out.returncode == 2 and "note" in out.stderr
+    out = run(env, "verify", "--checkpoint", str(tmp_path / "missing.note"))
+    assert out.returncode == 2
+
+
+def test_checkpoint_from_another_key_fails(env, tmp_path):
+    _, _, signer = env
+    other = Signer(signer.name, Ed25519PrivateKey.generate())
+    note = tmp_path / "other.note"
+    note.write_text(Checkpoint(signer.name, 10, b"\x00" * 32).sign(other))
+    out = run(env, "verify", "--checkpoint", str(note))
+    assert out.returncode == 1 and "not signed by key" in out.stderr
+
+
+def test_show_filters_and_json(env):
+    out = run(env, "show", "--type", "deny", "--json")
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [line["index"] for line in lines] == [300, 301, 302, 303, 304]
+    assert all(line["entry"]["type"] == "deny" for line in lines)
+    out = run(env, "show", "--since", "2027-01-01T00:00:00Z", "--limit", "2")
+    assert len(out.stdout.splitlines()) == 2 and "deny" in out.stdout
+    assert run(env, "show", "--since", "yesterday-ish").returncode == 2
+
+
+def test_tail_prints_the_last_entries(env):
+    out = run(env, "tail", "-n", "3", "--json")
+    assert [json.loads(line)["index"] for line in out.stdout.splitlines()] == [302, 303, 304]
+
+
+def test_tail_follow_prints_new_entries(env, tmp_path):
+    _, base, signer = env
+    log_dir = tmp_path / "followed"
+    writer = LogWriter(log_dir, signer)
+    writer.append(entry("daemon_start", time=1))
+    proc = subprocess.Popen([sys.executable, "-m", "skyguard.cli.main", "log", "tail", "-n", "1",
+                             "--follow", "--json", "--log-dir", str(log_dir)], env=env[0],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert json.loads(proc.stdout.readline())["index"] == 0
+        writer.append(entry("policy_load", time=2, name="keysystems"))
+        assert json.loads(proc.stdout.readline())["entry"]["type"] == "policy_load"
+    finally:
+        proc.kill()
+        proc.wait()
+        writer.close()
+
+
+def test_prove_and_the_standalone_checker(env, tmp_path):
+    out = run(env, "prove", "123", "--json")
+    assert out.returncode == 0, out.stderr
+    proof = json.loads(out.stdout)
+    assert (proof["index"], proof["size"]) == (123, 305)
+    path = tmp_path / "proof.json"
+    path.write_text(out.stdout)
+    vkey = run(env, "checkpoint", "--public-key").stdout.strip()
+    check = subprocess.run([sys.executable, str(TOOL), str(path), "--key", vkey],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    assert "signature checked" in check.stdout
+
+    def tampered(**changes):
+        bad = dict(proof, **changes)
+        p = tmp_path / "bad.json"
+        p.write_text(json.dumps(bad))
+        return subprocess.run([sys.executable, str(TOOL), str(p), "--key", vkey],
+                              capture_output=True, text=True)
+
+    assert tampered(entry=proof["entry"].replace('"n":123', '"n":124')).returncode == 1
+    assert tampered(index=124).returncode == 1
+    assert tampered(hashes=proof["hashes"][:-1]).returncode == 1
+    assert tampered(hashes=proof["hashes"] + [proof["hashes"][0]]).returncode == 1
+    assert tampered(checkpoint=proof["checkpoint"].replace("\n305\n", "\n306\n")).returncode == 1
+    other = Signer("x", Ed25519PrivateKey.generate()).verifier.vkey()
+    wrong_key = subprocess.run([sys.executable, str(TOOL), str(path), "--key", other],
+                               capture_output=True, text=True)
+    assert wrong_key.returncode == 1
+
+
+def test_standalone_checker_imports_no_skyguard():
+    source = TOOL.read_text()
+    assert "skyguard" not in "".join(l for l in source.splitlines() if l.startswith(("import", "from")))
+
+
+def test_prove_outside_the_tree_is_bad_input(env):
+    out = run(env, "prove", "305")
+    assert out.returncode == 2 and "0..304" in out.stderr
+    assert run(env, "prove", "-1").returncode == 2
+
+
+def test_consistency(env):
+    out = run(env, "consistency", "100", "305", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["old_size"] == 100
+    assert run(env, "consistency", "300", "100").returncode == 2
+    assert run(env, "consistency", "1", "306").returncode == 2
+
+
+def test_checkpoint_and_public_key(env):
+    _, _, signer = env
+    note = run(env, "checkpoint").stdout
+    assert note.splitlines()[:2] == [signer.name, "305"]
+    assert run(env, "checkpoint", "--public-key").stdout.strip() == signer.verifier.vkey()
+
+
+def test_missing_log_is_a_runtime_error(env, tmp_path):
+    out = run(env, "verify", "--log-dir", str(tmp_path / "none"))
+    assert out.returncode == 1 and "no signed log" in out.stderr
