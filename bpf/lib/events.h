@@ -1,0 +1,87 @@
+/* events.h: counters and the event ring buffer. The programs write; userspace reads counters on
+ * scrape (summing CPUs) and consumes sg_events (the flow-log part builds on it). Events are only
+ * emitted while userspace sets SG_CFG_EVENTS (a consumer is running), so a ring nobody reads
+ * costs nothing. Every event that does not fit is counted in sg_ev_lost, never silently lost.
+ */
+#ifndef SG_EVENTS_H
+#define SG_EVENTS_H
+
+#ifndef SG_COUNTER_MAX
+#define SG_COUNTER_MAX 16384 /* zones x directions x verdicts (or reasons) */
+#endif
+#ifndef SG_EVENTS_PAGES
+#define SG_EVENTS_PAGES 1024 /* ring size in 4 KiB pages (4 MiB, ~50k events) */
+#endif
+
+/* Per-CPU: no atomic contention on the hot path. Pinned, so counters survive a daemon restart
+ * like the rest of the state. */
+BPF_TABLE_PINNED("percpu_hash", struct sg_traffic_key, struct sg_counter_val, sg_traffic, SG_COUNTER_MAX,
+                 SG_PIN("sg_traffic"));
+BPF_TABLE_PINNED("percpu_hash", struct sg_drop_key, struct sg_counter_val, sg_drops, SG_COUNTER_MAX,
+                 SG_PIN("sg_drops"));
+/* Not pinned: a ring buffer belongs to the program generation that writes it; a restarted
+ * consumer reads the new one. */
+BPF_RINGBUF_OUTPUT(sg_events, SG_EVENTS_PAGES);
+BPF_PERCPU_ARRAY(sg_ev_lost, __u64, 1);
+
+static __always_inline void sg_count(struct sg_counter_val *v, __u32 len) {
+  v->packets += 1;
+  v->bytes += len;
+}
+
+static __always_inline void sg_count_traffic(__u16 zone, __u8 direction, __u8 verdict, __u32 len) {
+  struct sg_traffic_key key = {.zone = zone, .direction = direction, .verdict = verdict};
+  struct sg_counter_val *v = sg_traffic.lookup(&key);
+  if (v) {
+    sg_count(v, len);
+    return;
+  }
+  struct sg_counter_val init = {.packets = 1, .bytes = len};
+  sg_traffic.update(&key, &init);
+}
+
+static __always_inline void sg_emit(__u8 type, __u8 reason, __u32 ifindex, __u16 zone, __u8 direction,
+                                    const struct sg_tuple *t, __u32 rule_id, __u32 len, __u32 cfg_flags) {
+  if (!(cfg_flags & SG_CFG_EVENTS))
+    return;
+  struct sg_event *ev = sg_events.ringbuf_reserve(sizeof(struct sg_event));
+  if (!ev) {
+    int zero = 0;
+    __u64 *lost = sg_ev_lost.lookup(&zero);
+    if (lost)
+      *lost += 1;
+    return;
+  }
+  ev->ts_ns = bpf_ktime_get_ns();
+  ev->ifindex = ifindex;
+  ev->rule_id = rule_id;
+  ev->zone = zone;
+  ev->type = type;
+  ev->direction = direction;
+  ev->reason = reason;
+  ev->proto = t->proto;
+  ev->pad = 0;
+  __builtin_memcpy(ev->saddr, t->saddr, 16);
+  __builtin_memcpy(ev->daddr, t->daddr, 16);
+  ev->sport = t->sport;
+  ev->dport = t->dport;
+  ev->len = len;
+  sg_events.ringbuf_submit(ev, 0);
+}
+
+/* The hook every drop goes through (one per entry point): counts, then reports. */
+static __always_inline void sg_report_drop(__u16 zone, __u8 direction, __u8 reason, __u32 ifindex,
+                                           const struct sg_tuple *t, __u32 len, __u32 cfg_flags) {
+  struct sg_drop_key key = {.zone = zone, .direction = direction, .reason = reason};
+  struct sg_counter_val *v = sg_drops.lookup(&key);
+  if (v) {
+    sg_count(v, len);
+  } else {
+    struct sg_counter_val init = {.packets = 1, .bytes = len};
+    sg_drops.update(&key, &init);
+  }
+  sg_count_traffic(zone, direction, SG_VERDICT_DROP, len);
+  sg_emit(SG_EVENT_DROP, reason, ifindex, zone, direction, t, 0, len, cfg_flags);
+}
+
+#endif
