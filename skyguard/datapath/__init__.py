@@ -11,3 +11,5 @@ Contract other parts code against (implemented in skyguard/datapath/datapath.py)
     dp.counters() -> dict                    # per zone/direction/verdict/reason, summed per-CPU
     dp.close()                               # drops Python handles; pinned state stays
 """
+
+from skyguard.datapath.datapath import Datapath  # noqa: E402,F401
