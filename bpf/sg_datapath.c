@@ -91,7 +91,7 @@ static __always_inline int sg_handle(void *data, void *data_end, __u32 ifindex, 
     return -SG_DROP_NO_WORKLOAD;
   m->zone = wl->zone;
 
-  int err = sg_parse(data, data_end, pkt);
+  int err = sg_parse(data, data_end, len, pkt);
   if (err)
     return err;
 

@@ -179,8 +179,7 @@ static __always_inline int sg_parse_l4(void *l4, void *data_end, struct sg_pkt *
     __builtin_memcpy(pkt->nd_target, l4 + 8, 16);
     opt = l4 + 24;
   }
-#pragma unroll
-  for (int i = 0; i < SG_ND_MAX_OPTS; i++) {
+  for (int i = 0; i < SG_ND_MAX_OPTS; i++) { /* a bounded loop: olen varies, so no unrolling */
     if (opt + 2 > data_end)
       break;
     __u8 otype = *(__u8 *)opt;
@@ -198,11 +197,14 @@ static __always_inline int sg_parse_l4(void *l4, void *data_end, struct sg_pkt *
   return 0;
 }
 
-static __always_inline int sg_parse_ipv4(void *p, void *data_end, struct sg_pkt *pkt) {
+/* l3_len: bytes of the frame after the Ethernet header (the whole packet, not only the linear
+ * part a TC program can read): an IP header that claims more than the frame holds is truncated. */
+static __always_inline int sg_parse_ipv4(void *p, void *data_end, __u32 l3_len, struct sg_pkt *pkt) {
   struct iphdr *ip = p;
   if ((void *)(ip + 1) > data_end)
     return -SG_DROP_MALFORMED;
-  if (ip->version != 4 || ip->ihl < 5 || bpf_ntohs(ip->tot_len) < 20)
+  __u16 tot_len = bpf_ntohs(ip->tot_len);
+  if (ip->version != 4 || ip->ihl < 5 || tot_len < 20 || tot_len > l3_len)
     return -SG_DROP_MALFORMED;
   /* No IPv4 option is allowed: none is needed by a VM's ordinary traffic, and source routing,
    * record route and router alert are evasion or attack surface. */
@@ -224,11 +226,12 @@ static __always_inline int sg_parse_ipv4(void *p, void *data_end, struct sg_pkt 
   return sg_parse_l4(ip + 1, data_end, pkt);
 }
 
-static __always_inline int sg_parse_ipv6(void *p, void *data_end, struct sg_pkt *pkt) {
+static __always_inline int sg_parse_ipv6(void *p, void *data_end, __u32 l3_len, struct sg_pkt *pkt) {
   struct ipv6hdr *ip6 = p;
   if ((void *)(ip6 + 1) > data_end)
     return -SG_DROP_MALFORMED;
-  if (ip6->version != 6)
+  /* payload_len 0 is a jumbogram / BIG TCP super-packet: its length is the skb's. */
+  if (ip6->version != 6 || (__u32)bpf_ntohs(ip6->payload_len) + 40 > l3_len)
     return -SG_DROP_MALFORMED;
   pkt->family = 6;
   pkt->l3 = SG_L3_IP;
@@ -304,8 +307,8 @@ static __always_inline int sg_parse_arp(void *p, void *data_end, struct sg_pkt *
   return 0;
 }
 
-/* Whole frame. 0 on success (pkt filled), -SG_DROP_* otherwise. */
-static __always_inline int sg_parse(void *data, void *data_end, struct sg_pkt *pkt) {
+/* Whole frame of len bytes (data..data_end may be only its linear part). 0 on success (pkt filled), -SG_DROP_* otherwise. */
+static __always_inline int sg_parse(void *data, void *data_end, __u32 len, struct sg_pkt *pkt) {
   struct ethhdr *eth = data;
   if ((void *)(eth + 1) > data_end)
     return -SG_DROP_MALFORMED;
@@ -313,9 +316,9 @@ static __always_inline int sg_parse(void *data, void *data_end, struct sg_pkt *p
   __u16 proto = bpf_ntohs(eth->h_proto);
   switch (proto) {
   case ETH_P_IP:
-    return sg_parse_ipv4(eth + 1, data_end, pkt);
+    return sg_parse_ipv4(eth + 1, data_end, len - sizeof(*eth), pkt);
   case ETH_P_IPV6:
-    return sg_parse_ipv6(eth + 1, data_end, pkt);
+    return sg_parse_ipv6(eth + 1, data_end, len - sizeof(*eth), pkt);
   case ETH_P_ARP:
     return sg_parse_arp(eth + 1, data_end, pkt);
   case ETH_P_8021Q:

@@ -65,7 +65,7 @@ class Datapath:
 
     # ---- maps -------------------------------------------------------------------------------
     def map(self, name: str):
-        return self._bpf.get_table(name)
+        return self._bpf.get_table(name.encode())
 
     def _put(self, name: str, key, val) -> None:
         self.map(name)[key] = val
@@ -341,7 +341,7 @@ class Datapath:
 
     def events(self):
         """The ring buffer table (bcc): open_ring_buffer(callback) then ring_buffer_poll()."""
-        return self._bpf["sg_events"]
+        return self._bpf[b"sg_events"]
 
     def close(self) -> None:
         """Drop Python handles. Pinned maps and attached programs stay (fail closed)."""

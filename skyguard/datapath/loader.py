@@ -69,12 +69,12 @@ def load(pin_dir: Path, defines: dict[str, str | int] | None = None) -> Loaded:
     for name, value in (defines or {}).items():
         cflags.append(f"-D{name}={value}")
     try:
-        bpf = BPF(text=c_source(), cflags=cflags)
+        bpf = BPF(text=c_source().encode(), cflags=cflags)
         return Loaded(
             bpf=bpf,
-            from_vm_xdp=bpf.load_func("sg_from_vm", BPF.XDP),
-            from_vm_tc=bpf.load_func("sg_from_vm_tc", BPF.SCHED_CLS),
-            to_vm=bpf.load_func("sg_to_vm", BPF.SCHED_CLS),
+            from_vm_xdp=bpf.load_func(b"sg_from_vm", BPF.XDP),
+            from_vm_tc=bpf.load_func(b"sg_from_vm_tc", BPF.SCHED_CLS),
+            to_vm=bpf.load_func(b"sg_to_vm", BPF.SCHED_CLS),
         )
     except Exception as e:  # bcc raises bare Exception for compile and verifier failures
         raise DatapathError(
