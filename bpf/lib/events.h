@@ -23,6 +23,9 @@ BPF_TABLE_PINNED("percpu_hash", struct sg_drop_key, struct sg_counter_val, sg_dr
  * consumer reads the new one. */
 BPF_RINGBUF_OUTPUT(sg_events, SG_EVENTS_PAGES);
 BPF_PERCPU_ARRAY(sg_ev_lost, __u64, 1);
+/* Never written: it exists so the compiled layout of struct sg_event is visible to userspace
+ * (bcc describes a map's value type), which tests/bpf/test_abi.py checks abi.Event against. */
+BPF_ARRAY(sg_ev_layout, struct sg_event, 1);
 
 static __always_inline void sg_count(struct sg_counter_val *v, __u32 len) {
   v->packets += 1;

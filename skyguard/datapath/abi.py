@@ -179,3 +179,5 @@ MAP_LAYOUT = {
     "sg_drops": (DropKey, CounterVal),
 }
 PINNED_MAPS = tuple(MAP_LAYOUT)
+# layout-only map (never written) that exposes struct sg_event
+MAP_LAYOUT_EXTRA = {"sg_ev_layout": (ct.c_int, Event)}
