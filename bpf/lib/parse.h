@@ -239,8 +239,7 @@ static __always_inline int sg_parse_ipv6(void *p, void *data_end, __u32 l3_len, 
   __builtin_memcpy(pkt->t.daddr, &ip6->daddr, 16);
   __u8 next = ip6->nexthdr;
   void *cur = ip6 + 1;
-#pragma unroll
-  for (int i = 0; i <= SG_IPV6_MAX_EXT_HDRS; i++) {
+  for (int i = 0; i <= SG_IPV6_MAX_EXT_HDRS; i++) { /* bounded loop (the verifier checks the bound) */
     if (next == IPPROTO_HOPOPTS || next == IPPROTO_DSTOPTS) {
       if (i == SG_IPV6_MAX_EXT_HDRS)
         return -SG_DROP_IPV6_EXTHDR_CHAIN;

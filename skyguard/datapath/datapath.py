@@ -245,8 +245,8 @@ class Datapath:
 
     def _tc_replace(self, ifname: str, where: str, fn) -> None:
         # tc takes a program by pinned path: pin under a private name, attach, unpin (the filter
-        # keeps its own reference).
-        tmp = self.pin_dir / f".attach-{os.getpid()}-{threading.get_ident()}-{where}"
+        # keeps its own reference). bpffs refuses names starting with a dot.
+        tmp = self.pin_dir / f"attach-{os.getpid()}-{threading.get_ident()}-{where}"
         if tmp.exists():
             tmp.unlink()
         _pin_fd(fn.fd, tmp)
