@@ -63,7 +63,10 @@ struct sg_config_val {
   __u32 flags; /* SG_CFG_* */
 };
 
-/* sg_ipcache (LPM): remote address -> identity (a set of selectors, numbered by compile). */
+/* Remote address -> identity (a set of selectors, numbered by compile). Host addresses (/32,
+ * /128: workloads, learned FQDN answers, host CIDRs) live in the sg_ipcache_host hash, looked up
+ * first, so their cost does not grow with their number; shorter prefixes live in the sg_ipcache
+ * LPM trie. sg_ipcache_host reuses struct sg_ipcache_key with prefixlen = 160. */
 struct sg_ipcache_key {
   __u32 prefixlen; /* 32 (gen) + 128-bit address prefix length (IPv4: 96 + v4 length) */
   __u32 gen;
@@ -71,11 +74,14 @@ struct sg_ipcache_key {
 };
 struct sg_ipcache_val {
   __u32 identity;
-  __u32 prefixlen;   /* this entry's own prefixlen: a lookup that hits an expired entry retries shorter */
-  __u64 expires_ns;  /* CLOCK_MONOTONIC; 0 = never (learned FQDN addresses carry their TTL) */
+  __u32 prefixlen;   /* this entry's own prefixlen (informational) */
+  __u64 expires_ns;  /* CLOCK_MONOTONIC; 0 = never. Learned FQDN addresses carry their TTL: an
+                      * expired host entry no longer counts and the address falls back to the LPM */
 };
 
-/* sg_policy (LPM): one new-flow decision. All fields but port are matched exactly. */
+/* One new-flow decision: sg_policy_exact (hash, single ports: prefixlen = 112) first, then
+ * sg_policy (LPM over the port: ranges as port prefixes). Compile puts every single-port block in
+ * the hash; blocks are disjoint, so at most one of the two matches. */
 struct sg_policy_key {
   __u32 prefixlen; /* 96 + port prefix length */
   __u32 gen;
@@ -150,17 +156,15 @@ struct sg_frag_val {
   __u64 expires_ns;
 };
 
-/* Counters (per-CPU hashes; userspace sums CPUs). */
-struct sg_traffic_key {
-  __u16 zone;
-  __u8 direction;
-  __u8 verdict; /* SG_VERDICT_* */
-};
-struct sg_drop_key {
-  __u16 zone;
-  __u8 direction;
-  __u8 reason; /* SG_DROP_* */
-};
+/* Counters: per-CPU arrays (an array lookup is a few instructions; a hash lookup is a hash).
+ * userspace sums CPUs. Index: sg_traffic[SG_TRAFFIC_IDX(zone, direction, verdict)],
+ * sg_drops[SG_DROP_IDX(zone, direction, reason)]. Zone ids >= SG_MAX_ZONES count as zone 0
+ * (compile refuses policies with that many zones). */
+#define SG_MAX_ZONES 256
+#define SG_VERDICT_SLOTS 8
+#define SG_DROP_SLOTS 32
+#define SG_TRAFFIC_IDX(zone, dir, verdict) ((((zone) * 2 + (dir)) * SG_VERDICT_SLOTS) + (verdict))
+#define SG_DROP_IDX(zone, dir, reason) ((((zone) * 2 + (dir)) * SG_DROP_SLOTS) + (reason))
 struct sg_counter_val {
   __u64 packets;
   __u64 bytes;

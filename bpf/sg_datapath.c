@@ -36,8 +36,10 @@ BPF_PERCPU_ARRAY(sg_scratch, struct sg_meta, 1);
 static __always_inline struct sg_meta *sg_meta_get(void) {
   int zero = 0;
   struct sg_meta *m = sg_scratch.lookup(&zero);
+  /* Zero only what parsing sets conditionally (the tuple, flags, ids); the fields after
+   * arp_spa are written before they are read (see struct sg_pkt). */
   if (m)
-    __builtin_memset(m, 0, sizeof(*m));
+    __builtin_memset(m, 0, __builtin_offsetof(struct sg_meta, pkt) + __builtin_offsetof(struct sg_pkt, arp_spa));
   return m;
 }
 
@@ -126,7 +128,9 @@ static __always_inline int sg_handle(void *data, void *data_end, __u32 ifindex, 
   if (direction == SG_DIR_EGRESS && !sg_is_own(ifindex, gen, pkt->t.saddr))
     return -SG_DROP_SPOOF_IP;
 
-  __u64 now = bpf_ktime_get_ns();
+  /* The coarse clock (CLOCK_MONOTONIC_COARSE, jiffy resolution) is a memory read; timeouts in
+   * seconds do not need more. Userspace writes expiries on CLOCK_MONOTONIC, the same base. */
+  __u64 now = bpf_ktime_get_coarse_ns();
   if (pkt->frag == SG_FRAG_LATER)
     return sg_frag_allowed(ifindex, pkt, now) ? SG_VERDICT_ESTABLISHED : -SG_DROP_FRAG_NO_FLOW;
 

@@ -6,18 +6,15 @@
 #ifndef SG_EVENTS_H
 #define SG_EVENTS_H
 
-#ifndef SG_COUNTER_MAX
-#define SG_COUNTER_MAX 16384 /* zones x directions x verdicts (or reasons) */
-#endif
 #ifndef SG_EVENTS_PAGES
 #define SG_EVENTS_PAGES 1024 /* ring size in 4 KiB pages (4 MiB, ~50k events) */
 #endif
 
 /* Per-CPU: no atomic contention on the hot path. Pinned, so counters survive a daemon restart
  * like the rest of the state. */
-BPF_TABLE_PINNED("percpu_hash", struct sg_traffic_key, struct sg_counter_val, sg_traffic, SG_COUNTER_MAX,
-                 SG_PIN("sg_traffic"));
-BPF_TABLE_PINNED("percpu_hash", struct sg_drop_key, struct sg_counter_val, sg_drops, SG_COUNTER_MAX,
+BPF_TABLE_PINNED("percpu_array", __u32, struct sg_counter_val, sg_traffic,
+                 SG_MAX_ZONES * 2 * SG_VERDICT_SLOTS, SG_PIN("sg_traffic"));
+BPF_TABLE_PINNED("percpu_array", __u32, struct sg_counter_val, sg_drops, SG_MAX_ZONES * 2 * SG_DROP_SLOTS,
                  SG_PIN("sg_drops"));
 /* Not pinned: a ring buffer belongs to the program generation that writes it; a restarted
  * consumer reads the new one. */
@@ -33,14 +30,10 @@ static __always_inline void sg_count(struct sg_counter_val *v, __u32 len) {
 }
 
 static __always_inline void sg_count_traffic(__u16 zone, __u8 direction, __u8 verdict, __u32 len) {
-  struct sg_traffic_key key = {.zone = zone, .direction = direction, .verdict = verdict};
-  struct sg_counter_val *v = sg_traffic.lookup(&key);
-  if (v) {
+  __u32 idx = SG_TRAFFIC_IDX(zone < SG_MAX_ZONES ? zone : 0, direction & 1, verdict & (SG_VERDICT_SLOTS - 1));
+  struct sg_counter_val *v = sg_traffic.lookup(&idx);
+  if (v)
     sg_count(v, len);
-    return;
-  }
-  struct sg_counter_val init = {.packets = 1, .bytes = len};
-  sg_traffic.update(&key, &init);
 }
 
 static __always_inline void sg_emit(__u8 type, __u8 reason, __u32 ifindex, __u16 zone, __u8 direction,
@@ -75,14 +68,10 @@ static __always_inline void sg_emit(__u8 type, __u8 reason, __u32 ifindex, __u16
 /* The hook every drop goes through (one per entry point): counts, then reports. */
 static __always_inline void sg_report_drop(__u16 zone, __u8 direction, __u8 reason, __u32 ifindex,
                                            const struct sg_tuple *t, __u32 len, __u32 cfg_flags) {
-  struct sg_drop_key key = {.zone = zone, .direction = direction, .reason = reason};
-  struct sg_counter_val *v = sg_drops.lookup(&key);
-  if (v) {
+  __u32 idx = SG_DROP_IDX(zone < SG_MAX_ZONES ? zone : 0, direction & 1, reason & (SG_DROP_SLOTS - 1));
+  struct sg_counter_val *v = sg_drops.lookup(&idx);
+  if (v)
     sg_count(v, len);
-  } else {
-    struct sg_counter_val init = {.packets = 1, .bytes = len};
-    sg_drops.update(&key, &init);
-  }
   sg_count_traffic(zone, direction, SG_VERDICT_DROP, len);
   sg_emit(SG_EVENT_DROP, reason, ifindex, zone, direction, t, 0, len, cfg_flags);
 }

@@ -62,6 +62,8 @@ struct sg_pkt {
   __u8 arp_sha[6];
   __u8 has_lladdr;
   __u8 nd_type;
+  /* Not zeroed per packet (the scratch is reused): everything from here is written before it is
+   * read (arp_spa for ARP, nd_target for NS/NA, lladdr when has_lladdr, inner for ICMP errors). */
   __u8 arp_spa[16];
   __u8 nd_target[16];
   __u8 lladdr[6];
@@ -103,6 +105,8 @@ static __always_inline int sg_parse_l4_ports(void *l4, void *data_end, __u8 prot
 /* ICMP error: the inner IP header and the first 8 bytes of its transport header. */
 static __always_inline int sg_parse_inner(void *p, void *data_end, __u8 family, struct sg_tuple *in) {
   __u8 ignored = 0;
+  in->sport = 0;
+  in->dport = 0;
   if (family == 4) {
     struct iphdr *ip = p;
     if ((void *)(ip + 1) > data_end)

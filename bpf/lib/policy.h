@@ -25,30 +25,27 @@ BPF_TABLE_PINNED("array", __u32, struct sg_config_val, sg_config, 1, SG_PIN("sg_
 /* Written by userspace (compile + learn), read on new flows and conntrack re-checks. */
 BPF_TABLE_PINNED("lpm_trie", struct sg_ipcache_key, struct sg_ipcache_val, sg_ipcache, SG_IPCACHE_MAX,
                  SG_PIN("sg_ipcache"), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct sg_ipcache_key, struct sg_ipcache_val, sg_ipcache_host, SG_IPCACHE_MAX,
+                 SG_PIN("sg_ipcache_host"), BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lpm_trie", struct sg_policy_key, struct sg_policy_val, sg_policy, SG_POLICY_MAX,
                  SG_PIN("sg_policy"), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct sg_policy_key, struct sg_policy_val, sg_policy_exact, SG_POLICY_MAX,
+                 SG_PIN("sg_policy_exact"), BPF_F_NO_PREALLOC);
 /* Written by userspace on attach and on every swap, read on every packet. */
 BPF_TABLE_PINNED("hash", struct sg_workload_key, struct sg_workload_val, sg_workload, SG_WORKLOAD_MAX,
                  SG_PIN("sg_workload"));
 BPF_TABLE_PINNED("hash", struct sg_srcip_key, __u8, sg_srcip, SG_SRCIP_MAX, SG_PIN("sg_srcip"));
 
-/* The remote address's identity. An expired learned entry (a DNS answer's TTL ran out) no longer
- * counts: retry with a shorter prefix so the address falls back to its CIDR identity. */
+/* The remote address's identity: host entry first (unless expired: a DNS answer's TTL ran out),
+ * then the longest prefix. */
 static __always_inline __u32 sg_identity_of(__u32 gen, const __u8 *addr, __u64 now) {
   struct sg_ipcache_key key = {.prefixlen = 32 + 128, .gen = gen};
   __builtin_memcpy(key.addr, addr, 16);
-#pragma unroll
-  for (int i = 0; i < 3; i++) {
-    struct sg_ipcache_val *v = sg_ipcache.lookup(&key);
-    if (!v)
-      return 0;
-    if (!v->expires_ns || v->expires_ns > now)
-      return v->identity;
-    if (v->prefixlen <= 32)
-      return 0;
-    key.prefixlen = v->prefixlen - 1;
-  }
-  return 0;
+  struct sg_ipcache_val *v = sg_ipcache_host.lookup(&key);
+  if (v && (!v->expires_ns || v->expires_ns > now))
+    return v->identity;
+  v = sg_ipcache.lookup(&key);
+  return v ? v->identity : 0;
 }
 
 /* One decision for a flow as its originator sent it. Returns the rule id (> 0) when allowed,
@@ -61,7 +58,9 @@ static __always_inline int sg_policy_decide(__u32 gen, __u8 direction, __u16 zon
   key.proto = proto;
   key.port = port_be;
   key.identity = sg_identity_of(gen, remote, now);
-  struct sg_policy_val *v = sg_policy.lookup(&key);
+  struct sg_policy_val *v = sg_policy_exact.lookup(&key);
+  if (!v)
+    v = sg_policy.lookup(&key);
   if (!v)
     return -SG_DROP_NO_RULE;
   if (v->verdict != SG_POLICY_ALLOW)

@@ -34,6 +34,7 @@ EVENT_DROP = 2
 IPPROTO = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58, "other": 0}
 
 IPCACHE_FIXED_BITS = 32  # gen
+IPCACHE_HOST_PREFIXLEN = 32 + 128  # every sg_ipcache_host key
 POLICY_FIXED_BITS = 96  # gen, direction, proto, zone, identity
 
 
@@ -135,12 +136,28 @@ class FragVal(ct.Structure):  # struct sg_frag_val
     _fields_ = [("expires_ns", ct.c_uint64)]
 
 
-class TrafficKey(ct.Structure):  # struct sg_traffic_key
-    _fields_ = [("zone", ct.c_uint16), ("direction", ct.c_uint8), ("verdict", ct.c_uint8)]
+# Counter array layout (abi.h SG_TRAFFIC_IDX / SG_DROP_IDX).
+MAX_ZONES = 256
+VERDICT_SLOTS = 8
+DROP_SLOTS = 32
 
 
-class DropKey(ct.Structure):  # struct sg_drop_key
-    _fields_ = [("zone", ct.c_uint16), ("direction", ct.c_uint8), ("reason", ct.c_uint8)]
+def traffic_index(zone: int, direction: int, verdict: int) -> int:
+    return (zone * 2 + direction) * VERDICT_SLOTS + verdict
+
+
+def drop_index(zone: int, direction: int, reason: int) -> int:
+    return (zone * 2 + direction) * DROP_SLOTS + reason
+
+
+def split_traffic_index(idx: int) -> tuple[int, int, int]:
+    """(zone, direction, verdict)"""
+    return idx // (2 * VERDICT_SLOTS), (idx // VERDICT_SLOTS) % 2, idx % VERDICT_SLOTS
+
+
+def split_drop_index(idx: int) -> tuple[int, int, int]:
+    """(zone, direction, reason)"""
+    return idx // (2 * DROP_SLOTS), (idx // DROP_SLOTS) % 2, idx % DROP_SLOTS
 
 
 class CounterVal(ct.Structure):  # struct sg_counter_val
@@ -170,13 +187,15 @@ class Event(ct.Structure):  # struct sg_event
 MAP_LAYOUT = {
     "sg_config": (ct.c_uint32, ConfigVal),
     "sg_ipcache": (IpcacheKey, IpcacheVal),
+    "sg_ipcache_host": (IpcacheKey, IpcacheVal),
     "sg_policy": (PolicyKey, PolicyVal),
+    "sg_policy_exact": (PolicyKey, PolicyVal),
     "sg_workload": (WorkloadKey, WorkloadVal),
     "sg_srcip": (SrcipKey, ct.c_uint8),
     "sg_ct": (CtKey, CtVal),
     "sg_frag": (FragKey, FragVal),
-    "sg_traffic": (TrafficKey, CounterVal),
-    "sg_drops": (DropKey, CounterVal),
+    "sg_traffic": (ct.c_uint32, CounterVal),
+    "sg_drops": (ct.c_uint32, CounterVal),
 }
 PINNED_MAPS = tuple(MAP_LAYOUT)
 # layout-only map (never written) that exposes struct sg_event

@@ -21,6 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from skyguard.datapath import abi
+from skyguard.errors import BadInput
 from skyguard.policy.model import IPNetwork, Policy, PortRange
 
 Selector = tuple  # ("zone", name) | ("cidr", IPNetwork) | ("learned", zone, rule_name)
@@ -32,7 +33,8 @@ EVERY_PROTOCOL = ("tcp", "udp", "icmp", "icmpv6", "other")
 
 @dataclass(frozen=True)
 class PolicyEntry:
-    """One sg_policy LPM entry (before a generation is attached)."""
+    """One policy entry (before a generation is attached): single ports (prefixlen 16) go to
+    sg_policy_exact, port prefixes to the sg_policy LPM."""
 
     direction: int
     zone: int
@@ -189,6 +191,9 @@ def _entries_for_identity(grants, selectors: frozenset, ident: int) -> list[Poli
 
 
 def compile_policy(policy: Policy) -> Compiled:
+    if len(policy.zones) >= abi.MAX_ZONES:
+        raise BadInput(f"policy {policy.name!r} has {len(policy.zones)} zones; the datapath counts at most "
+                       f"{abi.MAX_ZONES - 1} (merge zones, or raise SG_MAX_ZONES in bpf/abi.h and abi.py)")
     zone_ids = {name: i for i, name in enumerate(policy.zones, start=1)}
     rule_ids = {rule.name: i for i, rule in enumerate(policy.rules, start=1)}
     workloads = []

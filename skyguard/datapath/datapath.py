@@ -37,6 +37,7 @@ FROM_VM_HOOKS = ("tc", "xdp", "xdp-native")
 DEFAULT_FROM_VM_HOOK = os.environ.get("SKYGUARD_FROM_VM_HOOK", "tc")
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
+GENERATION_MAPS = ("sg_ipcache", "sg_ipcache_host", "sg_policy", "sg_policy_exact", "sg_workload", "sg_srcip")
 TC_PRIO = 1  # our filters' prio/handle: `tc filter replace` at these swaps programs atomically
 TC_HANDLE = 1
 
@@ -119,15 +120,17 @@ class Datapath:
         plen = abi.IPCACHE_FIXED_BITS + (96 + net.prefixlen if net.version == 4 else net.prefixlen)
         key = abi.IpcacheKey(prefixlen=plen, gen=gen)
         key.addr[:] = abi.addr16(net.network_address)
-        self._put("sg_ipcache", key, abi.IpcacheVal(identity=ident, prefixlen=plen, expires_ns=expires_ns))
+        # host addresses go to the hash (constant cost), shorter prefixes to the LPM trie
+        table = "sg_ipcache_host" if plen == abi.IPCACHE_HOST_PREFIXLEN else "sg_ipcache"
+        self._put(table, key, abi.IpcacheVal(identity=ident, prefixlen=plen, expires_ns=expires_ns))
 
     def _write_policy_entries(self, gen: int, entries) -> None:
-        table = self.map("sg_policy")
+        lpm, exact = self.map("sg_policy"), self.map("sg_policy_exact")
         for e in entries:
             key = abi.PolicyKey(prefixlen=abi.POLICY_FIXED_BITS + e.port_prefixlen, gen=gen,
                                 direction=e.direction, proto=e.proto, zone=e.zone, identity=e.identity,
                                 port=socket.htons(e.port))
-            table[key] = abi.PolicyVal(rule_id=e.rule_id, verdict=e.verdict)
+            (exact if e.port_prefixlen == 16 else lpm)[key] = abi.PolicyVal(rule_id=e.rule_id, verdict=e.verdict)
 
     def _write_workload(self, gen: int, ifindex: int, w) -> None:
         val = abi.WorkloadVal(zone=w.zone, workload=w.workload)
@@ -139,7 +142,7 @@ class Datapath:
             self._put("sg_srcip", key, ct.c_uint8(1))
 
     def _delete_other_gens(self, keep: int) -> None:
-        for name in ("sg_ipcache", "sg_policy", "sg_workload", "sg_srcip"):
+        for name in GENERATION_MAPS:
             table = self.map(name)
             stale = [k for k in table.keys() if k.gen != keep]
             for k in stale:
@@ -206,11 +209,10 @@ class Datapath:
         if net in self.compiled.ipcache:
             self._write_ipcache(gen, net, self.compiled.ipcache[net], 0)
             return
-        plen = abi.IPCACHE_FIXED_BITS + (128 if net.version == 6 else 128)
-        key = abi.IpcacheKey(prefixlen=plen, gen=gen)
+        key = abi.IpcacheKey(prefixlen=abi.IPCACHE_HOST_PREFIXLEN, gen=gen)
         key.addr[:] = abi.addr16(ip)
         try:
-            del self.map("sg_ipcache")[key]
+            del self.map("sg_ipcache_host")[key]
         except KeyError:
             pass
 
@@ -308,14 +310,15 @@ class Datapath:
     def counters(self) -> dict:
         zones = self._zone_names()
         out = {"traffic": [], "drops": [], "events_lost": 0}
-        for k, per_cpu in self.map("sg_traffic").items():
-            out["traffic"].append({"zone": zones.get(k.zone, str(k.zone)), "direction": abi.DIRECTIONS[k.direction],
-                                   "verdict": abi.VERDICTS.get(k.verdict, str(k.verdict)),
-                                   "packets": sum(v.packets for v in per_cpu), "bytes": sum(v.bytes for v in per_cpu)})
-        for k, per_cpu in self.map("sg_drops").items():
-            out["drops"].append({"zone": zones.get(k.zone, str(k.zone)), "direction": abi.DIRECTIONS[k.direction],
-                                 "reason": reason_name(k.reason),
-                                 "packets": sum(v.packets for v in per_cpu), "bytes": sum(v.bytes for v in per_cpu)})
+        for idx, packets, nbytes in _nonzero_per_cpu(self.map("sg_traffic")):
+            zone, direction, verdict = abi.split_traffic_index(idx)
+            out["traffic"].append({"zone": zones.get(zone, str(zone)), "direction": abi.DIRECTIONS[direction],
+                                   "verdict": abi.VERDICTS.get(verdict, str(verdict)),
+                                   "packets": packets, "bytes": nbytes})
+        for idx, packets, nbytes in _nonzero_per_cpu(self.map("sg_drops")):
+            zone, direction, reason = abi.split_drop_index(idx)
+            out["drops"].append({"zone": zones.get(zone, str(zone)), "direction": abi.DIRECTIONS[direction],
+                                 "reason": reason_name(reason), "packets": packets, "bytes": nbytes})
         lost = self.map("sg_ev_lost")
         out["events_lost"] = sum(int(v) for v in lost[ct.c_int(0)])
         return out
@@ -354,6 +357,40 @@ class Datapath:
     def remove_pins(pin_dir: Path | None = None) -> None:
         """Forget all pinned state (`skyguard down`, after detach_all)."""
         shutil.rmtree(Path(pin_dir or config.PIN_DIR), ignore_errors=True)
+
+
+def _nonzero_per_cpu(table):
+    """(index, packets, bytes) of every non-zero slot of a per-CPU counter array, CPUs summed.
+    One batch read of the whole array (bcc's per-key reads would be one syscall per slot)."""
+    keys, values = _lookup_batch(table)
+    for idx, per_cpu in zip(keys, values):
+        packets = sum(v.packets for v in per_cpu)
+        if packets:
+            yield idx, packets, sum(v.bytes for v in per_cpu)
+
+
+class _BatchOpts(ct.Structure):  # struct bpf_map_batch_opts
+    _fields_ = [("sz", ct.c_size_t), ("elem_flags", ct.c_uint64), ("flags", ct.c_uint64)]
+
+
+def _lookup_batch(table):
+    """All (index, [per-CPU CounterVal]) of a per-CPU counter array with BPF_MAP_LOOKUP_BATCH."""
+    from bcc.utils import get_possible_cpus
+
+    ncpus = len(get_possible_cpus())
+    n = table.max_entries
+    lib = ct.CDLL("libbpf.so.1", use_errno=True)
+    keys = (ct.c_uint32 * n)()
+    values = (abi.CounterVal * (n * ncpus))()
+    count = ct.c_uint32(n)
+    out_batch = ct.c_uint32(0)
+    opts = _BatchOpts(sz=ct.sizeof(_BatchOpts))
+    rc = lib.bpf_map_lookup_batch(table.map_fd, None, ct.byref(out_batch), keys, values, ct.byref(count),
+                                  ct.byref(opts))
+    if rc != 0 and ct.get_errno() != 2:  # ENOENT: the whole map came back in this batch
+        raise DatapathError(f"reading counters failed: {os.strerror(ct.get_errno())}")
+    got = count.value
+    return list(keys[:got]), [values[i * ncpus:(i + 1) * ncpus] for i in range(got)]
 
 
 def _pin_fd(fd: int, path: Path) -> None:

@@ -70,8 +70,10 @@ class Harness:
         return self.worker.call(self.dp.apply_policy, policy)
 
     def _drops(self):
-        return {(k.zone, k.direction, k.reason): sum(v.packets for v in per_cpu)
-                for k, per_cpu in self.dp.map("sg_drops").items()}
+        from skyguard.datapath import abi
+        from skyguard.datapath.datapath import _nonzero_per_cpu
+
+        return {abi.split_drop_index(idx): packets for idx, packets, _ in _nonzero_per_cpu(self.dp.map("sg_drops"))}
 
     def run(self, frame: bytes, workload: str, direction: str, repeat: int = 1, hook: str | None = None):
         """hook: for egress, "xdp" or "tc" (default: the Datapath's from_vm hook)."""
