@@ -360,41 +360,48 @@ class Datapath:
 
 
 def _nonzero_per_cpu(table):
-    """(index, packets, bytes) of every non-zero slot of a per-CPU counter array, CPUs summed.
-    One batch read of the whole array (bcc's per-key reads would be one syscall per slot)."""
-    keys, values = _lookup_batch(table)
-    for idx, per_cpu in zip(keys, values):
-        packets = sum(v.packets for v in per_cpu)
-        if packets:
-            yield idx, packets, sum(v.bytes for v in per_cpu)
+    """(index, packets, bytes) of every non-zero slot of a per-CPU counter array, CPUs summed,
+    from one BPF_MAP_LOOKUP_BATCH (bcc's per-key reads would be one syscall per slot)."""
+    from array import array
+
+    from bcc.utils import get_possible_cpus
+
+    ncpus = len(get_possible_cpus())
+    n = table.max_entries
+    keys = (ct.c_uint32 * n)()
+    values = (ct.c_uint64 * (2 * n * ncpus))()  # struct sg_counter_val {packets, bytes} per CPU
+    count = ct.c_uint32(n)
+    out_batch = ct.c_uint32(0)
+    opts = _BatchOpts(sz=ct.sizeof(_BatchOpts))
+    rc = _libbpf().bpf_map_lookup_batch(table.map_fd, None, ct.byref(out_batch), keys, values, ct.byref(count),
+                                        ct.byref(opts))
+    if rc != 0 and ct.get_errno() != 2:  # ENOENT: the whole map came back in this batch
+        raise DatapathError(f"reading counters failed: {os.strerror(ct.get_errno())}")
+    got = count.value
+    flat = array("Q")
+    flat.frombytes(memoryview(values).cast("B")[: 16 * got * ncpus])
+    packets, nbytes = flat[0::2], flat[1::2]
+    per_key_packets = [sum(x) for x in zip(*(packets[j::ncpus] for j in range(ncpus)))]
+    for i, p in enumerate(per_key_packets):
+        if p:
+            yield keys[i], p, sum(nbytes[i * ncpus:(i + 1) * ncpus])
 
 
 class _BatchOpts(ct.Structure):  # struct bpf_map_batch_opts
     _fields_ = [("sz", ct.c_size_t), ("elem_flags", ct.c_uint64), ("flags", ct.c_uint64)]
 
 
-def _lookup_batch(table):
-    """All (index, [per-CPU CounterVal]) of a per-CPU counter array with BPF_MAP_LOOKUP_BATCH."""
-    from bcc.utils import get_possible_cpus
+_LIBBPF = None
 
-    ncpus = len(get_possible_cpus())
-    n = table.max_entries
-    lib = ct.CDLL("libbpf.so.1", use_errno=True)
-    keys = (ct.c_uint32 * n)()
-    values = (abi.CounterVal * (n * ncpus))()
-    count = ct.c_uint32(n)
-    out_batch = ct.c_uint32(0)
-    opts = _BatchOpts(sz=ct.sizeof(_BatchOpts))
-    rc = lib.bpf_map_lookup_batch(table.map_fd, None, ct.byref(out_batch), keys, values, ct.byref(count),
-                                  ct.byref(opts))
-    if rc != 0 and ct.get_errno() != 2:  # ENOENT: the whole map came back in this batch
-        raise DatapathError(f"reading counters failed: {os.strerror(ct.get_errno())}")
-    got = count.value
-    return list(keys[:got]), [values[i * ncpus:(i + 1) * ncpus] for i in range(got)]
+
+def _libbpf():
+    global _LIBBPF
+    if _LIBBPF is None:
+        _LIBBPF = ct.CDLL("libbpf.so.1", use_errno=True)
+        _LIBBPF.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]
+    return _LIBBPF
 
 
 def _pin_fd(fd: int, path: Path) -> None:
-    lib = ct.CDLL("libbpf.so.1", use_errno=True)
-    lib.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]
-    if lib.bpf_obj_pin(fd, str(path).encode()) != 0:
+    if _libbpf().bpf_obj_pin(fd, str(path).encode()) != 0:
         raise DatapathError(f"pinning a program at {path} failed: {os.strerror(ct.get_errno())}")
