@@ -49,7 +49,8 @@
   X(17, UNKNOWN_L4, "IP protocol other than TCP, UDP, ICMP, ICMPv6") \
   X(18, ND_FORBIDDEN, "ICMPv6 router advertisement or redirect from a VM") \
   X(19, NO_CONFIG, "no policy generation active yet (fail closed)") \
-  X(20, FRAG_CONTROL, "fragmented ARP, neighbour discovery, ICMP error or DNS")
+  X(20, FRAG_CONTROL, "fragmented ARP, neighbour discovery, ICMP error or DNS") \
+  X(21, DST_NOT_WORKLOAD, "new flow toward the VM for an address that is not the workload's")
 
 #define SG_X_ENUM(code, name, text) SG_DROP_##name = code,
 enum sg_drop_reason { SG_DROP_REASONS(SG_X_ENUM) SG_DROP_MAX };
@@ -98,12 +99,15 @@ struct sg_policy_val {
   __u8 pad[3];
 };
 
-/* sg_workload (hash): the workload behind an interface, per generation. */
-struct sg_workload_key {
-  __u32 ifindex;
-  __u32 gen;
-};
+/* sg_workload (array): the workload behind an interface, at index SG_WORKLOAD_IDX(ifindex, gen).
+ * Two slots per interface (generation parity) so a swap writes the new generation beside the
+ * live one; a slot counts only if its gen is the active one (stale slots need no deletion). An
+ * array, not a hash: it is read on every packet. Interfaces with ifindex >= SG_MAX_IFINDEX cannot
+ * be attached (the loader refuses them). */
+#define SG_MAX_IFINDEX 65536
+#define SG_WORKLOAD_IDX(ifindex, gen) ((ifindex) * 2 + ((gen) & 1))
 struct sg_workload_val {
+  __u32 gen;      /* 0 = empty slot */
   __u16 zone;     /* compile's zone id (1-based) */
   __u16 workload; /* compile's workload id (1-based) */
   __u8 mac[6];    /* the only source MAC it may send */

@@ -87,8 +87,7 @@ static __always_inline int sg_handle(void *data, void *data_end, __u32 ifindex, 
     return -SG_DROP_NO_CONFIG;
   __u32 gen = cfg->gen;
   m->cfg_flags = cfg->flags;
-  struct sg_workload_key wkey = {.ifindex = ifindex, .gen = gen};
-  struct sg_workload_val *wl = sg_workload.lookup(&wkey);
+  struct sg_workload_val *wl = sg_workload_of(ifindex, gen);
   if (!wl)
     return -SG_DROP_NO_WORKLOAD;
   m->zone = wl->zone;
@@ -125,14 +124,20 @@ static __always_inline int sg_handle(void *data, void *data_end, __u32 ifindex, 
       return sg_check_nd(ifindex, gen, wl, pkt);
     }
   }
-  if (direction == SG_DIR_EGRESS && !sg_is_own(ifindex, gen, pkt->t.saddr))
-    return -SG_DROP_SPOOF_IP;
+  /* The source address check (egress) is done where it is needed: for packets that match no flow
+   * of this generation. A conntrack entry at this interface was created for a tuple whose VM-side
+   * address was checked in the generation it carries (egress: the source; ingress: the
+   * destination), so a hit of the active generation needs no second look. */
+  int own_src = direction == SG_DIR_INGRESS;
 
   /* The coarse clock (CLOCK_MONOTONIC_COARSE, jiffy resolution) is a memory read; timeouts in
    * seconds do not need more. Userspace writes expiries on CLOCK_MONOTONIC, the same base. */
   __u64 now = bpf_ktime_get_coarse_ns();
-  if (pkt->frag == SG_FRAG_LATER)
+  if (pkt->frag == SG_FRAG_LATER) {
+    if (!own_src && !sg_is_own(ifindex, gen, pkt->t.saddr))
+      return -SG_DROP_SPOOF_IP;
     return sg_frag_allowed(ifindex, pkt, now) ? SG_VERDICT_ESTABLISHED : -SG_DROP_FRAG_NO_FLOW;
+  }
 
   struct sg_ct_key key = {};
   int is_reply = 0;
@@ -140,6 +145,8 @@ static __always_inline int sg_handle(void *data, void *data_end, __u32 ifindex, 
     /* Related to an allowed flow at this interface, whichever side opened it. */
     if (pkt->frag != SG_FRAG_NONE)
       return -SG_DROP_FRAG_CONTROL;
+    if (!own_src && !sg_is_own(ifindex, gen, pkt->t.saddr))
+      return -SG_DROP_SPOOF_IP;
     struct sg_ct_val *rel = sg_ct_find(ifindex, &pkt->inner, direction ^ 1, now, &key, &is_reply);
     if (!rel)
       rel = sg_ct_find(ifindex, &pkt->inner, direction, now, &key, &is_reply);
@@ -153,7 +160,13 @@ static __always_inline int sg_handle(void *data, void *data_end, __u32 ifindex, 
   struct sg_ct_val *ct = sg_ct_find(ifindex, &pkt->t, direction, now, &key, &is_reply);
   if (ct) {
     if (ct->gen != gen) {
-      /* The policy changed since this flow was approved: decide again as its originator. */
+      /* The policy changed since this flow was approved: decide again as its originator,
+       * including whether its VM-side address is still the workload's. */
+      const __u8 *vm_addr = ct->direction == SG_DIR_EGRESS ? key.saddr : key.daddr;
+      if (!sg_is_own(ifindex, gen, vm_addr)) {
+        sg_ct.delete(&key);
+        return -SG_DROP_POLICY_REVOKED;
+      }
       int verdict = 0;
       if (ct->rule_id == 0) {
         verdict = 0; /* DNS passthrough flows stay */
@@ -177,6 +190,12 @@ static __always_inline int sg_handle(void *data, void *data_end, __u32 ifindex, 
       sg_frag_allow(ifindex, pkt, now);
     return SG_VERDICT_ESTABLISHED;
   }
+
+  /* A new flow: its VM-side address must be the workload's. */
+  if (direction == SG_DIR_EGRESS && !sg_is_own(ifindex, gen, pkt->t.saddr))
+    return -SG_DROP_SPOOF_IP;
+  if (direction == SG_DIR_INGRESS && !sg_is_own(ifindex, gen, pkt->t.daddr))
+    return -SG_DROP_DST_NOT_WORKLOAD;
 
 #if SG_DNS_PASSTHROUGH
   if (direction == SG_DIR_EGRESS && port == bpf_htons(53) &&
@@ -242,8 +261,7 @@ static __always_inline int sg_tc(struct __sk_buff *skb, __u8 direction) {
     int zero = 0;
     struct sg_config_val *cfg = sg_config.lookup(&zero);
     if (cfg) {
-      struct sg_workload_key wkey = {.ifindex = skb->ifindex, .gen = cfg->gen};
-      struct sg_workload_val *wl = sg_workload.lookup(&wkey);
+      struct sg_workload_val *wl = sg_workload_of(skb->ifindex, cfg->gen);
       if (wl)
         m->zone = wl->zone;
     }

@@ -13,9 +13,6 @@
 #ifndef SG_POLICY_MAX
 #define SG_POLICY_MAX (1 << 21) /* (direction, zone, identity, proto, port prefix) entries; x2 during a swap */
 #endif
-#ifndef SG_WORKLOAD_MAX
-#define SG_WORKLOAD_MAX 8192 /* interfaces x 2 generations */
-#endif
 #ifndef SG_SRCIP_MAX
 #define SG_SRCIP_MAX 65536 /* (interface, source address) pairs x 2 generations */
 #endif
@@ -32,8 +29,15 @@ BPF_TABLE_PINNED("lpm_trie", struct sg_policy_key, struct sg_policy_val, sg_poli
 BPF_TABLE_PINNED("hash", struct sg_policy_key, struct sg_policy_val, sg_policy_exact, SG_POLICY_MAX,
                  SG_PIN("sg_policy_exact"), BPF_F_NO_PREALLOC);
 /* Written by userspace on attach and on every swap, read on every packet. */
-BPF_TABLE_PINNED("hash", struct sg_workload_key, struct sg_workload_val, sg_workload, SG_WORKLOAD_MAX,
-                 SG_PIN("sg_workload"));
+BPF_TABLE_PINNED("array", __u32, struct sg_workload_val, sg_workload, SG_MAX_IFINDEX * 2, SG_PIN("sg_workload"));
+
+static __always_inline struct sg_workload_val *sg_workload_of(__u32 ifindex, __u32 gen) {
+  if (ifindex >= SG_MAX_IFINDEX)
+    return 0;
+  __u32 idx = SG_WORKLOAD_IDX(ifindex, gen);
+  struct sg_workload_val *wl = sg_workload.lookup(&idx);
+  return wl && wl->gen == gen ? wl : 0;
+}
 BPF_TABLE_PINNED("hash", struct sg_srcip_key, __u8, sg_srcip, SG_SRCIP_MAX, SG_PIN("sg_srcip"));
 
 /* The remote address's identity: host entry first (unless expired: a DNS answer's TTL ran out),

@@ -84,12 +84,15 @@ class PolicyVal(ct.Structure):  # struct sg_policy_val
     _fields_ = [("rule_id", ct.c_uint32), ("verdict", ct.c_uint8), ("pad", ct.c_uint8 * 3)]
 
 
-class WorkloadKey(ct.Structure):  # struct sg_workload_key
-    _fields_ = [("ifindex", ct.c_uint32), ("gen", ct.c_uint32)]
+MAX_IFINDEX = 65536  # SG_MAX_IFINDEX
+
+
+def workload_index(ifindex: int, gen: int) -> int:  # SG_WORKLOAD_IDX
+    return ifindex * 2 + (gen & 1)
 
 
 class WorkloadVal(ct.Structure):  # struct sg_workload_val
-    _fields_ = [("zone", ct.c_uint16), ("workload", ct.c_uint16), ("mac", U8x6), ("pad", ct.c_uint16)]
+    _fields_ = [("gen", ct.c_uint32), ("zone", ct.c_uint16), ("workload", ct.c_uint16), ("mac", U8x6), ("pad", ct.c_uint16)]
 
 
 class SrcipKey(ct.Structure):  # struct sg_srcip_key
@@ -190,7 +193,7 @@ MAP_LAYOUT = {
     "sg_ipcache_host": (IpcacheKey, IpcacheVal),
     "sg_policy": (PolicyKey, PolicyVal),
     "sg_policy_exact": (PolicyKey, PolicyVal),
-    "sg_workload": (WorkloadKey, WorkloadVal),
+    "sg_workload": (ct.c_uint32, WorkloadVal),
     "sg_srcip": (SrcipKey, ct.c_uint8),
     "sg_ct": (CtKey, CtVal),
     "sg_frag": (FragKey, FragVal),

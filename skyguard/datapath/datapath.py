@@ -37,7 +37,9 @@ FROM_VM_HOOKS = ("tc", "xdp", "xdp-native")
 DEFAULT_FROM_VM_HOOK = os.environ.get("SKYGUARD_FROM_VM_HOOK", "tc")
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
-GENERATION_MAPS = ("sg_ipcache", "sg_ipcache_host", "sg_policy", "sg_policy_exact", "sg_workload", "sg_srcip")
+# Maps whose keys carry the generation (sg_workload is an array whose slots carry it in the value:
+# a stale slot never matches the active generation, so it needs no deletion).
+GENERATION_MAPS = ("sg_ipcache", "sg_ipcache_host", "sg_policy", "sg_policy_exact", "sg_srcip")
 TC_PRIO = 1  # our filters' prio/handle: `tc filter replace` at these swaps programs atomically
 TC_HANDLE = 1
 
@@ -133,9 +135,12 @@ class Datapath:
             (exact if e.port_prefixlen == 16 else lpm)[key] = abi.PolicyVal(rule_id=e.rule_id, verdict=e.verdict)
 
     def _write_workload(self, gen: int, ifindex: int, w) -> None:
-        val = abi.WorkloadVal(zone=w.zone, workload=w.workload)
+        if ifindex >= abi.MAX_IFINDEX:
+            raise DatapathError(f"interface {w.interface} has ifindex {ifindex}; the datapath handles ifindexes "
+                                f"below {abi.MAX_IFINDEX} (raise SG_MAX_IFINDEX in bpf/abi.h and abi.py)")
+        val = abi.WorkloadVal(gen=gen, zone=w.zone, workload=w.workload)
         val.mac[:] = w.mac
-        self._put("sg_workload", abi.WorkloadKey(ifindex=ifindex, gen=gen), val)
+        self._put("sg_workload", ct.c_uint32(abi.workload_index(ifindex, gen)), val)
         for addr in w.addresses:
             key = abi.SrcipKey(ifindex=ifindex, gen=gen)
             key.addr[:] = abi.addr16(addr)

@@ -46,13 +46,13 @@ print("ready", flush=True); sys.stdin.read()
 
 CLIENT = r"""
 import socket, sys
-kind, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+kind, host, port, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 fam = socket.AF_INET6 if ":" in host else socket.AF_INET
 try:
     if kind == "tcp":
-        s = socket.create_connection((host, port), timeout=1.0); print(s.recv(10).decode())
+        s = socket.create_connection((host, port), timeout=timeout); print(s.recv(10).decode())
     else:
-        s = socket.socket(fam, socket.SOCK_DGRAM); s.settimeout(1.0); s.sendto(b"ping", (host, port))
+        s = socket.socket(fam, socket.SOCK_DGRAM); s.settimeout(timeout); s.sendto(b"ping", (host, port))
         print(s.recvfrom(10)[0].decode())
 except OSError as e:
     print("failed", type(e).__name__)
@@ -118,12 +118,14 @@ def pins(root):
     sh("rm", "-rf", str(path))
 
 
-def client(kind, host, port):
-    return in_ns(VMA, "python3", "-c", CLIENT, kind, host, str(port)).stdout.strip()
+def client(kind, host, port, timeout=1.0):
+    """A connection from VM A. Expected-to-fail calls wait `timeout`; expected-to-work ones pass a
+    longer one so a loaded machine (first neighbour discovery, 2 busy cores) does not fail them."""
+    return in_ns(VMA, "python3", "-c", CLIENT, kind, host, str(port), str(timeout)).stdout.strip()
 
 
 def ping(host):
-    return in_ns(VMA, "ping", "-c", "1", "-W", "1", host, check=False).returncode == 0
+    return in_ns(VMA, "ping", "-c", "1", "-W", "5", host, check=False).returncode == 0
 
 
 def drops(dp, worker, reason):
@@ -137,9 +139,9 @@ def open_tap(name):
 
 
 def check_enforcement(dp, worker):
-    assert client("tcp", ADDR["d1"][0], 5432) == "hello"  # allowed v4
-    assert client("tcp", ADDR["d1"][1], 5432) == "hello"  # allowed v6 (ND passes both ways)
-    assert client("udp", ADDR["d1"][0], 5000) == "ping"  # allowed UDP and its reply
+    assert client("tcp", ADDR["d1"][0], 5432, 5.0) == "hello"  # allowed v4
+    assert client("tcp", ADDR["d1"][1], 5432, 5.0) == "hello"  # allowed v6 (ND passes both ways)
+    assert client("udp", ADDR["d1"][0], 5000, 5.0) == "ping"  # allowed UDP and its reply
     assert ping(ADDR["d1"][0])  # icmp allowed by web-to-db
     before = drops(dp, worker, "no_rule")
     assert client("tcp", ADDR["d1"][0], 22).startswith("failed")  # denied port
@@ -191,7 +193,7 @@ def test_veth_and_tap_enforcement_readoption_and_detach(host_thread, pins):
         ids_before = host_thread.call(dp.attached)
         host_thread.call(dp.close)
         assert client("tcp", ADDR["d1"][0], 22).startswith("failed")
-        assert client("tcp", ADDR["d1"][0], 5432) == "hello"
+        assert client("tcp", ADDR["d1"][0], 5432, 5.0) == "hello"
 
         # a new Datapath re-adopts the pinned maps and replaces the programs (here TC -> XDP)
         dp2 = host_thread.call(Datapath, pins, "xdp")
@@ -208,7 +210,7 @@ def test_veth_and_tap_enforcement_readoption_and_detach(host_thread, pins):
         removed = host_thread.call(dp2.detach_all)
         assert set(removed) == {IFACES["w1"], IFACES["d1"], IFACES["x1"]}
         assert host_thread.call(dp2.attached) == {}
-        assert client("tcp", ADDR["d1"][0], 22) == "hello"  # nothing enforces any more
+        assert client("tcp", ADDR["d1"][0], 22, 5.0) == "hello"  # nothing enforces any more
         host_thread.call(dp2.close)
     finally:
         os.close(tap_fd)

@@ -40,6 +40,16 @@ def test_tcp_reply_passes_only_for_the_allowed_flow(h):
     assert states[(v4("w1"), 5432, "egress")] == "established"
 
 
+def test_spoofed_source_cannot_ride_an_established_flow(h):
+    syn = e_from("w1") / IP(src=v4("w1"), dst=v4("d1")) / TCP(sport=41500, dport=5432, flags="S")
+    assert h.run(bytes(syn), "w1", OUT) == ALLOW
+    spoofed = e_from("w1") / IP(src=v4("w2"), dst=v4("d1")) / TCP(sport=41500, dport=5432, flags="A")
+    assert h.run(bytes(spoofed), "w1", OUT) == DROP("spoof_ip")
+    # nor another interface's flow: w2's interface never approved w1's tuple
+    theirs = e_from("w2") / IP(src=v4("w1"), dst=v4("d1")) / TCP(sport=41500, dport=5432, flags="A")
+    assert h.run(bytes(e_from("w2", src=None) / theirs[IP]), "w2", OUT) == DROP("spoof_ip")
+
+
 def test_udp_and_icmp_echo_replies(h):
     req = e_from("w1") / IP(src=v4("w1"), dst=v4("d1")) / UDP(sport=5555, dport=5000)
     rep = e_to("w1") / IP(src=v4("d1"), dst=v4("w1")) / UDP(sport=5000, dport=5555)
@@ -107,7 +117,7 @@ def test_policy_swap_rechecks_established_flows(h):
     assert h.run(bytes(cut_reply), "w1", IN) == DROP("no_rule")
     assert h.run(bytes(cut), "w1", OUT) == DROP("no_rule")
     # no entry of the old generation is left in the policy maps
-    for name in ("sg_policy", "sg_ipcache", "sg_workload", "sg_srcip"):
+    for name in ("sg_policy", "sg_policy_exact", "sg_ipcache", "sg_ipcache_host", "sg_srcip"):
         gens = {k.gen for k in h.worker.call(lambda: list(h.dp.map(name).keys()))}
         assert gens == {gen_before + 1}, name
 

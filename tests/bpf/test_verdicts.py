@@ -66,6 +66,8 @@ CASES = [
     ("v4 db->web (no rule that way) enters web", tcp4_in("w1", v4("d1"), 5432), "w1", IN, DROP("no_rule")),
     ("v4 other zone -> db enters db", tcp4_in("d1", v4("x1"), 5432), "d1", IN, DROP("no_rule")),
     ("v4 internet host -> web enters web", tcp4_in("w1", "198.51.100.7", 443), "w1", IN, DROP("no_rule")),
+    ("toward the VM for an address not its own", e_to("d1") / IP(src=v4("w1"), dst="10.2.0.77") / TCP(dport=5432),
+     "d1", IN, DROP("dst_not_workload")),
     ("v6 web->db allowed", tcp6("w1", v6("d1"), 5432), "w1", OUT, ALLOW),
     ("v6 web->db enters db", e_to("d1") / IPv6(src=v6("w1"), dst=v6("d1")) / TCP(dport=5432), "d1", IN, ALLOW),
     ("v6 web->db other port", tcp6("w1", v6("d1"), 5433), "w1", OUT, DROP("no_rule")),
