@@ -239,8 +239,13 @@ int sg_from_vm(struct xdp_md *ctx) {
   return sg_finish(verdict, ctx->ingress_ifindex, len, SG_DIR_EGRESS, m) ? XDP_PASS : XDP_DROP;
 }
 
-/* Headers we read must be in the linear part of an skb; pull them when they are not. */
-#define SG_PULL_LEN 128
+/* Headers we read must be in the linear part of an skb. Pulling costs a head reallocation (and a
+ * copy of a clone) per GSO packet, so it is done only when the linear part was not enough: a
+ * frame that parses as malformed but is longer than its linear part is pulled and decided again
+ * (parsing writes no map before it fails, so the retry is clean). */
+#ifndef SG_PULL_LEN
+#define SG_PULL_LEN 256 /* bytes made linear on retry: Ethernet + IPv6 + a full extension chain + TCP */
+#endif
 
 static __always_inline int sg_tc(struct __sk_buff *skb, __u8 direction) {
   struct sg_meta *m = sg_meta_get();
@@ -250,12 +255,15 @@ static __always_inline int sg_tc(struct __sk_buff *skb, __u8 direction) {
   if (skb->vlan_present) {
     verdict = -SG_DROP_VLAN; /* the tag was offloaded into skb metadata: not in the data */
   } else {
-    __u32 want = skb->len < SG_PULL_LEN ? skb->len : SG_PULL_LEN;
-    if ((long)skb->data_end - (long)skb->data < want)
-      bpf_skb_pull_data(skb, want);
-    void *data = (void *)(long)skb->data;
-    void *data_end = (void *)(long)skb->data_end;
-    verdict = sg_handle(data, data_end, skb->ifindex, skb->len, direction, m);
+    verdict = sg_handle((void *)(long)skb->data, (void *)(long)skb->data_end, skb->ifindex, skb->len, direction, m);
+    __u32 linear = (long)skb->data_end - (long)skb->data;
+    if (verdict == -SG_DROP_MALFORMED && skb->len > linear) {
+      bpf_skb_pull_data(skb, skb->len < SG_PULL_LEN ? skb->len : SG_PULL_LEN);
+      m = sg_meta_get();
+      if (!m)
+        return TC_ACT_SHOT;
+      verdict = sg_handle((void *)(long)skb->data, (void *)(long)skb->data_end, skb->ifindex, skb->len, direction, m);
+    }
   }
   if (verdict == -SG_DROP_VLAN && !m->zone) {
     int zero = 0;
