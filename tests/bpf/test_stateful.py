@@ -5,6 +5,7 @@ Each test starts from an empty conntrack table and the base policy (fixture `h`)
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
@@ -186,3 +187,36 @@ def test_counters_by_zone_direction_verdict_and_reason(h):
         return sum(d["packets"] for d in c["drops"] if (d["zone"], d["direction"], d["reason"]) == ("web", "egress", "no_rule"))
 
     assert drops(after) == drops(before) + 1
+
+
+def test_events_flow_start_and_drop_reach_the_ring_buffer(h):
+    import ctypes as ct
+
+    from skyguard.datapath import abi
+
+    got = []
+
+    def on_event(_ctx, data, size):
+        got.append(abi.Event.from_buffer_copy(ct.string_at(data, ct.sizeof(abi.Event))))
+
+    ring = h.dp.events()
+    ring.open_ring_buffer(on_event)
+    h.dp.set_events(True)
+    try:
+        h.run(bytes(e_from("w1") / IP(src=v4("w1"), dst=v4("d1")) / TCP(sport=45000, dport=5432)), "w1", OUT)
+        h.run(bytes(e_from("w1") / IP(src=v4("w1"), dst=v4("d1")) / TCP(sport=45001, dport=22)), "w1", OUT)
+        h.dp._bpf.ring_buffer_poll(100)
+    finally:
+        h.dp.set_events(False)
+    kinds = [(e.type, e.reason, e.rule_id) for e in got]
+    assert (abi.EVENT_FLOW_START, 0, 1) in kinds  # rule 1 = web-to-db
+    from skyguard.datapath.reasons import code
+
+    assert (abi.EVENT_DROP, code("NO_RULE"), 0) in kinds
+    start = next(e for e in got if e.type == abi.EVENT_FLOW_START)
+    assert str(abi.addr_from16(bytes(start.daddr))) == v4("d1") and socket.ntohs(start.dport) == 5432
+    # with events off nothing is emitted
+    got.clear()
+    h.run(bytes(e_from("w1") / IP(src=v4("w1"), dst=v4("d1")) / TCP(sport=45002, dport=22)), "w1", OUT)
+    h.dp._bpf.ring_buffer_poll(50)
+    assert got == []
