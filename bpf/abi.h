@@ -130,7 +130,7 @@ struct sg_ct_key {
   __u8 pad[3];
   __u8 saddr[16];
   __u8 daddr[16];
-  __u16 sport; /* network order; ICMP echo: the identifier in both ports */
+  __u16 sport; /* network order; ICMP echo: the identifier as sport of a request, dport of a reply */
   __u16 dport;
 };
 #define SG_CT_NEW 0

@@ -81,8 +81,9 @@ static __always_inline void sg_v4_mapped(__u8 *dst, __be32 addr) {
 static __always_inline int sg_is_v6_error(__u8 type) { return type >= 1 && type <= 4; }
 static __always_inline int sg_is_v4_error(__u8 type) { return type == 3 || type == 11 || type == 12; }
 
-/* The first 8 bytes of a transport header: ports, or the echo identifier in both ports so the
- * reversed tuple of an echo reply is the request's. */
+/* The first 8 bytes of a transport header: ports; for ICMP echo the identifier as the source
+ * "port" of a request and the destination "port" of a reply, so a reply's reversed tuple is its
+ * request's, and a request coming the other way is not mistaken for a reply. */
 static __always_inline int sg_parse_l4_ports(void *l4, void *data_end, __u8 proto, struct sg_tuple *t,
                                              __u8 *icmp_type) {
   if (l4 + 8 > data_end)
@@ -93,11 +94,10 @@ static __always_inline int sg_parse_l4_ports(void *l4, void *data_end, __u8 prot
   } else if (proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6) {
     __u8 type = *(__u8 *)l4;
     *icmp_type = type;
-    if ((proto == IPPROTO_ICMP && (type == 8 || type == 0)) ||
-        (proto == IPPROTO_ICMPV6 && (type == 128 || type == 129))) {
+    if ((proto == IPPROTO_ICMP && type == 8) || (proto == IPPROTO_ICMPV6 && type == 128))
       __builtin_memcpy(&t->sport, l4 + 4, 2);
+    else if ((proto == IPPROTO_ICMP && type == 0) || (proto == IPPROTO_ICMPV6 && type == 129))
       __builtin_memcpy(&t->dport, l4 + 4, 2);
-    }
   }
   return 0;
 }

@@ -28,7 +28,7 @@ from skyguard import config
 from skyguard.datapath import abi, loader
 from skyguard.datapath.compile import Compiled, compile_policy
 from skyguard.datapath.reasons import reason_name
-from skyguard.errors import BadInput, DatapathError
+from skyguard.errors import BadInput, DatapathError, SkyguardError
 from skyguard.policy.model import Policy
 
 # Where sg_from_vm runs: "tc" (TC ingress, the default, chosen by measurement: bpf/README.md),
@@ -95,16 +95,26 @@ class Datapath:
             compiled = compile_policy(policy)
             cfg = self.map("sg_config")[ct.c_uint32(0)]
             new_gen = (cfg.gen % 0xFFFFFFF0) + 1
+            previous = (self.policy, self.compiled, getattr(self, "_ifindexes", {}))
             self.policy, self.compiled = policy, compiled
             self._ifindexes = dict(ifindexes or {})
-            for prefix, ident in compiled.ipcache.items():
-                self._write_ipcache(new_gen, prefix, ident, 0)
-            self._write_policy_entries(new_gen, compiled.policy)
-            for w in compiled.workloads:
-                ifindex = self._ifindex(w.interface)
-                if ifindex:
-                    self._write_workload(new_gen, ifindex, w)
-            self._rewrite_learned(new_gen)
+            try:
+                for prefix, ident in compiled.ipcache.items():
+                    self._write_ipcache(new_gen, prefix, ident, 0)
+                self._write_policy_entries(new_gen, compiled.policy)
+                for w in compiled.workloads:
+                    ifindex = self._ifindex(w.interface)
+                    if ifindex:
+                        self._write_workload(new_gen, ifindex, w)
+                self._rewrite_learned(new_gen)
+            except Exception as e:
+                # Nothing of the new generation was ever active: drop it, keep the old policy.
+                self.policy, self.compiled, self._ifindexes = previous
+                self._delete_other_gens(cfg.gen)
+                if isinstance(e, SkyguardError):
+                    raise
+                raise DatapathError(f"writing policy {policy.name!r} into the datapath failed ({e}); "
+                                    f"the previous policy stays active") from e
             self._set_config(new_gen, cfg.flags)  # the swap
             self._delete_other_gens(new_gen)
             return new_gen

@@ -63,6 +63,9 @@ def test_udp_and_icmp_echo_replies(h):
     assert h.run(bytes(ping), "w1", OUT) == ALLOW
     assert h.run(bytes(pong), "w1", IN) == ALLOW
     assert h.run(bytes(pong_other), "w1", IN) == DROP("no_rule")
+    # the remote's own echo request with the same identifier is not a reply
+    their_ping = e_to("w1") / IPv6(src=v6("d1"), dst=v6("w1")) / ICMPv6EchoRequest(id=99)
+    assert h.run(bytes(their_ping), "w1", IN) == DROP("no_rule")
 
 
 def test_icmp_error_for_an_allowed_flow(h):
@@ -220,3 +223,21 @@ def test_events_flow_start_and_drop_reach_the_ring_buffer(h):
     h.run(bytes(e_from("w1") / IP(src=v4("w1"), dst=v4("d1")) / TCP(sport=45002, dport=22)), "w1", OUT)
     h.dp._bpf.ring_buffer_poll(50)
     assert got == []
+
+
+def test_a_policy_the_datapath_cannot_hold_loads_nothing(h):
+    import dataclasses
+
+    from skyguard.datapath import abi
+    from skyguard.policy.model import Zone
+
+    gen = h.worker.call(lambda: h.dp.gen)
+    base = make_policy()
+    zones = dict(base.zones)
+    zones.update({f"z{i}": Zone(f"z{i}", ()) for i in range(abi.MAX_ZONES)})
+    with pytest.raises(BadInput, match="zones"):
+        h.apply(dataclasses.replace(base, zones=zones))
+    assert h.worker.call(lambda: h.dp.gen) == gen
+    assert h.dp.policy is not None and h.dp.policy.name == base.name
+    ok = e_from("w1") / IP(src=v4("w1"), dst=v4("d1")) / TCP(sport=46000, dport=5432, flags="S")
+    assert h.run(bytes(ok), "w1", OUT) == ALLOW
