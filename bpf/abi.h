@@ -192,6 +192,8 @@ struct sg_event {
   __u16 sport;
   __u16 dport;
   __u32 len;
+  __u32 count; /* drops: packets this event stands for (the same denied flow is reported at most
+                * once per SG_DENY_EVENT_INTERVAL_NS; the rest are counted into the next event) */
 };
 
 #endif

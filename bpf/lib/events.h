@@ -2,6 +2,7 @@
  * scrape (summing CPUs) and consumes sg_events (the flow-log part builds on it). Events are only
  * emitted while userspace sets SG_CFG_EVENTS (a consumer is running), so a ring nobody reads
  * costs nothing. Every event that does not fit is counted in sg_ev_lost, never silently lost.
+ * Drop events are aggregated per denied flow (sg_deny_agg). Include after conntrack.h (tuple keys).
  */
 #ifndef SG_EVENTS_H
 #define SG_EVENTS_H
@@ -20,6 +21,25 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct sg_counter_val, sg_drops, SG_MAX_
  * consumer reads the new one. */
 BPF_RINGBUF_OUTPUT(sg_events, SG_EVENTS_PAGES);
 BPF_PERCPU_ARRAY(sg_ev_lost, __u64, 1);
+/* Deny aggregation: the programs write and read it; nobody else. One entry per denied
+ * (interface, reason, tuple); LRU-evicted (an evicted entry only means an extra event). */
+#ifndef SG_DENY_AGG_MAX
+#define SG_DENY_AGG_MAX 65536
+#endif
+#ifndef SG_DENY_EVENT_INTERVAL_NS
+#define SG_DENY_EVENT_INTERVAL_NS 1000000000ULL /* at most one event per denied flow per second */
+#endif
+struct sg_deny_agg_key {
+  struct sg_ct_key flow;
+  __u32 reason;
+};
+struct sg_deny_agg_val {
+  __u64 last_ns;
+  __u32 suppressed;
+  __u32 pad;
+};
+BPF_TABLE("lru_hash", struct sg_deny_agg_key, struct sg_deny_agg_val, sg_deny_agg, SG_DENY_AGG_MAX);
+
 /* Never written: it exists so the compiled layout of struct sg_event is visible to userspace
  * (bcc describes a map's value type), which tests/bpf/test_abi.py checks abi.Event against. */
 BPF_ARRAY(sg_ev_layout, struct sg_event, 1);
@@ -40,6 +60,26 @@ static __always_inline void sg_emit(__u8 type, __u8 reason, __u32 ifindex, __u16
                                     const struct sg_tuple *t, __u32 rule_id, __u32 len, __u32 cfg_flags) {
   if (!(cfg_flags & SG_CFG_EVENTS))
     return;
+  __u32 count = 1;
+  if (type == SG_EVENT_DROP) {
+    /* A flood of one denied flow is one event per interval, carrying how many it stands for. */
+    struct sg_deny_agg_key akey = {.reason = reason};
+    sg_ct_key_of(&akey.flow, ifindex, t, 0);
+    __u64 now = bpf_ktime_get_coarse_ns();
+    struct sg_deny_agg_val *agg = sg_deny_agg.lookup(&akey);
+    if (agg && now - agg->last_ns < SG_DENY_EVENT_INTERVAL_NS) {
+      agg->suppressed += 1;
+      return;
+    }
+    if (agg) {
+      count += agg->suppressed;
+      agg->suppressed = 0;
+      agg->last_ns = now;
+    } else {
+      struct sg_deny_agg_val fresh = {.last_ns = now};
+      sg_deny_agg.update(&akey, &fresh);
+    }
+  }
   struct sg_event *ev = sg_events.ringbuf_reserve(sizeof(struct sg_event));
   if (!ev) {
     int zero = 0;
@@ -62,6 +102,7 @@ static __always_inline void sg_emit(__u8 type, __u8 reason, __u32 ifindex, __u16
   ev->sport = t->sport;
   ev->dport = t->dport;
   ev->len = len;
+  ev->count = count;
   sg_events.ringbuf_submit(ev, 0);
 }
 

@@ -183,6 +183,7 @@ class Event(ct.Structure):  # struct sg_event
         ("sport", ct.c_uint16),
         ("dport", ct.c_uint16),
         ("len", ct.c_uint32),
+        ("count", ct.c_uint32),  # drops: packets this (aggregated) event stands for
     ]
 
 

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import subprocess
-from pathlib import Path
 
-from skyguard.datapath import abi
-from skyguard.datapath import progrun
+from skyguard.datapath import abi, progrun
+from skyguard.datapath.datapath import _nonzero_per_cpu
+from skyguard.datapath.reasons import reason_name
 from skyguard.policy.model import Destination, Policy, PortRange, Rule, Workload, Zone
 
 NS = f"bpx-t{os.getpid()}"
@@ -70,9 +69,6 @@ class Harness:
         return self.worker.call(self.dp.apply_policy, policy)
 
     def _drops(self):
-        from skyguard.datapath import abi
-        from skyguard.datapath.datapath import _nonzero_per_cpu
-
         return {abi.split_drop_index(idx): packets for idx, packets, _ in _nonzero_per_cpu(self.dp.map("sg_drops"))}
 
     def run(self, frame: bytes, workload: str, direction: str, repeat: int = 1, hook: str | None = None):
@@ -88,8 +84,6 @@ class Harness:
         passed = res.retval in ((progrun.XDP_PASS,) if kind == "xdp" else (progrun.TC_ACT_OK,))
         after = self._drops()
         grew = [k for k in after if after[k] > before.get(k, 0)]
-        from skyguard.datapath.reasons import reason_name
-
         reason = reason_name(grew[0][2]) if grew else None
         assert passed == (reason is None), f"verdict {res.retval} disagrees with drop counters {grew}"
         return passed, reason

@@ -13,7 +13,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6EchoReply, ICMPv6EchoRequest, IPv6, IPv6ExtHdrFragment
 from scapy.packet import Raw
 
-from bpf_support import ADDR, make_policy
+from bpf_support import make_policy
 from skyguard.errors import BadInput
 from test_verdicts import ALLOW, DROP, IN, OUT, e_from, e_to, v4, v6
 from skyguard.policy.model import Destination, Rule, PortRange
@@ -218,6 +218,21 @@ def test_events_flow_start_and_drop_reach_the_ring_buffer(h):
     assert (abi.EVENT_DROP, code("NO_RULE"), 0) in kinds
     start = next(e for e in got if e.type == abi.EVENT_FLOW_START)
     assert str(abi.addr_from16(bytes(start.daddr))) == v4("d1") and socket.ntohs(start.dport) == 5432
+    # a flood of one denied flow is one event per second, then one carrying the suppressed count
+    got.clear()
+    flood = bytes(e_from("w1") / IP(src=v4("w1"), dst=v4("d1")) / TCP(sport=45003, dport=23))
+    h.dp.set_events(True)
+    try:
+        for _ in range(5):
+            h.run(flood, "w1", OUT)
+        h.dp._bpf.ring_buffer_poll(100)
+        assert [(e.type, e.count) for e in got] == [(abi.EVENT_DROP, 1)]
+        time.sleep(1.05)
+        h.run(flood, "w1", OUT)
+        h.dp._bpf.ring_buffer_poll(100)
+        assert [(e.type, e.count) for e in got] == [(abi.EVENT_DROP, 1), (abi.EVENT_DROP, 5)]
+    finally:
+        h.dp.set_events(False)
     # with events off nothing is emitted
     got.clear()
     h.run(bytes(e_from("w1") / IP(src=v4("w1"), dst=v4("d1")) / TCP(sport=45002, dport=22)), "w1", OUT)
