@@ -256,3 +256,25 @@ def test_a_policy_the_datapath_cannot_hold_loads_nothing(h):
     assert h.dp.policy is not None and h.dp.policy.name == base.name
     ok = e_from("w1") / IP(src=v4("w1"), dst=v4("d1")) / TCP(sport=46000, dport=5432, flags="S")
     assert h.run(bytes(ok), "w1", OUT) == ALLOW
+
+
+def test_conntrack_entries_age_out(worker, pin_dir, h):
+    """A separately built datapath with a 1-second UDP timeout (limits are -D overridable): the
+    reply of an idle flow is no longer a reply once its entry has aged out."""
+    from bpf_support import Harness
+    from skyguard.datapath.datapath import Datapath
+
+    short = worker.call(Datapath, pin_dir.with_name(pin_dir.name + "-short"), "tc", {"SG_CT_UDP_S": 1})
+    try:
+        hs = Harness(short, worker)
+        hs.ifindex = h.ifindex
+        hs.apply(make_policy())
+        req = e_from("w1") / IP(src=v4("w1"), dst=v4("d1")) / UDP(sport=5556, dport=5000)
+        rep = e_to("w1") / IP(src=v4("d1"), dst=v4("w1")) / UDP(sport=5000, dport=5556)
+        assert hs.run(bytes(req), "w1", OUT) == ALLOW
+        assert hs.run(bytes(rep), "w1", IN) == ALLOW
+        time.sleep(1.2)  # the coarse clock ticks in jiffies: wait past the timeout
+        assert hs.run(bytes(rep), "w1", IN) == DROP("no_rule")
+    finally:
+        short.close()
+        Datapath.remove_pins(pin_dir.with_name(pin_dir.name + "-short"))
