@@ -19,6 +19,10 @@ Details and additions (bpf/README.md explains the design):
     apply_policy(policy, ifindexes=None) -> gen   # interfaces resolved in the calling thread's netns;
         raises BadInput (nothing loaded) for a policy the datapath cannot hold
     attach(ifname) -> info                   # BadInput if the interface is no workload's
+    sync() -> {"attached": [...], "missing": [...]}  # attach every present workload interface not
+                                             # carrying our programs (start, netlink events, periodic)
+    verify() -> {ifname: problem}            # watchdog: missing or foreign programs ({} = all ours)
+    program_ids() -> {"sg_from_vm": id, "sg_from_vm_tc": id, "sg_to_vm": id}
     detach_all() -> [ifname]                 # `skyguard down`; then Datapath.remove_pins()
     expire_learned() -> removed              # call periodically (the datapath already ignores expired)
     learned() -> {ip: {"zone/rule": expiry_monotonic_ns}}

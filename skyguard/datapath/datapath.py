@@ -315,6 +315,58 @@ class Datapath:
                 out[name] = info
         return out
 
+    def sync(self) -> dict:
+        """Attach to every workload interface of the active policy that exists here and is not
+        carrying this Datapath's programs; report the ones missing. The daemon calls it at start,
+        on netlink link events and periodically (interfaces appear when VMs start)."""
+        if self.compiled is None:
+            raise DatapathError("sync() before apply_policy(): no policy is active")
+        ours = self.program_ids()
+        current = self.attached()
+        done, missing = [], []
+        for w in self.compiled.workloads:
+            if not self._ifindex(w.interface):
+                missing.append(w.interface)
+                continue
+            if self._problem(current.get(w.interface, {}), ours):
+                self.attach(w.interface)
+                done.append(w.interface)
+        return {"attached": done, "missing": missing}
+
+    def program_ids(self) -> dict[str, int]:
+        """Kernel ids of this Datapath's programs, by name."""
+        out = {}
+        for name, fn in (("sg_from_vm", self._loaded.from_vm_xdp), ("sg_from_vm_tc", self._loaded.from_vm_tc),
+                         ("sg_to_vm", self._loaded.to_vm)):
+            info = (ct.c_uint8 * 256)()
+            size = ct.c_uint32(256)
+            if _libbpf().bpf_obj_get_info_by_fd(fn.fd, info, ct.byref(size)) != 0:
+                raise DatapathError(f"reading program info failed: {os.strerror(ct.get_errno())}")
+            out[name] = int.from_bytes(bytes(info[4:8]), "little")  # struct bpf_prog_info.id
+        return out
+
+    def verify(self) -> dict[str, str]:
+        """Watchdog check: for every workload interface present, what is wrong with its programs
+        (missing, replaced by someone else). Empty when everything is ours."""
+        ours = self.program_ids()
+        current = self.attached()
+        problems = {}
+        for w in self.compiled.workloads if self.compiled else ():
+            if self._ifindex(w.interface):
+                problem = self._problem(current.get(w.interface, {}), ours)
+                if problem:
+                    problems[w.interface] = problem
+        return problems
+
+    def _problem(self, info: dict, ours: dict) -> str:
+        from_vm = info.get("tc_ingress") if self.from_vm_hook == "tc" else info.get("xdp")
+        want_from = ours["sg_from_vm_tc"] if self.from_vm_hook == "tc" else ours["sg_from_vm"]
+        if not from_vm or not info.get("tc_egress"):
+            return "not attached"
+        if from_vm.get("id") != want_from or info["tc_egress"].get("id") != ours["sg_to_vm"]:
+            return "programs are not this skyguard's (replaced or tampered with)"
+        return ""
+
     # ---- reading ----------------------------------------------------------------------------
     def _zone_names(self) -> dict[int, str]:
         names = {0: "unknown"}

@@ -161,9 +161,12 @@ def test_veth_and_tap_enforcement_readoption_and_detach(host_thread, pins):
     tap_fd = host_thread.call(open_tap, IFACES["x1"])
     try:
         sh("ip", "-n", HOST, "link", "set", IFACES["x1"], "up")
-        for wl in ("w1", "d1", "x1"):
-            info = host_thread.call(dp.attach, IFACES[wl])
-            assert info["tc_ingress"]["name"].startswith("sg_from_vm") and info["tc_egress"]["name"] == "sg_to_vm"
+        assert set(host_thread.call(dp.verify)) == {IFACES[w] for w in ("w1", "d1", "x1")}  # not attached yet
+        synced = host_thread.call(dp.sync)  # attaches every workload interface present
+        assert set(synced["attached"]) == {IFACES[w] for w in ("w1", "d1", "x1")}
+        assert synced["missing"] == [IFACES["w2"]]
+        assert host_thread.call(dp.sync)["attached"] == []  # idempotent
+        assert host_thread.call(dp.verify) == {}
         check_enforcement(dp, host_thread)
 
         # spoofing from a real VM: another source address on its interface
@@ -205,6 +208,10 @@ def test_veth_and_tap_enforcement_readoption_and_detach(host_thread, pins):
         assert now[IFACES["w1"]]["xdp"]["name"] == "sg_from_vm" and "tc_ingress" not in now[IFACES["w1"]]
         assert now[IFACES["w1"]]["tc_egress"]["id"] != ids_before[IFACES["w1"]]["tc_egress"]["id"]
         check_enforcement(dp2, host_thread)
+        # someone replaces a program: the watchdog check names the interface
+        sh("ip", "-n", HOST, "link", "set", "dev", IFACES["d1"], "xdpgeneric", "off")
+        assert host_thread.call(dp2.verify) == {IFACES["d1"]: "not attached"}
+        assert host_thread.call(dp2.sync)["attached"] == [IFACES["d1"]]
 
         removed = host_thread.call(dp2.detach_all)
         assert set(removed) == {IFACES["w1"], IFACES["d1"], IFACES["x1"]}
