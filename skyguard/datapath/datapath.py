@@ -65,6 +65,8 @@ class Datapath:
         self.compiled: Compiled | None = None
         # ip -> {(zone, rule): expiry (CLOCK_MONOTONIC ns)}
         self._learned: dict = {}
+        # interface name -> ifindex given by the caller of apply_policy (else resolved by name)
+        self._ifindexes: dict[str, int] = {}
 
     # ---- maps -------------------------------------------------------------------------------
     def map(self, name: str):
@@ -95,7 +97,7 @@ class Datapath:
             compiled = compile_policy(policy)
             cfg = self.map("sg_config")[ct.c_uint32(0)]
             new_gen = (cfg.gen % 0xFFFFFFF0) + 1
-            previous = (self.policy, self.compiled, getattr(self, "_ifindexes", {}))
+            previous = (self.policy, self.compiled, self._ifindexes)
             self.policy, self.compiled = policy, compiled
             self._ifindexes = dict(ifindexes or {})
             try:
@@ -120,7 +122,7 @@ class Datapath:
             return new_gen
 
     def _ifindex(self, ifname: str) -> int:
-        if ifname in getattr(self, "_ifindexes", {}):
+        if ifname in self._ifindexes:
             return self._ifindexes[ifname]
         try:
             return socket.if_nametoindex(ifname)
