@@ -182,6 +182,7 @@ class Daemon:
             "policy.get": lambda args: {"text": self.policy_text, "source": str(self.policy.source),
                                         "sha256": self.policy.sha256},
             "down": self._op_down,
+            "conntrack": lambda args: {"flows": self.datapath.flows()},
         }
 
     def _op_policy_load(self, args: dict) -> dict:
