@@ -1,4 +1,5 @@
-"""Shared test setup. Tiers are markers (unit, bpf, integration, vm), given per folder below.
+"""Shared test setup. Tiers are markers (unit, bpf, integration, vm, adversarial, fuzz), given per
+folder below.
 
 Privileged tiers never skip: on a machine (or CI) where they cannot run, they fail.
 """
@@ -8,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-TIER_BY_FOLDER = {"unit": "unit", "bpf": "bpf", "integration": "integration", "vm": "vm"}
+TIER_BY_FOLDER = {"unit": "unit", "bpf": "bpf", "integration": "integration", "vm": "vm",
+                  "adversarial": "adversarial", "fuzz": "fuzz"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -210,6 +210,12 @@ def compile_policy(policy: Policy) -> Compiled:
     for rule in policy.rules:
         for c in _rule_cidrs(policy, rule):
             on_prefix[c].add(("cidr", c))
+    # IPv4 addresses live at ::ffff:a.b.c.d in the ipcache, which IPv6 prefixes shorter than /96
+    # (::/0 above all) also cover: without an IPv4 entry of its own, an IPv4 address no IPv4
+    # prefix holds would take such an IPv6 prefix's identity, so `to: {cidrs: ["::/0"]}` would open
+    # all of IPv4. 0.0.0.0/0 always present (with no selectors unless a rule names it) stops the
+    # longest match inside the IPv4 space. Found by tests/adversarial/test_differential.py.
+    on_prefix[ipaddress.ip_network("0.0.0.0/0")]
     lengths = {4: sorted({n.prefixlen for n in on_prefix if n.version == 4}),
                6: sorted({n.prefixlen for n in on_prefix if n.version == 6})}
 
