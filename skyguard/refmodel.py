@@ -93,6 +93,8 @@ def decide(policy: Policy, packet: Packet, dns_passthrough: bool = True) -> Deci
     wl = policy.workload(packet.workload)
     if wl is None:
         return Decision(False, "no_workload")
+    if any(a.version == 6 and a.ipv4_mapped for a in (packet.src, packet.dst)):
+        return Decision(False, "malformed")  # RFC 4291 2.5.5.2: never on the wire
     if packet.src.version == 6 and packet.proto not in (PROTOCOLS["tcp"], PROTOCOLS["udp"], PROTOCOLS["icmpv6"]):
         # After the IPv6 header, anything but TCP, UDP, ICMPv6 and the few extension headers
         # skyguard parses is an unknown extension header to a parser (SPEC.md: dropped).

@@ -230,12 +230,21 @@ static __always_inline int sg_parse_ipv4(void *p, void *data_end, __u32 l3_len, 
   return sg_parse_l4(ip + 1, data_end, pkt);
 }
 
+/* IPv4-mapped IPv6 (::ffff:a.b.c.d, RFC 4291 2.5.5.2) never belongs on the wire, and it is how
+ * this datapath stores IPv4 addresses: an IPv6 packet carrying one would be matched against IPv4
+ * rules (found by tests/adversarial/test_differential.py). Such packets are malformed. */
+static __always_inline int sg_is_v4_mapped(const struct in6_addr *a) {
+  return a->s6_addr32[0] == 0 && a->s6_addr32[1] == 0 && a->s6_addr32[2] == bpf_htonl(0xffff);
+}
+
 static __always_inline int sg_parse_ipv6(void *p, void *data_end, __u32 l3_len, struct sg_pkt *pkt) {
   struct ipv6hdr *ip6 = p;
   if ((void *)(ip6 + 1) > data_end)
     return -SG_DROP_MALFORMED;
   /* payload_len 0 is a jumbogram / BIG TCP super-packet: its length is the skb's. */
   if (ip6->version != 6 || (__u32)bpf_ntohs(ip6->payload_len) + 40 > l3_len)
+    return -SG_DROP_MALFORMED;
+  if (sg_is_v4_mapped(&ip6->saddr) || sg_is_v4_mapped(&ip6->daddr))
     return -SG_DROP_MALFORMED;
   pkt->family = 6;
   pkt->l3 = SG_L3_IP;

@@ -130,7 +130,8 @@ def _remote_candidates(policy: Policy) -> list:
             if c.num_addresses > 2:
                 out.append(c.network_address + 1)
     out += [ipaddress.ip_address(x) for x in ("198.51.100.7", "203.0.113.200", "8.8.8.8", "169.254.169.254",
-                                                "2001:db8::7", "2001:db8:1::9", "fd00:2::99")]
+                                                "2001:db8::7", "2001:db8:1::9", "fd00:2::99",
+                                                "::ffff:198.51.100.7", "::ffff:10.0.0.1")]
     return out
 
 
