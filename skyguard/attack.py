@@ -379,6 +379,39 @@ class Arena(Demo):
         return {"attacks": attacks, "legit": legit_result, "sniffed": sniffed}
 
 
+def crash_under_load(arena: Arena, crashes: int, on_crash=None) -> dict:
+    """SIGKILL the daemon `crashes` times while agent1 floods a denied port of dc1 and radius1
+    keeps its LDAP session to dc1; restart it after each kill and verify the signed log.
+    Returns {"crashes", "log_verify_failures": [...], "denied_dropped": n, "delivered": n,
+    "legit": {"ok", "failed"}}: the goal is delivered == 0, failed == 0, no verify failure."""
+    arena.start_sniffers(members=("dc1",))
+    legit = arena.start_legit()
+    before = arena.sandbox_drops().get("policy_deny", 0)
+    flood = arena.lab.popen(ATTACKER, [sys.executable, "-c", _TOOL, "flood", ADDR["dc1"][0], "445", "86400"],
+                            lab_resolver=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    failures = []
+    try:
+        time.sleep(0.5)
+        for i in range(crashes):
+            arena.kill_daemon()
+            time.sleep(0.2)  # the flood goes on with no daemon at all
+            arena.start_daemon()
+            verified = arena.log_verify()
+            if verified.returncode != 0:
+                failures.append((i, (verified.stdout + verified.stderr).strip()[-500:]))
+            if on_crash:
+                on_crash(i, verified.returncode == 0)
+        time.sleep(0.5)
+    finally:
+        flood.kill()
+        flood.wait()
+        legit_result = arena.stop_legit(legit)
+        sniffed = arena.stop_sniffers()
+    return {"crashes": crashes, "log_verify_failures": failures,
+            "denied_dropped": arena.sandbox_drops().get("policy_deny", 0) - before,
+            "delivered": sniffed["dc1"]["frames"], "legit": legit_result}
+
+
 def run_attack_demo(console=None) -> int:
     """`skyguard demo --attack`: build the arena, play the kill chain for a viewer, verify the log."""
     from rich.console import Console
