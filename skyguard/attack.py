@@ -99,7 +99,7 @@ print(json.dumps({"ok": ok, "failed": failed}))
 # Inside agent1: the attacker's toolbox. argv[1] is the action, the rest its arguments; prints one
 # JSON line {"sent": n, "answered": n}.
 _TOOL = r"""
-import json, socket, sys, time
+import json, os, socket, sys, time
 import logging; logging.getLogger("scapy.runtime").setLevel(logging.ERROR)
 action, args = sys.argv[1], sys.argv[2:]
 MARK = b"SG-ATTACK-"
@@ -135,13 +135,19 @@ elif action == "flood":      # host port seconds: denied UDP as fast as one core
     while time.monotonic() < end:
         for _ in range(100):
             s.sendto(MARK + b"flood", (host, port)); sent += 1
+elif action == "gso":        # host port: UDP_SEGMENT super-packets (40 segments each) cross veth as one skb
+    host, port = args[0], int(args[1])
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_UDP, 103, 1200)  # UDP_SEGMENT
+    for _ in range(3):
+        s.sendto(MARK + b"g" * (1200 * 40 - len(MARK)), (host, port)); sent += 40
 else:                        # crafted frames with scapy
     from scapy.all import ARP, Ether, IP, IPv6, UDP, TCP, Raw, sendp
     from scapy.layers.inet6 import (ICMPv6ND_NA, ICMPv6ND_RA, ICMPv6NDOptDstLLAddr, ICMPv6NDOptPrefixInfo,
                                     ICMPv6NDOptSrcLLAddr)
     from scapy.all import get_if_hwaddr
     me_mac = get_if_hwaddr("eth0")  # an ioctl in this netns (/sys may be another namespace's)
-    gw_mac = "ff:ff:ff:ff:ff:ff"
+    gw_mac = os.environ.get("SG_GATEWAY_MAC", "ff:ff:ff:ff:ff:ff")  # the host side of eth0: frames get routed
     frames = []
     if action == "spoof-ip-mac":      # victim_mac victim_ip dst_ip dport
         vmac, vip, dst, dport = args[0], args[1], args[2], int(args[3])
@@ -161,6 +167,36 @@ else:                        # crafted frames with scapy
         frames = [Ether(src=me_mac, dst="33:33:00:00:00:01") / IPv6(src="fe80::ff:fe00:502", dst="ff02::1") /
                   ICMPv6ND_RA(routerlifetime=1800, prf=1) / ICMPv6NDOptSrcLLAddr(lladdr=me_mac) /
                   ICMPv6NDOptPrefixInfo(prefix="2001:db8:bad::", prefixlen=64)]
+    elif action == "evasion":         # case dst_v4 dst_v6 denied_port
+        from scapy.all import Dot1AD, Dot1Q
+        from scapy.layers.inet import IPOption_LSRR
+        from scapy.layers.inet6 import IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting
+        case, d4, d6, port = args[0], args[1], args[2], int(args[3])
+        src4 = [a for a in os.popen("ip -4 -o addr show dev eth0").read().split() if a.count(".") == 3][0].split("/")[0]
+        src6 = [a for a in os.popen("ip -6 -o addr show dev eth0 scope global").read().split() if ":" in a and "/" in a][0].split("/")[0]
+        e = Ether(src=me_mac, dst=gw_mac)
+        v4 = lambda **kw: IP(**{"src": src4, "dst": d4, **kw})
+        v6 = lambda **kw: IPv6(**{"src": src6, "dst": d6, **kw})
+        pay = Raw(MARK + case.encode())
+        frames = {
+            "frag-nonfirst": [e / v4(proto=6, frag=100, id=9) / pay],
+            "frag-tiny-first": [e / v4(flags="MF", id=10, proto=6) / Raw(b"\x9c\x40"), e / v4(id=10, frag=1, proto=6) / pay],
+            "frag-overlap": [e / v4(flags="MF", id=11) / TCP(dport=port) / pay, e / v4(flags="MF", id=11) / TCP(dport=389) / pay,
+                             e / v4(id=11, frag=4, proto=6) / pay],
+            "frag-v6": [e / v6() / IPv6ExtHdrFragment(nh=6, m=1, id=12) / TCP(dport=port) / pay,
+                        e / v6() / IPv6ExtHdrFragment(nh=6, offset=4, id=12) / pay],
+            "v6-long-chain": [e / v6() / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt() /
+                              IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt() / TCP(dport=port) / pay],
+            "v6-unknown-header": [e / v6(nh=253) / pay],
+            "v6-routing-header": [e / v6() / IPv6ExtHdrRouting(addresses=[d6]) / TCP(dport=port) / pay],
+            "vlan": [Ether(src=me_mac, dst=gw_mac) / Dot1Q(vlan=7) / v4() / TCP(dport=port) / pay],
+            "qinq": [Ether(src=me_mac, dst=gw_mac) / Dot1AD(vlan=7) / Dot1Q(vlan=8) / v4() / TCP(dport=port) / pay],
+            "ip-options": [e / v4(options=[IPOption_LSRR(routers=[d4])]) / TCP(dport=port) / pay],
+            "tcp-flags": [e / v4() / TCP(dport=port, flags=f) / pay for f in ("SF", "", "FPU", "A", "R")],
+            "bad-checksums": [e / v4(chksum=0x1234) / TCP(dport=port) / pay, e / v4() / TCP(dport=port, chksum=1) / pay],
+            "truncated": [e / v4(len=1400) / TCP(dport=port) / pay, e / v6(plen=1400) / TCP(dport=port) / pay,
+                          e / v4(ihl=15) / pay],
+        }[case]
     for f in frames:
         sendp(f, iface="eth0", verbose=False, count=3); sent += 3
 print(json.dumps({"sent": sent, "answered": answered}))
@@ -224,6 +260,33 @@ def kill_chain() -> list[Attack]:
                ("no_rule",)),
         Attack("internet", "the cloud metadata service", ["tcp", "169.254.169.254", "--", "80"], ("policy_deny",)),
     ]
+
+
+# Evasion through real veths: crafted frames of flows agent1 may not open (dc1 port 22), each
+# with the drop reasons it must produce at the sandbox's egress.
+EVASION_CASES = {
+    "frag-nonfirst": ("frag_no_flow",),
+    "frag-tiny-first": ("malformed", "frag_no_flow"),
+    "frag-overlap": ("policy_deny", "frag_no_flow"),
+    "frag-v6": ("policy_deny", "frag_no_flow"),
+    "v6-long-chain": ("ipv6_exthdr_chain",),
+    "v6-unknown-header": ("ipv6_exthdr",),
+    "v6-routing-header": ("ipv6_exthdr",),
+    "vlan": ("vlan",),
+    "qinq": ("vlan",),
+    "ip-options": ("ip_options",),
+    "tcp-flags": ("policy_deny",),
+    "bad-checksums": ("policy_deny",),
+    "truncated": ("malformed", "ip_options"),
+}
+
+
+def evasion_corpus() -> list[Attack]:
+    dc1_v4, dc1_v6 = ADDR["dc1"]
+    out = [Attack("evasion", case, ["evasion", case, dc1_v4, dc1_v6, "22"], reasons)
+           for case, reasons in EVASION_CASES.items()]
+    out.append(Attack("evasion", "gso: UDP_SEGMENT super-packets", ["gso", dc1_v4, "445"], ("policy_deny",)))
+    return out
 
 
 # Steps the issue asks for that need the DNS proxy / credential proxy in the daemon.
@@ -336,6 +399,13 @@ class Arena(Demo):
         return {d["reason"]: d["packets"] for d in counters["drops"]
                 if d["zone"] == ATTACKER_ZONE and d["direction"] == "egress"}
 
+    def interface_mac(self, member: str, ifname: str) -> str:
+        """MAC of `ifname` in lab member `member` (ip, not /sys: nsenter keeps the caller's sysfs)."""
+        done = self.lab.exec(member, ["ip", "-o", "link", "show", "dev", ifname], lab_resolver=False,
+                             capture_output=True, text=True)
+        words = done.stdout.split()
+        return words[words.index("link/ether") + 1]
+
     def host_neighbour_macs(self, family: int, address: str) -> set[str]:
         """Link-layer addresses the lab host's neighbour table holds for `address` (any interface)."""
         done = self.lab.exec("host", ["ip", f"-{family}", "neigh", "show", address], lab_resolver=False,
@@ -343,18 +413,32 @@ class Arena(Demo):
         words = done.stdout.split()
         return {words[i + 1] for i, w in enumerate(words[:-1]) if w == "lladdr"}
 
+    def sniffer_self_check(self) -> int:
+        """Frames of agent1 the internet's sniffer counts for an ALLOWED syslog datagram (3 sent):
+        proof that the sniffers would see attack traffic if any got through."""
+        self.start_sniffers(members=("internet",))
+        try:
+            self.lab.exec(ATTACKER, [sys.executable, "-c", _TOOL, "udp", "192.0.2.10", "--", "514", "514", "514"],
+                          lab_resolver=False, capture_output=True)
+            time.sleep(0.3)
+        finally:
+            counted = self.stop_sniffers()
+        return counted["internet"]["frames"]
+
     # ---- the chain ----------------------------------------------------------------------------
     def play(self, attacks: list[Attack] | None = None, on_step=None) -> dict:
         """Run every attack from agent1 with sniffers everywhere else and the legitimate session
         running. Returns {"attacks": [...], "legit": {"ok", "failed"}, "sniffed": {...}}."""
         attacks = kill_chain() if attacks is None else attacks
+        gateway_mac = self.interface_mac("host", "sg-agent1")
         self.start_sniffers()
         legit = self.start_legit()
         try:
             for attack in attacks:
                 before = self.sandbox_drops()
                 done = self.lab.exec(ATTACKER, [sys.executable, "-c", _TOOL, *attack.argv], lab_resolver=False,
-                                     capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(config.REPO_ROOT)))
+                                     capture_output=True, text=True,
+                                     env=dict(os.environ, PYTHONPATH=str(config.REPO_ROOT), SG_GATEWAY_MAC=gateway_mac))
                 try:
                     result = json.loads(done.stdout.strip().splitlines()[-1])
                 except (ValueError, IndexError):

@@ -9,6 +9,11 @@ from __future__ import annotations
 from skyguard.attack import kill_chain
 
 
+def test_sniffers_see_what_gets_through(attack_lab):
+    """The observers are not blind: an allowed syslog datagram from agent1 arrives and is counted."""
+    assert attack_lab.sniffer_self_check() >= 3
+
+
 def test_every_kill_chain_step_is_blocked_and_legit_traffic_flows(attack_lab):
     result = attack_lab.play()
     report = [(a.step, a.title, a.sent, a.answered, a.counted, a.neighbour_poisoned) for a in result["attacks"]]
