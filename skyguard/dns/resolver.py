@@ -266,8 +266,9 @@ class DnsPolicyResolver:
                         and record.owner in chain:
                     try:
                         target, _ = wire.read_name(reply, record.rdata_offset)
-                    except wire.WireError:
-                        continue
+                    except wire.WireError as e:
+                        return Answer(reply=self.fail(decision, "malformed",
+                                                      f"upstream CNAME: {e}"))
                     key = wire.labels_key(target)
                     if key not in chain:
                         chain.add(key)

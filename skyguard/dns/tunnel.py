@@ -24,6 +24,8 @@ from skyguard.dns.names import base_domain
 THRESHOLD = 1.0  # a score at or above this is a detection
 LONG_LABEL = 30  # labels longer than this start to count; real hostnames rarely exceed 20
 MAX_LABEL = 63  # the longest a label can be: full score for the long-label part
+LONG_SUBDOMAIN = 40  # subdomain octets (labels left of the base) that start to count; tools
+# that split payload into several medium labels (dnscat2) show up here, not in LONG_LABEL
 ENCODED_MIN_LEN = 16  # shorter runs of hex/base32 are ordinary (CDN ids such as d1a2b3c4e5f6)
 ENTROPY_MIN_LEN = 20  # Shannon entropy of shorter strings says little
 ENTROPY_BITS = 4.0  # bits/char above which a subdomain looks random (English names ~2.5-3.5)
@@ -84,6 +86,8 @@ def score_name(labels: list[bytes], qtype: int) -> tuple[dict[str, float], bytes
     longest = max((len(label) for label in lowered), default=0)
     if longest > LONG_LABEL:
         parts["long_label"] = round(0.6 * (longest - LONG_LABEL) / (MAX_LABEL - LONG_LABEL) + 0.2, 3)
+    if len(sub) > LONG_SUBDOMAIN:
+        parts["long_name"] = round(min(0.8, 0.2 + 0.6 * (len(sub) - LONG_SUBDOMAIN) / 110), 3)
     if len(sub) >= ENTROPY_MIN_LEN:
         bits = shannon_bits(sub.replace(b".", b""))
         if bits > ENTROPY_BITS:

@@ -102,6 +102,8 @@ def read_name(buf: bytes, offset: int) -> tuple[list[bytes], int]:
                 end_after = pos + 2
             if target >= pos:
                 raise WireError("compression pointer does not point backwards (loop)")
+            if target < HEADER_LEN:
+                raise WireError("compression pointer into the header")
             hops += 1
             if hops > MAX_POINTER_HOPS:
                 raise WireError("too many compression pointers")
