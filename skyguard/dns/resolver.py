@@ -227,6 +227,11 @@ class DnsPolicyResolver:
         reply = bytes(reply)
         try:
             header = wire.parse_header(reply)
+            if header.flags & wire.FLAG_QR and header.flags & wire.FLAG_TC \
+                    and header.id == decision.upstream_id and header.qdcount == 0:
+                # Some servers (dnslib among them) truncate to a bare header. Trusting it costs
+                # at most a retry over TCP, where the question is checked again.
+                return Answer(truncated=True)
             if not header.flags & wire.FLAG_QR or header.id != decision.upstream_id \
                     or header.qdcount != 1:
                 self.metrics.mismatched.inc()
