@@ -342,7 +342,7 @@ def test_restart_relearns_what_was_learned(proxy, state_dir):
     restarted = ProxyThread(state_dir).start()
     try:
         assert restarted.relearned >= 1
-        assert any(c["ips"] == ["203.0.113.77"] and c["rule"] == "web"
+        assert any("203.0.113.77" in c["ips"] and c["rule"] == "web"
                    for c in restarted.learner.calls)
         status, _ = dig("allowed.test")
         assert status == "NOERROR"
