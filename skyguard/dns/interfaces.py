@@ -40,8 +40,13 @@ class PolicyDirectory:
         for workload in policy.workloads():
             for address in workload.addresses:
                 self._by_ip[address] = (workload.name, workload.zone)
+        # sockets report addresses in canonical text: one dict lookup on the hot path
+        self._by_text = {str(a): v for a, v in self._by_ip.items()}
 
     def lookup(self, source_ip: str) -> tuple[str, str] | None:
+        hit = self._by_text.get(source_ip)
+        if hit is not None:
+            return hit
         try:
             address = ipaddress.ip_address(source_ip.split("%", 1)[0])
         except ValueError:

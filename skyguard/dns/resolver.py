@@ -37,6 +37,7 @@ LEARN_GRACE_SECONDS = 2  # datapath entries outlive the VM's cached answer by th
 # that connects right at the end of its TTL is not dropped by a race with our own expiry
 MAX_CNAME_CHAIN = 16  # links followed inside one answer
 UPSTREAM_EDNS_SIZE = 1232  # the DNS flag day 2020 value: avoids IP fragmentation upstream
+MATCH_CACHE_SIZE = 65536  # (zone, name) policy verdicts remembered until the next policy swap
 MAX_ADDITIONAL = 2  # OPT and maybe TSIG; more is not a real client's query
 
 # Answers pointing here are rebinding attempts unless a rule of the zone names the address.
@@ -44,6 +45,9 @@ REBINDING_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
     "0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "255.255.255.255/32",
     "::/128", "::1/128", "fe80::/10", "ff00::/8", "::ffff:0:0/96"))
 METADATA_ADDRESS = ipaddress.ip_address("169.254.169.254")
+_REBINDING_MASKS = {4: [], 6: []}
+for _net in REBINDING_NETWORKS:  # (network int, mask int): one AND per network per address
+    _REBINDING_MASKS[_net.version].append((int(_net.network_address), int(_net.netmask)))
 
 _OPT_FIXED = struct.Struct("!BHHIH")  # root name, type OPT, class = payload size, ttl, rdlen
 
@@ -92,6 +96,7 @@ class DnsPolicyResolver:
         self.store = store if store is not None else LearnedStore(None)
         self.host_addresses = frozenset(ipaddress.ip_address(a) for a in host_addresses)
         self.detector = detector if detector is not None else TunnelDetector()
+        self._children: dict[tuple[str, str], tuple] = {}
         self.set_policy(policy)
 
     def set_policy(self, policy: Policy) -> None:
@@ -101,6 +106,7 @@ class DnsPolicyResolver:
         self.refuse_rcode = wire.RCODE_NXDOMAIN if policy.dns.refuse_with == "nxdomain" \
             else wire.RCODE_REFUSED
         self._fqdn_rules: dict[str, tuple[list[Rule], list[Rule]]] = {}
+        self._match_cache: dict[tuple[str, str], tuple[str, str, tuple[Rule, ...]]] = {}
         # Per allow rule: the networks it names. An address in them may be learned for that
         # rule's names even if it looks like rebinding (the operator said so). A default route
         # (0.0.0.0/0, "internet") names everything and so whitelists nothing here.
@@ -191,23 +197,38 @@ class DnsPolicyResolver:
                     f"base domain {tunnel.base} flagged for tunnelling"
                 return self._refuse(query, "tunnel", reason, tunnel=tunnel, **base)
 
-        denies, allows = self._fqdn_rules.get(zone, ((), ()))
-        for rule in denies:
-            if any(pattern_matches(p, name) for p in rule.to.fqdns):
-                return self._refuse(query, "denied", f"deny rule {rule.name}",
-                                    tunnel=tunnel, **base)
-        matching = tuple(r for r in allows if any(pattern_matches(p, name) for p in r.to.fqdns))
-        if not matching:
-            return self._refuse(query, "refused", "no rule of the zone names it",
-                                tunnel=tunnel, **base)
+        verdict, reason, matching = self._match(zone, name)
+        if verdict != "allowed":
+            return self._refuse(query, verdict, reason, tunnel=tunnel, **base)
         upstream_id = secrets.randbits(16)
         flags = header.flags & (wire.FLAG_RD | 0x0010)  # keep RD and CD, nothing else
         upstream = struct.pack("!HHHHHH", upstream_id, flags, 1, 0, 0, 1 if edns else 0)
         upstream += query[wire.HEADER_LEN:question.end]
         if edns is not None:
             upstream += _OPT_FIXED.pack(0, wire.QTYPE_OPT, UPSTREAM_EDNS_SIZE, 0, 0)
-        return Decision("forward", "allowed", f"rule {matching[0].name}", upstream_query=upstream,
+        return Decision("forward", "allowed", reason, upstream_query=upstream,
                         upstream_id=upstream_id, rules=matching, tunnel=tunnel, **base)
+
+    def _match(self, zone: str, name: str) -> tuple[str, str, tuple[Rule, ...]]:
+        """(verdict, reason, allow rules naming it) for name in zone; cached per policy."""
+        hit = self._match_cache.get((zone, name))
+        if hit is not None:
+            return hit
+        denies, allows = self._fqdn_rules.get(zone, ((), ()))
+        result = None
+        for rule in denies:
+            if any(pattern_matches(p, name) for p in rule.to.fqdns):
+                result = ("denied", f"deny rule {rule.name}", ())
+                break
+        if result is None:
+            matching = tuple(r for r in allows
+                             if any(pattern_matches(p, name) for p in r.to.fqdns))
+            result = ("allowed", f"rule {matching[0].name}", matching) if matching else \
+                ("refused", "no rule of the zone names it", ())
+        if len(self._match_cache) >= MATCH_CACHE_SIZE:
+            self._match_cache.clear()  # bounded: random names cannot grow it without limit
+        self._match_cache[(zone, name)] = result
+        return result
 
     def _error(self, query, rcode, question_end, verdict, reason) -> Decision:
         return Decision("reply", verdict, reason, reply=wire.error_reply(query, rcode, question_end))
@@ -342,8 +363,11 @@ class DnsPolicyResolver:
         return answer
 
     def _is_rebinding(self, ip) -> bool:
-        return ip == METADATA_ADDRESS or ip in self.host_addresses \
-            or any(ip in n for n in REBINDING_NETWORKS if n.version == ip.version)
+        value = int(ip)
+        for network, mask in _REBINDING_MASKS[ip.version]:
+            if value & mask == network:
+                return True
+        return ip in self.host_addresses  # the metadata address is inside 169.254.0.0/16
 
     def fail(self, decision: Decision, kind: str, reason: str, now: float | None = None) -> bytes:
         """SERVFAIL for a forwarded query (upstream timeout or error, learner failure)."""
@@ -358,12 +382,17 @@ class DnsPolicyResolver:
     def _account(self, decision: Decision, answer: Answer | None = None, reason: str | None = None,
                  now: float | None = None) -> None:
         zone = decision.zone or "-"
-        self.metrics.queries.labels(zone, decision.verdict).inc()
+        key = (zone, decision.verdict)
+        counter = self._children.get(key)
+        if counter is None:  # labels() costs a lock and a tuple build per call: cache children
+            counter = self._children[key] = (self.metrics.queries.labels(*key),
+                                             self.metrics.latency.labels(decision.verdict))
+        counter[0].inc()
         if decision.action == "drop":
             self.metrics.dropped.labels(decision.reason.split(":")[0][:40]).inc()
         if decision.started:
             elapsed = (time.monotonic() if now is None else now) - decision.started
-            self.metrics.latency.labels(decision.verdict).observe(max(0.0, elapsed))
+            counter[1].observe(max(0.0, elapsed))
         entry = {"kind": "dns", "name": decision.name, "type": wire.qtype_name(decision.qtype)
                  if decision.qtype else "", "zone": decision.zone, "workload": decision.workload,
                  "client": decision.client_ip, "verdict": decision.verdict,

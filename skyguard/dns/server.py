@@ -64,11 +64,25 @@ class Upstream:
         return cls(host, port)
 
 
+class _Pending:
+    """One forwarded query in flight: which upstream it is at, its timer, who wants the bytes."""
+
+    __slots__ = ("decision", "upstream_index", "on_done", "timer", "socket", "key")
+
+    def __init__(self, decision: Decision, on_done):
+        self.decision = decision
+        self.upstream_index = 0
+        self.on_done = on_done  # called once with the bytes to release (answer or SERVFAIL)
+        self.timer = None
+        self.socket = None
+        self.key = None
+
+
 class _UpstreamSocket(asyncio.DatagramProtocol):
     def __init__(self, server: "DnsServer"):
         self.server = server
         self.transport: asyncio.DatagramTransport | None = None
-        self.pending: dict[int, tuple[asyncio.Future, tuple, Decision]] = {}
+        self.pending: dict[int, _Pending] = {}
 
     def connection_made(self, transport):
         self.transport = transport
@@ -76,20 +90,11 @@ class _UpstreamSocket(asyncio.DatagramProtocol):
     def datagram_received(self, data, addr):
         if len(data) < 2:
             return
-        (reply_id,) = struct.unpack_from("!H", data)
-        waiting = self.pending.get(reply_id)
-        if waiting is None or (addr[0], addr[1]) != waiting[1] or waiting[0].done():
-            self.server.resolver.metrics.mismatched.inc()
+        pending = self.pending.get((data[0] << 8) | data[1])
+        if pending is None or (addr[0], addr[1]) != pending.key:
+            self.server.metrics.mismatched.inc()
             return
-        future, _, decision = waiting
-        try:
-            answer = self.server.resolver.answer(decision, data)
-        except Exception as e:  # noqa: BLE001 - never let one reply kill the socket
-            future.set_exception(e)
-            return
-        if answer is not None:
-            del self.pending[reply_id]
-            future.set_result(answer)
+        self.server._on_upstream_reply(self, pending, data)
 
     def error_received(self, exc):
         pass  # ICMP unreachable from an upstream: the timeout handles it
@@ -179,6 +184,8 @@ class DnsServer:
         for task in list(self._tasks):
             task.cancel()
         for proto in self._sockets + getattr(self, "_sockets6", []):
+            for pending in list(proto.pending.values()):
+                self._unregister(pending)
             if proto.transport:
                 proto.transport.close()
         for server in self._servers:
@@ -206,17 +213,17 @@ class DnsServer:
             if self._inflight.get(client_ip, 0) >= PER_CLIENT_INFLIGHT:
                 self.metrics.dropped.labels("client-inflight-limit").inc()
                 return
-            self._spawn(self._forward_udp(transport, decision, addr))
+
+            def release(reply: bytes) -> None:
+                if not transport.is_closing():
+                    transport.sendto(fit_udp(decision, reply), addr)
+
+            self._forward(decision, release)
 
     def _spawn(self, coroutine) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def _forward_udp(self, transport, decision: Decision, addr) -> None:
-        reply = await self.resolve(decision)
-        if not transport.is_closing():
-            transport.sendto(fit_udp(decision, reply), addr)
 
     # ---- TCP clients ---------------------------------------------------------------------
 
@@ -262,47 +269,98 @@ class DnsServer:
     # ---- upstream ------------------------------------------------------------------------
 
     async def resolve(self, decision: Decision) -> bytes:
-        """Forward decision's query to the upstreams in order; the released reply bytes or
-        SERVFAIL. Never raises."""
+        """Forward decision's query; the released reply bytes or SERVFAIL. Never raises."""
+        future = asyncio.get_running_loop().create_future()
+        self._forward(decision, lambda reply: future.done() or future.set_result(reply))
+        return await future
+
+    # The UDP fast path is callbacks, not a task per query: a task plus wait_for cost more than
+    # the whole policy decision. Order per upstream: UDP; on TC, TCP; on timeout, the next one.
+
+    def _forward(self, decision: Decision, on_done) -> None:
         client_ip = decision.client_ip
         self._inflight[client_ip] = self._inflight.get(client_ip, 0) + 1
-        try:
-            last = "no upstream answered"
-            kind = "timeout"
-            for upstream in self.upstreams:
-                try:
-                    answer = await self._ask_udp(upstream, decision)
-                    if answer is not None and answer.truncated:
-                        answer = await self._ask_tcp(upstream, decision)
-                    if answer is not None:
-                        return answer.reply
-                    last, kind = f"upstream {upstream.host} sent no matching reply", "mismatch"
-                except asyncio.TimeoutError:
-                    last, kind = f"upstream {upstream.host} timed out", "timeout"
-                except OSError as e:
-                    last, kind = f"upstream {upstream.host}: {e.strerror or e}", "network"
-            return self.resolver.fail(decision, kind, last)
-        except Exception as e:  # noqa: BLE001 - a bug here must cost one answer, not the daemon
-            return self.resolver.fail(decision, "internal", f"internal error: {type(e).__name__}")
-        finally:
-            self._inflight[client_ip] -= 1
-            if not self._inflight[client_ip]:
-                del self._inflight[client_ip]
+        self._send_udp(_Pending(decision, on_done))
 
-    async def _ask_udp(self, upstream: Upstream, decision: Decision):
+    def _finish(self, pending: _Pending, reply: bytes) -> None:
+        client_ip = pending.decision.client_ip
+        left = self._inflight.get(client_ip, 1) - 1
+        if left:
+            self._inflight[client_ip] = left
+        else:
+            self._inflight.pop(client_ip, None)
+        pending.on_done(reply)
+
+    def _send_udp(self, pending: _Pending) -> None:
+        decision = pending.decision
+        upstream = self.upstreams[pending.upstream_index]
         pool = self._sockets6 if ":" in upstream.host else self._sockets
-        proto = random.choice(pool)
+        proto = pool[random.randrange(len(pool))]
         while decision.upstream_id in proto.pending:  # an ID clash on this socket: re-draw
             decision.upstream_id = random.getrandbits(16)
             decision.upstream_query = wire.with_id(decision.upstream_query, decision.upstream_id)
-        future = asyncio.get_running_loop().create_future()
-        proto.pending[decision.upstream_id] = (future, (upstream.host, upstream.port), decision)
+        pending.socket, pending.key = proto, (upstream.host, upstream.port)
+        proto.pending[decision.upstream_id] = pending
+        pending.timer = asyncio.get_running_loop().call_later(
+            self.upstream_timeout, self._on_upstream_timeout, pending)
         try:
-            proto.transport.sendto(decision.upstream_query, (upstream.host, upstream.port))
-            return await asyncio.wait_for(future, self.upstream_timeout)
-        finally:
-            if proto.pending.get(decision.upstream_id, (None,))[0] is future:
-                del proto.pending[decision.upstream_id]
+            proto.transport.sendto(decision.upstream_query, pending.key)
+        except OSError as e:
+            self._next_upstream(pending, "network", f"upstream {upstream.host}: {e.strerror}")
+
+    def _unregister(self, pending: _Pending) -> None:
+        if pending.timer is not None:
+            pending.timer.cancel()
+            pending.timer = None
+        if pending.socket is not None:
+            if pending.socket.pending.get(pending.decision.upstream_id) is pending:
+                del pending.socket.pending[pending.decision.upstream_id]
+            pending.socket = None
+
+    def _on_upstream_timeout(self, pending: _Pending) -> None:
+        host = self.upstreams[pending.upstream_index].host
+        self._next_upstream(pending, "timeout", f"upstream {host} timed out")
+
+    def _next_upstream(self, pending: _Pending, kind: str, reason: str) -> None:
+        self._unregister(pending)
+        pending.upstream_index += 1
+        if pending.upstream_index < len(self.upstreams):
+            self._send_udp(pending)
+        else:
+            self._finish(pending, self.resolver.fail(pending.decision, kind, reason))
+
+    def _on_upstream_reply(self, proto: _UpstreamSocket, pending: _Pending, data: bytes) -> None:
+        try:
+            answer = self.resolver.answer(pending.decision, data)
+        except Exception as e:  # noqa: BLE001 - a bug costs one answer, never the socket
+            self._unregister(pending)
+            self._finish(pending, self.resolver.fail(pending.decision, "internal",
+                                                     f"internal error: {type(e).__name__}"))
+            return
+        if answer is None:
+            return  # not ours after all (wrong question): keep waiting until the timer fires
+        self._unregister(pending)
+        if answer.truncated:
+            self._spawn(self._retry_tcp(pending))
+        else:
+            self._finish(pending, answer.reply)
+
+    async def _retry_tcp(self, pending: _Pending) -> None:
+        upstream = self.upstreams[pending.upstream_index]
+        try:
+            answer = await self._ask_tcp(upstream, pending.decision)
+        except asyncio.TimeoutError:
+            answer, kind, reason = None, "timeout", f"upstream {upstream.host} timed out (TCP)"
+        except OSError as e:
+            answer, kind, reason = None, "network", f"upstream {upstream.host}: {e.strerror or e}"
+        except Exception as e:  # noqa: BLE001
+            answer, kind, reason = None, "internal", f"internal error: {type(e).__name__}"
+        else:
+            kind, reason = "mismatch", f"upstream {upstream.host} sent no matching TCP reply"
+        if answer is not None:
+            self._finish(pending, answer.reply)
+        else:
+            self._next_upstream(pending, kind, reason)
 
     async def _ask_tcp(self, upstream: Upstream, decision: Decision):
         async def exchange():

@@ -35,6 +35,7 @@ UNIQUE_HARD = 40  # ... and that score a full detection on their own
 FLAG_SECONDS = 300.0  # how long a detected (VM, base domain) stays blocked
 MAX_BASES_PER_VM = 1024  # tracked base domains per VM (LRU): memory stays bounded
 MAX_VMS = 4096
+NAME_CACHE_SIZE = 65536  # names whose per-name score is remembered
 
 QTYPE_WEIGHT = {wire.QTYPE_NULL: 1.0, wire.QTYPE_ANY: 0.5, wire.QTYPE_TXT: 0.3}
 
@@ -112,6 +113,9 @@ class TunnelDetector:
 
     def __init__(self):
         self._vms: OrderedDict[str, OrderedDict[str, _BaseWindow]] = OrderedDict()
+        # per-name parts depend only on the name and type: cached, because most traffic is the
+        # same few names again (bounded; cleared when full, tunnels churn it and pay full cost)
+        self._name_cache: dict[tuple[bytes, int], tuple[dict, bytes, str]] = {}
 
     def _window(self, vm: str, base: str) -> _BaseWindow:
         bases = self._vms.get(vm)
@@ -131,8 +135,16 @@ class TunnelDetector:
         return window
 
     def observe(self, vm: str, labels: list[bytes], qtype: int, now: float) -> Verdict:
-        parts, sub = score_name(labels, qtype)
-        base = base_domain(b".".join(labels).decode("ascii", "replace"))
+        joined = b".".join(labels)
+        cached = self._name_cache.get((joined, qtype))
+        if cached is None:
+            if len(self._name_cache) >= NAME_CACHE_SIZE:
+                self._name_cache.clear()
+            name_parts, sub = score_name(labels, qtype)
+            cached = (name_parts, sub, base_domain(joined.decode("ascii", "replace")))
+            self._name_cache[(joined, qtype)] = cached
+        name_parts, sub, base = cached
+        parts = dict(name_parts)
         window = self._window(vm, base)
         while window.seen and window.seen[0][0] < now - WINDOW_SECONDS:
             _, old = window.seen.popleft()

@@ -140,10 +140,7 @@ class Question:
     qtype: int
     qclass: int
     end: int  # offset just after the question
-
-    @property
-    def key(self) -> bytes:
-        return labels_key(list(self.labels))
+    key: bytes  # labels_key() of the name: case-insensitive comparisons
 
 
 def read_question(buf: bytes, offset: int = HEADER_LEN) -> Question:
@@ -151,7 +148,7 @@ def read_question(buf: bytes, offset: int = HEADER_LEN) -> Question:
     if pos + 4 > len(buf):
         raise WireError("question truncated")
     qtype, qclass = struct.unpack_from("!HH", buf, pos)
-    return Question(tuple(labels), qtype, qclass, pos + 4)
+    return Question(tuple(labels), qtype, qclass, pos + 4, labels_key(labels))
 
 
 @dataclass(frozen=True)
