@@ -302,6 +302,11 @@ class DnsPolicyResolver:
             if not grown:
                 break
 
+        if decision.tunnel is not None and decision.qtype in (wire.QTYPE_TXT, wire.QTYPE_NULL):
+            octets = sum(r.rdlength for r in records
+                         if r.section == 0 and r.rtype in (wire.QTYPE_TXT, wire.QTYPE_NULL))
+            self.detector.observe_answer(decision.workload, decision.tunnel.base, octets, now)
+
         named = [n for rule in decision.rules for n in self._named_networks.get(rule.name, ())]
         learn: list = []
         strip: list[int] = []  # indexes into the answer section

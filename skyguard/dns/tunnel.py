@@ -35,6 +35,10 @@ UNIQUE_HARD = 40  # ... and that score a full detection on their own
 FLAG_SECONDS = 300.0  # how long a detected (VM, base domain) stays blocked
 MAX_BASES_PER_VM = 1024  # tracked base domains per VM (LRU): memory stays bounded
 MAX_VMS = 4096
+LONG_ANSWER_OCTETS = 300  # TXT/NULL rdata per answer above which it counts as bulky (the
+# download channel of a tunnel); one DKIM or SPF record can be this long, so only repetition
+# under one base domain scores
+BULKY_ANSWERS_HARD = 10  # bulky answers per base per window for a full score
 NAME_CACHE_SIZE = 65536  # names whose per-name score is remembered
 
 QTYPE_WEIGHT = {wire.QTYPE_NULL: 1.0, wire.QTYPE_ANY: 0.5, wire.QTYPE_TXT: 0.3}
@@ -106,6 +110,7 @@ class _BaseWindow:
     seen: deque = field(default_factory=deque)  # (time, subdomain) in arrival order
     counts: Counter = field(default_factory=Counter)
     flagged_until: float = 0.0
+    bulky: deque = field(default_factory=deque)  # times of long TXT/NULL answers
 
 
 class TunnelDetector:
@@ -156,6 +161,10 @@ class TunnelDetector:
             if len(window.seen) < UNIQUE_HARD * 4:
                 window.seen.append((now, sub))
                 window.counts[sub] += 1
+        while window.bulky and window.bulky[0] < now - WINDOW_SECONDS:
+            window.bulky.popleft()
+        if window.bulky:
+            parts["bulky_answers"] = round(min(1.0, len(window.bulky) / BULKY_ANSWERS_HARD), 3)
         unique = len(window.counts)
         if unique > UNIQUE_SOFT:
             parts["unique_subdomains"] = round(
@@ -166,3 +175,11 @@ class TunnelDetector:
         if detected:
             window.flagged_until = now + FLAG_SECONDS
         return Verdict(score, parts, base, detected, flagged and not detected)
+
+    def observe_answer(self, vm: str, base: str, payload_octets: int, now: float) -> None:
+        """Count a TXT/NULL answer of payload_octets for vm under base (scored on the next
+        query of that base)."""
+        if payload_octets > LONG_ANSWER_OCTETS:
+            window = self._window(vm, base)
+            if len(window.bulky) < BULKY_ANSWERS_HARD * 2:
+                window.bulky.append(now)

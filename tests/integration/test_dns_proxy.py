@@ -39,6 +39,8 @@ VM_IF = f"dnxv{SUFFIX}"  # host side of the vm's veth: what the policy and steer
 UP_IF = f"dnxu{SUFFIX}"
 VM_IP, HOST_IP, UP_HOST_IP, UP_IP = "10.99.1.2", "10.99.1.1", "10.99.2.1", "10.99.2.53"
 FOREIGN_RESOLVER = "198.51.100.99"  # nobody owns it: only the steering can answer
+FOREIGN_RESOLVER6 = "2001:db8::99"
+VM_IP6, HOST_IP6 = "fd99:1::2", "fd99:1::1"
 PROXY_PORT = 23053
 LEARN_DELAY = 0.3  # the recording learner takes this long, to make the ordering observable
 
@@ -81,12 +83,15 @@ def namespaces(root):
         sh("ip", "link", "add", UP_IF, "netns", NS_HOST, "type", "veth", "peer", "name", "eth0",
            "netns", NS_UP)
         in_ns(NS_HOST, "ip", "addr", "add", f"{HOST_IP}/24", "dev", VM_IF)
+        in_ns(NS_HOST, "ip", "addr", "add", f"{HOST_IP6}/64", "dev", VM_IF, "nodad")
         in_ns(NS_HOST, "ip", "addr", "add", f"{UP_HOST_IP}/24", "dev", UP_IF)
         in_ns(NS_HOST, "ip", "link", "set", VM_IF, "up")
         in_ns(NS_HOST, "ip", "link", "set", UP_IF, "up")
         in_ns(NS_VM, "ip", "addr", "add", f"{VM_IP}/24", "dev", "eth0")
         in_ns(NS_VM, "ip", "link", "set", "eth0", "up")
         in_ns(NS_VM, "ip", "route", "add", "default", "via", HOST_IP)
+        in_ns(NS_VM, "ip", "addr", "add", f"{VM_IP6}/64", "dev", "eth0", "nodad")
+        in_ns(NS_VM, "ip", "-6", "route", "add", "default", "via", HOST_IP6)
         in_ns(NS_UP, "ip", "addr", "add", f"{UP_IP}/24", "dev", "eth0")
         in_ns(NS_UP, "ip", "link", "set", "eth0", "up")
         yield
@@ -168,7 +173,7 @@ class RecordingLearner:
 
 
 def make_policy():
-    vm = Workload("vm1", "apps", VM_IF, "02:00:00:00:09:01", (ipaddress.ip_address(VM_IP),))
+    vm = Workload("vm1", "apps", VM_IF, "02:00:00:00:09:01", (ipaddress.ip_address(VM_IP), ipaddress.ip_address(VM_IP6)))
     rules = (
         Rule("web", "allow", ("apps",), Destination(fqdns=("allowed.test", "alias.test",
                                                             "rebind.test", "big.test")),
@@ -206,7 +211,7 @@ class ProxyThread:
                                          log=self.log, store=store,
                                          host_addresses=[HOST_IP, UP_HOST_IP])
             self.server = DnsServer(resolver, [Upstream(UP_IP)],
-                                    listen=[("0.0.0.0", PROXY_PORT)])
+                                    listen=[("0.0.0.0", PROXY_PORT), ("::", PROXY_PORT)])
             self.loop.run_until_complete(self.server.start())
         except Exception as e:  # reported by start()
             self.error = e
@@ -242,8 +247,8 @@ def proxy(upstream, state_dir):
     steering.remove(netns=NS_HOST)
 
 
-def dig(*args: str) -> tuple[str, str]:
-    out = in_ns(NS_VM, "dig", f"@{FOREIGN_RESOLVER}", "+tries=1", "+time=3", *args, check=False)
+def dig(*args: str, server: str = FOREIGN_RESOLVER) -> tuple[str, str]:
+    out = in_ns(NS_VM, "dig", f"@{server}", "+tries=1", "+time=3", *args, check=False)
     status = re.findall(r"status: (\w+)", out.stdout)
     return (status[-1] if status else "NO-ANSWER"), out.stdout
 
@@ -285,6 +290,14 @@ def test_tcp_works(proxy):
     status, text = dig("+tcp", "allowed.test", "AAAA")
     assert status == "NOERROR", text
     assert answers(text) and ":" in answers(text)[0]
+
+
+def test_ipv6_query_to_a_foreign_address_is_answered_from_it(proxy):
+    for extra in ((), ("+tcp",)):
+        status, text = dig(*extra, "allowed.test", "AAAA", server=FOREIGN_RESOLVER6)
+        assert status == "NOERROR", text
+        assert f"SERVER: {FOREIGN_RESOLVER6}#53" in text
+    assert any(e["client"] == VM_IP6 and e["workload"] == "vm1" for e in proxy.log.entries)
 
 
 def test_cname_chain_learns_the_final_address(proxy):

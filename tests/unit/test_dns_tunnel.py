@@ -133,3 +133,19 @@ def test_off_does_not_score():
     resolver, _, _ = make_resolver(make_policy(tunnel="off"))
     d = resolver.decide(DNSRecord.question(dnscat_names(1)[0]).pack(), VM_IP, now=1.0)
     assert d.verdict == "allowed" and d.tunnel is None
+
+
+def test_repeated_long_txt_answers_under_one_base_are_detected_but_one_dkim_record_is_not():
+    from dnslib import QTYPE, RR, TXT
+    from tests.unit.test_dns_resolver import upstream_reply
+
+    resolver, _, _ = make_resolver()
+    verdicts = []
+    for i in range(12):  # the same short name each time: only the answers look odd
+        d = resolver.decide(DNSRecord.question("c2.cdn.test", "TXT").pack(), VM_IP, now=float(i))
+        verdicts.append(d.verdict)
+        if d.action == "forward":
+            resolver.answer(d, upstream_reply(d.upstream_query, [
+                RR("c2.cdn.test", QTYPE.TXT, rdata=TXT(["A" * 250, "B" * 250]))]), now=float(i))
+    assert verdicts[0] == "allowed" and verdicts[1] == "allowed"  # one long TXT is ordinary
+    assert "tunnel" in verdicts and verdicts[-1] == "tunnel"
