@@ -80,7 +80,8 @@ class Answer:
     reply: bytes = b""  # bytes to release to the VM (empty if truncated)
     truncated: bool = False  # upstream set TC: retry over TCP
     learned: list[str] = field(default_factory=list)
-    stripped: list[str] = field(default_factory=list)
+    stripped: list[str] = field(default_factory=list)  # rebinding targets removed
+    denied: list[str] = field(default_factory=list)  # addresses a deny rule names, removed
     ttl: int = 0
 
 
@@ -117,6 +118,18 @@ class DnsPolicyResolver:
                 for network_name in r.to.networks:
                     named.extend(policy.networks.get(network_name, ()))
                 self._named_networks[r.name] = [n for n in named if n.prefixlen > 0]
+        # Per zone: networks a deny rule names. An allowed name answering with such an address
+        # is not learned (the datapath would deny the flow anyway; learning it only adds noise
+        # and a confusing "allowed" log line).
+        self._denied_networks: dict[str, list] = {}
+        for zone in policy.zones:
+            denied = []
+            for r in policy.rules:
+                if zone in r.from_zones and r.action == "deny":
+                    denied.extend(r.to.cidrs)
+                    for network_name in r.to.networks:
+                        denied.extend(policy.networks.get(network_name, ()))
+            self._denied_networks[zone] = denied
         for zone in policy.zones:
             denies = [r for r in policy.rules if zone in r.from_zones and r.to.fqdns
                       and r.action == "deny"]
@@ -311,6 +324,7 @@ class DnsPolicyResolver:
         learn: list = []
         strip: list[int] = []  # indexes into the answer section
         stripped: list[str] = []
+        denied_ips: list[str] = []
         ttl = 0
         for index, record in enumerate(r for r in records if r.section == 0):
             if record.owner not in chain or record.rclass != wire.CLASS_IN:
@@ -324,6 +338,11 @@ class DnsPolicyResolver:
             if self._is_rebinding(ip) and not any(ip in n for n in named):
                 strip.append(index)
                 stripped.append(str(ip))
+                continue
+            denied = self._denied_networks.get(decision.zone)
+            if denied and any(ip in n for n in denied if n.version == ip.version):
+                strip.append(index)
+                denied_ips.append(str(ip))
                 continue
             if ip in learn:
                 continue
@@ -360,7 +379,7 @@ class DnsPolicyResolver:
                 except OSError:
                     self.metrics.upstream_errors.labels("state-save").inc()
         answer = Answer(reply=bytes(out), learned=[str(ip) for ip in learn], stripped=stripped,
-                        ttl=ttl)
+                        denied=denied_ips, ttl=ttl)
         rcode = header.rcode
         reason = decision.reason if rcode == wire.RCODE_NOERROR else \
             f"{decision.reason}; upstream rcode {rcode}"
@@ -407,6 +426,8 @@ class DnsPolicyResolver:
             entry.update(ips=answer.learned, ttl=answer.ttl)
             if answer.stripped:
                 entry["rebinding_stripped"] = answer.stripped
+            if answer.denied:
+                entry["denied_stripped"] = answer.denied
         if decision.tunnel is not None and (decision.tunnel.parts or decision.tunnel.flagged):
             entry["tunnel"] = {"score": decision.tunnel.score, "parts": decision.tunnel.parts,
                                "detected": decision.tunnel.detected,

@@ -38,6 +38,8 @@ def make_policy(refuse_with="refused", tunnel="block", min_ttl=5, max_ttl=3600) 
              (PortRange("tcp", 8080, 8080),)),
         Rule("box-pkgs", "allow", ("sandbox",), Destination(fqdns=("pypi.sandbox.test",)),
              (PortRange("tcp", 443, 443),)),
+        Rule("never-corp", "deny", ("auth",),
+             Destination(cidrs=(ipaddress.ip_network("10.0.0.0/8"),)), ()),
         Rule("internet", "allow", ("auth",),
              Destination(cidrs=(ipaddress.ip_network("0.0.0.0/0"),)), (PortRange("tcp", 22, 22),)),
     )
@@ -278,3 +280,15 @@ def test_upstream_query_carries_no_client_extras():
     q.add_ar(RR("x.test", QTYPE.TXT, rdata=TXT("smuggled")))
     d = resolver.decide(q.pack(), VM_IP)
     assert d.action == "forward" and b"smuggled" not in d.upstream_query
+
+
+def test_addresses_a_deny_rule_names_are_not_learned():
+    resolver, learner, log = make_resolver()
+    d = ask(resolver, "deb.debian.test")
+    up = upstream_reply(d.upstream_query, [
+        RR("deb.debian.test", QTYPE.A, rdata=A("10.1.2.3")),
+        RR("deb.debian.test", QTYPE.A, rdata=A("203.0.113.7"))])
+    answer = resolver.answer(d, up)
+    assert answer.learned == ["203.0.113.7"] and answer.denied == ["10.1.2.3"]
+    assert [str(rr.rdata) for rr in DNSRecord.parse(answer.reply).rr] == ["203.0.113.7"]
+    assert log.entries[-1]["denied_stripped"] == ["10.1.2.3"]
