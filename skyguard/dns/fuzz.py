@@ -13,11 +13,6 @@ from __future__ import annotations
 import ipaddress
 import sys
 
-from skyguard.dns.interfaces import NullLog, PolicyDirectory
-from skyguard.dns.resolver import DnsPolicyResolver
-from skyguard.policy.model import (Destination, DnsConfig, Policy, PortRange, Rule, Workload,
-                                   Zone)
-
 CLIENT = "10.0.0.2"
 SEED_QUERY = bytes.fromhex("123401000001000000000000036465620664656269616e04746573740000010001")
 
@@ -27,7 +22,13 @@ class _NoLearner:
         pass
 
 
-def make_resolver() -> DnsPolicyResolver:
+def make_resolver():
+    # imported here so that main() can import them under atheris' instrumentation
+    from skyguard.dns.interfaces import NullLog, PolicyDirectory
+    from skyguard.dns.resolver import DnsPolicyResolver
+    from skyguard.policy.model import (Destination, DnsConfig, Policy, PortRange, Rule,
+                                       Workload, Zone)
+
     vm = Workload("vm", "z", "sg-vm", "02:00:00:00:00:02", (ipaddress.ip_address(CLIENT),))
     rules = (Rule("any-test", "allow", ("z",), Destination(fqdns=("**.test",)),
                   (PortRange("tcp", 443, 443),)),
@@ -36,7 +37,7 @@ def make_resolver() -> DnsPolicyResolver:
     return DnsPolicyResolver(policy, PolicyDirectory(policy), _NoLearner(), log=NullLog())
 
 
-def one_input(resolver: DnsPolicyResolver, data: bytes) -> None:
+def one_input(resolver, data: bytes) -> None:
     if not data:
         return
     if data[0] & 1:
@@ -54,8 +55,9 @@ def one_input(resolver: DnsPolicyResolver, data: bytes) -> None:
 def main() -> None:
     import atheris
 
+    with atheris.instrument_imports(include=["skyguard.dns"]):
+        import skyguard.dns.resolver  # noqa: F401 - instruments resolver, wire, tunnel, names
     resolver = make_resolver()
-    atheris.instrument_all()
     atheris.Setup(sys.argv, lambda data: one_input(resolver, data))
     atheris.Fuzz()
 
