@@ -345,8 +345,8 @@ def test_steering_is_idempotent_and_counts(proxy):
     steering.install([VM_IF], PROXY_PORT, netns=NS_HOST)  # again: still one table, two rules
     listing = steering.installed(netns=NS_HOST)
     assert listing.count("redirect to :23053") == 2
-    status, _ = dig("allowed.test")
-    assert status == "NOERROR"
+    status, text = dig("allowed.test")
+    assert status == "NOERROR", (text, proxy.log.entries[-3:])
 
 
 def test_restart_relearns_what_was_learned(proxy, state_dir):
