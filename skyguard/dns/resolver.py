@@ -298,7 +298,8 @@ class DnsPolicyResolver:
                     struct.pack_into("!I", out, record.ttl_offset, clamped)
 
         chain = {question.key}
-        for _ in range(MAX_CNAME_CHAIN):
+        has_cname = any(r.rtype == wire.QTYPE_CNAME for r in records)
+        for _ in range(MAX_CNAME_CHAIN if has_cname else 0):
             grown = False
             for record in records:
                 if record.section == 0 and record.rtype == wire.QTYPE_CNAME \
@@ -356,6 +357,7 @@ class DnsPolicyResolver:
         if strip:
             out = bytearray(_without_answers(bytes(out), strip))
 
+        texts = [str(ip) for ip in learn]
         if learn:
             t0 = time.perf_counter()
             try:
@@ -367,7 +369,6 @@ class DnsPolicyResolver:
                                               f"datapath refused: {type(e).__name__}"))
             self.metrics.learn_latency.observe(time.perf_counter() - t0)
             self.metrics.learned_ips.labels(decision.zone).inc(len(learn))
-            texts = [str(ip) for ip in learn]
             for rule in decision.rules:
                 self.store.add(decision.zone, rule.name, decision.name, texts,
                                wall + ttl + LEARN_GRACE_SECONDS)
@@ -378,7 +379,7 @@ class DnsPolicyResolver:
                     self.store.save(wall)
                 except OSError:
                     self.metrics.upstream_errors.labels("state-save").inc()
-        answer = Answer(reply=bytes(out), learned=[str(ip) for ip in learn], stripped=stripped,
+        answer = Answer(reply=bytes(out), learned=texts, stripped=stripped,
                         denied=denied_ips, ttl=ttl)
         rcode = header.rcode
         reason = decision.reason if rcode == wire.RCODE_NOERROR else \
