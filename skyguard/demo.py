@@ -131,7 +131,8 @@ def scenario() -> list[Step]:
 
 class Demo:
     def __init__(self, console: Console | None = None, keep: bool = False):
-        self.console = console or Console(stderr=False)
+        # Not a terminal (CI, a pipe): wide enough that reasons stay on one line.
+        self.console = console or Console(width=None if sys.stdout.isatty() else 160)
         self.keep = keep
         self.workdir = Path(tempfile.mkdtemp(prefix="skyguard-demo-"))
         self.env = dict(os.environ,
