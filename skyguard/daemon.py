@@ -39,8 +39,10 @@ def _canonical(value):
 
 
 class Daemon:
-    def __init__(self, policy_path: Path, state_dir: Path | None = None, metrics_addr: str | None = None):
+    def __init__(self, policy_path: Path, state_dir: Path | None = None, metrics_addr: str | None = None,
+                 upstream_ca: str | None = None):
         self.policy_path = Path(policy_path)
+        self.upstream_ca = upstream_ca  # CA bundle for the credential proxy's upstream TLS (default: system)
         self.state_dir = Path(state_dir or config.STATE_DIR)
         self.metrics_addr = metrics_addr
         self.stop_event = threading.Event()
@@ -56,6 +58,7 @@ class Daemon:
         self._known: set[str] = set()  # interfaces this daemon has attached to
         self.loop = None
         self.dns = None
+        self.credentials = None
         from prometheus_client import CollectorRegistry
 
         self.registry = CollectorRegistry()  # every part's metrics; the exporter serves it
@@ -169,6 +172,46 @@ class Daemon:
                             state_dir=self.state_dir, port=DNS_PROXY_PORT)
         self._on_loop(self.dns.start())
         log.info("DNS proxy on port %d; VM queries to any address on port 53 are steered to it", DNS_PROXY_PORT)
+        self._start_credentials(policy)
+
+    def _start_credentials(self, policy) -> None:
+        """The credential-swap proxy and TLS termination. If they cannot start (a secret or key
+        missing from the store), the daemon runs on without them, says so loudly, and logs it:
+        traffic that needs them is not steered and so stays under the datapath's default deny."""
+        if not policy.credentials and not policy.tls_termination:
+            return
+        from skyguard.credproxy.service import CredentialService
+        from skyguard.custody.store import SecretStore
+        from skyguard.errors import SkyguardError
+
+        daemon = self
+
+        class _CredLog:  # the credential proxy's DecisionLog: swaps, blocks, terminations
+            @staticmethod
+            def record(entry: dict) -> None:
+                fields = dict(entry)
+                kind = fields.pop("event", "credential")
+                daemon.record_nowait(kind, **fields)
+
+        service = CredentialService(policy, SecretStore(self.state_dir / "secrets"), state_dir=self.state_dir,
+                                    decision_log=_CredLog(), registry=self.registry,
+                                    address_matches=self._dns_learned, upstream_ca_file=self.upstream_ca)
+        try:
+            self._on_loop(service.start())
+        except SkyguardError as e:
+            log.error("credential proxy and TLS termination NOT running: %s", e)
+            self.record("part_failed", part="credentials", error=str(e))
+            return
+        self.credentials = service
+        log.info("credential proxy running for %d credentials", len(policy.credentials))
+
+    def _dns_learned(self, name: str, address: str) -> bool:
+        """Did DNS answer `address` for `name` to a VM (and has it not expired)? The credential
+        proxy swaps only toward such an address."""
+        from skyguard.dns.names import normalise
+
+        name = normalise(name)
+        return any(n == name and ip == address for _z, _r, n, ip, _e in self.dns.store.entries(time.time()))
 
     def _remember_saved_dns_answers(self) -> None:
         from skyguard.dns.learned import FILE_NAME, LearnedStore
@@ -183,6 +226,8 @@ class Daemon:
     def _stop_async_parts(self) -> None:
         if self.loop is None:
             return
+        if self.credentials is not None:
+            self._safely(lambda: self._on_loop(self.credentials.stop()))
         if self.dns is not None:
             # Steering stays unless skyguard goes down for good: VM queries then go unanswered
             # (fail closed) instead of reaching another resolver.
