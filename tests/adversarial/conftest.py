@@ -1,64 +1,8 @@
-"""Fixtures of the adversarial tier (and, through tests/fuzz/conftest.py, of the fuzz tier).
+"""Fixtures of the adversarial tier: see adv_fixtures.py (shared with tests/fuzz)."""
 
-- `bpf_runner`: one compiled Datapath per session in this session's own namespace (avx-b<pid>),
-  whose veths give the programs real ifindexes; maps pinned under a private bpffs folder.
-- `attack_lab`: the lab of policies/keysystems.yaml (namespaces avx<pid>-*) with the daemon
-  running in its host namespace and throwaway state/run/pin dirs (skyguard/attack.py's Arena).
-Everything is removed at the end of the session.
-"""
-
-from __future__ import annotations
-
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).parent))
 
-from adv_support import IFACES, DatapathRunner  # noqa: E402
-from skyguard.datapath import progrun  # noqa: E402
-
-NS = f"avx-b{os.getpid() % 100000}"
-
-
-@pytest.fixture(scope="session")
-def bpf_runner(root):
-    from skyguard.datapath.datapath import Datapath
-
-    subprocess.run(["ip", "netns", "del", NS], capture_output=True)
-    subprocess.run(["ip", "netns", "add", NS], check=True)
-    pin_dir = Path(f"/sys/fs/bpf/avx-test-{os.getpid()}")
-    worker = None
-    dp = None
-    try:
-        for ifname in IFACES:
-            subprocess.run(["ip", "-n", NS, "link", "add", ifname, "type", "veth", "peer", "name", ifname + "p"],
-                           check=True)
-            subprocess.run(["ip", "-n", NS, "link", "set", ifname, "up"], check=True)
-        worker = progrun.NetnsThread(f"/run/netns/{NS}")
-        dp = worker.call(Datapath, pin_dir, "tc")
-        ifindex = {name: worker.call(socket.if_nametoindex, name) for name in IFACES}
-        yield DatapathRunner(dp, worker, ifindex)
-    finally:
-        if dp is not None:
-            dp.close()
-        if worker is not None:
-            worker.close()
-        subprocess.run(["ip", "netns", "del", NS], capture_output=True)
-        subprocess.run(["rm", "-rf", str(pin_dir)])
-
-
-@pytest.fixture(scope="session")
-def attack_lab(root, tmp_path_factory):
-    from skyguard.attack import Arena
-
-    arena = Arena(prefix=f"avx{os.getpid() % 100000}-", workdir=tmp_path_factory.mktemp("arena"))
-    arena.up()
-    try:
-        yield arena
-    finally:
-        arena.down()
+from adv_fixtures import attack_lab, bpf_runner  # noqa: E402,F401

@@ -1,0 +1,264 @@
+"""Fuzz harnesses for every parser that takes input from a VM or a file: policy YAML, signed-log
+files, HTTP requests into the credential proxy, DNS messages into the DNS proxy. One function per
+target, `(bytes) -> None`, that raises AssertionError (or any unexpected exception) on a bug and
+returns quietly otherwise: a SkyguardError for bad input is the expected outcome, a crash is not.
+
+Run by:
+- tests/adversarial/test_fuzz_corpus.py (CI): replays tests/fuzz/corpus/<target>/ plus a few
+  hundred deterministic mutations of it;
+- tests/fuzz/test_fuzz_long.py (fuzz tier): atheris, 1M inputs per target, via
+  `python tests/fuzz/harnesses.py TARGET -runs=1000000 [corpus dir]`.
+The DNS target reuses skyguard/dns/fuzz.py (resolver and input split), not a copy of it.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+CORPUS = Path(__file__).resolve().parent / "corpus"
+REAL_SECRET = b"ghp_" + b"5" * 36  # the fuzz credential's real value: must never pass or leak
+PLACEHOLDER = b"sg-placeholder-github-7f3a"
+
+
+# ---- policy YAML -----------------------------------------------------------------------------
+
+def fuzz_policy(data: bytes) -> None:
+    from skyguard.datapath.compile import compile_policy
+    from skyguard.errors import BadInput
+    from skyguard.policy.parse import parse_policy
+
+    text = data.decode("utf-8", "replace")
+    try:
+        policy = parse_policy(text, source="fuzz.yaml")
+    except BadInput as e:
+        assert str(e), "a policy error must say what is wrong"
+        return
+    try:
+        compile_policy(policy)  # what parse accepts, the compiler takes (or refuses as bad input)
+    except BadInput:
+        pass
+
+
+# ---- signed log files ------------------------------------------------------------------------
+
+class _LogTemplate:
+    """A small valid log (entries + checkpoints) written once; each input mutates a copy."""
+
+    def __init__(self):
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from skyguard.tlog import LogWriter, Signer, entry
+
+        self.root = Path(tempfile.mkdtemp(prefix="sg-fuzz-tlog-"))
+        self.template = self.root / "template"
+        signer = Signer("fuzz.skyguard", Ed25519PrivateKey.generate())
+        self.verifier = signer.verifier
+        with LogWriter(self.template, signer, checkpoint_every=64, segment_entries=256) as w:
+            for i in range(300):  # two segments
+                w.append(entry("flow_start", n=i, zone="sandbox", verdict="deny"))
+        self.files = sorted(p.relative_to(self.template) for p in self.template.rglob("*") if p.is_file())
+        self.work = self.root / "work"
+
+    def close(self):
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+_log_template: _LogTemplate | None = None
+
+
+def fuzz_tlog(data: bytes) -> None:
+    """data[0] picks a file of a valid log, data[1:3] an offset, data[3] an operation (overwrite,
+    truncate, insert, replace the file), the rest the bytes. Verifying the result must either pass
+    (only if the file's bytes did not change) or report a failure; never raise anything else."""
+    from skyguard.errors import SkyguardError
+    from skyguard.tlog.verify import verify_log
+
+    global _log_template
+    if _log_template is None:
+        _log_template = _LogTemplate()
+    t = _log_template
+    if len(data) < 4:
+        return
+    shutil.rmtree(t.work, ignore_errors=True)
+    shutil.copytree(t.template, t.work)
+    rel = t.files[data[0] % len(t.files)]
+    path = t.work / rel
+    original = path.read_bytes()
+    at = int.from_bytes(data[1:3], "big") % (len(original) + 1)
+    payload, op = data[4:], data[3] % 4
+    if op == 0:
+        mutated = original[:at] + payload + original[at + len(payload):]
+    elif op == 1:
+        mutated = original[:at]
+    elif op == 2:
+        mutated = original[:at] + payload + original[at:]
+    else:
+        mutated = payload
+    path.write_bytes(mutated)
+    try:
+        report = verify_log(t.work, t.verifier)
+    except SkyguardError:
+        return  # refused with a message (unreadable meta, bad key): fine
+    if report.ok and mutated != original and rel.suffix != ".cache" and "cache" not in rel.name:
+        # A changed file the verifier accepts must not have lost or changed an acknowledged
+        # entry: re-read every entry and compare with the template.
+        from skyguard.tlog import LogReader
+
+        before = list(LogReader(t.template).entries())
+        after = list(LogReader(t.work).entries())
+        assert after[: len(before)] == before[: len(after)] and len(after) >= len(before) - 0, (
+            f"verify passed a log whose entries changed ({rel}, op {op} at {at})")
+
+
+# ---- HTTP into the credential proxy -----------------------------------------------------------
+
+_engine = None
+
+
+def _swap_engine():
+    global _engine
+    if _engine is None:
+        from skyguard.credproxy.interfaces import MemorySecretSource
+        from skyguard.credproxy.swap import SwapEngine
+        from skyguard.policy.model import Credential, Injection
+
+        cred = Credential("github", PLACEHOLDER.decode(), "github", ("sdn",), ("api.github.test",),
+                          Injection(header="Authorization", format="Bearer {secret}"))
+        _engine = SwapEngine([cred], MemorySecretSource({"github": REAL_SECRET}))
+    return _engine
+
+
+def fuzz_http(data: bytes) -> None:
+    """Raw bytes from a VM, parsed as the proxy does (h11, server side), each request decided by
+    the swap engine as if it came over TLS to api.github.test from zone sdn. A request carrying
+    the real secret is never forwarded; the secret appears only in a swapped request, and only
+    where the placeholder was; a blocked request forwards nothing."""
+    import h11
+
+    from skyguard.credproxy.swap import ConnectionFacts, HttpRequest
+
+    engine = _swap_engine()
+    facts = ConnectionFacts("sdnctl1", "sdn", "api.github.test", "203.0.113.5", 443, True,
+                            lambda name, ip: name == "api.github.test" and ip == "203.0.113.5")
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
+    try:
+        conn.receive_data(data)
+        conn.receive_data(b"")
+        request, body = None, b""
+        for _ in range(64):
+            event = conn.next_event()
+            if event is h11.NEED_DATA or event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
+                break
+            if isinstance(event, h11.Request):
+                request, body = event, b""
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage) and request is not None:
+                req = HttpRequest(request.method, request.target, tuple(request.headers), body,
+                                  request.http_version)
+                verdict = engine.decide(req, facts)
+                _check_verdict(req, verdict)
+                break
+    except h11.RemoteProtocolError:
+        return  # the proxy answers 400 and closes
+
+
+def _check_verdict(req, verdict) -> None:
+    assert verdict.action in ("swap", "pass", "block"), verdict
+    sent_secret = REAL_SECRET in req.body or any(REAL_SECRET in v or REAL_SECRET in n for n, v in req.headers) \
+        or REAL_SECRET in req.target
+    if sent_secret:
+        assert verdict.action == "block", "a request carrying the real secret was not blocked"
+    if verdict.action == "block":
+        assert verdict.request is None
+        return
+    out = verdict.request
+    forwarded = out.target + out.body + b"".join(n + b":" + v for n, v in out.headers)
+    if verdict.action == "pass":
+        assert REAL_SECRET not in forwarded, "a passed request carries the real secret"
+    assert REAL_SECRET not in repr(verdict).encode() and REAL_SECRET not in repr(out).encode()
+
+
+# ---- DNS into the DNS proxy --------------------------------------------------------------------
+
+_resolver = None
+
+
+def fuzz_dns(data: bytes) -> None:
+    from skyguard.dns import fuzz as dns_fuzz
+
+    global _resolver
+    if _resolver is None:
+        _resolver = dns_fuzz.make_resolver()
+    dns_fuzz.one_input(_resolver, data)
+
+
+TARGETS = {"policy": fuzz_policy, "tlog": fuzz_tlog, "http": fuzz_http, "dns": fuzz_dns}
+
+
+# ---- mutation without atheris (CI) --------------------------------------------------------------
+
+def mutate(rnd: random.Random, data: bytes, others: list[bytes]) -> bytes:
+    b = bytearray(data)
+    for _ in range(rnd.randint(1, 6)):
+        op = rnd.random()
+        if op < 0.35 and b:
+            b[rnd.randrange(len(b))] = rnd.randrange(256)
+        elif op < 0.5 and b:
+            del b[rnd.randrange(len(b)):][: rnd.randint(1, 64)]
+        elif op < 0.65:
+            at = rnd.randrange(len(b) + 1)
+            b[at:at] = rnd.choice((b"\0", b"\xff" * 4, b"\r\n", b":", b"\n- ", b"{", b"*", b"%s", b"\x80",
+                                   bytes(rnd.randrange(256) for _ in range(rnd.randint(1, 16)))))
+        elif op < 0.8 and b:
+            i, j = sorted(rnd.randrange(len(b) + 1) for _ in range(2))
+            b[i:i] = b[i:j] * rnd.randint(1, 4)  # repeat a chunk
+        elif others:
+            other = rnd.choice(others)
+            b = b[: rnd.randrange(len(b) + 1)] + bytearray(other[rnd.randrange(len(other) + 1):])
+    return bytes(b)
+
+
+def corpus(target: str) -> list[bytes]:
+    return [p.read_bytes() for p in sorted((CORPUS / target).glob("*")) if p.is_file()]
+
+
+def replay(target: str, mutations: int, seed: int = 20261130) -> dict:
+    """Every corpus file, then `mutations` mutated inputs. Returns {"inputs": n}; raises on a bug
+    (the message names the input as hex)."""
+    fn, seeds = TARGETS[target], corpus(target)
+    rnd = random.Random(seed)
+    inputs = 0
+    for data in seeds + [mutate(rnd, rnd.choice(seeds), seeds) for _ in range(mutations)]:
+        try:
+            fn(data)
+        except Exception as e:
+            raise AssertionError(f"{target} harness failed on input {data[:400].hex()}: {type(e).__name__}: {e}") from e
+        inputs += 1
+    return {"inputs": inputs}
+
+
+def main() -> None:
+    """python tests/fuzz/harnesses.py TARGET [libFuzzer flags, e.g. -runs=1000000] [corpus dirs]"""
+    import atheris
+
+    target = sys.argv.pop(1)
+    with atheris.instrument_imports(include=["skyguard"]):
+        import skyguard.credproxy.swap  # noqa: F401
+        import skyguard.dns.resolver  # noqa: F401
+        import skyguard.policy.parse  # noqa: F401
+        import skyguard.tlog.verify  # noqa: F401
+    atheris.Setup(sys.argv, TARGETS[target])
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()
