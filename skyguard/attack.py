@@ -561,7 +561,7 @@ def run_attack_demo(console=None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    console = console or Console(width=None if sys.stdout.isatty() else 160)  # as Demo: wide in CI logs
     arena = Arena(workdir=Path(tempfile.mkdtemp(prefix="skyguard-attack-")), console=console,
                   progress=lambda m: console.print(f"   [dim]{m}[/]"))
     try:
@@ -579,6 +579,7 @@ def run_attack_demo(console=None) -> int:
             console.print(f"   {mark} {a.vm:7} {a.step:12} {a.title} [dim]({a.sent} sent; dropped: {why})[/]")
 
         result = arena.play(on_step=on_step)
+        console.print("[bold]3. What skyguard decided[/]")
         table = Table(title="Kill chain from agent1")
         for col in ("VM", "step", "attempt", "sent", "answered", "why blocked"):
             table.add_column(col)
@@ -595,7 +596,7 @@ def run_attack_demo(console=None) -> int:
                       f"{result['legit']['failed']} failed")
         for step, what in NOT_YET_COVERED:
             console.print(f"   [yellow]not yet covered[/] {step}: {what}")
-        console.print("[bold]3. Verifying the signed log[/]")
+        console.print("[bold]4. Verifying the signed log[/]")
         verified = arena.log_verify()
         console.print("   " + (verified.stdout.strip() or verified.stderr.strip()))
         ok = all(a.blocked for a in result["attacks"]) and result["legit"]["failed"] == 0 and verified.returncode == 0
