@@ -83,7 +83,10 @@ def fuzz_tlog(data: bytes) -> None:
 
     global _log_template
     if _log_template is None:
+        import atexit
+
         _log_template = _LogTemplate()
+        atexit.register(_log_template.close)
     t = _log_template
     if len(data) < 4:
         return
