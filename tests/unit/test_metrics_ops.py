@@ -106,7 +106,7 @@ def test_example_prometheus_config_is_valid():
 def test_rules_name_only_exported_metrics():
     names = exported_names()
     for expr in re.findall(r"expr:\s*\|?\s*\n?((?:.|\n)*?)(?=\n\s+(?:for|labels):)", RULES.read_text()):
-        for metric in re.findall(r"\b(skyguard_[a-z0-9_]+|up)\b(?=\s*[{\[)])", expr):
+        for metric in re.findall(r"\bskyguard_[a-z0-9_]+\b|\bup\b(?=\{)", expr):
             assert metric in names, f"{RULES.name} uses {metric}, which nothing exports"
 
 
