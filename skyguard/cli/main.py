@@ -20,6 +20,7 @@ COMMANDS = [
     ("admin", "admin"),
     ("ca", "ca"),
     ("log", "log"),
+    ("top", "top"),
 ]
 
 
