@@ -209,7 +209,8 @@ class DaemonCollector(Collector):
 
     facts: a callable returning a dict (daemon_facts(daemon) builds it from a Daemon):
       {"started_at": epoch seconds, "policy": {"name", "sha256"} or None,
-       "log": {"size": entries, "bytes": on disk, "checkpoint_age_s": seconds} (keys optional),
+       "log": {"size": entries, "checkpointed_size": entries, "bytes": on disk,
+               "checkpoint_age_s": seconds} (every key optional; LogWriter.head() gives them),
        "tamper_events": int}
     """
 
@@ -249,6 +250,11 @@ class DaemonCollector(Collector):
             g = GaugeMetricFamily("skyguard_log_entries", "Entries in the signed log")
             g.add_metric([], int(log_info["size"]))
             out.append(g)
+        if "checkpointed_size" in log_info:
+            g = GaugeMetricFamily("skyguard_log_checkpointed_entries",
+                                  "Entries covered by the signed log's latest checkpoint")
+            g.add_metric([], int(log_info["checkpointed_size"]))
+            out.append(g)
         if "bytes" in log_info:
             g = GaugeMetricFamily("skyguard_log_size_bytes", "Bytes the signed log occupies on disk")
             g.add_metric([], int(log_info["bytes"]))
@@ -280,16 +286,24 @@ def _hex_or_other(value) -> str:
 
 def daemon_facts(daemon) -> dict:
     """The DaemonCollector's facts read from a running Daemon's attributes (nothing is computed
-    in the daemon for it). Reads: started_at, policy, tlog (LogWriter: directory, size) and the
-    optional tamper_events count."""
+    in the daemon for it). Reads: started_at, policy, tlog (LogWriter.head(), or its directory and
+    size) and the optional tamper_events count."""
     policy = getattr(daemon, "policy", None)
     tlog = getattr(daemon, "tlog", None)
     return {
         "started_at": getattr(daemon, "started_at", 0.0),
         "policy": {"name": policy.name, "sha256": policy.sha256} if policy is not None else None,
-        "log": log_facts(getattr(tlog, "directory", None), getattr(tlog, "size", None)) if tlog else {},
+        "log": _log_head(tlog),
         "tamper_events": getattr(daemon, "tamper_events", 0),
     }
+
+
+def _log_head(tlog) -> dict:
+    if tlog is None:
+        return {}
+    if hasattr(tlog, "head"):  # LogWriter.head(): size, checkpointed_size, checkpoint_age_s, bytes
+        return tlog.head()
+    return log_facts(getattr(tlog, "directory", None), getattr(tlog, "size", None))
 
 
 def daemon_sources(daemon) -> list[Collector]:

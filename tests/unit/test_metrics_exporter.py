@@ -67,7 +67,7 @@ def served():
     dp = ScriptedDatapath()
     registry = CollectorRegistry()
     facts = {"started_at": 1_700_000_000.0, "policy": {"name": POLICY.name, "sha256": POLICY.sha256},
-             "log": {"size": 12, "bytes": 4096, "checkpoint_age_s": 3.5}, "tamper_events": 1}
+             "log": {"size": 12, "checkpointed_size": 10, "bytes": 4096, "checkpoint_age_s": 3.5}, "tamper_events": 1}
     exporter = MetricsExporter(registry, [DatapathCollector(dp, POLICY), DaemonCollector(lambda: facts)],
                                address="127.0.0.1:0")
     exporter.start()
@@ -92,6 +92,7 @@ def test_values_come_from_the_source(served):
     assert s[("skyguard_map_entries", L(map="sg_policy"))] == 40
     assert s[("skyguard_policy_info", L(name="keysystems", sha256=POLICY.sha256))] == 1
     assert s[("skyguard_log_entries", L())] == 12
+    assert s[("skyguard_log_checkpointed_entries", L())] == 10
     assert s[("skyguard_log_size_bytes", L())] == 4096
     assert s[("skyguard_log_checkpoint_age_seconds", L())] == 3.5
     assert s[("skyguard_tamper_events_total", L())] == 1

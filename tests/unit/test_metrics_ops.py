@@ -56,7 +56,8 @@ def exported_names() -> set[str]:
     registry = CollectorRegistry()
     registry.register(DatapathCollector(OneOfEverything(), None))
     registry.register(DaemonCollector(lambda: {"started_at": 1.0, "policy": {"name": "p", "sha256": "0" * 64},
-                                               "log": {"size": 1, "bytes": 1, "checkpoint_age_s": 1.0}}))
+                                               "log": {"size": 1, "checkpointed_size": 1, "bytes": 1,
+                                                       "checkpoint_age_s": 1.0}}))
     AdminMetrics(registry)
     CredentialMetrics(registry)
     try:
