@@ -10,4 +10,28 @@ Contract other parts code against (implemented in skyguard/datapath/datapath.py)
     dp.learn(zone, rule_name, ips, ttl)      # DNS learning: open ips for that zone+rule's ports
     dp.counters() -> dict                    # per zone/direction/verdict/reason, summed per-CPU
     dp.close()                               # drops Python handles; pinned state stays
+
+Details and additions (bpf/README.md explains the design):
+
+    Datapath(pin_dir=None, from_vm_hook="tc", defines=None)
+        from_vm_hook: "tc" (TC ingress, default, chosen by measurement), "xdp" (generic), "xdp-native";
+        env SKYGUARD_FROM_VM_HOOK overrides the default. Root needed (PrivilegeError).
+    apply_policy(policy, ifindexes=None) -> gen   # interfaces resolved in the calling thread's netns;
+        raises BadInput (nothing loaded) for a policy the datapath cannot hold
+    attach(ifname) -> info                   # BadInput if the interface is no workload's
+    sync() -> {"attached": [...], "missing": [...]}  # attach every present workload interface not
+                                             # carrying our programs (start, netlink events, periodic)
+    verify() -> {ifname: problem}            # watchdog: missing or foreign programs ({} = all ours)
+    program_ids() -> {"sg_from_vm": id, "sg_from_vm_tc": id, "sg_to_vm": id}
+    detach_all() -> [ifname]                 # `skyguard down`; then Datapath.remove_pins()
+    expire_learned() -> removed              # call periodically (the datapath already ignores expired)
+    learned() -> {ip: {"zone/rule": expiry_monotonic_ns}}
+    counters() -> {"traffic": [{zone, direction, verdict, packets, bytes}],
+                   "drops": [{zone, direction, reason, packets, bytes}], "events_lost": n}
+    flows() -> [{ifindex, proto, src, dst, sport, dport, zone, direction, state, rule, packets, bytes}]
+    occupancy() -> {map name: entries}
+    set_events(True) + events().open_ring_buffer(cb) + dp._bpf.ring_buffer_poll(): abi.Event records
+    reasons.DROP_REASONS / reason_name(code): the drop-reason table, parsed from bpf/abi.h
 """
+
+from skyguard.datapath.datapath import Datapath  # noqa: E402,F401

@@ -1,0 +1,206 @@
+"""Python mirrors of the structs and constants in bpf/abi.h, for writing and reading maps.
+
+Each class names the C struct it MUST match; tests/bpf/test_abi.py checks every size and offset
+against the layout the compiler produced (bcc's table key/leaf types). Byte order follows abi.h:
+addresses and ports in network order, IPv4 as IPv4-mapped IPv6, the rest host order.
+Not here: what values to write (compile.py) or how (datapath.py).
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import ipaddress
+
+DIR_EGRESS = 0  # what the VM sends (sg_from_vm)
+DIR_INGRESS = 1  # what the VM receives (sg_to_vm)
+DIRECTIONS = {DIR_EGRESS: "egress", DIR_INGRESS: "ingress"}
+
+VERDICT_ALLOW = 1
+VERDICT_ESTABLISHED = 2
+VERDICT_CONTROL = 3
+VERDICT_DNS = 4
+VERDICT_DROP = 5
+VERDICTS = {1: "allow", 2: "established", 3: "control", 4: "dns", 5: "drop"}
+
+POLICY_ALLOW = 1
+POLICY_DENY = 2
+
+CFG_EVENTS = 0x1
+
+CT_STATES = {0: "new", 1: "established", 2: "closing"}
+EVENT_FLOW_START = 1
+EVENT_DROP = 2
+
+IPPROTO = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58, "other": 0}
+
+IPCACHE_FIXED_BITS = 32  # gen
+IPCACHE_HOST_PREFIXLEN = 32 + 128  # every sg_ipcache_host key
+POLICY_FIXED_BITS = 96  # gen, direction, proto, zone, identity
+
+
+def addr16(ip) -> bytes:
+    """16 bytes as abi.h stores addresses: IPv6 as is, IPv4 as ::ffff:a.b.c.d."""
+    ip = ipaddress.ip_address(ip) if not isinstance(ip, (ipaddress.IPv4Address, ipaddress.IPv6Address)) else ip
+    if ip.version == 4:
+        return b"\x00" * 10 + b"\xff\xff" + ip.packed
+    return ip.packed
+
+
+def addr_from16(raw: bytes):
+    ip = ipaddress.IPv6Address(bytes(raw))
+    return ip.ipv4_mapped or ip
+
+
+U8x16 = ct.c_uint8 * 16
+U8x6 = ct.c_uint8 * 6
+
+
+class ConfigVal(ct.Structure):  # struct sg_config_val
+    _fields_ = [("gen", ct.c_uint32), ("flags", ct.c_uint32)]
+
+
+class IpcacheKey(ct.Structure):  # struct sg_ipcache_key
+    _fields_ = [("prefixlen", ct.c_uint32), ("gen", ct.c_uint32), ("addr", U8x16)]
+
+
+class IpcacheVal(ct.Structure):  # struct sg_ipcache_val
+    _fields_ = [("identity", ct.c_uint32), ("prefixlen", ct.c_uint32), ("expires_ns", ct.c_uint64)]
+
+
+class PolicyKey(ct.Structure):  # struct sg_policy_key
+    _fields_ = [
+        ("prefixlen", ct.c_uint32),
+        ("gen", ct.c_uint32),
+        ("direction", ct.c_uint8),
+        ("proto", ct.c_uint8),
+        ("zone", ct.c_uint16),
+        ("identity", ct.c_uint32),
+        ("port", ct.c_uint16),  # network order
+        ("pad", ct.c_uint16),
+    ]
+
+
+class PolicyVal(ct.Structure):  # struct sg_policy_val
+    _fields_ = [("rule_id", ct.c_uint32), ("verdict", ct.c_uint8), ("pad", ct.c_uint8 * 3)]
+
+
+MAX_IFINDEX = 65536  # SG_MAX_IFINDEX
+
+
+def workload_index(ifindex: int, gen: int) -> int:  # SG_WORKLOAD_IDX
+    return ifindex * 2 + (gen & 1)
+
+
+class WorkloadVal(ct.Structure):  # struct sg_workload_val
+    _fields_ = [("gen", ct.c_uint32), ("zone", ct.c_uint16), ("workload", ct.c_uint16), ("mac", U8x6), ("pad", ct.c_uint16)]
+
+
+class SrcipKey(ct.Structure):  # struct sg_srcip_key
+    _fields_ = [("ifindex", ct.c_uint32), ("gen", ct.c_uint32), ("addr", U8x16)]
+
+
+class CtKey(ct.Structure):  # struct sg_ct_key
+    _fields_ = [
+        ("ifindex", ct.c_uint32),
+        ("proto", ct.c_uint8),
+        ("pad", ct.c_uint8 * 3),
+        ("saddr", U8x16),
+        ("daddr", U8x16),
+        ("sport", ct.c_uint16),  # network order
+        ("dport", ct.c_uint16),
+    ]
+
+
+class CtVal(ct.Structure):  # struct sg_ct_val
+    _fields_ = [
+        ("expires_ns", ct.c_uint64),
+        ("packets", ct.c_uint64),
+        ("bytes", ct.c_uint64),
+        ("gen", ct.c_uint32),
+        ("rule_id", ct.c_uint32),
+        ("zone", ct.c_uint16),
+        ("direction", ct.c_uint8),
+        ("state", ct.c_uint8),
+    ]
+
+
+class FragKey(ct.Structure):  # struct sg_frag_key
+    _fields_ = [
+        ("ifindex", ct.c_uint32),
+        ("id", ct.c_uint32),
+        ("proto", ct.c_uint8),
+        ("pad", ct.c_uint8 * 3),
+        ("saddr", U8x16),
+        ("daddr", U8x16),
+    ]
+
+
+class FragVal(ct.Structure):  # struct sg_frag_val
+    _fields_ = [("expires_ns", ct.c_uint64)]
+
+
+# Counter array layout (abi.h SG_TRAFFIC_IDX / SG_DROP_IDX).
+MAX_ZONES = 256
+VERDICT_SLOTS = 8
+DROP_SLOTS = 32
+
+
+def traffic_index(zone: int, direction: int, verdict: int) -> int:
+    return (zone * 2 + direction) * VERDICT_SLOTS + verdict
+
+
+def drop_index(zone: int, direction: int, reason: int) -> int:
+    return (zone * 2 + direction) * DROP_SLOTS + reason
+
+
+def split_traffic_index(idx: int) -> tuple[int, int, int]:
+    """(zone, direction, verdict)"""
+    return idx // (2 * VERDICT_SLOTS), (idx // VERDICT_SLOTS) % 2, idx % VERDICT_SLOTS
+
+
+def split_drop_index(idx: int) -> tuple[int, int, int]:
+    """(zone, direction, reason)"""
+    return idx // (2 * DROP_SLOTS), (idx // DROP_SLOTS) % 2, idx % DROP_SLOTS
+
+
+class CounterVal(ct.Structure):  # struct sg_counter_val
+    _fields_ = [("packets", ct.c_uint64), ("bytes", ct.c_uint64)]
+
+
+class Event(ct.Structure):  # struct sg_event
+    _fields_ = [
+        ("ts_ns", ct.c_uint64),
+        ("ifindex", ct.c_uint32),
+        ("rule_id", ct.c_uint32),
+        ("zone", ct.c_uint16),
+        ("type", ct.c_uint8),
+        ("direction", ct.c_uint8),
+        ("reason", ct.c_uint8),
+        ("proto", ct.c_uint8),
+        ("pad", ct.c_uint16),
+        ("saddr", U8x16),
+        ("daddr", U8x16),
+        ("sport", ct.c_uint16),
+        ("dport", ct.c_uint16),
+        ("len", ct.c_uint32),
+        ("count", ct.c_uint32),  # drops: packets this (aggregated) event stands for
+    ]
+
+
+# map name in C -> (key mirror, value mirror); the ABI test walks this.
+MAP_LAYOUT = {
+    "sg_config": (ct.c_uint32, ConfigVal),
+    "sg_ipcache": (IpcacheKey, IpcacheVal),
+    "sg_ipcache_host": (IpcacheKey, IpcacheVal),
+    "sg_policy": (PolicyKey, PolicyVal),
+    "sg_policy_exact": (PolicyKey, PolicyVal),
+    "sg_workload": (ct.c_uint32, WorkloadVal),
+    "sg_srcip": (SrcipKey, ct.c_uint8),
+    "sg_ct": (CtKey, CtVal),
+    "sg_frag": (FragKey, FragVal),
+    "sg_traffic": (ct.c_uint32, CounterVal),
+    "sg_drops": (ct.c_uint32, CounterVal),
+}
+PINNED_MAPS = tuple(MAP_LAYOUT)
+# layout-only map (never written) that exposes struct sg_event
+MAP_LAYOUT_EXTRA = {"sg_ev_layout": (ct.c_int, Event)}

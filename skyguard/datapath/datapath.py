@@ -1,0 +1,476 @@
+"""The Datapath: the contract of skyguard/datapath/__init__.py, implemented over bcc, pinned maps,
+`tc` and XDP netlink. The one object the daemon holds to enforce a policy.
+
+Fail-closed decisions written here once:
+- Programs are never detached by a destructor, atexit or close(): if the daemon dies, the last
+  policy keeps being enforced. Only detach()/detach_all() remove them.
+- Attaching replaces whatever program sits at our hook (XDP replace, `tc filter replace` at the
+  same prio/handle), so a restart never opens a window.
+- An attached interface whose workload is not in the active policy drops everything.
+Not here: deciding what to write (compile.py) or parsing YAML (skyguard.policy).
+Thread safety: one lock serialises apply_policy, learn and expire_learned.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import ipaddress
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from skyguard import config
+from skyguard.datapath import abi, loader
+from skyguard.datapath.compile import Compiled, compile_policy
+from skyguard.datapath.reasons import reason_name
+from skyguard.errors import BadInput, DatapathError, SkyguardError
+from skyguard.policy.model import Policy
+
+# Where sg_from_vm runs: "tc" (TC ingress, the default, chosen by measurement: bpf/README.md),
+# "xdp" (generic XDP) or "xdp-native".
+FROM_VM_HOOKS = ("tc", "xdp", "xdp-native")
+DEFAULT_FROM_VM_HOOK = os.environ.get("SKYGUARD_FROM_VM_HOOK", "tc")
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+# Maps whose keys carry the generation (sg_workload is an array whose slots carry it in the value:
+# a stale slot never matches the active generation, so it needs no deletion).
+GENERATION_MAPS = ("sg_ipcache", "sg_ipcache_host", "sg_policy", "sg_policy_exact", "sg_srcip")
+TC_PRIO = 1  # our filters' prio/handle: `tc filter replace` at these swaps programs atomically
+TC_HANDLE = 1
+
+
+def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise DatapathError(f"`{' '.join(cmd)}` failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc
+
+
+class Datapath:
+    def __init__(self, pin_dir: Path | None = None, from_vm_hook: str = DEFAULT_FROM_VM_HOOK,
+                 defines: dict | None = None):
+        if from_vm_hook not in FROM_VM_HOOKS:
+            raise BadInput(f"from_vm_hook must be one of {', '.join(FROM_VM_HOOKS)}, not {from_vm_hook!r}")
+        self.pin_dir = Path(pin_dir or config.PIN_DIR)
+        self.from_vm_hook = from_vm_hook
+        self._loaded = loader.load(self.pin_dir, defines)
+        self._bpf = self._loaded.bpf
+        self._lock = threading.RLock()
+        self.policy: Policy | None = None
+        self.compiled: Compiled | None = None
+        # ip -> {(zone, rule): expiry (CLOCK_MONOTONIC ns)}
+        self._learned: dict = {}
+        # interface name -> ifindex given by the caller of apply_policy (else resolved by name)
+        self._ifindexes: dict[str, int] = {}
+
+    # ---- maps -------------------------------------------------------------------------------
+    def map(self, name: str):
+        return self._bpf.get_table(name.encode())
+
+    def _put(self, name: str, key, val) -> None:
+        self.map(name)[key] = val
+
+    @property
+    def gen(self) -> int:
+        return self.map("sg_config")[ct.c_uint32(0)].gen
+
+    def _set_config(self, gen: int, flags: int) -> None:
+        self._put("sg_config", ct.c_uint32(0), abi.ConfigVal(gen=gen, flags=flags))
+
+    def set_events(self, enabled: bool) -> None:
+        """Turn ring buffer events on (a consumer is running) or off."""
+        cfg = self.map("sg_config")[ct.c_uint32(0)]
+        flags = (cfg.flags | abi.CFG_EVENTS) if enabled else (cfg.flags & ~abi.CFG_EVENTS)
+        self._set_config(cfg.gen, flags)
+
+    # ---- policy -----------------------------------------------------------------------------
+    def apply_policy(self, policy: Policy, ifindexes: dict[str, int] | None = None) -> int:
+        """Atomic swap: write the new generation, flip sg_config, delete the old generation.
+        Interfaces are resolved in the calling thread's network namespace unless given.
+        Returns the new generation."""
+        with self._lock:
+            compiled = compile_policy(policy)
+            cfg = self.map("sg_config")[ct.c_uint32(0)]
+            new_gen = (cfg.gen % 0xFFFFFFF0) + 1
+            previous = (self.policy, self.compiled, self._ifindexes)
+            self.policy, self.compiled = policy, compiled
+            self._ifindexes = dict(ifindexes or {})
+            try:
+                for prefix, ident in compiled.ipcache.items():
+                    self._write_ipcache(new_gen, prefix, ident, 0)
+                self._write_policy_entries(new_gen, compiled.policy)
+                for w in compiled.workloads:
+                    ifindex = self._ifindex(w.interface)
+                    if ifindex:
+                        self._write_workload(new_gen, ifindex, w)
+                self._rewrite_learned(new_gen)
+            except Exception as e:
+                # Nothing of the new generation was ever active: drop it, keep the old policy.
+                self.policy, self.compiled, self._ifindexes = previous
+                self._delete_other_gens(cfg.gen)
+                if isinstance(e, SkyguardError):
+                    raise
+                raise DatapathError(f"writing policy {policy.name!r} into the datapath failed ({e}); "
+                                    f"the previous policy stays active") from e
+            self._set_config(new_gen, cfg.flags)  # the swap
+            self._delete_other_gens(new_gen)
+            return new_gen
+
+    def _ifindex(self, ifname: str) -> int:
+        if ifname in self._ifindexes:
+            return self._ifindexes[ifname]
+        try:
+            return socket.if_nametoindex(ifname)
+        except OSError:
+            return 0
+
+    def _write_ipcache(self, gen: int, prefix, ident: int, expires_ns: int) -> None:
+        net = ipaddress.ip_network(prefix)
+        plen = abi.IPCACHE_FIXED_BITS + (96 + net.prefixlen if net.version == 4 else net.prefixlen)
+        key = abi.IpcacheKey(prefixlen=plen, gen=gen)
+        key.addr[:] = abi.addr16(net.network_address)
+        # host addresses go to the hash (constant cost), shorter prefixes to the LPM trie
+        table = "sg_ipcache_host" if plen == abi.IPCACHE_HOST_PREFIXLEN else "sg_ipcache"
+        self._put(table, key, abi.IpcacheVal(identity=ident, prefixlen=plen, expires_ns=expires_ns))
+
+    def _write_policy_entries(self, gen: int, entries) -> None:
+        lpm, exact = self.map("sg_policy"), self.map("sg_policy_exact")
+        for e in entries:
+            key = abi.PolicyKey(prefixlen=abi.POLICY_FIXED_BITS + e.port_prefixlen, gen=gen,
+                                direction=e.direction, proto=e.proto, zone=e.zone, identity=e.identity,
+                                port=socket.htons(e.port))
+            (exact if e.port_prefixlen == 16 else lpm)[key] = abi.PolicyVal(rule_id=e.rule_id, verdict=e.verdict)
+
+    def _write_workload(self, gen: int, ifindex: int, w) -> None:
+        if ifindex >= abi.MAX_IFINDEX:
+            raise DatapathError(f"interface {w.interface} has ifindex {ifindex}; the datapath handles ifindexes "
+                                f"below {abi.MAX_IFINDEX} (raise SG_MAX_IFINDEX in bpf/abi.h and abi.py)")
+        val = abi.WorkloadVal(gen=gen, zone=w.zone, workload=w.workload)
+        val.mac[:] = w.mac
+        self._put("sg_workload", ct.c_uint32(abi.workload_index(ifindex, gen)), val)
+        for addr in w.addresses:
+            key = abi.SrcipKey(ifindex=ifindex, gen=gen)
+            key.addr[:] = abi.addr16(addr)
+            self._put("sg_srcip", key, ct.c_uint8(1))
+
+    def _delete_other_gens(self, keep: int) -> None:
+        for name in GENERATION_MAPS:
+            table = self.map(name)
+            stale = [k for k in table.keys() if k.gen != keep]
+            for k in stale:
+                try:
+                    del table[k]
+                except KeyError:
+                    pass
+
+    # ---- DNS learning -----------------------------------------------------------------------
+    def learn(self, zone: str, rule_name: str, ips, ttl: float) -> None:
+        """Open `ips` for `zone` under FQDN rule `rule_name` (its ports only) for `ttl` seconds.
+        Expiry stops new flows; established ones stay in conntrack."""
+        with self._lock:
+            if self.policy is None:
+                raise DatapathError("learn() before apply_policy(): no policy is active")
+            rule = next((r for r in self.policy.rules if r.name == rule_name), None)
+            if rule is None or not rule.to.fqdns:
+                raise BadInput(f"rule {rule_name!r} does not exist or has no fqdns: nothing to learn for it")
+            if zone not in rule.from_zones:
+                raise BadInput(f"zone {zone!r} is not a source of rule {rule_name!r}")
+            expiry = time.monotonic_ns() + int(ttl * 1e9)
+            for ip in ips:
+                ip = ipaddress.ip_address(ip)
+                self._learned.setdefault(ip, {})[(zone, rule_name)] = expiry
+                self._write_learned_ip(self.gen, ip)
+
+    def expire_learned(self) -> int:
+        """Forget expired learned selectors (the datapath already ignores them). Returns how many
+        addresses were removed entirely."""
+        with self._lock:
+            now = time.monotonic_ns()
+            removed = 0
+            for ip in list(self._learned):
+                live = {k: v for k, v in self._learned[ip].items() if v > now}
+                if live:
+                    self._learned[ip] = live
+                    self._write_learned_ip(self.gen, ip)
+                else:
+                    del self._learned[ip]
+                    self._delete_ipcache_host(self.gen, ip)
+                    removed += 1
+            return removed
+
+    def learned(self) -> dict:
+        return {str(ip): {f"{z}/{r}": exp for (z, r), exp in sel.items()} for ip, sel in self._learned.items()}
+
+    def _write_learned_ip(self, gen: int, ip) -> None:
+        rules = {r.name: r for r in self.policy.rules}
+        now = time.monotonic_ns()
+        live = {k: v for k, v in self._learned[ip].items() if v > now and k[1] in rules and k[0] in rules[k[1]].from_zones}
+        if not live:
+            return
+        sels = self.compiled.static_selectors_of(ip) | {("learned", z, r) for (z, r) in live}
+        ident, new_entries = self.compiled.identity_for(frozenset(sels))
+        self._write_policy_entries(gen, new_entries)
+        self._write_ipcache(gen, ipaddress.ip_network(ip), ident, max(live.values()))
+
+    def _rewrite_learned(self, gen: int) -> None:
+        for ip in list(self._learned):
+            self._write_learned_ip(gen, ip)
+
+    def _delete_ipcache_host(self, gen: int, ip) -> None:
+        net = ipaddress.ip_network(ip)
+        if net in self.compiled.ipcache:
+            self._write_ipcache(gen, net, self.compiled.ipcache[net], 0)
+            return
+        key = abi.IpcacheKey(prefixlen=abi.IPCACHE_HOST_PREFIXLEN, gen=gen)
+        key.addr[:] = abi.addr16(ip)
+        try:
+            del self.map("sg_ipcache_host")[key]
+        except KeyError:
+            pass
+
+    # ---- attach -----------------------------------------------------------------------------
+    def attach(self, ifname: str) -> dict:
+        """Enforce on `ifname` (in the calling thread's network namespace): from_vm at the chosen
+        hook, sg_to_vm at TC egress. Replaces our programs if already attached (no window)."""
+        with self._lock:
+            ifindex = self._ifindex(ifname)
+            if not ifindex:
+                raise DatapathError(f"interface {ifname} does not exist in this network namespace")
+            if self.compiled is not None:
+                w = next((w for w in self.compiled.workloads if w.interface == ifname), None)
+                if w is None:
+                    raise BadInput(f"interface {ifname} belongs to no workload of policy {self.policy.name!r}")
+                self._write_workload(self.gen, ifindex, w)
+            _run("tc", "qdisc", "replace", "dev", ifname, "clsact")
+            self._tc_replace(ifname, "egress", self._loaded.to_vm)
+            if self.from_vm_hook == "tc":
+                self._tc_replace(ifname, "ingress", self._loaded.from_vm_tc)
+                self._remove_xdp(ifname)
+            else:
+                from bcc import BPF
+
+                flags = XDP_FLAGS_SKB_MODE if self.from_vm_hook == "xdp" else XDP_FLAGS_DRV_MODE
+                try:
+                    BPF.attach_xdp(ifname, self._loaded.from_vm_xdp, flags)
+                except Exception as e:
+                    raise DatapathError(f"attaching XDP to {ifname} failed: {e}") from e
+                _run("tc", "filter", "del", "dev", ifname, "ingress", "prio", str(TC_PRIO), check=False)
+            return self.attached().get(ifname, {})
+
+    def _tc_replace(self, ifname: str, where: str, fn) -> None:
+        # tc takes a program by pinned path: pin under a private name, attach, unpin (the filter
+        # keeps its own reference). bpffs refuses names starting with a dot.
+        tmp = self.pin_dir / f"attach-{os.getpid()}-{threading.get_ident()}-{where}"
+        if tmp.exists():
+            tmp.unlink()
+        _pin_fd(fn.fd, tmp)
+        try:
+            _run("tc", "filter", "replace", "dev", ifname, where, "prio", str(TC_PRIO), "handle",
+                 str(TC_HANDLE), "bpf", "direct-action", "object-pinned", str(tmp))
+        finally:
+            tmp.unlink()
+
+    def _remove_xdp(self, ifname: str) -> None:
+        _run("ip", "link", "set", "dev", ifname, "xdpgeneric", "off", check=False)
+        _run("ip", "link", "set", "dev", ifname, "xdpdrv", "off", check=False)
+
+    def detach(self, ifname: str) -> None:
+        link = _run("ip", "-j", "-d", "link", "show", "dev", ifname, check=False)
+        if link.returncode != 0:
+            return  # gone: the kernel removed its programs with it
+        self._remove_xdp(ifname)
+        _run("tc", "qdisc", "del", "dev", ifname, "clsact", check=False)
+
+    def detach_all(self) -> list[str]:
+        names = list(self.attached())
+        for name in names:
+            self.detach(name)
+        return names
+
+    def attached(self) -> dict:
+        """Per interface (this network namespace) carrying a skyguard program: the programs' ids,
+        names and tags at each hook, so a watchdog can detect tampering."""
+        out: dict = {}
+        links = json.loads(_run("ip", "-j", "-d", "link", "show").stdout or "[]")
+        for link in links:
+            name = link["ifname"]
+            info = {}
+            xdp = link.get("xdp")
+            if xdp and xdp.get("prog"):
+                info["xdp"] = {"id": xdp["prog"].get("id"), "mode": xdp.get("mode"),
+                               "name": xdp["prog"].get("name"), "tag": xdp["prog"].get("tag")}
+            for where in ("ingress", "egress"):
+                proc = _run("tc", "-j", "filter", "show", "dev", name, where, check=False)
+                if proc.returncode != 0 or not proc.stdout.strip():
+                    continue
+                for f in json.loads(proc.stdout):
+                    prog = (f.get("options") or {}).get("prog")
+                    if prog:
+                        info[f"tc_{where}"] = {"id": prog.get("id"), "name": prog.get("name"),
+                                               "tag": prog.get("tag")}
+            if any(str(v.get("name") or "").startswith("sg_") for v in info.values()):
+                out[name] = info
+        return out
+
+    def sync(self) -> dict:
+        """Attach to every workload interface of the active policy that exists here and is not
+        carrying this Datapath's programs; report the ones missing. The daemon calls it at start,
+        on netlink link events and periodically (interfaces appear when VMs start)."""
+        if self.compiled is None:
+            raise DatapathError("sync() before apply_policy(): no policy is active")
+        ours = self.program_ids()
+        current = self.attached()
+        done, missing = [], []
+        for w in self.compiled.workloads:
+            if not self._ifindex(w.interface):
+                missing.append(w.interface)
+                continue
+            if self._problem(current.get(w.interface, {}), ours):
+                self.attach(w.interface)
+                done.append(w.interface)
+        return {"attached": done, "missing": missing}
+
+    def program_ids(self) -> dict[str, int]:
+        """Kernel ids of this Datapath's programs, by name."""
+        out = {}
+        for name, fn in (("sg_from_vm", self._loaded.from_vm_xdp), ("sg_from_vm_tc", self._loaded.from_vm_tc),
+                         ("sg_to_vm", self._loaded.to_vm)):
+            info = (ct.c_uint8 * 256)()
+            size = ct.c_uint32(256)
+            if _libbpf().bpf_obj_get_info_by_fd(fn.fd, info, ct.byref(size)) != 0:
+                raise DatapathError(f"reading program info failed: {os.strerror(ct.get_errno())}")
+            out[name] = int.from_bytes(bytes(info[4:8]), "little")  # struct bpf_prog_info.id
+        return out
+
+    def verify(self) -> dict[str, str]:
+        """Watchdog check: for every workload interface present, what is wrong with its programs
+        (missing, replaced by someone else). Empty when everything is ours."""
+        ours = self.program_ids()
+        current = self.attached()
+        problems = {}
+        for w in self.compiled.workloads if self.compiled else ():
+            if self._ifindex(w.interface):
+                problem = self._problem(current.get(w.interface, {}), ours)
+                if problem:
+                    problems[w.interface] = problem
+        return problems
+
+    def _problem(self, info: dict, ours: dict) -> str:
+        from_vm = info.get("tc_ingress") if self.from_vm_hook == "tc" else info.get("xdp")
+        want_from = ours["sg_from_vm_tc"] if self.from_vm_hook == "tc" else ours["sg_from_vm"]
+        if not from_vm or not info.get("tc_egress"):
+            return "not attached"
+        if from_vm.get("id") != want_from or info["tc_egress"].get("id") != ours["sg_to_vm"]:
+            return "programs are not this skyguard's (replaced or tampered with)"
+        return ""
+
+    # ---- reading ----------------------------------------------------------------------------
+    def _zone_names(self) -> dict[int, str]:
+        names = {0: "unknown"}
+        if self.compiled:
+            names.update({i: z for z, i in self.compiled.zone_ids.items()})
+        return names
+
+    def counters(self) -> dict:
+        zones = self._zone_names()
+        out = {"traffic": [], "drops": [], "events_lost": 0}
+        for idx, packets, nbytes in _nonzero_per_cpu(self.map("sg_traffic")):
+            zone, direction, verdict = abi.split_traffic_index(idx)
+            out["traffic"].append({"zone": zones.get(zone, str(zone)), "direction": abi.DIRECTIONS[direction],
+                                   "verdict": abi.VERDICTS.get(verdict, str(verdict)),
+                                   "packets": packets, "bytes": nbytes})
+        for idx, packets, nbytes in _nonzero_per_cpu(self.map("sg_drops")):
+            zone, direction, reason = abi.split_drop_index(idx)
+            out["drops"].append({"zone": zones.get(zone, str(zone)), "direction": abi.DIRECTIONS[direction],
+                                 "reason": reason_name(reason), "packets": packets, "bytes": nbytes})
+        lost = self.map("sg_ev_lost")
+        out["events_lost"] = sum(int(v) for v in lost[ct.c_int(0)])
+        return out
+
+    def flows(self) -> list[dict]:
+        zones = self._zone_names()
+        rules = {i: n for n, i in (self.compiled.rule_ids.items() if self.compiled else ())}
+        now = time.monotonic_ns()
+        out = []
+        for k, v in self.map("sg_ct").items():
+            if v.expires_ns <= now:
+                continue
+            out.append({"ifindex": k.ifindex, "proto": k.proto, "src": str(abi.addr_from16(bytes(k.saddr))),
+                        "dst": str(abi.addr_from16(bytes(k.daddr))), "sport": socket.ntohs(k.sport),
+                        "dport": socket.ntohs(k.dport), "zone": zones.get(v.zone, str(v.zone)),
+                        "direction": abi.DIRECTIONS[v.direction], "state": abi.CT_STATES.get(v.state, v.state),
+                        "rule": rules.get(v.rule_id, "dns" if v.rule_id == 0 else str(v.rule_id)),
+                        "packets": v.packets, "bytes": v.bytes})
+        return out
+
+    def occupancy(self) -> dict[str, int]:
+        return {name: len(list(self.map(name).keys())) for name in abi.PINNED_MAPS}
+
+    def events(self):
+        """The ring buffer table (bcc): open_ring_buffer(callback) then ring_buffer_poll()."""
+        return self._bpf[b"sg_events"]
+
+    def close(self) -> None:
+        """Drop Python handles. Pinned maps and attached programs stay (fail closed)."""
+        try:
+            self._bpf.cleanup()
+        except Exception:
+            pass
+
+    @staticmethod
+    def remove_pins(pin_dir: Path | None = None) -> None:
+        """Forget all pinned state (`skyguard down`, after detach_all)."""
+        shutil.rmtree(Path(pin_dir or config.PIN_DIR), ignore_errors=True)
+
+
+def _nonzero_per_cpu(table):
+    """(index, packets, bytes) of every non-zero slot of a per-CPU counter array, CPUs summed,
+    from one BPF_MAP_LOOKUP_BATCH (bcc's per-key reads would be one syscall per slot)."""
+    from array import array
+
+    from bcc.utils import get_possible_cpus
+
+    ncpus = len(get_possible_cpus())
+    n = table.max_entries
+    keys = (ct.c_uint32 * n)()
+    values = (ct.c_uint64 * (2 * n * ncpus))()  # struct sg_counter_val {packets, bytes} per CPU
+    count = ct.c_uint32(n)
+    out_batch = ct.c_uint32(0)
+    opts = _BatchOpts(sz=ct.sizeof(_BatchOpts))
+    rc = _libbpf().bpf_map_lookup_batch(table.map_fd, None, ct.byref(out_batch), keys, values, ct.byref(count),
+                                        ct.byref(opts))
+    if rc != 0 and ct.get_errno() != 2:  # ENOENT: the whole map came back in this batch
+        raise DatapathError(f"reading counters failed: {os.strerror(ct.get_errno())}")
+    got = count.value
+    flat = array("Q")
+    flat.frombytes(memoryview(values).cast("B")[: 16 * got * ncpus])
+    packets, nbytes = flat[0::2], flat[1::2]
+    per_key_packets = [sum(x) for x in zip(*(packets[j::ncpus] for j in range(ncpus)))]
+    for i, p in enumerate(per_key_packets):
+        if p:
+            yield keys[i], p, sum(nbytes[i * ncpus:(i + 1) * ncpus])
+
+
+class _BatchOpts(ct.Structure):  # struct bpf_map_batch_opts
+    _fields_ = [("sz", ct.c_size_t), ("elem_flags", ct.c_uint64), ("flags", ct.c_uint64)]
+
+
+_LIBBPF = None
+
+
+def _libbpf():
+    global _LIBBPF
+    if _LIBBPF is None:
+        _LIBBPF = ct.CDLL("libbpf.so.1", use_errno=True)
+        _LIBBPF.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]
+    return _LIBBPF
+
+
+def _pin_fd(fd: int, path: Path) -> None:
+    if _libbpf().bpf_obj_pin(fd, str(path).encode()) != 0:
+        raise DatapathError(f"pinning a program at {path} failed: {os.strerror(ct.get_errno())}")

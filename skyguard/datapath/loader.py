@@ -1,0 +1,83 @@
+"""Compiles bpf/sg_datapath.c with bcc and loads its programs: the one place that talks to bcc.
+
+Configuration reaches the C text only through cflags (-DSG_PIN_DIR=..., limits), never by string
+replacement. The one text transformation is inlining bpf/'s own `#include "lib/..."` headers:
+bcc rewrites map method calls (`map.lookup(&k)`) only in its main text, so the headers must be
+part of it. Not here: attaching to interfaces or writing maps (datapath.py).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from skyguard import config
+from skyguard.errors import DatapathError, PrivilegeError
+
+MAIN_SOURCE = "sg_datapath.c"
+_LOCAL_INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$', re.M)
+
+
+def inline_local_includes(path: Path, seen: set[Path] | None = None) -> str:
+    """The C text of `path` with its quoted includes (relative to bpf/) inlined, once each.
+    #line directives keep compiler messages pointing at the real file and line."""
+    seen = set() if seen is None else seen
+    out = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        match = _LOCAL_INCLUDE.match(line)
+        if not match:
+            out.append(line)
+            continue
+        included = (config.BPF_DIR / match.group(1)).resolve()
+        if included not in seen:
+            seen.add(included)
+            out.append(f'#line 1 "{included}"')
+            out.append(inline_local_includes(included, seen))
+        out.append(f'#line {number + 1} "{path}"')
+    return "\n".join(out) + "\n"
+
+
+def c_source() -> str:
+    return inline_local_includes(config.BPF_DIR / MAIN_SOURCE)
+
+
+@dataclass
+class Loaded:
+    bpf: object  # bcc.BPF
+    from_vm_xdp: object  # bcc function handles (have .fd)
+    from_vm_tc: object
+    to_vm: object
+
+
+def load(pin_dir: Path, defines: dict[str, str | int] | None = None) -> Loaded:
+    """Compile and load every program. Maps are created, or re-opened when already pinned."""
+    if os.geteuid() != 0:
+        raise PrivilegeError("loading eBPF programs needs root (CAP_BPF, CAP_NET_ADMIN); run skyguard as root")
+    try:
+        from bcc import BPF
+    except ImportError as e:
+        raise DatapathError(
+            "the bcc Python module is missing: run scripts/setup (it installs Debian's python3-bpfcc)"
+        ) from e
+    try:
+        pin_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DatapathError(f"cannot create the pin directory {pin_dir}: {e}; is bpffs mounted?") from e
+    cflags = [f'-DSG_PIN_DIR="{pin_dir}"', f"-I{config.BPF_DIR}", "-Wno-unused-function"]
+    for name, value in (defines or {}).items():
+        cflags.append(f"-D{name}={value}")
+    try:
+        bpf = BPF(text=c_source().encode(), cflags=cflags)
+        return Loaded(
+            bpf=bpf,
+            from_vm_xdp=bpf.load_func(b"sg_from_vm", BPF.XDP),
+            from_vm_tc=bpf.load_func(b"sg_from_vm_tc", BPF.SCHED_CLS),
+            to_vm=bpf.load_func(b"sg_to_vm", BPF.SCHED_CLS),
+        )
+    except Exception as e:  # bcc raises bare Exception for compile and verifier failures
+        raise DatapathError(
+            f"compiling or loading bpf/{MAIN_SOURCE} failed: {e}. If pinned maps from an older "
+            f"skyguard have a different layout, remove {pin_dir} (skyguard down) and retry"
+        ) from e
