@@ -276,7 +276,10 @@ def top(interval, zones, flow_limit, once):
             while True:
                 try:
                     snap = read_snapshot(flow_limit * 4)
-                except DaemonError as e:  # daemon restarting: keep the view up and say so
+                except DaemonError as e:
+                    if previous is None:
+                        raise  # no daemon (or no permission) from the start: say so and exit
+                    # The daemon went away after we saw it (a restart): keep the view up, say so.
                     snap = Snapshot({}, {}, time.monotonic(), error=str(e))
                 view = frame(snap, rates_between(previous, snap), only, flow_limit)
                 if live is not None:

@@ -125,3 +125,19 @@ def test_flows_reply_is_bounded_and_largest_first():
 def test_flows_reply_refuses_bad_arguments(args):
     with pytest.raises(BadInput, match="flows:"):
         flows_reply(FlowSource([]), POLICY, args)
+
+
+def test_top_without_a_daemon_says_how_to_start_one(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, SKYGUARD_RUN_DIR=str(tmp_path), PYTHONPATH=str(config.REPO_ROOT))
+    for argv in (["top"], ["top", "--once"]):
+        out = subprocess.run([sys.executable, "-m", "skyguard.cli.main", *argv], env=env, capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 1
+        assert "no skyguard daemon is running" in out.stderr and "skyguard up" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "skyguard.cli.main", "top", "--interval", "0.01"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--interval" in out.stderr
