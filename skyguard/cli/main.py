@@ -20,6 +20,9 @@ COMMANDS = [
     ("admin", "admin"),
     ("ca", "ca"),
     ("log", "log"),
+    ("daemon", "up"),
+    ("daemon", "down"),
+    ("daemon", "status"),
     ("top", "top"),
 ]
 

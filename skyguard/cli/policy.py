@@ -14,7 +14,7 @@ from skyguard.errors import BadInput, PolicyError
 from skyguard.policy.canonical import policy_summary, policy_to_dict, summary_line
 from skyguard.policy.diff import diff_policies, format_diff
 from skyguard.policy.model import Policy
-from skyguard.policy.parse import load_policy
+from skyguard.policy.parse import load_policy, parse_policy
 
 POLICY_FILE = click.Path(dir_okay=False, path_type=str)  # existence is checked by load_policy
 
@@ -66,20 +66,19 @@ def validate(file: str, as_json: bool) -> None:
 @click.argument("file", type=POLICY_FILE, required=False)
 @json_option
 def show(file: str | None, as_json: bool) -> None:
-    """Print the zones, workloads, networks and rules of the policy in FILE.
+    """Print the zones, workloads, networks and rules of the policy in FILE (default: the one
+    the running daemon enforces).
 
     --json prints the canonical form (every default spelled out, "*" expanded), which is itself a
     valid policy, with the file's sha256.
 
     \b
     Examples:
+      skyguard policy show
       skyguard policy show policies/keysystems.yaml
       skyguard policy show policies/keysystems.yaml --json | jq '.policy.rules[].name'
     """
-    if file is None:
-        raise BadInput("give a policy FILE; printing the running policy needs the daemon "
-                       "(`skyguard up`), which this build does not have yet")
-    parsed = load_policy(file)
+    parsed = load_policy(file) if file else running_policy()
     if as_json:
         emit_json({"source": parsed.source, "sha256": parsed.sha256, "summary": policy_summary(parsed),
                    "policy": policy_to_dict(parsed)})
@@ -89,24 +88,66 @@ def show(file: str | None, as_json: bool) -> None:
 
 @policy.command("diff")
 @click.argument("old", type=POLICY_FILE)
-@click.argument("new", type=POLICY_FILE)
+@click.argument("new", type=POLICY_FILE, required=False)
 @json_option
-def diff(old: str, new: str, as_json: bool) -> None:
-    """Show what NEW adds, removes and changes relative to OLD, by name.
+def diff(old: str, new: str | None, as_json: bool) -> None:
+    """Show what NEW adds, removes and changes relative to OLD, by name. With one FILE, compare
+    the running daemon's policy (OLD) with FILE (NEW): what `policy load FILE` would change.
 
     Zones, workloads, networks, rules, credentials, TLS terminations, SSH operators and settings
     are compared in canonical form: reordering, comments and spelling are not changes.
 
     \b
     Examples:
+      skyguard policy diff new.yaml                 # running policy -> new.yaml
       skyguard policy diff policies/keysystems.yaml new.yaml
       skyguard policy diff a.yaml b.yaml --json | jq '.changes[] | select(.kind == "rule")'
     """
-    result = diff_policies(load_policy(old), load_policy(new))
+    if new is None:
+        result = diff_policies(running_policy(), load_policy(old))
+    else:
+        result = diff_policies(load_policy(old), load_policy(new))
     if as_json:
         emit_json(result.to_dict())
     else:
         click.echo(format_diff(result))
+
+
+@policy.command("load")
+@click.argument("file", type=POLICY_FILE)
+@json_option
+def load(file: str, as_json: bool) -> None:
+    """Hot-swap the running daemon's policy with FILE, atomically.
+
+    FILE is validated first: with any error nothing is sent and the running policy stays. The
+    swap itself has no moment without a policy and no moment with a mix of two; established flows
+    the new policy still allows keep going, newly denied ones are cut.
+
+    \b
+    Examples:
+      skyguard policy diff new.yaml && skyguard policy load new.yaml
+      skyguard policy load new.yaml --json
+    """
+    from skyguard import control
+
+    parsed = load_policy(file)  # exit 2 with every problem before the daemon is asked
+    with open(file, "rb") as f:
+        text = f.read().decode("utf-8")
+    reply = control.request("policy.load", text=text, source=str(file))
+    reply.pop("ok", None)
+    if as_json:
+        emit_json(reply)
+    else:
+        click.echo(f"loaded {parsed.name} (sha256 {reply['sha256'][:16]}...), replacing "
+                   f"{(reply.get('previous') or 'nothing')[:16]}...")
+
+
+def running_policy() -> Policy:
+    """The policy the running daemon enforces, parsed from the exact text it loaded."""
+    from skyguard import control
+
+    reply = control.request("policy.get")
+    return parse_policy(reply["text"], source=reply["source"])
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:

@@ -256,7 +256,7 @@ class Datapath:
 
                 flags = XDP_FLAGS_SKB_MODE if self.from_vm_hook == "xdp" else XDP_FLAGS_DRV_MODE
                 try:
-                    BPF.attach_xdp(ifname, self._loaded.from_vm_xdp, flags)
+                    BPF.attach_xdp(ifname.encode(), self._loaded.from_vm_xdp, flags)
                 except Exception as e:
                     raise DatapathError(f"attaching XDP to {ifname} failed: {e}") from e
                 _run("tc", "filter", "del", "dev", ifname, "ingress", "prio", str(TC_PRIO), check=False)

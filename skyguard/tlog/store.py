@@ -414,6 +414,14 @@ class LogWriter:
             self._queue.put(("checkpoint", None, future))
         return future.result()
 
+    def head(self) -> dict:
+        """What `skyguard status` and the metrics show: size, what the last checkpoint covers,
+        how old it is, and the bytes on disk."""
+        return {"size": self.size, "checkpointed_size": self._checkpointed_size,
+                "checkpoint_age_s": round(time.monotonic() - self._last_checkpoint_time, 3),
+                "origin": self.origin,
+                "bytes": sum(p.stat().st_size for p in self.directory.glob("*") if p.is_file())}
+
     def latest_note(self) -> str | None:
         notes = LogReader(self.directory).checkpoint_notes()
         return notes[-1] if notes else None

@@ -1,0 +1,229 @@
+"""The skyguard daemon: the one place that wires the parts together, starts them in order and
+shuts them down in reverse order.
+
+Fail closed: the eBPF programs and their pinned maps outlive this process. If it dies, the last
+policy keeps being enforced; the next `skyguard up` re-opens the pinned maps and replaces the
+programs in place (no window). Only `skyguard down` detaches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+from skyguard import config
+from skyguard.control import ControlServer
+from skyguard.errors import BadInput, DaemonError
+
+log = logging.getLogger("skyguard.daemon")
+
+WATCHDOG_PERIOD_S = 1.0  # how stale "programs attached to every workload interface" may get
+
+
+class Daemon:
+    def __init__(self, policy_path: Path, state_dir: Path | None = None, metrics_addr: str | None = None):
+        self.policy_path = Path(policy_path)
+        self.state_dir = Path(state_dir or config.STATE_DIR)
+        self.metrics_addr = metrics_addr
+        self.stop_event = threading.Event()
+        self.detach_on_exit = False
+        self.started_at = time.time()
+        self.policy = None
+        self.policy_text = ""
+        self.datapath = None
+        self.control = None
+        self.tlog = None
+        self._lock = threading.RLock()  # policy swaps, attach and the watchdog serialise here
+        self._threads: list[threading.Thread] = []
+        self._ours: dict[str, dict] = {}  # interface -> the programs we attached (ids, tags)
+        self.tamper_events = 0
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        from skyguard.datapath.datapath import Datapath
+        from skyguard.policy.parse import parse_policy
+
+        try:
+            text = self.policy_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise BadInput(f"cannot read policy {self.policy_path}: {e}") from None
+        policy = parse_policy(text, source=str(self.policy_path))  # bad policy: nothing changes
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.state_dir, 0o700)
+        self._open_log()
+        self.record("daemon_start", pid=os.getpid(), version=_version())
+        self.datapath = Datapath(pin_dir=config.PIN_DIR)
+        self._apply(policy, text)
+        self.control = ControlServer(self._handlers())
+        self.control.start()
+        self._spawn(self._watch_netlink, "sg-netlink")
+        self._spawn(self._watchdog, "sg-watchdog")
+        log.info("skyguard up: policy %s (%s), %d interfaces attached", policy.name,
+                 policy.sha256[:12], len(self.datapath.attached()))
+
+    def run(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop_event.set())
+        self.start()
+        try:
+            while not self.stop_event.wait(0.5):
+                pass
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        self.stop_event.set()
+        if self.control:
+            self.control.stop()
+        for t in self._threads:
+            t.join(timeout=5)
+        if self.datapath:
+            if self.detach_on_exit:
+                for ifname in self.datapath.detach_all():
+                    self.record("detach", interface=ifname, why="skyguard down")
+                self.datapath.close()
+                self.datapath.remove_pins(self.datapath.pin_dir)
+            else:
+                self.datapath.close()
+        self.record("daemon_stop", pid=os.getpid(), detached=self.detach_on_exit)
+        if self.tlog:
+            self.tlog.close()  # writes the final checkpoint
+
+    def _spawn(self, target, name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    # ---- the signed log --------------------------------------------------------------------
+
+    def _open_log(self) -> None:
+        from skyguard.tlog import LogWriter, host_signer
+
+        self.tlog = LogWriter(self.state_dir / "log", host_signer(self.state_dir))
+
+    def record(self, kind: str, **fields) -> None:
+        """Append one entry and wait until it is durable (decisions are acknowledged only then)."""
+        from skyguard.tlog import entry
+
+        if self.tlog is not None:
+            self.tlog.append(entry(kind, **fields))
+
+    # ---- policy and interfaces -------------------------------------------------------------
+
+    def _apply(self, policy, text: str) -> None:
+        with self._lock:
+            self.datapath.apply_policy(policy)
+            self.policy, self.policy_text = policy, text
+            self.record("policy_load", name=policy.name, sha256=policy.sha256, source=str(policy.source))
+            self._reconcile()
+
+    def _reconcile(self) -> None:
+        """Attach to every workload interface that exists and is not (or no longer) ours; forget
+        interfaces that went away. Programs found changed behind our back are a tamper event."""
+        with self._lock:
+            wanted = {w.interface for w in self.policy.workloads()}
+            present = {name for _, name in socket.if_nameindex()}
+            current = self.datapath.attached()
+            for ifname in sorted(wanted & present):
+                ours = self._ours.get(ifname)
+                found = current.get(ifname)
+                if ours is not None and found == ours:
+                    continue
+                self._ours[ifname] = self.datapath.attach(ifname)
+                if ours is None:
+                    self.record("attach", interface=ifname, programs=_prog_summary(self._ours[ifname]))
+                    log.info("attached to %s", ifname)
+                else:
+                    self.record("tamper", interface=ifname, expected=_prog_summary(ours),
+                                found=_prog_summary(found or {}), action="reattached")
+                    self.tamper_events += 1
+                    log.warning("tamper: programs on %s were changed or removed; re-attached", ifname)
+            for ifname in sorted(set(self._ours) - present):
+                del self._ours[ifname]
+                self.record("detach", interface=ifname, why="interface removed")
+                log.info("%s went away", ifname)
+
+    def _watch_netlink(self) -> None:
+        """New and removed links are noticed within a second through netlink events."""
+        from pyroute2 import IPRoute
+
+        ipr = IPRoute()
+        ipr.bind()
+        try:
+            while not self.stop_event.is_set():
+                ready, _, _ = select.select([ipr.fileno()], [], [], 0.5)
+                if not ready:
+                    continue
+                messages = ipr.get()
+                if any(m.get("event") in ("RTM_NEWLINK", "RTM_DELLINK") for m in messages):
+                    self._safely(self._reconcile)
+        finally:
+            ipr.close()
+
+    def _watchdog(self) -> None:
+        while not self.stop_event.wait(WATCHDOG_PERIOD_S):
+            self._safely(self._reconcile)
+
+    def _safely(self, fn) -> None:
+        try:
+            fn()
+        except Exception:  # a watcher must keep watching; the error is logged for the operator
+            log.exception("%s failed", getattr(fn, "__name__", fn))
+
+    # ---- control operations ----------------------------------------------------------------
+
+    def _handlers(self):
+        return {
+            "status": lambda args: self.status(),
+            "policy.load": self._op_policy_load,
+            "policy.get": lambda args: {"text": self.policy_text, "source": str(self.policy.source),
+                                        "sha256": self.policy.sha256},
+            "down": self._op_down,
+        }
+
+    def _op_policy_load(self, args: dict) -> dict:
+        from skyguard.policy.parse import parse_policy
+
+        text, source = args.get("text"), args.get("source", "<control>")
+        if not isinstance(text, str):
+            raise BadInput("policy.load needs the policy text")
+        policy = parse_policy(text, source=source)  # any error: nothing changes
+        old = self.policy
+        self._apply(policy, text)
+        return {"name": policy.name, "sha256": policy.sha256, "previous": old.sha256 if old else None}
+
+    def _op_down(self, args: dict) -> dict:
+        self.detach_on_exit = True
+        self.stop_event.set()
+        return {"stopping": True}
+
+    def status(self) -> dict:
+        with self._lock:
+            return {
+                "pid": os.getpid(),
+                "uptime_s": int(time.time() - self.started_at),
+                "policy": {"name": self.policy.name, "sha256": self.policy.sha256, "source": str(self.policy.source)},
+                "interfaces": self.datapath.attached(),
+                "tamper_events": self.tamper_events,
+                "maps": self.datapath.occupancy(),
+                "counters": self.datapath.counters(),
+                "log": self.tlog.head() if self.tlog else None,
+            }
+
+
+def _prog_summary(info: dict) -> dict:
+    """hook -> "name id tag", the part of an attachment worth logging."""
+    return {hook: f"{p.get('name')} id={p.get('id')} tag={p.get('tag')}" for hook, p in info.items()}
+
+
+def _version() -> str:
+    from skyguard import __version__
+
+    return __version__
