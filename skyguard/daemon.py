@@ -17,9 +17,12 @@ import threading
 import time
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
 from skyguard import config
 from skyguard.control import ControlServer
 from skyguard.errors import BadInput, DaemonError
+from skyguard.metrics.views import flows_handler
 
 log = logging.getLogger("skyguard.daemon")
 
@@ -43,6 +46,10 @@ class Daemon:
         self._threads: list[threading.Thread] = []
         self._ours: dict[str, dict] = {}  # interface -> the programs we attached (ids, tags)
         self.tamper_events = 0
+        self.metrics = None
+        # One registry for every part's Prometheus metrics (DNS, credential and SSH proxies
+        # register theirs here); served by skyguard.metrics on --metrics.
+        self.registry = CollectorRegistry()
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -63,6 +70,7 @@ class Daemon:
         self._apply(policy, text)
         self.control = ControlServer(self._handlers())
         self.control.start()
+        self._start_metrics()
         self._spawn(self._watch_netlink, "sg-netlink")
         self._spawn(self._watchdog, "sg-watchdog")
         log.info("skyguard up: policy %s (%s), %d interfaces attached", policy.name,
@@ -82,6 +90,8 @@ class Daemon:
         self.stop_event.set()
         if self.control:
             self.control.stop()
+        if self.metrics:
+            self.metrics.stop()
         for t in self._threads:
             t.join(timeout=5)
         if self.datapath:
@@ -177,6 +187,17 @@ class Daemon:
         except Exception:  # a watcher must keep watching; the error is logged for the operator
             log.exception("%s failed", getattr(fn, "__name__", fn))
 
+    # ---- metrics (from the metrics branch) -------------------------------------------------
+
+    def _start_metrics(self) -> None:
+        """Serve Prometheus text on --metrics; the collectors read the datapath, the policy and the
+        signed log at scrape time (no polling loop)."""
+        if not self.metrics_addr:
+            return
+        from skyguard.metrics import MetricsExporter, daemon_sources
+
+        self.metrics = MetricsExporter(self.registry, daemon_sources(self), self.metrics_addr).start()
+
     # ---- control operations ----------------------------------------------------------------
 
     def _handlers(self):
@@ -186,6 +207,7 @@ class Daemon:
             "policy.get": lambda args: {"text": self.policy_text, "source": str(self.policy.source),
                                         "sha256": self.policy.sha256},
             "down": self._op_down,
+            "flows": flows_handler(self),  # skyguard/metrics/views.py: flows named by workload, bounded
         }
 
     def _op_policy_load(self, args: dict) -> dict:

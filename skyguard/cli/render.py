@@ -85,6 +85,8 @@ def summary_table(status: dict) -> Table:
         table.add_row("source", str(policy["source"]))
     lost = (status.get("counters") or {}).get("events_lost", 0)
     table.add_row("events lost", Text(str(lost), style="bold red" if lost else ""))
+    tamper = status.get("tamper_events", 0)
+    table.add_row("tamper events", Text(str(tamper), style="bold red" if tamper else ""))
     return table
 
 

@@ -19,7 +19,7 @@ from skyguard.policy.parse import load_policy
 POLICY = load_policy(config.DEFAULT_POLICY)
 
 STATUS = {
-    "pid": 4242, "uptime_s": 3725,
+    "pid": 4242, "uptime_s": 3725, "tamper_events": 2,
     "policy": {"name": "keysystems", "sha256": POLICY.sha256, "source": str(config.DEFAULT_POLICY)},
     "interfaces": {
         "sg-radius1": {"xdp": {"id": 31, "mode": "generic", "name": "sg_from_vm", "tag": "a1b2c3d4e5f60718"},
@@ -57,7 +57,7 @@ def test_status_shows_every_section():
     text = console.export_text()
     for expected in ("pid 4242", "1h02m", "keysystems", POLICY.sha256[:16], "sg-radius1", "sg_from_vm", "#31",
                      "sg_to_vm", "tampered", "none", "sg_policy", "57", "auth", "egress", "allow", "no_rule",
-                     "sandbox", "Signed log", "77", "20.0 KiB", "events lost"):
+                     "sandbox", "Signed log", "77", "20.0 KiB", "events lost", "tamper events"):
         assert expected in text, f"{expected!r} missing from:\n{text}"
 
 
