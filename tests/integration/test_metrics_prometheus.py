@@ -149,3 +149,30 @@ def test_a_flood_from_many_addresses_adds_no_series(lab, daemon, prometheus):
             assert not IP_LIKE.search(value), f"label {key}={value!r} of {s['__name__']} looks like an address"
     exposed = int(prometheus.query('count({__name__=~"skyguard_.+",job="skyguard"})')[0][2])
     assert exposed < 600, f"{exposed} skyguard series: cardinality is not bounded"
+
+
+def wait_for(predicate, what: str, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"{what} did not happen within {timeout:.0f}s")
+
+
+def test_tampering_shows_in_prometheus_and_raises_the_alert(lab, daemon, prometheus):
+    # Last in this file: it leaves one tamper event behind. Remove the to-VM program of dc2
+    # behind the daemon's back; its watchdog re-attaches and counts a tamper event.
+    tamper = 'skyguard_tamper_events_total{job="skyguard"}'
+    settled(prometheus)
+    before = prometheus.value(tamper)
+    lab.exec("host", ["tc", "filter", "del", "dev", "sg-dc2", "egress"], lab_resolver=False, check=True)
+    wait_for(lambda: prometheus.value(tamper) == before + 1, "skyguard_tamper_events_total rising in Prometheus")
+    firing = wait_for(lambda: [a for a in prometheus.api("alerts")["alerts"]
+                               if a["labels"]["alertname"] == "SkyguardTamperEvent" and a["state"] == "firing"],
+                      "the SkyguardTamperEvent alert firing")
+    assert firing[0]["labels"]["severity"] == "critical"
+    # Re-attached: both programs are back on dc2 (the workload is enforced again).
+    wait_for(lambda: prometheus.query('skyguard_programs_attached{job="skyguard",workload="dc2"}')[0][2] == 2,
+             "dc2's programs re-attached")
