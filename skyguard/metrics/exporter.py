@@ -88,7 +88,8 @@ def _collector_up(name: str, up: bool) -> GaugeMetricFamily:
 class DatapathCollector(Collector):
     """Reads the eBPF datapath at scrape time.
 
-    datapath: a Datapath (counters(), flows(), attached(), occupancy()) or a callable returning
+    datapath: a Datapath (counters(), flows(), attached(), occupancy(), optionally learned()) or a
+    callable returning
     one (or None while there is none). policy: the active Policy or a callable returning it; it
     bounds zone labels and maps interfaces to workloads.
     """
@@ -172,10 +173,35 @@ class DatapathCollector(Collector):
         for (workload, zone), n in sorted(per_workload.items()):
             programs.add_metric([workload, zone], n)
 
+        families = []
+        if hasattr(dp, "learned"):
+            learned = GaugeMetricFamily("skyguard_learned_ips", "Addresses DNS answers have opened now (unexpired), "
+                                        "by zone", labels=["zone"])
+            current = _learned_snapshot(dp)
+            now = time.monotonic_ns()  # the datapath stamps expiry with the same clock
+            per_zone_ips = {z: 0 for z in policy.zones}
+            for selectors in current.values():
+                for zone in {policy.zone(key.split("/", 1)[0]) for key, expiry in selectors.items() if expiry > now}:
+                    per_zone_ips[zone] = per_zone_ips.get(zone, 0) + 1
+            for zone, n in sorted(per_zone_ips.items()):
+                learned.add_metric([zone], n)
+            families.append(learned)
+
         entries = GaugeMetricFamily("skyguard_map_entries", "Entries in each pinned eBPF map", labels=["map"])
         for name, n in sorted((dp.occupancy() or {}).items()):
             entries.add_metric([_token(name)], int(n))
-        return [packets, nbytes, drops, drop_bytes, lost, flows, programs, entries]
+        return [packets, nbytes, drops, drop_bytes, lost, flows, programs, entries, *families]
+
+
+def _learned_snapshot(dp) -> dict:
+    """Datapath.learned() copies a dict the DNS thread may be changing; a copy that raced with a
+    change raises RuntimeError, and trying again is cheaper than failing the whole scrape."""
+    for _attempt in range(3):
+        try:
+            return dp.learned() or {}
+        except RuntimeError:
+            continue
+    return dp.learned() or {}
 
 
 def log_facts(directory: Path | str | None, entries: int | None = None) -> dict:

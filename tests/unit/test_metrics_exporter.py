@@ -7,6 +7,7 @@ exercised by tests/integration/test_metrics_prometheus.py against the running da
 
 import shutil
 import subprocess
+import time
 import urllib.request
 
 import pytest
@@ -50,6 +51,12 @@ class ScriptedDatapath:
     def occupancy(self):
         return {"sg_ct": len(self.flow_rows), "sg_policy": 40}
 
+    def learned(self):
+        far, gone = time.monotonic_ns() + 60 * 10**9, time.monotonic_ns() - 1
+        return {"203.0.113.7": {"sandbox/sandbox-packages": far},
+                "203.0.113.8": {"sandbox/sandbox-packages": far, "sdn/os-updates": gone},
+                "203.0.113.9": {"sdn/sdn-to-github": far, "auth/os-updates": far}}
+
 
 def scrape(exporter) -> dict:
     """{(name, frozenset(labels)): value} of every sample, fetched over HTTP like Prometheus does."""
@@ -90,6 +97,10 @@ def test_values_come_from_the_source(served):
     assert s[("skyguard_programs_attached", L(workload="radius1", zone="auth"))] == 2
     assert s[("skyguard_programs_attached", L(workload="dc1", zone="directory"))] == 0  # unprotected shows
     assert s[("skyguard_map_entries", L(map="sg_policy"))] == 40
+    assert s[("skyguard_learned_ips", L(zone="sandbox"))] == 2
+    assert s[("skyguard_learned_ips", L(zone="sdn"))] == 1  # the expired selector no longer counts
+    assert s[("skyguard_learned_ips", L(zone="auth"))] == 1
+    assert s[("skyguard_learned_ips", L(zone="directory"))] == 0
     assert s[("skyguard_policy_info", L(name="keysystems", sha256=POLICY.sha256))] == 1
     assert s[("skyguard_log_entries", L())] == 12
     assert s[("skyguard_log_checkpointed_entries", L())] == 10

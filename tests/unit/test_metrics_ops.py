@@ -47,6 +47,9 @@ class OneOfEverything:
     def occupancy(self):
         return {"sg_ct": 0}
 
+    def learned(self):
+        return {}
+
 
 def exported_names() -> set[str]:
     """Every sample name skyguard can expose: this part's collectors and the other parts' metrics."""
