@@ -44,7 +44,7 @@ class Daemon:
         self.tlog = None
         self._lock = threading.RLock()  # policy swaps, attach and the watchdog serialise here
         self._threads: list[threading.Thread] = []
-        self._ours: dict[str, dict] = {}  # interface -> the programs we attached (ids, tags)
+        self._known: set[str] = set()  # interfaces this daemon has attached to
         self.tamper_events = 0
         self.metrics = None
         # One registry for every part's Prometheus metrics (DNS, credential and SSH proxies
@@ -135,28 +135,24 @@ class Daemon:
             self._reconcile()
 
     def _reconcile(self) -> None:
-        """Attach to every workload interface that exists and is not (or no longer) ours; forget
-        interfaces that went away. Programs found changed behind our back are a tamper event."""
+        """Attach to every workload interface that exists and does not carry our programs; forget
+        interfaces that went away. Our programs found missing or replaced on an interface we had
+        already attached are a tamper event."""
         with self._lock:
-            wanted = {w.interface for w in self.policy.workloads()}
-            present = {name for _, name in socket.if_nameindex()}
-            current = self.datapath.attached()
-            for ifname in sorted(wanted & present):
-                ours = self._ours.get(ifname)
-                found = current.get(ifname)
-                if ours is not None and found == ours:
-                    continue
-                self._ours[ifname] = self.datapath.attach(ifname)
-                if ours is None:
-                    self.record("attach", interface=ifname, programs=_prog_summary(self._ours[ifname]))
+            for ifname, problem in sorted(self.datapath.verify().items()):
+                info = self.datapath.attach(ifname)
+                if ifname not in self._known:
+                    self.record("attach", interface=ifname, programs=_prog_summary(info))
                     log.info("attached to %s", ifname)
                 else:
-                    self.record("tamper", interface=ifname, expected=_prog_summary(ours),
-                                found=_prog_summary(found or {}), action="reattached")
+                    self.record("tamper", interface=ifname, problem=problem, action="reattached",
+                                programs=_prog_summary(info))
                     self.tamper_events += 1
-                    log.warning("tamper: programs on %s were changed or removed; re-attached", ifname)
-            for ifname in sorted(set(self._ours) - present):
-                del self._ours[ifname]
+                    log.warning("tamper on %s: %s; re-attached", ifname, problem)
+                self._known.add(ifname)
+            present = {name for _, name in socket.if_nameindex()}
+            for ifname in sorted(self._known - present):
+                self._known.discard(ifname)
                 self.record("detach", interface=ifname, why="interface removed")
                 log.info("%s went away", ifname)
 
@@ -207,6 +203,7 @@ class Daemon:
             "policy.get": lambda args: {"text": self.policy_text, "source": str(self.policy.source),
                                         "sha256": self.policy.sha256},
             "down": self._op_down,
+            "conntrack": lambda args: {"flows": self.datapath.flows()},
             "flows": flows_handler(self),  # skyguard/metrics/views.py: flows named by workload, bounded
         }
 
