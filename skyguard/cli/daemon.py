@@ -83,28 +83,11 @@ def status(as_json):
       skyguard status --json | jq .counters
     """
     from skyguard import control
+    from skyguard.cli.render import print_status
 
     reply = control.request("status")
     reply.pop("ok", None)
     if as_json:
         emit_json(reply)
     else:
-        _print_status(reply)
-
-
-def _print_status(s: dict) -> None:
-    p = s["policy"]
-    click.echo(f"daemon pid {s['pid']}, up {s['uptime_s']}s; policy {p['name']} sha256 {p['sha256'][:16]}... ({p['source']})")
-    click.echo("interfaces:")
-    for ifname, hooks in sorted(s["interfaces"].items()):
-        click.echo(f"  {ifname:15} " + ", ".join(f"{h}={v.get('name')}#{v.get('id')}" for h, v in sorted(hooks.items())))
-    click.echo("maps: " + ", ".join(f"{k}={v}" for k, v in sorted(s["maps"].items())))
-    click.echo("traffic:")
-    for row in s["counters"]["traffic"]:
-        click.echo(f"  {row['zone']:12} {row['direction']:8} {row['verdict']:12} {row['packets']:>10} pkts {row['bytes']:>12} bytes")
-    click.echo("drops:")
-    for row in s["counters"]["drops"]:
-        click.echo(f"  {row['zone']:12} {row['direction']:8} {row['reason']:24} {row['packets']:>10} pkts")
-    if s.get("log"):
-        click.echo(f"log: {s['log']['size']} entries, last checkpoint covers {s['log']['checkpointed_size']}, "
-                   f"{s['log']['checkpoint_age_s']:.0f}s old")
+        print_status(reply)

@@ -92,8 +92,9 @@ def summary_table(status: dict) -> Table:
 
 def interfaces_table(status: dict, workloads: dict | None = None) -> Table:
     """workloads: optional {ifname: {"workload", "zone"}} to name the VM behind each interface."""
-    table = _table("Interfaces and programs", "interface", "workload", "from VM", "to VM", "state",
-                   wrap=("from VM", "to VM"))
+    columns = ["interface", "workload", "from VM", "to VM", "state"] if workloads else \
+        ["interface", "from VM", "to VM", "state"]
+    table = _table("Interfaces and programs", *columns, wrap=("from VM", "to VM"))
     interfaces = status.get("interfaces") or {}
     for ifname in sorted(interfaces):
         hooks = interfaces[ifname] or {}
@@ -108,10 +109,11 @@ def interfaces_table(status: dict, workloads: dict | None = None) -> Table:
             return Text("none", style="bold red")
 
         intact = hooks.get("intact", True)
-        table.add_row(ifname, w.get("workload", ""), prog("xdp", "tc_ingress"), prog("tc_egress"),
+        cells = [ifname, w.get("workload", "")] if workloads else [ifname]
+        table.add_row(*cells, prog("xdp", "tc_ingress"), prog("tc_egress"),
                       Text("ok", style="green") if intact else Text("tampered", style="bold red"))
     if not interfaces:
-        table.add_row(Text("no interface carries skyguard programs", style="yellow"), "", "", "", "")
+        table.add_row(Text("no interface carries skyguard programs", style="yellow"), *[""] * (len(columns) - 1))
     return table
 
 
@@ -153,19 +155,30 @@ def drops_table(status: dict) -> Table:
     return table
 
 
+LOG_FIELDS = (  # (key in the log head, label, how to show it)
+    ("size", "entries", str),
+    ("checkpointed_size", "covered by the last checkpoint", str),
+    ("checkpoint_age_s", "last checkpoint", lambda v: f"{human_duration(v)} ago"),
+    ("bytes", "on disk", human_bytes),
+    ("origin", "origin", str),
+)
+
+
 def log_table(status: dict) -> Table:
     head = status.get("log") or {}
     table = _table("Signed log", "field", "value")
     if not head:
         table.add_row(Text("no log information", style="yellow"), "")
         return table
-    for key in sorted(head):
-        value = head[key]
-        if key == "checkpoint_age_s":
-            value = human_duration(value)
-        elif key == "bytes":
-            value = human_bytes(value)
-        table.add_row(key, str(value))
+    known = {key for key, _label, _show in LOG_FIELDS}
+    for key, label, show in LOG_FIELDS:
+        if head.get(key) is not None:
+            table.add_row(label, show(head[key]))
+    for key in sorted(set(head) - known):  # fields a newer log adds still show
+        table.add_row(key, str(head[key]))
+    size, covered = head.get("size"), head.get("checkpointed_size")
+    if isinstance(size, int) and isinstance(covered, int) and size > covered:
+        table.add_row("", Text(f"{size - covered} entries not yet under a signed checkpoint", style="yellow"))
     return table
 
 

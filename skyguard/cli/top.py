@@ -157,8 +157,10 @@ def flows_table(snap: Snapshot, only: set[str], limit: int) -> Table:
     title = f"Flows (largest {min(limit, total)} of {total})"
     if snap.flows.get("missing"):
         title = "Flows (this daemon has no \"flows\" operation; upgrade it)"
-    table = _table(title, "workload", "zone", "dir", "proto", "source", "destination", "state", "rule", "packets",
-                   "bytes", right=["packets", "bytes"])
+    # The workload names the zone; addresses and rule names may wrap on a narrow terminal
+    # (a wrapped address is still whole, an ellipsised one is not).
+    table = _table(title, "workload", "dir", "proto", "source", "destination", "state", "rule", "packets", "bytes",
+                   right=["packets", "bytes"], wrap=("source", "destination", "rule"))
     shown = 0
     for f in snap.flows.get("flows") or ():
         if only and f.get("zone") not in only:
@@ -167,7 +169,7 @@ def flows_table(snap: Snapshot, only: set[str], limit: int) -> Table:
             break
         shown += 1
         proto = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}.get(f.get("proto"), str(f.get("proto")))
-        table.add_row(f.get("workload") or f.get("interface", ""), f.get("zone", ""), f.get("direction", "")[:3],
+        table.add_row(f.get("workload") or f.get("interface", ""), f.get("direction", "")[:3],
                       proto, _endpoint(f.get("src"), f.get("sport")), _endpoint(f.get("dst"), f.get("dport")),
                       f.get("state", ""), f.get("rule", ""), human_count(f.get("packets", 0)),
                       human_bytes(f.get("bytes", 0)))

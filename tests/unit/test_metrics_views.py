@@ -33,7 +33,7 @@ STATUS = {
         "drops": [{"zone": "sandbox", "direction": "egress", "reason": "no_rule", "packets": 4, "bytes": 240}],
         "events_lost": 3,
     },
-    "log": {"size": 77, "bytes": 20480, "checkpoint_age_s": 4},
+    "log": {"size": 77, "checkpointed_size": 70, "bytes": 20480, "checkpoint_age_s": 4, "origin": "host/log"},
 }
 FLOWS = {
     "flows": [{"ifindex": 9, "proto": 6, "src": "10.10.1.2", "dst": "10.10.2.2", "sport": 40000, "dport": 389,
@@ -57,7 +57,8 @@ def test_status_shows_every_section():
     text = console.export_text()
     for expected in ("pid 4242", "1h02m", "keysystems", POLICY.sha256[:16], "sg-radius1", "sg_from_vm", "#31",
                      "sg_to_vm", "tampered", "none", "sg_policy", "57", "auth", "egress", "allow", "no_rule",
-                     "sandbox", "Signed log", "77", "20.0 KiB", "events lost", "tamper events"):
+                     "sandbox", "Signed log", "77", "20.0 KiB", "events lost", "tamper events", "4s ago", "host/log",
+                     "7 entries not yet under a signed checkpoint"):
         assert expected in text, f"{expected!r} missing from:\n{text}"
 
 
