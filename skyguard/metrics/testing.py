@@ -195,8 +195,10 @@ class PrometheusServer:
 
 
 # Run inside a lab VM: send raw Ethernet frames (IPv4/UDP) out of eth0. argv: gateway MAC, own
-# MAC, own IPv4, count, mode ("spoof": random source addresses; "scan": own source, random
-# destinations). No replies are expected: every frame must be dropped by skyguard.
+# MAC, own IPv4, count, mode, then for "flows" a destination address and port. Modes: "spoof"
+# (random source addresses: all dropped), "scan" (own source, random destinations: all dropped
+# unless the policy allows them), "flows" (own source, one allowed destination, a new source
+# port per frame: one new allowed flow each).
 FLOOD = r"""
 import random, socket, struct, sys
 gw, me, my_ip, count, mode = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
@@ -214,10 +216,16 @@ for i in range(count):
     if mode == "spoof":
         src = bytes([10, rnd.randrange(256), rnd.randrange(256), rnd.randrange(1, 255)])
         dst = socket.inet_aton("10.10.2.2")
+    elif mode == "flows":
+        src, dst = socket.inet_aton(my_ip), socket.inet_aton(sys.argv[6])
     else:
         src = socket.inet_aton(my_ip)
         dst = bytes([198, 51, 100, rnd.randrange(1, 255)]) if i % 2 else bytes([203, 0, 113, rnd.randrange(1, 255)])
-    udp = struct.pack("!HHHH", rnd.randrange(1024, 65535), rnd.randrange(1, 65535), 8 + len(payload), 0) + payload
+    if mode == "flows":
+        ports = (10000 + i, int(sys.argv[7]))
+    else:
+        ports = (rnd.randrange(1024, 65535), rnd.randrange(1, 65535))
+    udp = struct.pack("!HHHH", *ports, 8 + len(payload), 0) + payload
     hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), i & 0xFFFF, 0, 64, 17, 0, src, dst)
     hdr = hdr[:10] + struct.pack("!H", csum(hdr)) + hdr[12:]
     sock.send(eth + hdr + udp)
