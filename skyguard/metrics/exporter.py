@@ -103,20 +103,26 @@ class DatapathCollector(Collector):
         return []
 
     def collect(self):
-        try:
-            families = self._families()
-        except Exception:  # a failing source must not break the scrape of the other metrics
-            log.exception("reading the datapath for a metrics scrape failed")
+        dp = _call(self._datapath)
+        if dp is None:
             yield _collector_up("datapath", False)
             return
-        yield from families
-        yield _collector_up("datapath", True)
-
-    def _families(self) -> list:
-        dp = _call(self._datapath)
         policy = _PolicyView(self._policy() if callable(self._policy) else self._policy)
-        if dp is None:
-            raise DaemonError("no datapath loaded")
+        # Each reading stands alone: `tc` failing while an interface is re-attached must not take
+        # the packet counters out of this scrape (Prometheus would mark them stale).
+        ok = True
+        for read in (self._counters, self._flows, self._programs, self._maps, self._learned):
+            try:
+                families = read(dp, policy)
+            except Exception:  # a failing reading must not break the scrape of the others
+                log.exception("metrics scrape: %s failed", read.__name__.strip("_"))
+                ok = False
+                continue
+            yield from families
+        yield _collector_up("datapath", ok)
+
+    @staticmethod
+    def _counters(dp, policy: _PolicyView) -> list:
         counters = dp.counters()
         packets = CounterMetricFamily("skyguard_packets", "Packets seen by the datapath, by zone, direction "
                                       "(egress: from the VM; ingress: to the VM) and verdict",
@@ -152,7 +158,10 @@ class DatapathCollector(Collector):
         lost = CounterMetricFamily("skyguard_ringbuf_events_lost", "Flow and drop events the datapath could not "
                                    "put in the ring buffer (full): each is missing from flow logs")
         lost.add_metric([], int(counters.get("events_lost", 0)))
+        return [packets, nbytes, drops, drop_bytes, lost]
 
+    @staticmethod
+    def _flows(dp, policy: _PolicyView) -> list:
         flows = GaugeMetricFamily("skyguard_active_flows", "Unexpired connection-tracking entries, by zone",
                                   labels=["zone"])
         per_zone = {z: 0 for z in policy.zones}
@@ -161,36 +170,45 @@ class DatapathCollector(Collector):
             per_zone[zone] = per_zone.get(zone, 0) + 1
         for zone, n in sorted(per_zone.items()):
             flows.add_metric([zone], n)
+        return [flows]
 
+    @staticmethod
+    def _programs(dp, policy: _PolicyView) -> list:
         programs = GaugeMetricFamily("skyguard_programs_attached", "skyguard programs attached to a workload's "
                                      "interface (2 when enforced: XDP or TC from the VM, TC to the VM; 0 means "
                                      "the workload is not protected)", labels=["workload", "zone"])
         per_workload = {wz: 0 for wz in policy.by_interface.values()}
         for ifname, hooks in (dp.attached() or {}).items():
             wz = policy.by_interface.get(ifname, (UNKNOWN, UNKNOWN))
-            n = sum(1 for k, v in hooks.items() if isinstance(v, dict) and str(v.get("name") or "").startswith("sg_"))
+            n = sum(1 for v in hooks.values() if isinstance(v, dict) and str(v.get("name") or "").startswith("sg_"))
             per_workload[wz] = per_workload.get(wz, 0) + n
         for (workload, zone), n in sorted(per_workload.items()):
             programs.add_metric([workload, zone], n)
+        return [programs]
 
-        families = []
-        if hasattr(dp, "learned"):
-            learned = GaugeMetricFamily("skyguard_learned_ips", "Addresses DNS answers have opened now (unexpired), "
-                                        "by zone", labels=["zone"])
-            current = _learned_snapshot(dp)
-            now = time.monotonic_ns()  # the datapath stamps expiry with the same clock
-            per_zone_ips = {z: 0 for z in policy.zones}
-            for selectors in current.values():
-                for zone in {policy.zone(key.split("/", 1)[0]) for key, expiry in selectors.items() if expiry > now}:
-                    per_zone_ips[zone] = per_zone_ips.get(zone, 0) + 1
-            for zone, n in sorted(per_zone_ips.items()):
-                learned.add_metric([zone], n)
-            families.append(learned)
-
-        entries = GaugeMetricFamily("skyguard_map_entries", "Entries in each pinned eBPF map", labels=["map"])
+    @staticmethod
+    def _maps(dp, policy: _PolicyView) -> list:
+        entries = GaugeMetricFamily("skyguard_map_entries", "Entries in each pinned eBPF map (array maps: "
+                                    "always their size)", labels=["map"])
         for name, n in sorted((dp.occupancy() or {}).items()):
             entries.add_metric([_token(name)], int(n))
-        return [packets, nbytes, drops, drop_bytes, lost, flows, programs, entries, *families]
+        return [entries]
+
+    @staticmethod
+    def _learned(dp, policy: _PolicyView) -> list:
+        if not hasattr(dp, "learned"):
+            return []
+        learned = GaugeMetricFamily("skyguard_learned_ips", "Addresses DNS answers have opened now (unexpired), "
+                                    "by zone", labels=["zone"])
+        current = _learned_snapshot(dp)
+        now = time.monotonic_ns()  # the datapath stamps expiry with the same clock
+        per_zone_ips = {z: 0 for z in policy.zones}
+        for selectors in current.values():
+            for zone in {policy.zone(key.split("/", 1)[0]) for key, expiry in selectors.items() if expiry > now}:
+                per_zone_ips[zone] = per_zone_ips.get(zone, 0) + 1
+        for zone, n in sorted(per_zone_ips.items()):
+            learned.add_metric([zone], n)
+        return [learned]
 
 
 def _learned_snapshot(dp) -> dict:

@@ -176,6 +176,20 @@ def test_a_failing_datapath_does_not_break_the_scrape(served):
     assert s[("skyguard_daemon_scrape_ok", frozenset())] == 1
     assert s[("skyguard_tamper_events_total", frozenset())] == 1
     assert not any(k[0] == "skyguard_packets_total" for k in s)
+    assert s[("skyguard_active_flows", frozenset({("zone", "auth")}))] == 4  # the other readings still show
+
+
+def test_a_failing_program_listing_keeps_the_counters(served):
+    dp, _facts, exporter = served
+
+    def tc_failed():
+        raise ValueError("tc printed half a JSON document")
+
+    dp.attached = tc_failed
+    s = scrape(exporter)
+    assert s[("skyguard_datapath_scrape_ok", frozenset())] == 0
+    assert s[("skyguard_packets_total", frozenset(dict(zone="auth", direction="egress", verdict="allow").items()))] == 7
+    assert not any(k[0] == "skyguard_programs_attached" for k in s)
 
 
 def test_no_datapath_yet_is_reported_not_raised():
