@@ -4,7 +4,9 @@ traffic the lab VMs sent (allowed pings, denied pings, a flood), the exposition 
 thousands of source and destination addresses adds no series and no address to any label.
 """
 
+import base64
 import json
+import random
 import re
 import shutil
 import subprocess
@@ -43,6 +45,16 @@ def prometheus(lab, daemon, tmp_path_factory):
 def settled(prometheus) -> None:
     """Wait for a scrape that began after now, so the next queries see everything sent before."""
     prometheus.wait_scraped_after(time.time() + 0.05)
+
+
+def wait_for(predicate, what: str, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"{what} did not happen within {timeout:.0f}s")
 
 
 def ping(lab, vm: str, target: str, count: int) -> subprocess.CompletedProcess:
@@ -113,6 +125,43 @@ def series(prometheus) -> list[dict]:
                                       "start": str(time.time() - 600)})
 
 
+def dig(lab, vm: str, *args: str) -> str:
+    return lab.exec(vm, ["dig", "+tries=1", "+time=3", "+noall", "+comments", *args], capture_output=True,
+                    text=True, timeout=120).stdout
+
+
+def test_dns_decisions_and_tunnelling_reach_prometheus(lab, daemon, prometheus, tmp_path):
+    queries = 'skyguard_dns_queries_total{job="skyguard",zone="sandbox"}'
+    learned_now = 'skyguard_learned_ips{job="skyguard",zone="sandbox"}'
+    detections = 'skyguard_dns_tunnel_detections_total{job="skyguard",zone="sandbox"}'
+    by_verdict = lambda: {r[0]["verdict"]: r[2] for r in prometheus.query(queries)}  # noqa: E731
+    settled(prometheus)
+    before = {q: prometheus.value(q) for q in (queries, detections)}
+    verdicts_before = by_verdict()
+
+    assert "status: NOERROR" in dig(lab, "agent1", "pypi.sandbox.test")  # allowed by name
+    assert "status: REFUSED" in dig(lab, "agent1", "payroll.corp.test")  # no rule names it
+    settled(prometheus)
+    assert prometheus.value(queries) - before[queries] == 2
+    grew = {v: n - verdicts_before.get(v, 0) for v, n in by_verdict().items() if n > verdicts_before.get(v, 0)}
+    assert sorted(grew.values()) == [1, 1], f"one allowed and one refused query, by verdict: {grew}"
+    assert prometheus.value(learned_now) >= 1  # the allowed answer's address is open now
+
+    # Exfiltration in DNS names under an allowed domain: the proxy detects it and blocks.
+    rng = random.Random(8)
+    names = [base64.b32encode(rng.randbytes(20)).decode().lower().rstrip("=") + ".files.pythonhosted.test"
+             for _ in range(60)]
+    batch = tmp_path / "tunnel-queries"
+    batch.write_text("".join(f"{n} A\n" for n in names))
+    out = dig(lab, "agent1", "-f", str(batch))
+    assert "status: REFUSED" in out, out[-2000:]
+    wait_for(lambda: prometheus.value(detections) > before[detections], "tunnel detections in Prometheus")
+    firing = wait_for(lambda: [a for a in prometheus.api("alerts")["alerts"]
+                               if a["labels"]["alertname"] == "SkyguardDnsTunnellingDetected"
+                               and a["state"] == "firing"], "the SkyguardDnsTunnellingDetected alert firing")
+    assert firing[0]["labels"]["zone"] == "sandbox"
+
+
 def host_mac(lab, ifname: str) -> str:
     # `ip`, not /sys/class/net: nsenter keeps the caller's sysfs, which shows the root namespace.
     link = lab.exec("host", ["ip", "-j", "link", "show", ifname], lab_resolver=False, capture_output=True,
@@ -167,16 +216,6 @@ def test_a_flood_from_many_addresses_adds_no_series(lab, daemon, prometheus):
     exposed = int(prometheus.value('count({__name__=~"skyguard_.+",job="skyguard"})'))
     assert exposed > 0
     assert exposed < 600, f"{exposed} skyguard series: cardinality is not bounded"
-
-
-def wait_for(predicate, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"{what} did not happen within {timeout:.0f}s")
 
 
 def test_tampering_shows_in_prometheus_and_raises_the_alert(lab, daemon, prometheus):
