@@ -25,7 +25,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
@@ -44,8 +44,6 @@ OTHER = "other"
 # Drop reasons and map names come from fixed tables in bpf/abi.h; this shape check keeps a
 # corrupted value from ever becoming a label (it cannot be an address or a name with a dot).
 _TOKEN = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
-
-Source = Callable[[], Any]
 
 
 def _call(source):

@@ -5,6 +5,7 @@ leaving the terminal as it found it. Also `--once` without a terminal, and the r
 """
 
 import fcntl
+import io
 import os
 import pty
 import re
@@ -140,7 +141,7 @@ def test_top_once_without_a_terminal(daemon):
 def test_status_printer_reads_the_real_status(daemon):
     status = daemon.request("status")
     status.pop("ok", None)
-    console = Console(width=200, record=True, color_system=None, file=open(os.devnull, "w"))
+    console = Console(width=200, record=True, color_system=None, file=io.StringIO())
     print_status(status, console=console)
     text = console.export_text()
     for expected in ("sg-radius1", "sg-agent1", "sg_ct", "keysystems", "policy_deny", "Signed log", "allow"):

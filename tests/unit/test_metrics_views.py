@@ -4,6 +4,7 @@ and the daemon-side "flows" reply (bounded, largest first, named by workload).
 The live versions run against a real daemon in tests/integration/test_top_pty.py.
 """
 
+import io
 import socket
 
 import pytest
@@ -46,13 +47,13 @@ FLOWS = {
 
 
 def rendered(renderable, width=160) -> str:
-    console = Console(width=width, record=True, color_system=None, file=open("/dev/null", "w"))
+    console = Console(width=width, record=True, color_system=None, file=io.StringIO())
     console.print(renderable)
     return console.export_text()
 
 
 def test_status_shows_every_section():
-    console = Console(width=160, record=True, color_system=None, file=open("/dev/null", "w"))
+    console = Console(width=160, record=True, color_system=None, file=io.StringIO())
     print_status(STATUS, console=console)
     text = console.export_text()
     for expected in ("pid 4242", "1h02m", "keysystems", POLICY.sha256[:16], "sg-radius1", "sg_from_vm", "#31",
