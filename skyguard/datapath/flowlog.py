@@ -1,0 +1,625 @@
+"""Flow logging: the datapath's ring buffer and conntrack turned into signed-log entries.
+
+FlowLogger is one thread that consumes `sg_events` with a callback (bcc open_ring_buffer +
+ring_buffer_poll) and writes, in group commits through LogWriter.submit:
+  flow_start  one per new allowed flow per interface (zones, workloads, 5-tuple, rule, reason)
+  deny        denied traffic as counts per (flow, reason) per interval; the kernel already
+              aggregates per flow (sg_deny_agg), userspace sums what arrives in an interval and,
+              past MAX_DENY_FLOWS_PER_INTERVAL distinct flows, per (interface, direction, reason),
+              so a flood of any shape is a bounded number of entries, never one per packet
+  flow_end    from periodic conntrack scans: entries that expired, closed (TCP FIN/RST and no
+              packet for one scan), or vanished (LRU eviction, policy revocation), with counts
+  ring_loss   whenever the kernel's per-CPU `sg_ev_lost` grew: no loss is silent
+It also keeps a bounded ring of recent records for `skyguard flows` (recent(), with a cursor).
+
+Backpressure is deliberate: when more than `max_inflight` entries wait for durability the
+consumer stops reading the ring, the ring fills and the kernel counts what it cannot take; those
+are then logged as ring_loss. Memory stays bounded and every loss is on record.
+
+Not here: the decisions themselves (bpf/), the log's format and durability (skyguard.tlog), the
+daemon's wiring (daemon.py). Thread safety: start/stop/flush/recent/stats may be called from any
+thread; everything else runs in the logger's own thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes as ct
+import logging
+import os
+import queue
+import socket
+import struct
+import threading
+import time
+import weakref
+from concurrent.futures import Future
+from typing import Callable
+
+from skyguard.datapath import abi
+from skyguard.datapath.reasons import reason_name
+from skyguard.errors import DatapathError, SkyguardError
+
+log = logging.getLogger("skyguard.flowlog")
+
+DEFAULT_DENY_INTERVAL_S = 1.0  # userspace deny aggregation window (and kernel-side flush period)
+DEFAULT_CT_SCAN_INTERVAL_S = 2.0  # how late a flow_end may be, and how often conntrack is read
+DEFAULT_RECENT = 20_000  # records kept in memory for `skyguard flows`
+DEFAULT_MAX_INFLIGHT = 200_000  # entries waiting for fsync before the consumer stops reading
+MAX_DENY_FLOWS_PER_INTERVAL = 1_000  # distinct denied flows logged one by one per interval
+KERNEL_DENY_INTERVAL_NS = 1_000_000_000  # SG_DENY_EVENT_INTERVAL_NS in bpf/lib/events.h
+POLL_TIMEOUT_MS = 100
+PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
+CT_CLOSING = 2
+BPF_NOEXIST = 1
+
+# struct sg_event (abi.Event), with the two network-order ports read raw.
+_EVENT = struct.Struct("<QIIHBBBBH16s16sHHII4x")  # 4 bytes of tail padding
+# struct sg_ct_key / sg_ct_val (abi.CtKey / abi.CtVal); ports network order.
+_CT_KEY = struct.Struct("<IB3x16s16sHH")
+_CT_VAL = struct.Struct("<QQQIIHBB")
+assert _EVENT.size == ct.sizeof(abi.Event)
+assert _CT_KEY.size == ct.sizeof(abi.CtKey)
+
+
+class FlowNames:
+    """Turns the datapath's numbers into names: zone and rule ids, ifindex -> workload, address
+    -> workload. Rebuilt whenever the datapath holds another compiled policy.
+    `ifindex_of(interface)` resolves names; the default resolves in the calling thread's netns."""
+
+    def __init__(self, datapath, ifindex_of: Callable[[str], int] | None = None):
+        self.datapath = datapath
+        self.ifindex_of = ifindex_of or _if_nametoindex
+        self._compiled = None
+        self._last_miss = 0.0
+
+    def _refresh(self, force: bool = False) -> None:
+        compiled = self.datapath.compiled
+        if compiled is self._compiled and not force:
+            return
+        self._compiled = compiled
+        self.zones = {0: "unknown"}
+        self.rules = {0: "dns"}
+        self.by_ifindex: dict[int, tuple[str, str]] = {}
+        self.by_address: dict[str, tuple[str, str]] = {}
+        if compiled is None:
+            return
+        self.zones.update({i: z for z, i in compiled.zone_ids.items()})
+        self.rules.update({i: r for r, i in compiled.rule_ids.items()})
+        for w in self.datapath.policy.workloads():
+            ifindex = self.ifindex_of(w.interface)
+            if ifindex:
+                self.by_ifindex[ifindex] = (w.interface, w.name)
+            for a in w.addresses:
+                self.by_address[str(a)] = (w.zone, w.name)
+
+    def zone(self, zone_id: int) -> str:
+        self._refresh()
+        return self.zones.get(zone_id, str(zone_id))
+
+    def rule(self, rule_id: int) -> str:
+        self._refresh()
+        return self.rules.get(rule_id, str(rule_id))
+
+    def interface(self, ifindex: int) -> tuple[str, str | None]:
+        """(interface name, workload name) of an ifindex; re-resolves at most once a second
+        when an interface appeared after the policy was loaded."""
+        self._refresh()
+        hit = self.by_ifindex.get(ifindex)
+        if hit is None and time.monotonic() - self._last_miss > 1.0:
+            self._last_miss = time.monotonic()
+            self._refresh(force=True)
+            hit = self.by_ifindex.get(ifindex)
+        return hit if hit else (f"ifindex-{ifindex}", None)
+
+    def peer(self, address: str) -> tuple[str | None, str | None]:
+        """(zone, workload) when the address is a workload's, else (None, None): outside."""
+        self._refresh()
+        return self.by_address.get(address, (None, None))
+
+
+def _if_nametoindex(name: str) -> int:
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return 0
+
+
+class FlowLogger:
+    def __init__(self, datapath, writer, *, names: FlowNames | None = None,
+                 deny_interval: float = DEFAULT_DENY_INTERVAL_S,
+                 ct_scan_interval: float = DEFAULT_CT_SCAN_INTERVAL_S,
+                 recent: int = DEFAULT_RECENT, max_inflight: int = DEFAULT_MAX_INFLIGHT,
+                 kernel_deny_interval_ns: int = KERNEL_DENY_INTERVAL_NS):
+        self.datapath = datapath
+        self.writer = writer
+        self.names = names or FlowNames(datapath)
+        self.deny_interval = deny_interval
+        self.ct_scan_interval = ct_scan_interval
+        self.max_inflight = max_inflight
+        self.kernel_deny_interval_ns = kernel_deny_interval_ns
+        self._stop = threading.Event()
+        self._paused = threading.Event()  # tests and benchmarks: stop reading the ring
+        self._thread: threading.Thread | None = None
+        self._raw: list[bytes] = []
+        self._addr_cache: dict[bytes, str] = {}
+        self._denies: dict[tuple, list] = {}  # (flow..., reason) -> [packets, first_ns, last_ns, zone]
+        self._deny_meta: collections.OrderedDict = collections.OrderedDict()  # kernel key -> (zone, dir)
+        self._ct_prev: dict[bytes, tuple] = {}
+        self._lock = threading.Lock()
+        self._recent: collections.deque = collections.deque(maxlen=recent)
+        self._seq = 0
+        self._inflight = 0
+        self._pending: set[Future] = set()
+        self._idle = threading.Condition(self._lock)
+        self.lost_total = 0  # events the kernel could not put in the ring, since start
+        self._lost_baseline = 0
+        self._stats = collections.Counter()
+        self.failure: SkyguardError | None = None
+        self._sync_requests: queue.SimpleQueue = queue.SimpleQueue()
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    def start(self) -> "FlowLogger":
+        self._lost_baseline = self._kernel_lost()
+        _open_ring(self.datapath, self._on_event)
+        self.datapath.set_events(True)
+        self._thread = threading.Thread(target=self._run, name="sg-flowlog", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop emission, drain the ring, log what is aggregated, wait until it is durable."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._paused.clear()
+        self._thread.join(timeout)
+        self._thread = None
+        self.flush(timeout)
+
+    def pause(self) -> None:
+        """Stop reading the ring (it fills; the kernel counts what does not fit)."""
+        self._paused.set()
+
+    def resume(self) -> None:
+        self._paused.clear()
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait until every entry submitted so far is durable (or failed)."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._inflight:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DatapathError(f"flow log: {self._inflight} entries still not durable "
+                                        f"after {timeout:.0f}s")
+                self._idle.wait(left)
+
+    def sync(self, timeout: float = 30.0) -> None:
+        """Consume what the ring holds now, log every aggregate and scan conntrack once, then
+        wait until it is durable (tests and `skyguard flows` freshness; the thread runs on)."""
+        done = threading.Event()
+        self._sync_requests.put(done)
+        if not done.wait(timeout):
+            raise DatapathError("flow log: the consumer did not answer a sync request")
+        self.flush(timeout)
+
+    # ---- the consumer thread ----------------------------------------------------------------
+    def _on_event(self, _ctx, data, size):
+        self._raw.append(ct.string_at(data, _EVENT.size))
+        return 0
+
+    def _run(self) -> None:
+        bpf = self.datapath._bpf
+        next_deny = time.monotonic() + self.deny_interval
+        next_ct = time.monotonic() + self.ct_scan_interval
+        while not self._stop.is_set():
+            try:
+                if self._paused.is_set() or self._inflight > self.max_inflight:
+                    self._stats["backpressure_pauses" if not self._paused.is_set() else "paused_ticks"] += 1
+                    time.sleep(POLL_TIMEOUT_MS / 1000)
+                else:
+                    bpf.ring_buffer_poll(POLL_TIMEOUT_MS)
+                requests = []
+                while not self._sync_requests.empty():
+                    requests.append(self._sync_requests.get())
+                if requests:
+                    bpf.ring_buffer_consume()
+                entries = self._take_events()
+                now = time.monotonic()
+                if now >= next_deny or requests:
+                    entries += self._flush_kernel_denies(force=bool(requests))
+                    entries += self._flush_denies()
+                    next_deny = now + self.deny_interval
+                if now >= next_ct or requests:
+                    entries += self._scan_conntrack()
+                    next_ct = now + self.ct_scan_interval
+                entries += self._check_losses()
+                self._submit(entries)
+                for r in requests:
+                    r.set()
+            except Exception:  # the consumer must keep consuming; the operator reads why
+                self._stats["consumer_errors"] += 1
+                log.exception("flow log consumer iteration failed")
+                time.sleep(0.1)
+        # Stopping: nothing new is emitted; what is in the ring and the aggregates is logged.
+        try:
+            self.datapath.set_events(False)
+            bpf.ring_buffer_consume()
+            entries = self._take_events()
+            entries += self._flush_kernel_denies(force=True)
+            entries += self._flush_denies()
+            entries += self._check_losses()
+            self._submit(entries)
+        except Exception:
+            log.exception("flow log: draining at stop failed")
+
+    def _submit(self, entries: list[bytes]) -> None:
+        if not entries:
+            return
+        try:
+            future = self.writer.submit(entries)
+        except SkyguardError as e:
+            self._fail(e, len(entries))
+            return
+        n = len(entries)
+        with self._lock:
+            self._inflight += n
+            self._pending.add(future)
+        self._stats["entries_submitted"] += n
+
+        def done(f: Future, n=n):
+            with self._idle:
+                self._inflight -= n
+                self._pending.discard(f)
+                if f.exception() is None:
+                    self._stats["entries_durable"] += n
+                else:
+                    self._stats["entries_failed"] += n
+                    self.failure = f.exception()
+                self._idle.notify_all()
+            if f.exception() is not None:
+                log.critical("flow log: %d entries were not made durable: %s", n, f.exception())
+
+        future.add_done_callback(done)
+
+    def _fail(self, error: SkyguardError, n: int) -> None:
+        self.failure = error
+        self._stats["entries_failed"] += n
+        log.critical("flow log: %d entries could not be submitted: %s", n, error)
+
+    # ---- events -----------------------------------------------------------------------------
+    def _addr(self, raw: bytes) -> str:
+        s = self._addr_cache.get(raw)
+        if s is None:
+            if len(self._addr_cache) > 65536:
+                self._addr_cache.clear()
+            s = self._addr_cache[raw] = str(abi.addr_from16(raw))
+        return s
+
+    def _take_events(self) -> list[bytes]:
+        raw, self._raw = self._raw, []
+        if not raw:
+            return []
+        from skyguard.tlog import entry
+
+        offset = time.time_ns() - time.monotonic_ns()  # ts_ns is CLOCK_MONOTONIC
+        out = []
+        records = []
+        ntohs = socket.ntohs
+        for buf in raw:
+            (ts, ifindex, rule_id, zone, etype, direction, reason, proto, _pad, saddr, daddr,
+             sport, dport, length, count) = _EVENT.unpack(buf)
+            self._stats["events"] += 1
+            if etype == abi.EVENT_FLOW_START:
+                rec = self._flow_fields(ifindex, zone, direction, proto, saddr, daddr, ntohs(sport),
+                                        ntohs(dport))
+                rec.update(time=ts + offset, verdict="allow", rule=self.names.rule(rule_id),
+                           reason="rule")
+                out.append(entry("flow_start", **rec))
+                rec["type"] = "flow_start"
+                records.append(rec)
+                self._stats["flow_start"] += 1
+            elif etype == abi.EVENT_DROP:
+                key = (ifindex, direction, reason, proto, saddr, daddr, sport, dport)
+                agg = self._denies.get(key)
+                if agg is None:
+                    self._denies[key] = [count, ts + offset, ts + offset, zone]
+                else:
+                    agg[0] += count
+                    agg[2] = ts + offset
+                self._remember_deny(ifindex, proto, saddr, daddr, sport, dport, reason, zone, direction)
+                self._stats["deny_packets"] += count
+            else:
+                self._stats["unknown_events"] += 1
+        self._remember(records)
+        return out
+
+    def _flow_fields(self, ifindex, zone, direction, proto, saddr, daddr, sport, dport) -> dict:
+        interface, workload = self.names.interface(ifindex)
+        zone_name = self.names.zone(zone)
+        src, dst = self._addr(saddr), self._addr(daddr)
+        if direction == abi.DIR_EGRESS:  # the VM sent it: it is the source
+            src_zone, src_wl = zone_name, workload
+            dst_zone, dst_wl = self.names.peer(dst)
+        else:
+            dst_zone, dst_wl = zone_name, workload
+            src_zone, src_wl = self.names.peer(src)
+        return {"interface": interface, "direction": abi.DIRECTIONS.get(direction, str(direction)),
+                "proto": PROTO_NAMES.get(proto, str(proto)), "src": src, "sport": sport, "dst": dst,
+                "dport": dport, "src_zone": src_zone, "src_workload": src_wl, "dst_zone": dst_zone,
+                "dst_workload": dst_wl}
+
+    def _remember_deny(self, ifindex, proto, saddr, daddr, sport, dport, reason, zone, direction):
+        k = (ifindex, proto, saddr, daddr, sport, dport, reason)
+        meta = self._deny_meta
+        if k in meta:
+            meta.move_to_end(k)
+        else:
+            meta[k] = (zone, direction)
+            if len(meta) > 65536:  # SG_DENY_AGG_MAX: the kernel keeps no more either
+                meta.popitem(last=False)
+
+    def _flush_kernel_denies(self, force: bool = False) -> list[bytes]:
+        """Collect what the kernel suppressed for flows that went quiet (it would report those
+        counts only with the flow's next packet, which may never come). lookup-and-delete is
+        atomic in the map; a packet of that flow within the same instant may be counted in the
+        next interval instead. Returns no entries itself: the counts join the aggregates."""
+        table = self.datapath.map("sg_deny_agg")
+        now = time.monotonic_ns()
+        fd = table.map_fd
+        val = table.Leaf()
+        offset = time.time_ns() - now
+        for k, v in table.items_lookup_batch():
+            if not v.suppressed:
+                continue
+            if not force and now - v.last_ns < self.kernel_deny_interval_ns + 100_000_000:
+                continue  # the flow's next packet after the interval will carry the count
+            if _lib().bpf_map_lookup_and_delete_elem(fd, ct.byref(k), ct.byref(val)) != 0:
+                continue  # gone already: the kernel evicted it or reported it itself
+            if not val.suppressed:
+                continue
+            flow = k.flow
+            saddr, daddr = bytes(flow.saddr), bytes(flow.daddr)
+            zone, direction = self._deny_meta.get(
+                (flow.ifindex, flow.proto, saddr, daddr, flow.sport, flow.dport, k.reason), (0, 255))
+            key = (flow.ifindex, direction, k.reason, flow.proto, saddr, daddr, flow.sport, flow.dport)
+            agg = self._denies.get(key)
+            when = val.last_ns + offset
+            if agg is None:
+                self._denies[key] = [val.suppressed, when, now + offset, zone]
+            else:
+                agg[0] += val.suppressed
+                agg[2] = max(agg[2], now + offset)
+            self._stats["deny_packets"] += val.suppressed
+            self._stats["kernel_deny_flushes"] += 1
+        return []
+
+    def _flush_denies(self) -> list[bytes]:
+        if not self._denies:
+            return []
+        from skyguard.tlog import entry
+
+        denies, self._denies = self._denies, {}
+        out, records = [], []
+        items = sorted(denies.items(), key=lambda kv: -kv[1][0])
+        summary: dict[tuple, list] = {}
+        for i, ((ifindex, direction, reason, proto, saddr, daddr, sport, dport), (count, first, last, zone)) \
+                in enumerate(items):
+            if i >= MAX_DENY_FLOWS_PER_INTERVAL:
+                s = summary.setdefault((ifindex, direction, reason, zone), [0, 0, first, last])
+                s[0] += count
+                s[1] += 1
+                s[2], s[3] = min(s[2], first), max(s[3], last)
+                continue
+            rec = self._flow_fields(ifindex, zone, direction, proto, saddr, daddr, socket.ntohs(sport),
+                                    socket.ntohs(dport))
+            if direction not in abi.DIRECTIONS:
+                rec["direction"] = "unknown"
+            rec.update(time=last, first_seen=first, verdict="deny", rule=None,
+                       reason=reason_name(reason), packets=count)
+            out.append(entry("deny", **rec))
+            rec["type"] = "deny"
+            records.append(rec)
+        for (ifindex, direction, reason, zone), (count, flows, first, last) in summary.items():
+            interface, workload = self.names.interface(ifindex)
+            rec = {"interface": interface, "direction": abi.DIRECTIONS.get(direction, "unknown"),
+                   "src_zone": self.names.zone(zone) if direction == abi.DIR_EGRESS else None,
+                   "dst_zone": self.names.zone(zone) if direction == abi.DIR_INGRESS else None,
+                   "workload": workload, "time": last, "first_seen": first, "verdict": "deny",
+                   "rule": None, "reason": reason_name(reason), "packets": count, "flows": flows,
+                   "summary": True}
+            out.append(entry("deny", **rec))
+            rec["type"] = "deny"
+            records.append(rec)
+        self._stats["deny_entries"] += len(out)
+        self._remember(records)
+        return out
+
+    # ---- conntrack --------------------------------------------------------------------------
+    def _scan_conntrack(self) -> list[bytes]:
+        from skyguard.tlog import entry
+
+        table = self.datapath.map("sg_ct")
+        now = time.monotonic_ns()
+        offset = time.time_ns() - now
+        seen: dict[bytes, tuple] = {}
+        ended: list[tuple[bytes, tuple, str]] = []
+        prev = self._ct_prev
+        for k, v in _dump(table, _CT_KEY.size, ct.sizeof(abi.CtVal)):
+            val = _CT_VAL.unpack_from(v)
+            expires, packets, state = val[0], val[1], val[7]
+            if expires <= now:
+                ended.append((k, val, "expired"))
+                continue
+            before = prev.get(k)
+            if state == CT_CLOSING and before is not None and before[7] == CT_CLOSING and before[1] == packets:
+                ended.append((k, val, "closed"))
+                continue
+            seen[k] = val
+        out, records = [], []
+        fd = table.map_fd
+        raw_val = (ct.c_uint8 * ct.sizeof(abi.CtVal))()
+        for k, val, why in ended:
+            kbuf = ct.create_string_buffer(k, len(k))
+            if _lib().bpf_map_lookup_and_delete_elem(fd, kbuf, raw_val) == 0:
+                current = _CT_VAL.unpack_from(bytes(raw_val))
+                revived = current[0] > now if why == "expired" else current[1] != val[1]
+                if revived:
+                    # A packet came between the read and the delete: the flow lives on.
+                    _lib().bpf_map_update_elem(fd, kbuf, raw_val, ct.c_uint64(BPF_NOEXIST))
+                    seen[k] = current
+                    continue
+                val = current
+            rec = self._ct_record(k, val, why, offset + now)
+            out.append(entry("flow_end", **rec))
+            rec["type"] = "flow_end"
+            records.append(rec)
+        for k in prev.keys() - seen.keys() - {k for k, _, _ in ended}:
+            # Present at the last scan, gone now without us: evicted (LRU) or revoked by a policy
+            # change. Its counts are those of the last scan.
+            rec = self._ct_record(k, prev[k], "removed", offset + now)
+            out.append(entry("flow_end", **rec))
+            rec["type"] = "flow_end"
+            records.append(rec)
+        self._ct_prev = seen
+        self._stats["flow_end"] += len(out)
+        self._remember(records)
+        return out
+
+    def _ct_record(self, k: bytes, val: tuple, why: str, when: int) -> dict:
+        ifindex, proto, saddr, daddr, sport, dport = _CT_KEY.unpack(k)
+        _exp, packets, nbytes, _gen, rule_id, zone, direction, _state = val
+        rec = self._flow_fields(ifindex, zone, direction, proto, saddr, daddr, socket.ntohs(sport),
+                                socket.ntohs(dport))
+        rec.update(time=when, verdict="allow", rule=self.names.rule(rule_id), reason=why,
+                   packets=packets, bytes=nbytes)
+        return rec
+
+    # ---- losses -----------------------------------------------------------------------------
+    def _kernel_lost(self) -> int:
+        return sum(int(v) for v in self.datapath.map("sg_ev_lost")[ct.c_int(0)])
+
+    def _check_losses(self) -> list[bytes]:
+        total = self._kernel_lost() - self._lost_baseline
+        if total <= self.lost_total:
+            return []
+        from skyguard.tlog import entry
+
+        lost = total - self.lost_total
+        self.lost_total = total
+        log.warning("flow log: the ring buffer could not take %d events (%d in total)", lost, total)
+        rec = {"lost": lost, "total": total, "time": time.time_ns()}
+        self._remember([dict(rec, type="ring_loss", verdict="loss")])
+        return [entry("ring_loss", **rec)]
+
+    # ---- reading ----------------------------------------------------------------------------
+    def _remember(self, records: list[dict]) -> None:
+        if not records:
+            return
+        with self._lock:
+            for rec in records:
+                self._seq += 1
+                rec["seq"] = self._seq
+                self._recent.append(rec)
+
+    def recent(self, since: int = 0, zone: str | None = None, verdict: str | None = None,
+               limit: int = 100) -> dict:
+        """Records after cursor `since` (oldest first, at most `limit`: the newest ones when
+        there are more), filtered by zone (source or destination) and verdict. The returned
+        cursor is the last record's seq, to pass as `since` next time."""
+        with self._lock:
+            cursor = self._seq
+            oldest = self._recent[0]["seq"] if self._recent else cursor + 1
+            picked = []
+            for rec in reversed(self._recent):
+                if rec["seq"] <= since:
+                    break
+                if verdict and rec.get("verdict") != verdict:
+                    continue
+                if zone and zone not in (rec.get("src_zone"), rec.get("dst_zone")):
+                    continue
+                picked.append(dict(rec))
+                if len(picked) >= limit:
+                    break
+        picked.reverse()
+        return {"records": picked, "cursor": cursor,
+                "missed": max(0, oldest - since - 1) if since else 0}
+
+    def stats(self) -> dict:
+        with self._lock:
+            out = dict(self._stats)
+            out["inflight"] = self._inflight
+        out["ring_lost_total"] = self.lost_total
+        out["failing"] = str(self.failure) if self.failure else None
+        return out
+
+
+# ---- the ring: opened once per Datapath ------------------------------------------------------
+# bcc cannot open the same ring buffer twice on one BPF object, so the callback it holds
+# forwards to whichever logger consumes now (a restarted logger, tests with one Datapath).
+_RING_SINKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _open_ring(datapath, sink) -> None:
+    if datapath in _RING_SINKS:
+        _RING_SINKS[datapath][0] = sink
+        return
+    holder = [sink]
+
+    def forward(ctx, data, size, holder=holder):
+        return holder[0](ctx, data, size)
+
+    datapath.events().open_ring_buffer(forward)
+    _RING_SINKS[datapath] = holder
+
+
+# ---- libbpf helpers -------------------------------------------------------------------------
+_LIB = None
+
+
+def _lib():
+    global _LIB
+    if _LIB is None:
+        _LIB = ct.CDLL("libbpf.so.1", use_errno=True)
+        _LIB.bpf_map_lookup_and_delete_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+        _LIB.bpf_map_update_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uint64]
+        _LIB.bpf_map_lookup_batch.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_void_p,
+                                              ct.c_void_p, ct.c_void_p, ct.c_void_p]
+    return _LIB
+
+
+class _BatchOpts(ct.Structure):  # struct bpf_map_batch_opts
+    _fields_ = [("sz", ct.c_size_t), ("elem_flags", ct.c_uint64), ("flags", ct.c_uint64)]
+
+
+def _dump(table, key_size: int, value_size: int, chunk: int = 8192):
+    """(key bytes, value bytes) of every entry of a hash map, by BPF_MAP_LOOKUP_BATCH (one
+    syscall per `chunk` entries instead of two per entry)."""
+    lib = _lib()
+    fd = table.map_fd
+    opts = _BatchOpts(sz=ct.sizeof(_BatchOpts))
+    in_batch = ct.create_string_buffer(8)
+    out_batch = ct.create_string_buffer(8)
+    first = True
+    while True:
+        keys = ct.create_string_buffer(chunk * key_size)
+        values = ct.create_string_buffer(chunk * value_size)
+        count = ct.c_uint32(chunk)
+        rc = lib.bpf_map_lookup_batch(fd, None if first else in_batch, out_batch, keys, values,
+                                      ct.byref(count), ct.byref(opts))
+        err = ct.get_errno() if rc else 0
+        if rc and err == 28 and count.value == 0:  # ENOSPC: one bucket holds more than chunk
+            chunk *= 2
+            continue
+        got = count.value
+        kraw, vraw = keys.raw, values.raw
+        for i in range(got):
+            yield kraw[i * key_size:(i + 1) * key_size], vraw[i * value_size:(i + 1) * value_size]
+        if rc:
+            if err == 2:  # ENOENT: that was the last batch
+                return
+            raise DatapathError(f"reading {table.name if hasattr(table, 'name') else 'a map'} failed: "
+                                f"{os.strerror(err)}")
+        ct.memmove(in_batch, out_batch, 8)
+        first = False
