@@ -39,6 +39,7 @@ class Daemon:
         self.datapath = None
         self.control = None
         self.tlog = None
+        self.flowlog = None
         self._lock = threading.RLock()  # policy swaps, attach and the watchdog serialise here
         self._threads: list[threading.Thread] = []
         self._known: set[str] = set()  # interfaces this daemon has attached to
@@ -61,6 +62,7 @@ class Daemon:
         self.record("daemon_start", pid=os.getpid(), version=_version())
         self.datapath = Datapath(pin_dir=config.PIN_DIR)
         self._apply(policy, text)
+        self._start_flowlog()
         self.control = ControlServer(self._handlers())
         self.control.start()
         self._spawn(self._watch_netlink, "sg-netlink")
@@ -84,6 +86,8 @@ class Daemon:
             self.control.stop()
         for t in self._threads:
             t.join(timeout=5)
+        if self.flowlog:
+            self._safely(self.flowlog.stop)
         if self.datapath:
             if self.detach_on_exit:
                 for ifname in self.datapath.detach_all():
@@ -114,6 +118,11 @@ class Daemon:
 
         if self.tlog is not None:
             self.tlog.append(entry(kind, **fields))
+
+    def _start_flowlog(self) -> None:
+        from skyguard.datapath.flowlog import FlowLogger
+
+        self.flowlog = FlowLogger(self.datapath, self.tlog).start()
 
     # ---- policy and interfaces -------------------------------------------------------------
 
@@ -182,6 +191,8 @@ class Daemon:
             "policy.get": lambda args: {"text": self.policy_text, "source": str(self.policy.source),
                                         "sha256": self.policy.sha256},
             "down": self._op_down,
+            "flows": self._op_flows,
+            "attest": self._op_attest,
         }
 
     def _op_policy_load(self, args: dict) -> dict:
@@ -194,6 +205,20 @@ class Daemon:
         old = self.policy
         self._apply(policy, text)
         return {"name": policy.name, "sha256": policy.sha256, "previous": old.sha256 if old else None}
+
+    def _op_flows(self, args: dict) -> dict:
+        from skyguard.datapath.flowlog import query_args
+
+        query, sync = query_args(args)
+        if sync:
+            self.flowlog.sync()
+        return self.flowlog.recent(**query)
+
+    def _op_attest(self, args: dict) -> dict:
+        from skyguard import attest
+
+        with self._lock:
+            return attest.attest(self.datapath, self.policy, self.tlog, nonce=args.get("nonce"))
 
     def _op_down(self, args: dict) -> dict:
         self.detach_on_exit = True
@@ -211,6 +236,7 @@ class Daemon:
                 "maps": self.datapath.occupancy(),
                 "counters": self.datapath.counters(),
                 "log": self.tlog.head() if self.tlog else None,
+                "flowlog": self.flowlog.stats() if self.flowlog else None,
             }
 
 

@@ -23,6 +23,8 @@ COMMANDS = [
     ("daemon", "up"),
     ("daemon", "down"),
     ("daemon", "status"),
+    ("flows", "flows"),
+    ("attest", "attest"),
 ]
 
 

@@ -531,7 +531,7 @@ class FlowLogger:
         with self._lock:
             cursor = self._seq
             oldest = self._recent[0]["seq"] if self._recent else cursor + 1
-            picked = []
+            picked, cut = [], 0
             for rec in reversed(self._recent):
                 if rec["seq"] <= since:
                     break
@@ -539,12 +539,15 @@ class FlowLogger:
                     continue
                 if zone and zone not in (rec.get("src_zone"), rec.get("dst_zone")):
                     continue
-                picked.append(dict(rec))
-                if len(picked) >= limit:
-                    break
+                if len(picked) < limit:
+                    picked.append(dict(rec))
+                else:
+                    cut += 1
         picked.reverse()
-        return {"records": picked, "cursor": cursor,
-                "missed": max(0, oldest - since - 1) if since else 0}
+        evicted = max(0, oldest - since - 1) if since else 0
+        # missed: records after the cursor that this reply cannot show (evicted from memory, or
+        # past the limit); a follower learns it fell behind.
+        return {"records": picked, "cursor": cursor, "missed": evicted + (cut if since else 0)}
 
     def stats(self) -> dict:
         with self._lock:
@@ -553,6 +556,29 @@ class FlowLogger:
         out["ring_lost_total"] = self.lost_total
         out["failing"] = str(self.failure) if self.failure else None
         return out
+
+
+VERDICT_FILTERS = ("allow", "deny", "loss")
+MAX_QUERY_LIMIT = 10_000
+
+
+def query_args(args: dict) -> tuple[dict, bool]:
+    """Validate the control op "flows" arguments: (keyword arguments of recent(), sync?).
+    Raises BadInput naming the bad argument."""
+    from skyguard.errors import BadInput
+
+    since = args.get("since", 0)
+    limit = args.get("limit", 100)
+    zone, verdict = args.get("zone"), args.get("verdict")
+    if not isinstance(since, int) or isinstance(since, bool) or since < 0:
+        raise BadInput(f"flows: since must be a cursor (an integer >= 0), not {since!r}")
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_QUERY_LIMIT:
+        raise BadInput(f"flows: limit must be an integer from 1 to {MAX_QUERY_LIMIT}, not {limit!r}")
+    if zone is not None and not isinstance(zone, str):
+        raise BadInput("flows: zone must be a zone name")
+    if verdict is not None and verdict not in VERDICT_FILTERS:
+        raise BadInput(f"flows: verdict must be one of {', '.join(VERDICT_FILTERS)}, not {verdict!r}")
+    return {"since": since, "zone": zone, "verdict": verdict, "limit": limit}, bool(args.get("sync"))
 
 
 # ---- the ring: opened once per Datapath ------------------------------------------------------
