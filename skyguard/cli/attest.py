@@ -64,7 +64,12 @@ def _verify(path: Path, key: str | None, nonce: str | None, as_json: bool) -> No
     except (OSError, UnicodeDecodeError) as e:
         raise BadInput(f"cannot read {path}: {e}") from None
     key_text = Path(key).read_text().strip() if Path(key).is_file() else key
-    statement = attestation.verify(attestation.read_note(text), Verifier.from_vkey(key_text), nonce)
+    from skyguard.tlog.errors import VerificationError
+
+    try:
+        statement = attestation.verify(attestation.read_note(text), Verifier.from_vkey(key_text), nonce)
+    except VerificationError as e:
+        raise VerificationError(f"attestation {path} does NOT verify: {e}") from None
     if as_json:
         emit_json({"ok": True, "statement": statement})
         return
