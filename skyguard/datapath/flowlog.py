@@ -24,6 +24,7 @@ thread; everything else runs in the logger's own thread.
 from __future__ import annotations
 
 import collections
+import json
 import ctypes as ct
 import logging
 import os
@@ -62,6 +63,17 @@ assert _EVENT.size == ct.sizeof(abi.Event)
 assert _CT_KEY.size == ct.sizeof(abi.CtKey)
 
 
+# The same bytes as skyguard.tlog.entries.canonical (sorted keys, no spaces, UTF-8), without its
+# per-value type walk: every record here is built from str, int and None only, and at 50k flows/s
+# the walk cost more than the encoding. tests/bpf/test_flowlog.py checks both agree.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def encode_entry(kind: str, record: dict) -> bytes:
+    """A canonical log entry of type `kind` from a record of str/int/None values with a `time`."""
+    return _CANONICAL.encode({"type": kind, **record}).encode("utf-8")
+
+
 class FlowNames:
     """Turns the datapath's numbers into names: zone and rule ids, ifindex -> workload, address
     -> workload. Rebuilt whenever the datapath holds another compiled policy.
@@ -70,7 +82,7 @@ class FlowNames:
     def __init__(self, datapath, ifindex_of: Callable[[str], int] | None = None):
         self.datapath = datapath
         self.ifindex_of = ifindex_of or _if_nametoindex
-        self._compiled = None
+        self._compiled = object()  # never a Datapath's: the first lookup builds the tables
         self._last_miss = 0.0
 
     def _refresh(self, force: bool = False) -> None:
@@ -301,8 +313,6 @@ class FlowLogger:
         raw, self._raw = self._raw, []
         if not raw:
             return []
-        from skyguard.tlog import entry
-
         offset = time.time_ns() - time.monotonic_ns()  # ts_ns is CLOCK_MONOTONIC
         out = []
         records = []
@@ -316,7 +326,7 @@ class FlowLogger:
                                         ntohs(dport))
                 rec.update(time=ts + offset, verdict="allow", rule=self.names.rule(rule_id),
                            reason="rule")
-                out.append(entry("flow_start", **rec))
+                out.append(encode_entry("flow_start", rec))
                 rec["type"] = "flow_start"
                 records.append(rec)
                 self._stats["flow_start"] += 1
@@ -398,8 +408,6 @@ class FlowLogger:
     def _flush_denies(self) -> list[bytes]:
         if not self._denies:
             return []
-        from skyguard.tlog import entry
-
         denies, self._denies = self._denies, {}
         out, records = [], []
         items = sorted(denies.items(), key=lambda kv: -kv[1][0])
@@ -418,7 +426,7 @@ class FlowLogger:
                 rec["direction"] = "unknown"
             rec.update(time=last, first_seen=first, verdict="deny", rule=None,
                        reason=reason_name(reason), packets=count)
-            out.append(entry("deny", **rec))
+            out.append(encode_entry("deny", rec))
             rec["type"] = "deny"
             records.append(rec)
         for (ifindex, direction, reason, zone), (count, flows, first, last) in summary.items():
@@ -429,7 +437,7 @@ class FlowLogger:
                    "workload": workload, "time": last, "first_seen": first, "verdict": "deny",
                    "rule": None, "reason": reason_name(reason), "packets": count, "flows": flows,
                    "summary": True}
-            out.append(entry("deny", **rec))
+            out.append(encode_entry("deny", rec))
             rec["type"] = "deny"
             records.append(rec)
         self._stats["deny_entries"] += len(out)
@@ -438,8 +446,6 @@ class FlowLogger:
 
     # ---- conntrack --------------------------------------------------------------------------
     def _scan_conntrack(self) -> list[bytes]:
-        from skyguard.tlog import entry
-
         table = self.datapath.map("sg_ct")
         now = time.monotonic_ns()
         offset = time.time_ns() - now
@@ -472,14 +478,14 @@ class FlowLogger:
                     continue
                 val = current
             rec = self._ct_record(k, val, why, offset + now)
-            out.append(entry("flow_end", **rec))
+            out.append(encode_entry("flow_end", rec))
             rec["type"] = "flow_end"
             records.append(rec)
         for k in prev.keys() - seen.keys() - {k for k, _, _ in ended}:
             # Present at the last scan, gone now without us: evicted (LRU) or revoked by a policy
             # change. Its counts are those of the last scan.
             rec = self._ct_record(k, prev[k], "removed", offset + now)
-            out.append(entry("flow_end", **rec))
+            out.append(encode_entry("flow_end", rec))
             rec["type"] = "flow_end"
             records.append(rec)
         self._ct_prev = seen
@@ -504,14 +510,12 @@ class FlowLogger:
         total = self._kernel_lost() - self._lost_baseline
         if total <= self.lost_total:
             return []
-        from skyguard.tlog import entry
-
         lost = total - self.lost_total
         self.lost_total = total
         log.warning("flow log: the ring buffer could not take %d events (%d in total)", lost, total)
         rec = {"lost": lost, "total": total, "time": time.time_ns()}
         self._remember([dict(rec, type="ring_loss", verdict="loss")])
-        return [entry("ring_loss", **rec)]
+        return [encode_entry("ring_loss", rec)]
 
     # ---- reading ----------------------------------------------------------------------------
     def _remember(self, records: list[dict]) -> None:

@@ -217,3 +217,13 @@ def test_ring_loss_is_counted_and_logged_exactly(kernel, logged):
     assert losses[-1]["total"] == logger.lost_total == lost_in_kernel
     # nothing unaccounted: every offered flow is either logged or counted lost
     assert len(entries("flow_start")) + lost_in_kernel == offered
+
+
+def test_fast_encoding_is_the_logs_canonical_form():
+    from skyguard.datapath.flowlog import encode_entry
+    from skyguard.tlog import entry
+
+    record = {"time": 1_700_000_000_123_456_789, "interface": "sg-dc1", "src": "fd00:10:1::2", "sport": 0,
+              "dst_workload": None, "rule": "auth-to-directory", "reason": "no_rule", "summary": True,
+              "src_zone": "zöne", "packets": 2**40}
+    assert encode_entry("deny", record) == entry("deny", **record)
