@@ -171,7 +171,7 @@ def main() -> int:
             offered_rate = allowed / took
             unaccounted = allowed - counts["flow_start"] - counts["lost"]
             row = {"target_rate": rate, "offered": allowed, "offered_rate": offered_rate,
-                   "seconds": round(took, 3), "logged": counts["flow_start"], "counted_lost": counts["lost"],
+                   "seconds": took, "logged": counts["flow_start"], "counted_lost": counts["lost"],
                    "ring_loss_entries": counts["ring_loss"], "unaccounted": unaccounted,
                    "logged_rate": round(counts["flow_start"] / took), "log_entries": counts["entries"],
                    "stats": logger.stats()}

@@ -59,8 +59,10 @@ _EVENT = struct.Struct("<QIIHBBBBH16s16sHHII4x")  # 4 bytes of tail padding
 # struct sg_ct_key / sg_ct_val (abi.CtKey / abi.CtVal); ports network order.
 _CT_KEY = struct.Struct("<IB3x16s16sHH")
 _CT_VAL = struct.Struct("<QQQIIHBB")
+_CT_VAL_PADDED = struct.Struct("<QQQIIHBB4x")  # as the kernel lays out an array of them
 assert _EVENT.size == ct.sizeof(abi.Event)
 assert _CT_KEY.size == ct.sizeof(abi.CtKey)
+assert _CT_VAL_PADDED.size == ct.sizeof(abi.CtVal)
 
 
 # The same bytes as skyguard.tlog.entries.canonical (sorted keys, no spaces, UTF-8), without its
@@ -245,7 +247,10 @@ class FlowLogger:
                     next_deny = now + self.deny_interval
                 if now >= next_ct or requests:
                     entries += self._scan_conntrack()
-                    next_ct = now + self.ct_scan_interval
+                    # A big table takes a while to read: never spend more than a fifth of the
+                    # time scanning (flow_end is then later, never lost).
+                    took = time.monotonic() - now
+                    next_ct = time.monotonic() + max(self.ct_scan_interval, 4 * took)
                 entries += self._check_losses()
                 self._submit(entries)
                 for r in requests:
@@ -447,13 +452,13 @@ class FlowLogger:
     # ---- conntrack --------------------------------------------------------------------------
     def _scan_conntrack(self) -> list[bytes]:
         table = self.datapath.map("sg_ct")
+        started = time.monotonic()
         now = time.monotonic_ns()
         offset = time.time_ns() - now
         seen: dict[bytes, tuple] = {}
         ended: list[tuple[bytes, tuple, str]] = []
         prev = self._ct_prev
-        for k, v in _dump(table, _CT_KEY.size, ct.sizeof(abi.CtVal)):
-            val = _CT_VAL.unpack_from(v)
+        for k, val in _dump(table, _CT_KEY.size, _CT_VAL_PADDED):
             expires, packets, state = val[0], val[1], val[7]
             if expires <= now:
                 ended.append((k, val, "expired"))
@@ -490,6 +495,10 @@ class FlowLogger:
             records.append(rec)
         self._ct_prev = seen
         self._stats["flow_end"] += len(out)
+        took_ms = int((time.monotonic() - started) * 1000)
+        self._stats["ct_scan_last_ms"] = took_ms
+        self._stats["ct_scan_max_ms"] = max(self._stats["ct_scan_max_ms"], took_ms)
+        self._stats["ct_tracked"] = len(seen)
         self._remember(records)
         return out
 
@@ -623,33 +632,36 @@ class _BatchOpts(ct.Structure):  # struct bpf_map_batch_opts
     _fields_ = [("sz", ct.c_size_t), ("elem_flags", ct.c_uint64), ("flags", ct.c_uint64)]
 
 
-def _dump(table, key_size: int, value_size: int, chunk: int = 8192):
-    """(key bytes, value bytes) of every entry of a hash map, by BPF_MAP_LOOKUP_BATCH (one
-    syscall per `chunk` entries instead of two per entry)."""
+def _dump(table, key_size: int, value_struct: struct.Struct, chunk: int = 8192):
+    """(key bytes, unpacked value) of every entry of a hash map, by BPF_MAP_LOOKUP_BATCH (one
+    syscall per `chunk` entries instead of two per entry; values unpacked in bulk)."""
     lib = _lib()
     fd = table.map_fd
+    value_size = value_struct.size
     opts = _BatchOpts(sz=ct.sizeof(_BatchOpts))
     in_batch = ct.create_string_buffer(8)
     out_batch = ct.create_string_buffer(8)
     first = True
+    keys = ct.create_string_buffer(chunk * key_size)
+    values = ct.create_string_buffer(chunk * value_size)
     while True:
-        keys = ct.create_string_buffer(chunk * key_size)
-        values = ct.create_string_buffer(chunk * value_size)
         count = ct.c_uint32(chunk)
         rc = lib.bpf_map_lookup_batch(fd, None if first else in_batch, out_batch, keys, values,
                                       ct.byref(count), ct.byref(opts))
         err = ct.get_errno() if rc else 0
         if rc and err == 28 and count.value == 0:  # ENOSPC: one bucket holds more than chunk
             chunk *= 2
+            keys = ct.create_string_buffer(chunk * key_size)
+            values = ct.create_string_buffer(chunk * value_size)
             continue
         got = count.value
-        kraw, vraw = keys.raw, values.raw
-        for i in range(got):
-            yield kraw[i * key_size:(i + 1) * key_size], vraw[i * value_size:(i + 1) * value_size]
+        kraw = keys.raw[:got * key_size]
+        vraw = values.raw[:got * value_size]
+        for i, val in enumerate(value_struct.iter_unpack(vraw)):
+            yield kraw[i * key_size:(i + 1) * key_size], val
         if rc:
             if err == 2:  # ENOENT: that was the last batch
                 return
-            raise DatapathError(f"reading {table.name if hasattr(table, 'name') else 'a map'} failed: "
-                                f"{os.strerror(err)}")
+            raise DatapathError(f"reading a BPF map in batches failed: {os.strerror(err)}")
         ct.memmove(in_batch, out_batch, 8)
         first = False

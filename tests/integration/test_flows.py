@@ -239,3 +239,23 @@ def test_log_verifies_after_the_daemon_stops(skyguard):
     assert report["ok"], report
     kinds = {e["type"] for e in skyguard.log_entries()}
     assert {"daemon_start", "policy_load", "flow_start", "flow_end", "deny", "daemon_stop"} <= kinds
+
+
+def test_human_format_of_every_record_kind():
+    from skyguard.cli.flows import format_record
+
+    base = {"time": 1_700_000_000_000_000_000, "interface": "sg-agent1", "direction": "egress", "proto": "udp",
+            "src": "fd00:10:5::2", "sport": 5, "dst": "10.10.2.2", "dport": 9999, "src_zone": "sandbox",
+            "src_workload": "agent1", "dst_zone": None, "dst_workload": None}
+    deny = format_record(dict(base, type="deny", verdict="deny", rule=None, reason="policy_deny", packets=7))
+    assert "DENY" in deny and "[fd00:10:5::2]:5 -> 10.10.2.2:9999" in deny and "packets=7" in deny
+    assert "sandbox/agent1 -> outside" in deny
+    end = format_record(dict(base, type="flow_end", verdict="allow", rule="syslog", reason="expired",
+                             packets=3, bytes=180))
+    assert "END" in end and "rule=syslog" in end and "bytes=180" in end
+    summary = format_record({"type": "deny", "verdict": "deny", "summary": True, "flows": 35, "packets": 90,
+                             "interface": "sg-agent1", "direction": "egress", "reason": "no_rule",
+                             "src_zone": "sandbox", "time": 1})
+    assert "35 flows on sg-agent1" in summary
+    loss = format_record({"type": "ring_loss", "verdict": "loss", "lost": 12, "total": 40, "time": 1})
+    assert "LOSS" in loss and "12 events" in loss
