@@ -44,8 +44,13 @@ def format_record(r: dict) -> str:
     who = f"{_who(r.get('src_zone'), r.get('src_workload'))} -> {_who(r.get('dst_zone'), r.get('dst_workload'))}"
     if r.get("summary"):
         what = f"{r.get('flows')} flows on {r.get('interface')} ({r.get('direction')})"
+    elif r.get("proto") in ("icmp", "icmpv6"):  # its "ports" are echo id and type: --json has them
+        what = f"{r.get('proto')} {r.get('src')} -> {r.get('dst')}"
     else:
         what = f"{r.get('proto')} {_end(r.get('src'), r.get('sport'))} -> {_end(r.get('dst'), r.get('dport'))}"
+    if not r.get("summary") and r.get("interface"):
+        # a VM-to-VM flow is decided twice: where it leaves one VM and where it enters the other
+        what += f"  at {r['interface']} ({'out of' if r.get('direction') == 'egress' else 'into'} the VM)"
     why = f"rule={r['rule']}" if r.get("rule") else ""
     why += f" reason={r.get('reason')}"
     counts = ""

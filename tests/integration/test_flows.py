@@ -249,7 +249,9 @@ def test_human_format_of_every_record_kind():
             "src_workload": "agent1", "dst_zone": None, "dst_workload": None}
     deny = format_record(dict(base, type="deny", verdict="deny", rule=None, reason="policy_deny", packets=7))
     assert "DENY" in deny and "[fd00:10:5::2]:5 -> 10.10.2.2:9999" in deny and "packets=7" in deny
-    assert "sandbox/agent1 -> outside" in deny
+    assert "sandbox/agent1 -> outside" in deny and "at sg-agent1 (out of the VM)" in deny
+    ping = format_record(dict(base, type="deny", verdict="deny", proto="icmp", rule=None, reason="no_rule"))
+    assert "icmp fd00:10:5::2 -> 10.10.2.2  at" in ping
     end = format_record(dict(base, type="flow_end", verdict="allow", rule="syslog", reason="expired",
                              packets=3, bytes=180))
     assert "END" in end and "rule=syslog" in end and "bytes=180" in end
