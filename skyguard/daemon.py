@@ -210,6 +210,9 @@ class Daemon:
         from skyguard.datapath.flowlog import query_args
 
         query, sync = query_args(args)
+        if query["zone"] is not None and query["zone"] not in self.policy.zones:
+            raise BadInput(f"no zone {query['zone']!r} in policy {self.policy.name!r}; its zones are "
+                           f"{', '.join(sorted(self.policy.zones))}")
         if sync:
             self.flowlog.sync()
         return self.flowlog.recent(**query)

@@ -168,6 +168,7 @@ class FlowLogger:
         self._idle = threading.Condition(self._lock)
         self.lost_total = 0  # events the kernel could not put in the ring, since start
         self._lost_baseline = 0
+        self._lost_table = None
         self._stats = collections.Counter()
         self.failure: SkyguardError | None = None
         self._sync_requests: queue.SimpleQueue = queue.SimpleQueue()
@@ -513,7 +514,9 @@ class FlowLogger:
 
     # ---- losses -----------------------------------------------------------------------------
     def _kernel_lost(self) -> int:
-        return sum(int(v) for v in self.datapath.map("sg_ev_lost")[ct.c_int(0)])
+        if self._lost_table is None:
+            self._lost_table = self.datapath.map("sg_ev_lost")
+        return sum(int(v) for v in self._lost_table[ct.c_int(0)])
 
     def _check_losses(self) -> list[bytes]:
         total = self._kernel_lost() - self._lost_baseline

@@ -227,3 +227,16 @@ def test_fast_encoding_is_the_logs_canonical_form():
               "dst_workload": None, "rule": "auth-to-directory", "reason": "no_rule", "summary": True,
               "src_zone": "zöne", "packets": 2**40}
     assert encode_entry("deny", record) == entry("deny", **record)
+
+
+def test_a_flow_evicted_from_conntrack_still_gets_its_flow_end(kernel, logged):
+    logger, entries = logged
+    req = e_from("w2") / IP(src=v4("w2"), dst=v4("d1")) / UDP(sport=6000, dport=5000)
+    assert kernel.run(req, "w2", "egress", repeat=2)
+    logger.sync()  # the scan now knows the flow
+    table = kernel.dp.map("sg_ct")
+    [key] = list(table.keys())
+    del table[key]  # what LRU eviction or a policy revocation does in the kernel
+    logger.sync()
+    [end] = entries("flow_end")
+    assert end["reason"] == "removed" and end["packets"] == 2 and end["src_workload"] == "w2"

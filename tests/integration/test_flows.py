@@ -206,6 +206,8 @@ def test_flows_cli_filters_and_human_output(skyguard):
     assert deny_lines and all(" DENY " in line for line in deny_lines)
     bad = skyguard.cli("flows", "--verdict", "maybe", check=False)
     assert bad.returncode == 2 and "maybe" in bad.stderr
+    unknown = skyguard.cli("flows", "--zone", "nowhere", check=False)
+    assert unknown.returncode == 2 and "no zone 'nowhere'" in unknown.stderr and "sandbox" in unknown.stderr
     # --follow prints what arrives after it started (cursor), one JSON object per line
     follow = subprocess.Popen([sys.executable, "-m", "skyguard.cli.main", "flows", "--follow", "--json",
                                "--verdict", "deny"], env=skyguard.env, stdout=subprocess.PIPE, text=True)
