@@ -76,6 +76,10 @@ def encode_entry(kind: str, record: dict) -> bytes:
     return _CANONICAL.encode({"type": kind, **record}).encode("utf-8")
 
 
+# Values no real port or time takes, marking where they go in a flow_start template.
+_SENTINEL_SPORT, _SENTINEL_DPORT, _SENTINEL_TIME = 7_000_000_001, 7_000_000_002, 7_000_000_003
+
+
 class FlowNames:
     """Turns the datapath's numbers into names: zone and rule ids, ifindex -> workload, address
     -> workload. Rebuilt whenever the datapath holds another compiled policy.
@@ -86,12 +90,19 @@ class FlowNames:
         self.ifindex_of = ifindex_of or _if_nametoindex
         self._compiled = object()  # never a Datapath's: the first lookup builds the tables
         self._last_miss = 0.0
+        self.version = 0  # grows whenever the tables are rebuilt (callers cache by it)
+
+    def refresh(self) -> int:
+        """Rebuild if the datapath holds another policy; returns the tables' version."""
+        self._refresh()
+        return self.version
 
     def _refresh(self, force: bool = False) -> None:
         compiled = self.datapath.compiled
         if compiled is self._compiled and not force:
             return
         self._compiled = compiled
+        self.version += 1
         self.zones = {0: "unknown"}
         self.rules = {0: "dns"}
         self.by_ifindex: dict[int, tuple[str, str]] = {}
@@ -169,6 +180,8 @@ class FlowLogger:
         self.lost_total = 0  # events the kernel could not put in the ring, since start
         self._lost_baseline = 0
         self._lost_table = None
+        self._templates: dict[tuple, tuple] = {}
+        self._templates_version = -1
         self._stats = collections.Counter()
         self.failure: SkyguardError | None = None
         self._sync_requests: queue.SimpleQueue = queue.SimpleQueue()
@@ -323,19 +336,25 @@ class FlowLogger:
         out = []
         records = []
         ntohs = socket.ntohs
+        if self.names.refresh() != self._templates_version:
+            self._templates.clear()
+            self._templates_version = self.names.version
+        templates = self._templates
+        starts = 0
         for buf in raw:
             (ts, ifindex, rule_id, zone, etype, direction, reason, proto, _pad, saddr, daddr,
              sport, dport, length, count) = _EVENT.unpack(buf)
             self._stats["events"] += 1
             if etype == abi.EVENT_FLOW_START:
-                rec = self._flow_fields(ifindex, zone, direction, proto, saddr, daddr, ntohs(sport),
-                                        ntohs(dport))
-                rec.update(time=ts + offset, verdict="allow", rule=self.names.rule(rule_id),
-                           reason="rule")
-                out.append(encode_entry("flow_start", rec))
-                rec["type"] = "flow_start"
+                tpl = templates.get((ifindex, zone, direction, proto, saddr, daddr, rule_id))
+                if tpl is None:
+                    tpl = self._flow_start_template(ifindex, zone, direction, proto, saddr, daddr, rule_id)
+                sp, dp, when = ntohs(sport), ntohs(dport), ts + offset
+                out.append((tpl[0] % (dp, sp, when)).encode("utf-8"))
+                rec = dict(tpl[1])
+                rec["sport"], rec["dport"], rec["time"] = sp, dp, when
                 records.append(rec)
-                self._stats["flow_start"] += 1
+                starts += 1
             elif etype == abi.EVENT_DROP:
                 key = (ifindex, direction, reason, proto, saddr, daddr, sport, dport)
                 agg = self._denies.get(key)
@@ -348,8 +367,35 @@ class FlowLogger:
                 self._stats["deny_packets"] += count
             else:
                 self._stats["unknown_events"] += 1
+        self._stats["flow_start"] += starts
         self._remember(records)
         return out
+
+    def _flow_start_template(self, ifindex, zone, direction, proto, saddr, daddr, rule_id) -> tuple:
+        """(canonical entry text with %d for dport, sport and time, the record without them).
+        At tens of thousands of new flows per second most share everything but ports and time:
+        encoding those parts once per (interface, zone, direction, proto, addresses, rule) makes
+        an entry one string format. tests/bpf/test_flowlog.py checks it is the canonical form."""
+        base = self._flow_fields(ifindex, zone, direction, proto, saddr, daddr, _SENTINEL_SPORT,
+                                 _SENTINEL_DPORT)
+        base.update(time=_SENTINEL_TIME, verdict="allow", rule=self.names.rule(rule_id), reason="rule")
+        text = encode_entry("flow_start", base).decode("utf-8").replace("%", "%%")
+        # sorted keys put dport before sport before time: the order of the placeholders
+        for name, sentinel in (("dport", _SENTINEL_DPORT), ("sport", _SENTINEL_SPORT), ("time", _SENTINEL_TIME)):
+            marker = f'"{name}":{sentinel}'
+            if text.count(marker) != 1:
+                raise DatapathError(f"flow log: cannot build an entry template ({name})")
+            text = text.replace(marker, f'"{name}":%d')
+        for name in ("sport", "dport", "time"):
+            del base[name]
+        base["type"] = "flow_start"
+        tpl = (text, base)
+        if base["src_workload"] is None and base["dst_workload"] is None:
+            return tpl  # an interface not resolved yet: do not remember a name that may change
+        if len(self._templates) > 4096:  # e.g. a VM talking to many outside addresses
+            self._templates.clear()
+        self._templates[(ifindex, zone, direction, proto, saddr, daddr, rule_id)] = tpl
+        return tpl
 
     def _flow_fields(self, ifindex, zone, direction, proto, saddr, daddr, sport, dport) -> dict:
         interface, workload = self.names.interface(ifindex)

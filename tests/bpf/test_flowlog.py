@@ -24,6 +24,7 @@ from bpf_support import IFACES, make_policy
 from skyguard.datapath import progrun
 from skyguard.datapath.flowlog import FlowLogger, FlowNames
 from skyguard.tlog import LogReader, LogWriter, Signer
+from skyguard.tlog.entries import canonical
 from skyguard.tlog.verify import verify_log
 from test_verdicts import e_from, e_to, v4
 
@@ -116,6 +117,9 @@ def logged(kernel, tmp_path):
         writer.close()
         report = verify_log(tmp_path / "log", signer.verifier)
         assert report.ok, report.as_dict()
+        # every entry, however it was encoded (templates for flow_start), is in canonical form
+        for _, payload in LogReader(tmp_path / "log").entries():
+            assert canonical(json.loads(payload)) == payload
 
 
 def test_allowed_tcp_flow_logs_start_and_closed_end_with_counts(kernel, logged):
@@ -240,3 +244,16 @@ def test_a_flow_evicted_from_conntrack_still_gets_its_flow_end(kernel, logged):
     logger.sync()
     [end] = entries("flow_end")
     assert end["reason"] == "removed" and end["packets"] == 2 and end["src_workload"] == "w2"
+
+
+def test_flow_start_entries_from_templates_carry_each_flows_own_ports(kernel, logged):
+    logger, entries = logged
+    for sport in range(3):
+        frame = e_from("w1") / IP(src=v4("w1"), dst=v4("d1")) / TCP(sport=42000 + sport, dport=8000 + sport, flags="S")
+        assert kernel.run(frame, "w1", "egress")
+    logger.sync()
+    starts = entries("flow_start")
+    assert sorted((e["sport"], e["dport"]) for e in starts) == [(42000, 8000), (42001, 8001), (42002, 8002)]
+    assert len({e["time"] for e in starts}) == 3 and all(e["rule"] == "web-to-db" for e in starts)
+    recs = logger.recent(verdict="allow")["records"]
+    assert sorted(r["sport"] for r in recs) == [42000, 42001, 42002] and all("seq" in r for r in recs)
