@@ -24,8 +24,8 @@ thread; everything else runs in the logger's own thread.
 from __future__ import annotations
 
 import collections
-import json
 import ctypes as ct
+import json
 import logging
 import os
 import queue
@@ -151,6 +151,11 @@ def _if_nametoindex(name: str) -> int:
 
 
 class FlowLogger:
+    """FlowLogger(datapath, writer).start() ... .stop(). `names` turns ids into names (default:
+    from the datapath's active policy, interfaces resolved in this process's netns); intervals
+    in seconds; `recent` bounds the records kept for `skyguard flows`; `max_inflight` bounds
+    the entries waiting for durability. `lost_total` and stats() are what metrics read."""
+
     def __init__(self, datapath, writer, *, names: FlowNames | None = None,
                  deny_interval: float = DEFAULT_DENY_INTERVAL_S,
                  ct_scan_interval: float = DEFAULT_CT_SCAN_INTERVAL_S,
