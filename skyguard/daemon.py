@@ -24,11 +24,25 @@ from skyguard.errors import BadInput, DaemonError
 log = logging.getLogger("skyguard.daemon")
 
 WATCHDOG_PERIOD_S = 1.0  # how stale "programs attached to every workload interface" may get
+DNS_PROXY_PORT = 5353  # where steered VM queries land in the host namespace
+
+
+def _canonical(value):
+    """Log entries are canonical JSON without floats: floats become fixed-point strings."""
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    return value
 
 
 class Daemon:
-    def __init__(self, policy_path: Path, state_dir: Path | None = None, metrics_addr: str | None = None):
+    def __init__(self, policy_path: Path, state_dir: Path | None = None, metrics_addr: str | None = None,
+                 upstream_ca: str | None = None):
         self.policy_path = Path(policy_path)
+        self.upstream_ca = upstream_ca  # CA bundle for the credential proxy's upstream TLS (default: system)
         self.state_dir = Path(state_dir or config.STATE_DIR)
         self.metrics_addr = metrics_addr
         self.stop_event = threading.Event()
@@ -43,6 +57,12 @@ class Daemon:
         self._lock = threading.RLock()  # policy swaps, attach and the watchdog serialise here
         self._threads: list[threading.Thread] = []
         self._known: set[str] = set()  # interfaces this daemon has attached to
+        self.loop = None
+        self.dns = None
+        self.credentials = None
+        from prometheus_client import CollectorRegistry
+
+        self.registry = CollectorRegistry()  # every part's metrics; the exporter serves it
         self.tamper_events = 0
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -61,8 +81,15 @@ class Daemon:
         self._open_log()
         self.record("daemon_start", pid=os.getpid(), version=_version())
         self.datapath = Datapath(pin_dir=config.PIN_DIR)
-        self._apply(policy, text)
-        self._start_flowlog()
+        self._remember_saved_dns_answers()
+        # Order matters: maps first; then the DNS proxy (re-learns saved answers into the maps,
+        # installs the steering); only then are programs attached to VM interfaces.
+        self.datapath.apply_policy(policy)
+        self.policy, self.policy_text = policy, text
+        self._start_async_parts(policy)
+        self.record("policy_load", name=policy.name, sha256=policy.sha256, source=str(policy.source))
+        self._start_flowlog()  # before attaching: the first flows on new interfaces are logged too
+        self._reconcile()
         self.control = ControlServer(self._handlers())
         self.control.start()
         self._spawn(self._watch_netlink, "sg-netlink")
@@ -84,6 +111,7 @@ class Daemon:
         self.stop_event.set()
         if self.control:
             self.control.stop()
+        self._stop_async_parts()
         for t in self._threads:
             t.join(timeout=5)
         if self.flowlog:
@@ -112,12 +140,108 @@ class Daemon:
 
         self.tlog = LogWriter(self.state_dir / "log", host_signer(self.state_dir))
 
-    def record(self, kind: str, **fields) -> None:
+    def record_nowait(self, kind: str, /, **fields) -> None:
+        """Queue one entry for the next group commit without waiting (hot paths: DNS answers
+        must not wait for an fsync). A log failure is still raised by the writer to later calls."""
+        from skyguard.tlog import entry
+
+        if self.tlog is not None:
+            self.tlog.submit([entry(kind, **_canonical(fields))])
+
+    def record(self, kind: str, /, **fields) -> None:
         """Append one entry and wait until it is durable (decisions are acknowledged only then)."""
         from skyguard.tlog import entry
 
         if self.tlog is not None:
-            self.tlog.append(entry(kind, **fields))
+            self.tlog.append(entry(kind, **_canonical(fields)))
+
+    # ---- parts that run on the asyncio loop (DNS proxy) --------------------------------------
+
+    def _start_async_parts(self, policy) -> None:
+        from skyguard.dns.service import DnsProxy, new_event_loop
+
+        self.loop = new_event_loop()
+        self._spawn(self.loop.run_forever, "sg-asyncio")
+        daemon = self
+
+        class _DnsLog:  # the DNS proxy's DecisionLog: every decision into the signed log
+            @staticmethod
+            def record(entry: dict) -> None:
+                fields = dict(entry)
+                fields.pop("kind", None)  # the log entry's own type says it
+                fields["qtype"] = fields.pop("type", None)  # `type` names the log entry's kind
+                daemon.record_nowait("dns", **fields)
+
+        self.dns = DnsProxy(policy, learner=self.datapath, log=_DnsLog(), registry=self.registry,
+                            state_dir=self.state_dir, port=DNS_PROXY_PORT)
+        self._on_loop(self.dns.start())
+        log.info("DNS proxy on port %d; VM queries to any address on port 53 are steered to it", DNS_PROXY_PORT)
+        self._start_credentials(policy)
+
+    def _start_credentials(self, policy) -> None:
+        """The credential-swap proxy and TLS termination. If they cannot start (a secret or key
+        missing from the store), the daemon runs on without them, says so loudly, and logs it:
+        traffic that needs them is not steered and so stays under the datapath's default deny."""
+        if not policy.credentials and not policy.tls_termination:
+            return
+        from skyguard.credproxy.service import CredentialService
+        from skyguard.custody.store import SecretStore
+        from skyguard.errors import SkyguardError
+
+        daemon = self
+
+        class _CredLog:  # the credential proxy's DecisionLog: swaps, blocks, terminations
+            @staticmethod
+            def record(entry: dict) -> None:
+                fields = dict(entry)
+                kind = fields.pop("event", "credential")
+                daemon.record_nowait(kind, **fields)
+
+        service = CredentialService(policy, SecretStore(self.state_dir / "secrets"), state_dir=self.state_dir,
+                                    decision_log=_CredLog(), registry=self.registry,
+                                    address_matches=self._dns_learned, upstream_ca_file=self.upstream_ca)
+        try:
+            self._on_loop(service.start())
+        except SkyguardError as e:
+            log.error("credential proxy and TLS termination NOT running: %s", e)
+            self.record("part_failed", part="credentials", error=str(e))
+            return
+        self.credentials = service
+        log.info("credential proxy running for %d credentials", len(policy.credentials))
+
+    def _dns_learned(self, name: str, address: str) -> bool:
+        """Did DNS answer `address` for `name` to a VM (and has it not expired)? The credential
+        proxy swaps only toward such an address."""
+        from skyguard.dns.names import normalise
+
+        name = normalise(name)
+        return any(n == name and ip == address for _z, _r, n, ip, _e in self.dns.store.entries(time.time()))
+
+    def _remember_saved_dns_answers(self) -> None:
+        from skyguard.dns.learned import FILE_NAME, LearnedStore
+
+        class _Remember:  # a Learner that only fills the datapath's memory (see Datapath.remember)
+            learn = staticmethod(self.datapath.remember)
+
+        saved = LearnedStore(self.state_dir / FILE_NAME)
+        saved.load()
+        saved.relearn(_Remember(), time.time())
+
+    def _stop_async_parts(self) -> None:
+        if self.loop is None:
+            return
+        if self.credentials is not None:
+            self._safely(lambda: self._on_loop(self.credentials.stop()))
+        if self.dns is not None:
+            # Steering stays unless skyguard goes down for good: VM queries then go unanswered
+            # (fail closed) instead of reaching another resolver.
+            self._safely(lambda: self._on_loop(self.dns.stop(remove_steering=self.detach_on_exit)))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+    def _on_loop(self, coro, timeout: float = 30.0):
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def _start_flowlog(self) -> None:
         from skyguard.datapath.flowlog import FlowLogger
@@ -127,8 +251,10 @@ class Daemon:
     # ---- policy and interfaces -------------------------------------------------------------
 
     def _apply(self, policy, text: str) -> None:
+        """Hot swap: the datapath's atomic generation flip, then the DNS proxy's rules."""
         with self._lock:
             self.datapath.apply_policy(policy)
+            self.dns.set_policy(policy)
             self.policy, self.policy_text = policy, text
             self.record("policy_load", name=policy.name, sha256=policy.sha256, source=str(policy.source))
             self._reconcile()
@@ -175,6 +301,7 @@ class Daemon:
     def _watchdog(self) -> None:
         while not self.stop_event.wait(WATCHDOG_PERIOD_S):
             self._safely(self._reconcile)
+            self._safely(self.datapath.expire_learned)  # expired DNS answers stop opening new flows
 
     def _safely(self, fn) -> None:
         try:
@@ -191,6 +318,7 @@ class Daemon:
             "policy.get": lambda args: {"text": self.policy_text, "source": str(self.policy.source),
                                         "sha256": self.policy.sha256},
             "down": self._op_down,
+            "conntrack": lambda args: {"flows": self.datapath.flows()},
             "flows": self._op_flows,
             "attest": self._op_attest,
         }

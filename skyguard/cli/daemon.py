@@ -18,8 +18,10 @@ from skyguard.cli.common import emit_json, json_option
               help=f"Keys, log and learned state [default: {config.STATE_DIR}].")
 @click.option("--metrics", "metrics_addr", default=config.DEFAULT_METRICS_ADDR, show_default=True,
               help="Prometheus listen address; 'off' to disable.")
+@click.option("--upstream-ca", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="CA bundle the credential proxy verifies upstream TLS against [default: the system's].")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def up(policy_path, state_dir, metrics_addr, verbose):
+def up(policy_path, state_dir, metrics_addr, upstream_ca, verbose):
     """Run the daemon in the foreground (systemd-friendly: logs to stderr, stops on SIGTERM).
 
     Attaches to every workload interface of the policy that exists and to each that appears
@@ -40,7 +42,7 @@ def up(policy_path, state_dir, metrics_addr, verbose):
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     require_privileges("skyguard up")
     Daemon(policy_path, state_dir=config.STATE_DIR,
-           metrics_addr=None if metrics_addr == "off" else metrics_addr).run()
+           metrics_addr=None if metrics_addr == "off" else metrics_addr, upstream_ca=upstream_ca).run()
 
 
 @click.command("down")

@@ -23,6 +23,7 @@ COMMANDS = [
     ("daemon", "up"),
     ("daemon", "down"),
     ("daemon", "status"),
+    ("demo", "demo"),
     ("flows", "flows"),
     ("attest", "attest"),
 ]

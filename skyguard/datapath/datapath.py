@@ -180,11 +180,21 @@ class Datapath:
                 raise BadInput(f"rule {rule_name!r} does not exist or has no fqdns: nothing to learn for it")
             if zone not in rule.from_zones:
                 raise BadInput(f"zone {zone!r} is not a source of rule {rule_name!r}")
-            expiry = time.monotonic_ns() + int(ttl * 1e9)
+            for ip in self.remember(zone, rule_name, ips, ttl):
+                self._write_learned_ip(self.gen, ip)
+
+    def remember(self, zone: str, rule_name: str, ips, ttl: float) -> list:
+        """Hold learned addresses without writing maps: a restarting daemon calls this with its
+        saved DNS answers BEFORE apply_policy, so the first generation it writes already holds
+        them and conntrack entries to learned addresses survive the re-check (no window)."""
+        expiry = time.monotonic_ns() + int(ttl * 1e9)
+        out = []
+        with self._lock:
             for ip in ips:
                 ip = ipaddress.ip_address(ip)
                 self._learned.setdefault(ip, {})[(zone, rule_name)] = expiry
-                self._write_learned_ip(self.gen, ip)
+                out.append(ip)
+        return out
 
     def expire_learned(self) -> int:
         """Forget expired learned selectors (the datapath already ignores them). Returns how many

@@ -1,0 +1,84 @@
+"""The narrow interfaces the DNS proxy consumes from the rest of skyguard, as typing.Protocols,
+plus the small adapters that build them from a Policy.
+
+The datapath implements Learner (Datapath.learn), the signed log implements DecisionLog, and the
+daemon supplies a WorkloadDirectory built from the policy. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Iterable, Protocol, runtime_checkable
+
+from skyguard.policy.model import IPAddress, Policy
+
+
+@runtime_checkable
+class Learner(Protocol):
+    def learn(self, zone: str, rule_name: str, ips: list[IPAddress], ttl: int) -> None:
+        """Open ips for zone's rule_name ports for ttl seconds. Called synchronously before the
+        answer is released to the VM; if it raises, the answer is withheld (fail closed)."""
+
+
+@runtime_checkable
+class DecisionLog(Protocol):
+    def record(self, entry: dict) -> None:
+        """Append one DNS decision to the signed log."""
+
+
+@runtime_checkable
+class WorkloadDirectory(Protocol):
+    def lookup(self, source_ip: str) -> tuple[str, str] | None:
+        """(workload, zone) owning source_ip, or None if the address belongs to no workload."""
+
+
+class PolicyDirectory:
+    """WorkloadDirectory over a Policy's workload addresses."""
+
+    def __init__(self, policy: Policy):
+        self._by_ip: dict[IPAddress, tuple[str, str]] = {}
+        for workload in policy.workloads():
+            for address in workload.addresses:
+                self._by_ip[address] = (workload.name, workload.zone)
+        # sockets report addresses in canonical text: one dict lookup on the hot path
+        self._by_text = {str(a): v for a, v in self._by_ip.items()}
+
+    def lookup(self, source_ip: str) -> tuple[str, str] | None:
+        hit = self._by_text.get(source_ip)
+        if hit is not None:
+            return hit
+        try:
+            address = ipaddress.ip_address(source_ip.split("%", 1)[0])
+        except ValueError:
+            return None
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return self._by_ip.get(address)
+
+
+class NullLog:
+    """A DecisionLog that keeps nothing (for benchmarks and tools that have no log)."""
+
+    def record(self, entry: dict) -> None:
+        pass
+
+
+class ListLog:
+    """A DecisionLog that keeps entries in memory (tests, `skyguard demo` summaries)."""
+
+    def __init__(self):
+        self.entries: list[dict] = []
+
+    def record(self, entry: dict) -> None:
+        self.entries.append(entry)
+
+
+class MultiLearner:
+    """Fans learn() out to several learners in order; the first failure stops the answer."""
+
+    def __init__(self, learners: Iterable[Learner]):
+        self._learners = list(learners)
+
+    def learn(self, zone, rule_name, ips, ttl) -> None:
+        for learner in self._learners:
+            learner.learn(zone, rule_name, ips, ttl)

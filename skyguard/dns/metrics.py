@@ -1,0 +1,37 @@
+"""Prometheus metrics of the DNS proxy, registered in a registry the daemon passes in.
+
+Labels are bounded: zone, verdict, upstream index, part name. Never a domain name or an IP.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+
+class DnsMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.queries = Counter("skyguard_dns_queries", "DNS queries by verdict",
+                               ["zone", "verdict"], registry=r)
+        self.learned_ips = Counter("skyguard_dns_learned_ips", "Addresses written to the datapath",
+                                   ["zone"], registry=r)
+        self.rebinding = Counter("skyguard_dns_rebinding_records",
+                                 "Answer records stripped as rebinding", ["zone"], registry=r)
+        self.detections = Counter("skyguard_dns_tunnel_detections",
+                                  "Tunnelling detections by action", ["zone", "action"], registry=r)
+        self.upstream_errors = Counter("skyguard_dns_upstream_errors",
+                                       "Upstream failures by kind", ["kind"], registry=r)
+        self.mismatched = Counter("skyguard_dns_upstream_mismatched",
+                                  "Upstream replies discarded (wrong id, source or question)",
+                                  registry=r)
+        self.learn_failures = Counter("skyguard_dns_learn_failures",
+                                      "Answers withheld because the datapath refused", registry=r)
+        self.dropped = Counter("skyguard_dns_dropped", "Queries dropped unanswered by reason",
+                               ["reason"], registry=r)
+        self.latency = Histogram("skyguard_dns_latency_seconds", "Query to answer time",
+                                 ["verdict"], registry=r,
+                                 buckets=(.0005, .001, .002, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+        self.learn_latency = Histogram("skyguard_dns_learn_seconds",
+                                       "Upstream answer to datapath entry", registry=r,
+                                       buckets=(.0001, .00025, .0005, .001, .0025, .005, .01, .05, .1))

@@ -1,0 +1,461 @@
+"""The DNS policy engine: what to do with one query from one VM, and what to release of one
+upstream answer. Sans-io: it never touches a socket or the clock on its own (time is passed in);
+the server (server.py) moves bytes and calls it.
+
+Flow: `decide(query, client_ip, now)` parses the query (hostile input gives FORMERR, REFUSED or a
+silent drop, never an exception), finds the VM's workload and zone, runs tunnelling detection,
+applies the zone's FQDN rules (a deny rule naming the name beats any allow) and returns a
+Decision: reply these bytes, drop, or forward this upstream query. For a forward,
+`answer(decision, upstream_reply, now)` checks the reply matches (ID, question), clamps TTLs,
+follows the CNAME chain inside the answer, strips rebinding records (loopback, link-local,
+metadata, unspecified, multicast, the host's own addresses) unless one of the rules names them,
+caps addresses per name, calls the Learner synchronously and only then returns the bytes to
+release. If the Learner raises, the VM gets SERVFAIL and nothing else: fail closed.
+
+What it is not: a cache, a recursive resolver, or a transport. One instance is owned by one
+event loop (not thread-safe).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+from skyguard.dns import wire
+from skyguard.dns.interfaces import DecisionLog, Learner, NullLog, WorkloadDirectory
+from skyguard.dns.learned import MAX_IPS_PER_NAME, LearnedStore
+from skyguard.dns.metrics import DnsMetrics
+from skyguard.dns.names import pattern_matches
+from skyguard.dns.tunnel import TunnelDetector, Verdict
+from skyguard.policy.model import Policy, Rule
+
+LEARN_GRACE_SECONDS = 2  # datapath entries outlive the VM's cached answer by this much, so a VM
+# that connects right at the end of its TTL is not dropped by a race with our own expiry
+MAX_CNAME_CHAIN = 16  # links followed inside one answer
+UPSTREAM_EDNS_SIZE = 1232  # the DNS flag day 2020 value: avoids IP fragmentation upstream
+MATCH_CACHE_SIZE = 65536  # (zone, name) policy verdicts remembered until the next policy swap
+MAX_ADDITIONAL = 2  # OPT and maybe TSIG; more is not a real client's query
+
+# Answers pointing here are rebinding attempts unless a rule of the zone names the address.
+REBINDING_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "255.255.255.255/32",
+    "::/128", "::1/128", "fe80::/10", "ff00::/8", "::ffff:0:0/96"))
+METADATA_ADDRESS = ipaddress.ip_address("169.254.169.254")
+_REBINDING_MASKS = {4: [], 6: []}
+for _net in REBINDING_NETWORKS:  # (network int, mask int): one AND per network per address
+    _REBINDING_MASKS[_net.version].append((int(_net.network_address), int(_net.netmask)))
+
+_OPT_FIXED = struct.Struct("!BHHIH")  # root name, type OPT, class = payload size, ttl, rdlen
+
+
+@dataclass
+class Decision:
+    action: Literal["reply", "forward", "drop"]
+    verdict: str  # allowed, refused, denied, tunnel, formerr, unknown-client, notimp, dropped
+    reason: str = ""
+    reply: bytes = b""  # for action == "reply"
+    upstream_query: bytes = b""  # for action == "forward"
+    upstream_id: int = 0
+    client_id: int = 0
+    question: wire.Question | None = None
+    name: str = ""
+    qtype: int = 0
+    workload: str = ""
+    zone: str = ""
+    client_ip: str = ""
+    rules: tuple[Rule, ...] = ()
+    max_udp: int = 512  # the client's UDP buffer (EDNS payload size or 512)
+    tunnel: Verdict | None = None
+    started: float = 0.0
+
+
+@dataclass
+class Answer:
+    """Result of feeding one upstream reply to answer()."""
+
+    reply: bytes = b""  # bytes to release to the VM (empty if truncated)
+    truncated: bool = False  # upstream set TC: retry over TCP
+    learned: list[str] = field(default_factory=list)
+    stripped: list[str] = field(default_factory=list)  # rebinding targets removed
+    denied: list[str] = field(default_factory=list)  # addresses a deny rule names, removed
+    ttl: int = 0
+
+
+class DnsPolicyResolver:
+    def __init__(self, policy: Policy, directory: WorkloadDirectory, learner: Learner,
+                 log: DecisionLog | None = None, metrics: DnsMetrics | None = None,
+                 store: LearnedStore | None = None, host_addresses=(),
+                 detector: TunnelDetector | None = None):
+        self.directory = directory
+        self.learner = learner
+        self.log = log if log is not None else NullLog()
+        self.metrics = metrics if metrics is not None else DnsMetrics()
+        self.store = store if store is not None else LearnedStore(None)
+        self.host_addresses = frozenset(ipaddress.ip_address(a) for a in host_addresses)
+        self.detector = detector if detector is not None else TunnelDetector()
+        self._children: dict[tuple[str, str], tuple] = {}
+        self.set_policy(policy)
+
+    def set_policy(self, policy: Policy) -> None:
+        """Swap the policy (hot reload). Queries already forwarded keep their decision."""
+        self.policy = policy
+        self.dns = policy.dns
+        self.refuse_rcode = wire.RCODE_NXDOMAIN if policy.dns.refuse_with == "nxdomain" \
+            else wire.RCODE_REFUSED
+        self._fqdn_rules: dict[str, tuple[list[Rule], list[Rule]]] = {}
+        self._match_cache: dict[tuple[str, str], tuple[str, str, tuple[Rule, ...]]] = {}
+        # Per allow rule: the networks it names. An address in them may be learned for that
+        # rule's names even if it looks like rebinding (the operator said so). A default route
+        # (0.0.0.0/0, "internet") names everything and so whitelists nothing here.
+        self._named_networks: dict[str, list] = {}
+        for r in policy.rules:
+            if r.action == "allow":
+                named = list(r.to.cidrs)
+                for network_name in r.to.networks:
+                    named.extend(policy.networks.get(network_name, ()))
+                self._named_networks[r.name] = [n for n in named if n.prefixlen > 0]
+        # Per zone: networks a deny rule names. An allowed name answering with such an address
+        # is not learned (the datapath would deny the flow anyway; learning it only adds noise
+        # and a confusing "allowed" log line).
+        self._denied_networks: dict[str, list] = {}
+        for zone in policy.zones:
+            denied = []
+            for r in policy.rules:
+                if zone in r.from_zones and r.action == "deny":
+                    denied.extend(r.to.cidrs)
+                    for network_name in r.to.networks:
+                        denied.extend(policy.networks.get(network_name, ()))
+            self._denied_networks[zone] = denied
+        for zone in policy.zones:
+            denies = [r for r in policy.rules if zone in r.from_zones and r.to.fqdns
+                      and r.action == "deny"]
+            allows = [r for r in policy.rules if zone in r.from_zones and r.to.fqdns
+                      and r.action == "allow"]
+            self._fqdn_rules[zone] = (denies, allows)
+
+    # ---- queries -------------------------------------------------------------------------
+
+    def decide(self, query: bytes, client_ip: str, now: float | None = None) -> Decision:
+        now = time.monotonic() if now is None else now
+        query = bytes(query)
+        try:
+            decision = self._decide(query, client_ip, now)
+        except wire.WireError as e:  # defensive: _decide handles its own, this is a backstop
+            decision = Decision("drop", "dropped", f"malformed: {e}")
+        decision.client_ip = client_ip
+        decision.started = now
+        if decision.action != "forward":
+            self._account(decision)
+        return decision
+
+    def _decide(self, query: bytes, client_ip: str, now: float) -> Decision:
+        try:
+            header = wire.parse_header(query)
+        except wire.WireError:
+            return Decision("drop", "dropped", "shorter than a DNS header")
+        if header.flags & wire.FLAG_QR:
+            return Decision("drop", "dropped", "a response, not a query")
+        if header.opcode != 0:
+            return self._error(query, wire.RCODE_NOTIMP, None, "notimp",
+                               f"opcode {header.opcode} is not QUERY")
+        if header.qdcount != 1:
+            return self._error(query, wire.RCODE_FORMERR, None, "formerr",
+                               f"{header.qdcount} questions (exactly one is allowed)")
+        if header.ancount or header.nscount or header.arcount > MAX_ADDITIONAL:
+            return self._error(query, wire.RCODE_FORMERR, None, "formerr",
+                               "records in the answer or authority section of a query")
+        try:
+            question = wire.read_question(query)
+        except wire.WireError as e:
+            return self._error(query, wire.RCODE_FORMERR, None, "formerr", str(e))
+        try:
+            extra = wire.read_records(query, header, question.end)
+        except wire.WireError as e:
+            return self._error(query, wire.RCODE_FORMERR, question.end, "formerr", str(e))
+        edns = wire.edns_payload_size(query, extra)
+        max_udp = max(512, min(edns, 4096)) if edns is not None else 512
+        qtype = question.qtype
+        if question.qclass != wire.CLASS_IN:
+            return self._error(query, wire.RCODE_REFUSED, question.end, "refused",
+                               f"class {question.qclass} is not IN")
+        if qtype in (wire.QTYPE_OPT, 251, 252):
+            return self._error(query, wire.RCODE_REFUSED, question.end, "refused",
+                               f"query type {wire.qtype_name(qtype)} is not served")
+        try:
+            name = wire.labels_to_text(list(question.labels))
+        except wire.WireError as e:
+            return self._error(query, wire.RCODE_REFUSED, question.end, "refused", str(e))
+        who = self.directory.lookup(client_ip)
+        if who is None:
+            d = self._error(query, wire.RCODE_REFUSED, question.end, "unknown-client",
+                            "source address belongs to no workload")
+            d.name, d.qtype = name, qtype
+            return d
+        workload, zone = who
+        base = dict(question=question, name=name, qtype=qtype, workload=workload, zone=zone,
+                    client_id=header.id, max_udp=max_udp)
+
+        tunnel = None
+        action = self.dns.tunnel_detection.action
+        if action != "off":
+            tunnel = self.detector.observe(workload, list(question.labels), qtype, now)
+            if tunnel.detected:
+                self.metrics.detections.labels(zone, action).inc()
+            if action == "block" and (tunnel.detected or tunnel.flagged):
+                reason = "tunnelling detected" if tunnel.detected else \
+                    f"base domain {tunnel.base} flagged for tunnelling"
+                return self._refuse(query, "tunnel", reason, tunnel=tunnel, **base)
+
+        verdict, reason, matching = self._match(zone, name)
+        if verdict != "allowed":
+            return self._refuse(query, verdict, reason, tunnel=tunnel, **base)
+        upstream_id = secrets.randbits(16)
+        flags = header.flags & (wire.FLAG_RD | 0x0010)  # keep RD and CD, nothing else
+        upstream = struct.pack("!HHHHHH", upstream_id, flags, 1, 0, 0, 1 if edns else 0)
+        upstream += query[wire.HEADER_LEN:question.end]
+        if edns is not None:
+            upstream += _OPT_FIXED.pack(0, wire.QTYPE_OPT, UPSTREAM_EDNS_SIZE, 0, 0)
+        return Decision("forward", "allowed", reason, upstream_query=upstream,
+                        upstream_id=upstream_id, rules=matching, tunnel=tunnel, **base)
+
+    def _match(self, zone: str, name: str) -> tuple[str, str, tuple[Rule, ...]]:
+        """(verdict, reason, allow rules naming it) for name in zone; cached per policy."""
+        hit = self._match_cache.get((zone, name))
+        if hit is not None:
+            return hit
+        denies, allows = self._fqdn_rules.get(zone, ((), ()))
+        result = None
+        for rule in denies:
+            if any(pattern_matches(p, name) for p in rule.to.fqdns):
+                result = ("denied", f"deny rule {rule.name}", ())
+                break
+        if result is None:
+            matching = tuple(r for r in allows
+                             if any(pattern_matches(p, name) for p in r.to.fqdns))
+            result = ("allowed", f"rule {matching[0].name}", matching) if matching else \
+                ("refused", "no rule of the zone names it", ())
+        if len(self._match_cache) >= MATCH_CACHE_SIZE:
+            self._match_cache.clear()  # bounded: random names cannot grow it without limit
+        self._match_cache[(zone, name)] = result
+        return result
+
+    def _error(self, query, rcode, question_end, verdict, reason) -> Decision:
+        return Decision("reply", verdict, reason, reply=wire.error_reply(query, rcode, question_end))
+
+    def _refuse(self, query, verdict, reason, **fields) -> Decision:
+        reply = wire.error_reply(query, self.refuse_rcode, fields["question"].end)
+        return Decision("reply", verdict, reason, reply=reply, **fields)
+
+    # ---- answers -------------------------------------------------------------------------
+
+    def answer(self, decision: Decision, reply: bytes, now: float | None = None,
+               wall: float | None = None) -> Answer | None:
+        """Process an upstream reply. None: it does not belong to this query (wrong ID or
+        question) and must be ignored; keep waiting for the real one."""
+        now = time.monotonic() if now is None else now
+        wall = time.time() if wall is None else wall
+        reply = bytes(reply)
+        try:
+            header = wire.parse_header(reply)
+            if header.flags & wire.FLAG_QR and header.flags & wire.FLAG_TC \
+                    and header.id == decision.upstream_id and header.qdcount == 0:
+                # Some servers (dnslib among them) truncate to a bare header. Trusting it costs
+                # at most a retry over TCP, where the question is checked again.
+                return Answer(truncated=True)
+            if not header.flags & wire.FLAG_QR or header.id != decision.upstream_id \
+                    or header.qdcount != 1:
+                self.metrics.mismatched.inc()
+                return None
+            question = wire.read_question(reply)
+            asked = decision.question
+            if question.key != asked.key or question.qtype != asked.qtype \
+                    or question.qclass != asked.qclass:
+                self.metrics.mismatched.inc()
+                return None
+        except wire.WireError:
+            self.metrics.mismatched.inc()
+            return None
+        if header.flags & wire.FLAG_TC:
+            return Answer(truncated=True)
+        try:
+            records = wire.read_records(reply, header, question.end)
+        except wire.WireError as e:
+            return Answer(reply=self.fail(decision, "malformed", f"upstream reply: {e}"))
+        return self._release(decision, reply, header, question, records, now, wall)
+
+    def _release(self, decision, reply, header, question, records, now, wall) -> Answer:
+        out = bytearray(reply)
+        struct.pack_into("!H", out, 0, decision.client_id)
+        lo, hi = self.dns.min_ttl, self.dns.max_ttl
+        for record in records:
+            if record.rtype != wire.QTYPE_OPT:
+                clamped = min(max(record.ttl, lo), hi)
+                if clamped != record.ttl:
+                    struct.pack_into("!I", out, record.ttl_offset, clamped)
+
+        chain = {question.key}
+        has_cname = any(r.rtype == wire.QTYPE_CNAME for r in records)
+        for _ in range(MAX_CNAME_CHAIN if has_cname else 0):
+            grown = False
+            for record in records:
+                if record.section == 0 and record.rtype == wire.QTYPE_CNAME \
+                        and record.owner in chain:
+                    try:
+                        target, _ = wire.read_name(reply, record.rdata_offset)
+                    except wire.WireError as e:
+                        return Answer(reply=self.fail(decision, "malformed",
+                                                      f"upstream CNAME: {e}"))
+                    key = wire.labels_key(target)
+                    if key not in chain:
+                        chain.add(key)
+                        grown = True
+            if not grown:
+                break
+
+        if decision.tunnel is not None and decision.qtype in (wire.QTYPE_TXT, wire.QTYPE_NULL):
+            octets = sum(r.rdlength for r in records
+                         if r.section == 0 and r.rtype in (wire.QTYPE_TXT, wire.QTYPE_NULL))
+            self.detector.observe_answer(decision.workload, decision.tunnel.base, octets, now)
+
+        named = [n for rule in decision.rules for n in self._named_networks.get(rule.name, ())]
+        learn: list = []
+        strip: list[int] = []  # indexes into the answer section
+        stripped: list[str] = []
+        denied_ips: list[str] = []
+        ttl = 0
+        for index, record in enumerate(r for r in records if r.section == 0):
+            if record.owner not in chain or record.rclass != wire.CLASS_IN:
+                continue
+            if record.rtype == wire.QTYPE_A and record.rdlength == 4:
+                ip = ipaddress.IPv4Address(reply[record.rdata_offset:record.rdata_offset + 4])
+            elif record.rtype == wire.QTYPE_AAAA and record.rdlength == 16:
+                ip = ipaddress.IPv6Address(reply[record.rdata_offset:record.rdata_offset + 16])
+            else:
+                continue
+            if self._is_rebinding(ip) and not any(ip in n for n in named):
+                strip.append(index)
+                stripped.append(str(ip))
+                continue
+            denied = self._denied_networks.get(decision.zone)
+            if denied and any(ip in n for n in denied if n.version == ip.version):
+                strip.append(index)
+                denied_ips.append(str(ip))
+                continue
+            if ip in learn:
+                continue
+            if len(learn) >= MAX_IPS_PER_NAME:
+                strip.append(index)  # never release an address the datapath does not hold
+                continue
+            learn.append(ip)
+            ttl = max(ttl, min(max(record.ttl, lo), hi))
+        if stripped:
+            self.metrics.rebinding.labels(decision.zone).inc(len(stripped))
+        if strip:
+            out = bytearray(_without_answers(bytes(out), strip))
+
+        texts = [str(ip) for ip in learn]
+        if learn:
+            t0 = time.perf_counter()
+            try:
+                for rule in decision.rules:
+                    self.learner.learn(decision.zone, rule.name, learn, ttl + LEARN_GRACE_SECONDS)
+            except Exception as e:  # noqa: BLE001 - any learner failure must withhold the answer
+                self.metrics.learn_failures.inc()
+                return Answer(reply=self.fail(decision, "learn-failed",
+                                              f"datapath refused: {type(e).__name__}"))
+            self.metrics.learn_latency.observe(time.perf_counter() - t0)
+            self.metrics.learned_ips.labels(decision.zone).inc(len(learn))
+            for rule in decision.rules:
+                self.store.add(decision.zone, rule.name, decision.name, texts,
+                               wall + ttl + LEARN_GRACE_SECONDS)
+            if self.store.urgent:
+                # A new address is persisted before release, so a restart right after this
+                # answer still re-learns it. Refreshes of known ones are saved lazily.
+                try:
+                    self.store.save(wall)
+                except OSError:
+                    self.metrics.upstream_errors.labels("state-save").inc()
+        answer = Answer(reply=bytes(out), learned=texts, stripped=stripped,
+                        denied=denied_ips, ttl=ttl)
+        rcode = header.rcode
+        reason = decision.reason if rcode == wire.RCODE_NOERROR else \
+            f"{decision.reason}; upstream rcode {rcode}"
+        self._account(decision, answer=answer, reason=reason, now=now)
+        return answer
+
+    def _is_rebinding(self, ip) -> bool:
+        value = int(ip)
+        for network, mask in _REBINDING_MASKS[ip.version]:
+            if value & mask == network:
+                return True
+        return ip in self.host_addresses  # the metadata address is inside 169.254.0.0/16
+
+    def fail(self, decision: Decision, kind: str, reason: str, now: float | None = None) -> bytes:
+        """SERVFAIL for a forwarded query (upstream timeout or error, learner failure)."""
+        if kind != "learn-failed":
+            self.metrics.upstream_errors.labels(kind).inc()
+        decision.verdict, decision.reason = "servfail", reason
+        query_like = struct.pack("!HHHHHH", decision.client_id, wire.FLAG_RD, 1, 0, 0, 0) + \
+            _question_bytes(decision.question)
+        self._account(decision, now=now)
+        return wire.error_reply(query_like, wire.RCODE_SERVFAIL, len(query_like))
+
+    def _account(self, decision: Decision, answer: Answer | None = None, reason: str | None = None,
+                 now: float | None = None) -> None:
+        zone = decision.zone or "-"
+        key = (zone, decision.verdict)
+        counter = self._children.get(key)
+        if counter is None:  # labels() costs a lock and a tuple build per call: cache children
+            counter = self._children[key] = (self.metrics.queries.labels(*key),
+                                             self.metrics.latency.labels(decision.verdict))
+        counter[0].inc()
+        if decision.action == "drop":
+            self.metrics.dropped.labels(decision.reason.split(":")[0][:40]).inc()
+        if decision.started:
+            elapsed = (time.monotonic() if now is None else now) - decision.started
+            counter[1].observe(max(0.0, elapsed))
+        entry = {"kind": "dns", "name": decision.name, "type": wire.qtype_name(decision.qtype)
+                 if decision.qtype else "", "zone": decision.zone, "workload": decision.workload,
+                 "client": decision.client_ip, "verdict": decision.verdict,
+                 "reason": reason if reason is not None else decision.reason,
+                 "rules": [r.name for r in decision.rules] if decision.verdict == "allowed" else []}
+        if answer is not None:
+            entry.update(ips=answer.learned, ttl=answer.ttl)
+            if answer.stripped:
+                entry["rebinding_stripped"] = answer.stripped
+            if answer.denied:
+                entry["denied_stripped"] = answer.denied
+        if decision.tunnel is not None and (decision.tunnel.parts or decision.tunnel.flagged):
+            entry["tunnel"] = {"score": decision.tunnel.score, "parts": decision.tunnel.parts,
+                               "detected": decision.tunnel.detected,
+                               "base": decision.tunnel.base}
+        self.log.record(entry)
+
+
+def _question_bytes(question: wire.Question) -> bytes:
+    out = b"".join(bytes([len(label)]) + label for label in question.labels) + b"\x00"
+    return out + struct.pack("!HH", question.qtype, question.qclass)
+
+
+def _without_answers(reply: bytes, indexes: list[int]) -> bytes:
+    """Slow path (rare): drop answer records by index and re-encode with dnslib, because removing
+    bytes in place would break compression pointers into the removed records."""
+    from dnslib import DNSRecord  # imported here: the fast path never needs it
+
+    record = DNSRecord.parse(reply)
+    drop = set(indexes)
+    record.rr = [rr for i, rr in enumerate(record.rr) if i not in drop]
+    record.header.a = len(record.rr)
+    return record.pack()
+
+
+def fit_udp(decision: Decision, reply: bytes) -> bytes:
+    """What to send a UDP client: the reply, or header + question with TC if it is too big."""
+    if len(reply) <= decision.max_udp:
+        return reply
+    end = decision.question.end if decision.question is not None else wire.HEADER_LEN
+    return wire.truncated_reply(reply, end)

@@ -1,0 +1,390 @@
+"""The DNS proxy's transport: asyncio UDP and TCP listeners for VMs, and the upstream client.
+
+It moves bytes and enforces transport limits (sizes, timeouts, per-client concurrency); every
+decision is the resolver's (resolver.py). Queries reach it through the nftables steering
+(steering.py), so the VM's original destination address answers. Upstream queries leave from a
+pool of UDP sockets on kernel-randomised ports with random IDs; a reply counts only if it comes
+from the upstream we asked, on the socket we asked from, with our ID and our question. A
+truncated upstream reply is retried over TCP. No answer within UPSTREAM_TIMEOUT from any
+upstream: SERVFAIL, counted.
+
+Fail closed: if this process dies, nothing answers the VMs (the steering keeps sending their
+queries here), and flows already allowed keep flowing because the datapath holds them.
+Not a resolver, not a cache. One event loop owns a server; it is not thread-safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+import socket
+import struct
+import time
+from dataclasses import dataclass
+
+from skyguard.dns import wire
+from skyguard.dns.resolver import Decision, DnsPolicyResolver, fit_udp
+from skyguard.errors import DnsError
+
+DEFAULT_PORT = 5353  # where steering redirects VM queries (never 53: the host may run a resolver)
+UPSTREAM_TIMEOUT = 2.0  # seconds per upstream before trying the next one
+UPSTREAM_SOCKETS = 8  # UDP sockets (random source ports) queries are spread over
+PER_CLIENT_INFLIGHT = 256  # forwarded queries one VM may have outstanding; more are dropped
+TCP_IDLE_TIMEOUT = 10.0  # seconds a VM's TCP connection may sit idle between queries
+TCP_READ_TIMEOUT = 5.0  # seconds to receive one length-prefixed message once it started
+TCP_MAX_QUERIES = 1000  # per connection, then we close it
+TCP_MAX_CONNECTIONS_PER_CLIENT = 16
+MAX_QUERY_SIZE = 4096  # a real query is < 300 octets; bigger ones over TCP are closed on
+MAX_TCP_REPLY = 65535
+STATE_FLUSH_SECONDS = 5.0  # how often refreshed learned state is written (new IPs: at once)
+
+
+@dataclass(frozen=True)
+class Upstream:
+    host: str
+    port: int = 53
+
+    @classmethod
+    def parse(cls, text: str) -> "Upstream":
+        """"192.0.2.53", "192.0.2.53:5300", "[2001:db8::53]:53", "2001:db8::53"."""
+        host, port = text, 53
+        if text.startswith("["):
+            host, _, rest = text[1:].partition("]")
+            if rest.startswith(":"):
+                port = int(rest[1:])
+        elif text.count(":") == 1:
+            host, port_text = text.split(":")
+            port = int(port_text)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError as e:
+            raise DnsError(f"dns.upstreams entry {text!r} is not an IP address (host names "
+                           "would need DNS to find DNS); write e.g. 192.0.2.53") from e
+        return cls(host, port)
+
+
+class _Pending:
+    """One forwarded query in flight: which upstream it is at, its timer, who wants the bytes."""
+
+    __slots__ = ("decision", "upstream_index", "on_done", "timer", "socket", "key")
+
+    def __init__(self, decision: Decision, on_done):
+        self.decision = decision
+        self.upstream_index = 0
+        self.on_done = on_done  # called once with the bytes to release (answer or SERVFAIL)
+        self.timer = None
+        self.socket = None
+        self.key = None
+
+
+class _UpstreamSocket(asyncio.DatagramProtocol):
+    def __init__(self, server: "DnsServer"):
+        self.server = server
+        self.transport: asyncio.DatagramTransport | None = None
+        self.pending: dict[int, _Pending] = {}
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        if len(data) < 2:
+            return
+        pending = self.pending.get((data[0] << 8) | data[1])
+        if pending is None or (addr[0], addr[1]) != pending.key:
+            self.server.metrics.mismatched.inc()
+            return
+        self.server._on_upstream_reply(self, pending, data)
+
+    def error_received(self, exc):
+        pass  # ICMP unreachable from an upstream: the timeout handles it
+
+
+class _ClientUdp(asyncio.DatagramProtocol):
+    def __init__(self, server: "DnsServer"):
+        self.server = server
+        self.transport = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        self.server._on_udp_query(self.transport, data, addr)
+
+    def error_received(self, exc):
+        pass
+
+
+class DnsServer:
+    def __init__(self, resolver: DnsPolicyResolver, upstreams: list[Upstream],
+                 listen: list[tuple[str, int]] | None = None,
+                 upstream_timeout: float = UPSTREAM_TIMEOUT):
+        if not upstreams:
+            raise DnsError("no dns.upstreams in the policy: allowed queries would have nowhere "
+                           "to go; add e.g. `dns: {upstreams: [192.0.2.53]}`")
+        self.resolver = resolver
+        self.upstreams = upstreams
+        self.listen = listen or [("0.0.0.0", DEFAULT_PORT)]
+        self.upstream_timeout = upstream_timeout
+        self.metrics = resolver.metrics
+        self._sockets: list[_UpstreamSocket] = []
+        self._servers: list = []
+        self._udp_transports: list = []
+        self._inflight: dict[str, int] = {}
+        self._tcp_conns: dict[str, int] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._flusher: asyncio.Task | None = None
+        self.bound: list[tuple[str, int]] = []
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(UPSTREAM_SOCKETS):
+            _, proto = await loop.create_datagram_endpoint(
+                lambda: _UpstreamSocket(self), local_addr=("0.0.0.0", 0))
+            self._sockets.append(proto)
+        self._sockets6: list[_UpstreamSocket] = []
+        if any(":" in u.host for u in self.upstreams):
+            for _ in range(UPSTREAM_SOCKETS):
+                _, proto = await loop.create_datagram_endpoint(
+                    lambda: _UpstreamSocket(self), local_addr=("::", 0))
+                self._sockets6.append(proto)
+        for host, port in self.listen:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            udp = socket.socket(family, socket.SOCK_DGRAM)
+            tcp = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                for s in (udp, tcp):
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if family == socket.AF_INET6:
+                        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                udp.bind((host, port))
+                port = udp.getsockname()[1]  # port 0: TCP takes the same ephemeral port
+                tcp.bind((host, port))
+            except OSError as e:
+                udp.close()
+                tcp.close()
+                raise DnsError(f"cannot listen for DNS on {host}:{port} ({e.strerror}); pick a "
+                               "free port or stop what holds it") from e
+            transport, _ = await loop.create_datagram_endpoint(lambda: _ClientUdp(self), sock=udp)
+            self._udp_transports.append(transport)
+            self._servers.append(await asyncio.start_server(self._on_tcp_client, sock=tcp,
+                                                            limit=MAX_TCP_REPLY + 2))
+            self.bound.append((host, port))
+        self._flusher = loop.create_task(self._flush_state_periodically())
+
+    async def close(self) -> None:
+        if self._flusher:
+            self._flusher.cancel()
+        for server in self._servers:
+            server.close()
+        for transport in self._udp_transports:
+            transport.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for proto in self._sockets + getattr(self, "_sockets6", []):
+            for pending in list(proto.pending.values()):
+                self._unregister(pending)
+            if proto.transport:
+                proto.transport.close()
+        for server in self._servers:
+            await server.wait_closed()
+        if self.resolver.store.dirty:
+            self.resolver.store.save(time.time())
+
+    async def _flush_state_periodically(self):
+        while True:
+            await asyncio.sleep(STATE_FLUSH_SECONDS)
+            if self.resolver.store.dirty:
+                try:
+                    self.resolver.store.save(time.time())
+                except OSError:
+                    self.metrics.upstream_errors.labels("state-save").inc()
+
+    # ---- UDP clients ---------------------------------------------------------------------
+
+    def _on_udp_query(self, transport, data: bytes, addr) -> None:
+        client_ip = addr[0]
+        decision = self.resolver.decide(data, client_ip)
+        if decision.action == "reply":
+            transport.sendto(decision.reply, addr)
+        elif decision.action == "forward":
+            if self._inflight.get(client_ip, 0) >= PER_CLIENT_INFLIGHT:
+                self.metrics.dropped.labels("client-inflight-limit").inc()
+                return
+
+            def release(reply: bytes) -> None:
+                if not transport.is_closing():
+                    transport.sendto(fit_udp(decision, reply), addr)
+
+            self._forward(decision, release)
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- TCP clients ---------------------------------------------------------------------
+
+    async def _on_tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        peer = writer.get_extra_info("peername")
+        client_ip = peer[0] if peer else ""
+        if self._tcp_conns.get(client_ip, 0) >= TCP_MAX_CONNECTIONS_PER_CLIENT:
+            self.metrics.dropped.labels("client-tcp-limit").inc()
+            writer.close()
+            return
+        self._tcp_conns[client_ip] = self._tcp_conns.get(client_ip, 0) + 1
+        try:
+            for _ in range(TCP_MAX_QUERIES):
+                try:
+                    prefix = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_TIMEOUT)
+                    (length,) = struct.unpack("!H", prefix)
+                    if length == 0 or length > MAX_QUERY_SIZE:
+                        self.metrics.dropped.labels("tcp-size").inc()
+                        return
+                    data = await asyncio.wait_for(reader.readexactly(length), TCP_READ_TIMEOUT)
+                except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+                    return
+                decision = self.resolver.decide(data, client_ip)
+                if decision.action == "drop":
+                    return
+                if decision.action == "reply":
+                    reply = decision.reply
+                elif self._inflight.get(client_ip, 0) >= PER_CLIENT_INFLIGHT:
+                    self.metrics.dropped.labels("client-inflight-limit").inc()
+                    return
+                else:
+                    reply = await self.resolve(decision)
+                writer.write(struct.pack("!H", len(reply)) + reply)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            self._tcp_conns[client_ip] -= 1
+            if not self._tcp_conns[client_ip]:
+                del self._tcp_conns[client_ip]
+            writer.close()
+
+    # ---- upstream ------------------------------------------------------------------------
+
+    async def resolve(self, decision: Decision) -> bytes:
+        """Forward decision's query; the released reply bytes or SERVFAIL. Never raises."""
+        future = asyncio.get_running_loop().create_future()
+        self._forward(decision, lambda reply: future.done() or future.set_result(reply))
+        return await future
+
+    # The UDP fast path is callbacks, not a task per query: a task plus wait_for cost more than
+    # the whole policy decision. Order per upstream: UDP; on TC, TCP; on timeout, the next one.
+
+    def _forward(self, decision: Decision, on_done) -> None:
+        client_ip = decision.client_ip
+        self._inflight[client_ip] = self._inflight.get(client_ip, 0) + 1
+        self._send_udp(_Pending(decision, on_done))
+
+    def _finish(self, pending: _Pending, reply: bytes) -> None:
+        client_ip = pending.decision.client_ip
+        left = self._inflight.get(client_ip, 1) - 1
+        if left:
+            self._inflight[client_ip] = left
+        else:
+            self._inflight.pop(client_ip, None)
+        pending.on_done(reply)
+
+    def _send_udp(self, pending: _Pending) -> None:
+        decision = pending.decision
+        upstream = self.upstreams[pending.upstream_index]
+        pool = self._sockets6 if ":" in upstream.host else self._sockets
+        proto = pool[random.randrange(len(pool))]
+        while decision.upstream_id in proto.pending:  # an ID clash on this socket: re-draw
+            decision.upstream_id = random.getrandbits(16)
+            decision.upstream_query = wire.with_id(decision.upstream_query, decision.upstream_id)
+        pending.socket, pending.key = proto, (upstream.host, upstream.port)
+        proto.pending[decision.upstream_id] = pending
+        pending.timer = asyncio.get_running_loop().call_later(
+            self.upstream_timeout, self._on_upstream_timeout, pending)
+        try:
+            proto.transport.sendto(decision.upstream_query, pending.key)
+        except OSError as e:
+            self._next_upstream(pending, "network", f"upstream {upstream.host}: {e.strerror}")
+
+    def _unregister(self, pending: _Pending) -> None:
+        if pending.timer is not None:
+            pending.timer.cancel()
+            pending.timer = None
+        if pending.socket is not None:
+            if pending.socket.pending.get(pending.decision.upstream_id) is pending:
+                del pending.socket.pending[pending.decision.upstream_id]
+            pending.socket = None
+
+    def _on_upstream_timeout(self, pending: _Pending) -> None:
+        host = self.upstreams[pending.upstream_index].host
+        self._next_upstream(pending, "timeout", f"upstream {host} timed out")
+
+    def _next_upstream(self, pending: _Pending, kind: str, reason: str) -> None:
+        self._unregister(pending)
+        pending.upstream_index += 1
+        if pending.upstream_index < len(self.upstreams):
+            self._send_udp(pending)
+        else:
+            self._finish(pending, self.resolver.fail(pending.decision, kind, reason))
+
+    def _on_upstream_reply(self, proto: _UpstreamSocket, pending: _Pending, data: bytes) -> None:
+        try:
+            answer = self.resolver.answer(pending.decision, data)
+        except Exception as e:  # noqa: BLE001 - a bug costs one answer, never the socket
+            self._unregister(pending)
+            self._finish(pending, self.resolver.fail(pending.decision, "internal",
+                                                     f"internal error: {type(e).__name__}"))
+            return
+        if answer is None:
+            return  # not ours after all (wrong question): keep waiting until the timer fires
+        self._unregister(pending)
+        if answer.truncated:
+            self._spawn(self._retry_tcp(pending))
+        else:
+            self._finish(pending, answer.reply)
+
+    async def _retry_tcp(self, pending: _Pending) -> None:
+        upstream = self.upstreams[pending.upstream_index]
+        try:
+            answer = await self._ask_tcp(upstream, pending.decision)
+        except asyncio.TimeoutError:
+            answer, kind, reason = None, "timeout", f"upstream {upstream.host} timed out (TCP)"
+        except OSError as e:
+            answer, kind, reason = None, "network", f"upstream {upstream.host}: {e.strerror or e}"
+        except Exception as e:  # noqa: BLE001
+            answer, kind, reason = None, "internal", f"internal error: {type(e).__name__}"
+        else:
+            kind, reason = "mismatch", f"upstream {upstream.host} sent no matching TCP reply"
+        if answer is not None:
+            self._finish(pending, answer.reply)
+        else:
+            self._next_upstream(pending, kind, reason)
+
+    async def _ask_tcp(self, upstream: Upstream, decision: Decision):
+        async def exchange():
+            reader, writer = await asyncio.open_connection(upstream.host, upstream.port)
+            try:
+                writer.write(struct.pack("!H", len(decision.upstream_query))
+                             + decision.upstream_query)
+                await writer.drain()
+                (length,) = struct.unpack("!H", await reader.readexactly(2))
+                return await reader.readexactly(length)
+            finally:
+                writer.close()
+
+        try:
+            data = await asyncio.wait_for(exchange(), self.upstream_timeout)
+        except asyncio.IncompleteReadError:
+            return None
+        answer = self.resolver.answer(decision, data)
+        return None if answer is None or answer.truncated else answer
+
+
+def local_addresses() -> list[str]:
+    """Every address of this network namespace (for rebinding protection)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        return [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr() if a.get_attr("IFA_ADDRESS")]

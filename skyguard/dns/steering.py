@@ -1,0 +1,78 @@
+"""Transparent DNS steering: every query a VM sends to any address on udp/tcp 53 reaches the
+proxy, and the answer leaves from the address the VM asked.
+
+One nftables table (`inet skyguard_dns`) in the network namespace where skyguard runs, with a
+dstnat prerouting chain that redirects port 53 arriving on the VMs' host-side interfaces to the
+proxy's port. conntrack's NAT reverses the rewrite on replies, so the VM sees the answer come
+from 198.51.100.99 if that is where it sent the query. install() replaces the whole table in one
+nft transaction (idempotent; never a moment without steering when updating); remove() deletes it
+and is a no-op when it is absent.
+
+Not here: blocking DoT (853) and DoH. Those are ordinary flows to addresses no rule allows, and
+the datapath drops them. The datapath must pass udp/tcp 53 from VMs up to this stack.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+from skyguard.errors import DnsError
+
+TABLE = "skyguard_dns"
+_IFNAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
+
+
+def ruleset(interfaces: list[str], port: int) -> str:
+    """The nft script that replaces the steering table (pure; tested without nft)."""
+    if not interfaces:
+        raise DnsError("no VM interfaces to steer DNS from; the policy has no workloads")
+    for name in interfaces:
+        if not _IFNAME.match(name):
+            raise DnsError(f"interface name {name!r} is not a valid Linux interface name")
+    if not 0 < port < 65536:
+        raise DnsError(f"DNS proxy port {port} is out of range 1-65535")
+    names = ", ".join(f'"{name}"' for name in sorted(set(interfaces)))
+    return "\n".join([
+        f"table inet {TABLE} {{}}",  # make the delete below valid on first install
+        f"delete table inet {TABLE}",
+        f"table inet {TABLE} {{",
+        "  chain prerouting {",
+        "    type nat hook prerouting priority dstnat; policy accept;",
+        f"    iifname {{ {names} }} udp dport 53 counter redirect to :{port}",
+        f"    iifname {{ {names} }} tcp dport 53 counter redirect to :{port}",
+        "  }",
+        "}",
+        "",
+    ])
+
+
+def _nft(script: str, netns: str | None) -> None:
+    nft = shutil.which("nft")
+    if nft is None:
+        raise DnsError("nft is not installed; install nftables (scripts/setup does)")
+    command = [nft, "-f", "-"]
+    if netns:
+        command = ["nsenter", f"--net=/run/netns/{netns}", "--"] + command
+    result = subprocess.run(command, input=script, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise DnsError(f"nftables refused the DNS steering rules: {result.stderr.strip()} "
+                       "(needs root and nf_tables; `skyguard doctor` checks both)")
+
+
+def install(interfaces: list[str], port: int, netns: str | None = None) -> None:
+    _nft(ruleset(interfaces, port), netns)
+
+
+def remove(netns: str | None = None) -> None:
+    _nft(f"table inet {TABLE} {{}}\ndelete table inet {TABLE}\n", netns)
+
+
+def installed(netns: str | None = None) -> str:
+    """The current table as nft prints it, or "" if absent."""
+    command = ["nft", "list", "table", "inet", TABLE]
+    if netns:
+        command = ["nsenter", f"--net=/run/netns/{netns}", "--"] + command
+    result = subprocess.run(command, capture_output=True, text=True)
+    return result.stdout if result.returncode == 0 else ""

@@ -1,0 +1,185 @@
+"""Per-VM DNS tunnelling and exfiltration detection: a score made of named parts.
+
+Tunnels (iodine, dnscat2, DNSExfiltrator, plain `base32(secret).evil.test` loops) have to put
+their payload in query names and read it from answers, so they show long labels, encoded
+(random-looking, hex or base32) labels, many never-repeated subdomains under one base domain,
+and record types that carry bytes (NULL, TXT, ANY). Each signal is a part of the score; a query
+whose score reaches THRESHOLD is a detection, and a detected base domain stays flagged for that
+VM for FLAG_SECONDS so the rest of the stream is stopped too while other names keep working.
+
+Sans-io: the caller passes the current time. It does not decide what to do with a detection
+(block, alert): the resolver does, from policy.dns.tunnel_detection.action.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, field
+
+from skyguard.dns import wire
+from skyguard.dns.names import base_domain
+
+THRESHOLD = 1.0  # a score at or above this is a detection
+LONG_LABEL = 30  # labels longer than this start to count; real hostnames rarely exceed 20
+MAX_LABEL = 63  # the longest a label can be: full score for the long-label part
+LONG_SUBDOMAIN = 40  # subdomain octets (labels left of the base) that start to count; tools
+# that split payload into several medium labels (dnscat2) show up here, not in LONG_LABEL
+ENCODED_MIN_LEN = 16  # shorter runs of hex/base32 are ordinary (CDN ids such as d1a2b3c4e5f6)
+ENTROPY_MIN_LEN = 20  # Shannon entropy of shorter strings says little
+ENTROPY_BITS = 4.0  # bits/char above which a subdomain looks random (English names ~2.5-3.5)
+WINDOW_SECONDS = 60.0  # sliding window for unique-subdomain counting
+UNIQUE_SOFT = 20  # unique subdomains per base domain per window that start to count
+UNIQUE_HARD = 40  # ... and that score a full detection on their own
+FLAG_SECONDS = 300.0  # how long a detected (VM, base domain) stays blocked
+MAX_BASES_PER_VM = 1024  # tracked base domains per VM (LRU): memory stays bounded
+MAX_VMS = 4096
+LONG_ANSWER_OCTETS = 300  # TXT/NULL rdata per answer above which it counts as bulky (the
+# download channel of a tunnel); one DKIM or SPF record can be this long, so only repetition
+# under one base domain scores
+BULKY_ANSWERS_HARD = 10  # bulky answers per base per window for a full score
+NAME_CACHE_SIZE = 65536  # names whose per-name score is remembered
+
+QTYPE_WEIGHT = {wire.QTYPE_NULL: 1.0, wire.QTYPE_ANY: 0.5, wire.QTYPE_TXT: 0.3}
+
+_HEX = re.compile(rb"[0-9a-f]{%d,}" % ENCODED_MIN_LEN)
+_B32 = re.compile(rb"[a-z2-7]{%d,}" % ENCODED_MIN_LEN)
+_DIGIT = re.compile(rb"[0-9]")
+_VOWELS = frozenset(b"aeiou")
+
+
+@dataclass
+class Verdict:
+    score: float
+    parts: dict[str, float]
+    base: str
+    detected: bool
+    flagged: bool = False  # blocked because the base was flagged by an earlier detection
+
+
+def shannon_bits(data: bytes) -> float:
+    if not data:
+        return 0.0
+    n = len(data)
+    return -sum(c / n * math.log2(c / n) for c in Counter(data).values())
+
+
+def _encoded_score(sub: bytes) -> float:
+    """Hex and base32 have low entropy per char (4 and 5 bits max, ~3.5-4.5 on short strings)
+    so entropy misses them; they are caught by shape: long runs of the alphabet, with digits,
+    and few vowels (words have ~40% vowels; random base32 ~16%, hex ~8%)."""
+    compact = sub.replace(b".", b"")
+    best = 0.0
+    for pattern, alphabet_score in ((_HEX, 0.8), (_B32, 0.7)):
+        for match in pattern.finditer(compact):
+            run = match.group()
+            if not _DIGIT.search(run):
+                continue
+            vowels = sum(1 for b in run if b in _VOWELS) / len(run)
+            if vowels > 0.3:
+                continue
+            best = max(best, alphabet_score * min(1.0, len(run) / 32))
+    return best
+
+
+def score_name(labels: list[bytes], qtype: int) -> tuple[dict[str, float], bytes]:
+    """The per-query parts of the score (no history), and the subdomain part of the name."""
+    lowered = [label.lower() for label in labels]
+    sub = b".".join(lowered[:-2]) if len(lowered) > 2 else b""
+    parts: dict[str, float] = {}
+    longest = max((len(label) for label in lowered), default=0)
+    if longest > LONG_LABEL:
+        parts["long_label"] = round(0.6 * (longest - LONG_LABEL) / (MAX_LABEL - LONG_LABEL) + 0.2, 3)
+    if len(sub) > LONG_SUBDOMAIN:
+        parts["long_name"] = round(min(0.8, 0.2 + 0.6 * (len(sub) - LONG_SUBDOMAIN) / 110), 3)
+    if len(sub) >= ENTROPY_MIN_LEN:
+        bits = shannon_bits(sub.replace(b".", b""))
+        if bits > ENTROPY_BITS:
+            parts["entropy"] = round(min(1.0, (bits - ENTROPY_BITS) * 1.5 + 0.4), 3)
+    encoded = _encoded_score(sub)
+    if encoded:
+        parts["encoded"] = round(encoded, 3)
+    if qtype in QTYPE_WEIGHT:
+        parts["qtype"] = QTYPE_WEIGHT[qtype]
+    return parts, sub
+
+
+@dataclass
+class _BaseWindow:
+    seen: deque = field(default_factory=deque)  # (time, subdomain) in arrival order
+    counts: Counter = field(default_factory=Counter)
+    flagged_until: float = 0.0
+    bulky: deque = field(default_factory=deque)  # times of long TXT/NULL answers
+
+
+class TunnelDetector:
+    """Keeps per-VM, per-base-domain history. Not thread-safe: one event loop owns it."""
+
+    def __init__(self):
+        self._vms: OrderedDict[str, OrderedDict[str, _BaseWindow]] = OrderedDict()
+        # per-name parts depend only on the name and type: cached, because most traffic is the
+        # same few names again (bounded; cleared when full, tunnels churn it and pay full cost)
+        self._name_cache: dict[tuple[bytes, int], tuple[dict, bytes, str]] = {}
+
+    def _window(self, vm: str, base: str) -> _BaseWindow:
+        bases = self._vms.get(vm)
+        if bases is None:
+            bases = self._vms[vm] = OrderedDict()
+            if len(self._vms) > MAX_VMS:
+                self._vms.popitem(last=False)
+        else:
+            self._vms.move_to_end(vm)
+        window = bases.get(base)
+        if window is None:
+            window = bases[base] = _BaseWindow()
+            if len(bases) > MAX_BASES_PER_VM:
+                bases.popitem(last=False)
+        else:
+            bases.move_to_end(base)
+        return window
+
+    def observe(self, vm: str, labels: list[bytes], qtype: int, now: float) -> Verdict:
+        joined = b".".join(labels)
+        cached = self._name_cache.get((joined, qtype))
+        if cached is None:
+            if len(self._name_cache) >= NAME_CACHE_SIZE:
+                self._name_cache.clear()
+            name_parts, sub = score_name(labels, qtype)
+            cached = (name_parts, sub, base_domain(joined.decode("ascii", "replace")))
+            self._name_cache[(joined, qtype)] = cached
+        name_parts, sub, base = cached
+        parts = dict(name_parts)
+        window = self._window(vm, base)
+        while window.seen and window.seen[0][0] < now - WINDOW_SECONDS:
+            _, old = window.seen.popleft()
+            window.counts[old] -= 1
+            if window.counts[old] <= 0:
+                del window.counts[old]
+        if sub:
+            # Bound the deque: beyond UNIQUE_HARD * 4 entries the score is already saturated.
+            if len(window.seen) < UNIQUE_HARD * 4:
+                window.seen.append((now, sub))
+                window.counts[sub] += 1
+        while window.bulky and window.bulky[0] < now - WINDOW_SECONDS:
+            window.bulky.popleft()
+        if window.bulky:
+            parts["bulky_answers"] = round(min(1.0, len(window.bulky) / BULKY_ANSWERS_HARD), 3)
+        unique = len(window.counts)
+        if unique > UNIQUE_SOFT:
+            parts["unique_subdomains"] = round(
+                min(1.0, (unique - UNIQUE_SOFT) / (UNIQUE_HARD - UNIQUE_SOFT)), 3)
+        score = round(sum(parts.values()), 3)
+        detected = score >= THRESHOLD
+        flagged = window.flagged_until > now
+        if detected:
+            window.flagged_until = now + FLAG_SECONDS
+        return Verdict(score, parts, base, detected, flagged and not detected)
+
+    def observe_answer(self, vm: str, base: str, payload_octets: int, now: float) -> None:
+        """Count a TXT/NULL answer of payload_octets for vm under base (scored on the next
+        query of that base)."""
+        if payload_octets > LONG_ANSWER_OCTETS:
+            window = self._window(vm, base)
+            if len(window.bulky) < BULKY_ANSWERS_HARD * 2:
+                window.bulky.append(now)

@@ -1,0 +1,386 @@
+"""The DNS proxy end to end in namespaces of its own (prefix dnx-): a "vm" with a veth to a
+"host" where the proxy and its nftables steering run, and an "upstream" running a small dnslib
+authoritative server. Queries are made with dig from inside the vm, to an arbitrary address.
+
+The proxy and the upstream run in threads of this process that entered their namespace with
+setns(2) (only that thread moves; sockets are bound to the namespace they are created in), so
+the test can look at the learner's calls directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ctypes
+import ipaddress
+import os
+import random
+import re
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from dnslib import AAAA, CNAME, QTYPE, RR, TXT, A
+from dnslib.server import BaseResolver, DNSHandler, DNSLogger, DNSServer
+
+from skyguard.dns import steering
+from skyguard.dns.interfaces import ListLog, PolicyDirectory
+from skyguard.dns.learned import FILE_NAME, LearnedStore
+from skyguard.dns.resolver import DnsPolicyResolver
+from skyguard.dns.server import DnsServer, Upstream
+from skyguard.policy.model import (Destination, DnsConfig, Policy, PortRange, Rule,
+                                   TunnelDetection, Workload, Zone)
+
+SUFFIX = uuid.uuid4().hex[:5]
+NS_VM, NS_HOST, NS_UP = f"dnx-vm-{SUFFIX}", f"dnx-host-{SUFFIX}", f"dnx-up-{SUFFIX}"
+VM_IF = f"dnxv{SUFFIX}"  # host side of the vm's veth: what the policy and steering name
+UP_IF = f"dnxu{SUFFIX}"
+VM_IP, HOST_IP, UP_HOST_IP, UP_IP = "10.99.1.2", "10.99.1.1", "10.99.2.1", "10.99.2.53"
+FOREIGN_RESOLVER = "198.51.100.99"  # nobody owns it: only the steering can answer
+FOREIGN_RESOLVER6 = "2001:db8::99"
+VM_IP6, HOST_IP6 = "fd99:1::2", "fd99:1::1"
+PROXY_PORT = 23053
+LEARN_DELAY = 0.3  # the recording learner takes this long, to make the ordering observable
+
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+
+
+def enter_netns(name: str) -> None:
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
+
+
+def sh(*args: str, check=True) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), capture_output=True, text=True, check=check)
+
+
+def in_ns(ns: str, *args: str, check=True) -> subprocess.CompletedProcess:
+    return sh("ip", "netns", "exec", ns, *args, check=check)
+
+
+def delete_namespaces():
+    for ns in (NS_VM, NS_HOST, NS_UP):
+        sh("ip", "netns", "del", ns, check=False)
+
+
+@pytest.fixture(scope="module")
+def namespaces(root):
+    delete_namespaces()
+    try:
+        for ns in (NS_VM, NS_HOST, NS_UP):
+            sh("ip", "netns", "add", ns)
+            in_ns(ns, "ip", "link", "set", "lo", "up")
+        sh("ip", "link", "add", VM_IF, "netns", NS_HOST, "type", "veth", "peer", "name", "eth0",
+           "netns", NS_VM)
+        sh("ip", "link", "add", UP_IF, "netns", NS_HOST, "type", "veth", "peer", "name", "eth0",
+           "netns", NS_UP)
+        in_ns(NS_HOST, "ip", "addr", "add", f"{HOST_IP}/24", "dev", VM_IF)
+        in_ns(NS_HOST, "ip", "addr", "add", f"{HOST_IP6}/64", "dev", VM_IF, "nodad")
+        in_ns(NS_HOST, "ip", "addr", "add", f"{UP_HOST_IP}/24", "dev", UP_IF)
+        in_ns(NS_HOST, "ip", "link", "set", VM_IF, "up")
+        in_ns(NS_HOST, "ip", "link", "set", UP_IF, "up")
+        in_ns(NS_VM, "ip", "addr", "add", f"{VM_IP}/24", "dev", "eth0")
+        in_ns(NS_VM, "ip", "link", "set", "eth0", "up")
+        in_ns(NS_VM, "ip", "route", "add", "default", "via", HOST_IP)
+        in_ns(NS_VM, "ip", "addr", "add", f"{VM_IP6}/64", "dev", "eth0", "nodad")
+        in_ns(NS_VM, "ip", "-6", "route", "add", "default", "via", HOST_IP6)
+        in_ns(NS_UP, "ip", "addr", "add", f"{UP_IP}/24", "dev", "eth0")
+        in_ns(NS_UP, "ip", "link", "set", "eth0", "up")
+        yield
+    finally:
+        delete_namespaces()
+
+
+class LabAuthority(BaseResolver):
+    """Answers every name under .test with an A and AAAA derived from the name, plus a few
+    special names the tests need."""
+
+    def resolve(self, request, handler):
+        reply = request.reply()
+        name = str(request.q.qname).rstrip(".").lower()
+        qtype = QTYPE[request.q.qtype]
+        if name == "alias.test":
+            reply.add_answer(RR("alias.test", QTYPE.CNAME, rdata=CNAME("hop.test"), ttl=60))
+            reply.add_answer(RR("hop.test", QTYPE.CNAME, rdata=CNAME("target.test"), ttl=60))
+            reply.add_answer(RR("target.test", QTYPE.A, rdata=A("203.0.113.77"), ttl=60))
+        elif name == "rebind.test":
+            reply.add_answer(RR(name, QTYPE.A, rdata=A("127.0.0.1"), ttl=60))
+            reply.add_answer(RR(name, QTYPE.A, rdata=A("169.254.169.254"), ttl=60))
+            reply.add_answer(RR(name, QTYPE.A, rdata=A("203.0.113.9"), ttl=60))
+        elif name == "big.test" and qtype == "TXT":
+            for i in range(8):
+                reply.add_answer(RR(name, QTYPE.TXT, rdata=TXT(f"{i}" * 200), ttl=60))
+        elif name.endswith(".test"):
+            n = sum(name.encode()) % 250 + 1
+            if qtype in ("A", "ANY"):
+                reply.add_answer(RR(name, QTYPE.A, rdata=A(f"203.0.113.{n}"), ttl=1))
+            if qtype in ("AAAA", "ANY"):
+                reply.add_answer(RR(name, QTYPE.AAAA, rdata=AAAA(f"2001:db8:203::{n:x}"), ttl=1))
+        else:
+            reply.header.rcode = 3
+        return reply
+
+
+class SmallUdpHandler(DNSHandler):
+    udplen = 512  # like a classic server: big answers over UDP come back truncated
+
+
+def serve_upstream() -> None:
+    """Entry point of the upstream process (run inside NS_UP): UDP and TCP on UP_IP:53."""
+    logger = DNSLogger(log="-request,-reply,-truncated,-error,-recv,-send,-data")
+    servers = [DNSServer(LabAuthority(), address=UP_IP, port=53, tcp=tcp,
+                         handler=SmallUdpHandler, logger=logger) for tcp in (False, True)]
+    for server in servers:
+        server.start_thread()
+    print("ready", flush=True)
+    sys.stdin.read()  # until the test closes our stdin
+
+
+@pytest.fixture(scope="module")
+def upstream(namespaces):
+    # A process of its own, not a thread of pytest: it must not share a GIL with the proxy
+    # under test, or a busy machine shows up as upstream timeouts.
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    process = subprocess.Popen(["ip", "netns", "exec", NS_UP, sys.executable, __file__,
+                                "--serve-upstream", UP_IP], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert process.stdout.readline().strip() == "ready", "the upstream did not start"
+        yield
+    finally:
+        process.stdin.close()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class RecordingLearner:
+    def __init__(self):
+        self.calls = []
+        self.delay = LEARN_DELAY
+
+    def learn(self, zone, rule_name, ips, ttl):
+        time.sleep(self.delay)  # the answer must wait for us
+        self.calls.append({"zone": zone, "rule": rule_name, "ips": sorted(str(i) for i in ips),
+                           "ttl": ttl, "done_at": time.monotonic()})
+
+
+def make_policy():
+    vm = Workload("vm1", "apps", VM_IF, "02:00:00:00:09:01", (ipaddress.ip_address(VM_IP), ipaddress.ip_address(VM_IP6)))
+    rules = (
+        Rule("web", "allow", ("apps",), Destination(fqdns=("allowed.test", "alias.test",
+                                                            "rebind.test", "big.test")),
+             (PortRange("tcp", 443, 443),)),
+        Rule("tunnel-base", "allow", ("apps",), Destination(fqdns=("**.tun.test",)),
+             (PortRange("tcp", 443, 443),)),
+    )
+    dns = DnsConfig((UP_IP,), "refused", 5, 3600, TunnelDetection("block"))
+    return Policy("dnx", {"apps": Zone("apps", (vm,))}, {}, rules, dns)
+
+
+class ProxyThread:
+    """The proxy's event loop in a thread that lives in the host namespace."""
+
+    def __init__(self, state_dir):
+        self.state_dir = state_dir
+        self.learner = RecordingLearner()
+        self.log = ListLog()
+        self.loop = asyncio.new_event_loop()
+        self.server = None
+        self.relearned = 0
+        self.error = None
+        self._ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        try:
+            enter_netns(NS_HOST)
+            asyncio.set_event_loop(self.loop)
+            policy = make_policy()
+            store = LearnedStore(self.state_dir / FILE_NAME)
+            store.load()
+            self.relearned = store.relearn(self.learner, time.time())
+            resolver = DnsPolicyResolver(policy, PolicyDirectory(policy), self.learner,
+                                         log=self.log, store=store,
+                                         host_addresses=[HOST_IP, UP_HOST_IP])
+            self.server = DnsServer(resolver, [Upstream(UP_IP)],
+                                    listen=[("0.0.0.0", PROXY_PORT), ("::", PROXY_PORT)])
+            self.loop.run_until_complete(self.server.start())
+        except Exception as e:  # reported by start()
+            self.error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        self.loop.run_forever()
+
+    def start(self):
+        self.thread.start()
+        self._ready.wait(10)
+        assert self.error is None, self.error
+        return self
+
+    def stop(self):
+        if self.server is not None:
+            asyncio.run_coroutine_threadsafe(self.server.close(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def state_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("dnx-state")
+
+
+@pytest.fixture(scope="module")
+def proxy(upstream, state_dir):
+    steering.install([VM_IF], PROXY_PORT, netns=NS_HOST)
+    running = ProxyThread(state_dir).start()
+    yield running
+    running.stop()
+    steering.remove(netns=NS_HOST)
+
+
+def dig(*args: str, server: str = FOREIGN_RESOLVER) -> tuple[str, str]:
+    out = in_ns(NS_VM, "dig", f"@{server}", "+tries=1", "+time=3", *args, check=False)
+    status = re.findall(r"status: (\w+)", out.stdout)
+    return (status[-1] if status else "NO-ANSWER"), out.stdout
+
+
+def answers(text: str) -> list[str]:
+    out = []
+    for line in text.splitlines():
+        if line and not line.startswith(";"):
+            parts = line.split()
+            if len(parts) >= 5 and parts[3] in ("A", "AAAA"):
+                out.append(parts[4])
+    return out
+
+
+def test_allowed_name_is_answered_from_the_address_asked_after_learning(proxy):
+    status, text = dig("allowed.test")
+    answered_at = time.monotonic()
+    assert status == "NOERROR", text
+    # dig discards replies from any address but the one it asked; this one was accepted
+    assert f"SERVER: {FOREIGN_RESOLVER}#53" in text
+    ips = answers(text)
+    assert len(ips) == 1 and ipaddress.ip_address(ips[0]) in ipaddress.ip_network("203.0.113.0/24")
+    call = next(c for c in proxy.learner.calls if c["ips"] == ips)
+    assert call["zone"] == "apps" and call["rule"] == "web"
+    assert call["ttl"] >= 5  # upstream said 1: clamped to min_ttl (+ grace)
+    assert call["done_at"] < answered_at  # the datapath held the IP before the VM had it
+    entry = next(e for e in proxy.log.entries if e["name"] == "allowed.test")
+    assert entry["verdict"] == "allowed" and entry["workload"] == "vm1" and entry["ips"] == ips
+
+
+def test_refused_name(proxy):
+    status, text = dig("forbidden.test")
+    assert status == "REFUSED", text
+    assert any(e["name"] == "forbidden.test" and e["verdict"] == "refused"
+               for e in proxy.log.entries)
+
+
+def test_tcp_works(proxy):
+    status, text = dig("+tcp", "allowed.test", "AAAA")
+    assert status == "NOERROR", text
+    assert answers(text) and ":" in answers(text)[0]
+
+
+def test_ipv6_query_to_a_foreign_address_is_answered_from_it(proxy):
+    for extra in ((), ("+tcp",)):
+        status, text = dig(*extra, "allowed.test", "AAAA", server=FOREIGN_RESOLVER6)
+        assert status == "NOERROR", text
+        assert f"SERVER: {FOREIGN_RESOLVER6}#53" in text
+    assert any(e["client"] == VM_IP6 and e["workload"] == "vm1" for e in proxy.log.entries)
+
+
+def test_cname_chain_learns_the_final_address(proxy):
+    status, text = dig("alias.test")
+    assert status == "NOERROR" and "203.0.113.77" in answers(text)
+    assert any(c["ips"] == ["203.0.113.77"] for c in proxy.learner.calls)
+
+
+def test_rebinding_addresses_are_stripped(proxy):
+    status, text = dig("rebind.test")
+    assert status == "NOERROR"
+    assert answers(text) == ["203.0.113.9"]
+
+
+def test_truncated_upstream_falls_back_to_tcp_and_client_gets_tc(proxy):
+    # dig first gets TC over UDP from us, retries over TCP, and gets everything
+    status, text = dig("big.test", "TXT")
+    assert status == "NOERROR", text
+    assert text.count("TXT\t") + text.count("TXT ") >= 8 or text.count('"0000') == 1
+    assert "Truncated, retrying in TCP mode" in text
+
+
+def test_tunnelling_burst_is_blocked_while_ordinary_names_work(proxy, tmp_path):
+    proxy.learner.delay = 0  # 60 answers: ordering is tested above
+    rng = random.Random(5)
+    names = [base64.b32encode(bytes(rng.randrange(256) for _ in range(8))).decode().lower()
+             .rstrip("=") + ".x.tun.test" for _ in range(60)]
+    batch = tmp_path / "queries"
+    batch.write_text("".join(f"{n} A\n" for n in names))
+    out = in_ns(NS_VM, "dig", f"@{FOREIGN_RESOLVER}", "+tries=1", "+time=3", "+noall",
+                "+comments", "-f", str(batch), check=False).stdout
+    statuses = re.findall(r"status: (\w+)", out)
+    assert len(statuses) == 60
+    assert statuses[0] == "NOERROR"  # the policy allows the base: it is detection that stops it
+    first_block = statuses.index("REFUSED")
+    assert first_block < 40
+    assert set(statuses[first_block:]) == {"REFUSED"}
+    assert any(e["verdict"] == "tunnel" and e["tunnel"]["parts"] for e in proxy.log.entries)
+    status, _ = dig("allowed.test")
+    assert status == "NOERROR"
+
+
+def test_steering_is_idempotent_and_counts(proxy):
+    assert dig("allowed.test")[0] == "NOERROR"
+    assert re.search(r"udp dport 53 counter packets [1-9]", steering.installed(netns=NS_HOST))
+    steering.install([VM_IF], PROXY_PORT, netns=NS_HOST)  # again: still one table, two rules
+    listing = steering.installed(netns=NS_HOST)
+    assert listing.count("redirect to :23053") == 2
+    status, text = dig("allowed.test")
+    assert status == "NOERROR"
+
+
+def test_restart_relearns_what_was_learned(proxy, state_dir):
+    dig("alias.test")
+    proxy.stop()
+    restarted = ProxyThread(state_dir).start()
+    try:
+        assert restarted.relearned >= 1
+        assert any("203.0.113.77" in c["ips"] and c["rule"] == "web"
+                   for c in restarted.learner.calls)
+        status, _ = dig("allowed.test")
+        assert status == "NOERROR"
+    finally:
+        restarted.stop()
+        proxy.server = None  # already stopped
+
+
+def test_proxy_down_means_no_answer(upstream, state_dir):
+    # steering in place but nothing listening: the query is not answered by anyone (fail closed)
+    steering.install([VM_IF], PROXY_PORT, netns=NS_HOST)
+    try:
+        status, _ = dig("allowed.test")
+        assert status == "NO-ANSWER"
+    finally:
+        steering.remove(netns=NS_HOST)
+    assert steering.installed(netns=NS_HOST) == ""
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--serve-upstream"]:
+    UP_IP = sys.argv[2]
+    serve_upstream()

@@ -1,0 +1,205 @@
+"""The proxy's transport over real loopback sockets (no privileges): dnslib's client asks, small
+hand-made upstreams misbehave on purpose (silent, spoofing, wrong ID first), and the proxy must
+answer correctly or SERVFAIL, never hang or crash. Plus the nftables ruleset text."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import struct
+import threading
+
+import pytest
+from dnslib import QTYPE, RR, A, DNSRecord, RCODE
+
+from skyguard.dns import steering
+from skyguard.dns.interfaces import ListLog, PolicyDirectory
+from skyguard.dns.resolver import DnsPolicyResolver
+from skyguard.dns.server import DnsServer, Upstream
+from skyguard.errors import DnsError
+from skyguard.policy.model import (Destination, DnsConfig, Policy, PortRange, Rule, Workload,
+                                   Zone)
+
+
+@pytest.fixture(autouse=True)
+def isolated_dirs(tmp_path, monkeypatch):
+    for var in ("SKYGUARD_PIN_DIR", "SKYGUARD_STATE_DIR", "SKYGUARD_RUN_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+
+
+class Learner:
+    def __init__(self):
+        self.calls = []
+
+    def learn(self, zone, rule_name, ips, ttl):
+        self.calls.append((zone, rule_name, [str(i) for i in ips]))
+
+
+def policy():
+    me = Workload("local", "lo", "lo", "02:00:00:00:00:01", (ipaddress.ip_address("127.0.0.1"),))
+    rule = Rule("web", "allow", ("lo",), Destination(fqdns=("**.test",)),
+                (PortRange("tcp", 443, 443),))
+    return Policy("t", {"lo": Zone("lo", (me,))}, {}, (rule,), DnsConfig(("127.0.0.1",)))
+
+
+class FakeUpstream:
+    """A UDP 'authoritative' on loopback whose behaviour each test picks."""
+
+    def __init__(self, mode="honest"):
+        self.mode = mode
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.spoofer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.spoofer.bind(("127.0.0.1", 0))
+        self.seen = 0
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _reply(self, data, ip="203.0.113.10"):
+        q = DNSRecord.parse(data)
+        r = q.reply()
+        r.add_answer(RR(q.q.qname, QTYPE.A, rdata=A(ip), ttl=60))
+        return r.pack()
+
+    def _run(self):
+        while True:
+            try:
+                data, addr = self.sock.recvfrom(4096)
+            except OSError:
+                return
+            self.seen += 1
+            if self.mode == "silent":
+                continue
+            if self.mode == "spoof-first":
+                # from another port (an off-path attacker guessing): must be ignored
+                self.spoofer.sendto(self._reply(data, "203.0.113.66"), addr)
+            if self.mode == "wrong-id-first":
+                bad = bytearray(self._reply(data, "203.0.113.66"))
+                bad[0] ^= 0xFF
+                self.sock.sendto(bytes(bad), addr)
+            self.sock.sendto(self._reply(data), addr)
+
+    def close(self):
+        self.sock.close()
+        self.spoofer.close()
+
+
+class Proxy:
+    def __init__(self, upstreams, timeout=0.3):
+        self.learner, self.log = Learner(), ListLog()
+        p = policy()
+        self.resolver = DnsPolicyResolver(p, PolicyDirectory(p), self.learner, log=self.log)
+        self.server = DnsServer(self.resolver, upstreams, listen=[("127.0.0.1", 0)],
+                                upstream_timeout=timeout)
+        self.loop = asyncio.new_event_loop()
+        self.loop.run_until_complete(self.server.start())
+        self.port = self.server.bound[0][1]
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def ask(self, name, tcp=False):
+        return DNSRecord.parse(DNSRecord.question(name).send("127.0.0.1", self.port, tcp=tcp,
+                                                             timeout=5))
+
+    def close(self):
+        asyncio.run_coroutine_threadsafe(self.server.close(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture
+def make_proxy():
+    made = []
+
+    def make(upstreams, **kw):
+        made.append(Proxy(upstreams, **kw))
+        return made[-1]
+
+    yield make
+    for proxy in made:
+        proxy.close()
+
+
+def test_udp_and_tcp_answers(make_proxy):
+    up = FakeUpstream()
+    proxy = make_proxy([Upstream("127.0.0.1", up.port)])
+    for tcp in (False, True):
+        reply = proxy.ask("www.site.test", tcp=tcp)
+        assert reply.header.rcode == RCODE.NOERROR and str(reply.rr[0].rdata) == "203.0.113.10"
+    assert proxy.learner.calls[0] == ("lo", "web", ["203.0.113.10"])
+    up.close()
+
+
+def test_silent_upstream_gives_servfail_and_is_counted(make_proxy):
+    up = FakeUpstream("silent")
+    proxy = make_proxy([Upstream("127.0.0.1", up.port)])
+    assert proxy.ask("www.site.test").header.rcode == RCODE.SERVFAIL
+    assert proxy.resolver.metrics.upstream_errors.labels("timeout")._value.get() == 1
+    assert proxy.log.entries[-1]["verdict"] == "servfail"
+    up.close()
+
+
+def test_next_upstream_is_tried_after_a_timeout(make_proxy):
+    silent, honest = FakeUpstream("silent"), FakeUpstream()
+    proxy = make_proxy([Upstream("127.0.0.1", silent.port), Upstream("127.0.0.1", honest.port)])
+    assert str(proxy.ask("www.site.test").rr[0].rdata) == "203.0.113.10"
+    assert silent.seen == 1 and honest.seen == 1
+    silent.close()
+    honest.close()
+
+
+@pytest.mark.parametrize("mode", ["spoof-first", "wrong-id-first"])
+def test_replies_from_elsewhere_or_with_the_wrong_id_are_discarded(make_proxy, mode):
+    up = FakeUpstream(mode)
+    proxy = make_proxy([Upstream("127.0.0.1", up.port)])
+    assert [str(rr.rdata) for rr in proxy.ask("www.site.test").rr] == ["203.0.113.10"]
+    assert all("203.0.113.66" not in call[2] for call in proxy.learner.calls)
+    assert proxy.resolver.metrics.mismatched._value.get() >= 1
+    up.close()
+
+
+def test_hostile_tcp_client_is_cut_off_and_the_proxy_keeps_serving(make_proxy):
+    up = FakeUpstream()
+    proxy = make_proxy([Upstream("127.0.0.1", up.port)])
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
+        s.sendall(struct.pack("!H", 60000) + b"\x00" * 100)  # claims a 60 kB query
+        assert s.recv(10) == b""  # closed on us
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
+        s.sendall(struct.pack("!H", 5) + b"\x01\x02\x03\x04\x05")  # shorter than a header
+        assert s.recv(10) == b""
+    assert proxy.ask("www.site.test", tcp=True).header.rcode == RCODE.NOERROR
+    up.close()
+
+
+def test_garbage_over_udp_never_kills_the_listener(make_proxy):
+    up = FakeUpstream()
+    proxy = make_proxy([Upstream("127.0.0.1", up.port)])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for junk in (b"", b"\xff" * 11, b"\x00" * 12 + b"\xc0\x0c\x00\x01\x00\x01", b"\xff" * 600):
+            s.sendto(junk, ("127.0.0.1", proxy.port))
+    assert proxy.ask("www.site.test").header.rcode == RCODE.NOERROR
+    up.close()
+
+
+def test_upstream_parsing_and_errors():
+    assert Upstream.parse("192.0.2.53") == Upstream("192.0.2.53", 53)
+    assert Upstream.parse("192.0.2.53:5300") == Upstream("192.0.2.53", 5300)
+    assert Upstream.parse("[2001:db8::53]:53") == Upstream("2001:db8::53", 53)
+    assert Upstream.parse("2001:db8::53") == Upstream("2001:db8::53", 53)
+    with pytest.raises(DnsError, match="not an IP address"):
+        Upstream.parse("dns.example")
+
+
+def test_steering_ruleset_redirects_both_protocols_from_named_interfaces_only():
+    text = steering.ruleset(["sg-radius1", "sg-ad1", "sg-radius1"], 5353)
+    assert 'iifname { "sg-ad1", "sg-radius1" } udp dport 53 counter redirect to :5353' in text
+    assert 'iifname { "sg-ad1", "sg-radius1" } tcp dport 53 counter redirect to :5353' in text
+    assert text.index("delete table inet skyguard_dns") < text.index("chain prerouting")
+
+
+@pytest.mark.parametrize("interfaces,port", [([], 5353), (['x" accept; #'], 5353),
+                                             (["sg-a"], 0), (["a" * 16], 53)])
+def test_steering_rejects_bad_input(interfaces, port):
+    with pytest.raises(DnsError):
+        steering.ruleset(interfaces, port)
