@@ -62,6 +62,7 @@ class Daemon:
         self.datapath = None
         self.control = None
         self.tlog = None
+        self.flowlog = None
         self._lock = threading.RLock()  # policy swaps, attach and the watchdog serialise here
         self._threads: list[threading.Thread] = []
         self._known: set[str] = set()  # interfaces this daemon has attached to
@@ -97,6 +98,7 @@ class Daemon:
         self.policy, self.policy_text = policy, text
         self._start_async_parts(policy)
         self.record("policy_load", name=policy.name, sha256=policy.sha256, source=str(policy.source))
+        self._start_flowlog()  # before attaching: the first flows on new interfaces are logged too
         self._reconcile()
         self.control = ControlServer(self._handlers())
         self.control.start()
@@ -122,6 +124,8 @@ class Daemon:
         self._stop_async_parts()
         for t in self._threads:
             t.join(timeout=5)
+        if self.flowlog:
+            self._safely(self.flowlog.stop)
         if self.datapath:
             if self.detach_on_exit:
                 for ifname in self.datapath.detach_all():
@@ -274,6 +278,11 @@ class Daemon:
 
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    def _start_flowlog(self) -> None:
+        from skyguard.datapath.flowlog import FlowLogger
+
+        self.flowlog = FlowLogger(self.datapath, self.tlog).start()
+
     # ---- policy and interfaces -------------------------------------------------------------
 
     def _apply(self, policy, text: str) -> None:
@@ -347,6 +356,8 @@ class Daemon:
                                         "sha256": self.policy.sha256},
             "down": self._op_down,
             "conntrack": lambda args: {"flows": self.datapath.flows()},
+            "flows": self._op_flows,
+            "attest": self._op_attest,
         }
 
     def _op_policy_load(self, args: dict) -> dict:
@@ -359,6 +370,23 @@ class Daemon:
         old = self.policy
         self._apply(policy, text)
         return {"name": policy.name, "sha256": policy.sha256, "previous": old.sha256 if old else None}
+
+    def _op_flows(self, args: dict) -> dict:
+        from skyguard.datapath.flowlog import query_args
+
+        query, sync = query_args(args)
+        if query["zone"] is not None and query["zone"] not in self.policy.zones:
+            raise BadInput(f"no zone {query['zone']!r} in policy {self.policy.name!r}; its zones are "
+                           f"{', '.join(sorted(self.policy.zones))}")
+        if sync:
+            self.flowlog.sync()
+        return self.flowlog.recent(**query)
+
+    def _op_attest(self, args: dict) -> dict:
+        from skyguard import attest
+
+        with self._lock:
+            return attest.attest(self.datapath, self.policy, self.tlog, nonce=args.get("nonce"))
 
     def _op_down(self, args: dict) -> dict:
         self.detach_on_exit = True
@@ -376,6 +404,7 @@ class Daemon:
                 "maps": self.datapath.occupancy(),
                 "counters": self.datapath.counters(),
                 "log": self.tlog.head() if self.tlog else None,
+                "flowlog": self.flowlog.stats() if self.flowlog else None,
             }
 
 

@@ -24,6 +24,8 @@ COMMANDS = [
     ("daemon", "down"),
     ("daemon", "status"),
     ("demo", "demo"),
+    ("flows", "flows"),
+    ("attest", "attest"),
 ]
 
 
