@@ -24,7 +24,12 @@ COMMANDS = [
     ("daemon", "down"),
     ("daemon", "status"),
     ("demo", "demo"),
+<<<<<<< HEAD
     ("top", "top"),
+=======
+    ("flows", "flows"),
+    ("attest", "attest"),
+>>>>>>> main
 ]
 
 

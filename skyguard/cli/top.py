@@ -1,6 +1,6 @@
 """`skyguard top`: a live terminal view of zones, workloads, flows and drops, refreshed in place.
 
-It reads the running daemon's control socket (operations "status" and "flows") once per interval
+It reads the running daemon's control socket (operations "status" and "flows.active") once per interval
 and turns two consecutive counter readings into rates. Built for a terminal over SSH: plain ANSI
 through rich, no mouse, keys read in cbreak mode (q quits, Ctrl-C too). `--once` prints one frame
 (totals, no rates) and exits, for scripts and logs.
@@ -52,8 +52,8 @@ def read_snapshot(limit: int) -> Snapshot:
 
     status = control.request("status", timeout=10)
     try:
-        flows = control.request("flows", timeout=10, limit=limit)
-    except BadInput as e:  # a daemon without the "flows" operation still has counters to show
+        flows = control.request("flows.active", timeout=10, limit=limit)
+    except BadInput as e:  # a daemon without the "flows.active" operation still has counters to show
         if "unknown operation" not in str(e):
             raise
         flows = {"flows": [], "total": 0, "by_zone": {}, "workloads": {}, "missing": True}
@@ -156,7 +156,7 @@ def flows_table(snap: Snapshot, only: set[str], limit: int) -> Table:
     total = snap.flows.get("total", 0)
     title = f"Flows (largest {min(limit, total)} of {total})"
     if snap.flows.get("missing"):
-        title = "Flows (this daemon has no \"flows\" operation; upgrade it)"
+        title = "Flows (this daemon has no \"flows.active\" operation; upgrade it)"
     # The workload names the zone; addresses and rule names may wrap on a narrow terminal
     # (a wrapped address is still whole, an ellipsised one is not).
     table = _table(title, "workload", "dir", "proto", "source", "destination", "state", "rule", "packets", "bytes",

@@ -1,11 +1,12 @@
-"""Daemon-side reads for the live views (`skyguard top`, `skyguard flows`): the "flows" control
-operation's reply, with each flow named by the interface and workload it was seen on.
+"""Daemon-side reads for the live view (`skyguard top`): the "flows.active" control operation's
+reply, the conntrack entries alive now, each named by the interface and workload it was seen on.
 
 Why here and not in the CLI: interface indexes only mean something in the daemon's network
 namespace, and the policy that maps interfaces to workloads lives in the daemon. The reply is
 bounded (`limit` flows, largest first) so a flood of a million flows cannot make it huge.
 
-Not here: printing (cli/top.py, cli/render.py), or reading the maps (datapath.flows()).
+Not here: printing (cli/top.py, cli/render.py), reading the maps (datapath.flows()), or the flow
+records of `skyguard flows` (the "flows" operation, datapath/flowlog.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def workload_names(policy) -> dict[str, dict]:
 
 
 def flows_reply(datapath, policy, args: dict | None = None) -> dict:
-    """The "flows" control operation: args {"limit": int, "zone": name or None}.
+    """The "flows.active" control operation: args {"limit": int, "zone": name or None}.
 
     Returns {"flows": [...largest first, each with "interface" and "workload"], "total": int
     (before the limit), "by_zone": {zone: count}, "workloads": {ifname: {"workload", "zone"}}}.
@@ -34,10 +35,10 @@ def flows_reply(datapath, policy, args: dict | None = None) -> dict:
     args = args or {}
     limit = args.get("limit", DEFAULT_FLOW_LIMIT)
     if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_FLOW_LIMIT:
-        raise BadInput(f"flows: limit must be a whole number from 1 to {MAX_FLOW_LIMIT}")
+        raise BadInput(f"flows.active: limit must be a whole number from 1 to {MAX_FLOW_LIMIT}")
     zone = args.get("zone")
     if zone is not None and not isinstance(zone, str):
-        raise BadInput("flows: zone must be a zone name")
+        raise BadInput("flows.active: zone must be a zone name")
     workloads = workload_names(policy)
     ifnames = {index: name for index, name in socket.if_nameindex()}
     flows = datapath.flows() if datapath is not None else []
@@ -54,6 +55,6 @@ def flows_reply(datapath, policy, args: dict | None = None) -> dict:
 
 
 def flows_handler(daemon):
-    """The handler to register as the daemon's "flows" control operation (the lead may move it):
-    handlers["flows"] = flows_handler(self)."""
+    """The handler to register as the daemon's "flows.active" control operation:
+    handlers["flows.active"] = flows_handler(self)."""
     return lambda args: flows_reply(getattr(daemon, "datapath", None), getattr(daemon, "policy", None), args)

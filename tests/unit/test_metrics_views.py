@@ -1,5 +1,5 @@
 """The readable views without a daemon: `skyguard status` tables, `skyguard top` frames and rates,
-and the daemon-side "flows" reply (bounded, largest first, named by workload).
+and the daemon-side "flows.active" reply (bounded, largest first, named by workload).
 
 The live versions run against a real daemon in tests/integration/test_top_pty.py.
 """
@@ -125,7 +125,7 @@ def test_flows_reply_is_bounded_and_largest_first():
 
 @pytest.mark.parametrize("args", [{"limit": 0}, {"limit": "10"}, {"limit": True}, {"limit": 10**9}, {"zone": 3}])
 def test_flows_reply_refuses_bad_arguments(args):
-    with pytest.raises(BadInput, match="flows:"):
+    with pytest.raises(BadInput, match="flows.active:"):
         flows_reply(FlowSource([]), POLICY, args)
 
 
