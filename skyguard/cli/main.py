@@ -24,12 +24,9 @@ COMMANDS = [
     ("daemon", "down"),
     ("daemon", "status"),
     ("demo", "demo"),
-<<<<<<< HEAD
-    ("top", "top"),
-=======
     ("flows", "flows"),
     ("attest", "attest"),
->>>>>>> main
+    ("top", "top"),
 ]
 
 
