@@ -20,7 +20,7 @@ from pathlib import Path
 from skyguard import config
 from skyguard.control import ControlServer
 from skyguard.errors import BadInput, DaemonError
-from skyguard.metrics.views import flows_handler
+from skyguard.metrics.views import flows_handler, workload_names
 
 log = logging.getLogger("skyguard.daemon")
 
@@ -419,6 +419,7 @@ class Daemon:
                 "policy": {"name": self.policy.name, "sha256": self.policy.sha256, "source": str(self.policy.source)},
                 "interfaces": self.datapath.attached(),
                 "tamper_events": self.tamper_events,
+                "workloads": workload_names(self.policy),
                 "maps": self.datapath.occupancy(),
                 "counters": self.datapath.counters(),
                 "log": self.tlog.head() if self.tlog else None,
