@@ -269,7 +269,7 @@ def stop_process(proc: subprocess.Popen | None) -> None:
         proc.wait()
 
 
-def probe(lab, vm: str, probes, timeout: float = 1.5) -> list[bool]:
+def probe(lab, vm: str, probes, timeout: float = 2.0) -> list[bool]:
     """Run every probe ((kind, host, port[, source])) from inside `vm` at once; True = answered."""
     items = [list(p) + [None] * (4 - len(p)) for p in probes]
     out = lab.exec(vm, [PY, "-c", PROBE, json.dumps(items), str(timeout)], lab_resolver=False,
@@ -279,7 +279,7 @@ def probe(lab, vm: str, probes, timeout: float = 1.5) -> list[bool]:
 
 
 def probe_one(lab, vm: str, kind: str, host: str, port: int = 0, source: str | None = None,
-              timeout: float = 1.5) -> bool:
+              timeout: float = 2.0) -> bool:
     return probe(lab, vm, [(kind, host, port, source)], timeout)[0]
 
 
