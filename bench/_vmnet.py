@@ -165,16 +165,17 @@ class VmNet:
         sh(*self.host(["nft", "delete", "table", "inet", NFT_TABLE]), check=False)
 
     # ---- traffic -------------------------------------------------------------------------------
-    def iperf(self, client: Vm, server: Vm, seconds: float, port: int = 5201) -> float:
-        """Gbit/s received by `server` from one TCP stream of `client`."""
-        srv = subprocess.Popen(server.cmd(["iperf3", "-s", "-1", "-p", str(port)]), stdout=subprocess.DEVNULL,
+    def iperf(self, client: Vm, server: Vm, seconds: float, port: int = 5201, cpu: int | None = None) -> float:
+        """Gbit/s received by `server` from one TCP stream of `client` (both pinned to `cpu` if given)."""
+        pin = ["-A", str(cpu)] if cpu is not None else []
+        srv = subprocess.Popen(server.cmd(["iperf3", "-s", "-1", "-p", str(port)] + pin), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
         try:
             for _ in range(50):  # until the server listens
                 if sh(*server.cmd(["ss", "-Htln", f"sport = :{port}"])).stdout.strip():
                     break
                 time.sleep(0.05)
-            out = sh(*client.cmd(["iperf3", "-c", server.v4, "-p", str(port), "-t", str(seconds), "-J"]),
+            out = sh(*client.cmd(["iperf3", "-c", server.v4, "-p", str(port), "-t", str(seconds), "-J"] + pin),
                      check=False)
             if out.returncode != 0:
                 raise RuntimeError(f"iperf3 {client.name} -> {server.name} failed: {out.stdout[-500:]} {out.stderr}")
