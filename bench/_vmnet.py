@@ -99,7 +99,6 @@ class VmNet:
         if self._worker:
             self._worker.close()
         for ns in [self.host_ns] + [vm.ns for vm in self.vms.values()]:
-            sh("ip", "netns", "pids", ns, check=False)
             pids = sh("ip", "netns", "pids", ns, check=False).stdout.split()
             for pid in pids:
                 sh("kill", "-9", pid, check=False)
