@@ -19,6 +19,7 @@ from pathlib import Path
 
 from skyguard import config
 from skyguard.control import ControlServer
+from skyguard.datapath import guard
 from skyguard.errors import BadInput, DaemonError
 from skyguard.metrics.views import flows_handler, workload_names
 
@@ -98,6 +99,7 @@ class Daemon:
         # installs the steering); only then are programs attached to VM interfaces.
         self.datapath.apply_policy(policy, host_addresses=_host_addresses())
         self.policy, self.policy_text = policy, text
+        guard.install([w.interface for w in policy.workloads()])  # unattached interfaces stay dark
         self._start_async_parts(policy)
         self.record("policy_load", name=policy.name, sha256=policy.sha256, source=str(policy.source))
         self._start_flowlog()  # before attaching: the first flows on new interfaces are logged too
@@ -133,6 +135,7 @@ class Daemon:
             self._safely(self.flowlog.stop)
         if self.datapath:
             if self.detach_on_exit:
+                guard.remove()
                 for ifname in self.datapath.detach_all():
                     self.record("detach", interface=ifname, why="skyguard down")
                 self.datapath.close()
@@ -294,6 +297,7 @@ class Daemon:
         """Hot swap: the datapath's atomic generation flip, then the DNS proxy's rules."""
         with self._lock:
             self.datapath.apply_policy(policy, host_addresses=_host_addresses())
+            guard.install([w.interface for w in policy.workloads()])
             self.dns.set_policy(policy)
             if self.admin is not None and policy.admin_ssh is not None:
                 self.admin.update_policy(policy)  # revokes sessions the new policy no longer allows
@@ -308,6 +312,7 @@ class Daemon:
         with self._lock:
             for ifname, problem in sorted(self.datapath.verify().items()):
                 info = self.datapath.attach(ifname)
+                guard.mark_attached(ifname)
                 if ifname not in self._known:
                     self.record("attach", interface=ifname, programs=_prog_summary(info))
                     log.info("attached to %s", ifname)

@@ -66,6 +66,9 @@ def down():
         return
     from skyguard.datapath.datapath import Datapath
 
+    from skyguard.datapath import guard
+
+    guard.remove()
     datapath = Datapath(pin_dir=config.PIN_DIR)
     detached = datapath.detach_all()
     datapath.close()

@@ -18,7 +18,7 @@ import subprocess
 
 import pytest
 
-from daemon_support import (ContinuousProber, RunningDaemon, Stream, attached_programs, drop_count,
+from daemon_support import (PY, ContinuousProber, RunningDaemon, Stream, attached_programs, drop_count,
                             probe, probe_one, recreate_vm_link, start_listener, stop_process, wait_for)
 from skyguard.policy.parse import load_policy
 
@@ -163,6 +163,35 @@ def test_a_new_interface_is_attached_and_enforced(lab, daemon):
     # the listener in tacacs1 was in its namespace all along; inbound enforcement works too
     assert probe_one(lab, "vfw1", "tcp", ADDR["tacacs1"][0], 49)
     assert not probe_one(lab, "agent1", "tcp", ADDR["tacacs1"][0], 49)
+
+
+# Runs inside agent1: denied UDP probes to the syslog collector's echo port, as fast as they go,
+# while its interface is re-created; prints how many got an answer.
+_WINDOW_PROBER = r"""
+import socket, sys, time
+answered = sent = 0
+print("go", flush=True)
+end = time.monotonic() + 3
+while time.monotonic() < end:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.05)
+    try:
+        s.sendto(b"x", (sys.argv[1], 7)); s.recvfrom(10); answered += 1
+    except OSError:
+        pass
+    sent += 1; s.close()
+print(sent, answered)
+"""
+
+
+def test_no_window_while_a_new_interface_waits_for_its_programs(lab, daemon):
+    """Between a VM interface appearing and the daemon attaching to it, the guard keeps it dark."""
+    prober = lab.popen("agent1", [PY, "-c", _WINDOW_PROBER, SYSLOG_V4], lab_resolver=False,
+                       stdout=subprocess.PIPE, text=True)
+    assert prober.stdout.readline().strip() == "go"
+    recreate_vm_link(lab, "agent1")
+    sent, answered = map(int, prober.communicate(timeout=30)[0].split())
+    assert sent > 0 and answered == 0
+    wait_for(lambda: "sg-agent1" in attached_programs(daemon.status()), 10, "re-attach to sg-agent1")
 
 
 def _swapped_policy(lab, tmp_path):
