@@ -20,7 +20,7 @@ from pathlib import Path
 from skyguard import config
 from skyguard.control import ControlServer
 from skyguard.datapath import guard
-from skyguard.errors import BadInput, DaemonError
+from skyguard.errors import BadInput
 from skyguard.metrics.views import flows_handler, workload_names
 
 log = logging.getLogger("skyguard.daemon")
