@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import subprocess
 from pathlib import Path
 
 import click
@@ -64,11 +65,16 @@ def down():
         control.wait_gone()
         click.echo("skyguard stopped; programs detached")
         return
-    from skyguard.datapath.datapath import Datapath
-
+    from skyguard.credproxy import steering as credential_steering
     from skyguard.datapath import guard
+    from skyguard.datapath.datapath import Datapath
+    from skyguard.dns import steering as dns_steering
 
+    # What a killed daemon left in nftables: the interface guard and the DNS and credential
+    # steering (left on purpose so that a crash fails closed).
     guard.remove()
+    dns_steering.remove(None)
+    subprocess.run(["nft", "delete", "table", "inet", credential_steering.TABLE], capture_output=True)
     datapath = Datapath(pin_dir=config.PIN_DIR)
     detached = datapath.detach_all()
     datapath.close()
