@@ -132,12 +132,17 @@ def request(op: str, timeout: float = 30.0, **args) -> dict:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             s.connect(str(path))
-            s.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
+            try:
+                s.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the daemon answered before reading it all (a refusal); its reply says why
             reply = _read_message(s)
     except (FileNotFoundError, ConnectionRefusedError):
         raise DaemonError(f"no skyguard daemon is running (no socket at {path}); start one with `skyguard up --policy FILE`") from None
     except PermissionError:
         raise DaemonError(f"permission denied on {path}: the control socket is root-only; run as root") from None
+    except ConnectionError as e:
+        raise DaemonError(f"the daemon closed the control connection without an answer ({e}); check its log") from None
     if not reply.get("ok"):
         cls = BadInput if reply.get("code") == 2 else DaemonError
         raise cls(reply.get("error", "the daemon refused the request"))

@@ -19,12 +19,23 @@ from pathlib import Path
 
 from skyguard import config
 from skyguard.control import ControlServer
-from skyguard.errors import BadInput, DaemonError
+from skyguard.datapath import guard
+from skyguard.errors import BadInput
+from skyguard.metrics.views import flows_handler, workload_names
 
 log = logging.getLogger("skyguard.daemon")
 
 WATCHDOG_PERIOD_S = 1.0  # how stale "programs attached to every workload interface" may get
 DNS_PROXY_PORT = 5353  # where steered VM queries land in the host namespace
+
+
+def _host_addresses() -> list[str]:
+    """This namespace's own addresses (not loopback): the datapath's `host` identity."""
+    import ipaddress
+
+    from skyguard.dns.server import local_addresses
+
+    return [a for a in local_addresses() if not ipaddress.ip_address(a).is_loopback]
 
 
 def _canonical(value):
@@ -53,16 +64,19 @@ class Daemon:
         self.datapath = None
         self.control = None
         self.tlog = None
+        self.flowlog = None
         self._lock = threading.RLock()  # policy swaps, attach and the watchdog serialise here
         self._threads: list[threading.Thread] = []
         self._known: set[str] = set()  # interfaces this daemon has attached to
         self.loop = None
         self.dns = None
         self.credentials = None
+        self.admin = None
         from prometheus_client import CollectorRegistry
 
         self.registry = CollectorRegistry()  # every part's metrics; the exporter serves it
         self.tamper_events = 0
+        self.metrics = None  # the Prometheus exporter (skyguard.metrics), when --metrics is on
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -83,13 +97,16 @@ class Daemon:
         self._remember_saved_dns_answers()
         # Order matters: maps first; then the DNS proxy (re-learns saved answers into the maps,
         # installs the steering); only then are programs attached to VM interfaces.
-        self.datapath.apply_policy(policy)
+        self.datapath.apply_policy(policy, host_addresses=_host_addresses())
         self.policy, self.policy_text = policy, text
+        guard.install([w.interface for w in policy.workloads()])  # unattached interfaces stay dark
         self._start_async_parts(policy)
         self.record("policy_load", name=policy.name, sha256=policy.sha256, source=str(policy.source))
+        self._start_flowlog()  # before attaching: the first flows on new interfaces are logged too
         self._reconcile()
         self.control = ControlServer(self._handlers())
         self.control.start()
+        self._start_metrics()
         self._spawn(self._watch_netlink, "sg-netlink")
         self._spawn(self._watchdog, "sg-watchdog")
         log.info("skyguard up: policy %s (%s), %d interfaces attached", policy.name,
@@ -110,10 +127,15 @@ class Daemon:
         if self.control:
             self.control.stop()
         self._stop_async_parts()
+        if self.metrics:
+            self.metrics.stop()
         for t in self._threads:
             t.join(timeout=5)
+        if self.flowlog:
+            self._safely(self.flowlog.stop)
         if self.datapath:
             if self.detach_on_exit:
+                guard.remove()
                 for ifname in self.datapath.detach_all():
                     self.record("detach", interface=ifname, why="skyguard down")
                 self.datapath.close()
@@ -173,6 +195,29 @@ class Daemon:
         self._on_loop(self.dns.start())
         log.info("DNS proxy on port %d; VM queries to any address on port 53 are steered to it", DNS_PROXY_PORT)
         self._start_credentials(policy)
+        self._start_admin(policy)
+
+    def _start_admin(self, policy) -> None:
+        """The SSH access proxy, when the policy has admin.ssh: the one way operators reach a VM's
+        sshd (the datapath lets only this host's addresses in to tcp/22, and only for zones some
+        operator may access). Sessions go to the signed log."""
+        if policy.admin_ssh is None:
+            return
+        from skyguard.admin.proxy import AdminSshProxy
+        from skyguard.custody.store import SecretStore
+
+        daemon = self
+
+        class _AdminLog:
+            @staticmethod
+            def record(entry: dict) -> None:
+                fields = dict(entry)
+                daemon.record_nowait(str(fields.pop("type", "admin_session")), **fields)
+
+        self.admin = AdminSshProxy(policy, SecretStore(self.state_dir / "secrets"), self.state_dir,
+                                   _AdminLog(), registry=self.registry)
+        host, port = self._on_loop(self.admin.start())
+        log.info("SSH access proxy listening on %s:%s", host, port)
 
     def _start_credentials(self, policy) -> None:
         """The credential-swap proxy and TLS termination. If they cannot start (a secret or key
@@ -226,6 +271,8 @@ class Daemon:
     def _stop_async_parts(self) -> None:
         if self.loop is None:
             return
+        if self.admin is not None:
+            self._safely(lambda: self._on_loop(self.admin.close()))
         if self.credentials is not None:
             self._safely(lambda: self._on_loop(self.credentials.stop()))
         if self.dns is not None:
@@ -239,13 +286,21 @@ class Daemon:
 
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    def _start_flowlog(self) -> None:
+        from skyguard.datapath.flowlog import FlowLogger
+
+        self.flowlog = FlowLogger(self.datapath, self.tlog).start()
+
     # ---- policy and interfaces -------------------------------------------------------------
 
     def _apply(self, policy, text: str) -> None:
         """Hot swap: the datapath's atomic generation flip, then the DNS proxy's rules."""
         with self._lock:
-            self.datapath.apply_policy(policy)
+            self.datapath.apply_policy(policy, host_addresses=_host_addresses())
+            guard.install([w.interface for w in policy.workloads()])
             self.dns.set_policy(policy)
+            if self.admin is not None and policy.admin_ssh is not None:
+                self.admin.update_policy(policy)  # revokes sessions the new policy no longer allows
             self.policy, self.policy_text = policy, text
             self.record("policy_load", name=policy.name, sha256=policy.sha256, source=str(policy.source))
             self._reconcile()
@@ -257,6 +312,7 @@ class Daemon:
         with self._lock:
             for ifname, problem in sorted(self.datapath.verify().items()):
                 info = self.datapath.attach(ifname)
+                guard.mark_attached(ifname)
                 if ifname not in self._known:
                     self.record("attach", interface=ifname, programs=_prog_summary(info))
                     log.info("attached to %s", ifname)
@@ -300,6 +356,17 @@ class Daemon:
         except Exception:  # a watcher must keep watching; the error is logged for the operator
             log.exception("%s failed", getattr(fn, "__name__", fn))
 
+    # ---- metrics (from the metrics branch) -------------------------------------------------
+
+    def _start_metrics(self) -> None:
+        """Serve Prometheus text on --metrics; the collectors read the datapath, the policy and the
+        signed log at scrape time (no polling loop)."""
+        if not self.metrics_addr:
+            return
+        from skyguard.metrics import MetricsExporter, daemon_sources
+
+        self.metrics = MetricsExporter(self.registry, daemon_sources(self), self.metrics_addr).start()
+
     # ---- control operations ----------------------------------------------------------------
 
     def _handlers(self):
@@ -310,6 +377,10 @@ class Daemon:
                                         "sha256": self.policy.sha256},
             "down": self._op_down,
             "conntrack": lambda args: {"flows": self.datapath.flows()},
+            "flows": self._op_flows,
+            "attest": self._op_attest,
+            # skyguard top: active conntrack flows named by workload, bounded (skyguard/metrics/views.py)
+            "flows.active": flows_handler(self),
         }
 
     def _op_policy_load(self, args: dict) -> dict:
@@ -322,6 +393,23 @@ class Daemon:
         old = self.policy
         self._apply(policy, text)
         return {"name": policy.name, "sha256": policy.sha256, "previous": old.sha256 if old else None}
+
+    def _op_flows(self, args: dict) -> dict:
+        from skyguard.datapath.flowlog import query_args
+
+        query, sync = query_args(args)
+        if query["zone"] is not None and query["zone"] not in self.policy.zones:
+            raise BadInput(f"no zone {query['zone']!r} in policy {self.policy.name!r}; its zones are "
+                           f"{', '.join(sorted(self.policy.zones))}")
+        if sync:
+            self.flowlog.sync()
+        return self.flowlog.recent(**query)
+
+    def _op_attest(self, args: dict) -> dict:
+        from skyguard import attest
+
+        with self._lock:
+            return attest.attest(self.datapath, self.policy, self.tlog, nonce=args.get("nonce"))
 
     def _op_down(self, args: dict) -> dict:
         self.detach_on_exit = True
@@ -336,9 +424,11 @@ class Daemon:
                 "policy": {"name": self.policy.name, "sha256": self.policy.sha256, "source": str(self.policy.source)},
                 "interfaces": self.datapath.attached(),
                 "tamper_events": self.tamper_events,
+                "workloads": workload_names(self.policy),
                 "maps": self.datapath.occupancy(),
                 "counters": self.datapath.counters(),
                 "log": self.tlog.head() if self.tlog else None,
+                "flowlog": self.flowlog.stats() if self.flowlog else None,
             }
 
 

@@ -103,7 +103,8 @@ def sessions_command(as_json, state_dir):
               help="Cap pauses at this many seconds.")
 @click.option("--log", "log_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="A JSON-lines decision log to check the transcript's hash against "
-                   "(default: the proxy's fallback log in the state directory, if present).")
+                   "(default: the daemon's signed log in the state directory, else the proxy's "
+                   "fallback log, if present).")
 @click.option("--no-verify", is_flag=True, help="Play even if the transcript fails its hash check.")
 @state_dir_option
 def replay_command(session_id, speed, idle_limit, log_file, no_verify, state_dir):
@@ -125,8 +126,17 @@ def replay_command(session_id, speed, idle_limit, log_file, no_verify, state_dir
         raise BadInput("--speed must be greater than 0")
     archive = _archive(state_dir)
     if not no_verify:
-        log_path = log_file or fallback_log_path(_state(state_dir))
-        logged = list(JsonLinesDecisionLog(log_path).entries()) if log_path.exists() else None
+        signed = _state(state_dir) / "log"
+        if log_file is None and signed.exists():  # the daemon's signed log
+            from skyguard.tlog import LogReader
+            from skyguard.tlog.entries import decode
+
+            log_path = signed
+            logged = [e for e in map(decode, (p for _, p in LogReader(signed).entries()))
+                      if str(e.get("type", "")).startswith("admin_session")]
+        else:
+            log_path = log_file or fallback_log_path(_state(state_dir))
+            logged = list(JsonLinesDecisionLog(log_path).entries()) if log_path.exists() else None
         digest = archive.verify(session_id, logged)
         click.echo(f"transcript sha256 {digest} matches the session record"
                    + (f" and {log_path}" if logged is not None else ""), err=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import subprocess
 from pathlib import Path
 
 import click
@@ -64,8 +65,16 @@ def down():
         control.wait_gone()
         click.echo("skyguard stopped; programs detached")
         return
+    from skyguard.credproxy import steering as credential_steering
+    from skyguard.datapath import guard
     from skyguard.datapath.datapath import Datapath
+    from skyguard.dns import steering as dns_steering
 
+    # What a killed daemon left in nftables: the interface guard and the DNS and credential
+    # steering (left on purpose so that a crash fails closed).
+    guard.remove()
+    dns_steering.remove(None)
+    subprocess.run(["nft", "delete", "table", "inet", credential_steering.TABLE], capture_output=True)
     datapath = Datapath(pin_dir=config.PIN_DIR)
     detached = datapath.detach_all()
     datapath.close()
@@ -85,28 +94,11 @@ def status(as_json):
       skyguard status --json | jq .counters
     """
     from skyguard import control
+    from skyguard.cli.render import print_status
 
     reply = control.request("status")
     reply.pop("ok", None)
     if as_json:
         emit_json(reply)
     else:
-        _print_status(reply)
-
-
-def _print_status(s: dict) -> None:
-    p = s["policy"]
-    click.echo(f"daemon pid {s['pid']}, up {s['uptime_s']}s; policy {p['name']} sha256 {p['sha256'][:16]}... ({p['source']})")
-    click.echo("interfaces:")
-    for ifname, hooks in sorted(s["interfaces"].items()):
-        click.echo(f"  {ifname:15} " + ", ".join(f"{h}={v.get('name')}#{v.get('id')}" for h, v in sorted(hooks.items())))
-    click.echo("maps: " + ", ".join(f"{k}={v}" for k, v in sorted(s["maps"].items())))
-    click.echo("traffic:")
-    for row in s["counters"]["traffic"]:
-        click.echo(f"  {row['zone']:12} {row['direction']:8} {row['verdict']:12} {row['packets']:>10} pkts {row['bytes']:>12} bytes")
-    click.echo("drops:")
-    for row in s["counters"]["drops"]:
-        click.echo(f"  {row['zone']:12} {row['direction']:8} {row['reason']:24} {row['packets']:>10} pkts")
-    if s.get("log"):
-        click.echo(f"log: {s['log']['size']} entries, last checkpoint covers {s['log']['checkpointed_size']}, "
-                   f"{s['log']['checkpoint_age_s']:.0f}s old")
+        print_status(reply)

@@ -24,6 +24,9 @@ COMMANDS = [
     ("daemon", "down"),
     ("daemon", "status"),
     ("demo", "demo"),
+    ("flows", "flows"),
+    ("attest", "attest"),
+    ("top", "top"),
 ]
 
 

@@ -190,12 +190,29 @@ def _entries_for_identity(grants, selectors: frozenset, ident: int) -> list[Poli
     return entries
 
 
-def compile_policy(policy: Policy) -> Compiled:
+ADMIN_SSH_RULE = "admin-ssh"  # the synthetic rule that lets skyguard's own SSH proxy reach VMs
+
+
+def _admin_zones(policy: Policy) -> list[str]:
+    """Zones some operator may reach through the SSH access proxy."""
+    if policy.admin_ssh is None:
+        return []
+    return sorted({z for op in policy.admin_ssh.operators for z in op.may_access})
+
+
+def compile_policy(policy: Policy, host_addresses=()) -> Compiled:
+    """Policy -> map entries. `host_addresses` are the addresses of the host skyguard runs on:
+    they get the reserved `host` selector, which the policy's admin.ssh section (and nothing else)
+    lets in to tcp/22 of the zones operators may access, so only skyguard's SSH proxy reaches a
+    VM's sshd."""
     if len(policy.zones) >= abi.MAX_ZONES:
         raise BadInput(f"policy {policy.name!r} has {len(policy.zones)} zones; the datapath counts at most "
                        f"{abi.MAX_ZONES - 1} (merge zones, or raise SG_MAX_ZONES in bpf/abi.h and abi.py)")
     zone_ids = {name: i for i, name in enumerate(policy.zones, start=1)}
     rule_ids = {rule.name: i for i, rule in enumerate(policy.rules, start=1)}
+    admin_zones = _admin_zones(policy)
+    if admin_zones:
+        rule_ids[ADMIN_SSH_RULE] = len(rule_ids) + 1
     workloads = []
     for wid, w in enumerate(policy.workloads(), start=1):
         addrs = tuple(w.addresses) + (eui64_link_local(w.mac),)
@@ -210,6 +227,9 @@ def compile_policy(policy: Policy) -> Compiled:
     for rule in policy.rules:
         for c in _rule_cidrs(policy, rule):
             on_prefix[c].add(("cidr", c))
+    if admin_zones:
+        for a in host_addresses:
+            on_prefix[ipaddress.ip_network(a)].add(("host",))
     # IPv4 addresses live at ::ffff:a.b.c.d in the ipcache, which IPv6 prefixes shorter than /96
     # (::/0 above all) also cover: without an IPv4 entry of its own, an IPv4 address no IPv4
     # prefix holds would take such an IPv6 prefix's identity, so `to: {cidrs: ["::/0"]}` would open
@@ -231,6 +251,9 @@ def compile_policy(policy: Policy) -> Compiled:
         static_prefixes[net] = frozenset(sels)
 
     grants = _build_grants(policy, zone_ids, rule_ids)
+    if admin_zones:
+        ssh = _Grant(rule_ids[ADMIN_SSH_RULE], "allow", ((abi.IPPROTO["tcp"], 22, 22),))
+        grants[("host",)] = [(abi.DIR_INGRESS, zone_ids[z], ssh) for z in admin_zones]
     identities: dict[frozenset, int] = {}
     policy_entries: list[PolicyEntry] = []
     ipcache: dict[IPNetwork, int] = {}

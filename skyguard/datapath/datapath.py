@@ -89,12 +89,13 @@ class Datapath:
         self._set_config(cfg.gen, flags)
 
     # ---- policy -----------------------------------------------------------------------------
-    def apply_policy(self, policy: Policy, ifindexes: dict[str, int] | None = None) -> int:
+    def apply_policy(self, policy: Policy, ifindexes: dict[str, int] | None = None,
+                     host_addresses=()) -> int:
         """Atomic swap: write the new generation, flip sg_config, delete the old generation.
         Interfaces are resolved in the calling thread's network namespace unless given.
         Returns the new generation."""
         with self._lock:
-            compiled = compile_policy(policy)
+            compiled = compile_policy(policy, host_addresses)
             cfg = self.map("sg_config")[ct.c_uint32(0)]
             new_gen = (cfg.gen % 0xFFFFFFF0) + 1
             previous = (self.policy, self.compiled, self._ifindexes)

@@ -11,13 +11,10 @@ that the checkpoints prove bad. Read-only. Not here: repair (the writer cuts tor
 from __future__ import annotations
 
 import mmap
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from skyguard.errors import LogError
 from skyguard.tlog import records
 from skyguard.tlog.checkpoint import Checkpoint, Verifier, split_note
 from skyguard.tlog.errors import BadLogInput, VerificationError

@@ -14,7 +14,7 @@ from scapy.layers.inet6 import ICMPv6ND_NS, ICMPv6NDOptSrcLLAddr, IPv6, IPv6ExtH
 from scapy.layers.l2 import ARP
 from scapy.packet import Raw
 
-from bpf_support import ADDR, MAC
+from bpf_support import MAC
 from skyguard.datapath import progrun
 from skyguard.datapath.compile import eui64_link_local
 from skyguard.errors import DatapathError

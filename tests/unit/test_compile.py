@@ -165,3 +165,19 @@ def _brute(rules, local, remote, remote_zone, port):
     if matching:
         return (abi.POLICY_ALLOW, min(i for _, i in matching))
     return None
+
+
+def test_only_this_host_reaches_ssh_of_zones_operators_may_access():
+    from dataclasses import replace
+
+    from skyguard.policy.model import AdminSsh, SshOperator
+
+    p = replace(policy([]), admin_ssh=AdminSsh(operators=(SshOperator("alice", "ssh-ed25519 AAAA", ("b",)),)))
+    c = compile_policy(p, host_addresses=["169.254.1.1"])
+    tcp = abi.IPPROTO["tcp"]
+    assert lookup(c, abi.DIR_INGRESS, "b", "169.254.1.1", tcp, 22) == (abi.POLICY_ALLOW, c.rule_ids["admin-ssh"])
+    assert lookup(c, abi.DIR_INGRESS, "b", "169.254.1.1", tcp, 23) is None
+    assert lookup(c, abi.DIR_INGRESS, "a", "169.254.1.1", tcp, 22) is None  # no operator may access a
+    assert lookup(c, abi.DIR_INGRESS, "b", "10.0.1.1", tcp, 22) is None  # another VM may not
+    without_admin = compile_policy(policy([]), host_addresses=["169.254.1.1"])
+    assert lookup(without_admin, abi.DIR_INGRESS, "b", "169.254.1.1", tcp, 22) is None

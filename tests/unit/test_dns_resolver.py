@@ -10,7 +10,6 @@ import struct
 import pytest
 from dnslib import AAAA, CNAME, QTYPE, RR, TXT, A, DNSRecord, RCODE
 
-from skyguard.dns import wire
 from skyguard.dns.interfaces import ListLog, PolicyDirectory
 from skyguard.dns.learned import MAX_IPS_PER_NAME, LearnedStore
 from skyguard.dns.resolver import DnsPolicyResolver, fit_udp

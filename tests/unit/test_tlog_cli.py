@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from skyguard.tlog import records
 from skyguard.tlog.checkpoint import Checkpoint, Signer
 from skyguard.tlog.entries import entry
 from skyguard.tlog.hostkey import host_signer

@@ -1,0 +1,111 @@
+"""`skyguard flows`: recent and live flow records from the running daemon (control op "flows").
+
+A thin command: the daemon's FlowLogger keeps the records and filters them; this prints them.
+Not the signed log itself (that is `skyguard log show --type flow_start` and friends): these are
+the same records, from memory, for a quick look.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+
+from skyguard.cli.common import emit_json, json_option, warn
+
+FOLLOW_PERIOD_S = 1.0
+
+
+def _when(ns) -> str:
+    if not isinstance(ns, int):
+        return "-"
+    return time.strftime("%H:%M:%S", time.localtime(ns / 1e9)) + f".{ns // 1_000_000 % 1000:03d}"
+
+
+def _end(addr, port) -> str:
+    if addr is None:
+        return "*"
+    return f"[{addr}]:{port}" if ":" in str(addr) else f"{addr}:{port}"
+
+
+def _who(zone, workload) -> str:
+    if workload:
+        return f"{zone}/{workload}"
+    return zone or "outside"
+
+
+def format_record(r: dict) -> str:
+    kind = r.get("type", "?")
+    if kind == "ring_loss":
+        return (f"{_when(r.get('time'))} LOSS       the ring buffer could not take {r['lost']} events "
+                f"({r['total']} in total): they are counted, not logged one by one")
+    verdict = r.get("verdict", "?").upper()
+    who = f"{_who(r.get('src_zone'), r.get('src_workload'))} -> {_who(r.get('dst_zone'), r.get('dst_workload'))}"
+    if r.get("summary"):
+        what = f"{r.get('flows')} flows on {r.get('interface')} ({r.get('direction')})"
+    elif r.get("proto") in ("icmp", "icmpv6"):  # its "ports" are echo id and type: --json has them
+        what = f"{r.get('proto')} {r.get('src')} -> {r.get('dst')}"
+    else:
+        what = f"{r.get('proto')} {_end(r.get('src'), r.get('sport'))} -> {_end(r.get('dst'), r.get('dport'))}"
+    if not r.get("summary") and r.get("interface"):
+        # a VM-to-VM flow is decided twice: where it leaves one VM and where it enters the other
+        what += f"  at {r['interface']} ({'out of' if r.get('direction') == 'egress' else 'into'} the VM)"
+    why = f"rule={r['rule']}" if r.get("rule") else ""
+    why += f" reason={r.get('reason')}"
+    counts = ""
+    if "packets" in r:
+        counts = f" packets={r['packets']}" + (f" bytes={r['bytes']}" if "bytes" in r else "")
+    label = {"flow_start": "START", "flow_end": "END", "deny": "DENY"}.get(kind, kind)
+    return f"{_when(r.get('time'))} {verdict:6} {label:5} {who}  {what}  {why.strip()}{counts}"
+
+
+@click.command("flows")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new records as they come (Ctrl-C stops).")
+@click.option("--zone", default=None, help="Only records whose source or destination is in this zone.")
+@click.option("--verdict", type=click.Choice(["allow", "deny", "loss"]), default=None,
+              help="Only allowed flows (start and end), denies, or ring buffer losses.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True,
+              help="At most this many records (the newest) per reply.")
+@json_option
+def flows(follow, zone, verdict, limit, as_json):
+    """Recent and live flow records: verdict, rule, reason, zones, workloads, 5-tuple, counts.
+
+    Records come from the running daemon's memory (the newest few thousand); the signed log
+    holds them all (`skyguard log show`). With --json and --follow, one JSON object per line.
+
+    \b
+    Examples:
+      skyguard flows
+      skyguard flows --verdict deny --zone sandbox
+      skyguard flows --follow --json | jq -c 'select(.rule == "syslog")'
+    """
+    from skyguard import control
+
+    args = {"zone": zone, "verdict": verdict, "limit": limit}
+    reply = control.request("flows", sync=True, since=0, **args)
+    if as_json and not follow:
+        emit_json({"records": reply["records"], "cursor": reply["cursor"]})
+        return
+    _print(reply["records"], as_json)
+    cursor = reply["cursor"]
+    if not follow:
+        if not reply["records"] and not as_json:
+            warn("no flow records yet" + (" matching the filters" if zone or verdict else ""))
+        return
+    try:
+        while True:
+            time.sleep(FOLLOW_PERIOD_S)
+            reply = control.request("flows", since=cursor, **args)
+            if reply.get("missed"):
+                warn(f"({reply['missed']} records were dropped from the daemon's memory before "
+                     f"they could be shown; the signed log has them)")
+            _print(reply["records"], as_json)
+            cursor = reply["cursor"]
+    except KeyboardInterrupt:
+        return
+
+
+def _print(records: list[dict], as_json: bool) -> None:
+    for r in records:
+        click.echo(json.dumps(r, sort_keys=True) if as_json else format_record(r))

@@ -1,0 +1,66 @@
+"""The fail-closed guard for workload interfaces that have no skyguard programs yet.
+
+Between the moment a VM interface appears (a VM starts, a tap is re-created) and the moment the
+daemon has attached its programs, the kernel would forward the VM's packets unfiltered. This
+nftables table closes that window: packets entering or leaving an interface named by the policy
+are dropped unless that interface (by ifindex) is in the `attached` set, to which the daemon adds
+an interface only after its programs are attached. A re-created interface gets a new ifindex, so
+it is dropped until re-attached; a dead daemon leaves the set as it was (fail closed: attached
+interfaces keep their programs, new ones stay dark). `skyguard down` removes the table.
+
+Not here: the eBPF programs themselves (they make every decision; this only covers their absence).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from skyguard.errors import DatapathError
+
+TABLE = "skyguard_guard"
+PRIORITY = -200  # before any filter a site may have; after DNS steering's dstnat (a NAT hook)
+
+
+def _nft(script: str) -> None:
+    done = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise DatapathError(f"nftables refused the interface guard: {done.stderr.strip()}")
+
+
+def install(interfaces: list[str]) -> None:
+    """Create or update the guard for these workload interface names, atomically, keeping the
+    set of attached interfaces (a restarting daemon must not open or close anything)."""
+    names = ", ".join(json.dumps(n) for n in sorted(set(interfaces))) or '"-none-"'
+    lines = [f"add table inet {TABLE}",
+             f"add set inet {TABLE} attached {{ type iface_index; }}"]
+    for chain, hook in (("forward", "forward"), ("input", "input"), ("output", "output")):
+        lines += [f"add chain inet {TABLE} {chain} {{ type filter hook {hook} priority {PRIORITY}; policy accept; }}",
+                  f"flush chain inet {TABLE} {chain}"]
+    lines += [f"add rule inet {TABLE} forward iifname {{ {names} }} iif != @attached counter drop",
+              f"add rule inet {TABLE} forward oifname {{ {names} }} oif != @attached counter drop",
+              f"add rule inet {TABLE} input iifname {{ {names} }} iif != @attached counter drop",
+              f"add rule inet {TABLE} output oifname {{ {names} }} oif != @attached counter drop"]
+    _nft("\n".join(lines) + "\n")
+
+
+def mark_attached(ifname: str) -> None:
+    """The programs are on `ifname`: let the kernel route its packets (to the programs' verdicts)."""
+    _nft(f"add element inet {TABLE} attached {{ {json.dumps(ifname)} }}\n")
+
+
+def remove() -> None:
+    subprocess.run(["nft", "delete", "table", "inet", TABLE], capture_output=True)
+
+
+def dropped() -> int:
+    """Packets the guard dropped (interfaces not yet, or no longer, carrying our programs)."""
+    done = subprocess.run(["nft", "-j", "list", "table", "inet", TABLE], capture_output=True, text=True)
+    if done.returncode != 0:
+        return 0
+    total = 0
+    for item in json.loads(done.stdout).get("nftables", []):
+        for expr in item.get("rule", {}).get("expr", []):
+            if "counter" in expr:
+                total += expr["counter"].get("packets", 0)
+    return total

@@ -1,0 +1,259 @@
+"""FlowLogger against the real programs: frames run through BPF_PROG_RUN produce ring buffer
+events and conntrack entries in the kernel; the logger turns them into entries of a real signed
+log (LogWriter in a temporary directory) that must verify afterwards.
+
+This module compiles its own Datapath with a one-page ring buffer (about 50 events, so losses
+are easy to cause and count) and 1 s UDP conntrack timeouts, inside its own network namespace
+(flx-*). Not here: the daemon wiring and the CLI (tests/integration/test_flows*.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+
+from bpf_support import IFACES, make_policy
+from skyguard.datapath import progrun
+from skyguard.datapath.flowlog import FlowLogger, FlowNames
+from skyguard.tlog import LogReader, LogWriter, Signer
+from skyguard.tlog.entries import canonical
+from skyguard.tlog.verify import verify_log
+from test_verdicts import e_from, e_to, v4
+
+NS = f"flx-b{os.getpid() % 100000}"
+DEFINES = {"SG_EVENTS_PAGES": 1, "SG_CT_UDP_S": 1}
+
+
+@pytest.fixture(scope="module")
+def fl_netns(root):
+    subprocess.run(["ip", "netns", "del", NS], capture_output=True)
+    subprocess.run(["ip", "netns", "add", NS], check=True)
+    try:
+        for ifname in IFACES.values():
+            subprocess.run(["ip", "-n", NS, "link", "add", ifname, "type", "veth", "peer", "name", ifname + "p"],
+                           check=True)
+            subprocess.run(["ip", "-n", NS, "link", "set", ifname, "up"], check=True)
+        yield NS
+    finally:
+        subprocess.run(["ip", "netns", "del", NS], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def fl_worker(fl_netns):
+    w = progrun.NetnsThread(f"/run/netns/{fl_netns}")
+    yield w
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def fl_dp(fl_worker):
+    from skyguard.datapath.datapath import Datapath
+
+    pin = Path(f"/sys/fs/bpf/flx-test-{os.getpid()}")
+    dp = fl_worker.call(Datapath, pin, "tc", DEFINES)
+    fl_worker.call(dp.apply_policy, make_policy())
+    try:
+        yield dp
+    finally:
+        dp.close()
+        subprocess.run(["rm", "-rf", str(pin)])
+
+
+class Lab:
+    """The kernel side of one test: run frames, know the ifindexes."""
+
+    def __init__(self, dp, worker):
+        self.dp, self.worker = dp, worker
+        self.ifindex = {wl: worker.call(socket.if_nametoindex, name) for wl, name in IFACES.items()}
+
+    def run(self, frame, wl, direction, repeat=1):
+        prog = self.dp._loaded.from_vm_tc if direction == "egress" else self.dp._loaded.to_vm
+        res = self.worker.call(progrun.run, prog.fd, bytes(frame), kind="tc", ifindex=self.ifindex[wl],
+                               repeat=repeat)
+        return res.retval == progrun.TC_ACT_OK
+
+    def names(self):
+        def ifindex_of(name):
+            try:
+                return self.worker.call(socket.if_nametoindex, name)
+            except OSError:
+                return 0
+        return FlowNames(self.dp, ifindex_of=ifindex_of)
+
+
+@pytest.fixture
+def kernel(fl_dp, fl_worker):
+    for name in ("sg_ct", "sg_frag", "sg_deny_agg"):
+        fl_dp.map(name).clear()
+    return Lab(fl_dp, fl_worker)
+
+
+@pytest.fixture
+def logged(kernel, tmp_path):
+    """A running FlowLogger writing to a fresh signed log; yields (logger, reader function)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    signer = Signer("flx.test/log", Ed25519PrivateKey.generate())
+    writer = LogWriter(tmp_path / "log", signer)
+    logger = FlowLogger(kernel.dp, writer, names=kernel.names(), ct_scan_interval=3600, deny_interval=3600)
+    logger.start()
+
+    def entries(kind=None):
+        out = [json.loads(p) for _, p in LogReader(tmp_path / "log").entries()]
+        return [e for e in out if kind is None or e["type"] == kind]
+
+    try:
+        yield logger, entries
+    finally:
+        logger.stop()
+        writer.close()
+        report = verify_log(tmp_path / "log", signer.verifier)
+        assert report.ok, report.as_dict()
+        # every entry, however it was encoded (templates for flow_start), is in canonical form
+        for _, payload in LogReader(tmp_path / "log").entries():
+            assert canonical(json.loads(payload)) == payload
+
+
+def test_allowed_tcp_flow_logs_start_and_closed_end_with_counts(kernel, logged):
+    logger, entries = logged
+    syn = e_from("w1") / IP(src=v4("w1"), dst=v4("d1")) / TCP(sport=41000, dport=5432, flags="S")
+    synack = e_to("w1") / IP(src=v4("d1"), dst=v4("w1")) / TCP(sport=5432, dport=41000, flags="SA")
+    ack = e_from("w1") / IP(src=v4("w1"), dst=v4("d1")) / TCP(sport=41000, dport=5432, flags="A") / (b"x" * 100)
+    fin = e_from("w1") / IP(src=v4("w1"), dst=v4("d1")) / TCP(sport=41000, dport=5432, flags="FA")
+    for frame, direction in ((syn, "egress"), (synack, "ingress"), (ack, "egress"), (fin, "egress")):
+        assert kernel.run(frame, "w1", direction)
+    logger.sync()
+    [start] = entries("flow_start")
+    assert start["verdict"] == "allow" and start["rule"] == "web-to-db" and start["reason"] == "rule"
+    assert (start["src"], start["sport"], start["dst"], start["dport"], start["proto"]) == \
+        (v4("w1"), 41000, v4("d1"), 5432, "tcp")
+    assert (start["src_zone"], start["src_workload"], start["dst_zone"], start["dst_workload"]) == \
+        ("web", "w1", "db", "d1")
+    assert start["interface"] == IFACES["w1"] and start["direction"] == "egress"
+    assert entries("flow_end") == []  # closing, but it may still carry packets
+    logger.sync()  # a scan later with no new packet: closed
+    [end] = entries("flow_end")
+    assert end["reason"] == "closed" and end["packets"] == 4
+    assert end["bytes"] == sum(len(bytes(f)) for f in (syn, synack, ack, fin))
+    # gone from conntrack, so the next scan does not log it again
+    logger.sync()
+    assert len(entries("flow_end")) == 1
+    recs = logger.recent(verdict="allow")["records"]
+    assert [r["type"] for r in recs] == ["flow_start", "flow_end"]
+
+
+def test_udp_flow_expires_into_flow_end(kernel, logged):
+    logger, entries = logged
+    req = e_from("w1") / IP(src=v4("w1"), dst=v4("d1")) / UDP(sport=5555, dport=5000)
+    assert kernel.run(req, "w1", "egress", repeat=3)
+    logger.sync()
+    assert len(entries("flow_start")) == 1
+    time.sleep(1.2)  # SG_CT_UDP_S=1 in this module's build
+    logger.sync()
+    [end] = entries("flow_end")
+    assert end["reason"] == "expired" and end["packets"] == 3 and end["proto"] == "udp"
+    assert len(list(kernel.dp.map("sg_ct").keys())) == 0
+
+
+def test_denied_flood_is_a_handful_of_deny_entries_with_the_total_count(kernel, logged):
+    logger, entries = logged
+    flood = e_from("w1") / IP(src=v4("w1"), dst=v4("d1")) / TCP(sport=45003, dport=23)
+    assert not kernel.run(flood, "w1", "egress", repeat=10_000)
+    other = e_from("w1") / IP(src=v4("w1"), dst="198.51.100.66") / TCP(sport=45004, dport=443)
+    assert not kernel.run(other, "w1", "egress", repeat=7)
+    logger.sync()
+    denies = entries("deny")
+    assert len(denies) <= 4, denies
+    by_port = {}
+    for d in denies:
+        by_port[d["dport"]] = by_port.get(d["dport"], 0) + d["packets"]
+    assert by_port == {23: 10_000, 443: 7}
+    flood_entry = next(d for d in denies if d["dport"] == 23)
+    assert flood_entry["reason"] == "no_rule" and flood_entry["verdict"] == "deny"
+    assert flood_entry["src_workload"] == "w1" and flood_entry["dst_zone"] == "db"
+    assert next(d for d in denies if d["dport"] == 443)["reason"] == "policy_deny"
+    assert {r["dport"] for r in logger.recent(verdict="deny", zone="web")["records"]} == {23, 443}
+
+
+def test_many_denied_flows_in_one_interval_are_summarised(kernel, logged, monkeypatch):
+    from skyguard.datapath import flowlog
+
+    logger, entries = logged
+    monkeypatch.setattr(flowlog, "MAX_DENY_FLOWS_PER_INTERVAL", 5)
+    logger.pause()  # the ring holds ~50 events: stay below it
+    for sport in range(40):
+        frame = e_from("w1") / IP(src=v4("w1"), dst=v4("d1")) / TCP(sport=30000 + sport, dport=22)
+        assert not kernel.run(frame, "w1", "egress")
+    logger.resume()
+    logger.sync()
+    denies = entries("deny")
+    assert len(denies) == 6  # five flows one by one, then one summary
+    summary = next(d for d in denies if d.get("summary"))
+    assert summary["flows"] == 35 and summary["packets"] == 35 and summary["reason"] == "no_rule"
+    assert sum(d["packets"] for d in denies) == 40
+
+
+def test_ring_loss_is_counted_and_logged_exactly(kernel, logged):
+    logger, entries = logged
+    def kernel_lost():
+        return sum(int(v) for v in kernel.dp.map("sg_ev_lost")[ctypes.c_int(0)])
+
+    before = kernel_lost()
+    logger.pause()  # stop consuming: the one-page ring fills
+    offered = 300
+    for sport in range(offered):
+        frame = e_from("w1") / IP(src=v4("w1"), dst=v4("d1")) / TCP(sport=20000 + sport, dport=5432, flags="S")
+        assert kernel.run(frame, "w1", "egress")
+    logger.resume()
+    logger.sync()
+    lost_in_kernel = kernel_lost() - before
+    assert lost_in_kernel > 0
+    losses = entries("ring_loss")
+    assert losses and sum(e["lost"] for e in losses) == lost_in_kernel
+    assert losses[-1]["total"] == logger.lost_total == lost_in_kernel
+    # nothing unaccounted: every offered flow is either logged or counted lost
+    assert len(entries("flow_start")) + lost_in_kernel == offered
+
+
+def test_fast_encoding_is_the_logs_canonical_form():
+    from skyguard.datapath.flowlog import encode_entry
+    from skyguard.tlog import entry
+
+    record = {"time": 1_700_000_000_123_456_789, "interface": "sg-dc1", "src": "fd00:10:1::2", "sport": 0,
+              "dst_workload": None, "rule": "auth-to-directory", "reason": "no_rule", "summary": True,
+              "src_zone": "zöne", "packets": 2**40}
+    assert encode_entry("deny", record) == entry("deny", **record)
+
+
+def test_a_flow_evicted_from_conntrack_still_gets_its_flow_end(kernel, logged):
+    logger, entries = logged
+    req = e_from("w2") / IP(src=v4("w2"), dst=v4("d1")) / UDP(sport=6000, dport=5000)
+    assert kernel.run(req, "w2", "egress", repeat=2)
+    logger.sync()  # the scan now knows the flow
+    table = kernel.dp.map("sg_ct")
+    [key] = list(table.keys())
+    del table[key]  # what LRU eviction or a policy revocation does in the kernel
+    logger.sync()
+    [end] = entries("flow_end")
+    assert end["reason"] == "removed" and end["packets"] == 2 and end["src_workload"] == "w2"
+
+
+def test_flow_start_entries_from_templates_carry_each_flows_own_ports(kernel, logged):
+    logger, entries = logged
+    for sport in range(3):
+        frame = e_from("w1") / IP(src=v4("w1"), dst=v4("d1")) / TCP(sport=42000 + sport, dport=8000 + sport, flags="S")
+        assert kernel.run(frame, "w1", "egress")
+    logger.sync()
+    starts = entries("flow_start")
+    assert sorted((e["sport"], e["dport"]) for e in starts) == [(42000, 8000), (42001, 8001), (42002, 8002)]
+    assert len({e["time"] for e in starts}) == 3 and all(e["rule"] == "web-to-db" for e in starts)
+    recs = logger.recent(verdict="allow")["records"]
+    assert sorted(r["sport"] for r in recs) == [42000, 42001, 42002] and all("seq" in r for r in recs)

@@ -1,0 +1,332 @@
+"""The daemon enforcing policies/keysystems.yaml on the session lab, with real TCP, UDP and ICMP
+over IPv4 and IPv6: what passes, what is dropped and why, and the lifecycle a user relies on
+(new interfaces, atomic policy swap under traffic, SIGKILL, tampering, `down`, the root-only
+control socket).
+
+One daemon for the whole module (`skyguard up` compiles the programs once); tests that stop or
+kill it start it again. The last test takes it down. Traffic stays inside the lab namespaces.
+Timeouts below are bounds against hangs, never assertions about speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import subprocess
+
+import pytest
+
+from daemon_support import (PY, ContinuousProber, RunningDaemon, Stream, attached_programs, drop_count,
+                            probe, probe_one, recreate_vm_link, start_listener, stop_process, wait_for)
+from skyguard.policy.parse import load_policy
+
+WORKLOAD_IFACES = {f"sg-{vm}" for vm in ("radius1", "tacacs1", "dc1", "dc2", "sdnctl1", "vfw1", "agent1")}
+SYSLOG_V4, SYSLOG_V6 = "192.0.2.10", "2001:db8::10"
+ADDR = {"radius1": ("10.10.1.2", "fd00:10:1::2"), "tacacs1": ("10.10.1.3", "fd00:10:1::3"),
+        "dc1": ("10.10.2.2", "fd00:10:2::2"), "dc2": ("10.10.2.3", "fd00:10:2::3"),
+        "sdnctl1": ("10.10.3.2", "fd00:10:3::2"), "vfw1": ("10.10.4.2", "fd00:10:4::2"),
+        "agent1": ("10.10.5.2", "fd00:10:5::2")}
+# What each VM listens on (TCP and UDP echo, v4 and v6). Streams use other ports.
+LISTEN = {"radius1": ([49, 389], [1812]), "tacacs1": ([49], [1812]), "dc1": ([389, 636], [88]),
+          "dc2": ([389, 50100], [88]), "vfw1": ([443, 830, 8443], [])}
+
+
+@pytest.fixture(scope="module")
+def daemon(lab, tmp_path_factory):
+    d = RunningDaemon(lab, tmp_path_factory.mktemp("daemon"))
+    listeners = []
+    try:
+        listeners = [start_listener(lab, vm, tcp, udp) for vm, (tcp, udp) in LISTEN.items()]
+        d.start()
+        yield d
+    finally:
+        d.cleanup()
+        for proc in listeners:
+            stop_process(proc)
+
+
+# (source VM, kind, destination, port, expected): the policy's rules as a user reads them.
+def _matrix():
+    rows = []
+    for fam in (0, 1):
+        syslog = (SYSLOG_V4, SYSLOG_V6)[fam]
+        rows += [
+            # auth-to-directory: auth -> directory on 389, udp/88, icmp
+            ("radius1", "tcp", ADDR["dc1"][fam], 389, True),
+            ("radius1", "udp", ADDR["dc1"][fam], 88, True),
+            ("radius1", "icmp", ADDR["dc1"][fam], 0, True),
+            ("tacacs1", "tcp", ADDR["dc2"][fam], 389, True),
+            # ... but not the other way round, and not on ports the rule does not name
+            ("dc1", "tcp", ADDR["radius1"][fam], 389, False),
+            ("dc1", "icmp", ADDR["radius1"][fam], 0, False),
+            ("radius1", "tcp", ADDR["dc1"][fam], 636, True),
+            ("radius1", "tcp", ADDR["vfw1"][fam], 443, False),
+            # device-admin-auth: firewall and sdn -> auth
+            ("vfw1", "tcp", ADDR["radius1"][fam], 49, True),
+            ("vfw1", "udp", ADDR["radius1"][fam], 1812, True),
+            ("sdnctl1", "udp", ADDR["tacacs1"][fam], 1812, True),
+            # sdn-manages-firewall on 443 and 830, nothing else (8443 is not named)
+            ("sdnctl1", "tcp", ADDR["vfw1"][fam], 443, True),
+            ("sdnctl1", "tcp", ADDR["vfw1"][fam], 8443, False),
+            ("sdnctl1", "icmp", ADDR["vfw1"][fam], 0, True),
+            # sandbox: nothing into corp (deny), not even ICMP
+            ("agent1", "tcp", ADDR["dc1"][fam], 389, False),
+            ("agent1", "icmp", ADDR["dc1"][fam], 0, False),
+            ("agent1", "udp", ADDR["radius1"][fam], 1812, False),
+            # to the internet namespace: the syslog collector on udp/514 and tcp/6514 only
+            ("agent1", "udp", syslog, 514, True),
+            ("dc2", "tcp", syslog, 6514, True),
+            ("radius1", "udp", syslog, 7, False),
+            ("radius1", "tcp", syslog, 7, False),
+            ("radius1", "tcp", syslog, 5001, False),
+            ("agent1", "tcp", syslog, 514, False),
+            ("radius1", "icmp", syslog, 0, False),
+        ]
+    return rows
+
+
+MATRIX = _matrix()
+
+
+@pytest.mark.parametrize("source", sorted({r[0] for r in MATRIX}))
+def test_allowed_passes_and_denied_does_not(lab, daemon, source):
+    rows = [r for r in MATRIX if r[0] == source]
+    got = probe(lab, source, [(kind, dst, port) for _, kind, dst, port, _ in rows])
+    wrong = [f"{source} -> {kind} {dst} {port}: expected {'pass' if want else 'drop'}, got "
+             f"{'pass' if seen else 'drop'}" for (_, kind, dst, port, want), seen in zip(rows, got) if seen != want]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_status_reports_every_interface_policy_and_drop_reasons(lab, daemon):
+    s = daemon.status()
+    assert set(s["interfaces"]) == WORKLOAD_IFACES
+    for ifname, (from_vm, to_vm) in attached_programs(s).items():
+        assert from_vm and to_vm, f"{ifname} lacks a program: {s['interfaces'][ifname]}"
+    assert s["policy"]["sha256"] == load_policy(lab.policy_path).sha256
+    # denied traffic of this test is counted by zone and reason
+    before = drop_count(s, "sandbox", "no_rule") + drop_count(s, "sandbox", "policy_deny")
+    assert not probe_one(lab, "agent1", "tcp", ADDR["dc1"][0], 389)
+    after = daemon.status()
+    assert drop_count(after, "sandbox", "no_rule") + drop_count(after, "sandbox", "policy_deny") > before
+
+
+@pytest.mark.parametrize("fam", [0, 1], ids=["v4", "v6"])
+def test_replies_pass_but_unsolicited_inbound_is_dropped(lab, daemon, fam):
+    # radius1 -> dc1 works (the echo is a reply through sg_to_vm of radius1)...
+    assert probe_one(lab, "radius1", "tcp", ADDR["dc1"][fam], 389)
+    # ... but dc1 opening toward radius1's listener, and the internet doing so, is dropped.
+    before = drop_count(daemon.status(), "auth", "no_rule")
+    assert not probe_one(lab, "dc1", "tcp", ADDR["radius1"][fam], 49)
+    got = probe(lab, "internet", [("tcp", ADDR["radius1"][fam], 49), ("udp", ADDR["radius1"][fam], 1812),
+                                  ("icmp", ADDR["radius1"][fam], 0)])
+    assert got == [False, False, False]
+    assert drop_count(daemon.status(), "auth", "no_rule") > before
+
+
+@pytest.mark.parametrize("fam", [0, 1], ids=["v4", "v6"])
+def test_spoofed_source_address_is_dropped_with_its_reason(lab, daemon, fam):
+    foreign = ("10.10.2.99", "fd00:10:2::99")[fam]  # an address of the directory zone's range
+    syslog = (SYSLOG_V4, SYSLOG_V6)[fam]
+    plen = 128 if fam else 32
+    add = ["ip", "addr", "add", f"{foreign}/{plen}", "dev", "eth0"] + (["nodad"] if fam else [])
+    assert lab.exec("agent1", add, lab_resolver=False).returncode == 0
+    try:
+        # the same allowed exchange (syslog) passes from the VM's own address ...
+        assert probe_one(lab, "agent1", "udp", syslog, 514, source=ADDR["agent1"][fam])
+        before = drop_count(daemon.status(), "sandbox", "spoof_ip")
+        # ... and is dropped from the foreign one, counted as spoofing
+        assert not probe_one(lab, "agent1", "udp", syslog, 514, source=foreign)
+        assert not probe_one(lab, "agent1", "tcp", syslog, 6514, source=foreign)
+        assert drop_count(daemon.status(), "sandbox", "spoof_ip") >= before + 2
+    finally:
+        lab.exec("agent1", ["ip", "addr", "del", f"{foreign}/{plen}", "dev", "eth0"], lab_resolver=False)
+
+
+def _ifindex(lab, ifname):
+    out = lab.exec("host", ["ip", "-j", "link", "show", "dev", ifname], lab_resolver=False,
+                   capture_output=True, text=True)
+    return json.loads(out.stdout)[0]["ifindex"]
+
+
+def test_a_new_interface_is_attached_and_enforced(lab, daemon):
+    before = attached_programs(daemon.status())["sg-tacacs1"]
+    old_ifindex = _ifindex(lab, "sg-tacacs1")
+    recreate_vm_link(lab, "tacacs1")
+    assert _ifindex(lab, "sg-tacacs1") != old_ifindex
+    wait_for(lambda: attached_programs(daemon.status()).get("sg-tacacs1") == before, 10,
+             "the daemon to attach its programs to the new sg-tacacs1")
+    got = probe(lab, "tacacs1", [("tcp", ADDR["dc1"][0], 389), ("tcp", ADDR["dc1"][1], 389),
+                                 ("udp", SYSLOG_V4, 7), ("tcp", ADDR["vfw1"][0], 443)])
+    assert got == [True, True, False, False]
+    # the listener in tacacs1 was in its namespace all along; inbound enforcement works too
+    assert probe_one(lab, "vfw1", "tcp", ADDR["tacacs1"][0], 49)
+    assert not probe_one(lab, "agent1", "tcp", ADDR["tacacs1"][0], 49)
+
+
+# Runs inside agent1: denied UDP probes to the syslog collector's echo port, as fast as they go,
+# while its interface is re-created; prints how many got an answer.
+_WINDOW_PROBER = r"""
+import socket, sys, time
+answered = sent = 0
+print("go", flush=True)
+end = time.monotonic() + 3
+while time.monotonic() < end:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.05)
+    try:
+        s.sendto(b"x", (sys.argv[1], 7)); s.recvfrom(10); answered += 1
+    except OSError:
+        pass
+    sent += 1; s.close()
+print(sent, answered)
+"""
+
+
+def test_no_window_while_a_new_interface_waits_for_its_programs(lab, daemon):
+    """Between a VM interface appearing and the daemon attaching to it, the guard keeps it dark."""
+    prober = lab.popen("agent1", [PY, "-c", _WINDOW_PROBER, SYSLOG_V4], lab_resolver=False,
+                       stdout=subprocess.PIPE, text=True)
+    assert prober.stdout.readline().strip() == "go"
+    recreate_vm_link(lab, "agent1")
+    sent, answered = map(int, prober.communicate(timeout=30)[0].split())
+    assert sent > 0 and answered == 0
+    wait_for(lambda: "sg-agent1" in attached_programs(daemon.status()), 10, "re-attach to sg-agent1")
+
+
+def _swapped_policy(lab, tmp_path):
+    """keysystems with directory replication narrowed (no tcp/135, 3268, 49152-65535) and the SDN
+    controller newly allowed to reach the firewall on tcp/8443."""
+    text = lab.policy_path.read_text()
+    old_repl = 'ports: [tcp/389, tcp/636, tcp/88, udp/88, tcp/135, tcp/3268, "tcp/49152-65535", icmp, icmpv6]'
+    old_sdn = "ports: [tcp/443, tcp/830, icmp, icmpv6]"
+    assert text.count(old_repl) == 1 and text.count(old_sdn) == 1, "keysystems.yaml changed; update this test"
+    text = text.replace(old_repl, "ports: [tcp/389, tcp/636, tcp/88, udp/88, icmp, icmpv6]")
+    text = text.replace(old_sdn, "ports: [tcp/443, tcp/830, tcp/8443, icmp, icmpv6]")
+    text = text.replace("metadata: {name: keysystems}", "metadata: {name: keysystems-narrowed}")
+    path = tmp_path / "narrowed.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_policy_swap_under_traffic(lab, daemon, tmp_path):
+    daemon.ensure_running()
+    new_policy = _swapped_policy(lab, tmp_path)
+    kept = Stream(lab, "radius1", "dc1", ADDR["dc1"][1], 50001)  # auth-to-directory: stays allowed
+    cut = Stream(lab, "dc1", "dc2", ADDR["dc2"][0], 50002)  # directory-replication range: revoked
+    try:
+        assert kept.flowing() and cut.flowing()
+        assert probe(lab, "dc1", [("tcp", ADDR["dc2"][0], 50100)]) == [True]
+        assert probe(lab, "sdnctl1", [("tcp", ADDR["vfw1"][0], 8443)]) == [False]
+        revoked_before = drop_count(daemon.status(), "directory", "policy_revoked")
+
+        out = daemon.cli("policy", "load", str(new_policy), "--json")
+        assert out.returncode == 0, out.stderr
+
+        assert daemon.status()["policy"]["sha256"] == load_policy(new_policy).sha256
+        assert kept.flowing(), "an established flow the new policy still allows was cut"
+        assert cut.stalled(), "an established flow the new policy denies kept flowing"
+        assert drop_count(daemon.status(), "directory", "policy_revoked") > revoked_before
+        # new connections follow the new policy both ways
+        assert probe(lab, "dc1", [("tcp", ADDR["dc2"][0], 50100), ("tcp", ADDR["dc2"][1], 50100),
+                                  ("tcp", ADDR["dc2"][0], 389)]) == [False, False, True]
+        assert probe(lab, "sdnctl1", [("tcp", ADDR["vfw1"][0], 8443), ("tcp", ADDR["vfw1"][1], 8443)]) == [True, True]
+        assert kept.flowing()
+    finally:
+        kept.close()
+        cut.close()
+        restored = daemon.cli("policy", "load", str(lab.policy_path))
+        assert restored.returncode == 0, restored.stderr
+
+
+def test_a_bad_policy_file_exits_2_and_changes_nothing(lab, daemon, tmp_path):
+    daemon.ensure_running()
+    shown = daemon.cli("policy", "show", "--json")
+    assert shown.returncode == 0, shown.stderr
+    running_sha = json.loads(shown.stdout)["sha256"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(lab.policy_path.read_text().replace("ports: [udp/514, tcp/6514]", "ports: [udp/99999]"))
+    out = daemon.cli("policy", "load", str(bad))
+    assert out.returncode == 2
+    assert "bad.yaml" in out.stderr and "99999" in out.stderr, out.stderr
+    after = json.loads(daemon.cli("policy", "show", "--json").stdout)["sha256"]
+    assert after == running_sha
+    # and enforcement is the running policy's
+    assert probe(lab, "radius1", [("udp", SYSLOG_V4, 514), ("udp", SYSLOG_V4, 7)]) == [True, False]
+
+
+def test_tampering_with_a_program_is_repaired_and_logged(lab, daemon):
+    daemon.ensure_running()
+    ours = attached_programs(daemon.status())["sg-vfw1"]
+    deleted = lab.exec("host", ["tc", "filter", "del", "dev", "sg-vfw1", "ingress"], lab_resolver=False,
+                       capture_output=True, text=True)
+    assert deleted.returncode == 0, deleted.stderr
+    wait_for(lambda: attached_programs(daemon.status()).get("sg-vfw1") == ours, 10,
+             "the watchdog to re-attach sg_from_vm on sg-vfw1")
+    tamper = wait_for(lambda: [e for e in daemon.log_entries("tamper") if e.get("interface") == "sg-vfw1"], 10,
+                      "a tamper entry for sg-vfw1 in the signed log")
+    assert tamper[-1]["action"] == "reattached"
+    assert daemon.status()["tamper_events"] >= 1
+    assert probe(lab, "vfw1", [("tcp", SYSLOG_V4, 7), ("tcp", ADDR["radius1"][0], 49)]) == [False, True]
+
+
+def test_the_control_socket_is_root_only(daemon):
+    daemon.ensure_running()
+    sock = daemon.run_dir / "control.sock"
+    assert stat.S_IMODE(os.stat(daemon.run_dir).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(daemon.state_dir).st_mode) == 0o700
+    # a plain user cannot even reach it
+    out = daemon.cli("status", "--json", user="nobody")
+    assert out.returncode != 0 and "root" in out.stderr, out.stderr
+    # a non-root user who can reach the file (DAC override) is refused by the daemon itself
+    out = daemon.cli("policy", "load", str(daemon.policy_path), user="nobody", caps="+dac_override")
+    assert out.returncode != 0
+    assert "only root may use the skyguard control socket" in out.stderr, out.stderr
+    assert daemon.running()
+
+
+def test_sigkill_under_traffic_keeps_enforcing_and_restart_readopts(lab, daemon):
+    daemon.ensure_running()
+    before = attached_programs(daemon.status())
+    stream = Stream(lab, "radius1", "dc1", ADDR["dc1"][0], 50003)
+    prober = ContinuousProber(lab, "agent1", allowed=(SYSLOG_V6, 514), denied=(ADDR["dc1"][1], 88))
+    try:
+        assert stream.flowing()
+        daemon.kill()
+        assert not daemon.run_dir.joinpath("control.sock").exists() or daemon.cli("status").returncode != 0
+        # programs stay attached and keep the last policy
+        assert stream.flowing(), "the established allowed stream stopped when the daemon died"
+        assert probe(lab, "agent1", [("icmp", ADDR["dc1"][0], 0), ("udp", SYSLOG_V4, 514)]) == [False, True]
+        after_kill = subprocess.run(["nsenter", f"--net={daemon.host_netns}", "tc", "filter", "show", "dev",
+                                     "sg-dc1", "ingress"], capture_output=True, text=True).stdout
+        assert "sg_from_vm" in after_kill
+        status = daemon.start()  # re-adopts the pinned maps and replaces the programs in place
+        assert set(status["interfaces"]) == WORKLOAD_IFACES
+        after = attached_programs(status)
+        assert all(after[i] != before[i] for i in WORKLOAD_IFACES), "restart did not replace the programs"
+        assert stream.flowing(), "the established allowed stream stopped across the restart"
+    finally:
+        counts = prober.stop()
+        stream.close()
+    assert counts["denied_ok"] == 0, f"a denied flow passed during kill and restart: {counts}"
+    assert counts["allowed_ok"] > 0 and counts["allowed_lost"] == 0, f"allowed flows failed: {counts}"
+
+
+def test_down_detaches_everything(lab, daemon):
+    daemon.ensure_running()
+    assert not probe_one(lab, "agent1", "icmp", ADDR["dc1"][0])
+    out = daemon.stop()
+    assert out.returncode == 0, out.stderr
+    assert not daemon.running()
+    listing = []
+    for ifname in sorted(WORKLOAD_IFACES):
+        for where in ("ingress", "egress"):
+            listing.append(lab.exec("host", ["tc", "filter", "show", "dev", ifname, where], lab_resolver=False,
+                                    capture_output=True, text=True).stdout)
+    links = lab.exec("host", ["ip", "-d", "link", "show"], lab_resolver=False, capture_output=True, text=True).stdout
+    assert not any(re.search(r"\bsg_", text) for text in listing), listing
+    assert "prog/xdp" not in links
+    assert not daemon.pin_dir.exists()
+    # with nothing attached the lab is plain routing again: what was denied now passes
+    assert probe_one(lab, "agent1", "icmp", ADDR["dc1"][0])
