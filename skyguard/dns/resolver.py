@@ -355,7 +355,11 @@ class DnsPolicyResolver:
         if stripped:
             self.metrics.rebinding.labels(decision.zone).inc(len(stripped))
         if strip:
-            out = bytearray(_without_answers(bytes(out), strip))
+            try:
+                out = bytearray(_without_answers(bytes(out), strip))
+            except Exception:  # noqa: BLE001 - dnslib cannot re-encode a hostile upstream reply
+                return Answer(reply=self.fail(decision, "malformed-upstream",
+                                              "upstream reply could not be re-encoded without stripped records"))
 
         texts = [str(ip) for ip in learn]
         if learn:
