@@ -489,7 +489,8 @@ class _UpstreamConnection:
             data += conn.send(h11.Data(data=request.body))
         data += conn.send(h11.EndOfMessage())
         self.writer.write(data)
-        await self.writer.drain()
+        if self.writer.transport.get_write_buffer_size() > 0:  # only wait when the socket pushed back
+            await self.writer.drain()
         response = None
         body = bytearray()
         received = False

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 from skyguard.credproxy.interfaces import (
@@ -44,6 +44,8 @@ HOP_BY_HOP = frozenset(
      b"proxy-authenticate", b"te", b"trailer", b"transfer-encoding", b"content-length", b"upgrade"}
 )
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# Response headers never handed back: the proxy re-frames and decodes every body.
+_ALWAYS_STRIPPED = HOP_BY_HOP | {b"content-encoding"}
 _HOST_NAME = re.compile(r"[a-z0-9._:-]+")
 _ABSOLUTE_TARGET = re.compile(rb"(?i)https?://([^/?#]*)")
 # Joins the parts of a request for one-pass scans. A match inside any part is still a match in
@@ -156,6 +158,12 @@ class SwapEngine:
         # Per credential, computed once: (credential, placeholder, its lower-case form).
         self._placeholders = tuple((c, c.placeholder.encode(), c.placeholder.encode().lower())
                                    for c in self.credentials)
+        strip_by_destination: dict[str, set[bytes]] = {}
+        for credential in self.credentials:
+            for destination in credential.destinations:
+                strip_by_destination.setdefault(destination, set(_ALWAYS_STRIPPED)).update(
+                    h.lower().encode() for h in credential.strip_response_headers)
+        self._strip_by_destination = {d: frozenset(names) for d, names in strip_by_destination.items()}
 
     def __repr__(self) -> str:
         return f"SwapEngine(credentials={[c.name for c in self.credentials]})"
@@ -214,7 +222,7 @@ class SwapEngine:
 
         # The proxy speaks identity to upstreams: it must see response bodies to scrub them.
         headers = [(n, v) for n, v in headers if n != b"accept-encoding"] + [(b"accept-encoding", b"identity")]
-        rewritten = replace(request, headers=tuple(headers), body=body)
+        rewritten = HttpRequest(request.method, request.target, tuple(headers), body, request.http_version)
         if not swapped:
             return Verdict("pass", 0, "no placeholder", rewritten, (), ((None, PASSED),), host)
         entries = tuple(self._entry(name, facts, destination, SWAPPED, "swapped") for name in swapped)
@@ -272,18 +280,19 @@ class SwapEngine:
     # ---- responses ------------------------------------------------------------------------
 
     def response_headers_to_strip(self, host: str | None) -> frozenset[bytes]:
-        names = set()
-        for credential in self.credentials:
-            if host in credential.destinations:
-                names.update(h.lower().encode() for h in credential.strip_response_headers)
-        return frozenset(names)
+        """Every response header dropped for `host`: hop-by-hop, framing, content coding, and
+        the auth-bearing headers policy names for the credentials of that destination."""
+        strip = self._strip_by_destination.get(host)
+        if strip is None:  # not a credential destination (the cache holds only those: bounded)
+            strip = _ALWAYS_STRIPPED
+        return strip
 
     def scrub_response(self, host: str | None, headers: Headers, body: bytes) -> tuple[Headers, bytes, int]:
         """Headers and body safe for the VM, and how many secret occurrences were removed.
 
         The body must already be decoded (decode_body); framing headers are dropped here and
         re-created by the proxy."""
-        strip = self.response_headers_to_strip(host) | HOP_BY_HOP | {b"content-encoding"}
+        strip = self.response_headers_to_strip(host)
         scrubbed = 0
         kept = []
         for name, value in headers:
