@@ -301,9 +301,12 @@ class CredentialProxy:
         deadline = None if not head else loop.time() + self.limits.header_timeout
         request = None
         body = bytearray()
+        # With nothing buffered, asking h11 first can only answer NEED_DATA: read straight away.
+        nothing_buffered = not head
         while True:
             try:
-                event = server.next_event()
+                event = h11.NEED_DATA if nothing_buffered else server.next_event()
+                nothing_buffered = False
             except h11.RemoteProtocolError as error:
                 raise ProtocolRefusal(error.error_status_hint or 400, "malformed HTTP request") from None
             if event is h11.NEED_DATA:
@@ -494,8 +497,10 @@ class _UpstreamConnection:
         response = None
         body = bytearray()
         received = False
+        nothing_buffered = not conn.trailing_data[0]  # then h11 could only answer NEED_DATA
         while True:
-            event = conn.next_event()
+            event = h11.NEED_DATA if nothing_buffered else conn.next_event()
+            nothing_buffered = False
             if event is h11.NEED_DATA:
                 data = await self.reader.read(READ_CHUNK)
                 if not data and not received:
