@@ -473,7 +473,11 @@ class _UpstreamConnection:
 
     @property
     def reusable(self) -> bool:
-        return self.conn.our_state is h11.IDLE and self.conn.their_state is h11.IDLE and not self.reader.at_eof()
+        # Bytes already buffered beyond the response (say a body sent after a HEAD) would be
+        # read as the start of the next response, perhaps for another client: never reuse then.
+        conn = self.conn
+        return (conn.our_state is h11.IDLE and conn.their_state is h11.IDLE and not self.reader.at_eof()
+                and not conn.trailing_data[0])
 
     async def exchange(self, request: HttpRequest, limit: int):
         connection_tokens = {t.strip().lower() for n, v in request.headers if n == b"connection" for t in v.split(b",")}
