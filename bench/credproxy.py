@@ -2,7 +2,7 @@
 """Benchmark `credproxy`: HTTPS requests/s through skyguard's credential-swap proxy, side by side
 in one run with mitmdump doing the same header rewrite (the anchor) and with direct access.
 
-Everything runs on loopback (ports 25900-25909): an HTTPS echo upstream (its own test CA), the
+Everything runs on loopback (ports 25900-25909, or --port-base): an HTTPS echo upstream (its own test CA), the
 skyguard proxy and mitmdump (reverse mode, a 3-line addon swapping the placeholder for the
 secret), each in its own process; wrk is the load generator. Two scenarios: keep-alive
 (many requests per TLS connection) and resumed TLS (Connection: close, so a new connection per
@@ -40,7 +40,9 @@ sys.path.insert(0, str(REPO))
 
 PLACEHOLDER = "sg-placeholder-bench-1234"
 SECRET = b"ghp_BenchmarkSecretValue_0123456789"
-UPSTREAM_PORT, MITM_PORT, SKYGUARD_PORT, SKYGUARD_HTTP_PORT = 25901, 25902, 25903, 25904
+# Overridable with --port-base (or $CREDPROXY_BENCH_PORT_BASE) so that parallel runs do not collide.
+PORT_BASE = int(os.environ.get("CREDPROXY_BENCH_PORT_BASE", "25900"))
+UPSTREAM_PORT, MITM_PORT, SKYGUARD_PORT, SKYGUARD_HTTP_PORT = (PORT_BASE + i for i in (1, 2, 3, 4))
 TARGET_KEEPALIVE, TARGET_RESUMED = 10.0, 5.0
 
 MITM_ADDON = f'''
@@ -145,8 +147,13 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=2, help="runs per target (best kept)")
     parser.add_argument("--mitmdump", help="path to mitmdump (in its own virtualenv)")
+    parser.add_argument("--port-base", type=int, help="first of 10 loopback ports to use (default 25900)")
     parser.add_argument("--serve-skyguard", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.port_base is not None and args.port_base != PORT_BASE:
+        # Module-level ports are read by the child too: pass the base on through the environment.
+        os.environ["CREDPROXY_BENCH_PORT_BASE"] = str(args.port_base)
+        os.execv(sys.executable, [sys.executable, __file__] + [a for a in sys.argv[1:]])
     if args.serve_skyguard:
         serve_skyguard(Path(args.serve_skyguard))
         return

@@ -258,8 +258,14 @@ class CredentialProxy:
             sni = getattr(leaf, "skyguard_name", None)
         workload, zone = self._workload_by_address.get(ipaddress.ip_address(peer[0]).compressed, (None, None))
         facts = ConnectionFacts(workload, zone, sni, destination[0], destination[1], tls, self.address_matches)
-        server = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
+        leftover = b""
         while True:
+            # A fresh h11 parser per request: the proxy writes responses itself (see
+            # _serialise_response), so h11 only ever parses, and a parser that never sees our
+            # responses must not be reused. Bytes of a pipelined next request carry over.
+            server = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
+            if leftover:
+                server.receive_data(leftover)
             try:
                 request = await self._read_request(reader, writer, server)
             except ProtocolRefusal as refusal:
@@ -274,7 +280,7 @@ class CredentialProxy:
                 await self._refuse(writer, server, verdict.status, verdict.reason)
                 return
             try:
-                status, headers, body = await self.upstreams.exchange(facts, verdict.request)
+                status, headers, body = await self.upstreams.exchange(facts, verdict.request, verdict.host)
                 headers, body = self._safe_response(verdict, request, headers, body, facts)
             except (UnscrubbableResponse, CredentialError) as error:
                 await self._refuse(writer, server, 502, str(error))
@@ -282,11 +288,12 @@ class CredentialProxy:
             except (OSError, ssl.SSLError, asyncio.TimeoutError, h11.ProtocolError) as error:
                 await self._refuse(writer, server, 502, f"upstream failed: {type(error).__name__}")
                 return
-            if not await self._respond(writer, server, status, headers, body):
+            keep_alive = _client_keeps_alive(request)
+            if not await self._respond(writer, request.method, keep_alive, status, headers, body):
                 return
-            if server.our_state is not h11.DONE or server.their_state is not h11.DONE:
+            if not keep_alive or server.their_state is not h11.DONE:
                 return
-            server.start_next_cycle()
+            leftover = server.trailing_data[0]
 
     async def _read_request(self, reader, writer, server: h11.Connection) -> HttpRequest | None:
         loop = asyncio.get_running_loop()
@@ -294,9 +301,12 @@ class CredentialProxy:
         deadline = None if not head else loop.time() + self.limits.header_timeout
         request = None
         body = bytearray()
+        # With nothing buffered, asking h11 first can only answer NEED_DATA: read straight away.
+        nothing_buffered = not head
         while True:
             try:
-                event = server.next_event()
+                event = h11.NEED_DATA if nothing_buffered else server.next_event()
+                nothing_buffered = False
             except h11.RemoteProtocolError as error:
                 raise ProtocolRefusal(error.error_status_hint or 400, "malformed HTTP request") from None
             if event is h11.NEED_DATA:
@@ -382,22 +392,54 @@ class CredentialProxy:
         except (h11.LocalProtocolError, ConnectionError, asyncio.TimeoutError, ssl.SSLError):
             pass
 
-    async def _respond(self, writer, server: h11.Connection, status, headers, body) -> bool:
-        headers = list(headers)
-        if not any(n == b"content-length" for n, _ in headers):
-            headers.append((b"content-length", str(len(body)).encode()))
+    async def _respond(self, writer, method: bytes, keep_alive: bool, status, headers, body) -> bool:
         try:
-            status_code, reason = status
-            data = server.send(h11.Response(status_code=status_code, headers=headers, reason=reason))
-            if body:
-                data += server.send(h11.Data(data=body))
-            data += server.send(h11.EndOfMessage())
-            writer.write(data)
-            async with asyncio.timeout(self.limits.body_read_timeout):
-                await writer.drain()
+            writer.write(_serialise_response(method, keep_alive, status, headers, body))
+            if writer.transport.get_write_buffer_size() > 0:  # only wait when the socket pushed back
+                async with asyncio.timeout(self.limits.body_read_timeout):
+                    await writer.drain()
         except (h11.LocalProtocolError, ConnectionError, asyncio.TimeoutError, ssl.SSLError):
             return False
         return True
+
+
+# What may never appear in a header name, value or reason phrase we write (CR and LF would end
+# the line: response splitting, request smuggling). h11 refuses these on input; this re-checks
+# everything we emit in one search, because the fast path skips h11's per-header validation.
+_UNSAFE_IN_HEAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# Statuses whose responses never have a body (RFC 9110 6.4.1), whatever the headers say.
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+def _client_keeps_alive(request: HttpRequest) -> bool:
+    """h11's rule: HTTP/1.1 without `Connection: close` keeps the connection open."""
+    if request.http_version < b"1.1":
+        return False
+    for name, value in request.headers:
+        if name == b"connection" and b"close" in (t.strip().lower() for t in value.split(b",")):
+            return False
+    return True
+
+
+def _serialise_response(method: bytes, keep_alive: bool, status, headers, body: bytes) -> bytes:
+    """One whole HTTP/1.1 response, always framed by Content-Length (the proxy buffers bodies),
+    with `Connection: close` when the connection ends after it. Headers must be free of framing
+    and hop-by-hop headers (scrub_response drops them), except a HEAD response's Content-Length."""
+    status_code, reason = status
+    if not 200 <= status_code <= 999:
+        raise h11.LocalProtocolError(f"cannot forward status {status_code}")
+    if not any(n == b"content-length" for n, _ in headers):
+        headers = (*headers, (b"content-length", b"%d" % len(body)))
+    if not keep_alive:
+        headers = (*headers, (b"connection", b"close"))
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status_code, reason)]
+    lines.extend(b"%s: %s\r\n" % pair for pair in headers)
+    if _UNSAFE_IN_HEAD.search(b"".join(b"".join(pair) for pair in headers) + reason):
+        raise h11.LocalProtocolError("refusing to write a header with CR, LF or NUL")
+    lines.append(b"\r\n")
+    if body and method != b"HEAD" and status_code not in _NO_BODY_STATUS:
+        lines.append(body)
+    return b"".join(lines)
 
 
 def _check_head(request: h11.Request, raw_head: bytes, max_header_bytes: int) -> None:
@@ -431,7 +473,11 @@ class _UpstreamConnection:
 
     @property
     def reusable(self) -> bool:
-        return self.conn.our_state is h11.IDLE and self.conn.their_state is h11.IDLE and not self.reader.at_eof()
+        # Bytes already buffered beyond the response (say a body sent after a HEAD) would be
+        # read as the start of the next response, perhaps for another client: never reuse then.
+        conn = self.conn
+        return (conn.our_state is h11.IDLE and conn.their_state is h11.IDLE and not self.reader.at_eof()
+                and not conn.trailing_data[0])
 
     async def exchange(self, request: HttpRequest, limit: int):
         connection_tokens = {t.strip().lower() for n, v in request.headers if n == b"connection" for t in v.split(b",")}
@@ -439,18 +485,26 @@ class _UpstreamConnection:
                    if n not in HOP_BY_HOP and n != b"expect" and n not in connection_tokens]
         if request.body or any(n in (b"content-length", b"transfer-encoding") for n, _ in request.headers):
             headers.append((b"content-length", str(len(request.body)).encode()))
+        if _UNSAFE_IN_HEAD.search(b"".join(b"".join(pair) for pair in headers)):
+            raise h11.LocalProtocolError("refusing to forward a header with a control character")
         conn = self.conn
-        data = conn.send(h11.Request(method=request.method, target=request.target, headers=headers))
+        # _parsed=True skips h11's per-header regexes (checked above in one pass); method and
+        # target come from h11's own parse of the client's request.
+        data = conn.send(h11.Request(method=request.method, target=request.target, headers=headers,
+                                     http_version=b"1.1", _parsed=True))
         if request.body:
             data += conn.send(h11.Data(data=request.body))
         data += conn.send(h11.EndOfMessage())
         self.writer.write(data)
-        await self.writer.drain()
+        if self.writer.transport.get_write_buffer_size() > 0:  # only wait when the socket pushed back
+            await self.writer.drain()
         response = None
         body = bytearray()
         received = False
+        nothing_buffered = not conn.trailing_data[0]  # then h11 could only answer NEED_DATA
         while True:
-            event = conn.next_event()
+            event = h11.NEED_DATA if nothing_buffered else conn.next_event()
+            nothing_buffered = False
             if event is h11.NEED_DATA:
                 data = await self.reader.read(READ_CHUNK)
                 if not data and not received:
@@ -492,8 +546,8 @@ class UpstreamPool:
         self.proxy = proxy
         self._idle: dict[tuple, list[_UpstreamConnection]] = {}
 
-    async def exchange(self, facts: ConnectionFacts, request: HttpRequest):
-        host = normalise_name(next(v for n, v in request.headers if n == b"host"))
+    async def exchange(self, facts: ConnectionFacts, request: HttpRequest, host: str):
+        """`host` is the request's normalised Host (the verdict's): the name TLS is verified for."""
         certificate = self.proxy._client_certificate_for(host, facts.zone) if facts.tls else None
         key = (facts.address, facts.port, facts.tls, host if facts.tls else None, certificate)
         limits = self.proxy.limits

@@ -80,7 +80,7 @@ class CredentialService:
             listeners = await self.terminator.start(self.listen)
             self.steering = CredentialSteering(
                 self.interfaces, http_port, https_port,
-                [TerminationSteer(l.vm_addresses, l.termination.port, l.listen_port) for l in listeners],
+                [TerminationSteer(t.vm_addresses, t.termination.port, t.listen_port) for t in listeners],
                 nft=self.nft, all_destinations=self.steer_all_destinations,
             )
             self.steering.install()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 from skyguard.credproxy.interfaces import (
@@ -44,6 +44,14 @@ HOP_BY_HOP = frozenset(
      b"proxy-authenticate", b"te", b"trailer", b"transfer-encoding", b"content-length", b"upgrade"}
 )
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# Response headers never handed back: the proxy re-frames and decodes every body.
+_ALWAYS_STRIPPED = HOP_BY_HOP | {b"content-encoding"}
+_HOST_NAME = re.compile(r"[a-z0-9._:-]+")
+_ABSOLUTE_TARGET = re.compile(rb"(?i)https?://([^/?#]*)")
+# Joins the parts of a request for one-pass scans. A match inside any part is still a match in
+# the joined bytes, so a joined scan finds everything a per-part scan finds (and at worst blocks
+# a form split across two parts: fail closed). NUL cannot occur in a target or header.
+_PART_SEPARATOR = b"\0"
 # Longest destination name we put in a log entry (the Host header is the client's to choose).
 MAX_LOGGED_NAME = 253
 
@@ -103,14 +111,14 @@ def normalise_name(name: str | bytes | None) -> str | None:
     elif name.count(":") == 1:
         name = name.split(":", 1)[0]
     name = name.rstrip(".")
-    if not name or len(name) > 253 or not re.fullmatch(r"[a-z0-9._:-]+", name):
+    if not name or len(name) > 253 or not _HOST_NAME.fullmatch(name):
         return None
     return name
 
 
 def _authority_of(target: bytes) -> bytes | None:
     """The authority of an absolute-form target (http://host/...), else None."""
-    match = re.match(rb"(?i)https?://([^/?#]*)", target)
+    match = _ABSOLUTE_TARGET.match(target)
     return match.group(1) if match else None
 
 
@@ -147,6 +155,15 @@ class SwapEngine:
         self._values = values
         self.unavailable = tuple(missing)
         self.forms = SecretForms(values.values())
+        # Per credential, computed once: (credential, placeholder, its lower-case form).
+        self._placeholders = tuple((c, c.placeholder.encode(), c.placeholder.encode().lower())
+                                   for c in self.credentials)
+        strip_by_destination: dict[str, set[bytes]] = {}
+        for credential in self.credentials:
+            for destination in credential.destinations:
+                strip_by_destination.setdefault(destination, set(_ALWAYS_STRIPPED)).update(
+                    h.lower().encode() for h in credential.strip_response_headers)
+        self._strip_by_destination = {d: frozenset(names) for d, names in strip_by_destination.items()}
 
     def __repr__(self) -> str:
         return f"SwapEngine(credentials={[c.name for c in self.credentials]})"
@@ -181,12 +198,13 @@ class SwapEngine:
         headers = list(request.headers)
         body = request.body
         swapped: list[str] = []
-        for credential in self.credentials:
-            placeholder = credential.placeholder.encode()
-            where = _placeholder_locations(request, placeholder)
-            if not where:
+        lowered = _LoweredRequest(request)
+        for credential, placeholder, needle in self._placeholders:
+            if needle not in lowered.joined:  # the common case: one search, no per-part work
                 continue
-            refusal = self._refusal(credential, facts, host, where, request.body.lower().count(placeholder.lower()))
+            where = lowered.locations(needle)
+            body_count = lowered.body.count(needle)
+            refusal = self._refusal(credential, facts, host, where, body_count)
             if refusal:
                 return block(403, refusal, BLOCKED_EXFILTRATION, credential.name)
             secret = self._values[credential.name]
@@ -196,7 +214,7 @@ class SwapEngine:
                     return block(403, f"placeholder in an unexpected form in {credential.inject.header}",
                                  BLOCKED_EXFILTRATION, credential.name)
             if "body" in where:
-                if body.count(placeholder) != request.body.lower().count(placeholder.lower()):
+                if body.count(placeholder) != body_count:
                     return block(403, "placeholder in an unexpected form in the body",
                                  BLOCKED_EXFILTRATION, credential.name)
                 body = body.replace(placeholder, secret)
@@ -204,7 +222,7 @@ class SwapEngine:
 
         # The proxy speaks identity to upstreams: it must see response bodies to scrub them.
         headers = [(n, v) for n, v in headers if n != b"accept-encoding"] + [(b"accept-encoding", b"identity")]
-        rewritten = replace(request, headers=tuple(headers), body=body)
+        rewritten = HttpRequest(request.method, request.target, tuple(headers), body, request.http_version)
         if not swapped:
             return Verdict("pass", 0, "no placeholder", rewritten, (), ((None, PASSED),), host)
         entries = tuple(self._entry(name, facts, destination, SWAPPED, "swapped") for name in swapped)
@@ -243,7 +261,7 @@ class SwapEngine:
         return None
 
     def _carries_secret(self, request: HttpRequest) -> bool:
-        return any(self.forms.found_in(part) for part in _parts(request))
+        return self.forms.found_in(_PART_SEPARATOR.join(_parts(request)))
 
     @staticmethod
     def _entry(credential, facts: ConnectionFacts, destination: str, result: str, reason: str) -> dict:
@@ -262,18 +280,19 @@ class SwapEngine:
     # ---- responses ------------------------------------------------------------------------
 
     def response_headers_to_strip(self, host: str | None) -> frozenset[bytes]:
-        names = set()
-        for credential in self.credentials:
-            if host in credential.destinations:
-                names.update(h.lower().encode() for h in credential.strip_response_headers)
-        return frozenset(names)
+        """Every response header dropped for `host`: hop-by-hop, framing, content coding, and
+        the auth-bearing headers policy names for the credentials of that destination."""
+        strip = self._strip_by_destination.get(host)
+        if strip is None:  # not a credential destination (the cache holds only those: bounded)
+            strip = _ALWAYS_STRIPPED
+        return strip
 
     def scrub_response(self, host: str | None, headers: Headers, body: bytes) -> tuple[Headers, bytes, int]:
         """Headers and body safe for the VM, and how many secret occurrences were removed.
 
         The body must already be decoded (decode_body); framing headers are dropped here and
         re-created by the proxy."""
-        strip = self.response_headers_to_strip(host) | HOP_BY_HOP | {b"content-encoding"}
+        strip = self.response_headers_to_strip(host)
         scrubbed = 0
         kept = []
         for name, value in headers:
@@ -319,20 +338,32 @@ def _parts(request: HttpRequest) -> list[bytes]:
     return parts
 
 
-def _placeholder_locations(request: HttpRequest, placeholder: bytes) -> set[str]:
-    """Where the placeholder appears, as "target", "header:<name>", "body". Case-insensitive
-    match (so a case-mangled copy is still caught), raw only: the placeholder is no secret, so
-    encoded copies of it leak nothing and are left alone."""
-    needle = placeholder.lower()
-    where = set()
-    if needle in request.target.lower():
-        where.add("target")
-    for name, value in request.headers:
-        if needle in value.lower() or needle in name.lower():
-            where.add("header:" + name.decode("latin-1"))
-    if needle in request.body.lower():
-        where.add("body")
-    return where
+class _LoweredRequest:
+    """A request's parts in lower case, computed once per request for placeholder searches."""
+
+    __slots__ = ("target", "headers", "body", "joined")
+
+    def __init__(self, request: HttpRequest):
+        self.target = request.target.lower()
+        self.headers = [(name, name.lower(), value.lower()) for name, value in request.headers]
+        self.body = request.body.lower()
+        self.joined = _PART_SEPARATOR.join(
+            [self.target, self.body] + [part for _, name, value in self.headers for part in (name, value)])
+
+    def locations(self, needle: bytes) -> set[str]:
+        """Where the (lower-case) placeholder appears, as "target", "header:<name>", "body".
+        Case-insensitive match (so a case-mangled copy is still caught), raw only: the
+        placeholder is no secret, so encoded copies of it leak nothing and are left alone."""
+        where = set()
+        if needle in self.target:
+            where.add("target")
+        for name, name_lower, value in self.headers:
+            if needle in value or needle in name_lower:
+                where.add("header:" + name.decode("latin-1"))
+        if needle in self.body:
+            where.add("body")
+        return where
+
 
 
 def _swap_header(headers: list, credential: Credential, placeholder: bytes, secret: bytes):

@@ -1,0 +1,113 @@
+"""The credential proxy's keep-alive fast path over real loopback TLS: the proxy writes response
+heads itself and parses each request with a fresh h11 parser, so framing, keep-alive and
+pipelining are checked here as a client sees them; and the pure response serialiser refuses a
+header that could split a response. Uses the proxy rig of test_cred_proxy.py (same module-scoped
+echo upstream and proxies). Not here: the swap rules (test_cred_swap.py)."""
+
+from __future__ import annotations
+
+import re
+
+import h11
+import pytest
+
+from skyguard.credproxy.proxy import _client_keeps_alive, _serialise_response
+from skyguard.credproxy.swap import HttpRequest
+from test_cred_proxy import AUTH, SECRET, Rig, no_secret
+
+RESPONSE_HEAD = re.compile(rb"HTTP/1\.1 (\d{3}) [^\r\n]*\r\n((?:[^\r\n]+\r\n)*)\r\n")
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory):
+    r = Rig(tmp_path_factory.mktemp("crx-fast"))
+    yield r
+    r.close()
+
+
+def responses(stream: bytes) -> list[tuple[int, dict[bytes, bytes], bytes]]:
+    """Split a byte stream of Content-Length-framed responses (what the proxy always writes)."""
+    out = []
+    while stream:
+        match = RESPONSE_HEAD.match(stream)
+        assert match, stream[:200]
+        headers = dict(line.split(b": ", 1) for line in match.group(2).split(b"\r\n") if line)
+        length = int(headers[b"content-length"])
+        end = match.end() + length
+        out.append((int(match.group(1)), headers, stream[match.end():end]))
+        stream = stream[end:]
+    return out
+
+
+def request(path: str, *extra: str, method: str = "GET", version: str = "1.1") -> bytes:
+    lines = [f"{method} {path} HTTP/{version}", "Host: api.github.test", AUTH, *extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def test_pipelined_requests_are_each_swapped_and_answered_in_order(rig):
+    before = len(rig.echoed())
+    out = rig.raw(request("/p1") + request("/p2") + request("/p3", "Connection: close"))
+    answers = responses(out)
+    assert [status for status, _, _ in answers] == [200, 200, 200]
+    assert [h.get(b"connection") for _, h, _ in answers] == [None, None, b"close"]
+    assert all(no_secret(body) for _, _, body in answers)
+    seen = rig.echoed()[before:]
+    assert [s["path"] for s in seen] == ["/p1", "/p2", "/p3"]
+    assert all(dict((k.lower(), v) for k, v in s["headers"])["authorization"] == f"Bearer {SECRET.decode()}"
+               for s in seen)
+
+
+def test_http_1_0_gets_connection_close_and_the_connection_ends(rig):
+    out = rig.raw(request("/old", version="1.0"))  # raw() returns once the proxy closes
+    [(status, headers, _)] = responses(out)
+    assert status == 200 and headers[b"connection"] == b"close"
+
+
+def test_head_response_keeps_its_length_and_has_no_body(rig):
+    # The echo fixture wrongly sends a body after HEAD, as a careless upstream might: the proxy
+    # must neither pass it on nor reuse that upstream connection (its next "response" would be
+    # the stray body).
+    out = rig.raw(request("/h", method="HEAD") + request("/after", "Connection: close"))
+    head = RESPONSE_HEAD.match(out)
+    assert head.group(1) == b"200" and b"content-length: " in head.group(2)
+    rest = out[head.end():]
+    assert rest.startswith(b"HTTP/1.1 200 ")  # no body bytes between the two responses
+    [(status, _, body)] = responses(rest)
+    assert status == 200 and b"/after" in body
+
+
+def test_serialiser_frames_by_length_and_closes_when_asked():
+    data = _serialise_response(b"GET", False, (200, b"OK"), ((b"x-a", b"1"),), b"hello")
+    assert data == b"HTTP/1.1 200 OK\r\nx-a: 1\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello"
+    no_body = _serialise_response(b"GET", True, (204, b"No Content"), (), b"")
+    assert no_body == b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n"
+    head = _serialise_response(b"HEAD", True, (200, b""), ((b"content-length", b"42"),), b"")
+    assert head == b"HTTP/1.1 200 \r\ncontent-length: 42\r\n\r\n"
+
+
+@pytest.mark.parametrize("headers, reason", [
+    (((b"x-a", b"1\r\nset-cookie: evil"),), b"OK"),
+    (((b"x-a", b"1\nx"),), b"OK"),
+    (((b"x-a\r\nx-b", b"1"),), b"OK"),
+    (((b"x-a", b"nul\x00"),), b"OK"),
+    ((), b"OK\r\nx-injected: 1"),
+], ids=["crlf-value", "lf-value", "crlf-name", "nul", "crlf-reason"])
+def test_serialiser_refuses_what_would_split_a_response(headers, reason):
+    with pytest.raises(h11.LocalProtocolError):
+        _serialise_response(b"GET", True, (200, reason), headers, b"")
+
+
+def test_serialiser_refuses_informational_statuses():
+    with pytest.raises(h11.LocalProtocolError):
+        _serialise_response(b"GET", True, (101, b"Switching Protocols"), (), b"")
+
+
+@pytest.mark.parametrize("version, headers, keeps", [
+    (b"1.1", (), True),
+    (b"1.1", ((b"connection", b"close"),), False),
+    (b"1.1", ((b"connection", b"keep-alive, Close"),), False),
+    (b"1.0", (), False),
+    (b"1.0", ((b"connection", b"keep-alive"),), False),  # as h11: no keep-alive for HTTP/1.0
+])
+def test_keep_alive_follows_h11s_rule(version, headers, keeps):
+    assert _client_keeps_alive(HttpRequest(b"GET", b"/", ((b"host", b"a"), *headers), b"", version)) is keeps
