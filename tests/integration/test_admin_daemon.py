@@ -5,13 +5,12 @@ proxy reach tcp/22 of a VM."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from daemon_support import RunningDaemon
 
 from skyguard import config
 
@@ -31,8 +30,6 @@ def keygen(path: Path) -> str:
 @pytest.fixture(scope="module")
 def admin_lab(lab, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("admin")
-    env = dict(os.environ, PYTHONPATH=str(config.REPO_ROOT), SKYGUARD_STATE_DIR=str(tmp / "state"),
-               SKYGUARD_RUN_DIR=str(tmp / "run"), SKYGUARD_PIN_DIR=str(config.PIN_DIR.parent / f"sg-admin-{os.getpid()}"))
     alice, bob = keygen(tmp / "alice"), keygen(tmp / "bob")
     policy = tmp / "policy.yaml"
     policy.write_text(config.DEFAULT_POLICY.read_text() + f"""
@@ -43,9 +40,10 @@ admin:
       - {{name: alice, public_key: "{alice}", may_access: [directory]}}
       - {{name: bob, public_key: "{bob}", may_access: [sandbox]}}
 """)
-    skyguard = [sys.executable, "-m", "skyguard.cli.main"]
-    vm_key = sh(*skyguard, "admin", "vm-key", env=env, check=True).stdout.strip()
-    (tmp / "authorized_keys").write_text(vm_key + "\n")
+    daemon = RunningDaemon(lab, tmp / "daemon", policy_path=policy)
+    vm_key = daemon.cli("admin", "vm-key")  # made in the sealed store on first use, before `up`
+    assert vm_key.returncode == 0, vm_key.stderr
+    (tmp / "authorized_keys").write_text(vm_key.stdout.strip() + "\n")
     keygen(tmp / "vm_host_key")
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
     (tmp / "sshd_config").write_text(f"""ListenAddress 10.10.2.2
@@ -60,18 +58,11 @@ PermitRootLogin prohibit-password
 """)
     sshd = lab.popen("dc1", ["/usr/sbin/sshd", "-D", "-e", "-f", str(tmp / "sshd_config")],
                      stdout=subprocess.DEVNULL, stderr=open(tmp / "sshd.log", "w"))
-    daemon = lab.popen("host", [*skyguard, "up", "--policy", str(policy), "--metrics", "off"], env=env,
-                       stdout=open(tmp / "daemon.log", "w"), stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
-        while sh(*skyguard, "status", env=env).returncode != 0:
-            assert daemon.poll() is None, (tmp / "daemon.log").read_text()
-            assert time.monotonic() < deadline, "the daemon did not answer"
-            time.sleep(0.5)
-        yield type("AdminLab", (), {"tmp": tmp, "env": env, "lab": lab, "skyguard": skyguard})
+        daemon.start()
+        yield type("AdminLab", (), {"tmp": tmp, "lab": lab, "daemon": daemon})
     finally:
-        lab.exec("host", [*skyguard, "down"], env=env, capture_output=True)
-        daemon.wait(30)
+        daemon.cleanup()
         sshd.terminate()
         sshd.wait(10)
 
@@ -104,6 +95,6 @@ def test_direct_ssh_from_another_vm_is_dropped_by_the_datapath(admin_lab):
 
 def test_sessions_are_in_the_signed_log(admin_lab):
     operator_ssh(admin_lab, "alice", "alice+dc1", "true")
-    shown = sh(*admin_lab.skyguard, "log", "show", "--json", env=admin_lab.env, check=True).stdout
-    assert "admin_session_end" in shown and "transcript_sha256" in shown
-    assert sh(*admin_lab.skyguard, "log", "verify", env=admin_lab.env).returncode == 0
+    ends = admin_lab.daemon.log_entries("admin_session_end")
+    assert ends and all(e["transcript_sha256"] for e in ends)
+    assert admin_lab.daemon.cli("log", "verify").returncode == 0
