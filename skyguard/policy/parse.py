@@ -572,15 +572,9 @@ class _Checker:
             return None
         name = interface = mac = None
         if "name" in node:
-            name_line = self.line_of(node, "name")
             # Workload names become lab namespace names: the interface-name limit applies.
-            name = self.name(node["name"], f"{path}.name", name_line, "workload name", max_length=MAX_IFNAME)
-            if name and name in seen_workloads:
-                self.problem(name_line, f"{path}.name",
-                             f"workload {_quote(name)} is already defined in {seen_workloads[name]}; "
-                             f"workload names are unique across zones")
-            elif name:
-                seen_workloads[name] = path
+            name = self.unique_name(node, path, seen_workloads, "workload", max_length=MAX_IFNAME,
+                                    scope=" across zones")
         if "interface" in node:
             interface = self.interface_name(node["interface"], f"{path}.interface",
                                             self.line_of(node, "interface"), seen_interfaces)
@@ -664,20 +658,26 @@ class _Checker:
                 rules.append(rule)
         return rules
 
+    def unique_name(self, node, path, seen: dict, kind: str, scope: str = "", **limits) -> str | None:
+        """`node["name"]` checked as a `kind` name and unique among `seen` (name -> where it was
+        defined, updated here); None (and a problem) when invalid or already defined."""
+        line = self.line_of(node, "name")
+        name = self.name(node["name"], f"{path}.name", line, f"{kind} name", **limits)
+        if name and name in seen:
+            self.problem(line, f"{path}.name", f"{kind} {_quote(name)} is already defined at "
+                                               f"{seen[name]}; {kind} names are unique{scope}")
+            return None
+        if name:
+            seen[name] = path
+        return name
+
     def rule(self, node, path, line, zones, networks, seen) -> Rule | None:
         if not self.mapping(node, path, line, ("name", "description", "action", "from", "to", "ports"),
                             required=("name", "from", "to")):
             return None
         name = None
         if "name" in node:
-            name_line = self.line_of(node, "name")
-            name = self.name(node["name"], f"{path}.name", name_line, "rule name")
-            if name and name in seen:
-                self.problem(name_line, f"{path}.name", f"rule {_quote(name)} is already defined at "
-                                                        f"{seen[name]}; rule names are unique")
-                name = None
-            elif name:
-                seen[name] = path
+            name = self.unique_name(node, path, seen, "rule")
         if "description" in node:
             self.string(node["description"], f"{path}.description", self.line_of(node, "description"),
                         "a description")
@@ -822,14 +822,7 @@ class _Checker:
             ok = all(key in item for key in required)
             name = None
             if "name" in item:
-                name_line = self.line_of(item, "name")
-                name = self.name(item["name"], f"{path}.name", name_line, "credential name")
-                if name and name in names:
-                    self.problem(name_line, f"{path}.name", f"credential {_quote(name)} is already "
-                                                            f"defined at {names[name]}")
-                    name = None
-                elif name:
-                    names[name] = path
+                name = self.unique_name(item, path, names, "credential")
             placeholder = None
             if "placeholder" in item:
                 placeholder = self.placeholder(item["placeholder"], f"{path}.placeholder",
@@ -1034,14 +1027,7 @@ class _Checker:
         name = key = None
         access = ()
         if "name" in node:
-            name_line = self.line_of(node, "name")
-            name = self.name(node["name"], f"{path}.name", name_line, "operator name", max_length=32)
-            if name and name in names:
-                self.problem(name_line, f"{path}.name", f"operator {_quote(name)} is already defined at "
-                                                        f"{names[name]}")
-                name = None
-            elif name:
-                names[name] = path
+            name = self.unique_name(node, path, names, "operator", max_length=32)
         if "public_key" in node:
             key_line = self.line_of(node, "public_key")
             key = self.scalar(node["public_key"], parse_ssh_public_key, f"{path}.public_key", key_line,
