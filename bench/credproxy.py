@@ -95,7 +95,11 @@ def serve_skyguard(tmp: Path) -> None:
         await proxy.start("127.0.0.1", SKYGUARD_HTTP_PORT, SKYGUARD_PORT)
         await asyncio.Event().wait()
 
-    asyncio.run(run())
+    # The daemon runs the proxy on uvloop (skyguard.dns.service.new_event_loop): measure that.
+    from skyguard.dns.service import new_event_loop
+    loop = new_event_loop()
+    progress(f"skyguard proxy on {type(loop).__module__}.{type(loop).__name__}")
+    loop.run_until_complete(run())
 
 
 def wrk(port: int, duration: int, connections: int, close: bool) -> dict:

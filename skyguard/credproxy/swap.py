@@ -3,7 +3,7 @@ connection it came on, decide swap, pass or block, and rewrite the request; give
 make it safe to hand back to the VM.
 
 This is the whole security logic of the proxy, so it is small, pure and table-tested. It does
-not parse HTTP (proxy.py does, with h11), open sockets, or frame messages: it never touches
+not parse HTTP (proxy.py does, with llhttp), open sockets, or frame messages: it never touches
 Content-Length / Transfer-Encoding, because the proxy re-frames every message it forwards.
 
 Rules (SPEC: credentials):
@@ -60,7 +60,7 @@ MAX_LOGGED_NAME = 253
 class HttpRequest:
     method: bytes
     target: bytes
-    headers: Headers  # as received, names lower-case (h11 normalises them)
+    headers: Headers  # as received, names lower-case (the proxy lowers them)
     body: bytes = b""
     http_version: bytes = b"1.1"
 

@@ -33,3 +33,20 @@ def test_the_http_harness_catches_a_leak():
     req = HttpRequest(b"GET", b"/", ((b"host", b"api.github.test"), (b"x", harnesses.REAL_SECRET)))
     with pytest.raises(AssertionError):
         harnesses._check_verdict(req, Verdict("pass", 0, "", req))
+
+
+def test_the_http_harness_catches_a_parser_that_reads_more_than_h11():
+    """The differential oracle is not blind: a reader that saw a header h11 does not, or that
+    accepted bytes whose canonical form h11 refuses, would be reported."""
+    import dataclasses
+
+    data = b"GET /x HTTP/1.1\r\nHost: api.github.test\r\n\r\n"
+    [request] = harnesses._proxy_requests([data])
+    harnesses._check_against_h11(data, [request])
+    forged = dataclasses.replace(request, headers=request.headers + ((b"x-smuggled", b"1"),))
+    with pytest.raises(AssertionError):
+        harnesses._check_against_h11(data, [forged])
+    refused = b"GET /x HTTP/1.1\r\nHost: api.github.test\r\nBad Name: 1\r\n\r\n"
+    unreadable = dataclasses.replace(request, headers=request.headers + ((b"bad name", b"1"),))
+    with pytest.raises(AssertionError):
+        harnesses._check_against_h11(refused, [unreadable])

@@ -140,23 +140,88 @@ def _swap_engine():
 
 
 def fuzz_http(data: bytes) -> None:
-    """Raw bytes from a VM, parsed as the proxy does (h11, server side), each request decided by
-    the swap engine as if it came over TLS to api.github.test from zone sdn. A request carrying
-    the real secret is never forwarded; the secret appears only in a swapped request, and only
-    where the placeholder was; a blocked request forwards nothing."""
-    import h11
-
-    from skyguard.credproxy.swap import ConnectionFacts, HttpRequest
+    """Raw bytes from a VM, parsed as the proxy parses them (its llhttp reader), each request
+    decided by the swap engine as if it came over TLS to api.github.test from zone sdn. A request
+    carrying the real secret is never forwarded; the secret appears only in a swapped request,
+    and only where the placeholder was; a blocked request forwards nothing. Two more oracles:
+    the reader gives the same requests however the bytes are split into reads, and it is never
+    more lenient than h11 (an independent parser): what it accepts, h11 reads the same."""
+    from skyguard.credproxy.swap import ConnectionFacts
 
     engine = _swap_engine()
     facts = ConnectionFacts("sdnctl1", "sdn", "api.github.test", "203.0.113.5", 443, True,
                             lambda name, ip: name == "api.github.test" and ip == "203.0.113.5")
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
+    requests = _proxy_requests([data])
+    cut = 1 + (data[0] if data else 0) % max(len(data), 1)
+    assert _proxy_requests([data[:cut], data[cut:]]) == requests, "parsing depends on how the bytes were read"
+    assert _proxy_requests([data[i:i + 1] for i in range(len(data))]) == requests, "byte-wise reads parse differently"
+    _check_against_h11(data, requests)
+    for request in requests:
+        _check_verdict(request, engine.decide(request, facts))
+
+
+def _check_against_h11(data: bytes, requests: list) -> None:
+    """The proxy is never more lenient than h11 in what it reads (see fuzz_http)."""
+    theirs = _h11_requests(data, len(requests))
+    for ours, h11_request in zip(requests, theirs):
+        if h11_request is None:
+            # llhttp allows what RFC 9112 lets a server allow and h11 does not (an empty line
+            # before the request line, runs of spaces in it). The proxy forwards its canonical
+            # form only, so that must read back the same.
+            canonical = _canonical(ours)
+            assert _h11_requests(_serialise(canonical), 1) == [canonical], \
+                f"the proxy accepted a request whose canonical form h11 refuses or misreads: {ours!r}"
+            continue
+        assert ours == h11_request, f"the proxy accepted a request h11 reads differently: {ours!r} vs {h11_request!r}"
+
+
+def _proxy_requests(reads: list[bytes]) -> list:
+    """The requests the proxy would answer, fed as these reads (up to the first that ends the
+    connection, as the proxy stops answering there)."""
+    from skyguard.credproxy.proxy import ProtocolRefusal, ProxyLimits, _client_keeps_alive, _RequestReader, _Upgraded
+
+    reader = _RequestReader(ProxyLimits(max_header_bytes=16384))
+    try:
+        for chunk in reads:
+            if chunk:
+                reader.feed(chunk)
+    except (ProtocolRefusal, _Upgraded):
+        pass  # the requests queued before it are still answered
+    answered = []
+    for request in reader.complete:
+        answered.append(request)
+        if not _client_keeps_alive(request):
+            break
+    return answered
+
+
+def _canonical(request):
+    """The request framed by Content-Length, as a proxy forwards it."""
+    from skyguard.credproxy.swap import HttpRequest
+
+    headers = tuple((n, v) for n, v in request.headers if n not in (b"content-length", b"transfer-encoding"))
+    return HttpRequest(request.method, request.target, headers + ((b"content-length", b"%d" % len(request.body)),),
+                       request.body, request.http_version)
+
+
+def _serialise(request) -> bytes:
+    head = b"%s %s HTTP/%s\r\n" % (request.method, request.target, request.http_version)
+    return head + b"".join(b"%s: %s\r\n" % pair for pair in request.headers) + b"\r\n" + request.body
+
+
+def _h11_requests(data: bytes, count: int) -> list:
+    """The first `count` requests as h11 reads them; None for one h11 refuses or never completes."""
+    import h11
+
+    from skyguard.credproxy.swap import HttpRequest
+
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=1 << 20)  # syntax only, not size
+    out: list = []
     try:
         conn.receive_data(data)
         conn.receive_data(b"")
         request, body = None, b""
-        for _ in range(64):
+        while len(out) < count:
             event = conn.next_event()
             if event is h11.NEED_DATA or event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
                 break
@@ -164,14 +229,16 @@ def fuzz_http(data: bytes) -> None:
                 request, body = event, b""
             elif isinstance(event, h11.Data):
                 body += event.data
-            elif isinstance(event, h11.EndOfMessage) and request is not None:
-                req = HttpRequest(request.method, request.target, tuple(request.headers), body,
-                                  request.http_version)
-                verdict = engine.decide(req, facts)
-                _check_verdict(req, verdict)
-                break
-    except h11.RemoteProtocolError:
-        return  # the proxy answers 400 and closes
+            elif isinstance(event, h11.EndOfMessage):
+                out.append(HttpRequest(request.method, request.target, tuple(request.headers), body,
+                                       request.http_version))
+                if conn.our_state is h11.SEND_RESPONSE:  # answer it so h11 reads the next one
+                    conn.send(h11.Response(status_code=200, headers=[(b"content-length", b"0")]))
+                    conn.send(h11.EndOfMessage())
+                    conn.start_next_cycle()
+    except (h11.RemoteProtocolError, h11.LocalProtocolError):
+        pass
+    return out + [None] * (count - len(out))
 
 
 def _check_verdict(req, verdict) -> None:

@@ -1,18 +1,22 @@
 """The credential proxy's keep-alive fast path over real loopback TLS: the proxy writes response
-heads itself and parses each request with a fresh h11 parser, so framing, keep-alive and
+heads itself and parses requests with llhttp (httptools), so framing, keep-alive and
 pipelining are checked here as a client sees them; and the pure response serialiser refuses a
 header that could split a response. Uses the proxy rig of test_cred_proxy.py (same module-scoped
 echo upstream and proxies). Not here: the swap rules (test_cred_swap.py)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
+import socket
+import ssl
 
-import h11
 import pytest
 
-from skyguard.credproxy.proxy import _client_keeps_alive, _serialise_response
+from skyguard.credproxy.proxy import UnsafeHead, _client_keeps_alive, _serialise_response
 from skyguard.credproxy.swap import HttpRequest
+from skyguard.credproxy.testing import echo_ssl_context
 from test_cred_proxy import AUTH, SECRET, Rig, no_secret
 
 RESPONSE_HEAD = re.compile(rb"HTTP/1\.1 (\d{3}) [^\r\n]*\r\n((?:[^\r\n]+\r\n)*)\r\n")
@@ -93,12 +97,12 @@ def test_serialiser_frames_by_length_and_closes_when_asked():
     ((), b"OK\r\nx-injected: 1"),
 ], ids=["crlf-value", "lf-value", "crlf-name", "nul", "crlf-reason"])
 def test_serialiser_refuses_what_would_split_a_response(headers, reason):
-    with pytest.raises(h11.LocalProtocolError):
+    with pytest.raises(UnsafeHead):
         _serialise_response(b"GET", True, (200, reason), headers, b"")
 
 
 def test_serialiser_refuses_informational_statuses():
-    with pytest.raises(h11.LocalProtocolError):
+    with pytest.raises(UnsafeHead):
         _serialise_response(b"GET", True, (101, b"Switching Protocols"), (), b"")
 
 
@@ -111,3 +115,67 @@ def test_serialiser_refuses_informational_statuses():
 ])
 def test_keep_alive_follows_h11s_rule(version, headers, keeps):
     assert _client_keeps_alive(HttpRequest(b"GET", b"/", ((b"host", b"a"), *headers), b"", version)) is keeps
+
+
+def test_many_pipelined_requests_are_all_answered_while_reading_pauses(rig):
+    # More than the proxy parses ahead (MAX_PIPELINED): reading pauses and resumes, none is lost.
+    paths = [f"/many{i}" for i in range(12)]
+    out = rig.raw(b"".join(request(p) for p in paths[:-1]) + request(paths[-1], "Connection: close"))
+    answers = responses(out)
+    assert [status for status, _, _ in answers] == [200] * len(paths)
+    assert [json.loads(body)["path"] for _, _, body in answers] == paths
+
+
+def test_expect_100_continue_gets_its_interim_answer_before_the_body(rig):
+    context = ssl.create_default_context(cafile=str(rig.tmp / "skyca.pem"))
+    with socket.create_connection(("127.0.0.1", rig.https_port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname="api.github.test") as tls:
+        tls.sendall(request("/continue", "Expect: 100-continue", "Content-Length: 5", "Connection: close",
+                            method="POST"))
+        assert tls.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"  # and nothing else: the body is not sent yet
+        tls.sendall(b"hello")
+        out = b""
+        while chunk := tls.recv(65536):
+            out += chunk
+    [(status, _, body)] = responses(out)
+    assert status == 200 and json.loads(body)["body"] == "hello"
+
+
+class CannedUpstream:
+    """A TLS upstream that answers every request with fixed bytes, then closes: the hostile or
+    old-fashioned servers the echo fixture does not imitate."""
+
+    def __init__(self, rig, answer: bytes):
+        self.answer = answer
+        context = echo_ssl_context(str(rig.tmp / "up.pem"), str(rig.tmp / "up.key"))
+        self.server = rig.run(asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=context))
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(self.answer)
+        await writer.drain()
+        writer.close()
+
+
+@pytest.mark.parametrize("answer, status, body", [
+    # No framing: the body ends at the close, and is scrubbed like any other.
+    (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\necho: " + SECRET, 200, b"echo: [skyguard-redacted]"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\ncut short", 502, None),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 502, None),
+    (b"HTTP/1.1 200 OK\r\nX-Split: a\r\n\rSet-Cookie: x\r\n\r\n", 502, None),
+    (b"not http at all\r\n\r\n", 502, None),
+    (b"", 502, None),
+], ids=["until-close", "truncated", "two-lengths", "bare-cr", "garbage", "silent"])
+def test_hostile_or_odd_upstreams_never_leak_and_never_hang(rig, answer, status, body):
+    upstream = CannedUpstream(rig, answer)
+    proxy = rig.make_proxy(lambda s: ("127.0.0.1", upstream.port))
+    _, https = rig.run(proxy.start("127.0.0.1"))
+    try:
+        code, got = rig.curl("https://api.github.test/", "-H", AUTH, port=https)
+        assert code == status and no_secret(got)
+        if body is not None:
+            assert got == body
+    finally:
+        rig.run(proxy.stop())
+        upstream.server.close()
