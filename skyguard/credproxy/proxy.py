@@ -523,7 +523,7 @@ class _ClientConnection(asyncio.Protocol):
 
     async def _serve(self) -> None:
         try:
-            facts = self.proxy._facts(self.transport, self.tls)
+            facts = None if self.transport.is_closing() else self.proxy._facts(self.transport, self.tls)
             while facts is not None:
                 try:
                     request = await self._next_request()
@@ -552,9 +552,11 @@ class _ClientConnection(asyncio.Protocol):
         reader = self.reader
         while True:
             if reader.complete:
-                if self._reading_paused and not self.eof:
+                if self._reading_paused and not self.eof and self.refusal is None:
                     self._reading_paused = False
                     self.transport.resume_reading()
+                    if reader.state is not _IDLE:  # its deadline must not run while we did not read
+                        self._arm(self.limits.header_timeout if reader.state is _HEAD else self.limits.body_read_timeout)
                 return reader.complete.popleft()
             if self.refusal is not None:
                 raise self.refusal
