@@ -455,7 +455,6 @@ class _ClientConnection(asyncio.Protocol):
         self._deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._write_paused = False
-        self._drained: asyncio.Future | None = None
 
     # ---- asyncio.Protocol -----------------------------------------------------------------
 
