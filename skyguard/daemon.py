@@ -255,8 +255,7 @@ class Daemon:
         proxy swaps only toward such an address."""
         from skyguard.dns.names import normalise
 
-        name = normalise(name)
-        return any(n == name and ip == address for _z, _r, n, ip, _e in self.dns.store.entries(time.time()))
+        return self.dns.store.answered(normalise(name), address, time.time())
 
     def _remember_saved_dns_answers(self) -> None:
         from skyguard.dns.learned import FILE_NAME, LearnedStore

@@ -27,10 +27,10 @@ CA_SUBDIR = "ca"
 class CredentialService:
     """Everything credential-related for one policy. Use from the daemon's event loop:
 
-        service = CredentialService(policy, store, state_dir=..., decision_log=log,
-                                    registry=registry, address_matches=dns.address_matches)
+        service = CredentialService(policy, store, state_dir=..., decision_log=log, registry=registry,
+                                    address_matches=lambda name, ip: store.answered(name, ip, time.time()))
         await service.start()
-        service.learned("api.github.com", "140.82.112.6")   # from DNS learning
+        service.learned("api.github.com", "140.82.112.6")  # only with steer_all_destinations=False
         await service.stop()
     """
 

@@ -33,6 +33,7 @@ class LearnedStore:
         self.path = path
         # (zone, rule, name) -> OrderedDict[ip text -> expiry (unix seconds)], oldest first
         self._entries: dict[tuple[str, str, str], OrderedDict[str, float]] = {}
+        self._keys_by_name: dict[str, set[tuple[str, str, str]]] = {}  # for answered()
         self.dirty = False
         self.urgent = False  # an address we never saw: persist before the next answer if possible
 
@@ -40,6 +41,7 @@ class LearnedStore:
         """Remember ips; returns True if an address is new (callers persist at once then)."""
         key = (zone, rule, name)
         table = self._entries.setdefault(key, OrderedDict())
+        self._keys_by_name.setdefault(name, set()).add(key)
         new = False
         for ip in ips:
             if ip not in table:
@@ -58,6 +60,11 @@ class LearnedStore:
                 if expiry > now:
                     yield zone, rule, name, ip, expiry
 
+    def answered(self, name: str, ip: str, now: float) -> bool:
+        """Was `ip` answered to a VM for `name` (any zone, any rule) and is it unexpired? Asked
+        by the credential proxy on every swap, so it looks at this name's entries only."""
+        return any(self._entries[key].get(ip, 0.0) > now for key in self._keys_by_name.get(name, ()))
+
     def prune(self, now: float) -> None:
         for key in list(self._entries):
             table = self._entries[key]
@@ -65,6 +72,10 @@ class LearnedStore:
                 del table[ip]
             if not table:
                 del self._entries[key]
+                keys = self._keys_by_name[key[2]]
+                keys.discard(key)
+                if not keys:
+                    del self._keys_by_name[key[2]]
 
     def save(self, now: float) -> None:
         if self.path is None:

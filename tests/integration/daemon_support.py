@@ -72,7 +72,7 @@ class RunningDaemon:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"skyguard up exited with {self.proc.returncode}:\n{self.log_tail()}")
-            out = self.cli("status", "--json")
+            out = self.cli("status", "--json", check=False)
             if out.returncode == 0:
                 return json.loads(out.stdout)
             time.sleep(0.2)
@@ -91,9 +91,10 @@ class RunningDaemon:
             return "(no daemon log)"
 
     def cli(self, *args: str, user: str | None = None, caps: str | None = None,
-            timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess:
+            timeout: float = CLI_TIMEOUT, check: bool = False) -> subprocess.CompletedProcess:
         """Run `skyguard ARGS` in the host namespace with this daemon's environment. With user,
-        as that user (setpriv), optionally keeping capabilities `caps` (e.g. "+dac_override")."""
+        as that user (setpriv), optionally keeping capabilities `caps` (e.g. "+dac_override").
+        With check, a non-zero exit fails the test with the command's stderr."""
         argv = [PY, "-m", "skyguard.cli.main", *args]
         if user:
             drop = ["setpriv", f"--reuid={user}", f"--regid={user if user != 'nobody' else 'nogroup'}",
@@ -101,17 +102,20 @@ class RunningDaemon:
             if caps:
                 drop += [f"--inh-caps={caps}", f"--ambient-caps={caps}"]
             argv = drop + ["--"] + argv
-        return subprocess.run(self._in_host(argv), capture_output=True, text=True, env=self.env,
-                              timeout=timeout, cwd="/")
+        out = subprocess.run(self._in_host(argv), capture_output=True, text=True, env=self.env,
+                             timeout=timeout, cwd="/")
+        if check and out.returncode != 0:
+            raise AssertionError(f"skyguard {' '.join(args)} exited {out.returncode}: {out.stderr}")
+        return out
 
     def status(self) -> dict:
-        out = self.cli("status", "--json")
+        out = self.cli("status", "--json", check=False)
         assert out.returncode == 0, f"status failed: {out.stderr}\n{self.log_tail()}"
         return json.loads(out.stdout)
 
     def log_entries(self, kind: str | None = None) -> list[dict]:
         args = ["log", "show", "--json"] + (["--type", kind] if kind else [])
-        out = self.cli(*args)
+        out = self.cli(*args, check=False)
         assert out.returncode == 0, out.stderr
         return [json.loads(line)["entry"] for line in out.stdout.splitlines() if line.strip()]
 
@@ -121,14 +125,14 @@ class RunningDaemon:
         self.proc.wait(timeout=10)
 
     def stop(self) -> subprocess.CompletedProcess:
-        out = self.cli("down")
+        out = self.cli("down", check=False)
         if self.proc is not None:
             self.proc.wait(timeout=30)
         return out
 
     def cleanup(self) -> None:
         if self.running():
-            self.cli("down")
+            self.cli("down", check=False)
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -136,7 +140,7 @@ class RunningDaemon:
                 self.proc.wait()
         if self.pin_dir.exists():
             # A killed daemon's programs: `down` without a daemon detaches them and removes pins.
-            self.cli("down")
+            self.cli("down", check=False)
         subprocess.run(["rm", "-rf", str(self.pin_dir)], check=False)
 
 

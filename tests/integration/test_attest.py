@@ -7,27 +7,20 @@ is edited, with another key, or against another nonce.
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 
-from test_flows import make_skyguard
+from test_flows import started_daemon
 
 
 @pytest.fixture(scope="module")
-def skyguard(lab, lab_env, tmp_path_factory):
-    sg, pin = make_skyguard(lab, lab_env, tmp_path_factory, "attest")
-    sg.up()
-    try:
-        yield sg
-    finally:
-        sg.down()
-        subprocess.run(["rm", "-rf", str(pin)])
+def skyguard(lab, tmp_path_factory):
+    yield from started_daemon(lab, tmp_path_factory, "attest")
 
 
 @pytest.fixture(scope="module")
 def vkey(skyguard):
-    path = skyguard.workdir / "host.vkey"
+    path = skyguard.work_dir / "host.vkey"
     path.write_text(skyguard.cli("log", "checkpoint", "--public-key").stdout)
     return path
 
@@ -52,12 +45,12 @@ def test_statement_names_programs_policy_and_log_and_verifies(skyguard, vkey):
     assert statement["log"]["size"] >= 1 and statement["log"]["checkpoint"].startswith(statement["log"]["origin"])
     assert statement["tpm"]["available"] in (True, False) and (statement["tpm"]["available"] or statement["tpm"]["why"])
 
-    note = skyguard.workdir / "now.att"
+    note = skyguard.work_dir / "now.att"
     note.write_text(made["note"])
     ok = skyguard.cli("attest", "--verify", str(note), "--key", str(vkey), "--nonce", "00C0FFEE", "--json")
     assert json.loads(ok.stdout)["statement"] == statement
     # the --json output itself is accepted too, and the human form says OK
-    as_json = skyguard.workdir / "now.json"
+    as_json = skyguard.work_dir / "now.json"
     as_json.write_text(json.dumps(made))
     human = skyguard.cli("attest", "--verify", str(as_json), "--key", str(vkey)).stdout
     assert "attestation OK" in human and "sg-dc1" in human

@@ -11,16 +11,13 @@ the ring can be made tiny.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from skyguard import config
-from skyguard.tlog import LogReader
+from daemon_support import RunningDaemon, wait_for
 
 RADIUS1, DC1, AGENT1 = "10.10.1.2", "10.10.2.2", "10.10.5.2"
 
@@ -58,81 +55,29 @@ for _ in range(int(sys.argv[3])):
 """
 
 
-def wait_for(predicate, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.25)
+class FlowsDaemon(RunningDaemon):
+    """The daemon under test; its CLI fails the test on a non-zero exit unless told otherwise."""
 
-
-class Skyguard:
-    """The daemon under test and its CLI, with private directories."""
-
-    def __init__(self, lab, env, workdir: Path):
-        self.lab, self.env, self.workdir = lab, env, workdir
-        self.proc = None
-
-    def cli(self, *args, check=True, timeout=60):
-        proc = subprocess.run([sys.executable, "-m", "skyguard.cli.main", *args], capture_output=True,
-                              text=True, env=self.env, timeout=timeout)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"skyguard {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
-        return proc
-
-    def up(self):
-        self.daemon_log = open(self.workdir / "daemon.log", "w")
-        self.proc = self.lab.popen("host", [sys.executable, "-m", "skyguard.cli.main", "up", "--policy",
-                                            str(config.DEFAULT_POLICY), "--metrics", "off"],
-                                   env=self.env, stdout=self.daemon_log, stderr=subprocess.STDOUT)
-
-        def answers():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the daemon exited: {(self.workdir / 'daemon.log').read_text()}")
-            return self.cli("status", "--json", check=False).returncode == 0
-
-        wait_for(answers, 60, "the daemon to answer `skyguard status`")
-
-    def down(self):
-        if self.proc is None:
-            return
-        self.cli("down", check=False)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.daemon_log.close()
-        self.proc = None
+    def cli(self, *args, check=True, **kwargs):
+        return super().cli(*args, check=check, **kwargs)
 
     def flows(self, *args):
         return json.loads(self.cli("flows", "--json", "--limit", "10000", *args).stdout)["records"]
 
-    def log_entries(self, kind=None):
-        out = [json.loads(p) for _, p in LogReader(Path(self.env["SKYGUARD_STATE_DIR"]) / "log").entries()]
-        return [e for e in out if kind is None or e["type"] == kind]
 
-
-def make_skyguard(lab, lab_env, tmp_path_factory, tag):
-    work = tmp_path_factory.mktemp(f"flx-{tag}")
-    pin = Path(f"/sys/fs/bpf/flx-{tag}-{os.getpid()}")
-    env = dict(lab_env, SKYGUARD_STATE_DIR=str(work / "state"), SKYGUARD_RUN_DIR=str(work / "run"),
-               SKYGUARD_PIN_DIR=str(pin))
-    return Skyguard(lab, env, work), pin
+def started_daemon(lab, tmp_path_factory, tag: str):
+    """A module's daemon on the session lab, with private directories; cleaned up after."""
+    daemon = FlowsDaemon(lab, tmp_path_factory.mktemp(f"flx-{tag}"))
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        daemon.cleanup()
 
 
 @pytest.fixture(scope="module")
-def skyguard(lab, lab_env, tmp_path_factory):
-    sg, pin = make_skyguard(lab, lab_env, tmp_path_factory, "flows")
-    sg.up()
-    try:
-        yield sg
-    finally:
-        sg.down()
-        subprocess.run(["rm", "-rf", str(pin)])
+def skyguard(lab, tmp_path_factory):
+    yield from started_daemon(lab, tmp_path_factory, "flows")
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +180,7 @@ def _read_line_with_port(proc, port):
 
 
 def test_log_verifies_after_the_daemon_stops(skyguard):
-    skyguard.down()
+    skyguard.stop()
     proc = skyguard.cli("log", "verify", "--json")
     report = json.loads(proc.stdout)
     assert report["ok"], report

@@ -291,3 +291,17 @@ def test_addresses_a_deny_rule_names_are_not_learned():
     assert answer.learned == ["203.0.113.7"] and answer.denied == ["10.1.2.3"]
     assert [str(rr.rdata) for rr in DNSRecord.parse(answer.reply).rr] == ["203.0.113.7"]
     assert log.entries[-1]["denied_stripped"] == ["10.1.2.3"]
+
+
+def test_answered_says_which_address_was_given_for_which_name_until_it_expires(tmp_path):
+    # The credential proxy's check that the address a VM connected to came from DNS for the name.
+    store = LearnedStore(None)
+    store.add("sdn", "github", "api.github.test", ["203.0.113.5"], expiry=1000.0)
+    store.add("auth", "os-updates", "deb.debian.test", ["203.0.113.7"], expiry=2000.0)
+    assert store.answered("api.github.test", "203.0.113.5", now=999.0)
+    assert not store.answered("api.github.test", "203.0.113.7", now=999.0)  # another name's address
+    assert not store.answered("evil.test", "203.0.113.5", now=999.0)
+    assert not store.answered("api.github.test", "203.0.113.5", now=1000.0)  # expired
+    store.prune(now=1500.0)
+    assert not store.answered("api.github.test", "203.0.113.5", now=0.0)  # pruned, index too
+    assert store.answered("deb.debian.test", "203.0.113.7", now=1500.0)
