@@ -28,7 +28,7 @@ class CredentialService:
     """Everything credential-related for one policy. Use from the daemon's event loop:
 
         service = CredentialService(policy, store, state_dir=..., decision_log=log, registry=registry,
-                                    address_matches=lambda name, ip: store.answered(name, ip, time.time()))
+                                    address_matches=lambda name, ip: learned_dns.answered(name, ip, time.time()))
         await service.start()
         service.learned("api.github.com", "140.82.112.6")  # only with steer_all_destinations=False
         await service.stop()
