@@ -25,7 +25,10 @@ import time
 from pathlib import Path
 
 from skyguard import config
-from skyguard.datapath import abi, loader
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from skyguard.datapath import abi, hooks, loader
 from skyguard.datapath.compile import Compiled, compile_policy
 from skyguard.datapath.reasons import reason_name
 from skyguard.errors import BadInput, DatapathError, SkyguardError
@@ -271,7 +274,23 @@ class Datapath:
                 except Exception as e:
                     raise DatapathError(f"attaching XDP to {ifname} failed: {e}") from e
                 _run("tc", "filter", "del", "dev", ifname, "ingress", "prio", str(TC_PRIO), check=False)
-            return self.attached().get(ifname, {})
+            self._remove_foreign_filters(ifname, ifindex)
+            link = json.loads(_run("ip", "-j", "-d", "link", "show", "dev", ifname).stdout)[0]
+            return self._hook_details(link)
+
+    def _remove_foreign_filters(self, ifname: str, ifindex: int) -> None:
+        """Delete every TC filter at our hooks that is not ours: one beside ours could pass or
+        redirect packets first (this is how attach() repairs that kind of tampering)."""
+        with IPRoute() as ipr:
+            found = hooks.read_hooks(ipr, ifindex)
+        ours_at = {"egress", "ingress"} if self.from_vm_hook == "tc" else {"egress"}
+        for where, filters in (("ingress", found.ingress), ("egress", found.egress)):
+            for f in filters:
+                if where in ours_at and f.kind == "bpf" and (f.prio, f.handle) == (TC_PRIO, TC_HANDLE):
+                    continue
+                # Another priority goes whole; at ours (same kind there), only that handle.
+                target = ["prio", str(f.prio)] if f.prio != TC_PRIO else ["prio", str(f.prio), "handle", hex(f.handle), f.kind]
+                _run("tc", "filter", "del", "dev", ifname, where, *target, check=False)
 
     def _tc_replace(self, ifname: str, where: str, fn) -> None:
         # tc takes a program by pinned path: pin under a private name, attach, unpin (the filter
@@ -305,28 +324,33 @@ class Datapath:
 
     def attached(self) -> dict:
         """Per interface (this network namespace) carrying a skyguard program: the programs' ids,
-        names and tags at each hook, so a watchdog can detect tampering."""
+        names and tags at each hook, as `ip` and `tc` report them (for status and attest; the
+        watchdog uses verify(), which asks netlink directly)."""
         out: dict = {}
-        links = json.loads(_run("ip", "-j", "-d", "link", "show").stdout or "[]")
-        for link in links:
-            name = link["ifname"]
-            info = {}
-            xdp = link.get("xdp")
-            if xdp and xdp.get("prog"):
-                info["xdp"] = {"id": xdp["prog"].get("id"), "mode": xdp.get("mode"),
-                               "name": xdp["prog"].get("name"), "tag": xdp["prog"].get("tag")}
-            for where in ("ingress", "egress"):
-                proc = _run("tc", "-j", "filter", "show", "dev", name, where, check=False)
-                if proc.returncode != 0 or not proc.stdout.strip():
-                    continue
-                for f in json.loads(proc.stdout):
-                    prog = (f.get("options") or {}).get("prog")
-                    if prog:
-                        info[f"tc_{where}"] = {"id": prog.get("id"), "name": prog.get("name"),
-                                               "tag": prog.get("tag")}
+        for link in json.loads(_run("ip", "-j", "-d", "link", "show").stdout or "[]"):
+            info = self._hook_details(link)
             if any(str(v.get("name") or "").startswith("sg_") for v in info.values()):
-                out[name] = info
+                out[link["ifname"]] = info
         return out
+
+    @staticmethod
+    def _hook_details(link: dict) -> dict:
+        """The programs at one link's hooks; `link` is its `ip -j -d link show` entry."""
+        name = link["ifname"]
+        info = {}
+        xdp = link.get("xdp")
+        if xdp and xdp.get("prog"):
+            info["xdp"] = {"id": xdp["prog"].get("id"), "mode": xdp.get("mode"),
+                           "name": xdp["prog"].get("name"), "tag": xdp["prog"].get("tag")}
+        for where in ("ingress", "egress"):
+            proc = _run("tc", "-j", "filter", "show", "dev", name, where, check=False)
+            if proc.returncode != 0 or not proc.stdout.strip():
+                continue
+            for f in json.loads(proc.stdout):
+                prog = (f.get("options") or {}).get("prog")
+                if prog:
+                    info[f"tc_{where}"] = {"id": prog.get("id"), "name": prog.get("name"), "tag": prog.get("tag")}
+        return info
 
     def sync(self) -> dict:
         """Attach to every workload interface of the active policy that exists here and is not
@@ -334,14 +358,12 @@ class Datapath:
         on netlink link events and periodically (interfaces appear when VMs start)."""
         if self.compiled is None:
             raise DatapathError("sync() before apply_policy(): no policy is active")
-        ours = self.program_ids()
-        current = self.attached()
+        problems = self.verify()
         done, missing = [], []
         for w in self.compiled.workloads:
             if not self._ifindex(w.interface):
                 missing.append(w.interface)
-                continue
-            if self._problem(current.get(w.interface, {}), ours):
+            elif w.interface in problems:
                 self.attach(w.interface)
                 done.append(w.interface)
         return {"attached": done, "missing": missing}
@@ -359,25 +381,37 @@ class Datapath:
         return out
 
     def verify(self) -> dict[str, str]:
-        """Watchdog check: for every workload interface present, what is wrong with its programs
-        (missing, replaced by someone else). Empty when everything is ours."""
+        """Watchdog check: for every workload interface present, what is wrong at its hooks (our
+        programs missing or replaced, or anything else attached beside them). Empty when all is
+        ours. Netlink only, no subprocess: cheap enough to run every second."""
+        if self.compiled is None:
+            return {}
         ours = self.program_ids()
-        current = self.attached()
         problems = {}
-        for w in self.compiled.workloads if self.compiled else ():
-            if self._ifindex(w.interface):
-                problem = self._problem(current.get(w.interface, {}), ours)
+        with IPRoute() as ipr:
+            for w in self.compiled.workloads:
+                index = self._ifindex(w.interface)
+                if not index:
+                    continue
+                try:
+                    problem = self._problem(hooks.read_hooks(ipr, index), ours)
+                except NetlinkError:
+                    continue  # gone meanwhile: the daemon forgets it on its next pass
                 if problem:
                     problems[w.interface] = problem
         return problems
 
-    def _problem(self, info: dict, ours: dict) -> str:
-        from_vm = info.get("tc_ingress") if self.from_vm_hook == "tc" else info.get("xdp")
-        want_from = ours["sg_from_vm_tc"] if self.from_vm_hook == "tc" else ours["sg_from_vm"]
-        if not from_vm or not info.get("tc_egress"):
-            return "not attached"
-        if from_vm.get("id") != want_from or info["tc_egress"].get("id") != ours["sg_to_vm"]:
-            return "programs are not this skyguard's (replaced or tampered with)"
+    def _problem(self, found: hooks.Hooks, ours: dict[str, int]) -> str:
+        tc = self.from_vm_hook == "tc"
+        ingress = [f.program_id for f in found.ingress]
+        egress = [f.program_id for f in found.egress]
+        from_vm_ours = ours["sg_from_vm_tc"] in ingress if tc else found.xdp == ours["sg_from_vm"]
+        if not from_vm_ours or ours["sg_to_vm"] not in egress:
+            nothing = not egress or (not ingress if tc else found.xdp is None)
+            return "not attached" if nothing else "programs are not this skyguard's (replaced or tampered with)"
+        expected_ingress, expected_xdp = ([ours["sg_from_vm_tc"]], None) if tc else ([], ours["sg_from_vm"])
+        if ingress != expected_ingress or egress != [ours["sg_to_vm"]] or found.xdp != expected_xdp:
+            return "a program or filter that is not skyguard's is attached beside it"
         return ""
 
     # ---- reading ----------------------------------------------------------------------------

@@ -137,6 +137,22 @@ def open_tap(name):
     return fd
 
 
+def add_intruder_filter(pins: Path, ifname: str, where: str = "ingress", prio: int | None = None) -> Path:
+    """Run in the host namespace: attach a program that accepts everything at `ifname`'s TC hook
+    `where`, by default at skyguard's priority with another handle. Returns its pin (remove it)."""
+    from bcc import BPF
+
+    from skyguard.datapath.datapath import TC_PRIO, _pin_fd
+
+    program = BPF(text=b"int intruder(struct __sk_buff *skb) { return 0; /* TC_ACT_OK */ }")
+    fn = program.load_func(b"intruder", BPF.SCHED_CLS)
+    pin = pins / f"intruder-{ifname}-{where}"
+    _pin_fd(fn.fd, pin)
+    sh("tc", "filter", "add", "dev", ifname, where, "prio", str(prio or TC_PRIO), "handle", "2", "bpf",
+       "direct-action", "object-pinned", str(pin))
+    return pin
+
+
 def check_enforcement(dp, worker):
     assert client("tcp", ADDR["d1"][0], 5432, 5.0) == "hello"  # allowed v4
     assert client("tcp", ADDR["d1"][1], 5432, 5.0) == "hello"  # allowed v6 (ND passes both ways)
@@ -168,6 +184,28 @@ def test_veth_and_tap_enforcement_readoption_and_detach(host_thread, pins):
         assert host_thread.call(dp.sync)["attached"] == []  # idempotent
         assert host_thread.call(dp.verify) == {}
         check_enforcement(dp, host_thread)
+
+        # someone slips an accept-everything filter in beside ours (same priority, another
+        # handle: cls_bpf puts a new one first): the watchdog check names the interface, and
+        # sync() re-attaches, which removes it
+        intruder = host_thread.call(add_intruder_filter, pins, IFACES["w1"])
+        try:
+            assert host_thread.call(dp.verify) == {
+                IFACES["w1"]: "a program or filter that is not skyguard's is attached beside it"}
+            assert host_thread.call(dp.sync)["attached"] == [IFACES["w1"]]
+            assert host_thread.call(dp.verify) == {}
+            assert client("tcp", ADDR["d1"][0], 22).startswith("failed")
+        finally:
+            intruder.unlink(missing_ok=True)
+        # at another priority (behind ours) it is still not ours: named and removed the same way
+        intruder = host_thread.call(add_intruder_filter, pins, IFACES["d1"], "egress", prio=7)
+        try:
+            assert host_thread.call(dp.verify) == {
+                IFACES["d1"]: "a program or filter that is not skyguard's is attached beside it"}
+            host_thread.call(dp.sync)
+            assert host_thread.call(dp.verify) == {}
+        finally:
+            intruder.unlink(missing_ok=True)
 
         # spoofing from a real VM: another source address on its interface
         in_ns(VMA, "ip", "addr", "add", "10.1.0.99/24", "dev", "eth0")
