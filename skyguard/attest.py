@@ -19,7 +19,6 @@ Not here: the key itself (tlog.hostkey) or the note format (tlog.checkpoint).
 from __future__ import annotations
 
 import base64
-import ctypes as ct
 import json
 import os
 import shutil
@@ -41,20 +40,7 @@ MAX_NONCE = 128  # hex characters: a verifier's challenge, bounded
 def program_identities(datapath) -> dict:
     """{program name: {"id", "tag"}} of the programs this Datapath loaded (from the kernel's
     bpf_prog_info of each fd, so they match what `bpftool prog` and `ip link` show)."""
-    from skyguard.datapath.datapath import _libbpf
-
-    out = {}
-    loaded = datapath._loaded
-    for name, fn in (("sg_from_vm", loaded.from_vm_xdp), ("sg_from_vm_tc", loaded.from_vm_tc),
-                     ("sg_to_vm", loaded.to_vm)):
-        info = (ct.c_uint8 * 256)()
-        size = ct.c_uint32(256)
-        if _libbpf().bpf_obj_get_info_by_fd(fn.fd, info, ct.byref(size)) != 0:
-            raise VerificationError(f"reading program info of {name} failed: {os.strerror(ct.get_errno())}")
-        raw = bytes(info)
-        # struct bpf_prog_info: __u32 type; __u32 id; __u8 tag[8]; ...
-        out[name] = {"id": int.from_bytes(raw[4:8], "little"), "tag": raw[8:16].hex()}
-    return out
+    return {name: {"id": info.id, "tag": info.tag} for name, info in datapath.program_infos().items()}
 
 
 def tpm_evidence() -> dict:

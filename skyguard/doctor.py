@@ -45,8 +45,6 @@ BPF_MAP_TYPE_ARRAY = 2
 CLONE_NEWNET = 0x40000000
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
-# `ip -j -d link` reports these in the "xdp" object ("mode"): from <linux/if_link.h>.
-XDP_ATTACHED_MODE_NAMES = {1: "native", 2: "generic", 3: "offloaded", 4: "multi"}
 
 SETUP_HINT = "run the project's setup as root: ./scripts/setup"
 
@@ -402,6 +400,8 @@ def check_xdp_attach(state: dict, mode: str) -> Check:
     if blocked:
         return Check(name, False, f"not tried: {blocked}", "fix that check first")
     from bcc import BPF
+
+    from skyguard.datapath.hooks import XDP_ATTACHED_MODE_NAMES  # `ip -j` reports the same numbers
     netns: ThrowawayNamespace = state["netns"]
     _, xdp_fn, _ = state["programs"]
     ifname = netns.VETH[0] if mode == "generic" else netns.VETH[1]

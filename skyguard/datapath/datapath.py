@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes as ct
 import ipaddress
-import json
 import os
 import shutil
 import socket
@@ -28,7 +27,7 @@ from skyguard import config
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from skyguard.datapath import abi, hooks, loader
+from skyguard.datapath import abi, hooks, libbpf, loader
 from skyguard.datapath.compile import Compiled, compile_policy
 from skyguard.datapath.reasons import reason_name
 from skyguard.errors import BadInput, DatapathError, SkyguardError
@@ -275,8 +274,8 @@ class Datapath:
                     raise DatapathError(f"attaching XDP to {ifname} failed: {e}") from e
                 _run("tc", "filter", "del", "dev", ifname, "ingress", "prio", str(TC_PRIO), check=False)
             self._remove_foreign_filters(ifname, ifindex)
-            link = json.loads(_run("ip", "-j", "-d", "link", "show", "dev", ifname).stdout)[0]
-            return self._hook_details(link)
+            with IPRoute() as ipr:
+                return hooks.read_hooks(ipr, ifindex).describe()
 
     def _remove_foreign_filters(self, ifname: str, ifindex: int) -> None:
         """Delete every TC filter at our hooks that is not ours: one beside ours could pass or
@@ -298,7 +297,7 @@ class Datapath:
         tmp = self.pin_dir / f"attach-{os.getpid()}-{threading.get_ident()}-{where}"
         if tmp.exists():
             tmp.unlink()
-        _pin_fd(fn.fd, tmp)
+        libbpf.pin(fn.fd, tmp)
         try:
             _run("tc", "filter", "replace", "dev", ifname, where, "prio", str(TC_PRIO), "handle",
                  str(TC_HANDLE), "bpf", "direct-action", "object-pinned", str(tmp))
@@ -323,34 +322,18 @@ class Datapath:
         return names
 
     def attached(self) -> dict:
-        """Per interface (this network namespace) carrying a skyguard program: the programs' ids,
-        names and tags at each hook, as `ip` and `tc` report them (for status and attest; the
-        watchdog uses verify(), which asks netlink directly)."""
+        """Per interface (this network namespace) carrying a skyguard program: the ids, names and
+        tags of the programs at its hooks (for status and attest). Netlink, no subprocess."""
         out: dict = {}
-        for link in json.loads(_run("ip", "-j", "-d", "link", "show").stdout or "[]"):
-            info = self._hook_details(link)
-            if any(str(v.get("name") or "").startswith("sg_") for v in info.values()):
-                out[link["ifname"]] = info
+        with IPRoute() as ipr:
+            for link in ipr.get_links():
+                try:
+                    info = hooks.read_hooks(ipr, link["index"], link).describe()
+                except NetlinkError:
+                    continue  # gone meanwhile
+                if any(str(p.get("name") or "").startswith("sg_") for p in info.values()):
+                    out[link.get_attr("IFLA_IFNAME")] = info
         return out
-
-    @staticmethod
-    def _hook_details(link: dict) -> dict:
-        """The programs at one link's hooks; `link` is its `ip -j -d link show` entry."""
-        name = link["ifname"]
-        info = {}
-        xdp = link.get("xdp")
-        if xdp and xdp.get("prog"):
-            info["xdp"] = {"id": xdp["prog"].get("id"), "mode": xdp.get("mode"),
-                           "name": xdp["prog"].get("name"), "tag": xdp["prog"].get("tag")}
-        for where in ("ingress", "egress"):
-            proc = _run("tc", "-j", "filter", "show", "dev", name, where, check=False)
-            if proc.returncode != 0 or not proc.stdout.strip():
-                continue
-            for f in json.loads(proc.stdout):
-                prog = (f.get("options") or {}).get("prog")
-                if prog:
-                    info[f"tc_{where}"] = {"id": prog.get("id"), "name": prog.get("name"), "tag": prog.get("tag")}
-        return info
 
     def sync(self) -> dict:
         """Attach to every workload interface of the active policy that exists here and is not
@@ -370,15 +353,13 @@ class Datapath:
 
     def program_ids(self) -> dict[str, int]:
         """Kernel ids of this Datapath's programs, by name."""
-        out = {}
-        for name, fn in (("sg_from_vm", self._loaded.from_vm_xdp), ("sg_from_vm_tc", self._loaded.from_vm_tc),
-                         ("sg_to_vm", self._loaded.to_vm)):
-            info = (ct.c_uint8 * 256)()
-            size = ct.c_uint32(256)
-            if _libbpf().bpf_obj_get_info_by_fd(fn.fd, info, ct.byref(size)) != 0:
-                raise DatapathError(f"reading program info failed: {os.strerror(ct.get_errno())}")
-            out[name] = int.from_bytes(bytes(info[4:8]), "little")  # struct bpf_prog_info.id
-        return out
+        return {name: info.id for name, info in self.program_infos().items()}
+
+    def program_infos(self) -> dict[str, libbpf.ProgramInfo]:
+        """Id, tag and name of this Datapath's programs (as bpftool, ip and tc show them)."""
+        return {name: libbpf.program_info(fn.fd)
+                for name, fn in (("sg_from_vm", self._loaded.from_vm_xdp), ("sg_from_vm_tc", self._loaded.from_vm_tc),
+                                 ("sg_to_vm", self._loaded.to_vm))}
 
     def verify(self) -> dict[str, str]:
         """Watchdog check: for every workload interface present, what is wrong at its hooks (our
@@ -486,8 +467,8 @@ def _nonzero_per_cpu(table):
     values = (ct.c_uint64 * (2 * n * ncpus))()  # struct sg_counter_val {packets, bytes} per CPU
     count = ct.c_uint32(n)
     out_batch = ct.c_uint32(0)
-    opts = _BatchOpts(sz=ct.sizeof(_BatchOpts))
-    rc = _libbpf().bpf_map_lookup_batch(table.map_fd, None, ct.byref(out_batch), keys, values, ct.byref(count),
+    opts = libbpf.batch_opts()
+    rc = libbpf.lib().bpf_map_lookup_batch(table.map_fd, None, ct.byref(out_batch), keys, values, ct.byref(count),
                                         ct.byref(opts))
     if rc != 0 and ct.get_errno() != 2:  # ENOENT: the whole map came back in this batch
         raise DatapathError(f"reading counters failed: {os.strerror(ct.get_errno())}")
@@ -499,23 +480,3 @@ def _nonzero_per_cpu(table):
     for i, p in enumerate(per_key_packets):
         if p:
             yield keys[i], p, sum(nbytes[i * ncpus:(i + 1) * ncpus])
-
-
-class _BatchOpts(ct.Structure):  # struct bpf_map_batch_opts
-    _fields_ = [("sz", ct.c_size_t), ("elem_flags", ct.c_uint64), ("flags", ct.c_uint64)]
-
-
-_LIBBPF = None
-
-
-def _libbpf():
-    global _LIBBPF
-    if _LIBBPF is None:
-        _LIBBPF = ct.CDLL("libbpf.so.1", use_errno=True)
-        _LIBBPF.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]
-    return _LIBBPF
-
-
-def _pin_fd(fd: int, path: Path) -> None:
-    if _libbpf().bpf_obj_pin(fd, str(path).encode()) != 0:
-        raise DatapathError(f"pinning a program at {path} failed: {os.strerror(ct.get_errno())}")

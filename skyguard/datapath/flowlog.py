@@ -37,7 +37,7 @@ import weakref
 from concurrent.futures import Future
 from typing import Callable
 
-from skyguard.datapath import abi
+from skyguard.datapath import abi, libbpf
 from skyguard.datapath.reasons import reason_name
 from skyguard.errors import DatapathError, SkyguardError
 
@@ -442,7 +442,7 @@ class FlowLogger:
                 continue
             if not force and now - v.last_ns < self.kernel_deny_interval_ns + 100_000_000:
                 continue  # the flow's next packet after the interval will carry the count
-            if _lib().bpf_map_lookup_and_delete_elem(fd, ct.byref(k), ct.byref(val)) != 0:
+            if libbpf.lib().bpf_map_lookup_and_delete_elem(fd, ct.byref(k), ct.byref(val)) != 0:
                 continue  # gone already: the kernel evicted it or reported it itself
             if not val.suppressed:
                 continue
@@ -525,12 +525,12 @@ class FlowLogger:
         raw_val = (ct.c_uint8 * ct.sizeof(abi.CtVal))()
         for k, val, why in ended:
             kbuf = ct.create_string_buffer(k, len(k))
-            if _lib().bpf_map_lookup_and_delete_elem(fd, kbuf, raw_val) == 0:
+            if libbpf.lib().bpf_map_lookup_and_delete_elem(fd, kbuf, raw_val) == 0:
                 current = _CT_VAL.unpack_from(bytes(raw_val))
                 revived = current[0] > now if why == "expired" else current[1] != val[1]
                 if revived:
                     # A packet came between the read and the delete: the flow lives on.
-                    _lib().bpf_map_update_elem(fd, kbuf, raw_val, ct.c_uint64(BPF_NOEXIST))
+                    libbpf.lib().bpf_map_update_elem(fd, kbuf, raw_val, ct.c_uint64(BPF_NOEXIST))
                     seen[k] = current
                     continue
                 val = current
@@ -667,32 +667,13 @@ def _open_ring(datapath, sink) -> None:
     _RING_SINKS[datapath] = holder
 
 
-# ---- libbpf helpers -------------------------------------------------------------------------
-_LIB = None
-
-
-def _lib():
-    global _LIB
-    if _LIB is None:
-        _LIB = ct.CDLL("libbpf.so.1", use_errno=True)
-        _LIB.bpf_map_lookup_and_delete_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
-        _LIB.bpf_map_update_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uint64]
-        _LIB.bpf_map_lookup_batch.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_void_p,
-                                              ct.c_void_p, ct.c_void_p, ct.c_void_p]
-    return _LIB
-
-
-class _BatchOpts(ct.Structure):  # struct bpf_map_batch_opts
-    _fields_ = [("sz", ct.c_size_t), ("elem_flags", ct.c_uint64), ("flags", ct.c_uint64)]
-
-
 def _dump(table, key_size: int, value_struct: struct.Struct, chunk: int = 8192):
     """(key bytes, unpacked value) of every entry of a hash map, by BPF_MAP_LOOKUP_BATCH (one
     syscall per `chunk` entries instead of two per entry; values unpacked in bulk)."""
-    lib = _lib()
+    lib = libbpf.lib()
     fd = table.map_fd
     value_size = value_struct.size
-    opts = _BatchOpts(sz=ct.sizeof(_BatchOpts))
+    opts = libbpf.batch_opts()
     in_batch = ct.create_string_buffer(8)
     out_batch = ct.create_string_buffer(8)
     first = True

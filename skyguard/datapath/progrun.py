@@ -15,6 +15,7 @@ import ctypes.util
 import os
 from dataclasses import dataclass
 
+from skyguard.datapath import libbpf
 from skyguard.errors import DatapathError
 
 XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
@@ -49,19 +50,10 @@ class _XdpMd(ct.Structure):  # struct xdp_md
                 ("data", "data_end", "data_meta", "ingress_ifindex", "rx_queue_index", "egress_ifindex")]
 
 
-_libbpf = None
-
-
 def _lib():
-    global _libbpf
-    if _libbpf is None:
-        try:
-            _libbpf = ct.CDLL("libbpf.so.1", use_errno=True)
-        except OSError as e:
-            raise DatapathError("libbpf.so.1 is missing: install Debian's libbpf1 (scripts/setup)") from e
-        _libbpf.bpf_prog_test_run_opts.argtypes = [ct.c_int, ct.POINTER(_TestRunOpts)]
-        _libbpf.bpf_prog_test_run_opts.restype = ct.c_int
-    return _libbpf
+    handle = libbpf.lib()
+    handle.bpf_prog_test_run_opts.argtypes = [ct.c_int, ct.POINTER(_TestRunOpts)]  # declared where the struct is
+    return handle
 
 
 @dataclass(frozen=True)

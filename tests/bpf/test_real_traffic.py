@@ -142,12 +142,13 @@ def add_intruder_filter(pins: Path, ifname: str, where: str = "ingress", prio: i
     `where`, by default at skyguard's priority with another handle. Returns its pin (remove it)."""
     from bcc import BPF
 
-    from skyguard.datapath.datapath import TC_PRIO, _pin_fd
+    from skyguard.datapath import libbpf
+    from skyguard.datapath.datapath import TC_PRIO
 
     program = BPF(text=b"int intruder(struct __sk_buff *skb) { return 0; /* TC_ACT_OK */ }")
     fn = program.load_func(b"intruder", BPF.SCHED_CLS)
     pin = pins / f"intruder-{ifname}-{where}"
-    _pin_fd(fn.fd, pin)
+    libbpf.pin(fn.fd, pin)
     sh("tc", "filter", "add", "dev", ifname, where, "prio", str(prio or TC_PRIO), "handle", "2", "bpf",
        "direct-action", "object-pinned", str(pin))
     return pin
