@@ -32,6 +32,7 @@ from pathlib import Path
 import asyncssh
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from skyguard import fsutil
 from skyguard.admin import access, keys
 from skyguard.admin.decisionlog import DecisionLog
 from skyguard.admin.ratelimit import AuthFailureLimiter
@@ -105,10 +106,7 @@ class VmHostKeys:
         pinned = pins.get(workload)
         if pinned is None:
             pins[workload] = " ".join(line)
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(json.dumps(pins, indent=1, sort_keys=True))
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, self.path)
+            fsutil.write_private(self.path, json.dumps(pins, indent=1, sort_keys=True).encode())
             log.info("pinned host key of %s: %s", workload, keys.fingerprint(key))
             return True
         return pinned.split()[:2] == line

@@ -26,6 +26,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from skyguard import fsutil
 from skyguard.admin.decisionlog import DecisionLog
 from skyguard.errors import AdminError, BadInput
 
@@ -57,14 +58,7 @@ def sha256_file(path: Path) -> str:
 
 
 def _atomic_write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    fsutil.write_private(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())
 
 
 class SessionRecording:

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from skyguard import fsutil
 from skyguard.custody.pemload import load_cert_chain_from_memory
 from skyguard.errors import CredentialError
 
@@ -107,8 +108,8 @@ class CertificateAuthority:
         # Written under temporary names and renamed cert-last, so a concurrent reader sees either
         # no CA or a whole one; if another process won the race, use its CA.
         suffix = f".tmp-{os.getpid()}"
-        _write_private(key_path.with_name(CA_KEY_FILE + suffix), key_pem)
-        _write_private(cert_path.with_name(CA_CERT_FILE + suffix), cert.public_bytes(serialization.Encoding.PEM))
+        fsutil.create_private(key_path.with_name(CA_KEY_FILE + suffix), key_pem)
+        fsutil.create_private(cert_path.with_name(CA_CERT_FILE + suffix), cert.public_bytes(serialization.Encoding.PEM))
         if key_path.exists() or cert_path.exists():
             for name in (CA_KEY_FILE, CA_CERT_FILE):
                 (self.directory / (name + suffix)).unlink(missing_ok=True)
@@ -167,10 +168,3 @@ def new_server_context() -> ssl.SSLContext:
     return context
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+from skyguard import fsutil
 from skyguard.errors import BadInput, CredentialError
 
 SEALING_KEY_FILE = "sealing.key"
@@ -139,7 +140,7 @@ class SecretStore:
         ciphertext = aead.encrypt(nonce, value, _canonical(header))
         record = dict(header, nonce=base64.b64encode(nonce).decode(),
                       ciphertext=base64.b64encode(ciphertext).decode())
-        self._atomic_write(self._path(name), json.dumps(record, sort_keys=True).encode() + b"\n")
+        fsutil.write_private(self._path(name), json.dumps(record, sort_keys=True).encode() + b"\n")
         return header
 
     def get(self, name: str) -> Secret:
@@ -191,7 +192,7 @@ class SecretStore:
                 raise CredentialError(
                     f"no secret named {name!r} in {self.directory}; `skyguard secret list` shows the names"
                 ) from None
-            self._fsync_dir()
+            fsutil.fsync_directory(self.directory)
 
     def get_or_create(self, name: str, make_value, metadata: dict | None = None) -> Secret:
         """The value of `name`, sealing make_value() under it first if it does not exist. Used for
@@ -259,19 +260,14 @@ class SecretStore:
             # Create under a temporary name and link() into place: link fails if another process
             # won the race, and then both use the winner's key.
             tmp = self.key_file.with_name(f".{self.key_file.name}.{os.getpid()}.{_random.token_hex(4)}")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, _random.token_bytes(KEY_BYTES))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsutil.create_private(tmp, _random.token_bytes(KEY_BYTES))
             try:
                 os.link(tmp, self.key_file)
             except FileExistsError:
                 pass
             finally:
                 tmp.unlink()
-            self._fsync_dir(self.key_file.parent)
+            fsutil.fsync_directory(self.key_file.parent)
         st = self.key_file.stat()
         if stat.S_IMODE(st.st_mode) & 0o077:
             # Fail closed: a key others could read seals nothing.
@@ -294,26 +290,5 @@ class SecretStore:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
-        finally:
-            os.close(fd)
-
-    def _atomic_write(self, path: Path, data: bytes) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{_random.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        os.replace(tmp, path)
-        self._fsync_dir()
-
-    def _fsync_dir(self, directory: Path | None = None) -> None:
-        fd = os.open(directory or self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
         finally:
             os.close(fd)

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import (Encoding, NoEncryption, PrivateFormat,
                                                           load_pem_private_key)
 
+from skyguard import fsutil
 from skyguard.errors import LogError
 from skyguard.tlog.checkpoint import Signer
 
@@ -47,19 +48,7 @@ def load_or_create_host_key(state_dir: Path, create: bool = True) -> Ed25519Priv
         _ensure_private_dir(path.parent)
         key = Ed25519PrivateKey.generate()
         pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, pem)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)  # never a half-written key under the real name
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsutil.write_private(path, pem)  # never a half-written key under the real name
         return key
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:

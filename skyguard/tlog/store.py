@@ -33,6 +33,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from skyguard import fsutil
 from skyguard.errors import LogError
 from skyguard.tlog import records
 from skyguard.tlog.checkpoint import Checkpoint, Signer, Verifier
@@ -57,14 +58,6 @@ _SEGMENT_RE = re.compile(r"^seg-(\d{20})\.log$")
 
 def segment_name(first_index: int) -> str:
     return f"seg-{first_index:020d}.log"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_all(fd: int, data) -> None:
@@ -261,13 +254,7 @@ class LogWriter:
                 raise BadLogInput(f"segment_entries must be a multiple of {NODE_SPAN}")
             meta = {"version": FORMAT_VERSION, "origin": origin or self.signer.name,
                     "verifier_key": self.signer.verifier.vkey(), "segment_entries": segment_entries}
-            tmp = d / (META_FILE + ".tmp")
-            tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-            fd = os.open(tmp, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
-            os.replace(tmp, d / META_FILE)
-            fsync_dir(d)
+            fsutil.write_private(d / META_FILE, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
         meta = _read_meta(d)
         recorded = Verifier.from_vkey(meta["verifier_key"])
         if (recorded.public_key == self.signer.verifier.public_key
@@ -356,7 +343,7 @@ class LogWriter:
         if self._segment_first is not None:
             self._segment_fd = os.open(d / segment_name(firsts[-1]), os.O_WRONLY | os.O_APPEND)
         self._cp_fd = os.open(self._cp_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        fsync_dir(d)
+        fsutil.fsync_directory(d)
         self._last_checkpoint_time = time.monotonic()
         self._checkpointed_size = covered
 
@@ -372,7 +359,7 @@ class LogWriter:
             os.fsync(fd)
         finally:
             os.close(fd)
-        fsync_dir(torn)
+        fsutil.fsync_directory(torn)
         log.warning("signed log %s: cut a torn tail of %d bytes at offset %d (%s); kept in %s",
                     path.name, len(buf) - good_end, good_end, problem, keep)
 
@@ -558,7 +545,7 @@ class LogWriter:
         path = self.directory / segment_name(first)
         self._segment_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         # The new file's name must be durable before any entry in it is acknowledged.
-        fsync_dir(self.directory)
+        fsutil.fsync_directory(self.directory)
         self._segment_first = first
         self._segment_count = 0
         self._tail_start = first

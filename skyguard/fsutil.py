@@ -1,0 +1,51 @@
+"""Private files written durably: the one way skyguard writes a file that must never be seen
+half-written or by another user (keys, sealed secrets, pinned host keys, session metadata).
+
+write_private() replaces a file atomically: a crash leaves the old file or the new one, never a
+mix, and no moment exists where the data is on disk with a wider mode. Not for append-only
+files (the signed log keeps its own segment files).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+
+def create_private(path: Path, data: bytes) -> None:
+    """Create `path` (which must not exist) with mode 0600 and `data`, flushed to disk."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        Path(path).unlink(missing_ok=True)
+        raise
+    os.close(fd)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` (mode 0600): temporary file beside it, fsync, rename, fsync the
+    directory."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    create_private(tmp, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename or a new name in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
