@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import ipaddress
+import struct
 
 DIR_EGRESS = 0  # what the VM sends (sg_from_vm)
 DIR_INGRESS = 1  # what the VM receives (sg_to_vm)
@@ -122,6 +123,13 @@ class CtVal(ct.Structure):  # struct sg_ct_val
         ("direction", ct.c_uint8),
         ("state", ct.c_uint8),
     ]
+
+
+# struct sg_ct_key / sg_ct_val for bulk unpacking (batch reads); ports in network order.
+CT_KEY = struct.Struct("<IB3x16s16sHH")
+CT_VAL = struct.Struct("<QQQIIHBB")  # expires_ns, packets, bytes, gen, rule_id, zone, direction, state
+CT_VAL_PADDED = struct.Struct("<QQQIIHBB4x")  # as the kernel lays out an array of them
+assert CT_KEY.size == ct.sizeof(CtKey) and CT_VAL_PADDED.size == ct.sizeof(CtVal)
 
 
 class FragKey(ct.Structure):  # struct sg_frag_key

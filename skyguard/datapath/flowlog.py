@@ -27,7 +27,6 @@ import collections
 import ctypes as ct
 import json
 import logging
-import os
 import queue
 import socket
 import struct
@@ -56,13 +55,7 @@ BPF_NOEXIST = 1
 
 # struct sg_event (abi.Event), with the two network-order ports read raw.
 _EVENT = struct.Struct("<QIIHBBBBH16s16sHHII4x")  # 4 bytes of tail padding
-# struct sg_ct_key / sg_ct_val (abi.CtKey / abi.CtVal); ports network order.
-_CT_KEY = struct.Struct("<IB3x16s16sHH")
-_CT_VAL = struct.Struct("<QQQIIHBB")
-_CT_VAL_PADDED = struct.Struct("<QQQIIHBB4x")  # as the kernel lays out an array of them
 assert _EVENT.size == ct.sizeof(abi.Event)
-assert _CT_KEY.size == ct.sizeof(abi.CtKey)
-assert _CT_VAL_PADDED.size == ct.sizeof(abi.CtVal)
 
 
 # The same bytes as skyguard.tlog.entries.canonical (sorted keys, no spaces, UTF-8), without its
@@ -510,7 +503,7 @@ class FlowLogger:
         seen: dict[bytes, tuple] = {}
         ended: list[tuple[bytes, tuple, str]] = []
         prev = self._ct_prev
-        for k, val in _dump(table, _CT_KEY.size, _CT_VAL_PADDED):
+        for k, val in libbpf.dump(table, abi.CT_KEY.size, abi.CT_VAL_PADDED):
             expires, packets, state = val[0], val[1], val[7]
             if expires <= now:
                 ended.append((k, val, "expired"))
@@ -526,7 +519,7 @@ class FlowLogger:
         for k, val, why in ended:
             kbuf = ct.create_string_buffer(k, len(k))
             if libbpf.lib().bpf_map_lookup_and_delete_elem(fd, kbuf, raw_val) == 0:
-                current = _CT_VAL.unpack_from(bytes(raw_val))
+                current = abi.CT_VAL.unpack_from(bytes(raw_val))
                 revived = current[0] > now if why == "expired" else current[1] != val[1]
                 if revived:
                     # A packet came between the read and the delete: the flow lives on.
@@ -555,7 +548,7 @@ class FlowLogger:
         return out
 
     def _ct_record(self, k: bytes, val: tuple, why: str, when: int) -> dict:
-        ifindex, proto, saddr, daddr, sport, dport = _CT_KEY.unpack(k)
+        ifindex, proto, saddr, daddr, sport, dport = abi.CT_KEY.unpack(k)
         _exp, packets, nbytes, _gen, rule_id, zone, direction, _state = val
         rec = self._flow_fields(ifindex, zone, direction, proto, saddr, daddr, socket.ntohs(sport),
                                 socket.ntohs(dport))
@@ -665,38 +658,3 @@ def _open_ring(datapath, sink) -> None:
 
     datapath.events().open_ring_buffer(forward)
     _RING_SINKS[datapath] = holder
-
-
-def _dump(table, key_size: int, value_struct: struct.Struct, chunk: int = 8192):
-    """(key bytes, unpacked value) of every entry of a hash map, by BPF_MAP_LOOKUP_BATCH (one
-    syscall per `chunk` entries instead of two per entry; values unpacked in bulk)."""
-    lib = libbpf.lib()
-    fd = table.map_fd
-    value_size = value_struct.size
-    opts = libbpf.batch_opts()
-    in_batch = ct.create_string_buffer(8)
-    out_batch = ct.create_string_buffer(8)
-    first = True
-    keys = ct.create_string_buffer(chunk * key_size)
-    values = ct.create_string_buffer(chunk * value_size)
-    while True:
-        count = ct.c_uint32(chunk)
-        rc = lib.bpf_map_lookup_batch(fd, None if first else in_batch, out_batch, keys, values,
-                                      ct.byref(count), ct.byref(opts))
-        err = ct.get_errno() if rc else 0
-        if rc and err == 28 and count.value == 0:  # ENOSPC: one bucket holds more than chunk
-            chunk *= 2
-            keys = ct.create_string_buffer(chunk * key_size)
-            values = ct.create_string_buffer(chunk * value_size)
-            continue
-        got = count.value
-        kraw = keys.raw[:got * key_size]
-        vraw = values.raw[:got * value_size]
-        for i, val in enumerate(value_struct.iter_unpack(vraw)):
-            yield kraw[i * key_size:(i + 1) * key_size], val
-        if rc:
-            if err == 2:  # ENOENT: that was the last batch
-                return
-            raise DatapathError(f"reading a BPF map in batches failed: {os.strerror(err)}")
-        ct.memmove(in_batch, out_batch, 8)
-        first = False

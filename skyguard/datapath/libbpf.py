@@ -1,5 +1,6 @@
 """The system libbpf.so.1 through ctypes, for the calls bcc 0.26 does not wrap: pinning an fd,
-batch map reads, a program's info by fd or by id (and BPF_PROG_RUN, declared in progrun.py).
+batch map reads (dump, count: one syscall per few thousand entries where bcc makes two per
+entry), a program's info by fd or by id (and BPF_PROG_RUN, declared in progrun.py).
 One handle per process, with argument types declared here once.
 
 Not a binding of libbpf: only what skyguard calls. Errors come back as DatapathError naming the
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import os
+import struct
 from dataclasses import dataclass
 
 from skyguard.errors import DatapathError
@@ -40,6 +42,55 @@ class BatchOpts(ct.Structure):  # struct bpf_map_batch_opts
 
 def batch_opts() -> BatchOpts:
     return BatchOpts(sz=ct.sizeof(BatchOpts))
+
+
+def dump(table, key_size: int, value_struct: struct.Struct, chunk: int = 8192):
+    """(key bytes, unpacked value) of every entry of a hash map, by BPF_MAP_LOOKUP_BATCH (one
+    syscall per `chunk` entries instead of two per entry; values unpacked in bulk)."""
+    handle = lib()
+    fd = table.map_fd
+    value_size = value_struct.size
+    opts = batch_opts()
+    in_batch = ct.create_string_buffer(8)
+    out_batch = ct.create_string_buffer(8)
+    first = True
+    keys = ct.create_string_buffer(chunk * key_size)
+    values = ct.create_string_buffer(chunk * value_size)
+    while True:
+        asked = ct.c_uint32(chunk)  # in: room for; out: entries returned
+        rc = handle.bpf_map_lookup_batch(fd, None if first else in_batch, out_batch, keys, values,
+                                         ct.byref(asked), ct.byref(opts))
+        err = ct.get_errno() if rc else 0
+        if rc and err == 28 and asked.value == 0:  # ENOSPC: one bucket holds more than chunk
+            chunk *= 2
+            keys = ct.create_string_buffer(chunk * key_size)
+            values = ct.create_string_buffer(chunk * value_size)
+            continue
+        got = asked.value
+        kraw = keys.raw[:got * key_size]
+        vraw = values.raw[:got * value_size]
+        for i, val in enumerate(value_struct.iter_unpack(vraw)):
+            yield kraw[i * key_size:(i + 1) * key_size], val
+        if rc:
+            if err == 2:  # ENOENT: that was the last batch
+                return
+            raise DatapathError(f"reading a BPF map in batches failed: {os.strerror(err)}")
+        ct.memmove(in_batch, out_batch, 8)
+        first = False
+
+
+def count(table) -> int:
+    """Entries in a map: arrays hold max_entries; hash and LRU maps are counted by batch reads;
+    maps without batch support (LPM tries) one key at a time."""
+    from bcc.table import ArrayBase
+
+    if isinstance(table, ArrayBase):
+        return table.max_entries
+    value = struct.Struct(f"{ct.sizeof(table.Leaf)}s")
+    try:
+        return sum(1 for _ in dump(table, ct.sizeof(table.Key), value))
+    except DatapathError:
+        return sum(1 for _ in table.keys())
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,8 @@ def _collector_up(name: str, up: bool) -> GaugeMetricFamily:
 class DatapathCollector(Collector):
     """Reads the eBPF datapath at scrape time.
 
-    datapath: a Datapath (counters(), flows(), attached(), occupancy(), optionally learned()) or a
+    datapath: a Datapath (counters(), active_flows_by_zone(), attached(), occupancy(), optionally
+    learned()) or a
     callable returning
     one (or None while there is none). policy: the active Policy or a callable returning it; it
     bounds zone labels and maps interfaces to workloads.
@@ -163,9 +164,9 @@ class DatapathCollector(Collector):
         flows = GaugeMetricFamily("skyguard_active_flows", "Unexpired connection-tracking entries, by zone",
                                   labels=["zone"])
         per_zone = {z: 0 for z in policy.zones}
-        for flow in dp.flows():
-            zone = policy.zone(flow.get("zone"))
-            per_zone[zone] = per_zone.get(zone, 0) + 1
+        for zone, n in dp.active_flows_by_zone().items():
+            zone = policy.zone(zone)
+            per_zone[zone] = per_zone.get(zone, 0) + n
         for zone, n in sorted(per_zone.items()):
             flows.add_metric([zone], n)
         return [flows]

@@ -45,6 +45,12 @@ class ScriptedDatapath:
     def flows(self):
         return self.flow_rows
 
+    def active_flows_by_zone(self):
+        per_zone = {}
+        for row in self.flows():
+            per_zone[row["zone"]] = per_zone.get(row["zone"], 0) + 1
+        return per_zone
+
     def attached(self):
         return self.programs
 

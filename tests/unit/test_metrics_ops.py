@@ -41,6 +41,12 @@ class OneOfEverything:
     def flows(self):
         return []
 
+    def active_flows_by_zone(self):
+        per_zone = {}
+        for row in self.flows():
+            per_zone[row["zone"]] = per_zone.get(row["zone"], 0) + 1
+        return per_zone
+
     def attached(self):
         return {}
 
