@@ -23,10 +23,10 @@ import threading
 import time
 from pathlib import Path
 
-from skyguard import config
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from skyguard import config
 from skyguard.datapath import abi, hooks, libbpf, loader
 from skyguard.datapath.compile import Compiled, compile_policy
 from skyguard.datapath.reasons import reason_name
