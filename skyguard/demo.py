@@ -180,6 +180,7 @@ class Demo:
         self.daemon = None
         self.helpers: list[subprocess.Popen] = []
         self.log_mark = 0  # log size before the current step
+        self.upstream_mark = 0  # size of the lab echo server's request log before the current step
         self.ca_file = self.workdir / "skyguard-ca.pem"  # what the VMs trust for intercepted HTTPS
         self.real_token = ""
 
@@ -276,6 +277,7 @@ class Demo:
                 self.lab.exec(step.vm, cmd, capture_output=True)
             before = self.control("status")["counters"]
             self.log_mark = self.log_size()
+            self.upstream_mark = self.lab.requests_log.stat().st_size if self.lab.requests_log.exists() else 0
             argv = [str(self.ca_file) if a == "{ca}" else a for a in step.argv]
             done = self.lab.exec(step.vm, argv, capture_output=True, text=True)
             step.got = "allowed" if done.returncode == 0 else "denied"
@@ -306,8 +308,12 @@ class Demo:
         return "rule " + ", ".join(sorted(rules)) if rules else "allowed"
 
     def upstream_saw_secret(self) -> str:
-        """Did the lab's echo server (standing in for GitHub) receive the real token?"""
-        seen = self.real_token in self.lab.requests_log.read_text() if self.lab.requests_log.exists() else False
+        """Did the lab's echo server (standing in for GitHub) receive the real token in this step?"""
+        if not self.lab.requests_log.exists():
+            return ""
+        with open(self.lab.requests_log, "rb") as log:
+            log.seek(self.upstream_mark)
+            seen = self.real_token.encode() in log.read()
         return "; api.github.test received the real token" if seen else ""
 
     def logged(self, workload: str, kind: str, describe) -> str:
