@@ -162,8 +162,10 @@ def serve_skyguard(port: int, upstream_port: int, stats_path: str) -> None:
             pauses.setdefault(info["generation"], []).append(time.perf_counter() - started[0])
 
     def write_stats(*_):
-        hist = resolver.metrics.learn_latency.collect()[0]
-        buckets = [(s.labels["le"], s.value) for s in hist.samples if s.name.endswith("_bucket")]
+        buckets = [(sample.labels["le"], sample.value)
+                   for family in resolver.metrics.registry.collect()
+                   if family.name == "skyguard_dns_learn_seconds"
+                   for sample in family.samples if sample.name.endswith("_bucket")]
         gc_pauses = {str(g): {"count": len(v), "max_ms": round(max(v) * 1e3, 3),
                               "total_ms": round(sum(v) * 1e3, 3)} for g, v in sorted(pauses.items())}
         Path(stats_path).write_text(json.dumps({"learn_buckets": buckets, "gc_pauses": gc_pauses}))
