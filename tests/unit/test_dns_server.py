@@ -203,3 +203,42 @@ def test_steering_ruleset_redirects_both_protocols_from_named_interfaces_only():
 def test_steering_rejects_bad_input(interfaces, port):
     with pytest.raises(DnsError):
         steering.ruleset(interfaces, port)
+
+
+def _on_loop(proxy, fn):
+    """Run fn on the proxy's loop thread (its state belongs to that thread) and return its value."""
+    async def call():
+        return fn()
+    return asyncio.run_coroutine_threadsafe(call(), proxy.loop).result(5)
+
+
+def test_every_unanswered_query_times_out_once_and_nothing_stays_waiting(make_proxy):
+    # One deadline sweep serves all queries in flight: queries sent at different moments must
+    # each get their SERVFAIL, once, and leave no deadline behind.
+    up = FakeUpstream("silent")
+    proxy = make_proxy([Upstream("127.0.0.1", up.port)], timeout=0.2)
+    results, threads = [], []
+    for i in range(6):
+        t = threading.Thread(target=lambda i=i: results.append(proxy.ask(f"www.s{i}.test")))
+        threads.append(t)
+        t.start()
+        threading.Event().wait(0.03)  # staggered: the deadlines differ
+    for t in threads:
+        t.join(10)
+    assert sorted(r.header.rcode for r in results) == [RCODE.SERVFAIL] * 6
+    assert proxy.resolver.metrics.upstream_errors.labels("timeout")._value.get() == 6
+    assert up.seen == 6
+    assert _on_loop(proxy, lambda: len(proxy.server._deadlines)) == 0
+    up.close()
+
+
+def test_answered_queries_leave_no_deadline_and_a_later_timeout_still_fires(make_proxy):
+    honest = FakeUpstream()
+    proxy = make_proxy([Upstream("127.0.0.1", honest.port)], timeout=0.2)
+    for i in range(20):
+        assert proxy.ask(f"www.s{i}.test").header.rcode == RCODE.NOERROR
+    assert _on_loop(proxy, lambda: len(proxy.server._deadlines)) == 0
+    honest.mode = "silent"  # the sweep armed by the answered queries must still time this out
+    assert proxy.ask("www.late.test").header.rcode == RCODE.SERVFAIL
+    assert _on_loop(proxy, lambda: len(proxy.server._deadlines)) == 0
+    honest.close()
