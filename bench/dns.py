@@ -197,12 +197,16 @@ def serve_skyguard(port: int, upstream_port: int, stats_path: str) -> None:
 
 # ---- driver ------------------------------------------------------------------------------
 
-def wait_port(port: int, timeout=10.0) -> None:
+def wait_port(port: int, server: subprocess.Popen | None = None, timeout=10.0) -> None:
+    """Until something answers a query on port; fails at once if server (its process) exits."""
     query = bytes.fromhex("abcd01000001000000000000") + b"\x03www\x05site0\x04test\x00\x00\x01\x00\x01"
     deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(0.3)
         while time.monotonic() < deadline:
+            if server is not None and server.poll() is not None:
+                raise RuntimeError(f"the server for port {port} ({' '.join(map(str, server.args[:3]))}"
+                                   f" ...) exited with status {server.returncode}; its error is above")
             s.sendto(query, ("127.0.0.1", port))
             try:
                 s.recv(4096)
@@ -272,6 +276,13 @@ def load_average() -> list[float]:
     return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(steal, total) jiffies of all CPUs: steal is time the hypervisor ran something else while
+    this VM's vCPUs wanted to run, a tail no process in the VM can shorten."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (fields[7] if len(fields) > 7 else 0), sum(fields)
+
+
 def main(port_base: int) -> None:
     skyguard_port, dnslib_port, unbound_port = port_base, port_base + 1, port_base + 2
     relay_port = port_base + 3
@@ -290,18 +301,18 @@ def main(port_base: int) -> None:
     procs = []
     try:
         procs.append(subprocess.Popen(["unbound", "-c", str(conf)], stderr=subprocess.DEVNULL))
-        wait_port(unbound_port)
+        wait_port(unbound_port, procs[-1])
         py = sys.executable
-        procs.append(subprocess.Popen([py, __file__, "--serve-dnslib", str(dnslib_port),
-                                       str(unbound_port)]))
+        dnslib = subprocess.Popen([py, __file__, "--serve-dnslib", str(dnslib_port),
+                                   str(unbound_port)])
         skyguard = subprocess.Popen([py, __file__, "--serve-skyguard", str(skyguard_port),
                                      str(unbound_port), str(stats_path)])
-        procs.append(skyguard)
-        procs.append(subprocess.Popen([py, __file__, "--serve-relay", str(relay_port),
-                                       str(unbound_port)]))
-        wait_port(dnslib_port)
-        wait_port(skyguard_port)
-        wait_port(relay_port)
+        relay = subprocess.Popen([py, __file__, "--serve-relay", str(relay_port),
+                                  str(unbound_port)])
+        procs += [dnslib, skyguard, relay]
+        wait_port(dnslib_port, dnslib)
+        wait_port(skyguard_port, skyguard)
+        wait_port(relay_port, relay)
 
         results = {}
         for label, port in (("unbound", unbound_port), ("dnslib", dnslib_port),
@@ -317,6 +328,7 @@ def main(port_base: int) -> None:
         latencies(skyguard_port, queries, 1)
         latencies(relay_port, queries, 1)
         skyguard.send_signal(signal.SIGUSR1)  # count GC pauses from here on
+        steal_before, total_before = cpu_ticks()
         sides = [("unbound", unbound_port), ("relay", relay_port), ("skyguard", skyguard_port)]
         pooled = {label: [] for label, _ in sides}
         lost = {label: 0 for label, _ in sides}
@@ -337,6 +349,8 @@ def main(port_base: int) -> None:
                 f"{ROUND_SECONDS:g}s each, p99: unbound {this_round['unbound']:.3f} ms, "
                 f"bare relay {this_round['relay']:.3f} ms, skyguard {this_round['skyguard']:.3f} "
                 f"ms (added {added:.3f} ms)")
+        steal_after, total_after = cpu_ticks()
+        steal_percent = 100.0 * (steal_after - steal_before) / max(1, total_after - total_before)
         for label in pooled:
             results[label]["latency"] = summarise(pooled[label])
             results[label]["latency"]["lost"] = lost[label]
@@ -378,13 +392,14 @@ def main(port_base: int) -> None:
         "added_p99_ms_median_of_rounds": round(sorted(rounds)[len(rounds) // 2], 3),
         "bare_relay_added_ms_at_1k_qps": relay_added,
         "bare_relay_latency": relay,
-        "latency_method": f"{ROUNDS} alternating rounds x {ROUND_SECONDS:g}s at {LATENCY_QPS} "
-                          "qps per side, samples pooled; added = skyguard percentile - unbound "
-                          "percentile",
+        "latency_method": f"{ROUNDS} rounds x {ROUND_SECONDS:g}s at {LATENCY_QPS} qps per side, "
+                          "sides in rotating order, samples pooled; added = skyguard percentile "
+                          "- unbound percentile (so an unlucky unbound tail can make it negative)",
         "p99_ms": {"unbound": direct["p99_ms"], "skyguard": sky["p99_ms"]},
         "answer_to_learned_p99_le_ms": learn_p99 * 1e3 if learn_p99 is not None else None,
         "skyguard_gc_pauses_while_measuring": stats.get("gc_pauses"),
         "load_average_before_after": [load_before, load_average()],
+        "cpu_steal_percent_while_measuring_latency": round(steal_percent, 2),
         "host": {"kernel": os.uname().release, "cpus": os.cpu_count()},
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "details": results,
