@@ -37,6 +37,8 @@ TCP_MAX_QUERIES = 1000  # per connection, then we close it
 TCP_MAX_CONNECTIONS_PER_CLIENT = 16
 MAX_QUERY_SIZE = 4096  # a real query is < 300 octets; bigger ones over TCP are closed on
 MAX_TCP_REPLY = 65535
+DEADLINE_SLACK = 0.001  # seconds early a deadline may fire: uvloop rounds timers to whole ms, and
+# a sweep woken a fraction of a ms early must not find nothing and re-arm in a tight loop
 STATE_FLUSH_SECONDS = 5.0  # how often refreshed learned state is written (new IPs: at once)
 
 
@@ -328,7 +330,7 @@ class DnsServer:
         now = loop.time()
         expired = []
         for pending, deadline in self._deadlines.items():
-            if deadline > now:
+            if deadline > now + DEADLINE_SLACK:
                 break
             expired.append(pending)
         for pending in expired:

@@ -17,6 +17,7 @@ from skyguard.dns import steering
 from skyguard.dns.interfaces import ListLog, PolicyDirectory
 from skyguard.dns.resolver import DnsPolicyResolver
 from skyguard.dns.server import DnsServer, Upstream
+from skyguard.dns.service import new_event_loop
 from skyguard.errors import DnsError
 from skyguard.policy.model import (Destination, DnsConfig, Policy, PortRange, Rule, Workload,
                                    Zone)
@@ -86,13 +87,13 @@ class FakeUpstream:
 
 
 class Proxy:
-    def __init__(self, upstreams, timeout=0.3):
+    def __init__(self, upstreams, timeout=0.3, loop_factory=asyncio.new_event_loop):
         self.learner, self.log = Learner(), ListLog()
         p = policy()
         self.resolver = DnsPolicyResolver(p, PolicyDirectory(p), self.learner, log=self.log)
         self.server = DnsServer(self.resolver, upstreams, listen=[("127.0.0.1", 0)],
                                 upstream_timeout=timeout)
-        self.loop = asyncio.new_event_loop()
+        self.loop = loop_factory()
         self.loop.run_until_complete(self.server.start())
         self.port = self.server.bound[0][1]
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -212,11 +213,18 @@ def _on_loop(proxy, fn):
     return asyncio.run_coroutine_threadsafe(call(), proxy.loop).result(5)
 
 
-def test_every_unanswered_query_times_out_once_and_nothing_stays_waiting(make_proxy):
+# The daemon runs the proxy on uvloop (whose timers have whole-ms resolution), tests elsewhere on
+# the stock loop: the deadline sweep is checked on both.
+LOOPS = pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, new_event_loop],
+                                ids=["asyncio", "service-loop"])
+
+
+@LOOPS
+def test_every_unanswered_query_times_out_once_and_nothing_stays_waiting(make_proxy, loop_factory):
     # One deadline sweep serves all queries in flight: queries sent at different moments must
     # each get their SERVFAIL, once, and leave no deadline behind.
     up = FakeUpstream("silent")
-    proxy = make_proxy([Upstream("127.0.0.1", up.port)], timeout=0.2)
+    proxy = make_proxy([Upstream("127.0.0.1", up.port)], timeout=0.2, loop_factory=loop_factory)
     results, threads = [], []
     for i in range(6):
         t = threading.Thread(target=lambda i=i: results.append(proxy.ask(f"www.s{i}.test")))
@@ -232,9 +240,12 @@ def test_every_unanswered_query_times_out_once_and_nothing_stays_waiting(make_pr
     up.close()
 
 
-def test_answered_queries_leave_no_deadline_and_a_later_timeout_still_fires(make_proxy):
+@LOOPS
+def test_answered_queries_leave_no_deadline_and_a_later_timeout_still_fires(make_proxy,
+                                                                           loop_factory):
     honest = FakeUpstream()
-    proxy = make_proxy([Upstream("127.0.0.1", honest.port)], timeout=0.2)
+    proxy = make_proxy([Upstream("127.0.0.1", honest.port)], timeout=0.2,
+                       loop_factory=loop_factory)
     for i in range(20):
         assert proxy.ask(f"www.s{i}.test").header.rcode == RCODE.NOERROR
     assert _on_loop(proxy, lambda: len(proxy.server._deadlines)) == 0
