@@ -20,6 +20,10 @@ and no signed log (those costs belong to their own benchmarks), on uvloop and wi
 latency settings the daemon applies (skyguard.dns.latency). Its garbage-collector pauses are
 counted and reported.
 
+`--compare-with TREE` adds the proxy of another source tree (run by this file's harness over
+that tree's skyguard package) to the throughput runs and the latency rounds: a before/after
+comparison in which both sides share the machine's noise (PORT_BASE+4).
+
 Not a test: it asserts nothing. Progress goes to stderr; the last stdout line is one JSON object
 (also written to bench/results/dns.json). Run: `bench/run dns` or `python bench/dns.py` (root
 not needed).
@@ -43,6 +47,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
+if os.environ.get("SKYGUARD_BENCH_DNS_TREE"):  # --compare-with: that tree's skyguard package
+    sys.path.insert(0, os.environ["SKYGUARD_BENCH_DNS_TREE"])
 
 from _common import RESULTS_DIR, progress  # noqa: E402
 
@@ -283,9 +289,12 @@ def cpu_ticks() -> tuple[int, int]:
     return (fields[7] if len(fields) > 7 else 0), sum(fields)
 
 
-def main(port_base: int) -> None:
+def main(port_base: int, compare_tree: Path | None = None) -> None:
     skyguard_port, dnslib_port, unbound_port = port_base, port_base + 1, port_base + 2
-    relay_port = port_base + 3
+    relay_port, compared_port = port_base + 3, port_base + 4
+    if compare_tree is not None and not (compare_tree / "skyguard" / "dns" / "server.py").is_file():
+        sys.exit(f"--compare-with {compare_tree}: no skyguard/dns/server.py there; give the root "
+                 "of a skyguard source tree (e.g. from `git archive COMMIT | tar -x -C DIR`)")
     for tool in ("dnsperf", "unbound"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is not installed: run scripts/setup (it installs dnsperf, unbound)")
@@ -313,10 +322,19 @@ def main(port_base: int) -> None:
         wait_port(dnslib_port, dnslib)
         wait_port(skyguard_port, skyguard)
         wait_port(relay_port, relay)
+        targets = [("unbound", unbound_port), ("dnslib", dnslib_port), ("skyguard", skyguard_port)]
+        if compare_tree is not None:
+            # The same proxy harness (this file) over the other tree's skyguard package.
+            compared = subprocess.Popen(
+                [py, __file__, "--serve-skyguard", str(compared_port), str(unbound_port),
+                 str(work / "compared-stats.json")],
+                env={**os.environ, "SKYGUARD_BENCH_DNS_TREE": str(compare_tree.resolve())})
+            procs.append(compared)
+            wait_port(compared_port, compared)
+            targets.append(("compared", compared_port))
 
         results = {}
-        for label, port in (("unbound", unbound_port), ("dnslib", dnslib_port),
-                            ("skyguard", skyguard_port)):
+        for label, port in targets:
             log(f"throughput through {label} for {DURATION:g}s ...")
             qps, lost = throughput(port, queries)
             log(f"  {label}: {qps:,.0f} queries/s, {lost:.2f}% lost")
@@ -327,9 +345,13 @@ def main(port_base: int) -> None:
         # land on all of them. A warm-up second first: the proxy's caches fill on first sight.
         latencies(skyguard_port, queries, 1)
         latencies(relay_port, queries, 1)
+        if compare_tree is not None:
+            latencies(compared_port, queries, 1)
         skyguard.send_signal(signal.SIGUSR1)  # count GC pauses from here on
         steal_before, total_before = cpu_ticks()
         sides = [("unbound", unbound_port), ("relay", relay_port), ("skyguard", skyguard_port)]
+        if compare_tree is not None:
+            sides.append(("compared", compared_port))
         pooled = {label: [] for label, _ in sides}
         lost = {label: 0 for label, _ in sides}
         rounds = []
@@ -369,6 +391,7 @@ def main(port_base: int) -> None:
 
     sky, direct = results["skyguard"]["latency"], results["unbound"]["latency"]
     relay = results.pop("relay")["latency"]
+    compared = results.pop("compared", None)
     added = {q: round(sky[f"{q}_ms"] - direct[f"{q}_ms"], 3) for q in ("p50", "p99", "p999")}
     relay_added = {q: round(relay[f"{q}_ms"] - direct[f"{q}_ms"], 3) for q in ("p50", "p99", "p999")}
     ratio = results["skyguard"]["qps"] / results["dnslib"]["qps"]
@@ -404,6 +427,16 @@ def main(port_base: int) -> None:
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "details": results,
     }
+    if compared is not None:
+        other = compared["latency"]
+        summary["compared_with"] = {
+            "tree": str(compare_tree), "qps": round(compared["qps"]),
+            "added_ms_at_1k_qps": {q: round(other[f"{q}_ms"] - direct[f"{q}_ms"], 3)
+                                   for q in ("p50", "p99", "p999")},
+            "latency": other}
+        log(f"compared tree {compare_tree}: {compared['qps']:,.0f} queries/s, added p50 "
+            f"{summary['compared_with']['added_ms_at_1k_qps']['p50']:.3f} ms, p99 "
+            f"{summary['compared_with']['added_ms_at_1k_qps']['p99']:.3f} ms")
     log(f"added latency at {LATENCY_QPS} qps: p50 {added['p50']:.3f} ms, p99 {added['p99']:.3f} ms"
         f" (target <= {TARGET_ADDED_P99_MS:g}), p999 {added['p999']:.3f} ms; "
         f"throughput {ratio:.2f}x dnslib (target >= {TARGET_RATIO:g}x); a bare relay adds "
@@ -418,6 +451,10 @@ if __name__ == "__main__":
     parser.add_argument("--port-base", type=int, default=PORT_BASE,
                         help="loopback UDP ports BASE (skyguard), BASE+1 (dnslib), BASE+2 "
                              "(unbound); default $SKYGUARD_BENCH_DNS_PORT_BASE or 23100")
+    parser.add_argument("--compare-with", type=Path, metavar="TREE",
+                        help="also measure the proxy of another skyguard source tree (e.g. an "
+                             "older commit unpacked with git archive) in the same rounds: "
+                             "before/after figures that share the machine's noise")
     parser.add_argument("--serve-dnslib", nargs=2, type=int, metavar=("PORT", "UPSTREAM_PORT"))
     parser.add_argument("--serve-relay", nargs=2, type=int, metavar=("PORT", "UPSTREAM_PORT"))
     parser.add_argument("--serve-skyguard", nargs=3, metavar=("PORT", "UPSTREAM_PORT", "STATS"))
@@ -430,4 +467,4 @@ if __name__ == "__main__":
         serve_skyguard(int(args.serve_skyguard[0]), int(args.serve_skyguard[1]),
                        args.serve_skyguard[2])
     else:
-        main(args.port_base)
+        main(args.port_base, args.compare_with)
