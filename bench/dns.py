@@ -20,7 +20,7 @@ and no signed log (those costs belong to their own benchmarks), on uvloop and wi
 latency settings the daemon applies (skyguard.dns.latency). Its garbage-collector pauses are
 counted and reported.
 
-`--compare-with TREE` adds the proxy of another source tree (run by this file's harness over
+`--compare-with TREE` ($SKYGUARD_BENCH_DNS_COMPARE_WITH with bench/run) adds the proxy of another source tree (run by this file's harness over
 that tree's skyguard package) to the throughput runs and the latency rounds: a before/after
 comparison in which both sides share the machine's noise (PORT_BASE+4).
 
@@ -451,8 +451,10 @@ if __name__ == "__main__":
     parser.add_argument("--port-base", type=int, default=PORT_BASE,
                         help="loopback UDP ports BASE (skyguard), BASE+1 (dnslib), BASE+2 "
                              "(unbound); default $SKYGUARD_BENCH_DNS_PORT_BASE or 23100")
+    compare_default = os.environ.get("SKYGUARD_BENCH_DNS_COMPARE_WITH")
     parser.add_argument("--compare-with", type=Path, metavar="TREE",
-                        help="also measure the proxy of another skyguard source tree (e.g. an "
+                        default=Path(compare_default) if compare_default else None,
+                        help="($SKYGUARD_BENCH_DNS_COMPARE_WITH) also measure the proxy of another skyguard source tree (e.g. an "
                              "older commit unpacked with git archive) in the same rounds: "
                              "before/after figures that share the machine's noise")
     parser.add_argument("--serve-dnslib", nargs=2, type=int, metavar=("PORT", "UPSTREAM_PORT"))
