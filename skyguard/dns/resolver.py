@@ -270,12 +270,16 @@ class DnsPolicyResolver:
                     or header.qdcount != 1:
                 self.metrics.mismatched.inc()
                 return None
-            question = wire.read_question(reply)
             asked = decision.question
-            if question.key != asked.key or question.qtype != asked.qtype \
-                    or question.qclass != asked.qclass:
-                self.metrics.mismatched.inc()
-                return None
+            if reply[wire.HEADER_LEN:asked.end] == \
+                    decision.upstream_query[wire.HEADER_LEN:asked.end]:
+                question = asked  # the question echoed octet for octet (the usual case)
+            else:  # e.g. another letter case: parse and compare names case-insensitively
+                question = wire.read_question(reply)
+                if question.key != asked.key or question.qtype != asked.qtype \
+                        or question.qclass != asked.qclass:
+                    self.metrics.mismatched.inc()
+                    return None
         except wire.WireError:
             self.metrics.mismatched.inc()
             return None

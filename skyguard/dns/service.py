@@ -20,6 +20,7 @@ from pathlib import Path
 from skyguard import config
 from skyguard.dns import steering
 from skyguard.dns.interfaces import DecisionLog, Learner, PolicyDirectory, WorkloadDirectory
+from skyguard.dns.latency import settle_for_latency
 from skyguard.dns.learned import FILE_NAME, LearnedStore
 from skyguard.dns.metrics import DnsMetrics
 from skyguard.dns.resolver import DnsPolicyResolver
@@ -55,6 +56,7 @@ class DnsProxy:
         self.server = DnsServer(self.resolver, [Upstream.parse(u) for u in policy.dns.upstreams],
                                 listen=[("0.0.0.0", port), ("::", port)])
         self.relearned = 0
+        self.frozen_objects = 0  # set by start(): objects moved out of GC reach (latency.py)
 
     async def start(self) -> None:
         self.store.load()
@@ -63,6 +65,9 @@ class DnsProxy:
         if self.steer:
             steering.install([w.interface for w in self.policy.workloads()], self.port,
                              self.netns)
+        # Last: the heap built so far (policy, state, metrics, the daemon's modules) leaves the
+        # garbage collector's reach, so its pauses stay short while queries are in flight.
+        self.frozen_objects = settle_for_latency()
 
     def set_policy(self, policy: Policy) -> None:
         """Hot swap: new rules apply to the next query; steering follows the new interfaces."""

@@ -17,6 +17,7 @@ from skyguard.dns import steering
 from skyguard.dns.interfaces import ListLog, PolicyDirectory
 from skyguard.dns.resolver import DnsPolicyResolver
 from skyguard.dns.server import DnsServer, Upstream
+from skyguard.dns.service import new_event_loop
 from skyguard.errors import DnsError
 from skyguard.policy.model import (Destination, DnsConfig, Policy, PortRange, Rule, Workload,
                                    Zone)
@@ -86,13 +87,13 @@ class FakeUpstream:
 
 
 class Proxy:
-    def __init__(self, upstreams, timeout=0.3):
+    def __init__(self, upstreams, timeout=0.3, loop_factory=asyncio.new_event_loop):
         self.learner, self.log = Learner(), ListLog()
         p = policy()
         self.resolver = DnsPolicyResolver(p, PolicyDirectory(p), self.learner, log=self.log)
         self.server = DnsServer(self.resolver, upstreams, listen=[("127.0.0.1", 0)],
                                 upstream_timeout=timeout)
-        self.loop = asyncio.new_event_loop()
+        self.loop = loop_factory()
         self.loop.run_until_complete(self.server.start())
         self.port = self.server.bound[0][1]
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -203,3 +204,52 @@ def test_steering_ruleset_redirects_both_protocols_from_named_interfaces_only():
 def test_steering_rejects_bad_input(interfaces, port):
     with pytest.raises(DnsError):
         steering.ruleset(interfaces, port)
+
+
+def _on_loop(proxy, fn):
+    """Run fn on the proxy's loop thread (its state belongs to that thread) and return its value."""
+    async def call():
+        return fn()
+    return asyncio.run_coroutine_threadsafe(call(), proxy.loop).result(5)
+
+
+# The daemon runs the proxy on uvloop (whose timers have whole-ms resolution), tests elsewhere on
+# the stock loop: the deadline sweep is checked on both.
+LOOPS = pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, new_event_loop],
+                                ids=["asyncio", "service-loop"])
+
+
+@LOOPS
+def test_every_unanswered_query_times_out_once_and_nothing_stays_waiting(make_proxy, loop_factory):
+    # One deadline sweep serves all queries in flight: queries sent at different moments must
+    # each get their SERVFAIL, once, and leave no deadline behind.
+    up = FakeUpstream("silent")
+    proxy = make_proxy([Upstream("127.0.0.1", up.port)], timeout=0.2, loop_factory=loop_factory)
+    results, threads = [], []
+    for i in range(6):
+        t = threading.Thread(target=lambda i=i: results.append(proxy.ask(f"www.s{i}.test")))
+        threads.append(t)
+        t.start()
+        threading.Event().wait(0.03)  # staggered: the deadlines differ
+    for t in threads:
+        t.join(10)
+    assert sorted(r.header.rcode for r in results) == [RCODE.SERVFAIL] * 6
+    assert proxy.resolver.metrics.upstream_errors.labels("timeout")._value.get() == 6
+    assert up.seen == 6
+    assert _on_loop(proxy, lambda: len(proxy.server._deadlines)) == 0
+    up.close()
+
+
+@LOOPS
+def test_answered_queries_leave_no_deadline_and_a_later_timeout_still_fires(make_proxy,
+                                                                           loop_factory):
+    honest = FakeUpstream()
+    proxy = make_proxy([Upstream("127.0.0.1", honest.port)], timeout=0.2,
+                       loop_factory=loop_factory)
+    for i in range(20):
+        assert proxy.ask(f"www.s{i}.test").header.rcode == RCODE.NOERROR
+    assert _on_loop(proxy, lambda: len(proxy.server._deadlines)) == 0
+    honest.mode = "silent"  # the sweep armed by the answered queries must still time this out
+    assert proxy.ask("www.late.test").header.rcode == RCODE.SERVFAIL
+    assert _on_loop(proxy, lambda: len(proxy.server._deadlines)) == 0
+    honest.close()
