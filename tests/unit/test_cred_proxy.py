@@ -250,10 +250,14 @@ def test_direct_connection_without_redirect_is_closed(rig):
 
 
 def test_metrics_count_by_credential_and_result(rig):
-    value = rig.metrics.registry.get_sample_value
-    swapped = value("skyguard_credential_swaps_total", {"credential": "github", "result": "swapped"})
-    blocked = value("skyguard_credential_swaps_total", {"credential": "github", "result": "blocked_exfiltration"})
-    assert swapped >= 1 and blocked >= 1
+    def value(result):
+        return rig.metrics.registry.get_sample_value(
+            "skyguard_credential_swaps_total", {"credential": "github", "result": result}) or 0
+
+    swapped, blocked = value("swapped"), value("blocked_exfiltration")
+    assert rig.curl("https://api.github.test/", "-H", AUTH)[0] == 200
+    assert rig.curl("https://other.test/", "-H", AUTH)[0] == 403
+    assert (value("swapped"), value("blocked_exfiltration")) == (swapped + 1, blocked + 1)
     assert all(no_secret(json.dumps(e).encode()) for e in rig.log.snapshot())
 
 
