@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
+from skyguard import fsutil
 from skyguard.errors import DnsError
 
 MAX_IPS_PER_NAME = 16  # like a #define: per (zone, rule, name); a CDN answer rarely holds > 8
@@ -77,35 +76,28 @@ class LearnedStore:
                 if not keys:
                     del self._keys_by_name[key[2]]
 
-    def save(self, now: float) -> None:
-        if self.path is None:
-            return
+    def snapshot(self, now: float) -> bytes:
+        """The file's next contents (on the event loop: it reads the live tables). What it holds
+        is no longer dirty; write() puts it on disk."""
         self.prune(now)
         document = {"version": FORMAT_VERSION,
                     "entries": [{"zone": z, "rule": r, "name": n, "ip": ip, "expiry": e}
                                 for z, r, n, ip, e in self.entries(now)]}
-        # json.dumps, not json.dump: one pass of the C encoder instead of the pure-Python
-        # streaming one, ~4x faster (2000 entries: 1.9 ms vs 7.3 ms). save() runs on the event
-        # loop, so every query in flight waits for it.
-        text = json.dumps(document, separators=(",", ":"))
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(prefix=".dns-learned.", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
         self.dirty = self.urgent = False
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        # json.dumps, not json.dump: one pass of the C encoder, ~4x faster than the streaming one.
+        return json.dumps(document, separators=(",", ":")).encode()
+
+    def write(self, data: bytes) -> None:
+        """Put a snapshot on disk, atomically and durably (any thread, one write at a time)."""
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fsutil.write_private(self.path, data)
+
+    def save(self, now: float) -> None:
+        """snapshot() and write() at once (start, stop, tools); the DNS server writes from a
+        thread of its own instead (server.StateWriter)."""
+        self.write(self.snapshot(now))
 
     def load(self) -> None:
         """Read the file if there is one. A corrupt file is an error the operator must see: we

@@ -83,6 +83,9 @@ class Answer:
     stripped: list[str] = field(default_factory=list)  # rebinding targets removed
     denied: list[str] = field(default_factory=list)  # addresses a deny rule names, removed
     ttl: int = 0
+    # A new address was learned: the learned state must be on disk before this reply is
+    # released, so a restart right after still re-learns it (the server writes it off the loop).
+    persist: bool = False
 
 
 class DnsPolicyResolver:
@@ -366,6 +369,7 @@ class DnsPolicyResolver:
                                               "upstream reply could not be re-encoded without stripped records"))
 
         texts = [str(ip) for ip in learn]
+        persist = False
         if learn:
             t0 = time.perf_counter()
             try:
@@ -380,15 +384,10 @@ class DnsPolicyResolver:
             for rule in decision.rules:
                 self.store.add(decision.zone, rule.name, decision.name, texts,
                                wall + ttl + LEARN_GRACE_SECONDS)
-            if self.store.urgent:
-                # A new address is persisted before release, so a restart right after this
-                # answer still re-learns it. Refreshes of known ones are saved lazily.
-                try:
-                    self.store.save(wall)
-                except OSError:
-                    self.metrics.upstream_errors.labels("state-save").inc()
+            # Refreshes of known addresses are saved lazily (the server's periodic flush).
+            persist = self.store.urgent and self.store.path is not None
         answer = Answer(reply=bytes(out), learned=texts, stripped=stripped,
-                        denied=denied_ips, ttl=ttl)
+                        denied=denied_ips, ttl=ttl, persist=persist)
         rcode = header.rcode
         reason = decision.reason if rcode == wire.RCODE_NOERROR else \
             f"{decision.reason}; upstream rcode {rcode}"

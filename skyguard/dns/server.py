@@ -16,6 +16,7 @@ Not a resolver, not a cache. One event loop owns a server; it is not thread-safe
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ipaddress
 import random
 import socket
@@ -117,6 +118,29 @@ class _ClientUdp(asyncio.DatagramProtocol):
         pass
 
 
+class StateWriter:
+    """Writes the learned state (skyguard.dns.learned) from a thread of its own, one write at a
+    time in the order asked. The snapshot is taken on the event loop; the file write and its
+    fsync are not, so a slow disk holds back only the answers waiting for their address to be
+    on disk, not every query (nor the credential and SSH proxies sharing the loop)."""
+
+    def __init__(self, store, metrics):
+        self.store = store
+        self.metrics = metrics
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sg-dns-state")
+
+    async def save(self) -> None:
+        data = self.store.snapshot(time.time())
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._thread, self.store.write, data)
+        except OSError:
+            self.store.dirty = self.store.urgent = True  # the next save tries again
+            self.metrics.upstream_errors.labels("state-save").inc()
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+
+
 class DnsServer:
     def __init__(self, resolver: DnsPolicyResolver, upstreams: list[Upstream],
                  listen: list[tuple[str, int]] | None = None,
@@ -129,6 +153,7 @@ class DnsServer:
         self.listen = listen or [("0.0.0.0", DEFAULT_PORT)]
         self.upstream_timeout = upstream_timeout
         self.metrics = resolver.metrics
+        self.state_writer = StateWriter(resolver.store, self.metrics)
         self._sockets: list[_UpstreamSocket] = []
         self._servers: list = []
         self._udp_transports: list = []
@@ -201,6 +226,7 @@ class DnsServer:
                 proto.transport.close()
         for server in self._servers:
             await server.wait_closed()
+        self.state_writer.close()
         if self.resolver.store.dirty:
             self.resolver.store.save(time.time())
 
@@ -208,10 +234,7 @@ class DnsServer:
         while True:
             await asyncio.sleep(STATE_FLUSH_SECONDS)
             if self.resolver.store.dirty:
-                try:
-                    self.resolver.store.save(time.time())
-                except OSError:
-                    self.metrics.upstream_errors.labels("state-save").inc()
+                await self.state_writer.save()
 
     # ---- UDP clients ---------------------------------------------------------------------
 
@@ -302,6 +325,16 @@ class DnsServer:
             self._inflight.pop(client_ip, None)
         pending.on_done(reply)
 
+    def _release(self, pending: _Pending, answer) -> None:
+        if answer.persist:  # its new address goes to disk first (durability), off the loop
+            self._spawn(self._persist_then_finish(pending, answer.reply))
+        else:
+            self._finish(pending, answer.reply)
+
+    async def _persist_then_finish(self, pending: _Pending, reply: bytes) -> None:
+        await self.state_writer.save()  # a failed write is counted, and the answer still goes
+        self._finish(pending, reply)
+
     def _send_udp(self, pending: _Pending) -> None:
         decision = pending.decision
         upstream = self.upstreams[pending.upstream_index]
@@ -373,7 +406,7 @@ class DnsServer:
         if answer.truncated:
             self._spawn(self._retry_tcp(pending))
         else:
-            self._finish(pending, answer.reply)
+            self._release(pending, answer)
 
     async def _retry_tcp(self, pending: _Pending) -> None:
         upstream = self.upstreams[pending.upstream_index]
@@ -388,7 +421,7 @@ class DnsServer:
         else:
             kind, reason = "mismatch", f"upstream {upstream.host} sent no matching TCP reply"
         if answer is not None:
-            self._finish(pending, answer.reply)
+            self._release(pending, answer)
         else:
             self._next_upstream(pending, kind, reason)
 

@@ -254,9 +254,13 @@ def test_learned_state_persists_and_is_relearned(tmp_path):
     d = ask(resolver, "deb.debian.test")
     up = upstream_reply(d.upstream_query, [RR("deb.debian.test", QTYPE.A, rdata=A("203.0.113.7"),
                                               ttl=300)])
-    resolver.answer(d, up, wall=1000.0)
-    assert json.loads((tmp_path / "dns-learned.json").read_text())["entries"][0]["ip"] == \
-        "203.0.113.7"  # saved before release because the address was new
+    answer = resolver.answer(d, up, wall=1000.0)
+    assert answer.persist  # a new address: the server writes the state before it releases this
+    store.save(1000.0)
+    assert json.loads((tmp_path / "dns-learned.json").read_text())["entries"][0]["ip"] == "203.0.113.7"
+    d = ask(resolver, "deb.debian.test")
+    again = upstream_reply(d.upstream_query, [RR("deb.debian.test", QTYPE.A, rdata=A("203.0.113.7"), ttl=300)])
+    assert not resolver.answer(d, again, wall=1010.0).persist  # a refresh is saved lazily
 
     restarted = LearnedStore(tmp_path / "dns-learned.json")
     restarted.load()

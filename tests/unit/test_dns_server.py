@@ -5,7 +5,9 @@ answer correctly or SERVFAIL, never hang or crash. Plus the nftables ruleset tex
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ipaddress
+import json
 import socket
 import struct
 import threading
@@ -15,6 +17,7 @@ from dnslib import QTYPE, RR, A, DNSRecord, RCODE
 
 from skyguard.dns import steering
 from skyguard.dns.interfaces import ListLog, PolicyDirectory
+from skyguard.dns.learned import LearnedStore
 from skyguard.dns.resolver import DnsPolicyResolver
 from skyguard.dns.server import DnsServer, Upstream
 from skyguard.dns.service import new_event_loop
@@ -87,10 +90,10 @@ class FakeUpstream:
 
 
 class Proxy:
-    def __init__(self, upstreams, timeout=0.3, loop_factory=asyncio.new_event_loop):
+    def __init__(self, upstreams, timeout=0.3, loop_factory=asyncio.new_event_loop, store=None):
         self.learner, self.log = Learner(), ListLog()
         p = policy()
-        self.resolver = DnsPolicyResolver(p, PolicyDirectory(p), self.learner, log=self.log)
+        self.resolver = DnsPolicyResolver(p, PolicyDirectory(p), self.learner, log=self.log, store=store)
         self.server = DnsServer(self.resolver, upstreams, listen=[("127.0.0.1", 0)],
                                 upstream_timeout=timeout)
         self.loop = loop_factory()
@@ -253,3 +256,41 @@ def test_answered_queries_leave_no_deadline_and_a_later_timeout_still_fires(make
     assert proxy.ask("www.late.test").header.rcode == RCODE.SERVFAIL
     assert _on_loop(proxy, lambda: len(proxy.server._deadlines)) == 0
     honest.close()
+
+
+class StalledDisk(LearnedStore):
+    """A learned-state file whose writes wait until the test lets them through."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.writing = threading.Event()
+        self.go_on = threading.Event()
+
+    def write(self, data):
+        self.writing.set()
+        assert self.go_on.wait(10)
+        super().write(data)
+
+
+def test_a_slow_state_write_holds_back_only_the_answer_that_waits_for_it(tmp_path):
+    # A new address must be on disk before its answer leaves; the write happens off the event
+    # loop, so meanwhile other queries are answered.
+    upstream = FakeUpstream()
+    store = StalledDisk(tmp_path / "dns-learned.json")
+    proxy = Proxy([Upstream("127.0.0.1", upstream.port)], timeout=2.0, store=store)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            first = pool.submit(proxy.ask, "new.test")
+            assert store.writing.wait(5)
+            assert not first.done()  # held back: its address is not on disk yet
+            refused = DNSRecord.question("example.invalid").send("127.0.0.1", proxy.port, timeout=5)
+            assert DNSRecord.parse(refused).header.rcode == RCODE.REFUSED  # the loop still answers
+            assert not (tmp_path / "dns-learned.json").exists()
+            store.go_on.set()
+            answer = first.result(5)
+        assert str(answer.rr[0].rdata) == "203.0.113.10"
+        assert json.loads((tmp_path / "dns-learned.json").read_text())["entries"][0]["ip"] == "203.0.113.10"
+    finally:
+        store.go_on.set()
+        proxy.close()
+        upstream.close()
