@@ -70,6 +70,13 @@ _UNSAFE_IN_HEAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # Statuses whose responses never have a body (RFC 9110 6.4.1), whatever the headers say.
 _NO_BODY_STATUS = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Lingering close after a refusal: the client may still be sending what was refused (a body over
+# the limit), and closing with unread input resets the connection, which can destroy the answer
+# before the client reads it. So input is read and discarded until it pauses LINGER_QUIET, for at
+# most LINGER_MAX seconds (it costs no memory), then the connection closes.
+LINGER_QUIET = 0.2
+LINGER_MAX = 2.0
+_REFUSED_WHILE_ARRIVING = frozenset({413, 431})  # too large: the rest is likely still coming
 
 
 @dataclass(frozen=True)
@@ -455,6 +462,8 @@ class _ClientConnection(asyncio.Protocol):
         self._deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._write_paused = False
+        self._linger_ends: float | None = None  # set while closing after a refusal
+        self._last_heard = 0.0
 
     # ---- asyncio.Protocol -----------------------------------------------------------------
 
@@ -468,6 +477,9 @@ class _ClientConnection(asyncio.Protocol):
         self.task = self._loop.create_task(self._serve())
 
     def data_received(self, data: bytes) -> None:
+        if self._linger_ends is not None:
+            self._last_heard = self._loop.time()  # discarded: lingering keeps no input
+            return
         if self.refusal is not None or self.eof:
             return  # nothing after a refusal or an upgrade is read
         reader = self.reader
@@ -496,6 +508,8 @@ class _ClientConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
+        if self._linger_ends is not None:
+            self._close_now()
         self._wake()
         # Plain TCP: keep the write side open, requests already read are still answered. (TLS
         # cannot half-close; asyncio warns when asked to.)
@@ -634,6 +648,33 @@ class _ClientConnection(asyncio.Protocol):
             self.task.cancel()
 
     def _close(self) -> None:
+        if self.transport.is_closing():
+            return
+        if self.refusal is not None and self.refusal.status in _REFUSED_WHILE_ARRIVING and not self.eof:
+            self._linger()
+        else:
+            self._close_now()
+
+    def _linger(self) -> None:
+        """Close once the client's input goes quiet (see LINGER_QUIET), discarding it."""
+        now = self._loop.time()
+        self._linger_ends, self._last_heard = now + LINGER_MAX, now
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        self._loop.call_later(LINGER_QUIET, self._linger_check)
+
+    def _linger_check(self) -> None:
+        if self.transport.is_closing():
+            return
+        now = self._loop.time()
+        quiet_at = self._last_heard + LINGER_QUIET
+        if now >= quiet_at or now >= self._linger_ends:
+            self._close_now()
+        else:
+            self._loop.call_at(min(quiet_at, self._linger_ends), self._linger_check)
+
+    def _close_now(self) -> None:
         transport = self.transport
         if transport.is_closing():
             return

@@ -179,3 +179,22 @@ def test_hostile_or_odd_upstreams_never_leak_and_never_hang(rig, answer, status,
     finally:
         rig.run(proxy.stop())
         upstream.server.close()
+
+
+def test_a_body_refused_while_it_arrives_still_gets_its_answer(rig):
+    # The proxy refuses at Content-Length, before the body. It must keep reading (and discarding)
+    # until the client has finished sending: closing with unread input resets the connection,
+    # and the reset can destroy the 413 before the client reads it.
+    import select
+
+    context = ssl.create_default_context(cafile=str(rig.tmp / "skyca.pem"))
+    with socket.create_connection(("127.0.0.1", rig.https_port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname="api.github.test") as tls:
+        tls.sendall(request("/big", "Content-Length: 300000", method="POST"))
+        assert select.select([tls], [], [], 10)[0]  # the answer is there before the body is sent
+        for _ in range(30):
+            tls.sendall(b"a" * 10_000)
+        out = b""
+        while chunk := tls.recv(65536):
+            out += chunk
+    assert out.startswith(b"HTTP/1.1 413 "), out[:100]
