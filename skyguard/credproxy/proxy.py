@@ -792,9 +792,12 @@ class _ResponseReader:
             if isinstance(cause, (UnscrubbableResponse, UpstreamProtocolError)):
                 raise cause from None
             raise UpstreamProtocolError("upstream response could not be read") from None
-        except httptools.HttpParserUpgrade:
-            raise UpstreamProtocolError("upstream switched protocols") from None
-        except httptools.HttpParserError:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as error:
+            if self.done:  # the response is whole; what llhttp choked on after it is not ours
+                self.extra = True
+                return
+            if isinstance(error, httptools.HttpParserUpgrade):
+                raise UpstreamProtocolError("upstream switched protocols") from None
             raise UpstreamProtocolError("malformed upstream response") from None
         if self._in_head:  # an unfinished head line is llhttp's: bound its memory by the reads
             self._head_reads += len(data)

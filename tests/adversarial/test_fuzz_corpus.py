@@ -1,8 +1,8 @@
 """The fuzz regression corpus in CI: every input in tests/fuzz/corpus/<target>/ (seeds and inputs
 that once found new coverage or a bug) plus MUTATIONS deterministic mutations of them, through
 the harnesses of tests/fuzz/harnesses.py: policy YAML, signed-log files, HTTP requests into the
-credential proxy's swap engine, DNS messages into the DNS proxy. The fuzz tier runs a million
-atheris inputs per target."""
+credential proxy's swap engine and upstream responses into its reader, DNS messages into the
+DNS proxy. The fuzz tier runs a million atheris inputs per target."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuzz"))
 
 import harnesses  # noqa: E402
 
-MUTATIONS = {"policy": 300, "tlog": 300, "http": 3000, "dns": 3000}
+MUTATIONS = {"policy": 300, "tlog": 300, "http": 3000, "upstream": 3000, "dns": 3000}
 
 
 @pytest.mark.parametrize("target", sorted(harnesses.TARGETS))
@@ -50,3 +50,15 @@ def test_the_http_harness_catches_a_parser_that_reads_more_than_h11():
     unreadable = dataclasses.replace(request, headers=request.headers + ((b"bad name", b"1"),))
     with pytest.raises(AssertionError):
         harnesses._check_against_h11(refused, [unreadable])
+
+
+def test_the_upstream_harness_catches_a_scrubber_that_lets_the_secret_through(monkeypatch):
+    class Leaky:  # hands the response back untouched
+        def scrub_response(self, host, headers, body):
+            return headers, body, 0
+
+    echo = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(harnesses.REAL_SECRET), harnesses.REAL_SECRET)
+    harnesses.fuzz_upstream(b"\x00" + echo)  # the real engine scrubs it
+    monkeypatch.setattr(harnesses, "_swap_engine", Leaky)
+    with pytest.raises(AssertionError):
+        harnesses.fuzz_upstream(b"\x00" + echo)

@@ -1,7 +1,8 @@
-"""Fuzz harnesses for every parser that takes input from a VM or a file: policy YAML, signed-log
-files, HTTP requests into the credential proxy, DNS messages into the DNS proxy. One function per
-target, `(bytes) -> None`, that raises AssertionError (or any unexpected exception) on a bug and
-returns quietly otherwise: a SkyguardError for bad input is the expected outcome, a crash is not.
+"""Fuzz harnesses for every parser that takes input from a VM, an upstream or a file: policy YAML,
+signed-log files, HTTP requests into the credential proxy and the responses its upstreams send
+back, DNS messages into the DNS proxy. One function per target, `(bytes) -> None`, that raises
+AssertionError (or any unexpected exception) on a bug and returns quietly otherwise: a
+SkyguardError for bad input is the expected outcome, a crash is not.
 
 Run by:
 - tests/adversarial/test_fuzz_corpus.py (CI): replays tests/fuzz/corpus/<target>/ plus a few
@@ -242,6 +243,63 @@ def _h11_requests(data: bytes, count: int) -> list:
     return out + [None] * (count - len(out))
 
 
+# ---- HTTP responses from an upstream into the credential proxy ----------------------------------
+
+def fuzz_upstream(data: bytes) -> None:
+    """Raw bytes an upstream sends back, read as the proxy reads a response (its llhttp reader;
+    the first byte says whether the request was HEAD). Only the errors the proxy answers with a
+    502 may come out, and what is read does not depend on how the bytes were split into reads.
+    The response is then made safe as the proxy does: no form of the real secret survives."""
+    head_request, raw = bool(data[:1]) and data[0] & 1 == 1, data[1:]
+    whole = _read_response([raw], head_request)
+    cut = 1 + (data[0] if data else 0) % max(len(raw), 1)
+    assert _read_response([raw[:cut], raw[cut:]], head_request) == whole, "depends on how the bytes were read"
+    if len(raw) <= 1024:
+        assert _read_response([raw[i:i + 1] for i in range(len(raw))], head_request) == whole, \
+            "byte-wise reads read differently"
+    if whole[0] == "ok":
+        _, _status, headers, body = whole
+        try:
+            safe_headers, safe_body, _ = _swap_engine().scrub_response("api.github.test", headers,
+                                                                        _decoded(headers, body))
+        except _unscrubbable():
+            return  # the proxy answers 502
+        from skyguard.credproxy.secretforms import SecretForms
+
+        forms = SecretForms([REAL_SECRET])
+        assert not forms.found_in(safe_body) and not any(forms.found_in(n + b":" + v) for n, v in safe_headers)
+
+
+def _read_response(reads: list[bytes], head_request: bool):
+    from skyguard.credproxy.proxy import UpstreamProtocolError, _ResponseReader
+    from skyguard.credproxy.swap import UnscrubbableResponse
+
+    response = _ResponseReader(head_request, 1 << 20, 16384)
+    try:
+        for chunk in reads:
+            if chunk:
+                response.feed(chunk)
+                if response.done:
+                    break
+        if not response.done:
+            response.finish()  # the upstream closes
+    except (UpstreamProtocolError, UnscrubbableResponse, ConnectionResetError) as error:
+        return ("error", type(error).__name__)
+    return ("ok", response.status, tuple(response.headers), bytes(response.body))
+
+
+def _decoded(headers, body):
+    from skyguard.credproxy.swap import decode_body
+
+    return decode_body(headers, body, 1 << 20)
+
+
+def _unscrubbable():
+    from skyguard.credproxy.swap import UnscrubbableResponse
+
+    return UnscrubbableResponse
+
+
 def _check_verdict(req, verdict) -> None:
     assert verdict.action in ("swap", "pass", "block"), verdict
     sent_secret = REAL_SECRET in req.body or any(REAL_SECRET in v or REAL_SECRET in n for n, v in req.headers) \
@@ -272,7 +330,8 @@ def fuzz_dns(data: bytes) -> None:
     dns_fuzz.one_input(_resolver, data)
 
 
-TARGETS = {"policy": fuzz_policy, "tlog": fuzz_tlog, "http": fuzz_http, "dns": fuzz_dns}
+TARGETS = {"policy": fuzz_policy, "tlog": fuzz_tlog, "http": fuzz_http, "upstream": fuzz_upstream,
+           "dns": fuzz_dns}
 
 
 # ---- mutation without atheris (CI) --------------------------------------------------------------

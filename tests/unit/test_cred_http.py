@@ -192,3 +192,18 @@ def test_an_upstream_that_closes_early_is_told_apart_from_a_stale_pooled_connect
 def test_unreadable_or_oversized_responses_raise_what_becomes_a_502(reads, error):
     with pytest.raises(error):
         respond(*reads)
+
+
+def test_bytes_after_a_whole_response_only_make_the_connection_unusable():
+    # Found by the upstream fuzzer: in one read, llhttp's error on what follows a complete
+    # response turned it into a 502; read byte by byte it went through. Now both read it whole.
+    raw = b"HTTP/1.0 204 No Content\r\n\r\n\x00garbage"
+    whole = respond(raw)
+    assert whole.done and whole.status == 204 and not whole.reusable
+    bytewise = respond(*[raw[i:i + 1] for i in range(len(raw))])
+    assert bytewise.done and bytewise.status == 204 and not bytewise.reusable
+
+
+def test_an_upstream_that_switches_protocols_is_refused():
+    with pytest.raises(UpstreamProtocolError):
+        respond(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n\x81\x00")
