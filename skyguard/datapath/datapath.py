@@ -61,6 +61,7 @@ class Datapath:
         self.pin_dir = Path(pin_dir or config.PIN_DIR)
         self.from_vm_hook = from_vm_hook
         self._loaded = loader.load(self.pin_dir, defines)
+        self._program_infos: dict[str, libbpf.ProgramInfo] | None = None
         self._bpf = self._loaded.bpf
         self._lock = threading.RLock()
         self.policy: Policy | None = None
@@ -273,15 +274,13 @@ class Datapath:
                 except Exception as e:
                     raise DatapathError(f"attaching XDP to {ifname} failed: {e}") from e
                 _run("tc", "filter", "del", "dev", ifname, "ingress", "prio", str(TC_PRIO), check=False)
-            self._remove_foreign_filters(ifname, ifindex)
             with IPRoute() as ipr:
+                self._remove_foreign_filters(ifname, hooks.read_hooks(ipr, ifindex))
                 return hooks.read_hooks(ipr, ifindex).describe()
 
-    def _remove_foreign_filters(self, ifname: str, ifindex: int) -> None:
+    def _remove_foreign_filters(self, ifname: str, found: hooks.Hooks) -> None:
         """Delete every TC filter at our hooks that is not ours: one beside ours could pass or
         redirect packets first (this is how attach() repairs that kind of tampering)."""
-        with IPRoute() as ipr:
-            found = hooks.read_hooks(ipr, ifindex)
         ours_at = {"egress", "ingress"} if self.from_vm_hook == "tc" else {"egress"}
         for where, filters in (("ingress", found.ingress), ("egress", found.egress)):
             for f in filters:
@@ -356,10 +355,13 @@ class Datapath:
         return {name: info.id for name, info in self.program_infos().items()}
 
     def program_infos(self) -> dict[str, libbpf.ProgramInfo]:
-        """Id, tag and name of this Datapath's programs (as bpftool, ip and tc show them)."""
-        return {name: libbpf.program_info(fn.fd)
-                for name, fn in (("sg_from_vm", self._loaded.from_vm_xdp), ("sg_from_vm_tc", self._loaded.from_vm_tc),
-                                 ("sg_to_vm", self._loaded.to_vm))}
+        """Id, tag and name of this Datapath's programs (as bpftool, ip and tc show them). Read
+        once: the programs are loaded once per Datapath, and the watchdog asks every second."""
+        if self._program_infos is None:
+            loaded = self._loaded
+            self._program_infos = {name: libbpf.program_info(fn.fd) for name, fn in (
+                ("sg_from_vm", loaded.from_vm_xdp), ("sg_from_vm_tc", loaded.from_vm_tc), ("sg_to_vm", loaded.to_vm))}
+        return self._program_infos
 
     def verify(self) -> dict[str, str]:
         """Watchdog check: for every workload interface present, what is wrong at its hooks (our

@@ -8,7 +8,6 @@ This is test infrastructure for the sealed internet, not skyguard's own CA for i
 from __future__ import annotations
 
 import datetime
-import os
 import re
 import threading
 from pathlib import Path
@@ -18,6 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from skyguard import fsutil
 from skyguard.errors import LabError
 from skyguard.lab.addressing import is_test_name, normalize_name
 
@@ -30,12 +30,6 @@ LEAF_DAYS = 30
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
 
 
 class LabCA:
@@ -80,7 +74,7 @@ class LabCA:
             .add_extension(ski, critical=False)
             .sign(self._key, hashes.SHA256())
         )
-        _write_private(self.key_path, self._key.private_bytes(
+        fsutil.write_private(self.key_path, self._key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption()))
         self.cert_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
@@ -132,7 +126,7 @@ class LabCA:
             self.leaf_dir.mkdir(parents=True, exist_ok=True)
             leaf = self.mint(name)
             if not key.exists():
-                _write_private(key, self._leaf_key.private_bytes(
+                fsutil.write_private(key, self._leaf_key.private_bytes(
                     serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                     serialization.NoEncryption()))
             chain.write_bytes(leaf.public_bytes(serialization.Encoding.PEM)

@@ -258,14 +258,15 @@ def fuzz_upstream(data: bytes) -> None:
         assert _read_response([raw[i:i + 1] for i in range(len(raw))], head_request) == whole, \
             "byte-wise reads read differently"
     if whole[0] == "ok":
+        from skyguard.credproxy.secretforms import SecretForms
+        from skyguard.credproxy.swap import UnscrubbableResponse, decode_body
+
         _, _status, headers, body = whole
         try:
             safe_headers, safe_body, _ = _swap_engine().scrub_response("api.github.test", headers,
-                                                                        _decoded(headers, body))
-        except _unscrubbable():
+                                                                        decode_body(headers, body, 1 << 20))
+        except UnscrubbableResponse:
             return  # the proxy answers 502
-        from skyguard.credproxy.secretforms import SecretForms
-
         forms = SecretForms([REAL_SECRET])
         assert not forms.found_in(safe_body) and not any(forms.found_in(n + b":" + v) for n, v in safe_headers)
 
@@ -286,18 +287,6 @@ def _read_response(reads: list[bytes], head_request: bool):
     except (UpstreamProtocolError, UnscrubbableResponse, ConnectionResetError) as error:
         return ("error", type(error).__name__)
     return ("ok", response.status, tuple(response.headers), bytes(response.body))
-
-
-def _decoded(headers, body):
-    from skyguard.credproxy.swap import decode_body
-
-    return decode_body(headers, body, 1 << 20)
-
-
-def _unscrubbable():
-    from skyguard.credproxy.swap import UnscrubbableResponse
-
-    return UnscrubbableResponse
 
 
 def _check_verdict(req, verdict) -> None:
