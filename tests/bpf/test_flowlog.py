@@ -28,38 +28,17 @@ from skyguard.tlog.entries import canonical
 from skyguard.tlog.verify import verify_log
 from test_verdicts import e_from, e_to, v4
 
-NS = f"flx-b{os.getpid() % 100000}"
 DEFINES = {"SG_EVENTS_PAGES": 1, "SG_CT_UDP_S": 1}
 
 
 @pytest.fixture(scope="module")
-def fl_netns(root):
-    subprocess.run(["ip", "netns", "del", NS], capture_output=True)
-    subprocess.run(["ip", "netns", "add", NS], check=True)
-    try:
-        for ifname in IFACES.values():
-            subprocess.run(["ip", "-n", NS, "link", "add", ifname, "type", "veth", "peer", "name", ifname + "p"],
-                           check=True)
-            subprocess.run(["ip", "-n", NS, "link", "set", ifname, "up"], check=True)
-        yield NS
-    finally:
-        subprocess.run(["ip", "netns", "del", NS], capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def fl_worker(fl_netns):
-    w = progrun.NetnsThread(f"/run/netns/{fl_netns}")
-    yield w
-    w.close()
-
-
-@pytest.fixture(scope="module")
-def fl_dp(fl_worker):
+def fl_dp(worker):
+    """A datapath of its own build (DEFINES) in the tier's namespace (conftest.py's worker)."""
     from skyguard.datapath.datapath import Datapath
 
     pin = Path(f"/sys/fs/bpf/flx-test-{os.getpid()}")
-    dp = fl_worker.call(Datapath, pin, "tc", DEFINES)
-    fl_worker.call(dp.apply_policy, make_policy())
+    dp = worker.call(Datapath, pin, "tc", DEFINES)
+    worker.call(dp.apply_policy, make_policy())
     try:
         yield dp
     finally:
@@ -90,10 +69,10 @@ class Lab:
 
 
 @pytest.fixture
-def kernel(fl_dp, fl_worker):
+def kernel(fl_dp, worker):
     for name in ("sg_ct", "sg_frag", "sg_deny_agg"):
         fl_dp.map(name).clear()
-    return Lab(fl_dp, fl_worker)
+    return Lab(fl_dp, worker)
 
 
 @pytest.fixture
