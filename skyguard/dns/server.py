@@ -184,28 +184,38 @@ class DnsServer:
                     lambda: _UpstreamSocket(self), local_addr=("::", 0))
                 self._sockets6.append(proto)
         for host, port in self.listen:
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            udp = socket.socket(family, socket.SOCK_DGRAM)
-            tcp = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                for s in (udp, tcp):
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    if family == socket.AF_INET6:
-                        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                udp.bind((host, port))
-                port = udp.getsockname()[1]  # port 0: TCP takes the same ephemeral port
-                tcp.bind((host, port))
-            except OSError as e:
-                udp.close()
-                tcp.close()
-                raise DnsError(f"cannot listen for DNS on {host}:{port} ({e.strerror}); pick a "
-                               "free port or stop what holds it") from e
+            udp, tcp, port = self._bind_pair(host, port)
             transport, _ = await loop.create_datagram_endpoint(lambda: _ClientUdp(self), sock=udp)
             self._udp_transports.append(transport)
             self._servers.append(await asyncio.start_server(self._on_tcp_client, sock=tcp,
                                                             limit=MAX_TCP_REPLY + 2))
             self.bound.append((host, port))
         self._flusher = loop.create_task(self._flush_state_periodically())
+
+    @staticmethod
+    def _bind_pair(host: str, port: int) -> tuple[socket.socket, socket.socket, int]:
+        """A UDP and a TCP socket bound to the same port. Port 0: UDP picks an ephemeral port and
+        TCP takes the same number, which something may already hold over TCP: then another."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        for _ in range(16 if port == 0 else 1):
+            udp = socket.socket(family, socket.SOCK_DGRAM)
+            tcp = socket.socket(family, socket.SOCK_STREAM)
+            bound = port
+            try:
+                for s in (udp, tcp):
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if family == socket.AF_INET6:
+                        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                udp.bind((host, port))
+                bound = udp.getsockname()[1]
+                tcp.bind((host, bound))
+                return udp, tcp, bound
+            except OSError as e:
+                udp.close()
+                tcp.close()
+                error = e
+        raise DnsError(f"cannot listen for DNS on {host}:{bound} ({error.strerror}); pick a "
+                       "free port or stop what holds it") from error
 
     async def close(self) -> None:
         if self._flusher:
