@@ -30,7 +30,12 @@ class PrivilegeError(SkyguardError):
 
 
 class DatapathError(SkyguardError):
-    """Loading, attaching or programming the eBPF datapath failed."""
+    """Loading, attaching or programming the eBPF datapath failed. `errno` is the kernel's, where
+    one call failed with one."""
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno
 
 
 class LabError(SkyguardError):

@@ -34,9 +34,12 @@ def up(policy_path, state_dir, metrics_addr, upstream_ca, verbose):
       skyguard up --policy policies/keysystems.yaml
       skyguard up --policy site.yaml --state-dir /var/lib/skyguard --metrics 127.0.0.1:9464
     """
+    import faulthandler
+
     from skyguard.daemon import Daemon
     from skyguard.doctor import require_privileges
 
+    faulthandler.enable()  # a crash in C (bcc, libbpf) still leaves every thread's stack on stderr
     if state_dir is not None:
         config.STATE_DIR = state_dir  # one state dir for the daemon and every part it starts
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,

@@ -407,12 +407,12 @@ class Datapath:
     def counters(self) -> dict:
         zones = self._zone_names()
         out = {"traffic": [], "drops": [], "events_lost": 0}
-        for idx, packets, nbytes in _nonzero_per_cpu(self.map("sg_traffic")):
+        for idx, packets, nbytes in libbpf.nonzero_per_cpu_counters(self.map("sg_traffic")):
             zone, direction, verdict = abi.split_traffic_index(idx)
             out["traffic"].append({"zone": zones.get(zone, str(zone)), "direction": abi.DIRECTIONS[direction],
                                    "verdict": abi.VERDICTS.get(verdict, str(verdict)),
                                    "packets": packets, "bytes": nbytes})
-        for idx, packets, nbytes in _nonzero_per_cpu(self.map("sg_drops")):
+        for idx, packets, nbytes in libbpf.nonzero_per_cpu_counters(self.map("sg_drops")):
             zone, direction, reason = abi.split_drop_index(idx)
             out["drops"].append({"zone": zones.get(zone, str(zone)), "direction": abi.DIRECTIONS[direction],
                                  "reason": reason_name(reason), "packets": packets, "bytes": nbytes})
@@ -469,29 +469,5 @@ class Datapath:
         shutil.rmtree(Path(pin_dir or config.PIN_DIR), ignore_errors=True)
 
 
-def _nonzero_per_cpu(table):
-    """(index, packets, bytes) of every non-zero slot of a per-CPU counter array, CPUs summed,
-    from one BPF_MAP_LOOKUP_BATCH (bcc's per-key reads would be one syscall per slot)."""
-    from array import array
-
-    from bcc.utils import get_possible_cpus
-
-    ncpus = len(get_possible_cpus())
-    n = table.max_entries
-    keys = (ct.c_uint32 * n)()
-    values = (ct.c_uint64 * (2 * n * ncpus))()  # struct sg_counter_val {packets, bytes} per CPU
-    count = ct.c_uint32(n)
-    out_batch = ct.c_uint32(0)
-    opts = libbpf.batch_opts()
-    rc = libbpf.lib().bpf_map_lookup_batch(table.map_fd, None, ct.byref(out_batch), keys, values, ct.byref(count),
-                                        ct.byref(opts))
-    if rc != 0 and ct.get_errno() != 2:  # ENOENT: the whole map came back in this batch
-        raise DatapathError(f"reading counters failed: {os.strerror(ct.get_errno())}")
-    got = count.value
-    flat = array("Q")
-    flat.frombytes(memoryview(values).cast("B")[: 16 * got * ncpus])
-    packets, nbytes = flat[0::2], flat[1::2]
-    per_key_packets = [sum(x) for x in zip(*(packets[j::ncpus] for j in range(ncpus)))]
-    for i, p in enumerate(per_key_packets):
-        if p:
-            yield keys[i], p, sum(nbytes[i * ncpus:(i + 1) * ncpus])
+# tests/bpf and tests/adversarial read drop counters through this name.
+_nonzero_per_cpu = libbpf.nonzero_per_cpu_counters

@@ -430,7 +430,8 @@ class FlowLogger:
         fd = table.map_fd
         val = table.Leaf()
         offset = time.time_ns() - now
-        for k, v in table.items_lookup_batch():
+        for kraw, vraw in libbpf.lookup_batch(fd):
+            k, v = table.Key.from_buffer_copy(kraw), table.Leaf.from_buffer_copy(vraw)
             if not v.suppressed:
                 continue
             if not force and now - v.last_ns < self.kernel_deny_interval_ns + 100_000_000:
