@@ -1,63 +1,132 @@
 """What the DNS proxy has taught the datapath, kept so a daemon restart loses nothing.
 
-Entries are (zone, rule, name, ip, expiry). The file is JSON in the state dir, written
+Entries are (workload, zone, rule, name, ip, expiry). The file is JSON in the state dir, written
 atomically (temporary file, fsync, rename, fsync of the directory) so a crash leaves either the
-old or the new file. On start the daemon calls `relearn(learner, now)`, which hands every
+old or the new file. On start the proxy calls `relearn(learner, now, policy)`, which hands every
 unexpired entry back to the Learner with its remaining TTL.
 
-Cap per name: MAX_IPS_PER_NAME addresses per (zone, rule, name) are remembered, most recently
-answered first. Dropping an older address here never cuts a flow: the datapath entry is not
-removed, it simply is not refreshed, and an expired datapath entry stops only new flows
-(established ones continue, SPEC). The cap bounds what a hostile authoritative server can make
-us re-learn after a restart and what one answer can open. Not thread-safe: one event loop owns it.
+State outlives a policy: the file may name rules, zones or workloads the policy in force does not
+have (the operator edited it between two runs, or hot-swapped it). Such entries are dropped and
+counted per reason (`Relearned.dropped`, `forget_stale`), never fatal: a restart after a policy
+edit must just work.
+
+Bounds. MAX_IPS_PER_NAME addresses per (workload, zone, rule, name), most recently answered
+first: it bounds what one answer can open. MAX_LEARNED_PER_WORKLOAD (name, address) pairs per
+workload, the least recently answered evicted first: one VM asking for endless names cannot grow
+this state (or, through `take_evicted`, the datapath's) without limit. Not thread-safe: one event
+loop owns it; write() alone runs on the state writer's thread.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
+from typing import NamedTuple
 
 from skyguard import fsutil
 from skyguard.errors import DnsError
+from skyguard.policy.fqdn import pattern_matches
 
-MAX_IPS_PER_NAME = 16  # like a #define: per (zone, rule, name); a CDN answer rarely holds > 8
+MAX_IPS_PER_NAME = 16  # like a #define: per (workload, zone, rule, name); a CDN answer rarely holds > 8
+MAX_LEARNED_PER_WORKLOAD = 4096  # (rule, name, address) entries one VM keeps; a browsing desktop
+# resolves a few hundred names an hour, a server VM a handful. Raise it for VMs that crawl.
 FILE_NAME = "dns-learned.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # "workload" was added later; files without it load with workload ""
+
+Key = tuple  # (workload, zone, rule, name)
+
+
+class Relearned(NamedTuple):
+    """What relearn() did: addresses handed to the learner, and entries dropped per reason
+    (rule-gone, zone-gone, workload-gone, zone-not-in-rule, name-not-in-rule, refused)."""
+
+    relearned: int
+    dropped: dict
 
 
 class LearnedStore:
     def __init__(self, path: Path | None):
         self.path = path
-        # (zone, rule, name) -> OrderedDict[ip text -> expiry (unix seconds)], oldest first
-        self._entries: dict[tuple[str, str, str], OrderedDict[str, float]] = {}
-        self._keys_by_name: dict[str, set[tuple[str, str, str]]] = {}  # for answered()
+        self._entries: dict[Key, OrderedDict[str, float]] = {}  # ip -> expiry, oldest first
+        self._keys_by_name: dict[str, set[Key]] = {}  # for answered()
+        self._order: dict[str, OrderedDict[tuple[Key, str], None]] = {}  # per workload, LRU
+        self._held: Counter = Counter()  # (zone, rule, ip) -> entries holding it
+        self._evicted: list[tuple[str, str, str]] = []  # (zone, rule, ip) no entry holds any more
+        self.evictions = 0  # entries evicted by a cap since start (for metrics)
         self.dirty = False
         self.urgent = False  # an address we never saw: persist before the next answer if possible
 
-    def add(self, zone: str, rule: str, name: str, ips: list[str], expiry: float) -> bool:
+    # ---- the tables ------------------------------------------------------------------------
+
+    def add(self, zone: str, rule: str, name: str, ips: list[str], expiry: float,
+            workload: str = "") -> bool:
         """Remember ips; returns True if an address is new (callers persist at once then)."""
-        key = (zone, rule, name)
-        table = self._entries.setdefault(key, OrderedDict())
-        self._keys_by_name.setdefault(name, set()).add(key)
+        key = (workload, zone, rule, name)
+        table = self._entries.get(key)
+        if table is None:
+            table = self._entries[key] = OrderedDict()
+            self._keys_by_name.setdefault(name, set()).add(key)
+        order = self._order.setdefault(workload, OrderedDict())
         new = False
         for ip in ips:
             if ip not in table:
                 new = True
+                self._held[(zone, rule, ip)] += 1
             table[ip] = max(expiry, table.get(ip, 0.0))
             table.move_to_end(ip)
+            order[(key, ip)] = None
+            order.move_to_end((key, ip))
         while len(table) > MAX_IPS_PER_NAME:
-            table.popitem(last=False)
+            self._remove(key, next(iter(table)), evicted=True)
+        while len(order) > MAX_LEARNED_PER_WORKLOAD:
+            old_key, old_ip = next(iter(order))
+            self._remove(old_key, old_ip, evicted=True)
         self.dirty = True
         self.urgent = self.urgent or new
         return new
 
+    def _remove(self, key: Key, ip: str, evicted: bool = False) -> None:
+        workload, zone, rule, name = key
+        table = self._entries[key]
+        del table[ip]
+        if not table:
+            del self._entries[key]
+            keys = self._keys_by_name[name]
+            keys.discard(key)
+            if not keys:
+                del self._keys_by_name[name]
+        order = self._order[workload]
+        order.pop((key, ip), None)
+        if not order:
+            del self._order[workload]
+        held = (zone, rule, ip)
+        self._held[held] -= 1
+        if self._held[held] <= 0:
+            del self._held[held]
+            if evicted:
+                self._evicted.append(held)
+        if evicted:
+            self.evictions += 1
+        self.dirty = True
+
+    def take_evicted(self) -> list[tuple[str, str, str]]:
+        """(zone, rule, ip) that a cap evicted and that no entry holds any more, since the last
+        call: what the datapath may forget before its TTL."""
+        evicted, self._evicted = self._evicted, []
+        return evicted
+
+    def count(self, workload: str | None = None) -> int:
+        if workload is not None:
+            return len(self._order.get(workload, ()))
+        return sum(len(order) for order in self._order.values())
+
     def entries(self, now: float):
-        for (zone, rule, name), table in self._entries.items():
+        for (workload, zone, rule, name), table in self._entries.items():
             for ip, expiry in table.items():
                 if expiry > now:
-                    yield zone, rule, name, ip, expiry
+                    yield workload, zone, rule, name, ip, expiry
 
     def answered(self, name: str, ip: str, now: float) -> bool:
         """Was `ip` answered to a VM for `name` (any zone, any rule) and is it unexpired? Asked
@@ -66,23 +135,32 @@ class LearnedStore:
 
     def prune(self, now: float) -> None:
         for key in list(self._entries):
-            table = self._entries[key]
-            for ip in [ip for ip, expiry in table.items() if expiry <= now]:
-                del table[ip]
-            if not table:
-                del self._entries[key]
-                keys = self._keys_by_name[key[2]]
-                keys.discard(key)
-                if not keys:
-                    del self._keys_by_name[key[2]]
+            for ip in [ip for ip, expiry in self._entries[key].items() if expiry <= now]:
+                self._remove(key, ip)
+
+    def forget_stale(self, policy) -> dict[str, int]:
+        """Drop entries the policy no longer backs; returns {reason: entries dropped}. Called
+        with the policy in force at start and on every hot swap."""
+        rules = {r.name: r for r in policy.rules if r.action == "allow" and r.to.fqdns}
+        workloads = {w.name: w.zone for w in policy.workloads()}
+        dropped: Counter = Counter()
+        for key in list(self._entries):
+            reason = _stale_reason(key, rules, policy.zones, workloads)
+            if reason:
+                for ip in list(self._entries[key]):
+                    self._remove(key, ip)
+                    dropped[reason] += 1
+        return dict(dropped)
+
+    # ---- the file --------------------------------------------------------------------------
 
     def snapshot(self, now: float) -> bytes:
         """The file's next contents (on the event loop: it reads the live tables). What it holds
         is no longer dirty; write() puts it on disk."""
         self.prune(now)
         document = {"version": FORMAT_VERSION,
-                    "entries": [{"zone": z, "rule": r, "name": n, "ip": ip, "expiry": e}
-                                for z, r, n, ip, e in self.entries(now)]}
+                    "entries": [{"workload": w, "zone": z, "rule": r, "name": n, "ip": ip,
+                                 "expiry": e} for w, z, r, n, ip, e in self.entries(now)]}
         self.dirty = self.urgent = False
         # json.dumps, not json.dump: one pass of the C encoder, ~4x faster than the streaming one.
         return json.dumps(document, separators=(",", ":")).encode()
@@ -106,24 +184,52 @@ class LearnedStore:
             return
         try:
             document = json.loads(self.path.read_text())
-            if document.get("version") != FORMAT_VERSION:
-                raise ValueError(f"unknown version {document.get('version')!r}")
+            if not isinstance(document, dict) or document.get("version") != FORMAT_VERSION:
+                version = document.get("version") if isinstance(document, dict) else None
+                raise ValueError(f"unknown version {version!r}")
             for item in document["entries"]:
                 ipaddress.ip_address(item["ip"])
                 self.add(str(item["zone"]), str(item["rule"]), str(item["name"]),
-                         [item["ip"]], float(item["expiry"]))
-        except (ValueError, KeyError, TypeError) as e:
+                         [item["ip"]], float(item["expiry"]), workload=str(item.get("workload", "")))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise DnsError(f"learned DNS state {self.path} is unreadable ({e}); move it aside to "
                            "start with no learned names (pinned datapath entries remain)") from e
         self.dirty = self.urgent = False
 
-    def relearn(self, learner, now: float) -> int:
+    def relearn(self, learner, now: float, policy=None) -> Relearned:
         """Hand every unexpired entry back to the learner, grouped per (zone, rule, remaining
-        TTL). Returns the number of addresses re-learned."""
+        TTL). With a policy, entries it no longer backs are dropped first; a group the learner
+        refuses anyway is dropped too (counted as "refused"), never raised."""
+        dropped: Counter = Counter(self.forget_stale(policy) if policy is not None else {})
         groups: dict[tuple[str, str, int], list] = {}
-        for zone, rule, _name, ip, expiry in self.entries(now):
+        for workload, zone, rule, name, ip, expiry in self.entries(now):
             ttl = max(1, int(expiry - now))
-            groups.setdefault((zone, rule, ttl), []).append(ipaddress.ip_address(ip))
-        for (zone, rule, ttl), ips in groups.items():
-            learner.learn(zone, rule, ips, ttl)
-        return sum(len(ips) for ips in groups.values())
+            groups.setdefault((zone, rule, ttl), []).append(((workload, zone, rule, name), ip))
+        relearned = 0
+        for (zone, rule, ttl), members in groups.items():
+            ips = list(dict.fromkeys(ipaddress.ip_address(ip) for _, ip in members))
+            try:
+                learner.learn(zone, rule, ips, ttl)
+            except Exception:  # noqa: BLE001 - stale state must never stop a start
+                for key, ip in members:
+                    self._remove(key, ip)
+                    dropped["refused"] += 1
+                continue
+            relearned += len(ips)
+        return Relearned(relearned, dict(dropped))
+
+
+def _stale_reason(key: Key, rules: dict, zones: dict, workloads: dict[str, str]) -> str:
+    workload, zone, rule_name, name = key
+    if zone not in zones:
+        return "zone-gone"
+    if workload and workloads.get(workload) != zone:
+        return "workload-gone"
+    rule = rules.get(rule_name)
+    if rule is None:
+        return "rule-gone"
+    if zone not in rule.from_zones:
+        return "zone-not-in-rule"
+    if not any(pattern_matches(p, name) for p in rule.to.fqdns):
+        return "name-not-in-rule"
+    return ""

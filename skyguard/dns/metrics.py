@@ -16,6 +16,12 @@ class DnsMetrics:
                                ["zone", "verdict"], registry=r)
         self.learned_ips = Counter("skyguard_dns_learned_ips", "Addresses written to the datapath",
                                    ["zone"], registry=r)
+        self.learned_evicted = Counter("skyguard_dns_learned_evicted",
+                                       "Learned entries evicted because a VM reached its cap",
+                                       ["zone"], registry=r)
+        self.learned_dropped = Counter("skyguard_dns_learned_dropped",
+                                       "Learned entries dropped because the policy no longer "
+                                       "backs them", ["reason"], registry=r)
         self.rebinding = Counter("skyguard_dns_rebinding_records",
                                  "Answer records stripped as rebinding", ["zone"], registry=r)
         self.detections = Counter("skyguard_dns_tunnel_detections",

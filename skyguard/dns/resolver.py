@@ -216,6 +216,9 @@ class DnsPolicyResolver:
         verdict, reason, matching = self._match(zone, name)
         if verdict != "allowed":
             return self._refuse(query, verdict, reason, tunnel=tunnel, **base)
+        if not self.dns.upstreams:  # validate refuses FQDN rules without upstreams: a backstop
+            return self._refuse(query, "refused", "the policy has no dns.upstreams",
+                                tunnel=tunnel, **base)
         upstream_id = secrets.randbits(16)
         flags = header.flags & (wire.FLAG_RD | 0x0010)  # keep RD and CD, nothing else
         upstream = struct.pack("!HHHHHH", upstream_id, flags, 1, 0, 0, 1 if edns else 0)
@@ -381,9 +384,12 @@ class DnsPolicyResolver:
                                               f"datapath refused: {type(e).__name__}"))
             self.metrics.learn_latency.observe(time.perf_counter() - t0)
             self.metrics.learned_ips.labels(decision.zone).inc(len(learn))
+            evictions = self.store.evictions
             for rule in decision.rules:
                 self.store.add(decision.zone, rule.name, decision.name, texts,
-                               wall + ttl + LEARN_GRACE_SECONDS)
+                               wall + ttl + LEARN_GRACE_SECONDS, workload=decision.workload)
+            if self.store.evictions != evictions:
+                self._evicted(decision.zone, self.store.evictions - evictions)
             # Refreshes of known addresses are saved lazily (the server's periodic flush).
             persist = self.store.urgent and self.store.path is not None
         answer = Answer(reply=bytes(out), learned=texts, stripped=stripped,
@@ -393,6 +399,23 @@ class DnsPolicyResolver:
             f"{decision.reason}; upstream rcode {rcode}"
         self._account(decision, answer=answer, reason=reason, now=now)
         return answer
+
+    def _evicted(self, zone: str, count: int) -> None:
+        """A VM reached its cap of learned entries (learned.MAX_LEARNED_PER_WORKLOAD): count it,
+        and let a learner that can (an optional `forget(zone, rule, ips)`) close the addresses
+        no entry holds any more now instead of at their TTL."""
+        self.metrics.learned_evicted.labels(zone).inc(count)
+        groups: dict[tuple[str, str], list] = {}
+        for z, rule, ip in self.store.take_evicted():
+            groups.setdefault((z, rule), []).append(ipaddress.ip_address(ip))
+        forget = getattr(self.learner, "forget", None)
+        if forget is None:
+            return
+        for (z, rule), ips in groups.items():
+            try:
+                forget(z, rule, ips)
+            except Exception:  # noqa: BLE001 - the address then closes at its TTL instead
+                pass
 
     def _is_rebinding(self, ip) -> bool:
         value = int(ip)

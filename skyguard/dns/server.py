@@ -71,10 +71,11 @@ class _Pending:
     """One forwarded query in flight: which upstream it is at, who wants the bytes. Its deadline
     lives in DnsServer._deadlines."""
 
-    __slots__ = ("decision", "upstream_index", "on_done", "socket", "key")
+    __slots__ = ("decision", "upstreams", "upstream_index", "on_done", "socket", "key")
 
-    def __init__(self, decision: Decision, on_done):
+    def __init__(self, decision: Decision, upstreams: list, on_done):
         self.decision = decision
+        self.upstreams = upstreams  # the list at forward time: a hot swap may replace the server's
         self.upstream_index = 0
         self.on_done = on_done  # called once with the bytes to release (answer or SERVFAIL)
         self.socket = None
@@ -145,9 +146,8 @@ class DnsServer:
     def __init__(self, resolver: DnsPolicyResolver, upstreams: list[Upstream],
                  listen: list[tuple[str, int]] | None = None,
                  upstream_timeout: float = UPSTREAM_TIMEOUT):
-        if not upstreams:
-            raise DnsError("no dns.upstreams in the policy: allowed queries would have nowhere "
-                           "to go; add e.g. `dns: {upstreams: [192.0.2.53]}`")
+        # No upstreams is valid (a policy without FQDN rules needs no dns section): the resolver
+        # then refuses every query itself, and _forward() has a backstop if one slips through.
         self.resolver = resolver
         self.upstreams = upstreams
         self.listen = listen or [("0.0.0.0", DEFAULT_PORT)]
@@ -177,12 +177,16 @@ class DnsServer:
             _, proto = await loop.create_datagram_endpoint(
                 lambda: _UpstreamSocket(self), local_addr=("0.0.0.0", 0))
             self._sockets.append(proto)
+        # IPv6 sockets too, whatever today's upstreams: a hot swap may bring an IPv6 upstream.
+        # A namespace without IPv6 simply has none (such an upstream then fails as "network").
         self._sockets6: list[_UpstreamSocket] = []
-        if any(":" in u.host for u in self.upstreams):
-            for _ in range(UPSTREAM_SOCKETS):
+        for _ in range(UPSTREAM_SOCKETS):
+            try:
                 _, proto = await loop.create_datagram_endpoint(
                     lambda: _UpstreamSocket(self), local_addr=("::", 0))
-                self._sockets6.append(proto)
+            except OSError:
+                break
+            self._sockets6.append(proto)
         for host, port in self.listen:
             udp, tcp, port = self._bind_pair(host, port)
             transport, _ = await loop.create_datagram_endpoint(lambda: _ClientUdp(self), sock=udp)
@@ -324,7 +328,12 @@ class DnsServer:
     def _forward(self, decision: Decision, on_done) -> None:
         client_ip = decision.client_ip
         self._inflight[client_ip] = self._inflight.get(client_ip, 0) + 1
-        self._send_udp(_Pending(decision, on_done))
+        pending = _Pending(decision, self.upstreams, on_done)
+        if not pending.upstreams:  # backstop: the resolver refuses before forwarding in this case
+            self._finish(pending, self.resolver.fail(decision, "no-upstream",
+                                                     "the policy has no dns.upstreams"))
+            return
+        self._send_udp(pending)
 
     def _finish(self, pending: _Pending, reply: bytes) -> None:
         client_ip = pending.decision.client_ip
@@ -347,8 +356,12 @@ class DnsServer:
 
     def _send_udp(self, pending: _Pending) -> None:
         decision = pending.decision
-        upstream = self.upstreams[pending.upstream_index]
+        upstream = pending.upstreams[pending.upstream_index]
         pool = self._sockets6 if ":" in upstream.host else self._sockets
+        if not pool:
+            self._next_upstream(pending, "network", f"upstream {upstream.host}: no socket of "
+                                "its address family here")
+            return
         proto = pool[random.randrange(len(pool))]
         while decision.upstream_id in proto.pending:  # an ID clash on this socket: re-draw
             decision.upstream_id = random.getrandbits(16)
@@ -391,13 +404,13 @@ class DnsServer:
             pending.socket = None
 
     def _on_upstream_timeout(self, pending: _Pending) -> None:
-        host = self.upstreams[pending.upstream_index].host
+        host = pending.upstreams[pending.upstream_index].host
         self._next_upstream(pending, "timeout", f"upstream {host} timed out")
 
     def _next_upstream(self, pending: _Pending, kind: str, reason: str) -> None:
         self._unregister(pending)
         pending.upstream_index += 1
-        if pending.upstream_index < len(self.upstreams):
+        if pending.upstream_index < len(pending.upstreams):
             self._send_udp(pending)
         else:
             self._finish(pending, self.resolver.fail(pending.decision, kind, reason))
@@ -419,7 +432,7 @@ class DnsServer:
             self._release(pending, answer)
 
     async def _retry_tcp(self, pending: _Pending) -> None:
-        upstream = self.upstreams[pending.upstream_index]
+        upstream = pending.upstreams[pending.upstream_index]
         try:
             answer = await self._ask_tcp(upstream, pending.decision)
         except asyncio.TimeoutError:

@@ -25,7 +25,6 @@ from skyguard.dns.learned import FILE_NAME, LearnedStore
 from skyguard.dns.metrics import DnsMetrics
 from skyguard.dns.resolver import DnsPolicyResolver
 from skyguard.dns.server import DEFAULT_PORT, DnsServer, Upstream, local_addresses
-from skyguard.errors import DnsError
 from skyguard.policy.model import Policy
 
 
@@ -56,31 +55,48 @@ class DnsProxy:
         self.server = DnsServer(self.resolver, [Upstream.parse(u) for u in policy.dns.upstreams],
                                 listen=[("0.0.0.0", port), ("::", port)])
         self.relearned = 0
+        self.dropped: dict[str, int] = {}  # learned entries the policy no longer backs, per reason
         self.frozen_objects = 0  # set by start(): objects moved out of GC reach (latency.py)
 
     async def start(self) -> None:
         self.store.load()
-        self.relearned = self.store.relearn(self.resolver.learner, time.time())
+        result = self.store.relearn(self.resolver.learner, time.time(), self.policy)
+        self.relearned = result.relearned
+        self._count_dropped(result.dropped)
         await self.server.start()
         if self.steer:
-            steering.install([w.interface for w in self.policy.workloads()], self.port,
-                             self.netns)
+            self._install_steering(self.policy)
         # Last: the heap built so far (policy, state, metrics, the daemon's modules) leaves the
         # garbage collector's reach, so its pauses stay short while queries are in flight.
         self.frozen_objects = settle_for_latency()
 
-    def set_policy(self, policy: Policy) -> None:
-        """Hot swap: new rules apply to the next query; steering follows the new interfaces."""
+    def set_policy(self, policy: Policy) -> dict[str, int]:
+        """Hot swap: new rules apply to the next query; steering follows the new interfaces;
+        learned entries of rules, zones or workloads the new policy lacks are dropped. Returns
+        those drops per reason (for the daemon's log). Call it on the proxy's event loop."""
         upstreams = [Upstream.parse(u) for u in policy.dns.upstreams]  # may raise: nothing changed
-        if not upstreams:
-            raise DnsError("the new policy has no dns.upstreams; keeping the running policy")
         self.policy = policy
         self.resolver.set_policy(policy)
+        dropped = self.store.forget_stale(policy)
+        self._count_dropped(dropped)
         if isinstance(self.resolver.directory, PolicyDirectory):
             self.resolver.directory = PolicyDirectory(policy)
         self.server.upstreams = upstreams
         if self.steer:
-            steering.install([w.interface for w in policy.workloads()], self.port, self.netns)
+            self._install_steering(policy)
+        return dropped
+
+    def _count_dropped(self, dropped: dict[str, int]) -> None:
+        for reason, count in dropped.items():
+            self.dropped[reason] = self.dropped.get(reason, 0) + count
+            self.metrics.learned_dropped.labels(reason).inc(count)
+
+    def _install_steering(self, policy: Policy) -> None:
+        interfaces = [w.interface for w in policy.workloads()]
+        if interfaces:
+            steering.install(interfaces, self.port, self.netns)
+        else:  # zones without workloads are valid: nothing to steer, and no stale redirect
+            steering.remove(self.netns)
 
     async def stop(self, remove_steering: bool = False) -> None:
         await self.server.close()

@@ -32,8 +32,11 @@ from skyguard.dns.interfaces import ListLog, PolicyDirectory
 from skyguard.dns.learned import FILE_NAME, LearnedStore
 from skyguard.dns.resolver import DnsPolicyResolver
 from skyguard.dns.server import DnsServer, Upstream
+from skyguard.dns.service import DnsProxy
+from skyguard.errors import BadInput
 from skyguard.policy.model import (Destination, DnsConfig, Policy, PortRange, Rule,
                                    TunnelDetection, Workload, Zone)
+from skyguard.policy.parse import parse_policy
 
 SUFFIX = uuid.uuid4().hex[:5]
 NS_VM, NS_HOST, NS_UP = f"dnx-vm-{SUFFIX}", f"dnx-host-{SUFFIX}", f"dnx-up-{SUFFIX}"
@@ -211,7 +214,7 @@ class ProxyThread:
             policy = make_policy()
             store = LearnedStore(self.state_dir / FILE_NAME)
             store.load()
-            self.relearned = store.relearn(self.learner, time.time())
+            self.relearned = store.relearn(self.learner, time.time()).relearned
             resolver = DnsPolicyResolver(policy, PolicyDirectory(policy), self.learner,
                                          log=self.log, store=store,
                                          host_addresses=[HOST_IP, UP_HOST_IP])
@@ -379,6 +382,135 @@ def test_proxy_down_means_no_answer(upstream, state_dir):
     finally:
         steering.remove(netns=NS_HOST)
     assert steering.installed(netns=NS_HOST) == ""
+
+
+# ---- the whole DnsProxy part (what the daemon runs) over policies parsed from YAML ----------
+
+SERVICE_PORT = PROXY_PORT + 1
+
+
+def yaml_policy(rules: str = "", dns: str | None = f"dns: {{upstreams: [{UP_IP}]}}") -> Policy:
+    text = f"""apiVersion: skyguard/v1
+kind: Policy
+metadata: {{name: dnx}}
+zones:
+  apps:
+    workloads:
+      - {{name: vm1, interface: {VM_IF}, mac: "02:00:00:00:09:01", addresses: [{VM_IP}, "{VM_IP6}"]}}
+rules:
+  - {{name: ping, from: apps, to: {{cidrs: [203.0.113.0/24]}}, ports: [icmp]}}
+{rules}{dns + chr(10) if dns else ""}"""
+    return parse_policy(text, source="dnx.yaml")
+
+
+class StrictLearner(RecordingLearner):
+    """Datapath.learn's own check: learning for a rule the policy lacks is an error."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.delay = 0
+        self.rules = {r.name for r in policy.rules if r.to.fqdns}
+
+    def learn(self, zone, rule_name, ips, ttl):
+        if rule_name not in self.rules:
+            raise BadInput(f"rule {rule_name!r} does not exist or has no fqdns: nothing to learn for it")
+        super().learn(zone, rule_name, ips, ttl)
+
+
+class ServiceThread:
+    """A DnsProxy (listeners, steering, learned state) on an event loop in the host namespace."""
+
+    def __init__(self, policy, state_dir):
+        self.policy = policy
+        self.learner = StrictLearner(policy)
+        self.log = ListLog()
+        self.loop = asyncio.new_event_loop()
+        self.proxy = None
+        self.error = None
+        self._ready = threading.Event()
+        self.state_dir = state_dir
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        try:
+            enter_netns(NS_HOST)
+            asyncio.set_event_loop(self.loop)
+            self.proxy = DnsProxy(self.policy, self.learner, self.log, state_dir=self.state_dir,
+                                  port=SERVICE_PORT, netns=NS_HOST,
+                                  host_addresses=[HOST_IP, UP_HOST_IP])
+            self.loop.run_until_complete(self.proxy.start())
+        except Exception as e:  # reported by start()
+            self.error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        self.loop.run_forever()
+
+    def swap(self, policy):
+        """Hot swap on the proxy's loop, as the daemon does; the learner follows the policy."""
+        async def run():
+            self.learner.rules = {r.name for r in policy.rules if r.to.fqdns}
+            return self.proxy.set_policy(policy)
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
+
+    def __enter__(self):
+        self.thread.start()
+        self._ready.wait(10)
+        if self.error is not None:
+            self.thread.join(10)
+            raise self.error
+        return self
+
+    def __exit__(self, *exc):
+        asyncio.run_coroutine_threadsafe(self.proxy.stop(remove_steering=True), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.mark.parametrize("dns, rcode", [(None, "REFUSED"), ("dns: {refuse_with: nxdomain}", "NXDOMAIN")])
+def test_a_policy_without_dns_upstreams_runs_and_answers_every_query_per_refuse_with(
+        upstream, tmp_path, dns, rcode):
+    # On main the proxy would not start: "no dns.upstreams in the policy".
+    with ServiceThread(yaml_policy(dns=dns), tmp_path) as service:
+        for args in (("allowed.test",), ("+tcp", "allowed.test", "AAAA")):
+            status, text = dig(*args)
+            assert status == rcode, text
+        status, text = dig("allowed.test", server=FOREIGN_RESOLVER6)
+        assert status == rcode, text
+        logged = [e for e in service.log.entries if e["name"] == "allowed.test"]
+        assert len(logged) == 3 and {e["verdict"] for e in logged} == {"refused"}
+        assert service.learner.calls == []
+        # and a hot swap to a policy with upstreams starts forwarding, and back again
+        service.swap(
+            yaml_policy("  - {name: web, from: apps, to: {fqdns: [allowed.test]}, ports: [tcp/443]}\n"))
+        assert dig("allowed.test")[0] == "NOERROR"
+        service.swap(yaml_policy(dns=dns))
+        assert dig("allowed.test")[0] == rcode
+
+
+def test_a_restart_with_an_edited_policy_drops_learned_state_of_removed_rules(upstream, tmp_path):
+    web = "  - {name: web, from: apps, to: {fqdns: [allowed.test, alias.test]}, ports: [tcp/443]}\n"
+    with ServiceThread(yaml_policy(web), tmp_path) as service:
+        assert dig("allowed.test")[0] == "NOERROR"
+        assert dig("alias.test")[0] == "NOERROR"
+        assert [c["rule"] for c in service.learner.calls] == ["web", "web"]
+    # The operator renames the rule and restarts: on main, start() failed with the learner's
+    # "rule 'web' does not exist" for every later run until the state file was deleted.
+    renamed = yaml_policy(web.replace("name: web", "name: www"))
+    with ServiceThread(renamed, tmp_path) as service:
+        assert service.proxy.relearned == 0 and service.proxy.dropped == {"rule-gone": 2}
+        assert service.proxy.metrics.learned_dropped.labels("rule-gone")._value.get() == 2
+        status, text = dig("allowed.test")
+        assert status == "NOERROR", text
+        assert [c["rule"] for c in service.learner.calls] == ["www"]
+        # hot swap: the rule that names alias.test goes; so does what was learned under it
+        dropped = service.swap(yaml_policy(
+            web.replace("name: web", "name: www").replace(", alias.test", "")))
+        assert dropped == {}  # alias.test was learned under `web` only, dropped at the start
+        dropped = service.swap(yaml_policy(
+            "  - {name: other, from: apps, to: {fqdns: [x.test]}, ports: [tcp/443]}\n"))
+        assert dropped == {"rule-gone": 1}
+        assert not service.proxy.store.answered("allowed.test", answers(text)[0], time.time())
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--serve-upstream"]:

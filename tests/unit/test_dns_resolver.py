@@ -265,9 +265,9 @@ def test_learned_state_persists_and_is_relearned(tmp_path):
     restarted = LearnedStore(tmp_path / "dns-learned.json")
     restarted.load()
     learner = RecordingLearner()
-    assert restarted.relearn(learner, now=1100.0) == 1
+    assert restarted.relearn(learner, now=1100.0).relearned == 1
     assert learner.calls == [("auth", "os-updates", ["203.0.113.7"], 202)]
-    assert restarted.relearn(RecordingLearner(), now=5000.0) == 0  # expired
+    assert restarted.relearn(RecordingLearner(), now=5000.0).relearned == 0  # expired
 
 
 def test_corrupt_learned_state_is_an_error_that_says_what_to_do(tmp_path):
