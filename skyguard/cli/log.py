@@ -16,46 +16,73 @@ from pathlib import Path
 import click
 
 from skyguard import config
+from skyguard.errors import LogError
 from skyguard.cli.common import emit_json, json_option, warn
 from skyguard.tlog import entries as tlog_entries
 from skyguard.tlog.checkpoint import Checkpoint, Signer, Verifier
 from skyguard.tlog.errors import BadLogInput, VerificationError
 from skyguard.tlog.hashing import hash_leaf
-from skyguard.tlog.hostkey import key_path, load_or_create_host_key
+from skyguard.tlog.hostkey import default_key_name, key_path, load_or_create_host_key
 from skyguard.tlog.store import LogReader
 from skyguard.tlog.tree import (consistency_proof, inclusion_proof, range_root,
                                 verify_consistency, verify_inclusion)
 from skyguard.tlog.verify import read_notes_file, verify_log
 
+# Local until common.py has a shared one: the same option and meaning as `skyguard up --state-dir`.
+state_dir_option = click.option(
+    "--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="skyguard's state directory: the log is <state-dir>/log and its key is the host key "
+         "there (default: $SKYGUARD_STATE_DIR or /var/lib/skyguard).")
 log_dir_option = click.option(
     "--log-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-    help="Log directory (default: $SKYGUARD_STATE_DIR/log, i.e. /var/lib/skyguard/log).")
+    help="Log directory, overriding <state-dir>/log (a copy elsewhere). Its key is then read "
+         "from the log directory's parent if a host key is there, else from the state dir.")
 key_option = click.option(
     "--key", "key", default=None, metavar="VKEY|FILE",
     help="Verifier key (name+hash+base64, as `log checkpoint --public-key` prints) or a file "
          "holding it. Default: the host key in the state dir.")
 
 
-def _log_dir(log_dir: Path | None) -> Path:
-    return log_dir or (config.STATE_DIR / "log")
+def _log_dir(state_dir: Path | None, log_dir: Path | None) -> Path:
+    return log_dir or ((state_dir or config.STATE_DIR) / "log")
+
+
+def _key_dir(state_dir: Path | None, log_dir: Path | None) -> Path:
+    """Where the host key is: the state dir named, else beside the log dir named, else the
+    state dir from the environment (or the default)."""
+    if state_dir is not None:
+        return state_dir
+    if log_dir is not None and key_path(log_dir.parent).exists():
+        return log_dir.parent
+    return config.STATE_DIR
 
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _verifier(reader: LogReader, key: str | None) -> Verifier:
-    """The key to check signatures with: given, else the host key, else the log's own record."""
+def _verifier(reader: LogReader, key: str | None, key_dir: Path) -> tuple[Verifier, str]:
+    """The key to check signatures with, and where it came from (for every error that follows).
+
+    Given with --key, else the host key in key_dir. Never the key recorded inside the log: whoever
+    can rewrite the log can rewrite that record too."""
     if key:
-        text = Path(key).read_text() if Path(key).is_file() else key
-        return Verifier.from_vkey(text)
-    recorded = Verifier.from_vkey(reader.verifier_key)
-    if key_path(config.STATE_DIR).exists():
-        private = load_or_create_host_key(config.STATE_DIR, create=False)
-        return Signer(recorded.name, private).verifier
-    warn(f"note: checking signatures with the key recorded in {reader.directory} "
-         f"({reader.verifier_key}); pass --key with a key you hold elsewhere to trust the result")
-    return recorded
+        path = Path(key)
+        if path.is_file():
+            return Verifier.from_vkey(path.read_text().strip()), f"the key in {path}"
+        return Verifier.from_vkey(key.strip()), "the key given with --key"
+    path = key_path(key_dir)
+    if not path.exists():
+        raise LogError(f"no host key at {path} to check the log's signatures with: pass "
+                       f"--state-dir with the state directory the log belongs to, or --key with "
+                       f"its verifier key (`skyguard log checkpoint --public-key` on the host); "
+                       f"the key recorded inside the log is not trusted")
+    private = load_or_create_host_key(key_dir, create=False)
+    try:   # the key's name may differ from today's hostname: take it from the log
+        name = Verifier.from_vkey(reader.verifier_key).name
+    except BadLogInput:
+        name = default_key_name()
+    return Signer(name, private).verifier, f"the host key {path}"
 
 
 @click.group("log")
@@ -73,6 +100,7 @@ def log():
 
 
 @log.command()
+@state_dir_option
 @log_dir_option
 @key_option
 @click.option("--checkpoint", "checkpoint_files", multiple=True,
@@ -80,7 +108,7 @@ def log():
               help="A signed checkpoint saved elsewhere (one or several notes per file; repeat "
                    "the option for more files). The log must be consistent with each.")
 @json_option
-def verify(log_dir, key, checkpoint_files, as_json):
+def verify(state_dir, log_dir, key, checkpoint_files, as_json):
     """Recompute every leaf and the tree; check every checkpoint; name the first bad index.
 
     \b
@@ -88,8 +116,8 @@ def verify(log_dir, key, checkpoint_files, as_json):
       skyguard log verify
       skyguard log verify --checkpoint /mnt/witness/skyguard.note --json
     """
-    reader = LogReader(_log_dir(log_dir))
-    verifier = _verifier(reader, key)
+    reader = LogReader(_log_dir(state_dir, log_dir))
+    verifier, key_source = _verifier(reader, key, _key_dir(state_dir, log_dir))
     notes = [n for f in checkpoint_files for n in read_notes_file(f)]
     show_progress = not as_json and sys.stderr.isatty()
     if show_progress:
@@ -102,7 +130,7 @@ def verify(log_dir, key, checkpoint_files, as_json):
     else:
         report = verify_log(reader.directory, verifier, notes)
     if as_json:
-        emit_json(report.as_dict())
+        emit_json(dict(report.as_dict(), key=key_source))
         if not report.ok:
             raise click.exceptions.Exit(1)
         return
@@ -112,10 +140,14 @@ def verify(log_dir, key, checkpoint_files, as_json):
         where = "" if report.first_bad_index is None else f"first bad index {report.first_bad_index}: "
         for other in report.problems:
             warn(f"also: {other}")
-        raise VerificationError(f"log verification FAILED: {where}{report.problem}")
-    click.echo(f"ok: {report.size} entries, root {_b64(report.root)}, "
-               f"{report.checkpoints_checked} stored and {report.external_checked} external "
-               f"checkpoints consistent")
+        raise VerificationError(f"log verification FAILED: {where}{report.problem} "
+                                f"(checked with {key_source})")
+    unproven = report.size - report.covered
+    click.echo(f"ok: {report.covered} entries proven, root {_b64(report.root)}, "
+               f"{report.checkpoints_checked} stored, {report.head_checked} head and "
+               f"{report.external_checked} external checkpoints consistent "
+               f"(checked with {key_source})"
+               + (f"; {unproven} unacknowledged entries after them are not" if unproven else ""))
 
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
@@ -173,12 +205,13 @@ def _matches(payload: bytes, types, since) -> bool:
 
 
 @log.command()
+@state_dir_option
 @log_dir_option
 @click.option("--type", "types", multiple=True, help="Only entries of this type (repeatable).")
 @click.option("--since", help="Only entries at or after: 10m, 2h, an RFC 3339 time, or ns.")
 @click.option("--limit", type=click.IntRange(min=1), help="Stop after this many entries.")
 @json_option
-def show(log_dir, types, since, limit, as_json):
+def show(state_dir, log_dir, types, since, limit, as_json):
     """Print entries, oldest first (one JSON object per line with --json).
 
     \b
@@ -186,7 +219,7 @@ def show(log_dir, types, since, limit, as_json):
       skyguard log show --type deny --type tamper --since 1h
       skyguard log show --since 2026-01-31T12:00:00Z --limit 100 --json
     """
-    reader = LogReader(_log_dir(log_dir))
+    reader = LogReader(_log_dir(state_dir, log_dir))
     since_ns = _parse_since(since) if since else None
     shown = 0
     for index, payload in reader.entries():
@@ -198,12 +231,13 @@ def show(log_dir, types, since, limit, as_json):
 
 
 @log.command()
+@state_dir_option
 @log_dir_option
 @click.option("-n", "count", type=click.IntRange(min=0), default=10, show_default=True,
               help="How many of the last entries to print.")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing entries as they are appended.")
 @json_option
-def tail(log_dir, count, follow, as_json):
+def tail(state_dir, log_dir, count, follow, as_json):
     """Print the last entries, and with --follow new ones as they become durable.
 
     \b
@@ -211,7 +245,7 @@ def tail(log_dir, count, follow, as_json):
       skyguard log tail -n 50
       skyguard log tail --follow --json | jq .entry.type
     """
-    directory = _log_dir(log_dir)
+    directory = _log_dir(state_dir, log_dir)
     reader = LogReader(directory)
     size = reader.size
     for index, payload in reader.entries(max(0, size - count)):
@@ -224,18 +258,24 @@ def tail(log_dir, count, follow, as_json):
             size = index + 1
 
 
-def _latest_checkpoint(reader: LogReader, verifier: Verifier) -> tuple[str, Checkpoint]:
+def _latest_checkpoint(reader: LogReader, verifier: Verifier,
+                       key_source: str) -> tuple[str, Checkpoint]:
     note = reader.latest_checkpoint_note()
-    checkpoint = Checkpoint.parse_body(verifier.verify(note))
+    try:
+        checkpoint = Checkpoint.parse_body(verifier.verify(note))
+    except VerificationError as e:
+        raise VerificationError(f"the log's latest checkpoint: {e} (checked with {key_source})") \
+            from None
     return note, checkpoint
 
 
 @log.command()
 @click.argument("index", type=int)
+@state_dir_option
 @log_dir_option
 @key_option
 @json_option
-def prove(index, log_dir, key, as_json):
+def prove(index, state_dir, log_dir, key, as_json):
     """Inclusion proof of entry INDEX in the latest signed checkpoint.
 
     The JSON is checkable without skyguard: tools/verify_inclusion.py proof.json [--key VKEY].
@@ -244,8 +284,9 @@ def prove(index, log_dir, key, as_json):
     Examples:
       skyguard log prove 1234 --json > proof.json
     """
-    reader = LogReader(_log_dir(log_dir))
-    note, checkpoint = _latest_checkpoint(reader, _verifier(reader, key))
+    reader = LogReader(_log_dir(state_dir, log_dir))
+    note, checkpoint = _latest_checkpoint(reader, *_verifier(reader, key,
+                                                             _key_dir(state_dir, log_dir)))
     if not 0 <= index < checkpoint.size:
         raise BadLogInput(f"index {index} is not covered by the latest checkpoint (size "
                           f"{checkpoint.size}): choose 0..{checkpoint.size - 1}, or wait for "
@@ -271,19 +312,21 @@ def prove(index, log_dir, key, as_json):
 @log.command()
 @click.argument("old", type=int)
 @click.argument("new", type=int)
+@state_dir_option
 @log_dir_option
 @json_option
-def consistency(old, new, log_dir, as_json):
+def consistency(old, new, state_dir, log_dir, as_json):
     """Consistency proof that the tree of size OLD is a prefix of the tree of size NEW.
 
     \b
     Examples:
       skyguard log consistency 1000 5000 --json
     """
-    reader = LogReader(_log_dir(log_dir))
+    reader = LogReader(_log_dir(state_dir, log_dir))
     size = reader.size
-    if not 0 <= old <= new <= size:
-        raise BadLogInput(f"need 0 <= OLD <= NEW <= {size} (the log's size); got {old} {new}")
+    if not 0 < old <= new <= size:
+        raise BadLogInput(f"need 0 < OLD <= NEW <= {size} (the log's size; a proof from the "
+                          f"empty tree is meaningless); got {old} {new}")
     source = reader.source()
     old_root, new_root = range_root(source, 0, old), range_root(source, 0, new)
     hashes = consistency_proof(source, old, new)
@@ -301,12 +344,13 @@ def consistency(old, new, log_dir, as_json):
 
 
 @log.command()
+@state_dir_option
 @log_dir_option
 @key_option
 @click.option("--public-key", is_flag=True,
               help="Print the verifier key (name+hash+base64) instead of the checkpoint.")
 @json_option
-def checkpoint(log_dir, key, public_key, as_json):
+def checkpoint(state_dir, log_dir, key, public_key, as_json):
     """Print the latest signed checkpoint (C2SP signed note), for a witness to keep.
 
     \b
@@ -314,15 +358,15 @@ def checkpoint(log_dir, key, public_key, as_json):
       skyguard log checkpoint > /mnt/witness/skyguard-$(date +%s).note
       skyguard log checkpoint --public-key > skyguard.vkey
     """
-    reader = LogReader(_log_dir(log_dir))
-    verifier = _verifier(reader, key)
+    reader = LogReader(_log_dir(state_dir, log_dir))
+    verifier, key_source = _verifier(reader, key, _key_dir(state_dir, log_dir))
     if public_key:
         if as_json:
             emit_json({"verifier_key": verifier.vkey(), "name": verifier.name})
         else:
             click.echo(verifier.vkey())
         return
-    note, cp = _latest_checkpoint(reader, verifier)
+    note, cp = _latest_checkpoint(reader, verifier, key_source)
     if as_json:
         emit_json({"origin": cp.origin, "size": cp.size, "root": _b64(cp.hash), "note": note})
     else:

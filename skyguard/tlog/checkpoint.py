@@ -6,6 +6,15 @@ the key hash is SHA-256(name || 0x0A || 0x01 || public key)[:4]. A checkpoint bo
 line, the decimal tree size and the base64 root hash. Verifier keys travel as
 `<name>+<hex key hash>+<base64(0x01 || public key)>`.
 
+Parsing follows the specs to the letter, as the Go reference does (golang.org/x/mod/sumdb/note
+`Open`, transparency-dev/formats `log.Checkpoint`): a note is valid UTF-8 with no control
+character but newline; key names are non-empty with no Unicode space (Go's unicode.IsSpace) and no
+'+'; at most 100 signatures; a checkpoint's size is ASCII digits with no leading zero, at most
+2**64 - 1; extension lines are non-empty. One deliberate strictness beyond the reference: base64
+must be canonical (RFC 4648 section 3.5), so one checkpoint has one text. What we sign is held to
+more than what we accept: a signer refuses any text the reference would refuse to open, and a
+checkpoint refuses an origin that is not printable.
+
 Not here: where the key lives (hostkey.py) and when checkpoints are made (store.py).
 """
 
@@ -14,6 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
@@ -25,12 +35,48 @@ from skyguard.tlog.hashing import HASH_SIZE
 
 ALG_ED25519 = 0x01
 SIGNATURE_PREFIX = "\u2014 "  # an em dash and a space, as signed-note requires
-MAX_SIGNATURES = 100  # signed-note lets verifiers bound the work a note can demand
+MAX_SIGNATURES = 100  # the reference refuses more (signed-note: verifiers must accept 16)
+MAX_TREE_SIZE = (1 << 64) - 1  # the reference parses the size as a uint64
+
+# Unicode White_Space, which is what Go's unicode.IsSpace tests (the reference's isValidName).
+# Written out rather than str.isspace(), whose set differs (it includes U+001C..U+001F).
+_UNICODE_SPACES = frozenset("\t\n\v\f\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005"
+                            "\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
+_SIZE_RE = re.compile(r"0|[1-9][0-9]*", re.ASCII)
+_HEX8_RE = re.compile(r"[0-9a-fA-F]{8}", re.ASCII)
+
+
+def valid_key_name(name) -> bool:
+    """signed-note: non-empty, no Unicode space, no '+' (and no control character: a note
+    holding one does not open)."""
+    return (isinstance(name, str) and name != "" and "+" not in name
+            and not any(c in _UNICODE_SPACES or c < " " or "\ud800" <= c <= "\udfff"
+                        for c in name))
 
 
 def _check_key_name(name: str) -> None:
-    if not name or any(c.isspace() for c in name) or "+" in name:
-        raise BadLogInput(f"key name {name!r} must be non-empty with no spaces or '+'")
+    if not valid_key_name(name):
+        raise BadLogInput(f"key name {name!r} must be non-empty, with no spaces, no '+' and no "
+                          f"control characters (signed-note)")
+
+
+def check_note_characters(note: str) -> None:
+    """signed-note: valid UTF-8 (no lone surrogate) and no ASCII control character but newline."""
+    for c in note:
+        if (c < " " and c != "\n") or "\ud800" <= c <= "\udfff":
+            raise BadLogInput(f"not a signed note: it holds the character U+{ord(c):04X} "
+                              f"(control characters other than newline are not allowed)")
+
+
+def b64decode_canonical(text: str, what: str) -> bytes:
+    """Standard base64 (RFC 4648 section 4) in its one canonical form, or BadLogInput."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadLogInput(f"{what} is not base64") from None
+    if base64.b64encode(raw).decode("ascii") != text:
+        raise BadLogInput(f"{what} is not canonical base64 (padding or trailing bits)")
+    return raw
 
 
 def key_hash(name: str, public_key: bytes) -> bytes:
@@ -46,6 +92,8 @@ class Signer:
 
     def __init__(self, name: str, private_key: Ed25519PrivateKey):
         _check_key_name(name)
+        if not name.isprintable():   # stricter for what we sign: no format or private-use chars
+            raise BadLogInput(f"key name {name!r} must be printable")
         self.name = name
         self._key = private_key
         self.verifier = Verifier(name, _raw_public(private_key.public_key()))
@@ -57,6 +105,7 @@ class Signer:
         """The signed note: text, a blank line, and this signer's signature line."""
         if not text.endswith("\n"):
             raise BadLogInput("a note text must end with a newline")
+        check_note_characters(text)   # never sign what a verifier must refuse to open
         signature = self._key.sign(text.encode("utf-8"))
         blob = base64.b64encode(self.verifier.key_hash + signature).decode()
         return f"{text}\n{SIGNATURE_PREFIX}{self.name} {blob}\n"
@@ -84,20 +133,19 @@ class Verifier:
 
     @classmethod
     def from_vkey(cls, vkey: str) -> "Verifier":
-        parts = vkey.strip().split("+", 2)  # base64 may itself contain "+"
-        if len(parts) != 3:
-            raise BadLogInput("a verifier key has the form name+hash+base64key "
-                              "(as printed by `skyguard log checkpoint --public-key`)")
-        name, hash_hex, blob = parts
-        try:
-            raw = base64.b64decode(blob, validate=True)
-            expected_hash = bytes.fromhex(hash_hex)
-        except (binascii.Error, ValueError):
-            raise BadLogInput("verifier key is not valid hex and base64") from None
+        """Parse name+hash+base64key exactly as the reference's NewVerifier does."""
+        usage = ("a verifier key has the form name+hash+base64key "
+                 "(as printed by `skyguard log checkpoint --public-key`)")
+        if not isinstance(vkey, str) or vkey.count("+") < 2:
+            raise BadLogInput(usage)
+        name, hash_hex, blob = vkey.split("+", 2)  # base64 may itself contain "+"
+        if not valid_key_name(name) or not _HEX8_RE.fullmatch(hash_hex):
+            raise BadLogInput(usage)
+        raw = b64decode_canonical(blob, "the verifier key")
         if len(raw) != 33 or raw[0] != ALG_ED25519:
             raise BadLogInput("verifier key is not an Ed25519 key (algorithm byte 0x01, 32 bytes)")
         verifier = cls(name, raw[1:])
-        if verifier.key_hash != expected_hash:
+        if verifier.key_hash != bytes.fromhex(hash_hex):
             raise BadLogInput("verifier key hash does not match its name and key")
         return verifier
 
@@ -119,7 +167,13 @@ class Verifier:
 
 
 def split_note(note: str) -> tuple[str, list[tuple[str, bytes]]]:
-    """(text, [(key name, key hash || signature)]); raises BadLogInput if malformed."""
+    """(text, [(key name, key hash || signature)]); raises BadLogInput if malformed.
+
+    As the reference's Open: the text ends at the last blank line; each signature line is the
+    em dash, a space, a valid key name, a space and base64 of at least 5 bytes."""
+    if not isinstance(note, str):
+        raise BadLogInput("not a signed note: not text")
+    check_note_characters(note)
     if "\n\n" not in note:
         raise BadLogInput("not a signed note: no blank line between the text and the signatures")
     cut = note.rindex("\n\n")
@@ -130,53 +184,79 @@ def split_note(note: str) -> tuple[str, list[tuple[str, bytes]]]:
     for line in block[:-1].split("\n"):
         if not line.startswith(SIGNATURE_PREFIX):
             raise BadLogInput(f"not a signed note: signature line {line[:40]!r} does not start "
-                              f"with an em dash")
-        fields = line[len(SIGNATURE_PREFIX):].split(" ")
-        if len(fields) != 2:
-            raise BadLogInput("not a signed note: a signature line is '— name base64'")
-        try:
-            blob = base64.b64decode(fields[1], validate=True)
-        except binascii.Error:
-            raise BadLogInput("not a signed note: signature is not base64") from None
+                              f"with an em dash and a space")
+        name, _, blob_text = line[len(SIGNATURE_PREFIX):].partition(" ")
+        if not valid_key_name(name):
+            raise BadLogInput(f"not a signed note: signature line names an invalid key "
+                              f"{name[:40]!r} (empty, a space, '+' or a control character)")
+        if not blob_text:
+            raise BadLogInput("not a signed note: a signature line is '\u2014 name base64'")
+        blob = b64decode_canonical(blob_text, "not a signed note: the signature")
         if len(blob) < 5:
             raise BadLogInput("not a signed note: signature too short")
-        signatures.append((fields[0], blob))
-    if not signatures or len(signatures) > MAX_SIGNATURES:
-        raise BadLogInput(f"a signed note needs 1 to {MAX_SIGNATURES} signatures")
+        signatures.append((name, blob))
+        if len(signatures) > MAX_SIGNATURES:
+            raise BadLogInput(f"a signed note has at most {MAX_SIGNATURES} signatures")
     return text, signatures
+
+
+def _check_origin(origin) -> None:
+    """What we sign as an origin: non-empty printable text (no control or format characters,
+    no newline); tlog-checkpoint only requires non-empty, the rest keeps notes readable."""
+    if not isinstance(origin, str) or not origin or not origin.isprintable():
+        raise BadLogInput(f"checkpoint origin {origin!r} must be non-empty printable text")
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A signed statement: the log named origin has `size` entries whose tree root is `hash`."""
+    """A signed statement: the log named origin has `size` entries whose tree root is `hash`.
+
+    `extensions` are tlog-checkpoint's optional extension lines: opaque, each non-empty; this
+    log never writes any, and accepts them in notes others sign."""
 
     origin: str
     size: int
     hash: bytes
+    extensions: tuple[str, ...] = ()
 
     def body(self) -> str:
-        return f"{self.origin}\n{self.size}\n{base64.b64encode(self.hash).decode()}\n"
+        _check_origin(self.origin)
+        if isinstance(self.size, bool) or not isinstance(self.size, int) \
+                or not 0 <= self.size <= MAX_TREE_SIZE:
+            raise BadLogInput(f"checkpoint size {self.size!r} is not an integer 0..2**64-1")
+        if not isinstance(self.hash, (bytes, bytearray)) or len(self.hash) != HASH_SIZE:
+            raise BadLogInput("checkpoint root hash must be 32 bytes")
+        for line in self.extensions:
+            if not isinstance(line, str) or not line or not line.isprintable():
+                raise BadLogInput("checkpoint extension lines must be non-empty printable text")
+        extra = "".join(f"{line}\n" for line in self.extensions)
+        return f"{self.origin}\n{self.size}\n{base64.b64encode(self.hash).decode()}\n{extra}"
 
     def sign(self, signer: Signer) -> str:
         return signer.sign(self.body())
 
     @classmethod
     def parse_body(cls, text: str) -> "Checkpoint":
+        """tlog-checkpoint's note text: at least three non-empty lines, each ending in a
+        newline: origin, size (ASCII decimal, no leading zero), base64 root hash; then any
+        non-empty extension lines."""
+        check_note_characters(text)
         lines = text.split("\n")
         if len(lines) < 4 or lines[-1] != "":
-            raise BadLogInput("a checkpoint body has an origin, a size and a root hash line")
-        origin, size_text, hash_text = lines[0], lines[1], lines[2]
+            raise BadLogInput("a checkpoint body has an origin, a size and a root hash line, "
+                              "each ending in a newline")
+        origin, size_text, hash_text, *extensions = lines[:-1]
         if not origin:
             raise BadLogInput("checkpoint origin line is empty")
-        if not size_text.isdigit() or (size_text != "0" and size_text.startswith("0")):
-            raise BadLogInput(f"checkpoint size {size_text[:30]!r} is not a decimal number")
-        try:
-            root = base64.b64decode(hash_text, validate=True)
-        except binascii.Error:
-            raise BadLogInput("checkpoint root hash is not base64") from None
+        if not _SIZE_RE.fullmatch(size_text) or int(size_text) > MAX_TREE_SIZE:
+            raise BadLogInput(f"checkpoint size {size_text[:30]!r} is not ASCII decimal digits "
+                              f"without a leading zero (0..2**64-1)")
+        root = b64decode_canonical(hash_text, "checkpoint root hash")
         if len(root) != HASH_SIZE:
             raise BadLogInput("checkpoint root hash is not 32 bytes")
-        return cls(origin, int(size_text), root)
+        if any(not line for line in extensions):
+            raise BadLogInput("checkpoint extension lines must be non-empty")
+        return cls(origin, int(size_text), root, tuple(extensions))
 
 
 def parse_and_verify(note: str, verifier: Verifier, origin: str | None = None) -> Checkpoint:

@@ -68,3 +68,15 @@ def scan(buf: bytes, first_index: int, limit: int | None = None) -> Scan:
         off = end
         expected += 1
     return Scan(payloads, off, None)
+
+
+def parse_one(buf: bytes) -> tuple[int, bytes] | None:
+    """(index, payload) of the one record at the start of buf (padding may follow), or None if
+    it is incomplete or fails its checksum."""
+    if len(buf) < HEADER_SIZE:
+        return None
+    crc, length, index = HEADER.unpack_from(buf, 0)
+    end = HEADER_SIZE + length
+    if length > MAX_PAYLOAD or end > len(buf) or zlib.crc32(memoryview(buf)[4:end]) != crc:
+        return None
+    return index, bytes(buf[HEADER_SIZE:end])

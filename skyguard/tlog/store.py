@@ -1,63 +1,65 @@
-"""The durable, append-only store of the signed log: a writer with group commit, and a reader.
+"""The durable, append-only writer of the signed log: group commit, signed heads, recovery.
 
-Layout of a log directory (mode 0700):
-  log.json                  origin, verifier key, segment size: fixed when the log is created
-  seg-<first index>.log     entries as framed records (records.py); a segment holds exactly
-                            `segment_entries` records before the next one starts
-  leaves.bin                32-byte leaf hash per entry, and
-  nodes8.bin                32-byte root per aligned 256-leaf subtree: caches derived from the
-                            segments (rebuilt on open), so proofs and reopening cost O(n/256)
-  checkpoints.log           signed checkpoint notes, framed like entries, oldest first
-  torn/                     bytes cut from a torn tail, kept for forensics
+What an acknowledgement means, and what a crash can leave (the design):
+- An entry is acknowledged only once (1) its record is fsynced in its segment (and the directory,
+  for a new segment file) and (2) a signed checkpoint covering it is durable in head.bin
+  (head.py). The writer puts at most MAX_UNPROVEN entries on disk before signing such a head. So
+  at every instant every acknowledged entry is under a durable signature, and at most
+  MAX_UNPROVEN entries, none of them acknowledged, lie beyond the last one.
+- A new log gets a signed checkpoint of size 0 before its first entry: a non-empty log always
+  has a signature somewhere, and one with none has lost it.
+- So the files tell a crash from a rewrite by someone without the key. A crash leaves the last
+  signed checkpoint covering all but at most MAX_UNPROVEN trailing entries. Entries with no
+  signed checkpoint at all, more than MAX_UNPROVEN beyond the last one, or damage under one, are
+  not a crash. (A rollback to an earlier signed state, plus at most MAX_UNPROVEN forged entries,
+  looks like a crash from the files alone: those entries are never reported as verified nor
+  signed, and a witness's saved checkpoint catches the rollback.)
+- On open the writer signs nothing it cannot prove against its last checkpoint: entries beyond it
+  are moved to torn/ and a signed entry says so (`log_recovery` when a crash explains them,
+  `tamper` when it cannot). Damage under a checkpoint (an edit, a truncation, a root that does not
+  match) is refused: the writer does not open (fail closed) until `skyguard log verify` has been
+  read and the log moved aside.
+- checkpoints.log keeps the history: a checkpoint every N entries or T seconds and at close,
+  which bounds where a careful rewrite can hide and what witnesses compare.
+Caches are fsynced when a segment is sealed; the last segment's are rebuilt on open.
 
-The segments are the truth; everything else is derived or signed. An entry is acknowledged only
-after its segment and (when the segment file is new) the directory are fsynced; the caches are
-fsynced when a segment is sealed, and the last segment's are rebuilt on open. Recovery
-cuts a torn tail only where no checkpoint covers it: damage under a checkpoint is tampering, and
-the writer refuses to extend such a log (fail closed) until `skyguard log verify` has been read.
-
-Not here: full verification (verify.py), signing details (checkpoint.py).
+Not here: the layout and the reader (reader.py), full verification (verify.py), signing details
+(checkpoint.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import mmap
 import os
 import queue
-import re
 import threading
 import time
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Sequence
 
 from skyguard import fsutil
 from skyguard.errors import LogError
 from skyguard.tlog import records
-from skyguard.tlog.checkpoint import Checkpoint, Signer, Verifier
-from skyguard.tlog.errors import BadLogInput
-from skyguard.tlog.hashing import HASH_SIZE, hash_leaf
+from skyguard.tlog.checkpoint import MAX_TREE_SIZE, Checkpoint, Signer, Verifier
+from skyguard.tlog.errors import BadLogInput, VerificationError
+from skyguard.tlog.hashing import EMPTY_ROOT, HASH_SIZE, hash_leaf
+from skyguard.tlog.head import MAX_NOTE, HeadWriter, read_head
+from skyguard.tlog.recovery import cut_tail, scan_segments, set_aside
+# The layout and the reader live in reader.py; these names stay importable from here.
+from skyguard.tlog.reader import (CHECKPOINTS_FILE, FORMAT_VERSION, LEAVES_FILE,  # noqa: F401
+                                  MAX_UNPROVEN, META_FILE, NODES_FILE, TORN_DIR, LogReader,
+                                  StoredSource, _list_segments, _map, _read_meta,
+                                  leaf_hashes_of, segment_name)
 from skyguard.tlog.tree import NODE_SPAN, CompactRange, fold_perfect, range_root
 
 log = logging.getLogger("skyguard.tlog")
 
-META_FILE = "log.json"
-LEAVES_FILE = "leaves.bin"
-NODES_FILE = "nodes8.bin"
-CHECKPOINTS_FILE = "checkpoints.log"
-TORN_DIR = "torn"
-FORMAT_VERSION = 1
 DEFAULT_SEGMENT_ENTRIES = 1 << 16   # ~65k entries (~10-20 MiB): bounds the rescan on open
 DEFAULT_CHECKPOINT_EVERY = 10_000   # entries between checkpoints (a signature costs ~40 us)
 DEFAULT_CHECKPOINT_INTERVAL = 10.0  # seconds between checkpoints while entries are pending
 MAX_GROUP_ENTRIES = 1 << 16         # entries per group commit: bounds latency and memory
-_SEGMENT_RE = re.compile(r"^seg-(\d{20})\.log$")
-
-
-def segment_name(first_index: int) -> str:
-    return f"seg-{first_index:020d}.log"
 
 
 def _write_all(fd: int, data) -> None:
@@ -65,160 +67,6 @@ def _write_all(fd: int, data) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
-
-
-def leaf_hashes_of(payloads: Iterable[bytes]) -> list[bytes]:
-    return [hash_leaf(p) for p in payloads]
-
-
-def _read_meta(directory: Path) -> dict:
-    path = directory / META_FILE
-    if not path.exists():
-        raise LogError(f"no signed log at {directory} (no {META_FILE}); the daemon creates it "
-                       f"on first start, or pass --log-dir to point at another one")
-    try:
-        meta = json.loads(path.read_text())
-        seg = int(meta["segment_entries"])
-        origin, vkey = str(meta["origin"]), str(meta["verifier_key"])
-    except (ValueError, KeyError, TypeError):
-        raise LogError(f"{path} is damaged; it names the log's origin and key") from None
-    if meta.get("version") != FORMAT_VERSION or seg < NODE_SPAN or seg % NODE_SPAN:
-        raise LogError(f"{path}: unsupported log format {meta.get('version')!r}")
-    return {"origin": origin, "verifier_key": vkey, "segment_entries": seg}
-
-
-def _list_segments(directory: Path, segment_entries: int) -> list[int]:
-    firsts = sorted(int(m.group(1)) for p in directory.iterdir()
-                    if (m := _SEGMENT_RE.match(p.name)))
-    for position, first in enumerate(firsts):
-        if first != position * segment_entries:
-            raise LogError(f"segment files of {directory} are not contiguous: expected "
-                           f"{segment_name(position * segment_entries)}, found "
-                           f"{segment_name(first)} (a segment was removed or renamed)")
-    return firsts
-
-
-class StoredSource:
-    """NodeSource over the caches for [0, cached) and in-memory leaf hashes for the tail."""
-
-    def __init__(self, leaves: mmap.mmap | bytes, nodes: mmap.mmap | bytes, cached: int,
-                 tail_start: int, tail: Sequence[bytes]):
-        self._leaves, self._nodes = leaves, nodes
-        self.cached, self.tail_start, self.tail = cached, tail_start, tail
-
-    def leaf_hashes(self, start, end):
-        out = []
-        if start < self.cached:
-            stop = min(end, self.cached)
-            buf = self._leaves
-            out = [bytes(buf[i * HASH_SIZE:(i + 1) * HASH_SIZE]) for i in range(start, stop)]
-            start = stop
-        if start < end:
-            out.extend(self.tail[start - self.tail_start:end - self.tail_start])
-        return out
-
-    def level_nodes(self, start, end):
-        if end * NODE_SPAN > self.cached:
-            return None
-        buf = self._nodes
-        return [bytes(buf[i * HASH_SIZE:(i + 1) * HASH_SIZE]) for i in range(start, end)]
-
-
-def _map(path: Path, length: int):
-    if length == 0:
-        return b""
-    with open(path, "rb") as f:
-        return mmap.mmap(f.fileno(), length, access=mmap.ACCESS_READ)
-
-
-class LogReader:
-    """Read-only view of a log directory; never modifies it (a crashed tail is reported, kept)."""
-
-    def __init__(self, directory: Path | str):
-        self.directory = Path(directory)
-        meta = _read_meta(self.directory)
-        self.origin = meta["origin"]
-        self.verifier_key = meta["verifier_key"]
-        self.segment_entries = meta["segment_entries"]
-        self.segments = _list_segments(self.directory, self.segment_entries)
-        self._tail_scan: records.Scan | None = None
-        self._last_scan: tuple[int, records.Scan] | None = None
-
-    # --- entries -----------------------------------------------------------------------------
-    def segment_path(self, first: int) -> Path:
-        return self.directory / segment_name(first)
-
-    def scan_segment(self, first: int) -> records.Scan:
-        # One sealed segment is kept: `entry()` calls for nearby indexes then cost one read.
-        if self._last_scan is None or self._last_scan[0] != first:
-            scan = records.scan(self.segment_path(first).read_bytes(), first,
-                                self.segment_entries)
-            self._last_scan = (first, scan)
-        return self._last_scan[1]
-
-    def tail(self) -> tuple[int, records.Scan]:
-        """(first index, scan) of the last segment, read once per reader."""
-        if not self.segments:
-            return 0, records.Scan([], 0, None)
-        if self._tail_scan is None:
-            self._tail_scan = self.scan_segment(self.segments[-1])
-        return self.segments[-1], self._tail_scan
-
-    @property
-    def size(self) -> int:
-        """Entries readable in order (a torn tail is not counted)."""
-        first, scan = self.tail()
-        return first + len(scan.payloads)
-
-    def entries(self, start: int = 0) -> Iterator[tuple[int, bytes]]:
-        for first in self.segments:
-            if first + self.segment_entries <= start:
-                continue
-            scan = self.tail()[1] if first == self.segments[-1] else self.scan_segment(first)
-            for offset, payload in enumerate(scan.payloads):
-                if first + offset >= start:
-                    yield first + offset, payload
-            if scan.problem and first != self.segments[-1]:
-                raise LogError(f"{segment_name(first)}: {scan.problem}; run `skyguard log verify`")
-
-    def entry(self, index: int) -> bytes:
-        if not 0 <= index < self.size:
-            raise BadLogInput(f"no entry {index}: the log has {self.size} entries")
-        first = index - index % self.segment_entries
-        scan = self.tail()[1] if first == self.segments[-1] else self.scan_segment(first)
-        return scan.payloads[index - first]
-
-    # --- tree --------------------------------------------------------------------------------
-    def source(self) -> StoredSource:
-        """Hashes for proofs: cached for sealed segments, recomputed for the tail."""
-        first, scan = self.tail()
-        leaves_path = self.directory / LEAVES_FILE
-        nodes_path = self.directory / NODES_FILE
-        leaves_len = leaves_path.stat().st_size if leaves_path.exists() else 0
-        nodes_len = nodes_path.stat().st_size if nodes_path.exists() else 0
-        cached = min(first, leaves_len // HASH_SIZE, nodes_len // HASH_SIZE * NODE_SPAN)
-        cached -= cached % self.segment_entries
-        tail = []
-        for seg in self.segments:
-            if seg >= cached and seg != first:
-                tail.extend(leaf_hashes_of(self.scan_segment(seg).payloads))
-        tail.extend(leaf_hashes_of(scan.payloads))
-        return StoredSource(_map(leaves_path, cached * HASH_SIZE),
-                            _map(nodes_path, cached // NODE_SPAN * HASH_SIZE), cached, cached, tail)
-
-    # --- checkpoints -------------------------------------------------------------------------
-    def checkpoint_notes(self) -> list[str]:
-        path = self.directory / CHECKPOINTS_FILE
-        if not path.exists():
-            return []
-        return [p.decode("utf-8") for p in records.scan(path.read_bytes(), 0).payloads]
-
-    def latest_checkpoint_note(self) -> str:
-        notes = self.checkpoint_notes()
-        if not notes:
-            raise LogError(f"the log at {self.directory} has no checkpoint yet; the daemon writes "
-                           f"one every few seconds while entries arrive and at shutdown")
-        return notes[-1]
 
 
 class LogWriter:
@@ -252,7 +100,12 @@ class LogWriter:
         if created:
             if segment_entries < NODE_SPAN or segment_entries % NODE_SPAN:
                 raise BadLogInput(f"segment_entries must be a multiple of {NODE_SPAN}")
-            meta = {"version": FORMAT_VERSION, "origin": origin or self.signer.name,
+            origin = origin or self.signer.name
+            # Refuse now an origin no checkpoint can carry (unprintable, or too long for a slot).
+            largest = Checkpoint(origin, MAX_TREE_SIZE, EMPTY_ROOT).sign(self.signer)
+            if len(largest.encode("utf-8")) > MAX_NOTE:
+                raise BadLogInput(f"log origin {origin[:40]!r}... is too long for a checkpoint")
+            meta = {"version": FORMAT_VERSION, "origin": origin,
                     "verifier_key": self.signer.verifier.vkey(), "segment_entries": segment_entries}
             fsutil.write_private(d / META_FILE, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
         meta = _read_meta(d)
@@ -267,53 +120,37 @@ class LogWriter:
         self.origin = meta["origin"]
         self.segment_entries = seg = meta["segment_entries"]
 
-        # Checkpoints first: they decide whether damage at the tail may be cut.
+        # Checkpoints first: they decide what may be cut and what must be set aside.
         self._cp_path = d / CHECKPOINTS_FILE
         cp_buf = self._cp_path.read_bytes() if self._cp_path.exists() else b""
         cp_scan = records.scan(cp_buf, 0)
         if cp_scan.problem:
-            self._cut_tail(self._cp_path, cp_buf, cp_scan.end_offset, cp_scan.problem)
+            cut_tail(d, self._cp_path, cp_buf, cp_scan.end_offset, cp_scan.problem)
         self._checkpoint_count = len(cp_scan.payloads)
-        self.latest_checkpoint: Checkpoint | None = None
+        self.latest_checkpoint: Checkpoint | None = None   # the latest in checkpoints.log
+        signed = []
         if cp_scan.payloads:
-            note = cp_scan.payloads[-1].decode("utf-8")
-            self.latest_checkpoint = Checkpoint.parse_body(self.signer.verifier.verify(note))
-        covered = self.latest_checkpoint.size if self.latest_checkpoint else 0
+            self.latest_checkpoint = self._verified(cp_scan.payloads[-1], CHECKPOINTS_FILE)
+            signed.append(self.latest_checkpoint)
+        head = read_head(d)
+        signed += [self._verified(note.encode("utf-8"), "head.bin") for _, note in head.notes]
+        covered = max((c.size for c in signed), default=0)
 
-        firsts = _list_segments(d, seg)
-        if not firsts:
-            firsts = [0]
-        leaves_path, nodes_path = d / LEAVES_FILE, d / NODES_FILE
-        leaves_len = leaves_path.stat().st_size if leaves_path.exists() else 0
-        nodes_len = nodes_path.stat().st_size if nodes_path.exists() else 0
-        # Rebuild the caches from the first segment they may not fully cover (normally the tail).
-        rebuild_from = min(firsts[-1], leaves_len // HASH_SIZE, nodes_len // HASH_SIZE * NODE_SPAN)
-        rebuild_from -= rebuild_from % seg
-        tail_hashes: list[bytes] = []
-        for first in firsts:
-            if first < rebuild_from:
-                continue
-            path = d / segment_name(first)
-            buf = path.read_bytes() if path.exists() else b""
-            scan = records.scan(buf, first, seg)
-            is_last = first == firsts[-1]
-            if scan.problem:
-                good_end = first + len(scan.payloads)
-                if not is_last or good_end < covered or scan.problem_kind != "torn":
-                    raise LogError(f"the log at {d} is damaged at index {good_end} "
-                                   f"({scan.problem}) under a signed checkpoint of size "
-                                   f"{covered}; refusing to append: run `skyguard log verify`")
-                self._cut_tail(path, buf, scan.end_offset, scan.problem)
-            elif not is_last and len(scan.payloads) != seg:
-                raise LogError(f"{path} holds {len(scan.payloads)} entries, a sealed segment "
-                               f"holds {seg}: run `skyguard log verify`")
-            tail_hashes.extend(leaf_hashes_of(scan.payloads))
-        size = rebuild_from + len(tail_hashes)
-        if size < covered:
-            raise LogError(f"the log at {d} has {size} entries but its latest checkpoint covers "
-                           f"{covered}: it was truncated; run `skyguard log verify`")
+        segments = scan_segments(d, seg, covered)
+        if segments.size < covered:
+            raise LogError(f"the log at {d} has {segments.size} entries but its latest "
+                           f"checkpoint covers {covered}: it was truncated; run "
+                           f"`skyguard log verify`")
+        recovery = None
+        if segments.size > covered:
+            # Nothing proves these entries: never sign them (store.py's docstring says why).
+            recovery = set_aside(d, seg, segments, covered, bool(signed))
+            segments = scan_segments(d, seg, covered)
+        size, firsts, rebuild_from, tail_hashes = (segments.size, segments.firsts,
+                                                   segments.rebuild_from, segments.tail)
 
         # Rewrite the caches from rebuild_from, then fsync, before anything is acknowledged.
+        leaves_path, nodes_path = d / LEAVES_FILE, d / NODES_FILE
         self._leaves_fd = os.open(leaves_path, os.O_RDWR | os.O_CREAT, 0o600)
         self._nodes_fd = os.open(nodes_path, os.O_RDWR | os.O_CREAT, 0o600)
         os.ftruncate(self._leaves_fd, rebuild_from * HASH_SIZE)
@@ -332,36 +169,40 @@ class LogWriter:
         self._tail = tail_hashes[self._tail_start - rebuild_from:]
         self.size = size
         self._tree = CompactRange.for_size(self.source(), size)
-        if self.latest_checkpoint:
-            root = range_root(self.source(), 0, covered)
-            if root != self.latest_checkpoint.hash:
-                raise LogError(f"the log at {d} does not match its own latest checkpoint "
-                               f"(size {covered}); refusing to append: run `skyguard log verify`")
+        for checkpoint in signed:
+            if range_root(self.source(), 0, checkpoint.size) != checkpoint.hash:
+                raise LogError(f"the log at {d} does not match its own signed checkpoint of "
+                               f"size {checkpoint.size}; refusing to append: run "
+                               f"`skyguard log verify`")
         self._segment_first = firsts[-1] if os.path.exists(d / segment_name(firsts[-1])) else None
         self._segment_fd = None
         self._segment_count = size - firsts[-1]
         if self._segment_first is not None:
             self._segment_fd = os.open(d / segment_name(firsts[-1]), os.O_WRONLY | os.O_APPEND)
         self._cp_fd = os.open(self._cp_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._head = HeadWriter(d, head.next_sequence)
         fsutil.fsync_directory(d)
         self._last_checkpoint_time = time.monotonic()
-        self._checkpointed_size = covered
+        self._checkpointed_size = self.latest_checkpoint.size if self.latest_checkpoint else 0
+        self._head_note: str | None = None
+        self._head_size = covered
+        if not signed:
+            self._write_head()   # a new log's size-0 checkpoint, before its first entry
+        if recovery is not None:
+            self._queue.put(("append", [recovery], Future()))   # the first thing it signs
 
-    def _cut_tail(self, path: Path, buf: bytes, good_end: int, problem: str) -> None:
-        """Move the bytes after good_end to torn/ and truncate: they were never acknowledged."""
-        torn = self.directory / TORN_DIR
-        torn.mkdir(mode=0o700, exist_ok=True)
-        keep = torn / f"{path.name}.{good_end}.{time.time_ns()}"
-        keep.write_bytes(buf[good_end:])
-        fd = os.open(path, os.O_RDWR)
+    def _verified(self, payload: bytes, where: str) -> Checkpoint:
+        """A checkpoint this log stored, checked with this writer's key and origin."""
         try:
-            os.ftruncate(fd, good_end)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        fsutil.fsync_directory(torn)
-        log.warning("signed log %s: cut a torn tail of %d bytes at offset %d (%s); kept in %s",
-                    path.name, len(buf) - good_end, good_end, problem, keep)
+            checkpoint = Checkpoint.parse_body(self.signer.verifier.verify(
+                payload.decode("utf-8")))
+        except (UnicodeDecodeError, BadLogInput, VerificationError) as e:
+            raise LogError(f"a checkpoint in {where} of the log at {self.directory} does not "
+                           f"verify ({e}); refusing to append: run `skyguard log verify`") from None
+        if checkpoint.origin != self.origin:
+            raise LogError(f"a checkpoint in {where} of the log at {self.directory} is for log "
+                           f"{checkpoint.origin!r}; refusing to append: run `skyguard log verify`")
+        return checkpoint
 
     def source(self) -> StoredSource:
         """Hashes of [0, size) (for proofs while the writer runs; call from one thread)."""
@@ -405,13 +246,14 @@ class LogWriter:
         """What `skyguard status` and the metrics show: size, what the last checkpoint covers,
         how old it is, and the bytes on disk."""
         return {"size": self.size, "checkpointed_size": self._checkpointed_size,
+                "signed_size": self._head_size,
                 "checkpoint_age_s": round(time.monotonic() - self._last_checkpoint_time, 3),
                 "origin": self.origin,
                 "bytes": sum(p.stat().st_size for p in self.directory.glob("*") if p.is_file())}
 
     def latest_note(self) -> str | None:
-        notes = LogReader(self.directory).checkpoint_notes()
-        return notes[-1] if notes else None
+        """The signed checkpoint of everything acknowledged so far (the head)."""
+        return self._head_note or LogReader(self.directory).latest_checkpoint_note()
 
     def close(self) -> None:
         """Commit what is queued, write a final checkpoint, stop the thread, close files."""
@@ -424,6 +266,7 @@ class LogWriter:
         for fd in (self._segment_fd, self._leaves_fd, self._nodes_fd, self._cp_fd):
             if fd is not None:
                 os.close(fd)
+        self._head.close()
         self._segment_fd = None
         if self._failure:
             raise self._failure
@@ -503,6 +346,13 @@ class LogWriter:
             future.set_exception(self._failure)
 
     def _commit(self, group: list[bytes]) -> None:
+        """Write the group and sign a head after every MAX_UNPROVEN entries and at its end:
+        only then are they acknowledged (store.py's docstring)."""
+        for start in range(0, len(group), MAX_UNPROVEN):
+            self._write_entries(group[start:start + MAX_UNPROVEN])
+            self._write_head()
+
+    def _write_entries(self, group: list[bytes]) -> None:
         seg = self.segment_entries
         position = 0
         tree = self._tree
@@ -526,8 +376,8 @@ class LogWriter:
                 _write_all(self._nodes_fd, b"".join(
                     fold_perfect(tail[i * NODE_SPAN:(i + 1) * NODE_SPAN])
                     for i in range(done_nodes, full_nodes)))
-            # Only the segment must be durable to acknowledge: the caches of the tail segment are
-            # rebuilt from it on open, and are fsynced when the segment is sealed.
+            # Of the files, only the segment must be durable before the head is signed: the
+            # caches of the tail segment are rebuilt from it on open, fsynced when it is sealed.
             os.fdatasync(self._segment_fd)
             for h in hashes:
                 tree.append(h)
@@ -551,9 +401,18 @@ class LogWriter:
         self._tail_start = first
         self._tail = []
 
+    def _write_head(self) -> str:
+        """Sign the tree as it is now into head.bin, durably."""
+        note = Checkpoint(self.origin, self.size, self._tree.root()).sign(self.signer)
+        self._head.write(note)
+        self._head_note, self._head_size = note, self.size
+        return note
+
     def _write_checkpoint(self) -> str:
+        """Append a checkpoint of everything durable to checkpoints.log (the history)."""
         checkpoint = Checkpoint(self.origin, self.size, self._tree.root())
-        note = checkpoint.sign(self.signer)
+        note = self._head_note if self._head_size == self.size and self._head_note else \
+            checkpoint.sign(self.signer)
         _write_all(self._cp_fd, records.frame(self._checkpoint_count, note.encode("utf-8")))
         os.fdatasync(self._cp_fd)
         self._checkpoint_count += 1

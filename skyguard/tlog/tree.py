@@ -161,10 +161,14 @@ def inclusion_proof(source: NodeSource, index: int, size: int) -> list[bytes]:
 
 
 def consistency_proof(source: NodeSource, old_size: int, new_size: int) -> list[bytes]:
-    """RFC 6962 PROOF(old_size, D[0:new_size]); empty when old_size is 0 or equals new_size."""
-    if not 0 <= old_size <= new_size:
-        raise BadLogInput(f"consistency needs 0 <= old ({old_size}) <= new ({new_size})")
-    if old_size == 0 or old_size == new_size:
+    """RFC 6962 PROOF(old_size, D[0:new_size]); empty when old_size equals new_size.
+
+    From size 0 there is no proof (RFC 9162 2.1.4; transparency-dev/merkle refuses it too):
+    every tree extends the empty one, so such a "proof" would claim nothing."""
+    if not 0 < old_size <= new_size:
+        raise BadLogInput(f"consistency needs 0 < old ({old_size}) <= new ({new_size}); a proof "
+                          f"from the empty tree is meaningless")
+    if old_size == new_size:
         return []
     proof = []
     start, end, m, complete = 0, new_size, old_size, True
@@ -229,16 +233,15 @@ def verify_consistency(old_size: int, new_size: int, old_root: bytes, new_root: 
     """Raises VerificationError unless the tree (old_size, old_root) is a prefix of the new one."""
     if not 0 <= old_size <= new_size:
         raise VerificationError(f"old size {old_size} is larger than new size {new_size}")
+    if old_size == 0:
+        raise VerificationError("a consistency proof from the empty tree is meaningless "
+                                "(refused, as the reference does)")
     _check_hashes(proof)
     if old_size == new_size:
         if proof:
             raise VerificationError("proof between equal sizes must be empty")
         if old_root != new_root:
             raise VerificationError(f"two different roots for the same size {old_size}: a fork")
-        return
-    if old_size == 0:
-        if proof:
-            raise VerificationError("proof from the empty tree must be empty")
         return
     if not proof:
         raise VerificationError("consistency proof is empty")

@@ -1,11 +1,17 @@
 """Full verification of a log directory: every record, every leaf, every checkpoint.
 
 Recomputes each leaf hash and the tree from the segments alone, compares the derived caches, and
-checks every stored checkpoint (signature, origin, root at its size) and any checkpoints saved
-elsewhere (a witness's copy), which is what catches a rewrite by someone without the key:
-edits, truncation, reordering, and forks. Reports the first bad index and what is wrong; where
-only a signed root can tell (a careful rewrite), the index is the start of the smallest range
-that the checkpoints prove bad. Read-only. Not here: repair (the writer cuts torn tails).
+checks every stored checkpoint (head.bin and checkpoints.log: signature, origin, root at its
+size) and any checkpoints saved elsewhere (a witness's copy), which is what catches a rewrite by
+someone without the key: edits, truncation, reordering, and forks. Reports the first bad index
+and what is wrong; where only a signed root can tell (a careful rewrite), the index is the start
+of the smallest range that the checkpoints prove bad.
+
+Entries no signed checkpoint covers are never called verified. A non-empty log with no
+checkpoint of its own fails, and so do more than MAX_UNPROVEN entries past the last checkpoint:
+a crash cannot leave either (store.py's docstring). Up to MAX_UNPROVEN are what a crash leaves
+before acknowledging them: reported, not counted as verified, set aside by the writer on open.
+Read-only. Not here: repair (the writer cuts torn tails and sets unproven entries aside).
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ from skyguard.tlog import records
 from skyguard.tlog.checkpoint import Checkpoint, Verifier, split_note
 from skyguard.tlog.errors import BadLogInput, VerificationError
 from skyguard.tlog.hashing import HASH_SIZE, hash_leaf
-from skyguard.tlog.store import (CHECKPOINTS_FILE, LEAVES_FILE, NODES_FILE, _SEGMENT_RE,
-                                 _read_meta, segment_name)
+from skyguard.tlog.head import read_head
+from skyguard.tlog.reader import (CHECKPOINTS_FILE, LEAVES_FILE, MAX_UNPROVEN, NODES_FILE,
+                                  _SEGMENT_RE, _read_meta, segment_name)
 from skyguard.tlog.tree import NODE_LEVEL, NODE_SPAN, CompactRange, fold_perfect
 
 
@@ -30,7 +37,9 @@ class VerifyReport:
     size: int = 0
     root: bytes = b""
     origin: str = ""
+    covered: int = 0          # entries [0, covered) are proven by a signed checkpoint
     checkpoints_checked: int = 0
+    head_checked: int = 0
     external_checked: int = 0
     first_bad_index: int | None = None
     bad_range: tuple[int, int] | None = None   # [start, end): where the bad entries must be
@@ -52,8 +61,10 @@ class VerifyReport:
     def as_dict(self) -> dict:
         import base64
         return {"ok": self.ok, "size": self.size, "origin": self.origin,
-                "root": base64.b64encode(self.root).decode(),
+                "root": base64.b64encode(self.root).decode(), "covered": self.covered,
+                "unproven": self.size - self.covered,
                 "checkpoints_checked": self.checkpoints_checked,
+                "head_checkpoints_checked": self.head_checked,
                 "external_checkpoints_checked": self.external_checked,
                 "first_bad_index": self.first_bad_index,
                 "bad_range": list(self.bad_range) if self.bad_range else None,
@@ -114,6 +125,20 @@ def verify_log(directory: Path | str, verifier: Verifier,
                         f"the one before it ({last_size}): checkpoints were reordered")
         last_size = max(last_size, checkpoint.size)
         expected.append(_Expected(checkpoint.size, checkpoint.hash, f"stored checkpoint #{number}"))
+    head = read_head(directory)
+    report.notes.extend(f"{problem} (a write torn by a crash, or damage; the other slot "
+                        f"holds the head)" for problem in head.problems)
+    for sequence, note in head.notes:
+        try:
+            checkpoint = Checkpoint.parse_body(verifier.verify(note))
+        except (BadLogInput, VerificationError) as e:
+            report.fail(f"head checkpoint #{sequence} does not verify: {e}")
+            continue
+        if checkpoint.origin != meta["origin"]:
+            report.fail(f"head checkpoint #{sequence} is for another log ({checkpoint.origin!r})")
+            continue
+        expected.append(_Expected(checkpoint.size, checkpoint.hash, f"head checkpoint #{sequence}"))
+    own_checkpoints = len(expected)
     for number, checkpoint in enumerate(external):
         expected.append(_Expected(checkpoint.size, checkpoint.hash,
                                   f"external checkpoint #{number}"))
@@ -159,6 +184,8 @@ def verify_log(directory: Path | str, verifier: Verifier,
             if external:
                 report.external_checked += 1
                 external_here = True
+            elif e.label.startswith("head"):
+                report.head_checked += 1
             else:
                 report.checkpoints_checked += 1
         if root is not None:
@@ -241,9 +268,31 @@ def verify_log(directory: Path | str, verifier: Verifier,
         report.fail(f"the log has {tree.size} entries but {e.label} covers {e.size}: "
                     f"entries from {tree.size} on were removed (truncation)", tree.size,
                     (tree.size, e.size))
+    report.covered = min(covered, tree.size) if report.ok else 0
+    _check_unproven(report, tree.size, covered, own_checkpoints)
     if progress:
         progress(report.size, report.size)
     return report
+
+
+def _check_unproven(report: VerifyReport, size: int, covered: int, own: int) -> None:
+    """Entries past every signed checkpoint: a crash's unacknowledged tail, or not a crash."""
+    if not report.ok or size <= covered:
+        return
+    unproven = size - covered
+    if own == 0:
+        report.fail(f"the log has {size} entries and no signed checkpoint of its own: nothing "
+                    f"proves them (a log is signed at size 0 before its first entry, so its "
+                    f"checkpoints were removed)", 0, (0, size))
+    elif unproven > MAX_UNPROVEN:
+        report.fail(f"entries [{covered}, {size}) are covered by no signed checkpoint: more "
+                    f"than a crash leaves ({MAX_UNPROVEN}); they were added or rewritten without "
+                    f"the key, or the checkpoints that covered them were removed",
+                    covered, (covered, size))
+    else:
+        report.notes.append(f"entries [{covered}, {size}) are covered by no signed checkpoint: "
+                            f"the writer stopped before acknowledging them (a crash); they are "
+                            f"not verified, and the writer sets them aside when it next opens")
 
 
 def _map(path: Path):

@@ -1,6 +1,7 @@
 """Crash safety of the signed log with a real writer process killed with SIGKILL at random
-moments, and a real full disk (a small tmpfs, so that test needs root): every acknowledged entry survives, the
-log verifies after each crash, and a write failure stops acknowledgements."""
+moments, and a real full disk (a small tmpfs, so that test needs root): every acknowledged entry survives
+under a signed checkpoint, the log verifies after each crash, and a write failure stops
+acknowledgements."""
 
 import os
 import random
@@ -17,7 +18,7 @@ from skyguard.errors import LogError
 from skyguard.tlog.checkpoint import Signer
 from skyguard.tlog.entries import decode, entry
 from skyguard.tlog.hostkey import host_signer
-from skyguard.tlog.store import LogReader, LogWriter
+from skyguard.tlog.store import MAX_UNPROVEN, LogReader, LogWriter
 from skyguard.tlog.verify import verify_log
 
 REPO = Path(__file__).resolve().parents[2]
@@ -80,9 +81,14 @@ def test_sigkill_at_random_moments_loses_no_acknowledged_entry(tmp_path):
         # Read-only verification of the crashed log, before any repair.
         report = verify_log(log_dir, verifier)
         assert report.ok, f"after kill {run}: {report.problem}"
+        # A crash leaves at most one unsigned block, and never an acknowledged entry unsigned.
+        assert report.size - report.covered <= MAX_UNPROVEN
         reader = LogReader(log_dir)
         for line in acks.read_text().splitlines():
             first, count, acked_run, first_seq = map(int, line.split())
+            assert first + count <= report.covered, \
+                f"after kill {run}: acknowledged entries {first}..{first + count - 1} are not " \
+                f"under a signed checkpoint (covered: {report.covered})"
             for i in range(count):
                 record = decode(reader.entry(first + i))
                 assert (record["run"], record["seq"]) == (acked_run, first_seq + i), \

@@ -213,7 +213,19 @@ def test_mutated_consistency_proofs_are_rejected():
 def test_equal_sizes_with_different_roots_is_a_fork():
     with pytest.raises(VerificationError, match="fork"):
         verify_consistency(5, 5, MTH(ENTRIES[:5]), MTH(ENTRIES[1:6]), [])
-    verify_consistency(0, 5, EMPTY_ROOT, MTH(ENTRIES[:5]), [])
+
+
+def test_consistency_from_the_empty_tree_is_refused_as_the_reference_does():
+    # transparency-dev/merkle: "consistency proof from empty tree is meaningless", both ways.
+    with pytest.raises(BadLogInput, match="empty tree"):
+        consistency_proof(MemorySource(LEAVES[:5]), 0, 5)
+    with pytest.raises(BadLogInput, match="empty tree"):
+        consistency_proof(MemorySource([]), 0, 0)
+    for proof in ([], [LEAVES[0]]):
+        with pytest.raises(VerificationError, match="empty tree"):
+            verify_consistency(0, 5, EMPTY_ROOT, MTH(ENTRIES[:5]), proof)
+    with pytest.raises(VerificationError, match="empty tree"):
+        verify_consistency(0, 0, EMPTY_ROOT, EMPTY_ROOT, [])
 
 
 def test_proofs_outside_the_tree_are_clear_errors():

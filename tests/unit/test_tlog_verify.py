@@ -15,6 +15,7 @@ from skyguard.tlog.checkpoint import Checkpoint, Signer
 from skyguard.tlog.entries import entry
 from skyguard.tlog.errors import VerificationError
 from skyguard.tlog.hashing import hash_leaf
+from skyguard.tlog.head import HEAD_FILE
 from skyguard.tlog.store import (CHECKPOINTS_FILE, LEAVES_FILE, NODES_FILE, LogReader, LogWriter,
                                  segment_name)
 from skyguard.tlog.tree import NODE_SPAN, fold_perfect
@@ -135,14 +136,29 @@ def test_truncation_is_found_by_the_stored_checkpoints(log, signer):
     assert "truncation" in report.problem
 
 
-def test_truncation_with_checkpoints_removed_needs_the_saved_checkpoint(log, signer):
+def test_truncation_to_an_earlier_signed_state_needs_the_saved_checkpoint(log, signer):
+    # A rollback: truncate the entries and the checkpoints consistently, drop the head. What
+    # is left is a log someone signed once; only a witness's saved checkpoint shows the cut.
     path, notes = log
     write_payloads(path, 512, read_payloads(path, 512)[:40])
     rebuild_caches(path)
-    (path / CHECKPOINTS_FILE).unlink()
+    (path / CHECKPOINTS_FILE).write_bytes(b"".join(records.frame(i, n.encode())
+                                                   for i, n in enumerate(notes[:55])))
+    (path / HEAD_FILE).unlink()
     assert verify_log(path, signer.verifier).ok          # nothing left on the host says otherwise
     report = verify_log(path, signer.verifier, [notes[-1]])
     assert (report.ok, report.first_bad_index) == (False, 552)
+
+
+def test_truncation_with_every_checkpoint_removed_fails_without_a_witness(log, signer):
+    path, _ = log
+    write_payloads(path, 512, read_payloads(path, 512)[:40])
+    rebuild_caches(path)
+    (path / CHECKPOINTS_FILE).unlink()
+    (path / HEAD_FILE).unlink()
+    report = verify_log(path, signer.verifier)
+    assert (report.ok, report.first_bad_index) == (False, 0)
+    assert "no signed checkpoint" in report.problem
 
 
 def test_swapped_records_are_found_at_the_first_one(log, signer):
