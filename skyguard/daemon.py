@@ -20,7 +20,7 @@ from pathlib import Path
 from skyguard import config
 from skyguard.control import ControlServer
 from skyguard.datapath import guard
-from skyguard.errors import BadInput
+from skyguard.errors import BadInput, SkyguardError
 from skyguard.metrics.views import flows_handler, workload_names
 
 log = logging.getLogger("skyguard.daemon")
@@ -69,9 +69,8 @@ class Daemon:
         self._threads: list[threading.Thread] = []
         self._known: set[str] = set()  # interfaces this daemon has attached to
         self.loop = None
-        self.dns = None
-        self.credentials = None
-        self.admin = None
+        self.loop_thread = None
+        self.slots: list = []  # skyguard.parts.PartSlot, in start order
         from prometheus_client import CollectorRegistry
 
         self.registry = CollectorRegistry()  # every part's metrics; the exporter serves it
@@ -94,7 +93,7 @@ class Daemon:
         self._open_log()
         self.record("daemon_start", pid=os.getpid(), version=_version())
         self.datapath = Datapath(pin_dir=config.PIN_DIR)
-        self._remember_saved_dns_answers()
+        self._remember_saved_dns_answers(policy)
         # Order matters: maps first; then the DNS proxy (re-learns saved answers into the maps,
         # installs the steering); only then are programs attached to VM interfaces.
         self.datapath.apply_policy(policy, host_addresses=_host_addresses())
@@ -173,91 +172,138 @@ class Daemon:
         if self.tlog is not None:
             self.tlog.append(entry(kind, **_canonical(fields)))
 
-    # ---- parts that run on the asyncio loop (DNS proxy) --------------------------------------
+    # ---- parts that run on the asyncio loop (skyguard/parts.py) ------------------------------
 
-    def _start_async_parts(self, policy) -> None:
-        from skyguard.dns.service import DnsProxy, new_event_loop
+    def _slots(self) -> list:
+        """Every kind of part this daemon may host, in start order (stopped in reverse)."""
+        from skyguard.parts import PartRegistry, PartSlot
 
-        self.loop = new_event_loop()
-        self._spawn(self.loop.run_forever, "sg-asyncio")
-        daemon = self
+        def slot(name, wanted, make):
+            metrics = PartRegistry(self.registry)
+            return PartSlot(name, wanted, lambda policy: make(policy, metrics.fresh()))
 
-        class _DnsLog:  # the DNS proxy's DecisionLog: every decision into the signed log
-            @staticmethod
-            def record(entry: dict) -> None:
-                fields = dict(entry)
-                fields.pop("kind", None)  # the log entry's own type says it
-                fields["qtype"] = fields.pop("type", None)  # `type` names the log entry's kind
-                daemon.record_nowait("dns", **fields)
+        return [slot("dns", lambda policy: True, self._make_dns),
+                slot("credentials", lambda policy: bool(policy.credentials or policy.tls_termination),
+                     self._make_credentials),
+                slot("admin", lambda policy: policy.admin_ssh is not None, self._make_admin)]
 
-        self.dns = DnsProxy(policy, learner=self.datapath, log=_DnsLog(), registry=self.registry,
-                            state_dir=self.state_dir, port=DNS_PROXY_PORT)
-        self._on_loop(self.dns.start())
-        log.info("DNS proxy on port %d; VM queries to any address on port 53 are steered to it", DNS_PROXY_PORT)
-        self._start_credentials(policy)
-        self._start_admin(policy)
+    def _make_dns(self, policy, registry):
+        from skyguard.dns.service import DnsProxy
 
-    def _start_admin(self, policy) -> None:
-        """The SSH access proxy, when the policy has admin.ssh: the one way operators reach a VM's
-        sshd (the datapath lets only this host's addresses in to tcp/22, and only for zones some
-        operator may access). Sessions go to the signed log."""
-        if policy.admin_ssh is None:
-            return
+        return DnsProxy(policy, learner=self.datapath, log=_PartLog(self, "dns"), registry=registry,
+                        state_dir=self.state_dir, port=DNS_PROXY_PORT)
+
+    def _make_credentials(self, policy, registry):
+        """The credential-swap proxy and TLS termination."""
+        from skyguard.credproxy.service import CredentialService
+        from skyguard.custody.store import SecretStore
+
+        return CredentialService(policy, SecretStore(self.state_dir / "secrets"), state_dir=self.state_dir,
+                                 decision_log=_PartLog(self, "credential", "event"), registry=registry,
+                                 address_matches=self._dns_learned, upstream_ca_file=self._upstream_ca())
+
+    def _make_admin(self, policy, registry):
+        """The SSH access proxy: the one way operators reach a VM's sshd (the datapath lets only
+        this host's addresses in to tcp/22, and only for zones some operator may access)."""
         from skyguard.admin.proxy import AdminSshProxy
         from skyguard.custody.store import SecretStore
 
-        daemon = self
+        return AdminSshProxy(policy, SecretStore(self.state_dir / "secrets"), self.state_dir,
+                             _PartLog(self, "admin_session", "type"), registry=registry)
 
-        class _AdminLog:
-            @staticmethod
-            def record(entry: dict) -> None:
-                fields = dict(entry)
-                daemon.record_nowait(str(fields.pop("type", "admin_session")), **fields)
+    def _upstream_ca(self) -> str | None:
+        """--upstream-ca, else the CA of the lab whose host namespace this daemon runs in (so the
+        lab works as documented without flags), else None: the system's trust store."""
+        if self.upstream_ca:
+            return self.upstream_ca
+        from skyguard.lab.ca import running_lab_ca
 
-        self.admin = AdminSshProxy(policy, SecretStore(self.state_dir / "secrets"), self.state_dir,
-                                   _AdminLog(), registry=self.registry)
-        host, port = self._on_loop(self.admin.start())
-        log.info("SSH access proxy listening on %s:%s", host, port)
+        found = running_lab_ca()
+        return str(found) if found else None
 
-    def _start_credentials(self, policy) -> None:
-        """The credential-swap proxy and TLS termination. If they cannot start (a secret or key
-        missing from the store), the daemon runs on without them, says so loudly, and logs it:
-        traffic that needs them is not steered and so stays under the datapath's default deny."""
-        if not policy.credentials and not policy.tls_termination:
-            return
-        from skyguard.credproxy.service import CredentialService
-        from skyguard.custody.store import SecretStore
-        from skyguard.errors import SkyguardError
+    @property
+    def dns(self):
+        return self._part("dns")
 
-        daemon = self
+    @property
+    def credentials(self):
+        return self._part("credentials")
 
-        class _CredLog:  # the credential proxy's DecisionLog: swaps, blocks, terminations
-            @staticmethod
-            def record(entry: dict) -> None:
-                fields = dict(entry)
-                kind = fields.pop("event", "credential")
-                daemon.record_nowait(kind, **fields)
+    @property
+    def admin(self):
+        return self._part("admin")
 
-        service = CredentialService(policy, SecretStore(self.state_dir / "secrets"), state_dir=self.state_dir,
-                                    decision_log=_CredLog(), registry=self.registry,
-                                    address_matches=self._dns_learned, upstream_ca_file=self.upstream_ca)
-        try:
-            self._on_loop(service.start())
-        except SkyguardError as e:
-            log.error("credential proxy and TLS termination NOT running: %s", e)
-            self.record("part_failed", part="credentials", error=str(e))
-            return
-        self.credentials = service
-        log.info("credential proxy running for %d credentials", len(policy.credentials))
+    def _part(self, name: str):
+        return next((s.part for s in self.slots if s.name == name), None)
+
+    def _start_async_parts(self, policy) -> None:
+        from skyguard.parts import LoopThread
+
+        self.loop_thread = LoopThread()
+        self.loop = self.loop_thread.loop
+        self.slots = self._slots()
+        self.loop_thread.call(self._reconcile_parts(policy, starting=True), timeout=120)
+
+    async def _reconcile_parts(self, policy, starting: bool = False) -> dict:
+        """Bring every slot in line with `policy`, on the loop: start parts the policy now needs,
+        hot-swap the ones it keeps, stop the ones it no longer needs. A part that cannot start or
+        take the policy is stopped, logged and reported: traffic that needs it is not steered and
+        so stays under the datapath's default deny (fail closed); the other parts go on."""
+        from skyguard.parts import maybe_await
+
+        failed: dict[str, str] = {}
+        for slot in self.slots:
+            try:
+                if not slot.wanted(policy):
+                    if slot.part is not None:
+                        part, slot.part = slot.part, None
+                        await _stop_part(part)
+                        self.record_nowait("part_stopped", part=slot.name, why="the policy no longer needs it")
+                    continue
+                if slot.part is None:
+                    part = await _make_part(slot, policy)
+                    await maybe_await(part.start())
+                    slot.part = part
+                    dropped = getattr(part, "dropped", None)
+                    if dropped:
+                        self.record_nowait("dns_learned_dropped", dropped=dict(dropped))
+                    if not starting:
+                        self.record_nowait("part_started", part=slot.name)
+                    log.info("%s started", slot.name)
+                else:
+                    set_policy = getattr(slot.part, "set_policy", None) or getattr(slot.part, "update_policy", None)
+                    if set_policy is None:  # a part that cannot swap in place is made again
+                        part, slot.part = slot.part, None
+                        await _stop_part(part)
+                        part = await _make_part(slot, policy)
+                        await maybe_await(part.start())
+                        slot.part = part
+                        continue
+                    result = await maybe_await(set_policy(policy))
+                    if slot.name == "dns" and result:
+                        self.record_nowait("dns_learned_dropped", dropped=dict(result))
+            except Exception as e:  # one part's failure must not take the others (or the daemon) down
+                failed[slot.name] = str(e) if isinstance(e, SkyguardError) else f"{type(e).__name__}: {e}"
+                log.error("%s NOT running: %s", slot.name, failed[slot.name],
+                          exc_info=not isinstance(e, SkyguardError))
+                self.record_nowait("part_failed", part=slot.name, error=failed[slot.name])
+                part, slot.part = slot.part, None
+                if part is not None:
+                    try:
+                        await _stop_part(part)
+                    except Exception:
+                        log.exception("stopping %s after its failure failed", slot.name)
+        return failed
 
     def _dns_learned(self, name: str, address: str) -> bool:
         """Did DNS answer `address` for `name` to a VM (and has it not expired)? The credential
         proxy swaps only toward such an address."""
         from skyguard.dns.names import normalise
 
-        return self.dns.store.answered(normalise(name), address, time.time())
+        dns = self.dns
+        return dns is not None and dns.store.answered(normalise(name), address, time.time())
 
-    def _remember_saved_dns_answers(self) -> None:
+    def _remember_saved_dns_answers(self, policy) -> None:
         from skyguard.dns.learned import FILE_NAME, LearnedStore
 
         class _Remember:  # a Learner that only fills the datapath's memory (see Datapath.remember)
@@ -265,25 +311,28 @@ class Daemon:
 
         saved = LearnedStore(self.state_dir / FILE_NAME)
         saved.load()
-        saved.relearn(_Remember(), time.time())
+        saved.relearn(_Remember(), time.time(), policy)
+
+    async def _stop_parts(self) -> None:
+        for slot in reversed(self.slots):
+            part, slot.part = slot.part, None
+            if part is not None:
+                try:
+                    await _stop_part(part)
+                except Exception:
+                    log.exception("stopping %s failed", slot.name)
 
     def _stop_async_parts(self) -> None:
-        if self.loop is None:
+        if self.loop_thread is None:
             return
-        if self.admin is not None:
-            self._safely(lambda: self._on_loop(self.admin.close()))
-        if self.credentials is not None:
-            self._safely(lambda: self._on_loop(self.credentials.stop()))
-        if self.dns is not None:
-            # Steering stays unless skyguard goes down for good: VM queries then go unanswered
-            # (fail closed) instead of reaching another resolver.
-            self._safely(lambda: self._on_loop(self.dns.stop(remove_steering=self.detach_on_exit)))
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._safely(lambda: self.loop_thread.call(self._stop_parts()))
+        if self.detach_on_exit:
+            # VM queries stay steered to the (stopped) proxy unless skyguard goes down for good:
+            # unanswered (fail closed) rather than reaching another resolver.
+            from skyguard.dns import steering
 
-    def _on_loop(self, coro, timeout: float = 30.0):
-        import asyncio
-
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+            self._safely(steering.remove)
+        self.loop_thread.stop()
 
     def _start_flowlog(self) -> None:
         from skyguard.datapath.flowlog import FlowLogger
@@ -292,17 +341,17 @@ class Daemon:
 
     # ---- policy and interfaces -------------------------------------------------------------
 
-    def _apply(self, policy, text: str) -> None:
-        """Hot swap: the datapath's atomic generation flip, then the DNS proxy's rules."""
+    def _apply(self, policy, text: str) -> dict:
+        """Hot swap: the datapath's atomic generation flip, then every part, on the loop. Returns
+        the parts that could not take the policy (stopped, fail closed) with why."""
         with self._lock:
             self.datapath.apply_policy(policy, host_addresses=_host_addresses())
             guard.install([w.interface for w in policy.workloads()])
-            self.dns.set_policy(policy)
-            if self.admin is not None and policy.admin_ssh is not None:
-                self.admin.update_policy(policy)  # revokes sessions the new policy no longer allows
+            failed = self.loop_thread.call(self._reconcile_parts(policy), timeout=120)
             self.policy, self.policy_text = policy, text
             self.record("policy_load", name=policy.name, sha256=policy.sha256, source=str(policy.source))
             self._reconcile()
+            return failed
 
     def _reconcile(self) -> None:
         """Attach to every workload interface that exists and does not carry our programs; forget
@@ -390,8 +439,9 @@ class Daemon:
             raise BadInput("policy.load needs the policy text")
         policy = parse_policy(text, source=source)  # any error: nothing changes
         old = self.policy
-        self._apply(policy, text)
-        return {"name": policy.name, "sha256": policy.sha256, "previous": old.sha256 if old else None}
+        failed = self._apply(policy, text)
+        return {"name": policy.name, "sha256": policy.sha256, "previous": old.sha256 if old else None,
+                "parts_failed": failed}
 
     def _op_flows(self, args: dict) -> dict:
         from skyguard.datapath.flowlog import query_args
@@ -429,6 +479,43 @@ class Daemon:
                 "log": self.tlog.head() if self.tlog else None,
                 "flowlog": self.flowlog.stats() if self.flowlog else None,
             }
+
+
+class _PartLog:
+    """A part's DecisionLog: each decision queued for the signed log (never waiting for an fsync).
+    Parts report `record(entry_dict)` today; the entry's kind is its `kind_field` or the part's
+    default kind."""
+
+    def __init__(self, daemon: Daemon, default_kind: str, kind_field: str | None = None):
+        self.daemon, self.default_kind, self.kind_field = daemon, default_kind, kind_field
+
+    def record(self, entry: dict | str, /, **fields) -> None:
+        if isinstance(entry, str):  # record(kind, **fields): the shape skyguard/parts.py names
+            self.daemon.record_nowait(entry, **fields)
+            return
+        fields = dict(entry)
+        if self.default_kind == "dns":
+            fields.pop("kind", None)  # the log entry's own type says it
+            fields["qtype"] = fields.pop("type", None)  # `type` names the log entry's kind
+            kind = "dns"
+        else:
+            kind = str(fields.pop(self.kind_field, None) or self.default_kind)
+        self.daemon.record_nowait(kind, **fields)
+
+
+async def _make_part(slot, policy):
+    """Constructors block (keys read from disk, pyroute2's synchronous netlink, which cannot run
+    inside a running loop): they run in a worker thread."""
+    import asyncio
+
+    return await asyncio.get_running_loop().run_in_executor(None, slot.make, policy)
+
+
+async def _stop_part(part) -> None:
+    from skyguard.parts import maybe_await
+
+    stop = getattr(part, "stop", None) or part.close  # AdminSshProxy.close until it has stop()
+    await maybe_await(stop())
 
 
 def _prog_summary(info: dict) -> dict:

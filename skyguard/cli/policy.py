@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from skyguard.cli.common import emit_json, json_option
+from skyguard.cli.common import emit_json, json_option, warn
 from skyguard.errors import BadInput, PolicyError
 from skyguard.policy.canonical import policy_summary, policy_to_dict, summary_line
 from skyguard.policy.diff import diff_policies, format_diff
@@ -121,7 +121,10 @@ def load(file: str, as_json: bool) -> None:
 
     FILE is validated first: with any error nothing is sent and the running policy stays. The
     swap itself has no moment without a policy and no moment with a mix of two; established flows
-    the new policy still allows keep going, newly denied ones are cut.
+    the new policy still allows keep going, newly denied ones are cut. Every part follows: DNS,
+    credential swap and TLS termination, SSH access. A part that cannot take the new policy (a
+    secret missing from the store) is stopped, so what needs it is denied: the exit status is
+    then 1 and stderr says which part and why.
 
     \b
     Examples:
@@ -140,6 +143,11 @@ def load(file: str, as_json: bool) -> None:
     else:
         click.echo(f"loaded {parsed.name} (sha256 {reply['sha256'][:16]}...), replacing "
                    f"{(reply.get('previous') or 'nothing')[:16]}...")
+    failed = reply.get("parts_failed") or {}
+    for part, why in sorted(failed.items()):
+        warn(f"{part} is NOT running under the new policy (traffic that needs it is denied): {why}")
+    if failed:
+        raise SystemExit(1)  # the policy is in force, but part of what it asks for is not
 
 
 def running_policy() -> Policy:

@@ -132,3 +132,32 @@ class LabCA:
             chain.write_bytes(leaf.public_bytes(serialization.Encoding.PEM)
                               + self.cert.public_bytes(serialization.Encoding.PEM))
             return chain, key
+
+
+def running_lab_ca() -> Path | None:
+    """The CA certificate of the lab whose `host` namespace this process runs in, or None outside
+    a lab. The daemon trusts it for upstream TLS, so credential swap works in the lab as the README
+    shows it, with no --upstream-ca. A namespace is the lab's host when its inode is that of
+    /run/netns/<prefix>host and that lab's folder holds a CA (nothing else is trusted that way)."""
+    import os
+
+    from skyguard import config
+    from skyguard.lab.topology import LAB_NAMES
+
+    host = LAB_NAMES[0]
+    try:
+        here = os.stat("/proc/self/ns/net").st_ino
+        names = os.listdir("/run/netns")
+    except OSError:
+        return None
+    for name in names:
+        if not name.endswith(host):
+            continue
+        try:
+            if os.stat(f"/run/netns/{name}").st_ino != here:
+                continue
+        except OSError:
+            continue
+        ca = config.LAB_DIR / (name[:-len(host)] or "default") / "ca" / "ca.pem"
+        return ca if ca.is_file() else None
+    return None
