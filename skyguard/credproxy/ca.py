@@ -142,16 +142,32 @@ class CertificateAuthority:
         )
         return cert.public_bytes(serialization.Encoding.PEM)
 
-    def server_context(self, name: str) -> ssl.SSLContext:
-        """A ready server-side context presenting a leaf for `name` (cached, LRU-bounded)."""
+    def cached_context(self, name: str) -> ssl.SSLContext | None:
+        """The server context for `name` if one is cached (no minting), else None."""
         with self._lock:
             context = self._contexts.get(name)
             if context is not None:
                 self._contexts.move_to_end(name)
-                return context
+            return context
+
+    def server_context(self, name: str) -> ssl.SSLContext:
+        """A ready server-side context presenting a leaf for `name` (cached, LRU-bounded).
+        Minting costs a signature: the proxy calls this from a worker thread."""
+        context = self.cached_context(name)
+        if context is not None:
+            return context
         context = new_server_context()
         load_cert_chain_from_memory(context, self.mint(name) + self.certificate_pem, self._leaf_key_pem)
         context.skyguard_name = name  # read back by the proxy: the SNI this handshake presented
+
+        def same_name(_ssl_object, server_name, _context):
+            # The proxy chose this context from the SNI it read itself (tlsaccept.py); OpenSSL's
+            # own reading of the same ClientHello must agree, or the handshake is refused.
+            if (server_name or "").lower().rstrip(".") != name:
+                return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+            return None
+
+        context.sni_callback = same_name
         with self._lock:
             self._contexts[name] = context
             while len(self._contexts) > LEAF_CACHE_SIZE:

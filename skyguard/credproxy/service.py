@@ -1,14 +1,21 @@
-"""The credential proxy, TLS termination and their steering as one unit the daemon starts and
-stops: the only wiring of this package (the daemon passes in the store, the decision log, the
-metrics registry and the DNS-learning lookup).
+"""The credential proxy, TLS termination and their steering as one part the daemon hosts: the
+only wiring of this package (the daemon passes in the store, the decision log, the metrics
+registry and the DNS-learning lookup). It has the shape of every loop-hosted part:
+`await start()`, `await set_policy(policy)`, `await stop()`, all on the event loop.
+
+The service always exists; what runs follows the policy. Credentials → the proxy listens and
+the credential zones' HTTP(S) is steered to it; tls_termination entries → one listener each
+and their steering; neither → nothing listens and the steering table is gone. set_policy moves
+between any two of these, in either direction.
 
 Order matters and is fixed here: listeners first, then steering (so nothing is redirected to a
-port that does not listen yet); on stop, steering first, then the listeners. Not here: policy
-parsing, DNS, the signed log itself.
+port that does not listen yet); listeners that are no longer needed close after the steering
+stopped pointing at them. Not here: policy parsing, DNS, the signed log itself.
 """
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -18,21 +25,26 @@ from skyguard.credproxy.ca import CertificateAuthority
 from skyguard.credproxy.interfaces import CredentialMetrics, DecisionLog, SecretSource
 from skyguard.credproxy.proxy import ClientCertificate, CredentialProxy, ProxyLimits
 from skyguard.credproxy.steering import CredentialSteering, TerminationSteer
-from skyguard.custody.termination import TlsTerminator
+from skyguard.credproxy.termination import TlsTerminator
+from skyguard.errors import CredentialError
 from skyguard.policy.model import Policy
 
 CA_SUBDIR = "ca"
+MAX_LEARNED_PER_NAME = 256  # steered addresses remembered per destination name (re-installs)
 
 
 class CredentialService:
-    """Everything credential-related for one policy. Use from the daemon's event loop:
+    """Everything credential-related, for whatever policy is in force. On the event loop:
 
         service = CredentialService(policy, store, state_dir=..., decision_log=log, registry=registry,
                                     address_matches=lambda name, ip: learned_dns.answered(name, ip, time.time()))
-        await service.start()
+        await service.start()              # fine for a policy with nothing to do
+        await service.set_policy(other)    # hot swap: every later request is decided under `other`
         service.learned("api.github.com", "140.82.112.6")  # only with steer_all_destinations=False
         await service.stop()
-    """
+
+    start and set_policy put in place all they can, then raise CredentialError naming what they
+    could not (a certificate missing from the store, nft refusing the rules)."""
 
     def __init__(
         self,
@@ -44,6 +56,7 @@ class CredentialService:
         registry: CollectorRegistry | None,
         address_matches: Callable[[str, str], bool],
         upstream_ca_file: str | None = None,
+        upstream_cas: Sequence[str] = (),
         client_certificates: dict[str, ClientCertificate] | None = None,
         content_patterns: Sequence[str] = (),
         listen: Sequence[str] = ("0.0.0.0", "::"),
@@ -53,50 +66,141 @@ class CredentialService:
         nft: Sequence[str] = ("nft",),
         limits: ProxyLimits = ProxyLimits(),
     ):
+        """upstream_ca_file, upstream_cas: CA bundles trusted for upstream TLS in addition to
+        the system store (the lab's CA, for example)."""
         self.policy = policy
+        self.secrets = secrets
+        self.state_dir = Path(state_dir)
+        self.decision_log = decision_log
+        self.address_matches = address_matches
+        self.upstream_cas = tuple(p for p in (upstream_ca_file, *upstream_cas) if p)
+        self.client_certificates = dict(client_certificates or {})
+        self.content_patterns = tuple(content_patterns)
+        self.limits = limits
         self.metrics = CredentialMetrics(registry)
-        self.ca = CertificateAuthority(Path(state_dir) / CA_SUBDIR)
-        self.proxy = CredentialProxy(
-            policy, secrets, self.ca, address_matches=address_matches, decision_log=decision_log,
-            metrics=self.metrics, upstream_ca_file=upstream_ca_file, client_certificates=client_certificates,
-            content_patterns=content_patterns, limits=limits,
-        )
         self.terminator = TlsTerminator(policy, secrets, decision_log=decision_log, metrics=self.metrics)
         self.listen = list(listen)
         self.ports = (http_port, https_port)
         self.steer_all_destinations = steer_all_destinations
         self.nft = tuple(nft)
-        self.steering: CredentialSteering | None = None
-        zones = {zone for credential in policy.credentials for zone in credential.zones}
-        self.interfaces = sorted(w.interface for w in policy.workloads() if w.zone in zones)
-        self.destinations = {name for credential in policy.credentials for name in credential.destinations}
+        self.proxy: CredentialProxy | None = None  # created when a policy first has credentials
+        self.proxy_ports: tuple[int, int] | None = None  # while the proxy listens
+        self.steering: CredentialSteering | None = None  # while the table is installed
+        self._ca: CertificateAuthority | None = None
+        self._learned: dict[str, set[str]] = {}
+        self._started = False
+        self._lock = asyncio.Lock()
 
     def __repr__(self) -> str:
         return f"CredentialService({self.policy.name!r})"
 
+    @property
+    def ca(self) -> CertificateAuthority:
+        """The interception CA (created under the state directory on first use)."""
+        if self._ca is None:
+            self._ca = CertificateAuthority(self.state_dir / CA_SUBDIR)
+        return self._ca
+
+    @property
+    def destinations(self) -> set[str]:
+        return {name for credential in self.policy.credentials for name in credential.destinations}
+
+    # ---- the part's shape -------------------------------------------------------------------
+
     async def start(self) -> None:
-        http_port, https_port = await self.proxy.start(self.listen, *self.ports)
-        try:
-            listeners = await self.terminator.start(self.listen)
-            self.steering = CredentialSteering(
-                self.interfaces, http_port, https_port,
-                [TerminationSteer(t.vm_addresses, t.termination.port, t.listen_port) for t in listeners],
-                nft=self.nft, all_destinations=self.steer_all_destinations,
-            )
-            self.steering.install()
-        except BaseException:
+        async with self._lock:
+            self._started = True
+            await self._apply(self.policy)
+
+    async def set_policy(self, policy: Policy, *, client_certificates: dict[str, ClientCertificate] | None = None,
+                         content_patterns: Sequence[str] | None = None) -> None:
+        """Swap to `policy` (None keeps the current client certificates or content patterns).
+        Before start(), it only records the policy."""
+        async with self._lock:
+            if client_certificates is not None:
+                self.client_certificates = dict(client_certificates)
+            if content_patterns is not None:
+                self.content_patterns = tuple(content_patterns)
+            if not self._started:
+                self.policy = policy
+                self.terminator.policy = policy
+                return
+            await self._apply(policy)
+
+    async def stop(self) -> None:
+        async with self._lock:
+            self._started = False
+            if self.steering is not None:
+                steering, self.steering = self.steering, None
+                await asyncio.to_thread(steering.remove)
             await self.terminator.stop()
-            await self.proxy.stop()
-            raise
+            if self.proxy_ports is not None:
+                self.proxy_ports = None
+                await self.proxy.stop()
 
     def learned(self, name: str, address: str) -> None:
         """DNS learned `address` for `name`: steer it if it is a credential destination."""
-        if self.steering is not None and name.lower().rstrip(".") in self.destinations:
+        name = name.lower().rstrip(".")
+        if name not in self.destinations:
+            return
+        known = self._learned.setdefault(name, set())
+        if address not in known and len(known) < MAX_LEARNED_PER_NAME:
+            known.add(address)
+        if self.steering is not None:
             self.steering.add_address(address)
 
-    async def stop(self) -> None:
-        if self.steering is not None:
-            self.steering.remove()
-            self.steering = None
-        await self.terminator.stop()
-        await self.proxy.stop()
+    # ---- moving from what runs to what the policy needs ---------------------------------------
+
+    async def _apply(self, policy: Policy) -> None:
+        problems: list[str] = []
+        self.policy = policy
+        # 1. Listeners the policy needs, up (or their state swapped) before steering points at them.
+        if policy.credentials:
+            if self.proxy is None:
+                self.proxy = CredentialProxy(
+                    policy, self.secrets, self.ca, address_matches=self.address_matches,
+                    decision_log=self.decision_log, metrics=self.metrics, upstream_cas=self.upstream_cas,
+                    client_certificates=self.client_certificates, content_patterns=self.content_patterns,
+                    limits=self.limits)
+            else:
+                await self.proxy.set_policy(policy, client_certificates=self.client_certificates,
+                                            content_patterns=self.content_patterns)
+            if self.proxy_ports is None:
+                self.proxy_ports = await self.proxy.start(self.listen, *self.ports)
+        else:
+            if self.proxy is not None:  # nothing to swap; its state must not outlive the policy
+                await self.proxy.set_policy(policy)
+        try:
+            listeners = await self.terminator.set_policy(policy)
+        except CredentialError as error:
+            problems.append(str(error))
+            listeners = self.terminator.listeners
+        # 2. Steering exactly to what runs now.
+        try:
+            await self._steer(policy, listeners)
+        except CredentialError as error:
+            problems.append(str(error))
+        # 3. The proxy, when no credential is left, after nothing is steered to it any more.
+        if not policy.credentials and self.proxy_ports is not None:
+            self.proxy_ports = None
+            await self.proxy.stop()
+        if problems:
+            raise CredentialError("; ".join(problems))
+
+    async def _steer(self, policy: Policy, listeners) -> None:
+        zones = {zone for credential in policy.credentials for zone in credential.zones}
+        interfaces = sorted(w.interface for w in policy.workloads() if w.zone in zones) if self.proxy_ports else []
+        terminations = [TerminationSteer(t.vm_addresses, t.termination.port, t.listen_port) for t in listeners]
+        if not interfaces and not terminations:
+            if self.steering is not None:
+                steering, self.steering = self.steering, None
+                await asyncio.to_thread(steering.remove)
+            return
+        http_port, https_port = self.proxy_ports or (0, 0)
+        steering = CredentialSteering(interfaces, http_port, https_port, terminations, nft=self.nft,
+                                      all_destinations=self.steer_all_destinations)
+        destinations = self.destinations
+        self._learned = {name: known for name, known in self._learned.items() if name in destinations}
+        addresses = [address for known in self._learned.values() for address in known]
+        await asyncio.to_thread(steering.install, addresses)  # replaces the table in one transaction
+        self.steering = steering

@@ -44,6 +44,13 @@ HOP_BY_HOP = frozenset(
      b"proxy-authenticate", b"te", b"trailer", b"transfer-encoding", b"content-length", b"upgrade"}
 )
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# Headers a client's Connection header may never remove: the decision reads them (Host, the
+# placeholders' headers), the swap writes them (each credential's injection header, added per
+# engine), the proxy sets them (Accept-Encoding), they frame the message, or their presence is
+# refused (Upgrade). Dropping one after the decision would forward something never decided on.
+_NEVER_CONNECTION_TOKENS = frozenset(
+    {b"host", b"authorization", b"proxy-authorization", b"cookie", b"accept-encoding", b"content-length",
+     b"transfer-encoding", b"content-type", b"content-encoding", b"expect", b"upgrade", b"connection"})
 # Response headers never handed back: the proxy re-frames and decodes every body.
 _ALWAYS_STRIPPED = HOP_BY_HOP | {b"content-encoding"}
 _HOST_NAME = re.compile(r"[a-z0-9._:-]+")
@@ -164,6 +171,8 @@ class SwapEngine:
                 strip_by_destination.setdefault(destination, set(_ALWAYS_STRIPPED)).update(
                     h.lower().encode() for h in credential.strip_response_headers)
         self._strip_by_destination = {d: frozenset(names) for d, names in strip_by_destination.items()}
+        self._kept_despite_connection = _NEVER_CONNECTION_TOKENS | {
+            c.inject.header.lower().encode() for c in self.credentials if c.inject.header}
 
     def __repr__(self) -> str:
         return f"SwapEngine(credentials={[c.name for c in self.credentials]})"
@@ -171,6 +180,7 @@ class SwapEngine:
     # ---- requests -------------------------------------------------------------------------
 
     def decide(self, request: HttpRequest, facts: ConnectionFacts) -> Verdict:
+        request = self._without_connection_tokens(request)
         host_values = [v for n, v in request.headers if n == b"host"]
         host = normalise_name(host_values[0]) if len(host_values) == 1 else None
         authority = _authority_of(request.target)
@@ -228,6 +238,18 @@ class SwapEngine:
         entries = tuple(self._entry(name, facts, destination, SWAPPED, "swapped") for name in swapped)
         return Verdict("swap", 0, "swapped", rewritten, entries,
                        tuple((name, SWAPPED) for name in swapped), host)
+
+    def _without_connection_tokens(self, request: HttpRequest) -> HttpRequest:
+        """The request without the headers its Connection header names (RFC 9110 7.6.1), except
+        those the decision or the swap relies on, which stay. Done first, so the decision is
+        made on exactly the headers that are forwarded."""
+        tokens = {t.strip().lower() for n, v in request.headers if n == b"connection" for t in v.split(b",")}
+        tokens -= self._kept_despite_connection
+        tokens.discard(b"")
+        if not tokens:
+            return request
+        headers = tuple((n, v) for n, v in request.headers if n not in tokens)
+        return HttpRequest(request.method, request.target, headers, request.body, request.http_version)
 
     def _refusal(self, credential: Credential, facts: ConnectionFacts, host: str, where: set[str],
                  body_count: int) -> str | None:
@@ -289,14 +311,18 @@ class SwapEngine:
 
     def scrub_response(self, host: str | None, headers: Headers, body: bytes) -> tuple[Headers, bytes, int]:
         """Headers and body safe for the VM, and how many secret occurrences were removed.
+        A header whose name holds a secret is dropped; values and the body are redacted.
 
         The body must already be decoded (decode_body); framing headers are dropped here and
-        re-created by the proxy."""
+        re-created by the proxy. The reason phrase: scrub it with self.forms.scrub."""
         strip = self.response_headers_to_strip(host)
         scrubbed = 0
         kept = []
         for name, value in headers:
             if name in strip:
+                continue
+            if self.forms.found_in(name):
+                scrubbed += 1  # a header name is a token: it cannot be redacted, so it goes
                 continue
             value, n = self.forms.scrub(value)
             scrubbed += n
@@ -312,22 +338,39 @@ class UnscrubbableResponse(CredentialError):
 def decode_body(headers: Headers, body: bytes, limit: int) -> bytes:
     """The body with its Content-Encoding undone (gzip, deflate, identity), at most `limit` bytes.
 
-    Anything else (br, zstd, stacked unknowns) raises UnscrubbableResponse: fail closed."""
+    Every gzip member is decoded (a body may hold several, RFC 1952 2.2), so nothing after the
+    first is cut off unseen; a stream that ends early, or bytes after a deflate stream, are
+    refused. Anything else (br, zstd, stacked unknowns) raises UnscrubbableResponse: fail closed."""
     codings = [c.strip().lower() for n, v in headers if n == b"content-encoding" for c in v.split(b",")]
     for coding in reversed([c for c in codings if c and c != b"identity"]):
         if coding in (b"gzip", b"x-gzip"):
-            decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            body = _inflate(body, 16 + zlib.MAX_WBITS, limit, members=True)
         elif coding == b"deflate":
-            decoder = zlib.decompressobj(zlib.MAX_WBITS if body[:1] == b"\x78" else -zlib.MAX_WBITS)
+            body = _inflate(body, zlib.MAX_WBITS if body[:1] == b"\x78" else -zlib.MAX_WBITS, limit, members=False)
         else:
             raise UnscrubbableResponse(f"upstream used content coding {coding.decode('latin-1')!r}, which the proxy cannot inspect")
+    return body
+
+
+def _inflate(data: bytes, wbits: int, limit: int, members: bool) -> bytes:
+    if not data:
+        return data  # HEAD, 204, 304: a coding named, nothing to decode
+    out = bytearray()
+    while True:
+        decoder = zlib.decompressobj(wbits)
         try:
-            body = decoder.decompress(body, limit + 1)
+            out += decoder.decompress(data, limit + 1 - len(out))
         except zlib.error:
             raise UnscrubbableResponse("upstream sent a body that does not decode") from None
-        if len(body) > limit:
+        if len(out) > limit or decoder.unconsumed_tail:
             raise UnscrubbableResponse("decoded response body is larger than the proxy's limit")
-    return body
+        if not decoder.eof:
+            raise UnscrubbableResponse("upstream sent a compressed body that ends early")
+        data = decoder.unused_data
+        if not data:
+            return bytes(out)
+        if not members:
+            raise UnscrubbableResponse("upstream sent bytes after the end of a deflate stream")
 
 
 def _parts(request: HttpRequest) -> list[bytes]:

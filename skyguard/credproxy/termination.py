@@ -1,25 +1,28 @@
-"""Key custody for services the VMs offer: skyguard terminates TLS on workload:port with a
-certificate and key from the store and forwards plaintext to the VM's `forward_to` port, so the
-VM never holds the private key.
+"""TLS termination: skyguard terminates TLS on workload:port with a certificate and key from the
+store and forwards plaintext to the VM's `forward_to` port, so the VM never holds the private key.
 
 Each tls_termination entry gets its own listener on the host; steering.py redirects connections
 for the workload's address and port to it. After the handshake the streams are spliced as bytes
-(no HTTP parsing: the VM's service may speak anything over TLS). Not here: certificate issuance,
-the store itself (store.py), outbound client certificates (the proxy loads those).
+(no HTTP parsing: the VM's service may speak anything over TLS). set_policy() keeps the listeners
+of unchanged entries (same workload, ports, addresses and certificate bytes), closes those of
+removed or changed ones (ending their connections) and opens the new ones. Not here:
+certificate issuance, the store itself (custody/store.py), outbound client certificates (the
+proxy loads those).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 import logging
 import socket
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from skyguard.credproxy.ca import new_server_context
-from skyguard.credproxy.proxy import original_destination, start_servers
 from skyguard.credproxy.interfaces import CredentialMetrics, DecisionLog, SecretSource
+from skyguard.credproxy.sockets import original_destination, start_servers
 from skyguard.custody.pemload import load_cert_chain_from_memory, split_pem
 from skyguard.errors import CredentialError
 from skyguard.policy.model import Policy, TlsTermination
@@ -40,8 +43,15 @@ class TerminationListener:
     listen_port: int
 
 
+@dataclass
+class _Running:
+    listener: TerminationListener
+    servers: list
+    tasks: set = field(default_factory=set)
+
+
 class TlsTerminator:
-    """Starts one listener per tls_termination entry of the policy."""
+    """One listener per tls_termination entry of the policy. Use on the event loop."""
 
     def __init__(self, policy: Policy, secrets: SecretSource, *, decision_log: DecisionLog,
                  metrics: CredentialMetrics, idle_timeout: float = IDLE_TIMEOUT):
@@ -51,60 +61,103 @@ class TlsTerminator:
         self.metrics = metrics
         self.idle_timeout = idle_timeout
         self.listeners: list[TerminationListener] = []
-        self._servers: list[asyncio.base_events.Server] = []
-        self._tasks: set[asyncio.Task] = set()
+        self._host: str | list[str] = "0.0.0.0"
+        self._running: dict[tuple, _Running] = {}  # plan key -> what runs for it
 
     def __repr__(self) -> str:
         return f"TlsTerminator({[t.workload for t in self.policy.tls_termination]})"
 
-    def _context(self, termination: TlsTermination) -> ssl.SSLContext:
+    def _context(self, termination: TlsTermination) -> tuple[ssl.SSLContext, str]:
+        """The server context for one entry, and a digest of its certificate bundle."""
         try:
-            bundle = self.secrets.get(termination.certificate)
+            bundle = bytes(self.secrets.get(termination.certificate))
         except Exception:
             raise CredentialError(
                 f"certificate {termination.certificate!r} for {termination.workload}:{termination.port} "
                 f"is not in the store; add the PEM (certificate then key) with "
                 f"`skyguard secret set {termination.certificate}`"
             ) from None
-        certificate, key = split_pem(bytes(bundle))
+        certificate, key = split_pem(bundle)
         context = new_server_context()
         load_cert_chain_from_memory(context, certificate, key)
-        return context
+        return context, hashlib.sha256(bundle).hexdigest()
 
-    async def start(self, host: str | list[str] = "0.0.0.0") -> list[TerminationListener]:
-        """Load every certificate first (nothing listens if one is missing), then listen."""
-        plans = []
-        for termination in self.policy.tls_termination:
-            workload = self.policy.workload(termination.workload)
+    def _plan(self, policy: Policy) -> tuple[list, list[str]]:
+        """(key, termination, zone, addresses, context) per entry that can run, and the
+        problems of those that cannot. Reads the store: call off the loop."""
+        plans, problems = [], []
+        for termination in policy.tls_termination:
+            workload = policy.workload(termination.workload)
             if workload is None:
-                raise CredentialError(f"tls_termination names unknown workload {termination.workload!r}")
+                problems.append(f"tls_termination names unknown workload {termination.workload!r}")
+                continue
             if termination.forward_to == termination.port:
                 # skyguard's own plaintext connection to the VM would be steered back to itself.
-                raise CredentialError(
+                problems.append(
                     f"tls_termination for {termination.workload}: forward_to ({termination.forward_to}) "
                     f"must differ from port ({termination.port}); let the VM serve plaintext on another port")
-            plans.append((termination, workload, self._context(termination)))
-        for termination, workload, context in plans:
+                continue
+            try:
+                context, digest = self._context(termination)
+            except CredentialError as error:
+                problems.append(str(error))
+                continue
             addresses = tuple(str(a) for a in workload.addresses)
-            servers, port = await start_servers(
-                lambda r, w, t=termination, z=workload.zone, a=addresses: self._accept(r, w, t, z, a),
-                host, 0, ssl=context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
-            )
-            self._servers += servers
-            self.listeners.append(TerminationListener(termination, workload.zone, addresses, port))
+            plans.append(((termination, workload.zone, addresses, digest), termination, workload.zone, addresses, context))
+        return plans, problems
+
+    async def start(self, host: str | list[str] = "0.0.0.0") -> list[TerminationListener]:
+        """Listen for every entry that can run; raises CredentialError naming those that
+        cannot (the others run)."""
+        self._host = host
+        return await self.set_policy(self.policy)
+
+    async def set_policy(self, policy: Policy) -> list[TerminationListener]:
+        """Run exactly the entries of `policy` (see the module note); returns the listeners.
+        Raises CredentialError naming the entries that cannot run, after the rest is in place."""
+        plans, problems = await asyncio.to_thread(self._plan, policy)
+        self.policy = policy
+        wanted = {plan[0] for plan in plans}
+        for key in [k for k in self._running if k not in wanted]:
+            await self._close(self._running.pop(key))
+        for key, termination, zone, addresses, context in plans:
+            if key in self._running:
+                continue
+            running = _Running(None, [])
+            try:
+                servers, port = await start_servers(
+                    lambda r, w, t=termination, z=zone, a=addresses, run=running: self._accept(r, w, t, z, a, run),
+                    self._host, 0, ssl=context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+                )
+            except OSError as error:
+                problems.append(f"cannot listen for tls_termination {termination.workload}:{termination.port}: "
+                                f"{error.strerror}")
+                continue
+            running.servers = servers
+            running.listener = TerminationListener(termination, zone, addresses, port)
+            self._running[key] = running
+        self.listeners = [self._running[plan[0]].listener for plan in plans if plan[0] in self._running]
+        if problems:
+            raise CredentialError("; ".join(problems))
         return self.listeners
 
     async def stop(self) -> None:
-        for server in self._servers:
-            server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._servers, self.listeners = [], []
+        for running in list(self._running.values()):
+            await self._close(running)
+        self._running, self.listeners = {}, []
 
-    async def _accept(self, reader, writer, termination: TlsTermination, zone: str, addresses: tuple[str, ...]):
+    @staticmethod
+    async def _close(running: _Running) -> None:
+        for server in running.servers:
+            server.close()
+        for task in list(running.tasks):
+            task.cancel()
+        await asyncio.gather(*running.tasks, return_exceptions=True)
+
+    async def _accept(self, reader, writer, termination: TlsTermination, zone: str, addresses: tuple[str, ...],
+                      running: _Running):
         task = asyncio.current_task()
-        self._tasks.add(task)
+        running.tasks.add(task)
         peer = writer.get_extra_info("peername")
         result = "terminated"
         try:
@@ -119,11 +172,14 @@ class TlsTerminator:
                 await _splice(reader, writer, vm_reader, vm_writer, self.idle_timeout)
             finally:
                 vm_writer.close()
+        except asyncio.CancelledError:
+            result = "ended"  # its entry left the policy, or skyguard is stopping
+            raise
         except Exception:
             result = "failed"
             log.exception("TLS termination connection failed")
         finally:
-            self._tasks.discard(task)
+            running.tasks.discard(task)
             writer.close()
             self.metrics.terminations.labels(termination.workload, result).inc()
             self.decision_log.record({

@@ -180,19 +180,19 @@ def _check_against_h11(data: bytes, requests: list) -> None:
 def _proxy_requests(reads: list[bytes]) -> list:
     """The requests the proxy would answer, fed as these reads (up to the first that ends the
     connection, as the proxy stops answering there)."""
-    from skyguard.credproxy.proxy import ProtocolRefusal, ProxyLimits, _client_keeps_alive, _RequestReader, _Upgraded
+    from skyguard.credproxy.http1 import ProtocolRefusal, ProxyLimits, RequestReader, Upgraded, client_keeps_alive
 
-    reader = _RequestReader(ProxyLimits(max_header_bytes=16384))
+    reader = RequestReader(ProxyLimits(max_header_bytes=16384))
     try:
         for chunk in reads:
             if chunk:
                 reader.feed(chunk)
-    except (ProtocolRefusal, _Upgraded):
+    except (ProtocolRefusal, Upgraded):
         pass  # the requests queued before it are still answered
     answered = []
     for request in reader.complete:
         answered.append(request)
-        if not _client_keeps_alive(request):
+        if not client_keeps_alive(request):
             break
     return answered
 
@@ -272,10 +272,10 @@ def fuzz_upstream(data: bytes) -> None:
 
 
 def _read_response(reads: list[bytes], head_request: bool):
-    from skyguard.credproxy.proxy import UpstreamProtocolError, _ResponseReader
+    from skyguard.credproxy.http1 import ResponseReader, UpstreamProtocolError
     from skyguard.credproxy.swap import UnscrubbableResponse
 
-    response = _ResponseReader(head_request, 1 << 20, 16384)
+    response = ResponseReader(head_request, 1 << 20, 16384)
     try:
         for chunk in reads:
             if chunk:

@@ -19,7 +19,7 @@ from skyguard.credproxy.interfaces import CredentialMetrics, ListDecisionLog, Me
 from skyguard.credproxy.steering import CredentialSteering, TerminationSteer
 from skyguard.credproxy.testing import TestCA
 from skyguard.custody.pemload import load_cert_chain_from_memory, split_pem
-from skyguard.custody.termination import TlsTerminator
+from skyguard.credproxy.termination import TlsTerminator
 from skyguard.errors import CredentialError
 from skyguard.policy.model import Policy, TlsTermination, Workload, Zone
 

@@ -14,7 +14,7 @@ import ssl
 
 import pytest
 
-from skyguard.credproxy.proxy import UnsafeHead, _client_keeps_alive, _serialise_response
+from skyguard.credproxy.http1 import UnsafeHead, client_keeps_alive, serialise_response
 from skyguard.credproxy.swap import HttpRequest
 from skyguard.credproxy.testing import echo_ssl_context
 from test_cred_proxy import AUTH, SECRET, Rig, no_secret
@@ -81,11 +81,11 @@ def test_head_response_keeps_its_length_and_has_no_body(rig):
 
 
 def test_serialiser_frames_by_length_and_closes_when_asked():
-    data = _serialise_response(b"GET", False, (200, b"OK"), ((b"x-a", b"1"),), b"hello")
+    data = serialise_response(b"GET", False, (200, b"OK"), ((b"x-a", b"1"),), b"hello")
     assert data == b"HTTP/1.1 200 OK\r\nx-a: 1\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello"
-    no_body = _serialise_response(b"GET", True, (204, b"No Content"), (), b"")
+    no_body = serialise_response(b"GET", True, (204, b"No Content"), (), b"")
     assert no_body == b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n"
-    head = _serialise_response(b"HEAD", True, (200, b""), ((b"content-length", b"42"),), b"")
+    head = serialise_response(b"HEAD", True, (200, b""), ((b"content-length", b"42"),), b"")
     assert head == b"HTTP/1.1 200 \r\ncontent-length: 42\r\n\r\n"
 
 
@@ -98,12 +98,12 @@ def test_serialiser_frames_by_length_and_closes_when_asked():
 ], ids=["crlf-value", "lf-value", "crlf-name", "nul", "crlf-reason"])
 def test_serialiser_refuses_what_would_split_a_response(headers, reason):
     with pytest.raises(UnsafeHead):
-        _serialise_response(b"GET", True, (200, reason), headers, b"")
+        serialise_response(b"GET", True, (200, reason), headers, b"")
 
 
 def test_serialiser_refuses_informational_statuses():
     with pytest.raises(UnsafeHead):
-        _serialise_response(b"GET", True, (101, b"Switching Protocols"), (), b"")
+        serialise_response(b"GET", True, (101, b"Switching Protocols"), (), b"")
 
 
 @pytest.mark.parametrize("version, headers, keeps", [
@@ -114,7 +114,7 @@ def test_serialiser_refuses_informational_statuses():
     (b"1.0", ((b"connection", b"keep-alive"),), False),  # as h11: no keep-alive for HTTP/1.0
 ])
 def test_keep_alive_follows_h11s_rule(version, headers, keeps):
-    assert _client_keeps_alive(HttpRequest(b"GET", b"/", ((b"host", b"a"), *headers), b"", version)) is keeps
+    assert client_keeps_alive(HttpRequest(b"GET", b"/", ((b"host", b"a"), *headers), b"", version)) is keeps
 
 
 def test_many_pipelined_requests_are_all_answered_while_reading_pauses(rig):

@@ -1,5 +1,5 @@
 """The credential proxy's two HTTP readers, sans-io: what a VM sends becomes whole requests
-(_RequestReader), what an upstream answers becomes one response (_ResponseReader). Both sit on
+(RequestReader), what an upstream answers becomes one response (ResponseReader). Both sit on
 llhttp (httptools); these tests pin the rules the proxy adds on top of it and the framing
 corner cases a hostile VM or upstream would try. Over real sockets: test_cred_proxy.py and
 test_cred_fastpath.py; the differential fuzz oracle against h11: tests/fuzz/harnesses.py."""
@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import pytest
 
-from skyguard.credproxy.proxy import (
+from skyguard.credproxy.http1 import (
     ProtocolRefusal,
     ProxyLimits,
+    RequestReader,
+    ResponseReader,
+    StaleConnection,
+    Upgraded,
     UpstreamProtocolError,
-    _RequestReader,
-    _ResponseReader,
-    _StaleConnection,
-    _Upgraded,
 )
 from skyguard.credproxy.swap import UnscrubbableResponse
 
@@ -23,8 +23,8 @@ LIMITS = ProxyLimits(max_header_bytes=1024, max_request_body=4096)
 GET = b"GET /a HTTP/1.1\r\nHost: api.github.test\r\n\r\n"
 
 
-def read(*reads: bytes, limits: ProxyLimits = LIMITS) -> _RequestReader:
-    reader = _RequestReader(limits)
+def read(*reads: bytes, limits: ProxyLimits = LIMITS) -> RequestReader:
+    reader = RequestReader(limits)
     for data in reads:
         reader.feed(data)
     return reader
@@ -95,18 +95,18 @@ def test_a_chunked_body_over_the_limit_is_refused_while_it_arrives():
 
 
 def test_an_endless_header_line_is_cut_off_with_bounded_memory():
-    reader = _RequestReader(LIMITS)
+    reader = RequestReader(LIMITS)
     reader.feed(b"GET / HTTP/1.1\r\nHost: a\r\nX-Endless: ")
     with pytest.raises(ProtocolRefusal) as caught:
         for _ in range(100):
             reader.feed(b"a" * 100)  # 10 KB if it were all kept; the limit is 1 KB
     assert caught.value.status == 431
-    assert reader._head_reads <= 2 * LIMITS.max_header_bytes + 100
+    assert reader.head_reads <= 2 * LIMITS.max_header_bytes + 100
 
 
 def test_an_upgrade_is_queued_for_decide_to_refuse_and_nothing_after_it_is_read():
-    reader = _RequestReader(LIMITS)
-    with pytest.raises(_Upgraded):
+    reader = RequestReader(LIMITS)
+    with pytest.raises(Upgraded):
         reader.feed(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
                     b"\x81\x05hello")
     [request] = reader.complete
@@ -122,8 +122,8 @@ def test_expect_100_continue_is_noticed_until_the_body_starts():
 
 # ---- responses from an upstream ---------------------------------------------------------------
 
-def respond(*reads: bytes, head_request: bool = False, limit: int = 4096) -> _ResponseReader:
-    response = _ResponseReader(head_request, limit, 1024)
+def respond(*reads: bytes, head_request: bool = False, limit: int = 4096) -> ResponseReader:
+    response = ResponseReader(head_request, limit, 1024)
     for data in reads:
         response.feed(data)
     return response
@@ -175,11 +175,11 @@ def test_chunked_response_trailers_are_dropped():
 
 
 def test_an_upstream_that_closes_early_is_told_apart_from_a_stale_pooled_connection():
-    with pytest.raises(_StaleConnection):  # nothing at all: the pool retries on a new connection
+    with pytest.raises(StaleConnection):  # nothing at all: the pool retries on a new connection
         respond().finish()
     with pytest.raises(ConnectionResetError) as caught:  # cut mid-body: a 502, never retried
         respond(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhi").finish()
-    assert not isinstance(caught.value, _StaleConnection)
+    assert not isinstance(caught.value, StaleConnection)
 
 
 @pytest.mark.parametrize("reads, error", [

@@ -63,9 +63,11 @@ class Rig:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(30)
 
     def make_proxy(self, destination_of, **kw):
-        return CredentialProxy(self.policy, self.secrets, self.ca, address_matches=lambda n, ip: ip == "127.0.0.1",
-                               decision_log=self.log, metrics=self.metrics, upstream_ca_file=str(self.tmp / "upca.pem"),
-                               limits=self.limits, destination_of=destination_of, **kw)
+        kw.setdefault("upstream_ca_file", str(self.tmp / "upca.pem"))
+        kw.setdefault("limits", self.limits)
+        kw.setdefault("ca", self.ca)
+        return CredentialProxy(self.policy, self.secrets, address_matches=lambda n, ip: ip == "127.0.0.1",
+                               decision_log=self.log, metrics=self.metrics, destination_of=destination_of, **kw)
 
     async def _start(self):
         context = echo_ssl_context(str(self.tmp / "up.pem"), str(self.tmp / "up.key"), str(self.tmp / "upca.pem"))
@@ -234,8 +236,7 @@ def test_tls_without_sni_is_refused(rig):
 
 
 def test_untrusted_upstream_is_a_502(rig):
-    proxy = rig.make_proxy(lambda s: ("127.0.0.1", rig.echo_port))
-    proxy._upstream_ca_file = None  # the system bundle does not know the test CA
+    proxy = rig.make_proxy(lambda s: ("127.0.0.1", rig.echo_port), upstream_ca_file=None)  # the system store only
     ports = rig.run(proxy.start("127.0.0.1"))
     try:
         code, body = rig.curl("https://api.github.test/", "-H", AUTH, port=ports[1])
