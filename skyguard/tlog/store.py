@@ -88,12 +88,15 @@ class LogWriter:
         self._failure: LogError | None = None
         self._closed = False
         self._lock = threading.Lock()
-        self._open(origin, segment_entries)
+        recovery = self._open(origin, segment_entries)
         self._thread = threading.Thread(target=self._run, name="skyguard-tlog-writer", daemon=True)
         self._thread.start()
+        if recovery is not None:
+            self.append(recovery)   # what was set aside is on record before anything else
 
     # --- opening and recovery ----------------------------------------------------------------
-    def _open(self, origin: str | None, segment_entries: int) -> None:
+    def _open(self, origin: str | None, segment_entries: int) -> bytes | None:
+        """Open or create the log; returns the entry recording what was set aside, if any."""
         d = self.directory
         created = not (d / META_FILE).exists()
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -188,8 +191,7 @@ class LogWriter:
         self._head_size = covered
         if not signed:
             self._write_head()   # a new log's size-0 checkpoint, before its first entry
-        if recovery is not None:
-            self._queue.put(("append", [recovery], Future()))   # the first thing it signs
+        return recovery
 
     def _verified(self, payload: bytes, where: str) -> Checkpoint:
         """A checkpoint this log stored, checked with this writer's key and origin."""

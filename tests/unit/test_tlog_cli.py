@@ -192,3 +192,66 @@ def test_checkpoint_and_public_key(env):
 def test_missing_log_is_a_runtime_error(env, tmp_path):
     out = run(env, "verify", "--log-dir", str(tmp_path / "none"))
     assert out.returncode == 1 and "no signed log" in out.stderr
+
+
+# --- one way to name the state (issue 14 item 6) ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_states(tmp_path_factory):
+    """A log in state dir A; the environment names state dir B, which has another host key."""
+    base = tmp_path_factory.mktemp("states")
+    a, b = base / "a", base / "b"
+    signer = host_signer(a)
+    host_signer(b)
+    with LogWriter(a / "log", signer, segment_entries=256) as w:
+        w.append_batch([entry("deny", time=1, n=i) for i in range(20)])
+    environment = dict(os.environ, PYTHONPATH=str(REPO), SKYGUARD_STATE_DIR=str(b),
+                       SKYGUARD_RUN_DIR=str(base / "run"), SKYGUARD_PIN_DIR=str(base / "pin"))
+    return environment, a, b, signer
+
+
+def test_log_dir_alone_takes_the_key_beside_it(two_states):
+    environment, a, _, _ = two_states
+    out = run((environment,), "verify", "--log-dir", str(a / "log"))
+    assert out.returncode == 0, out.stderr
+    assert f"host key {a / 'host-ed25519.pem'}" in out.stdout
+
+
+@pytest.mark.parametrize("args", [["verify"], ["show", "--limit", "1"], ["tail", "-n", "1"],
+                                  ["prove", "3"], ["consistency", "1", "20"], ["checkpoint"],
+                                  ["checkpoint", "--public-key"]])
+def test_every_log_command_takes_state_dir(two_states, args):
+    environment, a, _, signer = two_states
+    out = run((environment,), *args, "--state-dir", str(a))
+    assert out.returncode == 0, out.stderr
+    if args == ["checkpoint", "--public-key"]:
+        assert out.stdout.strip() == signer.verifier.vkey()
+
+
+def test_state_dir_from_the_environment(two_states):
+    environment, a, _, _ = two_states
+    out = run((dict(environment, SKYGUARD_STATE_DIR=str(a)),), "verify")
+    assert out.returncode == 0, out.stderr
+    assert "ok: 20 entries proven" in out.stdout
+
+
+def test_a_key_error_names_the_file_it_read(two_states):
+    environment, a, b, _ = two_states
+    out = run((environment,), "verify", "--log-dir", str(a / "log"), "--state-dir", str(b))
+    assert out.returncode == 1
+    assert "not signed by key" in out.stderr and str(b / "host-ed25519.pem") in out.stderr
+    out = run((environment,), "prove", "1", "--log-dir", str(a / "log"), "--state-dir", str(b))
+    assert out.returncode == 1 and str(b / "host-ed25519.pem") in out.stderr
+
+
+def test_verify_never_falls_back_to_the_key_inside_the_log(two_states, tmp_path):
+    environment, a, _, _ = two_states
+    import shutil
+    shutil.copytree(a / "log", tmp_path / "keyless" / "log")
+    out = run((environment,), "verify", "--state-dir", str(tmp_path / "keyless"))
+    assert out.returncode == 1
+    assert f"no host key at {tmp_path / 'keyless' / 'host-ed25519.pem'}" in out.stderr
+    assert "not trusted" in out.stderr
+    vkey = run((environment,), "checkpoint", "--public-key", "--state-dir", str(a)).stdout.strip()
+    out = run((environment,), "verify", "--state-dir", str(tmp_path / "keyless"), "--key", vkey)
+    assert out.returncode == 0, out.stderr
