@@ -101,3 +101,11 @@ def test_show_every_example(path):
     out = skyguard("show", path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(path.stem + ":")
+
+
+def test_validate_names_the_line_when_the_yaml_library_itself_fails(tmp_path):
+    path = tmp_path / "comment.yaml"
+    path.write_text("#\n&a #\na")  # ruamel: NotImplementedError "overlap in comment"
+    out = skyguard("validate", path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"{path}:2: not valid YAML" in out.stderr

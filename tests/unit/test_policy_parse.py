@@ -431,3 +431,17 @@ def test_alias_bombs_in_values_are_reported_not_expanded(where):
     text = bombs + text
     with pytest.raises(PolicyError):
         parse_policy(text)
+
+
+@pytest.mark.parametrize("text, line, fragment", [
+    # found by the long fuzz tier: ruamel raised NotImplementedError("overlap in comment ...")
+    ("#\n&a #\na", 2, "comment"),
+    ("x: " + "[" * 400 + "]" * 400 + "\n", None, "nested too deep"),  # RecursionError inside ruamel
+], ids=["comment-overlap", "deep-nesting"])
+def test_whatever_the_yaml_library_raises_is_a_policy_error_with_its_line(text, line, fragment):
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(text, source="f.yaml")
+    problem = caught.value.problems[0]
+    assert fragment in problem.message
+    if line is not None:
+        assert problem.line == line and str(problem).startswith(f"f.yaml:{line}: not valid YAML")
