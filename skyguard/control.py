@@ -125,9 +125,12 @@ def daemon_running() -> bool:
     return socket_path().exists() and _is_alive(socket_path())
 
 
-def request(op: str, timeout: float = 30.0, **args) -> dict:
-    """Send one request to the running daemon; raise DaemonError (or BadInput) on failure."""
+def request(op: str, timeout: float = 30.0, state_dir=None, **args) -> dict:
+    """Send one request to the running daemon; raise DaemonError (or BadInput) on failure. With
+    state_dir, the daemon answers only if that is where it keeps its state."""
     path = socket_path()
+    if state_dir is not None:
+        args["state_dir"] = str(state_dir)
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)

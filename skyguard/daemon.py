@@ -418,6 +418,20 @@ class Daemon:
     # ---- control operations ----------------------------------------------------------------
 
     def _handlers(self):
+        return {op: self._in_my_state_dir(handler) for op, handler in self._ops().items()}
+
+    def _in_my_state_dir(self, handler):
+        """Refuse a request that names another state dir (`--state-dir` of the CLI): its
+        answer would describe a daemon the operator did not mean."""
+        def checked(args: dict):
+            wanted = args.pop("state_dir", None)
+            if wanted is not None and os.path.realpath(wanted) != os.path.realpath(self.state_dir):
+                raise BadInput(f"the running daemon keeps its state in {self.state_dir}, not {wanted}; "
+                               f"give --state-dir {self.state_dir} (or stop it and start one with yours)")
+            return handler(args)
+        return checked
+
+    def _ops(self):
         return {
             "status": lambda args: self.status(),
             "policy.load": self._op_policy_load,
@@ -478,7 +492,24 @@ class Daemon:
                 "counters": self.datapath.counters(),
                 "log": self.tlog.head() if self.tlog else None,
                 "flowlog": self.flowlog.stats() if self.flowlog else None,
+                "parts": {slot.name: ("running" if slot.part is not None else
+                                      "failed" if slot.wanted(self.policy) else "not needed")
+                          for slot in self.slots},
+                "secrets": self._secrets_status(),
             }
+
+    def _secrets_status(self) -> dict:
+        """Names in the sealed store, and which of them the policy in force names. Secrets no
+        policy names are kept (a later policy may name them again) and listed, so an operator can
+        remove what is no longer needed with `skyguard secret rm`."""
+        from skyguard.admin.keys import HOST_KEY_NAME, VM_KEY_NAME
+        from skyguard.custody.store import SecretStore
+
+        stored = {entry["name"] for entry in SecretStore(self.state_dir / "secrets").list()}
+        named = {c.secret for c in self.policy.credentials} | {t.certificate for t in self.policy.tls_termination}
+        if self.policy.admin_ssh is not None:
+            named |= {HOST_KEY_NAME, VM_KEY_NAME}
+        return {"stored": len(stored), "unused": sorted(stored - named), "missing": sorted(named - stored)}
 
 
 class _PartLog:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from skyguard.cli.common import emit_json, json_option
+from skyguard.cli.common import emit_json, json_option, state_dir_option
 from skyguard.errors import BadInput
 
 
@@ -22,8 +22,9 @@ from skyguard.errors import BadInput
                    "or a file holding it. Use a copy kept off this host.")
 @click.option("--nonce", default=None, metavar="HEX",
               help="A fresh challenge to include (when making) or to require (with --verify).")
+@state_dir_option
 @json_option
-def attest(verify_file, key, nonce, as_json):
+def attest(verify_file, key, nonce, state_dir, as_json):
     """A statement signed with the host key: loaded program ids and tags per interface, the
     policy's sha256 and name, the signed log's latest checkpoint, and TPM evidence when a TPM
     exists (it says so when none does).
@@ -45,7 +46,7 @@ def attest(verify_file, key, nonce, as_json):
         raise BadInput("--key is for --verify; making a statement uses the daemon's host key")
     from skyguard import control
 
-    reply = control.request("attest", nonce=nonce)
+    reply = control.request("attest", nonce=nonce, state_dir=state_dir)
     if as_json:
         emit_json({"note": reply["note"], "statement": reply["statement"], "verifier_key": reply["verifier_key"]})
     else:

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from skyguard import config
-from skyguard.cli.common import emit_json, json_option
+from skyguard.cli.common import emit_json, json_option, state_dir_option
 from skyguard.credproxy.ca import CertificateAuthority
 
 CA_SUBDIR = "ca"
@@ -30,8 +30,7 @@ def ca():
 
 
 @ca.command("export")
-@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="State directory (default: $SKYGUARD_STATE_DIR or /var/lib/skyguard).")
+@state_dir_option
 @json_option
 def export(state_dir, as_json):
     """Print the CA certificate (PEM), creating the CA on first use (key mode 0600).

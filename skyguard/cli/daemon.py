@@ -9,14 +9,13 @@ from pathlib import Path
 import click
 
 from skyguard import config
-from skyguard.cli.common import emit_json, json_option
+from skyguard.cli.common import emit_json, json_option, state_dir_option
 
 
 @click.command("up")
 @click.option("--policy", "policy_path", type=click.Path(dir_okay=False, path_type=Path),
               default=config.DEFAULT_POLICY, show_default=True, help="Policy file to enforce.")
-@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help=f"Keys, log and learned state [default: {config.STATE_DIR}].")
+@state_dir_option
 @click.option("--metrics", "metrics_addr", default=config.DEFAULT_METRICS_ADDR, show_default=True,
               help="Prometheus listen address; 'off' to disable.")
 @click.option("--upstream-ca", type=click.Path(dir_okay=False, exists=True), default=None,
@@ -40,17 +39,16 @@ def up(policy_path, state_dir, metrics_addr, upstream_ca, verbose):
     from skyguard.doctor import require_privileges
 
     faulthandler.enable()  # a crash in C (bcc, libbpf) still leaves every thread's stack on stderr
-    if state_dir is not None:
-        config.STATE_DIR = state_dir  # one state dir for the daemon and every part it starts
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     require_privileges("skyguard up")
-    Daemon(policy_path, state_dir=config.STATE_DIR,
+    Daemon(policy_path, state_dir=state_dir or config.STATE_DIR,
            metrics_addr=None if metrics_addr == "off" else metrics_addr, upstream_ca=upstream_ca).run()
 
 
 @click.command("down")
-def down():
+@state_dir_option
+def down(state_dir):
     """Stop the daemon and detach every program (enforcement ends).
 
     Without a running daemon, detaches whatever pinned state a killed daemon left.
@@ -64,7 +62,7 @@ def down():
 
     require_privileges("skyguard down")
     if control.daemon_running():
-        control.request("down")
+        control.request("down", state_dir=state_dir)
         control.wait_gone()
         click.echo("skyguard stopped; programs detached")
         return
@@ -87,19 +85,34 @@ def down():
 
 
 @click.command("status")
+@click.option("--wait", "wait_s", type=click.FloatRange(0, 3600), default=0, metavar="SECONDS",
+              help="Wait up to this long for a daemon that is still starting to answer.")
+@state_dir_option
 @json_option
-def status(as_json):
+def status(wait_s, state_dir, as_json):
     """Interfaces and their programs, policy hash, map occupancy, counters, log head.
 
     \b
     Examples:
       skyguard status
       skyguard status --json | jq .counters
+      skyguard status --wait 60      # right after `skyguard up &`
     """
+    import time
+
     from skyguard import control
     from skyguard.cli.render import print_status
+    from skyguard.errors import DaemonError
 
-    reply = control.request("status")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            reply = control.request("status", state_dir=state_dir)
+            break
+        except DaemonError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
     reply.pop("ok", None)
     if as_json:
         emit_json(reply)

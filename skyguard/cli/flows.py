@@ -12,7 +12,7 @@ import time
 
 import click
 
-from skyguard.cli.common import emit_json, json_option, warn
+from skyguard.cli.common import emit_json, json_option, warn, state_dir_option
 
 FOLLOW_PERIOD_S = 1.0
 
@@ -67,8 +67,9 @@ def format_record(r: dict) -> str:
               help="Only allowed flows (start and end), denies, or ring buffer losses.")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True,
               help="At most this many records (the newest) per reply.")
+@state_dir_option
 @json_option
-def flows(follow, zone, verdict, limit, as_json):
+def flows(follow, zone, verdict, limit, state_dir, as_json):
     """Recent and live flow records: verdict, rule, reason, zones, workloads, 5-tuple, counts.
 
     Records come from the running daemon's memory (the newest few thousand); the signed log
@@ -82,7 +83,7 @@ def flows(follow, zone, verdict, limit, as_json):
     """
     from skyguard import control
 
-    args = {"zone": zone, "verdict": verdict, "limit": limit}
+    args = {"zone": zone, "verdict": verdict, "limit": limit, "state_dir": state_dir}
     reply = control.request("flows", sync=True, since=0, **args)
     if as_json and not follow:
         emit_json({"records": reply["records"], "cursor": reply["cursor"]})

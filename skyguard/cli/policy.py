@@ -7,9 +7,11 @@ the daemon's CLI and is registered on this group from there.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-from skyguard.cli.common import emit_json, json_option, warn
+from skyguard.cli.common import emit_json, json_option, state_dir_option, warn
 from skyguard.errors import BadInput, PolicyError
 from skyguard.policy.canonical import policy_summary, policy_to_dict, summary_line
 from skyguard.policy.diff import diff_policies, format_diff
@@ -64,8 +66,9 @@ def validate(file: str, as_json: bool) -> None:
 
 @policy.command("show")
 @click.argument("file", type=POLICY_FILE, required=False)
+@state_dir_option
 @json_option
-def show(file: str | None, as_json: bool) -> None:
+def show(file: str | None, state_dir: Path | None, as_json: bool) -> None:
     """Print the zones, workloads, networks and rules of the policy in FILE (default: the one
     the running daemon enforces).
 
@@ -78,7 +81,7 @@ def show(file: str | None, as_json: bool) -> None:
       skyguard policy show policies/keysystems.yaml
       skyguard policy show policies/keysystems.yaml --json | jq '.policy.rules[].name'
     """
-    parsed = load_policy(file) if file else running_policy()
+    parsed = load_policy(file) if file else running_policy(state_dir)
     if as_json:
         emit_json({"source": parsed.source, "sha256": parsed.sha256, "summary": policy_summary(parsed),
                    "policy": policy_to_dict(parsed)})
@@ -89,8 +92,9 @@ def show(file: str | None, as_json: bool) -> None:
 @policy.command("diff")
 @click.argument("old", type=POLICY_FILE)
 @click.argument("new", type=POLICY_FILE, required=False)
+@state_dir_option
 @json_option
-def diff(old: str, new: str | None, as_json: bool) -> None:
+def diff(old: str, new: str | None, state_dir: Path | None, as_json: bool) -> None:
     """Show what NEW adds, removes and changes relative to OLD, by name. With one FILE, compare
     the running daemon's policy (OLD) with FILE (NEW): what `policy load FILE` would change.
 
@@ -104,7 +108,7 @@ def diff(old: str, new: str | None, as_json: bool) -> None:
       skyguard policy diff a.yaml b.yaml --json | jq '.changes[] | select(.kind == "rule")'
     """
     if new is None:
-        result = diff_policies(running_policy(), load_policy(old))
+        result = diff_policies(running_policy(state_dir), load_policy(old))
     else:
         result = diff_policies(load_policy(old), load_policy(new))
     if as_json:
@@ -115,8 +119,9 @@ def diff(old: str, new: str | None, as_json: bool) -> None:
 
 @policy.command("load")
 @click.argument("file", type=POLICY_FILE)
+@state_dir_option
 @json_option
-def load(file: str, as_json: bool) -> None:
+def load(file: str, state_dir: Path | None, as_json: bool) -> None:
     """Hot-swap the running daemon's policy with FILE, atomically.
 
     FILE is validated first: with any error nothing is sent and the running policy stays. The
@@ -136,7 +141,7 @@ def load(file: str, as_json: bool) -> None:
     parsed = load_policy(file)  # exit 2 with every problem before the daemon is asked
     with open(file, "rb") as f:
         text = f.read().decode("utf-8")
-    reply = control.request("policy.load", text=text, source=str(file))
+    reply = control.request("policy.load", text=text, source=str(file), state_dir=state_dir)
     reply.pop("ok", None)
     if as_json:
         emit_json(reply)
@@ -150,11 +155,11 @@ def load(file: str, as_json: bool) -> None:
         raise SystemExit(1)  # the policy is in force, but part of what it asks for is not
 
 
-def running_policy() -> Policy:
+def running_policy(state_dir: Path | None = None) -> Policy:
     """The policy the running daemon enforces, parsed from the exact text it loaded."""
     from skyguard import control
 
-    reply = control.request("policy.get")
+    reply = control.request("policy.get", state_dir=state_dir)
     return parse_policy(reply["text"], source=reply["source"])
 
 

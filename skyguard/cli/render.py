@@ -87,6 +87,16 @@ def summary_table(status: dict) -> Table:
     table.add_row("events lost", Text(str(lost), style="bold red" if lost else ""))
     tamper = status.get("tamper_events", 0)
     table.add_row("tamper events", Text(str(tamper), style="bold red" if tamper else ""))
+    parts = status.get("parts") or {}
+    if parts:
+        table.add_row("parts", Text(", ".join(f"{name} {state}" for name, state in parts.items()),
+                                    style="bold red" if "failed" in parts.values() else ""))
+    secrets = status.get("secrets") or {}
+    if secrets.get("missing"):
+        table.add_row("secrets missing", Text(", ".join(secrets["missing"]), style="bold red"))
+    if secrets.get("unused"):
+        table.add_row("secrets unused", ", ".join(secrets["unused"]) + "  (no policy names them; "
+                      "`skyguard secret rm NAME`)")
     return table
 
 

@@ -12,13 +12,9 @@ from pathlib import Path
 import click
 
 from skyguard import config
-from skyguard.cli.common import emit_json, json_option
+from skyguard.cli.common import emit_json, json_option, state_dir_option
 from skyguard.custody.store import MAX_VALUE_BYTES, SecretStore, validate_secret_name
 from skyguard.errors import BadInput
-
-state_dir_option = click.option(
-    "--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-    help="skyguard's state directory (default: $SKYGUARD_STATE_DIR or /var/lib/skyguard).")
 
 
 def open_store(state_dir: Path | None) -> SecretStore:

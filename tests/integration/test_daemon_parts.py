@@ -110,3 +110,29 @@ def test_a_policy_without_credentials_needs_no_secrets(daemon, policies):
     assert reply["parts_failed"] == {}, reply
     assert not listening(daemon, ADMIN_PORT)
     assert daemon.running()
+
+
+def test_every_command_that_reads_state_takes_the_daemons_state_dir(daemon, tmp_path):
+    mine = str(daemon.state_dir)
+    for args in (["status", "--json"], ["flows", "--json"], ["attest", "--json"], ["policy", "show", "--json"],
+                 ["log", "verify"], ["secret", "list", "--json"], ["admin", "sessions", "--json"],
+                 ["ca", "export"]):
+        out = daemon.cli(*args, "--state-dir", mine)
+        assert out.returncode == 0, (args, out.stderr)
+    for args in (["status"], ["flows"], ["attest"], ["policy", "show"]):
+        out = daemon.cli(*args, "--state-dir", str(tmp_path))
+        assert out.returncode == 2, (args, out.stdout, out.stderr)
+        assert f"keeps its state in {mine}" in out.stderr
+    assert daemon.running()
+
+
+def test_status_lists_secrets_no_policy_names(daemon, policies):
+    stored = subprocess.run(daemon._in_host([PY, "-m", "skyguard.cli.main", "secret", "set", "left-over"]),
+                            input="not-a-real-value", capture_output=True, text=True, env=daemon.env, timeout=60)
+    assert stored.returncode == 0, stored.stderr
+    status = daemon.status()
+    assert "left-over" in status["secrets"]["unused"]
+    assert "github" in status["secrets"]["missing"] or status["secrets"]["missing"] == []
+    assert "not-a-real-value" not in json.dumps(status)
+    text = daemon.cli("status")
+    assert "left-over" in text.stdout and "not-a-real-value" not in text.stdout
