@@ -1,16 +1,37 @@
-"""Every spelling of a secret the proxy must recognise: raw, percent-encoded (any mix), JSON
-\\u-escaped, hex (any case) and base64 (standard and URL-safe, at every byte alignment, so the
-secret is found inside a longer base64 blob such as Basic auth's "user:secret").
+"""Every spelling of a secret the proxy must recognise. Used both ways: to block outbound requests
+that carry a real secret (content filtering) and to scrub responses before they reach the VM.
+Pure functions over bytes; no I/O.
 
-Used both ways: to block outbound requests that carry a real secret (content filtering) and to
-scrub responses before they reach the VM. Pure functions over bytes; no I/O. Not a general DLP
-engine: double encodings, compression and encryption are out of reach here (the proxy handles
-compression by decoding first, and refuses what it cannot decode).
+The forms recognised (one compiled regex; `tests/unit/test_cred_forms.py` has one test each):
+
+ 1. raw bytes;
+ 2. per byte, in any mix within one occurrence:
+    - percent-encoding `%4a` / `%4A`, applied once or more (`%254A`, `%25254A`), and `%u004A`;
+    - `+` for a space (form encoding);
+    - JSON / JavaScript escapes `\\u004a`, `\\/` for `/`, and `\\x4a`;
+    - HTML / XML character references: decimal `&#74;`, hex `&#x4a;` (leading zeros, either
+      case, with or without the `;`), and the HTML5 named references of ASCII characters
+      (`&sol;`, `&plus;`, `&equals;`, `&lpar;` ...);
+    - quoted-printable `=4A`, with soft line breaks (`=` CRLF or `=` LF) anywhere between bytes;
+ 3. hex of the whole secret, either case;
+ 4. base64, standard and URL-safe alphabets, at each of the 3 alignments the secret can have
+    inside a longer encoded stream (so it is found inside Basic auth's "user:secret"), with line
+    breaks (CRLF or LF, as MIME and PEM wrap) allowed between any two characters;
+ 5. base32 (RFC 4648) and base32hex, either case, at each of the 5 alignments, line breaks
+    allowed the same way;
+ 6. UTF-16, little- and big-endian, of the secret's text.
+
+Out of reach here, by design: encryption, compression inside a body (the proxy decodes the
+content codings it accepts first, and refuses the others), and nested encodings (base64 of hex,
+UTF-16 of base64, ...); an upstream that reflects a secret through such a transformation is not
+caught. Secrets shorter than MIN_ENCODED_LEN are matched raw, per byte and in hex only.
 """
 
 from __future__ import annotations
 
 import base64
+import bisect
+import html.entities
 import re
 from typing import Iterable
 
@@ -20,18 +41,20 @@ REDACTED = b"[skyguard-redacted]"
 # and here they are still matched raw but not in their short encoded forms.
 MIN_ENCODED_LEN = 6
 
+_SOFT_BREAK = rb"(?:=\r?\n)?"  # a quoted-printable soft line break
+_B32HEX = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", b"0123456789ABCDEFGHIJKLMNOPQRSTUV")
 
-def _byte_alternatives(byte: int) -> bytes:
-    """A regex matching one byte written literally, percent-encoded (either case) or \\u-escaped."""
-    options = [re.escape(bytes([byte]))]
-    options.append(b"%" + _hex_either_case(byte))
-    if byte == 0x20:
-        options.append(rb"\+")  # application/x-www-form-urlencoded space
-    if byte < 0x80:
-        options.append(rb"\\u00" + _hex_either_case(byte))
-    if byte == 0x2F:
-        options.append(rb"\\/")  # JSON may escape the solidus
-    return b"(?:" + b"|".join(options) + b")"
+
+def _named_references() -> dict[int, list[bytes]]:
+    """HTML5 named character references of single ASCII characters, by character."""
+    names: dict[int, list[bytes]] = {}
+    for name, text in html.entities.html5.items():
+        if len(text) == 1 and ord(text) < 0x80:
+            names.setdefault(ord(text), []).append(name.encode())
+    return names
+
+
+_NAMED = _named_references()
 
 
 def _hex_either_case(byte: int) -> bytes:
@@ -40,52 +63,161 @@ def _hex_either_case(byte: int) -> bytes:
                     for c in (hi, lo))
 
 
-def _base64_cores(secret: bytes) -> set[bytes]:
-    """The base64 characters fully determined by the secret, at each of the 3 alignments it can
-    have inside a longer encoded stream, in both alphabets."""
+def _byte_alternatives(byte: int) -> bytes:
+    """A regex matching one byte in any of the per-byte spellings (form 2 of the list)."""
+    hex2 = _hex_either_case(byte)
+    options = [re.escape(bytes([byte])),
+               b"%(?:25)*" + hex2,  # percent-encoded once, twice, ...
+               rb"%[uU]00" + hex2,
+               rb"=" + hex2,  # quoted-printable
+               rb"\\x" + hex2]
+    if byte == 0x20:
+        options.append(rb"\+")  # application/x-www-form-urlencoded space
+    if byte < 0x80:
+        options.append(rb"\\u00" + hex2)
+        options.append(rb"&#0*" + str(byte).encode() + b";?")
+        options.append(rb"&#[xX]0*" + hex2 + b";?")
+        for name in _NAMED.get(byte, ()):
+            options.append(b"&" + re.escape(name))
+    if byte == 0x2F:
+        options.append(rb"\\/")  # JSON may escape the solidus
+    return b"(?:" + b"|".join(options) + b")"
+
+
+def _aligned_cores(secret: bytes, group: int, encode) -> set[bytes]:
+    """The characters of an encoding with `group`-byte quanta that are fully determined by the
+    secret, at each alignment the secret can have inside a longer encoded stream."""
+    bits = {3: 6, 5: 5}[group]
     cores = set()
-    for shift in range(3):
-        encoded = base64.b64encode(b"\0" * shift + secret).rstrip(b"=")
-        first = -(-8 * shift // 6)  # first character whose 6 bits all come from the secret
-        last = (8 * (shift + len(secret))) // 6  # one past the last such character
+    for shift in range(group):
+        encoded = encode(b"\0" * shift + secret).rstrip(b"=")
+        first = -(-8 * shift // bits)  # first character whose bits all come from the secret
+        last = (8 * (shift + len(secret))) // bits  # one past the last such character
         core = encoded[first:last]
         if len(core) >= MIN_ENCODED_LEN:
             cores.add(core)
-            cores.add(core.translate(bytes.maketrans(b"+/", b"-_")))
     return cores
 
 
-def secret_pattern(secrets: Iterable[bytes]) -> re.Pattern[bytes] | None:
-    """One compiled regex matching any form of any of the secrets (None when there are none)."""
-    branches: list[bytes] = []
-    for secret in sorted(set(s for s in secrets if s), key=len, reverse=True):
-        branches.append(b"".join(_byte_alternatives(b) for b in secret))
-        if len(secret) * 2 >= MIN_ENCODED_LEN:
-            branches.append(b"(?i:" + secret.hex().encode() + b")")
-        branches.extend(re.escape(core) for core in _base64_cores(secret))
-    if not branches:
-        return None
-    return re.compile(b"|".join(branches))
+def byte_wise_pattern(secret: bytes) -> bytes:
+    """The regex of form 2: each byte in any per-byte spelling, QP soft breaks between bytes."""
+    return _SOFT_BREAK.join(_byte_alternatives(b) for b in secret)
+
+
+def literal_forms(secret: bytes) -> set[bytes]:
+    """Forms 3 to 6 as fixed strings, in lower case: they are searched in the data without line
+    breaks and in lower case. Lower case costs nothing for hex and base32 (either case is
+    valid); for base64 and UTF-16 it only makes the match broader (fail closed), and these
+    strings are long enough that ordinary text does not hit them."""
+    forms: set[bytes] = set()
+    if len(secret) * 2 >= MIN_ENCODED_LEN:
+        forms.add(secret.hex().encode())
+    for core in _aligned_cores(secret, 3, base64.b64encode):
+        forms |= {core.lower(), core.translate(bytes.maketrans(b"+/", b"-_")).lower()}
+    for core in _aligned_cores(secret, 5, base64.b32encode):
+        forms |= {core.lower(), core.translate(_B32HEX).lower()}
+    text = secret.decode("utf-8", errors="surrogateescape")
+    try:
+        forms |= {text.encode("utf-16-le").lower(), text.encode("utf-16-be").lower()}
+    except UnicodeEncodeError:  # not text: there is no UTF-16 spelling of it
+        pass
+    return forms
+
+
+_BREAKS = re.compile(rb"[\r\n]")
+
+
+class _Views:
+    """The data as it is, without CR and LF (wrapped base64 and base32 become contiguous),
+    and that in lower case; offsets in the last two map back to the data (`span`)."""
+
+    __slots__ = ("data", "unwrapped", "_lowered", "_removed")
+
+    def __init__(self, data: bytes):
+        self.data = data
+        if b"\n" in data or b"\r" in data:
+            positions = [m.start() for m in _BREAKS.finditer(data)]
+            # For each removed byte: the unwrapped offset it would have had.
+            self._removed = [at - k for k, at in enumerate(positions)]
+            self.unwrapped = _BREAKS.sub(b"", data)
+        else:
+            self._removed = []
+            self.unwrapped = data
+        self._lowered = None
+
+    @property
+    def lowered(self) -> bytes:
+        if self._lowered is None:
+            self._lowered = self.unwrapped.lower()  # same length and offsets: ASCII only
+        return self._lowered
+
+    def span(self, start: int, end: int) -> tuple[int, int]:
+        """An unwrapped [start, end) as a span of the data (line breaks inside included)."""
+        if not self._removed:
+            return start, end
+        return (start + bisect.bisect_right(self._removed, start),
+                end - 1 + bisect.bisect_right(self._removed, end - 1) + 1)
 
 
 class SecretForms:
-    """Finds and scrubs the secrets given at construction. Its repr never shows them."""
+    """Finds and scrubs the secrets given at construction. Its repr never shows them.
 
-    __slots__ = ("_pattern", "_count")
+    One regex per secret for the per-byte forms, written so the regex engine can skip ahead to
+    the few bytes a match can start with; the other forms are fixed strings found with
+    bytes.find in the data unwrapped and in lower case. One alternation of everything would
+    lose both shortcuts and cost several times more per byte (the proxy scans every message)."""
+
+    __slots__ = ("_byte_wise", "_literal", "_count")
 
     def __init__(self, secrets: Iterable[bytes]):
-        secrets = [s for s in secrets if s]
-        self._count = len(set(secrets))
-        self._pattern = secret_pattern(secrets)
+        secrets = sorted(set(s for s in secrets if s), key=len, reverse=True)
+        self._count = len(secrets)
+        self._byte_wise = tuple(re.compile(byte_wise_pattern(s)) for s in secrets)
+        self._literal = tuple(sorted(set().union(*(literal_forms(s) for s in secrets))))
 
     def found_in(self, data: bytes) -> bool:
-        return bool(self._pattern and data and self._pattern.search(data))
+        if not data:
+            return False
+        for pattern in self._byte_wise:
+            if pattern.search(data):
+                return True
+        if not self._literal:
+            return False
+        lowered = _Views(data).lowered
+        for form in self._literal:
+            if form in lowered:
+                return True
+        return False
 
     def scrub(self, data: bytes) -> tuple[bytes, int]:
-        """Data with every form of every secret replaced, and how many replacements were made."""
-        if not self._pattern or not data:
+        """Data with every form of every secret replaced, and how many replacements were made
+        (overlapping matches of different forms count once)."""
+        if not data:
             return data, 0
-        return self._pattern.subn(REDACTED, data)
+        spans = [m.span() for pattern in self._byte_wise for m in pattern.finditer(data)]
+        if self._literal:
+            views = _Views(data)
+            lowered = views.lowered
+            for form in self._literal:
+                at = lowered.find(form)
+                while at >= 0:
+                    spans.append(views.span(at, at + len(form)))
+                    at = lowered.find(form, at + 1)
+        if not spans:
+            return data, 0
+        spans.sort()
+        merged: list[list[int]] = []
+        for start, end in spans:
+            if merged and start < merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        out, at = [], 0
+        for start, end in merged:
+            out += [data[at:start], REDACTED]
+            at = end
+        out.append(data[at:])
+        return b"".join(out), len(merged)
 
     def __repr__(self) -> str:
         return f"SecretForms({self._count} secrets)"

@@ -27,6 +27,7 @@ from skyguard.credproxy.proxy import ClientCertificate, CredentialProxy, ProxyLi
 from skyguard.credproxy.steering import CredentialSteering, TerminationSteer
 from skyguard.credproxy.termination import TlsTerminator
 from skyguard.errors import CredentialError
+from skyguard.parts import Degraded
 from skyguard.policy.model import Policy
 
 CA_SUBDIR = "ca"
@@ -156,12 +157,13 @@ class CredentialService:
         self.policy = policy
         # 1. Listeners the policy needs, up (or their state swapped) before steering points at them.
         if policy.credentials:
-            if self.proxy is None:
-                self.proxy = CredentialProxy(
-                    policy, self.secrets, self.ca, address_matches=self.address_matches,
-                    decision_log=self.decision_log, metrics=self.metrics, upstream_cas=self.upstream_cas,
-                    client_certificates=self.client_certificates, content_patterns=self.content_patterns,
-                    limits=self.limits)
+            if self.proxy is None:  # made in a worker thread: it reads the store and the trust store
+                self.proxy = await asyncio.to_thread(
+                    lambda: CredentialProxy(
+                        policy, self.secrets, self.ca, address_matches=self.address_matches,
+                        decision_log=self.decision_log, metrics=self.metrics, upstream_cas=self.upstream_cas,
+                        client_certificates=self.client_certificates, content_patterns=self.content_patterns,
+                        limits=self.limits))
             else:
                 await self.proxy.set_policy(policy, client_certificates=self.client_certificates,
                                             content_patterns=self.content_patterns)
@@ -184,8 +186,8 @@ class CredentialService:
         if not policy.credentials and self.proxy_ports is not None:
             self.proxy_ports = None
             await self.proxy.stop()
-        if problems:
-            raise CredentialError("; ".join(problems))
+        if problems:  # the rest runs: what is missing stays off (not steered, so denied)
+            raise Degraded("; ".join(problems))
 
     async def _steer(self, policy: Policy, listeners) -> None:
         zones = {zone for credential in policy.credentials for zone in credential.zones}
