@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import ipaddress
 import json
 import os
@@ -28,7 +29,8 @@ from skyguard.credproxy.steering import CredentialSteering
 from skyguard.credproxy.testing import TestCA
 from skyguard.policy.model import Credential, Injection, Policy, TlsTermination, Workload, Zone
 
-VM, HOST, UP = "crx-vm", "crx-host", "crx-up"
+# Namespaces named by this process (parallel runs never share them); links live inside them.
+VM, HOST, UP = (f"crx{os.getpid()}-{role}" for role in ("vm", "host", "up"))
 VM_IF = "crx-h-vm"  # the VM's host-side interface: what steering matches
 SECRET = b"ghp_NamespaceSecret_9f8e7d6c"
 PH = "sg-placeholder-github-7f3a"
@@ -179,7 +181,7 @@ def lab(root, tmp_path_factory):
         for name, address in LEARNED:
             service.learned(name, address)  # as DNS learning would
         state.update(tmp=tmp, echo_log=echo_log, log=log, metrics=service.metrics, steering=service.steering,
-                     loop=loop, service=service)
+                     loop=loop, service=service, policy=policy)
         yield state
     finally:
         if loop is not None:
@@ -307,3 +309,65 @@ def test_address_set_mode_steers_only_the_destinations(lab):
     finally:
         steering.all_destinations = True
         steering.install([API4, API6, OTHER4])
+
+
+# ---- hot swap: CredentialService.set_policy on the loop, with real steering -----------------------
+
+
+def steered_table(lab) -> str | None:
+    result = in_ns(HOST, "nft", "list", "table", "inet", "skyguard_cred", check=False)
+    return result.stdout.decode() if result.returncode == 0 else None
+
+
+def swapped_last(lab, before) -> bool | None:
+    """Whether the upstream's last request (if a new one came) carried the secret."""
+    seen = echoed(lab)[before:]
+    if not seen:
+        return None
+    return ["authorization", "Bearer " + SECRET.decode()] in seen[-1]["headers"]
+
+
+def test_removing_a_credentials_zone_stops_the_swap_and_adding_it_restores_it(lab):
+    service, loop, policy = lab["service"], lab["loop"], lab["policy"]
+    credential = policy.credentials[0]
+    without = dataclasses.replace(policy, credentials=(dataclasses.replace(credential, zones=("elsewhere",)),))
+    try:
+        loop.run(service.set_policy(without))
+        # sdn is no credential zone now: its HTTPS is not steered to the proxy any more, and
+        # what reaches the upstream directly carries the placeholder, never the secret.
+        assert 'iifname "crx-h-vm"' not in (steered_table(lab) or "")
+        before = len(echoed(lab))
+        code, body, _ = vm_curl(lab, "https://api.github.test/after-removal", "-H", AUTH, cacert="upca.pem")
+        assert code == 200 and swapped_last(lab, before) is False and PH.encode() in body
+    finally:
+        loop.run(service.set_policy(policy))
+    for name, address in LEARNED:
+        service.learned(name, address)
+    before = len(echoed(lab))
+    code, body, _ = vm_curl(lab, "https://api.github.test/after-restore", "-H", AUTH)
+    assert code == 200 and swapped_last(lab, before) is True and no_secret(body)
+
+
+def test_a_policy_with_nothing_to_do_stops_everything_and_the_next_one_starts_it_again(lab):
+    service, loop, policy = lab["service"], lab["loop"], lab["policy"]
+    bare = dataclasses.replace(policy, credentials=(), tls_termination=())
+    try:
+        loop.run(service.set_policy(bare))
+        assert steered_table(lab) is None  # no steering left behind
+        listening = in_ns(HOST, "ss", "-Htln").stdout.decode()
+        assert ":25443 " not in listening and ":25080 " not in listening  # the proxy closed its ports
+        result = in_ns(UP, "curl", "-sS", "--max-time", "5", "--cacert", str(lab["tmp"] / "svcca.pem"),
+                       "--resolve", "crxvm.test:443:10.77.1.2", "https://crxvm.test/index.html", check=False)
+        assert result.returncode != 0  # TLS termination is gone with its entry
+    finally:
+        loop.run(service.set_policy(policy))
+    for name, address in LEARNED:
+        service.learned(name, address)
+    assert "redirect to :25443" in (steered_table(lab) or "")
+    before = len(echoed(lab))
+    code, _, _ = vm_curl(lab, "https://api.github.test/started-again", "-H", AUTH)
+    assert code == 200 and swapped_last(lab, before) is True
+    result = in_ns(UP, "curl", "-sS", "--max-time", "10", "--cacert", str(lab["tmp"] / "svcca.pem"),
+                   "--resolve", "crxvm.test:443:10.77.1.2", "https://crxvm.test/index.html", check=False)
+    assert result.returncode == 0 and result.stdout == b"served by the VM in plaintext\n"
+
