@@ -7,10 +7,10 @@ silent drop, never an exception), finds the VM's workload and zone, runs tunnell
 applies the zone's FQDN rules (a deny rule naming the name beats any allow) and returns a
 Decision: reply these bytes, drop, or forward this upstream query. For a forward,
 `answer(decision, upstream_reply, now)` checks the reply matches (ID, question), clamps TTLs,
-follows the CNAME chain inside the answer, strips rebinding records (loopback, link-local,
-metadata, unspecified, multicast, the host's own addresses) unless one of the rules names them,
-caps addresses per name, calls the Learner synchronously and only then returns the bytes to
-release. If the Learner raises, the VM gets SERVFAIL and nothing else: fail closed.
+follows the CNAME chain inside the answer and strips every record outside it, strips rebinding
+addresses (rebinding.py: loopback, link-local, metadata, the host's own, and private ranges
+unless the rule says allow_private) unless a rule names their network, caps addresses per
+name, calls the Learner synchronously and only then returns the bytes to release. If the Learner raises, the VM gets SERVFAIL and nothing else: fail closed.
 
 What it is not: a cache, a recursive resolver, or a transport. One instance is owned by one
 event loop (not thread-safe).
@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from skyguard.dns import wire
+from skyguard.dns import rebinding, wire
 from skyguard.dns.interfaces import DecisionLog, Learner, NullLog, WorkloadDirectory
 from skyguard.dns.learned import MAX_IPS_PER_NAME, LearnedStore
 from skyguard.dns.metrics import DnsMetrics
@@ -39,15 +39,6 @@ MAX_CNAME_CHAIN = 16  # links followed inside one answer
 UPSTREAM_EDNS_SIZE = 1232  # the DNS flag day 2020 value: avoids IP fragmentation upstream
 MATCH_CACHE_SIZE = 65536  # (zone, name) policy verdicts remembered until the next policy swap
 MAX_ADDITIONAL = 2  # OPT and maybe TSIG; more is not a real client's query
-
-# Answers pointing here are rebinding attempts unless a rule of the zone names the address.
-REBINDING_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
-    "0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "255.255.255.255/32",
-    "::/128", "::1/128", "fe80::/10", "ff00::/8", "::ffff:0:0/96"))
-METADATA_ADDRESS = ipaddress.ip_address("169.254.169.254")
-_REBINDING_MASKS = {4: [], 6: []}
-for _net in REBINDING_NETWORKS:  # (network int, mask int): one AND per network per address
-    _REBINDING_MASKS[_net.version].append((int(_net.network_address), int(_net.netmask)))
 
 _OPT_FIXED = struct.Struct("!BHHIH")  # root name, type OPT, class = payload size, ttl, rdlen
 
@@ -82,6 +73,7 @@ class Answer:
     learned: list[str] = field(default_factory=list)
     stripped: list[str] = field(default_factory=list)  # rebinding targets removed
     denied: list[str] = field(default_factory=list)  # addresses a deny rule names, removed
+    unrelated: int = 0  # records removed because they are not in the question's CNAME chain
     ttl: int = 0
     # A new address was learned: the learned state must be on disk before this reply is
     # released, so a restart right after still re-learns it (the server writes it off the loop).
@@ -331,14 +323,23 @@ class DnsPolicyResolver:
                          if r.section == 0 and r.rtype in (wire.QTYPE_TXT, wire.QTYPE_NULL))
             self.detector.observe_answer(decision.workload, decision.tunnel.base, octets, now)
 
-        named = [n for rule in decision.rules for n in self._named_networks.get(rule.name, ())]
-        learn: list = []
-        strip: list[int] = []  # indexes into the answer section
+        learn: dict = {}  # address -> the rules it may be learned under, in answer order
+        strip: list[int] = []  # indexes into records (every section)
         stripped: list[str] = []
         denied_ips: list[str] = []
+        unrelated = 0
+        denied = self._denied_networks.get(decision.zone)
         ttl = 0
-        for index, record in enumerate(r for r in records if r.section == 0):
-            if record.owner not in chain or record.rclass != wire.CLASS_IN:
+        for index, record in enumerate(records):
+            if record.section != 0 or record.owner not in chain:
+                # Only the question's CNAME chain reaches the VM: an extra record for another
+                # name (or glue in the other sections) would put in the VM's cache an address
+                # this answer never vouched for. NS, SOA and OPT outside the answer stay.
+                if record.section == 0 or record.rtype in (wire.QTYPE_A, wire.QTYPE_AAAA):
+                    strip.append(index)
+                    unrelated += 1
+                continue
+            if record.rclass != wire.CLASS_IN:
                 continue
             if record.rtype == wire.QTYPE_A and record.rdlength == 4:
                 ip = ipaddress.IPv4Address(reply[record.rdata_offset:record.rdata_offset + 4])
@@ -346,27 +347,31 @@ class DnsPolicyResolver:
                 ip = ipaddress.IPv6Address(reply[record.rdata_offset:record.rdata_offset + 16])
             else:
                 continue
-            if self._is_rebinding(ip) and not any(ip in n for n in named):
-                strip.append(index)
-                stripped.append(str(ip))
-                continue
-            denied = self._denied_networks.get(decision.zone)
             if denied and any(ip in n for n in denied if n.version == ip.version):
                 strip.append(index)
                 denied_ips.append(str(ip))
                 continue
+            rules = decision.rules
+            kind = rebinding.classify(ip, self.host_addresses)
+            if kind:  # only rules that name its network, or (private) say allow_private
+                rules = tuple(r for r in rules if any(ip in n for n in self._named_networks.get(r.name, ()))
+                              or (kind == rebinding.PRIVATE_CLASS and r.to.allow_private))
+                if not rules:
+                    strip.append(index)
+                    stripped.append(str(ip))
+                    continue
             if ip in learn:
                 continue
             if len(learn) >= MAX_IPS_PER_NAME:
                 strip.append(index)  # never release an address the datapath does not hold
                 continue
-            learn.append(ip)
+            learn[ip] = rules
             ttl = max(ttl, min(max(record.ttl, lo), hi))
         if stripped:
             self.metrics.rebinding.labels(decision.zone).inc(len(stripped))
         if strip:
             try:
-                out = bytearray(_without_answers(bytes(out), strip))
+                out = bytearray(_without_records(bytes(out), strip))
             except Exception:  # noqa: BLE001 - dnslib cannot re-encode a hostile upstream reply
                 return Answer(reply=self.fail(decision, "malformed-upstream",
                                               "upstream reply could not be re-encoded without stripped records"))
@@ -374,10 +379,14 @@ class DnsPolicyResolver:
         texts = [str(ip) for ip in learn]
         persist = False
         if learn:
+            by_rule: dict[str, list] = {}
+            for ip, rules in learn.items():
+                for rule in rules:
+                    by_rule.setdefault(rule.name, []).append(ip)
             t0 = time.perf_counter()
             try:
-                for rule in decision.rules:
-                    self.learner.learn(decision.zone, rule.name, learn, ttl + LEARN_GRACE_SECONDS)
+                for rule_name, ips in by_rule.items():
+                    self.learner.learn(decision.zone, rule_name, ips, ttl + LEARN_GRACE_SECONDS)
             except Exception as e:  # noqa: BLE001 - any learner failure must withhold the answer
                 self.metrics.learn_failures.inc()
                 return Answer(reply=self.fail(decision, "learn-failed",
@@ -385,15 +394,15 @@ class DnsPolicyResolver:
             self.metrics.learn_latency.observe(time.perf_counter() - t0)
             self.metrics.learned_ips.labels(decision.zone).inc(len(learn))
             evictions = self.store.evictions
-            for rule in decision.rules:
-                self.store.add(decision.zone, rule.name, decision.name, texts,
+            for rule_name, ips in by_rule.items():
+                self.store.add(decision.zone, rule_name, decision.name, [str(ip) for ip in ips],
                                wall + ttl + LEARN_GRACE_SECONDS, workload=decision.workload)
             if self.store.evictions != evictions:
                 self._evicted(decision.zone, self.store.evictions - evictions)
             # Refreshes of known addresses are saved lazily (the server's periodic flush).
             persist = self.store.urgent and self.store.path is not None
         answer = Answer(reply=bytes(out), learned=texts, stripped=stripped,
-                        denied=denied_ips, ttl=ttl, persist=persist)
+                        denied=denied_ips, ttl=ttl, persist=persist, unrelated=unrelated)
         rcode = header.rcode
         reason = decision.reason if rcode == wire.RCODE_NOERROR else \
             f"{decision.reason}; upstream rcode {rcode}"
@@ -416,13 +425,6 @@ class DnsPolicyResolver:
                 forget(z, rule, ips)
             except Exception:  # noqa: BLE001 - the address then closes at its TTL instead
                 pass
-
-    def _is_rebinding(self, ip) -> bool:
-        value = int(ip)
-        for network, mask in _REBINDING_MASKS[ip.version]:
-            if value & mask == network:
-                return True
-        return ip in self.host_addresses  # the metadata address is inside 169.254.0.0/16
 
     def fail(self, decision: Decision, kind: str, reason: str, now: float | None = None) -> bytes:
         """SERVFAIL for a forwarded query (upstream timeout or error, learner failure)."""
@@ -459,6 +461,8 @@ class DnsPolicyResolver:
                 entry["rebinding_stripped"] = answer.stripped
             if answer.denied:
                 entry["denied_stripped"] = answer.denied
+            if answer.unrelated:
+                entry["unrelated_stripped"] = answer.unrelated
         if decision.tunnel is not None and (decision.tunnel.parts or decision.tunnel.flagged):
             entry["tunnel"] = {"score": decision.tunnel.score, "parts": decision.tunnel.parts,
                                "detected": decision.tunnel.detected,
@@ -471,15 +475,22 @@ def _question_bytes(question: wire.Question) -> bytes:
     return out + struct.pack("!HH", question.qtype, question.qclass)
 
 
-def _without_answers(reply: bytes, indexes: list[int]) -> bytes:
-    """Slow path (rare): drop answer records by index and re-encode with dnslib, because removing
-    bytes in place would break compression pointers into the removed records."""
+def _without_records(reply: bytes, indexes: list[int]) -> bytes:
+    """Slow path (rare): drop records by their index over all sections (answer, authority,
+    additional, in wire order) and re-encode with dnslib, because removing bytes in place would
+    break compression pointers into the removed records."""
     from dnslib import DNSRecord  # imported here: the fast path never needs it
 
     record = DNSRecord.parse(reply)
     drop = set(indexes)
-    record.rr = [rr for i, rr in enumerate(record.rr) if i not in drop]
-    record.header.a = len(record.rr)
+    sections = (record.rr, record.auth, record.ar)
+    position = 0
+    kept = []
+    for section in sections:
+        kept.append([rr for i, rr in enumerate(section, position) if i not in drop])
+        position += len(section)
+    record.rr, record.auth, record.ar = kept
+    record.header.a, record.header.auth, record.header.ar = (len(x) for x in kept)
     return record.pack()
 
 

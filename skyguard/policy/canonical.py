@@ -23,6 +23,8 @@ def rule_to_dict(rule: Rule) -> dict:
         to["cidrs"] = [str(c) for c in rule.to.cidrs]
     if rule.to.fqdns:
         to["fqdns"] = list(rule.to.fqdns)
+    if rule.to.allow_private:
+        to["allow_private"] = True
     out = {"name": rule.name, "action": rule.action, "from": list(rule.from_zones), "to": to}
     if rule.ports:  # absent means every port; an empty list is not valid input
         out["ports"] = [str(p) for p in rule.ports]

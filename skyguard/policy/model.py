@@ -58,6 +58,10 @@ class Destination:
     networks: tuple[str, ...] = ()  # names from Policy.networks
     cidrs: tuple[IPNetwork, ...] = ()
     fqdns: tuple[str, ...] = ()  # lower-case patterns without trailing dot: "a.b", "*.b", "**.b"
+    # The fqdns may resolve to private addresses (RFC 1918, CGNAT, ULA, NAT64/6to4 wrapping
+    # those); without it such answers are stripped as DNS rebinding. Never loopback, link-local
+    # or multicast: only `cidrs`/`networks` naming those let a name resolve there.
+    allow_private: bool = False
 
 
 @dataclass(frozen=True)

@@ -323,6 +323,10 @@ class _Checker(AccessSections):
                         ports.append(port)
             else:
                 ports_ok = False
+        if action == "deny" and destination and destination.allow_private:
+            self.problem(self.line_of(node["to"], "allow_private"), f"{path}.to.allow_private",
+                         "means nothing on a deny rule (its names are refused); remove it")
+            destination = None
         if name and action and from_zones and destination and ports_ok:
             return Rule(name=name, action=action, from_zones=from_zones, to=destination,
                         ports=tuple(ports), line=line or 0)
@@ -330,10 +334,11 @@ class _Checker(AccessSections):
 
     def destination(self, node, path, line, zones, networks) -> Destination | None:
         parts = ("zones", "networks", "cidrs", "fqdns")
-        if not self.mapping(node, path, line, parts):
+        if not self.mapping(node, path, line, parts + ("allow_private",)):
             return None
         # With a misspelt key the typo is the problem to report, not its consequence.
-        if not any(node.get(part) for part in parts) and all(key in parts for key in node):
+        if not any(node.get(part) for part in parts) and \
+                all(key in parts or key == "allow_private" for key in node):
             self.problem(line, path, "names no destination; give at least one of zones, networks, "
                                      "cidrs, fqdns")
             return None
@@ -372,6 +377,15 @@ class _Checker(AccessSections):
                 elif value not in items:
                     items.append(value)
             values[part] = tuple(items)
+        if "allow_private" in node:
+            ap_line = self.line_of(node, "allow_private")
+            allow_private = self.boolean(node["allow_private"], f"{path}.allow_private", ap_line)
+            if allow_private and not node.get("fqdns"):
+                self.problem(ap_line, f"{path}.allow_private", "applies to the names in fqdns, and "
+                             "this destination has none; name private networks in cidrs instead")
+                allow_private = None
+            ok = ok and allow_private is not None
+            values["allow_private"] = bool(allow_private)
         return Destination(**values) if ok else None
 
     def dns(self, node, line) -> DnsConfig | None:

@@ -120,6 +120,15 @@ class LabAuthority(BaseResolver):
             reply.add_answer(RR(name, QTYPE.A, rdata=A("127.0.0.1"), ttl=60))
             reply.add_answer(RR(name, QTYPE.A, rdata=A("169.254.169.254"), ttl=60))
             reply.add_answer(RR(name, QTYPE.A, rdata=A("203.0.113.9"), ttl=60))
+        elif name in ("inside.test", "intranet.test"):  # a public name answering inside
+            for address in ("10.0.0.5", "100.64.0.9", "192.168.1.1", "203.0.113.10"):
+                reply.add_answer(RR(name, QTYPE.A, rdata=A(address), ttl=60))
+            for address in ("64:ff9b::a00:5", "2002:c0a8:101::1", "fd00::5", "2001:db8:203::10"):
+                reply.add_answer(RR(name, QTYPE.AAAA, rdata=AAAA(address), ttl=60))
+        elif name == "extra.test":  # records for other names: cache poison for the VM
+            reply.add_answer(RR("extra.test", QTYPE.A, rdata=A("203.0.113.30"), ttl=60))
+            reply.add_answer(RR("bank.test", QTYPE.A, rdata=A("203.0.113.66"), ttl=60))
+            reply.add_ar(RR("ns.bank.test", QTYPE.A, rdata=A("203.0.113.67"), ttl=60))
         elif name == "big.test" and qtype == "TXT":
             for i in range(8):
                 reply.add_answer(RR(name, QTYPE.TXT, rdata=TXT(f"{i}" * 200), ttl=60))
@@ -184,7 +193,11 @@ def make_policy():
     vm = Workload("vm1", "apps", VM_IF, "02:00:00:00:09:01", (ipaddress.ip_address(VM_IP), ipaddress.ip_address(VM_IP6)))
     rules = (
         Rule("web", "allow", ("apps",), Destination(fqdns=("allowed.test", "alias.test",
-                                                            "rebind.test", "big.test")),
+                                                            "rebind.test", "big.test",
+                                                            "inside.test", "extra.test")),
+             (PortRange("tcp", 443, 443),)),
+        Rule("intranet", "allow", ("apps",), Destination(fqdns=("intranet.test",),
+                                                         allow_private=True),
              (PortRange("tcp", 443, 443),)),
         Rule("tunnel-base", "allow", ("apps",), Destination(fqdns=("**.tun.test",)),
              (PortRange("tcp", 443, 443),)),
@@ -318,6 +331,27 @@ def test_rebinding_addresses_are_stripped(proxy):
     status, text = dig("rebind.test")
     assert status == "NOERROR"
     assert answers(text) == ["203.0.113.9"]
+
+
+def test_private_addresses_behind_public_names_are_stripped_unless_the_rule_allows(proxy):
+    # On main every private, CGNAT, NAT64- and 6to4-wrapped and ULA address here was learned.
+    status, text = dig("inside.test", "ANY")
+    assert status == "NOERROR", text
+    assert sorted(answers(text)) == ["2001:db8:203::10", "203.0.113.10"]
+    entry = [e for e in proxy.log.entries if e["name"] == "inside.test"][-1]
+    assert len(entry["rebinding_stripped"]) == 6
+    status, text = dig("intranet.test", "ANY")  # the rule says allow_private
+    assert sorted(answers(text)) == sorted(["10.0.0.5", "100.64.0.9", "192.168.1.1", "203.0.113.10",
+                                            "64:ff9b::a00:5", "2002:c0a8:101::1", "fd00::5",
+                                            "2001:db8:203::10"])
+    assert proxy.learner.calls[-1]["rule"] == "intranet"
+
+
+def test_records_for_other_names_are_stripped(proxy):
+    status, text = dig("extra.test")
+    assert status == "NOERROR", text
+    assert answers(text) == ["203.0.113.30"]
+    assert "bank.test" not in text  # neither in the answer nor in the additional section
 
 
 def test_truncated_upstream_falls_back_to_tcp_and_client_gets_tc(proxy):

@@ -184,6 +184,15 @@ CASES = [
     ("rule-to-unknown-network", rule("to: {networks: [wan]}"), 14, "rules[0].to.networks[0]",
      "did you mean 'lan'?"),
     ("rule-to-typo", rule("to: {zone: [b]}"), 14, "rules[0].to.zone", "did you mean 'zones'?"),
+    ("allow-private-alone", rule("to: {allow_private: true}"), 14, "rules[0].to", "names no destination"),
+    ("allow-private-without-fqdns", rule("to: {cidrs: [10.0.0.0/8], allow_private: true}"), 14,
+     "rules[0].to.allow_private", "name private networks in cidrs"),
+    ("allow-private-not-boolean", "dns: {upstreams: ['192.0.2.53']}\n"
+     + rule("to: {fqdns: [a.test], allow_private: yes please}"), 15, "rules[0].to.allow_private",
+     "must be true or false"),
+    ("allow-private-on-deny", "dns: {upstreams: ['192.0.2.53']}\n"
+     + rule("action: deny, to: {fqdns: [a.test], allow_private: true}"), 15,
+     "rules[0].to.allow_private", "means nothing on a deny rule"),
     ("rule-cidr-host-bits", rule("to: {cidrs: [10.0.0.1/8]}"), 14, "rules[0].to.cidrs[0]",
      "host bits set; did you mean 10.0.0.0/8?"),
     ("rule-cidr-garbage", rule("to: {cidrs: [10.0.0.0/33]}"), 14, "rules[0].to.cidrs[0]", "not a CIDR"),
@@ -445,3 +454,9 @@ def test_whatever_the_yaml_library_raises_is_a_policy_error_with_its_line(text, 
     assert fragment in problem.message
     if line is not None:
         assert problem.line == line and str(problem).startswith(f"f.yaml:{line}: not valid YAML")
+
+
+def test_allow_private_lets_a_rule_s_names_resolve_privately():
+    policy = parse_policy(HEADER + fqdn_rule("[intranet.corp.test], allow_private: true"))
+    assert policy.rules[0].to.allow_private is True
+    assert parse_policy(HEADER + fqdn_rule("[a.test]")).rules[0].to.allow_private is False
