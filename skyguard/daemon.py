@@ -244,15 +244,17 @@ class Daemon:
         self.slots = self._slots()
         self.loop_thread.call(self._reconcile_parts(policy, starting=True), timeout=120)
 
-    async def _reconcile_parts(self, policy, starting: bool = False) -> dict:
+    async def _reconcile_parts(self, policy, starting: bool = False) -> dict[str, dict]:
         """Bring every slot in line with `policy`, on the loop: start parts the policy now needs,
         hot-swap the ones it keeps, stop the ones it no longer needs. A part that cannot start or
         take the policy is stopped, logged and reported: traffic that needs it is not steered and
-        so stays under the datapath's default deny (fail closed); the other parts go on."""
-        from skyguard.parts import maybe_await
+        so stays under the datapath's default deny (fail closed); the other parts go on. A part
+        that runs without some of the policy (Degraded) is kept, logged and reported. Returns the
+        parts with a problem: {name: {"state": "failed" | "degraded", "problem": why}}."""
+        from skyguard.parts import Degraded, maybe_await
 
-        failed: dict[str, str] = {}
         for slot in self.slots:
+            part, slot.problem = slot.part, ""
             try:
                 if not slot.wanted(policy):
                     if slot.part is not None:
@@ -282,18 +284,23 @@ class Daemon:
                     result = await maybe_await(set_policy(policy))
                     if slot.name == "dns" and result:
                         self.record_nowait("dns_learned_dropped", dropped=dict(result))
+            except Degraded as e:  # it runs without some of what the policy asks (that stays off)
+                if slot.part is None:
+                    slot.part = part
+                slot.problem = str(e)
+                log.error("%s runs without part of the policy: %s", slot.name, e)
+                self.record_nowait("part_degraded", part=slot.name, error=str(e))
             except Exception as e:  # one part's failure must not take the others (or the daemon) down
-                failed[slot.name] = str(e) if isinstance(e, SkyguardError) else f"{type(e).__name__}: {e}"
-                log.error("%s NOT running: %s", slot.name, failed[slot.name],
-                          exc_info=not isinstance(e, SkyguardError))
-                self.record_nowait("part_failed", part=slot.name, error=failed[slot.name])
+                slot.problem = str(e) if isinstance(e, SkyguardError) else f"{type(e).__name__}: {e}"
+                log.error("%s NOT running: %s", slot.name, slot.problem, exc_info=not isinstance(e, SkyguardError))
+                self.record_nowait("part_failed", part=slot.name, error=slot.problem)
                 part, slot.part = slot.part, None
                 if part is not None:
                     try:
                         await _stop_part(part)
                     except Exception:
                         log.exception("stopping %s after its failure failed", slot.name)
-        return failed
+        return {slot.name: {"state": slot.state, "problem": slot.problem} for slot in self.slots if slot.problem}
 
     def _dns_learned(self, name: str, address: str) -> bool:
         """Did DNS answer `address` for `name` to a VM (and has it not expired)? The credential
@@ -343,15 +350,15 @@ class Daemon:
 
     def _apply(self, policy, text: str) -> dict:
         """Hot swap: the datapath's atomic generation flip, then every part, on the loop. Returns
-        the parts that could not take the policy (stopped, fail closed) with why."""
+        the parts with a problem (see _reconcile_parts)."""
         with self._lock:
             self.datapath.apply_policy(policy, host_addresses=_host_addresses())
             guard.install([w.interface for w in policy.workloads()])
-            failed = self.loop_thread.call(self._reconcile_parts(policy), timeout=120)
+            problems = self.loop_thread.call(self._reconcile_parts(policy), timeout=120)
             self.policy, self.policy_text = policy, text
             self.record("policy_load", name=policy.name, sha256=policy.sha256, source=str(policy.source))
             self._reconcile()
-            return failed
+            return problems
 
     def _reconcile(self) -> None:
         """Attach to every workload interface that exists and does not carry our programs; forget
@@ -453,9 +460,9 @@ class Daemon:
             raise BadInput("policy.load needs the policy text")
         policy = parse_policy(text, source=source)  # any error: nothing changes
         old = self.policy
-        failed = self._apply(policy, text)
+        problems = self._apply(policy, text)
         return {"name": policy.name, "sha256": policy.sha256, "previous": old.sha256 if old else None,
-                "parts_failed": failed}
+                "part_problems": problems}
 
     def _op_flows(self, args: dict) -> dict:
         from skyguard.datapath.flowlog import query_args
@@ -492,9 +499,7 @@ class Daemon:
                 "counters": self.datapath.counters(),
                 "log": self.tlog.head() if self.tlog else None,
                 "flowlog": self.flowlog.stats() if self.flowlog else None,
-                "parts": {slot.name: ("running" if slot.part is not None else
-                                      "failed" if slot.wanted(self.policy) else "not needed")
-                          for slot in self.slots},
+                "parts": {slot.name: slot.state for slot in self.slots},
                 "secrets": self._secrets_status(),
             }
 

@@ -23,7 +23,14 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
+from skyguard.errors import SkyguardError
 from skyguard.policy.model import Policy
+
+
+class Degraded(SkyguardError):
+    """Raised by start() or set_policy() of a part that runs, but without some of what the policy
+    asks (one TLS key missing from the store, say): what is missing stays off, and so denied. The
+    daemon keeps the part, logs the message and reports it; any other exception stops the part."""
 
 
 class Part(Protocol):
@@ -48,6 +55,13 @@ class PartSlot:
     wanted: Callable[[Policy], bool]
     make: Callable[[Policy], Part]
     part: Part | None = None
+    problem: str = ""  # why the part is not running, or runs without some of the policy
+
+    @property
+    def state(self) -> str:
+        if self.part is None:
+            return "failed" if self.problem else "not needed"
+        return "degraded" if self.problem else "running"
 
 
 async def maybe_await(value):

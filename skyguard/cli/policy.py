@@ -127,9 +127,9 @@ def load(file: str, state_dir: Path | None, as_json: bool) -> None:
     FILE is validated first: with any error nothing is sent and the running policy stays. The
     swap itself has no moment without a policy and no moment with a mix of two; established flows
     the new policy still allows keep going, newly denied ones are cut. Every part follows: DNS,
-    credential swap and TLS termination, SSH access. A part that cannot take the new policy (a
-    secret missing from the store) is stopped, so what needs it is denied: the exit status is
-    then 1 and stderr says which part and why.
+    credential swap and TLS termination, SSH access. A part that cannot take the new policy is
+    stopped, so what needs it is denied: the exit status is then 1 and stderr says which part and
+    why. A part that runs without some of it (one TLS key missing from the store) is a warning.
 
     \b
     Examples:
@@ -148,11 +148,14 @@ def load(file: str, state_dir: Path | None, as_json: bool) -> None:
     else:
         click.echo(f"loaded {parsed.name} (sha256 {reply['sha256'][:16]}...), replacing "
                    f"{(reply.get('previous') or 'nothing')[:16]}...")
-    failed = reply.get("parts_failed") or {}
-    for part, why in sorted(failed.items()):
-        warn(f"{part} is NOT running under the new policy (traffic that needs it is denied): {why}")
-    if failed:
-        raise SystemExit(1)  # the policy is in force, but part of what it asks for is not
+    problems = reply.get("part_problems") or {}
+    for part, problem in sorted(problems.items()):
+        if problem["state"] == "failed":
+            warn(f"{part} is NOT running under the new policy (what needs it is denied): {problem['problem']}")
+        else:
+            warn(f"warning: {part} runs without some of the policy (that stays off): {problem['problem']}")
+    if any(problem["state"] == "failed" for problem in problems.values()):
+        raise SystemExit(1)  # the policy is in force, but a part it needs is not
 
 
 def running_policy(state_dir: Path | None = None) -> Policy:
