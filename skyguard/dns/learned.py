@@ -134,8 +134,9 @@ class LearnedStore:
         return any(self._entries[key].get(ip, 0.0) > now for key in self._keys_by_name.get(name, ()))
 
     def prune(self, now: float) -> None:
-        for key in list(self._entries):
-            for ip in [ip for ip, expiry in self._entries[key].items() if expiry <= now]:
+        """Forget expired entries (O(entries): the server runs it once a minute, not per save)."""
+        for key, table in list(self._entries.items()):
+            for ip in [ip for ip, expiry in table.items() if expiry <= now]:
                 self._remove(key, ip)
 
     def forget_stale(self, policy) -> dict[str, int]:
@@ -154,14 +155,19 @@ class LearnedStore:
 
     # ---- the file --------------------------------------------------------------------------
 
-    def snapshot(self, now: float) -> bytes:
-        """The file's next contents (on the event loop: it reads the live tables). What it holds
-        is no longer dirty; write() puts it on disk."""
-        self.prune(now)
+    def snapshot(self, now: float) -> list[tuple]:
+        """A copy of the unexpired entries, for encode() and write() on another thread (on the
+        event loop this is the only part of a save: ~1 us per entry). What it holds is no
+        longer dirty."""
+        self.dirty = self.urgent = False
+        return list(self.entries(now))
+
+    @staticmethod
+    def encode(entries: list[tuple]) -> bytes:
+        """The file's contents for a snapshot (any thread)."""
         document = {"version": FORMAT_VERSION,
                     "entries": [{"workload": w, "zone": z, "rule": r, "name": n, "ip": ip,
-                                 "expiry": e} for w, z, r, n, ip, e in self.entries(now)]}
-        self.dirty = self.urgent = False
+                                 "expiry": e} for w, z, r, n, ip, e in entries]}
         # json.dumps, not json.dump: one pass of the C encoder, ~4x faster than the streaming one.
         return json.dumps(document, separators=(",", ":")).encode()
 
@@ -173,9 +179,10 @@ class LearnedStore:
         fsutil.write_private(self.path, data)
 
     def save(self, now: float) -> None:
-        """snapshot() and write() at once (start, stop, tools); the DNS server writes from a
-        thread of its own instead (server.StateWriter)."""
-        self.write(self.snapshot(now))
+        """snapshot(), encode() and write() at once (start, stop, tools); the DNS server writes
+        from a thread of its own instead (server.StateWriter)."""
+        self.prune(now)
+        self.write(self.encode(self.snapshot(now)))
 
     def load(self) -> None:
         """Read the file if there is one. A corrupt file is an error the operator must see: we

@@ -184,3 +184,46 @@ def test_ips_learned_are_ip_objects():
     learner = StrictLearner(policy())
     store.relearn(learner, 1000.0)
     assert learner.calls == [("apps", "updates", [str(ipaddress.ip_address("2001:db8::7"))])]
+
+
+def test_saves_asked_during_a_write_are_coalesced_and_each_waits_for_its_own_entries(tmp_path):
+    # A burst of new addresses must not cost one copy of the whole state on the event loop (and
+    # one fsync) per address: on main every answer with a new address took its own snapshot.
+    import asyncio
+    import json
+    import threading
+
+    from skyguard.dns.metrics import DnsMetrics
+    from skyguard.dns.server import StateWriter
+
+    class CountingDisk(LearnedStore):
+        def __init__(self, path):
+            super().__init__(path)
+            self.snapshots = 0
+            self.first_write = threading.Event()
+
+        def snapshot(self, now):
+            self.snapshots += 1
+            return super().snapshot(now)
+
+        def write(self, data):
+            self.first_write.wait(5)  # the first write stalls until the burst has been asked
+            super().write(data)
+
+    store = CountingDisk(tmp_path / learned.FILE_NAME)
+    writer = StateWriter(store, DnsMetrics())
+
+    async def burst():
+        waiters = []
+        for i in range(50):
+            store.add("apps", "updates", f"n{i}.cdn.test", [f"203.0.113.{i}"], 2e9, workload="web1")
+            waiters.append(asyncio.ensure_future(writer.save()))
+            await asyncio.sleep(0)
+        store.first_write.set()
+        await asyncio.gather(*waiters)
+
+    asyncio.run(burst())
+    writer.close()
+    assert store.snapshots == 2  # the write in flight, and one for everything asked meanwhile
+    saved = json.loads((tmp_path / learned.FILE_NAME).read_text())["entries"]
+    assert len(saved) == 50
