@@ -187,6 +187,7 @@ class PeekingTlsListener:
             deadline = self._loop.time() + self.hello_timeout
             self._pending[sock.fileno()] = (sock, token, deadline, POLL_FIRST)
             self._loop.add_reader(sock.fileno(), self._peek, sock.fileno())
+            self._loop.call_at(deadline, self._expire, sock.fileno(), sock)  # a client that never speaks
 
     def _peek(self, fd: int) -> None:
         entry = self._pending.get(fd)
@@ -220,6 +221,11 @@ class PeekingTlsListener:
         entry = self._pending.get(fd)
         if entry is not None and entry[0] is sock:
             self._loop.add_reader(fd, self._peek, fd)
+
+    def _expire(self, fd: int, sock: socket.socket) -> None:
+        entry = self._pending.get(fd)
+        if entry is not None and entry[0] is sock:
+            self._drop(fd)
 
     def _drop(self, fd: int) -> None:
         sock, token, _, _ = self._pending.pop(fd)
