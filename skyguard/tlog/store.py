@@ -245,10 +245,11 @@ class LogWriter:
         return future.result()
 
     def head(self) -> dict:
-        """What `skyguard status` and the metrics show: size, what the last checkpoint covers,
-        how old it is, and the bytes on disk."""
-        return {"size": self.size, "checkpointed_size": self._checkpointed_size,
-                "signed_size": self._head_size,
+        """What `skyguard status` and the metrics show: size, what the last signed checkpoint
+        (the head) covers, what checkpoints.log covers and how old its last one is, the bytes on
+        disk."""
+        return {"size": self.size, "checkpointed_size": self._head_size,
+                "history_size": self._checkpointed_size,
                 "checkpoint_age_s": round(time.monotonic() - self._last_checkpoint_time, 3),
                 "origin": self.origin,
                 "bytes": sum(p.stat().st_size for p in self.directory.glob("*") if p.is_file())}
@@ -325,11 +326,11 @@ class LogWriter:
                     for future in checkpoint_requests:
                         future.set_result(note)
                     checkpoint_requests = []
-            except OSError as e:
+            except Exception as e:  # noqa: BLE001 - any failure here must fail every waiter
                 # Loud and final: after a failed write or fsync nothing more is acknowledged.
                 self._failure = LogError(f"the signed log at {self.directory} failed to write "
-                                         f"({e.strerror or e}); no entry is acknowledged any more: "
-                                         f"fix the disk and restart")
+                                         f"({getattr(e, 'strerror', None) or e}); no entry is "
+                                         f"acknowledged any more: fix the disk and restart")
                 log.critical("%s", self._failure)
                 self._fail_all(futures, checkpoint_requests)
         # Fail whatever arrived after stop.
