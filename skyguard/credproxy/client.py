@@ -71,7 +71,8 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         if self.slot is _NO_SLOT:
-            slot = self.proxy.admit(transport.get_extra_info("peername")[0])
+            peer = transport.get_extra_info("peername")
+            slot = self.proxy.admit(peer[0] if peer else "")
             if slot is None:
                 transport.abort()  # this VM is over its connection share: close at once, never queue
                 return

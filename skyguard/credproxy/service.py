@@ -168,7 +168,11 @@ class CredentialService:
                 await self.proxy.set_policy(policy, client_certificates=self.client_certificates,
                                             content_patterns=self.content_patterns)
             if self.proxy_ports is None:
-                self.proxy_ports = await self.proxy.start(self.listen, *self.ports)
+                try:
+                    self.proxy_ports = await self.proxy.start(self.listen, *self.ports)
+                except OSError as error:  # nothing is steered to a proxy that does not listen
+                    problems.append(f"the credential proxy cannot listen on {', '.join(self.listen)} ports "
+                                    f"{self.ports[0] or 'any'}/{self.ports[1] or 'any'}: {error.strerror or error}")
         else:
             if self.proxy is not None:  # nothing to swap; its state must not outlive the policy
                 await self.proxy.set_policy(policy)

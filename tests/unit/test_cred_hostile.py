@@ -109,6 +109,16 @@ def test_every_gzip_member_is_decoded_and_scrubbed(rig, reflecting):
     assert body == b"part one, part two: [skyguard-redacted] end"  # nothing cut after the first member
 
 
+@pytest.mark.parametrize("form", ["html-hex", "double-percent", "base32", "utf-16-le", "quoted-printable-every-byte"])
+def test_a_vm_that_knows_the_secret_cannot_send_it_out_in_another_spelling(rig, form):
+    body = rig.tmp / f"out-{form}"
+    body.write_bytes(b"x=" + FORMS[form](SECRET))  # a file: UTF-16 holds NUL bytes, argv cannot
+    before = len(rig.echoed())
+    code, _ = rig.curl("https://api.github.test/out", "--data-binary", f"@{body}")
+    assert code == 403 and len(rig.echoed()) == before
+    assert rig.log.snapshot()[-1]["result"] == "blocked_content"
+
+
 @pytest.mark.parametrize("token", ["authorization", "host", "Authorization, Host, accept-encoding", "x-keep"])
 def test_connection_tokens_never_remove_what_the_decision_relied_on(rig, token):
     before = len(rig.echoed())

@@ -222,6 +222,24 @@ def test_decode_body_gzip_deflate_and_refuses_unknown():
         decode_body(((b"content-encoding", b"gzip"),), gzip.compress(b"a" * 5000), 1000)  # zip bomb bound
 
 
+
+GZ = ((b"content-encoding", b"gzip"),)
+
+
+def test_decode_body_reads_every_gzip_member_and_never_truncates():
+    members = gzip.compress(b"one ") + gzip.compress(b"two ") + gzip.compress(SECRET)
+    assert decode_body(GZ, members, 1000) == b"one two " + SECRET
+    assert decode_body(GZ, b"", 1000) == b""  # HEAD, 204, 304
+    assert decode_body(((b"content-encoding", b"gzip, gzip"),), gzip.compress(gzip.compress(b"x") * 2), 1000) == b"xx"
+    for refused in (gzip.compress(b"one")[:-3],  # a stream that ends early
+                    gzip.compress(b"one") + b"\0\0",  # bytes after a member that are no member
+                    gzip.compress(b"a" * 600) + gzip.compress(b"b" * 600)):  # the limit counts every member
+        with pytest.raises(UnscrubbableResponse):
+            decode_body(GZ, refused, 1000)
+    with pytest.raises(UnscrubbableResponse):
+        decode_body(((b"content-encoding", b"deflate"),), zlib.compress(b"one") + zlib.compress(SECRET), 1000)
+
+
 @pytest.mark.parametrize("raw, expected", [
     ("API.Github.Test.", "api.github.test"), ("a.test:8443", "a.test"), ("[2001:db8::1]:443", "2001:db8::1"),
     ("", None), ("bad host", None), ("x" * 300, None), (b"\xff", None),
