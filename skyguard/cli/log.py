@@ -1,5 +1,7 @@
 """`skyguard log ...`: thin click commands over skyguard.tlog (verify, show, tail, prove,
-consistency, checkpoint). Reads the log directory directly; writes nothing to it.
+consistency, checkpoint). Reads the log directory directly; writes nothing to it. Every command
+takes --state-dir (or SKYGUARD_STATE_DIR): the log is <state-dir>/log and signatures are checked
+with the host key of that same state dir, never with the key the log records about itself.
 
 Exit status: 0 ok, 1 verification failed or the log is unreadable, 2 bad input.
 """
@@ -92,6 +94,7 @@ def log():
     \b
     Examples:
       skyguard log verify --checkpoint saved.note   detect any edit since that checkpoint
+      skyguard log verify --state-dir /srv/sg       the log and host key of that state dir
       skyguard log show --type deny --since 10m     denies of the last ten minutes
       skyguard log tail -n 20 --follow              the last 20 entries, then new ones
       skyguard log prove 1234 --json > proof.json   then: tools/verify_inclusion.py proof.json

@@ -7,7 +7,9 @@
         first = w.append_batch([entry("flow_start", ...), ...])   # one fsync for the batch
     report = verify_log(config.STATE_DIR / "log", signer.verifier)
 
-Not here: what the other parts decide to log (they call entry() and append()).
+An append returns once its entries are durable and under a signed checkpoint (store.py says
+why that lets `log verify` tell a crash from a rewrite). Not here: what the other parts decide to
+log (they call entry() and append()).
 """
 
 from skyguard.tlog.checkpoint import Checkpoint, Signer, Verifier, parse_and_verify
