@@ -20,8 +20,14 @@
 #define SG_VERDICT_ALLOW 1       /* a new flow the policy allows */
 #define SG_VERDICT_ESTABLISHED 2 /* matched conntrack (either direction) or a related ICMP error */
 #define SG_VERDICT_CONTROL 3     /* ARP / neighbour discovery the VM needs for its own addresses */
-#define SG_VERDICT_DNS 4         /* DNS to any address: passed to the host (the DNS proxy) */
+#define SG_VERDICT_DNS 4         /* DNS to any address, passed to the host (the DNS proxy), and its marked replies */
 #define SG_VERDICT_DROP 5
+
+/* skb->mark bit the DNS steering (skyguard/dns/steering.py, nftables) sets on the DNS proxy's
+ * replies to a VM: packets of a connection it redirected from port 53, going back to the VM. Only
+ * those pass sg_to_vm as DNS (SG_VERDICT_DNS); steered DNS keeps no conntrack state, so nothing
+ * a remote host sends is ever related to a VM's query. skyguard/datapath/abi.py mirrors it. */
+#define SG_MARK_DNS_REPLY 0x00400000
 
 /* Policy map verdicts. */
 #define SG_POLICY_ALLOW 1
@@ -45,12 +51,15 @@
   X(13, POLICY_DENY, "denied by a deny rule") \
   X(14, NO_RULE, "no rule allows this flow (default deny)") \
   X(15, POLICY_REVOKED, "established flow no longer allowed after a policy change") \
-  X(16, ICMP_ERR_NO_FLOW, "ICMP error that belongs to no allowed flow") \
+  X(16, ICMP_ERR_NO_FLOW, "ICMP error related to no flow of this VM and allowed by no rule") \
   X(17, UNKNOWN_L4, "IP protocol other than TCP, UDP, ICMP, ICMPv6") \
   X(18, ND_FORBIDDEN, "ICMPv6 router advertisement or redirect from a VM") \
   X(19, NO_CONFIG, "no policy generation active yet (fail closed)") \
   X(20, FRAG_CONTROL, "fragmented ARP, neighbour discovery, ICMP error or DNS") \
-  X(21, DST_NOT_WORKLOAD, "new flow toward the VM for an address that is not the workload's")
+  X(21, DST_NOT_WORKLOAD, "new flow toward the VM for an address that is not the workload's") \
+  X(22, ND_NOT_LOCAL, "neighbour discovery or MLD that is not link-local (destination, hop limit or source) and allowed by no rule") \
+  X(23, CT_FULL, "the VM's share of the connection table is full of live flows") \
+  X(24, FRAG_FULL, "the VM's share of the fragment table is full")
 
 #define SG_X_ENUM(code, name, text) SG_DROP_##name = code,
 enum sg_drop_reason { SG_DROP_REASONS(SG_X_ENUM) SG_DROP_MAX };
@@ -145,6 +154,13 @@ struct sg_ct_val {
   __u16 zone;
   __u8 direction;  /* who created it: SG_DIR_EGRESS (VM opened) or SG_DIR_INGRESS */
   __u8 state;      /* SG_CT_* */
+};
+
+/* sg_share_hands (array, one per share): the next slot each share's new entries try
+ * (lib/conntrack.h). Programs only. */
+struct sg_share_hand {
+  __u32 ct;
+  __u32 frag;
 };
 
 /* sg_frag (LRU hash): allowed first fragments, so their followers pass. */

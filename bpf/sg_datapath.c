@@ -12,12 +12,17 @@
 #include "lib/pin.h"
 #include "lib/parse.h"
 #include "lib/policy.h"
+#include "lib/nd.h"
 #include "lib/conntrack.h"
 #include "lib/events.h"
 
 /* DNS (UDP or TCP port 53, to any address) from a VM passes to the host, where skyguard's DNS
- * proxy answers it (nftables steers it there); replies come back through conntrack. Policy note:
- * this bypasses the rules on purpose, because every query is answered by skyguard or not at all.
+ * proxy answers it: the nftables steering (skyguard/dns/steering.py) redirects it there and drops
+ * whatever of it it could not redirect, so none of it leaves the host. The proxy's replies carry
+ * SG_MARK_DNS_REPLY (set by the same steering) and pass on that mark alone: steered DNS keeps no
+ * conntrack state, so it costs no shared table entry and nothing a remote host sends (from port 53
+ * or an ICMP error about a query) is ever related to it. Policy note: this bypasses the rules on
+ * purpose, because every query is answered by skyguard or not at all.
  * Build with -DSG_DNS_PASSTHROUGH=0 to send DNS through the rules like any other flow. */
 #ifndef SG_DNS_PASSTHROUGH
 #define SG_DNS_PASSTHROUGH 1
@@ -43,43 +48,10 @@ static __always_inline struct sg_meta *sg_meta_get(void) {
   return m;
 }
 
-static __always_inline int sg_is_own(__u32 ifindex, __u32 gen, const __u8 *addr) {
-  struct sg_srcip_key key = {.ifindex = ifindex, .gen = gen};
-  __builtin_memcpy(key.addr, addr, 16);
-  return sg_srcip.lookup(&key) != 0;
-}
-
-static __always_inline int sg_is_unspecified(const __u8 *a) {
-  __u64 hi, lo;
-  __builtin_memcpy(&hi, a, 8);
-  __builtin_memcpy(&lo, a + 8, 8);
-  return (hi | lo) == 0;
-}
-
-static __always_inline int sg_mac_eq(const __u8 *a, const __u8 *b) {
-  __u32 a4, b4;
-  __u16 a2, b2;
-  __builtin_memcpy(&a4, a, 4);
-  __builtin_memcpy(&b4, b, 4);
-  __builtin_memcpy(&a2, a + 4, 2);
-  __builtin_memcpy(&b2, b + 4, 2);
-  return a4 == b4 && a2 == b2;
-}
-
-/* Neighbour discovery / MLD the VM sends: only about itself. */
-static __always_inline int sg_check_nd(__u32 ifindex, __u32 gen, struct sg_workload_val *wl, struct sg_pkt *pkt) {
-  if (pkt->has_lladdr && !sg_mac_eq(pkt->lladdr, wl->mac))
-    return -SG_DROP_ND_SPOOF;
-  if (pkt->nd_type == 136 && !sg_is_own(ifindex, gen, pkt->nd_target))
-    return -SG_DROP_ND_SPOOF; /* NA: may only advertise its own addresses */
-  if (pkt->nd_type == 135 && sg_is_unspecified(pkt->t.saddr) && !sg_is_own(ifindex, gen, pkt->nd_target))
-    return -SG_DROP_ND_SPOOF; /* DAD: may only probe its own addresses */
-  return SG_VERDICT_CONTROL;
-}
-
 /* The whole decision for one frame. Returns SG_VERDICT_* (pass) or -SG_DROP_* (drop). */
-static __always_inline int sg_handle(void *data, void *data_end, __u32 ifindex, __u32 len, __u8 direction,
-                                     struct sg_meta *m) {
+/* ctx: the program's context (for helpers that need it); mark: skb->mark (0 under XDP). */
+static __always_inline int sg_handle(void *ctx, void *data, void *data_end, __u32 ifindex, __u32 len,
+                                     __u8 direction, __u32 mark, struct sg_meta *m) {
   struct sg_pkt *pkt = &m->pkt;
   int zero = 0;
   struct sg_config_val *cfg = sg_config.lookup(&zero);
@@ -110,19 +82,16 @@ static __always_inline int sg_handle(void *data, void *data_end, __u32 ifindex, 
     return SG_VERDICT_CONTROL;
   }
 
-  if (pkt->frag == SG_FRAG_NONE || pkt->frag == SG_FRAG_FIRST) {
-    if (pkt->icmp_kind == SG_ICMP_ND_FORBIDDEN && direction == SG_DIR_EGRESS)
-      return -SG_DROP_ND_FORBIDDEN;
-    if (pkt->icmp_kind == SG_ICMP_ND || pkt->icmp_kind == SG_ICMP_ND_FORBIDDEN) {
-      if (pkt->frag != SG_FRAG_NONE)
-        return -SG_DROP_FRAG_CONTROL;
-      if (direction == SG_DIR_INGRESS)
-        return SG_VERDICT_CONTROL;
-      /* The unspecified source is only for DAD and MLD before an address is configured. */
-      if (!sg_is_unspecified(pkt->t.saddr) && !sg_is_own(ifindex, gen, pkt->t.saddr))
-        return -SG_DROP_SPOOF_IP;
-      return sg_check_nd(ifindex, gen, wl, pkt);
-    }
+  /* Set when a control message (ICMP error, ND/MLD) was not what passes without a rule: it then
+   * goes through the policy like any ICMP packet, and a missing rule is counted as this reason. */
+  int no_rule_reason = SG_DROP_NO_RULE;
+  if (pkt->icmp_kind == SG_ICMP_ND || pkt->icmp_kind == SG_ICMP_ND_FORBIDDEN) {
+    if (pkt->frag != SG_FRAG_NONE)
+      return -SG_DROP_FRAG_CONTROL; /* SG_FRAG_LATER never has an icmp_kind */
+    int verdict = direction == SG_DIR_EGRESS ? sg_nd_from_vm(ctx, ifindex, gen, wl, pkt, len) : sg_nd_to_vm(pkt);
+    if (verdict)
+      return verdict;
+    no_rule_reason = SG_DROP_ND_NOT_LOCAL;
   }
   /* The source address check (egress) is done where it is needed: for packets that match no flow
    * of this generation. A conntrack entry at this interface was created for a tuple whose VM-side
@@ -136,21 +105,30 @@ static __always_inline int sg_handle(void *data, void *data_end, __u32 ifindex, 
   if (pkt->frag == SG_FRAG_LATER) {
     if (!own_src && !sg_is_own(ifindex, gen, pkt->t.saddr))
       return -SG_DROP_SPOOF_IP;
+#if SG_DNS_PASSTHROUGH
+    if (direction == SG_DIR_INGRESS && (mark & SG_MARK_DNS_REPLY) &&
+        (pkt->t.proto == IPPROTO_UDP || pkt->t.proto == IPPROTO_TCP))
+      return SG_VERDICT_DNS; /* a fragment of the DNS proxy's reply */
+#endif
     return sg_frag_allowed(ifindex, pkt, now) ? SG_VERDICT_ESTABLISHED : -SG_DROP_FRAG_NO_FLOW;
   }
 
   struct sg_ct_key key = {};
   int is_reply = 0;
   if (pkt->icmp_kind == SG_ICMP_ERROR) {
-    /* Related to an allowed flow at this interface, whichever side opened it. */
     if (pkt->frag != SG_FRAG_NONE)
       return -SG_DROP_FRAG_CONTROL;
     if (!own_src && !sg_is_own(ifindex, gen, pkt->t.saddr))
       return -SG_DROP_SPOOF_IP;
-    struct sg_ct_val *rel = sg_ct_find(ifindex, &pkt->inner, direction ^ 1, now, &key, &is_reply);
-    if (!rel)
-      rel = sg_ct_find(ifindex, &pkt->inner, direction, now, &key, &is_reply);
-    return rel ? SG_VERDICT_ESTABLISHED : -SG_DROP_ICMP_ERR_NO_FLOW;
+    /* Related only to a flow of this interface, and only as that flow seen from the VM: an error
+     * the VM sends is about a packet it received (inner: peer -> VM) and goes to that peer; an
+     * error it receives is about a packet it sent (inner: VM -> peer) and comes to the VM. Either
+     * way the outer destination is the inner source. Steered DNS has no conntrack entry, so no
+     * error is ever related to it. Anything else is an ICMP packet like any other: policy. */
+    if (sg_addr_eq(pkt->t.daddr, pkt->inner.saddr) &&
+        sg_ct_find(ifindex, &pkt->inner, direction ^ 1, now, &key, &is_reply))
+      return SG_VERDICT_ESTABLISHED;
+    no_rule_reason = SG_DROP_ICMP_ERR_NO_FLOW;
   }
 
   __u16 port = pkt->t.dport;
@@ -161,33 +139,31 @@ static __always_inline int sg_handle(void *data, void *data_end, __u32 ifindex, 
   if (ct) {
     if (ct->gen != gen) {
       /* The policy changed since this flow was approved: decide again as its originator,
-       * including whether its VM-side address is still the workload's. */
+       * including whether its VM-side address is still the workload's. rule_id 0 is a DNS
+       * passthrough entry an older datapath made: steered DNS keeps no state any more. */
       const __u8 *vm_addr = ct->direction == SG_DIR_EGRESS ? key.saddr : key.daddr;
-      if (!sg_is_own(ifindex, gen, vm_addr)) {
+      if (!sg_is_own(ifindex, gen, vm_addr) || ct->rule_id == 0) {
         sg_ct.delete(&key);
         return -SG_DROP_POLICY_REVOKED;
       }
-      int verdict = 0;
-      if (ct->rule_id == 0) {
-        verdict = 0; /* DNS passthrough flows stay */
-      } else {
-        const __u8 *remote = ct->direction == SG_DIR_EGRESS ? key.daddr : key.saddr;
-        __u16 oport = key.dport;
-        if (key.proto == IPPROTO_ICMP || key.proto == IPPROTO_ICMPV6)
-          oport = port;
-        verdict = sg_policy_decide(gen, ct->direction, wl->zone, remote, key.proto, oport, now);
-      }
+      const __u8 *remote = ct->direction == SG_DIR_EGRESS ? key.daddr : key.saddr;
+      __u16 oport = key.dport;
+      if (key.proto == IPPROTO_ICMP || key.proto == IPPROTO_ICMPV6)
+        oport = port;
+      int verdict = sg_policy_decide(gen, ct->direction, wl->zone, remote, key.proto, oport, now);
       if (verdict < 0) {
         sg_ct.delete(&key);
         return -SG_DROP_POLICY_REVOKED;
       }
       ct->gen = gen;
-      if (verdict > 0)
-        ct->rule_id = verdict;
+      ct->rule_id = verdict;
     }
     sg_ct_touch(ct, pkt->t.proto, pkt->tcp_flags, is_reply, len, now);
-    if (pkt->frag == SG_FRAG_FIRST)
-      sg_frag_allow(ifindex, pkt, now);
+    if (pkt->frag == SG_FRAG_FIRST) {
+      int err = sg_frag_allow(ifindex, pkt, now, wl->workload);
+      if (err)
+        return err;
+    }
     return SG_VERDICT_ESTABLISHED;
   }
 
@@ -198,22 +174,31 @@ static __always_inline int sg_handle(void *data, void *data_end, __u32 ifindex, 
     return -SG_DROP_DST_NOT_WORKLOAD;
 
 #if SG_DNS_PASSTHROUGH
-  if (direction == SG_DIR_EGRESS && port == bpf_htons(53) &&
-      (pkt->t.proto == IPPROTO_UDP || pkt->t.proto == IPPROTO_TCP)) {
-    if (pkt->frag != SG_FRAG_NONE)
-      return -SG_DROP_FRAG_CONTROL;
-    sg_ct_create(ifindex, &pkt->t, direction, wl->zone, gen, 0, len, now);
-    return SG_VERDICT_DNS;
+  if (pkt->t.proto == IPPROTO_UDP || pkt->t.proto == IPPROTO_TCP) {
+    if (direction == SG_DIR_EGRESS && port == bpf_htons(53)) {
+      if (pkt->frag != SG_FRAG_NONE)
+        return -SG_DROP_FRAG_CONTROL;
+      return SG_VERDICT_DNS; /* to the steering; no state (see the top of this file) */
+    }
+    if (direction == SG_DIR_INGRESS && (mark & SG_MARK_DNS_REPLY) && pkt->t.sport == bpf_htons(53))
+      return SG_VERDICT_DNS; /* the DNS proxy's reply, marked by the steering */
   }
 #endif
 
   const __u8 *remote = direction == SG_DIR_EGRESS ? pkt->t.daddr : pkt->t.saddr;
   int rule = sg_policy_decide(gen, direction, wl->zone, remote, pkt->t.proto, port, now);
+  if (rule == -SG_DROP_NO_RULE)
+    return -no_rule_reason;
   if (rule < 0)
     return rule;
-  sg_ct_create(ifindex, &pkt->t, direction, wl->zone, gen, rule, len, now);
-  if (pkt->frag == SG_FRAG_FIRST)
-    sg_frag_allow(ifindex, pkt, now);
+  err = sg_ct_create(ifindex, &pkt->t, direction, wl->zone, gen, rule, len, now, wl->workload);
+  if (err)
+    return err;
+  if (pkt->frag == SG_FRAG_FIRST) {
+    err = sg_frag_allow(ifindex, pkt, now, wl->workload);
+    if (err)
+      return err;
+  }
   sg_emit(SG_EVENT_FLOW_START, 0, ifindex, wl->zone, direction, &pkt->t, rule, len, m->cfg_flags);
   return SG_VERDICT_ALLOW;
 }
@@ -235,7 +220,7 @@ int sg_from_vm(struct xdp_md *ctx) {
   struct sg_meta *m = sg_meta_get();
   if (!m)
     return XDP_DROP; /* cannot happen (a one-entry array); fail closed */
-  int verdict = sg_handle(data, data_end, ctx->ingress_ifindex, len, SG_DIR_EGRESS, m);
+  int verdict = sg_handle(ctx, data, data_end, ctx->ingress_ifindex, len, SG_DIR_EGRESS, 0, m);
   return sg_finish(verdict, ctx->ingress_ifindex, len, SG_DIR_EGRESS, m) ? XDP_PASS : XDP_DROP;
 }
 
@@ -255,14 +240,16 @@ static __always_inline int sg_tc(struct __sk_buff *skb, __u8 direction) {
   if (skb->vlan_present) {
     verdict = -SG_DROP_VLAN; /* the tag was offloaded into skb metadata: not in the data */
   } else {
-    verdict = sg_handle((void *)(long)skb->data, (void *)(long)skb->data_end, skb->ifindex, skb->len, direction, m);
+    verdict = sg_handle(skb, (void *)(long)skb->data, (void *)(long)skb->data_end, skb->ifindex, skb->len, direction,
+                        skb->mark, m);
     __u32 linear = (long)skb->data_end - (long)skb->data;
     if (verdict == -SG_DROP_MALFORMED && skb->len > linear) {
       bpf_skb_pull_data(skb, skb->len < SG_PULL_LEN ? skb->len : SG_PULL_LEN);
       m = sg_meta_get();
       if (!m)
         return TC_ACT_SHOT;
-      verdict = sg_handle((void *)(long)skb->data, (void *)(long)skb->data_end, skb->ifindex, skb->len, direction, m);
+      verdict = sg_handle(skb, (void *)(long)skb->data, (void *)(long)skb->data_end, skb->ifindex, skb->len, direction,
+                        skb->mark, m);
     }
   }
   if (verdict == -SG_DROP_VLAN && !m->zone) {

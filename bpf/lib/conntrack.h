@@ -1,18 +1,37 @@
 /* conntrack.h: per-interface connection tracking and the fragment table. The programs write and
- * read both maps; userspace only reads them (flow listing) and may delete entries. LRU-bounded:
- * under pressure the least recently used flows are evicted (an evicted allowed flow is simply
- * re-decided on its next packet; an evicted reply-only flow is dropped until the originator
- * sends again). Not here: the policy decision itself (policy.h).
+ * read both maps; userspace only reads them (flow listing) and may delete entries.
+ *
+ * Shares: one VM must never be able to push another VM's state out (a flood of new tuples would
+ * otherwise evict every idle flow of every VM from a shared LRU). Each VM owns a share of slots
+ * (SG_CT_SHARE flows, SG_FRAG_SHARE fragmented datagrams), picked by its workload id. Creating an
+ * entry claims a slot of the VM's own share: a slot whose entry is gone or expired is reused (the
+ * expired entry is deleted), a slot whose entry is live is skipped; when SG_SHARE_PROBES slots in
+ * a row are live, the VM's share is full and its new flow is refused (SG_DROP_CT_FULL /
+ * SG_DROP_FRAG_FULL), its own live flows untouched. Every entry sits in one slot, so the maps
+ * never hold more than the shares add up to; with SG_LRU_SLACK on top, the kernel's LRU never has
+ * to evict anything. (Two VMs whose workload ids are equal modulo SG_CT_SHARES share one share.)
+ * Not here: the policy decision itself (policy.h).
  */
 #ifndef SG_CONNTRACK_H
 #define SG_CONNTRACK_H
 
-#ifndef SG_CT_MAX
-#define SG_CT_MAX 262144 /* flows x interfaces that saw them; ~100 bytes each */
+#ifndef SG_CT_SHARES
+#define SG_CT_SHARES 64 /* VMs with a share of their own (workload id modulo this) */
 #endif
-#ifndef SG_FRAG_MAX
-#define SG_FRAG_MAX 16384 /* fragmented datagrams in flight */
+#ifndef SG_CT_SHARE
+#define SG_CT_SHARE 4096 /* live flows one VM may hold (both directions, all its addresses) */
 #endif
+#ifndef SG_FRAG_SHARE
+#define SG_FRAG_SHARE 256 /* fragmented datagrams one VM may have in flight (SG_FRAG_S each) */
+#endif
+#ifndef SG_SHARE_PROBES
+#define SG_SHARE_PROBES 4 /* slots tried per new entry: more finds room in a nearly full share, costs more per new flow */
+#endif
+#ifndef SG_LRU_SLACK
+#define SG_LRU_SLACK 32768 /* an LRU map evicts before it is full: each possible CPU parks up to 128 free entries */
+#endif
+#define SG_CT_MAX (SG_CT_SHARES * SG_CT_SHARE + SG_LRU_SLACK)       /* ~100 bytes each */
+#define SG_FRAG_MAX (SG_CT_SHARES * SG_FRAG_SHARE + SG_LRU_SLACK)
 /* Timeouts in seconds: how long a flow stays known without packets. */
 #ifndef SG_CT_TCP_NEW_S
 #define SG_CT_TCP_NEW_S 60 /* handshake not answered yet */
@@ -40,6 +59,12 @@
 
 BPF_TABLE_PINNED("lru_hash", struct sg_ct_key, struct sg_ct_val, sg_ct, SG_CT_MAX, SG_PIN("sg_ct"));
 BPF_TABLE_PINNED("lru_hash", struct sg_frag_key, struct sg_frag_val, sg_frag, SG_FRAG_MAX, SG_PIN("sg_frag"));
+/* The shares: slot -> the key of the entry it holds (ifindex 0: empty), and per share the next
+ * slot to try. Programs only; pinned so a restart keeps every entry owned. */
+BPF_TABLE_PINNED("array", __u32, struct sg_ct_key, sg_ct_slots, SG_CT_SHARES * SG_CT_SHARE, SG_PIN("sg_ct_slots"));
+BPF_TABLE_PINNED("array", __u32, struct sg_frag_key, sg_frag_slots, SG_CT_SHARES * SG_FRAG_SHARE,
+                 SG_PIN("sg_frag_slots"));
+BPF_TABLE_PINNED("array", __u32, struct sg_share_hand, sg_share_hands, SG_CT_SHARES, SG_PIN("sg_share_hands"));
 
 static __always_inline void sg_ct_key_of(struct sg_ct_key *key, __u32 ifindex, const struct sg_tuple *t, int reversed) {
   key->ifindex = ifindex;
@@ -102,14 +127,44 @@ static __always_inline void sg_ct_touch(struct sg_ct_val *ct, __u8 proto, __u8 t
   ct->bytes += len;
 }
 
-static __always_inline void sg_ct_create(__u32 ifindex, const struct sg_tuple *t, __u8 direction, __u16 zone,
-                                         __u32 gen, __u32 rule_id, __u32 len, __u64 now) {
+/* The next slot number of a share. Two CPUs may read the same number at once (bcc builds for a
+ * BPF CPU version without fetching atomics); they then write one slot and the entry written first
+ * is held by no slot: such strays are rare, and SG_LRU_SLACK has room for them. */
+static __always_inline __u32 sg_hand_next(__u32 *hand) {
+  __u32 n = *hand;
+  __sync_fetch_and_add(hand, 1);
+  return n;
+}
+
+/* A new entry in the VM's share (see the top of this file). 0, or -SG_DROP_CT_FULL. */
+static __always_inline int sg_ct_create(__u32 ifindex, const struct sg_tuple *t, __u8 direction, __u16 zone,
+                                        __u32 gen, __u32 rule_id, __u32 len, __u64 now, __u32 share) {
   struct sg_ct_key key = {};
   sg_ct_key_of(&key, ifindex, t, 0);
-  struct sg_ct_val val = {.packets = 1, .bytes = len, .gen = gen, .rule_id = rule_id, .zone = zone,
-                          .direction = direction, .state = SG_CT_NEW};
-  val.expires_ns = now + sg_ct_lifetime(t->proto, SG_CT_NEW);
-  sg_ct.update(&key, &val);
+  share %= SG_CT_SHARES;
+  struct sg_share_hand *hand = sg_share_hands.lookup(&share);
+  if (!hand)
+    return -SG_DROP_CT_FULL; /* cannot happen (share < SG_CT_SHARES) */
+  for (int i = 0; i < SG_SHARE_PROBES; i++) {
+    __u32 idx = share * SG_CT_SHARE + sg_hand_next(&hand->ct) % SG_CT_SHARE;
+    struct sg_ct_key *slot = sg_ct_slots.lookup(&idx);
+    if (!slot)
+      return -SG_DROP_CT_FULL;
+    if (slot->ifindex) {
+      struct sg_ct_val *held = sg_ct.lookup(slot);
+      if (held && held->expires_ns > now)
+        continue; /* a live flow of this share: keep it */
+      if (held)
+        sg_ct.delete(slot);
+    }
+    __builtin_memcpy(slot, &key, sizeof(key));
+    struct sg_ct_val val = {.packets = 1, .bytes = len, .gen = gen, .rule_id = rule_id, .zone = zone,
+                            .direction = direction, .state = SG_CT_NEW};
+    val.expires_ns = now + sg_ct_lifetime(t->proto, SG_CT_NEW);
+    sg_ct.update(&key, &val);
+    return 0;
+  }
+  return -SG_DROP_CT_FULL;
 }
 
 static __always_inline void sg_frag_key_of(struct sg_frag_key *key, __u32 ifindex, const struct sg_pkt *pkt) {
@@ -120,12 +175,33 @@ static __always_inline void sg_frag_key_of(struct sg_frag_key *key, __u32 ifinde
   __builtin_memcpy(key->daddr, pkt->t.daddr, 16);
 }
 
-/* An allowed first fragment: remember its datagram so the later fragments pass. */
-static __always_inline void sg_frag_allow(__u32 ifindex, const struct sg_pkt *pkt, __u64 now) {
+/* An allowed first fragment: remember its datagram (in the VM's share) so the later fragments
+ * pass. 0, or -SG_DROP_FRAG_FULL. */
+static __always_inline int sg_frag_allow(__u32 ifindex, const struct sg_pkt *pkt, __u64 now, __u32 share) {
   struct sg_frag_key key = {};
   sg_frag_key_of(&key, ifindex, pkt);
-  struct sg_frag_val val = {.expires_ns = now + SG_FRAG_S * SG_NS};
-  sg_frag.update(&key, &val);
+  share %= SG_CT_SHARES;
+  struct sg_share_hand *hand = sg_share_hands.lookup(&share);
+  if (!hand)
+    return -SG_DROP_FRAG_FULL;
+  for (int i = 0; i < SG_SHARE_PROBES; i++) {
+    __u32 idx = share * SG_FRAG_SHARE + sg_hand_next(&hand->frag) % SG_FRAG_SHARE;
+    struct sg_frag_key *slot = sg_frag_slots.lookup(&idx);
+    if (!slot)
+      return -SG_DROP_FRAG_FULL;
+    if (slot->ifindex) {
+      struct sg_frag_val *held = sg_frag.lookup(slot);
+      if (held && held->expires_ns > now)
+        continue;
+      if (held)
+        sg_frag.delete(slot);
+    }
+    __builtin_memcpy(slot, &key, sizeof(key));
+    struct sg_frag_val val = {.expires_ns = now + SG_FRAG_S * SG_NS};
+    sg_frag.update(&key, &val);
+    return 0;
+  }
+  return -SG_DROP_FRAG_FULL;
 }
 
 static __always_inline int sg_frag_allowed(__u32 ifindex, const struct sg_pkt *pkt, __u64 now) {

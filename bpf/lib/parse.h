@@ -22,9 +22,17 @@
 #ifndef SG_IPV6_MAX_EXT_HDRS
 #define SG_IPV6_MAX_EXT_HDRS 4
 #endif
-/* Neighbour discovery options we look at (SLLA/TLLA may follow a nonce). */
+/* Neighbour discovery options walked, up to the end of the packet: every SLLA/TLLA option is
+ * checked, wherever it sits. A message with more options than this is malformed (real ones carry
+ * one to three); each costs one bounded loop iteration, and the verifier explores each: 32 is
+ * more than the TC program (which holds sg_handle twice) may take. */
 #ifndef SG_ND_MAX_OPTS
-#define SG_ND_MAX_OPTS 3
+#define SG_ND_MAX_OPTS 16
+#endif
+/* Longest ND message walked, in bytes (real ones fit a minimum MTU); also what bounds the
+ * option offset for the verifier (packet offsets must stay under 64 KiB). */
+#ifndef SG_ND_MAX_LEN
+#define SG_ND_MAX_LEN 4096 /* < 0x1fff, the mask below */
 #endif
 
 #define SG_L3_ARP 1
@@ -36,7 +44,7 @@
 
 #define SG_ICMP_PLAIN 0
 #define SG_ICMP_ERROR 1 /* destination unreachable, time exceeded, ... : has an inner header */
-#define SG_ICMP_ND 2    /* NS/NA/RS and MLD: link-local control the VM needs */
+#define SG_ICMP_ND 2    /* NS/NA/RS and MLD: link-local control the VM needs (nd_type says which) */
 #define SG_ICMP_ND_FORBIDDEN 3 /* RA, redirect: a VM is not a router */
 
 struct sg_tuple {
@@ -61,7 +69,10 @@ struct sg_pkt {
   /* ARP: sender. ND: target address, and link-layer option if has_lladdr. */
   __u8 arp_sha[6];
   __u8 has_lladdr;
-  __u8 nd_type;
+  __u8 nd_type;        /* ICMPv6 type of an SG_ICMP_ND or SG_ICMP_ND_FORBIDDEN message */
+  __u8 hop_limit;      /* IPv6 only */
+  __u8 lladdr_differs; /* two SLLA/TLLA options of one ND message name different addresses */
+  __u16 pad0;
   /* Not zeroed per packet (the scratch is reused): everything from here is written before it is
    * read (arp_spa for ARP, nd_target for NS/NA, lladdr when has_lladdr, inner for ICMP errors). */
   __u8 arp_spa[16];
@@ -76,6 +87,25 @@ static __always_inline void sg_v4_mapped(__u8 *dst, __be32 addr) {
   dst[10] = 0xff;
   dst[11] = 0xff;
   __builtin_memcpy(dst + 12, &addr, 4);
+}
+
+static __always_inline int sg_mac_eq(const __u8 *a, const __u8 *b) {
+  __u32 a4, b4;
+  __u16 a2, b2;
+  __builtin_memcpy(&a4, a, 4);
+  __builtin_memcpy(&b4, b, 4);
+  __builtin_memcpy(&a2, a + 4, 2);
+  __builtin_memcpy(&b2, b + 4, 2);
+  return a4 == b4 && a2 == b2;
+}
+
+static __always_inline int sg_addr_eq(const __u8 *a, const __u8 *b) {
+  __u64 a0, a1, b0, b1;
+  __builtin_memcpy(&a0, a, 8);
+  __builtin_memcpy(&a1, a + 8, 8);
+  __builtin_memcpy(&b0, b, 8);
+  __builtin_memcpy(&b1, b + 8, 8);
+  return a0 == b0 && a1 == b1;
 }
 
 static __always_inline int sg_is_v6_error(__u8 type) { return type >= 1 && type <= 4; }
@@ -128,7 +158,9 @@ static __always_inline int sg_parse_inner(void *p, void *data_end, __u8 family, 
 }
 
 /* Transport header of a first (or only) fragment. */
-static __always_inline int sg_parse_l4(void *l4, void *data_end, struct sg_pkt *pkt) {
+/* l4_len: bytes from the transport header to the end of the IP packet (from the IP header, so
+ * it may run past data_end when a TC program sees only the linear part). */
+static __always_inline int sg_parse_l4(void *l4, void *data_end, __u32 l4_len, struct sg_pkt *pkt) {
   __u8 proto = pkt->t.proto;
   if (proto == IPPROTO_TCP) {
     struct tcphdr *th = l4;
@@ -164,6 +196,7 @@ static __always_inline int sg_parse_l4(void *l4, void *data_end, struct sg_pkt *
   }
   if (proto != IPPROTO_ICMPV6)
     return 0;
+  pkt->nd_type = type;
   if (type == 134 || type == 137) {
     pkt->icmp_kind = SG_ICMP_ND_FORBIDDEN;
     return 0;
@@ -175,30 +208,40 @@ static __always_inline int sg_parse_l4(void *l4, void *data_end, struct sg_pkt *
   if (type < 133 || type > 136)
     return 0;
   pkt->icmp_kind = SG_ICMP_ND;
-  pkt->nd_type = type;
-  void *opt = l4 + 8; /* RS: options follow 4 reserved bytes */
+  __u32 off = 8; /* RS: options follow 4 reserved bytes */
   if (type == 135 || type == 136) {
     if (l4 + 24 > data_end)
       return -SG_DROP_MALFORMED;
     __builtin_memcpy(pkt->nd_target, l4 + 8, 16);
-    opt = l4 + 24;
+    off = 24;
   }
+  /* Every option up to the end of the packet: an SLLA/TLLA hidden behind others is still seen,
+   * and bytes that do not form whole options make the message malformed. */
   for (int i = 0; i < SG_ND_MAX_OPTS; i++) { /* a bounded loop: olen varies, so no unrolling */
-    if (opt + 2 > data_end)
-      break;
+    if (off >= l4_len)
+      return 0;
+    if (off > SG_ND_MAX_LEN)
+      return -SG_DROP_MALFORMED;
+    /* The mask (in asm, which the compiler cannot drop) is what the verifier sees bound the
+     * offset: clang otherwise re-reads off from before the check. */
+    __u32 masked = off;
+    asm volatile("%0 &= 0x1fff" : "+r"(masked));
+    void *opt = l4 + masked;
+    if (opt + 8 > data_end)
+      return -SG_DROP_MALFORMED; /* every option is a multiple of 8 bytes (or beyond the linear part) */
     __u8 otype = *(__u8 *)opt;
     __u8 olen = *(__u8 *)(opt + 1);
-    if (olen == 0)
+    if (olen == 0 || off + olen * 8 > l4_len)
       return -SG_DROP_MALFORMED;
     if (otype == 1 || otype == 2) {
-      if (opt + 8 > data_end)
-        return -SG_DROP_MALFORMED;
+      if (pkt->has_lladdr && !sg_mac_eq(pkt->lladdr, opt + 2))
+        pkt->lladdr_differs = 1;
       __builtin_memcpy(pkt->lladdr, opt + 2, 6);
       pkt->has_lladdr = 1;
     }
-    opt += olen * 8;
+    off += olen * 8;
   }
-  return 0;
+  return off >= l4_len ? 0 : -SG_DROP_MALFORMED; /* more than SG_ND_MAX_OPTS options */
 }
 
 /* l3_len: bytes of the frame after the Ethernet header (the whole packet, not only the linear
@@ -227,7 +270,7 @@ static __always_inline int sg_parse_ipv4(void *p, void *data_end, __u32 l3_len, 
   }
   if (frag & 0x2000)
     pkt->frag = SG_FRAG_FIRST;
-  return sg_parse_l4(ip + 1, data_end, pkt);
+  return sg_parse_l4(ip + 1, data_end, tot_len - 20, pkt);
 }
 
 /* IPv4-mapped IPv6 (::ffff:a.b.c.d, RFC 4291 2.5.5.2) never belongs on the wire, and it is how
@@ -248,6 +291,9 @@ static __always_inline int sg_parse_ipv6(void *p, void *data_end, __u32 l3_len, 
     return -SG_DROP_MALFORMED;
   pkt->family = 6;
   pkt->l3 = SG_L3_IP;
+  pkt->hop_limit = ip6->hop_limit;
+  /* Where the packet ends: payload_len 0 (jumbogram / BIG TCP) ends with the frame. */
+  __u32 ip_len = ip6->payload_len ? (__u32)bpf_ntohs(ip6->payload_len) + 40 : l3_len;
   __builtin_memcpy(pkt->t.saddr, &ip6->saddr, 16);
   __builtin_memcpy(pkt->t.daddr, &ip6->daddr, 16);
   __u8 next = ip6->nexthdr;
@@ -291,8 +337,12 @@ static __always_inline int sg_parse_ipv6(void *p, void *data_end, __u32 l3_len, 
   switch (next) {
   case IPPROTO_TCP:
   case IPPROTO_UDP:
-  case IPPROTO_ICMPV6:
-    return sg_parse_l4(cur, data_end, pkt);
+  case IPPROTO_ICMPV6: {
+    __u32 hdrs = cur - (void *)ip6;
+    if (hdrs > ip_len)
+      return -SG_DROP_MALFORMED; /* extension headers claim more than the packet holds */
+    return sg_parse_l4(cur, data_end, ip_len - hdrs, pkt);
+  }
   case IPPROTO_HOPOPTS:
   case IPPROTO_DSTOPTS:
   case IPPROTO_FRAGMENT:

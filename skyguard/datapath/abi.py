@@ -26,6 +26,10 @@ VERDICTS = {1: "allow", 2: "established", 3: "control", 4: "dns", 5: "drop"}
 POLICY_ALLOW = 1
 POLICY_DENY = 2
 
+# SG_MARK_DNS_REPLY: the skb->mark bit the DNS steering sets on the DNS proxy's replies to a VM
+# (the only DNS that passes sg_to_vm). tests/bpf/test_abi.py checks it against abi.h.
+MARK_DNS_REPLY = 0x00400000
+
 CFG_EVENTS = 0x1
 
 CT_STATES = {0: "new", 1: "established", 2: "closing"}
@@ -132,6 +136,10 @@ CT_VAL_PADDED = struct.Struct("<QQQIIHBB4x")  # as the kernel lays out an array 
 assert CT_KEY.size == ct.sizeof(CtKey) and CT_VAL_PADDED.size == ct.sizeof(CtVal)
 
 
+class ShareHand(ct.Structure):  # struct sg_share_hand
+    _fields_ = [("ct", ct.c_uint32), ("frag", ct.c_uint32)]
+
+
 class FragKey(ct.Structure):  # struct sg_frag_key
     _fields_ = [
         ("ifindex", ct.c_uint32),
@@ -210,5 +218,12 @@ MAP_LAYOUT = {
     "sg_drops": (ct.c_uint32, CounterVal),
 }
 PINNED_MAPS = tuple(MAP_LAYOUT)
-# layout-only map (never written) that exposes struct sg_event
-MAP_LAYOUT_EXTRA = {"sg_ev_layout": (ct.c_int, Event)}
+# Pinned too, but the programs' own bookkeeping (each VM's share of sg_ct and sg_frag,
+# bpf/lib/conntrack.h): nothing in userspace reads them, and they are not counted as map sizes.
+SHARE_MAPS = {
+    "sg_ct_slots": (ct.c_uint32, CtKey),
+    "sg_frag_slots": (ct.c_uint32, FragKey),
+    "sg_share_hands": (ct.c_uint32, ShareHand),
+}
+# layout-only map (never written) that exposes struct sg_event, and the share maps
+MAP_LAYOUT_EXTRA = {"sg_ev_layout": (ct.c_int, Event), **SHARE_MAPS}

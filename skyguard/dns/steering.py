@@ -1,12 +1,19 @@
 """Transparent DNS steering: every query a VM sends to any address on udp/tcp 53 reaches the
-proxy, and the answer leaves from the address the VM asked.
+proxy, the answer leaves from the address the VM asked, and nothing else of port 53 passes.
 
-One nftables table (`inet skyguard_dns`) in the network namespace where skyguard runs, with a
-dstnat prerouting chain that redirects port 53 arriving on the VMs' host-side interfaces to the
-proxy's port. conntrack's NAT reverses the rewrite on replies, so the VM sees the answer come
-from 198.51.100.99 if that is where it sent the query. install() replaces the whole table in one
-nft transaction (idempotent; never a moment without steering when updating); remove() deletes it
-and is a no-op when it is absent.
+One nftables table (`inet skyguard_dns`) in the network namespace where skyguard runs:
+- prerouting, dstnat: port 53 arriving on the VMs' host-side interfaces is redirected to the
+  proxy's port. conntrack's NAT reverses the rewrite on replies, so the VM sees the answer come
+  from 198.51.100.99 if that is where it sent the query.
+- prerouting, just after dstnat: port 53 from those interfaces that was NOT redirected is dropped.
+  NAT only rewrites what the connection tracker accepts: TCP without flags, SYN+FIN, bad checksums
+  or a packet of a connection older than the steering are left alone and would be routed to the
+  real destination (a tunnel). Whatever still has destination port 53 after NAT is such a packet.
+- postrouting: the proxy's replies (the reply direction of a connection redirected from port 53)
+  get the SG_MARK_DNS_REPLY bit of skb->mark, which is the only thing that lets DNS into a VM
+  (bpf/sg_datapath.c keeps no conntrack state for steered DNS).
+install() replaces the whole table in one nft transaction (idempotent; never a moment without
+steering when updating); remove() deletes it and is a no-op when it is absent.
 
 Not here: blocking DoT (853) and DoH. Those are ordinary flows to addresses no rule allows, and
 the datapath drops them. The datapath must pass udp/tcp 53 from VMs up to this stack.
@@ -18,6 +25,7 @@ import re
 import shutil
 import subprocess
 
+from skyguard.datapath.abi import MARK_DNS_REPLY
 from skyguard.errors import DnsError
 
 TABLE = "skyguard_dns"
@@ -31,8 +39,9 @@ def ruleset(interfaces: list[str], port: int) -> str:
     for name in interfaces:
         if not _IFNAME.match(name):
             raise DnsError(f"interface name {name!r} is not a valid Linux interface name")
-    if not 0 < port < 65536:
-        raise DnsError(f"DNS proxy port {port} is out of range 1-65535")
+    if not 0 < port < 65536 or port == 53:
+        raise DnsError(f"DNS proxy port {port} is out of range 1-65535 or 53 (the steering drops what "
+                       "still goes to port 53 after the redirect; use another port, e.g. 5353)")
     names = ", ".join(f'"{name}"' for name in sorted(set(interfaces)))
     return "\n".join([
         f"table inet {TABLE} {{}}",  # make the delete below valid on first install
@@ -42,6 +51,15 @@ def ruleset(interfaces: list[str], port: int) -> str:
         "    type nat hook prerouting priority dstnat; policy accept;",
         f"    iifname {{ {names} }} udp dport 53 counter redirect to :{port}",
         f"    iifname {{ {names} }} tcp dport 53 counter redirect to :{port}",
+        "  }",
+        "  chain unsteered {",
+        "    type filter hook prerouting priority dstnat + 10; policy accept;",
+        f"    iifname {{ {names} }} meta l4proto {{ tcp, udp }} th dport 53 counter drop",
+        "  }",
+        "  chain replies {",
+        "    type filter hook postrouting priority filter; policy accept;",
+        *(f"    oifname {{ {names} }} ct direction reply ct status dnat meta l4proto {proto} "
+          f"ct original proto-dst 53 meta mark set meta mark | {MARK_DNS_REPLY:#010x}" for proto in ("udp", "tcp")),
         "  }",
         "}",
         "",

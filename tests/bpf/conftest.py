@@ -28,6 +28,12 @@ def netns(root):
                            check=True)
             subprocess.run(["ip", "-n", NS, "link", "set", ifname, "up"], check=True)
             subprocess.run(["ip", "-n", NS, "link", "set", ifname + "p", "up"], check=True)
+        # A host that forwards, with a route out and an address of its own on w1's link: what
+        # bpf_fib_lookup answers for neighbour discovery (tests/bpf/test_channels.py).
+        for cmd in (["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
+                    ["ip", "-6", "addr", "add", "fd00:1::1/64", "dev", IFACES["w1"], "nodad"],
+                    ["ip", "-6", "route", "add", "default", "via", "fe80::99", "dev", IFACES["x1"]]):
+            subprocess.run(["ip", "netns", "exec", NS, *cmd], check=True)
         yield NS
     finally:
         subprocess.run(["ip", "netns", "del", NS], capture_output=True)

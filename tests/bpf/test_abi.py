@@ -34,7 +34,16 @@ def test_mirror_matches_compiled_layout(datapath, map_name):
 
 def test_every_pinned_map_is_mirrored(datapath, pin_dir):
     pinned = {p.name for p in pin_dir.iterdir() if not p.name.startswith("attach-")}
-    assert pinned == set(abi.PINNED_MAPS)
+    assert pinned == set(abi.PINNED_MAPS) | set(abi.SHARE_MAPS)
+
+
+def test_dns_reply_mark_matches_abi_h():
+    import re
+
+    from skyguard import config
+
+    text = (config.BPF_DIR / "abi.h").read_text()
+    assert int(re.search(r"#define SG_MARK_DNS_REPLY (0x[0-9a-fA-F]+)", text).group(1), 16) == abi.MARK_DNS_REPLY
 
 
 def test_reason_table_parsed_from_abi_h(datapath):
