@@ -305,7 +305,9 @@ class CredentialProxy:
             status, headers, body = self._safe_response(state.engine, verdict.host, request, status, headers, body, facts)
             return serialise_response(request.method, keep_alive, status, headers, body)
         except (UnscrubbableResponse, CredentialError) as error:
-            return ProtocolRefusal(502, str(error))
+            # Our own words, but scrubbed all the same: nothing after the upstream's answer
+            # reaches the VM without passing the scrubber.
+            return ProtocolRefusal(502, state.engine.forms.scrub(str(error).encode())[0].decode("utf-8", "replace"))
         except (OSError, ssl.SSLError, asyncio.TimeoutError, UpstreamProtocolError, UnsafeHead) as error:
             return ProtocolRefusal(502, f"upstream failed: {type(error).__name__}")
 

@@ -331,6 +331,11 @@ class SwapEngine:
         return tuple(kept), body, scrubbed + n
 
 
+# Content codings registered with IANA that the proxy does not decode (named in its refusal).
+_KNOWN_CODINGS = frozenset({b"br", b"zstd", b"compress", b"x-compress", b"exi", b"pack200-gzip", b"aes128gcm",
+                            b"dcb", b"dcz"})
+
+
 class UnscrubbableResponse(CredentialError):
     """A response body the proxy cannot decode, so cannot prove free of secrets."""
 
@@ -348,7 +353,10 @@ def decode_body(headers: Headers, body: bytes, limit: int) -> bytes:
         elif coding == b"deflate":
             body = _inflate(body, zlib.MAX_WBITS if body[:1] == b"\x78" else -zlib.MAX_WBITS, limit, members=False)
         else:
-            raise UnscrubbableResponse(f"upstream used content coding {coding.decode('latin-1')!r}, which the proxy cannot inspect")
+            # Named only when it is a registered coding: the header is the upstream's to fill,
+            # and this message goes to the VM.
+            name = repr(coding.decode()) if coding in _KNOWN_CODINGS else "an unregistered one"
+            raise UnscrubbableResponse(f"upstream used content coding {name}, which the proxy cannot inspect")
     return body
 
 

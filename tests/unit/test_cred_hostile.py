@@ -54,6 +54,8 @@ class ReflectingUpstream:
                 writer.write(b"HTTP/1.1 200 " + secret + b"\r\nX-" + secret.hex().encode() + b": 1\r\n"
                              b"X-Value: " + secret + b"\r\nTrailer: X-Trailer\r\nTransfer-Encoding: chunked\r\n\r\n"
                              b"5\r\nhello\r\n0\r\nX-Trailer: " + secret + b"\r\n\r\n")
+            elif path == "/coding":  # a content coding the proxy refuses, named after the secret
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Encoding: " + secret + b"\r\nContent-Length: 2\r\n\r\nhi")
             elif path == "/gzip":
                 body = gzip.compress(b"part one, ") + gzip.compress(b"part two: " + secret + b" end")
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s"
@@ -101,6 +103,11 @@ def test_status_line_header_names_values_and_trailers_are_scrubbed(rig, reflecti
     assert head.startswith(b"HTTP/1.1 200 [skyguard-redacted]\r\n")
     assert b"x-value: [skyguard-redacted]" in head.lower() and b"x-trailer" not in out.lower()
     assert no_form_of_the_secret(out) and body.endswith(b"hello")
+
+
+def test_a_refused_response_does_not_carry_the_secret_in_the_refusal(rig, reflecting):
+    code, body = rig.curl("https://api.github.test/coding", "-H", AUTH, port=reflecting)
+    assert code == 502 and b"content coding an unregistered one" in body and no_form_of_the_secret(body)
 
 
 def test_every_gzip_member_is_decoded_and_scrubbed(rig, reflecting):
