@@ -111,3 +111,44 @@ def test_steering_ruleset_is_atomic_and_validates_names():
         CredentialSteering(['x"; flush ruleset; "'], 1, 2).ruleset()
     with pytest.raises(CredentialError):
         steering.ruleset(["not-an-ip"])
+
+
+def test_termination_set_policy_keeps_unchanged_listeners_and_replaces_changed_ones():
+    import dataclasses
+
+    cert, key = TestCA().issue(["web1.test"])
+    other_cert, other_key = TestCA().issue(["web1.test"])
+    secrets = MemorySecretSource({"web1-tls": cert + key, "web1-tls-2": other_cert + other_key})
+
+    async def run():
+        terminator = TlsTerminator(_policy(), secrets, decision_log=ListDecisionLog(), metrics=CredentialMetrics())
+        try:
+            [first] = await terminator.start("127.0.0.1")
+            [same] = await terminator.set_policy(_policy())
+            entry = dataclasses.replace(_policy().tls_termination[0], certificate="web1-tls-2")
+            [changed] = await terminator.set_policy(dataclasses.replace(_policy(), tls_termination=(entry,)))
+            served = await served_certificate(changed.listen_port)
+            gone = await terminator.set_policy(dataclasses.replace(_policy(), tls_termination=()))
+            refused = None
+            try:
+                await asyncio.open_connection("127.0.0.1", changed.listen_port)
+            except OSError as error:
+                refused = error
+            return first, same, served, gone, refused
+        finally:
+            await terminator.stop()
+
+    async def served_certificate(port):
+        import ssl
+
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context, server_hostname="web1.test")
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        writer.close()
+        return x509.load_der_x509_certificate(der)
+
+    first, same, served, gone, refused = asyncio.run(run())
+    assert same.listen_port == first.listen_port  # untouched: its connections go on
+    assert served == x509.load_pem_x509_certificate(other_cert)  # another certificate: served at once
+    assert gone == [] and isinstance(refused, ConnectionRefusedError)  # removed: nothing listens
