@@ -32,10 +32,11 @@ class Login:
 
 class AccessRefused(AdminError):
     """The operator is authenticated but may not open this session. `reason` is a short code for
-    logs and metrics; the message is meant for the operator's terminal."""
+    logs and metrics; the message is meant for the operator's terminal; `details` go to the log."""
 
-    def __init__(self, reason: str, message: str):
+    def __init__(self, reason: str, message: str, **details):
         self.reason = reason
+        self.details = details
         super().__init__(message)
 
 
@@ -85,10 +86,3 @@ def workload_ssh_address(workload: Workload) -> str:
         raise AccessRefused("no_address", f"skyguard: workload {workload.name} has no address in the policy")
     v4 = [a for a in workload.addresses if a.version == 4]
     return str((v4 or list(workload.addresses))[0])
-
-
-def looks_like_scp(command: str) -> bool:
-    """True for the server side of legacy scp (`scp -t DIR` / `scp -f FILE`), which carries file
-    transfers outside the SFTP subsystem and so falls under the same policy switch."""
-    first = command.strip().split(None, 1)[0] if command.strip() else ""
-    return first.rsplit("/", 1)[-1] == "scp"

@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[2]
 CLONE_NEWNET = 0x40000000
 PROXY_PORT = 24222
 KILLABLE_PROXY_PORT = 24223  # the proxy run as its own process, to be killed
+MOVED_PORT = 24224  # where a policy change moves the listener (test_admin_lifecycle.py)
 
 
 def build_policy(spec: dict, port: int) -> Policy:
@@ -183,7 +184,7 @@ LogLevel VERBOSE
         proxy = AdminSshProxy(policy, SecretStore(state / "secrets"), state, decision_log, registry, config)
         proxy_thread.run(proxy.start())
         (tmp / "known_hosts").write_text("".join(f"[127.0.0.1]:{port} {keys.public_line(proxy.host_key)}\n"
-                                                 for port in (PROXY_PORT, KILLABLE_PROXY_PORT)))
+                                                 for port in (PROXY_PORT, KILLABLE_PROXY_PORT, MOVED_PORT)))
 
         # Wait until the VM's sshd listens (a real TCP connect from the proxy's namespace).
         for _ in range(100):
@@ -198,7 +199,7 @@ LogLevel VERBOSE
         yield Lab(tmp, state, px_ns, vm_ip, policy, proxy, proxy_thread, registry, decision_log, env)
     finally:
         if proxy is not None:
-            proxy_thread.run(proxy.close())
+            proxy_thread.run(proxy.stop())
         if proxy_thread is not None:
             proxy_thread.stop()
         if sshd is not None:
@@ -224,9 +225,14 @@ class Lab:
             args += ["-o", f"BindAddress={source}"]
         return args + list(extra) + [f"{user}@127.0.0.1"]
 
-    def ssh(self, key, user, *command, extra=(), input=None, tool="ssh", source=None, timeout=60):
-        return subprocess.run(self.ssh_args(key, user, *extra, tool=tool, source=source) + list(command),
-                              input=input, capture_output=True, text=True, timeout=timeout)
+    def ssh(self, key, user, *command, extra=(), input=None, tool="ssh", source=None, timeout=60,
+            port=PROXY_PORT):
+        return subprocess.run(self.ssh_args(key, user, *extra, tool=tool, source=source, port=port)
+                              + list(command), input=input, capture_output=True, text=True, timeout=timeout)
+
+    def set_policy(self, policy):
+        """The policy swap as the daemon does it: on the proxy's loop."""
+        self.proxy_thread.run(self.proxy.set_policy(policy))
 
     def cli(self, *args):
         return subprocess.run([sys.executable, "-m", "skyguard.cli.main", *args],
@@ -339,13 +345,13 @@ def test_port_forwarding_is_refused_by_default(lab):
 
 def test_port_forwarding_when_policy_allows_opens_from_the_vm(lab):
     allowing = replace(lab.policy, admin_ssh=replace(lab.policy.admin_ssh, port_forwarding=True))
-    lab.proxy.update_policy(allowing)
+    lab.set_policy(allowing)
     try:
         # -W joins our stdio to a TCP connection that the VM opens: here to its own sshd.
         out = subprocess.run(lab.ssh_args("alice", "alice+dc1", "-W", f"{lab.vm_ip}:22"),
                              input=b"", capture_output=True, timeout=60)
     finally:
-        lab.proxy.update_policy(lab.policy)
+        lab.set_policy(lab.policy)
     assert out.stdout.startswith(b"SSH-2.0-OpenSSH"), out.stderr
     assert any(e["dest"] == f"{lab.vm_ip}:22" for e in lab.entries("admin_port_forward"))
 
@@ -358,11 +364,11 @@ def test_policy_change_revokes_open_sessions(lab):
         assert client.stdout.readline().strip() == "revocable-session-up"
         alice_elsewhere = tuple(replace(op, may_access=("auth",)) if op.name == "alice" else op
                                 for op in lab.policy.admin_ssh.operators)
-        lab.proxy.update_policy(replace(lab.policy, admin_ssh=replace(lab.policy.admin_ssh,
+        lab.set_policy(replace(lab.policy, admin_ssh=replace(lab.policy.admin_ssh,
                                                                        operators=alice_elsewhere)))
         _, stderr = client.communicate(timeout=30)
     finally:
-        lab.proxy.update_policy(lab.policy)
+        lab.set_policy(lab.policy)
         client.kill()
         client.wait()
     assert client.returncode == 255 and "access revoked by a policy change" in stderr
@@ -398,11 +404,11 @@ def test_sftp_refused_by_default_and_logged_with_file_names_when_allowed(lab):
     assert scp.returncode == 1 and "disabled by policy" in scp.stderr
 
     allowing = replace(lab.policy, admin_ssh=replace(lab.policy.admin_ssh, sftp=True))
-    lab.proxy.update_policy(allowing)
+    lab.set_policy(allowing)
     try:
         allowed = lab.ssh("alice", "alice+dc1", extra=["-b", "-"], tool="sftp", input=batch)
     finally:
-        lab.proxy.update_policy(lab.policy)
+        lab.set_policy(lab.policy)
     assert allowed.returncode == 0, allowed.stderr
     assert (lab.tmp / "fetched").read_text() == Path("/etc/hostname").read_text()
     transfers = lab.entries("admin_file_transfer")

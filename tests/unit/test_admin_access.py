@@ -72,12 +72,6 @@ def test_workload_address_prefers_ipv4_and_requires_one():
         access.workload_ssh_address(POLICY.workload("bare"))
 
 
-@pytest.mark.parametrize("command,is_scp", [("scp -t /tmp", True), ("/usr/bin/scp -f x", True),
-                                            ("echo scp", False), ("", False), ("scpx", False)])
-def test_scp_detection(command, is_scp):
-    assert access.looks_like_scp(command) is is_scp
-
-
 class Clock:
     def __init__(self):
         self.now = 1000.0

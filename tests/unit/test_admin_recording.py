@@ -6,14 +6,16 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import asyncssh
 import pytest
 
 from skyguard.admin import keys
+from skyguard.admin.connection import VmHostKeys
 from skyguard.admin.decisionlog import DecisionLog, JsonLinesDecisionLog
-from skyguard.admin.proxy import VmHostKeys, parse_listen
+from skyguard.admin.proxy import parse_listen
 from skyguard.admin.recording import SessionArchive, replay, sha256_file, validate_session_id
 from skyguard.custody.store import SecretStore
 from skyguard.errors import AdminError, BadInput
@@ -190,6 +192,24 @@ def test_proxy_refuses_a_policy_with_a_bad_operator_key(tmp_path):
                     admin_ssh=AdminSsh(operators=(SshOperator("mallory", "ssh-ed25519 not-base64!", ()),)))
     with pytest.raises(BadInput, match="operator 'mallory' is not an OpenSSH public key"):
         AdminSshProxy(policy, SecretStore(tmp_path / "secrets"), tmp_path, JsonLinesDecisionLog(tmp_path / "l"))
-    with pytest.raises(BadInput, match="no admin.ssh section"):
-        AdminSshProxy(Policy(name="t", zones={}, networks={}, rules=()), SecretStore(tmp_path / "secrets"),
-                      tmp_path, JsonLinesDecisionLog(tmp_path / "l"))
+
+
+def test_proxy_without_admin_ssh_does_not_listen_and_creates_no_keys(tmp_path):
+    import asyncio
+
+    from skyguard.admin.proxy import AdminSshProxy
+    from skyguard.policy.model import AdminSsh, Policy
+
+    store = SecretStore(tmp_path / "secrets")
+    bare = Policy(name="t", zones={}, networks={}, rules=())
+    proxy = AdminSshProxy(bare, store, tmp_path, JsonLinesDecisionLog(tmp_path / "l"))
+
+    async def lifecycle():
+        assert await proxy.start() is None and proxy.address is None
+        with pytest.raises(BadInput, match="must be HOST:PORT"):  # refused whole: nothing changes
+            await proxy.set_policy(replace(bare, admin_ssh=AdminSsh(listen="nowhere")))
+        assert proxy.policy is bare and proxy.address is None
+        await proxy.stop()
+
+    asyncio.run(lifecycle())
+    assert store.list() == []

@@ -1,0 +1,327 @@
+"""One operator's SSH connection to the access proxy, and skyguard's own connection to the VM.
+
+OperatorConnection authenticates the operator (their key from the policy, the brute-force brake),
+resolves OPERATOR+WORKLOAD to a VM they may reach (access.py), opens skyguard's connection to that
+VM with the VM key on first use (pinning the VM's host key: VmHostKeys), hands each session
+channel to session.py and bridges port forwards when policy allows. `revocation()` says whether
+the policy now in force still allows the connection; the proxy (proxy.py) asks it after every
+policy change. Not the listener, not session recording.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import asyncssh
+
+from skyguard import fsutil
+from skyguard.admin import access, keys
+from skyguard.admin.session import EXIT_UNREACHABLE, ProxySession
+from skyguard.errors import AdminError, BadInput
+
+if TYPE_CHECKING:
+    from skyguard.admin.proxy import AdminSshProxy
+
+log = logging.getLogger("skyguard.admin")
+
+SHUTDOWN_GRACE = 2.0  # seconds a revoked or shut-down connection gets to deliver its last words
+
+
+class VmHostKeys:
+    """Trust-on-first-use pins of VM host keys, one per workload, in a JSON file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def _load(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except ValueError:
+            raise AdminError(f"{self.path} is damaged; fix or remove it (VM host keys are re-pinned)") from None
+
+    def check(self, workload: str, key: asyncssh.SSHKey) -> bool:
+        pins = self._load()
+        line = keys.public_line(key).split()[:2]
+        pinned = pins.get(workload)
+        if pinned is None:
+            pins[workload] = " ".join(line)
+            fsutil.write_private(self.path, json.dumps(pins, indent=1, sort_keys=True).encode())
+            log.info("pinned host key of %s: %s", workload, keys.fingerprint(key))
+            return True
+        return pinned.split()[:2] == line
+
+
+class VmClient(asyncssh.SSHClient):
+    def __init__(self, proxy: AdminSshProxy, workload: str):
+        self.proxy = proxy
+        self.workload = workload
+        self.host_key_changed = False
+
+    def validate_host_public_key(self, host, addr, port, key) -> bool:
+        if self.proxy.vm_host_keys.check(self.workload, key):
+            return True
+        self.host_key_changed = True
+        return False
+
+
+class OperatorConnection(asyncssh.SSHServer):
+    """One operator's connection: authentication, the target, and the upstream connection."""
+
+    def __init__(self, proxy: AdminSshProxy):
+        self.proxy = proxy
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self.source = "?"
+        self.login: access.Login | None = None
+        self.operator = None
+        self.key_fingerprint = None
+        self.authenticated = False
+        self.auth_attempted = False
+        self.rejected_keys = 0
+        self.workload = None
+        self.refusal: access.AccessRefused | None = None
+        self._upstream: asyncssh.SSHClientConnection | None = None
+        self._upstream_lock = asyncio.Lock()
+        self.sessions: set[ProxySession] = set()
+        self.agent_relayed = False  # the VM connection forwards the operator's agent
+        self.tunnels: set[asyncio.StreamWriter] = set()  # both ends of open port forwards
+        self.closing = False
+
+    # -- connection and authentication ---------------------------------------------------------
+
+    def connection_made(self, conn) -> None:
+        self.conn = conn
+        peer = conn.get_extra_info("peername") or ("?",)
+        self.source = str(peer[0])
+        self.proxy.connections.add(self)
+
+    def connection_lost(self, exc) -> None:
+        self.proxy.connections.discard(self)
+        if self.auth_attempted and not self.authenticated:
+            self._auth_failed("bad_key")
+        if self._upstream is not None:
+            self._upstream.close()
+
+    def shutdown(self, reason: str, result: str = "proxy_shutdown") -> None:
+        """End every session with `reason` on the operator's terminal, then the connection. The
+        connection closes once the sessions have (closing it at once could drop the message),
+        or after SHUTDOWN_GRACE seconds at the latest."""
+        self.closing = True
+        for session in list(self.sessions):
+            session.end_with_message(f"\r\nskyguard: {reason}\r\n", EXIT_UNREACHABLE, result)
+        if not self.sessions:
+            self.close_now()
+        else:
+            asyncio.get_running_loop().call_later(SHUTDOWN_GRACE, self.close_now)
+
+    def close_now(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+    def revocation(self) -> str | None:
+        """Why the policy now in force no longer allows this connection, or None if it does.
+        Connections still authenticating are judged by the new policy when they finish."""
+        ssh = self.proxy.policy.admin_ssh
+        if ssh is None:
+            return "SSH access was removed from the policy"
+        if self.operator is None or self.workload is None:
+            return None  # not past authentication and authorisation yet: the new policy applies
+        operator = access.find_operator(ssh, self.operator.name)
+        key = self.proxy.operator_keys.get(self.operator.name)
+        if operator is None or key is None or keys.fingerprint(key) != self.key_fingerprint:
+            return "access revoked by a policy change"
+        try:
+            access.authorize(self.proxy.policy, operator, self.login)
+        except access.AccessRefused:
+            return "access revoked by a policy change"
+        if self.agent_relayed and not ssh.agent_forwarding:
+            return "agent forwarding was turned off by a policy change"
+        return None
+
+    def close_tunnels(self) -> None:
+        """End every open port forward (port forwarding was turned off)."""
+        for writer in list(self.tunnels):
+            writer.close()
+        self.tunnels.clear()
+
+    def session_closed(self, session: "ProxySession") -> None:
+        self.sessions.discard(session)
+        if self.closing and not self.sessions:
+            self.close_now()
+
+    def _auth_failed(self, reason: str) -> None:
+        self.proxy.metrics.auth_failures.labels(reason).inc()
+        self.proxy.record({"type": "admin_auth_failure", "source": self.source, "reason": reason,
+                           "user": (self.login.operator if self.login else None)})
+        log.warning("SSH login failed from %s (%s)", self.source, reason)
+        if self.proxy.limiter.failure(self.source):
+            self.proxy.record({"type": "admin_source_blocked", "source": self.source,
+                               "seconds": self.proxy.config.block_for})
+            log.warning("blocking SSH logins from %s for %ss after repeated failures", self.source,
+                        self.proxy.config.block_for)
+
+    def begin_auth(self, username: str) -> bool:
+        if self.proxy.limiter.is_blocked(self.source):
+            self.proxy.metrics.auth_failures.labels("rate_limited").inc()
+            self.proxy.record({"type": "admin_auth_failure", "source": self.source, "reason": "rate_limited"})
+            self.conn.disconnect(asyncssh.DISC_HOST_NOT_ALLOWED_TO_CONNECT,
+                                 "too many failed logins from your address; try again later")
+            return True
+        self.auth_attempted = True
+        try:
+            self.login = access.parse_login(username)
+        except BadInput:
+            self.login = None  # authentication will fail: no operator has that name
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        # Parse the name of this very request: SSH lets a client change it between attempts.
+        try:
+            login = access.parse_login(username)
+        except BadInput:
+            login = None
+        ssh = self.proxy.policy.admin_ssh  # None once admin.ssh left the policy: nobody gets in
+        operator = access.find_operator(ssh, login.operator) if login and ssh else None
+        expected = self.proxy.operator_keys.get(operator.name) if operator else None
+        if expected is not None and expected.public_data == key.public_data:
+            self.login, self.operator = login, operator
+            self.key_fingerprint = keys.fingerprint(key)
+            return True
+        self.rejected_keys += 1
+        if self.rejected_keys >= self.proxy.config.max_keys_per_connection:
+            self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "too many keys offered")
+        return False
+
+    def auth_completed(self) -> None:
+        self.authenticated = True
+        self.proxy.limiter.success(self.source)
+        try:
+            self.workload = access.authorize(self.proxy.policy, self.operator, self.login)
+        except access.AccessRefused as refused:
+            # Told to the operator when they open a session (an SSH login has no place for text).
+            self.refusal = refused
+            self.proxy.record({"type": "admin_access_refused", "operator": self.operator.name,
+                               "key_fingerprint": self.key_fingerprint, "source": self.source,
+                               "workload": self.login.workload, "reason": refused.reason})
+
+    # -- the VM side ------------------------------------------------------------------------------
+
+    async def upstream(self) -> asyncssh.SSHClientConnection:
+        """skyguard's own connection to the VM, opened on first use and shared by the channels."""
+        async with self._upstream_lock:
+            if self._upstream is not None:
+                return self._upstream
+            workload = self.workload
+            address = access.workload_ssh_address(workload)
+            cfg = self.proxy.config
+            client = VmClient(self.proxy, workload.name)
+            # Relay the VM's agent requests to the operator's agent only when policy allows it
+            # and the operator forwarded one.
+            ssh = self.proxy.policy.admin_ssh
+            agent = self.conn.get_agent_path() if ssh is not None and ssh.agent_forwarding else None
+            try:
+                conn, _ = await asyncio.wait_for(asyncssh.create_connection(
+                    lambda: client, address, cfg.vm_port, username=cfg.vm_user,
+                    client_keys=[self.proxy.vm_key], known_hosts=([], [], []),
+                    server_host_key_algs="default", agent_path=agent,
+                    agent_forwarding=agent is not None, encoding=None,
+                    preferred_auth="publickey", connect_timeout=cfg.connect_timeout,
+                ), cfg.connect_timeout)
+            except (asyncio.TimeoutError, TimeoutError):
+                raise access.AccessRefused("vm_unreachable",
+                    f"skyguard: {workload.name} ({address}:{cfg.vm_port}) did not answer within "
+                    f"{cfg.connect_timeout:g} s; the VM may be down or its sshd not running") from None
+            except asyncssh.PermissionDenied:
+                raise access.AccessRefused("vm_refused_key",
+                    f"skyguard: {workload.name} refused skyguard's VM key; add the line from "
+                    f"`skyguard admin vm-key` to {cfg.vm_user}'s authorized_keys on the VM") from None
+            except (OSError, asyncssh.Error) as e:
+                if client.host_key_changed:
+                    raise access.AccessRefused("vm_host_key_changed",
+                        f"skyguard: the host key of {workload.name} changed since it was pinned; if "
+                        f"the VM was reinstalled, remove its entry from {self.proxy.vm_host_keys.path}") from None
+                errno = getattr(e, "errno", None)
+                reason = (os.strerror(errno) if errno else None) or getattr(e, "reason", None) or type(e).__name__
+                raise access.AccessRefused("vm_unreachable",
+                    f"skyguard: cannot reach {workload.name} ({address}:{cfg.vm_port}): {reason}; "
+                    "is the VM up and its sshd running?") from None
+            self._upstream = conn
+            self.agent_relayed = agent is not None
+            return conn
+
+    # -- channels -----------------------------------------------------------------------------------
+
+    def session_requested(self):
+        return ProxySession(self)
+
+    def _refuse(self, request: str, message: str, **details):
+        self.proxy.metrics.refusals.labels(request).inc()
+        self.proxy.record({"type": "admin_request_refused", "request": request,
+                           "operator": self.operator.name if self.operator else None,
+                           "workload": self.workload.name if self.workload else None,
+                           "source": self.source, **details})
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, message)
+
+    def connection_requested(self, dest_host, dest_port, orig_host, orig_port):
+        if self.workload is None:
+            self._refuse("port_forward", "skyguard: no VM selected for this connection",
+                         dest=f"{dest_host}:{dest_port}")
+        ssh = self.proxy.policy.admin_ssh
+        if ssh is None or not ssh.port_forwarding:
+            self._refuse("port_forward", "port forwarding is disabled by skyguard policy "
+                         "(admin.ssh.port_forwarding)", dest=f"{dest_host}:{dest_port}")
+        self.proxy.record({"type": "admin_port_forward", "operator": self.operator.name,
+                           "workload": self.workload.name, "dest": f"{dest_host}:{dest_port}"})
+
+        async def bridge(reader, writer):
+            try:
+                upstream = await self.upstream()
+                vm_reader, vm_writer = await upstream.open_connection(dest_host, dest_port)
+            except (access.AccessRefused, asyncssh.Error, OSError):
+                writer.close()
+                return
+            ssh = self.proxy.policy.admin_ssh
+            if ssh is None or not ssh.port_forwarding:  # turned off while the VM was being reached
+                writer.close()
+                vm_writer.close()
+                return
+            self.tunnels.update((writer, vm_writer))
+
+            async def pump(src, dst):
+                try:
+                    while data := await src.read(65536):
+                        dst.write(data)
+                        await dst.drain()
+                finally:
+                    dst.write_eof()
+
+            await asyncio.gather(pump(reader, vm_writer), pump(vm_reader, writer), return_exceptions=True)
+            writer.close()
+            vm_writer.close()
+            self.tunnels.difference_update((writer, vm_writer))
+
+        return bridge
+
+    def server_requested(self, listen_host, listen_port):
+        self.proxy.metrics.refusals.labels("remote_forward").inc()
+        self.proxy.record({"type": "admin_request_refused", "request": "remote_forward",
+                           "operator": self.operator.name if self.operator else None,
+                           "workload": self.workload.name if self.workload else None,
+                           "source": self.source, "listen": f"{listen_host}:{listen_port}"})
+        return False
+
+    def unix_connection_requested(self, dest_path):
+        self._refuse("unix_forward", "UNIX socket forwarding is not allowed by skyguard")
+
+    def unix_server_requested(self, listen_path):
+        return False
+

@@ -1,0 +1,314 @@
+"""One bridged SSH channel of the access proxy: the operator's side and the VM's side.
+
+ProxySession is what the operator opened (a shell with or without a pty, an exec, a subsystem);
+it asks commands.decide() whether it may run, opens the same kind of channel on skyguard's own
+connection to the VM (connection.py), records it (recording.py) and relays data, window and exit
+status both ways. VmSession is the VM's end of that channel. Errors meant for the operator go to
+the session's stderr with a non-zero exit status (1 refused, 255 VM unreachable or session ended
+by skyguard), so the OpenSSH client shows them. Not authentication, not forwarding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+import asyncssh
+
+from skyguard.admin import access, commands
+from skyguard.admin.recording import SessionRecording
+from skyguard.admin.sftp import SftpRequestWatcher
+from skyguard.errors import SkyguardError
+
+if TYPE_CHECKING:
+    from skyguard.admin.connection import OperatorConnection
+
+log = logging.getLogger("skyguard.admin")
+
+EXIT_REFUSED = 1
+EXIT_UNREACHABLE = 255  # what OpenSSH itself returns when it cannot reach a host
+LOGGED_COMMAND_CHARS = commands.MAX_COMMAND_CHARS  # a refused command is logged up to this length
+# Refusal reasons also counted in skyguard_admin_ssh_refused_requests_total, under this label.
+REFUSED_REQUEST_LABELS = {"file_transfer_refused": "file_transfer", "command_not_allowed": "command",
+                          "shell_not_allowed": "shell", "command_too_long": "command"}
+
+
+def _runs_sftp_server(command: str | None) -> bool:
+    """An exec of sftp-server itself (`sftp -s /usr/lib/openssh/sftp-server`): SFTP by exec, whose
+    file names are logged as for the subsystem."""
+    words = (command or "").split()
+    return bool(words) and words[0].rsplit("/", 1)[-1].lower() == "sftp-server"
+
+
+class VmSession(asyncssh.SSHClientSession):
+    """The VM's side of one bridged channel: output goes to the operator and the transcript."""
+
+    def __init__(self, front: "ProxySession"):
+        self.front = front
+        self.exit_status = None
+        self.exit_signal = None
+
+    def data_received(self, data, datatype):
+        self.front.from_vm(data, datatype)
+
+    def eof_received(self):
+        self.front.chan.write_eof()
+        return True
+
+    def pause_writing(self):
+        self.front.chan.pause_reading()  # the VM is not keeping up: stop reading the operator
+
+    def resume_writing(self):
+        self.front.chan.resume_reading()
+
+    def exit_status_received(self, status):
+        self.exit_status = status
+
+    def exit_signal_received(self, signal, core_dumped, msg, lang):
+        self.exit_signal = signal
+
+    def connection_lost(self, exc):
+        self.front.vm_closed(self.exit_status, self.exit_signal)
+
+
+class ProxySession(asyncssh.SSHServerSession):
+    """The operator's side of one channel: what was asked (pty, shell, exec, subsystem)."""
+
+    def __init__(self, owner: OperatorConnection):
+        self.owner = owner
+        self.proxy = owner.proxy
+        self.chan = None
+        self.vm_chan = None
+        self.term = None
+        self.size = (80, 24, 0, 0)
+        self.modes = {}
+        self.kind = None
+        self.command = None
+        self.recording: SessionRecording | None = None
+        self.sftp_watch: SftpRequestWatcher | None = None
+        self.decision: commands.Decision | None = None  # set once the session may run
+        self.ended = False
+        self.active_counted = False
+        self.pending: list[bytes] = []
+        self.pending_eof = False
+
+    def connection_made(self, chan):
+        self.chan = chan
+        self.owner.sessions.add(self)
+
+    def pty_requested(self, term_type, term_size, term_modes):
+        self.term, self.size, self.modes = term_type, term_size, term_modes
+        return True
+
+    def shell_requested(self):
+        self.kind = "shell"
+        return True
+
+    def exec_requested(self, command):
+        self.kind, self.command = "exec", command.decode("utf-8", "replace") if isinstance(command, bytes) else command
+        return True
+
+    def subsystem_requested(self, subsystem):
+        self.kind, self.command = "subsystem", subsystem.decode("utf-8", "replace") if isinstance(subsystem, bytes) else subsystem
+        return True
+
+    def session_started(self):
+        self.chan.pause_reading()  # nothing reaches the VM before it is authorised and connected
+        self._opening = asyncio.get_running_loop().create_task(self._open())  # keep a reference
+
+    async def _open(self):
+        owner = self.owner
+        operator = owner.operator.name
+        try:
+            if owner.refusal is not None:
+                raise owner.refusal
+            workload = owner.workload
+            self.decision = commands.decide(self.proxy.policy, self.kind, self.command)
+            upstream = await owner.upstream()
+            if self.ended:  # the operator left while the VM was being reached
+                return
+        except access.AccessRefused as refused:
+            self._refused(refused)
+            return
+        except Exception:  # noqa: BLE001 - one session's surprise must not take the proxy down
+            log.exception("SSH session setup failed")
+            self._refused(access.AccessRefused("error", "skyguard: internal error opening the session"))
+            return
+        width, height = self.size[0] or 80, self.size[1] or 24
+        self.recording = self.proxy.archive.begin(
+            operator=operator, key_fingerprint=owner.key_fingerprint, workload=workload.name,
+            zone=workload.zone, source=owner.source, kind=self.kind, command=self.command,
+            width=width, height=height, term=self.term)
+        if self.decision.transfer and (self.kind == "subsystem" or _runs_sftp_server(self.command)):
+            self.sftp_watch = SftpRequestWatcher()
+        self.proxy.metrics.active.inc()
+        self.active_counted = True
+        try:
+            self.vm_chan, _ = await upstream.create_session(
+                lambda: VmSession(self), command=self.command if self.kind == "exec" else None,
+                subsystem=self.command if self.kind == "subsystem" else None,
+                term_type=self.term, term_size=self.size if self.term else None,
+                term_modes=self.modes if self.term else None, encoding=None,
+                request_pty=bool(self.term))
+        except (asyncssh.Error, OSError) as e:
+            reason = getattr(e, "reason", None) or type(e).__name__
+            self.end_with_message(f"skyguard: {workload.name} refused the session: {reason}\r\n",
+                                  EXIT_UNREACHABLE, "vm_refused_session")
+            return
+        if self.ended:  # the operator went away while the VM was being reached
+            self.vm_chan.close()
+            return
+        pending, self.pending = self.pending, []
+        for data in pending:
+            self.data_received(data, None)
+        if self.pending_eof:
+            self.vm_chan.write_eof()
+        self.chan.resume_reading()
+
+    def _refused(self, refused: access.AccessRefused):
+        if self.ended:
+            return
+        self.ended = True
+        operator = self.owner.operator.name
+        self.proxy.metrics.sessions.labels(operator, refused.reason).inc()
+        if refused.reason in REFUSED_REQUEST_LABELS:
+            self.proxy.metrics.refusals.labels(REFUSED_REQUEST_LABELS[refused.reason]).inc()
+        command = self.command
+        extra = dict(refused.details)
+        if command is not None and len(command) > LOGGED_COMMAND_CHARS:
+            extra["command_chars"] = len(command)
+            command = command[:LOGGED_COMMAND_CHARS]
+        self.proxy.record({"type": "admin_session_refused", "operator": operator,
+                           "key_fingerprint": self.owner.key_fingerprint, "source": self.owner.source,
+                           "workload": self.owner.login.workload if self.owner.login else None,
+                           "kind": self.kind, "command": command, "reason": refused.reason, **extra})
+        code = EXIT_UNREACHABLE if refused.reason.startswith("vm_") else EXIT_REFUSED
+        try:
+            self.chan.write_stderr((str(refused) + "\r\n").encode())
+            self.chan.exit(code)
+        except (asyncssh.Error, OSError):
+            pass  # the operator is already gone
+
+    def recheck(self) -> None:
+        """After a policy change: end this session if the new policy would not let it start."""
+        if self.ended or self.decision is None:
+            return  # ended, or not decided yet (_open decides under the policy in force then)
+        try:
+            commands.decide(self.proxy.policy, self.kind, self.command)
+        except access.AccessRefused as refused:
+            self.proxy.record({"type": "admin_access_revoked", "operator": self.owner.operator.name,
+                               "workload": self.owner.workload.name, "source": self.owner.source,
+                               "session": self.recording.id if self.recording else None,
+                               "reason": refused.reason})
+            self.end_with_message(f"\r\nskyguard: this session is no longer allowed by a policy change: "
+                                  f"{str(refused).removeprefix('skyguard: ')}\r\n", EXIT_UNREACHABLE, "revoked")
+
+    # operator -> VM
+    def data_received(self, data, datatype):
+        if self.vm_chan is None:
+            # Reading is paused until the VM is connected; anything already in flight waits here
+            # (bounded by the channel window the client was granted).
+            if not self.ended:
+                self.pending.append(data)
+            return
+        if self.recording:
+            self.recording.input(data)
+        if self.sftp_watch is not None:
+            for op, path in self.sftp_watch.feed(data):
+                self.recording.note("files", {"op": op, "path": path})
+                self.proxy.record({"type": "admin_file_transfer", "session": self.recording.id,
+                                   "operator": self.owner.operator.name,
+                                   "workload": self.owner.workload.name, "op": op, "path": path})
+        self.vm_chan.write(data)
+
+    def eof_received(self):
+        if self.vm_chan is not None:
+            self.vm_chan.write_eof()
+        else:
+            self.pending_eof = True
+        return True
+
+    def terminal_size_changed(self, width, height, pixwidth, pixheight):
+        self.size = (width, height, pixwidth, pixheight)
+        if self.vm_chan is not None:
+            self.vm_chan.change_terminal_size(width, height, pixwidth, pixheight)
+        if self.recording:
+            self.recording.resize(width, height)
+
+    def signal_received(self, signal):
+        if self.vm_chan is not None:
+            self.vm_chan.send_signal(signal)
+
+    def break_received(self, msec):
+        if self.vm_chan is not None:
+            self.vm_chan.send_break(msec)
+            return True
+        return False
+
+    def pause_writing(self):
+        if self.vm_chan is not None:
+            self.vm_chan.pause_reading()
+
+    def resume_writing(self):
+        if self.vm_chan is not None:
+            self.vm_chan.resume_reading()
+
+    # VM -> operator
+    def from_vm(self, data: bytes, datatype):
+        if self.ended:
+            return
+        if self.recording:
+            self.recording.output(data)
+        if datatype == asyncssh.EXTENDED_DATA_STDERR:
+            self.chan.write_stderr(data)
+        else:
+            self.chan.write(data)
+
+    def vm_closed(self, exit_status, exit_signal):
+        if self.ended:
+            return
+        if exit_signal:
+            self._finish("ok", exit_status, exit_signal)
+            self.chan.exit_with_signal(exit_signal)
+        elif exit_status is not None:
+            self._finish("ok", exit_status, None)
+            self.chan.exit(exit_status)
+        else:
+            self.end_with_message("\r\nskyguard: the connection to the VM was lost\r\n",
+                                  EXIT_UNREACHABLE, "vm_lost")
+
+    def end_with_message(self, message: str, code: int, result: str):
+        if self.ended:
+            return
+        if self.recording:
+            self.recording.output(message.encode())
+        self._finish(result, code, None)
+        try:
+            self.chan.write_stderr(message.encode())
+            self.chan.exit(code)
+        except (asyncssh.Error, OSError, BrokenPipeError):
+            pass
+        if self.vm_chan is not None:
+            self.vm_chan.close()
+
+    def _finish(self, result: str, exit_status, exit_signal):
+        self.ended = True
+        if self.active_counted:
+            self.proxy.metrics.active.dec()
+            self.active_counted = False
+        self.proxy.metrics.sessions.labels(self.owner.operator.name, result).inc()
+        if self.recording:
+            try:
+                self.recording.finish(result, exit_status, exit_signal)
+            except (OSError, SkyguardError):
+                log.exception("could not finish the recording of session %s", self.recording.id)
+
+    def connection_lost(self, exc):
+        """The operator's channel is gone (client exited or was killed): close the VM side and
+        finish the record with what was transferred up to now."""
+        if not self.ended:
+            self._finish("client_disconnected", None, None)
+            if self.vm_chan is not None:
+                self.vm_chan.close()
+        self.owner.session_closed(self)

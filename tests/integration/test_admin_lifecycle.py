@@ -1,0 +1,131 @@
+"""The SSH access proxy as a part of the daemon: start(), stop() and set_policy() on its loop, seen
+by real OpenSSH clients (the lab of test_admin_ssh.py: its own namespaces, its own proxy).
+
+A new policy takes effect at once: operators removed lose their open sessions and cannot log in
+again, `admin.ssh` removed closes the listener, a new `listen` moves it, forwarding turned off
+ends open tunnels; restoring the policy brings everything back.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from dataclasses import replace
+
+from test_admin_ssh import MOVED_PORT, PROXY_PORT, lab  # noqa: F401 - lab: the module-scoped fixture
+
+
+def open_session(lab, command):  # noqa: F811
+    """An exec session that says it is up, then waits; returns the client once it is up."""
+    client = subprocess.Popen(lab.ssh_args("alice", "alice+dc1") + [f"echo {command}-up; sleep 60"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert client.stdout.readline().strip() == f"{command}-up", client.stderr.read()
+    return client
+
+
+def ended(client) -> str:
+    """Wait for a client the proxy should have cut off; its stderr."""
+    try:
+        _, stderr = client.communicate(timeout=30)
+    finally:
+        client.kill()
+        client.wait()
+    assert client.returncode == 255, stderr
+    return stderr
+
+
+def test_operator_removed_loses_open_sessions_and_cannot_log_in_again(lab):  # noqa: F811
+    client = open_session(lab, "removed-operator")
+    without_alice = tuple(op for op in lab.policy.admin_ssh.operators if op.name != "alice")
+    try:
+        lab.set_policy(replace(lab.policy, admin_ssh=replace(lab.policy.admin_ssh, operators=without_alice)))
+        assert "access revoked by a policy change" in ended(client)
+        again = lab.ssh("alice", "alice+dc1", "echo should-not-run")
+        assert again.returncode == 255 and "Permission denied" in again.stderr, again.stderr
+    finally:
+        lab.set_policy(lab.policy)
+    assert lab.ssh("alice", "alice+dc1", "echo back").stdout.strip() == "back"
+    [meta] = lab.session_by_command("echo removed-operator-up; sleep 60")
+    assert meta["result"] == "revoked"
+
+
+def test_admin_ssh_removed_closes_the_listener_and_ends_sessions(lab):  # noqa: F811
+    client = open_session(lab, "admin-removed")
+    try:
+        lab.set_policy(replace(lab.policy, admin_ssh=None))
+        assert "SSH access was removed from the policy" in ended(client)
+        refused = lab.ssh("alice", "alice+dc1", "echo should-not-run")
+        assert refused.returncode == 255 and "Connection refused" in refused.stderr, refused.stderr
+        assert lab.proxy.address is None
+    finally:
+        lab.set_policy(lab.policy)
+    back = lab.ssh("alice", "alice+dc1", "echo listening-again")
+    assert back.returncode == 0 and back.stdout.strip() == "listening-again", back.stderr
+    assert any(e.get("reason") == "SSH access was removed from the policy" for e in lab.entries("admin_access_revoked"))
+
+
+def test_listen_address_change_moves_the_listener(lab):  # noqa: F811
+    client = open_session(lab, "before-the-move")
+    moved = replace(lab.policy, admin_ssh=replace(lab.policy.admin_ssh, listen=f"127.0.0.1:{MOVED_PORT}"))
+    try:
+        lab.set_policy(moved)
+        assert lab.proxy.address == ("127.0.0.1", MOVED_PORT)
+        there = lab.ssh("alice", "alice+dc1", "echo on-the-new-port", port=MOVED_PORT)
+        old = lab.ssh("alice", "alice+dc1", "echo should-not-run", port=PROXY_PORT)
+        assert client.poll() is None  # an allowed session is not cut by the move
+    finally:
+        lab.set_policy(lab.policy)
+        client.kill()
+        client.wait()
+    assert there.returncode == 0 and there.stdout.strip() == "on-the-new-port", there.stderr
+    assert old.returncode == 255 and "Connection refused" in old.stderr, old.stderr
+    assert lab.ssh("alice", "alice+dc1", "echo home-again").stdout.strip() == "home-again"
+
+
+def test_port_forwarding_turned_off_ends_open_tunnels(lab):  # noqa: F811
+    lab.set_policy(replace(lab.policy, admin_ssh=replace(lab.policy.admin_ssh, port_forwarding=True)))
+    tunnel = subprocess.Popen(lab.ssh_args("alice", "alice+dc1", "-W", f"{lab.vm_ip}:22"), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert tunnel.stdout.readline().startswith(b"SSH-2.0-OpenSSH")  # the VM's sshd, through the tunnel
+        lab.set_policy(lab.policy)
+        # The client exits once the proxy closes the tunnel (the VM's sshd alone would keep it
+        # open for its LoginGraceTime, 120 s).
+        tunnel.wait(timeout=30)  # (stdin stays open: its EOF would end the tunnel too)
+    finally:
+        lab.set_policy(lab.policy)
+        tunnel.kill()
+        tunnel.wait()
+
+
+def test_agent_forwarding_follows_the_policy(lab):  # noqa: F811
+    """asyncssh fixes agent forwarding per listener: turning it on re-listens, and the VM sees the agent."""
+    agent_socket = lab.tmp / "lifecycle-agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(agent_socket)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    env = {"SSH_AUTH_SOCK": str(agent_socket), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    try:
+        for _ in range(200):  # ssh-agent -D creates its socket after it starts
+            if agent_socket.exists():
+                break
+            time.sleep(0.02)
+        subprocess.run(["ssh-add", str(lab.tmp / "carol")], env=env, check=True, capture_output=True, timeout=30)
+        lab.set_policy(replace(lab.policy, admin_ssh=replace(lab.policy.admin_ssh, agent_forwarding=True)))
+        with_agent = subprocess.run(lab.ssh_args("alice", "alice+dc1", "-A") + ["ssh-add -l"], env=env,
+                                    capture_output=True, text=True, timeout=60)
+    finally:
+        lab.set_policy(lab.policy)
+        agent.terminate()
+        agent.wait(10)
+    assert with_agent.returncode == 0 and "carol" in with_agent.stdout, with_agent.stderr
+
+
+def test_stop_ends_sessions_and_start_listens_again(lab):  # noqa: F811
+    client = open_session(lab, "before-stop")
+    try:
+        lab.proxy_thread.run(lab.proxy.stop())
+        assert "shutting down" in ended(client)
+        assert lab.ssh("alice", "alice+dc1", "true").returncode == 255
+    finally:
+        lab.proxy_thread.run(lab.proxy.start())
+    assert lab.ssh("alice", "alice+dc1", "echo restarted").stdout.strip() == "restarted"
