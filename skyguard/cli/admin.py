@@ -14,11 +14,7 @@ from pathlib import Path
 import click
 
 from skyguard import config
-from skyguard.cli.common import emit_json, json_option
-
-state_dir_option = click.option(
-    "--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-    help="skyguard's state directory (default: $SKYGUARD_STATE_DIR or /var/lib/skyguard).")
+from skyguard.cli.common import emit_json, json_option, state_dir_option
 
 
 def _state(state_dir: Path | None) -> Path:

@@ -151,10 +151,31 @@ def test_keys_are_generated_once_and_sealed(tmp_path):
         assert private not in path.read_bytes()
 
 
-def cli(*args, state):
+def cli(*args, state, env_state=None):
+    """`skyguard admin ARGS` with --state-dir STATE (if given) and $SKYGUARD_STATE_DIR ENV_STATE."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "skyguard.cli.main", "admin", *args, "--state-dir", str(state)],
+    env.pop("SKYGUARD_STATE_DIR", None)
+    if env_state is not None:
+        env["SKYGUARD_STATE_DIR"] = str(env_state)
+    option = ["--state-dir", str(state)] if state is not None else []
+    return subprocess.run([sys.executable, "-m", "skyguard.cli.main", "admin", *args, *option],
                           capture_output=True, text=True, env=env)
+
+
+def test_cli_reads_the_state_dir_from_the_option_or_the_environment(tmp_path):
+    state, elsewhere = tmp_path / "state", tmp_path / "elsewhere"
+    archive = SessionArchive(state / "admin" / "sessions", JsonLinesDecisionLog(state / "admin" / "decisions.jsonl"))
+    rec = begin(archive)
+    rec.output(b"state-dir-marker\r\n")
+    rec.finish("ok", 0)
+    for how in ({"state": None, "env_state": state}, {"state": state, "env_state": elsewhere}):
+        listed = cli("sessions", "--json", **how)
+        assert listed.returncode == 0 and [s["id"] for s in json.loads(listed.stdout)] == [rec.id], listed.stderr
+        played = cli("replay", rec.id, "--speed", "100", **how)
+        assert played.returncode == 0 and "state-dir-marker" in played.stdout, played.stderr
+        assert str(state / "admin" / "decisions.jsonl") in played.stderr  # checked against that state's log
+    listed = cli("sessions", "--json", state=None, env_state=elsewhere)
+    assert listed.returncode == 0 and json.loads(listed.stdout) == []
 
 
 def test_cli_vm_key_sessions_and_replay_errors(tmp_path):
