@@ -21,6 +21,7 @@ import ssl
 from dataclasses import dataclass, field
 
 from skyguard.credproxy.ca import new_server_context
+from skyguard.credproxy.fairness import Slots
 from skyguard.credproxy.interfaces import CredentialMetrics, DecisionLog, SecretSource
 from skyguard.credproxy.sockets import original_destination, start_servers
 from skyguard.custody.pemload import load_cert_chain_from_memory, split_pem
@@ -33,6 +34,10 @@ HANDSHAKE_TIMEOUT = 10.0  # seconds for the client's TLS handshake
 CONNECT_TIMEOUT = 5.0  # seconds to reach the VM's plaintext port
 IDLE_TIMEOUT = 300.0  # seconds without a byte in either direction before both sides close
 CHUNK = 65536
+# Open connections per client address, across all terminated services: each costs two sockets
+# in the daemon, whose descriptors the credential proxy and DNS share, so one client must not
+# be able to take them all.
+MAX_CONNECTIONS_PER_CLIENT = 256
 
 
 @dataclass(frozen=True)
@@ -54,8 +59,10 @@ class TlsTerminator:
     """One listener per tls_termination entry of the policy. Use on the event loop."""
 
     def __init__(self, policy: Policy, secrets: SecretSource, *, decision_log: DecisionLog,
-                 metrics: CredentialMetrics, idle_timeout: float = IDLE_TIMEOUT):
+                 metrics: CredentialMetrics, idle_timeout: float = IDLE_TIMEOUT,
+                 max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT):
         self.policy = policy
+        self.clients = Slots(max_connections_per_client)
         self.secrets = secrets
         self.decision_log = decision_log
         self.metrics = metrics
@@ -157,8 +164,13 @@ class TlsTerminator:
     async def _accept(self, reader, writer, termination: TlsTermination, zone: str, addresses: tuple[str, ...],
                       running: _Running):
         task = asyncio.current_task()
-        running.tasks.add(task)
         peer = writer.get_extra_info("peername")
+        client = peer[0] if peer else None
+        if not self.clients.acquire(client):
+            writer.transport.abort()  # over this client's share: no log entry per refused connection
+            self.metrics.terminations.labels(termination.workload, "refused_over_share").inc()
+            return
+        running.tasks.add(task)
         result = "terminated"
         try:
             target = _pick_address(writer.get_extra_info("socket"), addresses)
@@ -180,6 +192,7 @@ class TlsTerminator:
             log.exception("TLS termination connection failed")
         finally:
             running.tasks.discard(task)
+            self.clients.release(client)
             writer.close()
             self.metrics.terminations.labels(termination.workload, result).inc()
             self.decision_log.record({

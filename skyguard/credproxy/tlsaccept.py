@@ -35,6 +35,7 @@ MAX_HELLO = 64 * 1024  # peeked at most; a ClientHello larger than this is refus
 POLL_FIRST = 0.005
 POLL_MAX = 0.1
 ACCEPT_BATCH = 64  # connections accepted per wake-up, so one flood cannot monopolise the loop
+ACCEPT_RETRY = 1.0  # seconds without accepting after the process ran out of descriptors
 ALERT_UNRECOGNIZED_NAME = b"\x15\x03\x03\x00\x02\x02\x70"  # fatal alert 112, as a raw record
 
 
@@ -172,8 +173,12 @@ class PeekingTlsListener:
                 sock, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as error:  # EMFILE and friends: the next wake-up tries again
-                log.warning("credential proxy cannot accept: %s", error.strerror)
+            except OSError as error:
+                # Out of file descriptors or memory: the pending connection stays queued and
+                # would wake the loop at once, endlessly. Pause accepting, as asyncio does.
+                log.warning("credential proxy cannot accept (%s); retrying in %ss", error.strerror, ACCEPT_RETRY)
+                self._loop.remove_reader(listener.fileno())
+                self._loop.call_later(ACCEPT_RETRY, self._resume_accepting, listener)
                 return
             sock.setblocking(False)
             # asyncio sets this itself only on sockets whose proto says TCP, which accepted
@@ -188,6 +193,10 @@ class PeekingTlsListener:
             self._pending[sock.fileno()] = (sock, token, deadline, POLL_FIRST)
             self._loop.add_reader(sock.fileno(), self._peek, sock.fileno())
             self._loop.call_at(deadline, self._expire, sock.fileno(), sock)  # a client that never speaks
+
+    def _resume_accepting(self, listener: socket.socket) -> None:
+        if listener in self._listeners:
+            self._loop.add_reader(listener.fileno(), self._accept, listener)
 
     def _peek(self, fd: int) -> None:
         entry = self._pending.get(fd)

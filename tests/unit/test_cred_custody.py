@@ -152,3 +152,45 @@ def test_termination_set_policy_keeps_unchanged_listeners_and_replaces_changed_o
     assert same.listen_port == first.listen_port  # untouched: its connections go on
     assert served == x509.load_pem_x509_certificate(other_cert)  # another certificate: served at once
     assert gone == [] and isinstance(refused, ConnectionRefusedError)  # removed: nothing listens
+
+
+def test_one_client_cannot_hold_every_termination_connection():
+    cert, key = TestCA().issue(["web1.test"])
+    policy = Policy("t", {"web": Zone("web", (Workload("web1", "web", "sg-web1", "02:00:00:00:09:02",
+                                                           (ipaddress.ip_address("127.0.0.1"),)),))}, {}, (),
+                    tls_termination=(TlsTermination("web1", 443, 18443, "web1-tls"),))
+
+    async def echo(reader, writer):  # the VM's plaintext service
+        while data := await reader.read(100):
+            writer.write(data)
+
+    async def run():
+        import ssl
+
+        vm = await asyncio.start_server(echo, "127.0.0.1", 18443)
+        terminator = TlsTerminator(policy, MemorySecretSource({"web1-tls": cert + key}), decision_log=ListDecisionLog(),
+                                   metrics=CredentialMetrics(), max_connections_per_client=2)
+        [listener] = await terminator.start("127.0.0.1")
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+
+        async def exchange(source):
+            reader, writer = await asyncio.open_connection("127.0.0.1", listener.listen_port, ssl=context,
+                                                           server_hostname="web1.test", local_addr=(source, 0))
+            writer.write(b"ping")
+            try:
+                return await asyncio.wait_for(reader.read(4), 5), writer
+            except (ConnectionResetError, ssl.SSLError):
+                return b"", writer
+
+        try:
+            held = [await exchange("127.0.0.2") for _ in range(2)]
+            third, _ = await exchange("127.0.0.2")  # the same client's third: closed at once
+            other, _ = await exchange("127.0.0.3")  # another client still gets through
+            return [answer for answer, _ in held], third, other
+        finally:
+            await terminator.stop()
+            vm.close()
+
+    held, third, other = asyncio.run(run())
+    assert held == [b"ping", b"ping"] and third == b"" and other == b"ping"

@@ -131,3 +131,39 @@ def test_garbage_and_silence_on_the_https_port_are_closed_and_give_their_slot_ba
         assert code == 200  # both gave the VM's only slot back
     finally:
         rig.run(proxy.stop())
+
+
+CHILD = r"""
+import asyncio, logging, os, resource, sys
+from skyguard.credproxy.tlsaccept import PeekingTlsListener
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+
+async def main():
+    async def on_hello(sock, token, name):
+        sock.close()
+    listener = PeekingTlsListener(admit=lambda peer: (peer,), release=lambda token: None, on_hello=on_hello,
+                                  hello_timeout=5)
+    port = await listener.start("127.0.0.1", 0)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 2, hard))
+    print(port, flush=True)
+    await asyncio.sleep(2.5)
+    await listener.stop()
+
+asyncio.run(main())
+"""
+
+
+def test_running_out_of_descriptors_pauses_accepting_instead_of_spinning():
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    port = int(child.stdout.readline())
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(8)]
+    _, errors = child.communicate(timeout=30)
+    for client in clients:
+        client.close()
+    warnings = [line for line in errors.decode().splitlines() if "cannot accept" in line]
+    assert child.returncode == 0, errors.decode()[-2000:]
+    assert 1 <= len(warnings) <= 4, len(warnings)  # one per retry second, not one per loop turn
