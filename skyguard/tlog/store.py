@@ -29,6 +29,7 @@ Not here: the layout and the reader (reader.py), full verification (verify.py), 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -88,7 +89,11 @@ class LogWriter:
         self._failure: LogError | None = None
         self._closed = False
         self._lock = threading.Lock()
-        recovery = self._open(origin, segment_entries)
+        try:
+            recovery = self._open(origin, segment_entries)
+        except BaseException:
+            self._release_files()   # a refused log keeps no descriptor and no lock
+            raise
         self._thread = threading.Thread(target=self._run, name="skyguard-tlog-writer", daemon=True)
         self._thread.start()
         if recovery is not None:
@@ -100,6 +105,16 @@ class LogWriter:
         d = self.directory
         created = not (d / META_FILE).exists()
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # One writer per log: a second one would take the first one's group in flight for a
+        # crash's leftovers and set it aside. The lock goes with the process, even on SIGKILL.
+        self._lock_fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise LogError(f"another writer (a running skyguard daemon?) has the log at {d} "
+                           f"open; stop it first") from None
         if created:
             if segment_entries < NODE_SPAN or segment_entries % NODE_SPAN:
                 raise BadLogInput(f"segment_entries must be a multiple of {NODE_SPAN}")
@@ -266,13 +281,19 @@ class LogWriter:
             self._closed = True
             self._queue.put(("stop", None, None))
         self._thread.join()
-        for fd in (self._segment_fd, self._leaves_fd, self._nodes_fd, self._cp_fd):
-            if fd is not None:
-                os.close(fd)
-        self._head.close()
-        self._segment_fd = None
+        self._release_files()
         if self._failure:
             raise self._failure
+
+    def _release_files(self) -> None:
+        """Close every descriptor the writer holds, the lock's last (that releases it)."""
+        for name in ("_segment_fd", "_leaves_fd", "_nodes_fd", "_cp_fd", "_lock_fd"):
+            fd = getattr(self, name, None)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
+        if getattr(self, "_head", None) is not None:
+            self._head.close()
 
     def __enter__(self):
         return self

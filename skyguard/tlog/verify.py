@@ -290,9 +290,10 @@ def _check_unproven(report: VerifyReport, size: int, covered: int, own: int) -> 
                     f"the key, or the checkpoints that covered them were removed",
                     covered, (covered, size))
     else:
-        report.notes.append(f"entries [{covered}, {size}) are covered by no signed checkpoint: "
-                            f"the writer stopped before acknowledging them (a crash); they are "
-                            f"not verified, and the writer sets them aside when it next opens")
+        report.notes.append(f"entries [{covered}, {size}) are covered by no signed checkpoint "
+                            f"yet: a group the writer is committing now, or one a crash "
+                            f"interrupted before it was acknowledged; they are not verified, and "
+                            f"after a crash the writer sets them aside when it next opens")
 
 
 def _map(path: Path):

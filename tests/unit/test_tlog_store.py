@@ -250,3 +250,25 @@ def test_same_key_under_another_name_keeps_the_logs_key_name(tmp_path, signer):
     with LogWriter(path, renamed) as w:
         w.append(entry("deny", time=2))
     assert verify_log(path, signer.verifier).ok
+
+
+def test_a_second_writer_on_the_same_log_is_refused(tmp_path, signer):
+    # It would take the first one's group in flight for a crash's leftovers.
+    with LogWriter(tmp_path / "log", signer) as w:
+        w.append(entry("deny", time=1))
+        with pytest.raises(LogError, match="another writer"):
+            LogWriter(tmp_path / "log", signer)
+        assert w.append(entry("deny", time=2)) == 1
+    with LogWriter(tmp_path / "log", signer) as w:   # free again once closed
+        assert w.size == 2
+
+
+def test_a_refused_log_keeps_no_lock(tmp_path, signer):
+    path = tmp_path / "log"
+    with LogWriter(path, signer) as w:
+        w.append(entry("deny", time=1))
+    other = Signer(signer.name, Ed25519PrivateKey.generate())
+    with pytest.raises(LogError, match="signed by key"):
+        LogWriter(path, other)
+    with LogWriter(path, signer) as w:
+        assert w.size == 1
