@@ -7,10 +7,15 @@ not fast: a linear scan over the rules with the semantics of SPEC.md section 3, 
 datapath's machinery (no identities, no port prefixes, no LPM, no compile step), so a bug in that
 machinery shows up as a disagreement.
 
+It also decides the two kinds of control message that are not free: an ICMP error that belongs
+to no flow, and a neighbour discovery message that could leave the link (here: hop limit other
+than 255). Both are ordinary ICMP to the policy, with their own drop reason when no rule allows
+them (issue 15).
+
 What it is not: the datapath. It decides the first packet of a flow (conntrack, replies,
-fragments, ICMP errors, neighbour discovery and header parsing are the datapath's and are tested
-by the table-driven BPF tests), and it knows nothing of FQDN rules (learned addresses come from
-the DNS proxy at run time).
+fragments, related ICMP errors, link-local neighbour discovery and header parsing are the
+datapath's and are tested by the table-driven BPF tests), and it knows nothing of FQDN rules
+(learned addresses come from the DNS proxy at run time).
 """
 
 from __future__ import annotations
@@ -26,6 +31,11 @@ DNS_PORT = 53
 # IP protocol numbers by the names rules use; any other number is "other" (only a rule without
 # `ports:` allows it).
 PROTOCOLS = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58}
+FLOW = "flow"  # the first packet of a flow
+ICMP_ERROR = "icmp_error"  # an ICMP(v6) error about no flow of the VM's
+ND = "nd"  # an IPv6 neighbour solicitation that is not link-local control (hop limit 64)
+# what a control message that no rule allows is counted as
+NO_RULE_REASON = {FLOW: "no_rule", ICMP_ERROR: "icmp_err_no_flow", ND: "nd_not_local"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,7 @@ class Packet:
     dst: ipaddress.IPv4Address | ipaddress.IPv6Address
     proto: int  # IP protocol number
     port: int = 0
+    kind: str = FLOW  # FLOW, ICMP_ERROR or ND (then proto is icmp / icmpv6 for the address family)
 
 
 @dataclass(frozen=True)
@@ -112,7 +123,7 @@ def decide(policy: Policy, packet: Packet, dns_passthrough: bool = True) -> Deci
         remote = packet.src
     else:
         raise ValueError(f"direction must be {EGRESS!r} or {INGRESS!r}, not {packet.direction!r}")
-    if (dns_passthrough and packet.direction == EGRESS and packet.port == DNS_PORT
+    if (dns_passthrough and packet.kind == FLOW and packet.direction == EGRESS and packet.port == DNS_PORT
             and packet.proto in (PROTOCOLS["tcp"], PROTOCOLS["udp"])):
         return Decision(True, None, "dns")
 
@@ -133,4 +144,4 @@ def decide(policy: Policy, packet: Packet, dns_passthrough: bool = True) -> Deci
         return Decision(False, "policy_deny", denies[0].name)
     if matching:
         return Decision(True, None, matching[0].name)
-    return Decision(False, "no_rule")
+    return Decision(False, NO_RULE_REASON[packet.kind])

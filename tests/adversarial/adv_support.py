@@ -16,7 +16,7 @@ from skyguard.datapath import abi, progrun
 from skyguard.datapath.datapath import _nonzero_per_cpu
 from skyguard.datapath.reasons import reason_name
 from skyguard.policy.model import Destination, Policy, PortRange, Rule, Workload, Zone
-from skyguard.refmodel import EGRESS, INGRESS, PROTOCOLS, Packet
+from skyguard.refmodel import EGRESS, FLOW, ICMP_ERROR, INGRESS, ND, PROTOCOLS, Packet
 
 # The interfaces the BPF-tier namespace of this tier holds (veth pairs; names <= 15 characters).
 IFACES = [f"avx-if{i}" for i in range(6)]
@@ -51,22 +51,37 @@ def l4_bytes(proto: int, sport: int, dport: int, v6: bool, ident: int = 0, flags
     return b"\0" * 8  # GRE or anything else: an opaque payload
 
 
-def frame(src_mac: str, dst_mac: str, src, dst, proto: int, l4: bytes, ttl: int = 64) -> bytes:
-    """An Ethernet frame carrying one IPv4 or IPv6 packet (no options, no extension headers)."""
+def ip_packet(src, dst, proto: int, l4: bytes, ttl: int = 64) -> bytes:
+    """One IPv4 or IPv6 packet (no options, no extension headers)."""
     src, dst = ipaddress.ip_address(src), ipaddress.ip_address(dst)
-    eth = _mac(dst_mac) + _mac(src_mac)
     if src.version == 4:
         hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 1, 0, ttl, proto, 0, src.packed, dst.packed)
-        hdr = hdr[:10] + struct.pack("!H", _csum(hdr)) + hdr[12:]
-        return eth + b"\x08\x00" + hdr + l4
-    hdr = struct.pack("!IHBB16s16s", 6 << 28, len(l4), proto, ttl, src.packed, dst.packed)
-    return eth + b"\x86\xdd" + hdr + l4
+        return hdr[:10] + struct.pack("!H", _csum(hdr)) + hdr[12:] + l4
+    return struct.pack("!IHBB16s16s", 6 << 28, len(l4), proto, ttl, src.packed, dst.packed) + l4
+
+
+def frame(src_mac: str, dst_mac: str, src, dst, proto: int, l4: bytes, ttl: int = 64) -> bytes:
+    """An Ethernet frame carrying one IPv4 or IPv6 packet (no options, no extension headers)."""
+    ethertype = b"\x08\x00" if ipaddress.ip_address(src).version == 4 else b"\x86\xdd"
+    return _mac(dst_mac) + _mac(src_mac) + ethertype + ip_packet(src, dst, proto, l4, ttl)
+
+
+def control_l4(p: Packet) -> bytes:
+    """ICMP_ERROR: a destination-unreachable about a UDP packet from the outer destination to the
+    outer source (the shape of a related error; no flow has its ports). ND: a neighbour
+    solicitation for the VM's own address, hop limit 64 (set by the caller's frame)."""
+    v6 = p.src.version == 6
+    if p.kind == ICMP_ERROR:
+        inner = ip_packet(p.dst, p.src, 17, struct.pack("!HHHH", 1, 2, 8, 0))
+        return struct.pack("!BBHI", 1 if v6 else 3, 3, 0, 0) + inner
+    own = p.src if p.direction == EGRESS else p.dst
+    return struct.pack("!BBHI", 135, 0, 0, 0) + own.packed
 
 
 def packet_frame(p: Packet, mac: str, sport: int, ident: int) -> bytes:
     """The frame that carries refmodel Packet p across its workload's interface."""
     v6 = p.src.version == 6
-    l4 = l4_bytes(p.proto, sport, p.port, v6, ident)
+    l4 = l4_bytes(p.proto, sport, p.port, v6, ident) if p.kind == FLOW else control_l4(p)
     if p.direction == EGRESS:
         return frame(mac, GW_MAC, p.src, p.dst, p.proto, l4)
     return frame(GW_MAC, mac, p.src, p.dst, p.proto, l4)
@@ -161,7 +176,10 @@ def random_packets(rnd: random.Random, policy: Policy, n: int) -> list[Packet]:
         if rnd.random() < 0.05:  # spoofed: an address not the workload's
             own = rnd.choice([a for a in remotes if a.version == version])
         src, dst = (own, remote) if direction == EGRESS else (remote, own)
-        out.append(Packet(w.name, direction, src, dst, proto, port))
+        kind = rnd.choice((FLOW,) * 8 + (ICMP_ERROR, ND if version == 6 else ICMP_ERROR))
+        if kind != FLOW:  # control messages that are not free: ICMP to the policy
+            proto, port = PROTOCOLS["icmp" if version == 4 else "icmpv6"], 0
+        out.append(Packet(w.name, direction, src, dst, proto, port, kind))
     return out
 
 

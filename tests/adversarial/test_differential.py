@@ -13,7 +13,7 @@ from collections import Counter
 
 from adv_support import GRE, IFACES, MACS, packet_frame, random_packets, random_policy
 from skyguard.datapath.reasons import reason_name
-from skyguard.refmodel import EGRESS, decide
+from skyguard.refmodel import EGRESS, FLOW, decide
 
 DIFF_POLICIES = 40
 DIFF_PACKETS = 100  # per policy: 4000 in all
@@ -40,7 +40,7 @@ def run_differential(runner, seed: int, policies: int, packets: int) -> dict:
         for n, pkt in enumerate(random_packets(rnd, policy, packets)):
             ifname = iface[pkt.workload]
             raw = packet_frame(pkt, mac_of[ifname], sport=60000 + n, ident=60000 + n)
-            if pkt.proto == GRE:  # no ports to keep flows apart: forget earlier flows instead
+            if pkt.proto == GRE or pkt.kind != FLOW:  # no ports to keep flows apart: forget earlier flows
                 runner.reset_flows()
             ref = decide(policy, pkt)
             got = runner.run_raw(raw, ifname, pkt.direction)

@@ -8,7 +8,7 @@ import ipaddress
 import pytest
 
 from skyguard.policy.model import Destination, Policy, PortRange, Rule, Workload, Zone
-from skyguard.refmodel import EGRESS, INGRESS, Packet, decide, link_local_of
+from skyguard.refmodel import EGRESS, ICMP_ERROR, INGRESS, ND, Packet, decide, link_local_of
 
 ip = ipaddress.ip_address
 A = Workload("a1", "a", "sg-a1", "02:00:00:00:01:02", (ip("10.1.0.2"), ip("fd00:1::2")))
@@ -24,8 +24,8 @@ POLICY = Policy("ref", {"a": Zone("a", (A,)), "b": Zone("b", (B,)), "c": Zone("c
 ))
 
 
-def pkt(wl, direction, src, dst, proto=6, port=0):
-    return Packet(wl, direction, ip(src), ip(dst), proto, port)
+def pkt(wl, direction, src, dst, proto=6, port=0, kind="flow"):
+    return Packet(wl, direction, ip(src), ip(dst), proto, port, kind)
 
 
 @pytest.mark.parametrize("packet,expected", [
@@ -49,6 +49,13 @@ def pkt(wl, direction, src, dst, proto=6, port=0):
     (pkt("a1", EGRESS, "10.1.0.2", "8.8.8.8", proto=17, port=53), (True, None, "dns")),
     (pkt("a1", EGRESS, "fd00:1::2", "::ffff:10.2.0.2", port=8000), (False, "malformed", None)),
     (pkt("a1", EGRESS, "fd00:1::2", "fd00:2::2", proto=47), (False, "ipv6_exthdr", None)),
+    # control messages that are not free go through the policy, with their own reason
+    (pkt("a1", EGRESS, "10.1.0.2", "10.2.0.2", proto=1, kind=ICMP_ERROR), (True, None, "a-to-b")),
+    (pkt("a1", EGRESS, "10.1.0.2", "198.51.100.7", proto=1, kind=ICMP_ERROR), (False, "icmp_err_no_flow", None)),
+    (pkt("a1", EGRESS, "10.1.0.2", "198.51.100.66", proto=1, kind=ICMP_ERROR), (False, "policy_deny", "no-bad")),
+    (pkt("a1", INGRESS, "198.51.100.7", "10.1.0.2", proto=1, kind=ICMP_ERROR), (False, "icmp_err_no_flow", None)),
+    (pkt("a1", EGRESS, "fd00:1::2", "fd00:2::2", proto=58, kind=ND), (False, "nd_not_local", None)),
+    (pkt("a1", EGRESS, "10.1.0.2", "8.8.8.8", proto=1, kind=ICMP_ERROR), (False, "icmp_err_no_flow", None)),
 ])
 def test_reference_decisions(packet, expected):
     d = decide(POLICY, packet)
