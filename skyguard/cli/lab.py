@@ -22,6 +22,7 @@ def _lab(policy=None):
 Examples:
   skyguard lab up                                 one namespace per workload of the default policy
   skyguard lab up --policy mypolicy.yaml
+  skyguard lab up --vms qemu                      a real QEMU guest per workload, on taps
   skyguard lab status --json                      names, addresses, server pids, CA, requests log
   skyguard lab exec radius1 -- ping -c1 10.10.2.2
   skyguard lab exec agent1 -- curl https://pypi.sandbox.test/
@@ -39,13 +40,19 @@ def lab():
 Examples:
   skyguard lab up
   SKYGUARD_LAB_PREFIX=t1- skyguard lab up --policy policies/keysystems.yaml
+  skyguard lab up --vms qemu                      every workload a QEMU guest
+  skyguard lab up --vms qemu=agent1,dc1           those two guests, the others namespaces
 """)
 @click.option("--policy", type=click.Path(path_type=Path, dir_okay=False),
               help=f"Policy whose workloads become lab VMs [default: {config.DEFAULT_POLICY}].")
+@click.option("--vms", default="netns", show_default=True, metavar="netns|qemu|qemu=NAME,..",
+              help="What a workload is: a network namespace, or a real QEMU guest (Debian's cloud "
+                   "kernel, busybox) on a tap named by its interface; KVM when it works, else "
+                   "software emulation.")
 @json_option
-def up(policy, as_json):
+def up(policy, vms, as_json):
     """Build the lab (idempotent: a second run changes nothing; leftovers are cleaned)."""
-    status = _lab(policy).up()
+    status = _lab(policy).up(vms=vms)
     if as_json:
         emit_json(status)
     else:
@@ -77,7 +84,8 @@ def status(as_json):
         emit_json(result)
     else:
         _print_status(result)
-    if not (result["up"] and result["internet"]["servers"]["healthy"]):
+    guests_ok = all(vm.get("answering", True) for vm in result["vms"])
+    if not (result["up"] and result["internet"]["servers"]["healthy"] and guests_ok):
         sys.exit(1)
 
 
@@ -109,6 +117,12 @@ def _print_status(s: dict) -> None:
     click.echo(f"  host      netns {s['host']['netns']}, uplink {s['host']['uplink']} "
                f"{' '.join(s['host']['addresses'])}, VM gateway {' '.join(s['host']['vm_gateway'])}")
     for vm in s["vms"]:
+        if vm.get("kind") == "qemu":
+            answering = {True: ", answering", False: ", NOT answering"}.get(vm.get("answering"), "")
+            click.echo(f"  {vm['name']:<9} QEMU guest pid {vm['pid']} {vm['state']}{answering} "
+                       f"({vm['accel']}), zone {vm['zone']}, tap {vm['interface']}, {vm['mac']}, "
+                       f"{' '.join(vm['addresses'])}; console {vm['console_log']}")
+            continue
         click.echo(f"  {vm['name']:<9} netns {vm['netns']}, zone {vm['zone']}, host side {vm['interface']}, "
                    f"{vm['mac']}, {' '.join(vm['addresses'])}")
     inet = s["internet"]

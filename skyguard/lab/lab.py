@@ -13,6 +13,11 @@ link is `lab-uplink` to the internet namespace, which owns the documentation ran
 routes and has no default route: the lab cannot reach anything else. Namespaces are driven with
 the `ip` command (batch mode) and `nsenter --net=` (never `ip netns exec`, which hides bpffs).
 
+With `up(vms="qemu")` (or `qemu=NAME,...`), workloads boot as real QEMU guests instead: a tap
+with the same name, gateway addresses and routes in the host namespace, the workload's MAC and
+addresses inside the guest (guests.py, qemu.py); exec() then runs commands through the guest's
+agent. Everything else (host, uplink, internet) is the same for both kinds.
+
 This is not skyguard's datapath: it builds the plumbing skyguard attaches to, nothing more.
 """
 
@@ -35,6 +40,7 @@ import skyguard
 from skyguard import config
 from skyguard.errors import BadInput, LabError, PrivilegeError
 from skyguard.lab import addressing as plan
+from skyguard.lab import guests
 from skyguard.lab.internet import READY_FILE, REQUESTS_LOG
 from skyguard.lab.topology import read_workloads
 from skyguard.policy.model import Workload
@@ -129,12 +135,21 @@ class Lab:
             return self.prefix + name
         state = self._read_state()
         members = {vm["name"] for vm in state.get("vms", [])} if state else set()
+        if self._guest(name, state):
+            raise BadInput(f"lab member {name!r} is a QEMU guest: it has no namespace "
+                           f"(use `lab exec {name} -- CMD`)")
         if not members:
             members = {w.name for w in self._workloads_or_empty()}
         if name not in members:
             known = ", ".join(sorted(members) + [HOST, INTERNET])
             raise BadInput(f"no lab member named {name!r}; choose one of: {known}")
         return self.prefix + name
+
+    def _guest(self, name: str, state: dict | None = None) -> dict | None:
+        """The state entry of QEMU guest `name`, or None (a namespace member or no such VM)."""
+        state = self._read_state() if state is None else state
+        return next((vm for vm in (state or {}).get("vms", [])
+                     if vm["name"] == name and guests.is_guest(vm)), None)
 
     def netns_path(self, name: str) -> Path:
         return NETNS_DIR / self.ns_name(name)
@@ -159,8 +174,9 @@ class Lab:
         os.replace(tmp, self.state_file)
 
     @staticmethod
-    def _fingerprint(workloads: list[Workload]) -> str:
-        shape = [[w.name, w.zone, w.interface, w.mac, [str(a) for a in w.addresses]] for w in workloads]
+    def _fingerprint(workloads: list[Workload], qemu_names: set[str] = frozenset()) -> str:
+        shape = [[w.name, w.zone, w.interface, w.mac, [str(a) for a in w.addresses]]
+                 + (["qemu"] if w.name in qemu_names else []) for w in workloads]
         return hashlib.sha256(json.dumps(shape).encode()).hexdigest()
 
     def _server_pid(self, state: dict | None) -> int | None:
@@ -186,6 +202,8 @@ class Lab:
         names = state.get("namespaces", [])
         return (state.get("complete") and state.get("version") == STATE_VERSION
                 and all((NETNS_DIR / n).exists() for n in names)
+                and all(guests.running(self.lab_dir, vm) for vm in state.get("vms", [])
+                        if guests.is_guest(vm))
                 and self._server_pid(state) is not None
                 and (self.lab_dir / READY_FILE).exists())
 
@@ -199,23 +217,26 @@ class Lab:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
-    def up(self) -> dict:
-        """Build the lab (or confirm it is already built). Returns status(). Bad policy: nothing made."""
+    def up(self, vms: str = "netns") -> dict:
+        """Build the lab (or confirm it is already built). Returns status(). Bad policy: nothing made.
+        vms: `netns`, `qemu` (every workload a QEMU guest) or `qemu=NAME,NAME`."""
         workloads = read_workloads(self.policy_path)  # raises PolicyError before anything exists
+        qemu_names = guests.parse_vms(vms, workloads)
         _require_root()
         with self._exclusive():
-            return self._up(workloads)
+            return self._up(workloads, qemu_names)
 
-    def _up(self, workloads: list[Workload]) -> dict:
-        fingerprint = self._fingerprint(workloads)
+    def _up(self, workloads: list[Workload], qemu_names: set[str] = frozenset()) -> dict:
+        fingerprint = self._fingerprint(workloads, qemu_names)
         state = self._read_state()
         if state and state.get("fingerprint") == fingerprint and self._healthy(state):
             self.progress(f"lab {self.prefix or 'default'} is already up for {self.policy_path}; "
                           f"nothing changed")
             return self.status()
-        planned = [self.host_ns, self.internet_ns] + [self.prefix + w.name for w in workloads]
+        planned = [self.host_ns, self.internet_ns] + [self.prefix + w.name for w in workloads
+                                                      if w.name not in qemu_names]
         leftovers = [n for n in planned if (NETNS_DIR / n).exists()]
-        if state or leftovers or self._stray_servers():
+        if state or leftovers or self._stray_servers() or guests.qemu.lab_qemus(self.lab_dir):
             why = ("its topology changed" if state and state.get("complete")
                    and state.get("fingerprint") != fingerprint
                    else "a previous run left it incomplete or it was damaged")
@@ -225,7 +246,7 @@ class Lab:
                            "policy": str(self.policy_path), "fingerprint": fingerprint,
                            "namespaces": planned, "vms": [], "server_pid": None})
         try:
-            self._build(workloads, planned, fingerprint)
+            self._build(workloads, planned, fingerprint, qemu_names)
         except BaseException:
             # Leave nothing half-made behind: a failed or interrupted up cleans after itself.
             self.progress("lab up failed; removing what it made")
@@ -233,7 +254,8 @@ class Lab:
             raise
         return self.status()
 
-    def _build(self, workloads: list[Workload], planned: list[str], fingerprint: str) -> None:
+    def _build(self, workloads: list[Workload], planned: list[str], fingerprint: str,
+               qemu_names: set[str]) -> None:
         self.progress(f"creating {len(planned)} namespaces: {', '.join(planned)}")
         for ns in planned:
             _run(["ip", "netns", "add", ns])
@@ -266,6 +288,12 @@ class Lab:
 
         vm_batches: dict[str, list[str]] = {}
         for w in workloads:
+            for addr in w.addresses:
+                via = plan.UPLINK_V6_HOST.ip if addr.version == 6 else plan.UPLINK_V4_HOST.ip
+                internet_cmds.append(f"route add {addr}/{addr.max_prefixlen} "
+                                     f"via {via} dev {plan.UPLINK_INTERNET}")
+            if w.name in qemu_names:
+                continue  # its tap, gateway addresses and routes come with its QEMU (qemu.write_ifup)
             ns = self.prefix + w.name
             host_cmds += [
                 f"link add {w.interface} type veth peer name {plan.VM_INTERFACE} "
@@ -284,12 +312,9 @@ class Lab:
                              + (" nodad" if six else ""))
                 host_cmds.append(f"route add {addr}/{addr.max_prefixlen} "
                                  f"dev {w.interface}")
-                via = plan.UPLINK_V6_HOST.ip if six else plan.UPLINK_V4_HOST.ip
-                internet_cmds.append(f"route add {addr}/{addr.max_prefixlen} "
-                                     f"via {via} dev {plan.UPLINK_INTERNET}")
             vm_batches[ns] = vm
 
-        self.progress(f"creating {len(workloads)} routed veth pairs in {self.host_ns}")
+        self.progress(f"creating {len(vm_batches)} routed veth pairs in {self.host_ns}")
         self._ip_batch(self.host_ns, host_cmds)
         self.progress(f"configuring {self.internet_ns}: local documentation ranges, routes back")
         self._ip_batch(self.internet_ns, internet_cmds)
@@ -299,9 +324,16 @@ class Lab:
 
         self.progress("starting the internet servers (DNS, HTTP/HTTPS echo, TCP/UDP echo)")
         pid = self._start_server()
-        vms = [{"name": w.name, "zone": w.zone, "netns": self.prefix + w.name,
+        vms = [{"name": w.name, "zone": w.zone, "kind": "netns", "netns": self.prefix + w.name,
                 "interface": w.interface, "vm_interface": plan.VM_INTERFACE, "mac": w.mac,
-                "addresses": [str(a) for a in w.addresses]} for w in workloads]
+                "addresses": [str(a) for a in w.addresses]} for w in workloads
+               if w.name not in qemu_names]
+        if qemu_names:
+            # Recorded first, so a failed boot is torn down by pid (and by command line).
+            self._write_state({"version": STATE_VERSION, "complete": False, "prefix": self.prefix,
+                               "policy": str(self.policy_path), "fingerprint": fingerprint,
+                               "namespaces": planned, "vms": vms, "server_pid": pid})
+            vms += guests.boot(self, [w for w in workloads if w.name in qemu_names])
         self._write_state({"version": STATE_VERSION, "complete": True, "prefix": self.prefix,
                            "policy": str(self.policy_path), "fingerprint": fingerprint,
                            "namespaces": planned, "vms": vms, "server_pid": pid,
@@ -389,6 +421,9 @@ class Lab:
 
     def _teardown(self, extra_namespaces: list[str] = ()) -> None:
         state = self._read_state()
+        stopped = guests.stop(self.lab_dir, state)
+        if stopped:
+            self.progress(f"stopped QEMU guests (pid {', '.join(map(str, stopped))})")
         servers = set(self._stray_servers())
         pid = self._server_pid(state)
         if pid:
@@ -424,7 +459,10 @@ class Lab:
         state = self._read_state() or {}
         pid = self._server_pid(state)
         namespaces = {n: (NETNS_DIR / n).exists() for n in self._namespaces_of(state)}
-        up = bool(state.get("complete")) and all(namespaces.values()) and pid is not None
+        vms = [guests.describe(self.lab_dir, vm, probe) if guests.is_guest(vm) else vm
+               for vm in state.get("vms", [])]
+        up = (bool(state.get("complete")) and all(namespaces.values()) and pid is not None
+              and all(vm.get("state", "running") == "running" for vm in vms))
         healthy = self._probe() if probe and up else (False if probe else None)
         return {
             "up": up,
@@ -438,7 +476,7 @@ class Lab:
                 "addresses": [str(plan.UPLINK_V4_HOST), str(plan.UPLINK_V6_HOST)],
                 "vm_gateway": [str(plan.GATEWAY_V4), str(plan.GATEWAY_V6)],
             },
-            "vms": state.get("vms", []),
+            "vms": vms,
             "internet": {
                 "netns": self.internet_ns,
                 "owns": [str(n) for n in plan.INTERNET_RANGES],
@@ -491,7 +529,11 @@ class Lab:
 
     def exec(self, name: str, argv: list[str], lab_resolver: bool = True,
              **kwargs) -> subprocess.CompletedProcess:
-        """Run argv inside lab member `name` (a workload, 'host' or 'internet') and wait for it."""
+        """Run argv inside lab member `name` (a workload, 'host' or 'internet') and wait for it.
+        In a QEMU guest it goes through the guest's agent (its resolver is always the lab's)."""
+        guest = self._guest(name) if name not in (HOST, INTERNET) else None
+        if guest:
+            return guests.run(guest, argv, **kwargs)
         return subprocess.run(self.command(name, argv, lab_resolver), **kwargs)
 
     def popen(self, name: str, argv: list[str], lab_resolver: bool = True, **kwargs) -> subprocess.Popen:
