@@ -11,6 +11,8 @@ import quopri
 import urllib.parse
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from skyguard.credproxy.secretforms import REDACTED, SecretForms
 
@@ -136,3 +138,14 @@ def test_short_secrets_are_matched_raw_and_per_byte_only():
 
 def test_repr_never_shows_a_secret():
     assert repr(SecretForms([SECRET])) == "SecretForms(1 secrets)"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7e), min_size=12, max_size=48),
+       st.sampled_from(sorted(FORMS)), st.binary(max_size=40), st.binary(max_size=40))
+def test_any_ascii_secret_in_any_listed_form_is_found_and_scrubbed(secret, form, before, after):
+    secret = secret.encode()
+    blob = before + FORMS[form](secret) + after
+    forms = SecretForms([secret])
+    assert forms.found_in(blob)
+    assert not forms.found_in(forms.scrub(blob)[0])

@@ -10,6 +10,8 @@ import ssl
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from skyguard.credproxy.http1 import ProxyLimits
 from skyguard.credproxy.tlsaccept import NotClientHello, client_hello_sni
@@ -167,3 +169,20 @@ def test_running_out_of_descriptors_pauses_accepting_instead_of_spinning():
     warnings = [line for line in errors.decode().splitlines() if "cannot accept" in line]
     assert child.returncode == 0, errors.decode()[-2000:]
     assert 1 <= len(warnings) <= 4, len(warnings)  # one per retry second, not one per loop turn
+
+
+REAL_HELLO = client_hello("api.github.test")
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, len(REAL_HELLO) - 1), st.integers(0, 255)), max_size=8),
+       st.integers(0, len(REAL_HELLO)))
+def test_a_mutated_client_hello_is_read_or_refused_never_anything_else(flips, cut):
+    data = bytearray(REAL_HELLO)
+    for at, value in flips:
+        data[at] = value
+    try:
+        complete, name = client_hello_sni(bytes(data[:cut]))
+    except NotClientHello:
+        return
+    assert isinstance(complete, bool) and (name is None or isinstance(name, str))
