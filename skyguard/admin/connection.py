@@ -157,19 +157,19 @@ class OperatorConnection(asyncssh.SSHServer):
 
     def _auth_failed(self, reason: str) -> None:
         self.proxy.metrics.auth_failures.labels(reason).inc()
-        self.proxy.record({"type": "admin_auth_failure", "source": self.source, "reason": reason,
-                           "user": (self.login.operator if self.login else None)})
+        self.proxy.record("admin_auth_failure", source=self.source, reason=reason,
+                          user=(self.login.operator if self.login else None))
         log.warning("SSH login failed from %s (%s)", self.source, reason)
         if self.proxy.limiter.failure(self.source):
-            self.proxy.record({"type": "admin_source_blocked", "source": self.source,
-                               "seconds": self.proxy.config.block_for})
+            self.proxy.record("admin_source_blocked", source=self.source,
+                              seconds=self.proxy.config.block_for)
             log.warning("blocking SSH logins from %s for %ss after repeated failures", self.source,
                         self.proxy.config.block_for)
 
     def begin_auth(self, username: str) -> bool:
         if self.proxy.limiter.is_blocked(self.source):
             self.proxy.metrics.auth_failures.labels("rate_limited").inc()
-            self.proxy.record({"type": "admin_auth_failure", "source": self.source, "reason": "rate_limited"})
+            self.proxy.record("admin_auth_failure", source=self.source, reason="rate_limited")
             self.conn.disconnect(asyncssh.DISC_HOST_NOT_ALLOWED_TO_CONNECT,
                                  "too many failed logins from your address; try again later")
             return True
@@ -209,9 +209,9 @@ class OperatorConnection(asyncssh.SSHServer):
         except access.AccessRefused as refused:
             # Told to the operator when they open a session (an SSH login has no place for text).
             self.refusal = refused
-            self.proxy.record({"type": "admin_access_refused", "operator": self.operator.name,
-                               "key_fingerprint": self.key_fingerprint, "source": self.source,
-                               "workload": self.login.workload, "reason": refused.reason})
+            self.proxy.record("admin_access_refused", operator=self.operator.name,
+                              key_fingerprint=self.key_fingerprint, source=self.source,
+                              workload=self.login.workload, reason=refused.reason)
 
     # -- the VM side ------------------------------------------------------------------------------
 
@@ -265,10 +265,10 @@ class OperatorConnection(asyncssh.SSHServer):
 
     def _refuse(self, request: str, message: str, **details):
         self.proxy.metrics.refusals.labels(request).inc()
-        self.proxy.record({"type": "admin_request_refused", "request": request,
-                           "operator": self.operator.name if self.operator else None,
-                           "workload": self.workload.name if self.workload else None,
-                           "source": self.source, **details})
+        self.proxy.record("admin_request_refused", request=request,
+                          operator=self.operator.name if self.operator else None,
+                          workload=self.workload.name if self.workload else None,
+                          source=self.source, **details)
         raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, message)
 
     def connection_requested(self, dest_host, dest_port, orig_host, orig_port):
@@ -279,8 +279,8 @@ class OperatorConnection(asyncssh.SSHServer):
         if ssh is None or not ssh.port_forwarding:
             self._refuse("port_forward", "port forwarding is disabled by skyguard policy "
                          "(admin.ssh.port_forwarding)", dest=f"{dest_host}:{dest_port}")
-        self.proxy.record({"type": "admin_port_forward", "operator": self.operator.name,
-                           "workload": self.workload.name, "dest": f"{dest_host}:{dest_port}"})
+        self.proxy.record("admin_port_forward", operator=self.operator.name,
+                          workload=self.workload.name, dest=f"{dest_host}:{dest_port}")
 
         async def bridge(reader, writer):
             try:
@@ -313,10 +313,10 @@ class OperatorConnection(asyncssh.SSHServer):
 
     def server_requested(self, listen_host, listen_port):
         self.proxy.metrics.refusals.labels("remote_forward").inc()
-        self.proxy.record({"type": "admin_request_refused", "request": "remote_forward",
-                           "operator": self.operator.name if self.operator else None,
-                           "workload": self.workload.name if self.workload else None,
-                           "source": self.source, "listen": f"{listen_host}:{listen_port}"})
+        self.proxy.record("admin_request_refused", request="remote_forward",
+                          operator=self.operator.name if self.operator else None,
+                          workload=self.workload.name if self.workload else None,
+                          source=self.source, listen=f"{listen_host}:{listen_port}")
         return False
 
     def unix_connection_requested(self, dest_path):

@@ -1,8 +1,9 @@
-"""The interface through which parts hand decisions to the signed log, and a plain fallback.
+"""An unsigned, JSON-lines DecisionLog for the SSH access proxy run without the daemon.
 
-`DecisionLog.record(entry)` takes one JSON-serialisable dict and returns once it is durable. The
-signed, Merkle-tree log (skyguard/tlog) implements it; `JsonLinesDecisionLog` is the unsigned
-fallback used by tests and by a proxy run without the daemon. Neither ever receives a secret.
+The interface is skyguard.parts.DecisionLog (`record(kind, **fields)`); in the daemon, the signed
+Merkle-tree log (skyguard/tlog) stands behind it. `JsonLinesDecisionLog` is the plain fallback used
+by tests and by a proxy run on its own: one entry per line, `{"type": kind, **fields}`, the shape
+the signed log's entries decode to. Neither ever receives a secret.
 """
 
 from __future__ import annotations
@@ -11,13 +12,11 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Iterator
 
+from skyguard.parts import DecisionLog
 
-@runtime_checkable
-class DecisionLog(Protocol):
-    def record(self, entry: dict) -> None:
-        """Append one entry; return once it is durable."""
+__all__ = ["DecisionLog", "JsonLinesDecisionLog", "fallback_log_path"]
 
 
 class JsonLinesDecisionLog:
@@ -27,7 +26,8 @@ class JsonLinesDecisionLog:
         self.path = Path(path)
         self._lock = threading.Lock()
 
-    def record(self, entry: dict) -> None:
+    def record(self, kind: str, /, **fields) -> None:
+        entry = {"type": kind, **fields}
         line = json.dumps(entry, sort_keys=True, separators=(",", ":"), default=str) + "\n"
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

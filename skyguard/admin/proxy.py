@@ -174,20 +174,6 @@ class AdminSshProxy:
                 break
             await asyncio.sleep(0.05)
 
-    # Thin forms of the interface for a caller off the loop: the daemon, until it calls the
-    # parts' interface on the loop (issue 16). Remove them then.
-    async def close(self) -> None:
-        await self.stop()
-
-    def update_policy(self, policy: Policy) -> None:
-        """set_policy() from another thread: checks `policy` here, applies it on the loop and
-        waits for that."""
-        self._checked(policy)
-        if self._loop is None:
-            self.policy, self.operator_keys = self._checked(policy)
-            return
-        asyncio.run_coroutine_threadsafe(self.set_policy(policy), self._loop).result(30)
-
     # -- the listener -----------------------------------------------------------------------------
 
     async def _follow_policy(self) -> None:
@@ -244,9 +230,9 @@ class AdminSshProxy:
             reason = connection.revocation()
             if reason is not None:
                 if connection.operator is not None:
-                    self.record({"type": "admin_access_revoked", "operator": connection.operator.name,
-                                 "workload": connection.workload.name if connection.workload else None,
-                                 "source": connection.source, "reason": reason})
+                    self.record("admin_access_revoked", operator=connection.operator.name,
+                                workload=connection.workload.name if connection.workload else None,
+                                source=connection.source, reason=reason)
                 connection.shutdown(reason, result="revoked")
                 continue
             if ssh is not None and not ssh.port_forwarding:
@@ -254,8 +240,8 @@ class AdminSshProxy:
             for session in list(connection.sessions):
                 session.recheck()
 
-    def record(self, entry: dict) -> None:
+    def record(self, kind: str, /, **fields) -> None:
         try:
-            self.decision_log.record(entry)
+            self.decision_log.record(kind, **fields)
         except Exception:  # noqa: BLE001 - a log failure must not crash the proxy; it is reported
-            log.exception("could not record %s in the decision log", entry.get("type"))
+            log.exception("could not record %s in the decision log", kind)

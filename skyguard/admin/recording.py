@@ -146,19 +146,19 @@ class SessionArchive:
             "transcript_sha256": None, "archive_instance": self.instance,
         }
         recording = SessionRecording(self, meta, width, height, term)
-        self._log({"type": "admin_session_start", **_log_fields(meta)})
+        self._log("admin_session_start", **_log_fields(meta))
         return recording
 
     def log_end(self, meta: dict) -> None:
-        self._log({"type": "admin_session_end", **_log_fields(meta),
-                   "end": meta["end"], "result": meta["result"], "exit_status": meta["exit_status"],
-                   "exit_signal": meta.get("exit_signal"), "bytes_in": meta["bytes_in"],
-                   "bytes_out": meta["bytes_out"], "transcript_sha256": meta["transcript_sha256"],
-                   "files": meta.get("files", [])})
+        self._log("admin_session_end", **_log_fields(meta),
+                  end=meta["end"], result=meta["result"], exit_status=meta["exit_status"],
+                  exit_signal=meta.get("exit_signal"), bytes_in=meta["bytes_in"],
+                  bytes_out=meta["bytes_out"], transcript_sha256=meta["transcript_sha256"],
+                  files=meta.get("files", []))
 
-    def _log(self, entry: dict) -> None:
+    def _log(self, kind: str, /, **fields) -> None:
         if self.decision_log is not None:
-            self.decision_log.record(entry)
+            self.decision_log.record(kind, **fields)
 
     def list(self) -> list[dict]:
         out = []

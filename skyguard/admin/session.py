@@ -179,10 +179,10 @@ class ProxySession(asyncssh.SSHServerSession):
         if command is not None and len(command) > LOGGED_COMMAND_CHARS:
             extra["command_chars"] = len(command)
             command = command[:LOGGED_COMMAND_CHARS]
-        self.proxy.record({"type": "admin_session_refused", "operator": operator,
-                           "key_fingerprint": self.owner.key_fingerprint, "source": self.owner.source,
-                           "workload": self.owner.login.workload if self.owner.login else None,
-                           "kind": self.kind, "command": command, "reason": refused.reason, **extra})
+        self.proxy.record("admin_session_refused", operator=operator,
+                          key_fingerprint=self.owner.key_fingerprint, source=self.owner.source,
+                          workload=self.owner.login.workload if self.owner.login else None,
+                          kind=self.kind, command=command, reason=refused.reason, **extra)
         code = EXIT_UNREACHABLE if refused.reason.startswith("vm_") else EXIT_REFUSED
         try:
             self.chan.write_stderr((str(refused) + "\r\n").encode())
@@ -197,10 +197,10 @@ class ProxySession(asyncssh.SSHServerSession):
         try:
             commands.decide(self.proxy.policy, self.kind, self.command)
         except access.AccessRefused as refused:
-            self.proxy.record({"type": "admin_access_revoked", "operator": self.owner.operator.name,
-                               "workload": self.owner.workload.name, "source": self.owner.source,
-                               "session": self.recording.id if self.recording else None,
-                               "reason": refused.reason})
+            self.proxy.record("admin_access_revoked", operator=self.owner.operator.name,
+                              workload=self.owner.workload.name, source=self.owner.source,
+                              session=self.recording.id if self.recording else None,
+                              reason=refused.reason)
             self.end_with_message(f"\r\nskyguard: this session is no longer allowed by a policy change: "
                                   f"{str(refused).removeprefix('skyguard: ')}\r\n", EXIT_UNREACHABLE, "revoked")
 
@@ -217,9 +217,9 @@ class ProxySession(asyncssh.SSHServerSession):
         if self.sftp_watch is not None:
             for op, path in self.sftp_watch.feed(data):
                 self.recording.note("files", {"op": op, "path": path})
-                self.proxy.record({"type": "admin_file_transfer", "session": self.recording.id,
-                                   "operator": self.owner.operator.name,
-                                   "workload": self.owner.workload.name, "op": op, "path": path})
+                self.proxy.record("admin_file_transfer", session=self.recording.id,
+                                  operator=self.owner.operator.name,
+                                  workload=self.owner.workload.name, op=op, path=path)
         self.vm_chan.write(data)
 
     def eof_received(self):
