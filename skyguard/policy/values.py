@@ -144,7 +144,8 @@ def parse_ssh_public_key(text: Any) -> str:
         raise ValueError("is not an OpenSSH public key line ('ssh-ed25519 AAAA... comment')")
     try:
         key = load_ssh_public_key(f"{parts[0]} {parts[1]}".encode("ascii"))
-    except (ValueError, UnicodeEncodeError) as e:
+    except (ValueError, UnicodeEncodeError, NotImplementedError) as e:
+        # NotImplementedError: cryptography's answer to a compressed EC point (found by the fuzz tier)
         raise ValueError(f"is not a valid OpenSSH public key ({e}); paste the whole line of the "
                          f"operator's .pub file") from None
     except UnsupportedAlgorithm as e:
