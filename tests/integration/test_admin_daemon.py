@@ -32,14 +32,18 @@ def admin_lab(lab, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("admin")
     alice, bob = keygen(tmp / "alice"), keygen(tmp / "bob")
     policy = tmp / "policy.yaml"
-    policy.write_text(config.DEFAULT_POLICY.read_text() + f"""
+    admin = f"""
 admin:
   ssh:
     listen: "0.0.0.0:{PROXY_PORT}"
     operators:
       - {{name: alice, public_key: "{alice}", may_access: [directory]}}
       - {{name: bob, public_key: "{bob}", may_access: [sandbox]}}
-""")
+"""
+    policy.write_text(config.DEFAULT_POLICY.read_text() + admin)
+    # The same policy without alice (bob's line alone), for `policy load`.
+    (tmp / "without-alice.yaml").write_text(config.DEFAULT_POLICY.read_text()
+                                            + "".join(line + "\n" for line in admin.splitlines() if "alice" not in line))
     daemon = RunningDaemon(lab, tmp / "daemon", policy_path=policy)
     vm_key = daemon.cli("admin", "vm-key")  # made in the sealed store on first use, before `up`
     assert vm_key.returncode == 0, vm_key.stderr
@@ -60,7 +64,7 @@ PermitRootLogin prohibit-password
                      stdout=subprocess.DEVNULL, stderr=open(tmp / "sshd.log", "w"))
     try:
         daemon.start()
-        yield type("AdminLab", (), {"tmp": tmp, "lab": lab, "daemon": daemon})
+        yield type("AdminLab", (), {"tmp": tmp, "lab": lab, "daemon": daemon, "policy": policy})
     finally:
         daemon.cleanup()
         sshd.terminate()
@@ -98,3 +102,34 @@ def test_sessions_are_in_the_signed_log(admin_lab):
     ends = admin_lab.daemon.log_entries("admin_session_end")
     assert ends and all(e["transcript_sha256"] for e in ends)
     assert admin_lab.daemon.cli("log", "verify").returncode == 0
+
+
+def test_policy_load_without_an_operator_ends_their_session_and_refuses_them(admin_lab):
+    args = ["ssh", "-i", str(admin_lab.tmp / "alice"), "-p", str(PROXY_PORT), "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10",
+            f"alice+dc1@{UPLINK}", "echo session-up; sleep 60"]
+    client = admin_lab.lab.popen("internet", args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == "session-up", client.stderr.read()
+        loaded = admin_lab.daemon.cli("policy", "load", str(admin_lab.tmp / "without-alice.yaml"))
+        assert loaded.returncode == 0, loaded.stderr
+        _, stderr = client.communicate(timeout=30)
+        assert client.returncode == 255 and "access revoked by a policy change" in stderr, stderr
+        again = operator_ssh(admin_lab, "alice", "alice+dc1", "echo should-not-run")
+        assert again.returncode == 255 and "Permission denied" in again.stderr, again.stderr
+    finally:
+        client.kill()
+        client.wait()
+        restored = admin_lab.daemon.cli("policy", "load", str(admin_lab.policy))
+    assert restored.returncode == 0, restored.stderr
+    assert operator_ssh(admin_lab, "alice", "alice+dc1", "echo back").stdout.strip() == "back"
+    assert any(e.get("operator") == "alice" for e in admin_lab.daemon.log_entries("admin_access_revoked"))
+
+
+def test_file_transfer_by_another_name_is_refused_and_in_the_signed_log(admin_lab):
+    command = 'sh -c "scp -f /etc/hostname"'
+    out = operator_ssh(admin_lab, "alice", "alice+dc1", command)
+    assert out.returncode == 1 and "file transfer (SFTP/scp/rsync) is disabled by policy" in out.stderr
+    assert "C0644" not in out.stdout
+    [entry] = [e for e in admin_lab.daemon.log_entries("admin_session_refused") if e.get("command") == command]
+    assert entry["reason"] == "file_transfer_refused" and entry["transfer_programs"] == ["scp"]
