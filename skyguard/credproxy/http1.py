@@ -55,6 +55,7 @@ class ProxyLimits:
     # a VM cycling through random SNIs could otherwise keep a core busy for everyone.
     mint_rate_per_vm: float = 2.0
     mint_burst_per_vm: int = 64
+    max_idle_upstream: int = 512  # kept-alive upstream connections waiting for reuse, in total
 
 
 class ProtocolRefusal(Exception):

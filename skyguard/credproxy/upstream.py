@@ -10,6 +10,7 @@ bundle given (the lab's CA, a private CA); an extra bundle never replaces the sy
 from __future__ import annotations
 
 import asyncio
+import collections
 import ssl
 from typing import Sequence
 
@@ -147,7 +148,11 @@ class UpstreamPool:
     A connection is only reused for the same (address, port, TLS, verified name, client
     certificate): the name is what the certificate was checked against, so a connection is
     never lent to a request for another name. Reusing them spares an upstream TLS handshake per
-    client connection (what makes short client connections cheap)."""
+    client connection (what makes short client connections cheap).
+
+    Bounded per key and in total (ProxyLimits.max_idle_upstream): a VM naming ever new hosts
+    makes ever new keys, and idle connections hold descriptors every part of the daemon
+    shares; past the total, the connection idle the longest is closed."""
 
     MAX_IDLE_PER_KEY = 64
     IDLE_SECONDS = 30.0  # below common server keep-alive timeouts, so few stale retries
@@ -156,6 +161,7 @@ class UpstreamPool:
         self.tls = tls
         self.limits = limits
         self._idle: dict[tuple, list[UpstreamConnection]] = {}
+        self._age: collections.OrderedDict[UpstreamConnection, tuple] = collections.OrderedDict()  # oldest first
 
     async def exchange(self, facts: ConnectionFacts, request: HttpRequest, host: str, certificate: str | None):
         """`host` is the request's normalised Host (the verdict's): the name TLS is verified for;
@@ -195,6 +201,9 @@ class UpstreamPool:
         now = asyncio.get_running_loop().time()
         while idle:
             connection = idle.pop()
+            del self._age[connection]
+            if not idle:
+                del self._idle[key]
             if connection.reusable and now - connection.idle_since < self.IDLE_SECONDS:
                 return connection
             connection.close()
@@ -207,11 +216,24 @@ class UpstreamPool:
             return
         connection.idle_since = asyncio.get_running_loop().time()
         idle.append(connection)
+        self._age[connection] = key
+        while len(self._age) > self.limits.max_idle_upstream:
+            oldest, oldest_key = self._age.popitem(last=False)
+            others = self._idle[oldest_key]
+            others.remove(oldest)
+            if not others:
+                del self._idle[oldest_key]
+            oldest.close()
+
+    @property
+    def idle(self) -> int:
+        """Idle connections held now."""
+        return len(self._age)
 
     def close(self) -> None:
         """Close every idle connection (on stop, and when the policy changes: a pooled
         connection was set up under the old policy's certificates)."""
-        for idle in self._idle.values():
-            for connection in idle:
-                connection.close()
+        for connection in self._age:
+            connection.close()
         self._idle.clear()
+        self._age.clear()

@@ -185,6 +185,19 @@ def test_one_vm_holding_connections_never_locks_another_out(rig):
         rig.run(proxy.stop())
 
 
+def test_idle_upstream_connections_are_bounded_in_total(rig):
+    """A VM naming ever new hosts makes ever new pool keys; the pool keeps at most its total."""
+    proxy = rig.make_proxy(lambda s: ("127.0.0.1", rig.echo_port), limits=ProxyLimits(max_idle_upstream=1))
+    _, https = rig.run(proxy.start("127.0.0.1"))
+    try:
+        for name in ("api.github.test", "other.test"):  # two names, two keys (the upstream's certificate has both)
+            assert rig.curl(f"https://{name}/", port=https)[0] == 200
+        assert proxy.upstreams.idle == 1
+        assert rig.curl("https://api.github.test/", "-H", AUTH, port=https)[0] == 200  # still served
+    finally:
+        rig.run(proxy.stop())
+
+
 class RecordingCA(CertificateAuthority):
     """The real CA, noting which thread minted each name."""
 
