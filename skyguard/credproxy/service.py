@@ -44,7 +44,7 @@ class CredentialService:
         service.learned("api.github.com", "140.82.112.6")  # only with steer_all_destinations=False
         await service.stop()
 
-    start and set_policy put in place all they can, then raise CredentialError naming what they
+    start and set_policy put in place all they can, then raise parts.Degraded naming what they
     could not (a certificate missing from the store, nft refusing the rules)."""
 
     def __init__(
@@ -156,26 +156,25 @@ class CredentialService:
         problems: list[str] = []
         self.policy = policy
         # 1. Listeners the policy needs, up (or their state swapped) before steering points at them.
-        if policy.credentials:
-            if self.proxy is None:  # made in a worker thread: it reads the store and the trust store
+        try:
+            if policy.credentials and self.proxy is None:  # in a worker thread: it reads the store
                 self.proxy = await asyncio.to_thread(
                     lambda: CredentialProxy(
                         policy, self.secrets, self.ca, address_matches=self.address_matches,
                         decision_log=self.decision_log, metrics=self.metrics, upstream_cas=self.upstream_cas,
                         client_certificates=self.client_certificates, content_patterns=self.content_patterns,
                         limits=self.limits))
-            else:
+            elif self.proxy is not None:  # also with no credentials: the old ones must not outlive it
                 await self.proxy.set_policy(policy, client_certificates=self.client_certificates,
                                             content_patterns=self.content_patterns)
-            if self.proxy_ports is None:
-                try:
-                    self.proxy_ports = await self.proxy.start(self.listen, *self.ports)
-                except OSError as error:  # nothing is steered to a proxy that does not listen
-                    problems.append(f"the credential proxy cannot listen on {', '.join(self.listen)} ports "
-                                    f"{self.ports[0] or 'any'}/{self.ports[1] or 'any'}: {error.strerror or error}")
-        else:
-            if self.proxy is not None:  # nothing to swap; its state must not outlive the policy
-                await self.proxy.set_policy(policy)
+        except CredentialError as error:  # an unusable CA or trust bundle: no credential is served
+            problems.append(str(error))
+        if self._proxy_in_force(policy) and self.proxy_ports is None:
+            try:
+                self.proxy_ports = await self.proxy.start(self.listen, *self.ports)
+            except OSError as error:  # nothing is steered to a proxy that does not listen
+                problems.append(f"the credential proxy cannot listen on {', '.join(self.listen)} ports "
+                                f"{self.ports[0] or 'any'}/{self.ports[1] or 'any'}: {error.strerror or error}")
         try:
             listeners = await self.terminator.set_policy(policy)
         except CredentialError as error:
@@ -186,16 +185,23 @@ class CredentialService:
             await self._steer(policy, listeners)
         except CredentialError as error:
             problems.append(str(error))
-        # 3. The proxy, when no credential is left, after nothing is steered to it any more.
-        if not policy.credentials and self.proxy_ports is not None:
+        # 3. The proxy, when it has nothing (or only an old policy) to serve, once nothing is
+        #    steered to it any more.
+        if not self._proxy_in_force(policy) and self.proxy_ports is not None:
             self.proxy_ports = None
             await self.proxy.stop()
         if problems:  # the rest runs: what is missing stays off (not steered, so denied)
             raise Degraded("; ".join(problems))
 
+    def _proxy_in_force(self, policy: Policy) -> bool:
+        """The proxy exists and decides under this policy's credentials."""
+        return bool(policy.credentials) and self.proxy is not None and \
+            self.proxy.state.engine.credentials == tuple(policy.credentials)
+
     async def _steer(self, policy: Policy, listeners) -> None:
         zones = {zone for credential in policy.credentials for zone in credential.zones}
-        interfaces = sorted(w.interface for w in policy.workloads() if w.zone in zones) if self.proxy_ports else []
+        serving = self.proxy_ports is not None and self._proxy_in_force(policy)
+        interfaces = sorted(w.interface for w in policy.workloads() if w.zone in zones) if serving else []
         terminations = [TerminationSteer(t.vm_addresses, t.termination.port, t.listen_port) for t in listeners]
         if not interfaces and not terminations:
             if self.steering is not None:

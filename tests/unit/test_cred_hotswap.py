@@ -121,3 +121,40 @@ def test_upstreams_are_verified_against_the_system_store_and_the_extra_ca(rig, t
     finally:
         rig.run(proxy.stop())
         second.close()
+
+
+def service_for(rig, tmp_path, policy, **kw):
+    from skyguard.credproxy.service import CredentialService
+
+    # `true` stands in for nft: the steering rules themselves are tested in namespaces
+    # (tests/integration/test_cred_lab.py); here, what listens and what is decided.
+    return CredentialService(policy, rig.secrets, state_dir=tmp_path, decision_log=rig.log, registry=None,
+                             address_matches=lambda n, ip: True, listen=["127.0.0.1"], nft=("true",), **kw)
+
+
+def test_an_unusable_upstream_ca_degrades_the_service_and_serves_no_credential(rig, tmp_path):
+    from skyguard.parts import Degraded
+
+    service = service_for(rig, tmp_path, rig.policy, upstream_ca_file=str(tmp_path / "missing.pem"))
+    with pytest.raises(Degraded, match="missing.pem"):
+        rig.run(service.start())
+    try:
+        assert service.proxy is None and service.proxy_ports is None and service.steering is None
+    finally:
+        rig.run(service.stop())
+
+
+def test_the_service_follows_the_policy_from_nothing_to_credentials_and_back(rig, tmp_path):
+    bare = dataclasses.replace(rig.policy, credentials=())
+    service = service_for(rig, tmp_path, bare, upstream_ca_file=str(rig.tmp / "upca.pem"))
+    rig.run(service.start())
+    try:
+        assert service.proxy_ports is None and service.steering is None  # nothing to do: nothing runs
+        rig.run(service.set_policy(rig.policy))
+        assert service.proxy_ports is not None and service.steering.interfaces == ["sg-x"]  # sdnctl1's
+        rig.run(service.set_policy(with_zones(rig.policy, ["sandbox"])))
+        assert service.steering.interfaces == ["sg-y"]  # agent1's now
+        rig.run(service.set_policy(bare))
+        assert service.proxy_ports is None and service.steering is None
+    finally:
+        rig.run(service.stop())
