@@ -277,14 +277,17 @@ def verify_log(directory: Path | str, verifier: Verifier,
 
 def _check_unproven(report: VerifyReport, size: int, covered: int, own: int) -> None:
     """Entries past every signed checkpoint: a crash's unacknowledged tail, or not a crash."""
-    if not report.ok or size <= covered:
+    if not report.ok:
+        return
+    if own == 0 and size > 0:   # even if a witness's checkpoint covers the entries
+        report.fail(f"the log has {size} entries and no signed checkpoint of its own: nothing "
+                    f"it holds proves them (a log is signed at size 0 before its first entry, "
+                    f"so its checkpoints were removed)", 0, (0, size))
+        return
+    if size <= covered:
         return
     unproven = size - covered
-    if own == 0:
-        report.fail(f"the log has {size} entries and no signed checkpoint of its own: nothing "
-                    f"proves them (a log is signed at size 0 before its first entry, so its "
-                    f"checkpoints were removed)", 0, (0, size))
-    elif unproven > MAX_UNPROVEN:
+    if unproven > MAX_UNPROVEN:
         report.fail(f"entries [{covered}, {size}) are covered by no signed checkpoint: more "
                     f"than a crash leaves ({MAX_UNPROVEN}); they were added or rewritten without "
                     f"the key, or the checkpoints that covered them were removed",

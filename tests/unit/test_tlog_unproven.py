@@ -182,6 +182,7 @@ FORGED = entry("flow_start", time=1, n=5, forged=True)
 def test_edit_with_every_signature_and_cache_deleted_fails_and_is_never_signed(state):
     # Issue 15: edit an entry, fix its CRC, delete the checkpoint and index files.
     log_dir = build(state, 600, every=100)
+    witness = LogReader(log_dir).latest_checkpoint_note()
     rewrite_entry(log_dir, 5, FORGED)
     for name in (CHECKPOINTS_FILE, HEAD_FILE, LEAVES_FILE, NODES_FILE):
         (log_dir / name).unlink()
@@ -190,6 +191,7 @@ def test_edit_with_every_signature_and_cache_deleted_fails_and_is_never_signed(s
     assert "no signed checkpoint" in report.problem
     out = run_cli(state, "verify")
     assert out.returncode == 1 and "no signed checkpoint" in out.stderr
+    assert not verify_log(log_dir, signer_of(state).verifier, [witness]).ok
 
     # The next writer signs none of it: the entries go to torn/, a tamper entry says so.
     with LogWriter(log_dir, signer_of(state), segment_entries=SEGMENT) as writer:
@@ -201,6 +203,16 @@ def test_edit_with_every_signature_and_cache_deleted_fails_and_is_never_signed(s
     kept = b"".join(p.read_bytes() for p in (log_dir / TORN_DIR).iterdir())
     assert FORGED in kept
     assert verify_log(log_dir, signer_of(state).verifier).ok
+
+
+def test_a_log_without_its_own_checkpoints_fails_even_with_a_witness(state):
+    log_dir = build(state, 300, every=100)
+    witness = LogReader(log_dir).latest_checkpoint_note()
+    (log_dir / CHECKPOINTS_FILE).unlink()
+    (log_dir / HEAD_FILE).unlink()
+    report = verify_log(log_dir, signer_of(state).verifier, [witness])
+    assert (report.ok, report.first_bad_index) == (False, 0)
+    assert "no signed checkpoint of its own" in report.problem
 
 
 def test_edit_with_the_history_and_caches_deleted_is_caught_by_the_head(state):
