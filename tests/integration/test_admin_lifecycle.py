@@ -129,3 +129,25 @@ def test_stop_ends_sessions_and_start_listens_again(lab):  # noqa: F811
     finally:
         lab.proxy_thread.run(lab.proxy.start())
     assert lab.ssh("alice", "alice+dc1", "echo restarted").stdout.strip() == "restarted"
+
+
+def test_file_transfer_turned_off_ends_open_sftp_sessions(lab):  # noqa: F811
+    lab.set_policy(replace(lab.policy, admin_ssh=replace(lab.policy.admin_ssh, sftp=True)))
+    sftp = subprocess.Popen(lab.ssh_args("alice", "alice+dc1", "-b", "-", tool="sftp"), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    listing = "ls -1 /etc/hostname\n"  # a request to the server (sftp's pwd is answered locally)
+    try:
+        sftp.stdin.write(listing)
+        sftp.stdin.flush()
+        assert [sftp.stdout.readline(), sftp.stdout.readline()] == ["sftp> ls -1 /etc/hostname\n", "/etc/hostname\n"]
+        lab.set_policy(lab.policy)  # sftp: false again
+        # sftp notices its channel is gone at its next command.
+        out, stderr = sftp.communicate(listing, timeout=30)
+    finally:
+        lab.set_policy(lab.policy)
+        sftp.kill()
+        sftp.wait()
+    assert "no longer allowed by a policy change: file transfer" in stderr, stderr
+    assert "/etc/hostname\n" not in out.replace("sftp> ls -1 /etc/hostname\n", "")
+    revoked = [e for e in lab.entries("admin_access_revoked") if e.get("reason") == "file_transfer_refused"]
+    assert revoked and revoked[-1]["operator"] == "alice"
