@@ -28,7 +28,7 @@ from skyguard.credproxy.swap import HttpRequest
 if TYPE_CHECKING:
     from skyguard.credproxy.proxy import CredentialProxy
 
-log = logging.getLogger("skyguard.credproxy.proxy")
+log = logging.getLogger(__name__)
 
 # Whole requests parsed ahead of the one being answered (pipelining); reading pauses beyond.
 MAX_PIPELINED = 2

@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 from skyguard.credproxy.ca import CertificateAuthority
 from skyguard.credproxy.client import ClientConnection
 from skyguard.credproxy.fairness import Slots, TokenBuckets
-from skyguard.credproxy.http1 import (  # noqa: F401 (ProxyLimits: re-exported, the proxy's public API)
+from skyguard.credproxy.http1 import (
     ProtocolRefusal,
     ProxyLimits,
     UnsafeHead,

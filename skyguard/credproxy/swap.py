@@ -180,7 +180,7 @@ class SwapEngine:
     # ---- requests -------------------------------------------------------------------------
 
     def decide(self, request: HttpRequest, facts: ConnectionFacts) -> Verdict:
-        request = self._without_connection_tokens(request)
+        sent, request = request, self._without_connection_tokens(request)
         host_values = [v for n, v in request.headers if n == b"host"]
         host = normalise_name(host_values[0]) if len(host_values) == 1 else None
         authority = _authority_of(request.target)
@@ -199,10 +199,10 @@ class SwapEngine:
         if facts.tls and facts.sni != host:
             return block(421, "TLS SNI and Host header disagree", BLOCKED_EXFILTRATION)
 
-        if self._carries_secret(request):
+        if self._carries_secret(sent):  # as sent: a secret in a header the Connection header drops is still an attempt
             return block(403, "request carries a real secret value", BLOCKED_CONTENT)
         for pattern in self._patterns:
-            if any(pattern.search(part) for part in _parts(request)):
+            if any(pattern.search(part) for part in _parts(sent)):
                 return block(403, "request matches a content-filter pattern", BLOCKED_CONTENT)
 
         headers = list(request.headers)

@@ -274,3 +274,9 @@ def test_secret_with_line_breaks_is_never_injected_into_a_header():
     eng = SwapEngine([GITHUB], MemorySecretSource({"github": b"abc\r\nX-Forged: 1"}))
     verdict = eng.decide(request(headers=[AUTH]), facts())
     assert verdict.action == "block" and "control characters" in verdict.reason
+
+
+def test_a_secret_in_a_header_the_connection_header_drops_is_still_blocked():
+    sent = request(headers=[("Connection", "x-smuggle"), ("X-Smuggle", SECRET.decode())])
+    verdict = engine().decide(sent, facts())
+    assert (verdict.action, verdict.status, verdict.entries[0]["result"]) == ("block", 403, "blocked_content")
