@@ -124,6 +124,11 @@ class ProxySession(asyncssh.SSHServerSession):
             if owner.refusal is not None:
                 raise owner.refusal
             workload = owner.workload
+            if self.kind == "exec" and len(self.command or "") <= commands.MAX_COMMAND_CHARS:
+                # Looking through a command decodes what it can: bounded, but up to ~0.1 s for a
+                # hostile 32 KiB one, so off the loop (the result is cached for decide()).
+                await asyncio.get_running_loop().run_in_executor(None, commands.transfer_programs,
+                                                                 self.command or "")
             self.decision = commands.decide(self.proxy.policy, self.kind, self.command)
             upstream = await owner.upstream()
             if self.ended:  # the operator left while the VM was being reached
