@@ -316,19 +316,21 @@ class SwapEngine:
         The body must already be decoded (decode_body); framing headers are dropped here and
         re-created by the proxy. The reason phrase: scrub it with self.forms.scrub."""
         strip = self.response_headers_to_strip(host)
-        scrubbed = 0
-        kept = []
+        body, scrubbed = self.forms.scrub(body)
+        kept = [(name, value) for name, value in headers if name not in strip]
+        # One scan of every name and value first (NUL cannot occur in a header, so a match never
+        # spans two of them); field by field only when something is there.
+        if not self.forms.found_in(_PART_SEPARATOR.join(part for pair in kept for part in pair)):
+            return tuple(kept), body, scrubbed
+        headers, kept = kept, []
         for name, value in headers:
-            if name in strip:
-                continue
             if self.forms.found_in(name):
                 scrubbed += 1  # a header name is a token: it cannot be redacted, so it goes
                 continue
             value, n = self.forms.scrub(value)
             scrubbed += n
             kept.append((name, value))
-        body, n = self.forms.scrub(body)
-        return tuple(kept), body, scrubbed + n
+        return tuple(kept), body, scrubbed
 
 
 # Content codings registered with IANA that the proxy does not decode (named in its refusal).

@@ -13,6 +13,7 @@ import gzip
 import socket
 import ssl
 import threading
+import time
 
 import pytest
 
@@ -123,6 +124,22 @@ def test_a_vm_that_knows_the_secret_cannot_send_it_out_in_another_spelling(rig, 
     before = len(rig.echoed())
     code, _ = rig.curl("https://api.github.test/out", "--data-binary", f"@{body}")
     assert code == 403 and len(rig.echoed()) == before
+    assert rig.log.snapshot()[-1]["result"] == "blocked_content"
+
+
+def test_a_secret_split_across_request_chunks_and_reads_is_blocked(rig):
+    context = ssl.create_default_context(cafile=str(rig.tmp / "skyca.pem"))
+    body = b"q=" + FORMS["html-hex"](SECRET)
+    before = len(rig.echoed())
+    with context.wrap_socket(socket.create_connection(("127.0.0.1", rig.https_port), timeout=10),
+                             server_hostname="api.github.test") as tls:
+        tls.sendall(b"POST /in HTTP/1.1\r\nHost: api.github.test\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for start in range(0, len(body), 5):  # 5-byte chunks, each its own write
+            tls.sendall(b"%x\r\n%s\r\n" % (len(body[start:start + 5]), body[start:start + 5]))
+            time.sleep(0.002)
+        tls.sendall(b"0\r\n\r\n")
+        answer = tls.recv(100)
+    assert answer.startswith(b"HTTP/1.1 403 ") and len(rig.echoed()) == before
     assert rig.log.snapshot()[-1]["result"] == "blocked_content"
 
 
