@@ -69,61 +69,61 @@ def client_hello_sni(data: bytes) -> tuple[bool, str | None]:
                 return True, _server_name(bytes(handshake[4:end]))
 
 
-class _Cursor:
-    def __init__(self, data: bytes):
-        self.data, self.at = data, 0
-
-    def take(self, count: int) -> bytes:
-        if self.at + count > len(self.data):
-            raise NotClientHello("truncated ClientHello")
-        chunk = self.data[self.at:self.at + count]
-        self.at += count
-        return chunk
-
-    def number(self, size: int) -> int:
-        return int.from_bytes(self.take(size), "big")
-
-    def vector(self, size: int) -> "_Cursor":
-        return _Cursor(self.take(self.number(size)))
-
-    def done(self) -> bool:
-        return self.at == len(self.data)
+def _u16(data: bytes, at: int, end: int) -> int:
+    if at + 2 > end:
+        raise NotClientHello("truncated ClientHello")
+    return (data[at] << 8) | data[at + 1]
 
 
 def _server_name(body: bytes) -> str | None:
-    hello = _Cursor(body)
-    hello.take(2 + 32)  # legacy_version, random
-    hello.vector(1)  # legacy_session_id
-    hello.vector(2)  # cipher_suites
-    hello.vector(1)  # legacy_compression_methods
-    if hello.done():
+    """The host name in a ClientHello body (RFC 8446 4.1.2, RFC 6066 3). Offsets, not
+    objects: this runs for every intercepted connection."""
+    end = len(body)
+    at = 2 + 32  # legacy_version, random
+    if at >= end:
+        raise NotClientHello("truncated ClientHello")
+    at += 1 + body[at]  # legacy_session_id
+    at += 2 + _u16(body, at, end)  # cipher_suites
+    if at >= end:
+        raise NotClientHello("truncated ClientHello")
+    at += 1 + body[at]  # legacy_compression_methods
+    if at == end:
         return None  # no extensions at all
-    extensions = hello.vector(2)
-    if not hello.done():
-        raise NotClientHello("bytes after the ClientHello extensions")
+    extensions_end = at + 2 + _u16(body, at, end)
+    if extensions_end != end:
+        raise NotClientHello("ClientHello extensions do not fill the message")
+    at += 2
     seen: set[int] = set()
     name = None
-    while not extensions.done():
-        kind = extensions.number(2)
-        data = extensions.vector(2)
+    while at < end:
+        kind, length = _u16(body, at, end), _u16(body, at + 2, end)
+        at += 4
+        data_end = at + length
+        if data_end > end:
+            raise NotClientHello("truncated ClientHello extension")
         if kind in seen:
             raise NotClientHello("repeated ClientHello extension")  # OpenSSL refuses them too
         seen.add(kind)
-        if kind != _SERVER_NAME:
-            continue
-        names = data.vector(2)
-        if not data.done():
-            raise NotClientHello("malformed server_name extension")
-        while not names.done():
-            name_type = names.number(1)
-            value = names.vector(2).data
-            if name_type == _HOST_NAME:
-                if name is not None:
-                    raise NotClientHello("two host names in server_name")
-                try:
-                    name = value.decode("ascii")
-                except UnicodeDecodeError:
-                    raise NotClientHello("server name is not ASCII") from None
+        if kind == _SERVER_NAME:
+            if at + 2 + _u16(body, at, data_end) != data_end:
+                raise NotClientHello("malformed server_name extension")
+            entry = at + 2
+            while entry < data_end:
+                if entry + 3 > data_end:
+                    raise NotClientHello("malformed server_name extension")
+                name_type, size = body[entry], _u16(body, entry + 1, data_end)
+                value = body[entry + 3:entry + 3 + size]
+                if len(value) != size:
+                    raise NotClientHello("malformed server_name extension")
+                entry += 3 + size
+                if name_type == _HOST_NAME:
+                    if name is not None:
+                        raise NotClientHello("two host names in server_name")
+                    try:
+                        name = value.decode("ascii")
+                    except UnicodeDecodeError:
+                        raise NotClientHello("server name is not ASCII") from None
+        at = data_end
     return name
 
 
