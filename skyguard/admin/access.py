@@ -85,4 +85,4 @@ def workload_ssh_address(workload: Workload) -> str:
     if not workload.addresses:
         raise AccessRefused("no_address", f"skyguard: workload {workload.name} has no address in the policy")
     v4 = [a for a in workload.addresses if a.version == 4]
-    return str((v4 or list(workload.addresses))[0])
+    return str(v4[0] if v4 else workload.addresses[0])

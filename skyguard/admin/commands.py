@@ -105,8 +105,8 @@ def allow_list(policy: Policy) -> tuple[tuple[str, ...], ...] | None:
 def _words_match(pattern: tuple[str, ...], words: list[str]) -> bool:
     if pattern and pattern[-1] == "*":
         head = pattern[:-1]
-        return len(words) >= len(head) and all(fnmatch.fnmatchcase(w, p) for w, p in zip(words, head))
-    return len(words) == len(pattern) and all(fnmatch.fnmatchcase(w, p) for w, p in zip(words, pattern))
+        return len(words) >= len(head) and all(fnmatch.fnmatchcase(w, p) for w, p in zip(words, head, strict=False))
+    return len(words) == len(pattern) and all(fnmatch.fnmatchcase(w, p) for w, p in zip(words, pattern, strict=True))
 
 
 def command_allowed(command: str, patterns: tuple[tuple[str, ...], ...]) -> bool:

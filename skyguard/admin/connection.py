@@ -15,7 +15,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import asyncssh
 
@@ -23,6 +23,7 @@ from skyguard import fsutil
 from skyguard.admin import access, keys
 from skyguard.admin.session import EXIT_UNREACHABLE, ProxySession
 from skyguard.errors import AdminError, BadInput
+from skyguard.policy.model import SshOperator, Workload
 
 if TYPE_CHECKING:
     from skyguard.admin.proxy import AdminSshProxy
@@ -76,15 +77,15 @@ class OperatorConnection(asyncssh.SSHServer):
 
     def __init__(self, proxy: AdminSshProxy):
         self.proxy = proxy
-        self.conn: asyncssh.SSHServerConnection | None = None
+        self.conn: Any = None  # the asyncssh connection, from connection_made() on
         self.source = "?"
         self.login: access.Login | None = None
-        self.operator = None
-        self.key_fingerprint = None
+        self.operator: SshOperator | None = None  # set once authenticated
+        self.key_fingerprint: str | None = None
         self.authenticated = False
         self.auth_attempted = False
         self.rejected_keys = 0
-        self.workload = None
+        self.workload: Workload | None = None  # set once authorised
         self.refusal: access.AccessRefused | None = None
         self._upstream: asyncssh.SSHClientConnection | None = None
         self._upstream_lock = asyncio.Lock()
@@ -130,7 +131,7 @@ class OperatorConnection(asyncssh.SSHServer):
         ssh = self.proxy.policy.admin_ssh
         if ssh is None:
             return "SSH access was removed from the policy"
-        if self.operator is None or self.workload is None:
+        if self.operator is None or self.workload is None or self.login is None:
             return None  # not past authentication and authorisation yet: the new policy applies
         operator = access.find_operator(ssh, self.operator.name)
         key = self.proxy.operator_keys.get(self.operator.name)
@@ -204,14 +205,25 @@ class OperatorConnection(asyncssh.SSHServer):
     def auth_completed(self) -> None:
         self.authenticated = True
         self.proxy.limiter.success(self.source)
+        operator, login = self.operator, self.login
+        if operator is None or login is None:
+            return  # not reached: asyncssh completes only after validate_public_key set both
         try:
-            self.workload = access.authorize(self.proxy.policy, self.operator, self.login)
+            self.workload = access.authorize(self.proxy.policy, operator, login)
         except access.AccessRefused as refused:
             # Told to the operator when they open a session (an SSH login has no place for text).
             self.refusal = refused
-            self.proxy.record("admin_access_refused", operator=self.operator.name,
+            self.proxy.record("admin_access_refused", operator=operator.name,
                               key_fingerprint=self.key_fingerprint, source=self.source,
-                              workload=self.login.workload, reason=refused.reason)
+                              workload=login.workload, reason=refused.reason)
+
+    @property
+    def operator_name(self) -> str:
+        return self.operator.name if self.operator is not None else "?"
+
+    @property
+    def workload_name(self) -> str | None:
+        return self.workload.name if self.workload is not None else None
 
     # -- the VM side ------------------------------------------------------------------------------
 
@@ -221,6 +233,8 @@ class OperatorConnection(asyncssh.SSHServer):
             if self._upstream is not None:
                 return self._upstream
             workload = self.workload
+            if workload is None:
+                raise access.AccessRefused("no_target", "skyguard: no VM selected for this connection")
             address = access.workload_ssh_address(workload)
             cfg = self.proxy.config
             client = VmClient(self.proxy, workload.name)
@@ -263,7 +277,7 @@ class OperatorConnection(asyncssh.SSHServer):
     def session_requested(self):
         return ProxySession(self)
 
-    def _refuse(self, request: str, message: str, **details):
+    def _refuse(self, request: str, message: str, **details) -> NoReturn:
         self.proxy.metrics.refusals.labels(request).inc()
         self.proxy.record("admin_request_refused", request=request,
                           operator=self.operator.name if self.operator else None,
@@ -279,8 +293,8 @@ class OperatorConnection(asyncssh.SSHServer):
         if ssh is None or not ssh.port_forwarding:
             self._refuse("port_forward", "port forwarding is disabled by skyguard policy "
                          "(admin.ssh.port_forwarding)", dest=f"{dest_host}:{dest_port}")
-        self.proxy.record("admin_port_forward", operator=self.operator.name,
-                          workload=self.workload.name, dest=f"{dest_host}:{dest_port}")
+        self.proxy.record("admin_port_forward", operator=self.operator_name,
+                          workload=self.workload_name, dest=f"{dest_host}:{dest_port}")
 
         async def bridge(reader, writer):
             try:

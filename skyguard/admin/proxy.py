@@ -129,7 +129,6 @@ class AdminSshProxy:
         self._serving: tuple[str, bool] | None = None  # (listen, agent_forwarding) of _server
         self._started = False
         self._recovered = False
-        self._loop: asyncio.AbstractEventLoop | None = None
         self.policy, self.operator_keys = self._checked(policy)
 
     @staticmethod
@@ -145,7 +144,6 @@ class AdminSshProxy:
     async def start(self) -> tuple[str, int] | None:
         """Listen on admin.ssh.listen, if the policy has admin.ssh (else wait for a policy that
         has). Returns the address listened on, or None."""
-        self._loop = asyncio.get_running_loop()
         self._started = True
         await self._follow_policy()
         return self.address
@@ -196,7 +194,7 @@ class AdminSshProxy:
                 log.warning("session %s was interrupted by a proxy restart; its record is closed", session_id)
             self._recovered = True
         try:
-            self._server = await asyncssh.create_server(
+            server = await asyncssh.create_server(
                 lambda: OperatorConnection(self), host, port,
                 server_host_keys=[self.host_key], encoding=None,
                 login_timeout=self.config.login_timeout,
@@ -210,8 +208,8 @@ class AdminSshProxy:
             )
         except OSError as e:
             raise AdminError(f"cannot listen on {host}:{port} for the SSH access proxy: {e.strerror}") from None
-        self._serving = (listen, agent_forwarding)
-        self.address = tuple(self._server.sockets[0].getsockname()[:2])
+        self._server, self._serving = server, (listen, agent_forwarding)
+        self.address = tuple(server.sockets[0].getsockname()[:2])
         log.info("SSH access proxy listening on %s:%s", *self.address)
 
     async def _close_listener(self) -> None:

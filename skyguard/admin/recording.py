@@ -15,6 +15,7 @@ whose proxy died, hashing what was written. Not the SSH server, not the signed l
 
 from __future__ import annotations
 
+import builtins  # `list` in SessionArchive's annotations is its method
 import codecs
 import hashlib
 import json
@@ -184,7 +185,7 @@ class SessionArchive:
     def transcript_path(self, session_id: str) -> Path:
         return self.directory / f"{validate_session_id(session_id)}.cast"
 
-    def verify(self, session_id: str, logged: list[dict] | None = None) -> str:
+    def verify(self, session_id: str, logged: builtins.list[dict] | None = None) -> str:
         """The transcript's SHA-256 if it matches the metadata and every end entry for it in
         `logged` (the decision log's entries); else AdminError naming the mismatch."""
         meta = self.load(session_id)
@@ -206,7 +207,7 @@ class SessionArchive:
                                      f"{actual}, the log says {e.get('transcript_sha256')}")
         return actual
 
-    def recover_interrupted(self) -> list[str]:
+    def recover_interrupted(self) -> builtins.list[str]:
         """Close the records of sessions left 'active' by an earlier proxy (one proxy per state
         directory; call at start): the transcript is hashed as it stands and an end entry with
         result 'interrupted' is logged. Sessions recorded through this archive object are left."""

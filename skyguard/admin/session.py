@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
@@ -78,13 +78,13 @@ class ProxySession(asyncssh.SSHServerSession):
     def __init__(self, owner: OperatorConnection):
         self.owner = owner
         self.proxy = owner.proxy
-        self.chan = None
-        self.vm_chan = None
-        self.term = None
+        self.chan: Any = None  # the operator's channel, from connection_made() on
+        self.vm_chan: Any = None  # the VM's channel, once open
+        self.term: str | None = None
         self.size = (80, 24, 0, 0)
-        self.modes = {}
-        self.kind = None
-        self.command = None
+        self.modes: dict[int, int] = {}
+        self.kind: str | None = None  # shell, exec or subsystem: set before session_started()
+        self.command: str | None = None
         self.recording: SessionRecording | None = None
         self.sftp_watch: SftpRequestWatcher | None = None
         self.decision: commands.Decision | None = None  # set once the session may run
@@ -119,11 +119,13 @@ class ProxySession(asyncssh.SSHServerSession):
 
     async def _open(self):
         owner = self.owner
-        operator = owner.operator.name
+        operator = owner.operator_name
         try:
             if owner.refusal is not None:
                 raise owner.refusal
             workload = owner.workload
+            if workload is None:  # not reached: authorisation set either the workload or the refusal
+                raise access.AccessRefused("no_target", "skyguard: no VM selected for this connection")
             if self.kind == "exec" and len(self.command or "") <= commands.MAX_COMMAND_CHARS:
                 # Looking through a command decodes what it can: bounded, but up to ~0.1 s for a
                 # hostile 32 KiB one, so off the loop (the result is cached for decide()).
@@ -142,8 +144,8 @@ class ProxySession(asyncssh.SSHServerSession):
             return
         width, height = self.size[0] or 80, self.size[1] or 24
         self.recording = self.proxy.archive.begin(
-            operator=operator, key_fingerprint=owner.key_fingerprint, workload=workload.name,
-            zone=workload.zone, source=owner.source, kind=self.kind, command=self.command,
+            operator=operator, key_fingerprint=owner.key_fingerprint or "?", workload=workload.name,
+            zone=workload.zone, source=owner.source, kind=self.kind or "?", command=self.command,
             width=width, height=height, term=self.term)
         if self.decision.transfer and (self.kind == "subsystem" or _runs_sftp_server(self.command)):
             self.sftp_watch = SftpRequestWatcher()
@@ -175,7 +177,7 @@ class ProxySession(asyncssh.SSHServerSession):
         if self.ended:
             return
         self.ended = True
-        operator = self.owner.operator.name
+        operator = self.owner.operator_name
         self.proxy.metrics.sessions.labels(operator, refused.reason).inc()
         if refused.reason in REFUSED_REQUEST_LABELS:
             self.proxy.metrics.refusals.labels(REFUSED_REQUEST_LABELS[refused.reason]).inc()
@@ -202,8 +204,8 @@ class ProxySession(asyncssh.SSHServerSession):
         try:
             commands.decide(self.proxy.policy, self.kind, self.command)
         except access.AccessRefused as refused:
-            self.proxy.record("admin_access_revoked", operator=self.owner.operator.name,
-                              workload=self.owner.workload.name, source=self.owner.source,
+            self.proxy.record("admin_access_revoked", operator=self.owner.operator_name,
+                              workload=self.owner.workload_name, source=self.owner.source,
                               session=self.recording.id if self.recording else None,
                               reason=refused.reason)
             self.end_with_message(f"\r\nskyguard: this session is no longer allowed by a policy change: "
@@ -219,12 +221,12 @@ class ProxySession(asyncssh.SSHServerSession):
             return
         if self.recording:
             self.recording.input(data)
-        if self.sftp_watch is not None:
+        if self.sftp_watch is not None and self.recording is not None:
             for op, path in self.sftp_watch.feed(data):
                 self.recording.note("files", {"op": op, "path": path})
                 self.proxy.record("admin_file_transfer", session=self.recording.id,
-                                  operator=self.owner.operator.name,
-                                  workload=self.owner.workload.name, op=op, path=path)
+                                  operator=self.owner.operator_name,
+                                  workload=self.owner.workload_name, op=op, path=path)
         self.vm_chan.write(data)
 
     def eof_received(self):
@@ -302,7 +304,7 @@ class ProxySession(asyncssh.SSHServerSession):
         if self.active_counted:
             self.proxy.metrics.active.dec()
             self.active_counted = False
-        self.proxy.metrics.sessions.labels(self.owner.operator.name, result).inc()
+        self.proxy.metrics.sessions.labels(self.owner.operator_name, result).inc()
         if self.recording:
             try:
                 self.recording.finish(result, exit_status, exit_signal)

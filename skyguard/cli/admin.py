@@ -122,6 +122,7 @@ def replay_command(session_id, speed, idle_limit, log_file, no_verify, state_dir
         raise BadInput("--speed must be greater than 0")
     archive = _archive(state_dir)
     if not no_verify:
+        logged: list[dict] | None
         signed = _state(state_dir) / "log"
         if log_file is None and signed.exists():  # the daemon's signed log
             from skyguard.tlog import LogReader
