@@ -333,6 +333,12 @@ class OperatorConnection(asyncssh.SSHServer):
                           source=self.source, listen=f"{listen_host}:{listen_port}")
         return False
 
+    def tun_requested(self, unit):
+        self._refuse("tunnel", "skyguard: IP tunnels (ssh -w) are not allowed", unit=unit)
+
+    def tap_requested(self, unit):
+        self._refuse("tunnel", "skyguard: Ethernet tunnels (ssh -w, Tunnel=ethernet) are not allowed", unit=unit)
+
     def unix_connection_requested(self, dest_path):
         self._refuse("unix_forward", "UNIX socket forwarding is not allowed by skyguard")
 

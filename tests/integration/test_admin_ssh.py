@@ -343,6 +343,17 @@ def test_port_forwarding_is_refused_by_default(lab):
     assert lab.entries("admin_request_refused")
 
 
+@pytest.mark.parametrize("mode", ["point-to-point", "ethernet"])
+def test_tunnel_devices_are_refused_and_logged(lab, mode):
+    before = lab.metric("skyguard_admin_ssh_refused_requests_total", request="tunnel")
+    out = lab.ssh("alice", "alice+dc1", "echo should-not-run",
+                  extra=["-o", f"Tunnel={mode}", "-w", "any:any", "-o", "ExitOnForwardFailure=yes"])
+    assert out.returncode == 255 and "should-not-run" not in out.stdout, out.stderr
+    assert "tunnel" in out.stderr.lower() and "not allowed" in out.stderr, out.stderr
+    assert lab.metric("skyguard_admin_ssh_refused_requests_total", request="tunnel") == before + 1
+    assert lab.entries("admin_request_refused")[-1]["request"] == "tunnel"
+
+
 def test_port_forwarding_when_policy_allows_opens_from_the_vm(lab):
     allowing = replace(lab.policy, admin_ssh=replace(lab.policy.admin_ssh, port_forwarding=True))
     lab.set_policy(allowing)
