@@ -135,7 +135,7 @@ class _Views:
 
     def __init__(self, data: bytes):
         self.data = data
-        if b"\n" in data or b"\r" in data:
+        if b"\n" in data or b"\r" in data:  # rare in headers and small bodies: the fast path skips this
             positions = [m.start() for m in _BREAKS.finditer(data)]
             # For each removed byte: the unwrapped offset it would have had.
             self._removed = [at - k for k, at in enumerate(positions)]
@@ -159,24 +159,53 @@ class _Views:
                 end - 1 + bisect.bisect_right(self._removed, end - 1) + 1)
 
 
+# Below this many bytes the fixed forms are looked for with one regex alternation, above it
+# with bytes.find per form: find prepares its needle on every call (costly for short data),
+# the alternation tries every form at every position (costly for long data).
+ALTERNATION_BELOW = 4096
+GRAM = 4  # bytes per sample of the fixed-form prefilter (see _Prefilter)
+
+
+class _Prefilter:
+    """Exact, cheap "no fixed form can be here": every GRAM-byte substring of every fixed form
+    is in a set, and data holding a form of length >= L holds one of them at an offset that is
+    a multiple of L - GRAM + 1. So sampling the data at that stride finds every occurrence's
+    neighbourhood; only data with a hit is searched properly (most messages have none)."""
+
+    __slots__ = ("grams", "step")
+
+    def __init__(self, forms: tuple[bytes, ...]):
+        self.grams = frozenset(form[i:i + GRAM] for form in forms for i in range(len(form) - GRAM + 1))
+        self.step = max(1, min((len(form) for form in forms), default=GRAM) - GRAM + 1)
+
+    def may_hold(self, data: bytes) -> bool:
+        grams = self.grams
+        return any(data[at:at + GRAM] in grams for at in range(0, len(data) - GRAM + 1, self.step))
+
+
 class SecretForms:
     """Finds and scrubs the secrets given at construction. Its repr never shows them.
 
     One regex per secret for the per-byte forms, written so the regex engine can skip ahead to
-    the few bytes a match can start with; the other forms are fixed strings found with
-    bytes.find in the data unwrapped and in lower case. One alternation of everything would
-    lose both shortcuts and cost several times more per byte (the proxy scans every message)."""
+    the few bytes a match can start with; the other forms are fixed strings looked for in the
+    data unwrapped and in lower case (see ALTERNATION_BELOW). One alternation of everything
+    would lose the shortcuts and cost several times more per byte (the proxy scans every
+    message). Data shorter than the shortest form of any secret is not scanned at all."""
 
-    __slots__ = ("_byte_wise", "_literal", "_count")
+    __slots__ = ("_byte_wise", "_literal", "_literal_alternation", "_prefilter", "_shortest", "_count")
 
     def __init__(self, secrets: Iterable[bytes]):
         secrets = sorted(set(s for s in secrets if s), key=len, reverse=True)
         self._count = len(secrets)
         self._byte_wise = tuple(re.compile(byte_wise_pattern(s)) for s in secrets)
-        self._literal = tuple(sorted(set().union(*(literal_forms(s) for s in secrets))))
+        self._literal = tuple(sorted(set().union(*(literal_forms(s) for s in secrets)), key=len, reverse=True))
+        self._literal_alternation = re.compile(b"|".join(re.escape(f) for f in self._literal)) if self._literal else None
+        self._prefilter = _Prefilter(self._literal)
+        # Every per-byte spelling takes at least a byte per byte of the secret.
+        self._shortest = min([len(s) for s in secrets] + [len(f) for f in self._literal], default=0)
 
     def found_in(self, data: bytes) -> bool:
-        if not data:
+        if len(data) < self._shortest or not self._count:
             return False
         for pattern in self._byte_wise:
             if pattern.search(data):
@@ -184,6 +213,10 @@ class SecretForms:
         if not self._literal:
             return False
         lowered = _Views(data).lowered
+        if not self._prefilter.may_hold(lowered):
+            return False
+        if len(lowered) < ALTERNATION_BELOW:
+            return self._literal_alternation.search(lowered) is not None
         for form in self._literal:
             if form in lowered:
                 return True
@@ -192,17 +225,20 @@ class SecretForms:
     def scrub(self, data: bytes) -> tuple[bytes, int]:
         """Data with every form of every secret replaced, and how many replacements were made
         (overlapping matches of different forms count once)."""
-        if not data:
+        if len(data) < self._shortest or not self._count:
             return data, 0
         spans = [m.span() for pattern in self._byte_wise for m in pattern.finditer(data)]
-        if self._literal:
-            views = _Views(data)
-            lowered = views.lowered
-            for form in self._literal:
-                at = lowered.find(form)
-                while at >= 0:
-                    spans.append(views.span(at, at + len(form)))
-                    at = lowered.find(form, at + 1)
+        views = _Views(data)
+        lowered = views.lowered
+        if self._literal and self._prefilter.may_hold(lowered):
+            if len(lowered) < ALTERNATION_BELOW:
+                spans += [views.span(*m.span()) for m in self._literal_alternation.finditer(lowered)]
+            else:
+                for form in self._literal:
+                    at = lowered.find(form)
+                    while at >= 0:
+                        spans.append(views.span(at, at + len(form)))
+                        at = lowered.find(form, at + 1)
         if not spans:
             return data, 0
         spans.sort()

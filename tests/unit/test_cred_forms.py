@@ -149,3 +149,20 @@ def test_any_ascii_secret_in_any_listed_form_is_found_and_scrubbed(secret, form,
     forms = SecretForms([secret])
     assert forms.found_in(blob)
     assert not forms.found_in(forms.scrub(blob)[0])
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_every_form_is_found_at_every_offset_of_a_large_body(form):
+    """Bodies above ALTERNATION_BELOW take the other search, behind a sampling prefilter: no
+    offset may fall between its samples."""
+    from skyguard.credproxy.secretforms import ALTERNATION_BELOW
+
+    forms = SecretForms([SECRET])
+    encoded = FORMS[form](SECRET)
+    filler = b"lorem ipsum 0123456789 abcdef ABCDEF =3D %20 &amp; \\x41\n" * (ALTERNATION_BELOW // 50 + 2)
+    for offset in range(48):
+        blob = filler[:offset] + encoded + filler
+        assert len(blob) > ALTERNATION_BELOW
+        assert forms.found_in(blob), offset
+        scrubbed, _ = forms.scrub(blob)
+        assert not forms.found_in(scrubbed) and REDACTED in scrubbed and scrubbed.startswith(filler[:offset])
