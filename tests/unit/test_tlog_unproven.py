@@ -268,3 +268,23 @@ def test_verify_json_reports_what_is_proven(state):
     assert (report["ok"], report["size"], report["covered"], report["unproven"]) == \
         (True, 150, 120, 30)
     assert "host-ed25519.pem" in report["key"]
+
+
+def test_a_rollback_with_forged_entries_within_the_bound_is_never_verified_nor_signed(state):
+    # The one rewrite the files alone cannot tell from a crash: drop the last signatures and
+    # forge at most MAX_UNPROVEN entries after the signed state left. Never called verified,
+    # never signed; a witness's checkpoint shows the rollback.
+    log_dir = build(state, 600, every=100)
+    witness = LogReader(log_dir).latest_checkpoint_note()
+    notes = LogReader(log_dir).checkpoint_notes()
+    (log_dir / CHECKPOINTS_FILE).write_bytes(records.frame(0, notes[0].encode()))   # size 500
+    (log_dir / HEAD_FILE).unlink()
+    rewrite_entry(log_dir, 550, FORGED)
+    report = verify_log(log_dir, signer_of(state).verifier)
+    assert report.ok and (report.covered, report.size) == (500, 600), report.problem
+    assert not verify_log(log_dir, signer_of(state).verifier, [witness]).ok
+    with LogWriter(log_dir, signer_of(state), segment_entries=SEGMENT):
+        pass
+    recorded = entries_of(log_dir)
+    assert len(recorded) == 501 and recorded[500]["type"] == "log_recovery"
+    assert all(not r.get("forged") for r in recorded)
