@@ -54,8 +54,10 @@ _AFTER = r"(?![A-Za-z0-9_+-])"
 _TRANSFER_NAME = re.compile(
     _BEFORE + "(" + "|".join(re.escape(p) for p in sorted(TRANSFER_PROGRAMS, key=len, reverse=True))
     + ")" + _AFTER, re.IGNORECASE)
-# Expansions that can be empty at run time: `s${x}cp`, `s$(true)cp`, `s``cp`, `s$@cp`.
-_EXPANSIONS = re.compile(r"\$\{[^}]*\}|\$\([^)]*\)|`[^`]*`|\$[A-Za-z_][A-Za-z0-9_]*|\$[@*#?$!0-9-]")
+# Expansions that can be empty at run time: `s${x}cp`, `s$(true)cp`, `s``cp`, `s$@cp`. Innermost
+# first, one level per pass, each pass looked at: `$(s$()cp -t .)` is `$(scp -t .)` after one.
+_INNERMOST_EXPANSION = re.compile(r"\$\{[^{}]*\}|\$\([^()]*\)|`[^`]*`|\$[A-Za-z_][A-Za-z0-9_]*|\$[@*#?$!0-9-]")
+MAX_EXPANSION_PASSES = 16
 _ESCAPES = re.compile(r"\\(x[0-9A-Fa-f]{1,2}|u[0-9A-Fa-f]{4}|U[0-9A-Fa-f]{8}|0?[0-7]{1,3})")
 _BASE64_WORD = re.compile(r"[A-Za-z0-9+/_-]{8,}={0,2}")
 _HEX_WORD = re.compile(r"(?:[0-9A-Fa-f]{2}){4,}")
@@ -179,7 +181,13 @@ def transfer_programs(command: str) -> tuple[str, ...]:
         budget[0] -= len(text)
         unescaped = _unescape(text)
         dequoted = re.sub(r"['\"\\]", "", unescaped)
-        for view in (text, unescaped, dequoted, _EXPANSIONS.sub("", dequoted)):
+        views = [text, unescaped, dequoted]
+        for _ in range(MAX_EXPANSION_PASSES):
+            stripped = _INNERMOST_EXPANSION.sub("", views[-1])
+            if stripped == views[-1]:
+                break
+            views.append(stripped)
+        for view in views:
             found.update(m.group(1).lower() for m in _TRANSFER_NAME.finditer(view))
         if depth < MAX_DECODE_DEPTH:
             for decoded in _decoded_words(dequoted):

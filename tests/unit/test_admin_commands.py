@@ -7,6 +7,8 @@ import gzip
 from dataclasses import replace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from skyguard.admin import commands
 from skyguard.admin.access import AccessRefused
@@ -56,6 +58,7 @@ DISGUISED = [
     ("s${nothing}cp -t /tmp", ["scp"]),
     ("s$(true)cp -t /tmp", ["scp"]),
     ("s`true`cp -t /tmp", ["scp"]),
+    ("echo $(s$()cp -f /etc/shadow >&2)", ["scp"]),  # innermost expansion first (found by the property below)
     ("scp${IFS}-t${IFS}/tmp", ["scp"]),
     ("$'\\x73\\x63\\x70' -t /tmp", ["scp"]),
     ("$(printf '\\163\\143\\160') -t /tmp", ["scp"]),
@@ -190,3 +193,55 @@ def test_bad_allow_lists_are_refused_with_the_entry_named(entries, message):
         commands.parse_allow_list(entries)
     with pytest.raises(BadInput, match=message):
         commands.allow_list(replace(NO_TRANSFER, extra={"x-admin-ssh-commands": entries}))
+
+
+# -- properties over generated commands ------------------------------------------------------------
+
+# What may stand between words in a shell command line without joining them into one name (quotes
+# and backticks are left to disguise(): a lone one here would pair with one of its own instead).
+SEPARATORS = st.sampled_from([" ", "\t", ";", "|", "&&", "\n", "(", ")", "$(", "=", "/", "{ ", "' '", '" "'])
+ORDINARY_WORDS = st.sampled_from(["echo", "cd", "/tmp", "-t", "-f", "x", "sh", "-c", "env", "nice", "sudo", "exec"])
+
+
+def disguise(name: str, how: list[int], case: list[bool]) -> str:
+    """`name` with quote pairs, backslashes or empty expansions between its letters, in mixed case:
+    the forms a shell turns back into `name`."""
+    pieces = {0: "", 1: "''", 2: '""', 3: "\\", 4: "${u}", 5: "$()", 6: "``"}
+    letters = [ch.upper() if up else ch for ch, up in zip(name, case + [False] * len(name), strict=False)]
+    out = letters[0]
+    for i, ch in enumerate(letters[1:]):
+        out += pieces[how[i % len(how)] if how else 0] + ch
+    return out
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(commands.TRANSFER_PROGRAMS), st.lists(ORDINARY_WORDS, max_size=6),
+       st.lists(ORDINARY_WORDS, max_size=6), SEPARATORS, SEPARATORS,
+       st.lists(st.integers(0, 6), max_size=12), st.lists(st.booleans(), max_size=20),
+       st.sampled_from(["", "/usr/bin/", "/USR/LOCAL/BIN/", "./"]), st.booleans())
+def test_a_transfer_program_anywhere_is_found(name, before, after, sep1, sep2, how, case, path, encode):
+    """However a transfer program's name is placed, split, cased or base64-wrapped in a command
+    line, the check names it (and so refuses the command with transfer off)."""
+    word = path + disguise(name, how, case)
+    command = " ".join(before) + sep1 + word + sep2 + " ".join(after)
+    if encode:
+        command = f"echo {b64(command)} | base64 -d | sh"
+    assert name in commands.transfer_programs(command), command
+    with pytest.raises(AccessRefused):
+        commands.decide(NO_TRANSFER, "exec", command)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=2000))
+def test_any_text_gets_a_verdict_never_an_exception(command):
+    try:
+        decision = commands.decide(NO_TRANSFER, "exec", command)
+    except AccessRefused as refused:
+        assert refused.reason == "file_transfer_refused"
+    else:
+        assert decision.transfer is False
+    policy = with_allow_list(NO_TRANSFER, ALLOW)
+    try:
+        commands.decide(policy, "exec", command)
+    except AccessRefused as refused:
+        assert refused.reason in ("file_transfer_refused", "command_not_allowed")
