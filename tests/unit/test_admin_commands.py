@@ -4,6 +4,7 @@ commands are sent by real OpenSSH clients in tests/integration/test_admin_ssh.py
 
 import base64
 import gzip
+import subprocess
 from dataclasses import replace
 
 import pytest
@@ -245,3 +246,20 @@ def test_any_text_gets_a_verdict_never_an_exception(command):
         commands.decide(policy, "exec", command)
     except AccessRefused as refused:
         assert refused.reason in ("file_transfer_refused", "command_not_allowed")
+
+
+PLAIN_TEXT = st.text(alphabet="abcXYZ019_./:=,@%+- \t", min_size=1, max_size=60)
+
+
+@pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash"])
+@settings(max_examples=60, deadline=None)
+@given(PLAIN_TEXT)
+def test_what_the_allow_list_accepts_a_real_shell_runs_as_those_words(shell, command):
+    """The allow-list matches words; that is only sound if the VM's shell sees the same words,
+    with nothing expanded, chained or redirected. Checked with the real shells."""
+    if not commands.command_allowed(command, (("*",),)):
+        assert not command.split()  # only blank commands are turned away by the syntax check
+        return
+    shown = subprocess.run([shell, "-c", "printf '<%s>' " + command], capture_output=True, text=True,
+                           timeout=10, cwd="/")
+    assert shown.returncode == 0 and shown.stdout == "".join(f"<{w}>" for w in command.split()), command
