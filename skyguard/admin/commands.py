@@ -43,7 +43,7 @@ TRANSFER_PROGRAMS = (
 MAX_COMMAND_CHARS = 32 * 1024
 # Bounds on the decoding below (a command is attacker-supplied): nesting depth and total text.
 MAX_DECODE_DEPTH = 4
-MAX_DECODED_CHARS = 256 * 1024  # worst case ~40 ms on the loop, for an authenticated operator only
+MAX_DECODED_CHARS = 256 * 1024  # up to ~0.1 s for a hostile command: session.py runs it off the loop
 # Shown in a refusal message: the first few allowed commands.
 MAX_LISTED = 10
 
