@@ -191,27 +191,33 @@ class PeekingTlsListener:
                 continue
             deadline = self._loop.time() + self.hello_timeout
             self._pending[sock.fileno()] = (sock, token, deadline, POLL_FIRST)
-            self._loop.add_reader(sock.fileno(), self._peek, sock.fileno())
             self._loop.call_at(deadline, self._expire, sock.fileno(), sock)  # a client that never speaks
+            self._peek(sock.fileno(), watched=False)  # the ClientHello has often arrived already
 
     def _resume_accepting(self, listener: socket.socket) -> None:
         if listener in self._listeners:
             self._loop.add_reader(listener.fileno(), self._accept, listener)
 
-    def _peek(self, fd: int) -> None:
+    def _peek(self, fd: int, watched: bool = True) -> None:
         entry = self._pending.get(fd)
         if entry is None:
             return
         sock, token, deadline, delay = entry
-        self._loop.remove_reader(fd)
+        if watched:
+            self._loop.remove_reader(fd)
         try:
             data = sock.recv(MAX_HELLO, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            self._loop.add_reader(fd, self._peek, fd)  # nothing yet: wake when something comes
+            return
+        except OSError:
+            self._drop(fd)
+            return
+        try:
             if not data:
                 raise NotClientHello("closed before the ClientHello")
             complete, name = client_hello_sni(data)
-        except BlockingIOError:
-            complete, name = False, None
-        except (OSError, NotClientHello):
+        except NotClientHello:
             self._drop(fd)
             return
         if complete:
