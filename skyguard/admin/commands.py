@@ -200,9 +200,11 @@ def transfer_programs(command: str) -> tuple[str, ...]:
 # -- the decision ------------------------------------------------------------------------------------
 
 
-def decide(policy: Policy, kind: str | None, command: str | None) -> Decision:
+def decide(policy: Policy, kind: str | None, command: str | None,
+           programs: tuple[str, ...] | None = None) -> Decision:
     """May a session of `kind` ('shell', 'exec' or 'subsystem') with `command` run under
-    `policy`? A Decision if so, else AccessRefused (its message is for the operator)."""
+    `policy`? A Decision if so, else AccessRefused (its message is for the operator).
+    `programs`: transfer_programs(command) when already known (a re-check of an open session)."""
     ssh = policy.admin_ssh
     if ssh is None:
         raise AccessRefused("no_admin", "skyguard: SSH access is not enabled in the policy")
@@ -219,7 +221,8 @@ def decide(policy: Policy, kind: str | None, command: str | None) -> Decision:
         if len(command) > MAX_COMMAND_CHARS:
             raise AccessRefused("command_too_long", f"skyguard: commands longer than {MAX_COMMAND_CHARS} "
                                 "characters are refused (they could not be checked and logged whole)")
-        programs = transfer_programs(command)
+        if programs is None:
+            programs = transfer_programs(command)
         if programs and not transfer_on:
             raise _transfer_refused(programs)
         if patterns is not None and not command_allowed(command, patterns):

@@ -202,7 +202,7 @@ class ProxySession(asyncssh.SSHServerSession):
         if self.ended or self.decision is None:
             return  # ended, or not decided yet (_open decides under the policy in force then)
         try:
-            commands.decide(self.proxy.policy, self.kind, self.command)
+            commands.decide(self.proxy.policy, self.kind, self.command, self.decision.programs)
         except access.AccessRefused as refused:
             self.proxy.record("admin_access_revoked", operator=self.owner.operator_name,
                               workload=self.owner.workload_name, source=self.owner.source,
