@@ -2,10 +2,19 @@
 
 Tunnels (iodine, dnscat2, DNSExfiltrator, plain `base32(secret).evil.test` loops) have to put
 their payload in query names and read it from answers, so they show long labels, encoded
-(random-looking, hex or base32) labels, many never-repeated subdomains under one base domain,
-and record types that carry bytes (NULL, TXT, ANY). Each signal is a part of the score; a query
-whose score reaches THRESHOLD is a detection, and a detected base domain stays flagged for that
-VM for FLAG_SECONDS so the rest of the stream is stopped too while other names keep working.
+(random-looking, hex or base32) labels, letters in pairs English does not write (alphabet.py:
+this needs no digits, so a 16-letter alphabet is caught too), many never-repeated subdomains
+under one base domain, and record types that carry bytes (NULL, TXT, ANY). Each signal is a part
+of the score; a query whose score reaches THRESHOLD is a detection, and a detected base domain
+stays flagged for that VM for FLAG_SECONDS so the rest of the stream is stopped too while other
+names keep working.
+
+Quiet tunnels (short labels, few names a minute, spread over several base domains) are bounded
+by a budget per VM across all base domains: each never-seen name costs its estimated
+information (alphabet.bits of the subdomain, in bytes) over BUDGET_WINDOW_SECONDS, the first
+CHEAP_PER_BASE names of a base at CHEAP_WEIGHT (real traffic touches a few names of many sites;
+a tunnel needs many names of the few bases it controls). Past VM_BUDGET_BYTES a new costly name
+is a detection. bench/dns_tunnel.py measures what each encoder gets out under it.
 
 Sans-io: the caller passes the current time. It does not decide what to do with a detection
 (block, alert): the resolver does, from policy.dns.tunnel_detection.action.
@@ -18,7 +27,7 @@ import re
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
-from skyguard.dns import wire
+from skyguard.dns import alphabet, wire
 from skyguard.dns.names import base_domain
 
 THRESHOLD = 1.0  # a score at or above this is a detection
@@ -40,6 +49,18 @@ LONG_ANSWER_OCTETS = 300  # TXT/NULL rdata per answer above which it counts as b
 # under one base domain scores
 BULKY_ANSWERS_HARD = 10  # bulky answers per base per window for a full score
 NAME_CACHE_SIZE = 65536  # names whose per-name score is remembered
+ALPHABET_MIN_CHARS = 16  # letters and digits in the subdomain before letter pairs count
+ALPHABET_BPC_SOFT = 5.0  # bits per character (alphabet.py) where the part starts; real names
+# with 16+ characters stay below 5.6, uniform letters cost 6-7.5
+ALPHABET_BPC_HARD = 6.5  # ... and where it is full (times a length factor that is full at 24)
+BUDGET_WINDOW_SECONDS = 600.0  # the per-VM information budget's window
+VM_BUDGET_BYTES = 400.0  # estimated bytes of never-seen names per VM per window. The trade-off
+# (bench/dns_tunnel.py): real names at 0.2 never-seen names a second (120 per 10 minutes, every
+# 10 minutes) stay under it; at 0.5 a second they do not. A tunnel gets out at most ~0.6 KB.
+CHEAP_PER_BASE = 2  # the first names of a base in the window cost CHEAP_WEIGHT of their bytes
+CHEAP_WEIGHT = 0.5  # lower lets real browsing through faster, and a tunnel over many bases too
+BUDGET_MIN_BITS = 32  # when over budget, cheaper names (www, api, ...) of a new base still pass
+MAX_BUDGET_NAMES = 4096  # names remembered per VM for the budget (the oldest leave first)
 
 QTYPE_WEIGHT = {wire.QTYPE_NULL: 1.0, wire.QTYPE_ANY: 0.5, wire.QTYPE_TXT: 0.3}
 
@@ -100,6 +121,12 @@ def score_name(labels: list[bytes], qtype: int) -> tuple[dict[str, float], bytes
     encoded = _encoded_score(sub)
     if encoded:
         parts["encoded"] = round(encoded, 3)
+    alnum = len(sub) - sum(sub.count(c) for c in b".-_")
+    if alnum >= ALPHABET_MIN_CHARS:
+        bpc = alphabet.bits_per_char(sub)
+        if bpc > ALPHABET_BPC_SOFT:
+            part = min(1.0, (bpc - ALPHABET_BPC_SOFT) / (ALPHABET_BPC_HARD - ALPHABET_BPC_SOFT))
+            parts["alphabet"] = round(part * min(1.0, alnum / 24), 3)
     if qtype in QTYPE_WEIGHT:
         parts["qtype"] = QTYPE_WEIGHT[qtype]
     return parts, sub
@@ -113,11 +140,50 @@ class _BaseWindow:
     bulky: deque = field(default_factory=deque)  # times of long TXT/NULL answers
 
 
+class _Budget:
+    """One VM's never-seen names in the budget window: (base, subdomain) -> (first seen, cost)."""
+
+    def __init__(self):
+        self.names: OrderedDict[tuple[str, bytes], tuple[float, float]] = OrderedDict()
+        self.per_base: Counter = Counter()
+        self.total = 0.0
+
+    def expire(self, now: float) -> None:
+        while self.names:
+            key, (seen, cost) = next(iter(self.names.items()))
+            if seen >= now - BUDGET_WINDOW_SECONDS and len(self.names) <= MAX_BUDGET_NAMES:
+                break
+            self.names.popitem(last=False)
+            self.total -= cost
+            self.per_base[key[0]] -= 1
+            if self.per_base[key[0]] <= 0:
+                del self.per_base[key[0]]
+        if not self.names:
+            self.total = 0.0  # no float drift across windows
+
+    def spend(self, base: str, sub: bytes, bits: float, now: float) -> float | None:
+        """Charge a name; None if it was already seen in the window (it costs nothing), else
+        the part it adds to the score: 1.0 when the VM is over budget and the name is costly."""
+        self.expire(now)
+        key = (base, sub)
+        if key in self.names:
+            return None
+        rank = self.per_base[base] + 1
+        cost = bits / 8 * (CHEAP_WEIGHT if rank <= CHEAP_PER_BASE else 1.0)
+        self.names[key] = (now, cost)
+        self.per_base[base] = rank
+        self.total += cost
+        if self.total > VM_BUDGET_BYTES and (rank > CHEAP_PER_BASE or bits >= BUDGET_MIN_BITS):
+            return 1.0
+        return 0.0
+
+
 class TunnelDetector:
     """Keeps per-VM, per-base-domain history. Not thread-safe: one event loop owns it."""
 
     def __init__(self):
         self._vms: OrderedDict[str, OrderedDict[str, _BaseWindow]] = OrderedDict()
+        self._budgets: OrderedDict[str, _Budget] = OrderedDict()
         # per-name parts depend only on the name and type: cached, because most traffic is the
         # same few names again (bounded; cleared when full, tunnels churn it and pay full cost)
         self._name_cache: dict[tuple[bytes, int], tuple[dict, bytes, str]] = {}
@@ -146,10 +212,15 @@ class TunnelDetector:
             if len(self._name_cache) >= NAME_CACHE_SIZE:
                 self._name_cache.clear()
             name_parts, sub = score_name(labels, qtype)
-            cached = (name_parts, sub, base_domain(joined.decode("ascii", "replace")))
+            cached = (name_parts, sub, base_domain(joined.decode("ascii", "replace")),
+                      alphabet.bits(sub) if sub else 0.0)
             self._name_cache[(joined, qtype)] = cached
-        name_parts, sub, base = cached
+        name_parts, sub, base, bits = cached
         parts = dict(name_parts)
+        if sub:
+            over = self._budget(vm).spend(base, sub, bits, now)
+            if over:
+                parts["vm_budget"] = over
         window = self._window(vm, base)
         while window.seen and window.seen[0][0] < now - WINDOW_SECONDS:
             _, old = window.seen.popleft()
@@ -175,6 +246,16 @@ class TunnelDetector:
         if detected:
             window.flagged_until = now + FLAG_SECONDS
         return Verdict(score, parts, base, detected, flagged and not detected)
+
+    def _budget(self, vm: str) -> _Budget:
+        budget = self._budgets.get(vm)
+        if budget is None:
+            budget = self._budgets[vm] = _Budget()
+            if len(self._budgets) > MAX_VMS:
+                self._budgets.popitem(last=False)
+        else:
+            self._budgets.move_to_end(vm)
+        return budget
 
     def observe_answer(self, vm: str, base: str, payload_octets: int, now: float) -> None:
         """Count a TXT/NULL answer of payload_octets for vm under base (scored on the next
