@@ -14,7 +14,8 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print machin
 # state dir. Commands that ask the running daemon pass it along, and the daemon refuses the
 # request if it keeps its state elsewhere (a second daemon's state dir would mislead).
 state_dir_option = click.option(
-    "--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None, envvar="SKYGUARD_STATE_DIR",
+    "--state-dir", type=click.Path(file_okay=False, readable=False, path_type=Path), default=None,
+    envvar="SKYGUARD_STATE_DIR",
     help="skyguard's state directory, as given to `skyguard up` [default: $SKYGUARD_STATE_DIR or "
          "/var/lib/skyguard].")
 

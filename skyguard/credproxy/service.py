@@ -16,6 +16,7 @@ stopped pointing at them. Not here: policy parsing, DNS, the signed log itself.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -155,6 +156,14 @@ class CredentialService:
     async def _apply(self, policy: Policy) -> None:
         problems: list[str] = []
         self.policy = policy
+        # A credential whose secret is not in the store cannot be swapped: it is left out, so its
+        # zone's traffic is not steered for it (the placeholder goes out as it is, useless to
+        # anyone) and nothing else of the zone is intercepted for a swap that cannot happen.
+        missing = [c for c in policy.credentials if not await asyncio.to_thread(self._has_secret, c.secret)]
+        if missing:
+            problems += [f"credential {c.name!r}: secret {c.secret!r} is not in the store, so its swap is "
+                         f"off; add it with `skyguard secret set {c.secret}`" for c in missing]
+            policy = dataclasses.replace(policy, credentials=tuple(c for c in policy.credentials if c not in missing))
         # 1. Listeners the policy needs, up (or their state swapped) before steering points at them.
         try:
             if policy.credentials and self.proxy is None:  # in a worker thread: it reads the store
@@ -192,6 +201,16 @@ class CredentialService:
             await self.proxy.stop()
         if problems:  # the rest runs: what is missing stays off (not steered, so denied)
             raise Degraded("; ".join(problems))
+
+    def _has_secret(self, name: str) -> bool:
+        exists = getattr(self.secrets, "exists", None)
+        if exists is not None:
+            return bool(exists(name))
+        try:
+            self.secrets.get(name)
+        except CredentialError:
+            return False
+        return True
 
     def _proxy_in_force(self, policy: Policy) -> bool:
         """The proxy exists and decides under this policy's credentials."""
