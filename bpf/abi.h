@@ -156,11 +156,11 @@ struct sg_ct_val {
   __u8 state;      /* SG_CT_* */
 };
 
-/* sg_share_hands (array, one per share): the next slot each share's new entries try
- * (lib/conntrack.h). Programs only. */
+/* sg_share_hands (array, one per share): the next slot each share's new entries try, per
+ * direction (lib/conntrack.h). Programs only. */
 struct sg_share_hand {
-  __u32 ct;
-  __u32 frag;
+  __u32 ct[2];   /* by direction of the flow's creator (SG_DIR_*) */
+  __u32 frag[2];
 };
 
 /* sg_frag (LRU hash): allowed first fragments, so their followers pass. */

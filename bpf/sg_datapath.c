@@ -30,6 +30,7 @@
 
 struct sg_meta {
   __u16 zone;
+  __u16 share; /* the workload id: its share of state and of drop events */
   __u32 cfg_flags;
   struct sg_pkt pkt;
 };
@@ -63,6 +64,7 @@ static __always_inline int sg_handle(void *ctx, void *data, void *data_end, __u3
   if (!wl)
     return -SG_DROP_NO_WORKLOAD;
   m->zone = wl->zone;
+  m->share = wl->workload;
 
   int err = sg_parse(data, data_end, len, pkt);
   if (err)
@@ -160,7 +162,7 @@ static __always_inline int sg_handle(void *ctx, void *data, void *data_end, __u3
     }
     sg_ct_touch(ct, pkt->t.proto, pkt->tcp_flags, is_reply, len, now);
     if (pkt->frag == SG_FRAG_FIRST) {
-      int err = sg_frag_allow(ifindex, pkt, now, wl->workload);
+      int err = sg_frag_allow(ifindex, pkt, direction, now, wl->workload);
       if (err)
         return err;
     }
@@ -195,18 +197,18 @@ static __always_inline int sg_handle(void *ctx, void *data, void *data_end, __u3
   if (err)
     return err;
   if (pkt->frag == SG_FRAG_FIRST) {
-    err = sg_frag_allow(ifindex, pkt, now, wl->workload);
+    err = sg_frag_allow(ifindex, pkt, direction, now, wl->workload);
     if (err)
       return err;
   }
-  sg_emit(SG_EVENT_FLOW_START, 0, ifindex, wl->zone, direction, &pkt->t, rule, len, m->cfg_flags);
+  sg_emit(SG_EVENT_FLOW_START, 0, ifindex, wl->zone, direction, &pkt->t, rule, len, m->cfg_flags, wl->workload);
   return SG_VERDICT_ALLOW;
 }
 
 /* Count the verdict; on a drop, the single drop exit. Returns 1 to pass, 0 to drop. */
 static __always_inline int sg_finish(int verdict, __u32 ifindex, __u32 len, __u8 direction, struct sg_meta *m) {
   if (verdict < 0) {
-    sg_report_drop(m->zone, direction, (__u8)(-verdict), ifindex, &m->pkt.t, len, m->cfg_flags);
+    sg_report_drop(m->zone, direction, (__u8)(-verdict), ifindex, &m->pkt.t, len, m->cfg_flags, m->share);
     return 0;
   }
   sg_count_traffic(m->zone, direction, (__u8)verdict, len);
@@ -257,8 +259,10 @@ static __always_inline int sg_tc(struct __sk_buff *skb, __u8 direction) {
     struct sg_config_val *cfg = sg_config.lookup(&zero);
     if (cfg) {
       struct sg_workload_val *wl = sg_workload_of(skb->ifindex, cfg->gen);
-      if (wl)
+      if (wl) {
         m->zone = wl->zone;
+        m->share = wl->workload;
+      }
     }
   }
   return sg_finish(verdict, skb->ifindex, skb->len, direction, m) ? TC_ACT_OK : TC_ACT_SHOT;

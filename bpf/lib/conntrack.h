@@ -2,27 +2,29 @@
  * read both maps; userspace only reads them (flow listing) and may delete entries.
  *
  * Shares: one VM must never be able to push another VM's state out (a flood of new tuples would
- * otherwise evict every idle flow of every VM from a shared LRU). Each VM owns a share of slots
- * (SG_CT_SHARE flows, SG_FRAG_SHARE fragmented datagrams), picked by its workload id. Creating an
- * entry claims a slot of the VM's own share: a slot whose entry is gone or expired is reused (the
- * expired entry is deleted), a slot whose entry is live is skipped; when SG_SHARE_PROBES slots in
- * a row are live, the VM's share is full and its new flow is refused (SG_DROP_CT_FULL /
- * SG_DROP_FRAG_FULL), its own live flows untouched. Every entry sits in one slot, so the maps
- * never hold more than the shares add up to; with SG_LRU_SLACK on top, the kernel's LRU never has
- * to evict anything. (Two VMs whose workload ids are equal modulo SG_CT_SHARES share one share.)
+ * otherwise evict every idle flow of every VM from a shared LRU). Each VM owns a share of slots,
+ * picked by its workload id, in two halves: flows it opened and flows opened toward it (for
+ * fragments: datagrams it sends and datagrams it receives), so a peer allowed to reach it cannot
+ * use up its room for its own connections either. Creating an entry claims a slot of its own half: a slot whose entry is gone or expired is
+ * reused (the expired entry is deleted), a slot whose entry is live is skipped; when
+ * SG_SHARE_PROBES slots in a row are live, that half is full and the new flow is refused
+ * (SG_DROP_CT_FULL / SG_DROP_FRAG_FULL), live flows untouched. Every entry sits in one slot, so
+ * the maps never hold more than the shares add up to; with SG_LRU_SLACK on top, the kernel's LRU
+ * never has to evict anything. (Two VMs whose workload ids are equal modulo SG_CT_SHARES share
+ * one share.)
  * Not here: the policy decision itself (policy.h).
  */
 #ifndef SG_CONNTRACK_H
 #define SG_CONNTRACK_H
 
 #ifndef SG_CT_SHARES
-#define SG_CT_SHARES 64 /* VMs with a share of their own (workload id modulo this) */
+#define SG_CT_SHARES 32 /* VMs with a share of their own (workload id modulo this); more cost SG_CT_SHARE x 300 bytes each */
 #endif
 #ifndef SG_CT_SHARE
-#define SG_CT_SHARE 4096 /* live flows one VM may hold (both directions, all its addresses) */
+#define SG_CT_SHARE 4096 /* live flows one VM may hold per direction (opened by it / toward it) */
 #endif
 #ifndef SG_FRAG_SHARE
-#define SG_FRAG_SHARE 256 /* fragmented datagrams one VM may have in flight (SG_FRAG_S each) */
+#define SG_FRAG_SHARE 256 /* fragmented datagrams one VM may have in flight per direction (SG_FRAG_S each) */
 #endif
 #ifndef SG_SHARE_PROBES
 #define SG_SHARE_PROBES 4 /* slots tried per new entry: more finds room in a nearly full share, costs more per new flow */
@@ -30,8 +32,10 @@
 #ifndef SG_LRU_SLACK
 #define SG_LRU_SLACK 32768 /* an LRU map evicts before it is full: each possible CPU parks up to 128 free entries */
 #endif
-#define SG_CT_MAX (SG_CT_SHARES * SG_CT_SHARE + SG_LRU_SLACK)       /* ~100 bytes each */
-#define SG_FRAG_MAX (SG_CT_SHARES * SG_FRAG_SHARE + SG_LRU_SLACK)
+#define SG_CT_SLOTS (SG_CT_SHARES * 2 * SG_CT_SHARE)
+#define SG_FRAG_SLOTS (SG_CT_SHARES * 2 * SG_FRAG_SHARE)
+#define SG_CT_MAX (SG_CT_SLOTS + SG_LRU_SLACK) /* ~150 bytes each with the slot */
+#define SG_FRAG_MAX (SG_FRAG_SLOTS + SG_LRU_SLACK)
 /* Timeouts in seconds: how long a flow stays known without packets. */
 #ifndef SG_CT_TCP_NEW_S
 #define SG_CT_TCP_NEW_S 60 /* handshake not answered yet */
@@ -61,9 +65,8 @@ BPF_TABLE_PINNED("lru_hash", struct sg_ct_key, struct sg_ct_val, sg_ct, SG_CT_MA
 BPF_TABLE_PINNED("lru_hash", struct sg_frag_key, struct sg_frag_val, sg_frag, SG_FRAG_MAX, SG_PIN("sg_frag"));
 /* The shares: slot -> the key of the entry it holds (ifindex 0: empty), and per share the next
  * slot to try. Programs only; pinned so a restart keeps every entry owned. */
-BPF_TABLE_PINNED("array", __u32, struct sg_ct_key, sg_ct_slots, SG_CT_SHARES * SG_CT_SHARE, SG_PIN("sg_ct_slots"));
-BPF_TABLE_PINNED("array", __u32, struct sg_frag_key, sg_frag_slots, SG_CT_SHARES * SG_FRAG_SHARE,
-                 SG_PIN("sg_frag_slots"));
+BPF_TABLE_PINNED("array", __u32, struct sg_ct_key, sg_ct_slots, SG_CT_SLOTS, SG_PIN("sg_ct_slots"));
+BPF_TABLE_PINNED("array", __u32, struct sg_frag_key, sg_frag_slots, SG_FRAG_SLOTS, SG_PIN("sg_frag_slots"));
 BPF_TABLE_PINNED("array", __u32, struct sg_share_hand, sg_share_hands, SG_CT_SHARES, SG_PIN("sg_share_hands"));
 
 static __always_inline void sg_ct_key_of(struct sg_ct_key *key, __u32 ifindex, const struct sg_tuple *t, int reversed) {
@@ -146,7 +149,7 @@ static __always_inline int sg_ct_create(__u32 ifindex, const struct sg_tuple *t,
   if (!hand)
     return -SG_DROP_CT_FULL; /* cannot happen (share < SG_CT_SHARES) */
   for (int i = 0; i < SG_SHARE_PROBES; i++) {
-    __u32 idx = share * SG_CT_SHARE + sg_hand_next(&hand->ct) % SG_CT_SHARE;
+    __u32 idx = (share * 2 + (direction & 1)) * SG_CT_SHARE + sg_hand_next(&hand->ct[direction & 1]) % SG_CT_SHARE;
     struct sg_ct_key *slot = sg_ct_slots.lookup(&idx);
     if (!slot)
       return -SG_DROP_CT_FULL;
@@ -177,7 +180,8 @@ static __always_inline void sg_frag_key_of(struct sg_frag_key *key, __u32 ifinde
 
 /* An allowed first fragment: remember its datagram (in the VM's share) so the later fragments
  * pass. 0, or -SG_DROP_FRAG_FULL. */
-static __always_inline int sg_frag_allow(__u32 ifindex, const struct sg_pkt *pkt, __u64 now, __u32 share) {
+static __always_inline int sg_frag_allow(__u32 ifindex, const struct sg_pkt *pkt, __u8 direction, __u64 now,
+                                         __u32 share) {
   struct sg_frag_key key = {};
   sg_frag_key_of(&key, ifindex, pkt);
   share %= SG_CT_SHARES;
@@ -185,7 +189,8 @@ static __always_inline int sg_frag_allow(__u32 ifindex, const struct sg_pkt *pkt
   if (!hand)
     return -SG_DROP_FRAG_FULL;
   for (int i = 0; i < SG_SHARE_PROBES; i++) {
-    __u32 idx = share * SG_FRAG_SHARE + sg_hand_next(&hand->frag) % SG_FRAG_SHARE;
+    __u32 idx = (share * 2 + (direction & 1)) * SG_FRAG_SHARE +
+                sg_hand_next(&hand->frag[direction & 1]) % SG_FRAG_SHARE;
     struct sg_frag_key *slot = sg_frag_slots.lookup(&idx);
     if (!slot)
       return -SG_DROP_FRAG_FULL;

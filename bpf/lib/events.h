@@ -39,6 +39,35 @@ struct sg_deny_agg_val {
   __u32 pad;
 };
 BPF_TABLE("lru_hash", struct sg_deny_agg_key, struct sg_deny_agg_val, sg_deny_agg, SG_DENY_AGG_MAX);
+/* Drop events per VM: a flood of distinct denied tuples is one event per tuple, so one VM could
+ * fill the ring and blind the flow log to every other VM (issue 15, shared state). Each VM's share
+ * (lib/conntrack.h) may put SG_DROP_EVENTS_PER_S drop events in the ring per second; the rest are
+ * counted in sg_ev_lost like events that did not fit (its drop counters still count every packet).
+ * Programs only; a fixed one-second window with plain adds (two CPUs may let one extra through). */
+#ifndef SG_DROP_EVENTS_PER_S
+#define SG_DROP_EVENTS_PER_S 1000
+#endif
+struct sg_ev_budget {
+  __u64 window_ns;
+  __u32 used;
+  __u32 pad;
+};
+BPF_ARRAY(sg_ev_budgets, struct sg_ev_budget, SG_CT_SHARES);
+
+static __always_inline int sg_ev_budget_spent(__u32 share, __u64 now) {
+  share %= SG_CT_SHARES;
+  struct sg_ev_budget *b = sg_ev_budgets.lookup(&share);
+  if (!b)
+    return 1;
+  if (now - b->window_ns >= 1000000000ULL) {
+    b->window_ns = now;
+    b->used = 0;
+  }
+  if (b->used >= SG_DROP_EVENTS_PER_S)
+    return 1;
+  b->used += 1;
+  return 0;
+}
 
 /* Never written: it exists so the compiled layout of struct sg_event is visible to userspace
  * (bcc describes a map's value type), which tests/bpf/test_abi.py checks abi.Event against. */
@@ -56,8 +85,17 @@ static __always_inline void sg_count_traffic(__u16 zone, __u8 direction, __u8 ve
     sg_count(v, len);
 }
 
+static __always_inline void sg_count_lost_event(void) {
+  int zero = 0;
+  __u64 *lost = sg_ev_lost.lookup(&zero);
+  if (lost)
+    *lost += 1;
+}
+
+/* share: the VM's share (workload id), for the drop-event budget. */
 static __always_inline void sg_emit(__u8 type, __u8 reason, __u32 ifindex, __u16 zone, __u8 direction,
-                                    const struct sg_tuple *t, __u32 rule_id, __u32 len, __u32 cfg_flags) {
+                                    const struct sg_tuple *t, __u32 rule_id, __u32 len, __u32 cfg_flags,
+                                    __u32 share) {
   if (!(cfg_flags & SG_CFG_EVENTS))
     return;
   __u32 count = 1;
@@ -79,13 +117,14 @@ static __always_inline void sg_emit(__u8 type, __u8 reason, __u32 ifindex, __u16
       struct sg_deny_agg_val fresh = {.last_ns = now};
       sg_deny_agg.update(&akey, &fresh);
     }
+    if (sg_ev_budget_spent(share, now)) {
+      sg_count_lost_event();
+      return;
+    }
   }
   struct sg_event *ev = sg_events.ringbuf_reserve(sizeof(struct sg_event));
   if (!ev) {
-    int zero = 0;
-    __u64 *lost = sg_ev_lost.lookup(&zero);
-    if (lost)
-      *lost += 1;
+    sg_count_lost_event();
     return;
   }
   ev->ts_ns = bpf_ktime_get_ns();
@@ -108,13 +147,13 @@ static __always_inline void sg_emit(__u8 type, __u8 reason, __u32 ifindex, __u16
 
 /* The hook every drop goes through (one per entry point): counts, then reports. */
 static __always_inline void sg_report_drop(__u16 zone, __u8 direction, __u8 reason, __u32 ifindex,
-                                           const struct sg_tuple *t, __u32 len, __u32 cfg_flags) {
+                                           const struct sg_tuple *t, __u32 len, __u32 cfg_flags, __u32 share) {
   __u32 idx = SG_DROP_IDX(zone < SG_MAX_ZONES ? zone : 0, direction & 1, reason & (SG_DROP_SLOTS - 1));
   struct sg_counter_val *v = sg_drops.lookup(&idx);
   if (v)
     sg_count(v, len);
   sg_count_traffic(zone, direction, SG_VERDICT_DROP, len);
-  sg_emit(SG_EVENT_DROP, reason, ifindex, zone, direction, t, 0, len, cfg_flags);
+  sg_emit(SG_EVENT_DROP, reason, ifindex, zone, direction, t, 0, len, cfg_flags, share);
 }
 
 #endif

@@ -137,7 +137,7 @@ assert CT_KEY.size == ct.sizeof(CtKey) and CT_VAL_PADDED.size == ct.sizeof(CtVal
 
 
 class ShareHand(ct.Structure):  # struct sg_share_hand
-    _fields_ = [("ct", ct.c_uint32), ("frag", ct.c_uint32)]
+    _fields_ = [("ct", ct.c_uint32 * 2), ("frag", ct.c_uint32 * 2)]  # by direction
 
 
 class FragKey(ct.Structure):  # struct sg_frag_key

@@ -95,10 +95,10 @@ class Harness:
         return passed, reason
 
 
-    def run_raw_verdict(self, frame: bytes, workload: str) -> bool:
-        """Whether sg_from_vm_tc passes `frame` (no counters read: for floods)."""
-        res = self.worker.call(progrun.run, self.dp._loaded.from_vm_tc.fd, bytes(frame), kind="tc",
-                               ifindex=self.ifindex[workload])
+    def run_raw_verdict(self, frame: bytes, workload: str, direction: str = "egress") -> bool:
+        """Whether the TC program of `direction` passes `frame` (no counters read: for floods)."""
+        prog = self.dp._loaded.from_vm_tc if direction == "egress" else self.dp._loaded.to_vm
+        res = self.worker.call(progrun.run, prog.fd, bytes(frame), kind="tc", ifindex=self.ifindex[workload])
         return res.retval == progrun.TC_ACT_OK
 
 

@@ -7,8 +7,8 @@ veths: tests/adversarial/test_channels_veth.py):
 - ND and MLD pass without a rule only when they cannot leave the link (hop limit, destination,
   source); every SLLA/TLLA option is checked; the rest goes through the policy (nd_not_local).
 - Steered DNS keeps no state: replies pass only with the steering's mark.
-- Each VM has its own share of conntrack and fragment state (a small build: 4 shares of 64 flows
-  and 8 datagrams).
+- Each VM has its own share of conntrack and fragment state, per direction (a small build: 4
+  shares of 2 x 64 flows and 2 x 8 datagrams).
 """
 
 from __future__ import annotations
@@ -173,7 +173,10 @@ def test_steered_dns_keeps_no_state_and_only_marked_replies_pass(h):
 
 # ---- shares of the connection and fragment tables ------------------------------------------------
 
-SMALL = {"SG_CT_SHARES": 4, "SG_CT_SHARE": 64, "SG_FRAG_SHARE": 8, "SG_LRU_SLACK": 1024}
+# a small build: 4 shares of 2 x 64 flows and 2 x 8 datagrams; a 64 KiB event ring (~800 events)
+# and 20 drop events per VM per second
+SMALL = {"SG_CT_SHARES": 4, "SG_CT_SHARE": 64, "SG_FRAG_SHARE": 8, "SG_LRU_SLACK": 1024,
+         "SG_EVENTS_PAGES": 16, "SG_DROP_EVENTS_PER_S": 20}
 
 
 @pytest.fixture(scope="module")
@@ -217,9 +220,43 @@ def test_a_vm_filling_its_share_breaks_no_flow_of_another(small):
     # w1's own live flows still work; once they expire, its share takes new ones again
     assert hs.run(bytes(e_from("w1") / IP(src=v4("w1"), dst=v4("d1")) / UDP(sport=10000, dport=5000)), "w1", OUT) \
         == ALLOW
+    # a peer filling d1's half for flows toward it leaves d1 room for its own
+    for n in range(2 * 64):
+        hs.run_raw_verdict(bytes(e_to("d1") / IP(src=v4("w1"), dst=v4("d1")) / UDP(sport=20000 + n, dport=5000)),
+                           "d1", IN)
+    assert hs.run(bytes(e_to("d1") / IP(src=v4("w1"), dst=v4("d1")) / UDP(sport=9, dport=5000)), "d1", IN) == \
+        DROP("ct_full")
+    assert hs.run(bytes(e_from("d1") / IP(src=v4("d1"), dst="192.0.2.10") / UDP(sport=9, dport=514)), "d1", OUT) \
+        == ALLOW
     table = hs.dp.map("sg_ct")
     for k, v in list(table.items()):
         if v.zone == hs.dp.compiled.zone_ids["web"] and bytes(k.saddr)[-4:] == bytes([10, 1, 0, 2]):
             v.expires_ns = 1
             table[k] = v
     assert hs.run(bytes(e_from("w1") / IP(src=v4("w1"), dst=v4("d1")) / UDP(sport=9, dport=5000)), "w1", OUT) == ALLOW
+
+
+def test_one_vm_cannot_crowd_the_others_out_of_the_event_ring(small):
+    """2,000 distinct denied tuples from w1 (more than the small build's ring holds) while nobody
+    reads it: x1's denied packet right after still gets its event (each VM may put
+    SG_DROP_EVENTS_PER_S drop events in the ring per second; the rest count as events lost)."""
+    import ctypes as ct
+
+    hs = small
+    got = []
+    ring = hs.dp.events()
+    ring.open_ring_buffer(lambda _ctx, data, size: got.append(
+        abi.Event.from_buffer_copy(ct.string_at(data, ct.sizeof(abi.Event)))))
+    hs.dp.set_events(True)
+    try:
+        for n in range(2000):
+            hs.run_raw_verdict(bytes(e_from("w1") / IP(src=v4("w1"), dst=v4("d1")) / TCP(sport=30000 + n, dport=22)),
+                               "w1")
+        assert hs.run(bytes(e_from("x1") / IP(src=v4("x1"), dst="192.0.2.99") / UDP(dport=514)), "x1", OUT) == \
+            DROP("no_rule")
+        while hs.dp._bpf.ring_buffer_poll(100):
+            pass
+    finally:
+        hs.dp.set_events(False)
+    assert [e.ifindex for e in got].count(hs.ifindex["x1"]) == 1
+    assert len(got) < 2000  # w1's flood was held to its budget

@@ -241,7 +241,7 @@ def test_flow_start_entries_from_templates_carry_each_flows_own_ports(kernel, lo
 def test_scrape_counts_from_batch_reads_match_the_per_entry_walk(kernel):
     # What a metrics scrape reads (active flows by zone, map occupancy) comes from batch reads;
     # it must agree with flows(), which reads entry by entry, across several batches.
-    for port in range(20000, 20000 + 3000):  # TCP SYNs from w1 and UDP from d1: two zones
+    for port in range(20000, 20000 + 2000):  # TCP SYNs from w1 and UDP from d1: two zones (w1's share holds 4096)
         assert kernel.run(e_from("w1") / IP(src=v4("w1"), dst=v4("d1")) / TCP(sport=port, dport=5432, flags="S"),
                           "w1", "egress")
     for port in range(30000, 30000 + 50):
@@ -250,7 +250,7 @@ def test_scrape_counts_from_batch_reads_match_the_per_entry_walk(kernel):
     walked = {}
     for flow in kernel.worker.call(dp.flows):
         walked[flow["zone"]] = walked.get(flow["zone"], 0) + 1
-    assert walked.get("web", 0) >= 3000
+    assert walked.get("web", 0) >= 2000
     assert kernel.worker.call(dp.active_flows_by_zone) == walked
     occupancy = kernel.worker.call(dp.occupancy)
     assert occupancy["sg_ct"] == len(list(dp.map("sg_ct").keys()))
