@@ -88,6 +88,7 @@ class Daemon:
         except (OSError, UnicodeDecodeError) as e:
             raise BadInput(f"cannot read policy {self.policy_path}: {e}") from None
         policy = parse_policy(text, source=str(self.policy_path))  # bad policy: nothing changes
+        _raise_open_file_limit()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
         self._open_log()
@@ -552,6 +553,17 @@ async def _stop_part(part) -> None:
 
     stop = getattr(part, "stop", None) or part.close  # AdminSshProxy.close until it has stop()
     await maybe_await(stop())
+
+
+def _raise_open_file_limit() -> None:
+    """The parts share one process: per-VM connection caps, TLS terminations and idle upstream
+    connections together can pass the default soft limit of 1,024 descriptors."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log.info("open file limit raised from %d to %d", soft, hard)
 
 
 def _prog_summary(info: dict) -> dict:

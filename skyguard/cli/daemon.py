@@ -19,7 +19,8 @@ from skyguard.cli.common import emit_json, json_option, state_dir_option
 @click.option("--metrics", "metrics_addr", default=config.DEFAULT_METRICS_ADDR, show_default=True,
               help="Prometheus listen address; 'off' to disable.")
 @click.option("--upstream-ca", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="CA bundle the credential proxy verifies upstream TLS against [default: the system's].")
+              help="CA bundle the credential proxy trusts for upstream TLS, in addition to the system's "
+                   "(in a lab's host namespace, the lab's CA is added by itself).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def up(policy_path, state_dir, metrics_addr, upstream_ca, verbose):
     """Run the daemon in the foreground (systemd-friendly: logs to stderr, stops on SIGTERM).
