@@ -55,11 +55,12 @@ _TRANSFER_NAME = re.compile(
     _BEFORE + "(" + "|".join(re.escape(p) for p in sorted(TRANSFER_PROGRAMS, key=len, reverse=True))
     + ")" + _AFTER, re.IGNORECASE)
 # Expansions that can be empty at run time: `s${x}cp`, `s$(true)cp`, `s``cp`, `s$@cp`. Innermost
-# first, one level per pass, each pass looked at: `$(s$()cp -t .)` is `$(scp -t .)` after one.
-_INNERMOST_EXPANSION = re.compile(r"\$\{[^{}]*\}|\$\([^()]*\)|`[^`]*`|\$[A-Za-z_][A-Za-z0-9_]*|\$[@*#?$!0-9-]")
+# first (none inside another), one level per pass, each pass looked at: `$(s$()cp -t .)` and
+# `$(s${u}cp)` are `$(scp ...)` after one.
+_INNERMOST_EXPANSION = re.compile(r"\$\{[^{}$`]*\}|\$\([^()$`]*\)|`[^`$]*`|\$[A-Za-z_][A-Za-z0-9_]*|\$[@*#?$!0-9-]")
 MAX_EXPANSION_PASSES = 16
 _ESCAPES = re.compile(r"\\(x[0-9A-Fa-f]{1,2}|u[0-9A-Fa-f]{4}|U[0-9A-Fa-f]{8}|0?[0-7]{1,3})")
-_BASE64_WORD = re.compile(r"[A-Za-z0-9+/_-]{8,}={0,2}")
+_BASE64_WORD = re.compile(r"[A-Za-z0-9+/_-]{4,}={0,2}")  # 4: base64 of "scp" is c2Nw
 _HEX_WORD = re.compile(r"(?:[0-9A-Fa-f]{2}){4,}")
 # What an allow-listed command may consist of: plain words separated by spaces or tabs.
 _PLAIN_COMMAND = re.compile(r"[A-Za-z0-9_./:=,@%+\- \t]+")

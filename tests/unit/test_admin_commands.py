@@ -59,13 +59,15 @@ DISGUISED = [
     ("s${nothing}cp -t /tmp", ["scp"]),
     ("s$(true)cp -t /tmp", ["scp"]),
     ("s`true`cp -t /tmp", ["scp"]),
-    ("echo $(s$()cp -f /etc/shadow >&2)", ["scp"]),  # innermost expansion first (found by the property below)
+    ("echo $(s$()cp -f /etc/shadow >&2)", ["scp"]),  # innermost expansions first (these two were
+    ("$(s${u}c${u}p -f /etc/shadow >&2)", ["scp"]),  # found by the property below)
     ("scp${IFS}-t${IFS}/tmp", ["scp"]),
     ("$'\\x73\\x63\\x70' -t /tmp", ["scp"]),
     ("$(printf '\\163\\143\\160') -t /tmp", ["scp"]),
     (f"echo {b64('scp -t /tmp')} | base64 -d | sh", ["scp"]),
     (f"echo {b64('rsync --server . /tmp').rstrip('=')} | base64 -d | bash", ["rsync"]),
     (f'sh -c "$(echo {b64(NESTED)} | base64 -d)"', ["scp"]),
+    ("echo IHNjcCA= | base64 -d | sh", ["scp"]),  # a short base64 word (found by the property below)
     ("echo 736370202d74202f746d70 | xxd -r -p | sh", ["scp"]),
     (f"echo {base64.b64encode(gzip.compress(b'sftp-server')).decode()} | base64 -d | gunzip | sh",
      ["sftp-server"]),
