@@ -3,7 +3,10 @@ proxy, the answer leaves from the address the VM asked, and nothing else of port
 
 One nftables table (`inet skyguard_dns`) in the network namespace where skyguard runs:
 - prerouting, dstnat: port 53 arriving on the VMs' host-side interfaces is redirected to the
-  proxy's port. conntrack's NAT reverses the rewrite on replies, so the VM sees the answer come
+  proxy's port, at most DNS_CONNECTIONS_PER_VM tracked connections per interface at a time (each
+  redirect is an entry in the kernel's connection table, which every namespace of the host
+  shares: a VM sending queries from random ports would otherwise fill it and stop every new
+  connection of every VM and of the host). conntrack's NAT reverses the rewrite on replies, so the VM sees the answer come
   from 198.51.100.99 if that is where it sent the query.
 - prerouting, just after dstnat: port 53 from those interfaces that was NOT redirected is dropped.
   NAT only rewrites what the connection tracker accepts: TCP without flags, SYN+FIN, bad checksums
@@ -29,6 +32,9 @@ from skyguard.datapath.abi import MARK_DNS_REPLY
 from skyguard.errors import DnsError
 
 TABLE = "skyguard_dns"
+# Steered DNS connections one VM interface may have tracked at once (a UDP query holds its entry
+# ~30 s): ~68 queries/s from distinct ports sustained; more are dropped unanswered.
+DNS_CONNECTIONS_PER_VM = 2048
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
 
 
@@ -47,8 +53,11 @@ def ruleset(interfaces: list[str], port: int) -> str:
         f"table inet {TABLE} {{}}",  # make the delete below valid on first install
         f"delete table inet {TABLE}",
         f"table inet {TABLE} {{",
+        "  set dns_conns { type ifname; size 65535; flags dynamic; }",
         "  chain prerouting {",
         "    type nat hook prerouting priority dstnat; policy accept;",
+        f"    iifname {{ {names} }} meta l4proto {{ tcp, udp }} th dport 53 "
+        f"add @dns_conns {{ iifname ct count over {DNS_CONNECTIONS_PER_VM} }} counter drop",
         f"    iifname {{ {names} }} udp dport 53 counter redirect to :{port}",
         f"    iifname {{ {names} }} tcp dport 53 counter redirect to :{port}",
         "  }",

@@ -8,7 +8,8 @@ attack arrives: nothing may. Each case also checks what must keep working. Issue
 - ND and MLD as a free channel: control messages with data to a global address or another zone's
   VM, and router advertisements / solicitations from the internet toward a VM.
 - Port 53 as a tunnel: TCP without flags, SYN+FIN and bad checksums to port 53 (which NAT does not
-  redirect), and a remote host answering from port 53 or connecting from it.
+  redirect), and a remote host answering from port 53 or connecting from it; queries from random
+  ports filling the host's connection table (which every namespace shares).
 - Shared tables flushed by one VM: a million tuples and tens of thousands of first fragments from
   A while B and S hold idle flows in both directions and a datagram half sent; none breaks.
 """
@@ -222,6 +223,26 @@ def test_port_53_leaves_the_host_only_through_the_proxy(lab, sniffers):
     listener.close()
     settle()
     assert sniffers["a"].count(marker("from53")) == 0
+
+
+def test_a_port_53_flood_holds_a_bounded_share_of_the_hosts_connection_table(lab):
+    """Every redirected query is an entry in the kernel's connection table, which all namespaces
+    share (nf_conntrack_max): queries from random ports must not fill it for everyone."""
+    from skyguard.dns.steering import DNS_CONNECTIONS_PER_VM
+
+    count = lambda: int(lab.run("h", "sysctl", "-n", "net.netfilter.nf_conntrack_count").stdout)  # noqa: E731
+    before = count()
+    send = lab.raw_sender("a")
+    frame = bytearray(from_a(IP(src=A4, dst="198.51.100.77") / UDP(sport=1, dport=53, chksum=0) / Raw(b"junk")))
+    for n in range(DNS_CONNECTIONS_PER_VM + 3000):
+        frame[34:36] = (10000 + n).to_bytes(2, "big")
+        send.send(frame)
+    send.close()
+    settle(1)
+    assert count() - before <= DNS_CONNECTIONS_PER_VM + 100
+    # another VM's DNS is still answered
+    out = lab.run("b", "dig", "+short", "+time=2", "+tries=2", "@198.51.100.77", "x.test", "A")
+    assert out.stdout.split() == ["192.0.2.1"], out.stdout + out.stderr
 
 
 # ---- shared tables flushed by one VM (last: it leaves the sandbox's share full) -------------------
