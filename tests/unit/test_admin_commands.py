@@ -217,18 +217,32 @@ def disguise(name: str, how: list[int], case: list[bool]) -> str:
     return out
 
 
+def wrap(command: str, how: str) -> str:
+    """`command` carried in a form that a shell turns back into it at run time."""
+    if how == "base64":
+        return f"echo {b64(command)} | base64 -d | sh"
+    if how == "base64-twice":
+        return f"echo {b64(b64(command))} | base64 -d | base64 -d | sh"
+    if how == "hex":
+        return f"echo {command.encode().hex()} | xxd -r -p | sh"
+    if how == "gzip":
+        return f"echo {base64.b64encode(gzip.compress(command.encode())).decode()} | base64 -d | gunzip | sh"
+    if how == "octal":
+        return "sh -c \"$(printf '" + "".join(f"\\{ord(ch):03o}" for ch in command) + "')\""
+    return command
+
+
 @settings(max_examples=400, deadline=None)
 @given(st.sampled_from(commands.TRANSFER_PROGRAMS), st.lists(ORDINARY_WORDS, max_size=6),
        st.lists(ORDINARY_WORDS, max_size=6), SEPARATORS, SEPARATORS,
        st.lists(st.integers(0, 6), max_size=12), st.lists(st.booleans(), max_size=20),
-       st.sampled_from(["", "/usr/bin/", "/USR/LOCAL/BIN/", "./"]), st.booleans())
-def test_a_transfer_program_anywhere_is_found(name, before, after, sep1, sep2, how, case, path, encode):
-    """However a transfer program's name is placed, split, cased or base64-wrapped in a command
-    line, the check names it (and so refuses the command with transfer off)."""
+       st.sampled_from(["", "/usr/bin/", "/USR/LOCAL/BIN/", "./"]),
+       st.sampled_from(["", "base64", "base64-twice", "hex", "gzip", "octal"]))
+def test_a_transfer_program_anywhere_is_found(name, before, after, sep1, sep2, how, case, path, encoding):
+    """However a transfer program's name is placed, split, cased or encoded in a command line,
+    the check names it (and so refuses the command with transfer off)."""
     word = path + disguise(name, how, case)
-    command = " ".join(before) + sep1 + word + sep2 + " ".join(after)
-    if encode:
-        command = f"echo {b64(command)} | base64 -d | sh"
+    command = wrap(" ".join(before) + sep1 + word + sep2 + " ".join(after), encoding)
     assert name in commands.transfer_programs(command), command
     with pytest.raises(AccessRefused):
         commands.decide(NO_TRANSFER, "exec", command)
