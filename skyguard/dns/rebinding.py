@@ -51,17 +51,27 @@ def _within(value: int, masks) -> bool:
     return False
 
 
+def host_keys(addresses) -> frozenset:
+    """The host's own addresses as classify_value() wants them: (version, int) pairs."""
+    return frozenset((a.version, int(a)) for a in addresses)
+
+
 def classify(ip, host_addresses=frozenset()) -> str:
     """"" for an address a public name may have, else FORBIDDEN_CLASS or PRIVATE_CLASS."""
-    if ip in host_addresses:
+    return classify_value(int(ip), ip.version, host_keys(host_addresses))
+
+
+def classify_value(value: int, version: int, hosts: frozenset) -> str:
+    """classify() on an address as an integer (the resolver's hot path: no object, no hash of
+    an ipaddress object). hosts: host_keys() of the host's own addresses."""
+    if (version, value) in hosts:
         return FORBIDDEN_CLASS
-    value, version = int(ip), ip.version
     if version == 6:
         if value & _NAT64[1] == _NAT64[0]:
             value, version = value & 0xFFFFFFFF, 4
         elif value & _SIX_TO_FOUR[1] == _SIX_TO_FOUR[0]:
             value, version = (value >> 80) & 0xFFFFFFFF, 4
-        if version == 4 and ipaddress.IPv4Address(value) in host_addresses:
+        if version == 4 and (4, value) in hosts:
             return FORBIDDEN_CLASS
     if _within(value, _FORBIDDEN[version]):
         return FORBIDDEN_CLASS

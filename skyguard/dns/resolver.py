@@ -91,6 +91,7 @@ class DnsPolicyResolver:
         self.metrics = metrics if metrics is not None else DnsMetrics()
         self.store = store if store is not None else LearnedStore(None)
         self.host_addresses = frozenset(ipaddress.ip_address(a) for a in host_addresses)
+        self._host_keys = rebinding.host_keys(self.host_addresses)
         self.detector = detector if detector is not None else TunnelDetector()
         self._children: dict[tuple[str, str], tuple] = {}
         self.set_policy(policy)
@@ -323,7 +324,7 @@ class DnsPolicyResolver:
                          if r.section == 0 and r.rtype in (wire.QTYPE_TXT, wire.QTYPE_NULL))
             self.detector.observe_answer(decision.workload, decision.tunnel.base, octets, now)
 
-        learn: dict = {}  # address -> the rules it may be learned under, in answer order
+        learn: dict = {}  # (version, int) -> (address, the rules it may be learned under), in order
         strip: list[int] = []  # indexes into records (every section)
         stripped: list[str] = []
         denied_ips: list[str] = []
@@ -342,17 +343,19 @@ class DnsPolicyResolver:
             if record.rclass != wire.CLASS_IN:
                 continue
             if record.rtype == wire.QTYPE_A and record.rdlength == 4:
-                ip = ipaddress.IPv4Address(reply[record.rdata_offset:record.rdata_offset + 4])
+                version = 4
             elif record.rtype == wire.QTYPE_AAAA and record.rdlength == 16:
-                ip = ipaddress.IPv6Address(reply[record.rdata_offset:record.rdata_offset + 16])
+                version = 6
             else:
                 continue
+            value = int.from_bytes(reply[record.rdata_offset:record.rdata_offset + record.rdlength], "big")
+            ip = ipaddress.IPv4Address(value) if version == 4 else ipaddress.IPv6Address(value)
             if denied and any(ip in n for n in denied if n.version == ip.version):
                 strip.append(index)
                 denied_ips.append(str(ip))
                 continue
             rules = decision.rules
-            kind = rebinding.classify(ip, self.host_addresses)
+            kind = rebinding.classify_value(value, version, self._host_keys)
             if kind:  # only rules that name its network, or (private) say allow_private
                 rules = tuple(r for r in rules if any(ip in n for n in self._named_networks.get(r.name, ()))
                               or (kind == rebinding.PRIVATE_CLASS and r.to.allow_private))
@@ -360,12 +363,12 @@ class DnsPolicyResolver:
                     strip.append(index)
                     stripped.append(str(ip))
                     continue
-            if ip in learn:
+            if (version, value) in learn:
                 continue
             if len(learn) >= MAX_IPS_PER_NAME:
                 strip.append(index)  # never release an address the datapath does not hold
                 continue
-            learn[ip] = rules
+            learn[(version, value)] = (ip, rules)
             ttl = max(ttl, min(max(record.ttl, lo), hi))
         if stripped:
             self.metrics.rebinding.labels(decision.zone).inc(len(stripped))
@@ -376,11 +379,11 @@ class DnsPolicyResolver:
                 return Answer(reply=self.fail(decision, "malformed-upstream",
                                               "upstream reply could not be re-encoded without stripped records"))
 
-        texts = [str(ip) for ip in learn]
+        texts = [str(ip) for ip, _ in learn.values()]
         persist = False
         if learn:
             by_rule: dict[str, list] = {}
-            for ip, rules in learn.items():
+            for ip, rules in learn.values():
                 for rule in rules:
                     by_rule.setdefault(rule.name, []).append(ip)
             t0 = time.perf_counter()
