@@ -1,0 +1,280 @@
+"""The fleet store on etcd, through etcd's v3 JSON gateway (HTTP/1.1 + JSON, served by every etcd
+member on its client URL), spoken with h11 over asyncio streams.
+
+Why the gateway and not a gRPC client: it needs nothing beyond what skyguard already depends on
+(h11), and etcd serves it on the same port. Every call is one short request; a member that does
+not answer in time (killed, partitioned, or without quorum: etcd then times the request out) is
+skipped for the next, and the member that answered last is asked first. A watch is one streaming
+request whose body is newline-delimited JSON messages.
+
+Not here: what the fleet stores, and how a lost watch is recovered (agent.py re-lists).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+from typing import AsyncIterator
+from urllib.parse import urlsplit
+
+import h11
+
+from skyguard.errors import BadInput
+from skyguard.fleet.store import Change, Compacted, FleetError, Item, StoreUnavailable
+
+log = logging.getLogger("skyguard.fleet.etcd")
+
+CALL_TIMEOUT_S = 3.0       # one member's answer; etcd itself times out a quorum-less write at ~7 s
+MAX_RESPONSE = 64 << 20    # a range of the fleet's keys is small; refuse to buffer more
+
+
+def _b64(text: str | bytes) -> str:
+    return base64.b64encode(text.encode() if isinstance(text, str) else text).decode()
+
+
+def _prefix_end(prefix: str) -> str:
+    """etcd's range_end for "every key starting with prefix": the prefix with its last byte + 1."""
+    raw = bytearray(prefix.encode())
+    raw[-1] += 1
+    return base64.b64encode(bytes(raw)).decode()
+
+
+def parse_endpoints(urls: str | list[str]) -> list[tuple[str, int]]:
+    """'http://127.0.0.1:2379,http://127.0.0.1:22379' -> [(host, port), ...]; BadInput if not."""
+    items = urls.split(",") if isinstance(urls, str) else list(urls)
+    out = []
+    for url in (u.strip() for u in items):
+        if not url:
+            continue
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
+            raise BadInput(f"etcd endpoint {url!r}: give http://HOST:PORT (comma-separated for "
+                           f"several members); TLS endpoints are not supported yet")
+        try:
+            port = parts.port or 2379
+        except ValueError:
+            raise BadInput(f"etcd endpoint {url!r}: the port is not a number") from None
+        out.append((parts.hostname, port))
+    if not out:
+        raise BadInput("no etcd endpoint given: --etcd http://HOST:2379[,http://HOST2:2379...]")
+    return out
+
+
+def _item(kv: dict) -> Item:
+    return Item(base64.b64decode(kv["key"]).decode(), base64.b64decode(kv.get("value", "")),
+                int(kv.get("mod_revision", 0)), int(kv.get("lease", 0)))
+
+
+class _Http:
+    """One HTTP/1.1 exchange with one member."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.conn = h11.Connection(h11.CLIENT)
+        self.reader = self.writer = None
+
+    async def send(self, path: str, body: dict) -> h11.Response:
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        data = json.dumps(body).encode()
+        request = h11.Request(method="POST", target=path, headers=[
+            ("Host", f"{self.host}:{self.port}"), ("Content-Type", "application/json"),
+            ("Content-Length", str(len(data))), ("Connection", "close")])
+        self.writer.write(self.conn.send(request) + self.conn.send(h11.Data(data=data))
+                          + self.conn.send(h11.EndOfMessage()))
+        await self.writer.drain()
+        event = await self.next_event()
+        if not isinstance(event, h11.Response):
+            raise StoreUnavailable(f"etcd {self.host}:{self.port} sent no HTTP response")
+        return event
+
+    async def next_event(self):
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                chunk = await self.reader.read(65536)
+                self.conn.receive_data(chunk)
+                continue
+            return event
+
+    async def body(self) -> bytes:
+        parts, total = [], 0
+        while True:
+            event = await self.next_event()
+            if isinstance(event, h11.Data):
+                parts.append(bytes(event.data))
+                total += len(event.data)
+                if total > MAX_RESPONSE:
+                    raise FleetError(f"etcd {self.host}:{self.port}: response over {MAX_RESPONSE} bytes")
+            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                return b"".join(parts)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class EtcdStore:
+    """The Store of store.py on an etcd cluster (any member's client URL; all are tried)."""
+
+    def __init__(self, endpoints: str | list[str], timeout: float = CALL_TIMEOUT_S):
+        self.endpoints = parse_endpoints(endpoints)
+        self.timeout = timeout
+        self._preferred = 0
+
+    def __repr__(self):
+        return f"EtcdStore({','.join(f'{h}:{p}' for h, p in self.endpoints)})"
+
+    def _order(self) -> list[int]:
+        n = len(self.endpoints)
+        return [(self._preferred + i) % n for i in range(n)]
+
+    async def _call(self, path: str, body: dict) -> dict:
+        problems = []
+        for index in self._order():
+            host, port = self.endpoints[index]
+            http = _Http(host, port)
+            try:
+                response = await asyncio.wait_for(http.send(path, body), self.timeout)
+                data = await asyncio.wait_for(http.body(), self.timeout)
+            except (OSError, asyncio.TimeoutError, h11.ProtocolError, StoreUnavailable) as e:
+                problems.append(f"{host}:{port}: {type(e).__name__} {e}".strip())
+                continue
+            finally:
+                http.close()
+            try:
+                answer = json.loads(data or b"{}")
+            except ValueError:
+                problems.append(f"{host}:{port}: answer is not JSON")
+                continue
+            if response.status_code != 200:
+                # etcd's own errors (no leader, request timed out) mean this member cannot serve
+                # now; another member may. Anything else is the request's fault.
+                message = str(answer.get("error") or answer.get("message") or response.status_code)
+                if response.status_code >= 500 or "leader" in message or "timed out" in message:
+                    problems.append(f"{host}:{port}: {message}")
+                    continue
+                raise FleetError(f"etcd refused {path}: {message}")
+            self._preferred = index
+            return answer
+        raise StoreUnavailable("no etcd member answered (" + "; ".join(problems) + "): the host "
+                               "keeps what it has and retries")
+
+    async def get_prefix(self, prefix: str) -> tuple[list[Item], int]:
+        answer = await self._call("/v3/kv/range", {"key": _b64(prefix), "range_end": _prefix_end(prefix)})
+        return [_item(kv) for kv in answer.get("kvs", [])], int(answer["header"]["revision"])
+
+    async def get(self, key: str) -> tuple[Item | None, int]:
+        answer = await self._call("/v3/kv/range", {"key": _b64(key)})
+        kvs = answer.get("kvs", [])
+        return (_item(kvs[0]) if kvs else None), int(answer["header"]["revision"])
+
+    async def put(self, key: str, value: bytes, lease: int = 0) -> int:
+        body = {"key": _b64(key), "value": _b64(value)}
+        if lease:
+            body["lease"] = str(lease)
+        answer = await self._call("/v3/kv/put", body)
+        return int(answer["header"]["revision"])
+
+    async def put_if(self, key: str, value: bytes, mod_revision: int) -> bool:
+        compare = {"key": _b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": str(mod_revision)}
+        answer = await self._call("/v3/kv/txn", {
+            "compare": [compare], "success": [{"request_put": {"key": _b64(key), "value": _b64(value)}}]})
+        return bool(answer.get("succeeded"))
+
+    async def delete(self, key: str) -> None:
+        await self._call("/v3/kv/deleterange", {"key": _b64(key)})
+
+    async def grant_lease(self, ttl: int) -> int:
+        return int((await self._call("/v3/lease/grant", {"TTL": ttl}))["ID"])
+
+    async def keep_alive(self, lease: int) -> bool:
+        # The gateway's keepalive is a stream; its first message is the answer to one renewal.
+        answer = await self._call_first_line("/v3/lease/keepalive", {"ID": str(lease)})
+        return int(answer.get("result", {}).get("TTL", 0)) > 0
+
+    async def revoke(self, lease: int) -> None:
+        await self._call("/v3/lease/revoke", {"ID": str(lease)})
+
+    async def compact(self, revision: int) -> None:
+        """Forget history before revision (tests and operators; etcd also does it on a timer)."""
+        await self._call("/v3/kv/compaction", {"revision": str(revision), "physical": True})
+
+    async def _call_first_line(self, path: str, body: dict) -> dict:
+        problems = []
+        for index in self._order():
+            host, port = self.endpoints[index]
+            http = _Http(host, port)
+            try:
+                await asyncio.wait_for(http.send(path, body), self.timeout)
+                return await asyncio.wait_for(_first_message(http), self.timeout)
+            except (OSError, asyncio.TimeoutError, h11.ProtocolError, StoreUnavailable, ValueError) as e:
+                problems.append(f"{host}:{port}: {type(e).__name__}")
+            finally:
+                http.close()
+        raise StoreUnavailable("no etcd member answered (" + "; ".join(problems) + ")")
+
+    async def watch_prefix(self, prefix: str, after: int) -> AsyncIterator[list[Change]]:
+        """Changes after revision `after`. Connects to the first member that answers; when its
+        stream ends (member gone) raises StoreUnavailable: the caller re-lists and watches again."""
+        request = {"create_request": {"key": _b64(prefix), "range_end": _prefix_end(prefix),
+                                      "start_revision": str(after + 1)}}
+        http = None
+        for index in self._order():
+            host, port = self.endpoints[index]
+            http = _Http(host, port)
+            try:
+                response = await asyncio.wait_for(http.send("/v3/watch", request), self.timeout)
+                if response.status_code == 200:
+                    break
+            except (OSError, asyncio.TimeoutError, h11.ProtocolError, StoreUnavailable):
+                pass
+            http.close()
+            http = None
+        if http is None:
+            raise StoreUnavailable("no etcd member accepted a watch")
+        try:
+            buffer = b""
+            while True:
+                event = await http.next_event()
+                if not isinstance(event, h11.Data):
+                    raise StoreUnavailable("etcd closed the watch stream")
+                buffer += bytes(event.data)
+                if len(buffer) > MAX_RESPONSE:
+                    raise FleetError("etcd watch message over the size limit")
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    if not line.strip():
+                        continue
+                    result = json.loads(line).get("result", {})
+                    if int(result.get("compact_revision", 0) or 0):
+                        raise Compacted(int(result["compact_revision"]))
+                    if result.get("canceled"):
+                        raise StoreUnavailable(f"etcd canceled the watch: {result.get('cancel_reason', '')}")
+                    changes = []
+                    for ev in result.get("events", []):
+                        kv = ev["kv"]
+                        deleted = ev.get("type") == "DELETE"
+                        changes.append(Change(base64.b64decode(kv["key"]).decode(),
+                                              None if deleted else base64.b64decode(kv.get("value", "")),
+                                              int(kv.get("mod_revision", 0))))
+                    if changes:
+                        yield changes
+        finally:
+            http.close()
+
+    async def close(self) -> None:
+        pass
+
+
+async def _first_message(http: _Http) -> dict:
+    buffer = b""
+    while b"\n" not in buffer:
+        event = await http.next_event()
+        if not isinstance(event, h11.Data):
+            if buffer.strip():
+                break
+            raise StoreUnavailable("etcd ended the stream without a message")
+        buffer += bytes(event.data)
+    return json.loads(buffer.split(b"\n", 1)[0])
