@@ -18,7 +18,7 @@
 #define SG_CONNTRACK_H
 
 #ifndef SG_CT_SHARES
-#define SG_CT_SHARES 32 /* VMs with a share of their own (workload id modulo this); more cost SG_CT_SHARE x 300 bytes each */
+#define SG_CT_SHARES 32 /* VMs with a share of their own (workload id modulo this); each ~2 x SG_CT_SHARE x 190 bytes */
 #endif
 #ifndef SG_CT_SHARE
 #define SG_CT_SHARE 4096 /* live flows one VM may hold per direction (opened by it / toward it) */
@@ -34,7 +34,7 @@
 #endif
 #define SG_CT_SLOTS (SG_CT_SHARES * 2 * SG_CT_SHARE)
 #define SG_FRAG_SLOTS (SG_CT_SHARES * 2 * SG_FRAG_SHARE)
-#define SG_CT_MAX (SG_CT_SLOTS + SG_LRU_SLACK) /* ~150 bytes each with the slot */
+#define SG_CT_MAX (SG_CT_SLOTS + SG_LRU_SLACK) /* ~140 bytes each, + 48 for its slot */
 #define SG_FRAG_MAX (SG_FRAG_SLOTS + SG_LRU_SLACK)
 /* Timeouts in seconds: how long a flow stays known without packets. */
 #ifndef SG_CT_TCP_NEW_S
