@@ -110,8 +110,15 @@ def log():
               type=click.Path(dir_okay=False, path_type=Path),
               help="A signed checkpoint saved elsewhere (one or several notes per file; repeat "
                    "the option for more files). The log must be consistent with each.")
+@click.option("--witnesses", type=click.IntRange(0), default=0, metavar="N",
+              help="Require cosignatures (C2SP tlog-cosignature) of this log by at least N "
+                   "distinct witnesses, each on a checkpoint the log is consistent with: those "
+                   "the fleet agent kept in <state-dir>/fleet/cosigned.")
+@click.option("--witness-key", "witness_keys", multiple=True, metavar="VKEY|FILE",
+              help="A witness key to trust (repeatable); default: the fleet peers' keys pinned "
+                   "in <state-dir>/fleet/peers.json.")
 @json_option
-def verify(state_dir, log_dir, key, checkpoint_files, as_json):
+def verify(state_dir, log_dir, key, checkpoint_files, witnesses, witness_keys, as_json):
     """Recompute every leaf and the tree; check every checkpoint; name the first bad index.
 
     \b
@@ -122,6 +129,13 @@ def verify(state_dir, log_dir, key, checkpoint_files, as_json):
     reader = LogReader(_log_dir(state_dir, log_dir))
     verifier, key_source = _verifier(reader, key, _key_dir(state_dir, log_dir))
     notes = [n for f in checkpoint_files for n in read_notes_file(f)]
+    witnessed: dict[str, int] = {}
+    if witnesses:
+        from skyguard.tlog.cosign import witness_material, witnessed_by
+
+        cosigned, trusted = witness_material(_key_dir(state_dir, log_dir), witness_keys)
+        witnessed = witnessed_by(notes + cosigned, reader.origin, verifier, trusted)
+        notes += cosigned   # and the log must be consistent with every one of them
     show_progress = not as_json and sys.stderr.isatty()
     if show_progress:
         from rich.progress import Progress
@@ -132,8 +146,12 @@ def verify(state_dir, log_dir, key, checkpoint_files, as_json):
                                                                         total=total))
     else:
         report = verify_log(reader.directory, verifier, notes)
+    if witnesses and report.ok and len(witnessed) < witnesses:
+        names = ", ".join(f"{w} (size {s})" for w, s in sorted(witnessed.items())) or "none"
+        report.fail(f"{witnesses} witnesses required; cosignatures by trusted witnesses on "
+                    f"checkpoints of this log: {names}")
     if as_json:
-        emit_json(dict(report.as_dict(), key=key_source))
+        emit_json(dict(report.as_dict(), key=key_source, witnessed_by=witnessed))
         if not report.ok:
             raise click.exceptions.Exit(1)
         return
@@ -150,7 +168,10 @@ def verify(state_dir, log_dir, key, checkpoint_files, as_json):
                f"{report.checkpoints_checked} stored, {report.head_checked} head and "
                f"{report.external_checked} external checkpoints consistent "
                f"(checked with {key_source})"
-               + (f"; {unproven} unacknowledged entries after them are not" if unproven else ""))
+               + (f"; {unproven} unacknowledged entries after them are not" if unproven else "")
+               + (f"; cosigned by {len(witnessed)} witnesses: "
+                  + ", ".join(f"{w} (size {s})" for w, s in sorted(witnessed.items()))
+                  if witnesses else ""))
 
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")

@@ -244,3 +244,28 @@ def write_cosigned(directory: Path, witness_name: str, note: str) -> None:
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     name = hashlib.sha256(witness_name.encode()).hexdigest()[:32] + ".note"
     fsutil.write_private(directory / name, note.encode("utf-8"))
+
+
+# Where a host keeps its peers' cosignatures of its log and the peers' keys it pinned (the fleet
+# agent writes both; `skyguard log verify --witnesses N` reads them).
+COSIGNED_DIR = "fleet/cosigned"
+PEERS_FILE = "fleet/peers.json"
+
+
+def witness_material(state_dir: Path, witness_keys: Sequence[str] = ()) -> tuple[list[str], list[CosignerVerifier]]:
+    """(cosigned notes kept in the state dir, witness keys to trust): the keys given (vkeys or
+    files of them), else the peers' witness keys pinned in the state dir."""
+    verifiers = []
+    for value in witness_keys:
+        path = Path(value)
+        for line in (path.read_text().split() if path.is_file() else [value]):
+            verifiers.append(CosignerVerifier.from_vkey(line))
+    if not witness_keys:
+        peers_path = Path(state_dir) / PEERS_FILE
+        peers = json.loads(peers_path.read_text()) if peers_path.exists() else {}
+        for record in peers.values():
+            try:
+                verifiers.append(CosignerVerifier.from_vkey(record["witness_vkey"]))
+            except (BadLogInput, KeyError, TypeError):
+                continue
+    return read_cosigned_dir(Path(state_dir) / COSIGNED_DIR), verifiers

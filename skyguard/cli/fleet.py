@@ -1,0 +1,193 @@
+"""`skyguard fleet ...`: join a fleet of hosts on etcd, push signed policies, see the fleet.
+Thin commands over skyguard.fleet."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+
+import click
+
+from skyguard import config
+from skyguard.cli.common import emit_json, json_option, state_dir_option
+
+etcd_option = click.option(
+    "--etcd", "etcd", required=True, envvar="SKYGUARD_FLEET_ETCD", metavar="URLS",
+    help="etcd client URLs, comma-separated (http://10.0.0.1:2379,http://10.0.0.2:2379) "
+         "[env SKYGUARD_FLEET_ETCD].")
+admin_key_option = click.option(
+    "--admin-key", "admin_keys", multiple=True, envvar="SKYGUARD_FLEET_ADMIN_KEY", metavar="VKEY|FILE",
+    help="An admin verifier key (as `fleet admin-key` prints) or a file of them: only policies "
+         "signed by one of these are applied. Repeatable.")
+
+
+@click.group("fleet")
+def fleet():
+    """A fleet of skyguard hosts on etcd: signed policy distribution and mutual log witnessing.
+
+    \b
+    Examples:
+      skyguard fleet admin-key admin.pem > admin.vkey       once, on the admin's machine
+      skyguard up --policy p.yaml --fleet-etcd http://10.0.0.1:2379 --fleet-name host1 \\
+                  --fleet-admin-key admin.vkey
+      skyguard fleet policy push new.yaml --sign-key admin.pem --etcd http://10.0.0.1:2379
+      skyguard fleet status --etcd http://10.0.0.1:2379 --json
+    """
+
+
+@fleet.command("admin-key")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--name", default="skyguard-admin", show_default=True, help="The key's name.")
+def admin_key(path, name):
+    """Create an admin signing key at PATH (0600; refuses to overwrite) and print its verifier
+    key, which every host is given with --admin-key.
+
+    \b
+    Example:
+      skyguard fleet admin-key /secure/admin.pem > admin.vkey
+    """
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+    from skyguard import fsutil
+    from skyguard.errors import BadInput
+    from skyguard.tlog.checkpoint import Signer
+
+    if path.exists():
+        raise BadInput(f"{path} exists; an admin key is never overwritten (move it away first)")
+    key = Ed25519PrivateKey.generate()
+    signer = Signer(name, key)   # refuses a bad name before anything is written
+    fsutil.create_private(path, key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    click.echo(signer.verifier.vkey())
+
+
+@fleet.command("join")
+@etcd_option
+@click.option("--name", required=True, help="This host's name in the fleet (unique).")
+@admin_key_option
+@state_dir_option
+def join(etcd, name, admin_keys, state_dir):
+    """Join the fleet beside a running daemon (`skyguard up`), until stopped: register under a
+    lease, publish status and keys, apply signed policies through the daemon's control socket,
+    witness peers' logs. `skyguard up --fleet-etcd ... --fleet-name ...` does the same inside
+    the daemon (and then also writes fleet events to the signed log).
+
+    \b
+    Example:
+      skyguard fleet join --etcd http://10.0.0.1:2379 --name host1 --admin-key admin.vkey
+    """
+    from skyguard import control
+    from skyguard.errors import BadInput
+    from skyguard.fleet.agent import FleetAgent
+    from skyguard.fleet.etcd import EtcdStore
+    from skyguard.fleet.signing import check_member_name, load_admin_verifiers
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    admins = load_admin_verifiers(admin_keys)
+    if not admins:
+        raise BadInput("give at least one --admin-key: a host applies only policies signed by one")
+    state = Path(state_dir or config.STATE_DIR)
+    events = state / "fleet" / "events.jsonl"
+
+    def apply(text, source):
+        return control.request("policy.load", text=text, source=source, state_dir=state_dir)["sha256"]
+
+    def local_status():
+        reply = control.request("status", state_dir=state_dir)
+        return {"policy": reply.get("policy"), "programs": len(reply.get("interfaces") or {})}
+
+    def record(kind, /, **fields):   # the daemon owns the signed log; here events go to a file
+        events.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with open(events, "a") as f:
+            f.write(json.dumps({"type": kind, "time": time.time(), **fields}, default=str) + "\n")
+
+    agent = FleetAgent(EtcdStore(etcd), check_member_name(name), state, admins, apply=apply,
+                       local_status=local_status, record=record)
+
+    async def run():
+        await agent.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await agent.stop()
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+
+
+@fleet.group("policy")
+def policy_group():
+    """Signed policies for the whole fleet."""
+
+
+@policy_group.command("push")
+@click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--sign-key", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="The admin's private key (from `fleet admin-key`).")
+@click.option("--key-name", default="skyguard-admin", show_default=True, help="The admin key's name.")
+@click.option("--hosts", default="*", show_default=True, help="Comma-separated member names, or *.")
+@etcd_option
+@json_option
+def push(file, sign_key, key_name, hosts, etcd, as_json):
+    """Validate FILE, sign it with the admin key as the next revision, store it in etcd; every
+    host it names applies it (hosts refuse unsigned, foreign-signed and older revisions).
+
+    \b
+    Example:
+      skyguard fleet policy push site.yaml --sign-key admin.pem --etcd http://10.0.0.1:2379
+    """
+    from skyguard.fleet.admin import push_policy
+    from skyguard.fleet.etcd import EtcdStore
+    from skyguard.fleet.signing import admin_signer
+    from skyguard.policy.parse import parse_policy
+
+    text = file.read_text(encoding="utf-8")
+    parse_policy(text, source=str(file))   # nothing invalid is ever pushed
+    signer = admin_signer(sign_key, key_name)
+    host_list = tuple(h.strip() for h in hosts.split(",") if h.strip()) or ("*",)
+    signed = asyncio.run(push_policy(EtcdStore(etcd), text, signer, host_list))
+    result = {"revision": signed.revision, "sha256": signed.sha256, "hosts": list(signed.hosts)}
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(f"pushed revision {signed.revision} ({signed.sha256[:12]}) to {hosts}")
+
+
+@fleet.command("status")
+@etcd_option
+@admin_key_option
+@json_option
+def status(etcd, admin_keys, as_json):
+    """Per host: policy hash and revision, heartbeat age, log size, cosignatures given and
+    received, alerts.
+
+    \b
+    Examples:
+      skyguard fleet status --etcd http://10.0.0.1:2379
+      skyguard fleet status --etcd http://10.0.0.1:2379 --json | jq '.members[].policy'
+    """
+    from skyguard.fleet.admin import fleet_view
+    from skyguard.fleet.etcd import EtcdStore
+    from skyguard.fleet.signing import load_admin_verifiers
+
+    view = asyncio.run(fleet_view(EtcdStore(etcd), load_admin_verifiers(admin_keys)))
+    if as_json:
+        emit_json(view)
+        return
+    click.echo(f"policy: {view['policy']}")
+    click.echo(f"{'host':<16} {'rev':>4} {'policy':<14} {'beat':>6} {'log':>8} {'given':>6} "
+               f"{'witnessed by':<24} alerts")
+    for name, m in sorted(view["members"].items()):
+        policy = m.get("policy") or {}
+        witnessed = ",".join(f"{w}@{s}" for w, s in sorted(m.get("witnessed_by", {}).items())) or "-"
+        click.echo(f"{name:<16} {policy.get('revision', 0):>4} {str(policy.get('sha256') or '-')[:12]:<14} "
+                   f"{m.get('heartbeat_age_s', '?'):>5}s {str((m.get('log') or {}).get('size')):>8} "
+                   f"{(m.get('cosignatures') or {}).get('given', 0):>6} {witnessed:<24} "
+                   f"{len(m.get('alerts') or [])}")
+    for alert in view["alerts"]:
+        click.echo(f"ALERT: {alert.get('witness')} refuses to cosign {alert.get('peer')}: {alert.get('problem')}")

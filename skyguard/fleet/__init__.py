@@ -1,0 +1,7 @@
+"""A fleet of skyguard hosts on a shared store (etcd): membership and status, signed policy
+distribution, and hosts that witness (cosign) each other's signed logs.
+
+    store.py    the store interface; etcd.py its etcd implementation (v3 JSON gateway)
+    keys.py     the key layout; signing.py signed policies; agent.py the per-host part
+    daemon_hook.py  how the daemon hosts the agent
+"""

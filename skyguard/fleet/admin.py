@@ -1,0 +1,82 @@
+"""What an operator does to the fleet from anywhere that reaches the store: push a signed
+policy, and read the fleet's view (members, their status, cosignatures, alerts).
+
+Not here: what a host does with a pushed policy (agent.py).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from skyguard.fleet import keys
+from skyguard.fleet.signing import SignedPolicy, open_policy, sign_policy
+from skyguard.fleet.store import FleetError, Store
+from skyguard.tlog.checkpoint import Signer
+
+
+async def push_policy(store: Store, text: str, signer: Signer, hosts: tuple[str, ...] = ("*",)) -> SignedPolicy:
+    """Sign `text` as the next revision and store it; a concurrent push makes this one retry
+    with the revision after it (compare-and-swap on the key's store revision)."""
+    for _ in range(20):
+        item, _ = await store.get(keys.POLICY)
+        current = 0
+        if item is not None:
+            try:
+                current = _revision_of(item.value)
+            except (ValueError, KeyError, TypeError):
+                current = 0   # an unreadable record is replaced; its revision is unknown
+        signed = sign_policy(text, current + 1, signer, hosts)
+        if await store.put_if(keys.POLICY, signed.to_json(), item.mod_revision if item else 0):
+            return signed
+    raise FleetError("another push kept winning; try again")
+
+
+def _revision_of(value: bytes) -> int:
+    """The revision in a stored record, read without trusting it (any admin's signature will do
+    for counting; hosts check signatures themselves)."""
+    note = json.loads(value)["note"]
+    for line in note.split("\n"):
+        if line.startswith("revision "):
+            return int(line.split(" ", 1)[1])
+    return 0
+
+
+async def fleet_view(store: Store, admins=None) -> dict:
+    """{members: {name: status + heartbeat_age_s + cosignatures received}, policy, alerts}."""
+    members, revision = await store.get_prefix(keys.MEMBERS)
+    cosigs, _ = await store.get_prefix(keys.COSIGNATURES)
+    alerts, _ = await store.get_prefix(keys.ALERTS)
+    now = time.time()
+    view: dict = {"revision": revision, "members": {}, "alerts": [], "policy": None}
+    for item in members:
+        try:
+            status = json.loads(item.value)
+        except ValueError:
+            continue
+        status["heartbeat_age_s"] = round(now - float(status.get("heartbeat", 0)), 1)
+        status["witnessed_by"] = {}
+        view["members"][item.key[len(keys.MEMBERS):]] = status
+    for item in cosigs:
+        log_name, _, witness = item.key[len(keys.COSIGNATURES):].partition("/")
+        try:
+            size = int(json.loads(item.value).get("size", 0))
+        except (ValueError, TypeError, AttributeError):
+            continue
+        if log_name in view["members"]:
+            view["members"][log_name]["witnessed_by"][witness] = size
+    for item in alerts:
+        try:
+            view["alerts"].append(json.loads(item.value))
+        except ValueError:
+            continue
+    item, _ = await store.get(keys.POLICY)
+    if item is not None:
+        try:
+            view["policy"] = {"revision": _revision_of(item.value)}
+            if admins:
+                signed = open_policy(item.value, admins)
+                view["policy"].update(sha256=signed.sha256, hosts=list(signed.hosts), signed=True)
+        except (ValueError, KeyError, TypeError, FleetError) as e:
+            view["policy"] = {"problem": str(e)}
+    return view

@@ -1,0 +1,398 @@
+"""The fleet agent: one host's membership in a fleet of skyguard hosts sharing a store (etcd).
+
+It runs on the daemon's event loop as a part (start / stop / set_policy, skyguard/parts.py) and
+does three things, each a task that survives the store going away:
+- membership: a lease, and under it `members/<name>`: this host's status (policy hash and
+  revision, log size and root, heartbeat, programs attached, store health, cosignatures given and
+  received, alerts) and its keys (log verifier key, witness key), refreshed every period;
+- policy: list `policy`, then watch it; each change is opened (signing.py) and, if signed by an
+  admin key and newer than what runs, applied through the daemon's hot swap. The last applied
+  policy (note and text) is kept in the state dir, so a restarted host goes back to it before
+  the store answers. Compaction, a lost member, a closed stream: re-list, then watch again;
+- witnessing: publish this log's latest checkpoint with consistency proofs from the sizes each
+  peer last cosigned; cosign every peer's checkpoint through the durable Witness
+  (skyguard/tlog/cosign.py); collect peers' cosignatures of this log into the state dir, where
+  `skyguard log verify --witnesses N` finds them.
+
+Fail closed and keep enforcing: when the store is unreachable nothing changes locally; the agent
+logs `fleet_store_lost` once, reports it (metric, status) and retries. A refused policy or a peer
+that presents a rewritten log is a log entry, a metric and an alert key in the store; never an
+exception that stops the agent.
+
+Not here: the store protocol (etcd.py), signatures (signing.py, tlog/cosign.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+from skyguard import fsutil
+from skyguard.fleet import keys
+from skyguard.fleet.signing import PolicyRefused, SignedPolicy, decide, open_policy
+from skyguard.fleet.store import Compacted, FleetError, Store, StoreUnavailable
+from skyguard.tlog.checkpoint import Checkpoint, Verifier, parse_and_verify, split_note
+from skyguard.tlog.cosign import (COSIGNED_DIR, PEERS_FILE, Cosigner, CosignerVerifier, Tamper,
+                                  Witness, load_or_create_witness_key, write_cosigned)
+from skyguard.tlog.errors import BadLogInput, VerificationError
+
+log = logging.getLogger("skyguard.fleet")
+
+PERIOD_S = 2.0         # heartbeat, checkpoint publication and cosigning round
+LEASE_TTL_S = 10       # a host silent this long drops out of `members/`
+RESYNC_S = 30.0        # a watch is re-listed at least this often (a silent, half-dead stream)
+FLEET_DIR = "fleet"    # under the state dir: applied policy, witness state, cosignatures, peers
+
+
+class FleetAgent:
+    """One host in the fleet. `apply(text, source) -> policy sha256` hot-swaps a policy (blocking:
+    run in a worker thread); `local_status() -> dict` gives {policy: {name, sha256},
+    programs: n}; `record(kind, **fields)` writes to the signed log (must not block)."""
+
+    def __init__(self, store: Store, name: str, state_dir: Path, admins: list[Verifier],
+                 apply: Callable[[str, str], str], local_status: Callable[[], dict],
+                 record: Callable[..., None], registry=None, period: float = PERIOD_S,
+                 log_dir: Path | None = None):
+        from skyguard.fleet.metrics import FleetMetrics
+        from skyguard.tlog.hostkey import host_signer
+
+        self.store, self.name, self.admins = store, name, admins
+        self.state_dir = Path(state_dir)
+        self.dir = self.state_dir / FLEET_DIR
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.apply_hook, self.local_status, self.record = apply, local_status, record
+        self.period = period
+        self.log_dir = Path(log_dir or self.state_dir / "log")
+        self.log_vkey = host_signer(self.state_dir).verifier.vkey()
+        self.cosigner = Cosigner(f"{name}.skyguard/witness", load_or_create_witness_key(self.state_dir))
+        self.witness = Witness(self.dir / "witness", self.cosigner)
+        self.metrics = FleetMetrics(registry)
+        self.revision, self.policy_sha = 0, None
+        self.store_ok: bool | None = None
+        self.lease = 0
+        self.given = 0
+        self.received: dict[str, int] = {}      # witness name -> largest size it cosigned here
+        self.alerts: dict[str, str] = {}        # "peer:problem" -> problem, as reported
+        self.refused: dict[str, str] = {}       # last refusal per reason
+        self._tasks: list[asyncio.Task] = []
+        self._applying = asyncio.Lock()
+        self._load_applied()
+
+    # ---- lifecycle (skyguard/parts.py) ------------------------------------------------------
+
+    async def start(self) -> None:
+        for coro, label in ((self._membership(), "members"), (self._policy_watch(), "policy"),
+                            (self._witnessing(), "witness")):
+            self._tasks.append(asyncio.create_task(self._forever(coro, label), name=f"fleet-{label}"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self.lease:
+            try:
+                await asyncio.wait_for(self.store.revoke(self.lease), 2)
+            except (FleetError, asyncio.TimeoutError):
+                pass   # the lease expires by itself
+        await self.store.close()
+
+    async def set_policy(self, policy) -> None:
+        """A policy loaded locally (`skyguard policy load`): reported as is; the fleet's revision
+        stays what it was, so the next pushed revision replaces it."""
+
+    async def _forever(self, coro, label: str) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception:   # a bug in one task must not end the others; it is logged
+            log.exception("fleet %s task failed", label)
+
+    # ---- store health -----------------------------------------------------------------------
+
+    def _store_state(self, ok: bool, problem: str = "") -> None:
+        if ok == self.store_ok:
+            return
+        if ok:
+            if self.store_ok is False:
+                self.record("fleet_store_back", member=self.name)
+            log.info("fleet store reachable")
+        else:
+            self.record("fleet_store_lost", member=self.name, problem=problem[:300])
+            log.warning("fleet store unreachable (%s); enforcing what this host has", problem)
+        self.store_ok = ok
+        self.metrics.store_up.set(1 if ok else 0)
+
+    # ---- membership -------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        local = self.local_status() or {}
+        head = self._log_head()
+        return {"name": self.name, "origin": head.get("origin"), "log_vkey": self.log_vkey,
+                "witness_vkey": self.cosigner.verifier.vkey(), "heartbeat": time.time(),
+                "policy": {"revision": self.revision, "sha256": (local.get("policy") or {}).get("sha256"),
+                           "name": (local.get("policy") or {}).get("name"), "fleet_sha256": self.policy_sha},
+                "log": {"size": head.get("size"), "root": head.get("root")},
+                "programs": local.get("programs"), "store": "ok" if self.store_ok else "unreachable",
+                "cosignatures": {"given": self.given, "received": dict(self.received)},
+                "alerts": sorted(self.alerts.values())[-20:], "refused": dict(self.refused)}
+
+    async def _membership(self) -> None:
+        while True:
+            try:
+                if not self.lease or not await self.store.keep_alive(self.lease):
+                    self.lease = await self.store.grant_lease(LEASE_TTL_S)
+                status = await asyncio.to_thread(self.status)
+                status["store"] = "ok"
+                await self.store.put(keys.member(self.name), json.dumps(status).encode(), lease=self.lease)
+                self._store_state(True)
+            except StoreUnavailable as e:
+                self._store_state(False, str(e))
+            except FleetError as e:
+                log.warning("fleet membership: %s", e)
+                self.lease = 0
+            await asyncio.sleep(self.period)
+
+    # ---- policy -----------------------------------------------------------------------------
+
+    def _applied_path(self) -> Path:
+        return self.dir / "policy.json"
+
+    def _load_applied(self) -> None:
+        path = self._applied_path()
+        if not path.exists():
+            return
+        try:
+            signed = open_policy(path.read_bytes(), self.admins)
+        except PolicyRefused as e:   # an edited file, or the admin keys changed: start from zero
+            log.error("the applied fleet policy kept in %s is not valid any more: %s", path, e)
+            return
+        self.revision, self.policy_sha = signed.revision, signed.sha256
+        self._applied = signed
+
+    async def _restore_applied(self) -> None:
+        """After a restart the daemon runs its --policy file; the fleet's last applied policy,
+        kept here, is put back before anything else (the store may not answer)."""
+        signed = getattr(self, "_applied", None)
+        running = ((self.local_status() or {}).get("policy") or {}).get("sha256")
+        if signed is not None and running != signed.sha256:
+            await self._apply(signed, restoring=True)
+
+    async def _handle(self, value: bytes | None) -> None:
+        if value is None:
+            return   # deleting the policy key changes nothing: a host keeps enforcing what it has
+        try:
+            signed = open_policy(value, self.admins)
+            if not decide(signed, self.name, self.revision, self.policy_sha):
+                return
+        except PolicyRefused as e:
+            self._refuse(e)
+            return
+        await self._apply(signed)
+
+    def _refuse(self, e: PolicyRefused) -> None:
+        key = f"{e.reason}:{e}"
+        if self.refused.get(e.reason) == str(e):
+            return   # the same record seen again (re-list): reported once
+        self.refused[e.reason] = str(e)
+        self.metrics.refused.labels(reason=e.reason).inc()
+        self.record("fleet_policy_refused", member=self.name, reason=e.reason, problem=str(e))
+        log.warning("fleet policy refused (%s): %s", e.reason, key)
+
+    async def _apply(self, signed: SignedPolicy, restoring: bool = False) -> None:
+        async with self._applying:
+            if not restoring and signed.revision <= self.revision:
+                return
+            source = f"fleet revision {signed.revision}"
+            try:
+                await asyncio.to_thread(self.apply_hook, signed.text, source)
+            except Exception as e:   # an invalid policy is refused; the running one stays
+                self._refuse(PolicyRefused("invalid", f"revision {signed.revision} does not load: {e}"))
+                return
+            fsutil.write_private(self._applied_path(), signed.to_json())
+            self.revision, self.policy_sha, self._applied = signed.revision, signed.sha256, signed
+            self.metrics.revision.set(signed.revision)
+            self.record("fleet_policy_applied", member=self.name, revision=signed.revision,
+                        sha256=signed.sha256, restored=restoring)
+            log.info("fleet policy revision %d applied (%s)", signed.revision, signed.sha256[:12])
+
+    async def _policy_watch(self) -> None:
+        """List, then watch; on any loss of the watch (compaction, member gone, silence) list again."""
+        # Not in start(): the daemon's hot swap reconciles its parts, this one among them.
+        await self._restore_applied()
+        backoff = 0.2
+        while True:
+            try:
+                item, revision = await self.store.get(keys.POLICY)
+                self._store_state(True)
+                await self._handle(item.value if item else None)
+                backoff = 0.2
+                async with asyncio.timeout(RESYNC_S):
+                    async for changes in self.store.watch_prefix(keys.POLICY, revision):
+                        for change in changes:
+                            if change.key == keys.POLICY:
+                                await self._handle(change.value)
+            except TimeoutError:
+                continue
+            except Compacted as e:
+                log.info("fleet policy watch: %s; listing again", e)
+                continue
+            except StoreUnavailable as e:
+                self._store_state(False, str(e))
+            except FleetError as e:
+                log.warning("fleet policy watch: %s", e)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.period)
+
+    # ---- witnessing -------------------------------------------------------------------------
+
+    def _log_head(self) -> dict:
+        from skyguard.tlog.store import LogReader
+
+        try:
+            reader = LogReader(self.log_dir)
+            note = reader.latest_checkpoint_note()
+            checkpoint = Checkpoint.parse_body(split_note(note)[0])
+        except (FleetError, BadLogInput, OSError, Exception):   # no log yet: nothing to report
+            return {}
+        return {"origin": reader.origin, "size": checkpoint.size,
+                "root": base64.b64encode(checkpoint.hash).decode(), "note": note, "reader": reader}
+
+    def _my_checkpoint(self, cosigned_sizes: set[int]) -> dict | None:
+        """This log's latest checkpoint, with consistency proofs from each size a witness last
+        cosigned (so each can check it extends what it vouched for)."""
+        from skyguard.tlog.tree import consistency_proof
+
+        head = self._log_head()
+        if not head:
+            return None
+        proofs = {}
+        source = head["reader"].source()
+        for old in sorted(cosigned_sizes):
+            if 0 < old < head["size"]:
+                try:
+                    proofs[str(old)] = [base64.b64encode(h).decode()
+                                        for h in consistency_proof(source, old, head["size"])]
+                except (BadLogInput, FleetError, Exception):
+                    continue
+        return {"note": head["note"], "proofs": proofs}
+
+    async def _witnessing(self) -> None:
+        while True:
+            try:
+                await self._witness_round()
+            except StoreUnavailable as e:
+                self._store_state(False, str(e))
+            except FleetError as e:
+                log.warning("fleet witnessing: %s", e)
+            await asyncio.sleep(self.period)
+
+    async def _witness_round(self) -> None:
+        # 1. Cosignatures of this log: verified, kept for `log verify --witnesses`.
+        items, _ = await self.store.get_prefix(keys.cosignatures_of(self.name))
+        members, _ = await self.store.get_prefix(keys.MEMBERS)
+        peers = {}
+        for item in members:
+            try:
+                record = json.loads(item.value)
+                peer = record["name"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            if peer != self.name and item.key == keys.member(peer):
+                peers[peer] = record
+        sizes = set()
+        for item in items:
+            witness_name = item.key.rsplit("/", 1)[-1]
+            record = peers.get(witness_name) or self._pinned().get(witness_name)
+            if not record:
+                continue
+            try:
+                cosigned = json.loads(item.value)["note"]
+                checkpoint, _ = CosignerVerifier.from_vkey(record["witness_vkey"]).verify(cosigned)
+                parse_and_verify(cosigned, Verifier.from_vkey(self.log_vkey))
+            except (ValueError, KeyError, TypeError, BadLogInput, VerificationError):
+                continue
+            sizes.add(checkpoint.size)
+            if checkpoint.size >= self.received.get(witness_name, -1):
+                if checkpoint.size != self.received.get(witness_name):
+                    await asyncio.to_thread(write_cosigned, self.state_dir / COSIGNED_DIR,
+                                            witness_name, cosigned)
+                self.received[witness_name] = checkpoint.size
+        self.metrics.received.set(len(self.received))
+        # 2. This log's checkpoint, with proofs for the witnesses.
+        mine = await asyncio.to_thread(self._my_checkpoint, sizes)
+        if mine is not None:
+            await self.store.put(keys.checkpoint(self.name), json.dumps(mine).encode())
+        # 3. Cosign each peer's checkpoint.
+        for peer, record in sorted(peers.items()):
+            await self._cosign_peer(peer, record)
+
+    def _pinned(self) -> dict:
+        path = self.state_dir / PEERS_FILE
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def _pin(self, peer: str, record: dict) -> str | None:
+        """Peers' keys are pinned at first sight; another key later is a problem, not an update."""
+        pinned = self._pinned()
+        keys_now = {"origin": record.get("origin"), "log_vkey": record.get("log_vkey"),
+                    "witness_vkey": record.get("witness_vkey")}
+        if peer not in pinned:
+            pinned[peer] = keys_now
+            fsutil.write_private(self.state_dir / PEERS_FILE, json.dumps(pinned, indent=1, sort_keys=True).encode())
+            return None
+        if pinned[peer] != keys_now:
+            return f"peer {peer} now presents other keys or origin than first seen ({pinned[peer]['origin']})"
+        return None
+
+    async def _cosign_peer(self, peer: str, record: dict) -> None:
+        item, _ = await self.store.get(keys.checkpoint(peer))
+        if item is None or not record.get("origin") or not record.get("log_vkey"):
+            return
+        try:
+            published = json.loads(item.value)
+            note = published["note"]
+            proofs = published.get("proofs") or {}
+            changed = self._pin(peer, record)
+            if changed:
+                raise Tamper(changed)
+            verifier = Verifier.from_vkey(record["log_vkey"])
+            checkpoint = parse_and_verify(note, verifier, origin=record["origin"])
+            last = self.witness.state(checkpoint.origin)
+            if last is not None and last.size == checkpoint.size and last.root == checkpoint.hash:
+                return   # already cosigned
+            proof = None
+            if last is not None and str(last.size) in proofs:
+                proof = [base64.b64decode(h) for h in proofs[str(last.size)]]
+            cosigned, checkpoint = await asyncio.to_thread(self.witness.cosign, note, record["log_vkey"], proof)
+        except Tamper as e:
+            await self._tamper(peer, record.get("origin"), str(e))
+            return
+        except (ValueError, KeyError, TypeError, BadLogInput, VerificationError) as e:
+            log.debug("not cosigning %s yet: %s", peer, e)
+            return
+        await self.store.put(keys.cosignature(peer, self.name),
+                             json.dumps({"note": cosigned, "size": checkpoint.size}).encode())
+        self.given += 1
+        self.metrics.given.inc()
+
+    async def _tamper(self, peer: str, origin: str | None, problem: str) -> None:
+        key = f"{peer}:{problem}"
+        if key in self.alerts:
+            return
+        self.alerts[key] = f"{peer}: {problem}"
+        self.metrics.tamper.labels(peer=peer).inc()
+        self.record("tamper", source="fleet_witness", peer=peer, origin=origin or "", problem=problem[:500],
+                    action="cosignature refused")
+        log.error("fleet: refusing to cosign %s: %s", peer, problem)
+        try:
+            await self.store.put(keys.alert(peer, self.name), json.dumps(
+                {"witness": self.name, "peer": peer, "origin": origin, "problem": problem,
+                 "time": time.time()}).encode())
+        except FleetError:
+            pass   # recorded locally; the store gets it when the next refusal is reported

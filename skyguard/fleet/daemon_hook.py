@@ -1,0 +1,35 @@
+"""How the daemon hosts the fleet agent: the three hooks it gives the agent (apply a policy
+through the daemon's hot swap, read its status, write its signed log), in one function the
+daemon calls from its list of part slots.
+
+Not here: the agent (agent.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def make_fleet_agent(daemon, registry, etcd: str, name: str, admin_keys: list[str]):
+    """The FleetAgent part for `daemon` (skyguard.daemon.Daemon), joining etcd at `etcd` as
+    `name` and applying only policies signed by one of `admin_keys` (vkeys or files)."""
+    from skyguard.fleet.agent import FleetAgent
+    from skyguard.fleet.etcd import EtcdStore
+    from skyguard.fleet.signing import check_member_name, load_admin_verifiers
+
+    def apply(text: str, source: str) -> str:
+        from skyguard.policy.parse import parse_policy
+
+        policy = parse_policy(text, source=source)   # an invalid policy changes nothing
+        daemon._apply(policy, text)                  # the control socket's hot swap
+        return policy.sha256
+
+    def local_status() -> dict:
+        policy = daemon.policy
+        attached = daemon.datapath.attached() if daemon.datapath else {}
+        return {"policy": {"name": policy.name, "sha256": policy.sha256} if policy else None,
+                "programs": len(attached)}
+
+    return FleetAgent(EtcdStore(etcd), check_member_name(name), Path(daemon.state_dir),
+                      load_admin_verifiers(admin_keys), apply=apply, local_status=local_status,
+                      record=daemon.record_nowait, registry=registry)

@@ -1,0 +1,23 @@
+"""The fleet agent's Prometheus metrics (labels: refusal reason, peer member name; both bounded
+by the fleet, never an address)."""
+
+from __future__ import annotations
+
+
+class FleetMetrics:
+    def __init__(self, registry=None):
+        from prometheus_client import CollectorRegistry, Counter, Gauge
+
+        registry = registry if registry is not None else CollectorRegistry()
+        self.store_up = Gauge("skyguard_fleet_store_up", "1 while the fleet store (etcd) answers",
+                              registry=registry)
+        self.revision = Gauge("skyguard_fleet_policy_revision", "Revision of the fleet policy applied",
+                              registry=registry)
+        self.refused = Counter("skyguard_fleet_policy_refused", "Pushed policies refused, by reason",
+                               ["reason"], registry=registry)
+        self.given = Counter("skyguard_fleet_cosignatures_given", "Peer checkpoints this host cosigned",
+                             registry=registry)
+        self.received = Gauge("skyguard_fleet_witnesses", "Peers that cosigned this host's log",
+                              registry=registry)
+        self.tamper = Counter("skyguard_fleet_witness_tamper", "Peer checkpoints refused as "
+                              "rewritten or forked history (a tamper event)", ["peer"], registry=registry)
