@@ -396,6 +396,23 @@ class Lab:
         tail = self.server_log.read_text(errors="replace")[-2000:]
         raise LabError(f"the internet servers did not start (log {self.server_log}):\n{tail}")
 
+    def restart_guest(self, name: str) -> dict:
+        """Boot QEMU guest `name` again (stopped, killed or running): the same tap name, MAC and
+        addresses, a new QEMU. Returns its new state entry."""
+        _require_root()
+        with self._exclusive():
+            state = self._read_state()
+            if not self._guest(name, state):
+                raise BadInput(f"{name!r} is not a QEMU guest of lab {self.prefix or 'default'}")
+            old = self._guest(name, state)
+            if guests.running(self.lab_dir, old):
+                guests.qemu.stop_pids([old["pid"]])
+            workload = next(w for w in read_workloads(state["policy"]) if w.name == name)
+            entry = guests.boot(self, [workload])[0]
+            state["vms"] = [entry if vm["name"] == name else vm for vm in state["vms"]]
+            self._write_state(state)
+            return entry
+
     # ---- down ----------------------------------------------------------------------------------
     def down(self) -> None:
         """Remove everything this lab made. Nothing up: nothing to do, no error."""

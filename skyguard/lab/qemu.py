@@ -9,7 +9,7 @@ dies, the tap and its routes go with it, as a real hypervisor's would. Inside, t
 configures the workload's MAC (QEMU's NIC), addresses, default routes and resolver from the
 kernel command line.
 
-Commands reach the guest through a second serial port wired to a unix socket (the agent,
+Commands reach the guest through a virtio-serial port wired to a unix socket (the agent,
 skyguard/lab/guest/agent): `run()` is what `skyguard lab exec` does for a guest, with the
 command's exit status, stdout and stderr.
 
@@ -42,6 +42,7 @@ MEMORY_MB = 256
 BOOT_TIMEOUT = 120.0  # seconds; a bound against a hung guest on a loaded CI machine, not a goal
 KVM_PROBE_TIMEOUT = 6.0  # a KVM guest that works prints its banner in well under a second
 AGENT_TIMEOUT = 300.0  # default bound on one command in a guest
+PING_WAIT = 0.5  # seconds before the agent handshake pings again
 CONSOLE_TAIL = 3000  # characters of console log in a boot error
 # Kernel options that shorten a software-emulated boot (no timer check, no crypto self-tests).
 KERNEL_ARGS = "console=ttyS0 quiet panic=-1 mitigations=off cryptomgr.notests no_timer_check"
@@ -163,8 +164,9 @@ def qemu_argv(spec: GuestSpec, image: GuestImage, accel: str) -> list[str]:
         "-initrd", str(spec.extra.get("initrd", image.initrd)),
         "-append", cmdline,
         "-serial", f"file:{spec.console_log}",
+        "-device", "virtio-serial-pci",
         "-chardev", f"socket,id=agent,path={spec.agent_socket},server=on,wait=off",
-        "-serial", "chardev:agent",
+        "-device", "virtserialport,chardev=agent,name=skyguard.agent",
         "-netdev", f"tap,id=net0,ifname={spec.interface},script={spec.ifup_script},downscript=no",
         # romfile= : no iPXE option ROM (direct kernel boot never uses it; Debian ships it apart).
         "-device", f"virtio-net-pci,netdev=net0,mac={spec.mac},romfile=",
@@ -306,12 +308,26 @@ class Agent:
                 try:
                     sock.settimeout(_left(deadline))
                     sock.connect(str(self.sock_path))
+                    self._handshake(sock, deadline)
                     sock.sendall(request)
                     return self._answer(sock, rid, command, deadline)
                 except socket.timeout:
                     raise subprocess.TimeoutExpired(command, timeout) from None
                 except OSError as exc:
                     raise LabError(f"the guest agent at {self.sock_path} is not reachable: {exc}") from None
+
+    def _handshake(self, sock: socket.socket, deadline: float | None) -> None:
+        """Ping until the guest answers, so a request is sent only once the path is known to work
+        both ways (a request is never sent twice: a command may not be idempotent)."""
+        while True:
+            ping = secrets.token_hex(8)
+            sock.sendall(f"{ping}\n".encode())
+            try:
+                self._answer(sock, ping, "ping", min(time.monotonic() + PING_WAIT, deadline or 1e18))
+                return
+            except socket.timeout:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
 
     @staticmethod
     def _answer(sock: socket.socket, rid: str, command, deadline) -> subprocess.CompletedProcess:

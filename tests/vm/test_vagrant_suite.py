@@ -1,7 +1,8 @@
 """The vm tier: the whole suite in a clean Debian 12 VM, driven by vagrant/run-suite, on both
 machines (Debian 12's kernel and the newest backports kernel). It needs Vagrant and a provider
 that can boot a VM, and network access for the box; where Vagrant or a provider is missing it is
-skipped with the reason (the one skip the suite allows). Excluded by default: `pytest -m vm tests/vm`.
+skipped with the reason (the one skip the suite allows). Excluded by default (marker `vagrant`;
+the `vm` tier of the default run is QEMU guests in the lab): `pytest -m vagrant tests/vm`.
 """
 
 import json
@@ -10,6 +11,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.vagrant
 
 VAGRANT_DIR = Path(__file__).resolve().parents[2] / "vagrant"
 RUN_SUITE = VAGRANT_DIR / "run-suite"
