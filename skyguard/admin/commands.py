@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from skyguard.admin.access import AccessRefused
 from skyguard.errors import BadInput
+from skyguard.policy.access import SSH_COMMAND_WORD
 from skyguard.policy.model import Policy
 
 # Programs whose only job is to move files over an SSH channel (their server side is what the
@@ -64,7 +65,7 @@ _BASE64_WORD = re.compile(r"[A-Za-z0-9+/_-]{4,}={0,2}")  # 4: base64 of "scp" is
 _HEX_WORD = re.compile(r"(?:[0-9A-Fa-f]{2}){4,}")
 # What an allow-listed command may consist of: plain words separated by spaces or tabs.
 _PLAIN_COMMAND = re.compile(r"[A-Za-z0-9_./:=,@%+\- \t]+")
-_PATTERN_WORD = re.compile(r"[A-Za-z0-9_./:=,@%+\-*?\[\]!]+")
+_PATTERN_WORD = SSH_COMMAND_WORD  # one definition, the policy parser's
 
 
 @dataclass(frozen=True)
@@ -96,13 +97,9 @@ def parse_allow_list(entries) -> tuple[tuple[str, ...], ...] | None:
 
 
 def allow_list(policy: Policy) -> tuple[tuple[str, ...], ...] | None:
-    """The policy's command allow-list. Read from `admin.ssh.commands`; until the policy model
-    has that key, from the top-level extension key `x-admin-ssh-commands`."""
+    """The policy's command allow-list (`admin.ssh.commands`), None when it has none."""
     ssh = policy.admin_ssh
-    entries = getattr(ssh, "commands", None) if ssh is not None else None
-    if entries is None:
-        entries = policy.extra.get("x-admin-ssh-commands")
-    return parse_allow_list(entries)
+    return parse_allow_list(ssh.commands if ssh is not None else None)
 
 
 def _words_match(pattern: tuple[str, ...], words: list[str]) -> bool:

@@ -8,6 +8,8 @@ looks like a value).
 
 from __future__ import annotations
 
+import re
+
 from skyguard.policy import fqdn
 from skyguard.policy.checker import CheckerBase, did_you_mean, quoted, type_name
 from skyguard.policy.model import AdminSsh, Credential, Injection, SshOperator, TlsTermination
@@ -15,6 +17,9 @@ from skyguard.policy.values import (HEADER_RE, PLACEHOLDER_RE, SECRET_NAME_RE, f
                                     format_hostport, parse_hostport, parse_ssh_public_key)
 
 MIN_PLACEHOLDER = 16  # long enough that a placeholder never occurs in traffic by chance
+
+# One word of an admin.ssh.commands entry: nothing a shell would expand or chain.
+SSH_COMMAND_WORD = re.compile(r"[A-Za-z0-9_./:=,@%+\-*?\[\]!]+")
 
 
 class AccessSections(CheckerBase):
@@ -196,7 +201,7 @@ class AccessSections(CheckerBase):
         if not self.mapping(node, "admin", line, ("ssh",)) or "ssh" not in node:
             return None
         ssh, ssh_line = node["ssh"], self.line_of(node, "ssh")
-        keys = ("listen", "operators", "port_forwarding", "agent_forwarding", "sftp")
+        keys = ("listen", "operators", "port_forwarding", "agent_forwarding", "sftp", "commands")
         if not self.mapping(ssh, "admin.ssh", ssh_line, keys, required=("operators",)):
             return None
         defaults = AdminSsh()
@@ -229,9 +234,28 @@ class AccessSections(CheckerBase):
                         ops_ok = False
             else:
                 ops_ok = False
-        if listen is None or any(v is None for v in flags.values()) or not ops_ok:
+        commands, commands_ok = None, True
+        if "commands" in ssh:
+            commands, commands_ok = self.ssh_commands(ssh["commands"], self.line_of(ssh, "commands"))
+        if listen is None or any(v is None for v in flags.values()) or not ops_ok or not commands_ok:
             return None
-        return AdminSsh(listen=listen, operators=tuple(operators), **flags)
+        return AdminSsh(listen=listen, operators=tuple(operators), commands=commands, **flags)
+
+    def ssh_commands(self, node, line) -> tuple[tuple[str, ...] | None, bool]:
+        """admin.ssh.commands: the exec commands operators may run, as plain words."""
+        if not self.seq(node, "admin.ssh.commands", line):
+            return None, False
+        result, ok = [], True
+        for index, item in enumerate(node):
+            words = item.split() if isinstance(item, str) else []
+            if not words or not all(SSH_COMMAND_WORD.fullmatch(w) for w in words):
+                self.problem(self.line_of(node, index), f"admin.ssh.commands[{index}]",
+                             f"{quoted(item)} must be plain words: letters, digits, _ . / : = , @ % + - "
+                             "and the wildcards * ? [ ] (no quotes or shell syntax)")
+                ok = False
+            else:
+                result.append(" ".join(words))
+        return tuple(result), ok
 
     def operator(self, node, path, line, zones, names, keys_seen) -> SshOperator | None:
         if not self.mapping(node, path, line, ("name", "public_key", "may_access"),

@@ -82,6 +82,8 @@ def policy_to_dict(policy: Policy) -> dict:
             "operators": [{"name": o.name, "public_key": o.public_key, "may_access": list(o.may_access)}
                           for o in ssh.operators],
         }}
+        if ssh.commands is not None:
+            out["admin"]["ssh"]["commands"] = list(ssh.commands)
     for key, value in policy.extra.items():
         out[key] = value
     return out

@@ -129,6 +129,9 @@ class AdminSsh:
     port_forwarding: bool = False
     agent_forwarding: bool = False
     sftp: bool = False
+    # The exec commands that may run (plain words, fnmatch wildcards; skyguard/admin/commands.py
+    # matches them). None: any command, and shells; when set, shells are refused.
+    commands: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)

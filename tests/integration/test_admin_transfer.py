@@ -31,10 +31,8 @@ def secret_file(lab):  # noqa: F811 - the fixture above
 
 
 def with_allow_list(policy, entries):
-    """The allow-list under its policy key when the model has it, else the interim extension key."""
-    if hasattr(policy.admin_ssh, "commands"):
-        return replace(policy, admin_ssh=replace(policy.admin_ssh, commands=tuple(entries)))
-    return replace(policy, extra={"x-admin-ssh-commands": list(entries)})
+    """The policy with `admin.ssh.commands` set to `entries`."""
+    return replace(policy, admin_ssh=replace(policy.admin_ssh, commands=tuple(entries)))
 
 
 def b64(text: str) -> str:

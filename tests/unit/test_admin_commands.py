@@ -21,10 +21,8 @@ TRANSFER = replace(NO_TRANSFER, admin_ssh=replace(NO_TRANSFER.admin_ssh, sftp=Tr
 
 
 def with_allow_list(policy: Policy, entries) -> Policy:
-    """The allow-list under its policy key when the model has it, else the interim extension key."""
-    if hasattr(policy.admin_ssh, "commands"):
-        return replace(policy, admin_ssh=replace(policy.admin_ssh, commands=tuple(entries)))
-    return replace(policy, extra={"x-admin-ssh-commands": list(entries)})
+    """The policy with `admin.ssh.commands` set to `entries`."""
+    return replace(policy, admin_ssh=replace(policy.admin_ssh, commands=tuple(entries)))
 
 
 def b64(text: str) -> str:
@@ -195,7 +193,7 @@ def test_bad_allow_lists_are_refused_with_the_entry_named(entries, message):
     with pytest.raises(BadInput, match=message):
         commands.parse_allow_list(entries)
     with pytest.raises(BadInput, match=message):
-        commands.allow_list(replace(NO_TRANSFER, extra={"x-admin-ssh-commands": entries}))
+        commands.allow_list(replace(NO_TRANSFER, admin_ssh=replace(NO_TRANSFER.admin_ssh, commands=entries)))
 
 
 # -- properties over generated commands ------------------------------------------------------------
@@ -279,3 +277,18 @@ def test_what_the_allow_list_accepts_a_real_shell_runs_as_those_words(shell, com
     shown = subprocess.run([shell, "-c", "printf '<%s>' " + command], capture_output=True, text=True,
                            timeout=10, cwd="/")
     assert shown.returncode == 0 and shown.stdout == "".join(f"<{w}>" for w in command.split()), command
+
+
+def test_policy_validate_refuses_what_the_proxy_would_refuse_with_the_line():
+    from skyguard import config
+    from skyguard.errors import PolicyError
+    from skyguard.policy.parse import parse_policy
+
+    text = (config.POLICIES_DIR / "examples" / "ssh-admin.yaml").read_text()
+    good = text.replace("    sftp: true\n", '    sftp: true\n    commands: [uptime, "systemctl status *"]\n')
+    assert commands.allow_list(parse_policy(good)) == (("uptime",), ("systemctl", "status", "*"))
+    bad = text.replace("    sftp: true\n", '    sftp: true\n    commands: [uptime, "echo $(id)"]\n')
+    with pytest.raises(PolicyError) as refused:
+        parse_policy(bad, source="ssh.yaml")
+    line = bad.splitlines().index('    commands: [uptime, "echo $(id)"]') + 1
+    assert f"ssh.yaml:{line}: admin.ssh.commands[1]" in str(refused.value)
