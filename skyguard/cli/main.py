@@ -26,7 +26,6 @@ COMMANDS = [
     ("demo", "demo"),
     ("flows", "flows"),
     ("attest", "attest"),
-    ("tpm", "tpm"),
     ("top", "top"),
     ("fleet", "fleet"),
 ]
