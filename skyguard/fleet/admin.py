@@ -26,10 +26,22 @@ async def push_policy(store: Store, text: str, signer: Signer, hosts: tuple[str,
                 current = _revision_of(item.value)
             except (ValueError, KeyError, TypeError):
                 current = 0   # an unreadable record is replaced; its revision is unknown
-        signed = sign_policy(text, current + 1, signer, hosts)
+        # Never below what any host runs: the stored record may be a replayed older one.
+        signed = sign_policy(text, max(current, await _highest_running(store)) + 1, signer, hosts)
         if await store.put_if(keys.POLICY, signed.to_json(), item.mod_revision if item else 0):
             return signed
     raise FleetError("another push kept winning; try again")
+
+
+async def _highest_running(store: Store) -> int:
+    members, _ = await store.get_prefix(keys.MEMBERS)
+    highest = 0
+    for item in members:
+        try:
+            highest = max(highest, int(json.loads(item.value)["policy"]["revision"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return highest
 
 
 def _revision_of(value: bytes) -> int:

@@ -234,12 +234,14 @@ class FleetAgent:
                 await self._handle(item.value if item else None)
                 backoff = 0.2
                 async with asyncio.timeout(RESYNC_S):
-                    async for changes in self.store.watch_prefix(keys.POLICY, revision):
+                    async for changes in _watch(self.store, keys.POLICY, revision):
                         for change in changes:
                             if change.key == keys.POLICY:
                                 await self._handle(change.value)
             except TimeoutError:
                 continue
+            except _WatchLost as e:   # one member went away: the next list finds another
+                log.info("fleet policy watch lost (%s); listing again", e.__cause__ or e)
             except Compacted as e:
                 log.info("fleet policy watch: %s; listing again", e)
                 continue
@@ -396,3 +398,15 @@ class FleetAgent:
                  "time": time.time()}).encode())
         except FleetError:
             pass   # recorded locally; the store gets it when the next refusal is reported
+
+
+class _WatchLost(FleetError):
+    """The watch stream ended (its member went away): not the store being unreachable."""
+
+
+async def _watch(store: Store, prefix: str, revision: int):
+    try:
+        async for changes in store.watch_prefix(prefix, revision):
+            yield changes
+    except StoreUnavailable as e:
+        raise _WatchLost("watch stream ended") from e

@@ -1,0 +1,266 @@
+"""A fleet of three hosts on a real 3-member etcd cluster on loopback (started here, each member
+stopped by pid at teardown): pushed policies reach every host; unsigned, foreign-signed and older
+ones are refused by every host; a killed member does not stop pushes; lost quorum leaves hosts
+enforcing and reporting it, and they catch up; a watch survives compaction; hosts cosign each
+other's logs, and one whose log is rewritten and re-signed is refused, alerted on, and fails
+`log verify --witnesses 2` while an honest host passes.
+
+Each host here is the fleet agent with its own state dir, its own real signed log and host key,
+and a hot swap that parses the policy as the daemon does; the daemon-hosted agent (the same part,
+skyguard/fleet/daemon_hook.py) is covered by test_fleet_daemons.py.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from prometheus_client import CollectorRegistry, generate_latest
+
+from skyguard import config
+from skyguard.fleet import keys
+from skyguard.fleet.agent import FleetAgent
+from skyguard.fleet.etcd import EtcdStore
+from skyguard.fleet.localcluster import LocalEtcdCluster
+from skyguard.fleet.signing import load_admin_verifiers, sign_policy
+from skyguard.fleet.store import Compacted
+from skyguard.parts import LoopThread
+from skyguard.tlog import LogWriter, entry, host_signer
+from skyguard.tlog.checkpoint import Signer
+
+NAMES = ["alpha", "bravo", "charlie"]
+BASE_POLICY = (config.POLICIES_DIR / "keysystems.yaml").read_text()
+ENV = dict(os.environ, PYTHONPATH=str(config.REPO_ROOT))
+
+
+def policy_text(n: int) -> str:
+    return BASE_POLICY + f"\n# fleet test revision marker {n}\n"
+
+
+def wait_until(check, timeout=30.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def skyguard(*args, check=True):
+    result = subprocess.run([sys.executable, "-m", "skyguard.cli.main", *args], env=ENV,
+                            capture_output=True, text=True, timeout=60)
+    if check and result.returncode != 0:
+        raise AssertionError(f"skyguard {' '.join(args)} -> {result.returncode}: {result.stderr}")
+    return result
+
+
+class Host:
+    """One fleet member: state dir, signed log, the agent; `apply` parses as the daemon does."""
+
+    def __init__(self, name, base, cluster, admin_vkey, loop):
+        self.name, self.state, self.loop = name, base / name, loop
+        self.cluster, self.admin_vkey = cluster, admin_vkey
+        self.policy = None
+        self.events: list[tuple[str, dict]] = []
+        self.open_log()
+        self.start_agent()
+
+    def open_log(self):
+        self.writer = LogWriter(self.state / "log", host_signer(self.state))
+        self.writer.append(entry("daemon_start", host=self.name))
+
+    def apply(self, text, source):
+        from skyguard.policy.parse import parse_policy
+
+        policy = parse_policy(text, source=source)
+        self.policy = policy
+        self.writer.append(entry("policy_load", sha256=policy.sha256, source=source))
+        return policy.sha256
+
+    def record(self, kind, /, **fields):
+        self.events.append((kind, fields))
+        self.writer.submit([entry(kind, **fields)])
+
+    def local_status(self):
+        return {"policy": {"name": self.policy.name, "sha256": self.policy.sha256} if self.policy else None,
+                "programs": 0}
+
+    def start_agent(self):
+        self.registry = CollectorRegistry()
+        self.agent = FleetAgent(EtcdStore(self.cluster.endpoints, timeout=1.0), self.name, self.state,
+                                load_admin_verifiers([self.admin_vkey]), apply=self.apply,
+                                local_status=self.local_status, record=self.record,
+                                registry=self.registry, period=0.5)
+        self.loop.call(self.agent.start())
+
+    def stop_agent(self):
+        self.loop.call(self.agent.stop())
+
+    @property
+    def sha(self):
+        return self.policy.sha256 if self.policy else None
+
+    def kinds(self, kind):
+        return [fields for k, fields in self.events if k == kind]
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    base = tmp_path_factory.mktemp("fleet")
+    admin_pem = base / "admin.pem"
+    admin_vkey = skyguard("fleet", "admin-key", str(admin_pem)).stdout.strip()
+    cluster = LocalEtcdCluster(base / "etcd")
+    loop = LoopThread()
+    hosts = []
+    try:
+        with cluster:
+            hosts = [Host(name, base, cluster, admin_vkey, loop) for name in NAMES]
+            yield type("Fleet", (), {"base": base, "cluster": cluster, "hosts": hosts,
+                                     "admin_pem": admin_pem, "admin_vkey": admin_vkey})
+            for host in hosts:
+                host.stop_agent()
+    finally:
+        for host in hosts:
+            host.writer.close()
+        cluster.stop_all()   # every member by pid, SIGKILL after 5 s
+        loop.stop()
+
+
+def push(fleet, n, *extra):
+    path = fleet.base / f"policy-{n}.yaml"
+    path.write_text(policy_text(n))
+    out = skyguard("fleet", "policy", "push", str(path), "--sign-key", str(fleet.admin_pem),
+                   "--etcd", fleet.cluster.endpoints, "--json", *extra)
+    return json.loads(out.stdout)
+
+
+def etcdctl_put(fleet, key, value: str):
+    subprocess.run(["etcdctl", "--endpoints", fleet.cluster.endpoints, "put", key, value],
+                   env=dict(os.environ, ETCDCTL_API="3"), check=True, capture_output=True, timeout=30)
+
+
+def test_pushed_policy_reaches_every_host_and_each_reports_its_hash(fleet):
+    pushed = push(fleet, 1)
+    wait_until(lambda: all(h.sha == pushed["sha256"] for h in fleet.hosts), what="all hosts on revision 1")
+
+    def reported():
+        view = json.loads(skyguard("fleet", "status", "--etcd", fleet.cluster.endpoints, "--json").stdout)
+        members = view["members"]
+        return (set(members) == set(NAMES)
+                and all(m["policy"]["sha256"] == pushed["sha256"] and m["policy"]["revision"] == pushed["revision"]
+                        for m in members.values()) and view)
+    view = wait_until(reported, what="fleet status showing every host's hash")
+    for m in view["members"].values():
+        assert m["heartbeat_age_s"] < 10 and m["log"]["size"] >= 2 and m["store"] == "ok"
+    assert len({m["origin"] for m in view["members"].values()}) == 3   # one log identity each
+
+
+def test_unsigned_foreign_and_older_policies_are_refused_by_every_host(fleet):
+    current = push(fleet, 2)
+    wait_until(lambda: all(h.sha == current["sha256"] for h in fleet.hosts), what="revision 2")
+    attacks = {
+        "malformed": json.dumps({"text": policy_text(66)}),                     # unsigned
+        "not_admin": sign_policy(policy_text(67), 99, Signer(
+            "skyguard-admin", Ed25519PrivateKey.generate())).to_json().decode(),  # foreign key
+    }
+    for reason, value in attacks.items():
+        etcdctl_put(fleet, keys.POLICY, value)
+        wait_until(lambda: all(reason in h.agent.refused for h in fleet.hosts), what=f"refusal {reason}")
+    # An older revision, really signed by the admin: replayed by whoever can write etcd.
+    from skyguard.fleet.signing import admin_signer
+    old = sign_policy(policy_text(1), 1, admin_signer(fleet.admin_pem))
+    etcdctl_put(fleet, keys.POLICY, old.to_json().decode())
+    wait_until(lambda: all("rollback" in h.agent.refused for h in fleet.hosts), what="rollback refused")
+    assert all(h.sha == current["sha256"] for h in fleet.hosts)   # still enforcing revision 2
+    for host in fleet.hosts:
+        reasons = {fields["reason"] for fields in host.kinds("fleet_policy_refused")}
+        assert {"malformed", "not_admin", "rollback"} <= reasons
+        metrics = generate_latest(host.registry).decode()
+        assert 'skyguard_fleet_policy_refused_total{reason="rollback"} 1.0' in metrics
+
+
+def test_one_member_killed_pushes_still_work(fleet):
+    fleet.cluster.stop(0)
+    try:
+        pushed = push(fleet, 3)
+        wait_until(lambda: all(h.sha == pushed["sha256"] for h in fleet.hosts), what="revision 3")
+    finally:
+        fleet.cluster.start(0)
+
+
+def test_quorum_lost_hosts_keep_enforcing_report_it_and_catch_up(fleet):
+    before = {h.name: h.sha for h in fleet.hosts}
+    fleet.cluster.stop(1)
+    fleet.cluster.stop(2)   # one member of three: no quorum
+    try:
+        wait_until(lambda: all(h.agent.store_ok is False for h in fleet.hosts), what="hosts reporting the loss")
+        assert all(h.kinds("fleet_store_lost") for h in fleet.hosts)
+        assert {h.name: h.sha for h in fleet.hosts} == before   # still enforcing what they had
+        assert all("skyguard_fleet_store_up 0.0" in generate_latest(h.registry).decode() for h in fleet.hosts)
+        failed = subprocess.run([sys.executable, "-m", "skyguard.cli.main", "fleet", "policy", "push",
+                                 str(fleet.base / "policy-3.yaml"), "--sign-key", str(fleet.admin_pem),
+                                 "--etcd", fleet.cluster.endpoints], env=ENV, capture_output=True,
+                                text=True, timeout=60)
+        assert failed.returncode == 1 and "no etcd member answered" in failed.stderr
+    finally:
+        fleet.cluster.start(1)
+        fleet.cluster.start(2)
+    fleet.cluster.wait_ready(60)
+    pushed = push(fleet, 4)
+    wait_until(lambda: all(h.sha == pushed["sha256"] for h in fleet.hosts), timeout=60, what="catch up")
+    wait_until(lambda: all(h.kinds("fleet_store_back") for h in fleet.hosts), what="store back")
+
+
+def test_watch_survives_compaction(fleet):
+    import asyncio
+
+    store = EtcdStore(fleet.cluster.endpoints)
+    item, revision = asyncio.run(store.get(keys.POLICY))
+    asyncio.run(store.compact(revision))
+
+    async def old_watch():
+        async for _ in store.watch_prefix(keys.POLICY, 1):
+            pass
+    with pytest.raises(Compacted):
+        asyncio.run(old_watch())
+    pushed = push(fleet, 5)
+    wait_until(lambda: all(h.sha == pushed["sha256"] for h in fleet.hosts), what="revision 5 after compaction")
+
+
+def test_hosts_witness_each_other_and_a_rewritten_log_is_refused(fleet):
+    for i in range(5):
+        for host in fleet.hosts:
+            host.writer.append(entry("flow_start", i=i))
+    wait_until(lambda: all(len(h.agent.received) == 2 for h in fleet.hosts), what="two cosigners each")
+    for host in fleet.hosts:
+        out = skyguard("log", "verify", "--state-dir", str(host.state), "--witnesses", "2")
+        assert "cosigned by 2 witnesses" in out.stdout
+    victim, honest = fleet.hosts[2], fleet.hosts[0]
+    witnessed = {h.name: h.agent.witness.state(victim.writer.origin).size for h in fleet.hosts[:2]}
+    # Rewrite charlie's history and re-sign it with its own key, longer than what was cosigned.
+    victim.stop_agent()
+    victim.writer.close()
+    shutil.move(victim.state / "log", victim.state / "log.original")
+    victim.open_log()
+    for i in range(max(witnessed.values()) + 5):
+        victim.writer.append(entry("flow_start", i=i, forged=True))
+    victim.start_agent()
+    wait_until(lambda: all(any(k.startswith("charlie:") for k in h.agent.alerts) for h in fleet.hosts[:2]),
+               what="both peers refusing charlie")
+    for host in fleet.hosts[:2]:
+        tampers = host.kinds("tamper")
+        assert tampers and tampers[0]["peer"] == "charlie" and "not consistent" in tampers[0]["problem"]
+        assert 'skyguard_fleet_witness_tamper_total{peer="charlie"} 1.0' in generate_latest(host.registry).decode()
+        assert host.agent.witness.state(victim.writer.origin).size == witnessed[host.name]   # never moved on
+    view = json.loads(skyguard("fleet", "status", "--etcd", fleet.cluster.endpoints, "--json").stdout)
+    assert {(a["witness"], a["peer"]) for a in view["alerts"]} == {("alpha", "charlie"), ("bravo", "charlie")}
+    bad = skyguard("log", "verify", "--state-dir", str(victim.state), "--witnesses", "2", check=False)
+    assert bad.returncode == 1, bad.stdout
+    good = skyguard("log", "verify", "--state-dir", str(honest.state), "--witnesses", "2")
+    assert "cosigned by 2 witnesses" in good.stdout
