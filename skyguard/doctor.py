@@ -4,7 +4,9 @@ Each check is its own function returning a Check(name, ok, detail, fix): the pri
 (root or CAP_BPF + CAP_NET_ADMIN + CAP_SYS_ADMIN), the bpf() syscall, bpffs at /sys/fs/bpf,
 Debian's bcc, kernel headers (proven by really compiling a tiny XDP program), libbpf.so.1 (for
 BPF_PROG_RUN), network namespaces, XDP (generic and native) and TC attach on a throwaway veth
-pair inside a throwaway namespace, and nftables. `require_privileges(what)` is the helper other
+pair inside a throwaway namespace, nftables, and the TPM (when one is configured or present:
+that it answers, that skyguard's PCR replays from its event log, the attestation key, whether the
+store key is sealed and opens). `require_privileges(what)` is the helper other
 commands call before they touch the kernel, so they fail with the fix instead of a traceback.
 
 This is not a monitor of a running skyguard (that is `skyguard status`), and it changes nothing
@@ -28,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from skyguard import config
-from skyguard.errors import PrivilegeError
+from skyguard.errors import PrivilegeError, SkyguardError
 
 # Capability bit numbers from <linux/capability.h>.
 CAP_NET_ADMIN = 12
@@ -478,6 +480,73 @@ def check_nftables(state: dict) -> Check:
         return Check(name, False, f"nft could not create a table: {_first_error_line(result)}",
                      "use a kernel with CONFIG_NF_TABLES (Debian's has it); apt-get install nftables")
     return Check(name, True, "created and deleted an inet table with a chain and a rule")
+
+
+# ---------------------------------------------------------------- TPM (issue 18)
+
+def check_tpm(state_dir: Path | None = None) -> Check:
+    """The TPM skyguard would use, and what depends on it. A host without a TPM passes (skyguard
+    runs without measured launch or quotes, its store key stays a file) unless the store key is
+    sealed: then the secrets stay shut, a failure. A TPM that is configured but does not answer,
+    a PCR the event log does not replay to, or a sealed key that does not open are failures."""
+    from skyguard.tpm.device import Tpm, TpmConfig, TpmError, find_tcti
+    from skyguard.tpm.eventlog import EventLog, EventLogError, replay
+    from skyguard.tpm.sealing import SealedKey, key_in_use
+
+    name = "TPM"
+    state = Path(state_dir or config.STATE_DIR)
+    store_key = key_in_use(state / "secrets")
+    try:
+        tcti = find_tcti(state)
+    except TpmError as e:
+        return Check(name, False, str(e), "run `skyguard tpm init` again")
+    if tcti is None:
+        if store_key == "tpm":
+            return Check(name, False, "the secret store's key is sealed by a TPM, and no TPM is reachable: "
+                         "the secrets stay shut", "give the TPM back (or set SKYGUARD_TPM_TCTI / run "
+                         "`skyguard tpm init --tcti T`); restore sealing.key from backup otherwise")
+        return Check(name, True, "no TPM (no /dev/tpmrm0, none configured): skyguard runs without measured "
+                     f"launch or quotes, and its store key stays a file; "
+                     "with a TPM, run `skyguard tpm init` (swtpm can stand in for trials)")
+    if shutil.which("tpm2_pcrread") is None:
+        return Check(name, False, f"a TPM is configured ({tcti}) but tpm2-tools are missing",
+                     "apt-get install tpm2-tools")
+    try:
+        cfg = TpmConfig.load(state)
+        device = Tpm.for_state_dir(state)
+        with device.locked():
+            value = device.pcr_read([cfg.pcr])[cfg.pcr]
+            lines = EventLog(state / "tpm").lines()
+    except TpmError as e:
+        return Check(name, False, f"the TPM at {tcti} does not answer: {e}", "check the TPM (or the swtpm "
+                     "process) and the TCTI; until it answers, quotes fail and a sealed store stays shut")
+    problems, fixes = [], []
+    try:
+        base, replayed, _ = replay(lines, cfg.pcr)
+        if lines and replayed != value:
+            problems.append(f"PCR {cfg.pcr} does not replay from skyguard's event log (extended by something else)")
+        elif any(base):
+            problems.append(f"PCR {cfg.pcr} was extended by something other than skyguard before it started")
+    except EventLogError as e:
+        problems.append(f"the event log is damaged: {e}")
+    if problems:
+        fixes.append(f"pick a PCR (8-15) nothing else on this host extends: `skyguard tpm init --pcr N`; "
+                     f"the log starts clean at the next boot")
+    if not cfg.ak_public:
+        problems.append("no attestation key (quotes unavailable)")
+        fixes.append("run `skyguard tpm init`")
+    if store_key == "tpm":
+        try:
+            SealedKey(state / "secrets").load()
+        except SkyguardError as e:
+            problems.append(str(e))
+            fixes.append("boot the measured state the key was sealed to, or restore sealing.key from backup")
+    detail = (f"TPM at {tcti}; skyguard's PCR {cfg.pcr} ({len(lines)} event log lines); store key: "
+              f"{'sealed by the TPM' if store_key == 'tpm' else store_key}")
+    if problems:
+        return Check(name, False, detail + "; " + "; ".join(problems), "; ".join(fixes))
+    return Check(name, True, detail + ("; the sealed key opens" if store_key == "tpm" else "") +
+                 ("" if store_key == "tpm" else "; `skyguard tpm seal-store` seals the store key"))
 
 
 # ---------------------------------------------------------------- the whole run

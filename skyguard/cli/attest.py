@@ -1,7 +1,9 @@
-"""`skyguard attest`: get a signed statement of what the daemon enforces, or check one.
+"""`skyguard attest`: get a signed statement of what the daemon enforces, or check one; with a
+TPM, make a quote a remote verifier checks (`--quote`), or check one (`--verify --ak`).
 
 Thin: the statement is built and signed by the daemon (control op "attest", skyguard/attest.py);
-checking needs no daemon and no root, only the note and the host's verifier key.
+the quote is made by the TPM with the event log (skyguard/tpm/quote.py), without the daemon.
+Checking needs no daemon, no TPM and no root: only the file and the key kept off this host.
 """
 
 from __future__ import annotations
@@ -22,9 +24,27 @@ from skyguard.errors import BadInput
                    "or a file holding it. Use a copy kept off this host.")
 @click.option("--nonce", default=None, metavar="HEX",
               help="A fresh challenge to include (when making) or to require (with --verify).")
+@click.option("--quote", "make_quote", is_flag=True,
+              help="Make TPM evidence: a quote by the AK over PCRs 0-7 and skyguard's PCR with --nonce, the "
+                   "event log and the AK public key (JSON), with the daemon's signed statement when it runs.")
+@click.option("--ak", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="With --verify or --reference-from: the AK public key (PEM) that `skyguard tpm init` printed, "
+                   "kept off this host. Makes --verify check TPM evidence.")
+@click.option("--reference", "reference_file", default=None,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="With --verify --ak: the reference (JSON) of allowed package, BPF object, program tags, "
+                   "policy hashes, log keys and optionally platform PCRs.")
+@click.option("--reference-from", "reference_from", default=None,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Print a reference accepting exactly what this (verified) evidence of a known-good host "
+                   "measured; needs --ak and --nonce.")
+@click.option("--platform-pcrs", is_flag=True, help="With --reference-from: pin PCRs 0-7 too.")
+@click.option("--tcti", default=None, envvar="SKYGUARD_TPM_TCTI", metavar="TCTI",
+              help="With --quote: the TPM (default: as `skyguard tpm init` saved, or /dev/tpmrm0).")
 @state_dir_option
 @json_option
-def attest(verify_file, key, nonce, state_dir, as_json):
+def attest(verify_file, key, nonce, make_quote, ak, reference_file, reference_from, platform_pcrs, tcti,
+           state_dir, as_json):
     """A statement signed with the host key: loaded program ids and tags per interface, the
     policy's sha256 and name, the signed log's latest checkpoint, and TPM evidence when a TPM
     exists (it says so when none does).
@@ -38,7 +58,24 @@ def attest(verify_file, key, nonce, state_dir, as_json):
       skyguard attest --nonce $(openssl rand -hex 16) --json
       skyguard log checkpoint --public-key > host.vkey      # once, kept elsewhere
       skyguard attest --verify now.att --key host.vkey
+
+    \b
+    With a TPM (`skyguard tpm init` once; the verifier keeps ak.pem and a reference):
+      skyguard attest --quote --nonce $N > evidence.json
+      skyguard attest --verify evidence.json --ak ak.pem --nonce $N --reference ref.json
+      skyguard attest --reference-from good.json --ak ak.pem --nonce $N0 > ref.json
     """
+    if reference_from is not None:
+        _reference_from(reference_from, ak, nonce, platform_pcrs)
+        return
+    if make_quote:
+        _make_quote(nonce, tcti, state_dir)
+        return
+    if verify_file is not None and ak is not None:
+        _verify_quote(verify_file, ak, nonce, reference_file, as_json)
+        return
+    if reference_file is not None:
+        raise BadInput("--reference is for --verify FILE --ak AK: checking TPM evidence")
     if verify_file is not None:
         _verify(verify_file, key, nonce, as_json)
         return
@@ -88,3 +125,57 @@ def _verify(path: Path, key: str | None, nonce: str | None, as_json: bool) -> No
     tpm = statement["tpm"]
     click.echo("  tpm: " + (f"PCRs {', '.join(sorted(tpm['pcrs_sha256']))} read" if tpm["available"]
                             else f"none ({tpm['why']})"))
+
+
+def _make_quote(nonce: str | None, tcti: str | None, state_dir: Path | None) -> None:
+    from skyguard import config, control
+    from skyguard.errors import SkyguardError
+    from skyguard.tpm import quote
+    from skyguard.tpm.device import Tpm
+
+    if not nonce:
+        raise BadInput("--quote needs --nonce HEX: the verifier's fresh challenge (e.g. `openssl rand -hex 16`)")
+    state = Path(state_dir or config.STATE_DIR)
+    evidence = quote.make(Tpm.for_state_dir(state, tcti), state, nonce)
+    out = {"tpm_quote": evidence}
+    try:
+        reply = control.request("attest", nonce=quote.check_nonce(nonce), state_dir=state_dir)
+        out.update(note=reply["note"], statement=reply["statement"], verifier_key=reply["verifier_key"])
+    except SkyguardError as e:  # the quote stands on its own; say why the statement is missing
+        out["statement_missing"] = str(e)
+    emit_json(out)
+
+
+def _verify_quote(path: Path, ak: Path, nonce: str | None, reference_file: Path | None, as_json: bool) -> None:
+    from skyguard.tlog.errors import VerificationError
+    from skyguard.tpm import quote
+
+    if not nonce:
+        raise BadInput("--verify with --ak needs --nonce HEX: the challenge you sent to the host")
+    evidence = quote.evidence_of(quote.load_json(path, "evidence"))
+    reference = quote.load_json(reference_file, "reference") if reference_file else None
+    verdict = quote.verify(evidence, ak.read_text(), nonce, reference)
+    if as_json:
+        emit_json(verdict.as_dict())
+    elif verdict.ok:
+        state = verdict.state
+        click.echo(f"TPM quote OK: signed by the AK, nonce {nonce.lower()}, event log replays to PCR "
+                   f"{evidence.get('pcr')} ({len(evidence.get('event_log', []))} lines)")
+        if state.get("policy"):
+            click.echo(f"  policy {state['policy']['name']} sha256 {state['policy']['sha256']}")
+        for name, tag in sorted(state.get("programs", {}).items()):
+            click.echo(f"  program {name} tag {tag}")
+        click.echo(f"  package sha256 {state.get('package_sha256')}")
+        for note in verdict.notes:
+            click.echo(f"  note: {note}")
+    if not verdict.ok:
+        raise VerificationError(f"TPM evidence {path} does NOT verify:\n  " + "\n  ".join(verdict.failures))
+
+
+def _reference_from(path: Path, ak: Path | None, nonce: str | None, platform_pcrs: bool) -> None:
+    from skyguard.tpm import quote
+
+    if ak is None or not nonce:
+        raise BadInput("--reference-from needs --ak AK and --nonce N (it verifies the evidence first)")
+    evidence = quote.evidence_of(quote.load_json(path, "evidence"))
+    emit_json(quote.reference_from(evidence, ak.read_text(), nonce, platform_pcrs))

@@ -26,6 +26,7 @@ COMMANDS = [
     ("demo", "demo"),
     ("flows", "flows"),
     ("attest", "attest"),
+    ("tpm", "tpm"),
     ("top", "top"),
     ("fleet", "fleet"),
 ]

@@ -1,0 +1,159 @@
+"""`skyguard tpm`: the TPM's identity, what skyguard measured into it, and the store key's sealing.
+
+Thin commands over skyguard.tpm. They talk to the TPM themselves (tpm2-tools), not to the daemon:
+they work whether or not it runs, and serialise with it through the TPM lock in the state dir.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from skyguard import config
+from skyguard.cli.common import emit_json, json_option, state_dir_option
+from skyguard.errors import BadInput
+
+tcti_option = click.option("--tcti", default=None, envvar="SKYGUARD_TPM_TCTI", metavar="TCTI",
+                           help="The TPM, as tpm2-tools name it: device:/dev/tpmrm0 (default when present) "
+                                "or swtpm:host=127.0.0.1,port=2321 [env SKYGUARD_TPM_TCTI].")
+
+
+def _state(state_dir: Path | None) -> Path:
+    return Path(state_dir or config.STATE_DIR)
+
+
+@click.group("tpm")
+def tpm():
+    """The TPM-rooted chain of trust: identity, measured launch, sealed store key.
+
+    \b
+    Examples:
+      skyguard tpm init                               EK, AK (bound by make/activate credential)
+      skyguard tpm init --tcti swtpm:host=127.0.0.1,port=2321 --pcr 13
+      skyguard tpm status                             PCR, event log, which store key is in use
+      skyguard tpm seal-store                         move the store key from its file into the TPM
+      skyguard attest --quote --nonce $(openssl rand -hex 16) > evidence.json
+    """
+
+
+@tpm.command("init")
+@tcti_option
+@click.option("--pcr", type=int, default=None,
+              help="skyguard's PCR, one of 8-15 (default 13; never 16 or 23, which root could reset).")
+@state_dir_option
+@json_option
+def init(tcti, pcr, state_dir, as_json):
+    """Create or reuse the EK and a persistent AK bound to it; print their public keys.
+
+    The AK (ECC P-256, restricted signing, at 0x81010002) is made under the EK and proven resident
+    in the same TPM by make/activate credential. Give the AK public key (and the EK certificate,
+    where the TPM has one) to the verifiers, kept off this host.
+    """
+    from skyguard.tpm import identity
+    from skyguard.tpm.device import Tpm
+
+    state = _state(state_dir)
+    device = Tpm.for_state_dir(state, tcti)
+    info = identity.init(device, state, pcr)
+    if as_json:
+        emit_json(info)
+        return
+    click.echo(f"TPM {info['tcti']}: AK at {info['ak_handle']} ({'reused' if info['ak_reused'] else 'created'}), "
+               f"skyguard's PCR {info['pcr']}")
+    click.echo(f"AK name {info['ak_name']}; {info['bound']}")
+    click.echo("AK public key (give it to verifiers: `attest --verify ... --ak FILE`):")
+    click.echo(info["ak_public"].rstrip())
+    click.echo("EK public key:")
+    click.echo(info["ek_public"].rstrip())
+    if info["ek_certificate"]:
+        click.echo("EK certificate:")
+        click.echo(info["ek_certificate"].rstrip())
+    else:
+        click.echo("EK certificate: none in this TPM's NV (index 0x01c00002)")
+
+
+@tpm.command("status")
+@tcti_option
+@state_dir_option
+@json_option
+def status(tcti, state_dir, as_json):
+    """Which TPM, skyguard's PCR and whether its event log replays to it, the AK, the store key."""
+    from skyguard.tpm.device import Tpm, TpmConfig, TpmError, find_tcti
+    from skyguard.tpm.eventlog import EventLog, EventLogError, replay
+    from skyguard.tpm.sealing import key_in_use
+
+    state = _state(state_dir)
+    out: dict = {"store_key": key_in_use(state / "secrets")}
+    found = find_tcti(state, tcti)
+    out["tcti"] = found
+    if found is not None:
+        config_ = TpmConfig.load(state)
+        out.update(pcr=config_.pcr, attestation_key=bool(config_.ak_public))
+        try:
+            device = Tpm.for_state_dir(state, tcti)
+            with device.locked():
+                value = device.pcr_read([config_.pcr])[config_.pcr]
+                lines = EventLog(state / "tpm").lines()
+            out["pcr_value"] = value.hex()
+            out["event_log_lines"] = len(lines)
+            try:
+                base, replayed, _ = replay(lines, config_.pcr)
+                out["event_log_replays"] = replayed == value
+                out["event_log_base_zero"] = not any(base)
+            except EventLogError as e:
+                out["event_log_replays"], out["event_log_problem"] = False, str(e)
+        except TpmError as e:
+            out["problem"] = str(e)
+    if as_json:
+        emit_json(out)
+        return
+    click.echo(f"store key: {_store_key_text(out['store_key'])}")
+    if found is None:
+        click.echo("TPM: none (no /dev/tpmrm0, none configured): nothing is measured or quoted")
+        return
+    click.echo(f"TPM: {found}; skyguard's PCR {out['pcr']}; attestation key: "
+               f"{'yes' if out['attestation_key'] else 'none (run `skyguard tpm init`)'}")
+    if "problem" in out:
+        click.echo(f"TPM problem: {out['problem']}")
+        return
+    click.echo(f"PCR {out['pcr']} = {out['pcr_value']}; event log: {out['event_log_lines']} lines, "
+               + ("replays to it" if out.get("event_log_replays") else
+                  f"DOES NOT replay to it {out.get('event_log_problem', '')}".rstrip()))
+
+
+def _store_key_text(kind: str) -> str:
+    return {"tpm": "sealed by the TPM (secrets/sealing.key.tpm)",
+            "file": "a file (secrets/sealing.key); `skyguard tpm seal-store` moves it into the TPM",
+            "none": "none yet (no secret stored)"}[kind]
+
+
+@tpm.command("seal-store")
+@tcti_option
+@click.option("--pcrs", default="0,1,2,3,4,5,6,7", show_default=True,
+              help="The sha256 PCRs whose current values the key is sealed to.")
+@state_dir_option
+@json_option
+def seal_store(tcti, pcrs, state_dir, as_json):
+    """Move the secret store's key from its file into the TPM, sealed to the PCRs' current values.
+
+    The sealed copy is unsealed and compared before the file key is removed. Afterwards the
+    secrets open only with this TPM, in this measured state: a copied state dir on another host,
+    or this host booted into another state, cannot open them. Stop the daemon first.
+    """
+    from skyguard.tpm.device import Tpm
+    from skyguard.tpm.sealing import migrate
+
+    try:
+        selected = [int(p) for p in pcrs.split(",") if p.strip()]
+    except ValueError:
+        raise BadInput(f"--pcrs takes PCR numbers separated by commas, not {pcrs!r}") from None
+    state = _state(state_dir)
+    result = migrate(state / "secrets", Tpm.for_state_dir(state, tcti), selected)
+    if as_json:
+        emit_json(result)
+    elif result["changed"]:
+        click.echo(f"the store key is now sealed by the TPM to sha256 PCRs {','.join(map(str, result['pcrs']))} "
+                   f"({result['sealed_file']}); the file key was removed")
+    else:
+        click.echo(f"the store key was already sealed by the TPM ({result['sealed_file']})")

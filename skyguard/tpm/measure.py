@@ -1,0 +1,163 @@
+"""Measured launch: what skyguard extends into its PCR, each extend also a line of the event log.
+
+    measurements = Measurements(tpm, state_dir, pcr, record=daemon.record)
+    measurements.open()                                  # replay the log to the PCR (see eventlog.py)
+    measurements.extend("policy", policy.sha256, {"name": policy.name})
+
+What the daemon measures (kinds a reference names, skyguard/tpm/quote.py):
+
+    package     SHA-256 over skyguard's package files (path and SHA-256 of each, sorted)
+    bpf_object  SHA-256 of the C text bcc compiles (bpf/ with its includes inlined)
+    program     SHA-256 of each loaded program's 8-byte kernel tag; detail: name, tag
+    policy      the policy's sha256; detail: name
+    log_key     SHA-256 of the signed log's verifier key (its text); detail: the key
+    attach      SHA-256 of the programs attached to an interface; detail: interface, tags
+
+Order of one extend, under the TPM lock: the line is written and fsynced, then extended. A crash
+between the two leaves one line the PCR lacks; open() finds that and drops it. A TPM that fails
+the extend gets its line dropped too. So the log never lacks a line the PCR holds.
+
+Not here: quoting (quote.py), the TPM commands (device.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+from skyguard.tpm.device import Tpm, TpmError, check_pcr
+from skyguard.tpm.eventlog import ZERO, EventLog, EventLogError, line_digest, make_base_line, make_line, replay
+
+log = logging.getLogger("skyguard.tpm")
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # skyguard/
+KINDS = ("package", "bpf_object", "program", "policy", "log_key", "attach")
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def package_digest(root: Path = PACKAGE_DIR) -> tuple[str, int]:
+    """(SHA-256 over every .py file of the package, as `<sha256>  <relative path>` lines sorted by
+    path, the format of sha256sum; number of files). Caches (__pycache__) are not code we ship."""
+    lines = []
+    for path in sorted(root.rglob("*.py")):
+        if "__pycache__" in path.parts:
+            continue
+        lines.append(f"{sha256_hex(path.read_bytes())}  {path.relative_to(root.parent).as_posix()}\n")
+    return sha256_hex("".join(lines).encode()), len(lines)
+
+
+def bpf_object_digest() -> str:
+    from skyguard.datapath.loader import c_source
+
+    return sha256_hex(c_source().encode())
+
+
+def program_digest(tag: str) -> str:
+    return sha256_hex(bytes.fromhex(tag))
+
+
+def attach_digest(programs: dict[str, str]) -> str:
+    """programs: hook -> tag of what is attached to one interface."""
+    return sha256_hex("".join(f"{hook}={tag}\n" for hook, tag in sorted(programs.items())).encode())
+
+
+def log_key_digest(vkey: str) -> str:
+    return sha256_hex(vkey.encode())
+
+
+class Measurements:
+    """skyguard's PCR and its event log, kept in step. Thread-safe through the TPM lock file
+    (which also serialises with `skyguard attest --quote` in another process)."""
+
+    def __init__(self, tpm: Tpm, state_dir: Path, pcr: int, record=None):
+        self.tpm = tpm
+        self.pcr = check_pcr(pcr)
+        self.log = EventLog(Path(state_dir) / "tpm")
+        self.record = record or (lambda kind, **fields: None)
+        self.base = ZERO
+        self.value = ZERO
+        self.count = 0  # lines in the current log
+        self.extends = 0  # extends made by this process
+        self.started = ""  # how open() found the PCR: "fresh", "continued", "foreign"
+
+    def open(self) -> str:
+        """Bring the event log in line with the PCR (see eventlog.py). Returns how: "fresh" (the
+        PCR was zero: a new log), "continued" (the log replays to the PCR) or "foreign" (it does
+        not: a new log starts from a base line, and verifiers will say so)."""
+        with self.tpm.locked():
+            current = self.tpm.pcr_read([self.pcr])[self.pcr]
+            lines = self.log.lines()
+            replayed, without_last = self._replay(lines), self._replay(lines[:-1]) if lines else None
+            if lines and replayed != current and without_last == current:
+                self.log.truncate_to(len(lines) - 1)  # written, then the extend never happened
+                lines, replayed = lines[:-1], without_last
+            if current == ZERO:
+                if lines:
+                    self.log.archive()
+                lines, self.started = [], "fresh"
+            elif replayed == current:
+                self.started = "continued"
+            else:
+                self.log.archive()
+                why = (f"PCR {self.pcr} held a value skyguard's event log does not replay to: something "
+                       f"else extended it, or skyguard's event log was lost")
+                line = make_base_line(0, self.pcr, current, why, time.time_ns())
+                self.log.append(line)
+                lines, self.started = [line], "foreign"
+                log.error("%s; a new event log starts from that value", why)
+                self.record("tpm_pcr_foreign", pcr=self.pcr, value=current.hex())
+            self.base, self.value, _ = replay(lines, self.pcr)
+            self.count = len(lines)
+            return self.started
+
+    def _replay(self, lines: list[str]) -> bytes | None:
+        try:
+            return replay(lines, self.pcr)[1]
+        except EventLogError:  # a damaged log: open() starts a new one and says why
+            return None
+
+    def extend(self, kind: str, digest: str, detail: dict | None = None) -> str:
+        """Extend skyguard's PCR with one measurement and log it. Returns the line. Raises TpmError
+        (the line is then not in the log)."""
+        if len(digest) != 64:
+            raise ValueError("a measurement is a sha256 hex digest")
+        with self.tpm.locked():
+            lines = self.log.lines()
+            line = make_line(len(lines), self.pcr, kind, digest, dict(detail or {}), time.time_ns())
+            self.log.append(line)
+            try:
+                self.tpm.pcr_extend(self.pcr, line_digest(line))
+            except TpmError:
+                self.log.truncate_to(len(lines))
+                raise
+            self.value = hashlib.sha256(self.value + line_digest(line)).digest()
+            self.count = len(lines) + 1
+            self.extends += 1
+        self.record("tpm_extend", pcr=self.pcr, seq=len(lines), measured=kind, digest=digest,
+                    event=line_digest(line).hex(), **({"detail": detail} if detail else {}))
+        return line
+
+    # ---- what the daemon measures -----------------------------------------------------------
+
+    def measure_launch(self, verifier_key: str) -> None:
+        digest, files = package_digest()
+        self.extend("package", digest, {"files": files})
+        self.extend("bpf_object", bpf_object_digest(), {"source": "bpf/sg_datapath.c"})
+        self.extend("log_key", log_key_digest(verifier_key), {"key": verifier_key})
+
+    def measure_programs(self, infos: dict) -> None:
+        """infos: name -> object with .tag (skyguard.datapath.libbpf.ProgramInfo) or a tag string."""
+        for name, info in sorted(infos.items()):
+            tag = getattr(info, "tag", info)
+            self.extend("program", program_digest(tag), {"name": name, "tag": tag})
+
+    def measure_policy(self, name: str, sha256: str) -> None:
+        self.extend("policy", sha256, {"name": name})
+
+    def measure_attach(self, interface: str, programs: dict[str, str]) -> None:
+        self.extend("attach", attach_digest(programs), {"interface": interface, "programs": dict(programs)})
