@@ -28,6 +28,7 @@ import asyncio
 import base64
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -43,7 +44,8 @@ from skyguard.tlog.errors import BadLogInput, VerificationError
 
 log = logging.getLogger("skyguard.fleet")
 
-PERIOD_S = 2.0         # heartbeat, checkpoint publication and cosigning round
+# Heartbeat, checkpoint publication and cosigning round (SKYGUARD_FLEET_PERIOD: tests, benches).
+PERIOD_S = float(os.environ.get("SKYGUARD_FLEET_PERIOD", "2.0"))
 LEASE_TTL_S = 10       # a host silent this long drops out of `members/`
 RESYNC_S = 30.0        # a watch is re-listed at least this often (a silent, half-dead stream)
 FLEET_DIR = "fleet"    # under the state dir: applied policy, witness state, cosignatures, peers
