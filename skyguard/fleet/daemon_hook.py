@@ -30,6 +30,11 @@ def make_fleet_agent(daemon, registry, etcd: str, name: str, admin_keys: list[st
         return {"policy": {"name": policy.name, "sha256": policy.sha256} if policy else None,
                 "programs": len(attached)}
 
+    def record(kind: str, /, **fields) -> None:
+        if kind == "tamper":   # a peer's rewritten log: skyguard_tamper_events_total too
+            daemon.tamper_events += 1
+        daemon.record_nowait(kind, **fields)
+
     return FleetAgent(EtcdStore(etcd), check_member_name(name), Path(daemon.state_dir),
                       load_admin_verifiers(admin_keys), apply=apply, local_status=local_status,
-                      record=daemon.record_nowait, registry=registry)
+                      record=record, registry=registry)
