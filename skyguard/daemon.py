@@ -210,7 +210,7 @@ class Daemon:
         from skyguard.custody.store import SecretStore
 
         return AdminSshProxy(policy, SecretStore(self.state_dir / "secrets"), self.state_dir,
-                             _PartLog(self, "admin_session", "type"), registry=registry)
+                             _PartLog(self, "admin_session"), registry=registry)
 
     def _upstream_ca(self) -> str | None:
         """--upstream-ca, else the CA of the lab whose host namespace this daemon runs in (so the
@@ -260,7 +260,10 @@ class Daemon:
                 if not slot.wanted(policy):
                     if slot.part is not None:
                         part, slot.part = slot.part, None
-                        await _stop_part(part)
+                        try:  # told first, so what it ends, it ends for the policy's reason
+                            await maybe_await(part.set_policy(policy))
+                        finally:
+                            await _stop_part(part)
                         self.record_nowait("part_stopped", part=slot.name, why="the policy no longer needs it")
                     continue
                 if slot.part is None:
@@ -274,15 +277,7 @@ class Daemon:
                         self.record_nowait("part_started", part=slot.name)
                     log.info("%s started", slot.name)
                 else:
-                    set_policy = getattr(slot.part, "set_policy", None) or getattr(slot.part, "update_policy", None)
-                    if set_policy is None:  # a part that cannot swap in place is made again
-                        part, slot.part = slot.part, None
-                        await _stop_part(part)
-                        part = await _make_part(slot, policy)
-                        await maybe_await(part.start())
-                        slot.part = part
-                        continue
-                    result = await maybe_await(set_policy(policy))
+                    result = await maybe_await(slot.part.set_policy(policy))
                     if slot.name == "dns" and result:
                         self.record_nowait("dns_learned_dropped", dropped=dict(result))
             except Degraded as e:  # it runs without some of what the policy asks (that stays off)
@@ -551,8 +546,7 @@ async def _make_part(slot, policy):
 async def _stop_part(part) -> None:
     from skyguard.parts import maybe_await
 
-    stop = getattr(part, "stop", None) or part.close  # AdminSshProxy.close until it has stop()
-    await maybe_await(stop())
+    await maybe_await(part.stop())
 
 
 def _raise_open_file_limit() -> None:
