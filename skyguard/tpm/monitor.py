@@ -38,6 +38,8 @@ log = logging.getLogger("skyguard.tpm")
 DEFAULT_PERIOD_S = 60.0
 CHANGE_DELAY_S = 0.5  # a policy load extends several times in a row: one quote after the burst
 REFERENCE_FILE = "reference.json"
+# Failures of the quote itself (as opposed to measurements outside the reference): see quote.verify.
+QUOTE_FAILURES = ("signature", "nonce", "format", "selection", "pcr digest", "pcrs", "event log")
 
 
 class TpmMetrics:
@@ -121,31 +123,29 @@ class AttestationMonitor:
             reference = self.reference()
             evidence = quote.make(self.tpm, self.state_dir, nonce)
             verdict = quote.verify(evidence, TpmConfig.load(self.state_dir).ak_public, nonce, reference)
-            signature_ok = not any(f.startswith(("signature", "nonce", "format", "selection", "pcr digest",
-                                                 "event log")) for f in verdict.failures)
-            result = "ok" if verdict.ok else ("outside_reference" if signature_ok else "failed")
-            self.last = {"time": now, "result": result, "digest": quote.digest(evidence),
-                         "pcr_value": evidence["pcrs"].get(str(evidence["pcr"])),
-                         "failures": verdict.failures[:10], "reference": reference is not None}
-            self.record("tpm_quote", digest=self.last["digest"], nonce=nonce, pcr=evidence["pcr"],
-                        pcr_value=self.last["pcr_value"], result=result, reference=reference is not None,
+            quote_ok = not any(f.startswith(QUOTE_FAILURES) for f in verdict.failures)
+            result = "ok" if verdict.ok else ("outside_reference" if quote_ok else "failed")
+            last = {"time": now, "result": result, "digest": quote.digest(evidence),
+                    "pcr_value": evidence["pcrs"].get(str(evidence["pcr"])),
+                    "failures": verdict.failures[:10], "reference": reference is not None}
+            self.record("tpm_quote", digest=last["digest"], nonce=nonce, pcr=evidence["pcr"],
+                        pcr_value=last["pcr_value"], result=result, reference=reference is not None,
                         **({"failures": verdict.failures[:10]} if verdict.failures else {}))
-        except (SkyguardError, OSError) as e:
-            reference = None
-            result = "failed"
-            self.last = {"time": now, "result": result, "error": str(e)}
-            self.record("tpm_quote", result=result, error=str(e)[:300])
-        except Exception as e:  # noqa: BLE001 - a bug here must not stop attestation for good
-            log.exception("continuous attestation failed")
-            result = "failed"
-            reference = None
-            self.last = {"time": now, "result": result, "error": f"{type(e).__name__}: {e}"}
-        if result != "ok":
-            log.error("TPM attestation %s: %s", result, "; ".join(self.last.get("failures", [])) or
-                      self.last.get("error", ""))
-        if self.metrics is not None:
-            self.metrics.quotes.labels(result).inc()
-            self.metrics.ok.set(1 if result == "ok" else 0)
-            self.metrics.reference.set(1 if self.last.get("reference") else 0)
+        except Exception as e:  # noqa: BLE001 - fail closed, and a watcher keeps watching
+            if not isinstance(e, (SkyguardError, OSError)):
+                log.exception("continuous attestation failed")
+            last = {"time": now, "result": "failed", "error": str(e)[:300], "reference": False}
+            try:
+                self.record("tpm_quote", result="failed", error=last["error"])
+            except Exception:  # noqa: BLE001 - the signed log's own failure is reported by the log
+                log.exception("cannot record the failed quote")
+        if last["result"] != "ok":
+            log.error("TPM attestation %s: %s", last["result"],
+                      "; ".join(last.get("failures", [])) or last.get("error", ""))
+        if self.metrics is not None:  # before `last` is published: whoever sees it sees these too
+            self.metrics.quotes.labels(last["result"]).inc()
+            self.metrics.ok.set(1 if last["result"] == "ok" else 0)
+            self.metrics.reference.set(1 if last.get("reference") else 0)
             self.metrics.last.set(now)
-        return self.last
+        self.last = last
+        return last

@@ -1,0 +1,178 @@
+"""Continuous attestation and the daemon's TPM hook, driven as the daemon drives them: DaemonTpm
+with a real swtpm and a real signed log (LogWriter), the monitor part started, poked and stopped on
+an asyncio loop, its metrics read from a Prometheus registry. Each extend and each quote's digest
+land in the signed log; a policy outside the reference turns the metric (and so the alert) on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from skyguard.tlog import LogReader, LogWriter, entry, host_signer
+from skyguard.tlog.verify import verify_log
+from skyguard.tpm import identity, quote
+from skyguard.tpm.device import Tpm
+from skyguard.tpm.hook import DaemonTpm
+from skyguard.tpm.swtpm import Swtpm
+
+TAGS = {"sg_from_vm": "0011223344556677", "sg_to_vm": "8899aabbccddeeff"}
+GOOD_POLICY = "ab" * 32
+
+
+@pytest.fixture
+def daemon_like(tmp_path):
+    """A state dir with `tpm init` done, a signed log, and a record() as the daemon's."""
+    emu = Swtpm(tmp_path / "swtpm")
+    emu.start()
+    state = tmp_path / "state"
+    identity.init(Tpm(emu.tcti, state / "tpm" / "lock"), state)
+    signer = host_signer(state)
+    writer = LogWriter(state / "log", signer)
+
+    def record(kind, **fields):
+        writer.append(entry(kind, **fields))
+
+    yield emu, state, writer, record
+    writer.close()
+    emu.stop()
+
+
+def entries(state, kind):
+    out = []
+    for _, raw in LogReader(state / "log").entries():
+        e = json.loads(raw)
+        if e["type"] == kind:
+            out.append(e)
+    return out
+
+
+def launch(hook: DaemonTpm, vkey: str, policy=GOOD_POLICY):
+    hook.measure_launch(vkey)
+    hook.measure_programs(TAGS)
+    hook.measure_policy("keysystems", policy)
+    hook.measure_attach("sg-web1", {"tc_egress": {"id": 7, "name": "sg_to_vm", "tag": TAGS["sg_to_vm"]}})
+
+
+def sample(registry, name, **labels):
+    value = registry.get_sample_value(name, labels or None)
+    return value
+
+
+async def wait_for(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+def test_measurements_and_quotes_go_to_the_signed_log_and_the_metric_follows_the_reference(daemon_like):
+    emu, state, writer, record = daemon_like
+    hook = DaemonTpm(state, record=record)
+    assert hook.available and hook.status()["event_log"] == "fresh"
+    vkey = writer.signer.verifier.vkey()
+    launch(hook, vkey)
+    extends = entries(state, "tpm_extend")
+    assert [e["measured"] for e in extends] == ["package", "bpf_object", "log_key", "program", "program",
+                                                 "policy", "attach"]
+    assert extends[2]["detail"] == {"key": vkey}
+    # the reference a verifier made from this known-good state, installed for the monitor
+    ak = json.loads((state / "tpm" / "tpm.json").read_text())["ak_public"]
+    nonce = "5a" * 16
+    ref = quote.reference_from(quote.make(hook.tpm, state, nonce), ak, nonce)
+    (state / "tpm" / "reference.json").write_text(json.dumps(ref))
+
+    registry = CollectorRegistry()
+
+    async def scenario():
+        monitor = hook.monitor(registry, period_s=3600)  # only the first quote and changes
+        await monitor.start()
+        await wait_for(lambda: monitor.last)
+        first = dict(monitor.last)
+        assert first["result"] == "ok", first
+        assert sample(registry, "skyguard_tpm_attestation_ok") == 1
+        assert sample(registry, "skyguard_tpm_reference_configured") == 1
+        assert sample(registry, "skyguard_tpm_quotes_total", result="ok") == 1
+        # another policy is loaded: the daemon measures it, the monitor quotes on the change
+        await monitor.set_policy(None)
+        hook.measure_policy("permissive", "5e" * 32)
+        await wait_for(lambda: monitor.last.get("result") == "outside_reference")
+        assert sample(registry, "skyguard_tpm_attestation_ok") == 0
+        assert any("policy 'permissive'" in f for f in monitor.last["failures"])
+        await monitor.stop()
+        return first
+
+    first = asyncio.run(scenario())
+    quotes = entries(state, "tpm_quote")
+    assert quotes[0]["digest"] == first["digest"] and quotes[0]["result"] == "ok"
+    assert quotes[-1]["result"] == "outside_reference" and quotes[-1]["failures"]
+    assert len(quotes[0]["digest"]) == 64 and quotes[0]["pcr"] == 13
+    status = hook.status()
+    assert status["last_quote"]["result"] == "outside_reference" and status["store_key"] == "none"
+    writer.checkpoint()
+    assert verify_log(state / "log", writer.signer.verifier).ok
+
+
+def test_quotes_run_on_a_schedule(daemon_like):
+    emu, state, writer, record = daemon_like
+    hook = DaemonTpm(state, record=record)
+    launch(hook, writer.signer.verifier.vkey())
+    registry = CollectorRegistry()
+
+    async def scenario():
+        monitor = hook.monitor(registry, period_s=0.2)
+        await monitor.start()
+        await wait_for(lambda: (sample(registry, "skyguard_tpm_quotes_total", result="ok") or 0) >= 3)
+        await monitor.stop()
+
+    asyncio.run(scenario())
+    # no reference set: the quote and replay are checked, and that is said
+    assert sample(registry, "skyguard_tpm_reference_configured") == 0
+    assert sample(registry, "skyguard_tpm_attestation_ok") == 1
+    assert len(entries(state, "tpm_quote")) >= 3
+
+
+def test_a_tpm_that_fails_makes_every_quote_fail_and_the_daemon_goes_on(daemon_like):
+    emu, state, writer, record = daemon_like
+    hook = DaemonTpm(state, record=record)
+    launch(hook, writer.signer.verifier.vkey())
+    registry = CollectorRegistry()
+    emu.stop()  # the TPM goes away under a running daemon
+    hook.measure_policy("keysystems", GOOD_POLICY)  # no exception
+    assert not hook.available and "a TPM extend failed" in hook.problem
+    assert entries(state, "tpm_error")
+
+    async def scenario():
+        monitor = hook.monitor(registry, period_s=3600)
+        await monitor.start()
+        await wait_for(lambda: monitor.last)
+        await monitor.stop()
+        return monitor.last
+
+    last = asyncio.run(scenario())
+    assert last["result"] == "failed" and "measurement stopped" in last["error"]
+    assert sample(registry, "skyguard_tpm_attestation_ok") == 0
+    assert sample(registry, "skyguard_tpm_quotes_total", result="failed") == 1
+    # the event log holds no line the PCR lacks: the failed extend's line was taken back
+    lines = (state / "tpm" / "eventlog.jsonl").read_text().splitlines()
+    assert len(lines) == 7 and '"kind":"policy"' in lines[5]
+    # the TPM comes back after a power cycle: the next start begins a fresh log, the old one kept
+    emu.start()
+    again = DaemonTpm(state, record=record)
+    assert again.available and again.measurements.started == "fresh"
+    assert (state / "tpm" / "eventlog.jsonl.1").read_text().splitlines() == lines
+
+
+def test_no_tpm_at_all_is_a_quiet_no_op(tmp_path, monkeypatch):
+    monkeypatch.delenv("SKYGUARD_TPM_TCTI", raising=False)
+    recorded = []
+    hook = DaemonTpm(tmp_path / "state", record=lambda kind, **f: recorded.append(kind))
+    assert not hook.configured and not hook.available and "no TPM" in hook.problem
+    launch(hook, "host+00000000+AA==")
+    assert recorded == [] and not hook.wants_monitor()
+    assert hook.status() == {"available": False, "configured": False, "store_key": "none",
+                             "problem": hook.problem}
