@@ -127,8 +127,8 @@ def _print_status(s: dict) -> None:
                    f"{vm['mac']}, {' '.join(vm['addresses'])}")
     inet = s["internet"]
     srv = inet["servers"]
-    health = ("healthy" if srv["healthy"] else "running but NOT answering" if srv["running"]
-              else "NOT running")
+    health = ("NOT running" if not srv["running"] else "running" if srv["healthy"] is None
+              else "healthy" if srv["healthy"] else "running but NOT answering")
     click.echo(f"  internet  netns {inet['netns']}, owns {' '.join(inet['owns'])}")
     click.echo(f"            DNS {' '.join(inet['dns'])} ({inet['names']})")
     click.echo(f"            servers pid {srv['pid']} {health}; log {srv['log']}")

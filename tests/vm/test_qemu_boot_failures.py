@@ -1,7 +1,8 @@
-"""Guests that do not boot (vm tier): QEMU that exits at once, a kernel that panics and hangs, and
-a lab whose guest fails. Each is stopped, reported with its console log (or QEMU's error), and
-leaves nothing behind: no QEMU, no tap, no namespace. Real QEMU, real kernel; the broken images are
-made here (a file that is not a kernel, an initramfs that is not an archive).
+"""Guests that do not boot (vm tier): QEMU that exits at once, a guest that hangs (its agent never
+answers), a lab whose guest fails, and a `lab up` killed while its guest boots. Each is stopped,
+reported with its console log (or QEMU's error), and leaves nothing behind: no QEMU, no tap, no
+namespace. Real QEMU, real kernel; the broken images are made here (a file that is not a kernel,
+an initramfs that is not an archive).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,23 @@ from skyguard.errors import LabError
 from skyguard.lab import Lab, guests, qemu
 from skyguard.lab.topology import read_workloads
 
-HANG_TIMEOUT = 8.0  # seconds before a guest that never answers is stopped
+HANG_TIMEOUT = 6.0  # seconds before a guest that never answers is stopped
+# A lab of one workload: the lab-level tests need one guest, not the default policy's seven VMs.
+ONE_GUEST = """apiVersion: skyguard/v1
+kind: Policy
+metadata: {name: one-guest}
+zones:
+  sandbox:
+    workloads:
+      - {name: agent1, interface: sg-agent1, mac: "02:00:00:00:05:02", addresses: [10.10.5.2, "fd00:10:5::2"]}
+"""
+
+
+@pytest.fixture
+def one_guest_policy(tmp_path):
+    path = tmp_path / "one-guest.yaml"
+    path.write_text(ONE_GUEST)
+    return path
 
 
 @pytest.fixture
@@ -72,9 +91,9 @@ def test_a_guest_that_hangs_is_stopped_and_its_console_log_reported(host_ns, tmp
     assert not _tap_exists(host_ns, spec.interface)
 
 
-def test_a_lab_whose_guest_fails_is_removed_whole(root, tmp_path, monkeypatch):
+def test_a_lab_whose_guest_fails_is_removed_whole(root, tmp_path, monkeypatch, one_guest_policy):
     prefix = f"v{os.getpid() % 1000000}f-"
-    lab = Lab(policy_path=config.DEFAULT_POLICY, prefix=prefix, lab_dir=tmp_path / prefix,
+    lab = Lab(policy_path=one_guest_policy, prefix=prefix, lab_dir=tmp_path / prefix,
               progress=lambda message: None)
     good = qemu.find_image()
     broken = tmp_path / "initrd.img"
@@ -84,7 +103,7 @@ def test_a_lab_whose_guest_fails_is_removed_whole(root, tmp_path, monkeypatch):
     monkeypatch.setattr(qemu, "wait_booted", _with_timeout(qemu.wait_booted, HANG_TIMEOUT))
     try:
         with pytest.raises(LabError) as failed:
-            lab.up(vms="qemu=agent1")
+            lab.up(vms="qemu")
         assert "agent1" in str(failed.value) and "console log" in str(failed.value)
         assert not qemu.lab_qemus(lab.lab_dir)
         assert not [n for n in os.listdir("/run/netns") if n.startswith(prefix)]
@@ -95,3 +114,28 @@ def test_a_lab_whose_guest_fails_is_removed_whole(root, tmp_path, monkeypatch):
 
 def _with_timeout(wait, timeout):
     return lambda spec, pid, timeout_=timeout: wait(spec, pid, timeout_)
+
+
+def test_a_killed_lab_up_leaves_guests_that_down_stops(root, tmp_path, one_guest_policy):
+    prefix = f"v{os.getpid() % 1000000}k-"
+    lab_dir = tmp_path / prefix
+    env = dict(os.environ, SKYGUARD_LAB_PREFIX=prefix, SKYGUARD_LAB_DIR=str(tmp_path),
+               PYTHONPATH=str(config.REPO_ROOT))
+    cli = [sys.executable, "-m", "skyguard.cli.main", "lab"]
+    up = subprocess.Popen(cli + ["up", "--policy", str(one_guest_policy), "--vms", "qemu"], env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not qemu.lab_qemus(lab_dir) and time.monotonic() < deadline and up.poll() is None:
+            time.sleep(0.1)
+        assert qemu.lab_qemus(lab_dir), "lab up never started the guest"
+    finally:
+        up.kill()
+        up.wait()
+    left = qemu.lab_qemus(lab_dir)
+    assert left  # QEMU has its own session: it outlives a killed `lab up`
+    down = subprocess.run(cli + ["down"], env=env, capture_output=True, text=True, timeout=60)
+    assert down.returncode == 0, down.stderr
+    assert f"stopped QEMU guests (pid {left[0]})" in down.stderr
+    assert not qemu.lab_qemus(lab_dir)
+    assert not [n for n in os.listdir("/run/netns") if n.startswith(prefix)]

@@ -8,12 +8,14 @@ serves it; the tests that kill things restore them. Timeouts are bounds against 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
 import time
 
 import pytest
 
+from skyguard import config
 from guest_support import (PY, RunningDaemon, attached_programs, drop_count, gsh, probe, start_listener,
                            start_tcp_echo, stop_process, vm_lab, wait_for)
 
@@ -68,6 +70,16 @@ def test_each_guest_has_its_workload_identity_on_a_tap(lab, daemon):
         info = json.loads(link.stdout)[0]
         assert info["linkinfo"]["info_kind"] == "tun"
         assert {"169.254.1.1", "fe80::1"} <= {a["local"] for a in info["addr_info"]}
+    # the CLI: `lab exec` passes the guest's output and exit status through; `lab status` shows it
+    env = dict(os.environ, SKYGUARD_LAB_PREFIX=lab.prefix, SKYGUARD_LAB_DIR=str(lab.lab_dir.parent),
+               PYTHONPATH=str(config.REPO_ROOT))
+    cli = [PY, "-m", "skyguard.cli.main", "lab"]
+    out = subprocess.run(cli + ["exec", "dc1", "--", "sh", "-c", "hostname; echo oops >&2; exit 3"],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert (out.returncode, out.stdout, out.stderr) == (3, "dc1\n", "oops\n")
+    shown = subprocess.run(cli + ["status"], capture_output=True, text=True, env=env, timeout=60)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert f"agent1    QEMU guest pid {guests['agent1']['pid']} running, answering" in shown.stdout
     # the daemon attached its programs to every tap exactly as to the veths
     attached = attached_programs(daemon.status())
     assert {f"sg-{g}" for g in GUESTS} | {"sg-tacacs1", "sg-dc2", "sg-vfw1"} == set(attached)

@@ -1,4 +1,4 @@
-"""The vm tier: the whole suite in a clean Debian 12 VM, driven by vagrant/run-suite, on both
+"""The Vagrant suite: the whole suite in a clean Debian 12 VM, driven by vagrant/run-suite, on both
 machines (Debian 12's kernel and the newest backports kernel). It needs Vagrant and a provider
 that can boot a VM, and network access for the box; where Vagrant or a provider is missing it is
 skipped with the reason (the one skip the suite allows). Excluded by default (marker `vagrant`;
