@@ -48,7 +48,7 @@ def boot(lab, workloads: list[Workload]) -> list[dict]:
     state entries. A guest that does not boot raises LabError with its console log (the caller
     tears the lab down, guests included)."""
     image = qemu.find_image()
-    accel, why = qemu.choose_accel(image, lab.lab_dir.parent)
+    accel, why = qemu.choose_accel(image)
     lab.progress(f"booting {len(workloads)} QEMU guests: {why}")
     started = []
     for w in workloads:

@@ -37,6 +37,8 @@ from skyguard.lab import addressing as plan
 
 IMAGE_CACHE = Path(os.environ.get("SKYGUARD_GUEST_CACHE", "/var/cache/skyguard/guest"))
 BUILD_SCRIPT = Path(__file__).resolve().parent / "guest" / "build-image"
+# The KVM probe's answer, kept until reboot (in /run) per image and host kernel: every lab shares it.
+ACCEL_CACHE = Path(os.environ.get("SKYGUARD_GUEST_ACCEL_CACHE", "/run/skyguard-guest-accel.json"))
 QEMU = "qemu-system-x86_64"
 MEMORY_MB = 256
 BOOT_TIMEOUT = 120.0  # seconds; a bound against a hung guest on a loaded CI machine, not a goal
@@ -68,12 +70,11 @@ def find_image(cache: Path = IMAGE_CACHE) -> GuestImage:
 
 # ---- acceleration -----------------------------------------------------------------------------
 
-def choose_accel(image: GuestImage, cache_dir: Path) -> tuple[str, str]:
+def choose_accel(image: GuestImage, cached: Path = ACCEL_CACHE) -> tuple[str, str]:
     """("kvm" or "tcg", why). The probe boots the guest kernel under KVM with an init that exits
     at once; a working KVM prints the kernel banner and panics into QEMU's exit in well under a
     second. Here (ENVIRONMENT.md) /dev/kvm opens but the guest hangs after the BIOS, so the probe
-    has a timeout. The answer is kept per image and host kernel in cache_dir."""
-    cached = cache_dir / "accel.json"
+    has a timeout. The answer is kept per image and host kernel in `cached`."""
     probe_key = f"{image.key} {platform.release()}"
     try:
         saved = json.loads(cached.read_text())
@@ -81,9 +82,10 @@ def choose_accel(image: GuestImage, cache_dir: Path) -> tuple[str, str]:
             return saved["accel"], saved["why"]
     except (OSError, ValueError, KeyError):
         pass
-    accel, why = _probe_kvm(image, cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    cached.write_text(json.dumps({"key": probe_key, "accel": accel, "why": why}))
+    accel, why = _probe_kvm(image, cached.parent)
+    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"key": probe_key, "accel": accel, "why": why}))
+    os.replace(tmp, cached)
     return accel, why
 
 
@@ -91,7 +93,7 @@ def _probe_kvm(image: GuestImage, work: Path) -> tuple[str, str]:
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return "tcg", "software emulation: /dev/kvm is not usable"
     work.mkdir(parents=True, exist_ok=True)
-    console = work / "kvm-probe.log"
+    console = work / f"skyguard-kvm-probe.{os.getpid()}.log"
     console.unlink(missing_ok=True)
     argv = [QEMU, "-machine", "q35,accel=kvm", "-m", "128", "-nodefaults", "-no-user-config",
             "-display", "none", "-no-reboot", "-kernel", str(image.kernel),
@@ -99,10 +101,12 @@ def _probe_kvm(image: GuestImage, work: Path) -> tuple[str, str]:
             "-serial", f"file:{console}"]
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=KVM_PROBE_TIMEOUT)
+        banner = console.read_text(errors="replace") if console.exists() else ""
     except subprocess.TimeoutExpired:
         return "tcg", (f"software emulation: a KVM guest printed nothing within "
                        f"{KVM_PROBE_TIMEOUT:.0f}s (it hangs after the BIOS on this host)")
-    banner = console.read_text(errors="replace") if console.exists() else ""
+    finally:
+        console.unlink(missing_ok=True)
     if "Linux version" in banner:
         return "kvm", "KVM: a probe guest booted"
     return "tcg", f"software emulation: KVM failed ({(proc.stderr.strip() or 'no output')[:200]})"
