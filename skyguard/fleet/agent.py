@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Callable
 
 from skyguard import fsutil
+from skyguard.errors import PolicyError, SkyguardError
 from skyguard.fleet import keys
-from skyguard.fleet.signing import PolicyRefused, SignedPolicy, decide, open_policy
+from skyguard.fleet.signing import PolicyRefused, SignedPolicy, check_member_name, decide, open_policy
 from skyguard.fleet.store import Compacted, FleetError, Store, StoreUnavailable
 from skyguard.tlog.checkpoint import Checkpoint, Verifier, parse_and_verify, split_note
 from skyguard.tlog.cosign import (COSIGNED_DIR, PEERS_FILE, Cosigner, CosignerVerifier, Tamper,
@@ -79,7 +80,7 @@ class FleetAgent:
         self.lease = 0
         self.given = 0
         self.received: dict[str, int] = {}      # witness name -> largest size it cosigned here
-        self.alerts: dict[str, str] = {}        # "peer:problem" -> problem, as reported
+        self.alerts: dict[str, str] = {}        # peer -> the first refusal, as reported
         self.refused: dict[str, str] = {}       # last refusal per reason
         self._tasks: list[asyncio.Task] = []
         self._applying = asyncio.Lock()
@@ -159,6 +160,8 @@ class FleetAgent:
             except FleetError as e:
                 log.warning("fleet membership: %s", e)
                 self.lease = 0
+            except SkyguardError as e:   # the daemon did not answer for its status: try again
+                log.warning("fleet membership: %s", e)
             await asyncio.sleep(self.period)
 
     # ---- policy -----------------------------------------------------------------------------
@@ -182,8 +185,14 @@ class FleetAgent:
         """After a restart the daemon runs its --policy file; the fleet's last applied policy,
         kept here, is put back before anything else (the store may not answer)."""
         signed = getattr(self, "_applied", None)
-        running = ((self.local_status() or {}).get("policy") or {}).get("sha256")
-        if signed is not None and running != signed.sha256:
+        if signed is None:
+            return
+        try:
+            running = ((await asyncio.to_thread(self.local_status) or {}).get("policy") or {}).get("sha256")
+        except SkyguardError as e:
+            log.warning("fleet: cannot read the running policy (%s); applying the kept one", e)
+            running = None
+        if running != signed.sha256:
             await self._apply(signed, restoring=True)
 
     async def _handle(self, value: bytes | None) -> None:
@@ -214,8 +223,11 @@ class FleetAgent:
             source = f"fleet revision {signed.revision}"
             try:
                 await asyncio.to_thread(self.apply_hook, signed.text, source)
-            except Exception as e:   # an invalid policy is refused; the running one stays
+            except PolicyError as e:   # an invalid policy is refused; the running one stays
                 self._refuse(PolicyRefused("invalid", f"revision {signed.revision} does not load: {e}"))
+                return
+            except Exception as e:   # the swap failed (daemon busy, a part): retried at the next list
+                self._refuse(PolicyRefused("apply_failed", f"revision {signed.revision} not applied: {e}"))
                 return
             fsutil.write_private(self._applied_path(), signed.to_json())
             self.revision, self.policy_sha, self._applied = signed.revision, signed.sha256, signed
@@ -249,7 +261,7 @@ class FleetAgent:
                 continue
             except StoreUnavailable as e:
                 self._store_state(False, str(e))
-            except FleetError as e:
+            except SkyguardError as e:
                 log.warning("fleet policy watch: %s", e)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.period)
@@ -263,7 +275,7 @@ class FleetAgent:
             reader = LogReader(self.log_dir)
             note = reader.latest_checkpoint_note()
             checkpoint = Checkpoint.parse_body(split_note(note)[0])
-        except (FleetError, BadLogInput, OSError, Exception):   # no log yet: nothing to report
+        except (SkyguardError, OSError, ValueError):   # no log yet (or unreadable): nothing to report
             return {}
         return {"origin": reader.origin, "size": checkpoint.size,
                 "root": base64.b64encode(checkpoint.hash).decode(), "note": note, "reader": reader}
@@ -283,7 +295,7 @@ class FleetAgent:
                 try:
                     proofs[str(old)] = [base64.b64encode(h).decode()
                                         for h in consistency_proof(source, old, head["size"])]
-                except (BadLogInput, FleetError, Exception):
+                except SkyguardError:
                     continue
         return {"note": head["note"], "proofs": proofs}
 
@@ -293,7 +305,7 @@ class FleetAgent:
                 await self._witness_round()
             except StoreUnavailable as e:
                 self._store_state(False, str(e))
-            except FleetError as e:
+            except SkyguardError as e:
                 log.warning("fleet witnessing: %s", e)
             await asyncio.sleep(self.period)
 
@@ -305,15 +317,16 @@ class FleetAgent:
         for item in members:
             try:
                 record = json.loads(item.value)
-                peer = record["name"]
-            except (ValueError, KeyError, TypeError):
+                peer = check_member_name(record["name"])
+            except (ValueError, KeyError, TypeError, SkyguardError):
                 continue
             if peer != self.name and item.key == keys.member(peer):
                 peers[peer] = record
         sizes = set()
         for item in items:
             witness_name = item.key.rsplit("/", 1)[-1]
-            record = peers.get(witness_name) or self._pinned().get(witness_name)
+            # The key pinned at first sight, not whatever the store says today.
+            record = self._pinned().get(witness_name) or peers.get(witness_name)
             if not record:
                 continue
             try:
@@ -386,10 +399,12 @@ class FleetAgent:
         self.metrics.given.inc()
 
     async def _tamper(self, peer: str, origin: str | None, problem: str) -> None:
-        key = f"{peer}:{problem}"
-        if key in self.alerts:
+        """Once per peer: every later checkpoint of a rewritten log is refused the same way
+        (the witness state never moves), and one alert says so."""
+        if peer in self.alerts:
+            log.debug("still refusing %s: %s", peer, problem)
             return
-        self.alerts[key] = f"{peer}: {problem}"
+        self.alerts[peer] = f"{peer}: {problem}"
         self.metrics.tamper.labels(peer=peer).inc()
         self.record("tamper", source="fleet_witness", peer=peer, origin=origin or "", problem=problem[:500],
                     action="cosignature refused")

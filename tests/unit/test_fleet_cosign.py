@@ -55,7 +55,7 @@ def test_cosignature_bytes_are_the_spec(cosigner, log_signer):
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
     Ed25519PublicKey.from_public_bytes(public).verify(raw[12:], message)   # raises if not
     vkey = cosigner.verifier.vkey()
-    assert base64.b64decode(vkey.split("+")[2])[0] == 0x04
+    assert base64.b64decode(vkey.split("+", 2)[2])[0] == 0x04
     assert CosignerVerifier.from_vkey(vkey).verify(note + line)[1] == 1679315147
 
 
