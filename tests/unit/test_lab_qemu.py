@@ -49,6 +49,9 @@ def test_qemu_is_given_the_workloads_identity(tmp_path):
     assert "skyguard.dns=192.0.2.53,2001:db8::53" in cmdline
     assert f"socket,id=agent,path={spec.agent_socket},server=on,wait=off" in argv
     assert "-no-reboot" in argv and "-nodefaults" in argv
+    # sealed: the tap is the guest's only network (no user-mode networking, no second NIC)
+    netdevs = [argv[i + 1] for i, a in enumerate(argv) if a in ("-netdev", "-nic", "-net")]
+    assert netdevs == [f"tap,id=net0,ifname=sg-agent1,script={spec.ifup_script},downscript=no"]
 
 
 def test_the_tap_gets_the_same_host_side_as_a_veth(tmp_path):
