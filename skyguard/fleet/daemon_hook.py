@@ -38,3 +38,21 @@ def make_fleet_agent(daemon, registry, etcd: str, name: str, admin_keys: list[st
     return FleetAgent(EtcdStore(etcd), check_member_name(name), Path(daemon.state_dir),
                       load_admin_verifiers(admin_keys), apply=apply, local_status=local_status,
                       record=record, registry=registry)
+
+
+def fleet_options(etcd: str | None, name: str | None, admin_keys) -> dict | None:
+    """`skyguard up --fleet-etcd/--fleet-name/--fleet-admin-key`, checked before the daemon
+    starts (BadInput names what is wrong); None when no fleet is asked for."""
+    from skyguard.errors import BadInput
+    from skyguard.fleet.etcd import parse_endpoints
+    from skyguard.fleet.signing import check_member_name, load_admin_verifiers
+
+    if not etcd and not name:
+        return None
+    if not (etcd and name and admin_keys):
+        raise BadInput("--fleet-etcd, --fleet-name and --fleet-admin-key go together: a host joins "
+                       "a fleet under a name and applies only policies signed by an admin key")
+    parse_endpoints(etcd)
+    check_member_name(name)
+    load_admin_verifiers(list(admin_keys))
+    return {"etcd": etcd, "name": name, "admin_keys": list(admin_keys)}
