@@ -7,7 +7,9 @@ features on a host without a TPM.
 
 Each emulator has its own state folder and its own local CA (swtpm_localca), so its EK
 certificate chains to `ca_certificate` and nothing is written under /var/lib. The process is
-started by this object and stopped by its pid only.
+started by this object and stopped by its pid only. With `netns` (a network namespace path, e.g.
+a lab's host namespace) it listens on that namespace's loopback: where a daemon running there,
+and the commands run beside it, find it.
 Not here: anything skyguard does with a TPM.
 """
 
@@ -43,7 +45,7 @@ def _free_port_pair() -> int:
 
 
 class Swtpm:
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, netns: str | None = None):
         for tool in ("swtpm", "swtpm_setup"):
             if shutil.which(tool) is None:
                 raise TpmUnavailable(f"{tool} is not installed (Debian packages swtpm and swtpm-tools)")
@@ -51,7 +53,23 @@ class Swtpm:
         self.state = self.directory / "state"
         self.ca = self.directory / "ca"
         self.port = 0
+        self.netns = netns
         self.proc: subprocess.Popen | None = None
+
+    def _in_netns(self, argv: list[str]) -> list[str]:
+        return ["nsenter", f"--net={self.netns}", "--", *argv] if self.netns else argv
+
+    def _answers(self) -> bool:
+        if not self.netns:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return True
+            except OSError:
+                return False
+        probe = f"import socket; socket.create_connection(('127.0.0.1', {self.port}), timeout=0.5).close()"
+        import sys
+
+        return subprocess.run(self._in_netns([sys.executable, "-c", probe]), capture_output=True).returncode == 0
 
     @property
     def tcti(self) -> str:
@@ -84,21 +102,19 @@ class Swtpm:
         if not self.port:  # a restart keeps its ports: a saved TCTI still names this TPM
             self.port = _free_port_pair()
         ctrl = self.port + 1
-        self.proc = subprocess.Popen(
+        self.proc = subprocess.Popen(self._in_netns(
             ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.state}",
              "--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
              "--ctrl", f"type=tcp,port={ctrl},bindaddr=127.0.0.1",
-             "--flags", "not-need-init,startup-clear"],
+             "--flags", "not-need-init,startup-clear"]),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise TpmUnavailable(f"swtpm exited: {self.proc.stderr.read().decode(errors='replace')[-300:]}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+            if self._answers():
                 return
-            except OSError:
-                time.sleep(0.05)
+            time.sleep(0.05)
         self.stop()
         raise TpmUnavailable(f"swtpm did not listen on 127.0.0.1:{self.port} within {READY_TIMEOUT_S} s")
 
@@ -109,7 +125,7 @@ class Swtpm:
             if self.proc.poll() is None:
                 import os
 
-                subprocess.run(["tpm2_shutdown"], capture_output=True, timeout=10,
+                subprocess.run(self._in_netns(["tpm2_shutdown"]), capture_output=True, timeout=10,
                                env=dict(os.environ, TPM2TOOLS_TCTI=self.tcti))
             self.proc.terminate()
             try:
