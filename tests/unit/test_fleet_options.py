@@ -1,0 +1,37 @@
+"""Bad fleet options are refused before anything starts, each naming what is wrong (exit 2)."""
+
+import pytest
+from click.testing import CliRunner
+
+from skyguard.cli.main import cli
+from skyguard.errors import BadInput
+from skyguard.fleet.daemon_hook import fleet_options
+from skyguard.fleet.etcd import parse_endpoints
+
+
+def test_endpoints_are_parsed_and_bad_ones_named():
+    assert parse_endpoints("http://127.0.0.1:2379, 10.0.0.2:22379") == [("127.0.0.1", 2379), ("10.0.0.2", 22379)]
+    for bad, words in (("https://h:2379", "TLS"), ("http://h:port", "not a number"), ("", "no etcd endpoint"),
+                       ("http://h:2379/v3", "http://HOST:PORT")):
+        with pytest.raises(BadInput, match=words):
+            parse_endpoints(bad)
+
+
+@pytest.mark.parametrize("etcd,name,keys,words", [
+    ("http://127.0.0.1:2379", None, [], "go together"),
+    ("http://127.0.0.1:2379", "host/1", ["x"], "member name"),
+    ("http://127.0.0.1:2379", "host1", ["not-a-key"], "admin key"),
+])
+def test_up_fleet_options_are_checked_before_start(etcd, name, keys, words):
+    with pytest.raises(BadInput, match=words):
+        fleet_options(etcd, name, keys)
+
+
+def test_no_fleet_options_means_no_fleet():
+    assert fleet_options(None, None, ()) is None
+
+
+def test_join_without_an_admin_key_is_refused(tmp_path):
+    result = CliRunner().invoke(cli, ["fleet", "join", "--etcd", "http://127.0.0.1:9", "--name", "h1",
+                                      "--state-dir", str(tmp_path)], standalone_mode=False, env={})
+    assert isinstance(result.exception, BadInput) and "--admin-key" in str(result.exception)
