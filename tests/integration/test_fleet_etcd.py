@@ -67,6 +67,7 @@ class Host:
         self.name, self.state, self.loop = name, base / name, loop
         self.cluster, self.admin_vkey = cluster, admin_vkey
         self.policy = None
+        self.daemon_down = False   # local_status fails as a control socket with no daemon does
         self.events: list[tuple[str, dict]] = []
         self.open_log()
         self.start_agent()
@@ -88,6 +89,9 @@ class Host:
         self.writer.submit([entry(kind, **fields)])
 
     def local_status(self):
+        if self.daemon_down:
+            from skyguard.errors import DaemonError
+            raise DaemonError("no skyguard daemon is running")
         return {"policy": {"name": self.policy.name, "sha256": self.policy.sha256} if self.policy else None,
                 "programs": 0}
 
@@ -215,6 +219,22 @@ def test_quorum_lost_hosts_keep_enforcing_report_it_and_catch_up(fleet):
     pushed = push(fleet, 4)
     wait_until(lambda: all(h.sha == pushed["sha256"] for h in fleet.hosts), timeout=60, what="catch up")
     wait_until(lambda: all(h.kinds("fleet_store_back") for h in fleet.hosts), what="store back")
+
+
+def test_a_daemon_that_does_not_answer_for_a_while_does_not_end_the_membership(fleet):
+    import asyncio
+
+    host = fleet.hosts[1]
+    store = EtcdStore(fleet.cluster.endpoints)
+
+    def heartbeat():
+        item, _ = asyncio.run(store.get(keys.member(host.name)))
+        return json.loads(item.value)["heartbeat"] if item else 0.0
+    host.daemon_down = True
+    time.sleep(1.5)   # three rounds without a status
+    host.daemon_down = False
+    answered = time.time()
+    wait_until(lambda: heartbeat() > answered, what="heartbeats again once the daemon answers")
 
 
 def test_watch_survives_compaction(fleet):
