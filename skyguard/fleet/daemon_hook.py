@@ -56,3 +56,20 @@ def fleet_options(etcd: str | None, name: str | None, admin_keys) -> dict | None
     check_member_name(name)
     load_admin_verifiers(list(admin_keys))
     return {"etcd": etcd, "name": name, "admin_keys": list(admin_keys)}
+
+
+def kept_fleet_policy(state_dir: Path, admin_keys) -> tuple[str, str] | None:
+    """(text, source) of the last fleet policy this host applied, if it is still signed by one of
+    `admin_keys`: what `skyguard up` with a fleet starts enforcing instead of its --policy file,
+    so a restart never runs an older policy, not even until the agent restores the kept one."""
+    from skyguard.fleet.agent import FLEET_DIR
+    from skyguard.fleet.signing import PolicyRefused, load_admin_verifiers, open_policy
+
+    path = Path(state_dir) / FLEET_DIR / "policy.json"
+    if not path.exists():
+        return None
+    try:
+        signed = open_policy(path.read_bytes(), load_admin_verifiers(list(admin_keys)))
+    except PolicyRefused:
+        return None   # the agent logs why when it starts, and waits for a pushed one
+    return signed.text, f"fleet revision {signed.revision}"

@@ -35,3 +35,19 @@ def test_join_without_an_admin_key_is_refused(tmp_path):
     result = CliRunner().invoke(cli, ["fleet", "join", "--etcd", "http://127.0.0.1:9", "--name", "h1",
                                       "--state-dir", str(tmp_path)], standalone_mode=False, env={})
     assert isinstance(result.exception, BadInput) and "--admin-key" in str(result.exception)
+
+
+def test_a_restart_starts_from_the_kept_fleet_policy_only_if_still_signed(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from skyguard.fleet.daemon_hook import kept_fleet_policy
+    from skyguard.fleet.signing import sign_policy
+    from skyguard.tlog.checkpoint import Signer
+
+    admin = Signer("skyguard-admin", Ed25519PrivateKey.generate())
+    assert kept_fleet_policy(tmp_path, [admin.verifier.vkey()]) is None
+    (tmp_path / "fleet").mkdir()
+    (tmp_path / "fleet" / "policy.json").write_bytes(sign_policy("text: 1\n", 4, admin).to_json())
+    assert kept_fleet_policy(tmp_path, [admin.verifier.vkey()]) == ("text: 1\n", "fleet revision 4")
+    other = Signer("skyguard-admin", Ed25519PrivateKey.generate())
+    assert kept_fleet_policy(tmp_path, [other.verifier.vkey()]) is None   # another admin now
