@@ -495,9 +495,16 @@ def check_tpm(state_dir: Path | None = None) -> Check:
 
     name = "TPM"
     state = Path(state_dir or config.STATE_DIR)
-    store_key = key_in_use(state / "secrets")
+    try:
+        store_key = key_in_use(state / "secrets")
+    except OSError as e:
+        return Check(name, False, f"cannot read skyguard's state dir {state} ({e.strerror})",
+                     "run skyguard doctor as root (or give --state-dir / SKYGUARD_STATE_DIR)")
     try:
         tcti = find_tcti(state)
+    except OSError as e:
+        return Check(name, False, f"cannot read skyguard's TPM state in {state} ({e.strerror})",
+                     "run skyguard doctor as root")
     except TpmError as e:
         return Check(name, False, str(e), "run `skyguard tpm init` again")
     if tcti is None:
@@ -517,6 +524,9 @@ def check_tpm(state_dir: Path | None = None) -> Check:
         with device.locked():
             value = device.pcr_read([cfg.pcr])[cfg.pcr]
             lines = EventLog(state / "tpm").lines()
+    except OSError as e:
+        return Check(name, False, f"cannot read skyguard's TPM state in {state} ({e.strerror})",
+                     "run skyguard doctor as root")
     except TpmError as e:
         return Check(name, False, f"the TPM at {tcti} does not answer: {e}", "check the TPM (or the swtpm "
                      "process) and the TCTI; until it answers, quotes fail and a sealed store stays shut")
