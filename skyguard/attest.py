@@ -10,8 +10,9 @@ Format: a C2SP signed note whose text is the line `skyguard-attestation/v1` foll
 of canonical JSON (sorted keys, no spaces), so any byte changed breaks the signature and a script
 can read it without this code.
 
-TPM: when tpm2-tools and a TPM device exist the statement carries the PCR values as read
-(tpm2_pcrread: evidence of boot state, not a TPM quote); when they do not, it says so. It never
+TPM: when a TPM exists (a device, or one `skyguard tpm init` configured) the statement carries
+the PCR values as read (platform PCRs 0-7 and skyguard's PCR: not a quote; `skyguard attest
+--quote` makes the TPM sign them, skyguard/tpm/quote.py); when none does, it says so. It never
 pretends. Evidence, not defence: a kernel-level attacker can lie to this code (SPEC.md section 2).
 Not here: the key itself (tlog.hostkey) or the note format (tlog.checkpoint).
 """
@@ -20,11 +21,9 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import shutil
 import socket
-import subprocess
 import time
+from pathlib import Path
 
 from skyguard.errors import BadInput
 from skyguard.tlog.checkpoint import Signer, Verifier, parse_and_verify
@@ -33,7 +32,6 @@ from skyguard.tlog.errors import BadLogInput, VerificationError
 
 HEADER = "skyguard-attestation/v1"
 TPM_DEVICES = ("/dev/tpmrm0", "/dev/tpm0")
-TPM_PCRS = "sha256:0,1,2,3,4,5,6,7"
 MAX_NONCE = 128  # hex characters: a verifier's challenge, bounded
 
 
@@ -43,29 +41,23 @@ def program_identities(datapath) -> dict:
     return {name: {"id": info.id, "tag": info.tag} for name, info in datapath.program_infos().items()}
 
 
-def tpm_evidence() -> dict:
-    tool = shutil.which("tpm2_pcrread")
-    device = next((d for d in TPM_DEVICES if os.path.exists(d)), None)
-    if not tool or not device:
-        missing = []
-        if not tool:
-            missing.append("tpm2_pcrread is not installed (Debian package tpm2-tools)")
-        if not device:
-            missing.append(f"no TPM device ({', '.join(TPM_DEVICES)}; swtpm can provide one)")
-        return {"available": False, "why": "; ".join(missing)}
+def tpm_evidence(state_dir: Path | None = None) -> dict:
+    """PCR values as read (platform PCRs 0-7 and skyguard's PCR), or why there are none. Not a
+    quote: `skyguard attest --quote --nonce N` makes the TPM sign them (skyguard/tpm/quote.py)."""
+    from skyguard.tpm.device import PLATFORM_PCRS, Tpm, TpmConfig, TpmError, find_tcti
+
     try:
-        proc = subprocess.run([tool, TPM_PCRS], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return {"available": False, "why": f"tpm2_pcrread failed: {e}"}
-    if proc.returncode != 0:
-        return {"available": False, "why": f"tpm2_pcrread failed: {proc.stderr.strip()[:200]}"}
-    pcrs = {}
-    for line in proc.stdout.splitlines():
-        index, sep, value = line.strip().partition(":")
-        if sep and index.strip().isdigit():
-            pcrs[index.strip()] = value.strip().lower().removeprefix("0x")
-    return {"available": True, "device": device, "pcrs_sha256": pcrs,
-            "kind": "PCR values as read by tpm2_pcrread; not a TPM quote"}
+        tcti = find_tcti(state_dir)
+        if tcti is None:
+            return {"available": False, "why": f"no TPM device ({', '.join(TPM_DEVICES)}; swtpm can provide one) "
+                                               f"and none configured (`skyguard tpm init --tcti T`)"}
+        pcr = TpmConfig.load(state_dir).pcr if state_dir is not None else TpmConfig().pcr
+        values = Tpm(tcti).pcr_read([*PLATFORM_PCRS, pcr])
+    except (TpmError, OSError) as e:
+        return {"available": False, "why": f"the TPM cannot be read: {e}"}
+    return {"available": True, "device": tcti, "skyguard_pcr": pcr,
+            "pcrs_sha256": {str(i): v.hex() for i, v in sorted(values.items())},
+            "kind": "PCR values as read; not a TPM quote (`skyguard attest --quote --nonce N` makes one)"}
 
 
 def collect(datapath, policy, writer, nonce: str | None = None) -> dict:
@@ -98,7 +90,7 @@ def collect(datapath, policy, writer, nonce: str | None = None) -> dict:
         "interfaces": interfaces,
         "log": {"origin": cp.origin, "size": cp.size, "root": base64.b64encode(cp.hash).decode(),
                 "checkpoint": note},
-        "tpm": tpm_evidence(),
+        "tpm": tpm_evidence(getattr(writer, "directory", None) and Path(writer.directory).parent),
     }
 
 

@@ -149,6 +149,12 @@ def test_a_fresh_quote_verifies_in_python_and_in_tpm2_checkquote(emulator, host,
     assert checkquote(host, files, nonce).returncode == 0
     assert checkquote(host, files, "00" + nonce[2:]).returncode != 0
     assert verify(host, path, "00" + nonce[2:], reference).returncode == 1
+    # the signed statement's TPM part (no quote) reads the same PCRs from the configured TPM
+    from skyguard.attest import tpm_evidence
+
+    read = tpm_evidence(host["state"])
+    assert read["available"] and read["skyguard_pcr"] == 13
+    assert read["pcrs_sha256"]["13"] == document["tpm_quote"]["pcrs"]["13"]
 
 
 def write_quote_files(directory: Path, evidence: dict) -> dict:
