@@ -70,14 +70,37 @@ def load(pin_dir: Path, defines: dict[str, str | int] | None = None) -> Loaded:
         cflags.append(f"-D{name}={value}")
     try:
         bpf = BPF(text=c_source().encode(), cflags=cflags)
+        _check_pinned_sizes(bpf, pin_dir)
         return Loaded(
             bpf=bpf,
             from_vm_xdp=bpf.load_func(b"sg_from_vm", BPF.XDP),
             from_vm_tc=bpf.load_func(b"sg_from_vm_tc", BPF.SCHED_CLS),
             to_vm=bpf.load_func(b"sg_to_vm", BPF.SCHED_CLS),
         )
+    except DatapathError:
+        raise
     except Exception as e:  # bcc raises bare Exception for compile and verifier failures
         raise DatapathError(
             f"compiling or loading bpf/{MAIN_SOURCE} failed: {e}. If pinned maps from an older "
             f"skyguard have a different layout, remove {pin_dir} (skyguard down) and retry"
         ) from e
+
+
+def _check_pinned_sizes(bpf, pin_dir: Path) -> None:
+    """bcc re-opens a pinned map whatever size it was created with: after an upgrade that changed
+    a map's size or layout, the new programs would run on the old map (a smaller conntrack, say).
+    Refuse instead, saying how to start clean."""
+    import ctypes as ct
+
+    from skyguard.datapath import abi, libbpf
+
+    for name in (*abi.PINNED_MAPS, *abi.SHARE_MAPS):
+        table = bpf.get_table(name.encode())
+        declared = (ct.sizeof(table.Key), ct.sizeof(getattr(table, "sLeaf", table.Leaf)), table.max_entries)
+        info = libbpf.map_info(table.map_fd)
+        if declared != (info.key_size, info.value_size, info.max_entries):
+            raise DatapathError(
+                f"the map {name} pinned in {pin_dir} has {info.max_entries} entries of {info.key_size}+"
+                f"{info.value_size} bytes, but this skyguard declares {declared[2]} of {declared[0]}+"
+                f"{declared[1]}: it was made by another version. Run `skyguard down` (detaches and "
+                f"removes the pins) and start again")

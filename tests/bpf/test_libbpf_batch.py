@@ -90,3 +90,23 @@ def test_dump_refuses_sizes_that_disagree_with_the_kernel(maps):
 
     with pytest.raises(DatapathError, match="20-byte keys"):
         list(libbpf.dump(maps[b"lpm"], 8, struct.Struct("<I")))
+
+
+def test_a_pinned_map_of_another_size_is_refused_not_reused(root, tmp_path):
+    """bcc re-opens a pinned map whatever its size: an upgrade that grew sg_ct would have run the
+    new programs on the old, smaller table. The loader refuses and says how to start clean."""
+    import os
+    import subprocess
+
+    from skyguard.datapath import loader
+    from skyguard.errors import DatapathError
+
+    pin_dir = f"/sys/fs/bpf/sgtest-size-{os.getpid()}"
+    os.makedirs(pin_dir)
+    try:
+        old = BPF(text=f'BPF_TABLE_PINNED("lru_hash", u32, u64, sg_ct, 64, "{pin_dir}/sg_ct");'.encode())
+        with pytest.raises(DatapathError, match=r"sg_ct pinned in .* has 64 entries.*skyguard down"):
+            loader.load(__import__("pathlib").Path(pin_dir))
+        old.cleanup()
+    finally:
+        subprocess.run(["rm", "-rf", pin_dir])
