@@ -33,6 +33,7 @@ def tpm():
       skyguard tpm init --tcti swtpm:host=127.0.0.1,port=2321 --pcr 13
       skyguard tpm status                             PCR, event log, which store key is in use
       skyguard tpm seal-store                         move the store key from its file into the TPM
+      skyguard tpm reference ref.json                 what continuous attestation checks quotes against
       skyguard attest --quote --nonce $(openssl rand -hex 16) > evidence.json
     """
 
@@ -157,3 +158,34 @@ def seal_store(tcti, pcrs, state_dir, as_json):
                    f"({result['sealed_file']}); the file key was removed")
     else:
         click.echo(f"the store key was already sealed by the TPM ({result['sealed_file']})")
+
+
+@tpm.command("reference")
+@click.argument("reference_file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--clear", is_flag=True, help="Remove the reference: quotes are then checked without one.")
+@state_dir_option
+def reference(reference_file, clear, state_dir):
+    """Set the reference the daemon's continuous attestation checks each quote against.
+
+    Make it with `skyguard attest --reference-from` (from a known-good host's evidence) and review
+    it first. Without one, each quote's signature and event-log replay are still checked.
+    """
+    from skyguard import fsutil
+    from skyguard.tpm import quote
+    from skyguard.tpm.monitor import REFERENCE_FILE
+
+    target = _state(state_dir) / "tpm" / REFERENCE_FILE
+    if clear:
+        target.unlink(missing_ok=True)
+        click.echo(f"removed {target}")
+        return
+    if reference_file is None:
+        raise BadInput("give the reference file (from `skyguard attest --reference-from`), or --clear")
+    ref = quote.load_json(reference_file, "reference")
+    unknown = set(ref) - {"pcr", "pcrs", *quote.REFERENCE_KEYS}
+    if unknown or not any(isinstance(ref.get(k), list) for k in quote.REFERENCE_KEYS):
+        raise BadInput(f"{reference_file} is not a skyguard reference (keys {', '.join(quote.REFERENCE_KEYS)}"
+                       + (f"; unknown: {', '.join(sorted(unknown))}" if unknown else "") + ")")
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fsutil.write_private(target, reference_file.read_bytes())
+    click.echo(f"continuous attestation now checks quotes against {target} (the daemon reads it at each quote)")

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from skyguard import config
 from skyguard.tlog import LogReader, LogWriter, entry, host_signer
 from skyguard.tlog.verify import verify_log
 from skyguard.tpm import identity, quote
@@ -58,6 +62,11 @@ def launch(hook: DaemonTpm, vkey: str, policy=GOOD_POLICY):
     hook.measure_attach("sg-web1", {"tc_egress": {"id": 7, "name": "sg_to_vm", "tag": TAGS["sg_to_vm"]}})
 
 
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "skyguard.cli.main", *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(config.REPO_ROOT)}, timeout=60)
+
+
 def sample(registry, name, **labels):
     value = registry.get_sample_value(name, labels or None)
     return value
@@ -84,7 +93,12 @@ def test_measurements_and_quotes_go_to_the_signed_log_and_the_metric_follows_the
     ak = json.loads((state / "tpm" / "tpm.json").read_text())["ak_public"]
     nonce = "5a" * 16
     ref = quote.reference_from(quote.make(hook.tpm, state, nonce), ak, nonce)
-    (state / "tpm" / "reference.json").write_text(json.dumps(ref))
+    (state / "ref.json").write_text(json.dumps(ref))
+    installed = cli("tpm", "reference", str(state / "ref.json"), "--state-dir", str(state))
+    assert installed.returncode == 0 and (state / "tpm" / "reference.json").exists(), installed.stderr
+    (state / "junk.json").write_text('{"a": 1}')
+    junk = cli("tpm", "reference", str(state / "junk.json"), "--state-dir", str(state))
+    assert junk.returncode == 2 and "not a skyguard reference" in junk.stderr
 
     registry = CollectorRegistry()
 
