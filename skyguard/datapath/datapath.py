@@ -205,17 +205,32 @@ class Datapath:
         addresses were removed entirely."""
         with self._lock:
             now = time.monotonic_ns()
+            return sum(self._keep_learned(ip, {k: v for k, v in self._learned[ip].items() if v > now})
+                       for ip in list(self._learned))
+
+    def forget(self, zone: str, rule_name: str, ips) -> int:
+        """Close `ips` for `zone` under `rule_name` now instead of at their TTL (the DNS proxy
+        evicted them: a VM over its cap of learned entries). Other zones' and rules' hold on the
+        same address stays. Established flows stay in conntrack. Returns addresses removed."""
+        with self._lock:
             removed = 0
-            for ip in list(self._learned):
-                live = {k: v for k, v in self._learned[ip].items() if v > now}
-                if live:
-                    self._learned[ip] = live
-                    self._write_learned_ip(self.gen, ip)
-                else:
-                    del self._learned[ip]
-                    self._delete_ipcache_host(self.gen, ip)
-                    removed += 1
+            for ip in ips:
+                ip = ipaddress.ip_address(ip)
+                if ip in self._learned:
+                    live = {k: v for k, v in self._learned[ip].items() if k != (zone, rule_name)}
+                    removed += self._keep_learned(ip, live)
             return removed
+
+    def _keep_learned(self, ip, live: dict) -> int:
+        """Hold `live` selectors for ip (rewriting its entry), or none: delete it. 1 if deleted."""
+        if live:
+            self._learned[ip] = live
+            self._write_learned_ip(self.gen, ip)
+            return 0
+        del self._learned[ip]
+        if self.compiled is not None:
+            self._delete_ipcache_host(self.gen, ip)
+        return 1
 
     def learned(self) -> dict:
         return {str(ip): {f"{z}/{r}": exp for (z, r), exp in sel.items()} for ip, sel in self._learned.items()}

@@ -253,6 +253,15 @@ def test_watch_survives_compaction(fleet):
     wait_until(lambda: all(h.sha == pushed["sha256"] for h in fleet.hosts), what="revision 5 after compaction")
 
 
+def test_a_policy_for_some_hosts_is_applied_by_those_only(fleet):
+    only = push(fleet, 6, "--hosts", "alpha")
+    everyone = push(fleet, 7)   # the watch delivers in order: 7 arrives after 6 was handled
+    wait_until(lambda: all(h.sha == everyone["sha256"] for h in fleet.hosts), what="revision 7")
+    for host in fleet.hosts:
+        applied = [f["revision"] for f in host.kinds("fleet_policy_applied")]
+        assert (only["revision"] in applied) == (host.name == "alpha"), (host.name, applied)
+
+
 def test_hosts_witness_each_other_and_a_rewritten_log_is_refused(fleet):
     for i in range(5):
         for host in fleet.hosts:
