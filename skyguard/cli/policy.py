@@ -192,6 +192,8 @@ def format_policy(policy: Policy) -> str:
         source = "*" if rule.from_zones == every_zone and len(every_zone) > 1 else ", ".join(rule.from_zones)
         targets = [f"zone {z}" for z in rule.to.zones] + [f"net {n}" for n in rule.to.networks]
         targets += [str(c) for c in rule.to.cidrs] + list(rule.to.fqdns)
+        if rule.to.allow_private:
+            targets.append("(names may resolve to private addresses)")
         ports = ", ".join(str(p) for p in rule.ports) or "any"
         rows.append([rule.name, rule.action, source, ", ".join(targets), ports])
     lines += _table(["rule", "action", "from", "to", "ports"], rows)
