@@ -27,6 +27,9 @@ sys.path[:0] = [str(REPO), str(REPO / "tests" / "adversarial"), str(REPO / "test
 from _common import progress, result  # noqa: E402
 
 SCALE = float(os.environ.get("SKYGUARD_REPORT_SCALE", "1"))
+# Sections below this line in REPORT.md are written by hand (each attack class with its test) and
+# survive a regeneration; everything above it is this script's.
+KEPT_MARKER = "<!-- Hand-written below: kept when bench/adversarial_report.py writes the figures above. -->"
 REPORT = REPO / "tests" / "adversarial" / "REPORT.md"
 
 
@@ -73,7 +76,7 @@ def main() -> int:
             fuzz[target] = {"inputs": n, "failures": 1, "first": str(e)[:300]}
 
     text = render(figures, chain, evasion, crash, final_verify.returncode == 0, fuzz, NOT_YET_COVERED)
-    REPORT.write_text(text)
+    REPORT.write_text(text.rstrip("\n") + "\n\n" + kept_sections())
     print(text)
     attack_packets = sum(a.sent for a in chain["attacks"] + evasion["attacks"])
     delivered = (sum(max(0, s["frames"]) for r in (chain, evasion) for s in r["sniffed"].values())
@@ -153,3 +156,10 @@ def render(figures, chain, evasion, crash, final_ok, fuzz, not_covered) -> str:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def kept_sections() -> str:
+    """The hand-written part of the current REPORT.md (from KEPT_MARKER on), or just the marker."""
+    current = REPORT.read_text() if REPORT.exists() else ""
+    index = current.find(KEPT_MARKER)
+    return current[index:] if index >= 0 else KEPT_MARKER + "\n"
