@@ -38,7 +38,12 @@ class DaemonTpm:
         self.measurements: Measurements | None = None
         self._monitor = None
         self._lock = threading.Lock()
-        self.configured = find_tcti(self.state_dir, tcti) is not None
+        try:
+            self.configured = find_tcti(self.state_dir, tcti) is not None
+        except (SkyguardError, OSError) as e:  # a damaged tpm.json: configured, and failing
+            self.configured = True
+            self._failed("the TPM configuration cannot be read", e)
+            return
         if not self.configured:
             self.problem = "no TPM (none configured, no /dev/tpmrm0): nothing is measured, quotes are unavailable"
             return

@@ -190,3 +190,12 @@ def test_no_tpm_at_all_is_a_quiet_no_op(tmp_path, monkeypatch):
     assert recorded == [] and not hook.wants_monitor()
     assert hook.status() == {"available": False, "configured": False, "store_key": "none",
                              "problem": hook.problem}
+
+
+def test_a_damaged_tpm_configuration_is_reported_not_raised(tmp_path):
+    (tmp_path / "tpm").mkdir()
+    (tmp_path / "tpm" / "tpm.json").write_text("{")
+    recorded = []
+    hook = DaemonTpm(tmp_path, record=lambda kind, **f: recorded.append(kind))
+    assert hook.configured and not hook.available and "cannot be read" in hook.problem
+    assert recorded == ["tpm_error"] and hook.failure()
