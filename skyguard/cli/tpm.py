@@ -42,9 +42,12 @@ def tpm():
 @tcti_option
 @click.option("--pcr", type=int, default=None,
               help="skyguard's PCR, one of 8-15 (default 13; never 16 or 23, which root could reset).")
+@click.option("--ek-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Check that the EK certificate certifies this TPM's EK and was issued by this CA "
+                   "certificate (PEM: the TPM maker's, or swtpm's local CA).")
 @state_dir_option
 @json_option
-def init(tcti, pcr, state_dir, as_json):
+def init(tcti, pcr, ek_ca, state_dir, as_json):
     """Create or reuse the EK and a persistent AK bound to it; print their public keys.
 
     The AK (ECC P-256, restricted signing, at 0x81010002) is made under the EK and proven resident
@@ -57,6 +60,15 @@ def init(tcti, pcr, state_dir, as_json):
     state = _state(state_dir)
     device = Tpm.for_state_dir(state, tcti)
     info = identity.init(device, state, pcr)
+    if ek_ca is not None:
+        from skyguard.tpm.device import TpmError
+
+        if not info["ek_certificate"]:
+            raise TpmError("--ek-ca given, but this TPM holds no EK certificate (NV index 0x01c00002)")
+        problems = identity.check_ek_certificate(info["ek_certificate"], info["ek_public"], ek_ca.read_text())
+        if problems:
+            raise TpmError("the EK certificate does not check out: " + "; ".join(problems))
+        info["ek_certificate_checked"] = str(ek_ca)
     if as_json:
         emit_json(info)
         return
@@ -68,7 +80,8 @@ def init(tcti, pcr, state_dir, as_json):
     click.echo("EK public key:")
     click.echo(info["ek_public"].rstrip())
     if info["ek_certificate"]:
-        click.echo("EK certificate:")
+        click.echo("EK certificate" + (f" (issued by {info['ek_certificate_checked']}, certifies this EK):"
+                                       if info.get("ek_certificate_checked") else ":"))
         click.echo(info["ek_certificate"].rstrip())
     else:
         click.echo("EK certificate: none in this TPM's NV (index 0x01c00002)")

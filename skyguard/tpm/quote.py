@@ -122,7 +122,7 @@ def verify(evidence: dict, ak_pem: str, nonce: str, reference: dict | None) -> V
             verdict.failures.append("signature: the quote is not signed by the given AK (made by another AK, "
                                     "or its bytes were edited)")
             return verdict
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, QuoteFormatError) as e:  # the evidence's bytes, not the AK's
         detail = str(e) if isinstance(e, QuoteFormatError) else f"{type(e).__name__}: {e}"
         verdict.failures.append(f"format: the quote cannot be read ({detail})")
         return verdict

@@ -122,8 +122,14 @@ def test_init_prints_a_bound_ak_and_an_ek_certificate_that_chains_to_the_emulato
     # init again: the same AK, reused, bound again
     again = json.loads(cli("tpm", "init", "--state-dir", str(host["state"]), "--json").stdout)
     assert again["ak_reused"] and again["ak_public"] == info["ak_public"]
-    human = cli("tpm", "init", "--state-dir", str(host["state"])).stdout
-    assert "make/activate credential" in human and "EK certificate:" in human and "BEGIN CERTIFICATE" in human
+    human = cli("tpm", "init", "--state-dir", str(host["state"]), "--ek-ca", str(emulator.ca_certificate)).stdout
+    assert "make/activate credential" in human and "BEGIN CERTIFICATE" in human
+    assert f"EK certificate (issued by {emulator.ca_certificate}, certifies this EK):" in human
+    root_file = host["dir"] / "root.pem"
+    root_file.write_bytes(root.public_bytes(_pem()))
+    wrong = cli("tpm", "init", "--state-dir", str(host["state"]), "--ek-ca", str(root_file), check=False)
+    assert wrong.returncode == 1 and "the EK certificate does not check out: the EK certificate is not issued by" \
+        in wrong.stderr
 
 
 def _pem():

@@ -296,6 +296,11 @@ def test_attest_fields_parse():
 
 def test_garbage_evidence_is_a_named_failure_not_a_crash(host):
     tpm, evidence = host
+    not_by_a_tpm = base64.b64encode(b"\x00" + base64.b64decode(evidence["quote"]["attest"])[1:]).decode()
+    verdict = quote.verify({**evidence, "quote": {**evidence["quote"], "attest": not_by_a_tpm}}, tpm.ak_pem, NONCE,
+                           REFERENCE)
+    assert verdict.failures == ["format: the quote cannot be read (TPMS_ATTEST magic is not TPM_GENERATED_VALUE: "
+                                "not made by a TPM)"]
     for broken in ({**evidence, "quote": {"attest": "!!", "signature": ""}},
                    {**evidence, "quote": {}}, {**evidence, "pcrs": {"0": "zz"}}, {**evidence, "event_log": "x"}):
         verdict = quote.verify(broken, tpm.ak_pem, NONCE, REFERENCE)
@@ -311,3 +316,44 @@ def test_replay_matches_a_naive_extend_chain():
     for line in lines:
         naive = hashlib.sha256(naive + hashlib.sha256(line.encode()).digest()).digest()
     assert naive == value
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_GOOD = SoftTpm()
+_EVIDENCE = _GOOD.quote(NONCE, measured(_GOOD))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=200))
+def test_any_bytes_parse_or_are_refused_with_a_named_field(data):
+    try:
+        parse_attest(data)
+    except QuoteFormatError:
+        pass
+    try:
+        parse_signature(data)
+    except QuoteFormatError:
+        pass
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(min_value=0, max_value=10_000), st.integers(min_value=1, max_value=255),
+       st.sampled_from(["attest", "signature", "event"]))
+def test_any_one_byte_change_fails_the_check_and_never_crashes(position, flip, where):
+    """Whatever byte of the quote, its signature or the event log is changed, verify() returns a
+    named failure (or, for a byte a parser ignores, still no success with other content)."""
+    evidence = json.loads(json.dumps(_EVIDENCE))
+    if where == "event":
+        lines = evidence["event_log"]
+        i = position % len(lines)
+        raw = bytearray(lines[i].encode())
+        raw[position % len(raw)] = (raw[position % len(raw)] + flip) % 128
+        lines[i] = raw.decode("ascii")
+    else:
+        raw = bytearray(base64.b64decode(evidence["quote"][where]))
+        raw[position % len(raw)] ^= flip
+        evidence["quote"][where] = base64.b64encode(bytes(raw)).decode()
+    verdict = quote.verify(evidence, _GOOD.ak_pem, NONCE, REFERENCE)
+    assert not verdict.ok and verdict.failures
