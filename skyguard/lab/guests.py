@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from skyguard.errors import BadInput, LabError
-from skyguard.lab import qemu
+from skyguard.lab import procs, qemu
 from skyguard.policy.model import Workload
 
 KINDS = ("netns", "qemu")
@@ -71,7 +71,7 @@ def is_guest(vm: dict) -> bool:
 
 
 def running(lab_dir: Path, vm: dict) -> bool:
-    return qemu.pid_alive(vm["pid"]) and qemu.is_lab_qemu(vm["pid"], lab_dir)
+    return procs.alive(vm["pid"]) and qemu.is_lab_qemu(vm["pid"], lab_dir)
 
 
 def describe(lab_dir: Path, vm: dict, probe: bool) -> dict:
@@ -93,9 +93,9 @@ def stop(lab_dir: Path, state: dict | None) -> list[int]:
     """Stop every guest of the lab by pid: those in the state file and any QEMU whose command line
     names the lab folder (left by a killed run). Returns the pids stopped."""
     pids = {vm["pid"] for vm in (state or {}).get("vms", [])
-            if is_guest(vm) and qemu.is_lab_qemu(vm["pid"], lab_dir) and qemu.pid_alive(vm["pid"])}
+            if is_guest(vm) and qemu.is_lab_qemu(vm["pid"], lab_dir) and procs.alive(vm["pid"])}
     pids.update(qemu.lab_qemus(lab_dir))
-    qemu.stop_pids(sorted(pids))
+    procs.stop(sorted(pids))
     return sorted(pids)
 
 

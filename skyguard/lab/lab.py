@@ -30,7 +30,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -40,7 +39,7 @@ import skyguard
 from skyguard import config
 from skyguard.errors import BadInput, LabError, PrivilegeError
 from skyguard.lab import addressing as plan
-from skyguard.lab import guests
+from skyguard.lab import guests, procs
 from skyguard.lab.internet import READY_FILE, REQUESTS_LOG
 from skyguard.lab.topology import read_workloads
 from skyguard.policy.model import Workload
@@ -50,7 +49,6 @@ HOST = "host"
 INTERNET = "internet"
 SERVER_MODULE = "skyguard.lab.serve"
 SERVER_START_TIMEOUT = 20.0  # seconds; the server binds sockets and mints one certificate
-STOP_GRACE = 3.0  # seconds between SIGTERM and SIGKILL
 _PREFIX = re.compile(r"^[a-z0-9_-]{0,16}$")
 STATE_VERSION = 1
 
@@ -67,47 +65,6 @@ def _run(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProce
         raise LabError(f"`{' '.join(argv)}` failed (exit {proc.returncode}): "
                        f"{(proc.stderr or proc.stdout).strip()}")
     return proc
-
-
-def _pid_cmdline(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace").split("\0")
-    except OSError:
-        return []
-
-
-def _stop_pids(pids: list[int]) -> None:
-    """SIGTERM, then SIGKILL whatever is left after STOP_GRACE."""
-    alive = []
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-            alive.append(pid)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + STOP_GRACE
-    while alive and time.monotonic() < deadline:
-        for pid in list(alive):
-            try:
-                # Reap it if it is our child; otherwise just test for existence.
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-            if not Path(f"/proc/{pid}").exists() or _is_zombie(pid):
-                alive.remove(pid)
-        time.sleep(0.05)
-    for pid in alive:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
 
 
 class Lab:
@@ -186,8 +143,8 @@ class Lab:
         return None
 
     def _is_our_server(self, pid: int) -> bool:
-        cmd = _pid_cmdline(pid)
-        return SERVER_MODULE in cmd and str(self.lab_dir) in cmd and not _is_zombie(pid)
+        cmd = procs.cmdline(pid)
+        return SERVER_MODULE in cmd and str(self.lab_dir) in cmd and procs.alive(pid)
 
     def _stray_servers(self) -> list[int]:
         """Our internet server processes, found by command line (a killed `lab up` may have lost
@@ -406,7 +363,7 @@ class Lab:
                 raise BadInput(f"{name!r} is not a QEMU guest of lab {self.prefix or 'default'}")
             old = self._guest(name, state)
             if guests.running(self.lab_dir, old):
-                guests.qemu.stop_pids([old["pid"]])
+                procs.stop([old["pid"]])
             workload = next(w for w in read_workloads(state["policy"]) if w.name == name)
             entry = guests.boot(self, [workload])[0]
             state["vms"] = [entry if vm["name"] == name else vm for vm in state["vms"]]
@@ -447,7 +404,7 @@ class Lab:
             servers.add(pid)
         if servers:
             self.progress(f"stopping the internet servers (pid {', '.join(map(str, sorted(servers)))})")
-            _stop_pids(sorted(servers))
+            procs.stop(sorted(servers))
         names = self._namespaces_of(state)
         names += [n for n in extra_namespaces if n not in names]
         present = [n for n in names if (NETNS_DIR / n).exists()]
@@ -458,7 +415,7 @@ class Lab:
             inside += [int(p) for p in out.stdout.split() if p.isdigit() and int(p) != os.getpid()]
         if inside:
             self.progress(f"stopping {len(inside)} processes still running in lab namespaces")
-            _stop_pids(inside)
+            procs.stop(inside)
         if present:
             self.progress(f"deleting namespaces: {', '.join(present)}")
         for ns in present:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from skyguard.errors import LabError
 from skyguard.lab import addressing as plan
+from skyguard.lab import procs
 
 IMAGE_CACHE = Path(os.environ.get("SKYGUARD_GUEST_CACHE", "/var/cache/skyguard/guest"))
 BUILD_SCRIPT = Path(__file__).resolve().parent / "guest" / "build-image"
@@ -187,7 +188,7 @@ def start(spec: GuestSpec, image: GuestImage, accel: str, host_netns: Path) -> i
     for leftover in (spec.console_log, spec.agent_socket):
         leftover.unlink(missing_ok=True)
     write_ifup(spec)
-    with open(spec.dir / "qemu.log", "ab") as log:
+    with open(spec.dir / "qemu.log", "wb") as log:
         # nsenter execs QEMU, so the pid is QEMU's; its own session outlives `lab up`.
         proc = subprocess.Popen(["nsenter", f"--net={host_netns}", "--"] + qemu_argv(spec, image, accel),
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
@@ -201,11 +202,11 @@ def wait_booted(spec: GuestSpec, pid: int, timeout: float = BOOT_TIMEOUT) -> flo
     began = time.monotonic()
     agent = Agent(spec.agent_socket)
     while True:
-        if not pid_alive(pid):
+        if not procs.alive(pid):
             raise LabError(f"guest {spec.name} did not boot: QEMU exited"
                            f"{_qemu_error(spec)}\n{console_tail(spec)}")
         if time.monotonic() - began > timeout:
-            stop_pids([pid])
+            procs.stop([pid])
             raise LabError(f"guest {spec.name} did not boot within {timeout:.0f}s and was "
                            f"stopped\n{console_tail(spec)}")
         if spec.agent_socket.exists():
@@ -235,56 +236,16 @@ def _qemu_error(spec: GuestSpec) -> str:
 
 # ---- processes --------------------------------------------------------------------------------
 
-def pid_alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    if state == "Z":
-        try:
-            os.waitpid(pid, os.WNOHANG)  # our child: reap it
-        except ChildProcessError:
-            pass
-        return False
-    return True
-
-
 def is_lab_qemu(pid: int, lab_dir: Path) -> bool:
     """QEMU running a guest of the lab in lab_dir (found by its command line)."""
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace").split("\0")
-    except OSError:
-        return False
+    cmd = procs.cmdline(pid)
     return bool(cmd) and cmd[0].endswith(QEMU) and any(str(lab_dir) + "/" in a for a in cmd)
 
 
 def lab_qemus(lab_dir: Path) -> list[int]:
     """Every QEMU of this lab, whatever its state file says (a killed `lab up` may have lost it)."""
     return [int(e.name) for e in Path("/proc").iterdir()
-            if e.name.isdigit() and is_lab_qemu(int(e.name), lab_dir) and pid_alive(int(e.name))]
-
-
-def stop_pids(pids: list[int], grace: float = 3.0) -> None:
-    """SIGTERM (QEMU exits at once and its tap goes), then SIGKILL after `grace`."""
-    alive = []
-    for pid in pids:
-        try:
-            os.kill(pid, 15)
-            alive.append(pid)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace
-    while alive and time.monotonic() < deadline:
-        alive = [p for p in alive if pid_alive(p)]
-        time.sleep(0.05)
-    for pid in alive:
-        try:
-            os.kill(pid, 9)
-        except ProcessLookupError:
-            pass
-    for pid in alive:
-        while pid_alive(pid) and time.monotonic() < deadline + 5:
-            time.sleep(0.05)
+            if e.name.isdigit() and is_lab_qemu(int(e.name), lab_dir) and procs.alive(int(e.name))]
 
 
 # ---- the command channel ----------------------------------------------------------------------

@@ -18,7 +18,7 @@ import pytest
 
 from skyguard import config
 from skyguard.errors import LabError
-from skyguard.lab import Lab, guests, qemu
+from skyguard.lab import Lab, guests, procs, qemu
 from skyguard.lab.topology import read_workloads
 
 HANG_TIMEOUT = 6.0  # seconds before a guest that never answers is stopped
@@ -72,7 +72,7 @@ def test_qemu_that_exits_at_once_is_reported_with_its_error(host_ns, tmp_path):
         qemu.wait_booted(spec, pid, timeout=HANG_TIMEOUT)
     message = str(failed.value)
     assert "agent1 did not boot: QEMU exited" in message and "console log" in message
-    assert not qemu.pid_alive(pid)
+    assert not procs.alive(pid)
     assert not _tap_exists(host_ns, spec.interface)
 
 
@@ -87,7 +87,7 @@ def test_a_guest_that_hangs_is_stopped_and_its_console_log_reported(host_ns, tmp
     message = str(failed.value)
     assert f"did not boot within {HANG_TIMEOUT:.0f}s and was stopped" in message
     assert "console log" in message and re.search(r"\[\s*\d+\.\d{6}\] ", message), message  # kernel lines
-    assert not qemu.pid_alive(pid)
+    assert not procs.alive(pid)
     assert not _tap_exists(host_ns, spec.interface)
 
 
