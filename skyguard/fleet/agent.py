@@ -60,7 +60,7 @@ class FleetAgent:
     def __init__(self, store: Store, name: str, state_dir: Path, admins: list[Verifier],
                  apply: Callable[[str, str], str], local_status: Callable[[], dict],
                  record: Callable[..., None], registry=None, period: float = PERIOD_S,
-                 log_dir: Path | None = None):
+                 log_dir: Path | None = None, head_note: Callable[[], str | None] | None = None):
         from skyguard.fleet.metrics import FleetMetrics
         from skyguard.tlog.hostkey import host_signer
 
@@ -71,6 +71,8 @@ class FleetAgent:
         self.apply_hook, self.local_status, self.record = apply, local_status, record
         self.period = period
         self.log_dir = Path(log_dir or self.state_dir / "log")
+        self.head_note = head_note         # the daemon's LogWriter.latest_note, when hosted
+        self._published: tuple | None = None   # (note, witness sizes) last published
         self.log_vkey = host_signer(self.state_dir).verifier.vkey()
         self.cosigner = Cosigner(f"{name}.skyguard/witness", load_or_create_witness_key(self.state_dir))
         self.witness = Witness(self.dir / "witness", self.cosigner)
@@ -96,7 +98,10 @@ class FleetAgent:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:   # the daemon's shutdown must not wait on a stuck task
+            _, stuck = await asyncio.wait(self._tasks, timeout=5)
+            if stuck:
+                log.warning("fleet tasks still running at stop: %s", ", ".join(t.get_name() for t in stuck))
         self._tasks.clear()
         if self.lease:
             try:
@@ -253,6 +258,8 @@ class FleetAgent:
                             if change.key == keys.POLICY:
                                 await self._handle(change.value)
             except TimeoutError:
+                if asyncio.current_task().cancelling():   # a stop that raced the resync timer
+                    raise asyncio.CancelledError from None
                 continue
             except _WatchLost as e:   # one member went away: the next list finds another
                 log.info("fleet policy watch lost (%s); listing again", e.__cause__ or e)
@@ -269,27 +276,36 @@ class FleetAgent:
     # ---- witnessing -------------------------------------------------------------------------
 
     def _log_head(self) -> dict:
+        """The log's latest signed checkpoint: from the daemon's writer when it gave one (in
+        memory), else read from the log directory (`fleet join` beside a daemon)."""
         from skyguard.tlog.store import LogReader
 
         try:
-            reader = LogReader(self.log_dir)
-            note = reader.latest_checkpoint_note()
+            note = self.head_note() if self.head_note else LogReader(self.log_dir).latest_checkpoint_note()
+            if not note:
+                return {}
             checkpoint = Checkpoint.parse_body(split_note(note)[0])
         except (SkyguardError, OSError, ValueError):   # no log yet (or unreadable): nothing to report
             return {}
-        return {"origin": reader.origin, "size": checkpoint.size,
-                "root": base64.b64encode(checkpoint.hash).decode(), "note": note, "reader": reader}
+        return {"origin": checkpoint.origin, "size": checkpoint.size,
+                "root": base64.b64encode(checkpoint.hash).decode(), "note": note}
 
     def _my_checkpoint(self, cosigned_sizes: set[int]) -> dict | None:
         """This log's latest checkpoint, with consistency proofs from each size a witness last
         cosigned (so each can check it extends what it vouched for)."""
         from skyguard.tlog.tree import consistency_proof
 
+        from skyguard.tlog.store import LogReader
+
         head = self._log_head()
-        if not head:
-            return None
+        published = (head.get("note"), tuple(sorted(cosigned_sizes)))
+        if not head or published == self._published:
+            return None   # nothing new: the proofs cost a pass over the log's tail, so not again
         proofs = {}
-        source = head["reader"].source()
+        try:
+            source = LogReader(self.log_dir).source()
+        except (SkyguardError, OSError):
+            return None
         for old in sorted(cosigned_sizes):
             if 0 < old < head["size"]:
                 try:
@@ -297,6 +313,7 @@ class FleetAgent:
                                         for h in consistency_proof(source, old, head["size"])]
                 except SkyguardError:
                     continue
+        self._published = published
         return {"note": head["note"], "proofs": proofs}
 
     async def _witnessing(self) -> None:
@@ -345,7 +362,11 @@ class FleetAgent:
         # 2. This log's checkpoint, with proofs for the witnesses.
         mine = await asyncio.to_thread(self._my_checkpoint, sizes)
         if mine is not None:
-            await self.store.put(keys.checkpoint(self.name), json.dumps(mine).encode())
+            try:
+                await self.store.put(keys.checkpoint(self.name), json.dumps(mine).encode())
+            except FleetError:
+                self._published = None   # publish it again next round
+                raise
         # 3. Cosign each peer's checkpoint.
         for peer, record in sorted(peers.items()):
             await self._cosign_peer(peer, record)

@@ -37,7 +37,8 @@ def make_fleet_agent(daemon, registry, etcd: str, name: str, admin_keys: list[st
 
     return FleetAgent(EtcdStore(etcd), check_member_name(name), Path(daemon.state_dir),
                       load_admin_verifiers(admin_keys), apply=apply, local_status=local_status,
-                      record=record, registry=registry)
+                      record=record, registry=registry,
+                      head_note=lambda: daemon.tlog.latest_note() if daemon.tlog else None)
 
 
 def fleet_options(etcd: str | None, name: str | None, admin_keys) -> dict | None:

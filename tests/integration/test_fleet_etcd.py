@@ -100,7 +100,8 @@ class Host:
         self.agent = FleetAgent(EtcdStore(self.cluster.endpoints, timeout=1.0), self.name, self.state,
                                 load_admin_verifiers([self.admin_vkey]), apply=self.apply,
                                 local_status=self.local_status, record=self.record,
-                                registry=self.registry, period=0.5)
+                                registry=self.registry, period=0.5,
+                                head_note=lambda: self.writer.latest_note())   # as the daemon hook does
         self.loop.call(self.agent.start())
 
     def stop_agent(self):
