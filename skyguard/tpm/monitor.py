@@ -122,7 +122,9 @@ class AttestationMonitor:
                 raise SkyguardError(f"measurement stopped, the measured state is stale: {self.failed()}")
             reference = self.reference()
             evidence = quote.make(self.tpm, self.state_dir, nonce)
-            verdict = quote.verify(evidence, TpmConfig.load(self.state_dir).ak_public, nonce, reference)
+            config = TpmConfig.load(self.state_dir)
+            # skyguard's PCR is the configured one unless the reference pins it
+            verdict = quote.verify(evidence, config.ak_public, nonce, {"pcr": config.pcr, **(reference or {})})
             quote_ok = not any(f.startswith(QUOTE_FAILURES) for f in verdict.failures)
             result = "ok" if verdict.ok else ("outside_reference" if quote_ok else "failed")
             last = {"time": now, "result": result, "digest": quote.digest(evidence),

@@ -238,12 +238,12 @@ def _safe(fn, value):
 def reference_from(evidence: dict, ak_pem: str, nonce: str, platform_pcrs: bool = False) -> dict:
     """A reference that accepts exactly what this (verified) evidence measured: for a known-good
     host, to be reviewed and kept by the verifier. Raises BadInput if the evidence fails."""
-    verdict = verify(evidence, ak_pem, nonce, None)
+    pcr = evidence.get("pcr", DEFAULT_PCR)  # the known-good host's own PCR choice, to be reviewed
+    verdict = verify(evidence, ak_pem, nonce, {"pcr": pcr})
     if not verdict.ok:
         raise BadInput("the evidence does not verify, so it cannot be a reference: " + "; ".join(verdict.failures))
-    lines = evidence["event_log"]
-    _, _, events = replay(lines, evidence.get("pcr", DEFAULT_PCR))
-    ref: dict = {"pcr": evidence.get("pcr", DEFAULT_PCR)}
+    _, _, events = replay(evidence["event_log"], pcr)
+    ref: dict = {"pcr": pcr}
     for key in REFERENCE_KEYS:
         ref[key] = []
     source = {"package": ("package_sha256", lambda e: e["digest"]),

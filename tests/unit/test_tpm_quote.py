@@ -45,8 +45,8 @@ def attest_bytes(nonce: bytes, pcrs: list[int], digest: bytes, magic=0xFF544347,
 class SoftTpm:
     """Just enough of a TPM to make quotes: PCR values and a signing key (ECDSA P-256 or RSA)."""
 
-    def __init__(self, kind="ecc"):
-        self.kind = kind
+    def __init__(self, kind="ecc", pcr=PCR):
+        self.kind, self.pcr = kind, pcr
         self.key = ec.generate_private_key(ec.SECP256R1()) if kind == "ecc" else \
             rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.pcrs = {i: bytes(32) for i in range(16)}
@@ -64,10 +64,10 @@ class SoftTpm:
         return struct.pack(">HH", 0x0014, 0x000B) + tpm2b(sig)
 
     def quote(self, nonce: str, lines: list[str]) -> dict:
-        selected = [0, 1, 2, 3, 4, 5, 6, 7, PCR]
+        selected = [0, 1, 2, 3, 4, 5, 6, 7, self.pcr]
         digest = hashlib.sha256(b"".join(self.pcrs[i] for i in selected)).digest()
         attest = attest_bytes(bytes.fromhex(nonce), selected, digest)
-        return {"type": "skyguard_tpm_quote", "version": 1, "nonce": nonce, "pcr": PCR, "bank": "sha256",
+        return {"type": "skyguard_tpm_quote", "version": 1, "nonce": nonce, "pcr": self.pcr, "bank": "sha256",
                 "pcrs": {str(i): self.pcrs[i].hex() for i in selected},
                 "quote": {"attest": base64.b64encode(attest).decode(),
                           "signature": base64.b64encode(self.sign(attest)).decode(), "tss_pcrs": ""},
@@ -84,8 +84,8 @@ def measured(tpm: SoftTpm, policy=POLICY, tags=TAGS) -> list[str]:
                 {"interface": "sg-web1", "programs": {"tc_egress": tags["sg_to_vm"]}})]
     lines = []
     for seq, (kind, digest, detail) in enumerate(events):
-        line = make_line(seq, PCR, kind, digest, detail, 1_700_000_000_000_000_000 + seq)
-        tpm.pcrs[PCR] = extend(tpm.pcrs[PCR], line_digest(line))
+        line = make_line(seq, tpm.pcr, kind, digest, detail, 1_700_000_000_000_000_000 + seq)
+        tpm.pcrs[tpm.pcr] = extend(tpm.pcrs[tpm.pcr], line_digest(line))
         lines.append(line)
     return lines
 
@@ -259,6 +259,15 @@ def test_a_reference_made_from_good_evidence_accepts_it_and_rejects_another_poli
     assert not quote.verify(bad, tpm.ak_pem, NONCE, ref).ok
     with pytest.raises(BadInput, match="does not verify"):
         quote.reference_from(good, SoftTpm().ak_pem, NONCE)
+
+
+def test_a_host_on_another_pcr_is_checked_on_the_pcr_its_reference_pins():
+    tpm = SoftTpm(pcr=14)
+    evidence = tpm.quote(NONCE, measured(tpm))
+    ref = quote.reference_from(evidence, tpm.ak_pem, NONCE)
+    assert ref["pcr"] == 14 and quote.verify(evidence, tpm.ak_pem, NONCE, ref).ok
+    # a verifier expecting skyguard's default PCR refuses a quote whose log sits on another one
+    assert quote.verify(evidence, tpm.ak_pem, NONCE, None).failures[0].startswith("selection:")
 
 
 def test_without_a_reference_only_the_quote_and_replay_are_checked(host):
