@@ -30,7 +30,8 @@ Examples:
   skyguard lab down
 """)
 def lab():
-    """Network namespaces as VMs, a lab host and a sealed internet, for trying and testing skyguard.
+    """Network namespaces (or real QEMU guests, `up --vms qemu`) as VMs, a lab host and a sealed
+    internet, for trying and testing skyguard.
 
     Namespaces get the prefix in SKYGUARD_LAB_PREFIX (none by default). Needs root.
     """
@@ -96,11 +97,13 @@ Examples:
   skyguard lab exec radius1 -- ip addr
   skyguard lab exec dc1 -- dig foo.test
   skyguard lab exec host -- ip route
+  skyguard lab exec agent1 -- cat /proc/cmdline      in a QEMU guest: through its agent
 """)
 @click.argument("name")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
 def exec_(name, command):
-    """Run COMMAND inside lab VM NAME (or `host` or `internet`); its exit status is passed through."""
+    """Run COMMAND inside lab VM NAME (or `host` or `internet`); its exit status is passed through.
+    In a QEMU guest, COMMAND runs with the guest's sh and its output comes back when it ends."""
     argv = list(command)
     if argv and argv[0] == "--":  # click passes the separator through once parsing has stopped
         argv = argv[1:]
