@@ -290,6 +290,8 @@ def test_hosts_witness_each_other_and_a_rewritten_log_is_refused(fleet):
         assert host.agent.witness.state(victim.writer.origin).size == witnessed[host.name]   # never moved on
     view = json.loads(skyguard("fleet", "status", "--etcd", fleet.cluster.endpoints, "--json").stdout)
     assert {(a["witness"], a["peer"]) for a in view["alerts"]} == {("alpha", "charlie"), ("bravo", "charlie")}
+    table = skyguard("fleet", "status", "--etcd", fleet.cluster.endpoints).stdout
+    assert "ALERT: alpha refuses to cosign charlie" in table and "ALERT: bravo refuses to cosign charlie" in table
     bad = skyguard("log", "verify", "--state-dir", str(victim.state), "--witnesses", "2", check=False)
     assert bad.returncode == 1, bad.stdout
     good = skyguard("log", "verify", "--state-dir", str(honest.state), "--witnesses", "2")
