@@ -21,7 +21,8 @@ from skyguard.errors import BadInput
               help="Check a saved attestation (the note, or `attest --json` output) instead of making one.")
 @click.option("--key", default=None, metavar="VKEY|FILE",
               help="With --verify: the host's verifier key (`skyguard log checkpoint --public-key`), "
-                   "or a file holding it. Use a copy kept off this host.")
+                   "or a file holding it. Use a copy kept off this host. With --ak too: the daemon's "
+                   "signed statement in the evidence is checked and must match what the TPM measured.")
 @click.option("--nonce", default=None, metavar="HEX",
               help="A fresh challenge to include (when making) or to require (with --verify).")
 @click.option("--quote", "make_quote", is_flag=True,
@@ -72,7 +73,7 @@ def attest(verify_file, key, nonce, make_quote, ak, reference_file, reference_fr
         _make_quote(nonce, tcti, state_dir)
         return
     if verify_file is not None and ak is not None:
-        _verify_quote(verify_file, ak, nonce, reference_file, as_json)
+        _verify_quote(verify_file, ak, nonce, reference_file, key, as_json)
         return
     if reference_file is not None:
         raise BadInput("--reference is for --verify FILE --ak AK: checking TPM evidence")
@@ -146,15 +147,19 @@ def _make_quote(nonce: str | None, tcti: str | None, state_dir: Path | None) -> 
     emit_json(out)
 
 
-def _verify_quote(path: Path, ak: Path, nonce: str | None, reference_file: Path | None, as_json: bool) -> None:
+def _verify_quote(path: Path, ak: Path, nonce: str | None, reference_file: Path | None, key: str | None,
+                  as_json: bool) -> None:
     from skyguard.tlog.errors import VerificationError
     from skyguard.tpm import quote
 
     if not nonce:
         raise BadInput("--verify with --ak needs --nonce HEX: the challenge you sent to the host")
-    evidence = quote.evidence_of(quote.load_json(path, "evidence"))
+    document = quote.load_json(path, "evidence")
+    evidence = quote.evidence_of(document)
     reference = quote.load_json(reference_file, "reference") if reference_file else None
     verdict = quote.verify(evidence, ak.read_text(), nonce, reference)
+    if key and verdict.ok:  # the daemon's signed statement, bound to what the TPM measured
+        verdict.failures += _statement_failures(document, key, nonce, verdict.state)
     if as_json:
         emit_json(verdict.as_dict())
     elif verdict.ok:
@@ -170,6 +175,24 @@ def _verify_quote(path: Path, ak: Path, nonce: str | None, reference_file: Path 
             click.echo(f"  note: {note}")
     if not verdict.ok:
         raise VerificationError(f"TPM evidence {path} does NOT verify:\n  " + "\n  ".join(verdict.failures))
+
+
+def _statement_failures(document: dict, key: str, nonce: str, state: dict) -> list[str]:
+    from skyguard import attest as attestation
+    from skyguard.tlog.checkpoint import Verifier
+    from skyguard.tlog.errors import BadLogInput, VerificationError
+    from skyguard.tpm import quote
+
+    if not isinstance(document.get("note"), str):
+        return ["statement: the evidence carries no signed statement (the daemon was not running: "
+                f"{document.get('statement_missing', 'no reason given')})"]
+    key_text = Path(key).read_text().strip() if Path(key).is_file() else key
+    verifier = Verifier.from_vkey(key_text)  # a malformed key is bad input (exit 2), not a failed check
+    try:
+        statement = attestation.verify(document["note"], verifier, nonce)
+    except (VerificationError, BadLogInput) as e:
+        return [f"statement: {e}"]
+    return quote.cross_check(statement, state, key_text)
 
 
 def _reference_from(path: Path, ak: Path | None, nonce: str | None, platform_pcrs: bool) -> None:

@@ -228,6 +228,26 @@ def _compare(events: list[dict], values: dict[int, bytes], reference: dict, verd
                                     f"the reference's {expected}")
 
 
+def cross_check(statement: dict, state: dict, vkey: str) -> list[str]:
+    """Differences between the daemon's signed statement (skyguard/attest.py, signed with the host
+    key `vkey`) and what the TPM's quote proves was measured: the policy in force, the programs
+    loaded, the key that signs the log. Empty when they agree."""
+    out = []
+    said = (statement.get("policy") or {}).get("sha256")
+    measured = (state.get("policy") or {}).get("sha256")
+    if said != measured:
+        out.append(f"statement: the daemon says it enforces policy sha256 {said}, but the last policy the TPM "
+                   f"measured is {measured}")
+    for name, program in sorted((statement.get("programs") or {}).items()):
+        tag = (state.get("programs") or {}).get(name)
+        if program.get("tag") != tag:
+            out.append(f"statement: program {name} runs with tag {program.get('tag')}, the TPM measured {tag}")
+    if state.get("log_key") != vkey:
+        out.append(f"statement: signed by {vkey.split('+')[0]}'s key {vkey}, but the TPM measured the log key "
+                   f"{state.get('log_key')}")
+    return out
+
+
 def _safe(fn, value):
     try:
         return fn(value)

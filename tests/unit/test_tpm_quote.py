@@ -261,6 +261,22 @@ def test_a_reference_made_from_good_evidence_accepts_it_and_rejects_another_poli
         quote.reference_from(good, SoftTpm().ak_pem, NONCE)
 
 
+def test_the_daemons_statement_must_match_what_the_tpm_measured(host):
+    tpm, evidence = host
+    state = quote.verify(evidence, tpm.ak_pem, NONCE, REFERENCE).state
+    statement = {"policy": {"name": "keysystems", "sha256": POLICY},
+                 "programs": {name: {"id": 1, "tag": tag} for name, tag in TAGS.items()}}
+    assert quote.cross_check(statement, state, VKEY) == []
+    lying = dict(statement, policy={"name": "keysystems", "sha256": "00" * 32})
+    assert quote.cross_check(lying, state, VKEY) == [
+        f"statement: the daemon says it enforces policy sha256 {'00' * 32}, but the last policy the TPM "
+        f"measured is {POLICY}"]
+    swapped = dict(statement, programs={"sg_to_vm": {"tag": "ffffffffffffffff"}})
+    assert quote.cross_check(swapped, state, VKEY) == [
+        f"statement: program sg_to_vm runs with tag ffffffffffffffff, the TPM measured {TAGS['sg_to_vm']}"]
+    assert quote.cross_check(statement, state, "other+00000000+AQ==")[0].startswith("statement: signed by other")
+
+
 def test_a_host_on_another_pcr_is_checked_on_the_pcr_its_reference_pins():
     tpm = SoftTpm(pcr=14)
     evidence = tpm.quote(NONCE, measured(tpm))
@@ -358,7 +374,7 @@ def test_any_one_byte_change_fails_the_check_and_never_crashes(position, flip, w
         lines = evidence["event_log"]
         i = position % len(lines)
         raw = bytearray(lines[i].encode())
-        raw[position % len(raw)] = (raw[position % len(raw)] + flip) % 128
+        raw[position % len(raw)] = (raw[position % len(raw)] + 1 + flip % 126) % 128  # never the same byte
         lines[i] = raw.decode("ascii")
     else:
         raw = bytearray(base64.b64decode(evidence["quote"][where]))
