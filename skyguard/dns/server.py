@@ -120,6 +120,66 @@ class _ClientUdp(asyncio.DatagramProtocol):
         pass
 
 
+class _ClientUdp6:
+    """IPv6 client queries, each answered from the address it was sent to (IPV6_PKTINFO). A VM's
+    host-side interface often has only link-local addresses: nftables' redirect then delivers the
+    query to one of them, and a reply from the address the kernel would pick for the VM (a global
+    one of another interface) matches no conntrack entry, is never un-NATed, and is dropped on its
+    way into the VM. asyncio's datagram transports carry no ancillary data, hence a reader here."""
+
+    BATCH = 64  # datagrams read per wake-up: the loop stays fair to the other parts
+
+    def __init__(self, server: "DnsServer", sock: socket.socket, loop: asyncio.AbstractEventLoop):
+        self.server, self.sock, self.loop = server, sock, loop
+        self._closing = False
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+        sock.setblocking(False)
+        loop.add_reader(sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        for _ in range(self.BATCH):
+            try:  # the ancillary buffer holds exactly one struct in6_pktinfo (16 + 4 bytes)
+                data, ancdata, _flags, addr = self.sock.recvmsg(65535, socket.CMSG_SPACE(20))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # an ICMP error queued on the socket: nothing to answer
+                continue
+            pktinfo = next((d for level, kind, d in ancdata
+                            if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO), None)
+            self.server._on_udp_query(_ReplyFrom(self, pktinfo), data, addr)
+
+    def send(self, data: bytes, addr, pktinfo: bytes | None) -> None:
+        ancillary = [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, pktinfo)] if pktinfo else []
+        try:
+            self.sock.sendmsg([data], ancillary, 0, addr)
+        except OSError:  # a full socket buffer or a vanished route: the client asks again
+            self.server.metrics.dropped.labels("reply-send-failed").inc()
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        if not self._closing:
+            self._closing = True
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+
+
+class _ReplyFrom:
+    """What _on_udp_query answers through: sendto() from the address the query came to."""
+
+    __slots__ = ("listener", "pktinfo")
+
+    def __init__(self, listener: _ClientUdp6, pktinfo: bytes | None):
+        self.listener, self.pktinfo = listener, pktinfo
+
+    def sendto(self, data: bytes, addr) -> None:
+        self.listener.send(data, addr, self.pktinfo)
+
+    def is_closing(self) -> bool:
+        return self.listener.is_closing()
+
+
 class StateWriter:
     """Writes the learned state (skyguard.dns.learned) from a thread of its own, one write at a
     time. On the event loop only a copy of the live entries is taken (~1 us each); encoding, the
@@ -218,8 +278,11 @@ class DnsServer:
             self._sockets6.append(proto)
         for host, port in self.listen:
             udp, tcp, port = self._bind_pair(host, port)
-            transport, _ = await loop.create_datagram_endpoint(lambda: _ClientUdp(self), sock=udp)
-            self._udp_transports.append(transport)
+            if udp.family == socket.AF_INET6:
+                self._udp_transports.append(_ClientUdp6(self, udp, loop))
+            else:
+                transport, _ = await loop.create_datagram_endpoint(lambda: _ClientUdp(self), sock=udp)
+                self._udp_transports.append(transport)
             self._servers.append(await asyncio.start_server(self._on_tcp_client, sock=tcp,
                                                             limit=MAX_TCP_REPLY + 2))
             self.bound.append((host, port))

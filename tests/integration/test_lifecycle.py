@@ -808,7 +808,5 @@ dns: {upstreams: ["2001:db8::53"]}
     seed=6)
 
 
-@pytest.mark.xfail(strict=True, reason="DNS replies to a VM over IPv6 are dropped by sg_to_vm (no_rule); "
-                                       "lifecycle finding 3")
 def test_dns_over_ipv6_is_answered(root, tmp_path):
     run_scenario(V6_DNS, tmp_path)
