@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from skyguard.errors import BadInput, LabError
@@ -53,10 +54,11 @@ def boot(lab, workloads: list[Workload]) -> list[dict]:
     started = []
     for w in workloads:
         spec = spec_for(lab.lab_dir, w)
-        started.append((w, spec, qemu.start(spec, image, accel, lab.netns_path("host"))))
+        started.append((w, spec, qemu.start(spec, image, accel, lab.netns_path("host")), time.monotonic()))
     entries = []
-    for w, spec, pid in started:
-        seconds = qemu.wait_booted(spec, pid)
+    for w, spec, pid, began in started:
+        qemu.wait_booted(spec, pid)
+        seconds = time.monotonic() - began  # since its QEMU started (they boot side by side)
         lab.progress(f"guest {w.name} booted in {seconds:.1f}s (pid {pid}, tap {w.interface})")
         entries.append({"name": w.name, "zone": w.zone, "kind": "qemu", "interface": w.interface,
                         "mac": w.mac, "addresses": [str(a) for a in w.addresses], "pid": pid,
