@@ -22,6 +22,7 @@ from skyguard.control import ControlServer
 from skyguard.datapath import guard
 from skyguard.errors import BadInput, SkyguardError
 from skyguard.metrics.views import flows_handler, workload_names
+from skyguard.parts import PartLog, make_part, stop_part
 
 log = logging.getLogger("skyguard.daemon")
 
@@ -51,8 +52,9 @@ def _canonical(value):
 
 class Daemon:
     def __init__(self, policy_path: Path, state_dir: Path | None = None, metrics_addr: str | None = None,
-                 upstream_ca: str | None = None):
+                 upstream_ca: str | None = None, fleet: dict | None = None):
         self.policy_path = Path(policy_path)
+        self.fleet = fleet  # {"etcd", "name", "admin_keys"} (skyguard/fleet/daemon_hook.py), or None
         self.upstream_ca = upstream_ca  # CA bundle for the credential proxy's upstream TLS (default: system)
         self.state_dir = Path(state_dir or config.STATE_DIR)
         self.metrics_addr = metrics_addr
@@ -76,6 +78,7 @@ class Daemon:
         self.registry = CollectorRegistry()  # every part's metrics; the exporter serves it
         self.tamper_events = 0
         self.metrics = None  # the Prometheus exporter (skyguard.metrics), when --metrics is on
+        self.tpm = None  # skyguard.tpm.hook.DaemonTpm: measured launch and continuous attestation
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -87,19 +90,27 @@ class Daemon:
             text = self.policy_path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise BadInput(f"cannot read policy {self.policy_path}: {e}") from None
-        policy = parse_policy(text, source=str(self.policy_path))  # bad policy: nothing changes
+        source = str(self.policy_path)
+        if self.fleet:  # a fleet host restarts on its last signed fleet policy, never an older file
+            from skyguard.fleet.daemon_hook import kept_fleet_policy
+
+            text, source = kept_fleet_policy(self.state_dir, self.fleet["admin_keys"]) or (text, source)
+        policy = parse_policy(text, source=source)  # bad policy: nothing changes
         _raise_open_file_limit()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
         self._open_log()
         self.record("daemon_start", pid=os.getpid(), version=_version())
+        self._open_tpm()
         self.datapath = Datapath(pin_dir=config.PIN_DIR)
+        self.tpm.measure_programs(self.datapath.program_infos())
         self._remember_saved_dns_answers(policy)
         # Order matters: maps first; then the DNS proxy (re-learns saved answers into the maps,
         # installs the steering); only then are programs attached to VM interfaces.
         self.datapath.apply_policy(policy, host_addresses=_host_addresses())
         self.policy, self.policy_text = policy, text
         guard.install([w.interface for w in policy.workloads()])  # unattached interfaces stay dark
+        self.tpm.measure_policy(policy.name, policy.sha256)  # before the parts: the monitor quotes it
         self._start_async_parts(policy)
         self.record("policy_load", name=policy.name, sha256=policy.sha256, source=str(policy.source))
         self._start_flowlog()  # before attaching: the first flows on new interfaces are logged too
@@ -151,6 +162,16 @@ class Daemon:
         t.start()
         self._threads.append(t)
 
+    # ---- the TPM (skyguard/tpm/hook.py) ------------------------------------------------------
+
+    def _open_tpm(self) -> None:
+        """Measured launch. Never raises: without a TPM every measurement is a no-op; a TPM that
+        fails is logged, recorded and reported by status and doctor (quotes then fail closed)."""
+        from skyguard.tpm.hook import DaemonTpm
+
+        self.tpm = DaemonTpm(self.state_dir, record=self.record)
+        self.tpm.measure_launch(self.tlog.signer.verifier.vkey())
+
     # ---- the signed log --------------------------------------------------------------------
 
     def _open_log(self) -> None:
@@ -183,15 +204,20 @@ class Daemon:
             metrics = PartRegistry(self.registry)
             return PartSlot(name, wanted, lambda policy: make(policy, metrics.fresh()))
 
-        return [slot("dns", lambda policy: True, self._make_dns),
-                slot("credentials", lambda policy: bool(policy.credentials or policy.tls_termination),
-                     self._make_credentials),
-                slot("admin", lambda policy: policy.admin_ssh is not None, self._make_admin)]
+        slots = [slot("dns", lambda policy: True, self._make_dns),
+                 slot("credentials", lambda policy: bool(policy.credentials or policy.tls_termination),
+                      self._make_credentials),
+                 slot("admin", lambda policy: policy.admin_ssh is not None, self._make_admin)]
+        if self.tpm is not None and self.tpm.wants_monitor():  # a TPM with an attestation key
+            slots.append(slot("attestation", lambda policy: True, lambda policy, registry: self.tpm.monitor(registry)))
+        if self.fleet:
+            slots.append(slot("fleet", lambda policy: True, self._make_fleet))
+        return slots
 
     def _make_dns(self, policy, registry):
         from skyguard.dns.service import DnsProxy
 
-        return DnsProxy(policy, learner=self.datapath, log=_PartLog(self, "dns"), registry=registry,
+        return DnsProxy(policy, learner=self.datapath, log=PartLog(self.record_nowait, "dns"), registry=registry,
                         state_dir=self.state_dir, port=DNS_PROXY_PORT)
 
     def _make_credentials(self, policy, registry):
@@ -200,7 +226,7 @@ class Daemon:
         from skyguard.custody.store import SecretStore
 
         return CredentialService(policy, SecretStore(self.state_dir / "secrets"), state_dir=self.state_dir,
-                                 decision_log=_PartLog(self, "credential", "event"), registry=registry,
+                                 decision_log=PartLog(self.record_nowait, "credential", "event"), registry=registry,
                                  address_matches=self._dns_learned, upstream_ca_file=self._upstream_ca())
 
     def _make_admin(self, policy, registry):
@@ -210,7 +236,13 @@ class Daemon:
         from skyguard.custody.store import SecretStore
 
         return AdminSshProxy(policy, SecretStore(self.state_dir / "secrets"), self.state_dir,
-                             _PartLog(self, "admin_session"), registry=registry)
+                             PartLog(self.record_nowait, "admin_session"), registry=registry)
+
+    def _make_fleet(self, policy, registry):
+        """The fleet agent: membership, signed policies applied through _apply, witnessing."""
+        from skyguard.fleet.daemon_hook import make_fleet_agent
+
+        return make_fleet_agent(self, registry, **self.fleet)
 
     def _upstream_ca(self) -> str | None:
         """--upstream-ca, else the CA of the lab whose host namespace this daemon runs in (so the
@@ -263,11 +295,11 @@ class Daemon:
                         try:  # told first, so what it ends, it ends for the policy's reason
                             await maybe_await(part.set_policy(policy))
                         finally:
-                            await _stop_part(part)
+                            await stop_part(part)
                         self.record_nowait("part_stopped", part=slot.name, why="the policy no longer needs it")
                     continue
                 if slot.part is None:
-                    part = await _make_part(slot, policy)
+                    part = await make_part(slot, policy)
                     await maybe_await(part.start())
                     slot.part = part
                     dropped = getattr(part, "dropped", None)
@@ -293,7 +325,7 @@ class Daemon:
                 part, slot.part = slot.part, None
                 if part is not None:
                     try:
-                        await _stop_part(part)
+                        await stop_part(part)
                     except Exception:
                         log.exception("stopping %s after its failure failed", slot.name)
         return {slot.name: {"state": slot.state, "problem": slot.problem} for slot in self.slots if slot.problem}
@@ -321,7 +353,7 @@ class Daemon:
             part, slot.part = slot.part, None
             if part is not None:
                 try:
-                    await _stop_part(part)
+                    await stop_part(part)
                 except Exception:
                     log.exception("stopping %s failed", slot.name)
 
@@ -350,6 +382,7 @@ class Daemon:
         with self._lock:
             self.datapath.apply_policy(policy, host_addresses=_host_addresses())
             guard.install([w.interface for w in policy.workloads()])
+            self.tpm.measure_policy(policy.name, policy.sha256)
             problems = self.loop_thread.call(self._reconcile_parts(policy), timeout=120)
             self.policy, self.policy_text = policy, text
             self.record("policy_load", name=policy.name, sha256=policy.sha256, source=str(policy.source))
@@ -364,6 +397,7 @@ class Daemon:
             for ifname, problem in sorted(self.datapath.verify().items()):
                 info = self.datapath.attach(ifname)
                 guard.mark_attached(ifname)
+                self.tpm.measure_attach(ifname, info)
                 if ifname not in self._known:
                     self.record("attach", interface=ifname, programs=_prog_summary(info))
                     log.info("attached to %s", ifname)
@@ -497,6 +531,7 @@ class Daemon:
                 "flowlog": self.flowlog.stats() if self.flowlog else None,
                 "parts": {slot.name: slot.state for slot in self.slots},
                 "secrets": self._secrets_status(),
+                "tpm": self.tpm.status() if self.tpm else None,
             }
 
     def _secrets_status(self) -> dict:
@@ -511,42 +546,6 @@ class Daemon:
         if self.policy.admin_ssh is not None:
             named |= {HOST_KEY_NAME, VM_KEY_NAME}
         return {"stored": len(stored), "unused": sorted(stored - named), "missing": sorted(named - stored)}
-
-
-class _PartLog:
-    """A part's DecisionLog: each decision queued for the signed log (never waiting for an fsync).
-    Parts report `record(entry_dict)` today; the entry's kind is its `kind_field` or the part's
-    default kind."""
-
-    def __init__(self, daemon: Daemon, default_kind: str, kind_field: str | None = None):
-        self.daemon, self.default_kind, self.kind_field = daemon, default_kind, kind_field
-
-    def record(self, entry: dict | str, /, **fields) -> None:
-        if isinstance(entry, str):  # record(kind, **fields): the shape skyguard/parts.py names
-            self.daemon.record_nowait(entry, **fields)
-            return
-        fields = dict(entry)
-        if self.default_kind == "dns":
-            fields.pop("kind", None)  # the log entry's own type says it
-            fields["qtype"] = fields.pop("type", None)  # `type` names the log entry's kind
-            kind = "dns"
-        else:
-            kind = str(fields.pop(self.kind_field, None) or self.default_kind)
-        self.daemon.record_nowait(kind, **fields)
-
-
-async def _make_part(slot, policy):
-    """Constructors block (keys read from disk, pyroute2's synchronous netlink, which cannot run
-    inside a running loop): they run in a worker thread."""
-    import asyncio
-
-    return await asyncio.get_running_loop().run_in_executor(None, slot.make, policy)
-
-
-async def _stop_part(part) -> None:
-    from skyguard.parts import maybe_await
-
-    await maybe_await(part.stop())
 
 
 def _raise_open_file_limit() -> None:

@@ -574,6 +574,7 @@ def run_checks() -> list[Check]:
         checks.append(check_network_namespaces(state))
         checks += [check_xdp_attach(state, "generic"), check_xdp_attach(state, "native"),
                    check_tc_attach(state), check_nftables(state)]
+        checks.append(check_tpm())
     finally:
         if "netns" in state:
             state["netns"].remove()

@@ -115,3 +115,36 @@ class PartRegistry:
 
     def collect(self):
         yield from self.current.collect()
+
+
+class PartLog:
+    """A part's DecisionLog over the daemon's non-blocking log writer (`record_nowait(kind,
+    **fields)`). Parts call `record(kind, **fields)`; the DNS proxy and the credential proxy still
+    hand one dict per decision, whose kind is its `kind_field` (or the part's default kind)."""
+
+    def __init__(self, record_nowait: Callable[..., None], default_kind: str, kind_field: str | None = None):
+        self.record_nowait, self.default_kind, self.kind_field = record_nowait, default_kind, kind_field
+
+    def record(self, entry: dict | str, /, **fields) -> None:
+        if isinstance(entry, str):
+            self.record_nowait(entry, **fields)
+            return
+        fields = dict(entry)
+        if self.default_kind == "dns":
+            fields.pop("kind", None)  # the log entry's own type says it
+            fields["qtype"] = fields.pop("type", None)  # `type` names the log entry's kind
+            kind = "dns"
+        else:
+            kind = str(fields.pop(self.kind_field, None) or self.default_kind) if self.kind_field \
+                else self.default_kind
+        self.record_nowait(kind, **fields)
+
+
+async def make_part(slot: PartSlot, policy: Policy):
+    """Constructors block (keys read from disk, pyroute2's synchronous netlink, which cannot run
+    inside a running loop): they run in a worker thread."""
+    return await asyncio.get_running_loop().run_in_executor(None, slot.make, policy)
+
+
+async def stop_part(part) -> None:
+    await maybe_await(part.stop())

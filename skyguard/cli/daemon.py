@@ -21,8 +21,15 @@ from skyguard.cli.common import emit_json, json_option, state_dir_option
 @click.option("--upstream-ca", type=click.Path(dir_okay=False, exists=True), default=None,
               help="CA bundle the credential proxy trusts for upstream TLS, in addition to the system's "
                    "(in a lab's host namespace, the lab's CA is added by itself).")
+@click.option("--fleet-etcd", metavar="URLS", envvar="SKYGUARD_FLEET_ETCD", default=None,
+              help="Join the fleet on these etcd client URLs (comma-separated); with --fleet-name "
+                   "and --fleet-admin-key (see `skyguard fleet --help`).")
+@click.option("--fleet-name", default=None, help="This host's name in the fleet (unique).")
+@click.option("--fleet-admin-key", "fleet_admin_keys", multiple=True, metavar="VKEY|FILE",
+              envvar="SKYGUARD_FLEET_ADMIN_KEY",
+              help="Admin verifier key (or a file of them): only policies one signed are applied.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def up(policy_path, state_dir, metrics_addr, upstream_ca, verbose):
+def up(policy_path, state_dir, metrics_addr, upstream_ca, fleet_etcd, fleet_name, fleet_admin_keys, verbose):
     """Run the daemon in the foreground (systemd-friendly: logs to stderr, stops on SIGTERM).
 
     Attaches to every workload interface of the policy that exists and to each that appears
@@ -38,13 +45,16 @@ def up(policy_path, state_dir, metrics_addr, upstream_ca, verbose):
 
     from skyguard.daemon import Daemon
     from skyguard.doctor import require_privileges
+    from skyguard.fleet.daemon_hook import fleet_options
 
     faulthandler.enable()  # a crash in C (bcc, libbpf) still leaves every thread's stack on stderr
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     require_privileges("skyguard up")
+    fleet = fleet_options(fleet_etcd, fleet_name, fleet_admin_keys)  # BadInput before anything starts
     Daemon(policy_path, state_dir=state_dir or config.STATE_DIR,
-           metrics_addr=None if metrics_addr == "off" else metrics_addr, upstream_ca=upstream_ca).run()
+           metrics_addr=None if metrics_addr == "off" else metrics_addr, upstream_ca=upstream_ca,
+           fleet=fleet).run()
 
 
 @click.command("down")

@@ -97,6 +97,17 @@ def summary_table(status: dict) -> Table:
     if secrets.get("unused"):
         table.add_row("secrets unused", ", ".join(secrets["unused"]) + "  (no policy names them; "
                       "`skyguard secret rm NAME`)")
+    tpm = status.get("tpm")
+    if tpm:  # skyguard/tpm/hook.py DaemonTpm.status()
+        table.add_row("store key", {"tpm": "sealed by the TPM", "none": "none yet",
+                                    "file": "a file (`skyguard tpm seal-store` seals it to the TPM)"}
+                      .get(tpm.get("store_key"), "?"))
+        if tpm.get("available"):
+            last = (tpm.get("last_quote") or {}).get("result", "none yet")
+            table.add_row("TPM", Text(f"PCR {tpm.get('pcr')}, {tpm.get('event_log_lines')} measurements, "
+                                      f"last quote {last}", style="" if last in ("ok", "none yet") else "bold red"))
+        else:
+            table.add_row("TPM", Text(str(tpm.get("problem", "none")), style="bold red" if tpm.get("configured") else ""))
     return table
 
 

@@ -4,8 +4,10 @@ One file per secret (`<name>.sealed`, JSON) holds public metadata (name, size, t
 metadata) in clear and the value as AES-256-GCM ciphertext. The metadata is the GCM associated
 data, so renaming a file onto another name, or editing its times or size, fails authentication
 just like editing the ciphertext. The 32-byte sealing key lives in `sealing.key` in the same
-directory (mode 0600, directory 0700), created on first use. Writes are atomic (temporary file,
-fsync, rename, fsync of the directory) and serialised between processes with a lock file.
+directory (mode 0600, directory 0700), created on first use; or, once `skyguard tpm seal-store`
+ran, sealed by the TPM in `sealing.key.tpm` (it opens only on this TPM in its measured state).
+Writes are atomic (temporary file, fsync, rename, fsync of the directory) and serialised between
+processes with a lock file.
 
 Values leave this module only as `Secret`, a bytes subclass whose repr and str never show the
 value; no error message, log line or repr here ever contains one. This module is not the
@@ -256,6 +258,13 @@ class SecretStore:
 
     def _load_or_create_key(self) -> bytes:
         self._ensure_directory()
+        # A key sealed by the TPM (`skyguard tpm seal-store`, skyguard/tpm/sealing.py) is the only
+        # key: a TPM that is missing or refuses keeps the store shut, and no file key is made.
+        from skyguard.tpm.sealing import SealedKey
+
+        sealed = SealedKey(self.key_file.parent)
+        if sealed.exists():
+            return sealed.load()
         if not self.key_file.exists():
             # Create under a temporary name and link() into place: link fails if another process
             # won the race, and then both use the winner's key.
