@@ -34,7 +34,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
@@ -787,9 +786,9 @@ def test_any_policy_any_operator_action(root, tmp_path_factory, scenario):
     run_scenario(scenario, tmp_path_factory.mktemp("lifecycle"))
 
 
-# Found by the long run: a VM's DNS query over IPv6 is decided and logged by the proxy, but the
-# reply is dropped by sg_to_vm (no_rule), so an IPv6-only VM resolves nothing
-# (/work/notes/lifecycle-findings.md, finding 3).
+# Found by the long run: a VM's DNS query over IPv6 was decided and logged by the proxy, but the
+# reply left from another address than the query was redirected to and was dropped by sg_to_vm
+# (no_rule), so an IPv6-only VM resolved nothing (fixed in 4140ddd).
 V6_DNS = Scenario(
     topology=[policygen.Vm("v6only", "sg-v6only", "02:00:00:00:0b:01", ("fd00:30::2",))],
     policies=["""apiVersion: skyguard/v1
