@@ -323,11 +323,7 @@ class Daemon:
                 log.error("%s NOT running: %s", slot.name, slot.problem, exc_info=not isinstance(e, SkyguardError))
                 self.record_nowait("part_failed", part=slot.name, error=slot.problem)
                 part, slot.part = slot.part, None
-                if part is not None:
-                    try:
-                        await stop_part(part)
-                    except Exception:
-                        log.exception("stopping %s after its failure failed", slot.name)
+                await _stop_logged(slot.name, part)
         return {slot.name: {"state": slot.state, "problem": slot.problem} for slot in self.slots if slot.problem}
 
     def _dns_learned(self, name: str, address: str) -> bool:
@@ -351,11 +347,7 @@ class Daemon:
     async def _stop_parts(self) -> None:
         for slot in reversed(self.slots):
             part, slot.part = slot.part, None
-            if part is not None:
-                try:
-                    await stop_part(part)
-                except Exception:
-                    log.exception("stopping %s failed", slot.name)
+            await _stop_logged(slot.name, part)
 
     def _stop_async_parts(self) -> None:
         if self.loop_thread is None:
@@ -546,6 +538,16 @@ class Daemon:
         if self.policy.admin_ssh is not None:
             named |= {HOST_KEY_NAME, VM_KEY_NAME}
         return {"stored": len(stored), "unused": sorted(stored - named), "missing": sorted(named - stored)}
+
+
+async def _stop_logged(name: str, part) -> None:
+    """Stop a part (if any); a failure to stop is logged, never raised: the others stop too."""
+    if part is None:
+        return
+    try:
+        await stop_part(part)
+    except Exception:
+        log.exception("stopping %s failed", name)
 
 
 def _raise_open_file_limit() -> None:
