@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import httptools
 
-from skyguard.credproxy.swap import HOP_BY_HOP, HttpRequest, UnscrubbableResponse
+from skyguard.credproxy.codings import UnscrubbableResponse
+from skyguard.credproxy.swap import HOP_BY_HOP, HttpRequest
 
 # A request target as h11 accepted it (RFC 9112 3.2: visible ASCII only).
 _TARGET = re.compile(rb"[\x21-\x7e]+")

@@ -28,11 +28,12 @@ import ipaddress
 import logging
 import socket
 import ssl
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from skyguard.credproxy.ca import CertificateAuthority
 from skyguard.credproxy.client import ClientConnection
+from skyguard.credproxy.codings import UnscrubbableResponse, decode_body
 from skyguard.credproxy.fairness import Slots, TokenBuckets
 from skyguard.credproxy.http1 import (
     ProtocolRefusal,
@@ -47,8 +48,6 @@ from skyguard.credproxy.swap import (
     ConnectionFacts,
     HttpRequest,
     SwapEngine,
-    UnscrubbableResponse,
-    decode_body,
     normalise_name,
 )
 from skyguard.credproxy.tlsaccept import ALERT_UNRECOGNIZED_NAME, PeekingTlsListener
@@ -81,7 +80,7 @@ class PolicyState:
     content_patterns: tuple = ()
 
     @classmethod
-    def build(cls, policy: Policy, secrets: SecretSource, client_certificates, content_patterns) -> "PolicyState":
+    def build(cls, policy: Policy, secrets: SecretSource, client_certificates, content_patterns) -> PolicyState:
         """Reads the secrets from the store: call off the loop when the store is on disk."""
         return cls(SwapEngine(policy.credentials, secrets, content_patterns),
                    {str(a): (w.name, w.zone) for w in policy.workloads() for a in w.addresses},
@@ -308,7 +307,7 @@ class CredentialProxy:
             # Our own words, but scrubbed all the same: nothing after the upstream's answer
             # reaches the VM without passing the scrubber.
             return ProtocolRefusal(502, state.engine.forms.scrub(str(error).encode())[0].decode("utf-8", "replace"))
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, UpstreamProtocolError, UnsafeHead) as error:
+        except (TimeoutError, OSError, ssl.SSLError, UpstreamProtocolError, UnsafeHead) as error:
             return ProtocolRefusal(502, f"upstream failed: {type(error).__name__}")
 
     def _safe_response(self, engine: SwapEngine, host: str | None, request: HttpRequest, status, headers,

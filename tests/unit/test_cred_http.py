@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from skyguard.credproxy.codings import UnscrubbableResponse
 from skyguard.credproxy.http1 import (
     ProtocolRefusal,
     ProxyLimits,
@@ -17,7 +18,6 @@ from skyguard.credproxy.http1 import (
     Upgraded,
     UpstreamProtocolError,
 )
-from skyguard.credproxy.swap import UnscrubbableResponse
 
 LIMITS = ProxyLimits(max_header_bytes=1024, max_request_body=4096)
 GET = b"GET /a HTTP/1.1\r\nHost: api.github.test\r\n\r\n"

@@ -11,14 +11,13 @@ import zlib
 
 import pytest
 
-from skyguard.credproxy.interfaces import MemorySecretSource, ListDecisionLog, CredentialMetrics
+from skyguard.credproxy.codings import UnscrubbableResponse, decode_body
+from skyguard.credproxy.interfaces import CredentialMetrics, ListDecisionLog, MemorySecretSource
 from skyguard.credproxy.secretforms import SecretForms
 from skyguard.credproxy.swap import (
     ConnectionFacts,
     HttpRequest,
     SwapEngine,
-    UnscrubbableResponse,
-    decode_body,
     normalise_name,
 )
 from skyguard.errors import CredentialError
