@@ -12,6 +12,7 @@ import re
 
 from skyguard.policy import fqdn
 from skyguard.policy.checker import CheckerBase, did_you_mean, quoted, type_name
+from skyguard.policy.console import ConsoleSection
 from skyguard.policy.model import AdminSsh, Credential, Injection, SshOperator, TlsTermination
 from skyguard.policy.values import (HEADER_RE, PLACEHOLDER_RE, SECRET_NAME_RE, format_fields,
                                     format_hostport, parse_hostport, parse_ssh_public_key)
@@ -22,7 +23,7 @@ MIN_PLACEHOLDER = 16  # long enough that a placeholder never occurs in traffic b
 SSH_COMMAND_WORD = re.compile(r"[A-Za-z0-9_./:=,@%+\-*?\[\]!]+")
 
 
-class AccessSections(CheckerBase):
+class AccessSections(ConsoleSection, CheckerBase):
     """credentials, tls_termination, admin: methods of the policy checker."""
 
     def credentials(self, node, line, zones) -> tuple[Credential, ...]:
@@ -198,7 +199,11 @@ class AccessSections(CheckerBase):
     def admin(self, node, line, zones) -> AdminSsh | None:
         if node is None:
             return None
-        if not self.mapping(node, "admin", line, ("ssh",)) or "ssh" not in node:
+        if not self.mapping(node, "admin", line, ("ssh", "console")):
+            return None
+        if "console" in node:  # graphical consoles: skyguard/policy/console.py, read by parse.py
+            self.console = self.admin_console(node["console"], self.line_of(node, "console"), zones)
+        if "ssh" not in node:
             return None
         ssh, ssh_line = node["ssh"], self.line_of(node, "ssh")
         keys = ("listen", "operators", "port_forwarding", "agent_forwarding", "sftp", "commands")

@@ -1,0 +1,78 @@
+"""admin.console (skyguard/policy/console.py): console targets and who may open them, parsed with
+file:line problems; the credential is a name and is never echoed back."""
+
+import pytest
+
+from skyguard import config
+from skyguard.policy.parse import parse_policy
+from skyguard.policy.source import PolicyError
+
+BASE = config.DEFAULT_POLICY.read_text()
+
+GOOD = """
+admin:
+  console:
+    listen: "0.0.0.0:5999"
+    targets:
+      - {name: dc1-desktop, workload: dc1, protocol: vnc, port: 5901, credential: dc1-vnc,
+         clipboard: to_vm}
+      - {name: dc2-rdp, workload: dc2, protocol: rdp, port: 3389, credential: dc2-rdp, recording: false}
+    operators:
+      - {name: alice, may_access: [directory]}
+    groups:
+      - {name: admins, may_access: "*"}
+"""
+
+
+def problems(text: str) -> str:
+    with pytest.raises(PolicyError) as e:
+        parse_policy(BASE + text)
+    return str(e.value)
+
+
+def test_targets_operators_and_groups_are_parsed():
+    console = parse_policy(BASE + GOOD).admin_console
+    assert console.listen == "0.0.0.0:5999"
+    vnc = console.target("dc1-desktop")
+    assert (vnc.workload, vnc.protocol, vnc.port, vnc.credential) == ("dc1", "vnc", 5901, "dc1-vnc")
+    assert vnc.clipboard_to_vm and not vnc.clipboard_from_vm and vnc.recording
+    rdp = console.target("dc2-rdp")
+    assert rdp.clipboard == "none" and not rdp.recording
+    assert console.zones_of("alice") == {"directory"}
+    assert console.zones_of("bob") == set()
+    assert "sandbox" in console.zones_of("bob", ("admins",))
+
+
+def test_console_alone_without_ssh():
+    policy = parse_policy(BASE + GOOD)
+    assert policy.admin_ssh is None and policy.admin_console is not None
+
+
+
+
+BAD = [
+    ("protocol: vnc", "protocol: spice", "'spice' is not one of: vnc, rdp"),
+    ("clipboard: to_vm", "clipboard: sideways", "'sideways' is not one of: none, to_vm, from_vm, both"),
+    ("workload: dc1", "workload: dc9", "unknown workload 'dc9'"),
+    ("port: 5901", "port: 70000", "70000 is out of range"),
+    ("may_access: [directory]", "may_access: [dirctory]", "unknown zone 'dirctory'"),
+    ('listen: "0.0.0.0:5999"', 'listen: "0.0.0.0"', "has no port"),
+    ("name: dc2-rdp", "name: dc1-desktop", "already defined"),
+    ("port: 3389", "port: 3389, colour: red", "admin.console.targets[1].colour: unknown key"),
+]
+
+
+@pytest.mark.parametrize("old,new,message", BAD)
+def test_bad_input_is_refused_with_a_reason(old, new, message):
+    assert message in problems(GOOD.replace(old, new, 1))
+
+
+def test_a_password_given_as_credential_is_refused_and_not_echoed():
+    text = problems(GOOD.replace("credential: dc1-vnc", "credential: 'hunter2 secret!'", 1))
+    assert "credential" in text and "hunter2" not in text
+
+
+def test_the_same_vm_port_twice_is_refused():
+    text = problems(GOOD.replace("workload: dc2, protocol: rdp, port: 3389",
+                                 "workload: dc1, protocol: rdp, port: 5901", 1))
+    assert "dc1 port 5901 is already the target" in text
