@@ -124,7 +124,8 @@ def main() -> None:
     plot("conn-rate", figures, xlabel="setup", ylabel="connections/s (median)", kind="bar",
          title=f"new TCP connections VM->VM, {RULES} rules")
     result("conn-rate", "connections/s", figures["skyguard"], figures["no filter"], target=0.9,
-           nftables=figures["nftables"], median_ratio_per_round=paired, ratio_vs_nftables=figures["skyguard"] / figures["nftables"],
+           nftables=figures["nftables"], median_ratio_per_round=paired,
+           ratio_vs_nftables=figures["skyguard"] / figures["nftables"],
            failed_connections=failures, concurrency=CONCURRENCY, rules=RULES, seconds_per_run=SECONDS,
            rounds=ROUNDS, samples=samples)
 

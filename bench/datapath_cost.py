@@ -55,9 +55,11 @@ def bench_policy(n_rules: int) -> tuple[Policy, str, int]:
     for i in range(n_rules):
         dst = ipaddress.ip_network(ipaddress.ip_address(base + i))
         action = "deny" if i % 10 == 9 else "allow"
-        rules.append(Rule(f"r{i}", action, ("web",), Destination(cidrs=(dst,)), (PortRange("tcp", 1000 + i % 1000, 1000 + i % 1000),)))
+        port = 1000 + i % 1000
+        rules.append(Rule(f"r{i}", action, ("web",), Destination(cidrs=(dst,)), (PortRange("tcp", port, port),)))
     mid = (n_rules // 2) // 10 * 10  # an allow rule
-    return Policy(f"bench-{n_rules}", {"web": web, "db": db}, {}, tuple(rules)), str(ipaddress.ip_address(base + mid)), 1000 + mid % 1000
+    policy = Policy(f"bench-{n_rules}", {"web": web, "db": db}, {}, tuple(rules))
+    return policy, str(ipaddress.ip_address(base + mid)), 1000 + mid % 1000
 
 
 def frame(dst, dport, sport=40000, flags="A"):

@@ -20,8 +20,8 @@ and no signed log (those costs belong to their own benchmarks), on uvloop and wi
 latency settings the daemon applies (skyguard.dns.latency). Its garbage-collector pauses are
 counted and reported.
 
-`--compare-with TREE` ($SKYGUARD_BENCH_DNS_COMPARE_WITH with bench/run) adds the proxy of another source tree (run by this file's harness over
-that tree's skyguard package) to the throughput runs and the latency rounds: a before/after
+`--compare-with TREE` ($SKYGUARD_BENCH_DNS_COMPARE_WITH with bench/run) adds the proxy of another source tree
+(run by this file's harness over that tree's skyguard package) to the throughput runs and the latency rounds: a before/after
 comparison in which both sides share the machine's noise (PORT_BASE+4).
 
 Not a test: it asserts nothing. Progress goes to stderr; the last stdout line is one JSON object
@@ -133,8 +133,7 @@ def serve_skyguard(port: int, upstream_port: int, stats_path: str) -> None:
     from skyguard.dns.interfaces import NullLog, PolicyDirectory
     from skyguard.dns.resolver import DnsPolicyResolver
     from skyguard.dns.server import DnsServer, Upstream
-    from skyguard.policy.model import (Destination, DnsConfig, Policy, PortRange, Rule,
-                                       Workload, Zone)
+    from skyguard.policy.model import Destination, DnsConfig, Policy, PortRange, Rule, Workload, Zone
 
     class DictLearner:
         """Stands in for Datapath.learn: one dict write per (zone, rule, ip)."""

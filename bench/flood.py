@@ -55,7 +55,8 @@ class Flood:
         self.start_packets = net.rx_packets(self.c)
         self.started = time.monotonic()
         self.proc = subprocess.Popen(self.c.cmd(["taskset", "-c", str(FLOOD_CPU), "trafgen", "--dev", "eth0",
-                                                 "--conf", str(config), "-P", "1", "-q"]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                                 "--conf", str(config), "-P", "1", "-q"]),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(0.5)  # the flood is at full rate before the stream starts
         if self.proc.poll() is not None:
             raise SystemExit(f"trafgen failed: {self.proc.stderr.read().decode()[-500:]}")
@@ -129,7 +130,8 @@ def main() -> None:
            meets_ahead_of_nftables=kept["skyguard"] >= kept["nftables"],
            kept_without_any_filter=kept["no filter"],  # what the flood costs the 2 CPUs by itself
            stream_gbps=med, flood_frames_per_s={k: median(v) for k, v in offered.items()},
-           skyguard_drops_counted=drops, kept_per_round=per_round, rules=RULES, seconds_per_run=SECONDS, rounds=ROUNDS, samples=samples)
+           skyguard_drops_counted=drops, kept_per_round=per_round, rules=RULES, seconds_per_run=SECONDS, rounds=ROUNDS,
+           samples=samples)
 
 
 if __name__ == "__main__":

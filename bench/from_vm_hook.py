@@ -42,7 +42,7 @@ def setup():
     for ns in (HOST, A, B):
         sh("ip", "netns", "add", ns)
     sh("ip", "netns", "exec", HOST, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-    for vm, (ns, host_if, mac, addr, gw) in VMS.items():
+    for ns, host_if, mac, addr, gw in VMS.values():
         sh("ip", "-n", HOST, "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns)
         sh("ip", "-n", ns, "link", "set", "eth0", "address", mac)
         sh("ip", "-n", HOST, "addr", "add", f"{gw}/24", "dev", host_if)
@@ -54,7 +54,7 @@ def setup():
 
 def policy():
     zones = {}
-    for vm, (ns, host_if, mac, addr, gw) in VMS.items():
+    for vm, (_ns, host_if, mac, addr, _gw) in VMS.items():
         zones[vm] = Zone(vm, (Workload(vm, vm, host_if, mac, (ipaddress.ip_address(addr),)),))
     rules = (Rule("iperf", "allow", ("a",), Destination(zones=("b",)), (PortRange("tcp", 5201, 5201),)),)
     return Policy("hook-bench", zones, {}, rules)

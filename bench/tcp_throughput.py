@@ -60,7 +60,8 @@ def main() -> None:
          title=f"TCP VM->VM, {RULES} rules")
     result("tcp-throughput", "Gbit/s", figures["skyguard"], figures["no filter"], target=0.95,
            unit="Gbit/s", rules=RULES, seconds_per_run=SECONDS, rounds=ROUNDS,
-           nftables=figures["nftables"], median_ratio_per_round=paired, ratio_vs_nftables=figures["skyguard"] / figures["nftables"],
+           nftables=figures["nftables"], median_ratio_per_round=paired,
+           ratio_vs_nftables=figures["skyguard"] / figures["nftables"],
            samples=samples)
 
 

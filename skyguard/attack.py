@@ -178,7 +178,8 @@ else:                        # crafted frames with scapy
         l3 = IPv6(src=vip, dst=dst) if ":" in vip else IP(src=vip, dst=dst)
         frames = [Ether(src=me_mac, dst=gw_mac) / l3 / TCP(sport=40000, dport=dport, flags="S") / Raw(MARK + b"spoof")]
     elif action == "arp-poison":      # claimed_ip...
-        frames = [Ether(src=me_mac, dst="ff:ff:ff:ff:ff:ff") / ARP(op=op, hwsrc=me_mac, psrc=ip, hwdst="ff:ff:ff:ff:ff:ff", pdst=ip)
+        bcast = "ff:ff:ff:ff:ff:ff"
+        frames = [Ether(src=me_mac, dst=bcast) / ARP(op=op, hwsrc=me_mac, psrc=ip, hwdst=bcast, pdst=ip)
                   for ip in args for op in (1, 2)]
     elif action == "nd-poison":       # claimed_ipv6...
         frames = [Ether(src=me_mac, dst="33:33:00:00:00:01") / IPv6(src=src, dst="ff02::1") /
@@ -194,7 +195,8 @@ else:                        # crafted frames with scapy
         from scapy.layers.inet6 import IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting
         case, d4, d6, port = args[0], args[1], args[2], int(args[3])
         src4 = [a for a in os.popen("ip -4 -o addr show dev eth0").read().split() if a.count(".") == 3][0].split("/")[0]
-        src6 = [a for a in os.popen("ip -6 -o addr show dev eth0 scope global").read().split() if ":" in a and "/" in a][0].split("/")[0]
+        words6 = os.popen("ip -6 -o addr show dev eth0 scope global").read().split()
+        src6 = [a for a in words6 if ":" in a and "/" in a][0].split("/")[0]
         e = Ether(src=me_mac, dst=gw_mac)
         v4 = lambda **kw: IP(**{"src": src4, "dst": d4, **kw})
         v6 = lambda **kw: IPv6(**{"src": src6, "dst": d6, **kw})
@@ -501,7 +503,7 @@ class Arena(Demo):
                 after = self.sandbox_drops()
                 attack.counted = {r: after[r] - before.get(r, 0) for r in after if after[r] > before.get(r, 0)}
                 if attack.logged:
-                    self.logged(attack.vm, attack.logged, lambda rs: attack.log_verdicts.extend(
+                    self.logged(attack.vm, attack.logged, lambda rs, verdicts=attack.log_verdicts: verdicts.extend(
                         str(r.get("verdict") or r.get("result")) for r in rs))
                 if attack.leaks:
                     fresh = self._lab_requests()[len(requests_before):]

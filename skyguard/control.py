@@ -14,8 +14,8 @@ import socket
 import socketserver
 import struct
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from skyguard import config
 from skyguard.errors import BadInput, DaemonError, SkyguardError
@@ -141,7 +141,8 @@ def request(op: str, timeout: float = 30.0, state_dir=None, **args) -> dict:
                 pass  # the daemon answered before reading it all (a refusal); its reply says why
             reply = _read_message(s)
     except (FileNotFoundError, ConnectionRefusedError):
-        raise DaemonError(f"no skyguard daemon is running (no socket at {path}); start one with `skyguard up --policy FILE`") from None
+        raise DaemonError(f"no skyguard daemon is running (no socket at {path}); "
+                          "start one with `skyguard up --policy FILE`") from None
     except PermissionError:
         raise DaemonError(f"permission denied on {path}: the control socket is root-only; run as root") from None
     except ConnectionError as e:

@@ -513,7 +513,7 @@ def check_tpm(state_dir: Path | None = None) -> Check:
                          "the secrets stay shut", "give the TPM back (or set SKYGUARD_TPM_TCTI / run "
                          "`skyguard tpm init --tcti T`); restore sealing.key from backup otherwise")
         return Check(name, True, "no TPM (no /dev/tpmrm0, none configured): skyguard runs without measured "
-                     f"launch or quotes, and its store key stays a file; "
+                     "launch or quotes, and its store key stays a file; "
                      "with a TPM, run `skyguard tpm init` (swtpm can stand in for trials)")
     if shutil.which("tpm2_pcrread") is None:
         return Check(name, False, f"a TPM is configured ({tcti}) but tpm2-tools are missing",
@@ -540,8 +540,8 @@ def check_tpm(state_dir: Path | None = None) -> Check:
     except EventLogError as e:
         problems.append(f"the event log is damaged: {e}")
     if problems:
-        fixes.append(f"pick a PCR (8-15) nothing else on this host extends: `skyguard tpm init --pcr N`; "
-                     f"the log starts clean at the next boot")
+        fixes.append("pick a PCR (8-15) nothing else on this host extends: `skyguard tpm init --pcr N`; "
+                     "the log starts clean at the next boot")
     if not cfg.ak_public:
         problems.append("no attestation key (quotes unavailable)")
         fixes.append("run `skyguard tpm init`")

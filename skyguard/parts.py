@@ -20,8 +20,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from skyguard.errors import SkyguardError
 from skyguard.policy.model import Policy

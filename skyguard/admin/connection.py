@@ -151,7 +151,7 @@ class OperatorConnection(asyncssh.SSHServer):
             writer.close()
         self.tunnels.clear()
 
-    def session_closed(self, session: "ProxySession") -> None:
+    def session_closed(self, session: ProxySession) -> None:
         self.sessions.discard(session)
         if self.closing and not self.sessions:
             self.close_now()
@@ -250,7 +250,7 @@ class OperatorConnection(asyncssh.SSHServer):
                     agent_forwarding=agent is not None, encoding=None,
                     preferred_auth="publickey", connect_timeout=cfg.connect_timeout,
                 ), cfg.connect_timeout)
-            except (asyncio.TimeoutError, TimeoutError):
+            except TimeoutError:
                 raise access.AccessRefused("vm_unreachable",
                     f"skyguard: {workload.name} ({address}:{cfg.vm_port}) did not answer within "
                     f"{cfg.connect_timeout:g} s; the VM may be down or its sshd not running") from None

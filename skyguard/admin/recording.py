@@ -24,7 +24,7 @@ import re
 import secrets
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from skyguard import fsutil
@@ -36,11 +36,11 @@ FLUSH_EVERY_EVENTS = 1  # write-through: the transcript must survive a killed pr
 
 
 def utc_iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def new_session_id(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(4)
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(4)
 
 
 def validate_session_id(session_id: str) -> str:
@@ -65,7 +65,7 @@ def _atomic_write_json(path: Path, value: dict) -> None:
 class SessionRecording:
     """One session being recorded. Create with SessionArchive.begin()."""
 
-    def __init__(self, archive: "SessionArchive", meta: dict, width: int, height: int, term: str | None):
+    def __init__(self, archive: SessionArchive, meta: dict, width: int, height: int, term: str | None):
         self.archive = archive
         self.meta = meta
         self.id = meta["id"]

@@ -44,7 +44,7 @@ def _runs_sftp_server(command: str | None) -> bool:
 class VmSession(asyncssh.SSHClientSession):
     """The VM's side of one bridged channel: output goes to the operator and the transcript."""
 
-    def __init__(self, front: "ProxySession"):
+    def __init__(self, front: ProxySession):
         self.front = front
         self.exit_status = None
         self.exit_signal = None

@@ -12,7 +12,7 @@ import time
 
 import click
 
-from skyguard.cli.common import emit_json, json_option, warn, state_dir_option
+from skyguard.cli.common import emit_json, json_option, state_dir_option, warn
 
 FOLLOW_PERIOD_S = 1.0
 

@@ -18,16 +18,15 @@ from pathlib import Path
 import click
 
 from skyguard import config
-from skyguard.errors import LogError
 from skyguard.cli.common import emit_json, json_option, warn
+from skyguard.errors import LogError
 from skyguard.tlog import entries as tlog_entries
 from skyguard.tlog.checkpoint import Checkpoint, Signer, Verifier
 from skyguard.tlog.errors import BadLogInput, VerificationError
 from skyguard.tlog.hashing import hash_leaf
 from skyguard.tlog.hostkey import default_key_name, key_path, load_or_create_host_key
 from skyguard.tlog.store import LogReader
-from skyguard.tlog.tree import (consistency_proof, inclusion_proof, range_root,
-                                verify_consistency, verify_inclusion)
+from skyguard.tlog.tree import consistency_proof, inclusion_proof, range_root, verify_consistency, verify_inclusion
 from skyguard.tlog.verify import read_notes_file, verify_log
 
 # Local until common.py has a shared one: the same option and meaning as `skyguard up --state-dir`.
@@ -191,13 +190,13 @@ def _parse_since(text: str) -> int:
         raise BadLogInput(f"--since {text!r}: use a duration (30s, 10m, 2h, 1d), an RFC 3339 "
                           f"time (2026-01-31T12:00:00Z) or integer nanoseconds") from None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
+        when = when.replace(tzinfo=dt.UTC)
     return int(when.timestamp()) * 1_000_000_000 + when.microsecond * 1000
 
 
 def _format_time(value) -> str:
     if isinstance(value, int):
-        return dt.datetime.fromtimestamp(value / 1e9, dt.timezone.utc).strftime(
+        return dt.datetime.fromtimestamp(value / 1e9, dt.UTC).strftime(
             "%Y-%m-%dT%H:%M:%S.%fZ")
     return str(value)
 

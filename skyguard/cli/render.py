@@ -8,7 +8,7 @@ it asks nothing of the daemon and decides nothing. `status_tables(status)` retur
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from rich import box
 from rich.console import Console, Group
@@ -121,7 +121,7 @@ def interfaces_table(status: dict, workloads: dict | None = None) -> Table:
         hooks = interfaces[ifname] or {}
         w = (workloads or {}).get(ifname, {})
 
-        def prog(*names):
+        def prog(*names, hooks=hooks):
             for name in names:
                 p = hooks.get(name)
                 if isinstance(p, dict) and p.get("id") is not None:

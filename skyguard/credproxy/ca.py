@@ -33,7 +33,7 @@ LEAF_CACHE_SIZE = 1024  # names; the set is small (credential destinations), thi
 
 
 def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 class CertificateAuthority:

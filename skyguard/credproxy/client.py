@@ -206,7 +206,7 @@ class ClientConnection(asyncio.Protocol):
                         await self._waiter
                     finally:
                         self._waiter = None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         return not self.transport.is_closing()
 

@@ -33,7 +33,7 @@ import base64
 import bisect
 import html.entities
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 REDACTED = b"[skyguard-redacted]"
 

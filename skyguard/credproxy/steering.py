@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import ipaddress
 import subprocess
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 from skyguard.errors import CredentialError
 
@@ -67,8 +67,9 @@ class CredentialSteering:
         elif self.interfaces:
             ifaces = ", ".join(_quote(name) for name in self.interfaces)
             for family, set_name in (("ip", "cred_v4"), ("ip6", "cred_v6")):
-                lines.append(f"    iifname {{ {ifaces} }} {family} daddr @{set_name} tcp dport 80 redirect to :{self.http_port}")
-                lines.append(f"    iifname {{ {ifaces} }} {family} daddr @{set_name} tcp dport 443 redirect to :{self.https_port}")
+                match = f"    iifname {{ {ifaces} }} {family} daddr @{set_name}"
+                lines.append(f"{match} tcp dport 80 redirect to :{self.http_port}")
+                lines.append(f"{match} tcp dport 443 redirect to :{self.https_port}")
         termination_rules = []
         for steer in self.terminations:
             t4, t6 = _split(steer.addresses)

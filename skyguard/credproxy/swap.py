@@ -70,7 +70,8 @@ class HttpRequest:
     http_version: bytes = b"1.1"
 
     def __repr__(self) -> str:  # bodies and header values may hold secrets after a swap
-        return f"HttpRequest({self.method.decode('latin-1')} <target hidden>, {len(self.headers)} headers, {len(self.body)} body bytes)"
+        return (f"HttpRequest({self.method.decode('latin-1')} <target hidden>, {len(self.headers)} headers, "
+                f"{len(self.body)} body bytes)")
 
 
 @dataclass(frozen=True)

@@ -177,7 +177,7 @@ class TlsTerminator:
             try:
                 vm_reader, vm_writer = await asyncio.wait_for(
                     asyncio.open_connection(target, termination.forward_to), CONNECT_TIMEOUT)
-            except (OSError, asyncio.TimeoutError):
+            except (TimeoutError, OSError):
                 result = "vm_unreachable"
                 return
             try:
@@ -222,7 +222,7 @@ async def _splice(client_reader, client_writer, vm_reader, vm_writer, idle_timeo
                     break
                 writer.write(data)
                 await writer.drain()
-        except (OSError, ssl.SSLError, asyncio.TimeoutError):
+        except (TimeoutError, OSError, ssl.SSLError):
             pass
         finally:
             try:

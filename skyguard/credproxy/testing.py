@@ -25,7 +25,7 @@ from cryptography.x509.oid import NameOID
 
 
 def _now():
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 class TestCA:

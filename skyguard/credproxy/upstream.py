@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from typing import Sequence
+from collections.abc import Sequence
 
 from skyguard.credproxy.http1 import ProxyLimits, ResponseReader, StaleConnection, serialise_request
 from skyguard.credproxy.interfaces import SecretSource

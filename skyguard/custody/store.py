@@ -27,7 +27,7 @@ import re
 import secrets as _random
 import stat
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from skyguard import fsutil
@@ -85,7 +85,7 @@ class Secret(bytes):
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _canonical(header: dict) -> bytes:

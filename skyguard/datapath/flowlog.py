@@ -33,8 +33,8 @@ import struct
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Callable
 
 from skyguard.datapath import abi, libbpf
 from skyguard.datapath.reasons import reason_name
@@ -185,7 +185,7 @@ class FlowLogger:
         self._sync_requests: queue.SimpleQueue = queue.SimpleQueue()
 
     # ---- lifecycle --------------------------------------------------------------------------
-    def start(self) -> "FlowLogger":
+    def start(self) -> FlowLogger:
         self._lost_baseline = self._kernel_lost()
         _open_ring(self.datapath, self._on_event)
         self.datapath.set_events(True)
@@ -645,7 +645,7 @@ def query_args(args: dict) -> tuple[dict, bool]:
 # ---- the ring: opened once per Datapath ------------------------------------------------------
 # bcc cannot open the same ring buffer twice on one BPF object, so the callback it holds
 # forwards to whichever logger consumes now (a restarted logger, tests with one Datapath).
-_RING_SINKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_RING_SINKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _open_ring(datapath, sink) -> None:

@@ -10,8 +10,8 @@ the information a name can carry).
 
 The model: 28 symbols (a-z, '#' for any digit, '^' for a label boundary), costs in 1/16 bit,
 from the letter pairs of the words of the GNU GPL version 3 (/usr/share/common-licenses/GPL-3 on
-Debian; add-one-half smoothing), with digit costs set by hand (digits come in runs; each digit adds log2(10) for which one). It is a
-table, not a file read at run time. Pure; no I/O.
+Debian; add-one-half smoothing), with digit costs set by hand (digits come in runs; each digit adds
+log2(10) for which one). It is a table, not a file read at run time. Pure; no I/O.
 """
 
 from __future__ import annotations

@@ -26,8 +26,7 @@ def make_resolver():
     # imported here so that main() can import them under atheris' instrumentation
     from skyguard.dns.interfaces import NullLog, PolicyDirectory
     from skyguard.dns.resolver import DnsPolicyResolver
-    from skyguard.policy.model import (Destination, DnsConfig, Policy, PortRange, Rule,
-                                       Workload, Zone)
+    from skyguard.policy.model import Destination, DnsConfig, Policy, PortRange, Rule, Workload, Zone
 
     vm = Workload("vm", "z", "sg-vm", "02:00:00:00:00:02", (ipaddress.ip_address(CLIENT),))
     rules = (Rule("any-test", "allow", ("z",), Destination(fqdns=("**.test",)),

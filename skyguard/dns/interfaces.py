@@ -8,7 +8,8 @@ daemon supplies a WorkloadDirectory built from the policy. Nothing here does I/O
 from __future__ import annotations
 
 import ipaddress
-from typing import Iterable, Protocol, runtime_checkable
+from collections.abc import Iterable
+from typing import Protocol, runtime_checkable
 
 from skyguard.policy.model import IPAddress, Policy
 

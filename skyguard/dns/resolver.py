@@ -10,7 +10,8 @@ Decision: reply these bytes, drop, or forward this upstream query. For a forward
 follows the CNAME chain inside the answer and strips every record outside it, strips rebinding
 addresses (rebinding.py: loopback, link-local, metadata, the host's own, and private ranges
 unless the rule says allow_private) unless a rule names their network, caps addresses per
-name, calls the Learner synchronously and only then returns the bytes to release. If the Learner raises, the VM gets SERVFAIL and nothing else: fail closed.
+name, calls the Learner synchronously and only then returns the bytes to release. If the Learner
+raises, the VM gets SERVFAIL and nothing else: fail closed.
 
 What it is not: a cache, a recursive resolver, or a transport. One instance is owned by one
 event loop (not thread-safe).

@@ -50,7 +50,7 @@ class Upstream:
     port: int = 53
 
     @classmethod
-    def parse(cls, text: str) -> "Upstream":
+    def parse(cls, text: str) -> Upstream:
         """"192.0.2.53", "192.0.2.53:5300", "[2001:db8::53]:53", "2001:db8::53"."""
         host, port = text, 53
         if text.startswith("["):
@@ -84,7 +84,7 @@ class _Pending:
 
 
 class _UpstreamSocket(asyncio.DatagramProtocol):
-    def __init__(self, server: "DnsServer"):
+    def __init__(self, server: DnsServer):
         self.server = server
         self.transport: asyncio.DatagramTransport | None = None
         self.pending: dict[int, _Pending] = {}
@@ -106,7 +106,7 @@ class _UpstreamSocket(asyncio.DatagramProtocol):
 
 
 class _ClientUdp(asyncio.DatagramProtocol):
-    def __init__(self, server: "DnsServer"):
+    def __init__(self, server: DnsServer):
         self.server = server
         self.transport = None
 
@@ -129,7 +129,7 @@ class _ClientUdp6:
 
     BATCH = 64  # datagrams read per wake-up: the loop stays fair to the other parts
 
-    def __init__(self, server: "DnsServer", sock: socket.socket, loop: asyncio.AbstractEventLoop):
+    def __init__(self, server: DnsServer, sock: socket.socket, loop: asyncio.AbstractEventLoop):
         self.server, self.sock, self.loop = server, sock, loop
         self._closing = False
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
@@ -388,7 +388,7 @@ class DnsServer:
                         self.metrics.dropped.labels("tcp-size").inc()
                         return
                     data = await asyncio.wait_for(reader.readexactly(length), TCP_READ_TIMEOUT)
-                except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+                except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
                     return
                 decision = self.resolver.decide(data, client_ip)
                 if decision.action == "drop":
@@ -531,7 +531,7 @@ class DnsServer:
         upstream = pending.upstreams[pending.upstream_index]
         try:
             answer = await self._ask_tcp(upstream, pending.decision)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             answer, kind, reason = None, "timeout", f"upstream {upstream.host} timed out (TCP)"
         except OSError as e:
             answer, kind, reason = None, "network", f"upstream {upstream.host}: {e.strerror or e}"

@@ -30,8 +30,8 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from skyguard import fsutil
 from skyguard.errors import PolicyError, SkyguardError
@@ -39,8 +39,16 @@ from skyguard.fleet import keys
 from skyguard.fleet.signing import PolicyRefused, SignedPolicy, check_member_name, decide, open_policy
 from skyguard.fleet.store import Compacted, FleetError, Store, StoreUnavailable
 from skyguard.tlog.checkpoint import Checkpoint, Verifier, parse_and_verify, split_note
-from skyguard.tlog.cosign import (COSIGNED_DIR, PEERS_FILE, Cosigner, CosignerVerifier, Tamper,
-                                  Witness, load_or_create_witness_key, write_cosigned)
+from skyguard.tlog.cosign import (
+    COSIGNED_DIR,
+    PEERS_FILE,
+    Cosigner,
+    CosignerVerifier,
+    Tamper,
+    Witness,
+    load_or_create_witness_key,
+    write_cosigned,
+)
 from skyguard.tlog.errors import BadLogInput, VerificationError
 
 log = logging.getLogger("skyguard.fleet")
@@ -106,7 +114,7 @@ class FleetAgent:
         if self.lease:
             try:
                 await asyncio.wait_for(self.store.revoke(self.lease), 2)
-            except (FleetError, asyncio.TimeoutError):
+            except (TimeoutError, FleetError):
                 pass   # the lease expires by itself
         await self.store.close()
 
@@ -293,9 +301,8 @@ class FleetAgent:
     def _my_checkpoint(self, cosigned_sizes: set[int]) -> dict | None:
         """This log's latest checkpoint, with consistency proofs from each size a witness last
         cosigned (so each can check it extends what it vouched for)."""
-        from skyguard.tlog.tree import consistency_proof
-
         from skyguard.tlog.store import LogReader
+        from skyguard.tlog.tree import consistency_proof
 
         head = self._log_head()
         published = (head.get("note"), tuple(sorted(cosigned_sizes)))

@@ -16,7 +16,7 @@ import asyncio
 import base64
 import json
 import logging
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import h11
@@ -138,7 +138,7 @@ class EtcdStore:
             try:
                 response = await asyncio.wait_for(http.send(path, body), self.timeout)
                 data = await asyncio.wait_for(http.body(), self.timeout)
-            except (OSError, asyncio.TimeoutError, h11.ProtocolError, StoreUnavailable) as e:
+            except (TimeoutError, OSError, h11.ProtocolError, StoreUnavailable) as e:
                 problems.append(f"{host}:{port}: {type(e).__name__} {e}".strip())
                 continue
             finally:
@@ -209,7 +209,7 @@ class EtcdStore:
             try:
                 await asyncio.wait_for(http.send(path, body), self.timeout)
                 return await asyncio.wait_for(_first_message(http), self.timeout)
-            except (OSError, asyncio.TimeoutError, h11.ProtocolError, StoreUnavailable, ValueError) as e:
+            except (TimeoutError, OSError, h11.ProtocolError, StoreUnavailable, ValueError) as e:
                 problems.append(f"{host}:{port}: {type(e).__name__}")
             finally:
                 http.close()
@@ -228,7 +228,7 @@ class EtcdStore:
                 response = await asyncio.wait_for(http.send("/v3/watch", request), self.timeout)
                 if response.status_code == 200:
                     break
-            except (OSError, asyncio.TimeoutError, h11.ProtocolError, StoreUnavailable):
+            except (TimeoutError, OSError, h11.ProtocolError, StoreUnavailable):
                 pass
             http.close()
             http = None

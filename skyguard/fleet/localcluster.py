@@ -55,7 +55,7 @@ class LocalEtcdCluster:
                 "--initial-cluster", peers, "--initial-cluster-token", self.token,
                 "--initial-cluster-state", "new", "--log-level", "warn"]
 
-    def start(self, i: int | None = None) -> "LocalEtcdCluster":
+    def start(self, i: int | None = None) -> LocalEtcdCluster:
         self.directory.mkdir(parents=True, exist_ok=True)
         for j in ([i] if i is not None else range(len(self.names))):
             if self.procs[j] is not None and self.procs[j].poll() is None:

@@ -13,8 +13,9 @@ Not here: what the fleet stores (keys.py), who trusts what (policy signing, witn
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator, Protocol
+from typing import Protocol
 
 from skyguard.errors import SkyguardError
 

@@ -29,7 +29,7 @@ LEAF_DAYS = 30
 
 
 def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 class LabCA:

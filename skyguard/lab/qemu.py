@@ -276,7 +276,7 @@ class Agent:
                     self._handshake(sock, deadline)
                     sock.sendall(request)
                     return self._answer(sock, rid, command, deadline)
-                except socket.timeout:
+                except TimeoutError:
                     raise subprocess.TimeoutExpired(command, timeout) from None
                 except OSError as exc:
                     raise LabError(f"the guest agent at {self.sock_path} is not reachable: {exc}") from None
@@ -290,7 +290,7 @@ class Agent:
             try:
                 self._answer(sock, ping, "ping", min(time.monotonic() + PING_WAIT, deadline or 1e18))
                 return
-            except socket.timeout:
+            except TimeoutError:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise
 
@@ -323,5 +323,5 @@ def _left(deadline: float | None) -> float | None:
         return None
     left = deadline - time.monotonic()
     if left <= 0:
-        raise socket.timeout()
+        raise TimeoutError()
     return left

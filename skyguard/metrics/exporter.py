@@ -24,8 +24,8 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
@@ -396,7 +396,7 @@ class MetricsExporter:
     def url(self) -> str:
         return f"http://{self.address}/metrics"
 
-    def start(self) -> "MetricsExporter":
+    def start(self) -> MetricsExporter:
         try:
             self._server, self._thread = start_http_server(self.port, addr=self.host, registry=self.registry)
         except OSError as e:

@@ -50,7 +50,7 @@ class RunningDaemon:
     def cli(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "skyguard.cli.main", *args]
 
-    def start(self) -> "RunningDaemon":
+    def start(self) -> RunningDaemon:
         self.work.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")
         self.proc = self.lab.popen("host", self.cli("up", "--policy", str(self.policy), "--state-dir",
@@ -120,7 +120,7 @@ class PrometheusServer:
         self.rules = rules
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "PrometheusServer":
+    def start(self) -> PrometheusServer:
         exe = shutil.which("prometheus")
         if not exe:
             raise DaemonError("prometheus is not installed: apt-get install prometheus (scripts/setup does)")

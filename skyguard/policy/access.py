@@ -14,8 +14,15 @@ from skyguard.policy import fqdn
 from skyguard.policy.checker import CheckerBase, did_you_mean, quoted, type_name
 from skyguard.policy.console import ConsoleSection
 from skyguard.policy.model import AdminSsh, Credential, Injection, SshOperator, TlsTermination
-from skyguard.policy.values import (HEADER_RE, PLACEHOLDER_RE, SECRET_NAME_RE, format_fields,
-                                    format_hostport, parse_hostport, parse_ssh_public_key)
+from skyguard.policy.values import (
+    HEADER_RE,
+    PLACEHOLDER_RE,
+    SECRET_NAME_RE,
+    format_fields,
+    format_hostport,
+    parse_hostport,
+    parse_ssh_public_key,
+)
 
 MIN_PLACEHOLDER = 16  # long enough that a placeholder never occurs in traffic by chance
 

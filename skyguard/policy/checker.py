@@ -6,7 +6,8 @@ references). Sections (parse.py, access.py) build on CheckerBase; nothing here k
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from skyguard.policy.model import ALL_ZONES
 from skyguard.policy.source import Problem

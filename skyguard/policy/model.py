@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Union
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from skyguard.policy.console import AdminConsole
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 Protocol = Literal["tcp", "udp", "icmp", "icmpv6"]
 Action = Literal["allow", "deny"]
@@ -147,7 +147,7 @@ class Policy:
     credentials: tuple[Credential, ...] = ()
     tls_termination: tuple[TlsTermination, ...] = ()
     admin_ssh: AdminSsh | None = None
-    admin_console: "AdminConsole | None" = None  # VNC/RDP consoles (skyguard/policy/console.py)
+    admin_console: AdminConsole | None = None  # VNC/RDP consoles (skyguard/policy/console.py)
     source: str = ""  # the file it came from
     sha256: str = ""  # hex digest of the file's bytes: the "policy hash" everywhere
     extra: dict = field(default_factory=dict)

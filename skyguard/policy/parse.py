@@ -23,8 +23,15 @@ from skyguard.policy.checker import did_you_mean, is_map, is_seq, plain, quoted,
 from skyguard.policy.model import Destination, DnsConfig, Policy, PortRange, Rule, TunnelDetection, Workload, Zone
 from skyguard.policy.source import Problem, load_yaml
 from skyguard.policy.values import (  # noqa: F401 - the scalar parsers are public here too
-    IFNAME_RE, format_hostport, parse_cidr, parse_host_address, parse_hostport, parse_mac,
-    parse_port, parse_ssh_public_key)
+    IFNAME_RE,
+    format_hostport,
+    parse_cidr,
+    parse_host_address,
+    parse_hostport,
+    parse_mac,
+    parse_port,
+    parse_ssh_public_key,
+)
 
 API_VERSION = "skyguard/v1"
 KIND = "Policy"

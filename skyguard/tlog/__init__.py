@@ -17,8 +17,7 @@ from skyguard.tlog.entries import entry
 from skyguard.tlog.hashing import hash_children, hash_leaf
 from skyguard.tlog.hostkey import host_signer, load_or_create_host_key
 from skyguard.tlog.store import LogReader, LogWriter
-from skyguard.tlog.tree import (consistency_proof, inclusion_proof, root_from_inclusion_proof,
-                                verify_consistency, verify_inclusion)
+from skyguard.tlog.tree import consistency_proof, inclusion_proof, root_from_inclusion_proof, verify_consistency, verify_inclusion
 
 __all__ = [
     "Checkpoint", "Signer", "Verifier", "parse_and_verify", "entry", "hash_children", "hash_leaf",

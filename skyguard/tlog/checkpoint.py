@@ -132,7 +132,7 @@ class Verifier:
         return f"{self.name}+{self.key_hash.hex()}+{blob}"
 
     @classmethod
-    def from_vkey(cls, vkey: str) -> "Verifier":
+    def from_vkey(cls, vkey: str) -> Verifier:
         """Parse name+hash+base64key exactly as the reference's NewVerifier does."""
         usage = ("a verifier key has the form name+hash+base64key "
                  "(as printed by `skyguard log checkpoint --public-key`)")
@@ -236,7 +236,7 @@ class Checkpoint:
         return signer.sign(self.body())
 
     @classmethod
-    def parse_body(cls, text: str) -> "Checkpoint":
+    def parse_body(cls, text: str) -> Checkpoint:
         """tlog-checkpoint's note text: at least three non-empty lines, each ending in a
         newline: origin, size (ASCII decimal, no leading zero), base64 root hash; then any
         non-empty extension lines."""

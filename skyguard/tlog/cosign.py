@@ -25,9 +25,9 @@ import hashlib
 import json
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -35,8 +35,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from skyguard import fsutil
 from skyguard.errors import LogError
-from skyguard.tlog.checkpoint import (SIGNATURE_PREFIX, Checkpoint, Verifier, b64decode_canonical,
-                                      split_note, valid_key_name)
+from skyguard.tlog.checkpoint import SIGNATURE_PREFIX, Checkpoint, Verifier, b64decode_canonical, split_note, valid_key_name
 from skyguard.tlog.errors import BadLogInput, VerificationError
 from skyguard.tlog.tree import verify_consistency
 
@@ -55,7 +54,7 @@ def cosigner_key_id(name: str, public_key: bytes) -> bytes:
 
 
 def signed_message(body: str, timestamp: int) -> bytes:
-    return f"{COSIGNATURE_HEADER}time {timestamp}\n{body}".encode("utf-8")
+    return f"{COSIGNATURE_HEADER}time {timestamp}\n{body}".encode()
 
 
 class CosignerVerifier:
@@ -76,7 +75,7 @@ class CosignerVerifier:
         return f"{self.name}+{self.key_id.hex()}+{blob}"
 
     @classmethod
-    def from_vkey(cls, vkey: str) -> "CosignerVerifier":
+    def from_vkey(cls, vkey: str) -> CosignerVerifier:
         usage = "a witness key has the form name+keyid+base64(0x04 || key) (`skyguard fleet status --json`)"
         if not isinstance(vkey, str) or vkey.count("+") < 2:
             raise BadLogInput(usage)

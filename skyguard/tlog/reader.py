@@ -22,8 +22,8 @@ from __future__ import annotations
 import json
 import mmap
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 from skyguard.errors import LogError
 from skyguard.tlog import records

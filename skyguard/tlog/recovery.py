@@ -20,8 +20,7 @@ from skyguard.errors import LogError
 from skyguard.tlog import records
 from skyguard.tlog.entries import entry as make_entry
 from skyguard.tlog.hashing import HASH_SIZE
-from skyguard.tlog.reader import (LEAVES_FILE, MAX_UNPROVEN, NODES_FILE, TORN_DIR,
-                                  _list_segments, leaf_hashes_of, segment_name)
+from skyguard.tlog.reader import LEAVES_FILE, MAX_UNPROVEN, NODES_FILE, TORN_DIR, _list_segments, leaf_hashes_of, segment_name
 from skyguard.tlog.tree import NODE_SPAN
 
 log = logging.getLogger("skyguard.tlog")

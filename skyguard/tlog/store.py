@@ -36,9 +36,9 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Sequence
 
 from skyguard import fsutil
 from skyguard.errors import LogError
@@ -47,12 +47,25 @@ from skyguard.tlog.checkpoint import MAX_TREE_SIZE, Checkpoint, Signer, Verifier
 from skyguard.tlog.errors import BadLogInput, VerificationError
 from skyguard.tlog.hashing import EMPTY_ROOT, HASH_SIZE, hash_leaf
 from skyguard.tlog.head import MAX_NOTE, HeadWriter, read_head
-from skyguard.tlog.recovery import cut_tail, scan_segments, set_aside
+
 # The layout and the reader live in reader.py; these names stay importable from here.
-from skyguard.tlog.reader import (CHECKPOINTS_FILE, FORMAT_VERSION, LEAVES_FILE,  # noqa: F401
-                                  MAX_UNPROVEN, META_FILE, NODES_FILE, TORN_DIR, LogReader,
-                                  StoredSource, _list_segments, _map, _read_meta,
-                                  leaf_hashes_of, segment_name)
+from skyguard.tlog.reader import (  # noqa: F401
+    CHECKPOINTS_FILE,
+    FORMAT_VERSION,
+    LEAVES_FILE,
+    MAX_UNPROVEN,
+    META_FILE,
+    NODES_FILE,
+    TORN_DIR,
+    LogReader,
+    StoredSource,
+    _list_segments,
+    _map,
+    _read_meta,
+    leaf_hashes_of,
+    segment_name,
+)
+from skyguard.tlog.recovery import cut_tail, scan_segments, set_aside
 from skyguard.tlog.tree import NODE_SPAN, CompactRange, fold_perfect, range_root
 
 log = logging.getLogger("skyguard.tlog")

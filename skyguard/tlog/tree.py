@@ -11,7 +11,8 @@ Not here: reading or writing files (store.py), signatures (checkpoint.py).
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 from skyguard.tlog.errors import BadLogInput, VerificationError
 from skyguard.tlog.hashing import EMPTY_ROOT, HASH_SIZE, hash_children
@@ -92,7 +93,7 @@ class CompactRange:
         self.hashes = list(hashes)
 
     @classmethod
-    def for_size(cls, source: NodeSource, size: int) -> "CompactRange":
+    def for_size(cls, source: NodeSource, size: int) -> CompactRange:
         hashes, start = [], 0
         for level in range(size.bit_length() - 1, -1, -1):
             if size >> level & 1:
@@ -137,7 +138,7 @@ class CompactRange:
             root = hash_children(h, root)
         return root
 
-    def copy(self) -> "CompactRange":
+    def copy(self) -> CompactRange:
         return CompactRange(self.size, self.hashes)
 
 

@@ -17,17 +17,16 @@ Read-only. Not here: repair (the writer cuts torn tails and sets unproven entrie
 from __future__ import annotations
 
 import mmap
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from skyguard.tlog import records
 from skyguard.tlog.checkpoint import Checkpoint, Verifier, split_note
 from skyguard.tlog.errors import BadLogInput, VerificationError
 from skyguard.tlog.hashing import HASH_SIZE, hash_leaf
 from skyguard.tlog.head import read_head
-from skyguard.tlog.reader import (CHECKPOINTS_FILE, LEAVES_FILE, MAX_UNPROVEN, NODES_FILE,
-                                  _SEGMENT_RE, _read_meta, segment_name)
+from skyguard.tlog.reader import _SEGMENT_RE, CHECKPOINTS_FILE, LEAVES_FILE, MAX_UNPROVEN, NODES_FILE, _read_meta, segment_name
 from skyguard.tlog.tree import NODE_LEVEL, NODE_SPAN, CompactRange, fold_perfect
 
 

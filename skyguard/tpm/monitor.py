@@ -102,7 +102,7 @@ class AttestationMonitor:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.period_s)
                 await asyncio.sleep(CHANGE_DELAY_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wake.clear()
             await self._loop.run_in_executor(None, self.attest_once)

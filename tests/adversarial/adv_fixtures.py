@@ -16,8 +16,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from adv_support import IFACES, DatapathRunner
+
 from skyguard.datapath import progrun
 
 NS = f"avx-b{os.getpid() % 100000}"

@@ -23,12 +23,21 @@ from pathlib import Path
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
-from scapy.layers.inet6 import (ICMPv6DestUnreach, ICMPv6MLReport, ICMPv6ND_NA, ICMPv6ND_NS, ICMPv6ND_RS,
-                                ICMPv6NDOptSrcLLAddr, ICMPv6NDOptUnknown, ICMPv6PacketTooBig, ICMPv6ParamProblem,
-                                ICMPv6TimeExceeded, IPv6)
+from scapy.layers.inet6 import (
+    ICMPv6DestUnreach,
+    ICMPv6MLReport,
+    ICMPv6ND_NA,
+    ICMPv6ND_NS,
+    ICMPv6ND_RS,
+    ICMPv6NDOptSrcLLAddr,
+    ICMPv6NDOptUnknown,
+    ICMPv6PacketTooBig,
+    ICMPv6ParamProblem,
+    ICMPv6TimeExceeded,
+    IPv6,
+)
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
-
 from veth_lab import COLLECTORS, GW_MAC, PEER4, VMS, Sniffer, VethLab, settle
 
 A_MAC, A4, A6 = VMS["a"][1], VMS["a"][2], VMS["a"][3]

@@ -12,6 +12,7 @@ import random
 from collections import Counter
 
 from adv_support import GRE, IFACES, MACS, packet_frame, random_packets, random_policy
+
 from skyguard.datapath.reasons import reason_name
 from skyguard.refmodel import EGRESS, FLOW, decide
 
@@ -64,7 +65,7 @@ def describe(stats: dict, limit: int = 5) -> str:
     for pol, pkt, ref, got in stats["disagreements"][:limit]:
         rules = [(r.name, r.action, r.from_zones, r.to, [str(p) for p in r.ports]) for r in pol.rules]
         lines.append(f"{pkt}: model says {ref}, datapath passed={got}; rules {rules}")
-    for pol, want, got in stats["reason_mismatches"][:limit]:
+    for _pol, want, got in stats["reason_mismatches"][:limit]:
         lines.append(f"policy drop reasons differ: model {want} datapath {got}")
     return "\n".join(lines)
 

@@ -13,13 +13,19 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from adv_support import GW_MAC, IFACES, MACS
 from scapy.layers.inet import IP, TCP, UDP, IPOption_LSRR, IPOption_Router_Alert, IPOption_SSRR
-from scapy.layers.inet6 import (IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop,
-                                IPv6ExtHdrRouting, IPv6ExtHdrSegmentRouting)
+from scapy.layers.inet6 import (
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
+    IPv6ExtHdrSegmentRouting,
+)
 from scapy.layers.l2 import Dot1AD, Dot1Q, Ether
 from scapy.packet import Raw
 
-from adv_support import GW_MAC, IFACES, MACS
 from skyguard.policy.model import Destination, Policy, PortRange, Rule, Workload, Zone
 from skyguard.refmodel import EGRESS, INGRESS
 

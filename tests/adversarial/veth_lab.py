@@ -194,7 +194,7 @@ class VethLab:
         h = self.ns["h"]
         for key in ("net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"):
             sh("ip", "netns", "exec", h, "sysctl", "-qw", key)
-        for vm, (zone, mac, v4, v6, idx) in VMS.items():
+        for vm, (_zone, mac, v4, v6, _idx) in VMS.items():
             host_if, ns = self.iface(vm), self.ns[vm]
             sh("ip", "-n", h, "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns)
             sh("ip", "-n", ns, "link", "set", "eth0", "address", mac)

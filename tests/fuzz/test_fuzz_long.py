@@ -18,11 +18,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import harnesses
-from skyguard.attack import crash_under_load
+import pytest
 from test_differential import describe, run_differential
+
+from skyguard.attack import crash_under_load
 
 SCALE = float(os.environ.get("SKYGUARD_FUZZ_SCALE", "1.0"))
 FUZZ_INPUTS = int(1_000_000 * SCALE)

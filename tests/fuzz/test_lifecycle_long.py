@@ -7,8 +7,9 @@ policies and actions, near-valid policies for the validate/up agreement) and the
 them: LIFECYCLE_SCENARIOS x SKYGUARD_FUZZ_SCALE (at scale 1, 60 scenarios: ~1 h on 2 cores).
 Measured 2026-12-06 on 2 cores shared with other test runs: 40 scenarios (66 `up`s, 8 hot swaps,
 6 validate/up agreement checks, 259 actions, 1440 probes, 11 DNS queries) in 50 min; it found
-that a VM's DNS query over IPv6 goes unanswered (test_lifecycle.py::test_dns_over_ipv6_is_answered). A failing scenario does not stop the run: each is reduced (actions dropped one at a
-time while the same check still fails, within SKYGUARD_LIFECYCLE_REDUCE_S seconds) and written to
+that a VM's DNS query over IPv6 goes unanswered (test_lifecycle.py::test_dns_over_ipv6_is_answered).
+A failing scenario does not stop the run: each is reduced (actions dropped one at a time while the
+same check still fails, within SKYGUARD_LIFECYCLE_REDUCE_S seconds) and written to
 SKYGUARD_LIFECYCLE_FINDINGS (default: the test's tmp dir) as a replayable Scenario; the test fails
 at the end, listing them. Figures (scenarios, policies, actions, probes) are printed at the end.
 """

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from skyguard.credproxy.interfaces import ListDecisionLog, MemorySecretSource
-from skyguard.credproxy.service import CredentialService
 from skyguard.credproxy.secretforms import SecretForms
+from skyguard.credproxy.service import CredentialService
 from skyguard.credproxy.steering import CredentialSteering
 from skyguard.credproxy.testing import TestCA
 from skyguard.policy.model import Credential, Injection, Policy, TlsTermination, Workload, Zone
@@ -146,8 +146,8 @@ def lab(root, tmp_path_factory):
         echo_log = tmp / "echo.jsonl"
         repo = str(Path(__file__).resolve().parents[2])
         env_cmd = ["env", f"PYTHONPATH={repo}", sys.executable, "-m", "skyguard.credproxy.testing", "echo"]
-        processes.append(start_process(UP, *env_cmd, "--host", "0.0.0.0", "--host", "::", "--port", "443", "--cert", str(tmp / "up.pem"),
-                                       "--key", str(tmp / "up.key"), "--log", str(echo_log)))
+        processes.append(start_process(UP, *env_cmd, "--host", "0.0.0.0", "--host", "::", "--port", "443",
+                                       "--cert", str(tmp / "up.pem"), "--key", str(tmp / "up.key"), "--log", str(echo_log)))
         # The VM's own service: plain HTTP only; TLS for it is skyguard's job.
         (tmp / "www").mkdir()
         (tmp / "www" / "index.html").write_text("served by the VM in plaintext\n")

@@ -17,9 +17,21 @@ import stat
 import subprocess
 
 import pytest
+from daemon_support import (
+    PY,
+    ContinuousProber,
+    RunningDaemon,
+    Stream,
+    attached_programs,
+    drop_count,
+    probe,
+    probe_one,
+    recreate_vm_link,
+    start_listener,
+    stop_process,
+    wait_for,
+)
 
-from daemon_support import (PY, ContinuousProber, RunningDaemon, Stream, attached_programs, drop_count,
-                            probe, probe_one, recreate_vm_link, start_listener, stop_process, wait_for)
 from skyguard.policy.parse import load_policy
 
 WORKLOAD_IFACES = {f"sg-{vm}" for vm in ("radius1", "tacacs1", "dc1", "dc2", "sdnctl1", "vfw1", "agent1")}

@@ -1,7 +1,8 @@
 """`skyguard policy load` reaches every part the daemon hosts, not only the datapath: a part the
 new policy needs is started, one it no longer needs is stopped (its listener closes), and a part
 that cannot take the policy is stopped, logged and reported (exit 1) while the daemon and the
-other parts go on; one that runs without some of it (a TLS key missing from the store) is a warning. Real daemon, real listeners, real CLI."""
+other parts go on; one that runs without some of it (a TLS key missing from the store) is a warning.
+Real daemon, real listeners, real CLI."""
 
 from __future__ import annotations
 
@@ -15,12 +16,13 @@ from daemon_support import PY, RunningDaemon
 from skyguard import config
 
 ADMIN_PORT = 24311
+ALICE_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIL3Bn450ZXB8e+M670v9a/bGPeCAylCnYQHGLc0Q/ZkV alice@ops"
 ADMIN = f"""
 admin:
   ssh:
     listen: "127.0.0.1:{ADMIN_PORT}"
     operators:
-      - {{name: alice, public_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIL3Bn450ZXB8e+M670v9a/bGPeCAylCnYQHGLc0Q/ZkV alice@ops", may_access: [directory]}}
+      - {{name: alice, public_key: "{ALICE_KEY}", may_access: [directory]}}
 """
 
 

@@ -34,8 +34,7 @@ from skyguard.dns.resolver import DnsPolicyResolver
 from skyguard.dns.server import DnsServer, Upstream
 from skyguard.dns.service import DnsProxy
 from skyguard.errors import BadInput
-from skyguard.policy.model import (Destination, DnsConfig, Policy, PortRange, Rule,
-                                   TunnelDetection, Workload, Zone)
+from skyguard.policy.model import Destination, DnsConfig, Policy, PortRange, Rule, TunnelDetection, Workload, Zone
 from skyguard.policy.parse import parse_policy
 
 SUFFIX = uuid.uuid4().hex[:5]

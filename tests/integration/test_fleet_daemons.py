@@ -159,6 +159,6 @@ def test_the_daemons_logs_are_cosigned_by_both_peers(fleet):
         out = cli("log", "verify", "--state-dir", str(host.daemon.state_dir), "--witnesses", "2", check=False)
         return out.returncode == 0 and "cosigned by 2 witnesses" in out.stdout
     for host in fleet.hosts:
-        wait_for(lambda: witnessed(host), what=f"{host.name}'s log cosigned by two peers")
+        wait_for(lambda host=host: witnessed(host), what=f"{host.name}'s log cosigned by two peers")
     loads = [e for e in fleet.hosts[0].daemon.log_entries("policy_load") if "fleet revision" in e.get("source", "")]
     assert loads, "the pushed policies are in the daemon's signed log"

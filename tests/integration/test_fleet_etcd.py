@@ -176,7 +176,7 @@ def test_unsigned_foreign_and_older_policies_are_refused_by_every_host(fleet):
     }
     for reason, value in attacks.items():
         etcdctl_put(fleet, keys.POLICY, value)
-        wait_until(lambda: all(reason in h.agent.refused for h in fleet.hosts), what=f"refusal {reason}")
+        wait_until(lambda reason=reason: all(reason in h.agent.refused for h in fleet.hosts), what=f"refusal {reason}")
     # An older revision, really signed by the admin: replayed by whoever can write etcd.
     from skyguard.fleet.signing import admin_signer
     old = sign_policy(policy_text(1), 1, admin_signer(fleet.admin_pem))

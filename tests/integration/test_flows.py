@@ -16,7 +16,6 @@ import sys
 import time
 
 import pytest
-
 from daemon_support import RunningDaemon, wait_for
 
 RADIUS1, DC1, AGENT1 = "10.10.1.2", "10.10.2.2", "10.10.5.2"

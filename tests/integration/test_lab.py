@@ -47,7 +47,7 @@ def test_vm_side_carries_the_workload_mac_and_addresses_host_side_its_interface(
     assert links["address"] == "02:00:00:00:02:02"
     addrs = {(a["local"], a["prefixlen"]) for a in links["addr_info"] if a.get("scope") == "global"}
     assert addrs == {("10.10.2.2", 32), ("fd00:10:2::2", 128)}
-    host_links = {l["ifname"] for l in json.loads(run(lab, "host", ["ip", "-j", "link"]).stdout)}
+    host_links = {link["ifname"] for link in json.loads(run(lab, "host", ["ip", "-j", "link"]).stdout)}
     assert {f"sg-{vm}" for vm in VMS} | {"lo", "lab-uplink"} == host_links
 
 
@@ -165,7 +165,7 @@ def test_sealed_the_internet_has_no_route_to_the_machine_or_beyond(lab):
 
 
 def _links(lab, member):
-    return [l for l in json.loads(run(lab, member, ["ip", "-j", "link"]).stdout) if l["ifname"] != "lo"]
+    return [link for link in json.loads(run(lab, member, ["ip", "-j", "link"]).stdout) if link["ifname"] != "lo"]
 
 
 def _peer_namespaces(lab, member):
@@ -173,7 +173,7 @@ def _peer_namespaces(lab, member):
     netns ids: a link into the machine's namespace, or anywhere else, would show up here."""
     ids = {e["nsid"]: e.get("name") for e in json.loads(
         run(lab, member, ["ip", "-j", "netns", "list-id"]).stdout or "[]")}
-    return {l["ifname"]: ids.get(l.get("link_netnsid"), "<not a lab veth>") for l in _links(lab, member)}
+    return {link["ifname"]: ids.get(link.get("link_netnsid"), "<not a lab veth>") for link in _links(lab, member)}
 
 
 def test_sealed_every_lab_link_leads_only_to_another_lab_namespace(lab):

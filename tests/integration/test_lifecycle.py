@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: policyge
 
 import policygen  # noqa: E402
 from daemon_support import PROBE, PY, stop_process  # noqa: E402
+
 from skyguard import config  # noqa: E402
 from skyguard.lab import Lab  # noqa: E402
 from skyguard.policy.parse import parse_policy  # noqa: E402
@@ -125,7 +126,7 @@ def _certificate_bundle() -> bytes:
 
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vm.test")])
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
                 .serial_number(1).not_valid_before(now - datetime.timedelta(days=1))
                 .not_valid_after(now + datetime.timedelta(days=30))
@@ -764,7 +765,7 @@ admin:
     listen: 127.0.0.1:2222
     operators:
       - {name: alice, public_key: "%s", may_access: "*"}
-""" % policygen.SSH_KEYS[0],
+""" % policygen.SSH_KEYS[0],  # noqa: UP031 (the YAML's braces would all need doubling)
         "apiVersion: skyguard/v1\nkind: Policy\nmetadata: {name: day-two}\nzones:\n  front:" + _WORKLOADS + """\
 rules:
   - {name: db-to-web, from: data, to: {zones: [front]}, ports: ["tcp/1-6000", icmpv6]}

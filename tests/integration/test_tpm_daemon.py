@@ -11,8 +11,8 @@ import json
 import os
 
 import pytest
-
 from daemon_support import RunningDaemon
+
 from skyguard import config
 from skyguard.tpm.swtpm import Swtpm
 

@@ -17,9 +17,9 @@ from skyguard.cli.main import cli
 from skyguard.credproxy.ca import CertificateAuthority
 from skyguard.credproxy.interfaces import CredentialMetrics, ListDecisionLog, MemorySecretSource
 from skyguard.credproxy.steering import CredentialSteering, TerminationSteer
+from skyguard.credproxy.termination import TlsTerminator
 from skyguard.credproxy.testing import TestCA
 from skyguard.custody.pemload import load_cert_chain_from_memory, split_pem
-from skyguard.credproxy.termination import TlsTerminator
 from skyguard.errors import CredentialError
 from skyguard.policy.model import Policy, TlsTermination, Workload, Zone
 
@@ -41,7 +41,7 @@ def test_leaf_chains_to_the_ca_for_exactly_its_name(tmp_path):
         x509.DNSName("api.github.test"))
     verifier.verify(leaf, [])
     other = PolicyBuilder().store(Store([authority.certificate])).build_server_verifier(x509.DNSName("other.test"))
-    with pytest.raises(Exception):
+    with pytest.raises(x509.verification.VerificationError):
         other.verify(leaf, [])
     assert authority.server_context("api.github.test") is authority.server_context("api.github.test")  # cached
 

@@ -13,11 +13,11 @@ import socket
 import ssl
 
 import pytest
+from test_cred_proxy import AUTH, SECRET, Rig, no_secret
 
 from skyguard.credproxy.http1 import UnsafeHead, client_keeps_alive, serialise_response
 from skyguard.credproxy.swap import HttpRequest
 from skyguard.credproxy.testing import echo_ssl_context
-from test_cred_proxy import AUTH, SECRET, Rig, no_secret
 
 RESPONSE_HEAD = re.compile(rb"HTTP/1\.1 (\d{3}) [^\r\n]*\r\n((?:[^\r\n]+\r\n)*)\r\n")
 

@@ -16,13 +16,13 @@ import threading
 import time
 
 import pytest
+from test_cred_forms import FORMS
+from test_cred_proxy import AUTH, SECRET, Rig
 
 from skyguard.credproxy.ca import CertificateAuthority
 from skyguard.credproxy.http1 import ProxyLimits
 from skyguard.credproxy.secretforms import SecretForms
 from skyguard.credproxy.testing import echo_ssl_context
-from test_cred_forms import FORMS
-from test_cred_proxy import AUTH, SECRET, Rig
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import socket
 import ssl
 
 import pytest
+from test_cred_proxy import AUTH, SECRET, Rig
 
 from skyguard.credproxy.testing import TestCA, echo_ssl_context, serve_echo
-from test_cred_proxy import AUTH, SECRET, Rig
 
 
 @pytest.fixture(scope="module")

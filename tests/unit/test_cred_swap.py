@@ -265,8 +265,9 @@ def test_metrics_and_log_protocols():
     metrics = CredentialMetrics()
     metrics.count("github", "swapped")
     metrics.count(None, "blocked_protocol")
-    assert metrics.registry.get_sample_value("skyguard_credential_swaps_total", {"credential": "github", "result": "swapped"}) == 1
-    assert metrics.registry.get_sample_value("skyguard_credential_swaps_total", {"credential": "-", "result": "blocked_protocol"}) == 1
+    swaps = "skyguard_credential_swaps_total"
+    assert metrics.registry.get_sample_value(swaps, {"credential": "github", "result": "swapped"}) == 1
+    assert metrics.registry.get_sample_value(swaps, {"credential": "-", "result": "blocked_protocol"}) == 1
 
 
 def test_secret_with_line_breaks_is_never_injected_into_a_header():

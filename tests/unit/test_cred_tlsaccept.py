@@ -12,10 +12,10 @@ import time
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_cred_proxy import AUTH, Rig
 
 from skyguard.credproxy.http1 import ProxyLimits
 from skyguard.credproxy.tlsaccept import NotClientHello, client_hello_sni
-from test_cred_proxy import AUTH, Rig
 
 
 @pytest.fixture(scope="module")

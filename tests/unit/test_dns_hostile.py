@@ -8,8 +8,9 @@ import os
 import struct
 
 import pytest
-from dnslib import QTYPE, RR, A, DNSRecord, RCODE
-from hypothesis import HealthCheck, given, settings, strategies as st
+from dnslib import QTYPE, RCODE, RR, A, DNSRecord
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from skyguard.dns import wire
 from tests.unit.test_dns_resolver import VM_IP, make_resolver, upstream_reply

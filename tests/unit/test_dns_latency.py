@@ -13,7 +13,6 @@ from pathlib import Path
 
 from dnslib import QTYPE, RR, A, DNSRecord
 from prometheus_client import generate_latest
-
 from test_dns_resolver import ask, make_resolver, upstream_reply
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,8 +116,8 @@ del new
 collected = gc.collect()
 again = settle_for_latency()
 loop.run_until_complete(proxy.stop())
-print(json.dumps({"switch_interval": sys.getswitchinterval(), "frozen_by_start": frozen_by_start, "old_out_of_reach": old_id not in tracked,
-                  "new_cycle_collected": collected >= 1, "again": again}))
+print(json.dumps({"switch_interval": sys.getswitchinterval(), "frozen_by_start": frozen_by_start,
+                  "old_out_of_reach": old_id not in tracked, "new_cycle_collected": collected >= 1, "again": again}))
 """
 
 

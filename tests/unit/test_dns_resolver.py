@@ -8,14 +8,13 @@ import json
 import struct
 
 import pytest
-from dnslib import AAAA, CNAME, QTYPE, RR, TXT, A, DNSRecord, RCODE
+from dnslib import AAAA, CNAME, QTYPE, RCODE, RR, TXT, A, DNSRecord
 
 from skyguard.dns.interfaces import ListLog, PolicyDirectory
 from skyguard.dns.learned import MAX_IPS_PER_NAME, LearnedStore
 from skyguard.dns.resolver import DnsPolicyResolver, fit_udp
 from skyguard.errors import DnsError
-from skyguard.policy.model import (Destination, DnsConfig, Policy, PortRange, Rule,
-                                   TunnelDetection, Workload, Zone)
+from skyguard.policy.model import Destination, DnsConfig, Policy, PortRange, Rule, TunnelDetection, Workload, Zone
 
 VM_IP = "10.10.1.2"
 OTHER_VM_IP = "10.10.2.2"

@@ -13,7 +13,7 @@ import struct
 import threading
 
 import pytest
-from dnslib import QTYPE, RR, A, DNSRecord, RCODE
+from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 
 from skyguard.dns import steering
 from skyguard.dns.interfaces import ListLog, PolicyDirectory
@@ -22,8 +22,7 @@ from skyguard.dns.resolver import DnsPolicyResolver
 from skyguard.dns.server import DnsServer, Upstream
 from skyguard.dns.service import new_event_loop
 from skyguard.errors import DnsError
-from skyguard.policy.model import (Destination, DnsConfig, Policy, PortRange, Rule, Workload,
-                                   Zone)
+from skyguard.policy.model import Destination, DnsConfig, Policy, PortRange, Rule, Workload, Zone
 
 
 @pytest.fixture(autouse=True)

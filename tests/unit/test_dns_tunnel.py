@@ -7,7 +7,7 @@ import base64
 import random
 
 import pytest
-from dnslib import DNSRecord, RCODE
+from dnslib import RCODE, DNSRecord
 
 from skyguard.dns.tunnel import TunnelDetector, score_name
 from tests.unit.test_dns_resolver import VM_IP, make_policy, make_resolver
@@ -22,7 +22,7 @@ def labels(name: str) -> list[bytes]:
 def dnscat_names(n, domain="x.cdn.test"):
     """dnscat2 style: hex-encoded session/seq/payload, split into labels."""
     out = []
-    for seq in range(n):
+    for _ in range(n):
         payload = bytes(rng.randrange(256) for _ in range(28)).hex()
         out.append(f"{payload[:30]}.{payload[30:]}.{domain}")
     return out
@@ -31,7 +31,7 @@ def dnscat_names(n, domain="x.cdn.test"):
 def iodine_names(n, domain="t.cdn.test"):
     """iodine style: base32/base128-ish upstream data in long labels."""
     out = []
-    for seq in range(n):
+    for _ in range(n):
         data = base64.b32encode(bytes(rng.randrange(256) for _ in range(36))).decode()
         out.append(f"p{data.lower().rstrip('=')}.{domain}")
     return out
@@ -137,6 +137,7 @@ def test_off_does_not_score():
 
 def test_repeated_long_txt_answers_under_one_base_are_detected_but_one_dkim_record_is_not():
     from dnslib import QTYPE, RR, TXT
+
     from tests.unit.test_dns_resolver import upstream_reply
 
     resolver, _, _ = make_resolver()

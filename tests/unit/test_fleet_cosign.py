@@ -14,12 +14,20 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from skyguard.cli.main import cli
 from skyguard.tlog import LogWriter, entry
 from skyguard.tlog.checkpoint import Checkpoint, Signer
-from skyguard.tlog.cosign import (COSIGNED_DIR, PEERS_FILE, Cosigner, CosignerVerifier, Tamper,
-                                  Witness, witnessed_by, write_cosigned)
+from skyguard.tlog.cosign import (
+    COSIGNED_DIR,
+    PEERS_FILE,
+    Cosigner,
+    CosignerVerifier,
+    Tamper,
+    Witness,
+    witnessed_by,
+    write_cosigned,
+)
 from skyguard.tlog.errors import VerificationError
+from skyguard.tlog.hashing import hash_leaf
 from skyguard.tlog.hostkey import default_key_name, host_signer
 from skyguard.tlog.tree import MemorySource, consistency_proof, range_root
-from skyguard.tlog.hashing import hash_leaf
 
 
 def _tree(n, salt=b""):

@@ -18,7 +18,7 @@ def ca(tmp_path):
 def _verify(ca, chain_pem: bytes, name: str):
     certs = x509.load_pem_x509_certificates(chain_pem)
     verifier = (PolicyBuilder().store(Store([ca.cert]))
-                .time(datetime.datetime.now(datetime.timezone.utc))
+                .time(datetime.datetime.now(datetime.UTC))
                 .build_server_verifier(x509.DNSName(name)))
     return verifier.verify(certs[0], certs[1:])
 

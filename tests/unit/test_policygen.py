@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: policygen
 
 import policygen  # noqa: E402
+
 from skyguard.cli.main import cli  # noqa: E402
 from skyguard.errors import PolicyError, SkyguardError  # noqa: E402
 from skyguard.lab.topology import read_workloads  # noqa: E402

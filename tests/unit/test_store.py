@@ -105,7 +105,7 @@ def test_value_never_in_repr_str_or_format(store):
     store.set("github", VALUE)
     value = store.get("github")
     assert isinstance(value, Secret) and isinstance(value, bytes)
-    for shown in (repr(value), str(value), f"{value}", "%s" % (value,), repr([value]), repr({"k": value})):
+    for shown in (repr(value), str(value), f"{value}", "%s" % (value,), repr([value]), repr({"k": value})):  # noqa: UP031 (%-formatting is a case)
         assert VALUE.decode() not in shown
     assert repr(value) == "Secret(name='github', ****)"
     assert VALUE.decode() not in repr(store)

@@ -10,8 +10,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from skyguard.errors import LogError
-from skyguard.tlog.checkpoint import (Checkpoint, Signer, Verifier, parse_and_verify, split_note,
-                                      split_notes)
+from skyguard.tlog.checkpoint import Checkpoint, Signer, Verifier, parse_and_verify, split_note, split_notes
 from skyguard.tlog.errors import BadLogInput, VerificationError
 from skyguard.tlog.hostkey import host_signer, key_path, load_or_create_host_key
 

@@ -165,7 +165,7 @@ def test_prove_and_the_standalone_checker(env, tmp_path):
 
 def test_standalone_checker_imports_no_skyguard():
     source = TOOL.read_text()
-    assert "skyguard" not in "".join(l for l in source.splitlines() if l.startswith(("import", "from")))
+    assert "skyguard" not in "".join(line for line in source.splitlines() if line.startswith(("import", "from")))
 
 
 def test_prove_outside_the_tree_is_bad_input(env):

@@ -28,8 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from skyguard.tlog.checkpoint import MAX_TREE_SIZE, Checkpoint, Signer, Verifier
 from skyguard.tlog.errors import BadLogInput, VerificationError
 from skyguard.tlog.hashing import hash_leaf
-from skyguard.tlog.tree import (MemorySource, consistency_proof, inclusion_proof, range_root,
-                                verify_consistency, verify_inclusion)
+from skyguard.tlog.tree import MemorySource, consistency_proof, inclusion_proof, range_root, verify_consistency, verify_inclusion
 
 DATA = Path(__file__).parent / "data" / "tlog_reference.json"
 

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from skyguard.tlog.checkpoint import (MAX_TREE_SIZE, Checkpoint, Signer, Verifier,
-                                      parse_and_verify, split_note, valid_key_name)
+from skyguard.tlog.checkpoint import MAX_TREE_SIZE, Checkpoint, Signer, Verifier, parse_and_verify, split_note, valid_key_name
 from skyguard.tlog.errors import BadLogInput, VerificationError
 from skyguard.tlog.verify import read_notes_file
 

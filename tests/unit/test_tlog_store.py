@@ -13,10 +13,8 @@ from skyguard.tlog.checkpoint import Signer, parse_and_verify
 from skyguard.tlog.entries import canonical, decode, entry
 from skyguard.tlog.errors import BadLogInput
 from skyguard.tlog.hashing import hash_leaf
-from skyguard.tlog.store import (CHECKPOINTS_FILE, LEAVES_FILE, NODES_FILE, TORN_DIR, LogReader,
-                                 LogWriter, segment_name)
-from skyguard.tlog.tree import (CompactRange, MemorySource, inclusion_proof, range_root,
-                                verify_inclusion)
+from skyguard.tlog.store import CHECKPOINTS_FILE, LEAVES_FILE, NODES_FILE, TORN_DIR, LogReader, LogWriter, segment_name
+from skyguard.tlog.tree import CompactRange, MemorySource, inclusion_proof, range_root, verify_inclusion
 from skyguard.tlog.verify import verify_log
 
 

@@ -9,13 +9,23 @@ import hashlib
 import random
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from skyguard.tlog.errors import BadLogInput, VerificationError
 from skyguard.tlog.hashing import EMPTY_ROOT, hash_children, hash_leaf
-from skyguard.tlog.tree import (NODE_SPAN, CompactRange, MemorySource, consistency_proof,
-                                fold_perfect, inclusion_proof, range_root,
-                                root_from_inclusion_proof, verify_consistency, verify_inclusion)
+from skyguard.tlog.tree import (
+    NODE_SPAN,
+    CompactRange,
+    MemorySource,
+    consistency_proof,
+    fold_perfect,
+    inclusion_proof,
+    range_root,
+    root_from_inclusion_proof,
+    verify_consistency,
+    verify_inclusion,
+)
 
 
 # --- the naive reference, straight from RFC 6962 2.1 -------------------------------------------

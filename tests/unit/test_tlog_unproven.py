@@ -23,8 +23,16 @@ from skyguard.tlog.checkpoint import Checkpoint, Signer
 from skyguard.tlog.entries import decode, entry
 from skyguard.tlog.head import HEAD_FILE, SLOT_SIZE, read_head
 from skyguard.tlog.hostkey import host_signer
-from skyguard.tlog.store import (CHECKPOINTS_FILE, LEAVES_FILE, MAX_UNPROVEN, NODES_FILE, TORN_DIR,
-                                 LogReader, LogWriter, segment_name)
+from skyguard.tlog.store import (
+    CHECKPOINTS_FILE,
+    LEAVES_FILE,
+    MAX_UNPROVEN,
+    NODES_FILE,
+    TORN_DIR,
+    LogReader,
+    LogWriter,
+    segment_name,
+)
 from skyguard.tlog.verify import verify_log
 
 REPO = Path(__file__).resolve().parents[2]

@@ -16,8 +16,7 @@ from skyguard.tlog.entries import entry
 from skyguard.tlog.errors import VerificationError
 from skyguard.tlog.hashing import hash_leaf
 from skyguard.tlog.head import HEAD_FILE
-from skyguard.tlog.store import (CHECKPOINTS_FILE, LEAVES_FILE, NODES_FILE, LogReader, LogWriter,
-                                 segment_name)
+from skyguard.tlog.store import CHECKPOINTS_FILE, LEAVES_FILE, NODES_FILE, LogReader, LogWriter, segment_name
 from skyguard.tlog.tree import NODE_SPAN, fold_perfect
 from skyguard.tlog.verify import verify_log
 

@@ -16,8 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 
-from daemon_support import (PY, RunningDaemon, attached_programs, drop_count, start_listener,  # noqa: E402
-                            stop_process, wait_for)
+from daemon_support import PY, RunningDaemon, attached_programs, drop_count, start_listener, stop_process, wait_for  # noqa: E402
 
 from skyguard import config  # noqa: E402
 from skyguard.lab import Lab  # noqa: E402

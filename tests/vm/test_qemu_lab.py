@@ -14,10 +14,21 @@ import threading
 import time
 
 import pytest
+from guest_support import (
+    PY,
+    RunningDaemon,
+    attached_programs,
+    drop_count,
+    gsh,
+    probe,
+    start_listener,
+    start_tcp_echo,
+    stop_process,
+    vm_lab,
+    wait_for,
+)
 
 from skyguard import config
-from guest_support import (PY, RunningDaemon, attached_programs, drop_count, gsh, probe, start_listener,
-                           start_tcp_echo, stop_process, vm_lab, wait_for)
 
 GUESTS = ("radius1", "dc1", "sdnctl1", "agent1")
 ADDR = {"radius1": ("10.10.1.2", "fd00:10:1::2"), "dc1": ("10.10.2.2", "fd00:10:2::2"),
@@ -244,7 +255,8 @@ admin:
         ssh = ["nsenter", f"--net={daemon.host_netns}", "ssh", "-F", "/dev/null", "-i", str(key),
                "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
                "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=20", "-p", str(SSH_PORT)]
-        out = wait_for(lambda: (r := subprocess.run(ssh + ["alice+radius1@127.0.0.1", "hostname; cat /sys/class/net/eth0/address"],
+        command = ["alice+radius1@127.0.0.1", "hostname; cat /sys/class/net/eth0/address"]
+        out = wait_for(lambda: (r := subprocess.run(ssh + command,
                                                     capture_output=True, text=True, timeout=60)).returncode == 0 and r,
                        30, "an SSH session through skyguard to radius1")
         assert out.stdout.split() == ["radius1", MAC["radius1"]], out.stderr

@@ -11,9 +11,7 @@ import subprocess
 import threading
 
 import pytest
-
-from guest_support import (RunningDaemon, attached_programs, drop_count, gsh, probe, start_tcp_echo, vm_lab,
-                           wait_for)
+from guest_support import RunningDaemon, attached_programs, drop_count, gsh, probe, start_tcp_echo, vm_lab, wait_for
 from test_daemon import LISTEN, MATRIX, SYSLOG_V4
 
 pytestmark = pytest.mark.fuzz
