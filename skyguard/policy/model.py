@@ -11,6 +11,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from skyguard.policy.content import ContentPolicy
+
 if TYPE_CHECKING:
     from skyguard.policy.console import AdminConsole
 
@@ -147,6 +149,7 @@ class Policy:
     credentials: tuple[Credential, ...] = ()
     tls_termination: tuple[TlsTermination, ...] = ()
     admin_ssh: AdminSsh | None = None
+    content: ContentPolicy = ContentPolicy()  # skyguard/policy/content.py: what zones may upload
     admin_console: AdminConsole | None = None  # VNC/RDP consoles (skyguard/policy/console.py)
     source: str = ""  # the file it came from
     sha256: str = ""  # hex digest of the file's bytes: the "policy hash" everywhere

@@ -20,6 +20,7 @@ from skyguard.errors import PolicyError
 from skyguard.policy import fqdn
 from skyguard.policy.access import AccessSections
 from skyguard.policy.checker import did_you_mean, is_map, is_seq, plain, quoted, type_name
+from skyguard.policy.content import ContentSection
 from skyguard.policy.model import Destination, DnsConfig, Policy, PortRange, Rule, TunnelDetection, Workload, Zone
 from skyguard.policy.source import Problem, load_yaml
 from skyguard.policy.values import (  # noqa: F401 - the scalar parsers are public here too
@@ -79,7 +80,7 @@ def parse_policy_bytes(data: bytes, source: str = "<bytes>") -> Policy:
     return policy
 
 
-class _Checker(AccessSections):
+class _Checker(AccessSections, ContentSection):
     """Walks the YAML tree, builds model values, and records problems instead of raising.
 
     Each section method returns its values built from what was valid, so that later checks
@@ -94,7 +95,8 @@ class _Checker(AccessSections):
 
     def policy(self, document, digest: str) -> Policy | None:
         top = ("apiVersion", "kind", "metadata", "zones", "networks", "rules", "dns", "credentials",
-               "tls_termination", "admin")
+               "tls_termination", "admin",
+               "content")
         if not self.mapping(document, "", 1, top, required=("apiVersion", "kind", "metadata", "zones")):
             return None
         if "apiVersion" in document and document["apiVersion"] != API_VERSION:
@@ -123,6 +125,7 @@ class _Checker(AccessSections):
         tls = self.tls_termination(document.get("tls_termination", []),
                                    self.line_of(document, "tls_termination"), zones)
         admin = self.admin(document.get("admin"), self.line_of(document, "admin"), zones)
+        content = self.content(document.get("content"), self.line_of(document, "content"), zones)
         extra = {}
         for key, value in document.items():
             if isinstance(key, str) and key.startswith("x-"):
@@ -134,7 +137,7 @@ class _Checker(AccessSections):
                                  f"keep extensions small")
         return Policy(name=name or "", zones=zones, networks=networks, rules=tuple(rules),
                       dns=dns or DnsConfig(), credentials=credentials, tls_termination=tls,
-                      admin_ssh=admin, admin_console=self.console, sha256=digest, source=self.source, extra=extra)
+                      admin_ssh=admin, admin_console=self.console, content=content, sha256=digest, source=self.source, extra=extra)
 
     def metadata(self, node, line) -> str | None:
         if not self.mapping(node, "metadata", line, ("name", "description"), required=("name",)):

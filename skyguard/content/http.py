@@ -1,0 +1,111 @@
+"""HTTP message bodies to the files a content rule judges, sans-io.
+
+A body arrives de-chunked (the proxy's llhttp reader undoes Transfer-Encoding). Here:
+- Content-Encoding gzip, x-gzip, deflate and identity are undone, with the expansion bounded by
+  the inspection buffer: a decompression bomb stops at the bound and is refused, it never grows
+  in memory. Any other coding cannot be inspected: refused.
+- multipart/form-data (and other multipart/*) is split into its parts, each a file of its own
+  (a part's Content-Transfer-Encoding base64 is undone; a part's own headers, such as the file
+  name and Content-Type it claims, are ignored: types come from the bytes). Parts are not split
+  further; a body that does not parse as the multipart it claims to be is refused.
+- anything else is one file: the decoded body.
+
+Not here: judging the files (inspector.py), moving bytes (the credential proxy).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import zlib
+
+Headers = tuple[tuple[bytes, bytes], ...]
+MAX_PARTS = 1000  # parts of one multipart body; more is refused (each part costs an inspection)
+_BOUNDARY = re.compile(rb'(?i)boundary\s*=\s*(?:"([^"]{1,200})"|([^\s;,]{1,200}))')
+
+
+class Uninspectable(Exception):
+    """The body cannot be turned into files to inspect: refuse it (fail closed)."""
+
+
+def body_files(headers: Headers, body: bytes, limit: int) -> list[bytes]:
+    """The files inside one message body (`headers` lower-case names). At least one entry;
+    Uninspectable when the body cannot be decoded within `limit` bytes."""
+    body = decode_content(headers, body, limit)
+    content_type = next((v for n, v in headers if n == b"content-type"), b"")
+    if content_type.split(b";", 1)[0].strip().lower().startswith(b"multipart/"):
+        return multipart_parts(content_type, body)
+    return [body]
+
+
+def decode_content(headers: Headers, body: bytes, limit: int) -> bytes:
+    codings = [c.strip().lower() for n, v in headers if n == b"content-encoding" for c in v.split(b",")]
+    for coding in reversed([c for c in codings if c and c != b"identity"]):
+        if coding in (b"gzip", b"x-gzip"):
+            body = inflate(body, 16 + zlib.MAX_WBITS, limit, members=True)
+        elif coding == b"deflate":
+            body = inflate(body, zlib.MAX_WBITS if body[:1] == b"\x78" else -zlib.MAX_WBITS, limit, members=False)
+        else:
+            raise Uninspectable("a content coding the filter cannot decode (only gzip and deflate)")
+    if len(body) > limit:
+        raise Uninspectable(f"body larger than the inspection buffer ({limit} bytes)")
+    return body
+
+
+def inflate(data: bytes, wbits: int, limit: int, members: bool) -> bytes:
+    """zlib-decode at most `limit` bytes of output (never more is allocated)."""
+    if not data:
+        return data
+    out = bytearray()
+    while True:
+        decoder = zlib.decompressobj(wbits)
+        try:
+            out += decoder.decompress(data, limit + 1 - len(out))
+        except zlib.error:
+            raise Uninspectable("a compressed body that does not decode") from None
+        if len(out) > limit or decoder.unconsumed_tail:
+            raise Uninspectable(f"decompressed body larger than the inspection buffer ({limit} bytes)")
+        if not decoder.eof:
+            raise Uninspectable("a compressed body that ends early")
+        data = decoder.unused_data
+        if not data:
+            return bytes(out)
+        if not members:
+            raise Uninspectable("bytes after the end of a deflate stream")
+
+
+def multipart_parts(content_type: bytes, body: bytes) -> list[bytes]:
+    match = _BOUNDARY.search(content_type)
+    if not match:
+        raise Uninspectable("multipart body without a boundary")
+    delimiter = b"--" + (match.group(1) or match.group(2))
+    pieces = body.split(delimiter)
+    # pieces[0] is the preamble, the last starts with "--" (the close delimiter).
+    if len(pieces) < 3 or not pieces[-1].startswith(b"--"):
+        raise Uninspectable("multipart body without its closing boundary")
+    if len(pieces) - 2 > MAX_PARTS:
+        raise Uninspectable(f"more than {MAX_PARTS} multipart parts")
+    parts = []
+    for piece in pieces[1:-1]:
+        if not piece.startswith(b"\r\n") or not piece.endswith(b"\r\n"):
+            raise Uninspectable("malformed multipart part")
+        head, sep, content = piece[2:-2].partition(b"\r\n\r\n")
+        if not sep:
+            if not head.startswith(b"\r\n"):  # a part with no headers starts with the blank line
+                raise Uninspectable("malformed multipart part")
+            head, content = b"", head[2:]
+        encoding = b""
+        for line in head.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-transfer-encoding":
+                encoding = value.strip().lower()
+        if encoding == b"base64":
+            try:
+                content = base64.b64decode(re.sub(rb"\s+", b"", content), validate=True)
+            except binascii.Error:
+                raise Uninspectable("a base64 multipart part that does not decode") from None
+        elif encoding not in (b"", b"7bit", b"8bit", b"binary"):
+            raise Uninspectable("a multipart part in a transfer encoding the filter cannot decode")
+        parts.append(content)
+    return parts

@@ -1,0 +1,112 @@
+"""A real clamd for tests and benchmarks, with signatures written here: no freshclam, no download
+(these machines cannot reach ClamAV's mirrors). Not used by the daemon.
+
+    with LocalClamd(tmp_path) as clamd:      # starts /usr/sbin/clamd, waits for its socket
+        clamd.socket                         # the Unix socket to give ClamdStream / the policy
+        clamd.kill()                         # SIGKILL, for fail-closed tests
+
+Signatures: the EICAR test string as a body signature (.ndb, any file type, any offset), and
+MARKER_FILE by its MD5 (.hdb). ScanArchive is on, so both are found inside zip, tar and gzip;
+archive expansion is bounded (MaxScanSize, MaxFileSize, MaxRecursion, MaxFiles) and
+AlertExceedsMax turns a file past those bounds into a detection (a zip bomb is refused, not passed
+unscanned).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+# Split so that this file itself is not an EICAR file to a scanner of the repository.
+EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$" + b"EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
+EICAR_SIGNATURE = "Skyguard.Test.EICAR"
+MARKER_FILE = b"skyguard blocked-by-hash test file\n"
+MARKER_SIGNATURE = "Skyguard.Test.Hash"
+CLAMD = "/usr/sbin/clamd"
+# Bounds on archive expansion (clamd.conf). Small, so a test bomb trips them quickly.
+MAX_SCAN_SIZE_MB = 64
+MAX_FILE_SIZE_MB = 32
+MAX_RECURSION = 8
+
+
+def write_database(directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "skyguard-test.ndb").write_text(f"{EICAR_SIGNATURE}:0:*:{EICAR.hex()}\n")
+    (directory / "skyguard-test.hdb").write_text(
+        f"{hashlib.md5(MARKER_FILE).hexdigest()}:{len(MARKER_FILE)}:{MARKER_SIGNATURE}\n")
+
+
+def write_config(work: Path, socket: Path, database: Path) -> Path:
+    config = work / "clamd.conf"
+    config.write_text("\n".join([
+        "Foreground yes",
+        f"LocalSocket {socket}",
+        f"DatabaseDirectory {database}",
+        f"LogFile {work / 'clamd.log'}",
+        "ScanArchive yes",
+        f"MaxScanSize {MAX_SCAN_SIZE_MB}M",
+        f"MaxFileSize {MAX_FILE_SIZE_MB}M",
+        f"MaxRecursion {MAX_RECURSION}",
+        "MaxFiles 1000",
+        f"StreamMaxLength {MAX_SCAN_SIZE_MB}M",
+        "AlertExceedsMax yes",
+        "AlertEncrypted yes",
+        "SelfCheck 0",
+    ]) + "\n")
+    return config
+
+
+class LocalClamd:
+    def __init__(self, work: Path):
+        self.work = Path(work)
+        self.socket = str(self.work / "clamd.sock")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> LocalClamd:
+        self.work.mkdir(parents=True, exist_ok=True)
+        database = self.work / "db"
+        write_database(database)
+        config = write_config(self.work, Path(self.socket), database)
+        if os.path.exists(self.socket):
+            os.unlink(self.socket)
+        self.proc = subprocess.Popen([CLAMD, "-c", str(config)], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=open(self.work / "clamd.err", "ab"))
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(self.socket):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"clamd did not start: {self.log_tail()}")
+            time.sleep(0.05)
+        return self
+
+    def log_tail(self) -> str:
+        text = ""
+        for name in ("clamd.err", "clamd.log"):
+            path = self.work / name
+            if path.exists():
+                text += path.read_text(errors="replace")[-2000:]
+        return text
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.proc = None
+
+    def __enter__(self) -> LocalClamd:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
