@@ -207,7 +207,8 @@ class Daemon:
         slots = [slot("dns", lambda policy: True, self._make_dns),
                  slot("credentials", lambda policy: bool(policy.credentials or policy.tls_termination),
                       self._make_credentials),
-                 slot("admin", lambda policy: policy.admin_ssh is not None, self._make_admin)]
+                 slot("admin", lambda policy: policy.admin_ssh is not None, self._make_admin),
+                 slot("console", lambda policy: policy.admin_console is not None, self._make_console)]
         if self.tpm is not None and self.tpm.wants_monitor():  # a TPM with an attestation key
             slots.append(slot("attestation", lambda policy: True, lambda policy, registry: self.tpm.monitor(registry)))
         if self.fleet:
@@ -237,6 +238,14 @@ class Daemon:
 
         return AdminSshProxy(policy, SecretStore(self.state_dir / "secrets"), self.state_dir,
                              PartLog(self.record_nowait, "admin_session"), registry=registry)
+
+    def _make_console(self, policy, registry):
+        """The console proxy (VNC): operators open VM consoles with one-time tickets, recorded."""
+        from skyguard.console.proxy import ConsoleProxy
+        from skyguard.custody.store import SecretStore
+
+        return ConsoleProxy(policy, SecretStore(self.state_dir / "secrets"), self.state_dir,
+                            PartLog(self.record_nowait, "admin_session"), registry=registry)
 
     def _make_fleet(self, policy, registry):
         """The fleet agent: membership, signed policies applied through _apply, witnessing."""

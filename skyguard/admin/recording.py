@@ -155,7 +155,8 @@ class SessionArchive:
                   end=meta["end"], result=meta["result"], exit_status=meta["exit_status"],
                   exit_signal=meta.get("exit_signal"), bytes_in=meta["bytes_in"],
                   bytes_out=meta["bytes_out"], transcript_sha256=meta["transcript_sha256"],
-                  files=meta.get("files", []))
+                  files=meta.get("files", []),
+                  **({"console": meta["console"]} if "console" in meta else {}))
 
     def _log(self, kind: str, /, **fields) -> None:
         if self.decision_log is not None:
@@ -183,7 +184,9 @@ class SessionArchive:
             raise AdminError(f"session metadata {path} is not valid JSON: it was damaged or edited") from None
 
     def transcript_path(self, session_id: str) -> Path:
-        return self.directory / f"{validate_session_id(session_id)}.cast"
+        """ID.cast for an SSH session, ID.vnc for a console session (skyguard/console/recording.py)."""
+        console = self.directory / f"{validate_session_id(session_id)}.vnc"
+        return console if console.exists() else self.directory / f"{session_id}.cast"
 
     def verify(self, session_id: str, logged: builtins.list[dict] | None = None) -> str:
         """The transcript's SHA-256 if it matches the metadata and every end entry for it in

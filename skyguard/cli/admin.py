@@ -1,9 +1,10 @@
-"""`skyguard admin`: the SSH access proxy's keys and recorded sessions.
+"""`skyguard admin`: the SSH access proxy's keys, console tickets and recorded sessions.
 
-Thin commands over skyguard.admin: print the public half of skyguard's VM key (for the VMs'
-authorized_keys) and of the proxy's host key (for operators' known_hosts), list recorded sessions
-and replay one after checking its transcript against the record and the log. Running the proxy
-is the daemon's job (`skyguard up`), not this module's.
+Thin commands over skyguard.admin and skyguard.console: print the public half of skyguard's VM key
+(for the VMs' authorized_keys) and of the proxy's host key (for operators' known_hosts), issue a
+one-time console ticket, list recorded SSH and VNC sessions and replay one (a terminal transcript
+in the terminal, a VNC recording as PNG frames) after checking it against the record and the log.
+Running the proxies is the daemon's job (`skyguard up`), not this module's.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def _archive(state_dir: Path | None):
 
 @click.group("admin")
 def admin():
-    """Administrative SSH access to VMs through skyguard.
+    """Administrative access to VMs through skyguard: SSH and VNC consoles.
 
     Operators connect with the OpenSSH client, naming the VM after a '+' in the user name:
 
@@ -37,12 +38,18 @@ def admin():
       ssh -p 2222 alice+dc1@skyguard-host              a shell on dc1
       ssh -p 2222 alice+dc1@skyguard-host uptime       one command
 
+    and to a console target of admin.console with any VNC client, typing a one-time ticket
+    (from `skyguard admin console-ticket`) as the VNC password: the VM's own password stays in
+    skyguard.
+
     \b
     Examples:
       skyguard admin vm-key        the line for each VM's /root/.ssh/authorized_keys
       skyguard admin host-key      the line for operators' known_hosts
       skyguard admin sessions --json
       skyguard admin replay 20261130T031500Z-1a2b3c4d --speed 2
+      skyguard admin console-ticket alice dc1-desktop
+      skyguard admin replay 20261130T031500Z-5e6f7a8b --frames /tmp/frames
     """
 
 
@@ -72,11 +79,40 @@ def host_key_command(state_dir):
     click.echo(f"fingerprint: {keys.fingerprint(key)}", err=True)
 
 
+@admin.command("console-ticket")
+@click.argument("operator")
+@click.argument("target")
+@click.option("--group", "groups", multiple=True, help="A group the operator is in (repeatable).")
+@state_dir_option
+def console_ticket_command(operator, target, groups, state_dir):
+    """Issue a one-time password that opens console TARGET once, as OPERATOR.
+
+    The operator types it as the VNC password in their VNC client, connecting to
+    admin.console.listen. It works once, for 2 minutes; whether OPERATOR may open TARGET is
+    decided by the policy in force when it is used, and refusals are logged.
+
+    \b
+    Example:
+      skyguard admin console-ticket alice dc1-desktop
+      vncviewer skyguard-host::5999          (then type the ticket)
+    """
+    from skyguard.console.tickets import TicketBook
+    from skyguard.errors import BadInput
+    from skyguard.policy.values import NAME_RE
+
+    for what, value in (("operator", operator), ("target", target), *(("group", g) for g in groups)):
+        if not NAME_RE.match(value):
+            raise BadInput(f"{what} {value!r} is not a name from the policy (lower-case letters, digits, '-')")
+    ticket = TicketBook(_state(state_dir) / "console" / "tickets").issue(operator, target, tuple(groups))
+    click.echo(ticket.password)
+    click.echo(f"one-time VNC password for {operator} -> {target}, valid 2 minutes", err=True)
+
+
 @admin.command("sessions")
 @json_option
 @state_dir_option
 def sessions_command(as_json, state_dir):
-    """List recorded SSH sessions, oldest first."""
+    """List recorded SSH and VNC console sessions, oldest first."""
     sessions = _archive(state_dir).list()
     if as_json:
         emit_json(sessions)
@@ -87,7 +123,10 @@ def sessions_command(as_json, state_dir):
     click.echo(f"{'ID':<26} {'OPERATOR':<12} {'WORKLOAD':<12} {'KIND':<9} {'START':<20} {'RESULT':<20} EXIT")
     for s in sessions:
         exit_status = s.get("exit_signal") or ("" if s.get("exit_status") is None else s["exit_status"])
-        click.echo(f"{s['id']:<26} {s.get('operator', '?'):<12} {s.get('workload', '?'):<12} "
+        workload = s.get("workload", "?")
+        if s.get("console"):  # a VNC session: its console target is what the operator opened
+            workload = f"{workload}/{s['console'].get('target')}"
+        click.echo(f"{s['id']:<26} {s.get('operator', '?'):<12} {workload:<12} "
                    f"{s.get('kind') or '?':<9} {(s.get('start') or '')[:19]:<20} "
                    f"{s.get('result', '?'):<20} {exit_status}")
 
@@ -102,9 +141,13 @@ def sessions_command(as_json, state_dir):
                    "(default: the daemon's signed log in the state directory, else the proxy's "
                    "fallback log, if present).")
 @click.option("--no-verify", is_flag=True, help="Play even if the transcript fails its hash check.")
+@click.option("--frames", "frames_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="A VNC session: write the screen after each update as DIR/frame-NNNNN.png.")
+@click.option("--max-frames", type=click.IntRange(min=1), default=None, help="Stop after this many frames.")
 @state_dir_option
-def replay_command(session_id, speed, idle_limit, log_file, no_verify, state_dir):
-    """Play a recorded session back in the terminal, with its timing.
+def replay_command(session_id, speed, idle_limit, log_file, no_verify, frames_dir, max_frames, state_dir):
+    """Play a recorded SSH session back in the terminal, with its timing, or render a recorded
+    VNC session's frames to PNG (--frames DIR).
 
     The transcript's SHA-256 is checked first against the session record and the decision log;
     a modified transcript is refused (exit 1) unless --no-verify.
@@ -113,6 +156,7 @@ def replay_command(session_id, speed, idle_limit, log_file, no_verify, state_dir
     Examples:
       skyguard admin replay 20261130T031500Z-1a2b3c4d
       skyguard admin replay 20261130T031500Z-1a2b3c4d --speed 4 --idle-limit 0.5
+      skyguard admin replay 20261130T031500Z-5e6f7a8b --frames /tmp/frames
     """
     from skyguard.admin.decisionlog import JsonLinesDecisionLog, fallback_log_path
     from skyguard.admin.recording import replay
@@ -137,4 +181,15 @@ def replay_command(session_id, speed, idle_limit, log_file, no_verify, state_dir
         digest = archive.verify(session_id, logged)
         click.echo(f"transcript sha256 {digest} matches the session record"
                    + (f" and {log_path}" if logged is not None else ""), err=True)
-    replay(archive.transcript_path(session_id), sys.stdout, speed=speed, idle_limit=idle_limit)
+    path = archive.transcript_path(session_id)
+    if path.suffix == ".vnc":
+        from skyguard.console.recording import render_frames
+
+        if frames_dir is None:
+            raise BadInput(f"session {session_id} is a VNC session: render it with --frames DIR")
+        count = render_frames(path, frames_dir, max_frames)
+        click.echo(f"{count} frames written to {frames_dir}", err=True)
+        return
+    if frames_dir is not None:
+        raise BadInput(f"session {session_id} is an SSH session: --frames is for VNC sessions")
+    replay(path, sys.stdout, speed=speed, idle_limit=idle_limit)

@@ -25,7 +25,7 @@ on the skyguard -> VM leg), so messages never quote it either.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from skyguard.policy.checker import CheckerBase, did_you_mean, quoted
 from skyguard.policy.values import SECRET_NAME_RE, format_hostport, parse_hostport
@@ -93,6 +93,9 @@ class ConsoleSection(CheckerBase):
     """admin.console: a method of the policy checker (mixed into AccessSections)."""
 
     console: AdminConsole | None = None  # set by admin_console(), read by parse.py
+
+    if TYPE_CHECKING:  # the checker's (parse.py), which mixes this section in
+        def unique_name(self, node, path, seen: dict, kind: str, scope: str = "", **limits) -> str | None: ...
 
     def admin_console(self, node, line, zones) -> AdminConsole | None:
         path = "admin.console"

@@ -1,0 +1,235 @@
+"""One VNC console session: admit the operator with a one-time ticket, log into the VM's VNC server
+with the stored password, then relay RFB both ways, enforcing the clipboard rule, keeping the
+protocol to what the recorder decodes, counting keystrokes and recording the screen.
+
+The two legs are separate RFB connections: the operator's client sees skyguard's challenge, never
+the VM's, and the VM's password is used only here, on the skyguard -> VM leg. Whatever goes wrong
+in a session (a malformed message from either side, a VM that refuses the password, a revoked
+operator) ends that session only, with a reason in the log and the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import struct
+
+from skyguard.admin.access import AccessRefused
+from skyguard.console import access, rfb
+from skyguard.console.recording import VncRecording
+from skyguard.console.tickets import Ticket
+from skyguard.errors import SkyguardError
+from skyguard.policy.console import ConsoleTarget
+
+log = logging.getLogger("skyguard.console")
+
+HANDSHAKE_TIMEOUT = 20.0  # seconds an unauthenticated client (or a VM's VNC server) may take to log in
+
+
+class ConsoleSession:
+    def __init__(self, proxy, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.proxy = proxy
+        self.client_r, self.client_w = reader, writer
+        peer = writer.get_extra_info("peername") or ("?", 0)
+        self.source = f"{peer[0]}:{peer[1]}"
+        self.ticket: Ticket | None = None
+        self.target: ConsoleTarget | None = None
+        self.zone: str | None = None
+        self.recording: VncRecording | None = None
+        self.vm_w: asyncio.StreamWriter | None = None
+        self._ended: str | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    # -- admission --------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            try:
+                vm = await asyncio.wait_for(self._admit(), HANDSHAKE_TIMEOUT)
+            except TimeoutError:
+                raise rfb.RfbError("the VNC login took too long") from None
+            if vm is None:
+                return
+            await self._relay(*vm)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            self._end("disconnected")
+        except rfb.RfbError as e:
+            self._end("protocol_error", str(e))
+        except SkyguardError as e:
+            self._end("error", str(e))
+        finally:
+            self._close()
+
+    async def _admit(self):
+        if self.proxy.limiter.is_blocked(self.source.rsplit(":", 1)[0]):
+            self.proxy.metrics.auth_failures.labels("rate_limited").inc()
+            return None
+        self.client_w.write(rfb.VERSION_3_8)
+        if rfb.parse_version(await self.client_r.readexactly(12)) < (3, 8):
+            raise rfb.RfbError("the VNC client speaks an RFB version before 3.8")
+        self.client_w.write(bytes([1, rfb.SECURITY_VNC]))
+        if (await self.client_r.readexactly(1))[0] != rfb.SECURITY_VNC:
+            raise rfb.RfbError("the client did not choose VNC authentication")
+        challenge = os.urandom(16)
+        self.client_w.write(challenge)
+        response = await self.client_r.readexactly(16)
+        self.ticket = self.proxy.tickets.redeem_vnc(challenge, response)
+        if self.ticket is None:
+            return await self._refuse("bad_ticket", "skyguard: unknown, used or expired console ticket; "
+                                                    "ask for a new one")
+        try:
+            self.target, workload = access.authorize(self.proxy.policy, self.ticket.operator,
+                                                     self.ticket.groups, self.ticket.target)
+            address = access.workload_address(workload)
+        except AccessRefused as e:
+            return await self._refuse(e.reason, str(e))
+        self.zone = workload.zone
+        try:
+            vm = await self._vm_login(address, self.target)
+        except (OSError, asyncio.IncompleteReadError, rfb.RfbError, SkyguardError) as e:
+            # The operator learns that the VM side failed, not how (the log has the detail).
+            self.proxy.record("console_vm_login_failed", operator=self.ticket.operator, target=self.target.name,
+                              source=self.source, error=_safe_error(e))
+            return await self._refuse("vm_login_failed",
+                                      f"skyguard: could not open the console of {self.target.name} (VM side)")
+        self.client_w.write(struct.pack(">I", 0))  # SecurityResult OK
+        shared = await self.client_r.readexactly(1)  # ClientInit
+        vm_r, vm_w = vm
+        vm_w.write(shared)
+        init = await rfb.read_server_init(vm_r)
+        self.client_w.write(init.raw)
+        self.recording = VncRecording(self.proxy.archive, operator=self.ticket.operator, groups=self.ticket.groups,
+                                      target=self.target, zone=self.zone, source=self.source, auth="ticket",
+                                      init=init)
+        self.proxy.metrics.active.inc()
+        log.info("console session %s: %s opened %s from %s", self.recording.id, self.ticket.operator,
+                 self.target.name, self.source)
+        return vm_r, vm_w, init
+
+    async def _refuse(self, reason: str, message: str):
+        self.client_w.write(rfb.security_failure(message))
+        await self.client_w.drain()
+        if reason == "bad_ticket":  # a guessed password; a refused operator has a valid ticket
+            self.proxy.limiter.failure(self.source.rsplit(":", 1)[0])
+        self.proxy.metrics.auth_failures.labels(reason).inc()
+        self.proxy.record("console_access_refused", reason=reason, source=self.source,
+                          operator=self.ticket.operator if self.ticket else None,
+                          target=self.ticket.target if self.ticket else None)
+        return None
+
+    async def _vm_login(self, address: str, target):
+        password = self.proxy.store.get(target.credential)  # a Secret: never printed
+        r, w = await asyncio.wait_for(asyncio.open_connection(address, target.port),
+                                      self.proxy.config.connect_timeout)
+        self.vm_w = w
+        if rfb.parse_version(await r.readexactly(12)) < (3, 8):
+            raise rfb.RfbError("the VM's VNC server speaks an RFB version before 3.8")
+        w.write(rfb.VERSION_3_8)
+        count = (await r.readexactly(1))[0]
+        if count == 0:
+            (length,) = struct.unpack(">I", await r.readexactly(4))
+            raise rfb.RfbError("the VM's VNC server refused: " + (await r.readexactly(min(length, 512))).decode(errors="replace"))
+        types = await r.readexactly(count)
+        if rfb.SECURITY_VNC not in types:
+            raise rfb.RfbError(f"the VM's VNC server offers no VNC authentication (offers {list(types)})")
+        w.write(bytes([rfb.SECURITY_VNC]))
+        w.write(rfb.vnc_auth_response(password.reveal(), await r.readexactly(16)))
+        (result,) = struct.unpack(">I", await r.readexactly(4))
+        if result != 0:
+            raise rfb.RfbError("the VM's VNC server refused the stored password")
+        return r, w
+
+    # -- relay ------------------------------------------------------------------------------------
+
+    async def _relay(self, vm_r, vm_w, init: rfb.ServerInit) -> None:
+        self.pixel_format, self.size = init.pixel_format, (init.width, init.height)
+        self.updates_asked = False
+        self._tasks = [asyncio.create_task(self._client_to_vm(vm_w)),
+                       asyncio.create_task(self._vm_to_client(vm_r))]
+        done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in self._tasks:
+            task.cancel()
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()
+        self._end("closed")
+
+    async def _client_to_vm(self, vm_w) -> None:
+        while True:
+            message = await rfb.read_client_message(self.client_r)
+            self.recording.client(message)
+            out = message.raw
+            if message.type == rfb.SET_PIXEL_FORMAT:
+                # Updates are only sent on request, so before the first request no update in the
+                # old format can be under way; afterwards a change would race one.
+                if self.updates_asked:
+                    raise rfb.RfbError("the client changed the pixel format after updates began")
+                self.pixel_format = message.pixel_format
+                self.recording.pixel_format(message.pixel_format)
+            elif message.type == rfb.SET_ENCODINGS:
+                out = rfb.set_encodings(rfb.allowed_encodings(message.encodings))
+            elif message.type == rfb.FB_UPDATE_REQUEST:
+                self.updates_asked = True
+            elif message.type == rfb.CLIENT_CUT_TEXT:
+                allowed = self.target.clipboard_to_vm
+                self._clipboard("to_vm", message.text_length, allowed)
+                if not allowed:
+                    continue
+            vm_w.write(out)
+            await vm_w.drain()
+
+    async def _vm_to_client(self, vm_r) -> None:
+        while True:
+            message = await rfb.read_server_message(vm_r, self.pixel_format, self.size)
+            if message.new_size:
+                self.size = message.new_size
+            if message.type == rfb.SERVER_CUT_TEXT:
+                allowed = self.target.clipboard_from_vm
+                self._clipboard("from_vm", message.text_length, allowed)
+                if not allowed:
+                    continue
+            self.recording.server(message)
+            self.client_w.write(message.raw)
+            await self.client_w.drain()
+
+    def _clipboard(self, direction: str, length: int, allowed: bool) -> None:
+        self.recording.clipboard(direction, length, allowed)
+        self.proxy.metrics.clipboard.labels(direction, "allowed" if allowed else "dropped").inc()
+        if not allowed:
+            self.proxy.record("console_clipboard_dropped", session=self.recording.id, direction=direction,
+                              bytes=length, operator=self.ticket.operator, target=self.target.name)
+
+    # -- ending -----------------------------------------------------------------------------------
+
+    def end(self, result: str, reason: str = "") -> None:
+        """End the session from outside (revocation, shutdown)."""
+        self._end(result, reason)
+        for task in self._tasks:
+            task.cancel()
+        self._close()
+
+    def _end(self, result: str, reason: str = "") -> None:
+        if self._ended is not None:
+            return
+        self._ended = result
+        if self.recording is None:
+            if reason:
+                log.info("console connection from %s ended before a session began: %s", self.source, reason)
+            return
+        meta = self.recording.finish(result)
+        self.proxy.metrics.active.dec()
+        self.proxy.metrics.sessions.labels(self.ticket.operator, result).inc()
+        log.info("console session %s ended: %s%s", meta["id"], result, f" ({reason})" if reason else "")
+        if reason:
+            self.proxy.record("console_session_error", session=meta["id"], result=result, reason=reason)
+
+    def _close(self) -> None:
+        for w in (self.client_w, self.vm_w):
+            if w is not None and not w.is_closing():
+                w.close()
+
+
+def _safe_error(e: BaseException) -> str:
+    """An error for the log: its type and message (no exception here carries the password)."""
+    return f"{type(e).__name__}: {e}"[:300]

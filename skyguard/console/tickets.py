@@ -1,0 +1,93 @@
+"""One-time console tickets: what admits an operator to one console target, once.
+
+A ticket names an operator (and their groups), a target, an expiry, and a password of 8
+characters: 8 is all VNC authentication carries, so a native VNC client types the ticket as its
+VNC password, and skyguard finds the ticket whose DES response matches (there are few
+outstanding). The web console hands its ticket to the browser's WebSocket the same way. Tickets
+are files in a root-only folder (0700, each file 0600), so `skyguard admin console-ticket` (run by
+an administrator on the host) and the daemon share them without a socket; redeeming one deletes
+its file, and of two racing redeemers only the one whose unlink succeeds gets it.
+
+Issuing a ticket does not grant access: the proxy checks the policy in force when it is used.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from skyguard import fsutil
+from skyguard.console.rfb import vnc_auth_response
+from skyguard.errors import BadInput
+
+ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789"  # no 0/O, 1/l/I
+PASSWORD_LENGTH = 8  # VNC authentication uses 8 bytes of the password, no more
+TICKET_TTL = 120.0  # seconds a ticket may wait to be used
+MAX_OUTSTANDING = 64  # unused tickets at once: bounds the DES trials per login
+
+
+@dataclass(frozen=True)
+class Ticket:
+    id: str
+    operator: str
+    groups: tuple[str, ...]
+    target: str
+    expires: float
+    password: str
+
+    def __repr__(self) -> str:  # never the password
+        return f"Ticket({self.id}, {self.operator} -> {self.target})"
+
+
+class TicketBook:
+    def __init__(self, directory: Path | str, ttl: float = TICKET_TTL):
+        self.directory = Path(directory)
+        self.ttl = ttl
+
+    def issue(self, operator: str, target: str, groups: tuple[str, ...] = ()) -> Ticket:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        live = self._load_all()
+        if len(live) >= MAX_OUTSTANDING:
+            raise BadInput(f"{len(live)} console tickets are waiting to be used (at most {MAX_OUTSTANDING}); "
+                           f"wait for some to expire ({self.ttl:.0f} s)")
+        ticket = Ticket(secrets.token_hex(8), operator, tuple(groups), target, time.time() + self.ttl,
+                        "".join(secrets.choice(ALPHABET) for _ in range(PASSWORD_LENGTH)))
+        value = {"operator": operator, "groups": list(groups), "target": target, "expires": ticket.expires,
+                 "password": ticket.password}
+        fsutil.write_private(self.directory / f"{ticket.id}.json", json.dumps(value).encode())
+        return ticket
+
+    def redeem_vnc(self, challenge: bytes, response: bytes) -> Ticket | None:
+        """The ticket whose password answers `challenge` with `response`, consumed; else None."""
+        for ticket in self._load_all():
+            expected = vnc_auth_response(ticket.password.encode(), challenge)
+            if hmac.compare_digest(expected, response):
+                return ticket if self._consume(ticket) else None
+        return None
+
+    def _consume(self, ticket: Ticket) -> bool:
+        try:
+            os.unlink(self.directory / f"{ticket.id}.json")
+            return True
+        except FileNotFoundError:  # another connection redeemed it first
+            return False
+
+    def _load_all(self) -> list[Ticket]:
+        now, live = time.time(), []
+        for path in self.directory.glob("*.json") if self.directory.is_dir() else ():
+            try:
+                v = json.loads(path.read_text())
+                ticket = Ticket(path.stem, v["operator"], tuple(v["groups"]), v["target"], float(v["expires"]),
+                                v["password"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # half-written or damaged: never admits anyone
+            if ticket.expires < now:
+                path.unlink(missing_ok=True)
+            else:
+                live.append(ticket)
+        return live
