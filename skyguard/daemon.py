@@ -205,7 +205,8 @@ class Daemon:
             return PartSlot(name, wanted, lambda policy: make(policy, metrics.fresh()))
 
         slots = [slot("dns", lambda policy: True, self._make_dns),
-                 slot("credentials", lambda policy: bool(policy.credentials or policy.tls_termination),
+                 slot("credentials", lambda policy: bool(policy.credentials or policy.tls_termination
+                                                         or policy.content.zones_for("http")),
                       self._make_credentials),
                  slot("admin", lambda policy: policy.admin_ssh is not None, self._make_admin),
                  slot("console", lambda policy: policy.admin_console is not None, self._make_console)]

@@ -14,11 +14,16 @@ unscanned).
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
 import os
 import signal
+import socket
 import subprocess
 import time
+import zipfile
+import zlib
 from pathlib import Path
 
 # Split so that this file itself is not an EICAR file to a scanner of the repository.
@@ -76,12 +81,23 @@ class LocalClamd:
         self.proc = subprocess.Popen([CLAMD, "-c", str(config)], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=open(self.work / "clamd.err", "ab"))
         deadline = time.monotonic() + timeout
-        while not os.path.exists(self.socket):
+        while not self.ping():  # the socket file exists a moment before clamd listens on it
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"clamd did not start: {self.log_tail()}")
             time.sleep(0.05)
         return self
+
+    def ping(self) -> bool:
+        """clamd answers PING with PONG."""
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(2)
+                sock.connect(self.socket)
+                sock.sendall(b"zPING\0")
+                return sock.recv(16).startswith(b"PONG")
+        except OSError:
+            return False
 
     def log_tail(self) -> str:
         text = ""
@@ -110,3 +126,32 @@ class LocalClamd:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@functools.cache
+def gzip_bomb(megabytes: int = 20) -> bytes:
+    """`megabytes` MiB of zeros, gzip-compressed (about 1000:1), built without holding them."""
+    compressor = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    zeros = bytes(1 << 20)
+    return b"".join(compressor.compress(zeros) for _ in range(megabytes)) + compressor.flush()
+
+
+@functools.cache
+def zip_bomb(megabytes: int = 20, nested: int = 1) -> bytes:
+    """A zip holding `megabytes` MiB of zeros, inside `nested` - 1 further zips."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("zeros.bin", "w") as member:
+            for _ in range(megabytes):
+                member.write(bytes(1 << 20))
+    data = out.getvalue()
+    for _ in range(nested - 1):
+        data = zipped("inner.zip", data)
+    return data
+
+
+def zipped(name: str, data: bytes) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(name, data)
+    return out.getvalue()

@@ -31,6 +31,8 @@ import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from skyguard.content.httpfilter import blocked_response, judge_body, metrics_for
+from skyguard.content.inspector import ContentEngine
 from skyguard.credproxy.ca import CertificateAuthority
 from skyguard.credproxy.client import ClientConnection
 from skyguard.credproxy.codings import UnscrubbableResponse, decode_body
@@ -78,13 +80,15 @@ class PolicyState:
     workload_by_address: dict[str, tuple[str, str]]  # compressed address -> (workload, zone)
     client_certificates: dict[str, ClientCertificate]  # destination name -> certificate
     content_patterns: tuple = ()
+    content: ContentEngine | None = None  # the policy's content rules (skyguard/content), if any
 
     @classmethod
     def build(cls, policy: Policy, secrets: SecretSource, client_certificates, content_patterns) -> PolicyState:
         """Reads the secrets from the store: call off the loop when the store is on disk."""
         return cls(SwapEngine(policy.credentials, secrets, content_patterns),
                    {str(a): (w.name, w.zone) for w in policy.workloads() for a in w.addresses},
-                   dict(client_certificates or {}), tuple(content_patterns))
+                   dict(client_certificates or {}), tuple(content_patterns),
+                   ContentEngine(policy.content) if policy.content.rules else None)
 
     def identify(self, address: str) -> tuple[str | None, str | None]:
         try:
@@ -148,6 +152,7 @@ class CredentialProxy:
         self.address_matches = address_matches
         self.decision_log = decision_log
         self.metrics = metrics
+        self.content_metrics = metrics_for(metrics.registry)
         self.limits = limits
         self.destination_of = destination_of
         self.tls = UpstreamTls(secrets, [upstream_ca_file, *upstream_cas])
@@ -298,10 +303,20 @@ class CredentialProxy:
         self._account(verdict)
         if verdict.action == "block":
             return ProtocolRefusal(verdict.status, verdict.reason)
+        if state.content is not None:  # judged whole before a byte is forwarded (fail closed)
+            blocked = await judge_body(state.content, facts, verdict.host, "upload", request.headers, request.body,
+                                       self.decision_log, self.content_metrics)
+            if blocked is not None:
+                return blocked_response(blocked, request.method, keep_alive)
         certificate = state.client_certificate_for(verdict.host, facts.zone)
         try:
             status, headers, body = await self.upstreams.exchange(facts, verdict.request, verdict.host, certificate)
             status, headers, body = self._safe_response(state.engine, verdict.host, request, status, headers, body, facts)
+            if state.content is not None:
+                blocked = await judge_body(state.content, facts, verdict.host, "download", headers, body,
+                                           self.decision_log, self.content_metrics)
+                if blocked is not None:
+                    return blocked_response(blocked, request.method, keep_alive)
             return serialise_response(request.method, keep_alive, status, headers, body)
         except (UnscrubbableResponse, CredentialError) as error:
             # Our own words, but scrubbed all the same: nothing after the upstream's answer

@@ -166,7 +166,7 @@ class CredentialService:
             policy = dataclasses.replace(policy, credentials=tuple(c for c in policy.credentials if c not in missing))
         # 1. Listeners the policy needs, up (or their state swapped) before steering points at them.
         try:
-            if policy.credentials and self.proxy is None:  # in a worker thread: it reads the store
+            if (policy.credentials or _content_zones(policy)) and self.proxy is None:  # in a worker thread: it reads the store
                 self.proxy = await asyncio.to_thread(
                     lambda: CredentialProxy(
                         policy, self.secrets, self.ca, address_matches=self.address_matches,
@@ -213,25 +213,34 @@ class CredentialService:
         return True
 
     def _proxy_in_force(self, policy: Policy) -> bool:
-        """The proxy exists and decides under this policy's credentials."""
-        return bool(policy.credentials) and self.proxy is not None and \
+        """The proxy exists and decides under this policy's credentials (and content rules)."""
+        return bool(policy.credentials or _content_zones(policy)) and self.proxy is not None and \
             self.proxy.state.engine.credentials == tuple(policy.credentials)
 
     async def _steer(self, policy: Policy, listeners) -> None:
         zones = {zone for credential in policy.credentials for zone in credential.zones}
         serving = self.proxy_ports is not None and self._proxy_in_force(policy)
         interfaces = sorted(w.interface for w in policy.workloads() if w.zone in zones) if serving else []
+        # Zones under HTTP content rules: every HTTP(S) connection, whatever its destination.
+        content_zones = _content_zones(policy)
+        content_interfaces = sorted(w.interface for w in policy.workloads() if w.zone in content_zones) if serving else []
         terminations = [TerminationSteer(t.vm_addresses, t.termination.port, t.listen_port) for t in listeners]
-        if not interfaces and not terminations:
+        if not interfaces and not content_interfaces and not terminations:
             if self.steering is not None:
                 steering, self.steering = self.steering, None
                 await asyncio.to_thread(steering.remove)
             return
         http_port, https_port = self.proxy_ports or (0, 0)
         steering = CredentialSteering(interfaces, http_port, https_port, terminations, nft=self.nft,
-                                      all_destinations=self.steer_all_destinations)
+                                      all_destinations=self.steer_all_destinations,
+                                      content_interfaces=content_interfaces)
         destinations = self.destinations
         self._learned = {name: known for name, known in self._learned.items() if name in destinations}
         addresses = [address for known in self._learned.values() for address in known]
         await asyncio.to_thread(steering.install, addresses)  # replaces the table in one transaction
         self.steering = steering
+
+
+def _content_zones(policy: Policy) -> set[str]:
+    """Zones whose HTTP(S) the content rules inspect (skyguard/policy/content.py)."""
+    return policy.content.zones_for("http")

@@ -47,6 +47,9 @@ class CredentialSteering:
     # placeholder sent to ANY host is seen and blocked (VMs then trust the skyguard CA for all
     # HTTPS). False: only the destination addresses in the sets are steered.
     all_destinations: bool = False
+    # Interfaces whose every tcp/80 and tcp/443 connection goes to the proxy whatever
+    # all_destinations says: zones under HTTP content rules (skyguard/policy/content.py).
+    content_interfaces: Sequence[str] = ()
     installed: bool = field(default=False, init=False)
 
     def ruleset(self, addresses: Iterable[str] = ()) -> str:
@@ -70,6 +73,10 @@ class CredentialSteering:
                 match = f"    iifname {{ {ifaces} }} {family} daddr @{set_name}"
                 lines.append(f"{match} tcp dport 80 redirect to :{self.http_port}")
                 lines.append(f"{match} tcp dport 443 redirect to :{self.https_port}")
+        if self.content_interfaces:
+            ifaces = ", ".join(_quote(name) for name in self.content_interfaces)
+            lines.append(f"    iifname {{ {ifaces} }} meta nfproto {{ ipv4, ipv6 }} tcp dport 80 redirect to :{self.http_port}")
+            lines.append(f"    iifname {{ {ifaces} }} meta nfproto {{ ipv4, ipv6 }} tcp dport 443 redirect to :{self.https_port}")
         termination_rules = []
         for steer in self.terminations:
             t4, t6 = _split(steer.addresses)

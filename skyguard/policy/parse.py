@@ -137,7 +137,8 @@ class _Checker(AccessSections, ContentSection):
                                  f"keep extensions small")
         return Policy(name=name or "", zones=zones, networks=networks, rules=tuple(rules),
                       dns=dns or DnsConfig(), credentials=credentials, tls_termination=tls,
-                      admin_ssh=admin, admin_console=self.console, content=content, sha256=digest, source=self.source, extra=extra)
+                      admin_ssh=admin, admin_console=self.console, content=content, sha256=digest,
+                      source=self.source, extra=extra)
 
     def metadata(self, node, line) -> str | None:
         if not self.mapping(node, "metadata", line, ("name", "description"), required=("name",)):

@@ -9,7 +9,6 @@ import gzip
 import io
 import os
 import tarfile
-import zipfile
 
 import pytest
 
@@ -17,7 +16,7 @@ from skyguard.content import engines
 from skyguard.content.clamd import ClamdStream, ClamdUnavailable, parse_reply, scan_bytes
 from skyguard.content.http import Uninspectable, body_files
 from skyguard.content.inspector import ContentEngine, inspect_bytes
-from skyguard.content.testing import EICAR, EICAR_SIGNATURE, MARKER_FILE, MARKER_SIGNATURE, LocalClamd
+from skyguard.content.testing import EICAR, EICAR_SIGNATURE, MARKER_FILE, MARKER_SIGNATURE, LocalClamd, zip_bomb, zipped
 from skyguard.policy.content import ContentBlock, ContentPolicy, ContentRule
 
 YARA_RULE = 'rule SkyguardSecretMarker { strings: $a = "TOP-SECRET-PROJECT-ORION" condition: $a }\n'
@@ -35,13 +34,6 @@ def yara_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("yara") / "marker.yar"
     path.write_text(YARA_RULE)
     return str(path)
-
-
-def zipped(name: str, data: bytes) -> bytes:
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr(name, data)
-    return out.getvalue()
 
 
 def tarred(name: str, data: bytes) -> bytes:
@@ -144,9 +136,9 @@ def test_larger_than_the_inspection_buffer_is_refused(clamd, yara_file):
 
 
 def test_zip_bomb_is_refused_by_its_bounds(clamd, yara_file):
-    """100 MB of zeros in a 100 KB zip, inside a zip: refused by the expansion bound (8 MiB here),
+    """20 MiB of zeros in a 20 KB zip, inside a zip: refused by the expansion bound (8 MiB here),
     decompressed as a stream and never held."""
-    bomb = zipped("outer.zip", zipped("zeros.bin", b"\0" * (100 << 20)))
+    bomb = zip_bomb(20, nested=2)
     assert len(bomb) < 1 << 20
     verdict = run(inspect_bytes(engine_for(clamd.socket, yara_file, clamav=True), "web", "upload", "http", bomb))
     assert verdict.blocked and verdict.engine == "archive"

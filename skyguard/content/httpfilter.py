@@ -1,0 +1,69 @@
+"""The content filter as the credential proxy uses it: one HTTP body (a request's on the way out,
+a response's on the way in) judged under the policy's content rules, the block recorded, and the
+403 the VM gets instead.
+
+The proxy holds whole messages before it forwards them (credproxy/http1.py), so a request whose
+body is blocked never leaves: the upstream receives no byte of it, let alone a complete file.
+Empty bodies are not inspected (nothing is uploaded; a GET must not depend on clamd). Not here:
+which connections reach the proxy (steering), the engines (inspector.py).
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+
+from skyguard.content.http import Uninspectable, body_files
+from skyguard.content.inspector import UNINSPECTABLE, ContentEngine, ContentVerdict, inspect_bytes
+from skyguard.content.record import ContentMetrics, blocked_entry
+from skyguard.credproxy.http1 import serialise_response
+
+_METRICS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def metrics_for(registry) -> ContentMetrics:
+    """One ContentMetrics per Prometheus registry: several proxies may share a registry (tests
+    run two), and a collector registers only once per registry."""
+    metrics = _METRICS.get(registry)
+    if metrics is None:
+        metrics = _METRICS[registry] = ContentMetrics(registry)
+    return metrics
+
+
+async def judge_body(engine: ContentEngine, facts, host: str | None, direction: str, headers, body: bytes,
+                     decision_log, metrics: ContentMetrics) -> ContentVerdict | None:
+    """The blocking verdict for this body, or None when it may pass. `facts` is the proxy's
+    ConnectionFacts (zone, workload). Every verdict is counted; a block is logged."""
+    if not body or engine.inspector(facts.zone, direction, "http") is None:
+        return None
+    limit = engine.content.max_inspect_bytes
+    verdicts = []
+    try:
+        files = body_files(headers, body, limit)
+    except Uninspectable as error:
+        rule = engine.content.rules_for(facts.zone, direction, "http")[0].name
+        verdicts = [ContentVerdict(True, rule, UNINSPECTABLE, f"refused unscanned: {error}", len(body), "")]
+        files = []
+    for data in files:
+        verdict = await inspect_bytes(engine, facts.zone, direction, "http", data)
+        if verdict is not None:
+            verdicts.append(verdict)
+            if verdict.blocked:
+                break
+    if not verdicts:
+        return None
+    verdict = verdicts[-1]
+    metrics.count(facts.zone, "http", verdict)
+    if not verdict.blocked:
+        return None
+    decision_log.record(blocked_entry(verdict, zone=facts.zone, workload=facts.workload, protocol="http",
+                                      direction=direction, destination=host, address=facts.address, port=facts.port))
+    return verdict
+
+
+def blocked_response(verdict: ContentVerdict, method: bytes, keep_alive: bool) -> bytes:
+    """403 with the reason as JSON (the content is never echoed)."""
+    body = json.dumps({"error": "content_blocked", "rule": verdict.rule, "engine": verdict.engine,
+                       "reason": verdict.reason, "sha256": verdict.sha256 or None}).encode() + b"\n"
+    return serialise_response(method, keep_alive, (403, b"Forbidden"),
+                              ((b"content-type", b"application/json"),), body)

@@ -1,0 +1,231 @@
+"""Content rules in the credential proxy over real loopback sockets: curl (and a raw TLS socket
+for chunking curl will not do) as the VM, a real clamd started here, the TLS echo server as the
+upstream, which records every request it receives. A blocked upload is a 403 with a JSON
+reason, a `content_blocked` log entry and a counter, and the upstream receives nothing of it.
+The namespace test (tests/integration/test_content_lab.py) covers steering and a lab VM."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import ipaddress
+import json
+import socket
+import ssl
+import subprocess
+import threading
+
+import pytest
+
+from skyguard.content.testing import EICAR, LocalClamd, gzip_bomb, zip_bomb, zipped
+from skyguard.credproxy.ca import CertificateAuthority
+from skyguard.credproxy.interfaces import CredentialMetrics, ListDecisionLog, MemorySecretSource
+from skyguard.credproxy.proxy import CredentialProxy, ProxyLimits
+from skyguard.credproxy.testing import TestCA, echo_ssl_context, serve_echo
+from skyguard.policy.content import ContentBlock, ContentPolicy, ContentRule
+from skyguard.policy.model import Policy, Workload, Zone
+
+ELF = b"\x7fELF\x02\x01\x01\x00" + b"\0" * 8 + b"\x02\x00\x3e\x00\x01\x00\x00\x00" + b"\0" * 200
+DOWNLOAD_MARKER = "SKYGUARD-DOWNLOAD-MARKER-7731"
+
+
+def content_policy(socket_path: str) -> ContentPolicy:
+    rules = (
+        ContentRule("malware", ("web",), ("upload",), ("http", "sftp"), ContentBlock(clamav=True)),
+        ContentRule("no-binaries", ("web",), ("upload",), ("http",),
+                    ContentBlock(mime_types=("application/x-executable", "application/x-sharedlib",
+                                             "application/x-pie-executable"), max_size=200_000)),
+        ContentRule("inbound", ("web",), ("download",), ("http",), ContentBlock(patterns=(DOWNLOAD_MARKER,))),
+    )
+    return ContentPolicy(rules, clamd_socket=socket_path, scan_timeout=5, max_inspect_bytes=4 << 20)
+
+
+class Rig:
+    """An event loop in a thread: the TLS echo upstream and one proxy, with a clamd."""
+
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.clamd = LocalClamd(tmp / "clamd").start()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        upstream_ca = TestCA()
+        cert, key = upstream_ca.issue(["upload.test", "127.0.0.1"])
+        (tmp / "up.pem").write_bytes(cert)
+        (tmp / "up.key").write_bytes(key)
+        (tmp / "upca.pem").write_bytes(upstream_ca.certificate_pem)
+        self.echo_log = tmp / "echo.jsonl"
+        self.ca = CertificateAuthority(tmp / "skyca")
+        (tmp / "skyca.pem").write_bytes(self.ca.certificate_pem)
+        web = Workload("web1", "web", "sg-x", "02:00:00:00:03:02", (ipaddress.ip_address("127.0.0.1"),))
+        other = Workload("other1", "other", "sg-y", "02:00:00:00:05:02", (ipaddress.ip_address("127.0.0.2"),))
+        self.policy = Policy("t", {"web": Zone("web", (web,)), "other": Zone("other", (other,))}, {}, (),
+                             content=content_policy(self.clamd.socket))
+        self.log = ListDecisionLog()
+        self.metrics = CredentialMetrics()
+        self.run(self._start())
+
+    def run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(60)
+
+    async def _start(self):
+        context = echo_ssl_context(str(self.tmp / "up.pem"), str(self.tmp / "up.key"))
+        self.echo = await serve_echo("127.0.0.1", 0, context, str(self.echo_log))
+        port = self.echo.sockets[0].getsockname()[1]
+        self.proxy = CredentialProxy(self.policy, MemorySecretSource(), self.ca, address_matches=lambda n, ip: True,
+                                     decision_log=self.log, metrics=self.metrics, destination_of=lambda s: ("127.0.0.1", port),
+                                     upstream_ca_file=str(self.tmp / "upca.pem"), limits=ProxyLimits(max_request_body=1 << 20))
+        self.http_port, self.https_port = await self.proxy.start("127.0.0.1")
+
+    def close(self):
+        async def stop():
+            await self.proxy.stop()
+            self.echo.close()
+        self.run(stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.clamd.stop()
+
+    def upload(self, data: bytes, *args, source="127.0.0.1", name="upload.bin"):
+        path = self.tmp / name
+        path.write_bytes(data)
+        args = args or ("--data-binary", f"@{path}", "-H", "Content-Type: application/octet-stream")
+        result = subprocess.run(
+            ["curl", "-sS", "--max-time", "20", "--interface", source, "--cacert", str(self.tmp / "skyca.pem"),
+             "--connect-to", f"::127.0.0.1:{self.https_port}", "-w", "\n%{http_code}",
+             *[a.replace("{path}", str(path)) for a in args], "https://upload.test/files"],
+            capture_output=True, timeout=30)
+        body, _, code = result.stdout.rpartition(b"\n")
+        return int(code or 0), body
+
+    def echoed(self) -> list[dict]:
+        return [json.loads(line) for line in self.echo_log.read_text().splitlines()] if self.echo_log.exists() else []
+
+    def blocks(self) -> list[dict]:
+        return [e for e in self.log.snapshot() if e.get("event") == "content_blocked"]
+
+    def counted(self, rule: str, verdict: str) -> float:
+        from skyguard.content.httpfilter import metrics_for
+
+        return metrics_for(self.metrics.registry).decisions.labels("web", rule, "http", verdict)._value.get()
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory):
+    r = Rig(tmp_path_factory.mktemp("content-http"))
+    yield r
+    r.close()
+
+
+def assert_blocked(rig, code, body, rule, engine, data_sha=None):
+    assert code == 403, body
+    answer = json.loads(body)
+    assert (answer["error"], answer["rule"], answer["engine"]) == ("content_blocked", rule, engine), answer
+    entry = rig.blocks()[-1]
+    assert (entry["zone"], entry["workload"], entry["rule"], entry["protocol"], entry["destination"]) == (
+        "web", "web1", rule, "http", "upload.test")
+    if data_sha:
+        assert entry["sha256"] == data_sha
+    assert "X5O!P" not in json.dumps(entry)  # never the content
+
+
+def test_clean_file_passes_byte_exact(rig):
+    data = bytes(range(256)) * 300  # binary, 76.8 KB
+    before = len(rig.echoed())
+    code, _ = rig.upload(data)
+    assert code == 200
+    got = rig.echoed()[before:]
+    assert len(got) == 1 and got[0]["body"].encode("latin-1") == data
+    assert rig.counted("-", "allowed") >= 1
+
+
+ATTACKS = [
+    # (description, data, curl arguments ({path}: the file), rule, engine)
+    ("EICAR as the raw body", EICAR, (), "malware", "clamav"),
+    ("EICAR in a zip named photo.jpg sent as image/jpeg", zipped("notes.txt", EICAR),
+     ("--data-binary", "@{path}", "-H", "Content-Type: image/jpeg"), "malware", "clamav"),
+    ("EICAR in a multipart form", EICAR, ("-F", "note=hello", "-F", "file=@{path};filename=cat.jpg;type=image/jpeg"),
+     "malware", "clamav"),
+    ("EICAR gzip-encoded", gzip.compress(EICAR), ("--data-binary", "@{path}", "-H", "Content-Encoding: gzip"),
+     "malware", "clamav"),
+    ("an executable renamed readme.txt, sent as text/plain", ELF,
+     ("-F", "file=@{path};filename=readme.txt;type=text/plain"), "no-binaries", "mime"),
+    ("a body over max_size", b"a" * 200_001, (), "no-binaries", "size"),
+    ("a gzip bomb (20 MiB of zeros in 20 KB)", gzip_bomb(),
+     ("--data-binary", "@{path}", "-H", "Content-Encoding: gzip"), "malware", "uninspectable"),
+    ("a zip bomb", zip_bomb(), (), "malware", "archive"),
+    ("a content coding the filter cannot read", b"whatever", ("--data-binary", "@{path}", "-H", "Content-Encoding: br"),
+     "malware", "uninspectable"),
+]
+
+
+@pytest.mark.parametrize("description,data,args,rule,engine", ATTACKS, ids=[a[0] for a in ATTACKS])
+def test_blocked_uploads_never_reach_the_upstream(rig, description, data, args, rule, engine):
+    before = len(rig.echoed())
+    blocked_before = rig.counted(rule, "blocked")
+    code, body = rig.upload(data, *args)
+    assert_blocked(rig, code, body, rule, engine)
+    assert len(rig.echoed()) == before  # the upstream received nothing at all
+    assert rig.counted(rule, "blocked") == blocked_before + 1
+
+
+def test_marker_split_across_chunks_is_blocked(rig):
+    """Chunked transfer coding with the EICAR string cut between two chunks."""
+    before = len(rig.echoed())
+    cut = 30
+    body = b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (cut, EICAR[:cut], len(EICAR) - cut, EICAR[cut:])
+    request = (b"POST /files HTTP/1.1\r\nHost: upload.test\r\nTransfer-Encoding: chunked\r\n"
+               b"Connection: close\r\n\r\n" + body)
+    context = ssl.create_default_context(cafile=str(rig.tmp / "skyca.pem"))
+    with socket.create_connection(("127.0.0.1", rig.https_port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="upload.test") as tls:
+            tls.sendall(request)
+            answer = b""
+            while chunk := tls.recv(65536):
+                answer += chunk
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 403")
+    assert_blocked(rig, 403, payload, "malware", "clamav", hashlib.sha256(EICAR).hexdigest())
+    assert len(rig.echoed()) == before
+
+
+def test_other_zones_are_not_inspected(rig):
+    code, _ = rig.upload(EICAR, source="127.0.0.2")
+    assert code == 200  # no content rule names zone "other"
+
+
+def test_downloads_are_judged_under_download_rules(rig):
+    """The echo answers with what it received: a marker allowed out is refused on the way in."""
+    before = len(rig.echoed())
+    code, body = rig.upload(DOWNLOAD_MARKER.encode())
+    assert len(rig.echoed()) == before + 1  # the upload itself was allowed
+    assert code == 403 and json.loads(body)["rule"] == "inbound"
+    assert rig.blocks()[-1]["direction"] == "download"
+
+
+def test_clamd_down_means_refusal_not_a_pass(rig):
+    """clamd killed: uploads from zones whose rules need it are refused, with the reason."""
+    dead = LocalClamd(rig.tmp / "clamd-dead").start()
+    dead.kill()
+    policy = Policy(rig.policy.name, rig.policy.zones, {}, (), content=content_policy(dead.socket))
+    rig.run(rig.proxy.set_policy(policy))
+    try:
+        before = len(rig.echoed())
+        code, body = rig.upload(b"perfectly harmless text\n")
+        assert_blocked(rig, code, body, "malware", "clamav")
+        assert "unavailable" in json.loads(body)["reason"]
+        assert len(rig.echoed()) == before
+        code, _ = rig.upload(b"", "-X", "GET")  # nothing uploaded: no scan needed, no refusal
+        assert code == 200
+    finally:
+        rig.run(rig.proxy.set_policy(rig.policy))
+
+
+def test_content_zones_are_steered_whatever_the_destination():
+    from skyguard.credproxy.steering import CredentialSteering
+
+    rules = CredentialSteering(["sg-cred"], 8080, 8443, content_interfaces=["sg-web1"]).ruleset()
+    assert 'iifname { "sg-web1" } meta nfproto { ipv4, ipv6 } tcp dport 443 redirect to :8443' in rules
+    assert 'iifname { "sg-web1" } meta nfproto { ipv4, ipv6 } tcp dport 80 redirect to :8080' in rules
+    assert 'iifname { "sg-cred" } ip daddr @cred_v4 tcp dport 443 redirect to :8443' in rules
