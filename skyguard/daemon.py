@@ -21,6 +21,7 @@ from skyguard import config
 from skyguard.control import ControlServer
 from skyguard.datapath import guard
 from skyguard.errors import BadInput, SkyguardError
+from skyguard.keys.record import control_handler as key_record_handler
 from skyguard.metrics.views import flows_handler, workload_names
 from skyguard.parts import PartLog, make_part, stop_part
 
@@ -210,6 +211,8 @@ class Daemon:
                       self._make_credentials),
                  slot("admin", lambda policy: policy.admin_ssh is not None, self._make_admin),
                  slot("console", lambda policy: policy.admin_console is not None, self._make_console)]
+        slots.append(slot("keys", lambda policy: policy.keys is not None and bool(policy.keys.grants),
+                          self._make_keys))
         if self.tpm is not None and self.tpm.wants_monitor():  # a TPM with an attestation key
             slots.append(slot("attestation", lambda policy: True, lambda policy, registry: self.tpm.monitor(registry)))
         if self.fleet:
@@ -247,6 +250,12 @@ class Daemon:
 
         return ConsoleProxy(policy, SecretStore(self.state_dir / "secrets"), self.state_dir,
                             PartLog(self.record_nowait, "admin_session"), registry=registry)
+
+    def _make_keys(self, policy, registry):
+        """The crypto proxy: VMs sign, verify and decrypt with keys held in a token (skyguard/keys/)."""
+        from skyguard.keys.proxy import CryptoProxy
+
+        return CryptoProxy(policy, self.state_dir, PartLog(self.record_nowait, "key_use"), registry=registry)
 
     def _make_fleet(self, policy, registry):
         """The fleet agent: membership, signed policies applied through _apply, witnessing."""
@@ -482,6 +491,7 @@ class Daemon:
             "attest": self._op_attest,
             # skyguard top: active conntrack flows named by workload, bounded (skyguard/metrics/views.py)
             "flows.active": flows_handler(self),
+            "key.record": key_record_handler(self.record),  # `skyguard key create/rm` (skyguard/keys/record.py)
         }
 
     def _op_policy_load(self, args: dict) -> dict:

@@ -29,6 +29,7 @@ COMMANDS = [
     ("tpm", "tpm"),
     ("top", "top"),
     ("fleet", "fleet"),
+    ("key", "key"),
 ]
 
 

@@ -24,6 +24,9 @@ Action = Literal["allow", "deny"]
 
 ALL_ZONES = "*"
 
+if TYPE_CHECKING:  # the keys section's shapes live with its checker (keys.py imports this module)
+    from skyguard.policy.keys import KeysConfig
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -110,6 +113,7 @@ class Credential:
     destinations: tuple[str, ...]  # host names (lower-case)
     inject: Injection = Injection()
     strip_response_headers: tuple[str, ...] = ()
+    client_certificate: str | None = None  # a key (skyguard/policy/keys.py) presented for mTLS
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,7 @@ class Policy:
     admin_ssh: AdminSsh | None = None
     content: ContentPolicy = ContentPolicy()  # skyguard/policy/content.py: what zones may upload
     admin_console: AdminConsole | None = None  # VNC/RDP consoles (skyguard/policy/console.py)
+    keys: KeysConfig | None = None  # skyguard/policy/keys.py: key custody and the crypto proxy
     source: str = ""  # the file it came from
     sha256: str = ""  # hex digest of the file's bytes: the "policy hash" everywhere
     extra: dict = field(default_factory=dict)

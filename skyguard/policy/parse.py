@@ -21,6 +21,7 @@ from skyguard.policy import fqdn
 from skyguard.policy.access import AccessSections
 from skyguard.policy.checker import did_you_mean, is_map, is_seq, plain, quoted, type_name
 from skyguard.policy.content import ContentSection
+from skyguard.policy.keys import KeysSection
 from skyguard.policy.model import Destination, DnsConfig, Policy, PortRange, Rule, TunnelDetection, Workload, Zone
 from skyguard.policy.source import Problem, load_yaml
 from skyguard.policy.values import (  # noqa: F401 - the scalar parsers are public here too
@@ -80,7 +81,7 @@ def parse_policy_bytes(data: bytes, source: str = "<bytes>") -> Policy:
     return policy
 
 
-class _Checker(AccessSections, ContentSection):
+class _Checker(AccessSections, ContentSection, KeysSection):
     """Walks the YAML tree, builds model values, and records problems instead of raising.
 
     Each section method returns its values built from what was valid, so that later checks
@@ -96,7 +97,7 @@ class _Checker(AccessSections, ContentSection):
     def policy(self, document, digest: str) -> Policy | None:
         top = ("apiVersion", "kind", "metadata", "zones", "networks", "rules", "dns", "credentials",
                "tls_termination", "admin",
-               "content")
+               "content", "keys")
         if not self.mapping(document, "", 1, top, required=("apiVersion", "kind", "metadata", "zones")):
             return None
         if "apiVersion" in document and document["apiVersion"] != API_VERSION:
@@ -120,8 +121,12 @@ class _Checker(AccessSections, ContentSection):
             self.problem(where, "dns.upstreams",
                          f"is empty but {self.first_fqdn_rule[0]} names domains; add the resolver "
                          f"allowed queries go to, e.g. dns: {{upstreams: [\"192.0.2.53\"]}}")
+        client_certificates = self.take_client_certificates(document.get("credentials"))
         credentials = self.credentials(document.get("credentials", []),
                                        self.line_of(document, "credentials"), zones)
+        keys = self.keys(document.get("keys"), self.line_of(document, "keys"), zones)
+        credentials = self.with_client_certificates(credentials, document.get("credentials"),
+                                                    client_certificates, keys)
         tls = self.tls_termination(document.get("tls_termination", []),
                                    self.line_of(document, "tls_termination"), zones)
         admin = self.admin(document.get("admin"), self.line_of(document, "admin"), zones)
@@ -138,7 +143,7 @@ class _Checker(AccessSections, ContentSection):
         return Policy(name=name or "", zones=zones, networks=networks, rules=tuple(rules),
                       dns=dns or DnsConfig(), credentials=credentials, tls_termination=tls,
                       admin_ssh=admin, admin_console=self.console, content=content, sha256=digest,
-                      source=self.source, extra=extra)
+                      source=self.source, extra=extra, keys=keys)
 
     def metadata(self, node, line) -> str | None:
         if not self.mapping(node, "metadata", line, ("name", "description"), required=("name",)):

@@ -1,0 +1,15 @@
+"""Key custody for VMs: keys generated inside a PKCS#11 token (SoftHSM, an HSM, a smart card) or
+sealed in skyguard's store, managed with `skyguard key`, and used by VMs only through the crypto
+proxy, which never hands out a private key.
+
+    types.py        key types, KeyInfo, the error class, standard encodings
+    pkcs11.py       the token backend (python-pkcs11; non-extractable, sensitive keys)
+    filebackend.py  keys sealed in the secret store (hosts without a token)
+    backends.py     open the backend a policy's `keys:` section names (PIN from the sealed store)
+    softhsm.py      a SoftHSM token in a folder of its own (tests, benchmarks, trying it out)
+    api.py          the proxy's HTTP API as decisions without I/O
+    proxy.py        the crypto proxy, a daemon part
+    record.py       key_create / key_remove in the signed log
+
+Not here: the policy section (skyguard/policy/keys.py), the CLI (skyguard/cli/key.py).
+"""

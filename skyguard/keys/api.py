@@ -1,0 +1,197 @@
+"""The crypto proxy's HTTP API as decisions without I/O: which request is this, may this VM make
+it, and what is answered. proxy.py does the sockets and runs the key operation; tests drive this
+module directly.
+
+    GET  /v1/keys                      the keys this VM may use, with their operations
+    GET  /v1/keys/NAME/public          the public key (PEM)
+    POST /v1/keys/NAME/sign            {"digest": HEX}                   -> {"signature": BASE64}
+    POST /v1/keys/NAME/verify          {"digest": HEX, "signature": B64} -> {"valid": true|false}
+    POST /v1/keys/NAME/decrypt         {"ciphertext": BASE64}            -> {"plaintext": BASE64}
+
+A digest is SHA-256, -384 or -512 (32, 48 or 64 bytes). ECDSA signatures are DER, RSA is PKCS#1
+v1.5, Ed25519 signs the digest bytes; decrypt is RSA-OAEP (SHA-1). Who asks is the caller the
+proxy identified from the datapath (interface and source address), never anything in the request.
+
+Refusals: 400 malformed, 403 zone or operation not allowed, 404 unknown key, 405 wrong method,
+413 too large, 429 over the key's rate limit. Not here: sockets, the key backends.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+
+from skyguard.keys.types import DIGEST_SIZES, KEY_NAME_RE
+
+MAX_BODY = 16 * 1024  # an RSA-3072 ciphertext in base64 is ~512 bytes; nothing bigger is a request
+OPERATIONS = ("sign", "verify", "decrypt")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """A VM as the datapath identified it."""
+
+    workload: str | None
+    zone: str | None
+    interface: str | None
+    address: str
+
+
+@dataclass
+class Reply:
+    status: int
+    body: dict
+    outcome: str  # a bounded word for metrics and the log: ok, denied-zone, rate-limited, ...
+
+    def payload(self) -> bytes:
+        return json.dumps(self.body, sort_keys=True).encode() + b"\n"
+
+
+@dataclass(frozen=True)
+class Operation:
+    """A request that passed every check: the proxy runs it on the key backend."""
+
+    key: str
+    operation: str  # sign | verify | decrypt | public | list
+    data: bytes = b""  # the digest, or the ciphertext
+    signature: bytes = b""
+    digest_hex: str = ""  # what the log records: the digest signed, or SHA-256 of the ciphertext
+
+
+def refuse(status: int, outcome: str, message: str) -> Reply:
+    return Reply(status, {"error": message}, outcome)
+
+
+def parse(method: str, target: str, body: bytes) -> Operation | Reply:
+    """The request's shape only (no policy)."""
+    path = target.split("?", 1)[0]
+    parts = [p for p in path.split("/") if p]
+    if parts[:2] != ["v1", "keys"] or len(parts) > 4:
+        return refuse(404, "bad-request", "no such endpoint; see GET /v1/keys")
+    if len(parts) == 2:
+        if method != "GET":
+            return refuse(405, "bad-request", "use GET /v1/keys")
+        return Operation("", "list")
+    name = parts[2]
+    if not KEY_NAME_RE.fullmatch(name):
+        return refuse(400, "bad-request", "a key name is 1-59 characters of a-z, 0-9, '.', '_', '-'")
+    if len(parts) == 3:
+        return refuse(404, "bad-request", f"use /v1/keys/{name}/sign, verify, decrypt or public")
+    operation = parts[3]
+    if operation == "public":
+        if method != "GET":
+            return refuse(405, "bad-request", "use GET for the public key")
+        return Operation(name, "public")
+    if operation not in OPERATIONS:
+        return refuse(404, "bad-request", f"unknown operation; use one of {', '.join(OPERATIONS)} or public")
+    if method != "POST":
+        return refuse(405, "bad-request", f"use POST /v1/keys/{name}/{operation} with a JSON body")
+    if len(body) > MAX_BODY:
+        return refuse(413, "too-large", f"the body is over {MAX_BODY} bytes")
+    try:
+        request = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return refuse(400, "bad-request", "the body is not JSON")
+    if not isinstance(request, dict):
+        return refuse(400, "bad-request", "the body must be a JSON object")
+    if operation == "decrypt":
+        ciphertext = _base64(request.get("ciphertext"))
+        if not ciphertext:
+            return refuse(400, "bad-request", "give {\"ciphertext\": BASE64}")
+        return Operation(name, operation, data=ciphertext, digest_hex=hashlib.sha256(ciphertext).hexdigest())
+    digest = _hex(request.get("digest"))
+    if digest is None or len(digest) not in DIGEST_SIZES:
+        return refuse(400, "bad-request", "give {\"digest\": HEX} of 32, 48 or 64 bytes (SHA-256/384/512)")
+    if operation == "verify":
+        signature = _base64(request.get("signature"))
+        if not signature:
+            return refuse(400, "bad-request", "give {\"digest\": HEX, \"signature\": BASE64}")
+        return Operation(name, operation, data=digest, signature=signature, digest_hex=digest.hex())
+    return Operation(name, operation, data=digest, digest_hex=digest.hex())
+
+
+def _hex(value) -> bytes | None:
+    if not isinstance(value, str) or len(value) > 256:
+        return None
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        return None
+
+
+def _base64(value) -> bytes | None:
+    if not isinstance(value, str) or len(value) > MAX_BODY:
+        return None
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    at: float
+    refused: int = 0  # refusals not yet in the log
+    logged_at: float = 0.0
+
+
+@dataclass
+class RateLimiter:
+    """A token bucket per (key, workload): one VM's flood empties its own bucket only."""
+
+    buckets: dict = field(default_factory=dict)
+
+    def take(self, key: str, workload: str, rate: float, burst: int, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        bucket = self.buckets.get((key, workload))
+        if bucket is None:
+            bucket = self.buckets[(key, workload)] = _Bucket(float(burst), now)
+        bucket.tokens = min(float(burst), bucket.tokens + (now - bucket.at) * rate)
+        bucket.at = now
+        if bucket.tokens >= 1.0:
+            bucket.tokens -= 1.0
+            return True
+        bucket.refused += 1
+        return False
+
+    def refusals_to_log(self, key: str, workload: str, now: float | None = None) -> int:
+        """How many refusals the next log entry stands for; 0 while one was logged in the last second
+        (a flood over the limit writes about one entry per second, not one per request)."""
+        now = time.monotonic() if now is None else now
+        bucket = self.buckets[(key, workload)]
+        if now - bucket.logged_at < 1.0:
+            return 0
+        count, bucket.refused, bucket.logged_at = bucket.refused, 0, now
+        return count
+
+    def forget_except(self, keys: set[str]) -> None:
+        for k in [k for k in self.buckets if k[0] not in keys]:
+            del self.buckets[k]
+
+
+def authorize(op: Operation, caller: Caller, keys_config, limiter: RateLimiter) -> Reply | None:
+    """None when `caller` may run `op` now; else the refusal."""
+    if caller.workload is None:
+        return refuse(403, "not-a-workload", "this address is not a VM of the policy")
+    if op.operation == "list":
+        return None
+    grant = keys_config.grant(op.key)
+    if grant is None:
+        return refuse(404, "unknown-key", f"no key {op.key!r} is offered to VMs")
+    if not grant.allows(caller.zone):
+        return refuse(403, "denied-zone", f"zone {caller.zone!r} may not use key {op.key!r}")
+    if op.operation != "public" and op.operation not in grant.operations:
+        return refuse(403, "denied-operation", f"key {op.key!r} does not allow {op.operation}")
+    if op.operation in OPERATIONS and not limiter.take(op.key, caller.workload, grant.rate, grant.burst):
+        return refuse(429, "rate-limited", f"over the rate limit of key {op.key!r}; slow down")
+    return None
+
+
+def listing(caller: Caller, keys_config) -> Reply:
+    keys = [{"name": g.name, "operations": list(g.operations)} for g in keys_config.grants if g.allows(caller.zone)]
+    return Reply(200, {"keys": keys, "workload": caller.workload, "zone": caller.zone}, "ok")

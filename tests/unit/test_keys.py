@@ -1,0 +1,192 @@
+"""Key custody without a token or sockets: the policy's keys: section (and credentials'
+client_certificate), the crypto API's decisions (request shapes, zones, operations, rate limits),
+and the file backend's keys checked with the public key alone."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from skyguard import config
+from skyguard.custody.store import SecretStore
+from skyguard.errors import BadInput, PolicyError
+from skyguard.keys import api
+from skyguard.keys.filebackend import FileBackend
+from skyguard.keys.types import KeyCustodyError, verify_signature
+from skyguard.policy.keys import parse_rate
+from skyguard.policy.parse import parse_policy
+
+KEYS = """
+keys:
+  backend: pkcs11
+  module: /usr/lib/softhsm/libsofthsm2.so
+  token: skyguard
+  pin_secret: hsm-pin
+  keys:
+    - {name: release, zones: [auth], operations: [sign, verify], rate_limit: 5/s}
+    - {name: wrap, zones: "*", operations: [decrypt], rate_limit: 120/min}
+"""
+
+
+def policy_with(extra: str):
+    return parse_policy(config.DEFAULT_POLICY.read_text() + extra)
+
+
+def problems(extra: str) -> str:
+    with pytest.raises(PolicyError) as caught:
+        policy_with(extra)
+    return str(caught.value)
+
+
+def test_the_keys_section_parses():
+    keys = policy_with(KEYS).keys
+    assert (keys.backend, keys.module, keys.token, keys.pin_secret, keys.port) == \
+        ("pkcs11", "/usr/lib/softhsm/libsofthsm2.so", "skyguard", "hsm-pin", 8200)
+    release, wrap = keys.grants
+    assert (release.zones, release.operations, release.rate, release.burst) == (("auth",), ("sign", "verify"), 5, 5)
+    assert wrap.zones == tuple(policy_with(KEYS).zones) and wrap.rate == 2 and wrap.burst == 120
+    assert policy_with("").keys is None
+
+
+@pytest.mark.parametrize("change, expected", [
+    (("backend: pkcs11", "backend: hsm"), "keys.backend: 'hsm' is not a key backend"),
+    (("backend: pkcs11", "backend: tpm"), "'tpm' is not available yet"),
+    (("  module: /usr/lib/softhsm/libsofthsm2.so\n", ""), "the pkcs11 backend needs `module:`"),
+    (("module: /usr", "module: usr"), "must be an absolute path"),
+    (("pin_secret: hsm-pin", "pin_secret: 'my pin 1234'"), "keys.pin_secret: must be the NAME of a secret"),
+    (("[sign, verify]", "[sign, encrypt]"), "'encrypt' is not an operation; did you mean 'decrypt'?"),
+    (("5/s", "fast"), "keys.keys[0].rate_limit: 'fast' is not a rate"),
+    (("zones: [auth]", "zones: [nowhere]"), "keys.keys[0].zones"),
+    (("name: wrap", "name: release"), "'release' is already granted at keys.keys[0]"),
+    (("name: wrap", "name: Wrap!"), "'Wrap!' is not a key name"),
+    (("  keys:\n", "  keys:\n    - {name: x}\n"), "keys.keys[0]"),
+])
+def test_keys_section_errors_name_the_key_and_what_to_do(change, expected):
+    text = problems(KEYS.replace(*change))
+    assert expected in text, text
+    assert "my pin 1234" not in text  # a PIN pasted into pin_secret is never echoed
+
+
+def test_client_certificate_names_a_key_and_needs_a_keys_section():
+    with_cert = config.DEFAULT_POLICY.read_text().replace(
+        'inject: {header: Authorization, format: "Bearer {secret}"}',
+        'inject: {header: Authorization, format: "Bearer {secret}"}\n    client_certificate: github-mtls', 1)
+    assert "client_certificate" in with_cert
+    github = next(c for c in parse_policy(with_cert + KEYS).credentials if c.name == "github")
+    assert github.client_certificate == "github-mtls"
+    assert "credentials[0].client_certificate: names a key but the policy has no `keys:` section" in \
+        str(pytest.raises(PolicyError, parse_policy, with_cert).value)
+    bad = with_cert.replace("client_certificate: github-mtls", "client_certificate: [1]")
+    assert "must be the name of a key" in str(pytest.raises(PolicyError, parse_policy, bad + KEYS).value)
+
+
+def test_rates():
+    assert parse_rate("20/s") == (20, 20) and parse_rate(7) == (7, 7) and parse_rate("60 / min") == (1.0, 60)
+    for bad in ("0/s", "1/h", True, "x", None):
+        with pytest.raises(ValueError):
+            parse_rate(bad)
+
+
+# ---- the API's decisions ---------------------------------------------------------------------
+
+AUTH = api.Caller("radius1", "auth", "sg-radius1", "10.10.1.2")
+SDN = api.Caller("sdnctl1", "sdn", "sg-sdnctl1", "10.10.3.2")
+STRANGER = api.Caller(None, None, "lab-uplink", "100.64.0.2")
+DIGEST = "ab" * 32
+
+
+@pytest.mark.parametrize("method, target, body, status, outcome", [
+    ("POST", "/v1/keys/release/sign", b'{"digest": "%s"}' % DIGEST.encode(), None, None),
+    ("GET", "/v1/keys", b"", None, None),
+    ("GET", "/v1/keys/release/public", b"", None, None),
+    ("GET", "/v1/keys/release/sign", b"", 405, "bad-request"),
+    ("POST", "/v1/keys/release/sign", b"{", 400, "bad-request"),
+    ("POST", "/v1/keys/release/sign", b'{"digest": "zz"}', 400, "bad-request"),
+    ("POST", "/v1/keys/release/sign", b'{"digest": "%s"}' % (b"ab" * 20), 400, "bad-request"),
+    ("POST", "/v1/keys/release/sign", b"[]", 400, "bad-request"),
+    ("POST", "/v1/keys/release/verify", b'{"digest": "%s", "signature": "***"}' % DIGEST.encode(), 400, "bad-request"),
+    ("POST", "/v1/keys/wrap/decrypt", b'{"ciphertext": ""}', 400, "bad-request"),
+    ("POST", "/v1/keys/release/export", b"{}", 404, "bad-request"),
+    ("POST", "/v1/keys/../../etc/sign", b"{}", 404, "bad-request"),
+    ("POST", "/v1/keys/A%2F/sign", b"{}", 400, "bad-request"),
+    ("POST", "/v1/keys/release/sign", b"x" * (api.MAX_BODY + 1), 413, "too-large"),
+    ("GET", "/admin", b"", 404, "bad-request"),
+])
+def test_request_shapes(method, target, body, status, outcome):
+    parsed = api.parse(method, target, body)
+    if status is None:
+        assert isinstance(parsed, api.Operation)
+    else:
+        assert isinstance(parsed, api.Reply) and (parsed.status, parsed.outcome) == (status, outcome)
+        assert "error" in parsed.body
+
+
+def test_who_may_do_what():
+    keys = policy_with(KEYS).keys
+    limiter = api.RateLimiter()
+    sign = api.parse("POST", "/v1/keys/release/sign", b'{"digest": "%s"}' % DIGEST.encode())
+    decrypt = api.parse("POST", "/v1/keys/wrap/decrypt", b'{"ciphertext": "AAAA"}')
+    unknown = api.parse("POST", "/v1/keys/nope/sign", b'{"digest": "%s"}' % DIGEST.encode())
+    assert api.authorize(sign, AUTH, keys, limiter) is None
+    assert (api.authorize(sign, SDN, keys, limiter).status, api.authorize(sign, SDN, keys, limiter).outcome) == \
+        (403, "denied-zone")
+    assert api.authorize(sign, STRANGER, keys, limiter).outcome == "not-a-workload"
+    assert api.authorize(decrypt, SDN, keys, limiter) is None
+    wrong_op = api.parse("POST", "/v1/keys/wrap/sign", b'{"digest": "%s"}' % DIGEST.encode())
+    assert api.authorize(wrong_op, SDN, keys, limiter).outcome == "denied-operation"
+    assert api.authorize(unknown, AUTH, keys, limiter).status == 404
+    assert [k["name"] for k in api.listing(SDN, keys).body["keys"]] == ["wrap"]
+
+
+def test_the_rate_limit_is_per_vm_and_key():
+    limiter = api.RateLimiter()
+    allowed = [limiter.take("k", "vm1", rate=1.0, burst=3, now=100.0) for _ in range(5)]
+    assert allowed == [True, True, True, False, False]
+    assert limiter.take("k", "vm2", 1.0, 3, now=100.0)  # another VM's bucket is full
+    assert limiter.take("k", "vm1", 1.0, 3, now=101.0) and not limiter.take("k", "vm1", 1.0, 3, now=101.0)
+    assert limiter.refusals_to_log("k", "vm1", now=101.0) == 3
+    assert limiter.refusals_to_log("k", "vm1", now=101.5) == 0  # at most one entry a second
+
+
+# ---- the file backend --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key_type", ["ec-p256", "ed25519", "rsa-3072"])
+def test_file_backend_signs_what_the_public_key_verifies(tmp_path, key_type):
+    backend = FileBackend(SecretStore(tmp_path / "secrets"))
+    assert backend.create("k1", key_type).type == key_type
+    digest = hashlib.sha256(b"payload").digest()
+    signature = backend.sign("k1", digest)
+    pem = backend.public_pem("k1")
+    assert verify_signature(pem, key_type, digest, signature)
+    assert not verify_signature(pem, key_type, hashlib.sha256(b"other").digest(), signature)
+    assert [k.name for k in backend.list()] == ["k1"]
+    with pytest.raises(KeyCustodyError, match="does not export"):
+        backend.export_private("k1")
+    assert "PRIVATE" not in repr(backend.private_pem("k1"))
+    backend.remove("k1")
+    with pytest.raises(KeyCustodyError, match="no key named 'k1'"):
+        backend.public_pem("k1")
+
+
+def test_file_backend_refuses_bad_names_and_decrypts_only_with_rsa(tmp_path):
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    backend = FileBackend(SecretStore(tmp_path / "secrets"))
+    with pytest.raises(BadInput):
+        backend.create("../x", "ec-p256")
+    with pytest.raises(BadInput):
+        backend.create("x", "dsa-1024")
+    backend.create("ec", "ec-p256")
+    with pytest.raises(KeyCustodyError, match="it signs, it does not decrypt"):
+        backend.decrypt("ec", b"x")
+    backend.create("rsa", "rsa-3072")
+    wrapped = load_pem_public_key(backend.public_pem("rsa")).encrypt(
+        b"wrapped key", padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None))
+    assert backend.decrypt("rsa", wrapped) == b"wrapped key"
+    with pytest.raises(KeyCustodyError):
+        backend.decrypt("rsa", b"\0" * 384)
+    with pytest.raises(KeyCustodyError, match="exists"):
+        backend.create("rsa", "rsa-3072")

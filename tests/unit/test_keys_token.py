@@ -1,0 +1,204 @@
+"""Keys in a real SoftHSM token made by the test (its own folder and SOFTHSM2_CONF), used through
+the PKCS#11 backend and through the crypto proxy served in-process on loopback (127.0.0.1 and
+127.0.0.2 stand for two VMs on interface lo; the kernel's route says which interface each is on).
+The lab test (tests/integration/test_crypto_proxy.py) does the same through the datapath.
+
+SoftHSM reads its configuration once per process, so this is the one test module that loads it
+in the test process (the others use child processes)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import ipaddress
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from skyguard.custody.store import SecretStore
+from skyguard.keys.softhsm import SoftHsmToken
+from skyguard.keys.types import KeyCustodyError, verify_signature
+from skyguard.parts import Degraded, LoopThread
+from skyguard.policy.keys import KeyGrant, KeysConfig
+from skyguard.policy.model import Policy, Workload, Zone
+
+PIN = secrets.token_hex(10).encode()
+
+
+@pytest.fixture(scope="module")
+def token(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("softhsm")
+    made = SoftHsmToken.create(tmp / "hsm", "unit", PIN)
+    saved = os.environ.get("SOFTHSM2_CONF")
+    os.environ.update(made.env)
+    try:
+        yield made
+    finally:
+        if saved is None:
+            os.environ.pop("SOFTHSM2_CONF", None)
+        else:
+            os.environ["SOFTHSM2_CONF"] = saved
+
+
+@pytest.fixture(scope="module")
+def backend(token):
+    from skyguard.keys.pkcs11 import Pkcs11Backend
+
+    made = Pkcs11Backend(token.module, "unit", PIN)
+    for name, kind in (("release", "ec-p256"), ("ed", "ed25519"), ("wrap", "rsa-3072")):
+        made.create(name, kind)
+    yield made
+    made.close()
+
+
+@pytest.mark.parametrize("name, key_type", [("release", "ec-p256"), ("ed", "ed25519"), ("wrap", "rsa-3072")])
+def test_token_keys_sign_what_their_public_key_verifies_and_never_leave(backend, name, key_type):
+    digest = hashlib.sha384(b"payload").digest()
+    signature = backend.sign(name, digest)
+    assert verify_signature(backend.public_pem(name), key_type, digest, signature)
+    info = backend.info(name)
+    assert (info.type, info.extractable) == (key_type, False)
+    with pytest.raises(KeyCustodyError, match="refuses to export"):
+        backend.export_private(name)
+
+
+def test_token_decrypts_with_rsa_only_and_names_missing_keys(backend):
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    wrapped = load_pem_public_key(backend.public_pem("wrap")).encrypt(
+        b"unwrap me", padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None))
+    assert backend.decrypt("wrap", wrapped) == b"unwrap me"
+    with pytest.raises(KeyCustodyError, match="it signs, it does not decrypt"):
+        backend.decrypt("release", wrapped)
+    with pytest.raises(KeyCustodyError, match="no key named 'absent'"):
+        backend.sign("absent", b"\0" * 32)
+    with pytest.raises(KeyCustodyError, match="already holds a key named 'release'"):
+        backend.create("release", "ec-p256")
+    backend.create("gone", "ec-p256")
+    backend.remove("gone")
+    assert "gone" not in [k.name for k in backend.list()]
+
+
+def test_a_wrong_pin_is_refused_without_echoing_it(token, backend):
+    script = ("import sys\nfrom skyguard.keys.pkcs11 import Pkcs11Backend\n"
+              "try:\n    Pkcs11Backend(sys.argv[1], 'unit', b'not-the-pin-4242')\n"
+              "except Exception as e:\n    print(type(e).__name__, e)\n")
+    out = subprocess.run([sys.executable, "-c", script, token.module], capture_output=True, text=True,
+                         env=dict(os.environ, **token.env), timeout=60)
+    assert "KeyCustodyError" in out.stdout and "refused the PIN" in out.stdout
+    assert "not-the-pin-4242" not in out.stdout + out.stderr
+
+
+# ---- the crypto proxy, in-process ------------------------------------------------------------
+
+class Recorded:
+    def __init__(self):
+        self.entries = []
+
+    def record(self, kind, /, **fields):
+        self.entries.append(dict(fields, type=kind))
+
+
+def loopback_policy(token, keys=None) -> Policy:
+    vm1 = Workload("vm1", "auth", "lo", "02:00:00:00:00:01", (ipaddress.ip_address("127.0.0.1"),))
+    vm2 = Workload("vm2", "sdn", "lo", "02:00:00:00:00:02", (ipaddress.ip_address("127.0.0.2"),))
+    keys = keys or (KeyGrant("release", ("auth",), ("sign", "verify"), 1000, 1000),
+                    KeyGrant("wrap", ("sdn",), ("decrypt",), 1000, 1000))
+    config = KeysConfig(backend="pkcs11", module=token.module, token="unit", pin_secret="hsm-pin", port=0, grants=keys)
+    return Policy(name="t", zones={"auth": Zone("auth", (vm1,)), "sdn": Zone("sdn", (vm2,))}, networks={},
+                  rules=(), keys=config)
+
+
+@pytest.fixture(scope="module")
+def proxy(token, backend, tmp_path_factory):
+    from prometheus_client import CollectorRegistry
+
+    from skyguard.keys.proxy import CryptoProxy
+
+    state = tmp_path_factory.mktemp("state")
+    SecretStore(state / "secrets").set("hsm-pin", PIN)
+    loop = LoopThread()
+    registry, recorded = CollectorRegistry(), Recorded()
+    part = CryptoProxy(loopback_policy(token), state, recorded, registry=registry, hosts=("127.0.0.1",))
+    loop.call(part.start())
+    yield type("P", (), {"part": part, "loop": loop, "registry": registry, "recorded": recorded, "state": state})
+    loop.call(part.stop())
+    loop.stop()
+
+
+def post(proxy, path, body, source="127.0.0.1"):
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.part.port, timeout=10, source_address=(source, 0))
+    try:
+        conn.request("POST", path, body=json.dumps(body) if not isinstance(body, bytes) else body,
+                     headers={"content-type": "application/json"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_the_proxy_signs_for_the_keys_zone_and_counts_it(proxy):
+    digest = hashlib.sha256(b"in-process").digest()
+    status, reply = post(proxy, "/v1/keys/release/sign", {"digest": digest.hex()})
+    assert status == 200
+    assert verify_signature(proxy.part.backend.public_pem("release"), "ec-p256", digest,
+                            base64.b64decode(reply["signature"]))
+    status, reply = post(proxy, "/v1/keys/release/sign", {"digest": digest.hex()}, source="127.0.0.2")
+    assert (status, reply["error"]) == (403, "zone 'sdn' may not use key 'release'")
+    entries = [e for e in proxy.recorded.entries if e["digest"] == digest.hex()]
+    assert [(e["workload"], e["zone"], e["interface"], e["operation"], e["outcome"]) for e in entries] == [
+        ("vm1", "auth", "lo", "sign", "ok"), ("vm2", "sdn", "lo", "sign", "denied-zone")]
+    value = proxy.registry.get_sample_value
+    assert value("skyguard_crypto_operations_total", {"key": "release", "operation": "sign", "outcome": "ok"}) >= 1
+    assert value("skyguard_crypto_operations_total",
+                 {"key": "release", "operation": "sign", "outcome": "denied-zone"}) >= 1
+    # A VM cannot grow the label set with names of its own.
+    post(proxy, "/v1/keys/made-up-name/sign", {"digest": digest.hex()})
+    from prometheus_client import generate_latest
+
+    exposition = generate_latest(proxy.registry).decode()
+    assert "made-up-name" not in exposition and PIN.decode() not in exposition
+
+
+def test_hostile_bytes_never_stop_the_proxy(proxy):
+    for junk in (b"GARBAGE\r\n\r\n", b"POST /v1/keys/release/sign HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n",
+                 b"GET / HTTP/1.1\r\n" + b"X: " + b"a" * 20000 + b"\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+                 b"POST /v1/keys/release/sign HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n"):
+        with socket.create_connection(("127.0.0.1", proxy.part.port), timeout=10) as s:
+            s.sendall(junk)
+            s.shutdown(socket.SHUT_WR)
+            answer = s.recv(4096)
+        assert answer == b"" or answer.split(b" ", 2)[1] in (b"400", b"413", b"404"), answer[:80]
+    assert post(proxy, "/v1/keys/release/sign", {"digest": "33" * 32})[0] == 200
+
+
+def test_a_key_the_token_lacks_is_degraded_and_answered_503(token, backend, proxy):
+    policy = loopback_policy(token, keys=(KeyGrant("release", ("auth",), ("sign",), 1000, 1000),
+                                          KeyGrant("absent", ("auth",), ("sign",), 1000, 1000)))
+    with pytest.raises(Degraded, match="no key absent"):
+        proxy.loop.call(proxy.part.set_policy(policy))
+    status, reply = post(proxy, "/v1/keys/absent/sign", {"digest": "44" * 32})
+    assert (status, reply["error"]) == (503, "key 'absent' is not available")
+    proxy.loop.call(proxy.part.set_policy(loopback_policy(token)))  # back as it was
+
+
+def test_a_restarted_proxy_uses_the_same_keys(token, proxy):
+    from skyguard.keys.proxy import CryptoProxy
+
+    before = proxy.part.backend.public_pem("release")
+    again = CryptoProxy(loopback_policy(token), proxy.state, Recorded(), hosts=("127.0.0.1",))
+    try:
+        assert again.backend.public_pem("release") == before
+        digest = hashlib.sha256(b"after").digest()
+        assert verify_signature(before, "ec-p256", digest, again.backend.sign("release", digest))
+    finally:
+        again.pool.shutdown()
+        again.backend.close()
