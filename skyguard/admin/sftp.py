@@ -5,6 +5,9 @@ pieces they arrive, and returns (operation, path) for each request that names a 
 changes or blocks the stream and does not implement SFTP; a malformed stream just stops yielding
 names (the VM's sftp-server is the one that rejects it). Packet layout from
 draft-ietf-secsh-filexfer-02 (the version OpenSSH speaks): uint32 length, byte type, then fields.
+
+SftpUploadFilter (below) is the one that does change the stream: files an operator writes under a
+content rule (skyguard/policy/content.py) are held back and judged before the VM gets a byte.
 """
 
 from __future__ import annotations
@@ -49,3 +52,224 @@ class SftpRequestWatcher:
                 op = "open-write" if pflags & 0x02 else "open-read"  # SSH_FXF_WRITE
             found.append((op, path))
         return found
+
+
+# ---- content rules on uploads --------------------------------------------------------------------
+#
+# Holding, not streaming: a file opened for writing under a content rule gets its WRITEs answered
+# here (status OK) and kept, bounded by content.max_inspect_bytes; at its CLOSE the whole file is
+# judged (skyguard/content). Allowed: the WRITEs are replayed to the VM (their answers swallowed,
+# a failure among them turns the CLOSE's answer into a failure), then the CLOSE goes on. Blocked:
+# the VM's handle is closed and the file (created empty by the OPEN) removed, by requests of our
+# own, and the operator's CLOSE is answered PERMISSION_DENIED with the reason. So a blocked file
+# never has a byte on the VM, and the client's transfer ends in an error, never in success.
+#
+# Known limits: a file under a rule can be read back through its own handle only after CLOSE (the
+# VM holds nothing before), and an upload larger than the inspection buffer is refused (its WRITE
+# fails) rather than streamed unscanned.
+
+SSH_FXP_OPEN, SSH_FXP_CLOSE, SSH_FXP_WRITE, SSH_FXP_REMOVE = 3, 4, 6, 13
+SSH_FXP_STATUS, SSH_FXP_HANDLE = 101, 102
+SSH_FX_OK, SSH_FX_FAILURE, SSH_FX_PERMISSION_DENIED = 0, 4, 3
+SSH_FXF_WRITE = 0x02
+_OWN_IDS = 0xF0000000  # request ids skyguard sends on the operator's behalf (clients count up from 0)
+MAX_HELD_FILES = 64  # files held open for judging at once, per channel
+
+
+class SftpProtocolError(Exception):
+    """The operator's SFTP stream cannot be followed: the channel must end (fail closed)."""
+
+
+def _string(packet: bytes, at: int) -> tuple[bytes, int]:
+    if at + 4 > len(packet):
+        raise SftpProtocolError("truncated SFTP packet")
+    (length,) = struct.unpack_from(">I", packet, at)
+    end = at + 4 + length
+    if end > len(packet):
+        raise SftpProtocolError("truncated SFTP packet")
+    return packet[at + 4:end], end
+
+
+def _packet(kind: int, request_id: int, *fields: bytes) -> bytes:
+    body = bytes([kind]) + struct.pack(">I", request_id) + b"".join(fields)
+    return struct.pack(">I", len(body)) + body
+
+
+def _sftp_string(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+def status_packet(request_id: int, code: int, message: str) -> bytes:
+    return _packet(SSH_FXP_STATUS, request_id, struct.pack(">I", code), _sftp_string(message.encode()),
+                   _sftp_string(b"en"))
+
+
+class _Framer:
+    """Whole SFTP packets out of a byte stream."""
+
+    def __init__(self):
+        self.buffer = bytearray()
+
+    def packets(self, data: bytes) -> list[bytes]:
+        self.buffer += data
+        out = []
+        while len(self.buffer) >= 4:
+            (length,) = struct.unpack_from(">I", self.buffer)
+            if length < 1 or length > MAX_PACKET + 1024:
+                raise SftpProtocolError(f"SFTP packet of {length} bytes")
+            if len(self.buffer) < 4 + length:
+                break
+            out.append(bytes(self.buffer[4:4 + length]))
+            del self.buffer[:4 + length]
+        return out
+
+
+class _HeldFile:
+    def __init__(self, path: str):
+        self.path = path
+        self.writes: list[tuple[int, bytes]] = []  # (offset, data) as the client sent them
+        self.size = 0  # bytes held
+        self.end = 0  # highest offset + length: the file's size once written
+        self.refusal: str | None = None  # set when a WRITE was refused: the CLOSE fails too
+        self.replay_failed = False
+
+
+class SftpUploadFilter:
+    """One SFTP channel from an operator to a VM, with the content rules of the VM's zone.
+
+    from_operator(data) is async (judging a file talks to clamd) and returns (to_vm, to_operator);
+    from_vm(data) returns the bytes for the operator. Call them in the order the bytes arrive, one
+    at a time per direction. `record(entry)` receives the decision-log entry of each block."""
+
+    def __init__(self, engine, zone: str | None, record, *, workload: str | None = None, metrics=None, **log_fields):
+        self.engine = engine
+        self.zone = zone
+        self.record = record
+        self.metrics = metrics
+        self.workload = workload
+        self.log_fields = log_fields
+        self._from_operator = _Framer()
+        self._from_vm = _Framer()
+        self._opening: dict[int, str] = {}  # request id -> path, for OPENs with the WRITE flag
+        self._held: dict[bytes, _HeldFile] = {}  # handle -> file being held
+        self._own: dict[int, bytes | None] = {}  # our request ids -> the handle of a replayed WRITE
+        self._closing: dict[int, _HeldFile] = {}  # operator's CLOSE ids forwarded after a replay
+        self._next_id = _OWN_IDS
+        self._held_bytes = 0
+        self.active = engine is not None and engine.inspector(zone, "upload", "sftp") is not None
+
+    def _own_id(self, handle: bytes | None = None) -> int:
+        request_id = self._next_id
+        self._next_id = _OWN_IDS + (self._next_id + 1 - _OWN_IDS) % 0x0FFFFFFF
+        self._own[request_id] = handle
+        return request_id
+
+    async def from_operator(self, data: bytes) -> tuple[bytes, bytes]:
+        if not self.active:
+            return data, b""
+        to_vm, to_operator = bytearray(), bytearray()
+        for packet in self._from_operator.packets(data):
+            kind = packet[0]
+            if kind in (SSH_FXP_OPEN, SSH_FXP_WRITE, SSH_FXP_CLOSE) and len(packet) >= 5:
+                (request_id,) = struct.unpack_from(">I", packet, 1)
+                if request_id >= _OWN_IDS:
+                    raise SftpProtocolError("request id in skyguard's own range")
+                if kind == SSH_FXP_OPEN:
+                    path, at = _string(packet, 5)
+                    if at + 4 <= len(packet) and struct.unpack_from(">I", packet, at)[0] & SSH_FXF_WRITE:
+                        self._opening[request_id] = path.decode("utf-8", "replace")[:MAX_PATH_SHOWN]
+                elif kind == SSH_FXP_WRITE:
+                    handle, at = _string(packet, 5)
+                    held = self._held.get(handle)
+                    if held is not None:
+                        if at + 8 > len(packet):
+                            raise SftpProtocolError("truncated SFTP WRITE")
+                        (offset,) = struct.unpack_from(">Q", packet, at)
+                        chunk, _ = _string(packet, at + 8)
+                        to_operator += self._hold(held, request_id, offset, chunk)
+                        continue
+                else:  # CLOSE
+                    handle, _ = _string(packet, 5)
+                    held = self._held.pop(handle, None)
+                    if held is not None:
+                        vm, operator = await self._judge(held, handle, request_id, packet)
+                        to_vm += vm
+                        to_operator += operator
+                        continue
+            to_vm += struct.pack(">I", len(packet)) + packet
+        return bytes(to_vm), bytes(to_operator)
+
+    def _hold(self, held: _HeldFile, request_id: int, offset: int, chunk: bytes) -> bytes:
+        limit = self.engine.content.max_inspect_bytes
+        if held.refusal is None and (offset + len(chunk) > limit or self._held_bytes + len(chunk) > 2 * limit):
+            held.refusal = f"larger than the inspection buffer ({limit} bytes): refused unscanned"
+            self._held_bytes -= held.size
+            held.writes, held.size = [], 0
+        if held.refusal is not None:
+            return status_packet(request_id, SSH_FX_FAILURE, f"skyguard: upload blocked: {held.refusal}")
+        held.writes.append((offset, chunk))
+        held.size += len(chunk)
+        held.end = max(held.end, offset + len(chunk))
+        self._held_bytes += len(chunk)
+        return status_packet(request_id, SSH_FX_OK, "")
+
+    async def _judge(self, held: _HeldFile, handle: bytes, close_id: int, close_packet: bytes) -> tuple[bytes, bytes]:
+        from skyguard.content.inspector import UNINSPECTABLE, ContentVerdict, inspect_bytes
+        from skyguard.content.record import blocked_entry
+
+        self._held_bytes -= held.size
+        if held.refusal is not None:
+            rule = self.engine.content.rules_for(self.zone, "upload", "sftp")[0].name
+            verdict = ContentVerdict(True, rule, UNINSPECTABLE, held.refusal, held.end, "")
+        else:
+            image = bytearray(held.end)  # holes read as zeros, as on the VM's disk
+            for offset, chunk in held.writes:
+                image[offset:offset + len(chunk)] = chunk
+            verdict = await inspect_bytes(self.engine, self.zone, "upload", "sftp", bytes(image))
+        if self.metrics is not None and verdict is not None:
+            self.metrics.count(self.zone, "sftp", verdict)
+        if verdict is None or not verdict.blocked:
+            to_vm = bytearray()
+            for offset, chunk in held.writes:
+                to_vm += _packet(SSH_FXP_WRITE, self._own_id(handle), _sftp_string(handle), struct.pack(">Q", offset),
+                                 _sftp_string(chunk))
+            to_vm += struct.pack(">I", len(close_packet)) + close_packet
+            self._closing[close_id] = held
+            self._held[handle] = held  # marks replay failures until the CLOSE's answer
+            return bytes(to_vm), b""
+        self.record(blocked_entry(verdict, zone=self.zone, workload=self.workload, protocol="sftp", direction="upload",
+                                  destination=self.workload, path=held.path, **self.log_fields))
+        cleanup = _packet(SSH_FXP_CLOSE, self._own_id(), _sftp_string(handle)) + \
+            _packet(SSH_FXP_REMOVE, self._own_id(), _sftp_string(held.path.encode()))
+        return cleanup, status_packet(close_id, SSH_FX_PERMISSION_DENIED, f"skyguard: upload blocked: {verdict.reason}")
+
+    def from_vm(self, data: bytes) -> bytes:
+        if not self.active:
+            return data
+        out = bytearray()
+        for packet in self._from_vm.packets(data):
+            if packet[0] in (SSH_FXP_STATUS, SSH_FXP_HANDLE) and len(packet) >= 5:
+                (request_id,) = struct.unpack_from(">I", packet, 1)
+                if request_id in self._own:  # an answer to skyguard's own request: not the operator's
+                    handle = self._own.pop(request_id)
+                    code = struct.unpack_from(">I", packet, 5)[0] if len(packet) >= 9 else SSH_FX_FAILURE
+                    if handle is not None and packet[0] == SSH_FXP_STATUS and code != SSH_FX_OK \
+                            and handle in self._held:
+                        self._held[handle].replay_failed = True
+                    continue
+                if packet[0] == SSH_FXP_HANDLE and request_id in self._opening:
+                    path = self._opening.pop(request_id)
+                    handle, _ = _string(packet, 5)
+                    if len(self._held) >= MAX_HELD_FILES:
+                        raise SftpProtocolError(f"more than {MAX_HELD_FILES} files open for writing")
+                    self._held[handle] = _HeldFile(path)
+                elif packet[0] == SSH_FXP_STATUS:
+                    self._opening.pop(request_id, None)
+                    held = self._closing.pop(request_id, None)
+                    if held is not None:
+                        self._held = {h: f for h, f in self._held.items() if f is not held}
+                        if held.replay_failed:
+                            out += status_packet(request_id, SSH_FX_FAILURE, "skyguard: writing the file on the VM failed")
+                            continue
+            out += struct.pack(">I", len(packet)) + packet
+        return bytes(out)

@@ -19,6 +19,7 @@ Verdicts carry the SHA-256 and size of the content, never the content.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import re
 from collections.abc import Sequence
@@ -193,7 +194,9 @@ async def inspect_bytes(engine: ContentEngine, zone: str | None, direction: str,
     if inspector is None:
         return None
     try:
-        verdict = await inspector.feed(data)
-        return verdict or await inspector.finish()
+        verdict = await inspector.feed(data) or await inspector.finish()
     finally:
         inspector.close()
+    if not verdict.sha256:  # decided early (size): the whole file is here, so its digest is too
+        verdict = dataclasses.replace(verdict, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    return verdict

@@ -20,6 +20,7 @@ import io
 import os
 import signal
 import socket
+import stat
 import subprocess
 import time
 import zipfile
@@ -155,3 +156,68 @@ def zipped(name: str, data: bytes) -> bytes:
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
         archive.writestr(name, data)
     return out.getvalue()
+
+
+# ---- an SFTP relay for tests: the admin proxy's SFTP filter between a real client and server ----
+# `sftp -D PROGRAM` speaks SFTP to PROGRAM's stdin/stdout; this relay is that program: it runs a
+# real sftp-server and puts skyguard.admin.sftp.SftpUploadFilter between the two, as the SSH
+# access proxy's session does between the operator's channel and the VM's.
+
+async def sftp_relay(policy_path: str, zone: str, log_path: str, server: list[str]) -> int:
+    import asyncio
+    import json
+    import sys
+
+    from skyguard.admin.sftp import SftpUploadFilter
+    from skyguard.content.inspector import ContentEngine
+    from skyguard.policy.parse import load_policy
+
+    policy = load_policy(policy_path)
+    log = open(log_path, "a")
+
+    def record(entry: dict) -> None:
+        log.write(json.dumps(entry) + "\n")
+        log.flush()
+
+    upload_filter = SftpUploadFilter(ContentEngine(policy.content), zone, record, workload="vm1")
+    loop = asyncio.get_running_loop()
+    proc = await asyncio.create_subprocess_exec(*server, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    if stat.S_ISSOCK(os.fstat(0).st_mode):  # sftp hands its end of a socketpair as stdin and stdout
+        reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=os.dup(0)))
+    else:
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin.buffer)
+        transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, sys.stdout.buffer)
+        writer = asyncio.StreamWriter(transport, protocol, None, loop)
+
+    async def operator_to_vm():
+        while data := await reader.read(1 << 16):
+            to_vm, to_operator = await upload_filter.from_operator(data)
+            proc.stdin.write(to_vm)
+            writer.write(to_operator)
+            await proc.stdin.drain()
+            await writer.drain()
+        proc.stdin.close()
+
+    async def vm_to_operator():
+        while data := await proc.stdout.read(1 << 16):
+            writer.write(upload_filter.from_vm(data))
+            await writer.drain()
+
+    await asyncio.gather(operator_to_vm(), vm_to_operator())
+    return await proc.wait()
+
+
+if __name__ == "__main__":
+    import argparse
+    import asyncio
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m skyguard.content.testing")
+    parser.add_argument("mode", choices=["sftp-relay"])
+    parser.add_argument("--policy", required=True)
+    parser.add_argument("--zone", required=True)
+    parser.add_argument("--log", required=True)
+    parser.add_argument("server", nargs="+", help="the sftp-server command, after --")
+    args = parser.parse_args()
+    sys.exit(asyncio.run(sftp_relay(args.policy, args.zone, args.log, args.server)))

@@ -1,0 +1,105 @@
+"""SFTP uploads under content rules: OpenSSH's own `sftp` client and `sftp-server`, with the SSH
+access proxy's upload filter (skyguard.admin.sftp.SftpUploadFilter) between them (`sftp -D`
+runs the relay of skyguard/content/testing.py, which starts the real sftp-server), a real clamd
+and a policy file loaded as `up` loads it. A blocked upload fails in the client and leaves no
+file, not even a partial one, in the VM's directory; a clean one arrives byte-exact."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from skyguard.content.testing import EICAR, LocalClamd, zipped
+
+REPO = str(Path(__file__).resolve().parents[2])
+POLICY = """apiVersion: skyguard/v1
+kind: Policy
+metadata: {{name: sftp}}
+zones:
+  web:
+    workloads:
+      - {{name: vm1, interface: sg-v1, mac: "02:00:00:00:01:02", addresses: [10.0.1.2]}}
+content:
+  clamd: {{socket: {socket}, timeout: 5}}
+  max_inspect_bytes: 2MiB
+  rules:
+    - name: operator-uploads
+      zones: [web]
+      protocols: sftp
+      block: {{clamav: true, max_size: 1MiB, patterns: ['AKIA[0-9A-Z]{{16}}']}}
+"""
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("content-sftp")
+    with LocalClamd(tmp / "clamd") as clamd:
+        (tmp / "policy.yaml").write_text(POLICY.format(socket=clamd.socket))
+        (tmp / "vm").mkdir()
+        relay = tmp / "relay.sh"
+        relay.write_text(f"#!/bin/sh\nexec env PYTHONPATH={REPO} {sys.executable} -m skyguard.content.testing sftp-relay "
+                         f"--policy {tmp / 'policy.yaml'} --zone web --log {tmp / 'blocks.jsonl'} "
+                         f"-- /usr/lib/openssh/sftp-server -d {tmp / 'vm'}\n")
+        relay.chmod(0o755)
+        yield tmp
+
+
+def put(rig: Path, name: str, data: bytes, remote: str | None = None):
+    local = rig / "local" / name
+    local.parent.mkdir(exist_ok=True)
+    local.write_bytes(data)
+    batch = rig / "batch"
+    batch.write_text(f"put {local} {remote or name}\n")
+    return subprocess.run(["sftp", "-b", str(batch), "-D", str(rig / "relay.sh")], capture_output=True, text=True, timeout=60)
+
+
+def blocks(rig: Path) -> list[dict]:
+    path = rig / "blocks.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_clean_upload_arrives_byte_exact(rig):
+    data = os.urandom(300_000)  # several WRITEs, pipelined
+    result = put(rig, "clean.bin", data)
+    assert result.returncode == 0, result.stderr
+    assert (rig / "vm" / "clean.bin").read_bytes() == data
+
+
+@pytest.mark.parametrize("name,data,engine", [
+    ("eicar.txt", EICAR, "clamav"),
+    ("holiday.jpg", zipped("notes.txt", b"x" * 70_000 + EICAR), "clamav"),  # a zip behind a harmless name
+    ("keys.txt", b"aws=AKIAABCDEFGHIJKLMNOP\n", "pattern"),
+    ("big.bin", b"\0" * ((1 << 20) + 1), "size"),
+    ("huge.bin", os.urandom(3 << 20), "uninspectable"),  # past the inspection buffer: refused unscanned
+], ids=["eicar", "eicar-zip-as-jpg", "pattern", "over-max-size", "over-inspection-buffer"])
+def test_blocked_upload_fails_and_leaves_nothing(rig, name, data, engine):
+    result = put(rig, name, data)
+    assert result.returncode != 0, result.stdout
+    assert not (rig / "vm" / name).exists()  # no partial file, no empty file
+    entry = blocks(rig)[-1]
+    assert (entry["event"], entry["protocol"], entry["zone"], entry["workload"], entry["rule"], entry["engine"]) == (
+        "content_blocked", "sftp", "web", "vm1", "operator-uploads", engine)
+    assert entry["path"] == str(rig / "vm" / name)  # as the client named it (sftp makes it absolute)
+    if engine != "uninspectable":
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest() and entry["size"] == len(data)
+    assert "X5O!P" not in json.dumps(entry)
+
+
+def test_clamd_down_fails_the_upload(rig, tmp_path):
+    dead = LocalClamd(tmp_path / "dead").start()
+    dead.kill()
+    policy = rig / "policy.yaml"
+    original = policy.read_text()
+    policy.write_text(original.replace(str(rig / "clamd" / "clamd.sock"), dead.socket))
+    try:
+        result = put(rig, "plain.txt", b"plain words\n")
+        assert result.returncode != 0 and not (rig / "vm" / "plain.txt").exists()
+        assert "unavailable" in blocks(rig)[-1]["reason"]
+    finally:
+        policy.write_text(original)
