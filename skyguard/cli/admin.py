@@ -83,18 +83,22 @@ def host_key_command(state_dir):
 @click.argument("operator")
 @click.argument("target")
 @click.option("--group", "groups", multiple=True, help="A group the operator is in (repeatable).")
+@click.option("--web", is_flag=True, help="A ticket for the web console (a long token) instead of a VNC password.")
 @state_dir_option
-def console_ticket_command(operator, target, groups, state_dir):
+def console_ticket_command(operator, target, groups, web, state_dir):
     """Issue a one-time password that opens console TARGET once, as OPERATOR.
 
     The operator types it as the VNC password in their VNC client, connecting to
-    admin.console.listen. It works once, for 2 minutes; whether OPERATOR may open TARGET is
-    decided by the policy in force when it is used, and refusals are logged.
+    admin.console.listen; with --web it is a token for the web console on admin.console.web,
+    opened as http://HOST:PORT/console/#ticket=TOKEN. It works once, for 2 minutes; whether
+    OPERATOR may open TARGET is decided by the policy in force when it is used, and refusals
+    are logged.
 
     \b
-    Example:
+    Examples:
       skyguard admin console-ticket alice dc1-desktop
       vncviewer skyguard-host::5999          (then type the ticket)
+      skyguard admin console-ticket --web alice dc1-desktop
     """
     from skyguard.console.tickets import TicketBook
     from skyguard.errors import BadInput
@@ -103,9 +107,13 @@ def console_ticket_command(operator, target, groups, state_dir):
     for what, value in (("operator", operator), ("target", target), *(("group", g) for g in groups)):
         if not NAME_RE.match(value):
             raise BadInput(f"{what} {value!r} is not a name from the policy (lower-case letters, digits, '-')")
-    ticket = TicketBook(_state(state_dir) / "console" / "tickets").issue(operator, target, tuple(groups))
+    ticket = TicketBook(_state(state_dir) / "console" / "tickets").issue(operator, target, tuple(groups), web=web)
     click.echo(ticket.password)
-    click.echo(f"one-time VNC password for {operator} -> {target}, valid 2 minutes", err=True)
+    if web:
+        click.echo(f"one-time web console ticket for {operator} -> {target}, valid 2 minutes: open "
+                   f"http://HOST:PORT/console/#ticket={ticket.password} (admin.console.web)", err=True)
+    else:
+        click.echo(f"one-time VNC password for {operator} -> {target}, valid 2 minutes", err=True)
 
 
 @admin.command("sessions")

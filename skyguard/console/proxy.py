@@ -1,15 +1,16 @@
 """The console proxy: the daemon part through which operators open VNC consoles of VMs.
 
-Listens on `admin.console.listen` for native VNC clients; each connection is one session
-(session.py), admitted by a one-time ticket (tickets.py). The part has the shape of every
+Listens on `admin.console.listen` for native VNC clients and on `admin.console.web` for the web
+console (web.py); each connection is one session (session.py), admitted by a one-time ticket
+(tickets.py). The part has the shape of every
 loop-hosted part (skyguard/parts.py): start(), set_policy(), stop(), on the daemon's loop. A new
 policy takes effect at once: the listener follows `listen`, and every open session the new
 policy would not allow (target gone, operator no longer in the zone) is ended, result "revoked".
 
 Decisions, closed by default: the clipboard passes only in the directions the target allows;
 RDP targets are refused (not relayed yet) and reported as Degraded; a source address that fails
-too many logins is refused before authentication (the SSH door's limiter). Not here: the web
-console, the datapath grant that lets this host reach the VMs' console ports.
+too many logins is refused before authentication (the SSH door's limiter). Not here: the
+datapath grant that lets this host reach the VMs' console ports.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -33,6 +35,9 @@ from skyguard.custody.store import SecretStore
 from skyguard.errors import AdminError
 from skyguard.parts import Degraded
 from skyguard.policy.model import Policy
+
+if TYPE_CHECKING:
+    from skyguard.console.web import WebConsole
 
 log = logging.getLogger("skyguard.console")
 
@@ -75,14 +80,16 @@ class ConsoleProxy:
         self.address: tuple[str, int] | None = None
         self._server: asyncio.AbstractServer | None = None
         self._listen: str | None = None
+        self.web: WebConsole | None = None  # the web console while admin.console.web is set
         self._started = False
         self.policy = self._checked(policy)
 
     @staticmethod
     def _checked(policy: Policy) -> Policy:
         console = policy.admin_console
-        if console is not None and console.listen is not None:
-            parse_listen(console.listen)
+        for listen in (console.listen, console.web) if console is not None else ():
+            if listen is not None:
+                parse_listen(listen)
         return policy
 
     def _unsupported(self) -> str:
@@ -112,6 +119,9 @@ class ConsoleProxy:
     async def stop(self) -> None:
         self._started = False
         await self._close_listener()
+        if self.web is not None:
+            await self.web.stop()
+            self.web = None
         for session in list(self.sessions):
             session.end("shutdown")
 
@@ -119,6 +129,17 @@ class ConsoleProxy:
 
     async def _follow_policy(self) -> None:
         console = self.policy.admin_console
+        web = console.web if console is not None else None
+        if (self.web.listen if self.web else None) != web:
+            if self.web is not None:
+                await self.web.stop()
+                self.web = None
+            if web is not None:
+                from skyguard.console.web import WebConsole  # websockets is imported only when needed
+
+                web_console = WebConsole(self, web)
+                await web_console.start()
+                self.web = web_console
         wanted = console.listen if console is not None else None
         if wanted == self._listen:
             return
@@ -143,7 +164,10 @@ class ConsoleProxy:
         self._server, self._listen, self.address = None, None, None
 
     async def _serve(self, reader, writer) -> None:
-        session = ConsoleSession(self, reader, writer)
+        await self.serve_session(ConsoleSession(self, reader, writer))
+
+    async def serve_session(self, session: ConsoleSession) -> None:
+        """Run one session (a native client's, or the web console's) to its end."""
         self.sessions.add(session)
         try:
             await session.run()

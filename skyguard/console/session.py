@@ -28,12 +28,16 @@ HANDSHAKE_TIMEOUT = 20.0  # seconds an unauthenticated client (or a VM's VNC ser
 
 
 class ConsoleSession:
-    def __init__(self, proxy, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(self, proxy, reader, writer, ticket: Ticket | None = None):
+        """`reader`/`writer`: an asyncio stream pair, or web.py's WebSocket adapters. `ticket`:
+        already redeemed (the web console redeems it when the WebSocket opens); None: the client
+        proves one with VNC authentication."""
         self.proxy = proxy
         self.client_r, self.client_w = reader, writer
         peer = writer.get_extra_info("peername") or ("?", 0)
         self.source = f"{peer[0]}:{peer[1]}"
-        self.ticket: Ticket | None = None
+        self.web = ticket is not None
+        self.ticket: Ticket | None = ticket
         self.target: ConsoleTarget | None = None
         self.zone: str | None = None
         self.recording: VncRecording | None = None
@@ -61,20 +65,27 @@ class ConsoleSession:
         finally:
             self._close()
 
+    async def _send(self, data: bytes) -> None:
+        self.client_w.write(data)
+        await self.client_w.drain()
+
     async def _admit(self):
         if self.proxy.limiter.is_blocked(self.source.rsplit(":", 1)[0]):
             self.proxy.metrics.auth_failures.labels("rate_limited").inc()
             return None
-        self.client_w.write(rfb.VERSION_3_8)
+        await self._send(rfb.VERSION_3_8)
         if rfb.parse_version(await self.client_r.readexactly(12)) < (3, 8):
             raise rfb.RfbError("the VNC client speaks an RFB version before 3.8")
-        self.client_w.write(bytes([1, rfb.SECURITY_VNC]))
-        if (await self.client_r.readexactly(1))[0] != rfb.SECURITY_VNC:
-            raise rfb.RfbError("the client did not choose VNC authentication")
-        challenge = os.urandom(16)
-        self.client_w.write(challenge)
-        response = await self.client_r.readexactly(16)
-        self.ticket = self.proxy.tickets.redeem_vnc(challenge, response)
+        # The web console's ticket came with the WebSocket: the browser then needs no password.
+        security = rfb.SECURITY_NONE if self.web else rfb.SECURITY_VNC
+        await self._send(bytes([1, security]))
+        if (await self.client_r.readexactly(1))[0] != security:
+            raise rfb.RfbError("the client did not choose the security type offered")
+        if not self.web:
+            challenge = os.urandom(16)
+            await self._send(challenge)
+            response = await self.client_r.readexactly(16)
+            self.ticket = self.proxy.tickets.redeem_vnc(challenge, response)
         if self.ticket is None:
             return await self._refuse("bad_ticket", "skyguard: unknown, used or expired console ticket; "
                                                     "ask for a new one")
@@ -93,14 +104,15 @@ class ConsoleSession:
                               source=self.source, error=_safe_error(e))
             return await self._refuse("vm_login_failed",
                                       f"skyguard: could not open the console of {self.target.name} (VM side)")
-        self.client_w.write(struct.pack(">I", 0))  # SecurityResult OK
+        await self._send(struct.pack(">I", 0))  # SecurityResult OK
         shared = await self.client_r.readexactly(1)  # ClientInit
         vm_r, vm_w = vm
         vm_w.write(shared)
         init = await rfb.read_server_init(vm_r)
-        self.client_w.write(init.raw)
+        await self._send(init.raw)
         self.recording = VncRecording(self.proxy.archive, operator=self.ticket.operator, groups=self.ticket.groups,
-                                      target=self.target, zone=self.zone, source=self.source, auth="ticket",
+                                      target=self.target, zone=self.zone, source=self.source,
+                                      auth="web" if self.web else "ticket",
                                       init=init)
         self.proxy.metrics.active.inc()
         log.info("console session %s: %s opened %s from %s", self.recording.id, self.ticket.operator,
@@ -108,8 +120,7 @@ class ConsoleSession:
         return vm_r, vm_w, init
 
     async def _refuse(self, reason: str, message: str):
-        self.client_w.write(rfb.security_failure(message))
-        await self.client_w.drain()
+        await self._send(rfb.security_failure(message))
         if reason == "bad_ticket":  # a guessed password; a refused operator has a valid ticket
             self.proxy.limiter.failure(self.source.rsplit(":", 1)[0])
         self.proxy.metrics.auth_failures.labels(reason).inc()

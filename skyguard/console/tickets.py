@@ -28,6 +28,7 @@ from skyguard.errors import BadInput
 ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789"  # no 0/O, 1/l/I
 PASSWORD_LENGTH = 8  # VNC authentication uses 8 bytes of the password, no more
 TICKET_TTL = 120.0  # seconds a ticket may wait to be used
+WEB_TOKEN_BYTES = 24  # the web console's tickets: 192 random bits
 MAX_OUTSTANDING = 64  # unused tickets at once: bounds the DES trials per login
 
 
@@ -49,14 +50,17 @@ class TicketBook:
         self.directory = Path(directory)
         self.ttl = ttl
 
-    def issue(self, operator: str, target: str, groups: tuple[str, ...] = ()) -> Ticket:
+    def issue(self, operator: str, target: str, groups: tuple[str, ...] = (), web: bool = False) -> Ticket:
+        """A new ticket. `web`: for the web console's WebSocket, a long token instead of a VNC
+        password (a URL carries any length; VNC authentication never accepts a web ticket)."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         live = self._load_all()
         if len(live) >= MAX_OUTSTANDING:
             raise BadInput(f"{len(live)} console tickets are waiting to be used (at most {MAX_OUTSTANDING}); "
                            f"wait for some to expire ({self.ttl:.0f} s)")
-        ticket = Ticket(secrets.token_hex(8), operator, tuple(groups), target, time.time() + self.ttl,
-                        "".join(secrets.choice(ALPHABET) for _ in range(PASSWORD_LENGTH)))
+        password = secrets.token_urlsafe(WEB_TOKEN_BYTES) if web else \
+            "".join(secrets.choice(ALPHABET) for _ in range(PASSWORD_LENGTH))
+        ticket = Ticket(secrets.token_hex(8), operator, tuple(groups), target, time.time() + self.ttl, password)
         value = {"operator": operator, "groups": list(groups), "target": target, "expires": ticket.expires,
                  "password": ticket.password}
         fsutil.write_private(self.directory / f"{ticket.id}.json", json.dumps(value).encode())
@@ -65,8 +69,18 @@ class TicketBook:
     def redeem_vnc(self, challenge: bytes, response: bytes) -> Ticket | None:
         """The ticket whose password answers `challenge` with `response`, consumed; else None."""
         for ticket in self._load_all():
+            if len(ticket.password) != PASSWORD_LENGTH:
+                continue  # a web ticket: DES would use only its first 8 characters
             expected = vnc_auth_response(ticket.password.encode(), challenge)
             if hmac.compare_digest(expected, response):
+                return ticket if self._consume(ticket) else None
+        return None
+
+    def redeem_token(self, token: str) -> Ticket | None:
+        """The web ticket `token`, consumed; else None (unknown, used, expired, or a VNC password)."""
+        for ticket in self._load_all():
+            if len(ticket.password) > PASSWORD_LENGTH and hmac.compare_digest(ticket.password.encode(),
+                                                                               token.encode()):
                 return ticket if self._consume(ticket) else None
         return None
 

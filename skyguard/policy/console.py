@@ -5,6 +5,7 @@ that enforces them is skyguard/console/. A part of the checker (see parse.py and
     admin:
       console:
         listen: "0.0.0.0:5999"          # native VNC clients (one-time passwords); optional
+        web: "0.0.0.0:5980"             # the web console (noVNC in the browser); optional
         targets:
           - name: dc1-desktop
             workload: dc1
@@ -65,7 +66,8 @@ class ConsoleGrant:
 
 @dataclass(frozen=True)
 class AdminConsole:
-    listen: str | None = None  # native VNC clients; None: only the web console (when it exists)
+    listen: str | None = None  # native VNC clients; None: none
+    web: str | None = None  # the web console's HTTP and WebSocket listener; None: none
     targets: tuple[ConsoleTarget, ...] = ()
     operators: tuple[ConsoleGrant, ...] = ()
     groups: tuple[ConsoleGrant, ...] = ()
@@ -99,20 +101,25 @@ class ConsoleSection(CheckerBase):
 
     def admin_console(self, node, line, zones) -> AdminConsole | None:
         path = "admin.console"
-        if not self.mapping(node, path, line, ("listen", "targets", "operators", "groups"),
+        if not self.mapping(node, path, line, ("listen", "web", "targets", "operators", "groups"),
                             required=("targets",)):
             return None
         ok = True
-        listen = None
-        if "listen" in node:
-            listen_line = self.line_of(node, "listen")
-            parsed = self.scalar(node["listen"], parse_hostport, f"{path}.listen", listen_line)
+        addresses: dict[str, str | None] = {"listen": None, "web": None}
+        for key in addresses:
+            if key not in node:
+                continue
+            key_line = self.line_of(node, key)
+            parsed = self.scalar(node[key], parse_hostport, f"{path}.{key}", key_line)
             if parsed is not None and parsed[1] is None:
-                self.problem(listen_line, f"{path}.listen",
-                             f"{quoted(node['listen'])} has no port; write ADDR:PORT such as 0.0.0.0:5999")
+                self.problem(key_line, f"{path}.{key}",
+                             f"{quoted(node[key])} has no port; write ADDR:PORT such as 0.0.0.0:5999")
                 parsed = None
-            ok = parsed is not None
-            listen = format_hostport(*parsed) if parsed else None
+            ok = ok and parsed is not None
+            addresses[key] = format_hostport(*parsed) if parsed else None
+        if addresses["listen"] is not None and addresses["listen"] == addresses["web"]:
+            self.problem(self.line_of(node, "web"), f"{path}.web", "is the same address as listen; give each its own port")
+            ok = False
         targets = self._console_targets(node.get("targets"), f"{path}.targets", self.line_of(node, "targets"),
                                         zones)
         ok = ok and targets is not None
@@ -123,7 +130,7 @@ class ConsoleSection(CheckerBase):
             ok = ok and grants[kind] is not None
         if not ok:
             return None
-        return AdminConsole(listen=listen, targets=targets, operators=grants["operators"],
+        return AdminConsole(listen=addresses["listen"], web=addresses["web"], targets=targets, operators=grants["operators"],
                             groups=grants["groups"])
 
     def _console_targets(self, node, path, line, zones) -> tuple[ConsoleTarget, ...] | None:

@@ -1,7 +1,8 @@
 """VNC consoles through skyguard, end to end in the lab: a real TigerVNC server (Xvnc, root window a
 solid marker colour) in the dc1 lab VM with a password that only skyguard's sealed store holds;
-the console proxy in the lab's host namespace; a real VNC client (vncdotool) in the lab's
-internet namespace, logging in with a one-time ticket from `skyguard admin console-ticket`.
+the console proxy in the lab's host namespace; a real VNC client (vncdotool) and a real browser
+(headless Chromium running the web console's noVNC) in the lab's internet namespace, logging in
+with one-time tickets from `skyguard admin console-ticket`.
 
 The proxy runs on its own here (an asyncio thread in the host namespace, as test_admin_ssh.py
 runs the SSH proxy), with the unsigned JSON-lines log: under the daemon the datapath admits this
@@ -11,6 +12,7 @@ skyguard/datapath/compile.py that this module's owner does not own (see issue 21
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
@@ -30,6 +32,7 @@ from skyguard.custody.store import SecretStore
 from skyguard.policy.parse import parse_policy
 
 PORT = 24259
+WEB_PORT = 24260
 UPLINK = "100.64.0.1"  # the lab host's address toward the internet namespace
 VM = "10.10.2.2"  # dc1
 MARKER = (0x33, 0x66, 0xCC)
@@ -40,6 +43,7 @@ CONSOLE = f"""
 admin:
   console:
     listen: "0.0.0.0:{PORT}"
+    web: "0.0.0.0:{WEB_PORT}"
     targets:
       - {{name: dc1-desktop, workload: dc1, protocol: vnc, port: 5901, credential: dc1-vnc, clipboard: to_vm}}
     operators:
@@ -87,9 +91,15 @@ def console(lab, tmp_path_factory):
         xvnc.wait(10)
 
 
-def ticket(console, operator: str, target: str = "dc1-desktop") -> str:
+def ticket(console, operator: str, target: str = "dc1-desktop", web: bool = False) -> str:
+    """A one-time ticket, as the CLI's console-ticket issues it (the CLI itself: cli_ticket)."""
+    return console.proxy.tickets.issue(operator, target, web=web).password
+
+
+def cli_ticket(console, operator: str, target: str = "dc1-desktop", web: bool = False) -> str:
     out = subprocess.run([PY, "-m", "skyguard.cli.main", "admin", "console-ticket", operator, target,
-                          "--state-dir", str(console.state)], capture_output=True, text=True, timeout=60,
+                          "--state-dir", str(console.state), *(["--web"] if web else [])],
+                         capture_output=True, text=True, timeout=60,
                          env=dict(os.environ, PYTHONPATH=str(config.REPO_ROOT)))
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
@@ -117,7 +127,7 @@ def wait_ended(console, count: int) -> list[dict]:
 
 def test_operator_types_and_sees_the_vm_desktop_and_the_session_replays(console):
     shot = console.tmp / "shot.png"
-    out = vncdo(console, ticket(console, "alice"), "type", "hello", "capture", str(shot))
+    out = vncdo(console, cli_ticket(console, "alice"), "type", "hello", "capture", str(shot))
     assert out.returncode == 0, out.stderr
     assert Image.open(shot).convert("RGB").getpixel((160, 120)) == MARKER
     [session] = wait_ended(console, 1)
@@ -163,65 +173,60 @@ def test_the_vm_password_is_nowhere_the_operator_or_the_records_see(console):
     assert not any(VM_PASSWORD.encode() in blob for blob in seen)
 
 
-def vm_clipboard_text(console) -> str:
-    return console.lab.exec("dc1", ["xclip", "-display", f":{console.display}", "-selection", "clipboard", "-o"],
-                            capture_output=True, text=True, timeout=10).stdout
-
-
 def test_clipboard_follows_the_policy_in_both_directions(console):
-    # to_vm: the operator's paste reaches the VM ...
-    assert paste_from_operator(console, "pasted-into-the-vm") == "pasted-into-the-vm"
-    # ... and what the VM copies does not reach the operator.
-    assert "clipboard copy" not in copy_on_vm(console, "copied-on-the-vm")
-    dropped = [e for e in console.log.entries() if e["type"] == "console_clipboard_dropped"]
-    assert dropped and dropped[-1]["direction"] == "from_vm"
-    # A new policy turns it around for new sessions: from_vm only.
+    # to_vm: the operator's paste reaches the VM; what the VM copies does not reach the operator.
+    vm_saw, operator_log = clipboard_both_ways(console, "pasted-into-the-vm", "copied-on-the-vm")
+    assert vm_saw == "pasted-into-the-vm"
+    assert "clipboard copy" not in operator_log
+    dropped = [e["direction"] for e in console.log.entries() if e["type"] == "console_clipboard_dropped"]
+    assert dropped == ["from_vm"]
+    # A new policy turns it around: from_vm only.
     target = replace(console.policy.admin_console.targets[0], clipboard="from_vm")
     turned = replace(console.policy, admin_console=replace(console.policy.admin_console, targets=(target,)))
     console.thread.run(console.proxy.set_policy(turned))
     try:
-        assert "clipboard copy 'copied-again'" in copy_on_vm(console, "copied-again")
-        assert paste_from_operator(console, "should-not-arrive") != "should-not-arrive"
+        vm_saw, operator_log = clipboard_both_ways(console, "should-not-arrive", "copied-again")
+        assert vm_saw != "should-not-arrive"
+        assert "clipboard copy 'copied-again'" in operator_log
+        dropped = [e["direction"] for e in console.log.entries() if e["type"] == "console_clipboard_dropped"]
+        assert dropped == ["from_vm", "to_vm"]
     finally:
         console.thread.run(console.proxy.set_policy(console.policy))
 
 
-def paste_from_operator(console, text: str) -> str:
-    """Paste `text` in an operator's session; the VM's clipboard while the session is open
-    (Xvnc gives up a client's clipboard when the client leaves)."""
+def clipboard_both_ways(console, paste: str, copy: str) -> tuple[str, str]:
+    """In one operator session: paste `paste` (then read the VM's clipboard while the session is
+    open: Xvnc gives up a client's clipboard when the client leaves), then copy `copy` on the
+    VM's desktop. Returns (the VM's clipboard, the client's log)."""
     source = console.tmp / "paste.txt"
-    source.write_text(text)
-    client = console.lab.popen("internet", [PY, "-W", "ignore", "-m", "vncdotool.command", "-t", "15",
+    source.write_text(paste)
+    before = len(sessions(console))
+    client = console.lab.popen("internet", [PY, "-W", "ignore", "-m", "vncdotool.command", "-v", "-t", "15",
                                             "-s", f"{UPLINK}::{PORT}", "-p", ticket(console, "alice"),
                                             "pastefile", str(source), "pause", "2"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        for _ in range(30):
-            seen = vm_clipboard_text(console)
-            if seen == text:
+        for _ in range(200):  # the session is open once its record exists
+            if len(sessions(console)) > before:
                 break
             time.sleep(0.05)
+        for _ in range(20):
+            vm_saw = vm_clipboard_text(console)
+            if vm_saw == paste:
+                break
+            time.sleep(0.05)
+        # xclip stays behind as the selection's owner (until Xvnc ends): no pipes for it to hold.
+        console.lab.exec("dc1", ["xclip", "-display", f":{console.display}", "-selection", "clipboard", "-i"],
+                         input=copy.encode(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10)
     finally:
         _, stderr = client.communicate(timeout=30)
     assert client.returncode == 0, stderr
-    return seen
+    return vm_saw, stderr
 
 
-def copy_on_vm(console, text: str) -> str:
-    """Copy `text` on the VM's desktop while an operator's session is open; the client's log."""
-    client = console.lab.popen("internet", [PY, "-W", "ignore", "-m", "vncdotool.command", "-v", "-t", "15",
-                                            "-s", f"{UPLINK}::{PORT}", "-p", ticket(console, "alice"),
-                                            "capture", str(console.tmp / "cb.png"), "pause", "2"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for _ in range(100):  # the session is open once its record exists
-        if any(s["result"] == "active" for s in sessions(console)):
-            break
-        time.sleep(0.05)
-    # xclip stays behind as the selection's owner (until Xvnc ends): no pipes for it to hold open.
-    console.lab.exec("dc1", ["xclip", "-display", f":{console.display}", "-selection", "clipboard", "-i"],
-                     input=text.encode(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10)
-    _, stderr = client.communicate(timeout=30)
-    return stderr
+def vm_clipboard_text(console) -> str:
+    return console.lab.exec("dc1", ["xclip", "-display", f":{console.display}", "-selection", "clipboard", "-o"],
+                            capture_output=True, text=True, timeout=10).stdout
 
 
 def test_a_malformed_message_ends_that_session_only(console):
@@ -239,6 +244,30 @@ def test_a_malformed_message_ends_that_session_only(console):
     assert Image.open(console.tmp / "after.png").convert("RGB").getpixel((1, 1)) == MARKER
     errors = [e for e in console.log.entries() if e["type"] == "console_session_error"]
     assert errors and "client message type 200" in errors[-1]["reason"]
+
+
+def test_a_policy_without_the_operator_ends_their_open_session(console):
+    client = console.lab.popen("internet", [PY, "-W", "ignore", "-m", "vncdotool.command", "-t", "15",
+                                            "-s", f"{UPLINK}::{PORT}", "-p", ticket(console, "alice"), "pause", "20"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    before = {s["id"] for s in sessions(console)}
+    for _ in range(200):
+        opened = [s for s in sessions(console) if s["id"] not in before]
+        if opened:
+            break
+        time.sleep(0.05)
+    without_alice = replace(console.policy, admin_console=replace(
+        console.policy.admin_console, operators=tuple(o for o in console.policy.admin_console.operators
+                                                      if o.name != "alice")))
+    console.thread.run(console.proxy.set_policy(without_alice))
+    try:
+        client.communicate(timeout=15)  # long before its 20 s pause is over
+        record = console.proxy.archive.load(opened[0]["id"])
+        assert record["result"] == "revoked" and record["transcript_sha256"]
+        revoked = [e for e in console.log.entries() if e["type"] == "console_access_revoked"]
+        assert revoked[-1]["operator"] == "alice" and revoked[-1]["reason"] == "not_allowed"
+    finally:
+        console.thread.run(console.proxy.set_policy(console.policy))
 
 
 # A VNC client's login done by hand (the attacker's tool: vncdotool cannot send a bad message),
@@ -266,4 +295,91 @@ s.sendall(bytes([200]) + b"\0" * 16)
 s.settimeout(10)
 while s.recv(65536):
     pass
+"""
+
+
+# ---- the web console in a real browser ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def browser(console):
+    """One headless Chromium (in the lab's internet namespace) opens the web console four times:
+    alice's ticket, the same ticket again, bob's ticket, a forged one. What it saw, as JSON."""
+    tickets = {"alice": cli_ticket(console, "alice", web=True), "bob": ticket(console, "bob", web=True)}
+    runs = [("alice", tickets["alice"]), ("reused", tickets["alice"]), ("bob", tickets["bob"]),
+            ("forged", "A" * 32)]
+    out = console.lab.exec("internet", [PY, "-c", BROWSER, f"http://{UPLINK}:{WEB_PORT}/console/",
+                                        str(console.tmp / "chrome"), json.dumps(runs)],
+                           capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+def test_the_browser_shows_the_vm_desktop(browser, console):
+    alice = browser["alice"]
+    assert alice["state"] == "connected" and tuple(alice["pixel"][:3]) == MARKER
+    web = [s for s in sessions(console) if s["console"]["auth"] == "web"]
+    assert web and web[-1]["operator"] == "alice"
+
+
+def test_the_vm_password_is_not_in_what_the_browser_received(browser):
+    received = browser["alice"]["received"]  # page, cookies, every WebSocket frame
+    assert browser["alice"]["frames"] > 3 and VM_PASSWORD not in received
+
+
+def test_a_reused_or_forged_web_ticket_is_refused(browser, console):
+    assert browser["reused"]["state"] != "connected" and browser["reused"]["pixel"] is None
+    assert browser["forged"]["state"] != "connected"
+    refused = [e for e in console.log.entries() if e["type"] == "console_access_refused" and e.get("door") == "web"]
+    assert len(refused) >= 2
+
+
+def test_an_operator_outside_the_zone_is_refused_in_the_browser(browser):
+    assert browser["bob"]["state"] == "refused"
+    assert "bob may not open the console dc1-desktop" in browser["bob"]["status"]
+
+
+# Run inside the lab's internet namespace: selenium drives Debian's chromium and chromedriver.
+BROWSER = r"""
+import base64, json, sys, time
+from selenium import webdriver
+url, profile, runs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+options = webdriver.ChromeOptions()
+for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--window-size=400,320", f"--user-data-dir={profile}"):
+    options.add_argument(flag)
+options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path="/usr/bin/chromedriver"))
+results = {}
+try:
+    for name, ticket in runs:
+        driver.get("about:blank")
+        driver.get_log("performance")
+        driver.get(f"{url}#ticket={ticket}")
+        state = "starting"
+        for _ in range(150):
+            state = driver.execute_script("return document.body.dataset.state")
+            if state not in ("starting", "connected"):
+                break
+            if state == "connected" and driver.execute_script(
+                    "const c = document.querySelector('#screen canvas'); return c && c.width > 10"):
+                time.sleep(0.5)  # the first update drawn
+                break
+            time.sleep(0.1)
+        pixel = driver.execute_script(
+            "const c = document.querySelector('#screen canvas');"
+            "return c && c.width > 10 ? Array.from(c.getContext('2d').getImageData(160, 120, 1, 1).data) : null")
+        received, frames = [driver.page_source, json.dumps(driver.get_cookies())], 0
+        for entry in driver.get_log("performance"):
+            message = json.loads(entry["message"])["message"]
+            if message["method"] == "Network.webSocketFrameReceived":
+                frame = message["params"]["response"]
+                data = frame["payloadData"]
+                received.append(base64.b64decode(data).decode("latin-1") if frame["opcode"] == 2 else data)
+                frames += 1
+        results[name] = {"state": state, "pixel": pixel, "received": "".join(received), "frames": frames,
+                         "status": driver.execute_script("return document.getElementById('status').textContent")}
+finally:
+    driver.quit()
+print(json.dumps(results))
 """

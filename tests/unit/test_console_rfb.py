@@ -187,3 +187,27 @@ def test_a_file_that_is_not_a_recording_is_refused(tmp_path):
     path.write_text(json.dumps({"format": "asciicast"}) + "\n")
     with pytest.raises(AdminError, match="not a skyguard VNC recording"):
         render_frames(path, tmp_path / "frames")
+
+
+def test_web_tickets_and_vnc_passwords_do_not_open_each_others_door(tmp_path):
+    book = TicketBook(tmp_path / "tickets")
+    web = book.issue("alice", "dc1-desktop", web=True)
+    vnc = book.issue("alice", "dc1-desktop")
+    assert len(web.password) >= 32
+    # DES uses only 8 characters: a web token's first 8 must not log a VNC client in.
+    assert book.redeem_vnc(bytes(16), rfb.vnc_auth_response(web.password[:8].encode(), bytes(16))) is None
+    assert book.redeem_token(vnc.password) is None
+    assert book.redeem_token(web.password).target == "dc1-desktop"
+    assert book.redeem_token(web.password) is None  # once
+
+
+def test_the_web_console_serves_files_only_from_inside_its_folder(tmp_path):
+    from skyguard.console.web import static_file
+
+    (tmp_path / "pub").mkdir()
+    (tmp_path / "pub" / "rfb.js").write_text("x")
+    (tmp_path / "secret").write_text("s")
+    (tmp_path / "pub" / "link").symlink_to(tmp_path / "secret")
+    assert static_file(tmp_path / "pub", "rfb.js") == (tmp_path / "pub" / "rfb.js").resolve()
+    for bad in ("../secret", "link", "/etc/passwd", "", "missing.js"):
+        assert static_file(tmp_path / "pub", bad) is None

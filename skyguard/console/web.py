@@ -1,0 +1,172 @@
+"""The web console: VNC in the browser (noVNC) through skyguard, on `admin.console.web`.
+
+One listener serves three things:
+- `/console/`: skyguard's page (console.html and console.js beside this file), which opens the session named by
+  the one-time web ticket in its URL fragment (`#ticket=...`; a fragment is never sent in a
+  request, so no access log on the way holds it);
+- `/novnc/...`: Debian's noVNC (package novnc, /usr/share/novnc), read-only, files only;
+- `/console/ws?ticket=...`: the WebSocket that carries RFB. The ticket is redeemed when the
+  WebSocket opens (once: a reused or forged one is refused with close code 1008), and binds the
+  connection to that ticket's operator and target; the RFB session behind it is session.py's,
+  so the policy checks, clipboard rule, recording and log are the native door's. The browser is
+  offered RFB security type None: it never sees a VNC password, and the VM's password is used
+  only on the skyguard -> VM leg.
+
+Sign-in: the page listing the targets a signed-in operator may open belongs behind the
+identity-aware proxy's sign-in (issue 20), which this module does not have yet; until then a
+web ticket comes from `skyguard admin console-ticket --web`. Not here: TLS (the listener is
+plain HTTP; put it on an address only operators reach, or behind TLS termination).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import mimetypes
+from http import HTTPStatus
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+
+from skyguard.admin.proxy import parse_listen
+from skyguard.console import rfb
+from skyguard.console.session import ConsoleSession
+from skyguard.errors import AdminError
+
+log = logging.getLogger("skyguard.console")
+
+NOVNC_DIR = Path("/usr/share/novnc")
+PAGE = Path(__file__).with_name("console.html")
+SCRIPT = Path(__file__).with_name("console.js")  # the page's script (no inline script: see the CSP)
+WS_PATH = "/console/ws"
+MAX_FRAME = 1 << 20  # bytes of one WebSocket message from a browser (RFB client messages are small)
+# Every response: no caching of the page, no framing by other sites, no referrer leaking the URL.
+SECURITY_HEADERS = (("Cache-Control", "no-store"), ("X-Frame-Options", "DENY"), ("Referrer-Policy", "no-referrer"),
+                    ("X-Content-Type-Options", "nosniff"),
+                    ("Content-Security-Policy", "default-src 'self'; connect-src 'self'; img-src 'self' data:; "
+                                                "style-src 'self' 'unsafe-inline'"))
+
+
+def _response(status: HTTPStatus, body: bytes, content_type: str = "text/plain; charset=utf-8") -> Response:
+    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))), *SECURITY_HEADERS])
+    return Response(status.value, status.phrase, headers, body)
+
+
+def static_file(root: Path, relative: str) -> Path | None:
+    """root/relative if it is a regular file inside root (no '..', no link out of it)."""
+    try:
+        path = (root / relative).resolve(strict=True)
+    except (OSError, RuntimeError):
+        return None
+    return path if path.is_file() and path.is_relative_to(root.resolve()) else None
+
+
+class WsReader:
+    """readexactly() over a WebSocket's binary messages, for rfb's readers."""
+
+    def __init__(self, ws: ServerConnection):
+        self.ws, self.buffer = ws, bytearray()
+
+    async def readexactly(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            try:
+                message = await self.ws.recv()
+            except ConnectionClosed:
+                raise asyncio.IncompleteReadError(bytes(self.buffer), n) from None
+            if isinstance(message, str):
+                raise rfb.RfbError("the browser sent a text WebSocket message; RFB travels in binary ones")
+            self.buffer += message
+        data = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        return data
+
+
+class WsWriter:
+    """The StreamWriter calls session.py makes, over a WebSocket: write() queues, drain() sends
+    what was queued as one binary message."""
+
+    def __init__(self, ws: ServerConnection):
+        self.ws = ws
+        self.pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.pending.append(data)
+
+    async def drain(self) -> None:
+        if self.pending:
+            data, self.pending = b"".join(self.pending), []
+            try:
+                await self.ws.send(data)
+            except ConnectionClosed:
+                raise ConnectionResetError("the browser closed the console") from None
+
+    def get_extra_info(self, name: str):
+        return self.ws.remote_address if name == "peername" else None
+
+    def is_closing(self) -> bool:
+        return self.ws.state in (State.CLOSING, State.CLOSED)
+
+    def close(self) -> None:
+        if not self.is_closing():
+            asyncio.get_running_loop().create_task(self.ws.close())
+
+
+class WebConsole:
+    def __init__(self, proxy, listen: str):
+        self.proxy = proxy
+        self.listen = listen
+        self.address: tuple[str, int] | None = None
+        self._server: Server | None = None
+
+    async def start(self) -> None:
+        host, port = parse_listen(self.listen)
+        try:
+            self._server = await serve(self._session, host, port, process_request=self._http, max_size=MAX_FRAME,
+                                       compression=None, server_header=None, reuse_address=True)
+        except OSError as e:
+            raise AdminError(f"cannot listen on {host}:{port} for the web console: {e.strerror}") from None
+        self.address = tuple(next(iter(self._server.sockets)).getsockname()[:2])
+        log.info("web console listening on %s:%s", *self.address)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path).path
+        if path == WS_PATH:
+            return None  # on to the WebSocket handshake
+        if path in ("/", "/console", "/console/"):
+            return _response(HTTPStatus.OK, PAGE.read_bytes(), "text/html; charset=utf-8")
+        if path == "/console/console.js":
+            return _response(HTTPStatus.OK, SCRIPT.read_bytes(), "text/javascript")
+        if path.startswith("/novnc/") and (found := static_file(NOVNC_DIR, path[len("/novnc/"):])):
+            content_type = mimetypes.guess_type(found.name)[0] or "application/octet-stream"
+            if found.suffix == ".js":
+                content_type = "text/javascript"  # module scripts are refused under any other type
+            return _response(HTTPStatus.OK, found.read_bytes(), content_type)
+        return _response(HTTPStatus.NOT_FOUND, b"not found\n")
+
+    async def _session(self, ws: ServerConnection) -> None:
+        token = parse_qs(urlsplit(ws.request.path).query).get("ticket", [""])[0]
+        ticket = self.proxy.tickets.redeem_token(token) if token else None
+        if ticket is None:
+            self.proxy.metrics.auth_failures.labels("bad_ticket").inc()
+            self.proxy.record("console_access_refused", reason="bad_ticket", source=_source(ws), operator=None,
+                              target=None, door="web")
+            await ws.close(1008, "unknown, used or expired console ticket")
+            return
+        await self.proxy.serve_session(ConsoleSession(self.proxy, WsReader(ws), WsWriter(ws), ticket=ticket))
+        await ws.close()
+
+
+def _source(ws: ServerConnection) -> str:
+    peer = ws.remote_address or ("?", 0)
+    return f"{peer[0]}:{peer[1]}"
