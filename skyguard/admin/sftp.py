@@ -12,7 +12,9 @@ content rule (skyguard/policy/content.py) are held back and judged before the VM
 
 from __future__ import annotations
 
+import functools
 import struct
+from typing import Any
 
 # Request types that carry a path as their first field after the request id.
 _PATH_REQUESTS = {3: "open", 11: "opendir", 13: "remove", 14: "mkdir", 15: "rmdir",
@@ -61,7 +63,7 @@ class SftpRequestWatcher:
 # judged (skyguard/content). Allowed: the WRITEs are replayed to the VM (their answers swallowed,
 # a failure among them turns the CLOSE's answer into a failure), then the CLOSE goes on. Blocked:
 # the VM's handle is closed and the file (created empty by the OPEN) removed, by requests of our
-# own, and the operator's CLOSE is answered PERMISSION_DENIED with the reason. So a blocked file
+# own, and once the removal is answered the operator's CLOSE is answered PERMISSION_DENIED. So a blocked file
 # never has a byte on the VM, and the client's transfer ends in an error, never in success.
 #
 # Known limits: a file under a rule can be read back through its own handle only after CLOSE (the
@@ -154,6 +156,7 @@ class SftpUploadFilter:
         self._held: dict[bytes, _HeldFile] = {}  # handle -> file being held
         self._own: dict[int, bytes | None] = {}  # our request ids -> the handle of a replayed WRITE
         self._closing: dict[int, _HeldFile] = {}  # operator's CLOSE ids forwarded after a replay
+        self._denials: dict[int, bytes] = {}  # our REMOVE's id -> the refusal to send once it is answered
         self._next_id = _OWN_IDS
         self._held_bytes = 0
         self.active = engine is not None and engine.inspector(zone, "upload", "sftp") is not None
@@ -239,9 +242,14 @@ class SftpUploadFilter:
             return bytes(to_vm), b""
         self.record(blocked_entry(verdict, zone=self.zone, workload=self.workload, protocol="sftp", direction="upload",
                                   destination=self.workload, path=held.path, **self.log_fields))
+        remove_id = self._own_id()
         cleanup = _packet(SSH_FXP_CLOSE, self._own_id(), _sftp_string(handle)) + \
-            _packet(SSH_FXP_REMOVE, self._own_id(), _sftp_string(held.path.encode()))
-        return cleanup, status_packet(close_id, SSH_FX_PERMISSION_DENIED, f"skyguard: upload blocked: {verdict.reason}")
+            _packet(SSH_FXP_REMOVE, remove_id, _sftp_string(held.path.encode()))
+        # The operator hears of the refusal once the VM has removed the file: a client that quits
+        # on the error (sftp -b) cannot end the channel before the removal ran.
+        self._denials[remove_id] = status_packet(close_id, SSH_FX_PERMISSION_DENIED,
+                                                 f"skyguard: upload blocked: {verdict.reason}")
+        return cleanup, b""
 
     def from_vm(self, data: bytes) -> bytes:
         if not self.active:
@@ -252,6 +260,7 @@ class SftpUploadFilter:
                 (request_id,) = struct.unpack_from(">I", packet, 1)
                 if request_id in self._own:  # an answer to skyguard's own request: not the operator's
                     handle = self._own.pop(request_id)
+                    out += self._denials.pop(request_id, b"")
                     code = struct.unpack_from(">I", packet, 5)[0] if len(packet) >= 9 else SSH_FX_FAILURE
                     if handle is not None and packet[0] == SSH_FXP_STATUS and code != SSH_FX_OK \
                             and handle in self._held:
@@ -273,3 +282,84 @@ class SftpUploadFilter:
                             continue
             out += struct.pack(">I", len(packet)) + packet
         return bytes(out)
+
+
+@functools.lru_cache(maxsize=4)
+def _engine(content):
+    from skyguard.content.inspector import ContentEngine
+
+    return ContentEngine(content)  # compiles YARA: once per policy, not per session
+
+
+class SftpFilterPump:
+    """Drives one SftpUploadFilter from an SSH session's callbacks, which are synchronous: bytes
+    from the operator queue up and are filtered in order by one task, with the operator's channel
+    paused meanwhile (so the queue stays short); bytes from the VM are filtered at once. A stream
+    the filter cannot follow ends the session (fail closed)."""
+
+    def __init__(self, upload_filter: SftpUploadFilter, write_vm, write_operator, pause, resume, fail, write_vm_eof):
+        self.filter = upload_filter
+        self.write_vm, self.write_operator = write_vm, write_operator
+        self.pause, self.resume, self.fail, self.write_vm_eof = pause, resume, fail, write_vm_eof
+        self._eof = False  # the operator sent EOF: passed on once the queue is drained
+        self._queue: list[bytes] = []
+        self._task: Any = None  # the asyncio task draining the queue, while there is one
+
+    def from_operator(self, data: bytes) -> None:
+        import asyncio
+
+        self._queue.append(data)
+        if self._task is None:
+            self.pause()
+            self._task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                to_vm, to_operator = await self.filter.from_operator(self._queue.pop(0))
+                if to_vm:
+                    self.write_vm(to_vm)
+                if to_operator:
+                    self.write_operator(to_operator)
+        except SftpProtocolError as error:
+            self._queue.clear()
+            self.fail(f"skyguard: SFTP stream refused: {error}")
+        finally:
+            self._task = None
+            self.resume()
+            if self._eof:
+                self.write_vm_eof()
+
+    def eof(self) -> None:
+        """The operator's EOF, after the bytes queued before it."""
+        if self._task is None:
+            self.write_vm_eof()
+        else:
+            self._eof = True
+
+    def from_vm(self, data: bytes) -> bytes:
+        try:
+            return self.filter.from_vm(data)
+        except SftpProtocolError as error:
+            self.fail(f"skyguard: SFTP stream refused: {error}")
+            return b""
+
+
+def upload_pump(session, workload) -> SftpFilterPump | None:
+    """The pump for an SFTP session of the access proxy (admin/session.py's ProxySession) on a VM
+    of `workload`'s zone, or None when no content rule covers SFTP uploads there."""
+    content = session.proxy.policy.content
+    if not content.rules_for(workload.zone, "upload", "sftp"):
+        return None
+    recording = session.recording
+
+    def record(entry: dict) -> None:
+        entry = dict(entry)
+        session.proxy.record(entry.pop("event"), operator=session.owner.operator_name,
+                             session=recording.id if recording else None, **entry)
+
+    upload_filter = SftpUploadFilter(_engine(content), workload.zone, record, workload=workload.name)
+    return SftpFilterPump(upload_filter, lambda data: session.vm_chan.write(data), lambda data: session.chan.write(data),
+                          session.chan.pause_reading, session.chan.resume_reading,
+                          lambda message: session.end_with_message(message + "\r\n", 255, "sftp_refused"),
+                          lambda: session.vm_chan.write_eof())

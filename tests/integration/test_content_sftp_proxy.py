@@ -1,0 +1,63 @@
+"""Content rules on SFTP uploads through the SSH access proxy, end to end: the operator's OpenSSH
+`sftp` client, the proxy, and the VM's real sshd and sftp-server (the lab of test_admin_ssh.py),
+with a real clamd. A blocked upload fails in the client, leaves no file on the VM and is logged
+with the operator; a clean one arrives byte-exact."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import replace
+
+import pytest
+from test_admin_ssh import lab  # noqa: F401 - the module-scoped fixture, a lab of this module's own
+
+from skyguard.content.testing import EICAR, LocalClamd, zipped
+from skyguard.policy.content import ContentBlock, ContentPolicy, ContentRule
+
+
+@pytest.fixture(scope="module")
+def guarded(lab, tmp_path_factory):  # noqa: F811 - the fixture above
+    """The lab's policy with SFTP on and a content rule for the VM's zone."""
+    with LocalClamd(tmp_path_factory.mktemp("sftp-clamd")) as clamd:
+        rule = ContentRule("operator-uploads", ("directory",), ("upload",), ("sftp",),
+                           ContentBlock(clamav=True, max_size=1 << 20))
+        policy = replace(lab.policy, admin_ssh=replace(lab.policy.admin_ssh, sftp=True),
+                         content=ContentPolicy((rule,), clamd_socket=clamd.socket, scan_timeout=5, max_inspect_bytes=2 << 20))
+        lab.set_policy(policy)
+        uploads = lab.tmp / "uploads"
+        uploads.mkdir(exist_ok=True)
+        try:
+            yield uploads
+        finally:
+            lab.set_policy(lab.policy)
+
+
+def put(lab, local, remote):  # noqa: F811
+    return lab.ssh("alice", "alice+dc1", extra=["-b", "-"], tool="sftp", input=f"put {local} {remote}\n")
+
+
+def test_clean_upload_through_the_proxy_arrives_byte_exact(lab, guarded):  # noqa: F811
+    data = os.urandom(200_000)
+    (lab.tmp / "clean.bin").write_bytes(data)
+    result = put(lab, lab.tmp / "clean.bin", guarded / "clean.bin")
+    assert result.returncode == 0, result.stderr
+    assert (guarded / "clean.bin").read_bytes() == data
+
+
+# The access proxy's session (skyguard/admin/session.py) does not run the upload filter yet: its
+# wiring is a 12-line change to a file outside issue 19's files (the patch is in the issue's
+# closing note). Strict, so this fails the day the wiring lands until the marker is removed.
+@pytest.mark.xfail(strict=True, reason="skyguard/admin/session.py does not call sftp.upload_pump yet (issue 19)")
+@pytest.mark.parametrize("name,data", [("eicar.txt", EICAR), ("holiday.jpg", zipped("a.txt", EICAR)),
+                                       ("big.bin", os.urandom((1 << 20) + 10))],
+                         ids=["eicar", "eicar-zip-as-jpg", "over-max-size"])
+def test_blocked_upload_through_the_proxy_fails_and_leaves_nothing(lab, guarded, name, data):  # noqa: F811
+    (lab.tmp / name).write_bytes(data)
+    result = put(lab, lab.tmp / name, guarded / name)
+    assert result.returncode != 0
+    assert not (guarded / name).exists()
+    entry = lab.entries("content_blocked")[-1]
+    assert (entry["operator"], entry["workload"], entry["zone"], entry["protocol"], entry["path"]) == (
+        "alice", "dc1", "directory", "sftp", str(guarded / name))
+    assert entry["sha256"] == hashlib.sha256(data).hexdigest()
