@@ -478,7 +478,8 @@ class Arena(Demo):
         return counted["internet"]["frames"]
 
     # ---- the chain ----------------------------------------------------------------------------
-    def play(self, attacks: list[Attack] | None = None, on_step=None) -> dict:
+    # Not Demo.play (demo steps): the arena plays attacks; nothing calls an Arena as a Demo.
+    def play(self, attacks: list[Attack] | None = None, on_step=None) -> dict:  # type: ignore[override]
         """Run every attack from agent1 with sniffers everywhere else and the legitimate session
         running. Returns {"attacks": [...], "legit": {"ok", "failed"}, "sniffed": {...}}."""
         attacks = kill_chain() if attacks is None else attacks

@@ -52,7 +52,7 @@ def _read_message(sock: socket.socket) -> dict:
 
 class _RequestHandler(socketserver.BaseRequestHandler):
     def handle(self):
-        server: ControlServer = self.server  # type: ignore[assignment]
+        server: ControlServer = self.server
         try:
             if _peer_uid(self.request) != 0:
                 reply = {"ok": False, "error": "only root may use the skyguard control socket", "code": 1}

@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from skyguard import config
 from skyguard.control import ControlServer
@@ -24,6 +25,15 @@ from skyguard.errors import BadInput, SkyguardError
 from skyguard.keys.record import control_handler as key_record_handler
 from skyguard.metrics.views import flows_handler, workload_names
 from skyguard.parts import PartLog, make_part, stop_part
+
+if TYPE_CHECKING:  # the parts are imported where they start (a daemon without them never loads them)
+    from skyguard.datapath.datapath import Datapath
+    from skyguard.datapath.flowlog import FlowLogger
+    from skyguard.metrics.exporter import MetricsExporter
+    from skyguard.parts import LoopThread
+    from skyguard.policy.model import Policy
+    from skyguard.tlog import LogWriter
+    from skyguard.tpm.hook import DaemonTpm
 
 log = logging.getLogger("skyguard.daemon")
 
@@ -62,24 +72,24 @@ class Daemon:
         self.stop_event = threading.Event()
         self.detach_on_exit = False
         self.started_at = time.time()
-        self.policy = None
+        self.policy: Policy | None = None
         self.policy_text = ""
-        self.datapath = None
-        self.control = None
-        self.tlog = None
-        self.flowlog = None
+        self.datapath: Datapath | None = None
+        self.control: ControlServer | None = None
+        self.tlog: LogWriter | None = None
+        self.flowlog: FlowLogger | None = None
         self._lock = threading.RLock()  # policy swaps, attach and the watchdog serialise here
         self._threads: list[threading.Thread] = []
         self._known: set[str] = set()  # interfaces this daemon has attached to
         self.loop = None
-        self.loop_thread = None
+        self.loop_thread: LoopThread | None = None
         self.slots: list = []  # skyguard.parts.PartSlot, in start order
         from prometheus_client import CollectorRegistry
 
         self.registry = CollectorRegistry()  # every part's metrics; the exporter serves it
         self.tamper_events = 0
-        self.metrics = None  # the Prometheus exporter (skyguard.metrics), when --metrics is on
-        self.tpm = None  # skyguard.tpm.hook.DaemonTpm: measured launch and continuous attestation
+        self.metrics: MetricsExporter | None = None  # the Prometheus exporter (skyguard.metrics), when --metrics is on
+        self.tpm: DaemonTpm | None = None  # skyguard.tpm.hook.DaemonTpm: measured launch and continuous attestation
 
     # ---- lifecycle -------------------------------------------------------------------------
 

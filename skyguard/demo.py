@@ -17,6 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
@@ -24,6 +25,9 @@ from rich.table import Table
 from skyguard import config
 from skyguard.errors import SkyguardError
 from skyguard.lab.addressing import addresses_for_name
+
+if TYPE_CHECKING:
+    from skyguard.lab.lab import Lab
 
 # A tiny client run inside a lab VM: connect (tcp) or send-and-await-echo (udp); prints
 # "ok" or the error. Exit status 0 means the traffic got through.
@@ -176,8 +180,8 @@ class Demo:
                         SKYGUARD_RUN_DIR=str(self.workdir / "run"),
                         SKYGUARD_PIN_DIR=str(config.PIN_DIR.parent / f"skyguard-demo-{os.getpid()}"),
                         PYTHONPATH=str(config.REPO_ROOT))
-        self.lab = None
-        self.daemon = None
+        self.lab: Lab | None = None
+        self.daemon: subprocess.Popen | None = None
         self.helpers: list[subprocess.Popen] = []
         self.log_mark = 0  # log size before the current step
         self.upstream_mark = 0  # size of the lab echo server's request log before the current step

@@ -34,6 +34,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import asyncssh
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -46,6 +47,9 @@ from skyguard.admin.recording import SessionArchive
 from skyguard.custody.store import SecretStore
 from skyguard.errors import AdminError, BadInput
 from skyguard.policy.model import Policy
+
+if TYPE_CHECKING:
+    from asyncssh import SSHAcceptor
 
 log = logging.getLogger("skyguard.admin")
 
@@ -125,7 +129,7 @@ class AdminSshProxy:
         self.host_key: asyncssh.SSHKey | None = None
         self.connections: set[OperatorConnection] = set()
         self.address: tuple[str, int] | None = None  # where it listens now
-        self._server = None
+        self._server: SSHAcceptor | None = None
         self._serving: tuple[str, bool] | None = None  # (listen, agent_forwarding) of _server
         self._started = False
         self._recovered = False

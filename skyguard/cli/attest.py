@@ -138,7 +138,7 @@ def _make_quote(nonce: str | None, tcti: str | None, state_dir: Path | None) -> 
         raise BadInput("--quote needs --nonce HEX: the verifier's fresh challenge (e.g. `openssl rand -hex 16`)")
     state = Path(state_dir or config.STATE_DIR)
     evidence = quote.make(Tpm.for_state_dir(state, tcti), state, nonce)
-    out = {"tpm_quote": evidence}
+    out: dict = {"tpm_quote": evidence}
     try:
         reply = control.request("attest", nonce=quote.check_nonce(nonce), state_dir=state_dir)
         out.update(note=reply["note"], statement=reply["statement"], verifier_key=reply["verifier_key"])

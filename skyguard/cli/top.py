@@ -16,6 +16,7 @@ import os
 import select
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import click
@@ -104,7 +105,7 @@ def _rate(value: float | None, unit: str = "/s") -> str:
     return "-" if value is None else f"{human_count(value)}{unit}"
 
 
-def zones_table(snap: Snapshot, rates: Rates | None, only: set[str]) -> Table:
+def zones_table(snap: Snapshot, rates: Rates | None, only: Collection[str]) -> Table:
     table = _table("Zones", "zone", "workloads", "flows", "allowed out", "allowed in", "dropped", "drops",
                    "top drop reason", right=["workloads", "flows", "allowed out", "allowed in", "dropped", "drops"])
     workloads = snap.flows.get("workloads") or {}
@@ -125,14 +126,14 @@ def zones_table(snap: Snapshot, rates: Rates | None, only: set[str]) -> Table:
         else:  # --once: totals since the datapath started
             out = sum(p for (z, d, v), (p, _b) in traffic.items() if z == zone and d == "egress" and v != "drop")
             inn = sum(p for (z, d, v), (p, _b) in traffic.items() if z == zone and d == "ingress" and v != "drop")
-            cells = (human_count(out), human_count(inn), "-")
+            cells = (human_count(out), human_count(inn), Text("-"))
         table.add_row(zone, str(n_workloads), str(by_zone.get(zone, 0)), *cells,
                       Text(human_count(sum(zone_drops.values())), style="red" if zone_drops else ""),
                       Text(top_reason, style="red"))
     return table
 
 
-def workloads_table(snap: Snapshot, only: set[str]) -> Table:
+def workloads_table(snap: Snapshot, only: Collection[str]) -> Table:
     table = _table("Workloads", "workload", "zone", "interface", "programs", "flows", "bytes",
                    right=["programs", "flows", "bytes"])
     attached = snap.status.get("interfaces") or {}
@@ -152,7 +153,7 @@ def workloads_table(snap: Snapshot, only: set[str]) -> Table:
     return table
 
 
-def flows_table(snap: Snapshot, only: set[str], limit: int) -> Table:
+def flows_table(snap: Snapshot, only: Collection[str], limit: int) -> Table:
     total = snap.flows.get("total", 0)
     title = f"Flows (largest {min(limit, total)} of {total})"
     if snap.flows.get("missing"):
@@ -182,7 +183,7 @@ def _endpoint(addr, port) -> str:
     return f"[{addr}]:{port}" if ":" in str(addr) else f"{addr}:{port}"
 
 
-def drops_table(snap: Snapshot, rates: Rates | None, only: set[str]) -> Table:
+def drops_table(snap: Snapshot, rates: Rates | None, only: Collection[str]) -> Table:
     table = _table("Drops", "zone", "reason", "packets", "rate", "meaning", right=["packets", "rate"])
     drops = _drop_totals(snap.status)
     for (zone, reason), p in sorted(drops.items(), key=lambda kv: -kv[1]):
@@ -195,7 +196,7 @@ def drops_table(snap: Snapshot, rates: Rates | None, only: set[str]) -> Table:
     return table
 
 
-def frame(snap: Snapshot, rates: Rates | None, only: set[str] = frozenset(), limit: int = 15) -> Group:
+def frame(snap: Snapshot, rates: Rates | None, only: Collection[str] = frozenset(), limit: int = 15) -> Group:
     """One screen of `skyguard top`, from a snapshot and the rates since the previous one."""
     if snap.error:
         return Group(Text(f"skyguard top: {snap.error}", style="bold red"),

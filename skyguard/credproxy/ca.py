@@ -158,7 +158,7 @@ class CertificateAuthority:
             return context
         context = new_server_context()
         load_cert_chain_from_memory(context, self.mint(name) + self.certificate_pem, self._leaf_key_pem)
-        context.skyguard_name = name  # read back by the proxy: the SNI this handshake presented
+        context.skyguard_name = name  # type: ignore[attr-defined]  # read back by the proxy: the SNI this handshake presented
 
         def same_name(_ssl_object, server_name, _context):
             # The proxy chose this context from the SNI it read itself (tlsaccept.py); OpenSSL's

@@ -58,7 +58,7 @@ _NAMED = _named_references()
 
 
 def _hex_either_case(byte: int) -> bytes:
-    hi, lo = f"{byte:02x}"
+    hi, lo = tuple(f"{byte:02x}")  # two hex digits, always
     return b"".join(b"[" + c.lower().encode() + c.upper().encode() + b"]" if c.isalpha() else c.encode()
                     for c in (hi, lo))
 
@@ -143,7 +143,7 @@ class _Views:
         else:
             self._removed = []
             self.unwrapped = data
-        self._lowered = None
+        self._lowered: bytes | None = None
 
     @property
     def lowered(self) -> bytes:

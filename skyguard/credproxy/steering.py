@@ -131,7 +131,8 @@ class CredentialSteering:
 
 
 def _split(addresses: Iterable[str]) -> tuple[list[str], list[str]]:
-    v4, v6 = [], []
+    v4: list[str] = []
+    v6: list[str] = []
     for text in addresses:
         try:
             address = ipaddress.ip_address(str(text))

@@ -321,7 +321,7 @@ class SwapEngine:
         # spans two of them); field by field only when something is there.
         if not self.forms.found_in(_PART_SEPARATOR.join(part for pair in kept for part in pair)):
             return tuple(kept), body, scrubbed
-        headers, kept = kept, []
+        headers, kept = kept, []  # type: ignore[assignment]
         for name, value in headers:
             if self.forms.found_in(name):
                 scrubbed += 1  # a header name is a token: it cannot be redacted, so it goes

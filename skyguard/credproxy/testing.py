@@ -49,7 +49,7 @@ class TestCA:
 
     def issue(self, names: list[str], client: bool = False) -> tuple[bytes, bytes]:
         key = ec.generate_private_key(ec.SECP256R1())
-        sans = []
+        sans: list[x509.GeneralName] = []
         for n in names:
             try:
                 sans.append(x509.IPAddress(ipaddress.ip_address(n)))

@@ -31,7 +31,8 @@ def load_cert_chain_from_memory(context: ssl.SSLContext, certificate_pem: bytes,
 
 def split_pem(bundle: bytes) -> tuple[bytes, bytes]:
     """(certificate chain, private key) from one PEM bundle holding both, as the store keeps them."""
-    certs, keys = [], []
+    certs: list[bytes] = []
+    keys: list[bytes] = []
     for match in _PEM_BLOCK.finditer(bundle):
         (keys if b"PRIVATE KEY" in match.group(1) else certs).append(match.group(0))
     if not certs or len(keys) != 1:

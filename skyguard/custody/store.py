@@ -60,6 +60,8 @@ class Secret(bytes):
     """A secret value. It is bytes (so it can be used wherever bytes are expected), but its repr,
     str and format show only its name: `Secret(name='github', ****)`. reveal() gives plain bytes."""
 
+    _secret_name: str
+
     def __new__(cls, name: str, value: bytes):
         self = super().__new__(cls, value)
         self._secret_name = name

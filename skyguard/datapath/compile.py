@@ -139,7 +139,7 @@ def _build_grants(policy: Policy, zone_ids: dict[str, int], rule_ids: dict[str, 
     for rule in policy.rules:
         grant = _Grant(rule_ids[rule.name], rule.action, _ports_of(rule.ports))
         for src in rule.from_zones:
-            egress_selectors = [("zone", z) for z in rule.to.zones]
+            egress_selectors: list[Selector] = [("zone", z) for z in rule.to.zones]
             egress_selectors += [("cidr", c) for c in _rule_cidrs(policy, rule)]
             if rule.to.fqdns:
                 egress_selectors.append(("learned", src, rule.name))
@@ -172,7 +172,7 @@ def _verdict_intervals(grants: list[_Grant], proto: int) -> list[tuple[int, int,
             out[-1][1] = end
         else:
             out.append([start, end, *outcome])
-    return [tuple(x) for x in out]
+    return [(lo, hi, verdict, rule_id) for lo, hi, verdict, rule_id in out]
 
 
 def _entries_for_identity(grants, selectors: frozenset, ident: int) -> list[PolicyEntry]:
@@ -242,7 +242,7 @@ def compile_policy(policy: Policy, host_addresses=()) -> Compiled:
     # Every prefix's identity: the selectors of itself and of every prefix containing it.
     static_prefixes: dict[IPNetwork, frozenset] = {}
     for net in on_prefix:
-        sels = set()
+        sels: set = set()
         for length in lengths[net.version]:
             if length > net.prefixlen:
                 break
@@ -258,10 +258,10 @@ def compile_policy(policy: Policy, host_addresses=()) -> Compiled:
     policy_entries: list[PolicyEntry] = []
     ipcache: dict[IPNetwork, int] = {}
     for net in sorted(static_prefixes, key=lambda n: (n.version, n)):
-        sels = static_prefixes[net]
-        if sels not in identities:
-            identities[sels] = len(identities) + 1
-            policy_entries.extend(_entries_for_identity(grants, sels, identities[sels]))
-        ipcache[net] = identities[sels]
+        selectors = static_prefixes[net]
+        if selectors not in identities:
+            identities[selectors] = len(identities) + 1
+            policy_entries.extend(_entries_for_identity(grants, selectors, identities[selectors]))
+        ipcache[net] = identities[selectors]
     return Compiled(zone_ids, rule_ids, workloads, identities, ipcache, policy_entries, grants,
                     static_prefixes, lengths)

@@ -421,7 +421,7 @@ class Datapath:
 
     def counters(self) -> dict:
         zones = self._zone_names()
-        out = {"traffic": [], "drops": [], "events_lost": 0}
+        out: dict = {"traffic": [], "drops": [], "events_lost": 0}
         for idx, packets, nbytes in libbpf.nonzero_per_cpu_counters(self.map("sg_traffic")):
             zone, direction, verdict = abi.split_traffic_index(idx)
             out["traffic"].append({"zone": zones.get(zone, str(zone)), "direction": abi.DIRECTIONS[direction],

@@ -35,6 +35,7 @@ import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
+from typing import Any
 
 from skyguard.datapath import abi, libbpf
 from skyguard.datapath.reasons import reason_name
@@ -177,11 +178,11 @@ class FlowLogger:
         self._idle = threading.Condition(self._lock)
         self.lost_total = 0  # events the kernel could not put in the ring, since start
         self._lost_baseline = 0
-        self._lost_table = None
+        self._lost_table: Any = None  # bcc per-CPU array, opened on first use
         self._templates: dict[tuple, tuple] = {}
         self._templates_version = -1
-        self._stats = collections.Counter()
-        self.failure: SkyguardError | None = None
+        self._stats: collections.Counter[str] = collections.Counter()
+        self.failure: BaseException | None = None
         self._sync_requests: queue.SimpleQueue = queue.SimpleQueue()
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -592,7 +593,8 @@ class FlowLogger:
         with self._lock:
             cursor = self._seq
             oldest = self._recent[0]["seq"] if self._recent else cursor + 1
-            picked, cut = [], 0
+            picked: list[dict] = []
+            cut = 0
             for rec in reversed(self._recent):
                 if rec["seq"] <= since:
                     break
@@ -612,7 +614,7 @@ class FlowLogger:
 
     def stats(self) -> dict:
         with self._lock:
-            out = dict(self._stats)
+            out: dict = dict(self._stats)
             out["inflight"] = self._inflight
         out["ring_lost_total"] = self.lost_total
         out["failing"] = str(self.failure) if self.failure else None

@@ -12,6 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from skyguard import config
 from skyguard.errors import DatapathError, PrivilegeError
@@ -45,10 +46,10 @@ def c_source() -> str:
 
 @dataclass
 class Loaded:
-    bpf: object  # bcc.BPF
-    from_vm_xdp: object  # bcc function handles (have .fd)
-    from_vm_tc: object
-    to_vm: object
+    bpf: Any  # bcc.BPF
+    from_vm_xdp: Any  # bcc function handles (have .fd)
+    from_vm_tc: Any
+    to_vm: Any
 
 
 def load(pin_dir: Path, defines: dict[str, str | int] | None = None) -> Loaded:

@@ -80,10 +80,10 @@ def run(prog_fd: int, frame: bytes, *, kind: str, ifindex: int = 0, repeat: int 
             opts.ctx_in = ct.cast(ct.pointer(ctx), ct.c_void_p)
             opts.ctx_size_in = ct.sizeof(ctx)
     elif kind == "tc":
-        ctx = ct.create_string_buffer(SKB_CTX_SIZE)
+        skb = ct.create_string_buffer(SKB_CTX_SIZE)
         if ifindex:
-            ct.memmove(ct.addressof(ctx) + SKB_CTX_IFINDEX_OFFSET, ct.byref(ct.c_uint32(ifindex)), 4)
-            opts.ctx_in = ct.cast(ctx, ct.c_void_p)
+            ct.memmove(ct.addressof(skb) + SKB_CTX_IFINDEX_OFFSET, ct.byref(ct.c_uint32(ifindex)), 4)
+            opts.ctx_in = ct.cast(skb, ct.c_void_p)
             opts.ctx_size_in = SKB_CTX_SIZE
     else:
         raise ValueError(f"kind must be 'xdp' or 'tc', not {kind!r}")

@@ -24,7 +24,7 @@ import secrets
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from skyguard.dns import rebinding, wire
 from skyguard.dns.interfaces import DecisionLog, Learner, NullLog, WorkloadDirectory
@@ -120,7 +120,7 @@ class DnsPolicyResolver:
         # and a confusing "allowed" log line).
         self._denied_networks: dict[str, list] = {}
         for zone in policy.zones:
-            denied = []
+            denied: list = []
             for r in policy.rules:
                 if zone in r.from_zones and r.action == "deny":
                     denied.extend(r.to.cidrs)
@@ -193,8 +193,8 @@ class DnsPolicyResolver:
             d.name, d.qtype = name, qtype
             return d
         workload, zone = who
-        base = dict(question=question, name=name, qtype=qtype, workload=workload, zone=zone,
-                    client_id=header.id, max_udp=max_udp)
+        base: dict[str, Any] = dict(question=question, name=name, qtype=qtype, workload=workload, zone=zone,
+                                    client_id=header.id, max_udp=max_udp)
 
         tunnel = None
         action = self.dns.tunnel_detection.action
@@ -228,7 +228,7 @@ class DnsPolicyResolver:
         if hit is not None:
             return hit
         denies, allows = self._fqdn_rules.get(zone, ((), ()))
-        result = None
+        result: tuple[str, str, tuple[Rule, ...]] | None = None
         for rule in denies:
             if any(pattern_matches(p, name) for p in rule.to.fqdns):
                 result = ("denied", f"deny rule {rule.name}", ())
@@ -454,7 +454,7 @@ class DnsPolicyResolver:
         if decision.started:
             elapsed = (time.monotonic() if now is None else now) - decision.started
             counter[1].observe(max(0.0, elapsed))
-        entry = {"kind": "dns", "name": decision.name, "type": wire.qtype_name(decision.qtype)
+        entry: dict[str, Any] = {"kind": "dns", "name": decision.name, "type": wire.qtype_name(decision.qtype)
                  if decision.qtype else "", "zone": decision.zone, "workload": decision.workload,
                  "client": decision.client_ip, "verdict": decision.verdict,
                  "reason": reason if reason is not None else decision.reason,

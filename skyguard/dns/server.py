@@ -79,8 +79,8 @@ class _Pending:
         self.upstreams = upstreams  # the list at forward time: a hot swap may replace the server's
         self.upstream_index = 0
         self.on_done = on_done  # called once with the bytes to release (answer or SERVFAIL)
-        self.socket = None
-        self.key = None
+        self.socket: _UpstreamSocket | None = None
+        self.key: tuple | None = None
 
 
 class _UpstreamSocket(asyncio.DatagramProtocol):
@@ -415,7 +415,7 @@ class DnsServer:
     async def resolve(self, decision: Decision) -> bytes:
         """Forward decision's query; the released reply bytes or SERVFAIL. Never raises."""
         future = asyncio.get_running_loop().create_future()
-        self._forward(decision, lambda reply: future.done() or future.set_result(reply))
+        self._forward(decision, lambda reply: None if future.done() else future.set_result(reply))
         return await future
 
     # The UDP fast path is callbacks, not a task per query: a task plus wait_for cost more than

@@ -186,7 +186,7 @@ class TunnelDetector:
         self._budgets: OrderedDict[str, _Budget] = OrderedDict()
         # per-name parts depend only on the name and type: cached, because most traffic is the
         # same few names again (bounded; cleared when full, tunnels churn it and pay full cost)
-        self._name_cache: dict[tuple[bytes, int], tuple[dict, bytes, str]] = {}
+        self._name_cache: dict[tuple[bytes, int], tuple[dict, bytes, str, float]] = {}
 
     def _window(self, vm: str, base: str) -> _BaseWindow:
         bases = self._vms.get(vm)

@@ -85,7 +85,8 @@ class FleetAgent:
         self.cosigner = Cosigner(f"{name}.skyguard/witness", load_or_create_witness_key(self.state_dir))
         self.witness = Witness(self.dir / "witness", self.cosigner)
         self.metrics = FleetMetrics(registry)
-        self.revision, self.policy_sha = 0, None
+        self.revision: int = 0
+        self.policy_sha: str | None = None
         self.store_ok: bool | None = None
         self.lease = 0
         self.given = 0

@@ -73,7 +73,8 @@ class _Http:
     def __init__(self, host: str, port: int):
         self.host, self.port = host, port
         self.conn = h11.Connection(h11.CLIENT)
-        self.reader = self.writer = None
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
 
     async def send(self, path: str, body: dict) -> h11.Response:
         self.reader, self.writer = await asyncio.open_connection(self.host, self.port)

@@ -82,7 +82,8 @@ def addresses_for_name(name: str) -> tuple[ipaddress.IPv4Address, ipaddress.IPv6
     digest = hashlib.sha256(normalize_name(name).encode("utf-8")).digest()
     v4_host = 1 + int.from_bytes(digest[0:4], "big") % 254
     v6_host = int.from_bytes(digest[8:16], "big") or 1
-    return (NAME_RANGE_V4.network_address + v4_host, NAME_RANGE_V6.network_address + v6_host)
+    return (ipaddress.IPv4Address(int(NAME_RANGE_V4.network_address) + v4_host),
+            ipaddress.IPv6Address(int(NAME_RANGE_V6.network_address) + v6_host))
 
 
 def owned_by_internet(address) -> bool:

@@ -11,6 +11,7 @@ import datetime
 import re
 import threading
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -44,10 +45,10 @@ class LabCA:
         self.key_path = self.directory / "ca-key.pem"
         self.leaf_dir = self.directory / "leaves"
         self._lock = threading.Lock()
-        self._leaf_key = None
+        self._leaf_key: Any = None  # the leaves' EC key, made or loaded on first use
         if self.cert_path.exists() and self.key_path.exists():
             self.cert = x509.load_pem_x509_certificate(self.cert_path.read_bytes())
-            self._key = serialization.load_pem_private_key(self.key_path.read_bytes(), None)
+            self._key: Any = serialization.load_pem_private_key(self.key_path.read_bytes(), None)
         else:
             self._create(label)
 

@@ -23,6 +23,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import h11
@@ -91,8 +92,8 @@ class InternetServers:
         self.resolver = LabResolver()
         self._tls_contexts: dict[str, ssl.SSLContext] = {}
         self._tls_lock = threading.Lock()
-        self.tcp_listeners: list[tuple[socket.socket, callable]] = []
-        self.udp_sockets: dict[socket.socket, callable] = {}
+        self.tcp_listeners: list[tuple[socket.socket, Callable]] = []
+        self.udp_sockets: dict[socket.socket, Callable] = {}
         self._handshake = threading.local()
         self._sni_context = self._make_sni_context()
 

@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import skyguard
@@ -131,7 +132,7 @@ class Lab:
         os.replace(tmp, self.state_file)
 
     @staticmethod
-    def _fingerprint(workloads: list[Workload], qemu_names: set[str] = frozenset()) -> str:
+    def _fingerprint(workloads: list[Workload], qemu_names: Collection[str] = frozenset()) -> str:
         shape = [[w.name, w.zone, w.interface, w.mac, [str(a) for a in w.addresses]]
                  + (["qemu"] if w.name in qemu_names else []) for w in workloads]
         return hashlib.sha256(json.dumps(shape).encode()).hexdigest()
@@ -183,7 +184,7 @@ class Lab:
         with self._exclusive():
             return self._up(workloads, qemu_names)
 
-    def _up(self, workloads: list[Workload], qemu_names: set[str] = frozenset()) -> dict:
+    def _up(self, workloads: list[Workload], qemu_names: Collection[str] = frozenset()) -> dict:
         fingerprint = self._fingerprint(workloads, qemu_names)
         state = self._read_state()
         if state and state.get("fingerprint") == fingerprint and self._healthy(state):
@@ -212,7 +213,7 @@ class Lab:
         return self.status()
 
     def _build(self, workloads: list[Workload], planned: list[str], fingerprint: str,
-               qemu_names: set[str]) -> None:
+               qemu_names: Collection[str]) -> None:
         self.progress(f"creating {len(planned)} namespaces: {', '.join(planned)}")
         for ns in planned:
             _run(["ip", "netns", "add", ns])
@@ -393,7 +394,7 @@ class Lab:
                 names.append(n)
         return names
 
-    def _teardown(self, extra_namespaces: list[str] = ()) -> None:
+    def _teardown(self, extra_namespaces: Sequence[str] = ()) -> None:
         state = self._read_state()
         stopped = guests.stop(self.lab_dir, state)
         if stopped:

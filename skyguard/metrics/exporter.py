@@ -26,11 +26,15 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
 
 from skyguard import config
 from skyguard.errors import BadInput, DaemonError
@@ -275,7 +279,7 @@ class DaemonCollector(Collector):
 
     @staticmethod
     def _families(facts: dict) -> list:
-        out = []
+        out: list[GaugeMetricFamily | CounterMetricFamily | InfoMetricFamily] = []
         started = GaugeMetricFamily("skyguard_daemon_start_time_seconds",
                                     "When the running skyguard daemon started (Unix time)")
         started.add_metric([], float(facts.get("started_at", 0.0)))
@@ -384,7 +388,7 @@ class MetricsExporter:
         self.sources = list(sources)
         for source in self.sources:
             registry.register(source)
-        self._server = None
+        self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
     @property

@@ -64,7 +64,7 @@ class AccessSections(ConsoleSection, CheckerBase):
                                  "'.', '_', '-'; at most 64), never the secret itself; store the value "
                                  "with `skyguard secret set NAME`")
                     secret = None
-            cred_zones = ()
+            cred_zones: tuple[str, ...] = ()
             if "zones" in item:
                 cred_zones = self.zone_refs(item["zones"], f"{path}.zones", self.line_of(item, "zones"),
                                             zones, allow_all=True)
@@ -274,7 +274,7 @@ class AccessSections(ConsoleSection, CheckerBase):
                             required=("name", "public_key", "may_access")):
             return None
         name = key = None
-        access = ()
+        access: tuple[str, ...] = ()
         if "name" in node:
             name = self.unique_name(node, path, names, "operator", max_length=32)
         if "public_key" in node:

@@ -94,6 +94,10 @@ class CheckerBase:
         self.source = source
         self.problems: list[Problem] = []
 
+    # The checker in parse.py defines it (a name checked and unique among those seen); the
+    # sections (access.py, console.py...) call it. Declared so that they type-check on their own.
+    unique_name: Callable[..., str | None]
+
     # -- reporting ----------------------------------------------------------------------------
 
     def problem(self, line: int | None, key: str, message: str) -> None:

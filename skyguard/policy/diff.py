@@ -25,7 +25,7 @@ class Change:
     fields: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        out = {"kind": self.kind, "name": self.name, "status": self.status}
+        out: dict = {"kind": self.kind, "name": self.name, "status": self.status}
         if self.fields:
             out["fields"] = {k: {"old": old, "new": new} for k, (old, new) in self.fields.items()}
         return out

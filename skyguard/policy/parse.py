@@ -307,14 +307,14 @@ class _Checker(AccessSections, ContentSection, KeysSection):
         if "description" in node:
             self.string(node["description"], f"{path}.description", self.line_of(node, "description"),
                         "a description")
-        action = "allow"
+        action: Any = "allow"  # "allow" | "deny", or None when invalid
         if "action" in node:
             action = node["action"]
             if action not in ("allow", "deny"):
                 self.problem(self.line_of(node, "action"), f"{path}.action",
                              f"{quoted(action)} is not an action; write allow or deny")
                 action = None
-        from_zones = ()
+        from_zones: tuple[str, ...] = ()
         if "from" in node:
             from_zones = self.zone_refs(node["from"], f"{path}.from", self.line_of(node, "from"), zones,
                                         allow_all=True)
@@ -359,7 +359,7 @@ class _Checker(AccessSections, ContentSection, KeysSection):
                                      "cidrs, fqdns")
             return None
         ok = True
-        values: dict[str, tuple] = {}
+        values: dict[str, Any] = {}
         for part in parts:
             if part not in node:
                 continue

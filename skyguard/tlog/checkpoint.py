@@ -270,7 +270,9 @@ def parse_and_verify(note: str, verifier: Verifier, origin: str | None = None) -
 
 def split_notes(text: str) -> list[str]:
     """Several notes in one file (a witness's collection, blank lines between allowed), split."""
-    notes, body, signatures = [], [], []
+    notes: list[str] = []
+    body: list[str] = []
+    signatures: list[str] = []
     for line in text.split("\n"):
         if line.startswith(SIGNATURE_PREFIX) and body and not body[-1]:
             signatures.append(line)

@@ -103,13 +103,13 @@ def load_or_create_key_file(path: Path, what: str = "host key", create: bool = T
         raise LogError(f"{what} {path} is readable by others (mode {mode:04o}); "
                        f"run `chmod 600 {path}` and consider the key compromised")
     try:
-        key = load_pem_private_key(path.read_bytes(), password=None)
+        loaded = load_pem_private_key(path.read_bytes(), password=None)
     except (ValueError, TypeError):
         raise LogError(f"{what} {path} is not a PEM Ed25519 private key; move it away to "
                        f"create a new one (old checkpoints then need the old public key)") from None
-    if not isinstance(key, Ed25519PrivateKey):
+    if not isinstance(loaded, Ed25519PrivateKey):
         raise LogError(f"{what} {path} is not an Ed25519 key")
-    return key
+    return loaded
 
 
 def load_or_create_host_key(state_dir: Path, create: bool = True) -> Ed25519PrivateKey:

@@ -136,7 +136,7 @@ class LogWriter:
             largest = Checkpoint(origin, MAX_TREE_SIZE, EMPTY_ROOT).sign(self.signer)
             if len(largest.encode("utf-8")) > MAX_NOTE:
                 raise BadLogInput(f"log origin {origin[:40]!r}... is too long for a checkpoint")
-            meta = {"version": FORMAT_VERSION, "origin": origin,
+            meta: dict = {"version": FORMAT_VERSION, "origin": origin,
                     "verifier_key": self.signer.verifier.vkey(), "segment_entries": segment_entries}
             fsutil.write_private(d / META_FILE, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
         meta = _read_meta(d)
@@ -327,7 +327,9 @@ class LogWriter:
                 item = self._queue.get(timeout=timeout)
             except queue.Empty:
                 item = None
-            group, futures, checkpoint_requests = [], [], []
+            group: list = []
+            futures: list = []
+            checkpoint_requests: list = []
             while item is not None:
                 kind, entries, future = item
                 if kind == "stop":

@@ -263,10 +263,10 @@ def verify_log(directory: Path | str, verifier: Verifier,
     report.size = tree.size
     report.root = tree.root()
     if report.ok and next_expected < len(expected):
-        e = expected[next_expected]
-        report.fail(f"the log has {tree.size} entries but {e.label} covers {e.size}: "
+        missing = expected[next_expected]
+        report.fail(f"the log has {tree.size} entries but {missing.label} covers {missing.size}: "
                     f"entries from {tree.size} on were removed (truncation)", tree.size,
-                    (tree.size, e.size))
+                    (tree.size, missing.size))
     report.covered = min(covered, tree.size) if report.ok else 0
     _check_unproven(report, tree.size, covered, own_checkpoints)
     if progress:

@@ -135,7 +135,7 @@ class Tpm:
             raise TpmUnavailable("tpm2-tools are not installed (Debian package tpm2-tools)")
         self.tcti = tcti
         self.lock_file = Path(lock_file) if lock_file else None
-        self._workdir = None
+        self._workdir: tempfile.TemporaryDirectory | None = None
 
     def __repr__(self) -> str:
         return f"Tpm({self.tcti!r})"

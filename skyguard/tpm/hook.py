@@ -19,11 +19,15 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from skyguard.errors import SkyguardError
 from skyguard.tpm.device import Tpm, TpmConfig, TpmError, TpmUnavailable, find_tcti
 from skyguard.tpm.measure import Measurements
 from skyguard.tpm.sealing import key_in_use
+
+if TYPE_CHECKING:
+    from skyguard.tpm.monitor import AttestationMonitor
 
 log = logging.getLogger("skyguard.tpm")
 
@@ -36,7 +40,7 @@ class DaemonTpm:
         self.tpm: Tpm | None = None
         self.config = TpmConfig()
         self.measurements: Measurements | None = None
-        self._monitor = None
+        self._monitor: AttestationMonitor | None = None
         self._lock = threading.Lock()
         try:
             self.configured = find_tcti(self.state_dir, tcti) is not None
@@ -125,6 +129,7 @@ class DaemonTpm:
             out.update(event_log=self.measurements.started, event_log_lines=self.measurements.count,
                        pcr_value=self.measurements.value.hex(), extends=self.measurements.extends)
         if self._monitor is not None and self._monitor.last:
-            out["last_quote"] = {k: v for k, v in self._monitor.last.items() if k != "failures"}
-            out["last_quote"]["failures"] = len(self._monitor.last.get("failures", []))
+            last = {k: v for k, v in self._monitor.last.items() if k != "failures"}
+            last["failures"] = len(self._monitor.last.get("failures", []))
+            out["last_quote"] = last
         return out

@@ -140,11 +140,12 @@ def verify_signature(public_key_pem: str | bytes, attest: bytes, signature: byte
     try:
         if isinstance(key, ec.EllipticCurvePublicKey) and sig.scheme == TPM_ALG_ECDSA:
             der = utils.encode_dss_signature(int.from_bytes(sig.ecdsa_r, "big"), int.from_bytes(sig.ecdsa_s, "big"))
-            key.verify(der, attest, ec.ECDSA(hash_cls()))
+            key.verify(der, attest, ec.ECDSA(hash_cls()))  # type: ignore[abstract]  # a concrete SHA
         elif isinstance(key, rsa.RSAPublicKey) and sig.scheme == TPM_ALG_RSASSA:
-            key.verify(sig.rsa, attest, padding.PKCS1v15(), hash_cls())
+            key.verify(sig.rsa, attest, padding.PKCS1v15(), hash_cls())  # type: ignore[abstract]
         elif isinstance(key, rsa.RSAPublicKey) and sig.scheme == TPM_ALG_RSAPSS:
-            key.verify(sig.rsa, attest, padding.PSS(padding.MGF1(hash_cls()), padding.PSS.AUTO), hash_cls())
+            key.verify(sig.rsa, attest, padding.PSS(padding.MGF1(hash_cls()), padding.PSS.AUTO),  # type: ignore[abstract]
+                       hash_cls())  # type: ignore[abstract]
         else:
             return False  # a key of another type than the signature: not this key's signature
     except InvalidSignature:

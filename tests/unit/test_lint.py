@@ -25,3 +25,7 @@ def test_ruff_finds_nothing():
     out = _run("ruff", "check", "--no-cache", "--output-format", "concise", "skyguard", "tests", "bench")
     assert out.returncode == 0, f"ruff check skyguard tests bench:\n{out.stdout}{out.stderr}"
 
+
+def test_mypy_finds_nothing():
+    out = _run("mypy", "--no-incremental", "--cache-dir", "/dev/null", "skyguard")
+    assert out.returncode == 0, f"mypy skyguard:\n{out.stdout}{out.stderr}"
