@@ -220,7 +220,8 @@ class Daemon:
                                                          or policy.content.zones_for("http")),
                       self._make_credentials),
                  slot("admin", lambda policy: policy.admin_ssh is not None, self._make_admin),
-                 slot("console", lambda policy: policy.admin_console is not None, self._make_console)]
+                 slot("console", lambda policy: policy.admin_console is not None, self._make_console),
+                 slot("apps", lambda policy: bool(policy.apps), self._make_apps)]
         slots.append(slot("keys", lambda policy: policy.keys is not None and bool(policy.keys.grants),
                           self._make_keys))
         if self.tpm is not None and self.tpm.wants_monitor():  # a TPM with an attestation key
@@ -260,6 +261,19 @@ class Daemon:
 
         return ConsoleProxy(policy, SecretStore(self.state_dir / "secrets"), self.state_dir,
                             PartLog(self.record_nowait, "admin_session"), registry=registry)
+
+    def _make_apps(self, policy, registry):
+        """The identity-aware proxy for VM web apps (the datapath keeps each app's port for it)."""
+        from skyguard.apps.service import AppsService
+        from skyguard.custody.store import SecretStore
+
+        return AppsService(policy, SecretStore(self.state_dir / "secrets"), decision_log=PartLog(self.record_nowait, "apps"),
+                           registry=registry, ca_file=self._upstream_ca())
+
+    def _op_apps(self, args: dict) -> dict:
+        from skyguard.apps.service import apps_op
+
+        return apps_op(self, args)
 
     def _make_keys(self, policy, registry):
         """The crypto proxy: VMs sign, verify and decrypt with keys held in a token (skyguard/keys/)."""
@@ -502,6 +516,7 @@ class Daemon:
             # skyguard top: active conntrack flows named by workload, bounded (skyguard/metrics/views.py)
             "flows.active": flows_handler(self),
             "key.record": key_record_handler(self.record),  # `skyguard key create/rm` (skyguard/keys/record.py)
+            "apps": self._op_apps,  # skyguard apps list/sessions/logout/jwks (skyguard/apps/service.py)
         }
 
     def _op_policy_load(self, args: dict) -> dict:

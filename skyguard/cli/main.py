@@ -30,6 +30,7 @@ COMMANDS = [
     ("top", "top"),
     ("fleet", "fleet"),
     ("key", "key"),
+    ("apps", "apps"),
 ]
 
 

@@ -200,6 +200,14 @@ def _admin_zones(policy: Policy) -> list[str]:
     return sorted({z for op in policy.admin_ssh.operators for z in op.may_access})
 
 
+APPS_RULE = "apps-proxy"  # the synthetic rule that keeps an app's port for the identity-aware proxy
+
+
+def _app_ports(policy: Policy) -> list[tuple[str, int]]:
+    """(zone, port) of every app of the policy (skyguard/policy/apps.py)."""
+    return sorted({(policy.workload(a.workload).zone, a.port) for a in policy.apps})
+
+
 def compile_policy(policy: Policy, host_addresses=()) -> Compiled:
     """Policy -> map entries. `host_addresses` are the addresses of the host skyguard runs on:
     they get the reserved `host` selector, which the policy's admin.ssh section (and nothing else)
@@ -213,6 +221,9 @@ def compile_policy(policy: Policy, host_addresses=()) -> Compiled:
     admin_zones = _admin_zones(policy)
     if admin_zones:
         rule_ids[ADMIN_SSH_RULE] = len(rule_ids) + 1
+    app_ports = _app_ports(policy)
+    if app_ports:
+        rule_ids[APPS_RULE] = len(rule_ids) + 1
     workloads = []
     for wid, w in enumerate(policy.workloads(), start=1):
         addrs = tuple(w.addresses) + (eui64_link_local(w.mac),)
@@ -227,7 +238,7 @@ def compile_policy(policy: Policy, host_addresses=()) -> Compiled:
     for rule in policy.rules:
         for c in _rule_cidrs(policy, rule):
             on_prefix[c].add(("cidr", c))
-    if admin_zones:
+    if admin_zones or app_ports:
         for a in host_addresses:
             on_prefix[ipaddress.ip_network(a)].add(("host",))
     # IPv4 addresses live at ::ffff:a.b.c.d in the ipcache, which IPv6 prefixes shorter than /96
@@ -254,6 +265,15 @@ def compile_policy(policy: Policy, host_addresses=()) -> Compiled:
     if admin_zones:
         ssh = _Grant(rule_ids[ADMIN_SSH_RULE], "allow", ((abi.IPPROTO["tcp"], 22, 22),))
         grants[("host",)] = [(abi.DIR_INGRESS, zone_ids[z], ssh) for z in admin_zones]
+    # An app's port (in its zone) is the proxy's alone: the host may connect to it; no zone may,
+    # whatever the rules say (deny beats allow), and outside addresses never get ingress anyway.
+    for zone, port in app_ports:
+        only = ((abi.IPPROTO["tcp"], port, port),)
+        grants.setdefault(("host",), []).append(
+            (abi.DIR_INGRESS, zone_ids[zone], _Grant(rule_ids[APPS_RULE], "allow", only)))
+        for other in policy.zones:
+            grants.setdefault(("zone", other), []).append(
+                (abi.DIR_INGRESS, zone_ids[zone], _Grant(rule_ids[APPS_RULE], "deny", only)))
     identities: dict[frozenset, int] = {}
     policy_entries: list[PolicyEntry] = []
     ipcache: dict[IPNetwork, int] = {}

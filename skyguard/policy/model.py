@@ -27,6 +27,9 @@ ALL_ZONES = "*"
 if TYPE_CHECKING:  # the keys section's shapes live with its checker (keys.py imports this module)
     from skyguard.policy.keys import KeysConfig
 
+if TYPE_CHECKING:  # the apps sections' shapes live with their checker (apps.py imports this module)
+    from skyguard.policy.apps import App, Identity
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -155,6 +158,8 @@ class Policy:
     admin_ssh: AdminSsh | None = None
     content: ContentPolicy = ContentPolicy()  # skyguard/policy/content.py: what zones may upload
     admin_console: AdminConsole | None = None  # VNC/RDP consoles (skyguard/policy/console.py)
+    identity: Identity | None = None  # skyguard/policy/apps.py: the OpenID issuer people sign in at
+    apps: tuple[App, ...] = ()  # ... and the web apps in VMs reached only through skyguard
     keys: KeysConfig | None = None  # skyguard/policy/keys.py: key custody and the crypto proxy
     source: str = ""  # the file it came from
     sha256: str = ""  # hex digest of the file's bytes: the "policy hash" everywhere

@@ -19,6 +19,7 @@ from typing import Any
 from skyguard.errors import PolicyError
 from skyguard.policy import fqdn
 from skyguard.policy.access import AccessSections
+from skyguard.policy.apps import AppsSections
 from skyguard.policy.checker import did_you_mean, is_map, is_seq, plain, quoted, type_name
 from skyguard.policy.content import ContentSection
 from skyguard.policy.keys import KeysSection
@@ -81,7 +82,7 @@ def parse_policy_bytes(data: bytes, source: str = "<bytes>") -> Policy:
     return policy
 
 
-class _Checker(AccessSections, ContentSection, KeysSection):
+class _Checker(AccessSections, ContentSection, KeysSection, AppsSections):
     """Walks the YAML tree, builds model values, and records problems instead of raising.
 
     Each section method returns its values built from what was valid, so that later checks
@@ -97,7 +98,7 @@ class _Checker(AccessSections, ContentSection, KeysSection):
     def policy(self, document, digest: str) -> Policy | None:
         top = ("apiVersion", "kind", "metadata", "zones", "networks", "rules", "dns", "credentials",
                "tls_termination", "admin",
-               "content", "keys")
+               "content", "keys", "identity", "apps")
         if not self.mapping(document, "", 1, top, required=("apiVersion", "kind", "metadata", "zones")):
             return None
         if "apiVersion" in document and document["apiVersion"] != API_VERSION:
@@ -131,6 +132,9 @@ class _Checker(AccessSections, ContentSection, KeysSection):
                                    self.line_of(document, "tls_termination"), zones)
         admin = self.admin(document.get("admin"), self.line_of(document, "admin"), zones)
         content = self.content(document.get("content"), self.line_of(document, "content"), zones)
+        identity = self.identity(document.get("identity"), self.line_of(document, "identity"))
+        apps = self.apps(document.get("apps", []), self.line_of(document, "apps"), zones, identity,
+                         "identity" in document)
         extra = {}
         for key, value in document.items():
             if isinstance(key, str) and key.startswith("x-"):
@@ -143,7 +147,7 @@ class _Checker(AccessSections, ContentSection, KeysSection):
         return Policy(name=name or "", zones=zones, networks=networks, rules=tuple(rules),
                       dns=dns or DnsConfig(), credentials=credentials, tls_termination=tls,
                       admin_ssh=admin, admin_console=self.console, content=content, sha256=digest,
-                      source=self.source, extra=extra, keys=keys)
+                      source=self.source, extra=extra, keys=keys, identity=identity, apps=apps)
 
     def metadata(self, node, line) -> str | None:
         if not self.mapping(node, "metadata", line, ("name", "description"), required=("name",)):

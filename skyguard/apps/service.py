@@ -1,0 +1,309 @@
+"""The identity-aware proxy as a daemon part (skyguard/parts.py): one TLS listener per app of the
+policy, the session table, the issuer client, the cookie and assertion keys, the decision log
+and metrics. proxy.py serves the connections; this module is what they share (the "gate").
+
+Keys come from the sealed store: the issuer's client secret (the policy names it), the session
+cookie key and the assertion signing key (made there on first use, so the JWKS stays the same
+across restarts). A listener whose certificate is missing stays closed and the part runs
+Degraded; an issuer that cannot be reached does not stop the part (sign-in fails closed with a
+page saying so, and recovers when the issuer is back).
+
+For other parts (the web console of issue 21): `AppsService.identify(host, headers)` says who is
+signed in on a request, see its docstring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from skyguard.apps import assertion
+from skyguard.apps.oidc import AppsError, IssuerClient
+from skyguard.apps.proxy import AppConnection
+from skyguard.apps.sessions import SESSION_COOKIE, CookieSealer, Session, SessionTable, allowed, cookie_value
+from skyguard.credproxy.ca import new_server_context
+from skyguard.custody.pemload import load_cert_chain_from_memory, split_pem
+from skyguard.parts import Degraded
+from skyguard.policy.apps import App
+from skyguard.policy.model import Policy
+
+log = logging.getLogger(__name__)
+
+COOKIE_KEY = "apps-cookie-key"  # the session cookie's key in the sealed store (32 random bytes)
+HOUSEKEEPING_PERIOD = 1.0  # seconds between sweeps: expiry, and re-checks of sessions with WebSockets
+HANDSHAKE_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class SignedIn:
+    """Who a request comes from, as identify() returns it."""
+
+    user: str
+    name: str
+    groups: tuple[str, ...]
+    app: str
+
+
+class AppsService:
+    """The part. Use on the daemon's event loop (constructor: off the loop, it reads the store)."""
+
+    def __init__(self, policy: Policy, secrets, *, decision_log, registry=None, ca_file: str | None = None):
+        self.policy = policy
+        self.secrets = secrets
+        self.log = decision_log
+        self.ca_file = ca_file
+        self.sessions = SessionTable()
+        self.sealer = CookieSealer(bytes(secrets.get_or_create(COOKIE_KEY, lambda: os.urandom(32))))
+        self.signer = assertion.AssertionSigner(bytes(secrets.get_or_create(assertion.KEY_NAME, assertion.new_key_pem)))
+        self.issuer: IssuerClient | None = None
+        self._issuer_key: tuple | None = None  # the identity the issuer client was made for
+        self._servers: dict[str, tuple[tuple, list]] = {}  # app name -> (config key, servers)
+        self._housekeeping: asyncio.Task | None = None
+        self._metrics(registry)
+
+    def __repr__(self) -> str:
+        return f"AppsService({[a.name for a in self.policy.apps]})"
+
+    def _metrics(self, registry) -> None:
+        from prometheus_client import Counter, Gauge
+
+        kw = {"registry": registry}  # None: not registered anywhere (tests that build the part alone)
+        self.requests = Counter("skyguard_apps_requests_total", "Requests to apps through the identity-aware "
+                                "proxy, by outcome (forwarded, denied, signin_redirect, refused reasons, ...)",
+                                ["app", "result"], **kw)
+        self.active = Gauge("skyguard_apps_sessions", "Signed-in sessions of the identity-aware proxy", **kw)
+        self.active.set_function(lambda: len(self.sessions.sessions))
+
+    # ---- the part ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._housekeeping = asyncio.get_running_loop().create_task(self._sweep())
+        await self.set_policy(self.policy)
+
+    async def stop(self) -> None:
+        if self._housekeeping:
+            self._housekeeping.cancel()
+        for name in list(self._servers):
+            await self._close(name)
+        for session in list(self.sessions.sessions.values()):
+            self.sessions.end(session.sid)
+
+    async def set_policy(self, policy: Policy) -> None:
+        """Hot swap: listeners of unchanged apps stay; sessions of removed apps (or apps whose host
+        changed) end; the access decision of every next request is the new policy's."""
+        self.policy = policy
+        problems = []
+        identity = policy.identity
+        if identity is not None and (identity, ) != self._issuer_key:
+            try:
+                secret = await asyncio.to_thread(self.secrets.get, identity.client_secret)
+                self.issuer = IssuerClient(identity, bytes(secret), self.ca_file)
+                self._issuer_key = (identity, )
+            except Exception:
+                self.issuer, self._issuer_key = None, None
+                problems.append(f"the identity client secret {identity.client_secret!r} is not in the store; "
+                                f"add it with `skyguard secret set {identity.client_secret}` (nobody can sign in)")
+        apps = {a.name: a for a in policy.apps}
+        for session in list(self.sessions.sessions.values()):
+            app = apps.get(session.app)
+            if app is None or app.host != session.host:
+                self.end_session(session, "app_removed_from_policy")
+        for name in [n for n in self._servers if n not in apps]:
+            await self._close(name)
+        for app in policy.apps:
+            try:
+                bundle = bytes(await asyncio.to_thread(self.secrets.get, app.certificate))
+            except Exception:
+                await self._close(app.name)
+                problems.append(f"app {app.name}: certificate {app.certificate!r} is not in the store; add the "
+                                f"PEM (certificate then key) with `skyguard secret set {app.certificate}`")
+                continue
+            key = (app, hashlib.sha256(bundle).hexdigest())
+            if app.name in self._servers and self._servers[app.name][0] == key:
+                continue
+            await self._close(app.name)
+            try:
+                context = new_server_context()
+                certificate, private = split_pem(bundle)
+                load_cert_chain_from_memory(context, certificate, private)
+                host, port = app.listen.rsplit(":", 1)
+                server = await asyncio.start_server(functools.partial(self._serve, app), host.strip("[]"),
+                                                    int(port), ssl=context, reuse_address=True,
+                                                    ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+            except Exception as e:
+                problems.append(f"app {app.name}: cannot listen on {app.listen}: {type(e).__name__}: {e}")
+                continue
+            self._servers[app.name] = (key, [server])
+        if problems:
+            raise Degraded("; ".join(problems))
+
+    async def _close(self, name: str) -> None:
+        entry = self._servers.pop(name, None)
+        if entry:
+            for server in entry[1]:
+                server.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(server.wait_closed(), 2)
+
+    async def _serve(self, app: App, reader, writer) -> None:
+        current = next((a for a in self.policy.apps if a.name == app.name), None)
+        if current is None or self.issuer is None:
+            writer.close()  # fail closed: no app, or nobody can sign in
+            return
+        try:
+            await AppConnection(self, current, reader, writer).run()
+        except Exception:  # one connection's failure never reaches the loop
+            log.exception("app %s: connection failed", app.name)
+
+    async def _sweep(self) -> None:
+        """Expire sessions; re-check at the issuer the sessions that hold WebSockets (a request
+        re-checks its own session; a WebSocket sends none), cutting them when access is gone."""
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_PERIOD)
+            now = time.time()
+            for session in self.sessions.expire(now):
+                self._record("apps_session_ended", session, reason="expired")
+            for session in [s for s in self.sessions.sessions.values() if s.tunnels]:
+                app = self.app(session.app)
+                try:
+                    still = await self.check_at_issuer(session)
+                except AppsError:
+                    still = False  # fail closed: a tunnel is not kept open on an unconfirmed session
+                    self.end_session(session, "issuer_unavailable")
+                if still and app is not None and not allowed(app, session.user, session.groups):
+                    for task in list(session.tunnels):
+                        task.cancel()
+                    self._record("apps_denied", session, reason="access_withdrawn", websockets_cut=True)
+
+    # ---- what connections share --------------------------------------------------------------
+
+    def app(self, name: str) -> App | None:
+        return next((a for a in self.policy.apps if a.name == name), None)
+
+    def vm_address(self, app: App) -> str:
+        workload = self.policy.workload(app.workload)
+        addresses = sorted(workload.addresses, key=lambda a: a.version)  # IPv4 first
+        return str(addresses[0])
+
+    def session_for(self, app: App, headers) -> tuple[Session | None, str]:
+        """(session, "") for a valid cookie of this app, else (None, reason or "")."""
+        value = cookie_value(headers, SESSION_COOKIE)
+        if not value:
+            return None, ""
+        now = time.time()
+        sid, reason = self.sealer.open(value, app.host, now)
+        if sid is None:
+            return None, "" if reason == "session_expired" else reason
+        session = self.sessions.sessions.get(sid)
+        if session is None or session.host != app.host or session.expires <= now:
+            return None, ""  # logged out, expired or from before a restart: sign in again
+        return session, ""
+
+    async def check_at_issuer(self, session: Session) -> bool:
+        """Re-confirm the user at the issuer when the session check interval has passed; False
+        (and the session ended) when the issuer no longer knows the session. Raises
+        IssuerUnavailable (the caller fails closed)."""
+        identity = self.policy.identity
+        if identity is None or self.issuer is None:
+            self.end_session(session, "identity_removed_from_policy")
+            return False
+        if time.time() - session.checked < identity.session_check:
+            return True
+        groups = await self.issuer.userinfo(session.access_token, session.subject)
+        if groups is None:
+            self.end_session(session, "revoked_at_issuer")
+            return False
+        if groups != session.groups:
+            self._record("apps_groups_changed", session, before=list(session.groups), after=list(groups))
+        session.groups, session.checked = groups, time.time()
+        return True
+
+    def signed_in(self, app: App, sign_in, client: str) -> Session:
+        lifetime = self.policy.identity.session_lifetime
+        session = self.sessions.create(app, sign_in, lifetime)
+        self._record("apps_signin", session, client=client)
+        self.count(app, "signed_in")
+        return session
+
+    def end_session(self, session: Session, reason: str) -> None:
+        if self.sessions.end(session.sid) is not None:
+            self._record("apps_session_ended", session, reason=reason)
+
+    def deny(self, app: App, session: Session, client: str) -> None:
+        self._record("apps_denied", session, client=client, reason="not_in_users_or_groups")
+        self.count(app, "denied")
+
+    def refuse(self, app: App, reason: str, **fields) -> None:
+        """A request refused before any access decision (bad cookie, replayed state, ...)."""
+        self.log.record("apps_refused", app=app.name, reason=reason, **fields)
+        self.count(app, reason)
+
+    def count(self, app: App, result: str) -> None:
+        self.requests.labels(app.name, result).inc()
+
+    def _record(self, kind: str, session: Session, **fields) -> None:
+        self.log.record(kind, app=session.app, user=session.user, groups=list(session.groups), **fields)
+
+    # ---- for other parts and the CLI ---------------------------------------------------------
+
+    def identify(self, host: str, headers) -> SignedIn | None:
+        """Who is signed in on a request to `host` (an app's host name), from its headers
+        ([(name, value)] as bytes, names lower-case, as skyguard's HTTP readers give them):
+        None when the request carries no valid session cookie of that host (not signed in,
+        tampered, another app's, expired, logged out). It does not re-check at the issuer or
+        decide access: the caller applies its own rule to `user` and `groups` (for an app of the
+        policy, sessions.allowed). Call on the daemon's loop."""
+        app = next((a for a in self.policy.apps if a.host == host.lower()), None)
+        if app is None:
+            return None
+        session, _ = self.session_for(app, headers)
+        if session is None:
+            return None
+        return SignedIn(session.user, session.name, session.groups, session.app)
+
+    async def control(self, args: dict) -> dict:
+        op = args.get("action")
+        now = time.time()
+        if op == "list":
+            return {"apps": [{"name": a.name, "workload": a.workload, "port": a.port, "host": a.host,
+                              "listen": a.listen, "origin": a.origin, "users": list(a.users),
+                              "groups": list(a.groups), "websockets": a.websockets,
+                              "identity_header": a.identity_header, "listening": a.name in self._servers,
+                              "sessions": sum(1 for s in self.sessions.sessions.values() if s.app == a.name)}
+                             for a in self.policy.apps],
+                    "issuer": self.policy.identity.issuer if self.policy.identity else None}
+        if op == "sessions":
+            return {"sessions": [s.summary(now) for s in self.sessions.sessions.values()]}
+        if op == "logout":
+            user = args.get("user")
+            if not isinstance(user, str) or not user:
+                raise AppsError("apps logout needs a user name")
+            ended = self.sessions.of_user(user)
+            for session in ended:
+                self.end_session(session, "logged_out_by_operator")
+            return {"user": user, "ended": len(ended)}
+        if op == "jwks":
+            return self.signer.jwks()
+        raise AppsError(f"unknown apps operation {op!r}")
+
+
+def apps_op(daemon, args: dict) -> dict:
+    """The daemon's control handler for `skyguard apps ...` (runs on the control thread)."""
+    part = daemon._part("apps")
+    if part is None:
+        if args.get("action") == "jwks":  # the key exists whether or not an app is configured
+            from skyguard.custody.store import SecretStore
+
+            store = SecretStore(daemon.state_dir / "secrets")
+            return assertion.AssertionSigner(bytes(store.get_or_create(assertion.KEY_NAME, assertion.new_key_pem))).jwks()
+        if args.get("action") in ("list", "sessions"):
+            return {"apps": [], "sessions": [], "issuer": None}
+        raise AppsError("the identity-aware proxy is not running (the policy has no apps)")
+    return daemon.loop_thread.call(part.control(args))
+

@@ -1,0 +1,182 @@
+"""Sessions of the identity-aware proxy, sans-io: the encrypted session cookie, the table of
+signed-in sessions, sign-ins under way (state, nonce, PKCE verifier, return path) and the access
+decision. No sockets, no issuer calls: proxy.py does those and asks here.
+
+The cookie is a JWE (joserfc, `dir` + A256GCM, key from the sealed store) holding only the
+session id, the app's host and an expiry: its name has the `__Host-` prefix (the browser keeps it
+for exactly this host, Secure, Path=/, no Domain), it is HttpOnly and SameSite=Lax (Lax: the
+issuer's redirect back is a top-level navigation from another site). Everything else about the
+session (user, groups, the issuer's access token) stays in this table, so a stolen cookie is
+worthless once the session is logged out, expired or revoked, and a cookie of one app is refused
+by another (the host inside it must match). Sessions live in the daemon's memory: a restart signs
+everyone out (fail closed).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from joserfc import jwe
+from joserfc.errors import JoseError
+from joserfc.jwk import OctKey
+
+from skyguard.policy.apps import App
+
+SESSION_COOKIE = "__Host-skyguard-session"
+LOGIN_COOKIE = "__Host-skyguard-login"  # binds a sign-in under way to the browser that began it
+PENDING_TTL = 600.0  # seconds a sign-in may take at the issuer
+MAX_PENDING = 10_000  # sign-ins under way at once (oldest dropped): each costs a little memory
+MAX_RETURN_PATH = 2048
+
+
+@dataclass
+class Session:
+    sid: str
+    app: str
+    host: str
+    user: str
+    subject: str
+    name: str
+    groups: tuple[str, ...]
+    access_token: str
+    created: float
+    expires: float
+    checked: float  # when the issuer last confirmed the user (and their groups)
+    tunnels: set = field(default_factory=set)  # live WebSocket tasks, cancelled when it ends
+
+    def __repr__(self) -> str:  # never the access token
+        return f"Session(user={self.user!r}, app={self.app!r}, expires={self.expires:.0f})"
+
+    def summary(self, now: float) -> dict:
+        return {"user": self.user, "name": self.name, "app": self.app, "host": self.host,
+                "groups": list(self.groups), "signed_in": round(self.created, 3),
+                "expires_in": max(0, int(self.expires - now)), "websockets": len(self.tunnels)}
+
+
+@dataclass
+class Pending:
+    app: str
+    nonce: str
+    verifier: str
+    return_path: str
+    created: float
+
+
+class CookieSealer:
+    """Encrypt and open session cookies with one 256-bit key."""
+
+    def __init__(self, key: bytes):
+        if len(key) != 32:
+            raise ValueError("the session cookie key must be 32 bytes")
+        self._key = OctKey.import_key(bytes(key))
+
+    def __repr__(self) -> str:
+        return "CookieSealer(<key hidden>)"
+
+    def seal(self, sid: str, host: str, expires: float) -> str:
+        payload = json.dumps({"sid": sid, "host": host, "exp": int(expires)}).encode()
+        return jwe.encrypt_compact({"alg": "dir", "enc": "A256GCM"}, payload, self._key)
+
+    def open(self, value: str, host: str, now: float) -> tuple[str | None, str]:
+        """(session id, "") or (None, reason): tampered/foreign-keyed, another app's, expired."""
+        try:
+            data = json.loads(jwe.decrypt_compact(value, self._key, algorithms=["dir", "A256GCM"]).plaintext)
+            sid, cookie_host, exp = data["sid"], data["host"], data["exp"]
+        except (JoseError, ValueError, KeyError, TypeError):
+            return None, "cookie_invalid"
+        if cookie_host != host:
+            return None, "cookie_for_another_app"
+        if not isinstance(exp, int) or exp <= now:
+            return None, "session_expired"
+        return str(sid), ""
+
+
+def cookie_value(headers, name: str) -> str | None:
+    """The first cookie `name` in the request's Cookie headers (names are case-sensitive)."""
+    for header, value in headers:
+        if header != b"cookie":
+            continue
+        for part in value.split(b";"):
+            key, _, val = part.strip().partition(b"=")
+            if key.decode("latin-1") == name:
+                return val.decode("latin-1")
+    return None
+
+
+def without_cookies(headers, names: tuple[str, ...]) -> list[tuple[bytes, bytes]]:
+    """The headers with skyguard's own cookies removed (the app never sees them)."""
+    out = []
+    for header, value in headers:
+        if header == b"cookie":
+            kept = [p.strip() for p in value.split(b";")
+                    if p.strip() and p.strip().partition(b"=")[0].decode("latin-1") not in names]
+            if not kept:
+                continue
+            value = b"; ".join(kept)
+        out.append((header, value))
+    return out
+
+
+def set_cookie(name: str, value: str, max_age: int) -> tuple[bytes, bytes]:
+    return (b"set-cookie", f"{name}={value}; Path=/; Max-Age={max_age}; Secure; HttpOnly; SameSite=Lax".encode())
+
+
+def safe_return_path(target: str) -> str:
+    """Where to send the browser after sign-in: a path on this app, never another site (an
+    open redirect through `//evil`, `/\\evil`, a scheme, or control characters becomes "/")."""
+    if (not target.startswith("/") or target.startswith("//") or target.startswith("/\\")
+            or len(target) > MAX_RETURN_PATH or any(ord(c) < 0x21 or ord(c) == 0x7f for c in target)):
+        return "/"
+    return target
+
+
+def allowed(app: App, user: str, groups: tuple[str, ...]) -> bool:
+    """The access decision: the user is named, or is in a named group."""
+    return user in app.users or bool(set(groups) & set(app.groups))
+
+
+class SessionTable:
+    """Signed-in sessions and sign-ins under way. Use on the event loop only."""
+
+    def __init__(self):
+        self.sessions: dict[str, Session] = {}
+        self.pending: dict[str, Pending] = {}
+
+    def begin(self, state: str, pending: Pending) -> None:
+        self._expire_pending(pending.created)
+        if len(self.pending) >= MAX_PENDING:
+            self.pending.pop(next(iter(self.pending)))
+        self.pending[state] = pending
+
+    def take(self, state: str, now: float) -> Pending | None:
+        """The sign-in for this state, once: a replayed state finds nothing."""
+        self._expire_pending(now)
+        return self.pending.pop(state, None)
+
+    def _expire_pending(self, now: float) -> None:
+        for state in [s for s, p in self.pending.items() if now - p.created > PENDING_TTL]:
+            del self.pending[state]
+
+    def create(self, app: App, sign_in, lifetime: int, now: float | None = None) -> Session:
+        now = time.time() if now is None else now
+        session = Session(secrets.token_urlsafe(32), app.name, app.host, sign_in.user, sign_in.subject,
+                          sign_in.name, sign_in.groups, sign_in.access_token, now, now + lifetime, now)
+        self.sessions[session.sid] = session
+        return session
+
+    def end(self, sid: str) -> Session | None:
+        """Remove a session and cut its WebSockets."""
+        session = self.sessions.pop(sid, None)
+        if session is not None:
+            for task in list(session.tunnels):
+                task.cancel()
+        return session
+
+    def of_user(self, user: str) -> list[Session]:
+        return [s for s in self.sessions.values() if s.user == user]
+
+    def expire(self, now: float) -> list[Session]:
+        return [self.end(s.sid) for s in list(self.sessions.values()) if s.expires <= now]

@@ -1,0 +1,209 @@
+"""The identity-aware proxy's decisions without sockets: the ID token checks (joserfc under
+skyguard/apps/oidc.py) against the issue's attack list, the session cookie, the return path, the
+access rule, the policy sections and the datapath's share (an app's port kept for the proxy).
+The end-to-end tests with the real provider and a browser are tests/integration/test_apps.py."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import pytest
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet, OctKey, RSAKey
+
+from skyguard import config
+from skyguard.apps.assertion import AssertionSigner, new_key_pem, verify
+from skyguard.apps.oidc import TokenRejected, check_id_token
+from skyguard.apps.sessions import CookieSealer, Pending, SessionTable, allowed, cookie_value, safe_return_path, without_cookies
+from skyguard.datapath import abi
+from skyguard.datapath.compile import APPS_RULE, compile_policy
+from skyguard.errors import PolicyError
+from skyguard.policy.apps import App
+from skyguard.policy.parse import parse_policy
+
+ISSUER, CLIENT, NONCE = "https://idp.test:9443", "skyguard", "n-0123456789"
+ISSUER_KEY = RSAKey.generate_key(2048, parameters={"kid": "idp-1"})
+ISSUER_KEYS = KeySet([ISSUER_KEY])
+OTHER_KEY = RSAKey.generate_key(2048, parameters={"kid": "idp-1"})  # same kid, another key
+
+
+def id_token(key=ISSUER_KEY, alg="RS256", **changes) -> str:
+    now = int(time.time())
+    claims = {"iss": ISSUER, "sub": "alice", "aud": CLIENT, "exp": now + 300, "iat": now, "nonce": NONCE,
+              "name": "Alice", "groups": ["admins"]}
+    claims.update(changes)
+    return jwt.encode({"alg": alg, "kid": "idp-1"}, {k: v for k, v in claims.items() if v is not None}, key)
+
+
+def unsigned(**changes) -> str:
+    part = lambda d: base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()  # noqa: E731
+    now = int(time.time())
+    claims = {"iss": ISSUER, "sub": "alice", "aud": CLIENT, "exp": now + 300, "iat": now, "nonce": NONCE, **changes}
+    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(claims)}."
+
+
+def check(token: str) -> dict:
+    return check_id_token(token, ISSUER_KEYS, issuer=ISSUER, client_id=CLIENT, nonce=NONCE)
+
+
+def test_a_good_id_token_passes():
+    assert check(id_token())["sub"] == "alice"
+
+
+@pytest.mark.parametrize("token, reason", [
+    (lambda: id_token(aud="another-client"), "id_token_aud"),
+    (lambda: id_token(nonce="someone-elses-nonce"), "id_token_nonce"),
+    (lambda: id_token(nonce=None), "id_token_nonce"),
+    (lambda: id_token(exp=int(time.time()) - 120, iat=int(time.time()) - 600), "id_token_expired_token"),
+    (lambda: id_token(iss="https://evil.test"), "id_token_iss"),
+    (lambda: id_token(key=OTHER_KEY), "id_token_signature"),
+    (lambda: unsigned(), "id_token_signature"),
+    # HMAC keyed with the (guessable or leaked) client secret: never an accepted algorithm.
+    (lambda: id_token(key=OctKey.import_key(b"lab-client-secret-not-for-production"), alg="HS256"),
+     "id_token_signature"),
+    (lambda: id_token(aud=[CLIENT, "other"]), "id_token_azp"),
+    (lambda: "not.a.jwt", "id_token_signature"),
+], ids=["wrong-audience", "wrong-nonce", "no-nonce", "expired", "wrong-issuer", "another-key", "alg-none",
+        "hmac-with-client-secret", "several-audiences-no-azp", "garbage"])
+def test_id_tokens_from_the_attack_list_are_refused_with_their_reason(token, reason):
+    with pytest.raises(TokenRejected) as refused:
+        check(token())
+    assert refused.value.reason == reason
+
+
+# ---- the session cookie -------------------------------------------------------------------------
+
+def test_the_session_cookie_opens_only_with_its_key_for_its_host_before_it_expires():
+    sealer = CookieSealer(b"\x01" * 32)
+    now = time.time()
+    value = sealer.seal("sid-1", "wiki.apps.test", now + 60)
+    assert sealer.open(value, "wiki.apps.test", now) == ("sid-1", "")
+    assert sealer.open(value, "admin.apps.test", now) == (None, "cookie_for_another_app")
+    assert sealer.open(value, "wiki.apps.test", now + 61) == (None, "session_expired")
+    assert CookieSealer(b"\x02" * 32).open(value, "wiki.apps.test", now) == (None, "cookie_invalid")
+    for i in range(len(value)):  # any one character changed is refused, never an exception
+        if value[i] == ".":
+            continue
+        changed = value[:i] + ("A" if value[i] != "A" else "B") + value[i + 1:]
+        assert sealer.open(changed, "wiki.apps.test", now)[0] in (None, "sid-1")
+    assert sealer.open(value[:-4] + "AAAA", "wiki.apps.test", now) == (None, "cookie_invalid")
+    assert "\x01" not in repr(sealer)
+
+
+def test_skyguards_cookies_are_found_and_removed_and_others_kept():
+    headers = [(b"host", b"wiki"), (b"cookie", b"theme=dark; __Host-skyguard-session=abc; lang=en"),
+               (b"cookie", b"__Host-skyguard-login=xyz")]
+    assert cookie_value(headers, "__Host-skyguard-session") == "abc"
+    assert cookie_value(headers, "__host-skyguard-session") is None  # names are case-sensitive
+    assert without_cookies(headers, ("__Host-skyguard-session", "__Host-skyguard-login")) == [
+        (b"host", b"wiki"), (b"cookie", b"theme=dark; lang=en")]
+
+
+@pytest.mark.parametrize("target, kept", [
+    ("/docs?page=1", "/docs?page=1"), ("/", "/"), ("//evil.test/x", "/"), ("/\\evil.test", "/"),
+    ("https://evil.test/", "/"), ("evil", "/"), ("/a\x00b", "/"), ("/" + "a" * 3000, "/"),
+])
+def test_the_return_path_stays_on_the_app(target, kept):
+    assert safe_return_path(target) == kept
+
+
+def test_a_state_is_taken_once_and_expires():
+    table = SessionTable()
+    table.begin("s1", Pending("wiki", "n", "v", "/", time.time()))
+    assert table.take("s1", time.time()) is not None
+    assert table.take("s1", time.time()) is None  # replayed
+    table.begin("s2", Pending("wiki", "n", "v", "/", time.time() - 3600))
+    assert table.take("s2", time.time()) is None  # too old
+
+
+def test_access_is_for_the_named_users_and_groups():
+    app = App("wiki", "vfw1", 443, "wiki.apps.test", "0.0.0.0:8443", "c", users=("alice",), groups=("editors",))
+    assert allowed(app, "alice", ())
+    assert allowed(app, "bob", ("editors", "x"))
+    assert not allowed(app, "carol", ("Editors",))
+
+
+def test_the_assertion_verifies_with_the_jwks_and_only_for_its_app():
+    signer = AssertionSigner(new_key_pem())
+    app = App("wiki", "vfw1", 443, "wiki.apps.test", "0.0.0.0:8443", "c", users=("alice",))
+    token = signer.sign(app, "alice", "Alice", ("admins",))
+    claims = verify(token, signer.jwks(), "https://wiki.apps.test:8443")
+    assert (claims["sub"], claims["groups"], claims["exp"] - claims["iat"]) == ("alice", ["admins"], 60)
+    assert "d" not in signer.jwks()["keys"][0]  # the public half only
+    with pytest.raises(JoseError):
+        verify(token, signer.jwks(), "https://admin.apps.test:8444")
+    with pytest.raises(JoseError):
+        verify(token, AssertionSigner(new_key_pem()).jwks(), "https://wiki.apps.test:8443")
+
+
+# ---- the policy sections and the datapath -------------------------------------------------------
+
+APPS = """
+identity:
+  issuer: https://idp.test:9443
+  client_id: skyguard
+  client_secret: idp-client-secret
+apps:
+  - {name: wiki, workload: vfw1, port: 443, host: wiki.apps.test, listen: "0.0.0.0:8443", certificate: wiki-tls,
+     groups: [wiki-editors]}
+"""
+
+
+def test_an_app_section_parses():
+    policy = parse_policy(config.DEFAULT_POLICY.read_text() + APPS)
+    [app] = policy.apps
+    assert (app.workload, app.port, app.origin, app.identity_header) == (
+        "vfw1", 443, "https://wiki.apps.test:8443", "X-Skyguard-Assertion")
+    assert policy.identity.groups_claim == "groups" and policy.identity.session_check == 60
+
+
+@pytest.mark.parametrize("change, message", [
+    (("identity:\n  issuer: https://idp.test:9443\n  client_id: skyguard\n  client_secret: idp-client-secret\n", ""),
+     "apps: needs an identity: section"),
+    (("https://idp.test:9443", "http://idp.test:9443"), "is not an https URL"),
+    (("client_secret: idp-client-secret", "client_secret: 'ghp_real token value!'"), "never the secret itself"),
+    (("groups: [wiki-editors]", "users: []"), "lets nobody in"),
+    (("workload: vfw1", "workload: vfw9"), "did you mean 'vfw1'"),
+    (("host: wiki.apps.test", "host: 'wiki apps'"), "is not a host name"),
+    (("listen: \"0.0.0.0:8443\"", "listen: \"0.0.0.0\""), "has no port"),
+    (("groups: [wiki-editors]", "groups: [x], identity_header: Cookie"), "is not a header name skyguard may write"),
+])
+def test_bad_app_sections_are_named_with_their_line(change, message):
+    old, new = change
+    with pytest.raises(PolicyError) as error:
+        parse_policy(config.DEFAULT_POLICY.read_text() + APPS.replace(old, new, 1))
+    assert message in str(error.value)
+    assert "ghp_real" not in str(error.value)
+
+
+def test_two_apps_cannot_share_a_host_a_listener_or_a_vm_port():
+    second = APPS.split("apps:\n")[1].replace("name: wiki", "name: wiki2")
+    with pytest.raises(PolicyError) as error:
+        parse_policy(config.DEFAULT_POLICY.read_text() + APPS + second)
+    text = str(error.value)
+    assert "host 'wiki.apps.test' is already used by apps[0]" in text
+    assert "listen '0.0.0.0:8443' is already used" in text and "target vfw1 port 443 is already used" in text
+
+
+def test_an_apps_port_is_kept_for_the_host_and_denied_to_every_zone():
+    """sdn-manages-firewall lets sdn reach firewall tcp/443; with the app on vfw1:443 only the
+    host (the proxy) may, and another port of the same rule is untouched."""
+    policy = parse_policy(config.DEFAULT_POLICY.read_text() + APPS)
+    compiled = compile_policy(policy, host_addresses=["10.10.4.1"])
+    firewall, apps_rule = compiled.zone_ids["firewall"], compiled.rule_ids[APPS_RULE]
+    host_identity = compiled.ipcache[next(n for n in compiled.ipcache if str(n) == "10.10.4.1/32")]
+    sdn_identity = compiled.ipcache[next(n for n in compiled.ipcache if str(n) == "10.10.3.2/32")]
+
+    def verdict(identity, port):
+        found = [e for e in compiled.policy if (e.direction, e.zone, e.identity, e.proto) ==
+                 (abi.DIR_INGRESS, firewall, identity, abi.IPPROTO["tcp"])
+                 and e.port <= port < e.port + (1 << (16 - e.port_prefixlen))]
+        return [(e.verdict, e.rule_id) for e in found]
+
+    assert verdict(host_identity, 443) == [(abi.POLICY_ALLOW, apps_rule)]
+    assert verdict(sdn_identity, 443) == [(abi.POLICY_DENY, apps_rule)]
+    assert verdict(sdn_identity, 830) == [(abi.POLICY_ALLOW, compiled.rule_ids["sdn-manages-firewall"])]
+    assert verdict(host_identity, 830) == []  # the host gets the app's port, nothing more
