@@ -240,10 +240,12 @@ class Daemon:
         """The credential-swap proxy and TLS termination."""
         from skyguard.credproxy.service import CredentialService
         from skyguard.custody.store import SecretStore
+        from skyguard.keys.tlskey import client_certificates_of  # credentials[].client_certificate
 
         return CredentialService(policy, SecretStore(self.state_dir / "secrets"), state_dir=self.state_dir,
                                  decision_log=PartLog(self.record_nowait, "credential", "event"), registry=registry,
-                                 address_matches=self._dns_learned, upstream_ca_file=self._upstream_ca())
+                                 address_matches=self._dns_learned, upstream_ca_file=self._upstream_ca(),
+                                 client_certificates=client_certificates_of(policy))
 
     def _make_admin(self, policy, registry):
         """The SSH access proxy: the one way operators reach a VM's sshd (the datapath lets only

@@ -55,6 +55,8 @@ def key():
       skyguard key list --json
       skyguard key public release > release.pub.pem
       skyguard key rm release
+      skyguard key csr github-mtls --subject sdnctl1 > req.pem    # signed inside the token
+      skyguard key cert github-mtls --file issued.pem             # for credentials[].client_certificate
     """
 
 
@@ -147,3 +149,64 @@ def rm_command(name, policy_file, state_dir):
         backend.close()
     record_key_event(state, "key_remove", name=name, backend=kind)
     click.echo(f"removed {name}", err=True)
+
+
+@key.command("csr")
+@click.argument("name")
+@click.option("--subject", required=True, help="The common name (CN) to ask for.")
+@policy_option
+@state_dir_option
+def csr_command(name, subject, policy_file, state_dir):
+    """Print a certificate request (PKCS#10 PEM) for key NAME, signed inside the token.
+
+    A CA issues the certificate; store it with `skyguard key cert NAME --file CERT.pem` so the
+    credential proxy can present it (credentials[].client_certificate: NAME) or TLS termination
+    can serve it (tls_termination[].certificate: NAME). ec-p256 and rsa-3072 keys only.
+    """
+    from skyguard.keys.tlskey import certificate_request
+
+    if not subject or len(subject) > 64:
+        raise BadInput("--subject is a common name of 1-64 characters")
+    backend, _ = _open(policy_file, state_dir)
+    try:
+        click.echo(certificate_request(backend, name, subject).decode(), nl=False)
+    finally:
+        backend.close()
+
+
+@key.command("cert")
+@click.argument("name")
+@click.option("--file", "cert_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="The certificate (chain, PEM) issued for the key's request.")
+@policy_option
+@state_dir_option
+def cert_command(name, cert_file, policy_file, state_dir):
+    """Store the certificate of key NAME (checked against the key) for TLS: outbound mTLS and
+    TLS termination. It is kept in the sealed store as `cert.NAME`."""
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    from skyguard.keys.backends import secret_store
+    from skyguard.keys.record import record_key_event
+    from skyguard.keys.tlskey import CERT_PREFIX
+
+    data = cert_file.read_bytes()
+    try:
+        leaf = x509.load_pem_x509_certificates(data)[0]
+    except ValueError:
+        raise BadInput(f"{cert_file} is not a PEM certificate (chain)") from None
+    if b"PRIVATE KEY" in data:
+        raise BadInput(f"{cert_file} holds a private key; give the certificate (chain) alone")
+    backend, state = _open(policy_file, state_dir)
+    try:
+        public, kind = backend.public_pem(name), backend.name
+    finally:
+        backend.close()
+    spki = PublicFormat.SubjectPublicKeyInfo
+    if leaf.public_key().public_bytes(Encoding.PEM, spki) != public:
+        raise BadInput(f"the certificate in {cert_file} is not for key {name!r} (its public key differs)")
+    secret_store(state).set(CERT_PREFIX + name, data, {"kind": "skyguard-key-certificate"})
+    record_key_event(state, "key_certificate", name=name, backend=kind, sha256=hashlib.sha256(data).hexdigest())
+    click.echo(f"stored the certificate of {name} (subject {leaf.subject.rfc4514_string()})", err=True)

@@ -74,8 +74,19 @@ class TlsTerminator:
     def __repr__(self) -> str:
         return f"TlsTerminator({[t.workload for t in self.policy.tls_termination]})"
 
-    def _context(self, termination: TlsTermination) -> tuple[ssl.SSLContext, str]:
+    def _context(self, termination: TlsTermination, keys=None) -> tuple[ssl.SSLContext, str]:
         """The server context for one entry, and a digest of its certificate bundle."""
+        from skyguard.keys.tlskey import certificate_of, install_key
+        from skyguard.keys.types import KeyCustodyError
+
+        if keys is not None and certificate_of(self.secrets, termination.certificate) is not None:
+            # A key in the policy's key backend (a token): it never leaves it (skyguard/keys/tlskey.py).
+            context = new_server_context()
+            try:
+                chain = install_key(context, self.secrets, termination.certificate, keys)
+            except KeyCustodyError as error:
+                raise CredentialError(f"tls_termination {termination.workload}:{termination.port}: {error}") from None
+            return context, hashlib.sha256(chain).hexdigest()
         try:
             bundle = bytes(self.secrets.get(termination.certificate))
         except Exception:
@@ -105,7 +116,7 @@ class TlsTerminator:
                     f"must differ from port ({termination.port}); let the VM serve plaintext on another port")
                 continue
             try:
-                context, digest = self._context(termination)
+                context, digest = self._context(termination, policy.keys)
             except CredentialError as error:
                 problems.append(str(error))
                 continue

@@ -19,6 +19,7 @@ from skyguard.credproxy.interfaces import SecretSource
 from skyguard.credproxy.swap import ConnectionFacts, HttpRequest
 from skyguard.custody.pemload import load_cert_chain_from_memory, split_pem
 from skyguard.errors import CredentialError
+from skyguard.keys.tlskey import KEY_REFERENCE, install_key
 
 
 class UpstreamTls:
@@ -50,8 +51,11 @@ class UpstreamTls:
             context.set_alpn_protocols(["http/1.1"])
             if certificate is not None:
                 # Outbound mutual TLS: the client certificate lives in the store, never in the VM.
-                chain, private_key = split_pem(bytes(self.secrets.get(certificate)))
-                load_cert_chain_from_memory(context, chain, private_key)
+                if certificate.startswith(KEY_REFERENCE):  # its key is in the key backend (a token)
+                    install_key(context, self.secrets, certificate[len(KEY_REFERENCE):])
+                else:
+                    chain, private_key = split_pem(bytes(self.secrets.get(certificate)))
+                    load_cert_chain_from_memory(context, chain, private_key)
             self._contexts[certificate] = context
         return context
 

@@ -1,6 +1,7 @@
-"""Key management in the signed log: `skyguard key create` and `key rm` each append one entry
-(`key_create`, `key_remove`) naming the key, its type (`key_type`) and backend. The daemon owns the log while
-it runs, so the CLI hands the entry to it over the control socket (operation `key.record`);
+"""Key management in the signed log: `skyguard key create`, `key rm` and `key cert` each append
+one entry (`key_create`, `key_remove`, `key_certificate`) naming the key, its type (`key_type`),
+backend and, for a certificate, its SHA-256. The daemon owns the log while it runs, so the CLI
+hands the entry to it over the control socket (operation `key.record`);
 without a daemon the CLI opens the log itself (the writer's lock keeps the two apart).
 
 Only these kinds, with these fields, pass through the control operation: it is not a general way
@@ -14,7 +15,7 @@ from pathlib import Path
 from skyguard.errors import BadInput
 from skyguard.keys.types import KEY_TYPES, validate_key_name
 
-KINDS = ("key_create", "key_remove")
+KINDS = ("key_create", "key_remove", "key_certificate")
 BACKENDS = ("file", "pkcs11")
 
 
@@ -31,6 +32,11 @@ def checked_fields(kind: str, fields: dict) -> dict:
             raise BadInput(f"key.record: unknown key type {str(fields.get('key_type'))[:20]!r}")
         out["key_type"] = fields["key_type"]  # `type` names the log entry's kind
         out["extractable"] = bool(fields.get("extractable", False))
+    if kind == "key_certificate":
+        digest = fields.get("sha256")
+        if not isinstance(digest, str) or len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+            raise BadInput("key.record: key_certificate needs the certificate's sha256 (hex)")
+        out["sha256"] = digest
     return out
 
 

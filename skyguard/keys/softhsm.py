@@ -50,8 +50,14 @@ class SoftHsmToken:
         tokens = directory / "tokens"
         tokens.mkdir(parents=True, exist_ok=True, mode=0o700)
         token = cls(directory, label, softhsm_module())
+        if token.conf.exists():  # another token in the same folder (SoftHSM reads them all at start)
+            return token._init(pin, so_pin)
         token.conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\n"
                               "log.level = ERROR\nslots.removable = false\n")
+        return token._init(pin, so_pin)
+
+    def _init(self, pin: bytes, so_pin: bytes | None) -> SoftHsmToken:
+        token, label = self, self.label
         util = shutil.which("softhsm2-util")
         if util is None:
             raise KeyCustodyError("softhsm2-util is missing (Debian: apt-get install softhsm2)")

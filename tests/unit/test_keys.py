@@ -190,3 +190,53 @@ def test_file_backend_refuses_bad_names_and_decrypts_only_with_rsa(tmp_path):
         backend.decrypt("rsa", b"\0" * 384)
     with pytest.raises(KeyCustodyError, match="exists"):
         backend.create("rsa", "rsa-3072")
+
+
+def test_key_cli_with_the_file_backend_logs_each_change(tmp_path, monkeypatch):
+    """key create/list/public/csr/cert/rm through click, no daemon: the CLI writes the signed log."""
+    import datetime
+    import json as _json
+
+    from click.testing import CliRunner
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    from skyguard.cli.main import cli
+    from skyguard.credproxy.testing import TestCA
+    from skyguard.tlog.entries import decode
+    from skyguard.tlog.store import LogReader
+
+    monkeypatch.setattr(config, "RUN_DIR", tmp_path / "run")  # no daemon answers here
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(config.DEFAULT_POLICY.read_text() + "\nkeys:\n  backend: file\n")
+    state = tmp_path / "state"
+    run = CliRunner().invoke
+    common = ["--policy", str(policy), "--state-dir", str(state)]
+    assert run(cli, ["key", "create", "client", "--type", "ec-p256", *common]).exit_code == 0
+    listed = _json.loads(run(cli, ["key", "list", "--json", *common]).output)
+    assert listed == [{"name": "client", "type": "ec-p256", "backend": "file", "extractable": False}]
+    request = x509.load_pem_x509_csr(run(cli, ["key", "csr", "client", "--subject", "vm1", *common]).output.encode())
+    assert request.is_signature_valid
+    ca = TestCA()
+    now = datetime.datetime.now(datetime.UTC)
+    issued = (x509.CertificateBuilder().subject_name(request.subject).issuer_name(ca.certificate.subject)
+              .public_key(request.public_key()).serial_number(1).not_valid_before(now)
+              .not_valid_after(now + datetime.timedelta(days=1)).sign(ca.key, hashes.SHA256()))
+    (tmp_path / "cert.pem").write_bytes(issued.public_bytes(serialization.Encoding.PEM))
+    stored = run(cli, ["key", "cert", "client", "--file", str(tmp_path / "cert.pem"), *common])
+    assert stored.exit_code == 0, stored.output
+    other = ca.issue(["someone-else"], client=True)[0]
+    (tmp_path / "other.pem").write_bytes(other)
+    refused = run(cli, ["key", "cert", "client", "--file", str(tmp_path / "other.pem"), *common])
+    # (errors reach main()'s edge as exceptions: BadInput exits 2, KeyCustodyError 1)
+    assert isinstance(refused.exception, BadInput) and "not for key 'client'" in str(refused.exception)
+    assert "BEGIN PUBLIC KEY" in run(cli, ["key", "public", "client", *common]).output
+    assert run(cli, ["key", "rm", "client", *common]).exit_code == 0
+    kinds = [(e["type"], e["name"]) for e in (decode(raw) for _, raw in LogReader(state / "log").entries())]
+    assert kinds == [("key_create", "client"), ("key_certificate", "client"), ("key_remove", "client")]
+    missing = run(cli, ["key", "public", "client", *common])
+    assert isinstance(missing.exception, KeyCustodyError) and "no key named 'client'" in str(missing.exception)
+    no_keys = tmp_path / "nokeys.yaml"
+    no_keys.write_text(config.DEFAULT_POLICY.read_text())
+    unset = run(cli, ["key", "list", "--policy", str(no_keys), "--state-dir", str(state)])
+    assert isinstance(unset.exception, BadInput) and "has no `keys:` section" in str(unset.exception)

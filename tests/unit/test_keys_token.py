@@ -35,6 +35,7 @@ PIN = secrets.token_hex(10).encode()
 def token(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("softhsm")
     made = SoftHsmToken.create(tmp / "hsm", "unit", PIN)
+    SoftHsmToken.create(tmp / "hsm", "tls", PIN)  # TLS keys: a token without Ed25519 keys (libp11 0.4.12)
     saved = os.environ.get("SOFTHSM2_CONF")
     os.environ.update(made.env)
     try:
@@ -107,12 +108,21 @@ class Recorded:
         self.entries.append(dict(fields, type=kind))
 
 
-def loopback_policy(token, keys=None) -> Policy:
+@pytest.fixture(scope="module")
+def tls_backend(token):
+    from skyguard.keys.pkcs11 import Pkcs11Backend
+
+    made = Pkcs11Backend(token.module, "tls", PIN)
+    yield made
+    made.close()
+
+
+def loopback_policy(token, keys=None, label="unit") -> Policy:
     vm1 = Workload("vm1", "auth", "lo", "02:00:00:00:00:01", (ipaddress.ip_address("127.0.0.1"),))
     vm2 = Workload("vm2", "sdn", "lo", "02:00:00:00:00:02", (ipaddress.ip_address("127.0.0.2"),))
     keys = keys or (KeyGrant("release", ("auth",), ("sign", "verify"), 1000, 1000),
                     KeyGrant("wrap", ("sdn",), ("decrypt",), 1000, 1000))
-    config = KeysConfig(backend="pkcs11", module=token.module, token="unit", pin_secret="hsm-pin", port=0, grants=keys)
+    config = KeysConfig(backend="pkcs11", module=token.module, token=label, pin_secret="hsm-pin", port=0, grants=keys)
     return Policy(name="t", zones={"auth": Zone("auth", (vm1,)), "sdn": Zone("sdn", (vm2,))}, networks={},
                   rules=(), keys=config)
 
@@ -202,3 +212,118 @@ def test_a_restarted_proxy_uses_the_same_keys(token, proxy):
     finally:
         again.pool.shutdown()
         again.backend.close()
+
+
+# ---- token keys in TLS: the credential proxy's client certificate, TLS termination -----------
+
+def issue_for(backend, name: str, ca, common_name: str, server_names=()) -> bytes:
+    """`skyguard key csr`'s request, checked and issued by a CA: the certificate PEM."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    from skyguard.keys.tlskey import certificate_request
+
+    request = x509.load_pem_x509_csr(certificate_request(backend, name, common_name))
+    assert request.is_signature_valid  # signed inside the token
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateBuilder().subject_name(request.subject).issuer_name(ca.certificate.subject)
+               .public_key(request.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1)))
+    if server_names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address(n)) for n in server_names]), critical=False)
+    return builder.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def test_the_credential_proxy_presents_a_token_held_client_certificate(token, tls_backend, tmp_path):
+    import asyncio
+    import dataclasses
+
+    from skyguard.credproxy.ca import CertificateAuthority
+    from skyguard.credproxy.interfaces import CredentialMetrics, ListDecisionLog
+    from skyguard.credproxy.proxy import CredentialProxy, ProxyLimits
+    from skyguard.credproxy.testing import TestCA, echo_ssl_context, serve_echo
+    from skyguard.keys.tlskey import client_certificates_of
+    from skyguard.policy.model import Credential, Injection
+
+    backend = tls_backend
+    backend.create("mtls", "ec-p256")
+    upstream_ca = TestCA()
+    store = SecretStore(tmp_path / "secrets")
+    store.set("hsm-pin", PIN)
+    store.set("github", b"ghp_tokenheldsecret")
+    store.set("cert.mtls", issue_for(backend, "mtls", upstream_ca, "sdnctl1-in-token"))
+    cert, key = upstream_ca.issue(["api.github.test"])
+    (tmp_path / "up.pem").write_bytes(cert)
+    (tmp_path / "up.key").write_bytes(key)
+    (tmp_path / "upca.pem").write_bytes(upstream_ca.certificate_pem)
+    placeholder = "sg-placeholder-github-token-key"
+    credential = Credential("github", placeholder, "github", ("auth",), ("api.github.test",),
+                            Injection("Authorization", "Bearer {secret}"), client_certificate="mtls")
+    policy = dataclasses.replace(loopback_policy(token, label="tls"), credentials=(credential,))
+    skyca = CertificateAuthority(tmp_path / "skyca")
+    (tmp_path / "skyca.pem").write_bytes(skyca.certificate_pem)
+    loop = LoopThread()
+
+    async def start():
+        echo = await serve_echo("127.0.0.1", 0, echo_ssl_context(str(tmp_path / "up.pem"), str(tmp_path / "up.key"),
+                                                                   str(tmp_path / "upca.pem")), str(tmp_path / "echo.jsonl"))
+        port = echo.sockets[0].getsockname()[1]
+        proxy = CredentialProxy(policy, store, address_matches=lambda n, ip: True, decision_log=ListDecisionLog(),
+                                metrics=CredentialMetrics(), destination_of=lambda s: ("127.0.0.1", port),
+                                upstream_ca_file=str(tmp_path / "upca.pem"), limits=ProxyLimits(), ca=skyca,
+                                client_certificates=client_certificates_of(policy))
+        _, https = await proxy.start("127.0.0.1")
+        return echo, proxy, https
+
+    echo, proxy, https = loop.call(start())
+    try:
+        out = subprocess.run(["curl", "-sS", "--max-time", "10", "--cacert", str(tmp_path / "skyca.pem"),
+                              "--connect-to", f"::127.0.0.1:{https}", "-H", f"Authorization: Bearer {placeholder}",
+                              "https://api.github.test/user"], capture_output=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        seen = json.loads((tmp_path / "echo.jsonl").read_text().splitlines()[-1])
+        assert seen["client_certificate"] == "sdnctl1-in-token"  # the key stayed in the token
+        assert ["authorization", "Bearer ghp_tokenheldsecret"] in seen["headers"]
+    finally:
+        async def stop():
+            await proxy.stop()
+            echo.close()
+        loop.call(stop())
+        loop.stop()
+        asyncio.set_event_loop(None)
+
+
+def test_tls_termination_serves_with_a_token_held_key(token, tls_backend, tmp_path):
+    import dataclasses
+
+    from skyguard.credproxy.interfaces import CredentialMetrics, ListDecisionLog
+    from skyguard.credproxy.termination import TlsTerminator
+    from skyguard.credproxy.testing import TestCA, serve_echo
+    from skyguard.policy.model import TlsTermination
+
+    backend = tls_backend
+    backend.create("web1", "rsa-3072")
+    ca = TestCA()
+    (tmp_path / "ca.pem").write_bytes(ca.certificate_pem)
+    store = SecretStore(tmp_path / "secrets")
+    store.set("hsm-pin", PIN)
+    store.set("cert.web1", issue_for(backend, "web1", ca, "web1", server_names=["127.0.0.1"]))
+    loop = LoopThread()
+    echo = loop.call(serve_echo("127.0.0.1", 0))  # the VM's plain HTTP service
+    vm_port = echo.sockets[0].getsockname()[1]
+    policy = dataclasses.replace(loopback_policy(token, label="tls"),
+                                 tls_termination=(TlsTermination("vm1", 443, vm_port, "web1"),))
+    terminator = TlsTerminator(policy, store, decision_log=ListDecisionLog(), metrics=CredentialMetrics())
+    try:
+        listeners = loop.call(terminator.start("127.0.0.1"))
+        out = subprocess.run(["curl", "-sS", "--max-time", "10", "--cacert", str(tmp_path / "ca.pem"),
+                              f"https://127.0.0.1:{listeners[0].listen_port}/hello"], capture_output=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["path"] == "/hello"
+    finally:
+        loop.call(terminator.stop())
+        echo.close()
+        loop.stop()
