@@ -33,6 +33,17 @@
 #define SG_POLICY_ALLOW 1
 #define SG_POLICY_DENY 2
 
+/* sg_policy_key.proto of every IP protocol other than TCP, UDP, ICMP and ICMPv6. */
+#define SG_PROTO_OTHER 0
+
+/* Prefix lengths of the LPM keys below: the fields before the address (or port) are always
+ * matched, so they count as bits of every prefix. */
+#define SG_IPCACHE_FIXED_BITS 32 /* gen */
+#define SG_IPCACHE_HOST_PREFIXLEN (SG_IPCACHE_FIXED_BITS + 128) /* a whole address: every sg_ipcache_host key */
+#define SG_IPV4_MAPPED_BITS 96 /* an IPv4 prefix of length p is the first 96 + p bits of ::ffff:a.b.c.d */
+#define SG_POLICY_FIXED_BITS 96 /* gen, direction, proto, zone, identity */
+#define SG_POLICY_EXACT_PREFIXLEN (SG_POLICY_FIXED_BITS + 16) /* one port: every sg_policy_exact key */
+
 /* The one drop-reason table. X(code, NAME, "what an operator reads").
  * Keep codes stable: they are in logs and metrics. Code 0 is never a drop. */
 #define SG_DROP_REASONS(X) \
@@ -78,7 +89,7 @@ struct sg_config_val {
  * first, so their cost does not grow with their number; shorter prefixes live in the sg_ipcache
  * LPM trie. sg_ipcache_host reuses struct sg_ipcache_key with prefixlen = 160. */
 struct sg_ipcache_key {
-  __u32 prefixlen; /* 32 (gen) + 128-bit address prefix length (IPv4: 96 + v4 length) */
+  __u32 prefixlen; /* SG_IPCACHE_FIXED_BITS + address prefix length (IPv4: SG_IPV4_MAPPED_BITS + v4 length) */
   __u32 gen;
   __u8 addr[16]; /* network order, IPv4-mapped for IPv4 */
 };
@@ -93,10 +104,10 @@ struct sg_ipcache_val {
  * sg_policy (LPM over the port: ranges as port prefixes). Compile puts every single-port block in
  * the hash; blocks are disjoint, so at most one of the two matches. */
 struct sg_policy_key {
-  __u32 prefixlen; /* 96 + port prefix length */
+  __u32 prefixlen; /* SG_POLICY_FIXED_BITS + port prefix length */
   __u32 gen;
   __u8 direction;  /* SG_DIR_* */
-  __u8 proto;      /* IPPROTO_*; 0 = any protocol that is not TCP/UDP/ICMP/ICMPv6 */
+  __u8 proto;      /* IPPROTO_*, or SG_PROTO_OTHER */
   __u16 zone;      /* the local zone: the workload's whose interface this is */
   __u32 identity;  /* the remote identity from sg_ipcache (0: no ipcache entry) */
   __u16 port;      /* network order: destination port; ICMP: type in the high byte */

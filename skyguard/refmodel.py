@@ -23,14 +23,15 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from skyguard.datapath import abi
 from skyguard.policy.model import Policy, Rule
 
 EGRESS = "egress"  # the VM sends (leaves the VM: sg_from_vm)
 INGRESS = "ingress"  # the VM receives (enters the VM: sg_to_vm)
 DNS_PORT = 53
-# IP protocol numbers by the names rules use; any other number is "other" (only a rule without
-# `ports:` allows it).
-PROTOCOLS = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58}
+# IP protocol numbers by the names rules use (the datapath's table); any other number is "other"
+# (only a rule without `ports:` allows it).
+PROTOCOLS = {name: number for name, number in abi.IPPROTO.items() if name != "other"}
 FLOW = "flow"  # the first packet of a flow
 ICMP_ERROR = "icmp_error"  # an ICMP(v6) error about no flow of the VM's
 ND = "nd"  # an IPv6 neighbour solicitation that is not link-local control (hop limit 64)

@@ -43,7 +43,7 @@ BPF_TABLE_PINNED("hash", struct sg_srcip_key, __u8, sg_srcip, SG_SRCIP_MAX, SG_P
 /* The remote address's identity: host entry first (unless expired: a DNS answer's TTL ran out),
  * then the longest prefix. */
 static __always_inline __u32 sg_identity_of(__u32 gen, const __u8 *addr, __u64 now) {
-  struct sg_ipcache_key key = {.prefixlen = 32 + 128, .gen = gen};
+  struct sg_ipcache_key key = {.prefixlen = SG_IPCACHE_HOST_PREFIXLEN, .gen = gen};
   __builtin_memcpy(key.addr, addr, 16);
   struct sg_ipcache_val *v = sg_ipcache_host.lookup(&key);
   if (v && (!v->expires_ns || v->expires_ns > now))
@@ -56,9 +56,9 @@ static __always_inline __u32 sg_identity_of(__u32 gen, const __u8 *addr, __u64 n
  * -SG_DROP_POLICY_DENY or -SG_DROP_NO_RULE otherwise. */
 static __always_inline int sg_policy_decide(__u32 gen, __u8 direction, __u16 zone, const __u8 *remote,
                                             __u8 proto, __u16 port_be, __u64 now) {
-  struct sg_policy_key key = {.prefixlen = 96 + 16, .gen = gen, .direction = direction, .zone = zone};
+  struct sg_policy_key key = {.prefixlen = SG_POLICY_EXACT_PREFIXLEN, .gen = gen, .direction = direction, .zone = zone};
   if (proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_ICMP && proto != IPPROTO_ICMPV6)
-    proto = 0;
+    proto = SG_PROTO_OTHER;
   key.proto = proto;
   key.port = port_be;
   key.identity = sg_identity_of(gen, remote, now);

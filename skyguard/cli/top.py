@@ -25,6 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from skyguard.cli.render import _table, human_bytes, human_count, human_duration, reason_text
+from skyguard.datapath import abi
 from skyguard.errors import BadInput, DaemonError
 
 MIN_INTERVAL = 0.2  # seconds; faster than this the daemon spends more time answering than enforcing
@@ -169,7 +170,7 @@ def flows_table(snap: Snapshot, only: Collection[str], limit: int) -> Table:
         if shown >= limit:
             break
         shown += 1
-        proto = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}.get(f.get("proto"), str(f.get("proto")))
+        proto = abi.PROTO_NAMES.get(f.get("proto"), str(f.get("proto")))
         table.add_row(f.get("workload") or f.get("interface", ""), f.get("direction", "")[:3],
                       proto, _endpoint(f.get("src"), f.get("sport")), _endpoint(f.get("dst"), f.get("dport")),
                       f.get("state", ""), f.get("rule", ""), human_count(f.get("packets", 0)),

@@ -34,4 +34,13 @@ Details and additions (bpf/README.md explains the design):
     reasons.DROP_REASONS / reason_name(code): the drop-reason table, parsed from bpf/abi.h
 """
 
-from skyguard.datapath.datapath import Datapath  # noqa: E402,F401
+
+
+def __getattr__(name: str):
+    # `from skyguard.datapath import Datapath` imports the loader and pyroute2 (~0.7 s) only when
+    # asked: readers of the ABI mirrors (abi, reasons) do not pay for it.
+    if name == "Datapath":
+        from skyguard.datapath.datapath import Datapath
+
+        return Datapath
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

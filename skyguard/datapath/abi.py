@@ -1,9 +1,10 @@
 """Python mirrors of the structs and constants in bpf/abi.h, for writing and reading maps.
 
 Each class names the C struct it MUST match; tests/bpf/test_abi.py checks every size and offset
-against the layout the compiler produced (bcc's table key/leaf types). Byte order follows abi.h:
-addresses and ports in network order, IPv4 as IPv4-mapped IPv6, the rest host order.
-Not here: what values to write (compile.py) or how (datapath.py).
+against the layout the compiler produced (bcc's table key/leaf types), and tests/unit/test_abi_header.py
+(no privileges) checks every constant here and every struct's fields against the text of abi.h.
+Byte order follows abi.h: addresses and ports in network order, IPv4 as IPv4-mapped IPv6, the rest
+host order. Not here: what values to write (compile.py) or how (datapath.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import ctypes as ct
 import ipaddress
 import struct
+from typing import Any
 
 DIR_EGRESS = 0  # what the VM sends (sg_from_vm)
 DIR_INGRESS = 1  # what the VM receives (sg_to_vm)
@@ -32,15 +34,27 @@ MARK_DNS_REPLY = 0x00400000
 
 CFG_EVENTS = 0x1
 
-CT_STATES = {0: "new", 1: "established", 2: "closing"}
+CT_NEW = 0
+CT_ESTABLISHED = 1
+CT_CLOSING = 2
+CT_STATES = {CT_NEW: "new", CT_ESTABLISHED: "established", CT_CLOSING: "closing"}
 EVENT_FLOW_START = 1
 EVENT_DROP = 2
 
+# The one table of IP protocols: the numbers the kernel uses (IPPROTO_* of <linux/in.h>) by the
+# names rules use; "other" (SG_PROTO_OTHER) is every other protocol, in policy keys.
 IPPROTO = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58, "other": 0}
+PROTO_NAMES = {number: name for name, number in IPPROTO.items() if name != "other"}
 
 IPCACHE_FIXED_BITS = 32  # gen
-IPCACHE_HOST_PREFIXLEN = 32 + 128  # every sg_ipcache_host key
+IPCACHE_HOST_PREFIXLEN = IPCACHE_FIXED_BITS + 128  # every sg_ipcache_host key
+IPV4_MAPPED_BITS = 96  # an IPv4 prefix of length p is the first 96 + p bits of ::ffff:a.b.c.d
 POLICY_FIXED_BITS = 96  # gen, direction, proto, zone, identity
+POLICY_EXACT_PREFIXLEN = POLICY_FIXED_BITS + 16  # every sg_policy_exact key (one port)
+
+# Defaults of bpf/lib/events.h that userspace sizes itself by (the header lets tests override them).
+DENY_AGG_MAX = 65536  # SG_DENY_AGG_MAX: denied flows the kernel aggregates at once
+DENY_EVENT_INTERVAL_NS = 1_000_000_000  # SG_DENY_EVENT_INTERVAL_NS: one event per denied flow per this
 
 
 def addr16(ip) -> bytes:
@@ -129,11 +143,37 @@ class CtVal(ct.Structure):  # struct sg_ct_val
     ]
 
 
+_FORMATS: dict[Any, str] = {ct.c_uint8: "B", ct.c_uint16: "H", ct.c_uint32: "I", ct.c_uint64: "Q"}
+
+
+def struct_of(cls: type[ct.Structure], tail: bool = True) -> struct.Struct:
+    """A `struct` format for unpacking many `cls` values at once (faster than ctypes), derived from
+    its fields: byte arrays become bytes, fields named pad* and alignment gaps are skipped, and the
+    tail padding is kept when `tail` (the stride of an array of them, as the kernel lays it out)."""
+    out, pos = ["<"], 0
+    fields: list[tuple[str, Any]] = cls._fields_  # type: ignore[assignment]  # (name, ctype) pairs here
+    for name, ctype in fields:
+        field = getattr(cls, name)
+        if field.offset > pos:
+            out.append(f"{field.offset - pos}x")
+        if name.startswith("pad"):
+            out.append(f"{field.size}x")
+        elif issubclass(ctype, ct.Array) and ctype._type_ is ct.c_uint8:
+            out.append(f"{ctype._length_}s")
+        elif issubclass(ctype, ct.Array):
+            out.append(f"{ctype._length_}{_FORMATS[ctype._type_]}")
+        else:
+            out.append(_FORMATS[ctype])
+        pos = field.offset + field.size
+    if tail and ct.sizeof(cls) > pos:
+        out.append(f"{ct.sizeof(cls) - pos}x")
+    return struct.Struct("".join(out))
+
+
 # struct sg_ct_key / sg_ct_val for bulk unpacking (batch reads); ports in network order.
-CT_KEY = struct.Struct("<IB3x16s16sHH")
-CT_VAL = struct.Struct("<QQQIIHBB")  # expires_ns, packets, bytes, gen, rule_id, zone, direction, state
-CT_VAL_PADDED = struct.Struct("<QQQIIHBB4x")  # as the kernel lays out an array of them
-assert CT_KEY.size == ct.sizeof(CtKey) and CT_VAL_PADDED.size == ct.sizeof(CtVal)
+CT_KEY = struct_of(CtKey)  # ifindex, proto, saddr, daddr, sport, dport
+CT_VAL = struct_of(CtVal, tail=False)  # expires_ns, packets, bytes, gen, rule_id, zone, direction, state
+CT_VAL_PADDED = struct_of(CtVal)  # as the kernel lays out an array of them
 
 
 class ShareHand(ct.Structure):  # struct sg_share_hand
@@ -202,6 +242,17 @@ class Event(ct.Structure):  # struct sg_event
         ("count", ct.c_uint32),  # drops: packets this (aggregated) event stands for
     ]
 
+
+# struct sg_event for the ring buffer consumer, ports read raw (network order).
+EVENT = struct_of(Event)
+
+# C struct name -> its mirror; tests/unit/test_abi_header.py compares each one's fields with abi.h.
+STRUCTS: dict[str, type[ct.Structure]] = {
+    "sg_config_val": ConfigVal, "sg_ipcache_key": IpcacheKey, "sg_ipcache_val": IpcacheVal,
+    "sg_policy_key": PolicyKey, "sg_policy_val": PolicyVal, "sg_workload_val": WorkloadVal,
+    "sg_srcip_key": SrcipKey, "sg_ct_key": CtKey, "sg_ct_val": CtVal, "sg_share_hand": ShareHand,
+    "sg_frag_key": FragKey, "sg_frag_val": FragVal, "sg_counter_val": CounterVal, "sg_event": Event,
+}
 
 # map name in C -> (key mirror, value mirror); the ABI test walks this.
 MAP_LAYOUT = {

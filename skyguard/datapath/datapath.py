@@ -135,7 +135,7 @@ class Datapath:
 
     def _write_ipcache(self, gen: int, prefix, ident: int, expires_ns: int) -> None:
         net = ipaddress.ip_network(prefix)
-        plen = abi.IPCACHE_FIXED_BITS + (96 + net.prefixlen if net.version == 4 else net.prefixlen)
+        plen = abi.IPCACHE_FIXED_BITS + (abi.IPV4_MAPPED_BITS + net.prefixlen if net.version == 4 else net.prefixlen)
         key = abi.IpcacheKey(prefixlen=plen, gen=gen)
         key.addr[:] = abi.addr16(net.network_address)
         # host addresses go to the hash (constant cost), shorter prefixes to the LPM trie

@@ -29,7 +29,6 @@ import json
 import logging
 import queue
 import socket
-import struct
 import threading
 import time
 import weakref
@@ -48,15 +47,13 @@ DEFAULT_CT_SCAN_INTERVAL_S = 2.0  # how late a flow_end may be, and how often co
 DEFAULT_RECENT = 20_000  # records kept in memory for `skyguard flows`
 DEFAULT_MAX_INFLIGHT = 200_000  # entries waiting for fsync before the consumer stops reading
 MAX_DENY_FLOWS_PER_INTERVAL = 1_000  # distinct denied flows logged one by one per interval
-KERNEL_DENY_INTERVAL_NS = 1_000_000_000  # SG_DENY_EVENT_INTERVAL_NS in bpf/lib/events.h
+KERNEL_DENY_INTERVAL_NS = abi.DENY_EVENT_INTERVAL_NS
 POLL_TIMEOUT_MS = 100
-PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
-CT_CLOSING = 2
+PROTO_NAMES = abi.PROTO_NAMES
+CT_CLOSING = abi.CT_CLOSING
 BPF_NOEXIST = 1
 
-# struct sg_event (abi.Event), with the two network-order ports read raw.
-_EVENT = struct.Struct("<QIIHBBBBH16s16sHHII4x")  # 4 bytes of tail padding
-assert _EVENT.size == ct.sizeof(abi.Event)
+_EVENT = abi.EVENT  # struct sg_event, with the two network-order ports read raw
 
 
 # The same bytes as skyguard.tlog.entries.canonical (sorted keys, no spaces, UTF-8), without its
@@ -341,7 +338,7 @@ class FlowLogger:
         templates = self._templates
         starts = 0
         for buf in raw:
-            (ts, ifindex, rule_id, zone, etype, direction, reason, proto, _pad, saddr, daddr,
+            (ts, ifindex, rule_id, zone, etype, direction, reason, proto, saddr, daddr,
              sport, dport, length, count) = _EVENT.unpack(buf)
             self._stats["events"] += 1
             if etype == abi.EVENT_FLOW_START:
@@ -418,7 +415,7 @@ class FlowLogger:
             meta.move_to_end(k)
         else:
             meta[k] = (zone, direction)
-            if len(meta) > 65536:  # SG_DENY_AGG_MAX: the kernel keeps no more either
+            if len(meta) > abi.DENY_AGG_MAX:  # the kernel keeps no more either
                 meta.popitem(last=False)
 
     def _flush_kernel_denies(self, force: bool = False) -> list[bytes]:
