@@ -4,17 +4,19 @@ a response's on the way in) judged under the policy's content rules, the block r
 
 The proxy holds whole messages before it forwards them (credproxy/http1.py), so a request whose
 body is blocked never leaves: the upstream receives no byte of it, let alone a complete file.
-Empty bodies are not inspected (nothing is uploaded; a GET must not depend on clamd). Not here:
+Empty bodies are not inspected (nothing is uploaded; a GET must not depend on clamd), but a
+request's target and header values are always held to the rules' patterns. Not here:
 which connections reach the proxy (steering), the engines (inspector.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import weakref
 
 from skyguard.content.http import Uninspectable, body_files
-from skyguard.content.inspector import UNINSPECTABLE, ContentEngine, ContentVerdict, inspect_bytes
+from skyguard.content.inspector import PATTERN, UNINSPECTABLE, ContentEngine, ContentVerdict, inspect_bytes
 from skyguard.content.record import ContentMetrics, blocked_entry
 from skyguard.credproxy.http1 import serialise_response
 
@@ -31,18 +33,28 @@ def metrics_for(registry) -> ContentMetrics:
 
 
 async def judge_body(engine: ContentEngine, facts, host: str | None, direction: str, headers, body: bytes,
-                     decision_log, metrics: ContentMetrics) -> ContentVerdict | None:
+                     decision_log, metrics: ContentMetrics, target: bytes | None = None) -> ContentVerdict | None:
     """The blocking verdict for this body, or None when it may pass. `facts` is the proxy's
-    ConnectionFacts (zone, workload). Every verdict is counted; a block is logged."""
-    if not body or engine.inspector(facts.zone, direction, "http") is None:
+    ConnectionFacts (zone, workload). A request's `target` and header values are held to the
+    rules' patterns too (a key in a query string is an upload). Every verdict is counted; a
+    block is logged."""
+    if engine.inspector(facts.zone, direction, "http") is None:
+        return None
+    verdicts = []
+    rule = engine.pattern_hit(facts.zone, direction, "http", [target, *(v for _, v in headers)]) \
+        if target is not None else None
+    if rule is not None:
+        verdicts = [ContentVerdict(True, rule, PATTERN, f"request target or headers match a blocked pattern (rule {rule})",
+                                   len(body), hashlib.sha256(body).hexdigest())]
+    elif not body:
         return None
     limit = engine.content.max_inspect_bytes
-    verdicts = []
     try:
-        files = body_files(headers, body, limit)
+        files = body_files(headers, body, limit) if not verdicts else []
     except Uninspectable as error:
-        rule = engine.content.rules_for(facts.zone, direction, "http")[0].name
-        verdicts = [ContentVerdict(True, rule, UNINSPECTABLE, f"refused unscanned: {error}", len(body), "")]
+        first = engine.content.rules_for(facts.zone, direction, "http")[0].name
+        verdicts = [ContentVerdict(True, first, UNINSPECTABLE, f"refused unscanned: {error}", len(body),
+                                   hashlib.sha256(body).hexdigest())]
         files = []
     for data in files:
         verdict = await inspect_bytes(engine, facts.zone, direction, "http", data)

@@ -75,6 +75,15 @@ class ContentEngine:
     def __repr__(self) -> str:
         return f"ContentEngine(rules={[r.rule.name for r in self.rules]})"
 
+    def pattern_hit(self, zone: str | None, direction: str, protocol: str, parts: Sequence[bytes]) -> str | None:
+        """The first covering rule whose patterns match one of `parts` (what travels beside a
+        file: a request's target and header values), or None."""
+        for compiled in self.rules:
+            if compiled.patterns and compiled.rule.applies(zone, direction, protocol) and \
+                    any(p.search(part) for p in compiled.patterns for part in parts):
+                return compiled.rule.name
+        return None
+
     def inspector(self, zone: str | None, direction: str, protocol: str) -> Inspector | None:
         """An inspector for one file, or None when no rule covers it (nothing to inspect)."""
         rules = tuple(r for r in self.rules if r.rule.applies(zone, direction, protocol))

@@ -305,7 +305,7 @@ class CredentialProxy:
             return ProtocolRefusal(verdict.status, verdict.reason)
         if state.content is not None:  # judged whole before a byte is forwarded (fail closed)
             blocked = await judge_body(state.content, facts, verdict.host, "upload", request.headers, request.body,
-                                       self.decision_log, self.content_metrics)
+                                       self.decision_log, self.content_metrics, target=request.target)
             if blocked is not None:
                 return blocked_response(blocked, request.method, keep_alive)
         certificate = state.client_certificate_for(verdict.host, facts.zone)

@@ -37,6 +37,7 @@ def content_policy(socket_path: str) -> ContentPolicy:
                     ContentBlock(mime_types=("application/x-executable", "application/x-sharedlib",
                                              "application/x-pie-executable"), max_size=200_000)),
         ContentRule("inbound", ("web",), ("download",), ("http",), ContentBlock(patterns=(DOWNLOAD_MARKER,))),
+        ContentRule("no-keys", ("web",), ("upload",), ("http",), ContentBlock(patterns=(r"AKIA[0-9A-Z]{16}",))),
     )
     return ContentPolicy(rules, clamd_socket=socket_path, scan_timeout=5, max_inspect_bytes=4 << 20)
 
@@ -168,6 +169,18 @@ def test_blocked_uploads_never_reach_the_upstream(rig, description, data, args, 
     assert_blocked(rig, code, body, rule, engine)
     assert len(rig.echoed()) == before  # the upstream received nothing at all
     assert rig.counted(rule, "blocked") == blocked_before + 1
+
+
+@pytest.mark.parametrize("args", [
+    ("-G", "--data-urlencode", "key=AKIAABCDEFGHIJKLMNOP"),  # in the query string, no body at all
+    ("-H", "X-Api-Key: AKIAABCDEFGHIJKLMNOP", "-X", "GET"),
+    ("--data-binary", "@{path}"),  # in the body
+], ids=["query", "header", "body"])
+def test_patterns_cover_the_target_and_headers_too(rig, args):
+    before = len(rig.echoed())
+    code, body = rig.upload(b"aws key AKIAABCDEFGHIJKLMNOP\n", *args)
+    assert_blocked(rig, code, body, "no-keys", "pattern")
+    assert len(rig.echoed()) == before
 
 
 def test_marker_split_across_chunks_is_blocked(rig):
