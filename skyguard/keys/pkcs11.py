@@ -16,6 +16,7 @@ sealed store; the caller passes the value).
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import time
 
@@ -50,11 +51,7 @@ class Pkcs11Backend:
     def __init__(self, module: str, token_label: str, pin: bytes):
         pkcs11 = _pkcs11()
         self.module, self.token_label = module, token_label
-        try:
-            lib = pkcs11.lib(module)
-        except Exception as e:  # noqa: BLE001 - python-pkcs11 raises a few unrelated types here
-            raise KeyCustodyError(f"cannot load the PKCS#11 module {module}: {type(e).__name__}: {e}; "
-                                  "check keys.module (for SoftHSM: /usr/lib/softhsm/libsofthsm2.so)") from None
+        lib = _load_module(module)
         try:
             self.token = lib.get_token(token_label=token_label)
         except pkcs11.NoSuchToken:
@@ -288,6 +285,50 @@ class Pkcs11Backend:
         except _pkcs11().PKCS11Error:
             extractable = False
         return KeyInfo(name=name, type=self._type_of(private), backend=self.name, extractable=extractable)
+
+
+# ---- the module, initialised for threads ---------------------------------------------------------
+# python-pkcs11 calls C_Initialize(NULL), which tells the module that no two threads will call it
+# at once; SoftHSM then turns its locks off, and the crypto proxy's workers and OpenSSL's pkcs11
+# engine (tlskey.py) do call it from several threads (GeneralError from C_FindObjectsInit, found by
+# bench/crypto.py). So the module is initialised here with CKF_OS_LOCKING_OK, and python-pkcs11's
+# lib object is made without its own C_Initialize (lib.__new__ loads the module and its function
+# list; __init__ would initialise). Every backend in the process shares it.
+_MODULES: dict[str, object] = {}
+CKF_OS_LOCKING_OK = 0x2
+CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x191
+
+
+class _InitArgs(ctypes.Structure):
+    _fields_ = [("CreateMutex", ctypes.c_void_p), ("DestroyMutex", ctypes.c_void_p), ("LockMutex", ctypes.c_void_p),
+                ("UnlockMutex", ctypes.c_void_p), ("flags", ctypes.c_ulong), ("pReserved", ctypes.c_void_p)]
+
+
+class _FunctionListHead(ctypes.Structure):  # CK_FUNCTION_LIST: the version, then C_Initialize first
+    _fields_ = [("major", ctypes.c_ubyte), ("minor", ctypes.c_ubyte),
+                ("C_Initialize", ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_void_p))]
+
+
+def _load_module(module: str):
+    from pkcs11 import _pkcs11
+
+    with _LOGINS_LOCK:
+        lib = _MODULES.get(module)
+        if lib is not None:
+            return lib
+        hint = "check keys.module (for SoftHSM: /usr/lib/softhsm/libsofthsm2.so)"
+        try:
+            lib = _pkcs11.lib.__new__(_pkcs11.lib, module)  # type: ignore[call-arg]  # dlopen, C_GetFunctionList
+            functions = ctypes.POINTER(_FunctionListHead)()
+            ctypes.CDLL(module).C_GetFunctionList(ctypes.byref(functions))
+        except Exception as e:  # noqa: BLE001 - python-pkcs11 and ctypes raise a few unrelated types here
+            raise KeyCustodyError(f"cannot load the PKCS#11 module {module}: {type(e).__name__}: {e}; {hint}") from None
+        args = _InitArgs(None, None, None, None, CKF_OS_LOCKING_OK, None)
+        rv = functions.contents.C_Initialize(ctypes.cast(ctypes.pointer(args), ctypes.c_void_p))
+        if rv not in (0, CKR_CRYPTOKI_ALREADY_INITIALIZED):
+            raise KeyCustodyError(f"the PKCS#11 module {module} failed to initialise (CKR 0x{rv:x}); {hint}")
+        _MODULES[module] = lib
+        return lib
 
 
 # One login per token and process, shared by every backend open on it: PKCS#11 logs in the

@@ -151,45 +151,57 @@ def test_the_rate_limit_is_per_vm_and_key():
 
 # ---- the file backend --------------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def file_backend(tmp_path_factory):
+    """One key of each type, made once (an RSA-3072 key takes a second or two)."""
+    backend = FileBackend(SecretStore(tmp_path_factory.mktemp("file-keys") / "secrets"))
+    for key_type in ("ec-p256", "ed25519", "rsa-3072"):
+        backend.create(key_type, key_type)
+    return backend
+
+
 @pytest.mark.parametrize("key_type", ["ec-p256", "ed25519", "rsa-3072"])
-def test_file_backend_signs_what_the_public_key_verifies(tmp_path, key_type):
-    backend = FileBackend(SecretStore(tmp_path / "secrets"))
-    assert backend.create("k1", key_type).type == key_type
+def test_file_backend_signs_what_the_public_key_verifies(file_backend, key_type):
+    backend = file_backend
     digest = hashlib.sha256(b"payload").digest()
-    signature = backend.sign("k1", digest)
-    pem = backend.public_pem("k1")
+    signature = backend.sign(key_type, digest)
+    pem = backend.public_pem(key_type)
     assert verify_signature(pem, key_type, digest, signature)
     assert not verify_signature(pem, key_type, hashlib.sha256(b"other").digest(), signature)
-    assert [k.name for k in backend.list()] == ["k1"]
+    assert backend.info(key_type).type == key_type
     with pytest.raises(KeyCustodyError, match="does not export"):
-        backend.export_private("k1")
-    assert "PRIVATE" not in repr(backend.private_pem("k1"))
+        backend.export_private(key_type)
+    assert "PRIVATE" not in repr(backend.private_pem(key_type))
+
+
+def test_file_backend_lists_and_removes(tmp_path):
+    backend = FileBackend(SecretStore(tmp_path / "secrets"))
+    backend.create("k1", "ed25519")
+    assert [k.name for k in backend.list()] == ["k1"]
     backend.remove("k1")
     with pytest.raises(KeyCustodyError, match="no key named 'k1'"):
         backend.public_pem("k1")
 
 
-def test_file_backend_refuses_bad_names_and_decrypts_only_with_rsa(tmp_path):
+def test_file_backend_refuses_bad_names_and_decrypts_only_with_rsa(file_backend):
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import padding
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-    backend = FileBackend(SecretStore(tmp_path / "secrets"))
+    backend = file_backend
     with pytest.raises(BadInput):
         backend.create("../x", "ec-p256")
     with pytest.raises(BadInput):
         backend.create("x", "dsa-1024")
-    backend.create("ec", "ec-p256")
     with pytest.raises(KeyCustodyError, match="it signs, it does not decrypt"):
-        backend.decrypt("ec", b"x")
-    backend.create("rsa", "rsa-3072")
-    wrapped = load_pem_public_key(backend.public_pem("rsa")).encrypt(
+        backend.decrypt("ec-p256", b"x")
+    wrapped = load_pem_public_key(backend.public_pem("rsa-3072")).encrypt(
         b"wrapped key", padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None))
-    assert backend.decrypt("rsa", wrapped) == b"wrapped key"
+    assert backend.decrypt("rsa-3072", wrapped) == b"wrapped key"
     with pytest.raises(KeyCustodyError):
-        backend.decrypt("rsa", b"\0" * 384)
+        backend.decrypt("rsa-3072", b"\0" * 384)
     with pytest.raises(KeyCustodyError, match="exists"):
-        backend.create("rsa", "rsa-3072")
+        backend.create("rsa-3072", "rsa-3072")
 
 
 def test_key_cli_with_the_file_backend_logs_each_change(tmp_path, monkeypatch):
