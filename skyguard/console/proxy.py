@@ -80,6 +80,7 @@ class ConsoleProxy:
         self.address: tuple[str, int] | None = None
         self._server: asyncio.AbstractServer | None = None
         self._listen: str | None = None
+        self._vm_locks: dict[tuple[str, int], asyncio.Lock] = {}
         self.web: WebConsole | None = None  # the web console while admin.console.web is set
         self._started = False
         self.policy = self._checked(policy)
@@ -189,6 +190,10 @@ class ConsoleProxy:
                 self.record("console_access_revoked", session=session.recording.id,
                             operator=session.ticket.operator, target=session.target.name, reason=e.reason)
                 session.end("revoked", e.reason)
+
+    def vm_login_lock(self, address: str, port: int) -> asyncio.Lock:
+        """The lock that serialises skyguard's logins to one VM's VNC server (see session.py)."""
+        return self._vm_locks.setdefault((address, port), asyncio.Lock())
 
     def record(self, kind: str, /, **fields) -> None:
         try:

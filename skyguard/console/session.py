@@ -130,12 +130,26 @@ class ConsoleSession:
         return None
 
     async def _vm_login(self, address: str, target):
+        # One login at a time per VM server: every session comes from skyguard's one address, and
+        # a VNC server counts unfinished logins per address (TigerVNC blacklists it after 5, and
+        # then refuses everyone: "Too many security failures").
+        async with self.proxy.vm_login_lock(address, target.port):
+            return await self._vm_login_alone(address, target)
+
+    async def _vm_login_alone(self, address: str, target):
         password = self.proxy.store.get(target.credential)  # a Secret: never printed
         r, w = await asyncio.wait_for(asyncio.open_connection(address, target.port),
                                       self.proxy.config.connect_timeout)
         self.vm_w = w
         if rfb.parse_version(await r.readexactly(12)) < (3, 8):
-            raise rfb.RfbError("the VM's VNC server speaks an RFB version before 3.8")
+            # Also how a VNC server refuses a connection at once (RFB 3.3: type 0 and a reason).
+            head = await r.readexactly(4)
+            reason = b""
+            if head == bytes(4):
+                (length,) = struct.unpack(">I", await r.readexactly(4))
+                reason = await r.readexactly(min(length, 512))
+            raise rfb.RfbError("the VM's VNC server speaks an RFB version before 3.8"
+                               + (f" or refused: {reason.decode(errors='replace')}" if reason else ""))
         w.write(rfb.VERSION_3_8)
         count = (await r.readexactly(1))[0]
         if count == 0:

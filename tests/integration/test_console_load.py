@@ -1,0 +1,112 @@
+"""The console proxy under load: six operators stream full screens from one real Xvnc through it
+at once, and a seventh still logs in and gets its screen; every session is recorded whole. The
+clients are asyncio RFB clients framed by skyguard's reader (the real VNC client, vncdotool, is
+test_console_vnc.py's); Xvnc and the proxy are on loopback, no lab needed. No timing is asserted:
+the bound below only turns a hang into a failure."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import struct
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from skyguard.admin.decisionlog import JsonLinesDecisionLog
+from skyguard.console import rfb
+from skyguard.console.proxy import ConsoleProxy
+from skyguard.custody.store import SecretStore
+from skyguard.policy.console import AdminConsole, ConsoleGrant, ConsoleTarget
+from skyguard.policy.model import Policy, Workload, Zone
+
+PASSWORD = b"load-pw1"
+VNC_PORT, PROXY_PORT = 24261, 24262
+STREAMS = 6
+HANG = 60.0  # seconds after which a session that has not finished counts as hung
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("console-load")
+    (tmp / "passwd").write_bytes(subprocess.run(["vncpasswd", "-f"], input=PASSWORD, capture_output=True,
+                                                check=True).stdout)
+    display = next(n for n in range(500 + os.getpid() % 400, 1000) if not Path(f"/tmp/.X{n}-lock").exists())
+    xvnc = subprocess.Popen(["Xvnc", f":{display}", "-rfbport", str(VNC_PORT), "-localhost", "-interface",
+                             "127.0.0.1", "-geometry", "640x480", "-depth", "24", "-SecurityTypes", "VncAuth",
+                             "-PasswordFile", str(tmp / "passwd"), "-nolisten", "tcp"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    workload = Workload("vm", "lab", "sg-vm", "02:00:00:00:00:01", (ipaddress.ip_address("127.0.0.1"),))
+    policy = Policy(name="load", zones={"lab": Zone("lab", (workload,))}, networks={}, rules=(),
+                    admin_console=AdminConsole(listen=f"127.0.0.1:{PROXY_PORT}",
+                                               targets=(ConsoleTarget("desk", "vm", "vnc", VNC_PORT, "vm-vnc"),),
+                                               operators=(ConsoleGrant("alice", ("lab",)),)))
+    store = SecretStore(tmp / "secrets")
+    store.set("vm-vnc", PASSWORD)
+    the_proxy = ConsoleProxy(policy, store, tmp, JsonLinesDecisionLog(tmp / "log.jsonl"))
+    try:
+        for _ in range(100):
+            if subprocess.run(["ss", "-Hltn", f"sport = :{VNC_PORT}"], capture_output=True, text=True).stdout:
+                break
+            time.sleep(0.1)
+        asyncio.run_coroutine_threadsafe(the_proxy.start(), loop).result(10)
+        yield the_proxy
+    finally:
+        asyncio.run_coroutine_threadsafe(the_proxy.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        xvnc.terminate()
+        xvnc.wait(10)
+
+
+async def session(password: bytes, frames: int) -> int:
+    """Log in through the proxy and fetch `frames` full screens; the number fetched."""
+    r, w = await asyncio.open_connection("127.0.0.1", PROXY_PORT)
+    await r.readexactly(12)
+    w.write(rfb.VERSION_3_8)
+    await r.readexactly(2)
+    w.write(bytes([rfb.SECURITY_VNC]))
+    w.write(rfb.vnc_auth_response(password, await r.readexactly(16)))
+    result = await r.readexactly(4)
+    assert result == bytes(4), f"login refused: {await r.read(200)!r}"
+    w.write(b"\x01")
+    init = await rfb.read_server_init(r)
+    w.write(rfb.set_encodings((rfb.ENC_RAW,)))
+    got = 0
+    for _ in range(frames):
+        w.write(struct.pack(">BBHHHH", rfb.FB_UPDATE_REQUEST, 0, 0, 0, init.width, init.height))
+        while (await rfb.read_server_message(r, init.pixel_format, (init.width, init.height))).type != rfb.FB_UPDATE:
+            pass
+        got += 1
+    w.close()
+    return got
+
+
+def test_a_new_session_opens_while_others_stream(proxy):
+    async def main():
+        streams = [asyncio.create_task(session(proxy.tickets.issue("alice", "desk").password.encode(), 20))
+                   for _ in range(STREAMS)]
+        await asyncio.sleep(0.5)  # the streams are under way
+        probe = await asyncio.wait_for(session(proxy.tickets.issue("alice", "desk").password.encode(), 1), HANG)
+        return probe, await asyncio.wait_for(asyncio.gather(*streams), HANG)
+
+    try:
+        probe, streamed = asyncio.run(main())
+    except AssertionError:
+        raise AssertionError(list(proxy.decision_log.entries())) from None
+    assert probe == 1 and streamed == [20] * STREAMS
+    for _ in range(100):
+        records = proxy.archive.list()
+        if len(records) == STREAMS + 1 and all(r["result"] != "active" for r in records):
+            break
+        time.sleep(0.1)
+    assert len(records) == STREAMS + 1 and all(r["transcript_sha256"] for r in records), \
+        list(proxy.decision_log.entries())
+    assert all(r["bytes_out"] >= 640 * 480 * 4 for r in records)

@@ -1,0 +1,99 @@
+"""The console proxy against a hostile VNC server, over loopback: a VM that breaks RFB after the
+login ends that one session (protocol error, recorded and logged) and the proxy goes on serving;
+a VM that refuses the stored password gives the operator a refusal that names neither the VM's
+reason nor the password. The VM here is the attacker's tool, written by hand on purpose; the real
+Xvnc is in tests/integration/test_console_vnc.py."""
+
+import asyncio
+import ipaddress
+import struct
+
+from skyguard.admin.decisionlog import JsonLinesDecisionLog
+from skyguard.console import rfb
+from skyguard.console.proxy import ConsoleProxy
+from skyguard.custody.store import SecretStore
+from skyguard.policy.console import AdminConsole, ConsoleGrant, ConsoleTarget
+from skyguard.policy.model import Policy, Workload, Zone
+
+PF = rfb.PixelFormat(32, 24, False, True, 255, 255, 255, 16, 8, 0)
+VM_PASSWORD = b"vm-only1"
+
+
+async def hostile_vm(reader, writer, after_login: bytes, accept: bool = True):
+    writer.write(rfb.VERSION_3_8)
+    await reader.readexactly(12)
+    writer.write(bytes([1, rfb.SECURITY_VNC]))
+    await reader.readexactly(1)
+    writer.write(bytes(16))
+    await reader.readexactly(16)
+    if not accept:
+        writer.write(rfb.security_failure("password is " + VM_PASSWORD.decode()))  # a VM that leaks
+        await writer.drain()
+        writer.close()
+        return
+    writer.write(bytes(4))
+    await reader.readexactly(1)
+    writer.write(rfb.ServerInit(4, 2, PF, b"vm").raw)
+    await writer.drain()
+    writer.write(after_login)
+    await writer.drain()
+    await asyncio.sleep(1)
+    writer.close()
+
+
+async def operator(port: int, password: str) -> tuple[bytes, bytes]:
+    """Log in through the proxy; (SecurityResult and what follows it, the rest until closed)."""
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    await r.readexactly(12)
+    w.write(rfb.VERSION_3_8)
+    await r.readexactly(2)
+    w.write(bytes([rfb.SECURITY_VNC]))
+    w.write(rfb.vnc_auth_response(password.encode(), await r.readexactly(16)))
+    result = await r.readexactly(4)
+    if result != bytes(4):
+        return result, await r.read()
+    w.write(b"\x01")
+    rest = await asyncio.wait_for(r.read(), 5)
+    w.close()
+    return result, rest
+
+
+async def scenario(tmp_path, vm_behaviour):
+    vm = await asyncio.start_server(vm_behaviour, "127.0.0.1", 0)
+    vm_port = vm.sockets[0].getsockname()[1]
+    workload = Workload("dc1", "directory", "sg-dc1", "02:00:00:00:00:01", (ipaddress.ip_address("127.0.0.1"),))
+    policy = Policy(name="t", zones={"directory": Zone("directory", (workload,))}, networks={}, rules=(),
+                    admin_console=AdminConsole(listen="127.0.0.1:0", targets=(
+                        ConsoleTarget("desk", "dc1", "vnc", vm_port, "dc1-vnc"),),
+                        operators=(ConsoleGrant("alice", ("directory",)),)))
+    store = SecretStore(tmp_path / "secrets")
+    store.set("dc1-vnc", VM_PASSWORD)
+    log = JsonLinesDecisionLog(tmp_path / "log.jsonl")
+    proxy = ConsoleProxy(policy, store, tmp_path, log)
+    port = (await proxy.start())[1]
+    try:
+        first = await operator(port, proxy.tickets.issue("alice", "desk").password)
+        second = await operator(port, proxy.tickets.issue("alice", "desk").password)
+    finally:
+        await proxy.stop()
+        vm.close()
+    return first, second, proxy, log
+
+
+def test_a_vm_breaking_rfb_ends_that_session_only(tmp_path):
+    bad = struct.pack(">BxH", rfb.FB_UPDATE, 1) + struct.pack(">HHHHi", 0, 0, 9, 9, rfb.ENC_RAW)  # outside 4x2
+    first, second, proxy, log = asyncio.run(scenario(tmp_path, lambda r, w: hostile_vm(r, w, bad)))
+    assert first[0] == bytes(4) and second[0] == bytes(4)  # both logged in: the listener went on
+    assert bad not in first[1]  # the broken update never reached the operator
+    results = [s["result"] for s in proxy.archive.list()]
+    assert results == ["protocol_error", "protocol_error"]
+    errors = [e for e in log.entries() if e["type"] == "console_session_error"]
+    assert "outside the 4x2 framebuffer" in errors[0]["reason"]
+
+
+def test_a_vm_refusing_the_password_is_reported_without_its_words(tmp_path):
+    first, _, proxy, log = asyncio.run(scenario(tmp_path, lambda r, w: hostile_vm(r, w, b"", accept=False)))
+    assert first[0] == struct.pack(">I", 1)
+    assert b"could not open the console of desk (VM side)" in first[1]
+    assert VM_PASSWORD not in first[1] and VM_PASSWORD not in log.path.read_bytes()
+    assert [e["reason"] for e in log.entries() if e["type"] == "console_access_refused"] == ["vm_login_failed"] * 2
