@@ -103,3 +103,43 @@ def test_clamd_down_fails_the_upload(rig, tmp_path):
         assert "unavailable" in blocks(rig)[-1]["reason"]
     finally:
         policy.write_text(original)
+
+
+# ---- the filter itself, sans-io: what it refuses to follow ----------------------------------------
+
+def _filter(tmp_path, rules=True):
+    from skyguard.admin.sftp import SftpUploadFilter
+    from skyguard.content.inspector import ContentEngine
+    from skyguard.policy.content import ContentBlock, ContentPolicy, ContentRule
+
+    rule = ContentRule("r", ("web",), ("upload",), ("sftp",), ContentBlock(max_size=10))
+    return SftpUploadFilter(ContentEngine(ContentPolicy((rule,) if rules else ())), "web", lambda entry: None)
+
+
+def _packet(kind: int, request_id: int, payload: bytes = b"") -> bytes:
+    import struct
+
+    body = bytes([kind]) + struct.pack(">I", request_id) + payload
+    return struct.pack(">I", len(body)) + body
+
+
+def test_a_zone_without_sftp_rules_is_passed_through_untouched(tmp_path):
+    import asyncio
+
+    upload_filter = _filter(tmp_path, rules=False)
+    data = _packet(3, 1, b"\0\0\0\1x\0\0\0\x1a\0\0\0\0") + b"\xff" * 7  # and half a packet
+    assert asyncio.run(upload_filter.from_operator(data)) == (data, b"")
+    assert upload_filter.from_vm(b"anything") == b"anything"
+
+
+def test_streams_it_cannot_follow_end_the_channel(tmp_path):
+    import asyncio
+
+    from skyguard.admin.sftp import SftpProtocolError
+
+    with pytest.raises(SftpProtocolError, match="own range"):
+        asyncio.run(_filter(tmp_path).from_operator(_packet(6, 0xF0000001, b"\0\0\0\1h")))
+    with pytest.raises(SftpProtocolError, match="SFTP packet of"):
+        asyncio.run(_filter(tmp_path).from_operator(b"\x7f\xff\xff\xff\x06"))
+    with pytest.raises(SftpProtocolError, match="truncated"):
+        asyncio.run(_filter(tmp_path).from_operator(_packet(3, 1, b"\0\0\0\x09ab")))
