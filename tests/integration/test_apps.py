@@ -332,11 +332,12 @@ def test_an_app_port_is_reachable_only_through_the_proxy(apps_lab):
     takes that port for the proxy: another VM and the outside are dropped by the datapath."""
     probe = ("import socket, sys; s = socket.socket(); s.settimeout(2)\n"
              "try:\n    s.connect((sys.argv[1], int(sys.argv[2]))); print('open')\nexcept OSError:\n    print('blocked')")
-    for where, (address, port) in (("sdnctl1", ("10.10.4.2", 443)), ("internet", ("10.10.4.2", 443)),
-                                   ("radius1", ("10.10.2.2", 8080)), ("dc2", ("10.10.2.2", 8080))):
-        out = apps_lab.lab.exec(where, [sys.executable, "-c", probe, address, str(port)],
-                                capture_output=True, text=True, timeout=30)
-        assert out.stdout.strip() == "blocked", (where, address, port)
+    probes = {(where, address, port): apps_lab.lab.popen(where, [sys.executable, "-c", probe, address, str(port)],
+                                                         stdout=subprocess.PIPE, text=True)
+              for where, address, port in (("sdnctl1", "10.10.4.2", 443), ("internet", "10.10.4.2", 443),
+                                           ("radius1", "10.10.2.2", 8080), ("dc2", "10.10.2.2", 8080))}
+    for what, probe_process in probes.items():  # side by side: each blocked one waits out its timeout
+        assert probe_process.communicate(timeout=30)[0].strip() == "blocked", what
     status = apps_lab.daemon.status()
     dropped = [r for r in status["counters"]["drops"] if r["zone"] in ("firewall", "directory")]
     assert dropped  # counted by the datapath, not merely unanswered

@@ -37,7 +37,9 @@ class LabIdp:
         self.work_dir = Path(work_dir or lab.lab_dir / "idp")
         self.fixture = Path(fixture or DEFAULT_FIXTURE)
         self.proc: subprocess.Popen | None = None
-        self.address = str(addresses_for_name(HOST_NAME)[0])
+        # idp.test's A and AAAA. The provider listens on port PORT of every address of the internet
+        # namespace (IPv6 cannot bind one address of a local route there), dual stack.
+        self.addresses = [str(a) for a in addresses_for_name(HOST_NAME)]
         self.ready_file = self.work_dir / "idp.ready"
         self.log_path = self.work_dir / "idp.log"
 
@@ -48,7 +50,7 @@ class LabIdp:
         chain, key = LabCA(self.lab.lab_dir / "ca").leaf_files(HOST_NAME)
         self.ready_file.unlink(missing_ok=True)
         argv = ["node", str(PROGRAM), "--modules", str(MODULES), "--fixture", str(self.fixture),
-                "--issuer", ISSUER, "--cert", str(chain), "--key", str(key), "--listen", self.address,
+                "--issuer", ISSUER, "--cert", str(chain), "--key", str(key), "--listen", "::",
                 "--port", str(PORT), "--ready", str(self.ready_file)]
         with open(self.log_path, "ab") as log:
             self.proc = self.lab.popen("internet", argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
@@ -100,7 +102,7 @@ def main(argv=None) -> int:
     parser.add_argument("--fixture", type=Path, default=DEFAULT_FIXTURE)
     args = parser.parse_args(argv)
     idp = LabIdp(Lab(), fixture=args.fixture).start()
-    print(f"{ISSUER} at {idp.address}, users from {args.fixture}; Ctrl-C stops it", flush=True)
+    print(f"{ISSUER} at {' and '.join(idp.addresses)}, users from {args.fixture}; Ctrl-C stops it", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

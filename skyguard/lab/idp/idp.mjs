@@ -10,7 +10,7 @@
 // fills in). Tokens, PKCE, sessions, discovery and JWKS are the library's.
 //
 // Usage: node idp.mjs --modules DIR --fixture FILE --issuer URL --cert PEM --key PEM
-//                      --listen ADDR --port N [--ready FILE]
+//                      --listen ADDR[,ADDR...] --port N [--ready FILE]
 
 import { createRequire } from 'node:module';
 import { generateKeyPairSync, timingSafeEqual, createHash } from 'node:crypto';
@@ -118,14 +118,22 @@ async function interaction(req, res) {
 }
 
 const callback = provider.callback();
-const server = https.createServer({ cert: readFileSync(args.cert), key: readFileSync(args.key) }, (req, res) => {
+const tls = { cert: readFileSync(args.cert), key: readFileSync(args.key) };
+function handle(req, res) {
   if (req.url.startsWith('/interaction/')) {
     interaction(req, res).catch((err) => page(res, 400, `<p id="error">${escape(err.message)}</p>`));
     return;
   }
   callback(req, res);
-});
-server.listen(Number(args.port), args.listen, () => {
-  if (args.ready) writeFileSync(args.ready, `${process.pid}\n`);
-});
-for (const signal of ['SIGTERM', 'SIGINT']) process.on(signal, () => server.close(() => process.exit(0)));
+}
+// One listener per address given ("::" is dual stack: idp.test's A and AAAA both reach it).
+const addresses = args.listen.split(',');
+let listening = 0;
+for (const address of addresses) {
+  https.createServer(tls, handle).listen(Number(args.port), address, () => {
+    listening += 1;
+    if (listening === addresses.length && args.ready) writeFileSync(args.ready, `${process.pid}\n`);
+  });
+}
+// Exit at once: a client's idle keep-alive connection must not hold a stopping provider open.
+for (const signal of ['SIGTERM', 'SIGINT']) process.on(signal, () => process.exit(0));
