@@ -18,8 +18,11 @@ LAB_PREFIX = os.environ.get("SKYGUARD_LAB_PREFIX", "")
 LAB_DIR = Path(os.environ.get("SKYGUARD_LAB_DIR", "/run/skyguard-lab"))
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BPF_DIR = REPO_ROOT / "bpf"
-POLICIES_DIR = REPO_ROOT / "policies"
+# bpf/ and policies/: the checkout's, or the copies an installed wheel carries (setup.py).
+_PACKAGED = Path(__file__).resolve().parent / "data"
+_DATA_ROOT = _PACKAGED if (_PACKAGED / "bpf").is_dir() else REPO_ROOT
+BPF_DIR = _DATA_ROOT / "bpf"
+POLICIES_DIR = _DATA_ROOT / "policies"
 DEFAULT_POLICY = POLICIES_DIR / "keysystems.yaml"
 DEFAULT_METRICS_ADDR = "127.0.0.1:9464"
 # `skyguard doctor` names its throwaway namespace this prefix + its pid (tests use their own).
