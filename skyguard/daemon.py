@@ -240,12 +240,13 @@ class Daemon:
         """The credential-swap proxy and TLS termination."""
         from skyguard.credproxy.service import CredentialService
         from skyguard.custody.store import SecretStore
-        from skyguard.keys.tlskey import client_certificates_of  # credentials[].client_certificate
+        from skyguard.keys.tlskey import WithClientCertificates, client_certificates_of
 
-        return CredentialService(policy, SecretStore(self.state_dir / "secrets"), state_dir=self.state_dir,
-                                 decision_log=PartLog(self.record_nowait, "credential", "event"), registry=registry,
-                                 address_matches=self._dns_learned, upstream_ca_file=self._upstream_ca(),
-                                 client_certificates=client_certificates_of(policy))
+        service = CredentialService(policy, SecretStore(self.state_dir / "secrets"), state_dir=self.state_dir,
+                                    decision_log=PartLog(self.record_nowait, "credential", "event"), registry=registry,
+                                    address_matches=self._dns_learned, upstream_ca_file=self._upstream_ca(),
+                                    client_certificates=client_certificates_of(policy))
+        return WithClientCertificates(service)  # credentials[].client_certificate, anew with each policy
 
     def _make_admin(self, policy, registry):
         """The SSH access proxy: the one way operators reach a VM's sshd (the datapath lets only
@@ -261,8 +262,12 @@ class Daemon:
         from skyguard.console.proxy import ConsoleProxy
         from skyguard.custody.store import SecretStore
 
+        def identify(host, headers):  # who is signed in: the identity-aware proxy's session, if it runs
+            apps = self._part("apps")
+            return apps.identify(host, headers) if apps is not None else None
+
         return ConsoleProxy(policy, SecretStore(self.state_dir / "secrets"), self.state_dir,
-                            PartLog(self.record_nowait, "admin_session"), registry=registry)
+                            PartLog(self.record_nowait, "admin_session"), registry=registry, identify=identify)
 
     def _make_apps(self, policy, registry):
         """The identity-aware proxy for VM web apps (the datapath keeps each app's port for it)."""

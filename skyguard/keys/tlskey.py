@@ -50,6 +50,30 @@ def client_certificates_of(policy) -> dict:
     return out
 
 
+class WithClientCertificates:
+    """The credential service (skyguard/credproxy/service.py), given the client certificates of each
+    policy it is handed: the daemon hot-swaps parts with set_policy(policy) alone, and the service
+    otherwise keeps the certificates of the policy it started with."""
+
+    def __init__(self, service):
+        self.service = service
+
+    def __repr__(self) -> str:
+        return f"WithClientCertificates({self.service!r})"
+
+    async def start(self):
+        return await self.service.start()
+
+    async def set_policy(self, policy):
+        return await self.service.set_policy(policy, client_certificates=client_certificates_of(policy))
+
+    async def stop(self):
+        return await self.service.stop()
+
+    def __getattr__(self, name):  # everything else is the service's
+        return getattr(self.service, name)
+
+
 def certificate_of(secrets, name: str) -> bytes | None:
     """The certificate chain stored for key `name`, or None."""
     try:

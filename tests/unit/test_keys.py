@@ -214,9 +214,9 @@ def test_key_cli_with_the_file_backend_logs_each_change(tmp_path, monkeypatch):
     from cryptography.hazmat.primitives import hashes, serialization
 
     from skyguard.cli.main import cli
-    from skyguard.credproxy.testing import TestCA
     from skyguard.tlog.entries import decode
     from skyguard.tlog.store import LogReader
+    from support.credproxy_support import TestCA
 
     monkeypatch.setattr(config, "RUN_DIR", tmp_path / "run")  # no daemon answers here
     policy = tmp_path / "policy.yaml"
@@ -252,3 +252,36 @@ def test_key_cli_with_the_file_backend_logs_each_change(tmp_path, monkeypatch):
     no_keys.write_text(config.DEFAULT_POLICY.read_text())
     unset = run(cli, ["key", "list", "--policy", str(no_keys), "--state-dir", str(state)])
     assert isinstance(unset.exception, BadInput) and "has no `keys:` section" in str(unset.exception)
+
+
+def test_a_hot_swapped_policy_brings_its_client_certificates(tmp_path):
+    """The daemon swaps parts with set_policy(policy) alone: the credential service must still
+    present the certificate the new policy names (and none the old one named)."""
+    import dataclasses
+
+    from skyguard.credproxy.interfaces import ListDecisionLog, MemorySecretSource
+    from skyguard.credproxy.service import CredentialService
+    from skyguard.keys.tlskey import WithClientCertificates, client_certificates_of
+    from skyguard.parts import LoopThread
+
+    policy = dataclasses.replace(policy_with(KEYS), tls_termination=())  # no certificate in this store
+    github = next(c for c in policy.credentials if c.name == "github")
+    with_cert = dataclasses.replace(policy, credentials=tuple(
+        dataclasses.replace(c, client_certificate="github-mtls") if c is github else c for c in policy.credentials))
+    # `true` stands in for nft (the steering is tested in namespaces); nothing is served here.
+    service = CredentialService(policy, MemorySecretSource({"github": b"ghp_x"}), state_dir=tmp_path,
+                                decision_log=ListDecisionLog(), registry=None, address_matches=lambda n, ip: True,
+                                listen=["127.0.0.1"], nft=("true",), client_certificates=client_certificates_of(policy))
+    part = WithClientCertificates(service)
+    loop = LoopThread()
+    try:
+        loop.call(part.start())
+        assert part.proxy.state.client_certificate_for("api.github.test", "sdn") is None
+        loop.call(part.set_policy(with_cert))
+        assert part.proxy.state.client_certificate_for("api.github.test", "sdn") == "key:github-mtls"
+        assert part.proxy.state.client_certificate_for("api.github.test", "sandbox") is None  # not its zone
+        loop.call(part.set_policy(policy))
+        assert part.proxy.state.client_certificate_for("api.github.test", "sdn") is None
+    finally:
+        loop.call(part.stop())
+        loop.stop()
