@@ -38,6 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO / "tests"))  # support.credproxy_support: the test CA and echo upstream
 
 from _common import progress, result  # noqa: E402
 
@@ -163,7 +164,7 @@ def main() -> None:
     if not shutil.which("wrk"):
         raise SystemExit("wrk is missing: apt-get install wrk (scripts/setup installs it)")
 
-    from skyguard.credproxy.testing import TestCA
+    from support.credproxy_support import TestCA
 
     tmp = Path(tempfile.mkdtemp(prefix="crx-bench-"))
     upstream_ca = TestCA()
@@ -173,11 +174,11 @@ def main() -> None:
     (tmp / "upca.pem").write_bytes(upstream_ca.certificate_pem)
     (tmp / "addon.py").write_text(MITM_ADDON)
     processes: list[subprocess.Popen] = []
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
     try:
         progress("starting the echo upstream and the skyguard proxy")
         processes.append(subprocess.Popen(
-            [sys.executable, "-m", "skyguard.credproxy.testing", "echo", "--host", "127.0.0.1",
+            [sys.executable, "-m", "support.credproxy_support", "echo", "--host", "127.0.0.1",
              "--port", str(UPSTREAM_PORT), "--cert", str(tmp / "up.pem"), "--key", str(tmp / "up.key")],
             env=env, stdout=subprocess.DEVNULL))
         processes.append(subprocess.Popen([sys.executable, __file__, "--serve-skyguard", str(tmp)], env=env))

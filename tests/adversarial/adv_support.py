@@ -16,7 +16,7 @@ from skyguard.datapath import abi, progrun
 from skyguard.datapath.datapath import _nonzero_per_cpu
 from skyguard.datapath.reasons import reason_name
 from skyguard.policy.model import Destination, Policy, PortRange, Rule, Workload, Zone
-from skyguard.refmodel import EGRESS, FLOW, ICMP_ERROR, INGRESS, ND, PROTOCOLS, Packet
+from support.refmodel import EGRESS, FLOW, ICMP_ERROR, INGRESS, ND, PROTOCOLS, Packet
 
 # The interfaces the BPF-tier namespace of this tier holds (veth pairs; names <= 15 characters).
 IFACES = [f"avx-if{i}" for i in range(6)]

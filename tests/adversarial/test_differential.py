@@ -1,5 +1,5 @@
 """Differential test: random policies and random first packets of flows, decided by the Python
-reference model (skyguard/refmodel.py, a linear scan of the Policy) and by the real eBPF programs
+reference model (tests/support/refmodel.py, a linear scan of the Policy) and by the real eBPF programs
 through BPF_PROG_RUN. Verdicts and drop reasons must agree on every packet.
 
 CI runs a fixed sample (DIFF_POLICIES x DIFF_PACKETS, deterministic seed); the fuzz tier
@@ -14,7 +14,7 @@ from collections import Counter
 from adv_support import GRE, IFACES, MACS, packet_frame, random_packets, random_policy
 
 from skyguard.datapath.reasons import reason_name
-from skyguard.refmodel import EGRESS, FLOW, decide
+from support.refmodel import EGRESS, FLOW, decide
 
 DIFF_POLICIES = 40
 DIFF_PACKETS = 100  # per policy: 4000 in all

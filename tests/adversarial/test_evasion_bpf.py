@@ -27,7 +27,7 @@ from scapy.layers.l2 import Dot1AD, Dot1Q, Ether
 from scapy.packet import Raw
 
 from skyguard.policy.model import Destination, Policy, PortRange, Rule, Workload, Zone
-from skyguard.refmodel import EGRESS, INGRESS
+from support.refmodel import EGRESS, INGRESS
 
 W0, W1 = ("10.1.0.2", "fd00:1::2"), ("10.2.0.2", "fd00:2::2")
 

@@ -8,7 +8,7 @@ import ipaddress
 import pytest
 
 from skyguard.policy.model import Destination, Policy, PortRange, Rule, Workload, Zone
-from skyguard.refmodel import EGRESS, ICMP_ERROR, INGRESS, ND, Packet, decide, link_local_of
+from support.refmodel import EGRESS, ICMP_ERROR, INGRESS, ND, Packet, decide, link_local_of
 
 ip = ipaddress.ip_address
 A = Workload("a1", "a", "sg-a1", "02:00:00:00:01:02", (ip("10.1.0.2"), ip("fd00:1::2")))

@@ -9,7 +9,7 @@ Run by:
   hundred deterministic mutations of it;
 - tests/fuzz/test_fuzz_long.py (fuzz tier): atheris, 1M inputs per target, via
   `python tests/fuzz/harnesses.py TARGET -runs=1000000 [corpus dir]`.
-The DNS target reuses skyguard/dns/fuzz.py (resolver and input split), not a copy of it.
+The DNS target reuses tests/support/dns_fuzz.py (resolver and input split), not a copy of it.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "tests"):  # skyguard, and support/ (the DNS target)
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 REAL_SECRET = b"ghp_" + b"5" * 36  # the fuzz credential's real value: must never pass or leak
@@ -311,7 +312,7 @@ _resolver = None
 
 
 def fuzz_dns(data: bytes) -> None:
-    from skyguard.dns import fuzz as dns_fuzz
+    from support import dns_fuzz
 
     global _resolver
     if _resolver is None:

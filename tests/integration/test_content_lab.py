@@ -25,9 +25,9 @@ from skyguard.content.testing import EICAR, LocalClamd, gzip_bomb, zipped
 from skyguard.credproxy.interfaces import ListDecisionLog, MemorySecretSource
 from skyguard.credproxy.service import CredentialService
 from skyguard.credproxy.steering import CredentialSteering
-from skyguard.credproxy.testing import TestCA
 from skyguard.policy.content import ContentBlock, ContentPolicy, ContentRule
 from skyguard.policy.model import Policy, Workload, Zone
+from support.credproxy_support import TestCA
 
 VM, HOST, NET = (f"cnt{os.getpid()}-{role}" for role in ("vm", "host", "net"))
 VM_IF = "cnt-h-vm"
@@ -134,9 +134,9 @@ def lab(root, tmp_path_factory):
         (tmp / "upca.pem").write_bytes(upstream_ca.certificate_pem)
         echo_log = tmp / "echo.jsonl"
         server = subprocess.Popen(
-            ["ip", "netns", "exec", NET, "env", f"PYTHONPATH={REPO}", sys.executable, "-m", "skyguard.credproxy.testing",
-             "echo", "--host", "0.0.0.0", "--port", "443", "--cert", str(tmp / "up.pem"), "--key", str(tmp / "up.key"),
-             "--log", str(echo_log)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            ["ip", "netns", "exec", NET, "env", f"PYTHONPATH={REPO}:{REPO}/tests", sys.executable, "-m",
+             "support.credproxy_support", "echo", "--host", "0.0.0.0", "--port", "443", "--cert", str(tmp / "up.pem"),
+             "--key", str(tmp / "up.key"), "--log", str(echo_log)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(NET, SERVER, 443)
         loop = NamespaceLoop(HOST)
         service = CredentialService(

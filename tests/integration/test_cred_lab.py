@@ -26,8 +26,8 @@ from skyguard.credproxy.interfaces import ListDecisionLog, MemorySecretSource
 from skyguard.credproxy.secretforms import SecretForms
 from skyguard.credproxy.service import CredentialService
 from skyguard.credproxy.steering import CredentialSteering
-from skyguard.credproxy.testing import TestCA
 from skyguard.policy.model import Credential, Injection, Policy, TlsTermination, Workload, Zone
+from support.credproxy_support import TestCA
 
 # Namespaces named by this process (parallel runs never share them); links live inside them.
 VM, HOST, UP = (f"crx{os.getpid()}-{role}" for role in ("vm", "host", "up"))
@@ -145,7 +145,7 @@ def lab(root, tmp_path_factory):
         (tmp / "upca.pem").write_bytes(upstream_ca.certificate_pem)
         echo_log = tmp / "echo.jsonl"
         repo = str(Path(__file__).resolve().parents[2])
-        env_cmd = ["env", f"PYTHONPATH={repo}", sys.executable, "-m", "skyguard.credproxy.testing", "echo"]
+        env_cmd = ["env", f"PYTHONPATH={repo}:{repo}/tests", sys.executable, "-m", "support.credproxy_support", "echo"]
         processes.append(start_process(UP, *env_cmd, "--host", "0.0.0.0", "--host", "::", "--port", "443",
                                        "--cert", str(tmp / "up.pem"), "--key", str(tmp / "up.key"), "--log", str(echo_log)))
         # The VM's own service: plain HTTP only; TLS for it is skyguard's job.

@@ -10,7 +10,7 @@ run_scenario() plays it and raises AssertionError at the first broken promise, w
 stderr. The checks after every action: the daemon is alive (unless the action stopped it) and its
 stderr holds no traceback or crash; every answer parses (JSON where --json); `status --json`
 names the policy in force; probe packets between lab VMs and to the lab internet get the verdict
-of the reference model (skyguard/refmodel.py) for the policy in force; `log verify` passes.
+of the reference model (tests/support/refmodel.py) for the policy in force; `log verify` passes.
 
 The operator's way is used throughout: `up --state-dir X`, then `--state-dir X` on every command
 that reads state or talks to the daemon (SPEC.md section 4). SKYGUARD_STATE_DIR points at an empty decoy folder, so a
@@ -45,7 +45,7 @@ from daemon_support import PROBE, PY, stop_process  # noqa: E402
 from skyguard import config  # noqa: E402
 from skyguard.lab import Lab  # noqa: E402
 from skyguard.policy.parse import parse_policy  # noqa: E402
-from skyguard.refmodel import EGRESS, INGRESS, PROTOCOLS, Packet, decide  # noqa: E402
+from support.refmodel import EGRESS, INGRESS, PROTOCOLS, Packet, decide  # noqa: E402
 
 WORKAROUNDS = set(filter(None, os.environ.get("LIFECYCLE_WORKAROUNDS", "").split(",")))
 READY_TIMEOUT = 90.0  # seconds for `up` to answer status (bcc compiles); a bound against hangs

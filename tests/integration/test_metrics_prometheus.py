@@ -15,7 +15,7 @@ import time
 import pytest
 
 from skyguard import config
-from skyguard.metrics.testing import FLOOD, PrometheusServer, RunningDaemon
+from support.metrics_support import FLOOD, PrometheusServer, RunningDaemon
 
 EXPORTER = "127.0.0.1:26001"  # loopback of the lab's host namespace (brief's port range)
 PROMETHEUS = "127.0.0.1:26090"

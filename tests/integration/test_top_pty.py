@@ -19,7 +19,7 @@ import pytest
 from rich.console import Console
 
 from skyguard.cli.render import print_status
-from skyguard.metrics.testing import RunningDaemon
+from support.metrics_support import RunningDaemon
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\x1b[=>]")
 ALT_SCREEN_ON, ALT_SCREEN_OFF = "\x1b[?1049h", "\x1b[?1049l"

@@ -22,9 +22,9 @@ from skyguard.content.testing import EICAR, LocalClamd, gzip_bomb, zip_bomb, zip
 from skyguard.credproxy.ca import CertificateAuthority
 from skyguard.credproxy.interfaces import CredentialMetrics, ListDecisionLog, MemorySecretSource
 from skyguard.credproxy.proxy import CredentialProxy, ProxyLimits
-from skyguard.credproxy.testing import TestCA, echo_ssl_context, serve_echo
 from skyguard.policy.content import ContentBlock, ContentPolicy, ContentRule
 from skyguard.policy.model import Policy, Workload, Zone
+from support.credproxy_support import TestCA, echo_ssl_context, serve_echo
 
 ELF = b"\x7fELF\x02\x01\x01\x00" + b"\0" * 8 + b"\x02\x00\x3e\x00\x01\x00\x00\x00" + b"\0" * 200
 DOWNLOAD_MARKER = "SKYGUARD-DOWNLOAD-MARKER-7731"

@@ -18,10 +18,10 @@ from skyguard.credproxy.ca import CertificateAuthority
 from skyguard.credproxy.interfaces import CredentialMetrics, ListDecisionLog, MemorySecretSource
 from skyguard.credproxy.steering import CredentialSteering, TerminationSteer
 from skyguard.credproxy.termination import TlsTerminator
-from skyguard.credproxy.testing import TestCA
 from skyguard.custody.pemload import load_cert_chain_from_memory, split_pem
 from skyguard.errors import CredentialError
 from skyguard.policy.model import Policy, TlsTermination, Workload, Zone
+from support.credproxy_support import TestCA
 
 
 def test_ca_is_created_once_private_and_reused(tmp_path):

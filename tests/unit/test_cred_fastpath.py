@@ -17,7 +17,7 @@ from test_cred_proxy import AUTH, SECRET, Rig, no_secret
 
 from skyguard.credproxy.http1 import UnsafeHead, client_keeps_alive, serialise_response
 from skyguard.credproxy.swap import HttpRequest
-from skyguard.credproxy.testing import echo_ssl_context
+from support.credproxy_support import echo_ssl_context
 
 RESPONSE_HEAD = re.compile(rb"HTTP/1\.1 (\d{3}) [^\r\n]*\r\n((?:[^\r\n]+\r\n)*)\r\n")
 

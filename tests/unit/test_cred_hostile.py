@@ -22,7 +22,7 @@ from test_cred_proxy import AUTH, SECRET, Rig
 from skyguard.credproxy.ca import CertificateAuthority
 from skyguard.credproxy.http1 import ProxyLimits
 from skyguard.credproxy.secretforms import SecretForms
-from skyguard.credproxy.testing import echo_ssl_context
+from support.credproxy_support import echo_ssl_context
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import ssl
 import pytest
 from test_cred_proxy import AUTH, SECRET, Rig
 
-from skyguard.credproxy.testing import TestCA, echo_ssl_context, serve_echo
+from support.credproxy_support import TestCA, echo_ssl_context, serve_echo
 
 
 @pytest.fixture(scope="module")

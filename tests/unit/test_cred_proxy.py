@@ -21,8 +21,8 @@ from skyguard.credproxy.ca import CertificateAuthority
 from skyguard.credproxy.interfaces import CredentialMetrics, ListDecisionLog, MemorySecretSource
 from skyguard.credproxy.proxy import ClientCertificate, CredentialProxy, ProxyLimits, original_destination
 from skyguard.credproxy.secretforms import SecretForms
-from skyguard.credproxy.testing import TestCA, echo_ssl_context, serve_echo
 from skyguard.policy.model import Credential, Injection, Policy, Workload, Zone
+from support.credproxy_support import TestCA, echo_ssl_context, serve_echo
 
 SECRET = b"ghp_L00pbackSecret/42+=="
 PH = "sg-placeholder-github-7f3a"

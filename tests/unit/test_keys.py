@@ -214,9 +214,9 @@ def test_key_cli_with_the_file_backend_logs_each_change(tmp_path, monkeypatch):
     from cryptography.hazmat.primitives import hashes, serialization
 
     from skyguard.cli.main import cli
-    from skyguard.credproxy.testing import TestCA
     from skyguard.tlog.entries import decode
     from skyguard.tlog.store import LogReader
+    from support.credproxy_support import TestCA
 
     monkeypatch.setattr(config, "RUN_DIR", tmp_path / "run")  # no daemon answers here
     policy = tmp_path / "policy.yaml"

@@ -244,9 +244,9 @@ def test_the_credential_proxy_presents_a_token_held_client_certificate(token, tl
     from skyguard.credproxy.ca import CertificateAuthority
     from skyguard.credproxy.interfaces import CredentialMetrics, ListDecisionLog
     from skyguard.credproxy.proxy import CredentialProxy, ProxyLimits
-    from skyguard.credproxy.testing import TestCA, echo_ssl_context, serve_echo
     from skyguard.keys.tlskey import client_certificates_of
     from skyguard.policy.model import Credential, Injection
+    from support.credproxy_support import TestCA, echo_ssl_context, serve_echo
 
     backend = tls_backend
     backend.create("mtls", "ec-p256")
@@ -301,8 +301,8 @@ def test_tls_termination_serves_with_a_token_held_key(token, tls_backend, tmp_pa
 
     from skyguard.credproxy.interfaces import CredentialMetrics, ListDecisionLog
     from skyguard.credproxy.termination import TlsTerminator
-    from skyguard.credproxy.testing import TestCA, serve_echo
     from skyguard.policy.model import TlsTermination
+    from support.credproxy_support import TestCA, serve_echo
 
     backend = tls_backend
     backend.create("web1", "rsa-3072")

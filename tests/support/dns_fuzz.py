@@ -5,7 +5,7 @@ in CI; CI runs the fixed corpus and the hypothesis properties in tests/unit/test
 Each input is either a VM query (decide) or an upstream reply to a forwarded query (answer, with
 the right ID patched in so the fuzzer reaches the record walk). Any exception is a crash.
 
-    python -m skyguard.dns.fuzz -runs=1000000          # needs atheris (pip, test extra)
+    PYTHONPATH=tests python -m support.dns_fuzz -runs=1000000    # needs atheris (pip, test extra)
 """
 
 from __future__ import annotations

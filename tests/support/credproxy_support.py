@@ -4,7 +4,7 @@ each request's headers and body as JSON and appends it to a JSON-lines file.
 
 Not used by the daemon. The echo server parses only what a test client sends (Content-Length
 bodies, keep-alive); it is a fixture, not a web server. Run it with
-`python -m skyguard.credproxy.testing echo --port P [--cert F --key F] [--log F] [--host H]`.
+`PYTHONPATH=tests python -m support.credproxy_support echo --port P [--cert F --key F] [--log F] [--host H]`.
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ async def serve_echo(host, port, context=None, log_path=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m skyguard.credproxy.testing")
+    parser = argparse.ArgumentParser(prog="python -m support.credproxy_support")
     parser.add_argument("mode", choices=["echo"])
     parser.add_argument("--host", action="append", help="repeatable; default 0.0.0.0")
     parser.add_argument("--port", type=int, required=True)
