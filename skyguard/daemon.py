@@ -262,8 +262,12 @@ class Daemon:
         from skyguard.console.proxy import ConsoleProxy
         from skyguard.custody.store import SecretStore
 
+        def identify(host, headers):  # who is signed in: the identity-aware proxy's session, if it runs
+            apps = self._part("apps")
+            return apps.identify(host, headers) if apps is not None else None
+
         return ConsoleProxy(policy, SecretStore(self.state_dir / "secrets"), self.state_dir,
-                            PartLog(self.record_nowait, "admin_session"), registry=registry)
+                            PartLog(self.record_nowait, "admin_session"), registry=registry, identify=identify)
 
     def _make_apps(self, policy, registry):
         """The identity-aware proxy for VM web apps (the datapath keeps each app's port for it)."""

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -32,7 +33,7 @@ from skyguard.console import access
 from skyguard.console.session import ConsoleSession
 from skyguard.console.tickets import TicketBook
 from skyguard.custody.store import SecretStore
-from skyguard.errors import AdminError
+from skyguard.errors import AdminError, SkyguardError
 from skyguard.parts import Degraded
 from skyguard.policy.model import Policy
 
@@ -66,7 +67,12 @@ class ConsoleMetrics:
 
 class ConsoleProxy:
     def __init__(self, policy: Policy, store: SecretStore, state_dir: Path | str, decision_log: DecisionLog,
-                 registry: CollectorRegistry | None = None, config: ConsoleConfig | None = None):
+                 registry: CollectorRegistry | None = None, config: ConsoleConfig | None = None,
+                 identify: Callable[[str, list], Any] | None = None):
+        """`identify(host, headers)`: the identity-aware proxy's check of a request's session
+        (skyguard/apps/service.py AppsService.identify: a SignedIn with user and groups, or None);
+        the web console lists and opens targets for that user when admin.console.web_app is set."""
+        self.identify = identify
         self.config = config or ConsoleConfig()
         self.state_dir = Path(state_dir)
         self.store = store
@@ -81,6 +87,8 @@ class ConsoleProxy:
         self._server: asyncio.AbstractServer | None = None
         self._listen: str | None = None
         self._vm_locks: dict[tuple[str, int], asyncio.Lock] = {}
+        self._web_key: tuple | None = None  # (web, app) the web console listens for
+        self.web_problem = ""
         self.web: WebConsole | None = None  # the web console while admin.console.web is set
         self._started = False
         self.policy = self._checked(policy)
@@ -95,8 +103,27 @@ class ConsoleProxy:
 
     def _unsupported(self) -> str:
         console = self.policy.admin_console
+        problems = []
         rdp = [t.name for t in console.targets if t.protocol != "vnc"] if console else []
-        return f"RDP console targets are not relayed yet (refused): {', '.join(rdp)}" if rdp else ""
+        if rdp:
+            problems.append(f"RDP console targets are not relayed yet (refused): {', '.join(rdp)}")
+        if console is not None and console.web_app and self.web_problem:
+            problems.append(self.web_problem)
+        return "; ".join(problems)
+
+    def web_app(self):
+        """The app (apps:) whose sign-in and certificate the web console uses, or None."""
+        console = self.policy.admin_console
+        name = console.web_app if console is not None else None
+        return next((a for a in getattr(self.policy, "apps", ()) if a.name == name), None) if name else None
+
+    def _web_tls(self, app):
+        from skyguard.credproxy.ca import new_server_context
+        from skyguard.custody.pemload import load_cert_chain_from_memory, split_pem
+
+        context = new_server_context()
+        load_cert_chain_from_memory(context, *split_pem(bytes(self.store.get(app.certificate))))
+        return context
 
     # -- the part's interface --------------------------------------------------------------------
 
@@ -122,7 +149,7 @@ class ConsoleProxy:
         await self._close_listener()
         if self.web is not None:
             await self.web.stop()
-            self.web = None
+            self.web, self._web_key = None, None
         for session in list(self.sessions):
             session.end("shutdown")
 
@@ -131,16 +158,31 @@ class ConsoleProxy:
     async def _follow_policy(self) -> None:
         console = self.policy.admin_console
         web = console.web if console is not None else None
-        if (self.web.listen if self.web else None) != web:
+        app = self.web_app()
+        self.web_problem = ""
+        if console is not None and console.web_app and (app is None or self.identify is None):
+            # Fail closed: a web console meant to sit behind sign-in never opens without it.
+            self.web_problem = (f"admin.console.web_app {console.web_app!r} names no app of the policy's apps:"
+                                if app is None else "the identity-aware proxy is not running")
+            self.web_problem += "; the web console stays closed"
+            web = None
+        wanted_web = (web, app)
+        if self._web_key != wanted_web:
             if self.web is not None:
                 await self.web.stop()
                 self.web = None
+            self._web_key = None
             if web is not None:
                 from skyguard.console.web import WebConsole  # websockets is imported only when needed
 
-                web_console = WebConsole(self, web)
-                await web_console.start()
-                self.web = web_console
+                try:
+                    tls = self._web_tls(app) if app is not None else None
+                except SkyguardError as e:
+                    self.web_problem = f"the web console's certificate {app.certificate!r}: {e}; it stays closed"
+                else:
+                    web_console = WebConsole(self, web, app=app, tls=tls)
+                    await web_console.start()
+                    self.web, self._web_key = web_console, wanted_web
         wanted = console.listen if console is not None else None
         if wanted == self._listen:
             return

@@ -12,20 +12,26 @@ One listener serves three things:
   offered RFB security type None: it never sees a VNC password, and the VM's password is used
   only on the skyguard -> VM leg.
 
-Sign-in: the page listing the targets a signed-in operator may open belongs behind the
-identity-aware proxy's sign-in (issue 20), which this module does not have yet; until then a
-web ticket comes from `skyguard admin console-ticket --web`. Not here: TLS (the listener is
-plain HTTP; put it on an address only operators reach, or behind TLS termination).
+Sign-in: with `admin.console.web_app: APP`, the console answers on that app's host name with its
+certificate (HTTPS), and the identity-aware proxy's session cookie of that host (a host cookie is
+sent to every port of its host) says who is signed in (AppsService.identify): `/console/` lists
+the targets that user (and their groups) may open, `/console/open?target=NAME` decides and
+redirects to `/console/view#ticket=...`; a target they may not open is refused (403) and logged,
+and anyone not signed in is sent to sign in at the app. Without web_app there is no sign-in: web
+tickets come from `skyguard admin console-ticket --web`, and the listener is plain HTTP (put it
+on an address only operators reach).
 """
 
 from __future__ import annotations
 
 import asyncio
+import html
 import logging
 import mimetypes
+import ssl
 from http import HTTPStatus
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
@@ -33,8 +39,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
+from skyguard.admin.access import AccessRefused
 from skyguard.admin.proxy import parse_listen
-from skyguard.console import rfb
+from skyguard.console import access, rfb
 from skyguard.console.session import ConsoleSession
 from skyguard.errors import AdminError
 
@@ -117,9 +124,12 @@ class WsWriter:
 
 
 class WebConsole:
-    def __init__(self, proxy, listen: str):
+    def __init__(self, proxy, listen: str, app=None, tls: ssl.SSLContext | None = None):
+        """`app`: the app (apps:) whose sign-in this console sits behind, answering on its host
+        name with `tls` (its certificate); None: no sign-in, tickets from the CLI only."""
         self.proxy = proxy
         self.listen = listen
+        self.app, self.tls = app, tls
         self.address: tuple[str, int] | None = None
         self._server: Server | None = None
 
@@ -127,7 +137,7 @@ class WebConsole:
         host, port = parse_listen(self.listen)
         try:
             self._server = await serve(self._session, host, port, process_request=self._http, max_size=MAX_FRAME,
-                                       compression=None, server_header=None, reuse_address=True)
+                                       compression=None, server_header=None, reuse_address=True, ssl=self.tls)
         except OSError as e:
             raise AdminError(f"cannot listen on {host}:{port} for the web console: {e.strerror}") from None
         self.address = tuple(next(iter(self._server.sockets)).getsockname()[:2])
@@ -144,7 +154,13 @@ class WebConsole:
         if path == WS_PATH:
             return None  # on to the WebSocket handshake
         if path in ("/", "/console", "/console/"):
+            if self.app is None:
+                return _response(HTTPStatus.OK, PAGE.read_bytes(), "text/html; charset=utf-8")
+            return self._targets_page(request)
+        if path == "/console/view":  # the session page; the ticket is in its fragment
             return _response(HTTPStatus.OK, PAGE.read_bytes(), "text/html; charset=utf-8")
+        if path == "/console/open" and self.app is not None:
+            return self._open(request)
         if path == "/console/console.js":
             return _response(HTTPStatus.OK, SCRIPT.read_bytes(), "text/javascript")
         if path.startswith("/novnc/") and (found := static_file(NOVNC_DIR, path[len("/novnc/"):])):
@@ -153,6 +169,49 @@ class WebConsole:
                 content_type = "text/javascript"  # module scripts are refused under any other type
             return _response(HTTPStatus.OK, found.read_bytes(), content_type)
         return _response(HTTPStatus.NOT_FOUND, b"not found\n")
+
+    # -- behind sign-in (admin.console.web_app) ---------------------------------------------------
+
+    def _signed_in(self, request: Request):
+        headers = [(k.lower().encode(), v.encode()) for k, v in request.headers.raw_items()]
+        return self.proxy.identify(self.app.host, headers)
+
+    def _sign_in_first(self) -> Response:
+        url = f"https://{self.app.host}:{self.app.listen.rsplit(':', 1)[1]}/"
+        body = (f"<!DOCTYPE html><title>skyguard console</title><p id=signin>Sign in first at "
+                f"<a href=\"{html.escape(url)}\">{html.escape(url)}</a>, then come back here.</p>")
+        return _response(HTTPStatus.UNAUTHORIZED, body.encode(), "text/html; charset=utf-8")
+
+    def _targets_page(self, request: Request) -> Response:
+        """The targets the signed-in operator may open, each a link that opens it."""
+        who = self._signed_in(request)
+        if who is None:
+            return self._sign_in_first()
+        targets = access.reachable_targets(self.proxy.policy, who.user, tuple(who.groups))
+        items = "".join(f"<li><a class=target href=\"/console/open?target={quote(t.name)}\">{html.escape(t.name)}</a>"
+                        f" ({html.escape(t.workload)}, {t.protocol.upper()})</li>" for t in targets)
+        body = (f"<!DOCTYPE html><title>skyguard console</title><p>Signed in as <b id=user>{html.escape(who.user)}"
+                f"</b>.</p><ul id=targets>{items or '<li>no console you may open</li>'}</ul>")
+        return _response(HTTPStatus.OK, body.encode(), "text/html; charset=utf-8")
+
+    def _open(self, request: Request) -> Response:
+        """Open a target for the signed-in operator: decided here, then a one-time web ticket in
+        the redirect's fragment. A target they may not open (a forged link) is refused and logged."""
+        who = self._signed_in(request)
+        if who is None:
+            return self._sign_in_first()
+        name = parse_qs(urlsplit(request.path).query).get("target", [""])[0]
+        try:
+            target, _ = access.authorize(self.proxy.policy, who.user, tuple(who.groups), name)
+        except AccessRefused as e:
+            self.proxy.metrics.auth_failures.labels(e.reason).inc()
+            self.proxy.record("console_access_refused", reason=e.reason, source=None, operator=who.user,
+                              target=name[:64], door="web")
+            return _response(HTTPStatus.FORBIDDEN, (str(e) + "\n").encode())
+        ticket = self.proxy.tickets.issue(who.user, target.name, tuple(who.groups), web=True)
+        headers = Headers([("Location", f"/console/view#ticket={ticket.password}"), ("Content-Length", "0"),
+                           *SECURITY_HEADERS])
+        return Response(HTTPStatus.SEE_OTHER.value, HTTPStatus.SEE_OTHER.phrase, headers, b"")
 
     async def _session(self, ws: ServerConnection) -> None:
         token = parse_qs(urlsplit(ws.request.path).query).get("ticket", [""])[0]

@@ -6,6 +6,8 @@ that enforces them is skyguard/console/. A part of the checker (see parse.py and
       console:
         listen: "0.0.0.0:5999"          # native VNC clients (one-time passwords); optional
         web: "0.0.0.0:5980"             # the web console (noVNC in the browser); optional
+        web_app: wiki                   # sign-in: that app's (apps:) host name, certificate and
+                                        # identity-aware proxy session; optional
         targets:
           - name: dc1-desktop
             workload: dc1
@@ -68,6 +70,9 @@ class ConsoleGrant:
 class AdminConsole:
     listen: str | None = None  # native VNC clients; None: none
     web: str | None = None  # the web console's HTTP and WebSocket listener; None: none
+    # An app of `apps:` whose host name and certificate the web console answers with (HTTPS) and
+    # whose signed-in users it lists targets for; None: tickets from the CLI only (plain HTTP).
+    web_app: str | None = None
     targets: tuple[ConsoleTarget, ...] = ()
     operators: tuple[ConsoleGrant, ...] = ()
     groups: tuple[ConsoleGrant, ...] = ()
@@ -101,7 +106,7 @@ class ConsoleSection(CheckerBase):
 
     def admin_console(self, node, line, zones) -> AdminConsole | None:
         path = "admin.console"
-        if not self.mapping(node, path, line, ("listen", "web", "targets", "operators", "groups"),
+        if not self.mapping(node, path, line, ("listen", "web", "web_app", "targets", "operators", "groups"),
                             required=("targets",)):
             return None
         ok = True
@@ -120,6 +125,13 @@ class ConsoleSection(CheckerBase):
         if addresses["listen"] is not None and addresses["listen"] == addresses["web"]:
             self.problem(self.line_of(node, "web"), f"{path}.web", "is the same address as listen; give each its own port")
             ok = False
+        web_app = None
+        if "web_app" in node:
+            web_app = self.name(node["web_app"], f"{path}.web_app", self.line_of(node, "web_app"), "app name")
+            ok = ok and web_app is not None
+            if web_app and "web" not in node:
+                self.problem(self.line_of(node, "web_app"), f"{path}.web_app", "needs web: ADDR:PORT to listen on")
+                ok = False
         targets = self._console_targets(node.get("targets"), f"{path}.targets", self.line_of(node, "targets"),
                                         zones)
         ok = ok and targets is not None
@@ -130,8 +142,8 @@ class ConsoleSection(CheckerBase):
             ok = ok and grants[kind] is not None
         if not ok:
             return None
-        return AdminConsole(listen=addresses["listen"], web=addresses["web"], targets=targets, operators=grants["operators"],
-                            groups=grants["groups"])
+        return AdminConsole(listen=addresses["listen"], web=addresses["web"], web_app=web_app, targets=targets,
+                            operators=grants["operators"], groups=grants["groups"])
 
     def _console_targets(self, node, path, line, zones) -> tuple[ConsoleTarget, ...] | None:
         if not self.seq(node, path, line, non_empty=True):

@@ -59,6 +59,8 @@ BAD = [
     ('listen: "0.0.0.0:5999"', 'listen: "0.0.0.0"', "has no port"),
     ("name: dc2-rdp", "name: dc1-desktop", "already defined"),
     ("port: 3389", "port: 3389, colour: red", "admin.console.targets[1].colour: unknown key"),
+    ('listen: "0.0.0.0:5999"', 'listen: "0.0.0.0:5999"\n    web_app: wiki', "needs web: ADDR:PORT"),
+    ('listen: "0.0.0.0:5999"', 'listen: "0.0.0.0:5999"\n    web: "0.0.0.0:5999"', "the same address as listen"),
 ]
 
 

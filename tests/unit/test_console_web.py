@@ -1,0 +1,128 @@
+"""The web console behind sign-in (admin.console.web_app), over loopback HTTPS: who is signed in
+comes from the identity-aware proxy's identify(); here a stand-in answers it from a test cookie
+(the identity-aware proxy is tested in tests/integration/test_apps.py; what is tested here is the
+console's own decision). The signed-in operator sees only the targets their zones allow; opening
+one yields a one-time web ticket; a forged request for another zone's target is refused and logged;
+nobody signed in is sent to sign in; a web_app naming no app keeps the console closed."""
+
+import asyncio
+import datetime
+import http.client
+import ipaddress
+import ssl
+from dataclasses import dataclass
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from skyguard.admin.decisionlog import JsonLinesDecisionLog
+from skyguard.console.proxy import ConsoleProxy
+from skyguard.custody.store import SecretStore
+from skyguard.parts import Degraded
+from skyguard.policy.apps import App
+from skyguard.policy.console import AdminConsole, ConsoleGrant, ConsoleTarget
+from skyguard.policy.model import Policy, Workload, Zone
+
+HOST = "console.apps.test"
+
+
+@dataclass(frozen=True)
+class SignedIn:
+    user: str
+    groups: tuple[str, ...] = ()
+
+
+def stand_in_identify(host, headers):
+    """A signed-in session per the test cookie 'who=USER' (only for HOST, like the real one)."""
+    cookie = dict(headers).get(b"cookie", b"").decode()
+    return SignedIn(cookie.removeprefix("who=")) if host == HOST and cookie.startswith("who=") else None
+
+
+def self_signed() -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(HOST)]), critical=False).sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def policy(web_app="console") -> Policy:
+    w = {n: Workload(n, z, f"sg-{n}", "02:00:00:00:00:01", (ipaddress.ip_address(a),))
+         for n, z, a in (("dc1", "directory", "10.0.2.2"), ("agent1", "sandbox", "10.0.5.2"))}
+    return Policy(name="t", zones={"directory": Zone("directory", (w["dc1"],)), "sandbox": Zone("sandbox", (w["agent1"],))},
+                  networks={}, rules=(),
+                  apps=(App("console", "dc1", 8080, HOST, "127.0.0.1:18443", "console-tls"),),
+                  admin_console=AdminConsole(web="127.0.0.1:0", web_app=web_app, targets=(
+                      ConsoleTarget("dc1-desktop", "dc1", "vnc", 5901, "dc1-vnc"),
+                      ConsoleTarget("agent1-desktop", "agent1", "vnc", 5901, "agent1-vnc")),
+                      operators=(ConsoleGrant("alice", ("directory",)), ConsoleGrant("bob", ("sandbox",)))))
+
+
+@pytest.fixture
+def console(tmp_path):
+    store = SecretStore(tmp_path / "secrets")
+    store.set("console-tls", self_signed())
+    log = JsonLinesDecisionLog(tmp_path / "log.jsonl")
+    loop = asyncio.new_event_loop()
+    proxy = ConsoleProxy(policy(), store, tmp_path, log, identify=stand_in_identify)
+    loop.run_until_complete(proxy.start())
+    yield loop, proxy, log
+    loop.run_until_complete(proxy.stop())
+    loop.close()
+
+
+def get(loop, proxy, path, user=None):
+    def request():
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # a test's self-signed certificate
+        conn = http.client.HTTPSConnection("127.0.0.1", proxy.web.address[1], context=context, timeout=10)
+        conn.request("GET", path, headers={"Host": HOST, **({"Cookie": f"who={user}"} if user else {})})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read().decode()
+    return loop.run_until_complete(asyncio.to_thread(request))
+
+
+def test_nobody_signed_in_is_sent_to_sign_in(console):
+    loop, proxy, _ = console
+    status, _, body = get(loop, proxy, "/console/")
+    assert status == 401 and f"https://{HOST}:18443/" in body
+    assert get(loop, proxy, "/console/open?target=dc1-desktop")[0] == 401
+
+
+def test_an_operator_sees_only_the_targets_of_their_zones(console):
+    loop, proxy, _ = console
+    status, headers, body = get(loop, proxy, "/console/", "alice")
+    assert status == 200 and "dc1-desktop" in body and "agent1-desktop" not in body
+    assert headers["X-Frame-Options"] == "DENY" and headers["Cache-Control"] == "no-store"
+    assert "dc1-desktop" not in get(loop, proxy, "/console/", "mallory")[2]
+
+
+def test_opening_a_target_gives_a_one_time_web_ticket(console):
+    loop, proxy, _ = console
+    status, headers, _ = get(loop, proxy, "/console/open?target=dc1-desktop", "alice")
+    assert status == 303 and headers["Location"].startswith("/console/view#ticket=")
+    ticket = proxy.tickets.redeem_token(headers["Location"].split("#ticket=")[1])
+    assert (ticket.operator, ticket.target) == ("alice", "dc1-desktop")
+
+
+def test_a_forged_request_for_another_zones_target_is_refused_and_logged(console):
+    loop, proxy, log = console
+    status, _, body = get(loop, proxy, "/console/open?target=dc1-desktop", "bob")
+    assert status == 403 and "bob may not open the console dc1-desktop" in body
+    refused = [e for e in log.entries() if e["type"] == "console_access_refused"]
+    assert refused[-1]["operator"] == "bob" and refused[-1]["reason"] == "not_allowed"
+    assert not list((proxy.tickets.directory).glob("*.json"))  # no ticket was issued
+
+
+def test_a_web_app_naming_no_app_keeps_the_web_console_closed(tmp_path):
+    proxy = ConsoleProxy(policy(web_app="nosuchapp"), SecretStore(tmp_path / "s"), tmp_path,
+                         JsonLinesDecisionLog(tmp_path / "l"), identify=stand_in_identify)
+    with pytest.raises(Degraded, match="names no app"):
+        asyncio.run(proxy.start())
+    assert proxy.web is None
