@@ -19,6 +19,7 @@ from skyguard.policy.apps import App
 
 ISSUER = "skyguard"
 ASSERTION_TTL = 60  # seconds: long enough for one request's processing, short enough to be useless stolen
+REUSE_FOR = 15  # seconds one signed assertion serves the same user's requests to the same app
 KEY_NAME = "apps-assertion-key"  # the signing key's name in the sealed store (PEM, made on first use)
 
 
@@ -31,6 +32,7 @@ class AssertionSigner:
         self._key = ECKey.import_key(bytes(key_pem))
         self.kid = self._key.thumbprint()
         self._key.ensure_kid()
+        self._recent: dict[tuple, tuple[int, str]] = {}  # (aud, user, name, groups) -> (iat, token)
 
     def __repr__(self) -> str:
         return f"AssertionSigner(kid={self.kid!r})"
@@ -41,10 +43,21 @@ class AssertionSigner:
         return {"keys": [public]}
 
     def sign(self, app: App, user: str, name: str, groups: tuple[str, ...], now: float | None = None) -> str:
+        """A fresh assertion, or the one made for the same app, user and groups less than
+        REUSE_FOR seconds ago (signing on every request was a third of the proxy's time per
+        request): an app always receives one with at least ASSERTION_TTL - REUSE_FOR to live."""
         now = int(time.time() if now is None else now)
+        key = (app.origin, user, name, groups)
+        cached = self._recent.get(key)
+        if cached is not None and now - cached[0] < REUSE_FOR:
+            return cached[1]
         claims = {"iss": ISSUER, "aud": app.origin, "sub": user, "name": name, "groups": list(groups),
                   "iat": now, "nbf": now, "exp": now + ASSERTION_TTL, "jti": secrets.token_urlsafe(12)}
-        return jwt.encode({"alg": "ES256", "typ": "JWT", "kid": self.kid}, claims, self._key)
+        token = jwt.encode({"alg": "ES256", "typ": "JWT", "kid": self.kid}, claims, self._key)
+        if len(self._recent) >= 10_000:
+            self._recent.clear()
+        self._recent[key] = (now, token)
+        return token
 
 
 def verify(token: str, jwks: dict, audience: str, now: float | None = None) -> dict:

@@ -158,6 +158,8 @@ class AppsService:
             return
         try:
             await AppConnection(self, current, reader, writer).run()
+        except (ConnectionError, TimeoutError, OSError):
+            pass  # the client went away mid-answer: nothing to tell anyone
         except Exception:  # one connection's failure never reaches the loop
             log.exception("app %s: connection failed", app.name)
 
