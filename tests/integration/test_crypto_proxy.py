@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from daemon_support import RunningDaemon
+from daemon_support import RunningDaemon, drop_count
 
 from skyguard import config
 from skyguard.custody.store import SecretStore
@@ -187,10 +187,14 @@ def test_a_spoofed_vm_address_is_dropped_before_the_api(crypto):
     lab.exec("radius1", ["ip", "addr", "add", "10.10.3.2/32", "dev", "eth0"], check=True)
     try:
         before = len(key_uses(crypto))
+        spoofs = lambda: sum(drop_count(crypto.daemon.status(), "auth", reason)  # noqa: E731
+                             for reason in ("spoof_ip", "arp_spoof"))  # the SYN, or the ARP before it
+        spoof_drops = spoofs()
         status, _ = call(crypto, "radius1", "/v1/keys/wrap/decrypt", {"ciphertext": "AAAA"},
                          extra=["--interface", "10.10.3.2"], timeout=2)
         assert status == 0
         assert not [e for e in key_uses(crypto)[before:] if e.get("address") == "10.10.3.2"]
+        assert spoofs() > spoof_drops  # dropped by the datapath, counted as spoofing
     finally:
         lab.exec("radius1", ["ip", "addr", "del", "10.10.3.2/32", "dev", "eth0"])
 
