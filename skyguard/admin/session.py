@@ -18,7 +18,7 @@ import asyncssh
 
 from skyguard.admin import access, commands
 from skyguard.admin.recording import SessionRecording
-from skyguard.admin.sftp import SftpRequestWatcher
+from skyguard.admin.sftp import SftpFilterPump, SftpRequestWatcher, upload_pump
 from skyguard.errors import SkyguardError
 
 if TYPE_CHECKING:
@@ -87,6 +87,7 @@ class ProxySession(asyncssh.SSHServerSession):
         self.command: str | None = None
         self.recording: SessionRecording | None = None
         self.sftp_watch: SftpRequestWatcher | None = None
+        self.sftp_filter: SftpFilterPump | None = None  # content rules on SFTP uploads (sftp.py)
         self.decision: commands.Decision | None = None  # set once the session may run
         self.ended = False
         self.active_counted = False
@@ -149,6 +150,7 @@ class ProxySession(asyncssh.SSHServerSession):
             width=width, height=height, term=self.term)
         if self.decision.transfer and (self.kind == "subsystem" or _runs_sftp_server(self.command)):
             self.sftp_watch = SftpRequestWatcher()
+            self.sftp_filter = upload_pump(self, workload)
         self.proxy.metrics.active.inc()
         self.active_counted = True
         try:
@@ -170,7 +172,7 @@ class ProxySession(asyncssh.SSHServerSession):
         for data in pending:
             self.data_received(data, None)
         if self.pending_eof:
-            self.vm_chan.write_eof()
+            self.eof_received()
         self.chan.resume_reading()
 
     def _refused(self, refused: access.AccessRefused):
@@ -227,10 +229,15 @@ class ProxySession(asyncssh.SSHServerSession):
                 self.proxy.record("admin_file_transfer", session=self.recording.id,
                                   operator=self.owner.operator_name,
                                   workload=self.owner.workload_name, op=op, path=path)
+        if self.sftp_filter is not None:  # files under content rules are held and judged first
+            self.sftp_filter.from_operator(data)
+            return
         self.vm_chan.write(data)
 
     def eof_received(self):
-        if self.vm_chan is not None:
+        if self.vm_chan is not None and self.sftp_filter is not None:
+            self.sftp_filter.eof()
+        elif self.vm_chan is not None:
             self.vm_chan.write_eof()
         else:
             self.pending_eof = True
@@ -267,6 +274,8 @@ class ProxySession(asyncssh.SSHServerSession):
             return
         if self.recording:
             self.recording.output(data)
+        if self.sftp_filter is not None and datatype != asyncssh.EXTENDED_DATA_STDERR:
+            data = self.sftp_filter.from_vm(data)
         if datatype == asyncssh.EXTENDED_DATA_STDERR:
             self.chan.write_stderr(data)
         else:

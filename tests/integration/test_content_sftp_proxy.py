@@ -45,10 +45,6 @@ def test_clean_upload_through_the_proxy_arrives_byte_exact(lab, guarded):  # noq
     assert (guarded / "clean.bin").read_bytes() == data
 
 
-# The access proxy's session (skyguard/admin/session.py) does not run the upload filter yet: its
-# wiring is a 12-line change to a file outside issue 19's files (the patch is in the issue's
-# closing note). Strict, so this fails the day the wiring lands until the marker is removed.
-@pytest.mark.xfail(strict=True, reason="skyguard/admin/session.py does not call sftp.upload_pump yet (issue 19)")
 @pytest.mark.parametrize("name,data", [("eicar.txt", EICAR), ("holiday.jpg", zipped("a.txt", EICAR)),
                                        ("big.bin", os.urandom((1 << 20) + 10))],
                          ids=["eicar", "eicar-zip-as-jpg", "over-max-size"])
