@@ -69,8 +69,8 @@ def validate(file: str, as_json: bool) -> None:
 @state_dir_option
 @json_option
 def show(file: str | None, state_dir: Path | None, as_json: bool) -> None:
-    """Print the zones, workloads, networks and rules of the policy in FILE (default: the one
-    the running daemon enforces).
+    """Print the zones, workloads, networks, rules and the other sections (credentials, content
+    rules, SSH access) of the policy in FILE (default: the one the running daemon enforces).
 
     --json prints the canonical form (every default spelled out, "*" expanded), which is itself a
     valid policy, with the file's sha256.
@@ -98,8 +98,8 @@ def diff(old: str, new: str | None, state_dir: Path | None, as_json: bool) -> No
     """Show what NEW adds, removes and changes relative to OLD, by name. With one FILE, compare
     the running daemon's policy (OLD) with FILE (NEW): what `policy load FILE` would change.
 
-    Zones, workloads, networks, rules, credentials, TLS terminations, SSH operators and settings
-    are compared in canonical form: reordering, comments and spelling are not changes.
+    Zones, workloads, networks, rules, credentials, TLS terminations, SSH operators, content rules
+    and settings are compared in canonical form: reordering, comments and spelling are not changes.
 
     \b
     Examples:
@@ -174,6 +174,37 @@ def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
+def _size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} bytes"
+
+
+def _content_lines(policy: Policy) -> list[str]:
+    """The `content:` section: one row per rule, and what every block says (any engine that
+    finds something blocks the file)."""
+    content = policy.content
+    lines = [f"Content rules (clamd at {content.clamd_socket}, {content.scan_timeout:g} s per scan; files over "
+             f"{_size(content.max_inspect_bytes)} are refused unscanned)"]
+    every_zone = tuple(policy.zones)
+    rows = []
+    for rule in content.rules:
+        block = rule.block
+        blocks = [f"types {', '.join(block.mime_types)}"] if block.mime_types else []
+        if block.max_size is not None:
+            blocks.append(f"over {_size(block.max_size)}")
+        if block.clamav:
+            blocks.append("ClamAV finds")
+        blocks += [f"YARA {Path(f).name}" for f in block.yara]
+        if block.patterns:
+            blocks.append(f"{len(block.patterns)} pattern{'s' if len(block.patterns) != 1 else ''}")
+        zones = "*" if rule.zones == every_zone and len(every_zone) > 1 else ", ".join(rule.zones)
+        rows.append([rule.name, zones, ", ".join(rule.directions), ", ".join(rule.protocols),
+                     "; ".join(blocks) or "(nothing)"])
+    return lines + _table(["rule", "zones", "direction", "protocols", "blocks"], rows)
+
+
 def format_policy(policy: Policy) -> str:
     """A readable, plain-text view of a policy (what `policy show` prints)."""
     lines = [summary_line(policy), f"source {policy.source}" if policy.source else "", ""]
@@ -212,6 +243,8 @@ def format_policy(policy: Policy) -> str:
         lines += _table(["workload", "port", "forward to", "certificate"],
                         [[t.workload, str(t.port), str(t.forward_to), t.certificate]
                          for t in policy.tls_termination])
+    if policy.content.rules:
+        lines += ["", *_content_lines(policy)]
     if policy.admin_ssh:
         ssh = policy.admin_ssh
         lines += ["", f"Admin SSH on {ssh.listen} (port forwarding {'on' if ssh.port_forwarding else 'off'}, "

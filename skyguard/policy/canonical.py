@@ -9,6 +9,7 @@ It is not a serialiser for arbitrary YAML and it keeps no comments.
 
 from __future__ import annotations
 
+from skyguard.policy.content import ContentPolicy
 from skyguard.policy.model import Policy, Rule
 from skyguard.policy.parse import API_VERSION, KIND
 
@@ -29,6 +30,26 @@ def rule_to_dict(rule: Rule) -> dict:
     if rule.ports:  # absent means every port; an empty list is not valid input
         out["ports"] = [str(p) for p in rule.ports]
     return out
+
+
+def content_to_dict(content: ContentPolicy) -> dict:
+    """The `content:` section (only written when it has rules: the parser requires some). YARA
+    files are absolute paths already, so the form parses the same from any folder."""
+    rules = []
+    for rule in content.rules:
+        block: dict = {"clamav": rule.block.clamav}  # always: `{clamav: false}` alone is a valid block
+        if rule.block.mime_types:
+            block["mime_types"] = list(rule.block.mime_types)
+        if rule.block.max_size is not None:
+            block["max_size"] = rule.block.max_size
+        if rule.block.yara:
+            block["yara"] = list(rule.block.yara)
+        if rule.block.patterns:
+            block["patterns"] = list(rule.block.patterns)
+        rules.append({"name": rule.name, "zones": list(rule.zones), "direction": list(rule.directions),
+                      "protocols": list(rule.protocols), "block": block})
+    return {"clamd": {"socket": content.clamd_socket, "timeout": int(content.scan_timeout)},
+            "max_inspect_bytes": content.max_inspect_bytes, "rules": rules}
 
 
 def policy_to_dict(policy: Policy) -> dict:
@@ -84,6 +105,8 @@ def policy_to_dict(policy: Policy) -> dict:
         }}
         if ssh.commands is not None:
             out["admin"]["ssh"]["commands"] = list(ssh.commands)
+    if policy.content.rules:
+        out["content"] = content_to_dict(policy.content)
     for key, value in policy.extra.items():
         out[key] = value
     return out

@@ -73,6 +73,8 @@ def _settings(doc: dict) -> dict[str, dict]:
     out = {"metadata": doc["metadata"], "dns": doc["dns"]}
     if "admin" in doc:
         out["admin.ssh"] = {k: v for k, v in doc["admin"]["ssh"].items() if k != "operators"}
+    if "content" in doc:  # its rules are compared one by one (kind content_rule)
+        out["content"] = {k: v for k, v in doc["content"].items() if k != "rules"}
     extra = {k: v for k, v in doc.items() if k.startswith("x-")}
     if extra:
         out["extensions"] = extra
@@ -95,6 +97,8 @@ def diff_policies(old: Policy, new: Policy) -> PolicyDiff:
     changes += _compare("tls", tls_key(a["tls_termination"]), tls_key(b["tls_termination"]))
     operators = lambda doc: _named(doc.get("admin", {}).get("ssh", {}).get("operators", []))  # noqa: E731
     changes += _compare("operator", operators(a), operators(b))
+    content_rules = lambda doc: _named(doc.get("content", {}).get("rules", []))  # noqa: E731
+    changes += _compare("content_rule", content_rules(a), content_rules(b))
     changes += _compare("setting", _settings(a), _settings(b))
     return PolicyDiff(old.sha256, new.sha256, tuple(changes))
 
