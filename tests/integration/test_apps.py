@@ -116,6 +116,15 @@ class LabHostDaemon(RunningDaemon):
     def _in_host(self, argv):
         return self.lab.command("host", argv)
 
+    def wait_ready(self) -> dict:
+        """As RunningDaemon's, with a longer bound: bcc's compile on a loaded 2-core machine."""
+        def answered():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"skyguard up exited with {self.proc.returncode}:\n{self.log_tail()}")
+            out = self.cli("status", "--json", check=False)
+            return json.loads(out.stdout) if out.returncode == 0 else None
+        return wait_for(answered, 180, f"skyguard up to answer status ({self.log_tail()[-600:]})", interval=0.3)
+
 
 @pytest.fixture(scope="module")
 def apps_lab(lab, tmp_path_factory):
@@ -495,8 +504,14 @@ def test_a_person_signs_in_with_a_real_browser_and_the_app_greets_them_by_name(a
 # ---- the issuer down: last, it restarts the provider --------------------------------------------
 
 def test_with_the_issuer_down_nobody_gets_in_and_the_page_says_why(apps_lab):
+    signed_in = Browser(apps_lab, "bob-before")
+    assert signed_in.sign_in("bob")[0] == 200
     apps_lab.idp.stop()
     try:
+        # A signed-in user is refused too once their session is due a check (fail closed).
+        code, _, body, _ = wait_for(lambda: (r := signed_in.curl(WIKI_URL + "/"))[0] == 503 and r,
+                                    SESSION_CHECK * 10, "the signed-in user's refusal")
+        assert "identity provider cannot be reached" in body
         # What skyguard knows of the issuer is at most session_check old: within it, sign-in fails.
         code, _, body, _ = wait_for(lambda: (r := Browser(apps_lab, "idp-down").curl(WIKI_URL + "/"))[0] == 503 and r,
                                     SESSION_CHECK * 10, "the page saying the issuer is down")

@@ -207,3 +207,61 @@ def test_an_apps_port_is_kept_for_the_host_and_denied_to_every_zone():
     assert verdict(sdn_identity, 443) == [(abi.POLICY_DENY, apps_rule)]
     assert verdict(sdn_identity, 830) == [(abi.POLICY_ALLOW, compiled.rule_ids["sdn-manages-firewall"])]
     assert verdict(host_identity, 830) == []  # the host gets the app's port, nothing more
+
+
+# ---- the part's bookkeeping: metrics, log entries, sessions ending --------------------------------
+
+class ListLog:
+    def __init__(self):
+        self.entries = []
+
+    def record(self, kind, /, **fields):
+        self.entries.append((kind, fields))
+
+
+def test_a_denied_user_is_logged_and_counted_and_identify_names_a_signed_in_user(tmp_path):
+    from prometheus_client import CollectorRegistry
+
+    from skyguard.apps.oidc import SignIn
+    from skyguard.apps.service import AppsService, SignedIn
+    from skyguard.custody.store import SecretStore
+
+    policy = parse_policy(config.DEFAULT_POLICY.read_text() + APPS)
+    [app] = policy.apps
+    registry, log = CollectorRegistry(), ListLog()
+    service = AppsService(policy, SecretStore(tmp_path / "secrets"), decision_log=log, registry=registry)
+    session = service.sessions.create(app, SignIn("carol", "carol", "Carol", ("staff",), "token"), 600)
+    service.deny(app, session, client="100.64.0.2")
+    assert registry.get_sample_value("skyguard_apps_requests_total", {"app": "wiki", "result": "denied"}) == 1
+    assert registry.get_sample_value("skyguard_apps_sessions") == 1
+    assert log.entries == [("apps_denied", {"app": "wiki", "user": "carol", "groups": ["staff"],
+                                            "client": "100.64.0.2", "reason": "not_in_users_or_groups"})]
+    assert "token" not in repr(session) and "token" not in json.dumps(log.entries)
+    cookie = service.sealer.seal(session.sid, app.host, session.expires)
+    headers = [(b"host", b"wiki.apps.test:8443"), (b"cookie", f"__Host-skyguard-session={cookie}".encode())]
+    assert service.identify("wiki.apps.test", headers) == SignedIn("carol", "Carol", ("staff",), "wiki")
+    assert service.identify("admin.apps.test", headers) is None
+    assert service.identify("wiki.apps.test", [(b"cookie", b"__Host-skyguard-session=forged")]) is None
+
+
+def test_an_ended_or_expired_session_cuts_its_websockets():
+    import asyncio
+
+    from skyguard.apps.oidc import SignIn
+
+    app = App("wiki", "vfw1", 443, "wiki.apps.test", "0.0.0.0:8443", "c", users=("alice",))
+
+    async def run():
+        table = SessionTable()
+        old = table.create(app, SignIn("alice", "alice", "Alice", (), "t"), 60, now=time.time() - 120)
+        live = table.create(app, SignIn("bob", "bob", "Bob", (), "t"), 600)
+        tunnels = [asyncio.get_running_loop().create_task(asyncio.sleep(60)) for _ in range(2)]
+        old.tunnels.add(tunnels[0])
+        live.tunnels.add(tunnels[1])
+        assert [s.user for s in table.expire(time.time())] == ["alice"]
+        table.end(live.sid)
+        await asyncio.sleep(0)
+        return [t.cancelled() for t in tunnels], table.sessions
+
+    cancelled, left = asyncio.run(run())
+    assert cancelled == [True, True] and left == {}
