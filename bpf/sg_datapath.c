@@ -33,6 +33,9 @@ struct sg_meta {
   __u16 share; /* the workload id: its share of state and of drop events */
   __u32 cfg_flags;
   struct sg_pkt pkt;
+  /* The clock (sg_now), never zeroed: the coarse clock at the last tick this CPU saw. */
+  __u64 clock_jiffies;
+  __u64 clock_ns;
 };
 
 /* Per-CPU scratch for the packet being handled: struct sg_meta does not fit beside the map keys
@@ -47,6 +50,19 @@ static __always_inline struct sg_meta *sg_meta_get(void) {
   if (m)
     __builtin_memset(m, 0, __builtin_offsetof(struct sg_meta, pkt) + __builtin_offsetof(struct sg_pkt, arp_spa));
   return m;
+}
+
+/* CLOCK_MONOTONIC_COARSE, which only moves when jiffies do: bpf_jiffies64() is inlined by the
+ * verifier into one load, while bpf_ktime_get_coarse_ns() is a helper call that measured ~30 ns
+ * here (bench/run datapath-cost, issue 24). So the coarse clock is read once per tick per CPU and
+ * kept in the scratch; the value is the one the helper would return (both advance at the tick). */
+static __always_inline __u64 sg_now(struct sg_meta *m) {
+  __u64 j = bpf_jiffies64();
+  if (j != m->clock_jiffies || !m->clock_ns) {
+    m->clock_ns = bpf_ktime_get_coarse_ns();
+    m->clock_jiffies = j;
+  }
+  return m->clock_ns;
 }
 
 /* The whole decision for one frame. Returns SG_VERDICT_* (pass) or -SG_DROP_* (drop). */
@@ -101,9 +117,9 @@ static __always_inline int sg_handle(void *ctx, void *data, void *data_end, __u3
    * destination), so a hit of the active generation needs no second look. */
   int own_src = direction == SG_DIR_INGRESS;
 
-  /* The coarse clock (CLOCK_MONOTONIC_COARSE, jiffy resolution) is a memory read; timeouts in
-   * seconds do not need more. Userspace writes expiries on CLOCK_MONOTONIC, the same base. */
-  __u64 now = bpf_ktime_get_coarse_ns();
+  /* The coarse clock (CLOCK_MONOTONIC_COARSE, jiffy resolution; sg_now): timeouts in seconds do
+   * not need more. Userspace writes expiries on CLOCK_MONOTONIC, the same base. */
+  __u64 now = sg_now(m);
   if (pkt->frag == SG_FRAG_LATER) {
     if (!own_src && !sg_is_own(ifindex, gen, pkt->t.saddr))
       return -SG_DROP_SPOOF_IP;
@@ -115,7 +131,8 @@ static __always_inline int sg_handle(void *ctx, void *data, void *data_end, __u3
     return sg_frag_allowed(ifindex, pkt, now) ? SG_VERDICT_ESTABLISHED : -SG_DROP_FRAG_NO_FLOW;
   }
 
-  struct sg_ct_key key = {};
+  struct sg_ct_key rkey; /* a reversed key, written by sg_ct_find when it needs one */
+  struct sg_ct_key *key = 0;
   int is_reply = 0;
   if (pkt->icmp_kind == SG_ICMP_ERROR) {
     if (pkt->frag != SG_FRAG_NONE)
@@ -128,7 +145,7 @@ static __always_inline int sg_handle(void *ctx, void *data, void *data_end, __u3
      * way the outer destination is the inner source. Steered DNS has no conntrack entry, so no
      * error is ever related to it. Anything else is an ICMP packet like any other: policy. */
     if (sg_addr_eq(pkt->t.daddr, pkt->inner.saddr) &&
-        sg_ct_find(ifindex, &pkt->inner, direction ^ 1, now, &key, &is_reply))
+        sg_ct_find(ifindex, &pkt->inner, direction ^ 1, now, &rkey, &key, &is_reply))
       return SG_VERDICT_ESTABLISHED;
     no_rule_reason = SG_DROP_ICMP_ERR_NO_FLOW;
   }
@@ -137,24 +154,24 @@ static __always_inline int sg_handle(void *ctx, void *data, void *data_end, __u3
   if (pkt->t.proto == IPPROTO_ICMP || pkt->t.proto == IPPROTO_ICMPV6)
     port = pkt->icmp_type; /* type in the high (first) byte of the network-order port */
 
-  struct sg_ct_val *ct = sg_ct_find(ifindex, &pkt->t, direction, now, &key, &is_reply);
+  struct sg_ct_val *ct = sg_ct_find(ifindex, &pkt->t, direction, now, &rkey, &key, &is_reply);
   if (ct) {
     if (ct->gen != gen) {
       /* The policy changed since this flow was approved: decide again as its originator,
        * including whether its VM-side address is still the workload's. rule_id 0 is a DNS
        * passthrough entry an older datapath made: steered DNS keeps no state any more. */
-      const __u8 *vm_addr = ct->direction == SG_DIR_EGRESS ? key.saddr : key.daddr;
+      const __u8 *vm_addr = ct->direction == SG_DIR_EGRESS ? key->saddr : key->daddr;
       if (!sg_is_own(ifindex, gen, vm_addr) || ct->rule_id == 0) {
-        sg_ct.delete(&key);
+        sg_ct.delete(key);
         return -SG_DROP_POLICY_REVOKED;
       }
-      const __u8 *remote = ct->direction == SG_DIR_EGRESS ? key.daddr : key.saddr;
-      __u16 oport = key.dport;
-      if (key.proto == IPPROTO_ICMP || key.proto == IPPROTO_ICMPV6)
+      const __u8 *remote = ct->direction == SG_DIR_EGRESS ? key->daddr : key->saddr;
+      __u16 oport = key->dport;
+      if (key->proto == IPPROTO_ICMP || key->proto == IPPROTO_ICMPV6)
         oport = port;
-      int verdict = sg_policy_decide(gen, ct->direction, wl->zone, remote, key.proto, oport, now);
+      int verdict = sg_policy_decide(gen, ct->direction, wl->zone, remote, key->proto, oport, now);
       if (verdict < 0) {
-        sg_ct.delete(&key);
+        sg_ct.delete(key);
         return -SG_DROP_POLICY_REVOKED;
       }
       ct->gen = gen;

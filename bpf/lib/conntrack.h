@@ -6,7 +6,8 @@
  * picked by its workload id, in two halves: flows it opened and flows opened toward it (for
  * fragments: datagrams it sends and datagrams it receives), so a peer allowed to reach it cannot
  * use up its room for its own connections either. Creating an entry claims a slot of its own half: a slot whose entry is gone or expired is
- * reused (the expired entry is deleted), a slot whose entry is live is skipped; when
+ * reused (the expired entry is deleted; so is a closed TCP flow that has been quiet for
+ * SG_CT_CLOSED_QUIET_S, see sg_ct_closed_and_quiet), a slot whose entry is live is skipped; when
  * SG_SHARE_PROBES slots in a row are live, that half is full and the new flow is refused
  * (SG_DROP_CT_FULL / SG_DROP_FRAG_FULL), live flows untouched. Every entry sits in one slot, so
  * the maps never hold more than the shares add up to; with SG_LRU_SLACK on top, the kernel's LRU
@@ -55,6 +56,9 @@
 #ifndef SG_FRAG_S
 #define SG_FRAG_S 30 /* like the kernel's reassembly timeout */
 #endif
+#ifndef SG_CT_CLOSED_QUIET_S
+#define SG_CT_CLOSED_QUIET_S 1 /* a closed TCP flow quiet this long gives up its slot to a new flow (below) */
+#endif
 
 #define SG_NS 1000000000ULL
 #define SG_TCP_FIN 0x01
@@ -97,19 +101,28 @@ static __always_inline __u64 sg_ct_lifetime(__u8 proto, __u8 state) {
 }
 
 /* The live entry of this tuple at this interface, in either orientation. *is_reply says whether
- * the packet travels against the originator. Expired entries count as absent. */
-static __always_inline struct sg_ct_val *sg_ct_find(__u32 ifindex, const struct sg_tuple *t, __u8 direction,
-                                                    __u64 now, struct sg_ct_key *key, int *is_reply) {
-  sg_ct_key_of(key, ifindex, t, 0);
-  struct sg_ct_val *ct = sg_ct.lookup(key);
+ * the packet travels against the originator; *key points at the entry's key: the tuple itself
+ * (forward: it is laid out as a key, so the common lookup copies nothing) or rkey (reversed).
+ * Expired entries count as absent. */
+static __always_inline struct sg_ct_val *sg_ct_find(__u32 ifindex, struct sg_tuple *t, __u8 direction, __u64 now,
+                                                    struct sg_ct_key *rkey, struct sg_ct_key **key,
+                                                    int *is_reply) {
+  t->ifindex = ifindex;
+  t->pad[0] = 0;
+  t->pad[1] = 0;
+  t->pad[2] = 0;
+  struct sg_ct_val *ct = sg_ct.lookup((struct sg_ct_key *)t);
   if (ct && ct->direction == direction && ct->expires_ns > now) {
     *is_reply = 0;
+    *key = (struct sg_ct_key *)t;
     return ct;
   }
-  sg_ct_key_of(key, ifindex, t, 1);
-  ct = sg_ct.lookup(key);
+  __builtin_memset(rkey, 0, sizeof(*rkey));
+  sg_ct_key_of(rkey, ifindex, t, 1);
+  ct = sg_ct.lookup(rkey);
   if (ct && ct->direction != direction && ct->expires_ns > now) {
     *is_reply = 1;
+    *key = rkey;
     return ct;
   }
   return 0;
@@ -128,6 +141,18 @@ static __always_inline void sg_ct_touch(struct sg_ct_val *ct, __u8 proto, __u8 t
    * packet costs more than flow statistics are worth. Verdicts never depend on these. */
   ct->packets += 1;
   ct->bytes += len;
+}
+
+/* Whether a new flow may take this entry's slot although it has not expired: a TCP flow that saw
+ * FIN or RST (SG_CT_CLOSING) and no packet for SG_CT_CLOSED_QUIET_S. Otherwise every closed
+ * connection would hold its slot SG_CT_TCP_CLOSE_S, capping a VM at SG_CT_SHARE / SG_CT_TCP_CLOSE_S
+ * (410) new connections per second: every slot full of closed flows, CT_FULL (issue 24). The hand
+ * reaches a slot again only after as many new flows as the share holds, so this takes the oldest
+ * closed flows first, like Linux conntrack's early drop of closing TCP connections. A late
+ * retransmission of such a flow is then a new flow, decided by the policy. */
+static __always_inline int sg_ct_closed_and_quiet(const struct sg_ct_val *v, __u64 now) {
+  /* last packet = expires - SG_CT_TCP_CLOSE_S; quiet when last packet + SG_CT_CLOSED_QUIET_S <= now */
+  return v->state == SG_CT_CLOSING && v->expires_ns + SG_CT_CLOSED_QUIET_S * SG_NS <= now + SG_CT_TCP_CLOSE_S * SG_NS;
 }
 
 /* The next slot number of a share. Two CPUs may read the same number at once (bcc builds for a
@@ -155,7 +180,7 @@ static __always_inline int sg_ct_create(__u32 ifindex, const struct sg_tuple *t,
       return -SG_DROP_CT_FULL;
     if (slot->ifindex) {
       struct sg_ct_val *held = sg_ct.lookup(slot);
-      if (held && held->expires_ns > now)
+      if (held && held->expires_ns > now && !sg_ct_closed_and_quiet(held, now))
         continue; /* a live flow of this share: keep it */
       if (held)
         sg_ct.delete(slot);

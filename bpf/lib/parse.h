@@ -47,14 +47,21 @@
 #define SG_ICMP_ND 2    /* NS/NA/RS and MLD: link-local control the VM needs (nd_type says which) */
 #define SG_ICMP_ND_FORBIDDEN 3 /* RA, redirect: a VM is not a router */
 
+/* Laid out as struct sg_ct_key (abi.h): once sg_ct_find has set ifindex (and zeroed pad), a tuple
+ * is its own forward conntrack key and is looked up in place, without a copy (issue 24). */
 struct sg_tuple {
+  __u32 ifindex; /* the interface, set by sg_ct_find */
+  __u8 proto;
+  __u8 pad[3];
   __u8 saddr[16];
   __u8 daddr[16];
   __u16 sport; /* network order */
   __u16 dport;
-  __u8 proto;
-  __u8 pad[3];
 };
+_Static_assert(sizeof(struct sg_tuple) == sizeof(struct sg_ct_key) &&
+               __builtin_offsetof(struct sg_tuple, saddr) == __builtin_offsetof(struct sg_ct_key, saddr) &&
+               __builtin_offsetof(struct sg_tuple, sport) == __builtin_offsetof(struct sg_ct_key, sport),
+               "struct sg_tuple must be laid out as struct sg_ct_key");
 
 struct sg_pkt {
   struct sg_tuple t;
