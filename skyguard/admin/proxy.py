@@ -44,6 +44,7 @@ from skyguard.admin.connection import OperatorConnection, VmHostKeys
 from skyguard.admin.decisionlog import DecisionLog
 from skyguard.admin.ratelimit import AuthFailureLimiter
 from skyguard.admin.recording import SessionArchive
+from skyguard.content.record import ContentMetrics
 from skyguard.custody.store import SecretStore
 from skyguard.errors import AdminError, BadInput
 from skyguard.policy.model import Policy
@@ -84,6 +85,9 @@ class AdminMetrics:
         self.refusals = Counter("skyguard_admin_ssh_refused_requests_total",
                                 "Requests refused by policy (forwarding, file transfer, commands, shells)",
                                 ["request"], registry=registry)
+        # SFTP uploads judged under content rules (admin/sftp.py), by zone, rule and verdict.
+        self.content = ContentMetrics(registry, "skyguard_admin_sftp_content_decisions",
+                                      "SFTP uploads judged by the content filter at the SSH access proxy")
 
 
 def parse_listen(listen: str) -> tuple[str, int]:

@@ -358,7 +358,8 @@ def upload_pump(session, workload) -> SftpFilterPump | None:
         session.proxy.record(entry.pop("event"), operator=session.owner.operator_name,
                              session=recording.id if recording else None, **entry)
 
-    upload_filter = SftpUploadFilter(_engine(content), workload.zone, record, workload=workload.name)
+    upload_filter = SftpUploadFilter(_engine(content), workload.zone, record, workload=workload.name,
+                                     metrics=session.proxy.metrics.content)
     return SftpFilterPump(upload_filter, lambda data: session.vm_chan.write(data), lambda data: session.chan.write(data),
                           session.chan.pause_reading, session.chan.resume_reading,
                           lambda message: session.end_with_message(message + "\r\n", 255, "sftp_refused"),

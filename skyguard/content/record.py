@@ -1,5 +1,6 @@
 """What a content decision leaves behind: one decision-log entry per block (`content_blocked`)
-and the Prometheus counter skyguard_content_decisions_total by zone, rule and verdict.
+and the Prometheus counter skyguard_content_decisions_total (SFTP at the access proxy:
+skyguard_admin_sftp_content_decisions_total) by zone, rule, protocol and verdict.
 
 Entries carry who (zone, workload), what rule and engine, which protocol and destination, the
 size and SHA-256 of the content: never the content, never a file name's bytes beyond a bound.
@@ -17,10 +18,15 @@ MAX_LOGGED_NAME = 253
 
 
 class ContentMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None):
+    """The counter of one part that judges content. The credential proxy (HTTP) counts in
+    skyguard_content_decisions_total; the SSH access proxy (SFTP) in its own family with the same
+    labels, skyguard_admin_sftp_content_decisions_total: each daemon part has its own registry,
+    and one family exported twice is a duplicate in the scrape."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, name: str = "skyguard_content_decisions",
+                 what: str = "Files judged by the content filter"):
         self.decisions = Counter(
-            "skyguard_content_decisions",
-            "Files judged by the content filter, by zone, rule (- when allowed), protocol and verdict.",
+            name, f"{what}, by zone, rule (- when allowed), protocol and verdict.",
             ["zone", "rule", "protocol", "verdict"],
             registry=registry if registry is not None else CollectorRegistry())
 
@@ -36,3 +42,34 @@ def blocked_entry(verdict: ContentVerdict, *, zone: str | None, workload: str | 
             "protocol": protocol, "direction": direction,
             "destination": (destination or "-")[:MAX_LOGGED_NAME], "size": verdict.size,
             "sha256": verdict.sha256, "mime": verdict.mime, "reason": verdict.reason, **extra}
+
+
+# How far back `skyguard flows` looks in the signed log for blocks: the newest entries only, as
+# the flow records it shows beside them are the newest few thousand (a full history is
+# `skyguard log show --type content_blocked`).
+RECENT_LOG_ENTRIES = 200_000
+
+
+def blocks_in_log(log_dir, start: int | None = None) -> tuple[list[dict], int]:
+    """The content_blocked entries of the signed log in `log_dir` from index `start` (default:
+    the last RECENT_LOG_ENTRIES), oldest first, each with its log `index`; and the index to
+    start from next time. Reads the log directory; writes nothing."""
+    from skyguard.tlog import entries
+    from skyguard.tlog.store import LogReader
+
+    reader = LogReader(log_dir)
+    size = reader.size
+    first = max(0, size - RECENT_LOG_ENTRIES) if start is None else start
+    marker = b'"' + KIND.encode() + b'"'
+    found = []
+    for index, payload in reader.entries(first):
+        if index >= size:
+            break
+        if marker in payload:  # cheap test first: most entries are flows and DNS answers
+            try:
+                record = entries.decode(payload)
+            except ValueError:
+                continue
+            if record.get("type") == KIND:
+                found.append({**record, "index": index})
+    return found, max(size, first)

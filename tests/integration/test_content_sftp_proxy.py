@@ -37,12 +37,21 @@ def put(lab, local, remote):  # noqa: F811
     return lab.ssh("alice", "alice+dc1", extra=["-b", "-"], tool="sftp", input=f"put {local} {remote}\n")
 
 
+def judged(lab, verdict):  # noqa: F811
+    """SFTP uploads the access proxy's Prometheus counter has seen with this verdict."""
+    rule = "operator-uploads" if verdict == "blocked" else "-"
+    return lab.metric("skyguard_admin_sftp_content_decisions_total", zone="directory", rule=rule, protocol="sftp",
+                      verdict=verdict)
+
+
 def test_clean_upload_through_the_proxy_arrives_byte_exact(lab, guarded):  # noqa: F811
     data = os.urandom(200_000)
     (lab.tmp / "clean.bin").write_bytes(data)
+    allowed = judged(lab, "allowed")
     result = put(lab, lab.tmp / "clean.bin", guarded / "clean.bin")
     assert result.returncode == 0, result.stderr
     assert (guarded / "clean.bin").read_bytes() == data
+    assert judged(lab, "allowed") == allowed + 1
 
 
 @pytest.mark.parametrize("name,data", [("eicar.txt", EICAR), ("holiday.jpg", zipped("a.txt", EICAR)),
@@ -50,8 +59,10 @@ def test_clean_upload_through_the_proxy_arrives_byte_exact(lab, guarded):  # noq
                          ids=["eicar", "eicar-zip-as-jpg", "over-max-size"])
 def test_blocked_upload_through_the_proxy_fails_and_leaves_nothing(lab, guarded, name, data):  # noqa: F811
     (lab.tmp / name).write_bytes(data)
+    blocked = judged(lab, "blocked")
     result = put(lab, lab.tmp / name, guarded / name)
     assert result.returncode != 0
+    assert judged(lab, "blocked") == blocked + 1  # counted, not only logged
     assert not (guarded / name).exists()
     entry = lab.entries("content_blocked")[-1]
     assert (entry["operator"], entry["workload"], entry["zone"], entry["protocol"], entry["path"]) == (
