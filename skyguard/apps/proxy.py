@@ -31,6 +31,7 @@ from skyguard.apps.sessions import (
     safe_return_path,
     set_cookie,
     without_cookies,
+    without_our_set_cookies,
 )
 from skyguard.credproxy.http1 import (
     ProtocolRefusal,
@@ -260,7 +261,7 @@ class AppConnection:
             return keep
         if not response.reusable:
             self._close_upstream()
-        headers = tuple((n, v) for n, v in response.headers
+        headers = tuple((n, v) for n, v in without_our_set_cookies(response.headers)
                         if n not in HOP_BY_HOP or (n == b"content-length" and request.method == b"HEAD"))
         self.gate.count(self.app, "forwarded")
         self.writer.write(serialise_response(request.method, keep, (response.status, response.reason or b"OK"),

@@ -131,6 +131,14 @@ def without_cookies(headers, names: tuple[str, ...]) -> list[tuple[bytes, bytes]
     return out
 
 
+def without_our_set_cookies(headers) -> list[tuple[bytes, bytes]]:
+    """An app's response headers without any Set-Cookie naming skyguard's cookies: an app cannot
+    forge a session (the value is encrypted), but it must not be able to end or replace one."""
+    ours = (SESSION_COOKIE.encode(), LOGIN_COOKIE.encode())
+    return [(n, v) for n, v in headers
+            if not (n == b"set-cookie" and v.partition(b"=")[0].strip() in ours)]
+
+
 def set_cookie(name: str, value: str, max_age: int) -> tuple[bytes, bytes]:
     return (b"set-cookie", f"{name}={value}; Path=/; Max-Age={max_age}; Secure; HttpOnly; SameSite=Lax".encode())
 

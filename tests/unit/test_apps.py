@@ -17,7 +17,16 @@ from joserfc.jwk import KeySet, OctKey, RSAKey
 from skyguard import config
 from skyguard.apps.assertion import AssertionSigner, new_key_pem, verify
 from skyguard.apps.oidc import TokenRejected, check_id_token
-from skyguard.apps.sessions import CookieSealer, Pending, SessionTable, allowed, cookie_value, safe_return_path, without_cookies
+from skyguard.apps.sessions import (
+    CookieSealer,
+    Pending,
+    SessionTable,
+    allowed,
+    cookie_value,
+    safe_return_path,
+    without_cookies,
+    without_our_set_cookies,
+)
 from skyguard.datapath import abi
 from skyguard.datapath.compile import APPS_RULE, compile_policy
 from skyguard.errors import PolicyError
@@ -100,6 +109,13 @@ def test_skyguards_cookies_are_found_and_removed_and_others_kept():
     assert cookie_value(headers, "__host-skyguard-session") is None  # names are case-sensitive
     assert without_cookies(headers, ("__Host-skyguard-session", "__Host-skyguard-login")) == [
         (b"host", b"wiki"), (b"cookie", b"theme=dark; lang=en")]
+
+
+def test_an_app_cannot_set_or_clear_skyguards_cookies():
+    response = [(b"content-type", b"text/html"), (b"set-cookie", b"__Host-skyguard-session=; Max-Age=0"),
+                (b"set-cookie", b"__Host-skyguard-login=x"), (b"set-cookie", b"app_session=1; HttpOnly")]
+    assert without_our_set_cookies(response) == [(b"content-type", b"text/html"),
+                                                 (b"set-cookie", b"app_session=1; HttpOnly")]
 
 
 @pytest.mark.parametrize("target, kept", [
