@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from skyguard.datapath import abi
 from skyguard.errors import BadInput
+from skyguard.policy.console import console_ports
 from skyguard.policy.model import IPNetwork, Policy, PortRange
 
 Selector = tuple  # ("zone", name) | ("cidr", IPNetwork) | ("learned", zone, rule_name)
@@ -208,6 +209,16 @@ def _app_ports(policy: Policy) -> list[tuple[str, int]]:
     return sorted({(policy.workload(a.workload).zone, a.port) for a in policy.apps})
 
 
+CONSOLE_RULE = "admin-console"  # the synthetic rule that keeps a VNC/RDP port for the console proxy
+
+
+def _console_ports(policy: Policy) -> list[tuple[str, int]]:
+    """(zone, port) of every admin.console target (skyguard/policy/console.py)."""
+    zone_of = {w.name: w.zone for w in policy.workloads()}
+    return sorted((zone, port) for zone, ports in console_ports(policy.admin_console, zone_of).items()
+                  for port in ports)
+
+
 def compile_policy(policy: Policy, host_addresses=()) -> Compiled:
     """Policy -> map entries. `host_addresses` are the addresses of the host skyguard runs on:
     they get the reserved `host` selector, which the policy's admin.ssh section (and nothing else)
@@ -224,6 +235,9 @@ def compile_policy(policy: Policy, host_addresses=()) -> Compiled:
     app_ports = _app_ports(policy)
     if app_ports:
         rule_ids[APPS_RULE] = len(rule_ids) + 1
+    console_targets = _console_ports(policy)
+    if console_targets:
+        rule_ids[CONSOLE_RULE] = len(rule_ids) + 1
     workloads = []
     for wid, w in enumerate(policy.workloads(), start=1):
         addrs = tuple(w.addresses) + (eui64_link_local(w.mac),)
@@ -238,7 +252,7 @@ def compile_policy(policy: Policy, host_addresses=()) -> Compiled:
     for rule in policy.rules:
         for c in _rule_cidrs(policy, rule):
             on_prefix[c].add(("cidr", c))
-    if admin_zones or app_ports:
+    if admin_zones or app_ports or console_targets:
         for a in host_addresses:
             on_prefix[ipaddress.ip_network(a)].add(("host",))
     # IPv4 addresses live at ::ffff:a.b.c.d in the ipcache, which IPv6 prefixes shorter than /96
@@ -265,15 +279,17 @@ def compile_policy(policy: Policy, host_addresses=()) -> Compiled:
     if admin_zones:
         ssh = _Grant(rule_ids[ADMIN_SSH_RULE], "allow", ((abi.IPPROTO["tcp"], 22, 22),))
         grants[("host",)] = [(abi.DIR_INGRESS, zone_ids[z], ssh) for z in admin_zones]
-    # An app's port (in its zone) is the proxy's alone: the host may connect to it; no zone may,
-    # whatever the rules say (deny beats allow), and outside addresses never get ingress anyway.
-    for zone, port in app_ports:
-        only = ((abi.IPPROTO["tcp"], port, port),)
-        grants.setdefault(("host",), []).append(
-            (abi.DIR_INGRESS, zone_ids[zone], _Grant(rule_ids[APPS_RULE], "allow", only)))
-        for other in policy.zones:
-            grants.setdefault(("zone", other), []).append(
-                (abi.DIR_INGRESS, zone_ids[zone], _Grant(rule_ids[APPS_RULE], "deny", only)))
+    # An app's port and a console target's port (in its zone) are skyguard's proxies' alone: the
+    # host may connect to them; no zone may, whatever the rules say (deny beats allow), and
+    # outside addresses never get ingress anyway.
+    for rule, ports in ((APPS_RULE, app_ports), (CONSOLE_RULE, console_targets)):
+        for zone, port in ports:
+            only = ((abi.IPPROTO["tcp"], port, port),)
+            grants.setdefault(("host",), []).append(
+                (abi.DIR_INGRESS, zone_ids[zone], _Grant(rule_ids[rule], "allow", only)))
+            for other in policy.zones:
+                grants.setdefault(("zone", other), []).append(
+                    (abi.DIR_INGRESS, zone_ids[zone], _Grant(rule_ids[rule], "deny", only)))
     identities: dict[frozenset, int] = {}
     policy_entries: list[PolicyEntry] = []
     ipcache: dict[IPNetwork, int] = {}

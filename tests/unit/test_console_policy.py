@@ -78,3 +78,27 @@ def test_the_same_vm_port_twice_is_refused():
     text = problems(GOOD.replace("workload: dc2, protocol: rdp, port: 3389",
                                  "workload: dc1, protocol: rdp, port: 5901", 1))
     assert "dc1 port 5901 is already the target" in text
+
+
+def test_a_console_port_is_kept_for_the_host_and_denied_to_every_zone():
+    """directory-replication lets dc2 reach dc1; with a console target on dc1:5901 only the host
+    (skyguard's console proxy) may reach that port, so no VM bypasses the stored password."""
+    from skyguard.datapath import abi
+    from skyguard.datapath.compile import CONSOLE_RULE, compile_policy
+
+    compiled = compile_policy(parse_policy(BASE + GOOD), host_addresses=["10.10.2.1"])
+    directory, console_rule = compiled.zone_ids["directory"], compiled.rule_ids[CONSOLE_RULE]
+
+    def identity(address):
+        return compiled.ipcache[next(n for n in compiled.ipcache if str(n) == f"{address}/32")]
+
+    def verdict(source, port):
+        return [(e.verdict, e.rule_id) for e in compiled.policy
+                if (e.direction, e.zone, e.identity, e.proto) ==
+                (abi.DIR_INGRESS, directory, identity(source), abi.IPPROTO["tcp"])
+                and e.port <= port < e.port + (1 << (16 - e.port_prefixlen))]
+
+    assert verdict("10.10.2.1", 5901) == [(abi.POLICY_ALLOW, console_rule)]
+    assert verdict("10.10.2.3", 5901) == [(abi.POLICY_DENY, console_rule)]
+    assert verdict("10.10.1.2", 5901) == [(abi.POLICY_DENY, console_rule)]
+    assert verdict("10.10.2.1", 5902) == []  # the host gets the target's port, nothing more
