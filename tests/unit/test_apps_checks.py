@@ -1,7 +1,7 @@
 """The identity-aware proxy's decisions without sockets: the ID token checks (joserfc under
 skyguard/apps/oidc.py) against the issue's attack list, the session cookie, the return path, the
 access rule, the policy sections and the datapath's share (an app's port kept for the proxy).
-The end-to-end tests with the real provider and a browser are tests/integration/test_apps.py."""
+The end-to-end tests with the real provider and a browser are tests/integration/test_apps_lab.py."""
 
 from __future__ import annotations
 
