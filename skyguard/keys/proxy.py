@@ -336,7 +336,16 @@ class CryptoProxy:
 
 
 def _by_address(policy) -> dict[str, tuple[str, str, str]]:
-    return {str(a): (w.name, w.zone, w.interface) for w in policy.workloads() for a in w.addresses}
+    """address -> (workload, zone, interface): the policy's addresses, and each VM's IPv6 link-local
+    address (EUI-64 of its MAC, which the datapath lets it send), for VMs that call fe80::1."""
+    from skyguard.datapath.compile import eui64_link_local
+
+    out = {}
+    for w in policy.workloads():
+        out[str(eui64_link_local(w.mac))] = (w.name, w.zone, w.interface)
+        for a in w.addresses:
+            out[str(a)] = (w.name, w.zone, w.interface)
+    return out
 
 
 def _metrics(registry):

@@ -26,13 +26,14 @@ from skyguard.custody.store import SecretStore
 from skyguard.keys.softhsm import SoftHsmToken
 
 GATEWAY = "169.254.1.1"  # every lab VM's gateway (skyguard/lab/addressing.py)
+GATEWAY6 = "fe80::1"
 PORT = 18200
 PIN = secrets.token_hex(12).encode()
 
 KEYS_POLICY = f"""
   - name: crypto-proxy                    # the datapath lets these zones reach the key API
     from: [auth, sdn]
-    to: {{cidrs: ["{GATEWAY}/32"]}}
+    to: {{cidrs: ["{GATEWAY}/32", "{GATEWAY6}/128"]}}
     ports: [tcp/{PORT}]
 keys:
   backend: pkcs11
@@ -151,6 +152,17 @@ def test_a_vm_signs_and_openssl_verifies_against_key_public(crypto, tmp_path):
     entry = next(e for e in key_uses(crypto, mine) if mine(e))
     assert (entry["key"], entry["zone"], entry["operation"], entry["outcome"], entry["interface"]) == \
         ("release", "auth", "sign", "ok", "sg-radius1")
+
+
+def test_a_vm_reaches_the_api_on_its_ipv6_gateway_and_is_known_by_its_interface(crypto):
+    digest = hashlib.sha256(b"over IPv6").hexdigest()
+    out = crypto.lab.exec("tacacs1", ["curl", "-sS", "-m", "5", "-g", "-d", json.dumps({"digest": digest}),
+                                      f"http://[{GATEWAY6}%eth0]:{PORT}/v1/keys/release/sign"],
+                          capture_output=True, text=True, timeout=20)
+    assert "signature" in json.loads(out.stdout), out.stdout + out.stderr
+    entry = next(e for e in key_uses(crypto, lambda e: e.get("digest") == digest) if e.get("digest") == digest)
+    assert (entry["workload"], entry["interface"], entry["outcome"]) == ("tacacs1", "sg-tacacs1", "ok")
+    assert entry["address"].startswith("fe80::")
 
 
 def test_decrypt_where_the_key_allows_it(crypto):
