@@ -9,7 +9,8 @@ scope). A connection that fails either is answered 403 and logged. Reachability 
 datapath's: a zone reaches the proxy's port only where a rule lets it (see skyguard/policy/keys.py).
 
 Every sign, verify and decrypt, and every refusal, is a `key_use` entry in the signed log (key,
-zone, workload, operation, digest, outcome); a flood over a key's rate limit is summarised in one
+zone, workload, operation, digest, outcome); an operation's entry is durable before its answer
+leaves (none is given when the log cannot take it); a flood over a key's rate limit is summarised in one
 entry per second per VM and key. Prometheus counts operations by key, operation and outcome (key
 is "-" for names the policy does not offer, so a VM cannot grow the label set). Key operations run
 in a small thread pool; the rate limit is checked before, so one VM's flood never queues there.
@@ -47,10 +48,14 @@ ROUTE_CACHE_SECONDS = 5.0
 
 
 class CryptoProxy:
-    def __init__(self, policy, state_dir, decisions, registry=None, hosts=LISTEN_HOSTS):
+    def __init__(self, policy, state_dir, decisions, registry=None, hosts=LISTEN_HOSTS, durable=None):
+        """decisions: the part's DecisionLog (refusals, queued). durable: record(kind, **fields)
+        that returns once the entry is durable (the daemon's record), for the key operations that
+        ran; without it, decisions.record."""
         from skyguard.keys.backends import open_backend
 
         self.state_dir, self.decisions, self.hosts = state_dir, decisions, tuple(hosts)
+        self.durable = durable or decisions.record
         self.config = policy.keys
         self.backend = open_backend(self.config, state_dir)  # blocking: the daemon calls this off the loop
         self._workloads = _by_address(policy)
@@ -249,14 +254,27 @@ class CryptoProxy:
             self._account(caller, op, reply)
             return reply
         try:
-            reply = await asyncio.get_running_loop().run_in_executor(self.pool, self._run, op)
+            reply = await asyncio.get_running_loop().run_in_executor(self.pool, self._run_logged, caller, op)
         except KeyCustodyError as e:
             missing = op.key in self.missing
             reply = api.refuse(503, "key-missing" if missing else "error",
                                f"key {op.key!r} is not available" if missing else str(e))
             if not missing:
                 log.warning("crypto proxy: %s", e)
-        self._account(caller, op, reply)
+        self._account(caller, op, reply, logged=reply.status == 200)
+        return reply
+
+    def _run_logged(self, caller: api.Caller, op: api.Operation) -> api.Reply:
+        """On a key worker thread: run `op`, and for a key operation make its log entry durable
+        before the VM gets the answer (no signature or plaintext leaves without its entry). A log
+        that cannot take the entry withholds the answer (fail closed)."""
+        reply = self._run(op)
+        if op.operation in api.OPERATIONS:
+            try:
+                self.durable("key_use", **self._fields(caller, op, reply))
+            except Exception:  # noqa: BLE001 - any log failure: the answer is not given
+                log.exception("crypto proxy: the signed log did not take a key_use entry")
+                return api.refuse(503, "log-failed", "the operation could not be logged, so its result is withheld")
         return reply
 
     def _run(self, op: api.Operation) -> api.Reply:
@@ -274,17 +292,22 @@ class CryptoProxy:
         plaintext = self.backend.decrypt(op.key, op.data)
         return api.Reply(200, {"key": op.key, "plaintext": base64.b64encode(plaintext).decode()}, "ok")
 
-    def _account(self, caller: api.Caller, op: api.Operation | None, reply: api.Reply) -> None:
-        """Metrics for every request; a log entry for every key operation and every refusal."""
+    def _fields(self, caller: api.Caller, op: api.Operation | None, reply: api.Reply) -> dict:
+        return {"key": op.key if op is not None else None, "zone": caller.zone, "workload": caller.workload,
+                "interface": caller.interface, "address": caller.address,
+                "operation": op.operation if op is not None else "-",
+                "digest": op.digest_hex if op is not None else None, "outcome": reply.outcome,
+                "status": reply.status}
+
+    def _account(self, caller: api.Caller, op: api.Operation | None, reply: api.Reply, logged: bool = False) -> None:
+        """Metrics for every request; a log entry for every refusal (key operations that ran were
+        logged durably by _run_logged)."""
         key = op.key if op is not None and self.config.grant(op.key) is not None else "-"
         operation = op.operation if op is not None else "-"
         self._metrics.labels(key, operation, reply.outcome).inc()
-        if op is not None and op.operation in ("list", "public") and reply.status == 200:
-            return  # reading public material is counted, not logged
-        fields = {"key": op.key if op is not None else None, "zone": caller.zone, "workload": caller.workload,
-                  "interface": caller.interface, "address": caller.address, "operation": operation,
-                  "digest": op.digest_hex if op is not None else None, "outcome": reply.outcome,
-                  "status": reply.status}
+        if logged or (op is not None and op.operation in ("list", "public") and reply.status == 200):
+            return  # logged already, or reading public material (counted, not logged)
+        fields = self._fields(caller, op, reply)
         if reply.outcome == "rate-limited":
             count = self.limiter.refusals_to_log(op.key, caller.workload)
             if not count:

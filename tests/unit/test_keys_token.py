@@ -327,3 +327,29 @@ def test_tls_termination_serves_with_a_token_held_key(token, tls_backend, tmp_pa
         loop.call(terminator.stop())
         echo.close()
         loop.stop()
+
+
+def test_no_signature_leaves_without_its_durable_log_entry(token, backend, proxy):
+    """The key_use entry of an operation that ran is written (durably, in the daemon) before the
+    answer; a log that refuses it withholds the signature."""
+    from skyguard.errors import LogError
+    from skyguard.keys.proxy import CryptoProxy
+
+    written = Recorded()
+    part = CryptoProxy(loopback_policy(token), proxy.state, Recorded(), hosts=("127.0.0.1",), durable=written.record)
+    loop = LoopThread()
+    try:
+        loop.call(part.start())
+        digest = hashlib.sha256(b"durable").hexdigest()
+        status, reply = post(type("P", (), {"part": part}), "/v1/keys/release/sign", {"digest": digest})
+        assert status == 200 and [e["digest"] for e in written.entries] == [digest]
+
+        def refuse(kind, /, **fields):
+            raise LogError("the log's disk is full")
+
+        part.durable = refuse
+        status, reply = post(type("P", (), {"part": part}), "/v1/keys/release/sign", {"digest": digest})
+        assert (status, reply) == (503, {"error": "the operation could not be logged, so its result is withheld"})
+    finally:
+        loop.call(part.stop())
+        loop.stop()
