@@ -214,3 +214,21 @@ class AppsSections(CheckerBase):
                 continue
             names.append(item)
         return tuple(names)
+
+
+def apps_to_dict(policy) -> dict:
+    """The identity and apps sections in canonical form (every default spelled out), as
+    skyguard/policy/canonical.py writes the other sections: {} when the policy has none. Parsing
+    the result again gives the same values."""
+    out: dict = {}
+    if policy.identity is not None:
+        i = policy.identity
+        out["identity"] = {"issuer": i.issuer, "client_id": i.client_id, "client_secret": i.client_secret,
+                           "groups_claim": i.groups_claim, "session_lifetime": i.session_lifetime,
+                           "session_check": i.session_check}
+    if policy.apps:
+        out["apps"] = [{"name": a.name, "workload": a.workload, "port": a.port, "host": a.host, "listen": a.listen,
+                        "certificate": a.certificate, "users": list(a.users), "groups": list(a.groups),
+                        "websockets": a.websockets, "identity_header": a.identity_header}
+                       for a in policy.apps]
+    return out

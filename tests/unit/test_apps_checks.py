@@ -281,3 +281,15 @@ def test_an_ended_or_expired_session_cuts_its_websockets():
 
     cancelled, left = asyncio.run(run())
     assert cancelled == [True, True] and left == {}
+
+
+def test_the_apps_sections_canonical_form_parses_back_to_the_same_values():
+    from skyguard.policy.apps import apps_to_dict
+
+    policy = parse_policy(config.DEFAULT_POLICY.read_text() + APPS)
+    form = apps_to_dict(policy)
+    assert form["apps"][0]["identity_header"] == "X-Skyguard-Assertion" and form["identity"]["session_check"] == 60
+    sections = "".join(f"{key}: {json.dumps(value)}\n" for key, value in form.items())  # JSON is flow YAML
+    again = parse_policy(config.DEFAULT_POLICY.read_text() + sections)
+    assert (again.identity, again.apps) == (policy.identity, policy.apps)
+    assert apps_to_dict(parse_policy(config.DEFAULT_POLICY.read_text())) == {}
