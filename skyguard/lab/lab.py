@@ -475,7 +475,7 @@ class Lab:
 
     def _probe(self) -> bool:
         try:
-            out = self.exec(INTERNET, [sys.executable, "-c", _PROBE, str(plan.DNS_SERVER_V4)],
+            out = self.exec(INTERNET, [sys.executable, "-m", "skyguard.vmtools.lab_health", str(plan.DNS_SERVER_V4)],
                             lab_resolver=False, capture_output=True, text=True, timeout=10)
         except subprocess.TimeoutExpired:
             return False
@@ -517,18 +517,6 @@ class Lab:
 
     def __repr__(self) -> str:
         return f"Lab(prefix={self.prefix!r}, policy={str(self.policy_path)!r})"
-
-
-# Run inside the internet namespace by status(probe=True): DNS over UDP, then TCP connects.
-_PROBE = r"""
-import socket, sys
-from dnslib import DNSRecord
-u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(2)
-u.sendto(DNSRecord.question("health.test").pack(), (sys.argv[1], 53))
-assert DNSRecord.parse(u.recv(4096)).rr, "no DNS answer"
-for port in (80, 443, 7):
-    socket.create_connection(("203.0.113.1", port), timeout=2).close()
-"""
 
 
 def _require_root() -> None:

@@ -116,7 +116,7 @@ def find_tcti(state_dir: Path | None, tcti: str | None = None) -> str | None:
 _ERROR_LINE = re.compile(r"^ERROR:.*?(?:\) - )?(.*)$")
 
 
-def _reason(stderr: str) -> str:
+def tpm_reason(stderr: str) -> str:
     """The TPM's own words from tpm2-tools' stderr (`tpm:session(1):a policy check failed`), without
     the library noise around them."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
@@ -169,7 +169,7 @@ class Tpm:
             if flush:
                 self.flush_transient()
         if proc.returncode != 0:
-            reason = _reason(proc.stderr.decode(errors="replace"))
+            reason = tpm_reason(proc.stderr.decode(errors="replace"))
             if "tcti" in reason.lower() or "Connection refused" in proc.stderr.decode(errors="replace"):
                 raise TpmUnavailable(f"cannot reach the TPM at {self.tcti}: {reason}")
             raise TpmError(f"{tool} failed: {reason}")

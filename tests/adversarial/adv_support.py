@@ -12,8 +12,7 @@ import ipaddress
 import random
 import struct
 
-from skyguard.datapath import abi, progrun
-from skyguard.datapath.datapath import _nonzero_per_cpu
+from skyguard.datapath import abi, libbpf, progrun
 from skyguard.datapath.reasons import reason_name
 from skyguard.policy.model import Destination, Policy, PortRange, Rule, Workload, Zone
 from support.refmodel import EGRESS, FLOW, ICMP_ERROR, INGRESS, ND, PROTOCOLS, Packet
@@ -196,7 +195,8 @@ class DatapathRunner:
         self.dp, self.worker, self.ifindex = dp, worker, ifindex
 
     def drops(self) -> dict:
-        return {abi.split_drop_index(idx): packets for idx, packets, _ in _nonzero_per_cpu(self.dp.map("sg_drops"))}
+        counters = libbpf.nonzero_per_cpu_counters(self.dp.map("sg_drops"))
+        return {abi.split_drop_index(idx): packets for idx, packets, _ in counters}
 
     def run_raw(self, frame_bytes: bytes, ifname: str, direction: str, kind: str = "tc") -> int:
         if direction == EGRESS:

@@ -8,8 +8,7 @@ from __future__ import annotations
 import ipaddress
 import os
 
-from skyguard.datapath import abi, progrun
-from skyguard.datapath.datapath import _nonzero_per_cpu
+from skyguard.datapath import abi, libbpf, progrun
 from skyguard.datapath.reasons import reason_name
 from skyguard.policy.model import Destination, Policy, PortRange, Rule, Workload, Zone
 
@@ -69,7 +68,8 @@ class Harness:
         return self.worker.call(self.dp.apply_policy, policy)
 
     def _drops(self):
-        return {abi.split_drop_index(idx): packets for idx, packets, _ in _nonzero_per_cpu(self.dp.map("sg_drops"))}
+        counters = libbpf.nonzero_per_cpu_counters(self.dp.map("sg_drops"))
+        return {abi.split_drop_index(idx): packets for idx, packets, _ in counters}
 
     def run(self, frame: bytes, workload: str, direction: str, repeat: int = 1, hook: str | None = None,
             mark: int = 0):

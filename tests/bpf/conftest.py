@@ -12,8 +12,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from bpf_support import IFACES, NS, Harness, make_policy
+
 from skyguard.datapath import progrun
 
 

@@ -16,15 +16,27 @@ from __future__ import annotations
 import socket
 
 import pytest
-from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import (ICMPv6MLQuery, ICMPv6MLReport, ICMPv6MLReport2, ICMPv6ND_NA, ICMPv6ND_NS,
-                                ICMPv6ND_RA, ICMPv6ND_Redirect, ICMPv6NDOptSrcLLAddr, ICMPv6NDOptUnknown,
-                                ICMPv6PacketTooBig, IPv6, IPv6ExtHdrHopByHop, RouterAlert)
-from scapy.packet import Raw
-
 from bpf_support import IFACES, MAC, Harness, make_policy
-from skyguard.datapath import abi
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import (
+    ICMPv6MLQuery,
+    ICMPv6MLReport,
+    ICMPv6MLReport2,
+    ICMPv6ND_NA,
+    ICMPv6ND_NS,
+    ICMPv6ND_RA,
+    ICMPv6ND_Redirect,
+    ICMPv6NDOptSrcLLAddr,
+    ICMPv6NDOptUnknown,
+    ICMPv6PacketTooBig,
+    IPv6,
+    IPv6ExtHdrHopByHop,
+    RouterAlert,
+)
+from scapy.packet import Raw
 from test_verdicts import ALLOW, DROP, IN, OUT, e_from, e_to, v4, v6
+
+from skyguard.datapath import abi
 
 LL_W1 = "fe80::ff:fe00:102"  # w1's EUI-64 link-local
 LLA = ICMPv6NDOptSrcLLAddr(lladdr=MAC["w1"])

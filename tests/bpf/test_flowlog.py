@@ -18,15 +18,15 @@ import time
 from pathlib import Path
 
 import pytest
-from scapy.layers.inet import IP, TCP, UDP
-
 from bpf_support import IFACES, make_policy
+from scapy.layers.inet import IP, TCP, UDP
+from test_verdicts import e_from, e_to, v4
+
 from skyguard.datapath import abi, libbpf, progrun
 from skyguard.datapath.flowlog import FlowLogger, FlowNames
 from skyguard.tlog import LogReader, LogWriter, Signer
 from skyguard.tlog.entries import canonical
 from skyguard.tlog.verify import verify_log
-from test_verdicts import e_from, e_to, v4
 
 DEFINES = {"SG_EVENTS_PAGES": 1, "SG_CT_UDP_S": 1}
 
@@ -163,10 +163,10 @@ def test_denied_flood_is_a_handful_of_deny_entries_with_the_total_count(kernel, 
 
 
 def test_many_denied_flows_in_one_interval_are_summarised(kernel, logged, monkeypatch):
-    from skyguard.datapath import flowlog
+    from skyguard.datapath.flowlog import denies as deny_aggregation
 
     logger, entries = logged
-    monkeypatch.setattr(flowlog, "MAX_DENY_FLOWS_PER_INTERVAL", 5)
+    monkeypatch.setattr(deny_aggregation, "MAX_DENY_FLOWS_PER_INTERVAL", 5)
     logger.pause()  # the ring holds ~50 events: stay below it
     for sport in range(40):
         frame = e_from("w1") / IP(src=v4("w1"), dst=v4("d1")) / TCP(sport=30000 + sport, dport=22)

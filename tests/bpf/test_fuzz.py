@@ -9,16 +9,16 @@ from __future__ import annotations
 import ipaddress
 import random
 
+from bpf_support import MAC
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6ND_NS, ICMPv6NDOptSrcLLAddr, IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import ARP
 from scapy.packet import Raw
+from test_verdicts import e_from, v4, v6
 
-from bpf_support import MAC
 from skyguard.datapath import progrun
 from skyguard.datapath.compile import eui64_link_local
 from skyguard.errors import DatapathError
-from test_verdicts import e_from, v4, v6
 
 MUTATIONS = 10000
 

@@ -5,7 +5,6 @@ hold on the same address, a static grant and established flows stay."""
 from __future__ import annotations
 
 from scapy.layers.inet import IP, TCP
-
 from test_verdicts import ALLOW, DROP, OUT, e_from, v4
 
 

@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
+from bpf_support import ADDR, GW_MAC, IFACES, MAC, make_policy
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
-from bpf_support import ADDR, GW_MAC, IFACES, MAC, make_policy
 from skyguard.datapath import progrun
 
 TAG = f"bpx-{os.getpid() % 100000}"
@@ -34,7 +34,8 @@ def tcp(port):
         s = socket.socket(fam, socket.SOCK_STREAM); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if fam == socket.AF_INET6: s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         s.bind((addr, port)); s.listen(16)
-        threading.Thread(target=lambda s=s: [c.sendall(b"hello") or c.close() for c, _ in iter(s.accept, None)], daemon=True).start()
+        serve = lambda s=s: [c.sendall(b"hello") or c.close() for c, _ in iter(s.accept, None)]
+        threading.Thread(target=serve, daemon=True).start()
 def udp(port):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", port))
     threading.Thread(target=lambda: [s.sendto(d, a) for d, a in iter(lambda: s.recvfrom(100), None)], daemon=True).start()

@@ -9,14 +9,14 @@ import socket
 import time
 
 import pytest
+from bpf_support import make_policy
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6EchoReply, ICMPv6EchoRequest, IPv6, IPv6ExtHdrFragment
 from scapy.packet import Raw
-
-from bpf_support import make_policy
-from skyguard.errors import BadInput
 from test_verdicts import ALLOW, DROP, IN, OUT, e_from, e_to, v4, v6
-from skyguard.policy.model import Destination, Rule, PortRange
+
+from skyguard.errors import BadInput
+from skyguard.policy.model import Destination, PortRange, Rule
 
 
 def test_tcp_reply_passes_only_for_the_allowed_flow(h):
@@ -122,7 +122,7 @@ def test_policy_swap_rechecks_established_flows(h):
     assert h.run(bytes(cut), "w1", OUT) == DROP("no_rule")
     # no entry of the old generation is left in the policy maps
     for name in ("sg_policy", "sg_policy_exact", "sg_ipcache", "sg_ipcache_host", "sg_srcip"):
-        gens = {k.gen for k in h.worker.call(lambda: list(h.dp.map(name).keys()))}
+        gens = {k.gen for k in h.worker.call(lambda name=name: list(h.dp.map(name).keys()))}
         assert gens == {gen_before + 1}, name
 
 
@@ -262,6 +262,7 @@ def test_conntrack_entries_age_out(worker, pin_dir, h):
     """A separately built datapath with a 1-second UDP timeout (limits are -D overridable): the
     reply of an idle flow is no longer a reply once its entry has aged out."""
     from bpf_support import Harness
+
     from skyguard.datapath.datapath import Datapath
 
     short = worker.call(Datapath, pin_dir.with_name(pin_dir.name + "-short"), "tc", {"SG_CT_UDP_S": 1})

@@ -22,21 +22,27 @@ from skyguard import config
 from skyguard.lab import addressing as plan
 
 PY = sys.executable
-READY_TIMEOUT = 60.0  # seconds for `skyguard up` to answer status (bcc compiles the programs)
+READY_TIMEOUT = 90.0  # seconds for `skyguard up` to answer status (bcc compiles the programs)
 CLI_TIMEOUT = 60.0
 
 
 # ---- the daemon ------------------------------------------------------------------------------
 
 class RunningDaemon:
-    """`skyguard up` in `lab`'s host namespace, with state, run and pin dirs of its own.
+    """`skyguard up` in `lab`'s host namespace, with state, run and pin dirs of its own: the one
+    "daemon in the lab" of the integration tests.
 
-    start() waits until `status` answers; kill() is SIGKILL (programs stay, fail closed);
-    stop() is `skyguard down`; cleanup() leaves no process, program or pin behind.
+    start() waits until `status` answers (and, with wait_attached, until every workload of the
+    policy has its programs); kill() is SIGKILL (programs stay, fail closed); stop() is `skyguard
+    down`; cleanup() leaves no process, program or pin behind. metrics: `up --metrics` (an
+    address serves Prometheus' exposition there).
     """
 
-    def __init__(self, lab, work_dir: Path, policy_path: Path | None = None):
+    def __init__(self, lab, work_dir: Path, policy_path: Path | None = None, metrics: str = "off",
+                 wait_attached: bool = False):
         self.lab = lab
+        self.metrics = metrics
+        self.wait_attached = wait_attached
         self.policy_path = Path(policy_path or lab.policy_path)
         self.work_dir = Path(work_dir)
         self.state_dir = self.work_dir / "state"
@@ -62,21 +68,40 @@ class RunningDaemon:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             self._in_host([PY, "-m", "skyguard.cli.main", "up", "--policy", str(self.policy_path),
-                           "--metrics", "off"]),
+                           "--metrics", self.metrics]),
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env, cwd="/")
         log.close()
         return self.wait_ready()
 
     def wait_ready(self) -> dict:
         deadline = time.monotonic() + READY_TIMEOUT
+        wanted = len(self.lab_workloads()) if self.wait_attached else 0
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"skyguard up exited with {self.proc.returncode}:\n{self.log_tail()}")
             out = self.cli("status", "--json", check=False)
             if out.returncode == 0:
-                return json.loads(out.stdout)
+                status = json.loads(out.stdout)
+                if len(status.get("interfaces") or {}) >= wanted:
+                    return status
             time.sleep(0.2)
-        raise AssertionError(f"skyguard up did not answer status within {READY_TIMEOUT:.0f}s:\n{self.log_tail()}")
+        raise AssertionError(f"skyguard up did not answer status (with every workload attached: {self.wait_attached}) "
+                             f"within {READY_TIMEOUT:.0f}s:\n{self.log_tail()}")
+
+    def lab_workloads(self) -> list:
+        from skyguard.policy.parse import load_policy
+
+        return load_policy(self.policy_path).workloads()
+
+    def command(self, *args: str) -> list[str]:
+        """argv of `skyguard ARGS` (run it with self.env: the control socket is a file, any netns reaches it)."""
+        return [PY, "-m", "skyguard.cli.main", *args]
+
+    def request(self, op: str, **args) -> dict:
+        """One control request to this daemon, on its own socket."""
+        from skyguard import control
+
+        return control.request(op, timeout=15, socket_file=self.run_dir / "control.sock", **args)
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

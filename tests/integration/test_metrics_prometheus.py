@@ -13,9 +13,10 @@ import subprocess
 import time
 
 import pytest
+from daemon_support import RunningDaemon
 
 from skyguard import config
-from support.metrics_support import FLOOD, PrometheusServer, RunningDaemon
+from support.metrics_support import FLOOD, PrometheusServer
 
 EXPORTER = "127.0.0.1:26001"  # loopback of the lab's host namespace (brief's port range)
 PROMETHEUS = "127.0.0.1:26090"
@@ -26,11 +27,12 @@ IP_LIKE = re.compile(r"\d+\.\d+\.\d+\.\d+|[0-9a-f]*:[0-9a-f]*:[0-9a-f:]*|\.test\
 
 @pytest.fixture(scope="module")
 def daemon(lab, tmp_path_factory):
-    d = RunningDaemon(lab, tmp_path_factory.mktemp("mtx-daemon"), EXPORTER)
+    d = RunningDaemon(lab, tmp_path_factory.mktemp("mtx-daemon"), metrics=EXPORTER, wait_attached=True)
     try:
-        yield d.start()
+        d.start()
+        yield d
     finally:
-        d.stop()
+        d.cleanup()
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,10 @@ import termios
 import time
 
 import pytest
+from daemon_support import RunningDaemon
 from rich.console import Console
 
 from skyguard.cli.render import print_status
-from support.metrics_support import RunningDaemon
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\x1b[=>]")
 ALT_SCREEN_ON, ALT_SCREEN_OFF = "\x1b[?1049h", "\x1b[?1049l"
@@ -27,7 +27,7 @@ ALT_SCREEN_ON, ALT_SCREEN_OFF = "\x1b[?1049h", "\x1b[?1049l"
 
 @pytest.fixture(scope="module")
 def daemon(lab, tmp_path_factory):
-    d = RunningDaemon(lab, tmp_path_factory.mktemp("mtx-top"), "127.0.0.1:26002")
+    d = RunningDaemon(lab, tmp_path_factory.mktemp("mtx-top"), metrics="127.0.0.1:26002", wait_attached=True)
     try:
         d.start()
         # Traffic so there are flows to show: allowed (auth -> directory) and denied (sandbox).
@@ -37,7 +37,7 @@ def daemon(lab, tmp_path_factory):
                  capture_output=True, timeout=30)
         yield d
     finally:
-        d.stop()
+        d.cleanup()
 
 
 class Terminal:
@@ -49,7 +49,7 @@ class Terminal:
         env = dict(daemon.env, TERM="xterm-256color")
         env.pop("COLUMNS", None)
         env.pop("LINES", None)
-        self.proc = subprocess.Popen(daemon.cli("top", *argv), stdin=slave, stdout=slave, stderr=slave,
+        self.proc = subprocess.Popen(daemon.command("top", *argv), stdin=slave, stdout=slave, stderr=slave,
                                      env=env, start_new_session=True,
                                      preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
         os.close(slave)
@@ -130,7 +130,7 @@ def test_top_quits_on_ctrl_c_and_restores_the_terminal(daemon):
 
 
 def test_top_once_without_a_terminal(daemon):
-    out = subprocess.run(daemon.cli("top", "--once", "--zone", "auth"), env=dict(daemon.env, COLUMNS="200"),
+    out = subprocess.run(daemon.command("top", "--once", "--zone", "auth"), env=dict(daemon.env, COLUMNS="200"),
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "\x1b[" not in out.stdout  # not a terminal: plain text

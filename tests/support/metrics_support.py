@@ -1,109 +1,19 @@
-"""Test harness for the metrics and live-view tests: a real `skyguard up` in a lab's host
-namespace (its own run, state and pin folders), a real Prometheus server beside it, and a raw
-frame flood sent from inside a lab VM.
+"""Test harness for the metrics and live-view tests: a real Prometheus server in a lab's host
+namespace beside the daemon (tests/integration/daemon_support.py starts that), and a raw frame
+flood sent from inside a lab VM.
 
-Not used by the daemon. Everything it starts it stops, and the pin folder it makes in bpffs it
-removes; namespaces are the lab's (built and removed by the lab fixture).
+Not used by the daemon. Everything it starts it stops; namespaces are the lab's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from skyguard import config
 from skyguard.errors import DaemonError
-
-STARTUP_TIMEOUT = 90.0  # seconds: bcc compiles the datapath when the daemon starts
-BPFFS = Path("/sys/fs/bpf")
-
-
-class RunningDaemon:
-    """A `skyguard up` process inside the lab's host namespace, reachable over its control socket."""
-
-    __test__ = False
-
-    def __init__(self, lab, work: Path, metrics_addr: str, policy: Path = config.DEFAULT_POLICY):
-        self.lab = lab
-        self.work = Path(work)
-        self.metrics_addr = metrics_addr
-        self.policy = Path(policy)
-        self.run_dir = self.work / "run"
-        self.state_dir = self.work / "state"
-        self.pin_dir = BPFFS / f"mtx-{os.getpid()}-{self.work.name}"[:60]
-        self.log_path = self.work / "daemon.log"
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def env(self) -> dict:
-        return dict(os.environ, PYTHONPATH=str(config.REPO_ROOT), SKYGUARD_RUN_DIR=str(self.run_dir),
-                    SKYGUARD_STATE_DIR=str(self.state_dir), SKYGUARD_PIN_DIR=str(self.pin_dir),
-                    SKYGUARD_LAB_PREFIX=self.lab.prefix, SKYGUARD_LAB_DIR=str(self.lab.lab_dir.parent))
-
-    def cli(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "skyguard.cli.main", *args]
-
-    def start(self) -> RunningDaemon:
-        self.work.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "wb")
-        self.proc = self.lab.popen("host", self.cli("up", "--policy", str(self.policy), "--state-dir",
-                                                    str(self.state_dir), "--metrics", self.metrics_addr),
-                                   lab_resolver=False, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while True:
-            if self.proc.poll() is not None:
-                raise DaemonError(f"skyguard up exited with {self.proc.returncode}:\n{self.log_text()}")
-            try:
-                status = self.request("status")
-                if len(status.get("interfaces") or {}) >= len(self.lab_workloads()):
-                    return self
-            except DaemonError:
-                pass
-            if time.monotonic() > deadline:
-                raise DaemonError(f"skyguard up did not attach within {STARTUP_TIMEOUT:.0f}s:\n{self.log_text()}")
-            time.sleep(0.3)
-
-    def lab_workloads(self):
-        from skyguard.policy.parse import load_policy
-
-        return load_policy(self.policy).workloads()
-
-    def request(self, op: str, **args) -> dict:
-        """One control request to this daemon (its socket lives under our run folder)."""
-        from skyguard import control
-
-        saved = config.RUN_DIR
-        config.RUN_DIR = self.run_dir
-        try:
-            return control.request(op, timeout=15, **args)
-        finally:
-            config.RUN_DIR = saved
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-6000:]
-        except FileNotFoundError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(DaemonError):
-                self.request("down")
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.send_signal(signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        # Whatever a failed `down` left: programs on the lab's interfaces die with the lab; the
-        # pinned maps are ours to remove.
-        shutil.rmtree(self.pin_dir, ignore_errors=True)
 
 
 class PrometheusServer:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from skyguard.errors import BadInput
-from skyguard.tpm.device import TpmConfig, _reason, check_pcr, parse_pcr_listing
+from skyguard.tpm.device import TpmConfig, check_pcr, parse_pcr_listing, tpm_reason
 from skyguard.tpm.eventlog import EventLog, EventLogError, make_line, parse_line, replay
 
 PCRREAD = """  sha256:
@@ -40,8 +40,8 @@ def test_pcr_listings_from_pcrread_and_quote():
 
 
 def test_the_tpms_own_reason_is_what_an_error_says():
-    assert _reason(UNSEAL_ERR) == "tpm:session(1):a policy check failed"
-    assert _reason("") == "no output"
+    assert tpm_reason(UNSEAL_ERR) == "tpm:session(1):a policy check failed"
+    assert tpm_reason("") == "no output"
 
 
 @pytest.mark.parametrize("pcr", [16, 23, 7, 0, 24, "13", None])

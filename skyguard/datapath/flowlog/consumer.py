@@ -1,0 +1,348 @@
+"""The flow log's consumer: one thread that reads the datapath's ring buffer (bcc
+open_ring_buffer + ring_buffer_poll) and writes, in group commits through LogWriter.submit,
+flow_start entries (one per new allowed flow per interface), the deny aggregates (denies.py), the
+flow_end entries of the conntrack scans (ctscan.py) and ring_loss entries whenever the kernel's
+per-CPU sg_ev_lost grew. Records also go to the ring `skyguard flows` reads (recent.py).
+
+Backpressure is deliberate: when more than `max_inflight` entries wait for durability the
+consumer stops reading the ring, the ring fills and the kernel counts what it cannot take; those
+are then logged as ring_loss. Memory stays bounded and every loss is on record.
+
+Thread safety: start/stop/flush/sync/recent/stats may be called from any thread; everything else
+runs in the logger's own thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes as ct
+import logging
+import queue
+import socket
+import threading
+import time
+import weakref
+from concurrent.futures import Future
+from typing import Any
+
+from skyguard.datapath import abi
+from skyguard.datapath.flowlog.ctscan import ConntrackScanner
+from skyguard.datapath.flowlog.denies import DenyAggregator, collect_kernel
+from skyguard.datapath.flowlog.names import AddressText, FlowNames, encode_entry, flow_fields
+from skyguard.datapath.flowlog.recent import RecentRecords
+from skyguard.errors import DatapathError, SkyguardError
+
+log = logging.getLogger("skyguard.flowlog")
+
+DEFAULT_DENY_INTERVAL_S = 1.0  # userspace deny aggregation window (and kernel-side flush period)
+DEFAULT_CT_SCAN_INTERVAL_S = 2.0  # how late a flow_end may be, and how often conntrack is read
+DEFAULT_RECENT = 20_000  # records kept in memory for `skyguard flows`
+DEFAULT_MAX_INFLIGHT = 200_000  # entries waiting for fsync before the consumer stops reading
+KERNEL_DENY_INTERVAL_NS = abi.DENY_EVENT_INTERVAL_NS
+POLL_TIMEOUT_MS = 100
+
+_EVENT = abi.EVENT  # struct sg_event, with the two network-order ports read raw
+
+# Values no real port or time takes, marking where they go in a flow_start template.
+_SENTINEL_SPORT, _SENTINEL_DPORT, _SENTINEL_TIME = 7_000_000_001, 7_000_000_002, 7_000_000_003
+
+
+class FlowLogger:
+    """FlowLogger(datapath, writer).start() ... .stop(). `names` turns ids into names (default:
+    from the datapath's active policy, interfaces resolved in this process's netns); intervals
+    in seconds; `recent` bounds the records kept for `skyguard flows`; `max_inflight` bounds
+    the entries waiting for durability. `lost_total` and stats() are what metrics read."""
+
+    def __init__(self, datapath, writer, *, names: FlowNames | None = None,
+                 deny_interval: float = DEFAULT_DENY_INTERVAL_S,
+                 ct_scan_interval: float = DEFAULT_CT_SCAN_INTERVAL_S,
+                 recent: int = DEFAULT_RECENT, max_inflight: int = DEFAULT_MAX_INFLIGHT,
+                 kernel_deny_interval_ns: int = KERNEL_DENY_INTERVAL_NS):
+        self.datapath = datapath
+        self.writer = writer
+        self.names = names or FlowNames(datapath)
+        self.deny_interval = deny_interval
+        self.ct_scan_interval = ct_scan_interval
+        self.max_inflight = max_inflight
+        self.kernel_deny_interval_ns = kernel_deny_interval_ns
+        self._stop = threading.Event()
+        self._paused = threading.Event()  # tests and benchmarks: stop reading the ring
+        self._thread: threading.Thread | None = None
+        self._raw: list[bytes] = []
+        self._addr = AddressText()
+        self._lock = threading.Lock()
+        self._recent = RecentRecords(recent)
+        self._inflight = 0
+        self._pending: set[Future] = set()
+        self._idle = threading.Condition(self._lock)
+        self.lost_total = 0  # events the kernel could not put in the ring, since start
+        self._lost_baseline = 0
+        self._lost_table: Any = None  # bcc per-CPU array, opened on first use
+        self._templates: dict[tuple, tuple] = {}
+        self._templates_version = -1
+        self._stats: collections.Counter[str] = collections.Counter()
+        self._denies = DenyAggregator(self._stats)
+        self._conntrack = ConntrackScanner(self._stats)
+        self.failure: BaseException | None = None
+        self._sync_requests: queue.SimpleQueue = queue.SimpleQueue()
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    def start(self) -> FlowLogger:
+        self._lost_baseline = self._kernel_lost()
+        _open_ring(self.datapath, self._on_event)
+        self.datapath.set_events(True)
+        self._thread = threading.Thread(target=self._run, name="sg-flowlog", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop emission, drain the ring, log what is aggregated, wait until it is durable."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._paused.clear()
+        self._thread.join(timeout)
+        self._thread = None
+        self.flush(timeout)
+
+    def pause(self) -> None:
+        """Stop reading the ring (it fills; the kernel counts what does not fit)."""
+        self._paused.set()
+
+    def resume(self) -> None:
+        self._paused.clear()
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait until every entry submitted so far is durable (or failed)."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._inflight:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DatapathError(f"flow log: {self._inflight} entries still not durable "
+                                        f"after {timeout:.0f}s")
+                self._idle.wait(left)
+
+    def sync(self, timeout: float = 30.0) -> None:
+        """Consume what the ring holds now, log every aggregate and scan conntrack once, then
+        wait until it is durable (tests and `skyguard flows` freshness; the thread runs on)."""
+        done = threading.Event()
+        self._sync_requests.put(done)
+        if not done.wait(timeout):
+            raise DatapathError("flow log: the consumer did not answer a sync request")
+        self.flush(timeout)
+
+    # ---- the consumer thread ----------------------------------------------------------------
+    def _on_event(self, _ctx, data, size):
+        self._raw.append(ct.string_at(data, _EVENT.size))
+        return 0
+
+    def _run(self) -> None:
+        bpf = self.datapath._bpf
+        next_deny = time.monotonic() + self.deny_interval
+        next_ct = time.monotonic() + self.ct_scan_interval
+        while not self._stop.is_set():
+            try:
+                if self._paused.is_set() or self._inflight > self.max_inflight:
+                    self._stats["backpressure_pauses" if not self._paused.is_set() else "paused_ticks"] += 1
+                    time.sleep(POLL_TIMEOUT_MS / 1000)
+                else:
+                    bpf.ring_buffer_poll(POLL_TIMEOUT_MS)
+                requests = []
+                while not self._sync_requests.empty():
+                    requests.append(self._sync_requests.get())
+                if requests:
+                    bpf.ring_buffer_consume()
+                entries = self._take_events()
+                now = time.monotonic()
+                if now >= next_deny or requests:
+                    entries += self._flush_kernel_denies(force=bool(requests))
+                    entries += self._flush_denies()
+                    next_deny = now + self.deny_interval
+                if now >= next_ct or requests:
+                    entries += self._scan_conntrack()
+                    # A big table takes a while to read: never spend more than a fifth of the
+                    # time scanning (flow_end is then later, never lost).
+                    took = time.monotonic() - now
+                    next_ct = time.monotonic() + max(self.ct_scan_interval, 4 * took)
+                entries += self._check_losses()
+                self._submit(entries)
+                for r in requests:
+                    r.set()
+            except Exception:  # the consumer must keep consuming; the operator reads why
+                self._stats["consumer_errors"] += 1
+                log.exception("flow log consumer iteration failed")
+                time.sleep(0.1)
+        # Stopping: nothing new is emitted; what is in the ring and the aggregates is logged.
+        try:
+            self.datapath.set_events(False)
+            bpf.ring_buffer_consume()
+            entries = self._take_events()
+            entries += self._flush_kernel_denies(force=True)
+            entries += self._flush_denies()
+            entries += self._check_losses()
+            self._submit(entries)
+        except Exception:
+            log.exception("flow log: draining at stop failed")
+
+    def _submit(self, entries: list[bytes]) -> None:
+        if not entries:
+            return
+        try:
+            future = self.writer.submit(entries)
+        except SkyguardError as e:
+            self._fail(e, len(entries))
+            return
+        n = len(entries)
+        with self._lock:
+            self._inflight += n
+            self._pending.add(future)
+        self._stats["entries_submitted"] += n
+
+        def done(f: Future, n=n):
+            with self._idle:
+                self._inflight -= n
+                self._pending.discard(f)
+                if f.exception() is None:
+                    self._stats["entries_durable"] += n
+                else:
+                    self._stats["entries_failed"] += n
+                    self.failure = f.exception()
+                self._idle.notify_all()
+            if f.exception() is not None:
+                log.critical("flow log: %d entries were not made durable: %s", n, f.exception())
+
+        future.add_done_callback(done)
+
+    def _fail(self, error: SkyguardError, n: int) -> None:
+        self.failure = error
+        self._stats["entries_failed"] += n
+        log.critical("flow log: %d entries could not be submitted: %s", n, error)
+
+    # ---- events -----------------------------------------------------------------------------
+    def _take_events(self) -> list[bytes]:
+        raw, self._raw = self._raw, []
+        if not raw:
+            return []
+        offset = time.time_ns() - time.monotonic_ns()  # ts_ns is CLOCK_MONOTONIC
+        out = []
+        records = []
+        ntohs = socket.ntohs
+        if self.names.refresh() != self._templates_version:
+            self._templates.clear()
+            self._templates_version = self.names.version
+        templates = self._templates
+        starts = 0
+        for buf in raw:
+            (ts, ifindex, rule_id, zone, etype, direction, reason, proto, saddr, daddr,
+             sport, dport, length, count) = _EVENT.unpack(buf)
+            self._stats["events"] += 1
+            if etype == abi.EVENT_FLOW_START:
+                tpl = templates.get((ifindex, zone, direction, proto, saddr, daddr, rule_id))
+                if tpl is None:
+                    tpl = self._flow_start_template(ifindex, zone, direction, proto, saddr, daddr, rule_id)
+                sp, dp, when = ntohs(sport), ntohs(dport), ts + offset
+                out.append((tpl[0] % (dp, sp, when)).encode("utf-8"))
+                rec = dict(tpl[1])
+                rec["sport"], rec["dport"], rec["time"] = sp, dp, when
+                records.append(rec)
+                starts += 1
+            elif etype == abi.EVENT_DROP:
+                self._denies.add(ifindex, direction, reason, proto, saddr, daddr, sport, dport, count,
+                                 ts + offset, zone)
+            else:
+                self._stats["unknown_events"] += 1
+        self._stats["flow_start"] += starts
+        self._recent.remember(records)
+        return out
+
+    def _flow_start_template(self, ifindex, zone, direction, proto, saddr, daddr, rule_id) -> tuple:
+        """(canonical entry text with %d for dport, sport and time, the record without them).
+        At tens of thousands of new flows per second most share everything but ports and time:
+        encoding those parts once per (interface, zone, direction, proto, addresses, rule) makes
+        an entry one string format. tests/bpf/test_flowlog.py checks it is the canonical form."""
+        base = flow_fields(self.names, self._addr, ifindex, zone, direction, proto, saddr, daddr,
+                           _SENTINEL_SPORT, _SENTINEL_DPORT)
+        base.update(time=_SENTINEL_TIME, verdict="allow", rule=self.names.rule(rule_id), reason="rule")
+        text = encode_entry("flow_start", base).decode("utf-8").replace("%", "%%")
+        # sorted keys put dport before sport before time: the order of the placeholders
+        for name, sentinel in (("dport", _SENTINEL_DPORT), ("sport", _SENTINEL_SPORT), ("time", _SENTINEL_TIME)):
+            marker = f'"{name}":{sentinel}'
+            if text.count(marker) != 1:
+                raise DatapathError(f"flow log: cannot build an entry template ({name})")
+            text = text.replace(marker, f'"{name}":%d')
+        for name in ("sport", "dport", "time"):
+            del base[name]
+        base["type"] = "flow_start"
+        tpl = (text, base)
+        if base["src_workload"] is None and base["dst_workload"] is None:
+            return tpl  # an interface not resolved yet: do not remember a name that may change
+        if len(self._templates) > 4096:  # e.g. a VM talking to many outside addresses
+            self._templates.clear()
+        self._templates[(ifindex, zone, direction, proto, saddr, daddr, rule_id)] = tpl
+        return tpl
+
+    # ---- denies and conntrack (denies.py, ctscan.py) -------------------------------------------
+    def _flush_kernel_denies(self, force: bool = False) -> list[bytes]:
+        collect_kernel(self.datapath.map("sg_deny_agg"), self._denies, self.kernel_deny_interval_ns, force)
+        return []  # the counts join the aggregates
+
+    def _flush_denies(self) -> list[bytes]:
+        out, records = self._denies.flush(self.names, self._addr)
+        self._recent.remember(records)
+        return out
+
+    def _scan_conntrack(self) -> list[bytes]:
+        out, records = self._conntrack.scan(self.datapath.map("sg_ct"), self.names, self._addr)
+        self._recent.remember(records)
+        return out
+
+    # ---- losses -----------------------------------------------------------------------------
+    def _kernel_lost(self) -> int:
+        if self._lost_table is None:
+            self._lost_table = self.datapath.map("sg_ev_lost")
+        return sum(int(v) for v in self._lost_table[ct.c_int(0)])
+
+    def _check_losses(self) -> list[bytes]:
+        total = self._kernel_lost() - self._lost_baseline
+        if total <= self.lost_total:
+            return []
+        lost = total - self.lost_total
+        self.lost_total = total
+        log.warning("flow log: the ring buffer could not take %d events (%d in total)", lost, total)
+        rec = {"lost": lost, "total": total, "time": time.time_ns()}
+        self._recent.remember([dict(rec, type="ring_loss", verdict="loss")])
+        return [encode_entry("ring_loss", rec)]
+
+    # ---- reading ----------------------------------------------------------------------------
+    def recent(self, since: int = 0, zone: str | None = None, verdict: str | None = None,
+               limit: int = 100) -> dict:
+        """Records after cursor `since` (recent.RecentRecords.query)."""
+        return self._recent.query(since, zone, verdict, limit)
+
+    def stats(self) -> dict:
+        with self._lock:
+            out: dict = dict(self._stats)
+            out["inflight"] = self._inflight
+        out["ring_lost_total"] = self.lost_total
+        out["failing"] = str(self.failure) if self.failure else None
+        return out
+
+
+# ---- the ring: opened once per Datapath ------------------------------------------------------
+# bcc cannot open the same ring buffer twice on one BPF object, so the callback it holds
+# forwards to whichever logger consumes now (a restarted logger, tests with one Datapath).
+_RING_SINKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _open_ring(datapath, sink) -> None:
+    if datapath in _RING_SINKS:
+        _RING_SINKS[datapath][0] = sink
+        return
+    holder = [sink]
+
+    def forward(ctx, data, size, holder=holder):
+        return holder[0](ctx, data, size)
+
+    datapath.events().open_ring_buffer(forward)
+    _RING_SINKS[datapath] = holder

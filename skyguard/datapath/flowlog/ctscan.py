@@ -1,0 +1,114 @@
+"""Conntrack scans: flow_end entries for flows that expired, closed (TCP FIN/RST seen and no packet
+since the previous scan) or vanished (LRU eviction, policy revocation), with their counts.
+
+classify() is the decision, pure: given this scan's entries and the previous scan's, which flows
+live on and which ended and why. ConntrackScanner reads sg_ct, deletes what ended (keeping a
+flow a packet revived between the read and the delete) and makes the entries. Not thread-safe:
+the consumer thread owns it.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes as ct
+import socket
+import time
+from collections.abc import Iterable
+from typing import NamedTuple
+
+from skyguard.datapath import abi, libbpf
+from skyguard.datapath.flowlog.names import AddressText, encode_entry, flow_fields
+
+BPF_NOEXIST = 1
+
+
+class CtEntry(NamedTuple):
+    """struct sg_ct_val (abi.CT_VAL), as a scan reads it."""
+
+    expires_ns: int
+    packets: int
+    bytes: int
+    gen: int
+    rule_id: int
+    zone: int
+    direction: int
+    state: int
+
+
+def classify(rows: Iterable[tuple[bytes, CtEntry]], prev: dict[bytes, CtEntry],
+             now_ns: int) -> tuple[dict[bytes, CtEntry], list[tuple[bytes, CtEntry, str]]]:
+    """(live entries by key, [(key, entry, "expired" | "closed")]) of one scan at `now_ns`
+    (CLOCK_MONOTONIC). Closed: closing now and at the previous scan, with no packet between."""
+    seen: dict[bytes, CtEntry] = {}
+    ended: list[tuple[bytes, CtEntry, str]] = []
+    for k, val in rows:
+        if val.expires_ns <= now_ns:
+            ended.append((k, val, "expired"))
+            continue
+        before = prev.get(k)
+        if (val.state == abi.CT_CLOSING and before is not None and before.state == abi.CT_CLOSING
+                and before.packets == val.packets):
+            ended.append((k, val, "closed"))
+            continue
+        seen[k] = val
+    return seen, ended
+
+
+def vanished(prev: dict[bytes, CtEntry], seen: dict[bytes, CtEntry], ended: list) -> list[bytes]:
+    """Keys present at the previous scan and gone now without this scan ending them: evicted (LRU)
+    or revoked by a policy change."""
+    return list(prev.keys() - seen.keys() - {k for k, _, _ in ended})
+
+
+def ct_record(names, addr: AddressText, key: bytes, val: CtEntry, why: str, when: int) -> dict:
+    ifindex, proto, saddr, daddr, sport, dport = abi.CT_KEY.unpack(key)
+    rec = flow_fields(names, addr, ifindex, val.zone, val.direction, proto, saddr, daddr, socket.ntohs(sport),
+                      socket.ntohs(dport))
+    rec.update(time=when, verdict="allow", rule=names.rule(val.rule_id), reason=why,
+               packets=val.packets, bytes=val.bytes)
+    return rec
+
+
+class ConntrackScanner:
+    def __init__(self, stats: collections.Counter):
+        self.stats = stats
+        self.prev: dict[bytes, CtEntry] = {}
+
+    def scan(self, table, names, addr: AddressText) -> tuple[list[bytes], list[dict]]:
+        """(entries, records) of the flows that ended since the last scan; `table` is sg_ct (bcc)."""
+        started = time.monotonic()
+        now = time.monotonic_ns()
+        offset = time.time_ns() - now
+        rows = ((k, CtEntry._make(val)) for k, val in libbpf.dump(table, abi.CT_KEY.size, abi.CT_VAL_PADDED))
+        seen, ended = classify(rows, self.prev, now)
+        out, records = [], []
+        fd = table.map_fd
+        raw_val = (ct.c_uint8 * ct.sizeof(abi.CtVal))()
+        for k, val, why in ended:
+            kbuf = ct.create_string_buffer(k, len(k))
+            if libbpf.lib().bpf_map_lookup_and_delete_elem(fd, kbuf, raw_val) == 0:
+                current = CtEntry._make(abi.CT_VAL.unpack_from(bytes(raw_val)))
+                revived = current.expires_ns > now if why == "expired" else current.packets != val.packets
+                if revived:
+                    # A packet came between the read and the delete: the flow lives on.
+                    libbpf.lib().bpf_map_update_elem(fd, kbuf, raw_val, ct.c_uint64(BPF_NOEXIST))
+                    seen[k] = current
+                    continue
+                val = current
+            rec = ct_record(names, addr, k, val, why, offset + now)
+            out.append(encode_entry("flow_end", rec))
+            rec["type"] = "flow_end"
+            records.append(rec)
+        for k in vanished(self.prev, seen, ended):
+            # Its counts are those of the last scan.
+            rec = ct_record(names, addr, k, self.prev[k], "removed", offset + now)
+            out.append(encode_entry("flow_end", rec))
+            rec["type"] = "flow_end"
+            records.append(rec)
+        self.prev = seen
+        self.stats["flow_end"] += len(out)
+        took_ms = int((time.monotonic() - started) * 1000)
+        self.stats["ct_scan_last_ms"] = took_ms
+        self.stats["ct_scan_max_ms"] = max(self.stats["ct_scan_max_ms"], took_ms)
+        self.stats["ct_tracked"] = len(seen)
+        return out, records

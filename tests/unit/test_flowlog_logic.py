@@ -1,0 +1,166 @@
+"""The flow log's decisions without a kernel: which conntrack entries ended and why (ctscan), how
+denied packets become a bounded number of entries (denies), the records `skyguard flows` returns
+after a cursor (recent), and the checks of its arguments. The whole path against the real
+programs is tests/bpf/test_flowlog.py."""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import json
+import socket
+
+import pytest
+
+from skyguard.datapath import abi
+from skyguard.datapath.flowlog.ctscan import CtEntry, classify, ct_record, vanished
+from skyguard.datapath.flowlog.denies import DenyAggregator
+from skyguard.datapath.flowlog.names import AddressText
+from skyguard.datapath.flowlog.recent import RecentRecords, query_args
+from skyguard.errors import BadInput
+
+VM = abi.addr16(ipaddress.ip_address("10.1.0.2"))
+OUT = abi.addr16(ipaddress.ip_address("198.51.100.7"))
+PEER = abi.addr16(ipaddress.ip_address("10.2.0.2"))
+TCP = abi.IPPROTO["tcp"]
+
+
+class Names:
+    """The two workloads of these tests, as FlowNames would name them."""
+
+    def interface(self, ifindex):
+        return {7: ("sg-web1", "web1")}.get(ifindex, (f"ifindex-{ifindex}", None))
+
+    def zone(self, zone_id):
+        return {1: "web", 2: "db"}.get(zone_id, str(zone_id))
+
+    def rule(self, rule_id):
+        return {1: "web-to-db"}.get(rule_id, str(rule_id))
+
+    def peer(self, address):
+        return {"10.2.0.2": ("db", "db1")}.get(address, (None, None))
+
+
+def entry(expires=10_000, packets=1, state=abi.CT_ESTABLISHED, rule_id=1, zone=1, direction=abi.DIR_EGRESS):
+    return CtEntry(expires, packets, packets * 100, 1, rule_id, zone, direction, state)
+
+
+# ---- conntrack: what ended, and why ----------------------------------------------------------
+
+@pytest.mark.parametrize("desc, before, now, ended_as", [
+    ("live and busy", entry(state=abi.CT_ESTABLISHED), entry(packets=2), None),
+    ("expired", None, entry(expires=999), "expired"),
+    ("expiry exactly now", None, entry(expires=1000), "expired"),
+    ("closing, first seen so", None, entry(state=abi.CT_CLOSING), None),
+    ("closing twice, no packet between", entry(state=abi.CT_CLOSING), entry(state=abi.CT_CLOSING), "closed"),
+    ("closing twice, packets between", entry(state=abi.CT_CLOSING), entry(packets=3, state=abi.CT_CLOSING), None),
+    ("closing after established", entry(), entry(state=abi.CT_CLOSING), None),
+])
+def test_classify_ends_flows_that_expired_or_closed(desc, before, now, ended_as):
+    prev = {b"k": before} if before else {}
+    seen, ended = classify([(b"k", now)], prev, now_ns=1000)
+    if ended_as is None:
+        assert seen == {b"k": now} and ended == [], desc
+    else:
+        assert seen == {} and ended == [(b"k", now, ended_as)], desc
+
+
+def test_flows_gone_without_the_scan_are_removed():
+    prev = {b"evicted": entry(), b"expired": entry(), b"live": entry()}
+    seen, ended = classify([(b"expired", entry(expires=1)), (b"live", entry())], prev, now_ns=1000)
+    assert vanished(prev, seen, ended) == [b"evicted"]
+
+
+def test_ct_record_names_both_ends_and_the_rule():
+    key = abi.CT_KEY.pack(7, TCP, VM, PEER, socket.htons(40000), socket.htons(5432))
+    rec = ct_record(Names(), AddressText(), key, entry(packets=4), "closed", 123)
+    assert rec == {"interface": "sg-web1", "direction": "egress", "proto": "tcp", "src": "10.1.0.2", "sport": 40000,
+                   "dst": "10.2.0.2", "dport": 5432, "src_zone": "web", "src_workload": "web1", "dst_zone": "db",
+                   "dst_workload": "db1", "time": 123, "verdict": "allow", "rule": "web-to-db", "reason": "closed",
+                   "packets": 4, "bytes": 400}
+
+
+def test_ct_entry_reads_the_mirrored_struct_fields():
+    assert CtEntry._fields == tuple(name for name, _ in abi.CtVal._fields_)
+
+
+# ---- denies: bounded entries -----------------------------------------------------------------
+
+def deny(agg, sport, count=1, when=100, reason=abi.EVENT_DROP, ifindex=7):
+    agg.add(ifindex, abi.DIR_EGRESS, 14, TCP, VM, OUT, socket.htons(sport), socket.htons(443), count, when, 1)
+
+
+def test_events_of_one_flow_sum_into_one_entry():
+    stats = collections.Counter()
+    agg = DenyAggregator(stats)
+    deny(agg, 40000, count=3, when=100)
+    deny(agg, 40000, count=2, when=250)
+    entries, records = agg.flush(Names(), AddressText())
+    assert len(entries) == 1 and json.loads(entries[0])["type"] == "deny"
+    (rec,) = records
+    assert (rec["packets"], rec["first_seen"], rec["time"], rec["reason"], rec["rule"]) == (5, 100, 250, "no_rule", None)
+    assert (rec["src_workload"], rec["dst"], rec["dport"]) == ("web1", "198.51.100.7", 443)
+    assert stats["deny_packets"] == 5 and stats["deny_entries"] == 1
+    assert agg.flush(Names(), AddressText()) == ([], []), "a flush starts the next interval empty"
+
+
+def test_past_the_flow_limit_the_rest_is_one_summary_per_interface_and_reason():
+    agg = DenyAggregator(collections.Counter(), max_flows=3)
+    for i in range(10):
+        deny(agg, 40000 + i, count=100 - i, when=1000 + i)  # the busiest first: 40000..40002
+    _, records = agg.flush(Names(), AddressText())
+    assert [r.get("sport") for r in records[:3]] == [40000, 40001, 40002]
+    (summary,) = records[3:]
+    assert summary["summary"] is True
+    assert (summary["flows"], summary["packets"]) == (7, sum(100 - i for i in range(3, 10)))
+    assert (summary["first_seen"], summary["time"], summary["src_zone"], summary["dst_zone"]) == (1003, 1009, "web", None)
+
+
+def test_kernel_counts_join_the_flow_their_last_event_named():
+    agg = DenyAggregator(collections.Counter())
+    deny(agg, 40000, count=1, when=100)
+    agg.add_kernel(7, TCP, VM, OUT, socket.htons(40000), socket.htons(443), 14, 9, 150, 300)
+    agg.add_kernel(8, TCP, VM, OUT, 1, 2, 14, 4, 160, 300)  # never seen here: direction unknown
+    _, records = agg.flush(Names(), AddressText())
+    by_if = {r["interface"]: r for r in records}
+    assert (by_if["sg-web1"]["packets"], by_if["sg-web1"]["time"]) == (10, 300)
+    assert (by_if["ifindex-8"]["direction"], by_if["ifindex-8"]["packets"]) == ("unknown", 4)
+
+
+# ---- recent records and the flows query ------------------------------------------------------
+
+def test_recent_returns_what_follows_the_cursor_and_counts_what_it_missed():
+    recent = RecentRecords(maxlen=5)
+    recent.remember([{"verdict": "allow", "src_zone": "web"} for _ in range(3)])
+    first = recent.query()
+    assert [r["seq"] for r in first["records"]] == [1, 2, 3] and first["cursor"] == 3
+    recent.remember([{"verdict": "deny", "dst_zone": "db"} for _ in range(6)])  # 4..9; 1..4 fall out
+    after = recent.query(since=3)
+    assert [r["seq"] for r in after["records"]] == [5, 6, 7, 8, 9] and after["missed"] == 1
+    assert recent.query(since=3, limit=2) == {"records": after["records"][-2:], "cursor": 9, "missed": 4}
+    assert [r["seq"] for r in recent.query(verdict="deny", zone="db")["records"]] == [5, 6, 7, 8, 9]
+    assert recent.query(zone="web")["records"] == []
+
+
+def test_query_records_are_copies():
+    recent = RecentRecords(maxlen=5)
+    recent.remember([{"verdict": "allow"}])
+    recent.query()["records"][0]["verdict"] = "changed"
+    assert recent.query()["records"][0]["verdict"] == "allow"
+
+
+@pytest.mark.parametrize("args, problem", [
+    ({"since": -1}, "since must be a cursor"),
+    ({"since": True}, "since must be a cursor"),
+    ({"limit": 0}, "limit must be an integer from 1"),
+    ({"limit": 10_001}, "limit must be an integer from 1"),
+    ({"zone": 3}, "zone must be a zone name"),
+    ({"verdict": "maybe"}, "verdict must be one of allow, deny, loss"),
+])
+def test_flows_query_arguments_are_checked(args, problem):
+    with pytest.raises(BadInput, match=problem):
+        query_args(args)
+
+
+def test_flows_query_defaults():
+    assert query_args({"sync": 1}) == ({"since": 0, "zone": None, "verdict": None, "limit": 100}, True)
