@@ -282,14 +282,14 @@ def compile_policy(policy: Policy, host_addresses=()) -> Compiled:
     # An app's port and a console target's port (in its zone) are skyguard's proxies' alone: the
     # host may connect to them; no zone may, whatever the rules say (deny beats allow), and
     # outside addresses never get ingress anyway.
-    for rule, ports in ((APPS_RULE, app_ports), (CONSOLE_RULE, console_targets)):
+    for synthetic, ports in ((APPS_RULE, app_ports), (CONSOLE_RULE, console_targets)):
         for zone, port in ports:
             only = ((abi.IPPROTO["tcp"], port, port),)
             grants.setdefault(("host",), []).append(
-                (abi.DIR_INGRESS, zone_ids[zone], _Grant(rule_ids[rule], "allow", only)))
+                (abi.DIR_INGRESS, zone_ids[zone], _Grant(rule_ids[synthetic], "allow", only)))
             for other in policy.zones:
                 grants.setdefault(("zone", other), []).append(
-                    (abi.DIR_INGRESS, zone_ids[zone], _Grant(rule_ids[rule], "deny", only)))
+                    (abi.DIR_INGRESS, zone_ids[zone], _Grant(rule_ids[synthetic], "deny", only)))
     identities: dict[frozenset, int] = {}
     policy_entries: list[PolicyEntry] = []
     ipcache: dict[IPNetwork, int] = {}
