@@ -1,0 +1,147 @@
+"""VNC consoles under the real daemon: `skyguard up` in the lab's host namespace with an
+admin.console policy hosts the console proxy beside the datapath. A real TigerVNC server (Xvnc,
+root window the marker colour) runs in the dc1 lab VM with a password that only skyguard's sealed
+store holds; a real VNC client (vncdotool) in the lab's internet namespace logs in to skyguard's
+console listener with a one-time ticket from `skyguard admin console-ticket` and gets the VM's
+desktop; the session's end, with its recording's SHA-256, is in the signed log. The datapath
+keeps the target's port for the host: the proxy's own connection to dc1:5901 passes, while a VM
+connecting straight to dc1:5901 is dropped, even with a rule that allows it (deny beats allow).
+
+The proxy's own behaviour (clipboard, tickets, malformed messages, revocation) is
+test_console_vnc.py's, without the daemon; this module checks what only the daemon adds.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from daemon_support import RunningDaemon, drop_count, wait_for
+from PIL import Image
+
+from skyguard import config
+from skyguard.custody.store import SecretStore
+from skyguard.policy.parse import load_policy
+
+PORT = 24267
+UPLINK = "100.64.0.1"  # the lab host's address toward the internet namespace
+VM = "10.10.2.2"  # dc1
+MARKER = (0x33, 0x66, 0xCC)
+VM_PASSWORD = "Vd-" + secrets.token_hex(3)  # 8 characters: all VNC authentication uses
+PY = sys.executable
+READY = 180.0  # seconds for `skyguard up` to answer on a loaded machine (bcc compiles); a bound, not a timing
+
+# auth may reach the directory on tcp/5901 by an ordinary rule: the console target's port is
+# still the console proxy's alone.
+VNC_RULE = """  - name: auth-to-dc-vnc
+    from: auth
+    to: {zones: [directory]}
+    ports: [tcp/5901]
+"""
+
+CONSOLE = f"""
+admin:
+  console:
+    listen: "0.0.0.0:{PORT}"
+    targets:
+      - {{name: dc1-desktop, workload: dc1, protocol: vnc, port: 5901, credential: dc1-vnc}}
+    operators:
+      - {{name: alice, may_access: [directory]}}
+"""
+
+
+class PatientDaemon(RunningDaemon):
+    """The lab's daemon, given READY seconds to come up (bcc compiling on a busy 2-core machine)."""
+
+    def wait_ready(self) -> dict:
+        deadline = time.monotonic() + READY
+        while True:
+            try:
+                return super().wait_ready()
+            except AssertionError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+
+
+@pytest.fixture(scope="module")
+def console_daemon(lab, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("console-daemon")
+    os.chmod(tmp, 0o700)
+    policy = tmp / "policy.yaml"
+    base = config.DEFAULT_POLICY.read_text()
+    assert "\nrules:\n" in base
+    policy.write_text(base.replace("\nrules:\n", "\nrules:\n" + VNC_RULE, 1) + CONSOLE)
+    daemon = PatientDaemon(lab, tmp / "daemon", policy_path=policy)
+    SecretStore(daemon.state_dir / "secrets").set("dc1-vnc", VM_PASSWORD.encode())
+    (tmp / "passwd").write_bytes(subprocess.run(["vncpasswd", "-f"], input=VM_PASSWORD.encode(),
+                                                capture_output=True, check=True).stdout)
+    os.chmod(tmp / "passwd", 0o600)
+    display = next(n for n in range(500 + os.getpid() % 300, 1000) if not Path(f"/tmp/.X{n}-lock").exists())
+    xvnc = lab.popen("dc1", ["Xvnc", f":{display}", "-rfbport", "5901", "-interface", VM, "-geometry", "320x240",
+                             "-depth", "24", "-SecurityTypes", "VncAuth", "-PasswordFile", str(tmp / "passwd"),
+                             "-nolisten", "tcp"], stdout=subprocess.DEVNULL, stderr=open(tmp / "xvnc.log", "w"))
+    try:
+        wait_for(lambda: lab.exec("dc1", ["xsetroot", "-display", f":{display}", "-solid", "#3366cc"],
+                                  capture_output=True).returncode == 0, 30, "Xvnc in dc1")
+        daemon.start()
+        workloads = len(load_policy(policy).workloads())
+        status = wait_for(lambda: (s := daemon.status())["parts"].get("console") == "running"
+                          and len(s["interfaces"]) >= workloads and s, READY,
+                          "the console part running and every workload attached", interval=0.5)
+        yield type("ConsoleDaemon", (), {"tmp": tmp, "lab": lab, "daemon": daemon, "status": status})
+    finally:
+        daemon.cleanup()
+        xvnc.terminate()
+        xvnc.wait(10)
+
+
+def vncdo(console_daemon, password: str, *commands: str) -> subprocess.CompletedProcess:
+    return console_daemon.lab.exec("internet", [PY, "-W", "ignore", "-m", "vncdotool.command", "-v", "-t", "30",
+                                                "-s", f"{UPLINK}::{PORT}", "-p", password, *commands],
+                                   capture_output=True, text=True, timeout=90)
+
+
+def test_an_operator_sees_the_vm_desktop_through_the_daemon_and_the_session_is_signed(console_daemon):
+    daemon = console_daemon.daemon
+    issued = daemon.cli("admin", "console-ticket", "alice", "dc1-desktop", check=True)
+    shot = console_daemon.tmp / "shot.png"
+    out = vncdo(console_daemon, issued.stdout.strip(), "type", "hi", "capture", str(shot))
+    assert out.returncode == 0, out.stderr + daemon.log_tail()
+    assert Image.open(shot).convert("RGB").getpixel((160, 120)) == MARKER
+    ends = wait_for(lambda: [e for e in daemon.log_entries("admin_session_end") if e.get("operator") == "alice"],
+                    60, "the console session's end in the signed log", interval=0.5)
+    assert ends[-1]["transcript_sha256"] and ends[-1]["workload"] == "dc1"
+    listed = daemon.cli("admin", "sessions", check=True)
+    assert ends[-1]["session"] in listed.stdout and "dc1/dc1-desktop" in listed.stdout
+    verified = daemon.cli("log", "verify")
+    assert verified.returncode == 0, verified.stderr
+    assert VM_PASSWORD not in (daemon.work_dir / "daemon.log").read_text(errors="replace")
+
+
+def test_a_vm_connecting_straight_to_the_console_port_is_dropped(console_daemon):
+    """radius1 (zone auth) may reach dc1 on tcp/5901 by the policy's rules, yet the connection is
+    dropped: only skyguard's console proxy may use the target's port, so no VM bypasses the
+    stored password. The same probe to dc1's LDAP port (auth-to-directory) passes, so it is the
+    console rule that drops."""
+    daemon, lab = console_daemon.daemon, console_daemon.lab
+    def denied():  # counted on the sending or the receiving side's zone
+        status = daemon.status()
+        return sum(drop_count(status, zone, "policy_deny") for zone in ("auth", "directory"))
+
+    before = denied()
+    probe = ("import socket, sys\n"
+             "for port in (5901, 389):\n"
+             "    s = socket.socket(); s.settimeout(3)\n"
+             "    try:\n        s.connect(('10.10.2.2', port)); print('open')\n"
+             "    except ConnectionRefusedError:\n        print('refused')\n"
+             "    except OSError:\n        print('blocked')\n")
+    out = lab.exec("radius1", [PY, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    # 389: nothing listens there, so dc1's kernel answers (RST): the datapath let it through.
+    assert out.stdout.split() == ["blocked", "refused"]
+    assert denied() > before
