@@ -590,6 +590,10 @@ class Daemon:
         named = {c.secret for c in self.policy.credentials} | {t.certificate for t in self.policy.tls_termination}
         if self.policy.admin_ssh is not None:
             named |= {HOST_KEY_NAME, VM_KEY_NAME}
+        console = self.policy.admin_console
+        if console is not None:  # each target's VM-side credential; the web console's certificate
+            named |= {t.credential for t in console.targets}
+            named |= {a.certificate for a in self.policy.apps if a.name == console.web_app}
         return {"stored": len(stored), "unused": sorted(stored - named), "missing": sorted(named - stored)}
 
 

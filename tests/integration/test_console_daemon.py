@@ -123,6 +123,11 @@ def test_an_operator_sees_the_vm_desktop_through_the_daemon_and_the_session_is_s
     assert VM_PASSWORD not in (daemon.work_dir / "daemon.log").read_text(errors="replace")
 
 
+def test_status_counts_the_console_credential_as_used(console_daemon):
+    secrets = console_daemon.daemon.status()["secrets"]
+    assert "dc1-vnc" not in secrets["unused"] and "dc1-vnc" not in secrets["missing"]
+
+
 def test_a_vm_connecting_straight_to_the_console_port_is_dropped(console_daemon):
     """radius1 (zone auth) may reach dc1 on tcp/5901 by the policy's rules, yet the connection is
     dropped: only skyguard's console proxy may use the target's port, so no VM bypasses the

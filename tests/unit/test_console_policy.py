@@ -102,3 +102,34 @@ def test_a_console_port_is_kept_for_the_host_and_denied_to_every_zone():
     assert verdict("10.10.2.3", 5901) == [(abi.POLICY_DENY, console_rule)]
     assert verdict("10.10.1.2", 5901) == [(abi.POLICY_DENY, console_rule)]
     assert verdict("10.10.2.1", 5902) == []  # the host gets the target's port, nothing more
+
+
+def test_status_counts_the_console_credentials_and_the_web_certificate_as_used(tmp_path):
+    """`skyguard status` lists stored secrets no policy names (for `skyguard secret rm`): a console
+    target's credential and the web console's certificate are named, so neither is listed as
+    unused; one not stored is listed as missing. An app the web console does not use does not
+    make its certificate the console's."""
+    from skyguard.custody.store import SecretStore
+    from skyguard.daemon import Daemon
+
+    listen = '    listen: "0.0.0.0:5999"\n'
+    web = GOOD.replace(listen, listen + '    web: "0.0.0.0:5980"\n    web_app: wiki\n', 1)
+    apps = """
+identity:
+  issuer: https://idp.test
+  client_id: skyguard
+  client_secret: idp-client-secret
+apps:
+  - {name: wiki, workload: vfw1, port: 443, host: wiki.apps.test, listen: "0.0.0.0:8443", certificate: wiki-tls,
+     users: [alice]}
+"""
+    daemon = Daemon(tmp_path / "policy.yaml", state_dir=tmp_path / "state")
+    daemon.policy = parse_policy(BASE + apps + web)
+    store = SecretStore(tmp_path / "state" / "secrets")
+    for name in ("dc1-vnc", "wiki-tls", "left-over"):
+        store.set(name, b"value")
+    secrets = daemon._secrets_status()
+    assert secrets["unused"] == ["left-over"]
+    assert "dc2-rdp" in secrets["missing"] and "dc1-vnc" not in secrets["missing"]
+    daemon.policy = parse_policy(BASE + apps + GOOD)  # no web_app: the app's certificate is not the console's
+    assert "wiki-tls" in daemon._secrets_status()["unused"]
