@@ -6,7 +6,7 @@ filter (the anchor) and nftables holding the same rules as sets in the host's fo
 Load generator: asyncio (uvloop) loops in VM a, each connecting to an accept-and-close server in
 VM b, waiting for the server's FIN, closing. The server closes first, so TIME_WAIT sits on the
 server and the client's ephemeral ports do not run out. Interleaved rounds, medians reported.
-Target: >= 0.9x no filter. Python on both ends bounds the absolute rate on this machine; the
+Target: >= 0.95x no filter (issue 24). Python on both ends bounds the absolute rate on this machine; the
 ratio is what this benchmark is for.
 """
 
@@ -92,6 +92,7 @@ def main() -> None:
     require_privileges("bench/conn_rate.py")
     samples = {"no filter": [], "skyguard": [], "nftables": []}
     failures = {k: 0 for k in samples}
+    drops: dict[str, int] = {}
     with VmNet(("a", "b")) as net:
         for vm in net.vms.values():
             for key in ("net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=1024 65000",
@@ -109,7 +110,13 @@ def main() -> None:
                 samples[setup].append(rate)
                 failures[setup] += failed
                 if setup == "skyguard":
-                    allowed = sum(t["packets"] for t in net.skyguard_counters()["traffic"] if t["verdict"] == "allow")
+                    counters = net.skyguard_counters()
+                    allowed = sum(t["packets"] for t in counters["traffic"] if t["verdict"] == "allow")
+                    # Every connection is allowed: a drop here (ct_full: a VM's share of the
+                    # connection table full of closed connections, issue 24) is a refusal that the
+                    # rate hides, so it is reported.
+                    for d in counters["drops"]:  # the counters run on across rounds: keep the total
+                        drops[d["reason"]] = d["packets"]
                     net.skyguard_detach()
                     if not allowed:
                         raise SystemExit("skyguard decided no new flow: the measurement did not go through it")
@@ -123,10 +130,10 @@ def main() -> None:
     paired = median([s / n for s, n in zip(samples["skyguard"], samples["no filter"])])
     plot("conn-rate", figures, xlabel="setup", ylabel="connections/s (median)", kind="bar",
          title=f"new TCP connections VM->VM, {RULES} rules")
-    result("conn-rate", "connections/s", figures["skyguard"], figures["no filter"], target=0.9,
+    result("conn-rate", "connections/s", figures["skyguard"], figures["no filter"], target=0.95,  # issue 24
            nftables=figures["nftables"], median_ratio_per_round=paired,
            ratio_vs_nftables=figures["skyguard"] / figures["nftables"],
-           failed_connections=failures, concurrency=CONCURRENCY, rules=RULES, seconds_per_run=SECONDS,
+           failed_connections=failures, skyguard_drops=drops, concurrency=CONCURRENCY, rules=RULES, seconds_per_run=SECONDS,
            rounds=ROUNDS, samples=samples)
 
 

@@ -10,9 +10,10 @@ request, with TLS session resumption, which wrk does). Reported: requests/s, p50
 and the added latency over direct. Targets (SPEC.md section 8): >= 10x mitmdump keep-alive,
 >= 5x with resumed TLS.
 
-mitmproxy conflicts with skyguard's pinned dependencies, so it lives in its own virtualenv:
---mitmdump PATH (default: $MITMDUMP, then /tmp/crx-mitm-venv/bin/mitmdump, then PATH). Create one
-with `python3 -m venv /tmp/mitm && /tmp/mitm/bin/pip install mitmproxy`.
+mitmproxy conflicts with skyguard's pinned dependencies, so it lives in its own virtualenv, which
+this benchmark creates on first use (MITM_VENV, mitmproxy==MITMPROXY_VERSION, from PyPI) unless
+--mitmdump PATH or $MITMDUMP names one. The anchor is never dropped: if it cannot be installed or
+does not rewrite the header, the benchmark fails (issue 24).
 
 Progress goes to stderr; the last stdout line is one JSON object. Results land in bench/results/.
 Not a test: nothing here asserts.
@@ -48,6 +49,7 @@ SECRET = b"ghp_BenchmarkSecretValue_0123456789"
 PORT_BASE = int(os.environ.get("CREDPROXY_BENCH_PORT_BASE", "25900"))
 UPSTREAM_PORT, MITM_PORT, SKYGUARD_PORT, SKYGUARD_HTTP_PORT = (PORT_BASE + i for i in (1, 2, 3, 4))
 TARGET_KEEPALIVE, TARGET_RESUMED = 10.0, 5.0
+TARGET_VS_DIRECT = {"keepalive": 0.5, "resumed_tls": 0.8}  # issue 24
 
 MITM_ADDON = f'''
 from mitmproxy import http
@@ -95,8 +97,8 @@ def serve_skyguard(tmp: Path) -> None:
         await proxy.start("127.0.0.1", SKYGUARD_HTTP_PORT, SKYGUARD_PORT)
         await asyncio.Event().wait()
 
-    # The daemon runs the proxy on uvloop (skyguard.dns.service.new_event_loop): measure that.
-    from skyguard.dns.service import new_event_loop
+    # The daemon runs the proxy on uvloop (skyguard.parts.new_event_loop): measure that.
+    from skyguard.parts import new_event_loop
     loop = new_event_loop()
     progress(f"skyguard proxy on {type(loop).__module__}.{type(loop).__name__}")
     loop.run_until_complete(run())
@@ -125,6 +127,12 @@ def wrk(port: int, duration: int, connections: int, close: bool) -> dict:
             "socket_errors": socket_errors.group(1) if socket_errors else None}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def check_swap(port: int, cafile: str) -> str:
     """One request: what the upstream echoed for the Authorization header, as seen by the client."""
     context = ssl.create_default_context(cafile=cafile)
@@ -138,11 +146,35 @@ def check_swap(port: int, cafile: str) -> str:
     return dict((k.lower(), v) for k, v in body["headers"]).get("authorization", "")
 
 
-def find_mitmdump(explicit: str | None) -> str | None:
-    for candidate in (explicit, os.environ.get("MITMDUMP"), "/tmp/crx-mitm-venv/bin/mitmdump", shutil.which("mitmdump")):
-        if candidate and Path(candidate).exists():
+MITMPROXY_VERSION = "11.0.2"
+MITM_VENV = Path(os.environ.get("SKYGUARD_BENCH_CACHE", "/var/cache/skyguard/bench")) / f"mitmproxy-{MITMPROXY_VERSION}"
+
+
+def mitmdump_path(explicit: str | None) -> str:
+    """The anchor's mitmdump: --mitmdump, $MITMDUMP, or our own virtualenv, created on first use
+    (a pinned mitmproxy, with the Python that runs this benchmark). Exits when it cannot be had."""
+    for candidate in (explicit, os.environ.get("MITMDUMP")):
+        if candidate:
+            if not Path(candidate).exists():
+                raise SystemExit(f"mitmdump {candidate} does not exist")
             return candidate
-    return None
+    mitmdump, done = MITM_VENV / "bin" / "mitmdump", MITM_VENV / ".installed"
+    if done.exists():
+        return str(mitmdump)
+    progress(f"installing the anchor: mitmproxy=={MITMPROXY_VERSION} into {MITM_VENV} (first use only)")
+    shutil.rmtree(MITM_VENV, ignore_errors=True)  # a partial install from an interrupted run
+    MITM_VENV.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", str(MITM_VENV)],
+                       check=True, capture_output=True, text=True)
+        subprocess.run([str(MITM_VENV / "bin" / "pip"), "install", "-q", f"mitmproxy=={MITMPROXY_VERSION}"],
+                       check=True, capture_output=True, text=True, timeout=900)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        shutil.rmtree(MITM_VENV, ignore_errors=True)
+        raise SystemExit(f"could not install the mitmdump anchor into {MITM_VENV}: "
+                         f"{(getattr(e, 'stderr', None) or str(e))[-800:]}") from e
+    done.touch()
+    return str(mitmdump)
 
 
 def main() -> None:
@@ -188,30 +220,35 @@ def main() -> None:
         if "[skyguard-redacted]" not in seen:
             raise SystemExit(f"skyguard did not swap and scrub as expected (upstream echoed {seen!r})")
         targets = {"direct": UPSTREAM_PORT, "skyguard": SKYGUARD_PORT}
-        mitmdump = find_mitmdump(args.mitmdump)
-        if mitmdump:
-            progress(f"starting mitmdump ({mitmdump})")
-            processes.append(subprocess.Popen(
-                [mitmdump, "-q", "--mode", f"reverse:https://localhost:{UPSTREAM_PORT}", "--listen-host", "127.0.0.1",
-                 "-p", str(MITM_PORT), "--ssl-insecure", "-s", str(tmp / "addon.py"), "--set", f"confdir={tmp / 'mitm'}"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            wait_for_port(MITM_PORT, 60)
-            mitm_seen = check_swap(MITM_PORT, str(tmp / "mitm" / "mitmproxy-ca-cert.pem"))
-            if SECRET.decode() not in mitm_seen:
-                raise SystemExit(f"mitmdump did not rewrite the header (upstream echoed {mitm_seen!r})")
-            targets["mitmdump"] = MITM_PORT
-        else:
-            progress("mitmdump not found: comparing with direct only (see --mitmdump)")
+        mitmdump = mitmdump_path(args.mitmdump)
+        progress(f"starting mitmdump ({mitmdump})")
+        processes.append(subprocess.Popen(
+            [mitmdump, "-q", "--mode", f"reverse:https://localhost:{UPSTREAM_PORT}", "--listen-host", "127.0.0.1",
+             "-p", str(MITM_PORT), "--ssl-insecure", "-s", str(tmp / "addon.py"), "--set", f"confdir={tmp / 'mitm'}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wait_for_port(MITM_PORT, 60)
+        mitm_seen = check_swap(MITM_PORT, str(tmp / "mitm" / "mitmproxy-ca-cert.pem"))
+        if SECRET.decode() not in mitm_seen:
+            raise SystemExit(f"mitmdump did not rewrite the header (upstream echoed {mitm_seen!r})")
+        targets["mitmdump"] = MITM_PORT
 
         # Each target runs `repeat` times, interleaved, and keeps its best run: on a shared machine
         # a neighbour's burst then penalises no target more than another.
+        # CPU each process spent per request (its own /proc figures around each run): where the
+        # time goes on a 2-core machine, where wrk, the upstream and the proxy share the cores.
+        pids = {"upstream": processes[0].pid, "skyguard": processes[1].pid, "mitmdump": processes[2].pid}
         results: dict[str, dict[str, dict]] = {}
         for scenario, close in (("keepalive", False), ("resumed_tls", True)):
             results[scenario] = {}
             for round_number in range(args.repeat):
                 for name, port in targets.items():
                     progress(f"{scenario} #{round_number + 1}: wrk -c{args.connections} -d{args.duration}s through {name}")
+                    cpu_before = {who: cpu_seconds(pid) for who, pid in pids.items()}
                     run = wrk(port, args.duration, args.connections, close)
+                    served = max(run["rps"] * args.duration, 1)
+                    run["cpu_us_per_request"] = {
+                        who: round((cpu_seconds(pid) - cpu_before[who]) / served * 1e6, 1)
+                        for who, pid in pids.items() if who in ("upstream", name)}
                     progress(f"  {run}")
                     if run["rps"] > results[scenario].get(name, {}).get("rps", -1):
                         results[scenario][name] = run
@@ -233,7 +270,7 @@ def main() -> None:
         s, d = results[scenario]["skyguard"][p], results[scenario]["direct"][p]
         return round(s - d, 3) if s is not None and d is not None else None
 
-    anchor_name = "mitmdump" if "mitmdump" in targets else "direct"
+    anchor_name = "mitmdump"
     resumed_ratio = ratio("resumed_tls", anchor_name)
     result("credproxy", "HTTPS requests/s, keep-alive, through the credential-swap proxy",
            results["keepalive"]["skyguard"]["rps"], results["keepalive"][anchor_name]["rps"],
@@ -246,6 +283,10 @@ def main() -> None:
            meets_resumed_tls_target=anchor_name == "mitmdump" and resumed_ratio is not None
            and resumed_ratio >= TARGET_RESUMED,
            direct={s: results[s]["direct"]["rps"] for s in results},
+           # issue 24: against direct HTTPS to the same upstream (what the proxy costs a client)
+           ratio_vs_direct={s: ratio(s, "direct") for s in results},
+           target_vs_direct=TARGET_VS_DIRECT,
+           meets_vs_direct={s: (ratio(s, "direct") or 0) >= TARGET_VS_DIRECT[s] for s in results},
            added_latency_ms={s: {"p50": added(s, "p50_ms"), "p99": added(s, "p99_ms")} for s in results},
            runs=results,
            wrk={"threads": 1, "connections": args.connections, "duration_s": args.duration, "repeat": args.repeat})
