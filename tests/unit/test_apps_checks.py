@@ -293,3 +293,51 @@ def test_the_apps_sections_canonical_form_parses_back_to_the_same_values():
     again = parse_policy(config.DEFAULT_POLICY.read_text() + sections)
     assert (again.identity, again.apps) == (policy.identity, policy.apps)
     assert apps_to_dict(parse_policy(config.DEFAULT_POLICY.read_text())) == {}
+
+
+def test_a_policy_without_the_app_closes_its_listener_and_ends_its_sessions(tmp_path):
+    """set_policy on a running service (real TLS listener on loopback, the store on disk)."""
+    import asyncio
+    import dataclasses
+    import socket
+
+    from skyguard.apps.oidc import SignIn
+    from skyguard.apps.service import AppsService
+    from skyguard.custody.store import SecretStore
+    from skyguard.lab.ca import LabCA
+    from skyguard.parts import Degraded
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    text = APPS.replace('listen: "0.0.0.0:8443"', f'listen: "127.0.0.1:{port}"')
+    policy = parse_policy(config.DEFAULT_POLICY.read_text() + text)
+    store = SecretStore(tmp_path / "secrets")
+    chain, key = LabCA(tmp_path / "ca").leaf_files("wiki.apps.test")
+    store.set("wiki-tls", chain.read_bytes() + key.read_bytes())
+    store.set("idp-client-secret", b"s3cret-not-logged")
+    log = ListLog()
+
+    def listening() -> bool:
+        with socket.socket() as client:
+            return client.connect_ex(("127.0.0.1", port)) == 0
+
+    async def run():
+        service = AppsService(policy, store, decision_log=log)
+        await service.start()
+        session = service.sessions.create(policy.apps[0], SignIn("bob", "bob", "Bob", ("wiki-editors",), "t"), 600)
+        before = await asyncio.to_thread(listening)
+        await service.set_policy(dataclasses.replace(policy, apps=()))
+        after = await asyncio.to_thread(listening)
+        with pytest.raises(Degraded) as degraded:  # the certificate gone from the store: that app stays closed
+            store.remove("wiki-tls")
+            await service.set_policy(policy)
+        closed = await asyncio.to_thread(listening)
+        await service.stop()
+        return before, after, closed, session.sid in service.sessions.sessions, str(degraded.value)
+
+    before, after, closed, kept, problem = asyncio.run(run())
+    assert (before, after, closed, kept) == (True, False, False, False)
+    assert "app wiki: certificate 'wiki-tls' is not in the store" in problem and "s3cret" not in problem
+    assert ("apps_session_ended", {"app": "wiki", "user": "bob", "groups": ["wiki-editors"],
+                                   "reason": "app_removed_from_policy"}) in log.entries
