@@ -219,11 +219,22 @@ def _console_ports(policy: Policy) -> list[tuple[str, int]]:
                   for port in ports)
 
 
+KEYS_RULE = "keys-proxy"  # the synthetic rule that lets the zones a key names reach the crypto proxy
+
+
+def _key_zones(policy: Policy) -> list[str]:
+    """Zones some key of the keys: section names (skyguard/policy/keys.py): only they reach the
+    crypto proxy's port on the host (the VMs' gateway)."""
+    if policy.keys is None:
+        return []
+    return sorted({z for grant in policy.keys.grants for z in grant.zones})
+
+
 def compile_policy(policy: Policy, host_addresses=()) -> Compiled:
     """Policy -> map entries. `host_addresses` are the addresses of the host skyguard runs on:
     they get the reserved `host` selector, which the policy's admin.ssh section (and nothing else)
     lets in to tcp/22 of the zones operators may access, so only skyguard's SSH proxy reaches a
-    VM's sshd."""
+    VM's sshd (and apps, consoles and keys use the same way, see the synthetic rules above)."""
     if len(policy.zones) >= abi.MAX_ZONES:
         raise BadInput(f"policy {policy.name!r} has {len(policy.zones)} zones; the datapath counts at most "
                        f"{abi.MAX_ZONES - 1} (merge zones, or raise SG_MAX_ZONES in bpf/abi.h and abi.py)")
@@ -238,6 +249,9 @@ def compile_policy(policy: Policy, host_addresses=()) -> Compiled:
     console_targets = _console_ports(policy)
     if console_targets:
         rule_ids[CONSOLE_RULE] = len(rule_ids) + 1
+    key_zones = _key_zones(policy)
+    if key_zones:
+        rule_ids[KEYS_RULE] = len(rule_ids) + 1
     workloads = []
     for wid, w in enumerate(policy.workloads(), start=1):
         addrs = tuple(w.addresses) + (eui64_link_local(w.mac),)
@@ -252,7 +266,7 @@ def compile_policy(policy: Policy, host_addresses=()) -> Compiled:
     for rule in policy.rules:
         for c in _rule_cidrs(policy, rule):
             on_prefix[c].add(("cidr", c))
-    if admin_zones or app_ports or console_targets:
+    if admin_zones or app_ports or console_targets or key_zones:
         for a in host_addresses:
             on_prefix[ipaddress.ip_network(a)].add(("host",))
     # IPv4 addresses live at ::ffff:a.b.c.d in the ipcache, which IPv6 prefixes shorter than /96
@@ -290,6 +304,13 @@ def compile_policy(policy: Policy, host_addresses=()) -> Compiled:
             for other in policy.zones:
                 grants.setdefault(("zone", other), []).append(
                     (abi.DIR_INGRESS, zone_ids[zone], _Grant(rule_ids[synthetic], "deny", only)))
+    # The zones a key names reach the crypto proxy (listening on every host address, the VMs'
+    # gateway among them) on keys.port, with no rule of the operator's; other zones do not unless
+    # a rule says so. An operator's deny rule to those addresses still wins.
+    if key_zones and policy.keys is not None:  # (key_zones implies keys: mypy cannot see it)
+        port = policy.keys.port
+        proxy = _Grant(rule_ids[KEYS_RULE], "allow", ((abi.IPPROTO["tcp"], port, port),))
+        grants.setdefault(("host",), []).extend((abi.DIR_EGRESS, zone_ids[z], proxy) for z in key_zones)
     identities: dict[frozenset, int] = {}
     policy_entries: list[PolicyEntry] = []
     ipcache: dict[IPNetwork, int] = {}

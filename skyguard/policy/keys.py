@@ -14,8 +14,10 @@ proxy, for which operations, how often. A part of the checker (see parse.py), li
           operations: [sign, verify]
           rate_limit: 20/s                   # per VM and key: N/s or N/min (burst N)
 
-Not here: the keys themselves (skyguard/keys/), the proxy. The datapath must also let those zones
-reach the gateway's port (a rule to it); the proxy then checks each key's zones.
+Not here: the keys themselves (skyguard/keys/), the proxy. The datapath lets the zones some key
+names (and only those) reach `port` on the host's addresses, the gateway among them, with no rule
+of the operator's (the synthetic keys-proxy rule, skyguard/datapath/compile.py); the proxy then
+checks each key's zones.
 """
 
 from __future__ import annotations

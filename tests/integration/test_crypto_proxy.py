@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from daemon_support import RunningDaemon, drop_count
+from daemon_support import RunningDaemon, drop_count, wait_for
 
 from skyguard import config
 from skyguard.custody.store import SecretStore
@@ -31,10 +31,6 @@ PORT = 18200
 PIN = secrets.token_hex(12).encode()
 
 KEYS_POLICY = f"""
-  - name: crypto-proxy                    # the datapath lets these zones reach the key API
-    from: [auth, sdn]
-    to: {{cidrs: ["{GATEWAY}/32", "{GATEWAY6}/128"]}}
-    ports: [tcp/{PORT}]
 keys:
   backend: pkcs11
   module: {{module}}
@@ -50,11 +46,9 @@ keys:
 
 
 def policy_text(module: str) -> str:
-    """The default policy with one more rule (rules: is its last list before dns:) and keys:."""
-    base = config.DEFAULT_POLICY.read_text()
-    head, tail = base.split("\ndns:", 1)
-    return head.rstrip("\n") + "\n" + KEYS_POLICY.replace("{module}", module).split("keys:\n", 1)[0] + \
-        "\ndns:" + tail + "\nkeys:\n" + KEYS_POLICY.replace("{module}", module).split("keys:\n", 1)[1]
+    """The default policy (no rule to the gateway: the keys: section alone opens the way for the
+    zones its keys name) with keys:."""
+    return config.DEFAULT_POLICY.read_text() + KEYS_POLICY.replace("{module}", module)
 
 
 @pytest.fixture(scope="module")
@@ -188,9 +182,25 @@ def test_a_zone_the_key_does_not_allow_gets_403_and_a_log_entry(crypto):
     assert (entry["workload"], entry["zone"], entry["outcome"], entry["status"]) == ("sdnctl1", "sdn", "denied-zone", 403)
 
 
-def test_a_zone_no_rule_lets_reach_the_proxy_is_dropped_by_the_datapath(crypto):
+def test_the_flow_to_the_proxy_is_allowed_by_the_keys_proxy_rule(crypto):
+    assert call(crypto, "radius1", "/v1/keys")[0] == 200
+
+    def started():
+        out = crypto.daemon.cli("flows", "--json", "--limit", "10000", "--verdict", "allow", check=True).stdout
+        return [r for r in json.loads(out)["records"]
+                if r["type"] == "flow_start" and r["dport"] == PORT and r["src_workload"] == "radius1"]
+
+    assert {r["rule"] for r in wait_for(started, 30, "radius1's flow to the crypto proxy")} == {"keys-proxy"}
+
+
+def test_a_zone_no_key_names_is_dropped_by_the_datapath(crypto):
+    """auth and sdn reach the proxy with no rule of the operator's (the other tests); sandbox,
+    named by no key, gets no connection at all: its SYN is dropped (no rule), not refused by the API."""
+    before, uses = drop_count(crypto.daemon.status(), "sandbox", "no_rule"), len(key_uses(crypto))
     status, _ = call(crypto, "agent1", "/v1/keys", timeout=2)
-    assert status == 0  # no connection at all: the sandbox zone has no rule to the gateway's port
+    assert status == 0
+    assert drop_count(crypto.daemon.status(), "sandbox", "no_rule") > before
+    assert not [e for e in key_uses(crypto)[uses:] if e.get("workload") == "agent1"]
 
 
 def test_a_spoofed_vm_address_is_dropped_before_the_api(crypto):

@@ -285,3 +285,36 @@ def test_a_hot_swapped_policy_brings_its_client_certificates(tmp_path):
     finally:
         loop.call(part.stop())
         loop.stop()
+
+
+def test_the_datapath_lets_only_the_zones_a_key_names_reach_the_proxy():
+    """With no rule of the operator's, the zones some key names (auth, sdn) reach the crypto
+    proxy's port on the host's addresses (the VMs' gateway, IPv4 and IPv6) through the synthetic
+    keys-proxy rule; a zone no key names (sandbox) and any other port get nothing."""
+    from skyguard.datapath import abi
+    from skyguard.datapath.compile import KEYS_RULE, compile_policy
+
+    gateways = ("169.254.1.1", "fe80::1")
+    only_sdn = KEYS.replace('zones: "*"', "zones: [sdn]")
+
+    def verdict(compiled, zone, address, port):
+        identity = compiled.ipcache[next(n for n in compiled.ipcache if str(n.network_address) == address
+                                         and n.prefixlen == n.max_prefixlen)]
+        return [(e.verdict, e.rule_id) for e in compiled.policy
+                if (e.direction, e.zone, e.identity, e.proto) ==
+                (abi.DIR_EGRESS, compiled.zone_ids[zone], identity, abi.IPPROTO["tcp"])
+                and e.port <= port < e.port + (1 << (16 - e.port_prefixlen))]
+
+    compiled = compile_policy(policy_with(only_sdn), host_addresses=gateways)
+    allowed = [(abi.POLICY_ALLOW, compiled.rule_ids[KEYS_RULE])]
+    for gateway in gateways:
+        assert verdict(compiled, "auth", gateway, 8200) == allowed
+        assert verdict(compiled, "sdn", gateway, 8200) == allowed
+        assert verdict(compiled, "sandbox", gateway, 8200) == []  # no key names it
+        assert verdict(compiled, "directory", gateway, 8200) == []
+        assert verdict(compiled, "auth", gateway, 8201) == []  # the proxy's port, nothing more
+    moved = compile_policy(policy_with(only_sdn.replace("  pin_secret: hsm-pin\n", "  pin_secret: hsm-pin\n  port: 9300\n")),
+                           host_addresses=gateways)
+    assert verdict(moved, "sdn", "169.254.1.1", 9300) == allowed and verdict(moved, "sdn", "169.254.1.1", 8200) == []
+    bare = compile_policy(policy_with(""), host_addresses=gateways)  # no keys: nothing opened to the host
+    assert KEYS_RULE not in bare.rule_ids and not any(("host",) in s for s in bare.identities)
