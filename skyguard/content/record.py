@@ -9,9 +9,12 @@ Labels are bounded: zones and rules come from the policy, verdicts and protocols
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter
+from typing import TYPE_CHECKING
 
-from skyguard.content.inspector import ContentVerdict
+if TYPE_CHECKING:  # imported where used: `skyguard flows` (every CLI command) imports this module
+    from prometheus_client import CollectorRegistry
+
+    from skyguard.content.inspector import ContentVerdict
 
 KIND = "content_blocked"
 MAX_LOGGED_NAME = 253
@@ -25,6 +28,8 @@ class ContentMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None, name: str = "skyguard_content_decisions",
                  what: str = "Files judged by the content filter"):
+        from prometheus_client import CollectorRegistry, Counter
+
         self.decisions = Counter(
             name, f"{what}, by zone, rule (- when allowed), protocol and verdict.",
             ["zone", "rule", "protocol", "verdict"],
