@@ -335,7 +335,7 @@ class Daemon:
         so stays under the datapath's default deny (fail closed); the other parts go on. A part
         that runs without some of the policy (Degraded) is kept, logged and reported. Returns the
         parts with a problem: {name: {"state": "failed" | "degraded", "problem": why}}."""
-        from skyguard.parts import Degraded, maybe_await
+        from skyguard.parts import Degraded
 
         for slot in self.slots:
             part, slot.problem = slot.part, ""
@@ -344,25 +344,20 @@ class Daemon:
                     if slot.part is not None:
                         part, slot.part = slot.part, None
                         try:  # told first, so what it ends, it ends for the policy's reason
-                            await maybe_await(part.set_policy(policy))
+                            await part.set_policy(policy)
                         finally:
                             await stop_part(part)
                         self.record_nowait("part_stopped", part=slot.name, why="the policy no longer needs it")
                     continue
                 if slot.part is None:
                     part = await make_part(slot, policy)
-                    await maybe_await(part.start())
+                    await part.start()
                     slot.part = part
-                    dropped = getattr(part, "dropped", None)
-                    if dropped:
-                        self.record_nowait("dns_learned_dropped", dropped=dict(dropped))
                     if not starting:
                         self.record_nowait("part_started", part=slot.name)
                     log.info("%s started", slot.name)
                 else:
-                    result = await maybe_await(slot.part.set_policy(policy))
-                    if slot.name == "dns" and result:
-                        self.record_nowait("dns_learned_dropped", dropped=dict(result))
+                    await slot.part.set_policy(policy)
             except Degraded as e:  # it runs without some of what the policy asks (that stays off)
                 if slot.part is None:
                     slot.part = part

@@ -18,7 +18,6 @@ Not here: what any part does, the signed log itself.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,11 +62,6 @@ class PartSlot:
         if self.part is None:
             return "failed" if self.problem else "not needed"
         return "degraded" if self.problem else "running"
-
-
-async def maybe_await(value):
-    """Parts are moving to coroutine methods; until each has, accept either."""
-    return await value if inspect.isawaitable(value) else value
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -120,8 +114,8 @@ class PartRegistry:
 
 class PartLog:
     """A part's DecisionLog over the daemon's non-blocking log writer (`record_nowait(kind,
-    **fields)`). Parts call `record(kind, **fields)`; the DNS proxy and the credential proxy still
-    hand one dict per decision, whose kind is its `kind_field` (or the part's default kind)."""
+    **fields)`). Parts call `record(kind, **fields)`; the credential proxy still hands one dict
+    per decision, whose kind is its `kind_field` (or the part's default kind)."""
 
     def __init__(self, record_nowait: Callable[..., None], default_kind: str, kind_field: str | None = None):
         self.record_nowait, self.default_kind, self.kind_field = record_nowait, default_kind, kind_field
@@ -131,13 +125,7 @@ class PartLog:
             self.record_nowait(entry, **fields)
             return
         fields = dict(entry)
-        if self.default_kind == "dns":
-            fields.pop("kind", None)  # the log entry's own type says it
-            fields["qtype"] = fields.pop("type", None)  # `type` names the log entry's kind
-            kind = "dns"
-        else:
-            kind = str(fields.pop(self.kind_field, None) or self.default_kind) if self.kind_field \
-                else self.default_kind
+        kind = str(fields.pop(self.kind_field, None) or self.default_kind) if self.kind_field else self.default_kind
         self.record_nowait(kind, **fields)
 
 
@@ -148,4 +136,4 @@ async def make_part(slot: PartSlot, policy: Policy):
 
 
 async def stop_part(part) -> None:
-    await maybe_await(part.stop())
+    await part.stop()

@@ -11,6 +11,7 @@ import ipaddress
 from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
 
+from skyguard import parts
 from skyguard.policy.model import IPAddress, Policy
 
 
@@ -21,10 +22,9 @@ class Learner(Protocol):
         answer is released to the VM; if it raises, the answer is withheld (fail closed)."""
 
 
-@runtime_checkable
-class DecisionLog(Protocol):
-    def record(self, entry: dict) -> None:
-        """Append one DNS decision to the signed log."""
+# The DNS proxy reports each decision as record("dns", name=..., qtype=..., verdict=...), and the
+# learned entries a policy no longer backs as record("dns_learned_dropped", dropped={reason: n}).
+DecisionLog = parts.DecisionLog
 
 
 @runtime_checkable
@@ -60,18 +60,18 @@ class PolicyDirectory:
 class NullLog:
     """A DecisionLog that keeps nothing (for benchmarks and tools that have no log)."""
 
-    def record(self, entry: dict) -> None:
+    def record(self, kind: str, /, **fields) -> None:
         pass
 
 
 class ListLog:
-    """A DecisionLog that keeps entries in memory (tests, `skyguard demo` summaries)."""
+    """A DecisionLog that keeps entries in memory, each as {"kind": kind, **fields} (tests)."""
 
     def __init__(self):
         self.entries: list[dict] = []
 
-    def record(self, entry: dict) -> None:
-        self.entries.append(entry)
+    def record(self, kind: str, /, **fields) -> None:
+        self.entries.append({"kind": kind, **fields})
 
 
 class MultiLearner:

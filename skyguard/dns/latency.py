@@ -24,7 +24,7 @@ Measured and not applied (A/B runs of several proxies side by side against one u
 in rotating order, on a shared 2-core VM): a shorter EEVDF slice for the loop thread
 (sched_setattr; 0.2 ms: p99 1.74 ms vs 1.42 ms untuned, 3 ms: 1.72 ms) and nice -5 / -10 (p99
 0.50 / 0.68 ms vs 0.55 ms). Priority does not shorten this tail. Not here: the event loop choice
-(service.new_event_loop), per-query code paths.
+(parts.new_event_loop), per-query code paths.
 """
 
 from __future__ import annotations

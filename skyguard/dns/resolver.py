@@ -454,11 +454,11 @@ class DnsPolicyResolver:
         if decision.started:
             elapsed = (time.monotonic() if now is None else now) - decision.started
             counter[1].observe(max(0.0, elapsed))
-        entry: dict[str, Any] = {"kind": "dns", "name": decision.name, "type": wire.qtype_name(decision.qtype)
-                 if decision.qtype else "", "zone": decision.zone, "workload": decision.workload,
-                 "client": decision.client_ip, "verdict": decision.verdict,
-                 "reason": reason if reason is not None else decision.reason,
-                 "rules": [r.name for r in decision.rules] if decision.verdict == "allowed" else []}
+        entry: dict[str, Any] = {"name": decision.name, "qtype": wire.qtype_name(decision.qtype)
+                                 if decision.qtype else "", "zone": decision.zone, "workload": decision.workload,
+                                 "client": decision.client_ip, "verdict": decision.verdict,
+                                 "reason": reason if reason is not None else decision.reason,
+                                 "rules": [r.name for r in decision.rules] if decision.verdict == "allowed" else []}
         if answer is not None:
             entry.update(ips=answer.learned, ttl=answer.ttl)
             if answer.stripped:
@@ -471,7 +471,7 @@ class DnsPolicyResolver:
             entry["tunnel"] = {"score": decision.tunnel.score, "parts": decision.tunnel.parts,
                                "detected": decision.tunnel.detected,
                                "base": decision.tunnel.base}
-        self.log.record(entry)
+        self.log.record("dns", **entry)
 
 
 def _question_bytes(question: wire.Question) -> bytes:

@@ -13,7 +13,6 @@ Not here: policy parsing, the datapath, the signed log (they are passed in).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 
@@ -26,15 +25,6 @@ from skyguard.dns.metrics import DnsMetrics
 from skyguard.dns.resolver import DnsPolicyResolver
 from skyguard.dns.server import DEFAULT_PORT, DnsServer, Upstream, local_addresses
 from skyguard.policy.model import Policy
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop when installed: it nearly triples the proxy's queries/s (bench/dns.py)."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
 
 
 class DnsProxy:
@@ -54,6 +44,7 @@ class DnsProxy:
             host_addresses=local_addresses() if host_addresses is None else host_addresses)
         self.server = DnsServer(self.resolver, [Upstream.parse(u) for u in policy.dns.upstreams],
                                 listen=[("0.0.0.0", port), ("::", port)])
+        self.log = log
         self.relearned = 0
         self.dropped: dict[str, int] = {}  # learned entries the policy no longer backs, per reason
         self.frozen_objects = 0  # set by start(): objects moved out of GC reach (latency.py)
@@ -70,10 +61,10 @@ class DnsProxy:
         # garbage collector's reach, so its pauses stay short while queries are in flight.
         self.frozen_objects = settle_for_latency()
 
-    def set_policy(self, policy: Policy) -> dict[str, int]:
+    async def set_policy(self, policy: Policy) -> dict[str, int]:
         """Hot swap: new rules apply to the next query; steering follows the new interfaces;
-        learned entries of rules, zones or workloads the new policy lacks are dropped. Returns
-        those drops per reason (for the daemon's log). Call it on the proxy's event loop."""
+        learned entries of rules, zones or workloads the new policy lacks are dropped (and
+        logged). Returns those drops per reason. Call it on the proxy's event loop."""
         upstreams = [Upstream.parse(u) for u in policy.dns.upstreams]  # may raise: nothing changed
         self.policy = policy
         self.resolver.set_policy(policy)
@@ -87,6 +78,8 @@ class DnsProxy:
         return dropped
 
     def _count_dropped(self, dropped: dict[str, int]) -> None:
+        if dropped:
+            self.log.record("dns_learned_dropped", dropped=dict(dropped))
         for reason, count in dropped.items():
             self.dropped[reason] = self.dropped.get(reason, 0) + count
             self.metrics.learned_dropped.labels(reason).inc(count)

@@ -497,7 +497,7 @@ class ServiceThread:
         """Hot swap on the proxy's loop, as the daemon does; the learner follows the policy."""
         async def run():
             self.learner.rules = {r.name for r in policy.rules if r.to.fqdns}
-            return self.proxy.set_policy(policy)
+            return await self.proxy.set_policy(policy)
         return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
 
     def __enter__(self):
@@ -524,7 +524,7 @@ def test_a_policy_without_dns_upstreams_runs_and_answers_every_query_per_refuse_
             assert status == rcode, text
         status, text = dig("allowed.test", server=FOREIGN_RESOLVER6)
         assert status == rcode, text
-        logged = [e for e in service.log.entries if e["name"] == "allowed.test"]
+        logged = [e for e in service.log.entries if e.get("name") == "allowed.test"]
         assert len(logged) == 3 and {e["verdict"] for e in logged} == {"refused"}
         assert service.learner.calls == []
         # and a hot swap to a policy with upstreams starts forwarding, and back again

@@ -7,6 +7,7 @@ failed `skyguard up` after a policy edit.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 
 import pytest
@@ -171,8 +172,9 @@ def test_hot_swap_drops_learned_entries_of_removed_rules(tmp_path):
                      host_addresses=[])
     proxy.store.add("apps", "github", "api.github.test", ["203.0.113.5"], 2e9, workload="web1")
     proxy.store.add("apps", "updates", "deb.debian.test", ["203.0.113.7"], 2e9, workload="web1")
-    dropped = proxy.set_policy(policy(POLICY.replace("name: github", "name: gh")))
+    dropped = asyncio.run(proxy.set_policy(policy(POLICY.replace("name: github", "name: gh"))))
     assert dropped == {"rule-gone": 1}
+    assert proxy.log.entries[-1] == {"kind": "dns_learned_dropped", "dropped": {"rule-gone": 1}}  # in the log
     assert not proxy.store.answered("api.github.test", "203.0.113.5", 0)  # no swap toward it
     assert proxy.store.answered("deb.debian.test", "203.0.113.7", 0)
     assert proxy.metrics.learned_dropped.labels("rule-gone")._value.get() == 1

@@ -20,8 +20,8 @@ from skyguard.dns.interfaces import ListLog, PolicyDirectory
 from skyguard.dns.learned import LearnedStore
 from skyguard.dns.resolver import DnsPolicyResolver
 from skyguard.dns.server import DnsServer, Upstream
-from skyguard.dns.service import new_event_loop
 from skyguard.errors import DnsError
+from skyguard.parts import new_event_loop
 from skyguard.policy.model import Destination, DnsConfig, Policy, PortRange, Rule, Workload, Zone
 
 
