@@ -240,13 +240,11 @@ class Daemon:
         """The credential-swap proxy and TLS termination."""
         from skyguard.credproxy.service import CredentialService
         from skyguard.custody.store import SecretStore
-        from skyguard.keys.tlskey import WithClientCertificates, client_certificates_of
 
-        service = CredentialService(policy, SecretStore(self.state_dir / "secrets"), state_dir=self.state_dir,
-                                    decision_log=PartLog(self.record_nowait, "credential", "event"), registry=registry,
-                                    address_matches=self._dns_learned, upstream_ca_file=self._upstream_ca(),
-                                    client_certificates=client_certificates_of(policy))
-        return WithClientCertificates(service)  # credentials[].client_certificate, anew with each policy
+        # credentials[].client_certificate: the service takes them from each policy it is given.
+        return CredentialService(policy, SecretStore(self.state_dir / "secrets"), state_dir=self.state_dir,
+                                 decision_log=PartLog(self.record_nowait, "credential", "event"), registry=registry,
+                                 address_matches=self._dns_learned, upstream_ca_file=self._upstream_ca())
 
     def _make_admin(self, policy, registry):
         """The SSH access proxy: the one way operators reach a VM's sshd (the datapath lets only

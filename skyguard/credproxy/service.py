@@ -69,7 +69,9 @@ class CredentialService:
         limits: ProxyLimits = ProxyLimits(),
     ):
         """upstream_ca_file, upstream_cas: CA bundles trusted for upstream TLS in addition to
-        the system store (the lab's CA, for example)."""
+        the system store (the lab's CA, for example). client_certificates: {destination:
+        ClientCertificate} presented besides those each policy names itself
+        (credentials[].client_certificate, which win)."""
         self.policy = policy
         self.secrets = secrets
         self.state_dir = Path(state_dir)
@@ -114,13 +116,10 @@ class CredentialService:
             self._started = True
             await self._apply(self.policy)
 
-    async def set_policy(self, policy: Policy, *, client_certificates: dict[str, ClientCertificate] | None = None,
-                         content_patterns: Sequence[str] | None = None) -> None:
-        """Swap to `policy` (None keeps the current client certificates or content patterns).
-        Before start(), it only records the policy."""
+    async def set_policy(self, policy: Policy, *, content_patterns: Sequence[str] | None = None) -> None:
+        """Swap to `policy`, with the client certificates it names (None keeps the content
+        patterns). Before start(), it only records the policy."""
         async with self._lock:
-            if client_certificates is not None:
-                self.client_certificates = dict(client_certificates)
             if content_patterns is not None:
                 self.content_patterns = tuple(content_patterns)
             if not self._started:
@@ -171,10 +170,10 @@ class CredentialService:
                     lambda: CredentialProxy(
                         policy, self.secrets, self.ca, address_matches=self.address_matches,
                         decision_log=self.decision_log, metrics=self.metrics, upstream_cas=self.upstream_cas,
-                        client_certificates=self.client_certificates, content_patterns=self.content_patterns,
-                        limits=self.limits))
+                        client_certificates=self._client_certificates(policy),
+                        content_patterns=self.content_patterns, limits=self.limits))
             elif self.proxy is not None:  # also with no credentials: the old ones must not outlive it
-                await self.proxy.set_policy(policy, client_certificates=self.client_certificates,
+                await self.proxy.set_policy(policy, client_certificates=self._client_certificates(policy),
                                             content_patterns=self.content_patterns)
         except CredentialError as error:  # an unusable CA or trust bundle: no credential is served
             problems.append(str(error))
@@ -201,6 +200,13 @@ class CredentialService:
             await self.proxy.stop()
         if problems:  # the rest runs: what is missing stays off (not steered, so denied)
             raise Degraded("; ".join(problems))
+
+    def _client_certificates(self, policy: Policy) -> dict[str, ClientCertificate]:
+        """The certificates to present under `policy`: its credentials' client_certificate keys
+        (in the key backend, skyguard/keys/tlskey.py), over those the service was built with."""
+        from skyguard.keys.tlskey import client_certificates_of
+
+        return {**self.client_certificates, **client_certificates_of(policy)}
 
     def _has_secret(self, name: str) -> bool:
         exists = getattr(self.secrets, "exists", None)

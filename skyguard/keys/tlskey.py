@@ -31,7 +31,7 @@ KEY_REFERENCE = "key:"  # ClientCertificate.store_name of a token key: never a v
 ENGINE_PATHS = ("/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so", "/usr/lib/aarch64-linux-gnu/engines-3/pkcs11.so",
                 "/usr/lib/engines-3/pkcs11.so")
 
-_configured = None  # the policy's KeysConfig, set by client_certificates_of (the daemon, per policy)
+_configured = None  # the policy's KeysConfig, set by client_certificates_of (the credential service, per policy)
 _engines: dict = {}
 _lock = threading.Lock()
 
@@ -48,30 +48,6 @@ def client_certificates_of(policy) -> dict:
             for destination in credential.destinations:
                 out[destination] = ClientCertificate(KEY_REFERENCE + credential.client_certificate, credential.zones)
     return out
-
-
-class WithClientCertificates:
-    """The credential service (skyguard/credproxy/service.py), given the client certificates of each
-    policy it is handed: the daemon hot-swaps parts with set_policy(policy) alone, and the service
-    otherwise keeps the certificates of the policy it started with."""
-
-    def __init__(self, service):
-        self.service = service
-
-    def __repr__(self) -> str:
-        return f"WithClientCertificates({self.service!r})"
-
-    async def start(self):
-        return await self.service.start()
-
-    async def set_policy(self, policy):
-        return await self.service.set_policy(policy, client_certificates=client_certificates_of(policy))
-
-    async def stop(self):
-        return await self.service.stop()
-
-    def __getattr__(self, name):  # everything else is the service's
-        return getattr(self.service, name)
 
 
 def certificate_of(secrets, name: str) -> bytes | None:

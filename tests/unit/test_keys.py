@@ -255,13 +255,13 @@ def test_key_cli_with_the_file_backend_logs_each_change(tmp_path, monkeypatch):
 
 
 def test_a_hot_swapped_policy_brings_its_client_certificates(tmp_path):
-    """The daemon swaps parts with set_policy(policy) alone: the credential service must still
-    present the certificate the new policy names (and none the old one named)."""
+    """The daemon swaps parts with set_policy(policy) alone: the credential service takes the
+    client certificates from the policy it is given (the one it starts with, and each new one),
+    presenting the one the new policy names and none the old one named."""
     import dataclasses
 
     from skyguard.credproxy.interfaces import ListDecisionLog, MemorySecretSource
     from skyguard.credproxy.service import CredentialService
-    from skyguard.keys.tlskey import WithClientCertificates, client_certificates_of
     from skyguard.parts import LoopThread
 
     policy = dataclasses.replace(policy_with(KEYS), tls_termination=())  # no certificate in this store
@@ -269,21 +269,20 @@ def test_a_hot_swapped_policy_brings_its_client_certificates(tmp_path):
     with_cert = dataclasses.replace(policy, credentials=tuple(
         dataclasses.replace(c, client_certificate="github-mtls") if c is github else c for c in policy.credentials))
     # `true` stands in for nft (the steering is tested in namespaces); nothing is served here.
-    service = CredentialService(policy, MemorySecretSource({"github": b"ghp_x"}), state_dir=tmp_path,
+    service = CredentialService(with_cert, MemorySecretSource({"github": b"ghp_x"}), state_dir=tmp_path,
                                 decision_log=ListDecisionLog(), registry=None, address_matches=lambda n, ip: True,
-                                listen=["127.0.0.1"], nft=("true",), client_certificates=client_certificates_of(policy))
-    part = WithClientCertificates(service)
+                                listen=["127.0.0.1"], nft=("true",))
     loop = LoopThread()
     try:
-        loop.call(part.start())
-        assert part.proxy.state.client_certificate_for("api.github.test", "sdn") is None
-        loop.call(part.set_policy(with_cert))
-        assert part.proxy.state.client_certificate_for("api.github.test", "sdn") == "key:github-mtls"
-        assert part.proxy.state.client_certificate_for("api.github.test", "sandbox") is None  # not its zone
-        loop.call(part.set_policy(policy))
-        assert part.proxy.state.client_certificate_for("api.github.test", "sdn") is None
+        loop.call(service.start())
+        assert service.proxy.state.client_certificate_for("api.github.test", "sdn") == "key:github-mtls"
+        assert service.proxy.state.client_certificate_for("api.github.test", "sandbox") is None  # not its zone
+        loop.call(service.set_policy(policy))
+        assert service.proxy.state.client_certificate_for("api.github.test", "sdn") is None
+        loop.call(service.set_policy(with_cert))
+        assert service.proxy.state.client_certificate_for("api.github.test", "sdn") == "key:github-mtls"
     finally:
-        loop.call(part.stop())
+        loop.call(service.stop())
         loop.stop()
 
 
