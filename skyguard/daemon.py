@@ -578,6 +578,7 @@ class Daemon:
         remove what is no longer needed with `skyguard secret rm`."""
         from skyguard.admin.keys import HOST_KEY_NAME, VM_KEY_NAME
         from skyguard.custody.store import SecretStore
+        from skyguard.keys.backends import with_key_names
 
         stored = {entry["name"] for entry in SecretStore(self.state_dir / "secrets").list()}
         named = {c.secret for c in self.policy.credentials} | {t.certificate for t in self.policy.tls_termination}
@@ -587,6 +588,7 @@ class Daemon:
         if console is not None:  # each target's VM-side credential; the web console's certificate
             named |= {t.credential for t in console.targets}
             named |= {a.certificate for a in self.policy.apps if a.name == console.web_app}
+        named = with_key_names(self.policy, stored, named)  # the token PIN, keys and their certificates
         return {"stored": len(stored), "unused": sorted(stored - named), "missing": sorted(named - stored)}
 
 

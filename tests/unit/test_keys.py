@@ -317,3 +317,38 @@ def test_the_datapath_lets_only_the_zones_a_key_names_reach_the_proxy():
     assert verdict(moved, "sdn", "169.254.1.1", 9300) == allowed and verdict(moved, "sdn", "169.254.1.1", 8200) == []
     bare = compile_policy(policy_with(""), host_addresses=gateways)  # no keys: nothing opened to the host
     assert KEYS_RULE not in bare.rule_ids and not any(("host",) in s for s in bare.identities)
+
+
+def test_status_counts_the_pin_keys_and_certificates_as_used(tmp_path):
+    """`skyguard status` lists stored secrets no policy names (for `skyguard secret rm`): the token
+    PIN, the certificate of a key named for TLS and, with the file backend, the keys themselves are
+    the keys: section's, never listed as unused; one the policy needs and lacks is missing. A
+    tls_termination certificate that is a key (it has `cert.<name>`) is no secret of its own."""
+    from skyguard.daemon import Daemon
+
+    with_cert = config.DEFAULT_POLICY.read_text().replace(
+        'inject: {header: Authorization, format: "Bearer {secret}"}',
+        'inject: {header: Authorization, format: "Bearer {secret}"}\n    client_certificate: github-mtls', 1)
+    daemon = Daemon(tmp_path / "policy.yaml", state_dir=tmp_path / "state")
+    store = SecretStore(tmp_path / "state" / "secrets")
+    for name in ("github", "cert.github-mtls", "cert.sdnctl1", "cert.old-one", "left-over"):
+        store.set(name, b"value")
+
+    daemon.policy = parse_policy(with_cert + KEYS)  # pkcs11, PIN not stored yet
+    secrets = daemon._secrets_status()
+    assert secrets["unused"] == ["cert.old-one", "left-over"]
+    assert "hsm-pin" in secrets["missing"] and "sdnctl1" not in secrets["missing"]  # sdnctl1 is a key
+    store.set("hsm-pin", b"1234")
+    assert "hsm-pin" not in daemon._secrets_status()["missing"]
+
+    store.set("key.release", b"pem")
+    store.set("key.not-granted", b"pem")
+    daemon.policy = parse_policy(with_cert + KEYS.replace("backend: pkcs11", "backend: file"))
+    secrets = daemon._secrets_status()
+    assert secrets["unused"] == ["cert.old-one", "hsm-pin", "left-over"]  # no key.* among them
+    assert {"key.wrap", "key.github-mtls", "key.sdnctl1"} <= set(secrets["missing"])
+    assert "key.release" not in secrets["missing"]
+
+    daemon.policy = parse_policy(config.DEFAULT_POLICY.read_text())  # no keys: section
+    secrets = daemon._secrets_status()
+    assert "sdnctl1" in secrets["missing"] and "cert.sdnctl1" in secrets["unused"]
