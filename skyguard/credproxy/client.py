@@ -77,6 +77,10 @@ class ClientConnection(asyncio.Protocol):
                 transport.abort()  # this VM is over its connection share: close at once, never queue
                 return
             self.slot = slot
+        peer = transport.get_extra_info("peername")
+        # Content zones may send files up to the inspection buffer (the policy at connect time).
+        self.limits = self.proxy.state.request_limits(self.proxy.limits, peer[0] if peer else "")
+        self.reader = RequestReader(self.limits)
         self.proxy._connections.add(self)
         self._arm(self.limits.idle_timeout)
         self.task = self._loop.create_task(self._serve())

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import ipaddress
 import logging
 import socket
@@ -96,6 +97,18 @@ class PolicyState:
         except ValueError:
             return None, None
         return self.workload_by_address.get(address, (None, None))
+
+    def request_limits(self, limits: ProxyLimits, address: str) -> ProxyLimits:
+        """The limits for a connection from `address`: a zone under HTTP upload content rules may
+        send bodies up to content.max_inspect_bytes (judged whole; larger ones are refused
+        unscanned), others keep the proxy's own limit."""
+        if self.content is None:
+            return limits
+        content = self.content.content
+        _, zone = self.identify(address)
+        if not content.rules_for(zone, "upload", "http") or content.max_inspect_bytes <= limits.max_request_body:
+            return limits
+        return dataclasses.replace(limits, max_request_body=content.max_inspect_bytes)
 
     def client_certificate_for(self, host: str | None, zone: str | None) -> str | None:
         """The store name of the client certificate to present to `host` for `zone`, if any."""

@@ -115,7 +115,7 @@ def wait_for_port(ns, address, port):
 
 def policy_for(clamd_socket: str) -> Policy:
     vm = Workload("cntvm", "web", VM_IF, "02:00:00:78:01:02", (ipaddress.ip_address("10.78.1.2"),))
-    rule = ContentRule("no-malware", ("web",), ("upload",), ("http",), ContentBlock(clamav=True, max_size=1 << 20))
+    rule = ContentRule("no-malware", ("web",), ("upload",), ("http",), ContentBlock(clamav=True, max_size=3 << 20))
     return Policy("cnt", {"web": Zone("web", (vm,))}, {}, (),
                   content=ContentPolicy((rule,), clamd_socket=clamd_socket, scan_timeout=5, max_inspect_bytes=4 << 20))
 
@@ -222,3 +222,15 @@ def test_clamd_killed_mid_run_means_refusals(lab):
         assert len(echoed(lab)) == before
     finally:
         lab["clamd"].start()
+
+
+def test_a_content_zone_uploads_files_up_to_the_inspection_buffer(lab):
+    """Past the proxy's own 1 MiB request limit, up to content.max_inspect_bytes (4 MiB here):
+    judged and forwarded byte-exact; past the buffer, refused before the upstream sees a byte."""
+    data = os.urandom(2 << 20)
+    before = len(echoed(lab))
+    code, body = vm_upload(lab, data)
+    assert code == 200, body[:300]
+    assert echoed(lab)[before]["body"].encode("latin-1") == data
+    code, _ = vm_upload(lab, os.urandom((4 << 20) + 1))
+    assert code == 413 and len(echoed(lab)) == before + 1
