@@ -70,7 +70,7 @@ def validate(file: str, as_json: bool) -> None:
 @json_option
 def show(file: str | None, state_dir: Path | None, as_json: bool) -> None:
     """Print the zones, workloads, networks, rules and the other sections (credentials, content
-    rules, SSH access) of the policy in FILE (default: the one the running daemon enforces).
+    rules, keys, SSH access) of the policy in FILE (default: the one the running daemon enforces).
 
     --json prints the canonical form (every default spelled out, "*" expanded), which is itself a
     valid policy, with the file's sha256.
@@ -98,8 +98,8 @@ def diff(old: str, new: str | None, state_dir: Path | None, as_json: bool) -> No
     """Show what NEW adds, removes and changes relative to OLD, by name. With one FILE, compare
     the running daemon's policy (OLD) with FILE (NEW): what `policy load FILE` would change.
 
-    Zones, workloads, networks, rules, credentials, TLS terminations, SSH operators, content rules
-    and settings are compared in canonical form: reordering, comments and spelling are not changes.
+    Zones, workloads, networks, rules, credentials, TLS terminations, SSH operators, content rules,
+    keys and settings are compared in canonical form: reordering, comments and spelling are not changes.
 
     \b
     Examples:
@@ -205,6 +205,22 @@ def _content_lines(policy: Policy) -> list[str]:
     return lines + _table(["rule", "zones", "direction", "protocols", "blocks"], rows)
 
 
+def _keys_lines(policy: Policy) -> list[str]:
+    """The `keys:` section: where keys live, and one row per key VMs may use (the proxy checks
+    zones and operations; the datapath lets only those zones reach its port)."""
+    from skyguard.policy.keys import rate_text
+
+    keys = policy.keys
+    assert keys is not None
+    where = (f"token {keys.token} through {keys.module}, PIN in secret {keys.pin_secret}"
+             if keys.backend == "pkcs11" else "sealed in the store")
+    lines = [f"Keys ({keys.backend} backend: {where}; crypto proxy on the VMs' gateway, tcp/{keys.port})"]
+    every_zone = tuple(policy.zones)
+    rows = [[g.name, "*" if g.zones == every_zone and len(every_zone) > 1 else ", ".join(g.zones),
+             ", ".join(g.operations), rate_text(g.rate, g.burst)] for g in keys.grants]
+    return lines + _table(["key", "zones", "operations", "rate limit (per VM)"], rows)
+
+
 def format_policy(policy: Policy) -> str:
     """A readable, plain-text view of a policy (what `policy show` prints)."""
     lines = [summary_line(policy), f"source {policy.source}" if policy.source else "", ""]
@@ -245,6 +261,8 @@ def format_policy(policy: Policy) -> str:
                          for t in policy.tls_termination])
     if policy.content.rules:
         lines += ["", *_content_lines(policy)]
+    if policy.keys is not None:
+        lines += ["", *_keys_lines(policy)]
     if policy.admin_ssh:
         ssh = policy.admin_ssh
         lines += ["", f"Admin SSH on {ssh.listen} (port forwarding {'on' if ssh.port_forwarding else 'off'}, "

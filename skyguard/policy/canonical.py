@@ -10,6 +10,7 @@ It is not a serialiser for arbitrary YAML and it keeps no comments.
 from __future__ import annotations
 
 from skyguard.policy.content import ContentPolicy
+from skyguard.policy.keys import keys_to_dict
 from skyguard.policy.model import Policy, Rule
 from skyguard.policy.parse import API_VERSION, KIND
 
@@ -92,6 +93,8 @@ def policy_to_dict(policy: Policy) -> dict:
                  "destinations": list(credential.destinations), "inject": inject}
         if credential.strip_response_headers:
             entry["strip_response_headers"] = list(credential.strip_response_headers)
+        if credential.client_certificate:
+            entry["client_certificate"] = credential.client_certificate
         out["credentials"].append(entry)
     if policy.admin_ssh is not None:
         ssh = policy.admin_ssh
@@ -107,6 +110,8 @@ def policy_to_dict(policy: Policy) -> dict:
             out["admin"]["ssh"]["commands"] = list(ssh.commands)
     if policy.content.rules:
         out["content"] = content_to_dict(policy.content)
+    if policy.keys is not None:
+        out["keys"] = keys_to_dict(policy.keys)
     for key, value in policy.extra.items():
         out[key] = value
     return out

@@ -1,5 +1,5 @@
 """What changes between two policies, by name: zones, workloads, networks, rules, credentials,
-TLS terminations, operators, and the DNS and SSH settings.
+TLS terminations, operators, keys VMs may use, and the DNS, SSH and key custody settings.
 
 It compares canonical forms (canonical.py), so reordering keys, spelling a port in upper case or
 adding comments is not a change; moving a rule in the list is not a change either, because the
@@ -19,7 +19,7 @@ from skyguard.policy.model import Policy
 class Change:
     """One named thing that differs. `fields` maps each changed field to (old, new)."""
 
-    kind: str  # "zone", "workload", "network", "rule", "credential", "tls", "operator", "setting"
+    kind: str  # "zone", "workload", "network", "rule", "credential", "tls", "operator", "key", "setting"
     name: str
     status: str  # "added", "removed", "changed"
     fields: dict = field(default_factory=dict)
@@ -75,6 +75,8 @@ def _settings(doc: dict) -> dict[str, dict]:
         out["admin.ssh"] = {k: v for k, v in doc["admin"]["ssh"].items() if k != "operators"}
     if "content" in doc:  # its rules are compared one by one (kind content_rule)
         out["content"] = {k: v for k, v in doc["content"].items() if k != "rules"}
+    if "keys" in doc:  # each key's grant is compared one by one (kind key)
+        out["keys"] = {k: v for k, v in doc["keys"].items() if k != "keys"}
     extra = {k: v for k, v in doc.items() if k.startswith("x-")}
     if extra:
         out["extensions"] = extra
@@ -99,6 +101,8 @@ def diff_policies(old: Policy, new: Policy) -> PolicyDiff:
     changes += _compare("operator", operators(a), operators(b))
     content_rules = lambda doc: _named(doc.get("content", {}).get("rules", []))  # noqa: E731
     changes += _compare("content_rule", content_rules(a), content_rules(b))
+    key_grants = lambda doc: _named(doc.get("keys", {}).get("keys", []))  # noqa: E731
+    changes += _compare("key", key_grants(a), key_grants(b))
     changes += _compare("setting", _settings(a), _settings(b))
     return PolicyDiff(old.sha256, new.sha256, tuple(changes))
 

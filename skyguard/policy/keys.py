@@ -77,6 +77,24 @@ def parse_rate(text) -> tuple[float, int]:
     return per_second, count
 
 
+def rate_text(rate: float, burst: int) -> str:
+    """(per second, burst) back to what parse_rate reads: N/s when both are N, else N/min."""
+    return f"{burst}/s" if rate == burst else f"{burst}/min"
+
+
+def keys_to_dict(keys: KeysConfig) -> dict:
+    """The `keys:` section in canonical form (skyguard/policy/canonical.py): defaults spelled out,
+    "*" expanded; parsing it again gives the same KeysConfig. The PIN is a secret's name only."""
+    out: dict = {"backend": keys.backend}
+    for name in ("module", "token", "pin_secret"):
+        if getattr(keys, name) is not None:
+            out[name] = getattr(keys, name)
+    out["port"] = keys.port
+    out["keys"] = [{"name": g.name, "zones": list(g.zones), "operations": list(g.operations),
+                    "rate_limit": rate_text(g.rate, g.burst)} for g in keys.grants]
+    return out
+
+
 class KeysSection(CheckerBase):
     """keys: a method of the policy checker."""
 

@@ -352,3 +352,47 @@ def test_status_counts_the_pin_keys_and_certificates_as_used(tmp_path):
     daemon.policy = parse_policy(config.DEFAULT_POLICY.read_text())  # no keys: section
     secrets = daemon._secrets_status()
     assert "sdnctl1" in secrets["missing"] and "cert.sdnctl1" in secrets["unused"]
+
+
+def test_the_keys_section_in_policy_show_and_diff():
+    """policy show --json writes keys: (and credentials' client_certificate) in canonical form that
+    parses to the same policy; policy diff names each key's change and the custody settings';
+    policy show prints a Keys table."""
+    import json
+
+    from skyguard.cli.policy import format_policy
+    from skyguard.policy.canonical import policy_to_dict
+    from skyguard.policy.diff import diff_policies, format_diff
+
+    with_cert = config.DEFAULT_POLICY.read_text().replace(
+        'inject: {header: Authorization, format: "Bearer {secret}"}',
+        'inject: {header: Authorization, format: "Bearer {secret}"}\n    client_certificate: github-mtls', 1)
+    policy = parse_policy(with_cert + KEYS)
+    canonical = policy_to_dict(policy)
+    assert canonical["keys"] == {
+        "backend": "pkcs11", "module": "/usr/lib/softhsm/libsofthsm2.so", "token": "skyguard", "pin_secret": "hsm-pin",
+        "port": 8200, "keys": [
+            {"name": "release", "zones": ["auth"], "operations": ["sign", "verify"], "rate_limit": "5/s"},
+            {"name": "wrap", "zones": list(policy.zones), "operations": ["decrypt"], "rate_limit": "120/min"}]}
+    assert canonical["credentials"][0]["client_certificate"] == "github-mtls"
+    again = parse_policy(json.dumps(canonical), source="canonical.json")
+    assert (again.keys, again.credentials) == (policy.keys, policy.credentials)
+    assert policy_to_dict(again) == canonical
+    assert "keys" not in policy_to_dict(policy_with(""))
+
+    changed = parse_policy(with_cert + KEYS.replace("5/s", "7/s").replace("  pin_secret: hsm-pin\n",
+                                                                          "  pin_secret: hsm-pin\n  port: 8300\n")
+                           .replace("    - {name: wrap, zones: \"*\", operations: [decrypt], rate_limit: 120/min}\n",
+                                    "    - {name: deploy, zones: [sdn], operations: [sign]}\n"))
+    diff = diff_policies(policy, changed)
+    assert {(c.kind, c.name, c.status) for c in diff.changes} == {
+        ("key", "release", "changed"), ("key", "wrap", "removed"), ("key", "deploy", "added"),
+        ("setting", "keys", "changed")}
+    text = format_diff(diff)
+    assert "rate_limit: 5/s -> 7/s" in text and "port: 8200 -> 8300" in text
+    assert diff_policies(policy, parse_policy(with_cert + KEYS.replace("  module:", "  # a comment\n  module:"))).empty
+
+    shown = format_policy(policy)
+    assert "Keys (pkcs11 backend: token skyguard through /usr/lib/softhsm/libsofthsm2.so, PIN in secret hsm-pin" in shown
+    assert any(line.split() == ["release", "auth", "sign,", "verify", "5/s"] for line in shown.splitlines())
+    assert any(line.split() == ["wrap", "*", "decrypt", "120/min"] for line in shown.splitlines())
