@@ -42,3 +42,28 @@ def lab(root, labs_dir):
         yield the_lab
     finally:
         the_lab.down()
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    """A software TPM (swtpm, Debian's) for one test module: started fresh, stopped at its end."""
+    from skyguard.tpm.swtpm import Swtpm
+
+    emu = Swtpm(tmp_path_factory.mktemp("swtpm"))
+    emu.start()
+    yield emu
+    emu.stop()
+
+
+@pytest.fixture(scope="module")
+def etcd_cluster(tmp_path_factory):
+    """A real 3-member etcd cluster on loopback (Debian's etcd) for one test module, ready when
+    given; every member stopped by pid at the end (SIGKILL after 5 s)."""
+    from skyguard.fleet.localcluster import LocalEtcdCluster
+
+    cluster = LocalEtcdCluster(tmp_path_factory.mktemp("etcd"))
+    try:
+        with cluster:
+            yield cluster
+    finally:
+        cluster.stop_all()  # members a test stopped and started again included

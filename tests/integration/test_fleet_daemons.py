@@ -16,7 +16,6 @@ import pytest
 from daemon_support import PY, RunningDaemon, probe_one, start_listener, stop_process
 
 from skyguard import config
-from skyguard.fleet.localcluster import LocalEtcdCluster
 from skyguard.lab import Lab
 
 POLICY = """apiVersion: skyguard/v1
@@ -107,27 +106,25 @@ class FleetHost:
 
 
 @pytest.fixture(scope="module")
-def fleet(root, tmp_path_factory):
+def fleet(root, tmp_path_factory, etcd_cluster):
     work = tmp_path_factory.mktemp("fleetd")
     admin_pem = work / "admin.pem"
     admin_vkey = cli("fleet", "admin-key", str(admin_pem)).stdout.strip()
     hosts = [FleetHost(i, work) for i in range(3)]
-    cluster = LocalEtcdCluster(work / "etcd")
+    cluster = etcd_cluster  # conftest.py: started and ready; stopped after this fixture
     try:
-        with cluster:
-            for host in hosts:
-                host.start_daemon()
-            for host in hosts:
-                host.start_join(cluster.endpoints, admin_vkey)
-            yield type("Fleet", (), {"hosts": hosts, "cluster": cluster, "admin_pem": admin_pem,
-                                     "work": work})
+        for host in hosts:
+            host.start_daemon()
+        for host in hosts:
+            host.start_join(cluster.endpoints, admin_vkey)
+        yield type("Fleet", (), {"hosts": hosts, "cluster": cluster, "admin_pem": admin_pem,
+                                 "work": work})
     finally:
         for host in hosts:
             try:
                 host.cleanup()
             except Exception as e:   # the others are still cleaned
                 print(f"cleanup of {host.name}: {e}")
-        cluster.stop_all()
 
 
 def push(fleet, allow, marker):

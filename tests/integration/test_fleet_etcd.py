@@ -25,7 +25,6 @@ from skyguard import config
 from skyguard.fleet import keys
 from skyguard.fleet.agent import FleetAgent
 from skyguard.fleet.etcd import EtcdStore
-from skyguard.fleet.localcluster import LocalEtcdCluster
 from skyguard.fleet.signing import load_admin_verifiers, sign_policy
 from skyguard.fleet.store import Compacted
 from skyguard.parts import LoopThread
@@ -116,24 +115,22 @@ class Host:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
+def fleet(tmp_path_factory, etcd_cluster):
     base = tmp_path_factory.mktemp("fleet")
     admin_pem = base / "admin.pem"
     admin_vkey = skyguard("fleet", "admin-key", str(admin_pem)).stdout.strip()
-    cluster = LocalEtcdCluster(base / "etcd")
+    cluster = etcd_cluster  # conftest.py: started and ready; stopped after this fixture
     loop = LoopThread()
     hosts = []
     try:
-        with cluster:
-            hosts = [Host(name, base, cluster, admin_vkey, loop) for name in NAMES]
-            yield type("Fleet", (), {"base": base, "cluster": cluster, "hosts": hosts,
-                                     "admin_pem": admin_pem, "admin_vkey": admin_vkey})
-            for host in hosts:
-                host.stop_agent()
+        hosts = [Host(name, base, cluster, admin_vkey, loop) for name in NAMES]
+        yield type("Fleet", (), {"base": base, "cluster": cluster, "hosts": hosts,
+                                 "admin_pem": admin_pem, "admin_vkey": admin_vkey})
+        for host in hosts:
+            host.stop_agent()
     finally:
         for host in hosts:
             host.writer.close()
-        cluster.stop_all()   # every member by pid, SIGKILL after 5 s
         loop.stop()
 
 

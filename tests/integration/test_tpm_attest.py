@@ -21,7 +21,6 @@ from skyguard.tpm import identity, quote
 from skyguard.tpm.device import Tpm
 from skyguard.tpm.hook import DaemonTpm
 from skyguard.tpm.measure import Measurements
-from skyguard.tpm.swtpm import Swtpm
 
 VKEY = "host+0a1b2c3d+AQIDBA=="
 TAGS = {"sg_from_vm": "0011223344556677", "sg_from_vm_tc": "1122334455667788", "sg_to_vm": "8899aabbccddeeff"}
@@ -46,14 +45,6 @@ def one_package_digest():
     saved, measure.package_digest = measure.package_digest, lambda: digest
     yield digest
     measure.package_digest = saved
-
-
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-    emu = Swtpm(tmp_path_factory.mktemp("swtpm"))
-    emu.start()
-    yield emu
-    emu.stop()
 
 
 @pytest.fixture(scope="module")

@@ -31,14 +31,6 @@ def cli(*args, check=True, env=None):
     return proc
 
 
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-    emu = Swtpm(tmp_path_factory.mktemp("swtpm-a"))
-    emu.start()
-    yield emu
-    emu.stop()
-
-
 @pytest.fixture
 def sealed_state(emulator, tmp_path):
     """A state dir whose store held two secrets under a file key, then `tpm seal-store`."""
