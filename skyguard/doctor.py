@@ -6,8 +6,9 @@ Debian's bcc, kernel headers (proven by really compiling a tiny XDP program), li
 BPF_PROG_RUN), network namespaces, XDP (generic and native) and TC attach on a throwaway veth
 pair inside a throwaway namespace, nftables, and the TPM (when one is configured or present:
 that it answers, that skyguard's PCR replays from its event log, the attestation key, whether the
-store key is sealed and opens). `require_privileges(what)` is the helper other
-commands call before they touch the kernel, so they fail with the fix instead of a traceback.
+store key is sealed and opens), and PKCS#11 key custody (skyguard/keys/doctor.py).
+`require_privileges(what)` is the helper other commands call before they touch the kernel, so
+they fail with the fix instead of a traceback.
 
 This is not a monitor of a running skyguard (that is `skyguard status`), and it changes nothing
 on the machine except the throwaway namespace it creates and always removes.
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from skyguard import config
 from skyguard.errors import PrivilegeError, SkyguardError
+from skyguard.keys.doctor import check_key_custody
 
 # Capability bit numbers from <linux/capability.h>.
 CAP_NET_ADMIN = 12
@@ -575,6 +577,7 @@ def run_checks() -> list[Check]:
         checks += [check_xdp_attach(state, "generic"), check_xdp_attach(state, "native"),
                    check_tc_attach(state), check_nftables(state)]
         checks.append(check_tpm())
+        checks.append(check_key_custody())  # PKCS#11 pieces; strict when the running policy uses a token
     finally:
         if "netns" in state:
             state["netns"].remove()

@@ -353,3 +353,38 @@ def test_no_signature_leaves_without_its_durable_log_entry(token, backend, proxy
     finally:
         loop.call(part.stop())
         loop.stop()
+
+
+def test_doctor_checks_the_token_the_policy_keeps_keys_in(token, backend, tmp_path, monkeypatch):
+    """skyguard doctor: with no policy using a token, PKCS#11 is an optional capability (passes,
+    says what is there); with one, the token must open with the PIN in the sealed store, its module
+    must exist, and OpenSSL's pkcs11 engine is needed once a credential presents a token key."""
+    import dataclasses
+
+    from skyguard.keys import tlskey
+    from skyguard.keys.doctor import check_pkcs11
+    from skyguard.policy.model import Credential
+
+    optional = check_pkcs11(None, tmp_path)
+    assert optional.ok and optional.detail.startswith("optional") and "softhsm2-util" in optional.detail
+    policy, state = loopback_policy(token), tmp_path / "state"
+    no_pin = check_pkcs11(policy, state)
+    assert not no_pin.ok and "token 'unit' does not open" in no_pin.detail
+    assert "skyguard secret set hsm-pin" in no_pin.fix
+    SecretStore(state / "secrets").set("hsm-pin", PIN)
+    opened = check_pkcs11(policy, state)
+    count = len(backend.list())
+    assert opened.ok and f"token 'unit' opens with the PIN in secret 'hsm-pin' ({count} keys)" in opened.detail
+    assert PIN.decode() not in opened.detail + no_pin.detail + no_pin.fix
+    moved = dataclasses.replace(policy, keys=dataclasses.replace(policy.keys, module="/nonexistent/libsofthsm2.so"))
+    gone = check_pkcs11(moved, state)
+    assert not gone.ok and "/nonexistent/libsofthsm2.so" in gone.detail and "apt-get install softhsm2" in gone.fix
+
+    monkeypatch.setattr(tlskey, "ENGINE_PATHS", ("/nonexistent/engines-3/pkcs11.so",))  # as if not installed
+    noted = check_pkcs11(policy, state)
+    assert noted.ok and "token keys serve no TLS" in noted.detail
+    mtls = dataclasses.replace(policy, credentials=(
+        Credential("github", "sg-placeholder", "github", ("auth",), ("api.github.test",), client_certificate="release"),))
+    needed = check_pkcs11(mtls, state)
+    assert not needed.ok and "pkcs11 engine" in needed.detail and "libengine-pkcs11-openssl" in needed.fix
+    assert "libengine-pkcs11-openssl" in check_pkcs11(None, tmp_path).detail  # optional: says what it would need
