@@ -10,6 +10,8 @@ proxy, which never hands out a private key.
     api.py          the proxy's HTTP API as decisions without I/O
     proxy.py        the crypto proxy, a daemon part
     record.py       key_create / key_remove in the signed log
+    tlskey.py       token keys in TLS (client certificates, termination) through OpenSSL's pkcs11 engine
+    doctor.py       `skyguard doctor`'s PKCS#11 check
 
 Not here: the policy section (skyguard/policy/keys.py), the CLI (skyguard/cli/key.py).
 """
