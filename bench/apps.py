@@ -8,13 +8,20 @@ checked, the access decision, the client's identity header stripped and a fresh 
 signed for every request) runs in this process's event loop thread, with a session made in its
 table as a sign-in would (the sign-in itself is not what is measured; its issuer is never asked
 during the run: session_check is longer than the run). wrk drives both with the same connections
-and threads; the anchor is plain HTTP to the app, so the ratio includes what TLS costs.
+and threads.
+
+Two anchors, both measured in the run: the same app reached directly over HTTPS (the transport the
+proxy's users get; this is the headline ratio, so TLS is on both sides) and over plain HTTP (the
+ratio then also counts what TLS costs). Besides requests/s, the CPU time per request of the proxy
+(this process) and of the app (its process) are reported: this machine is shared, so rates move
+with its load, while CPU per request says what each side costs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import re
 import shutil
 import subprocess
@@ -36,11 +43,11 @@ from skyguard.policy.model import Policy, Workload, Zone
 
 DURATION = 8  # seconds per run
 CONNECTIONS, THREADS = 16, 1
-APP_PORT, PROXY_PORT = 25180, 25443
+APP_PORT, APP_TLS_PORT, PROXY_PORT = 25180, 25181, 25443
 HOST = "bench.apps.test"
 
 APP = r"""
-import asyncio, sys
+import asyncio, ssl, sys
 BODY = b"<html><body>hello from the app</body></html>\n"
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: %d\r\n\r\n%s" % (len(BODY), BODY)
 class App(asyncio.Protocol):
@@ -52,9 +59,13 @@ class App(asyncio.Protocol):
             _, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
             self.transport.write(RESPONSE)
 async def main():
-    server = await asyncio.get_running_loop().create_server(App, "127.0.0.1", int(sys.argv[1]), backlog=1024)
+    loop = asyncio.get_running_loop()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(sys.argv[3], sys.argv[4])
+    await loop.create_server(App, "127.0.0.1", int(sys.argv[1]), backlog=1024)  # plain HTTP
+    await loop.create_server(App, "127.0.0.1", int(sys.argv[2]), backlog=1024, ssl=context)  # HTTPS
     print("ready", flush=True)
-    await server.serve_forever()
+    await asyncio.Event().wait()
 try:
     import uvloop; uvloop.run(main())
 except ImportError:
@@ -62,13 +73,26 @@ except ImportError:
 """
 
 
-def wrk(url: str, *headers: str) -> tuple[float, float, float]:
-    """(requests/s, median ms, p99 ms) of one wrk run."""
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds of a process so far (this one when pid is None)."""
+    if pid is None:
+        times = os.times()
+        return times.user + times.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(url: str, *headers: str, app_pid: int) -> tuple[float, float, float, float, float]:
+    """(requests/s, median ms, p99 ms, this process's and the app's CPU ms per request) of one
+    wrk run."""
+    mine, app = cpu_seconds(), cpu_seconds(app_pid)
     argv = ["wrk", "-t", str(THREADS), "-c", str(CONNECTIONS), "-d", f"{DURATION}s", "--latency"]
     for header in headers:
         argv += ["-H", header]
     out = subprocess.run(argv + [url], capture_output=True, text=True, check=True).stdout
+    mine, app = cpu_seconds() - mine, cpu_seconds(app_pid) - app
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    count = int(re.search(r"(\d+) requests in", out).group(1))
     if re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out):
         raise SystemExit(f"wrk saw error responses from {url}:\n{out}")
 
@@ -76,20 +100,21 @@ def wrk(url: str, *headers: str) -> tuple[float, float, float]:
         value, unit = re.search(rf"\s{label}\s+([\d.]+)(us|ms|s)\b", out).groups()
         return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
-    return rate, ms("50%"), ms("99%")
+    return rate, ms("50%"), ms("99%"), 1000 * mine / max(count, 1), 1000 * app / max(count, 1)
 
 
 def main() -> None:
     if not shutil.which("wrk"):
         raise SystemExit("wrk is needed (Debian: wrk)")
     work = Path(tempfile.mkdtemp(prefix="sg-bench-apps-"))
-    app_process = subprocess.Popen([sys.executable, "-c", APP, str(APP_PORT)], stdout=subprocess.PIPE, text=True)
+    chain, key = LabCA(work / "ca").leaf_files(HOST)
+    app_process = subprocess.Popen([sys.executable, "-c", APP, str(APP_PORT), str(APP_TLS_PORT), str(chain), str(key)],
+                                   stdout=subprocess.PIPE, text=True)
     loop = new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
     service = None
     try:
         assert app_process.stdout.readline().strip() == "ready"
-        chain, key = LabCA(work / "ca").leaf_files(HOST)
         store = SecretStore(work / "state" / "secrets")
         store.set("bench-tls", chain.read_bytes() + key.read_bytes())
         store.set("idp-secret", b"never-used-in-this-run")
@@ -107,11 +132,17 @@ def main() -> None:
         asyncio.run_coroutine_threadsafe(service.start(), loop).result(10)
         session = service.sessions.create(app, SignIn("bench", "bench", "Bench User", ("staff",), "unused"), 3600)
         cookie = service.sealer.seal(session.sid, HOST, session.expires)
-        progress(f"direct: {CONNECTIONS} keep-alive connections to the app for {DURATION} s")
-        direct = wrk(f"http://127.0.0.1:{APP_PORT}/")
-        progress(f"through skyguard: signed in, the same for {DURATION} s")
+        pid = app_process.pid
+        progress(f"direct over HTTPS (the proxy's transport): {CONNECTIONS} keep-alive connections for {DURATION} s")
+        direct = wrk(f"https://127.0.0.1:{APP_TLS_PORT}/", f"Host: {HOST}:{APP_TLS_PORT}", app_pid=pid)
+        progress(f"direct over plain HTTP (no TLS, unlike the proxy's users): the same for {DURATION} s")
+        plain = wrk(f"http://127.0.0.1:{APP_PORT}/", app_pid=pid)
+        progress(f"through skyguard (HTTPS): signed in, the same for {DURATION} s")
         proxied = wrk(f"https://127.0.0.1:{PROXY_PORT}/", f"Host: {HOST}:{PROXY_PORT}",
-                      f"Cookie: __Host-skyguard-session={cookie}", "X-Skyguard-Assertion: forged")
+                      f"Cookie: __Host-skyguard-session={cookie}", "X-Skyguard-Assertion: forged", app_pid=pid)
+        progress(f"requests/s: proxied {proxied[0]:.0f}, direct HTTPS {direct[0]:.0f} (ratio {proxied[0] / direct[0]:.2f}), "
+                 f"direct plain HTTP {plain[0]:.0f} (ratio {proxied[0] / plain[0]:.2f}); CPU ms per request: proxy "
+                 f"{proxied[3]:.3f} (+ app {proxied[4]:.3f}), app alone over HTTPS {direct[4]:.3f}, over HTTP {plain[4]:.3f}")
     finally:
         if service is not None:
             asyncio.run_coroutine_threadsafe(service.stop(), loop).result(10)
@@ -122,7 +153,12 @@ def main() -> None:
            connections=CONNECTIONS, threads=THREADS, seconds_per_run=DURATION, keep_alive=True,
            direct_median_ms=direct[1], proxied_median_ms=proxied[1], added_median_ms=proxied[1] - direct[1],
            direct_p99_ms=direct[2], proxied_p99_ms=proxied[2], added_p99_ms=proxied[2] - direct[2],
-           anchor_is="the app over plain HTTP on loopback", measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+           anchor_is="the app reached directly over HTTPS on loopback (the proxy's users' transport)",
+           plain_http_anchor=plain[0], ratio_to_plain_http=proxied[0] / plain[0],
+           plain_http_median_ms=plain[1], plain_http_p99_ms=plain[2],
+           proxy_cpu_ms_per_request=proxied[3], app_cpu_ms_per_request_proxied=proxied[4],
+           app_cpu_ms_per_request_direct_https=direct[4], app_cpu_ms_per_request_plain_http=plain[4],
+           measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ CALLBACK = PREFIX + "callback"
 LOGOUT = PREFIX + "logout"
 CONNECT_TIMEOUT = 5.0  # seconds to reach the app in its VM
 CHUNK = 65536
+WATCHDOG_PERIOD = 1.0  # seconds between a connection's timeout checks (timeouts fire up to this late)
 # Request headers a client may never hand the app: the proxy writes them itself.
 FORWARDED = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
 
@@ -93,15 +94,41 @@ class AppConnection:
         peer = writer.get_extra_info("peername") or ("?", 0)
         self.client = str(peer[0])
         self.upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        # Timeouts: one watchdog per connection instead of a timer per read (asyncio.timeout and
+        # wait_for per read were a tenth of the proxy's time per request, bench/apps.py). While
+        # the connection waits for the client (idle_timeout) or for the app's answer
+        # (upstream_timeout), `_deadline` is set; the watchdog aborts that side's transport once
+        # it has passed, so the pending read ends (client: the connection closes; app: 502).
+        self._loop = asyncio.get_running_loop()
+        self._deadline = float("inf")
+        self._waiting_on = None  # the StreamWriter whose transport the deadline aborts
+        self._timed_out = False  # set by the watchdog: an answer cut short is never forwarded
+        self._watchdog = self._loop.call_later(WATCHDOG_PERIOD, self._watch)
+
+    def _wait_on(self, writer, seconds: float) -> None:
+        self._waiting_on, self._deadline = writer, self._loop.time() + seconds
+
+    def _done_waiting(self) -> None:
+        self._waiting_on, self._deadline = None, float("inf")
+
+    def _watch(self) -> None:
+        if self._loop.time() >= self._deadline and self._waiting_on is not None:
+            self._waiting_on.transport.abort()
+            self._done_waiting()
+            self._timed_out = True
+        self._watchdog = self._loop.call_later(WATCHDOG_PERIOD, self._watch)
 
     async def run(self) -> None:
         requests = RequestReader(LIMITS)
         try:
             while True:
+                self._wait_on(self.writer, LIMITS.idle_timeout)
                 try:
-                    data = await asyncio.wait_for(self.reader.read(CHUNK), LIMITS.idle_timeout)
-                except (TimeoutError, ConnectionError, OSError):
+                    data = await self.reader.read(CHUNK)
+                except (ConnectionError, OSError):
                     return
+                finally:
+                    self._done_waiting()
                 if not data:
                     return
                 upgrade = False
@@ -123,6 +150,7 @@ class AppConnection:
                 if upgrade:
                     return
         finally:
+            self._watchdog.cancel()
             self._close_upstream()
             with contextlib.suppress(Exception):
                 self.writer.close()
@@ -158,8 +186,8 @@ class AppConnection:
             gate.refuse(app, reason, client=self.client)
         if session is None:
             return await self.begin_sign_in(target)
-        try:
-            still = await gate.check_at_issuer(session)
+        try:  # the issuer is asked only when the session check interval has passed
+            still = gate.checked_recently(session) or await gate.check_at_issuer(session)
         except IssuerUnavailable as e:
             gate.refuse(app, "issuer_unavailable", client=self.client, user=session.user, detail=str(e))
             return Reply(503, "The identity provider cannot be reached, so nobody is let in until it is back. "
@@ -245,13 +273,18 @@ class AppConnection:
             reader, writer = await self._connect()
             writer.write(serialise_request(forwarded))
             response = ResponseReader(request.method == b"HEAD", LIMITS.max_response_body, LIMITS.max_header_bytes)
-            async with asyncio.timeout(LIMITS.upstream_timeout):
+            self._wait_on(writer, LIMITS.upstream_timeout)  # on timeout: aborted, read ends, 502
+            try:
                 while not response.done:
                     data = await reader.read(CHUNK)
                     if not data:
                         response.finish()
                         break
                     response.feed(data)
+            finally:
+                self._done_waiting()
+            if self._timed_out:
+                raise TimeoutError("the app did not answer in time")
         except Exception as e:  # the app is down, slow or speaks no HTTP: 502, never a crash
             self._close_upstream()
             self.gate.count(self.app, "app_unreachable")

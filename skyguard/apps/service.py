@@ -74,6 +74,7 @@ class AppsService:
         from prometheus_client import Counter, Gauge
 
         kw = {"registry": registry}  # None: not registered anywhere (tests that build the part alone)
+        self._counters: dict[tuple[str, str], object] = {}  # (app, result) -> the labelled counter
         self.requests = Counter("skyguard_apps_requests_total", "Requests to apps through the identity-aware "
                                 "proxy, by outcome (forwarded, denied, signin_redirect, refused reasons, ...)",
                                 ["app", "result"], **kw)
@@ -207,6 +208,12 @@ class AppsService:
             return None, ""  # logged out, expired or from before a restart: sign in again
         return session, ""
 
+    def checked_recently(self, session: Session) -> bool:
+        """True while the session check interval has not passed (no issuer call needed)."""
+        identity = self.policy.identity
+        return (identity is not None and self.issuer is not None
+                and time.time() - session.checked < identity.session_check)
+
     async def check_at_issuer(self, session: Session) -> bool:
         """Re-confirm the user at the issuer when the session check interval has passed; False
         (and the session ended) when the issuer no longer knows the session. Raises
@@ -247,7 +254,12 @@ class AppsService:
         self.count(app, reason)
 
     def count(self, app: App, result: str) -> None:
-        self.requests.labels(app.name, result).inc()
+        # labels() takes a lock and builds its key on every call: the children are kept here
+        # (bounded: apps x results)
+        child = self._counters.get((app.name, result))
+        if child is None:
+            child = self._counters[(app.name, result)] = self.requests.labels(app.name, result)
+        child.inc()
 
     def _record(self, kind: str, session: Session, **fields) -> None:
         self.log.record(kind, app=session.app, user=session.user, groups=list(session.groups), **fields)

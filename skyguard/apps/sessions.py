@@ -154,7 +154,7 @@ def safe_return_path(target: str) -> str:
 
 def allowed(app: App, user: str, groups: tuple[str, ...]) -> bool:
     """The access decision: the user is named, or is in a named group."""
-    return user in app.users or bool(set(groups) & set(app.groups))
+    return user in app.users or any(group in app.groups for group in groups)
 
 
 class SessionTable:

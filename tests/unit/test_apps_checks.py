@@ -341,3 +341,63 @@ def test_a_policy_without_the_app_closes_its_listener_and_ends_its_sessions(tmp_
     assert "app wiki: certificate 'wiki-tls' is not in the store" in problem and "s3cret" not in problem
     assert ("apps_session_ended", {"app": "wiki", "user": "bob", "groups": ["wiki-editors"],
                                    "reason": "app_removed_from_policy"}) in log.entries
+
+
+def test_an_app_that_never_answers_gets_a_502_and_an_idle_client_is_closed(tmp_path, monkeypatch):
+    """The per-connection watchdog (one timer per connection, not one per read): a signed-in
+    request to an app that accepts and says nothing ends in a 502 after upstream_timeout, and a
+    keep-alive client that sends nothing more is closed after idle_timeout. Real TLS listener,
+    real app socket on loopback."""
+    import asyncio
+    import dataclasses
+    import ipaddress
+    import ssl
+
+    from skyguard.apps import proxy
+    from skyguard.apps.oidc import SignIn
+    from skyguard.apps.service import AppsService
+    from skyguard.custody.store import SecretStore
+    from skyguard.lab.ca import LabCA
+    from skyguard.policy.apps import Identity
+    from skyguard.policy.model import Policy, Workload, Zone
+
+    monkeypatch.setattr(proxy, "LIMITS", dataclasses.replace(proxy.LIMITS, upstream_timeout=0.5, idle_timeout=1.0))
+    monkeypatch.setattr(proxy, "WATCHDOG_PERIOD", 0.1)
+    store = SecretStore(tmp_path / "secrets")
+    chain, key = LabCA(tmp_path / "ca").leaf_files("mute.apps.test")
+    store.set("mute-tls", chain.read_bytes() + key.read_bytes())
+    store.set("idp-secret", b"never-used")
+
+    async def run():
+        held = []
+        mute = await asyncio.start_server(lambda r, w: held.append(w), "127.0.0.1", 0)  # accepts, never answers
+        app_port = mute.sockets[0].getsockname()[1]
+        workload = Workload("vm", "lab", "sg-vm", "02:00:00:00:00:01", (ipaddress.ip_address("127.0.0.1"),))
+        app = App("mute", "vm", app_port, "mute.apps.test", "127.0.0.1:0", "mute-tls", users=("bob",))
+        policy = Policy(name="t", zones={"lab": Zone("lab", (workload,))}, networks={}, rules=(),
+                        identity=Identity("https://idp.test:9443", "skyguard", "idp-secret"), apps=(app,))
+        service = AppsService(policy, store, decision_log=ListLog())
+        await service.start()
+        try:
+            port = service._servers["mute"][1][0].sockets[0].getsockname()[1]
+            session = service.sessions.create(app, SignIn("bob", "bob", "Bob", (), "t"), 600)
+            cookie = service.sealer.seal(session.sid, app.host, session.expires)
+            client = ssl.create_default_context()  # this test is about timeouts, not the certificate
+            client.check_hostname = False
+            client.verify_mode = ssl.CERT_NONE
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client)
+            writer.write(f"GET / HTTP/1.1\r\nHost: mute.apps.test\r\nCookie: __Host-skyguard-session={cookie}\r\n\r\n"
+                         .encode())
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+            await reader.readexactly(length)
+            closed = await asyncio.wait_for(reader.read(1), 10)  # kept alive, then nothing sent: closed
+            writer.close()
+            return head, closed
+        finally:
+            await service.stop()
+            mute.close()
+
+    head, closed = asyncio.run(run())
+    assert head.startswith(b"HTTP/1.1 502 Bad Gateway\r\n") and closed == b""
+    assert b"connection: close" not in head.lower()  # the 502 kept the connection: the idle timeout closed it
