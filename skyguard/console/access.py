@@ -31,10 +31,6 @@ def authorize(policy: Policy, operator: str, groups: tuple[str, ...], target_nam
         # The same words whether the zone or the operator is unknown: no probing of the policy.
         raise AccessRefused("not_allowed", f"skyguard: {operator} may not open the console {target_name}",
                             zone=workload.zone if workload else None)
-    if target.protocol != "vnc":
-        raise AccessRefused("protocol_unsupported",
-                            f"skyguard: console {target_name} is {target.protocol.upper()}, which this skyguard "
-                            "does not relay yet")
     return target, workload
 
 

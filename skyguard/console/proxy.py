@@ -8,7 +8,8 @@ policy takes effect at once: the listener follows `listen`, and every open sessi
 policy would not allow (target gone, operator no longer in the zone) is ended, result "revoked".
 
 Decisions, closed by default: the clipboard passes only in the directions the target allows;
-RDP targets are refused (not relayed yet) and reported as Degraded; a source address that fails
+RDP targets are served through a private Xvnc that FreeRDP draws into (rdp.py), Degraded
+if FreeRDP or Xvnc is missing; a source address that fails
 too many logins is refused before authentication (the SSH door's limiter). Not here: the
 datapath grant that lets this host reach the VMs' console ports.
 """
@@ -30,6 +31,7 @@ from skyguard.admin.proxy import parse_listen
 from skyguard.admin.ratelimit import AuthFailureLimiter
 from skyguard.admin.recording import SessionArchive
 from skyguard.console import access
+from skyguard.console.rdp import missing_tools
 from skyguard.console.session import ConsoleSession
 from skyguard.console.tickets import TicketBook
 from skyguard.custody.store import SecretStore
@@ -104,9 +106,10 @@ class ConsoleProxy:
     def _unsupported(self) -> str:
         console = self.policy.admin_console
         problems = []
-        rdp = [t.name for t in console.targets if t.protocol != "vnc"] if console else []
-        if rdp:
-            problems.append(f"RDP console targets are not relayed yet (refused): {', '.join(rdp)}")
+        rdp = [t.name for t in console.targets if t.protocol == "rdp"] if console else []
+        if rdp and (missing := missing_tools()):
+            # Those targets fail at login (session.py logs why); the others work.
+            problems.append(f"RDP console targets need {', '.join(missing)}, not installed: {', '.join(rdp)}")
         if console is not None and console.web_app and self.web_problem:
             problems.append(self.web_problem)
         return "; ".join(problems)

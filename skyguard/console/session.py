@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import struct
 
 from skyguard.admin.access import AccessRefused
 from skyguard.console import access, rfb
+from skyguard.console.rdp import RdpDesktop
 from skyguard.console.recording import VncRecording
 from skyguard.console.tickets import Ticket
 from skyguard.errors import SkyguardError
@@ -42,6 +44,7 @@ class ConsoleSession:
         self.zone: str | None = None
         self.recording: VncRecording | None = None
         self.vm_w: asyncio.StreamWriter | None = None
+        self.rdp: RdpDesktop | None = None  # an RDP target's private Xvnc + xfreerdp (rdp.py)
         self._ended: str | None = None
         self._tasks: list[asyncio.Task] = []
 
@@ -137,9 +140,17 @@ class ConsoleSession:
             return await self._vm_login_alone(address, target)
 
     async def _vm_login_alone(self, address: str, target):
-        password = self.proxy.store.get(target.credential)  # a Secret: never printed
-        r, w = await asyncio.wait_for(asyncio.open_connection(address, target.port),
-                                      self.proxy.config.connect_timeout)
+        if target.protocol == "rdp":
+            # FreeRDP draws the VM's RDP desktop into a private Xvnc (rdp.py); from here on that
+            # Xvnc is the VNC server this session logs into, with the password only skyguard knows.
+            self.rdp = RdpDesktop(self.proxy.state_dir / "console" / "rdp" / secrets.token_hex(8), address,
+                                  target.port, self.proxy.store.get(target.credential), target.clipboard != "none")
+            password = self.rdp.vnc_password.encode()
+            r, w = await self.rdp.start()
+        else:
+            password = self.proxy.store.get(target.credential)  # a Secret: never printed
+            r, w = await asyncio.wait_for(asyncio.open_connection(address, target.port),
+                                          self.proxy.config.connect_timeout)
         self.vm_w = w
         if rfb.parse_version(await r.readexactly(12)) < (3, 8):
             # Also how a VNC server refuses a connection at once (RFB 3.3: type 0 and a reason).
@@ -159,7 +170,7 @@ class ConsoleSession:
         if rfb.SECURITY_VNC not in types:
             raise rfb.RfbError(f"the VM's VNC server offers no VNC authentication (offers {list(types)})")
         w.write(bytes([rfb.SECURITY_VNC]))
-        w.write(rfb.vnc_auth_response(password.reveal(), await r.readexactly(16)))
+        w.write(rfb.vnc_auth_response(bytes(password), await r.readexactly(16)))
         (result,) = struct.unpack(">I", await r.readexactly(4))
         if result != 0:
             raise rfb.RfbError("the VM's VNC server refused the stored password")
@@ -253,6 +264,8 @@ class ConsoleSession:
         for w in (self.client_w, self.vm_w):
             if w is not None and not w.is_closing():
                 w.close()
+        if self.rdp is not None:
+            self.rdp.stop()
 
 
 def _safe_error(e: BaseException) -> str:
