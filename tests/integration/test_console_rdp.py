@@ -32,6 +32,7 @@ from skyguard.tlog import LogReader, LogWriter, entry, host_signer
 from skyguard.tlog.verify import verify_log
 
 PORT = 24279
+WEB_PORT = 24280
 UPLINK = "100.64.0.1"  # the lab host's address toward the internet namespace
 VM = "10.10.2.2"  # dc1
 RDP_PORT = 3389
@@ -44,6 +45,7 @@ CONSOLE = f"""
 admin:
   console:
     listen: "0.0.0.0:{PORT}"
+    web: "0.0.0.0:{WEB_PORT}"
     targets:
       - {{name: dc1-rdp, workload: dc1, protocol: rdp, port: {RDP_PORT}, credential: dc1-rdp}}
       - {{name: dc1-rdp-closed, workload: dc1, protocol: rdp, port: 3390, credential: dc1-rdp}}
@@ -194,6 +196,7 @@ def test_an_operator_sees_the_rdp_desktop_and_the_session_is_signed(console):
         for _ in range(200):  # while the session is open: its processes and what ps shows of them
             if rdp_clients():
                 seen_during.append(process_list())
+                listeners = console.lab.exec("host", ["ss", "-tlnp"], capture_output=True, text=True).stdout
                 break
             time.sleep(0.05)
     finally:
@@ -203,6 +206,8 @@ def test_an_operator_sees_the_rdp_desktop_and_the_session_is_signed(console):
     # FreeRDP ran, with the credential on its stdin only.
     assert seen_during and "/from-stdin" in seen_during[0]
     assert RDP_PASSWORD not in seen_during[0]
+    # The private Xvnc has no TCP port (the console listener shows the right namespace was looked at).
+    assert f":{PORT}" in listeners and "Xvnc" not in listeners
 
     for _ in range(100):
         done = [s for s in console.proxy.archive.list() if s.get("result") not in (None, "active")]
@@ -243,3 +248,57 @@ def test_an_rdp_login_that_fails_refuses_the_operator_and_says_why_in_the_log(co
     failed = [e for e in console.log.entries() if e["type"] == "console_vm_login_failed" and e["target"] == target]
     assert failed and why in failed[-1]["error"] and RDP_PASSWORD not in failed[-1]["error"]
     assert not leftovers(console) and not any((console.state / "console" / "rdp").iterdir())
+
+
+def test_the_web_console_shows_the_rdp_desktop(console):
+    """The web console's WebSocket (the door noVNC uses) opens the RDP target by a web ticket: an
+    RFB client written out below reads the screen until the marker colour is at (100, 100)."""
+    token = console.proxy.tickets.issue("alice", "dc1-rdp", web=True).password
+    out = console.lab.exec("internet", [PY, "-c", WS_RFB_CLIENT, f"ws://{UPLINK}:{WEB_PORT}/console/ws?ticket={token}"],
+                           capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["51,102,204"]
+
+
+# RFB over the WebSocket, security None (the web ticket admitted it): full-screen Raw updates
+# until the pixel at (100, 100) is the marker or 20 s pass; prints that pixel as r,g,b.
+WS_RFB_CLIENT = r"""
+import asyncio, struct, sys, time
+from websockets.asyncio.client import connect
+async def main(url):
+    async with connect(url, max_size=None) as ws:
+        buf = bytearray()
+        async def read(n):
+            while len(buf) < n:
+                buf.extend(await asyncio.wait_for(ws.recv(), 20))
+            data = bytes(buf[:n]); del buf[:n]; return data
+        await read(12); await ws.send(b"RFB 003.008\n")
+        assert 1 in await read((await read(1))[0]); await ws.send(b"\x01")
+        assert await read(4) == bytes(4); await ws.send(b"\x01")
+        w, h = struct.unpack(">HH", await read(4)); pf = await read(16); await read(struct.unpack(">I", await read(4))[0])
+        bpp, big = pf[0] // 8, pf[2]
+        rmax, gmax, bmax, rs, gs, bs = struct.unpack(">HHHBBB", pf[4:13])
+        pixel, deadline = None, time.monotonic() + 20
+        while pixel != (51, 102, 204) and time.monotonic() < deadline:
+            await ws.send(struct.pack(">BBHHHH", 3, 0, 0, 0, w, h))
+            while True:
+                kind = (await read(1))[0]
+                if kind == 0:
+                    break
+                if kind == 2:
+                    continue
+                await read(7); await read(struct.unpack(">I", await read(4))[0])  # cut text
+            _, count = struct.unpack(">BH", await read(3))
+            for _ in range(count):
+                x, y, rw, rh, enc = struct.unpack(">HHHHi", await read(12))
+                if enc != 0:
+                    continue  # DesktopSize: no payload
+                data = await read(rw * rh * bpp)
+                if x <= 100 < x + rw and y <= 100 < y + rh:
+                    at = ((100 - y) * rw + (100 - x)) * bpp
+                    v = int.from_bytes(data[at:at + bpp], "big" if big else "little")
+                    pixel = ((v >> rs & rmax) * 255 // rmax, (v >> gs & gmax) * 255 // gmax, (v >> bs & bmax) * 255 // bmax)
+            await asyncio.sleep(0.2)
+        print(",".join(map(str, pixel)))
+asyncio.run(main(sys.argv[1]))
+"""
