@@ -5,7 +5,7 @@ the added median and p99 latency.
 The app is a small keep-alive HTTP server in its own process on loopback (it answers every GET
 with a fixed page). The proxy (skyguard/apps, as deployed: TLS, the session cookie opened and
 checked, the access decision, the client's identity header stripped and a fresh ES256 assertion
-signed for every request) runs in this process's event loop thread, with a session made in its
+signed, reused for 15 s per user and app) runs in this process's event loop thread, with a session made in its
 table as a sign-in would (the sign-in itself is not what is measured; its issuer is never asked
 during the run: session_check is longer than the run). wrk drives both with the same connections
 and threads.
