@@ -100,10 +100,30 @@ static __always_inline __u64 sg_ct_lifetime(__u8 proto, __u8 state) {
   return SG_CT_UDP_S * SG_NS;
 }
 
+/* One orientation of sg_ct_find: the tuple as its own key (forward), or reversed into rkey. */
+static __always_inline struct sg_ct_val *sg_ct_try(struct sg_tuple *t, int reversed, __u8 direction, __u64 now,
+                                                   struct sg_ct_key *rkey, struct sg_ct_key **key) {
+  struct sg_ct_key *k = (struct sg_ct_key *)t;
+  if (reversed) {
+    __builtin_memset(rkey, 0, sizeof(*rkey));
+    sg_ct_key_of(rkey, t->ifindex, t, 1);
+    k = rkey;
+  }
+  struct sg_ct_val *ct = sg_ct.lookup(k);
+  if (ct && (ct->direction != direction) == reversed && ct->expires_ns > now) {
+    *key = k;
+    return ct;
+  }
+  return 0;
+}
+
 /* The live entry of this tuple at this interface, in either orientation. *is_reply says whether
  * the packet travels against the originator; *key points at the entry's key: the tuple itself
- * (forward: it is laid out as a key, so the common lookup copies nothing) or rkey (reversed).
- * Expired entries count as absent. */
+ * (forward: it is laid out as a key, so the lookup copies nothing) or rkey (reversed).
+ * The likelier orientation is tried first, so most packets cost one lookup: a packet from a
+ * lower port to a higher one (a service answering an ephemeral port; an ICMP echo reply, whose
+ * identifier is its dport) is taken for a reply. Both are tried either way: the order changes
+ * the cost, not the answer (one tuple has one live entry). Expired entries count as absent. */
 static __always_inline struct sg_ct_val *sg_ct_find(__u32 ifindex, struct sg_tuple *t, __u8 direction, __u64 now,
                                                     struct sg_ct_key *rkey, struct sg_ct_key **key,
                                                     int *is_reply) {
@@ -111,18 +131,15 @@ static __always_inline struct sg_ct_val *sg_ct_find(__u32 ifindex, struct sg_tup
   t->pad[0] = 0;
   t->pad[1] = 0;
   t->pad[2] = 0;
-  struct sg_ct_val *ct = sg_ct.lookup((struct sg_ct_key *)t);
-  if (ct && ct->direction == direction && ct->expires_ns > now) {
-    *is_reply = 0;
-    *key = (struct sg_ct_key *)t;
+  int reply_first = bpf_ntohs(t->sport) < bpf_ntohs(t->dport);
+  struct sg_ct_val *ct = sg_ct_try(t, reply_first, direction, now, rkey, key);
+  if (ct) {
+    *is_reply = reply_first;
     return ct;
   }
-  __builtin_memset(rkey, 0, sizeof(*rkey));
-  sg_ct_key_of(rkey, ifindex, t, 1);
-  ct = sg_ct.lookup(rkey);
-  if (ct && ct->direction != direction && ct->expires_ns > now) {
-    *is_reply = 1;
-    *key = rkey;
+  ct = sg_ct_try(t, !reply_first, direction, now, rkey, key);
+  if (ct) {
+    *is_reply = !reply_first;
     return ct;
   }
   return 0;
