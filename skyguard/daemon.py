@@ -25,6 +25,7 @@ from skyguard.errors import BadInput, SkyguardError
 from skyguard.keys.record import control_handler as key_record_handler
 from skyguard.metrics.views import flows_handler, workload_names
 from skyguard.parts import PartLog, make_part, stop_part
+from skyguard.storenames import secrets_status
 
 if TYPE_CHECKING:  # the parts are imported where they start (a daemon without them never loads them)
     from skyguard.datapath.datapath import Datapath
@@ -568,28 +569,9 @@ class Daemon:
                 "log": self.tlog.head() if self.tlog else None,
                 "flowlog": self.flowlog.stats() if self.flowlog else None,
                 "parts": {slot.name: slot.state for slot in self.slots},
-                "secrets": self._secrets_status(),
+                "secrets": secrets_status(self.policy, self.state_dir / "secrets"),
                 "tpm": self.tpm.status() if self.tpm else None,
             }
-
-    def _secrets_status(self) -> dict:
-        """Names in the sealed store, and which of them the policy in force names. Secrets no
-        policy names are kept (a later policy may name them again) and listed, so an operator can
-        remove what is no longer needed with `skyguard secret rm`."""
-        from skyguard.admin.keys import HOST_KEY_NAME, VM_KEY_NAME
-        from skyguard.custody.store import SecretStore
-        from skyguard.keys.backends import with_key_names
-
-        stored = {entry["name"] for entry in SecretStore(self.state_dir / "secrets").list()}
-        named = {c.secret for c in self.policy.credentials} | {t.certificate for t in self.policy.tls_termination}
-        if self.policy.admin_ssh is not None:
-            named |= {HOST_KEY_NAME, VM_KEY_NAME}
-        console = self.policy.admin_console
-        if console is not None:  # each target's VM-side credential; the web console's certificate
-            named |= {t.credential for t in console.targets}
-            named |= {a.certificate for a in self.policy.apps if a.name == console.web_app}
-        named = with_key_names(self.policy, stored, named)  # the token PIN, keys and their certificates
-        return {"stored": len(stored), "unused": sorted(stored - named), "missing": sorted(named - stored)}
 
 
 async def _stop_logged(name: str, part) -> None:

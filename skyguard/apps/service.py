@@ -74,7 +74,7 @@ class AppsService:
         from prometheus_client import Counter, Gauge
 
         kw = {"registry": registry}  # None: not registered anywhere (tests that build the part alone)
-        self._counters: dict[tuple[str, str], object] = {}  # (app, result) -> the labelled counter
+        self._counters: dict[tuple[str, str], Counter] = {}  # (app, result) -> the labelled counter
         self.requests = Counter("skyguard_apps_requests_total", "Requests to apps through the identity-aware "
                                 "proxy, by outcome (forwarded, denied, signin_redirect, refused reasons, ...)",
                                 ["app", "result"], **kw)

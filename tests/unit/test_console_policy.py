@@ -110,7 +110,7 @@ def test_status_counts_the_console_credentials_and_the_web_certificate_as_used(t
     unused; one not stored is listed as missing. An app the web console does not use does not
     make its certificate the console's."""
     from skyguard.custody.store import SecretStore
-    from skyguard.daemon import Daemon
+    from skyguard.storenames import secrets_status
 
     listen = '    listen: "0.0.0.0:5999"\n'
     web = GOOD.replace(listen, listen + '    web: "0.0.0.0:5980"\n    web_app: wiki\n', 1)
@@ -123,13 +123,13 @@ apps:
   - {name: wiki, workload: vfw1, port: 443, host: wiki.apps.test, listen: "0.0.0.0:8443", certificate: wiki-tls,
      users: [alice]}
 """
-    daemon = Daemon(tmp_path / "policy.yaml", state_dir=tmp_path / "state")
-    daemon.policy = parse_policy(BASE + apps + web)
+    policy = parse_policy(BASE + apps + web)
     store = SecretStore(tmp_path / "state" / "secrets")
     for name in ("dc1-vnc", "wiki-tls", "left-over"):
         store.set(name, b"value")
-    secrets = daemon._secrets_status()
+    secrets = secrets_status(policy, tmp_path / "state" / "secrets")
     assert secrets["unused"] == ["left-over"]
     assert "dc2-rdp" in secrets["missing"] and "dc1-vnc" not in secrets["missing"]
-    daemon.policy = parse_policy(BASE + apps + GOOD)  # no web_app: the app's certificate is not the console's
-    assert "wiki-tls" in daemon._secrets_status()["unused"]
+    assert "idp-client-secret" in secrets["missing"]  # the apps part's own names count too
+    policy = parse_policy(BASE + GOOD)  # no apps: a certificate only an app would use is unused
+    assert "wiki-tls" in secrets_status(policy, tmp_path / "state" / "secrets")["unused"]

@@ -324,33 +324,32 @@ def test_status_counts_the_pin_keys_and_certificates_as_used(tmp_path):
     PIN, the certificate of a key named for TLS and, with the file backend, the keys themselves are
     the keys: section's, never listed as unused; one the policy needs and lacks is missing. A
     tls_termination certificate that is a key (it has `cert.<name>`) is no secret of its own."""
-    from skyguard.daemon import Daemon
+    from skyguard.storenames import secrets_status
 
     with_cert = config.DEFAULT_POLICY.read_text().replace(
         'inject: {header: Authorization, format: "Bearer {secret}"}',
         'inject: {header: Authorization, format: "Bearer {secret}"}\n    client_certificate: github-mtls', 1)
-    daemon = Daemon(tmp_path / "policy.yaml", state_dir=tmp_path / "state")
     store = SecretStore(tmp_path / "state" / "secrets")
     for name in ("github", "cert.github-mtls", "cert.sdnctl1", "cert.old-one", "left-over"):
         store.set(name, b"value")
 
-    daemon.policy = parse_policy(with_cert + KEYS)  # pkcs11, PIN not stored yet
-    secrets = daemon._secrets_status()
+    policy = parse_policy(with_cert + KEYS)  # pkcs11, PIN not stored yet
+    secrets = secrets_status(policy, tmp_path / "state" / "secrets")
     assert secrets["unused"] == ["cert.old-one", "left-over"]
     assert "hsm-pin" in secrets["missing"] and "sdnctl1" not in secrets["missing"]  # sdnctl1 is a key
     store.set("hsm-pin", b"1234")
-    assert "hsm-pin" not in daemon._secrets_status()["missing"]
+    assert "hsm-pin" not in secrets_status(policy, tmp_path / "state" / "secrets")["missing"]
 
     store.set("key.release", b"pem")
     store.set("key.not-granted", b"pem")
-    daemon.policy = parse_policy(with_cert + KEYS.replace("backend: pkcs11", "backend: file"))
-    secrets = daemon._secrets_status()
+    policy = parse_policy(with_cert + KEYS.replace("backend: pkcs11", "backend: file"))
+    secrets = secrets_status(policy, tmp_path / "state" / "secrets")
     assert secrets["unused"] == ["cert.old-one", "hsm-pin", "left-over"]  # no key.* among them
     assert {"key.wrap", "key.github-mtls", "key.sdnctl1"} <= set(secrets["missing"])
     assert "key.release" not in secrets["missing"]
 
-    daemon.policy = parse_policy(config.DEFAULT_POLICY.read_text())  # no keys: section
-    secrets = daemon._secrets_status()
+    policy = parse_policy(config.DEFAULT_POLICY.read_text())  # no keys: section
+    secrets = secrets_status(policy, tmp_path / "state" / "secrets")
     assert "sdnctl1" in secrets["missing"] and "cert.sdnctl1" in secrets["unused"]
 
 
