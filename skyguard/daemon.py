@@ -26,6 +26,7 @@ from skyguard.keys.record import control_handler as key_record_handler
 from skyguard.metrics.views import flows_handler, workload_names
 from skyguard.parts import PartLog, make_part, stop_part
 from skyguard.storenames import secrets_status
+from skyguard.tlog.entries import entry, without_floats
 
 if TYPE_CHECKING:  # the parts are imported where they start (a daemon without them never loads them)
     from skyguard.datapath.datapath import Datapath
@@ -49,17 +50,6 @@ def _host_addresses() -> list[str]:
     from skyguard.dns.server import local_addresses
 
     return [a for a in local_addresses() if not ipaddress.ip_address(a).is_loopback]
-
-
-def _canonical(value):
-    """Log entries are canonical JSON without floats: floats become fixed-point strings."""
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    if isinstance(value, dict):
-        return {str(k): _canonical(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_canonical(v) for v in value]
-    return value
 
 
 class Daemon:
@@ -194,17 +184,13 @@ class Daemon:
     def record_nowait(self, kind: str, /, **fields) -> None:
         """Queue one entry for the next group commit without waiting (hot paths: DNS answers
         must not wait for an fsync). A log failure is still raised by the writer to later calls."""
-        from skyguard.tlog import entry
-
         if self.tlog is not None:
-            self.tlog.submit([entry(kind, **_canonical(fields))])
+            self.tlog.submit([entry(kind, **without_floats(fields))])
 
     def record(self, kind: str, /, **fields) -> None:
         """Append one entry and wait until it is durable (decisions are acknowledged only then)."""
-        from skyguard.tlog import entry
-
         if self.tlog is not None:
-            self.tlog.append(entry(kind, **_canonical(fields)))
+            self.tlog.append(entry(kind, **without_floats(fields)))
 
     # ---- parts that run on the asyncio loop (skyguard/parts.py) ------------------------------
 

@@ -50,6 +50,18 @@ def canonical(record: dict) -> bytes:
                       allow_nan=False).encode("utf-8")
 
 
+def without_floats(value):
+    """`value` with every float made a fixed-point string (3 decimals), for fields that come
+    from parts measuring seconds; dict keys become strings. Entries themselves take no floats."""
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, dict):
+        return {str(k): without_floats(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_floats(v) for v in value]
+    return value
+
+
 def entry(type: str, **fields) -> bytes:  # noqa: A002 - `type` is the entry's field name
     """A canonical entry of that type; `time` defaults to now in integer nanoseconds."""
     if not isinstance(type, str) or not _TYPE_RE.match(type):

@@ -270,3 +270,12 @@ def test_a_refused_log_keeps_no_lock(tmp_path, signer):
         LogWriter(path, other)
     with LogWriter(path, signer) as w:
         assert w.size == 1
+
+
+def test_fields_measured_in_seconds_become_fixed_point_strings():
+    """Entries take no floats; the daemon passes parts' fields through without_floats first."""
+    from skyguard.tlog.entries import decode, entry, without_floats
+
+    fields = without_floats({"took_s": 0.12345, "nested": {1: [2.5, "x", 3]}, "ok": True})
+    assert fields == {"took_s": "0.123", "nested": {"1": ["2.500", "x", 3]}, "ok": True}
+    assert decode(entry("part_degraded", **fields))["took_s"] == "0.123"
