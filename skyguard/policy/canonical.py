@@ -9,6 +9,8 @@ It is not a serialiser for arbitrary YAML and it keeps no comments.
 
 from __future__ import annotations
 
+from skyguard.policy.apps import apps_to_dict
+from skyguard.policy.console import console_to_dict
 from skyguard.policy.content import ContentPolicy
 from skyguard.policy.keys import keys_to_dict
 from skyguard.policy.model import Policy, Rule
@@ -108,6 +110,9 @@ def policy_to_dict(policy: Policy) -> dict:
         }}
         if ssh.commands is not None:
             out["admin"]["ssh"]["commands"] = list(ssh.commands)
+    if policy.admin_console is not None:
+        out.setdefault("admin", {})["console"] = console_to_dict(policy.admin_console)
+    out.update(apps_to_dict(policy))
     if policy.content.rules:
         out["content"] = content_to_dict(policy.content)
     if policy.keys is not None:

@@ -226,3 +226,19 @@ class ConsoleSection(CheckerBase):
                 continue
             result.append(ConsoleGrant(name=name, may_access=access))
         return tuple(result) if ok else None
+
+
+def console_to_dict(console: AdminConsole) -> dict:
+    """admin.console in canonical form (every default spelled out; `*` already expanded):
+    parsing it again gives the same values (skyguard/policy/canonical.py)."""
+    out: dict = {}
+    for key in ("listen", "web", "web_app"):
+        if getattr(console, key) is not None:
+            out[key] = getattr(console, key)
+    out["targets"] = [{"name": t.name, "workload": t.workload, "protocol": t.protocol, "port": t.port,
+                       "credential": t.credential, "clipboard": t.clipboard, "recording": t.recording}
+                      for t in console.targets]
+    for kind in ("operators", "groups"):
+        if getattr(console, kind):
+            out[kind] = [{"name": g.name, "may_access": list(g.may_access)} for g in getattr(console, kind)]
+    return out

@@ -71,8 +71,13 @@ def _workloads(doc: dict) -> dict[str, dict]:
 
 def _settings(doc: dict) -> dict[str, dict]:
     out = {"metadata": doc["metadata"], "dns": doc["dns"]}
-    if "admin" in doc:
-        out["admin.ssh"] = {k: v for k, v in doc["admin"]["ssh"].items() if k != "operators"}
+    admin = doc.get("admin", {})
+    if "ssh" in admin:
+        out["admin.ssh"] = {k: v for k, v in admin["ssh"].items() if k != "operators"}
+    if "console" in admin:  # its targets are compared one by one (kind console_target)
+        out["admin.console"] = {k: v for k, v in admin["console"].items() if k != "targets"}
+    if "identity" in doc:
+        out["identity"] = doc["identity"]
     if "content" in doc:  # its rules are compared one by one (kind content_rule)
         out["content"] = {k: v for k, v in doc["content"].items() if k != "rules"}
     if "keys" in doc:  # each key's grant is compared one by one (kind key)
@@ -103,6 +108,9 @@ def diff_policies(old: Policy, new: Policy) -> PolicyDiff:
     changes += _compare("content_rule", content_rules(a), content_rules(b))
     key_grants = lambda doc: _named(doc.get("keys", {}).get("keys", []))  # noqa: E731
     changes += _compare("key", key_grants(a), key_grants(b))
+    targets = lambda doc: _named(doc.get("admin", {}).get("console", {}).get("targets", []))  # noqa: E731
+    changes += _compare("console_target", targets(a), targets(b))
+    changes += _compare("app", _named(a.get("apps", [])), _named(b.get("apps", [])))
     changes += _compare("setting", _settings(a), _settings(b))
     return PolicyDiff(old.sha256, new.sha256, tuple(changes))
 

@@ -86,3 +86,36 @@ def test_moving_a_rule_is_not_a_change():
 def test_summary_line():
     policy = load_policy(DEFAULT)
     assert summary_line(policy) == f"keysystems: 5 zones, 7 workloads, 10 rules, sha256 {policy.sha256}"
+
+
+CONSOLE_AND_APPS = """
+identity: {issuer: "https://idp.test", client_id: skyguard, client_secret: idp-client-secret}
+apps:
+  - {name: wiki, workload: vfw1, port: 443, host: wiki.apps.test, listen: "0.0.0.0:8443", certificate: wiki-tls,
+     users: [alice]}
+admin:
+  console:
+    listen: "0.0.0.0:5999"
+    web: "0.0.0.0:5980"
+    web_app: wiki
+    targets:
+      - {name: dc1-desktop, workload: dc1, protocol: vnc, port: 5901, credential: dc1-vnc, clipboard: to_vm}
+      - {name: dc2-rdp, workload: dc2, protocol: rdp, port: 3389, credential: dc2-rdp, recording: false}
+    operators: [{name: alice, may_access: [directory]}]
+    groups: [{name: admins, may_access: "*"}]
+"""
+
+
+def test_apps_identity_and_consoles_round_trip_and_diff():
+    """policy show --json and policy diff carry identity:, apps: and admin.console."""
+    policy = parse_policy(DEFAULT.read_text() + CONSOLE_AND_APPS)
+    canonical = policy_to_dict(policy)
+    again = parse_policy(json.dumps(canonical), source="canonical.json")
+    assert policy_to_dict(again) == canonical
+    assert (again.identity, again.apps, again.admin_console) == (policy.identity, policy.apps, policy.admin_console)
+    changed = parse_policy(DEFAULT.read_text() + CONSOLE_AND_APPS.replace("clipboard: to_vm", "clipboard: none")
+                           .replace("users: [alice]", "users: [alice, bob]").replace('"0.0.0.0:5999"', '"0.0.0.0:5998"'))
+    text = format_diff(diff_policies(policy, changed))
+    assert "~ console_target dc1-desktop:\n    clipboard: to_vm -> none" in text
+    assert "~ app wiki:\n    users: [alice] -> [alice, bob]" in text
+    assert "~ setting admin.console:\n    listen: 0.0.0.0:5999 -> 0.0.0.0:5998" in text
