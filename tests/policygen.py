@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from hypothesis import strategies as st
 from ruamel.yaml import YAML
 
+from skyguard.policy.model import SYNTHETIC_RULES
+
 # TCP and UDP echo: every lab VM listens on these (the lifecycle test starts the listeners), and
 # the lab internet's echo servers answer on them. Probes use only these ports.
 PROBE_PORTS = (7, 514, 5001, 6514)
@@ -255,7 +257,7 @@ def policies(draw, topology: list[Vm], *, phantoms: bool = True, max_rules: int 
     if networks:
         doc["networks"] = networks
     n_rules = draw(st.integers(0, max_rules))
-    rule_names = draw(_unique_names(n_rules, max_len=30))
+    rule_names = draw(_unique_names(n_rules, frozenset(SYNTHETIC_RULES), max_len=30))
     rules = [draw(_rule(name, zone_names, list(networks))) for name in rule_names]
     if rules or draw(st.booleans()):
         doc["rules"] = rules

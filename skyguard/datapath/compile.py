@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from skyguard.datapath import abi
 from skyguard.errors import BadInput
 from skyguard.policy.console import console_ports
-from skyguard.policy.model import IPNetwork, Policy, PortRange
+from skyguard.policy.model import ADMIN_SSH_RULE, APPS_RULE, CONSOLE_RULE, KEYS_RULE, IPNetwork, Policy, PortRange
 
 Selector = tuple  # ("zone", name) | ("cidr", IPNetwork) | ("learned", zone, rule_name)
 
@@ -191,7 +191,6 @@ def _entries_for_identity(grants, selectors: frozenset, ident: int) -> list[Poli
     return entries
 
 
-ADMIN_SSH_RULE = "admin-ssh"  # the synthetic rule that lets skyguard's own SSH proxy reach VMs
 
 
 def _admin_zones(policy: Policy) -> list[str]:
@@ -201,7 +200,6 @@ def _admin_zones(policy: Policy) -> list[str]:
     return sorted({z for op in policy.admin_ssh.operators for z in op.may_access})
 
 
-APPS_RULE = "apps-proxy"  # the synthetic rule that keeps an app's port for the identity-aware proxy
 
 
 def _app_ports(policy: Policy) -> list[tuple[str, int]]:
@@ -209,7 +207,6 @@ def _app_ports(policy: Policy) -> list[tuple[str, int]]:
     return sorted({(policy.workload(a.workload).zone, a.port) for a in policy.apps})
 
 
-CONSOLE_RULE = "admin-console"  # the synthetic rule that keeps a VNC/RDP port for the console proxy
 
 
 def _console_ports(policy: Policy) -> list[tuple[str, int]]:
@@ -219,7 +216,6 @@ def _console_ports(policy: Policy) -> list[tuple[str, int]]:
                   for port in ports)
 
 
-KEYS_RULE = "keys-proxy"  # the synthetic rule that lets the zones a key names reach the crypto proxy
 
 
 def _key_zones(policy: Policy) -> list[str]:

@@ -24,6 +24,14 @@ Action = Literal["allow", "deny"]
 
 ALL_ZONES = "*"
 
+# The rules skyguard adds itself (skyguard/datapath/compile.py) so its own proxies reach VMs and
+# keep their ports; a policy rule may not take one of these names (flows would be misattributed).
+ADMIN_SSH_RULE = "admin-ssh"  # skyguard's SSH access proxy -> tcp/22 of the zones operators may access
+APPS_RULE = "apps-proxy"  # an app's port is the identity-aware proxy's alone
+CONSOLE_RULE = "admin-console"  # a console target's VNC/RDP port is the console proxy's alone
+KEYS_RULE = "keys-proxy"  # the zones a key names -> the crypto proxy on the gateway addresses
+SYNTHETIC_RULES = (ADMIN_SSH_RULE, APPS_RULE, CONSOLE_RULE, KEYS_RULE)
+
 if TYPE_CHECKING:  # the keys section's shapes live with its checker (keys.py imports this module)
     from skyguard.policy.keys import KeysConfig
 

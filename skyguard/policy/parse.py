@@ -23,7 +23,17 @@ from skyguard.policy.apps import AppsSections
 from skyguard.policy.checker import did_you_mean, is_map, is_seq, plain, quoted, type_name
 from skyguard.policy.content import ContentSection
 from skyguard.policy.keys import KeysSection
-from skyguard.policy.model import Destination, DnsConfig, Policy, PortRange, Rule, TunnelDetection, Workload, Zone
+from skyguard.policy.model import (
+    SYNTHETIC_RULES,
+    Destination,
+    DnsConfig,
+    Policy,
+    PortRange,
+    Rule,
+    TunnelDetection,
+    Workload,
+    Zone,
+)
 from skyguard.policy.source import Problem, load_yaml
 from skyguard.policy.values import (  # noqa: F401 - the scalar parsers are public here too
     IFNAME_RE,
@@ -308,6 +318,10 @@ class _Checker(AccessSections, ContentSection, KeysSection, AppsSections):
         name = None
         if "name" in node:
             name = self.unique_name(node, path, seen, "rule")
+            if name in SYNTHETIC_RULES:
+                self.problem(self.line_of(node, "name"), f"{path}.name",
+                             f"{quoted(name)} is the name of a rule skyguard adds itself (one of "
+                             f"{', '.join(SYNTHETIC_RULES)}); choose another name")
         if "description" in node:
             self.string(node["description"], f"{path}.description", self.line_of(node, "description"),
                         "a description")

@@ -460,3 +460,14 @@ def test_allow_private_lets_a_rule_s_names_resolve_privately():
     policy = parse_policy(HEADER + fqdn_rule("[intranet.corp.test], allow_private: true"))
     assert policy.rules[0].to.allow_private is True
     assert parse_policy(HEADER + fqdn_rule("[a.test]")).rules[0].to.allow_private is False
+
+
+@pytest.mark.parametrize("reserved", ["admin-ssh", "apps-proxy", "admin-console", "keys-proxy"])
+def test_a_rule_may_not_take_the_name_of_a_rule_skyguard_adds(reserved):
+    """The datapath adds these rules itself (skyguard/datapath/compile.py); a policy rule of the
+    same name took over its rule id, so flows were attributed to the wrong rule."""
+    text = (REPO / "policies" / "keysystems.yaml").read_text().replace("- name: directory-replication",
+                                                                   f"- name: {reserved}", 1)
+    with pytest.raises(PolicyError) as error:
+        parse_policy(text)
+    assert f"'{reserved}' is the name of a rule skyguard adds itself" in str(error.value)
