@@ -132,7 +132,7 @@ def serve_proxy(tmp: Path, which: str) -> None:
     from skyguard.parts import new_event_loop
 
     class NoLog(ListDecisionLog):  # do not grow memory during the run
-        def record(self, entry):
+        def record(self, kind, /, **fields):
             pass
 
     clamd_socket = (tmp / "clamd" / "clamd.sock") if which == "rules" else None

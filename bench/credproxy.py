@@ -80,7 +80,7 @@ def serve_skyguard(tmp: Path) -> None:
     from skyguard.policy.model import Credential, Injection, Policy, Workload, Zone
 
     class CountingLog(ListDecisionLog):  # do not grow memory during the run
-        def record(self, entry):
+        def record(self, kind, /, **fields):
             pass
 
     workload = Workload("bench", "sdn", "lo", "02:00:00:00:00:01", (ipaddress.ip_address("127.0.0.1"),))

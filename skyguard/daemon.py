@@ -230,7 +230,7 @@ class Daemon:
 
         # credentials[].client_certificate: the service takes them from each policy it is given.
         return CredentialService(policy, SecretStore(self.state_dir / "secrets"), state_dir=self.state_dir,
-                                 decision_log=PartLog(self.record_nowait, "credential", "event"), registry=registry,
+                                 decision_log=PartLog(self.record_nowait), registry=registry,
                                  address_matches=self._dns_learned, upstream_ca_file=self._upstream_ca())
 
     def _make_admin(self, policy, registry):

@@ -114,18 +114,14 @@ class PartRegistry:
 
 class PartLog:
     """A part's DecisionLog over the daemon's non-blocking log writer (`record_nowait(kind,
-    **fields)`). Parts call `record(kind, **fields)`; the credential proxy still hands one dict
-    per decision, whose kind is its `kind_field` (or the part's default kind)."""
+    **fields)`)."""
 
-    def __init__(self, record_nowait: Callable[..., None], default_kind: str, kind_field: str | None = None):
-        self.record_nowait, self.default_kind, self.kind_field = record_nowait, default_kind, kind_field
+    # default_kind is no longer read (every part names each entry's kind); the daemon's other
+    # _make_* methods still pass it, until they drop it.
+    def __init__(self, record_nowait: Callable[..., None], default_kind: str = ""):
+        self.record_nowait = record_nowait
 
-    def record(self, entry: dict | str, /, **fields) -> None:
-        if isinstance(entry, str):
-            self.record_nowait(entry, **fields)
-            return
-        fields = dict(entry)
-        kind = str(fields.pop(self.kind_field, None) or self.default_kind) if self.kind_field else self.default_kind
+    def record(self, kind: str, /, **fields) -> None:
         self.record_nowait(kind, **fields)
 
 

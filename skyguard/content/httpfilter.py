@@ -68,8 +68,9 @@ async def judge_body(engine: ContentEngine, facts, host: str | None, direction: 
     metrics.count(facts.zone, "http", verdict)
     if not verdict.blocked:
         return None
-    decision_log.record(blocked_entry(verdict, zone=facts.zone, workload=facts.workload, protocol="http",
-                                      direction=direction, destination=host, address=facts.address, port=facts.port))
+    entry = blocked_entry(verdict, zone=facts.zone, workload=facts.workload, protocol="http",
+                          direction=direction, destination=host, address=facts.address, port=facts.port)
+    decision_log.record(entry.pop("event"), **entry)
     return verdict
 
 

@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 
 from prometheus_client import CollectorRegistry, Counter
 
+from skyguard import parts
 from skyguard.errors import CredentialError
 
 # Metric results: the only values the `result` label takes (bounded cardinality).
@@ -34,11 +35,9 @@ class SecretSource(Protocol):
     def get(self, name: str) -> bytes: ...
 
 
-@runtime_checkable
-class DecisionLog(Protocol):
-    """Receives one dict per swap, block and termination. Entries never hold a secret value."""
-
-    def record(self, entry: dict) -> None: ...
+# Receives one record(kind, **fields) per swap, block and termination (kinds "credential",
+# "tls_termination", "content_blocked"). Fields never hold a secret value.
+DecisionLog = parts.DecisionLog
 
 
 class MemorySecretSource:
@@ -63,15 +62,16 @@ class MemorySecretSource:
 
 
 class ListDecisionLog:
-    """Keeps entries in memory (tests, demo). Thread-safe: the proxy may run in another thread."""
+    """Keeps entries in memory, each as {"event": kind, **fields} (tests, demo). Thread-safe: the
+    proxy may run in another thread."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self.entries: list[dict] = []
 
-    def record(self, entry: dict) -> None:
+    def record(self, kind: str, /, **fields) -> None:
         with self._lock:
-            self.entries.append(dict(entry))
+            self.entries.append({"event": kind, **fields})
 
     def snapshot(self) -> list[dict]:
         with self._lock:

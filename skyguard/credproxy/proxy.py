@@ -350,10 +350,10 @@ class CredentialProxy:
         scrubbed += scrubbed_reason
         if scrubbed:
             # Not a metric result (those count requests); the log says which response held it.
-            self.decision_log.record({
-                "event": "credential", "credential": None, "zone": facts.zone, "workload": facts.workload,
-                "destination": host, "address": facts.address, "port": facts.port,
-                "result": "scrubbed", "reason": f"{scrubbed} secret occurrences removed from a response"})
+            self.decision_log.record(
+                "credential", credential=None, zone=facts.zone, workload=facts.workload,
+                destination=host, address=facts.address, port=facts.port,
+                result="scrubbed", reason=f"{scrubbed} secret occurrences removed from a response")
         if request.method == b"HEAD" and length is not None:
             safe_headers += ((b"content-length", length),)
         return (code, reason), safe_headers, safe_body
@@ -362,23 +362,21 @@ class CredentialProxy:
         for credential, result in verdict.results:
             self.metrics.count(credential, result)
         for entry in verdict.entries:
-            self.decision_log.record(entry)
+            self.decision_log.record("credential", **entry)
 
     def account_protocol_block(self, origin: Origin, reason: str) -> None:
         facts = origin.facts(self.state)
         self.metrics.count(None, BLOCKED_PROTOCOL)
-        self.decision_log.record({
-            "event": "credential", "credential": None, "zone": facts.zone, "workload": facts.workload,
-            "destination": facts.sni or "-", "address": facts.address, "port": facts.port,
-            "result": BLOCKED_PROTOCOL, "reason": reason,
-        })
+        self.decision_log.record(
+            "credential", credential=None, zone=facts.zone, workload=facts.workload,
+            destination=facts.sni or "-", address=facts.address, port=facts.port,
+            result=BLOCKED_PROTOCOL, reason=reason)
 
     def _account_handshake(self, peer: str, sock: socket.socket, reason: str) -> None:
         workload, zone = self.state.identify(peer)
         destination = self.destination_of(sock)
         self.metrics.count(None, BLOCKED_PROTOCOL)
-        self.decision_log.record({
-            "event": "credential", "credential": None, "zone": zone, "workload": workload, "destination": "-",
-            "address": destination[0] if destination else None, "port": destination[1] if destination else None,
-            "result": BLOCKED_PROTOCOL, "reason": reason,
-        })
+        self.decision_log.record(
+            "credential", credential=None, zone=zone, workload=workload, destination="-",
+            address=destination[0] if destination else None, port=destination[1] if destination else None,
+            result=BLOCKED_PROTOCOL, reason=reason)

@@ -93,7 +93,7 @@ class Verdict:
     status: int  # HTTP status to answer with when blocked (0 otherwise)
     reason: str  # human-readable, never a secret
     request: HttpRequest | None  # what to forward (None when blocked)
-    entries: tuple[dict, ...] = ()  # decision-log entries, one per credential concerned
+    entries: tuple[dict, ...] = ()  # fields of "credential" decision-log entries, one per credential concerned
     results: tuple[tuple[str | None, str], ...] = ()  # (credential, result) for the metrics
     host: str | None = None  # normalised destination name the request was for
 
@@ -286,8 +286,7 @@ class SwapEngine:
 
     @staticmethod
     def _entry(credential, facts: ConnectionFacts, destination: str, result: str, reason: str) -> dict:
-        return {
-            "event": "credential",
+        return {  # the fields of a "credential" decision-log entry
             "credential": credential,
             "zone": facts.zone,
             "workload": facts.workload,

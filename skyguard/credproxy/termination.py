@@ -206,11 +206,10 @@ class TlsTerminator:
             self.clients.release(client)
             writer.close()
             self.metrics.terminations.labels(termination.workload, result).inc()
-            self.decision_log.record({
-                "event": "tls_termination", "credential": termination.certificate, "zone": zone,
-                "workload": termination.workload, "destination": f"{termination.workload}:{termination.port}",
-                "forward_to": termination.forward_to, "client": peer[0] if peer else None, "result": result,
-            })
+            self.decision_log.record(
+                "tls_termination", credential=termination.certificate, zone=zone,
+                workload=termination.workload, destination=f"{termination.workload}:{termination.port}",
+                forward_to=termination.forward_to, client=peer[0] if peer else None, result=result)
 
 
 def _pick_address(sock: socket.socket, addresses: tuple[str, ...]) -> str:

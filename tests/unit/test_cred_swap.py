@@ -260,8 +260,8 @@ def test_secrets_never_in_reprs_or_errors():
 
 def test_metrics_and_log_protocols():
     log = ListDecisionLog()
-    log.record({"result": "x"})
-    assert log.snapshot() == [{"result": "x"}]
+    log.record("credential", result="x")
+    assert log.snapshot() == [{"event": "credential", "result": "x"}]
     metrics = CredentialMetrics()
     metrics.count("github", "swapped")
     metrics.count(None, "blocked_protocol")
