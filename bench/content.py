@@ -7,7 +7,7 @@ rules, side by side in one run, for 1 MiB and 10 MiB bodies; and what dominates 
 Everything runs on loopback (ports 25920-25923, or --port-base): an HTTPS sink upstream (it reads
 each body and answers its SHA-256, so the sanity check is byte-exact), and the two proxies, each
 the real CredentialProxy in its own process on the daemon's event loop, identical but for the
-policy's `content:` section. clamd is real (skyguard.content.testing.LocalClamd: the test
+policy's `content:` section. clamd is real (tests/support/content_support.py's LocalClamd: the test
 signatures, no download). The client sends each body over one kept-alive TLS connection and
 waits for the answer; throughput is MiB of request body per second, best of --repeat rounds,
 interleaved so a neighbour's burst penalises neither proxy more.
@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-sys.path.insert(0, str(REPO / "tests"))  # support.credproxy_support: the test CA
+sys.path.insert(0, str(REPO / "tests"))  # support.credproxy_support (the test CA), support.content_support (clamd)
 
 from _common import progress, result  # noqa: E402
 
@@ -238,7 +238,7 @@ def main() -> None:
         serve_sink(Path(tmp)) if which == "sink" else serve_proxy(Path(tmp), which)
         return
 
-    from skyguard.content.testing import EICAR, LocalClamd
+    from support.content_support import EICAR, LocalClamd
     from support.credproxy_support import TestCA
 
     tmp = Path(tempfile.mkdtemp(prefix="content-bench-"))

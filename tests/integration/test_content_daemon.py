@@ -20,7 +20,7 @@ from daemon_support import RunningDaemon, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from skyguard import config
-from skyguard.content.testing import EICAR, LocalClamd
+from support.content_support import EICAR, LocalClamd
 
 VM = "agent1"
 URL = "https://pypi.sandbox.test/upload"

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from skyguard.content.testing import EICAR, LocalClamd, gzip_bomb, zipped
 from skyguard.credproxy.interfaces import ListDecisionLog, MemorySecretSource
 from skyguard.credproxy.service import CredentialService
 from skyguard.credproxy.steering import CredentialSteering
 from skyguard.policy.content import ContentBlock, ContentPolicy, ContentRule
 from skyguard.policy.model import Policy, Workload, Zone
+from support.content_support import EICAR, LocalClamd, gzip_bomb, zipped
 from support.credproxy_support import TestCA
 
 VM, HOST, NET = (f"cnt{os.getpid()}-{role}" for role in ("vm", "host", "net"))

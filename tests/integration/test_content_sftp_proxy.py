@@ -12,8 +12,8 @@ from dataclasses import replace
 import pytest
 from test_admin_ssh import lab  # noqa: F401 - the module-scoped fixture, a lab of this module's own
 
-from skyguard.content.testing import EICAR, LocalClamd, zipped
 from skyguard.policy.content import ContentBlock, ContentPolicy, ContentRule
+from support.content_support import EICAR, LocalClamd, zipped
 
 
 @pytest.fixture(scope="module")

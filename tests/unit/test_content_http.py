@@ -18,12 +18,12 @@ import threading
 
 import pytest
 
-from skyguard.content.testing import EICAR, LocalClamd, gzip_bomb, zip_bomb, zipped
 from skyguard.credproxy.ca import CertificateAuthority
 from skyguard.credproxy.interfaces import CredentialMetrics, ListDecisionLog, MemorySecretSource
 from skyguard.credproxy.proxy import CredentialProxy, ProxyLimits
 from skyguard.policy.content import ContentBlock, ContentPolicy, ContentRule
 from skyguard.policy.model import Policy, Workload, Zone
+from support.content_support import EICAR, LocalClamd, gzip_bomb, zip_bomb, zipped
 from support.credproxy_support import TestCA, echo_ssl_context, serve_echo
 
 ELF = b"\x7fELF\x02\x01\x01\x00" + b"\0" * 8 + b"\x02\x00\x3e\x00\x01\x00\x00\x00" + b"\0" * 200

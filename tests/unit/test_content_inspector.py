@@ -16,8 +16,8 @@ from skyguard.content import engines
 from skyguard.content.clamd import ClamdStream, ClamdUnavailable, parse_reply, scan_bytes
 from skyguard.content.http import Uninspectable, body_files
 from skyguard.content.inspector import ContentEngine, inspect_bytes
-from skyguard.content.testing import EICAR, EICAR_SIGNATURE, MARKER_FILE, MARKER_SIGNATURE, LocalClamd, zip_bomb, zipped
 from skyguard.policy.content import ContentBlock, ContentPolicy, ContentRule
+from support.content_support import EICAR, EICAR_SIGNATURE, MARKER_FILE, MARKER_SIGNATURE, LocalClamd, zip_bomb, zipped
 
 YARA_RULE = 'rule SkyguardSecretMarker { strings: $a = "TOP-SECRET-PROJECT-ORION" condition: $a }\n'
 ELF = b"\x7fELF\x02\x01\x01\x00" + b"\0" * 8 + b"\x02\x00\x3e\x00\x01\x00\x00\x00" + b"\0" * 200

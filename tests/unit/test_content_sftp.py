@@ -1,6 +1,6 @@
 """SFTP uploads under content rules: OpenSSH's own `sftp` client and `sftp-server`, with the SSH
 access proxy's upload filter (skyguard.admin.sftp.SftpUploadFilter) between them (`sftp -D`
-runs the relay of skyguard/content/testing.py, which starts the real sftp-server), a real clamd
+runs the relay of tests/support/content_support.py, which starts the real sftp-server), a real clamd
 and a policy file loaded as `up` loads it. A blocked upload fails in the client and leaves no
 file, not even a partial one, in the VM's directory; a clean one arrives byte-exact."""
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from skyguard.content.testing import EICAR, LocalClamd, zipped
+from support.content_support import EICAR, LocalClamd, zipped
 
 REPO = str(Path(__file__).resolve().parents[2])
 POLICY = """apiVersion: skyguard/v1
@@ -43,7 +43,8 @@ def rig(tmp_path_factory):
         (tmp / "policy.yaml").write_text(POLICY.format(socket=clamd.socket))
         (tmp / "vm").mkdir()
         relay = tmp / "relay.sh"
-        relay.write_text(f"#!/bin/sh\nexec env PYTHONPATH={REPO} {sys.executable} -m skyguard.content.testing sftp-relay "
+        relay.write_text(f"#!/bin/sh\nexec env PYTHONPATH={REPO}:{REPO}/tests {sys.executable} "
+                         "-m support.content_support sftp-relay "
                          f"--policy {tmp / 'policy.yaml'} --zone web --log {tmp / 'blocks.jsonl'} "
                          f"-- /usr/lib/openssh/sftp-server -d {tmp / 'vm'}\n")
         relay.chmod(0o755)

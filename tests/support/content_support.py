@@ -1,5 +1,7 @@
 """A real clamd for tests and benchmarks, with signatures written here: no freshclam, no download
-(these machines cannot reach ClamAV's mirrors). Not used by the daemon.
+(these machines cannot reach ClamAV's mirrors). Not used by the daemon. Also zip and gzip bombs,
+and an SFTP relay that runs the admin proxy's upload filter between a real sftp client and
+sftp-server (`python -m support.content_support sftp-relay`, with tests/ on PYTHONPATH).
 
     with LocalClamd(tmp_path) as clamd:      # starts /usr/sbin/clamd, waits for its socket
         clamd.socket                         # the Unix socket to give ClamdStream / the policy
@@ -213,7 +215,7 @@ if __name__ == "__main__":
     import asyncio
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m skyguard.content.testing")
+    parser = argparse.ArgumentParser(prog="python -m support.content_support")
     parser.add_argument("mode", choices=["sftp-relay"])
     parser.add_argument("--policy", required=True)
     parser.add_argument("--zone", required=True)
