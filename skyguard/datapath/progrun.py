@@ -22,6 +22,7 @@ XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
 TC_ACT_OK, TC_ACT_SHOT = 0, 2
 CLONE_NEWNET = 0x40000000
 SKB_CTX_SIZE = 192  # sizeof(struct __sk_buff) on 6.x
+SKB_CTX_MARK_OFFSET = 8  # offsetof(struct __sk_buff, mark)
 SKB_CTX_IFINDEX_OFFSET = 40  # offsetof(struct __sk_buff, ifindex)
 
 
@@ -63,9 +64,12 @@ class RunResult:
     data_out: bytes
 
 
-def run(prog_fd: int, frame: bytes, *, kind: str, ifindex: int = 0, repeat: int = 1) -> RunResult:
+def run(prog_fd: int, frame: bytes, *, kind: str, ifindex: int = 0, repeat: int = 1, mark: int = 0) -> RunResult:
     """Run `frame` through the program. kind: "xdp" or "tc". ifindex (resolved in the calling
-    thread's network namespace) becomes xdp_md.ingress_ifindex / __sk_buff.ifindex."""
+    thread's network namespace) becomes xdp_md.ingress_ifindex / __sk_buff.ifindex. mark: the
+    __sk_buff.mark a TC program sees (what nftables set on the way, e.g. abi.MARK_DNS_REPLY)."""
+    if mark and kind != "tc":
+        raise ValueError("only a TC program has a packet mark")
     data_in = ct.create_string_buffer(bytes(frame), len(frame))
     out = ct.create_string_buffer(len(frame) + 512)
     opts = _TestRunOpts(sz=ct.sizeof(_TestRunOpts))
@@ -81,8 +85,9 @@ def run(prog_fd: int, frame: bytes, *, kind: str, ifindex: int = 0, repeat: int 
             opts.ctx_size_in = ct.sizeof(ctx)
     elif kind == "tc":
         skb = ct.create_string_buffer(SKB_CTX_SIZE)
-        if ifindex:
+        if ifindex or mark:
             ct.memmove(ct.addressof(skb) + SKB_CTX_IFINDEX_OFFSET, ct.byref(ct.c_uint32(ifindex)), 4)
+            ct.memmove(ct.addressof(skb) + SKB_CTX_MARK_OFFSET, ct.byref(ct.c_uint32(mark)), 4)
             opts.ctx_in = ct.cast(skb, ct.c_void_p)
             opts.ctx_size_in = SKB_CTX_SIZE
     else:

@@ -82,11 +82,8 @@ class Harness:
             prog = self.dp._loaded.from_vm_xdp if kind == "xdp" else self.dp._loaded.from_vm_tc
         else:
             prog, kind = self.dp._loaded.to_vm, "tc"
-        if mark:
-            assert kind == "tc" and repeat == 1
-            res = self.worker.call(run_tc_marked, prog.fd, bytes(frame), ifindex, mark)
-        else:
-            res = self.worker.call(progrun.run, prog.fd, bytes(frame), kind=kind, ifindex=ifindex, repeat=repeat)
+        res = self.worker.call(progrun.run, prog.fd, bytes(frame), kind=kind, ifindex=ifindex, repeat=repeat,
+                               mark=mark)
         passed = res.retval in ((progrun.XDP_PASS,) if kind == "xdp" else (progrun.TC_ACT_OK,))
         after = self._drops()
         grew = [k for k in after if after[k] > before.get(k, 0)]
@@ -100,24 +97,3 @@ class Harness:
         prog = self.dp._loaded.from_vm_tc if direction == "egress" else self.dp._loaded.to_vm
         res = self.worker.call(progrun.run, prog.fd, bytes(frame), kind="tc", ifindex=self.ifindex[workload])
         return res.retval == progrun.TC_ACT_OK
-
-
-SKB_CTX_MARK_OFFSET = 8  # offsetof(struct __sk_buff, mark)
-
-
-def run_tc_marked(prog_fd: int, frame: bytes, ifindex: int, mark: int) -> progrun.RunResult:
-    """progrun.run for a TC program with skb->mark set (progrun.run has no mark parameter)."""
-    import ctypes as ct
-
-    data_in = ct.create_string_buffer(bytes(frame), len(frame))
-    out = ct.create_string_buffer(len(frame) + 512)
-    ctx = ct.create_string_buffer(progrun.SKB_CTX_SIZE)
-    ct.memmove(ct.addressof(ctx) + progrun.SKB_CTX_IFINDEX_OFFSET, ct.byref(ct.c_uint32(ifindex)), 4)
-    ct.memmove(ct.addressof(ctx) + SKB_CTX_MARK_OFFSET, ct.byref(ct.c_uint32(mark)), 4)
-    opts = progrun._TestRunOpts(sz=ct.sizeof(progrun._TestRunOpts))
-    opts.data_in, opts.data_size_in = ct.cast(data_in, ct.c_void_p), len(frame)
-    opts.data_out, opts.data_size_out = ct.cast(out, ct.c_void_p), len(out)
-    opts.ctx_in, opts.ctx_size_in = ct.cast(ctx, ct.c_void_p), progrun.SKB_CTX_SIZE
-    opts.repeat = 1
-    assert progrun._lib().bpf_prog_test_run_opts(prog_fd, ct.byref(opts)) == 0, "BPF_PROG_RUN failed"
-    return progrun.RunResult(opts.retval, opts.duration, out.raw[: opts.data_size_out])
