@@ -220,7 +220,7 @@ class Daemon:
     def _make_dns(self, policy, registry):
         from skyguard.dns.service import DnsProxy
 
-        return DnsProxy(policy, learner=self.datapath, log=PartLog(self.record_nowait, "dns"), registry=registry,
+        return DnsProxy(policy, learner=self.datapath, log=PartLog(self.record_nowait), registry=registry,
                         state_dir=self.state_dir, port=DNS_PROXY_PORT)
 
     def _make_credentials(self, policy, registry):
@@ -240,7 +240,7 @@ class Daemon:
         from skyguard.custody.store import SecretStore
 
         return AdminSshProxy(policy, SecretStore(self.state_dir / "secrets"), self.state_dir,
-                             PartLog(self.record_nowait, "admin_session"), registry=registry)
+                             PartLog(self.record_nowait), registry=registry)
 
     def _make_console(self, policy, registry):
         """The console proxy (VNC): operators open VM consoles with one-time tickets, recorded."""
@@ -252,14 +252,14 @@ class Daemon:
             return apps.identify(host, headers) if apps is not None else None
 
         return ConsoleProxy(policy, SecretStore(self.state_dir / "secrets"), self.state_dir,
-                            PartLog(self.record_nowait, "admin_session"), registry=registry, identify=identify)
+                            PartLog(self.record_nowait), registry=registry, identify=identify)
 
     def _make_apps(self, policy, registry):
         """The identity-aware proxy for VM web apps (the datapath keeps each app's port for it)."""
         from skyguard.apps.service import AppsService
         from skyguard.custody.store import SecretStore
 
-        return AppsService(policy, SecretStore(self.state_dir / "secrets"), decision_log=PartLog(self.record_nowait, "apps"),
+        return AppsService(policy, SecretStore(self.state_dir / "secrets"), decision_log=PartLog(self.record_nowait),
                            registry=registry, ca_file=self._upstream_ca())
 
     def _op_apps(self, args: dict) -> dict:
@@ -271,7 +271,7 @@ class Daemon:
         """The crypto proxy: VMs sign, verify and decrypt with keys held in a token (skyguard/keys/)."""
         from skyguard.keys.proxy import CryptoProxy
 
-        return CryptoProxy(policy, self.state_dir, PartLog(self.record_nowait, "key_use"), registry=registry,
+        return CryptoProxy(policy, self.state_dir, PartLog(self.record_nowait), registry=registry,
                            durable=self.record)  # a signature leaves only once its entry is durable
 
     def _make_fleet(self, policy, registry):

@@ -116,9 +116,7 @@ class PartLog:
     """A part's DecisionLog over the daemon's non-blocking log writer (`record_nowait(kind,
     **fields)`)."""
 
-    # default_kind is no longer read (every part names each entry's kind); the daemon's other
-    # _make_* methods still pass it, until they drop it.
-    def __init__(self, record_nowait: Callable[..., None], default_kind: str = ""):
+    def __init__(self, record_nowait: Callable[..., None]):
         self.record_nowait = record_nowait
 
     def record(self, kind: str, /, **fields) -> None:
