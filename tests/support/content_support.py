@@ -48,7 +48,7 @@ def write_database(directory: Path) -> None:
         f"{hashlib.md5(MARKER_FILE).hexdigest()}:{len(MARKER_FILE)}:{MARKER_SIGNATURE}\n")
 
 
-def write_config(work: Path, socket: Path, database: Path) -> Path:
+def write_config(work: Path, socket: Path, database: Path, max_file_mb: int = MAX_FILE_SIZE_MB) -> Path:
     config = work / "clamd.conf"
     config.write_text("\n".join([
         "Foreground yes",
@@ -56,11 +56,11 @@ def write_config(work: Path, socket: Path, database: Path) -> Path:
         f"DatabaseDirectory {database}",
         f"LogFile {work / 'clamd.log'}",
         "ScanArchive yes",
-        f"MaxScanSize {MAX_SCAN_SIZE_MB}M",
-        f"MaxFileSize {MAX_FILE_SIZE_MB}M",
+        f"MaxScanSize {max(MAX_SCAN_SIZE_MB, max_file_mb)}M",
+        f"MaxFileSize {max_file_mb}M",
         f"MaxRecursion {MAX_RECURSION}",
         "MaxFiles 1000",
-        f"StreamMaxLength {MAX_SCAN_SIZE_MB}M",
+        f"StreamMaxLength {max(MAX_SCAN_SIZE_MB, max_file_mb)}M",
         "AlertExceedsMax yes",
         "AlertEncrypted yes",
         "SelfCheck 0",
@@ -69,8 +69,9 @@ def write_config(work: Path, socket: Path, database: Path) -> Path:
 
 
 class LocalClamd:
-    def __init__(self, work: Path):
+    def __init__(self, work: Path, max_file_mb: int = MAX_FILE_SIZE_MB):
         self.work = Path(work)
+        self.max_file_mb = max_file_mb  # larger files are an alert (AlertExceedsMax): benchmarks raise it
         self.socket = str(self.work / "clamd.sock")
         self.proc: subprocess.Popen | None = None
 
@@ -78,7 +79,7 @@ class LocalClamd:
         self.work.mkdir(parents=True, exist_ok=True)
         database = self.work / "db"
         write_database(database)
-        config = write_config(self.work, Path(self.socket), database)
+        config = write_config(self.work, Path(self.socket), database, self.max_file_mb)
         if os.path.exists(self.socket):
             os.unlink(self.socket)
         self.proc = subprocess.Popen([CLAMD, "-c", str(config)], stdin=subprocess.DEVNULL,
