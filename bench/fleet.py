@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "tests" / "integration")]
+sys.path[:0] = [str(REPO), str(REPO / "bench"), str(REPO / "tests"), str(REPO / "tests" / "integration")]
 
 from _common import plot, progress, result  # noqa: E402
 
@@ -128,8 +128,8 @@ def main() -> None:
 
     from skyguard.fleet.admin import push_policy
     from skyguard.fleet.etcd import EtcdStore
-    from skyguard.fleet.localcluster import LocalEtcdCluster
     from skyguard.fleet.signing import admin_signer
+    from support.etcd_support import LocalEtcdCluster
 
     work = Path(tempfile.mkdtemp(prefix="sg-bench-fleet-"))
     progress(f"cosigning throughput (work dir {work})")

@@ -10,7 +10,6 @@ checks, and the sealed store's key sealed to the platform's measured state.
     sealing.py    the store key sealed to a PCR policy; migration from the file key
     monitor.py    continuous attestation: the daemon part that quotes on a schedule and on change
     hook.py       the one object the daemon holds (measure, monitor, status)
-    swtpm.py      a software TPM (swtpm) on loopback ports, for tests and trials
 
 Every TPM call goes through tpm2-tools (tpm2-pytss does not build here). Evidence, not defence:
 an attacker who controls the host kernel can lie to this code (SPEC.md section 2), but not make

@@ -47,7 +47,7 @@ def lab(root, labs_dir):
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
     """A software TPM (swtpm, Debian's) for one test module: started fresh, stopped at its end."""
-    from skyguard.tpm.swtpm import Swtpm
+    from support.swtpm_support import Swtpm
 
     emu = Swtpm(tmp_path_factory.mktemp("swtpm"))
     emu.start()
@@ -59,7 +59,7 @@ def emulator(tmp_path_factory):
 def etcd_cluster(tmp_path_factory):
     """A real 3-member etcd cluster on loopback (Debian's etcd) for one test module, ready when
     given; every member stopped by pid at the end (SIGKILL after 5 s)."""
-    from skyguard.fleet.localcluster import LocalEtcdCluster
+    from support.etcd_support import LocalEtcdCluster
 
     cluster = LocalEtcdCluster(tmp_path_factory.mktemp("etcd"))
     try:

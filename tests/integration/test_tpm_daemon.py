@@ -14,7 +14,7 @@ import pytest
 from daemon_support import RunningDaemon
 
 from skyguard import config
-from skyguard.tpm.swtpm import Swtpm
+from support.swtpm_support import Swtpm
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from skyguard.tlog.verify import verify_log
 from skyguard.tpm import identity, quote
 from skyguard.tpm.device import Tpm
 from skyguard.tpm.hook import DaemonTpm
-from skyguard.tpm.swtpm import Swtpm
+from support.swtpm_support import Swtpm
 
 TAGS = {"sg_from_vm": "0011223344556677", "sg_to_vm": "8899aabbccddeeff"}
 GOOD_POLICY = "ab" * 32

@@ -20,7 +20,7 @@ from skyguard.doctor import check_tpm
 from skyguard.errors import CredentialError
 from skyguard.tpm.device import Tpm
 from skyguard.tpm.sealing import SealedKey, SealedKeyError, key_in_use, migrate
-from skyguard.tpm.swtpm import Swtpm
+from support.swtpm_support import Swtpm
 
 
 def cli(*args, check=True, env=None):

@@ -15,7 +15,7 @@ import pytest
 from skyguard import config
 from skyguard.custody.store import SecretStore
 from skyguard.errors import CredentialError
-from skyguard.tpm.swtpm import Swtpm
+from support.swtpm_support import Swtpm
 
 
 def cli(*args, env, stdin=None, check=True):
