@@ -93,6 +93,9 @@ def choose_accel(image: GuestImage, cached: Path = ACCEL_CACHE) -> tuple[str, st
 def _probe_kvm(image: GuestImage, work: Path) -> tuple[str, str]:
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return "tcg", "software emulation: /dev/kvm is not usable"
+    if os.path.exists("/sys/module/kvm_pvm"):  # no probe needed: a stock kernel never boots there
+        return "tcg", ("software emulation: this host's KVM is PVM (kvm_pvm), which runs only kernels "
+                       "built for PVM guests")
     work.mkdir(parents=True, exist_ok=True)
     console = work / f"skyguard-kvm-probe.{os.getpid()}.log"
     console.unlink(missing_ok=True)
