@@ -35,7 +35,11 @@ def open_backend(config, state_dir: Path):
         except CredentialError as e:
             raise KeyCustodyError(f"the token PIN (keys.pin_secret {config.pin_secret!r}) is not available: {e}") from None
         return Pkcs11Backend(config.module, config.token, pin.reveal())
-    raise KeyCustodyError(f"key backend {config.backend!r} is not available; use pkcs11 or file")
+    if config.backend == "tpm":
+        from skyguard.keys.tpmbackend import TpmBackend
+
+        return TpmBackend(state_dir)  # the TPM skyguard/tpm/device.py finds (--tcti of `tpm init`, env, device)
+    raise KeyCustodyError(f"key backend {config.backend!r} is not available; use pkcs11, tpm or file")
 
 
 def with_key_names(policy, stored: set[str], named: set[str]) -> set[str]:

@@ -16,7 +16,7 @@ from skyguard.errors import BadInput
 from skyguard.keys.types import KEY_TYPES, validate_key_name
 
 KINDS = ("key_create", "key_remove", "key_certificate")
-BACKENDS = ("file", "pkcs11")
+BACKENDS = ("file", "pkcs11", "tpm")  # skyguard.policy.keys.BACKENDS
 
 
 def checked_fields(kind: str, fields: dict) -> dict:

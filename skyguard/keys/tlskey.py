@@ -77,6 +77,9 @@ def install_key(context, secrets, name: str, keys_config=None) -> bytes:
             raise KeyCustodyError(f"no key named {name!r} in the store") from None
         load_cert_chain_from_memory(context, chain, bytes(private))
         return chain
+    if keys_config.backend == "tpm":
+        raise KeyCustodyError(f"key {name!r} is a TPM key: TLS (client certificates, termination) takes keys of "
+                              f"the file or pkcs11 backend only")
     engine = _engine(keys_config, secrets)
     _use_in_context(context, chain, engine.private_key(name))
     return chain

@@ -43,7 +43,7 @@ def validate_key_type(key_type: str) -> str:
 class KeyInfo:
     name: str
     type: str  # one of KEY_TYPES
-    backend: str  # file | pkcs11
+    backend: str  # file | pkcs11 | tpm
     extractable: bool = False  # what the token says of the private key (pkcs11); file keys: False via skyguard
 
     def as_dict(self) -> dict:

@@ -1,6 +1,6 @@
-"""The policy's `keys:` section: where skyguard's keys live (a file backend in the sealed store, or a
-PKCS#11 token whose PIN is a sealed secret) and which zones may use which key through the crypto
-proxy, for which operations, how often. A part of the checker (see parse.py), like access.py.
+"""The policy's `keys:` section: where skyguard's keys live (a file backend in the sealed store, a
+PKCS#11 token whose PIN is a sealed secret, or this host's TPM: no other field) and which zones may
+use which key through the crypto proxy, for which operations, how often. A part of the checker (see parse.py), like access.py.
 
     keys:
       backend: pkcs11                        # file | pkcs11 | tpm
@@ -110,17 +110,16 @@ class KeysSection(CheckerBase):
             self.problem(self.line_of(node, "backend"), "keys.backend",
                          f"{quoted(backend)} is not a key backend{did_you_mean(backend, BACKENDS)}")
             ok = False
-        if backend == "tpm":
-            # skyguard/tpm/ seals and quotes through tpm2-tools; keys made there cannot yet sign for VMs.
-            self.problem(self.line_of(node, "backend"), "keys.backend",
-                         "'tpm' is not available yet (the TPM seals the store and quotes, it does not "
-                         "hold VM keys); use pkcs11 (SoftHSM without hardware) or file")
-            ok = False
         module = token = pin_secret = None
         for field_name in ("module", "token", "pin_secret"):
             if field_name in node:
                 value = node[field_name]
                 where = self.line_of(node, field_name)
+                if backend == "tpm":
+                    self.problem(where, f"keys.{field_name}", f"the tpm backend takes no `{field_name}:` (its keys "
+                                 "live in this host's TPM, found as `skyguard tpm` finds it); it is for pkcs11")
+                    ok = False
+                    continue
                 if not isinstance(value, str) or not value.strip():
                     self.problem(where, f"keys.{field_name}", f"must be a string, not {type_name(value)}")
                     ok = False
@@ -158,6 +157,12 @@ class KeysSection(CheckerBase):
                     else:
                         grants.append(grant)
             else:
+                ok = False
+        for index, grant in enumerate(grants):
+            if backend == "tpm" and "decrypt" in grant.operations:
+                self.problem(self.line_of(node["keys"], index), f"keys.keys[{index}].operations",
+                             f"key {grant.name!r}: the tpm backend's keys (ec-p256) only sign; decrypt needs "
+                             "an rsa-3072 key of the pkcs11 or file backend")
                 ok = False
         if not ok:
             return None

@@ -51,7 +51,7 @@ def test_the_keys_section_parses():
 
 @pytest.mark.parametrize("change, expected", [
     (("backend: pkcs11", "backend: hsm"), "keys.backend: 'hsm' is not a key backend"),
-    (("backend: pkcs11", "backend: tpm"), "'tpm' is not available yet"),
+    (("backend: pkcs11", "backend: tpm"), "keys.module: the tpm backend takes no `module:`"),
     (("  module: /usr/lib/softhsm/libsofthsm2.so\n", ""), "the pkcs11 backend needs `module:`"),
     (("module: /usr", "module: usr"), "must be an absolute path"),
     (("pin_secret: hsm-pin", "pin_secret: 'my pin 1234'"), "keys.pin_secret: must be the NAME of a secret"),
