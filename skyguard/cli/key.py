@@ -34,7 +34,7 @@ def _keys_config(policy_file: Path | None, state_dir: Path | None):
         raise BadInput("no skyguard daemon is running to say where keys live; give --policy FILE "
                        "(its `keys:` section names the backend)")
     if policy.keys is None:
-        raise BadInput(f"policy {policy.name!r} has no `keys:` section; add one (backend: pkcs11 or file)")
+        raise BadInput(f"policy {policy.name!r} has no `keys:` section; add one (backend: pkcs11, tpm or file)")
     return policy.keys
 
 

@@ -212,8 +212,8 @@ def _keys_lines(policy: Policy) -> list[str]:
 
     keys = policy.keys
     assert keys is not None
-    where = (f"token {keys.token} through {keys.module}, PIN in secret {keys.pin_secret}"
-             if keys.backend == "pkcs11" else "sealed in the store")
+    where = {"pkcs11": f"token {keys.token} through {keys.module}, PIN in secret {keys.pin_secret}",
+             "tpm": "in this host's TPM (wrapped blobs in <state dir>/keys/tpm)"}.get(keys.backend, "sealed in the store")
     lines = [f"Keys ({keys.backend} backend: {where}; crypto proxy on the VMs' gateway, tcp/{keys.port})"]
     every_zone = tuple(policy.zones)
     rows = [[g.name, "*" if g.zones == every_zone and len(every_zone) > 1 else ", ".join(g.zones),

@@ -144,10 +144,10 @@ class TpmBackend:
             raise KeyCustodyError(f"the TPM refused: {e}") from None
 
     def _primary(self) -> str:
-        from skyguard.tpm.sealing import _primary  # one definition of the storage primary key
+        from skyguard.tpm.sealing import storage_primary  # one definition of the storage primary key
 
         try:
-            return _primary(self.tpm)
+            return storage_primary(self.tpm)
         except TpmError as e:
             raise KeyCustodyError(f"the TPM cannot make its storage primary key: {e}") from None
 

@@ -49,7 +49,7 @@ def _selection(pcrs) -> str:
     return f"{BANK}:" + ",".join(str(p) for p in sorted(pcrs))
 
 
-def _primary(tpm: Tpm) -> str:
+def storage_primary(tpm: Tpm) -> str:
     """The storage primary key (ECC P-256, owner hierarchy, default template): the same key every
     time on one TPM, another on any other TPM."""
     ctx = tpm.file("primary.ctx")
@@ -63,7 +63,7 @@ def seal(tpm: Tpm, key: bytes, pcrs=PLATFORM_PCRS) -> dict:
     if not pcrs or any(p not in range(24) for p in pcrs):
         raise BadInput("seal to PCRs among 0-23, e.g. 0,1,2,3,4,5,6,7")
     with tpm.locked():
-        primary = _primary(tpm)
+        primary = storage_primary(tpm)
         trial, policy = tpm.file("trial.session"), tpm.file("pcr.policy")
         tpm.run("tpm2_startauthsession", "-S", str(trial))
         try:
@@ -90,7 +90,7 @@ def unseal(tpm: Tpm, blob: dict) -> bytes:
         raise SealedKeyError("the sealed key file is damaged (restore it from backup)") from None
     with tpm.locked():
         try:
-            primary = _primary(tpm)
+            primary = storage_primary(tpm)
             pub, priv, obj = tpm.file("sealed.pub"), tpm.file("sealed.priv"), tpm.file("sealed.ctx")
             pub.write_bytes(pub_bytes)
             priv.write_bytes(priv_bytes)
