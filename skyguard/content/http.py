@@ -18,7 +18,8 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-import zlib
+
+from skyguard.httpcodings import decode_body
 
 Headers = tuple[tuple[bytes, bytes], ...]
 MAX_PARTS = 1000  # parts of one multipart body; more is refused (each part costs an inspection)
@@ -40,39 +41,10 @@ def body_files(headers: Headers, body: bytes, limit: int) -> list[bytes]:
 
 
 def decode_content(headers: Headers, body: bytes, limit: int) -> bytes:
-    codings = [c.strip().lower() for n, v in headers if n == b"content-encoding" for c in v.split(b",")]
-    for coding in reversed([c for c in codings if c and c != b"identity"]):
-        if coding in (b"gzip", b"x-gzip"):
-            body = inflate(body, 16 + zlib.MAX_WBITS, limit, members=True)
-        elif coding == b"deflate":
-            body = inflate(body, zlib.MAX_WBITS if body[:1] == b"\x78" else -zlib.MAX_WBITS, limit, members=False)
-        else:
-            raise Uninspectable("a content coding the filter cannot decode (only gzip and deflate)")
+    body = decode_body(headers, body, limit, Uninspectable, "the inspection buffer")  # never more is allocated
     if len(body) > limit:
         raise Uninspectable(f"body larger than the inspection buffer ({limit} bytes)")
     return body
-
-
-def inflate(data: bytes, wbits: int, limit: int, members: bool) -> bytes:
-    """zlib-decode at most `limit` bytes of output (never more is allocated)."""
-    if not data:
-        return data
-    out = bytearray()
-    while True:
-        decoder = zlib.decompressobj(wbits)
-        try:
-            out += decoder.decompress(data, limit + 1 - len(out))
-        except zlib.error:
-            raise Uninspectable("a compressed body that does not decode") from None
-        if len(out) > limit or decoder.unconsumed_tail:
-            raise Uninspectable(f"decompressed body larger than the inspection buffer ({limit} bytes)")
-        if not decoder.eof:
-            raise Uninspectable("a compressed body that ends early")
-        data = decoder.unused_data
-        if not data:
-            return bytes(out)
-        if not members:
-            raise Uninspectable("bytes after the end of a deflate stream")
 
 
 def multipart_parts(content_type: bytes, body: bytes) -> list[bytes]:

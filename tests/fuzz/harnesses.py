@@ -371,8 +371,8 @@ def main() -> None:
     import atheris
 
     target = sys.argv.pop(1)
-    # codings.py stays uninstrumented: atheris 2.3 breaks its try/except loop (see its docstring).
-    with atheris.instrument_imports(include=["skyguard"], exclude=["skyguard.credproxy.codings"]):
+    # httpcodings.py stays uninstrumented: atheris 2.3 breaks its try/except loop (see its docstring).
+    with atheris.instrument_imports(include=["skyguard"], exclude=["skyguard.httpcodings"]):
         import skyguard.credproxy.http1  # noqa: F401
         import skyguard.credproxy.swap  # noqa: F401
         import skyguard.dns.resolver  # noqa: F401
