@@ -13,7 +13,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 NETNS_PREFIX = "dcx-sgdoctor-"
 EXPECTED_CHECKS = ["privileges", "bpf syscall", "bpffs", "bcc", "kernel headers", "libbpf",
-                   "network namespaces", "XDP generic", "XDP native", "TC clsact+bpf", "nftables", "TPM"]
+                   "network namespaces", "XDP generic", "XDP native", "TC clsact+bpf", "nftables", "TPM",
+                   "PKCS#11 keys"]
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
@@ -56,7 +57,7 @@ def test_doctor_without_bpffs_fails_naming_bpffs_and_the_mount_fix(root, env):
     bpffs_line = next(line for line in result.stdout.splitlines() if "bpffs" in line)
     assert bpffs_line.startswith("FAIL") and "not mounted at /sys/fs/bpf" in bpffs_line
     assert "fix: mount -t bpf bpf /sys/fs/bpf" in result.stdout
-    assert "1 of 12 checks failed: bpffs" in result.stdout
+    assert f"1 of {len(EXPECTED_CHECKS)} checks failed: bpffs" in result.stdout
     assert "Traceback" not in result.stderr
     assert doctor_namespaces() == []
 
