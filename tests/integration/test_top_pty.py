@@ -77,8 +77,13 @@ class Terminal:
         os.write(self.master, data)
 
     def wait(self, timeout: float = 15) -> int:
+        # Keep reading while it exits: a program whose last frame (or its TCSADRAIN on leaving
+        # cbreak mode) waits on a full pty buffer never exits if nobody drains the master.
+        deadline = time.monotonic() + timeout
         try:
-            code = self.proc.wait(timeout=timeout)
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                self.read_for(0.2)
+            code = self.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         finally:
             self.read_for(0.2)
             os.close(self.master)
