@@ -10,6 +10,7 @@ import os
 import pty
 import re
 import select
+import signal
 import struct
 import subprocess
 import termios
@@ -40,6 +41,13 @@ def daemon(lab, tmp_path_factory):
         d.cleanup()
 
 
+def _controlling_terminal():
+    """In the child: the pty becomes its controlling terminal, and Ctrl-C interrupts it even when
+    the suite runs as a background job (which starts with SIGINT ignored, inherited by top)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
 class Terminal:
     """`skyguard top` on the slave side of a pty of a given size; we read what it draws."""
 
@@ -51,7 +59,7 @@ class Terminal:
         env.pop("LINES", None)
         self.proc = subprocess.Popen(daemon.command("top", *argv), stdin=slave, stdout=slave, stderr=slave,
                                      env=env, start_new_session=True,
-                                     preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+                                     preexec_fn=_controlling_terminal)
         os.close(slave)
         self.output = ""
 
