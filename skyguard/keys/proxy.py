@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import ipaddress
 import logging
 import socket
@@ -84,6 +85,8 @@ class CryptoProxy:
 
     async def set_policy(self, policy):
         old, new = self.config, policy.keys
+        if new is None:  # a policy without keys: (the daemon stops this part next) offer no key
+            new = dataclasses.replace(old, grants=())
         if (old.backend, old.module, old.token, old.pin_secret) != (new.backend, new.module, new.token, new.pin_secret):
             from skyguard.keys.backends import open_backend
 

@@ -388,3 +388,17 @@ def test_doctor_checks_the_token_the_policy_keeps_keys_in(token, backend, tmp_pa
     needed = check_pkcs11(mtls, state)
     assert not needed.ok and "pkcs11 engine" in needed.detail and "libengine-pkcs11-openssl" in needed.fix
     assert "libengine-pkcs11-openssl" in check_pkcs11(None, tmp_path).detail  # optional: says what it would need
+
+
+def test_a_policy_without_keys_is_taken_before_the_part_stops(token, proxy):
+    """The daemon tells a part the new policy before it stops one that policy no longer needs;
+    a policy with no keys: section made the crypto proxy fail (AttributeError) and `policy load`
+    report it failed. It now offers no key until it stops."""
+    import dataclasses
+
+    without = dataclasses.replace(loopback_policy(token), keys=None)
+    proxy.loop.call(proxy.part.set_policy(without))
+    status, _ = post(proxy, "/v1/keys/release/sign", {"digest": "55" * 32})
+    assert status in (403, 404)
+    proxy.loop.call(proxy.part.set_policy(loopback_policy(token)))  # back as it was
+    assert post(proxy, "/v1/keys/release/sign", {"digest": "55" * 32})[0] == 200
