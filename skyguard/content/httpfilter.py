@@ -13,23 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import weakref
 
 from skyguard.content.http import Uninspectable, body_files
 from skyguard.content.inspector import PATTERN, UNINSPECTABLE, ContentEngine, ContentVerdict, inspect_bytes
 from skyguard.content.record import ContentMetrics, blocked_entry
 from skyguard.credproxy.http1 import serialise_response
-
-_METRICS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def metrics_for(registry) -> ContentMetrics:
-    """One ContentMetrics per Prometheus registry: several proxies may share a registry (tests
-    run two), and a collector registers only once per registry."""
-    metrics = _METRICS.get(registry)
-    if metrics is None:
-        metrics = _METRICS[registry] = ContentMetrics(registry)
-    return metrics
 
 
 async def judge_body(engine: ContentEngine, facts, host: str | None, direction: str, headers, body: bytes,

@@ -13,6 +13,7 @@ from typing import Protocol, runtime_checkable
 from prometheus_client import CollectorRegistry, Counter
 
 from skyguard import parts
+from skyguard.content.record import ContentMetrics
 from skyguard.errors import CredentialError
 
 # Metric results: the only values the `result` label takes (bounded cardinality).
@@ -96,6 +97,8 @@ class CredentialMetrics:
             ["workload", "result"],
             registry=registry,
         )
+        # skyguard_content_decisions: counted by the content filter of every proxy on this registry.
+        self.content = ContentMetrics(registry)
 
     def count(self, credential: str | None, result: str) -> None:
         self.swaps.labels(credential or NO_CREDENTIAL, result).inc()

@@ -32,7 +32,7 @@ import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from skyguard.content.httpfilter import blocked_response, judge_body, metrics_for
+from skyguard.content.httpfilter import blocked_response, judge_body
 from skyguard.content.inspector import ContentEngine
 from skyguard.credproxy.ca import CertificateAuthority
 from skyguard.credproxy.client import ClientConnection
@@ -165,7 +165,6 @@ class CredentialProxy:
         self.address_matches = address_matches
         self.decision_log = decision_log
         self.metrics = metrics
-        self.content_metrics = metrics_for(metrics.registry)
         self.limits = limits
         self.destination_of = destination_of
         self.tls = UpstreamTls(secrets, [upstream_ca_file, *upstream_cas])
@@ -318,7 +317,7 @@ class CredentialProxy:
             return ProtocolRefusal(verdict.status, verdict.reason)
         if state.content is not None:  # judged whole before a byte is forwarded (fail closed)
             blocked = await judge_body(state.content, facts, verdict.host, "upload", request.headers, request.body,
-                                       self.decision_log, self.content_metrics, target=request.target)
+                                       self.decision_log, self.metrics.content, target=request.target)
             if blocked is not None:
                 return blocked_response(blocked, request.method, keep_alive)
         certificate = state.client_certificate_for(verdict.host, facts.zone)
@@ -327,7 +326,7 @@ class CredentialProxy:
             status, headers, body = self._safe_response(state.engine, verdict.host, request, status, headers, body, facts)
             if state.content is not None:
                 blocked = await judge_body(state.content, facts, verdict.host, "download", headers, body,
-                                           self.decision_log, self.content_metrics)
+                                           self.decision_log, self.metrics.content)
                 if blocked is not None:
                     return blocked_response(blocked, request.method, keep_alive)
             return serialise_response(request.method, keep_alive, status, headers, body)

@@ -107,9 +107,7 @@ class Rig:
         return [e for e in self.log.snapshot() if e.get("event") == "content_blocked"]
 
     def counted(self, rule: str, verdict: str) -> float:
-        from skyguard.content.httpfilter import metrics_for
-
-        return metrics_for(self.metrics.registry).decisions.labels("web", rule, "http", verdict)._value.get()
+        return self.metrics.content.decisions.labels("web", rule, "http", verdict)._value.get()
 
 
 @pytest.fixture(scope="module")
