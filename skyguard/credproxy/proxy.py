@@ -168,6 +168,7 @@ class CredentialProxy:
         self.limits = limits
         self.destination_of = destination_of
         self.tls = UpstreamTls(secrets, [upstream_ca_file, *upstream_cas])
+        self.tls.keys = policy.keys
         self.upstreams = UpstreamPool(self.tls, limits)
         self.slots = Slots(limits.max_connections_per_vm)
         self.mint_budget = TokenBuckets(limits.mint_rate_per_vm, limits.mint_burst_per_vm)
@@ -231,6 +232,7 @@ class CredentialProxy:
             old.content_patterns if content_patterns is None else content_patterns)
         self.state = state
         # Upstream TLS set up under the old policy (client certificates) is not reused.
+        self.tls.keys = policy.keys
         self.tls.forget()
         self.upstreams.close()
 

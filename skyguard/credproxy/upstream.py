@@ -13,6 +13,7 @@ import asyncio
 import collections
 import ssl
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from skyguard.credproxy.http1 import ProxyLimits, ResponseReader, StaleConnection, serialise_request
 from skyguard.credproxy.interfaces import SecretSource
@@ -21,15 +22,21 @@ from skyguard.custody.pemload import load_cert_chain_from_memory, split_pem
 from skyguard.errors import CredentialError
 from skyguard.keys.tlskey import KEY_REFERENCE, install_key
 
+if TYPE_CHECKING:
+    from skyguard.policy.keys import KeysConfig
+
 
 class UpstreamTls:
     """Client-side TLS contexts toward upstreams, one per client certificate (None: none).
 
     Building one loads the trust store, so they are cached; forget() drops them when the policy
-    or the store changed (client certificates are read from the store when first needed)."""
+    or the store changed (client certificates are read from the store when first needed).
+    `keys` is the policy's `keys:` section (where token-held client keys are): the proxy sets it
+    with each policy, before forget()."""
 
     def __init__(self, secrets: SecretSource, extra_cas: Sequence[str] = ()):
         self.secrets = secrets
+        self.keys: KeysConfig | None = None
         self.extra_cas = tuple(str(path) for path in extra_cas if path)
         self._contexts: dict[str | None, ssl.SSLContext] = {}
         self.context(None)  # a missing or unreadable bundle is an error now, not at the first request
@@ -52,7 +59,7 @@ class UpstreamTls:
             if certificate is not None:
                 # Outbound mutual TLS: the client certificate lives in the store, never in the VM.
                 if certificate.startswith(KEY_REFERENCE):  # its key is in the key backend (a token)
-                    install_key(context, self.secrets, certificate[len(KEY_REFERENCE):])
+                    install_key(context, self.secrets, certificate[len(KEY_REFERENCE):], self.keys)
                 else:
                     chain, private_key = split_pem(bytes(self.secrets.get(certificate)))
                     load_cert_chain_from_memory(context, chain, private_key)

@@ -31,7 +31,6 @@ KEY_REFERENCE = "key:"  # ClientCertificate.store_name of a token key: never a v
 ENGINE_PATHS = ("/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so", "/usr/lib/aarch64-linux-gnu/engines-3/pkcs11.so",
                 "/usr/lib/engines-3/pkcs11.so")
 
-_configured = None  # the policy's KeysConfig, set by client_certificates_of (the credential service, per policy)
 _engines: dict = {}
 _lock = threading.Lock()
 
@@ -40,8 +39,6 @@ def client_certificates_of(policy) -> dict:
     """credentials[].client_certificate as the credential proxy's {destination: ClientCertificate}."""
     from skyguard.credproxy.proxy import ClientCertificate
 
-    global _configured
-    _configured = policy.keys
     out = {}
     for credential in policy.credentials:
         if credential.client_certificate:
@@ -58,9 +55,9 @@ def certificate_of(secrets, name: str) -> bytes | None:
         return None
 
 
-def install_key(context, secrets, name: str, keys_config=None) -> bytes:
-    """Present key `name` (and its stored certificate) in `context`. Returns the chain PEM."""
-    keys_config = keys_config or _configured
+def install_key(context, secrets, name: str, keys_config) -> bytes:
+    """Present key `name` (and its stored certificate) in `context`, under the policy's `keys:`
+    section `keys_config` (None: the policy has none). Returns the chain PEM."""
     if keys_config is None:
         raise KeyCustodyError(f"key {name!r} is named for TLS but the policy has no `keys:` section")
     validate_key_name(name)
