@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import h11
 
+from skyguard.credproxy.fairness import Slots
 from skyguard.keys import api
 from skyguard.keys.types import KeyCustodyError, verify_signature
 from skyguard.parts import Degraded
@@ -64,7 +65,7 @@ class CryptoProxy:
         self.pool = ThreadPoolExecutor(KEY_WORKERS, thread_name_prefix="sg-keys")
         self.servers: list = []
         self.port = None
-        self._connections: dict[str, int] = {}
+        self._connections = Slots(MAX_CONNECTIONS_PER_VM)  # per VM (workload name, else address)
         self._tasks: set = set()
         self._routes: dict[str, tuple[str | None, float]] = {}
         self._route_lock = threading.Lock()
@@ -157,11 +158,10 @@ class CryptoProxy:
             writer.close()
             return
         who = caller.workload or caller.address
-        if self._connections.get(who, 0) >= MAX_CONNECTIONS_PER_VM:
+        if not self._connections.acquire(who):
             self._metrics.labels("-", "-", "too-many-connections").inc()
             writer.close()
             return
-        self._connections[who] = self._connections.get(who, 0) + 1
         try:
             await self._serve(caller, reader, writer)
         except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
@@ -169,9 +169,7 @@ class CryptoProxy:
         except Exception:  # noqa: BLE001 - one connection's bug must not take the proxy down
             log.exception("crypto proxy connection from %s failed", who)
         finally:
-            self._connections[who] -= 1
-            if not self._connections[who]:
-                del self._connections[who]
+            self._connections.release(who)
             writer.close()
 
     async def _serve(self, caller, reader, writer):
