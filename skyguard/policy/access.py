@@ -1,5 +1,7 @@
 """The policy sections that grant access beyond the datapath: credentials (swap), tls_termination
 and admin (SSH). A part of the checker (see parse.py), split off to keep one file per concern.
+A credential's client_certificate names a key of the `keys:` section (skyguard/policy/keys.py);
+parse.py checks that the policy has that section.
 
 The placeholder is not a secret, but a user who mistakes the field pastes a real token into it:
 messages about credentials therefore never quote the placeholder's value (nor a secret name that
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import re
 
+from skyguard.keys.types import KEY_NAME_RE
 from skyguard.policy import fqdn
 from skyguard.policy.checker import CheckerBase, did_you_mean, quoted, type_name
 from skyguard.policy.console import ConsoleSection
@@ -39,7 +42,8 @@ class AccessSections(ConsoleSection, CheckerBase):
         result = []
         names: dict[str, str] = {}
         placeholders: list[tuple[str, str]] = []
-        keys = ("name", "placeholder", "secret", "zones", "destinations", "inject", "strip_response_headers")
+        keys = ("name", "placeholder", "secret", "zones", "destinations", "inject", "strip_response_headers",
+                "client_certificate")
         required = ("name", "placeholder", "secret", "zones", "destinations", "inject")
         for index, item in enumerate(node):
             path, item_line = f"credentials[{index}]", self.line_of(node, index)
@@ -95,10 +99,20 @@ class AccessSections(ConsoleSection, CheckerBase):
                             ok = False
                         else:
                             strip.append(header)
+            client_certificate = None
+            if "client_certificate" in item:
+                # The key, in the key backend, whose certificate the credential proxy presents to
+                # this credential's destinations.
+                client_certificate = item["client_certificate"]
+                if not isinstance(client_certificate, str) or not KEY_NAME_RE.match(client_certificate):
+                    self.problem(self.line_of(item, "client_certificate"), f"{path}.client_certificate",
+                                 "must be the name of a key in skyguard's key backend (see `skyguard key list`)")
+                    ok = False
             if ok and name and placeholder and secret and cred_zones and destinations and inject:
                 result.append(Credential(name=name, placeholder=placeholder, secret=secret,
                                          zones=cred_zones, destinations=tuple(destinations),
-                                         inject=inject, strip_response_headers=tuple(strip)))
+                                         inject=inject, strip_response_headers=tuple(strip),
+                                         client_certificate=client_certificate))
         return tuple(result)
 
     def placeholder(self, node, path, line, seen: list[tuple[str, str]]) -> str | None:

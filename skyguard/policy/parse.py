@@ -132,12 +132,15 @@ class _Checker(AccessSections, ContentSection, KeysSection, AppsSections):
             self.problem(where, "dns.upstreams",
                          f"is empty but {self.first_fqdn_rule[0]} names domains; add the resolver "
                          f"allowed queries go to, e.g. dns: {{upstreams: [\"192.0.2.53\"]}}")
-        client_certificates = self.take_client_certificates(document.get("credentials"))
         credentials = self.credentials(document.get("credentials", []),
                                        self.line_of(document, "credentials"), zones)
         keys = self.keys(document.get("keys"), self.line_of(document, "keys"), zones)
-        credentials = self.with_client_certificates(credentials, document.get("credentials"),
-                                                    client_certificates, keys)
+        cred_node = document.get("credentials")
+        certified = [i for i, item in enumerate(cred_node) if is_map(item) and "client_certificate" in item] \
+            if keys is None and is_seq(cred_node) else []
+        if certified:  # a credential names a key, but nothing says where keys live
+            self.problem(self.line_of(cred_node, certified[0]), f"credentials[{certified[0]}].client_certificate",
+                         "names a key but the policy has no `keys:` section saying where keys live")
         tls = self.tls_termination(document.get("tls_termination", []),
                                    self.line_of(document, "tls_termination"), zones)
         admin = self.admin(document.get("admin"), self.line_of(document, "admin"), zones)
