@@ -75,6 +75,7 @@ class Daemon:
         self.loop = None
         self.loop_thread: LoopThread | None = None
         self.slots: list = []  # skyguard.parts.PartSlot, in start order
+        self.session_archive = None  # the SSH and console proxies' one SessionArchive (_sessions())
         from prometheus_client import CollectorRegistry
 
         self.registry = CollectorRegistry()  # every part's metrics; the exporter serves it
@@ -240,7 +241,17 @@ class Daemon:
         from skyguard.custody.store import SecretStore
 
         return AdminSshProxy(policy, SecretStore(self.state_dir / "secrets"), self.state_dir,
-                             PartLog(self.record_nowait), registry=registry)
+                             PartLog(self.record_nowait), registry=registry, archive=self._sessions())
+
+    def _sessions(self):
+        """One archive of recorded sessions for the SSH and console proxies, made once per daemon:
+        with one each, either one's start took the other's live sessions for a dead proxy's and
+        closed them "interrupted" (recovery runs once, at the first of their starts)."""
+        from skyguard.admin.recording import SessionArchive
+
+        if self.session_archive is None:
+            self.session_archive = SessionArchive(self.state_dir / "admin" / "sessions", PartLog(self.record_nowait))
+        return self.session_archive
 
     def _make_console(self, policy, registry):
         """The console proxy (VNC): operators open VM consoles with one-time tickets, recorded."""
@@ -252,7 +263,8 @@ class Daemon:
             return apps.identify(host, headers) if apps is not None else None
 
         return ConsoleProxy(policy, SecretStore(self.state_dir / "secrets"), self.state_dir,
-                            PartLog(self.record_nowait), registry=registry, identify=identify)
+                            PartLog(self.record_nowait), registry=registry, identify=identify,
+                            archive=self._sessions())
 
     def _make_apps(self, policy, registry):
         """The identity-aware proxy for VM web apps (the datapath keeps each app's port for it)."""

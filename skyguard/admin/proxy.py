@@ -116,14 +116,16 @@ class AdminSshProxy:
 
     def __init__(self, policy: Policy, store: SecretStore, state_dir: Path | str,
                  decision_log: DecisionLog, registry: CollectorRegistry | None = None,
-                 config: AdminProxyConfig | None = None):
+                 config: AdminProxyConfig | None = None, archive: SessionArchive | None = None):
+        """`archive`: where sessions are recorded; the daemon passes the one it shares with the
+        console proxy (by default the proxy makes its own over <state>/admin/sessions)."""
         self.config = config or AdminProxyConfig()
         self.state_dir = Path(state_dir)
         self.store = store
         self.decision_log = decision_log
         self.metrics = AdminMetrics(registry)
         admin_dir = self.state_dir / "admin"
-        self.archive = SessionArchive(admin_dir / "sessions", decision_log)
+        self.archive = archive or SessionArchive(admin_dir / "sessions", decision_log)
         self.vm_host_keys = VmHostKeys(admin_dir / "vm_host_keys.json")
         self.limiter = AuthFailureLimiter(self.config.max_failures, self.config.failure_window,
                                           self.config.block_for)
@@ -136,7 +138,6 @@ class AdminSshProxy:
         self._server: SSHAcceptor | None = None
         self._serving: tuple[str, bool] | None = None  # (listen, agent_forwarding) of _server
         self._started = False
-        self._recovered = False
         self.policy, self.operator_keys = self._checked(policy)
 
     @staticmethod
@@ -196,11 +197,8 @@ class AdminSshProxy:
         if self.host_key is None:
             self.vm_key = keys.vm_key(self.store)
             self.host_key = keys.proxy_host_key(self.store)
-        if not self._recovered:
-            self.archive.directory.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            for session_id in self.archive.recover_interrupted():
-                log.warning("session %s was interrupted by a proxy restart; its record is closed", session_id)
-            self._recovered = True
+        for session_id in self.archive.recover_once():
+            log.warning("session %s was interrupted by a proxy restart; its record is closed", session_id)
         try:
             server = await asyncssh.create_server(
                 lambda: OperatorConnection(self), host, port,

@@ -132,7 +132,9 @@ class SessionArchive:
         self.directory = Path(directory)
         self.decision_log = decision_log
         # Tells this proxy's sessions from those of an earlier, dead one (a pid could be reused).
+        # The SSH and console proxies of one daemon share one archive, so one instance.
         self.instance = secrets.token_hex(8)
+        self._recovered = False
 
     def begin(self, *, operator: str, key_fingerprint: str, workload: str, zone: str, source: str,
               kind: str, command: str | None, width: int = 80, height: int = 24,
@@ -225,6 +227,17 @@ class SessionArchive:
             self.log_end(meta)
             _atomic_write_json(self.directory / f"{meta['id']}.json", meta)
             recovered.append(meta["id"])
+        return recovered
+
+    def recover_once(self) -> builtins.list[str]:
+        """recover_interrupted() on this archive's first call only: every part recording into it
+        calls this as it starts, and only the first start closes anything (a part started or
+        moved later must not touch the records of the parts already running)."""
+        if self._recovered:
+            return []
+        self.directory.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        recovered = self.recover_interrupted()
+        self._recovered = True
         return recovered
 
 

@@ -70,17 +70,19 @@ class ConsoleMetrics:
 class ConsoleProxy:
     def __init__(self, policy: Policy, store: SecretStore, state_dir: Path | str, decision_log: DecisionLog,
                  registry: CollectorRegistry | None = None, config: ConsoleConfig | None = None,
-                 identify: Callable[[str, list], Any] | None = None):
+                 identify: Callable[[str, list], Any] | None = None, archive: SessionArchive | None = None):
         """`identify(host, headers)`: the identity-aware proxy's check of a request's session
         (skyguard/apps/service.py AppsService.identify: a SignedIn with user and groups, or None);
-        the web console lists and opens targets for that user when admin.console.web_app is set."""
+        the web console lists and opens targets for that user when admin.console.web_app is set.
+        `archive`: where sessions are recorded; the daemon passes the one it shares with the SSH
+        proxy (by default the proxy makes its own over <state>/admin/sessions)."""
         self.identify = identify
         self.config = config or ConsoleConfig()
         self.state_dir = Path(state_dir)
         self.store = store
         self.decision_log = decision_log
         self.metrics = ConsoleMetrics(registry)
-        self.archive = SessionArchive(self.state_dir / "admin" / "sessions", decision_log)
+        self.archive = archive or SessionArchive(self.state_dir / "admin" / "sessions", decision_log)
         self.tickets = TicketBook(self.state_dir / "console" / "tickets")
         self.limiter = AuthFailureLimiter(self.config.max_failures, self.config.failure_window,
                                           self.config.block_for)
@@ -132,6 +134,8 @@ class ConsoleProxy:
 
     async def start(self):
         self._started = True
+        for session_id in self.archive.recover_once():
+            log.warning("session %s was interrupted by a restart; its record is closed", session_id)
         await self._follow_policy()
         if problem := self._unsupported():
             raise Degraded(problem)
@@ -192,9 +196,6 @@ class ConsoleProxy:
         await self._close_listener()
         if wanted is not None:
             host, port = parse_listen(wanted)
-            (self.state_dir / "admin").mkdir(parents=True, exist_ok=True, mode=0o700)
-            for session_id in self.archive.recover_interrupted():
-                log.warning("session %s was interrupted by a restart; its record is closed", session_id)
             try:
                 self._server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
             except OSError as e:

@@ -233,3 +233,42 @@ def test_proxy_without_admin_ssh_does_not_listen_and_creates_no_keys(tmp_path):
 
     asyncio.run(lifecycle())
     assert store.list() == []
+
+
+def test_the_daemons_ssh_and_console_proxies_never_close_each_others_live_sessions(tmp_path):
+    """One archive for both parts, recovered once: starting the console part, moving its listener,
+    or remaking the SSH part (admin.ssh dropped and back) leaves every live session active; only
+    the dead daemon's session is closed, "interrupted", at the first start."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from skyguard.daemon import Daemon
+    from skyguard.policy.console import AdminConsole
+    from skyguard.policy.model import AdminSsh, Policy
+
+    dead = begin(SessionArchive(tmp_path / "admin" / "sessions"))  # a session of an earlier, killed daemon
+    daemon = Daemon(tmp_path / "policy.yaml", state_dir=tmp_path)
+    ssh = Policy(name="t", zones={}, networks={}, rules=(), admin_ssh=AdminSsh(listen="127.0.0.1:0"))
+    both = replace(ssh, admin_console=AdminConsole(listen="127.0.0.1:0"))
+    moved = replace(ssh, admin_console=AdminConsole(listen="127.0.0.2:0"))
+
+    async def lifecycle():
+        admin = daemon._make_admin(ssh, CollectorRegistry())
+        await admin.start()
+        shell = begin(admin.archive)
+        console = daemon._make_console(both, CollectorRegistry())
+        await console.start()
+        desktop = begin(console.archive, kind="console")
+        await console.set_policy(moved)
+        await admin.stop()
+        admin = daemon._make_admin(moved, CollectorRegistry())
+        await admin.start()
+        await admin.stop()
+        await console.stop()
+        return shell, desktop
+
+    shell, desktop = asyncio.run(lifecycle())
+    archive = SessionArchive(tmp_path / "admin" / "sessions")
+    assert archive.load(dead.id)["result"] == "interrupted"
+    assert archive.load(shell.id)["result"] == archive.load(desktop.id)["result"] == "active"
