@@ -100,7 +100,7 @@ class Inspector:
         self.content = content
         self.size = 0
         self._hash = hashlib.sha256()
-        self._buffer = bytearray()
+        self._buffer: list[bytes] = []  # the chunks kept, joined once in finish()
         self._clamav = next((r for r in self.rules if r.rule.block.clamav), None)
         # The whole file is kept for the engines that need it (archives: for their bounds).
         self._keep = self._clamav is not None or any(r.patterns or r.yara or r.rule.block.mime_types
@@ -110,7 +110,7 @@ class Inspector:
 
     def _block(self, rule: str, engine: str, reason: str, digest: str = "", mime: str | None = None) -> ContentVerdict:
         self.close()
-        self._buffer = bytearray()
+        self._buffer = []
         self.verdict = ContentVerdict(True, rule, engine, reason, self.size, digest, mime)
         return self.verdict
 
@@ -129,13 +129,10 @@ class Inspector:
                                f"larger than the inspection buffer ({self.content.max_inspect_bytes} bytes): "
                                "refused unscanned")
         if self._keep:
-            self._buffer += data
+            self._buffer.append(bytes(data))  # no copy of bytes; a caller's bytearray may change later
         if self._clamav is not None:
             try:
-                if self._clamd is None:
-                    self._clamd = ClamdStream(self.content.clamd_socket, self.content.scan_timeout)
-                    await self._clamd.open()
-                await self._clamd.send(data)
+                await (await self._open_clamd()).send(data)
             except ClamdUnavailable as error:
                 return self._block(self._clamav.rule.name, CLAMAV, f"virus scan unavailable, refused unscanned: {error}")
         return None
@@ -143,8 +140,8 @@ class Inspector:
     async def finish(self) -> ContentVerdict:
         if self.verdict is not None:
             return self.verdict
-        digest = self._hash.hexdigest()
-        data = bytes(self._buffer)
+        digest = self.digest()
+        data = b"".join(self._buffer)  # one chunk (a file fed whole) comes back as is, not copied
         mime = None
         try:
             if any(r.rule.block.mime_types for r in self.rules):
@@ -172,19 +169,27 @@ class Inspector:
             if problem:
                 return self._block(name, ARCHIVE, f"refused: {problem} (rule {name})", digest, mime)
             try:
-                if self._clamd is None:  # an empty file: still scanned, so a down clamd still refuses
-                    self._clamd = ClamdStream(self.content.clamd_socket, self.content.scan_timeout)
-                    await self._clamd.open()
-                result = await self._clamd.finish()
+                # Opened here for an empty file: still scanned, so a down clamd still refuses.
+                result = await (await self._open_clamd()).finish()
             except ClamdUnavailable as error:
                 return self._block(name, CLAMAV, f"virus scan unavailable, refused unscanned: {error}", digest, mime)
             finally:
                 self._clamd = None
             if result.infected:
                 return self._block(name, CLAMAV, f"ClamAV found {result.signature} (rule {name})", digest, mime)
-        self._buffer = bytearray()
+        self._buffer = []
         self.verdict = ContentVerdict(False, None, None, "allowed", self.size, digest, mime)
         return self.verdict
+
+    def digest(self) -> str:
+        """Hex SHA-256 of the bytes fed until the verdict (all of them when it came at the end)."""
+        return self._hash.hexdigest()
+
+    async def _open_clamd(self) -> ClamdStream:
+        if self._clamd is None:
+            self._clamd = ClamdStream(self.content.clamd_socket, self.content.scan_timeout)
+            await self._clamd.open()
+        return self._clamd
 
     def close(self) -> None:
         if self._clamd is not None:
@@ -206,6 +211,6 @@ async def inspect_bytes(engine: ContentEngine, zone: str | None, direction: str,
         verdict = await inspector.feed(data) or await inspector.finish()
     finally:
         inspector.close()
-    if not verdict.sha256:  # decided early (size): the whole file is here, so its digest is too
-        verdict = dataclasses.replace(verdict, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    if not verdict.sha256:  # decided early (size), but in the one feed: the digest covers the whole file
+        verdict = dataclasses.replace(verdict, sha256=inspector.digest(), size=len(data))
     return verdict
