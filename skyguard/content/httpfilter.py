@@ -26,7 +26,8 @@ async def judge_body(engine: ContentEngine, facts, host: str | None, direction: 
     ConnectionFacts (zone, workload). A request's `target` and header values are held to the
     rules' patterns too (a key in a query string is an upload). Every verdict is counted; a
     block is logged."""
-    if engine.inspector(facts.zone, direction, "http") is None:
+    rules = engine.content.rules_for(facts.zone, direction, "http")
+    if not rules:
         return None
     verdicts = []
     rule = engine.pattern_hit(facts.zone, direction, "http", [target, *(v for _, v in headers)]) \
@@ -40,8 +41,7 @@ async def judge_body(engine: ContentEngine, facts, host: str | None, direction: 
     try:
         files = body_files(headers, body, limit) if not verdicts else []
     except Uninspectable as error:
-        first = engine.content.rules_for(facts.zone, direction, "http")[0].name
-        verdicts = [ContentVerdict(True, first, UNINSPECTABLE, f"refused unscanned: {error}", len(body),
+        verdicts = [ContentVerdict(True, rules[0].name, UNINSPECTABLE, f"refused unscanned: {error}", len(body),
                                    hashlib.sha256(body).hexdigest())]
         files = []
     for data in files:

@@ -89,7 +89,8 @@ class PolicyState:
         return cls(SwapEngine(policy.credentials, secrets, content_patterns),
                    {str(a): (w.name, w.zone) for w in policy.workloads() for a in w.addresses},
                    dict(client_certificates or {}), tuple(content_patterns),
-                   ContentEngine(policy.content) if policy.content.rules else None)
+                   # Only rules over HTTP concern the proxy (SFTP ones are the access proxy's).
+                   ContentEngine(policy.content) if policy.content.zones_for("http") else None)
 
     def identify(self, address: str) -> tuple[str | None, str | None]:
         try:
