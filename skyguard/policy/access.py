@@ -104,7 +104,7 @@ class AccessSections(ConsoleSection, CheckerBase):
                 # The key, in the key backend, whose certificate the credential proxy presents to
                 # this credential's destinations.
                 client_certificate = item["client_certificate"]
-                if not isinstance(client_certificate, str) or not KEY_NAME_RE.match(client_certificate):
+                if not isinstance(client_certificate, str) or not KEY_NAME_RE.fullmatch(client_certificate):
                     self.problem(self.line_of(item, "client_certificate"), f"{path}.client_certificate",
                                  "must be the name of a key in skyguard's key backend (see `skyguard key list`)")
                     ok = False

@@ -37,6 +37,7 @@ from skyguard.policy.checker import CheckerBase, did_you_mean, quoted, type_name
 from skyguard.policy.values import HEADER_RE, SECRET_NAME_RE, format_hostport, parse_hostport
 
 DEFAULT_HEADER = "X-Skyguard-Assertion"
+# Both used with fullmatch: `$` also matches before a trailing newline.
 HOST_NAME_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z][a-z0-9-]{0,62}$")
 PRINCIPAL_RE = re.compile(r"^[^\x00-\x20\x7f]{1,128}$")  # a user or group name as the issuer spells it
 # Headers an identity header must never be: the proxy writes them itself or HTTP frames with them.
@@ -154,7 +155,7 @@ class AppsSections(CheckerBase):
                 v["port"] = self.integer(item["port"], f"{path}.port", self.line_of(item, "port"), 1, 65535)
             if "host" in item:
                 host = item["host"].lower().rstrip(".") if isinstance(item["host"], str) else item["host"]
-                if not isinstance(host, str) or not HOST_NAME_RE.match(host):
+                if not isinstance(host, str) or not HOST_NAME_RE.fullmatch(host):
                     self.problem(self.line_of(item, "host"), f"{path}.host",
                                  f"{quoted(item['host'])} is not a host name such as wiki.example.com")
                 else:
@@ -208,7 +209,7 @@ class AppsSections(CheckerBase):
             return ()
         names = []
         for index, item in enumerate(node):
-            if not isinstance(item, str) or not PRINCIPAL_RE.match(item):
+            if not isinstance(item, str) or not PRINCIPAL_RE.fullmatch(item):
                 self.problem(self.line_of(node, index), f"{path}[{index}]",
                              f"must be a user or group name as the issuer spells it, not {type_name(item)} {quoted(item)}")
                 continue

@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from skyguard.keys.types import KEY_NAME_RE
 from skyguard.policy.checker import CheckerBase, did_you_mean, quoted, type_name
 from skyguard.policy.values import SECRET_NAME_RE
 
@@ -33,7 +34,6 @@ OPERATIONS = ("sign", "verify", "decrypt")
 DEFAULT_PORT = 8200
 DEFAULT_RATE = "10/s"
 _RATE = re.compile(r"^(\d{1,6})\s*/\s*(s|sec|second|m|min|minute)$")
-_KEY_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,58}$")  # skyguard.keys.types.KEY_NAME_RE
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ class KeysSection(CheckerBase):
         name = node.get("name")
         ok = True
         if "name" in node:
-            if not isinstance(name, str) or not _KEY_NAME.match(name):
+            if not isinstance(name, str) or not KEY_NAME_RE.fullmatch(name):  # as `skyguard key create` checks it
                 self.problem(self.line_of(node, "name"), f"{path}.name",
                              f"{quoted(name)} is not a key name (a-z, 0-9, '.', '_', '-'; at most 59)")
                 ok = False

@@ -184,6 +184,9 @@ def test_an_app_section_parses():
     (("groups: [wiki-editors]", "users: []"), "lets nobody in"),
     (("workload: vfw1", "workload: vfw9"), "did you mean 'vfw1'"),
     (("host: wiki.apps.test", "host: 'wiki apps'"), "is not a host name"),
+    # A trailing newline is no part of a host name (every request would be refused 421).
+    (("host: wiki.apps.test", 'host: "wiki.apps.test\\n"'), "is not a host name"),
+    (("groups: [wiki-editors]", 'groups: ["wiki-editors\\n"]'), "must be a user or group name"),
     (("listen: \"0.0.0.0:8443\"", "listen: \"0.0.0.0\""), "has no port"),
     (("groups: [wiki-editors]", "groups: [x], identity_header: Cookie"), "is not a header name skyguard may write"),
 ])

@@ -60,6 +60,7 @@ def test_the_keys_section_parses():
     (("zones: [auth]", "zones: [nowhere]"), "keys.keys[0].zones"),
     (("name: wrap", "name: release"), "'release' is already granted at keys.keys[0]"),
     (("name: wrap", "name: Wrap!"), "'Wrap!' is not a key name"),
+    (("name: wrap", 'name: "wrap\\n"'), "is not a key name"),  # as `skyguard key create` says too
     (("  keys:\n", "  keys:\n    - {name: x}\n"), "keys.keys[0]"),
 ])
 def test_keys_section_errors_name_the_key_and_what_to_do(change, expected):
@@ -79,6 +80,8 @@ def test_client_certificate_names_a_key_and_needs_a_keys_section():
         str(pytest.raises(PolicyError, parse_policy, with_cert).value)
     bad = with_cert.replace("client_certificate: github-mtls", "client_certificate: [1]")
     assert "must be the name of a key" in str(pytest.raises(PolicyError, parse_policy, bad + KEYS).value)
+    newline = with_cert.replace("client_certificate: github-mtls", 'client_certificate: "github-mtls\\n"')
+    assert "must be the name of a key" in str(pytest.raises(PolicyError, parse_policy, newline + KEYS).value)
 
 
 def test_rates():
