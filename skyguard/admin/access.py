@@ -80,8 +80,8 @@ def authorize(policy: Policy, operator: SshOperator, login: Login) -> Workload:
     return workload
 
 
-def workload_ssh_address(workload: Workload) -> str:
-    """The address the proxy dials for a workload: its first IPv4 address, else its first one."""
+def workload_address(workload: Workload) -> str:
+    """The address the SSH and console proxies dial for a workload: its first IPv4 address, else its first one."""
     if not workload.addresses:
         raise AccessRefused("no_address", f"skyguard: workload {workload.name} has no address in the policy")
     v4 = [a for a in workload.addresses if a.version == 4]

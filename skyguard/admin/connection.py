@@ -235,7 +235,7 @@ class OperatorConnection(asyncssh.SSHServer):
             workload = self.workload
             if workload is None:
                 raise access.AccessRefused("no_target", "skyguard: no VM selected for this connection")
-            address = access.workload_ssh_address(workload)
+            address = access.workload_address(workload)
             cfg = self.proxy.config
             client = VmClient(self.proxy, workload.name)
             # Relay the VM's agent requests to the operator's agent only when policy allows it

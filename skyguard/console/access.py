@@ -33,10 +33,3 @@ def authorize(policy: Policy, operator: str, groups: tuple[str, ...], target_nam
                             zone=workload.zone if workload else None)
     return target, workload
 
-
-def workload_address(workload: Workload) -> str:
-    """The address the proxy dials: its first IPv4 address, else its first one."""
-    if not workload.addresses:
-        raise AccessRefused("no_address", f"skyguard: workload {workload.name} has no address in the policy")
-    v4 = [a for a in workload.addresses if a.version == 4]
-    return str(v4[0] if v4 else workload.addresses[0])

@@ -16,7 +16,7 @@ import os
 import secrets
 import struct
 
-from skyguard.admin.access import AccessRefused
+from skyguard.admin.access import AccessRefused, workload_address
 from skyguard.console import access, rfb
 from skyguard.console.rdp import RdpDesktop
 from skyguard.console.recording import VncRecording
@@ -95,7 +95,7 @@ class ConsoleSession:
         try:
             self.target, workload = access.authorize(self.proxy.policy, self.ticket.operator,
                                                      self.ticket.groups, self.ticket.target)
-            address = access.workload_address(workload)
+            address = workload_address(workload)
         except AccessRefused as e:
             return await self._refuse(e.reason, str(e))
         self.zone = workload.zone

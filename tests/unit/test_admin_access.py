@@ -67,9 +67,9 @@ def test_authorize_allows_zones_in_may_access():
 
 
 def test_workload_address_prefers_ipv4_and_requires_one():
-    assert access.workload_ssh_address(POLICY.workload("radius1")) == "10.0.1.2"
+    assert access.workload_address(POLICY.workload("radius1")) == "10.0.1.2"
     with pytest.raises(access.AccessRefused, match="no address"):
-        access.workload_ssh_address(POLICY.workload("bare"))
+        access.workload_address(POLICY.workload("bare"))
 
 
 class Clock:
