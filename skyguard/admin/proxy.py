@@ -97,6 +97,16 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def sftp_content_engine(policy: Policy):
+    """The policy's content rules compiled for SFTP uploads (admin/sftp.py), or None when no rule
+    covers SFTP. Compiles YARA: call off the event loop."""
+    if not policy.content.zones_for("sftp"):
+        return None
+    from skyguard.content.inspector import ContentEngine
+
+    return ContentEngine(policy.content)
+
+
 def operator_keys(policy: Policy) -> dict[str, asyncssh.SSHKey]:
     """Every operator's public key, parsed; BadInput naming the operator whose key is not one."""
     parsed = {}
@@ -139,6 +149,8 @@ class AdminSshProxy:
         self._serving: tuple[str, bool] | None = None  # (listen, agent_forwarding) of _server
         self._started = False
         self.policy, self.operator_keys = self._checked(policy)
+        # Built here and in set_policy, never in a session's start path (on the loop).
+        self.content_engine = sftp_content_engine(self.policy)
 
     @staticmethod
     def _checked(policy: Policy) -> tuple[Policy, dict]:
@@ -163,7 +175,11 @@ class AdminSshProxy:
         and sessions the new policy would not allow are ended at once (revocation), open port
         forwards closed if forwarding was turned off. If the new address cannot be listened on,
         AdminError: the proxy then does not listen (it fails closed) until a policy or restart fixes it."""
-        self.policy, self.operator_keys = self._checked(policy)
+        checked, keys_of = self._checked(policy)
+        engine = self.content_engine
+        if engine is None or engine.content != checked.content:  # recompiled only when the rules changed
+            engine = await asyncio.to_thread(sftp_content_engine, checked)
+        self.policy, self.operator_keys, self.content_engine = checked, keys_of, engine
         try:
             if self._started:
                 await self._follow_policy()

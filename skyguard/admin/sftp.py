@@ -12,7 +12,6 @@ content rule (skyguard/policy/content.py) are held back and judged before the VM
 
 from __future__ import annotations
 
-import functools
 import struct
 from typing import Any
 
@@ -284,13 +283,6 @@ class SftpUploadFilter:
         return bytes(out)
 
 
-@functools.lru_cache(maxsize=4)
-def _engine(content):
-    from skyguard.content.inspector import ContentEngine
-
-    return ContentEngine(content)  # compiles YARA: once per policy, not per session
-
-
 class SftpFilterPump:
     """Drives one SftpUploadFilter from an SSH session's callbacks, which are synchronous: bytes
     from the operator queue up and are filtered in order by one task, with the operator's channel
@@ -348,8 +340,8 @@ class SftpFilterPump:
 def upload_pump(session, workload) -> SftpFilterPump | None:
     """The pump for an SFTP session of the access proxy (admin/session.py's ProxySession) on a VM
     of `workload`'s zone, or None when no content rule covers SFTP uploads there."""
-    content = session.proxy.policy.content
-    if not content.rules_for(workload.zone, "upload", "sftp"):
+    engine = session.proxy.content_engine  # the policy's rules, compiled once (AdminSshProxy)
+    if engine is None or not engine.content.rules_for(workload.zone, "upload", "sftp"):
         return None
     recording = session.recording
 
@@ -358,7 +350,7 @@ def upload_pump(session, workload) -> SftpFilterPump | None:
         session.proxy.record(entry.pop("event"), operator=session.owner.operator_name,
                              session=recording.id if recording else None, **entry)
 
-    upload_filter = SftpUploadFilter(_engine(content), workload.zone, record, workload=workload.name,
+    upload_filter = SftpUploadFilter(engine, workload.zone, record, workload=workload.name,
                                      metrics=session.proxy.metrics.content)
     return SftpFilterPump(upload_filter, lambda data: session.vm_chan.write(data), lambda data: session.chan.write(data),
                           session.chan.pause_reading, session.chan.resume_reading,
