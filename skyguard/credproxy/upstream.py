@@ -45,25 +45,43 @@ class UpstreamTls:
         return f"UpstreamTls(extra_cas={list(self.extra_cas)})"
 
     def context(self, certificate: str | None) -> ssl.SSLContext:
+        """The context presenting `certificate` (a store name; None: none), built here when not
+        cached. Blocks while a token-held key loads: on the loop, use context_for()."""
         context = self._contexts.get(certificate)
         if context is None:
-            context = ssl.create_default_context()  # the system store, verified names, TLS 1.2+
-            for path in self.extra_cas:
-                try:
-                    context.load_verify_locations(cafile=path)
-                except (OSError, ssl.SSLError) as error:
-                    raise CredentialError(
-                        f"cannot load the upstream CA bundle {path} ({type(error).__name__}: "
-                        f"{getattr(error, 'strerror', None) or error}); give a readable PEM file") from None
-            context.set_alpn_protocols(["http/1.1"])
-            if certificate is not None:
-                # Outbound mutual TLS: the client certificate lives in the store, never in the VM.
-                if certificate.startswith(KEY_REFERENCE):  # its key is in the key backend (a token)
-                    install_key(context, self.secrets, certificate[len(KEY_REFERENCE):], self.keys)
-                else:
-                    chain, private_key = split_pem(bytes(self.secrets.get(certificate)))
-                    load_cert_chain_from_memory(context, chain, private_key)
-            self._contexts[certificate] = context
+            context = self._contexts[certificate] = self._build(certificate, self.keys)
+        return context
+
+    async def context_for(self, certificate: str | None) -> ssl.SSLContext:
+        """context() for the event loop: a token-held key (KEY_REFERENCE) is loaded in a worker
+        thread (token login, the engine, the sealed store), so one VM's first mTLS request
+        does not stall every other VM. The cache is only touched here on the loop, and a
+        context built across a forget() goes into the dropped cache, never the new one."""
+        context = self._contexts.get(certificate)
+        if context is not None or certificate is None or not certificate.startswith(KEY_REFERENCE):
+            return context or self.context(certificate)
+        cache = self._contexts
+        context = await asyncio.to_thread(self._build, certificate, self.keys)
+        cache[certificate] = context
+        return context
+
+    def _build(self, certificate: str | None, keys) -> ssl.SSLContext:
+        context = ssl.create_default_context()  # the system store, verified names, TLS 1.2+
+        for path in self.extra_cas:
+            try:
+                context.load_verify_locations(cafile=path)
+            except (OSError, ssl.SSLError) as error:
+                raise CredentialError(
+                    f"cannot load the upstream CA bundle {path} ({type(error).__name__}: "
+                    f"{getattr(error, 'strerror', None) or error}); give a readable PEM file") from None
+        context.set_alpn_protocols(["http/1.1"])
+        if certificate is not None:
+            # Outbound mutual TLS: the client certificate lives in the store, never in the VM.
+            if certificate.startswith(KEY_REFERENCE):  # its key is in the key backend (a token)
+                install_key(context, self.secrets, certificate[len(KEY_REFERENCE):], keys)
+            else:
+                chain, private_key = split_pem(bytes(self.secrets.get(certificate)))
+                load_cert_chain_from_memory(context, chain, private_key)
         return context
 
     def forget(self) -> None:
@@ -186,7 +204,7 @@ class UpstreamPool:
             reused = connection is not None
             async with asyncio.timeout(limits.upstream_timeout):
                 if connection is None:
-                    context = self.tls.context(certificate) if facts.tls else None
+                    context = await self.tls.context_for(certificate) if facts.tls else None
                     _, connection = await loop.create_connection(
                         lambda: UpstreamConnection(limits.max_header_bytes), facts.address, facts.port,
                         ssl=context, server_hostname=host if context else None)
