@@ -241,6 +241,12 @@ class ConsoleProxy:
         """The lock that serialises skyguard's logins to one VM's VNC server (see session.py)."""
         return self._vm_locks.setdefault((address, port), asyncio.Lock())
 
+    def refused(self, reason: str, /, **fields) -> None:
+        """Count and log one refused console login (bad ticket, target not allowed, VM side
+        failed, ...), whichever door it came through."""
+        self.metrics.auth_failures.labels(reason).inc()
+        self.record("console_access_refused", reason=reason, **fields)
+
     def record(self, kind: str, /, **fields) -> None:
         try:
             self.decision_log.record(kind, **fields)

@@ -37,6 +37,7 @@ class ConsoleSession:
         self.proxy = proxy
         self.client_r, self.client_w = reader, writer
         peer = writer.get_extra_info("peername") or ("?", 0)
+        self.source_host = peer[0]  # what the failed-login limiter counts
         self.source = f"{peer[0]}:{peer[1]}"
         self.web = ticket is not None
         self.ticket: Ticket | None = ticket
@@ -73,7 +74,7 @@ class ConsoleSession:
         await self.client_w.drain()
 
     async def _admit(self):
-        if self.proxy.limiter.is_blocked(self.source.rsplit(":", 1)[0]):
+        if self.proxy.limiter.is_blocked(self.source_host):
             self.proxy.metrics.auth_failures.labels("rate_limited").inc()
             return None
         await self._send(rfb.VERSION_3_8)
@@ -125,11 +126,9 @@ class ConsoleSession:
     async def _refuse(self, reason: str, message: str):
         await self._send(rfb.security_failure(message))
         if reason == "bad_ticket":  # a guessed password; a refused operator has a valid ticket
-            self.proxy.limiter.failure(self.source.rsplit(":", 1)[0])
-        self.proxy.metrics.auth_failures.labels(reason).inc()
-        self.proxy.record("console_access_refused", reason=reason, source=self.source,
-                          operator=self.ticket.operator if self.ticket else None,
-                          target=self.ticket.target if self.ticket else None)
+            self.proxy.limiter.failure(self.source_host)
+        self.proxy.refused(reason, source=self.source, operator=self.ticket.operator if self.ticket else None,
+                           target=self.ticket.target if self.ticket else None)
         return None
 
     async def _vm_login(self, address: str, target):

@@ -204,9 +204,7 @@ class WebConsole:
         try:
             target, _ = access.authorize(self.proxy.policy, who.user, tuple(who.groups), name)
         except AccessRefused as e:
-            self.proxy.metrics.auth_failures.labels(e.reason).inc()
-            self.proxy.record("console_access_refused", reason=e.reason, source=None, operator=who.user,
-                              target=name[:64], door="web")
+            self.proxy.refused(e.reason, source=None, operator=who.user, target=name[:64], door="web")
             return _response(HTTPStatus.FORBIDDEN, (str(e) + "\n").encode())
         ticket = self.proxy.tickets.issue(who.user, target.name, tuple(who.groups), web=True)
         headers = Headers([("Location", f"/console/view#ticket={ticket.password}"), ("Content-Length", "0"),
@@ -217,9 +215,7 @@ class WebConsole:
         token = parse_qs(urlsplit(ws.request.path).query).get("ticket", [""])[0]
         ticket = self.proxy.tickets.redeem_token(token) if token else None
         if ticket is None:
-            self.proxy.metrics.auth_failures.labels("bad_ticket").inc()
-            self.proxy.record("console_access_refused", reason="bad_ticket", source=_source(ws), operator=None,
-                              target=None, door="web")
+            self.proxy.refused("bad_ticket", source=_source(ws), operator=None, target=None, door="web")
             await ws.close(1008, "unknown, used or expired console ticket")
             return
         await self.proxy.serve_session(ConsoleSession(self.proxy, WsReader(ws), WsWriter(ws), ticket=ticket))
