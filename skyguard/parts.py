@@ -18,6 +18,7 @@ Not here: what any part does, the signed log itself.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -131,3 +132,12 @@ async def make_part(slot: PartSlot, policy: Policy):
 
 async def stop_part(part) -> None:
     await part.stop()
+
+
+def record_or_report(decision_log: DecisionLog, logger: logging.Logger, kind: str, /, **fields) -> None:
+    """decision_log.record(kind, **fields) for a part's session code: a log that fails is reported
+    on `logger` with its traceback instead of crashing the session that made the decision."""
+    try:
+        decision_log.record(kind, **fields)
+    except Exception:  # noqa: BLE001 - reported, not raised (see above)
+        logger.exception("could not record %s in the decision log", kind)

@@ -47,6 +47,7 @@ from skyguard.admin.recording import SessionArchive
 from skyguard.content.record import ContentMetrics
 from skyguard.custody.store import SecretStore
 from skyguard.errors import AdminError, BadInput
+from skyguard.parts import record_or_report
 from skyguard.policy.model import Policy
 
 if TYPE_CHECKING:
@@ -261,7 +262,4 @@ class AdminSshProxy:
                 session.recheck()
 
     def record(self, kind: str, /, **fields) -> None:
-        try:
-            self.decision_log.record(kind, **fields)
-        except Exception:  # noqa: BLE001 - a log failure must not crash the proxy; it is reported
-            log.exception("could not record %s in the decision log", kind)
+        record_or_report(self.decision_log, log, kind, **fields)

@@ -36,7 +36,7 @@ from skyguard.console.session import ConsoleSession
 from skyguard.console.tickets import TicketBook
 from skyguard.custody.store import SecretStore
 from skyguard.errors import AdminError, SkyguardError
-from skyguard.parts import Degraded
+from skyguard.parts import Degraded, record_or_report
 from skyguard.policy.model import Policy
 
 if TYPE_CHECKING:
@@ -248,7 +248,4 @@ class ConsoleProxy:
         self.record("console_access_refused", reason=reason, **fields)
 
     def record(self, kind: str, /, **fields) -> None:
-        try:
-            self.decision_log.record(kind, **fields)
-        except Exception:  # noqa: BLE001 - a log failure must not crash the proxy; it is reported
-            log.exception("could not record %s in the decision log", kind)
+        record_or_report(self.decision_log, log, kind, **fields)
