@@ -218,14 +218,17 @@ static __always_inline int sg_handle(void *ctx, void *data, void *data_end, __u3
     if (err)
       return err;
   }
-  sg_emit(SG_EVENT_FLOW_START, 0, ifindex, wl->zone, direction, &pkt->t, rule, len, m->cfg_flags, wl->workload);
+  sg_emit(SG_EVENT_FLOW_START, 0, ifindex, wl->zone, direction, &pkt->t, rule, len, m->cfg_flags, wl->workload,
+          now);
   return SG_VERDICT_ALLOW;
 }
 
 /* Count the verdict; on a drop, the single drop exit. Returns 1 to pass, 0 to drop. */
 static __always_inline int sg_finish(int verdict, __u32 ifindex, __u32 len, __u8 direction, struct sg_meta *m) {
   if (verdict < 0) {
-    sg_report_drop(m->zone, direction, (__u8)(-verdict), ifindex, &m->pkt.t, len, m->cfg_flags, m->share);
+    /* sg_now: a drop before sg_handle read the clock (or on the VLAN path) reads it here. */
+    sg_report_drop(m->zone, direction, (__u8)(-verdict), ifindex, &m->pkt.t, len, m->cfg_flags, m->share,
+                   sg_now(m));
     return 0;
   }
   sg_count_traffic(m->zone, direction, (__u8)verdict, len);

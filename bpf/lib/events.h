@@ -92,10 +92,11 @@ static __always_inline void sg_count_lost_event(void) {
     *lost += 1;
 }
 
-/* share: the VM's share (workload id), for the drop-event budget. */
+/* share: the VM's share (workload id), for the drop-event budget. now: the coarse clock the
+ * caller already has (sg_now), so a flood of drops pays no clock helper call per packet. */
 static __always_inline void sg_emit(__u8 type, __u8 reason, __u32 ifindex, __u16 zone, __u8 direction,
                                     const struct sg_tuple *t, __u32 rule_id, __u32 len, __u32 cfg_flags,
-                                    __u32 share) {
+                                    __u32 share, __u64 now) {
   if (!(cfg_flags & SG_CFG_EVENTS))
     return;
   __u32 count = 1;
@@ -103,7 +104,6 @@ static __always_inline void sg_emit(__u8 type, __u8 reason, __u32 ifindex, __u16
     /* A flood of one denied flow is one event per interval, carrying how many it stands for. */
     struct sg_deny_agg_key akey = {.reason = reason};
     sg_ct_key_of(&akey.flow, ifindex, t, 0);
-    __u64 now = bpf_ktime_get_coarse_ns();
     struct sg_deny_agg_val *agg = sg_deny_agg.lookup(&akey);
     if (agg && now - agg->last_ns < SG_DENY_EVENT_INTERVAL_NS) {
       agg->suppressed += 1;
@@ -147,13 +147,14 @@ static __always_inline void sg_emit(__u8 type, __u8 reason, __u32 ifindex, __u16
 
 /* The hook every drop goes through (one per entry point): counts, then reports. */
 static __always_inline void sg_report_drop(__u16 zone, __u8 direction, __u8 reason, __u32 ifindex,
-                                           const struct sg_tuple *t, __u32 len, __u32 cfg_flags, __u32 share) {
+                                           const struct sg_tuple *t, __u32 len, __u32 cfg_flags, __u32 share,
+                                           __u64 now) {
   __u32 idx = SG_DROP_IDX(zone < SG_MAX_ZONES ? zone : 0, direction & 1, reason & (SG_DROP_SLOTS - 1));
   struct sg_counter_val *v = sg_drops.lookup(&idx);
   if (v)
     sg_count(v, len);
   sg_count_traffic(zone, direction, SG_VERDICT_DROP, len);
-  sg_emit(SG_EVENT_DROP, reason, ifindex, zone, direction, t, 0, len, cfg_flags, share);
+  sg_emit(SG_EVENT_DROP, reason, ifindex, zone, direction, t, 0, len, cfg_flags, share, now);
 }
 
 #endif
