@@ -16,9 +16,13 @@ import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from skyguard import config
 from skyguard.errors import BadInput, DaemonError, SkyguardError
+
+if TYPE_CHECKING:
+    from skyguard.policy.model import Policy
 
 log = logging.getLogger("skyguard.control")
 
@@ -152,6 +156,15 @@ def request(op: str, timeout: float = 30.0, state_dir=None, socket_file: Path | 
         cls = BadInput if reply.get("code") == 2 else DaemonError
         raise cls(reply.get("error", "the daemon refused the request"))
     return reply
+
+
+def running_policy(state_dir=None, timeout: float = 30.0) -> Policy:
+    """The policy the running daemon enforces, parsed from the exact text it loaded. Raises as
+    request() does; state_dir as there."""
+    from skyguard.policy.parse import parse_policy  # the control channel itself knows no policy
+
+    reply = request("policy.get", timeout=timeout, state_dir=state_dir)
+    return parse_policy(reply["text"], source=reply.get("source", "<daemon>"))
 
 
 def wait_gone(timeout: float = 30.0) -> None:

@@ -23,13 +23,12 @@ policy_option = click.option(
 
 def _keys_config(policy_file: Path | None, state_dir: Path | None):
     from skyguard import control
-    from skyguard.policy.parse import load_policy, parse_policy
+    from skyguard.policy.parse import load_policy
 
     if policy_file is not None:
         policy = load_policy(policy_file)
     elif control.daemon_running():
-        reply = control.request("policy.get", state_dir=state_dir)
-        policy = parse_policy(reply["text"], source=reply.get("source", "<daemon>"))
+        policy = control.running_policy(state_dir)
     else:
         raise BadInput("no skyguard daemon is running to say where keys live; give --policy FILE "
                        "(its `keys:` section names the backend)")

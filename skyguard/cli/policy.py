@@ -16,7 +16,7 @@ from skyguard.errors import BadInput, PolicyError
 from skyguard.policy.canonical import policy_summary, policy_to_dict, summary_line
 from skyguard.policy.diff import diff_policies, format_diff
 from skyguard.policy.model import Policy
-from skyguard.policy.parse import load_policy, parse_policy
+from skyguard.policy.parse import load_policy
 
 POLICY_FILE = click.Path(dir_okay=False, path_type=str)  # existence is checked by load_policy
 
@@ -81,7 +81,9 @@ def show(file: str | None, state_dir: Path | None, as_json: bool) -> None:
       skyguard policy show policies/keysystems.yaml
       skyguard policy show policies/keysystems.yaml --json | jq '.policy.rules[].name'
     """
-    parsed = load_policy(file) if file else running_policy(state_dir)
+    from skyguard import control
+
+    parsed = load_policy(file) if file else control.running_policy(state_dir)
     if as_json:
         emit_json({"source": parsed.source, "sha256": parsed.sha256, "summary": policy_summary(parsed),
                    "policy": policy_to_dict(parsed)})
@@ -107,8 +109,10 @@ def diff(old: str, new: str | None, state_dir: Path | None, as_json: bool) -> No
       skyguard policy diff policies/keysystems.yaml new.yaml
       skyguard policy diff a.yaml b.yaml --json | jq '.changes[] | select(.kind == "rule")'
     """
+    from skyguard import control
+
     if new is None:
-        result = diff_policies(running_policy(state_dir), load_policy(old))
+        result = diff_policies(control.running_policy(state_dir), load_policy(old))
     else:
         result = diff_policies(load_policy(old), load_policy(new))
     if as_json:
@@ -156,14 +160,6 @@ def load(file: str, state_dir: Path | None, as_json: bool) -> None:
             warn(f"warning: {part} runs without some of the policy (that stays off): {problem['problem']}")
     if any(problem["state"] == "failed" for problem in problems.values()):
         raise SystemExit(1)  # the policy is in force, but a part it needs is not
-
-
-def running_policy(state_dir: Path | None = None) -> Policy:
-    """The policy the running daemon enforces, parsed from the exact text it loaded."""
-    from skyguard import control
-
-    reply = control.request("policy.get", state_dir=state_dir)
-    return parse_policy(reply["text"], source=reply["source"])
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:

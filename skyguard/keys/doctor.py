@@ -21,23 +21,19 @@ NAME = "PKCS#11 keys"
 FIX_PACKAGES = "apt-get install softhsm2 libengine-pkcs11-openssl (or run ./scripts/setup)"
 
 
-def running_policy(state_dir: Path | None = None):
+def _policy_in_force(state_dir: Path | None):
     """The running daemon's policy, or None (no daemon, or it does not answer)."""
     from skyguard import control
-    from skyguard.policy.parse import parse_policy
 
     try:
-        if not control.daemon_running():
-            return None
-        reply = control.request("policy.get", timeout=5, state_dir=state_dir)
-        return parse_policy(reply["text"], source=reply.get("source", "<daemon>"))
+        return control.running_policy(state_dir, timeout=5) if control.daemon_running() else None
     except Exception:  # noqa: BLE001 - a daemon that does not answer: no policy to check against
         return None
 
 
 def check_key_custody(state_dir: Path | None = None):
     """The check for the running daemon's policy (or for none)."""
-    return check_pkcs11(running_policy(), state_dir)
+    return check_pkcs11(_policy_in_force(state_dir), state_dir)
 
 
 def check_pkcs11(policy, state_dir: Path | None = None):
