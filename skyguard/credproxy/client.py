@@ -51,7 +51,7 @@ class ClientConnection(asyncio.Protocol):
         self.tls = tls
         self.slot = slot  # the VM's connection slot this connection holds (TLS: taken at accept)
         self.limits = proxy.limits
-        self.reader = RequestReader(proxy.limits)
+        self.reader: RequestReader | None = None  # made in connection_made, under the VM's limits
         self.transport: asyncio.Transport | None = None
         self.task: asyncio.Task | None = None
         self.refusal: ProtocolRefusal | None = None  # answered after the requests before it
@@ -70,16 +70,16 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        peer = transport.get_extra_info("peername")
+        address = peer[0] if peer else ""
         if self.slot is _NO_SLOT:
-            peer = transport.get_extra_info("peername")
-            slot = self.proxy.admit(peer[0] if peer else "")
+            slot = self.proxy.admit(address)
             if slot is None:
                 transport.abort()  # this VM is over its connection share: close at once, never queue
                 return
             self.slot = slot
-        peer = transport.get_extra_info("peername")
         # Content zones may send files up to the inspection buffer (the policy at connect time).
-        self.limits = self.proxy.state.request_limits(self.proxy.limits, peer[0] if peer else "")
+        self.limits = self.proxy.state.request_limits(address)
         self.reader = RequestReader(self.limits)
         self.proxy._connections.add(self)
         self._arm(self.limits.idle_timeout)

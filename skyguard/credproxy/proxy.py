@@ -82,15 +82,19 @@ class PolicyState:
     client_certificates: dict[str, ClientCertificate]  # destination name -> certificate
     content_patterns: tuple = ()
     content: ContentEngine | None = None  # the policy's content rules (skyguard/content), if any
+    limits: ProxyLimits = ProxyLimits()  # the proxy's own
+    zone_limits: dict[str, ProxyLimits] = field(default_factory=dict)  # zone -> limits other than those
 
     @classmethod
-    def build(cls, policy: Policy, secrets: SecretSource, client_certificates, content_patterns) -> PolicyState:
+    def build(cls, policy: Policy, secrets: SecretSource, client_certificates, content_patterns,
+              limits: ProxyLimits) -> PolicyState:
         """Reads the secrets from the store: call off the loop when the store is on disk."""
         return cls(SwapEngine(policy.credentials, secrets, content_patterns),
                    {str(a): (w.name, w.zone) for w in policy.workloads() for a in w.addresses},
                    dict(client_certificates or {}), tuple(content_patterns),
                    # Only rules over HTTP concern the proxy (SFTP ones are the access proxy's).
-                   ContentEngine(policy.content) if policy.content.zones_for("http") else None)
+                   ContentEngine(policy.content) if policy.content.zones_for("http") else None,
+                   limits, _zone_limits(policy, limits))
 
     def identify(self, address: str) -> tuple[str | None, str | None]:
         try:
@@ -99,22 +103,29 @@ class PolicyState:
             return None, None
         return self.workload_by_address.get(address, (None, None))
 
-    def request_limits(self, limits: ProxyLimits, address: str) -> ProxyLimits:
-        """The limits for a connection from `address`: a zone under HTTP upload content rules may
-        send bodies up to content.max_inspect_bytes (judged whole; larger ones are refused
-        unscanned), others keep the proxy's own limit."""
-        if self.content is None:
-            return limits
-        content = self.content.content
+    def request_limits(self, address: str) -> ProxyLimits:
+        """The limits for a connection from `address` (see _zone_limits)."""
+        if not self.zone_limits:
+            return self.limits
         _, zone = self.identify(address)
-        if not content.rules_for(zone, "upload", "http") or content.max_inspect_bytes <= limits.max_request_body:
-            return limits
-        return dataclasses.replace(limits, max_request_body=content.max_inspect_bytes)
+        return self.zone_limits.get(zone, self.limits)
 
     def client_certificate_for(self, host: str | None, zone: str | None) -> str | None:
         """The store name of the client certificate to present to `host` for `zone`, if any."""
         certificate = self.client_certificates.get(host)
         return certificate.store_name if certificate and zone in certificate.zones else None
+
+
+def _zone_limits(policy: Policy, limits: ProxyLimits) -> dict[str, ProxyLimits]:
+    """A zone under HTTP upload content rules may send bodies up to content.max_inspect_bytes
+    (judged whole; larger ones are refused unscanned); other zones keep the proxy's own limit.
+    Made once per policy: connections look their zone up."""
+    content = policy.content
+    if content.max_inspect_bytes <= limits.max_request_body:
+        return {}
+    raised = dataclasses.replace(limits, max_request_body=content.max_inspect_bytes)
+    return {zone: raised for rule in content.rules if "upload" in rule.directions and "http" in rule.protocols
+            for zone in rule.zones}
 
 
 @dataclass
@@ -161,7 +172,7 @@ class CredentialProxy:
         """upstream_ca_file and upstream_cas: CA bundles trusted for upstreams in addition to
         the system store."""
         self.secrets = secrets
-        self.state = PolicyState.build(policy, secrets, client_certificates, content_patterns)
+        self.state = PolicyState.build(policy, secrets, client_certificates, content_patterns, limits)
         self.ca = ca
         self.address_matches = address_matches
         self.decision_log = decision_log
@@ -230,7 +241,7 @@ class CredentialProxy:
         state = await asyncio.to_thread(
             PolicyState.build, policy, self.secrets,
             old.client_certificates if client_certificates is None else client_certificates,
-            old.content_patterns if content_patterns is None else content_patterns)
+            old.content_patterns if content_patterns is None else content_patterns, self.limits)
         self.state = state
         # Upstream TLS set up under the old policy (client certificates) is not reused.
         self.tls.keys = policy.keys
