@@ -36,6 +36,7 @@ from _common import progress, result
 from skyguard.apps.oidc import SignIn
 from skyguard.apps.service import AppsService
 from skyguard.custody.store import SecretStore
+from skyguard.dns.interfaces import NullLog  # the decision log is not in this measure
 from skyguard.lab.ca import LabCA
 from skyguard.parts import new_event_loop
 from skyguard.policy.apps import App, Identity
@@ -123,12 +124,7 @@ def main() -> None:
         policy = Policy(name="bench", zones={"lab": Zone("lab", (workload,))}, networks={}, rules=(),
                         identity=Identity("https://idp.test:9443", "skyguard", "idp-secret", session_check=3600),
                         apps=(app,))
-
-        class Discard:
-            def record(self, kind, /, **fields):
-                pass
-
-        service = AppsService(policy, store, decision_log=Discard())
+        service = AppsService(policy, store, decision_log=NullLog())
         asyncio.run_coroutine_threadsafe(service.start(), loop).result(10)
         session = service.sessions.create(app, SignIn("bench", "bench", "Bench User", ("staff",), "unused"), 3600)
         cookie = service.sealer.seal(session.sid, HOST, session.expires)

@@ -128,19 +128,16 @@ def serve_proxy(tmp: Path, which: str) -> None:
     """Child process: the proxy, forwarding everything to the sink."""
     from skyguard.credproxy.ca import CertificateAuthority
     from skyguard.credproxy.http1 import ProxyLimits
-    from skyguard.credproxy.interfaces import CredentialMetrics, ListDecisionLog, MemorySecretSource
+    from skyguard.credproxy.interfaces import CredentialMetrics, MemorySecretSource
     from skyguard.credproxy.proxy import CredentialProxy
+    from skyguard.dns.interfaces import NullLog  # keeps nothing: memory does not grow during the run
     from skyguard.parts import new_event_loop
-
-    class NoLog(ListDecisionLog):  # do not grow memory during the run
-        def record(self, kind, /, **fields):
-            pass
 
     clamd_socket = (tmp / "clamd" / "clamd.sock") if which == "rules" else None
     port = RULES_PORT if which == "rules" else BARE_PORT
     proxy = CredentialProxy(
         bench_policy(tmp, str(clamd_socket) if clamd_socket else None), MemorySecretSource({}),
-        CertificateAuthority(tmp / "skyca"), address_matches=lambda name, ip: False, decision_log=NoLog(),
+        CertificateAuthority(tmp / "skyca"), address_matches=lambda name, ip: False, decision_log=NullLog(),
         metrics=CredentialMetrics(), upstream_ca_file=str(tmp / "upca.pem"),
         destination_of=lambda sock: ("127.0.0.1", SINK_PORT), limits=ProxyLimits(max_request_body=MAX_BODY))
 

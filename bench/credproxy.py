@@ -75,20 +75,17 @@ def serve_skyguard(tmp: Path) -> None:
     import ipaddress
 
     from skyguard.credproxy.ca import CertificateAuthority
-    from skyguard.credproxy.interfaces import CredentialMetrics, ListDecisionLog, MemorySecretSource
+    from skyguard.credproxy.interfaces import CredentialMetrics, MemorySecretSource
     from skyguard.credproxy.proxy import CredentialProxy
+    from skyguard.dns.interfaces import NullLog  # keeps nothing: memory does not grow during the run
     from skyguard.policy.model import Credential, Injection, Policy, Workload, Zone
-
-    class CountingLog(ListDecisionLog):  # do not grow memory during the run
-        def record(self, kind, /, **fields):
-            pass
 
     workload = Workload("bench", "sdn", "lo", "02:00:00:00:00:01", (ipaddress.ip_address("127.0.0.1"),))
     policy = Policy("bench", {"sdn": Zone("sdn", (workload,))}, {}, (), credentials=(
         Credential("bench", PLACEHOLDER, "bench", ("sdn",), ("localhost",), Injection("Authorization", "Bearer {secret}")),))
     proxy = CredentialProxy(
         policy, MemorySecretSource({"bench": SECRET}), CertificateAuthority(tmp / "skyca"),
-        address_matches=lambda name, ip: ip == "127.0.0.1", decision_log=CountingLog(),
+        address_matches=lambda name, ip: ip == "127.0.0.1", decision_log=NullLog(),
         metrics=CredentialMetrics(), upstream_ca_file=str(tmp / "upca.pem"),
         destination_of=lambda sock: ("127.0.0.1", UPSTREAM_PORT),
     )

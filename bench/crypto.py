@@ -41,22 +41,18 @@ def serve(token_dir: str, module: str, state: str) -> None:
     """The proxy's process: print its port, serve until stdin closes."""
     import ipaddress
 
+    from skyguard.dns.interfaces import NullLog  # the signed log is not in this measure (bench/tlog.py is)
+    from skyguard.keys.proxy import CryptoProxy
     from skyguard.parts import LoopThread
     from skyguard.policy.keys import KeyGrant, KeysConfig
     from skyguard.policy.model import Policy, Workload, Zone
-
-    class Discard:  # the signed log is not in this measure (its own benchmark is bench/tlog.py)
-        def record(self, kind, /, **fields):
-            pass
-
-    from skyguard.keys.proxy import CryptoProxy
 
     vm = Workload("vm1", "auth", "lo", "02:00:00:00:00:01", (ipaddress.ip_address("127.0.0.1"),))
     keys = KeysConfig(backend="pkcs11", module=module, token="bench", pin_secret="hsm-pin", port=0,
                       grants=(KeyGrant("bench", ("auth",), ("sign",), 1e9, 10**9),))
     policy = Policy(name="bench", zones={"auth": Zone("auth", (vm,))}, networks={}, rules=(), keys=keys)
     loop = LoopThread()
-    proxy = CryptoProxy(policy, Path(state), Discard(), hosts=("127.0.0.1",))
+    proxy = CryptoProxy(policy, Path(state), NullLog(), hosts=("127.0.0.1",))
     loop.call(proxy.start())
     print(proxy.port, flush=True)
     sys.stdin.read()
