@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_admin_ssh import ProxyThread
 
 from skyguard import config
 from skyguard.console.proxy import ConsoleProxy
@@ -30,6 +29,8 @@ from skyguard.custody.store import SecretStore
 from skyguard.policy.parse import parse_policy
 from skyguard.tlog import LogReader, LogWriter, entry, host_signer
 from skyguard.tlog.verify import verify_log
+from support.console_support import start_xvnc
+from support.netns_support import NamespaceLoop
 
 PORT = 24279
 WEB_PORT = 24280
@@ -128,24 +129,11 @@ def console(lab, tmp_path_factory):
     store = SecretStore(state / "secrets")
     store.set("dc1-rdp", f"operator:{RDP_PASSWORD}".encode())
     store.set("dc1-rdp-bad", RDP_PASSWORD.encode())  # no "username:": refused, never quoted
-    (tmp / "passwd").write_bytes(subprocess.run(["vncpasswd", "-f"], input=RDP_PASSWORD.encode(),
-                                                capture_output=True, check=True).stdout)
-    os.chmod(tmp / "passwd", 0o600)
     (tmp / "xrdp.ini").write_text(XRDP_INI.replace("{log}", str(tmp / "xrdp.log")))
-    display = next(n for n in range(600 + os.getpid() % 300, 1000) if not Path(f"/tmp/.X{n}-lock").exists())
-    procs = [lab.popen("dc1", ["Xvnc", f":{display}", "-rfbport", str(INNER_VNC), "-interface", "127.0.0.1",
-                               "-geometry", "320x240", "-depth", "24", "-SecurityTypes", "VncAuth",
-                               "-PasswordFile", str(tmp / "passwd"), "-nolisten", "tcp"],
-                       stdout=subprocess.DEVNULL, stderr=open(tmp / "xvnc.log", "w"))]
+    xvnc, _ = start_xvnc(lab, "dc1", tmp, RDP_PASSWORD, INNER_VNC, "127.0.0.1", display_base=600)
+    procs = [xvnc]
     thread = proxy = None
     try:
-        for _ in range(100):
-            if lab.exec("dc1", ["xsetroot", "-display", f":{display}", "-solid", "#3366cc"],
-                        capture_output=True).returncode == 0:
-                break
-            time.sleep(0.1)
-        else:
-            raise AssertionError("Xvnc did not start: " + (tmp / "xvnc.log").read_text()[-2000:])
         procs.append(lab.popen("dc1", ["xrdp", "-n", "-c", str(tmp / "xrdp.ini")], stdout=subprocess.DEVNULL,
                                stderr=open(tmp / "xrdp.err", "w")))
         for _ in range(100):
@@ -156,7 +144,7 @@ def console(lab, tmp_path_factory):
             raise AssertionError("xrdp did not start: " + (tmp / "xrdp.err").read_text()[-2000:])
         policy = parse_policy(config.DEFAULT_POLICY.read_text() + CONSOLE)
         log = SignedLog(state)
-        thread = ProxyThread(lab.ns_name("host"))
+        thread = NamespaceLoop(lab.ns_name("host"), timeout=30)
         proxy = ConsoleProxy(policy, store, state, log)
         thread.run(proxy.start())  # no Degraded: FreeRDP and Xvnc are installed
         yield type("Console", (), {"tmp": tmp, "state": state, "lab": lab, "proxy": proxy, "log": log})
@@ -164,7 +152,7 @@ def console(lab, tmp_path_factory):
         if proxy is not None:
             thread.run(proxy.stop())
         if thread is not None:
-            thread.stop()
+            thread.close()
         for proc in reversed(procs):
             proc.terminate()
             proc.wait(10)

@@ -15,14 +15,13 @@ import os
 import secrets
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
 from skyguard import config
 from skyguard.lab.ca import LabCA
 from skyguard.lab.idp import DEFAULT_FIXTURE, ISSUER, LabIdp
+from support.console_support import start_xvnc
 
 UPLINK = "100.64.0.1"
 APP_HOST = "wiki.apps.test"
@@ -98,22 +97,11 @@ def signin(lab, tmp_path_factory):
     chain, key = ca.leaf_files(APP_HOST)
     store.set("wiki-tls", chain.read_bytes() + key.read_bytes())
     (tmp / "policy.yaml").write_text(config.DEFAULT_POLICY.read_text() + POLICY)
-    (tmp / "passwd").write_bytes(subprocess.run(["vncpasswd", "-f"], input=VM_PASSWORD.encode(),
-                                                capture_output=True, check=True).stdout)
-    os.chmod(tmp / "passwd", 0o600)
-    display = next(n for n in range(300 + os.getpid() % 200, 1000) if not Path(f"/tmp/.X{n}-lock").exists())
-    procs = [lab.popen("dc1", ["Xvnc", f":{display}", "-rfbport", "5901", "-interface", "10.10.2.2", "-geometry",
-                               "320x240", "-depth", "24", "-SecurityTypes", "VncAuth", "-PasswordFile",
-                               str(tmp / "passwd"), "-nolisten", "tcp"],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    xvnc, _ = start_xvnc(lab, "dc1", tmp, VM_PASSWORD, 5901, "10.10.2.2", display_base=300)
+    procs = [xvnc]
     idp = None
     try:
         idp = LabIdp(lab, fixture=fixture, work_dir=tmp / "idp").start()
-        for _ in range(100):
-            if lab.exec("dc1", ["xsetroot", "-display", f":{display}", "-solid", "#3366cc"],
-                        capture_output=True).returncode == 0:
-                break
-            time.sleep(0.1)
         server = lab.popen("host", [PY, "-c", SERVER, str(tmp / "policy.yaml"), str(state), str(ca.cert_path)],
                            stdout=subprocess.PIPE, stderr=open(tmp / "server.log", "w"), text=True,
                            env=dict(os.environ, PYTHONPATH=str(config.REPO_ROOT)))

@@ -18,17 +18,17 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_admin_ssh import ProxyThread
 
 from skyguard import config
 from skyguard.admin.decisionlog import JsonLinesDecisionLog
 from skyguard.console.proxy import ConsoleProxy
 from skyguard.custody.store import SecretStore
 from skyguard.policy.parse import parse_policy
+from support.console_support import start_xvnc
+from support.netns_support import NamespaceLoop
 
 PORT = 24259
 WEB_PORT = 24260
@@ -58,25 +58,12 @@ def console(lab, tmp_path_factory):
     state = tmp / "state"
     store = SecretStore(state / "secrets")
     store.set("dc1-vnc", VM_PASSWORD.encode())
-    (tmp / "passwd").write_bytes(subprocess.run(["vncpasswd", "-f"], input=VM_PASSWORD.encode(),
-                                                capture_output=True, check=True).stdout)
-    os.chmod(tmp / "passwd", 0o600)
-    display = next(n for n in range(100 + os.getpid() % 400, 1000) if not Path(f"/tmp/.X{n}-lock").exists())
-    xvnc = lab.popen("dc1", ["Xvnc", f":{display}", "-rfbport", "5901", "-interface", VM, "-geometry", "320x240",
-                             "-depth", "24", "-SecurityTypes", "VncAuth", "-PasswordFile", str(tmp / "passwd"),
-                             "-nolisten", "tcp"], stdout=subprocess.DEVNULL, stderr=open(tmp / "xvnc.log", "w"))
+    xvnc, display = start_xvnc(lab, "dc1", tmp, VM_PASSWORD, 5901, VM, display_base=100)
     thread = proxy = None
     try:
-        for _ in range(100):
-            if lab.exec("dc1", ["xsetroot", "-display", f":{display}", "-solid", "#3366cc"],
-                        capture_output=True).returncode == 0:
-                break
-            time.sleep(0.1)
-        else:
-            raise AssertionError("Xvnc did not start: " + (tmp / "xvnc.log").read_text()[-2000:])
         policy = parse_policy(config.DEFAULT_POLICY.read_text() + CONSOLE)
         log = JsonLinesDecisionLog(state / "admin" / "decisions.jsonl")
-        thread = ProxyThread(lab.ns_name("host"))
+        thread = NamespaceLoop(lab.ns_name("host"), timeout=30)
         proxy = ConsoleProxy(policy, store, state, log)
         thread.run(proxy.start())
         yield type("Console", (), {"tmp": tmp, "state": state, "lab": lab, "proxy": proxy, "thread": thread,
@@ -85,7 +72,7 @@ def console(lab, tmp_path_factory):
         if proxy is not None:
             thread.run(proxy.stop())
         if thread is not None:
-            thread.stop()
+            thread.close()
         xvnc.terminate()
         xvnc.wait(10)
 

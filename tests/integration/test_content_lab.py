@@ -9,14 +9,11 @@ The service runs in a thread of this process that entered cnt-host's network nam
 
 from __future__ import annotations
 
-import asyncio
-import ctypes
 import ipaddress
 import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -28,11 +25,11 @@ from skyguard.policy.content import ContentBlock, ContentPolicy, ContentRule
 from skyguard.policy.model import Policy, Workload, Zone
 from support.content_support import EICAR, LocalClamd, gzip_bomb, zipped
 from support.credproxy_support import TestCA
+from support.netns_support import NamespaceLoop, wait_for_port
 
 VM, HOST, NET = (f"cnt{os.getpid()}-{role}" for role in ("vm", "host", "net"))
 VM_IF = "cnt-h-vm"
 SERVER = "198.51.100.20"
-CLONE_NEWNET = 0x40000000
 REPO = str(Path(__file__).resolve().parents[2])
 
 
@@ -68,49 +65,6 @@ def build_namespaces():
         for command in commands:
             in_ns(ns, "ip", *command)
     in_ns(HOST, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-
-
-class NamespaceLoop:
-    """An asyncio loop in a thread that lives in a network namespace (setns is per thread)."""
-
-    def __init__(self, ns):
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        self.error = None
-
-        def run():
-            try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns")
-                os.close(fd)
-            except OSError as error:
-                self.error = error
-            ready.set()
-            if self.error is None:
-                self.loop.run_forever()
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        ready.wait(10)
-        if self.error:
-            raise self.error
-
-    def run(self, coroutine, timeout=60):
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
-
-    def close(self):
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
-
-
-def wait_for_port(ns, address, port):
-    probe = (f"import socket,sys\nfor i in range(100):\n"
-             f"  try: socket.create_connection(({address!r},{port}),0.2).close(); sys.exit(0)\n"
-             f"  except OSError: __import__('time').sleep(0.05)\nsys.exit(1)")
-    in_ns(ns, sys.executable, "-c", probe)
 
 
 def policy_for(clamd_socket: str) -> Policy:

@@ -9,15 +9,12 @@ is per thread), so the test reads its decision log and metrics directly.
 
 from __future__ import annotations
 
-import asyncio
-import ctypes
 import dataclasses
 import ipaddress
 import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -28,6 +25,7 @@ from skyguard.credproxy.service import CredentialService
 from skyguard.credproxy.steering import CredentialSteering
 from skyguard.policy.model import Credential, Injection, Policy, TlsTermination, Workload, Zone
 from support.credproxy_support import TestCA
+from support.netns_support import NamespaceLoop, wait_for_port
 
 # Namespaces named by this process (parallel runs never share them); links live inside them.
 VM, HOST, UP = (f"crx{os.getpid()}-{role}" for role in ("vm", "host", "up"))
@@ -37,7 +35,6 @@ PH = "sg-placeholder-github-7f3a"
 AUTH = f"Authorization: Bearer {PH}"
 API4, OTHER4, API6 = "203.0.113.10", "203.0.113.30", "2001:db8:203::10"
 LEARNED = {("api.github.test", API4), ("api.github.test", API6), ("other.test", OTHER4)}
-CLONE_NEWNET = 0x40000000
 
 
 def sh(*cmd, check=True, **kw):
@@ -81,53 +78,9 @@ def build_namespaces():
     in_ns(HOST, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
 
 
-class NamespaceLoop:
-    """An asyncio loop in a thread that lives in a network namespace."""
-
-    def __init__(self, ns):
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        self.error = None
-
-        def run():
-            try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns")
-                os.close(fd)
-            except OSError as error:
-                self.error = error
-                ready.set()
-                return
-            ready.set()
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        ready.wait(10)
-        if self.error:
-            raise self.error
-
-    def run(self, coroutine, timeout=30):
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
-
-    def close(self):
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
-
-
 def start_process(ns, *cmd):
     process = subprocess.Popen(["ip", "netns", "exec", ns, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     return process
-
-
-def wait_for_port(ns, address, port):
-    probe = (f"import socket,sys\nfor i in range(100):\n"
-             f"  try: socket.create_connection(({address!r},{port}),0.2).close(); sys.exit(0)\n"
-             f"  except OSError: __import__('time').sleep(0.05)\nsys.exit(1)")
-    in_ns(ns, sys.executable, "-c", probe)
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +123,7 @@ def lab(root, tmp_path_factory):
         )
         secrets = MemorySecretSource({"github": SECRET, "crxvm-tls": service_cert + service_key})
         log = ListDecisionLog()
-        loop = NamespaceLoop(HOST)
+        loop = NamespaceLoop(HOST, timeout=30)
         service = CredentialService(
             policy, secrets, state_dir=tmp / "state", decision_log=log, registry=None,
             address_matches=lambda n, ip: (n, ip) in LEARNED, upstream_ca_file=str(tmp / "upca.pem"),
