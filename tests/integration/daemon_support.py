@@ -39,10 +39,11 @@ class RunningDaemon:
     """
 
     def __init__(self, lab, work_dir: Path, policy_path: Path | None = None, metrics: str = "off",
-                 wait_attached: bool = False):
+                 wait_attached: bool = False, ready_timeout: float = READY_TIMEOUT):
         self.lab = lab
         self.metrics = metrics
         self.wait_attached = wait_attached
+        self.ready_timeout = ready_timeout  # a bound against hangs, not a timing
         self.policy_path = Path(policy_path or lab.policy_path)
         self.work_dir = Path(work_dir)
         self.state_dir = self.work_dir / "state"
@@ -67,26 +68,31 @@ class RunningDaemon:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            self._in_host([PY, "-m", "skyguard.cli.main", "up", "--policy", str(self.policy_path),
-                           "--metrics", self.metrics]),
+            self._in_host(self.command("up", "--policy", str(self.policy_path), "--metrics", self.metrics)),
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env, cwd="/")
         log.close()
         return self.wait_ready()
 
     def wait_ready(self) -> dict:
-        deadline = time.monotonic() + READY_TIMEOUT
+        """`status --json` once the daemon answers on its control socket (and, with wait_attached,
+        has every workload's programs attached), within ready_timeout seconds."""
+        from skyguard.errors import DaemonError
+
+        deadline = time.monotonic() + self.ready_timeout
         wanted = len(self.lab_workloads()) if self.wait_attached else 0
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"skyguard up exited with {self.proc.returncode}:\n{self.log_tail()}")
-            out = self.cli("status", "--json", check=False)
-            if out.returncode == 0:
-                status = json.loads(out.stdout)
-                if len(status.get("interfaces") or {}) >= wanted:
-                    return status
+            try:
+                status = self.request("status")  # the socket, not a CLI process every 0.2 s
+            except (DaemonError, TimeoutError):
+                status = None  # not answering yet (or too busy starting to answer within 15 s)
+            if status is not None and len(status.get("interfaces") or {}) >= wanted:
+                status.pop("ok", None)  # as `status --json` prints it
+                return status
             time.sleep(0.2)
         raise AssertionError(f"skyguard up did not answer status (with every workload attached: {self.wait_attached}) "
-                             f"within {READY_TIMEOUT:.0f}s:\n{self.log_tail()}")
+                             f"within {self.ready_timeout:.0f}s:\n{self.log_tail()}")
 
     def lab_workloads(self) -> list:
         from skyguard.policy.parse import load_policy
@@ -120,7 +126,7 @@ class RunningDaemon:
         """Run `skyguard ARGS` in the host namespace with this daemon's environment. With user,
         as that user (setpriv), optionally keeping capabilities `caps` (e.g. "+dac_override").
         With check, a non-zero exit fails the test with the command's stderr."""
-        argv = [PY, "-m", "skyguard.cli.main", *args]
+        argv = self.command(*args)
         if user:
             drop = ["setpriv", f"--reuid={user}", f"--regid={user if user != 'nobody' else 'nogroup'}",
                     "--clear-groups"]

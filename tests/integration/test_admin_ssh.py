@@ -11,14 +11,12 @@ Layout (two network namespaces this module creates and removes, prefix shx-):
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import os
 import secrets
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import replace
 from ipaddress import ip_address
@@ -34,9 +32,9 @@ from skyguard.admin.recording import SessionArchive
 from skyguard.custody.store import SecretStore
 from skyguard.errors import AdminError
 from skyguard.policy.model import AdminSsh, Policy, SshOperator, Workload, Zone
+from support.netns_support import NamespaceLoop
 
 REPO = Path(__file__).resolve().parents[2]
-CLONE_NEWNET = 0x40000000
 PROXY_PORT = 24222
 KILLABLE_PROXY_PORT = 24223  # the proxy run as its own process, to be killed
 MOVED_PORT = 24224  # where a policy change moves the listener (test_admin_lifecycle.py)
@@ -88,43 +86,6 @@ def keygen(path: Path) -> str:
     return (path.with_suffix(".pub") if path.suffix else Path(str(path) + ".pub")).read_text().strip()
 
 
-class ProxyThread:
-    """Runs an asyncio loop in a thread that lives in another network namespace."""
-
-    def __init__(self, netns: str):
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        errors = []
-
-        def main():
-            try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns")
-                os.close(fd)
-            except BaseException as e:  # reported to the test below
-                errors.append(e)
-                ready.set()
-                return
-            asyncio.set_event_loop(self.loop)
-            ready.set()
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=main, daemon=True)
-        self.thread.start()
-        ready.wait()
-        if errors:
-            raise errors[0]
-
-    def run(self, coro, timeout=30):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self):
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
 @pytest.fixture(scope="module")
 def lab(root, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("admin-ssh")
@@ -148,7 +109,7 @@ def lab(root, tmp_path_factory):
             sh("ip", "-n", ns, "link", "set", "lo", "up")
 
         # skyguard's VM key, public half through the CLI, into the VM's authorized_keys.
-        env = dict(os.environ, PYTHONPATH=str(REPO), SKYGUARD_STATE_DIR=str(state))
+        env = dict(os.environ, PYTHONPATH=f"{REPO}:{REPO / 'tests'}", SKYGUARD_STATE_DIR=str(state))  # tests/: support.*
         vm_key_line = sh(sys.executable, "-m", "skyguard.cli.main", "admin", "vm-key", env=env).stdout.strip()
         assert vm_key_line.startswith("ssh-ed25519 ")
         (tmp / "authorized_keys").write_text(vm_key_line + "\n")
@@ -179,7 +140,7 @@ LogLevel VERBOSE
         policy = build_policy(spec, PROXY_PORT)
         registry = CollectorRegistry()
         decision_log = JsonLinesDecisionLog(fallback_log_path(state))
-        proxy_thread = ProxyThread(px_ns)
+        proxy_thread = NamespaceLoop(px_ns, timeout=30)
         config = AdminProxyConfig(connect_timeout=2.0, max_failures=3, failure_window=600, block_for=600)
         proxy = AdminSshProxy(policy, SecretStore(state / "secrets"), state, decision_log, registry, config)
         proxy_thread.run(proxy.start())
@@ -201,7 +162,7 @@ LogLevel VERBOSE
         if proxy is not None:
             proxy_thread.run(proxy.stop())
         if proxy_thread is not None:
-            proxy_thread.stop()
+            proxy_thread.close()
         if sshd is not None:
             sshd.terminate()
             sshd.wait(10)

@@ -116,15 +116,6 @@ class LabHostDaemon(RunningDaemon):
     def _in_host(self, argv):
         return self.lab.command("host", argv)
 
-    def wait_ready(self) -> dict:
-        """As RunningDaemon's, with a longer bound: bcc's compile on a loaded 2-core machine."""
-        def answered():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"skyguard up exited with {self.proc.returncode}:\n{self.log_tail()}")
-            out = self.cli("status", "--json", check=False)
-            return json.loads(out.stdout) if out.returncode == 0 else None
-        return wait_for(answered, 180, f"skyguard up to answer status ({self.log_tail()[-600:]})", interval=0.3)
-
 
 @pytest.fixture(scope="module")
 def apps_lab(lab, tmp_path_factory):
@@ -134,7 +125,7 @@ def apps_lab(lab, tmp_path_factory):
     idp = LabIdp(lab, fixture=fixture, work_dir=tmp / "idp").start()
     policy = tmp / "policy.yaml"
     policy.write_text(config.DEFAULT_POLICY.read_text() + POLICY)
-    daemon = LabHostDaemon(lab, tmp / "daemon", policy_path=policy)
+    daemon = LabHostDaemon(lab, tmp / "daemon", policy_path=policy, ready_timeout=180)  # bcc on a loaded 2-core machine
     ca = LabCA(lab.lab_dir / "ca")
     secrets = json.loads(fixture.read_text())["clients"][0]["client_secret"]
     (tmp / "client-secret").write_text(secrets)

@@ -17,8 +17,6 @@ import os
 import secrets
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 from daemon_support import RunningDaemon, drop_count, wait_for
@@ -26,7 +24,7 @@ from PIL import Image
 
 from skyguard import config
 from skyguard.custody.store import SecretStore
-from skyguard.policy.parse import load_policy
+from support.console_support import start_xvnc
 
 PORT = 24267
 UPLINK = "100.64.0.1"  # the lab host's address toward the internet namespace
@@ -55,19 +53,6 @@ admin:
 """
 
 
-class PatientDaemon(RunningDaemon):
-    """The lab's daemon, given READY seconds to come up (bcc compiling on a busy 2-core machine)."""
-
-    def wait_ready(self) -> dict:
-        deadline = time.monotonic() + READY
-        while True:
-            try:
-                return super().wait_ready()
-            except AssertionError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise
-
-
 @pytest.fixture(scope="module")
 def console_daemon(lab, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("console-daemon")
@@ -76,23 +61,13 @@ def console_daemon(lab, tmp_path_factory):
     base = config.DEFAULT_POLICY.read_text()
     assert "\nrules:\n" in base
     policy.write_text(base.replace("\nrules:\n", "\nrules:\n" + VNC_RULE, 1) + CONSOLE)
-    daemon = PatientDaemon(lab, tmp / "daemon", policy_path=policy)
+    daemon = RunningDaemon(lab, tmp / "daemon", policy_path=policy, ready_timeout=READY, wait_attached=True)
     SecretStore(daemon.state_dir / "secrets").set("dc1-vnc", VM_PASSWORD.encode())
-    (tmp / "passwd").write_bytes(subprocess.run(["vncpasswd", "-f"], input=VM_PASSWORD.encode(),
-                                                capture_output=True, check=True).stdout)
-    os.chmod(tmp / "passwd", 0o600)
-    display = next(n for n in range(500 + os.getpid() % 300, 1000) if not Path(f"/tmp/.X{n}-lock").exists())
-    xvnc = lab.popen("dc1", ["Xvnc", f":{display}", "-rfbport", "5901", "-interface", VM, "-geometry", "320x240",
-                             "-depth", "24", "-SecurityTypes", "VncAuth", "-PasswordFile", str(tmp / "passwd"),
-                             "-nolisten", "tcp"], stdout=subprocess.DEVNULL, stderr=open(tmp / "xvnc.log", "w"))
+    xvnc, _ = start_xvnc(lab, "dc1", tmp, VM_PASSWORD, 5901, VM, display_base=500)
     try:
-        wait_for(lambda: lab.exec("dc1", ["xsetroot", "-display", f":{display}", "-solid", "#3366cc"],
-                                  capture_output=True).returncode == 0, 30, "Xvnc in dc1")
-        daemon.start()
-        workloads = len(load_policy(policy).workloads())
-        status = wait_for(lambda: (s := daemon.status())["parts"].get("console") == "running"
-                          and len(s["interfaces"]) >= workloads and s, READY,
-                          "the console part running and every workload attached", interval=0.5)
+        daemon.start()  # every workload attached
+        status = wait_for(lambda: (s := daemon.status())["parts"].get("console") == "running" and s, READY,
+                          "the console part running", interval=0.5)
         yield type("ConsoleDaemon", (), {"tmp": tmp, "lab": lab, "daemon": daemon, "status": status})
     finally:
         daemon.cleanup()

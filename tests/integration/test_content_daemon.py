@@ -43,17 +43,6 @@ def _without_section(text: str, key: str) -> str:
     return "".join(out)
 
 
-class ContentDaemon(RunningDaemon):
-    """The lab's daemon, waited for generously: `status --wait`, then every workload attached."""
-
-    def wait_ready(self) -> dict:
-        out = self.cli("status", "--wait", str(STARTUP_WAIT_S), "--json", timeout=STARTUP_WAIT_S + 30)
-        assert out.returncode == 0, f"skyguard up did not answer status: {out.stderr}\n{self.log_tail()}"
-        wanted = len(self.lab_workloads())
-        return wait_for(lambda: (s := self.status()) and len(s["interfaces"]) >= wanted and s, STARTUP_WAIT_S,
-                        "every workload's programs attached")
-
-
 @pytest.fixture(scope="module")
 def daemon(lab, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("content-daemon")
@@ -73,7 +62,9 @@ content:
       protocols: [http]
       block: {{clamav: true}}
 """)
-    d = ContentDaemon(lab, tmp, policy_path=tmp / "content.yaml", metrics=METRICS)
+    # Waited for generously (as long as answering status and attaching every workload could each take).
+    d = RunningDaemon(lab, tmp, policy_path=tmp / "content.yaml", metrics=METRICS, wait_attached=True,
+                      ready_timeout=2 * STARTUP_WAIT_S)
     d.env["SKYGUARD_LAB_DIR"] = str(lab.lab_dir.parent)  # the daemon trusts this lab's CA upstream
     d.tmp = tmp
     try:
