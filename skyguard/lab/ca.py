@@ -1,5 +1,7 @@
 """The lab's certificate authority: a CA made once per lab and leaf certificates minted on demand
-for any `.test` name (by SNI), so HTTPS in the lab verifies like the real thing.
+for any `.test` name (by SNI), so HTTPS in the lab verifies like the real thing. Tests and
+benchmarks that run a server or an mTLS client outside a lab get their certificates here too
+(`issue`, `certify`: any names, IP addresses, client auth).
 
 This is test infrastructure for the sealed internet, not skyguard's own CA for intercepted TLS
 (that lives in skyguard/custody and holds real keys). ECDSA P-256 keeps minting fast.
@@ -8,8 +10,10 @@ This is test infrastructure for the sealed internet, not skyguard's own CA for i
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import re
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,10 @@ LEAF_DAYS = 30
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
+
+
+def _common_name(name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
 
 
 class LabCA:
@@ -98,21 +106,57 @@ class LabCA:
         if self._leaf_key is None:
             # One key for every leaf: minting stays a signature, not a key generation.
             self._leaf_key = ec.generate_private_key(ec.SECP256R1())
-        return (
+        return self._sign_leaf(self._leaf_key.public_key(), _common_name(name), [x509.DNSName(name)])
+
+    def _sign_leaf(self, public_key: Any, subject: x509.Name, sans: list[x509.GeneralName],
+                   client: bool = False) -> x509.Certificate:
+        usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+        builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .subject_name(subject)
             .issuer_name(self.cert.subject)
-            .public_key(self._leaf_key.public_key())
+            .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(_now() - datetime.timedelta(hours=1))
             .not_valid_after(_now() + datetime.timedelta(days=LEAF_DAYS))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return (
+            builder
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
                            critical=False)
             .sign(self._key, hashes.SHA256())
         )
+
+    def certify(self, public_key: Any, names: Sequence[str] = (), *, subject: x509.Name | None = None,
+                client: bool = False) -> bytes:
+        """The PEM certificate of a key held elsewhere (a CSR's, a token's), signed by the CA:
+        subject `subject` (default: common name names[0]), a SAN per name (an IP address or a DNS
+        name; none when `names` is empty), for server auth or, with `client`, client auth.
+
+        For servers and clients outside a lab (test upstreams, mTLS clients): the names are the
+        caller's, not a client's SNI, so `.test` is not required."""
+        if subject is None:
+            if not names:
+                raise LabError("a certificate needs a subject or at least one name")
+            subject = _common_name(names[0])
+        sans: list[x509.GeneralName] = []
+        for name in names:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(name)))
+            except ValueError:
+                sans.append(x509.DNSName(name))
+        return self._sign_leaf(public_key, subject, sans, client).public_bytes(serialization.Encoding.PEM)
+
+    def issue(self, names: Sequence[str], *, client: bool = False) -> tuple[bytes, bytes]:
+        """(certificate PEM, key PEM) with a fresh key of its own: see certify()."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        return self.certify(key.public_key(), names, client=client), key_pem
 
     def leaf_files(self, name: str) -> tuple[Path, Path]:
         """(chain PEM, key PEM) for `name`, minted on first use. Python's ssl loads only files."""

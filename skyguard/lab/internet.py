@@ -7,12 +7,21 @@ Started and stopped by skyguard.lab.lab.Lab (`python -m skyguard.lab.serve --lab
 writes DIR/internet.ready once every socket is bound. Each HTTP(S) request is appended as one JSON
 line to DIR/requests.jsonl. This is test infrastructure: it trusts nothing it receives, but it is
 not hardened for the real network (it never sees it).
+
+The same HTTP(S) echo also runs alone, outside a lab, as the upstream of the credential and content
+proxies' tests and benchmarks: `EchoServer` (in a process, on threads) or
+`python -m skyguard.lab.serve echo --port P [--host H]... [--cert F --key F [--client-ca F]] [--log F]`.
+A request may ask for an encoded answer (`X-Echo-Encoding: gzip`, or any other value, which is
+only announced) or for the connection to be dropped just after the answer (`X-Echo-Drop-Idle`),
+as an idle upstream would; each record names the client certificate's common name, if verified.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import gzip
+import itertools
 import json
 import os
 import select
@@ -23,7 +32,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import h11
@@ -59,6 +68,13 @@ def _text_or_b64(data: bytes) -> dict:
         return {"body_base64": base64.b64encode(data).decode("ascii")}
 
 
+def request_body(record: dict) -> bytes:
+    """The body of a logged or echoed request, as the bytes the server received."""
+    if "body_base64" in record:
+        return base64.b64decode(record["body_base64"])
+    return record["body"].encode("utf-8")
+
+
 class RequestLog:
     """Appends one JSON object per line; one lock so lines from many threads never interleave."""
 
@@ -85,6 +101,9 @@ def _dual_stack_listener(port: int, kind: int) -> socket.socket:
 
 
 class InternetServers:
+    max_body = MAX_BODY
+    _closing = False  # set by EchoServer.close(): the accept loops end
+
     def __init__(self, lab_dir: Path):
         self.lab_dir = lab_dir
         self.ca = LabCA(lab_dir / "ca")
@@ -95,6 +114,7 @@ class InternetServers:
         self.tcp_listeners: list[tuple[socket.socket, Callable]] = []
         self.udp_sockets: dict[socket.socket, Callable] = {}
         self._handshake = threading.local()
+        self._connection_ids = itertools.count(1)
         self._sni_context = self._make_sni_context()
 
     # ---- setup -------------------------------------------------------------------------------
@@ -142,6 +162,8 @@ class InternetServers:
             try:
                 conn, peer = listener.accept()
             except OSError:
+                if self._closing:
+                    return
                 continue
             threading.Thread(target=self._guarded, args=(handler, conn, peer), daemon=True).start()
 
@@ -254,10 +276,14 @@ class InternetServers:
             # the client's SNI out of the callback.
             stream = self._sni_context.wrap_socket(conn, server_side=True)
             sni = self._handshake.sni
+        # Verified only when the context asks for client certificates (EchoServer's client_ca).
+        peer_cert = stream.getpeercert() if tls else None  # type: ignore[attr-defined]
+        client_cn = dict(x[0] for x in peer_cert["subject"]).get("commonName") if peer_cert else None
+        connection = next(self._connection_ids)  # which connection carried a request (pooling tests)
         local = stream.getsockname()
         http = h11.Connection(h11.SERVER)
         while True:
-            request, body = self._read_request(stream, http)
+            request, body = self._read_request(stream, http, self.max_body)
             if request is None:
                 return
             record = {
@@ -266,6 +292,7 @@ class InternetServers:
                 "client": _plain(peer[0]), "client_port": peer[1],
                 "server": _plain(local[0]), "server_port": local[1],
                 "sni": sni,
+                "client_certificate": client_cn, "connection": connection,
                 "method": request.method.decode("ascii", "replace"),
                 "path": request.target.decode("utf-8", "replace"),
                 "http_version": request.http_version.decode("ascii", "replace"),
@@ -274,14 +301,23 @@ class InternetServers:
             }
             self.log.append(record)
             payload = (json.dumps(record, sort_keys=True, indent=1) + "\n").encode("utf-8")
+            asked = dict(request.headers)  # lower-case names
+            extra = []
+            encoding = asked.get(b"x-echo-encoding", b"").decode("latin-1").strip().lower()
+            if encoding:  # a test checks that a proxy decodes before it looks at the body
+                payload = gzip.compress(payload) if encoding == "gzip" else payload
+                extra.append(("Content-Encoding", encoding))
             response = h11.Response(status_code=200, reason=b"OK", headers=[
                 ("Content-Type", "application/json"), ("Content-Length", str(len(payload))),
-                ("Server", "skyguard-lab-echo")])
+                ("Server", "skyguard-lab-echo"), *extra])
             wire = http.send(response)
             if request.method != b"HEAD":  # a HEAD response announces the body but carries none
                 wire += http.send(h11.Data(data=payload))
             stream.sendall(wire + http.send(h11.EndOfMessage()))
             if http.our_state is h11.MUST_CLOSE or http.their_state is h11.MUST_CLOSE:
+                return
+            if b"x-echo-drop-idle" in asked:
+                time.sleep(0.05)  # the client has the answer and keeps the connection: drop it
                 return
             try:
                 http.start_next_cycle()
@@ -289,7 +325,7 @@ class InternetServers:
                 return
 
     @staticmethod
-    def _read_request(stream, http: h11.Connection):
+    def _read_request(stream, http: h11.Connection, max_body: int = MAX_BODY):
         request, chunks, size = None, [], 0
         while True:
             event = http.next_event()
@@ -307,8 +343,8 @@ class InternetServers:
             if isinstance(event, h11.Request):
                 request = event
             elif isinstance(event, h11.Data):
-                if size < MAX_BODY:
-                    chunks.append(event.data[: MAX_BODY - size])
+                if size < max_body:
+                    chunks.append(event.data[: max_body - size])
                 size += len(event.data)
             elif isinstance(event, h11.EndOfMessage):
                 return request, b"".join(chunks)
@@ -316,7 +352,95 @@ class InternetServers:
                 return None, b""
 
 
+def tls_server_context(cert_file: str | Path, key_file: str | Path,
+                       client_ca: str | Path | None = None) -> ssl.SSLContext:
+    """A TLS server context from PEM files; with `client_ca`, client certificates it signed are
+    asked for and verified (a client may still present none)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    if client_ca:
+        context.load_verify_locations(client_ca)
+        context.verify_mode = ssl.CERT_OPTIONAL
+    return context
+
+
+class _NoLog:
+    def append(self, record: dict) -> None:
+        pass
+
+
+class EchoServer(InternetServers):
+    """The HTTP(S) echo alone, on `port` (0: any) of each of `hosts`, with the certificate the
+    caller gives (the SNI is only recorded, any name is served): no CA, DNS or other service.
+    Requests go to the JSON-lines file `log`, if given. `start()` serves on threads of this
+    process; `close()` stops accepting (connections already open end on their own)."""
+
+    max_body = 64 << 20  # the content tests send a few MiB and compare what arrived
+
+    def __init__(self, hosts: Sequence[str] = ("127.0.0.1",), port: int = 0, *, cert: str | Path | None = None,
+                 key: str | Path | None = None, client_ca: str | Path | None = None,
+                 log: str | Path | None = None):
+        # Not InternetServers.__init__: only what _serve_http reads is set up here.
+        self.log = RequestLog(Path(log)) if log else _NoLog()  # type: ignore[assignment]
+        self._handshake = threading.local()
+        self._connection_ids = itertools.count(1)
+        self.tls = cert is not None
+        if cert is not None:
+            context = tls_server_context(cert, key or cert, client_ca)
+
+            def remember_sni(_sslobj, server_name, _ctx):
+                self._handshake.sni = server_name  # echoed, so a test sees what the upstream got
+
+            context.sni_callback = remember_sni
+            self._sni_context = context
+        self.listeners = []
+        for host in hosts:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            self.listeners.append(socket.create_server((host, port), family=family, backlog=512))
+            port = port or self.listeners[0].getsockname()[1]  # every host on the first one's port
+        self.port = port
+
+    def start(self) -> EchoServer:
+        for listener in self.listeners:
+            threading.Thread(target=self._accept_loop, daemon=True,
+                             args=(listener, lambda c, a: self._serve_http(c, a, tls=self.tls))).start()
+        return self
+
+    def close(self) -> None:
+        self._closing = True
+        for listener in self.listeners:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+            except OSError:
+                pass
+            listener.close()
+
+
+def echo_main(argv) -> int:
+    parser = argparse.ArgumentParser(prog="python -m skyguard.lab.serve echo",
+                                     description="the lab's HTTP(S) echo alone, outside a lab")
+    parser.add_argument("--host", action="append", help="repeatable; default 0.0.0.0")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--cert", help="PEM certificate chain: serve HTTPS")
+    parser.add_argument("--key")
+    parser.add_argument("--client-ca", help="verify client certificates signed by this CA")
+    parser.add_argument("--log", help="append each request, as JSON, to this file")
+    args = parser.parse_args(argv)
+    server = EchoServer(args.host or ["0.0.0.0"], args.port, cert=args.cert, key=args.key,
+                        client_ca=args.client_ca, log=args.log).start()
+    print("ready", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    server.close()
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["echo"]:
+        return echo_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lab-dir", required=True, type=Path)
     args = parser.parse_args(argv)

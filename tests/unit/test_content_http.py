@@ -21,10 +21,11 @@ import pytest
 from skyguard.credproxy.ca import CertificateAuthority
 from skyguard.credproxy.interfaces import CredentialMetrics, ListDecisionLog, MemorySecretSource
 from skyguard.credproxy.proxy import CredentialProxy, ProxyLimits
+from skyguard.lab.ca import LabCA
+from skyguard.lab.internet import EchoServer, request_body
 from skyguard.policy.content import ContentBlock, ContentPolicy, ContentRule
 from skyguard.policy.model import Policy, Workload, Zone
 from support.content_support import EICAR, LocalClamd, gzip_bomb, zip_bomb, zipped
-from support.credproxy_support import TestCA, echo_ssl_context, serve_echo
 
 ELF = b"\x7fELF\x02\x01\x01\x00" + b"\0" * 8 + b"\x02\x00\x3e\x00\x01\x00\x00\x00" + b"\0" * 200
 DOWNLOAD_MARKER = "SKYGUARD-DOWNLOAD-MARKER-7731"
@@ -51,11 +52,11 @@ class Rig:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        upstream_ca = TestCA()
+        upstream_ca = LabCA(tmp / "upstream-ca", "test upstream")
         cert, key = upstream_ca.issue(["upload.test", "127.0.0.1"])
         (tmp / "up.pem").write_bytes(cert)
         (tmp / "up.key").write_bytes(key)
-        (tmp / "upca.pem").write_bytes(upstream_ca.certificate_pem)
+        (tmp / "upca.pem").write_bytes(upstream_ca.cert_path.read_bytes())
         self.echo_log = tmp / "echo.jsonl"
         self.ca = CertificateAuthority(tmp / "skyca")
         (tmp / "skyca.pem").write_bytes(self.ca.certificate_pem)
@@ -71,9 +72,8 @@ class Rig:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(60)
 
     async def _start(self):
-        context = echo_ssl_context(str(self.tmp / "up.pem"), str(self.tmp / "up.key"))
-        self.echo = await serve_echo("127.0.0.1", 0, context, str(self.echo_log))
-        port = self.echo.sockets[0].getsockname()[1]
+        self.echo = EchoServer(cert=self.tmp / "up.pem", key=self.tmp / "up.key", log=self.echo_log).start()
+        port = self.echo.port
         self.proxy = CredentialProxy(self.policy, MemorySecretSource(), self.ca, address_matches=lambda n, ip: True,
                                      decision_log=self.log, metrics=self.metrics, destination_of=lambda s: ("127.0.0.1", port),
                                      upstream_ca_file=str(self.tmp / "upca.pem"), limits=ProxyLimits(max_request_body=1 << 20))
@@ -135,7 +135,7 @@ def test_clean_file_passes_byte_exact(rig):
     code, _ = rig.upload(data)
     assert code == 200
     got = rig.echoed()[before:]
-    assert len(got) == 1 and got[0]["body"].encode("latin-1") == data
+    assert len(got) == 1 and request_body(got[0]) == data
     assert rig.counted("-", "allowed") >= 1
 
 

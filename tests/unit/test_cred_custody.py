@@ -20,8 +20,8 @@ from skyguard.credproxy.steering import CredentialSteering, TerminationSteer
 from skyguard.credproxy.termination import TlsTerminator
 from skyguard.custody.pemload import load_cert_chain_from_memory, split_pem
 from skyguard.errors import CredentialError
+from skyguard.lab.ca import LabCA
 from skyguard.policy.model import Policy, TlsTermination, Workload, Zone
-from support.credproxy_support import TestCA
 
 
 def test_ca_is_created_once_private_and_reused(tmp_path):
@@ -63,17 +63,18 @@ def test_cli_ca_export_prints_only_the_certificate(tmp_path):
     assert '"sha256_fingerprint"' in as_json.output and result.output.strip() in as_json.output.replace("\\n", "\n")
 
 
-def test_pem_split_and_load_from_memory():
+def test_pem_split_and_load_from_memory(tmp_path):
     import ssl
 
-    cert, key = TestCA().issue(["svc.test"])
+    ca = LabCA(tmp_path / "ca")
+    cert, key = ca.issue(["svc.test"])
     chain, private = split_pem(key + cert)
     assert chain.startswith(b"-----BEGIN CERTIFICATE") and b"PRIVATE KEY" in private
     load_cert_chain_from_memory(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), chain, private)
     with pytest.raises(CredentialError) as error:
         split_pem(cert)
     with pytest.raises(CredentialError) as mismatch:
-        load_cert_chain_from_memory(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), chain, TestCA().issue(["x"])[1])
+        load_cert_chain_from_memory(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), chain, ca.issue(["x"])[1])
     assert b"PRIVATE" not in str(error.value).encode() + str(mismatch.value).encode()
 
 
@@ -83,7 +84,7 @@ def _policy(forward_to=8080):
                   tls_termination=(TlsTermination("web1", 443, forward_to, "web1-tls"),))
 
 
-def test_termination_refuses_missing_certificate_and_loops():
+def test_termination_refuses_missing_certificate_and_loops(tmp_path):
     async def start(policy, secrets):
         terminator = TlsTerminator(policy, secrets, decision_log=ListDecisionLog(), metrics=CredentialMetrics())
         try:
@@ -93,7 +94,7 @@ def test_termination_refuses_missing_certificate_and_loops():
 
     with pytest.raises(CredentialError, match="skyguard secret set web1-tls"):
         asyncio.run(start(_policy(), MemorySecretSource({})))
-    cert, key = TestCA().issue(["web1.test"])
+    cert, key = LabCA(tmp_path / "ca").issue(["web1.test"])
     with pytest.raises(CredentialError, match="must differ"):
         asyncio.run(start(_policy(forward_to=443), MemorySecretSource({"web1-tls": cert + key})))
     listeners = asyncio.run(start(_policy(), MemorySecretSource({"web1-tls": cert + key})))
@@ -113,11 +114,11 @@ def test_steering_ruleset_is_atomic_and_validates_names():
         steering.ruleset(["not-an-ip"])
 
 
-def test_termination_set_policy_keeps_unchanged_listeners_and_replaces_changed_ones():
+def test_termination_set_policy_keeps_unchanged_listeners_and_replaces_changed_ones(tmp_path):
     import dataclasses
 
-    cert, key = TestCA().issue(["web1.test"])
-    other_cert, other_key = TestCA().issue(["web1.test"])
+    cert, key = LabCA(tmp_path / "ca").issue(["web1.test"])
+    other_cert, other_key = LabCA(tmp_path / "other-ca").issue(["web1.test"])
     secrets = MemorySecretSource({"web1-tls": cert + key, "web1-tls-2": other_cert + other_key})
 
     async def run():
@@ -154,8 +155,8 @@ def test_termination_set_policy_keeps_unchanged_listeners_and_replaces_changed_o
     assert gone == [] and isinstance(refused, ConnectionRefusedError)  # removed: nothing listens
 
 
-def test_one_client_cannot_hold_every_termination_connection():
-    cert, key = TestCA().issue(["web1.test"])
+def test_one_client_cannot_hold_every_termination_connection(tmp_path):
+    cert, key = LabCA(tmp_path / "ca").issue(["web1.test"])
     policy = Policy("t", {"web": Zone("web", (Workload("web1", "web", "sg-web1", "02:00:00:00:09:02",
                                                            (ipaddress.ip_address("127.0.0.1"),)),))}, {}, (),
                     tls_termination=(TlsTermination("web1", 443, 18443, "web1-tls"),))

@@ -17,7 +17,7 @@ from test_cred_proxy import AUTH, SECRET, Rig, no_secret
 
 from skyguard.credproxy.http1 import UnsafeHead, client_keeps_alive, serialise_response
 from skyguard.credproxy.swap import HttpRequest
-from support.credproxy_support import echo_ssl_context
+from skyguard.lab.internet import tls_server_context
 
 RESPONSE_HEAD = re.compile(rb"HTTP/1\.1 (\d{3}) [^\r\n]*\r\n((?:[^\r\n]+\r\n)*)\r\n")
 
@@ -147,7 +147,7 @@ class CannedUpstream:
 
     def __init__(self, rig, answer: bytes):
         self.answer = answer
-        context = echo_ssl_context(str(rig.tmp / "up.pem"), str(rig.tmp / "up.key"))
+        context = tls_server_context(rig.tmp / "up.pem", rig.tmp / "up.key")
         self.server = rig.run(asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=context))
         self.port = self.server.sockets[0].getsockname()[1]
 

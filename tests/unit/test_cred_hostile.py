@@ -22,7 +22,7 @@ from test_cred_proxy import AUTH, SECRET, Rig
 from skyguard.credproxy.ca import CertificateAuthority
 from skyguard.credproxy.http1 import ProxyLimits
 from skyguard.credproxy.secretforms import SecretForms
-from support.credproxy_support import echo_ssl_context
+from skyguard.lab.internet import tls_server_context
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ class ReflectingUpstream:
     value and a trailer), /gzip (in the second of two gzip members)."""
 
     def __init__(self, rig):
-        context = echo_ssl_context(str(rig.tmp / "up.pem"), str(rig.tmp / "up.key"))
+        context = tls_server_context(rig.tmp / "up.pem", rig.tmp / "up.key")
         self.server = rig.run(asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=context))
         self.port = self.server.sockets[0].getsockname()[1]
 

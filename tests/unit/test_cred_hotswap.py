@@ -14,7 +14,8 @@ import ssl
 import pytest
 from test_cred_proxy import AUTH, SECRET, Rig
 
-from support.credproxy_support import TestCA, echo_ssl_context, serve_echo
+from skyguard.lab.ca import LabCA
+from skyguard.lab.internet import EchoServer
 
 
 @pytest.fixture(scope="module")
@@ -100,14 +101,14 @@ def test_upstreams_are_verified_against_the_system_store_and_the_extra_ca(rig, t
     """--upstream-ca (or the lab's CA) adds to the system's trust store, never replaces it.
     OpenSSL reads the system store's location from SSL_CERT_FILE, so a second test CA stands
     in for the system's here."""
-    system_ca = TestCA("stand-in for a system CA")
+    system_ca = LabCA(tmp_path / "system-ca", "stand-in for a system CA")
     cert, key = system_ca.issue(["api.github.test"])
-    (tmp_path / "sys.pem").write_bytes(system_ca.certificate_pem)
+    (tmp_path / "sys.pem").write_bytes(system_ca.cert_path.read_bytes())
     (tmp_path / "up2.pem").write_bytes(cert)
     (tmp_path / "up2.key").write_bytes(key)
     monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "sys.pem"))
-    second = rig.run(serve_echo("127.0.0.1", 0, echo_ssl_context(str(tmp_path / "up2.pem"), str(tmp_path / "up2.key"))))
-    second_port = second.sockets[0].getsockname()[1]
+    second = EchoServer(cert=tmp_path / "up2.pem", key=tmp_path / "up2.key").start()
+    second_port = second.port
     ports = {"extra": rig.echo_port, "system": second_port}
     target = {"port": rig.echo_port}
     proxy = rig.make_proxy(lambda s: ("127.0.0.1", target["port"]))  # upstream_ca_file = the rig's CA

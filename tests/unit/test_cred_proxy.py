@@ -21,8 +21,9 @@ from skyguard.credproxy.ca import CertificateAuthority
 from skyguard.credproxy.interfaces import CredentialMetrics, ListDecisionLog, MemorySecretSource
 from skyguard.credproxy.proxy import ClientCertificate, CredentialProxy, ProxyLimits, original_destination
 from skyguard.credproxy.secretforms import SecretForms
+from skyguard.lab.ca import LabCA
+from skyguard.lab.internet import EchoServer
 from skyguard.policy.model import Credential, Injection, Policy, Workload, Zone
-from support.credproxy_support import TestCA, echo_ssl_context, serve_echo
 
 SECRET = b"ghp_L00pbackSecret/42+=="
 PH = "sg-placeholder-github-7f3a"
@@ -37,11 +38,11 @@ class Rig:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.upstream_ca = TestCA()
+        self.upstream_ca = LabCA(tmp / "upstream-ca", "test upstream")
         cert, key = self.upstream_ca.issue(["api.github.test", "other.test", "127.0.0.1"])
         (tmp / "up.pem").write_bytes(cert)
         (tmp / "up.key").write_bytes(key)
-        (tmp / "upca.pem").write_bytes(self.upstream_ca.certificate_pem)
+        (tmp / "upca.pem").write_bytes(self.upstream_ca.cert_path.read_bytes())
         client_cert, client_key = self.upstream_ca.issue(["sdnctl1-client"], client=True)
         self.echo_log = tmp / "echo.jsonl"
         self.ca = CertificateAuthority(tmp / "skyca")
@@ -70,9 +71,9 @@ class Rig:
                                decision_log=self.log, metrics=self.metrics, destination_of=destination_of, **kw)
 
     async def _start(self):
-        context = echo_ssl_context(str(self.tmp / "up.pem"), str(self.tmp / "up.key"), str(self.tmp / "upca.pem"))
-        self.echo = await serve_echo("127.0.0.1", 0, context, str(self.echo_log))
-        self.echo_port = self.echo.sockets[0].getsockname()[1]
+        self.echo = EchoServer(cert=self.tmp / "up.pem", key=self.tmp / "up.key", client_ca=self.tmp / "upca.pem",
+                               log=self.echo_log).start()
+        self.echo_port = self.echo.port
         self.proxy = self.make_proxy(lambda s: ("127.0.0.1", self.echo_port),
                                      client_certificates={"api.github.test": ClientCertificate("mtls", ("sdn",))})
         self.http_port, self.https_port = await self.proxy.start("127.0.0.1")

@@ -209,17 +209,15 @@ def test_file_backend_refuses_bad_names_and_decrypts_only_with_rsa(file_backend)
 
 def test_key_cli_with_the_file_backend_logs_each_change(tmp_path, monkeypatch):
     """key create/list/public/csr/cert/rm through click, no daemon: the CLI writes the signed log."""
-    import datetime
     import json as _json
 
     from click.testing import CliRunner
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
 
     from skyguard.cli.main import cli
+    from skyguard.lab.ca import LabCA
     from skyguard.tlog.entries import decode
     from skyguard.tlog.store import LogReader
-    from support.credproxy_support import TestCA
 
     monkeypatch.setattr(config, "RUN_DIR", tmp_path / "run")  # no daemon answers here
     policy = tmp_path / "policy.yaml"
@@ -232,12 +230,8 @@ def test_key_cli_with_the_file_backend_logs_each_change(tmp_path, monkeypatch):
     assert listed == [{"name": "client", "type": "ec-p256", "backend": "file", "extractable": False}]
     request = x509.load_pem_x509_csr(run(cli, ["key", "csr", "client", "--subject", "vm1", *common]).output.encode())
     assert request.is_signature_valid
-    ca = TestCA()
-    now = datetime.datetime.now(datetime.UTC)
-    issued = (x509.CertificateBuilder().subject_name(request.subject).issuer_name(ca.certificate.subject)
-              .public_key(request.public_key()).serial_number(1).not_valid_before(now)
-              .not_valid_after(now + datetime.timedelta(days=1)).sign(ca.key, hashes.SHA256()))
-    (tmp_path / "cert.pem").write_bytes(issued.public_bytes(serialization.Encoding.PEM))
+    ca = LabCA(tmp_path / "ca")
+    (tmp_path / "cert.pem").write_bytes(ca.certify(request.public_key(), subject=request.subject, client=True))
     stored = run(cli, ["key", "cert", "client", "--file", str(tmp_path / "cert.pem"), *common])
     assert stored.exit_code == 0, stored.output
     other = ca.issue(["someone-else"], client=True)[0]

@@ -217,24 +217,15 @@ def test_a_restarted_proxy_uses_the_same_keys(token, proxy):
 # ---- token keys in TLS: the credential proxy's client certificate, TLS termination -----------
 
 def issue_for(backend, name: str, ca, common_name: str, server_names=()) -> bytes:
-    """`skyguard key csr`'s request, checked and issued by a CA: the certificate PEM."""
-    import datetime
-
+    """`skyguard key csr`'s request, checked and issued by a CA (a LabCA): the certificate PEM,
+    for a server with `server_names`, else for a client."""
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
 
     from skyguard.keys.tlskey import certificate_request
 
     request = x509.load_pem_x509_csr(certificate_request(backend, name, common_name))
     assert request.is_signature_valid  # signed inside the token
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (x509.CertificateBuilder().subject_name(request.subject).issuer_name(ca.certificate.subject)
-               .public_key(request.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1)))
-    if server_names:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.IPAddress(ipaddress.ip_address(n)) for n in server_names]), critical=False)
-    return builder.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+    return ca.certify(request.public_key(), server_names, subject=request.subject, client=not server_names)
 
 
 def test_the_credential_proxy_presents_a_token_held_client_certificate(token, tls_backend, tmp_path):
@@ -245,12 +236,13 @@ def test_the_credential_proxy_presents_a_token_held_client_certificate(token, tl
     from skyguard.credproxy.interfaces import CredentialMetrics, ListDecisionLog
     from skyguard.credproxy.proxy import CredentialProxy, ProxyLimits
     from skyguard.keys.tlskey import client_certificates_of
+    from skyguard.lab.ca import LabCA
+    from skyguard.lab.internet import EchoServer
     from skyguard.policy.model import Credential, Injection
-    from support.credproxy_support import TestCA, echo_ssl_context, serve_echo
 
     backend = tls_backend
     backend.create("mtls", "ec-p256")
-    upstream_ca = TestCA()
+    upstream_ca = LabCA(tmp_path / "upstream-ca", "test upstream")
     store = SecretStore(tmp_path / "secrets")
     store.set("hsm-pin", PIN)
     store.set("github", b"ghp_tokenheldsecret")
@@ -258,7 +250,7 @@ def test_the_credential_proxy_presents_a_token_held_client_certificate(token, tl
     cert, key = upstream_ca.issue(["api.github.test"])
     (tmp_path / "up.pem").write_bytes(cert)
     (tmp_path / "up.key").write_bytes(key)
-    (tmp_path / "upca.pem").write_bytes(upstream_ca.certificate_pem)
+    (tmp_path / "upca.pem").write_bytes(upstream_ca.cert_path.read_bytes())
     placeholder = "sg-placeholder-github-token-key"
     credential = Credential("github", placeholder, "github", ("auth",), ("api.github.test",),
                             Injection("Authorization", "Bearer {secret}"), client_certificate="mtls")
@@ -268,9 +260,9 @@ def test_the_credential_proxy_presents_a_token_held_client_certificate(token, tl
     loop = LoopThread()
 
     async def start():
-        echo = await serve_echo("127.0.0.1", 0, echo_ssl_context(str(tmp_path / "up.pem"), str(tmp_path / "up.key"),
-                                                                   str(tmp_path / "upca.pem")), str(tmp_path / "echo.jsonl"))
-        port = echo.sockets[0].getsockname()[1]
+        echo = EchoServer(cert=tmp_path / "up.pem", key=tmp_path / "up.key", client_ca=tmp_path / "upca.pem",
+                          log=tmp_path / "echo.jsonl").start()
+        port = echo.port
         proxy = CredentialProxy(policy, store, address_matches=lambda n, ip: True, decision_log=ListDecisionLog(),
                                 metrics=CredentialMetrics(), destination_of=lambda s: ("127.0.0.1", port),
                                 upstream_ca_file=str(tmp_path / "upca.pem"), limits=ProxyLimits(), ca=skyca,
@@ -301,25 +293,25 @@ def test_tls_termination_serves_with_a_token_held_key(token, tls_backend, tmp_pa
 
     from skyguard.credproxy.interfaces import CredentialMetrics, ListDecisionLog
     from skyguard.credproxy.termination import TlsTerminator
+    from skyguard.lab.ca import LabCA
+    from skyguard.lab.internet import EchoServer
     from skyguard.policy.model import TlsTermination
-    from support.credproxy_support import TestCA, serve_echo
 
     backend = tls_backend
     backend.create("web1", "rsa-3072")
-    ca = TestCA()
-    (tmp_path / "ca.pem").write_bytes(ca.certificate_pem)
+    ca = LabCA(tmp_path / "ca", "test")
     store = SecretStore(tmp_path / "secrets")
     store.set("hsm-pin", PIN)
     store.set("cert.web1", issue_for(backend, "web1", ca, "web1", server_names=["127.0.0.1"]))
     loop = LoopThread()
-    echo = loop.call(serve_echo("127.0.0.1", 0))  # the VM's plain HTTP service
-    vm_port = echo.sockets[0].getsockname()[1]
+    echo = EchoServer().start()  # the VM's plain HTTP service
+    vm_port = echo.port
     policy = dataclasses.replace(loopback_policy(token, label="tls"),
                                  tls_termination=(TlsTermination("vm1", 443, vm_port, "web1"),))
     terminator = TlsTerminator(policy, store, decision_log=ListDecisionLog(), metrics=CredentialMetrics())
     try:
         listeners = loop.call(terminator.start("127.0.0.1"))
-        out = subprocess.run(["curl", "-sS", "--max-time", "10", "--cacert", str(tmp_path / "ca.pem"),
+        out = subprocess.run(["curl", "-sS", "--max-time", "10", "--cacert", str(ca.cert_path),
                               f"https://127.0.0.1:{listeners[0].listen_port}/hello"], capture_output=True, timeout=30)
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["path"] == "/hello"
