@@ -21,10 +21,11 @@ import pytest
 from skyguard.credproxy.interfaces import ListDecisionLog, MemorySecretSource
 from skyguard.credproxy.service import CredentialService
 from skyguard.credproxy.steering import CredentialSteering
+from skyguard.lab.ca import LabCA
+from skyguard.lab.internet import request_body
 from skyguard.policy.content import ContentBlock, ContentPolicy, ContentRule
 from skyguard.policy.model import Policy, Workload, Zone
 from support.content_support import EICAR, LocalClamd, gzip_bomb, zipped
-from support.credproxy_support import TestCA
 from support.netns_support import NamespaceLoop, wait_for_port
 
 VM, HOST, NET = (f"cnt{os.getpid()}-{role}" for role in ("vm", "host", "net"))
@@ -81,15 +82,15 @@ def lab(root, tmp_path_factory):
     server, loop, service, clamd = None, None, None, None
     try:
         clamd = LocalClamd(tmp / "clamd").start()  # a Unix socket: reachable from any namespace
-        upstream_ca = TestCA()
+        upstream_ca = LabCA(tmp / "upstream-ca", "cnt upstream")
         cert, key = upstream_ca.issue(["files.example"])
         (tmp / "up.pem").write_bytes(cert)
         (tmp / "up.key").write_bytes(key)
-        (tmp / "upca.pem").write_bytes(upstream_ca.certificate_pem)
+        (tmp / "upca.pem").write_bytes(upstream_ca.cert_path.read_bytes())
         echo_log = tmp / "echo.jsonl"
         server = subprocess.Popen(
-            ["ip", "netns", "exec", NET, "env", f"PYTHONPATH={REPO}:{REPO}/tests", sys.executable, "-m",
-             "support.credproxy_support", "echo", "--host", "0.0.0.0", "--port", "443", "--cert", str(tmp / "up.pem"),
+            ["ip", "netns", "exec", NET, "env", f"PYTHONPATH={REPO}", sys.executable, "-m",
+             "skyguard.lab.serve", "echo", "--host", "0.0.0.0", "--port", "443", "--cert", str(tmp / "up.pem"),
              "--key", str(tmp / "up.key"), "--log", str(echo_log)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(NET, SERVER, 443)
         loop = NamespaceLoop(HOST)
@@ -148,7 +149,7 @@ def test_a_clean_file_reaches_the_internet_byte_exact(lab):
     code, _ = vm_upload(lab, data)
     assert code == 200
     got = echoed(lab)[before:]
-    assert len(got) == 1 and got[0]["body"].encode("latin-1") == data and got[0]["sni"] == "files.example"
+    assert len(got) == 1 and request_body(got[0]) == data and got[0]["sni"] == "files.example"
 
 
 @pytest.mark.parametrize("data,headers", [
@@ -185,6 +186,6 @@ def test_a_content_zone_uploads_files_up_to_the_inspection_buffer(lab):
     before = len(echoed(lab))
     code, body = vm_upload(lab, data)
     assert code == 200, body[:300]
-    assert echoed(lab)[before]["body"].encode("latin-1") == data
+    assert request_body(echoed(lab)[before]) == data
     code, _ = vm_upload(lab, os.urandom((4 << 20) + 1))
     assert code == 413 and len(echoed(lab)) == before + 1

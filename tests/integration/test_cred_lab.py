@@ -23,8 +23,8 @@ from skyguard.credproxy.interfaces import ListDecisionLog, MemorySecretSource
 from skyguard.credproxy.secretforms import SecretForms
 from skyguard.credproxy.service import CredentialService
 from skyguard.credproxy.steering import CredentialSteering
+from skyguard.lab.ca import LabCA
 from skyguard.policy.model import Credential, Injection, Policy, TlsTermination, Workload, Zone
-from support.credproxy_support import TestCA
 from support.netns_support import NamespaceLoop, wait_for_port
 
 # Namespaces named by this process (parallel runs never share them); links live inside them.
@@ -91,14 +91,14 @@ def lab(root, tmp_path_factory):
     loop = None
     state = {}
     try:
-        upstream_ca = TestCA()
+        upstream_ca = LabCA(tmp / "upstream-ca", "crx upstream")
         cert, key = upstream_ca.issue(["api.github.test", "other.test"])
         (tmp / "up.pem").write_bytes(cert)
         (tmp / "up.key").write_bytes(key)
-        (tmp / "upca.pem").write_bytes(upstream_ca.certificate_pem)
+        (tmp / "upca.pem").write_bytes(upstream_ca.cert_path.read_bytes())
         echo_log = tmp / "echo.jsonl"
         repo = str(Path(__file__).resolve().parents[2])
-        env_cmd = ["env", f"PYTHONPATH={repo}:{repo}/tests", sys.executable, "-m", "support.credproxy_support", "echo"]
+        env_cmd = ["env", f"PYTHONPATH={repo}", sys.executable, "-m", "skyguard.lab.serve", "echo"]  # the lab's echo
         processes.append(start_process(UP, *env_cmd, "--host", "0.0.0.0", "--host", "::", "--port", "443",
                                        "--cert", str(tmp / "up.pem"), "--key", str(tmp / "up.key"), "--log", str(echo_log)))
         # The VM's own service: plain HTTP only; TLS for it is skyguard's job.
@@ -109,9 +109,9 @@ def lab(root, tmp_path_factory):
         wait_for_port(UP, API4, 443)
         wait_for_port(VM, "10.77.1.2", 8080)
 
-        service_ca = TestCA("crx service CA")
+        service_ca = LabCA(tmp / "service-ca", "crx service")
         service_cert, service_key = service_ca.issue(["crxvm.test"])
-        (tmp / "svcca.pem").write_bytes(service_ca.certificate_pem)
+        (tmp / "svcca.pem").write_bytes(service_ca.cert_path.read_bytes())
 
         vm = Workload("crxvm", "sdn", VM_IF, "02:00:00:77:01:02",
                       (ipaddress.ip_address("10.77.1.2"), ipaddress.ip_address("fd77:1::2")))
