@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,11 @@ def installed(tmp_path_factory):
     subprocess.run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"), str(src)],
                    check=True)
     wheel = next((tmp / "dist").glob("skyguard-*.whl"))
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    tracked = subprocess.run(["git", "ls-files", "skyguard"], cwd=REPO, check=True, capture_output=True,
+                             text=True).stdout.split()
+    missing = [name for name in tracked if name not in shipped]
+    assert not missing, f"files of the package missing from the wheel (pyproject.toml package-data): {missing}"
     venv = tmp / "venv"
     subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
