@@ -2,8 +2,8 @@
 packages installed by scripts/setup into /var/cache/skyguard/idp) run in the lab's `internet`
 namespace on idp.test's address, TLS with a lab-CA certificate, clients and users from a fixture.
 
-Started by the tests of the identity-aware proxy (and by hand: `python -m skyguard.lab.idp
---lab-dir DIR`); not by `lab up`, which stays as fast as it was for everything else. Not here:
+Started by the tests of the identity-aware proxy (and by hand, in the running lab:
+`python -m skyguard.lab.idp [--fixture FILE]`); not by `lab up`, which stays as fast as it was for everything else. Not here:
 the provider itself (the npm package) or the proxy (skyguard/apps).
 """
 
@@ -113,6 +113,3 @@ def main(argv=None) -> int:
     idp.stop()
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
