@@ -37,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-sys.path.insert(0, str(REPO / "tests"))  # support.credproxy_support (the test CA), support.content_support (clamd)
+sys.path.insert(0, str(REPO / "tests"))  # support.content_support (clamd)
 
 from _common import progress, result  # noqa: E402
 
@@ -236,15 +236,15 @@ def main() -> None:
         serve_sink(Path(tmp)) if which == "sink" else serve_proxy(Path(tmp), which)
         return
 
+    from skyguard.lab.ca import LabCA
     from support.content_support import EICAR, LocalClamd
-    from support.credproxy_support import TestCA
 
     tmp = Path(tempfile.mkdtemp(prefix="content-bench-"))
-    upstream_ca = TestCA()
+    upstream_ca = LabCA(tmp / "upstream-ca", "bench upstream")
     cert, key = upstream_ca.issue(["localhost", "127.0.0.1"])
     (tmp / "up.pem").write_bytes(cert)
     (tmp / "up.key").write_bytes(key)
-    (tmp / "upca.pem").write_bytes(upstream_ca.certificate_pem)
+    (tmp / "upca.pem").write_bytes(upstream_ca.cert_path.read_bytes())
     (tmp / "bench.yar").write_text(YARA_RULES)
     env = dict(os.environ, PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
     processes: list[subprocess.Popen] = []

@@ -2,7 +2,8 @@
 """Benchmark `credproxy`: HTTPS requests/s through skyguard's credential-swap proxy, side by side
 in one run with mitmdump doing the same header rewrite (the anchor) and with direct access.
 
-Everything runs on loopback (ports 25900-25909, or --port-base): an HTTPS echo upstream (its own test CA), the
+Everything runs on loopback (ports 25900-25909, or --port-base): an HTTPS echo upstream (the lab's
+h11 echo, `python -m skyguard.lab.serve echo`, with a certificate from a lab CA of its own), the
 skyguard proxy and mitmdump (reverse mode, a 3-line addon swapping the placeholder for the
 secret), each in its own process; wrk is the load generator. Two scenarios: keep-alive
 (many requests per TLS connection) and resumed TLS (Connection: close, so a new connection per
@@ -39,7 +40,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-sys.path.insert(0, str(REPO / "tests"))  # support.credproxy_support: the test CA and echo upstream
 
 from _common import progress, result  # noqa: E402
 
@@ -193,23 +193,23 @@ def main() -> None:
     if not shutil.which("wrk"):
         raise SystemExit("wrk is missing: apt-get install wrk (scripts/setup installs it)")
 
-    from support.credproxy_support import TestCA
+    from skyguard.lab.ca import LabCA
 
     tmp = Path(tempfile.mkdtemp(prefix="crx-bench-"))
-    upstream_ca = TestCA()
+    upstream_ca = LabCA(tmp / "upstream-ca", "bench upstream")
     cert, key = upstream_ca.issue(["localhost", "127.0.0.1"])
     (tmp / "up.pem").write_bytes(cert)
     (tmp / "up.key").write_bytes(key)
-    (tmp / "upca.pem").write_bytes(upstream_ca.certificate_pem)
+    (tmp / "upca.pem").write_bytes(upstream_ca.cert_path.read_bytes())
     (tmp / "addon.py").write_text(MITM_ADDON)
     processes: list[subprocess.Popen] = []
-    env = dict(os.environ, PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     try:
         progress("starting the echo upstream and the skyguard proxy")
         processes.append(subprocess.Popen(
-            [sys.executable, "-m", "support.credproxy_support", "echo", "--host", "127.0.0.1",
+            [sys.executable, "-m", "skyguard.lab.serve", "echo", "--host", "127.0.0.1",
              "--port", str(UPSTREAM_PORT), "--cert", str(tmp / "up.pem"), "--key", str(tmp / "up.key")],
-            env=env, stdout=subprocess.DEVNULL))
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # it reports every client hang-up
         processes.append(subprocess.Popen([sys.executable, __file__, "--serve-skyguard", str(tmp)], env=env))
         wait_for_port(UPSTREAM_PORT)
         wait_for_port(SKYGUARD_PORT)
