@@ -7,18 +7,26 @@ Request order, per request: the Host must name this app (421 otherwise: a cookie
 never presented to another through a shared listener); skyguard's own paths (/.skyguard/...);
 then the session (service.Gate.session_for) and the access decision. What the client sent in the
 identity header and skyguard's own cookies never reach the app. Bodies are buffered whole,
-within ProxyLimits. Bytes a client sends after an upgrade request before the app's 101 are not
-forwarded (WebSocket clients wait for the 101). Not here: what a session is (sessions.py), the
-issuer (oidc.py), listeners and policy (service.py).
+within ProxyLimits. Requests are answered one at a time, in order (pipelined ones wait, and
+reading pauses past MAX_PIPELINED). Bytes a client sends after an upgrade request before the
+app's 101 are not forwarded (WebSocket clients wait for the 101). Not here: what a session is
+(sessions.py), the issuer (oidc.py), listeners and policy (service.py), the app's side
+(upstream.py).
+
+Callbacks, not a coroutine per connection: the usual request (signed in, checked at the issuer
+within the check interval) is decided and forwarded inside data_received, and the app's answer
+written back from the app side's data_received; a task is made only when a request must wait
+for something else (the issuer, a new connection to the app, a WebSocket splice). StreamReader
+and StreamWriter coroutines per request were most of the proxy's own time (bench/apps.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import html
 import logging
 import time
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from skyguard.apps.oidc import IssuerUnavailable, TokenRejected
@@ -33,11 +41,13 @@ from skyguard.apps.sessions import (
     without_cookies,
     without_our_set_cookies,
 )
+from skyguard.apps.upstream import AppSide
 from skyguard.credproxy.http1 import (
     ProtocolRefusal,
     ProxyLimits,
     RequestReader,
     ResponseReader,
+    StaleConnection,
     Upgraded,
     client_keeps_alive,
     serialise_request,
@@ -52,10 +62,14 @@ PREFIX = "/.skyguard/"
 CALLBACK = PREFIX + "callback"
 LOGOUT = PREFIX + "logout"
 CONNECT_TIMEOUT = 5.0  # seconds to reach the app in its VM
-CHUNK = 65536
 WATCHDOG_PERIOD = 1.0  # seconds between a connection's timeout checks (timeouts fire up to this late)
+MAX_PIPELINED = 2  # whole requests read ahead of the one being answered; reading pauses beyond
 # Request headers a client may never hand the app: the proxy writes them itself.
 FORWARDED = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
+REASONS = {200: b"OK", 302: b"Found", 303: b"See Other", 400: b"Bad Request", 403: b"Forbidden",
+           421: b"Misdirected Request", 502: b"Bad Gateway", 503: b"Service Unavailable"}
+# Why a request cannot be decided inside data_received (Checks.check's "wait" outcomes).
+SIGN_IN, RECHECK, CALLBACK_STEP = "sign_in", "recheck", "callback"
 
 
 class Reply:
@@ -71,9 +85,8 @@ class Reply:
             body = (f"<!doctype html><html><head><title>skyguard</title></head><body>"
                     f"<p id=\"skyguard\">{html.escape(self.text)}</p></body></html>\n").encode()
             headers.append((b"content-type", b"text/html; charset=utf-8"))
-        reason = {200: b"OK", 302: b"Found", 303: b"See Other", 400: b"Bad Request", 403: b"Forbidden",
-                  421: b"Misdirected Request", 502: b"Bad Gateway", 503: b"Service Unavailable"}.get(self.status, b"")
-        return serialise_response(method, keep_alive and not self.close, (self.status, reason), tuple(headers), body)
+        return serialise_response(method, keep_alive and not self.close, (self.status, REASONS.get(self.status, b"")),
+                                  tuple(headers), body)
 
 
 def redirect(location: str, *cookies, status: int = 302) -> Reply:
@@ -81,123 +94,79 @@ def redirect(location: str, *cookies, status: int = 302) -> Reply:
 
 
 def _host_of(request: HttpRequest) -> str:
-    value = next((v for n, v in request.headers if n == b"host"), b"").decode("latin-1").lower()
-    host = value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+    value = b""
+    for name, v in request.headers:
+        if name == b"host":
+            value = v
+            break
+    host = value.decode("latin-1").lower()
+    if host.count(":") == 1:
+        host = host.rsplit(":", 1)[0]
     return host.rstrip(".")
 
 
-class AppConnection:
-    """Serves one client connection of `app`; `gate` is the service (sessions, issuer, log)."""
+class Checks:
+    """The gate's decision on a request, and the flows of skyguard's own paths. Needs `gate`,
+    `app` and `client` (the client's address, for the log)."""
 
-    def __init__(self, gate, app, reader, writer):
-        self.gate, self.app, self.reader, self.writer = gate, app, reader, writer
-        peer = writer.get_extra_info("peername") or ("?", 0)
-        self.client = str(peer[0])
-        self.upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-        # Timeouts: one watchdog per connection instead of a timer per read (asyncio.timeout and
-        # wait_for per read were a tenth of the proxy's time per request, bench/apps.py). While
-        # the connection waits for the client (idle_timeout) or for the app's answer
-        # (upstream_timeout), `_deadline` is set; the watchdog aborts that side's transport once
-        # it has passed, so the pending read ends (client: the connection closes; app: 502).
-        self._loop = asyncio.get_running_loop()
-        self._deadline = float("inf")
-        self._waiting_on = None  # the StreamWriter whose transport the deadline aborts
-        self._timed_out = False  # set by the watchdog: an answer cut short is never forwarded
-        self._watchdog = self._loop.call_later(WATCHDOG_PERIOD, self._watch)
+    gate: Any
+    app: Any
+    client: str
 
-    def _wait_on(self, writer, seconds: float) -> None:
-        self._waiting_on, self._deadline = writer, self._loop.time() + seconds
-
-    def _done_waiting(self) -> None:
-        self._waiting_on, self._deadline = None, float("inf")
-
-    def _watch(self) -> None:
-        if self._loop.time() >= self._deadline and self._waiting_on is not None:
-            self._waiting_on.transport.abort()
-            self._done_waiting()
-            self._timed_out = True
-        self._watchdog = self._loop.call_later(WATCHDOG_PERIOD, self._watch)
-
-    async def run(self) -> None:
-        requests = RequestReader(LIMITS)
-        try:
-            while True:
-                self._wait_on(self.writer, LIMITS.idle_timeout)
-                try:
-                    data = await self.reader.read(CHUNK)
-                except (ConnectionError, OSError):
-                    return
-                finally:
-                    self._done_waiting()
-                if not data:
-                    return
-                upgrade = False
-                try:
-                    requests.feed(data)
-                except Upgraded:
-                    upgrade = True
-                except ProtocolRefusal as refusal:
-                    self.writer.write(Reply(refusal.status, f"skyguard: {refusal.reason}", close=True).wire(b"GET", False))
-                    return
-                while requests.complete:
-                    request = requests.complete.popleft()
-                    if upgrade and not requests.complete:
-                        await self.upgrade(request)
-                        return
-                    keep = client_keeps_alive(request)
-                    if not await self.answer(request, keep):
-                        return
-                if upgrade:
-                    return
-        finally:
-            self._watchdog.cancel()
-            self._close_upstream()
-            with contextlib.suppress(Exception):
-                self.writer.close()
-
-    # ---- one request -------------------------------------------------------------------------
-
-    async def answer(self, request: HttpRequest, keep: bool) -> bool:
-        """Answer one request; False when the connection ends after it."""
-        outcome = await self.decide(request)
-        if isinstance(outcome, Reply):
-            self.writer.write(outcome.wire(request.method, keep))
-            await self.writer.drain()
-            return keep and not outcome.close
-        return await self.forward(request, outcome, keep)
-
-    async def decide(self, request: HttpRequest):
-        """A Reply, or the session whose request goes to the app."""
+    def check(self, request: HttpRequest):
+        """What can be decided at once: a Reply, the session whose request goes to the app, or
+        (step, ...) when the answer needs the issuer (finish with `decide`)."""
         gate, app = self.gate, self.app
-        if _host_of(request) != app.host:
-            gate.refuse(app, "host_mismatch", client=self.client, host=_host_of(request)[:253])
+        host = _host_of(request)
+        if host != app.host:
+            gate.refuse(app, "host_mismatch", client=self.client, host=host[:253])
             return Reply(421, f"This address serves {app.host}, not the host this request names.", close=True)
         target = request.target.decode("latin-1")
         if not target.startswith("/"):
             gate.refuse(app, "absolute_target", client=self.client)
             return Reply(400, "skyguard: only origin-form request targets are served", close=True)
-        path = urlsplit(target).path
-        if path == CALLBACK:
-            return await self.callback(request, target)
-        if path == LOGOUT:
-            return self.logout(request)
+        if PREFIX in target:  # as urlsplit sees the path ("//x/.skyguard/..." too)
+            path = urlsplit(target).path
+            if path == CALLBACK:
+                return (CALLBACK_STEP, target)
+            if path == LOGOUT:
+                return self.logout(request)
         session, reason = gate.session_for(app, request.headers)
         if reason:
             gate.refuse(app, reason, client=self.client)
         if session is None:
+            return (SIGN_IN, target)
+        if not gate.checked_recently(session):  # the issuer is asked once the check interval passed
+            return (RECHECK, target, session)
+        return self.admit(session)
+
+    def admit(self, session):
+        if not allowed(self.app, session.user, session.groups):
+            self.gate.deny(self.app, session, client=self.client)
+            return Reply(403, f"{session.user} may not use {self.app.name}. Ask its owner for access.")
+        return session
+
+    async def decide(self, request: HttpRequest, outcome=None):
+        """A Reply, or the session whose request goes to the app; `outcome` is check()'s when
+        the caller already has it."""
+        outcome = self.check(request) if outcome is None else outcome
+        if not isinstance(outcome, tuple):
+            return outcome
+        step, target = outcome[0], outcome[1]
+        if step == CALLBACK_STEP:
+            return await self.callback(request, target)
+        if step == SIGN_IN:
             return await self.begin_sign_in(target)
-        try:  # the issuer is asked only when the session check interval has passed
-            still = gate.checked_recently(session) or await gate.check_at_issuer(session)
+        session = outcome[2]
+        try:
+            still = await self.gate.check_at_issuer(session)
         except IssuerUnavailable as e:
-            gate.refuse(app, "issuer_unavailable", client=self.client, user=session.user, detail=str(e))
+            self.gate.refuse(self.app, "issuer_unavailable", client=self.client, user=session.user, detail=str(e))
             return Reply(503, "The identity provider cannot be reached, so nobody is let in until it is back. "
                               "Try again in a moment.")
         if not still:
             return await self.begin_sign_in(target)
-        if not allowed(app, session.user, session.groups):
-            gate.deny(app, session, client=self.client)
-            return Reply(403, f"{session.user} may not use {app.name}. Ask its owner for access.")
-        return session
+        return self.admit(session)
 
     async def begin_sign_in(self, target: str) -> Reply:
         gate, app = self.gate, self.app
@@ -244,6 +213,190 @@ class AppConnection:
             self.gate.end_session(session, "signed_out")
         return Reply(200, "You are signed out of skyguard.", [set_cookie(SESSION_COOKIE, "", 0)])
 
+
+class AppConnection(Checks, asyncio.Protocol):
+    """Serves one client connection of the app named `app_name` (looked up when the connection
+    opens: an app gone from the policy is closed at once); `gate` is the service (sessions,
+    issuer, log, metrics, the idle connections to apps)."""
+
+    def __init__(self, gate, app_name: str):
+        self.gate, self.app_name = gate, app_name
+        self.app: Any = None
+        self.client = "?"
+        self.transport: Any = None
+        self.requests = RequestReader(LIMITS)
+        self.upstream: AppSide | None = None  # kept alive from one request to the next
+        self._loop = asyncio.get_running_loop()
+        self._busy = False  # a request is being answered: the next ones wait
+        self._closed = False
+        self._upgrade = False  # the last queued request switches protocols
+        self._refusal: ProtocolRefusal | None = None  # answered once the requests before it are
+        self._reading_paused = False
+        self._write_paused = False
+        self._task: asyncio.Task | None = None  # deciding a request that waits, or a splice
+        self._splice_done: asyncio.Future | None = None
+        # The request at the app: (method, keep-alive, serialised, on a reused connection).
+        self._exchange: tuple[bytes, bool, bytes, bool] | None = None
+        # Timeouts: one watchdog per connection instead of a timer per read (asyncio.timeout and
+        # wait_for per read were a tenth of the proxy's time per request, bench/apps.py). While
+        # the connection waits for the client (idle_timeout) or for the app's answer
+        # (upstream_timeout), `_deadline` is set and `_on_timeout` says what ends the wait
+        # (client: the connection closes; app: 502).
+        self._deadline = float("inf")
+        self._on_timeout: Any = None
+        self._watchdog: asyncio.TimerHandle | None = None
+
+    # ---- the client's side (asyncio.Protocol) --------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        self.client = str(peer[0])
+        self.app = self.gate.app(self.app_name)
+        if self.app is None or self.gate.issuer is None:
+            self._closed = True
+            transport.close()  # fail closed: no app, or nobody can sign in
+            return
+        self._wait(LIMITS.idle_timeout, self._idle_too_long)
+        self._watchdog = self._loop.call_later(WATCHDOG_PERIOD, self._watch)
+
+    def data_received(self, data: bytes) -> None:
+        if self._splice_done is not None:  # upgraded: the bytes go to the app as they come
+            if self.upstream is not None:
+                self.upstream.transport.write(data)
+            return
+        if self._closed or self._upgrade or self._refusal is not None:
+            return  # nothing after an upgrade request or a refusal is read
+        try:
+            self.requests.feed(data)
+        except Upgraded:
+            self._upgrade = True
+            self._pause_reading()
+        except ProtocolRefusal as refusal:
+            self._refusal = refusal
+            self._pause_reading()
+        except Exception:  # one connection's failure never reaches the loop
+            log.exception("app %s: connection failed", self.app_name)
+            self._close()
+            return
+        if not self._busy:
+            self._wait(LIMITS.idle_timeout, self._idle_too_long)  # the rest of a head, or the next one
+        if len(self.requests.complete) >= MAX_PIPELINED:
+            self._pause_reading()
+        self._next()
+
+    def eof_received(self) -> bool:
+        return False  # TLS: no half-close; connection_lost follows
+
+    def connection_lost(self, exc) -> None:
+        self._closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if self._splice_done is not None and not self._splice_done.done():
+            self._splice_done.set_result(None)
+        elif self._task is not None and not self._task.done():
+            self._task.cancel()  # a request waiting for the issuer or the app: nobody to answer
+        self._release_upstream()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True  # the client reads slowly: answer nothing more until it catches up
+        if self._splice_done is not None and self.upstream is not None:
+            self.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._splice_done is not None:
+            if self.upstream is not None and not self.upstream.transport.is_closing():
+                self.upstream.transport.resume_reading()
+            return
+        self._next()
+
+    # ---- answering, in order ---------------------------------------------------------------
+
+    def _next(self) -> None:
+        """Answer queued requests until one must wait (for the app, the issuer, the client)."""
+        try:
+            while not (self._busy or self._closed or self._write_paused):
+                requests = self.requests.complete
+                if requests:
+                    request = requests.popleft()
+                    if self._upgrade and not requests:
+                        self._busy = True
+                        self._task = self._loop.create_task(self._upgrade_to(request))
+                        return
+                    self._answer(request, client_keeps_alive(request), self.check(request))
+                    continue
+                if self._refusal is not None:
+                    refusal = self._refusal
+                    self._write(Reply(refusal.status, f"skyguard: {refusal.reason}", close=True).wire(b"GET", False))
+                    self._close()
+                    return
+                if self._reading_paused and not self._upgrade:
+                    self._reading_paused = False
+                    self.transport.resume_reading()
+                return
+        except Exception:  # one connection's failure never reaches the loop
+            log.exception("app %s: connection failed", self.app_name)
+            self._close()
+
+    def _answer(self, request: HttpRequest, keep: bool, outcome) -> None:
+        if isinstance(outcome, Reply):
+            self._write(outcome.wire(request.method, keep))
+            if not keep or outcome.close:
+                self._close()
+        elif isinstance(outcome, tuple):  # it waits for the issuer: a task, the next requests wait
+            self._busy = True
+            self._task = self._loop.create_task(self._decided_later(request, keep, outcome))
+        else:
+            self._forward(request, outcome, keep)
+
+    async def _decided_later(self, request: HttpRequest, keep: bool, step: tuple) -> None:
+        try:
+            outcome = await self.decide(request, step)
+        except Exception:
+            log.exception("app %s: connection failed", self.app_name)
+            self._close()
+            return
+        self._busy = False
+        if not self._closed:
+            self._answer(request, keep, outcome)
+            self._next()
+
+    def _write(self, data: bytes) -> None:
+        if not self._closed:
+            self.transport.write(data)
+
+    def _close(self) -> None:
+        self._closed = True
+        if self.transport is not None:
+            self.transport.close()  # what was written is flushed first
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    # ---- timeouts ------------------------------------------------------------------------------
+
+    def _wait(self, seconds: float, on_timeout) -> None:
+        self._deadline, self._on_timeout = self._loop.time() + seconds, on_timeout
+
+    def _done_waiting(self) -> None:
+        self._deadline, self._on_timeout = float("inf"), None
+
+    def _watch(self) -> None:
+        if self._loop.time() >= self._deadline and self._on_timeout is not None:
+            on_timeout = self._on_timeout
+            self._done_waiting()
+            on_timeout()
+        if not self._closed:
+            self._watchdog = self._loop.call_later(WATCHDOG_PERIOD, self._watch)
+
+    def _idle_too_long(self) -> None:
+        if not self._busy:
+            self._closed = True
+            self.transport.abort()
+
     # ---- to the app ----------------------------------------------------------------------------
 
     def _headers_for_app(self, request: HttpRequest, session) -> list[tuple[bytes, bytes]]:
@@ -254,97 +407,172 @@ class AppConnection:
                     (own, self.gate.signer.sign(self.app, session.user, session.name, session.groups).encode())]
         return headers
 
-    async def _connect(self):
-        if self.upstream is None:
-            address = self.gate.vm_address(self.app)
-            self.upstream = await asyncio.wait_for(asyncio.open_connection(address, self.app.port), CONNECT_TIMEOUT)
-        return self.upstream
+    def _upstream_key(self) -> tuple:
+        return (self.app.name, self.gate.vm_address(self.app), self.app.port)
 
-    def _close_upstream(self) -> None:
-        if self.upstream is not None:
-            with contextlib.suppress(Exception):
-                self.upstream[1].close()
-            self.upstream = None
+    async def _connect(self) -> AppSide:
+        """A connection to the app: an idle one kept for it, else a new one."""
+        key = self._upstream_key()
+        side = self.gate.upstreams.take(key)
+        if side is None:
+            _, side = await asyncio.wait_for(self._loop.create_connection(AppSide, key[1], key[2]), CONNECT_TIMEOUT)
+        side.owner = self
+        return side
 
-    async def forward(self, request: HttpRequest, session, keep: bool) -> bool:
-        forwarded = HttpRequest(request.method, request.target, tuple(self._headers_for_app(request, session)),
-                                request.body, b"1.1")
+    def _release_upstream(self) -> None:
+        """The client connection ends: an idle connection to the app is kept for the next one."""
+        side, self.upstream = self.upstream, None
+        if side is not None:
+            if side.ready and self._splice_done is None:
+                self.gate.upstreams.give(self._upstream_key(), side)
+            else:
+                side.close()
+
+    def _drop_upstream(self) -> None:
+        side, self.upstream = self.upstream, None
+        if side is not None:
+            side.close()
+
+    def _forward(self, request: HttpRequest, session, keep: bool) -> None:
+        self._busy = True
         try:
-            reader, writer = await self._connect()
-            writer.write(serialise_request(forwarded))
-            response = ResponseReader(request.method == b"HEAD", LIMITS.max_response_body, LIMITS.max_header_bytes)
-            self._wait_on(writer, LIMITS.upstream_timeout)  # on timeout: aborted, read ends, 502
-            try:
-                while not response.done:
-                    data = await reader.read(CHUNK)
-                    if not data:
-                        response.finish()
-                        break
-                    response.feed(data)
-            finally:
-                self._done_waiting()
-            if self._timed_out:
-                raise TimeoutError("the app did not answer in time")
-        except Exception as e:  # the app is down, slow or speaks no HTTP: 502, never a crash
-            self._close_upstream()
-            self.gate.count(self.app, "app_unreachable")
-            log.info("app %s: %s", self.app.name, type(e).__name__)
-            self.writer.write(Reply(502, f"{self.app.name} did not answer.").wire(request.method, keep))
-            await self.writer.drain()
-            return keep
-        if not response.reusable:
-            self._close_upstream()
-        headers = tuple((n, v) for n, v in without_our_set_cookies(response.headers)
-                        if n not in HOP_BY_HOP or (n == b"content-length" and request.method == b"HEAD"))
-        self.gate.count(self.app, "forwarded")
-        self.writer.write(serialise_response(request.method, keep, (response.status, response.reason or b"OK"),
-                                             headers, bytes(response.body)))
-        await self.writer.drain()
-        return keep
+            data = serialise_request(HttpRequest(request.method, request.target,
+                                                 tuple(self._headers_for_app(request, session)), request.body, b"1.1"))
+        except Exception as e:  # a header the proxy will not write (a control character)
+            self._exchange = (request.method, keep, b"", False)
+            self._app_failed(e)
+            return
+        side = self.upstream
+        if side is not None and side.ready:
+            self._exchange = (request.method, keep, data, True)
+            self._send(side)
+        else:
+            self._exchange = (request.method, keep, data, False)
+            self._task = self._loop.create_task(self._connect_and_send())
 
-    async def upgrade(self, request: HttpRequest) -> None:
+    async def _connect_and_send(self) -> None:
+        self._drop_upstream()
+        try:
+            side = await self._connect()
+        except Exception as e:  # the app is down, or its VM does not answer
+            self._app_failed(e)
+            return
+        if self._closed:
+            side.close()
+            return
+        self.upstream = side
+        self._send(side)
+
+    def _send(self, side: AppSide) -> None:
+        method, _, data, _ = self._exchange
+        self._wait(LIMITS.upstream_timeout, self._app_too_slow)
+        side.send(data, ResponseReader(method == b"HEAD", LIMITS.max_response_body, LIMITS.max_header_bytes))
+
+    def _app_too_slow(self) -> None:
+        self._app_failed(TimeoutError("the app did not answer in time"))
+
+    def _app_answered(self) -> None:
+        """The app's whole answer is in (AppSide calls this): write it to the client."""
+        side, exchange = self.upstream, self._exchange
+        response, side.response, self._exchange = side.response, None, None
+        self._done_waiting()
+        method, keep, _, _ = exchange
+        if not response.reusable:
+            self._drop_upstream()
+        headers = tuple((n, v) for n, v in without_our_set_cookies(response.headers)
+                        if n not in HOP_BY_HOP or (n == b"content-length" and method == b"HEAD"))
+        try:
+            data = serialise_response(method, keep, (response.status, response.reason or b"OK"), headers,
+                                      bytes(response.body))
+        except Exception as e:  # a header or status the proxy will not write
+            self._app_failed(e, exchange)
+            return
+        self.gate.count(self.app, "forwarded")
+        self._finish(data, keep)
+
+    def _app_failed(self, error: BaseException, exchange=None) -> None:
+        """The app is down, slow or speaks no HTTP: 502, never a crash. A kept-alive connection
+        the app closed before answering is retried once on a new one."""
+        exchange = exchange or self._exchange
+        self._exchange = None
+        self._done_waiting()
+        self._drop_upstream()
+        if self._closed or exchange is None:
+            return
+        method, keep, data, reused = exchange
+        if isinstance(error, StaleConnection) and reused:
+            self._exchange = (method, keep, data, False)
+            self._task = self._loop.create_task(self._connect_and_send())
+            return
+        self.gate.count(self.app, "app_unreachable")
+        log.info("app %s: %s", self.app.name, type(error).__name__)
+        self._finish(Reply(502, f"{self.app.name} did not answer.").wire(method, keep), keep)
+
+    def _finish(self, data: bytes, keep: bool) -> None:
+        self._write(data)
+        self._busy = False
+        if not keep:
+            self._close()
+            return
+        self._wait(LIMITS.idle_timeout, self._idle_too_long)
+        self._next()
+
+    # ---- WebSockets ----------------------------------------------------------------------------
+
+    async def _upgrade_to(self, request: HttpRequest) -> None:
         """A WebSocket (or other) upgrade: decide as for any request, then splice the bytes both
         ways until either side closes or the session ends (sessions.end cancels this task)."""
-        outcome = await self.decide(request)
-        if isinstance(outcome, Reply):
-            self.writer.write(outcome.wire(request.method, False))
-            await self.writer.drain()
-            return
-        session = outcome
-        if not self.app.websockets:
-            self.gate.refuse(self.app, "websockets_not_allowed", client=self.client, user=session.user)
-            self.writer.write(Reply(403, f"{self.app.name} does not take WebSockets.").wire(request.method, False))
-            await self.writer.drain()
-            return
-        upgrade = next((v for n, v in request.headers if n == b"upgrade"), b"websocket")
-        headers = [(n, v) for n, v in self._headers_for_app(request, session) if n not in HOP_BY_HOP]
-        headers += [(b"connection", b"Upgrade"), (b"upgrade", upgrade)]
-        head = b"%s %s HTTP/1.1\r\n" % (request.method, request.target)
-        head += b"".join(b"%s: %s\r\n" % pair for pair in headers) + b"\r\n"
         try:
-            reader, writer = await self._connect()
+            outcome = await self.decide(request)
+            if isinstance(outcome, Reply):
+                self._write(outcome.wire(request.method, False))
+                return
+            session = outcome
+            if not self.app.websockets:
+                self.gate.refuse(self.app, "websockets_not_allowed", client=self.client, user=session.user)
+                self._write(Reply(403, f"{self.app.name} does not take WebSockets.").wire(request.method, False))
+                return
+            upgrade = next((v for n, v in request.headers if n == b"upgrade"), b"websocket")
+            headers = [(n, v) for n, v in self._headers_for_app(request, session) if n not in HOP_BY_HOP]
+            headers += [(b"connection", b"Upgrade"), (b"upgrade", upgrade)]
+            head = b"%s %s HTTP/1.1\r\n" % (request.method, request.target)
+            head += b"".join(b"%s: %s\r\n" % pair for pair in headers) + b"\r\n"
+            side = self.upstream if self.upstream is not None and self.upstream.ready else None
+            if side is None:
+                self._drop_upstream()
+                try:
+                    side = await self._connect()
+                except Exception:
+                    self._write(Reply(502, f"{self.app.name} did not answer.").wire(request.method, False))
+                    return
+            if self._closed:
+                side.close()
+                return
+            await self._splice(side, head, session)
+        except asyncio.CancelledError:
+            pass  # the session ended, or the client went away: both sides close below
         except Exception:
-            self.writer.write(Reply(502, f"{self.app.name} did not answer.").wire(request.method, False))
-            return
-        self.upstream = None  # the splice owns it now
+            log.exception("app %s: connection failed", self.app_name)
+        finally:
+            self._drop_upstream()
+            self._close()
+
+    async def _splice(self, side: AppSide, head: bytes, session) -> None:
+        self.upstream, side.splice = side, self.transport
+        self._splice_done = self._loop.create_future()
         task = asyncio.current_task()
         session.tunnels.add(task)
         self.gate.count(self.app, "websocket")
         try:
-            writer.write(head)
-            await asyncio.gather(_pump(reader, self.writer), _pump(self.reader, writer))
-        except (asyncio.CancelledError, ConnectionError, OSError):
-            pass  # the session ended (cancelled) or a side went away: both close below
+            side.transport.write(head)
+            if self._reading_paused:  # paused at the upgrade request: the client's bytes now pass
+                self._reading_paused = False
+                self.transport.resume_reading()
+            await self._splice_done
         finally:
             session.tunnels.discard(task)
-            writer.close()
 
-
-async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-    try:
-        while data := await source.read(CHUNK):
-            sink.write(data)
-            await sink.drain()
-    finally:
-        with contextlib.suppress(Exception):
-            sink.close()
+    def _splice_ended(self) -> None:
+        """The app closed its side of a splice (AppSide calls this)."""
+        if self._splice_done is not None and not self._splice_done.done():
+            self._splice_done.set_result(None)

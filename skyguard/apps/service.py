@@ -27,6 +27,7 @@ from skyguard.apps import assertion
 from skyguard.apps.oidc import AppsError, IssuerClient
 from skyguard.apps.proxy import AppConnection
 from skyguard.apps.sessions import SESSION_COOKIE, CookieSealer, Session, SessionTable, allowed, cookie_value
+from skyguard.apps.upstream import IdleUpstreams
 from skyguard.credproxy.ca import new_server_context
 from skyguard.custody.pemload import load_cert_chain_from_memory, split_pem
 from skyguard.parts import Degraded
@@ -64,6 +65,7 @@ class AppsService:
         self.issuer: IssuerClient | None = None
         self._issuer_key: tuple | None = None  # the identity the issuer client was made for
         self._servers: dict[str, tuple[tuple, list]] = {}  # app name -> (config key, servers)
+        self.upstreams = IdleUpstreams()  # kept-alive connections to apps between client connections
         self._housekeeping: asyncio.Task | None = None
         self._metrics(registry)
 
@@ -92,6 +94,7 @@ class AppsService:
             self._housekeeping.cancel()
         for name in list(self._servers):
             await self._close(name)
+        self.upstreams.close()
         for session in list(self.sessions.sessions.values()):
             self.sessions.end(session.sid)
 
@@ -129,14 +132,15 @@ class AppsService:
             if app.name in self._servers and self._servers[app.name][0] == key:
                 continue
             await self._close(app.name)
+            self.upstreams.close(app.name)  # its workload or port may have changed
             try:
                 context = new_server_context()
                 certificate, private = split_pem(bundle)
                 load_cert_chain_from_memory(context, certificate, private)
                 host, port = app.listen.rsplit(":", 1)
-                server = await asyncio.start_server(functools.partial(self._serve, app), host.strip("[]"),
-                                                    int(port), ssl=context, reuse_address=True,
-                                                    ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+                server = await asyncio.get_running_loop().create_server(
+                    functools.partial(AppConnection, self, app.name), host.strip("[]"), int(port), ssl=context,
+                    reuse_address=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
             except Exception as e:
                 problems.append(f"app {app.name}: cannot listen on {app.listen}: {type(e).__name__}: {e}")
                 continue
@@ -145,24 +149,13 @@ class AppsService:
             raise Degraded("; ".join(problems))
 
     async def _close(self, name: str) -> None:
+        self.upstreams.close(name)
         entry = self._servers.pop(name, None)
         if entry:
             for server in entry[1]:
                 server.close()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(server.wait_closed(), 2)
-
-    async def _serve(self, app: App, reader, writer) -> None:
-        current = next((a for a in self.policy.apps if a.name == app.name), None)
-        if current is None or self.issuer is None:
-            writer.close()  # fail closed: no app, or nobody can sign in
-            return
-        try:
-            await AppConnection(self, current, reader, writer).run()
-        except (ConnectionError, TimeoutError, OSError):
-            pass  # the client went away mid-answer: nothing to tell anyone
-        except Exception:  # one connection's failure never reaches the loop
-            log.exception("app %s: connection failed", app.name)
 
     async def _sweep(self) -> None:
         """Expire sessions; re-check at the issuer the sessions that hold WebSockets (a request

@@ -1,0 +1,127 @@
+"""The identity-aware proxy's connections (skyguard/apps/proxy.py, upstream.py) on loopback: a
+real TLS listener of AppsService, a real HTTP app, a TLS client holding a session cookie.
+Keep-alive both ways, pipelining, the app closing a kept-alive connection, the app down, and
+connections to the app reused across client connections. (The sign-in flows, the browser and
+the datapath: tests/integration/test_apps_lab.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import socket
+import ssl
+
+from skyguard.apps.oidc import SignIn
+from skyguard.apps.service import AppsService
+from skyguard.custody.store import SecretStore
+from skyguard.lab.ca import LabCA
+from skyguard.policy.apps import App, Identity
+from skyguard.policy.model import Policy, Workload, Zone
+
+HOST = "keep.apps.test"
+
+
+class ListLog:
+    def __init__(self):
+        self.entries = []
+
+    def record(self, kind, /, **fields):
+        self.entries.append((kind, fields))
+
+
+class TheApp(asyncio.Protocol):
+    """Answers each request with the identity header it received. `close_after`: answer that
+    many requests per connection, then close on the next one without answering (a keep-alive
+    timeout racing a request)."""
+
+    connections = 0
+    close_after = 0
+
+    def connection_made(self, transport):
+        TheApp.connections += 1
+        self.transport, self.buffer, self.answered = transport, b"", 0
+
+    def data_received(self, data):
+        self.buffer += data
+        while b"\r\n\r\n" in self.buffer:
+            head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+            if TheApp.close_after and self.answered >= TheApp.close_after:
+                self.transport.close()
+                return
+            self.answered += 1
+            lines = head.split(b"\r\n")
+            seen = [v for n, _, v in (line.partition(b": ") for line in lines[1:]) if n.lower() == b"x-skyguard-assertion"]
+            body = b"%s %s" % (lines[0].split(b" ")[1], b"signed" if len(seen) == 1 and seen[0] != b"forged" else b"forged")
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def read_response(reader) -> tuple[int, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ")[1])
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    return status, await reader.readexactly(length)
+
+
+def test_keep_alive_pipelining_stale_app_connections_and_the_app_down(tmp_path):
+    app_port, proxy_port, down_port = free_port(), free_port(), free_port()
+    chain, key = LabCA(tmp_path / "ca").leaf_files(HOST)
+    store = SecretStore(tmp_path / "secrets")
+    store.set("keep-tls", chain.read_bytes() + key.read_bytes())
+    store.set("idp-secret", b"unused")
+    workload = Workload("vm", "lab", "sg-vm", "02:00:00:00:00:01", (ipaddress.ip_address("127.0.0.1"),))
+    app = App("keep", "vm", app_port, HOST, f"127.0.0.1:{proxy_port}", "keep-tls", users=("bob",))
+    policy = Policy(name="t", zones={"lab": Zone("lab", (workload,))}, networks={}, rules=(),
+                    identity=Identity("https://idp.test:9443", "skyguard", "idp-secret", session_check=3600),
+                    apps=(app,))
+    client_tls = ssl.create_default_context(cafile=str(tmp_path / "ca" / "ca.pem"))
+
+    async def run():
+        server = await asyncio.get_running_loop().create_server(TheApp, "127.0.0.1", app_port)
+        service = AppsService(policy, store, decision_log=ListLog())
+        await service.start()
+        session = service.sessions.create(app, SignIn("bob", "bob", "Bob", (), "t"), 600)
+        cookie = service.sealer.seal(session.sid, HOST, session.expires)
+
+        def request(path: str) -> bytes:
+            return (f"GET {path} HTTP/1.1\r\nHost: {HOST}:{proxy_port}\r\nCookie: __Host-skyguard-session={cookie}\r\n"
+                    f"X-Skyguard-Assertion: forged\r\n\r\n").encode()
+
+        async def connect():
+            return await asyncio.open_connection("127.0.0.1", proxy_port, ssl=client_tls, server_hostname=HOST)
+
+        seen = {}
+        reader, writer = await connect()
+        writer.write(request("/one") + request("/two") + request("/three"))  # pipelined, one write
+        seen["pipelined"] = [await read_response(reader) for _ in range(3)]
+        writer.close()
+        reader, writer = await connect()  # a new client connection: the idle app connection is reused
+        writer.write(request("/four"))
+        seen["reused"] = (await read_response(reader), TheApp.connections)
+        TheApp.close_after = 1  # the app closes a kept-alive connection when the next request comes
+        writer.write(request("/five"))
+        seen["stale"] = (await read_response(reader), TheApp.connections)
+        writer.write(request("/six"))
+        seen["stale again"] = (await read_response(reader), TheApp.connections)
+        writer.close()
+        await service.set_policy(dataclasses.replace(policy, apps=(dataclasses.replace(app, port=down_port),)))
+        reader, writer = await connect()
+        writer.write(request("/seven") + request("/eight"))
+        seen["down"] = [await read_response(reader) for _ in range(2)]
+        writer.close()
+        await service.stop()
+        server.close()
+        return seen
+
+    seen = asyncio.run(run())
+    assert seen["pipelined"] == [(200, b"/one signed"), (200, b"/two signed"), (200, b"/three signed")]
+    assert seen["reused"] == ((200, b"/four signed"), 1)
+    assert seen["stale"] == ((200, b"/five signed"), 2)  # retried once on a new connection, not a 502
+    assert seen["stale again"] == ((200, b"/six signed"), 3)
+    assert [status for status, _ in seen["down"]] == [502, 502]  # and the client's connection stays open
