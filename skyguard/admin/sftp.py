@@ -13,7 +13,10 @@ content rule (skyguard/policy/content.py) are held back and judged before the VM
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from skyguard.parts import DecisionLog
 
 # Request types that carry a path as their first field after the request id.
 _PATH_REQUESTS = {3: "open", 11: "opendir", 13: "remove", 14: "mkdir", 15: "rmdir",
@@ -140,12 +143,14 @@ class SftpUploadFilter:
 
     from_operator(data) is async (judging a file talks to clamd) and returns (to_vm, to_operator);
     from_vm(data) returns the bytes for the operator. Call them in the order the bytes arrive, one
-    at a time per direction. `record(entry)` receives the decision-log entry of each block."""
+    at a time per direction. Each block is reported as every part reports a decision,
+    `decision_log.record("content_blocked", **fields)`, with `log_fields` added to the fields."""
 
-    def __init__(self, engine, zone: str | None, record, *, workload: str | None = None, metrics=None, **log_fields):
+    def __init__(self, engine, zone: str | None, decision_log: DecisionLog, *, workload: str | None = None,
+                 metrics=None, **log_fields):
         self.engine = engine
         self.zone = zone
-        self.record = record
+        self.decision_log = decision_log
         self.metrics = metrics
         self.workload = workload
         self.log_fields = log_fields
@@ -239,8 +244,9 @@ class SftpUploadFilter:
             self._closing[close_id] = held
             self._held[handle] = held  # marks replay failures until the CLOSE's answer
             return bytes(to_vm), b""
-        self.record(blocked_entry(verdict, zone=self.zone, workload=self.workload, protocol="sftp", direction="upload",
-                                  destination=self.workload, path=held.path, **self.log_fields))
+        entry = blocked_entry(verdict, zone=self.zone, workload=self.workload, protocol="sftp", direction="upload",
+                              destination=self.workload, path=held.path, **self.log_fields)
+        self.decision_log.record(entry.pop("event"), **entry)
         remove_id = self._own_id()
         cleanup = _packet(SSH_FXP_CLOSE, self._own_id(), _sftp_string(handle)) + \
             _packet(SSH_FXP_REMOVE, remove_id, _sftp_string(held.path.encode()))
@@ -344,14 +350,11 @@ def upload_pump(session, workload) -> SftpFilterPump | None:
     if engine is None or not engine.content.rules_for(workload.zone, "upload", "sftp"):
         return None
     recording = session.recording
-
-    def record(entry: dict) -> None:
-        entry = dict(entry)
-        session.proxy.record(entry.pop("event"), operator=session.owner.operator_name,
-                             session=recording.id if recording else None, **entry)
-
-    upload_filter = SftpUploadFilter(engine, workload.zone, record, workload=workload.name,
-                                     metrics=session.proxy.metrics.content)
+    # The proxy's record() is its DecisionLog (a failing log is reported, not raised); who and
+    # which recorded session go into every block's fields.
+    upload_filter = SftpUploadFilter(engine, workload.zone, session.proxy, workload=workload.name,
+                                     metrics=session.proxy.metrics.content, operator=session.owner.operator_name,
+                                     session=recording.id if recording else None)
     return SftpFilterPump(upload_filter, lambda data: session.vm_chan.write(data), lambda data: session.chan.write(data),
                           session.chan.pause_reading, session.chan.resume_reading,
                           lambda message: session.end_with_message(message + "\r\n", 255, "sftp_refused"),

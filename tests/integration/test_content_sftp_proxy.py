@@ -68,3 +68,7 @@ def test_blocked_upload_through_the_proxy_fails_and_leaves_nothing(lab, guarded,
     assert (entry["operator"], entry["workload"], entry["zone"], entry["protocol"], entry["path"]) == (
         "alice", "dc1", "directory", "sftp", str(guarded / name))
     assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+    # every field of a block, as the filter reports it through the proxy's record(kind, **fields)
+    assert set(entry) == {"type", "operator", "session", "zone", "workload", "rule", "engine", "protocol", "direction",
+                          "destination", "size", "sha256", "mime", "reason", "path"}, entry
+    assert (entry["direction"], entry["destination"], entry["rule"]) == ("upload", "dc1", "operator-uploads")

@@ -168,21 +168,16 @@ def zipped(name: str, data: bytes) -> bytes:
 
 async def sftp_relay(policy_path: str, zone: str, log_path: str, server: list[str]) -> int:
     import asyncio
-    import json
     import sys
 
+    from skyguard.admin.decisionlog import JsonLinesDecisionLog
     from skyguard.admin.sftp import SftpUploadFilter
     from skyguard.content.inspector import ContentEngine
     from skyguard.policy.parse import load_policy
 
     policy = load_policy(policy_path)
-    log = open(log_path, "a")
-
-    def record(entry: dict) -> None:
-        log.write(json.dumps(entry) + "\n")
-        log.flush()
-
-    upload_filter = SftpUploadFilter(ContentEngine(policy.content), zone, record, workload="vm1")
+    # the proxy's own fallback log: one {"type": kind, **fields} per line, as the signed log decodes
+    upload_filter = SftpUploadFilter(ContentEngine(policy.content), zone, JsonLinesDecisionLog(log_path), workload="vm1")
     loop = asyncio.get_running_loop()
     proc = await asyncio.create_subprocess_exec(*server, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
     if stat.S_ISSOCK(os.fstat(0).st_mode):  # sftp hands its end of a socketpair as stdin and stdout

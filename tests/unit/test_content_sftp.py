@@ -84,7 +84,7 @@ def test_blocked_upload_fails_and_leaves_nothing(rig, name, data, engine):
     assert result.returncode != 0, result.stdout
     assert not (rig / "vm" / name).exists()  # no partial file, no empty file
     entry = blocks(rig)[-1]
-    assert (entry["event"], entry["protocol"], entry["zone"], entry["workload"], entry["rule"], entry["engine"]) == (
+    assert (entry["type"], entry["protocol"], entry["zone"], entry["workload"], entry["rule"], entry["engine"]) == (
         "content_blocked", "sftp", "web", "vm1", "operator-uploads", engine)
     assert entry["path"] == str(rig / "vm" / name)  # as the client named it (sftp makes it absolute)
     if engine != "uninspectable":
@@ -109,12 +109,14 @@ def test_clamd_down_fails_the_upload(rig, tmp_path):
 # ---- the filter itself, sans-io: what it refuses to follow ----------------------------------------
 
 def _filter(tmp_path, rules=True):
+    from skyguard.admin.decisionlog import JsonLinesDecisionLog
     from skyguard.admin.sftp import SftpUploadFilter
     from skyguard.content.inspector import ContentEngine
     from skyguard.policy.content import ContentBlock, ContentPolicy, ContentRule
 
     rule = ContentRule("r", ("web",), ("upload",), ("sftp",), ContentBlock(max_size=10))
-    return SftpUploadFilter(ContentEngine(ContentPolicy((rule,) if rules else ())), "web", lambda entry: None)
+    return SftpUploadFilter(ContentEngine(ContentPolicy((rule,) if rules else ())), "web",
+                            JsonLinesDecisionLog(tmp_path / "decisions.jsonl"))
 
 
 def _packet(kind: int, request_id: int, payload: bytes = b"") -> bytes:
