@@ -1,17 +1,16 @@
 """One client connection to an app's TLS listener: HTTP/1.1 requests read with the credential
 proxy's sans-io readers (skyguard/credproxy/http1.py, llhttp), each one answered by the gate
-(sign-in, callback, logout, refusal) or forwarded to the app in its VM with the signed identity
-header; WebSocket upgrades are spliced as bytes while the session lives.
+(gate.py: the Host check, sign-in, callback, logout, the session and the access decision) or
+forwarded to the app in its VM with the signed identity header; WebSocket upgrades are spliced
+as bytes while the session lives.
 
-Request order, per request: the Host must name this app (421 otherwise: a cookie of one app is
-never presented to another through a shared listener); skyguard's own paths (/.skyguard/...);
-then the session (service.Gate.session_for) and the access decision. What the client sent in the
-identity header and skyguard's own cookies never reach the app. Bodies are buffered whole,
-within ProxyLimits. Requests are answered one at a time, in order (pipelined ones wait, and
-reading pauses past MAX_PIPELINED). Bytes a client sends after an upgrade request before the
-app's 101 are not forwarded (WebSocket clients wait for the 101). Not here: what a session is
-(sessions.py), the issuer (oidc.py), listeners and policy (service.py), the app's side
-(upstream.py).
+What the client sent in the identity header, the X-Forwarded-* headers and skyguard's own
+cookies never reach the app; skyguard's cookies set by the app never reach the client. Bodies
+are buffered whole, within ProxyLimits. Requests are answered one at a time, in order (pipelined
+ones wait, and reading pauses past MAX_PIPELINED). Bytes a client sends after an upgrade request
+before the app's 101 are not forwarded (WebSocket clients wait for the 101). Not here: what a
+session is (sessions.py), the issuer (oidc.py), listeners and policy (service.py), the app's
+side (upstream.py).
 
 Callbacks, not a coroutine per connection: the usual request (signed in, checked at the issuer
 within the check interval) is decided and forwarded inside data_received, and the app's answer
@@ -23,24 +22,11 @@ and StreamWriter coroutines per request were most of the proxy's own time (bench
 from __future__ import annotations
 
 import asyncio
-import html
 import logging
-import time
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
-from skyguard.apps.oidc import IssuerUnavailable, TokenRejected
-from skyguard.apps.sessions import (
-    LOGIN_COOKIE,
-    SESSION_COOKIE,
-    Pending,
-    allowed,
-    cookie_value,
-    safe_return_path,
-    set_cookie,
-    without_cookies,
-    without_our_set_cookies,
-)
+from skyguard.apps.gate import Checks, Reply
+from skyguard.apps.sessions import LOGIN_COOKIE, SESSION_COOKIE, without_cookies, without_our_set_cookies
 from skyguard.apps.upstream import AppSide
 from skyguard.credproxy.http1 import (
     ProtocolRefusal,
@@ -58,160 +44,11 @@ from skyguard.credproxy.swap import HOP_BY_HOP, HttpRequest
 log = logging.getLogger(__name__)
 
 LIMITS = ProxyLimits()
-PREFIX = "/.skyguard/"
-CALLBACK = PREFIX + "callback"
-LOGOUT = PREFIX + "logout"
 CONNECT_TIMEOUT = 5.0  # seconds to reach the app in its VM
 WATCHDOG_PERIOD = 1.0  # seconds between a connection's timeout checks (timeouts fire up to this late)
 MAX_PIPELINED = 2  # whole requests read ahead of the one being answered; reading pauses beyond
 # Request headers a client may never hand the app: the proxy writes them itself.
 FORWARDED = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
-REASONS = {200: b"OK", 302: b"Found", 303: b"See Other", 400: b"Bad Request", 403: b"Forbidden",
-           421: b"Misdirected Request", 502: b"Bad Gateway", 503: b"Service Unavailable"}
-# Why a request cannot be decided inside data_received (Checks.check's "wait" outcomes).
-SIGN_IN, RECHECK, CALLBACK_STEP = "sign_in", "recheck", "callback"
-
-
-class Reply:
-    """A response the proxy writes itself."""
-
-    def __init__(self, status: int, text: str = "", headers=(), close: bool = False):
-        self.status, self.text, self.headers, self.close = status, text, list(headers), close
-
-    def wire(self, method: bytes, keep_alive: bool) -> bytes:
-        body = b""
-        headers = [(b"cache-control", b"no-store")] + self.headers
-        if self.text:
-            body = (f"<!doctype html><html><head><title>skyguard</title></head><body>"
-                    f"<p id=\"skyguard\">{html.escape(self.text)}</p></body></html>\n").encode()
-            headers.append((b"content-type", b"text/html; charset=utf-8"))
-        return serialise_response(method, keep_alive and not self.close, (self.status, REASONS.get(self.status, b"")),
-                                  tuple(headers), body)
-
-
-def redirect(location: str, *cookies, status: int = 302) -> Reply:
-    return Reply(status, "", [(b"location", location.encode())] + list(cookies))
-
-
-def _host_of(request: HttpRequest) -> str:
-    value = b""
-    for name, v in request.headers:
-        if name == b"host":
-            value = v
-            break
-    host = value.decode("latin-1").lower()
-    if host.count(":") == 1:
-        host = host.rsplit(":", 1)[0]
-    return host.rstrip(".")
-
-
-class Checks:
-    """The gate's decision on a request, and the flows of skyguard's own paths. Needs `gate`,
-    `app` and `client` (the client's address, for the log)."""
-
-    gate: Any
-    app: Any
-    client: str
-
-    def check(self, request: HttpRequest):
-        """What can be decided at once: a Reply, the session whose request goes to the app, or
-        (step, ...) when the answer needs the issuer (finish with `decide`)."""
-        gate, app = self.gate, self.app
-        host = _host_of(request)
-        if host != app.host:
-            gate.refuse(app, "host_mismatch", client=self.client, host=host[:253])
-            return Reply(421, f"This address serves {app.host}, not the host this request names.", close=True)
-        target = request.target.decode("latin-1")
-        if not target.startswith("/"):
-            gate.refuse(app, "absolute_target", client=self.client)
-            return Reply(400, "skyguard: only origin-form request targets are served", close=True)
-        if PREFIX in target:  # as urlsplit sees the path ("//x/.skyguard/..." too)
-            path = urlsplit(target).path
-            if path == CALLBACK:
-                return (CALLBACK_STEP, target)
-            if path == LOGOUT:
-                return self.logout(request)
-        session, reason = gate.session_for(app, request.headers)
-        if reason:
-            gate.refuse(app, reason, client=self.client)
-        if session is None:
-            return (SIGN_IN, target)
-        if not gate.checked_recently(session):  # the issuer is asked once the check interval passed
-            return (RECHECK, target, session)
-        return self.admit(session)
-
-    def admit(self, session):
-        if not allowed(self.app, session.user, session.groups):
-            self.gate.deny(self.app, session, client=self.client)
-            return Reply(403, f"{session.user} may not use {self.app.name}. Ask its owner for access.")
-        return session
-
-    async def decide(self, request: HttpRequest, outcome=None):
-        """A Reply, or the session whose request goes to the app; `outcome` is check()'s when
-        the caller already has it."""
-        outcome = self.check(request) if outcome is None else outcome
-        if not isinstance(outcome, tuple):
-            return outcome
-        step, target = outcome[0], outcome[1]
-        if step == CALLBACK_STEP:
-            return await self.callback(request, target)
-        if step == SIGN_IN:
-            return await self.begin_sign_in(target)
-        session = outcome[2]
-        try:
-            still = await self.gate.check_at_issuer(session)
-        except IssuerUnavailable as e:
-            self.gate.refuse(self.app, "issuer_unavailable", client=self.client, user=session.user, detail=str(e))
-            return Reply(503, "The identity provider cannot be reached, so nobody is let in until it is back. "
-                              "Try again in a moment.")
-        if not still:
-            return await self.begin_sign_in(target)
-        return self.admit(session)
-
-    async def begin_sign_in(self, target: str) -> Reply:
-        gate, app = self.gate, self.app
-        try:
-            url, state, nonce, verifier = await gate.issuer.authorization_url(app.origin + CALLBACK)
-        except IssuerUnavailable as e:
-            gate.refuse(app, "issuer_unavailable", client=self.client, detail=str(e))
-            return Reply(503, "The identity provider cannot be reached, so nobody can sign in until it is back. "
-                              "Try again in a moment.")
-        gate.sessions.begin(state, Pending(app.name, nonce, verifier, safe_return_path(target), time.time()))
-        gate.count(app, "signin_redirect")
-        return redirect(url, set_cookie(LOGIN_COOKIE, state, 600))
-
-    async def callback(self, request: HttpRequest, target: str) -> Reply:
-        gate, app = self.gate, self.app
-        query = parse_qs(urlsplit(target).query)
-        state, code = query.get("state", [""])[0], query.get("code", [""])[0]
-        if "error" in query:
-            gate.refuse(app, "issuer_refused_sign_in", client=self.client)
-            return Reply(403, "The identity provider did not sign you in.")
-        if not state or cookie_value(request.headers, LOGIN_COOKIE) != state:
-            gate.refuse(app, "state_mismatch", client=self.client)
-            return Reply(400, "This sign-in was not started by this browser; start again from the app.")
-        pending = gate.sessions.take(state, time.time())
-        if pending is None or pending.app != app.name:
-            gate.refuse(app, "state_unknown_or_replayed", client=self.client)
-            return Reply(400, "This sign-in link was already used or has expired; start again from the app.")
-        try:
-            sign_in = await gate.issuer.finish(code, app.origin + CALLBACK, pending.nonce, pending.verifier)
-        except TokenRejected as e:
-            gate.refuse(app, e.reason, client=self.client)
-            return Reply(403, "The identity provider's answer failed skyguard's checks; you are not signed in.")
-        except IssuerUnavailable as e:
-            gate.refuse(app, "issuer_unavailable", client=self.client, detail=str(e))
-            return Reply(503, "The identity provider cannot be reached, so nobody can sign in until it is back.")
-        session = gate.signed_in(app, sign_in, client=self.client)
-        cookie = gate.sealer.seal(session.sid, app.host, session.expires)
-        return redirect(pending.return_path, set_cookie(SESSION_COOKIE, cookie, int(session.expires - time.time())),
-                        set_cookie(LOGIN_COOKIE, "", 0), status=303)
-
-    def logout(self, request: HttpRequest) -> Reply:
-        session, _ = self.gate.session_for(self.app, request.headers)
-        if session is not None:
-            self.gate.end_session(session, "signed_out")
-        return Reply(200, "You are signed out of skyguard.", [set_cookie(SESSION_COOKIE, "", 0)])
 
 
 class AppConnection(Checks, asyncio.Protocol):
