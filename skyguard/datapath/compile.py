@@ -236,18 +236,13 @@ def compile_policy(policy: Policy, host_addresses=()) -> Compiled:
                        f"{abi.MAX_ZONES - 1} (merge zones, or raise SG_MAX_ZONES in bpf/abi.h and abi.py)")
     zone_ids = {name: i for i, name in enumerate(policy.zones, start=1)}
     rule_ids = {rule.name: i for i, rule in enumerate(policy.rules, start=1)}
-    admin_zones = _admin_zones(policy)
-    if admin_zones:
-        rule_ids[ADMIN_SSH_RULE] = len(rule_ids) + 1
-    app_ports = _app_ports(policy)
-    if app_ports:
-        rule_ids[APPS_RULE] = len(rule_ids) + 1
-    console_targets = _console_ports(policy)
-    if console_targets:
-        rule_ids[CONSOLE_RULE] = len(rule_ids) + 1
-    key_zones = _key_zones(policy)
-    if key_zones:
-        rule_ids[KEYS_RULE] = len(rule_ids) + 1
+    admin_zones, app_ports = _admin_zones(policy), _app_ports(policy)
+    console_targets, key_zones = _console_ports(policy), _key_zones(policy)
+    # The rules skyguard adds for its own proxies, numbered after the policy's, when in use.
+    own_rules = {ADMIN_SSH_RULE: admin_zones, APPS_RULE: app_ports, CONSOLE_RULE: console_targets, KEYS_RULE: key_zones}
+    for name, used in own_rules.items():
+        if used:
+            rule_ids[name] = len(rule_ids) + 1
     workloads = []
     for wid, w in enumerate(policy.workloads(), start=1):
         addrs = tuple(w.addresses) + (eui64_link_local(w.mac),)
@@ -262,7 +257,7 @@ def compile_policy(policy: Policy, host_addresses=()) -> Compiled:
     for rule in policy.rules:
         for c in _rule_cidrs(policy, rule):
             on_prefix[c].add(("cidr", c))
-    if admin_zones or app_ports or console_targets or key_zones:
+    if any(own_rules.values()):
         for a in host_addresses:
             on_prefix[ipaddress.ip_network(a)].add(("host",))
     # IPv4 addresses live at ::ffff:a.b.c.d in the ipcache, which IPv6 prefixes shorter than /96
