@@ -32,7 +32,7 @@ class AssertionSigner:
         self._key = ECKey.import_key(bytes(key_pem))
         self.kid = self._key.thumbprint()
         self._key.ensure_kid()
-        self._recent: dict[tuple, tuple[int, str]] = {}  # (aud, user, name, groups) -> (iat, token)
+        self._recent: dict[tuple, tuple[int, str]] = {}  # (host, listen, user, name, groups) -> (iat, token)
 
     def __repr__(self) -> str:
         return f"AssertionSigner(kid={self.kid!r})"
@@ -47,7 +47,7 @@ class AssertionSigner:
         REUSE_FOR seconds ago (signing on every request was a third of the proxy's time per
         request): an app always receives one with at least ASSERTION_TTL - REUSE_FOR to live."""
         now = int(time.time() if now is None else now)
-        key = (app.origin, user, name, groups)
+        key = (app.host, app.listen, user, name, groups)  # host and listen make the audience (app.origin)
         cached = self._recent.get(key)
         if cached is not None and now - cached[0] < REUSE_FOR:
             return cached[1]

@@ -49,6 +49,7 @@ WATCHDOG_PERIOD = 1.0  # seconds between a connection's timeout checks (timeouts
 MAX_PIPELINED = 2  # whole requests read ahead of the one being answered; reading pauses beyond
 # Request headers a client may never hand the app: the proxy writes them itself.
 FORWARDED = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
+OUR_COOKIES = (SESSION_COOKIE, LOGIN_COOKIE)  # never sent to the app
 
 
 class AppConnection(Checks, asyncio.Protocol):
@@ -94,6 +95,8 @@ class AppConnection(Checks, asyncio.Protocol):
             self._closed = True
             transport.close()  # fail closed: no app, or nobody can sign in
             return
+        self._own = self.app.identity_header.lower().encode()  # the identity header, as the readers spell names
+        self._forwarded = [(b"x-forwarded-for", self.client.encode()), (b"x-forwarded-proto", b"https")]
         self._wait(LIMITS.idle_timeout, self._idle_too_long)
         self._watchdog = self._loop.call_later(WATCHDOG_PERIOD, self._watch)
 
@@ -237,11 +240,10 @@ class AppConnection(Checks, asyncio.Protocol):
     # ---- to the app ----------------------------------------------------------------------------
 
     def _headers_for_app(self, request: HttpRequest, session) -> list[tuple[bytes, bytes]]:
-        own = self.app.identity_header.lower().encode()
-        headers = [(n, v) for n, v in without_cookies(request.headers, (SESSION_COOKIE, LOGIN_COOKIE))
-                   if n != own and n not in FORWARDED]
-        headers += [(b"x-forwarded-for", self.client.encode()), (b"x-forwarded-proto", b"https"),
-                    (own, self.gate.signer.sign(self.app, session.user, session.name, session.groups).encode())]
+        own = self._own
+        headers = [(n, v) for n, v in without_cookies(request.headers, OUR_COOKIES) if n != own and n not in FORWARDED]
+        headers += self._forwarded
+        headers.append((own, self.gate.signer.sign(self.app, session.user, session.name, session.groups).encode()))
         return headers
 
     def _upstream_key(self) -> tuple:
@@ -316,8 +318,9 @@ class AppConnection(Checks, asyncio.Protocol):
         method, keep, _, _ = exchange
         if not response.reusable:
             self._drop_upstream()
+        head = method == b"HEAD"
         headers = tuple((n, v) for n, v in without_our_set_cookies(response.headers)
-                        if n not in HOP_BY_HOP or (n == b"content-length" and method == b"HEAD"))
+                        if n not in HOP_BY_HOP or (head and n == b"content-length"))
         try:
             data = serialise_response(method, keep, (response.status, response.reason or b"OK"), headers,
                                       bytes(response.body))

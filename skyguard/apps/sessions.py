@@ -31,6 +31,7 @@ PENDING_TTL = 600.0  # seconds a sign-in may take at the issuer
 MAX_PENDING = 10_000  # sign-ins under way at once (oldest dropped): each costs a little memory
 MAX_RETURN_PATH = 2048
 MAX_OPENED = 50_000  # opened cookies remembered (a few hundred bytes each)
+_OURS = (SESSION_COOKIE.encode(), LOGIN_COOKIE.encode())
 
 
 @dataclass
@@ -107,23 +108,25 @@ class CookieSealer:
 
 def cookie_value(headers, name: str) -> str | None:
     """The first cookie `name` in the request's Cookie headers (names are case-sensitive)."""
+    wanted = name.encode("latin-1")
     for header, value in headers:
-        if header != b"cookie":
+        if header != b"cookie" or wanted not in value:
             continue
         for part in value.split(b";"):
             key, _, val = part.strip().partition(b"=")
-            if key.decode("latin-1") == name:
+            if key == wanted:
                 return val.decode("latin-1")
     return None
 
 
 def without_cookies(headers, names: tuple[str, ...]) -> list[tuple[bytes, bytes]]:
-    """The headers with skyguard's own cookies removed (the app never sees them)."""
+    """The headers with skyguard's own cookies removed (the app never sees them). A Cookie
+    header naming none of them passes as it came."""
+    ours = tuple(n.encode("latin-1") for n in names)
     out = []
     for header, value in headers:
-        if header == b"cookie":
-            kept = [p.strip() for p in value.split(b";")
-                    if p.strip() and p.strip().partition(b"=")[0].decode("latin-1") not in names]
+        if header == b"cookie" and any(n in value for n in ours):
+            kept = [p.strip() for p in value.split(b";") if p.strip() and p.strip().partition(b"=")[0] not in ours]
             if not kept:
                 continue
             value = b"; ".join(kept)
@@ -134,9 +137,8 @@ def without_cookies(headers, names: tuple[str, ...]) -> list[tuple[bytes, bytes]
 def without_our_set_cookies(headers) -> list[tuple[bytes, bytes]]:
     """An app's response headers without any Set-Cookie naming skyguard's cookies: an app cannot
     forge a session (the value is encrypted), but it must not be able to end or replace one."""
-    ours = (SESSION_COOKIE.encode(), LOGIN_COOKIE.encode())
     return [(n, v) for n, v in headers
-            if not (n == b"set-cookie" and v.partition(b"=")[0].strip() in ours)]
+            if not (n == b"set-cookie" and v.partition(b"=")[0].strip() in _OURS)]
 
 
 def set_cookie(name: str, value: str, max_age: int) -> tuple[bytes, bytes]:
