@@ -1,6 +1,7 @@
 """The content filter as the credential proxy uses it: one HTTP body (a request's on the way out,
 a response's on the way in) judged under the policy's content rules, the block recorded, and the
-403 the VM gets instead.
+body of the 403 the VM gets instead (the proxy frames it with its own HTTP/1 writer, so this
+module does not import the credential proxy, which imports it).
 
 The proxy holds whole messages before it forwards them (credproxy/http1.py), so a request whose
 body is blocked never leaves: the upstream receives no byte of it, let alone a complete file.
@@ -17,7 +18,6 @@ import json
 from skyguard.content.http import Uninspectable, body_files
 from skyguard.content.inspector import PATTERN, UNINSPECTABLE, ContentEngine, ContentVerdict, inspect_bytes
 from skyguard.content.record import ContentMetrics, blocked_entry
-from skyguard.credproxy.http1 import serialise_response
 
 
 async def judge_body(engine: ContentEngine, facts, host: str | None, direction: str, headers, body: bytes,
@@ -62,9 +62,11 @@ async def judge_body(engine: ContentEngine, facts, host: str | None, direction: 
     return verdict
 
 
-def blocked_response(verdict: ContentVerdict, method: bytes, keep_alive: bool) -> bytes:
-    """403 with the reason as JSON (the content is never echoed)."""
-    body = json.dumps({"error": "content_blocked", "rule": verdict.rule, "engine": verdict.engine,
+BLOCKED_STATUS = (403, b"Forbidden")
+BLOCKED_CONTENT_TYPE = b"application/json"
+
+
+def blocked_body(verdict: ContentVerdict) -> bytes:
+    """The body of the 403 (BLOCKED_STATUS): the reason as JSON (the content is never echoed)."""
+    return json.dumps({"error": "content_blocked", "rule": verdict.rule, "engine": verdict.engine,
                        "reason": verdict.reason, "sha256": verdict.sha256 or None}).encode() + b"\n"
-    return serialise_response(method, keep_alive, (403, b"Forbidden"),
-                              ((b"content-type", b"application/json"),), body)

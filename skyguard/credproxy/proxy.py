@@ -32,8 +32,8 @@ import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from skyguard.content.httpfilter import blocked_response, judge_body
-from skyguard.content.inspector import ContentEngine
+from skyguard.content.httpfilter import BLOCKED_CONTENT_TYPE, BLOCKED_STATUS, blocked_body, judge_body
+from skyguard.content.inspector import ContentEngine, ContentVerdict
 from skyguard.credproxy.ca import CertificateAuthority
 from skyguard.credproxy.client import ClientConnection
 from skyguard.credproxy.codings import UnscrubbableResponse, decode_body
@@ -147,6 +147,13 @@ class Origin:
             self._cached = (state, ConnectionFacts(workload, zone, self.sni, self.address, self.port, self.tls,
                                                    self.address_matches))
         return self._cached[1]
+
+
+def blocked_response(verdict: ContentVerdict, method: bytes, keep_alive: bool) -> bytes:
+    """The 403 for a body the content filter blocked: its JSON reason, framed here (the filter
+    does not import the proxy's HTTP/1 writer: the proxy imports the filter)."""
+    return serialise_response(method, keep_alive, BLOCKED_STATUS, ((b"content-type", BLOCKED_CONTENT_TYPE),),
+                              blocked_body(verdict))
 
 
 class CredentialProxy:

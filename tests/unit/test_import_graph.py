@@ -56,10 +56,6 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 # Edges (importing module, imported module) that break the layers or close a cycle today. Each
 # says why it is there and what removes it; fixing one means deleting its line here.
 ALLOWED: dict[tuple[str, str], str] = {
-    # content <-> credproxy: the content filter's 403 is serialised with the credential proxy's
-    # HTTP/1 writer. Fix: blocked_response() moves to credproxy (its only caller), or the I/O-free
-    # HTTP/1 framing (credproxy/http1.py) moves below both.
-    ("skyguard.content.httpfilter", "skyguard.credproxy.http1"): "content -> credproxy (cycle)",
     # keys <-> credproxy: the credential proxy loads token-held client keys for upstream mTLS
     # (keys.tlskey), and keys.tlskey builds the credential proxy's ClientCertificate. Fix: the
     # ClientCertificate value moves into keys (or a leaf both import); credproxy keeps importing keys.
