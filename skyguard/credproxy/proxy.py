@@ -56,21 +56,13 @@ from skyguard.credproxy.swap import (
 from skyguard.credproxy.tlsaccept import ALERT_UNRECOGNIZED_NAME, PeekingTlsListener
 from skyguard.credproxy.upstream import UpstreamPool, UpstreamTls
 from skyguard.errors import CredentialError
+from skyguard.keys.tlskey import ClientCertificate  # a value of the key custody services (below this part)
 from skyguard.policy.model import Policy
 
 log = logging.getLogger(__name__)
 
 _NO_SNI = "TLS ClientHello without a usable SNI"
 _MINT_LIMITED = "too many new TLS names from this VM: interception certificates are rate-limited"
-
-
-@dataclass(frozen=True)
-class ClientCertificate:
-    """Outbound mutual TLS toward one destination name: a PEM bundle (certificate chain and
-    key) in the store, presented only for requests from these zones."""
-
-    store_name: str
-    zones: tuple[str, ...]
 
 
 @dataclass(frozen=True)

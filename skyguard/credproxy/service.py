@@ -24,10 +24,11 @@ from prometheus_client import CollectorRegistry
 
 from skyguard.credproxy.ca import CertificateAuthority
 from skyguard.credproxy.interfaces import CredentialMetrics, DecisionLog, SecretSource
-from skyguard.credproxy.proxy import ClientCertificate, CredentialProxy, ProxyLimits
+from skyguard.credproxy.proxy import CredentialProxy, ProxyLimits
 from skyguard.credproxy.steering import CredentialSteering, TerminationSteer
 from skyguard.credproxy.termination import TlsTerminator
 from skyguard.errors import CredentialError
+from skyguard.keys.tlskey import ClientCertificate, client_certificates_of
 from skyguard.parts import Degraded
 from skyguard.policy.model import Policy
 
@@ -204,8 +205,6 @@ class CredentialService:
     def _client_certificates(self, policy: Policy) -> dict[str, ClientCertificate]:
         """The certificates to present under `policy`: its credentials' client_certificate keys
         (in the key backend, skyguard/keys/tlskey.py), over those the service was built with."""
-        from skyguard.keys.tlskey import client_certificates_of
-
         return {**self.client_certificates, **client_certificates_of(policy)}
 
     def _has_secret(self, name: str) -> bool:

@@ -26,6 +26,8 @@ from skyguard.credproxy.interfaces import CredentialMetrics, DecisionLog, Secret
 from skyguard.credproxy.sockets import original_destination, start_servers
 from skyguard.custody.pemload import load_cert_chain_from_memory, split_pem
 from skyguard.errors import CredentialError
+from skyguard.keys.tlskey import certificate_of, install_key
+from skyguard.keys.types import KeyCustodyError
 from skyguard.policy.model import Policy, TlsTermination
 
 log = logging.getLogger(__name__)
@@ -76,9 +78,6 @@ class TlsTerminator:
 
     def _context(self, termination: TlsTermination, keys=None) -> tuple[ssl.SSLContext, str]:
         """The server context for one entry, and a digest of its certificate bundle."""
-        from skyguard.keys.tlskey import certificate_of, install_key
-        from skyguard.keys.types import KeyCustodyError
-
         if keys is not None and certificate_of(self.secrets, termination.certificate) is not None:
             # A key in the policy's key backend (a token): it never leaves it (skyguard/keys/tlskey.py).
             context = new_server_context()

@@ -13,5 +13,8 @@ proxy, which never hands out a private key.
     tlskey.py       token keys in TLS (client certificates, termination) through OpenSSL's pkcs11 engine
     doctor.py       `skyguard doctor`'s PKCS#11 check
 
+pkcs11.py and tlskey.py stand below the credential proxy, which presents token keys in TLS with
+them (tests/unit/test_import_graph.py); the rest of the package stands above it.
+
 Not here: the policy section (skyguard/policy/keys.py), the CLI (skyguard/cli/key.py).
 """

@@ -13,8 +13,12 @@ login is held alongside, so closing another backend on the token never logs the 
 Certificates are public and live in the sealed store as `cert.<key name>` (`skyguard key cert`).
 File-backend keys load from the store through pemload (memory, never a file). Ed25519 keys are not
 offered for TLS, and a token that holds any Ed25519 key cannot serve TLS keys at all: libp11 0.4.12
-(Debian 12) fails to list its keys. Not here: which destination gets which certificate
-(the credential proxy), the key API.
+(Debian 12) fails to list its keys. Not here: which request gets which certificate (the
+credential proxy), the key API.
+
+Layering: the credential proxy imports this module (and so pkcs11.py, which it uses), so both stand
+below it, in the services layer of tests/unit/test_import_graph.py, and import nothing of
+credproxy: the ClientCertificate value the proxy is configured with is defined here.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import ctypes
 import os
 import threading
 import urllib.parse
+from dataclasses import dataclass
 
 from skyguard.keys.types import KeyCustodyError, validate_key_name
 
@@ -35,10 +40,18 @@ _engines: dict = {}
 _lock = threading.Lock()
 
 
-def client_certificates_of(policy) -> dict:
-    """credentials[].client_certificate as the credential proxy's {destination: ClientCertificate}."""
-    from skyguard.credproxy.proxy import ClientCertificate
+@dataclass(frozen=True)
+class ClientCertificate:
+    """Outbound mutual TLS toward one destination name: a PEM bundle (certificate chain and
+    key) in the store, or a key in the key backend (store_name KEY_REFERENCE + key name),
+    presented only for requests from these zones."""
 
+    store_name: str
+    zones: tuple[str, ...]
+
+
+def client_certificates_of(policy) -> dict[str, ClientCertificate]:
+    """credentials[].client_certificate as the credential proxy's {destination: ClientCertificate}."""
     out = {}
     for credential in policy.credentials:
         if credential.client_certificate:
