@@ -1,6 +1,6 @@
 """Checks, one by one, that this machine can run skyguard, and says how to fix what is missing.
 
-Each check is its own function returning a Check(name, ok, detail, fix): the privileges
+Each check is its own function returning a Check(name, ok, detail, fix; skyguard/checks.py): the privileges
 (root or CAP_BPF + CAP_NET_ADMIN + CAP_SYS_ADMIN), the bpf() syscall, bpffs at /sys/fs/bpf,
 Debian's bcc, kernel headers (proven by really compiling a tiny XDP program), libbpf.so.1 (for
 BPF_PROG_RUN), network namespaces, XDP (generic and native) and TC attach on a throwaway veth
@@ -27,10 +27,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from skyguard import config
+from skyguard.checks import Check  # the result of every check (its own module: parts' checks return it too)
 from skyguard.errors import PrivilegeError, SkyguardError
 from skyguard.keys.doctor import check_key_custody
 
@@ -59,19 +59,6 @@ DOCTOR_BPF_TEXT = r"""
 int sg_doctor_xdp(struct xdp_md *ctx) { return XDP_PASS; }
 int sg_doctor_tc(struct __sk_buff *skb) { return TC_ACT_OK; }
 """
-
-
-@dataclass(frozen=True)
-class Check:
-    """One prerequisite: ok, or what is wrong (detail) and the exact command that fixes it (fix)."""
-
-    name: str
-    ok: bool
-    detail: str
-    fix: str = ""
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 # ---------------------------------------------------------------- privileges

@@ -39,7 +39,7 @@ def check_key_custody(state_dir: Path | None = None):
 def check_pkcs11(policy, state_dir: Path | None = None):
     """A doctor Check of the PKCS#11 pieces, strict when `policy` keeps its keys in a token."""
     from skyguard import config
-    from skyguard.doctor import Check
+    from skyguard.checks import Check
     from skyguard.keys.softhsm import MODULE_CANDIDATES
     from skyguard.keys.tlskey import ENGINE_PATHS
 
