@@ -1,47 +1,21 @@
 """Compiles bpf/sg_datapath.c with bcc and loads its programs: the one place that talks to bcc.
 
 Configuration reaches the C text only through cflags (-DSG_PIN_DIR=..., limits), never by string
-replacement. The one text transformation is inlining bpf/'s own `#include "lib/..."` headers:
-bcc rewrites map method calls (`map.lookup(&k)`) only in its main text, so the headers must be
-part of it. Not here: attaching to interfaces or writing maps (datapath.py).
+replacement. The one text transformation is inlining bpf/'s own `#include "lib/..."` headers
+(source.py, which the TPM measurement hashes too). Not here: attaching to interfaces or writing
+maps (datapath.py).
 """
 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from skyguard import config
+from skyguard.datapath.source import MAIN_SOURCE, c_source
 from skyguard.errors import DatapathError, PrivilegeError
-
-MAIN_SOURCE = "sg_datapath.c"
-_LOCAL_INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$', re.M)
-
-
-def inline_local_includes(path: Path, seen: set[Path] | None = None) -> str:
-    """The C text of `path` with its quoted includes (relative to bpf/) inlined, once each.
-    #line directives keep compiler messages pointing at the real file and line."""
-    seen = set() if seen is None else seen
-    out = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        match = _LOCAL_INCLUDE.match(line)
-        if not match:
-            out.append(line)
-            continue
-        included = (config.BPF_DIR / match.group(1)).resolve()
-        if included not in seen:
-            seen.add(included)
-            out.append(f'#line 1 "{included}"')
-            out.append(inline_local_includes(included, seen))
-        out.append(f'#line {number + 1} "{path}"')
-    return "\n".join(out) + "\n"
-
-
-def c_source() -> str:
-    return inline_local_includes(config.BPF_DIR / MAIN_SOURCE)
 
 
 @dataclass

@@ -52,7 +52,7 @@ def package_digest(root: Path = PACKAGE_DIR) -> tuple[str, int]:
 
 
 def bpf_object_digest() -> str:
-    from skyguard.datapath.loader import c_source
+    from skyguard.datapath.source import c_source  # the very text the loader compiles
 
     return sha256_hex(c_source().encode())
 
