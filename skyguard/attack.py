@@ -30,21 +30,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from skyguard import config
-from skyguard.demo import Demo, echo_server, vmtool
+from skyguard import config, demo
+from skyguard.demo import ATTACKER, DIRECTORY, HOLDER, RADIUS, Cast, Demo, echo_server, vmtool
 from skyguard.errors import SkyguardError
 from skyguard.lab import addressing as plan
-from skyguard.policy.model import Policy, Workload
-from skyguard.policy.parse import load_policy
 from skyguard.vmtools import toolbox
 
-# The roles the attacks are written for, by workload name. Everything else about them (addresses,
-# MACs, interfaces, zones, the placeholder the holder is given) is read from the policy the arena
-# enforces (Cast), never copied here: a policy that readdresses them moves the attacks with it.
-ATTACKER = "agent1"  # the compromised VM
-DIRECTORY = "dc1"  # the crown jewel the attacker moves toward
-RADIUS = "radius1"  # another target; also runs the legitimate session to the directory
-HOLDER = "sdnctl1"  # holds a credential placeholder (exfiltration steps)
+# The roles the attacks are written for (ATTACKER, DIRECTORY, RADIUS, HOLDER) and their Cast are
+# the demo's (skyguard/demo.py): addresses, MACs, interfaces, zones and the holder's placeholder
+# are read from the policy the arena enforces, never copied here, so a policy that readdresses
+# them moves the attacks with it.
 MARKER = toolbox.MARK  # carried by every crafted payload, so sniffers can tell attack from noise
 # Listeners the chain aims at inside the target VMs (a real service answering, if reached).
 TARGET_PORTS = {DIRECTORY: (22, 135, 389, 445), RADIUS: (22,)}
@@ -52,60 +47,9 @@ LEGIT_PORT = 389  # radius1 -> dc1 LDAP: the legitimate session that must not no
 C2_V4 = "198.51.100.99"  # in the lab internet, named by no rule
 
 
-@dataclass(frozen=True)
-class Cast:
-    """The workloads the attacks name, as the policy the arena enforces defines them. A policy
-    that drops one of the roles, or leaves it without an IPv4 or IPv6 address, fails here with
-    the role and the policy file named, instead of aiming the attacks at stale addresses."""
-
-    policy: Policy
-
-    def workload(self, name: str) -> Workload:
-        found = self.policy.workload(name)
-        if found is None:
-            raise SkyguardError(f"the attack arena needs a workload {name!r}; {self.policy.source} has none")
-        return found
-
-    def address(self, name: str, version: int) -> str:
-        found = next((a for a in self.workload(name).addresses if a.version == version), None)
-        if found is None:
-            raise SkyguardError(f"the attack arena needs an IPv{version} address for {name!r} in "
-                                f"{self.policy.source}")
-        return str(found)
-
-    def v4(self, name: str) -> str:
-        return self.address(name, 4)
-
-    def v6(self, name: str) -> str:
-        return self.address(name, 6)
-
-    @property
-    def attacker(self) -> Workload:
-        return self.workload(ATTACKER)
-
-    def bystanders(self) -> list[str]:
-        """Every workload but the attacker: where sniffers listen for what gets through."""
-        return [w.name for w in self.policy.workloads() if w.name != ATTACKER]
-
-    def zone_heads(self) -> list[str]:
-        """The first workload of every zone but the attacker's: what a scan of the other zones hits."""
-        return [z.workloads[0].name for z in self.policy.zones.values()
-                if z.name != self.attacker.zone and z.workloads]
-
-    @property
-    def placeholder(self) -> str:
-        """The placeholder the policy gives HOLDER's zone: all HOLDER ever knows of the secret."""
-        zone = self.workload(HOLDER).zone
-        found = next((c.placeholder for c in self.policy.credentials if zone in c.zones), None)
-        if found is None:
-            raise SkyguardError(f"the attack arena needs a credential for zone {zone!r} ({HOLDER}) in "
-                                f"{self.policy.source}")
-        return found
-
-
 def read_cast(policy_path: str | Path | None = None) -> Cast:
     """The cast of the policy at `policy_path` (default: the policy `skyguard demo` and the lab use)."""
-    return Cast(load_policy(config.DEFAULT_POLICY if policy_path is None else policy_path))
+    return demo.read_cast(policy_path, needed_by=Arena.needed_by)
 
 
 @dataclass
@@ -233,11 +177,13 @@ class Arena(Demo):
     session on demand. The lab, the daemon and the attacks' cast read the same policy file.
     Reuses Demo's daemon start, control and teardown machinery."""
 
+    needed_by = "the attack arena"
+
     def __init__(self, prefix: str | None = None, workdir: Path | None = None, console=None, progress=None,
                  policy_path: str | Path | None = None):
-        super().__init__(console=console)
-        self.policy_path = Path(config.DEFAULT_POLICY if policy_path is None else policy_path)
-        self.cast = read_cast(self.policy_path)  # a policy without the roles fails here, before any lab
+        # Demo reads the cast of the policy (as the lab and the daemon get it) and builds script():
+        # a policy without the roles fails there, before any lab.
+        super().__init__(console=console, policy_path=policy_path)
         if workdir is not None:
             self.workdir.rmdir()  # Demo's own (still empty) temporary folder: this one is used instead
             self.workdir = Path(workdir)
@@ -248,6 +194,9 @@ class Arena(Demo):
         self.progress = progress or (lambda m: None)
         self.sniffers: dict[str, subprocess.Popen] = {}
         self.daemon_restarts = 0
+
+    def script(self) -> list:  # the kill chain, built before any lab (not the demo scenario)
+        return kill_chain(self.cast)
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def up(self) -> None:

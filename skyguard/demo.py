@@ -4,6 +4,8 @@ Builds the lab, starts the daemon in the lab's host namespace with throwaway sta
 scenario from inside lab VMs (allowed and denied flows, spoofing, DNS allow and deny, a credential
 swap, an attempted exfiltration), shows what the datapath decided and why (read back from its
 counters and conntrack, not assumed), verifies the signed log, and tears everything down.
+Every address, name and placeholder a step uses is read from the policy the lab and the daemon get
+(Cast, shared with the attack arena in skyguard/attack.py); the demo knows only the roles' names.
 Not a test harness: the tests in tests/integration assert the same behaviour on their own.
 """
 
@@ -25,12 +27,124 @@ from rich.table import Table
 from skyguard import config
 from skyguard.errors import SkyguardError
 from skyguard.lab.addressing import addresses_for_name
+from skyguard.policy.model import Credential, Policy, Workload
+from skyguard.policy.parse import load_policy
 
 if TYPE_CHECKING:
     from skyguard.lab.lab import Lab
 
-# TCP echo servers a scenario needs inside lab VMs: (vm, port).
-_LISTENERS = [("dc1", 389), ("vfw1", 830)]
+# The roles the demo's scenario (and the attack arena's kill chain, skyguard/attack.py) are written
+# for, by workload name. Everything else about them (addresses, MACs, interfaces, zones, the
+# placeholder the holder is given, the names it may reach) is read from the policy the lab and the
+# daemon get (Cast), never copied here: a policy that readdresses them moves every step with it.
+ATTACKER = "agent1"  # the sandboxed (in the attack arena: compromised) VM
+DIRECTORY = "dc1"  # the crown jewel: the directory the authentication servers look users up in
+RADIUS = "radius1"  # an authentication server; runs the legitimate LDAP session to the directory
+HOLDER = "sdnctl1"  # holds a credential placeholder; manages the firewall
+FIREWALL = "vfw1"  # the virtual firewall the SDN controller manages
+SYSLOG_NETWORK = "logging"  # the policy's network of the site's syslog collector
+# Outside any policy: the lab internet's addresses and names no rule gives anyone.
+METADATA_V4 = "169.254.169.254"  # the cloud metadata service
+UNLISTED_V4 = "203.0.113.66"  # an internet host no rule names
+UNLISTED_NAME = "c2.evil.test"
+
+
+@dataclass(frozen=True)
+class Cast:
+    """The workloads the demo and the attacks name, as the policy the lab and the daemon enforce
+    defines them. A policy that drops one of the roles, or leaves it without what a step needs (an
+    IPv4 or IPv6 address, a credential, a name to reach), fails here with the role and the policy
+    file named, before any lab is built, instead of aiming steps at stale addresses."""
+
+    policy: Policy
+    needed_by: str = "skyguard demo"  # who needs the role, for the error message
+
+    def _missing(self, what: str) -> SkyguardError:
+        return SkyguardError(f"{self.needed_by} needs {what} in {self.policy.source}")
+
+    def workload(self, name: str) -> Workload:
+        found = self.policy.workload(name)
+        if found is None:
+            raise SkyguardError(f"{self.needed_by} needs a workload {name!r}; {self.policy.source} has none")
+        return found
+
+    def address(self, name: str, version: int) -> str:
+        found = next((a for a in self.workload(name).addresses if a.version == version), None)
+        if found is None:
+            raise self._missing(f"an IPv{version} address for {name!r}")
+        return str(found)
+
+    def v4(self, name: str) -> str:
+        return self.address(name, 4)
+
+    def v6(self, name: str) -> str:
+        return self.address(name, 6)
+
+    @property
+    def attacker(self) -> Workload:
+        return self.workload(ATTACKER)
+
+    def bystanders(self) -> list[str]:
+        """Every workload but the attacker: where sniffers listen for what gets through."""
+        return [w.name for w in self.policy.workloads() if w.name != ATTACKER]
+
+    def zone_heads(self) -> list[str]:
+        """The first workload of every zone but the attacker's: what a scan of the other zones hits."""
+        return [z.workloads[0].name for z in self.policy.zones.values()
+                if z.name != self.attacker.zone and z.workloads]
+
+    @property
+    def credential(self) -> Credential:
+        """The credential the policy gives HOLDER's zone (its first destination is where it is swapped)."""
+        zone = self.workload(HOLDER).zone
+        found = next((c for c in self.policy.credentials if zone in c.zones and c.destinations), None)
+        if found is None:
+            raise self._missing(f"a credential with a destination for zone {zone!r} ({HOLDER})")
+        return found
+
+    @property
+    def placeholder(self) -> str:
+        """The placeholder of HOLDER's credential: all HOLDER ever knows of the secret."""
+        return self.credential.placeholder
+
+    def allowed_names(self, name: str) -> list[str]:
+        """The name patterns allow rules let workload `name`'s zone reach, in policy order."""
+        zone = self.workload(name).zone
+        return [f for r in self.policy.rules if r.action == "allow" and zone in r.from_zones for f in r.to.fqdns]
+
+    def other_allowed_host(self, name: str) -> str:
+        """A host (no wildcard) `name` may reach that its credential is not for: where a leaked
+        placeholder would go."""
+        found = next((f for f in self.allowed_names(name)
+                      if "*" not in f and f not in self.credential.destinations), None)
+        if found is None:
+            raise self._missing(f"an allowed host name for {name!r} other than its credential's")
+        return found
+
+    def allowed_domain(self, name: str) -> str:
+        """The domain of the first wildcard name `name` may reach ("**.a.test" -> "a.test"): where
+        names built from data would still match an allow rule."""
+        found = next((f for f in self.allowed_names(name) if f.startswith("*")), None)
+        if found is None:
+            raise self._missing(f"a wildcard name (*.domain) allowed for {name!r}")
+        return found.lstrip("*.")
+
+    def syslog_collector(self) -> str:
+        """The first IPv4 address of the policy's syslog network."""
+        found = next((n.network_address for n in self.policy.networks.get(SYSLOG_NETWORK, ()) if n.version == 4), None)
+        if found is None:
+            raise self._missing(f"a network {SYSLOG_NETWORK!r} with an IPv4 address (the syslog collector)")
+        return str(found)
+
+
+def read_cast(policy_path: str | Path | None = None, needed_by: str = "skyguard demo") -> Cast:
+    """The cast of the policy at `policy_path` (default: the policy `skyguard demo` and the lab use)."""
+    return Cast(load_policy(config.DEFAULT_POLICY if policy_path is None else policy_path), needed_by)
+
+
+def listeners() -> list[tuple[str, int]]:
+    """TCP echo servers the scenario needs inside lab VMs: (vm, port)."""
+    return [(DIRECTORY, 389), (FIREWALL, 830)]
 
 
 def vmtool(name: str, *args: str) -> list[str]:
@@ -59,50 +173,47 @@ def probe(proto: str, host: str, port: int, src: str | None = None) -> list[str]
     return vmtool("probe", proto, host, str(port), *([src] if src else []))
 
 
-PLACEHOLDER = "sg-placeholder-github-7f3a"  # policies/keysystems.yaml: all the VM ever holds
-
-
-def curl_with_placeholder(host: str) -> list[str]:
+def curl_with_placeholder(placeholder: str, host: str) -> list[str]:
     # {ca} is filled in by Demo: the skyguard CA the VM trusts for intercepted HTTPS.
     return ["curl", "-sS", "-m", "5", "--fail", "--cacert", "{ca}", "-H",
-            f"Authorization: Bearer {PLACEHOLDER}", f"https://{host}/"]
+            f"Authorization: Bearer {placeholder}", f"https://{host}/"]
 
 
 def dns_query(*names: str) -> list[str]:
     return vmtool("dns_query", *names)
 
 
-def scenario() -> list[Step]:
+def scenario(cast: Cast) -> list[Step]:
+    """The demo's steps against the workloads of `cast` (read from the policy the demo runs)."""
+    dc1_v4, dc1_v6 = cast.v4(DIRECTORY), cast.v6(DIRECTORY)
+    syslog, github = cast.syslog_collector(), cast.credential.destinations[0]
+    placeholder, other_host = cast.placeholder, cast.other_allowed_host(HOLDER)
     return [
-        Step("RADIUS server looks a user up in the directory (LDAP)", "radius1",
-             probe("tcp", "10.10.2.2", 389), "allowed"),
-        Step("same over IPv6", "radius1", probe("tcp", "fd00:10:2::2", 389), "allowed"),
-        Step("SDN controller pushes config to the firewall (NETCONF)", "sdnctl1",
-             probe("tcp", "10.10.4.2", 830), "allowed"),
-        Step("authentication server ships logs to the syslog collector", "radius1",
-             probe("udp", "192.0.2.10", 514), "allowed"),
-        Step("sandboxed agent tries LDAP on the directory (lateral movement)", "agent1",
-             probe("tcp", "10.10.2.2", 389), "denied"),
-        Step("firewall VM tries the directory (no rule)", "vfw1", probe("tcp", "10.10.2.2", 389), "denied"),
-        Step("sandboxed agent reaches for the cloud metadata service", "agent1",
-             probe("tcp", "169.254.169.254", 80), "denied"),
-        Step("sandboxed agent posts to an unlisted internet host (exfiltration)", "agent1",
-             probe("tcp", "203.0.113.66", 443), "denied"),
-        Step("SDN controller resolves api.github.test (allowed by name)", "sdnctl1",
-             dns_query("api.github.test"), "allowed", dns=True),
-        Step("SDN controller calls the learned address over HTTPS", "sdnctl1",
-             probe("tcp", str(addresses_for_name("api.github.test")[0]), 443), "allowed"),
-        Step("sandboxed agent resolves a name no rule gives it", "agent1",
-             dns_query("c2.evil.test"), "denied", dns=True),
-        Step("sandboxed agent tunnels data out in DNS names under an allowed domain", "agent1",
-             dns_query("--tunnel", "files.pythonhosted.test"), "denied", dns=True),
-        Step("SDN controller calls GitHub with its placeholder token (credential swap)", "sdnctl1",
-             curl_with_placeholder("api.github.test"), "allowed", credential=True),
-        Step("the placeholder sent to another allowed host (exfiltration attempt)", "sdnctl1",
-             curl_with_placeholder("deb.debian.test"), "denied", credential=True),
-        Step("sandboxed agent spoofs the directory's address", "agent1",
-             probe("udp", "192.0.2.10", 514, src="10.10.2.2"), "denied",
-             setup=[["ip", "addr", "add", "10.10.2.2/32", "dev", "eth0"]]),
+        Step("RADIUS server looks a user up in the directory (LDAP)", RADIUS, probe("tcp", dc1_v4, 389), "allowed"),
+        Step("same over IPv6", RADIUS, probe("tcp", dc1_v6, 389), "allowed"),
+        Step("SDN controller pushes config to the firewall (NETCONF)", HOLDER,
+             probe("tcp", cast.v4(FIREWALL), 830), "allowed"),
+        Step("authentication server ships logs to the syslog collector", RADIUS, probe("udp", syslog, 514), "allowed"),
+        Step("sandboxed agent tries LDAP on the directory (lateral movement)", ATTACKER,
+             probe("tcp", dc1_v4, 389), "denied"),
+        Step("firewall VM tries the directory (no rule)", FIREWALL, probe("tcp", dc1_v4, 389), "denied"),
+        Step("sandboxed agent reaches for the cloud metadata service", ATTACKER,
+             probe("tcp", METADATA_V4, 80), "denied"),
+        Step("sandboxed agent posts to an unlisted internet host (exfiltration)", ATTACKER,
+             probe("tcp", UNLISTED_V4, 443), "denied"),
+        Step(f"SDN controller resolves {github} (allowed by name)", HOLDER, dns_query(github), "allowed", dns=True),
+        Step("SDN controller calls the learned address over HTTPS", HOLDER,
+             probe("tcp", str(addresses_for_name(github)[0]), 443), "allowed"),
+        Step("sandboxed agent resolves a name no rule gives it", ATTACKER, dns_query(UNLISTED_NAME), "denied", dns=True),
+        Step("sandboxed agent tunnels data out in DNS names under an allowed domain", ATTACKER,
+             dns_query("--tunnel", "files." + cast.allowed_domain(ATTACKER)), "denied", dns=True),
+        Step("SDN controller calls GitHub with its placeholder token (credential swap)", HOLDER,
+             curl_with_placeholder(placeholder, github), "allowed", credential=True),
+        Step("the placeholder sent to another allowed host (exfiltration attempt)", HOLDER,
+             curl_with_placeholder(placeholder, other_host), "denied", credential=True),
+        Step("sandboxed agent spoofs the directory's address", ATTACKER,
+             probe("udp", syslog, 514, src=dc1_v4), "denied",
+             setup=[["ip", "addr", "add", f"{dc1_v4}/32", "dev", "eth0"]]),
     ]
 
 
@@ -128,11 +239,24 @@ def _self_signed_bundle(name: str) -> bytes:
                                 serialization.NoEncryption()))
 
 
+def tls_keys(cast: Cast) -> list[tuple[str, str]]:
+    """(key store name, host name) of a self-signed key for every service the policy terminates TLS
+    for: the demo provisions them, as an operator would, so the daemon can start."""
+    return [(t.certificate, f"{t.workload}.test") for t in cast.policy.tls_termination]
+
+
 class Demo:
-    def __init__(self, console: Console | None = None, keep: bool = False):
+    needed_by = "skyguard demo"  # who needs the cast's roles, in the error a policy without one gets
+
+    def __init__(self, console: Console | None = None, keep: bool = False, policy_path: str | Path | None = None):
         # Not a terminal (CI, a pipe): wide enough that reasons stay on one line.
         self.console = console or Console(width=None if sys.stdout.isatty() else 160)
         self.keep = keep
+        # One policy file for the lab, the daemon and the cast; a policy without the roles fails
+        # here, before any lab or temporary folder exists.
+        self.policy_path = Path(config.DEFAULT_POLICY if policy_path is None else policy_path)
+        self.cast = read_cast(self.policy_path, self.needed_by)
+        self.steps = self.script()
         self.workdir = Path(tempfile.mkdtemp(prefix="skyguard-demo-"))
         self.env = dict(os.environ,
                         SKYGUARD_STATE_DIR=str(self.workdir / "state"),
@@ -146,6 +270,10 @@ class Demo:
         self.upstream_mark = 0  # size of the lab echo server's request log before the current step
         self.ca_file = self.workdir / "skyguard-ca.pem"  # what the VMs trust for intercepted HTTPS
         self.real_token = ""
+
+    def script(self) -> list:
+        """What run() plays, built from the cast when the demo is set up (so before any lab)."""
+        return scenario(self.cast)
 
     # ---- helpers --------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -171,14 +299,16 @@ class Demo:
 
         try:
             self.say("[bold]1. Building the lab[/] (one network namespace per workload of "
-                     f"{config.DEFAULT_POLICY.name}, a routed host, a sealed internet)")
-            self.lab = Lab(policy_path=config.DEFAULT_POLICY, prefix=config.LAB_PREFIX,
+                     f"{self.policy_path.name}, a routed host, a sealed internet)")
+            self.lab = Lab(policy_path=self.policy_path, prefix=config.LAB_PREFIX,
                            progress=lambda m: self.console.print(f"   [dim]{m}[/]"))
             self.lab.up()
-            self.say("[bold]2. Starting skyguard[/] in the lab host with policies/keysystems.yaml")
+            shown = (self.policy_path.relative_to(config.REPO_ROOT) if self.policy_path.is_relative_to(config.REPO_ROOT)
+                     else self.policy_path)
+            self.say(f"[bold]2. Starting skyguard[/] in the lab host with {shown}")
             self.start_daemon()
             self.say("[bold]3. Playing the scenario[/] from inside the lab VMs")
-            steps = self.play(scenario())
+            steps = self.play(self.steps)
             self.show(steps)
             self.say("[bold]4. Verifying the signed log[/]")
             verified = self.skyguard("log", "verify")
@@ -193,28 +323,31 @@ class Demo:
             self.teardown()
 
     def provision_secrets(self) -> None:
-        """What an operator does once: the real GitHub token and sdnctl1's TLS key go into
-        skyguard's sealed store; the VMs never see either."""
+        """What an operator does once: the real secret of HOLDER's credential and the TLS keys of
+        the policy's terminated services go into skyguard's sealed store; the VMs never see them."""
         import secrets as random
 
         self.real_token = "ghp_" + random.token_hex(16)
-        stored = self.skyguard("secret", "set", "github", input=self.real_token)
+        stored = self.skyguard("secret", "set", self.cast.credential.secret, input=self.real_token)
         if stored.returncode != 0:
             raise SkyguardError(f"storing the demo secret failed: {stored.stderr.strip()}")
-        bundle = self.workdir / "sdnctl1.pem"
-        bundle.write_bytes(_self_signed_bundle("sdnctl1.test"))
-        stored = self.skyguard("secret", "set", "sdnctl1", "--file", str(bundle))
-        bundle.unlink()
-        if stored.returncode != 0:
-            raise SkyguardError(f"storing the demo TLS key failed: {stored.stderr.strip()}")
-        self.say("   stored the real GitHub token and sdnctl1's TLS key in skyguard's sealed store")
+        for name, host in tls_keys(self.cast):
+            bundle = self.workdir / f"{name}.pem"
+            bundle.write_bytes(_self_signed_bundle(host))
+            stored = self.skyguard("secret", "set", name, "--file", str(bundle))
+            bundle.unlink()
+            if stored.returncode != 0:
+                raise SkyguardError(f"storing the demo TLS key {name!r} failed: {stored.stderr.strip()}")
+        tls = ", ".join(t.workload for t in self.cast.policy.tls_termination)
+        self.say(f"   stored the real {self.cast.credential.name} secret" + (f" and {tls}'s TLS key" if tls else "")
+                 + " in skyguard's sealed store")
 
     def start_daemon(self) -> None:
         self.provision_secrets()
         log_path = self.workdir / "daemon.log"
         self.daemon = self.lab.popen(
             "host", [sys.executable, "-m", "skyguard.cli.main", "up", "--policy",
-                     str(config.DEFAULT_POLICY), "--metrics", "off", "--upstream-ca", str(self.lab.ca_cert)],
+                     str(self.policy_path), "--metrics", "off", "--upstream-ca", str(self.lab.ca_cert)],
             env=self.env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -231,7 +364,7 @@ class Demo:
         raise SkyguardError(f"the daemon did not answer within 120 s; its log: {log_path}")
 
     def play(self, steps: list[Step]) -> list[Step]:
-        for vm, port in _LISTENERS:
+        for vm, port in listeners():
             self.helpers.append(self.lab.popen(vm, echo_server(port),
                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(0.5)
@@ -271,13 +404,13 @@ class Demo:
         return "rule " + ", ".join(sorted(rules)) if rules else "allowed"
 
     def upstream_saw_secret(self) -> str:
-        """Did the lab's echo server (standing in for GitHub) receive the real token in this step?"""
+        """Did the lab's echo server (standing in for the credential's destination) receive the real token in this step?"""
         if not self.lab.requests_log.exists():
             return ""
         with open(self.lab.requests_log, "rb") as log:
             log.seek(self.upstream_mark)
             seen = self.real_token.encode() in log.read()
-        return "; api.github.test received the real token" if seen else ""
+        return f"; {self.cast.credential.destinations[0]} received the real token" if seen else ""
 
     def logged(self, workload: str, kind: str, describe) -> str:
         """Describe the decisions of `kind` logged for `workload` during this step. They are

@@ -72,3 +72,7 @@ def test_a_policy_without_a_role_fails_naming_it(tmp_path, edit, named):
     with pytest.raises(SkyguardError, match=named) as raised:
         kill_chain(read_cast(path))
     assert str(path) in str(raised.value)
+    # the arena builds its chain when it is set up: it fails there, before any lab or work folder
+    with pytest.raises(SkyguardError, match=f"^the attack arena needs .*{named}"):
+        Arena(workdir=tmp_path / "arena", policy_path=path)
+    assert not (tmp_path / "arena").exists()
