@@ -404,14 +404,15 @@ def crash_under_load(arena: Arena, crashes: int, on_crash=None) -> dict:
             "delivered": sniffed[DIRECTORY]["frames"], "legit": legit_result}
 
 
-def run_attack_demo(console=None) -> int:
-    """`skyguard demo --attack`: build the arena, play the kill chain for a viewer, verify the log."""
+def run_attack_demo(console=None, policy_path: str | Path | None = None) -> int:
+    """`skyguard demo --attack`: build the arena, play the kill chain for a viewer, verify the log.
+    policy_path: the policy to enforce and attack (default: the embedded one)."""
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console(width=None if sys.stdout.isatty() else 160)  # as Demo: wide in CI logs
     arena = Arena(workdir=Path(tempfile.mkdtemp(prefix="skyguard-attack-")), console=console,
-                  progress=lambda m: console.print(f"   [dim]{m}[/]"))
+                  progress=lambda m: console.print(f"   [dim]{m}[/]"), policy_path=policy_path)
     try:
         console.print(f"[bold]1. Building the lab and starting skyguard[/] with {arena.policy_path.name}")
         arena.up()

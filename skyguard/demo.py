@@ -287,11 +287,7 @@ class Demo:
         """One request to the demo's daemon (its control socket lives in the demo's run dir)."""
         from skyguard import control
 
-        saved, config.RUN_DIR = config.RUN_DIR, Path(self.env["SKYGUARD_RUN_DIR"])
-        try:
-            return control.request(op, **args)
-        finally:
-            config.RUN_DIR = saved
+        return control.request(op, socket_file=Path(self.env["SKYGUARD_RUN_DIR"]) / "control.sock", **args)
 
     # ---- the show --------------------------------------------------------------------------
     def run(self) -> int:

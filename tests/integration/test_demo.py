@@ -23,3 +23,17 @@ def test_demo_runs_clean_and_leaves_nothing(root, tmp_path):
         assert word in words  # the reasons come from the datapath, per step
     namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert prefix not in namespaces
+
+
+def test_demo_with_a_policy_lacking_its_roles_says_which_and_builds_nothing(root, tmp_path):
+    prefix = f"e{os.getpid() % 100000}-"
+    env = dict(os.environ, SKYGUARD_LAB_PREFIX=prefix, SKYGUARD_LAB_DIR=str(tmp_path / "labs"),
+               PYTHONPATH=str(config.REPO_ROOT))
+    policy = config.REPO_ROOT / "policies" / "examples" / "ai-sandbox.yaml"  # valid, but no dc1, agent1...
+    for extra in ([], ["--attack"]):
+        done = subprocess.run([sys.executable, "-m", "skyguard.cli.main", "demo", *extra, "--policy", str(policy)],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert "needs a workload" in done.stderr and str(policy.name) in done.stderr
+    assert prefix not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not (tmp_path / "labs").exists()
