@@ -7,8 +7,9 @@ as bytes while the session lives.
 What the client sent in the identity header, the X-Forwarded-* headers and skyguard's own
 cookies never reach the app; skyguard's cookies set by the app never reach the client. Bodies
 are buffered whole, within ProxyLimits. Requests are answered one at a time, in order (pipelined
-ones wait, and reading pauses past MAX_PIPELINED). Bytes a client sends after an upgrade request
-before the app's 101 are not forwarded (WebSocket clients wait for the 101). Not here: what a
+ones wait, and reading pauses past MAX_PIPELINED). Bytes that came in the same read as an upgrade
+request, after it, are dropped (WebSocket clients wait for the 101); reading resumes once the
+upgrade is spliced. Not here: what a
 session is (sessions.py), the issuer (oidc.py), listeners and policy (service.py), the app's
 side (upstream.py).
 
@@ -184,6 +185,8 @@ class AppConnection(Checks, asyncio.Protocol):
             self._write(outcome.wire(request.method, keep))
             if not keep or outcome.close:
                 self._close()
+            else:
+                self._wait(LIMITS.idle_timeout, self._idle_too_long)  # the next request, from now
         elif isinstance(outcome, tuple):  # it waits for the issuer: a task, the next requests wait
             self._busy = True
             self._task = self._loop.create_task(self._decided_later(request, keep, outcome))
