@@ -151,16 +151,16 @@ def main() -> None:
             store = EtcdStore(cluster.endpoints)
             # Local anchor: the same flip through host0's control socket (what `skyguard policy
             # load` sends, without the CLI's start-up), timed the same way.
-            from skyguard import config, control
+            from skyguard import control
 
-            config.RUN_DIR = hosts[0].daemon.run_dir
+            socket_file = hosts[0].daemon.run_dir / "control.sock"
             local = []
             for k in range(6):
                 allowed = k % 2 == 0
                 path = work / f"local-{k}.yaml"
                 path.write_text(policy_text(allowed, 1000 + k))
                 t0 = time.time()
-                control.request("policy.load", text=path.read_text(), source=str(path))
+                control.request("policy.load", socket_file=socket_file, text=path.read_text(), source=str(path))
                 local.append(wait_enforced(probers[:1], t0, allowed)[0])
             progress(f"  local policy load to enforced: median {statistics.median(local) * 1000:.0f} ms")
             fleet_times, per_host = [], []

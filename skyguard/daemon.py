@@ -306,14 +306,6 @@ class Daemon:
     def dns(self):
         return self._part("dns")
 
-    @property
-    def credentials(self):
-        return self._part("credentials")
-
-    @property
-    def admin(self):
-        return self._part("admin")
-
     def _part(self, name: str):
         return next((s.part for s in self.slots if s.name == name), None)
 

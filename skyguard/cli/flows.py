@@ -108,8 +108,8 @@ def flows(follow, zone, verdict, limit, state_dir, as_json):
 
     args = {"zone": zone, "verdict": verdict, "limit": limit, "state_dir": state_dir}
     reply = control.request("flows", sync=True, since=0, **args)
-    blocks = _ContentBlocks(state_dir, zone, verdict)
-    records = _merged(reply["records"], blocks.read(), limit)
+    blocks = ContentBlocks(state_dir, zone, verdict)
+    records = merged(reply["records"], blocks.read(), limit)
     if as_json and not follow:
         emit_json({"records": records, "cursor": reply["cursor"]})
         return
@@ -126,13 +126,13 @@ def flows(follow, zone, verdict, limit, state_dir, as_json):
             if reply.get("missed"):
                 warn(f"({reply['missed']} records were dropped from the daemon's memory before "
                      f"they could be shown; the signed log has them)")
-            _print(_merged(reply["records"], blocks.read(), 2 * limit), as_json)
+            _print(merged(reply["records"], blocks.read(), 2 * limit), as_json)
             cursor = reply["cursor"]
     except KeyboardInterrupt:
         return
 
 
-class _ContentBlocks:
+class ContentBlocks:
     """The content_blocked entries of the signed log, read from where the last read ended. A log
     this command cannot read is said once on stderr; the flow records are still shown."""
 
@@ -156,7 +156,7 @@ class _ContentBlocks:
         return [{**r, "verdict": "deny"} for r in found if self.zone is None or r.get("zone") == self.zone]
 
 
-def _merged(flow_records: list[dict], blocks: list[dict], limit: int) -> list[dict]:
+def merged(flow_records: list[dict], blocks: list[dict], limit: int) -> list[dict]:
     """Both kinds of record in time order, the newest `limit`."""
     records = sorted(flow_records + blocks, key=lambda r: r.get("time") if isinstance(r.get("time"), int) else 0)
     return records[-limit:]

@@ -4,7 +4,7 @@ where to, what and why. (The daemon end to end, with a real block: test_content_
 
 from __future__ import annotations
 
-from skyguard.cli.flows import _ContentBlocks, _merged, format_record
+from skyguard.cli.flows import ContentBlocks, format_record, merged
 from skyguard.content import record
 from skyguard.tlog import LogWriter, entry, host_signer
 
@@ -28,16 +28,16 @@ def test_blocks_are_read_from_the_log_and_only_new_ones_after(tmp_path):
     assert [(b["index"], b["zone"], b["sha256"]) for b in found] == [(1, "web", BLOCK["sha256"]), (3, "db", BLOCK["sha256"])]
     assert after == 4 and record.blocks_in_log(tmp_path / "log", after) == ([], 4)
 
-    web_only = _ContentBlocks(tmp_path, "web", None)
+    web_only = ContentBlocks(tmp_path, "web", None)
     assert [b["zone"] for b in web_only.read()] == ["web"] and web_only.read() == []  # then only new entries
-    assert _ContentBlocks(tmp_path, None, "allow").read() == []  # a block is not an allowed flow
-    assert [b["verdict"] for b in _ContentBlocks(tmp_path, None, "deny").read()] == ["deny", "deny"]
+    assert ContentBlocks(tmp_path, None, "allow").read() == []  # a block is not an allowed flow
+    assert [b["verdict"] for b in ContentBlocks(tmp_path, None, "deny").read()] == ["deny", "deny"]
 
 
 def test_blocks_and_flows_merge_in_time_order():
     flows = [{"type": "flow_start", "time": 10}, {"type": "deny", "time": 30}]
     blocks = [{"type": record.KIND, "time": 20}, {"type": record.KIND, "time": 40}]
-    assert [r["time"] for r in _merged(flows, blocks, 3)] == [20, 30, 40]
+    assert [r["time"] for r in merged(flows, blocks, 3)] == [20, 30, 40]
 
 
 def test_a_block_is_printed_with_who_where_what_and_why():
@@ -50,6 +50,6 @@ def test_a_block_is_printed_with_who_where_what_and_why():
 
 
 def test_an_unreadable_log_is_said_once_and_shows_no_blocks(tmp_path, capsys):
-    blocks = _ContentBlocks(tmp_path / "nowhere", None, None)
+    blocks = ContentBlocks(tmp_path / "nowhere", None, None)
     assert blocks.read() == [] and blocks.read() == []
     assert capsys.readouterr().err.count("content blocks not shown") == 1

@@ -196,3 +196,31 @@ def test_the_checker_sees_what_it_must():
     assert unit_of("skyguard.keys.tlskey") == "keys.tlskey" and unit_of("skyguard.keys.proxy") == "keys"
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "d": {"a"}}) is None
+
+
+# ---- the rest of issue 16's "done when": file length, and tests use only public names ----------
+
+MAX_LINES = 600
+
+
+def test_no_file_of_skyguard_is_over_600_lines():
+    long = {name: n for name, path in all_modules().items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"split these at a seam (at most {MAX_LINES} lines each): {long}"
+
+
+def test_no_test_or_benchmark_imports_a_private_name_of_skyguard():
+    """`from skyguard.x import _name` (or `skyguard.x._name`) ties a test to an implementation
+    detail: make the name public where the test needs it."""
+    found = []
+    for path in sorted((PACKAGE.parent / "tests").rglob("*.py")) + sorted((PACKAGE.parent / "bench").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("skyguard"):
+                found += [f"{path.name}:{node.lineno} {node.module}.{a.name}" for a in node.names
+                          if a.name.startswith("_") and a.name != "__version__"]
+            elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                base = node.value
+                while isinstance(base, ast.Attribute):
+                    base = base.value
+                if isinstance(base, ast.Name) and base.id == "skyguard":
+                    found.append(f"{path.name}:{node.lineno} skyguard...{node.attr}")
+    assert not found, f"tests and benchmarks use skyguard's private names: {found}"
