@@ -41,6 +41,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
+if os.environ.get("SKYGUARD_BENCH_CREDPROXY_TREE") and "--serve-skyguard" in sys.argv:
+    sys.path.insert(0, os.environ["SKYGUARD_BENCH_CREDPROXY_TREE"])  # the proxy of another tree (before/after)
 
 from _common import progress, result  # noqa: E402
 
