@@ -59,7 +59,9 @@ class _LogTemplate:
 
         from skyguard.tlog import LogWriter, Signer, entry
 
-        self.root = Path(tempfile.mkdtemp(prefix="sg-fuzz-tlog-"))
+        # tmpfs where there is one: each input rewrites a file
+        shm = Path("/dev/shm")
+        self.root = Path(tempfile.mkdtemp(prefix="sg-fuzz-tlog-", dir=shm if shm.is_dir() else None))
         self.template = self.root / "template"
         signer = Signer("fuzz.skyguard", Ed25519PrivateKey.generate())
         self.verifier = signer.verifier
@@ -67,7 +69,11 @@ class _LogTemplate:
             for i in range(300):  # two segments
                 w.append(entry("flow_start", n=i, zone="sandbox", verdict="deny"))
         self.files = sorted(p.relative_to(self.template) for p in self.template.rglob("*") if p.is_file())
+        # One working copy for every input: the verifier only reads, so putting back the one file
+        # an input changed restores it (a copy of the tree per input was most of the cost).
         self.work = self.root / "work"
+        shutil.copytree(self.template, self.work)
+        self.originals = {rel: (self.template / rel).read_bytes() for rel in self.files}
 
     def close(self):
         shutil.rmtree(self.root, ignore_errors=True)
@@ -80,9 +86,6 @@ def fuzz_tlog(data: bytes) -> None:
     """data[0] picks a file of a valid log, data[1:3] an offset, data[3] an operation (overwrite,
     truncate, insert, replace the file), the rest the bytes. Verifying the result must either pass
     (only if the file's bytes did not change) or report a failure; never raise anything else."""
-    from skyguard.errors import SkyguardError
-    from skyguard.tlog.verify import verify_log
-
     global _log_template
     if _log_template is None:
         import atexit
@@ -92,11 +95,9 @@ def fuzz_tlog(data: bytes) -> None:
     t = _log_template
     if len(data) < 4:
         return
-    shutil.rmtree(t.work, ignore_errors=True)
-    shutil.copytree(t.template, t.work)
     rel = t.files[data[0] % len(t.files)]
     path = t.work / rel
-    original = path.read_bytes()
+    original = t.originals[rel]
     at = int.from_bytes(data[1:3], "big") % (len(original) + 1)
     payload, op = data[4:], data[3] % 4
     if op == 0:
@@ -108,6 +109,16 @@ def fuzz_tlog(data: bytes) -> None:
     else:
         mutated = payload
     path.write_bytes(mutated)
+    try:
+        _check_tlog(t, rel, op, at, original, mutated)
+    finally:
+        path.write_bytes(original)
+
+
+def _check_tlog(t: _LogTemplate, rel: Path, op: int, at: int, original: bytes, mutated: bytes) -> None:
+    from skyguard.errors import SkyguardError
+    from skyguard.tlog.verify import verify_log
+
     try:
         report = verify_log(t.work, t.verifier)
     except SkyguardError:
