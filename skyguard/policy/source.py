@@ -14,6 +14,7 @@ import warnings
 from dataclasses import dataclass
 
 from ruamel.yaml import YAML
+from ruamel.yaml.constructor import RoundTripConstructor
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from skyguard.errors import PolicyError
@@ -36,14 +37,25 @@ class Problem:
         return {"file": self.file, "line": self.line, "key": self.key, "message": self.message}
 
 
+class _CheckedConstructor(RoundTripConstructor):
+    """ruamel's round-trip constructor, refusing complex keys in each composed document before
+    it builds anything from it (one parse of the text does both)."""
+
+    source = ""
+
+    def construct_document(self, node):
+        _refuse_complex_keys([node], self.source)
+        return super().construct_document(node)
+
+
 def load_yaml(text: str, source: str):
     yaml = YAML(typ="rt")  # round-trip mode keeps line numbers for every key and item
     yaml.allow_duplicate_keys = False
+    yaml.Constructor = _CheckedConstructor
+    yaml.constructor.source = source  # made once per YAML object, on first use
     try:
         with warnings.catch_warnings():  # e.g. a reused anchor: valid YAML, not our user's problem
             warnings.simplefilter("ignore")
-            if "*" in text:  # only aliases can inflate a key; composing costs a second parse
-                _refuse_complex_keys(YAML(typ="rt").compose_all(text), source)
             documents = list(yaml.load_all(text))
     except TypeError:
         # ruamel cannot hash a list or mapping used as a key inside another key.
