@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +40,15 @@ def one_guest_policy(tmp_path):
     path = tmp_path / "one-guest.yaml"
     path.write_text(ONE_GUEST)
     return path
+
+
+@pytest.fixture
+def short_dir():
+    """A lab folder with a short path: a guest's sockets live in it, and pytest's tmp_path (deeper
+    under xdist) can pass the 107 bytes a unix socket path may have."""
+    path = Path(tempfile.mkdtemp(prefix="sgv"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
@@ -91,9 +102,9 @@ def test_a_guest_that_hangs_is_stopped_and_its_console_log_reported(host_ns, tmp
     assert not _tap_exists(host_ns, spec.interface)
 
 
-def test_a_lab_whose_guest_fails_is_removed_whole(root, tmp_path, monkeypatch, one_guest_policy):
+def test_a_lab_whose_guest_fails_is_removed_whole(root, tmp_path, short_dir, monkeypatch, one_guest_policy):
     prefix = f"v{os.getpid() % 1000000}f-"
-    lab = Lab(policy_path=one_guest_policy, prefix=prefix, lab_dir=tmp_path / prefix,
+    lab = Lab(policy_path=one_guest_policy, prefix=prefix, lab_dir=short_dir / prefix,
               progress=lambda message: None)
     good = qemu.find_image()
     broken = tmp_path / "initrd.img"
@@ -116,10 +127,10 @@ def _with_timeout(wait, timeout):
     return lambda spec, pid, timeout_=timeout: wait(spec, pid, timeout_)
 
 
-def test_a_killed_lab_up_leaves_guests_that_down_stops(root, tmp_path, one_guest_policy):
+def test_a_killed_lab_up_leaves_guests_that_down_stops(root, short_dir, one_guest_policy):
     prefix = f"v{os.getpid() % 1000000}k-"
-    lab_dir = tmp_path / prefix
-    env = dict(os.environ, SKYGUARD_LAB_PREFIX=prefix, SKYGUARD_LAB_DIR=str(tmp_path),
+    lab_dir = short_dir / prefix
+    env = dict(os.environ, SKYGUARD_LAB_PREFIX=prefix, SKYGUARD_LAB_DIR=str(short_dir),
                PYTHONPATH=str(config.REPO_ROOT))
     cli = [sys.executable, "-m", "skyguard.cli.main", "lab"]
     up = subprocess.Popen(cli + ["up", "--policy", str(one_guest_policy), "--vms", "qemu"], env=env, stdout=subprocess.DEVNULL,
