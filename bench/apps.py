@@ -38,9 +38,11 @@ from _common import progress, result
 from skyguard.apps.oidc import SignIn
 from skyguard.apps.service import AppsService
 from skyguard.custody.store import SecretStore
-from skyguard.dns.interfaces import NullLog  # the decision log is not in this measure
 from skyguard.lab.ca import LabCA
-from skyguard.parts import new_event_loop
+from skyguard.parts import (
+    NullLog,  # the decision log is not in this measure
+    new_event_loop,
+)
 from skyguard.policy.apps import App, Identity
 from skyguard.policy.model import Policy, Workload, Zone
 

@@ -130,8 +130,10 @@ def serve_proxy(tmp: Path, which: str) -> None:
     from skyguard.credproxy.http1 import ProxyLimits
     from skyguard.credproxy.interfaces import CredentialMetrics, MemorySecretSource
     from skyguard.credproxy.proxy import CredentialProxy
-    from skyguard.dns.interfaces import NullLog  # keeps nothing: memory does not grow during the run
-    from skyguard.parts import new_event_loop
+    from skyguard.parts import (
+        NullLog,  # keeps nothing: memory does not grow during the run
+        new_event_loop,
+    )
 
     clamd_socket = (tmp / "clamd" / "clamd.sock") if which == "rules" else None
     port = RULES_PORT if which == "rules" else BARE_PORT

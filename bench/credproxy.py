@@ -80,7 +80,7 @@ def serve_skyguard(tmp: Path) -> None:
     from skyguard.credproxy.ca import CertificateAuthority
     from skyguard.credproxy.interfaces import CredentialMetrics, MemorySecretSource
     from skyguard.credproxy.proxy import CredentialProxy
-    from skyguard.dns.interfaces import NullLog  # keeps nothing: memory does not grow during the run
+    from skyguard.parts import NullLog  # keeps nothing: memory does not grow during the run
     from skyguard.policy.model import Credential, Injection, Policy, Workload, Zone
 
     workload = Workload("bench", "sdn", "lo", "02:00:00:00:00:01", (ipaddress.ip_address("127.0.0.1"),))

@@ -41,9 +41,11 @@ def serve(token_dir: str, module: str, state: str) -> None:
     """The proxy's process: print its port, serve until stdin closes."""
     import ipaddress
 
-    from skyguard.dns.interfaces import NullLog  # the signed log is not in this measure (bench/tlog.py is)
     from skyguard.keys.proxy import CryptoProxy
-    from skyguard.parts import LoopThread
+    from skyguard.parts import (
+        LoopThread,
+        NullLog,  # the signed log is not in this measure (bench/tlog.py is)
+    )
     from skyguard.policy.keys import KeyGrant, KeysConfig
     from skyguard.policy.model import Policy, Workload, Zone
 

@@ -130,9 +130,10 @@ def serve_skyguard(port: int, upstream_port: int, stats_path: str) -> None:
     import asyncio
     import ipaddress
 
-    from skyguard.dns.interfaces import NullLog, PolicyDirectory
+    from skyguard.dns.interfaces import PolicyDirectory
     from skyguard.dns.resolver import DnsPolicyResolver
     from skyguard.dns.server import DnsServer, Upstream
+    from skyguard.parts import NullLog
     from skyguard.policy.model import Destination, DnsConfig, Policy, PortRange, Rule, Workload, Zone
 
     class DictLearner:

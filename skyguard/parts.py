@@ -48,6 +48,33 @@ class DecisionLog(Protocol):
     def record(self, kind: str, /, **fields) -> None: ...
 
 
+class NullLog:
+    """A DecisionLog that keeps nothing (benchmarks, tools that have no log)."""
+
+    def record(self, kind: str, /, **fields) -> None:
+        pass
+
+
+class MemoryLog:
+    """A DecisionLog that keeps entries in memory, each as {"kind": kind, **fields} (tests).
+    Thread-safe: a part may run on another thread than the test reading it."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.entries: list[dict] = []
+
+    def record(self, kind: str, /, **fields) -> None:
+        with self._lock:
+            self.entries.append({"kind": kind, **fields})
+
+    def snapshot(self) -> list[dict]:
+        with self._lock:
+            return list(self.entries)
+
+    def of_kind(self, kind: str) -> list[dict]:
+        return [e for e in self.snapshot() if e["kind"] == kind]
+
+
 @dataclass
 class PartSlot:
     """One kind of part the daemon may host: when a policy needs it, and how to make one."""

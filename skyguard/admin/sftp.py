@@ -222,7 +222,7 @@ class SftpUploadFilter:
 
     async def _judge(self, held: _HeldFile, handle: bytes, close_id: int, close_packet: bytes) -> tuple[bytes, bytes]:
         from skyguard.content.inspector import UNINSPECTABLE, ContentVerdict, inspect_bytes
-        from skyguard.content.record import blocked_entry
+        from skyguard.content.record import record_block
 
         self._held_bytes -= held.size
         if held.refusal is not None:
@@ -244,9 +244,8 @@ class SftpUploadFilter:
             self._closing[close_id] = held
             self._held[handle] = held  # marks replay failures until the CLOSE's answer
             return bytes(to_vm), b""
-        entry = blocked_entry(verdict, zone=self.zone, workload=self.workload, protocol="sftp", direction="upload",
-                              destination=self.workload, path=held.path, **self.log_fields)
-        self.decision_log.record(entry.pop("event"), **entry)
+        record_block(self.decision_log, verdict, zone=self.zone, workload=self.workload, protocol="sftp",
+                     direction="upload", destination=self.workload, path=held.path, **self.log_fields)
         remove_id = self._own_id()
         cleanup = _packet(SSH_FXP_CLOSE, self._own_id(), _sftp_string(handle)) + \
             _packet(SSH_FXP_REMOVE, remove_id, _sftp_string(held.path.encode()))

@@ -17,7 +17,7 @@ import json
 
 from skyguard.content.http import Uninspectable, body_files
 from skyguard.content.inspector import PATTERN, UNINSPECTABLE, ContentEngine, ContentVerdict, inspect_bytes
-from skyguard.content.record import ContentMetrics, blocked_entry
+from skyguard.content.record import ContentMetrics, record_block
 
 
 async def judge_body(engine: ContentEngine, facts, host: str | None, direction: str, headers, body: bytes,
@@ -56,9 +56,8 @@ async def judge_body(engine: ContentEngine, facts, host: str | None, direction: 
     metrics.count(facts.zone, "http", verdict)
     if not verdict.blocked:
         return None
-    entry = blocked_entry(verdict, zone=facts.zone, workload=facts.workload, protocol="http",
-                          direction=direction, destination=host, address=facts.address, port=facts.port)
-    decision_log.record(entry.pop("event"), **entry)
+    record_block(decision_log, verdict, zone=facts.zone, workload=facts.workload, protocol="http",
+                 direction=direction, destination=host, address=facts.address, port=facts.port)
     return verdict
 
 

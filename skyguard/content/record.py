@@ -40,13 +40,13 @@ class ContentMetrics:
                               "blocked" if verdict.blocked else "allowed").inc()
 
 
-def blocked_entry(verdict: ContentVerdict, *, zone: str | None, workload: str | None, protocol: str,
-                  direction: str, destination: str | None, **extra) -> dict:
-    """The decision-log entry of a block (its `event` field is the log entry's kind)."""
-    return {"event": KIND, "zone": zone, "workload": workload, "rule": verdict.rule, "engine": verdict.engine,
-            "protocol": protocol, "direction": direction,
-            "destination": (destination or "-")[:MAX_LOGGED_NAME], "size": verdict.size,
-            "sha256": verdict.sha256, "mime": verdict.mime, "reason": verdict.reason, **extra}
+def record_block(decision_log, verdict: ContentVerdict, *, zone: str | None, workload: str | None, protocol: str,
+                 direction: str, destination: str | None, **extra) -> None:
+    """Writes a block's entry (kind content_blocked) to the decision log, for every protocol alike."""
+    decision_log.record(KIND, zone=zone, workload=workload, rule=verdict.rule, engine=verdict.engine,
+                        protocol=protocol, direction=direction,
+                        destination=(destination or "-")[:MAX_LOGGED_NAME], size=verdict.size,
+                        sha256=verdict.sha256, mime=verdict.mime, reason=verdict.reason, **extra)
 
 
 # How far back `skyguard flows` looks in the signed log for blocks: the newest entries only, as

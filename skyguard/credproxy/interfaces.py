@@ -7,7 +7,6 @@ against the two protocols below, and tests plug in the small in-memory versions 
 
 from __future__ import annotations
 
-import threading
 from typing import Protocol, runtime_checkable
 
 from prometheus_client import CollectorRegistry, Counter
@@ -60,23 +59,6 @@ class MemorySecretSource:
 
     def __repr__(self) -> str:
         return f"MemorySecretSource(names={sorted(self._secrets)})"
-
-
-class ListDecisionLog:
-    """Keeps entries in memory, each as {"event": kind, **fields} (tests, demo). Thread-safe: the
-    proxy may run in another thread."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.entries: list[dict] = []
-
-    def record(self, kind: str, /, **fields) -> None:
-        with self._lock:
-            self.entries.append({"event": kind, **fields})
-
-    def snapshot(self) -> list[dict]:
-        with self._lock:
-            return list(self.entries)
 
 
 class CredentialMetrics:

@@ -57,23 +57,6 @@ class PolicyDirectory:
         return self._by_ip.get(address)
 
 
-class NullLog:
-    """A DecisionLog that keeps nothing (for benchmarks and tools that have no log)."""
-
-    def record(self, kind: str, /, **fields) -> None:
-        pass
-
-
-class ListLog:
-    """A DecisionLog that keeps entries in memory, each as {"kind": kind, **fields} (tests)."""
-
-    def __init__(self):
-        self.entries: list[dict] = []
-
-    def record(self, kind: str, /, **fields) -> None:
-        self.entries.append({"kind": kind, **fields})
-
-
 class MultiLearner:
     """Fans learn() out to several learners in order; the first failure stops the answer."""
 

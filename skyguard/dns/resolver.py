@@ -27,11 +27,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from skyguard.dns import rebinding, wire
-from skyguard.dns.interfaces import DecisionLog, Learner, NullLog, WorkloadDirectory
+from skyguard.dns.interfaces import DecisionLog, Learner, WorkloadDirectory
 from skyguard.dns.learned import MAX_IPS_PER_NAME, LearnedStore
 from skyguard.dns.metrics import DnsMetrics
 from skyguard.dns.names import pattern_matches
 from skyguard.dns.tunnel import TunnelDetector, Verdict
+from skyguard.parts import NullLog
 from skyguard.policy.model import Policy, Rule
 
 LEARN_GRACE_SECONDS = 2  # datapath entries outlive the VM's cached answer by this much, so a VM

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from skyguard.credproxy.interfaces import ListDecisionLog, MemorySecretSource
+from skyguard.credproxy.interfaces import MemorySecretSource
 from skyguard.credproxy.service import CredentialService
 from skyguard.credproxy.steering import CredentialSteering
 from skyguard.lab.ca import LabCA
 from skyguard.lab.internet import request_body
+from skyguard.parts import MemoryLog
 from skyguard.policy.content import ContentBlock, ContentPolicy, ContentRule
 from skyguard.policy.model import Policy, Workload, Zone
 from support.content_support import EICAR, LocalClamd, gzip_bomb, zipped
@@ -95,7 +96,7 @@ def lab(root, tmp_path_factory):
         wait_for_port(NET, SERVER, 443)
         loop = NamespaceLoop(HOST)
         service = CredentialService(
-            policy_for(clamd.socket), MemorySecretSource(), state_dir=tmp / "state", decision_log=ListDecisionLog(),
+            policy_for(clamd.socket), MemorySecretSource(), state_dir=tmp / "state", decision_log=MemoryLog(),
             registry=None, address_matches=lambda n, ip: False, upstream_ca_file=str(tmp / "upca.pem"),
             http_port=26080, https_port=26443, steer_all_destinations=False, nft=("ip", "netns", "exec", HOST, "nft"))
         loop.run(service.start())
@@ -135,7 +136,7 @@ def echoed(lab):
 
 
 def blocks(lab):
-    return [e for e in lab["service"].decision_log.snapshot() if e.get("event") == "content_blocked"]
+    return [e for e in lab["service"].decision_log.snapshot() if e["kind"] == "content_blocked"]
 
 
 def test_the_content_zone_is_steered_without_any_credential(lab):

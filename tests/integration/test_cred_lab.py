@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from skyguard.credproxy.interfaces import ListDecisionLog, MemorySecretSource
+from skyguard.credproxy.interfaces import MemorySecretSource
 from skyguard.credproxy.secretforms import SecretForms
 from skyguard.credproxy.service import CredentialService
 from skyguard.credproxy.steering import CredentialSteering
 from skyguard.lab.ca import LabCA
+from skyguard.parts import MemoryLog
 from skyguard.policy.model import Credential, Injection, Policy, TlsTermination, Workload, Zone
 from support.netns_support import NamespaceLoop, wait_for_port
 
@@ -122,7 +123,7 @@ def lab(root, tmp_path_factory):
             tls_termination=(TlsTermination("crxvm", 443, 8080, "crxvm-tls"),),
         )
         secrets = MemorySecretSource({"github": SECRET, "crxvm-tls": service_cert + service_key})
-        log = ListDecisionLog()
+        log = MemoryLog()
         loop = NamespaceLoop(HOST, timeout=30)
         service = CredentialService(
             policy, secrets, state_dir=tmp / "state", decision_log=log, registry=None,
@@ -233,7 +234,7 @@ def test_tls_termination_serves_the_vm_with_a_key_the_vm_never_has(lab):
     # The VM's port 443 is skyguard's: nothing listens there inside the VM.
     listening = in_ns(VM, "ss", "-Htln").stdout
     assert b":443 " not in listening
-    entry = [e for e in lab["log"].snapshot() if e["event"] == "tls_termination"][-1]
+    entry = [e for e in lab["log"].snapshot() if e["kind"] == "tls_termination"][-1]
     assert (entry["workload"], entry["result"]) == ("crxvm", "terminated")
 
 

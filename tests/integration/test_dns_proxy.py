@@ -28,12 +28,13 @@ from dnslib import AAAA, CNAME, QTYPE, RR, TXT, A
 from dnslib.server import BaseResolver, DNSHandler, DNSLogger, DNSServer
 
 from skyguard.dns import steering
-from skyguard.dns.interfaces import ListLog, PolicyDirectory
+from skyguard.dns.interfaces import PolicyDirectory
 from skyguard.dns.learned import FILE_NAME, LearnedStore
 from skyguard.dns.resolver import DnsPolicyResolver
 from skyguard.dns.server import DnsServer, Upstream
 from skyguard.dns.service import DnsProxy
 from skyguard.errors import BadInput
+from skyguard.parts import MemoryLog
 from skyguard.policy.model import Destination, DnsConfig, Policy, PortRange, Rule, TunnelDetection, Workload, Zone
 from skyguard.policy.parse import parse_policy
 
@@ -213,7 +214,7 @@ class ProxyThread:
     def __init__(self, state_dir):
         self.state_dir = state_dir
         self.learner = RecordingLearner()
-        self.log = ListLog()
+        self.log = MemoryLog()
         self.loop = asyncio.new_event_loop()
         self.server = None
         self.relearned = 0
@@ -470,7 +471,7 @@ class ServiceThread:
     def __init__(self, policy, state_dir):
         self.policy = policy
         self.learner = StrictLearner(policy)
-        self.log = ListLog()
+        self.log = MemoryLog()
         self.loop = asyncio.new_event_loop()
         self.proxy = None
         self.error = None

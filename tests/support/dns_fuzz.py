@@ -24,8 +24,9 @@ class _NoLearner:
 
 def make_resolver():
     # imported here so that main() can import them under atheris' instrumentation
-    from skyguard.dns.interfaces import NullLog, PolicyDirectory
+    from skyguard.dns.interfaces import PolicyDirectory
     from skyguard.dns.resolver import DnsPolicyResolver
+    from skyguard.parts import NullLog
     from skyguard.policy.model import Destination, DnsConfig, Policy, PortRange, Rule, Workload, Zone
 
     vm = Workload("vm", "z", "sg-vm", "02:00:00:00:00:02", (ipaddress.ip_address(CLIENT),))

@@ -30,6 +30,7 @@ from skyguard.apps.sessions import (
 from skyguard.datapath import abi
 from skyguard.datapath.compile import APPS_RULE, compile_policy
 from skyguard.errors import PolicyError
+from skyguard.parts import MemoryLog
 from skyguard.policy.apps import App
 from skyguard.policy.parse import parse_policy
 
@@ -230,14 +231,6 @@ def test_an_apps_port_is_kept_for_the_host_and_denied_to_every_zone():
 
 # ---- the part's bookkeeping: metrics, log entries, sessions ending --------------------------------
 
-class ListLog:
-    def __init__(self):
-        self.entries = []
-
-    def record(self, kind, /, **fields):
-        self.entries.append((kind, fields))
-
-
 def test_a_denied_user_is_logged_and_counted_and_identify_names_a_signed_in_user(tmp_path):
     from prometheus_client import CollectorRegistry
 
@@ -247,14 +240,14 @@ def test_a_denied_user_is_logged_and_counted_and_identify_names_a_signed_in_user
 
     policy = parse_policy(config.DEFAULT_POLICY.read_text() + APPS)
     [app] = policy.apps
-    registry, log = CollectorRegistry(), ListLog()
+    registry, log = CollectorRegistry(), MemoryLog()
     service = AppsService(policy, SecretStore(tmp_path / "secrets"), decision_log=log, registry=registry)
     session = service.sessions.create(app, SignIn("carol", "carol", "Carol", ("staff",), "token"), 600)
     service.deny(app, session, client="100.64.0.2")
     assert registry.get_sample_value("skyguard_apps_requests_total", {"app": "wiki", "result": "denied"}) == 1
     assert registry.get_sample_value("skyguard_apps_sessions") == 1
-    assert log.entries == [("apps_denied", {"app": "wiki", "user": "carol", "groups": ["staff"],
-                                            "client": "100.64.0.2", "reason": "not_in_users_or_groups"})]
+    assert log.entries == [{"kind": "apps_denied", "app": "wiki", "user": "carol", "groups": ["staff"],
+                            "client": "100.64.0.2", "reason": "not_in_users_or_groups"}]
     assert "token" not in repr(session) and "token" not in json.dumps(log.entries)
     cookie = service.sealer.seal(session.sid, app.host, session.expires)
     headers = [(b"host", b"wiki.apps.test:8443"), (b"cookie", f"__Host-skyguard-session={cookie}".encode())]
@@ -319,7 +312,7 @@ def test_a_policy_without_the_app_closes_its_listener_and_ends_its_sessions(tmp_
     chain, key = LabCA(tmp_path / "ca").leaf_files("wiki.apps.test")
     store.set("wiki-tls", chain.read_bytes() + key.read_bytes())
     store.set("idp-client-secret", b"s3cret-not-logged")
-    log = ListLog()
+    log = MemoryLog()
 
     def listening() -> bool:
         with socket.socket() as client:
@@ -342,8 +335,8 @@ def test_a_policy_without_the_app_closes_its_listener_and_ends_its_sessions(tmp_
     before, after, closed, kept, problem = asyncio.run(run())
     assert (before, after, closed, kept) == (True, False, False, False)
     assert "app wiki: certificate 'wiki-tls' is not in the store" in problem and "s3cret" not in problem
-    assert ("apps_session_ended", {"app": "wiki", "user": "bob", "groups": ["wiki-editors"],
-                                   "reason": "app_removed_from_policy"}) in log.entries
+    assert {"kind": "apps_session_ended", "app": "wiki", "user": "bob", "groups": ["wiki-editors"],
+            "reason": "app_removed_from_policy"} in log.entries
 
 
 def test_an_app_that_never_answers_gets_a_502_and_an_idle_client_is_closed(tmp_path, monkeypatch):
@@ -379,7 +372,7 @@ def test_an_app_that_never_answers_gets_a_502_and_an_idle_client_is_closed(tmp_p
         app = App("mute", "vm", app_port, "mute.apps.test", "127.0.0.1:0", "mute-tls", users=("bob",))
         policy = Policy(name="t", zones={"lab": Zone("lab", (workload,))}, networks={}, rules=(),
                         identity=Identity("https://idp.test:9443", "skyguard", "idp-secret"), apps=(app,))
-        service = AppsService(policy, store, decision_log=ListLog())
+        service = AppsService(policy, store, decision_log=MemoryLog())
         await service.start()
         try:
             port = service._servers["mute"][1][0].sockets[0].getsockname()[1]

@@ -16,18 +16,11 @@ from skyguard.apps.oidc import SignIn
 from skyguard.apps.service import AppsService
 from skyguard.custody.store import SecretStore
 from skyguard.lab.ca import LabCA
+from skyguard.parts import MemoryLog
 from skyguard.policy.apps import App, Identity
 from skyguard.policy.model import Policy, Workload, Zone
 
 HOST = "keep.apps.test"
-
-
-class ListLog:
-    def __init__(self):
-        self.entries = []
-
-    def record(self, kind, /, **fields):
-        self.entries.append((kind, fields))
 
 
 class TheApp(asyncio.Protocol):
@@ -84,7 +77,7 @@ def test_keep_alive_pipelining_stale_app_connections_and_the_app_down(tmp_path):
 
     async def run():
         server = await asyncio.get_running_loop().create_server(TheApp, "127.0.0.1", app_port)
-        service = AppsService(policy, store, decision_log=ListLog())
+        service = AppsService(policy, store, decision_log=MemoryLog())
         await service.start()
         session = service.sessions.create(app, SignIn("bob", "bob", "Bob", (), "t"), 600)
         cookie = service.sealer.seal(session.sid, HOST, session.expires)

@@ -19,10 +19,11 @@ import threading
 import pytest
 
 from skyguard.credproxy.ca import CertificateAuthority
-from skyguard.credproxy.interfaces import CredentialMetrics, ListDecisionLog, MemorySecretSource
+from skyguard.credproxy.interfaces import CredentialMetrics, MemorySecretSource
 from skyguard.credproxy.proxy import CredentialProxy, ProxyLimits
 from skyguard.lab.ca import LabCA
 from skyguard.lab.internet import EchoServer, request_body
+from skyguard.parts import MemoryLog
 from skyguard.policy.content import ContentBlock, ContentPolicy, ContentRule
 from skyguard.policy.model import Policy, Workload, Zone
 from support.content_support import EICAR, LocalClamd, gzip_bomb, zip_bomb, zipped
@@ -64,7 +65,7 @@ class Rig:
         other = Workload("other1", "other", "sg-y", "02:00:00:00:05:02", (ipaddress.ip_address("127.0.0.2"),))
         self.policy = Policy("t", {"web": Zone("web", (web,)), "other": Zone("other", (other,))}, {}, (),
                              content=content_policy(self.clamd.socket))
-        self.log = ListDecisionLog()
+        self.log = MemoryLog()
         self.metrics = CredentialMetrics()
         self.run(self._start())
 
@@ -104,7 +105,7 @@ class Rig:
         return [json.loads(line) for line in self.echo_log.read_text().splitlines()] if self.echo_log.exists() else []
 
     def blocks(self) -> list[dict]:
-        return [e for e in self.log.snapshot() if e.get("event") == "content_blocked"]
+        return [e for e in self.log.snapshot() if e["kind"] == "content_blocked"]
 
     def counted(self, rule: str, verdict: str) -> float:
         return self.metrics.content.decisions.labels("web", rule, "http", verdict)._value.get()

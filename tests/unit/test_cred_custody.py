@@ -15,12 +15,13 @@ from cryptography.x509.verification import PolicyBuilder, Store
 
 from skyguard.cli.main import cli
 from skyguard.credproxy.ca import CertificateAuthority
-from skyguard.credproxy.interfaces import CredentialMetrics, ListDecisionLog, MemorySecretSource
+from skyguard.credproxy.interfaces import CredentialMetrics, MemorySecretSource
 from skyguard.credproxy.steering import CredentialSteering, TerminationSteer
 from skyguard.credproxy.termination import TlsTerminator
 from skyguard.custody.pemload import load_cert_chain_from_memory, split_pem
 from skyguard.errors import CredentialError
 from skyguard.lab.ca import LabCA
+from skyguard.parts import MemoryLog
 from skyguard.policy.model import Policy, TlsTermination, Workload, Zone
 
 
@@ -86,7 +87,7 @@ def _policy(forward_to=8080):
 
 def test_termination_refuses_missing_certificate_and_loops(tmp_path):
     async def start(policy, secrets):
-        terminator = TlsTerminator(policy, secrets, decision_log=ListDecisionLog(), metrics=CredentialMetrics())
+        terminator = TlsTerminator(policy, secrets, decision_log=MemoryLog(), metrics=CredentialMetrics())
         try:
             return await terminator.start("127.0.0.1")
         finally:
@@ -122,7 +123,7 @@ def test_termination_set_policy_keeps_unchanged_listeners_and_replaces_changed_o
     secrets = MemorySecretSource({"web1-tls": cert + key, "web1-tls-2": other_cert + other_key})
 
     async def run():
-        terminator = TlsTerminator(_policy(), secrets, decision_log=ListDecisionLog(), metrics=CredentialMetrics())
+        terminator = TlsTerminator(_policy(), secrets, decision_log=MemoryLog(), metrics=CredentialMetrics())
         try:
             [first] = await terminator.start("127.0.0.1")
             [same] = await terminator.set_policy(_policy())
@@ -169,7 +170,7 @@ def test_one_client_cannot_hold_every_termination_connection(tmp_path):
         import ssl
 
         vm = await asyncio.start_server(echo, "127.0.0.1", 18443)
-        terminator = TlsTerminator(policy, MemorySecretSource({"web1-tls": cert + key}), decision_log=ListDecisionLog(),
+        terminator = TlsTerminator(policy, MemorySecretSource({"web1-tls": cert + key}), decision_log=MemoryLog(),
                                    metrics=CredentialMetrics(), max_connections_per_client=2)
         [listener] = await terminator.start("127.0.0.1")
         context = ssl.create_default_context()

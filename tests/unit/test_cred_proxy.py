@@ -18,11 +18,12 @@ import threading
 import pytest
 
 from skyguard.credproxy.ca import CertificateAuthority
-from skyguard.credproxy.interfaces import CredentialMetrics, ListDecisionLog, MemorySecretSource
+from skyguard.credproxy.interfaces import CredentialMetrics, MemorySecretSource
 from skyguard.credproxy.proxy import ClientCertificate, CredentialProxy, ProxyLimits, original_destination
 from skyguard.credproxy.secretforms import SecretForms
 from skyguard.lab.ca import LabCA
 from skyguard.lab.internet import EchoServer
+from skyguard.parts import MemoryLog
 from skyguard.policy.model import Credential, Injection, Policy, Workload, Zone
 
 SECRET = b"ghp_L00pbackSecret/42+=="
@@ -54,7 +55,7 @@ class Rig:
         self.policy = Policy("t", {"sdn": Zone("sdn", (workload,)), "sandbox": Zone("sandbox", (agent,))}, {}, (),
                              credentials=(credential,))
         self.secrets = MemorySecretSource({"github": SECRET, "mtls": client_cert + client_key})
-        self.log = ListDecisionLog()
+        self.log = MemoryLog()
         self.metrics = CredentialMetrics()
         self.limits = ProxyLimits(header_timeout=1.0, idle_timeout=5.0, body_read_timeout=1.0,
                                   max_header_bytes=8192, max_request_body=65536)

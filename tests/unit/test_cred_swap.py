@@ -12,7 +12,7 @@ import zlib
 import pytest
 
 from skyguard.credproxy.codings import UnscrubbableResponse, decode_body
-from skyguard.credproxy.interfaces import CredentialMetrics, ListDecisionLog, MemorySecretSource
+from skyguard.credproxy.interfaces import CredentialMetrics, MemorySecretSource
 from skyguard.credproxy.secretforms import SecretForms
 from skyguard.credproxy.swap import (
     ConnectionFacts,
@@ -21,6 +21,7 @@ from skyguard.credproxy.swap import (
     normalise_name,
 )
 from skyguard.errors import CredentialError
+from skyguard.parts import MemoryLog
 from skyguard.policy.model import Credential, Injection
 
 SECRET = b"ghp_R3alS3cret/Value+xyz"
@@ -259,9 +260,9 @@ def test_secrets_never_in_reprs_or_errors():
 
 
 def test_metrics_and_log_protocols():
-    log = ListDecisionLog()
+    log = MemoryLog()
     log.record("credential", result="x")
-    assert log.snapshot() == [{"event": "credential", "result": "x"}]
+    assert log.snapshot() == [{"kind": "credential", "result": "x"}]
     metrics = CredentialMetrics()
     metrics.count("github", "swapped")
     metrics.count(None, "blocked_protocol")

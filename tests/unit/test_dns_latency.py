@@ -84,7 +84,7 @@ def test_per_query_metric_series_keep_their_names_labels_and_bucket_semantics():
 
 CHILD = r"""
 import asyncio, gc, ipaddress, json, sys, tempfile
-from skyguard.dns.interfaces import ListLog
+from skyguard.parts import MemoryLog
 from skyguard.dns.latency import settle_for_latency
 from skyguard.dns.service import DnsProxy
 from skyguard.policy.model import Destination, DnsConfig, Policy, PortRange, Rule, Workload, Zone
@@ -103,7 +103,7 @@ class Learner:
     def learn(self, zone, rule_name, ips, ttl):
         pass
 
-proxy = DnsProxy(policy, Learner(), ListLog(), state_dir=tempfile.mkdtemp(), port=0, steer=False,
+proxy = DnsProxy(policy, Learner(), MemoryLog(), state_dir=tempfile.mkdtemp(), port=0, steer=False,
                  host_addresses=[])
 proxy.server.listen = [("127.0.0.1", 0)]
 loop = asyncio.new_event_loop()

@@ -14,10 +14,11 @@ import pytest
 from dnslib import QTYPE, RR, A, DNSRecord
 
 from skyguard.dns import learned
-from skyguard.dns.interfaces import ListLog, PolicyDirectory
+from skyguard.dns.interfaces import PolicyDirectory
 from skyguard.dns.learned import LearnedStore
 from skyguard.dns.resolver import DnsPolicyResolver
 from skyguard.errors import BadInput
+from skyguard.parts import MemoryLog
 from skyguard.policy.parse import parse_policy
 
 POLICY = """
@@ -143,7 +144,7 @@ def test_learned_state_is_bounded_per_vm_the_oldest_evicted_and_counted(monkeypa
     pol = policy()
     learner = ForgettingLearner()
     store = LearnedStore(None)
-    resolver = DnsPolicyResolver(pol, PolicyDirectory(pol), learner, log=ListLog(), store=store)
+    resolver = DnsPolicyResolver(pol, PolicyDirectory(pol), learner, log=MemoryLog(), store=store)
 
     def resolve(client, name, ip):
         d = resolver.decide(DNSRecord.question(name, "A").pack(), client, now=1.0)
@@ -168,7 +169,7 @@ def test_hot_swap_drops_learned_entries_of_removed_rules(tmp_path):
     from skyguard.dns.service import DnsProxy
 
     pol = policy()
-    proxy = DnsProxy(pol, StrictLearner(pol), ListLog(), state_dir=tmp_path, steer=False,
+    proxy = DnsProxy(pol, StrictLearner(pol), MemoryLog(), state_dir=tmp_path, steer=False,
                      host_addresses=[])
     proxy.store.add("apps", "github", "api.github.test", ["203.0.113.5"], 2e9, workload="web1")
     proxy.store.add("apps", "updates", "deb.debian.test", ["203.0.113.7"], 2e9, workload="web1")

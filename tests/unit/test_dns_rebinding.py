@@ -10,8 +10,9 @@ import pytest
 from dnslib import AAAA, CNAME, NS, QTYPE, RR, A, DNSRecord
 
 from skyguard.dns import rebinding
-from skyguard.dns.interfaces import ListLog, PolicyDirectory
+from skyguard.dns.interfaces import PolicyDirectory
 from skyguard.dns.resolver import DnsPolicyResolver
+from skyguard.parts import MemoryLog
 from skyguard.policy.parse import parse_policy
 
 POLICY = """
@@ -43,7 +44,7 @@ class Learner:
 
 def resolve(name, *records, qtype="A", host_addresses=()):
     policy = parse_policy(POLICY, source="rebind.yaml")
-    learner, log = Learner(), ListLog()
+    learner, log = Learner(), MemoryLog()
     resolver = DnsPolicyResolver(policy, PolicyDirectory(policy), learner, log=log,
                                  host_addresses=host_addresses)
     d = resolver.decide(DNSRecord.question(name, qtype).pack(), VM, now=1.0)

@@ -10,10 +10,11 @@ import struct
 import pytest
 from dnslib import AAAA, CNAME, QTYPE, RCODE, RR, TXT, A, DNSRecord
 
-from skyguard.dns.interfaces import ListLog, PolicyDirectory
+from skyguard.dns.interfaces import PolicyDirectory
 from skyguard.dns.learned import MAX_IPS_PER_NAME, LearnedStore
 from skyguard.dns.resolver import DnsPolicyResolver, fit_udp
 from skyguard.errors import DnsError
+from skyguard.parts import MemoryLog
 from skyguard.policy.model import Destination, DnsConfig, Policy, PortRange, Rule, TunnelDetection, Workload, Zone
 
 VM_IP = "10.10.1.2"
@@ -60,7 +61,7 @@ class RecordingLearner:
 def make_resolver(policy=None, learner=None, store=None, host_addresses=()):
     policy = policy or make_policy()
     learner = learner if learner is not None else RecordingLearner()
-    log = ListLog()
+    log = MemoryLog()
     resolver = DnsPolicyResolver(policy, PolicyDirectory(policy), learner, log=log, store=store,
                                  host_addresses=host_addresses)
     return resolver, learner, log

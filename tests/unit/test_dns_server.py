@@ -16,12 +16,12 @@ import pytest
 from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 
 from skyguard.dns import steering
-from skyguard.dns.interfaces import ListLog, PolicyDirectory
+from skyguard.dns.interfaces import PolicyDirectory
 from skyguard.dns.learned import LearnedStore
 from skyguard.dns.resolver import DnsPolicyResolver
 from skyguard.dns.server import DnsServer, Upstream
 from skyguard.errors import DnsError
-from skyguard.parts import new_event_loop
+from skyguard.parts import MemoryLog, new_event_loop
 from skyguard.policy.model import Destination, DnsConfig, Policy, PortRange, Rule, Workload, Zone
 
 
@@ -90,7 +90,7 @@ class FakeUpstream:
 
 class Proxy:
     def __init__(self, upstreams, timeout=0.3, loop_factory=asyncio.new_event_loop, store=None):
-        self.learner, self.log = Learner(), ListLog()
+        self.learner, self.log = Learner(), MemoryLog()
         p = policy()
         self.resolver = DnsPolicyResolver(p, PolicyDirectory(p), self.learner, log=self.log, store=store)
         self.server = DnsServer(self.resolver, upstreams, listen=[("127.0.0.1", 0)],

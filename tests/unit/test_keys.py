@@ -257,9 +257,9 @@ def test_a_hot_swapped_policy_brings_its_client_certificates(tmp_path):
     presenting the one the new policy names and none the old one named."""
     import dataclasses
 
-    from skyguard.credproxy.interfaces import ListDecisionLog, MemorySecretSource
+    from skyguard.credproxy.interfaces import MemorySecretSource
     from skyguard.credproxy.service import CredentialService
-    from skyguard.parts import LoopThread
+    from skyguard.parts import LoopThread, MemoryLog
 
     policy = dataclasses.replace(policy_with(KEYS), tls_termination=())  # no certificate in this store
     github = next(c for c in policy.credentials if c.name == "github")
@@ -267,7 +267,7 @@ def test_a_hot_swapped_policy_brings_its_client_certificates(tmp_path):
         dataclasses.replace(c, client_certificate="github-mtls") if c is github else c for c in policy.credentials))
     # `true` stands in for nft (the steering is tested in namespaces); nothing is served here.
     service = CredentialService(with_cert, MemorySecretSource({"github": b"ghp_x"}), state_dir=tmp_path,
-                                decision_log=ListDecisionLog(), registry=None, address_matches=lambda n, ip: True,
+                                decision_log=MemoryLog(), registry=None, address_matches=lambda n, ip: True,
                                 listen=["127.0.0.1"], nft=("true",))
     loop = LoopThread()
     try:

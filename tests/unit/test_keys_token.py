@@ -233,11 +233,12 @@ def test_the_credential_proxy_presents_a_token_held_client_certificate(token, tl
     import dataclasses
 
     from skyguard.credproxy.ca import CertificateAuthority
-    from skyguard.credproxy.interfaces import CredentialMetrics, ListDecisionLog
+    from skyguard.credproxy.interfaces import CredentialMetrics
     from skyguard.credproxy.proxy import CredentialProxy, ProxyLimits
     from skyguard.keys.tlskey import client_certificates_of
     from skyguard.lab.ca import LabCA
     from skyguard.lab.internet import EchoServer
+    from skyguard.parts import MemoryLog
     from skyguard.policy.model import Credential, Injection
 
     backend = tls_backend
@@ -263,7 +264,7 @@ def test_the_credential_proxy_presents_a_token_held_client_certificate(token, tl
         echo = EchoServer(cert=tmp_path / "up.pem", key=tmp_path / "up.key", client_ca=tmp_path / "upca.pem",
                           log=tmp_path / "echo.jsonl").start()
         port = echo.port
-        proxy = CredentialProxy(policy, store, address_matches=lambda n, ip: True, decision_log=ListDecisionLog(),
+        proxy = CredentialProxy(policy, store, address_matches=lambda n, ip: True, decision_log=MemoryLog(),
                                 metrics=CredentialMetrics(), destination_of=lambda s: ("127.0.0.1", port),
                                 upstream_ca_file=str(tmp_path / "upca.pem"), limits=ProxyLimits(), ca=skyca,
                                 client_certificates=client_certificates_of(policy))
@@ -291,10 +292,11 @@ def test_the_credential_proxy_presents_a_token_held_client_certificate(token, tl
 def test_tls_termination_serves_with_a_token_held_key(token, tls_backend, tmp_path):
     import dataclasses
 
-    from skyguard.credproxy.interfaces import CredentialMetrics, ListDecisionLog
+    from skyguard.credproxy.interfaces import CredentialMetrics
     from skyguard.credproxy.termination import TlsTerminator
     from skyguard.lab.ca import LabCA
     from skyguard.lab.internet import EchoServer
+    from skyguard.parts import MemoryLog
     from skyguard.policy.model import TlsTermination
 
     backend = tls_backend
@@ -308,7 +310,7 @@ def test_tls_termination_serves_with_a_token_held_key(token, tls_backend, tmp_pa
     vm_port = echo.port
     policy = dataclasses.replace(loopback_policy(token, label="tls"),
                                  tls_termination=(TlsTermination("vm1", 443, vm_port, "web1"),))
-    terminator = TlsTerminator(policy, store, decision_log=ListDecisionLog(), metrics=CredentialMetrics())
+    terminator = TlsTerminator(policy, store, decision_log=MemoryLog(), metrics=CredentialMetrics())
     try:
         listeners = loop.call(terminator.start("127.0.0.1"))
         out = subprocess.run(["curl", "-sS", "--max-time", "10", "--cacert", str(ca.cert_path),
