@@ -67,7 +67,7 @@ DISGUISED = [
     (f'sh -c "$(echo {b64(NESTED)} | base64 -d)"', ["scp"]),
     ("echo IHNjcCA= | base64 -d | sh", ["scp"]),  # a short base64 word (found by the property below)
     ("echo 736370202d74202f746d70 | xxd -r -p | sh", ["scp"]),
-    (f"echo {base64.b64encode(gzip.compress(b'sftp-server')).decode()} | base64 -d | gunzip | sh",
+    (f"echo {base64.b64encode(gzip.compress(b'sftp-server', mtime=0)).decode()} | base64 -d | gunzip | sh",
      ["sftp-server"]),
     ("git-upload-pack '/srv/repo.git'", ["git-upload-pack"]),
     ("git upload-pack /srv/repo.git", ["upload-pack"]),
