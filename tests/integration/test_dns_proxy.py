@@ -245,7 +245,7 @@ class ProxyThread:
 
     def start(self):
         self.thread.start()
-        self._ready.wait(10)
+        assert self._ready.wait(60), "the DNS proxy did not start within 60 s"
         assert self.error is None, self.error
         return self
 
@@ -271,7 +271,7 @@ def proxy(upstream, state_dir):
 
 
 def dig(*args: str, server: str = FOREIGN_RESOLVER) -> tuple[str, str]:
-    out = in_ns(NS_VM, "dig", f"@{server}", "+tries=1", "+time=3", *args, check=False)
+    out = in_ns(NS_VM, "dig", f"@{server}", "+tries=1", "+time=5", *args, check=False)
     status = re.findall(r"status: (\w+)", out.stdout)
     return (status[-1] if status else "NO-ANSWER"), out.stdout
 
@@ -503,7 +503,9 @@ class ServiceThread:
 
     def __enter__(self):
         self.thread.start()
-        self._ready.wait(10)
+        # A busy machine can take a while to install the steering; querying before start() has
+        # returned would see no answer and blame the proxy.
+        assert self._ready.wait(60), "the DNS proxy did not start within 60 s"
         if self.error is not None:
             self.thread.join(10)
             raise self.error
