@@ -136,7 +136,7 @@ def echoed(lab):
 
 
 def blocks(lab):
-    return [e for e in lab["service"].decision_log.snapshot() if e["kind"] == "content_blocked"]
+    return lab["service"].decision_log.of_kind("content_blocked")
 
 
 def test_the_content_zone_is_steered_without_any_credential(lab):

@@ -234,7 +234,7 @@ def test_tls_termination_serves_the_vm_with_a_key_the_vm_never_has(lab):
     # The VM's port 443 is skyguard's: nothing listens there inside the VM.
     listening = in_ns(VM, "ss", "-Htln").stdout
     assert b":443 " not in listening
-    entry = [e for e in lab["log"].snapshot() if e["kind"] == "tls_termination"][-1]
+    entry = lab["log"].of_kind("tls_termination")[-1]
     assert (entry["workload"], entry["result"]) == ("crxvm", "terminated")
 
 

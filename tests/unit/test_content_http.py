@@ -105,7 +105,7 @@ class Rig:
         return [json.loads(line) for line in self.echo_log.read_text().splitlines()] if self.echo_log.exists() else []
 
     def blocks(self) -> list[dict]:
-        return [e for e in self.log.snapshot() if e["kind"] == "content_blocked"]
+        return self.log.of_kind("content_blocked")
 
     def counted(self, rule: str, verdict: str) -> float:
         return self.metrics.content.decisions.labels("web", rule, "http", verdict)._value.get()
