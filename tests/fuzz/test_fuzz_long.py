@@ -1,13 +1,14 @@
 """The long fuzz tier (not run by default: `pytest -m fuzz tests/fuzz`, or scripts/test -m fuzz
 tests/fuzz). Sizes come from the issue; SKYGUARD_FUZZ_SCALE (default 1.0) scales them down for a
-quick look. What each costs on a 2-core machine: differential ~0.3 ms per packet (1M: ~6 min);
-crash cycles ~6-12 s each (100: 10-20 min, a fresh bcc compile per restart); atheris inputs: HTTP
-~18k/s (1M in 55 s), signed-log files ~270/s (each input copies and verifies a log: 1M ~1 h),
-policy YAML ~370/s under atheris (1M ~45 min).
-Measured once (2026-11-30): differential 1M packets, 0 disagreements, 311 s; HTTP 1M, 0 failures;
-DNS: a crash after ~1 s (fixed on main, now in the corpus: tests/fuzz/findings/README.md), then
-1M clean in 38 s; tlog and policy: 60 s each (16k and
-22k inputs), clean.
+quick look. What each costs on a 2-core machine: differential ~0.3 ms per packet (1M: ~6 min
+idle); crash cycles ~6-22 s each (a fresh bcc compile per restart); atheris inputs (one core
+each, idle): DNS ~9k/s, HTTP ~1-4k/s (inputs grow to 4 KB and are also fed byte by byte),
+policy YAML ~225/s (1M ~75 min), signed-log files ~200/s (1M ~85 min; each input rewrites one
+file of a two-segment log and verifies it), upstream responses ~200/s.
+Last full runs, all clean: differential 1M packets 2,356 s and 100 SIGKILLs 2,207 s (2026-12-07,
+under load); DNS 1M 107 s, HTTP 1M 1,319 s after one oracle fix (corpus/http/
+transfer-coding-mixed-case.txt), policy 1M 8,956 s (beside the suite and the long lifecycle run),
+tlog 1M in three workers on one corpus (2026-12-07); upstream 1M 4,863 s (session 4).
 """
 
 from __future__ import annotations
