@@ -57,6 +57,7 @@ class VmNet:
         self.host_ns = f"{TAG}h"
         self.vms = {n: Vm(n, i + 1, TAG) for i, n in enumerate(names)}
         self.pin_dir = Path(f"/sys/fs/bpf/{TAG}")
+        self.pass_all_pin = Path(f"/sys/fs/bpf/{TAG}-pass-all")
         self._worker = None
         self.datapath = None
 
@@ -103,7 +104,7 @@ class VmNet:
             for pid in pids:
                 sh("kill", "-9", pid, check=False)
             sh("ip", "netns", "del", ns, check=False)
-        sh("rm", "-rf", str(self.pin_dir), check=False)
+        sh("rm", "-rf", str(self.pin_dir), str(self.pass_all_pin), check=False)
 
     def host(self, argv: list[str]) -> list[str]:
         return ["nsenter", f"--net=/run/netns/{self.host_ns}", "--"] + argv
@@ -144,6 +145,32 @@ class VmNet:
 
     def skyguard_counters(self) -> dict:
         return self._worker.call(self.datapath.counters)
+
+    # ---- the floor of a TC datapath ---------------------------------------------------------------
+    def pass_all_on(self) -> None:
+        """A one-instruction TC program (return TC_ACT_OK) at the hooks skyguard uses (from the VM at
+        TC ingress, to the VM at TC egress of each host-side veth): what any TC datapath costs
+        before it does anything."""
+        from bcc import BPF
+
+        from skyguard.datapath import libbpf
+
+        if getattr(self, "_pass_all", None) is None:
+            self._pass_all = BPF(text="int sg_pass_all(struct __sk_buff *skb) { return 0; /* TC_ACT_OK */ }")
+        fn = self._pass_all.load_func(b"sg_pass_all", BPF.SCHED_CLS)
+        pinned = self.pass_all_pin
+        if not pinned.exists():
+            libbpf.pin(fn.fd, pinned)
+        for vm in self.vms.values():
+            sh(*self.host(["tc", "qdisc", "replace", "dev", vm.host_if, "clsact"]))
+            for where in ("ingress", "egress"):
+                sh(*self.host(["tc", "filter", "replace", "dev", vm.host_if, where, "prio", "1", "handle", "1", "bpf",
+                               "direct-action", "object-pinned", str(pinned)]))
+
+    def pass_all_off(self) -> None:
+        for vm in self.vms.values():
+            for where in ("ingress", "egress"):
+                sh(*self.host(["tc", "filter", "del", "dev", vm.host_if, where, "prio", "1"]), check=False)
 
     # ---- nftables ------------------------------------------------------------------------------
     def nft_on(self, ruleset: str) -> None:

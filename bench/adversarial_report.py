@@ -154,12 +154,12 @@ def render(figures, chain, evasion, crash, final_ok, fuzz, not_covered) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def kept_sections() -> str:
     """The hand-written part of the current REPORT.md (from KEPT_MARKER on), or just the marker."""
     current = REPORT.read_text() if REPORT.exists() else ""
     index = current.find(KEPT_MARKER)
     return current[index:] if index >= 0 else KEPT_MARKER + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """conn-rate: new TCP connections per second from one VM to another through a 10k-rule policy
 (every connection is a new flow: a policy decision, a conntrack entry, its teardown), beside no
-filter (the anchor) and nftables holding the same rules as sets in the host's forward path.
+filter (the anchor), nftables holding the same rules as sets in the host's forward path, and a
+TC program that only passes every packet at skyguard's hooks (the floor of any TC datapath).
 
 Load generator: asyncio (uvloop) loops in VM a, each connecting to an accept-and-close server in
 VM b, waiting for the server's FIN, closing. The server closes first, so TIME_WAIT sits on the
@@ -90,7 +91,7 @@ def main() -> None:
     from skyguard.doctor import require_privileges
 
     require_privileges("bench/conn_rate.py")
-    samples = {"no filter": [], "skyguard": [], "nftables": []}
+    samples = {"no filter": [], "skyguard": [], "tc pass-all": [], "nftables": []}
     failures = {k: 0 for k in samples}
     drops: dict[str, int] = {}
     with VmNet(("a", "b")) as net:
@@ -106,6 +107,8 @@ def main() -> None:
                     net.skyguard_on(policy)
                 elif setup == "nftables":
                     net.nft_on(ruleset)
+                elif setup == "tc pass-all":
+                    net.pass_all_on()
                 rate, failed = connection_rate(net)
                 samples[setup].append(rate)
                 failures[setup] += failed
@@ -120,6 +123,8 @@ def main() -> None:
                     net.skyguard_detach()
                     if not allowed:
                         raise SystemExit("skyguard decided no new flow: the measurement did not go through it")
+                elif setup == "tc pass-all":
+                    net.pass_all_off()
                 elif setup == "nftables":
                     passed = net.nft_counters()[0]
                     net.nft_off()
@@ -132,6 +137,9 @@ def main() -> None:
          title=f"new TCP connections VM->VM, {RULES} rules")
     result("conn-rate", "connections/s", figures["skyguard"], figures["no filter"], target=0.95,  # issue 24
            nftables=figures["nftables"], median_ratio_per_round=paired,
+           # The floor of a TC datapath: a program that only returns TC_ACT_OK at the same hooks.
+           tc_pass_all=figures["tc pass-all"], tc_pass_all_ratio=figures["tc pass-all"] / figures["no filter"],
+           ratio_vs_tc_pass_all=figures["skyguard"] / figures["tc pass-all"],
            ratio_vs_nftables=figures["skyguard"] / figures["nftables"],
            failed_connections=failures, skyguard_drops=drops, concurrency=CONCURRENCY, rules=RULES, seconds_per_run=SECONDS,
            rounds=ROUNDS, samples=samples)

@@ -12,6 +12,10 @@ request, with TLS session resumption, which wrk does). Reported: requests/s, p50
 and the added latency over direct. Targets (SPEC.md section 8): >= 10x mitmdump keep-alive,
 >= 5x with resumed TLS.
 
+Keep-alive also runs through a do-nothing TLS relay (bench/_relay.py: both TLS legs, no HTTP) on
+the same runtime: the floor of any proxy written like this one. Its ratio to direct is reported
+beside the proxy's, and its CPU per request says how much of the proxy's is HTTP work and checks.
+
 mitmproxy conflicts with skyguard's pinned dependencies, so it lives in its own virtualenv, which
 this benchmark creates on first use (MITM_VENV, mitmproxy==MITMPROXY_VERSION, from PyPI) unless
 --mitmdump PATH or $MITMDUMP names one. The anchor is never dropped: if it cannot be installed or
@@ -50,7 +54,7 @@ PLACEHOLDER = "sg-placeholder-bench-1234"
 SECRET = b"ghp_BenchmarkSecretValue_0123456789"
 # Overridable with --port-base (or $CREDPROXY_BENCH_PORT_BASE) so that parallel runs do not collide.
 PORT_BASE = int(os.environ.get("CREDPROXY_BENCH_PORT_BASE", "25900"))
-UPSTREAM_PORT, MITM_PORT, SKYGUARD_PORT, SKYGUARD_HTTP_PORT = (PORT_BASE + i for i in (1, 2, 3, 4))
+UPSTREAM_PORT, MITM_PORT, SKYGUARD_PORT, SKYGUARD_HTTP_PORT, RELAY_PORT = (PORT_BASE + i for i in (1, 2, 3, 4, 5))
 TARGET_KEEPALIVE, TARGET_RESUMED = 10.0, 5.0
 TARGET_VS_DIRECT = {"keepalive": 0.5, "resumed_tls": 0.8}  # issue 24
 
@@ -213,12 +217,16 @@ def main() -> None:
             [sys.executable, str(REPO / "bench" / "_upstream.py"), str(UPSTREAM_PORT), str(tmp / "up.pem"),
              str(tmp / "up.key")], env=env, stdout=subprocess.DEVNULL))
         processes.append(subprocess.Popen([sys.executable, __file__, "--serve-skyguard", str(tmp)], env=env))
+        processes.append(subprocess.Popen(
+            [sys.executable, str(REPO / "bench" / "_relay.py"), str(RELAY_PORT), str(tmp / "up.pem"),
+             str(tmp / "up.key"), str(UPSTREAM_PORT), str(tmp / "upca.pem")], env=env))
         wait_for_port(UPSTREAM_PORT)
         wait_for_port(SKYGUARD_PORT)
+        wait_for_port(RELAY_PORT)
         seen = check_swap(SKYGUARD_PORT, str(tmp / "skyca" / "ca-cert.pem"))
         if "[skyguard-redacted]" not in seen:
             raise SystemExit(f"skyguard did not swap and scrub as expected (upstream echoed {seen!r})")
-        targets = {"direct": UPSTREAM_PORT, "skyguard": SKYGUARD_PORT}
+        targets = {"direct": UPSTREAM_PORT, "skyguard": SKYGUARD_PORT, "relay": RELAY_PORT}
         mitmdump = mitmdump_path(args.mitmdump)
         progress(f"starting mitmdump ({mitmdump})")
         processes.append(subprocess.Popen(
@@ -235,12 +243,15 @@ def main() -> None:
         # a neighbour's burst then penalises no target more than another.
         # CPU each process spent per request (its own /proc figures around each run): where the
         # time goes on a 2-core machine, where wrk, the upstream and the proxy share the cores.
-        pids = {"upstream": processes[0].pid, "skyguard": processes[1].pid, "mitmdump": processes[2].pid}
+        pids = {"upstream": processes[0].pid, "skyguard": processes[1].pid, "relay": processes[2].pid,
+                "mitmdump": processes[3].pid}
         results: dict[str, dict[str, dict]] = {}
         for scenario, close in (("keepalive", False), ("resumed_tls", True)):
             results[scenario] = {}
             for round_number in range(args.repeat):
                 for name, port in targets.items():
+                    if name == "relay" and close:
+                        continue  # it opens an upstream TLS connection per client one: no floor there
                     progress(f"{scenario} #{round_number + 1}: wrk -c{args.connections} -d{args.duration}s through {name}")
                     cpu_before = {who: cpu_seconds(pid) for who, pid in pids.items()}
                     run = wrk(port, args.duration, args.connections, close)
@@ -270,6 +281,7 @@ def main() -> None:
         return round(s - d, 3) if s is not None and d is not None else None
 
     anchor_name = "mitmdump"
+    relay = results["keepalive"]["relay"]
     resumed_ratio = ratio("resumed_tls", anchor_name)
     result("credproxy", "HTTPS requests/s, keep-alive, through the credential-swap proxy",
            results["keepalive"]["skyguard"]["rps"], results["keepalive"][anchor_name]["rps"],
@@ -287,6 +299,9 @@ def main() -> None:
            target_vs_direct=TARGET_VS_DIRECT,
            meets_vs_direct={s: (ratio(s, "direct") or 0) >= TARGET_VS_DIRECT[s] for s in results},
            added_latency_ms={s: {"p50": added(s, "p50_ms"), "p99": added(s, "p99_ms")} for s in results},
+           # The floor: a do-nothing TLS relay on the same runtime, keep-alive, in this run.
+           relay_floor={"rps": relay["rps"], "ratio_vs_direct": round(relay["rps"] / results["keepalive"]["direct"]["rps"], 2),
+                        "cpu_us_per_request": relay["cpu_us_per_request"]},
            runs=results,
            wrk={"threads": 1, "connections": args.connections, "duration_s": args.duration, "repeat": args.repeat})
 

@@ -156,6 +156,9 @@ struct sg_ct_key {
 #define SG_CT_NEW 0
 #define SG_CT_ESTABLISHED 1 /* a reply was seen */
 #define SG_CT_CLOSING 2     /* FIN or RST seen */
+#define SG_FIN_ORIG 0x1  /* the flow's creator sent FIN */
+#define SG_FIN_REPLY 0x2 /* the other side sent FIN */
+#define SG_FIN_BOTH 0x3  /* both did, or either sent RST: nothing more is coming */
 struct sg_ct_val {
   __u64 expires_ns;
   __u64 packets; /* both directions */
@@ -165,6 +168,7 @@ struct sg_ct_val {
   __u16 zone;
   __u8 direction;  /* who created it: SG_DIR_EGRESS (VM opened) or SG_DIR_INGRESS */
   __u8 state;      /* SG_CT_* */
+  __u8 fins;       /* TCP: which sides closed (SG_FIN_*), so a flow closed both ways frees its slot sooner */
 };
 
 /* sg_share_hands (array, one per share): the next slot each share's new entries try, per

@@ -6,8 +6,8 @@
  * picked by its workload id, in two halves: flows it opened and flows opened toward it (for
  * fragments: datagrams it sends and datagrams it receives), so a peer allowed to reach it cannot
  * use up its room for its own connections either. Creating an entry claims a slot of its own half: a slot whose entry is gone or expired is
- * reused (the expired entry is deleted; so is a closed TCP flow that has been quiet for
- * SG_CT_CLOSED_QUIET_S, see sg_ct_closed_and_quiet), a slot whose entry is live is skipped; when
+ * reused (the expired entry is deleted; so is a closed TCP flow that has been quiet for a while,
+ * see sg_ct_closed_and_quiet), a slot whose entry is live is skipped; when
  * SG_SHARE_PROBES slots in a row are live, that half is full and the new flow is refused
  * (SG_DROP_CT_FULL / SG_DROP_FRAG_FULL), live flows untouched. Every entry sits in one slot, so
  * the maps never hold more than the shares add up to; with SG_LRU_SLACK on top, the kernel's LRU
@@ -56,8 +56,12 @@
 #ifndef SG_FRAG_S
 #define SG_FRAG_S 30 /* like the kernel's reassembly timeout */
 #endif
-#ifndef SG_CT_CLOSED_QUIET_S
-#define SG_CT_CLOSED_QUIET_S 1 /* a closed TCP flow quiet this long gives up its slot to a new flow (below) */
+/* A closed TCP flow quiet this long gives up its slot to a new flow (sg_ct_closed_and_quiet). */
+#ifndef SG_CT_CLOSED_QUIET_MS
+#define SG_CT_CLOSED_QUIET_MS 250 /* closed both ways (SG_FIN_BOTH): only a lost last ACK's FIN retransmit can follow */
+#endif
+#ifndef SG_CT_HALF_CLOSED_QUIET_S
+#define SG_CT_HALF_CLOSED_QUIET_S 1 /* closed one way: the other side may still be sending */
 #endif
 
 #define SG_NS 1000000000ULL
@@ -148,9 +152,10 @@ static __always_inline struct sg_ct_val *sg_ct_find(__u32 ifindex, struct sg_tup
 static __always_inline void sg_ct_touch(struct sg_ct_val *ct, __u8 proto, __u8 tcp_flags, int is_reply,
                                         __u32 len, __u64 now) {
   __u8 state = ct->state;
-  if (proto == IPPROTO_TCP && (tcp_flags & (SG_TCP_FIN | SG_TCP_RST)))
+  if (proto == IPPROTO_TCP && (tcp_flags & (SG_TCP_FIN | SG_TCP_RST))) {
     state = SG_CT_CLOSING;
-  else if (is_reply && state == SG_CT_NEW)
+    ct->fins |= (tcp_flags & SG_TCP_RST) ? SG_FIN_BOTH : is_reply ? SG_FIN_REPLY : SG_FIN_ORIG;
+  } else if (is_reply && state == SG_CT_NEW)
     state = SG_CT_ESTABLISHED;
   ct->state = state;
   ct->expires_ns = now + sg_ct_lifetime(proto, state);
@@ -161,15 +166,20 @@ static __always_inline void sg_ct_touch(struct sg_ct_val *ct, __u8 proto, __u8 t
 }
 
 /* Whether a new flow may take this entry's slot although it has not expired: a TCP flow that saw
- * FIN or RST (SG_CT_CLOSING) and no packet for SG_CT_CLOSED_QUIET_S. Otherwise every closed
- * connection would hold its slot SG_CT_TCP_CLOSE_S, capping a VM at SG_CT_SHARE / SG_CT_TCP_CLOSE_S
- * (410) new connections per second: every slot full of closed flows, CT_FULL (issue 24). The hand
+ * FIN or RST (SG_CT_CLOSING) and no packet since for SG_CT_CLOSED_QUIET_MS when closed both ways,
+ * SG_CT_HALF_CLOSED_QUIET_S when one way. Otherwise every closed connection would hold its slot
+ * SG_CT_TCP_CLOSE_S, capping a VM at SG_CT_SHARE / SG_CT_TCP_CLOSE_S (410) new connections per
+ * second: every slot full of closed flows, CT_FULL (issue 24); and with one quiet time of 1 s,
+ * at about 4,096 per second (bench/run conn-rate on a quiet machine offers ~10,000). The hand
  * reaches a slot again only after as many new flows as the share holds, so this takes the oldest
  * closed flows first, like Linux conntrack's early drop of closing TCP connections. A late
  * retransmission of such a flow is then a new flow, decided by the policy. */
 static __always_inline int sg_ct_closed_and_quiet(const struct sg_ct_val *v, __u64 now) {
-  /* last packet = expires - SG_CT_TCP_CLOSE_S; quiet when last packet + SG_CT_CLOSED_QUIET_S <= now */
-  return v->state == SG_CT_CLOSING && v->expires_ns + SG_CT_CLOSED_QUIET_S * SG_NS <= now + SG_CT_TCP_CLOSE_S * SG_NS;
+  if (v->state != SG_CT_CLOSING)
+    return 0;
+  __u64 quiet = v->fins == SG_FIN_BOTH ? SG_CT_CLOSED_QUIET_MS * 1000000ULL : SG_CT_HALF_CLOSED_QUIET_S * SG_NS;
+  /* last packet = expires - SG_CT_TCP_CLOSE_S; quiet when last packet + quiet <= now */
+  return v->expires_ns + quiet <= now + SG_CT_TCP_CLOSE_S * SG_NS;
 }
 
 /* The next slot number of a share. Two CPUs may read the same number at once (bcc builds for a
@@ -190,6 +200,8 @@ static __always_inline int sg_ct_create(__u32 ifindex, const struct sg_tuple *t,
   struct sg_share_hand *hand = sg_share_hands.lookup(&share);
   if (!hand)
     return -SG_DROP_CT_FULL; /* cannot happen (share < SG_CT_SHARES) */
+  struct sg_ct_key *take = 0;
+  struct sg_ct_key *spare = 0; /* a flow closed both ways but not yet quiet: taken only when no probe finds room */
   for (int i = 0; i < SG_SHARE_PROBES; i++) {
     __u32 idx = (share * 2 + (direction & 1)) * SG_CT_SHARE + sg_hand_next(&hand->ct[direction & 1]) % SG_CT_SHARE;
     struct sg_ct_key *slot = sg_ct_slots.lookup(&idx);
@@ -197,19 +209,29 @@ static __always_inline int sg_ct_create(__u32 ifindex, const struct sg_tuple *t,
       return -SG_DROP_CT_FULL;
     if (slot->ifindex) {
       struct sg_ct_val *held = sg_ct.lookup(slot);
-      if (held && held->expires_ns > now && !sg_ct_closed_and_quiet(held, now))
-        continue; /* a live flow of this share: keep it */
-      if (held)
-        sg_ct.delete(slot);
+      if (held && held->expires_ns > now && !sg_ct_closed_and_quiet(held, now)) {
+        /* a live flow of this share: keep it. One closed both ways (only its last ACK may still
+         * come) gives way when a burst of new flows finds the share otherwise full. */
+        if (!spare && held->state == SG_CT_CLOSING && held->fins == SG_FIN_BOTH)
+          spare = slot;
+        continue;
+      }
     }
-    __builtin_memcpy(slot, &key, sizeof(key));
-    struct sg_ct_val val = {.packets = 1, .bytes = len, .gen = gen, .rule_id = rule_id, .zone = zone,
-                            .direction = direction, .state = SG_CT_NEW};
-    val.expires_ns = now + sg_ct_lifetime(t->proto, SG_CT_NEW);
-    sg_ct.update(&key, &val);
-    return 0;
+    take = slot;
+    break;
   }
-  return -SG_DROP_CT_FULL;
+  if (!take)
+    take = spare;
+  if (!take)
+    return -SG_DROP_CT_FULL;
+  if (take->ifindex)
+    sg_ct.delete(take); /* the entry it held, if still there */
+  __builtin_memcpy(take, &key, sizeof(key));
+  struct sg_ct_val val = {.packets = 1, .bytes = len, .gen = gen, .rule_id = rule_id, .zone = zone,
+                          .direction = direction, .state = SG_CT_NEW};
+  val.expires_ns = now + sg_ct_lifetime(t->proto, SG_CT_NEW);
+  sg_ct.update(&key, &val);
+  return 0;
 }
 
 static __always_inline void sg_frag_key_of(struct sg_frag_key *key, __u32 ifindex, const struct sg_pkt *pkt) {

@@ -38,6 +38,9 @@ CT_NEW = 0
 CT_ESTABLISHED = 1
 CT_CLOSING = 2
 CT_STATES = {CT_NEW: "new", CT_ESTABLISHED: "established", CT_CLOSING: "closing"}
+FIN_ORIG = 0x1  # sg_ct_val.fins: the flow's creator sent FIN
+FIN_REPLY = 0x2  # the other side sent FIN
+FIN_BOTH = 0x3  # both did, or either sent RST
 EVENT_FLOW_START = 1
 EVENT_DROP = 2
 
@@ -140,6 +143,7 @@ class CtVal(ct.Structure):  # struct sg_ct_val
         ("zone", ct.c_uint16),
         ("direction", ct.c_uint8),
         ("state", ct.c_uint8),
+        ("fins", ct.c_uint8),
     ]
 
 
@@ -172,7 +176,7 @@ def struct_of(cls: type[ct.Structure], tail: bool = True) -> struct.Struct:
 
 # struct sg_ct_key / sg_ct_val for bulk unpacking (batch reads); ports in network order.
 CT_KEY = struct_of(CtKey)  # ifindex, proto, saddr, daddr, sport, dport
-CT_VAL = struct_of(CtVal, tail=False)  # expires_ns, packets, bytes, gen, rule_id, zone, direction, state
+CT_VAL = struct_of(CtVal, tail=False)  # expires_ns, packets, bytes, gen, rule_id, zone, direction, state, fins
 CT_VAL_PADDED = struct_of(CtVal)  # as the kernel lays out an array of them
 
 

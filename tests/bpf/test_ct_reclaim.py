@@ -1,9 +1,11 @@
-"""A VM's share of the connection table and closed TCP connections (issue 24): a closed flow
-(FIN or RST seen) that has been quiet for SG_CT_CLOSED_QUIET_S gives its slot to a new flow of
-the same share, so a VM opening and closing connections fast is not capped at SG_CT_SHARE /
-SG_CT_TCP_CLOSE_S new connections per second (bench/run conn-rate hit CT_FULL at 4,096). A closed
-flow that just spoke, and any open flow however quiet, keep their slots. Run on the small build
-of test_channels.py (shares of 2 x 64 flows) through BPF_PROG_RUN.
+"""A VM's share of the connection table and closed TCP connections (issue 24): a closed flow gives
+its slot to a new flow of the same share once it has been quiet for a while, so a VM opening and
+closing connections fast is not capped at SG_CT_SHARE / SG_CT_TCP_CLOSE_S new connections per
+second (bench/run conn-rate hit CT_FULL at 4,096). Closed both ways (a FIN from each side, or an
+RST): quiet SG_CT_CLOSED_QUIET_MS, or at once when a burst finds the share otherwise full;
+closed one way (the other side may still be sending): quiet SG_CT_HALF_CLOSED_QUIET_S. A flow
+closed one way that spoke lately, and any open flow however quiet, keep their slots. Run on the
+small build of test_channels.py (shares of 2 x 64 flows) through BPF_PROG_RUN.
 """
 
 from __future__ import annotations
@@ -40,9 +42,10 @@ def share(hs):
     return hs
 
 
-def fill(h, flags_after_syn: str | None, base: int):
-    """w1 opens SHARE connections to d1 (tcp/5432, allowed), each then sending `flags_after_syn`.
-    Each test uses its own ports: the share's slots still name the tuples of earlier tests."""
+def fill(h, flags_after_syn: str | None, base: int, reply_flags: str | None = None):
+    """w1 opens SHARE connections to d1 (tcp/5432, allowed), each then sending `flags_after_syn`
+    and d1 answering `reply_flags`. Each test uses its own ports: the share's slots still name the
+    tuples of earlier tests."""
     for n in range(SHARE):
         seg = IP(src=v4("w1"), dst=v4("d1")) / TCP(sport=base + n, dport=5432, flags="S")
         assert h.run_raw_verdict(bytes(e_from("w1") / seg), "w1")
@@ -51,6 +54,9 @@ def fill(h, flags_after_syn: str | None, base: int):
         if flags_after_syn:
             seg[TCP].flags = flags_after_syn
             assert h.run_raw_verdict(bytes(e_from("w1") / seg), "w1")
+        if reply_flags:
+            back[TCP].flags = reply_flags
+            assert h.run_raw_verdict(bytes(e_to("w1") / back), "w1", IN)
 
 
 def age(h, seconds: float):
@@ -78,12 +84,41 @@ def test_closed_quiet_flows_give_their_slots_to_new_ones(share):
     assert new_flow(share, 40999) == DROP("ct_full")
 
 
-def test_a_just_closed_flow_keeps_its_slot(share):
-    fill(share, "R", 31000)
-    age(share, 0)  # every one closed just now (filling the share takes a while on a loaded machine)
-    assert new_flow(share, 41000) == DROP("ct_full")
-    # and its late packets still pass as the flow's
-    late = IP(src=v4("d1"), dst=v4("w1")) / TCP(sport=5432, dport=31000, flags="A")
+def probes(h) -> int:
+    """Slots tried so far by new flows that VMs opened, over every share (the hands' positions)."""
+    return sum(hand.ct[0] for hand in h.dp.map("sg_share_hands").values())
+
+
+BOTH_WAYS = pytest.mark.parametrize("mine, theirs, base", [("FA", "FA", 33000), ("R", None, 34000), ("A", "R", 35000)],
+                                    ids=["fin-both-ways", "rst-sent", "rst-received"])
+
+
+@BOTH_WAYS
+def test_flows_closed_both_ways_give_their_slots_up_sooner(share, mine, theirs, base):
+    fill(share, mine, base, theirs)
+    age(share, 0.5)  # past SG_CT_CLOSED_QUIET_MS, short of SG_CT_HALF_CLOSED_QUIET_S
+    before = probes(share)
+    for n in range(SHARE):
+        assert new_flow(share, base + 500 + n) == ALLOW, n
+    assert probes(share) - before == SHARE  # each took the first slot it tried: quiet enough
+
+
+@BOTH_WAYS
+def test_a_burst_takes_flows_just_closed_both_ways(share, mine, theirs, base):
+    fill(share, mine, base + 100, theirs)
+    age(share, 0)  # closed just now: not quiet, but nothing but a last ACK can follow
+    before = probes(share)
+    for n in range(SHARE):
+        assert new_flow(share, base + 600 + n) == ALLOW, n
+    assert probes(share) - before > SHARE  # slots were passed over (none was quiet), yet each found one
+    assert new_flow(share, base + 999) == DROP("ct_full")  # open flows never give way
+
+
+def test_a_flow_closed_one_way_keeps_its_slot(share):
+    fill(share, "FA", 36000)  # w1 is done sending; d1 may still be answering
+    age(share, 0.5)
+    assert new_flow(share, 36500) == DROP("ct_full")
+    late = IP(src=v4("d1"), dst=v4("w1")) / TCP(sport=5432, dport=36000, flags="A") / (b"x" * 100)
     assert share.run(bytes(e_to("w1") / late), "w1", IN) == ALLOW
 
 

@@ -42,7 +42,7 @@ class Names:
 
 
 def entry(expires=10_000, packets=1, state=abi.CT_ESTABLISHED, rule_id=1, zone=1, direction=abi.DIR_EGRESS):
-    return CtEntry(expires, packets, packets * 100, 1, rule_id, zone, direction, state)
+    return CtEntry(expires, packets, packets * 100, 1, rule_id, zone, direction, state, 0)
 
 
 # ---- conntrack: what ended, and why ----------------------------------------------------------

@@ -33,6 +33,7 @@ class CtEntry(NamedTuple):
     zone: int
     direction: int
     state: int
+    fins: int
 
 
 def classify(rows: Iterable[tuple[bytes, CtEntry]], prev: dict[bytes, CtEntry],
