@@ -81,6 +81,13 @@ class CredentialMetrics:
         )
         # skyguard_content_decisions: counted by the content filter of every proxy on this registry.
         self.content = ContentMetrics(registry)
+        # (credential, result) -> its child counter: labels() costs more than the count itself,
+        # once per request. Bounded: credentials come from policies, results from a fixed set.
+        self._swap_children: dict[tuple[str, str], Counter] = {}
 
     def count(self, credential: str | None, result: str) -> None:
-        self.swaps.labels(credential or NO_CREDENTIAL, result).inc()
+        key = (credential or NO_CREDENTIAL, result)
+        child = self._swap_children.get(key)
+        if child is None:
+            child = self._swap_children[key] = self.swaps.labels(*key)
+        child.inc()

@@ -179,8 +179,7 @@ class _Prefilter:
         self.step = max(1, min((len(form) for form in forms), default=GRAM) - GRAM + 1)
 
     def may_hold(self, data: bytes) -> bool:
-        grams = self.grams
-        return any(data[at:at + GRAM] in grams for at in range(0, len(data) - GRAM + 1, self.step))
+        return not self.grams.isdisjoint([data[at:at + GRAM] for at in range(0, len(data) - GRAM + 1, self.step)])
 
 
 class SecretForms:
