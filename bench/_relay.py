@@ -1,7 +1,8 @@
 """A do-nothing TLS relay, the floor of any proxy on skyguard's runtime (`python bench/_relay.py
-PORT CERT KEY UPSTREAM_PORT UPSTREAM_CA`): it terminates the client's TLS, opens one verified TLS
-connection to the upstream per client connection and moves the bytes both ways, on uvloop as the
-daemon's proxies run. No HTTP at all: no parsing, no decision, no rewriting.
+PORT CERT KEY UPSTREAM_PORT UPSTREAM_CA`): it terminates the client's TLS, opens one connection to
+the upstream per client connection (TLS verified against UPSTREAM_CA; plain TCP when it is `-`,
+as the identity proxy reaches VM apps) and moves the bytes both ways, on uvloop as the daemon's
+proxies run. No HTTP at all: no parsing, no decision, no rewriting.
 
 The proxy benchmarks run it beside the proxy they measure: the proxy's CPU per request above the
 relay's is what its HTTP work and checks cost; the relay's ratio to direct is the most a Python
@@ -42,7 +43,7 @@ async def serve(port: int, cert: str, key: str, upstream_port: int, upstream_ca:
     loop = asyncio.get_running_loop()
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_context.load_cert_chain(cert, key)
-    client_context = ssl.create_default_context(cafile=upstream_ca)
+    client_context = ssl.create_default_context(cafile=upstream_ca) if upstream_ca != "-" else None
 
     def accepted() -> Leg:
         client = Leg()
@@ -50,7 +51,7 @@ async def serve(port: int, cert: str, key: str, upstream_port: int, upstream_ca:
         async def connect():
             try:
                 _, upstream = await loop.create_connection(Leg, "127.0.0.1", upstream_port, ssl=client_context,
-                                                           server_hostname="localhost")
+                                                           server_hostname="localhost" if client_context else None)
             except OSError:
                 if client.transport is not None:
                     client.transport.close()

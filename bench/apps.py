@@ -12,7 +12,9 @@ and threads.
 
 Two anchors, both measured in the run: the same app reached directly over HTTPS (the transport the
 proxy's users get; this is the headline ratio, so TLS is on both sides) and over plain HTTP (the
-ratio then also counts what TLS costs). Besides requests/s, the CPU time per request of the proxy
+ratio then also counts what TLS costs). A do-nothing TLS relay to the app (bench/_relay.py: TLS
+in, plain HTTP out, no HTTP work) is measured too: the floor of any proxy on this runtime (issue 20).
+Besides requests/s, the CPU time per request of the proxy
 (this process), of the app (its process) and of wrk are reported: this machine is shared, so rates
 move with its load, while CPU per request says what each side costs (cpu_ratio: the CPU of a
 direct exchange, wrk + app, over that of a proxied one, wrk + proxy + app).
@@ -48,7 +50,7 @@ from skyguard.policy.model import Policy, Workload, Zone
 
 DURATION = 8  # seconds per run
 CONNECTIONS, THREADS = 16, 1
-APP_PORT, APP_TLS_PORT, PROXY_PORT = 25180, 25181, 25443
+APP_PORT, APP_TLS_PORT, PROXY_PORT, RELAY_PORT = 25180, 25181, 25443, 25444
 HOST = "bench.apps.test"
 
 APP = r"""
@@ -122,6 +124,8 @@ def main() -> None:
     chain, key = LabCA(work / "ca").leaf_files(HOST)
     app_process = subprocess.Popen([sys.executable, "-c", APP, str(APP_PORT), str(APP_TLS_PORT), str(chain), str(key)],
                                    stdout=subprocess.PIPE, text=True)
+    relay_process = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent / "_relay.py"), str(RELAY_PORT),
+                                      str(chain), str(key), str(APP_PORT), "-"])
     loop = new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
     service = None
@@ -147,6 +151,12 @@ def main() -> None:
         progress(f"through skyguard (HTTPS): signed in, the same for {DURATION} s")
         proxied = wrk(f"https://127.0.0.1:{PROXY_PORT}/", f"Host: {HOST}:{PROXY_PORT}",
                       f"Cookie: __Host-skyguard-session={cookie}", "X-Skyguard-Assertion: forged", app_pid=pid)
+        progress(f"through a do-nothing TLS relay to the app (the floor of a proxy on this runtime), {DURATION} s")
+        relay_cpu = cpu_seconds(relay_process.pid)
+        relay = wrk(f"https://127.0.0.1:{RELAY_PORT}/", f"Host: {HOST}:{RELAY_PORT}", app_pid=pid)
+        relay_cpu_ms = (cpu_seconds(relay_process.pid) - relay_cpu) * 1000 / max(relay[0] * DURATION, 1)
+        progress(f"relay floor: {relay[0]:.0f} requests/s (ratio {relay[0] / direct[0]:.2f}), relay CPU {relay_cpu_ms:.3f} ms "
+                 f"per request")
         progress(f"requests/s: proxied {proxied[0]:.0f}, direct HTTPS {direct[0]:.0f} (ratio {proxied[0] / direct[0]:.2f}), "
                  f"direct plain HTTP {plain[0]:.0f} (ratio {proxied[0] / plain[0]:.2f}); CPU ms per request: proxy "
                  f"{proxied[3]:.3f} (+ app {proxied[4]:.3f}), app alone over HTTPS {direct[4]:.3f}, over HTTP {plain[4]:.3f}; "
@@ -154,8 +164,9 @@ def main() -> None:
     finally:
         if service is not None:
             asyncio.run_coroutine_threadsafe(service.stop(), loop).result(10)
-        app_process.terminate()
-        app_process.wait(10)
+        for process in (app_process, relay_process):
+            process.terminate()
+            process.wait(10)
         shutil.rmtree(work, ignore_errors=True)
     result("apps", "signed-in requests/s", proxied[0], direct[0], target=0.5,
            connections=CONNECTIONS, threads=THREADS, seconds_per_run=DURATION, keep_alive=True,
@@ -164,6 +175,8 @@ def main() -> None:
            anchor_is="the app reached directly over HTTPS on loopback (the proxy's users' transport)",
            plain_http_anchor=plain[0], ratio_to_plain_http=proxied[0] / plain[0],
            plain_http_median_ms=plain[1], plain_http_p99_ms=plain[2],
+           relay_floor={"rps": relay[0], "ratio": relay[0] / direct[0], "relay_cpu_ms_per_request": relay_cpu_ms,
+                        "is": "a do-nothing TLS relay to the app on the same runtime (bench/_relay.py)"},
            proxy_cpu_ms_per_request=proxied[3], app_cpu_ms_per_request_proxied=proxied[4],
            app_cpu_ms_per_request_direct_https=direct[4], app_cpu_ms_per_request_plain_http=plain[4],
            wrk_cpu_ms_per_request_proxied=proxied[5], wrk_cpu_ms_per_request_direct_https=direct[5],
