@@ -1,5 +1,6 @@
 """Conntrack scans: flow_end entries for flows that expired, closed (TCP FIN/RST seen and no packet
-since the previous scan) or vanished (LRU eviction, policy revocation), with their counts.
+since the previous scan) or vanished (its slot given to a new flow once closed, LRU eviction,
+policy revocation), with their counts.
 
 classify() is the decision, pure: given this scan's entries and the previous scan's, which flows
 live on and which ended and why. ConntrackScanner reads sg_ct, deletes what ended (keeping a
@@ -55,10 +56,12 @@ def classify(rows: Iterable[tuple[bytes, CtEntry]], prev: dict[bytes, CtEntry],
     return seen, ended
 
 
-def vanished(prev: dict[bytes, CtEntry], seen: dict[bytes, CtEntry], ended: list) -> list[bytes]:
-    """Keys present at the previous scan and gone now without this scan ending them: evicted (LRU)
-    or revoked by a policy change."""
-    return list(prev.keys() - seen.keys() - {k for k, _, _ in ended})
+def vanished(prev: dict[bytes, CtEntry], seen: dict[bytes, CtEntry], ended: list) -> list[tuple[bytes, str]]:
+    """(key, why) of the flows present at the previous scan and gone now without this scan ending
+    them: "closed" when they were closing then (the datapath gave the slot of a closed, quiet flow
+    to a new one), else "removed" (evicted, or revoked by a policy change)."""
+    gone = prev.keys() - seen.keys() - {k for k, _, _ in ended}
+    return [(k, "closed" if prev[k].state == abi.CT_CLOSING else "removed") for k in gone]
 
 
 def ct_record(names, addr: AddressText, key: bytes, val: CtEntry, why: str, when: int) -> dict:
@@ -100,9 +103,9 @@ class ConntrackScanner:
             out.append(encode_entry("flow_end", rec))
             rec["type"] = "flow_end"
             records.append(rec)
-        for k in vanished(self.prev, seen, ended):
+        for k, why in vanished(self.prev, seen, ended):
             # Its counts are those of the last scan.
-            rec = ct_record(names, addr, k, self.prev[k], "removed", offset + now)
+            rec = ct_record(names, addr, k, self.prev[k], why, offset + now)
             out.append(encode_entry("flow_end", rec))
             rec["type"] = "flow_end"
             records.append(rec)
