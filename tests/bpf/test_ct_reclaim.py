@@ -28,11 +28,13 @@ NS = 1_000_000_000
 def hs(worker, pin_dir, datapath):
     from skyguard.datapath.datapath import Datapath
 
-    dp = worker.call(Datapath, pin_dir.with_name(pin_dir.name + "-reclaim"), "tc", SMALL)
+    pins = pin_dir.with_name(pin_dir.name + "-reclaim")
+    dp = worker.call(Datapath, pins, "tc", SMALL)
     h = Harness(dp, worker)
     h.ifindex = {wl: worker.call(socket.if_nametoindex, ifname) for wl, ifname in IFACES.items()}
     yield h
     dp.close()
+    dp.remove_pins(pins)
 
 
 @pytest.fixture
