@@ -155,6 +155,10 @@ static __always_inline int sg_handle(void *ctx, void *data, void *data_end, __u3
     port = pkt->icmp_type; /* type in the high (first) byte of the network-order port */
 
   struct sg_ct_val *ct = sg_ct_find(ifindex, &pkt->t, direction, now, &rkey, &key, &is_reply);
+  if (ct && sg_ct_reopened(ct, pkt->t.proto, pkt->tcp_flags)) {
+    sg_ct.delete(key); /* a new connection on a closed flow's tuple: decided below as new */
+    ct = 0;
+  }
   if (ct) {
     if (ct->gen != gen) {
       /* The policy changed since this flow was approved: decide again as its originator,

@@ -68,6 +68,7 @@
 #define SG_TCP_FIN 0x01
 #define SG_TCP_SYN 0x02
 #define SG_TCP_RST 0x04
+#define SG_TCP_ACK 0x10
 
 BPF_TABLE_PINNED("lru_hash", struct sg_ct_key, struct sg_ct_val, sg_ct, SG_CT_MAX, SG_PIN("sg_ct"));
 BPF_TABLE_PINNED("lru_hash", struct sg_frag_key, struct sg_frag_val, sg_frag, SG_FRAG_MAX, SG_PIN("sg_frag"));
@@ -163,6 +164,15 @@ static __always_inline void sg_ct_touch(struct sg_ct_val *ct, __u8 proto, __u8 t
    * packet costs more than flow statistics are worth. Verdicts never depend on these. */
   ct->packets += 1;
   ct->bytes += len;
+}
+
+/* A SYN without ACK on the tuple of a closed TCP flow (SG_CT_CLOSING) opens a new connection on a
+ * reused port. Like Linux conntrack restarting a TIME_WAIT entry, the caller deletes the old entry
+ * and decides the SYN as a new flow (the policy, a fresh entry, a flow_start event). Otherwise the
+ * new connection would ride the closed flow's entry: no flow_start in the log, and its slot given
+ * away as soon as the entry looked quiet, since it still reads as closed. */
+static __always_inline int sg_ct_reopened(const struct sg_ct_val *ct, __u8 proto, __u8 tcp_flags) {
+  return proto == IPPROTO_TCP && ct->state == SG_CT_CLOSING && (tcp_flags & (SG_TCP_SYN | SG_TCP_ACK)) == SG_TCP_SYN;
 }
 
 /* Whether a new flow may take this entry's slot although it has not expired: a TCP flow that saw

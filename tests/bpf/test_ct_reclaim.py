@@ -19,6 +19,8 @@ from scapy.layers.inet import IP, TCP
 from test_channels import SMALL
 from test_verdicts import ALLOW, DROP, IN, OUT, e_from, e_to, v4
 
+from skyguard.datapath import abi
+
 SHARE = SMALL["SG_CT_SHARE"]
 CLOSE_S = 10  # SG_CT_TCP_CLOSE_S
 NS = 1_000_000_000
@@ -128,3 +130,41 @@ def test_open_flows_keep_their_slots_however_quiet(share):
     fill(share, "A", 32000)
     age(share, 3)
     assert new_flow(share, 42000) == DROP("ct_full")
+
+
+def open_and_close(h, sport: int) -> None:
+    """w1:sport -> d1:5432: handshake, then a FIN each way and the last ACK."""
+    out = IP(src=v4("w1"), dst=v4("d1")) / TCP(sport=sport, dport=5432)
+    back = IP(src=v4("d1"), dst=v4("w1")) / TCP(sport=5432, dport=sport)
+    for mine, theirs in (("S", "SA"), ("FA", "FA")):
+        out[TCP].flags, back[TCP].flags = mine, theirs
+        assert h.run(bytes(e_from("w1") / out), "w1", OUT) == ALLOW
+        assert h.run(bytes(e_to("w1") / back), "w1", IN) == ALLOW
+    out[TCP].flags = "A"
+    assert h.run(bytes(e_from("w1") / out), "w1", OUT) == ALLOW
+
+
+def entry_of(h, sport: int):
+    """The conntrack entry of w1:sport -> d1:5432 at w1's interface, or None."""
+    for key, val in h.dp.map("sg_ct").items():
+        if key.ifindex == h.ifindex["w1"] and socket.ntohs(key.sport) == sport and socket.ntohs(key.dport) == 5432:
+            return val
+    return None
+
+
+def test_a_syn_on_a_closed_flows_tuple_is_a_new_flow(share):
+    open_and_close(share, 38000)
+    assert entry_of(share, 38000).fins == abi.FIN_BOTH
+    # the port is reused at once: the SYN is decided by the policy and gets an entry of its own,
+    # which no longer reads as closed (so its slot is not given away while it lives)
+    again = IP(src=v4("w1"), dst=v4("d1")) / TCP(sport=38000, dport=5432, flags="S")
+    assert share.run(bytes(e_from("w1") / again), "w1", OUT) == ALLOW
+    entry = entry_of(share, 38000)
+    assert (entry.state, entry.fins, entry.packets) == (abi.CT_NEW, 0, 1)
+
+
+def test_a_closed_flow_lets_no_connection_in_the_other_way(share):
+    open_and_close(share, 38100)
+    # d1 may not open connections to web, however recently a flow of this tuple closed
+    reverse = IP(src=v4("d1"), dst=v4("w1")) / TCP(sport=5432, dport=38100, flags="S")
+    assert share.run(bytes(e_to("w1") / reverse), "w1", IN) == DROP("no_rule")
