@@ -208,6 +208,7 @@ struct sg_counter_val {
 /* Ring buffer events (lib/events.h). */
 #define SG_EVENT_FLOW_START 1
 #define SG_EVENT_DROP 2
+#define SG_EVENT_FLOW_END 3 /* the datapath removed a flow's entry before a scan logged its end */
 struct sg_event {
   __u64 ts_ns;
   __u32 ifindex;
@@ -225,6 +226,8 @@ struct sg_event {
   __u32 len;
   __u32 count; /* drops: packets this event stands for (the same denied flow is reported at most
                 * once per SG_DENY_EVENT_INTERVAL_NS; the rest are counted into the next event) */
+  __u64 packets; /* flow_end: the flow's packets and bytes, both directions (reason: its SG_CT_* state) */
+  __u64 bytes;
 };
 
 #endif

@@ -36,6 +36,7 @@ struct sg_meta {
   /* The clock (sg_now), never zeroed: the coarse clock at the last tick this CPU saw. */
   __u64 clock_jiffies;
   __u64 clock_ns;
+  struct sg_ct_ended ended; /* written by sg_ct_create before it is read */
 };
 
 /* Per-CPU scratch for the packet being handled: struct sg_meta does not fit beside the map keys
@@ -156,6 +157,7 @@ static __always_inline int sg_handle(void *ctx, void *data, void *data_end, __u3
 
   struct sg_ct_val *ct = sg_ct_find(ifindex, &pkt->t, direction, now, &rkey, &key, &is_reply);
   if (ct && sg_ct_reopened(ct, pkt->t.proto, pkt->tcp_flags)) {
+    sg_emit_flow_end(key, ct, m->cfg_flags); /* the closed flow ends here */
     sg_ct.delete(key); /* a new connection on a closed flow's tuple: decided below as new */
     ct = 0;
   }
@@ -214,9 +216,11 @@ static __always_inline int sg_handle(void *ctx, void *data, void *data_end, __u3
     return -no_rule_reason;
   if (rule < 0)
     return rule;
-  err = sg_ct_create(ifindex, &pkt->t, direction, wl->zone, gen, rule, len, now, wl->workload);
+  err = sg_ct_create(ifindex, &pkt->t, direction, wl->zone, gen, rule, len, now, wl->workload, &m->ended);
   if (err)
     return err;
+  if (m->ended.key.ifindex)
+    sg_emit_flow_end(&m->ended.key, &m->ended.val, m->cfg_flags);
   if (pkt->frag == SG_FRAG_FIRST) {
     err = sg_frag_allow(ifindex, pkt, direction, now, wl->workload);
     if (err)

@@ -201,41 +201,60 @@ static __always_inline __u32 sg_hand_next(__u32 *hand) {
   return n;
 }
 
-/* A new entry in the VM's share (see the top of this file). 0, or -SG_DROP_CT_FULL. */
+/* An entry the datapath removed itself before a conntrack scan could log the flow's end (its slot
+ * went to a new flow): the caller reports it as a flow_end event (lib/events.h). Per-CPU scratch. */
+struct sg_ct_ended {
+  struct sg_ct_key key; /* ifindex 0: nothing ended */
+  struct sg_ct_val val;
+};
+
+/* A new entry in the VM's share (see the top of this file). 0, or -SG_DROP_CT_FULL. The entry
+ * whose slot it took, if one was still there, is copied to *ended. */
 static __always_inline int sg_ct_create(__u32 ifindex, const struct sg_tuple *t, __u8 direction, __u16 zone,
-                                        __u32 gen, __u32 rule_id, __u32 len, __u64 now, __u32 share) {
+                                        __u32 gen, __u32 rule_id, __u32 len, __u64 now, __u32 share,
+                                        struct sg_ct_ended *ended) {
+  ended->key.ifindex = 0;
   struct sg_ct_key key = {};
   sg_ct_key_of(&key, ifindex, t, 0);
   share %= SG_CT_SHARES;
   struct sg_share_hand *hand = sg_share_hands.lookup(&share);
   if (!hand)
     return -SG_DROP_CT_FULL; /* cannot happen (share < SG_CT_SHARES) */
-  struct sg_ct_key *take = 0;
-  struct sg_ct_key *spare = 0; /* a flow closed both ways but not yet quiet: taken only when no probe finds room */
+  struct sg_ct_key *take = 0, *spare = 0; /* spare: closed both ways, not yet quiet (below) */
+  struct sg_ct_val *take_held = 0, *spare_held = 0; /* the entries they hold, if still there */
   for (int i = 0; i < SG_SHARE_PROBES; i++) {
     __u32 idx = (share * 2 + (direction & 1)) * SG_CT_SHARE + sg_hand_next(&hand->ct[direction & 1]) % SG_CT_SHARE;
     struct sg_ct_key *slot = sg_ct_slots.lookup(&idx);
     if (!slot)
       return -SG_DROP_CT_FULL;
+    struct sg_ct_val *held = 0;
     if (slot->ifindex) {
-      struct sg_ct_val *held = sg_ct.lookup(slot);
+      held = sg_ct.lookup(slot);
       if (held && held->expires_ns > now && !sg_ct_closed_and_quiet(held, now)) {
         /* a live flow of this share: keep it. One closed both ways (only its last ACK may still
          * come) gives way when a burst of new flows finds the share otherwise full. */
-        if (!spare && held->state == SG_CT_CLOSING && held->fins == SG_FIN_BOTH)
+        if (!spare && held->state == SG_CT_CLOSING && held->fins == SG_FIN_BOTH) {
           spare = slot;
+          spare_held = held;
+        }
         continue;
       }
     }
     take = slot;
+    take_held = held;
     break;
   }
-  if (!take)
+  if (!take) {
     take = spare;
+    take_held = spare_held;
+  }
   if (!take)
     return -SG_DROP_CT_FULL;
-  if (take->ifindex)
-    sg_ct.delete(take); /* the entry it held, if still there */
+  if (take_held) { /* its flow ends here, unlogged so far: the caller reports it */
+    __builtin_memcpy(&ended->key, take, sizeof(ended->key));
+    __builtin_memcpy(&ended->val, take_held, sizeof(ended->val));
+    sg_ct.delete(take);
+  }
   __builtin_memcpy(take, &key, sizeof(key));
   struct sg_ct_val val = {.packets = 1, .bytes = len, .gen = gen, .rule_id = rule_id, .zone = zone,
                           .direction = direction, .state = SG_CT_NEW};

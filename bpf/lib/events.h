@@ -142,6 +142,40 @@ static __always_inline void sg_emit(__u8 type, __u8 reason, __u32 ifindex, __u16
   ev->dport = t->dport;
   ev->len = len;
   ev->count = count;
+  ev->packets = 0;
+  ev->bytes = 0;
+  sg_events.ringbuf_submit(ev, 0);
+}
+
+/* A flow whose entry the datapath removed before a conntrack scan logged its end (its slot went to
+ * a new flow, or its tuple was reopened by a SYN): a flow_end event with its counts, so that every
+ * flow of the log has its end at any rate of new connections. key: the entry's (the creator's view). */
+static __always_inline void sg_emit_flow_end(const struct sg_ct_key *key, const struct sg_ct_val *val,
+                                             __u32 cfg_flags) {
+  if (!(cfg_flags & SG_CFG_EVENTS))
+    return;
+  struct sg_event *ev = sg_events.ringbuf_reserve(sizeof(struct sg_event));
+  if (!ev) {
+    sg_count_lost_event();
+    return;
+  }
+  ev->ts_ns = bpf_ktime_get_ns();
+  ev->ifindex = key->ifindex;
+  ev->rule_id = val->rule_id;
+  ev->zone = val->zone;
+  ev->type = SG_EVENT_FLOW_END;
+  ev->direction = val->direction;
+  ev->reason = val->state; /* closing: the flow closed; else it expired */
+  ev->proto = key->proto;
+  ev->pad = 0;
+  __builtin_memcpy(ev->saddr, key->saddr, 16);
+  __builtin_memcpy(ev->daddr, key->daddr, 16);
+  ev->sport = key->sport;
+  ev->dport = key->dport;
+  ev->len = 0;
+  ev->count = 1;
+  ev->packets = val->packets;
+  ev->bytes = val->bytes;
   sg_events.ringbuf_submit(ev, 0);
 }
 

@@ -43,6 +43,7 @@ FIN_REPLY = 0x2  # the other side sent FIN
 FIN_BOTH = 0x3  # both did, or either sent RST
 EVENT_FLOW_START = 1
 EVENT_DROP = 2
+EVENT_FLOW_END = 3  # the datapath removed a flow's entry before a conntrack scan logged its end
 
 # The one table of IP protocols: the numbers the kernel uses (IPPROTO_* of <linux/in.h>) by the
 # names rules use; "other" (SG_PROTO_OTHER) is every other protocol, in policy keys.
@@ -244,6 +245,8 @@ class Event(ct.Structure):  # struct sg_event
         ("dport", ct.c_uint16),
         ("len", ct.c_uint32),
         ("count", ct.c_uint32),  # drops: packets this (aggregated) event stands for
+        ("packets", ct.c_uint64),  # flow_end: the flow's counts (reason: its CT_* state)
+        ("bytes", ct.c_uint64),
     ]
 
 

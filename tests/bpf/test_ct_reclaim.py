@@ -10,6 +10,7 @@ small build of test_channels.py (shares of 2 x 64 flows) through BPF_PROG_RUN.
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
@@ -168,3 +169,52 @@ def test_a_closed_flow_lets_no_connection_in_the_other_way(share):
     # d1 may not open connections to web, however recently a flow of this tuple closed
     reverse = IP(src=v4("d1"), dst=v4("w1")) / TCP(sport=5432, dport=38100, flags="S")
     assert share.run(bytes(e_to("w1") / reverse), "w1", IN) == DROP("no_rule")
+
+
+@pytest.fixture
+def flow_log(share, tmp_path):
+    """A FlowLogger on the small datapath, writing a signed log; yields a reader of its entries.
+    Scans only when synced: what ends between two syncs is the datapath's to report."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from skyguard.datapath.flowlog import FlowLogger, FlowNames
+    from skyguard.tlog import LogReader, LogWriter, Signer
+    from skyguard.tlog.entries import canonical
+    from skyguard.tlog.verify import verify_log
+
+    signer = Signer("ct.test/log", Ed25519PrivateKey.generate())
+    writer = LogWriter(tmp_path / "log", signer)
+    names = FlowNames(share.dp, ifindex_of=lambda name: share.worker.call(socket.if_nametoindex, name))
+    logger = FlowLogger(share.dp, writer, names=names, ct_scan_interval=3600, deny_interval=3600).start()
+
+    def entries(kind: str) -> list[dict]:
+        logger.sync()
+        return [e for e in (json.loads(p) for _, p in LogReader(tmp_path / "log").entries()) if e["type"] == kind]
+
+    try:
+        yield entries
+    finally:
+        logger.stop()
+        writer.close()
+        assert verify_log(tmp_path / "log", signer.verifier).ok
+        for _, payload in LogReader(tmp_path / "log").entries():  # templated entries are canonical
+            assert canonical(json.loads(payload)) == payload
+
+
+def test_flows_whose_slots_go_to_new_ones_still_get_their_flow_end(share, flow_log):
+    fill(share, "FA", 39000, "FA")  # closed both ways, never seen by a scan
+    age(share, 0.5)
+    for n in range(SHARE):
+        assert new_flow(share, 39500 + n) == ALLOW, n
+    ends = flow_log("flow_end")
+    assert sorted(e["sport"] for e in ends) == list(range(39000, 39000 + SHARE))
+    assert {(e["reason"], e["packets"], e["src_workload"], e["dst_workload"]) for e in ends} == {("closed", 4, "w1", "d1")}
+
+
+def test_a_reopened_tuple_logs_the_closed_flows_end(share, flow_log):
+    open_and_close(share, 38200)
+    again = IP(src=v4("w1"), dst=v4("d1")) / TCP(sport=38200, dport=5432, flags="S")
+    assert share.run(bytes(e_from("w1") / again), "w1", OUT) == ALLOW
+    [end] = flow_log("flow_end")
+    assert (end["sport"], end["reason"], end["packets"]) == (38200, "closed", 5)
+    assert [e["sport"] for e in flow_log("flow_start")] == [38200, 38200]  # the closed flow's and the new one's

@@ -117,6 +117,7 @@ MIRRORS = {
     "SG_DROP_SLOTS": abi.DROP_SLOTS,
     "SG_EVENT_FLOW_START": abi.EVENT_FLOW_START,
     "SG_EVENT_DROP": abi.EVENT_DROP,
+    "SG_EVENT_FLOW_END": abi.EVENT_FLOW_END,
 }
 # abi.h index macro -> the Python function computing the same slot
 INDEX_MACROS = {"SG_WORKLOAD_IDX": abi.workload_index, "SG_TRAFFIC_IDX": abi.traffic_index,

@@ -2,7 +2,9 @@
 
   flow_start  one per new allowed flow per interface (zones, workloads, 5-tuple, rule, reason)
   deny        denied traffic as counts per (flow, reason) per interval, bounded (denies.py)
-  flow_end    from periodic conntrack scans: expired, closed or vanished flows (ctscan.py)
+  flow_end    from periodic conntrack scans: expired, closed or vanished flows (ctscan.py); and
+              from the ring buffer for a flow whose entry the datapath removed itself before a
+              scan saw it end (its slot given to a new flow, its tuple reopened by a SYN)
   ring_loss   whenever the kernel could not put events in the ring: no loss is silent
 
 consumer.py holds the thread (FlowLogger) that wires these together; names.py turns ids into

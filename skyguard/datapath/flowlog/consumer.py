@@ -43,8 +43,11 @@ POLL_TIMEOUT_MS = 100
 
 _EVENT = abi.EVENT  # struct sg_event, with the two network-order ports read raw
 
-# Values no real port or time takes, marking where they go in a flow_start template.
-_SENTINEL_SPORT, _SENTINEL_DPORT, _SENTINEL_TIME = 7_000_000_001, 7_000_000_002, 7_000_000_003
+# Values no real port, time or count takes, marking where each goes in an entry template.
+_SENTINELS = {"bytes": 7_000_000_004, "dport": 7_000_000_002, "packets": 7_000_000_005, "sport": 7_000_000_001,
+              "time": 7_000_000_003}
+_START_VARYING = ("dport", "sport", "time")  # in sorted order: their order in the canonical text
+_END_VARYING = ("bytes", "dport", "packets", "sport", "time")
 
 
 class FlowLogger:
@@ -232,15 +235,14 @@ class FlowLogger:
             self._templates.clear()
             self._templates_version = self.names.version
         templates = self._templates
-        starts = 0
+        starts = ends = 0
         for buf in raw:
             (ts, ifindex, rule_id, zone, etype, direction, reason, proto, saddr, daddr,
-             sport, dport, length, count) = _EVENT.unpack(buf)
+             sport, dport, length, count, packets, nbytes) = _EVENT.unpack(buf)
             self._stats["events"] += 1
             if etype == abi.EVENT_FLOW_START:
-                tpl = templates.get((ifindex, zone, direction, proto, saddr, daddr, rule_id))
-                if tpl is None:
-                    tpl = self._flow_start_template(ifindex, zone, direction, proto, saddr, daddr, rule_id)
+                flow = (ifindex, zone, direction, proto, saddr, daddr, rule_id, "rule")
+                tpl = templates.get(flow) or self._template("flow_start", flow, _START_VARYING)
                 sp, dp, when = ntohs(sport), ntohs(dport), ts + offset
                 out.append((tpl[0] % (dp, sp, when)).encode("utf-8"))
                 rec = dict(tpl[1])
@@ -250,36 +252,52 @@ class FlowLogger:
             elif etype == abi.EVENT_DROP:
                 self._denies.add(ifindex, direction, reason, proto, saddr, daddr, sport, dport, count,
                                  ts + offset, zone)
+            elif etype == abi.EVENT_FLOW_END:
+                # reason: the entry's conntrack state. Its key is what the event carries, as scans see it.
+                if not self._conntrack.claim_end(abi.CT_KEY.pack(ifindex, proto, saddr, daddr, sport, dport)):
+                    continue  # the last scan already logged it (vanished)
+                flow = (ifindex, zone, direction, proto, saddr, daddr, rule_id,
+                        "closed" if reason == abi.CT_CLOSING else "expired")
+                tpl = templates.get(flow) or self._template("flow_end", flow, _END_VARYING)
+                sp, dp, when = ntohs(sport), ntohs(dport), ts + offset
+                out.append((tpl[0] % (nbytes, dp, packets, sp, when)).encode("utf-8"))
+                rec = dict(tpl[1])
+                rec["sport"], rec["dport"], rec["time"], rec["packets"], rec["bytes"] = sp, dp, when, packets, nbytes
+                records.append(rec)
+                ends += 1
             else:
                 self._stats["unknown_events"] += 1
         self._stats["flow_start"] += starts
+        self._stats["flow_end"] += ends
         self._recent.remember(records)
         return out
 
-    def _flow_start_template(self, ifindex, zone, direction, proto, saddr, daddr, rule_id) -> tuple:
-        """(canonical entry text with %d for dport, sport and time, the record without them).
-        At tens of thousands of new flows per second most share everything but ports and time:
-        encoding those parts once per (interface, zone, direction, proto, addresses, rule) makes
-        an entry one string format. tests/bpf/test_flowlog.py checks it is the canonical form."""
+    def _template(self, kind: str, flow: tuple, varying: tuple[str, ...]) -> tuple:
+        """(canonical entry text with %d for each `varying` field, the record without them) of a
+        `kind` entry for `flow` = (ifindex, zone, direction, proto, saddr, daddr, rule_id, reason).
+        At tens of thousands of flows per second most share everything but ports, time and counts:
+        encoding the rest once per flow shape makes an entry one string format.
+        tests/bpf/test_flowlog.py checks it is the canonical form."""
+        ifindex, zone, direction, proto, saddr, daddr, rule_id, reason = flow
         base = flow_fields(self.names, self._addr, ifindex, zone, direction, proto, saddr, daddr,
-                           _SENTINEL_SPORT, _SENTINEL_DPORT)
-        base.update(time=_SENTINEL_TIME, verdict="allow", rule=self.names.rule(rule_id), reason="rule")
-        text = encode_entry("flow_start", base).decode("utf-8").replace("%", "%%")
-        # sorted keys put dport before sport before time: the order of the placeholders
-        for name, sentinel in (("dport", _SENTINEL_DPORT), ("sport", _SENTINEL_SPORT), ("time", _SENTINEL_TIME)):
-            marker = f'"{name}":{sentinel}'
+                           _SENTINELS["sport"], _SENTINELS["dport"])
+        base.update(verdict="allow", rule=self.names.rule(rule_id), reason=reason,
+                    **{name: _SENTINELS[name] for name in varying if name not in ("sport", "dport")})
+        text = encode_entry(kind, base).decode("utf-8").replace("%", "%%")
+        for name in varying:  # sorted: the canonical text holds them in this order
+            marker = f'"{name}":{_SENTINELS[name]}'
             if text.count(marker) != 1:
                 raise DatapathError(f"flow log: cannot build an entry template ({name})")
             text = text.replace(marker, f'"{name}":%d')
-        for name in ("sport", "dport", "time"):
+        for name in varying:
             del base[name]
-        base["type"] = "flow_start"
+        base["type"] = kind
         tpl = (text, base)
         if base["src_workload"] is None and base["dst_workload"] is None:
             return tpl  # an interface not resolved yet: do not remember a name that may change
         if len(self._templates) > 4096:  # e.g. a VM talking to many outside addresses
             self._templates.clear()
-        self._templates[(ifindex, zone, direction, proto, saddr, daddr, rule_id)] = tpl
+        self._templates[flow] = tpl
         return tpl
 
     # ---- denies and conntrack (denies.py, ctscan.py) -------------------------------------------

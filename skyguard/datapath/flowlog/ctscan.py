@@ -77,6 +77,17 @@ class ConntrackScanner:
     def __init__(self, stats: collections.Counter):
         self.stats = stats
         self.prev: dict[bytes, CtEntry] = {}
+        self.reported_vanished: set[bytes] = set()  # by the last scan
+
+    def claim_end(self, key: bytes) -> bool:
+        """The datapath removed this flow's entry itself and reported it (a FLOW_END event: its
+        slot went to a new flow, or a SYN reopened its tuple). True when its flow_end is the
+        event's to log; False when the last scan already logged it as vanished."""
+        if key in self.reported_vanished:
+            self.reported_vanished.discard(key)
+            return False
+        self.prev.pop(key, None)  # the next scan must not find it vanished
+        return True
 
     def scan(self, table, names, addr: AddressText) -> tuple[list[bytes], list[dict]]:
         """(entries, records) of the flows that ended since the last scan; `table` is sg_ct (bcc)."""
@@ -103,7 +114,9 @@ class ConntrackScanner:
             out.append(encode_entry("flow_end", rec))
             rec["type"] = "flow_end"
             records.append(rec)
-        for k, why in vanished(self.prev, seen, ended):
+        gone = vanished(self.prev, seen, ended)
+        self.reported_vanished = {k for k, _ in gone}
+        for k, why in gone:
             # Its counts are those of the last scan.
             rec = ct_record(names, addr, k, self.prev[k], why, offset + now)
             out.append(encode_entry("flow_end", rec))
