@@ -156,9 +156,17 @@ static __always_inline int sg_handle(void *ctx, void *data, void *data_end, __u3
     port = pkt->icmp_type; /* type in the high (first) byte of the network-order port */
 
   struct sg_ct_val *ct = sg_ct_find(ifindex, &pkt->t, direction, now, &rkey, &key, &is_reply);
+  /* A new connection on a closed flow's tuple (sg_ct_reopened) is decided below as new. Opened
+   * the same way round, it takes over the closed flow's entry in place (a fresh entry elsewhere
+   * would leave the old slot naming a live key); the other way round, the entry goes now. */
+  struct sg_ct_val *reopen = 0;
   if (ct && sg_ct_reopened(ct, pkt->t.proto, pkt->tcp_flags)) {
-    sg_emit_flow_end(key, ct, m->cfg_flags); /* the closed flow ends here */
-    sg_ct.delete(key); /* a new connection on a closed flow's tuple: decided below as new */
+    if (is_reply) {
+      sg_emit_flow_end(key, ct, m->cfg_flags); /* the closed flow ends here */
+      sg_ct.delete(key);
+    } else {
+      reopen = ct;
+    }
     ct = 0;
   }
   if (ct) {
@@ -212,15 +220,24 @@ static __always_inline int sg_handle(void *ctx, void *data, void *data_end, __u3
 
   const __u8 *remote = direction == SG_DIR_EGRESS ? pkt->t.daddr : pkt->t.saddr;
   int rule = sg_policy_decide(gen, direction, wl->zone, remote, pkt->t.proto, port, now);
+  if (reopen) {
+    sg_emit_flow_end(key, reopen, m->cfg_flags); /* the closed flow ends here, whatever the policy says */
+    if (rule < 0)
+      sg_ct.delete(key);
+    else
+      sg_ct_restart(reopen, wl->zone, gen, rule, len, now, pkt->t.proto);
+  }
   if (rule == -SG_DROP_NO_RULE)
     return -no_rule_reason;
   if (rule < 0)
     return rule;
-  err = sg_ct_create(ifindex, &pkt->t, direction, wl->zone, gen, rule, len, now, wl->workload, &m->ended);
-  if (err)
-    return err;
-  if (m->ended.key.ifindex)
-    sg_emit_flow_end(&m->ended.key, &m->ended.val, m->cfg_flags);
+  if (!reopen) {
+    err = sg_ct_create(ifindex, &pkt->t, direction, wl->zone, gen, rule, len, now, wl->workload, &m->ended);
+    if (err)
+      return err;
+    if (m->ended.key.ifindex)
+      sg_emit_flow_end(&m->ended.key, &m->ended.val, m->cfg_flags);
+  }
   if (pkt->frag == SG_FRAG_FIRST) {
     err = sg_frag_allow(ifindex, pkt, direction, now, wl->workload);
     if (err)

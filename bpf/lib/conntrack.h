@@ -167,12 +167,25 @@ static __always_inline void sg_ct_touch(struct sg_ct_val *ct, __u8 proto, __u8 t
 }
 
 /* A SYN without ACK on the tuple of a closed TCP flow (SG_CT_CLOSING) opens a new connection on a
- * reused port. Like Linux conntrack restarting a TIME_WAIT entry, the caller deletes the old entry
- * and decides the SYN as a new flow (the policy, a fresh entry, a flow_start event). Otherwise the
- * new connection would ride the closed flow's entry: no flow_start in the log, and its slot given
- * away as soon as the entry looked quiet, since it still reads as closed. */
+ * reused port. Like Linux conntrack restarting a TIME_WAIT entry, the caller ends the old flow and
+ * decides the SYN as a new one (the policy, the entry restarted or a fresh one, a flow_start).
+ * Otherwise the new connection would ride the closed flow's entry: no flow_start in the log, and
+ * its slot given away as soon as the entry looked quiet, since it still reads as closed. */
 static __always_inline int sg_ct_reopened(const struct sg_ct_val *ct, __u8 proto, __u8 tcp_flags) {
   return proto == IPPROTO_TCP && ct->state == SG_CT_CLOSING && (tcp_flags & (SG_TCP_SYN | SG_TCP_ACK)) == SG_TCP_SYN;
+}
+
+/* A reopened tuple's entry, opened the same way round: now the new connection's, in place. */
+static __always_inline void sg_ct_restart(struct sg_ct_val *ct, __u16 zone, __u32 gen, __u32 rule_id, __u32 len,
+                                          __u64 now, __u8 proto) {
+  ct->packets = 1;
+  ct->bytes = len;
+  ct->gen = gen;
+  ct->rule_id = rule_id;
+  ct->zone = zone;
+  ct->state = SG_CT_NEW;
+  ct->fins = 0;
+  ct->expires_ns = now + sg_ct_lifetime(proto, SG_CT_NEW);
 }
 
 /* Whether a new flow may take this entry's slot although it has not expired: a TCP flow that saw
