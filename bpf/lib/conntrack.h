@@ -9,7 +9,9 @@
  * reused (the expired entry is deleted; so is a closed TCP flow that has been quiet for a while,
  * see sg_ct_closed_and_quiet), a slot whose entry is live is skipped; when
  * SG_SHARE_PROBES slots in a row are live, that half is full and the new flow is refused
- * (SG_DROP_CT_FULL / SG_DROP_FRAG_FULL), live flows untouched. Every entry sits in one slot, so
+ * (SG_DROP_CT_FULL / SG_DROP_FRAG_FULL), live flows untouched (except a TCP flow closed both ways
+ * among them, which gives way: see sg_ct_create). An entry the datapath ends this way is reported
+ * as a flow_end event, since no scan saw it end. Every entry sits in one slot, so
  * the maps never hold more than the shares add up to; with SG_LRU_SLACK on top, the kernel's LRU
  * never has to evict anything. (Two VMs whose workload ids are equal modulo SG_CT_SHARES share
  * one share.)
