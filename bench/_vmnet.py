@@ -58,6 +58,7 @@ class VmNet:
         self.vms = {n: Vm(n, i + 1, TAG) for i, n in enumerate(names)}
         self.pin_dir = Path(f"/sys/fs/bpf/{TAG}")
         self.pass_all_pin = Path(f"/sys/fs/bpf/{TAG}-pass-all")
+        self._pass_all = None  # the pass-all program's BPF object, once compiled
         self._worker = None
         self.datapath = None
 
@@ -155,7 +156,7 @@ class VmNet:
 
         from skyguard.datapath import libbpf
 
-        if getattr(self, "_pass_all", None) is None:
+        if self._pass_all is None:
             self._pass_all = BPF(text="int sg_pass_all(struct __sk_buff *skb) { return 0; /* TC_ACT_OK */ }")
         fn = self._pass_all.load_func(b"sg_pass_all", BPF.SCHED_CLS)
         pinned = self.pass_all_pin
