@@ -219,11 +219,9 @@ static __always_inline int sg_handle(void *ctx, void *data, void *data_end, __u3
 #endif
 
   const __u8 *remote = direction == SG_DIR_EGRESS ? pkt->t.daddr : pkt->t.saddr;
-  /* A reopened entry's tuple, the same way round, under the policy that approved it: the decision
-   * would be the one it holds (every input is the same), so it is not made again. */
-  int rule = reopen && reopen->gen == gen && reopen->rule_id
-                 ? (int)reopen->rule_id
-                 : sg_policy_decide(gen, direction, wl->zone, remote, pkt->t.proto, port, now);
+  /* A reopened tuple is decided again even under the policy that approved its closed flow: the
+   * decision also depends on the time (a DNS answer's TTL may have run out since). */
+  int rule = sg_policy_decide(gen, direction, wl->zone, remote, pkt->t.proto, port, now);
   if (reopen) {
     sg_emit_flow_end(key, reopen, m->cfg_flags); /* the closed flow ends here, whatever the policy says */
     if (rule < 0)

@@ -133,10 +133,11 @@ def test_open_flows_keep_their_slots_however_quiet(share):
     assert new_flow(share, 42000) == DROP("ct_full")
 
 
-def open_and_close(h, sport: int) -> None:
-    """w1:sport -> d1:5432: handshake, then a FIN each way and the last ACK."""
-    out = IP(src=v4("w1"), dst=v4("d1")) / TCP(sport=sport, dport=5432)
-    back = IP(src=v4("d1"), dst=v4("w1")) / TCP(sport=5432, dport=sport)
+def open_and_close(h, sport: int, dst: str | None = None, dport: int = 5432) -> None:
+    """w1:sport -> dst:dport (d1:5432 unless given): handshake, then a FIN each way and the last ACK."""
+    dst = dst or v4("d1")
+    out = IP(src=v4("w1"), dst=dst) / TCP(sport=sport, dport=dport)
+    back = IP(src=dst, dst=v4("w1")) / TCP(sport=dport, dport=sport)
     for mine, theirs in (("S", "SA"), ("FA", "FA")):
         out[TCP].flags, back[TCP].flags = mine, theirs
         assert h.run(bytes(e_from("w1") / out), "w1", OUT) == ALLOW
@@ -169,6 +170,19 @@ def test_a_closed_flow_lets_no_connection_in_the_other_way(share):
     # d1 may not open connections to web, however recently a flow of this tuple closed
     reverse = IP(src=v4("d1"), dst=v4("w1")) / TCP(sport=5432, dport=38100, flags="S")
     assert share.run(bytes(e_to("w1") / reverse), "w1", IN) == DROP("no_rule")
+
+
+def test_a_reopened_tuple_to_an_expired_dns_answer_is_refused(share):
+    """Reopening a closed flow's tuple is a new flow, so it is decided now: an address learned from
+    a DNS answer whose TTL has run out opens no new flow, whichever port the VM reuses."""
+    ip = "203.0.113.81"
+    share.worker.call(share.dp.learn, "web", "web-updates", [ip], 1.0)
+    open_and_close(share, 38200, ip, 443)
+    time.sleep(1.1)
+    again = IP(src=v4("w1"), dst=ip) / TCP(sport=38200, dport=443, flags="S")
+    assert share.run(bytes(e_from("w1") / again), "w1", OUT) == DROP("no_rule")
+    other_port = IP(src=v4("w1"), dst=ip) / TCP(sport=38201, dport=443, flags="S")
+    assert share.run(bytes(e_from("w1") / other_port), "w1", OUT) == DROP("no_rule")
 
 
 @pytest.fixture
