@@ -15,6 +15,7 @@ from skyguard.cli.common import emit_json, json_option, state_dir_option, warn
 from skyguard.errors import BadInput, PolicyError
 from skyguard.policy.canonical import policy_summary, policy_to_dict, summary_line
 from skyguard.policy.diff import diff_policies, format_diff
+from skyguard.policy.lint import policy_warnings
 from skyguard.policy.model import Policy
 from skyguard.policy.parse import load_policy
 
@@ -40,7 +41,9 @@ def validate(file: str, as_json: bool) -> None:
     """Check FILE and print a summary, or every problem with its file, line and key.
 
     Exit status 0 when the policy is valid, 2 when it has any problem (and then nothing of it
-    would be loaded).
+    would be loaded). A valid policy that probably does not do what was meant (an allow rule to
+    a network holding a workload's address, which that workload's own interface drops) gets a
+    warning on stderr ("warnings" in --json); warnings never change the exit status.
 
     \b
     Examples:
@@ -58,10 +61,19 @@ def validate(file: str, as_json: bool) -> None:
                 click.echo(str(problem), err=True)
         # Raised, not click's Exit: main() turns SkyguardError into the exit code (2, bad input).
         raise BadInput(f"{file}: {count} problem{'s' if count != 1 else ''}; nothing loaded") from None
+    warnings = policy_warnings(parsed)
     if as_json:
-        emit_json({"valid": True, "file": file, **policy_summary(parsed)})
+        emit_json({"valid": True, "file": file, **policy_summary(parsed),
+                   "warnings": [w.to_dict() for w in warnings]})
     else:
         click.echo(summary_line(parsed))
+        _warn_about(file, warnings)
+
+
+def _warn_about(file: str, warnings) -> None:
+    for warning in warnings:
+        warn(f"warning: {file}:{warning.line}: {warning.message}" if warning.line else
+             f"warning: {file}: {warning.message}")
 
 
 @policy.command("show")
@@ -152,6 +164,7 @@ def load(file: str, state_dir: Path | None, as_json: bool) -> None:
     else:
         click.echo(f"loaded {parsed.name} (sha256 {reply['sha256'][:16]}...), replacing "
                    f"{(reply.get('previous') or 'nothing')[:16]}...")
+    _warn_about(file, policy_warnings(parsed))
     problems = reply.get("part_problems") or {}
     for part, problem in sorted(problems.items()):
         if problem["state"] == "failed":

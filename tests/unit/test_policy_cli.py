@@ -109,3 +109,62 @@ def test_validate_names_the_line_when_the_yaml_library_itself_fails(tmp_path):
     out = skyguard("validate", path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert f"{path}:2: not valid YAML" in out.stderr
+
+
+NETWORK_HOLDS_A_WORKLOAD = """\
+apiVersion: skyguard/v1
+kind: Policy
+metadata: {name: office}
+zones:
+  printers:
+    workloads:
+      - {name: p1, interface: sg-p1, mac: "02:00:00:00:01:02", addresses: [10.77.1.2]}
+  kiosks:
+    workloads:
+      - {name: ka, interface: sg-ka, mac: "02:00:00:00:02:02", addresses: [10.77.2.2, "fd00:77::2"]}
+networks:
+  office: [10.77.0.0/16]
+rules:
+  - {name: to-office, from: printers, to: {networks: [office]}, ports: [icmp]}
+  - {name: to-v6, from: printers, to: {cidrs: ["fd00:77::/64"]}, ports: [tcp/80]}
+  - {name: both, from: printers, to: {zones: [kiosks], networks: [office]}, ports: [tcp/22]}
+  - {name: deny-office, action: deny, from: kiosks, to: {networks: [office]}}
+"""
+
+
+def test_validate_warns_when_a_network_rule_cannot_reach_a_workload_it_holds(tmp_path):
+    """A rule to a network holding a VM's address lets traffic leave toward that VM, but the VM's
+    own interface admits only rules to its zone: a warning (the policy stays valid, exit 0).
+    Rules that also name the zone, and deny rules, get none."""
+    path = tmp_path / "office.yaml"
+    path.write_text(NETWORK_HOLDS_A_WORKLOAD)
+    out = skyguard("validate", path)
+    assert out.returncode == 0, out.stderr
+    warnings = [line for line in out.stderr.splitlines() if line.startswith("warning: ")]
+    # to-office: zones printers and kiosks; to-v6: kiosks; both: printers (itself a network member)
+    assert len(warnings) == 4, out.stderr
+    assert f"{path}:14: rule 'to-office': office holds 10.77.2.2, the address of workload 'ka' (zone 'kiosks')" \
+        in warnings[1]
+    assert "add 'kiosks' to the rule's `to: zones:`" in warnings[1]
+    assert "rule 'to-v6': fd00:77::/64 holds fd00:77::2" in warnings[2]
+    assert "rule 'both': office holds 10.77.1.2, the address of workload 'p1' (zone 'printers')" in warnings[3]
+    assert not any("'deny-office'" in w for w in warnings)
+    doc = json.loads(skyguard("validate", path, "--json").stdout)
+    assert doc["valid"] is True
+    assert [(w["rule"], w["line"]) for w in doc["warnings"]] == [
+        ("to-office", 14), ("to-office", 14), ("to-v6", 15), ("both", 16)]
+    quiet = json.loads(skyguard("validate", DEFAULT, "--json").stdout)
+    assert quiet["warnings"] == []
+
+
+def test_a_warning_names_a_zone_once_however_many_of_its_workloads_a_network_holds():
+    from skyguard.policy.lint import policy_warnings
+    from skyguard.policy.parse import parse_policy
+
+    many = NETWORK_HOLDS_A_WORKLOAD.replace(
+        '      - {name: ka, interface: sg-ka, mac: "02:00:00:00:02:02", addresses: [10.77.2.2, "fd00:77::2"]}\n',
+        "".join(f'      - {{name: k{i}, interface: sg-k{i}, mac: "02:00:00:00:03:{i:02x}", addresses: [10.77.3.{i}]}}\n'
+                for i in range(2, 60)))
+    warnings = [w for w in policy_warnings(parse_policy(many)) if w.rule == "to-office"]
+    assert len(warnings) == 2  # printers, kiosks
+    assert "workload 'k2' and 57 more of its workloads (zone 'kiosks')" in warnings[1].message
