@@ -5,7 +5,7 @@ policy: proxy.py and upstream.py move the bytes, swap.py decides.
 
 Both readers sit on llhttp (httptools), the parser of Node.js, strict by default (no obs-fold,
 bare CR, CL+TE, duplicate CL); they add what a proxy needs on top of it: HTTP/1.0 and 1.1 only,
-chunked as the only transfer coding, bounded heads and bodies, and trailers dropped (never
+chunked as the only transfer coding (in both directions), bounded heads and bodies, and trailers dropped (never
 forwarded in either direction). Messages are buffered whole (bounded): a secret split across
 reads or chunks must still be found, swapped or scrubbed.
 
@@ -361,6 +361,11 @@ class ResponseReader:
         if self.head_request:
             self.done = True  # llhttp would wait for the body a HEAD response never has
             raise _Stop()
+        codings = [c.strip().lower() for n, v in self.headers if n == b"transfer-encoding" for c in v.split(b",")]
+        if codings and codings != [b"chunked"] and status not in NO_BODY_STATUS:
+            # llhttp undoes only the chunked framing: the body of "gzip, chunked" would still be
+            # gzip, which neither the scrubber nor the VM's Content-Encoding would know of.
+            raise UpstreamProtocolError("upstream used a transfer coding other than chunked")
 
     def on_body(self, data: bytes) -> None:
         self.body += data

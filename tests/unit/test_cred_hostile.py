@@ -61,6 +61,11 @@ class ReflectingUpstream:
                 body = gzip.compress(b"part one, ") + gzip.compress(b"part two: " + secret + b" end")
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s"
                              % (len(body), body))
+            elif path.startswith("/transfer/"):  # gzip as a transfer coding, not a content coding
+                body = gzip.compress(b"reflected: " + secret)
+                coding = path[len("/transfer/"):].replace("+", ", ").encode()
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: %s\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+                             % (coding, len(body), body))
             await writer.drain()
         finally:
             writer.close()
@@ -115,6 +120,16 @@ def test_every_gzip_member_is_decoded_and_scrubbed(rig, reflecting):
     code, body = rig.curl("https://api.github.test/gzip", "-H", AUTH, port=reflecting)
     assert code == 200
     assert body == b"part one, part two: [skyguard-redacted] end"  # nothing cut after the first member
+
+
+@pytest.mark.parametrize("coding", ["gzip+chunked", "deflate+chunked", "x-anything+chunked"])
+def test_a_transfer_coding_other_than_chunked_is_refused_not_forwarded_undecoded(rig, reflecting, coding):
+    # llhttp undoes only the chunked framing of "gzip, chunked": the gzip stream would reach the
+    # VM unscrubbed (and without a Content-Encoding), for it to gunzip the secret out of.
+    code, body = rig.curl(f"https://api.github.test/transfer/{coding}", "-H", AUTH, port=reflecting)
+    if code == 200 and body[:2] == b"\x1f\x8b":
+        body = gzip.decompress(body)
+    assert code == 502 and no_form_of_the_secret(body), (code, body)
 
 
 @pytest.mark.parametrize("form", ["html-hex", "double-percent", "base32", "utf-16-le", "quoted-printable-every-byte"])
