@@ -52,6 +52,7 @@ _NEVER_CONNECTION_TOKENS = frozenset(
 # Response headers never handed back: the proxy re-frames and decodes every body.
 _ALWAYS_STRIPPED = HOP_BY_HOP | {b"content-encoding"}
 _HOST_NAME = re.compile(r"[a-z0-9._:-]+")
+_PORT = re.compile(r"[0-9]{1,5}")
 _ABSOLUTE_TARGET = re.compile(rb"(?i)https?://([^/?#]*)")
 # Joins the parts of a request for one-pass scans. A match inside any part is still a match in
 # the joined bytes, so a joined scan finds everything a per-part scan finds (and at worst blocks
@@ -111,11 +112,20 @@ def normalise_name(name: str | bytes | None) -> str | None:
         except UnicodeDecodeError:
             return None
     name = name.strip().lower()
+    port = ""
     if name.startswith("["):  # [v6]:port
         end = name.find("]")
-        name = name[1:end] if end > 0 else ""
+        name, rest = (name[1:end], name[end + 1:]) if end > 0 else ("", "")
+        if rest:
+            if not rest.startswith(":"):
+                return None
+            port = rest[1:]
     elif name.count(":") == 1:
-        name = name.split(":", 1)[0]
+        name, port = name.split(":", 1)
+    # Only digits after the colon: "a.test:443@evil.test" is a.test to this function but names
+    # the host evil.test (with userinfo) to a server reading it as an authority.
+    if port and not _PORT.fullmatch(port):
+        return None
     name = name.rstrip(".")
     if not name or len(name) > 253 or not _HOST_NAME.fullmatch(name):
         return None
@@ -195,6 +205,10 @@ class SwapEngine:
             return block(400, "missing, repeated or malformed Host header", BLOCKED_PROTOCOL)
         if any(n == b"upgrade" for n, _ in request.headers) or request.method == b"CONNECT":
             return block(501, "protocol upgrades and CONNECT cannot be inspected", BLOCKED_PROTOCOL)
+        if authority is None and not request.target.startswith(b"/") and request.target != b"*":
+            # Absolute-form with another scheme (ftp://evil.test/): its authority was never
+            # compared with Host, yet servers route on it (RFC 9112 3.2.2).
+            return block(400, "request target is neither a path nor an http(s) URI", BLOCKED_PROTOCOL)
         if facts.tls and facts.sni != host:
             return block(421, "TLS SNI and Host header disagree", BLOCKED_EXFILTRATION)
 

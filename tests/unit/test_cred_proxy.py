@@ -219,6 +219,24 @@ def test_malformed_and_smuggling_requests_get_an_error_and_close(rig, raw, statu
     assert code == 200
 
 
+@pytest.mark.parametrize("target, host", [
+    (b"https://api.github.test:443@evil.test/x", b"api.github.test"),  # userinfo: the upstream reads evil.test
+    (b"http://api.github.test:@evil.test/x", b"api.github.test"),
+    (b"ftp://evil.test/x", b"api.github.test"),  # a scheme the proxy did not compare with Host
+    (b"httpx://evil.test/x", b"api.github.test"),
+    (b"/x", b"api.github.test:443@evil.test"),
+    (b"/x", b"[api.github.test]evil.test"),
+], ids=["userinfo-port", "userinfo-empty-port", "ftp-scheme", "other-scheme", "host-userinfo", "host-after-bracket"])
+def test_a_request_naming_another_authority_than_the_one_checked_is_refused(rig, target, host):
+    # A server taking the authority of an absolute-form target over Host (RFC 9112 3.2.2; Go's
+    # net/http, nginx) would route the swapped credential to evil.test's virtual host.
+    before = len(rig.echoed())
+    out = rig.raw(b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\n" + AUTH.encode() +
+                  b"\r\nConnection: close\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 400 "), out[:200]
+    assert len(rig.echoed()) == before
+
+
 def test_slowloris_head_is_cut_off(rig):
     # A head that never completes: the proxy answers 408 and closes within its header timeout.
     out = rig.raw(b"GET / HTTP/1.1\r\nHost: api.github.test\r\nX-Slow: ")

@@ -243,6 +243,7 @@ def test_decode_body_reads_every_gzip_member_and_never_truncates():
 @pytest.mark.parametrize("raw, expected", [
     ("API.Github.Test.", "api.github.test"), ("a.test:8443", "a.test"), ("[2001:db8::1]:443", "2001:db8::1"),
     ("", None), ("bad host", None), ("x" * 300, None), (b"\xff", None),
+    ("a.test:443@evil.test", None), ("a.test:x", None), ("[2001:db8::1]evil.test", None), ("a.test:\u00b2", None),
 ])
 def test_normalise_name(raw, expected):
     assert normalise_name(raw) == expected
