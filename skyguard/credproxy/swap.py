@@ -171,6 +171,8 @@ class SwapEngine:
         self._values = values
         self.unavailable = tuple(missing)
         self.forms = SecretForms(values.values())
+        # Header names are lowered as they are read: a secret as a name is looked for lowered.
+        self.name_forms = SecretForms(v.lower() for v in values.values())
         # Per credential, computed once: (credential, placeholder, its lower-case form).
         self._placeholders = tuple((c, c.placeholder.encode(), c.placeholder.encode().lower())
                                    for c in self.credentials)
@@ -296,7 +298,8 @@ class SwapEngine:
         return None
 
     def _carries_secret(self, request: HttpRequest) -> bool:
-        return self.forms.found_in(_PART_SEPARATOR.join(_parts(request)))
+        return self.forms.found_in(_PART_SEPARATOR.join(_parts(request))) or \
+            self.name_forms.found_in(_PART_SEPARATOR.join(name for name, _ in request.headers))
 
     @staticmethod
     def _entry(credential, facts: ConnectionFacts, destination: str, result: str, reason: str) -> dict:
@@ -332,11 +335,12 @@ class SwapEngine:
         kept = [(name, value) for name, value in headers if name not in strip]
         # One scan of every name and value first (NUL cannot occur in a header, so a match never
         # spans two of them); field by field only when something is there.
-        if not self.forms.found_in(_PART_SEPARATOR.join(part for pair in kept for part in pair)):
+        if not self.forms.found_in(_PART_SEPARATOR.join(part for pair in kept for part in pair)) and \
+                not self.name_forms.found_in(_PART_SEPARATOR.join(name for name, _ in kept)):
             return tuple(kept), body, scrubbed
         headers, kept = kept, []  # type: ignore[assignment]
         for name, value in headers:
-            if self.forms.found_in(name):
+            if self.forms.found_in(name) or self.name_forms.found_in(name):
                 scrubbed += 1  # a header name is a token: it cannot be redacted, so it goes
                 continue
             value, n = self.forms.scrub(value)

@@ -282,3 +282,18 @@ def test_a_secret_in_a_header_the_connection_header_drops_is_still_blocked():
     sent = request(headers=[("Connection", "x-smuggle"), ("X-Smuggle", SECRET.decode())])
     verdict = engine().decide(sent, facts())
     assert (verdict.action, verdict.status, verdict.entries[0]["result"]) == ("block", 403, "blocked_content")
+
+
+def test_a_secret_as_a_header_name_is_dropped_although_the_reader_lowers_names():
+    # Names are lowered as they are read (llhttp, then ResponseReader), so an upper- or
+    # mixed-case secret sent as a header name reached the scrubber, and the VM, in lower case:
+    # the raw form is matched case-sensitively, and the case is all the VM has left to guess.
+    from skyguard.credproxy.http1 import ResponseReader
+    secret = b"AKIAIOSFODNN7EXAMPLE"  # token characters only: a valid header name
+    eng = SwapEngine([GITHUB], MemorySecretSource({"github": secret}))
+    reader = ResponseReader(False, 4096, 4096)
+    reader.feed(b"HTTP/1.1 200 OK\r\nX-" + secret + b": 1\r\n" + secret + b"-Y: 2\r\nContent-Length: 0\r\n\r\n")
+    safe_headers, _, count = eng.scrub_response("api.github.test", tuple(reader.headers), b"")
+    assert count == 2 and not any(secret.lower() in name for name, _ in safe_headers), safe_headers
+    sent = request(headers=[(f"X-{secret.decode()}", "1")])
+    assert eng.decide(sent, facts()).status == 403  # and the same name from the VM is not sent out
