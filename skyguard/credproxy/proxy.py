@@ -377,11 +377,13 @@ class CredentialProxy:
             self.decision_log.record("credential", **entry)
 
     def account_protocol_block(self, origin: Origin, reason: str) -> None:
-        facts = origin.facts(self.state)
+        state = self.state
+        facts = origin.facts(state)
         self.metrics.count(None, BLOCKED_PROTOCOL)
+        sni = facts.sni if facts.sni and not state.engine.forms.found_in(facts.sni.encode()) else "-"  # never a secret
         self.decision_log.record(
             "credential", credential=None, zone=facts.zone, workload=facts.workload,
-            destination=facts.sni or "-", address=facts.address, port=facts.port,
+            destination=sni, address=facts.address, port=facts.port,
             result=BLOCKED_PROTOCOL, reason=reason)
 
     def _account_handshake(self, peer: str, sock: socket.socket, reason: str) -> None:

@@ -197,7 +197,8 @@ class SwapEngine:
         authority = _authority_of(request.target)
         if authority is not None and normalise_name(authority) != host:
             host = None
-        destination = host or "-"
+        # The name as logged: never a secret (a VM holding one may send it as Host; it is blocked below).
+        destination = host if host and not self.forms.found_in(host.encode()) else "-"
 
         def block(status, reason, result, credential=None):
             entry = self._entry(credential, facts, destination, result, reason)

@@ -297,3 +297,17 @@ def test_a_secret_as_a_header_name_is_dropped_although_the_reader_lowers_names()
     assert count == 2 and not any(secret.lower() in name for name, _ in safe_headers), safe_headers
     sent = request(headers=[(f"X-{secret.decode()}", "1")])
     assert eng.decide(sent, facts()).status == 403  # and the same name from the VM is not sent out
+
+
+def test_a_secret_shaped_like_a_host_name_never_reaches_a_log_entry():
+    # A VM that holds a secret and sends it as Host (or SNI) is blocked, but the block's log
+    # entry named the destination as sent: the secret, in the decision log.
+    secret = b"sk-live-0123456789abcdef"  # a valid host name, as many API keys are
+    eng = SwapEngine([GITHUB], MemorySecretSource({"github": secret}))
+    for req, conn in ((request(host=secret.decode()), facts()),
+                      (request(host=secret.decode()), facts(sni=secret.decode())),
+                      (request(host=secret.decode(), headers=[("Upgrade", "h2c")]), facts(sni=secret.decode()))):
+        verdict = eng.decide(req, conn)
+        assert verdict.action == "block"
+        blob = json.dumps(verdict.entries) + verdict.reason + repr(verdict)
+        assert not SecretForms([secret]).found_in(blob.encode()), blob
