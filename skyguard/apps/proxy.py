@@ -55,7 +55,7 @@ OUR_COOKIES = (SESSION_COOKIE, LOGIN_COOKIE)  # never sent to the app
 
 class AppConnection(Checks, asyncio.Protocol):
     """Serves one client connection of the app named `app_name` (looked up when the connection
-    opens: an app gone from the policy is closed at once); `gate` is the service (sessions,
+    opens and again for each request: an app gone from the policy is closed); `gate` is the service (sessions,
     issuer, log, metrics, the idle connections to apps)."""
 
     def __init__(self, gate, app_name: str):
@@ -161,6 +161,11 @@ class AppConnection(Checks, asyncio.Protocol):
                 requests = self.requests.complete
                 if requests:
                     request = requests.popleft()
+                    if not self._follow_policy():
+                        self._write(Reply(421, f"{self.app_name} is no longer served here.", close=True)
+                                    .wire(request.method, False))
+                        self._close()
+                        return
                     if self._upgrade and not requests:
                         self._busy = True
                         self._task = self._loop.create_task(self._upgrade_to(request))
@@ -179,6 +184,19 @@ class AppConnection(Checks, asyncio.Protocol):
         except Exception:  # one connection's failure never reaches the loop
             log.exception("app %s: connection failed", self.app_name)
             self._close()
+
+    def _follow_policy(self) -> bool:
+        """Each request is decided under the policy as it is now, not as it was when the
+        connection opened (a kept-alive connection outlives a policy change): the app as the
+        policy names it now, or False when it is gone. The connection to the app is made again
+        (its workload or port may have changed)."""
+        app = self.gate.app(self.app_name)
+        if app is None or self.gate.issuer is None:
+            return False
+        if app != self.app:
+            self._drop_upstream()
+            self.app, self._own = app, app.identity_header.lower().encode()
+        return True
 
     def _answer(self, request: HttpRequest, keep: bool, outcome) -> None:
         if isinstance(outcome, Reply):

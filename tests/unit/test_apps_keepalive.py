@@ -118,3 +118,49 @@ def test_keep_alive_pipelining_stale_app_connections_and_the_app_down(tmp_path):
     assert seen["stale"] == ((200, b"/five signed"), 2)  # retried once on a new connection, not a 502
     assert seen["stale again"] == ((200, b"/six signed"), 3)
     assert [status for status, _ in seen["down"]] == [502, 502]  # and the client's connection stays open
+
+
+def test_a_policy_change_applies_to_the_next_request_of_a_kept_alive_connection(tmp_path):
+    """bob is removed from the app's users while his browser holds a kept-alive connection:
+    the next request on that connection is decided by the new policy (403), as on a new one.
+    The connection used to keep the app as the policy said when it opened, and bob stayed in
+    for as long as he kept sending requests."""
+    app_port, proxy_port = free_port(), free_port()
+    chain, key = LabCA(tmp_path / "ca").leaf_files(HOST)
+    store = SecretStore(tmp_path / "secrets")
+    store.set("keep-tls", chain.read_bytes() + key.read_bytes())
+    store.set("idp-secret", b"unused")
+    workload = Workload("vm", "lab", "sg-vm", "02:00:00:00:00:01", (ipaddress.ip_address("127.0.0.1"),))
+    app = App("keep", "vm", app_port, HOST, f"127.0.0.1:{proxy_port}", "keep-tls", users=("bob",))
+    policy = Policy(name="t", zones={"lab": Zone("lab", (workload,))}, networks={}, rules=(),
+                    identity=Identity("https://idp.test:9443", "skyguard", "idp-secret", session_check=3600),
+                    apps=(app,))
+    client_tls = ssl.create_default_context(cafile=str(tmp_path / "ca" / "ca.pem"))
+
+    async def run():
+        server = await asyncio.get_running_loop().create_server(TheApp, "127.0.0.1", app_port)
+        service = AppsService(policy, store, decision_log=MemoryLog())
+        await service.start()
+        session = service.sessions.create(app, SignIn("bob", "bob", "Bob", (), "t"), 600)
+        cookie = service.sealer.seal(session.sid, HOST, session.expires)
+        request = (f"GET /page HTTP/1.1\r\nHost: {HOST}\r\nCookie: __Host-skyguard-session={cookie}\r\n\r\n").encode()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port, ssl=client_tls, server_hostname=HOST)
+            writer.write(request)
+            before = await read_response(reader)
+            await service.set_policy(dataclasses.replace(policy, apps=(dataclasses.replace(app, users=("carol",)),)))
+            writer.write(request)
+            after = await read_response(reader)
+            await service.set_policy(dataclasses.replace(policy, apps=()))  # the app is gone: so is this connection
+            writer.write(request)
+            gone = (await read_response(reader), await reader.read())
+            writer.close()
+            return before, after, gone
+        finally:
+            await service.stop()
+            server.close()
+
+    before, after, gone = asyncio.run(run())
+    assert before == (200, b"/page signed")
+    assert after[0] == 403 and b"bob may not use keep" in after[1]
+    assert gone[0][0] == 421 and gone[1] == b""
