@@ -4,8 +4,9 @@ proxy's sans-io readers (skyguard/credproxy/http1.py, llhttp), each one answered
 forwarded to the app in its VM with the signed identity header; WebSocket upgrades are spliced
 as bytes while the session lives.
 
-What the client sent in the identity header, the X-Forwarded-* headers and skyguard's own
-cookies never reach the app; skyguard's cookies set by the app never reach the client. Bodies
+What the client sent in the identity header, the X-Forwarded-* headers and the other
+forwarding headers (any of them spelt with `_` for `-` too) and skyguard's own cookies never
+reach the app; skyguard's cookies set by the app never reach the client. Bodies
 are buffered whole, within ProxyLimits. Requests are answered one at a time, in order (pipelined
 ones wait, and reading pauses past MAX_PIPELINED). Bytes that came in the same read as an upgrade
 request, after it, are dropped (WebSocket clients wait for the 101); reading resumes once the
@@ -48,8 +49,12 @@ LIMITS = ProxyLimits()
 CONNECT_TIMEOUT = 5.0  # seconds to reach the app in its VM
 WATCHDOG_PERIOD = 1.0  # seconds between a connection's timeout checks (timeouts fire up to this late)
 MAX_PIPELINED = 2  # whole requests read ahead of the one being answered; reading pauses beyond
-# Request headers a client may never hand the app: the proxy writes them itself.
-FORWARDED = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
+# Request headers a client may never hand the app: the proxy writes some of them itself, and
+# apps read the client's address, scheme, host or path prefix from all of them. Compared with
+# `_` as `-` (WSGI and CGI servers give an app X_Forwarded_For as X-Forwarded-For), and every
+# X-Forwarded-* name.
+FORWARDED = (b"forwarded", b"x-real-ip", b"x-client-ip", b"true-client-ip")
+FORWARDED_PREFIX = b"x-forwarded-"
 OUR_COOKIES = (SESSION_COOKIE, LOGIN_COOKIE)  # never sent to the app
 
 
@@ -262,7 +267,13 @@ class AppConnection(Checks, asyncio.Protocol):
 
     def _headers_for_app(self, request: HttpRequest, session) -> list[tuple[bytes, bytes]]:
         own = self._own
-        headers = [(n, v) for n, v in without_cookies(request.headers, OUR_COOKIES) if n != own and n not in FORWARDED]
+        spelt = own.replace(b"_", b"-")
+
+        def clients_own(name: bytes) -> bool:
+            name = name.replace(b"_", b"-")
+            return name == spelt or name.startswith(FORWARDED_PREFIX) or name in FORWARDED
+
+        headers = [(n, v) for n, v in without_cookies(request.headers, OUR_COOKIES) if not clients_own(n)]
         headers += self._forwarded
         headers.append((own, self.gate.signer.sign(self.app, session.user, session.name, session.groups).encode()))
         return headers

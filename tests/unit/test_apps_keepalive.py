@@ -164,3 +164,63 @@ def test_a_policy_change_applies_to_the_next_request_of_a_kept_alive_connection(
     assert before == (200, b"/page signed")
     assert after[0] == 403 and b"bob may not use keep" in after[1]
     assert gone[0][0] == 421 and gone[1] == b""
+
+
+class HeadsApp(asyncio.Protocol):
+    """Answers every request with 200 and keeps the request heads it received."""
+
+    heads: list = []
+
+    def connection_made(self, transport):
+        self.transport, self.buffer = transport, b""
+
+    def data_received(self, data):
+        self.buffer += data
+        while b"\r\n\r\n" in self.buffer:
+            head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+            HeadsApp.heads.append(head)
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+
+def test_the_app_never_sees_a_client_copy_of_the_identity_or_forwarding_headers_in_any_spelling(tmp_path):
+    """WSGI and CGI servers hand an app `X_Skyguard_Assertion` and `X-Skyguard-Assertion` as the
+    same HTTP_X_SKYGUARD_ASSERTION, and apps read the client's address and scheme from any of
+    the forwarding headers: a client's copy of any of them, in any spelling, never reaches the
+    app; the app sees the proxy's own, once each."""
+    app_port, proxy_port = free_port(), free_port()
+    chain, key = LabCA(tmp_path / "ca").leaf_files(HOST)
+    store = SecretStore(tmp_path / "secrets")
+    store.set("keep-tls", chain.read_bytes() + key.read_bytes())
+    store.set("idp-secret", b"unused")
+    workload = Workload("vm", "lab", "sg-vm", "02:00:00:00:00:01", (ipaddress.ip_address("127.0.0.1"),))
+    app = App("keep", "vm", app_port, HOST, f"127.0.0.1:{proxy_port}", "keep-tls", users=("bob",))
+    policy = Policy(name="t", zones={"lab": Zone("lab", (workload,))}, networks={}, rules=(),
+                    identity=Identity("https://idp.test:9443", "skyguard", "idp-secret", session_check=3600),
+                    apps=(app,))
+    client_tls = ssl.create_default_context(cafile=str(tmp_path / "ca" / "ca.pem"))
+    spoofed = [b"X_Skyguard_Assertion", b"x-skyguard_assertion", b"X-Forwarded-Port", b"X-Forwarded-Prefix",
+               b"X_Forwarded_For", b"x_forwarded_proto", b"X-Forwarded-Host", b"Forwarded", b"X-Real-IP"]
+
+    async def run():
+        HeadsApp.heads = []
+        server = await asyncio.get_running_loop().create_server(HeadsApp, "127.0.0.1", app_port)
+        service = AppsService(policy, store, decision_log=MemoryLog())
+        await service.start()
+        session = service.sessions.create(app, SignIn("bob", "bob", "Bob", (), "t"), 600)
+        cookie = service.sealer.seal(session.sid, HOST, session.expires)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port, ssl=client_tls, server_hostname=HOST)
+            writer.write(b"GET / HTTP/1.1\r\nHost: %s\r\nCookie: __Host-skyguard-session=%s\r\n%s\r\n" % (
+                HOST.encode(), cookie.encode(), b"".join(b"%s: spoofed\r\n" % name for name in spoofed)))
+            answer = await read_response(reader)
+            writer.close()
+            return answer, HeadsApp.heads
+        finally:
+            await service.stop()
+            server.close()
+
+    answer, [head] = asyncio.run(run())
+    assert answer == (200, b"ok")
+    names = [line.partition(b":")[0].lower().replace(b"_", b"-") for line in head.split(b"\r\n")[1:]]
+    assert b"spoofed" not in head
+    assert names.count(b"x-skyguard-assertion") == 1 and names.count(b"x-forwarded-for") == 1
