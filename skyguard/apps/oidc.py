@@ -15,6 +15,7 @@ from __future__ import annotations
 import ssl
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import httpx
 from authlib.common.security import generate_token
@@ -35,6 +36,8 @@ DISCOVERY_TTL = 300.0
 # which is not how this proxy's issuers sign; `none` is never in the list.
 ID_TOKEN_ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"]
 CLOCK_LEEWAY = 30  # seconds of clock difference tolerated on exp/nbf/iat
+# What the proxy uses of the discovery document: each an https URL, or the issuer is unusable.
+ENDPOINTS = ("jwks_uri", "authorization_endpoint", "token_endpoint", "userinfo_endpoint")
 
 
 class AppsError(SkyguardError):
@@ -135,13 +138,20 @@ class IssuerClient:
         try:
             async with httpx.AsyncClient(verify=self._tls, timeout=HTTP_TIMEOUT) as http:
                 document = (await http.get(url)).raise_for_status().json()
+                if not isinstance(document, dict):
+                    raise IssuerUnavailable(f"the discovery document at {url} is not a JSON object")
                 if document.get("issuer") != self.identity.issuer:
                     raise IssuerUnavailable(f"the discovery document at {url} names issuer "
-                                            f"{document.get('issuer')!r}, not {self.identity.issuer!r}")
+                                            f"{str(document.get('issuer'))[:200]!r}, not {self.identity.issuer!r}")
+                unusable = [k for k in ENDPOINTS if not isinstance(document.get(k), str)
+                            or urlsplit(document[k]).scheme != "https" or not urlsplit(document[k]).hostname]
+                if unusable:
+                    raise IssuerUnavailable(f"the discovery document at {url} has no https URL for "
+                                            f"{', '.join(unusable)}")
                 keys = KeySet.import_key_set((await http.get(document["jwks_uri"])).raise_for_status().json())
         except IssuerUnavailable:
             raise
-        except (httpx.HTTPError, ValueError, KeyError, TypeError, JoseError) as e:
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError, KeyError, TypeError, JoseError) as e:
             raise IssuerUnavailable(f"identity provider {self.identity.issuer} unavailable: {type(e).__name__}") from None
         self._discovery, self._keys, self._fetched_at = document, keys, time.monotonic()
         return document
@@ -188,7 +198,7 @@ class IssuerClient:
             async with httpx.AsyncClient(verify=self._tls, timeout=HTTP_TIMEOUT) as http:
                 answer = await http.get(document["userinfo_endpoint"],
                                         headers={"Authorization": f"Bearer {access_token}"})
-        except (httpx.HTTPError, KeyError) as e:
+        except (httpx.HTTPError, httpx.InvalidURL, KeyError) as e:
             raise IssuerUnavailable(f"identity provider {self.identity.issuer} unavailable: {type(e).__name__}") from None
         if answer.status_code in (401, 403):
             return None

@@ -162,20 +162,28 @@ class AppsService:
         re-checks its own session; a WebSocket sends none), cutting them when access is gone."""
         while True:
             await asyncio.sleep(HOUSEKEEPING_PERIOD)
-            now = time.time()
-            for session in self.sessions.expire(now):
-                self._record("apps_session_ended", session, reason="expired")
-            for session in [s for s in self.sessions.sessions.values() if s.tunnels]:
-                app = self.app(session.app)
-                try:
-                    still = await self.check_at_issuer(session)
-                except AppsError:
-                    still = False  # fail closed: a tunnel is not kept open on an unconfirmed session
-                    self.end_session(session, "issuer_unavailable")
-                if still and app is not None and not allowed(app, session.user, session.groups):
-                    for task in list(session.tunnels):
-                        task.cancel()
-                    self._record("apps_denied", session, reason="access_withdrawn", websockets_cut=True)
+            try:
+                await self._sweep_once()
+            except Exception:  # the sweep never stops: without it no WebSocket is ever cut
+                log.exception("apps: housekeeping failed")
+
+    async def _sweep_once(self) -> None:
+        now = time.time()
+        for session in self.sessions.expire(now):
+            self._record("apps_session_ended", session, reason="expired")
+        for session in [s for s in self.sessions.sessions.values() if s.tunnels]:
+            app = self.app(session.app)
+            try:
+                still = await self.check_at_issuer(session)
+            except Exception as e:  # AppsError, or anything else: the session is not confirmed
+                still = False  # fail closed: a tunnel is not kept open on an unconfirmed session
+                if not isinstance(e, AppsError):
+                    log.exception("apps: re-checking a session failed")
+                self.end_session(session, "issuer_unavailable")
+            if still and app is not None and not allowed(app, session.user, session.groups):
+                for task in list(session.tunnels):
+                    task.cancel()
+                self._record("apps_denied", session, reason="access_withdrawn", websockets_cut=True)
 
     # ---- what connections share --------------------------------------------------------------
 

@@ -397,3 +397,146 @@ def test_an_app_that_never_answers_gets_a_502_and_an_idle_client_is_closed(tmp_p
     head, closed = asyncio.run(run())
     assert head.startswith(b"HTTP/1.1 502 Bad Gateway\r\n") and closed == b""
     assert b"connection: close" not in head.lower()  # the 502 kept the connection: the idle timeout closed it
+
+
+# ---- an issuer that answers garbage: fail closed with skyguard's page, the sweep keeps running ----
+
+class GarbageIssuer:
+    """A real HTTPS server on loopback (certificate for 127.0.0.1 from a test CA) answering GETs
+    from `answers` (path -> JSON bytes)."""
+
+    def __init__(self, tmp_path):
+        import ssl
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from skyguard.lab.ca import LabCA
+
+        ca = LabCA(tmp_path / "idp-ca", "test issuer")
+        cert, key = ca.issue(["127.0.0.1"])
+        (tmp_path / "idp.pem").write_bytes(cert)
+        (tmp_path / "idp.key").write_bytes(key)
+        self.ca_file = str(ca.cert_path)
+        answers = self.answers = {}
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = answers.get(self.path.split("?")[0], b"{}")
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(tmp_path / "idp.pem", tmp_path / "idp.key")
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.issuer = f"https://127.0.0.1:{self.server.server_address[1]}"
+        self.answers["/jwks"] = json.dumps({"keys": [ISSUER_KEY.as_dict(private=False)]}).encode()
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def discovery(self, document) -> None:
+        self.answers["/.well-known/openid-configuration"] = json.dumps(document).encode()
+
+    def good(self, **changes) -> dict:
+        i = self.issuer
+        document = {"issuer": i, "jwks_uri": i + "/jwks", "authorization_endpoint": i + "/authorize",
+                    "token_endpoint": i + "/token", "userinfo_endpoint": i + "/userinfo"}
+        document.update(changes)
+        return {k: v for k, v in document.items() if v is not None}
+
+
+def garbage_documents(idp: GarbageIssuer) -> dict:
+    return {"a-list": [], "a-string": "issuer", "no-authorization-endpoint": idp.good(authorization_endpoint=None),
+            "authorization-endpoint-a-number": idp.good(authorization_endpoint=5),
+            "userinfo-endpoint-a-number": idp.good(userinfo_endpoint=5),
+            "userinfo-endpoint-no-url": idp.good(userinfo_endpoint="http://[")}
+
+
+def test_an_issuer_answering_garbage_gets_skyguards_page_and_never_stops_the_sweep(tmp_path, monkeypatch):
+    """Discovery documents a provider could answer by mistake (or on purpose): a sign-in gets the
+    503 page saying the provider cannot be used, not a connection closed without a word; and the
+    housekeeping sweep, re-checking a session that holds a WebSocket, ends that session (fail
+    closed) and keeps running: it used to die on the first error that was not an AppsError, and
+    from then on no WebSocket was cut, not when its session expired nor when its user lost access."""
+    import asyncio
+    import ipaddress
+    import socket
+    import ssl
+
+    from skyguard.apps import service as service_module
+    from skyguard.apps.oidc import IssuerUnavailable, SignIn
+    from skyguard.apps.service import AppsService
+    from skyguard.custody.store import SecretStore
+    from skyguard.lab.ca import LabCA
+    from skyguard.policy.apps import Identity
+    from skyguard.policy.model import Policy, Workload, Zone
+
+    idp = GarbageIssuer(tmp_path)
+    documents = garbage_documents(idp)
+    monkeypatch.setattr(service_module, "HOUSEKEEPING_PERIOD", 0.05)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    store = SecretStore(tmp_path / "secrets")
+    ca = LabCA(tmp_path / "ca")
+    chain, key = ca.leaf_files("wiki.apps.test")
+    store.set("wiki-tls", chain.read_bytes() + key.read_bytes())
+    store.set("idp-secret", b"s3cret")
+    workload = Workload("vm", "lab", "sg-vm", "02:00:00:00:00:01", (ipaddress.ip_address("127.0.0.1"),))
+    app = App("wiki", "vm", 1, "wiki.apps.test", f"127.0.0.1:{port}", "wiki-tls", users=("bob",), websockets=True)
+    policy = Policy(name="t", zones={"lab": Zone("lab", (workload,))}, networks={}, rules=(),
+                    identity=Identity(idp.issuer, "skyguard", "idp-secret", session_check=1), apps=(app,))
+    client_tls = ssl.create_default_context(cafile=str(tmp_path / "ca" / "ca.pem"))
+
+    async def run():
+        service = AppsService(policy, store, decision_log=MemoryLog(), ca_file=idp.ca_file)
+        await service.start()
+        pages, errors, swept = {}, {}, {}
+        try:
+            for name, document in documents.items():
+                idp.discovery(document)
+                service.issuer._discovery = None  # as after DISCOVERY_TTL
+                for call in ("authorization_url", "userinfo"):
+                    try:
+                        await (service.issuer.authorization_url("https://wiki.apps.test/cb") if call == "authorization_url"
+                               else service.issuer.userinfo("token", "bob"))
+                    except IssuerUnavailable:
+                        pass
+                    except Exception as e:
+                        errors[(name, call)] = type(e).__name__
+                service.issuer._discovery = None
+                reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_tls,
+                                                               server_hostname="wiki.apps.test")
+                writer.write(b"GET /docs HTTP/1.1\r\nHost: wiki.apps.test\r\n\r\n")
+                try:
+                    pages[name] = (await asyncio.wait_for(reader.readuntil(b"\r\n"), 20)).strip()
+                except asyncio.IncompleteReadError:
+                    pages[name] = b"closed without an answer"
+                writer.close()
+                # The sweep re-checks a session holding a WebSocket against the same issuer.
+                service.issuer._discovery = None
+                session = service.sessions.create(app, SignIn("bob", "bob", "Bob", (), "t"), 600,
+                                                  now=time.time() - 10)
+                tunnel = asyncio.get_running_loop().create_task(asyncio.sleep(60))
+                session.tunnels.add(tunnel)
+                for _ in range(100):
+                    await asyncio.sleep(0.05)
+                    if tunnel.done():
+                        break
+                swept[name] = (tunnel.cancelled(), session.sid in service.sessions.sessions,
+                               service._housekeeping.done())
+                tunnel.cancel()
+        finally:
+            await service.stop()
+            idp.server.shutdown()
+        return pages, errors, swept
+
+    pages, errors, swept = asyncio.run(run())
+    assert errors == {}  # every garbage answer is IssuerUnavailable
+    assert pages == {name: b"HTTP/1.1 503 Service Unavailable" for name in documents}
+    assert swept == {name: (True, False, False) for name in documents}
