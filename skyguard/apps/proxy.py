@@ -9,8 +9,10 @@ forwarding headers (any of them spelt with `_` for `-` too) and skyguard's own c
 reach the app; skyguard's cookies set by the app never reach the client. Bodies
 are buffered whole, within ProxyLimits. Requests are answered one at a time, in order (pipelined
 ones wait, and reading pauses past MAX_PIPELINED). Bytes that came in the same read as an upgrade
-request, after it, are dropped (WebSocket clients wait for the 101); reading resumes once the
-upgrade is spliced. Not here: what a
+request, after it, are dropped (WebSocket clients wait for the 101), and so are those that come
+before the app's 101; an app that answers an upgrade request with anything else has answered a
+request (written as any answer, then the connection closes): nothing more of the client's
+reaches it unchecked. Not here: what a
 session is (sessions.py), the issuer (oidc.py), listeners and policy (service.py), the app's
 side (upstream.py).
 
@@ -107,9 +109,10 @@ class AppConnection(Checks, asyncio.Protocol):
         self._watchdog = self._loop.call_later(WATCHDOG_PERIOD, self._watch)
 
     def data_received(self, data: bytes) -> None:
-        if self._splice_done is not None:  # upgraded: the bytes go to the app as they come
-            if self.upstream is not None:
-                self.upstream.transport.write(data)
+        if self._splice_done is not None:  # upgraded: the bytes go to the app as they come, once it switched
+            side = self.upstream
+            if side is not None and side.splice is not None and side.switching is None:
+                side.transport.write(data)
             return
         if self._closed or self._upgrade or self._refusal is not None:
             return  # nothing after an upgrade request or a refusal is read
@@ -420,7 +423,7 @@ class AppConnection(Checks, asyncio.Protocol):
             if self._closed:
                 side.close()
                 return
-            await self._splice(side, head, session)
+            await self._splice(side, head, session, request.method)
         except asyncio.CancelledError:
             pass  # the session ended, or the client went away: both sides close below
         except Exception:
@@ -429,13 +432,15 @@ class AppConnection(Checks, asyncio.Protocol):
             self._drop_upstream()
             self._close()
 
-    async def _splice(self, side: AppSide, head: bytes, session) -> None:
+    async def _splice(self, side: AppSide, head: bytes, session, method: bytes) -> None:
         self.upstream, side.splice = side, self.transport
+        side.switching = ResponseReader(method == b"HEAD", LIMITS.max_response_body, LIMITS.max_header_bytes)
+        self._exchange = (method, False, b"", False)  # answered like any request if the app does not switch
         self._splice_done = self._loop.create_future()
         task = asyncio.current_task()
         session.tunnels.add(task)
-        self.gate.count(self.app, "websocket")
         try:
+            self._wait(LIMITS.upstream_timeout, self._app_too_slow)
             side.transport.write(head)
             if self._reading_paused:  # paused at the upgrade request: the client's bytes now pass
                 self._reading_paused = False
@@ -443,6 +448,15 @@ class AppConnection(Checks, asyncio.Protocol):
             await self._splice_done
         finally:
             session.tunnels.discard(task)
+
+    def _upgrade_answered(self, switched: bool) -> None:
+        """The app answered the upgrade request (AppSide calls this): 101, the splice goes on;
+        anything else is its answer to the request, written by _app_answered, then the
+        connection closes."""
+        if switched:
+            self._done_waiting()
+            self._exchange = None
+            self.gate.count(self.app, "websocket")
 
     def _splice_ended(self) -> None:
         """The app closed its side of a splice (AppSide calls this)."""

@@ -34,6 +34,10 @@ class AppSide(asyncio.Protocol):
         self.splice: asyncio.Transport | None = None
         self.lost = False
         self.idle_since = 0.0
+        # The app's answer to an upgrade request, until its status line is in: spliced only when
+        # it is 101; any other answer is read as a response (the reader waiting here).
+        self.switching: ResponseReader | None = None
+        self._status_line = b""
 
     @property
     def ready(self) -> bool:
@@ -49,6 +53,9 @@ class AppSide(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        if self.switching is not None:
+            self._switch(data)
+            return
         if self.splice is not None:
             self.splice.write(data)
             return
@@ -64,6 +71,23 @@ class AppSide(asyncio.Protocol):
             return
         if response.done:
             self.owner._app_answered()
+
+    def _switch(self, data: bytes) -> None:
+        """The first bytes of the app's answer to an upgrade request: a 101 is spliced on; any
+        other status is an answer like any other (the owner writes it and closes), so what the
+        client sends next never reaches the app unchecked."""
+        self._status_line += data
+        if b"\r\n" not in self._status_line and len(self._status_line) < 1024:
+            return
+        data, self._status_line = self._status_line, b""
+        reader, self.switching = self.switching, None
+        if data.startswith(b"HTTP/1.1 101 ") or data.startswith(b"HTTP/1.1 101\r\n"):
+            self.owner._upgrade_answered(True)
+            self.splice.write(data)
+            return
+        self.splice, self.response = None, reader
+        self.owner._upgrade_answered(False)
+        self.data_received(data)
 
     def eof_received(self) -> bool:
         self._ended()

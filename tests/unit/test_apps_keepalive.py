@@ -7,6 +7,7 @@ the datapath: tests/integration/test_apps_lab.py.)"""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import ipaddress
 import socket
@@ -167,18 +168,27 @@ def test_a_policy_change_applies_to_the_next_request_of_a_kept_alive_connection(
 
 
 class HeadsApp(asyncio.Protocol):
-    """Answers every request with 200 and keeps the request heads it received."""
+    """Answers every request with 200 and keeps the request heads it received; a request for
+    /socket is switched (101), then every byte is echoed."""
 
     heads: list = []
 
     def connection_made(self, transport):
-        self.transport, self.buffer = transport, b""
+        self.transport, self.buffer, self.echo = transport, b"", False
 
     def data_received(self, data):
+        if self.echo:
+            self.transport.write(data)
+            return
         self.buffer += data
         while b"\r\n\r\n" in self.buffer:
             head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
             HeadsApp.heads.append(head)
+            if head.startswith(b"GET /socket "):
+                self.echo = True
+                self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                     b"Connection: Upgrade\r\n\r\n" + self.buffer)
+                return
             self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
 
@@ -224,3 +234,66 @@ def test_the_app_never_sees_a_client_copy_of_the_identity_or_forwarding_headers_
     names = [line.partition(b":")[0].lower().replace(b"_", b"-") for line in head.split(b"\r\n")[1:]]
     assert b"spoofed" not in head
     assert names.count(b"x-skyguard-assertion") == 1 and names.count(b"x-forwarded-for") == 1
+
+
+def test_an_upgrade_the_app_does_not_accept_opens_no_raw_tunnel_to_it(tmp_path):
+    """A signed-in client sends an upgrade request to a path where the app answers 200, not 101,
+    then a second request on the same connection. The proxy used to splice from the upgrade
+    request on, whatever the app answered: the second request reached the app raw, with the
+    client's own identity and X-Forwarded-For headers and no decision. Now the app's answer
+    reaches the client, nothing more of the client's reaches the app, and the connection closes."""
+    app_port, proxy_port = free_port(), free_port()
+    chain, key = LabCA(tmp_path / "ca").leaf_files(HOST)
+    store = SecretStore(tmp_path / "secrets")
+    store.set("keep-tls", chain.read_bytes() + key.read_bytes())
+    store.set("idp-secret", b"unused")
+    workload = Workload("vm", "lab", "sg-vm", "02:00:00:00:00:01", (ipaddress.ip_address("127.0.0.1"),))
+    app = App("keep", "vm", app_port, HOST, f"127.0.0.1:{proxy_port}", "keep-tls", users=("bob",), websockets=True)
+    policy = Policy(name="t", zones={"lab": Zone("lab", (workload,))}, networks={}, rules=(),
+                    identity=Identity("https://idp.test:9443", "skyguard", "idp-secret", session_check=3600),
+                    apps=(app,))
+    client_tls = ssl.create_default_context(cafile=str(tmp_path / "ca" / "ca.pem"))
+
+    async def run():
+        HeadsApp.heads = []
+        server = await asyncio.get_running_loop().create_server(HeadsApp, "127.0.0.1", app_port)
+        service = AppsService(policy, store, decision_log=MemoryLog())
+        await service.start()
+        session = service.sessions.create(app, SignIn("bob", "bob", "Bob", (), "t"), 600)
+        cookie = service.sealer.seal(session.sid, HOST, session.expires)
+
+        async def upgrade_and_echo():  # where the app switches, the splice works as before
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port, ssl=client_tls, server_hostname=HOST)
+            writer.write(b"GET /socket HTTP/1.1\r\nHost: %s\r\nCookie: __Host-skyguard-session=%s\r\n"
+                         b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n" % (HOST.encode(), cookie.encode()))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            writer.write(b"ping")
+            echoed = await asyncio.wait_for(reader.readexactly(4), 10)
+            writer.close()
+            return head.split(b"\r\n")[0], echoed
+
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port, ssl=client_tls, server_hostname=HOST)
+            writer.write(b"GET /not-a-socket HTTP/1.1\r\nHost: %s\r\nCookie: __Host-skyguard-session=%s\r\n"
+                         b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n" % (HOST.encode(), cookie.encode()))
+            answer = await asyncio.wait_for(read_response(reader), 10)
+            switched = await upgrade_and_echo()
+            with contextlib.suppress(ConnectionError):  # the proxy may have closed already
+                writer.write(b"GET /admin HTTP/1.1\r\nHost: %s\r\nX-Skyguard-Assertion: smuggled\r\n"
+                             b"X-Forwarded-For: 203.0.113.9\r\n\r\n" % HOST.encode())
+                await writer.drain()
+            try:
+                rest = await asyncio.wait_for(reader.read(), 3)
+            except TimeoutError:
+                rest = b"(still open)"
+            writer.close()
+            return answer, rest, switched, list(HeadsApp.heads)
+        finally:
+            await service.stop()
+            server.close()
+
+    answer, rest, switched, heads = asyncio.run(run())
+    assert switched == (b"HTTP/1.1 101 Switching Protocols", b"ping")
+    assert len(heads) == 2 and heads[0].startswith(b"GET /not-a-socket ") and heads[1].startswith(b"GET /socket ")
+    assert answer == (200, b"ok") and rest == b""
