@@ -159,7 +159,8 @@ class AppsService:
 
     async def _sweep(self) -> None:
         """Expire sessions; re-check at the issuer the sessions that hold WebSockets (a request
-        re-checks its own session; a WebSocket sends none), cutting them when access is gone."""
+        re-checks its own session; a WebSocket sends none), cutting them when access is gone or
+        the policy no longer lets the app take WebSockets."""
         while True:
             await asyncio.sleep(HOUSEKEEPING_PERIOD)
             try:
@@ -180,10 +181,11 @@ class AppsService:
                 if not isinstance(e, AppsError):
                     log.exception("apps: re-checking a session failed")
                 self.end_session(session, "issuer_unavailable")
-            if still and app is not None and not allowed(app, session.user, session.groups):
+            if still and app is not None and not (allowed(app, session.user, session.groups) and app.websockets):
                 for task in list(session.tunnels):
                     task.cancel()
-                self._record("apps_denied", session, reason="access_withdrawn", websockets_cut=True)
+                reason = "websockets_not_allowed" if allowed(app, session.user, session.groups) else "access_withdrawn"
+                self._record("apps_denied", session, reason=reason, websockets_cut=True)
 
     # ---- what connections share --------------------------------------------------------------
 

@@ -540,3 +540,38 @@ def test_an_issuer_answering_garbage_gets_skyguards_page_and_never_stops_the_swe
     assert errors == {}  # every garbage answer is IssuerUnavailable
     assert pages == {name: b"HTTP/1.1 503 Service Unavailable" for name in documents}
     assert swept == {name: (True, False, False) for name in documents}
+
+
+def test_websockets_turned_off_in_the_policy_are_cut_by_the_sweep(tmp_path):
+    """An app's `websockets: true` becomes false: the next sweep cuts the WebSockets already open
+    (a new upgrade is refused 403), as it does when their user loses access."""
+    import asyncio
+    import dataclasses
+
+    from skyguard.apps.oidc import IssuerClient, SignIn
+    from skyguard.apps.service import AppsService
+    from skyguard.custody.store import SecretStore
+
+    policy = parse_policy(config.DEFAULT_POLICY.read_text() + APPS.replace("groups: [wiki-editors]",
+                                                                          "groups: [wiki-editors], websockets: true"))
+    [app] = policy.apps
+
+    async def run():
+        log = MemoryLog()
+        service = AppsService(policy, SecretStore(tmp_path / "secrets"), decision_log=log)
+        service.issuer = IssuerClient(policy.identity, b"unused")
+        session = service.sessions.create(app, SignIn("bob", "bob", "Bob", ("wiki-editors",), "t"), 600)
+        tunnel = asyncio.get_running_loop().create_task(asyncio.sleep(60))
+        session.tunnels.add(tunnel)
+        await service._sweep_once()
+        await asyncio.sleep(0)
+        kept = not tunnel.done()
+        service.policy = dataclasses.replace(policy, apps=(dataclasses.replace(app, websockets=False),))
+        await service._sweep_once()
+        await asyncio.sleep(0)
+        return kept, tunnel.cancelled(), log.entries
+
+    kept, cut, entries = asyncio.run(run())
+    assert kept and cut
+    assert {"kind": "apps_denied", "app": "wiki", "user": "bob", "groups": ["wiki-editors"],
+            "reason": "websockets_not_allowed", "websockets_cut": True} in entries
