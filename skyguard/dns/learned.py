@@ -40,7 +40,8 @@ Key = tuple  # (workload, zone, rule, name)
 
 class Relearned(NamedTuple):
     """What relearn() did: addresses handed to the learner, and entries dropped per reason
-    (rule-gone, zone-gone, workload-gone, zone-not-in-rule, name-not-in-rule, refused)."""
+    (rule-gone, zone-gone, workload-gone, zone-not-in-rule, name-not-in-rule, name-denied,
+    refused)."""
 
     relearned: int
     dropped: dict
@@ -87,7 +88,7 @@ class LearnedStore:
         self.urgent = self.urgent or new
         return new
 
-    def _remove(self, key: Key, ip: str, evicted: bool = False) -> None:
+    def _remove(self, key: Key, ip: str, evicted: bool = False, released: bool = False) -> None:
         workload, zone, rule, name = key
         table = self._entries[key]
         del table[ip]
@@ -105,15 +106,15 @@ class LearnedStore:
         self._held[held] -= 1
         if self._held[held] <= 0:
             del self._held[held]
-            if evicted:
+            if evicted or released:
                 self._evicted.append(held)
         if evicted:
             self.evictions += 1
         self.dirty = True
 
     def take_evicted(self) -> list[tuple[str, str, str]]:
-        """(zone, rule, ip) that a cap evicted and that no entry holds any more, since the last
-        call: what the datapath may forget before its TTL."""
+        """(zone, rule, ip) that a cap evicted or forget_stale() dropped and that no entry holds
+        any more, since the last call: what the datapath must forget before its TTL."""
         evicted, self._evicted = self._evicted, []
         return evicted
 
@@ -140,16 +141,19 @@ class LearnedStore:
                 self._remove(key, ip)
 
     def forget_stale(self, policy) -> dict[str, int]:
-        """Drop entries the policy no longer backs; returns {reason: entries dropped}. Called
-        with the policy in force at start and on every hot swap."""
+        """Drop entries the policy no longer backs (among them names a deny rule of the zone now
+        names); returns {reason: entries dropped}. Called with the policy in force at start and
+        on every hot swap. What no entry holds any more is queued for take_evicted(): the
+        datapath must close it now, not at its TTL."""
         rules = {r.name: r for r in policy.rules if r.action == "allow" and r.to.fqdns}
+        denies = [r for r in policy.rules if r.action == "deny" and r.to.fqdns]
         workloads = {w.name: w.zone for w in policy.workloads()}
         dropped: Counter = Counter()
         for key in list(self._entries):
-            reason = _stale_reason(key, rules, policy.zones, workloads)
+            reason = _stale_reason(key, rules, policy.zones, workloads, denies)
             if reason:
                 for ip in list(self._entries[key]):
-                    self._remove(key, ip)
+                    self._remove(key, ip, released=True)
                     dropped[reason] += 1
         return dict(dropped)
 
@@ -226,7 +230,7 @@ class LearnedStore:
         return Relearned(relearned, dict(dropped))
 
 
-def _stale_reason(key: Key, rules: dict, zones: dict, workloads: dict[str, str]) -> str:
+def _stale_reason(key: Key, rules: dict, zones: dict, workloads: dict[str, str], denies=()) -> str:
     workload, zone, rule_name, name = key
     if zone not in zones:
         return "zone-gone"
@@ -239,4 +243,6 @@ def _stale_reason(key: Key, rules: dict, zones: dict, workloads: dict[str, str])
         return "zone-not-in-rule"
     if not any(pattern_matches(p, name) for p in rule.to.fqdns):
         return "name-not-in-rule"
+    if any(zone in r.from_zones and any(pattern_matches(p, name) for p in r.to.fqdns) for r in denies):
+        return "name-denied"
     return ""

@@ -419,6 +419,11 @@ class DnsPolicyResolver:
         and let a learner that can (an optional `forget(zone, rule, ips)`) close the addresses
         no entry holds any more now instead of at their TTL."""
         self.metrics.learned_evicted.labels(zone).inc(count)
+        self.forget_released()
+
+    def forget_released(self) -> None:
+        """Let a learner that can (an optional `forget(zone, rule, ips)`) close now what the
+        store no longer holds (a cap evicted it, or a policy swap stopped backing it)."""
         groups: dict[tuple[str, str], list] = {}
         for z, rule, ip in self.store.take_evicted():
             groups.setdefault((z, rule), []).append(ipaddress.ip_address(ip))

@@ -52,6 +52,7 @@ class DnsProxy:
     async def start(self) -> None:
         self.store.load()
         result = self.store.relearn(self.resolver.learner, time.time(), self.policy)
+        self.resolver.forget_released()  # what the saved state held but the policy no longer backs
         self.relearned = result.relearned
         self._count_dropped(result.dropped)
         await self.server.start()
@@ -69,6 +70,7 @@ class DnsProxy:
         self.policy = policy
         self.resolver.set_policy(policy)
         dropped = self.store.forget_stale(policy)
+        self.resolver.forget_released()  # the datapath closes them now, not at their TTL
         self._count_dropped(dropped)
         if isinstance(self.resolver.directory, PolicyDirectory):
             self.resolver.directory = PolicyDirectory(policy)

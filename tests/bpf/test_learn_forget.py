@@ -4,6 +4,7 @@ hold on the same address, a static grant and established flows stay."""
 
 from __future__ import annotations
 
+import pytest
 from scapy.layers.inet import IP, TCP
 from test_verdicts import ALLOW, DROP, OUT, e_from, v4
 
@@ -22,3 +23,53 @@ def test_forget_closes_an_evicted_address_now_and_keeps_the_rest(h):
     assert h.run(bytes(other), "w1", OUT) == ALLOW
     assert h.worker.call(h.dp.forget, "web", "web-updates", [ip]) == 0  # already gone: nothing to do
     assert ip not in h.worker.call(h.dp.learned) and kept in h.worker.call(h.dp.learned)
+
+
+@pytest.mark.parametrize("edit", ["name-not-in-rule", "name-denied"])
+def test_a_hot_swap_that_stops_backing_a_name_closes_its_learned_address_now(h, tmp_path, edit):
+    # The operator takes evil.example.test out of the rule (or adds a deny rule for it) because
+    # the VM abuses it. On main the DNS proxy dropped its learned entry, but the datapath kept
+    # the address open for new flows until the answer's TTL (up to dns.max_ttl, an hour).
+    import asyncio
+    import dataclasses
+
+    from bpf_support import make_policy
+    from dnslib import QTYPE, RR, A, DNSRecord
+
+    from skyguard.dns.service import DnsProxy
+    from skyguard.parts import MemoryLog
+    from skyguard.policy.model import Destination, DnsConfig, PortRange, Rule, TunnelDetection
+
+    def policy(fqdns, deny=()):
+        rules = [Rule("web-updates", "allow", ("web",), Destination(fqdns=fqdns), (PortRange("tcp", 443, 443),))]
+        if deny:
+            rules.append(Rule("no-evil", "deny", ("web",), Destination(fqdns=deny), ()))
+        dns = DnsConfig(("192.0.2.53",), "refused", 5, 3600, TunnelDetection("off"))
+        return dataclasses.replace(make_policy(extra_rules=rules, drop_rules=("web-updates",)), dns=dns)
+
+    before = policy(("deb.example.test", "*.example.test"))
+    after = policy(("deb.example.test",)) if edit == "name-not-in-rule" else \
+        policy(("deb.example.test", "*.example.test"), deny=("evil.example.test",))
+    h.apply(before)
+    proxy = DnsProxy(before, h.dp, MemoryLog(), state_dir=tmp_path, steer=False, host_addresses=[])
+
+    def resolve(name, address):
+        d = proxy.resolver.decide(DNSRecord.question(name, "A").pack(), v4("w1"))
+        assert d.action == "forward", d.reason
+        reply = DNSRecord.parse(d.upstream_query).reply()
+        reply.add_answer(RR(name, QTYPE.A, rdata=A(address), ttl=600))
+        assert proxy.resolver.answer(d, reply.pack()).learned == [address]
+
+    evil, deb = "203.0.113.93", "203.0.113.94"
+    h.worker.call(resolve, "evil.example.test", evil)
+    h.worker.call(resolve, "deb.example.test", deb)
+    syn = lambda ip, port: e_from("w1") / IP(src=v4("w1"), dst=ip) / TCP(sport=port, dport=443, flags="S")  # noqa: E731
+    assert h.run(bytes(syn(evil, 45100)), "w1", OUT) == ALLOW
+    # the daemon's order: the datapath's generation first, then every part
+    h.apply(after)
+    dropped = h.worker.call(lambda: asyncio.run(proxy.set_policy(after)))
+    assert dropped == {edit: 1}
+    assert proxy.resolver.decide(DNSRecord.question("evil.example.test", "A").pack(), v4("w1")).action == "reply"
+    assert h.run(bytes(syn(evil, 45101)), "w1", OUT) == DROP("no_rule")
+    assert h.run(bytes(syn(deb, 45102)), "w1", OUT) == ALLOW  # what the policy still backs stays
+    assert evil not in h.worker.call(h.dp.learned)
