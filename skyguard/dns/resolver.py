@@ -64,6 +64,7 @@ class Decision:
     max_udp: int = 512  # the client's UDP buffer (EDNS payload size or 512)
     tunnel: Verdict | None = None
     started: float = 0.0
+    policy: Policy | None = None  # the policy a forward was decided under (answer() re-checks)
 
 
 @dataclass
@@ -99,7 +100,9 @@ class DnsPolicyResolver:
         self.set_policy(policy)
 
     def set_policy(self, policy: Policy) -> None:
-        """Swap the policy (hot reload). Queries already forwarded keep their decision."""
+        """Swap the policy (hot reload). Queries already forwarded keep their upstreams; their
+        answers are decided again under this policy (answer()), so nothing it no longer allows is
+        learned after the swap."""
         self.policy = policy
         self.dns = policy.dns
         self.refuse_rcode = wire.RCODE_NXDOMAIN if policy.dns.refuse_with == "nxdomain" \
@@ -221,7 +224,8 @@ class DnsPolicyResolver:
         if edns is not None:
             upstream += _OPT_FIXED.pack(0, wire.QTYPE_OPT, UPSTREAM_EDNS_SIZE, 0, 0)
         return Decision("forward", "allowed", reason, upstream_query=upstream,
-                        upstream_id=upstream_id, rules=matching, tunnel=tunnel, **base)
+                        upstream_id=upstream_id, rules=matching, tunnel=tunnel,
+                        policy=self.policy, **base)
 
     def _match(self, zone: str, name: str) -> tuple[str, str, tuple[Rule, ...]]:
         """(verdict, reason, allow rules naming it) for name in zone; cached per policy."""
@@ -286,11 +290,39 @@ class DnsPolicyResolver:
             return None
         if header.flags & wire.FLAG_TC:
             return Answer(truncated=True)
+        if decision.policy is not None and decision.policy is not self.policy \
+                and not self._still_allowed(decision):
+            decision.rules = ()
+            self._account(decision, now=now)
+            return Answer(reply=self._refusal(decision))
         try:
             records = wire.read_records(reply, header, question.end)
         except wire.WireError as e:
             return Answer(reply=self.fail(decision, "malformed", f"upstream reply: {e}"))
         return self._release(decision, reply, header, question, records, now, wall)
+
+    def _still_allowed(self, decision: Decision) -> bool:
+        """A hot swap happened while the query was upstream: decide it again under the policy
+        in force now, so an answer arriving after the swap opens only what the new policy allows
+        (the swap has closed what it no longer backs). Updates decision's rules or verdict."""
+        decision.policy = self.policy
+        who = self.directory.lookup(decision.client_ip)
+        if who is None or who != (decision.workload, decision.zone):
+            decision.verdict = "refused"
+            decision.reason = "the policy changed while the query was upstream: the source " \
+                "address is no longer this workload of this zone"
+            return False
+        verdict, reason, matching = self._match(decision.zone, decision.name)
+        if verdict != "allowed" or not self.dns.upstreams:
+            decision.verdict = verdict if verdict != "allowed" else "refused"
+            decision.reason = f"{reason} (the policy changed while the query was upstream)"
+            return False
+        decision.rules, decision.reason = matching, reason
+        return True
+
+    def _refusal(self, decision: Decision) -> bytes:
+        query = _query_like(decision)
+        return wire.error_reply(query, self.refuse_rcode, len(query))
 
     def _release(self, decision, reply, header, question, records, now, wall) -> Answer:
         out = bytearray(reply)
@@ -441,8 +473,7 @@ class DnsPolicyResolver:
         if kind != "learn-failed":
             self.metrics.upstream_errors.labels(kind).inc()
         decision.verdict, decision.reason = "servfail", reason
-        query_like = struct.pack("!HHHHHH", decision.client_id, wire.FLAG_RD, 1, 0, 0, 0) + \
-            _question_bytes(decision.question)
+        query_like = _query_like(decision)
         self._account(decision, now=now)
         return wire.error_reply(query_like, wire.RCODE_SERVFAIL, len(query_like))
 
@@ -478,6 +509,12 @@ class DnsPolicyResolver:
                                "detected": decision.tunnel.detected,
                                "base": decision.tunnel.base}
         self.log.record("dns", **entry)
+
+
+def _query_like(decision: Decision) -> bytes:
+    """A query with the client's ID and question: what error replies to a forward are built on."""
+    return struct.pack("!HHHHHH", decision.client_id, wire.FLAG_RD, 1, 0, 0, 0) + \
+        _question_bytes(decision.question)
 
 
 def _question_bytes(question: wire.Question) -> bytes:

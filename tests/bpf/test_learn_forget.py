@@ -53,23 +53,32 @@ def test_a_hot_swap_that_stops_backing_a_name_closes_its_learned_address_now(h, 
     h.apply(before)
     proxy = DnsProxy(before, h.dp, MemoryLog(), state_dir=tmp_path, steer=False, host_addresses=[])
 
-    def resolve(name, address):
+    def ask(name):
         d = proxy.resolver.decide(DNSRecord.question(name, "A").pack(), v4("w1"))
         assert d.action == "forward", d.reason
+        return d
+
+    def answer(d, address):
         reply = DNSRecord.parse(d.upstream_query).reply()
-        reply.add_answer(RR(name, QTYPE.A, rdata=A(address), ttl=600))
-        assert proxy.resolver.answer(d, reply.pack()).learned == [address]
+        reply.add_answer(RR(d.name, QTYPE.A, rdata=A(address), ttl=600))
+        return proxy.resolver.answer(d, reply.pack()).learned
+
+    def resolve(name, address):
+        assert answer(ask(name), address) == [address]
 
     evil, deb = "203.0.113.93", "203.0.113.94"
     h.worker.call(resolve, "evil.example.test", evil)
     h.worker.call(resolve, "deb.example.test", deb)
     syn = lambda ip, port: e_from("w1") / IP(src=v4("w1"), dst=ip) / TCP(sport=port, dport=443, flags="S")  # noqa: E731
     assert h.run(bytes(syn(evil, 45100)), "w1", OUT) == ALLOW
+    in_flight = ask("evil.example.test")  # the VM keeps a query upstream across the swap
     # the daemon's order: the datapath's generation first, then every part
     h.apply(after)
     dropped = h.worker.call(lambda: asyncio.run(proxy.set_policy(after)))
     assert dropped == {edit: 1}
     assert proxy.resolver.decide(DNSRecord.question("evil.example.test", "A").pack(), v4("w1")).action == "reply"
     assert h.run(bytes(syn(evil, 45101)), "w1", OUT) == DROP("no_rule")
+    assert h.worker.call(answer, in_flight, evil) == []  # its answer does not reopen it
+    assert h.run(bytes(syn(evil, 45103)), "w1", OUT) == DROP("no_rule")
     assert h.run(bytes(syn(deb, 45102)), "w1", OUT) == ALLOW  # what the policy still backs stays
     assert evil not in h.worker.call(h.dp.learned)

@@ -309,3 +309,46 @@ def test_answered_says_which_address_was_given_for_which_name_until_it_expires(t
     store.prune(now=1500.0)
     assert not store.answered("api.github.test", "203.0.113.5", now=0.0)  # pruned, index too
     assert store.answered("deb.debian.test", "203.0.113.7", now=1500.0)
+
+
+@pytest.mark.parametrize("edit", ["name-gone", "name-denied", "workload-moved"])
+def test_an_answer_arriving_after_a_hot_swap_is_decided_under_the_new_policy(edit):
+    # A VM keeps queries for a name in flight while the operator takes the name away: on main
+    # the answers that came back after the swap were learned under the old decision, reopening
+    # in the datapath (for up to max_ttl) the address the swap had just closed.
+    import dataclasses
+
+    resolver, learner, log = make_resolver()
+    d = ask(resolver, "mirror.debian.test")
+    assert d.action == "forward"
+    old = make_policy()
+    if edit == "name-gone":
+        rules = tuple(dataclasses.replace(r, to=Destination(fqdns=("deb.debian.test",)))
+                      if r.name == "os-updates" else r for r in old.rules)
+    elif edit == "name-denied":
+        rules = old.rules + (Rule("no-mirror", "deny", ("auth",),
+                                  Destination(fqdns=("mirror.debian.test",)), ()),)
+    else:
+        rules = old.rules
+    zones = old.zones
+    if edit == "workload-moved":  # radius1 now sits in the sandbox zone, which has no such rule
+        radius = dataclasses.replace(old.zones["auth"].workloads[0], zone="sandbox")
+        zones = {"auth": Zone("auth", ()),
+                 "sandbox": Zone("sandbox", old.zones["sandbox"].workloads + (radius,))}
+    new = dataclasses.replace(old, rules=rules, zones=zones)
+    resolver.set_policy(new)
+    resolver.directory = PolicyDirectory(new)  # as DnsProxy.set_policy does
+    up = upstream_reply(d.upstream_query, [RR("mirror.debian.test", QTYPE.A,
+                                              rdata=A("203.0.113.44"), ttl=600)])
+    answer = resolver.answer(d, up)
+    assert learner.calls == [] and answer.learned == []
+    released = DNSRecord.parse(answer.reply)
+    assert released.header.rcode == RCODE.REFUSED and not released.rr
+    assert log.entries[-1]["verdict"] in ("refused", "denied")
+    # what the new policy still allows, in flight across the swap, is learned as before
+    d = ask(resolver, "deb.debian.test") if edit != "workload-moved" else None
+    if d is not None:
+        resolver.set_policy(new)
+        up = upstream_reply(d.upstream_query, [RR("deb.debian.test", QTYPE.A,
+                                                  rdata=A("203.0.113.45"), ttl=600)])
+        assert resolver.answer(d, up).learned == ["203.0.113.45"]
