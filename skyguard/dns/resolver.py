@@ -93,11 +93,15 @@ class DnsPolicyResolver:
         self.log = log if log is not None else NullLog()
         self.metrics = metrics if metrics is not None else DnsMetrics()
         self.store = store if store is not None else LearnedStore(None)
-        self.host_addresses = frozenset(ipaddress.ip_address(a) for a in host_addresses)
-        self._host_keys = rebinding.host_keys(self.host_addresses)
+        self.set_host_addresses(host_addresses)
         self.detector = detector if detector is not None else TunnelDetector()
         self._children: dict[tuple[str, str], tuple] = {}
         self.set_policy(policy)
+
+    def set_host_addresses(self, host_addresses) -> None:
+        """The host's own addresses (rebinding targets: never learned unless a rule names them)."""
+        self.host_addresses = frozenset(ipaddress.ip_address(a) for a in host_addresses)
+        self._host_keys = rebinding.host_keys(self.host_addresses)
 
     def set_policy(self, policy: Policy) -> None:
         """Swap the policy (hot reload). Queries already forwarded keep their upstreams; their

@@ -13,6 +13,7 @@ Not here: policy parsing, the datapath, the signed log (they are passed in).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -38,6 +39,9 @@ class DnsProxy:
         self.steer = steer
         self.store = LearnedStore(Path(state_dir or config.STATE_DIR) / FILE_NAME)
         self.metrics = DnsMetrics(registry)
+        # None: this namespace's addresses, read again at every hot swap (as the datapath's
+        # `host` identity is), so an address the host gained since is never learned.
+        self._own_addresses = host_addresses is None
         self.resolver = DnsPolicyResolver(
             policy, directory or PolicyDirectory(policy), learner, log=log, metrics=self.metrics,
             store=self.store,
@@ -67,6 +71,9 @@ class DnsProxy:
         learned entries of rules, zones or workloads the new policy lacks are dropped (and
         logged). Returns those drops per reason. Call it on the proxy's event loop."""
         upstreams = [Upstream.parse(u) for u in policy.dns.upstreams]  # may raise: nothing changed
+        if self._own_addresses:  # pyroute2's netlink blocks and cannot run inside the loop
+            addresses = await asyncio.get_running_loop().run_in_executor(None, local_addresses)
+            self.resolver.set_host_addresses(addresses)
         self.policy = policy
         self.resolver.set_policy(policy)
         dropped = self.store.forget_stale(policy)

@@ -82,3 +82,44 @@ def test_a_hot_swap_that_stops_backing_a_name_closes_its_learned_address_now(h, 
     assert h.run(bytes(syn(evil, 45103)), "w1", OUT) == DROP("no_rule")
     assert h.run(bytes(syn(deb, 45102)), "w1", OUT) == ALLOW  # what the policy still backs stays
     assert evil not in h.worker.call(h.dp.learned)
+
+
+def test_an_address_the_host_gains_before_a_hot_swap_is_never_learned(h, tmp_path, netns):
+    # The host's own addresses are rebinding targets (a name answering with one would open the
+    # host's services to the VM). On main the DNS proxy read them once at its start, while the
+    # datapath re-reads them at every swap: an address added since (a new workload's gateway
+    # address on its host-side interface) was learned like any public address.
+    import asyncio
+    import dataclasses
+    import subprocess
+
+    from bpf_support import IFACES, make_policy
+    from dnslib import QTYPE, RR, A, DNSRecord
+
+    from skyguard.dns.service import DnsProxy
+    from skyguard.parts import MemoryLog
+    from skyguard.policy.model import DnsConfig, TunnelDetection
+
+    dns = DnsConfig(("192.0.2.53",), "refused", 5, 3600, TunnelDetection("off"))
+    policy = dataclasses.replace(make_policy(), dns=dns)
+    proxy = h.worker.call(lambda: DnsProxy(policy, h.dp, MemoryLog(), state_dir=tmp_path, steer=False))
+    gained = "203.0.113.251"
+    subprocess.run(["ip", "-n", netns, "addr", "add", f"{gained}/32", "dev", IFACES["x1"]], check=True)
+    try:
+        h.apply(policy)
+        h.worker.call(lambda: asyncio.run(proxy.set_policy(policy)))
+
+        def resolve():
+            d = proxy.resolver.decide(DNSRecord.question("deb.example.test", "A").pack(), v4("w1"))
+            assert d.action == "forward", d.reason
+            reply = DNSRecord.parse(d.upstream_query).reply()
+            reply.add_answer(RR(d.name, QTYPE.A, rdata=A(gained), ttl=600))
+            return proxy.resolver.answer(d, reply.pack())
+
+        answer = h.worker.call(resolve)
+        assert answer.learned == [] and answer.stripped == [gained]
+        assert gained not in h.worker.call(h.dp.learned)
+        syn = e_from("w1") / IP(src=v4("w1"), dst=gained) / TCP(sport=45200, dport=443, flags="S")
+        assert h.run(bytes(syn), "w1", OUT) != ALLOW
+    finally:
+        subprocess.run(["ip", "-n", netns, "addr", "del", f"{gained}/32", "dev", IFACES["x1"]])
