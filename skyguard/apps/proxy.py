@@ -68,6 +68,7 @@ class AppConnection(Checks, asyncio.Protocol):
     def __init__(self, gate, app_name: str):
         self.gate, self.app_name = gate, app_name
         self.app: Any = None
+        self._policy: Any = None  # the policy self.app was looked up in (_follow_policy)
         self.client = "?"
         self.transport: Any = None
         self.requests = RequestReader(LIMITS)
@@ -98,6 +99,7 @@ class AppConnection(Checks, asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername") or ("?", 0)
         self.client = str(peer[0])
+        self._policy = self.gate.policy
         self.app = self.gate.app(self.app_name)
         if self.app is None or self.gate.issuer is None:
             self._closed = True
@@ -196,14 +198,24 @@ class AppConnection(Checks, asyncio.Protocol):
     def _follow_policy(self) -> bool:
         """Each request is decided under the policy as it is now, not as it was when the
         connection opened (a kept-alive connection outlives a policy change): the app as the
-        policy names it now, or False when it is gone. The connection to the app is made again
-        (its workload or port may have changed)."""
+        policy names it now, or False when it is gone. After a swap the connection to the app is
+        made again if the app changed or its workload moved (the old address may be another
+        VM's now). Looked at again only when the policy object changed: this runs per request."""
+        if self.gate.issuer is None:
+            return False
+        policy = self.gate.policy
+        if policy is self._policy:
+            return self.app is not None
+        self._policy = policy
         app = self.gate.app(self.app_name)
-        if app is None or self.gate.issuer is None:
+        if app is None:
+            self.app = None
             return False
         if app != self.app:
             self._drop_upstream()
             self.app, self._own = app, app.identity_header.lower().encode()
+        elif self.upstream is not None and self.upstream.key != self._upstream_key():
+            self._drop_upstream()
         return True
 
     def _answer(self, request: HttpRequest, keep: bool, outcome) -> None:
@@ -290,6 +302,7 @@ class AppConnection(Checks, asyncio.Protocol):
         side = self.gate.upstreams.take(key)
         if side is None:
             _, side = await asyncio.wait_for(self._loop.create_connection(AppSide, key[1], key[2]), CONNECT_TIMEOUT)
+            side.key = key
         side.owner = self
         return side
 
@@ -298,7 +311,7 @@ class AppConnection(Checks, asyncio.Protocol):
         side, self.upstream = self.upstream, None
         if side is not None:
             if side.ready and self._splice_done is None:
-                self.gate.upstreams.give(self._upstream_key(), side)
+                self.gate.upstreams.give(side.key, side)  # where it leads, whatever the policy says now
             else:
                 side.close()
 

@@ -29,6 +29,7 @@ class AppSide(asyncio.Protocol):
 
     def __init__(self):
         self.owner = None
+        self.key: tuple = ()  # (app, address, port) it was opened to: the pool files it under this
         self.transport: asyncio.Transport | None = None
         self.response: ResponseReader | None = None
         self.splice: asyncio.Transport | None = None

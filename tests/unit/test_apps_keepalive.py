@@ -167,6 +167,69 @@ def test_a_policy_change_applies_to_the_next_request_of_a_kept_alive_connection(
     assert gone[0][0] == 421 and gone[1] == b""
 
 
+class NamedApp(asyncio.Protocol):
+    """Answers every request with the address it listens on: which VM got the request."""
+
+    def connection_made(self, transport):
+        self.transport, self.buffer = transport, b""
+        self.name = transport.get_extra_info("sockname")[0].encode()
+
+    def data_received(self, data):
+        self.buffer += data
+        while b"\r\n\r\n" in self.buffer:
+            _, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(self.name), self.name))
+
+
+def test_requests_follow_the_apps_workload_to_its_new_address(tmp_path):
+    """The policy moves the app's workload to another address (the app entry itself unchanged):
+    the next request of a kept-alive client connection goes to the new address, and so does a
+    new client connection. The connection to the old address used to carry on, and was then
+    pooled under the new address: the signed identity went to whatever VM has the old one."""
+    app_port, proxy_port = free_port(), free_port()
+    chain, key = LabCA(tmp_path / "ca").leaf_files(HOST)
+    store = SecretStore(tmp_path / "secrets")
+    store.set("keep-tls", chain.read_bytes() + key.read_bytes())
+    store.set("idp-secret", b"unused")
+    old, new = (Workload("vm", "lab", "sg-vm", "02:00:00:00:00:01", (ipaddress.ip_address(a),))
+                for a in ("127.0.0.1", "127.0.0.2"))
+    app = App("keep", "vm", app_port, HOST, f"127.0.0.1:{proxy_port}", "keep-tls", users=("bob",))
+    policy = Policy(name="t", zones={"lab": Zone("lab", (old,))}, networks={}, rules=(),
+                    identity=Identity("https://idp.test:9443", "skyguard", "idp-secret", session_check=3600),
+                    apps=(app,))
+    client_tls = ssl.create_default_context(cafile=str(tmp_path / "ca" / "ca.pem"))
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        servers = [await loop.create_server(NamedApp, address, app_port) for address in ("127.0.0.1", "127.0.0.2")]
+        service = AppsService(policy, store, decision_log=MemoryLog())
+        await service.start()
+        session = service.sessions.create(app, SignIn("bob", "bob", "Bob", (), "t"), 600)
+        cookie = service.sealer.seal(session.sid, HOST, session.expires)
+        request = (f"GET / HTTP/1.1\r\nHost: {HOST}\r\nCookie: __Host-skyguard-session={cookie}\r\n\r\n").encode()
+        seen = []
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port, ssl=client_tls, server_hostname=HOST)
+            writer.write(request)
+            seen.append(await read_response(reader))
+            await service.set_policy(dataclasses.replace(policy, zones={"lab": Zone("lab", (new,))}))
+            writer.write(request)
+            seen.append(await read_response(reader))
+            writer.close()
+            await asyncio.sleep(0.1)  # the proxy releases its connection to the app to the pool
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port, ssl=client_tls, server_hostname=HOST)
+            writer.write(request)
+            seen.append(await read_response(reader))
+            writer.close()
+            return seen
+        finally:
+            await service.stop()
+            for server in servers:
+                server.close()
+
+    assert asyncio.run(run()) == [(200, b"127.0.0.1"), (200, b"127.0.0.2"), (200, b"127.0.0.2")]
+
+
 class HeadsApp(asyncio.Protocol):
     """Answers every request with 200 and keeps the request heads it received; a request for
     /socket is switched (101), then every byte is echoed."""
