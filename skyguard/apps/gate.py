@@ -135,7 +135,8 @@ class Checks:
             gate.refuse(app, "issuer_unavailable", client=self.client, detail=str(e))
             return Reply(503, "The identity provider cannot be reached, so nobody can sign in until it is back. "
                               "Try again in a moment.")
-        gate.sessions.begin(state, Pending(app.name, nonce, verifier, safe_return_path(target), time.time()))
+        gate.sessions.begin(state, Pending(app.name, nonce, verifier, safe_return_path(target), time.time(),
+                                           self.client))
         gate.count(app, "signin_redirect")
         return redirect(url, set_cookie(LOGIN_COOKIE, state, 600))
 

@@ -29,6 +29,9 @@ SESSION_COOKIE = "__Host-skyguard-session"
 LOGIN_COOKIE = "__Host-skyguard-login"  # binds a sign-in under way to the browser that began it
 PENDING_TTL = 600.0  # seconds a sign-in may take at the issuer
 MAX_PENDING = 10_000  # sign-ins under way at once (oldest dropped): each costs a little memory
+# ... and per client address (its own oldest dropped), so that one client starting sign-ins in a
+# loop cannot push everyone else's out between their redirect and their return.
+MAX_PENDING_PER_CLIENT = 32
 MAX_RETURN_PATH = 2048
 MAX_OPENED = 50_000  # opened cookies remembered (a few hundred bytes each)
 _OURS = (SESSION_COOKIE.encode(), LOGIN_COOKIE.encode())
@@ -65,6 +68,7 @@ class Pending:
     verifier: str
     return_path: str
     created: float
+    client: str = ""  # the address that began it
 
 
 class CookieSealer:
@@ -164,22 +168,42 @@ class SessionTable:
 
     def __init__(self):
         self.sessions: dict[str, Session] = {}
-        self.pending: dict[str, Pending] = {}
+        self.pending: dict[str, Pending] = {}  # oldest first
+        self._by_client: dict[str, list[str]] = {}  # client address -> its pending states, oldest first
 
     def begin(self, state: str, pending: Pending) -> None:
         self._expire_pending(pending.created)
+        mine = [s for s in self._by_client.get(pending.client, ()) if s in self.pending]
+        if len(mine) >= MAX_PENDING_PER_CLIENT:
+            self._drop_pending(mine[0])
         if len(self.pending) >= MAX_PENDING:
-            self.pending.pop(next(iter(self.pending)))
+            self._drop_pending(next(iter(self.pending)))
         self.pending[state] = pending
+        self._by_client.setdefault(pending.client, []).append(state)
 
     def take(self, state: str, now: float) -> Pending | None:
         """The sign-in for this state, once: a replayed state finds nothing."""
         self._expire_pending(now)
-        return self.pending.pop(state, None)
+        if state not in self.pending:
+            return None
+        pending = self.pending[state]
+        self._drop_pending(state)
+        return pending
+
+    def _drop_pending(self, state: str) -> None:
+        pending = self.pending.pop(state)
+        states = self._by_client[pending.client]
+        states.remove(state)
+        if not states:
+            del self._by_client[pending.client]
 
     def _expire_pending(self, now: float) -> None:
-        for state in [s for s, p in self.pending.items() if now - p.created > PENDING_TTL]:
-            del self.pending[state]
+        """From the oldest (insertion order), so a sign-in costs what expired, not every entry."""
+        while self.pending:
+            state, pending = next(iter(self.pending.items()))
+            if now - pending.created <= PENDING_TTL:
+                return
+            self._drop_pending(state)
 
     def create(self, app: App, sign_in, lifetime: int, now: float | None = None) -> Session:
         now = time.time() if now is None else now

@@ -136,6 +136,24 @@ def test_a_state_is_taken_once_and_expires():
     assert table.take("s2", time.time()) is None  # too old
 
 
+def test_one_client_starting_sign_ins_in_a_loop_pushes_out_only_its_own():
+    """A client that starts sign-ins without end (a cookieless request is one) used to push a
+    real user's sign-in out between their redirect and their return, at MAX_PENDING; now each
+    address keeps its last MAX_PENDING_PER_CLIENT, whatever the others do."""
+    from skyguard.apps.sessions import MAX_PENDING_PER_CLIENT
+
+    table, now = SessionTable(), time.time()
+    table.begin("user", Pending("wiki", "n", "v", "/", now, "10.0.0.9"))
+    for n in range(12_000):
+        table.begin(f"flood{n}", Pending("wiki", "n", "v", "/", now, "10.0.0.66"))
+    assert len(table.pending) == 1 + MAX_PENDING_PER_CLIENT
+    assert table.take("flood0", now) is None and table.take("flood11999", now) is not None
+    assert table.take("user", now) is not None
+    # expiry goes oldest first and leaves the per-client book in step
+    table.begin("late", Pending("wiki", "n", "v", "/", now + 601, "10.0.0.66"))
+    assert list(table.pending) == ["late"]
+
+
 def test_access_is_for_the_named_users_and_groups():
     app = App("wiki", "vfw1", 443, "wiki.apps.test", "0.0.0.0:8443", "c", users=("alice",), groups=("editors",))
     assert allowed(app, "alice", ())
