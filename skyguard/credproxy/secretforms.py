@@ -24,7 +24,10 @@ The forms recognised (one compiled regex; `tests/unit/test_cred_forms.py` has on
 Out of reach here, by design: encryption, compression inside a body (the proxy decodes the
 content codings it accepts first, and refuses the others), and nested encodings (base64 of hex,
 UTF-16 of base64, ...); an upstream that reflects a secret through such a transformation is not
-caught. Secrets shorter than MIN_ENCODED_LEN are matched raw, per byte and in hex only.
+caught, and neither is one that returns PART of it: a destination that stores what it is sent
+(an object store a body-injected credential was written to, read back by byte ranges) or quotes
+a truncated token in an error hands the secret out piece by piece. Give credentials only to
+destinations that never echo them, and body injection only to endpoints that do not store bodies. Secrets shorter than MIN_ENCODED_LEN are matched raw, per byte and in hex only.
 """
 
 from __future__ import annotations
