@@ -65,6 +65,9 @@ class Decision:
     tunnel: Verdict | None = None
     started: float = 0.0
     policy: Policy | None = None  # the policy a forward was decided under (answer() re-checks)
+    # For a forward: the client's question as the VM wrote it (its letter case), uncompressed;
+    # what its answer carries, while upstream_query asks it in a random case (DNS 0x20).
+    client_question: bytes = b""
 
 
 @dataclass
@@ -224,12 +227,19 @@ class DnsPolicyResolver:
         upstream_id = secrets.randbits(16)
         flags = header.flags & (wire.FLAG_RD | 0x0010)  # keep RD and CD, nothing else
         upstream = struct.pack("!HHHHHH", upstream_id, flags, 1, 0, 0, 1 if edns else 0)
-        upstream += query[wire.HEADER_LEN:question.end]
+        # The client's question is what the VM gets back; upstream, its name goes in a case of
+        # our choosing. It is never compressed: a pointer must lead back to a name's end, and
+        # nothing before it in a question of letters, digits and hyphens can be one.
+        client_question = query[wire.HEADER_LEN:question.end]
+        # DNS 0x20: a random letter case the reply's question must echo octet for octet
+        # (answer()), on top of the ID and the source port: each letter doubles what a blind
+        # spoofer has to guess, and the VM's own choice of case no longer helps it.
+        upstream += wire.random_case(client_question[:-4]) + client_question[-4:]
         if edns is not None:
             upstream += _OPT_FIXED.pack(0, wire.QTYPE_OPT, UPSTREAM_EDNS_SIZE, 0, 0)
         return Decision("forward", "allowed", reason, upstream_query=upstream,
                         upstream_id=upstream_id, rules=matching, tunnel=tunnel,
-                        policy=self.policy, **base)
+                        policy=self.policy, client_question=client_question, **base)
 
     def _match(self, zone: str, name: str) -> tuple[str, str, tuple[Rule, ...]]:
         """(verdict, reason, allow rules naming it) for name in zone; cached per policy."""
@@ -279,16 +289,16 @@ class DnsPolicyResolver:
                     or header.qdcount != 1:
                 self.metrics.mismatched.inc()
                 return None
-            asked = decision.question
-            if reply[wire.HEADER_LEN:asked.end] == \
-                    decision.upstream_query[wire.HEADER_LEN:asked.end]:
-                question = asked  # the question echoed octet for octet (the usual case)
-            else:  # e.g. another letter case: parse and compare names case-insensitively
-                question = wire.read_question(reply)
-                if question.key != asked.key or question.qtype != asked.qtype \
-                        or question.qclass != asked.qclass:
-                    self.metrics.mismatched.inc()
-                    return None
+            question = decision.question
+            # Our question must come back octet for octet, including the random letter case
+            # we asked in (DNS 0x20): a reply in another case is discarded like one with a
+            # wrong ID, because the case is part of what a blind spoofer has to guess.
+            # Resolvers that do not preserve the question's case are rare (they would break
+            # every 0x20-using resolver); with one, queries time out (SERVFAIL, counted here).
+            if reply[wire.HEADER_LEN:question.end] != \
+                    decision.upstream_query[wire.HEADER_LEN:question.end]:
+                self.metrics.mismatched.inc()
+                return None
         except wire.WireError:
             self.metrics.mismatched.inc()
             return None
@@ -331,6 +341,8 @@ class DnsPolicyResolver:
     def _release(self, decision, reply, header, question, records, now, wall) -> Answer:
         out = bytearray(reply)
         struct.pack_into("!H", out, 0, decision.client_id)
+        if decision.client_question:  # the VM's own letter case back (same length: only case)
+            out[wire.HEADER_LEN:question.end] = decision.client_question
         lo, hi = self.dns.min_ttl, self.dns.max_ttl
         for record in records:
             if record.rtype != wire.QTYPE_OPT:

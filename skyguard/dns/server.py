@@ -2,11 +2,23 @@
 
 It moves bytes and enforces transport limits (sizes, timeouts, per-client concurrency); every
 decision is the resolver's (resolver.py). Queries reach it through the nftables steering
-(steering.py), so the VM's original destination address answers. Upstream queries leave from a
-pool of UDP sockets on kernel-randomised ports with random IDs; a reply counts only if it comes
-from the upstream we asked, on the socket we asked from, with our ID and our question. A
-truncated upstream reply is retried over TCP. No answer within UPSTREAM_TIMEOUT from any
-upstream: SERVFAIL, counted.
+(steering.py), so the VM's original destination address answers.
+
+Spoofing resistance (RFC 5452): an upstream query leaves from a socket drawn at random from a
+pool of UPSTREAM_POOL UDP sockets per address family on kernel-randomised ephemeral ports, each
+replaced by a fresh one (a new random port) after ROTATE_AFTER queries or ROTATE_SECONDS, so a
+scan of the host finds ports that are soon gone; with a random ID and its name in a random
+letter case (DNS 0x20, resolver.py). A reply counts only if it comes from the upstream we
+asked, on the socket we asked from, with our ID and our question octet for octet; anything
+else is discarded and counted (skyguard_dns_upstream_mismatched_total). Identical questions in
+flight (same name in any case, type, class, flags and upstreams) share one upstream query and
+each waiting client is answered from its reply with its own ID and case, so a VM keeping many
+queries for one name waiting gives a spoofer no more chances than one query.
+Why a pool and not a socket per query: opening and closing one costs ~30 us on the path every
+answer waits on (bench/run dns: -24 % queries/s), a rotating pool ~2 us; and it bounds the
+host's connection-table entries (one per source port and upstream) by the rotation rate.
+A truncated upstream reply is retried over TCP. No answer within
+UPSTREAM_TIMEOUT from any upstream: SERVFAIL, counted.
 
 Fail closed: if this process dies, nothing answers the VMs (the steering keeps sending their
 queries here), and flows already allowed keep flowing because the datapath holds them.
@@ -18,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import ipaddress
-import random
+import secrets
 import socket
 import struct
 import time
@@ -30,7 +42,10 @@ from skyguard.errors import DnsError
 
 DEFAULT_PORT = 5353  # where steering redirects VM queries (never 53: the host may run a resolver)
 UPSTREAM_TIMEOUT = 2.0  # seconds per upstream before trying the next one
-UPSTREAM_SOCKETS = 8  # UDP sockets (random source ports) queries are spread over
+UPSTREAM_POOL = 256  # UDP sockets per address family queries are spread over (opened lazily)
+ROTATE_AFTER = 16  # queries one upstream socket carries before a fresh one takes its place
+ROTATE_SECONDS = 10.0  # ... or seconds after it was opened, whichever comes first
+UPSTREAM_BATCH = 16  # datagrams read from one upstream socket per wake-up (spoofs included)
 PER_CLIENT_INFLIGHT = 256  # forwarded queries one VM may have outstanding; more are dropped
 TCP_IDLE_TIMEOUT = 10.0  # seconds a VM's TCP connection may sit idle between queries
 TCP_READ_TIMEOUT = 5.0  # seconds to receive one length-prefixed message once it started
@@ -69,40 +84,36 @@ class Upstream:
 
 
 class _Pending:
-    """One forwarded query in flight: which upstream it is at, who wants the bytes. Its deadline
-    lives in DnsServer._deadlines."""
+    """One upstream query in flight: which upstream it is at, its socket, and who waits for it:
+    `decision` and `on_done` of the client it was sent for, then `joined`, the (decision,
+    on_done) of clients that asked the same question meanwhile. Its deadline lives in
+    DnsServer._deadlines."""
 
-    __slots__ = ("decision", "upstreams", "upstream_index", "on_done", "socket", "key")
+    __slots__ = ("decision", "upstreams", "upstream_index", "on_done", "socket", "key",
+                 "joined", "group")
 
     def __init__(self, decision: Decision, upstreams: list, on_done):
         self.decision = decision
         self.upstreams = upstreams  # the list at forward time: a hot swap may replace the server's
         self.upstream_index = 0
         self.on_done = on_done  # called once with the bytes to release (answer or SERVFAIL)
-        self.socket: _UpstreamSocket | None = None
-        self.key: tuple | None = None
+        self.socket: _UpstreamSocket | None = None  # where it waits on UDP
+        self.key: tuple | None = None  # (host, port) the reply must come from
+        self.joined: list[tuple[Decision, object]] = []
+        self.group: tuple | None = None  # its key in DnsServer._groups while others may join
 
 
-class _UpstreamSocket(asyncio.DatagramProtocol):
-    def __init__(self, server: DnsServer):
-        self.server = server
-        self.transport: asyncio.DatagramTransport | None = None
+class _UpstreamSocket:
+    """One socket of the upstream pool: the queries waiting on it, by upstream ID."""
+
+    __slots__ = ("sock", "pending", "uses", "born", "retired")
+
+    def __init__(self, sock: socket.socket, born: float):
+        self.sock = sock
         self.pending: dict[int, _Pending] = {}
-
-    def connection_made(self, transport):
-        self.transport = transport
-
-    def datagram_received(self, data, addr):
-        if len(data) < 2:
-            return
-        pending = self.pending.get((data[0] << 8) | data[1])
-        if pending is None or (addr[0], addr[1]) != pending.key:
-            self.server.metrics.mismatched.inc()
-            return
-        self.server._on_upstream_reply(self, pending, data)
-
-    def error_received(self, exc):
-        pass  # ICMP unreachable from an upstream: the timeout handles it
+        self.uses = 0
+        self.born = born
+        self.retired = False  # out of the pool: closed once its last query is done
 
 
 class _ClientUdp(asyncio.DatagramProtocol):
@@ -243,7 +254,6 @@ class DnsServer:
         self.upstream_timeout = upstream_timeout
         self.metrics = resolver.metrics
         self.state_writer = StateWriter(resolver.store, self.metrics)
-        self._sockets: list[_UpstreamSocket] = []
         self._servers: list = []
         self._udp_transports: list = []
         self._inflight: dict[str, int] = {}
@@ -255,6 +265,11 @@ class DnsServer:
         # all, instead of a timer created and cancelled per query (which cost ~1.5 us and two
         # garbage-collected objects each, on the path every answer waits on).
         self._deadlines: dict[_Pending, float] = {}
+        # Upstream queries others may still join (see _forward), by question.
+        self._groups: dict[tuple, _Pending] = {}
+        self._pools: dict[int, list[_UpstreamSocket | None]] = {
+            socket.AF_INET: [None] * UPSTREAM_POOL, socket.AF_INET6: [None] * UPSTREAM_POOL}
+        self._upstream_sockets: set[_UpstreamSocket] = set()  # open ones, pooled or retired
         self._sweep_timer: asyncio.TimerHandle | None = None
         self.bound: list[tuple[str, int]] = []
 
@@ -262,20 +277,6 @@ class DnsServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        for _ in range(UPSTREAM_SOCKETS):
-            _, proto = await loop.create_datagram_endpoint(
-                lambda: _UpstreamSocket(self), local_addr=("0.0.0.0", 0))
-            self._sockets.append(proto)
-        # IPv6 sockets too, whatever today's upstreams: a hot swap may bring an IPv6 upstream.
-        # A namespace without IPv6 simply has none (such an upstream then fails as "network").
-        self._sockets6: list[_UpstreamSocket] = []
-        for _ in range(UPSTREAM_SOCKETS):
-            try:
-                _, proto = await loop.create_datagram_endpoint(
-                    lambda: _UpstreamSocket(self), local_addr=("::", 0))
-            except OSError:
-                break
-            self._sockets6.append(proto)
         for host, port in self.listen:
             udp, tcp, port = self._bind_pair(host, port)
             if udp.family == socket.AF_INET6:
@@ -325,11 +326,11 @@ class DnsServer:
             transport.close()
         for task in list(self._tasks):
             task.cancel()
-        for proto in self._sockets + getattr(self, "_sockets6", []):
-            for pending in list(proto.pending.values()):
-                self._unregister(pending)
-            if proto.transport:
-                proto.transport.close()
+        for pending in list(self._deadlines):
+            self._unregister(pending)
+        self._groups.clear()
+        for us in list(self._upstream_sockets):
+            self._close_socket(us)
         for server in self._servers:
             await server.wait_closed()
         self.state_writer.close()
@@ -341,6 +342,7 @@ class DnsServer:
         while True:
             await asyncio.sleep(STATE_FLUSH_SECONDS)
             rounds += 1
+            self._close_idle_sockets()
             if rounds % STATE_PRUNE_ROUNDS == 0:
                 self.resolver.store.prune(time.time())  # expired entries leave memory
             if self.resolver.store.dirty:
@@ -424,54 +426,169 @@ class DnsServer:
     def _forward(self, decision: Decision, on_done) -> None:
         client_ip = decision.client_ip
         self._inflight[client_ip] = self._inflight.get(client_ip, 0) + 1
-        pending = _Pending(decision, self.upstreams, on_done)
-        if not pending.upstreams:  # backstop: the resolver refuses before forwarding in this case
-            self._finish(pending, self.resolver.fail(decision, "no-upstream",
-                                                     "the policy has no dns.upstreams"))
+        upstreams = self.upstreams
+        if not upstreams:  # backstop: the resolver refuses before forwarding in this case
+            self._finish(decision, on_done, self.resolver.fail(decision, "no-upstream",
+                                                               "the policy has no dns.upstreams"))
             return
+        # Identical questions share one upstream query (RFC 5452 section 9.1): a VM holding many
+        # queries for one name in flight must not multiply a spoofer's chances. Identical: the
+        # same name in any case, type, class, header flags and EDNS, to the same upstreams (the
+        # list object: a hot swap's new list starts new groups).
+        question = decision.question
+        query = decision.upstream_query
+        group = (id(upstreams), question.key, question.qtype, question.qclass, query[2:12],
+                 query[question.end:])
+        pending = self._groups.get(group)
+        if pending is not None:
+            pending.joined.append((decision, on_done))
+            return
+        pending = _Pending(decision, upstreams, on_done)
+        pending.group = group
+        self._groups[group] = pending
         self._send_udp(pending)
 
-    def _finish(self, pending: _Pending, reply: bytes) -> None:
-        client_ip = pending.decision.client_ip
+    def _close_group(self, pending: _Pending) -> None:
+        """No one joins pending any more (its reply is in, or it failed)."""
+        if pending.group is not None:
+            if self._groups.get(pending.group) is pending:
+                del self._groups[pending.group]
+            pending.group = None
+
+    def _finish(self, decision: Decision, on_done, reply: bytes) -> None:
+        client_ip = decision.client_ip
         left = self._inflight.get(client_ip, 1) - 1
         if left:
             self._inflight[client_ip] = left
         else:
             self._inflight.pop(client_ip, None)
-        pending.on_done(reply)
+        on_done(reply)
 
-    def _release(self, pending: _Pending, answer) -> None:
+    def _fail_all(self, pending: _Pending, kind: str, reason: str) -> None:
+        self._close_group(pending)
+        for decision, on_done in [(pending.decision, pending.on_done), *pending.joined]:
+            self._finish(decision, on_done, self.resolver.fail(decision, kind, reason))
+
+    def _release(self, decision: Decision, on_done, answer) -> None:
         if answer.persist:  # its new address goes to disk first (durability), off the loop
-            self._spawn(self._persist_then_finish(pending, answer.reply))
+            self._spawn(self._persist_then_finish(decision, on_done, answer.reply))
         else:
-            self._finish(pending, answer.reply)
+            self._finish(decision, on_done, answer.reply)
 
-    async def _persist_then_finish(self, pending: _Pending, reply: bytes) -> None:
+    async def _persist_then_finish(self, decision: Decision, on_done, reply: bytes) -> None:
         await self.state_writer.save()  # a failed write is counted, and the answer still goes
-        self._finish(pending, reply)
+        self._finish(decision, on_done, reply)
+
+    def _release_joined(self, pending: _Pending, data: bytes) -> None:
+        """Answer every client that joined pending from the reply data (already matched to the
+        query we sent): each is decided, learned and logged on its own, with its ID and case."""
+        lead = pending.decision
+        for decision, on_done in pending.joined:
+            decision.upstream_id, decision.upstream_query = lead.upstream_id, lead.upstream_query
+            try:
+                answer = self.resolver.answer(decision, data)
+            except Exception as e:  # noqa: BLE001 - a bug costs one answer, never the socket
+                answer = None
+                reply = self.resolver.fail(decision, "internal",
+                                           f"internal error: {type(e).__name__}")
+            else:
+                if answer is None or answer.truncated:  # cannot be: the same bytes matched
+                    answer = None
+                    reply = self.resolver.fail(decision, "mismatch", "upstream reply did not "
+                                               "match a joined question")
+            if answer is None:
+                self._finish(decision, on_done, reply)
+            else:
+                self._release(decision, on_done, answer)
 
     def _send_udp(self, pending: _Pending) -> None:
         decision = pending.decision
         upstream = pending.upstreams[pending.upstream_index]
-        pool = self._sockets6 if ":" in upstream.host else self._sockets
-        if not pool:
-            self._next_upstream(pending, "network", f"upstream {upstream.host}: no socket of "
-                                "its address family here")
+        try:
+            us = self._pick_socket(socket.AF_INET6 if ":" in upstream.host else socket.AF_INET)
+        except OSError as e:  # no IPv6 here, or out of file descriptors
+            self._next_upstream(pending, "network", f"upstream {upstream.host}: {e.strerror}")
             return
-        proto = pool[random.randrange(len(pool))]
-        while decision.upstream_id in proto.pending:  # an ID clash on this socket: re-draw
-            decision.upstream_id = random.getrandbits(16)
+        while decision.upstream_id in us.pending:  # an ID clash on this socket: re-draw
+            decision.upstream_id = secrets.randbits(16)
             decision.upstream_query = wire.with_id(decision.upstream_query, decision.upstream_id)
-        pending.socket, pending.key = proto, (upstream.host, upstream.port)
-        proto.pending[decision.upstream_id] = pending
+        pending.socket, pending.key = us, (upstream.host, upstream.port)
+        us.pending[decision.upstream_id] = pending
         loop = asyncio.get_running_loop()
         self._deadlines[pending] = deadline = loop.time() + self.upstream_timeout
         if self._sweep_timer is None:
             self._sweep_timer = loop.call_at(deadline, self._sweep_deadlines)
         try:
-            proto.transport.sendto(decision.upstream_query, pending.key)
+            us.sock.sendto(decision.upstream_query, pending.key)
         except OSError as e:
             self._next_upstream(pending, "network", f"upstream {upstream.host}: {e.strerror}")
+
+    def _pick_socket(self, family: int) -> _UpstreamSocket:
+        """A socket drawn at random from the family's pool; a slot that is empty, or whose socket
+        has carried ROTATE_AFTER queries or is ROTATE_SECONDS old, gets a fresh socket first."""
+        pool = self._pools[family]
+        index = int.from_bytes(wire.random_bytes(4), "big") % UPSTREAM_POOL  # 32 bits: no bias worth a name
+        us = pool[index]
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if us is None or us.uses >= ROTATE_AFTER or now - us.born >= ROTATE_SECONDS:
+            if us is not None:
+                pool[index] = None
+                self._retire(us)
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                sock.setblocking(False)
+                # a random free port of net.ipv4.ip_local_port_range, drawn by the kernel
+                sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+                us = _UpstreamSocket(sock, now)
+                loop.add_reader(sock.fileno(), self._on_upstream_readable, us)
+            except BaseException:
+                sock.close()
+                raise
+            self._upstream_sockets.add(us)
+            pool[index] = us
+        us.uses += 1
+        return us
+
+    def _retire(self, us: _UpstreamSocket) -> None:
+        us.retired = True
+        if not us.pending:
+            self._close_socket(us)
+
+    def _close_socket(self, us: _UpstreamSocket) -> None:
+        if us in self._upstream_sockets:
+            self._upstream_sockets.discard(us)
+            try:
+                asyncio.get_running_loop().remove_reader(us.sock.fileno())
+            except RuntimeError:  # no loop running any more: nothing to remove it from
+                pass
+            us.sock.close()
+
+    def _close_idle_sockets(self) -> None:
+        """Close pooled sockets past ROTATE_SECONDS that nothing waits on: an idle proxy does
+        not keep ports open for a scan to find (the next query opens a fresh one)."""
+        now = asyncio.get_running_loop().time()
+        for pool in self._pools.values():
+            for index, us in enumerate(pool):
+                if us is not None and not us.pending and now - us.born >= ROTATE_SECONDS:
+                    pool[index] = None
+                    self._retire(us)
+
+    def _on_upstream_readable(self, us: _UpstreamSocket) -> None:
+        for _ in range(UPSTREAM_BATCH):
+            if us not in self._upstream_sockets:
+                return  # closed by an earlier datagram of this batch
+            try:
+                data, addr = us.sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # an ICMP error queued on the socket: the timeout handles it
+                continue
+            pending = us.pending.get((data[0] << 8) | data[1]) if len(data) >= 2 else None
+            if pending is None or (addr[0], addr[1]) != pending.key:
+                self.metrics.mismatched.inc()  # another ID, source or port: a spoof, or late
+                continue
+            self._on_upstream_reply(pending, data)
 
     def _sweep_deadlines(self) -> None:
         """Time out every query whose deadline has passed, then sleep until the next deadline.
@@ -494,10 +611,13 @@ class DnsServer:
 
     def _unregister(self, pending: _Pending) -> None:
         self._deadlines.pop(pending, None)
-        if pending.socket is not None:
-            if pending.socket.pending.get(pending.decision.upstream_id) is pending:
-                del pending.socket.pending[pending.decision.upstream_id]
+        us = pending.socket
+        if us is not None:
             pending.socket = None
+            if us.pending.get(pending.decision.upstream_id) is pending:
+                del us.pending[pending.decision.upstream_id]
+            if us.retired and not us.pending:
+                self._close_socket(us)
 
     def _on_upstream_timeout(self, pending: _Pending) -> None:
         host = pending.upstreams[pending.upstream_index].host
@@ -509,28 +629,31 @@ class DnsServer:
         if pending.upstream_index < len(pending.upstreams):
             self._send_udp(pending)
         else:
-            self._finish(pending, self.resolver.fail(pending.decision, kind, reason))
+            self._fail_all(pending, kind, reason)
 
-    def _on_upstream_reply(self, proto: _UpstreamSocket, pending: _Pending, data: bytes) -> None:
+    def _on_upstream_reply(self, pending: _Pending, data: bytes) -> None:
+        decision = pending.decision
         try:
-            answer = self.resolver.answer(pending.decision, data)
+            answer = self.resolver.answer(decision, data)
         except Exception as e:  # noqa: BLE001 - a bug costs one answer, never the socket
             self._unregister(pending)
-            self._finish(pending, self.resolver.fail(pending.decision, "internal",
-                                                     f"internal error: {type(e).__name__}"))
+            self._fail_all(pending, "internal", f"internal error: {type(e).__name__}")
             return
         if answer is None:
             return  # not ours after all (wrong question): keep waiting until its deadline
         self._unregister(pending)
+        self._close_group(pending)
         if answer.truncated:
             self._spawn(self._retry_tcp(pending))
         else:
-            self._release(pending, answer)
+            self._release(decision, pending.on_done, answer)
+            self._release_joined(pending, data)
 
     async def _retry_tcp(self, pending: _Pending) -> None:
         upstream = pending.upstreams[pending.upstream_index]
+        data = None
         try:
-            answer = await self._ask_tcp(upstream, pending.decision)
+            data, answer = await self._ask_tcp(upstream, pending.decision)
         except TimeoutError:
             answer, kind, reason = None, "timeout", f"upstream {upstream.host} timed out (TCP)"
         except OSError as e:
@@ -540,11 +663,13 @@ class DnsServer:
         else:
             kind, reason = "mismatch", f"upstream {upstream.host} sent no matching TCP reply"
         if answer is not None:
-            self._release(pending, answer)
+            self._release(pending.decision, pending.on_done, answer)
+            self._release_joined(pending, data)
         else:
             self._next_upstream(pending, kind, reason)
 
     async def _ask_tcp(self, upstream: Upstream, decision: Decision):
+        """(reply bytes, Answer) over TCP, or (None, None) when no matching reply came."""
         async def exchange():
             reader, writer = await asyncio.open_connection(upstream.host, upstream.port)
             try:
@@ -559,9 +684,11 @@ class DnsServer:
         try:
             data = await asyncio.wait_for(exchange(), self.upstream_timeout)
         except asyncio.IncompleteReadError:
-            return None
+            return None, None
         answer = self.resolver.answer(decision, data)
-        return None if answer is None or answer.truncated else answer
+        if answer is None or answer.truncated:
+            return None, None
+        return data, answer
 
 
 def local_addresses() -> list[str]:

@@ -9,6 +9,7 @@ answers that need records removed is left to dnslib.
 
 from __future__ import annotations
 
+import secrets
 import struct
 from typing import NamedTuple
 
@@ -130,6 +131,36 @@ def labels_to_text(labels: list[bytes]) -> str:
         if not _LDH.issuperset(label):
             raise WireError("name has characters a policy cannot name")
     return b".".join(labels).decode("ascii").lower()
+
+
+# 0x20 in every ASCII letter's position, 0 elsewhere (length octets are <= 63: never letters)
+_LETTER_BITS = bytes(0x20 if 65 <= b <= 90 or 97 <= b <= 122 else 0 for b in range(256))
+
+
+_ENTROPY_CHUNK = 4096
+_entropy = b""
+_entropy_at = 0
+
+
+def random_bytes(n: int) -> bytes:
+    """n bytes from the OS's CSPRNG, fetched 4 KiB at a time: a getrandom(2) call per query
+    costs ~3 us on a VM, on the path every answer waits on. (Bytes are never handed out twice
+    by one thread; the proxy's parts share one event loop.)"""
+    global _entropy, _entropy_at
+    at = _entropy_at
+    if at + n > len(_entropy):
+        _entropy, at = secrets.token_bytes(max(_ENTROPY_CHUNK, n)), 0
+    _entropy_at = at + n
+    return _entropy[at:at + n]
+
+
+def random_case(name: bytes) -> bytes:
+    """name (wire form, uncompressed) with each ASCII letter in a random case, cryptographically
+    random and independent of the case it came in (DNS 0x20, draft-vixie-dnsext-dns0x20)."""
+    n = len(name)
+    flips = int.from_bytes(name.translate(_LETTER_BITS), "big") \
+        & int.from_bytes(random_bytes(n), "big")
+    return (int.from_bytes(name.lower(), "big") ^ flips).to_bytes(n, "big")
 
 
 def labels_key(labels: list[bytes]) -> bytes:

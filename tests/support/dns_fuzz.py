@@ -49,6 +49,10 @@ def one_input(resolver, data: bytes) -> None:
     reply = data[1:]
     if len(reply) >= 2:
         reply = decision.upstream_id.to_bytes(2, "big") + reply[2:]
+    end = decision.question.end
+    asked = decision.upstream_query[12:end]
+    if reply[12:end].lower() == asked.lower():  # our question: in the random case we drew (0x20)
+        reply = reply[:12] + asked + reply[end:]
     resolver.answer(decision, reply)
 
 

@@ -1,5 +1,5 @@
 """What the DNS proxy does to keep its added latency low must not change what it answers or what
-it reports: the question check's fast path (octet-equal echo) and its fallback, the per-query
+it reports: the question check (an octet-equal echo of the case we asked in, DNS 0x20), the per-query
 metric series (names, labels, bucket semantics), and the frozen startup heap and short GIL
 handover (skyguard.dns.latency, run in a child process because both are process-wide).
 No timing is asserted here; bench/dns.py measures."""
@@ -18,15 +18,28 @@ from test_dns_resolver import ask, make_resolver, upstream_reply
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_a_reply_echoing_the_question_in_another_letter_case_is_still_accepted():
+def test_a_reply_echoing_the_question_in_another_letter_case_is_discarded_and_counted():
+    # DNS 0x20: the proxy asks in a random letter case of its own and the reply must echo it
+    # octet for octet (the case is part of what a blind spoofer has to guess). This replaced a
+    # case-insensitive fallback, which let a spoofer ignore the case.
     resolver, learner, _ = make_resolver()
     d = ask(resolver, "deb.debian.test")
-    reply = DNSRecord.parse(upstream_reply(d.upstream_query))
-    reply.q.qname = "DEB.Debian.TEST"  # 0x20-style case change: same name
-    reply.add_answer(RR("DEB.Debian.TEST", QTYPE.A, rdata=A("203.0.113.7")))
-    answer = resolver.answer(d, reply.pack())
+    asked = DNSRecord.parse(d.upstream_query).q.qname.label
+    for other_case in ([label.swapcase() for label in asked], [b"DEB", b"Debian", b"TEST"],
+                       [label.lower() for label in asked]):
+        if tuple(other_case) == tuple(asked):
+            continue  # the random case happened to be this one
+        reply = DNSRecord.parse(upstream_reply(d.upstream_query))
+        reply.q.qname = ".".join(label.decode() for label in other_case)
+        reply.add_answer(RR("deb.debian.test", QTYPE.A, rdata=A("203.0.113.7")))
+        assert resolver.answer(d, reply.pack()) is None
+    assert resolver.metrics.mismatched._value.get() >= 2
+    assert learner.calls == []
+    answer = resolver.answer(d, upstream_reply(d.upstream_query, [
+        RR("deb.debian.test", QTYPE.A, rdata=A("203.0.113.7"))]))
     assert answer is not None and answer.learned == ["203.0.113.7"]
-    assert learner.calls and learner.calls[0][2] == ["203.0.113.7"]
+    # The VM gets its own question back, in the case it asked in.
+    assert DNSRecord.parse(answer.reply).q.qname.label == (b"deb", b"debian", b"test")
 
 
 def test_a_reply_to_another_question_of_the_same_length_is_discarded_and_counted():

@@ -352,3 +352,20 @@ def test_an_answer_arriving_after_a_hot_swap_is_decided_under_the_new_policy(edi
         up = upstream_reply(d.upstream_query, [RR("deb.debian.test", QTYPE.A,
                                                   rdata=A("203.0.113.45"), ttl=600)])
         assert resolver.answer(d, up).learned == ["203.0.113.45"]
+
+
+def test_the_upstream_asks_in_a_random_letter_case_and_the_vm_gets_its_own_back():
+    # DNS 0x20: the case upstream is the proxy's random choice, whatever the VM sent (a VM
+    # colluding with a spoofer must not choose it), and the answer carries the VM's own case.
+    resolver, _, _ = make_resolver()
+    cases = set()
+    for _ in range(16):
+        d = ask(resolver, "Deb.Debian.Test")
+        asked = d.upstream_query[12:d.question.end]
+        assert asked.lower() == DNSRecord.question("deb.debian.test").pack()[12:]
+        cases.add(asked)
+        answer = resolver.answer(d, upstream_reply(d.upstream_query, [
+            RR("deb.debian.test", QTYPE.A, rdata=A("203.0.113.7"))]))
+        assert answer.reply[12:d.question.end] == \
+            DNSRecord.question("Deb.Debian.Test").pack()[12:]
+    assert len(cases) >= 15  # 13 letters: a repeat in 16 draws has a chance of ~1.5 %

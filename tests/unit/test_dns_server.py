@@ -15,6 +15,7 @@ import threading
 import pytest
 from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 
+from skyguard.dns import server as server_module
 from skyguard.dns import steering
 from skyguard.dns.interfaces import PolicyDirectory
 from skyguard.dns.learned import LearnedStore
@@ -57,6 +58,7 @@ class FakeUpstream:
         self.spoofer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.spoofer.bind(("127.0.0.1", 0))
         self.seen = 0
+        self.asked = []  # (source port, question name octets as received) per query
         threading.Thread(target=self._run, daemon=True).start()
 
     def _reply(self, data, ip="203.0.113.10"):
@@ -72,8 +74,23 @@ class FakeUpstream:
             except OSError:
                 return
             self.seen += 1
+            self.asked.append((addr[1], data[12:].split(b"\x00")[0]))  # the name's labels
             if self.mode == "silent":
                 continue
+            if self.mode == "slow":  # the answer takes a while: other clients ask meanwhile
+                threading.Event().wait(0.3)
+            if self.mode == "other-case-first":
+                # right source, port and ID, the name in another letter case: a spoofer who
+                # guessed the ID but not the case the proxy chose (DNS 0x20)
+                bad = bytearray(self._reply(data, "203.0.113.66"))
+                end = 12 + len(data[12:].split(b"\x00")[0])
+                bad[12:end] = bytes(bad[12:end]).swapcase()
+                self.sock.sendto(bytes(bad), addr)
+            if self.mode == "wrong-ids-first":  # a blind spoofer from the upstream's own port
+                for spoof_id in range(64):
+                    bad = bytearray(self._reply(data, "203.0.113.66"))
+                    bad[0:2] = struct.pack("!H", (data[0] << 8 | data[1]) ^ (spoof_id + 1))
+                    self.sock.sendto(bytes(bad), addr)
             if self.mode == "spoof-first":
                 # from another port (an off-path attacker guessing): must be ignored
                 self.spoofer.sendto(self._reply(data, "203.0.113.66"), addr)
@@ -159,6 +176,99 @@ def test_replies_from_elsewhere_or_with_the_wrong_id_are_discarded(make_proxy, m
     assert [str(rr.rdata) for rr in proxy.ask("www.site.test").rr] == ["203.0.113.10"]
     assert all("203.0.113.66" not in call[2] for call in proxy.learner.calls)
     assert proxy.resolver.metrics.mismatched._value.get() >= 1
+    up.close()
+
+
+def raw_query(name: str, query_id: int) -> bytes:
+    q = DNSRecord.question(name)
+    q.header.id = query_id
+    return q.pack()
+
+
+def test_a_reply_whose_question_is_in_another_letter_case_is_ignored_and_the_real_one_answers(
+        make_proxy):
+    # The proxy asks upstream in a letter case of its own choosing (DNS 0x20) and a reply must
+    # echo it octet for octet: the case is part of what a spoofer has to guess.
+    up = FakeUpstream("other-case-first")
+    proxy = make_proxy([Upstream("127.0.0.1", up.port)])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        query = raw_query("WwW.SiTe.test", 0x4242)
+        s.sendto(query, ("127.0.0.1", proxy.port))
+        data = s.recv(4096)
+    reply = DNSRecord.parse(data)
+    assert [str(rr.rdata) for rr in reply.rr] == ["203.0.113.10"]
+    assert data[:2] == b"\x42\x42" and data[12:12 + 19] == query[12:12 + 19]  # the VM's own case
+    assert all("203.0.113.66" not in call[2] for call in proxy.learner.calls)
+    assert proxy.resolver.metrics.mismatched._value.get() == 1
+    up.close()
+
+
+def test_the_upstream_name_is_in_a_random_case_whatever_case_the_vm_asked_in(make_proxy):
+    up = FakeUpstream()
+    proxy = make_proxy([Upstream("127.0.0.1", up.port)])
+    for i in range(8):
+        assert proxy.ask(f"www.longer-name-{i}.test").header.rcode == RCODE.NOERROR
+    names = [name for _, name in up.asked]
+    assert [name.lower() for name in names] == \
+        [DNSRecord.question(f"www.longer-name-{i}.test").pack()[12:].split(b"\x00")[0]
+         for i in range(8)]
+    # 20 letters each: all in lower case by chance once in 2^20
+    assert sum(name != name.lower() for name in names) >= 7
+
+
+def test_identical_questions_in_flight_share_one_upstream_query_each_answered_as_asked(make_proxy):
+    # A VM keeping many queries for one name waiting must not multiply a spoofer's chances:
+    # they are one upstream query, and every client gets the answer with its own ID and case.
+    up = FakeUpstream("slow")
+    proxy = make_proxy([Upstream("127.0.0.1", up.port)], timeout=2)
+    clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
+    asked = [("www.same.test", 0x1111), ("WWW.Same.TEST", 0x2222), ("wWw.sAmE.tEsT", 0x3333)]
+    queries = [raw_query(name, qid) for name, qid in asked]
+    for client, query in zip(clients, queries):
+        client.settimeout(5)
+        client.sendto(query, ("127.0.0.1", proxy.port))
+    for client, query in zip(clients, queries):
+        data = client.recv(4096)
+        client.close()
+        assert data[:2] == query[:2]  # its own ID
+        assert data[12:12 + 15] == query[12:12 + 15]  # its own question, octet for octet
+        assert [str(rr.rdata) for rr in DNSRecord.parse(data).rr] == ["203.0.113.10"]
+    assert up.seen == 1
+    assert len(proxy.learner.calls) == 3  # each client's answer is decided and learned on its own
+    assert _on_loop(proxy, lambda: (len(proxy.server._deadlines), len(proxy.server._groups),
+                                    len(proxy.server._inflight))) == (0, 0, 0)
+    up.close()
+
+
+def test_upstream_source_ports_rotate_and_retired_ones_close(make_proxy, monkeypatch):
+    # A fixed set of sockets can be found by a UDP scan of the host (open ports send no ICMP
+    # unreachable) and then serves every query for good; pooled sockets are replaced by fresh
+    # ones on new random ports after ROTATE_AFTER queries (or ROTATE_SECONDS), and closed.
+    monkeypatch.setattr(server_module, "UPSTREAM_POOL", 2)
+    monkeypatch.setattr(server_module, "ROTATE_AFTER", 4)
+    up = FakeUpstream()
+    proxy = make_proxy([Upstream("127.0.0.1", up.port)])
+    for i in range(40):
+        assert proxy.ask(f"www.p{i}.test").header.rcode == RCODE.NOERROR
+    ports = [port for port, _ in up.asked]
+    assert len(set(ports)) >= 10  # 2 slots x 4 queries per socket; the kernel draws each port
+    assert max(ports.count(port) for port in ports) <= 4
+    still_open = _on_loop(proxy, lambda: {us.sock.getsockname()[1]
+                                          for us in proxy.server._upstream_sockets})
+    assert len(still_open) <= 2
+    for port in set(ports) - still_open:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("0.0.0.0", port))  # free again: nothing listens there any more
+    up.close()
+
+
+def test_blind_spoofs_from_the_upstream_s_own_address_and_port_are_ignored(make_proxy):
+    up = FakeUpstream("wrong-ids-first")
+    proxy = make_proxy([Upstream("127.0.0.1", up.port)])
+    assert [str(rr.rdata) for rr in proxy.ask("www.site.test").rr] == ["203.0.113.10"]
+    assert all("203.0.113.66" not in call[2] for call in proxy.learner.calls)
+    assert proxy.resolver.metrics.mismatched._value.get() == 64
     up.close()
 
 
