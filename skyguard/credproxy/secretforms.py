@@ -27,7 +27,8 @@ UTF-16 of base64, ...); an upstream that reflects a secret through such a transf
 caught, and neither is one that returns PART of it: a destination that stores what it is sent
 (an object store a body-injected credential was written to, read back by byte ranges) or quotes
 a truncated token in an error hands the secret out piece by piece. Give credentials only to
-destinations that never echo them, and body injection only to endpoints that do not store bodies. Secrets shorter than MIN_ENCODED_LEN are matched raw, per byte and in hex only.
+destinations that never echo them, and body injection only to endpoints that do not store bodies.
+Secrets shorter than MIN_ENCODED_LEN are matched raw, per byte and in hex only.
 """
 
 from __future__ import annotations

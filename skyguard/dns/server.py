@@ -28,7 +28,6 @@ Not a resolver, not a cache. One event loop owns a server; it is not thread-safe
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import ipaddress
 import secrets
 import socket
@@ -37,6 +36,8 @@ import time
 from dataclasses import dataclass
 
 from skyguard.dns import wire
+from skyguard.dns.learned import StateWriter
+from skyguard.dns.listeners import ClientUdp, ClientUdp6
 from skyguard.dns.resolver import Decision, DnsPolicyResolver, fit_udp
 from skyguard.errors import DnsError
 
@@ -116,132 +117,6 @@ class _UpstreamSocket:
         self.retired = False  # out of the pool: closed once its last query is done
 
 
-class _ClientUdp(asyncio.DatagramProtocol):
-    def __init__(self, server: DnsServer):
-        self.server = server
-        self.transport = None
-
-    def connection_made(self, transport):
-        self.transport = transport
-
-    def datagram_received(self, data, addr):
-        self.server._on_udp_query(self.transport, data, addr)
-
-    def error_received(self, exc):
-        pass
-
-
-class _ClientUdp6:
-    """IPv6 client queries, each answered from the address it was sent to (IPV6_PKTINFO). A VM's
-    host-side interface often has only link-local addresses: nftables' redirect then delivers the
-    query to one of them, and a reply from the address the kernel would pick for the VM (a global
-    one of another interface) matches no conntrack entry, is never un-NATed, and is dropped on its
-    way into the VM. asyncio's datagram transports carry no ancillary data, hence a reader here."""
-
-    BATCH = 64  # datagrams read per wake-up: the loop stays fair to the other parts
-
-    def __init__(self, server: DnsServer, sock: socket.socket, loop: asyncio.AbstractEventLoop):
-        self.server, self.sock, self.loop = server, sock, loop
-        self._closing = False
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
-        sock.setblocking(False)
-        loop.add_reader(sock.fileno(), self._readable)
-
-    def _readable(self) -> None:
-        for _ in range(self.BATCH):
-            try:  # the ancillary buffer holds exactly one struct in6_pktinfo (16 + 4 bytes)
-                data, ancdata, _flags, addr = self.sock.recvmsg(65535, socket.CMSG_SPACE(20))
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:  # an ICMP error queued on the socket: nothing to answer
-                continue
-            pktinfo = next((d for level, kind, d in ancdata
-                            if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO), None)
-            self.server._on_udp_query(_ReplyFrom(self, pktinfo), data, addr)
-
-    def send(self, data: bytes, addr, pktinfo: bytes | None) -> None:
-        ancillary = [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, pktinfo)] if pktinfo else []
-        try:
-            self.sock.sendmsg([data], ancillary, 0, addr)
-        except OSError:  # a full socket buffer or a vanished route: the client asks again
-            self.server.metrics.dropped.labels("reply-send-failed").inc()
-
-    def is_closing(self) -> bool:
-        return self._closing
-
-    def close(self) -> None:
-        if not self._closing:
-            self._closing = True
-            self.loop.remove_reader(self.sock.fileno())
-            self.sock.close()
-
-
-class _ReplyFrom:
-    """What _on_udp_query answers through: sendto() from the address the query came to."""
-
-    __slots__ = ("listener", "pktinfo")
-
-    def __init__(self, listener: _ClientUdp6, pktinfo: bytes | None):
-        self.listener, self.pktinfo = listener, pktinfo
-
-    def sendto(self, data: bytes, addr) -> None:
-        self.listener.send(data, addr, self.pktinfo)
-
-    def is_closing(self) -> bool:
-        return self.listener.is_closing()
-
-
-class StateWriter:
-    """Writes the learned state (skyguard.dns.learned) from a thread of its own, one write at a
-    time. On the event loop only a copy of the live entries is taken (~1 us each); encoding, the
-    file write and its fsync happen on the thread, so a slow disk holds back only the answers
-    waiting for their address to be on disk, not every query (nor the credential and SSH proxies
-    sharing the loop). Saves asked while a write is in flight are coalesced into the next one:
-    a burst of new addresses costs two writes, not one copy and one fsync per address."""
-
-    def __init__(self, store, metrics):
-        self.store = store
-        self.metrics = metrics
-        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sg-dns-state")
-        self._next: asyncio.Future | None = None  # the write that will cover what is added now
-        self._turn: asyncio.Lock | None = None  # one write at a time, in order
-        self._tasks: set[asyncio.Task] = set()
-
-    async def save(self) -> None:
-        """Return once everything added before this call is on disk (or its write failed,
-        which is counted and retried by the next save)."""
-        loop = asyncio.get_running_loop()
-        if self._next is None:
-            self._next = loop.create_future()
-            task = loop.create_task(self._write(self._next))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        await asyncio.shield(self._next)
-
-    async def _write(self, done: asyncio.Future) -> None:
-        if self._turn is None:
-            self._turn = asyncio.Lock()
-        async with self._turn:
-            if self._next is done:
-                self._next = None  # what is added from now on needs the next write
-            entries = self.store.snapshot(time.time())
-            try:
-                await asyncio.get_running_loop().run_in_executor(
-                    self._thread, self._encode_and_write, entries)
-            except Exception:  # noqa: BLE001 - a failed write must not lose later ones
-                self.store.dirty = self.store.urgent = True  # the next save tries again
-                self.metrics.upstream_errors.labels("state-save").inc()
-            finally:
-                if not done.done():
-                    done.set_result(None)
-
-    def _encode_and_write(self, entries) -> None:
-        self.store.write(self.store.encode(entries))
-
-    def close(self) -> None:
-        self._thread.shutdown(wait=True)
-
-
 class DnsServer:
     def __init__(self, resolver: DnsPolicyResolver, upstreams: list[Upstream],
                  listen: list[tuple[str, int]] | None = None,
@@ -280,9 +155,9 @@ class DnsServer:
         for host, port in self.listen:
             udp, tcp, port = self._bind_pair(host, port)
             if udp.family == socket.AF_INET6:
-                self._udp_transports.append(_ClientUdp6(self, udp, loop))
+                self._udp_transports.append(ClientUdp6(self, udp, loop))
             else:
-                transport, _ = await loop.create_datagram_endpoint(lambda: _ClientUdp(self), sock=udp)
+                transport, _ = await loop.create_datagram_endpoint(lambda: ClientUdp(self), sock=udp)
                 self._udp_transports.append(transport)
             self._servers.append(await asyncio.start_server(self._on_tcp_client, sock=tcp,
                                                             limit=MAX_TCP_REPLY + 2))
@@ -350,7 +225,7 @@ class DnsServer:
 
     # ---- UDP clients ---------------------------------------------------------------------
 
-    def _on_udp_query(self, transport, data: bytes, addr) -> None:
+    def on_udp_query(self, transport, data: bytes, addr) -> None:
         client_ip = addr[0]
         decision = self.resolver.decide(data, client_ip)
         if decision.action == "reply":

@@ -26,12 +26,12 @@ from bpf_support import ADDR, IFACES, Harness, P, make_policy
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
-from support.refmodel import EGRESS, INGRESS, Packet, decide
 from scapy.layers.inet import IP, TCP, UDP
 from test_verdicts import e_from, e_to
 
 from skyguard.datapath import abi
 from skyguard.policy.model import Destination, Rule
+from support.refmodel import EGRESS, INGRESS, Packet, decide
 
 pytestmark = pytest.mark.bpf
 

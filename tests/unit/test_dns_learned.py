@@ -196,8 +196,8 @@ def test_saves_asked_during_a_write_are_coalesced_and_each_waits_for_its_own_ent
     import json
     import threading
 
+    from skyguard.dns.learned import StateWriter
     from skyguard.dns.metrics import DnsMetrics
-    from skyguard.dns.server import StateWriter
 
     class CountingDisk(LearnedStore):
         def __init__(self, path):
