@@ -139,8 +139,9 @@ static __always_inline int sg_parse_l4_ports(void *l4, void *data_end, __u8 prot
   return 0;
 }
 
-/* ICMP error: the inner IP header and the first 8 bytes of its transport header. */
-static __always_inline int sg_parse_inner(void *p, void *data_end, __u8 family, struct sg_tuple *in) {
+/* ICMP error: the inner IP header and the first 8 bytes of its transport header, all within the
+ * error's own length (len: bytes from p to the end of the outer IP packet). */
+static __always_inline int sg_parse_inner(void *p, void *data_end, __u32 len, __u8 family, struct sg_tuple *in) {
   __u8 ignored = 0;
   in->sport = 0;
   in->dport = 0;
@@ -148,7 +149,7 @@ static __always_inline int sg_parse_inner(void *p, void *data_end, __u8 family, 
     struct iphdr *ip = p;
     if ((void *)(ip + 1) > data_end)
       return -SG_DROP_MALFORMED;
-    if (ip->version != 4 || ip->ihl < 5)
+    if (ip->version != 4 || ip->ihl < 5 || len < ip->ihl * 4 + 8)
       return -SG_DROP_MALFORMED;
     sg_v4_mapped(in->saddr, ip->saddr);
     sg_v4_mapped(in->daddr, ip->daddr);
@@ -156,7 +157,7 @@ static __always_inline int sg_parse_inner(void *p, void *data_end, __u8 family, 
     return sg_parse_l4_ports(p + ip->ihl * 4, data_end, in->proto, in, &ignored);
   }
   struct ipv6hdr *ip6 = p;
-  if ((void *)(ip6 + 1) > data_end)
+  if ((void *)(ip6 + 1) > data_end || len < sizeof(*ip6) + 8)
     return -SG_DROP_MALFORMED;
   __builtin_memcpy(in->saddr, &ip6->saddr, 16);
   __builtin_memcpy(in->daddr, &ip6->daddr, 16);
@@ -166,12 +167,17 @@ static __always_inline int sg_parse_inner(void *p, void *data_end, __u8 family, 
 
 /* Transport header of a first (or only) fragment. */
 /* l4_len: bytes from the transport header to the end of the IP packet (from the IP header, so
- * it may run past data_end when a TC program sees only the linear part). */
+ * it may run past data_end when a TC program sees only the linear part). Every header read must
+ * lie within l4_len, not only before data_end: bytes after the IP packet (Ethernet padding, which
+ * a VM writes as it likes) are no part of it, and a first fragment that carries only part of its
+ * transport header (8 bytes of TCP: ports and sequence number) leaves the rest (the flags) to a
+ * later fragment the receiver reassembles, which this datapath never reads (RFC 1858: such first
+ * fragments are dropped). Otherwise a SYN hid its flag and rode a closed flow's entry. */
 static __always_inline int sg_parse_l4(void *l4, void *data_end, __u32 l4_len, struct sg_pkt *pkt) {
   __u8 proto = pkt->t.proto;
   if (proto == IPPROTO_TCP) {
     struct tcphdr *th = l4;
-    if ((void *)(th + 1) > data_end)
+    if ((void *)(th + 1) > data_end || l4_len < sizeof(*th))
       return -SG_DROP_MALFORMED;
     if (th->doff < 5)
       return -SG_DROP_MALFORMED;
@@ -182,7 +188,7 @@ static __always_inline int sg_parse_l4(void *l4, void *data_end, __u32 l4_len, s
   }
   if (proto == IPPROTO_UDP) {
     struct udphdr *uh = l4;
-    if ((void *)(uh + 1) > data_end)
+    if ((void *)(uh + 1) > data_end || l4_len < sizeof(*uh))
       return -SG_DROP_MALFORMED;
     pkt->t.sport = uh->source;
     pkt->t.dport = uh->dest;
@@ -193,13 +199,15 @@ static __always_inline int sg_parse_l4(void *l4, void *data_end, __u32 l4_len, s
   if (proto != IPPROTO_ICMP && proto != IPPROTO_ICMPV6)
     return 0; /* another protocol: no ports; policy decides with proto 0 */
 
+  if (l4_len < 8)
+    return -SG_DROP_MALFORMED;
   int err = sg_parse_l4_ports(l4, data_end, proto, &pkt->t, &pkt->icmp_type);
   if (err)
     return err;
   __u8 type = pkt->icmp_type;
   if ((proto == IPPROTO_ICMP && sg_is_v4_error(type)) || (proto == IPPROTO_ICMPV6 && sg_is_v6_error(type))) {
     pkt->icmp_kind = SG_ICMP_ERROR;
-    return sg_parse_inner(l4 + 8, data_end, pkt->family, &pkt->inner);
+    return sg_parse_inner(l4 + 8, data_end, l4_len - 8, pkt->family, &pkt->inner);
   }
   if (proto != IPPROTO_ICMPV6)
     return 0;

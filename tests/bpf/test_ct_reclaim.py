@@ -17,8 +17,10 @@ import time
 import pytest
 from bpf_support import IFACES, Harness, make_policy
 from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment
+from scapy.packet import Raw
 from test_channels import SMALL
-from test_verdicts import ALLOW, DROP, IN, OUT, e_from, e_to, v4
+from test_verdicts import ALLOW, DROP, IN, OUT, e_from, e_to, v4, v6
 
 from skyguard.datapath import abi
 
@@ -232,3 +234,25 @@ def test_a_reopened_tuple_logs_the_closed_flows_end(share, flow_log):
     [end] = flow_log("flow_end")
     assert (end["sport"], end["reason"], end["packets"]) == (38200, "closed", 5)
     assert [e["sport"] for e in flow_log("flow_start")] == [38200, 38200]  # the closed flow's and the new one's
+
+
+def test_a_reopening_syn_cannot_hide_its_flags_in_a_later_fragment(share):
+    """A first fragment that carries only the first 8 bytes of its TCP header (ports and sequence
+    number) leaves the flags to the next fragment; bytes after the IP packet's end (a frame's
+    Ethernet padding, which the VM writes) are not its header. Read from there (an ACK), the VM's
+    SYN rode its closed flow's entry past the new decision: a connection to a DNS answer whose
+    TTL had run out, reassembled by the receiver from the two fragments."""
+    ip = "203.0.113.82"
+    share.worker.call(share.dp.learn, "web", "web-updates", [ip], 1.0)
+    open_and_close(share, 38300, ip, 443)
+    time.sleep(1.1)
+    syn = bytes(TCP(sport=38300, dport=443, flags="S", seq=1))
+    fake_rest = bytes(TCP(flags="A"))[8:]  # ack, data offset, flags, window, ...: what the parser read
+    first = IP(src=v4("w1"), dst=ip, proto=6, flags="MF", id=4711) / Raw(syn[:8])
+    later = IP(src=v4("w1"), dst=ip, proto=6, frag=1, id=4711) / Raw(syn[8:])
+    assert share.run(bytes(e_from("w1") / first) + fake_rest, "w1", OUT) == DROP("malformed")
+    assert share.run(bytes(e_from("w1") / later), "w1", OUT) == DROP("frag_no_flow")
+    # the same over IPv6, to an address a rule allows: still only whole transport headers
+    syn6 = bytes(TCP(sport=38301, dport=443, flags="S", seq=1))
+    first6 = IPv6(src=v6("w1"), dst="2001:db8:100::9") / IPv6ExtHdrFragment(nh=6, m=1, id=4712) / Raw(syn6[:8])
+    assert share.run(bytes(e_from("w1") / first6) + fake_rest, "w1", OUT) == DROP("malformed")
