@@ -129,7 +129,10 @@ static __always_inline int sg_handle(void *ctx, void *data, void *data_end, __u3
         (pkt->t.proto == IPPROTO_UDP || pkt->t.proto == IPPROTO_TCP))
       return SG_VERDICT_DNS; /* a fragment of the DNS proxy's reply */
 #endif
-    return sg_frag_allowed(ifindex, pkt, now) ? SG_VERDICT_ESTABLISHED : -SG_DROP_FRAG_NO_FLOW;
+    if (!sg_frag_allowed(ifindex, pkt, now))
+      return -SG_DROP_FRAG_NO_FLOW;
+    /* of an allowed datagram, but overlapping the transport header its first fragment showed */
+    return sg_later_fragment_ok(pkt->t.proto, pkt->frag_offset8) ? SG_VERDICT_ESTABLISHED : -SG_DROP_MALFORMED;
   }
 
   struct sg_ct_key rkey; /* a reversed key, written by sg_ct_find when it needs one */

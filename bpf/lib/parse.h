@@ -79,7 +79,7 @@ struct sg_pkt {
   __u8 nd_type;        /* ICMPv6 type of an SG_ICMP_ND or SG_ICMP_ND_FORBIDDEN message */
   __u8 hop_limit;      /* IPv6 only */
   __u8 lladdr_differs; /* two SLLA/TLLA options of one ND message name different addresses */
-  __u16 pad0;
+  __u16 frag_offset8;  /* SG_FRAG_LATER: the fragment offset, in units of 8 bytes */
   /* Not zeroed per packet (the scratch is reused): everything from here is written before it is
    * read (arp_spa for ARP, nd_target for NS/NA, lladdr when has_lladdr, inner for ICMP errors). */
   __u8 arp_spa[16];
@@ -113,6 +113,16 @@ static __always_inline int sg_addr_eq(const __u8 *a, const __u8 *b) {
   __builtin_memcpy(&b0, b, 8);
   __builtin_memcpy(&b1, b + 8, 8);
   return a0 == b0 && a1 == b1;
+}
+
+/* A later fragment must begin after its first fragment's transport header, which is the only one
+ * this datapath reads (RFC 1858): a TCP header is 20 bytes, so a first fragment (a multiple of 8
+ * bytes) that holds it is at least 24, and a fragment at offset 8 or 16 overlaps it. A receiver
+ * that keeps the later bytes of an overlap would reassemble flags the datapath never saw (an ACK
+ * riding a closed flow, overwritten into a SYN). UDP and ICMP headers are 8 bytes: any later
+ * offset is past them. offset8: the fragment offset in units of 8 bytes. */
+static __always_inline int sg_later_fragment_ok(__u8 proto, __u16 offset8) {
+  return proto != IPPROTO_TCP || offset8 >= 3;
 }
 
 static __always_inline int sg_is_v6_error(__u8 type) { return type >= 1 && type <= 4; }
@@ -281,6 +291,7 @@ static __always_inline int sg_parse_ipv4(void *p, void *data_end, __u32 l3_len, 
   pkt->frag_id = bpf_ntohs(ip->id);
   if (frag & 0x1fff) {
     pkt->frag = SG_FRAG_LATER;
+    pkt->frag_offset8 = frag & 0x1fff;
     return 0;
   }
   if (frag & 0x2000)
@@ -340,6 +351,7 @@ static __always_inline int sg_parse_ipv6(void *p, void *data_end, __u32 l3_len, 
       if (off & 0xfff8) {
         pkt->frag = SG_FRAG_LATER;
         pkt->t.proto = next;
+        pkt->frag_offset8 = off >> 3;
         return 0;
       }
       if (off & 1)

@@ -256,3 +256,27 @@ def test_a_reopening_syn_cannot_hide_its_flags_in_a_later_fragment(share):
     syn6 = bytes(TCP(sport=38301, dport=443, flags="S", seq=1))
     first6 = IPv6(src=v6("w1"), dst="2001:db8:100::9") / IPv6ExtHdrFragment(nh=6, m=1, id=4712) / Raw(syn6[:8])
     assert share.run(bytes(e_from("w1") / first6) + fake_rest, "w1", OUT) == DROP("malformed")
+
+
+def test_a_later_fragment_cannot_rewrite_a_tcp_header(share):
+    """A later fragment at offset 8 or 16 overlaps the first fragment's TCP header (RFC 1858): a
+    receiver that keeps the later bytes of an overlap reassembles the flags the datapath never
+    saw (the first fragment said ACK, riding a closed flow's entry; the overlap says SYN)."""
+    ip = "203.0.113.83"
+    share.worker.call(share.dp.learn, "web", "web-updates", [ip], 1.0)
+    open_and_close(share, 38400, ip, 443)
+    time.sleep(1.1)
+    ack = bytes(TCP(sport=38400, dport=443, flags="A", seq=1)) + b"\0" * 4
+    syn = bytes(TCP(sport=38400, dport=443, flags="S", seq=1)) + b"\0" * 4
+    first = IP(src=v4("w1"), dst=ip, proto=6, flags="MF", id=4713) / Raw(ack)
+    assert share.run(bytes(e_from("w1") / first), "w1", OUT) == (True, None)  # an ACK of the closed flow
+    for offset in (1, 2):
+        overlap = IP(src=v4("w1"), dst=ip, proto=6, frag=offset, id=4713) / Raw(syn[offset * 8:])
+        assert share.run(bytes(e_from("w1") / overlap), "w1", OUT) == DROP("malformed")
+    first6 = IPv6(src=v6("w1"), dst="2001:db8:100::9") / IPv6ExtHdrFragment(nh=6, m=1, id=4714) / Raw(syn)
+    overlap6 = IPv6(src=v6("w1"), dst="2001:db8:100::9") / IPv6ExtHdrFragment(nh=6, offset=1, id=4714) / Raw(syn[8:])
+    assert share.run(bytes(e_from("w1") / first6), "w1", OUT) == ALLOW
+    assert share.run(bytes(e_from("w1") / overlap6), "w1", OUT) == DROP("malformed")
+    # the next fragment after a whole header passes
+    after6 = IPv6(src=v6("w1"), dst="2001:db8:100::9") / IPv6ExtHdrFragment(nh=6, offset=3, id=4714) / Raw(b"x" * 8)
+    assert share.run(bytes(e_from("w1") / after6), "w1", OUT) == (True, None)
