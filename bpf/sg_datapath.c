@@ -149,7 +149,7 @@ static __always_inline int sg_handle(void *ctx, void *data, void *data_end, __u3
      * way the outer destination is the inner source. Steered DNS has no conntrack entry, so no
      * error is ever related to it. Anything else is an ICMP packet like any other: policy. */
     if (sg_addr_eq(pkt->t.daddr, pkt->inner.saddr) &&
-        sg_ct_find(ifindex, &pkt->inner, direction ^ 1, now, &rkey, &key, &is_reply))
+        sg_ct_find(ifindex, &pkt->inner, direction ^ 1, now, &rkey, &key, &is_reply, SG_CT_EITHER))
       return SG_VERDICT_ESTABLISHED;
     no_rule_reason = SG_DROP_ICMP_ERR_NO_FLOW;
   }
@@ -158,7 +158,7 @@ static __always_inline int sg_handle(void *ctx, void *data, void *data_end, __u3
   if (pkt->t.proto == IPPROTO_ICMP || pkt->t.proto == IPPROTO_ICMPV6)
     port = pkt->icmp_type; /* type in the high (first) byte of the network-order port */
 
-  struct sg_ct_val *ct = sg_ct_find(ifindex, &pkt->t, direction, now, &rkey, &key, &is_reply);
+  struct sg_ct_val *ct = sg_ct_find(ifindex, &pkt->t, direction, now, &rkey, &key, &is_reply, sg_ct_orient(pkt));
   /* A new connection on a closed flow's tuple (sg_ct_reopened) is decided below as new. Opened
    * the same way round, it takes over the closed flow's entry in place (a fresh entry elsewhere
    * would leave the old slot naming a live key); the other way round, the entry goes now. */

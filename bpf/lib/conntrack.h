@@ -124,26 +124,42 @@ static __always_inline struct sg_ct_val *sg_ct_try(struct sg_tuple *t, int rever
   return 0;
 }
 
-/* The live entry of this tuple at this interface, in either orientation. *is_reply says whether
- * the packet travels against the originator; *key points at the entry's key: the tuple itself
- * (forward: it is laid out as a key, so the lookup copies nothing) or rkey (reversed).
- * The likelier orientation is tried first, so most packets cost one lookup: a packet from a
- * lower port to a higher one (a service answering an ephemeral port; an ICMP echo reply, whose
- * identifier is its dport) is taken for a reply. Both are tried either way: the order changes
- * the cost, not the answer (one tuple has one live entry). Expired entries count as absent. */
+/* sg_ct_find's orient: which orientations a packet may match. ICMP has no ports, so its kind says
+ * it: only a reply (echo, timestamp) is a reply; a request, an error or any other type can only be
+ * its own flow's originator. Otherwise a tuple whose "ports" are both 0 (identifier 0, or a type
+ * without one) matched the other side's entry reversed: a VM's ping let its peer send it any ICMP. */
+#define SG_CT_EITHER 0
+#define SG_CT_ORIG 1  /* forward only */
+#define SG_CT_REPLY 2 /* reversed only */
+
+static __always_inline int sg_ct_orient(const struct sg_pkt *pkt) {
+  if (pkt->t.proto != IPPROTO_ICMP && pkt->t.proto != IPPROTO_ICMPV6)
+    return SG_CT_EITHER;
+  return sg_icmp_is_reply(pkt->t.proto, pkt->icmp_type) ? SG_CT_REPLY : SG_CT_ORIG;
+}
+
+/* The live entry of this tuple at this interface, in either orientation (orient: SG_CT_*).
+ * *is_reply says whether the packet travels against the originator; *key points at the entry's
+ * key: the tuple itself (forward: it is laid out as a key, so the lookup copies nothing) or rkey
+ * (reversed). The likelier orientation is tried first, so most packets cost one lookup: a packet
+ * from a lower port to a higher one (a service answering an ephemeral port) is taken for a reply.
+ * Both are tried either way: the order changes the cost, not the answer (one tuple has one live
+ * entry). Expired entries count as absent. */
 static __always_inline struct sg_ct_val *sg_ct_find(__u32 ifindex, struct sg_tuple *t, __u8 direction, __u64 now,
                                                     struct sg_ct_key *rkey, struct sg_ct_key **key,
-                                                    int *is_reply) {
+                                                    int *is_reply, int orient) {
   t->ifindex = ifindex;
   t->pad[0] = 0;
   t->pad[1] = 0;
   t->pad[2] = 0;
-  int reply_first = bpf_ntohs(t->sport) < bpf_ntohs(t->dport);
+  int reply_first = orient ? orient == SG_CT_REPLY : bpf_ntohs(t->sport) < bpf_ntohs(t->dport);
   struct sg_ct_val *ct = sg_ct_try(t, reply_first, direction, now, rkey, key);
   if (ct) {
     *is_reply = reply_first;
     return ct;
   }
+  if (orient)
+    return 0;
   ct = sg_ct_try(t, !reply_first, direction, now, rkey, key);
   if (ct) {
     *is_reply = !reply_first;

@@ -128,9 +128,19 @@ static __always_inline int sg_later_fragment_ok(__u8 proto, __u16 offset8) {
 static __always_inline int sg_is_v6_error(__u8 type) { return type >= 1 && type <= 4; }
 static __always_inline int sg_is_v4_error(__u8 type) { return type == 3 || type == 11 || type == 12; }
 
-/* The first 8 bytes of a transport header: ports; for ICMP echo the identifier as the source
- * "port" of a request and the destination "port" of a reply, so a reply's reversed tuple is its
- * request's, and a request coming the other way is not mistaken for a reply. */
+/* ICMP messages exchanged as a request and its reply, with an identifier: echo and timestamp. */
+static __always_inline int sg_icmp_is_request(__u8 proto, __u8 type) {
+  return proto == IPPROTO_ICMP ? type == 8 || type == 13 : type == 128;
+}
+static __always_inline int sg_icmp_is_reply(__u8 proto, __u8 type) {
+  return proto == IPPROTO_ICMP ? type == 0 || type == 14 : type == 129;
+}
+
+/* The first 8 bytes of a transport header: ports; for an ICMP echo or timestamp the identifier as
+ * the source "port" of a request and the destination "port" of a reply, so a reply's reversed
+ * tuple is its request's. Identifier 0 and every other ICMP type give both "ports" 0, a tuple that
+ * reads the same either way round: the caller tells a reply from a request by its type, never by
+ * which orientation matches (sg_ct_find's orient). */
 static __always_inline int sg_parse_l4_ports(void *l4, void *data_end, __u8 proto, struct sg_tuple *t,
                                              __u8 *icmp_type) {
   if (l4 + 8 > data_end)
@@ -141,9 +151,9 @@ static __always_inline int sg_parse_l4_ports(void *l4, void *data_end, __u8 prot
   } else if (proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6) {
     __u8 type = *(__u8 *)l4;
     *icmp_type = type;
-    if ((proto == IPPROTO_ICMP && type == 8) || (proto == IPPROTO_ICMPV6 && type == 128))
+    if (sg_icmp_is_request(proto, type))
       __builtin_memcpy(&t->sport, l4 + 4, 2);
-    else if ((proto == IPPROTO_ICMP && type == 0) || (proto == IPPROTO_ICMPV6 && type == 129))
+    else if (sg_icmp_is_reply(proto, type))
       __builtin_memcpy(&t->dport, l4 + 4, 2);
   }
   return 0;

@@ -68,6 +68,40 @@ def test_udp_and_icmp_echo_replies(h):
     assert h.run(bytes(their_ping), "w1", IN) == DROP("no_rule")
 
 
+def test_only_an_icmp_reply_rides_the_vms_icmp_flow(h):
+    """ICMP carries no ports: an echo request with identifier 0 and every type without an
+    identifier are tuples with both "ports" 0, the same either way round. Such a packet the VM
+    sent (web -> db ICMP is allowed, db -> web is not) let db send it anything as a "reply": its
+    own echo requests with identifier 0, other types, and ICMP errors about no flow of the VM.
+    Only an echo (or timestamp) reply is a reply; anything else db sends is decided as its own."""
+    ping0 = e_from("w1") / IP(src=v4("w1"), dst=v4("d1")) / ICMP(type=8, id=0, seq=1)
+    pong0 = e_to("w1") / IP(src=v4("d1"), dst=v4("w1")) / ICMP(type=0, id=0, seq=1)
+    their_ping0 = e_to("w1") / IP(src=v4("d1"), dst=v4("w1")) / ICMP(type=8, id=0, seq=7)
+    their_tstamp = e_to("w1") / IP(src=v4("d1"), dst=v4("w1")) / ICMP(type=13, id=0)
+    stray_error = e_to("w1") / IP(src=v4("d1"), dst=v4("w1")) / ICMP(type=3, code=3) / \
+        IP(src=v4("w1"), dst="203.0.113.5") / UDP(sport=9999, dport=53)
+    assert h.run(bytes(ping0), "w1", OUT) == ALLOW
+    assert h.run(bytes(pong0), "w1", IN) == ALLOW
+    assert h.run(bytes(their_ping0), "w1", IN) == DROP("no_rule")
+    assert h.run(bytes(their_tstamp), "w1", IN) == DROP("no_rule")
+    assert h.run(bytes(stray_error), "w1", IN) == DROP("icmp_err_no_flow")
+    # a type without identifier the VM sends (here a source quench) opens nothing either
+    quench = e_from("w1") / IP(src=v4("w1"), dst=v4("d1")) / ICMP(type=4) / IP(src=v4("d1"), dst=v4("w1")) / UDP()
+    assert h.run(bytes(quench), "w1", OUT) == ALLOW
+    assert h.run(bytes(e_to("w1") / IP(src=v4("d1"), dst=v4("w1")) / ICMP(type=4) /
+                       IP(src=v4("w1"), dst=v4("d1")) / UDP()), "w1", IN) == DROP("no_rule")
+    # IPv6: the same
+    ping6 = e_from("w1") / IPv6(src=v6("w1"), dst=v6("d1")) / ICMPv6EchoRequest(id=0)
+    assert h.run(bytes(ping6), "w1", OUT) == ALLOW
+    assert h.run(bytes(e_to("w1") / IPv6(src=v6("d1"), dst=v6("w1")) / ICMPv6EchoReply(id=0)), "w1", IN) == ALLOW
+    assert h.run(bytes(e_to("w1") / IPv6(src=v6("d1"), dst=v6("w1")) / ICMPv6EchoRequest(id=0)), "w1", IN) == \
+        DROP("no_rule")
+    # the timestamp exchange (which carries an identifier like echo) still works
+    tstamp = e_from("w1") / IP(src=v4("w1"), dst=v4("d1")) / ICMP(type=13, id=5)
+    assert h.run(bytes(tstamp), "w1", OUT) == ALLOW
+    assert h.run(bytes(e_to("w1") / IP(src=v4("d1"), dst=v4("w1")) / ICMP(type=14, id=5)), "w1", IN) == ALLOW
+
+
 def test_icmp_error_for_an_allowed_flow(h):
     syn = e_from("w1") / IP(src=v4("w1"), dst="198.51.100.9") / TCP(sport=42000, dport=443, flags="S")
     err = e_to("w1") / IP(src="198.51.100.1", dst=v4("w1")) / ICMP(type=3, code=1) / syn[IP]
