@@ -173,6 +173,18 @@ class SecretStore:
         validate_secret_name(name)
         return self._path(name).exists()
 
+    def version(self, name: str) -> tuple | None:
+        """What identifies the sealed file of `name` now (inode, mtime, size), None when there is
+        none: a caller that keeps a value in memory compares it on each use, so that a secret
+        removed or replaced by another process (every write is a new file, renamed into place) is
+        not used from memory. Cheap: one stat, no decryption."""
+        validate_secret_name(name)
+        try:
+            st = self._path(name).stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
     def list(self) -> list[dict]:
         """Public metadata of every secret, sorted by name: name, size, created, updated, metadata.
         Never a value, and needs no sealing key."""

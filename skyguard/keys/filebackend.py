@@ -21,7 +21,9 @@ class FileBackend:
 
     def __init__(self, store: SecretStore):
         self.store = store
-        self._cache: dict[str, tuple[object, str]] = {}  # name -> (private key, type); reset by create/remove
+        # name -> (private key, type, the sealed file's version): used only while the file is that one,
+        # so a key removed or replaced by `skyguard key rm/create` in another process is not used.
+        self._cache: dict[str, tuple[object, str, tuple]] = {}
 
     def __repr__(self) -> str:
         return f"FileBackend({self.store!r})"
@@ -117,11 +119,15 @@ class FileBackend:
 
     def _load(self, name: str):
         validate_key_name(name)
+        version = self.store.version(PREFIX + name)
+        if version is None:
+            self._cache.pop(name, None)
+            self._secret(name)  # raises: no key named ...
         hit = self._cache.get(name)
-        if hit is None:
+        if hit is None or hit[2] != version:
             from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
             meta = {e["name"]: e.get("metadata") or {} for e in self.store.list()}.get(PREFIX + name, {})
             key = load_pem_private_key(self._secret(name).reveal(), None)
-            hit = self._cache[name] = (key, str(meta.get("key_type")))
-        return hit
+            hit = self._cache[name] = (key, str(meta.get("key_type")), version)
+        return hit[0], hit[1]

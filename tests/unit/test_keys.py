@@ -392,3 +392,20 @@ def test_the_keys_section_in_policy_show_and_diff():
     assert "Keys (pkcs11 backend: token skyguard through /usr/lib/softhsm/libsofthsm2.so, PIN in secret hsm-pin" in shown
     assert any(line.split() == ["release", "auth", "sign,", "verify", "5/s"] for line in shown.splitlines())
     assert any(line.split() == ["wrap", "*", "decrypt", "120/min"] for line in shown.splitlines())
+
+
+def test_a_file_key_removed_or_replaced_by_another_process_is_not_used_from_memory(tmp_path):
+    """The crypto proxy's backend and `skyguard key rm`/`key create` (another process) share the
+    sealed store: once the CLI removed a key, the proxy must stop signing with it; once it made a
+    new key of that name, the proxy signs with the new one (no private key lives on in a cache)."""
+    store_dir = tmp_path / "secrets"
+    proxy, cli = FileBackend(SecretStore(store_dir)), FileBackend(SecretStore(store_dir))
+    cli.create("release", "ec-p256")
+    digest = hashlib.sha256(b"payload").digest()
+    assert verify_signature(proxy.public_pem("release"), "ec-p256", digest, proxy.sign("release", digest))
+    cli.remove("release")
+    with pytest.raises(KeyCustodyError, match="no key named 'release'"):
+        proxy.sign("release", digest)
+    cli.create("release", "ec-p256")  # the old key's name, a new key (rotation)
+    assert verify_signature(cli.public_pem("release"), "ec-p256", digest, proxy.sign("release", digest))
+    assert proxy.public_pem("release") == cli.public_pem("release")
