@@ -43,7 +43,10 @@ class TpmBackend:
         self.directory = Path(state_dir) / "keys" / "tpm"
         # The proxy signs from worker threads; the TPM and the work folder's files are one at a time.
         self._lock = threading.Lock()
-        self._loaded: dict[str, str] = {}  # name -> context file of the key loaded (saved) in this TPM
+        # name -> (context file of the key loaded (saved) in this TPM, the private blob it was loaded
+        # from): used only while the key's record holds that blob, so a key removed and made again
+        # under its name by another process (`key rm`, `key create`) is never signed with.
+        self._loaded: dict[str, tuple[str, str]] = {}
 
     def __repr__(self) -> str:
         return f"TpmBackend({self.tpm.tcti!r})"
@@ -119,7 +122,8 @@ class TpmBackend:
             data, sig = self.tpm.file("sign.digest"), self.tpm.file("sign.sig")
             data.write_bytes(digest)
             args = ("-g", hash_name, "-s", "ecdsa", "-d", "-f", "plain", "-o", str(sig), str(data))
-            ctx = self._loaded.get(name)
+            loaded = self._loaded.get(name)
+            ctx = loaded[0] if loaded is not None and loaded[1] == record.get("private") else None
             signed = False
             if ctx is not None:
                 try:
@@ -165,7 +169,6 @@ class TpmBackend:
         finally:
             pub.unlink(missing_ok=True)
             priv.unlink(missing_ok=True)
-        self._loaded[name] = str(ctx)
         return str(ctx)
 
     def _load_record(self, name: str, record: dict) -> str:
@@ -174,7 +177,9 @@ class TpmBackend:
             public, private = base64.b64decode(record["public"]), base64.b64decode(record["private"])
         except (KeyError, TypeError, ValueError):
             raise KeyCustodyError(f"the blob of TPM key {name!r} ({self._path(name)}) is damaged") from None
-        return self._load_blobs(name, self._primary(), public, private)
+        ctx = self._load_blobs(name, self._primary(), public, private)
+        self._loaded[name] = (ctx, record["private"])
+        return ctx
 
     def _path(self, name: str) -> Path:
         return self.directory / f"{validate_key_name(name)}.json"

@@ -222,3 +222,23 @@ def test_the_policy_takes_the_tpm_backend_and_refuses_what_it_cannot_do():
         parse_policy(base + TPM_KEYS.replace("[sign, verify]", "[sign, decrypt]"))
     with pytest.raises(PolicyError, match="keys.token: the tpm backend takes no `token:`"):
         parse_policy(base + TPM_KEYS.replace("backend: tpm\n", "backend: tpm\n  token: skyguard\n"))
+
+
+def test_a_tpm_key_rotated_by_another_process_is_not_signed_with_from_its_loaded_context(made):
+    """The proxy keeps each key loaded in the TPM (a saved context); `skyguard key rm` and `key
+    create` of the same name in another process make a new key: the proxy must sign with the new
+    key, never with the removed one's context (that key is gone for good)."""
+    from skyguard.keys.types import verify_signature
+
+    proxy = backend_of(made.state)
+    try:
+        assert cli("key", "create", "rotated", "--type", "ec-p256", policy=made.policy, state=made.state).exit_code == 0
+        digest = hashlib.sha256(b"before").digest()
+        assert verify_signature(proxy.public_pem("rotated"), "ec-p256", digest, proxy.sign("rotated", digest))
+        assert cli("key", "rm", "rotated", policy=made.policy, state=made.state).exit_code == 0
+        assert cli("key", "create", "rotated", "--type", "ec-p256", policy=made.policy, state=made.state).exit_code == 0
+        digest = hashlib.sha256(b"after").digest()
+        assert verify_signature(proxy.public_pem("rotated"), "ec-p256", digest, proxy.sign("rotated", digest))
+    finally:
+        proxy.close()
+        cli("key", "rm", "rotated", policy=made.policy, state=made.state)
