@@ -5,7 +5,9 @@ Who is asking comes from the datapath, never from the request: the connection's 
 the kernel delivered it (the datapath drops a frame whose source address is not its interface's
 workload, before it reaches the host) must be a workload's, and the kernel's route back to it must
 leave through that workload's interface (for IPv6 link-local peers, the interface is the socket's
-scope). A connection that fails either is answered 403 and logged. Reachability itself is the
+scope). A connection that fails either is answered 403 and logged. The workload and zone are
+looked up again for each request of a kept-alive connection, so a hot-swapped policy that moves a
+VM to another zone (or out of the policy) applies to the connections it already holds. Reachability itself is the
 datapath's: a zone reaches the proxy's port only where a rule lets it (see skyguard/policy/keys.py).
 
 Every sign, verify and decrypt, and every refusal, is a `key_use` entry in the signed log (key,
@@ -190,6 +192,7 @@ class CryptoProxy:
                 self._account(caller, None, reply)
                 await self._send(conn, writer, reply, close=True)
                 return
+            caller = self._in_policy(caller)  # each request by the policy in force (a hot swap may move the VM)
             reply = await self._handle(caller, request.method.decode("ascii", "replace"),
                                        request.target.decode("ascii", "replace"), body)
             await self._send(conn, writer, reply)
@@ -337,6 +340,14 @@ class CryptoProxy:
         if found is None or interface != found[2]:
             return api.Caller(None, None, interface, address)  # not a workload, or not on its interface
         return api.Caller(found[0], found[1], interface, address)
+
+    def _in_policy(self, caller: api.Caller) -> api.Caller:
+        """The caller of a kept-alive connection as the current policy knows it: the address and
+        interface the connection came from, its workload and zone looked up again."""
+        found = self._workloads.get(caller.address)
+        if found is None or caller.interface != found[2]:
+            return api.Caller(None, None, caller.interface, caller.address)
+        return api.Caller(found[0], found[1], caller.interface, caller.address)
 
     def _route_interface(self, address: str) -> str | None:
         """The interface the kernel routes `address` through (where its packets come from)."""

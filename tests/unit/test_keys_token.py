@@ -396,3 +396,34 @@ def test_a_policy_without_keys_is_taken_before_the_part_stops(token, proxy):
     assert status in (403, 404)
     proxy.loop.call(proxy.part.set_policy(loopback_policy(token)))  # back as it was
     assert post(proxy, "/v1/keys/release/sign", {"digest": "55" * 32})[0] == 200
+
+
+def test_a_kept_alive_connection_is_judged_by_the_vms_zone_in_the_current_policy(token, proxy):
+    """Who asks is decided per request, against the policy in force: a VM moved to another zone
+    (or out of the policy) by a hot swap must not keep using its old zone's keys over the
+    keep-alive connection it opened before the swap."""
+    moved = Workload("vm1", "sdn", "lo", "02:00:00:00:00:01", (ipaddress.ip_address("127.0.0.1"),))
+    base = loopback_policy(token)
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.part.port, timeout=10)
+
+    def sign():
+        conn.request("POST", "/v1/keys/release/sign", body=json.dumps({"digest": "66" * 32}),
+                     headers={"content-type": "application/json"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+
+    try:
+        assert sign()[0] == 200
+        swapped = Policy(name="t", zones={"auth": Zone("auth", ()), "sdn": Zone("sdn", (moved,))}, networks={},
+                         rules=(), keys=base.keys)
+        proxy.loop.call(proxy.part.set_policy(swapped))
+        status, reply = sign()  # the same connection
+        assert (status, reply.get("error")) == (403, "zone 'sdn' may not use key 'release'")
+        gone = Policy(name="t", zones={"auth": Zone("auth", ()), "sdn": Zone("sdn", ())}, networks={},
+                      rules=(), keys=base.keys)
+        proxy.loop.call(proxy.part.set_policy(gone))
+        assert sign()[0] == 403
+    finally:
+        conn.close()
+        proxy.loop.call(proxy.part.set_policy(base))  # back as it was
+    assert post(proxy, "/v1/keys/release/sign", {"digest": "66" * 32})[0] == 200
