@@ -94,7 +94,7 @@ def parse(method: str, target: str, body: bytes) -> Operation | Reply:
         return refuse(413, "too-large", f"the body is over {MAX_BODY} bytes")
     try:
         request = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: deep nesting, within MAX_BODY
         return refuse(400, "bad-request", "the body is not JSON")
     if not isinstance(request, dict):
         return refuse(400, "bad-request", "the body must be a JSON object")

@@ -108,6 +108,7 @@ DIGEST = "ab" * 32
     ("POST", "/v1/keys/release/sign", b'{"digest": "zz"}', 400, "bad-request"),
     ("POST", "/v1/keys/release/sign", b'{"digest": "%s"}' % (b"ab" * 20), 400, "bad-request"),
     ("POST", "/v1/keys/release/sign", b"[]", 400, "bad-request"),
+    pytest.param("POST", "/v1/keys/release/sign", b"[" * 10000, 400, "bad-request", id="nesting-past-the-recursion-limit"),
     ("POST", "/v1/keys/release/verify", b'{"digest": "%s", "signature": "***"}' % DIGEST.encode(), 400, "bad-request"),
     ("POST", "/v1/keys/wrap/decrypt", b'{"ciphertext": ""}', 400, "bad-request"),
     ("POST", "/v1/keys/release/export", b"{}", 404, "bad-request"),
