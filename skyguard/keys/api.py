@@ -159,12 +159,13 @@ class RateLimiter:
         bucket.refused += 1
         return False
 
-    def refusals_to_log(self, key: str, workload: str, now: float | None = None) -> int:
+    def refusals_to_log(self, key: str, workload: str, now: float | None = None, force: bool = False) -> int:
         """How many refusals the next log entry stands for; 0 while one was logged in the last second
-        (a flood over the limit writes about one entry per second, not one per request)."""
+        (a flood over the limit writes about one entry per second, not one per request). force:
+        those not logged yet, now (the proxy's entry a second after a flood's last one)."""
         now = time.monotonic() if now is None else now
-        bucket = self.buckets[(key, workload)]
-        if now - bucket.logged_at < 1.0:
+        bucket = self.buckets.get((key, workload))
+        if bucket is None or (now - bucket.logged_at < 1.0 and not force):
             return 0
         count, bucket.refused, bucket.logged_at = bucket.refused, 0, now
         return count

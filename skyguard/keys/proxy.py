@@ -13,7 +13,8 @@ datapath's: a zone reaches the proxy's port only where a rule lets it (see skygu
 Every sign, verify and decrypt, and every refusal, is a `key_use` entry in the signed log (key,
 zone, workload, operation, digest, outcome); an operation's entry is durable before its answer
 leaves (none is given when the log cannot take it); a flood over a key's rate limit is summarised in one
-entry per second per VM and key. Prometheus counts operations by key, operation and outcome (key
+entry per second per VM and key (refusals after a second's entry are counted in an entry a second
+later, also when the flood stops). Prometheus counts operations by key, operation and outcome (key
 is "-" for names the policy does not offer, so a VM cannot grow the label set). Key operations run
 in a small thread pool; the rate limit is checked before, so one VM's flood never queues there.
 
@@ -38,7 +39,7 @@ import h11
 from skyguard.credproxy.fairness import Slots
 from skyguard.keys import api
 from skyguard.keys.types import KeyCustodyError, verify_signature
-from skyguard.parts import Degraded
+from skyguard.parts import Degraded, record_or_report
 
 log = logging.getLogger("skyguard.keys")
 
@@ -69,6 +70,7 @@ class CryptoProxy:
         self.port = None
         self._connections = Slots(MAX_CONNECTIONS_PER_VM)  # per VM (workload name, else address)
         self._tasks: set = set()
+        self._pending: set[tuple[str, str]] = set()  # (key, workload) with refusals to log in a second
         self._routes: dict[str, tuple[str | None, float]] = {}
         self._route_lock = threading.Lock()
         self._ipr = None
@@ -315,9 +317,25 @@ class CryptoProxy:
         if reply.outcome == "rate-limited":
             count = self.limiter.refusals_to_log(op.key, caller.workload)
             if not count:
+                self._log_pending_later(op.key, caller.workload, fields)
                 return
             fields["refused"] = count  # refusals this entry stands for (about one entry a second)
         self.decisions.record("key_use", **fields)
+
+    def _log_pending_later(self, key: str, workload: str, fields: dict) -> None:
+        """Refusals counted but not yet logged (a flood within the second after its last entry) go
+        in an entry a second later, so a flood that stops is not left out of the log."""
+        if (key, workload) in self._pending:
+            return
+        self._pending.add((key, workload))
+
+        def flush():
+            self._pending.discard((key, workload))
+            count = self.limiter.refusals_to_log(key, workload, force=True)
+            if count:
+                record_or_report(self.decisions, log, "key_use", **dict(fields, refused=count))
+
+        asyncio.get_running_loop().call_later(1.0, flush)
 
     # ---- who is asking -----------------------------------------------------------------------
 

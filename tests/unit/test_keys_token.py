@@ -427,3 +427,25 @@ def test_a_kept_alive_connection_is_judged_by_the_vms_zone_in_the_current_policy
         conn.close()
         proxy.loop.call(proxy.part.set_policy(base))  # back as it was
     assert post(proxy, "/v1/keys/release/sign", {"digest": "66" * 32})[0] == 200
+
+
+def test_every_refusal_of_a_flood_over_the_rate_limit_reaches_the_log(token, proxy):
+    """A flood over a key's rate limit is summarised in one entry a second: the refusals made after
+    that second's entry are counted in the next one, even when the flood stops (none is lost)."""
+    import time
+
+    slow = loopback_policy(token, keys=(KeyGrant("release", ("auth",), ("sign",), 1 / 60, 1),))
+    proxy.loop.call(proxy.part.set_policy(slow))
+    digest = secrets.token_hex(32)
+    try:
+        statuses = [post(proxy, "/v1/keys/release/sign", {"digest": digest})[0] for _ in range(6)]
+        assert statuses == [200] + [429] * 5
+        deadline = time.monotonic() + 5
+        while True:
+            limited = [e for e in proxy.recorded.entries if e["digest"] == digest and e["outcome"] == "rate-limited"]
+            if sum(e["refused"] for e in limited) >= 5 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert sum(e["refused"] for e in limited) == 5 and len(limited) <= 2
+    finally:
+        proxy.loop.call(proxy.part.set_policy(loopback_policy(token)))  # back as it was
