@@ -72,12 +72,14 @@ class SftpRequestWatcher:
 # VM holds nothing before), and an upload larger than the inspection buffer is refused (its WRITE
 # fails) rather than streamed unscanned.
 
+SSH_FXP_INIT, SSH_FXP_VERSION = 1, 2
 SSH_FXP_OPEN, SSH_FXP_CLOSE, SSH_FXP_WRITE, SSH_FXP_REMOVE = 3, 4, 6, 13
 SSH_FXP_STATUS, SSH_FXP_HANDLE = 101, 102
 SSH_FX_OK, SSH_FX_FAILURE, SSH_FX_PERMISSION_DENIED = 0, 4, 3
 SSH_FXF_WRITE = 0x02
 _OWN_IDS = 0xF0000000  # request ids skyguard sends on the operator's behalf (clients count up from 0)
 MAX_HELD_FILES = 64  # files held open for judging at once, per channel
+MAX_IN_FLIGHT = 1 << 16  # operator requests the VM has not answered yet, per channel
 
 
 class SftpProtocolError(Exception):
@@ -92,6 +94,10 @@ def _string(packet: bytes, at: int) -> tuple[bytes, int]:
     if end > len(packet):
         raise SftpProtocolError("truncated SFTP packet")
     return packet[at + 4:end], end
+
+
+def request_id_of(packet: bytes) -> int:
+    return struct.unpack_from(">I", packet, 1)[0]
 
 
 def _packet(kind: int, request_id: int, *fields: bytes) -> bytes:
@@ -160,7 +166,11 @@ class SftpUploadFilter:
         self._held: dict[bytes, _HeldFile] = {}  # handle -> file being held
         self._own: dict[int, bytes | None] = {}  # our request ids -> the handle of a replayed WRITE
         self._closing: dict[int, _HeldFile] = {}  # operator's CLOSE ids forwarded after a replay
-        self._denials: dict[int, bytes] = {}  # our REMOVE's id -> the refusal to send once it is answered
+        self._denials: dict[int, tuple[int, bytes]] = {}  # our REMOVE's id -> (CLOSE id, the refusal to send)
+        # Ids of the operator's requests not answered yet. An id reused while in flight is refused:
+        # answers are told apart only by id, so another request's answer could take a write OPEN's
+        # place and its handle would never be held (its WRITEs unjudged).
+        self._in_flight: set[int] = set()
         self._next_id = _OWN_IDS
         self._held_bytes = 0
         self.active = engine is not None and engine.inspector(zone, "upload", "sftp") is not None
@@ -177,10 +187,17 @@ class SftpUploadFilter:
         to_vm, to_operator = bytearray(), bytearray()
         for packet in self._from_operator.packets(data):
             kind = packet[0]
-            if kind in (SSH_FXP_OPEN, SSH_FXP_WRITE, SSH_FXP_CLOSE) and len(packet) >= 5:
+            if kind != SSH_FXP_INIT:
+                if len(packet) < 5:
+                    raise SftpProtocolError("truncated SFTP packet")
                 (request_id,) = struct.unpack_from(">I", packet, 1)
                 if request_id >= _OWN_IDS:
                     raise SftpProtocolError("request id in skyguard's own range")
+                if request_id in self._in_flight:
+                    raise SftpProtocolError(f"request id {request_id} reused while in flight")
+                if len(self._in_flight) >= MAX_IN_FLIGHT:
+                    raise SftpProtocolError(f"more than {MAX_IN_FLIGHT} requests unanswered")
+            if kind in (SSH_FXP_OPEN, SSH_FXP_WRITE, SSH_FXP_CLOSE):
                 if kind == SSH_FXP_OPEN:
                     path, at = _string(packet, 5)
                     if at + 4 <= len(packet) and struct.unpack_from(">I", packet, at)[0] & SSH_FXF_WRITE:
@@ -202,7 +219,10 @@ class SftpUploadFilter:
                         vm, operator = await self._judge(held, handle, request_id, packet)
                         to_vm += vm
                         to_operator += operator
+                        self._in_flight.add(request_id)  # answered by the VM, or by the refusal
                         continue
+            if kind != SSH_FXP_INIT:
+                self._in_flight.add(request_id)
             to_vm += struct.pack(">I", len(packet)) + packet
         return bytes(to_vm), bytes(to_operator)
 
@@ -251,8 +271,8 @@ class SftpUploadFilter:
             _packet(SSH_FXP_REMOVE, remove_id, _sftp_string(held.path.encode()))
         # The operator hears of the refusal once the VM has removed the file: a client that quits
         # on the error (sftp -b) cannot end the channel before the removal ran.
-        self._denials[remove_id] = status_packet(close_id, SSH_FX_PERMISSION_DENIED,
-                                                 f"skyguard: upload blocked: {verdict.reason}")
+        self._denials[remove_id] = (close_id, status_packet(close_id, SSH_FX_PERMISSION_DENIED,
+                                                            f"skyguard: upload blocked: {verdict.reason}"))
         return cleanup, b""
 
     def from_vm(self, data: bytes) -> bytes:
@@ -260,11 +280,15 @@ class SftpUploadFilter:
             return data
         out = bytearray()
         for packet in self._from_vm.packets(data):
+            if packet[0] != SSH_FXP_VERSION and len(packet) >= 5 and request_id_of(packet) not in self._own:
+                self._in_flight.discard(request_id_of(packet))  # every answer: STATUS, HANDLE, DATA, NAME, ...
             if packet[0] in (SSH_FXP_STATUS, SSH_FXP_HANDLE) and len(packet) >= 5:
-                (request_id,) = struct.unpack_from(">I", packet, 1)
+                request_id = request_id_of(packet)
                 if request_id in self._own:  # an answer to skyguard's own request: not the operator's
                     handle = self._own.pop(request_id)
-                    out += self._denials.pop(request_id, b"")
+                    close_id, denial = self._denials.pop(request_id, (None, b""))
+                    self._in_flight.discard(close_id)
+                    out += denial
                     code = struct.unpack_from(">I", packet, 5)[0] if len(packet) >= 9 else SSH_FX_FAILURE
                     if handle is not None and packet[0] == SSH_FXP_STATUS and code != SSH_FX_OK \
                             and handle in self._held:

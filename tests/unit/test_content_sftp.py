@@ -146,3 +146,62 @@ def test_streams_it_cannot_follow_end_the_channel(tmp_path):
         asyncio.run(_filter(tmp_path).from_operator(b"\x7f\xff\xff\xff\x06"))
     with pytest.raises(SftpProtocolError, match="truncated"):
         asyncio.run(_filter(tmp_path).from_operator(_packet(3, 1, b"\0\0\0\x09ab")))
+
+
+def _raw_session(rig: Path, rounds) -> list[bytes]:
+    """Hand-made SFTP packets through the relay (the filter and a real sftp-server): `rounds` is a
+    generator that yields (packets, how many answers to wait for) and is sent the answers so far.
+    Returns every answer (fewer if the relay ends the stream)."""
+    import struct
+
+    proc = subprocess.Popen([str(rig / "relay.sh")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+
+    def read_packet() -> bytes | None:
+        head = proc.stdout.read(4)
+        return proc.stdout.read(struct.unpack(">I", head)[0]) if len(head) == 4 else None
+
+    answers: list[bytes] = []
+    try:
+        proc.stdin.write(struct.pack(">IBI", 5, 1, 3))  # INIT, version 3
+        proc.stdin.flush()
+        if read_packet() is None:  # VERSION
+            return answers
+        step = next(rounds)
+        while True:
+            packets, wanted = step
+            proc.stdin.write(b"".join(packets))
+            proc.stdin.flush()
+            goal = len(answers) + wanted
+            while len(answers) < goal and (answer := read_packet()) is not None:
+                answers.append(answer)
+            if len(answers) < goal:
+                return answers
+            step = rounds.send(answers)
+    except (StopIteration, BrokenPipeError):
+        return answers
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+
+
+def test_a_reused_request_id_cannot_open_a_file_the_filter_does_not_hold(rig):
+    """A write OPEN given the id of another request still in flight (a STAT of a missing file, whose
+    STATUS comes back first) must not get a handle whose WRITEs skip the content rules."""
+    import struct
+
+    def string(data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + data
+
+    target = rig / "vm" / "reused-id.txt"
+
+    def rounds():
+        stat = _packet(17, 5, string(str(rig / "vm" / "no-such-file").encode()))
+        open_ = _packet(3, 5, string(str(target).encode()) + struct.pack(">II", 0x02 | 0x08 | 0x10, 0))  # WRITE|CREAT|TRUNC
+        answers = yield [stat, open_], 2
+        handle = next(a[9:9 + struct.unpack_from(">I", a, 5)[0]] for a in answers if a[0] == 102)  # HANDLE
+        yield [_packet(6, 6, string(handle) + struct.pack(">Q", 0) + string(b"aws=AKIAABCDEFGHIJKLMNOP\n")),
+               _packet(4, 7, string(handle))], 2
+
+    answers = _raw_session(rig, rounds())
+    assert not target.exists() or b"AKIA" not in target.read_bytes(), answers
