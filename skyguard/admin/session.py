@@ -18,7 +18,7 @@ import asyncssh
 
 from skyguard.admin import access, commands
 from skyguard.admin.recording import SessionRecording
-from skyguard.admin.sftp import SftpFilterPump, SftpRequestWatcher, upload_pump
+from skyguard.admin.sftp import SftpFilterPump, SftpRequestWatcher, upload_pump, uploads_judged
 from skyguard.errors import SkyguardError
 
 if TYPE_CHECKING:
@@ -133,6 +133,15 @@ class ProxySession(asyncssh.SSHServerSession):
                 await asyncio.get_running_loop().run_in_executor(None, commands.transfer_programs,
                                                                  self.command or "")
             self.decision = commands.decide(self.proxy.policy, self.kind, self.command)
+            if self.decision.transfer and self.kind == "exec" and not _runs_sftp_server(self.command) \
+                    and uploads_judged(self.proxy.content_engine, workload.zone):
+                # Content rules follow SFTP only: scp -t (the legacy scp protocol), rsync, or
+                # sftp-server behind another word would carry files past them.
+                raise access.AccessRefused(
+                    "file_transfer_refused",
+                    f"skyguard: uploads to {workload.name} are judged by content rules, which follow SFTP "
+                    "only (sftp, or scp of OpenSSH 9 and later); this transfer command is refused "
+                    "(legacy scp: use scp without -O)", transfer_programs=list(self.decision.programs))
             upstream = await owner.upstream()
             if self.ended:  # the operator left while the VM was being reached
                 return

@@ -366,11 +366,16 @@ class SftpFilterPump:
             return b""
 
 
+def uploads_judged(engine, zone: str) -> bool:
+    """Whether content rules cover SFTP uploads to `zone` (`engine`: the proxy's content_engine)."""
+    return engine is not None and bool(engine.content.rules_for(zone, "upload", "sftp"))
+
+
 def upload_pump(session, workload) -> SftpFilterPump | None:
     """The pump for an SFTP session of the access proxy (admin/session.py's ProxySession) on a VM
     of `workload`'s zone, or None when no content rule covers SFTP uploads there."""
     engine = session.proxy.content_engine  # the policy's rules, compiled once (AdminSshProxy)
-    if engine is None or not engine.content.rules_for(workload.zone, "upload", "sftp"):
+    if not uploads_judged(engine, workload.zone):
         return None
     recording = session.recording
     # The proxy's record() is its DecisionLog (a failing log is reported, not raised); who and

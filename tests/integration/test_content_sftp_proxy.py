@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 from dataclasses import replace
 
 import pytest
@@ -72,3 +73,21 @@ def test_blocked_upload_through_the_proxy_fails_and_leaves_nothing(lab, guarded,
     assert set(entry) == {"type", "operator", "session", "zone", "workload", "rule", "engine", "protocol", "direction",
                           "destination", "size", "sha256", "mime", "reason", "path"}, entry
     assert (entry["direction"], entry["destination"], entry["rule"]) == ("upload", "dc1", "operator-uploads")
+
+
+@pytest.mark.parametrize("how", ["sftp-server-after-env", "legacy-scp"])
+def test_an_upload_by_a_transfer_command_the_filter_cannot_follow_is_refused(lab, guarded, how):  # noqa: F811
+    """With content rules on SFTP uploads, a transfer program run by a command (sftp-server behind
+    `env`, `scp -t` of the legacy scp protocol) must not carry a file to the VM unjudged."""
+    name = f"eicar-{how}.txt"
+    (lab.tmp / name).write_bytes(EICAR)
+    if how == "legacy-scp":
+        args = lab.ssh_args("alice", "alice+dc1", tool="sftp")  # scp takes sftp's flags (-P)
+        args[2] = "scp"
+        result = subprocess.run(args[:-1] + ["-O", str(lab.tmp / name), f"{args[-1]}:{guarded / name}"],
+                                capture_output=True, text=True, timeout=60)
+    else:
+        result = lab.ssh("alice", "alice+dc1", tool="sftp", extra=["-s", "env /usr/lib/openssh/sftp-server", "-b", "-"],
+                         input=f"put {lab.tmp / name} {guarded / name}\n")
+    assert result.returncode != 0, result.stderr
+    assert not (guarded / name).exists()
