@@ -167,9 +167,9 @@ def _decoded_words(text: str) -> list[str]:
 @functools.lru_cache(maxsize=128)  # a session's command is checked again at every policy change
 def transfer_programs(command: str) -> tuple[str, ...]:
     """The transfer programs `command` names anywhere, seen as the VM's shell could see it:
-    as written; with escapes decoded; with quotes and backslashes removed (the shell's quote
-    removal); with expansions taken as empty; and the same for every base64, hex or gzip word
-    it carries, decoded. Lower-case, sorted, without repeats."""
+    as written; with escapes decoded; with quotes, backslashes and line continuations removed
+    (the shell's quote removal); with expansions taken as empty; and the same for every base64,
+    hex or gzip word it carries, decoded. Lower-case, sorted, without repeats."""
     found: set[str] = set()
     budget = [MAX_DECODED_CHARS]
 
@@ -178,7 +178,7 @@ def transfer_programs(command: str) -> tuple[str, ...]:
             return
         budget[0] -= len(text)
         unescaped = _unescape(text)
-        dequoted = re.sub(r"['\"\\]", "", unescaped)
+        dequoted = re.sub(r"\\\n|['\"\\]", "", unescaped)  # a backslash-newline goes whole (line continuation)
         views = [text, unescaped, dequoted]
         for _ in range(MAX_EXPANSION_PASSES):
             stripped = _INNERMOST_EXPANSION.sub("", views[-1])

@@ -54,6 +54,8 @@ DISGUISED = [
     ("s''cp -t /tmp", ["scp"]),
     ('s"c"p -t /tmp', ["scp"]),
     ("s\\cp -t /tmp", ["scp"]),
+    ("s\\\ncp -t /tmp", ["scp"]),  # a backslash-newline is removed by the shell (line continuation)
+    ("sh -c 'r\\\nsync --server . /tmp'", ["rsync"]),
     ("s${nothing}cp -t /tmp", ["scp"]),
     ("s$(true)cp -t /tmp", ["scp"]),
     ("s`true`cp -t /tmp", ["scp"]),
