@@ -88,6 +88,7 @@ class OperatorConnection(asyncssh.SSHServer):
         self.workload: Workload | None = None  # set once authorised
         self.refusal: access.AccessRefused | None = None
         self._upstream: asyncssh.SSHClientConnection | None = None
+        self.vm_address: str | None = None  # where _upstream leads, once open
         self._upstream_lock = asyncio.Lock()
         self.sessions: set[ProxySession] = set()
         self.agent_relayed = False  # the VM connection forwards the operator's agent
@@ -138,9 +139,15 @@ class OperatorConnection(asyncssh.SSHServer):
         if operator is None or key is None or keys.fingerprint(key) != self.key_fingerprint:
             return "access revoked by a policy change"
         try:
-            access.authorize(self.proxy.policy, operator, self.login)
+            workload = access.authorize(self.proxy.policy, operator, self.login)
+            address = access.workload_address(workload)
         except access.AccessRefused:
             return "access revoked by a policy change"
+        if self.vm_address is not None and address != self.vm_address:
+            # The connection leads to the machine at the old address, which may now be another
+            # workload's (of a zone this operator may not reach).
+            return f"the address of {workload.name} was changed by a policy change; connect again"
+        self.workload = workload  # new sessions dial, record and judge content under the new policy
         if self.agent_relayed and not ssh.agent_forwarding:
             return "agent forwarding was turned off by a policy change"
         return None
@@ -268,7 +275,11 @@ class OperatorConnection(asyncssh.SSHServer):
                 raise access.AccessRefused("vm_unreachable",
                     f"skyguard: cannot reach {workload.name} ({address}:{cfg.vm_port}): {reason}; "
                     "is the VM up and its sshd running?") from None
-            self._upstream = conn
+            if self.workload is None or access.workload_address(self.workload) != address:
+                conn.close()  # a policy change moved the workload while its old address was dialled
+                raise access.AccessRefused("revoked", f"skyguard: the address of {workload.name} was "
+                                           "changed by a policy change; connect again")
+            self._upstream, self.vm_address = conn, address
             self.agent_relayed = agent is not None
             return conn
 

@@ -159,3 +159,27 @@ def test_file_transfer_turned_off_ends_open_sftp_sessions(lab):  # noqa: F811
     assert "/etc/hostname\n" not in out.replace("sftp> ls -1 /etc/hostname\n", "")
     revoked = [e for e in lab.entries("admin_access_revoked") if e.get("reason") == "file_transfer_refused"]
     assert revoked and revoked[-1]["operator"] == "alice"
+
+
+def test_a_vm_address_moved_by_a_policy_change_ends_the_sessions_to_it(lab):  # noqa: F811
+    """dc1 moves to another address and the machine at its old one becomes a workload of a zone
+    alice may not reach: her open session to the old address must end (it no longer leads to dc1)."""
+    from ipaddress import ip_address
+
+    from skyguard.policy.model import Workload
+
+    client = open_session(lab, "address-moved")
+    zones = dict(lab.policy.zones)
+    directory, auth = zones["directory"], zones["auth"]
+    moved = tuple(replace(w, addresses=(ip_address("10.251.0.99"),)) if w.name == "dc1" else w
+                  for w in directory.workloads)
+    vault = Workload("vault", "auth", "sg-vault", "02:00:00:00:01:09", (ip_address(lab.vm_ip),))
+    zones["directory"] = replace(directory, workloads=moved)
+    zones["auth"] = replace(auth, workloads=auth.workloads + (vault,))
+    try:
+        lab.set_policy(replace(lab.policy, zones=zones))
+        assert "address" in ended(client)
+    finally:
+        lab.set_policy(lab.policy)
+        client.kill()
+        client.wait()
