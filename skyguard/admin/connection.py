@@ -300,6 +300,8 @@ class OperatorConnection(asyncssh.SSHServer):
         if self.workload is None:
             self._refuse("port_forward", "skyguard: no VM selected for this connection",
                          dest=f"{dest_host}:{dest_port}")
+        if self.closing:
+            self._refuse("port_forward", "skyguard: this connection is being closed", dest=f"{dest_host}:{dest_port}")
         ssh = self.proxy.policy.admin_ssh
         if ssh is None or not ssh.port_forwarding:
             self._refuse("port_forward", "port forwarding is disabled by skyguard policy "
@@ -315,7 +317,7 @@ class OperatorConnection(asyncssh.SSHServer):
                 writer.close()
                 return
             ssh = self.proxy.policy.admin_ssh
-            if ssh is None or not ssh.port_forwarding:  # turned off while the VM was being reached
+            if self.closing or ssh is None or not ssh.port_forwarding:  # revoked or turned off meanwhile
                 writer.close()
                 vm_writer.close()
                 return

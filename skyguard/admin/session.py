@@ -124,6 +124,8 @@ class ProxySession(asyncssh.SSHServerSession):
         try:
             if owner.refusal is not None:
                 raise owner.refusal
+            if owner.closing:  # revoked or shut down: only the sessions it had may say goodbye
+                raise access.AccessRefused("revoked", "skyguard: this connection is being closed; no new session")
             workload = owner.workload
             if workload is None:  # not reached: authorisation set either the workload or the refusal
                 raise access.AccessRefused("no_target", "skyguard: no VM selected for this connection")

@@ -183,3 +183,35 @@ def test_a_vm_address_moved_by_a_policy_change_ends_the_sessions_to_it(lab):  # 
         lab.set_policy(lab.policy)
         client.kill()
         client.wait()
+
+
+def test_a_revoked_connection_opens_nothing_more_while_its_sessions_close(lab):  # noqa: F811
+    """A revoked connection stays up for a moment (SHUTDOWN_GRACE) so the operator reads why; in
+    that moment it must not open a new session on the VM (an asyncssh client on the proxy's own
+    loop, so its new channel reaches the proxy before it answers the close of the old one)."""
+    import asyncio
+
+    import asyncssh
+
+    marker = lab.tmp / "ran-after-revocation"
+    without_alice = tuple(op for op in lab.policy.admin_ssh.operators if op.name != "alice")
+
+    async def scenario():
+        async with asyncssh.connect("127.0.0.1", PROXY_PORT, username="alice+dc1",
+                                    client_keys=[str(lab.tmp / "alice")], known_hosts=str(lab.tmp / "known_hosts"),
+                                    agent_path=None) as conn:
+            first = await conn.create_process("echo first-up; sleep 60")
+            assert (await first.stdout.readline()).strip() == "first-up"
+            await lab.proxy.set_policy(replace(lab.policy, admin_ssh=replace(lab.policy.admin_ssh, operators=without_alice)))
+            try:
+                second = await conn.create_process(f"touch {marker}")
+                await asyncio.wait_for(second.wait(), 10)
+            except (asyncssh.Error, OSError, TimeoutError):
+                pass
+
+    try:
+        lab.proxy_thread.run(scenario())
+        time.sleep(0.5)
+        assert not marker.exists()
+    finally:
+        lab.set_policy(lab.policy)
