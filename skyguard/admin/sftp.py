@@ -70,13 +70,16 @@ class SftpRequestWatcher:
 #
 # Known limits: a file under a rule can be read back through its own handle only after CLOSE (the
 # VM holds nothing before), and an upload larger than the inspection buffer is refused (its WRITE
-# fails) rather than streamed unscanned.
+# fails) rather than streamed unscanned. A file is opened for writing only to be written whole
+# (truncated, or created new): an OPEN that appends or keeps the file's bytes (`reput`, sshfs
+# writing into a file) is refused, as the judged bytes would not be the file's.
 
 SSH_FXP_INIT, SSH_FXP_VERSION = 1, 2
 SSH_FXP_OPEN, SSH_FXP_CLOSE, SSH_FXP_WRITE, SSH_FXP_REMOVE = 3, 4, 6, 13
 SSH_FXP_STATUS, SSH_FXP_HANDLE = 101, 102
 SSH_FX_OK, SSH_FX_FAILURE, SSH_FX_PERMISSION_DENIED = 0, 4, 3
-SSH_FXF_WRITE = 0x02
+SSH_FXF_WRITE, SSH_FXF_APPEND, SSH_FXF_CREAT, SSH_FXF_TRUNC, SSH_FXF_EXCL = 0x02, 0x04, 0x08, 0x10, 0x20
+_NEW_FILE = SSH_FXF_CREAT | SSH_FXF_EXCL  # created by this OPEN, so empty
 _OWN_IDS = 0xF0000000  # request ids skyguard sends on the operator's behalf (clients count up from 0)
 MAX_HELD_FILES = 64  # files held open for judging at once, per channel
 MAX_IN_FLIGHT = 1 << 16  # operator requests the VM has not answered yet, per channel
@@ -200,7 +203,20 @@ class SftpUploadFilter:
             if kind in (SSH_FXP_OPEN, SSH_FXP_WRITE, SSH_FXP_CLOSE):
                 if kind == SSH_FXP_OPEN:
                     path, at = _string(packet, 5)
-                    if at + 4 <= len(packet) and struct.unpack_from(">I", packet, at)[0] & SSH_FXF_WRITE:
+                    if at + 4 > len(packet):
+                        raise SftpProtocolError("truncated SFTP OPEN")
+                    (pflags,) = struct.unpack_from(">I", packet, at)
+                    if pflags & SSH_FXF_WRITE:
+                        if pflags & SSH_FXF_APPEND or not (pflags & SSH_FXF_TRUNC or
+                                                           pflags & _NEW_FILE == _NEW_FILE):
+                            # What the file already holds, or the order appends land in, would not
+                            # be judged with the bytes written: a file put together from pieces
+                            # judged apart (`put` half, `reput` the rest).
+                            to_operator += status_packet(request_id, SSH_FX_PERMISSION_DENIED,
+                                                         "skyguard: uploads here are judged by content rules: "
+                                                         "a file is written whole (no append, resume or "
+                                                         "writing into an existing file)")
+                            continue
                         self._opening[request_id] = path.decode("utf-8", "replace")[:MAX_PATH_SHOWN]
                 elif kind == SSH_FXP_WRITE:
                     handle, at = _string(packet, 5)

@@ -205,3 +205,19 @@ def test_a_reused_request_id_cannot_open_a_file_the_filter_does_not_hold(rig):
 
     answers = _raw_session(rig, rounds())
     assert not target.exists() or b"AKIA" not in target.read_bytes(), answers
+
+
+def test_a_file_cannot_be_put_together_from_uploads_judged_apart(rig):
+    """`put` half a file, then `reput` (resume: the file opened for appending, not truncated) the
+    rest: each upload alone is harmless, the file they leave on the VM must not be."""
+    half = len(EICAR) // 2
+    local = rig / "local"
+    local.mkdir(exist_ok=True)
+    (local / "first-half.txt").write_bytes(EICAR[:half])
+    (local / "whole.txt").write_bytes(EICAR)
+    batch = rig / "batch-resume"
+    batch.write_text(f"put {local / 'first-half.txt'} resumed.txt\nreput {local / 'whole.txt'} resumed.txt\n")
+    result = subprocess.run(["sftp", "-b", str(batch), "-D", str(rig / "relay.sh")], capture_output=True, text=True,
+                            timeout=60)
+    assert (rig / "vm" / "resumed.txt").read_bytes() != EICAR, result.stdout + result.stderr
+    assert result.returncode != 0
