@@ -30,7 +30,6 @@ from skyguard.admin.decisionlog import DecisionLog
 from skyguard.admin.proxy import parse_listen
 from skyguard.admin.ratelimit import AuthFailureLimiter
 from skyguard.admin.recording import SessionArchive
-from skyguard.console import access
 from skyguard.console.rdp import missing_tools
 from skyguard.console.session import ConsoleSession
 from skyguard.console.tickets import TicketBook
@@ -228,12 +227,13 @@ class ConsoleProxy:
 
     def _end_revoked(self) -> None:
         for session in list(self.sessions):
-            if session.recording is None:
+            if not session.admitted:  # not yet checked after its VM login: _admit checks it then
                 continue
             try:
-                access.authorize(self.policy, session.ticket.operator, session.ticket.groups, session.target.name)
+                session.recheck()
             except AccessRefused as e:
-                self.record("console_access_revoked", session=session.recording.id,
+                self.record("console_access_revoked",
+                            session=session.recording.id if session.recording is not None else None,
                             operator=session.ticket.operator, target=session.target.name, reason=e.reason)
                 session.end("revoked", e.reason)
 

@@ -47,6 +47,7 @@ class ConsoleSession:
         self.vm_w: asyncio.StreamWriter | None = None
         self.rdp: RdpDesktop | None = None  # an RDP target's private Xvnc + xfreerdp (rdp.py)
         self._ended: str | None = None
+        self.admitted = False  # authorized under the policy in force after the VM login (revocable from then)
         self._tasks: list[asyncio.Task] = []
 
     # -- admission --------------------------------------------------------------------------------
@@ -108,12 +109,19 @@ class ConsoleSession:
                               source=self.source, error=_safe_error(e))
             return await self._refuse("vm_login_failed",
                                       f"skyguard: could not open the console of {self.target.name} (VM side)")
+        try:  # a swap while skyguard logged into the VM (it may wait on another session's login)
+            self.recheck()
+        except AccessRefused as e:
+            return await self._refuse(e.reason, str(e))
+        self.admitted = True  # from here a swap that refuses it ends it (proxy._end_revoked)
         await self._send(struct.pack(">I", 0))  # SecurityResult OK
         shared = await self.client_r.readexactly(1)  # ClientInit
         vm_r, vm_w = vm
         vm_w.write(shared)
         init = await rfb.read_server_init(vm_r)
         await self._send(init.raw)
+        if self._ended is not None:  # revoked by a swap while the client and the VM said hello
+            return None
         self.recording = VncRecording(self.proxy.archive, operator=self.ticket.operator, groups=self.ticket.groups,
                                       target=self.target, zone=self.zone, source=self.source,
                                       auth="web" if self.web else "ticket",
@@ -122,6 +130,10 @@ class ConsoleSession:
         log.info("console session %s: %s opened %s from %s", self.recording.id, self.ticket.operator,
                  self.target.name, self.source)
         return vm_r, vm_w, init
+
+    def recheck(self) -> None:
+        """AccessRefused unless the policy in force still lets this ticket's operator open this target."""
+        access.authorize(self.proxy.policy, self.ticket.operator, self.ticket.groups, self.target.name)
 
     async def _refuse(self, reason: str, message: str):
         await self._send(rfb.security_failure(message))

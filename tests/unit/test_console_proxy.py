@@ -7,6 +7,7 @@ Xvnc is in tests/integration/test_console_vnc.py."""
 import asyncio
 import ipaddress
 import struct
+from dataclasses import replace
 
 from skyguard.admin.decisionlog import JsonLinesDecisionLog
 from skyguard.console import rfb
@@ -97,3 +98,70 @@ def test_a_vm_refusing_the_password_is_reported_without_its_words(tmp_path):
     assert b"could not open the console of desk (VM side)" in first[1]
     assert VM_PASSWORD not in first[1] and VM_PASSWORD not in log.path.read_bytes()
     assert [e["reason"] for e in log.entries() if e["type"] == "console_access_refused"] == ["vm_login_failed"] * 2
+
+
+# ---- policy swaps and the limiter, against a VM the test paces -----------------------------------
+
+def two_policies(vm_port: int, clipboard: str = "none"):
+    workload = Workload("dc1", "directory", "sg-dc1", "02:00:00:00:00:01", (ipaddress.ip_address("127.0.0.1"),))
+    target = ConsoleTarget("desk", "dc1", "vnc", vm_port, "dc1-vnc", clipboard=clipboard)
+    console = AdminConsole(listen="127.0.0.1:0", targets=(target,), operators=(ConsoleGrant("alice", ("directory",)),))
+    policy = Policy(name="t", zones={"directory": Zone("directory", (workload,))}, networks={}, rules=(),
+                    admin_console=console)
+    return policy, console
+
+
+async def paced_vm(reader, writer, login_may_finish: asyncio.Event, login_waiting: asyncio.Event,
+                   after_login: bytes = b"", send_after: asyncio.Event | None = None):
+    writer.write(rfb.VERSION_3_8)
+    await reader.readexactly(12)
+    writer.write(bytes([1, rfb.SECURITY_VNC]))
+    await reader.readexactly(1)
+    writer.write(bytes(16))
+    await reader.readexactly(16)
+    login_waiting.set()
+    await login_may_finish.wait()  # the skyguard -> VM login is under way while the test swaps
+    writer.write(bytes(4))
+    await reader.readexactly(1)
+    writer.write(rfb.ServerInit(4, 2, PF, b"vm").raw)
+    await writer.drain()
+    if send_after is not None:
+        await send_after.wait()
+    writer.write(after_login)
+    await writer.drain()
+    await asyncio.sleep(2)
+    writer.close()
+
+
+async def start_proxy(tmp_path, policy, **config):
+    from skyguard.console.proxy import ConsoleConfig
+
+    store = SecretStore(tmp_path / "secrets")
+    store.set("dc1-vnc", VM_PASSWORD)
+    log = JsonLinesDecisionLog(tmp_path / "log.jsonl")
+    proxy = ConsoleProxy(policy, store, tmp_path, log, config=ConsoleConfig(**config))
+    port = (await proxy.start())[1]
+    return proxy, port, log
+
+
+def test_a_swap_during_the_vm_login_applies_to_that_login(tmp_path):
+    # alice's ticket was checked before skyguard logged into the VM; a swap that removes her grant
+    # while that login is under way must not let her in when it completes.
+    async def run():
+        may_finish, waiting = asyncio.Event(), asyncio.Event()
+        vm = await asyncio.start_server(lambda r, w: paced_vm(r, w, may_finish, waiting), "127.0.0.1", 0)
+        policy, console = two_policies(vm.sockets[0].getsockname()[1])
+        proxy, port, log = await start_proxy(tmp_path, policy)
+        try:
+            login = asyncio.create_task(operator(port, proxy.tickets.issue("alice", "desk").password))
+            await asyncio.wait_for(waiting.wait(), 10)
+            await proxy.set_policy(replace(policy, admin_console=replace(console, operators=())))
+            may_finish.set()
+            result, rest = await asyncio.wait_for(login, 10)
+        finally:
+            await proxy.stop()
+            vm.close()
+        return result, rest, proxy
+    result, rest, proxy = asyncio.run(run())
+    assert result == struct.pack(">I", 1) and b"alice may not open the console desk" in rest
+    assert [s["result"] for s in proxy.archive.list()] == []  # no session was opened
