@@ -132,8 +132,13 @@ class ConsoleSession:
         return vm_r, vm_w, init
 
     def recheck(self) -> None:
-        """AccessRefused unless the policy in force still lets this ticket's operator open this target."""
-        access.authorize(self.proxy.policy, self.ticket.operator, self.ticket.groups, self.target.name)
+        """AccessRefused unless the policy in force still lets this ticket's operator open this
+        target, as the session opened it: a target the policy changed (its clipboard rule, its
+        workload, port, credential or recording) ends the session, which enforces the old one."""
+        target, _ = access.authorize(self.proxy.policy, self.ticket.operator, self.ticket.groups, self.target.name)
+        if target != self.target:
+            raise AccessRefused("target_changed", f"skyguard: the console target {target.name} was changed by a "
+                                                  "new policy; open it again")
 
     async def _refuse(self, reason: str, message: str):
         await self._send(rfb.security_failure(message))

@@ -165,3 +165,41 @@ def test_a_swap_during_the_vm_login_applies_to_that_login(tmp_path):
     result, rest, proxy = asyncio.run(run())
     assert result == struct.pack(">I", 1) and b"alice may not open the console desk" in rest
     assert [s["result"] for s in proxy.archive.list()] == []  # no session was opened
+
+
+def test_a_swap_that_narrows_the_clipboard_applies_to_open_sessions(tmp_path):
+    # The target allowed the VM's clipboard out when the session opened; a swap turns it to none:
+    # what the VM copies afterwards must not reach the operator through the session left open.
+    secret = b"copied-on-the-vm-after-the-swap"
+    cut = struct.pack(">BxxxI", rfb.SERVER_CUT_TEXT, len(secret)) + secret
+
+    async def run():
+        may_finish, waiting, send = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        may_finish.set()
+        vm = await asyncio.start_server(lambda r, w: paced_vm(r, w, may_finish, waiting, cut, send),
+                                        "127.0.0.1", 0)
+        policy, console = two_policies(vm.sockets[0].getsockname()[1], clipboard="from_vm")
+        proxy, port, log = await start_proxy(tmp_path, policy)
+        try:
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            await r.readexactly(12)
+            w.write(rfb.VERSION_3_8)
+            await r.readexactly(2)
+            w.write(bytes([rfb.SECURITY_VNC]))
+            w.write(rfb.vnc_auth_response(proxy.tickets.issue("alice", "desk").password.encode(),
+                                          await r.readexactly(16)))
+            assert await r.readexactly(4) == bytes(4)
+            w.write(b"\x01")
+            await r.readexactly(len(rfb.ServerInit(4, 2, PF, b"vm").raw))
+            narrowed = replace(console.targets[0], clipboard="none")
+            await proxy.set_policy(replace(policy, admin_console=replace(console, targets=(narrowed,))))
+            send.set()
+            rest = await asyncio.wait_for(r.read(), 10)
+            w.close()
+        finally:
+            await proxy.stop()
+            vm.close()
+        return rest, proxy
+    rest, proxy = asyncio.run(run())
+    assert secret not in rest
+    assert [s["result"] for s in proxy.archive.list()] == ["revoked"]
