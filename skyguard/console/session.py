@@ -90,6 +90,11 @@ class ConsoleSession:
             challenge = os.urandom(16)
             await self._send(challenge)
             response = await self.client_r.readexactly(16)
+            # Again: a guesser opens many connections at once, each past the check above before
+            # any guess failed. From here to the failure counted in _refuse nothing awaits.
+            if self.proxy.limiter.is_blocked(self.source_host):
+                self.proxy.metrics.auth_failures.labels("rate_limited").inc()
+                return None
             self.ticket = self.proxy.tickets.redeem_vnc(challenge, response)
         if self.ticket is None:
             return await self._refuse("bad_ticket", "skyguard: unknown, used or expired console ticket; "
@@ -141,9 +146,9 @@ class ConsoleSession:
                                                   "new policy; open it again")
 
     async def _refuse(self, reason: str, message: str):
-        await self._send(rfb.security_failure(message))
         if reason == "bad_ticket":  # a guessed password; a refused operator has a valid ticket
-            self.proxy.limiter.failure(self.source_host)
+            self.proxy.limiter.failure(self.source_host)  # before any await (see _admit)
+        await self._send(rfb.security_failure(message))
         self.proxy.refused(reason, source=self.source, operator=self.ticket.operator if self.ticket else None,
                            target=self.ticket.target if self.ticket else None)
         return None

@@ -203,3 +203,34 @@ def test_a_swap_that_narrows_the_clipboard_applies_to_open_sessions(tmp_path):
     rest, proxy = asyncio.run(run())
     assert secret not in rest
     assert [s["result"] for s in proxy.archive.list()] == ["revoked"]
+
+
+def test_logins_opened_together_cannot_outrun_the_failure_limit(tmp_path):
+    # A guesser opens many connections at once: each passed the "blocked?" check before any guess
+    # failed. Once the source is blocked, a guess on a connection opened earlier must not be tried.
+    async def run():
+        vm = await asyncio.start_server(lambda r, w: hostile_vm(r, w, b""), "127.0.0.1", 0)
+        policy, _ = two_policies(vm.sockets[0].getsockname()[1])
+        proxy, port, log = await start_proxy(tmp_path, policy, max_failures=3)
+        conns = []
+        try:
+            for _ in range(4):
+                r, w = await asyncio.open_connection("127.0.0.1", port)
+                await r.readexactly(12)
+                w.write(rfb.VERSION_3_8)
+                await r.readexactly(2)
+                w.write(bytes([rfb.SECURITY_VNC]))
+                conns.append((r, w, await r.readexactly(16)))
+            for r, w, _ in conns[:3]:  # three wrong guesses: the source is now blocked
+                w.write(bytes(16))
+                assert await r.readexactly(4) == struct.pack(">I", 1)
+            r, w, challenge = conns[3]
+            w.write(rfb.vnc_auth_response(proxy.tickets.issue("alice", "desk").password.encode(), challenge))
+            result = await asyncio.wait_for(r.read(4), 10)
+            for _, w, _ in conns:
+                w.close()
+        finally:
+            await proxy.stop()
+            vm.close()
+        return result
+    assert asyncio.run(run()) != bytes(4)  # the fourth guess was not tried, right as it was
