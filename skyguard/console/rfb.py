@@ -134,6 +134,8 @@ def parse_version(data: bytes) -> tuple[int, int]:
 async def read_server_init(reader) -> ServerInit:
     head = await reader.readexactly(24)
     width, height = struct.unpack(">HH", head[:4])
+    if width > MAX_SIZE or height > MAX_SIZE:  # as for DesktopSize: bounds every later rectangle
+        raise RfbError(f"desktop size {width}x{height} out of range (at most {MAX_SIZE} each way)")
     (name_length,) = struct.unpack(">I", head[20:24])
     if name_length > MAX_NAME:
         raise RfbError(f"desktop name of {name_length} bytes (at most {MAX_NAME})")

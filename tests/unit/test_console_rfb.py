@@ -211,3 +211,12 @@ def test_the_web_console_serves_files_only_from_inside_its_folder(tmp_path):
     assert static_file(tmp_path / "pub", "rfb.js") == (tmp_path / "pub" / "rfb.js").resolve()
     for bad in ("../secret", "link", "/etc/passwd", "", "missing.js"):
         assert static_file(tmp_path / "pub", bad) is None
+
+
+def test_a_vms_server_init_is_held_to_the_desktop_size_limit():
+    # A hostile VM announcing 65535x65535 could then send one Raw rectangle of 17 GiB, which the
+    # proxy buffers whole (and the replay allocates that screen): the limit DesktopSize has.
+    huge = rfb.ServerInit(65535, 65535, PF, b"vm").raw
+    with pytest.raises(rfb.RfbError, match="desktop size 65535x65535"):
+        asyncio.run(_read(rfb.read_server_init, huge))
+    assert asyncio.run(_read(rfb.read_server_init, rfb.ServerInit(1024, 768, PF, b"vm").raw)).width == 1024
