@@ -30,6 +30,9 @@ PASSWORD_LENGTH = 8  # VNC authentication uses 8 bytes of the password, no more
 TICKET_TTL = 120.0  # seconds a ticket may wait to be used
 WEB_TOKEN_BYTES = 24  # the web console's tickets: 192 random bits
 MAX_OUTSTANDING = 64  # unused tickets at once: bounds the DES trials per login
+# Unused tickets of one operator: another one drops their oldest, so one operator asking in a loop
+# (the web console's /console/open is a plain link) cannot use up MAX_OUTSTANDING for everyone.
+MAX_PER_OPERATOR = 8
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,10 @@ class TicketBook:
         password (a URL carries any length; VNC authentication never accepts a web ticket)."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         live = self._load_all()
+        mine = sorted((t for t in live if t.operator == operator), key=lambda t: t.expires)
+        for old in mine[:max(0, len(mine) - MAX_PER_OPERATOR + 1)]:
+            (self.directory / f"{old.id}.json").unlink(missing_ok=True)
+            live.remove(old)
         if len(live) >= MAX_OUTSTANDING:
             raise BadInput(f"{len(live)} console tickets are waiting to be used (at most {MAX_OUTSTANDING}); "
                            f"wait for some to expire ({self.ttl:.0f} s)")

@@ -43,7 +43,7 @@ from skyguard.admin.access import AccessRefused
 from skyguard.admin.proxy import parse_listen
 from skyguard.console import access, rfb
 from skyguard.console.session import ConsoleSession
-from skyguard.errors import AdminError
+from skyguard.errors import AdminError, BadInput
 
 log = logging.getLogger("skyguard.console")
 
@@ -206,7 +206,10 @@ class WebConsole:
         except AccessRefused as e:
             self.proxy.refused(e.reason, source=None, operator=who.user, target=name[:64], door="web")
             return _response(HTTPStatus.FORBIDDEN, (str(e) + "\n").encode())
-        ticket = self.proxy.tickets.issue(who.user, target.name, tuple(who.groups), web=True)
+        try:
+            ticket = self.proxy.tickets.issue(who.user, target.name, tuple(who.groups), web=True)
+        except BadInput as e:  # too many tickets waiting
+            return _response(HTTPStatus.SERVICE_UNAVAILABLE, (str(e) + "\n").encode())
         headers = Headers([("Location", f"/console/view#ticket={ticket.password}"), ("Content-Length", "0"),
                            *SECURITY_HEADERS])
         return Response(HTTPStatus.SEE_OTHER.value, HTTPStatus.SEE_OTHER.phrase, headers, b"")

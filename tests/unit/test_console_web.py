@@ -126,3 +126,18 @@ def test_a_web_app_naming_no_app_keeps_the_web_console_closed(tmp_path):
     with pytest.raises(Degraded, match="names no app"):
         asyncio.run(proxy.start())
     assert proxy.web is None
+
+
+def test_one_operator_opening_in_a_loop_does_not_lock_the_others_out(console):
+    # bob may open only a sandbox console; asking for it over and over (or a page he was lured to
+    # doing it: /console/open is a link) must not use up the tickets everybody shares.
+    loop, proxy, _ = console
+    for _ in range(70):
+        get(loop, proxy, "/console/open?target=agent1-desktop", "bob")
+    status, headers, _ = get(loop, proxy, "/console/open?target=dc1-desktop", "alice")
+    assert status == 303 and headers["Location"].startswith("/console/view#ticket=")
+    ticket = proxy.tickets.redeem_token(headers["Location"].split("#ticket=")[1])
+    assert (ticket.operator, ticket.target) == ("alice", "dc1-desktop")
+    # bob's most recent ticket still works: only his oldest ones made way.
+    status, headers, _ = get(loop, proxy, "/console/open?target=agent1-desktop", "bob")
+    assert proxy.tickets.redeem_token(headers["Location"].split("#ticket=")[1]).operator == "bob"
