@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("skyguard.console")
 
 
+SIGN_IN_CHECK = 2.0  # seconds between checks that a web session's operator is still signed in
+
+
 @dataclass
 class ConsoleConfig:
     connect_timeout: float = 10.0  # seconds to reach a VM's VNC server
@@ -94,6 +97,7 @@ class ConsoleProxy:
         self.web_problem = ""
         self.web: WebConsole | None = None  # the web console while admin.console.web is set
         self._started = False
+        self._watch: asyncio.Task | None = None  # _watch_sign_ins
         self.policy = self._checked(policy)
 
     @staticmethod
@@ -133,6 +137,7 @@ class ConsoleProxy:
 
     async def start(self):
         self._started = True
+        self._watch = asyncio.get_running_loop().create_task(self._watch_sign_ins())
         for session_id in self.archive.recover_once():
             log.warning("session %s was interrupted by a restart; its record is closed", session_id)
         await self._follow_policy()
@@ -152,6 +157,9 @@ class ConsoleProxy:
 
     async def stop(self) -> None:
         self._started = False
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         await self._close_listener()
         if self.web is not None:
             await self.web.stop()
@@ -236,6 +244,14 @@ class ConsoleProxy:
                             session=session.recording.id if session.recording is not None else None,
                             operator=session.ticket.operator, target=session.target.name, reason=e.reason)
                 session.end("revoked", e.reason)
+
+    async def _watch_sign_ins(self) -> None:
+        """Web sessions behind sign-in end when their operator signs out, is logged out
+        (`skyguard apps logout`) or loses the group that let them in, not only at a swap."""
+        while True:
+            await asyncio.sleep(SIGN_IN_CHECK)
+            if any(s.signed_in is not None for s in self.sessions):
+                self._end_revoked()
 
     def vm_login_lock(self, address: str, port: int) -> asyncio.Lock:
         """The lock that serialises skyguard's logins to one VM's VNC server (see session.py)."""

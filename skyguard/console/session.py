@@ -30,11 +30,15 @@ HANDSHAKE_TIMEOUT = 20.0  # seconds an unauthenticated client (or a VM's VNC ser
 
 
 class ConsoleSession:
-    def __init__(self, proxy, reader, writer, ticket: Ticket | None = None):
+    def __init__(self, proxy, reader, writer, ticket: Ticket | None = None, signed_in=None):
         """`reader`/`writer`: an asyncio stream pair, or web.py's WebSocket adapters. `ticket`:
         already redeemed (the web console redeems it when the WebSocket opens); None: the client
-        proves one with VNC authentication."""
+        proves one with VNC authentication. `signed_in()`: for the web console behind sign-in,
+        who the browser's sign-in session says is signed in now (None: signed out, expired,
+        logged out): the session lasts only while it is the ticket's operator, under their groups
+        of now."""
         self.proxy = proxy
+        self.signed_in = signed_in
         self.client_r, self.client_w = reader, writer
         peer = writer.get_extra_info("peername") or ("?", 0)
         self.source_host = peer[0]  # what the failed-login limiter counts
@@ -140,7 +144,14 @@ class ConsoleSession:
         """AccessRefused unless the policy in force still lets this ticket's operator open this
         target, as the session opened it: a target the policy changed (its clipboard rule, its
         workload, port, credential or recording) ends the session, which enforces the old one."""
-        target, _ = access.authorize(self.proxy.policy, self.ticket.operator, self.ticket.groups, self.target.name)
+        groups = self.ticket.groups
+        if self.signed_in is not None:
+            who = self.signed_in()
+            if who is None or who.user != self.ticket.operator:
+                raise AccessRefused("signed_out", "skyguard: you are no longer signed in; sign in and open the "
+                                                  "console again")
+            groups = tuple(who.groups)
+        target, _ = access.authorize(self.proxy.policy, self.ticket.operator, groups, self.target.name)
         if target != self.target:
             raise AccessRefused("target_changed", f"skyguard: the console target {target.name} was changed by a "
                                                   "new policy; open it again")

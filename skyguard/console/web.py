@@ -221,7 +221,21 @@ class WebConsole:
             self.proxy.refused("bad_ticket", source=_source(ws), operator=None, target=None, door="web")
             await ws.close(1008, "unknown, used or expired console ticket")
             return
-        await self.proxy.serve_session(ConsoleSession(self.proxy, WsReader(ws), WsWriter(ws), ticket=ticket))
+        signed_in = None
+        if self.app is not None:
+            # Behind sign-in the WebSocket carries the sign-in cookie too (a host cookie reaches
+            # every port of its host): the session is the signed-in operator's, and lasts while
+            # they stay signed in (session.py, proxy._watch_sign_ins).
+            app, headers = self.app, [(k.lower().encode(), v.encode()) for k, v in ws.request.headers.raw_items()]
+            signed_in = lambda: self.proxy.identify(app.host, headers)  # noqa: E731
+            who = signed_in()
+            if who is None or who.user != ticket.operator:
+                self.proxy.refused("signed_out", source=_source(ws), operator=ticket.operator, target=ticket.target,
+                                   door="web")
+                await ws.close(1008, "not signed in as the ticket's operator")
+                return
+        await self.proxy.serve_session(ConsoleSession(self.proxy, WsReader(ws), WsWriter(ws), ticket=ticket,
+                                                      signed_in=signed_in))
         await ws.close()
 
 

@@ -10,7 +10,7 @@ import datetime
 import http.client
 import ipaddress
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 from cryptography import x509
@@ -141,3 +141,78 @@ def test_one_operator_opening_in_a_loop_does_not_lock_the_others_out(console):
     # bob's most recent ticket still works: only his oldest ones made way.
     status, headers, _ = get(loop, proxy, "/console/open?target=agent1-desktop", "bob")
     assert proxy.tickets.redeem_token(headers["Location"].split("#ticket=")[1]).operator == "bob"
+
+
+# ---- a session behind sign-in lasts while its operator is signed in -----------------------------
+
+async def quiet_vm(reader, writer):
+    """A VNC server that logs skyguard in (any response) and then says nothing."""
+    from skyguard.console import rfb
+
+    writer.write(rfb.VERSION_3_8)
+    await reader.readexactly(12)
+    writer.write(bytes([1, rfb.SECURITY_VNC]))
+    await reader.readexactly(1)
+    writer.write(bytes(16))
+    await reader.readexactly(16)
+    writer.write(bytes(4))
+    await reader.readexactly(1)
+    writer.write(rfb.ServerInit(4, 2, rfb.PixelFormat(32, 24, False, True, 255, 255, 255, 16, 8, 0), b"vm").raw)
+    await writer.drain()
+    await reader.read()  # until skyguard closes the VM leg
+
+
+def test_a_web_session_ends_when_its_operator_is_signed_out(tmp_path):
+    # alice opens dc1's console in the browser, then is logged out (`skyguard apps logout alice`,
+    # or her sign-in expired, or the provider dropped her group): her console must not stay open.
+    # And a ticket reaches the console only with the ticket's operator's sign-in beside it.
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    signed_out: set[str] = set()
+
+    def identify(host, headers):
+        who = stand_in_identify(host, headers)
+        return None if who is None or who.user in signed_out else who
+
+    async def run():
+        vm = await asyncio.start_server(quiet_vm, "127.0.0.1", 0)
+        w = Workload("dc1", "directory", "sg-dc1", "02:00:00:00:00:01", (ipaddress.ip_address("127.0.0.1"),))
+        p = replace(policy(), zones={"directory": Zone("directory", (w,))},
+                    admin_console=replace(policy().admin_console, targets=(
+                        ConsoleTarget("dc1-desktop", "dc1", "vnc", vm.sockets[0].getsockname()[1], "dc1-vnc"),)))
+        store = SecretStore(tmp_path / "secrets")
+        store.set("console-tls", self_signed())
+        store.set("dc1-vnc", b"vm-only1")
+        proxy = ConsoleProxy(p, store, tmp_path, JsonLinesDecisionLog(tmp_path / "log.jsonl"), identify=identify)
+        await proxy.start()
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # a test's self-signed certificate
+        url = f"wss://127.0.0.1:{proxy.web.address[1]}/console/ws?ticket="
+        try:
+            bob_cookie = {"Cookie": "who=bob"}
+            async with connect(url + proxy.tickets.issue("alice", "dc1-desktop", web=True).password, ssl=context,
+                               additional_headers=bob_cookie) as ws:  # alice's ticket, bob's sign-in
+                with pytest.raises(ConnectionClosed):
+                    await asyncio.wait_for(ws.recv(), 10)
+                wrong_person = ws.close_code
+            async with connect(url + proxy.tickets.issue("alice", "dc1-desktop", web=True).password, ssl=context,
+                               additional_headers={"Cookie": "who=alice"}) as ws:
+                assert (await ws.recv()).startswith(b"RFB")
+                await ws.send(b"RFB 003.008\n")
+                assert await ws.recv() == bytes([1, 1])
+                await ws.send(bytes([1]))
+                assert (await ws.recv())[:4] == bytes(4)
+                await ws.send(b"\x01")
+                await asyncio.wait_for(ws.recv(), 10)  # ServerInit: the session is open
+                signed_out.add("alice")
+                with pytest.raises(ConnectionClosed):
+                    while True:
+                        await asyncio.wait_for(ws.recv(), 10)
+        finally:
+            await proxy.stop()
+            vm.close()
+        return wrong_person, proxy
+    wrong_person, proxy = asyncio.run(run())
+    assert wrong_person == 1008
+    assert [s["result"] for s in proxy.archive.list()] == ["revoked"]
