@@ -137,7 +137,8 @@ class ConsoleProxy:
 
     async def start(self):
         self._started = True
-        self._watch = asyncio.get_running_loop().create_task(self._watch_sign_ins())
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_sign_ins())
         for session_id in self.archive.recover_once():
             log.warning("session %s was interrupted by a restart; its record is closed", session_id)
         await self._follow_policy()

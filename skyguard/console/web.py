@@ -17,7 +17,9 @@ certificate (HTTPS), and the identity-aware proxy's session cookie of that host 
 sent to every port of its host) says who is signed in (AppsService.identify): `/console/` lists
 the targets that user (and their groups) may open, `/console/open?target=NAME` decides and
 redirects to `/console/view#ticket=...`; a target they may not open is refused (403) and logged,
-and anyone not signed in is sent to sign in at the app. Without web_app there is no sign-in: web
+and anyone not signed in is sent to sign in at the app. The WebSocket must carry the sign-in of
+the ticket's operator, and the session ends when that sign-in does (logout, expiry) or no longer
+holds a group that lets them open the target (checked every few seconds: proxy.py). Without web_app there is no sign-in: web
 tickets come from `skyguard admin console-ticket --web`, and the listener is plain HTTP (put it
 on an address only operators reach).
 """
