@@ -179,10 +179,13 @@ def allowed_encodings(asked: tuple[int, ...]) -> tuple[int, ...]:
     return kept if ENC_RAW in kept else kept + (ENC_RAW,)
 
 
-async def read_server_message(reader, pixel_format: PixelFormat, size: tuple[int, int]) -> ServerMessage:
+async def read_server_message(reader, pixel_format: PixelFormat, size: tuple[int, int],
+                              kind: int | None = None) -> ServerMessage:
     """One server -> client message. `size` is the framebuffer's current (width, height):
-    rectangles must lie inside it."""
-    kind = (await reader.readexactly(1))[0]
+    rectangles must lie inside it. `kind`: the message type, when the caller read it already (to
+    decide the pixel format once the message has begun)."""
+    if kind is None:
+        kind = (await reader.readexactly(1))[0]
     if kind == FB_UPDATE:
         head = await reader.readexactly(3)
         (count,) = struct.unpack(">H", head[1:])

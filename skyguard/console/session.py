@@ -249,7 +249,15 @@ class ConsoleSession:
 
     async def _vm_to_client(self, vm_r) -> None:
         while True:
-            message = await rfb.read_server_message(vm_r, self.pixel_format, self.size)
+            # The format and the "updates asked" flag as of this message's first byte, not of the
+            # wait before it: the client may change its format while the proxy waits here, and
+            # an update read in another format than the client's would frame the stream apart
+            # (pixels to one, a clipboard message or an unvetted encoding to the other).
+            kind = (await vm_r.readexactly(1))[0]
+            asked = self.updates_asked
+            message = await rfb.read_server_message(vm_r, self.pixel_format, self.size, kind)
+            if kind == rfb.FB_UPDATE and not asked:  # (read first: a malformed one says what is wrong)
+                raise rfb.RfbError("the VM sent a framebuffer update before the client asked for one")
             if message.new_size:
                 self.size = message.new_size
             if message.type == rfb.SERVER_CUT_TEXT:

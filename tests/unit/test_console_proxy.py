@@ -5,6 +5,7 @@ reason nor the password. The VM here is the attacker's tool, written by hand on 
 Xvnc is in tests/integration/test_console_vnc.py."""
 
 import asyncio
+import contextlib
 import ipaddress
 import struct
 from dataclasses import replace
@@ -122,14 +123,15 @@ async def paced_vm(reader, writer, login_may_finish: asyncio.Event, login_waitin
     login_waiting.set()
     await login_may_finish.wait()  # the skyguard -> VM login is under way while the test swaps
     writer.write(bytes(4))
-    await reader.readexactly(1)
-    writer.write(rfb.ServerInit(4, 2, PF, b"vm").raw)
-    await writer.drain()
-    if send_after is not None:
-        await send_after.wait()
-    writer.write(after_login)
-    await writer.drain()
-    await asyncio.sleep(2)
+    with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):  # skyguard may leave here
+        await reader.readexactly(1)
+        writer.write(rfb.ServerInit(4, 2, PF, b"vm").raw)
+        await writer.drain()
+        if send_after is not None:
+            await send_after.wait()
+        writer.write(after_login)
+        await writer.drain()
+        await asyncio.sleep(2)
     writer.close()
 
 
@@ -234,3 +236,70 @@ def test_logins_opened_together_cannot_outrun_the_failure_limit(tmp_path):
             vm.close()
         return result
     assert asyncio.run(run()) != bytes(4)  # the fourth guess was not tried, right as it was
+
+
+def test_a_vm_cannot_frame_its_updates_in_a_pixel_format_the_proxy_does_not_follow(tmp_path):
+    # The operator's client asks for 8-bit pixels before its first update request (allowed). The
+    # proxy must read the VM's answer in 8 bits, as the client does: read in the ServerInit's 32
+    # bits, a 4x2 rectangle's 32 bytes would hide (from the clipboard rule) a ServerCutText that
+    # the client, reading 8 bytes of pixels, takes as the VM's clipboard.
+    secret = b"vm-clip-passes"  # 14 bytes: pixels, the cut text and two Bells fill the 32
+    cut = struct.pack(">BxxxI", rfb.SERVER_CUT_TEXT, len(secret)) + secret
+    pixels8 = bytes(8)
+    hidden = pixels8 + cut + bytes([rfb.BELL]) * (32 - len(pixels8) - len(cut))  # Bells pad it to 32 bytes
+    update8 = struct.pack(">BxH", rfb.FB_UPDATE, 1) + struct.pack(">HHHHi", 0, 0, 4, 2, rfb.ENC_RAW) + hidden
+    pf8 = rfb.PixelFormat(8, 8, False, True, 7, 7, 3, 5, 2, 0)
+    # An unasked update before the client's format change is the other way to disagree.
+    unasked = struct.pack(">BxH", rfb.FB_UPDATE, 1) + struct.pack(">HHHHi", 0, 0, 1, 1, rfb.ENC_RAW) + bytes(4)
+
+    async def vm_behaviour(reader, writer, first: bytes):
+        writer.write(rfb.VERSION_3_8)
+        await reader.readexactly(12)
+        writer.write(bytes([1, rfb.SECURITY_VNC]))
+        await reader.readexactly(1)
+        writer.write(bytes(16))
+        await reader.readexactly(16)
+        writer.write(bytes(4))
+        await reader.readexactly(1)
+        writer.write(rfb.ServerInit(4, 2, PF, b"vm").raw + first)
+        await writer.drain()
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):  # ended already
+            await reader.readexactly(20 + 10)  # SetPixelFormat, FramebufferUpdateRequest
+            writer.write(update8)
+            await writer.drain()
+            await asyncio.sleep(1)
+        writer.close()
+
+    async def run(first: bytes):
+        vm = await asyncio.start_server(lambda r, w: vm_behaviour(r, w, first), "127.0.0.1", 0)
+        policy, _ = two_policies(vm.sockets[0].getsockname()[1])
+        proxy, port, log = await start_proxy(tmp_path / str(len(first)), policy)
+        try:
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            await r.readexactly(12)
+            w.write(rfb.VERSION_3_8)
+            await r.readexactly(2)
+            w.write(bytes([rfb.SECURITY_VNC]))
+            w.write(rfb.vnc_auth_response(proxy.tickets.issue("alice", "desk").password.encode(),
+                                          await r.readexactly(16)))
+            assert await r.readexactly(4) == bytes(4)
+            w.write(b"\x01")
+            await r.readexactly(len(rfb.ServerInit(4, 2, PF, b"vm").raw))
+            await asyncio.sleep(0.2)  # the VM's unasked update (if any) is on its way
+            w.write(bytes([rfb.SET_PIXEL_FORMAT, 0, 0, 0]) + pf8.pack())
+            w.write(struct.pack(">BBHHHH", rfb.FB_UPDATE_REQUEST, 0, 0, 0, 4, 2))
+            rest = b""
+            with contextlib.suppress(ConnectionError):  # the proxy may have ended it already
+                while chunk := await asyncio.wait_for(r.read(4096), 10):
+                    rest += chunk
+            w.close()
+        finally:
+            await proxy.stop()
+            vm.close()
+        return rest, proxy
+    rest, proxy = asyncio.run(run(b""))
+    assert secret not in rest
+    assert [s["result"] for s in proxy.archive.list()] == ["disconnected"]  # the VM left; no protocol error
+    rest, proxy = asyncio.run(run(unasked))
+    assert unasked not in rest and secret not in rest
+    assert [s["result"] for s in proxy.archive.list()] == ["protocol_error"]
