@@ -7,7 +7,10 @@ A body arrives de-chunked (the proxy's llhttp reader undoes Transfer-Encoding). 
 - multipart/form-data (and other multipart/*) is split into its parts, each a file of its own
   (a part's Content-Transfer-Encoding base64 is undone; a part's own headers, such as the file
   name and Content-Type it claims, are ignored: types come from the bytes). Parts are not split
-  further; a body that does not parse as the multipart it claims to be is refused.
+  further; a body that does not parse as the multipart it claims to be is refused. The boundary
+  is read as RFC 2045 parameters are (so `xboundary=` or a quoted "boundary=" is not it), and a
+  message with two Content-Type headers or two boundary parameters is refused: upstreams
+  disagree on which one counts, and the form judged must be the form the upstream reads.
 - anything else is one file: the decoded body.
 
 Not here: judging the files (inspector.py), moving bytes (the credential proxy).
@@ -23,7 +26,8 @@ from skyguard.httpcodings import decode_body
 
 Headers = tuple[tuple[bytes, bytes], ...]
 MAX_PARTS = 1000  # parts of one multipart body; more is refused (each part costs an inspection)
-_BOUNDARY = re.compile(rb'(?i)boundary\s*=\s*(?:"([^"]{1,200})"|([^\s;,]{1,200}))')
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,200}")  # RFC 9110 token
+_QUOTED = re.compile(rb'"((?:[^"\\\r\n]|\\[^\r\n]){1,200})"')  # quoted-string
 
 
 class Uninspectable(Exception):
@@ -34,7 +38,10 @@ def body_files(headers: Headers, body: bytes, limit: int) -> list[bytes]:
     """The files inside one message body (`headers` lower-case names). At least one entry;
     Uninspectable when the body cannot be decoded within `limit` bytes."""
     body = decode_content(headers, body, limit)
-    content_type = next((v for n, v in headers if n == b"content-type"), b"")
+    content_types = [v for n, v in headers if n == b"content-type"]
+    if len(content_types) > 1:
+        raise Uninspectable("more than one Content-Type header")
+    content_type = content_types[0] if content_types else b""
     if content_type.split(b";", 1)[0].strip().lower().startswith(b"multipart/"):
         return multipart_parts(content_type, body)
     return [body]
@@ -47,11 +54,37 @@ def decode_content(headers: Headers, body: bytes, limit: int) -> bytes:
     return body
 
 
-def multipart_parts(content_type: bytes, body: bytes) -> list[bytes]:
-    match = _BOUNDARY.search(content_type)
-    if not match:
+def _boundary(content_type: bytes) -> bytes:
+    """The one boundary parameter of `content_type` (RFC 2045 5.1: `; name=value`, the value a
+    token or a quoted-string); Uninspectable when there is none, more than one, or the
+    parameters do not parse (where parsers may part ways)."""
+    rest = content_type.partition(b";")[2]
+    found = []
+    while rest.strip():
+        name, eq, rest = rest.partition(b"=")
+        name = name.strip()
+        if not eq or not _TOKEN.fullmatch(name):
+            raise Uninspectable("a Content-Type whose parameters do not parse")
+        rest = rest.lstrip(b" \t")
+        match = _QUOTED.match(rest) or _TOKEN.match(rest)
+        if not match:
+            raise Uninspectable("a Content-Type whose parameters do not parse")
+        value = re.sub(rb"\\(.)", rb"\1", match.group(1)) if match.re is _QUOTED else match.group(0)
+        rest = rest[match.end():].lstrip(b" \t")
+        if rest and not rest.startswith(b";"):
+            raise Uninspectable("a Content-Type whose parameters do not parse")
+        rest = rest[1:]
+        if name.lower() == b"boundary":
+            found.append(value)
+    if not found:
         raise Uninspectable("multipart body without a boundary")
-    delimiter = b"--" + (match.group(1) or match.group(2))
+    if len(found) > 1:
+        raise Uninspectable("multipart body with more than one boundary parameter")
+    return found[0]
+
+
+def multipart_parts(content_type: bytes, body: bytes) -> list[bytes]:
+    delimiter = b"--" + _boundary(content_type)
     pieces = body.split(delimiter)
     # pieces[0] is the preamble, the last starts with "--" (the close delimiter).
     if len(pieces) < 3 or not pieces[-1].startswith(b"--"):

@@ -241,3 +241,41 @@ def test_content_zones_are_steered_whatever_the_destination():
     assert 'iifname { "sg-web1" } meta nfproto { ipv4, ipv6 } tcp dport 443 redirect to :8443' in rules
     assert 'iifname { "sg-web1" } meta nfproto { ipv4, ipv6 } tcp dport 80 redirect to :8080' in rules
     assert 'iifname { "sg-cred" } ip daddr @cred_v4 tcp dport 443 redirect to :8443' in rules
+
+
+def raw_upload(rig, head: bytes, body: bytes) -> tuple[int, bytes]:
+    """One request written by hand over TLS to the proxy: (status, body of the answer)."""
+    request = (b"POST /files HTTP/1.1\r\nHost: upload.test\r\nConnection: close\r\n" + head +
+               b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    context = ssl.create_default_context(cafile=str(rig.tmp / "skyca.pem"))
+    with socket.create_connection(("127.0.0.1", rig.https_port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="upload.test") as tls:
+            tls.sendall(request)
+            answer = b""
+            while chunk := tls.recv(65536):
+                answer += chunk
+    status, _, payload = answer.partition(b"\r\n\r\n")
+    return int(status.split(b" ", 2)[1]), payload
+
+
+# An executable as the one file of a form with boundary BBB, then a harmless form with boundary
+# AAA: a parser that reads the boundary as BBB (RFC 2045 parameters: Python's email, werkzeug,
+# busboy) gets the executable, the AAA form being its epilogue; one that reads AAA gets "hello",
+# the BBB form being its preamble.
+SMUGGLED_FORM = (b"--BBB\r\nContent-Disposition: form-data; name=\"f\"; filename=\"readme.txt\"\r\n"
+                 b"Content-Type: text/plain\r\n\r\n" + ELF + b"\r\n--BBB--\r\n"
+                 b"--AAA\r\nContent-Disposition: form-data; name=\"n\"\r\n\r\nhello\r\n--AAA--\r\n")
+
+
+@pytest.mark.parametrize("head", [
+    b"Content-Type: multipart/form-data; xboundary=AAA; boundary=BBB\r\n",  # "boundary=" inside another name
+    b"Content-Type: multipart/form-data; note=\"boundary=AAA\"; boundary=BBB\r\n",  # ... or inside a value
+    b"Content-Type: multipart/form-data; boundary=AAA; boundary=BBB\r\n",  # two: werkzeug takes the last
+    b"Content-Type: text/plain\r\nContent-Type: multipart/form-data; boundary=BBB\r\n",  # gunicorn: the last
+], ids=["boundary-in-a-name", "boundary-in-a-value", "two-boundaries", "two-content-types"])
+def test_the_form_judged_is_the_form_the_upstream_reads(rig, head):
+    before = len(rig.echoed())
+    code, body = raw_upload(rig, head, SMUGGLED_FORM)
+    assert code == 403, body
+    assert json.loads(body)["engine"] in ("mime", "uninspectable")
+    assert len(rig.echoed()) == before
