@@ -6,7 +6,9 @@ A body arrives de-chunked (the proxy's llhttp reader undoes Transfer-Encoding). 
   in memory. Any other coding cannot be inspected: refused.
 - multipart/form-data (and other multipart/*) is split into its parts, each a file of its own
   (a part's Content-Transfer-Encoding base64 is undone; a part's own headers, such as the file
-  name and Content-Type it claims, are ignored: types come from the bytes). Parts are not split
+  name and Content-Type it claims, are ignored: types come from the bytes). Every part needs a
+  header block ended by CRLF CRLF, with no bare CR or LF (upstreams that end headers at a bare
+  blank line would otherwise read a file the filter took for headers). Parts are not split
   further; a body that does not parse as the multipart it claims to be is refused. The boundary
   is read as RFC 2045 parameters are (so `xboundary=` or a quoted "boundary=" is not it), and a
   message with two Content-Type headers or two boundary parameters is refused: upstreams
@@ -27,6 +29,7 @@ from skyguard.httpcodings import decode_body
 Headers = tuple[tuple[bytes, bytes], ...]
 MAX_PARTS = 1000  # parts of one multipart body; more is refused (each part costs an inspection)
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,200}")  # RFC 9110 token
+_BLANK_LINE = re.compile(rb"\r\n\r\n|\r\r|\n\n")
 _QUOTED = re.compile(rb'"((?:[^"\\\r\n]|\\[^\r\n]){1,200})"')  # quoted-string
 
 
@@ -95,11 +98,17 @@ def multipart_parts(content_type: bytes, body: bytes) -> list[bytes]:
     for piece in pieces[1:-1]:
         if not piece.startswith(b"\r\n") or not piece.endswith(b"\r\n"):
             raise Uninspectable("malformed multipart part")
-        head, sep, content = piece[2:-2].partition(b"\r\n\r\n")
-        if not sep:
-            if not head.startswith(b"\r\n"):  # a part with no headers starts with the blank line
-                raise Uninspectable("malformed multipart part")
-            head, content = b"", head[2:]
+        # Where the headers end is where parsers part ways: werkzeug ends them at the first
+        # \r\n\r\n, \r\r or \n\n, Go's at a line that is empty with or without its CR. So
+        # the first blank line of any kind must be a CRLF one, after at least one header, with
+        # no bare CR or LF before it; anything else could hide the file in its "headers".
+        inner = piece[2:-2]
+        blank = _BLANK_LINE.search(inner)
+        if blank is None or blank.group() != b"\r\n\r\n" or blank.start() == 0:
+            raise Uninspectable("a multipart part without a header block ended by CRLF CRLF")
+        head, content = inner[:blank.start()], inner[blank.end():]
+        if b"\r" in head.replace(b"\r\n", b"") or b"\n" in head.replace(b"\r\n", b""):
+            raise Uninspectable("a multipart part whose headers have a bare CR or LF")
         encoding = b""
         for line in head.split(b"\r\n"):
             name, _, value = line.partition(b":")

@@ -279,3 +279,24 @@ def test_the_form_judged_is_the_form_the_upstream_reads(rig, head):
     assert code == 403, body
     assert json.loads(body)["engine"] in ("mime", "uninspectable")
     assert len(rig.echoed()) == before
+
+
+_DISPOSITION = b"Content-Disposition: form-data; name=\"f\"; filename=\"readme.txt\""
+
+
+@pytest.mark.parametrize("part", [
+    _DISPOSITION + b"\n\n" + ELF + b"\r\n\r\nhello",
+    _DISPOSITION + b"\r\r" + ELF + b"\r\n\r\nhello",
+    _DISPOSITION + b"\r\n\n" + ELF + b"\r\n\r\nhello",
+    b"\r\n" + _DISPOSITION + b"\n\n" + ELF,  # no headers, as the filter reads it: all of it is the file
+], ids=["lf-lf", "cr-cr", "crlf-lf", "headerless"])
+def test_a_part_header_block_cannot_hide_the_file(rig, part):
+    """werkzeug (Flask) ends a part's headers at the first \\r\\n\\r\\n, \\r\\r or \\n\\n, Go at an empty
+    line with or without its CR: a part whose header block ends in a bare line break gives them
+    the executable as the file, while a filter that looks for \\r\\n\\r\\n only judges what
+    follows (here "hello"), or the text before the executable (libmagic: not an executable)."""
+    form = b"--BBB\r\n" + part + b"\r\n--BBB--\r\n"
+    before = len(rig.echoed())
+    code, body = raw_upload(rig, b"Content-Type: multipart/form-data; boundary=BBB\r\n", form)
+    assert code == 403, body
+    assert len(rig.echoed()) == before
