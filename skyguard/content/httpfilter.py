@@ -6,7 +6,7 @@ module does not import the credential proxy, which imports it).
 The proxy holds whole messages before it forwards them (credproxy/http1.py), so a request whose
 body is blocked never leaves: the upstream receives no byte of it, let alone a complete file.
 Empty bodies are not inspected (nothing is uploaded; a GET must not depend on clamd), but a
-request's target and header values are always held to the rules' patterns. Not here:
+request's target and header names and values are always held to the rules' patterns. Not here:
 which connections reach the proxy (steering), the engines (inspector.py).
 """
 
@@ -23,14 +23,15 @@ from skyguard.content.record import ContentMetrics, record_block
 async def judge_body(engine: ContentEngine, facts, host: str | None, direction: str, headers, body: bytes,
                      decision_log, metrics: ContentMetrics, target: bytes | None = None) -> ContentVerdict | None:
     """The blocking verdict for this body, or None when it may pass. `facts` is the proxy's
-    ConnectionFacts (zone, workload). A request's `target` and header values are held to the
-    rules' patterns too (a key in a query string is an upload). Every verdict is counted; a
+    ConnectionFacts (zone, workload). A request's `target`, header names and header values are
+    held to the rules' patterns too (a key in a query string or a header name is an upload). Every verdict is counted; a
     block is logged."""
     rules = engine.content.rules_for(facts.zone, direction, "http")
     if not rules:
         return None
     verdicts = []
-    rule = engine.pattern_hit(facts.zone, direction, "http", [target, *(v for _, v in headers)]) \
+    rule = engine.pattern_hit(facts.zone, direction, "http", [target, *(v for _, v in headers)],
+                              [n for n, _ in headers]) \
         if target is not None else None
     if rule is not None:
         verdicts = [ContentVerdict(True, rule, PATTERN, f"request target or headers match a blocked pattern (rule {rule})",

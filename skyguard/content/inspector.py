@@ -50,6 +50,7 @@ class ContentVerdict:
 class _CompiledRule:
     rule: ContentRule
     patterns: tuple[re.Pattern, ...]
+    folded: tuple[re.Pattern, ...]  # the same, ignoring case: for header names, which arrive lower-cased
     yara: object | None  # yara.Rules
     broken: str | None  # why the rule's engines cannot run (then it blocks everything it covers)
 
@@ -69,18 +70,23 @@ class ContentEngine:
                 except ContentError as error:
                     broken = str(error)
             patterns = tuple(re.compile(p.encode()) for p in rule.block.patterns)
-            compiled.append(_CompiledRule(rule, patterns, yara_rules, broken))
+            folded = tuple(re.compile(p.encode(), re.IGNORECASE) for p in rule.block.patterns)
+            compiled.append(_CompiledRule(rule, patterns, folded, yara_rules, broken))
         self.rules = tuple(compiled)
 
     def __repr__(self) -> str:
         return f"ContentEngine(rules={[r.rule.name for r in self.rules]})"
 
-    def pattern_hit(self, zone: str | None, direction: str, protocol: str, parts: Sequence[bytes]) -> str | None:
+    def pattern_hit(self, zone: str | None, direction: str, protocol: str, parts: Sequence[bytes],
+                    names: Sequence[bytes] = ()) -> str | None:
         """The first covering rule whose patterns match one of `parts` (what travels beside a
-        file: a request's target and header values), or None."""
+        file: a request's target and header values) or, ignoring case, one of `names` (header
+        names: case-insensitive in HTTP, lower-cased by the proxy, so a key in one still goes out
+        whatever its case), or None."""
         for compiled in self.rules:
-            if compiled.patterns and compiled.rule.applies(zone, direction, protocol) and \
-                    any(p.search(part) for p in compiled.patterns for part in parts):
+            if compiled.patterns and compiled.rule.applies(zone, direction, protocol) and (
+                    any(p.search(part) for p in compiled.patterns for part in parts) or
+                    any(p.search(name) for p in compiled.folded for name in names)):
                 return compiled.rule.name
         return None
 

@@ -173,8 +173,9 @@ def test_blocked_uploads_never_reach_the_upstream(rig, description, data, args, 
 @pytest.mark.parametrize("args", [
     ("-G", "--data-urlencode", "key=AKIAABCDEFGHIJKLMNOP"),  # in the query string, no body at all
     ("-H", "X-Api-Key: AKIAABCDEFGHIJKLMNOP", "-X", "GET"),
+    ("-H", "AKIAABCDEFGHIJKLMNOP: 1", "-X", "GET"),  # a header's name is the VM's to choose too
     ("--data-binary", "@{path}"),  # in the body
-], ids=["query", "header", "body"])
+], ids=["query", "header", "header-name", "body"])
 def test_patterns_cover_the_target_and_headers_too(rig, args):
     before = len(rig.echoed())
     code, body = rig.upload(b"aws key AKIAABCDEFGHIJKLMNOP\n", *args)
