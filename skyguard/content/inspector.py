@@ -7,8 +7,8 @@ How one file is judged, for the rules that apply to it:
 - size: as bytes arrive; past a rule's max_size the verdict is known at once (block), and no
   more bytes are kept;
 - clamav: the bytes are streamed to clamd as they arrive (clamd.py), the verdict read at the end;
-  zip and gzip files are first held to bounds (expanded size, depth, entries: engines.py), which
-  clamd itself skips past rather than flagging;
+  zip and gzip files (a zip anywhere in the file, as clamd finds them) are first held to bounds
+  (expanded size, depth, entries: engines.py), which clamd itself skips past rather than flagging;
 - mime_types, yara, patterns: over the whole file, buffered up to content.max_inspect_bytes.
 
 Fail closed, always: a file larger than the inspection buffer, clamd down or slow, YARA rules that

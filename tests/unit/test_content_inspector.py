@@ -150,6 +150,27 @@ def test_zip_bomb_is_refused_by_its_bounds(clamd, yara_file):
     assert verdict.blocked and "nested deeper" in verdict.reason
 
 
+def _without_central_directory(archive: bytes) -> bytes:
+    return archive[:archive.rfind(b"PK\x01\x02")]  # local headers and data only
+
+
+def _past_clamd_file_limit() -> bytes:
+    """EICAR after 40 MiB of zeros in a zip: past the test clamd's MaxFileSize (32 MiB), where
+    clamd 1.4 skips the entry as clean, AlertExceedsMax or not."""
+    return zipped("padded.bin", bytes(40 << 20) + EICAR)
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda z: b"MZ" + b"\0" * 100 + z,  # after a prefix (a self-extractor's stub): unzip and clamd still open it
+    lambda z: b"MZ" + b"\0" * 100 + _without_central_directory(z),  # clamd walks the local headers
+    lambda z: zipped("setup.exe", b"MZ" + b"\0" * 100 + z),  # such a file inside a zip
+], ids=["prefixed", "prefixed-no-central-directory", "nested-prefixed"])
+def test_a_zip_clamd_opens_is_bounded_wherever_it_sits(clamd, yara_file, wrap):
+    data = wrap(_past_clamd_file_limit())
+    verdict = run(inspect_bytes(engine_for(clamd.socket, yara_file, clamav=True), "web", "upload", "http", data))
+    assert verdict.blocked and verdict.engine in ("archive", "clamav"), verdict.reason
+
+
 def test_clamd_unreachable_or_silent_fails_closed(tmp_path, yara_file):
     engine = engine_for(str(tmp_path / "no-such.sock"), yara_file, clamav=True)
     verdict = run(inspect_bytes(engine, "web", "upload", "http", b"harmless"))
