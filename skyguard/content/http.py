@@ -77,7 +77,9 @@ def _boundary(content_type: bytes) -> bytes:
         if rest and not rest.startswith(b";"):
             raise Uninspectable("a Content-Type whose parameters do not parse")
         rest = rest[1:]
-        if name.lower() == b"boundary":
+        if name.lower().split(b"*", 1)[0] == b"boundary":
+            if b"*" in name:  # RFC 2231 (`boundary*=''x`, continuations): decoded by some parsers only
+                raise Uninspectable("a multipart boundary in RFC 2231 form")
             found.append(value)
     if not found:
         raise Uninspectable("multipart body without a boundary")

@@ -273,7 +273,8 @@ SMUGGLED_FORM = (b"--BBB\r\nContent-Disposition: form-data; name=\"f\"; filename
     b"Content-Type: multipart/form-data; note=\"boundary=AAA\"; boundary=BBB\r\n",  # ... or inside a value
     b"Content-Type: multipart/form-data; boundary=AAA; boundary=BBB\r\n",  # two: werkzeug takes the last
     b"Content-Type: text/plain\r\nContent-Type: multipart/form-data; boundary=BBB\r\n",  # gunicorn: the last
-], ids=["boundary-in-a-name", "boundary-in-a-value", "two-boundaries", "two-content-types"])
+    b"Content-Type: multipart/form-data; boundary=AAA; boundary*=''BBB\r\n",  # RFC 2231 form: read where decoded
+], ids=["boundary-in-a-name", "boundary-in-a-value", "two-boundaries", "two-content-types", "rfc2231-boundary"])
 def test_the_form_judged_is_the_form_the_upstream_reads(rig, head):
     before = len(rig.echoed())
     code, body = raw_upload(rig, head, SMUGGLED_FORM)
