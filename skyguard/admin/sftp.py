@@ -227,7 +227,14 @@ class SftpUploadFilter:
                         (offset,) = struct.unpack_from(">Q", packet, at)
                         chunk, _ = _string(packet, at + 8)
                         to_operator += self._hold(held, request_id, offset, chunk)
-                        continue
+                    else:
+                        # Every file opened for writing is held from its HANDLE on, so this is a
+                        # handle the VM has not answered yet (OpenSSH's are numbered: a client can
+                        # guess the next one and write before it is held), one whose OPEN went
+                        # unseen, or a read-only one (the VM would refuse the WRITE): never passed.
+                        to_operator += status_packet(request_id, SSH_FX_FAILURE,
+                                                     "skyguard: upload blocked: not a file opened for writing")
+                    continue
                 else:  # CLOSE
                     handle, _ = _string(packet, 5)
                     held = self._held.pop(handle, None)

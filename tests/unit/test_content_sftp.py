@@ -221,3 +221,81 @@ def test_a_file_cannot_be_put_together_from_uploads_judged_apart(rig):
                             timeout=60)
     assert (rig / "vm" / "resumed.txt").read_bytes() != EICAR, result.stdout + result.stderr
     assert result.returncode != 0
+
+
+# ---- a hostile client: raw SFTP through the relay to the real sftp-server ------------------------
+
+class RawSftp:
+    """An SFTP client that sends whatever packets it is told to, through the rig's relay (the
+    filter in front of OpenSSH's sftp-server), and reads the answers."""
+
+    def __init__(self, rig: Path):
+        import struct
+
+        self.struct = struct
+        self.proc = subprocess.Popen([str(rig / "relay.sh")], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.send_raw(struct.pack(">IBI", 5, 1, 3))  # INIT, version 3
+        assert self.recv()[0] == 2  # VERSION
+
+    def packet(self, kind: int, request_id: int, *fields: bytes) -> bytes:
+        body = bytes([kind]) + self.struct.pack(">I", request_id) + b"".join(fields)
+        return self.struct.pack(">I", len(body)) + body
+
+    def string(self, data: bytes) -> bytes:
+        return self.struct.pack(">I", len(data)) + data
+
+    def send_raw(self, data: bytes) -> None:
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def recv(self) -> bytes:
+        (length,) = self.struct.unpack(">I", self.proc.stdout.read(4))
+        return self.proc.stdout.read(length)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+FIRST_HANDLE = b"\0\0\0\0"  # OpenSSH's sftp-server numbers its handles: the first is predictable
+KEY = b"aws=AKIAABCDEFGHIJKLMNOP\n"
+
+
+def test_a_write_sent_before_the_handle_is_answered_is_still_judged(rig):
+    client = RawSftp(rig)
+    try:
+        opening = client.packet(3, 1, client.string(b"raced.txt"), b"\0\0\0\x1a", b"\0\0\0\0")  # WRITE|CREAT|TRUNC
+        write = client.packet(6, 2, client.string(FIRST_HANDLE), b"\0" * 8, client.string(KEY))
+        client.send_raw(opening + write)  # the WRITE names the handle the OPEN is about to get
+        answers = [client.recv(), client.recv()]
+        client.send_raw(client.packet(4, 3, client.string(FIRST_HANDLE)))
+        answers.append(client.recv())
+    finally:
+        client.close()
+    by_id = {answer[1:5]: answer for answer in answers}
+    assert by_id[b"\0\0\0\1"][0] == 102  # the OPEN's HANDLE
+    assert by_id[b"\0\0\0\2"][:5] == b"\x65\0\0\0\2" and by_id[b"\0\0\0\2"][5:9] != b"\0\0\0\0"  # WRITE refused
+    path = rig / "vm" / "raced.txt"
+    assert not path.exists() or KEY not in path.read_bytes()
+
+
+def test_a_reused_request_id_does_not_unhold_a_write_handle(rig):
+    client = RawSftp(rig)
+    try:
+        # A REMOVE and an OPEN for writing under the same id: the REMOVE's STATUS must not be
+        # taken for the OPEN's failure (the OPEN's HANDLE then held nothing back).
+        client.send_raw(client.packet(13, 7, client.string(b"nothing-here")) +
+                        client.packet(3, 7, client.string(b"reused.txt"), b"\0\0\0\x1a", b"\0\0\0\0"))
+        answers = [client.recv(), client.recv()]
+        handles = [a for a in answers if a[0] == 102]
+        if handles:
+            handle = handles[0][9:9 + int.from_bytes(handles[0][5:9], "big")]
+            client.send_raw(client.packet(6, 8, client.string(handle), b"\0" * 8, client.string(KEY)))
+            client.recv()
+            client.send_raw(client.packet(4, 9, client.string(handle)))
+            client.recv()
+    finally:
+        client.close()
+    path = rig / "vm" / "reused.txt"
+    assert not path.exists() or KEY not in path.read_bytes()
+
