@@ -214,8 +214,17 @@ class ProxySession(asyncssh.SSHServerSession):
         """After a policy change: end this session if the new policy would not let it start."""
         if self.ended or self.decision is None:
             return  # ended, or not decided yet (_open decides under the policy in force then)
+        zone = self.owner.workload.zone if self.owner.workload else None
         try:
             commands.decide(self.proxy.policy, self.kind, self.command, self.decision.programs)
+            if self.sftp_watch is not None:  # SFTP: judged under the content rules in force now
+                engine = self.proxy.content_engine
+                if engine is not None and engine.content.rules_for(zone, "upload", "sftp"):
+                    if self.sftp_filter is None:  # began unfiltered: its stream cannot be taken up midway
+                        raise access.AccessRefused("content_rules_added",
+                                                   "skyguard: uploads to this VM are now judged by content rules; "
+                                                   "open a new SFTP session")
+                    self.sftp_filter.filter.engine = engine  # files still open are judged at CLOSE by these
         except access.AccessRefused as refused:
             self.proxy.record("admin_access_revoked", operator=self.owner.operator_name,
                               workload=self.owner.workload_name, source=self.owner.source,

@@ -91,3 +91,52 @@ def test_an_upload_by_a_transfer_command_the_filter_cannot_follow_is_refused(lab
                          input=f"put {lab.tmp / name} {guarded / name}\n")
     assert result.returncode != 0, result.stderr
     assert not (guarded / name).exists()
+
+
+def _scp_legacy(lab, local, remote):  # noqa: F811
+    """OpenSSH's scp in its old protocol (-O): an exec of `scp -t` on the VM, not SFTP."""
+    args = lab.ssh_args("alice", "alice+dc1", tool="scp")
+    args[args.index("-p")] = "-P"  # scp's port flag
+    return subprocess.run(args[:-1] + ["-O", str(local), f"{args[-1]}:{remote}"], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_transfers_the_filter_cannot_read_are_refused_where_content_rules_apply(lab, guarded):  # noqa: F811
+    """Under an SFTP content rule, file transfer by exec (scp -O, rsync) would move files the
+    filter never sees: such sessions are refused; SFTP (OpenSSH 9's scp included) is judged."""
+    (lab.tmp / "eicar-scp.txt").write_bytes(EICAR)
+    result = _scp_legacy(lab, lab.tmp / "eicar-scp.txt", guarded / "eicar-scp.txt")
+    assert result.returncode != 0
+    assert not (guarded / "eicar-scp.txt").exists()
+    result = subprocess.run(["rsync", "-e", " ".join(lab.ssh_args("alice", "alice+dc1")[:-1]),
+                             str(lab.tmp / "eicar-scp.txt"), f"alice+dc1@127.0.0.1:{guarded}/eicar-rsync.txt"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert not (guarded / "eicar-rsync.txt").exists()
+
+
+def test_an_sftp_session_open_before_content_rules_does_not_escape_them(lab, guarded):  # noqa: F811
+    """SFTP on, no content rule: a session opens (unfiltered, nothing to judge). A policy change
+    then puts the VM's zone under a rule: the open session must not go on uploading unjudged."""
+    before = lab.proxy.policy
+    no_rules = replace(before, content=ContentPolicy())
+    ruled = replace(before, content=ContentPolicy((ContentRule("tiny", ("directory",), ("upload",), ("sftp",),
+                                                               ContentBlock(max_size=10)),)))
+    (lab.tmp / "late.txt").write_bytes(b"more than ten bytes\n")
+    lab.set_policy(no_rules)
+    client = subprocess.Popen(lab.ssh_args("alice", "alice+dc1", "-b", "-", tool="sftp"), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        client.stdin.write("pwd\n")
+        client.stdin.flush()
+        while "Remote working directory" not in (line := client.stdout.readline()):
+            assert line, client.stderr.read()
+        lab.set_policy(ruled)
+        client.stdin.write(f"put {lab.tmp / 'late.txt'} {guarded / 'late.txt'}\n")
+        client.stdin.close()
+        client.wait(60)
+    finally:
+        if client.poll() is None:
+            client.kill()
+        lab.set_policy(before)
+    assert not (guarded / "late.txt").exists() or (guarded / "late.txt").read_bytes() != b"more than ten bytes\n"
