@@ -111,6 +111,10 @@ def status(tcti, state_dir, as_json):
                 lines = EventLog(state / "tpm").lines()
             out["pcr_value"] = value.hex()
             out["event_log_lines"] = len(lines)
+            from skyguard.tpm.measure import stopped
+
+            if stopped(state):
+                out["measurement_stopped"] = stopped(state)
             try:
                 base, replayed, _ = replay(lines, config_.pcr)
                 out["event_log_replays"] = replayed == value
@@ -134,6 +138,8 @@ def status(tcti, state_dir, as_json):
     click.echo(f"PCR {out['pcr']} = {out['pcr_value']}; event log: {out['event_log_lines']} lines, "
                + ("replays to it" if out.get("event_log_replays") else
                   f"DOES NOT replay to it {out.get('event_log_problem', '')}".rstrip()))
+    if out.get("measurement_stopped"):
+        click.echo(f"measurement STOPPED (quotes are refused until the daemon restarts): {out['measurement_stopped']}")
 
 
 def _store_key_text(kind: str) -> str:

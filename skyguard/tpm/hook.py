@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from skyguard.errors import SkyguardError
 from skyguard.tpm.device import Tpm, TpmConfig, TpmError, TpmUnavailable, find_tcti
-from skyguard.tpm.measure import Measurements
+from skyguard.tpm.measure import Measurements, mark_stopped
 from skyguard.tpm.sealing import key_in_use
 
 if TYPE_CHECKING:
@@ -68,6 +68,7 @@ class DaemonTpm:
     def _failed(self, what: str, error: Exception) -> None:
         self.problem = f"{what}: {error}; quotes fail closed until the daemon restarts with a working TPM"
         self.measurements = None
+        mark_stopped(self.state_dir, self.problem)  # so `attest --quote` fails closed too (measure.py)
         log.error("%s", self.problem)
         self.record("tpm_error", error=self.problem[:400])
 

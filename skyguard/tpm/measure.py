@@ -17,6 +17,12 @@ Order of one extend, under the TPM lock: the line is written and fsynced, then e
 between the two leaves one line the PCR lacks; open() finds that and drops it. A TPM that fails
 the extend gets its line dropped too. So the log never lacks a line the PCR holds.
 
+A failed extend (or a TPM that fails at the daemon's start) also leaves the marker
+<state dir>/tpm/measurement-stopped: the daemon measures nothing more, so the PCR and its log
+would go on showing the state of before while the daemon enforces what comes after (the next
+policy load). quote.make refuses to quote while the marker is there; the next open() (a daemon
+start with a working TPM, which measures everything again) removes it.
+
 Not here: quoting (quote.py), the TPM commands (device.py).
 """
 
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -34,6 +41,35 @@ log = logging.getLogger("skyguard.tpm")
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # skyguard/
 KINDS = ("package", "bpf_object", "program", "policy", "log_key", "attach")
+STOPPED_FILE = "measurement-stopped"
+
+
+def mark_stopped(state_dir: Path, why: str) -> None:
+    """Leave the marker that measurement stopped (see the module text). Best effort, and made to
+    work on a full disk too: an empty marker says it as well as one holding the reason."""
+    path = Path(state_dir) / "tpm" / STOPPED_FILE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, why.encode("utf-8", "replace")[:4000])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        if not path.exists():
+            log.error("cannot leave the marker %s (%s): quotes made now show the state measured before", path, e)
+
+
+def stopped(state_dir: Path) -> str | None:
+    """Why measurement stopped (the marker's text, or a generic reason), None while it works."""
+    path = Path(state_dir) / "tpm" / STOPPED_FILE
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").strip() or "a TPM measurement failed"
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"the marker {path} cannot be read: {e}"
 
 
 def sha256_hex(data: bytes) -> str:
@@ -76,6 +112,7 @@ class Measurements:
 
     def __init__(self, tpm: Tpm, state_dir: Path, pcr: int, record=None):
         self.tpm = tpm
+        self.state_dir = Path(state_dir)
         self.pcr = check_pcr(pcr)
         self.log = EventLog(Path(state_dir) / "tpm")
         self.record = record or (lambda kind, **fields: None)
@@ -113,6 +150,7 @@ class Measurements:
                 self.record("tpm_pcr_foreign", pcr=self.pcr, value=current.hex())
             self.base, self.value, _ = replay(lines, self.pcr)
             self.count = len(lines)
+            (self.state_dir / "tpm" / STOPPED_FILE).unlink(missing_ok=True)  # measuring again, from the launch
             return self.started
 
     def _replay(self, lines: list[str]) -> bytes | None:
@@ -132,7 +170,8 @@ class Measurements:
             self.log.append(line)
             try:
                 self.tpm.pcr_extend(self.pcr, line_digest(line))
-            except TpmError:
+            except TpmError as e:
+                mark_stopped(self.state_dir, f"a TPM extend failed: {e}")  # before the lock is let go
                 self.log.truncate_to(len(lines))
                 raise
             self.value = hashlib.sha256(self.value + line_digest(line)).digest()

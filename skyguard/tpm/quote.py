@@ -30,7 +30,8 @@ from pathlib import Path
 
 from skyguard.errors import BadInput
 from skyguard.tpm import measure
-from skyguard.tpm.device import BANK, DEFAULT_PCR, PLATFORM_PCRS, Tpm, TpmConfig, TpmUnavailable, parse_pcr_listing
+from skyguard.tpm.device import (BANK, DEFAULT_PCR, PLATFORM_PCRS, Tpm, TpmConfig, TpmError, TpmUnavailable,
+                                 parse_pcr_listing)
 from skyguard.tpm.eventlog import ZERO, EventLog, EventLogError, replay
 from skyguard.tpm.structs import QuoteFormatError, parse_attest, pcr_digest, verify_signature
 
@@ -57,6 +58,10 @@ def make(tpm: Tpm, state_dir: Path, nonce: str) -> dict:
     selection = f"{BANK}:" + ",".join(str(p) for p in (*PLATFORM_PCRS, config.pcr))
     msg, sig, pcrs_file = tpm.file("quote.msg"), tpm.file("quote.sig"), tpm.file("quote.pcrs")
     with tpm.locked():
+        why = measure.stopped(state_dir)
+        if why is not None:  # the PCR shows an older state than the one enforced (measure.py)
+            raise TpmError(f"measurement stopped, so a quote would show a stale state: {why}; restart the "
+                           f"daemon with a working TPM (it measures everything again)")
         out = tpm.run("tpm2_quote", "-c", f"{config.ak_handle:#x}", "-l", selection, "-q", nonce, "-g", BANK,
                       "-m", str(msg), "-s", str(sig), "-o", str(pcrs_file))
         lines = EventLog(Path(state_dir) / "tpm").lines()

@@ -199,3 +199,39 @@ def test_a_damaged_tpm_configuration_is_reported_not_raised(tmp_path):
     hook = DaemonTpm(tmp_path, record=lambda kind, **f: recorded.append(kind))
     assert hook.configured and not hook.available and "cannot be read" in hook.problem
     assert recorded == ["tpm_error"] and hook.failure()
+
+
+def test_after_a_failed_extend_a_quote_cannot_pass_off_the_last_measured_state(daemon_like, tmp_path):
+    # The TPM does not answer for one extend (a resource manager restarting, a full disk for the
+    # event log): the daemon stops measuring, and the next policy it loads is not measured. A
+    # quote made afterwards must not verify as the state measured before (fail closed): the
+    # verifier would otherwise be told the host runs the known-good policy.
+    emu, state, writer, record = daemon_like
+    hook = DaemonTpm(state, record=record)
+    launch(hook, writer.signer.verifier.vkey())
+    ak = tmp_path / "ak.pem"
+    ak.write_text(json.loads((state / "tpm" / "tpm.json").read_text())["ak_public"])
+    nonce0 = "5a" * 16
+    (tmp_path / "ref.json").write_text(json.dumps(quote.reference_from(quote.make(hook.tpm, state, nonce0),
+                                                                       ak.read_text(), nonce0)))
+    working = hook.tpm.tcti
+    hook.tpm.tcti = "swtpm:host=127.0.0.1,port=9"  # nothing answers there
+    hook.measure_policy("keysystems", GOOD_POLICY)
+    hook.tpm.tcti = working  # the TPM answers again; the daemon no longer measures
+    assert not hook.available and "a TPM extend failed" in hook.problem
+    hook.measure_policy("permissive", "5e" * 32)  # enforced, never measured
+    nonce = "6b" * 16
+    made = cli("attest", "--quote", "--nonce", nonce, "--state-dir", str(state), "--tcti", working)
+    if made.returncode == 0:
+        (tmp_path / "evidence.json").write_text(made.stdout)
+        checked = cli("attest", "--verify", str(tmp_path / "evidence.json"), "--ak", str(ak), "--nonce", nonce,
+                      "--reference", str(tmp_path / "ref.json"))
+        assert checked.returncode == 1, checked.stdout
+    else:
+        assert made.returncode == 1 and "measurement stopped" in made.stderr, made.stderr
+    # a daemon restarted with a working TPM measures again, and quotes work again
+    again = DaemonTpm(state, record=record)
+    assert again.available and again.measurements.started == "continued"
+    launch(again, writer.signer.verifier.vkey())
+    fresh = cli("attest", "--quote", "--nonce", nonce, "--state-dir", str(state), "--tcti", working)
+    assert fresh.returncode == 0, fresh.stderr
