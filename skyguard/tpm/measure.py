@@ -6,7 +6,8 @@
 
 What the daemon measures (kinds a reference names, skyguard/tpm/quote.py):
 
-    package     SHA-256 over skyguard's package files (path and SHA-256 of each, sorted)
+    package     SHA-256 over skyguard's package files (path and SHA-256 of each, sorted; every file,
+                and a cached .pyc that is not its source's code)
     bpf_object  SHA-256 of the C text bcc compiles (bpf/ with its includes inlined)
     program     SHA-256 of each loaded program's 8-byte kernel tag; detail: name, tag
     policy      the policy's sha256; detail: name
@@ -77,14 +78,58 @@ def sha256_hex(data: bytes) -> str:
 
 
 def package_digest(root: Path = PACKAGE_DIR) -> tuple[str, int]:
-    """(SHA-256 over every .py file of the package, as `<sha256>  <relative path>` lines sorted by
-    path, the format of sha256sum; number of files). Caches (__pycache__) are not code we ship."""
+    """(SHA-256 over every file of the package, as `<sha256>  <relative path>` lines sorted by path,
+    the format of sha256sum; number of files). Every file, not only the .py: the console's page and
+    script are served from here, and Python itself imports a `.so` or `.pyc` dropped beside a
+    module. The caches (__pycache__) are measured only where they differ from their source: a
+    .pyc Python would run instead of compiling the .py (its header matches the source) whose code
+    is not the source's own is measured too, so code run from a doctored cache is not measured as
+    the package. A lab's node_modules is not code skyguard ships."""
     lines = []
-    for path in sorted(root.rglob("*.py")):
-        if "__pycache__" in path.parts:
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        if "__pycache__" in path.parts or "node_modules" in path.parts:
             continue
-        lines.append(f"{sha256_hex(path.read_bytes())}  {path.relative_to(root.parent).as_posix()}\n")
+        data = path.read_bytes()
+        lines.append(f"{sha256_hex(data)}  {path.relative_to(root.parent).as_posix()}\n")
+        if path.suffix == ".py":
+            cached = _foreign_bytecode(path, data)
+            if cached is not None:
+                lines.append(f"{sha256_hex(cached.read_bytes())}  {cached.relative_to(root.parent).as_posix()}\n")
     return sha256_hex("".join(lines).encode()), len(lines)
+
+
+def _foreign_bytecode(source: Path, data: bytes) -> Path | None:
+    """The cached .pyc of `source` when Python's import would run it (importlib's own header
+    checks) and its code is not what `source` compiles to; else None."""
+    import _imp
+    import importlib.util
+    import marshal
+
+    try:
+        cached = Path(importlib.util.cache_from_source(str(source)))
+        pyc = cached.read_bytes()
+    except (OSError, NotImplementedError, ValueError):
+        return None
+    if len(pyc) < 16 or pyc[:4] != importlib.util.MAGIC_NUMBER:
+        return None  # another Python's, or damaged: import compiles the source
+    flags = int.from_bytes(pyc[4:8], "little")
+    if flags == 0:  # timestamp-based: used when the source's mtime and size match
+        st = source.stat()
+        if pyc[8:12] != (int(st.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little") or \
+                pyc[12:16] != (st.st_size & 0xFFFFFFFF).to_bytes(4, "little"):
+            return None
+    elif flags & ~0b11:
+        return None  # invalid flags: import refuses the .pyc
+    else:  # hash-based: checked against the source unless unchecked (and not forced)
+        mode = _imp.check_hash_based_pycs
+        if (mode == "always" or (flags & 0b10 and mode != "never")) and \
+                pyc[8:16] != importlib.util.source_hash(data):
+            return None
+    try:
+        same = marshal.loads(pyc[16:]) == compile(data, str(source), "exec", dont_inherit=True)
+    except Exception:  # noqa: BLE001 - unreadable bytecode or source: measure the .pyc, to be safe
+        same = False
+    return None if same else cached
 
 
 def bpf_object_digest() -> str:

