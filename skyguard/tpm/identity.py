@@ -6,6 +6,11 @@
 - The EK certificate, read from its NV index (0x01c00002) where the manufacturer stored one.
 - An attestation key (AK): ECC P-256 ECDSA/SHA-256, restricted signing, made under the EK
   (`tpm2_createak`) and persisted at 0x81010002. Reused when it is already there.
+- The AK's attributes: a restricted signing key made in this TPM (fixedTPM, fixedParent,
+  sensitiveDataOrigin, restricted, sign, not decrypt). The credential below binds any key resident
+  in the TPM; only a restricted one refuses to sign bytes that look like a TPM's own TPMS_ATTEST,
+  so a key found at the handle without these (left there by an image, a previous owner, root)
+  could sign a forged quote, with any nonce and PCR values, and init refuses it.
 - The binding of AK to EK by make/activate credential: a secret encrypted to the EK public key for
   the AK's name (`tpm2_makecredential`, done in software as a registrar would) is recovered only by
   the TPM that holds both (`tpm2_activatecredential`). A mismatch stops init.
@@ -67,6 +72,36 @@ def _ek_public(tpm: Tpm, ek: str) -> str:
     return pem.read_text()
 
 
+# TPMA_OBJECT bits (TPM 2.0 Part 2, 8.3)
+FIXED_TPM, FIXED_PARENT, SENSITIVE_DATA_ORIGIN = 0x2, 0x10, 0x20
+RESTRICTED, DECRYPT, SIGN = 0x10000, 0x20000, 0x40000
+AK_REQUIRED = FIXED_TPM | FIXED_PARENT | SENSITIVE_DATA_ORIGIN | RESTRICTED | SIGN
+
+
+def object_attributes(tpm: Tpm, handle: int) -> int:
+    """The TPMA_OBJECT of a persistent object, from `tpm2_readpublic` (its `attributes: raw:`)."""
+    lines = tpm.run("tpm2_readpublic", "-c", f"{handle:#x}").splitlines()
+    for i, line in enumerate(lines):
+        if line.strip() == "attributes:":
+            for sub in lines[i + 1:i + 3]:
+                key, _, value = sub.strip().partition(":")
+                if key == "raw":
+                    try:
+                        return int(value.strip(), 16)
+                    except ValueError:
+                        break
+    raise TpmError(f"tpm2_readpublic printed no object attributes for {handle:#x}")
+
+
+def check_ak_attributes(attributes: int, handle: int) -> None:
+    missing = AK_REQUIRED & ~attributes
+    if missing or attributes & DECRYPT:
+        raise TpmError(f"the key at {handle:#x} is not a restricted signing key made in this TPM (attributes "
+                       f"{attributes:#x}, needs fixedtpm|fixedparent|sensitivedataorigin|restricted|sign and no "
+                       f"decrypt): it could sign a forged quote. Remove it with `tpm2_evictcontrol -C o -c "
+                       f"{handle:#x}` and run init again")
+
+
 def activate(tpm: Tpm, ek: str, ak_handle: int, ak_name_hex: str) -> bool:
     """Make a credential for the AK's name with the EK public key, have the TPM activate it."""
     secret = secrets.token_bytes(32)
@@ -104,6 +139,7 @@ def init(tpm: Tpm, state_dir: Path, pcr: int | None = None, ak_handle: int = AK_
             tpm.run("tpm2_createak", "-C", ek, "-c", str(ak_ctx), "-G", "ecc", "-g", "sha256", "-s", "ecdsa",
                     "-u", str(tpm.file("ak.pub")), "-r", str(tpm.file("ak.priv")), "-n", str(tpm.file("ak.name")))
             tpm.run("tpm2_evictcontrol", "-C", "o", "-c", str(ak_ctx), f"{ak_handle:#x}")
+        check_ak_attributes(object_attributes(tpm, ak_handle), ak_handle)
         ak_pem, ak_name = tpm.read_public_pem(ak_handle)
         if not activate(tpm, ek, ak_handle, ak_name):
             raise TpmError(f"the key at {ak_handle:#x} is not bound to this TPM's EK (activate credential "

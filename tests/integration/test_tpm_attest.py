@@ -342,3 +342,33 @@ def test_quote_and_verify_refuse_bad_input(host, tmp_path):
     not_json.write_text("{")
     result = cli("attest", "--verify", str(not_json), "--ak", str(host["ak"]), "--nonce", "00", check=False)
     assert result.returncode == 2 and "is not JSON" in result.stderr
+
+
+def test_init_refuses_a_key_at_the_ak_handle_that_could_sign_a_forged_quote(tmp_path):
+    # Someone with the TPM before `tpm init` (an image, a previous owner, root) persists an
+    # unrestricted signing key at the AK's handle. It is resident in this TPM, so make/activate
+    # credential binds it to the EK; but TPM2_Sign signs any bytes with it, a TPMS_ATTEST made up
+    # with any nonce and PCR values included. init must not hand it to verifiers as the AK.
+    from support.swtpm_support import Swtpm
+
+    emu = Swtpm(tmp_path / "swtpm")
+    emu.start()
+    try:
+        env = {**os.environ, "TPM2TOOLS_TCTI": emu.tcti}
+
+        def tool(*args):
+            proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+            assert proc.returncode == 0, proc.stderr
+            subprocess.run(["tpm2_flushcontext", "-t"], capture_output=True, env=env, timeout=60)
+
+        tool("tpm2_createprimary", "-C", "o", "-G", "ecc", "-c", "parent.ctx")
+        tool("tpm2_create", "-C", "parent.ctx", "-G", "ecc256:ecdsa-sha256", "-u", "k.pub", "-r", "k.priv",
+             "-a", "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|sign")
+        tool("tpm2_load", "-C", "parent.ctx", "-u", "k.pub", "-r", "k.priv", "-c", "k.ctx")
+        tool("tpm2_evictcontrol", "-C", "o", "-c", "k.ctx", "0x81010002")
+        state = tmp_path / "state"
+        init = cli("tpm", "init", "--tcti", emu.tcti, "--state-dir", str(state), "--json", check=False)
+        assert init.returncode == 1 and "not a restricted signing key" in init.stderr, init.stdout
+        assert not (state / "tpm" / "tpm.json").exists()
+    finally:
+        emu.stop()
