@@ -31,7 +31,7 @@ from pathlib import Path
 from skyguard.errors import BadInput
 from skyguard.tpm import measure
 from skyguard.tpm.device import (BANK, DEFAULT_PCR, PLATFORM_PCRS, Tpm, TpmConfig, TpmError, TpmUnavailable,
-                                 parse_pcr_listing)
+                                 check_pcr, parse_pcr_listing)
 from skyguard.tpm.eventlog import ZERO, EventLog, EventLogError, replay
 from skyguard.tpm.structs import QuoteFormatError, parse_attest, pcr_digest, verify_signature
 
@@ -118,7 +118,7 @@ def verify(evidence: dict, ak_pem: str, nonce: str, reference: dict | None) -> V
     verdict = Verdict()
     nonce = check_nonce(nonce)
     reference = reference or {}
-    pcr = reference.get("pcr", DEFAULT_PCR)
+    pcr = check_pcr(reference.get("pcr", DEFAULT_PCR))  # never 16 or 23: root could reset and refill them
     try:
         attest = base64.b64decode(evidence["quote"]["attest"], validate=True)
         signature = base64.b64decode(evidence["quote"]["signature"], validate=True)
@@ -263,7 +263,7 @@ def _safe(fn, value):
 def reference_from(evidence: dict, ak_pem: str, nonce: str, platform_pcrs: bool = False) -> dict:
     """A reference that accepts exactly what this (verified) evidence measured: for a known-good
     host, to be reviewed and kept by the verifier. Raises BadInput if the evidence fails."""
-    pcr = evidence.get("pcr", DEFAULT_PCR)  # the known-good host's own PCR choice, to be reviewed
+    pcr = check_pcr(evidence.get("pcr", DEFAULT_PCR))  # the known-good host's own PCR choice, to be reviewed
     verdict = verify(evidence, ak_pem, nonce, {"pcr": pcr})
     if not verdict.ok:
         raise BadInput("the evidence does not verify, so it cannot be a reference: " + "; ".join(verdict.failures))

@@ -382,3 +382,16 @@ def test_any_one_byte_change_fails_the_check_and_never_crashes(position, flip, w
         evidence["quote"][where] = base64.b64encode(bytes(raw)).decode()
     verdict = quote.verify(evidence, _GOOD.ak_pem, NONCE, REFERENCE)
     assert not verdict.ok and verdict.failures
+
+
+def test_a_reference_or_evidence_naming_a_resettable_pcr_is_refused():
+    # PCR 16 (and 23) can be reset at locality 0: root on the host resets it, extends a clean log
+    # into it and quotes. A reference naming it (hand-edited, or made from evidence whose unsigned
+    # "pcr" field says 16) would check that PCR instead of skyguard's, and pass.
+    tpm = SoftTpm(pcr=16)
+    tpm.pcrs[16] = bytes(32)
+    evidence = tpm.quote(NONCE, measured(tpm))
+    with pytest.raises(BadInput, match="8-15"):
+        quote.verify(evidence, tpm.ak_pem, NONCE, {**REFERENCE, "pcr": 16})
+    with pytest.raises(BadInput, match="8-15"):
+        quote.reference_from(evidence, tpm.ak_pem, NONCE)
