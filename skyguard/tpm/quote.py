@@ -236,7 +236,7 @@ def _compare(events: list[dict], values: dict[int, bytes], reference: dict, verd
 def cross_check(statement: dict, state: dict, vkey: str) -> list[str]:
     """Differences between the daemon's signed statement (skyguard/attest.py, signed with the host
     key `vkey`) and what the TPM's quote proves was measured: the policy in force, the programs
-    loaded, the key that signs the log. Empty when they agree."""
+    loaded, the programs at each interface's hooks, the key that signs the log. Empty when they agree."""
     out = []
     said = (statement.get("policy") or {}).get("sha256")
     measured = (state.get("policy") or {}).get("sha256")
@@ -247,6 +247,17 @@ def cross_check(statement: dict, state: dict, vkey: str) -> list[str]:
         tag = (state.get("programs") or {}).get(name)
         if program.get("tag") != tag:
             out.append(f"statement: program {name} runs with tag {program.get('tag')}, the TPM measured {tag}")
+    attached = state.get("attached") or {}
+    for ifname, info in sorted((statement.get("interfaces") or {}).items()):
+        if not isinstance(info, dict):
+            continue
+        said = {hook: str((p or {}).get("tag")) for hook, p in (info.get("hooks") or {}).items()}
+        measured = attached.get(ifname)
+        if not info.get("ours", True) and said:  # something else at its hooks (a bare one is kept dark)
+            out.append(f"statement: interface {ifname} runs {said}, not skyguard's programs "
+                       f"({info.get('problem', 'not ours')}); the TPM measured {measured} attached")
+        elif measured is not None and said and said != measured:
+            out.append(f"statement: interface {ifname} runs {said}, but the TPM measured {measured} attached")
     if state.get("log_key") != vkey:
         out.append(f"statement: signed by {vkey.split('+')[0]}'s key {vkey}, but the TPM measured the log key "
                    f"{state.get('log_key')}")

@@ -395,3 +395,23 @@ def test_a_reference_or_evidence_naming_a_resettable_pcr_is_refused():
         quote.verify(evidence, tpm.ak_pem, NONCE, {**REFERENCE, "pcr": 16})
     with pytest.raises(BadInput, match="8-15"):
         quote.reference_from(evidence, tpm.ak_pem, NONCE)
+
+
+def test_a_statement_showing_other_programs_at_an_interface_than_the_tpm_measured_fails(host):
+    # Root attaches its own program at a workload's hook (bpftool, tc): the daemon's signed
+    # statement shows it (and says the interface is not ours) while the TPM holds skyguard's last
+    # attach. The verifier given the host key must not report the two as agreeing.
+    tpm, evidence = host
+    state = quote.verify(evidence, tpm.ak_pem, NONCE, REFERENCE).state
+    statement = {"policy": {"name": "keysystems", "sha256": POLICY},
+                 "programs": {name: {"id": 1, "tag": tag} for name, tag in TAGS.items()},
+                 "interfaces": {"sg-web1": {"hooks": {"tc_egress": {"id": 9, "name": "sg_to_vm",
+                                                                    "tag": TAGS["sg_to_vm"]}}, "ours": True},
+                                "sg-new": {"hooks": {}, "ours": False, "problem": "not attached"}}}
+    assert quote.cross_check(statement, state, VKEY) == []
+    foreign = {"hooks": {"tc_egress": {"id": 10, "name": "sg_to_vm", "tag": "ffffffffffffffff"}}, "ours": False,
+               "problem": "programs are not this skyguard's (replaced or tampered with)"}
+    tampered = dict(statement, interfaces={**statement["interfaces"], "sg-web1": foreign})
+    problems = quote.cross_check(tampered, state, VKEY)
+    assert len(problems) == 1 and problems[0].startswith("statement: interface sg-web1") \
+        and "ffffffffffffffff" in problems[0], problems
