@@ -30,8 +30,17 @@ from pathlib import Path
 
 from skyguard.errors import BadInput
 from skyguard.tpm import measure
-from skyguard.tpm.device import (BANK, DEFAULT_PCR, PLATFORM_PCRS, Tpm, TpmConfig, TpmError, TpmUnavailable,
-                                 check_pcr, parse_pcr_listing)
+from skyguard.tpm.device import (
+    BANK,
+    DEFAULT_PCR,
+    PLATFORM_PCRS,
+    Tpm,
+    TpmConfig,
+    TpmError,
+    TpmUnavailable,
+    check_pcr,
+    parse_pcr_listing,
+)
 from skyguard.tpm.eventlog import ZERO, EventLog, EventLogError, replay
 from skyguard.tpm.structs import QuoteFormatError, parse_attest, pcr_digest, verify_signature
 
