@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from skyguard.errors import SkyguardError
 from skyguard.tpm.device import Tpm, TpmConfig, TpmError, TpmUnavailable, find_tcti
+from skyguard.tpm.eventlog import EventLogError
 from skyguard.tpm.measure import Measurements, mark_stopped
 from skyguard.tpm.sealing import key_in_use
 
@@ -78,9 +79,11 @@ class DaemonTpm:
                 return
             try:
                 fn(*args)
-            except (TpmError, OSError) as e:
+            except (TpmError, OSError, EventLogError) as e:
                 # The PCR and the log may now differ by one line: quotes will show it, and no
                 # further extend is tried (a TPM that fails once is not trusted to be consistent).
+                # A log that no longer reads as skyguard wrote it stops measuring the same way:
+                # raised, it would fail the daemon's policy load after the datapath swap.
                 self._failed("a TPM extend failed", e)
         if self._monitor is not None:
             self._monitor.changed()

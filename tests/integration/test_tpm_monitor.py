@@ -235,3 +235,18 @@ def test_after_a_failed_extend_a_quote_cannot_pass_off_the_last_measured_state(d
     launch(again, writer.signer.verifier.vkey())
     fresh = cli("attest", "--quote", "--nonce", nonce, "--state-dir", str(state), "--tcti", working)
     assert fresh.returncode == 0, fresh.stderr
+
+
+def test_a_damaged_event_log_stops_measuring_instead_of_failing_the_policy_load(daemon_like):
+    # The event log gains a line skyguard never wrote (a disk error, a hand edit): the next
+    # measurement must not raise into the daemon's policy load, which has already swapped the
+    # datapath by then (a half-applied policy); it stops measuring, like a failed extend.
+    emu, state, writer, record = daemon_like
+    hook = DaemonTpm(state, record=record)
+    launch(hook, writer.signer.verifier.vkey())
+    log = next((state / "tpm").glob("eventlog*.jsonl"))
+    with log.open("ab") as f:
+        f.write(b"\xff not json\n")
+    hook.measure_policy("keysystems", GOOD_POLICY)  # must not raise
+    assert not hook.available and hook.problem
+
