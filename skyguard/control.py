@@ -34,6 +34,26 @@ def socket_path() -> Path:
     return config.RUN_DIR / "control.sock"
 
 
+def claim_run_dir(path: Path | None = None) -> int:
+    """Hold the run dir for this daemon (an exclusive lock on `daemon.lock` in it, released with
+    the process, even on SIGKILL); returns the descriptor. Taken before the daemon touches
+    anything: a second `skyguard up` (another state dir, another policy) would otherwise load its
+    policy into the pinned maps the running daemon enforces, and only then find its socket taken."""
+    import fcntl
+
+    directory = (path or socket_path()).parent
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    fd = os.open(directory / "daemon.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DaemonError(f"a skyguard daemon already runs with run dir {directory}; stop it with "
+                          "`skyguard down` first") from None
+    return fd
+
+
 def _peer_uid(sock: socket.socket) -> int:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)

@@ -86,9 +86,11 @@ class Daemon:
     # ---- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
+        from skyguard.control import claim_run_dir
         from skyguard.datapath.datapath import Datapath
         from skyguard.policy.parse import parse_policy
 
+        self._run_dir_lock = claim_run_dir()  # before anything: one daemon per run dir
         try:
             text = self.policy_path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:

@@ -298,6 +298,26 @@ def test_the_control_socket_is_root_only(daemon):
     assert daemon.running()
 
 
+def test_a_second_up_changes_nothing_of_the_running_daemons_enforcement(lab, daemon, tmp_path):
+    # An operator starts `skyguard up` again (another state dir, a wider policy) while one runs:
+    # it must refuse before it touches the pinned maps, the programs or the steering.
+    daemon.ensure_running()
+    running_sha = json.loads(daemon.cli("policy", "show", "--json").stdout)["sha256"]
+    before = attached_programs(daemon.status())
+    wider = tmp_path / "wider.yaml"
+    wider.write_text(lab.policy_path.read_text().replace("ports: [udp/514, tcp/6514]",
+                                                          "ports: [udp/514, udp/7, tcp/6514]"))
+    out = daemon.cli("up", "--policy", str(wider), "--state-dir", str(tmp_path / "state2"), "--metrics", "off",
+                     timeout=120)
+    assert out.returncode != 0
+    assert "already" in out.stderr, out.stderr
+    assert daemon.running()
+    assert json.loads(daemon.cli("policy", "show", "--json").stdout)["sha256"] == running_sha
+    assert attached_programs(daemon.status()) == before, "the second up replaced the running daemon's programs"
+    assert probe(lab, "radius1", [("udp", SYSLOG_V4, 514), ("udp", SYSLOG_V4, 7)]) == [True, False]
+    assert daemon.status()["parts"]["dns"] == "running"
+
+
 def test_sigkill_under_traffic_keeps_enforcing_and_restart_readopts(lab, daemon):
     daemon.ensure_running()
     before = attached_programs(daemon.status())
