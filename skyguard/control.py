@@ -71,7 +71,13 @@ def _read_message(sock: socket.socket) -> dict:
             raise BadInput("control request too large")
     if not data:
         raise DaemonError("empty message on the control socket")
-    return json.loads(data)
+    try:
+        message = json.loads(data)
+    except RecursionError:
+        raise BadInput("control message nested too deeply") from None
+    if not isinstance(message, dict):
+        raise BadInput(f"a control message is a JSON object, not {type(message).__name__}")
+    return message
 
 
 class _RequestHandler(socketserver.BaseRequestHandler):
@@ -110,12 +116,14 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self._thread: threading.Thread | None = None
 
     def dispatch(self, message: dict) -> dict:
-        op = message.get("op")
-        handler = self.handlers.get(op)
+        op, args = message.get("op"), message.get("args") or {}
+        handler = self.handlers.get(op) if isinstance(op, str) else None
         if handler is None:
-            return {"ok": False, "error": f"unknown operation {op!r}", "code": 2}
+            return {"ok": False, "error": f"unknown operation {op!r}"[:200], "code": 2}
+        if not isinstance(args, dict):
+            return {"ok": False, "error": f"{op}: args must be a JSON object", "code": 2}
         try:
-            return {"ok": True, **handler(message.get("args") or {})}
+            return {"ok": True, **handler(args)}
         except SkyguardError as e:
             return {"ok": False, "error": str(e), "code": e.exit_code}
         except Exception as e:  # the daemon must survive a bad request; say what broke

@@ -298,6 +298,32 @@ def test_the_control_socket_is_root_only(daemon):
     assert daemon.running()
 
 
+def _raw_request(path, data: bytes, timeout: float = 15) -> bytes:
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(path))
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+        return reply
+
+
+@pytest.mark.parametrize("message", [b"[]\n", b'"status"\n', b"42\n", b'{"op": ["status"]}\n',
+                                     b'{"op": {"a": 1}}\n', b"[" * 100_000 + b"\n", b'{"op": "status", "args": 7}\n'],
+                         ids=["list", "string", "number", "op-list", "op-dict", "deep", "args-number"])
+def test_a_malformed_control_message_gets_an_answer_and_the_daemon_goes_on(daemon, message):
+    daemon.ensure_running()
+    reply = _raw_request(daemon.run_dir / "control.sock", message)
+    assert reply.endswith(b"\n"), f"no answer to {message[:30]!r}"
+    answer = json.loads(reply)
+    assert answer["ok"] is False and answer["error"], answer
+    assert daemon.request("status")["policy"]["name"]
+
+
 def test_a_second_up_changes_nothing_of_the_running_daemons_enforcement(lab, daemon, tmp_path):
     # An operator starts `skyguard up` again (another state dir, a wider policy) while one runs:
     # it must refuse before it touches the pinned maps, the programs or the steering.
