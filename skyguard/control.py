@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from skyguard import config
+from skyguard import config, fsutil
 from skyguard.errors import BadInput, DaemonError, SkyguardError
 
 if TYPE_CHECKING:
@@ -41,9 +41,7 @@ def claim_run_dir(path: Path | None = None) -> int:
     policy into the pinned maps the running daemon enforces, and only then find its socket taken."""
     import fcntl
 
-    directory = (path or socket_path()).parent
-    directory.mkdir(parents=True, exist_ok=True)
-    os.chmod(directory, 0o700)
+    directory = fsutil.private_dir((path or socket_path()).parent)
     fd = os.open(directory / "daemon.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -102,8 +100,7 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     def __init__(self, handlers: dict[str, Handler], path: Path | None = None):
         self.handlers = handlers
         self.path = path or socket_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.path.parent, 0o700)
+        fsutil.private_dir(self.path.parent)
         if self.path.exists():
             if _is_alive(self.path):
                 raise DaemonError(f"a skyguard daemon already answers on {self.path}; stop it with `skyguard down`")

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from skyguard import config
+from skyguard import config, fsutil
 from skyguard.control import ControlServer
 from skyguard.datapath import guard
 from skyguard.errors import BadInput, SkyguardError
@@ -102,8 +102,7 @@ class Daemon:
             text, source = kept_fleet_policy(self.state_dir, self.fleet["admin_keys"]) or (text, source)
         policy = parse_policy(text, source=source)  # bad policy: nothing changes
         _raise_open_file_limit()
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.state_dir, 0o700)
+        fsutil.private_dir(self.state_dir)
         self._open_log()
         self.record("daemon_start", pid=os.getpid(), version=_version())
         self._open_tpm()

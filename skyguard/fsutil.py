@@ -42,6 +42,28 @@ def write_private(path: Path, data: bytes) -> None:
     fsync_directory(path.parent)
 
 
+def private_dir(path: Path) -> Path:
+    """Create directory `path` (and its parents) if missing and make it mode 0700, refusing one
+    that another user owns (a symlink is followed to what it names): its owner could rename,
+    replace or add the files skyguard keeps there (a host key, learned DNS answers, a socket),
+    whatever their own modes. Returns `path`."""
+    from skyguard.errors import BadInput
+
+    path = Path(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        owner = os.fstat(fd).st_uid
+        if owner != os.geteuid():
+            raise BadInput(f"{path} belongs to uid {owner}, not to this process (uid {os.geteuid()}): "
+                           "whoever owns it could replace what skyguard keeps there; give a directory "
+                           "of your own (or chown it)")
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+    return path
+
+
 def fsync_directory(directory: Path) -> None:
     """Make a rename or a new name in `directory` durable."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)

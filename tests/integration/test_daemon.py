@@ -344,6 +344,36 @@ def test_a_second_up_changes_nothing_of_the_running_daemons_enforcement(lab, dae
     assert daemon.status()["parts"]["dns"] == "running"
 
 
+@pytest.mark.parametrize("whose", ["state", "run"])
+def test_up_refuses_a_state_or_run_dir_another_user_owns(lab, tmp_path, whose):
+    # A local user who made the directory first (say under /tmp) could swap the host key, the
+    # learned DNS answers or the control socket skyguard keeps there, whatever their modes.
+    import pwd
+
+    dirs = {"state": tmp_path / "state", "run": tmp_path / "run"}
+    dirs[whose].mkdir(mode=0o755)
+    nobody = pwd.getpwnam("nobody")
+    os.chown(dirs[whose], nobody.pw_uid, nobody.pw_gid)
+    pin_dir = f"/sys/fs/bpf/sgt-own-{os.getpid()}-{whose}"
+    env = dict(os.environ, SKYGUARD_STATE_DIR=str(dirs["state"]), SKYGUARD_RUN_DIR=str(dirs["run"]),
+               SKYGUARD_PIN_DIR=pin_dir, PYTHONPATH=os.getcwd())
+    proc = subprocess.Popen(["unshare", "--net", "--", PY, "-m", "skyguard.cli.main", "up", "--policy",
+                             str(lab.policy_path), "--metrics", "off"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # a netns of its own: nothing shared is touched
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+        raise AssertionError(f"up ran in a {whose} dir owned by nobody: {err[-2000:]}") from None
+    finally:
+        subprocess.run(["rm", "-rf", pin_dir], check=False)
+    assert proc.returncode == 2, err
+    assert f"belongs to uid {nobody.pw_uid}" in err, err
+    assert os.stat(dirs[whose]).st_uid == nobody.pw_uid and not (dirs[whose] / "control.sock").exists()
+    assert not (dirs["state"] / "log").exists()
+
+
 def test_sigkill_under_traffic_keeps_enforcing_and_restart_readopts(lab, daemon):
     daemon.ensure_running()
     before = attached_programs(daemon.status())
