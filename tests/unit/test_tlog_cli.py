@@ -255,3 +255,21 @@ def test_verify_never_falls_back_to_the_key_inside_the_log(two_states, tmp_path)
     vkey = run((environment,), "checkpoint", "--public-key", "--state-dir", str(a)).stdout.strip()
     out = run((environment,), "verify", "--state-dir", str(tmp_path / "keyless"), "--key", vkey)
     assert out.returncode == 0, out.stderr
+
+
+def test_show_escapes_what_a_terminal_would_act_on(tmp_path):
+    # Fields can hold what a VM or an operator sent (an SFTP path, a header): printed raw, an
+    # escape sequence could erase or rewrite the entry on the auditor's terminal.
+    state = tmp_path / "state"
+    environment = dict(os.environ, PYTHONPATH=str(REPO), SKYGUARD_STATE_DIR=str(state),
+                       SKYGUARD_RUN_DIR=str(tmp_path / "run"), SKYGUARD_PIN_DIR=str(tmp_path / "pin"))
+    hidden = "/etc/shadow\x1b[2K\r\x1b[1A\u202eupload ok\u0085\x9b2J"
+    with LogWriter(state / "log", host_signer(state)) as w:
+        w.append(entry("admin_file_transfer", time=1_800_000_000_000_000_000, op="write", path=hidden,
+                       paths=[hidden]))
+    for command in (["show"], ["tail"]):
+        out = run((environment,), *command)
+        assert out.returncode == 0, out.stderr
+        line = out.stdout.strip()
+        assert line.count("\n") == 0 and line.isprintable(), repr(line)
+        assert "path=/etc/shadow\\x1b[2K\\r\\x1b[1A\\u202eupload ok" in line, line
