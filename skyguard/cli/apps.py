@@ -11,7 +11,7 @@ import time
 
 import click
 
-from skyguard.cli.common import emit_json, json_option, state_dir_option
+from skyguard.cli.common import emit_json, json_option, printable, state_dir_option
 
 
 def _ask(action: str, state_dir, **args) -> dict:
@@ -68,8 +68,9 @@ def sessions_command(as_json, state_dir):
         return
     for s in sorted(reply["sessions"], key=lambda s: (s["app"], s["user"])):
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s["signed_in"]))
-        click.echo(f"{s['user']:<16} {s['app']:<16} since {since}Z  ends in {s['expires_in']}s  "
-                   f"groups {','.join(s['groups']) or '-'}  websockets {s['websockets']}")
+        # user and groups come from the identity provider: nothing in them may act on the terminal
+        click.echo(printable(f"{s['user']:<16} {s['app']:<16} since {since}Z  ends in {s['expires_in']}s  "
+                             f"groups {','.join(s['groups']) or '-'}  websockets {s['websockets']}"))
 
 
 @apps.command("logout")
@@ -82,7 +83,7 @@ def logout_command(user, as_json, state_dir):
     if as_json:
         emit_json(reply)
     else:
-        click.echo(f"ended {reply['ended']} session(s) of {reply['user']}")
+        click.echo(printable(f"ended {reply['ended']} session(s) of {reply['user']}"))
 
 
 @apps.command("jwks")

@@ -24,6 +24,13 @@ def emit_json(value) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
 
 
+def printable(text: str) -> str:
+    """`text` with every character a terminal acts on escaped (controls, C1 codes, line breaks,
+    bidi overrides): fields hold what VMs, operators and identity providers sent (an SFTP path, a user name), and printed raw
+    an escape sequence could erase or rewrite the entry on the auditor's screen."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def warn(message: str) -> None:
     click.echo(message, err=True)
 

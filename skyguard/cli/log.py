@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from skyguard import config
-from skyguard.cli.common import emit_json, json_option, warn
+from skyguard.cli.common import emit_json, json_option, printable, warn
 from skyguard.errors import LogError
 from skyguard.tlog import entries as tlog_entries
 from skyguard.tlog.checkpoint import Checkpoint, Signer, Verifier
@@ -210,15 +210,8 @@ def _print_entry(index: int, payload: bytes, as_json: bool) -> None:
         click.echo(tlog_entries.canonical({"index": index, "entry": record}).decode())
         return
     fields = " ".join(f"{k}={v}" for k, v in record.items() if k not in ("type", "time"))
-    click.echo(_printable(f"{index:>8}  {_format_time(record.get('time'))}  {record.get('type', '?'):<15} "
+    click.echo(printable(f"{index:>8}  {_format_time(record.get('time'))}  {record.get('type', '?'):<15} "
                           f"{fields}"))
-
-
-def _printable(text: str) -> str:
-    """`text` with every character a terminal acts on escaped (controls, C1 codes, line breaks,
-    bidi overrides): fields hold what VMs and operators sent (an SFTP path, say), and printed raw
-    an escape sequence could erase or rewrite the entry on the auditor's screen."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _matches(payload: bytes, types, since) -> bool:
