@@ -177,6 +177,9 @@ def request(op: str, timeout: float = 30.0, state_dir=None, socket_file: Path | 
         raise DaemonError(f"permission denied on {path}: the control socket is root-only; run as root") from None
     except ConnectionError as e:
         raise DaemonError(f"the daemon closed the control connection without an answer ({e}); check its log") from None
+    except TimeoutError:
+        raise DaemonError(f"the daemon did not answer {op} within {timeout:.0f}s; it may still be working on it: "
+                          "see `skyguard status` and the daemon's log") from None
     if not reply.get("ok"):
         cls = BadInput if reply.get("code") == 2 else DaemonError
         raise cls(reply.get("error", "the daemon refused the request"))

@@ -157,7 +157,8 @@ def load(file: str, state_dir: Path | None, as_json: bool) -> None:
     parsed = load_policy(file)  # exit 2 with every problem before the daemon is asked
     with open(file, "rb") as f:
         text = f.read().decode("utf-8")
-    reply = control.request("policy.load", text=text, source=str(file), state_dir=state_dir)
+    # The daemon gives its parts up to 120 s to take a policy: wait longer than it does.
+    reply = control.request("policy.load", timeout=180, text=text, source=str(file), state_dir=state_dir)
     reply.pop("ok", None)
     if as_json:
         emit_json(reply)
