@@ -88,12 +88,14 @@ class Daemon:
     def start(self) -> None:
         from skyguard.control import claim_run_dir
         from skyguard.datapath.datapath import Datapath
-        from skyguard.policy.parse import parse_policy
+        from skyguard.policy.parse import parse_policy, read_policy_file
 
         self._run_dir_lock = claim_run_dir()  # before anything: one daemon per run dir
+        # Read as validate and policy load read it, so the hash everywhere is the file's bytes'.
+        data = read_policy_file(self.policy_path)
         try:
-            text = self.policy_path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
             raise BadInput(f"cannot read policy {self.policy_path}: {e}") from None
         source = str(self.policy_path)
         if self.fleet:  # a fleet host restarts on its last signed fleet policy, never an older file

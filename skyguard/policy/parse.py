@@ -55,6 +55,12 @@ MAX_EXTENSION_NODES = 10_000  # x- extension keys are copied into Policy.extra; 
 
 def load_policy(path: str | Path) -> Policy:
     """Read, parse and validate the policy file at `path`. Raises PolicyError (nothing loaded)."""
+    return parse_policy_bytes(read_policy_file(path), source=str(path))
+
+
+def read_policy_file(path: str | Path) -> bytes:
+    """The policy file's bytes as every command hashes them (no newline translation), within
+    MAX_FILE_BYTES. Raises PolicyError."""
     path = Path(path)
     shown = str(path)
     try:
@@ -69,7 +75,7 @@ def load_policy(path: str | Path) -> Policy:
         raise PolicyError([Problem(shown, None, "", "is a directory; give a policy YAML file")]) from None
     except OSError as e:
         raise PolicyError([Problem(shown, None, "", f"cannot be read: {e.strerror}")]) from None
-    return parse_policy_bytes(data, source=shown)
+    return data
 
 
 def parse_policy(text: str, source: str = "<string>") -> Policy:

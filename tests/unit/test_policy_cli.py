@@ -168,3 +168,23 @@ def test_a_warning_names_a_zone_once_however_many_of_its_workloads_a_network_hol
     warnings = [w for w in policy_warnings(parse_policy(many)) if w.rule == "to-office"]
     assert len(warnings) == 2  # printers, kiosks
     assert "workload 'k2' and 57 more of its workloads (zone 'kiosks')" in warnings[1].message
+
+
+def test_every_command_hashes_a_crlf_policy_file_as_its_bytes(tmp_path):
+    """`up` read the policy as text (CRLF turned into LF) while validate, show and policy load
+    hashed the file's bytes: the hash in status and the TPM measurement then named no file.
+    They all read through read_policy_file now."""
+    import hashlib
+
+    from skyguard.policy.parse import MAX_FILE_BYTES, load_policy, read_policy_file
+
+    path = tmp_path / "crlf.yaml"
+    path.write_bytes(NETWORK_HOLDS_A_WORKLOAD.replace("\n", "\r\n").encode())
+    assert read_policy_file(path) == path.read_bytes()
+    assert load_policy(path).sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    shown = json.loads(skyguard("show", path, "--json").stdout)
+    assert shown["sha256"] == load_policy(path).sha256
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"#" * (MAX_FILE_BYTES + 1))
+    with pytest.raises(Exception, match="a policy file is at most"):
+        read_policy_file(big)
