@@ -62,8 +62,15 @@ def parse_endpoints(urls: str | list[str]) -> list[tuple[str, int]]:
     return out
 
 
+def _key(kv: dict) -> str:
+    """A key as text. etcd keys are bytes and anyone who can write etcd chooses them: one that is
+    not UTF-8 gets U+FFFD in place of its bad bytes (so it matches no key the fleet uses) rather
+    than raising, which would end every reader's list or watch."""
+    return base64.b64decode(kv["key"]).decode("utf-8", "replace")
+
+
 def _item(kv: dict) -> Item:
-    return Item(base64.b64decode(kv["key"]).decode(), base64.b64decode(kv.get("value", "")),
+    return Item(_key(kv), base64.b64decode(kv.get("value", "")),
                 int(kv.get("mod_revision", 0)), int(kv.get("lease", 0)))
 
 
@@ -257,7 +264,7 @@ class EtcdStore:
                     for ev in result.get("events", []):
                         kv = ev["kv"]
                         deleted = ev.get("type") == "DELETE"
-                        changes.append(Change(base64.b64decode(kv["key"]).decode(),
+                        changes.append(Change(_key(kv),
                                               None if deleted else base64.b64decode(kv.get("value", "")),
                                               int(kv.get("mod_revision", 0))))
                     if changes:

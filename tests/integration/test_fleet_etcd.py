@@ -293,3 +293,32 @@ def test_hosts_witness_each_other_and_a_rewritten_log_is_refused(fleet):
     assert bad.returncode == 1, bad.stdout
     good = skyguard("log", "verify", "--state-dir", str(honest.state), "--witnesses", "2")
     assert "cosigned by 2 witnesses" in good.stdout
+
+
+def etcdctl_raw(fleet, *args: bytes):
+    """etcdctl with raw byte arguments: keys need not be UTF-8 in etcd."""
+    subprocess.run([b"etcdctl", b"--endpoints", fleet.cluster.endpoints.encode(), *args],
+                   env=dict(os.environ, ETCDCTL_API="3"), check=True, capture_output=True, timeout=30)
+
+
+def test_keys_that_are_not_utf8_stop_neither_policy_watch_nor_witnessing(fleet):
+    # Whoever can write etcd (any host of the fleet) adds keys whose bytes are not UTF-8 under
+    # the prefixes every agent lists and watches. Before the fix decoding them raised
+    # UnicodeDecodeError, which ended each host's policy and witness tasks for good: no later
+    # policy (a revocation) was ever applied, and no log cosigned, while heartbeats said "ok".
+    bad = [keys.POLICY.encode() + b"\xff", keys.MEMBERS.encode() + b"\xfe\xff",
+           *(keys.cosignatures_of(h.name).encode() + b"\xff" for h in fleet.hosts)]
+    try:
+        for key in bad:
+            etcdctl_raw(fleet, b"put", key, b"{}")
+        time.sleep(2)   # several witness rounds and the watch's event
+        pushed = push(fleet, 8)
+        wait_until(lambda: all(h.sha == pushed["sha256"] for h in fleet.hosts), what="revision 8")
+        before = {h.name: h.agent.given for h in fleet.hosts}
+        for host in fleet.hosts:
+            host.writer.append(entry("flow_start", after_bad_keys=True))
+        wait_until(lambda: all(h.agent.given > before[h.name] for h in fleet.hosts),
+                   what="every host cosigning its peers again")
+    finally:
+        for key in bad:
+            etcdctl_raw(fleet, b"del", key)
