@@ -179,15 +179,32 @@ def status(etcd, admin_keys, as_json):
     if as_json:
         emit_json(view)
         return
-    click.echo(f"policy: {view['policy']}")
+    click.echo(f"policy: {view['policy']}")   # a dict's repr escapes control characters
     click.echo(f"{'host':<16} {'rev':>4} {'policy':<14} {'beat':>6} {'log':>8} {'given':>6} "
                f"{'witnessed by':<24} alerts")
     for name, m in sorted(view["members"].items()):
-        policy = m.get("policy") or {}
+        # Every field was written by that host: shown escaped, whatever its type.
+        policy = _field(m, "policy")
         witnessed = ",".join(f"{w}@{s}" for w, s in sorted(m.get("witnessed_by", {}).items())) or "-"
-        click.echo(f"{name:<16} {policy.get('revision', 0):>4} {str(policy.get('sha256') or '-')[:12]:<14} "
-                   f"{m.get('heartbeat_age_s', '?'):>5}s {str((m.get('log') or {}).get('size')):>8} "
-                   f"{(m.get('cosignatures') or {}).get('given', 0):>6} {witnessed:<24} "
-                   f"{len(m.get('alerts') or [])}")
+        alerts = m.get("alerts")
+        click.echo(f"{_cell(name):<16} {_cell(policy.get('revision', 0)):>4} "
+                   f"{_cell(policy.get('sha256') or '-')[:12]:<14} "
+                   f"{_cell(m.get('heartbeat_age_s', '?')):>5}s {_cell(_field(m, 'log').get('size')):>8} "
+                   f"{_cell(_field(m, 'cosignatures').get('given', 0)):>6} {_cell(witnessed):<24} "
+                   f"{len(alerts) if isinstance(alerts, list) else _cell(alerts)}"
+                   + (f"  ({_cell(m['problem'])})" if "problem" in m else ""))
     for alert in view["alerts"]:
-        click.echo(f"ALERT: {alert.get('witness')} refuses to cosign {alert.get('peer')}: {alert.get('problem')}")
+        click.echo(f"ALERT: {_cell(alert.get('witness'))} refuses to cosign {_cell(alert.get('peer'))}: "
+                   f"{_cell(alert.get('problem'))}")
+
+
+def _field(record: dict, name: str) -> dict:
+    value = record.get(name)
+    return value if isinstance(value, dict) else {}
+
+
+def _cell(value) -> str:
+    """A value from the store as one line of printable text: control characters (a newline, an
+    escape sequence that would move the cursor and overwrite other lines) are shown escaped."""
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)

@@ -7,6 +7,7 @@ Not here: what a host does with a pushed policy (agent.py).
 from __future__ import annotations
 
 import json
+import math
 import time
 
 from skyguard.fleet import keys
@@ -61,12 +62,20 @@ async def fleet_view(store: Store, admins=None) -> dict:
     alerts, _ = await store.get_prefix(keys.ALERTS)
     now = time.time()
     view: dict = {"revision": revision, "members": {}, "alerts": [], "policy": None}
+    # Each host writes its own record (and any alert): what one writes must not stop the view
+    # of the others, so a record of the wrong shape is shown as such, never raised.
     for item in members:
         try:
             status = json.loads(item.value)
         except ValueError:
-            continue
-        status["heartbeat_age_s"] = round(now - float(status.get("heartbeat", 0)), 1)
+            status = None
+        if not isinstance(status, dict):
+            status = {"problem": "the member record is not a JSON object"}
+        try:
+            age = round(now - float(status.get("heartbeat", 0)), 1)
+        except (ValueError, TypeError, OverflowError):
+            age = None
+        status["heartbeat_age_s"] = age if age is not None and math.isfinite(age) else None
         status["witnessed_by"] = {}
         view["members"][item.key[len(keys.MEMBERS):]] = status
     for item in cosigs:
@@ -79,9 +88,13 @@ async def fleet_view(store: Store, admins=None) -> dict:
             view["members"][log_name]["witnessed_by"][witness] = size
     for item in alerts:
         try:
-            view["alerts"].append(json.loads(item.value))
+            alert = json.loads(item.value)
         except ValueError:
-            continue
+            alert = None
+        if not isinstance(alert, dict):
+            peer, _, witness = item.key[len(keys.ALERTS):].partition("/")
+            alert = {"witness": witness, "peer": peer, "problem": "the alert record is not a JSON object"}
+        view["alerts"].append(alert)
     item, _ = await store.get(keys.POLICY)
     if item is not None:
         try:

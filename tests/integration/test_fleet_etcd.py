@@ -322,3 +322,38 @@ def test_keys_that_are_not_utf8_stop_neither_policy_watch_nor_witnessing(fleet):
     finally:
         for key in bad:
             etcdctl_raw(fleet, b"del", key)
+
+
+def test_a_hostile_member_record_neither_breaks_fleet_status_nor_hides_its_alerts(fleet):
+    # A compromised host writes what it likes under members/ and alerts/. Before the fix a
+    # heartbeat that is not a number (or a record that is not an object) made `fleet status`
+    # crash, hiding every alert, and escape sequences in a record could erase the genuine ALERT
+    # lines on the operator's terminal.
+    genuine = {"witness": "alpha", "peer": "mallory", "problem": "not consistent", "time": 1}
+    hostile = {
+        keys.member("mallory"): {"name": "mallory", "heartbeat": "soon", "policy": ["x"],
+                                 "log": 5, "cosignatures": "many", "alerts": 3},
+        keys.member("mallory2"): ["not", "an", "object"],
+        keys.member("mallory3"): {"name": "m3", "heartbeat": 1e400, "policy": {"revision": {"a": 1}}},
+        keys.alert("mallory", "alpha"): genuine,
+        keys.alert("mallory", "zulu"): {"witness": "zulu\x1b[1A\x1b[2K", "peer": ["x"],
+                                        "problem": "\r\x1b[2Kok\nALERT: none"},
+        keys.alert("mallory", "zulu2"): ["not", "an", "object"],
+    }
+    try:
+        for key, value in hostile.items():
+            etcdctl_put(fleet, key, json.dumps(value))
+        view = json.loads(skyguard("fleet", "status", "--etcd", fleet.cluster.endpoints, "--json").stdout)
+        assert genuine in view["alerts"]
+        assert set(NAMES) <= set(view["members"])
+        table = skyguard("fleet", "status", "--etcd", fleet.cluster.endpoints).stdout
+        assert "ALERT: alpha refuses to cosign mallory: not consistent" in table
+        assert "\x1b" not in table and "\r" not in table
+        assert sum(line.startswith("ALERT:") for line in table.splitlines()) == len(view["alerts"])
+        for name in NAMES:
+            assert any(line.startswith(name) for line in table.splitlines())
+    finally:
+        for key in hostile:
+            subprocess.run(["etcdctl", "--endpoints", fleet.cluster.endpoints, "del", key],
+                           env=dict(os.environ, ETCDCTL_API="3"), check=True, capture_output=True,
+                           timeout=30)
