@@ -377,11 +377,39 @@ class FleetAgent:
                 raise
         # 3. Cosign each peer's checkpoint.
         for peer, record in sorted(peers.items()):
-            await self._cosign_peer(peer, record)
+            await self._cosign_peer(peer, record, self._origin_rival(peer, record, peers))
 
     def _pinned(self) -> dict:
         path = self.state_dir / PEERS_FILE
         return json.loads(path.read_text()) if path.exists() else {}
+
+    def _origin_rival(self, peer: str, record: dict, peers: dict) -> str | None:
+        """Why `peer` must not be witnessed under the origin it presents: this host's own, or
+        one another member presents too. A log's origin is unique per host, and the witness
+        keeps its state per origin: the first key it saw for an origin is the only one it ever
+        cosigns, so a member that takes another's origin would otherwise get that origin's
+        first-sight binding at a witness that joins later, and the real host refused for good.
+        A member that pinned the origin here keeps it; when none did, both are refused."""
+        origin = record.get("origin")
+        if not isinstance(origin, str):
+            return None
+        if origin == self._log_head().get("origin"):
+            return f"peer {peer} presents this host's own log origin {origin!r}"
+        pinned = self._pinned()
+        if (pinned.get(peer) or {}).get("origin") == origin:
+            holder = peer
+        else:
+            holder = next((name for name, keys_ in sorted(pinned.items())
+                           if name != peer and (keys_ or {}).get("origin") == origin), None)
+        if holder is not None and holder != peer:
+            return f"peer {peer} presents the log origin {origin!r} first seen from {holder}"
+        if holder is None:
+            rivals = sorted(name for name, other in peers.items()
+                            if name != peer and other.get("origin") == origin)
+            if rivals:
+                return (f"peers {', '.join([peer, *rivals])} all present the log origin "
+                        f"{origin!r}: none is witnessed until one is removed")
+        return None
 
     def _pin(self, peer: str, record: dict) -> str | None:
         """Peers' keys are pinned at first sight; another key later is a problem, not an update."""
@@ -396,11 +424,13 @@ class FleetAgent:
             return f"peer {peer} now presents other keys or origin than first seen ({pinned[peer]['origin']})"
         return None
 
-    async def _cosign_peer(self, peer: str, record: dict) -> None:
+    async def _cosign_peer(self, peer: str, record: dict, rival: str | None = None) -> None:
         item, _ = await self.store.get(keys.checkpoint(peer))
         if item is None or not record.get("origin") or not record.get("log_vkey"):
             return
         try:
+            if rival:
+                raise Tamper(rival)   # before pinning: a contested origin binds no key here
             published = json.loads(item.value)
             note = published["note"]
             proofs = published.get("proofs") or {}

@@ -29,7 +29,7 @@ from skyguard.fleet.signing import load_admin_verifiers, sign_policy
 from skyguard.fleet.store import Compacted
 from skyguard.parts import LoopThread
 from skyguard.tlog import LogWriter, entry, host_signer
-from skyguard.tlog.checkpoint import Signer
+from skyguard.tlog.checkpoint import Checkpoint, Signer
 
 NAMES = ["alpha", "bravo", "charlie"]
 BASE_POLICY = (config.POLICIES_DIR / "keysystems.yaml").read_text()
@@ -357,3 +357,50 @@ def test_a_hostile_member_record_neither_breaks_fleet_status_nor_hides_its_alert
             subprocess.run(["etcdctl", "--endpoints", fleet.cluster.endpoints, "del", key],
                            env=dict(os.environ, ETCDCTL_API="3"), check=True, capture_output=True,
                            timeout=30)
+
+
+def test_a_member_claiming_another_host_s_origin_cannot_take_it_at_a_new_witness(fleet):
+    # Whoever can write etcd registers "aaa-mallory" (listed before "alpha") presenting alpha's
+    # log origin under its own log key. Before the fix, a host joining the fleet then witnessed
+    # that origin first under mallory's key, refused alpha's real log for good, and raised a
+    # tamper alert accusing alpha. Now two members presenting one origin are both refused (an
+    # alert names the collision) until one is gone; a host that pinned the origin keeps it.
+    from skyguard.tlog.cosign import Cosigner
+    from skyguard.tlog.hashing import EMPTY_ROOT
+
+    alpha = fleet.hosts[0]
+    origin = alpha.writer.origin
+    evil = Signer("mallory", Ed25519PrivateKey.generate())
+    record = {"name": "aaa-mallory", "origin": origin, "log_vkey": evil.verifier.vkey(),
+              "witness_vkey": Cosigner("mallory.skyguard/witness", Ed25519PrivateKey.generate()).verifier.vkey()}
+    note = Checkpoint(origin, 0, EMPTY_ROOT).sign(evil)
+    wait_until(lambda: all(h.agent.witness.state(origin) for h in fleet.hosts[1:]),
+               what="alpha witnessed by its peers")
+    etcdctl_put(fleet, keys.member("aaa-mallory"), json.dumps(record))
+    etcdctl_put(fleet, keys.checkpoint("aaa-mallory"), json.dumps({"note": note, "proofs": {}}))
+    delta = None
+    try:
+        # Hosts that know the origin refuse mallory: alpha's peers, and alpha (its own origin).
+        wait_until(lambda: all("aaa-mallory" in h.agent.alerts for h in fleet.hosts),
+                   what="every host refusing mallory")
+        assert alpha.agent.witness.state(origin) is None
+        assert all("alpha" not in h.agent.alerts for h in fleet.hosts)
+        delta = Host("delta", fleet.base, fleet.cluster, fleet.admin_vkey, alpha.loop)
+        wait_until(lambda: "aaa-mallory" in delta.agent.alerts, what="delta refusing mallory")
+        wait_until(lambda: delta.agent.given >= 1, what="delta cosigning an honest peer")
+        state = delta.agent.witness.state(origin)
+        assert state is None or state.log_vkey == alpha.agent.log_vkey
+        assert not any(f.get("peer") == "alpha" and "now presents key" in f["problem"]
+                       for f in delta.kinds("tamper"))
+        subprocess.run(["etcdctl", "--endpoints", fleet.cluster.endpoints, "del", "--prefix",
+                        keys.member("aaa-mallory")], env=dict(os.environ, ETCDCTL_API="3"),
+                       check=True, capture_output=True, timeout=30)
+        wait_until(lambda: (s := delta.agent.witness.state(origin)) is not None
+                   and s.log_vkey == alpha.agent.log_vkey, what="delta witnessing alpha's real log")
+    finally:
+        subprocess.run(["etcdctl", "--endpoints", fleet.cluster.endpoints, "del", "--prefix",
+                        keys.member("aaa-mallory")], env=dict(os.environ, ETCDCTL_API="3"),
+                       check=True, capture_output=True, timeout=30)
+        if delta is not None:
+            delta.stop_agent()
+            delta.writer.close()
