@@ -50,6 +50,7 @@ from skyguard.tlog.cosign import (
     write_cosigned,
 )
 from skyguard.tlog.errors import BadLogInput, VerificationError
+from skyguard.tlog.tree import verify_consistency
 
 log = logging.getLogger("skyguard.fleet")
 
@@ -445,6 +446,7 @@ class FleetAgent:
             proof = None
             if last is not None and str(last.size) in proofs:
                 proof = [base64.b64decode(h) for h in proofs[str(last.size)]]
+            await self._check_other_witnesses(peer, verifier, checkpoint, proofs)
             cosigned, checkpoint = await asyncio.to_thread(self.witness.cosign, note, record["log_vkey"], proof)
         except Tamper as e:
             await self._tamper(peer, record.get("origin"), str(e))
@@ -456,6 +458,40 @@ class FleetAgent:
                              json.dumps({"note": cosigned, "size": checkpoint.size}).encode())
         self.given += 1
         self.metrics.given.inc()
+
+    async def _check_other_witnesses(self, peer: str, verifier: Verifier, checkpoint: Checkpoint,
+                                     proofs: dict) -> None:
+        """Against a split view (one history shown to some witnesses, another to others): the
+        checkpoint must extend what every other pinned witness cosigned of this log, as their
+        cosignatures in the store show; the log publishes a consistency proof from each of those
+        sizes. Another root at the same size, or a failing proof, is Tamper; a proof not
+        published yet (a cosignature newer than the log's last publication) waits a round."""
+        items, _ = await self.store.get_prefix(keys.cosignatures_of(peer))
+        pinned = self._pinned()
+        for item in items:
+            witness = item.key.rsplit("/", 1)[-1]
+            if witness == self.name or not isinstance(pinned.get(witness), dict):
+                continue
+            try:
+                other_note = json.loads(item.value)["note"]
+                other, _ = CosignerVerifier.from_vkey(pinned[witness]["witness_vkey"]).verify(other_note)
+                parse_and_verify(other_note, verifier, origin=checkpoint.origin)
+            except (ValueError, KeyError, TypeError, BadLogInput, VerificationError):
+                continue
+            if other.size == checkpoint.size and other.hash != checkpoint.hash:
+                raise Tamper(f"split view: {witness} cosigned another root at size {other.size} "
+                             f"of log {checkpoint.origin!r} than the one shown here")
+            if 0 < other.size < checkpoint.size:
+                if str(other.size) not in proofs:
+                    raise VerificationError(f"no consistency proof from size {other.size}, which "
+                                            f"{witness} cosigned")
+                proof = [base64.b64decode(h) for h in proofs[str(other.size)]]
+                try:
+                    verify_consistency(other.size, checkpoint.size, other.hash, checkpoint.hash, proof)
+                except VerificationError as e:
+                    raise Tamper(f"split view: log {checkpoint.origin!r} at size {checkpoint.size} "
+                                 f"is not consistent with size {other.size} cosigned by {witness}: "
+                                 f"{e}") from None
 
     async def _tamper(self, peer: str, origin: str | None, problem: str) -> None:
         """Once per peer: every later checkpoint of a rewritten log is refused the same way

@@ -404,3 +404,52 @@ def test_a_member_claiming_another_host_s_origin_cannot_take_it_at_a_new_witness
         if delta is not None:
             delta.stop_agent()
             delta.writer.close()
+
+
+def test_a_split_view_shown_to_two_witnesses_is_refused(fleet):
+    # A host with its own log key shows one history to alpha while bravo is away, then another
+    # history (a fork) to bravo. Before the fix bravo cosigned the fork on first sight, so the
+    # host held cosignatures of two forks; now bravo checks the checkpoint against what the
+    # other witnesses cosigned (their cosignatures are in the store, and the log publishes a
+    # consistency proof from each size cosigned) and refuses it as a split view.
+    import base64
+
+    from skyguard.tlog.cosign import Cosigner
+    from skyguard.tlog.hashing import hash_leaf
+    from skyguard.tlog.tree import MemorySource, consistency_proof, range_root
+
+    alpha, bravo, charlie = fleet.hosts
+    key = Signer("splitter", Ed25519PrivateKey.generate())
+    origin = "splitter-1.skyguard/log"
+    record = {"name": "splitter", "origin": origin, "log_vkey": key.verifier.vkey(),
+              "witness_vkey": Cosigner("splitter.skyguard/witness", Ed25519PrivateKey.generate()).verifier.vkey(),
+              "heartbeat": time.time()}
+    one = MemorySource([hash_leaf(b"entry %d" % i) for i in range(4)])
+    two = MemorySource([hash_leaf(b"entry %d" % i if i < 1 else b"forged %d" % i) for i in range(4)])
+
+    def publish(source, size, proofs_from=()):
+        note = Checkpoint(origin, size, range_root(source, 0, size)).sign(key)
+        proofs = {str(old): [base64.b64encode(h).decode() for h in consistency_proof(source, old, size)]
+                  for old in proofs_from}
+        etcdctl_put(fleet, keys.checkpoint("splitter"), json.dumps({"note": note, "proofs": proofs}))
+
+    bravo.stop_agent()
+    charlie.stop_agent()
+    try:
+        etcdctl_put(fleet, keys.member("splitter"), json.dumps(record))
+        publish(one, 2)
+        wait_until(lambda: alpha.agent.witness.state(origin) is not None, what="alpha cosigning view one")
+        alpha.stop_agent()
+        publish(two, 3, proofs_from=[2])   # fork two, with its own (valid for it) proof from 2
+        bravo.start_agent()
+        wait_until(lambda: "splitter" in bravo.agent.alerts, what="bravo refusing the split view")
+        assert "split view" in bravo.agent.alerts["splitter"], bravo.agent.alerts
+        assert bravo.agent.witness.state(origin) is None
+    finally:
+        for host in (alpha, bravo):
+            if host.agent._tasks == []:
+                host.start_agent()
+        charlie.start_agent()
+        subprocess.run(["etcdctl", "--endpoints", fleet.cluster.endpoints, "del", "--prefix",
+                        keys.member("splitter")], env=dict(os.environ, ETCDCTL_API="3"),
+                       check=True, capture_output=True, timeout=30)
