@@ -6,13 +6,12 @@ Not here: what a host does with a pushed policy (agent.py).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 
 from skyguard.fleet import keys
 from skyguard.fleet.signing import SignedPolicy, open_policy, sign_policy
-from skyguard.fleet.store import FleetError, Store
+from skyguard.fleet.store import FleetError, Store, load_value
 from skyguard.tlog.checkpoint import Signer
 
 
@@ -39,8 +38,8 @@ async def _highest_running(store: Store) -> int:
     highest = 0
     for item in members:
         try:
-            highest = max(highest, int(json.loads(item.value)["policy"]["revision"]))
-        except (ValueError, KeyError, TypeError):
+            highest = max(highest, int(load_value(item.value)["policy"]["revision"]))
+        except (ValueError, KeyError, TypeError, OverflowError):
             continue
     return highest
 
@@ -48,7 +47,9 @@ async def _highest_running(store: Store) -> int:
 def _revision_of(value: bytes) -> int:
     """The revision in a stored record, read without trusting it (any admin's signature will do
     for counting; hosts check signatures themselves)."""
-    note = json.loads(value)["note"]
+    note = load_value(value)["note"]
+    if not isinstance(note, str):
+        raise TypeError("the stored policy note is not text")
     for line in note.split("\n"):
         if line.startswith("revision "):
             return int(line.split(" ", 1)[1])
@@ -66,7 +67,7 @@ async def fleet_view(store: Store, admins=None) -> dict:
     # of the others, so a record of the wrong shape is shown as such, never raised.
     for item in members:
         try:
-            status = json.loads(item.value)
+            status = load_value(item.value)
         except ValueError:
             status = None
         if not isinstance(status, dict):
@@ -81,14 +82,14 @@ async def fleet_view(store: Store, admins=None) -> dict:
     for item in cosigs:
         log_name, _, witness = item.key[len(keys.COSIGNATURES):].partition("/")
         try:
-            size = int(json.loads(item.value).get("size", 0))
-        except (ValueError, TypeError, AttributeError):
+            size = int(load_value(item.value).get("size", 0))
+        except (ValueError, TypeError, AttributeError, OverflowError):
             continue
         if log_name in view["members"]:
             view["members"][log_name]["witnessed_by"][witness] = size
     for item in alerts:
         try:
-            alert = json.loads(item.value)
+            alert = load_value(item.value)
         except ValueError:
             alert = None
         if not isinstance(alert, dict):

@@ -37,7 +37,7 @@ from skyguard import fsutil
 from skyguard.errors import PolicyError, SkyguardError
 from skyguard.fleet import keys
 from skyguard.fleet.signing import PolicyRefused, SignedPolicy, check_member_name, decide, open_policy
-from skyguard.fleet.store import Compacted, FleetError, Store, StoreUnavailable
+from skyguard.fleet.store import Compacted, FleetError, Store, StoreUnavailable, load_value
 from skyguard.tlog.checkpoint import Checkpoint, Verifier, parse_and_verify, split_note
 from skyguard.tlog.cosign import (
     COSIGNED_DIR,
@@ -342,7 +342,7 @@ class FleetAgent:
         peers = {}
         for item in members:
             try:
-                record = json.loads(item.value)
+                record = load_value(item.value)
                 peer = check_member_name(record["name"])
             except (ValueError, KeyError, TypeError, SkyguardError):
                 continue
@@ -356,7 +356,7 @@ class FleetAgent:
             if not record:
                 continue
             try:
-                cosigned = json.loads(item.value)["note"]
+                cosigned = load_value(item.value)["note"]
                 checkpoint, _ = CosignerVerifier.from_vkey(record["witness_vkey"]).verify(cosigned)
                 parse_and_verify(cosigned, Verifier.from_vkey(self.log_vkey))
             except (ValueError, KeyError, TypeError, BadLogInput, VerificationError):
@@ -432,7 +432,7 @@ class FleetAgent:
         try:
             if rival:
                 raise Tamper(rival)   # before pinning: a contested origin binds no key here
-            published = json.loads(item.value)
+            published = load_value(item.value)
             note = published["note"]
             proofs = published.get("proofs") or {}
             changed = self._pin(peer, record)
@@ -473,7 +473,7 @@ class FleetAgent:
             if witness == self.name or not isinstance(pinned.get(witness), dict):
                 continue
             try:
-                other_note = json.loads(item.value)["note"]
+                other_note = load_value(item.value)["note"]
                 other, _ = CosignerVerifier.from_vkey(pinned[witness]["witness_vkey"]).verify(other_note)
                 parse_and_verify(other_note, verifier, origin=checkpoint.origin)
             except (ValueError, KeyError, TypeError, BadLogInput, VerificationError):

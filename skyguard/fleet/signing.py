@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from skyguard.errors import BadInput
-from skyguard.fleet.store import FleetError
+from skyguard.fleet.store import FleetError, load_value
 from skyguard.tlog.checkpoint import Signer, Verifier, check_note_characters, split_note
 from skyguard.tlog.errors import BadLogInput, VerificationError
 
@@ -100,7 +100,7 @@ def _parse_body(text: str) -> tuple[int, str, tuple[str, ...]]:
 def open_policy(value: bytes, admins: list[Verifier]) -> SignedPolicy:
     """The stored record, if signed by one of `admins` and matching its hash; PolicyRefused else."""
     try:
-        record = json.loads(value)
+        record = load_value(value)
         note, text = record["note"], record["text"]
         if not isinstance(note, str) or not isinstance(text, str):
             raise TypeError

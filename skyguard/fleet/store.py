@@ -13,11 +13,22 @@ Not here: what the fleet stores (keys.py), who trusts what (policy signing, witn
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
 from skyguard.errors import SkyguardError
+
+
+def load_value(value: bytes):
+    """A stored value as JSON. Whoever can write the store chooses it: JSON nested too deep for
+    the parser (which raises RecursionError) is a ValueError like any other bad JSON, so every
+    reader that skips a bad record skips this one too instead of ending its task."""
+    try:
+        return json.loads(value)
+    except RecursionError:
+        raise ValueError("a stored value nests JSON too deeply") from None
 
 
 class FleetError(SkyguardError):

@@ -453,3 +453,42 @@ def test_a_split_view_shown_to_two_witnesses_is_refused(fleet):
         subprocess.run(["etcdctl", "--endpoints", fleet.cluster.endpoints, "del", "--prefix",
                         keys.member("splitter")], env=dict(os.environ, ETCDCTL_API="3"),
                        check=True, capture_output=True, timeout=30)
+
+
+def test_deeply_nested_json_in_the_store_stops_no_host_and_no_command(fleet):
+    # Whoever can write etcd stores JSON nested 100,000 deep where the fleet reads records (a
+    # member, a cosignature, the policy key). json raises RecursionError on it, not ValueError:
+    # before the fix that ended every host's witness loop and policy watch for good, and made
+    # `fleet policy push` and `fleet status` crash.
+    import asyncio
+
+    deep = b"[" * 100_000
+    bad = [keys.member("deep"), keys.POLICY, keys.checkpoint("deep"),
+           *(keys.cosignature(h.name, "deep") for h in fleet.hosts)]
+    store = EtcdStore(fleet.cluster.endpoints)
+    try:
+        for key in bad:
+            asyncio.run(store.put(key, deep))
+        time.sleep(2)   # several witness rounds and the policy watch's event
+        pushed = push(fleet, 9)
+        wait_until(lambda: all(h.sha == pushed["sha256"] for h in fleet.hosts), what="revision 9")
+        before = {h.name: h.agent.given for h in fleet.hosts}
+        for host in fleet.hosts:
+            host.writer.append(entry("flow_start", after_deep_json=True))
+        wait_until(lambda: all(h.agent.given > before[h.name] for h in fleet.hosts),
+                   what="every host cosigning its peers again")
+        # Records of the wrong shape where push and status read numbers and text.
+        asyncio.run(store.put(keys.POLICY, b'{"note": 5, "text": 1}'))
+        asyncio.run(store.put(keys.member("deep"), b'{"policy": {"revision": 1e400}}'))
+        asyncio.run(store.put(keys.cosignature(NAMES[0], "deep"), b'{"size": 1e400}'))
+        pushed = push(fleet, 10)
+        wait_until(lambda: all(h.sha == pushed["sha256"] for h in fleet.hosts), what="revision 10")
+        asyncio.run(store.put(keys.POLICY, deep))
+        asyncio.run(store.put(keys.member("deep"), deep))
+        assert set(NAMES) <= set(json.loads(skyguard("fleet", "status", "--etcd", fleet.cluster.endpoints,
+                                                     "--json").stdout)["members"])
+        assert skyguard("fleet", "status", "--etcd", fleet.cluster.endpoints).returncode == 0
+    finally:
+        for key in bad:
+            if key != keys.POLICY:
+                asyncio.run(store.delete(key))
