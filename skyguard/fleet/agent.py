@@ -50,6 +50,7 @@ from skyguard.tlog.cosign import (
     write_cosigned,
 )
 from skyguard.tlog.errors import BadLogInput, VerificationError
+from skyguard.tlog.head import MAX_NOTE
 from skyguard.tlog.tree import verify_consistency
 
 log = logging.getLogger("skyguard.fleet")
@@ -427,8 +428,8 @@ class FleetAgent:
 
     async def _cosign_peer(self, peer: str, record: dict, rival: str | None = None) -> None:
         item, _ = await self.store.get(keys.checkpoint(peer))
-        if item is None or not record.get("origin") or not record.get("log_vkey"):
-            return
+        if item is None or not _peer_keys(record):
+            return   # not (yet) a log to witness; and never pinned: peers.json holds only text
         try:
             if rival:
                 raise Tamper(rival)   # before pinning: a contested origin binds no key here
@@ -510,6 +511,14 @@ class FleetAgent:
                  "time": time.time()}).encode())
         except FleetError:
             pass   # recorded locally; the store gets it when the next refusal is reported
+
+
+def _peer_keys(record: dict) -> bool:
+    """The record names an origin and keys as a log's checkpoint can carry them: non-empty text
+    of at most a head note's size (anything else, say JSON nested deep or megabytes long, would
+    be pinned into peers.json and reread every round)."""
+    return all(isinstance(record.get(name), str) and 0 < len(record[name]) <= MAX_NOTE
+               for name in ("origin", "log_vkey", "witness_vkey"))
 
 
 class _WatchLost(FleetError):

@@ -492,3 +492,35 @@ def test_deeply_nested_json_in_the_store_stops_no_host_and_no_command(fleet):
         for key in bad:
             if key != keys.POLICY:
                 asyncio.run(store.delete(key))
+
+
+def test_a_member_record_with_nested_keys_poisons_no_host_s_pinned_peers(fleet):
+    # Members whose "origin" is JSON nested nearly as deep as the parser takes: before the fix
+    # the agent pinned each as is into fleet/peers.json (close to 1 MB each once indented, and
+    # nested deeper than the record it came from), a file it rereads several times per peer and
+    # round, and keeps across restarts: every host stopped cosigning. Keys that are not short
+    # text are not a log's keys, and are never pinned.
+    import asyncio
+
+    store = EtcdStore(fleet.cluster.endpoints)
+    names = [f"nest{depth}" for depth in range(900, 1000, 4)]
+    try:
+        for name in names:
+            depth = int(name[4:])
+            origin = "[" * depth + "]" * depth
+            record = f'{{"name": "{name}", "origin": {origin}, "log_vkey": "x", "witness_vkey": "y"}}'
+            asyncio.run(store.put(keys.member(name), record.encode()))
+            asyncio.run(store.put(keys.checkpoint(name), b'{"note": "x"}'))
+        time.sleep(2)
+        before = {h.name: h.agent.given for h in fleet.hosts}
+        for host in fleet.hosts:
+            host.writer.append(entry("flow_start", after_nested_keys=True))
+        wait_until(lambda: all(h.agent.given > before[h.name] for h in fleet.hosts),
+                   what="every host cosigning its peers again")
+        for host in fleet.hosts:
+            pinned = host.agent._pinned()
+            assert not any(name in pinned for name in names)
+    finally:
+        for name in names:
+            asyncio.run(store.delete(keys.member(name)))
+            asyncio.run(store.delete(keys.checkpoint(name)))
