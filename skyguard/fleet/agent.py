@@ -224,12 +224,16 @@ class FleetAgent:
         await self._apply(signed)
 
     def _refuse(self, e: PolicyRefused) -> None:
-        key = f"{e.reason}:{e}"
-        if self.refused.get(e.reason) == str(e):
+        # Bounded: the message quotes the record (its signers' names), which whoever writes the
+        # store chooses; whole, it could exceed a log entry's size (the refusal would never be
+        # logged) or the store's request size (this host's status would stop being published).
+        problem = str(e)[:500]
+        key = f"{e.reason}:{problem}"
+        if self.refused.get(e.reason) == problem:
             return   # the same record seen again (re-list): reported once
-        self.refused[e.reason] = str(e)
+        self.refused[e.reason] = problem
         self.metrics.refused.labels(reason=e.reason).inc()
-        self.record("fleet_policy_refused", member=self.name, reason=e.reason, problem=str(e))
+        self.record("fleet_policy_refused", member=self.name, reason=e.reason, problem=problem)
         log.warning("fleet policy refused (%s): %s", e.reason, key)
 
     async def _apply(self, signed: SignedPolicy, restoring: bool = False) -> None:

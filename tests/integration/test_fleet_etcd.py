@@ -524,3 +524,30 @@ def test_a_member_record_with_nested_keys_poisons_no_host_s_pinned_peers(fleet):
         for name in names:
             asyncio.run(store.delete(keys.member(name)))
             asyncio.run(store.delete(keys.checkpoint(name)))
+
+
+def test_a_refused_policy_with_a_huge_signer_name_is_still_on_the_signed_log(fleet):
+    # A policy record signed under a key name of 1.1 MB: before the fix the refusal's message
+    # (which names the signers) made a log entry over the 1 MiB limit, so the refusal never
+    # reached any host's signed log.
+    import asyncio
+
+    from skyguard.tlog.store import LogReader
+
+    store = EtcdStore(fleet.cluster.endpoints)
+    name = "m" * 1_100_000
+    note = Signer(name, Ed25519PrivateKey.generate()).sign("skyguard.fleet/policy/v1\nrevision 99\n")
+    item, _ = asyncio.run(store.get(keys.POLICY))
+    try:
+        asyncio.run(store.put(keys.POLICY, json.dumps({"note": note, "text": "x"}).encode()))
+
+        def logged(host):
+            for _, payload in LogReader(host.state / "log").entries():
+                record = json.loads(payload)
+                if record["type"] == "fleet_policy_refused" and "mmmm" in record.get("problem", ""):
+                    return True
+            return False
+        wait_until(lambda: all(logged(h) for h in fleet.hosts), what="the refusal on every signed log")
+    finally:
+        if item is not None:
+            asyncio.run(store.put(keys.POLICY, item.value))
