@@ -251,7 +251,9 @@ class Checkpoint:
         origin, size_text, hash_text, *extensions = lines[:-1]
         if not origin:
             raise BadLogInput("checkpoint origin line is empty")
-        if not _SIZE_RE.fullmatch(size_text) or int(size_text) > MAX_TREE_SIZE:
+        # The length first: int() refuses (ValueError) more than 4300 digits.
+        if (len(size_text) > 20 or not _SIZE_RE.fullmatch(size_text)
+                or int(size_text) > MAX_TREE_SIZE):
             raise BadLogInput(f"checkpoint size {size_text[:30]!r} is not ASCII decimal digits "
                               f"without a leading zero (0..2**64-1)")
         root = b64decode_canonical(hash_text, "checkpoint root hash")

@@ -133,3 +133,33 @@ def test_host_key_readable_by_others_is_refused(tmp_path):
 def test_missing_host_key_without_create_is_a_clear_error(tmp_path):
     with pytest.raises(LogError, match="no host key"):
         load_or_create_host_key(tmp_path, create=False)
+
+
+def test_a_size_of_thousands_of_digits_is_bad_input_and_does_not_stop_the_log_commands(tmp_path):
+    # Python's int() refuses more than 4300 digits with a ValueError: before the fix such a
+    # size escaped parse_body as ValueError, and a record planted in checkpoints.log (read
+    # unverified to pick the latest note) made `log checkpoint` and `log prove` crash instead
+    # of using the log's real latest checkpoint.
+    import subprocess
+    import sys
+
+    from skyguard.tlog import records
+    from skyguard.tlog.entries import entry
+    from skyguard.tlog.store import CHECKPOINTS_FILE, LogReader, LogWriter
+
+    root = base64.b64encode(b"\0" * 32).decode()
+    with pytest.raises(BadLogInput):
+        Checkpoint.parse_body(f"o\n{'9' * 5000}\n{root}\n")
+    state = tmp_path / "state"
+    with LogWriter(state / "log", host_signer(state)) as writer:
+        writer.append(entry("daemon_start", time=1))
+    count = len(LogReader(state / "log").checkpoint_notes())
+    with open(state / "log" / CHECKPOINTS_FILE, "ab") as f:
+        f.write(records.frame(count, f"o\n{'9' * 5000}\n{root}\n\n\u2014 o AAAAAAAA\n".encode()))
+    assert LogReader(state / "log").latest_checkpoint_note().split("\n")[1] == "1"
+    from pathlib import Path
+    env = dict(os.environ, SKYGUARD_STATE_DIR=str(state),
+               PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    out = subprocess.run([sys.executable, "-m", "skyguard.cli.main", "log", "checkpoint"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.split("\n")[1] == "1", out.stderr
