@@ -105,6 +105,7 @@ def open_policy(value: bytes, admins: list[Verifier]) -> SignedPolicy:
         if not isinstance(note, str) or not isinstance(text, str):
             raise TypeError
         check_note_characters(note)
+        text.encode("utf-8")   # JSON can carry lone surrogates: UnicodeEncodeError, a ValueError
     except (ValueError, KeyError, TypeError, BadLogInput):
         raise PolicyRefused("malformed", "the stored policy record is not {note, text} JSON") from None
     try:

@@ -551,3 +551,19 @@ def test_a_refused_policy_with_a_huge_signer_name_is_still_on_the_signed_log(fle
     finally:
         if item is not None:
             asyncio.run(store.put(keys.POLICY, item.value))
+
+
+def test_a_signed_policy_note_with_text_that_is_not_unicode_stops_no_policy_watch(fleet):
+    # Whoever can write etcd replays the admin's signed note with a text holding a lone
+    # surrogate (valid JSON, "\ud800"). The note verifies; hashing the text raised
+    # UnicodeEncodeError, which before the fix ended every host's policy watch for good.
+    import asyncio
+
+    from skyguard.fleet.signing import admin_signer
+
+    store = EtcdStore(fleet.cluster.endpoints)
+    signed = sign_policy(policy_text(98), 98, admin_signer(fleet.admin_pem))
+    asyncio.run(store.put(keys.POLICY, json.dumps({"note": signed.note, "text": "\ud800"}).encode()))
+    time.sleep(2)   # the watch's event
+    pushed = push(fleet, 11)
+    wait_until(lambda: all(h.sha == pushed["sha256"] for h in fleet.hosts), what="revision 11")
