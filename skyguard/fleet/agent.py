@@ -432,8 +432,14 @@ class FleetAgent:
 
     async def _cosign_peer(self, peer: str, record: dict, rival: str | None = None) -> None:
         item, _ = await self.store.get(keys.checkpoint(peer))
-        if item is None or not _peer_keys(record):
-            return   # not (yet) a log to witness; and never pinned: peers.json holds only text
+        if item is None:
+            return
+        if not _peer_keys(record):   # never pinned: peers.json holds only short printable text
+            if peer in self._pinned() and any(record.get(name) is not None for name in
+                                              ("origin", "log_vkey", "witness_vkey")):
+                await self._tamper(peer, None, f"peer {peer} now presents an origin or keys that "
+                                               f"are not short printable text")
+            return   # else not (yet) a log to witness: no checkpoint of its own so far
         try:
             if rival:
                 raise Tamper(rival)   # before pinning: a contested origin binds no key here
@@ -518,11 +524,12 @@ class FleetAgent:
 
 
 def _peer_keys(record: dict) -> bool:
-    """The record names an origin and keys as a log's checkpoint can carry them: non-empty text
-    of at most a head note's size (anything else, say JSON nested deep or megabytes long, would
-    be pinned into peers.json and reread every round)."""
+    """The record names an origin and keys as a log's checkpoint can carry them: non-empty
+    printable text of at most a head note's size. Anything else, say JSON nested deep or
+    megabytes long, would be pinned into peers.json and reread every round; a lone surrogate
+    (valid JSON) would make the tamper entry that quotes it fail to encode."""
     return all(isinstance(record.get(name), str) and 0 < len(record[name]) <= MAX_NOTE
-               for name in ("origin", "log_vkey", "witness_vkey"))
+               and record[name].isprintable() for name in ("origin", "log_vkey", "witness_vkey"))
 
 
 class _WatchLost(FleetError):

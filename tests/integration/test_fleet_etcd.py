@@ -567,3 +567,36 @@ def test_a_signed_policy_note_with_text_that_is_not_unicode_stops_no_policy_watc
     time.sleep(2)   # the watch's event
     pushed = push(fleet, 11)
     wait_until(lambda: all(h.sha == pushed["sha256"] for h in fleet.hosts), what="revision 11")
+
+
+def test_members_sharing_an_origin_that_is_not_unicode_stop_no_witness_loop(fleet):
+    # Two members present one origin holding a lone surrogate (valid JSON). The collision is a
+    # tamper event, whose log entry carried the origin: before the fix encoding that entry
+    # raised UnicodeEncodeError and ended every host's witness loop for good.
+    import asyncio
+
+    store = EtcdStore(fleet.cluster.endpoints)
+    names = ["sur1", "sur2"]
+    try:
+        for name in names:
+            asyncio.run(store.put(keys.member(name), json.dumps(
+                {"name": name, "origin": "o\ud800", "log_vkey": "x", "witness_vkey": "y"}).encode()))
+            asyncio.run(store.put(keys.checkpoint(name), b'{"note": "x"}'))
+        time.sleep(2)
+        before = {h.name: h.agent.given for h in fleet.hosts}
+        for host in fleet.hosts:
+            host.writer.append(entry("flow_start", after_surrogate_origin=True))
+        wait_until(lambda: all(h.agent.given > before[h.name] for h in fleet.hosts),
+                   what="every host cosigning its peers again")
+        # A member pinned with text keys that turns to such an origin is still refused, loudly.
+        record = {"name": "sur3", "origin": "sur3.skyguard/log", "log_vkey": "x", "witness_vkey": "y"}
+        names.append("sur3")
+        asyncio.run(store.put(keys.checkpoint("sur3"), b'{"note": "x"}'))
+        asyncio.run(store.put(keys.member("sur3"), json.dumps(record).encode()))
+        wait_until(lambda: all("sur3" in h.agent._pinned() for h in fleet.hosts), what="sur3 pinned")
+        asyncio.run(store.put(keys.member("sur3"), json.dumps(dict(record, origin="o\ud800")).encode()))
+        wait_until(lambda: all("sur3" in h.agent.alerts for h in fleet.hosts), what="sur3 refused")
+    finally:
+        for name in names:
+            asyncio.run(store.delete(keys.member(name)))
+            asyncio.run(store.delete(keys.checkpoint(name)))
