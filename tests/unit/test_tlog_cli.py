@@ -109,6 +109,27 @@ def test_show_filters_and_json(env):
     assert run(env, "show", "--since", "yesterday-ish").returncode == 2
 
 
+def test_show_and_tail_print_one_line_per_entry_whatever_its_fields_hold(env, tmp_path):
+    # Entry fields carry what clients chose (an SSH client's forward destination, a header, a
+    # name). Printed raw, a newline forged whole entries in `log show`, and escape sequences
+    # moved the cursor and erased the entries before it on the operator's terminal.
+    _, _, signer = env
+    log_dir = tmp_path / "hostile"
+    forged = "x\n       7  2026-01-01T00:00:00.000000Z  policy_load     name=approved"
+    with LogWriter(log_dir, signer) as writer:
+        writer.append(entry("deny", time=1, reason="no_rule"))
+        writer.append(entry("admin_request_refused", time=2, request="port_forward",
+                            dest=forged + ":22", operator="\x1b[1A\x1b[2K\r\x9b2K\u202e",
+                            nested={"k": "a\nb"}))
+    for command in (("show",), ("tail", "-n", "5")):
+        out = run(env, *command, "--log-dir", str(log_dir))
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert len(lines) == 2 and "deny" in lines[0] and "admin_request_refused" in lines[1]
+        assert not any(c in out.stdout for c in "\x1b\r\x9b\u202e")
+        assert "\\n" in lines[1] and "\\x1b" in lines[1]   # shown escaped, not dropped
+
+
 def test_tail_prints_the_last_entries(env):
     out = run(env, "tail", "-n", "3", "--json")
     assert [json.loads(line)["index"] for line in out.stdout.splitlines()] == [302, 303, 304]
