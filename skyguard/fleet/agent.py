@@ -30,7 +30,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from skyguard import fsutil
@@ -60,6 +60,23 @@ PERIOD_S = float(os.environ.get("SKYGUARD_FLEET_PERIOD", "2.0"))
 LEASE_TTL_S = 10       # a host silent this long drops out of `members/`
 RESYNC_S = 30.0        # a watch is re-listed at least this often (a silent, half-dead stream)
 FLEET_DIR = "fleet"    # under the state dir: applied policy, witness state, cosignatures, peers
+
+
+async def run_forever(make: Callable[[], Awaitable[None]], label: str, pause: float,
+                      failed: Callable[[str, BaseException], None]) -> None:
+    """Run the coroutine `make()` gives; when it raises, report it and start it again after
+    `pause` (the fleet's period). A task that ended for good on one bad record from the store
+    would leave the host heartbeating "ok" with its policy watch or witnessing dead."""
+    while True:
+        try:
+            await make()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # a bug or a record nobody foresaw: logged, reported, restarted
+            log.exception("fleet %s task failed; restarting it in %.0fs", label, pause)
+            failed(label, error)
+        await asyncio.sleep(pause)
 
 
 class FleetAgent:
@@ -102,9 +119,10 @@ class FleetAgent:
     # ---- lifecycle (skyguard/parts.py) ------------------------------------------------------
 
     async def start(self) -> None:
-        for coro, label in ((self._membership(), "members"), (self._policy_watch(), "policy"),
-                            (self._witnessing(), "witness")):
-            self._tasks.append(asyncio.create_task(self._forever(coro, label), name=f"fleet-{label}"))
+        for make, label in ((self._membership, "members"), (self._policy_watch, "policy"),
+                            (self._witnessing, "witness")):
+            self._tasks.append(asyncio.create_task(run_forever(make, label, self.period, self._task_failed),
+                                                   name=f"fleet-{label}"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -125,13 +143,8 @@ class FleetAgent:
         """A policy loaded locally (`skyguard policy load`): reported as is; the fleet's revision
         stays what it was, so the next pushed revision replaces it."""
 
-    async def _forever(self, coro, label: str) -> None:
-        try:
-            await coro
-        except asyncio.CancelledError:
-            raise
-        except Exception:   # a bug in one task must not end the others; it is logged
-            log.exception("fleet %s task failed", label)
+    def _task_failed(self, label: str, error: BaseException) -> None:
+        self.record("fleet_task_failed", member=self.name, task=label, problem=f"{type(error).__name__}: {error}"[:300])
 
     # ---- store health -----------------------------------------------------------------------
 
