@@ -38,6 +38,8 @@ def _network_holds_workloads(policy: Policy) -> list[PolicyWarning]:
             continue
         named = [(name, net) for name in rule.to.networks for net in policy.networks[name]]
         named += [(str(net), net) for net in rule.to.cidrs]
+        # "anywhere" (0.0.0.0/0, ::/0) is the outside world: it holds every workload, meant or not
+        named = [(name, net) for name, net in named if net.prefixlen]
         held: dict[str, list[tuple]] = {}  # zone -> (network name, address, workload), per workload
         for workload in policy.workloads():
             if workload.zone in rule.to.zones:

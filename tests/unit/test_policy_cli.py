@@ -124,7 +124,9 @@ zones:
       - {name: ka, interface: sg-ka, mac: "02:00:00:00:02:02", addresses: [10.77.2.2, "fd00:77::2"]}
 networks:
   office: [10.77.0.0/16]
+  anywhere: [0.0.0.0/0, "::/0"]
 rules:
+  - {name: out, from: printers, to: {networks: [anywhere]}, ports: [tcp/443]}
   - {name: to-office, from: printers, to: {networks: [office]}, ports: [icmp]}
   - {name: to-v6, from: printers, to: {cidrs: ["fd00:77::/64"]}, ports: [tcp/80]}
   - {name: both, from: printers, to: {zones: [kiosks], networks: [office]}, ports: [tcp/22]}
@@ -143,16 +145,16 @@ def test_validate_warns_when_a_network_rule_cannot_reach_a_workload_it_holds(tmp
     warnings = [line for line in out.stderr.splitlines() if line.startswith("warning: ")]
     # to-office: zones printers and kiosks; to-v6: kiosks; both: printers (itself a network member)
     assert len(warnings) == 4, out.stderr
-    assert f"{path}:14: rule 'to-office': office holds 10.77.2.2, the address of workload 'ka' (zone 'kiosks')" \
+    assert f"{path}:16: rule 'to-office': office holds 10.77.2.2, the address of workload 'ka' (zone 'kiosks')" \
         in warnings[1]
     assert "add 'kiosks' to the rule's `to: zones:`" in warnings[1]
     assert "rule 'to-v6': fd00:77::/64 holds fd00:77::2" in warnings[2]
     assert "rule 'both': office holds 10.77.1.2, the address of workload 'p1' (zone 'printers')" in warnings[3]
-    assert not any("'deny-office'" in w for w in warnings)
+    assert not any("'deny-office'" in w or "'out'" in w for w in warnings)  # "anywhere" warns of nothing
     doc = json.loads(skyguard("validate", path, "--json").stdout)
     assert doc["valid"] is True
     assert [(w["rule"], w["line"]) for w in doc["warnings"]] == [
-        ("to-office", 14), ("to-office", 14), ("to-v6", 15), ("both", 16)]
+        ("to-office", 16), ("to-office", 16), ("to-v6", 17), ("both", 18)]
     quiet = json.loads(skyguard("validate", DEFAULT, "--json").stdout)
     assert quiet["warnings"] == []
 
