@@ -425,8 +425,8 @@ class Daemon:
         already attached are a tamper event."""
         with self._lock:
             for ifname, problem in sorted(self.datapath.verify().items()):
-                info = self.datapath.attach(ifname)
-                guard.mark_attached(ifname)
+                ifindex, info = self.datapath.attach(ifname)
+                guard.mark_attached(ifindex)
                 self.tpm.measure_attach(ifname, info)
                 if ifname not in self._known:
                     self.record("attach", interface=ifname, programs=_prog_summary(info))

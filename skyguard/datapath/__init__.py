@@ -18,7 +18,7 @@ Details and additions (bpf/README.md explains the design):
         env SKYGUARD_FROM_VM_HOOK overrides the default. Root needed (PrivilegeError).
     apply_policy(policy, ifindexes=None) -> gen   # interfaces resolved in the calling thread's netns;
         raises BadInput (nothing loaded) for a policy the datapath cannot hold
-    attach(ifname) -> info                   # BadInput if the interface is no workload's
+    attach(ifname) -> (ifindex, info)        # BadInput if the interface is no workload's
     sync() -> {"attached": [...], "missing": [...]}  # attach every present workload interface not
                                              # carrying our programs (start, netlink events, periodic)
     verify() -> {ifname: problem}            # watchdog: missing or foreign programs ({} = all ours)

@@ -263,9 +263,10 @@ class Datapath:
             pass
 
     # ---- attach -----------------------------------------------------------------------------
-    def attach(self, ifname: str) -> dict:
+    def attach(self, ifname: str) -> tuple[int, dict]:
         """Enforce on `ifname` (in the calling thread's network namespace): from_vm at the chosen
-        hook, sg_to_vm at TC egress. Replaces our programs if already attached (no window)."""
+        hook, sg_to_vm at TC egress. Replaces our programs if already attached (no window).
+        Returns the interface's index and what is attached there, read back by that index."""
         with self._lock:
             ifindex = self._ifindex(ifname)
             if not ifindex:
@@ -291,7 +292,7 @@ class Datapath:
                 _run("tc", "filter", "del", "dev", ifname, "ingress", "prio", str(TC_PRIO), check=False)
             with IPRoute() as ipr:
                 self._remove_foreign_filters(ifname, hooks.read_hooks(ipr, ifindex))
-                return hooks.read_hooks(ipr, ifindex).describe()
+                return ifindex, hooks.read_hooks(ipr, ifindex).describe()
 
     def _remove_foreign_filters(self, ifname: str, found: hooks.Hooks) -> None:
         """Delete every TC filter at our hooks that is not ours: one beside ours could pass or

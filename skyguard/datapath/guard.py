@@ -44,9 +44,12 @@ def install(interfaces: list[str]) -> None:
     _nft("\n".join(lines) + "\n")
 
 
-def mark_attached(ifname: str) -> None:
-    """The programs are on `ifname`: let the kernel route its packets (to the programs' verdicts)."""
-    _nft(f"add element inet {TABLE} attached {{ {json.dumps(ifname)} }}\n")
+def mark_attached(ifindex: int) -> None:
+    """The programs are on the interface with this index: let the kernel route its packets (to
+    the programs' verdicts). By index, the one attach() put them on: by name, an interface
+    re-created in between would be marked with its new index, open without programs until the
+    watchdog's next look."""
+    _nft(f"add element inet {TABLE} attached {{ {int(ifindex)} }}\n")
 
 
 def remove() -> None:
