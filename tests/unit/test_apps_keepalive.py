@@ -63,18 +63,27 @@ async def read_response(reader) -> tuple[int, bytes]:
     return status, await reader.readexactly(length)
 
 
-def test_keep_alive_pipelining_stale_app_connections_and_the_app_down(tmp_path):
-    app_port, proxy_port, down_port = free_port(), free_port(), free_port()
+def vm_at(address: str) -> Workload:
+    return Workload("vm", "lab", "sg-vm", "02:00:00:00:00:01", (ipaddress.ip_address(address),))
+
+
+def rig(tmp_path, app_port: int, proxy_port: int, **app_options):
+    """The store (the app's certificate, the issuer's secret), the app `keep` on the VM at
+    127.0.0.1 for bob, its policy, and a client TLS context trusting the lab CA."""
     chain, key = LabCA(tmp_path / "ca").leaf_files(HOST)
     store = SecretStore(tmp_path / "secrets")
     store.set("keep-tls", chain.read_bytes() + key.read_bytes())
     store.set("idp-secret", b"unused")
-    workload = Workload("vm", "lab", "sg-vm", "02:00:00:00:00:01", (ipaddress.ip_address("127.0.0.1"),))
-    app = App("keep", "vm", app_port, HOST, f"127.0.0.1:{proxy_port}", "keep-tls", users=("bob",))
-    policy = Policy(name="t", zones={"lab": Zone("lab", (workload,))}, networks={}, rules=(),
+    app = App("keep", "vm", app_port, HOST, f"127.0.0.1:{proxy_port}", "keep-tls", users=("bob",), **app_options)
+    policy = Policy(name="t", zones={"lab": Zone("lab", (vm_at("127.0.0.1"),))}, networks={}, rules=(),
                     identity=Identity("https://idp.test:9443", "skyguard", "idp-secret", session_check=3600),
                     apps=(app,))
-    client_tls = ssl.create_default_context(cafile=str(tmp_path / "ca" / "ca.pem"))
+    return store, app, policy, ssl.create_default_context(cafile=str(tmp_path / "ca" / "ca.pem"))
+
+
+def test_keep_alive_pipelining_stale_app_connections_and_the_app_down(tmp_path):
+    app_port, proxy_port, down_port = free_port(), free_port(), free_port()
+    store, app, policy, client_tls = rig(tmp_path, app_port, proxy_port)
 
     async def run():
         server = await asyncio.get_running_loop().create_server(TheApp, "127.0.0.1", app_port)
@@ -127,16 +136,7 @@ def test_a_policy_change_applies_to_the_next_request_of_a_kept_alive_connection(
     The connection used to keep the app as the policy said when it opened, and bob stayed in
     for as long as he kept sending requests."""
     app_port, proxy_port = free_port(), free_port()
-    chain, key = LabCA(tmp_path / "ca").leaf_files(HOST)
-    store = SecretStore(tmp_path / "secrets")
-    store.set("keep-tls", chain.read_bytes() + key.read_bytes())
-    store.set("idp-secret", b"unused")
-    workload = Workload("vm", "lab", "sg-vm", "02:00:00:00:00:01", (ipaddress.ip_address("127.0.0.1"),))
-    app = App("keep", "vm", app_port, HOST, f"127.0.0.1:{proxy_port}", "keep-tls", users=("bob",))
-    policy = Policy(name="t", zones={"lab": Zone("lab", (workload,))}, networks={}, rules=(),
-                    identity=Identity("https://idp.test:9443", "skyguard", "idp-secret", session_check=3600),
-                    apps=(app,))
-    client_tls = ssl.create_default_context(cafile=str(tmp_path / "ca" / "ca.pem"))
+    store, app, policy, client_tls = rig(tmp_path, app_port, proxy_port)
 
     async def run():
         server = await asyncio.get_running_loop().create_server(TheApp, "127.0.0.1", app_port)
@@ -187,17 +187,8 @@ def test_requests_follow_the_apps_workload_to_its_new_address(tmp_path):
     new client connection. The connection to the old address used to carry on, and was then
     pooled under the new address: the signed identity went to whatever VM has the old one."""
     app_port, proxy_port = free_port(), free_port()
-    chain, key = LabCA(tmp_path / "ca").leaf_files(HOST)
-    store = SecretStore(tmp_path / "secrets")
-    store.set("keep-tls", chain.read_bytes() + key.read_bytes())
-    store.set("idp-secret", b"unused")
-    old, new = (Workload("vm", "lab", "sg-vm", "02:00:00:00:00:01", (ipaddress.ip_address(a),))
-                for a in ("127.0.0.1", "127.0.0.2"))
-    app = App("keep", "vm", app_port, HOST, f"127.0.0.1:{proxy_port}", "keep-tls", users=("bob",))
-    policy = Policy(name="t", zones={"lab": Zone("lab", (old,))}, networks={}, rules=(),
-                    identity=Identity("https://idp.test:9443", "skyguard", "idp-secret", session_check=3600),
-                    apps=(app,))
-    client_tls = ssl.create_default_context(cafile=str(tmp_path / "ca" / "ca.pem"))
+    store, app, policy, client_tls = rig(tmp_path, app_port, proxy_port)
+    new = vm_at("127.0.0.2")
 
     async def run():
         loop = asyncio.get_running_loop()
@@ -261,16 +252,7 @@ def test_the_app_never_sees_a_client_copy_of_the_identity_or_forwarding_headers_
     the forwarding headers: a client's copy of any of them, in any spelling, never reaches the
     app; the app sees the proxy's own, once each."""
     app_port, proxy_port = free_port(), free_port()
-    chain, key = LabCA(tmp_path / "ca").leaf_files(HOST)
-    store = SecretStore(tmp_path / "secrets")
-    store.set("keep-tls", chain.read_bytes() + key.read_bytes())
-    store.set("idp-secret", b"unused")
-    workload = Workload("vm", "lab", "sg-vm", "02:00:00:00:00:01", (ipaddress.ip_address("127.0.0.1"),))
-    app = App("keep", "vm", app_port, HOST, f"127.0.0.1:{proxy_port}", "keep-tls", users=("bob",))
-    policy = Policy(name="t", zones={"lab": Zone("lab", (workload,))}, networks={}, rules=(),
-                    identity=Identity("https://idp.test:9443", "skyguard", "idp-secret", session_check=3600),
-                    apps=(app,))
-    client_tls = ssl.create_default_context(cafile=str(tmp_path / "ca" / "ca.pem"))
+    store, app, policy, client_tls = rig(tmp_path, app_port, proxy_port)
     spoofed = [b"X_Skyguard_Assertion", b"x-skyguard_assertion", b"X-Forwarded-Port", b"X-Forwarded-Prefix",
                b"X_Forwarded_For", b"x_forwarded_proto", b"X-Forwarded-Host", b"Forwarded", b"X-Real-IP"]
 
@@ -306,16 +288,7 @@ def test_an_upgrade_the_app_does_not_accept_opens_no_raw_tunnel_to_it(tmp_path):
     client's own identity and X-Forwarded-For headers and no decision. Now the app's answer
     reaches the client, nothing more of the client's reaches the app, and the connection closes."""
     app_port, proxy_port = free_port(), free_port()
-    chain, key = LabCA(tmp_path / "ca").leaf_files(HOST)
-    store = SecretStore(tmp_path / "secrets")
-    store.set("keep-tls", chain.read_bytes() + key.read_bytes())
-    store.set("idp-secret", b"unused")
-    workload = Workload("vm", "lab", "sg-vm", "02:00:00:00:00:01", (ipaddress.ip_address("127.0.0.1"),))
-    app = App("keep", "vm", app_port, HOST, f"127.0.0.1:{proxy_port}", "keep-tls", users=("bob",), websockets=True)
-    policy = Policy(name="t", zones={"lab": Zone("lab", (workload,))}, networks={}, rules=(),
-                    identity=Identity("https://idp.test:9443", "skyguard", "idp-secret", session_check=3600),
-                    apps=(app,))
-    client_tls = ssl.create_default_context(cafile=str(tmp_path / "ca" / "ca.pem"))
+    store, app, policy, client_tls = rig(tmp_path, app_port, proxy_port, websockets=True)
 
     async def run():
         HeadsApp.heads = []
