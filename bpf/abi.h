@@ -169,6 +169,8 @@ struct sg_ct_val {
   __u8 direction;  /* who created it: SG_DIR_EGRESS (VM opened) or SG_DIR_INGRESS */
   __u8 state;      /* SG_CT_* */
   __u8 fins;       /* TCP: which sides closed (SG_FIN_*), so a flow closed both ways frees its slot sooner */
+  __u8 seq_seen;   /* TCP: the sides whose seq_end is known (bit 0 the creator, bit 1 the other side) */
+  __u32 seq_end[2]; /* TCP, per side (0 the creator): the sequence number after the last it sent (SYN, FIN count 1) */
 };
 
 /* sg_share_hands (array, one per share): the next slot each share's new entries try, per

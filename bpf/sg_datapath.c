@@ -194,7 +194,7 @@ static __always_inline int sg_handle(void *ctx, void *data, void *data_end, __u3
       ct->gen = gen;
       ct->rule_id = verdict;
     }
-    sg_ct_touch(ct, pkt->t.proto, pkt->tcp_flags, is_reply, len, now);
+    sg_ct_touch(ct, pkt, is_reply, len, now);
     if (pkt->frag == SG_FRAG_FIRST) {
       int err = sg_frag_allow(ifindex, pkt, direction, now, wl->workload);
       if (err)
@@ -230,14 +230,14 @@ static __always_inline int sg_handle(void *ctx, void *data, void *data_end, __u3
     if (rule < 0)
       sg_ct.delete(key);
     else
-      sg_ct_restart(reopen, wl->zone, gen, rule, len, now, pkt->t.proto);
+      sg_ct_restart(reopen, pkt, wl->zone, gen, rule, len, now);
   }
   if (rule == -SG_DROP_NO_RULE)
     return -no_rule_reason;
   if (rule < 0)
     return rule;
   if (!reopen) {
-    err = sg_ct_create(ifindex, &pkt->t, direction, wl->zone, gen, rule, len, now, wl->workload, &m->ended);
+    err = sg_ct_create(ifindex, pkt, direction, wl->zone, gen, rule, len, now, wl->workload, &m->ended);
     if (err)
       return err;
     if (m->ended.key.ifindex)

@@ -21,7 +21,7 @@
 #define SG_CONNTRACK_H
 
 #ifndef SG_CT_SHARES
-#define SG_CT_SHARES 32 /* VMs with a share of their own (workload id modulo this); each ~2 x SG_CT_SHARE x 190 bytes */
+#define SG_CT_SHARES 32 /* VMs with a share of their own (workload id modulo this); each ~2 x SG_CT_SHARE x 200 bytes */
 #endif
 #ifndef SG_CT_SHARE
 #define SG_CT_SHARE 4096 /* live flows one VM may hold per direction (opened by it / toward it) */
@@ -37,7 +37,7 @@
 #endif
 #define SG_CT_SLOTS (SG_CT_SHARES * 2 * SG_CT_SHARE)
 #define SG_FRAG_SLOTS (SG_CT_SHARES * 2 * SG_FRAG_SHARE)
-#define SG_CT_MAX (SG_CT_SLOTS + SG_LRU_SLACK) /* ~140 bytes each, + 48 for its slot */
+#define SG_CT_MAX (SG_CT_SLOTS + SG_LRU_SLACK) /* ~150 bytes each, + 48 for its slot */
 #define SG_FRAG_MAX (SG_FRAG_SLOTS + SG_LRU_SLACK)
 /* Timeouts in seconds: how long a flow stays known without packets. */
 #ifndef SG_CT_TCP_NEW_S
@@ -65,6 +65,17 @@
 #ifndef SG_CT_HALF_CLOSED_QUIET_S
 #define SG_CT_HALF_CLOSED_QUIET_S 1 /* closed one way: the other side may still be sending */
 #endif
+
+/* How far (either way) from where its sender is a FIN or RST's sequence number may lie to close a
+ * flow (sg_ct_may_close). Wide enough for every byte a sender can have in flight on paths these VMs
+ * use; narrow enough that a blind guess lands in it once in 2^32 / (2 x 2^24) = 128 tries, on top
+ * of guessing the ports. */
+#ifndef SG_CT_SEQ_WINDOW
+#define SG_CT_SEQ_WINDOW (1U << 24)
+#endif
+
+#define SG_SIDE_ORIG 0 /* sg_ct_val.seq_end index: the flow's creator (the other side: 1, is_reply) */
+#define SG_SIDE_BIT(side) (1 << (side))
 
 #define SG_NS 1000000000ULL
 #define SG_TCP_FIN 0x01
@@ -168,12 +179,44 @@ static __always_inline struct sg_ct_val *sg_ct_find(__u32 ifindex, struct sg_tup
   return 0;
 }
 
-static __always_inline void sg_ct_touch(struct sg_ct_val *ct, __u8 proto, __u8 tcp_flags, int is_reply,
-                                        __u32 len, __u64 now) {
+static __always_inline int sg_seq_near(__u32 seq, __u32 mark) {
+  return seq - mark + SG_CT_SEQ_WINDOW <= 2 * SG_CT_SEQ_WINDOW; /* modulo 2^32 */
+}
+
+/* Whether this TCP segment is where its sender is: its sequence number near the side's seq_end;
+ * from a side not seen yet, it must acknowledge near what the other side sent (a SYN-ACK
+ * acknowledges the SYN). Only such a segment may move its side on (sg_ct_track) or close the flow:
+ * an off-path host that spoofs a peer's address and guesses the ports could otherwise close any
+ * flow with one RST (its entry CLOSING, its slot free to a new flow after SG_CT_CLOSED_QUIET_MS,
+ * the VM's pooled connection refused on its next packet). A segment that is not passes all the
+ * same: its receiver judges it (RFC 5961), the entry just does not follow it. */
+static __always_inline int sg_ct_in_window(const struct sg_ct_val *ct, const struct sg_pkt *pkt, int side) {
+  if (ct->seq_seen & SG_SIDE_BIT(side))
+    return sg_seq_near(pkt->tcp_seq, ct->seq_end[side]);
+  return (pkt->tcp_flags & SG_TCP_ACK) && (ct->seq_seen & SG_SIDE_BIT(side ^ 1)) &&
+         sg_seq_near(pkt->tcp_ack, ct->seq_end[side ^ 1]);
+}
+
+/* The side's seq_end follows an in-window segment (only ever forward). */
+static __always_inline void sg_ct_track(struct sg_ct_val *ct, const struct sg_pkt *pkt, int side) {
+  __u32 end = pkt->tcp_seq + pkt->tcp_seq_len;
+  if (!(ct->seq_seen & SG_SIDE_BIT(side)) || (__s32)(end - ct->seq_end[side]) > 0)
+    ct->seq_end[side] = end;
+  ct->seq_seen |= SG_SIDE_BIT(side);
+}
+
+static __always_inline void sg_ct_touch(struct sg_ct_val *ct, const struct sg_pkt *pkt, int is_reply, __u32 len,
+                                        __u64 now) {
+  __u8 proto = pkt->t.proto, tcp_flags = pkt->tcp_flags;
   __u8 state = ct->state;
+  int in_window = proto == IPPROTO_TCP && sg_ct_in_window(ct, pkt, is_reply);
+  if (in_window)
+    sg_ct_track(ct, pkt, is_reply);
   if (proto == IPPROTO_TCP && (tcp_flags & (SG_TCP_FIN | SG_TCP_RST))) {
-    state = SG_CT_CLOSING;
-    ct->fins |= (tcp_flags & SG_TCP_RST) ? SG_FIN_BOTH : is_reply ? SG_FIN_REPLY : SG_FIN_ORIG;
+    if (in_window) {
+      state = SG_CT_CLOSING;
+      ct->fins |= (tcp_flags & SG_TCP_RST) ? SG_FIN_BOTH : is_reply ? SG_FIN_REPLY : SG_FIN_ORIG;
+    }
   } else if (is_reply && state == SG_CT_NEW)
     state = SG_CT_ESTABLISHED;
   ct->state = state;
@@ -194,8 +237,11 @@ static __always_inline int sg_ct_reopened(const struct sg_ct_val *ct, __u8 proto
 }
 
 /* A reopened tuple's entry, opened the same way round: now the new connection's, in place. */
-static __always_inline void sg_ct_restart(struct sg_ct_val *ct, __u16 zone, __u32 gen, __u32 rule_id, __u32 len,
-                                          __u64 now, __u8 proto) {
+static __always_inline void sg_ct_restart(struct sg_ct_val *ct, const struct sg_pkt *pkt, __u16 zone, __u32 gen,
+                                          __u32 rule_id, __u32 len, __u64 now) {
+  __u8 proto = pkt->t.proto;
+  ct->seq_seen = 0;
+  sg_ct_track(ct, pkt, SG_SIDE_ORIG);
   ct->packets = 1;
   ct->bytes = len;
   ct->gen = gen;
@@ -241,9 +287,10 @@ struct sg_ct_ended {
 
 /* A new entry in the VM's share (see the top of this file). 0, or -SG_DROP_CT_FULL. The entry
  * whose slot it took, if one was still there, is copied to *ended. */
-static __always_inline int sg_ct_create(__u32 ifindex, const struct sg_tuple *t, __u8 direction, __u16 zone,
+static __always_inline int sg_ct_create(__u32 ifindex, const struct sg_pkt *pkt, __u8 direction, __u16 zone,
                                         __u32 gen, __u32 rule_id, __u32 len, __u64 now, __u32 share,
                                         struct sg_ct_ended *ended) {
+  const struct sg_tuple *t = &pkt->t;
   ended->key.ifindex = 0;
   struct sg_ct_key key = {};
   sg_ct_key_of(&key, ifindex, t, 0);
@@ -290,6 +337,8 @@ static __always_inline int sg_ct_create(__u32 ifindex, const struct sg_tuple *t,
   struct sg_ct_val val = {.packets = 1, .bytes = len, .gen = gen, .rule_id = rule_id, .zone = zone,
                           .direction = direction, .state = SG_CT_NEW};
   val.expires_ns = now + sg_ct_lifetime(t->proto, SG_CT_NEW);
+  if (t->proto == IPPROTO_TCP)
+    sg_ct_track(&val, pkt, SG_SIDE_ORIG);
   sg_ct.update(&key, &val);
   return 0;
 }

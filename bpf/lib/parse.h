@@ -87,6 +87,11 @@ struct sg_pkt {
   __u8 lladdr[6];
   __u16 pad;
   struct sg_tuple inner; /* the offending packet of an ICMP error */
+  /* TCP (written by sg_parse_l4): the sequence and acknowledgment numbers, host order, and the
+   * sequence space the segment takes (payload, plus 1 each for SYN and FIN). */
+  __u32 tcp_seq;
+  __u32 tcp_ack;
+  __u32 tcp_seq_len;
 };
 
 static __always_inline void sg_v4_mapped(__u8 *dst, __be32 addr) {
@@ -204,6 +209,11 @@ static __always_inline int sg_parse_l4(void *l4, void *data_end, __u32 l4_len, s
     pkt->t.sport = th->source;
     pkt->t.dport = th->dest;
     pkt->tcp_flags = ((__u8 *)th)[13];
+    pkt->tcp_seq = bpf_ntohl(th->seq);
+    pkt->tcp_ack = bpf_ntohl(th->ack_seq);
+    /* a data offset past the packet's end is the receiver's to refuse; it carries no data here */
+    __u32 payload = l4_len > th->doff * 4u ? l4_len - th->doff * 4u : 0;
+    pkt->tcp_seq_len = payload + !!th->syn + !!th->fin;
     return 0;
   }
   if (proto == IPPROTO_UDP) {

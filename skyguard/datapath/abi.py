@@ -145,6 +145,8 @@ class CtVal(ct.Structure):  # struct sg_ct_val
         ("direction", ct.c_uint8),
         ("state", ct.c_uint8),
         ("fins", ct.c_uint8),
+        ("seq_seen", ct.c_uint8),  # TCP: sides whose seq_end is known (bit 0 creator, bit 1 other)
+        ("seq_end", ct.c_uint32 * 2),  # TCP, per side: the sequence number after the last it sent
     ]
 
 
@@ -177,7 +179,8 @@ def struct_of(cls: type[ct.Structure], tail: bool = True) -> struct.Struct:
 
 # struct sg_ct_key / sg_ct_val for bulk unpacking (batch reads); ports in network order.
 CT_KEY = struct_of(CtKey)  # ifindex, proto, saddr, daddr, sport, dport
-CT_VAL = struct_of(CtVal, tail=False)  # expires_ns, packets, bytes, gen, rule_id, zone, direction, state, fins
+CT_VAL = struct_of(CtVal, tail=False)  # expires_ns, packets, bytes, gen, rule_id, zone, direction, state, fins,
+# seq_seen, seq_end (two values)
 CT_VAL_PADDED = struct_of(CtVal)  # as the kernel lays out an array of them
 
 

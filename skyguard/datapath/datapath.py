@@ -458,7 +458,7 @@ class Datapath:
         zones = self._zone_names()
         now = time.monotonic_ns()
         out: dict[str, int] = {}
-        for _, (expires_ns, _packets, _bytes, _gen, _rule, zone, _direction, _state, _fins) in libbpf.dump(
+        for _, (expires_ns, _packets, _bytes, _gen, _rule, zone, *_rest) in libbpf.dump(
                 self.map("sg_ct"), abi.CT_KEY.size, abi.CT_VAL_PADDED):
             if expires_ns > now:
                 name = zones.get(zone, str(zone))

@@ -313,3 +313,51 @@ def test_conntrack_entries_age_out(worker, pin_dir, h):
     finally:
         short.close()
         Datapath.remove_pins(pin_dir.with_name(pin_dir.name + "-short"))
+
+
+def _state(h, sport: int) -> str:
+    [flow] = [f for f in h.worker.call(h.dp.flows) if f["sport"] == sport or f["dport"] == sport]
+    return flow["state"]
+
+
+def test_a_blind_rst_or_fin_does_not_close_a_flow(h):
+    """An off-path host that spoofs the peer's address and guesses the ports sends RST or FIN with
+    a sequence number far from where the peer is: the packet passes (the VM's kernel judges it,
+    RFC 5961), but the entry stays established; otherwise one such packet closed the flow and gave
+    its slot away, and the VM's next packet on it was refused. The peer's own RST closes it."""
+    out = "198.51.100.7"  # web-out allows tcp/443 to it
+
+    def from_peer(flags, seq, ack=1101, load=b""):
+        segment = TCP(sport=443, dport=42100, flags=flags, seq=seq % (1 << 32), ack=ack)
+        return bytes(e_to("w1") / IP(src=out, dst=v4("w1")) / segment / load)
+
+    syn = e_from("w1") / IP(src=v4("w1"), dst=out) / TCP(sport=42100, dport=443, flags="S", seq=1000)
+    assert h.run(bytes(syn), "w1", OUT) == ALLOW
+    assert h.run(from_peer("SA", 5000, ack=1001), "w1", IN) == ALLOW
+    data = e_from("w1") / IP(src=v4("w1"), dst=out) / TCP(sport=42100, dport=443, flags="PA", seq=1001, ack=5001) / (b"x" * 100)
+    assert h.run(bytes(data), "w1", OUT) == ALLOW
+    assert h.run(from_peer("PA", 5001, load=b"y" * 2000), "w1", IN) == ALLOW  # the peer is at 7001 now
+    for flags in ("R", "RA", "F", "FA"):
+        for seq in (7001 + (1 << 31), 7001 - (1 << 25), 7001 + (1 << 25)):
+            assert h.run(from_peer(flags, seq), "w1", IN) == ALLOW
+            assert _state(h, 42100) == "established", (flags, seq)
+    # in the window: the peer's own reset, even a little behind where it is, closes the flow
+    assert h.run(from_peer("R", 7001 - 1500), "w1", IN) == ALLOW
+    assert _state(h, 42100) == "closing"
+
+
+def test_a_blind_rst_before_the_answer_does_not_close_a_flow(h):
+    """Before the peer has sent anything, a RST from it must acknowledge the SYN (a closed port's
+    answer does): a guess at the sequence the VM started from is a guess in 2^32 / 2^25."""
+    out = "198.51.100.7"
+
+    def from_peer(flags, ack):
+        return bytes(e_to("w1") / IP(src=out, dst=v4("w1")) / TCP(sport=443, dport=42200, flags=flags, seq=0, ack=ack))
+
+    syn = e_from("w1") / IP(src=v4("w1"), dst=out) / TCP(sport=42200, dport=443, flags="S", seq=3_000_000_000)
+    assert h.run(bytes(syn), "w1", OUT) == ALLOW
+    for flags, ack in (("R", 3_000_000_001), ("RA", 1), ("RA", 3_000_000_001 + (1 << 25))):
+        assert h.run(from_peer(flags, ack), "w1", IN) == ALLOW
+        assert _state(h, 42200) == "new", (flags, ack)
+    assert h.run(from_peer("RA", 3_000_000_001), "w1", IN) == ALLOW
+    assert _state(h, 42200) == "closing"

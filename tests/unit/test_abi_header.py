@@ -267,7 +267,11 @@ def test_struct_formats_read_the_ctypes_layout(fmt, cls, tail):
     for i, (name, ctype) in enumerate(cls._fields_):
         if name.startswith("pad"):
             continue
-        if issubclass(ctype, ct.Array):  # byte arrays (addresses) read as bytes
+        if issubclass(ctype, ct.Array) and ctype._type_ is not ct.c_uint8:  # numbers: one value each
+            values = [i * 16 + j for j in range(ctype._length_)]
+            getattr(obj, name)[:] = values
+            expected.extend(values)
+        elif issubclass(ctype, ct.Array):  # byte arrays (addresses) read as bytes
             raw = bytes((i * 16 + j) % 256 for j in range(ctype._length_))
             ct.memmove(ct.addressof(obj) + getattr(cls, name).offset, raw, len(raw))
             expected.append(raw)

@@ -6,6 +6,7 @@ programs is tests/bpf/test_flowlog.py."""
 from __future__ import annotations
 
 import collections
+import ctypes
 import ipaddress
 import json
 import socket
@@ -82,7 +83,11 @@ def test_ct_record_names_both_ends_and_the_rule():
 
 
 def test_ct_entry_reads_the_mirrored_struct_fields():
-    assert CtEntry._fields == tuple(name for name, _ in abi.CtVal._fields_)
+    names = []  # an array field is one value per element: name_0, name_1, ...
+    for name, ctype in abi.CtVal._fields_:
+        names += [f"{name}_{i}" for i in range(ctype._length_)] if issubclass(ctype, ctypes.Array) else [name]
+    assert CtEntry._fields == tuple(names)
+    assert len(abi.CT_VAL.unpack(bytes(abi.CT_VAL.size))) == len(names)
 
 
 # ---- denies: bounded entries -----------------------------------------------------------------

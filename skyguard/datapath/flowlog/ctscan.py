@@ -35,6 +35,9 @@ class CtEntry(NamedTuple):
     direction: int
     state: int
     fins: int
+    seq_seen: int = 0
+    seq_end_0: int = 0  # the creator's (TCP)
+    seq_end_1: int = 0  # the other side's
 
 
 def classify(rows: Iterable[tuple[bytes, CtEntry]], prev: dict[bytes, CtEntry],
