@@ -195,6 +195,40 @@ def running_policy(state_dir=None, timeout: float = 30.0) -> Policy:
     return parse_policy(reply["text"], source=reply.get("source", "<daemon>"))
 
 
+def run_dir_held() -> bool:
+    """Whether a daemon holds the run dir (claim_run_dir): one that runs, or one still starting
+    (its control socket comes up only after the datapath and the policy are in place)."""
+    import fcntl
+
+    try:
+        fd = os.open(socket_path().parent / "daemon.lock", os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the lock if this took it
+
+
+def wait_started(timeout: float) -> bool:
+    """Wait for a daemon that holds the run dir to answer: True once it does, False if it let go
+    of the run dir first (it failed to start)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not daemon_running():
+        if not run_dir_held():
+            return False
+        if time.monotonic() > deadline:
+            raise DaemonError(f"a skyguard daemon holds the run dir {socket_path().parent} but has not answered "
+                              f"for {timeout:.0f}s; see its log (stop it with SIGTERM)")
+        time.sleep(0.2)
+    return True
+
+
 def wait_gone(timeout: float = 30.0) -> None:
     """Wait until the daemon has shut down and its socket no longer answers."""
     import time

@@ -11,6 +11,8 @@ import click
 from skyguard import config
 from skyguard.cli.common import emit_json, json_option, state_dir_option
 
+STARTING_TIMEOUT_S = 300  # how long `down` waits for a starting daemon: loading a policy may take 180 s
+
 
 @click.command("up")
 @click.option("--policy", "policy_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -62,7 +64,8 @@ def up(policy_path, state_dir, metrics_addr, upstream_ca, fleet_etcd, fleet_name
 def down(state_dir):
     """Stop the daemon and detach every program (enforcement ends).
 
-    Without a running daemon, detaches whatever pinned state a killed daemon left.
+    A daemon still starting is stopped once it answers. Without a daemon, detaches whatever
+    pinned state a killed daemon left.
 
     \b
     Example:
@@ -72,6 +75,11 @@ def down(state_dir):
     from skyguard.doctor import require_privileges
 
     require_privileges("skyguard down")
+    if not control.daemon_running() and control.run_dir_held():
+        # `up` is still starting (compiling, loading its policy): stop it once it answers. The
+        # cleanup below would race it for the pins and leave it enforcing after `down`.
+        click.echo("a daemon is starting; stopping it once it answers", err=True)
+        control.wait_started(timeout=STARTING_TIMEOUT_S)
     if control.daemon_running():
         control.request("down", state_dir=state_dir)
         control.wait_gone()

@@ -65,13 +65,17 @@ class RunningDaemon:
         return ["nsenter", f"--net={self.host_netns}", "--"] + argv
 
     def start(self) -> dict:
+        self.launch()
+        return self.wait_ready()
+
+    def launch(self) -> None:
+        """`skyguard up`, not waiting for it to answer."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             self._in_host(self.command("up", "--policy", str(self.policy_path), "--metrics", self.metrics)),
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env, cwd="/")
         log.close()
-        return self.wait_ready()
 
     def wait_ready(self) -> dict:
         """`status --json` once the daemon answers on its control socket (and, with wait_attached,

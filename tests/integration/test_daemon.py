@@ -10,6 +10,7 @@ Timeouts below are bounds against hangs, never assertions about speed.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -418,3 +419,33 @@ def test_down_detaches_everything(lab, daemon):
     assert not daemon.pin_dir.exists()
     # with nothing attached the lab is plain routing again: what was denied now passes
     assert probe_one(lab, "agent1", "icmp", ADDR["dc1"][0])
+
+
+def test_down_while_the_daemon_starts_stops_it_once_it_answers(lab, daemon):
+    """`down` while `up` holds the run dir but has no control socket yet (compiling, loading the
+    policy): it must stop that daemon, not take the "nothing running" path, clean up under it
+    and leave it to come up enforcing after `down` said it was gone."""
+    if daemon.running():
+        daemon.stop()
+    lock = daemon.run_dir / "daemon.lock"
+
+    def starting() -> bool:
+        fd = os.open(lock, os.O_RDWR) if lock.exists() else None
+        if fd is None:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return not daemon.run_dir.joinpath("control.sock").exists()
+        finally:
+            os.close(fd)
+
+    daemon.launch()
+    wait_for(starting, 60, "the daemon to hold its run dir")
+    out = daemon.cli("down")
+    assert out.returncode == 0, out.stderr
+    assert "no daemon was running" not in out.stdout, out.stdout
+    daemon.proc.wait(timeout=60)
+    assert not daemon.pin_dir.exists()
+    assert probe_one(lab, "agent1", "icmp", ADDR["dc1"][0])  # nothing enforces any more
