@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from skyguard.custody.store import SecretStore
 from skyguard.errors import CredentialError
-from skyguard.keys.types import DECRYPTING_TYPES, KeyCustodyError, KeyInfo, hash_algorithm, validate_key_name, validate_key_type
+from skyguard.keys.types import (
+    DECRYPTING_TYPES,
+    KeyCustodyError,
+    KeyInfo,
+    KeyOperationRefused,
+    hash_algorithm,
+    validate_key_name,
+    validate_key_type,
+)
 
 PREFIX = "key."
 KIND = "skyguard-key"
@@ -105,11 +113,11 @@ class FileBackend:
 
         key, key_type = self._load(name)
         if key_type not in DECRYPTING_TYPES:
-            raise KeyCustodyError(f"key {name!r} is {key_type}: it signs, it does not decrypt")
+            raise KeyOperationRefused(f"key {name!r} is {key_type}: it signs, it does not decrypt")
         try:
             return key.decrypt(ciphertext, padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None))  # as pkcs11.py
         except ValueError:
-            raise KeyCustodyError(f"key {name!r} could not decrypt the ciphertext") from None
+            raise KeyOperationRefused(f"key {name!r} could not decrypt the ciphertext") from None
 
     def _secret(self, name: str):
         try:

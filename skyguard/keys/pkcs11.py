@@ -25,6 +25,7 @@ from skyguard.keys.types import (
     DIGEST_INFO,
     KeyCustodyError,
     KeyInfo,
+    KeyOperationRefused,
     digest_algorithm,
     ecdsa_raw_to_der,
     validate_key_name,
@@ -176,7 +177,7 @@ class Pkcs11Backend:
 
         def run(key, key_type):
             if key_type not in DECRYPTING_TYPES:
-                raise KeyCustodyError(f"key {name!r} is {key_type}: it signs, it does not decrypt")
+                raise KeyOperationRefused(f"key {name!r} is {key_type}: it signs, it does not decrypt")
             return key.decrypt(ciphertext, mechanism=Mechanism.RSA_PKCS_OAEP,
                                mechanism_param=(Mechanism.SHA_1, MGF.SHA1, None))
 
@@ -192,8 +193,10 @@ class Pkcs11Backend:
             try:
                 return run(key, key_type)
             except pkcs11.PKCS11Error as e:
-                if attempt == 1 or isinstance(e, (pkcs11.DataLenRange, pkcs11.EncryptedDataInvalid,
-                                                  pkcs11.EncryptedDataLenRange, pkcs11.DataInvalid)):
+                if isinstance(e, (pkcs11.DataLenRange, pkcs11.EncryptedDataInvalid,
+                                  pkcs11.EncryptedDataLenRange, pkcs11.DataInvalid)):  # the caller's input
+                    raise KeyOperationRefused(f"key {name!r} could not use the input: {type(e).__name__}") from None
+                if attempt == 1:
                     raise KeyCustodyError(f"token {self.token_label!r} refused the operation with key "
                                           f"{name!r}: {type(e).__name__}") from None
                 self._forget()  # a stale handle (key removed or the session gone): look again once

@@ -19,7 +19,9 @@ is "-" for names the policy does not offer, so a VM cannot grow the label set). 
 in a small thread pool; the rate limit is checked before, so one VM's flood never queues there.
 
 Fail closed: a backend that cannot open (no PIN, no token) stops the part; keys the policy names
-but the backend lacks are reported (Degraded) and answered 503.
+but the backend lacks are reported (Degraded) and answered 503. A backend that fails on a request
+(a TPM that does not answer, an unreadable key file) is answered 503 "key backend unavailable":
+the reason, which names host paths or the TPM's address, goes to the host's log only.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import h11
 
 from skyguard.credproxy.fairness import Slots
 from skyguard.keys import api
-from skyguard.keys.types import KeyCustodyError, verify_signature
+from skyguard.keys.types import KeyOperationRefused, verify_signature
 from skyguard.parts import Degraded, record_or_report
 
 log = logging.getLogger("skyguard.keys")
@@ -261,12 +263,15 @@ class CryptoProxy:
             return reply
         try:
             reply = await asyncio.get_running_loop().run_in_executor(self.pool, self._run_logged, caller, op)
-        except KeyCustodyError as e:
+        except KeyOperationRefused as e:  # the key's type or the VM's input: its text names only the key
+            reply = api.refuse(503, "error", str(e))
+        except Exception as e:  # noqa: BLE001 - any backend failure: its detail (paths, the TPM's address) is the host's
             missing = op.key in self.missing
             reply = api.refuse(503, "key-missing" if missing else "error",
-                               f"key {op.key!r} is not available" if missing else str(e))
+                               f"key {op.key!r} is not available" if missing else "key backend unavailable")
             if not missing:
-                log.warning("crypto proxy: %s", e)
+                log.warning("crypto proxy: %s of key %r for %s failed: %s: %s", op.operation, op.key,
+                            caller.workload, type(e).__name__, e)
         self._account(caller, op, reply, logged=reply.status == 200)
         return reply
 

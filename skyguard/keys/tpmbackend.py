@@ -24,7 +24,14 @@ import threading
 from pathlib import Path
 
 from skyguard import fsutil
-from skyguard.keys.types import KeyCustodyError, KeyInfo, digest_algorithm, validate_key_name, validate_key_type
+from skyguard.keys.types import (
+    KeyCustodyError,
+    KeyInfo,
+    KeyOperationRefused,
+    digest_algorithm,
+    validate_key_name,
+    validate_key_type,
+)
 from skyguard.tpm.device import Tpm, TpmError, TpmUnavailable
 
 KEY_TYPE = "ec-p256"
@@ -112,7 +119,7 @@ class TpmBackend:
 
     def decrypt(self, name: str, ciphertext: bytes) -> bytes:
         self._record(name)
-        raise KeyCustodyError(f"key {name!r} is a TPM ec-p256 signing key: it signs, it does not decrypt")
+        raise KeyOperationRefused(f"key {name!r} is a TPM ec-p256 signing key: it signs, it does not decrypt")
 
     def sign(self, name: str, digest: bytes) -> bytes:
         """ECDSA over `digest` (32, 48 or 64 bytes) inside the TPM; the signature in DER."""

@@ -23,7 +23,14 @@ KEY_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,58}$")
 
 
 class KeyCustodyError(SkyguardError):
-    """A key backend failed (token missing, wrong PIN, no such key). Never carries a PIN or key."""
+    """A key backend failed (token missing, wrong PIN, no such key). Never carries a PIN or key.
+    Its text may name host paths, the TPM's address or the token: the crypto proxy logs it and
+    tells a VM only that the backend is unavailable."""
+
+
+class KeyOperationRefused(KeyCustodyError):
+    """The key cannot do what was asked (its type does not, or the input is not for it). The text
+    names only the key and the operation: the crypto proxy shows it to the VM that asked."""
 
 
 def validate_key_name(name: str) -> str:

@@ -242,3 +242,56 @@ def test_a_tpm_key_rotated_by_another_process_is_not_signed_with_from_its_loaded
     finally:
         proxy.close()
         cli("key", "rm", "rotated", policy=made.policy, state=made.state)
+
+
+def test_a_failing_tpm_backend_tells_the_vm_nothing_of_the_host_and_logs_why(made, tmp_path, caplog):
+    """A TPM that does not answer (its TCTI names a loopback port nothing listens on) and a key
+    whose record the proxy cannot read: the VM gets 503 with a generic error, not the TCTI address
+    or the state dir's paths; the host's log says which key, which operation and why."""
+    import logging
+    import socket
+
+    from skyguard.keys.proxy import CryptoProxy
+    from skyguard.parts import LoopThread
+    from skyguard.policy.model import Policy, Workload, Zone
+
+    state = tmp_path / "state"
+    shutil.copytree(made.state, state)
+    with socket.socket() as s:  # a free port: nothing answers there
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    tcti = f"swtpm:host=127.0.0.1,port={dead}"
+    TpmConfig(tcti=tcti).save(state)
+    shutil.copy(state / "keys" / "tpm" / "release.json", state / "keys" / "tpm" / "broken.json")
+    vm1 = Workload("vm1", "auth", "lo", "02:00:00:00:00:01", (ipaddress.ip_address("127.0.0.1"),))
+    grants = tuple(KeyGrant(name, ("auth",), ("sign", "verify"), 1000, 1000) for name in ("release", "broken"))
+    policy = Policy(name="t", zones={"auth": Zone("auth", (vm1,))}, networks={}, rules=(),
+                    keys=KeysConfig(backend="tpm", port=0, grants=grants))
+    loop, recorded = LoopThread(), Recorded()
+    part = CryptoProxy(policy, state, recorded, hosts=("127.0.0.1",))
+    loop.call(part.start())
+    (state / "keys" / "tpm" / "broken.json").write_text("{not json")  # damaged after the proxy started
+    try:
+        def request(method, path, body=None):
+            conn = http.client.HTTPConnection("127.0.0.1", part.port, timeout=60)
+            try:
+                conn.request(method, path, body=None if body is None else json.dumps(body))
+                response = conn.getresponse()
+                return response.status, response.read().decode()
+            finally:
+                conn.close()
+
+        with caplog.at_level(logging.WARNING, logger="skyguard.keys"):
+            signed = request("POST", "/v1/keys/release/sign", {"digest": "ab" * 32})
+            public = request("GET", "/v1/keys/broken/public")
+        for status, text in (signed, public):
+            assert status == 503 and json.loads(text) == {"error": "key backend unavailable"}, text
+            assert str(dead) not in text and str(state) not in text and "swtpm" not in text
+        logged = caplog.text
+        assert "'release'" in logged and "sign" in logged and "cannot reach the TPM" in logged and tcti in logged
+        assert "'broken'" in logged and "public" in logged and "cannot read TPM key" in logged
+        assert [(e["key"], e["operation"], e["outcome"], e["status"]) for e in recorded.entries] == \
+            [("release", "sign", "error", 503), ("broken", "public", "error", 503)]
+    finally:
+        loop.call(part.stop())
+        loop.stop()
