@@ -188,7 +188,8 @@ def authorize(op: Operation, caller: Caller, keys_config, limiter: RateLimiter) 
         return refuse(403, "denied-zone", f"zone {caller.zone!r} may not use key {op.key!r}")
     if op.operation != "public" and op.operation not in grant.operations:
         return refuse(403, "denied-operation", f"key {op.key!r} does not allow {op.operation}")
-    if op.operation in OPERATIONS and not limiter.take(op.key, caller.workload, grant.rate, grant.burst):
+    # Every operation on a key, `public` too (it reads the backend): one bucket per VM and key.
+    if not limiter.take(op.key, caller.workload, grant.rate, grant.burst):
         return refuse(429, "rate-limited", f"over the rate limit of key {op.key!r}; slow down")
     return None
 

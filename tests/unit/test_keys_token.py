@@ -449,3 +449,42 @@ def test_every_refusal_of_a_flood_over_the_rate_limit_reaches_the_log(token, pro
         assert sum(e["refused"] for e in limited) == 5 and len(limited) <= 2
     finally:
         proxy.loop.call(proxy.part.set_policy(loopback_policy(token)))  # back as it was
+
+
+def test_a_flood_of_public_key_requests_is_refused_over_the_keys_rate_limit(token, proxy):
+    """`public` reads the backend like sign does: a VM flooding it is held to the key's rate limit
+    (the same per-VM bucket), counted and summarised in the log as the other operations' refusals."""
+    import time
+
+    # Key `ed`, which no other test grants: its bucket for vm1 is this test's alone.
+    slow = loopback_policy(token, keys=(KeyGrant("ed", ("auth",), ("sign",), 1 / 60, 3),))
+    proxy.loop.call(proxy.part.set_policy(slow))
+    before = len(proxy.recorded.entries)
+
+    def public():
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.part.port, timeout=10)
+        try:
+            conn.request("GET", "/v1/keys/ed/public")
+            response = conn.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            conn.close()
+
+    try:
+        replies = [public() for _ in range(8)]
+        assert [status for status, _ in replies] == [200] * 3 + [429] * 5, replies
+        assert "BEGIN PUBLIC KEY" in replies[0][1]["public_key"] and "rate limit" in replies[-1][1]["error"]
+        assert post(proxy, "/v1/keys/ed/sign", {"digest": "77" * 32})[0] == 429  # one bucket per VM and key
+        deadline = time.monotonic() + 5
+        while True:
+            limited = [e for e in proxy.recorded.entries[before:] if e["outcome"] == "rate-limited"]
+            if sum(e["refused"] for e in limited) >= 6 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert sum(e["refused"] for e in limited) == 6 and len(limited) <= 2
+        assert limited[0]["operation"] == "public" and limited[0]["workload"] == "vm1"
+        value = proxy.registry.get_sample_value
+        assert value("skyguard_crypto_operations_total",
+                     {"key": "ed", "operation": "public", "outcome": "rate-limited"}) == 5
+    finally:
+        proxy.loop.call(proxy.part.set_policy(loopback_policy(token)))  # back as it was
