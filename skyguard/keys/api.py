@@ -175,6 +175,39 @@ class RateLimiter:
             del self.buckets[k]
 
 
+MAX_REFUSAL_KINDS = 4096  # past this, kinds with nothing left to log are forgotten
+
+
+@dataclass
+class Refusals:
+    """The refusals a rate limit does not count (RateLimiter does those) by kind, a tuple of
+    bounded words (VM, offered key or "-", operation, outcome): the log takes about one entry a
+    second of each kind, and an entry's count covers every refusal since the previous one."""
+
+    kinds: dict = field(default_factory=dict)  # kind -> [refusals not yet in the log, when the last entry was]
+
+    def refused(self, kind: tuple, now: float | None = None) -> int:
+        """Count one refusal; how many the entry to make now stands for (0: one was made in the
+        last second, and this one waits for the next)."""
+        now = time.monotonic() if now is None else now
+        counts = self.kinds.get(kind)
+        if counts is None:
+            if len(self.kinds) >= MAX_REFUSAL_KINDS:
+                self.kinds = {k: c for k, c in self.kinds.items() if c[0] or now - c[1] < 1.0}
+            counts = self.kinds[kind] = [0, float("-inf")]
+        counts[0] += 1
+        return self.to_log(kind, now)
+
+    def to_log(self, kind: tuple, now: float | None = None, force: bool = False) -> int:
+        """As RateLimiter.refusals_to_log, for one kind."""
+        now = time.monotonic() if now is None else now
+        counts = self.kinds.get(kind)
+        if counts is None or (now - counts[1] < 1.0 and not force):
+            return 0
+        count, counts[0], counts[1] = counts[0], 0, now
+        return count
+
+
 def authorize(op: Operation, caller: Caller, keys_config, limiter: RateLimiter) -> Reply | None:
     """None when `caller` may run `op` now; else the refusal."""
     if caller.workload is None:

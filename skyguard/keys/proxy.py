@@ -12,9 +12,11 @@ datapath's: a zone reaches the proxy's port only where a rule lets it (see skygu
 
 Every sign, verify and decrypt, and every refusal, is a `key_use` entry in the signed log (key,
 zone, workload, operation, digest, outcome); an operation's entry is durable before its answer
-leaves (none is given when the log cannot take it); a flood over a key's rate limit is summarised in one
-entry per second per VM and key (refusals after a second's entry are counted in an entry a second
-later, also when the flood stops). Prometheus counts operations by key, operation and outcome (key
+leaves (none is given when the log cannot take it). Refusals are summarised, so a VM's flood does
+not grow the log by an entry a request: at most about one entry per second per VM and key over
+its rate limit, and per VM, key ("-" for names not offered), operation and outcome for the others
+(its `refused` counts them; those after a second's entry are counted in an entry a second later,
+also when the flood stops). Prometheus counts operations by key, operation and outcome (key
 is "-" for names the policy does not offer, so a VM cannot grow the label set). Key operations run
 in a small thread pool; the rate limit is checked before, so one VM's flood never queues there.
 
@@ -67,12 +69,13 @@ class CryptoProxy:
         self.backend = open_backend(self.config, state_dir)  # blocking: the daemon calls this off the loop
         self._workloads = _by_address(policy)
         self.limiter = api.RateLimiter()
+        self.refusals = api.Refusals()
         self.pool = ThreadPoolExecutor(KEY_WORKERS, thread_name_prefix="sg-keys")
         self.servers: list = []
         self.port = None
         self._connections = Slots(MAX_CONNECTIONS_PER_VM)  # per VM (workload name, else address)
         self._tasks: set = set()
-        self._pending: set[tuple[str, str]] = set()  # (key, workload) with refusals to log in a second
+        self._pending: set[tuple] = set()  # kinds of refusal with refusals to log in a second
         self._routes: dict[str, tuple[str | None, float]] = {}
         self._route_lock = threading.Lock()
         self._ipr = None
@@ -319,24 +322,32 @@ class CryptoProxy:
         if logged or (op is not None and op.operation in ("list", "public") and reply.status == 200):
             return  # logged already, or reading public material (counted, not logged)
         fields = self._fields(caller, op, reply)
-        if reply.outcome == "rate-limited":
-            count = self.limiter.refusals_to_log(op.key, caller.workload)
-            if not count:
-                self._log_pending_later(op.key, caller.workload, fields)
-                return
-            fields["refused"] = count  # refusals this entry stands for (about one entry a second)
+        if op is not None and reply.outcome == "rate-limited":
+            name, workload = op.key, caller.workload
+            kind: tuple = ("rate-limited", name, workload)
+            count = self.limiter.refusals_to_log(name, workload)
+            pending = lambda: self.limiter.refusals_to_log(name, workload, force=True)  # noqa: E731
+        else:  # by bounded words only: a VM's made-up key names are "-", as in the metrics
+            kind = (caller.workload or caller.address, key, operation, reply.outcome)
+            count = self.refusals.refused(kind)
+            pending = lambda: self.refusals.to_log(kind, force=True)  # noqa: E731
+        if not count:
+            self._log_pending_later(kind, pending, fields)
+            return
+        fields["refused"] = count  # refusals this entry stands for (about one entry a second)
         self.decisions.record("key_use", **fields)
 
-    def _log_pending_later(self, key: str, workload: str, fields: dict) -> None:
+    def _log_pending_later(self, kind: tuple, pending, fields: dict) -> None:
         """Refusals counted but not yet logged (a flood within the second after its last entry) go
-        in an entry a second later, so a flood that stops is not left out of the log."""
-        if (key, workload) in self._pending:
+        in an entry a second later, so a flood that stops is not left out of the log. pending():
+        how many there are, taken as logged."""
+        if kind in self._pending:
             return
-        self._pending.add((key, workload))
+        self._pending.add(kind)
 
         def flush():
-            self._pending.discard((key, workload))
-            count = self.limiter.refusals_to_log(key, workload, force=True)
+            self._pending.discard(kind)
+            count = pending()
             if count:
                 record_or_report(self.decisions, log, "key_use", **dict(fields, refused=count))
 

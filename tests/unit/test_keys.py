@@ -153,6 +153,18 @@ def test_the_rate_limit_is_per_vm_and_key():
     assert limiter.refusals_to_log("k", "vm1", now=101.5) == 0  # at most one entry a second
 
 
+def test_other_refusals_are_summarised_by_kind_and_their_kinds_stay_bounded():
+    refusals = api.Refusals()
+    kind = ("vm1", "release", "sign", "denied-zone")
+    assert [refusals.refused(kind, now=100.0 + i / 10) for i in range(5)] == [1, 0, 0, 0, 0]
+    assert refusals.refused(("vm2",) + kind[1:], now=100.5) == 1  # another VM's kind
+    assert refusals.to_log(kind, now=100.6) == 0 and refusals.to_log(kind, now=100.6, force=True) == 4
+    assert refusals.refused(kind, now=101.0) == 0 and refusals.refused(kind, now=101.7) == 2
+    for n in range(api.MAX_REFUSAL_KINDS * 2):  # addresses that are no VM, each refused once
+        refusals.refused((f"10.0.{n // 256}.{n % 256}", "-", "-", "not-a-workload"), now=200.0 + n / 100)
+    assert len(refusals.kinds) <= api.MAX_REFUSAL_KINDS
+
+
 # ---- the file backend --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -488,3 +488,30 @@ def test_a_flood_of_public_key_requests_is_refused_over_the_keys_rate_limit(toke
                      {"key": "ed", "operation": "public", "outcome": "rate-limited"}) == 5
     finally:
         proxy.loop.call(proxy.part.set_policy(loopback_policy(token)))  # back as it was
+
+
+def test_a_flood_of_refused_requests_is_summarised_in_the_log(proxy):
+    """Refusals the rate limit never sees (a zone the key does not allow, key names the policy
+    does not offer, malformed bodies) are summarised like rate-limited ones: about one entry a
+    second per VM, key and outcome, whose `refused` counts every refusal (none is lost)."""
+    import time
+
+    before = len(proxy.recorded.entries)
+    flood = [post(proxy, "/v1/keys/release/sign", {"digest": secrets.token_hex(32)}, source="127.0.0.2")[0]
+             for _ in range(15)]
+    flood += [post(proxy, f"/v1/keys/made-up-{n}/sign", {"digest": "88" * 32}, source="127.0.0.2")[0]
+              for n in range(15)]
+    flood += [post(proxy, "/v1/keys/wrap/decrypt", b"{", source="127.0.0.2")[0] for _ in range(15)]
+    assert flood == [403] * 15 + [404] * 15 + [400] * 15
+    outcomes = ("denied-zone", "unknown-key", "bad-request")
+    deadline = time.monotonic() + 5
+    while True:
+        mine = [e for e in proxy.recorded.entries[before:] if e["workload"] == "vm2"]
+        counted = {o: sum(e.get("refused", 0) for e in mine if e["outcome"] == o) for o in outcomes}
+        if min(counted.values()) >= 15 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert counted == dict.fromkeys(outcomes, 15)
+    assert all(len([e for e in mine if e["outcome"] == o]) <= 2 for o in outcomes), mine
+    first = next(e for e in mine if e["outcome"] == "denied-zone")
+    assert (first["key"], first["zone"], first["operation"], first["status"]) == ("release", "sdn", "sign", 403)
