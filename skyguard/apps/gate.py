@@ -18,7 +18,16 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from skyguard.apps.oidc import IssuerUnavailable, TokenRejected
-from skyguard.apps.sessions import LOGIN_COOKIE, SESSION_COOKIE, Pending, allowed, cookie_value, safe_return_path, set_cookie
+from skyguard.apps.sessions import (
+    LOGIN_COOKIE,
+    SESSION_COOKIE,
+    Pending,
+    allowed,
+    cookie_value,
+    safe_return_path,
+    same_origin,
+    set_cookie,
+)
 from skyguard.credproxy.http1 import serialise_response
 from skyguard.credproxy.swap import HttpRequest
 
@@ -26,7 +35,7 @@ PREFIX = "/.skyguard/"
 CALLBACK = PREFIX + "callback"
 LOGOUT = PREFIX + "logout"
 REASONS = {200: b"OK", 302: b"Found", 303: b"See Other", 400: b"Bad Request", 403: b"Forbidden",
-           421: b"Misdirected Request", 502: b"Bad Gateway", 503: b"Service Unavailable"}
+           405: b"Method Not Allowed", 421: b"Misdirected Request", 502: b"Bad Gateway", 503: b"Service Unavailable"}
 # Why a request cannot be decided at once (Checks.check's "wait" outcomes).
 SIGN_IN, RECHECK, CALLBACK_STEP = "sign_in", "recheck", "callback"
 
@@ -34,15 +43,21 @@ SIGN_IN, RECHECK, CALLBACK_STEP = "sign_in", "recheck", "callback"
 class Reply:
     """A response the proxy writes itself."""
 
-    def __init__(self, status: int, text: str = "", headers=(), close: bool = False):
-        self.status, self.text, self.headers, self.close = status, text, list(headers), close
+    def __init__(self, status: int, text: str = "", headers=(), close: bool = False, form: str = ""):
+        """`form`: the path on this app the page's Sign out button POSTs to (shown after `text`)."""
+        self.status, self.text, self.headers, self.close, self.form = status, text, list(headers), close, form
 
     def wire(self, method: bytes, keep_alive: bool) -> bytes:
         body = b""
         headers = [(b"cache-control", b"no-store")] + self.headers
         if self.text:
+            form = ""
+            if self.form:  # and no other site may frame the button (clickjacking)
+                form = (f"<form method=\"post\" action=\"{html.escape(self.form)}\"><button id=\"confirm\">"
+                        f"Sign out</button></form>")
+                headers += [(b"x-frame-options", b"DENY"), (b"content-security-policy", b"frame-ancestors 'none'")]
             body = (f"<!doctype html><html><head><title>skyguard</title></head><body>"
-                    f"<p id=\"skyguard\">{html.escape(self.text)}</p></body></html>\n").encode()
+                    f"<p id=\"skyguard\">{html.escape(self.text)}</p>{form}</body></html>\n").encode()
             headers.append((b"content-type", b"text/html; charset=utf-8"))
         return serialise_response(method, keep_alive and not self.close, (self.status, REASONS.get(self.status, b"")),
                                   tuple(headers), body)
@@ -168,6 +183,16 @@ class Checks:
                         set_cookie(LOGIN_COOKIE, "", 0), status=303)
 
     def logout(self, request: HttpRequest) -> Reply:
+        """Signing out is a POST from a page of this app (the button of the page a GET shows):
+        a link, an <img> or a form on another site, or on another app of the same site (whose
+        POSTs carry the SameSite=Lax cookie), cannot sign anyone out."""
+        if request.method in (b"GET", b"HEAD"):
+            return Reply(200, "Sign out of skyguard?", form=LOGOUT)
+        if request.method != b"POST":
+            return Reply(405, "Sign out with a POST.", [(b"allow", b"GET, HEAD, POST")])
+        if not same_origin(request.headers, self.app.origin):
+            self.gate.refuse(self.app, "logout_not_same_origin", client=self.client)
+            return Reply(403, "Sign out with the button of this app's sign-out page.", form=LOGOUT)
         session, _ = self.gate.session_for(self.app, request.headers)
         if session is not None:
             self.gate.end_session(session, "signed_out")

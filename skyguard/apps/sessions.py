@@ -123,6 +123,22 @@ def cookie_value(headers, name: str) -> str | None:
     return None
 
 
+def same_origin(headers, origin: str) -> bool:
+    """Whether a browser sent this request from a page of `origin` (e.g. "https://wiki.example.com:8443"):
+    its Origin header is exactly that, or (a page whose referrer policy makes the browser send
+    `Origin: null`, or none) its Sec-Fetch-Site says same-origin. What a page of another origin
+    can make a browser send never passes: the browser sets both headers, and another app of the
+    same site (which SameSite=Lax cookies do reach) is another origin. A request with neither
+    header (not a browser's), or with either header twice, does not pass either."""
+    origins = [value for name, value in headers if name == b"origin"]
+    sites = [value for name, value in headers if name == b"sec-fetch-site"]
+    if len(origins) > 1 or len(sites) > 1:
+        return False
+    if origins and origins[0] != b"null":
+        return origins[0] == origin.encode("latin-1")
+    return sites == [b"same-origin"]
+
+
 def without_cookies(headers, names: tuple[str, ...]) -> list[tuple[bytes, bytes]]:
     """The headers with skyguard's own cookies removed (the app never sees them). A Cookie
     header naming none of them passes as it came."""

@@ -404,7 +404,12 @@ def test_websockets_are_refused_on_an_app_that_does_not_take_them(apps_lab):
 def test_signing_out_at_the_app_ends_the_session(apps_lab):
     browser = Browser(apps_lab, "bob-out")
     browser.sign_in("bob")
-    code, headers, body, _ = browser.curl(WIKI_URL + "/.skyguard/logout")
+    code, _, body, _ = browser.curl(WIKI_URL + "/.skyguard/logout")  # a link: a page with a button, no more
+    assert code == 200 and '<form method="post" action="/.skyguard/logout">' in body
+    assert browser.curl(WIKI_URL + "/")[0] == 200
+    code, _, _, _ = browser.curl(WIKI_URL + "/.skyguard/logout", "-X", "POST", "-H", "Origin: https://evil.test")
+    assert code == 403 and browser.curl(WIKI_URL + "/")[0] == 200
+    code, headers, body, _ = browser.curl(WIKI_URL + "/.skyguard/logout", "-X", "POST", "-H", f"Origin: {WIKI_URL}")
     assert code == 200 and "signed out" in body
     assert any(c.startswith("__Host-skyguard-session=;") and "Max-Age=0" in c for c in headers["set-cookie"])
     code, _, _, _ = browser.curl(WIKI_URL + "/")
