@@ -31,7 +31,7 @@ TICKET_TTL = 120.0  # seconds a ticket may wait to be used
 WEB_TOKEN_BYTES = 24  # the web console's tickets: 192 random bits
 MAX_OUTSTANDING = 64  # unused tickets at once: bounds the DES trials per login
 # Unused tickets of one operator: another one drops their oldest, so one operator asking in a loop
-# (the web console's /console/open is a plain link) cannot use up MAX_OUTSTANDING for everyone.
+# (or the web console's page, clicked again and again) cannot use up MAX_OUTSTANDING for everyone.
 MAX_PER_OPERATOR = 8
 
 

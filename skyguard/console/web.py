@@ -15,13 +15,18 @@ One listener serves three things:
 Sign-in: with `admin.console.web_app: APP`, the console answers on that app's host name with its
 certificate (HTTPS), and the identity-aware proxy's session cookie of that host (a host cookie is
 sent to every port of its host) says who is signed in (AppsService.identify): `/console/` lists
-the targets that user (and their groups) may open, `/console/open?target=NAME` decides and
-redirects to `/console/view#ticket=...`; a target they may not open is refused (403) and logged,
-and anyone not signed in is sent to sign in at the app. The WebSocket must carry the sign-in of
-the ticket's operator, and the session ends when that sign-in does (logout, expiry) or no longer
-holds a group that lets them open the target (checked every few seconds: proxy.py). Without web_app there is no sign-in: web
-tickets come from `skyguard admin console-ticket --web`, and the listener is plain HTTP (put it
-on an address only operators reach).
+the targets that user (and their groups) may open, each a button that POSTs to
+`/console/open?target=NAME`, which decides and redirects to `/console/view#ticket=...`; a target
+they may not open is refused (403) and logged, and anyone not signed in is sent to sign in at the
+app. Opening is a POST from the console's own origin (Origin, or Sec-Fetch-Site where the page's
+no-referrer policy makes the browser send `Origin: null`): a link (GET: 405), an <img> or a form
+on another origin, another site or the same site (the app this console rides on, another app:
+their POSTs carry the SameSite=Lax cookie), opens no console in the operator's browser.
+The WebSocket must carry the sign-in of the ticket's operator, and the session ends when that
+sign-in does (logout, expiry) or no longer holds a group that lets them open the target (checked
+every few seconds: proxy.py). Without web_app there is no sign-in: web tickets come from
+`skyguard admin console-ticket --web`, and the listener is plain HTTP (put it on an address only
+operators reach).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from websockets.protocol import State
 
 from skyguard.admin.access import AccessRefused
 from skyguard.admin.proxy import parse_listen
+from skyguard.apps.sessions import same_origin
 from skyguard.console import access, rfb
 from skyguard.console.session import ConsoleSession
 from skyguard.errors import AdminError, BadInput
@@ -185,24 +191,36 @@ class WebConsole:
         return _response(HTTPStatus.UNAUTHORIZED, body.encode(), "text/html; charset=utf-8")
 
     def _targets_page(self, request: Request) -> Response:
-        """The targets the signed-in operator may open, each a link that opens it."""
+        """The targets the signed-in operator may open, each a button (a POST) that opens it."""
         who = self._signed_in(request)
         if who is None:
             return self._sign_in_first()
         targets = access.reachable_targets(self.proxy.policy, who.user, tuple(who.groups))
-        items = "".join(f"<li><a class=target href=\"/console/open?target={quote(t.name)}\">{html.escape(t.name)}</a>"
-                        f" ({html.escape(t.workload)}, {t.protocol.upper()})</li>" for t in targets)
+        items = "".join(f"<li><form method=\"post\" action=\"/console/open?target={quote(t.name)}\">"
+                        f"<button class=target>{html.escape(t.name)}</button> ({html.escape(t.workload)}, "
+                        f"{t.protocol.upper()})</form></li>" for t in targets)
         body = (f"<!DOCTYPE html><title>skyguard console</title><p>Signed in as <b id=user>{html.escape(who.user)}"
                 f"</b>.</p><ul id=targets>{items or '<li>no console you may open</li>'}</ul>")
         return _response(HTTPStatus.OK, body.encode(), "text/html; charset=utf-8")
 
     def _open(self, request: Request) -> Response:
         """Open a target for the signed-in operator: decided here, then a one-time web ticket in
-        the redirect's fragment. A target they may not open (a forged link) is refused and logged."""
+        the redirect's fragment. A target they may not open (a forged request) is refused and
+        logged; so is a request no page of this console sent (see the module's docstring)."""
+        if request.method != "POST":
+            allow = Headers([("Allow", "POST"), ("Content-Length", "0"), *SECURITY_HEADERS])
+            return Response(HTTPStatus.METHOD_NOT_ALLOWED.value, HTTPStatus.METHOD_NOT_ALLOWED.phrase, allow, b"")
         who = self._signed_in(request)
+        name = parse_qs(urlsplit(request.path).query).get("target", [""])[0]
+        sent = [(k.lower().encode(), v.encode()) for k, v in request.headers.raw_items()]
+        hosts = request.headers.get_all("Host")
+        if (len(hosts) != 1 or hosts[0].rsplit(":", 1)[0].lower() != self.app.host
+                or not same_origin(sent, f"https://{hosts[0]}")):
+            self.proxy.refused("not_same_origin", source=None, operator=who.user if who else None,
+                               target=name[:64], door="web")
+            return _response(HTTPStatus.FORBIDDEN, b"open a console with the buttons of /console/\n")
         if who is None:
             return self._sign_in_first()
-        name = parse_qs(urlsplit(request.path).query).get("target", [""])[0]
         try:
             target, _ = access.authorize(self.proxy.policy, who.user, tuple(who.groups), name)
         except AccessRefused as e:

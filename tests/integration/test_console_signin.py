@@ -3,7 +3,7 @@ provider (node-oidc-provider) as idp.test in the internet namespace, a real Xvnc
 (root window the marker colour), skyguard's identity-aware proxy and console proxy together in one
 process in the lab's host namespace (as the daemon hosts them, without the datapath: see
 test_console_vnc.py), and a person in a headless Chromium who signs in at the app, opens the
-console page, sees the targets of their zones, clicks one and reads the marker colour off noVNC's
+console page, sees the targets of their zones, clicks one (a POST) and reads the marker colour off noVNC's
 canvas. A second person, whose zones do not hold that VM, sees no target and is refused (and
 logged) when they forge the request that opens it.
 """
@@ -202,7 +202,7 @@ for user in ("alice", "bob"):
         seen = {"signin_page": sign_in(driver, user)}
         driver.get(console_url + "/console/")
         seen["user"] = driver.find_element(By.ID, "user").text
-        links = driver.find_elements(By.CSS_SELECTOR, "a.target")
+        links = driver.find_elements(By.CSS_SELECTOR, "button.target")  # each POSTs to /console/open
         seen["targets"] = [a.text for a in links]
         if links:
             driver.get_log("performance")
@@ -230,8 +230,10 @@ for user in ("alice", "bob"):
                     received.append(base64.b64decode(data).decode("latin-1") if frame["opcode"] == 2 else data)
                     frames += 1
             seen["received"], seen["frames"] = "".join(received), frames
-        else:  # no link to click: ask for the target anyway
-            driver.get(console_url + "/console/open?target=dc1-desktop")
+        else:  # no button to click: ask for the target anyway, from the console's page
+            driver.execute_script("const f = document.createElement('form'); f.method = 'post';"
+                                  "f.action = '/console/open?target=dc1-desktop'; document.body.append(f); f.submit()")
+            WebDriverWait(driver, 30).until(lambda d: "/console/open" in d.current_url)
             seen["forged"] = driver.find_element(By.TAG_NAME, "body").text
         results[user] = seen
     finally:

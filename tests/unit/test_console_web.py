@@ -77,22 +77,29 @@ def console(tmp_path):
     loop.close()
 
 
-def get(loop, proxy, path, user=None):
+def get(loop, proxy, path, user=None, method="GET", headers=None):
     def request():
         context = ssl.create_default_context()
         context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # a test's self-signed certificate
         conn = http.client.HTTPSConnection("127.0.0.1", proxy.web.address[1], context=context, timeout=10)
-        conn.request("GET", path, headers={"Host": HOST, **({"Cookie": f"who={user}"} if user else {})})
+        conn.request(method, path, headers={"Host": f"{HOST}:{proxy.web.address[1]}",
+                                            **({"Cookie": f"who={user}"} if user else {}), **(headers or {})})
         response = conn.getresponse()
         return response.status, dict(response.getheaders()), response.read().decode()
     return loop.run_until_complete(asyncio.to_thread(request))
+
+
+def post(loop, proxy, path, user=None, headers=None):
+    """A POST as the console page's form sends it (from the console's own origin)."""
+    origin = {"Origin": f"https://{HOST}:{proxy.web.address[1]}", "Sec-Fetch-Site": "same-origin"}
+    return get(loop, proxy, path, user, "POST", origin if headers is None else headers)
 
 
 def test_nobody_signed_in_is_sent_to_sign_in(console):
     loop, proxy, _ = console
     status, _, body = get(loop, proxy, "/console/")
     assert status == 401 and f"https://{HOST}:18443/" in body
-    assert get(loop, proxy, "/console/open?target=dc1-desktop")[0] == 401
+    assert post(loop, proxy, "/console/open?target=dc1-desktop")[0] == 401
 
 
 def test_an_operator_sees_only_the_targets_of_their_zones(console):
@@ -105,15 +112,42 @@ def test_an_operator_sees_only_the_targets_of_their_zones(console):
 
 def test_opening_a_target_gives_a_one_time_web_ticket(console):
     loop, proxy, _ = console
-    status, headers, _ = get(loop, proxy, "/console/open?target=dc1-desktop", "alice")
+    status, headers, _ = post(loop, proxy, "/console/open?target=dc1-desktop", "alice")
     assert status == 303 and headers["Location"].startswith("/console/view#ticket=")
     ticket = proxy.tickets.redeem_token(headers["Location"].split("#ticket=")[1])
     assert (ticket.operator, ticket.target) == ("alice", "dc1-desktop")
 
 
+def test_no_page_of_another_origin_can_open_a_console(console):
+    # A link, an <img> or a form elsewhere must not open a console in the operator's browser: not
+    # another site, and not another origin of the same site (the app the console rides on, on
+    # its own port, or another app: their POSTs carry the SameSite=Lax sign-in cookie).
+    loop, proxy, log = console
+    status, _, body = get(loop, proxy, "/", "alice")
+    assert '<form method="post" action="/console/open?target=dc1-desktop">' in body
+    forged = {"link": get(loop, proxy, "/console/open?target=dc1-desktop", "alice", headers={
+                  "Sec-Fetch-Site": "cross-site"})}
+    for what, headers in {"other site": {"Origin": "https://evil.test", "Sec-Fetch-Site": "cross-site"},
+                          "the app's origin": {"Origin": f"https://{HOST}:18443", "Sec-Fetch-Site": "same-site"},
+                          "another app": {"Origin": "https://wiki.apps.test", "Sec-Fetch-Site": "same-site"},
+                          "opaque origin": {"Origin": "null", "Sec-Fetch-Site": "cross-site"},
+                          "no origin": {}}.items():
+        forged[what] = post(loop, proxy, "/console/open?target=dc1-desktop", "alice", headers)
+    assert {what: status for what, (status, _, _) in forged.items()} == {
+        "link": 405, "other site": 403, "the app's origin": 403, "another app": 403, "opaque origin": 403,
+        "no origin": 403}
+    assert not list((proxy.tickets.directory).glob("*.json"))  # no ticket was issued
+    refused = [e for e in log.entries() if e["type"] == "console_access_refused"]
+    assert [e["reason"] for e in refused] == ["not_same_origin"] * 5
+    # The console page's own form: Chromium sends `Origin: null` under its no-referrer policy.
+    status, headers, _ = post(loop, proxy, "/console/open?target=dc1-desktop", "alice",
+                              {"Origin": "null", "Sec-Fetch-Site": "same-origin"})
+    assert status == 303 and headers["Location"].startswith("/console/view#ticket=")
+
+
 def test_a_forged_request_for_another_zones_target_is_refused_and_logged(console):
     loop, proxy, log = console
-    status, _, body = get(loop, proxy, "/console/open?target=dc1-desktop", "bob")
+    status, _, body = post(loop, proxy, "/console/open?target=dc1-desktop", "bob")
     assert status == 403 and "bob may not open the console dc1-desktop" in body
     refused = [e for e in log.entries() if e["type"] == "console_access_refused"]
     assert refused[-1]["operator"] == "bob" and refused[-1]["reason"] == "not_allowed"
@@ -130,16 +164,16 @@ def test_a_web_app_naming_no_app_keeps_the_web_console_closed(tmp_path):
 
 def test_one_operator_opening_in_a_loop_does_not_lock_the_others_out(console):
     # bob may open only a sandbox console; asking for it over and over (or a page he was lured to
-    # doing it: /console/open is a link) must not use up the tickets everybody shares.
+    # doing it) must not use up the tickets everybody shares.
     loop, proxy, _ = console
     for _ in range(70):
-        get(loop, proxy, "/console/open?target=agent1-desktop", "bob")
-    status, headers, _ = get(loop, proxy, "/console/open?target=dc1-desktop", "alice")
+        post(loop, proxy, "/console/open?target=agent1-desktop", "bob")
+    status, headers, _ = post(loop, proxy, "/console/open?target=dc1-desktop", "alice")
     assert status == 303 and headers["Location"].startswith("/console/view#ticket=")
     ticket = proxy.tickets.redeem_token(headers["Location"].split("#ticket=")[1])
     assert (ticket.operator, ticket.target) == ("alice", "dc1-desktop")
     # bob's most recent ticket still works: only his oldest ones made way.
-    status, headers, _ = get(loop, proxy, "/console/open?target=agent1-desktop", "bob")
+    status, headers, _ = post(loop, proxy, "/console/open?target=agent1-desktop", "bob")
     assert proxy.tickets.redeem_token(headers["Location"].split("#ticket=")[1]).operator == "bob"
 
 
