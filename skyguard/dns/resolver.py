@@ -7,7 +7,8 @@ silent drop, never an exception), finds the VM's workload and zone, runs tunnell
 applies the zone's FQDN rules (a deny rule naming the name beats any allow) and returns a
 Decision: reply these bytes, drop, or forward this upstream query. For a forward,
 `answer(decision, upstream_reply, now)` checks the reply matches (ID, question), clamps TTLs,
-follows the CNAME chain inside the answer and strips every record outside it, strips rebinding
+follows the CNAME chain inside the answer and strips every record outside it (and every A/AAAA
+the question's type did not ask for: ADDRESS_TYPES_ASKED), strips rebinding
 addresses (rebinding.py: loopback, link-local, metadata, the host's own, and private ranges
 unless the rule says allow_private) unless a rule names their network, caps addresses per
 name, calls the Learner synchronously and only then returns the bytes to release. If the Learner
@@ -38,6 +39,10 @@ from skyguard.policy.model import Policy, Rule
 LEARN_GRACE_SECONDS = 2  # datapath entries outlive the VM's cached answer by this much, so a VM
 # that connects right at the end of its TTL is not dropped by a race with our own expiry
 MAX_CNAME_CHAIN = 16  # links followed inside one answer
+# The address records a question may learn, by question type. ANY asks for every type, so it
+# learns what an A and an AAAA question for the same name would; every other type learns nothing.
+ADDRESS_TYPES_ASKED = {wire.QTYPE_A: (wire.QTYPE_A,), wire.QTYPE_AAAA: (wire.QTYPE_AAAA,),
+                       wire.QTYPE_ANY: (wire.QTYPE_A, wire.QTYPE_AAAA)}
 UPSTREAM_EDNS_SIZE = 1232  # the DNS flag day 2020 value: avoids IP fragmentation upstream
 MATCH_CACHE_SIZE = 65536  # (zone, name) policy verdicts remembered until the next policy swap
 MAX_ADDITIONAL = 2  # OPT and maybe TSIG; more is not a real client's query
@@ -79,7 +84,8 @@ class Answer:
     learned: list[str] = field(default_factory=list)
     stripped: list[str] = field(default_factory=list)  # rebinding targets removed
     denied: list[str] = field(default_factory=list)  # addresses a deny rule names, removed
-    unrelated: int = 0  # records removed because they are not in the question's CNAME chain
+    unrelated: int = 0  # records removed: not in the question's CNAME chain, or addresses of a
+    # type the question did not ask for
     ttl: int = 0
     # A new address was learned: the learned state must be on disk before this reply is
     # released, so a restart right after still re-learns it (the server writes it off the loop).
@@ -380,6 +386,7 @@ class DnsPolicyResolver:
         denied_ips: list[str] = []
         unrelated = 0
         denied = self._denied_networks.get(decision.zone)
+        wanted = ADDRESS_TYPES_ASKED.get(decision.qtype, ())
         ttl = 0
         for index, record in enumerate(records):
             if record.section != 0 or record.owner not in chain:
@@ -389,6 +396,13 @@ class DnsPolicyResolver:
                 if record.section == 0 or record.rtype in (wire.QTYPE_A, wire.QTYPE_AAAA):
                     strip.append(index)
                     unrelated += 1
+                continue
+            if record.rtype in (wire.QTYPE_A, wire.QTYPE_AAAA) and record.rtype not in wanted:
+                # An address of a type the question did not ask for (an AAAA in an A answer, an
+                # A in a TXT answer): the VM asked for no such thing, so it is neither learned
+                # nor released.
+                strip.append(index)
+                unrelated += 1
                 continue
             if record.rclass != wire.CLASS_IN:
                 continue

@@ -1,0 +1,113 @@
+"""Which addresses of an upstream answer the proxy learns: only those of the type the VM asked
+for (A for an A question, AAAA for AAAA, both for ANY), only for names in the question's CNAME
+chain, and nothing for any other question type. The proxy runs on loopback with a real dnslib
+client asking it; the upstream is a small UDP server that answers every question with the same
+hostile mix of records, built with dnslib."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import threading
+
+import pytest
+from dnslib import AAAA, CNAME, MX, QTYPE, RCODE, RR, TXT, A, DNSRecord
+
+from skyguard.dns.server import Upstream
+from tests.unit.test_dns_server import Proxy
+
+V4_NAME, V4_CHAIN, V4_OTHER = "203.0.113.51", "203.0.113.50", "203.0.113.99"
+V6_NAME, V6_CHAIN, V6_OTHER = "2001:db8::51", "2001:db8::50", "2001:db8::99"
+
+
+@pytest.fixture(autouse=True)
+def isolated_dirs(tmp_path, monkeypatch):
+    for var in ("SKYGUARD_PIN_DIR", "SKYGUARD_STATE_DIR", "SKYGUARD_RUN_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+
+
+class EveryTypeUpstream:
+    """Whatever is asked, answers the asked type plus A and AAAA records for the name, for a
+    CNAME target of it, and for a name outside the chain."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _reply(self, data: bytes) -> bytes:
+        q = DNSRecord.parse(data)
+        name = q.q.qname
+        r = q.reply()
+        if q.q.qtype == QTYPE.TXT:
+            r.add_answer(RR(name, QTYPE.TXT, rdata=TXT("v=spf1 -all"), ttl=60))
+        if q.q.qtype == QTYPE.MX:
+            r.add_answer(RR(name, QTYPE.MX, rdata=MX("mail.site.test"), ttl=60))
+        r.add_answer(RR(name, QTYPE.CNAME, rdata=CNAME("cdn.site.test"), ttl=60))
+        r.add_answer(RR(name, QTYPE.A, rdata=A(V4_NAME), ttl=60))
+        r.add_answer(RR(name, QTYPE.AAAA, rdata=AAAA(V6_NAME), ttl=60))
+        r.add_answer(RR("cdn.site.test", QTYPE.A, rdata=A(V4_CHAIN), ttl=60))
+        r.add_answer(RR("cdn.site.test", QTYPE.AAAA, rdata=AAAA(V6_CHAIN), ttl=60))
+        r.add_answer(RR("bank.site.test", QTYPE.A, rdata=A(V4_OTHER), ttl=60))
+        r.add_answer(RR("bank.site.test", QTYPE.AAAA, rdata=AAAA(V6_OTHER), ttl=60))
+        return r.pack()
+
+    def _run(self):
+        while True:
+            try:
+                data, addr = self.sock.recvfrom(4096)
+            except OSError:
+                return
+            self.sock.sendto(self._reply(data), addr)
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def proxy():
+    upstream = EveryTypeUpstream()
+    running = Proxy([Upstream("127.0.0.1", upstream.port)], timeout=2.0)
+    yield running
+    running.close()
+    upstream.close()
+
+
+def ask(proxy, name: str, qtype: str) -> DNSRecord:
+    return DNSRecord.parse(DNSRecord.question(name, qtype).send("127.0.0.1", proxy.port, timeout=5))
+
+
+def learned(proxy) -> set[str]:
+    return {ip for _, _, ips in proxy.learner.calls for ip in ips}
+
+
+def released(reply: DNSRecord) -> set[str]:
+    return {str(ipaddress.ip_address(str(rr.rdata))) for rr in reply.rr + reply.ar
+            if rr.rtype in (QTYPE.A, QTYPE.AAAA)}
+
+
+# qtype asked -> the addresses it may open (and the VM may see)
+CASES = {
+    "A": {V4_NAME, V4_CHAIN},
+    "AAAA": {V6_NAME, V6_CHAIN},
+    "ANY": {V4_NAME, V4_CHAIN, V6_NAME, V6_CHAIN},  # every type asked: what A + AAAA would give
+    "TXT": set(),
+    "MX": set(),
+    "CNAME": set(),
+}
+
+
+@pytest.mark.parametrize("qtype", CASES)
+def test_only_addresses_of_the_type_asked_in_the_cname_chain_are_learned(proxy, qtype):
+    # On main a TXT or MX question answered with A/AAAA records opened those addresses, and an
+    # A question opened the AAAA records of its answer.
+    reply = ask(proxy, "www.site.test", qtype)
+    assert reply.header.rcode == RCODE.NOERROR
+    assert learned(proxy) == CASES[qtype]
+    # never release an address the datapath does not hold
+    assert released(reply) == CASES[qtype]
+    if qtype == "TXT":
+        assert [str(rr.rdata) for rr in reply.rr if rr.rtype == QTYPE.TXT] == ['"v=spf1 -all"']
+    entry = proxy.log.entries[-1]
+    assert sorted(entry.get("ips", [])) == sorted(CASES[qtype])
