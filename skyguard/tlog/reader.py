@@ -65,6 +65,9 @@ def _read_meta(directory: Path) -> dict:
         origin, vkey = str(meta["origin"]), str(meta["verifier_key"])
     except (ValueError, KeyError, TypeError):
         raise LogError(f"{path} is damaged; it names the log's origin and key") from None
+    except OSError as e:
+        raise LogError(f"{path} cannot be read ({e.strerror or e}); it names the log's origin "
+                       f"and key") from None
     if meta.get("version") != FORMAT_VERSION or seg < NODE_SPAN or seg % NODE_SPAN:
         raise LogError(f"{path}: unsupported log format {meta.get('version')!r}")
     return {"origin": origin, "verifier_key": vkey, "segment_entries": seg}

@@ -16,7 +16,10 @@ Read-only. Not here: repair (the writer cuts torn tails and sets unproven entrie
 
 from __future__ import annotations
 
+import errno
 import mmap
+import os
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +28,7 @@ from skyguard.tlog import records
 from skyguard.tlog.checkpoint import Checkpoint, Verifier, split_note
 from skyguard.tlog.errors import BadLogInput, VerificationError
 from skyguard.tlog.hashing import HASH_SIZE, hash_leaf
-from skyguard.tlog.head import read_head
+from skyguard.tlog.head import HEAD_FILE, read_head
 from skyguard.tlog.reader import _SEGMENT_RE, CHECKPOINTS_FILE, LEAVES_FILE, MAX_UNPROVEN, NODES_FILE, _read_meta, segment_name
 from skyguard.tlog.tree import NODE_LEVEL, NODE_SPAN, CompactRange, fold_perfect
 
@@ -105,7 +108,10 @@ def verify_log(directory: Path | str, verifier: Verifier,
     # Stored checkpoints: each must be signed by the key, for this origin, sizes never shrinking.
     expected: list[_Expected] = []
     cp_path = directory / CHECKPOINTS_FILE
-    cp_scan = records.scan(cp_path.read_bytes() if cp_path.exists() else b"", 0)
+    try:
+        cp_scan = records.scan(read_regular_file(cp_path) if cp_path.exists() else b"", 0)
+    except OSError as e:
+        raise VerificationError(f"{cp_path} cannot be read: {_reason(e)}") from None
     if cp_scan.problem:
         report.notes.append(f"{CHECKPOINTS_FILE}: {cp_scan.problem}")
     last_size = 0
@@ -124,7 +130,12 @@ def verify_log(directory: Path | str, verifier: Verifier,
                         f"the one before it ({last_size}): checkpoints were reordered")
         last_size = max(last_size, checkpoint.size)
         expected.append(_Expected(checkpoint.size, checkpoint.hash, f"stored checkpoint #{number}"))
-    head = read_head(directory)
+    try:
+        if (directory / HEAD_FILE).exists():
+            _open_regular(directory / HEAD_FILE).close()   # a FIFO there would block read_head
+        head = read_head(directory)
+    except OSError as e:
+        raise VerificationError(f"{directory / HEAD_FILE} cannot be read: {_reason(e)}") from None
     report.notes.extend(f"{problem} (a write torn by a crash, or damage; the other slot "
                         f"holds the head)" for problem in head.problems)
     for sequence, note in head.notes:
@@ -149,8 +160,8 @@ def verify_log(directory: Path | str, verifier: Verifier,
     firsts = sorted(int(m.group(1)) for p in directory.iterdir()
                     if (m := _SEGMENT_RE.match(p.name)))
     leaves_path = directory / LEAVES_FILE
-    leaves_len = leaves_path.stat().st_size // HASH_SIZE if leaves_path.exists() else 0
     leaves_map = _map(leaves_path)
+    leaves_len = len(leaves_map) // HASH_SIZE
     nodes_path = directory / NODES_FILE
     nodes_map = _map(nodes_path)
     nodes_len = len(nodes_map) // HASH_SIZE if nodes_map else 0
@@ -202,8 +213,21 @@ def verify_log(directory: Path | str, verifier: Verifier,
             report.fail(f"segment {segment_name(position * seg)} is missing (entries removed)",
                         position * seg)
             break
-        buf = (directory / segment_name(first)).read_bytes()
+        name = segment_name(first)
+        try:
+            buf = read_regular_file(directory / name)
+        except OSError as e:
+            report.fail(f"segment {name} cannot be read: {_reason(e)}", first)
+            break
         scan = records.scan(buf, first, seg)
+        if scan.problem:
+            scan.problem = f"segment {name}: {scan.problem}"
+        elif len(scan.payloads) < seg and position < len(firsts) - 1:
+            # A segment holds exactly `seg` entries before the next one starts: one that ends
+            # early inside the log lost its tail (no crash cuts a sealed segment).
+            scan.problem, scan.problem_kind = (
+                f"segment {name} ends after {len(scan.payloads)} of its {seg} entries, and the "
+                f"next segment follows it (entries removed)", "order")
         hashes = [hash_leaf(p) for p in scan.payloads]
         end = first + len(hashes)
         # Caches: derived data, but a mismatch under a checkpoint means someone wrote there.
@@ -299,10 +323,43 @@ def _check_unproven(report: VerifyReport, size: int, covered: int, own: int) -> 
 
 
 def _map(path: Path):
-    if not path.exists() or path.stat().st_size == 0:
+    if not path.exists():
         return b""
-    with open(path, "rb") as f:
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        with _open_regular(path) as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                return b""
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise VerificationError(f"{path} cannot be read: {_reason(e)}") from None
+
+
+def _open_regular(path: Path):
+    """path opened for reading, if it is a regular file (a FIFO would block every read, a
+    directory cannot be read): OSError otherwise, whose reason says what it is."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise OSError(errno.EISDIR, "is a directory")
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular_file(path: Path) -> bytes:
+    """The bytes of a regular file; OSError for anything else (see _open_regular)."""
+    with _open_regular(path) as f:
+        return f.read()
+
+
+def _reason(e: OSError) -> str:
+    """'no such file or directory', 'is a directory': what the OS said, to follow a colon."""
+    text = e.strerror or str(e)
+    return text[:1].lower() + text[1:]
 
 
 def read_notes_file(path: Path | str) -> list[str]:

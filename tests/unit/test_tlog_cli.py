@@ -294,3 +294,96 @@ def test_show_escapes_what_a_terminal_would_act_on(tmp_path):
         line = out.stdout.strip()
         assert line.count("\n") == 0 and line.isprintable(), repr(line)
         assert "path=/etc/shadow\\x1b[2K\\r\\x1b[1A\\u202eupload ok" in line, line
+
+
+# --- a damaged segment file: one line naming it, never a traceback ----------------------------
+
+def _cut_after_records(path: Path, keep: int) -> None:
+    """Keep the first `keep` whole records of a segment: a cut no torn write would leave."""
+    from skyguard.tlog.records import HEADER, HEADER_SIZE
+    data, off = path.read_bytes(), 0
+    for _ in range(keep):
+        off += HEADER_SIZE + HEADER.unpack_from(data, off)[1]
+    path.write_bytes(data[:off])
+
+
+def _replace_with_directory(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+def _replace_with_fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _replace_with_dangling_link(path: Path) -> None:
+    path.unlink()
+    path.symlink_to(path.parent / "gone")
+
+
+SEGMENT_DAMAGE = [
+    # (what, segment's first index, damage, words the error must hold, first bad index)
+    ("sealed segment is a directory", 0, _replace_with_directory, "is a directory", 0),
+    ("last segment is a directory", 256, _replace_with_directory, "is a directory", 256),
+    ("last segment is a FIFO", 256, _replace_with_fifo, "not a regular file", 256),
+    ("last segment is a dangling symlink", 256, _replace_with_dangling_link, "cannot be read", 256),
+    ("sealed segment truncated mid-record", 0,
+     lambda p: p.write_bytes(p.read_bytes()[:5000]), "incomplete", None),
+    ("sealed segment cut after 100 whole records", 0,
+     lambda p: _cut_after_records(p, 100), "100 of its 256 entries", 100),
+    ("sealed segment emptied", 0, lambda p: p.write_bytes(b""), "0 of its 256 entries", 0),
+    ("last segment is garbage", 256, lambda p: p.write_bytes(os.urandom(p.stat().st_size)),
+     "", 256),
+]
+
+
+@pytest.mark.parametrize("what,first,damage,words,bad_index", SEGMENT_DAMAGE,
+                         ids=[d[0] for d in SEGMENT_DAMAGE])
+def test_verify_names_a_damaged_segment_in_one_line(env, tmp_path, what, first, damage, words,
+                                                    bad_index):
+    # On main a directory, FIFO or dangling link in place of a segment ended `log verify` in a
+    # Python traceback (a FIFO: never ended), and a sealed segment cut short at a record boundary
+    # was blamed on the entries of the next segment.
+    _, base, _ = env
+    import shutil
+    copy = tmp_path / "log"
+    shutil.copytree(base / "state" / "log", copy)
+    damage(copy / segment_name(first))
+    for json_flag in ((), ("--json",)):
+        out = subprocess.run([sys.executable, "-m", "skyguard.cli.main", "log", "verify",
+                              "--log-dir", str(copy), *json_flag], env=env[0], capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 1, (out.stdout, out.stderr)
+        assert "Traceback" not in out.stderr, out.stderr
+        if json_flag:
+            report = json.loads(out.stdout)
+            assert not report["ok"] and segment_name(first) in report["problem"]
+            assert words in report["problem"]
+            if bad_index is not None:
+                assert report["first_bad_index"] == bad_index
+            continue
+        errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and out.stderr.strip().splitlines()[-1] == errors[0], out.stderr
+        assert "log verification FAILED" in errors[0] and segment_name(first) in errors[0]
+        assert words in errors[0], errors[0]
+        if bad_index is not None:
+            assert f"first bad index {bad_index}:" in errors[0]
+
+
+@pytest.mark.parametrize("name,damage", [
+    ("log.json", _replace_with_directory), ("checkpoints.log", _replace_with_directory),
+    ("head.bin", _replace_with_directory), ("head.bin", _replace_with_fifo),
+    ("leaves.bin", _replace_with_directory), ("nodes8.bin", _replace_with_fifo)])
+def test_verify_names_any_other_unreadable_file_of_the_log_in_one_line(env, tmp_path, name, damage):
+    _, base, _ = env
+    import shutil
+    copy = tmp_path / "log"
+    shutil.copytree(base / "state" / "log", copy)
+    damage(copy / name)
+    out = subprocess.run([sys.executable, "-m", "skyguard.cli.main", "log", "verify",
+                          "--log-dir", str(copy)], env=env[0], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()], out.stderr
+    assert out.stderr.startswith(f"error: {copy / name} cannot be read"), out.stderr
