@@ -21,6 +21,7 @@ from pathlib import Path
 
 from skyguard import fsutil
 from skyguard.tlog import records
+from skyguard.tlog.files import open_regular
 
 HEAD_FILE = "head.bin"
 SLOT_SIZE = 4096
@@ -46,7 +47,7 @@ def read_head(directory: Path) -> HeadSlots:
     slots = HeadSlots()
     if not path.exists():
         return slots
-    with open(path, "rb") as f:
+    with open_regular(path) as f:   # a FIFO there would block the read forever
         data = f.read(SLOT_SIZE * SLOTS)
     for slot in range(SLOTS):
         chunk = data[slot * SLOT_SIZE:(slot + 1) * SLOT_SIZE]

@@ -29,8 +29,9 @@ from skyguard.errors import LogError
 from skyguard.tlog import records
 from skyguard.tlog.checkpoint import Checkpoint, split_note
 from skyguard.tlog.errors import BadLogInput
+from skyguard.tlog.files import os_reason, read_regular_file
 from skyguard.tlog.hashing import HASH_SIZE, hash_leaf
-from skyguard.tlog.head import read_head
+from skyguard.tlog.head import HEAD_FILE, read_head
 from skyguard.tlog.tree import NODE_SPAN
 
 META_FILE = "log.json"
@@ -71,6 +72,14 @@ def _read_meta(directory: Path) -> dict:
     if meta.get("version") != FORMAT_VERSION or seg < NODE_SPAN or seg % NODE_SPAN:
         raise LogError(f"{path}: unsupported log format {meta.get('version')!r}")
     return {"origin": origin, "verifier_key": vkey, "segment_entries": seg}
+
+
+def _note_size(note: str) -> int:
+    """The size a checkpoint note claims (its signature unchecked), -1 if it does not parse."""
+    try:
+        return Checkpoint.parse_body(split_note(note)[0]).size
+    except BadLogInput:
+        return -1
 
 
 def _list_segments(directory: Path, segment_entries: int) -> list[int]:
@@ -126,6 +135,9 @@ class LogReader:
         self.origin = meta["origin"]
         self.verifier_key = meta["verifier_key"]
         self.segment_entries = meta["segment_entries"]
+        # Read before the segments are listed: the writer signs a head only over entries it
+        # already wrote, so a log with fewer readable entries than this lost some.
+        self.acknowledged = max(map(_note_size, self.head_notes()), default=0)
         self.segments = _list_segments(self.directory, self.segment_entries)
         self._tail_scan: records.Scan | None = None
         self._last_scan: tuple[int, records.Scan] | None = None
@@ -134,21 +146,53 @@ class LogReader:
     def segment_path(self, first: int) -> Path:
         return self.directory / segment_name(first)
 
+    def damaged(self, first: int, problem: str) -> LogError:
+        """The one-line error for a segment that cannot be read as the log's."""
+        return LogError(f"segment {self.segment_path(first)}: {problem}; run `skyguard log "
+                        f"verify` to check the whole log")
+
     def scan_segment(self, first: int) -> records.Scan:
+        """The records of one segment: LogError naming it if it is not a regular file.
+        A sealed segment with fewer than `segment_entries` records has `problem` set."""
         # One sealed segment is kept: `entry()` calls for nearby indexes then cost one read.
         if self._last_scan is None or self._last_scan[0] != first:
-            scan = records.scan(self.segment_path(first).read_bytes(), first,
-                                self.segment_entries)
+            try:
+                buf = read_regular_file(self.segment_path(first))
+            except OSError as e:
+                raise self.damaged(first, f"cannot be read: {os_reason(e)}") from None
+            seg = self.segment_entries
+            scan = records.scan(buf, first, seg)
+            if not scan.problem and len(scan.payloads) < seg and first != self.segments[-1]:
+                scan.problem, scan.problem_kind = (
+                    f"ends after {len(scan.payloads)} of its {seg} entries, and the next segment "
+                    f"follows it (entries removed)", "order")
             self._last_scan = (first, scan)
         return self._last_scan[1]
 
+    def sealed_scan(self, first: int) -> records.Scan:
+        """scan_segment of a segment whose every record is needed: LogError if one is not."""
+        scan = self.tail()[1] if first == self.segments[-1] else self.scan_segment(first)
+        if scan.problem and first != self.segments[-1]:
+            raise self.damaged(first, scan.problem)
+        return scan
+
     def tail(self) -> tuple[int, records.Scan]:
-        """(first index, scan) of the last segment, read once per reader."""
-        if not self.segments:
-            return 0, records.Scan([], 0, None)
+        """(first index, scan) of the last segment, read once per reader. A torn record at
+        its end is a crash (or a write under way) and not counted; LogError if the readable
+        entries are fewer than the head checkpoint covers (entries lost, not a crash)."""
+        last = self.segments[-1] if self.segments else 0
         if self._tail_scan is None:
-            self._tail_scan = self.scan_segment(self.segments[-1])
-        return self.segments[-1], self._tail_scan
+            scan = self.scan_segment(last) if self.segments else records.Scan([], 0, None)
+            readable = last + len(scan.payloads)
+            if readable < self.acknowledged:
+                if not self.segments or len(scan.payloads) == self.segment_entries:
+                    raise self.damaged(readable, f"is missing, but the head checkpoint covers "
+                                                 f"{self.acknowledged} entries (entries removed)")
+                raise self.damaged(last, f"{scan.problem or f'ends at index {readable}'}, but the "
+                                         f"head checkpoint covers {self.acknowledged} entries "
+                                         f"(entries lost: not a crash)")
+            self._tail_scan = scan
+        return last, self._tail_scan
 
     @property
     def size(self) -> int:
@@ -165,13 +209,15 @@ class LogReader:
                 if first + offset >= start:
                     yield first + offset, payload
             if scan.problem and first != self.segments[-1]:
-                raise LogError(f"{segment_name(first)}: {scan.problem}; run `skyguard log verify`")
+                raise self.damaged(first, scan.problem)
 
     def entry(self, index: int) -> bytes:
         if not 0 <= index < self.size:
             raise BadLogInput(f"no entry {index}: the log has {self.size} entries")
         first = index - index % self.segment_entries
         scan = self.tail()[1] if first == self.segments[-1] else self.scan_segment(first)
+        if index - first >= len(scan.payloads):
+            raise self.damaged(first, str(scan.problem))
         return scan.payloads[index - first]
 
     # --- tree --------------------------------------------------------------------------------
@@ -187,7 +233,7 @@ class LogReader:
         tail = []
         for seg in self.segments:
             if seg >= cached and seg != first:
-                tail.extend(leaf_hashes_of(self.scan_segment(seg).payloads))
+                tail.extend(leaf_hashes_of(self.sealed_scan(seg).payloads))
         tail.extend(leaf_hashes_of(scan.payloads))
         return StoredSource(_map(leaves_path, cached * HASH_SIZE),
                             _map(nodes_path, cached // NODE_SPAN * HASH_SIZE), cached, cached, tail)
@@ -197,21 +243,26 @@ class LogReader:
         path = self.directory / CHECKPOINTS_FILE
         if not path.exists():
             return []
-        return [p.decode("utf-8", "replace") for p in records.scan(path.read_bytes(), 0).payloads]
+        try:
+            buf = read_regular_file(path)
+        except OSError as e:
+            raise LogError(f"{path} cannot be read: {os_reason(e)}") from None
+        return [p.decode("utf-8", "replace") for p in records.scan(buf, 0).payloads]
 
     def head_notes(self) -> list[str]:
         """The head checkpoint notes (newest last): together they cover every acknowledged entry."""
-        return [note for _, note in read_head(self.directory).notes]
+        try:
+            return [note for _, note in read_head(self.directory).notes]
+        except OSError as e:
+            raise LogError(f"{self.directory / HEAD_FILE} cannot be read: {os_reason(e)}") \
+                from None
 
     def latest_checkpoint_note(self) -> str:
         """The note (head or stored) with the largest size; its signature is the caller's to
         check. Notes that do not parse are skipped here and reported by `log verify`."""
         best, best_size = None, -1
         for note in self.checkpoint_notes()[-1:] + self.head_notes():
-            try:
-                size = Checkpoint.parse_body(split_note(note)[0]).size
-            except BadLogInput:
-                continue
+            size = _note_size(note)
             if size > best_size:
                 best, best_size = note, size
         if best is None:

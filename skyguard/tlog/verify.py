@@ -16,10 +16,8 @@ Read-only. Not here: repair (the writer cuts torn tails and sets unproven entrie
 
 from __future__ import annotations
 
-import errno
 import mmap
 import os
-import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +25,7 @@ from pathlib import Path
 from skyguard.tlog import records
 from skyguard.tlog.checkpoint import Checkpoint, Verifier, split_note
 from skyguard.tlog.errors import BadLogInput, VerificationError
+from skyguard.tlog.files import open_regular, os_reason, read_regular_file
 from skyguard.tlog.hashing import HASH_SIZE, hash_leaf
 from skyguard.tlog.head import HEAD_FILE, read_head
 from skyguard.tlog.reader import _SEGMENT_RE, CHECKPOINTS_FILE, LEAVES_FILE, MAX_UNPROVEN, NODES_FILE, _read_meta, segment_name
@@ -111,7 +110,7 @@ def verify_log(directory: Path | str, verifier: Verifier,
     try:
         cp_scan = records.scan(read_regular_file(cp_path) if cp_path.exists() else b"", 0)
     except OSError as e:
-        raise VerificationError(f"{cp_path} cannot be read: {_reason(e)}") from None
+        raise VerificationError(f"{cp_path} cannot be read: {os_reason(e)}") from None
     if cp_scan.problem:
         report.notes.append(f"{CHECKPOINTS_FILE}: {cp_scan.problem}")
     last_size = 0
@@ -131,11 +130,9 @@ def verify_log(directory: Path | str, verifier: Verifier,
         last_size = max(last_size, checkpoint.size)
         expected.append(_Expected(checkpoint.size, checkpoint.hash, f"stored checkpoint #{number}"))
     try:
-        if (directory / HEAD_FILE).exists():
-            _open_regular(directory / HEAD_FILE).close()   # a FIFO there would block read_head
         head = read_head(directory)
     except OSError as e:
-        raise VerificationError(f"{directory / HEAD_FILE} cannot be read: {_reason(e)}") from None
+        raise VerificationError(f"{directory / HEAD_FILE} cannot be read: {os_reason(e)}") from None
     report.notes.extend(f"{problem} (a write torn by a crash, or damage; the other slot "
                         f"holds the head)" for problem in head.problems)
     for sequence, note in head.notes:
@@ -217,7 +214,7 @@ def verify_log(directory: Path | str, verifier: Verifier,
         try:
             buf = read_regular_file(directory / name)
         except OSError as e:
-            report.fail(f"segment {name} cannot be read: {_reason(e)}", first)
+            report.fail(f"segment {name} cannot be read: {os_reason(e)}", first)
             break
         scan = records.scan(buf, first, seg)
         if scan.problem:
@@ -326,40 +323,12 @@ def _map(path: Path):
     if not path.exists():
         return b""
     try:
-        with _open_regular(path) as f:
+        with open_regular(path) as f:
             if os.fstat(f.fileno()).st_size == 0:
                 return b""
             return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as e:
-        raise VerificationError(f"{path} cannot be read: {_reason(e)}") from None
-
-
-def _open_regular(path: Path):
-    """path opened for reading, if it is a regular file (a FIFO would block every read, a
-    directory cannot be read): OSError otherwise, whose reason says what it is."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise OSError(errno.EISDIR, "is a directory")
-        if not stat.S_ISREG(mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def read_regular_file(path: Path) -> bytes:
-    """The bytes of a regular file; OSError for anything else (see _open_regular)."""
-    with _open_regular(path) as f:
-        return f.read()
-
-
-def _reason(e: OSError) -> str:
-    """'no such file or directory', 'is a directory': what the OS said, to follow a colon."""
-    text = e.strerror or str(e)
-    return text[:1].lower() + text[1:]
+        raise VerificationError(f"{path} cannot be read: {os_reason(e)}") from None
 
 
 def read_notes_file(path: Path | str) -> list[str]:

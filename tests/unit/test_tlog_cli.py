@@ -387,3 +387,29 @@ def test_verify_names_any_other_unreadable_file_of_the_log_in_one_line(env, tmp_
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert out.stderr.strip().splitlines() == [out.stderr.strip()], out.stderr
     assert out.stderr.startswith(f"error: {copy / name} cannot be read"), out.stderr
+
+
+@pytest.mark.parametrize("what,first,damage,words,bad_index", SEGMENT_DAMAGE,
+                         ids=[d[0] for d in SEGMENT_DAMAGE])
+@pytest.mark.parametrize("command", ["show", "tail", "prove"])
+def test_readers_name_a_damaged_segment_in_one_line(env, tmp_path, command, what, first, damage,
+                                                    words, bad_index):
+    # On main `log show`, `log tail` and `log prove` read segments with no check: a directory or
+    # dangling link ended in a traceback, a FIFO never ended, a sealed segment cut at a record
+    # boundary was skipped in silence, and a garbage last segment hid the acknowledged entries.
+    _, base, _ = env
+    import shutil
+    copy = tmp_path / "log"
+    shutil.copytree(base / "state" / "log", copy)
+    damage(copy / segment_name(first))
+    args = {"show": ["show"], "tail": ["tail", "-n", "400"],
+            "prove": ["prove", str(min(first + 255, 304))]}[command]
+    for json_flag in ((), ("--json",)):
+        out = subprocess.run([sys.executable, "-m", "skyguard.cli.main", "log", *args,
+                              "--log-dir", str(copy), *json_flag], env=env[0],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1, (out.stdout[-500:], out.stderr)
+        assert "Traceback" not in out.stderr, out.stderr
+        assert out.stderr.strip().splitlines() == [out.stderr.strip()], out.stderr
+        assert out.stderr.startswith("error: ") and segment_name(first) in out.stderr, out.stderr
+        assert words in out.stderr, out.stderr
