@@ -43,7 +43,7 @@ from skyguard.credproxy.http1 import (
     serialise_request,
     serialise_response,
 )
-from skyguard.credproxy.swap import HOP_BY_HOP, HttpRequest
+from skyguard.credproxy.swap import HOP_BY_HOP, HttpRequest, is_forwarding_header
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +51,9 @@ LIMITS = ProxyLimits()
 CONNECT_TIMEOUT = 5.0  # seconds to reach the app in its VM
 WATCHDOG_PERIOD = 1.0  # seconds between a connection's timeout checks (timeouts fire up to this late)
 MAX_PIPELINED = 2  # whole requests read ahead of the one being answered; reading pauses beyond
-# Request headers a client may never hand the app: the proxy writes some of them itself, and
-# apps read the client's address, scheme, host or path prefix from all of them. Compared with
-# `_` as `-` (WSGI and CGI servers give an app X_Forwarded_For as X-Forwarded-For), and every
-# X-Forwarded-* name.
-FORWARDED = (b"forwarded", b"x-real-ip", b"x-client-ip", b"true-client-ip")
-FORWARDED_PREFIX = b"x-forwarded-"
+# Request headers a client may never hand the app: swap.FORWARDED (apps read the client's
+# address, scheme, host or path prefix from them; the proxy writes some of them itself), and
+# the identity header, compared the same way (`_` as `-`).
 OUR_COOKIES = (SESSION_COOKIE, LOGIN_COOKIE)  # never sent to the app
 
 
@@ -285,8 +282,7 @@ class AppConnection(Checks, asyncio.Protocol):
         spelt = own.replace(b"_", b"-")
 
         def clients_own(name: bytes) -> bool:
-            name = name.replace(b"_", b"-")
-            return name == spelt or name.startswith(FORWARDED_PREFIX) or name in FORWARDED
+            return name.replace(b"_", b"-") == spelt or is_forwarding_header(name)
 
         headers = [(n, v) for n, v in without_cookies(request.headers, OUR_COOKIES) if not clients_own(n)]
         headers += self._forwarded
