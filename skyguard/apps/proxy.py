@@ -43,7 +43,8 @@ from skyguard.credproxy.http1 import (
     serialise_request,
     serialise_response,
 )
-from skyguard.credproxy.swap import HOP_BY_HOP, HttpRequest, is_forwarding_header
+from skyguard.credproxy.swap import HOP_BY_HOP, HttpRequest
+from skyguard.httpheaders import is_forwarding_header
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ LIMITS = ProxyLimits()
 CONNECT_TIMEOUT = 5.0  # seconds to reach the app in its VM
 WATCHDOG_PERIOD = 1.0  # seconds between a connection's timeout checks (timeouts fire up to this late)
 MAX_PIPELINED = 2  # whole requests read ahead of the one being answered; reading pauses beyond
-# Request headers a client may never hand the app: swap.FORWARDED (apps read the client's
+# Request headers a client may never hand the app: httpheaders.FORWARDED (apps read the client's
 # address, scheme, host or path prefix from them; the proxy writes some of them itself), and
 # the identity header, compared the same way (`_` as `-`).
 OUR_COOKIES = (SESSION_COOKIE, LOGIN_COOKIE)  # never sent to the app

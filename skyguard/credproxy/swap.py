@@ -31,6 +31,7 @@ from skyguard.credproxy.interfaces import (
     SecretSource,
 )
 from skyguard.credproxy.secretforms import SecretForms
+from skyguard.httpheaders import is_forwarding_header
 from skyguard.policy.model import Credential
 
 Headers = tuple[tuple[bytes, bytes], ...]
@@ -41,15 +42,6 @@ HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization",
      b"proxy-authenticate", b"te", b"trailer", b"transfer-encoding", b"content-length", b"upgrade"}
 )
-# Request headers through which a client claims where a request came from or was aimed at (its
-# address, scheme, host, port, path prefix or original URL). Upstreams behind a proxy trust them
-# to pick the host, tenant or path; a client is the first hop and may claim none of them, so
-# both proxies drop them from what they forward (the identity-aware proxy then writes its own).
-# Every X-Forwarded-* name, and compared with `_` as `-` (WSGI and CGI servers give an app
-# X_Forwarded_Host as X-Forwarded-Host).
-FORWARDED = frozenset({b"forwarded", b"x-real-ip", b"x-client-ip", b"true-client-ip", b"x-host",
-                       b"x-original-host", b"x-original-url", b"x-rewrite-url"})
-FORWARDED_PREFIX = b"x-forwarded-"
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # Headers a client's Connection header may never remove: the decision reads them (Host, the
 # placeholders' headers), the swap writes them (each credential's injection header, added per
@@ -111,14 +103,8 @@ class Verdict:
         return f"Verdict({self.action}, {self.status}, {self.reason!r})"
 
 
-def is_forwarding_header(name: bytes) -> bool:
-    """Is `name` (lower-case) one of the FORWARDED headers, in any `_`/`-` spelling?"""
-    name = name.replace(b"_", b"-")
-    return name.startswith(FORWARDED_PREFIX) or name in FORWARDED
-
-
 def _without_forwarding_headers(request: HttpRequest) -> HttpRequest:
-    """The request without what the VM claims about forwarding (FORWARDED): the upstream gets
+    """The request without what the VM claims about forwarding (httpheaders): the upstream gets
     the real credential for the Host the decision checked, and no other host, scheme or path
     to act for. Done before the decision, so it is made on exactly the headers forwarded."""
     if not any(is_forwarding_header(n) for n, _ in request.headers):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 
+from skyguard.httpheaders import is_forwarding_header
 from skyguard.keys.types import KEY_NAME_RE
 from skyguard.policy import fqdn
 from skyguard.policy.checker import CheckerBase, did_you_mean, quoted, type_name
@@ -147,6 +148,11 @@ class AccessSections(ConsoleSection, CheckerBase):
             if not isinstance(header, str) or not HEADER_RE.match(header):
                 self.problem(self.line_of(node, "header"), f"{path}.header",
                              f"{quoted(header)} is not an HTTP header name")
+                ok = False
+            elif is_forwarding_header(header.encode()):
+                self.problem(self.line_of(node, "header"), f"{path}.header",
+                             f"{quoted(header)} is a forwarding header, which the proxy drops from every "
+                             "request (a VM could aim the credential elsewhere with it); inject into another")
                 ok = False
         if "body" in node:
             body = self.boolean(node["body"], f"{path}.body", self.line_of(node, "body"))

@@ -260,6 +260,8 @@ CASES = [
     ("cred-header-invalid", credential(inject="{header: 'Bad Header'}"), 14, "credentials[0].inject.header",
      "not an HTTP header name"),
     ("cred-missing-inject", credential(inject=None), 14, "credentials[0].inject", "is required"),
+    ("cred-header-forwarding", credential(inject="{header: X_Forwarded_Token}"), 14, "credentials[0].inject.header",
+     "is a forwarding header"),
     ("tls-unknown-workload", "tls_termination:\n  - {workload: a2, port: 443, forward_to: 8080, "
      "certificate: web}\n", 14, "tls_termination[0].workload", "unknown workload 'a2'; known: a1, b1"),
     ("tls-port-range", "tls_termination:\n  - {workload: a1, port: 70000, forward_to: 8080, "
