@@ -52,6 +52,42 @@ def claim_run_dir(path: Path | None = None) -> int:
     return fd
 
 
+PIN_LOCK_DIR = Path("/run/skyguard-pins")  # fixed on purpose: every daemon must see the same locks
+
+
+def pin_dir_lock_path(pin_dir: Path) -> Path:
+    """Where the lock of a pin dir lives: a file under PIN_LOCK_DIR named after the pin dir's
+    real path (symlinks resolved, so two spellings of one directory share a lock)."""
+    import hashlib
+
+    return PIN_LOCK_DIR / (hashlib.sha256(os.path.realpath(pin_dir).encode()).hexdigest()[:32] + ".lock")
+
+
+def claim_pin_dir(pin_dir: Path) -> int:
+    """Hold the bpffs pin dir for this process, as claim_run_dir holds the run dir (a separate
+    lock: two daemons with different run dirs must not both load policies into the same pinned
+    maps, nor a `down` of one remove the other's). bpffs refuses regular files (EPERM), and a
+    flock on the directory itself could be taken by any user who can open it (bpffs is often
+    1777 and older pin dirs 0755), keeping every `up` out; so the lock is a file in a root-only
+    directory under /run (tmpfs: no stale lock after a reboot, and flocks die with the process).
+    Returns the descriptor."""
+    import fcntl
+
+    fsutil.private_dir(PIN_LOCK_DIR)
+    path = pin_dir_lock_path(pin_dir)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DaemonError(f"a skyguard daemon already enforces with the pin dir {pin_dir} (lock {path}), from "
+                          "another run dir; stop it with `skyguard down` in its environment (SKYGUARD_RUN_DIR) "
+                          "first, or give this one a pin dir of its own (SKYGUARD_PIN_DIR)") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.path.realpath(pin_dir)}\n".encode())  # for whoever lists the lock dir
+    return fd
+
+
 def _peer_uid(sock: socket.socket) -> int:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)

@@ -86,11 +86,11 @@ class Daemon:
     # ---- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        from skyguard.control import claim_run_dir
+        from skyguard.control import claim_pin_dir, claim_run_dir
         from skyguard.datapath.datapath import Datapath
         from skyguard.policy.parse import parse_policy, read_policy_file
 
-        self._run_dir_lock = claim_run_dir()  # before anything: one daemon per run dir
+        self._locks = claim_run_dir(), claim_pin_dir(config.PIN_DIR)  # before anything: one daemon per run and pin dir
         # Read as validate and policy load read it, so the hash everywhere is the file's bytes'.
         data = read_policy_file(self.policy_path)
         try:

@@ -90,6 +90,7 @@ def down(state_dir):
     from skyguard.datapath.datapath import Datapath
     from skyguard.dns import steering as dns_steering
 
+    control.claim_pin_dir(config.PIN_DIR)  # not the pins of a daemon that runs with another run dir
     # What a killed daemon left in nftables: the interface guard and the DNS and credential
     # steering (left on purpose so that a crash fails closed).
     guard.remove()

@@ -345,6 +345,36 @@ def test_a_second_up_changes_nothing_of_the_running_daemons_enforcement(lab, dae
     assert daemon.status()["parts"]["dns"] == "running"
 
 
+def test_a_second_daemon_with_its_own_run_dir_but_the_same_pin_dir_is_refused(lab, daemon, tmp_path):
+    # Another run dir (so the run-dir lock does not stop it) but the same bpffs pin dir: the
+    # second `up` must refuse before it loads its policy into the maps the first one enforces,
+    # and a `down` from its environment must not detach the first one's programs.
+    daemon.ensure_running()
+    running_sha = json.loads(daemon.cli("policy", "show", "--json").stdout)["sha256"]
+    before = attached_programs(daemon.status())
+    wider = tmp_path / "wider.yaml"
+    wider.write_text(lab.policy_path.read_text().replace("ports: [udp/514, tcp/6514]",
+                                                          "ports: [udp/514, udp/7, tcp/6514]"))
+    second = RunningDaemon(lab, tmp_path / "second", policy_path=wider)
+    assert second.pin_dir == daemon.pin_dir and second.run_dir != daemon.run_dir
+    second.launch()
+    try:
+        second.proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        second.proc.terminate()  # never `down`: that would detach the first daemon's programs
+        second.proc.wait(timeout=60)
+        raise AssertionError(f"a second daemon ran on the pin dir {daemon.pin_dir}:\n{second.log_tail()}") from None
+    assert second.proc.returncode != 0
+    assert f"already enforces with the pin dir {daemon.pin_dir}" in second.log_tail(), second.log_tail()
+    assert not (second.run_dir / "control.sock").exists() and not (second.state_dir / "log").exists()
+    down = second.cli("down")
+    assert down.returncode != 0 and "already enforces with the pin dir" in down.stderr, down.stderr
+    assert daemon.running() and daemon.pin_dir.exists()
+    assert json.loads(daemon.cli("policy", "show", "--json").stdout)["sha256"] == running_sha
+    assert attached_programs(daemon.status()) == before, "the second daemon replaced the first one's programs"
+    assert probe(lab, "radius1", [("udp", SYSLOG_V4, 514), ("udp", SYSLOG_V4, 7)]) == [True, False]
+
+
 @pytest.mark.parametrize("whose", ["state", "run"])
 def test_up_refuses_a_state_or_run_dir_another_user_owns(lab, tmp_path, whose):
     # A local user who made the directory first (say under /tmp) could swap the host key, the
