@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from skyguard import config, fsutil
 from skyguard.control import ControlServer
+from skyguard.daemon_apply import apply_policy, part_states
 from skyguard.datapath import guard
 from skyguard.errors import BadInput, SkyguardError
 from skyguard.keys.record import control_handler as key_record_handler
@@ -75,6 +76,8 @@ class Daemon:
         self.loop = None
         self.loop_thread: LoopThread | None = None
         self.slots: list = []  # skyguard.parts.PartSlot, in start order
+        self.parts_applying = None  # the last hot swap's reconcile of the parts, and the slot it is at:
+        self.parts_busy = ""  # a load waits for them up to a bound, then they go on (skyguard/daemon_apply.py)
         self.session_archive = None  # the SSH and console proxies' one SessionArchive (_sessions())
         from prometheus_client import CollectorRegistry
 
@@ -330,7 +333,7 @@ class Daemon:
         from skyguard.parts import Degraded
 
         for slot in self.slots:
-            part, slot.problem = slot.part, ""
+            part, slot.problem, self.parts_busy = slot.part, "", slot.name
             try:
                 if not slot.wanted(policy):
                     if slot.part is not None:
@@ -407,17 +410,9 @@ class Daemon:
     # ---- policy and interfaces -------------------------------------------------------------
 
     def _apply(self, policy, text: str) -> dict:
-        """Hot swap: the datapath's atomic generation flip, then every part, on the loop. Returns
-        the parts with a problem (see _reconcile_parts)."""
-        with self._lock:
-            self.datapath.apply_policy(policy, host_addresses=_host_addresses())
-            guard.install([w.interface for w in policy.workloads()])
-            self.tpm.measure_policy(policy.name, policy.sha256)
-            problems = self.loop_thread.call(self._reconcile_parts(policy), timeout=120)
-            self.policy, self.policy_text = policy, text
-            self.record("policy_load", name=policy.name, sha256=policy.sha256, source=str(policy.source))
-            self._reconcile()
-            return problems
+        """Hot swap: the datapath's atomic generation flip, then every part, on the loop (see
+        skyguard/daemon_apply.py). Returns the parts with a problem (see _reconcile_parts)."""
+        return apply_policy(self, policy, text, _host_addresses())
 
     def _reconcile(self) -> None:
         """Attach to every workload interface that exists and does not carry our programs; forget
@@ -561,7 +556,7 @@ class Daemon:
                 "counters": self.datapath.counters(),
                 "log": self.tlog.head() if self.tlog else None,
                 "flowlog": self.flowlog.stats() if self.flowlog else None,
-                "parts": {slot.name: slot.state for slot in self.slots},
+                "parts": part_states(self),
                 "secrets": secrets_status(self.policy, self.state_dir / "secrets"),
                 "tpm": self.tpm.status() if self.tpm else None,
             }

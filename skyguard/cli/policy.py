@@ -146,6 +146,8 @@ def load(file: str, state_dir: Path | None, as_json: bool) -> None:
     credential swap and TLS termination, SSH access. A part that cannot take the new policy is
     stopped, so what needs it is denied: the exit status is then 1 and stderr says which part and
     why. A part that runs without some of it (one TLS key missing from the store) is a warning.
+    A part still taking the policy after 120 s goes on in the daemon (status shows it "pending",
+    and no other load starts until it is done): exit status 1, stderr names it.
 
     \b
     Examples:
@@ -170,10 +172,13 @@ def load(file: str, state_dir: Path | None, as_json: bool) -> None:
     for part, problem in sorted(problems.items()):
         if problem["state"] == "failed":
             warn(f"{part} is NOT running under the new policy (what needs it is denied): {problem['problem']}")
+        elif problem["state"] == "pending":
+            warn(f"{part} has not finished taking the new policy, which the datapath enforces (what needs "
+                 f"{part} may be refused until it has): {problem['problem']}")
         else:
             warn(f"warning: {part} runs without some of the policy (that stays off): {problem['problem']}")
-    if any(problem["state"] == "failed" for problem in problems.values()):
-        raise SystemExit(1)  # the policy is in force, but a part it needs is not
+    if any(problem["state"] in ("failed", "pending") for problem in problems.values()):
+        raise SystemExit(1)  # the policy is in force, but a part it needs is not (or not yet)
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:

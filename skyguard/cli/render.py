@@ -90,7 +90,7 @@ def summary_table(status: dict) -> Table:
     parts = status.get("parts") or {}
     if parts:
         table.add_row("parts", Text(", ".join(f"{name} {state}" for name, state in parts.items()),
-                                    style="bold red" if {"failed", "degraded"} & set(parts.values()) else ""))
+                                    style="bold red" if {"failed", "degraded", "pending"} & set(parts.values()) else ""))
     secrets = status.get("secrets") or {}
     if secrets.get("missing"):
         table.add_row("secrets missing", Text(", ".join(secrets["missing"]), style="bold red"))

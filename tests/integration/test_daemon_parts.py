@@ -7,13 +7,16 @@ Real daemon, real listeners, real CLI."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 
 import pytest
-from daemon_support import PY, RunningDaemon
+from daemon_support import PY, RunningDaemon, probe_one, start_listener, stop_process, wait_for
 
 from skyguard import config
+from skyguard.custody.store import SecretStore
+from skyguard.policy.parse import load_policy
 
 ADMIN_PORT = 24311
 ALICE_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIL3Bn450ZXB8e+M670v9a/bGPeCAylCnYQHGLc0Q/ZkV alice@ops"
@@ -125,6 +128,73 @@ def test_a_part_that_cannot_take_the_policy_is_stopped_and_the_daemon_lives(daem
     assert daemon.status()["parts"]["admin"] == "failed"
     load(daemon, policies["with_admin"])  # a later policy it can take brings it back
     assert listening(daemon, ADMIN_PORT) and daemon.status()["parts"]["admin"] == "running"
+
+
+SDN_TO_FIREWALL = "ports: [tcp/443, tcp/830, icmp, icmpv6]"  # keysystems' sdn -> firewall rule
+VFW1_V4 = "10.10.4.2"
+
+
+def _release(fifo, data: bytes) -> None:
+    """Hand `data` to a blocked read of `fifo`, if something reads it."""
+    try:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return  # ENXIO: nobody reads it
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def test_a_load_whose_parts_outlast_the_wait_is_reported_as_the_datapath_enforces_it(lab, daemon, policies, tmp_path):
+    # A part that takes longer to take a policy than the daemon waits for it (here TLS termination
+    # decrypting its certificate with a sealing key that reads from a FIFO nobody writes yet, as
+    # from a hung disk): the datapath enforces the new policy from the swap on, so the reply,
+    # status, `policy show` and the signed log must say so, and no other load may start while the
+    # parts still take this one (the two would interleave on the loop and could leave the parts on
+    # the older policy under the newer datapath).
+    load(daemon, policies["base"])
+    text = policies["base"].read_text()
+    assert text.count(SDN_TO_FIREWALL) == 1 and text.count("certificate: sdnctl1") == 1, "keysystems.yaml changed"
+    slow = tmp_path / "slow.yaml"
+    slow.write_text(text.replace(SDN_TO_FIREWALL, "ports: [tcp/443, tcp/830, tcp/8443, icmp, icmpv6]")
+                    .replace("certificate: sdnctl1", "certificate: sg-slow-cert"))
+    new_sha = load_policy(slow).sha256
+    store = SecretStore(daemon.state_dir / "secrets")
+    store.set("sg-slow-cert", b"not a certificate")  # present: the part goes on to decrypt it
+    key = store.key_file.read_bytes()
+    store.key_file.unlink()
+    os.mkfifo(store.key_file, 0o600)
+    listener = start_listener(lab, "vfw1", tcp_ports=[8443])
+    try:
+        assert not probe_one(lab, "sdnctl1", "tcp", VFW1_V4, 8443)
+        loads_before = len(daemon.log_entries("policy_load"))
+        out = daemon.cli("policy", "load", str(slow), "--json", timeout=300)
+        assert probe_one(lab, "sdnctl1", "tcp", VFW1_V4, 8443), "the datapath does not enforce the new policy"
+        status = daemon.status()
+        assert status["policy"]["sha256"] == new_sha, "status names a policy the datapath no longer enforces"
+        assert json.loads(daemon.cli("policy", "show", "--json").stdout)["sha256"] == new_sha
+        assert [e["sha256"] for e in daemon.log_entries("policy_load")[loads_before:]] == [new_sha]
+        assert status["parts"]["credentials"] == "pending"
+        assert out.returncode == 1, out.stderr
+        reply = json.loads(out.stdout)
+        assert reply["sha256"] == new_sha and reply["part_problems"]["credentials"]["state"] == "pending", reply
+        assert "credentials has not finished taking the new policy" in out.stderr, out.stderr
+        again = daemon.cli("policy", "load", str(policies["base"]), "--json")
+        assert again.returncode != 0 and "still taking" in again.stderr, again.stderr
+        assert probe_one(lab, "sdnctl1", "tcp", VFW1_V4, 8443), "a refused load changed the datapath"
+        assert daemon.status()["policy"]["sha256"] == new_sha
+    finally:
+        _release(store.key_file, key)
+        stop_process(listener)
+        wait_for(lambda: daemon.status()["parts"]["credentials"] != "pending", 30, "the credential part to finish")
+        store.key_file.unlink()
+        store.key_file.write_bytes(key)
+        store.key_file.chmod(0o600)
+        store.remove("sg-slow-cert")
+    load(daemon, policies["base"])  # and loads work again once the parts are done
+    assert daemon.status()["parts"]["credentials"] == "degraded"
+    assert not probe_one(lab, "sdnctl1", "tcp", VFW1_V4, 8443)
 
 
 def test_a_policy_without_credentials_needs_no_secrets(daemon, policies):

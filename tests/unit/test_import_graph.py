@@ -55,7 +55,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("composite parts", ("console", "apps", "keys")),
     # The whole product: the daemon hosting the parts, its checks (doctor), attestation, the names
     # the sealed store holds for every part (storenames), the demo and the attack arena.
-    ("product", ("daemon", "doctor", "attest", "storenames", "demo", "attack")),
+    ("product", ("daemon", "daemon_apply", "doctor", "attest", "storenames", "demo", "attack")),
     # The command line: the one place that may import anything.
     ("cli", ("cli",)),
 ]
