@@ -25,5 +25,8 @@ BPF_DIR = _DATA_ROOT / "bpf"
 POLICIES_DIR = _DATA_ROOT / "policies"
 DEFAULT_POLICY = POLICIES_DIR / "keysystems.yaml"
 DEFAULT_METRICS_ADDR = "127.0.0.1:9464"
+# How long a policy load waits for the parts (DNS proxy, credential proxy, ...) to take a policy
+# the datapath already enforces, before answering with the busy part "pending" (daemon_apply.py).
+PARTS_WAIT_S = float(os.environ.get("SKYGUARD_PARTS_WAIT_S", "120"))
 # `skyguard doctor` names its throwaway namespace this prefix + its pid (tests use their own).
 DOCTOR_NETNS_PREFIX = os.environ.get("SKYGUARD_DOCTOR_NETNS_PREFIX", "sgdoctor-")

@@ -3,7 +3,7 @@ atomic generation flip, then every part on the loop.
 
 What holds whatever the parts do: once the datapath enforces a policy, the daemon says so
 (status, `policy show`, attestation, a policy_load entry in the signed log), even when a part
-takes longer than PARTS_WAIT_S to take it, or fails to. The parts then go on taking it on the
+takes longer than config.PARTS_WAIT_S to take it, or fails to. The parts then go on taking it on the
 loop; the reply names the one still busy ("pending"), and no other swap starts until they are
 done: two reconciles interleaving on the loop could leave the parts on the older policy under
 the newer datapath.
@@ -16,12 +16,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from skyguard import config
 from skyguard.datapath import guard
 from skyguard.errors import DaemonError
 
 log = logging.getLogger("skyguard.daemon")
-
-PARTS_WAIT_S = 120.0  # how long a load waits for the parts (the CLI waits 180 s for the reply)
 
 
 def apply_policy(daemon, policy, text: str, host_addresses: list[str]) -> dict:
@@ -48,14 +47,14 @@ def apply_policy(daemon, policy, text: str, host_addresses: list[str]) -> dict:
                 busy = daemon.parts_applying = asyncio.run_coroutine_threadsafe(daemon._reconcile_parts(policy),
                                                                                  daemon.loop)
         # Under the lock, as at start: new interfaces are attached only once the parts (the DNS
-        # proxy's steering) have the policy, or have had their PARTS_WAIT_S.
+        # proxy's steering) have the policy, or have had their config.PARTS_WAIT_S.
         try:
-            problems = busy.result(PARTS_WAIT_S)
+            problems = busy.result(config.PARTS_WAIT_S)
         except TimeoutError:
             part = daemon.parts_busy or "a part"
             log.error("%s has not taken policy %s within %.0f s; the datapath enforces it, the part goes on",
-                      part, policy.sha256[:12], PARTS_WAIT_S)
-            return {part: {"state": "pending", "problem": f"still taking the policy after {PARTS_WAIT_S:.0f} s "
+                      part, policy.sha256[:12], config.PARTS_WAIT_S)
+            return {part: {"state": "pending", "problem": f"still taking the policy after {config.PARTS_WAIT_S:.0f} s "
                                                           "(it goes on; `skyguard status` shows when it is done)"}}
         daemon._reconcile()
         return problems
