@@ -241,6 +241,7 @@ static __always_inline void sg_ct_restart(struct sg_ct_val *ct, const struct sg_
                                           __u32 rule_id, __u32 len, __u64 now) {
   __u8 proto = pkt->t.proto;
   ct->seq_seen = 0;
+  ct->seq_end[SG_SIDE_ORIG ^ 1] = 0; /* the old connection's, as a fresh entry has it */
   sg_ct_track(ct, pkt, SG_SIDE_ORIG);
   ct->packets = 1;
   ct->bytes = len;

@@ -300,6 +300,18 @@ def test_an_expired_flow_and_its_reverse_connection(harness):
     state.teardown()
 
 
+def test_a_reopened_flow_keeps_nothing_of_the_old_ones_sequence(harness):
+    """Found by the long tier: the peer's FIN closes a flow, the same SYN reopens its tuple, and
+    the reopened entry still held the peer's old mark (unused, since not seen, but not fresh)."""
+    state = sequences(harness)()
+    state.start()
+    web_to_db = _FORWARD[0]
+    state.send(web_to_db, "S")
+    state.send(web_to_db.reversed(), "FA")
+    state.send(web_to_db, "S")
+    state.teardown()
+
+
 def test_the_model_is_not_vacuous():
     """The model allows and denies, opens and closes: a sequence the test above can tell apart."""
     model = ConntrackModel()

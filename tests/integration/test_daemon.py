@@ -325,15 +325,21 @@ def test_a_malformed_control_message_gets_an_answer_and_the_daemon_goes_on(daemo
     assert daemon.request("status")["policy"]["name"]
 
 
-def test_a_second_up_changes_nothing_of_the_running_daemons_enforcement(lab, daemon, tmp_path):
-    # An operator starts `skyguard up` again (another state dir, a wider policy) while one runs:
-    # it must refuse before it touches the pinned maps, the programs or the steering.
+def _running_and_a_wider_policy(lab, daemon, tmp_path):
+    """(the running policy's sha256, its programs, a policy file that also allows udp/7)."""
     daemon.ensure_running()
     running_sha = json.loads(daemon.cli("policy", "show", "--json").stdout)["sha256"]
     before = attached_programs(daemon.status())
     wider = tmp_path / "wider.yaml"
     wider.write_text(lab.policy_path.read_text().replace("ports: [udp/514, tcp/6514]",
                                                           "ports: [udp/514, udp/7, tcp/6514]"))
+    return running_sha, before, wider
+
+
+def test_a_second_up_changes_nothing_of_the_running_daemons_enforcement(lab, daemon, tmp_path):
+    # An operator starts `skyguard up` again (another state dir, a wider policy) while one runs:
+    # it must refuse before it touches the pinned maps, the programs or the steering.
+    running_sha, before, wider = _running_and_a_wider_policy(lab, daemon, tmp_path)
     out = daemon.cli("up", "--policy", str(wider), "--state-dir", str(tmp_path / "state2"), "--metrics", "off",
                      timeout=120)
     assert out.returncode != 0
@@ -349,12 +355,7 @@ def test_a_second_daemon_with_its_own_run_dir_but_the_same_pin_dir_is_refused(la
     # Another run dir (so the run-dir lock does not stop it) but the same bpffs pin dir: the
     # second `up` must refuse before it loads its policy into the maps the first one enforces,
     # and a `down` from its environment must not detach the first one's programs.
-    daemon.ensure_running()
-    running_sha = json.loads(daemon.cli("policy", "show", "--json").stdout)["sha256"]
-    before = attached_programs(daemon.status())
-    wider = tmp_path / "wider.yaml"
-    wider.write_text(lab.policy_path.read_text().replace("ports: [udp/514, tcp/6514]",
-                                                          "ports: [udp/514, udp/7, tcp/6514]"))
+    running_sha, before, wider = _running_and_a_wider_policy(lab, daemon, tmp_path)
     second = RunningDaemon(lab, tmp_path / "second", policy_path=wider)
     assert second.pin_dir == daemon.pin_dir and second.run_dir != daemon.run_dir
     second.launch()
