@@ -63,7 +63,7 @@ def policies(tmp_path_factory):
 @pytest.fixture(scope="module")
 def daemon(lab, tmp_path_factory, policies):
     d = RunningDaemon(lab, tmp_path_factory.mktemp("parts-daemon"), policy_path=policies["with_admin"])
-    d.env["SKYGUARD_PARTS_WAIT_S"] = "30"  # a load waits 30 s for a hung part, not 120 (every load here takes ~1 s)
+    d.env["SKYGUARD_PARTS_WAIT_S"] = "15"  # a load waits 15 s for a hung part, not 120 (every load here takes ~1 s)
     try:
         d.start()
         yield d

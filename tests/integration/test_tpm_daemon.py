@@ -87,7 +87,8 @@ def test_the_daemon_measures_its_launch_and_a_verifier_checks_the_quote(tpm_daem
     assert len(extends) >= len(kinds) + 1 and extends[-1]["measured"] in ("policy", "attach")
 
 
-def test_a_daemon_whose_tpm_is_missing_starts_and_says_so(lab, tmp_path_factory):
+def test_a_daemon_whose_tpm_is_missing_starts_and_says_so(lab, tpm_daemon, tmp_path_factory):
+    tpm_daemon.stop()  # one daemon per pin dir (the lab's): a second is refused
     work = tmp_path_factory.mktemp("tpmd-dead")
     daemon = RunningDaemon(lab, work)
     daemon.env["SKYGUARD_TPM_TCTI"] = "swtpm:host=127.0.0.1,port=9"  # nothing listens there
