@@ -22,7 +22,7 @@ from skyguard.tlog.store import MAX_UNPROVEN, LogReader, LogWriter
 from skyguard.tlog.verify import verify_log
 
 REPO = Path(__file__).resolve().parents[2]
-KILLS = 20
+KILLS = 12
 
 # The writer: four threads append batches of random sizes (so group commits merge them); after
 # each acknowledgement it records "first count run seq" with one O_APPEND write (the ack file
