@@ -207,6 +207,8 @@ for user in ("alice", "bob"):
         if links:
             driver.get_log("performance")
             links[0].click()
+            # the POST's answer redirects to the viewer: until it is loaded, the page is still the list
+            WebDriverWait(driver, 30).until(lambda d: "/console/view" in d.current_url)
             state = "starting"
             for _ in range(150):
                 state = driver.execute_script("return document.body.dataset.state")
@@ -214,7 +216,7 @@ for user in ("alice", "bob"):
                         "const c = document.querySelector('#screen canvas'); return c && c.width > 10"):
                     time.sleep(0.5)
                     break
-                if state not in ("starting", "connected"):
+                if state not in (None, "starting", "connected"):  # None: the viewer's script not run yet
                     break
                 time.sleep(0.1)
             seen["state"] = state
