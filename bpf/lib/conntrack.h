@@ -217,8 +217,11 @@ static __always_inline void sg_ct_touch(struct sg_ct_val *ct, const struct sg_pk
       state = SG_CT_CLOSING;
       ct->fins |= (tcp_flags & SG_TCP_RST) ? SG_FIN_BOTH : is_reply ? SG_FIN_REPLY : SG_FIN_ORIG;
     }
-  } else if (is_reply && state == SG_CT_NEW)
+  } else if (is_reply && state == SG_CT_NEW && (proto != IPPROTO_TCP || in_window)) {
+    /* TCP: only an answer that acknowledges the SYN; a spoofed one would hold a half-open
+     * connection's slot SG_CT_TCP_EST_S instead of SG_CT_TCP_NEW_S. */
     state = SG_CT_ESTABLISHED;
+  }
   ct->state = state;
   ct->expires_ns = now + sg_ct_lifetime(proto, state);
   /* Plain adds: two CPUs touching one flow at once may lose a count; a locked add on every
@@ -227,13 +230,17 @@ static __always_inline void sg_ct_touch(struct sg_ct_val *ct, const struct sg_pk
   ct->bytes += len;
 }
 
-/* A SYN without ACK on the tuple of a closed TCP flow (SG_CT_CLOSING) opens a new connection on a
- * reused port. Like Linux conntrack restarting a TIME_WAIT entry, the caller ends the old flow and
- * decides the SYN as a new one (the policy, the entry restarted or a fresh one, a flow_start).
- * Otherwise the new connection would ride the closed flow's entry: no flow_start in the log, and
- * its slot given away as soon as the entry looked quiet, since it still reads as closed. */
+/* A SYN without ACK on the tuple of a TCP flow closed both ways (a FIN from each side, or a RST)
+ * opens a new connection on a reused port. Like Linux conntrack restarting a TIME_WAIT entry, the
+ * caller ends the old flow and decides the SYN as a new one (the policy, the entry restarted or a
+ * fresh one, a flow_start). Otherwise the new connection would ride the closed flow's entry: no
+ * flow_start in the log, and its slot given away as soon as the entry looked quiet, since it still
+ * reads as closed. Closed one way, the other side may still be sending (Linux conntrack ignores a
+ * SYN then too): a SYN carries no sequence number to check, so anyone spoofing the peer could end
+ * the flow with one. */
 static __always_inline int sg_ct_reopened(const struct sg_ct_val *ct, __u8 proto, __u8 tcp_flags) {
-  return proto == IPPROTO_TCP && ct->state == SG_CT_CLOSING && (tcp_flags & (SG_TCP_SYN | SG_TCP_ACK)) == SG_TCP_SYN;
+  return proto == IPPROTO_TCP && ct->state == SG_CT_CLOSING && ct->fins == SG_FIN_BOTH &&
+         (tcp_flags & (SG_TCP_SYN | SG_TCP_ACK)) == SG_TCP_SYN;
 }
 
 /* A reopened tuple's entry, opened the same way round: now the new connection's, in place. */

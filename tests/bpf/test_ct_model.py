@@ -153,7 +153,7 @@ class ConntrackModel:
         syn_only = flow.proto == TCP_NO and "S" in flags and "A" not in flags
         if found:
             key, entry, reply = found
-            if entry.state == abi.CT_CLOSING and syn_only:  # a new connection on a closed flow's tuple
+            if entry.state == abi.CT_CLOSING and entry.fins == abi.FIN_BOTH and syn_only:  # a new connection
                 del self.entries[key]
                 found = None
         if found:
@@ -171,7 +171,7 @@ class ConntrackModel:
                 if in_window:
                     entry.state = abi.CT_CLOSING
                     entry.fins |= abi.FIN_BOTH if "R" in flags else abi.FIN_REPLY if reply else abi.FIN_ORIG
-            elif reply and entry.state == abi.CT_NEW:
+            elif reply and entry.state == abi.CT_NEW and (flow.proto != TCP_NO or in_window):
                 entry.state = abi.CT_ESTABLISHED
             entry.packets += 1
             entry.age = 0.0
@@ -322,5 +322,6 @@ def test_the_model_is_not_vacuous():
     assert model.send(first, "FA") and model.live()[("w1", first)][:2] == (abi.CT_CLOSING, abi.FIN_ORIG)
     model.policy = "no-web-to-db"
     assert model.send(first, "A")[0] == ("w1", EGRESS, (False, "policy_revoked"))
-    assert model.send(first.reversed(), "S") == [("d1", EGRESS, (False, "no_rule"))]
+    # closed one way, a SYN rides the flow, decided again under the new policy
+    assert model.send(first.reversed(), "S") == [("d1", EGRESS, (False, "policy_revoked"))]
     assert replace(Entry(EGRESS), age=11).live(UDP_NO) and not replace(Entry(EGRESS, abi.CT_CLOSING), age=11).live(TCP_NO)

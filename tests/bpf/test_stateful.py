@@ -361,3 +361,44 @@ def test_a_blind_rst_before_the_answer_does_not_close_a_flow(h):
         assert _state(h, 42200) == "new", (flags, ack)
     assert h.run(from_peer("RA", 3_000_000_001), "w1", IN) == ALLOW
     assert _state(h, 42200) == "closing"
+
+
+def test_a_spoofed_answer_does_not_establish_a_flow(h):
+    """A SYN-ACK that does not acknowledge the SYN (an off-path host spoofing the peer) passes (the
+    VM's kernel answers it with a reset) but leaves the flow new: established, a half-open
+    connection to a peer that never answers would hold its slot for hours instead of a minute."""
+    out = "198.51.100.7"
+
+    def answer(ack):
+        return bytes(e_to("w1") / IP(src=out, dst=v4("w1")) / TCP(sport=443, dport=42400, flags="SA", seq=9, ack=ack % (1 << 32)))
+
+    syn = e_from("w1") / IP(src=v4("w1"), dst=out) / TCP(sport=42400, dport=443, flags="S", seq=1000)
+    assert h.run(bytes(syn), "w1", OUT) == ALLOW
+    for ack in (1001 + (1 << 25), 1001 - (1 << 25), 1001 + (1 << 31)):
+        assert h.run(answer(ack), "w1", IN) == ALLOW
+        assert _state(h, 42400) == "new", ack
+    assert h.run(answer(1001), "w1", IN) == ALLOW
+    assert _state(h, 42400) == "established"
+
+
+def test_a_syn_from_the_peer_does_not_end_a_half_closed_flow(h):
+    """The VM has sent its FIN; the peer is still sending. A SYN with the peer's address (no
+    sequence number to guess) used to end the flow as a new connection on a closed tuple, and the
+    peer's next data was refused. Only a flow closed both ways is reopened by a SYN."""
+    out = "198.51.100.7"
+
+    def from_peer(flags, seq, load=b""):
+        segment = TCP(sport=443, dport=42500, flags=flags, seq=seq, ack=1002)
+        return bytes(e_to("w1") / IP(src=out, dst=v4("w1")) / segment / load)
+
+    syn = e_from("w1") / IP(src=v4("w1"), dst=out) / TCP(sport=42500, dport=443, flags="S", seq=1000)
+    assert h.run(bytes(syn), "w1", OUT) == ALLOW
+    assert h.run(from_peer("SA", 5000), "w1", IN) == ALLOW
+    fin = e_from("w1") / IP(src=v4("w1"), dst=out) / TCP(sport=42500, dport=443, flags="FA", seq=1001, ack=5001)
+    assert h.run(bytes(fin), "w1", OUT) == ALLOW
+    assert h.run(from_peer("S", 123456), "w1", IN) == ALLOW  # rides the flow: the VM's kernel judges it
+    assert _state(h, 42500) == "closing"
+    assert h.run(from_peer("PA", 5001, b"z" * 100), "w1", IN) == ALLOW
+    assert h.run(from_peer("FA", 5101), "w1", IN) == ALLOW  # now closed both ways
+    assert h.run(from_peer("S", 123456), "w1", IN) != ALLOW  # a new inbound connection: no rule
+    assert not [f for f in h.worker.call(h.dp.flows) if f["sport"] == 42500 or f["dport"] == 42500]
