@@ -269,9 +269,16 @@ def test_hosts_witness_each_other_and_a_rewritten_log_is_refused(fleet):
         out = skyguard("log", "verify", "--state-dir", str(host.state), "--witnesses", "2")
         assert "cosigned by 2 witnesses" in out.stdout
     victim, honest = fleet.hosts[2], fleet.hosts[0]
-    witnessed = {h.name: h.agent.witness.state(victim.writer.origin).size for h in fleet.hosts[:2]}
-    # Rewrite charlie's history and re-sign it with its own key, longer than what was cosigned.
     victim.stop_agent()
+    # What the peers cosigned of charlie's honest log: its last published checkpoint, once they
+    # have caught up with it (charlie's log grows by its own entries too).
+    import asyncio
+    item, _ = asyncio.run(EtcdStore(fleet.cluster.endpoints).get(keys.checkpoint(victim.name)))
+    published = int(json.loads(item.value)["note"].split("\n")[1])
+    wait_until(lambda: all(h.agent.witness.state(victim.writer.origin).size == published for h in fleet.hosts[:2]),
+               what="both peers cosigning charlie's last honest checkpoint")
+    witnessed = {h.name: published for h in fleet.hosts[:2]}
+    # Rewrite charlie's history and re-sign it with its own key, longer than what was cosigned.
     victim.writer.close()
     shutil.move(victim.state / "log", victim.state / "log.original")
     victim.open_log()
