@@ -14,6 +14,9 @@ What the daemon measures (kinds a reference names, skyguard/tpm/quote.py):
     log_key     SHA-256 of the signed log's verifier key (its text); detail: the key
     attach      SHA-256 of the programs attached to an interface; detail: interface, tags
 
+After `package`, a module of skyguard imported later is imported only as the launch read it
+(imports.py): changed or new files are refused, so no code runs that the PCR does not vouch for.
+
 Order of one extend, under the TPM lock: the line is written and fsynced, then extended. A crash
 between the two leaves one line the PCR lacks; open() finds that and drops it. A TPM that fails
 the extend gets its line dropped too. So the log never lacks a line the PCR holds.
@@ -35,6 +38,7 @@ import os
 import time
 from pathlib import Path
 
+from skyguard.tpm import imports
 from skyguard.tpm.device import Tpm, TpmError, check_pcr
 from skyguard.tpm.eventlog import ZERO, EventLog, EventLogError, line_digest, make_base_line, make_line, replay
 
@@ -229,7 +233,10 @@ class Measurements:
     # ---- what the daemon measures -----------------------------------------------------------
 
     def measure_launch(self, verifier_key: str) -> None:
+        manifest = imports.source_manifest(PACKAGE_DIR)
         digest, files = package_digest()
+        # What is imported from here on must be what was just read (skyguard/tpm/imports.py).
+        imports.guard(PACKAGE_DIR.name, PACKAGE_DIR, manifest)
         self.extend("package", digest, {"files": files})
         self.extend("bpf_object", bpf_object_digest(), {"source": "bpf/sg_datapath.c"})
         self.extend("log_key", log_key_digest(verifier_key), {"key": verifier_key})

@@ -17,7 +17,7 @@ import pytest
 
 from skyguard import config
 from skyguard.policy.parse import parse_policy
-from skyguard.tpm import identity, quote
+from skyguard.tpm import identity, imports, quote
 from skyguard.tpm.device import Tpm
 from skyguard.tpm.hook import DaemonTpm
 from skyguard.tpm.measure import Measurements
@@ -134,6 +134,8 @@ def test_a_fresh_quote_verifies_in_python_and_in_tpm2_checkquote(emulator, host,
     path = make_evidence(host, nonce)
     document = json.loads(path.read_text())
     assert "no skyguard daemon is running" in document["statement_missing"]
+    # the launch measured (the reference fixture's) guards what is imported after it
+    assert any(isinstance(f, imports.MeasuredFinder) and f.package == "skyguard" for f in sys.meta_path)
     ok = verify(host, path, nonce, reference, check=True)
     assert "TPM quote OK" in ok.stdout and f"policy keysystems sha256 {POLICY.sha256}" in ok.stdout
     verdict = json.loads(cli("attest", "--verify", str(path), "--ak", str(host["ak"]), "--nonce", nonce,
