@@ -120,7 +120,8 @@ def bench_policy(tmp: Path, clamd_socket: str | None):
         block = ContentBlock(mime_types=("application/x-dosexec", "application/x-executable", "application/x-sharedlib"),
                              yara=(str(tmp / "bench.yar"),), clamav=True)
         rule = ContentRule("bench-uploads", ("bench",), ("upload",), ("http",), block)
-        content = ContentPolicy((rule,), clamd_socket=clamd_socket, scan_timeout=120, max_inspect_bytes=MAX_BODY)
+        content = ContentPolicy((rule,), clamd_socket=clamd_socket, scan_timeout=120, max_inspect_bytes=MAX_BODY,
+                                clamd_max_file_bytes=MAX_BODY)
     return Policy("bench", {"bench": Zone("bench", (workload,))}, {}, (), content=content)
 
 

@@ -201,7 +201,8 @@ def _content_lines(policy: Policy) -> list[str]:
     finds something blocks the file)."""
     content = policy.content
     lines = [f"Content rules (clamd at {content.clamd_socket}, {content.scan_timeout:g} s per scan; files over "
-             f"{_size(content.max_inspect_bytes)} are refused unscanned)"]
+             f"{_size(content.max_inspect_bytes)} are refused unscanned, over "
+             f"{_size(content.clamd_max_file_bytes)} when a clamav rule covers them)"]
     every_zone = tuple(policy.zones)
     rows = []
     for rule in content.rules:

@@ -11,7 +11,8 @@ How one file is judged, for the rules that apply to it:
   (expanded size, depth, entries: engines.py), which clamd itself skips past rather than flagging;
 - mime_types, yara, patterns: over the whole file, buffered up to content.max_inspect_bytes.
 
-Fail closed, always: a file larger than the inspection buffer, clamd down or slow, YARA rules that
+Fail closed, always: a file larger than the inspection buffer, or than what clamd scans whole
+(content.clamd_max_file_bytes: past its limits clamd answers clean) when clamav applies, clamd down or slow, YARA rules that
 no longer compile, libmagic failing: each is a block whose reason says which, never a pass.
 Verdicts carry the SHA-256 and size of the content, never the content.
 """
@@ -134,6 +135,11 @@ class Inspector:
             return self._block(self.rules[0].rule.name, UNINSPECTABLE,
                                f"larger than the inspection buffer ({self.content.max_inspect_bytes} bytes): "
                                "refused unscanned")
+        clamd_limit = self.content.clamd_max_file_bytes
+        if self._clamav is not None and self.size > clamd_limit:
+            return self._block(self._clamav.rule.name, UNINSPECTABLE,
+                               f"larger than clamd scans ({clamd_limit} bytes, content.clamd.max_file_bytes): "
+                               "refused unscanned")
         if self._keep:
             self._buffer.append(bytes(data))  # no copy of bytes; a caller's bytearray may change later
         if self._clamav is not None:
@@ -171,7 +177,9 @@ class Inspector:
             return self._block(self.rules[0].rule.name, UNINSPECTABLE, f"refused unscanned: {error}", digest, mime)
         if self._clamav is not None:
             name = self._clamav.rule.name
-            problem = await asyncio.to_thread(engines.archive_problem, data, self.content.max_inspect_bytes)
+            # expanded entries past clamd's limit would be skipped by clamd as clean: bound them here
+            bound = min(self.content.max_inspect_bytes, self.content.clamd_max_file_bytes)
+            problem = await asyncio.to_thread(engines.archive_problem, data, bound)
             if problem:
                 return self._block(name, ARCHIVE, f"refused: {problem} (rule {name})", digest, mime)
             try:

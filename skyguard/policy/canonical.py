@@ -51,7 +51,8 @@ def content_to_dict(content: ContentPolicy) -> dict:
             block["patterns"] = list(rule.block.patterns)
         rules.append({"name": rule.name, "zones": list(rule.zones), "direction": list(rule.directions),
                       "protocols": list(rule.protocols), "block": block})
-    return {"clamd": {"socket": content.clamd_socket, "timeout": int(content.scan_timeout)},
+    return {"clamd": {"socket": content.clamd_socket, "timeout": int(content.scan_timeout),
+                      "max_file_bytes": content.clamd_max_file_bytes},
             "max_inspect_bytes": content.max_inspect_bytes, "rules": rules}
 
 

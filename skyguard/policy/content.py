@@ -3,7 +3,7 @@ what the bytes are. The dataclasses, and the checker's part for the section (a m
 parser's checker, like access.py). Enforcement lives in skyguard/content/.
 
     content:
-      clamd: {socket: /run/clamav/clamd.ctl, timeout: 10}   # optional; these are the defaults
+      clamd: {socket: /run/clamav/clamd.ctl, timeout: 10, max_file_bytes: 25MiB}   # optional; the defaults
       max_inspect_bytes: 64MiB                              # optional: larger bodies are refused
       rules:
         - name: no-executables
@@ -16,6 +16,12 @@ parser's checker, like access.py). Enforcement lives in skyguard/content/.
             yara: [rules/secrets.yar]    # files, relative to the policy file
             clamav: true
             patterns: ['AKIA[0-9A-Z]{16}']
+
+`clamd.max_file_bytes` is how much of a file that clamd really scans: at most the smallest of its
+MaxFileSize, MaxScanSize and StreamMaxLength (the default is what Debian's clamd.conf sets). clamd
+reports a file past MaxFileSize as clean unless AlertExceedsMax is on, and skips an archive entry
+past it either way, so a file a clamav rule covers is refused unscanned past this size, and
+archives may expand to no more than it (skyguard/content/inspector.py).
 
 YARA files are compiled here (so `policy validate` refuses exactly what `up` refuses) and stored
 as absolute paths; patterns are Python regular expressions over bytes.
@@ -39,6 +45,8 @@ PROTOCOLS = ("http", "sftp")
 DEFAULT_CLAMD_SOCKET = "/run/clamav/clamd.ctl"  # Debian's clamav-daemon LocalSocket
 DEFAULT_SCAN_TIMEOUT = 10.0
 DEFAULT_MAX_INSPECT = 64 << 20
+# MaxFileSize and StreamMaxLength in the clamd.conf of Debian's clamav-daemon (MaxScanSize is 100M)
+DEFAULT_CLAMD_MAX_FILE = 25 << 20
 MAX_PATTERN_CHARS = 1000
 _SIZE = re.compile(r"\s*(\d+)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*")
 _UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
@@ -79,6 +87,9 @@ class ContentPolicy:
     clamd_socket: str = DEFAULT_CLAMD_SOCKET
     scan_timeout: float = DEFAULT_SCAN_TIMEOUT  # seconds for one clamd scan, from connect to verdict
     max_inspect_bytes: int = DEFAULT_MAX_INSPECT  # a file larger than this is refused, unscanned
+    # What clamd scans whole (its smallest of MaxFileSize, MaxScanSize, StreamMaxLength): a file
+    # a clamav rule covers is refused unscanned past it, as clamd would call it clean.
+    clamd_max_file_bytes: int = DEFAULT_CLAMD_MAX_FILE
 
     def rules_for(self, zone: str | None, direction: str, protocol: str) -> tuple[ContentRule, ...]:
         return tuple(r for r in self.rules if r.applies(zone, direction, protocol))
@@ -114,10 +125,10 @@ class ContentSection(_CheckerBase):
         keys = ("clamd", "max_inspect_bytes", "rules")
         if not self.mapping(node, "content", line, keys, required=("rules",)):
             return ContentPolicy()
-        socket, timeout = DEFAULT_CLAMD_SOCKET, DEFAULT_SCAN_TIMEOUT
+        socket, timeout, clamd_max = DEFAULT_CLAMD_SOCKET, DEFAULT_SCAN_TIMEOUT, DEFAULT_CLAMD_MAX_FILE
         if "clamd" in node:
             c_node, c_line = node["clamd"], self.line_of(node, "clamd")
-            if self.mapping(c_node, "content.clamd", c_line, ("socket", "timeout")):
+            if self.mapping(c_node, "content.clamd", c_line, ("socket", "timeout", "max_file_bytes")):
                 if "socket" in c_node:
                     socket = c_node["socket"]
                     if not isinstance(socket, str) or not socket.startswith("/"):
@@ -126,6 +137,9 @@ class ContentSection(_CheckerBase):
                 if "timeout" in c_node:
                     timeout = self.integer(c_node["timeout"], "content.clamd.timeout",
                                            self.line_of(c_node, "timeout"), 1, 600) or DEFAULT_SCAN_TIMEOUT
+                if "max_file_bytes" in c_node:
+                    clamd_max = self._size(c_node["max_file_bytes"], "content.clamd.max_file_bytes",
+                                           self.line_of(c_node, "max_file_bytes")) or DEFAULT_CLAMD_MAX_FILE
         max_inspect = DEFAULT_MAX_INSPECT
         if "max_inspect_bytes" in node:
             max_inspect = self._size(node["max_inspect_bytes"], "content.max_inspect_bytes",
@@ -139,7 +153,7 @@ class ContentSection(_CheckerBase):
                 if rule:
                     rules.append(rule)
         return ContentPolicy(tuple(rules), socket if isinstance(socket, str) else DEFAULT_CLAMD_SOCKET,
-                             float(timeout), max_inspect)
+                             float(timeout), max_inspect, clamd_max)
 
     def _content_rule(self, node, path, line, zones, seen) -> ContentRule | None:
         keys = ("name", "description", "zones", "direction", "protocols", "block")

@@ -28,7 +28,7 @@ zones:
       - {name: db1, interface: sg-d1, mac: "02:00:00:00:02:02", addresses: [10.0.2.2]}
 """
 CONTENT = """content:
-  clamd: {socket: /run/test/clamd.sock, timeout: 3}
+  clamd: {socket: /run/test/clamd.sock, timeout: 3, max_file_bytes: 4MiB}
   max_inspect_bytes: 8MiB
   rules:
     - name: no-malware
@@ -66,7 +66,7 @@ def without_lines(content):
 def test_the_canonical_form_written_as_yaml_parses_to_the_same_content(tmp_path):
     policy = load_policy(write(tmp_path, CONTENT))
     canonical = policy_to_dict(policy)
-    assert canonical["content"]["clamd"] == {"socket": "/run/test/clamd.sock", "timeout": 3}
+    assert canonical["content"]["clamd"] == {"socket": "/run/test/clamd.sock", "timeout": 3, "max_file_bytes": 4 << 20}
     assert canonical["content"]["max_inspect_bytes"] == 8 << 20
     first, second, third = canonical["content"]["rules"]
     assert first == {"name": "no-malware", "zones": ["web", "db"], "direction": ["upload"],
@@ -95,7 +95,8 @@ def test_policy_show_prints_a_content_rules_table_and_json(tmp_path):
     shown = CliRunner().invoke(policy_group, ["show", str(path)])
     assert shown.exit_code == 0, shown.output
     table = shown.output[shown.output.index("Content rules"):].splitlines()
-    assert "clamd at /run/test/clamd.sock, 3 s per scan; files over 8 MiB are refused unscanned" in table[0]
+    assert ("clamd at /run/test/clamd.sock, 3 s per scan; files over 8 MiB are refused unscanned, over 4 MiB "
+            "when a clamav rule covers them") in table[0]
     assert table[1].split() == ["rule", "zones", "direction", "protocols", "blocks"]
     rows = {line.split()[0]: line for line in table[3:6]}
     assert rows["no-malware"].split()[:4] == ["no-malware", "*", "upload", "http,"]

@@ -135,6 +135,24 @@ def test_larger_than_the_inspection_buffer_is_refused(clamd, yara_file):
     assert verdict.blocked and verdict.engine == "uninspectable" and "inspection buffer" in verdict.reason
 
 
+def test_larger_than_clamd_scans_is_refused_not_passed(tmp_path):
+    """A clamd as it ships (AlertExceedsMax off) answers clean for a file past its MaxFileSize
+    (1 MiB here): EICAR padded past it, plain or in a zip, must be refused unscanned, not passed."""
+    padded = EICAR + bytes(2 << 20)
+    with LocalClamd(tmp_path / "lax", max_file_mb=1, alert_exceeds_max=False) as lax:
+        assert not run(scan_bytes(lax.socket, padded, 10)).infected  # the gap: clamd calls it clean
+        rule = ContentRule("r1", ("web",), ("upload",), ("http",), ContentBlock(clamav=True))
+        engine = ContentEngine(ContentPolicy((rule,), clamd_socket=lax.socket, scan_timeout=10,
+                                             max_inspect_bytes=8 << 20, clamd_max_file_bytes=1 << 20))
+        verdict = run(inspect_bytes(engine, "web", "upload", "http", padded))
+        assert verdict.blocked and verdict.engine == "uninspectable", verdict
+        assert "larger than clamd scans (1048576 bytes" in verdict.reason
+        verdict = run(inspect_bytes(engine, "web", "upload", "http", zipped("padded.bin", padded)))
+        assert verdict.blocked and verdict.engine == "archive" and "expands past 1048576" in verdict.reason
+        verdict = run(inspect_bytes(engine, "web", "upload", "http", EICAR + bytes(900 << 10)))
+        assert verdict.blocked and verdict.engine == "clamav"  # within the limit: clamd finds it
+
+
 def test_zip_bomb_is_refused_by_its_bounds(clamd, yara_file):
     """20 MiB of zeros in a 20 KB zip, inside a zip: refused by the expansion bound (8 MiB here),
     decompressed as a stream and never held."""
