@@ -33,6 +33,17 @@ from skyguard.tlog.errors import BadLogInput, VerificationError
 HEADER = "skyguard-attestation/v1"
 TPM_DEVICES = ("/dev/tpmrm0", "/dev/tpm0")
 MAX_NONCE = 128  # hex characters: a verifier's challenge, bounded
+# hex characters (16 bytes): a shorter challenge lets statements made ahead for every nonce be replayed
+MIN_NONCE = 32
+
+
+def check_nonce(nonce) -> str:
+    """A verifier's challenge, lower-case; BadInput unless it is MIN_NONCE to MAX_NONCE hex digits."""
+    if not isinstance(nonce, str) or not MIN_NONCE <= len(nonce) <= MAX_NONCE or \
+            any(c not in "0123456789abcdef" for c in nonce.lower()):
+        raise BadInput(f"nonce must be {MIN_NONCE} to {MAX_NONCE} hex digits (a verifier's fresh challenge, "
+                       f"e.g. `openssl rand -hex 16`; a shorter one lets old statements be replayed)")
+    return nonce.lower()
 
 
 def program_identities(datapath) -> dict:
@@ -64,10 +75,7 @@ def collect(datapath, policy, writer, nonce: str | None = None) -> dict:
     """The statement (a dict) of what runs now. Makes a fresh checkpoint of the log so the
     statement covers every entry up to this moment."""
     if nonce is not None:
-        if not isinstance(nonce, str) or not nonce or len(nonce) > MAX_NONCE or \
-                any(c not in "0123456789abcdef" for c in nonce.lower()):
-            raise BadInput(f"nonce must be 1 to {MAX_NONCE} hex digits (a verifier's challenge)")
-        nonce = nonce.lower()
+        nonce = check_nonce(nonce)
     ours = program_identities(datapath)
     problems = datapath.verify()
     interfaces = {}
@@ -108,6 +116,8 @@ def attest(datapath, policy, writer, nonce: str | None = None) -> dict:
 def verify(note: str, verifier: Verifier, nonce: str | None = None) -> dict:
     """The statement of a note signed by `verifier`; raises VerificationError when the signature,
     the embedded checkpoint or the nonce does not check out, BadLogInput when malformed."""
+    if nonce is not None:
+        nonce = check_nonce(nonce)
     text = verifier.verify(note)
     header, _, rest = text.partition("\n")
     if header != HEADER:
@@ -130,7 +140,7 @@ def verify(note: str, verifier: Verifier, nonce: str | None = None) -> dict:
         raise VerificationError(f"the log checkpoint inside the attestation does not verify: {e}") from None
     if cp.size != log_part.get("size") or base64.b64encode(cp.hash).decode() != log_part.get("root"):
         raise VerificationError("the attestation's log size or root differs from its embedded checkpoint")
-    if nonce is not None and statement.get("nonce") != nonce.lower():
+    if nonce is not None and statement.get("nonce") != nonce:
         raise VerificationError(f"the attestation answers nonce {statement.get('nonce')!r}, not {nonce!r} "
                                 f"(a replayed statement?)")
     return statement

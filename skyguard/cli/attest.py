@@ -24,7 +24,8 @@ from skyguard.errors import BadInput
                    "or a file holding it. Use a copy kept off this host. With --ak too: the daemon's "
                    "signed statement in the evidence is checked and must match what the TPM measured.")
 @click.option("--nonce", default=None, metavar="HEX",
-              help="A fresh challenge to include (when making) or to require (with --verify).")
+              help="A fresh challenge to include (when making) or to require (with --verify): 16 to 32 bytes "
+                   "in hex for a TPM quote, 16 to 64 for the signed statement.")
 @click.option("--quote", "make_quote", is_flag=True,
               help="Make TPM evidence: a quote by the AK over PCRs 0-7 and skyguard's PCR with --nonce, the "
                    "event log and the AK public key (JSON), with the daemon's signed statement when it runs.")

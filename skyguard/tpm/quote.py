@@ -45,15 +45,22 @@ from skyguard.tpm.eventlog import ZERO, EventLog, EventLogError, replay
 from skyguard.tpm.structs import QuoteFormatError, parse_attest, pcr_digest, verify_signature
 
 EVIDENCE_TYPE = "skyguard_tpm_quote"
-MAX_NONCE_BYTES = 32  # TPM2B_DATA holds a digest's size; 32 fits every TPM with SHA-256
+# TPM2B_DATA (a quote's qualifying data) holds up to sizeof(TPMT_HA): 34 bytes on a TPM whose
+# largest bank is SHA-256, 66 with SHA-512 (tpm2_quote takes 64): 32 fits every TPM with SHA-256.
+MAX_NONCE_BYTES = 32
+# The least a verifier's challenge may be: with a short one, an attacker who once held the TPM can
+# make a quote for every possible nonce ahead of time and replay the one asked for (256 for 1 byte).
+MIN_NONCE_BYTES = 16
 REFERENCE_KEYS = ("package_sha256", "bpf_object_sha256", "program_tags", "policy_sha256", "log_keys")
 
 
 def check_nonce(nonce) -> str:
-    ok = isinstance(nonce, str) and 2 <= len(nonce) <= 2 * MAX_NONCE_BYTES and len(nonce) % 2 == 0
+    """The nonce, lower-case; BadInput unless it is 16 to 32 bytes in hex."""
+    ok = isinstance(nonce, str) and 2 * MIN_NONCE_BYTES <= len(nonce) <= 2 * MAX_NONCE_BYTES and len(nonce) % 2 == 0
     if not ok or any(c not in "0123456789abcdef" for c in nonce.lower()):
-        raise BadInput(f"the nonce must be 1 to {MAX_NONCE_BYTES} bytes in hex (an even number of hex digits, "
-                       f"e.g. `openssl rand -hex 16`), not {str(nonce)[:80]!r}")
+        raise BadInput(f"the nonce must be {MIN_NONCE_BYTES} to {MAX_NONCE_BYTES} bytes in hex (an even number of "
+                       f"hex digits, e.g. `openssl rand -hex 16`): a shorter one lets old quotes be replayed; "
+                       f"not {str(nonce)[:80]!r}")
     return nonce.lower()
 
 

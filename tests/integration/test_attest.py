@@ -25,11 +25,11 @@ def vkey(skyguard):
 
 
 def test_statement_names_programs_policy_and_log_and_verifies(skyguard, vkey):
-    made = json.loads(skyguard.cli("attest", "--json", "--nonce", "00c0ffee").stdout)
+    made = json.loads(skyguard.cli("attest", "--json", "--nonce", "00c0ffee" * 4).stdout)
     statement = made["statement"]
     status = json.loads(skyguard.cli("status", "--json").stdout)
     assert statement["policy"] == {"name": "keysystems", "sha256": status["policy"]["sha256"]}
-    assert statement["nonce"] == "00c0ffee"
+    assert statement["nonce"] == "00c0ffee" * 4
     # every workload interface carries our programs, ids and tags as the kernel reports them
     assert set(statement["interfaces"]) == set(status["interfaces"])
     assert len(statement["interfaces"]) == 7
@@ -46,7 +46,7 @@ def test_statement_names_programs_policy_and_log_and_verifies(skyguard, vkey):
 
     note = skyguard.work_dir / "now.att"
     note.write_text(made["note"])
-    ok = skyguard.cli("attest", "--verify", str(note), "--key", str(vkey), "--nonce", "00C0FFEE", "--json")
+    ok = skyguard.cli("attest", "--verify", str(note), "--key", str(vkey), "--nonce", "00C0FFEE" * 4, "--json")
     assert json.loads(ok.stdout)["statement"] == statement
     # the --json output itself is accepted too, and the human form says OK
     as_json = skyguard.work_dir / "now.json"
@@ -74,12 +74,17 @@ def test_an_edited_statement_another_key_or_nonce_fails(skyguard, vkey, tmp_path
     other = Signer(vkey.read_text().split("+")[0], Ed25519PrivateKey.generate()).verifier.vkey()
     wrong = skyguard.cli("attest", "--verify", str(path), "--key", other, check=False)
     assert wrong.returncode == 1 and "not signed by key" in wrong.stderr
-    replay = skyguard.cli("attest", "--verify", str(path), "--key", str(vkey), "--nonce", "aa", check=False)
+    replay = skyguard.cli("attest", "--verify", str(path), "--key", str(vkey), "--nonce", "aa" * 16, check=False)
     assert replay.returncode == 1 and "nonce" in replay.stderr
     missing = skyguard.cli("attest", "--verify", str(path), check=False)
     assert missing.returncode == 2 and "--key" in missing.stderr
     bad_nonce = skyguard.cli("attest", "--nonce", "not-hex", check=False)
     assert bad_nonce.returncode == 2 and "hex" in bad_nonce.stderr
+    # a 1-byte nonce is refused on both sides: 256 statements made ahead would answer every challenge
+    short = skyguard.cli("attest", "--nonce", "0a", check=False)
+    assert short.returncode == 2 and "nonce must be 32 to 128 hex digits" in short.stderr, short.stderr
+    short = skyguard.cli("attest", "--verify", str(path), "--key", str(vkey), "--nonce", "0a", check=False)
+    assert short.returncode == 2 and "nonce must be 32 to 128 hex digits" in short.stderr, short.stderr
 
 
 def test_a_replaced_program_shows_in_the_statement_until_the_watchdog_repairs_it(skyguard):

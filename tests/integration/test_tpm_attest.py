@@ -301,7 +301,7 @@ def test_transient_handles_are_flushed_so_many_quotes_in_a_row_work(emulator, ho
     boot_and_launch(emulator, host)
     tpm = Tpm(emulator.tcti)
     for _ in range(12):  # the emulator has 3 object slots
-        quote.make(tpm, host["state"], os.urandom(8).hex())
+        quote.make(tpm, host["state"], os.urandom(16).hex())
     assert tpm.run("tpm2_getcap", "handles-transient", flush=False).strip() == ""
     identity.init(tpm, host["state"])
     assert tpm.run("tpm2_getcap", "handles-transient", flush=False).strip() == ""
@@ -313,7 +313,7 @@ def test_a_missing_tpm_at_start_is_reported_and_quotes_fail_closed(host, tmp_pat
     assert tpm.configured and not tpm.available and "the TPM failed at start" in tpm.problem
     tpm.measure_policy("p", "00" * 32)  # a no-op, not an exception
     assert tpm.status()["available"] is False
-    result = cli("attest", "--quote", "--nonce", "0011", "--state-dir", str(host["state"]), "--tcti", dead,
+    result = cli("attest", "--quote", "--nonce", "0011" * 8, "--state-dir", str(host["state"]), "--tcti", dead,
                  check=False)
     assert result.returncode == 1 and "cannot reach the TPM" in result.stderr
     from skyguard.doctor import check_tpm
@@ -338,11 +338,11 @@ def test_quote_and_verify_refuse_bad_input(host, tmp_path):
     assert missing.returncode == 2 and "--quote needs --nonce" in missing.stderr
     junk = tmp_path / "junk.json"
     junk.write_text('{"hello": 1}')
-    result = cli("attest", "--verify", str(junk), "--ak", str(host["ak"]), "--nonce", "00", check=False)
+    result = cli("attest", "--verify", str(junk), "--ak", str(host["ak"]), "--nonce", "00" * 16, check=False)
     assert result.returncode == 2 and "not skyguard TPM evidence" in result.stderr
     not_json = tmp_path / "x.json"
     not_json.write_text("{")
-    result = cli("attest", "--verify", str(not_json), "--ak", str(host["ak"]), "--nonce", "00", check=False)
+    result = cli("attest", "--verify", str(not_json), "--ak", str(host["ak"]), "--nonce", "00" * 16, check=False)
     assert result.returncode == 2 and "is not JSON" in result.stderr
 
 

@@ -100,7 +100,7 @@ def test_a_daemon_whose_tpm_is_missing_starts_and_says_so(lab, tpm_daemon, tmp_p
         assert len(status["interfaces"]) == 7
         errors = log_entries(daemon, "tpm_error")
         assert errors and "cannot reach the TPM" in errors[0]["error"]
-        quote = daemon.cli("attest", "--quote", "--nonce", "0011")
+        quote = daemon.cli("attest", "--quote", "--nonce", "0011" * 8)
         assert quote.returncode == 1 and "no attestation key" in quote.stderr  # fail closed, saying why
         doctor = json.loads(daemon.cli("doctor", "--json").stdout)
         tpm = next(c for c in doctor["checks"] if c["name"] == "TPM")

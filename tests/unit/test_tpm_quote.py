@@ -21,7 +21,7 @@ from skyguard.tpm.eventlog import ZERO, line_digest, make_base_line, make_line, 
 from skyguard.tpm.structs import QuoteFormatError, extend, parse_attest, parse_signature
 
 PCR = 13
-NONCE = "00c0ffee00c0ffee"
+NONCE = "00c0ffee" * 4  # 16 bytes: the least a verifier's challenge may be
 POLICY = "ab" * 32
 PACKAGE = "cd" * 32
 BPF = "ef" * 32
@@ -114,8 +114,9 @@ def test_a_good_quote_verifies_and_says_what_was_measured(host):
 def test_nonce_is_case_insensitive_but_must_match(host):
     tpm, evidence = host
     assert quote.verify(evidence, tpm.ak_pem, NONCE.upper(), REFERENCE).ok
-    verdict = quote.verify(evidence, tpm.ak_pem, "00c0ffee00c0ffef", REFERENCE)
-    assert verdict.failures == [f"nonce: the quote answers nonce {NONCE}, not 00c0ffee00c0ffef "
+    other = NONCE[:-1] + "f"
+    verdict = quote.verify(evidence, tpm.ak_pem, other, REFERENCE)
+    assert verdict.failures == [f"nonce: the quote answers nonce {NONCE}, not {other} "
                                 f"(a replayed or foreign quote)"]
 
 
@@ -292,10 +293,22 @@ def test_without_a_reference_only_the_quote_and_replay_are_checked(host):
     assert verdict.ok and len(verdict.notes) == 5 and all("not compared" in n for n in verdict.notes)
 
 
-@pytest.mark.parametrize("nonce", ["", "0", "xyz0", "00" * 33, None, "0g"])
+@pytest.mark.parametrize("nonce", ["", "0", "xyz0", "00" * 33, None, "0g", "0a", "00" * 15, "0" * 33])
 def test_bad_nonces_are_refused(nonce):
-    with pytest.raises(BadInput, match="nonce"):
+    """Short nonces too: a quote over a 1-byte nonce is one of 256 an attacker can make ahead and replay."""
+    with pytest.raises(BadInput, match="nonce must be 16 to 32 bytes"):
         quote.check_nonce(nonce)
+
+
+@pytest.mark.parametrize("nonce", ["ab" * 16, "AB" * 32])
+def test_nonces_of_16_to_32_bytes_are_taken(nonce):
+    assert quote.check_nonce(nonce) == nonce.lower()
+
+
+def test_a_short_nonce_is_refused_when_verifying(host):
+    tpm, evidence = host
+    with pytest.raises(BadInput, match="nonce must be 16"):
+        quote.verify(evidence, tpm.ak_pem, "0a", REFERENCE)
 
 
 @pytest.mark.parametrize("cut", [0, 3, 6, 10, 40, 60, 80])
