@@ -12,8 +12,9 @@ A digest is SHA-256, -384 or -512 (32, 48 or 64 bytes). ECDSA signatures are DER
 v1.5, Ed25519 signs the digest bytes; decrypt is RSA-OAEP (SHA-1). Who asks is the caller the
 proxy identified from the datapath (interface and source address), never anything in the request.
 
-Refusals: 400 malformed, 403 zone or operation not allowed, 404 unknown key, 405 wrong method,
-413 too large, 429 over the key's rate limit. Not here: sockets, the key backends.
+Refusals: 400 malformed (or input the key cannot use), 403 zone or operation not allowed (or one
+the key's type cannot do), 404 unknown key, 405 wrong method, 413 too large, 429 over the key's
+rate limit, or over LIST_RATE for listing. Not here: sockets, the key backends.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ from skyguard.keys.types import DIGEST_SIZES, KEY_NAME_RE
 
 MAX_BODY = 16 * 1024  # an RSA-3072 ciphertext in base64 is ~512 bytes; nothing bigger is a request
 OPERATIONS = ("sign", "verify", "decrypt")
+# GET /v1/keys reads no backend but is still work a VM can ask for in a loop: it has its own bucket
+# per VM in the same limiter, under LIST_BUCKET (never a key's name: those start with a-z or 0-9).
+LIST_RATE = 10.0  # listings per second, per VM
+LIST_BURST = 20  # listings a VM may make at once after a pause
+LIST_BUCKET = "-"
 
 
 @dataclass(frozen=True)
@@ -171,7 +177,7 @@ class RateLimiter:
         return count
 
     def forget_except(self, keys: set[str]) -> None:
-        for k in [k for k in self.buckets if k[0] not in keys]:
+        for k in [k for k in self.buckets if k[0] not in keys and k[0] != LIST_BUCKET]:
             del self.buckets[k]
 
 
@@ -213,6 +219,8 @@ def authorize(op: Operation, caller: Caller, keys_config, limiter: RateLimiter) 
     if caller.workload is None:
         return refuse(403, "not-a-workload", "this address is not a VM of the policy")
     if op.operation == "list":
+        if not limiter.take(LIST_BUCKET, caller.workload, LIST_RATE, LIST_BURST):
+            return refuse(429, "rate-limited", "over the rate limit of listing keys; slow down")
         return None
     grant = keys_config.grant(op.key)
     if grant is None:
@@ -225,6 +233,11 @@ def authorize(op: Operation, caller: Caller, keys_config, limiter: RateLimiter) 
     if not limiter.take(op.key, caller.workload, grant.rate, grant.burst):
         return refuse(429, "rate-limited", f"over the rate limit of key {op.key!r}; slow down")
     return None
+
+
+def bucket_of(op: Operation) -> str:
+    """The rate limiter's bucket name for `op` (with the VM's workload): its key, or LIST_BUCKET."""
+    return LIST_BUCKET if op.operation == "list" else op.key
 
 
 def listing(caller: Caller, keys_config) -> Reply:

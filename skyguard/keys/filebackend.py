@@ -14,6 +14,7 @@ from skyguard.keys.types import (
     DECRYPTING_TYPES,
     KeyCustodyError,
     KeyInfo,
+    KeyInputRefused,
     KeyOperationRefused,
     hash_algorithm,
     validate_key_name,
@@ -117,7 +118,7 @@ class FileBackend:
         try:
             return key.decrypt(ciphertext, padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None))  # as pkcs11.py
         except ValueError:
-            raise KeyOperationRefused(f"key {name!r} could not decrypt the ciphertext") from None
+            raise KeyInputRefused(f"key {name!r} could not decrypt the ciphertext") from None
 
     def _secret(self, name: str):
         try:

@@ -25,6 +25,7 @@ from skyguard.keys.types import (
     DIGEST_INFO,
     KeyCustodyError,
     KeyInfo,
+    KeyInputRefused,
     KeyOperationRefused,
     digest_algorithm,
     ecdsa_raw_to_der,
@@ -195,7 +196,7 @@ class Pkcs11Backend:
             except pkcs11.PKCS11Error as e:
                 if isinstance(e, (pkcs11.DataLenRange, pkcs11.EncryptedDataInvalid,
                                   pkcs11.EncryptedDataLenRange, pkcs11.DataInvalid)):  # the caller's input
-                    raise KeyOperationRefused(f"key {name!r} could not use the input: {type(e).__name__}") from None
+                    raise KeyInputRefused(f"key {name!r} could not use the input: {type(e).__name__}") from None
                 if attempt == 1:
                     raise KeyCustodyError(f"token {self.token_label!r} refused the operation with key "
                                           f"{name!r}: {type(e).__name__}") from None

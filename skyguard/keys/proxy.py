@@ -23,7 +23,9 @@ in a small thread pool; the rate limit is checked before, so one VM's flood neve
 Fail closed: a backend that cannot open (no PIN, no token) stops the part; keys the policy names
 but the backend lacks are reported (Degraded) and answered 503. A backend that fails on a request
 (a TPM that does not answer, an unreadable key file) is answered 503 "key backend unavailable":
-the reason, which names host paths or the TPM's address, goes to the host's log only.
+the reason, which names host paths or the TPM's address, goes to the host's log only. 503 is for
+those only: a key that cannot do what was asked (decrypt with a signing key) is a refusal (403),
+input the key cannot use is the VM's (400), and over a rate limit is 429.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import h11
 
 from skyguard.credproxy.fairness import Slots
 from skyguard.keys import api
-from skyguard.keys.types import KeyOperationRefused, verify_signature
+from skyguard.keys.types import KeyInputRefused, KeyOperationRefused, verify_signature
 from skyguard.parts import Degraded, record_or_report
 
 log = logging.getLogger("skyguard.keys")
@@ -266,8 +268,10 @@ class CryptoProxy:
             return reply
         try:
             reply = await asyncio.get_running_loop().run_in_executor(self.pool, self._run_logged, caller, op)
-        except KeyOperationRefused as e:  # the key's type or the VM's input: its text names only the key
-            reply = api.refuse(503, "error", str(e))
+        except KeyInputRefused as e:  # the VM's input (its text names only the key)
+            reply = api.refuse(400, "bad-request", str(e))
+        except KeyOperationRefused as e:  # the key's type cannot do it: a refusal, not a backend failure
+            reply = api.refuse(403, "denied-operation", str(e))
         except Exception as e:  # noqa: BLE001 - any backend failure: its detail (paths, the TPM's address) is the host's
             missing = op.key in self.missing
             reply = api.refuse(503, "key-missing" if missing else "error",
@@ -323,7 +327,7 @@ class CryptoProxy:
             return  # logged already, or reading public material (counted, not logged)
         fields = self._fields(caller, op, reply)
         if op is not None and reply.outcome == "rate-limited":
-            name, workload = op.key, caller.workload
+            name, workload = api.bucket_of(op), caller.workload
             kind: tuple = ("rate-limited", name, workload)
             count = self.limiter.refusals_to_log(name, workload)
             pending = lambda: self.limiter.refusals_to_log(name, workload, force=True)  # noqa: E731

@@ -30,7 +30,12 @@ class KeyCustodyError(SkyguardError):
 
 class KeyOperationRefused(KeyCustodyError):
     """The key cannot do what was asked (its type does not, or the input is not for it). The text
-    names only the key and the operation: the crypto proxy shows it to the VM that asked."""
+    names only the key and the operation: the crypto proxy shows it to the VM that asked (403)."""
+
+
+class KeyInputRefused(KeyOperationRefused):
+    """The key can do the operation, but not with this input (a ciphertext it cannot decrypt):
+    the caller's mistake, answered 400 by the crypto proxy."""
 
 
 def validate_key_name(name: str) -> str:

@@ -13,7 +13,7 @@ from skyguard.custody.store import SecretStore
 from skyguard.errors import BadInput, PolicyError
 from skyguard.keys import api
 from skyguard.keys.filebackend import FileBackend
-from skyguard.keys.types import KeyCustodyError, verify_signature
+from skyguard.keys.types import KeyCustodyError, KeyInputRefused, KeyOperationRefused, verify_signature
 from skyguard.policy.keys import parse_rate
 from skyguard.policy.parse import parse_policy
 
@@ -209,12 +209,13 @@ def test_file_backend_refuses_bad_names_and_decrypts_only_with_rsa(file_backend)
         backend.create("../x", "ec-p256")
     with pytest.raises(BadInput):
         backend.create("x", "dsa-1024")
-    with pytest.raises(KeyCustodyError, match="it signs, it does not decrypt"):
+    with pytest.raises(KeyOperationRefused, match="it signs, it does not decrypt") as refused:
         backend.decrypt("ec-p256", b"x")
+    assert not isinstance(refused.value, KeyInputRefused)  # the key's type: the proxy answers 403
     wrapped = load_pem_public_key(backend.public_pem("rsa-3072")).encrypt(
         b"wrapped key", padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None))
     assert backend.decrypt("rsa-3072", wrapped) == b"wrapped key"
-    with pytest.raises(KeyCustodyError):
+    with pytest.raises(KeyInputRefused, match="could not decrypt"):  # the VM's input: the proxy answers 400
         backend.decrypt("rsa-3072", b"\0" * 384)
     with pytest.raises(KeyCustodyError, match="exists"):
         backend.create("rsa-3072", "rsa-3072")

@@ -190,6 +190,56 @@ def test_hostile_bytes_never_stop_the_proxy(proxy):
     assert post(proxy, "/v1/keys/release/sign", {"digest": "33" * 32})[0] == 200
 
 
+def test_an_operation_the_key_cannot_do_is_refused_403_not_503(token, proxy):
+    """503 is for a backend that fails; a key that cannot do what was asked (decrypt with an EC
+    key the policy lets a VM try) is a refusal (403). (Input a key cannot use is 400: the file
+    backend's case is in test_keys.py; SoftHSM answers a bad ciphertext with GeneralError.)"""
+    both = loopback_policy(token, keys=(KeyGrant("release", ("auth",), ("sign", "decrypt"), 1000, 1000),))
+    proxy.loop.call(proxy.part.set_policy(both))
+    try:
+        status, reply = post(proxy, "/v1/keys/release/decrypt", {"ciphertext": base64.b64encode(b"\1" * 64).decode()})
+        assert (status, reply["error"]) == (403, "key 'release' is ec-p256: it signs, it does not decrypt")
+    finally:
+        proxy.loop.call(proxy.part.set_policy(loopback_policy(token)))  # back as it was
+    outcomes = [(e["key"], e["outcome"], e["status"]) for e in proxy.recorded.entries
+                if e["operation"] == "decrypt" and e["workload"] == "vm1"]
+    assert ("release", "denied-operation", 403) in outcomes
+
+
+def test_listing_keys_is_held_to_a_per_vm_rate_limit(proxy):
+    """GET /v1/keys is rate-limited per VM like the key operations (a flood gets 429 and is
+    summarised in the log), and one VM's flood leaves another VM's listing alone."""
+    import time
+
+    from skyguard.keys.api import LIST_BURST
+
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.part.port, timeout=10, source_address=("127.0.0.1", 0))
+    statuses = []
+    try:
+        for _ in range(LIST_BURST * 3):
+            conn.request("GET", "/v1/keys")
+            response = conn.getresponse()
+            body = json.loads(response.read())
+            statuses.append(response.status)
+    finally:
+        conn.close()
+    assert statuses[0] == 200 and 429 in statuses, statuses
+    assert "rate limit" in body["error"] and set(statuses) == {200, 429}
+    other = http.client.HTTPConnection("127.0.0.1", proxy.part.port, timeout=10, source_address=("127.0.0.2", 0))
+    try:
+        other.request("GET", "/v1/keys")
+        assert other.getresponse().status == 200
+    finally:
+        other.close()
+    deadline = time.monotonic() + 5
+    while True:
+        limited = [e for e in proxy.recorded.entries if e["operation"] == "list" and e["outcome"] == "rate-limited"]
+        if sum(e["refused"] for e in limited) >= statuses.count(429) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert sum(e["refused"] for e in limited) == statuses.count(429) and limited[0]["workload"] == "vm1"
+
+
 def test_a_key_the_token_lacks_is_degraded_and_answered_503(token, backend, proxy):
     policy = loopback_policy(token, keys=(KeyGrant("release", ("auth",), ("sign",), 1000, 1000),
                                           KeyGrant("absent", ("auth",), ("sign",), 1000, 1000)))

@@ -191,7 +191,7 @@ def test_the_crypto_proxy_signs_with_a_tpm_key(made):
                                                          "signature": base64.b64encode(signature).decode()})
         assert (status, reply["valid"]) == (200, True)
         status, reply = post("/v1/keys/release/decrypt", {"ciphertext": base64.b64encode(b"\x01" * 64).decode()})
-        assert status == 503 and "it does not decrypt" in reply["error"] and "plaintext" not in reply
+        assert status == 403 and "it does not decrypt" in reply["error"] and "plaintext" not in reply
         assert [e["outcome"] for e in recorded.entries if e["digest"] == digest.hex()][:1] == ["ok"]
     finally:
         loop.call(part.stop())
