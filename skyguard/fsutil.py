@@ -1,5 +1,7 @@
 """Private files written durably: the one way skyguard writes a file that must never be seen
-half-written or by another user (keys, sealed secrets, pinned host keys, session metadata).
+half-written or by another user (keys, sealed secrets, pinned host keys, session metadata). And
+the one way to read a file of a state directory that must be a regular file (open_regular):
+whoever can write the directory can put a FIFO there, and a plain open() of it waits forever.
 
 write_private() replaces a file atomically: a crash leaves the old file or the new one, never a
 mix, and no moment exists where the data is on disk with a wider mode. Not for append-only
@@ -8,9 +10,35 @@ files (the signed log keeps its own segment files).
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
+import stat
 from pathlib import Path
+from typing import BinaryIO
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """path opened for reading, if it is a regular file: OSError otherwise, whose strerror says
+    what is there ("is a directory", "not a regular file"). Never blocks (a FIFO is opened
+    non-blocking, then refused)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise OSError(errno.EISDIR, "is a directory")
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular_file(path: Path) -> bytes:
+    """The bytes of a regular file; OSError for anything else (see open_regular)."""
+    with open_regular(path) as f:
+        return f.read()
 
 
 def create_private(path: Path, data: bytes) -> None:

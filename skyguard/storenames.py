@@ -11,10 +11,16 @@ from pathlib import Path
 
 def secrets_status(policy, store_dir: Path) -> dict:
     """{stored: count, unused: [names], missing: [names]} for the store at `store_dir`. Secrets
-    no policy names are kept (a later policy may name them again) and only listed."""
+    no policy names are kept (a later policy may name them again) and only listed. A store that
+    cannot be listed (a file that is not a sealed secret: a FIFO, a damaged file) is
+    {problem: why, naming the file}: status still answers, and says it."""
     from skyguard.custody.store import SecretStore
+    from skyguard.errors import CredentialError
 
-    stored = {entry["name"] for entry in SecretStore(store_dir).list()}
+    try:
+        stored = {entry["name"] for entry in SecretStore(store_dir).list()}
+    except CredentialError as e:
+        return {"problem": str(e)}
     named = used_names(policy, stored)
     return {"stored": len(stored), "unused": sorted(stored - named), "missing": sorted(named - stored)}
 

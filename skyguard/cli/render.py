@@ -92,6 +92,8 @@ def summary_table(status: dict) -> Table:
         table.add_row("parts", Text(", ".join(f"{name} {state}" for name, state in parts.items()),
                                     style="bold red" if {"failed", "degraded", "pending"} & set(parts.values()) else ""))
     secrets = status.get("secrets") or {}
+    if secrets.get("problem"):
+        table.add_row("secrets", Text(secrets["problem"], style="bold red"))
     if secrets.get("missing"):
         table.add_row("secrets missing", Text(", ".join(secrets["missing"]), style="bold red"))
     if secrets.get("unused"):

@@ -236,7 +236,7 @@ class SecretStore:
     def _read_record(self, name: str) -> dict:
         path = self._path(name)
         try:
-            raw = path.read_bytes()
+            raw = fsutil.read_regular_file(path)  # a FIFO put here is refused, never waited on
         except FileNotFoundError:
             raise CredentialError(
                 f"no secret named {name!r} in {self.directory}; add it with `skyguard secret set {name}`"
@@ -298,6 +298,8 @@ class SecretStore:
                 f"sealing key {self.key_file} has mode {stat.S_IMODE(st.st_mode):04o}; other users may "
                 f"have read it. Run `chmod 600 {self.key_file}` (and rotate the secrets if they did)"
             )
+        # A plain read: a FIFO here blocks the reader (a part taking a policy, reported pending by
+        # the daemon; the hung-part test uses it as its hung disk), never `status`, which reads no key.
         key = self.key_file.read_bytes()
         if len(key) != KEY_BYTES:
             raise CredentialError(

@@ -8,32 +8,9 @@ for the caller to report in one line naming the file. Not here: what the bytes m
 
 from __future__ import annotations
 
-import errno
-import os
-import stat
-from pathlib import Path
-from typing import BinaryIO
+from skyguard.fsutil import open_regular, read_regular_file
 
-
-def open_regular(path: Path) -> BinaryIO:
-    """path opened for reading, if it is a regular file: OSError otherwise (never blocks)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise OSError(errno.EISDIR, "is a directory")
-        if not stat.S_ISREG(mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def read_regular_file(path: Path) -> bytes:
-    """The bytes of a regular file; OSError for anything else (see open_regular)."""
-    with open_regular(path) as f:
-        return f.read()
+__all__ = ["open_regular", "os_reason", "read_regular_file"]  # open_regular, read_regular_file: fsutil's
 
 
 def os_reason(e: OSError) -> str:

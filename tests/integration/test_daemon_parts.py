@@ -230,3 +230,26 @@ def test_status_lists_secrets_no_policy_names(daemon, policies):
     assert "not-a-real-value" not in json.dumps(status)
     text = daemon.cli("status")
     assert "left-over" in text.stdout and "not-a-real-value" not in text.stdout
+
+
+def test_status_answers_when_a_fifo_sits_where_a_sealed_secret_should_be(daemon):
+    """Whoever can write the state directory can put a FIFO where a `.sealed` file is expected:
+    status must answer (not wait forever for a writer), naming the file, and say the rest."""
+    fifo = daemon.state_dir / "secrets" / "stuck.sealed"
+    os.mkfifo(fifo, 0o600)
+    try:
+        out = daemon.cli("status", timeout=45)
+        assert out.returncode == 0, out.stderr
+        assert "cannot read secret 'stuck'" in out.stdout, out.stdout  # the table wraps the rest
+        status = daemon.status()
+        assert status["secrets"]["problem"] == f"cannot read secret 'stuck' ({fifo}): not a regular file"
+        assert status["interfaces"]
+        listed = daemon.cli("secret", "list", timeout=45)
+        assert listed.returncode != 0 and str(fifo) in listed.stderr and "not a regular file" in listed.stderr
+    finally:
+        try:  # a reader still blocked on it (before the fix) gets its end of file
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+        fifo.unlink()
+    assert daemon.running()
