@@ -27,6 +27,14 @@ sign-in does (logout, expiry) or no longer holds a group that lets them open the
 every few seconds: proxy.py). Without web_app there is no sign-in: web tickets come from
 `skyguard admin console-ticket --web`, and the listener is plain HTTP (put it on an address only
 operators reach).
+
+Connections before authentication are capped: one not yet in a session (a page request, a
+WebSocket whose ticket and sign-in are not yet checked, or a client that connects and says
+nothing, held until the handshake timeout) is pending; past MAX_PENDING_PER_SOURCE pending from
+one address its next connection is answered 429, past MAX_PENDING in all 503, and closed at once,
+so a client cannot hold the daemon's file descriptors. Refusals go to the host's log (at most one
+line a second per source and status, with the count), not the signed log, which a flood would grow.
+A TLS connection is counted once its TLS handshake is done (asyncio bounds that by OPEN_TIMEOUT).
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ import html
 import logging
 import mimetypes
 import ssl
+import time
+from collections import Counter
 from http import HTTPStatus
 from pathlib import Path
 from urllib.parse import parse_qs, quote, urlsplit
@@ -60,6 +70,11 @@ PAGE = Path(__file__).with_name("console.html")
 SCRIPT = Path(__file__).with_name("console.js")  # the page's script (no inline script: see the CSP)
 WS_PATH = "/console/ws"
 MAX_FRAME = 1 << 20  # bytes of one WebSocket message from a browser (RFB client messages are small)
+OPEN_TIMEOUT = 10.0  # seconds a connection has for its TLS and HTTP/WebSocket handshake
+# Connections not yet in an authenticated session. A browser loading noVNC opens about six at once;
+# an operator's address needs few more. Overall: what one listener may hold of the daemon's fds.
+MAX_PENDING_PER_SOURCE = 16
+MAX_PENDING = 128
 # Every response: no caching of the page, no framing by other sites, no referrer leaking the URL.
 SECURITY_HEADERS = (("Cache-Control", "no-store"), ("X-Frame-Options", "DENY"), ("Referrer-Policy", "no-referrer"),
                     ("X-Content-Type-Options", "nosniff"),
@@ -131,6 +146,91 @@ class WsWriter:
             asyncio.get_running_loop().create_task(self.ws.close())
 
 
+class PendingConnections:
+    """Connections not yet authenticated, by source address (no I/O): admit() counts one in or
+    says why not, release() counts it out. Refusals are counted for a log line a second."""
+
+    def __init__(self, per_source: int = MAX_PENDING_PER_SOURCE, total: int = MAX_PENDING):
+        self.per_source, self.total = per_source, total
+        self.by_source: Counter = Counter()
+        self.refused: Counter = Counter()  # (source, status) -> refusals not yet logged
+        self.logged_at: dict = {}
+
+    def count(self) -> int:
+        return sum(self.by_source.values())
+
+    def admit(self, source: str) -> int | None:
+        """None: counted in; else the status to refuse with (429 this source, 503 everyone)."""
+        if self.by_source[source] >= self.per_source:
+            return HTTPStatus.TOO_MANY_REQUESTS.value
+        if self.count() >= self.total:
+            return HTTPStatus.SERVICE_UNAVAILABLE.value
+        self.by_source[source] += 1
+        return None
+
+    def release(self, source: str) -> None:
+        self.by_source[source] -= 1
+        if self.by_source[source] <= 0:
+            del self.by_source[source]
+
+    def to_log(self, source: str, status: int, now: float) -> int:
+        """Count one refusal; how many the log line to write now stands for (0: one was written
+        in the last second; this one is in the next line's count)."""
+        kind = (source, status)
+        self.refused[kind] += 1
+        if now - self.logged_at.get(kind, float("-inf")) < 1.0:
+            return 0
+        if len(self.logged_at) > 4096:  # sources come and go: keep the table bounded
+            self.logged_at = {k: t for k, t in self.logged_at.items() if now - t < 1.0}
+        self.logged_at[kind] = now
+        return self.refused.pop(kind)
+
+
+def _refusal(status: int) -> bytes:
+    phrase = HTTPStatus(status).phrase
+    body = b"too many connections from your address; try again shortly\n" if status == 429 else \
+        b"the console has too many connections; try again shortly\n"
+    head = [f"HTTP/1.1 {status} {phrase}", "Content-Type: text/plain; charset=utf-8",
+            f"Content-Length: {len(body)}", "Connection: close", "Retry-After: 10",
+            *(f"{k}: {v}" for k, v in SECURITY_HEADERS)]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+class _CountedConnection(ServerConnection):
+    """A connection of the web console's listener, counted pending from accept (after TLS) until
+    its session is authenticated or it closes (see PendingConnections)."""
+
+    pending: PendingConnections  # set on the subclass each WebConsole makes
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        source = str(peer[0]) if peer else "?"
+        self.counted: str | None = None
+        refused = self.pending.admit(source)
+        if refused is None:
+            self.counted = source
+            return
+        count = self.pending.to_log(source, refused, time.monotonic())
+        if count:
+            log.warning("web console refused a connection from %s with %d: %d not yet authenticated from it, "
+                        "%d in all (limits %d, %d); %d refused since the last line", source, refused,
+                        self.pending.by_source[source], self.pending.count(), self.pending.per_source,
+                        self.pending.total, count)
+        transport.write(_refusal(refused))  # type: ignore[attr-defined]
+        transport.close()
+
+    def authenticated(self) -> None:
+        """The session is the operator's now: it no longer counts against the caps."""
+        if getattr(self, "counted", None) is not None:
+            self.pending.release(self.counted)
+            self.counted = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.authenticated()
+        super().connection_lost(exc)
+
+
 class WebConsole:
     def __init__(self, proxy, listen: str, app=None, tls: ssl.SSLContext | None = None):
         """`app`: the app (apps:) whose sign-in this console sits behind, answering on its host
@@ -140,12 +240,19 @@ class WebConsole:
         self.app, self.tls = app, tls
         self.address: tuple[str, int] | None = None
         self._server: Server | None = None
+        self._pending = PendingConnections()
+        self._connection = type("CountedConnection", (_CountedConnection,), {"pending": self._pending})
+
+    def pending(self) -> int:
+        """Connections open and not yet authenticated (see PendingConnections)."""
+        return self._pending.count()
 
     async def start(self) -> None:
         host, port = parse_listen(self.listen)
         try:
             self._server = await serve(self._session, host, port, process_request=self._http, max_size=MAX_FRAME,
-                                       compression=None, server_header=None, reuse_address=True, ssl=self.tls)
+                                       compression=None, server_header=None, reuse_address=True, ssl=self.tls,
+                                       open_timeout=OPEN_TIMEOUT, create_connection=self._connection)
         except OSError as e:
             raise AdminError(f"cannot listen on {host}:{port} for the web console: {e.strerror}") from None
         self.address = tuple(next(iter(self._server.sockets)).getsockname()[:2])
@@ -254,6 +361,8 @@ class WebConsole:
                                    door="web")
                 await ws.close(1008, "not signed in as the ticket's operator")
                 return
+        if isinstance(ws, _CountedConnection):
+            ws.authenticated()
         await self.proxy.serve_session(ConsoleSession(self.proxy, WsReader(ws), WsWriter(ws), ticket=ticket,
                                                       signed_in=signed_in))
         await ws.close()

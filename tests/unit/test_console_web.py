@@ -250,3 +250,67 @@ def test_a_web_session_ends_when_its_operator_is_signed_out(tmp_path):
     wrong_person, proxy = asyncio.run(run())
     assert wrong_person == 1008
     assert [s["result"] for s in proxy.archive.list()] == ["revoked"]
+
+
+# ---- connections before sign-in are capped --------------------------------------------------------
+
+def test_connections_nobody_authenticated_are_capped_per_source_and_overall(console, caplog):
+    """A client that opens connections and never sends a request (or never finishes its WebSocket)
+    holds them for the handshake timeout: past MAX_PENDING_PER_SOURCE from one address its next
+    one is answered 429, past MAX_PENDING in all 503, each logged; another address is not locked
+    out by one source, and a closed connection frees its place."""
+    import socket
+    import time
+
+    from skyguard.console.web import MAX_PENDING, MAX_PENDING_PER_SOURCE
+
+    loop, proxy, _ = console
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # a test's self-signed certificate
+    port = proxy.web.address[1]
+
+    def hold(sources: list[str]) -> list:
+        def run():
+            out = []
+            for source in sources:  # TLS done, no request: a silent client
+                raw = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+                out.append(context.wrap_socket(raw, server_hostname=HOST))
+            return out
+        return loop.run_until_complete(asyncio.to_thread(run))  # the console's loop runs meanwhile
+
+    def ask(source: str) -> int:
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10, source_address=(source, 0))
+        try:
+            conn.request("GET", "/console/", headers={"Host": f"{HOST}:{port}"})
+            return conn.getresponse().status
+        except (ConnectionError, http.client.RemoteDisconnected):
+            return 0
+        finally:
+            conn.close()
+
+    def settled(count: int):
+        deadline = time.monotonic() + 30
+        while proxy.web.pending() != count and time.monotonic() < deadline:
+            loop.run_until_complete(asyncio.sleep(0.05))
+        assert proxy.web.pending() == count
+
+    held = []
+    try:
+        held += hold(["127.0.0.1"] * MAX_PENDING_PER_SOURCE)
+        settled(MAX_PENDING_PER_SOURCE)
+        assert loop.run_until_complete(asyncio.to_thread(ask, "127.0.0.1")) == 429
+        assert loop.run_until_complete(asyncio.to_thread(ask, "127.0.0.2")) == 401  # another address: served
+        sources = [f"127.0.1.{i}" for i in range(1, MAX_PENDING // MAX_PENDING_PER_SOURCE)]
+        held += hold([source for source in sources for _ in range(MAX_PENDING_PER_SOURCE)])
+        settled(MAX_PENDING)
+        assert loop.run_until_complete(asyncio.to_thread(ask, "127.0.0.3")) == 503
+        held.pop().close()
+        settled(MAX_PENDING - 1)
+        assert loop.run_until_complete(asyncio.to_thread(ask, "127.0.0.3")) == 401
+    finally:
+        for sock in held:
+            sock.close()
+    settled(0)
+    refusals = [r.getMessage() for r in caplog.records if "web console refused a connection" in r.getMessage()]
+    assert any("from 127.0.0.1" in m and "429" in m for m in refusals), refusals
+    assert any("from 127.0.0.3" in m and "503" in m for m in refusals), refusals
