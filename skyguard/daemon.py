@@ -544,22 +544,24 @@ class Daemon:
         return {"stopping": True}
 
     def status(self) -> dict:
-        with self._lock:
-            return {
-                "pid": os.getpid(),
-                "uptime_s": int(time.time() - self.started_at),
-                "policy": {"name": self.policy.name, "sha256": self.policy.sha256, "source": str(self.policy.source)},
-                "interfaces": self.datapath.attached(),
-                "tamper_events": self.tamper_events,
-                "workloads": workload_names(self.policy),
-                "maps": self.datapath.occupancy(),
-                "counters": self.datapath.counters(),
-                "log": self.tlog.head() if self.tlog else None,
-                "flowlog": self.flowlog.stats() if self.flowlog else None,
-                "parts": part_states(self),
-                "secrets": secrets_status(self.policy, self.state_dir / "secrets"),
-                "tpm": self.tpm.status() if self.tpm else None,
-            }
+        # Not under self._lock: a policy swap holds it while its parts take the policy (up to
+        # config.PARTS_WAIT_S), which is when an operator asks. Each field is read as it is now.
+        policy = self.policy
+        return {
+            "pid": os.getpid(),
+            "uptime_s": int(time.time() - self.started_at),
+            "policy": {"name": policy.name, "sha256": policy.sha256, "source": str(policy.source)},
+            "interfaces": self.datapath.attached(),
+            "tamper_events": self.tamper_events,
+            "workloads": workload_names(policy),
+            "maps": self.datapath.occupancy(),
+            "counters": self.datapath.counters(),
+            "log": self.tlog.head() if self.tlog else None,
+            "flowlog": self.flowlog.stats() if self.flowlog else None,
+            "parts": part_states(self),
+            "secrets": secrets_status(policy, self.state_dir / "secrets"),
+            "tpm": self.tpm.status() if self.tpm else None,
+        }
 
 
 async def _stop_logged(name: str, part) -> None:

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from daemon_support import PY, RunningDaemon, probe_one, start_listener, stop_process, wait_for
@@ -170,8 +171,13 @@ def test_a_load_whose_parts_outlast_the_wait_is_reported_as_the_datapath_enforce
     try:
         assert not probe_one(lab, "sdnctl1", "tcp", VFW1_V4, 8443)
         loads_before = len(daemon.log_entries("policy_load"))
-        out = daemon.cli("policy", "load", str(slow), "--json", timeout=300)
-        assert probe_one(lab, "sdnctl1", "tcp", VFW1_V4, 8443), "the datapath does not enforce the new policy"
+        loading = ThreadPoolExecutor(1).submit(daemon.cli, "policy", "load", str(slow), "--json", timeout=300)
+        wait_for(lambda: probe_one(lab, "sdnctl1", "tcp", VFW1_V4, 8443), 60, "the datapath to enforce the new policy")
+        # status answers while the load still waits for its parts (it waited for the whole load)
+        during = json.loads(daemon.cli("status", "--json", check=True, timeout=12).stdout)
+        assert not loading.done(), "status answered only once the load was over"
+        assert during["policy"]["sha256"] == new_sha and during["parts"]["credentials"] == "pending", during
+        out = loading.result()
         status = daemon.status()
         assert status["policy"]["sha256"] == new_sha, "status names a policy the datapath no longer enforces"
         assert json.loads(daemon.cli("policy", "show", "--json").stdout)["sha256"] == new_sha
