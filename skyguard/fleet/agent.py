@@ -44,6 +44,7 @@ from skyguard.tlog.cosign import (
     PEERS_FILE,
     Cosigner,
     CosignerVerifier,
+    Stale,
     Tamper,
     Witness,
     load_or_create_witness_key,
@@ -99,7 +100,7 @@ class FleetAgent:
         self.period = period
         self.log_dir = Path(log_dir or self.state_dir / "log")
         self.head_note = head_note         # the daemon's LogWriter.latest_note, when hosted
-        self._published: tuple | None = None   # (note, witness sizes) last published
+        self._published: tuple | None = None   # (note, witness sizes, value) last published
         self.log_vkey = host_signer(self.state_dir).verifier.vkey()
         self.cosigner = Cosigner(f"{name}.skyguard/witness", load_or_create_witness_key(self.state_dir))
         self.witness = Witness(self.dir / "witness", self.cosigner)
@@ -112,6 +113,8 @@ class FleetAgent:
         self.received: dict[str, int] = {}      # witness name -> largest size it cosigned here
         self.alerts: dict[str, str] = {}        # peer -> the first refusal, as reported
         self.refused: dict[str, str] = {}       # last refusal per reason
+        self.stale: dict[str, str] = {}         # peer -> why its checkpoint shown now is stale
+        self.fresh: dict[str, float] = {}       # peer -> when it last showed a checkpoint not stale
         self._tasks: list[asyncio.Task] = []
         self._applying = asyncio.Lock()
         self._load_applied()
@@ -173,7 +176,8 @@ class FleetAgent:
                 "log": {"size": head.get("size"), "root": head.get("root")},
                 "programs": local.get("programs"), "store": "ok" if self.store_ok else "unreachable",
                 "cosignatures": {"given": self.given, "received": dict(self.received)},
-                "alerts": sorted(self.alerts.values())[-20:], "refused": dict(self.refused)}
+                "alerts": sorted(self.alerts.values())[-20:], "refused": dict(self.refused),
+                "stale": dict(sorted(self.stale.items())[:20])}
 
     async def _membership(self) -> None:
         while True:
@@ -318,15 +322,15 @@ class FleetAgent:
         return {"origin": checkpoint.origin, "size": checkpoint.size,
                 "root": base64.b64encode(checkpoint.hash).decode(), "note": note}
 
-    def _my_checkpoint(self, cosigned_sizes: set[int]) -> dict | None:
+    def _my_checkpoint(self, cosigned_sizes: set[int]) -> bytes | None:
         """This log's latest checkpoint, with consistency proofs from each size a witness last
-        cosigned (so each can check it extends what it vouched for)."""
+        cosigned (so each can check it extends what it vouched for), as the store's value."""
         from skyguard.tlog.store import LogReader
         from skyguard.tlog.tree import consistency_proof
 
         head = self._log_head()
         published = (head.get("note"), tuple(sorted(cosigned_sizes)))
-        if not head or published == self._published:
+        if not head or published == (self._published or ())[:2]:
             return None   # nothing new: the proofs cost a pass over the log's tail, so not again
         proofs = {}
         try:
@@ -340,8 +344,9 @@ class FleetAgent:
                                         for h in consistency_proof(source, old, head["size"])]
                 except SkyguardError:
                     continue
-        self._published = published
-        return {"note": head["note"], "proofs": proofs}
+        value = json.dumps({"note": head["note"], "proofs": proofs}).encode()
+        self._published = (*published, value)
+        return value
 
     async def _witnessing(self) -> None:
         while True:
@@ -386,17 +391,31 @@ class FleetAgent:
                                             witness_name, cosigned)
                 self.received[witness_name] = checkpoint.size
         self.metrics.received.set(len(self.received))
-        # 2. This log's checkpoint, with proofs for the witnesses.
+        # 2. This log's checkpoint, with proofs for the witnesses; again when whoever writes the
+        # store replaced it (an old one put back would leave the witnesses nothing to cosign).
+        checkpoints = {item.key: item for item in (await self.store.get_prefix(keys.CHECKPOINTS))[0]}
+        stored = checkpoints.get(keys.checkpoint(self.name))
+        if self._published is not None and (stored is None or stored.value != self._published[2]):
+            log.warning("fleet: this host's published checkpoint was replaced or deleted in the store; "
+                        "publishing it again")
+            self._published = None
         mine = await asyncio.to_thread(self._my_checkpoint, sizes)
         if mine is not None:
             try:
-                await self.store.put(keys.checkpoint(self.name), json.dumps(mine).encode())
+                await self.store.put(keys.checkpoint(self.name), mine)
             except FleetError:
                 self._published = None   # publish it again next round
                 raise
         # 3. Cosign each peer's checkpoint.
         for peer, record in sorted(peers.items()):
-            await self._cosign_peer(peer, record, self._origin_rival(peer, record, peers))
+            await self._cosign_peer(peer, record, checkpoints.get(keys.checkpoint(peer)),
+                                    self._origin_rival(peer, record, peers))
+        now = time.time()
+        for peer, seen in self.fresh.items():   # kept when a peer leaves: it resumes, not restarts
+            if peer in peers:
+                self.metrics.fresh_age.labels(peer=peer).set(round(now - seen, 1))
+            else:
+                self.metrics.forget(peer)
 
     def _pinned(self) -> dict:
         path = self.state_dir / PEERS_FILE
@@ -443,8 +462,9 @@ class FleetAgent:
             return f"peer {peer} now presents other keys or origin than first seen ({pinned[peer]['origin']})"
         return None
 
-    async def _cosign_peer(self, peer: str, record: dict, rival: str | None = None) -> None:
-        item, _ = await self.store.get(keys.checkpoint(peer))
+    async def _cosign_peer(self, peer: str, record: dict, item, rival: str | None = None) -> None:
+        """Cosign the checkpoint `item` (the store's record under checkpoints/<peer>) if it
+        extends what this witness cosigned of that log and what the others did."""
         if item is None:
             return
         if not _peer_keys(record):   # never pinned: peers.json holds only short printable text
@@ -464,8 +484,10 @@ class FleetAgent:
                 raise Tamper(changed)
             verifier = Verifier.from_vkey(record["log_vkey"])
             checkpoint = parse_and_verify(note, verifier, origin=record["origin"])
+            self.fresh.setdefault(peer, time.time())   # the age of a peer stale from the start
             last = self.witness.state(checkpoint.origin)
             if last is not None and last.size == checkpoint.size and last.root == checkpoint.hash:
+                self._fresh(peer)
                 return   # already cosigned
             proof = None
             if last is not None and str(last.size) in proofs:
@@ -475,13 +497,32 @@ class FleetAgent:
         except Tamper as e:
             await self._tamper(peer, record.get("origin"), str(e))
             return
+        except Stale as e:
+            self._stale(peer, str(e))
+            return
         except (ValueError, KeyError, TypeError, BadLogInput, VerificationError) as e:
             log.debug("not cosigning %s yet: %s", peer, e)
             return
+        self._fresh(peer)
         await self.store.put(keys.cosignature(peer, self.name),
                              json.dumps({"note": cosigned, "size": checkpoint.size}).encode())
         self.given += 1
         self.metrics.given.inc()
+
+    def _fresh(self, peer: str) -> None:
+        self.fresh[peer] = time.time()
+        if self.stale.pop(peer, None) is not None:
+            log.info("fleet: %s presents a current checkpoint again", peer)
+
+    def _stale(self, peer: str, problem: str) -> None:
+        """An old checkpoint of a peer (replayed in the store, or a log cut that has not signed
+        past the cut yet): not cosigned, no alert. Counted and logged once per checkpoint shown;
+        skyguard_fleet_peer_checkpoint_age_seconds shows an operator how long it lasts."""
+        if self.stale.get(peer) == problem:
+            return
+        self.stale[peer] = problem
+        self.metrics.stale.labels(peer=peer).inc()
+        log.warning("fleet: not cosigning %s: %s", peer, problem)
 
     async def _check_other_witnesses(self, peer: str, verifier: Verifier, checkpoint: Checkpoint,
                                      proofs: dict) -> None:

@@ -21,3 +21,18 @@ class FleetMetrics:
                               registry=registry)
         self.tamper = Counter("skyguard_fleet_witness_tamper", "Peer checkpoints refused as "
                               "rewritten or forked history (a tamper event)", ["peer"], registry=registry)
+        self.stale = Counter("skyguard_fleet_witness_stale", "Peer checkpoints refused as older than "
+                             "the one already cosigned (a replayed checkpoint, no tamper event)", ["peer"],
+                             registry=registry)
+        self.fresh_age = Gauge("skyguard_fleet_peer_checkpoint_age_seconds", "Seconds since the peer last "
+                               "presented a checkpoint this host cosigned or had cosigned (grows while "
+                               "it presents only stale ones)", ["peer"], registry=registry)
+
+    def forget(self, peer: str) -> bool:
+        """A peer that left the fleet: its per-peer gauge goes (True if it had it); the counters
+        stay."""
+        try:
+            self.fresh_age.remove(peer)
+        except KeyError:
+            return False
+        return True

@@ -12,8 +12,11 @@ separate key keeps "this host signed its log" and "this host vouches for another
 
 Witness state: one small JSON file per log origin (size, root hash and the log's verifier key as
 first seen), written and fsynced before a cosignature leaves, so that a crash can never lead the
-witness to cosign two forks of one log. Refusals (a smaller tree, another root at the same size,
-a failing consistency proof, another key for a known origin) raise Tamper.
+witness to cosign two forks of one log. Refusals that prove a rewrite (another root at the same
+size, a failing consistency proof, another key for a known origin) raise Tamper. A smaller tree
+raises Stale, not Tamper: a checkpoint the log genuinely signed earlier is no evidence of a
+rollback (whoever relays checkpoints can replay an old one), and a log really cut that goes on
+signing shows either another root at a size already cosigned or a larger size whose proof fails.
 
 Not here: how checkpoints and proofs travel between hosts (skyguard/fleet/).
 """
@@ -47,6 +50,11 @@ MAX_TIMESTAMP = (1 << 63) - 1
 
 class Tamper(LogError):
     """A log presented a checkpoint its witness must not cosign: it rewrote or forked history."""
+
+
+class Stale(LogError):
+    """A checkpoint older (smaller) than the one already cosigned for its log: not cosigned, and
+    not evidence of tampering (an old, genuinely signed checkpoint replayed by its relay)."""
 
 
 def cosigner_key_id(name: str, public_key: bytes) -> bytes:
@@ -176,7 +184,8 @@ class Witness:
 
     def cosign(self, note: str, log_vkey: str, proof: Sequence[bytes] | None,
                timestamp: int | None = None) -> tuple[str, Checkpoint]:
-        """The note with this witness's cosignature added, or Tamper (never cosign it) or
+        """The note with this witness's cosignature added, or Tamper (never cosign it), Stale
+        (older than what was cosigned: nothing to cosign, not tamper) or
         VerificationError/BadLogInput (not a valid checkpoint: nothing to cosign, not tamper).
         `proof` is the consistency proof from the size last cosigned (None: none was offered;
         then only a first checkpoint or one at the same size can be cosigned)."""
@@ -188,8 +197,8 @@ class Witness:
                          f"{last.log_vkey} it was first witnessed with")
         if last is not None:
             if checkpoint.size < last.size:
-                raise Tamper(f"log {checkpoint.origin!r} presents size {checkpoint.size}, smaller "
-                             f"than the size {last.size} already cosigned (history cut or rolled back)")
+                raise Stale(f"log {checkpoint.origin!r} presents size {checkpoint.size}, smaller "
+                            f"than the size {last.size} already cosigned (an old checkpoint)")
             if checkpoint.size == last.size and checkpoint.hash != last.root:
                 raise Tamper(f"log {checkpoint.origin!r} presents another root at size "
                              f"{checkpoint.size} than the one cosigned (a fork)")

@@ -607,3 +607,56 @@ def test_members_sharing_an_origin_that_is_not_unicode_stop_no_witness_loop(flee
         for name in names:
             asyncio.run(store.delete(keys.member(name)))
             asyncio.run(store.delete(keys.checkpoint(name)))
+
+
+def metric(host, name, peer):
+    """The value of the fleet metric `name` for `peer` on `host`, or None when not exported."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(generate_latest(host.registry).decode()):
+        for sample in family.samples:
+            if sample.name == name and sample.labels.get("peer") == peer:
+                return sample.value
+    return None
+
+
+def test_an_old_checkpoint_replayed_in_the_store_is_stale_not_a_rollback(fleet):
+    # Whoever can write etcd (no host key needed) puts back a checkpoint alpha really signed
+    # earlier. Before the fix each witness took the smaller size for a cut history and raised a
+    # tamper alert accusing honest alpha. Now it is a stale checkpoint: not cosigned, counted,
+    # no alert; alpha publishes its latest checkpoint again, and each witness shows the age of
+    # alpha's last fresh checkpoint.
+    import asyncio
+
+    alpha, witnesses = fleet.hosts[0], fleet.hosts[1:]
+    store = EtcdStore(fleet.cluster.endpoints)
+    old, _ = asyncio.run(store.get(keys.checkpoint(alpha.name)))
+    old_size = Checkpoint.parse_body(json.loads(old.value)["note"].split("\n\n")[0] + "\n").size
+    for i in range(3):
+        alpha.writer.append(entry("flow_start", before_replay=i))
+    origin = alpha.writer.origin
+    wait_until(lambda: all(h.agent.witness.state(origin).size > old_size for h in witnesses),
+               what="alpha's newer checkpoint cosigned")
+    cosigned = {h.name: h.agent.witness.state(origin).size for h in witnesses}
+    # While alpha runs, it puts its latest checkpoint back.
+    asyncio.run(store.put(keys.checkpoint(alpha.name), old.value))
+    wait_until(lambda: asyncio.run(store.get(keys.checkpoint(alpha.name)))[0].value != old.value,
+               what="alpha publishing its latest checkpoint again")
+    member, _ = asyncio.run(store.get(keys.member(alpha.name)))
+    alpha.stop_agent()   # alpha away (its record kept in the store): the replay stays
+    try:
+        asyncio.run(store.put(keys.member(alpha.name), member.value))
+        asyncio.run(store.put(keys.checkpoint(alpha.name), old.value))
+        wait_until(lambda: all("alpha" in h.agent.alerts
+                               or metric(h, "skyguard_fleet_witness_stale_total", "alpha")
+                               for h in witnesses), what="witnesses refusing the replayed checkpoint")
+        for host in witnesses:
+            assert "alpha" not in host.agent.alerts, host.agent.alerts
+            assert not [f for f in host.kinds("tamper") if f["peer"] == "alpha"]
+            assert host.agent.witness.state(origin).size == cosigned[host.name]
+            assert metric(host, "skyguard_fleet_peer_checkpoint_age_seconds", "alpha") is not None
+    finally:
+        alpha.start_agent()
+    before = {h.name: h.agent.given for h in witnesses}
+    alpha.writer.append(entry("flow_start", after_replay=True))
+    wait_until(lambda: all(h.agent.given > before[h.name] for h in witnesses), what="alpha cosigned again")

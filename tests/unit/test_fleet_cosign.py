@@ -1,7 +1,7 @@
 """Cosignatures (C2SP tlog-cosignature, cosignature/v1) and the witness: the exact bytes the spec
 defines, checked by hand; a witness that cosigns only consistent growth, remembers it across
-restarts, and refuses (Tamper) a smaller tree, a fork, an inconsistent tree and a changed key;
-`log verify --witnesses N` counts distinct trusted witnesses; the log's unique origin."""
+restarts, and refuses (Tamper) a fork, an inconsistent tree and a changed key, and a smaller
+tree (Stale, not tamper); `log verify --witnesses N` counts distinct trusted witnesses; the log's unique origin."""
 
 import base64
 import hashlib
@@ -19,6 +19,7 @@ from skyguard.tlog.cosign import (
     PEERS_FILE,
     Cosigner,
     CosignerVerifier,
+    Stale,
     Tamper,
     Witness,
     witnessed_by,
@@ -83,11 +84,16 @@ def test_witness_cosigns_consistent_growth_and_remembers(tmp_path, cosigner, log
     witness.cosign(_note(log_signer, source, 25), vkey, consistency_proof(source, 10, 25))
     again = Witness(tmp_path / "w", cosigner)   # a restart: the state is on disk
     assert again.state(log_signer.name).size == 25
-    with pytest.raises(Tamper, match="smaller"):
+    # An older checkpoint the log really signed (replayed by whoever relays them) is stale:
+    # refused, but no evidence of a rollback, and the state does not move.
+    with pytest.raises(Stale, match="smaller"):
         again.cosign(_note(log_signer, source, 20), vkey, None)
+    assert again.state(log_signer.name).size == 25
 
 
 def test_witness_refuses_a_fork_and_a_rewrite(tmp_path, cosigner, log_signer):
+    # A log really cut that goes on signing: another root at a size already cosigned, or a
+    # larger size whose proof from the cosigned size fails. Both stay Tamper.
     honest, forged = _tree(40), _tree(40, salt=b"forged")
     witness = Witness(tmp_path / "w", cosigner)
     vkey = log_signer.verifier.vkey()
