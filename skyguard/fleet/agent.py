@@ -19,7 +19,8 @@ logs `fleet_store_lost` once, reports it (metric, status) and retries. A refused
 that presents a rewritten log is a log entry, a metric and an alert key in the store; never an
 exception that stops the agent.
 
-Not here: the store protocol (etcd.py), signatures (signing.py, tlog/cosign.py).
+Not here: the store protocol (etcd.py), signatures (signing.py, tlog/cosign.py), the split-view
+check against other witnesses' cosignatures (witnessing.py).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from skyguard.errors import PolicyError, SkyguardError
 from skyguard.fleet import keys
 from skyguard.fleet.signing import PolicyRefused, SignedPolicy, check_member_name, decide, open_policy
 from skyguard.fleet.store import Compacted, FleetError, Store, StoreUnavailable, load_value
+from skyguard.fleet.witnessing import peer_keys, unproven_witnesses
 from skyguard.tlog.checkpoint import Checkpoint, Verifier, parse_and_verify, split_note
 from skyguard.tlog.cosign import (
     COSIGNED_DIR,
@@ -51,8 +53,6 @@ from skyguard.tlog.cosign import (
     write_cosigned,
 )
 from skyguard.tlog.errors import BadLogInput, VerificationError
-from skyguard.tlog.head import MAX_NOTE
-from skyguard.tlog.tree import verify_consistency
 
 log = logging.getLogger("skyguard.fleet")
 
@@ -115,6 +115,7 @@ class FleetAgent:
         self.refused: dict[str, str] = {}       # last refusal per reason
         self.stale: dict[str, str] = {}         # peer -> why its checkpoint shown now is stale
         self.fresh: dict[str, float] = {}       # peer -> when it last showed a checkpoint not stale
+        self.unverified: dict[str, list] = {}   # peer -> other witnesses not proven consistent
         self._tasks: list[asyncio.Task] = []
         self._applying = asyncio.Lock()
         self._load_applied()
@@ -177,7 +178,8 @@ class FleetAgent:
                 "programs": local.get("programs"), "store": "ok" if self.store_ok else "unreachable",
                 "cosignatures": {"given": self.given, "received": dict(self.received)},
                 "alerts": sorted(self.alerts.values())[-20:], "refused": dict(self.refused),
-                "stale": dict(sorted(self.stale.items())[:20])}
+                "stale": dict(sorted(self.stale.items())[:20]),
+                "unverified": {peer: w for peer, w in sorted(self.unverified.items()) if w}}
 
     async def _membership(self) -> None:
         while True:
@@ -360,7 +362,10 @@ class FleetAgent:
 
     async def _witness_round(self) -> None:
         # 1. Cosignatures of this log: verified, kept for `log verify --witnesses`.
-        items, _ = await self.store.get_prefix(keys.cosignatures_of(self.name))
+        cosignatures: dict[str, list] = {}   # log name -> its cosignatures, listed once a round
+        for item in (await self.store.get_prefix(keys.COSIGNATURES))[0]:
+            cosignatures.setdefault(item.key[len(keys.COSIGNATURES):].partition("/")[0], []).append(item)
+        items = cosignatures.get(self.name, [])
         members, _ = await self.store.get_prefix(keys.MEMBERS)
         peers = {}
         for item in members:
@@ -409,13 +414,13 @@ class FleetAgent:
         # 3. Cosign each peer's checkpoint.
         for peer, record in sorted(peers.items()):
             await self._cosign_peer(peer, record, checkpoints.get(keys.checkpoint(peer)),
-                                    self._origin_rival(peer, record, peers))
+                                    cosignatures.get(peer, []), self._origin_rival(peer, record, peers))
         now = time.time()
         for peer, seen in self.fresh.items():   # kept when a peer leaves: it resumes, not restarts
             if peer in peers:
                 self.metrics.fresh_age.labels(peer=peer).set(round(now - seen, 1))
-            else:
-                self.metrics.forget(peer)
+            elif self.metrics.forget(peer):
+                self.unverified.pop(peer, None)
 
     def _pinned(self) -> dict:
         path = self.state_dir / PEERS_FILE
@@ -462,12 +467,14 @@ class FleetAgent:
             return f"peer {peer} now presents other keys or origin than first seen ({pinned[peer]['origin']})"
         return None
 
-    async def _cosign_peer(self, peer: str, record: dict, item, rival: str | None = None) -> None:
+    async def _cosign_peer(self, peer: str, record: dict, item, cosignatures: list,
+                           rival: str | None = None) -> None:
         """Cosign the checkpoint `item` (the store's record under checkpoints/<peer>) if it
-        extends what this witness cosigned of that log and what the others did."""
+        extends what this witness cosigned of that log and what the others did (`cosignatures`:
+        the store's records under cosignatures/<peer>/)."""
         if item is None:
             return
-        if not _peer_keys(record):   # never pinned: peers.json holds only short printable text
+        if not peer_keys(record):   # never pinned: peers.json holds only short printable text
             if peer in self._pinned() and any(record.get(name) is not None for name in
                                               ("origin", "log_vkey", "witness_vkey")):
                 await self._tamper(peer, None, f"peer {peer} now presents an origin or keys that "
@@ -486,13 +493,18 @@ class FleetAgent:
             checkpoint = parse_and_verify(note, verifier, origin=record["origin"])
             self.fresh.setdefault(peer, time.time())   # the age of a peer stale from the start
             last = self.witness.state(checkpoint.origin)
+            self.witness.refuse_older(checkpoint, last)
+            # Against a split view: what every other witness cosigned of this log (witnessing.py).
+            unproven = unproven_witnesses(cosignatures, self._pinned(), self.name, verifier, checkpoint, proofs)
+            self._unproven(peer, unproven)
             if last is not None and last.size == checkpoint.size and last.root == checkpoint.hash:
                 self._fresh(peer)
-                return   # already cosigned
+                return   # already cosigned (what it leaves unproven is reported)
+            if unproven:
+                return   # cosigned only once proven consistent with what they cosigned
             proof = None
             if last is not None and str(last.size) in proofs:
                 proof = [base64.b64decode(h) for h in proofs[str(last.size)]]
-            await self._check_other_witnesses(peer, verifier, checkpoint, proofs)
             cosigned, checkpoint = await asyncio.to_thread(self.witness.cosign, note, record["log_vkey"], proof)
         except Tamper as e:
             await self._tamper(peer, record.get("origin"), str(e))
@@ -509,6 +521,16 @@ class FleetAgent:
         self.given += 1
         self.metrics.given.inc()
 
+    def _unproven(self, peer: str, witnesses: list[str]) -> None:
+        """Other witnesses' cosignatures of `peer`'s log not proven consistent with the checkpoint
+        shown here: nothing is cosigned meanwhile; logged when it changes, and a gauge."""
+        if self.unverified.get(peer, []) != witnesses:
+            if witnesses:
+                log.warning("fleet: %s's checkpoint is not proven consistent with what %s cosigned; "
+                            "not cosigning it until the log shows a proof", peer, ", ".join(witnesses))
+            self.unverified[peer] = witnesses
+        self.metrics.unverified.labels(peer=peer).set(len(witnesses))
+
     def _fresh(self, peer: str) -> None:
         self.fresh[peer] = time.time()
         if self.stale.pop(peer, None) is not None:
@@ -523,40 +545,6 @@ class FleetAgent:
         self.stale[peer] = problem
         self.metrics.stale.labels(peer=peer).inc()
         log.warning("fleet: not cosigning %s: %s", peer, problem)
-
-    async def _check_other_witnesses(self, peer: str, verifier: Verifier, checkpoint: Checkpoint,
-                                     proofs: dict) -> None:
-        """Against a split view (one history shown to some witnesses, another to others): the
-        checkpoint must extend what every other pinned witness cosigned of this log, as their
-        cosignatures in the store show; the log publishes a consistency proof from each of those
-        sizes. Another root at the same size, or a failing proof, is Tamper; a proof not
-        published yet (a cosignature newer than the log's last publication) waits a round."""
-        items, _ = await self.store.get_prefix(keys.cosignatures_of(peer))
-        pinned = self._pinned()
-        for item in items:
-            witness = item.key.rsplit("/", 1)[-1]
-            if witness == self.name or not isinstance(pinned.get(witness), dict):
-                continue
-            try:
-                other_note = load_value(item.value)["note"]
-                other, _ = CosignerVerifier.from_vkey(pinned[witness]["witness_vkey"]).verify(other_note)
-                parse_and_verify(other_note, verifier, origin=checkpoint.origin)
-            except (ValueError, KeyError, TypeError, BadLogInput, VerificationError):
-                continue
-            if other.size == checkpoint.size and other.hash != checkpoint.hash:
-                raise Tamper(f"split view: {witness} cosigned another root at size {other.size} "
-                             f"of log {checkpoint.origin!r} than the one shown here")
-            if 0 < other.size < checkpoint.size:
-                if str(other.size) not in proofs:
-                    raise VerificationError(f"no consistency proof from size {other.size}, which "
-                                            f"{witness} cosigned")
-                proof = [base64.b64decode(h) for h in proofs[str(other.size)]]
-                try:
-                    verify_consistency(other.size, checkpoint.size, other.hash, checkpoint.hash, proof)
-                except VerificationError as e:
-                    raise Tamper(f"split view: log {checkpoint.origin!r} at size {checkpoint.size} "
-                                 f"is not consistent with size {other.size} cosigned by {witness}: "
-                                 f"{e}") from None
 
     async def _tamper(self, peer: str, origin: str | None, problem: str) -> None:
         """Once per peer: every later checkpoint of a rewritten log is refused the same way
@@ -575,15 +563,6 @@ class FleetAgent:
                  "time": time.time()}).encode())
         except FleetError:
             pass   # recorded locally; the store gets it when the next refusal is reported
-
-
-def _peer_keys(record: dict) -> bool:
-    """The record names an origin and keys as a log's checkpoint can carry them: non-empty
-    printable text of at most a head note's size. Anything else, say JSON nested deep or
-    megabytes long, would be pinned into peers.json and reread every round; a lone surrogate
-    (valid JSON) would make the tamper entry that quotes it fail to encode."""
-    return all(isinstance(record.get(name), str) and 0 < len(record[name]) <= MAX_NOTE
-               and record[name].isprintable() for name in ("origin", "log_vkey", "witness_vkey"))
 
 
 class _WatchLost(FleetError):

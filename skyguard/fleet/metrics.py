@@ -27,12 +27,19 @@ class FleetMetrics:
         self.fresh_age = Gauge("skyguard_fleet_peer_checkpoint_age_seconds", "Seconds since the peer last "
                                "presented a checkpoint this host cosigned or had cosigned (grows while "
                                "it presents only stale ones)", ["peer"], registry=registry)
+        self.unverified = Gauge("skyguard_fleet_witness_unverified", "Other witnesses' cosignatures of "
+                                "the peer's log not proven consistent with its checkpoint shown here "
+                                "(nothing cosigned meanwhile)", ["peer"], registry=registry)
 
     def forget(self, peer: str) -> bool:
-        """A peer that left the fleet: its per-peer gauge goes (True if it had it); the counters
+        """A peer that left the fleet: its per-peer gauges go (True if it had them); the counters
         stay."""
         try:
             self.fresh_age.remove(peer)
         except KeyError:
             return False
+        try:
+            self.unverified.remove(peer)
+        except KeyError:
+            pass
         return True

@@ -182,6 +182,13 @@ class Witness:
             raise LogError(f"witness state {path} is for another origin; move it away")
         return Witnessed(origin, data["log_vkey"], int(data["size"]), base64.b64decode(data["root"]))
 
+    def refuse_older(self, checkpoint: Checkpoint, last: Witnessed | None = None) -> None:
+        """Stale if `checkpoint` is smaller than the one last cosigned for its origin."""
+        last = last if last is not None else self.state(checkpoint.origin)
+        if last is not None and checkpoint.size < last.size:
+            raise Stale(f"log {checkpoint.origin!r} presents size {checkpoint.size}, smaller "
+                        f"than the size {last.size} already cosigned (an old checkpoint)")
+
     def cosign(self, note: str, log_vkey: str, proof: Sequence[bytes] | None,
                timestamp: int | None = None) -> tuple[str, Checkpoint]:
         """The note with this witness's cosignature added, or Tamper (never cosign it), Stale
@@ -196,9 +203,7 @@ class Witness:
             raise Tamper(f"log {checkpoint.origin!r} now presents key {log_vkey}, not the key "
                          f"{last.log_vkey} it was first witnessed with")
         if last is not None:
-            if checkpoint.size < last.size:
-                raise Stale(f"log {checkpoint.origin!r} presents size {checkpoint.size}, smaller "
-                            f"than the size {last.size} already cosigned (an old checkpoint)")
+            self.refuse_older(checkpoint, last)
             if checkpoint.size == last.size and checkpoint.hash != last.root:
                 raise Tamper(f"log {checkpoint.origin!r} presents another root at size "
                              f"{checkpoint.size} than the one cosigned (a fork)")

@@ -660,3 +660,75 @@ def test_an_old_checkpoint_replayed_in_the_store_is_stale_not_a_rollback(fleet):
     before = {h.name: h.agent.given for h in witnesses}
     alpha.writer.append(entry("flow_start", after_replay=True))
     wait_until(lambda: all(h.agent.given > before[h.name] for h in witnesses), what="alpha cosigned again")
+
+
+def test_a_split_view_below_the_size_another_witness_cosigned_is_never_cosigned_unproven(fleet):
+    # A host with its own log key shows history one at size 3 to alpha (which cosigns it), then
+    # a fork of it at size 2 to bravo. Before the fix bravo checked another witness's
+    # cosignature only at the same size or a smaller one, so it cosigned the fork: the log held
+    # cosignatures of two histories. Now a checkpoint below a size another witness cosigned is
+    # not cosigned until proven consistent (the log shows that size or more, with a proof), and
+    # a cosignature of bravo's own that such a cosignature leaves unproven (the two made at the
+    # same time) is shown as unverified; the fork, once shown at alpha's size, is a split view.
+    import asyncio
+    import base64
+
+    from skyguard.tlog.cosign import Cosigner
+    from skyguard.tlog.hashing import hash_leaf
+    from skyguard.tlog.tree import MemorySource, consistency_proof, range_root
+
+    alpha, bravo, charlie = fleet.hosts
+    store = EtcdStore(fleet.cluster.endpoints)
+    key = Signer("splitter2", Ed25519PrivateKey.generate())
+    origin = "splitter-2.skyguard/log"
+    record = {"name": "splitter2", "origin": origin, "log_vkey": key.verifier.vkey(),
+              "witness_vkey": Cosigner("splitter2.skyguard/witness", Ed25519PrivateKey.generate()).verifier.vkey(),
+              "heartbeat": time.time()}
+    one = MemorySource([hash_leaf(b"entry %d" % i) for i in range(4)])
+    two = MemorySource([hash_leaf(b"entry %d" % i if i < 1 else b"forged %d" % i) for i in range(4)])
+
+    def publish(source, size, proofs_from=()):
+        note = Checkpoint(origin, size, range_root(source, 0, size)).sign(key)
+        proofs = {str(old): [base64.b64encode(h).decode() for h in consistency_proof(source, old, size)]
+                  for old in proofs_from}
+        etcdctl_put(fleet, keys.checkpoint("splitter2"), json.dumps({"note": note, "proofs": proofs}))
+
+    def unverified():
+        return metric(bravo, "skyguard_fleet_witness_unverified", "splitter2")
+
+    def pinned(host):
+        path = host.state / "fleet" / "peers.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+    wait_until(lambda: "alpha" in pinned(bravo), what="bravo knowing alpha's witness key")
+    bravo.stop_agent()
+    charlie.stop_agent()
+    try:
+        etcdctl_put(fleet, keys.member("splitter2"), json.dumps(record))
+        publish(one, 3)
+        wait_until(lambda: alpha.agent.witness.state(origin) is not None, what="alpha cosigning view one")
+        alpha.stop_agent()
+        publish(two, 2)
+        bravo.start_agent()
+        wait_until(lambda: unverified() or bravo.agent.witness.state(origin) is not None,
+                   what="bravo deciding on the fork")
+        assert bravo.agent.witness.state(origin) is None, "bravo cosigned a fork below alpha's size"
+        assert "splitter2" not in bravo.agent.alerts
+        # alpha's cosignature out of sight (as when both cosign at once): bravo cosigns the fork,
+        # then shows alpha's, once back, as not proven consistent with its own.
+        cosigned, _ = asyncio.run(store.get(keys.cosignature("splitter2", "alpha")))
+        asyncio.run(store.delete(keys.cosignature("splitter2", "alpha")))
+        wait_until(lambda: bravo.agent.witness.state(origin) is not None, what="bravo cosigning the fork")
+        asyncio.run(store.put(keys.cosignature("splitter2", "alpha"), cosigned.value))
+        wait_until(lambda: unverified() == 1, what="bravo showing alpha's cosignature unverified")
+        assert "splitter2" in bravo.agent.status()["unverified"]
+        publish(two, 3, proofs_from=[2])   # the fork grown to alpha's size, with its own proof
+        wait_until(lambda: "splitter2" in bravo.agent.alerts, what="bravo refusing the split view")
+        assert "split view" in bravo.agent.alerts["splitter2"], bravo.agent.alerts
+        assert bravo.agent.witness.state(origin).size == 2
+    finally:
+        for host in (alpha, bravo, charlie):
+            if host.agent._tasks == []:
+                host.start_agent()
+        subprocess.run(["etcdctl", "--endpoints", fleet.cluster.endpoints, "del", "--prefix",
+                        keys.member("splitter2")], env=dict(os.environ, ETCDCTL_API="3"),
+                       check=True, capture_output=True, timeout=30)
