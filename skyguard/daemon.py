@@ -494,6 +494,8 @@ class Daemon:
         return checked
 
     def _ops(self):
+        from skyguard.fleet.daemon_hook import record_handler as fleet_record_handler
+
         return {
             "status": lambda args: self.status(),
             "policy.load": self._op_policy_load,
@@ -506,6 +508,7 @@ class Daemon:
             # skyguard top: active conntrack flows named by workload, bounded (skyguard/metrics/views.py)
             "flows.active": flows_handler(self),
             "key.record": key_record_handler(self.record),  # `skyguard key create/rm` (skyguard/keys/record.py)
+            "fleet.record": fleet_record_handler(self),  # `skyguard fleet join` (skyguard/fleet/daemon_hook.py)
             "apps": self._op_apps,  # skyguard apps list/sessions/logout/jwks (skyguard/apps/service.py)
         }
 

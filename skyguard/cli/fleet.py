@@ -72,15 +72,18 @@ def admin_key(path, name):
 def join(etcd, name, admin_keys, state_dir):
     """Join the fleet beside a running daemon (`skyguard up`), until stopped: register under a
     lease, publish status and keys, apply signed policies through the daemon's control socket,
-    witness peers' logs. `skyguard up --fleet-etcd ... --fleet-name ...` does the same inside
-    the daemon (and then also writes fleet events to the signed log).
+    witness peers' logs, and write fleet events (a tamper alert among them) to the daemon's
+    signed log. `skyguard up --fleet-etcd ... --fleet-name ...` does the same inside the daemon.
 
     \b
     Example:
       skyguard fleet join --etcd http://10.0.0.1:2379 --name host1 --admin-key admin.vkey
     """
+    import queue
+    import threading
+
     from skyguard import control
-    from skyguard.errors import BadInput
+    from skyguard.errors import BadInput, SkyguardError
     from skyguard.fleet.agent import FleetAgent
     from skyguard.fleet.etcd import EtcdStore
     from skyguard.fleet.signing import check_member_name, load_admin_verifiers
@@ -99,10 +102,29 @@ def join(etcd, name, admin_keys, state_dir):
         reply = control.request("status", state_dir=state_dir)
         return {"policy": reply.get("policy"), "programs": len(reply.get("interfaces") or {})}
 
-    def record(kind, /, **fields):   # the daemon owns the signed log; here events go to a file
-        events.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with open(events, "a") as f:
-            f.write(json.dumps({"type": kind, "time": time.time(), **fields}, default=str) + "\n")
+    pending: queue.SimpleQueue = queue.SimpleQueue()
+
+    def write_events():
+        """The daemon owns the signed log: each event is handed to it (`fleet.record`), off the
+        agent's loop, and kept in a file as well, saying whether the signed log has it."""
+        while True:
+            kind, fields = pending.get()
+            try:
+                control.request("fleet.record", timeout=10, state_dir=state_dir, kind=kind, fields=fields)
+                signed = True
+            except SkyguardError as e:
+                logging.getLogger("skyguard.fleet").warning("fleet event %s not in the daemon's signed "
+                                                            "log (%s); kept in %s", kind, e, events)
+                signed = False
+            events.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with open(events, "a") as f:
+                f.write(json.dumps({"type": kind, "time": time.time(), **fields, "signed_log": signed},
+                                   default=str) + "\n")
+
+    threading.Thread(target=write_events, name="fleet-events", daemon=True).start()
+
+    def record(kind, /, **fields):   # must not block the agent's loop
+        pending.put((kind, fields))
 
     agent = FleetAgent(EtcdStore(etcd), check_member_name(name), state, admins, apply=apply,
                        local_status=local_status, record=record)

@@ -96,6 +96,18 @@ async def fleet_view(store: Store, admins=None) -> dict:
             peer, _, witness = item.key[len(keys.ALERTS):].partition("/")
             alert = {"witness": witness, "peer": peer, "problem": "the alert record is not a JSON object"}
         view["alerts"].append(alert)
+    # A host's record lists its alerts too ("peer: problem"), and the host rewrites it every
+    # period: an alert whose key whoever writes the store deleted is still shown.
+    shown = {(a.get("witness"), a.get("peer")) for a in view["alerts"]
+             if isinstance(a.get("witness"), str) and isinstance(a.get("peer"), str)}
+    for name, status in view["members"].items():
+        listed = status.get("alerts")
+        for text in listed if isinstance(listed, list) else []:
+            peer, sep, problem = text.partition(": ") if isinstance(text, str) else ("", "", "")
+            if sep and (name, peer) not in shown:
+                shown.add((name, peer))
+                view["alerts"].append({"witness": name, "peer": peer, "problem": problem,
+                                       "from": "member record (the alert key is missing)"})
     item, _ = await store.get(keys.POLICY)
     if item is not None:
         try:

@@ -39,7 +39,7 @@ from skyguard.errors import PolicyError, SkyguardError
 from skyguard.fleet import keys
 from skyguard.fleet.signing import PolicyRefused, SignedPolicy, check_member_name, decide, open_policy
 from skyguard.fleet.store import Compacted, FleetError, Store, StoreUnavailable, load_value
-from skyguard.fleet.witnessing import peer_keys, unproven_witnesses
+from skyguard.fleet.witnessing import keep_alerts, load_alerts, peer_keys, republish_alerts, unproven_witnesses
 from skyguard.tlog.checkpoint import Checkpoint, Verifier, parse_and_verify, split_note
 from skyguard.tlog.cosign import (
     COSIGNED_DIR,
@@ -111,7 +111,11 @@ class FleetAgent:
         self.lease = 0
         self.given = 0
         self.received: dict[str, int] = {}      # witness name -> largest size it cosigned here
-        self.alerts: dict[str, str] = {}        # peer -> the first refusal, as reported
+        # peer -> the first refusal: as published, and as reported; kept in the state dir
+        self.alert_records: dict[str, dict] = load_alerts(self.state_dir)
+        self.alerts: dict[str, str] = {peer: f"{peer}: {a.get('problem')}" for peer, a in self.alert_records.items()}
+        for peer in self.alert_records:
+            self.metrics.alert.labels(peer=peer).set(1)
         self.refused: dict[str, str] = {}       # last refusal per reason
         self.stale: dict[str, str] = {}         # peer -> why its checkpoint shown now is stale
         self.fresh: dict[str, float] = {}       # peer -> when it last showed a checkpoint not stale
@@ -411,7 +415,9 @@ class FleetAgent:
             except FleetError:
                 self._published = None   # publish it again next round
                 raise
-        # 3. Cosign each peer's checkpoint.
+        # 3. This host's alerts, in the store again if whoever writes it deleted one.
+        await republish_alerts(self.store, self.name, self.alert_records)
+        # 4. Cosign each peer's checkpoint.
         for peer, record in sorted(peers.items()):
             await self._cosign_peer(peer, record, checkpoints.get(keys.checkpoint(peer)),
                                     cosignatures.get(peer, []), self._origin_rival(peer, record, peers))
@@ -553,16 +559,21 @@ class FleetAgent:
             log.debug("still refusing %s: %s", peer, problem)
             return
         self.alerts[peer] = f"{peer}: {problem}"
+        alert = {"witness": self.name, "peer": peer, "origin": origin, "problem": problem, "time": time.time()}
+        self.alert_records[peer] = alert
         self.metrics.tamper.labels(peer=peer).inc()
+        self.metrics.alert.labels(peer=peer).set(1)
         self.record("tamper", source="fleet_witness", peer=peer, origin=origin or "", problem=problem[:500],
                     action="cosignature refused")
         log.error("fleet: refusing to cosign %s: %s", peer, problem)
+        try:   # kept here (a restart, a deleted key in the store) beside the signed log entry
+            await asyncio.to_thread(keep_alerts, self.state_dir, self.alert_records)
+        except OSError as e:
+            log.error("fleet: cannot keep the alert on %s in the state dir: %s", peer, e)
         try:
-            await self.store.put(keys.alert(peer, self.name), json.dumps(
-                {"witness": self.name, "peer": peer, "origin": origin, "problem": problem,
-                 "time": time.time()}).encode())
+            await self.store.put(keys.alert(peer, self.name), json.dumps(alert).encode())
         except FleetError:
-            pass   # recorded locally; the store gets it when the next refusal is reported
+            pass   # recorded locally; the store gets it at the next witness round
 
 
 class _WatchLost(FleetError):

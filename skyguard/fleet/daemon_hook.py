@@ -1,6 +1,9 @@
 """How the daemon hosts the fleet agent: the three hooks it gives the agent (apply a policy
 through the daemon's hot swap, read its status, write its signed log), in one function the
-daemon calls from its list of part slots.
+daemon calls from its list of part slots; and the control operation `fleet.record` through which
+an agent beside the daemon (`skyguard fleet join`) writes the fleet's events (a tamper alert
+among them) to the daemon's signed log. Only the fleet's kinds, with short scalar fields, pass:
+it is not a general way to write the log.
 
 Not here: the agent (agent.py).
 """
@@ -31,9 +34,7 @@ def make_fleet_agent(daemon, registry, etcd: str, name: str, admin_keys: list[st
                 "programs": len(attached)}
 
     def record(kind: str, /, **fields) -> None:
-        if kind == "tamper":   # a peer's rewritten log: skyguard_tamper_events_total too
-            daemon.tamper_events += 1
-        daemon.record_nowait(kind, **fields)
+        _record(daemon, daemon.record_nowait, kind, fields)
 
     return FleetAgent(EtcdStore(etcd), check_member_name(name), Path(daemon.state_dir),
                       load_admin_verifiers(admin_keys), apply=apply, local_status=local_status,
@@ -74,3 +75,38 @@ def kept_fleet_policy(state_dir: Path, admin_keys) -> tuple[str, str] | None:
     except PolicyRefused:
         return None   # the agent logs why when it starts, and waits for a pushed one
     return signed.text, f"fleet revision {signed.revision}"
+
+
+# The entries the fleet agent writes (agent.py), all a `fleet join` agent may hand the daemon.
+RECORD_KINDS = ("tamper", "fleet_policy_applied", "fleet_policy_refused", "fleet_store_lost",
+                "fleet_store_back", "fleet_task_failed")
+MAX_FIELD = 1000
+
+
+def _record(daemon, write, kind: str, fields: dict) -> None:
+    if kind == "tamper":   # a peer's rewritten log: skyguard_tamper_events_total too
+        daemon.tamper_events += 1
+    write(kind, **fields)
+
+
+def record_handler(daemon):
+    """The daemon's `fleet.record` operation: {kind, fields} appended to its signed log (and
+    durable) once checked; BadInput names what is refused."""
+    from skyguard.errors import BadInput
+
+    def handle(args: dict) -> dict:
+        kind, fields = args.get("kind"), args.get("fields")
+        if kind not in RECORD_KINDS:
+            raise BadInput(f"fleet.record takes one of {', '.join(RECORD_KINDS)}, not {str(kind)[:40]!r}")
+        if not isinstance(fields, dict) or len(fields) > 12:
+            raise BadInput("fleet.record: fields are an object of at most 12 names")
+        checked = {}
+        for name, value in fields.items():
+            if not (isinstance(name, str) and name.isidentifier() and len(name) <= 40) or name in ("type", "time"):
+                raise BadInput(f"fleet.record: field name {str(name)[:40]!r} is not allowed")
+            if value is not None and not isinstance(value, (str, int, float, bool)):
+                raise BadInput(f"fleet.record: field {name} is not a string, number or boolean")
+            checked[name] = value[:MAX_FIELD] if isinstance(value, str) else value
+        _record(daemon, daemon.record, kind, checked)
+        return {"recorded": kind}
+    return handle

@@ -30,10 +30,13 @@ class FleetMetrics:
         self.unverified = Gauge("skyguard_fleet_witness_unverified", "Other witnesses' cosignatures of "
                                 "the peer's log not proven consistent with its checkpoint shown here "
                                 "(nothing cosigned meanwhile)", ["peer"], registry=registry)
+        self.alert = Gauge("skyguard_fleet_witness_alert", "1 for each peer this host raised a tamper "
+                           "alert on (kept in the state dir: across restarts, whatever the store holds)",
+                           ["peer"], registry=registry)
 
     def forget(self, peer: str) -> bool:
         """A peer that left the fleet: its per-peer gauges go (True if it had them); the counters
-        stay."""
+        and the alert gauge stay."""
         try:
             self.fresh_age.remove(peer)
         except KeyError:

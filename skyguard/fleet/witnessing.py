@@ -12,19 +12,34 @@ For each other witness's cosigned checkpoint (size n) and the checkpoint shown h
 A witness cosigns nothing while one is unverified; for a checkpoint it had already cosigned (two
 witnesses cosigning at once, neither seeing the other's) the agent reports which are unverified.
 
+And the alerts a witness raised (a refusal to cosign: a tamper event): besides the signed log
+entry and the metric, each is kept in the state dir (fleet/alerts.json) and published again in
+the store whenever it is missing there, so whoever can write the store cannot erase it by
+deleting its key, nor a restart make the host forget it. An operator clears one by removing it
+from that file.
+
 Not here: the witness state and cosignatures (tlog/cosign.py), reading the store (agent.py).
 """
 
 from __future__ import annotations
 
 import base64
+import json
+import logging
+from pathlib import Path
 
-from skyguard.fleet.store import Item, load_value
+from skyguard import fsutil
+from skyguard.fleet import keys
+from skyguard.fleet.store import Item, Store, load_value
 from skyguard.tlog.checkpoint import Checkpoint, Verifier, parse_and_verify
 from skyguard.tlog.cosign import CosignerVerifier, Tamper
 from skyguard.tlog.errors import BadLogInput, VerificationError
 from skyguard.tlog.head import MAX_NOTE
 from skyguard.tlog.tree import verify_consistency
+
+log = logging.getLogger("skyguard.fleet")
+
+ALERTS_FILE = "fleet/alerts.json"   # under the state dir: {peer: the alert as published}
 
 
 def unproven_witnesses(items: list[Item], pinned: dict, me: str, verifier: Verifier,
@@ -73,3 +88,37 @@ def peer_keys(record: dict) -> bool:
     (valid JSON) would make the tamper entry that quotes it fail to encode."""
     return all(isinstance(record.get(name), str) and 0 < len(record[name]) <= MAX_NOTE
                and record[name].isprintable() for name in ("origin", "log_vkey", "witness_vkey"))
+
+
+def load_alerts(state_dir: Path) -> dict[str, dict]:
+    """The alerts this host raised, kept in its state dir ({} when none, or unreadable: said)."""
+    path = Path(state_dir) / ALERTS_FILE
+    if not path.exists():
+        return {}
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        log.error("the fleet alerts kept in %s are unreadable (%s); the signed log holds them", path, e)
+        return {}
+    return {peer: alert for peer, alert in kept.items() if isinstance(alert, dict)} if isinstance(kept, dict) else {}
+
+
+def keep_alerts(state_dir: Path, alerts: dict[str, dict]) -> None:
+    fsutil.write_private(Path(state_dir) / ALERTS_FILE, json.dumps(alerts, indent=1, sort_keys=True).encode())
+
+
+async def republish_alerts(store: Store, me: str, alerts: dict[str, dict]) -> None:
+    """Each alert of `alerts` (this witness's, by peer) put back in the store where its key is
+    missing or holds something else."""
+    if not alerts:
+        return
+    stored = {item.key: item.value for item in (await store.get_prefix(keys.ALERTS))[0]}
+    for peer, alert in sorted(alerts.items()):
+        key = keys.alert(peer, me)
+        try:
+            same = key in stored and load_value(stored[key]) == alert
+        except ValueError:
+            same = False
+        if not same:
+            log.warning("fleet: the alert on %s is gone or changed in the store; publishing it again", peer)
+            await store.put(key, json.dumps(alert).encode())

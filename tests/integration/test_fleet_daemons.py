@@ -159,3 +159,46 @@ def test_the_daemons_logs_are_cosigned_by_both_peers(fleet):
         wait_for(lambda host=host: witnessed(host), what=f"{host.name}'s log cosigned by two peers")
     loads = [e for e in fleet.hosts[0].daemon.log_entries("policy_load") if "fleet revision" in e.get("source", "")]
     assert loads, "the pushed policies are in the daemon's signed log"
+
+
+def test_a_joined_agent_s_tamper_alert_is_in_its_daemon_s_signed_log(fleet):
+    # `skyguard fleet join` beside a daemon wrote its fleet events (a tamper alert among them)
+    # to a plain file in the state dir: before the fix the host's signed log never held the
+    # alert, and editing the file erased it. Now the agent hands each event to the daemon
+    # (control operation `fleet.record`), which appends it to its signed log.
+    import asyncio
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from skyguard.fleet import keys
+    from skyguard.fleet.etcd import EtcdStore
+    from skyguard.tlog.checkpoint import Checkpoint, Signer
+    from skyguard.tlog.cosign import Cosigner
+    from skyguard.tlog.hashing import hash_leaf
+    from skyguard.tlog.tree import MemorySource, range_root
+
+    store = EtcdStore(fleet.cluster.endpoints)
+    key = Signer("forker", Ed25519PrivateKey.generate())
+    origin = "forker-d.skyguard/log"
+    record = {"name": "forker", "origin": origin, "log_vkey": key.verifier.vkey(),
+              "witness_vkey": Cosigner("forker.skyguard/witness", Ed25519PrivateKey.generate()).verifier.vkey()}
+
+    def checkpoint(salt):
+        tree = MemorySource([hash_leaf(b"%s %d" % (salt, i)) for i in range(2)])
+        note = Checkpoint(origin, 2, range_root(tree, 0, 2)).sign(key)
+        asyncio.run(store.put(keys.checkpoint("forker"), json.dumps({"note": note, "proofs": {}}).encode()))
+
+    def cosigned_by_all():
+        items, _ = asyncio.run(store.get_prefix(keys.cosignatures_of("forker")))
+        return {h.name for h in fleet.hosts} <= {i.key.rsplit("/", 1)[-1] for i in items}
+    try:
+        asyncio.run(store.put(keys.member("forker"), json.dumps(record).encode()))
+        checkpoint(b"entry")
+        wait_for(cosigned_by_all, what="every host cosigning forker")
+        checkpoint(b"forged")
+        for host in fleet.hosts:
+            wait_for(lambda host=host: any(e.get("peer") == "forker" for e in host.daemon.log_entries("tamper")),
+                     what=f"the tamper alert on {host.name}'s signed log")
+    finally:
+        asyncio.run(store.delete(keys.member("forker")))
+        asyncio.run(store.delete(keys.checkpoint("forker")))

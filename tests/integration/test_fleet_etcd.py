@@ -732,3 +732,60 @@ def test_a_split_view_below_the_size_another_witness_cosigned_is_never_cosigned_
         subprocess.run(["etcdctl", "--endpoints", fleet.cluster.endpoints, "del", "--prefix",
                         keys.member("splitter2")], env=dict(os.environ, ETCDCTL_API="3"),
                        check=True, capture_output=True, timeout=30)
+
+
+def test_a_tamper_alert_deleted_from_the_store_is_kept_by_the_host_that_raised_it(fleet):
+    # Whoever can write etcd deletes the alert a witness raised against a forking log. Before
+    # the fix the witness never published it again (once per peer, in memory), and after a
+    # restart it had forgotten it (the log showing a good checkpoint again): `fleet status`
+    # showed nothing. Now the host keeps its alerts in its state dir, publishes one again when
+    # it is gone from the store, exports a gauge, and `fleet status` shows the alert from the
+    # host's own record too; the signed log holds the tamper entry.
+    import asyncio
+
+    from skyguard.tlog.cosign import Cosigner
+    from skyguard.tlog.hashing import hash_leaf
+    from skyguard.tlog.store import LogReader
+    from skyguard.tlog.tree import MemorySource, range_root
+
+    alpha = fleet.hosts[0]
+    store = EtcdStore(fleet.cluster.endpoints)
+    key = Signer("forker", Ed25519PrivateKey.generate())
+    origin = "forker-1.skyguard/log"
+    record = {"name": "forker", "origin": origin, "log_vkey": key.verifier.vkey(),
+              "witness_vkey": Cosigner("forker.skyguard/witness", Ed25519PrivateKey.generate()).verifier.vkey()}
+    one = MemorySource([hash_leaf(b"entry %d" % i) for i in range(2)])
+    two = MemorySource([hash_leaf(b"forged %d" % i) for i in range(2)])
+    good = json.dumps({"note": Checkpoint(origin, 2, range_root(one, 0, 2)).sign(key), "proofs": {}})
+    fork = json.dumps({"note": Checkpoint(origin, 2, range_root(two, 0, 2)).sign(key), "proofs": {}})
+
+    def status_table():
+        return skyguard("fleet", "status", "--etcd", fleet.cluster.endpoints).stdout
+
+    def alert_stored():
+        return asyncio.run(store.get(keys.alert("forker", "alpha")))[0] is not None
+    try:
+        etcdctl_put(fleet, keys.member("forker"), json.dumps(record))
+        etcdctl_put(fleet, keys.checkpoint("forker"), good)
+        wait_until(lambda: alpha.agent.witness.state(origin) is not None, what="alpha cosigning forker")
+        etcdctl_put(fleet, keys.checkpoint("forker"), fork)
+        wait_until(alert_stored, what="alpha's alert on forker")
+        asyncio.run(store.delete(keys.alert("forker", "alpha")))
+        wait_until(alert_stored, what="alpha publishing its alert again")
+        # alpha restarts while forker shows its good checkpoint again, and the alert is deleted.
+        alpha.stop_agent()
+        etcdctl_put(fleet, keys.checkpoint("forker"), good)
+        asyncio.run(store.delete(keys.alert("forker", "alpha")))
+        alpha.start_agent()
+        wait_until(lambda: "ALERT: alpha refuses to cosign forker" in status_table(),
+                   what="fleet status showing alpha's alert")
+        wait_until(alert_stored, what="alpha publishing its kept alert after a restart")
+        assert "forker" in alpha.agent.alerts
+        assert metric(alpha, "skyguard_fleet_witness_alert", "forker") == 1
+        logged = [json.loads(payload) for _, payload in LogReader(alpha.state / "log").entries()]
+        assert any(r["type"] == "tamper" and r.get("peer") == "forker" for r in logged)
+    finally:
+        for key_ in (keys.member("forker"), keys.checkpoint("forker")):
+            asyncio.run(store.delete(key_))
+        if alpha.agent._tasks == []:
+            alpha.start_agent()

@@ -51,3 +51,20 @@ def test_a_restart_starts_from_the_kept_fleet_policy_only_if_still_signed(tmp_pa
     assert kept_fleet_policy(tmp_path, [admin.verifier.vkey()]) == ("text: 1\n", "fleet revision 4")
     other = Signer("skyguard-admin", Ed25519PrivateKey.generate())
     assert kept_fleet_policy(tmp_path, [other.verifier.vkey()]) is None   # another admin now
+
+
+def test_the_daemon_s_fleet_record_operation_takes_only_fleet_events():
+    from skyguard.fleet.daemon_hook import record_handler
+
+    written = []
+    daemon = type("Daemon", (), {"tamper_events": 0, "record": lambda self, kind, **f: written.append((kind, f))})()
+    handle = record_handler(daemon)
+    assert handle({"kind": "tamper", "fields": {"peer": "c", "problem": "x" * 5000}}) == {"recorded": "tamper"}
+    assert daemon.tamper_events == 1 and written[0][1]["peer"] == "c" and len(written[0][1]["problem"]) == 1000
+    for args, words in (({"kind": "key_create", "fields": {}}, "one of"),
+                        ({"kind": "tamper", "fields": {"type": "other"}}, "not allowed"),
+                        ({"kind": "tamper", "fields": {"peer": ["nested"]}}, "string, number"),
+                        ({"kind": "tamper", "fields": "x"}, "object")):
+        with pytest.raises(BadInput, match=words):
+            handle(args)
+    assert len(written) == 1

@@ -36,6 +36,7 @@ def test_rules_name_only_metrics_the_agent_exports():
     metrics.stale.labels(peer="p").inc()
     metrics.fresh_age.labels(peer="p").set(1)
     metrics.unverified.labels(peer="p").set(1)
+    metrics.alert.labels(peer="p").set(1)
     metrics.refused.labels(reason="rollback").inc()
     names = set()
     for family in text_string_to_metric_families(generate_latest(registry).decode()):
