@@ -39,7 +39,16 @@ from skyguard.errors import PolicyError, SkyguardError
 from skyguard.fleet import keys
 from skyguard.fleet.signing import PolicyRefused, SignedPolicy, check_member_name, decide, open_policy
 from skyguard.fleet.store import Compacted, FleetError, Store, StoreUnavailable, load_value
-from skyguard.fleet.witnessing import keep_alerts, load_alerts, peer_keys, republish_alerts, unproven_witnesses
+from skyguard.fleet.witnessing import (
+    keep_alerts,
+    load_alerts,
+    origin_rival,
+    peer_keys,
+    proofs_attested,
+    republish_alerts,
+    sign_proofs,
+    unproven_witnesses,
+)
 from skyguard.tlog.checkpoint import Checkpoint, Verifier, parse_and_verify, split_note
 from skyguard.tlog.cosign import (
     COSIGNED_DIR,
@@ -48,6 +57,7 @@ from skyguard.tlog.cosign import (
     CosignerVerifier,
     Stale,
     Tamper,
+    Unproven,
     Witness,
     load_or_create_witness_key,
     write_cosigned,
@@ -101,7 +111,8 @@ class FleetAgent:
         self.log_dir = Path(log_dir or self.state_dir / "log")
         self.head_note = head_note         # the daemon's LogWriter.latest_note, when hosted
         self._published: tuple | None = None   # (note, witness sizes, value) last published
-        self.log_vkey = host_signer(self.state_dir).verifier.vkey()
+        self.log_signer = host_signer(self.state_dir)   # signs the proofs it publishes (witnessing.py)
+        self.log_vkey = self.log_signer.verifier.vkey()
         self.cosigner = Cosigner(f"{name}.skyguard/witness", load_or_create_witness_key(self.state_dir))
         self.witness = Witness(self.dir / "witness", self.cosigner)
         self.metrics = FleetMetrics(registry)
@@ -350,7 +361,9 @@ class FleetAgent:
                                         for h in consistency_proof(source, old, head["size"])]
                 except SkyguardError:
                     continue
-        value = json.dumps({"note": head["note"], "proofs": proofs}).encode()
+        checkpoint = Checkpoint.parse_body(split_note(head["note"])[0])
+        value = json.dumps({"note": head["note"], "proofs": proofs,
+                            "proofs_note": sign_proofs(self.log_signer, checkpoint, proofs)}).encode()
         self._published = (*published, value)
         return value
 
@@ -420,7 +433,8 @@ class FleetAgent:
         # 4. Cosign each peer's checkpoint.
         for peer, record in sorted(peers.items()):
             await self._cosign_peer(peer, record, checkpoints.get(keys.checkpoint(peer)),
-                                    cosignatures.get(peer, []), self._origin_rival(peer, record, peers))
+                                    cosignatures.get(peer, []),
+                                    origin_rival(peer, record, peers, self._pinned(), self._log_head().get("origin")))
         now = time.time()
         for peer, seen in self.fresh.items():   # kept when a peer leaves: it resumes, not restarts
             if peer in peers:
@@ -431,34 +445,6 @@ class FleetAgent:
     def _pinned(self) -> dict:
         path = self.state_dir / PEERS_FILE
         return json.loads(path.read_text()) if path.exists() else {}
-
-    def _origin_rival(self, peer: str, record: dict, peers: dict) -> str | None:
-        """Why `peer` must not be witnessed under the origin it presents: this host's own, or
-        one another member presents too. A log's origin is unique per host, and the witness
-        keeps its state per origin: the first key it saw for an origin is the only one it ever
-        cosigns, so a member that takes another's origin would otherwise get that origin's
-        first-sight binding at a witness that joins later, and the real host refused for good.
-        A member that pinned the origin here keeps it; when none did, both are refused."""
-        origin = record.get("origin")
-        if not isinstance(origin, str):
-            return None
-        if origin == self._log_head().get("origin"):
-            return f"peer {peer} presents this host's own log origin {origin!r}"
-        pinned = self._pinned()
-        if (pinned.get(peer) or {}).get("origin") == origin:
-            holder = peer
-        else:
-            holder = next((name for name, keys_ in sorted(pinned.items())
-                           if name != peer and (keys_ or {}).get("origin") == origin), None)
-        if holder is not None and holder != peer:
-            return f"peer {peer} presents the log origin {origin!r} first seen from {holder}"
-        if holder is None:
-            rivals = sorted(name for name, other in peers.items()
-                            if name != peer and other.get("origin") == origin)
-            if rivals:
-                return (f"peers {', '.join([peer, *rivals])} all present the log origin "
-                        f"{origin!r}: none is witnessed until one is removed")
-        return None
 
     def _pin(self, peer: str, record: dict) -> str | None:
         """Peers' keys are pinned at first sight; another key later is a problem, not an update."""
@@ -501,7 +487,9 @@ class FleetAgent:
             last = self.witness.state(checkpoint.origin)
             self.witness.refuse_older(checkpoint, last)
             # Against a split view: what every other witness cosigned of this log (witnessing.py).
-            unproven = unproven_witnesses(cosignatures, self._pinned(), self.name, verifier, checkpoint, proofs)
+            attested = proofs_attested(published.get("proofs_note"), verifier, checkpoint, proofs)
+            unproven = unproven_witnesses(cosignatures, self._pinned(), self.name, verifier, checkpoint,
+                                          proofs, attested)
             self._unproven(peer, unproven)
             if last is not None and last.size == checkpoint.size and last.root == checkpoint.hash:
                 self._fresh(peer)
@@ -511,12 +499,16 @@ class FleetAgent:
             proof = None
             if last is not None and str(last.size) in proofs:
                 proof = [base64.b64decode(h) for h in proofs[str(last.size)]]
-            cosigned, checkpoint = await asyncio.to_thread(self.witness.cosign, note, record["log_vkey"], proof)
+            cosigned, checkpoint = await asyncio.to_thread(self.witness.cosign, note, record["log_vkey"], proof,
+                                                           None, attested)
         except Tamper as e:
             await self._tamper(peer, record.get("origin"), str(e))
             return
         except Stale as e:
             self._stale(peer, str(e))
+            return
+        except Unproven:   # a proof changed on the way: this witness's own cosignature unproven
+            self._unproven(peer, [self.name])
             return
         except (ValueError, KeyError, TypeError, BadLogInput, VerificationError) as e:
             log.debug("not cosigning %s yet: %s", peer, e)

@@ -6,7 +6,9 @@ history shown to some witnesses, another to others.
 For each other witness's cosigned checkpoint (size n) and the checkpoint shown here (size m):
 - n == m: the same root, else Tamper (the log signed two roots at one size);
 - n < m: the log's consistency proof from n to m (published with its checkpoint) must verify,
-  else Tamper; a proof not published yet leaves it unverified;
+  else Tamper when the log's key signed the proofs (the agent publishes them with a note, see
+  sign_proofs: whoever writes the store could change an unsigned one, which is no evidence) and
+  unverified when not; a proof not published yet leaves it unverified;
 - n > m: nothing the log publishes with a checkpoint of size m proves it a prefix of n, so it is
   unverified until the log shows n or more (with a proof from n), never taken as consistent.
 A witness cosigns nothing while one is unverified; for a checkpoint it had already cosigned (two
@@ -17,6 +19,10 @@ entry and the metric, each is kept in the state dir (fleet/alerts.json) and publ
 the store whenever it is missing there, so whoever can write the store cannot erase it by
 deleting its key, nor a restart make the host forget it. An operator clears one by removing it
 from that file.
+
+Also here: which member may not be witnessed under the origin it presents (origin_rival), and
+the note by which a log's key signs the proofs it publishes (a failing proof is evidence only
+then; Witness.cosign is told whether it is).
 
 Not here: the witness state and cosignatures (tlog/cosign.py), reading the store (agent.py).
 """
@@ -31,7 +37,7 @@ from pathlib import Path
 from skyguard import fsutil
 from skyguard.fleet import keys
 from skyguard.fleet.store import Item, Store, load_value
-from skyguard.tlog.checkpoint import Checkpoint, Verifier, parse_and_verify
+from skyguard.tlog.checkpoint import Checkpoint, Signer, Verifier, parse_and_verify
 from skyguard.tlog.cosign import CosignerVerifier, Tamper
 from skyguard.tlog.errors import BadLogInput, VerificationError
 from skyguard.tlog.head import MAX_NOTE
@@ -42,12 +48,44 @@ log = logging.getLogger("skyguard.fleet")
 ALERTS_FILE = "fleet/alerts.json"   # under the state dir: {peer: the alert as published}
 
 
+PROOFS_HEADER = "skyguard.fleet/proofs/v1"
+
+
+def proofs_text(checkpoint: Checkpoint, proofs: dict) -> str:
+    """What a log's key signs of the proofs it publishes: the checkpoint they lead to, then one
+    line per old size with its hashes. Raises ValueError/TypeError on proofs of another shape."""
+    lines = [PROOFS_HEADER, checkpoint.origin, str(checkpoint.size), base64.b64encode(checkpoint.hash).decode()]
+    for old in sorted(proofs, key=int):
+        hashes = proofs[old]
+        if not isinstance(hashes, list) or not all(isinstance(h, str) and h.isascii() and " " not in h for h in hashes):
+            raise TypeError("a proof is a list of base64 hashes")
+        lines.append(" ".join([str(int(old)), *hashes]))
+    return "\n".join(lines) + "\n"
+
+
+def sign_proofs(signer: Signer, checkpoint: Checkpoint, proofs: dict) -> str:
+    """The note a log publishes beside its proofs (`proofs_note`), signed by its log key."""
+    return signer.sign(proofs_text(checkpoint, proofs))
+
+
+def proofs_attested(note, verifier: Verifier, checkpoint: Checkpoint, proofs: dict) -> bool:
+    """True if `note` is the log's signature (by `verifier`) over exactly these proofs to
+    `checkpoint`: a failing proof is then evidence against the log, not the relay's doing."""
+    if not isinstance(note, str):
+        return False
+    try:
+        return verifier.verify(note) == proofs_text(checkpoint, proofs)
+    except (BadLogInput, VerificationError, ValueError, TypeError):
+        return False
+
+
 def unproven_witnesses(items: list[Item], pinned: dict, me: str, verifier: Verifier,
-                       checkpoint: Checkpoint, proofs: dict) -> list[str]:
+                       checkpoint: Checkpoint, proofs: dict, attested: bool = True) -> list[str]:
     """The other pinned witnesses whose cosignature of this log (`items`: the store's records
     under cosignatures/<log>/) is not proven consistent with `checkpoint`, which `verifier`
     signed; `proofs` are the log's published ones ({str(old size): [base64 hash]}, to
-    checkpoint's size). Raises Tamper when one is proven inconsistent."""
+    checkpoint's size), `attested` whether its key signed them. Raises Tamper when one is
+    proven inconsistent."""
     unproven = []
     for item in items:
         witness = item.key.rsplit("/", 1)[-1]
@@ -75,10 +113,42 @@ def unproven_witnesses(items: list[Item], pinned: dict, me: str, verifier: Verif
             except (ValueError, TypeError):   # not a list of base64 hashes: no proof
                 unproven.append(witness)
             except VerificationError as e:
+                if not attested:   # whoever writes the store could have changed it
+                    unproven.append(witness)
+                    continue
                 raise Tamper(f"split view: log {checkpoint.origin!r} at size {checkpoint.size} "
                              f"is not consistent with size {other.size} cosigned by {witness}: "
                              f"{e}") from None
     return sorted(unproven)
+
+
+def origin_rival(peer: str, record: dict, peers: dict, pinned: dict, own_origin: str | None) -> str | None:
+    """Why `peer` must not be witnessed under the origin it presents: this host's own, or
+    one another member presents too. A log's origin is unique per host, and the witness
+    keeps its state per origin: the first key it saw for an origin is the only one it ever
+    cosigns, so a member that takes another's origin would otherwise get that origin's
+    first-sight binding at a witness that joins later, and the real host refused for good.
+    A member that pinned the origin here keeps it; when none did, both are refused. `pinned`:
+    the peers' keys pinned here; `own_origin`: this host's log origin."""
+    origin = record.get("origin")
+    if not isinstance(origin, str):
+        return None
+    if origin == own_origin:
+        return f"peer {peer} presents this host's own log origin {origin!r}"
+    if (pinned.get(peer) or {}).get("origin") == origin:
+        holder = peer
+    else:
+        holder = next((name for name, keys_ in sorted(pinned.items())
+                       if name != peer and (keys_ or {}).get("origin") == origin), None)
+    if holder is not None and holder != peer:
+        return f"peer {peer} presents the log origin {origin!r} first seen from {holder}"
+    if holder is None:
+        rivals = sorted(name for name, other in peers.items()
+                        if name != peer and other.get("origin") == origin)
+        if rivals:
+            return (f"peers {', '.join([peer, *rivals])} all present the log origin "
+                    f"{origin!r}: none is witnessed until one is removed")
+    return None
 
 
 def peer_keys(record: dict) -> bool:

@@ -13,7 +13,8 @@ separate key keeps "this host signed its log" and "this host vouches for another
 Witness state: one small JSON file per log origin (size, root hash and the log's verifier key as
 first seen), written and fsynced before a cosignature leaves, so that a crash can never lead the
 witness to cosign two forks of one log. Refusals that prove a rewrite (another root at the same
-size, a failing consistency proof, another key for a known origin) raise Tamper. A smaller tree
+size, a failing consistency proof the log's key attested, another key for a known origin) raise
+Tamper; a failing proof nobody attested raises Unproven (whoever relays proofs can change one). A smaller tree
 raises Stale, not Tamper: a checkpoint the log genuinely signed earlier is no evidence of a
 rollback (whoever relays checkpoints can replay an old one), and a log really cut that goes on
 signing shows either another root at a size already cosigned or a larger size whose proof fails.
@@ -50,6 +51,11 @@ MAX_TIMESTAMP = (1 << 63) - 1
 
 class Tamper(LogError):
     """A log presented a checkpoint its witness must not cosign: it rewrote or forked history."""
+
+
+class Unproven(LogError):
+    """A consistency proof that fails but that the log's key did not attest (whoever relays
+    proofs could have changed it): the checkpoint is not cosigned, and it is no evidence."""
 
 
 class Stale(LogError):
@@ -190,12 +196,13 @@ class Witness:
                         f"than the size {last.size} already cosigned (an old checkpoint)")
 
     def cosign(self, note: str, log_vkey: str, proof: Sequence[bytes] | None,
-               timestamp: int | None = None) -> tuple[str, Checkpoint]:
+               timestamp: int | None = None, proof_attested: bool = True) -> tuple[str, Checkpoint]:
         """The note with this witness's cosignature added, or Tamper (never cosign it), Stale
         (older than what was cosigned: nothing to cosign, not tamper) or
         VerificationError/BadLogInput (not a valid checkpoint: nothing to cosign, not tamper).
         `proof` is the consistency proof from the size last cosigned (None: none was offered;
-        then only a first checkpoint or one at the same size can be cosigned)."""
+        then only a first checkpoint or one at the same size can be cosigned). A failing proof
+        is Tamper when `proof_attested` (the log's key signed it), else Unproven."""
         verifier = Verifier.from_vkey(log_vkey)
         checkpoint = Checkpoint.parse_body(verifier.verify(note))
         last = self.state(checkpoint.origin)
@@ -213,8 +220,11 @@ class Witness:
                 try:
                     verify_consistency(last.size, checkpoint.size, last.root, checkpoint.hash, proof)
                 except VerificationError as e:
-                    raise Tamper(f"log {checkpoint.origin!r} at size {checkpoint.size} is not "
-                                 f"consistent with size {last.size} already cosigned: {e}") from None
+                    problem = (f"log {checkpoint.origin!r} at size {checkpoint.size} is not "
+                               f"consistent with size {last.size} already cosigned: {e}")
+                    if not proof_attested:
+                        raise Unproven(f"{problem} (a proof the log's key did not sign: no evidence)") from None
+                    raise Tamper(problem) from None
         state = Witnessed(checkpoint.origin, log_vkey, checkpoint.size, checkpoint.hash)
         # Durable before the cosignature exists: a crash after this never cosigns a fork.
         fsutil.write_private(self._path(checkpoint.origin), state.as_json())

@@ -27,6 +27,7 @@ from skyguard.fleet.agent import FleetAgent
 from skyguard.fleet.etcd import EtcdStore
 from skyguard.fleet.signing import load_admin_verifiers, sign_policy
 from skyguard.fleet.store import Compacted
+from skyguard.fleet.witnessing import sign_proofs
 from skyguard.parts import LoopThread
 from skyguard.tlog import LogWriter, entry, host_signer
 from skyguard.tlog.checkpoint import Checkpoint, Signer
@@ -302,6 +303,12 @@ def test_hosts_witness_each_other_and_a_rewritten_log_is_refused(fleet):
     assert "cosigned by 2 witnesses" in good.stdout
 
 
+def etcdctl_get(fleet, key: str) -> str:
+    return subprocess.run(["etcdctl", "--endpoints", fleet.cluster.endpoints, "get", "--print-value-only", key],
+                          env=dict(os.environ, ETCDCTL_API="3"), check=True, capture_output=True, text=True,
+                          timeout=30).stdout.strip()
+
+
 def etcdctl_raw(fleet, *args: bytes):
     """etcdctl with raw byte arguments: keys need not be UTF-8 in etcd."""
     subprocess.run([b"etcdctl", b"--endpoints", fleet.cluster.endpoints.encode(), *args],
@@ -435,17 +442,19 @@ def test_a_split_view_shown_to_two_witnesses_is_refused(fleet):
     two = MemorySource([hash_leaf(b"entry %d" % i if i < 1 else b"forged %d" % i) for i in range(4)])
 
     def publish(source, size, proofs_from=()):
-        note = Checkpoint(origin, size, range_root(source, 0, size)).sign(key)
+        checkpoint = Checkpoint(origin, size, range_root(source, 0, size))
         proofs = {str(old): [base64.b64encode(h).decode() for h in consistency_proof(source, old, size)]
                   for old in proofs_from}
-        etcdctl_put(fleet, keys.checkpoint("splitter"), json.dumps({"note": note, "proofs": proofs}))
+        etcdctl_put(fleet, keys.checkpoint("splitter"), json.dumps({   # proofs signed, as an agent does
+            "note": checkpoint.sign(key), "proofs": proofs, "proofs_note": sign_proofs(key, checkpoint, proofs)}))
 
     bravo.stop_agent()
     charlie.stop_agent()
     try:
         etcdctl_put(fleet, keys.member("splitter"), json.dumps(record))
         publish(one, 2)
-        wait_until(lambda: alpha.agent.witness.state(origin) is not None, what="alpha cosigning view one")
+        # Its cosignature in the store, not only its witness state (written just before).
+        wait_until(lambda: etcdctl_get(fleet, keys.cosignature("splitter", "alpha")), what="alpha cosigning view one")
         alpha.stop_agent()
         publish(two, 3, proofs_from=[2])   # fork two, with its own (valid for it) proof from 2
         bravo.start_agent()
@@ -705,7 +714,8 @@ def test_a_split_view_below_the_size_another_witness_cosigned_is_never_cosigned_
     try:
         etcdctl_put(fleet, keys.member("splitter2"), json.dumps(record))
         publish(one, 3)
-        wait_until(lambda: alpha.agent.witness.state(origin) is not None, what="alpha cosigning view one")
+        wait_until(lambda: asyncio.run(store.get(keys.cosignature("splitter2", "alpha")))[0],
+                   what="alpha cosigning view one")   # in the store, not only its witness state
         alpha.stop_agent()
         publish(two, 2)
         bravo.start_agent()
@@ -789,3 +799,46 @@ def test_a_tamper_alert_deleted_from_the_store_is_kept_by_the_host_that_raised_i
             asyncio.run(store.delete(key_))
         if alpha.agent._tasks == []:
             alpha.start_agent()
+
+
+def head_size(host):
+    return Checkpoint.parse_body(host.writer.latest_note().split("\n\n")[0] + "\n").size
+
+
+def test_a_proof_changed_in_the_store_is_no_evidence_against_an_honest_host(fleet):
+    # Whoever can write etcd (no host key) publishes alpha's real, newer checkpoint with the
+    # consistency proofs replaced by other hashes. Before the fix each witness took the failing
+    # proof for a rewritten log and raised a tamper alert on honest alpha (kept for good since
+    # alerts are). Now a proof counts as evidence only when alpha's log key signed it (the
+    # agent signs the proofs it publishes): this one leaves alpha unverified, not cosigned, no
+    # alert; alpha's own publication is cosigned. A signed failing proof stays tamper (the
+    # rewritten-log and split-view tests).
+    import asyncio
+    import base64
+
+    alpha, witnesses = fleet.hosts[0], fleet.hosts[1:]
+    store = EtcdStore(fleet.cluster.endpoints)
+    origin = alpha.writer.origin
+    alpha.writer.append(entry("flow_start", before_forged_proof=True))
+    wait_until(lambda: all(h.agent.witness.state(origin).size == head_size(alpha) for h in witnesses),
+               what="alpha's checkpoint cosigned")
+    member, _ = asyncio.run(store.get(keys.member(alpha.name)))
+    alpha.stop_agent()
+    try:
+        asyncio.run(store.put(keys.member(alpha.name), member.value))
+        for i in range(4):
+            alpha.writer.append(entry("flow_start", forged_proof=i))
+        note = alpha.writer.latest_note()
+        junk = [base64.b64encode(os.urandom(32)).decode() for _ in range(3)]
+        proofs = {str(h.agent.witness.state(origin).size): junk for h in witnesses}
+        asyncio.run(store.put(keys.checkpoint(alpha.name), json.dumps({"note": note, "proofs": proofs}).encode()))
+        wait_until(lambda: all("alpha" in h.agent.alerts
+                               or metric(h, "skyguard_fleet_witness_unverified", "alpha")
+                               for h in witnesses), what="witnesses deciding on the changed proof")
+        for host in witnesses:
+            assert "alpha" not in host.agent.alerts, host.agent.alerts
+            assert host.agent.witness.state(origin).size < head_size(alpha)
+    finally:
+        alpha.start_agent()
+    wait_until(lambda: all(h.agent.witness.state(origin).size == head_size(alpha) for h in witnesses),
+               what="alpha's own publication cosigned")

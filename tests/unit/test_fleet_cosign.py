@@ -21,6 +21,7 @@ from skyguard.tlog.cosign import (
     CosignerVerifier,
     Stale,
     Tamper,
+    Unproven,
     Witness,
     witnessed_by,
     write_cosigned,
@@ -103,7 +104,27 @@ def test_witness_refuses_a_fork_and_a_rewrite(tmp_path, cosigner, log_signer):
     # The rewritten log signs its own new tree and offers a proof computed over it.
     with pytest.raises(Tamper, match="not consistent"):
         witness.cosign(_note(log_signer, forged, 30), vkey, consistency_proof(forged, 10, 30))
+    # The same failing proof, not signed by the log's key (whoever relays proofs could have
+    # changed it): no evidence, refused all the same.
+    with pytest.raises(Unproven, match="not consistent"):
+        witness.cosign(_note(log_signer, forged, 30), vkey, consistency_proof(forged, 10, 30), proof_attested=False)
     assert witness.state(log_signer.name).size == 10   # a refusal changes nothing
+
+
+def test_published_proofs_are_attested_by_the_log_key_only_as_signed(log_signer):
+    from skyguard.fleet.witnessing import proofs_attested, sign_proofs
+
+    source = _tree(30)
+    checkpoint = Checkpoint(log_signer.name, 30, range_root(source, 0, 30))
+    proofs = {str(old): [base64.b64encode(h).decode() for h in consistency_proof(source, old, 30)] for old in (7, 20)}
+    note = sign_proofs(log_signer, checkpoint, proofs)
+    assert proofs_attested(note, log_signer.verifier, checkpoint, proofs)
+    changed = dict(proofs, **{"7": proofs["20"]})
+    other = Signer(log_signer.name, Ed25519PrivateKey.generate())
+    assert not proofs_attested(note, log_signer.verifier, checkpoint, changed)
+    assert not proofs_attested(sign_proofs(other, checkpoint, proofs), log_signer.verifier, checkpoint, proofs)
+    assert not proofs_attested(None, log_signer.verifier, checkpoint, proofs)
+    assert not proofs_attested(note, log_signer.verifier, Checkpoint(log_signer.name, 31, checkpoint.hash), proofs)
 
 
 def test_witness_refuses_another_key_for_a_known_origin(tmp_path, cosigner, log_signer):
