@@ -38,6 +38,7 @@ NO_BODY_STATUS = frozenset({204, 304})
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 IDLE, HEAD, BODY = "idle", "head", "body"  # RequestReader.state
+_FRAMING = frozenset({b"host", b"transfer-encoding", b"content-length", b"expect"})  # what on_headers_complete reads
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,9 @@ class RequestReader:
         self._target += target
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._grow_head(len(name) + len(value) + 4)
+        self._head_size += len(name) + len(value) + 4  # _grow_head, inline: this runs per header
+        if self._head_size > self.limits.max_header_bytes:
+            raise ProtocolRefusal(431, "request head larger than the proxy's limit")
         if self.state is HEAD:  # a trailer after a chunked body is dropped, never forwarded
             self._headers.append((name.lower(), value.strip(b" \t")))
 
@@ -169,19 +172,26 @@ class RequestReader:
             raise ProtocolRefusal(505, "only HTTP/1.0 and HTTP/1.1 are inspected")
         if not _TARGET.fullmatch(self._target):
             raise ProtocolRefusal(400, "malformed request target")
-        hosts = sum(1 for n, _ in self._headers if n == b"host")
+        hosts, codings, lengths, expect = 0, [], [], False
+        for name, value in self._headers:  # one pass over the names the rules below read
+            if name in _FRAMING:
+                if name == b"host":
+                    hosts += 1
+                elif name == b"transfer-encoding":
+                    codings.append(value)
+                elif name == b"content-length":
+                    lengths.append(value)
+                elif value.lower() == b"100-continue":
+                    expect = True
         if hosts > 1 or (hosts == 0 and version == "1.1"):  # as h11: exactly one Host in HTTP/1.1
             raise ProtocolRefusal(400, "missing or repeated Host header")
-        codings = [v for n, v in self._headers if n == b"transfer-encoding"]
-        lengths = [v for n, v in self._headers if n == b"content-length"]
         if codings and lengths:  # llhttp refuses this too; a proxy must never guess
             raise ProtocolRefusal(400, "both Content-Length and Transfer-Encoding")
         if codings and (len(codings) > 1 or codings[0].lower() != b"chunked"):
             raise ProtocolRefusal(501, "only the chunked transfer coding is supported")
         if lengths and int(lengths[0]) > self.limits.max_request_body:  # llhttp checked the digits
             raise ProtocolRefusal(413, "request body larger than the proxy's limit")
-        self.expects_continue = version == "1.1" and any(
-            n == b"expect" and v.lower() == b"100-continue" for n, v in self._headers)
+        self.expects_continue = version == "1.1" and expect
         self._method = self.parser.get_method()
         self._version = version.encode()
         self.state = BODY
