@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 LIMITS = ProxyLimits()
 CONNECT_TIMEOUT = 5.0  # seconds to reach the app in its VM
 WATCHDOG_PERIOD = 1.0  # seconds between a connection's timeout checks (timeouts fire up to this late)
+MAX_NAMES_REMEMBERED = 64  # header names whose verdict a connection keeps (_clients_own)
 MAX_PIPELINED = 2  # whole requests read ahead of the one being answered; reading pauses beyond
 # Request headers a client may never hand the app: httpheaders.FORWARDED (apps read the client's
 # address, scheme, host or path prefix from them; the proxy writes some of them itself), and
@@ -67,6 +68,8 @@ class AppConnection(Checks, asyncio.Protocol):
         self.gate, self.app_name = gate, app_name
         self.app: Any = None
         self._policy: Any = None  # the policy self.app was looked up in (_follow_policy)
+        self._own = b""  # the app's identity header, as the readers spell names (_serve_app)
+        self._names: dict[bytes, bool] = {}  # header name -> only skyguard may send it (_clients_own)
         self.client = "?"
         self.transport: Any = None
         self.requests = RequestReader(LIMITS)
@@ -103,7 +106,7 @@ class AppConnection(Checks, asyncio.Protocol):
             self._closed = True
             transport.close()  # fail closed: no app, or nobody can sign in
             return
-        self._own = self.app.identity_header.lower().encode()  # the identity header, as the readers spell names
+        self._serve_app(self.app)
         self._forwarded = [(b"x-forwarded-for", self.client.encode()), (b"x-forwarded-proto", b"https")]
         self._wait(LIMITS.idle_timeout, self._idle_too_long)
         self._watchdog = self._loop.call_later(WATCHDOG_PERIOD, self._watch)
@@ -211,7 +214,7 @@ class AppConnection(Checks, asyncio.Protocol):
             return False
         if app != self.app:
             self._drop_upstream()
-            self.app, self._own = app, app.identity_header.lower().encode()
+            self._serve_app(app)
         elif self.upstream is not None and self.upstream.key != self._upstream_key():
             self._drop_upstream()
         return True
@@ -279,16 +282,41 @@ class AppConnection(Checks, asyncio.Protocol):
     # ---- to the app ----------------------------------------------------------------------------
 
     def _headers_for_app(self, request: HttpRequest, session) -> list[tuple[bytes, bytes]]:
-        own = self._own
-        spelt = own.replace(b"_", b"-")
-
-        def clients_own(name: bytes) -> bool:
-            return name.replace(b"_", b"-") == spelt or is_forwarding_header(name)
-
-        headers = [(n, v) for n, v in without_cookies(request.headers, OUR_COOKIES) if not clients_own(n)]
+        """The client's headers less those it may never hand the app (the identity header and
+        the forwarding headers, skyguard's cookies), then ours: one pass, each name's verdict
+        remembered for the connection (re-deciding every name of every request was a tenth
+        of the proxy's time per request, bench/apps.py)."""
+        verdicts = self._names
+        headers = []
+        for name, value in request.headers:
+            clients_own = verdicts.get(name)
+            if clients_own is None:
+                clients_own = self._clients_own(name)
+            if clients_own:
+                continue
+            if name == b"cookie":
+                headers += without_cookies(((name, value),), OUR_COOKIES)
+            else:
+                headers.append((name, value))
         headers += self._forwarded
-        headers.append((own, self.gate.signer.sign(self.app, session.user, session.name, session.groups).encode()))
+        headers.append((self._own, self.gate.signer.sign(self.app, session.user, session.name,
+                                                          session.groups).encode()))
         return headers
+
+    def _clients_own(self, name: bytes) -> bool:
+        """Is `name` a header only skyguard may hand the app: the identity header or a
+        forwarding header, in any `_`/`-` spelling? Remembered in `_names` (bounded: the client
+        picks the names)."""
+        own = self._own.replace(b"_", b"-")
+        verdict = name.replace(b"_", b"-") == own or is_forwarding_header(name)
+        if len(self._names) < MAX_NAMES_REMEMBERED:
+            self._names[name] = verdict
+        return verdict
+
+    def _serve_app(self, app) -> None:
+        """Serve `app` (as the policy names it now) from the next request on."""
+        self.app, self._own = app, app.identity_header.lower().encode()  # spelt as the readers give names
+        self._names = {}
 
     def _upstream_key(self) -> tuple:
         return (self.app.name, self.gate.vm_address(self.app), self.app.port)

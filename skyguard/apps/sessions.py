@@ -14,6 +14,7 @@ everyone out (fail closed).
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 import time
@@ -142,16 +143,28 @@ def same_origin(headers, origin: str) -> bool:
 def without_cookies(headers, names: tuple[str, ...]) -> list[tuple[bytes, bytes]]:
     """The headers with skyguard's own cookies removed (the app never sees them). A Cookie
     header naming none of them passes as it came."""
-    ours = tuple(n.encode("latin-1") for n in names)
+    ours = _as_bytes(names)
     out = []
     for header, value in headers:
-        if header == b"cookie" and any(n in value for n in ours):
-            kept = [p.strip() for p in value.split(b";") if p.strip() and p.strip().partition(b"=")[0] not in ours]
-            if not kept:
+        if header == b"cookie" and _names_any(value, ours):
+            parts = (p.strip() for p in value.split(b";"))
+            value = b"; ".join([p for p in parts if p and p.partition(b"=")[0] not in ours])
+            if not value:
                 continue
-            value = b"; ".join(kept)
         out.append((header, value))
     return out
+
+
+def _names_any(value: bytes, names: tuple[bytes, ...]) -> bool:
+    for name in names:
+        if name in value:
+            return True
+    return False
+
+
+@functools.lru_cache(maxsize=8)
+def _as_bytes(names: tuple[str, ...]) -> tuple[bytes, ...]:
+    return tuple(n.encode("latin-1") for n in names)
 
 
 def without_our_set_cookies(headers) -> list[tuple[bytes, bytes]]:
