@@ -34,6 +34,7 @@ from skyguard.credproxy.swap import HttpRequest
 PREFIX = "/.skyguard/"
 CALLBACK = PREFIX + "callback"
 LOGOUT = PREFIX + "logout"
+_PREFIX = PREFIX.encode("latin-1")  # request targets stay bytes (latin-1: one byte per character)
 REASONS = {200: b"OK", 302: b"Found", 303: b"See Other", 400: b"Bad Request", 403: b"Forbidden",
            405: b"Method Not Allowed", 421: b"Misdirected Request", 502: b"Bad Gateway", 503: b"Service Unavailable"}
 # Why a request cannot be decided at once (Checks.check's "wait" outcomes).
@@ -95,11 +96,11 @@ class Checks:
         if host != app.host:
             gate.refuse(app, "host_mismatch", client=self.client, host=host[:253])
             return Reply(421, f"This address serves {app.host}, not the host this request names.", close=True)
-        target = request.target.decode("latin-1")
-        if not target.startswith("/"):
+        if not request.target.startswith(b"/"):
             gate.refuse(app, "absolute_target", client=self.client)
             return Reply(400, "skyguard: only origin-form request targets are served", close=True)
-        if PREFIX in target:  # as urlsplit sees the path ("//x/.skyguard/..." too)
+        if _PREFIX in request.target:  # as urlsplit sees the path ("//x/.skyguard/..." too)
+            target = request.target.decode("latin-1")
             path = urlsplit(target).path
             if path == CALLBACK:
                 return (CALLBACK_STEP, target)
@@ -109,9 +110,9 @@ class Checks:
         if reason:
             gate.refuse(app, reason, client=self.client)
         if session is None:
-            return (SIGN_IN, target)
+            return (SIGN_IN, request.target.decode("latin-1"))
         if not gate.checked_recently(session):  # the issuer is asked once the check interval passed
-            return (RECHECK, target, session)
+            return (RECHECK, request.target.decode("latin-1"), session)
         return self.admit(session)
 
     def admit(self, session):
