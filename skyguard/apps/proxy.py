@@ -30,7 +30,7 @@ import logging
 from typing import Any
 
 from skyguard.apps.gate import Checks, Reply
-from skyguard.apps.sessions import LOGIN_COOKIE, SESSION_COOKIE, without_cookies, without_our_set_cookies
+from skyguard.apps.sessions import LOGIN_COOKIE, SESSION_COOKIE, sets_our_cookie, without_cookies
 from skyguard.apps.upstream import AppSide
 from skyguard.credproxy.http1 import (
     ProtocolRefusal,
@@ -57,6 +57,7 @@ MAX_PIPELINED = 2  # whole requests read ahead of the one being answered; readin
 # address, scheme, host or path prefix from them; the proxy writes some of them itself), and
 # the identity header, compared the same way (`_` as `-`).
 OUR_COOKIES = (SESSION_COOKIE, LOGIN_COOKIE)  # never sent to the app
+HOP_BY_HOP_BUT_LENGTH = HOP_BY_HOP - {b"content-length"}  # dropped from an answer to HEAD
 
 
 class AppConnection(Checks, asyncio.Protocol):
@@ -391,9 +392,11 @@ class AppConnection(Checks, asyncio.Protocol):
         method, keep, _, _ = exchange
         if not response.reusable:
             self._drop_upstream()
-        head = method == b"HEAD"
-        headers = tuple((n, v) for n, v in without_our_set_cookies(response.headers)
-                        if n not in HOP_BY_HOP or (head and n == b"content-length"))
+        # One pass: hop-by-hop headers (a HEAD answer keeps its length) and skyguard's cookies
+        # set by the app (sessions.without_our_set_cookies) never reach the client.
+        dropped = HOP_BY_HOP_BUT_LENGTH if method == b"HEAD" else HOP_BY_HOP
+        headers = [(n, v) for n, v in response.headers
+                   if n not in dropped and not (n == b"set-cookie" and sets_our_cookie(v))]
         try:
             data = serialise_response(method, keep, (response.status, response.reason or b"OK"), headers,
                                       bytes(response.body))

@@ -170,8 +170,12 @@ def _as_bytes(names: tuple[str, ...]) -> tuple[bytes, ...]:
 def without_our_set_cookies(headers) -> list[tuple[bytes, bytes]]:
     """An app's response headers without any Set-Cookie naming skyguard's cookies: an app cannot
     forge a session (the value is encrypted), but it must not be able to end or replace one."""
-    return [(n, v) for n, v in headers
-            if not (n == b"set-cookie" and v.partition(b"=")[0].strip() in _OURS)]
+    return [(n, v) for n, v in headers if not (n == b"set-cookie" and sets_our_cookie(v))]
+
+
+def sets_our_cookie(value: bytes) -> bool:
+    """Whether a Set-Cookie value names one of skyguard's cookies (without_our_set_cookies)."""
+    return value.partition(b"=")[0].strip() in _OURS
 
 
 def set_cookie(name: str, value: str, max_age: int) -> tuple[bytes, bytes]:
