@@ -349,8 +349,7 @@ class AppConnection(Checks, asyncio.Protocol):
     def _forward(self, request: HttpRequest, session, keep: bool) -> None:
         self._busy = True
         try:
-            data = serialise_request(HttpRequest(request.method, request.target,
-                                                 tuple(self._headers_for_app(request, session)), request.body, b"1.1"))
+            data = serialise_request(request, self._headers_for_app(request, session))
         except Exception as e:  # a header the proxy will not write (a control character)
             self._exchange = (request.method, keep, b"", False)
             self._app_failed(e)

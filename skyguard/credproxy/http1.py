@@ -218,14 +218,17 @@ def client_keeps_alive(request: HttpRequest) -> bool:
     return True
 
 
-def serialise_request(request: HttpRequest) -> bytes:
+def serialise_request(request: HttpRequest, headers=None) -> bytes:
     """The request as the proxy forwards it: HTTP/1.1, hop-by-hop headers dropped, the body
     framed by Content-Length. The headers are the verdict's: headers the client's Connection
     header named were already dropped (or kept, when the decision relies on them) by
-    swap.SwapEngine.decide, so nothing the decision saw is removed here."""
-    headers = [pair for pair in request.headers if pair[0] not in _NOT_FORWARDED]
-    if request.body or (len(headers) != len(request.headers)  # framing headers are among those dropped
-                        and any(n in (b"content-length", b"transfer-encoding") for n, _ in request.headers)):
+    swap.SwapEngine.decide, so nothing the decision saw is removed here. `headers`: forward these
+    instead of the request's (the identity-aware proxy's rewritten ones, which keep the
+    request's framing headers), without building another HttpRequest per request."""
+    given = request.headers if headers is None else headers
+    headers = [pair for pair in given if pair[0] not in _NOT_FORWARDED]
+    if request.body or (len(headers) != len(given)  # framing headers are among those dropped
+                        and any(n in (b"content-length", b"transfer-encoding") for n, _ in given)):
         headers.append((b"content-length", b"%d" % len(request.body)))
     lines = b"".join([b"%s: %s\r\n" % pair for pair in headers])
     if _unsafe_lines(lines, len(headers)):
