@@ -281,6 +281,47 @@ def test_the_app_never_sees_a_client_copy_of_the_identity_or_forwarding_headers_
     assert names.count(b"x-skyguard-assertion") == 1 and names.count(b"x-forwarded-for") == 1
 
 
+def test_a_renamed_identity_header_is_stripped_from_the_next_request_of_a_kept_alive_connection(tmp_path):
+    """The policy renames the app's identity header while a client holds a kept-alive
+    connection on which it already sent a header of the new name (an ordinary header then, and
+    passed): from the next request on, the client's copy is stripped and the app gets the
+    proxy's signed one under that name. The connection remembers which header names it strips
+    (proxy.AppConnection._clients_own); what it remembered for the old name must not outlive it."""
+    app_port, proxy_port = free_port(), free_port()
+    store, app, policy, client_tls = rig(tmp_path, app_port, proxy_port)
+
+    async def run():
+        HeadsApp.heads = []
+        server = await asyncio.get_running_loop().create_server(HeadsApp, "127.0.0.1", app_port)
+        service = AppsService(policy, store, decision_log=MemoryLog())
+        await service.start()
+        session = service.sessions.create(app, SignIn("bob", "bob", "Bob", (), "t"), 600)
+        cookie = service.sealer.seal(session.sid, HOST, session.expires)
+        request = (f"GET / HTTP/1.1\r\nHost: {HOST}\r\nCookie: __Host-skyguard-session={cookie}\r\n"
+                   f"X-Corp-User: spoofed\r\n\r\n").encode()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port, ssl=client_tls, server_hostname=HOST)
+            writer.write(request)
+            before = await read_response(reader)
+            await service.set_policy(dataclasses.replace(
+                policy, apps=(dataclasses.replace(app, identity_header="X-Corp-User"),)))
+            writer.write(request)
+            after = await read_response(reader)
+            writer.close()
+            return before, after, HeadsApp.heads
+        finally:
+            await service.stop()
+            server.close()
+
+    before, after, heads = asyncio.run(run())
+    assert before == after == (200, b"ok")
+    first, second = ([line.partition(b": ") for line in head.split(b"\r\n")[1:]] for head in heads)
+    assert [v for n, _, v in first if n.lower() == b"x-corp-user"] == [b"spoofed"]  # not the identity header yet
+    assert [v for n, _, v in second if n.lower() == b"x-skyguard-assertion"] == []
+    mine = [v for n, _, v in second if n.lower() == b"x-corp-user"]
+    assert len(mine) == 1 and mine[0] != b"spoofed" and mine[0].count(b".") == 2  # the proxy's JWT, once
+
+
 def test_an_upgrade_the_app_does_not_accept_opens_no_raw_tunnel_to_it(tmp_path):
     """A signed-in client sends an upgrade request to a path where the app answers 200, not 101,
     then a second request on the same connection. The proxy used to splice from the upgrade
