@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -94,6 +95,7 @@ class OperatorConnection(asyncssh.SSHServer):
         self.agent_relayed = False  # the VM connection forwards the operator's agent
         self.tunnels: set[asyncio.StreamWriter] = set()  # both ends of open port forwards
         self.closing = False
+        self.counted_unauthenticated = False  # counted in proxy.unauthenticated until authenticated
 
     # -- connection and authentication ---------------------------------------------------------
 
@@ -102,9 +104,32 @@ class OperatorConnection(asyncssh.SSHServer):
         peer = conn.get_extra_info("peername") or ("?",)
         self.source = str(peer[0])
         self.proxy.connections.add(self)
+        refused = self.proxy.unauthenticated.admit(self.source)
+        if refused is None:
+            self.counted_unauthenticated = True
+            return
+        self.proxy.metrics.auth_failures.labels("too_many_connections").inc()
+        pending = self.proxy.unauthenticated
+        count = pending.to_log(self.source, time.monotonic())
+        if count:
+            log.warning("SSH access proxy refused a connection from %s: %d not yet authenticated from it, "
+                        "%d in all (limits %d, %d); %d refused since the last line", self.source,
+                        pending.by_source.get(self.source, 0), pending.count(), pending.per_source,
+                        pending.total, count)
+        message = ("too many connections from your address are not yet logged in; try again shortly"
+                   if refused == "source" else "the SSH access proxy has too many connections not yet "
+                   "logged in; try again shortly")
+        # After asyncssh has sent its version line (it does once this returns).
+        asyncio.get_running_loop().call_soon(conn.disconnect, asyncssh.DISC_TOO_MANY_CONNECTIONS, message)
+
+    def _count_out(self) -> None:
+        if self.counted_unauthenticated:
+            self.counted_unauthenticated = False
+            self.proxy.unauthenticated.release(self.source)
 
     def connection_lost(self, exc) -> None:
         self.proxy.connections.discard(self)
+        self._count_out()
         if self.auth_attempted and not self.authenticated:
             self._auth_failed("bad_key")
         if self._upstream is not None:
@@ -211,6 +236,7 @@ class OperatorConnection(asyncssh.SSHServer):
 
     def auth_completed(self) -> None:
         self.authenticated = True
+        self._count_out()
         self.proxy.limiter.success(self.source)
         operator, login = self.operator, self.login
         if operator is None or login is None:

@@ -25,6 +25,8 @@ Decisions, made here deliberately and all closed by default:
 - VM host keys are trusted on first use and pinned (`<state>/admin/vm_host_keys.json`); a
   changed key refuses the session until an administrator removes the pin.
 - An address with too many failed logins is refused before authentication (ratelimit.py).
+- Connections not yet authenticated are capped per address and in all (ratelimit.py): past the
+  cap the next is disconnected at once, so silent clients cannot hold the daemon's descriptors.
 This module is not the datapath rule that keeps direct SSH to VMs out, and not the signed log.
 """
 
@@ -42,7 +44,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from skyguard.admin import commands, keys
 from skyguard.admin.connection import OperatorConnection, VmHostKeys
 from skyguard.admin.decisionlog import DecisionLog
-from skyguard.admin.ratelimit import AuthFailureLimiter
+from skyguard.admin.ratelimit import AuthFailureLimiter, UnauthenticatedConnections
 from skyguard.admin.recording import SessionArchive
 from skyguard.content.record import ContentMetrics
 from skyguard.custody.store import SecretStore
@@ -64,6 +66,10 @@ class AdminProxyConfig:
     vm_port: int = 22
     connect_timeout: float = 10.0  # seconds to wait for a VM's sshd before telling the operator
     login_timeout: float = 30.0  # seconds an unauthenticated client may hold a connection
+    # Connections not yet authenticated that one address, and all, may hold (ratelimit.py); past
+    # either the next is refused at once (OpenSSH: MaxStartups 10:30:100).
+    max_unauthenticated_per_source: int = 16
+    max_unauthenticated: int = 128
     max_keys_per_connection: int = 6  # like OpenSSH's MaxAuthTries
     max_failures: int = 5  # failed logins per source address ...
     failure_window: float = 60.0  # ... within this many seconds ...
@@ -140,6 +146,8 @@ class AdminSshProxy:
         self.vm_host_keys = VmHostKeys(admin_dir / "vm_host_keys.json")
         self.limiter = AuthFailureLimiter(self.config.max_failures, self.config.failure_window,
                                           self.config.block_for)
+        self.unauthenticated = UnauthenticatedConnections(self.config.max_unauthenticated_per_source,
+                                                          self.config.max_unauthenticated)
         # Loaded from the sealed store when the proxy first listens: a policy without admin.ssh
         # creates no SSH keys.
         self.vm_key: asyncssh.SSHKey | None = None

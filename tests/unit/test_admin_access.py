@@ -7,7 +7,7 @@ from ipaddress import ip_address
 import pytest
 
 from skyguard.admin import access
-from skyguard.admin.ratelimit import AuthFailureLimiter
+from skyguard.admin.ratelimit import AuthFailureLimiter, UnauthenticatedConnections
 from skyguard.admin.sftp import SftpRequestWatcher
 from skyguard.errors import BadInput
 from skyguard.policy.model import AdminSsh, Policy, SshOperator, Workload, Zone
@@ -102,6 +102,16 @@ def test_limiter_success_forgets_and_memory_is_bounded():
     for i in range(1000):
         limiter.failure(f"198.51.100.{i % 256}-{i}")
     assert len(limiter._failures) <= 100
+
+
+def test_unauthenticated_connections_capped_per_source_and_in_all_and_refusals_summarised():
+    pending = UnauthenticatedConnections(per_source=2, total=3)
+    assert pending.admit("192.0.2.1") is None and pending.admit("192.0.2.1") is None
+    assert pending.admit("192.0.2.1") == "source"
+    assert pending.admit("192.0.2.2") is None and pending.admit("192.0.2.3") == "total"
+    pending.release("192.0.2.1")
+    assert pending.admit("192.0.2.3") is None and pending.count() == 3
+    assert [pending.to_log("192.0.2.9", t) for t in (0.0, 0.2, 0.5, 1.1)] == [1, 0, 0, 3]
 
 
 def sftp_packet(kind: int, request_id: int, path: bytes, tail: bytes = b"") -> bytes:

@@ -1,0 +1,67 @@
+"""The SSH access proxy attacked: floods before authentication, what reaches the VM unrecorded, and
+what a recording can do to the terminal it is replayed on. Real OpenSSH clients and raw TCP
+connections against the real proxy and a real sshd (the lab of test_admin_ssh.py: its own
+namespaces, its own proxy). Each test uses its own source address (127.0.0.2x), so that the
+brute-force brake and the caps below stay per test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from test_admin_ssh import PROXY_PORT, lab  # noqa: F401 - lab: the module-scoped fixture
+
+from skyguard.admin.proxy import AdminProxyConfig
+from support.netns_support import NamespaceLoop
+
+UNTIL_LOGIN_TIMEOUT = AdminProxyConfig().login_timeout  # what a held connection waits for, at most
+
+
+@pytest.fixture(scope="module")
+def clients(lab):  # noqa: F811 - the fixture above
+    """An asyncio loop in the proxy's namespace for raw TCP clients (not the proxy's own loop)."""
+    loop = NamespaceLoop(lab.px_ns, timeout=120)
+    yield loop
+    loop.close()
+
+
+async def open_silent(source: str, count: int) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """`count` TCP connections from `source` that never say anything (not even a version line)."""
+    return [await asyncio.open_connection("127.0.0.1", PROXY_PORT, local_addr=(source, 0)) for _ in range(count)]
+
+
+async def closed_by_proxy(reader: asyncio.StreamReader, within: float) -> bool:
+    """True when the proxy closes the connection (EOF) within `within` seconds."""
+    try:
+        async with asyncio.timeout(within):
+            while await reader.read(4096):
+                pass
+        return True
+    except (TimeoutError, ConnectionError):
+        return False
+
+
+def test_silent_connections_from_one_address_are_capped_before_authentication(lab, clients):  # noqa: F811
+    per_source = AdminProxyConfig().max_unauthenticated_per_source
+
+    async def flood():
+        held = await open_silent("127.0.0.21", per_source + 8)
+        try:
+            # Past the cap, the proxy closes at once; those it keeps wait for the login timeout.
+            extra = await asyncio.gather(*(closed_by_proxy(r, UNTIL_LOGIN_TIMEOUT / 2) for r, _ in held[per_source:]))
+            # The operator at another address still gets in while they are held.
+            ok = await asyncio.to_thread(lab.ssh, "alice", "alice+dc1", "echo still-serving")
+            told = await asyncio.to_thread(lab.ssh, "alice", "alice+dc1", "true", source="127.0.0.21")
+            return extra, ok, told
+        finally:
+            for _, writer in held:
+                writer.close()
+
+    extra, ok, told = clients.run(flood())
+    assert all(extra), f"{extra.count(False)} connections past the cap of {per_source} were held"
+    assert told.returncode == 255, told.stderr  # dropped like OpenSSH's MaxStartups (its client sees no reason)
+    assert lab.metric("skyguard_admin_ssh_auth_failures_total", reason="too_many_connections") >= 8
+    assert ok.returncode == 0 and ok.stdout.strip() == "still-serving", ok.stderr
+    out = lab.ssh("alice", "alice+dc1", "true", source="127.0.0.21")  # the flood is gone: it may log in again
+    assert out.returncode == 0, out.stderr
