@@ -2,10 +2,13 @@
 
 For session ID there are two files under `<state>/admin/sessions/`:
 - `ID.cast`: the transcript in asciicast v2 (a JSON header line, then one `[time, "o", text]`
-  line per piece of output and `[time, "r", "WxH"]` per resize). Each event is written through to
-  the file as it happens, so a session killed mid-way leaves a transcript complete up to then.
-  What the operator types is recorded as the terminal echoes it, not as raw keystrokes, so a
-  password typed at a no-echo prompt is not stored.
+  line per piece of output, `[time, "i", text]` per piece of input when it is recorded (below),
+  and `[time, "r", "WxH"]` per resize). Each event is written through to the file as it happens,
+  so a session killed mid-way leaves a transcript complete up to then. In a session with a
+  terminal (pty), what the operator types is recorded as the terminal echoes it, not as raw
+  keystrokes, so a password typed at a no-echo prompt is not stored. A session without one
+  (`ssh host sh`, `ssh -T host`, SFTP) echoes nothing: there everything the operator sends is
+  recorded as input, or commands fed to a shell on stdin would reach the VM unrecorded.
 - `ID.json`: operator, key fingerprint, workload, source, kind, command, start, end, exit status,
   bytes each way, result, and the transcript's SHA-256 once the session ends.
 A start entry and an end entry (with the SHA-256) go to the DecisionLog, so `verify()` can prove
@@ -65,12 +68,15 @@ def _atomic_write_json(path: Path, value: dict) -> None:
 class SessionRecording:
     """One session being recorded. Create with SessionArchive.begin()."""
 
-    def __init__(self, archive: SessionArchive, meta: dict, width: int, height: int, term: str | None):
+    def __init__(self, archive: SessionArchive, meta: dict, width: int, height: int, term: str | None,
+                 record_input: bool = False):
         self.archive = archive
         self.meta = meta
         self.id = meta["id"]
         self._t0 = time.monotonic()
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        # Input is stored only where nothing echoes it (no pty: see the module doc).
+        self._input_decoder = codecs.getincrementaldecoder("utf-8")("replace") if record_input else None
         self._finished = False
         self.cast_path = archive.directory / f"{self.id}.cast"
         self.meta_path = archive.directory / f"{self.id}.json"
@@ -96,8 +102,11 @@ class SessionRecording:
         self._event("o", self._decoder.decode(data))
 
     def input(self, data: bytes) -> None:
-        # Counted, not stored: keystrokes include what no-echo prompts hide (see module doc).
+        # With a terminal: counted, not stored (keystrokes include what no-echo prompts hide);
+        # without one, stored too (see the module doc).
         self.meta["bytes_in"] += len(data)
+        if self._input_decoder is not None:
+            self._event("i", self._input_decoder.decode(data))
 
     def resize(self, width: int, height: int) -> None:
         self._event("r", f"{width}x{height}")
@@ -110,6 +119,8 @@ class SessionRecording:
         if self._finished:
             return self.meta
         self._event("o", self._decoder.decode(b"", final=True))
+        if self._input_decoder is not None:
+            self._event("i", self._input_decoder.decode(b"", final=True))
         self._finished = True
         self._cast.flush()
         os.fsync(self._cast.fileno())
@@ -138,7 +149,8 @@ class SessionArchive:
 
     def begin(self, *, operator: str, key_fingerprint: str, workload: str, zone: str, source: str,
               kind: str, command: str | None, width: int = 80, height: int = 24,
-              term: str | None = None) -> SessionRecording:
+              term: str | None = None, record_input: bool = False) -> SessionRecording:
+        """`record_input`: store what the operator sends too (a session without a pty)."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         start = time.time()
         meta = {
@@ -148,7 +160,8 @@ class SessionArchive:
             "exit_signal": None, "bytes_in": 0, "bytes_out": 0, "result": "active",
             "transcript_sha256": None, "archive_instance": self.instance,
         }
-        recording = SessionRecording(self, meta, width, height, term)
+        meta["input_recorded"] = record_input
+        recording = SessionRecording(self, meta, width, height, term, record_input)
         self._log("admin_session_start", **_log_fields(meta))
         return recording
 
@@ -249,8 +262,9 @@ def _log_fields(meta: dict) -> dict:
 
 def replay(cast_path: Path, out=None, speed: float = 1.0, idle_limit: float | None = 2.0,
            sleep=time.sleep) -> int:
-    """Write a transcript's output to `out` with its original timing (divided by speed; pauses
-    capped at idle_limit seconds). Returns the number of output events played."""
+    """Write a transcript's output, and its input where it was recorded (sessions without a
+    terminal, which echoes nothing), to `out` with its original timing (divided by speed; pauses
+    capped at idle_limit seconds). Returns the number of events played."""
     out = out or sys.stdout
     if speed <= 0:
         raise BadInput("--speed must be greater than 0")
@@ -274,7 +288,7 @@ def replay(cast_path: Path, out=None, speed: float = 1.0, idle_limit: float | No
             if delay > 0:
                 sleep(delay)
             previous = at
-            if code == "o":
+            if code in ("o", "i"):
                 out.write(text)
                 out.flush()
                 played += 1

@@ -158,7 +158,7 @@ class ProxySession(asyncssh.SSHServerSession):
         self.recording = self.proxy.archive.begin(
             operator=operator, key_fingerprint=owner.key_fingerprint or "?", workload=workload.name,
             zone=workload.zone, source=owner.source, kind=self.kind or "?", command=self.command,
-            width=width, height=height, term=self.term)
+            width=width, height=height, term=self.term, record_input=not self.term)
         if self.decision.transfer and (self.kind == "subsystem" or _runs_sftp_server(self.command)):
             self.sftp_watch = SftpRequestWatcher()
             self.sftp_filter = upload_pump(self, workload)

@@ -65,3 +65,27 @@ def test_silent_connections_from_one_address_are_capped_before_authentication(la
     assert ok.returncode == 0 and ok.stdout.strip() == "still-serving", ok.stderr
     out = lab.ssh("alice", "alice+dc1", "true", source="127.0.0.21")  # the flood is gone: it may log in again
     assert out.returncode == 0, out.stderr
+
+
+def transcript(lab, meta) -> str:  # noqa: F811
+    return (lab.state / "admin" / "sessions" / f"{meta['id']}.cast").read_text()
+
+
+@pytest.mark.parametrize("how", ["exec-sh", "shell-without-tty"])
+def test_what_is_sent_to_a_session_without_a_terminal_is_recorded(lab, how):  # noqa: F811
+    # Without a pty nothing echoes what the operator sends: the commands reach the VM's shell
+    # on stdin, and the transcript must still hold them.
+    marker = lab.tmp / f"made-unseen-{how}"
+    script = f"touch {marker}\n"
+    if how == "exec-sh":
+        out = lab.ssh("alice", "alice+dc1", "sh", input=script)
+        [meta] = lab.session_by_command("sh")
+    else:
+        before = {m["id"] for m in lab.proxy.archive.list()}
+        out = lab.ssh("alice", "alice+dc1", extra=["-T"], input=script)
+        [meta] = [m for m in lab.proxy.archive.list() if m["id"] not in before and m["kind"] == "shell"]
+    assert out.returncode == 0, out.stderr
+    assert marker.exists()  # it ran on the VM (the lab's VM shares this file system)
+    assert f"touch {marker}" in transcript(lab, meta)
+    replayed = lab.cli("admin", "replay", meta["id"], "--speed", "1000")
+    assert replayed.returncode == 0 and f"touch {marker}" in replayed.stdout, replayed.stderr
