@@ -260,16 +260,146 @@ def _log_fields(meta: dict) -> dict:
             "kind": meta["kind"], "command": meta["command"], "start": meta["start"]}
 
 
+def caret(text: str) -> str:
+    """`text` with every control character shown, not acted on (as `cat -v`): ESC as ^[, BEL as
+    ^G, a C1 control such as 0x9b as M-^[; newline and tab are kept."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in "\n\t" or 0x20 <= code < 0x7f or code > 0x9f:
+            out.append(ch)
+        elif code < 0x20:
+            out.append("^" + chr(code + 0x40))
+        elif code == 0x7f:
+            out.append("^?")
+        else:
+            out.append("M-^" + chr(code - 0x80 + 0x40))
+    return "".join(out)
+
+
+# What replay lets a transcript do to the reviewer's terminal: draw the screen as the operator saw
+# it (cursor, erase, scroll, colours, modes, charsets), nothing else. Everything else is shown in
+# caret notation: control strings (OSC: clipboard, title, palette, hyperlinks; DCS, APC, PM, SOS),
+# queries the terminal would answer into the shell the reviewer returns to (device status and
+# attributes, window reports, mode requests), C1 controls, shift-in/out, and concealed text (SGR 8).
+_CSI = re.compile(r"\x1b\[([0-?]*)([ -/]*)([@-~])")
+_CSI_DRAWING = set("ABCDEFGHIJKLMPSTXZ@`abdefghlr")  # and s/u (cursor save/restore) without parameters
+_PRIVATE_DRAWING = set("hlrs")  # with a private marker (`CSI ? 1049 h`): DEC modes set, reset, saved
+_ESC_DRAWING = re.compile(r"\x1b(?:[78cDEHM=>]|[()*+\-./][0-9A-Za-z<=>]|#[0-9])")
+_STRING_INTRODUCERS = "]P_^X"
+MAX_HELD = 4096  # characters of an unfinished escape sequence held for the next event
+
+
+def _sgr_without_conceal(params: str) -> str | None:
+    """SGR parameters without 8 (conceal), colour arguments left alone; None if none remain."""
+    words = params.split(";")
+    kept, i = [], 0
+    while i < len(words):
+        word = words[i]
+        if word in ("38", "48", "58") and i + 1 < len(words):
+            width = {"5": 3, "2": 5}.get(words[i + 1], 1)
+            kept.extend(words[i:i + width])
+            i += width
+            continue
+        if word.lstrip("0") != "8" or word == "":
+            kept.append(word)
+        i += 1
+    if not kept and params:
+        return None
+    return ";".join(kept)
+
+
+class TerminalFilter:
+    """Replayed text made safe for the reviewer's terminal (see above). Stateful: an escape
+    sequence split across two events is judged whole."""
+
+    def __init__(self):
+        self.held = ""
+
+    def feed(self, text: str) -> str:
+        text, self.held = self.held + text, ""
+        out, i = [], 0
+        while i < len(text):
+            j = i
+            while j < len(text) and text[j] != "\x1b" and not ("\x80" <= text[j] <= "\x9f") and text[j] not in "\x0e\x0f":
+                j += 1
+            out.append(text[i:j])
+            if j == len(text):
+                break
+            end, shown = self._sequence(text, j)
+            if end is None:  # unfinished: wait for the next event, up to MAX_HELD characters
+                if len(text) - j < MAX_HELD:
+                    self.held = text[j:]
+                    break
+                end, shown = len(text), caret(text[j:])
+            out.append(shown)
+            i = end
+        return "".join(out)
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return caret(held)
+
+    @staticmethod
+    def _sequence(text: str, at: int) -> tuple[int | None, str]:
+        """The escape sequence or control character at `at`: where it ends (None: not yet
+        complete) and what to write for it."""
+        ch = text[at]
+        if ch != "\x1b":
+            return at + 1, caret(ch)  # C1 control, shift-in/out
+        if at + 1 == len(text):
+            return None, ""
+        if text[at + 1] in _STRING_INTRODUCERS:
+            k = at + 2
+            while k < len(text):
+                if text[k] == "\x07" or text[k] == "\x9c":
+                    return k + 1, caret(text[at:k + 1])
+                if text[k] == "\x1b":
+                    if k + 1 == len(text):
+                        return None, ""
+                    if text[k + 1] == "\\":
+                        return k + 2, caret(text[at:k + 2])
+                k += 1
+            return None, ""
+        if text[at + 1] == "[":
+            m = _CSI.match(text, at)
+            if m is None:
+                tail = text[at + 2:]
+                return (None, "") if all("\x20" <= c <= "\x3f" for c in tail) else (at + 2, caret(text[at:at + 2]))
+            params, middle, final = m.groups()
+            whole = m.group(0)
+            private = params[:1] in ("<", "=", ">", "?")
+            if final == "m" and not middle and not private:
+                kept = _sgr_without_conceal(params)
+                return m.end(), ("" if kept is None else f"\x1b[{kept}m")
+            if not middle and (final in (_PRIVATE_DRAWING if private else _CSI_DRAWING)
+                               or (final in "su" and not params)):
+                return m.end(), whole
+            if middle == " " and final == "q":  # cursor shape
+                return m.end(), whole
+            return m.end(), caret(whole)
+        m = _ESC_DRAWING.match(text, at)
+        if m is not None:
+            return m.end(), m.group(0)
+        if at + 2 >= len(text) and text[at + 1] in "()*+-./#":
+            return None, ""
+        return at + 2, caret(text[at:at + 2])
+
+
 def replay(cast_path: Path, out=None, speed: float = 1.0, idle_limit: float | None = 2.0,
-           sleep=time.sleep) -> int:
+           sleep=time.sleep, text_only: bool = False) -> int:
     """Write a transcript's output, and its input where it was recorded (sessions without a
     terminal, which echoes nothing), to `out` with its original timing (divided by speed; pauses
-    capped at idle_limit seconds). Returns the number of events played."""
+    capped at idle_limit seconds), through TerminalFilter: the screen is drawn as the operator saw
+    it, and the recording cannot act on the terminal otherwise. `text_only`: no timing and no
+    escape sequence interpreted at all (caret notation), so that text a session drew and then
+    erased, moved over or hid is on the screen too. Returns the number of events played."""
     out = out or sys.stdout
     if speed <= 0:
         raise BadInput("--speed must be greater than 0")
     played = 0
     previous = 0.0
+    screen = TerminalFilter()
     with open(cast_path, encoding="utf-8") as f:
         header = f.readline()
         try:
@@ -280,16 +410,24 @@ def replay(cast_path: Path, out=None, speed: float = 1.0, idle_limit: float | No
         for line in f:
             try:
                 at, code, text = json.loads(line)
-            except ValueError:
+                at = float(at)
+                if not isinstance(text, str):
+                    raise TypeError
+            except (ValueError, TypeError):
                 raise AdminError(f"{cast_path}: damaged event line after {played} events") from None
-            delay = (at - previous) / speed
-            if idle_limit is not None:
-                delay = min(delay, idle_limit)
-            if delay > 0:
-                sleep(delay)
-            previous = at
-            if code in ("o", "i"):
-                out.write(text)
-                out.flush()
-                played += 1
+            if not text_only:
+                delay = (at - previous) / speed
+                if idle_limit is not None:
+                    delay = min(delay, idle_limit)
+                if delay > 0:
+                    sleep(delay)
+                previous = at
+            if code not in ("o", "i"):
+                continue
+            out.write(caret(text) if text_only else screen.feed(text))
+            out.flush()
+            played += 1
+    if not text_only:
+        out.write(screen.flush())
+    out.flush()
     return played

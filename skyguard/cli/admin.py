@@ -149,13 +149,21 @@ def sessions_command(as_json, state_dir):
                    "(default: the daemon's signed log in the state directory, else the proxy's "
                    "fallback log, if present).")
 @click.option("--no-verify", is_flag=True, help="Play even if the transcript fails its hash check.")
+@click.option("--text", "text_only", is_flag=True,
+              help="An SSH session: print all its text at once with every control character shown "
+                   "(^[ for ESC), none acted on: what was erased, overwritten or hidden on screen shows too.")
 @click.option("--frames", "frames_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="A VNC session: write the screen after each update as DIR/frame-NNNNN.png.")
 @click.option("--max-frames", type=click.IntRange(min=1), default=None, help="Stop after this many frames.")
 @state_dir_option
-def replay_command(session_id, speed, idle_limit, log_file, no_verify, frames_dir, max_frames, state_dir):
+def replay_command(session_id, speed, idle_limit, log_file, no_verify, text_only, frames_dir, max_frames,
+                   state_dir):
     """Play a recorded SSH session back in the terminal, with its timing, or render a recorded
     VNC session's frames to PNG (--frames DIR).
+
+    The recording draws the screen as the operator saw it and nothing more: sequences that would
+    act on your terminal otherwise (clipboard, title, queries it would answer, concealed text) are
+    shown as ^[... instead. --text prints the text with no sequence acted on.
 
     The transcript's SHA-256 is checked first against the session record and the decision log;
     a modified transcript is refused (exit 1) unless --no-verify.
@@ -164,6 +172,7 @@ def replay_command(session_id, speed, idle_limit, log_file, no_verify, frames_di
     Examples:
       skyguard admin replay 20261130T031500Z-1a2b3c4d
       skyguard admin replay 20261130T031500Z-1a2b3c4d --speed 4 --idle-limit 0.5
+      skyguard admin replay 20261130T031500Z-1a2b3c4d --text | less
       skyguard admin replay 20261130T031500Z-5e6f7a8b --frames /tmp/frames
     """
     from skyguard.admin.decisionlog import JsonLinesDecisionLog, fallback_log_path
@@ -200,4 +209,4 @@ def replay_command(session_id, speed, idle_limit, log_file, no_verify, frames_di
         return
     if frames_dir is not None:
         raise BadInput(f"session {session_id} is an SSH session: --frames is for VNC sessions")
-    replay(path, sys.stdout, speed=speed, idle_limit=idle_limit)
+    replay(path, sys.stdout, speed=speed, idle_limit=idle_limit, text_only=text_only)

