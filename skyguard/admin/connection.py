@@ -110,7 +110,7 @@ class OperatorConnection(asyncssh.SSHServer):
             return
         self.proxy.metrics.auth_failures.labels("too_many_connections").inc()
         pending = self.proxy.unauthenticated
-        count = pending.to_log(self.source, time.monotonic())
+        count = pending.refusals.to_log(self.source, time.monotonic())
         if count:
             log.warning("SSH access proxy refused a connection from %s: %d not yet authenticated from it, "
                         "%d in all (limits %d, %d); %d refused since the last line", self.source,
@@ -201,8 +201,13 @@ class OperatorConnection(asyncssh.SSHServer):
 
     def begin_auth(self, username: str) -> bool:
         if self.proxy.limiter.is_blocked(self.source):
+            # The block itself is in the signed log (admin_source_blocked); its refusals go to the
+            # metric and, summarised, the host's log: a blocked address must not grow the signed log.
             self.proxy.metrics.auth_failures.labels("rate_limited").inc()
-            self.proxy.record("admin_auth_failure", source=self.source, reason="rate_limited")
+            count = self.proxy.blocked_refusals.to_log(self.source, time.monotonic())
+            if count:
+                log.warning("SSH access proxy refused %d login(s) from %s since the last line: the address "
+                            "is blocked after repeated failures", count, self.source)
             self.conn.disconnect(asyncssh.DISC_HOST_NOT_ALLOWED_TO_CONNECT,
                                  "too many failed logins from your address; try again later")
             return True

@@ -44,7 +44,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from skyguard.admin import commands, keys
 from skyguard.admin.connection import OperatorConnection, VmHostKeys
 from skyguard.admin.decisionlog import DecisionLog
-from skyguard.admin.ratelimit import AuthFailureLimiter, UnauthenticatedConnections
+from skyguard.admin.ratelimit import AuthFailureLimiter, RefusalSummary, UnauthenticatedConnections
 from skyguard.admin.recording import SessionArchive
 from skyguard.content.record import ContentMetrics
 from skyguard.custody.store import SecretStore
@@ -148,6 +148,7 @@ class AdminSshProxy:
                                           self.config.block_for)
         self.unauthenticated = UnauthenticatedConnections(self.config.max_unauthenticated_per_source,
                                                           self.config.max_unauthenticated)
+        self.blocked_refusals = RefusalSummary()  # logins refused from blocked addresses, for the host's log
         # Loaded from the sealed store when the proxy first listens: a policy without admin.ssh
         # creates no SSH keys.
         self.vm_key: asyncssh.SSHKey | None = None

@@ -114,3 +114,17 @@ def test_replay_does_not_let_a_recording_drive_the_reviewers_terminal(lab):  # n
     assert text.returncode == 0, text.stderr
     assert "\x1b" not in text.stdout and "\x9b" not in text.stdout
     assert "rm -rf /srv/data^M^[[2K" in text.stdout and "concealed-word" in text.stdout
+
+
+def test_a_blocked_address_cannot_grow_the_signed_log(lab):  # noqa: F811
+    source = "127.0.0.22"
+    for _ in range(lab.proxy.config.max_failures):
+        assert lab.ssh("carol", "alice+dc1", "true", source=source).returncode == 255
+    before = lab.metric("skyguard_admin_ssh_auth_failures_total", reason="rate_limited")
+    for _ in range(12):  # an attacker goes on connecting while blocked
+        out = lab.ssh("carol", "alice+dc1", "true", source=source)
+        assert out.returncode == 255 and "too many failed logins" in out.stderr, out.stderr
+    assert lab.metric("skyguard_admin_ssh_auth_failures_total", reason="rate_limited") == before + 12
+    from_it = [e for e in lab.entries() if e.get("source") == source]
+    assert [e["type"] for e in from_it].count("admin_source_blocked") == 1
+    assert len(from_it) <= lab.proxy.config.max_failures + 1, [e.get("reason") for e in from_it]

@@ -111,7 +111,7 @@ def test_unauthenticated_connections_capped_per_source_and_in_all_and_refusals_s
     assert pending.admit("192.0.2.2") is None and pending.admit("192.0.2.3") == "total"
     pending.release("192.0.2.1")
     assert pending.admit("192.0.2.3") is None and pending.count() == 3
-    assert [pending.to_log("192.0.2.9", t) for t in (0.0, 0.2, 0.5, 1.1)] == [1, 0, 0, 3]
+    assert [pending.refusals.to_log("192.0.2.9", t) for t in (0.0, 0.2, 0.5, 1.1)] == [1, 0, 0, 3]
 
 
 def sftp_packet(kind: int, request_id: int, path: bytes, tail: bytes = b"") -> bytes:
