@@ -86,6 +86,7 @@ class OperatorConnection(asyncssh.SSHServer):
         self.authenticated = False
         self.auth_attempted = False
         self.rejected_keys = 0
+        self.key_checks = 0  # public keys and signatures checked (validate_public_key calls)
         self.workload: Workload | None = None  # set once authorised
         self.refusal: access.AccessRefused | None = None
         self._upstream: asyncssh.SSHClientConnection | None = None
@@ -222,6 +223,12 @@ class OperatorConnection(asyncssh.SSHServer):
         return True
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        # Called for each key offered and again for each signature: a bad signature on a policy
+        # key (public, in the policy) passes here and fails after, unseen, so every call counts.
+        self.key_checks += 1
+        if self.key_checks > 2 * self.proxy.config.max_keys_per_connection:
+            self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "too many authentication attempts")
+            return False
         # Parse the name of this very request: SSH lets a client change it between attempts.
         try:
             login = access.parse_login(username)

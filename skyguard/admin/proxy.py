@@ -70,7 +70,7 @@ class AdminProxyConfig:
     # either the next is refused at once (OpenSSH: MaxStartups 10:30:100).
     max_unauthenticated_per_source: int = 16
     max_unauthenticated: int = 128
-    max_keys_per_connection: int = 6  # like OpenSSH's MaxAuthTries
+    max_keys_per_connection: int = 6  # like OpenSSH's MaxAuthTries; key checks (offers and signatures): twice this
     max_failures: int = 5  # failed logins per source address ...
     failure_window: float = 60.0  # ... within this many seconds ...
     block_for: float = 300.0  # ... block that address this long

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 
+import asyncssh
 import pytest
+from asyncssh.public_key import SSHLocalKeyPair
 from test_admin_ssh import PROXY_PORT, lab  # noqa: F401 - lab: the module-scoped fixture
 
 from skyguard.admin.proxy import AdminProxyConfig
@@ -128,3 +130,36 @@ def test_a_blocked_address_cannot_grow_the_signed_log(lab):  # noqa: F811
     from_it = [e for e in lab.entries() if e.get("source") == source]
     assert [e["type"] for e in from_it].count("admin_source_blocked") == 1
     assert len(from_it) <= lab.proxy.config.max_failures + 1, [e.get("reason") for e in from_it]
+
+
+class ForgedKeyPair(SSHLocalKeyPair):
+    """An operator's public key (public: it is in the policy) with an attacker's signatures."""
+
+    def __init__(self, attacker_key: asyncssh.SSHKey, operator_public: asyncssh.SSHKey, signed: list):
+        super().__init__(attacker_key)
+        self.public_data, self.signed = operator_public.public_data, signed
+
+    def sign(self, data: bytes) -> bytes:
+        self.signed.append(1)
+        return super().sign(data)
+
+
+def test_signatures_tried_per_connection_are_bounded(lab, clients):  # noqa: F811
+    # The public key passes the proxy's check; only the signature fails. Such attempts were not
+    # counted, so one connection could try signatures until the login timeout.
+    signed: list = []
+    carol = asyncssh.read_private_key(lab.tmp / "carol")
+    forged = [ForgedKeyPair(carol, asyncssh.read_public_key(lab.tmp / "alice.pub"), signed) for _ in range(40)]
+
+    async def attempt():
+        try:
+            await asyncssh.connect("127.0.0.1", PROXY_PORT, username="alice+dc1", client_keys=forged,
+                                   known_hosts=None, local_addr=("127.0.0.23", 0), preferred_auth="publickey",
+                                   agent_path=None, config=None)
+        except (asyncssh.PermissionDenied, asyncssh.DisconnectError, ConnectionError) as e:
+            return e
+        return None
+
+    refused = clients.run(attempt())
+    assert refused is not None
+    assert len(signed) <= 2 * lab.proxy.config.max_keys_per_connection, f"{len(signed)} signatures tried on one connection"
