@@ -22,7 +22,7 @@ import asyncssh
 
 from skyguard import fsutil
 from skyguard.admin import access, keys
-from skyguard.admin.session import EXIT_UNREACHABLE, ProxySession
+from skyguard.admin.session import EXIT_UNREACHABLE, ProxySession, session_channel
 from skyguard.errors import AdminError, BadInput
 from skyguard.policy.model import SshOperator, Workload
 
@@ -324,7 +324,7 @@ class OperatorConnection(asyncssh.SSHServer):
     # -- channels -----------------------------------------------------------------------------------
 
     def session_requested(self):
-        return ProxySession(self)
+        return session_channel(self.conn), ProxySession(self)
 
     def _refuse(self, request: str, message: str, **details) -> NoReturn:
         self.proxy.metrics.refusals.labels(request).inc()

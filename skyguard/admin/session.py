@@ -41,6 +41,26 @@ def _runs_sftp_server(command: str | None) -> bool:
     return bool(words) and words[0].rsplit("/", 1)[-1].lower() == "sftp-server"
 
 
+class NoEnvironmentChannel(asyncssh.SSHServerChannel):
+    """The operator's session channel, refusing `env` requests: the proxy passes no environment
+    to the VM (LD_PRELOAD and the like never get there), and asyncssh would otherwise keep every
+    one it is sent, unbounded, even on a session that is then refused. asyncssh has no option for
+    this: its handler for the request is overridden here (pinned asyncssh version)."""
+
+    def _process_env_request(self, packet) -> bool:
+        packet.get_string()
+        packet.get_string()
+        packet.check_end()
+        return False
+
+
+def session_channel(conn) -> asyncssh.SSHServerChannel:
+    """A channel for a new operator session (SSHServer.session_requested returns it with the session)."""
+    chan = conn.create_server_channel(encoding=None)
+    chan.__class__ = NoEnvironmentChannel
+    return chan
+
+
 class VmSession(asyncssh.SSHClientSession):
     """The VM's side of one bridged channel: output goes to the operator and the transcript."""
 

@@ -8,6 +8,8 @@ brute-force brake and the caps below stay per test.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import asyncssh
 import pytest
@@ -163,3 +165,35 @@ def test_signatures_tried_per_connection_are_bounded(lab, clients):  # noqa: F81
     refused = clients.run(attempt())
     assert refused is not None
     assert len(signed) <= 2 * lab.proxy.config.max_keys_per_connection, f"{len(signed)} signatures tried on one connection"
+
+
+ENV_FLOOD = """
+import asyncio, sys, asyncssh
+async def main():
+    key = asyncssh.read_private_key(sys.argv[1])
+    async with asyncssh.connect("127.0.0.1", int(sys.argv[2]), username=sys.argv[3], client_keys=[key],
+                                known_hosts=None, local_addr=("127.0.0.24", 0), agent_path=None, config=None) as c:
+        env = {f"V{i}": "x" * 200_000 for i in range(int(sys.argv[4]))}
+        chan, _ = await c.create_session(asyncssh.SSHClientSession, env=env)
+        await c.run("true", timeout=60)  # the proxy has read every env request before this answers
+        print("sent")
+asyncio.run(main())
+"""
+
+
+def proxy_rss_mib() -> int:
+    """The resident memory of this process, where the lab's proxy runs (the clients do not)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_environment_requests_cannot_fill_the_proxys_memory(lab):  # noqa: F811
+    # bob may reach no workload of dc1's zone: his session will be refused, but it is his to open,
+    # and every env request on it was kept (the proxy passes no environment to the VM anyway).
+    before = proxy_rss_mib()
+    flood = subprocess.run(["nsenter", f"--net=/run/netns/{lab.px_ns}", sys.executable, "-c", ENV_FLOOD,
+                            str(lab.tmp / "bob"), str(PROXY_PORT), "bob+dc1", "1500"],
+                           capture_output=True, text=True, timeout=300)
+    assert flood.stdout.strip() == "sent", flood.stderr[-2000:]
+    grown = proxy_rss_mib() - before
+    assert grown < 100, f"the proxy kept {grown} MiB of one session's 300 MB of environment"
