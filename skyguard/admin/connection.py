@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("skyguard.admin")
 
 SHUTDOWN_GRACE = 2.0  # seconds a revoked or shut-down connection gets to deliver its last words
+MAX_LOGGED_REFUSALS = 10  # refused forwarding requests of a connection logged one by one (then summed)
 
 
 class VmHostKeys:
@@ -87,6 +88,7 @@ class OperatorConnection(asyncssh.SSHServer):
         self.auth_attempted = False
         self.rejected_keys = 0
         self.key_checks = 0  # public keys and signatures checked (validate_public_key calls)
+        self.refused_requests: dict[str, int] = {}  # forwarding requests refused, by kind
         self.workload: Workload | None = None  # set once authorised
         self.refusal: access.AccessRefused | None = None
         self._upstream: asyncssh.SSHClientConnection | None = None
@@ -131,6 +133,11 @@ class OperatorConnection(asyncssh.SSHServer):
     def connection_lost(self, exc) -> None:
         self.proxy.connections.discard(self)
         self._count_out()
+        if sum(self.refused_requests.values()) > MAX_LOGGED_REFUSALS:
+            self.proxy.record("admin_requests_refused_summary", operator=self.operator_name,
+                              workload=self.workload_name, source=self.source,
+                              requests=dict(self.refused_requests),
+                              unlogged=sum(self.refused_requests.values()) - MAX_LOGGED_REFUSALS)
         if self.auth_attempted and not self.authenticated:
             self._auth_failed("bad_key")
         if self._upstream is not None:
@@ -326,12 +333,20 @@ class OperatorConnection(asyncssh.SSHServer):
     def session_requested(self):
         return session_channel(self.conn), ProxySession(self)
 
-    def _refuse(self, request: str, message: str, **details) -> NoReturn:
+    def _note_refused(self, request: str, **details) -> None:
+        """Count a refused forwarding request; the first MAX_LOGGED_REFUSALS of the connection go
+        to the signed log one by one, the rest in one summary when it closes (a client can send
+        them without end)."""
         self.proxy.metrics.refusals.labels(request).inc()
-        self.proxy.record("admin_request_refused", request=request,
-                          operator=self.operator.name if self.operator else None,
-                          workload=self.workload.name if self.workload else None,
-                          source=self.source, **details)
+        self.refused_requests[request] = self.refused_requests.get(request, 0) + 1
+        if sum(self.refused_requests.values()) <= MAX_LOGGED_REFUSALS:
+            self.proxy.record("admin_request_refused", request=request,
+                              operator=self.operator.name if self.operator else None,
+                              workload=self.workload.name if self.workload else None,
+                              source=self.source, **details)
+
+    def _refuse(self, request: str, message: str, **details) -> NoReturn:
+        self._note_refused(request, **details)
         raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, message)
 
     def connection_requested(self, dest_host, dest_port, orig_host, orig_port):
@@ -377,11 +392,7 @@ class OperatorConnection(asyncssh.SSHServer):
         return bridge
 
     def server_requested(self, listen_host, listen_port):
-        self.proxy.metrics.refusals.labels("remote_forward").inc()
-        self.proxy.record("admin_request_refused", request="remote_forward",
-                          operator=self.operator.name if self.operator else None,
-                          workload=self.workload.name if self.workload else None,
-                          source=self.source, listen=f"{listen_host}:{listen_port}")
+        self._note_refused("remote_forward", listen=f"{listen_host}:{listen_port}")
         return False
 
     def tun_requested(self, unit):

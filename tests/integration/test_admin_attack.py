@@ -11,6 +11,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 
 import asyncssh
 import pytest
@@ -245,3 +246,30 @@ def test_a_hostile_vms_exit_signal_reaches_no_log_or_terminal(lab, clients):  # 
     assert "\x1b" not in json.dumps(end, ensure_ascii=False)
     listed = lab.cli("admin", "sessions")
     assert listed.returncode == 0 and "\x1b" not in listed.stdout, listed.stderr
+
+
+def test_refused_forwarding_requests_cannot_flood_the_signed_log(lab, clients):  # noqa: F811
+    # Forwarding is off: each request is refused, and was one fsync'd signed-log entry, without end.
+    bob = asyncssh.read_private_key(lab.tmp / "bob")
+
+    async def flood():
+        async with asyncssh.connect("127.0.0.1", PROXY_PORT, username="bob+radius1", client_keys=[bob],
+                                    known_hosts=None, local_addr=("127.0.0.26", 0), agent_path=None,
+                                    config=None) as conn:
+            for port in range(1, 101):
+                with pytest.raises(asyncssh.ChannelListenError):
+                    await conn.forward_remote_port("", 0, "127.0.0.1", port)
+                with pytest.raises(asyncssh.ChannelOpenError):
+                    await conn.open_connection("10.0.0.1", port)
+
+    before = lab.metric("skyguard_admin_ssh_refused_requests_total", request="port_forward")
+    clients.run(flood())
+    assert lab.metric("skyguard_admin_ssh_refused_requests_total", request="port_forward") == before + 100
+    for _ in range(200):  # the summary is written as the proxy sees the connection close
+        from_it = [e for e in lab.entries() if e.get("source") == "127.0.0.26"]
+        if any(e["type"] == "admin_requests_refused_summary" for e in from_it):
+            break
+        time.sleep(0.05)
+    assert len(from_it) <= 20, f"{len(from_it)} signed-log entries for one connection's refused requests"
+    [summary] = [e for e in from_it if e["type"] == "admin_requests_refused_summary"]
+    assert summary["operator"] == "bob" and summary["requests"] == {"port_forward": 100, "remote_forward": 100}
