@@ -180,6 +180,28 @@ def push(file, sign_key, key_name, hosts, etcd, as_json):
         click.echo(f"pushed revision {signed.revision} ({signed.sha256[:12]}) to {hosts}")
 
 
+@fleet.command("clear-alert")
+@click.argument("peer")
+@state_dir_option
+def clear_alert(peer, state_dir):
+    """Clear this host's tamper alert on PEER once it is looked into: its agent (inside `skyguard
+    up` or `fleet join`) drops it at its next round (a second), records that in the signed log and
+    deletes it from etcd. A peer that still fails the checks is alerted on again.
+
+    \b
+    Examples:
+      skyguard fleet clear-alert charlie
+    """
+    from skyguard.errors import BadInput
+    from skyguard.fleet.witnessing import load_alerts, request_clear
+
+    state = Path(state_dir or config.STATE_DIR)
+    if peer not in load_alerts(state):
+        raise BadInput(f"this host holds no alert on {peer!r} (see `skyguard fleet status`)")
+    request_clear(state, peer)
+    click.echo(f"asked the fleet agent to clear the alert on {peer}; it does at its next round")
+
+
 @fleet.command("status")
 @etcd_option
 @admin_key_option

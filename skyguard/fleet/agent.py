@@ -47,6 +47,7 @@ from skyguard.fleet.witnessing import (
     proofs_attested,
     republish_alerts,
     sign_proofs,
+    take_clear_requests,
     unproven_witnesses,
 )
 from skyguard.tlog.checkpoint import Checkpoint, Verifier, parse_and_verify, split_note
@@ -428,7 +429,10 @@ class FleetAgent:
             except FleetError:
                 self._published = None   # publish it again next round
                 raise
-        # 3. This host's alerts, in the store again if whoever writes it deleted one.
+        # 3. This host's alerts: those an operator cleared dropped, the others in the store again
+        # if whoever writes it deleted one.
+        for peer in await asyncio.to_thread(take_clear_requests, self.state_dir):
+            await self._clear_alert(peer)
         await republish_alerts(self.store, self.name, self.alert_records)
         # 4. Cosign each peer's checkpoint.
         for peer, record in sorted(peers.items()):
@@ -543,6 +547,18 @@ class FleetAgent:
         self.stale[peer] = problem
         self.metrics.stale.labels(peer=peer).inc()
         log.warning("fleet: not cosigning %s: %s", peer, problem)
+
+    async def _clear_alert(self, peer: str) -> None:
+        alert = self.alert_records.pop(peer, None)
+        self.alerts.pop(peer, None)
+        if alert is None:
+            log.warning("fleet: asked to clear an alert on %s, but this host has none", peer)
+            return
+        self.metrics.alert.labels(peer=peer).set(0)
+        self.record("fleet_alert_cleared", peer=peer, problem=str(alert.get("problem"))[:500])
+        log.warning("fleet: the alert on %s was cleared by an operator", peer)
+        await asyncio.to_thread(keep_alerts, self.state_dir, self.alert_records)
+        await self.store.delete(keys.alert(peer, self.name))
 
     async def _tamper(self, peer: str, origin: str | None, problem: str) -> None:
         """Once per peer: every later checkpoint of a rewritten log is refused the same way

@@ -17,8 +17,9 @@ witnesses cosigning at once, neither seeing the other's) the agent reports which
 And the alerts a witness raised (a refusal to cosign: a tamper event): besides the signed log
 entry and the metric, each is kept in the state dir (fleet/alerts.json) and published again in
 the store whenever it is missing there, so whoever can write the store cannot erase it by
-deleting its key, nor a restart make the host forget it. An operator clears one by removing it
-from that file.
+deleting its key, nor a restart make the host forget it. An operator clears one with `skyguard
+fleet clear-alert PEER` (request_clear): the agent takes the request at its next round, logs it
+in the signed log and drops the alert; a peer that still fails the checks is alerted on again.
 
 Also here: which member may not be witnessed under the origin it presents (origin_rival), and
 the note by which a log's key signs the proofs it publishes (a failing proof is evidence only
@@ -30,6 +31,7 @@ Not here: the witness state and cosignatures (tlog/cosign.py), reading the store
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -46,6 +48,7 @@ from skyguard.tlog.tree import verify_consistency
 log = logging.getLogger("skyguard.fleet")
 
 ALERTS_FILE = "fleet/alerts.json"   # under the state dir: {peer: the alert as published}
+CLEAR_DIR = "fleet/clear"   # under the state dir: one file per alert an operator cleared, naming its peer
 
 
 PROOFS_HEADER = "skyguard.fleet/proofs/v1"
@@ -175,6 +178,31 @@ def load_alerts(state_dir: Path) -> dict[str, dict]:
 
 def keep_alerts(state_dir: Path, alerts: dict[str, dict]) -> None:
     fsutil.write_private(Path(state_dir) / ALERTS_FILE, json.dumps(alerts, indent=1, sort_keys=True).encode())
+
+
+def request_clear(state_dir: Path, peer: str) -> None:
+    """Ask the agent of this state dir to drop its alert on `peer` (taken at its next round, or
+    at its start). The agent is the one writer of the alerts file; this only leaves a request."""
+    directory = Path(state_dir) / CLEAR_DIR
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fsutil.write_private(directory / hashlib.sha256(peer.encode()).hexdigest()[:32], peer.encode())
+
+
+def take_clear_requests(state_dir: Path) -> list[str]:
+    """The peers whose alert an operator cleared since the last call; the requests are consumed.
+    What is not a request (not a regular file, not a short printable name) is removed, said."""
+    directory = Path(state_dir) / CLEAR_DIR
+    peers = []
+    for path in sorted(directory.iterdir()) if directory.is_dir() else ():
+        try:
+            peer = fsutil.read_regular_file(path).decode()
+            if not (0 < len(peer) <= 255 and peer.isprintable()):
+                raise ValueError("not a peer's name")
+            peers.append(peer)
+        except (OSError, ValueError) as e:
+            log.error("fleet: ignoring %s, not a clear-alert request (%s)", path, e)
+        path.unlink(missing_ok=True)
+    return peers
 
 
 async def republish_alerts(store: Store, me: str, alerts: dict[str, dict]) -> None:

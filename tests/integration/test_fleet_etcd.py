@@ -797,6 +797,16 @@ def test_a_tamper_alert_deleted_from_the_store_is_kept_by_the_host_that_raised_i
         assert metric(alpha, "skyguard_fleet_witness_alert", "forker") == 1
         logged = [json.loads(payload) for _, payload in LogReader(alpha.state / "log").entries()]
         assert any(r["type"] == "tamper" and r.get("peer") == "forker" for r in logged)
+        # The operator looks into it and clears it: dropped, logged, gone from the store.
+        cleared = skyguard("fleet", "clear-alert", "forker", "--state-dir", str(alpha.state))
+        assert "clear the alert on forker" in cleared.stdout
+        wait_until(lambda: "forker" not in alpha.agent.alerts and not alert_stored(), what="alpha clearing its alert")
+        assert metric(alpha, "skyguard_fleet_witness_alert", "forker") == 0
+        assert alpha.kinds("fleet_alert_cleared")[-1]["peer"] == "forker"
+        wait_until(lambda: "ALERT: alpha refuses to cosign forker" not in status_table(),
+                   what="fleet status without the cleared alert")
+        again = skyguard("fleet", "clear-alert", "forker", "--state-dir", str(alpha.state), check=False)
+        assert again.returncode != 0 and "no alert on 'forker'" in again.stderr, again.stderr
     finally:
         for key_ in (keys.member("forker"), keys.checkpoint("forker")):
             asyncio.run(store.delete(key_))
