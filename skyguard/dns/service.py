@@ -2,11 +2,13 @@
 state, wired in one place.
 
 Start order: load learned state and re-learn unexpired addresses into the datapath (so a restart
-loses nothing), bind the listeners, then install the steering (so VM queries are redirected only
-once something answers them). If the process dies later, the steering stays and the queries go
-unanswered: that is the intended fail-closed state. stop() saves state and closes listeners; it removes the steering
-only when asked (`skyguard down`), because a crashed or restarting daemon must leave VM queries
-unanswered rather than let them reach another resolver.
+loses nothing), close port 53 of the VMs (steering without redirects), bind the listeners, then
+install the steering (so VM queries are redirected only once something answers them, and a proxy
+that cannot bind leaves them dropped, never routed to the resolver they named). If the process
+dies later, the steering stays and the queries go unanswered: that is the intended fail-closed
+state. stop() saves state and closes listeners; it removes the steering only when asked
+(`skyguard down`), because a crashed or restarting daemon must leave VM queries unanswered
+rather than let them reach another resolver.
 
 Not here: policy parsing, the datapath, the signed log (they are passed in).
 """
@@ -59,6 +61,11 @@ class DnsProxy:
         self.resolver.forget_released()  # what the saved state held but the policy no longer backs
         self.relearned = result.relearned
         self._count_dropped(result.dropped)
+        if self.steer:
+            # Port 53 closed before the listeners bind: if they cannot (another program holds
+            # the port), the VMs' queries to any resolver are dropped. Without any steering the
+            # datapath passes them to the host, which would route them to that resolver.
+            self._install_steering(self.policy, closed=True)
         await self.server.start()
         if self.steer:
             self._install_steering(self.policy)
@@ -93,10 +100,10 @@ class DnsProxy:
             self.dropped[reason] = self.dropped.get(reason, 0) + count
             self.metrics.learned_dropped.labels(reason).inc(count)
 
-    def _install_steering(self, policy: Policy) -> None:
+    def _install_steering(self, policy: Policy, closed: bool = False) -> None:
         interfaces = [w.interface for w in policy.workloads()]
         if interfaces:
-            steering.install(interfaces, self.port, self.netns)
+            steering.install(interfaces, None if closed else self.port, self.netns)
         else:  # zones without workloads are valid: nothing to steer, and no stale redirect
             steering.remove(self.netns)
 

@@ -38,14 +38,16 @@ DNS_CONNECTIONS_PER_VM = 2048
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
 
 
-def ruleset(interfaces: list[str], port: int) -> str:
-    """The nft script that replaces the steering table (pure; tested without nft)."""
+def ruleset(interfaces: list[str], port: int | None) -> str:
+    """The nft script that replaces the steering table (pure; tested without nft). Port None:
+    the table without its redirects, so port 53 from the interfaces is dropped, not routed
+    (what the proxy installs before it binds: if it cannot, VM DNS stays unanswered)."""
     if not interfaces:
         raise DnsError("no VM interfaces to steer DNS from; the policy has no workloads")
     for name in interfaces:
         if not _IFNAME.match(name):
             raise DnsError(f"interface name {name!r} is not a valid Linux interface name")
-    if not 0 < port < 65536 or port == 53:
+    if port is not None and (not 0 < port < 65536 or port == 53):
         raise DnsError(f"DNS proxy port {port} is out of range 1-65535 or 53 (the steering drops what "
                        "still goes to port 53 after the redirect; use another port, e.g. 5353)")
     names = ", ".join(f'"{name}"' for name in sorted(set(interfaces)))
@@ -58,8 +60,8 @@ def ruleset(interfaces: list[str], port: int) -> str:
         "    type nat hook prerouting priority dstnat; policy accept;",
         f"    iifname {{ {names} }} meta l4proto {{ tcp, udp }} th dport 53 "
         f"add @dns_conns {{ iifname ct count over {DNS_CONNECTIONS_PER_VM} }} counter drop",
-        f"    iifname {{ {names} }} udp dport 53 counter redirect to :{port}",
-        f"    iifname {{ {names} }} tcp dport 53 counter redirect to :{port}",
+        *(f"    iifname {{ {names} }} {proto} dport 53 counter redirect to :{port}"
+          for proto in (("udp", "tcp") if port is not None else ())),
         "  }",
         "  chain unsteered {",
         "    type filter hook prerouting priority dstnat + 10; policy accept;",
@@ -88,7 +90,8 @@ def _nft(script: str, netns: str | None) -> None:
                        "(needs root and nf_tables; `skyguard doctor` checks both)")
 
 
-def install(interfaces: list[str], port: int, netns: str | None = None) -> None:
+def install(interfaces: list[str], port: int | None, netns: str | None = None) -> None:
+    """Steer port 53 from interfaces to the proxy's port; with port None, drop it all."""
     _nft(ruleset(interfaces, port), netns)
 
 

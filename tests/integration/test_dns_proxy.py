@@ -16,6 +16,7 @@ import ipaddress
 import os
 import random
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -33,7 +34,7 @@ from skyguard.dns.learned import FILE_NAME, LearnedStore
 from skyguard.dns.resolver import DnsPolicyResolver
 from skyguard.dns.server import DnsServer, Upstream
 from skyguard.dns.service import DnsProxy
-from skyguard.errors import BadInput
+from skyguard.errors import BadInput, DnsError
 from skyguard.parts import MemoryLog
 from skyguard.policy.model import Destination, DnsConfig, Policy, PortRange, Rule, TunnelDetection, Workload, Zone
 from skyguard.policy.parse import parse_policy
@@ -561,6 +562,49 @@ def test_a_restart_with_an_edited_policy_drops_learned_state_of_removed_rules(up
             "  - {name: other, from: apps, to: {fqdns: [x.test]}, ports: [tcp/443]}\n"))
         assert dropped == {"rule-gone": 1}
         assert not service.proxy.store.answered("allowed.test", answers(text)[0], time.time())
+
+
+class PortHolder:
+    """Something else of the host holds the proxy's UDP port in the host namespace (mDNS's
+    avahi holds 5353, the default): the proxy cannot bind."""
+
+    def __init__(self, port):
+        self.sock = None
+        done = threading.Event()
+
+        def hold():
+            enter_netns(NS_HOST)  # this thread only; the socket stays in the namespace
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.sock.bind(("0.0.0.0", port))
+            done.set()
+
+        threading.Thread(target=hold, daemon=True).start()
+        assert done.wait(10)
+
+    def close(self):
+        self.sock.close()
+
+
+def test_a_proxy_that_cannot_start_leaves_vm_dns_unanswered_not_routed(upstream, tmp_path):
+    # The host routes (as a VM host does) and the upstream knows the way back: a query the
+    # steering does not catch reaches the real resolver. On main a proxy that failed to bind
+    # its port had installed no steering, so the VM's queries to any resolver were routed
+    # there and answered unchecked: a name no rule allows resolved.
+    in_ns(NS_HOST, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    in_ns(NS_UP, "ip", "route", "replace", "default", "via", UP_HOST_IP)
+    holder = PortHolder(SERVICE_PORT)
+    try:
+        with pytest.raises(DnsError, match="cannot listen"), ServiceThread(yaml_policy(), tmp_path):
+            pass
+        for extra in ((), ("+tcp",)):  # +time=1: an answer comes at once or not at all
+            out = in_ns(NS_VM, "dig", f"@{UP_IP}", "+tries=1", "+time=1", *extra,
+                        "forbidden.test", check=False).stdout
+            assert "status:" not in out, out
+    finally:
+        holder.close()
+        steering.remove(netns=NS_HOST)
+        in_ns(NS_UP, "ip", "route", "del", "default", check=False)
+        in_ns(NS_HOST, "sysctl", "-qw", "net.ipv4.ip_forward=0")
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--serve-upstream"]:

@@ -309,6 +309,9 @@ def test_steering_ruleset_redirects_both_protocols_from_named_interfaces_only():
     assert 'iifname { "sg-ad1", "sg-radius1" } udp dport 53 counter redirect to :5353' in text
     assert 'iifname { "sg-ad1", "sg-radius1" } tcp dport 53 counter redirect to :5353' in text
     assert text.index("delete table inet skyguard_dns") < text.index("chain prerouting")
+    closed = steering.ruleset(["sg-ad1"], None)  # before the proxy binds: port 53 dropped
+    assert "redirect" not in closed
+    assert 'iifname { "sg-ad1" } meta l4proto { tcp, udp } th dport 53 counter drop' in closed
 
 
 @pytest.mark.parametrize("interfaces,port", [([], 5353), (['x" accept; #'], 5353),
