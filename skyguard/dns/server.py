@@ -177,9 +177,11 @@ class DnsServer:
             tcp = socket.socket(family, socket.SOCK_STREAM)
             bound = port
             try:
-                for s in (udp, tcp):
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    if family == socket.AF_INET6:
+                # SO_REUSEADDR on TCP only (a restart binds past TIME_WAIT): on UDP it would let
+                # any program that sets it too (avahi on 5353) share the port and get the queries.
+                tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    for s in (udp, tcp):
                         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 udp.bind((host, port))
                 bound = udp.getsockname()[1]

@@ -295,6 +295,28 @@ def test_garbage_over_udp_never_kills_the_listener(make_proxy):
     up.close()
 
 
+def test_no_other_socket_can_share_the_udp_port_and_take_the_vms_queries(make_proxy):
+    # On main the UDP listener set SO_REUSEADDR, so any local program (mDNS's avahi on 5353,
+    # the default port, or an unprivileged user) binding the port the same way shared it, and
+    # queries went to whichever socket bound last: the proxy's VMs asked it and got no answer,
+    # or its answer. Sharing the port is refused now; a proxy that finds it taken fails to start.
+    up = FakeUpstream()
+    proxy = make_proxy([Upstream("127.0.0.1", up.port)])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as thief:
+        thief.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        with pytest.raises(OSError):
+            thief.bind(("127.0.0.1", proxy.port))
+        assert proxy.ask("www.site.test").header.rcode == RCODE.NOERROR
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:  # e.g. avahi, first
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", 0))
+        taken = holder.getsockname()[1]
+        server = DnsServer(proxy.resolver, [], listen=[("127.0.0.1", taken)])
+        with pytest.raises(DnsError, match="cannot listen"):
+            asyncio.run(server.start())
+    up.close()
+
+
 def test_upstream_parsing_and_errors():
     assert Upstream.parse("192.0.2.53") == Upstream("192.0.2.53", 53)
     assert Upstream.parse("192.0.2.53:5300") == Upstream("192.0.2.53", 5300)
