@@ -7,8 +7,9 @@ silent drop, never an exception), finds the VM's workload and zone, runs tunnell
 applies the zone's FQDN rules (a deny rule naming the name beats any allow) and returns a
 Decision: reply these bytes, drop, or forward this upstream query. For a forward,
 `answer(decision, upstream_reply, now)` checks the reply matches (ID, question), clamps TTLs,
-follows the CNAME chain inside the answer and strips every record outside it (and every A/AAAA
-the question's type did not ask for: ADDRESS_TYPES_ASKED), strips rebinding
+follows the CNAME chain inside the answer (refused whole if a deny rule of the zone names a name
+in it) and strips every record outside it (and every A/AAAA the question's type did not ask
+for: ADDRESS_TYPES_ASKED), strips rebinding
 addresses (rebinding.py: loopback, link-local, metadata, the host's own, and private ranges
 unless the rule says allow_private) unless a rule names their network, caps addresses per
 name, calls the Learner synchronously and only then returns the bytes to release. If the Learner
@@ -374,6 +375,14 @@ class DnsPolicyResolver:
                         grown = True
             if not grown:
                 break
+        if len(chain) > 1:
+            denied_link = self._denied_link(decision.zone, chain - {question.key})
+            if denied_link:
+                # A deny rule naming a name beats any allow, also when the VM reaches it through
+                # an alias of an allowed name: the answer is refused as the query would be.
+                decision.verdict, decision.reason, decision.rules = "denied", denied_link, ()
+                self._account(decision, now=now)
+                return Answer(reply=self._refusal(decision))
 
         if decision.tunnel is not None and decision.qtype in (wire.QTYPE_TXT, wire.QTYPE_NULL):
             octets = sum(r.rdlength for r in records
@@ -475,6 +484,18 @@ class DnsPolicyResolver:
             f"{decision.reason}; upstream rcode {rcode}"
         self._account(decision, answer=answer, reason=reason, now=now)
         return answer
+
+    def _denied_link(self, zone: str, names) -> str:
+        """Why the CNAME chain of an answer is denied (a name in it that a deny rule of the zone
+        names), or ""."""
+        if not self._fqdn_rules.get(zone, ((), ()))[0]:
+            return ""
+        for key in sorted(names):
+            name = key.decode("ascii", "replace")
+            verdict, reason, _ = self._match(zone, name)
+            if verdict == "denied":
+                return f"CNAME chain reaches {name}: {reason}"
+        return ""
 
     def _evicted(self, zone: str, count: int) -> None:
         """A VM reached its cap of learned entries (learned.MAX_LEARNED_PER_WORKLOAD): count it,

@@ -6,6 +6,7 @@ hostile mix of records, built with dnslib."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import socket
 import threading
@@ -14,7 +15,8 @@ import pytest
 from dnslib import AAAA, CNAME, MX, QTYPE, RCODE, RR, TXT, A, DNSRecord
 
 from skyguard.dns.server import Upstream
-from tests.unit.test_dns_server import Proxy
+from skyguard.policy.model import Destination, Rule
+from tests.unit.test_dns_server import Proxy, policy
 
 V4_NAME, V4_CHAIN, V4_OTHER = "203.0.113.51", "203.0.113.50", "203.0.113.99"
 V6_NAME, V6_CHAIN, V6_OTHER = "2001:db8::51", "2001:db8::50", "2001:db8::99"
@@ -111,3 +113,26 @@ def test_only_addresses_of_the_type_asked_in_the_cname_chain_are_learned(proxy, 
         assert [str(rr.rdata) for rr in reply.rr if rr.rtype == QTYPE.TXT] == ['"v=spf1 -all"']
     entry = proxy.log.entries[-1]
     assert sorted(entry.get("ips", [])) == sorted(CASES[qtype])
+
+
+def test_a_cname_chain_through_a_name_a_deny_rule_names_is_refused_and_learns_nothing():
+    # A deny rule naming a name beats any allow: on main an allowed name whose CNAME led to a
+    # denied one (a name under an allowed wildcard pointed at it by whoever controls it) opened
+    # and released the denied name's addresses under the allow rule.
+    upstream = EveryTypeUpstream()
+    allowing = policy()
+    deny = Rule("no-cdn", "deny", ("lo",), Destination(fqdns=("cdn.site.test",)), ())
+    running = Proxy([Upstream("127.0.0.1", upstream.port)], timeout=2.0,
+                    the_policy=dataclasses.replace(allowing, rules=(deny, *allowing.rules)))
+    try:
+        assert ask(running, "cdn.site.test", "A").header.rcode == RCODE.REFUSED
+        reply = ask(running, "www.site.test", "A")
+        assert reply.header.rcode == RCODE.REFUSED and not reply.rr
+        assert learned(running) == set()
+        entry = running.log.entries[-1]
+        assert entry["verdict"] == "denied" and "cdn.site.test" in entry["reason"]
+        assert "no-cdn" in entry["reason"]
+        assert ask(running, "www.site.test", "TXT").header.rcode == RCODE.REFUSED
+    finally:
+        running.close()
+        upstream.close()

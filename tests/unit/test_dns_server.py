@@ -106,9 +106,10 @@ class FakeUpstream:
 
 
 class Proxy:
-    def __init__(self, upstreams, timeout=0.3, loop_factory=asyncio.new_event_loop, store=None):
+    def __init__(self, upstreams, timeout=0.3, loop_factory=asyncio.new_event_loop, store=None,
+                 the_policy=None):
         self.learner, self.log = Learner(), MemoryLog()
-        p = policy()
+        p = the_policy or policy()
         self.resolver = DnsPolicyResolver(p, PolicyDirectory(p), self.learner, log=self.log, store=store)
         self.server = DnsServer(self.resolver, upstreams, listen=[("127.0.0.1", 0)],
                                 upstream_timeout=timeout)
