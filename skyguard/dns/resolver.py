@@ -15,8 +15,7 @@ unless the rule says allow_private) unless a rule names their network, caps addr
 name, calls the Learner synchronously and only then returns the bytes to release. If the Learner
 raises, the VM gets SERVFAIL and nothing else: fail closed.
 
-What it is not: a cache, a recursive resolver, or a transport. One instance is owned by one
-event loop (not thread-safe).
+Not a cache, a recursive resolver, or a transport. One event loop owns one (not thread-safe).
 """
 
 from __future__ import annotations
@@ -47,8 +46,8 @@ ADDRESS_TYPES_ASKED = {wire.QTYPE_A: (wire.QTYPE_A,), wire.QTYPE_AAAA: (wire.QTY
 UPSTREAM_EDNS_SIZE = 1232  # the DNS flag day 2020 value: avoids IP fragmentation upstream
 MATCH_CACHE_SIZE = 65536  # (zone, name) policy verdicts remembered until the next policy swap
 MAX_ADDITIONAL = 2  # OPT and maybe TSIG; more is not a real client's query
-
 _OPT_FIXED = struct.Struct("!BHHIH")  # root name, type OPT, class = payload size, ttl, rdlen
+_ADDRESS = (wire.QTYPE_A, wire.QTYPE_AAAA)
 
 
 @dataclass
@@ -384,9 +383,10 @@ class DnsPolicyResolver:
                 self._account(decision, now=now)
                 return Answer(reply=self._refusal(decision))
 
-        if decision.tunnel is not None and decision.qtype in (wire.QTYPE_TXT, wire.QTYPE_NULL):
+        if decision.tunnel is not None and (has_cname or decision.qtype not in _ADDRESS):
+            # a tunnel's payload: every record of the chain but addresses (TXT, NULL, HTTPS, CNAME...)
             octets = sum(r.rdlength for r in records
-                         if r.section == 0 and r.rtype in (wire.QTYPE_TXT, wire.QTYPE_NULL))
+                         if r.section == 0 and r.rtype not in _ADDRESS and r.owner in chain)
             self.detector.observe_answer(decision.workload, decision.tunnel.base, octets, now)
 
         learn: dict = {}  # (version, int) -> (address, the rules it may be learned under), in order

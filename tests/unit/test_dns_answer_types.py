@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import socket
+import struct
 import threading
 
 import pytest
 from dnslib import AAAA, CNAME, MX, QTYPE, RCODE, RR, TXT, A, DNSRecord
+from dnslib.dns import RD
 
 from skyguard.dns.server import Upstream
 from skyguard.policy.model import Destination, Rule
@@ -133,6 +135,41 @@ def test_a_cname_chain_through_a_name_a_deny_rule_names_is_refused_and_learns_no
         assert entry["verdict"] == "denied" and "cdn.site.test" in entry["reason"]
         assert "no-cdn" in entry["reason"]
         assert ask(running, "www.site.test", "TXT").header.rcode == RCODE.REFUSED
+    finally:
+        running.close()
+        upstream.close()
+
+
+class BulkyUpstream(EveryTypeUpstream):
+    """A tunnel's server: 500 octets of payload in whatever record type the question asks."""
+
+    def _reply(self, data: bytes) -> bytes:
+        q = DNSRecord.parse(data)
+        r = q.reply()
+        payload = RD(b"\x01" * 500)
+        if q.q.qtype == QTYPE.TXT:
+            payload = TXT(["A" * 250, "B" * 248])
+        elif q.q.qtype == QTYPE.HTTPS:  # priority 1, target ".", one SvcParam of key 65000
+            payload = RD(b"\x00\x01\x00" + struct.pack("!HH", 65000, 495) + b"x" * 495)
+        r.add_answer(RR(q.q.qname, q.q.qtype, rdata=payload, ttl=0))
+        return r.pack()
+
+
+@pytest.mark.parametrize("qtype", ["TXT", "NULL", "TYPE65399", "HTTPS"])
+def test_a_stream_of_bulky_answers_under_one_base_is_detected_whatever_the_record_type(qtype):
+    # Command and control into a VM: the same short name asked again and again (it costs the
+    # name budget nothing), the payload in the answers. On main only TXT and NULL answers were
+    # measured: iodine's PRIVATE type (65399) or an HTTPS record's parameters carried the same bytes unseen.
+    upstream = BulkyUpstream()
+    running = Proxy([Upstream("127.0.0.1", upstream.port)], timeout=2.0)
+    try:
+        question = DNSRecord.question("c2.site.test", "TXT")
+        question.q.qtype = QTYPE.reverse.get(qtype) or int(qtype[4:])
+        rcodes = [DNSRecord.parse(question.send("127.0.0.1", running.port, tcp=True, timeout=5))
+                  .header.rcode for _ in range(12)]
+        assert rcodes[0] == RCODE.NOERROR or qtype == "NULL"  # NULL is a signal on its own
+        assert rcodes[-1] == RCODE.REFUSED
+        assert running.log.entries[-1]["verdict"] == "tunnel"
     finally:
         running.close()
         upstream.close()
