@@ -52,7 +52,7 @@ ROTATE_SECONDS = 10.0  # ... or seconds after it was opened, whichever comes fir
 UPSTREAM_BATCH = 16  # datagrams read from one upstream socket per wake-up (spoofs included)
 PER_CLIENT_INFLIGHT = 256  # forwarded queries one VM may have outstanding; more are dropped
 TCP_IDLE_TIMEOUT = 10.0  # seconds a VM's TCP connection may sit idle between queries
-TCP_READ_TIMEOUT = 5.0  # seconds to receive one length-prefixed message once it started
+TCP_READ_TIMEOUT = 5.0  # seconds to receive one length-prefixed message once it started, or to send one
 TCP_MAX_QUERIES = 1000  # per connection, then we close it
 TCP_MAX_CONNECTIONS_PER_CLIENT = 16
 MAX_QUERY_SIZE = 4096  # a real query is < 300 octets; bigger ones over TCP are closed on
@@ -283,7 +283,11 @@ class DnsServer:
                 else:
                     reply = await self.resolve(decision)
                 writer.write(struct.pack("!H", len(reply)) + reply)
-                await writer.drain()
+                try:  # a client that never reads must not hold its connection and buffers
+                    await asyncio.wait_for(writer.drain(), TCP_READ_TIMEOUT)
+                except TimeoutError:
+                    writer.transport.abort()  # what it did not read is dropped, not kept
+                    return
         except ConnectionError:
             pass
         finally:

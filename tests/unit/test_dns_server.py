@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import ipaddress
 import json
 import socket
 import struct
 import threading
+import time
 
 import pytest
-from dnslib import QTYPE, RCODE, RR, A, DNSRecord
+from dnslib import QTYPE, RCODE, RR, TXT, A, DNSRecord
 
 from skyguard.dns import server as server_module
 from skyguard.dns import steering
@@ -23,7 +25,7 @@ from skyguard.dns.resolver import DnsPolicyResolver
 from skyguard.dns.server import DnsServer, Upstream
 from skyguard.errors import DnsError
 from skyguard.parts import MemoryLog, new_event_loop
-from skyguard.policy.model import Destination, DnsConfig, Policy, PortRange, Rule, Workload, Zone
+from skyguard.policy.model import Destination, DnsConfig, Policy, PortRange, Rule, TunnelDetection, Workload, Zone
 
 
 @pytest.fixture(autouse=True)
@@ -283,6 +285,42 @@ def test_hostile_tcp_client_is_cut_off_and_the_proxy_keeps_serving(make_proxy):
         s.sendall(struct.pack("!H", 5) + b"\x01\x02\x03\x04\x05")  # shorter than a header
         assert s.recv(10) == b""
     assert proxy.ask("www.site.test", tcp=True).header.rcode == RCODE.NOERROR
+    up.close()
+
+
+class BigTxtUpstream(FakeUpstream):
+    def _reply(self, data, ip="203.0.113.10"):
+        q = DNSRecord.parse(data)
+        r = q.reply()
+        r.add_answer(RR(q.q.qname, QTYPE.TXT, rdata=TXT(["x" * 250] * 80), ttl=60))  # 20 kB
+        return r.pack()
+
+
+def test_a_tcp_client_that_never_reads_its_answers_is_cut_off(make_proxy, monkeypatch):
+    # A VM pipelines queries with big answers and never reads them. On main the proxy waited
+    # forever for room to write: the connection, megabytes of buffered answers and one of the
+    # VM's TCP slots were held for good (all of them, after TCP_MAX_CONNECTIONS_PER_CLIENT such
+    # connections). Writing gets the same deadline as reading a query.
+    monkeypatch.setattr(server_module, "TCP_READ_TIMEOUT", 0.5)
+    monkeypatch.setattr(server_module, "TCP_IDLE_TIMEOUT", 0.5)
+    monkeypatch.setattr(server_module, "TCP_MAX_CONNECTIONS_PER_CLIENT", 1)
+    up = BigTxtUpstream()
+    the_policy = dataclasses.replace(policy(), dns=DnsConfig(("127.0.0.1",), tunnel_detection=TunnelDetection("off")))
+    proxy = make_proxy([Upstream("127.0.0.1", up.port)], timeout=2.0, the_policy=the_policy)
+    query = DNSRecord.question("big.site.test", "TXT").pack()
+    with socket.socket() as stalled:
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect(("127.0.0.1", proxy.port))
+        stalled.sendall((struct.pack("!H", len(query)) + query) * 400)  # 8 MB of answers
+        deadline = time.monotonic() + 10
+        while True:  # the proxy is stuck writing, then (fixed) gives up within its deadline
+            try:
+                reply = proxy.ask("www.site.test", tcp=True)
+                break
+            except (OSError, struct.error):
+                assert time.monotonic() < deadline, "the stalled connection still holds the VM's slot"
+                time.sleep(0.2)
+        assert reply.header.rcode == RCODE.NOERROR
     up.close()
 
 
