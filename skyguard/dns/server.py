@@ -204,8 +204,11 @@ class DnsServer:
             server.close()
         for transport in self._udp_transports:
             transport.close()
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        # each ends now, with its connection (or its pending task is destroyed, unclosed, at exit)
+        await asyncio.gather(*tasks, return_exceptions=True)
         for pending in list(self._deadlines):
             self._unregister(pending)
         self._groups.clear()
@@ -261,6 +264,9 @@ class DnsServer:
             writer.close()
             return
         self._tcp_conns[client_ip] = self._tcp_conns.get(client_ip, 0) + 1
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)  # close() ends it
         try:
             for _ in range(TCP_MAX_QUERIES):
                 try:
@@ -291,6 +297,7 @@ class DnsServer:
         except ConnectionError:
             pass
         finally:
+            self._tasks.discard(task)
             self._tcp_conns[client_ip] -= 1
             if not self._tcp_conns[client_ip]:
                 del self._tcp_conns[client_ip]

@@ -126,6 +126,8 @@ class Proxy:
                                                              timeout=5))
 
     def close(self):
+        if not self.thread.is_alive():
+            return  # closed already
         asyncio.run_coroutine_threadsafe(self.server.close(), self.loop).result(5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
@@ -321,6 +323,19 @@ def test_a_tcp_client_that_never_reads_its_answers_is_cut_off(make_proxy, monkey
                 assert time.monotonic() < deadline, "the stalled connection still holds the VM's slot"
                 time.sleep(0.2)
         assert reply.header.rcode == RCODE.NOERROR
+    up.close()
+
+
+def test_close_ends_the_clients_tcp_connections(make_proxy):
+    # On main close() left each open client connection's task pending on a stopped loop: the
+    # client never saw the connection end, and the tasks were destroyed unfinished at garbage
+    # collection (logged errors; once a CPython SystemError inside a later test's ast.parse).
+    up = FakeUpstream()
+    proxy = make_proxy([Upstream("127.0.0.1", up.port)])
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as idle:
+        assert proxy.ask("www.site.test", tcp=True).header.rcode == RCODE.NOERROR
+        proxy.close()
+        assert idle.recv(10) == b""
     up.close()
 
 
