@@ -40,6 +40,7 @@ from skyguard.fleet import keys
 from skyguard.fleet.signing import PolicyRefused, SignedPolicy, check_member_name, decide, open_policy
 from skyguard.fleet.store import Compacted, FleetError, Store, StoreUnavailable, load_value
 from skyguard.fleet.witnessing import (
+    clear_requests,
     keep_alerts,
     load_alerts,
     origin_rival,
@@ -47,7 +48,6 @@ from skyguard.fleet.witnessing import (
     proofs_attested,
     republish_alerts,
     sign_proofs,
-    take_clear_requests,
     unproven_witnesses,
 )
 from skyguard.tlog.checkpoint import Checkpoint, Verifier, parse_and_verify, split_note
@@ -431,8 +431,9 @@ class FleetAgent:
                 raise
         # 3. This host's alerts: those an operator cleared dropped, the others in the store again
         # if whoever writes it deleted one.
-        for peer in await asyncio.to_thread(take_clear_requests, self.state_dir):
+        for peer, request in await asyncio.to_thread(clear_requests, self.state_dir):
             await self._clear_alert(peer)
+            request.unlink(missing_ok=True)
         await republish_alerts(self.store, self.name, self.alert_records)
         # 4. Cosign each peer's checkpoint.
         for peer, record in sorted(peers.items()):
@@ -549,16 +550,17 @@ class FleetAgent:
         log.warning("fleet: not cosigning %s: %s", peer, problem)
 
     async def _clear_alert(self, peer: str) -> None:
-        alert = self.alert_records.pop(peer, None)
-        self.alerts.pop(peer, None)
+        alert = self.alert_records.get(peer)
         if alert is None:
             log.warning("fleet: asked to clear an alert on %s, but this host has none", peer)
             return
+        await self.store.delete(keys.alert(peer, self.name))   # FleetError: the request stays
+        del self.alert_records[peer]
+        self.alerts.pop(peer, None)
         self.metrics.alert.labels(peer=peer).set(0)
         self.record("fleet_alert_cleared", peer=peer, problem=str(alert.get("problem"))[:500])
         log.warning("fleet: the alert on %s was cleared by an operator", peer)
         await asyncio.to_thread(keep_alerts, self.state_dir, self.alert_records)
-        await self.store.delete(keys.alert(peer, self.name))
 
     async def _tamper(self, peer: str, origin: str | None, problem: str) -> None:
         """Once per peer: every later checkpoint of a rewritten log is refused the same way

@@ -188,21 +188,22 @@ def request_clear(state_dir: Path, peer: str) -> None:
     fsutil.write_private(directory / hashlib.sha256(peer.encode()).hexdigest()[:32], peer.encode())
 
 
-def take_clear_requests(state_dir: Path) -> list[str]:
-    """The peers whose alert an operator cleared since the last call; the requests are consumed.
-    What is not a request (not a regular file, not a short printable name) is removed, said."""
+def clear_requests(state_dir: Path) -> list[tuple[str, Path]]:
+    """(peer, request file) for each alert an operator cleared; the agent removes a request once
+    it is done with it (so one it could not finish, the store unreachable, is taken again). What
+    is not a request (not a regular file, not a short printable name) is removed, said."""
     directory = Path(state_dir) / CLEAR_DIR
-    peers = []
+    requests = []
     for path in sorted(directory.iterdir()) if directory.is_dir() else ():
         try:
             peer = fsutil.read_regular_file(path).decode()
             if not (0 < len(peer) <= 255 and peer.isprintable()):
                 raise ValueError("not a peer's name")
-            peers.append(peer)
+            requests.append((peer, path))
         except (OSError, ValueError) as e:
             log.error("fleet: ignoring %s, not a clear-alert request (%s)", path, e)
-        path.unlink(missing_ok=True)
-    return peers
+            path.unlink(missing_ok=True)
+    return requests
 
 
 async def republish_alerts(store: Store, me: str, alerts: dict[str, dict]) -> None:
