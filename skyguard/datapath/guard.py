@@ -8,6 +8,11 @@ an interface only after its programs are attached. A re-created interface gets a
 it is dropped until re-attached; a dead daemon leaves the set as it was (fail closed: attached
 interfaces keep their programs, new ones stay dark). `skyguard down` removes the table.
 
+The same table drops port 53 forwarded from a workload interface: the datapath passes a VM's DNS
+up to the host for the DNS steering to redirect to the proxy (input, never forward), so what is
+forwarded missed the steering (an interface the DNS part has not taken yet, when it is slow or
+failed) and would be routed to whatever resolver the VM named.
+
 Not here: the eBPF programs themselves (they make every decision; this only covers their absence).
 """
 
@@ -38,6 +43,9 @@ def install(interfaces: list[str]) -> None:
         lines += [f"add chain inet {TABLE} {chain} {{ type filter hook {hook} priority {PRIORITY}; policy accept; }}",
                   f"flush chain inet {TABLE} {chain}"]
     lines += [f"add rule inet {TABLE} forward iifname {{ {names} }} iif != @attached counter drop",
+              # Steered DNS goes to the proxy (input): port 53 forwarded from a VM missed the
+              # steering (an interface the DNS part does not have yet, a DNS part that failed).
+              f"add rule inet {TABLE} forward iifname {{ {names} }} meta l4proto {{ tcp, udp }} th dport 53 counter drop",
               f"add rule inet {TABLE} forward oifname {{ {names} }} oif != @attached counter drop",
               f"add rule inet {TABLE} input iifname {{ {names} }} iif != @attached counter drop",
               f"add rule inet {TABLE} output oifname {{ {names} }} oif != @attached counter drop"]
@@ -57,7 +65,8 @@ def remove() -> None:
 
 
 def dropped() -> int:
-    """Packets the guard dropped (interfaces not yet, or no longer, carrying our programs)."""
+    """Packets the guard dropped (interfaces not yet, or no longer, carrying our programs; DNS
+    that missed the steering)."""
     done = subprocess.run(["nft", "-j", "list", "table", "inet", TABLE], capture_output=True, text=True)
     if done.returncode != 0:
         return 0
