@@ -99,19 +99,28 @@ class UpstreamConnection(asyncio.Protocol):
         self._response: ResponseReader | None = None
         self._waiter: asyncio.Future | None = None
         self._reusable = False
+        # The exchange's deadline: one lazily re-armed timer (it re-checks when it fires), so a
+        # request costs an assignment, not a timer or an asyncio.timeout() (issue 24).
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
 
     @property
     def reusable(self) -> bool:
         return self._reusable and not self.lost and not self.transport.is_closing()
 
-    async def exchange(self, request: HttpRequest, limit: int):
-        """((status, reason), headers, body) of the upstream's answer to `request`."""
+    async def exchange(self, request: HttpRequest, limit: int, deadline: float):
+        """((status, reason), headers, body) of the upstream's answer to `request`; TimeoutError
+        when it is not whole by `deadline` (the loop's clock)."""
         if self.lost or self.transport.is_closing():
             raise StaleConnection("upstream closed while the connection was pooled")
         data = serialise_request(request)
         response = self._response = ResponseReader(request.method == b"HEAD", limit, self.max_header_bytes)
         self._reusable = False
-        self._waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        self._deadline = deadline
+        if self._timer is None:
+            self._timer = loop.call_at(deadline, self._deadline_passed)
         self.transport.write(data)
         try:
             await self._waiter
@@ -156,6 +165,17 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self._settle(None)
 
+    def _deadline_passed(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # no exchange waits: the next one arms the timer again
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline:
+            self._timer = loop.call_at(self._deadline, self._deadline_passed)
+            return
+        waiter.set_exception(TimeoutError())
+
     def _settle(self, error: BaseException | None) -> None:
         waiter = self._waiter
         if waiter is None or waiter.done():
@@ -167,6 +187,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self.lost = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.transport is not None:
             self.transport.close()
 
@@ -200,24 +223,26 @@ class UpstreamPool:
         limits = self.limits
         loop = asyncio.get_running_loop()
         for attempt in range(2):
+            # upstream_timeout bounds connect, TLS handshake and the whole response together.
+            deadline = loop.time() + limits.upstream_timeout
             connection = self._checkout(key) if attempt == 0 else None
             reused = connection is not None
-            async with asyncio.timeout(limits.upstream_timeout):
-                if connection is None:
+            if connection is None:
+                async with asyncio.timeout_at(deadline):
                     context = await self.tls.context_for(certificate) if facts.tls else None
                     _, connection = await loop.create_connection(
                         lambda: UpstreamConnection(limits.max_header_bytes), facts.address, facts.port,
                         ssl=context, server_hostname=host if context else None)
-                try:
-                    result = await connection.exchange(request, limits.max_response_body)
-                except StaleConnection:
-                    connection.close()
-                    if reused:
-                        continue
-                    raise
-                except BaseException:
-                    connection.close()
-                    raise
+            try:
+                result = await connection.exchange(request, limits.max_response_body, deadline)
+            except StaleConnection:
+                connection.close()
+                if reused:
+                    continue
+                raise
+            except BaseException:
+                connection.close()
+                raise
             if connection.reusable:
                 self._checkin(key, connection)
             else:

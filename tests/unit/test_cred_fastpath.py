@@ -7,6 +7,7 @@ echo upstream and proxies). Not here: the swap rules (test_cred_swap.py)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 import socket
@@ -176,6 +177,46 @@ def test_hostile_or_odd_upstreams_never_leak_and_never_hang(rig, answer, status,
         assert code == status and no_secret(got)
         if body is not None:
             assert got == body
+    finally:
+        rig.run(proxy.stop())
+        upstream.server.close()
+
+
+class AnswersOnce:
+    """A TLS upstream that answers the first request of a connection (keep-alive), then reads
+    and says nothing: a hung upstream, on a fresh connection or on one the proxy pooled."""
+
+    def __init__(self, rig, answer_first: bool):
+        self.answer_first = answer_first
+        context = tls_server_context(rig.tmp / "up.pem", rig.tmp / "up.key")
+        self.server = rig.run(asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=context))
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        if self.answer_first:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
+            await writer.drain()
+        await reader.read()  # silent until the proxy gives up and closes
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["fresh", "pooled"])
+def test_an_upstream_that_never_answers_is_a_502_after_the_upstream_timeout(rig, pooled):
+    upstream = AnswersOnce(rig, answer_first=pooled)
+    proxy = rig.make_proxy(lambda s: ("127.0.0.1", upstream.port),
+                           limits=dataclasses.replace(rig.limits, upstream_timeout=1.0))
+    _, https = rig.run(proxy.start("127.0.0.1"))
+    try:
+        context = ssl.create_default_context(cafile=str(rig.tmp / "skyca.pem"))
+        with socket.create_connection(("127.0.0.1", https), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname="api.github.test") as tls:
+            tls.sendall(request("/one") + request("/two") if pooled else request("/one"))
+            out = b""
+            while chunk := tls.recv(65536):  # the proxy closes after its 502
+                out += chunk
+        got = responses(out)
+        assert [status for status, _, _ in got] == ([200, 502] if pooled else [502])
+        assert b"TimeoutError" in got[-1][2]
     finally:
         rig.run(proxy.stop())
         upstream.server.close()
