@@ -184,9 +184,8 @@ class SwapEngine:
         self.forms = SecretForms(values.values())
         # Header names are lowered as they are read: a secret as a name is looked for lowered.
         self.name_forms = SecretForms(v.lower() for v in values.values())
-        # Per credential, computed once: (credential, placeholder, its lower-case form).
-        self._placeholders = tuple((c, c.placeholder.encode(), c.placeholder.encode().lower())
-                                   for c in self.credentials)
+        # Per credential, computed once per load: what decide() needs of it for every request.
+        self._placeholders = tuple(_Swap(c, values.get(c.name)) for c in self.credentials)
         strip_by_destination: dict[str, set[bytes]] = {}
         for credential in self.credentials:
             for destination in credential.destinations:
@@ -236,17 +235,18 @@ class SwapEngine:
         body = request.body
         swapped: list[str] = []
         lowered = _LoweredRequest(request)
-        for credential, placeholder, needle in self._placeholders:
+        for swap in self._placeholders:
+            credential, placeholder, needle = swap.credential, swap.placeholder, swap.needle
             if needle not in lowered.joined:  # the common case: one search, no per-part work
                 continue
             where = lowered.locations(needle)
             body_count = lowered.body.count(needle)
-            refusal = self._refusal(credential, facts, host, where, body_count)
+            refusal = self._refusal(swap, facts, host, where, body_count)
             if refusal:
                 return block(403, refusal, BLOCKED_EXFILTRATION, credential.name)
             secret = self._values[credential.name]
             if credential.inject.header:
-                headers = _swap_header(headers, credential, placeholder, secret)
+                headers = _swap_header(headers, swap)
                 if headers is None:
                     return block(403, f"placeholder in an unexpected form in {credential.inject.header}",
                                  BLOCKED_EXFILTRATION, credential.name)
@@ -278,9 +278,10 @@ class SwapEngine:
         headers = tuple((n, v) for n, v in request.headers if n not in tokens)
         return HttpRequest(request.method, request.target, headers, request.body, request.http_version)
 
-    def _refusal(self, credential: Credential, facts: ConnectionFacts, host: str, where: set[str],
+    def _refusal(self, swap: _Swap, facts: ConnectionFacts, host: str, where: set[str],
                  body_count: int) -> str | None:
         """Why this credential must not be swapped here, or None when every check passes."""
+        credential = swap.credential
         if facts.zone not in credential.zones:
             return f"zone {facts.zone or 'unknown'} may not use credential {credential.name}"
         if host not in credential.destinations:
@@ -291,12 +292,7 @@ class SwapEngine:
             return "TLS SNI and Host header disagree"
         if not facts.address_matches(host, facts.address):
             return f"the connected address was not learned from DNS for {host}"
-        allowed = set()
-        if credential.inject.header:
-            allowed.add("header:" + credential.inject.header.lower())
-        if credential.inject.body:
-            allowed.add("body")
-        stray = sorted(where - allowed)
+        stray = sorted(where - swap.allowed)
         if stray:
             return f"placeholder of {credential.name} in {', '.join(stray)}"
         if "body" in where and body_count > credential.inject.max_occurrences:
@@ -304,7 +300,7 @@ class SwapEngine:
                     f"(at most {credential.inject.max_occurrences} allowed)")
         if credential.name in self.unavailable:
             return f"secret of credential {credential.name} is not available in the store"
-        if credential.inject.header and _CONTROL.search(self._values[credential.name]):
+        if credential.inject.header and swap.control_in_secret:
             # A CR or LF in a header value would let the secret's bytes forge headers upstream.
             return f"secret of credential {credential.name} holds control characters and cannot go in a header"
         return None
@@ -396,17 +392,39 @@ class _LoweredRequest:
         return where
 
 
+class _Swap:
+    """One credential as decide() uses it, computed once per load (not per request): its
+    placeholder, the header values it may take, the injected value, where it may appear."""
 
-def _swap_header(headers: list, credential: Credential, placeholder: bytes, secret: bytes):
+    __slots__ = ("credential", "placeholder", "needle", "header", "expected", "injected", "allowed",
+                 "control_in_secret")
+
+    def __init__(self, credential: Credential, secret: bytes | None):
+        inject = credential.inject
+        self.credential = credential
+        self.placeholder = credential.placeholder.encode()
+        self.needle = self.placeholder.lower()  # searched in the lower-cased request
+        self.header = inject.header.lower().encode() if inject.header else None
+        template = inject.format.format(secret="\0").encode()
+        self.expected = frozenset({self.placeholder, template.replace(b"\0", self.placeholder)})
+        # None while the secret cannot be read: the swap is then refused before it is needed.
+        self.injected = template.replace(b"\0", secret) if secret is not None else None
+        self.allowed = frozenset(({"header:" + inject.header.lower()} if inject.header else set()) |
+                                 ({"body"} if inject.body else set()))
+        self.control_in_secret = secret is not None and _CONTROL.search(secret) is not None
+
+    def __repr__(self) -> str:  # `injected` holds the secret
+        return f"_Swap({self.credential.name})"
+
+
+def _swap_header(headers: list, swap: _Swap):
     """Headers with the injection header's value replaced, or None when the placeholder is in
     the header in a shape other than the placeholder itself or `format` applied to it."""
-    target = credential.inject.header.lower().encode()
-    expected = {placeholder, credential.inject.format.format(secret="\0").encode().replace(b"\0", placeholder)}
-    injected = credential.inject.format.format(secret="\0").encode().replace(b"\0", secret)
+    target, expected, injected, needle = swap.header, swap.expected, swap.injected, swap.needle
     out = []
     done = 0
     for name, value in headers:
-        if name == target and placeholder.lower() in value.lower():
+        if name == target and needle in value.lower():
             if value.strip() not in expected:
                 return None
             out.append((name, injected))
