@@ -268,7 +268,10 @@ def serialise_response(method: bytes, keep_alive: bool, status, headers, body: b
     status_code, reason = status
     if not 200 <= status_code <= 999:
         raise UnsafeHead(f"cannot forward status {status_code}")
-    if not any(n == b"content-length" for n, _ in headers):
+    for name, _ in headers:
+        if name == b"content-length":
+            break
+    else:
         headers = (*headers, (b"content-length", b"%d" % len(body)))
     if not keep_alive:
         headers = (*headers, (b"connection", b"close"))
