@@ -103,13 +103,45 @@ class Verdict:
         return f"Verdict({self.action}, {self.status}, {self.reason!r})"
 
 
+# Per-request lookups of pure functions of a header's bytes, remembered: a client sends the same
+# few names and the same Host on every request (issue 24). Bounded, since the bytes are the
+# client's to choose: emptied when full, and long keys are never kept.
+_MEMO_ENTRIES = 1024
+_MEMO_KEY_BYTES = 255
+_forwarding_memo: dict[bytes, bool] = {}  # header name -> is_forwarding_header(name)
+_host_memo: dict[bytes, str | None] = {}  # Host header value -> normalise_name(value)
+
+
+def _remember(memo: dict, key: bytes, value):
+    if len(key) <= _MEMO_KEY_BYTES:
+        if len(memo) >= _MEMO_ENTRIES:
+            memo.clear()
+        memo[key] = value
+    return value
+
+
+def _is_forwarding(name: bytes) -> bool:
+    known = _forwarding_memo.get(name)
+    return known if known is not None else _remember(_forwarding_memo, name, is_forwarding_header(name))
+
+
+def _normalised_host(value: bytes) -> str | None:
+    try:
+        return _host_memo[value]
+    except KeyError:
+        return _remember(_host_memo, value, normalise_name(value))
+
+
 def _without_forwarding_headers(request: HttpRequest) -> HttpRequest:
     """The request without what the VM claims about forwarding (httpheaders): the upstream gets
     the real credential for the Host the decision checked, and no other host, scheme or path
     to act for. Done before the decision, so it is made on exactly the headers forwarded."""
-    if not any(is_forwarding_header(n) for n, _ in request.headers):
+    for name, _ in request.headers:
+        if _is_forwarding(name):
+            break
+    else:
         return request
-    headers = tuple((n, v) for n, v in request.headers if not is_forwarding_header(n))
+    headers = tuple((n, v) for n, v in request.headers if not _is_forwarding(n))
     return HttpRequest(request.method, request.target, headers, request.body, request.http_version)
 
 
@@ -201,9 +233,13 @@ class SwapEngine:
     # ---- requests -------------------------------------------------------------------------
 
     def decide(self, request: HttpRequest, facts: ConnectionFacts) -> Verdict:
-        sent, request = request, _without_forwarding_headers(self._without_connection_tokens(request))
-        host_values = [v for n, v in request.headers if n == b"host"]
-        host = normalise_name(host_values[0]) if len(host_values) == 1 else None
+        sent = request
+        sent_names = [n for n, _ in request.headers]
+        if b"connection" in sent_names:  # (without one, there are no tokens to drop)
+            request = self._without_connection_tokens(request)
+        request = _without_forwarding_headers(request)
+        names = sent_names if request is sent else [n for n, _ in request.headers]
+        host = _normalised_host(request.headers[names.index(b"host")][1]) if names.count(b"host") == 1 else None
         authority = _authority_of(request.target)
         if authority is not None and normalise_name(authority) != host:
             host = None
@@ -216,7 +252,7 @@ class SwapEngine:
 
         if host is None:
             return block(400, "missing, repeated or malformed Host header", BLOCKED_PROTOCOL)
-        if any(n == b"upgrade" for n, _ in request.headers) or request.method == b"CONNECT":
+        if b"upgrade" in names or request.method == b"CONNECT":
             return block(501, "protocol upgrades and CONNECT cannot be inspected", BLOCKED_PROTOCOL)
         if authority is None and not request.target.startswith(b"/") and request.target != b"*":
             # Absolute-form with another scheme (ftp://evil.test/): its authority was never
@@ -225,16 +261,19 @@ class SwapEngine:
         if facts.tls and facts.sni != host:
             return block(421, "TLS SNI and Host header disagree", BLOCKED_EXFILTRATION)
 
-        if self._carries_secret(sent):  # as sent: a secret in a header the Connection header drops is still an attempt
+        sent_parts = _parts(sent)
+        joined = _PART_SEPARATOR.join(sent_parts)
+        # As sent: a secret in a header the Connection header drops is still an attempt.
+        if self.forms.found_in(joined) or self.name_forms.found_in(_PART_SEPARATOR.join(sent_names)):
             return block(403, "request carries a real secret value", BLOCKED_CONTENT)
         for pattern in self._patterns:
-            if any(pattern.search(part) for part in _parts(sent)):
+            if any(pattern.search(part) for part in sent_parts):
                 return block(403, "request matches a content-filter pattern", BLOCKED_CONTENT)
 
         headers = list(request.headers)
         body = request.body
         swapped: list[str] = []
-        lowered = _LoweredRequest(request)
+        lowered = _LoweredRequest(request, joined if request is sent else None)
         for swap in self._placeholders:
             credential, placeholder, needle = swap.credential, swap.placeholder, swap.needle
             if needle not in lowered.joined:  # the common case: one search, no per-part work
@@ -262,9 +301,9 @@ class SwapEngine:
         rewritten = HttpRequest(request.method, request.target, tuple(headers), body, request.http_version)
         if not swapped:
             return Verdict("pass", 0, "no placeholder", rewritten, (), ((None, PASSED),), host)
-        entries = tuple(self._entry(name, facts, destination, SWAPPED, "swapped") for name in swapped)
+        entries = tuple([self._entry(name, facts, destination, SWAPPED, "swapped") for name in swapped])
         return Verdict("swap", 0, "swapped", rewritten, entries,
-                       tuple((name, SWAPPED) for name in swapped), host)
+                       tuple([(name, SWAPPED) for name in swapped]), host)
 
     def _without_connection_tokens(self, request: HttpRequest) -> HttpRequest:
         """The request without the headers its Connection header names (RFC 9110 7.6.1), except
@@ -304,10 +343,6 @@ class SwapEngine:
             # A CR or LF in a header value would let the secret's bytes forge headers upstream.
             return f"secret of credential {credential.name} holds control characters and cannot go in a header"
         return None
-
-    def _carries_secret(self, request: HttpRequest) -> bool:
-        return self.forms.found_in(_PART_SEPARATOR.join(_parts(request))) or \
-            self.name_forms.found_in(_PART_SEPARATOR.join(name for name, _ in request.headers))
 
     @staticmethod
     def _entry(credential, facts: ConnectionFacts, destination: str, result: str, reason: str) -> dict:
@@ -370,11 +405,13 @@ class _LoweredRequest:
 
     __slots__ = ("target", "headers", "body", "joined")
 
-    def __init__(self, request: HttpRequest):
+    def __init__(self, request: HttpRequest, joined: bytes | None = None):
+        """`joined`: _PART_SEPARATOR.join(_parts(request)) when the caller has it already."""
         self.target = request.target.lower()
         self.headers = [(name, name.lower(), value.lower()) for name, value in request.headers]
         self.body = request.body.lower()
-        self.joined = _PART_SEPARATOR.join(
+        # Lower-casing the joined parts is joining the lower-cased parts (the separator is NUL).
+        self.joined = joined.lower() if joined is not None else _PART_SEPARATOR.join(
             [self.target, self.body] + [part for _, name, value in self.headers for part in (name, value)])
 
     def locations(self, needle: bytes) -> set[str]:
