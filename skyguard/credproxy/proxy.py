@@ -355,7 +355,6 @@ class CredentialProxy:
         """Every byte the upstream sent that goes on to the VM, scrubbed: the reason phrase,
         header names and values, the decoded body (trailers were already dropped)."""
         body = decode_body(headers, body, self.limits.max_response_body)
-        length = next((v for n, v in headers if n == b"content-length"), None)
         code, reason = status
         reason, scrubbed_reason = engine.forms.scrub(reason)
         safe_headers, safe_body, scrubbed = engine.scrub_response(host, headers, body)
@@ -366,8 +365,10 @@ class CredentialProxy:
                 "credential", credential=None, zone=facts.zone, workload=facts.workload,
                 destination=host, address=facts.address, port=facts.port,
                 result="scrubbed", reason=f"{scrubbed} secret occurrences removed from a response")
-        if request.method == b"HEAD" and length is not None:
-            safe_headers += ((b"content-length", length),)
+        if request.method == b"HEAD":
+            length = next((v for n, v in headers if n == b"content-length"), None)
+            if length is not None:
+                safe_headers += ((b"content-length", length),)
         return (code, reason), safe_headers, safe_body
 
     def _account(self, verdict) -> None:

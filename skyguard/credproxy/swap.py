@@ -378,8 +378,8 @@ class SwapEngine:
         kept = [(name, value) for name, value in headers if name not in strip]
         # One scan of every name and value first (NUL cannot occur in a header, so a match never
         # spans two of them); field by field only when something is there.
-        if not self.forms.found_in(_PART_SEPARATOR.join(part for pair in kept for part in pair)) and \
-                not self.name_forms.found_in(_PART_SEPARATOR.join(name for name, _ in kept)):
+        if not self.forms.found_in(_PART_SEPARATOR.join([part for pair in kept for part in pair])) and \
+                not self.name_forms.found_in(_PART_SEPARATOR.join([name for name, _ in kept])):
             return tuple(kept), body, scrubbed
         headers, kept = kept, []  # type: ignore[assignment]
         for name, value in headers:
