@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 from skyguard.credproxy.interfaces import (
     BLOCKED_CONTENT,
@@ -246,9 +247,7 @@ class SwapEngine:
         # The name as logged: never a secret (a VM holding one may send it as Host; it is blocked below).
         destination = host if host and not self.forms.found_in(host.encode()) else "-"
 
-        def block(status, reason, result, credential=None):
-            entry = self._entry(credential, facts, destination, result, reason)
-            return Verdict("block", status, reason, None, (entry,), ((credential, result),), host)
+        block = _Blocker(facts, destination, host)  # not a closure: no cells in this hot function
 
         if host is None:
             return block(400, "missing, repeated or malformed Host header", BLOCKED_PROTOCOL)
@@ -393,11 +392,20 @@ class SwapEngine:
 
 
 def _parts(request: HttpRequest) -> list[bytes]:
-    parts = [request.target, request.body]
-    for name, value in request.headers:
-        parts.append(name)
-        parts.append(value)
-    return parts
+    return [request.target, request.body, *chain.from_iterable(request.headers)]
+
+
+class _Blocker:
+    """decide()'s block verdicts for one request: call with (status, reason, result, credential)."""
+
+    __slots__ = ("facts", "destination", "host")
+
+    def __init__(self, facts: ConnectionFacts, destination: str, host: str | None):
+        self.facts, self.destination, self.host = facts, destination, host
+
+    def __call__(self, status: int, reason: str, result: str, credential: str | None = None) -> Verdict:
+        entry = SwapEngine._entry(credential, self.facts, self.destination, result, reason)
+        return Verdict("block", status, reason, None, (entry,), ((credential, result),), self.host)
 
 
 class _LoweredRequest:
