@@ -6,7 +6,8 @@ as bytes while the session lives.
 
 What the client sent in the identity header, the X-Forwarded-* headers and the other
 forwarding headers (any of them spelt with `_` for `-` too) and skyguard's own cookies never
-reach the app; skyguard's cookies set by the app never reach the client. Bodies
+reach the app; skyguard's cookies set by the app never reach the client, in any answer (a 101's
+head is read whole and filtered too, before the splice). Bodies
 are buffered whole, within ProxyLimits. Requests are answered one at a time, in order (pipelined
 ones wait, and reading pauses past MAX_PIPELINED). Bytes that came in the same read as an upgrade
 request, after it, are dropped (WebSocket clients wait for the 101), and so are those that come
@@ -42,6 +43,7 @@ from skyguard.credproxy.http1 import (
     client_keeps_alive,
     serialise_request,
     serialise_response,
+    serialise_switching_head,
 )
 from skyguard.credproxy.swap import HOP_BY_HOP, HttpRequest
 from skyguard.httpheaders import is_forwarding_header
@@ -58,6 +60,13 @@ MAX_PIPELINED = 2  # whole requests read ahead of the one being answered; readin
 # the identity header, compared the same way (`_` as `-`).
 OUR_COOKIES = (SESSION_COOKIE, LOGIN_COOKIE)  # never sent to the app
 HOP_BY_HOP_BUT_LENGTH = HOP_BY_HOP - {b"content-length"}  # dropped from an answer to HEAD
+
+
+def _for_client(headers, dropped: frozenset) -> list[tuple[bytes, bytes]]:
+    """An app's answer's headers as the client may see them, whatever the status (a 101 too):
+    one pass drops the names in `dropped` (hop-by-hop) and any Set-Cookie of skyguard's
+    cookies (sessions.sets_our_cookie: an app must not end, replace or fix a session)."""
+    return [(n, v) for n, v in headers if n not in dropped and not (n == b"set-cookie" and sets_our_cookie(v))]
 
 
 class AppConnection(Checks, asyncio.Protocol):
@@ -391,11 +400,8 @@ class AppConnection(Checks, asyncio.Protocol):
         method, keep, _, _ = exchange
         if not response.reusable:
             self._drop_upstream()
-        # One pass: hop-by-hop headers (a HEAD answer keeps its length) and skyguard's cookies
-        # set by the app (sessions.without_our_set_cookies) never reach the client.
-        dropped = HOP_BY_HOP_BUT_LENGTH if method == b"HEAD" else HOP_BY_HOP
-        headers = [(n, v) for n, v in response.headers
-                   if n not in dropped and not (n == b"set-cookie" and sets_our_cookie(v))]
+        # Hop-by-hop headers (a HEAD answer keeps its length) never reach the client.
+        headers = _for_client(response.headers, HOP_BY_HOP_BUT_LENGTH if method == b"HEAD" else HOP_BY_HOP)
         try:
             data = serialise_response(method, keep, (response.status, response.reason or b"OK"), headers,
                                       bytes(response.body))
@@ -489,14 +495,18 @@ class AppConnection(Checks, asyncio.Protocol):
         finally:
             session.tunnels.discard(task)
 
-    def _upgrade_answered(self, switched: bool) -> None:
-        """The app answered the upgrade request (AppSide calls this): 101, the splice goes on;
-        anything else is its answer to the request, written by _app_answered, then the
-        connection closes."""
-        if switched:
-            self._done_waiting()
-            self._exchange = None
-            self.gate.count(self.app, "websocket")
+    def _switched(self, headers: list[tuple[bytes, bytes]]) -> bytes:
+        """The app switched protocols (AppSide calls this with its 101's headers): the head
+        the client gets, filtered as every answer (_for_client: no skyguard Set-Cookie, no
+        hop-by-hop header) with the app's Upgrade and Connection: Upgrade; the splice goes on.
+        Raises UnsafeHead (the caller answers 502) when a header cannot be written."""
+        upgrade = next(v for n, v in headers if n == b"upgrade")
+        head = serialise_switching_head(_for_client(headers, HOP_BY_HOP)
+                                        + [(b"connection", b"Upgrade"), (b"upgrade", upgrade)])
+        self._done_waiting()
+        self._exchange = None
+        self.gate.count(self.app, "websocket")
+        return head
 
     def _splice_ended(self) -> None:
         """The app closed its side of a splice (AppSide calls this)."""

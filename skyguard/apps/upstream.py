@@ -9,14 +9,15 @@ asked (proxy.AppConnection._app_answered / _app_failed), with no task or future 
 The credential proxy's UpstreamConnection does the same exchange awaiting a future per request
 and its pool adds a timer per exchange (asyncio.timeout); the apps proxy's per-connection
 watchdog (proxy.py) already bounds the wait, so this is the callback form of the same exchange.
-After a WebSocket upgrade the connection is spliced: bytes pass to the client as they come.
+After a WebSocket upgrade the connection is spliced: bytes pass to the client as they come,
+once the app's 101 head was read whole and written filtered (proxy.AppConnection._switched).
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from skyguard.credproxy.http1 import ResponseReader
+from skyguard.credproxy.http1 import ResponseReader, UpstreamProtocolError, read_switching_head
 
 MAX_IDLE_PER_APP = 64  # idle connections kept per app between client connections
 IDLE_SECONDS = 30.0  # below common servers' keep-alive timeouts, so few stale retries
@@ -38,7 +39,8 @@ class AppSide(asyncio.Protocol):
         # The app's answer to an upgrade request, until its status line is in: spliced only when
         # it is 101; any other answer is read as a response (the reader waiting here).
         self.switching: ResponseReader | None = None
-        self._status_line = b""
+        self._head = b""  # the answer to the upgrade request so far
+        self._is_101 = False
 
     @property
     def ready(self) -> bool:
@@ -74,21 +76,36 @@ class AppSide(asyncio.Protocol):
             self.owner._app_answered()
 
     def _switch(self, data: bytes) -> None:
-        """The first bytes of the app's answer to an upgrade request: a 101 is spliced on; any
-        other status is an answer like any other (the owner writes it and closes), so what the
-        client sends next never reaches the app unchecked."""
-        self._status_line += data
-        if b"\r\n" not in self._status_line and len(self._status_line) < 1024:
+        """The first bytes of the app's answer to an upgrade request. A 101 is read whole (its
+        head bounded like any answer's) and handed to the owner, which writes it filtered as
+        every other answer (an app must not set skyguard's cookies through it); what follows
+        is spliced on. Any other status is an answer like any other (the owner writes it and
+        closes), so what the client sends next never reaches the app unchecked."""
+        self._head += data
+        reader = self.switching
+        if not self._is_101:
+            if b"\r\n" not in self._head and len(self._head) < 1024:
+                return
+            if not self._head.startswith((b"HTTP/1.1 101 ", b"HTTP/1.1 101\r\n")):
+                data, self._head = self._head, b""
+                self.splice, self.response, self.switching = None, reader, None
+                self.data_received(data)
+                return
+            self._is_101 = True
+        end = self._head.find(b"\r\n\r\n")
+        if end < 0 and len(self._head) <= reader.max_header_bytes:
+            return  # the rest of the 101's head
+        head, rest = self._head[:end + 4], self._head[end + 4:]
+        self._head, self.switching = b"", None
+        try:
+            if end < 0:
+                raise UpstreamProtocolError("upstream 101 head larger than the proxy's limit")
+            written = self.owner._switched(read_switching_head(head))
+        except Exception as error:  # an unreadable 101, or one the proxy will not write: 502
+            self.splice = None
+            self.owner._app_failed(error)
             return
-        data, self._status_line = self._status_line, b""
-        reader, self.switching = self.switching, None
-        if data.startswith(b"HTTP/1.1 101 ") or data.startswith(b"HTTP/1.1 101\r\n"):
-            self.owner._upgrade_answered(True)
-            self.splice.write(data)
-            return
-        self.splice, self.response = None, reader
-        self.owner._upgrade_answered(False)
-        self.data_received(data)
+        self.splice.write(written + rest)
 
     def eof_received(self) -> bool:
         self._ended()

@@ -283,6 +283,52 @@ def serialise_response(method: bytes, keep_alive: bool, status, headers, body: b
     return lines + b"\r\n"
 
 
+def read_switching_head(head: bytes) -> list[tuple[bytes, bytes]]:
+    """The headers of an upstream's 101 answer (names lower-case), `head` being the whole of
+    it from the status line to the blank line, as a proxy must read it before passing it on
+    (the bytes after it are the new protocol's). llhttp parses it as strictly as any answer (no
+    bare LF, no obs-fold); anything but a well-formed HTTP/1.1 101 with an Upgrade header is an
+    UpstreamProtocolError."""
+    sink = _SwitchingHead()
+    parser = httptools.HttpResponseParser(sink)
+    try:
+        parser.feed_data(head)
+    except httptools.HttpParserUpgrade as upgrade:  # llhttp stops where the new protocol begins
+        if upgrade.args and upgrade.args[0] != len(head):
+            raise UpstreamProtocolError("upstream 101 head does not end where it should") from None
+    except httptools.HttpParserError as error:  # the same stop when no Upgrade header was seen
+        if not str(error).startswith("Pause on CONNECT/Upgrade"):
+            raise UpstreamProtocolError("malformed upstream 101 head") from None
+    if not sink.complete or parser.get_status_code() != 101 or parser.get_http_version() != "1.1":
+        raise UpstreamProtocolError("upstream answer is not an HTTP/1.1 101")
+    if not any(name == b"upgrade" and value for name, value in sink.headers):
+        raise UpstreamProtocolError("upstream 101 names no protocol (no Upgrade header)")
+    return sink.headers
+
+
+class _SwitchingHead:
+    """llhttp's callbacks for read_switching_head."""
+
+    def __init__(self):
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.complete = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value.strip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
+def serialise_switching_head(headers) -> bytes:
+    """A 101 head as the proxy writes it to its client: `headers` must already be the ones
+    the client may see (the caller filters them and adds Connection and Upgrade)."""
+    lines = b"".join([b"HTTP/1.1 101 Switching Protocols\r\n"] + [b"%s: %s\r\n" % pair for pair in headers])
+    if _unsafe_lines(lines, len(headers) + 1):
+        raise UnsafeHead("refusing to write a header with CR, LF or NUL")
+    return lines + b"\r\n"
+
+
 class ResponseReader:
     """One upstream response, parsed by llhttp. `done` once whole; `reusable` says whether the
     connection may carry another exchange afterwards. Trailers are dropped: never forwarded."""

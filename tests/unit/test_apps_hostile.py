@@ -1,0 +1,112 @@
+"""The identity-aware proxy against a hostile app and an unsigned client, on loopback: a real TLS
+listener of AppsService, a real app (a compromised one where it matters), real clients (the
+websocket-client library, raw TLS). What an app answers reaches the client filtered the same
+way whatever the status (a 101 too); what a client sends before signing in can never keep the
+proxy's resources."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+
+import websocket
+
+from skyguard.apps.oidc import SignIn
+from skyguard.apps.service import AppsService
+from skyguard.parts import MemoryLog
+from tests.unit.test_apps_keepalive import HOST, free_port, rig
+
+# What a compromised app puts in its 101 besides the handshake: skyguard's cookies (the user's
+# browser would then carry the attacker's session: login CSRF), hop-by-hop headers, framing.
+HOSTILE_101_EXTRAS = (b"Set-Cookie: __Host-skyguard-session=attackers-session; Path=/; Secure; HttpOnly\r\n"
+                      b"Set-Cookie: __Host-skyguard-login=attackers-state; Path=/; Secure; HttpOnly\r\n"
+                      b"Set-Cookie: theme=dark; Path=/; Secure\r\n"
+                      b"Proxy-Authenticate: Basic realm=x\r\nKeep-Alive: timeout=5\r\nContent-Length: 12\r\n")
+
+
+class HostileSocketApp(asyncio.Protocol):
+    """Switches every upgrade request with a 101 carrying HOSTILE_101_EXTRAS, written in two
+    parts (the status line, then the rest of the head with the first frame), then echoes."""
+
+    def connection_made(self, transport):
+        self.transport, self.buffer, self.echo = transport, b"", False
+
+    def data_received(self, data):
+        if self.echo:
+            self.transport.write(data)
+            return
+        self.buffer += data
+        if b"\r\n\r\n" not in self.buffer:
+            return
+        head = self.buffer.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+        key = next(line.split(":", 1)[1].strip() for line in head.split("\r\n")
+                   if line.lower().startswith("sec-websocket-key:"))
+        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+        self.echo = True
+        if head.startswith("GET /bare-lf "):  # a head the client and the proxy could read apart
+            self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\nSet-Cookie: "
+                                 b"__Host-skyguard-session=x\r\nConnection: Upgrade\r\n\r\n")
+            return
+        if head.startswith("GET /endless "):  # a head that never ends
+            self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\n" + b"X-Pad: %s\r\n" % (b"a" * 1000) * 40)
+            return
+        self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\n")
+        rest = (b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n%s\r\n"
+                b"\x81\x05hello" % (accept, HOSTILE_101_EXTRAS))
+        asyncio.get_running_loop().call_later(0.05, self.transport.write, rest)
+
+
+def test_an_apps_101_cannot_set_skyguards_cookies_or_hop_by_hop_headers(tmp_path):
+    """A compromised app answers a WebSocket upgrade with a 101 that sets skyguard's session
+    and sign-in cookies: the proxy used to pass the 101's head to the client raw, so the
+    browser would keep the attacker's session (and act as the attacker's account). Now the
+    head is read whole and filtered as every other answer: the app's own cookies and the
+    handshake pass, skyguard's cookies and hop-by-hop headers do not, the frames still flow."""
+    app_port, proxy_port = free_port(), free_port()
+    store, app, policy, client_tls = rig(tmp_path, app_port, proxy_port, websockets=True)
+
+    async def run():
+        server = await asyncio.get_running_loop().create_server(HostileSocketApp, "127.0.0.1", app_port)
+        service = AppsService(policy, store, decision_log=MemoryLog())
+        await service.start()
+        session = service.sessions.create(app, SignIn("bob", "bob", "Bob", (), "t"), 600)
+        cookie = service.sealer.seal(session.sid, HOST, session.expires)
+
+        def client():  # the websocket-client library, as a browser's script would use a WebSocket
+            ws = websocket.create_connection(
+                f"wss://127.0.0.1:{proxy_port}/socket", host=f"{HOST}:{proxy_port}", timeout=10,
+                header=[f"Cookie: __Host-skyguard-session={cookie}"],
+                sslopt={"ca_certs": str(tmp_path / "ca" / "ca.pem"), "server_hostname": HOST})
+            try:
+                first = ws.recv()
+                ws.send("ping")
+                return ws.handshake_response.status, ws.handshake_response.headers, first, ws.recv()
+            finally:
+                ws.close()
+
+        async def unreadable(path: str) -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port, ssl=client_tls, server_hostname=HOST)
+            writer.write(b"GET %s HTTP/1.1\r\nHost: %s\r\nCookie: __Host-skyguard-session=%s\r\n"
+                         b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: a2V5\r\n\r\n"
+                         % (path.encode(), HOST.encode(), cookie.encode()))
+            answer = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            return answer
+
+        try:
+            return await asyncio.to_thread(client), await unreadable("/bare-lf"), await unreadable("/endless")
+        finally:
+            await service.stop()
+            server.close()
+
+    (status, headers, first, echoed), bare_lf, endless = asyncio.run(run())
+    assert status == 101 and first == "hello" and echoed == "ping"
+    assert headers["upgrade"] == "websocket" and headers["connection"].lower() == "upgrade"
+    assert "sec-websocket-accept" in headers
+    cookies = headers.get("set-cookie", "")
+    assert "skyguard" not in cookies and "theme=dark" in cookies
+    for name in ("proxy-authenticate", "keep-alive", "content-length"):
+        assert name not in headers, name
+    for answer in (bare_lf, endless):  # an unreadable 101 is a 502, none of it passed on
+        assert answer.startswith(b"HTTP/1.1 502 ") and b"skyguard-session" not in answer and b"X-Pad" not in answer
