@@ -7,15 +7,15 @@ as bytes while the session lives.
 What the client sent in the identity header, the X-Forwarded-* headers and the other
 forwarding headers (any of them spelt with `_` for `-` too) and skyguard's own cookies never
 reach the app; skyguard's cookies set by the app never reach the client, in any answer (a 101's
-head is read whole and filtered too, before the splice). Bodies
-are buffered whole, within ProxyLimits. Requests are answered one at a time, in order (pipelined
-ones wait, and reading pauses past MAX_PIPELINED). Bytes that came in the same read as an upgrade
-request, after it, are dropped (WebSocket clients wait for the 101), and so are those that come
-before the app's 101; an app that answers an upgrade request with anything else has answered a
-request (written as any answer, then the connection closes): nothing more of the client's
-reaches it unchecked. Not here: what a
-session is (sessions.py), the issuer (oidc.py), listeners and policy (service.py), the app's
-side (upstream.py).
+head is read whole and filtered too, before the splice). Bodies are buffered whole, within
+ProxyLimits; a head must be whole within header_timeout of its first byte, and one client
+address holds at most the gate's share of connections. Requests are answered one at a time, in
+order (pipelined ones wait, and reading pauses past MAX_PIPELINED). Bytes that came in the same
+read as an upgrade request, after it, are dropped (WebSocket clients wait for the 101), and so
+are those that come before the app's 101; an app that answers an upgrade request with anything
+else has answered a request (written as any answer, then the connection closes): nothing more
+of the client's reaches it unchecked. Not here: what a session is (sessions.py), the issuer
+(oidc.py), listeners and policy (service.py), the app's side (upstream.py).
 
 Callbacks, not a coroutine per connection: the usual request (signed in, checked at the issuer
 within the check interval) is decided and forwarded inside data_received, and the app's answer
@@ -34,6 +34,8 @@ from skyguard.apps.gate import Checks, Reply
 from skyguard.apps.sessions import LOGIN_COOKIE, SESSION_COOKIE, sets_our_cookie, without_cookies
 from skyguard.apps.upstream import AppSide
 from skyguard.credproxy.http1 import (
+    HEAD,
+    IDLE,
     ProtocolRefusal,
     ProxyLimits,
     RequestReader,
@@ -103,6 +105,8 @@ class AppConnection(Checks, asyncio.Protocol):
         self._deadline = float("inf")
         self._on_timeout: Any = None
         self._watchdog: asyncio.TimerHandle | None = None
+        self._head_of, self._head_due = 0, 0.0  # the message whose head is awaited, and its deadline
+        self._counted = False  # holds one of its address's connections (gate.clients)
 
     # ---- the client's side (asyncio.Protocol) --------------------------------------------
 
@@ -116,6 +120,11 @@ class AppConnection(Checks, asyncio.Protocol):
             self._closed = True
             transport.close()  # fail closed: no app, or nobody can sign in
             return
+        if not self.gate.clients.acquire(self.client):  # this address holds its share already
+            self._closed = True
+            transport.abort()
+            return
+        self._counted = True
         self._serve_app(self.app)
         self._forwarded = [(b"x-forwarded-for", self.client.encode()), (b"x-forwarded-proto", b"https")]
         self._wait(LIMITS.idle_timeout, self._idle_too_long)
@@ -142,7 +151,7 @@ class AppConnection(Checks, asyncio.Protocol):
             self._close()
             return
         if not self._busy:
-            self._wait(LIMITS.idle_timeout, self._idle_too_long)  # the rest of a head, or the next one
+            self._await_client()
         if len(self.requests.complete) >= MAX_PIPELINED:
             self._pause_reading()
         self._next()
@@ -152,6 +161,9 @@ class AppConnection(Checks, asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self._closed = True
+        if self._counted:
+            self._counted = False
+            self.gate.clients.release(self.client)
         if self._watchdog is not None:
             self._watchdog.cancel()
         if self._splice_done is not None and not self._splice_done.done():
@@ -272,6 +284,21 @@ class AppConnection(Checks, asyncio.Protocol):
 
     def _wait(self, seconds: float, on_timeout) -> None:
         self._deadline, self._on_timeout = self._loop.time() + seconds, on_timeout
+
+    def _await_client(self) -> None:
+        """Wait for what the client owes: the rest of a head within header_timeout of its first
+        byte (a byte now and then does not extend it: slowloris), a body's next bytes within
+        body_read_timeout, or the next request within idle_timeout."""
+        reader = self.requests
+        if reader.state is IDLE:
+            self._wait(LIMITS.idle_timeout, self._idle_too_long)
+        elif reader.state is HEAD:
+            if self._head_of != reader.messages_begun:  # a new head began in this read
+                self._head_of = reader.messages_begun
+                self._head_due = self._loop.time() + LIMITS.header_timeout
+            self._deadline, self._on_timeout = self._head_due, self._idle_too_long
+        else:
+            self._wait(LIMITS.body_read_timeout, self._idle_too_long)
 
     def _done_waiting(self) -> None:
         self._deadline, self._on_timeout = float("inf"), None

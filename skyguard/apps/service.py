@@ -29,6 +29,7 @@ from skyguard.apps.proxy import AppConnection
 from skyguard.apps.sessions import SESSION_COOKIE, CookieSealer, Session, SessionTable, allowed, cookie_value
 from skyguard.apps.upstream import IdleUpstreams
 from skyguard.credproxy.ca import new_server_context
+from skyguard.credproxy.fairness import Slots
 from skyguard.custody.pemload import load_cert_chain_from_memory, split_pem
 from skyguard.parts import Degraded
 from skyguard.policy.apps import App
@@ -39,6 +40,10 @@ log = logging.getLogger(__name__)
 COOKIE_KEY = "apps-cookie-key"  # the session cookie's key in the sealed store (32 random bytes)
 HOUSEKEEPING_PERIOD = 1.0  # seconds between sweeps: expiry, and re-checks of sessions with WebSockets
 HANDSHAKE_TIMEOUT = 10.0
+# Open client connections per client address, across all apps: each costs descriptors the whole
+# daemon shares (DNS and the credential proxy too), so one address must not take them all;
+# people behind one NAT share it (a browser opens about six per host).
+MAX_CONNECTIONS_PER_CLIENT = 256
 
 
 @dataclass(frozen=True)
@@ -54,8 +59,10 @@ class SignedIn:
 class AppsService:
     """The part. Use on the daemon's event loop (constructor: off the loop, it reads the store)."""
 
-    def __init__(self, policy: Policy, secrets, *, decision_log, registry=None, ca_file: str | None = None):
+    def __init__(self, policy: Policy, secrets, *, decision_log, registry=None, ca_file: str | None = None,
+                 max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT):
         self.policy = policy
+        self.clients = Slots(max_connections_per_client)  # open connections per client address
         self.secrets = secrets
         self.log = decision_log
         self.ca_file = ca_file

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 
 import websocket
@@ -15,7 +16,7 @@ import websocket
 from skyguard.apps.oidc import SignIn
 from skyguard.apps.service import AppsService
 from skyguard.parts import MemoryLog
-from tests.unit.test_apps_keepalive import HOST, free_port, rig
+from tests.unit.test_apps_keepalive import HOST, TheApp, free_port, read_response, rig
 
 # What a compromised app puts in its 101 besides the handshake: skyguard's cookies (the user's
 # browser would then carry the attacker's session: login CSRF), hop-by-hop headers, framing.
@@ -110,3 +111,67 @@ def test_an_apps_101_cannot_set_skyguards_cookies_or_hop_by_hop_headers(tmp_path
         assert name not in headers, name
     for answer in (bare_lf, endless):  # an unreadable 101 is a 502, none of it passed on
         assert answer.startswith(b"HTTP/1.1 502 ") and b"skyguard-session" not in answer and b"X-Pad" not in answer
+
+
+def test_a_client_trickling_a_head_is_closed_and_one_address_cannot_hold_every_connection(tmp_path, monkeypatch):
+    """Before signing in, a client can make the proxy keep nothing for long: a head sent a byte
+    at a time (slowloris) used to be waited for forever, each byte restarting the idle timeout;
+    now the head must be whole within header_timeout of its first byte. And one address holds at
+    most max_connections_per_client connections (each costs descriptors the whole daemon shares,
+    DNS and the credential proxy included): beyond it a connection is closed at once, and the
+    ones it holds still work."""
+    from skyguard.apps import proxy
+
+    monkeypatch.setattr(proxy, "LIMITS", dataclasses.replace(proxy.LIMITS, header_timeout=1.0, idle_timeout=30.0))
+    monkeypatch.setattr(proxy, "WATCHDOG_PERIOD", 0.1)
+    app_port, proxy_port = free_port(), free_port()
+    store, app, policy, client_tls = rig(tmp_path, app_port, proxy_port)
+
+    async def run():
+        server = await asyncio.get_running_loop().create_server(TheApp, "127.0.0.1", app_port)
+        service = AppsService(policy, store, decision_log=MemoryLog(), max_connections_per_client=4)
+        await service.start()
+        session = service.sessions.create(app, SignIn("bob", "bob", "Bob", (), "t"), 600)
+        cookie = service.sealer.seal(session.sid, HOST, session.expires)
+
+        async def connect():
+            return await asyncio.open_connection("127.0.0.1", proxy_port, ssl=client_tls, server_hostname=HOST)
+
+        try:
+            reader, writer = await connect()
+            writer.write(b"GET / HTTP/1.1\r\nHost: " + HOST.encode() + b"\r\nX-Slow: ")
+            trickled = 0
+            for _ in range(40):  # 10 s of a byte every 0.25 s: ten header timeouts
+                try:
+                    closed = await asyncio.wait_for(reader.read(1), 0.25)
+                except TimeoutError:
+                    writer.write(b"a")
+                    trickled += 1
+                    continue
+                if closed == b"":
+                    break
+            else:
+                closed = b"(still open)"
+            writer.close()
+            held = [await connect() for _ in range(4)]
+            extra_reader, extra_writer = await connect()
+            try:
+                refused = await asyncio.wait_for(extra_reader.read(), 5)
+            except TimeoutError:
+                refused = b"(still open)"
+            extra_writer.close()
+            reader, writer = held[0]
+            writer.write(f"GET /held HTTP/1.1\r\nHost: {HOST}\r\nCookie: __Host-skyguard-session={cookie}\r\n\r\n"
+                         .encode())
+            answer = await asyncio.wait_for(read_response(reader), 10)
+            for _, writer in held:
+                writer.close()
+            return closed, trickled, refused, answer
+        finally:
+            await service.stop()
+            server.close()
+
+    closed, trickled, refused, answer = asyncio.run(run())
+    assert closed == b"" and trickled < 40
+    assert refused == b""
+    assert answer == (200, b"/held signed")
