@@ -13,6 +13,7 @@ for its check) finishes in Checks.decide.
 from __future__ import annotations
 
 import html
+import re
 import time
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -39,6 +40,7 @@ REASONS = {200: b"OK", 302: b"Found", 303: b"See Other", 400: b"Bad Request", 40
            405: b"Method Not Allowed", 421: b"Misdirected Request", 502: b"Bad Gateway", 503: b"Service Unavailable"}
 # Why a request cannot be decided at once (Checks.check's "wait" outcomes).
 SIGN_IN, RECHECK, CALLBACK_STEP = "sign_in", "recheck", "callback"
+_PORT = re.compile(r"[0-9]{0,5}")  # after the Host's name (empty: RFC 3986 allows "host:")
 
 
 class Reply:
@@ -75,8 +77,11 @@ def _host_of(request: HttpRequest) -> str:
             value = v
             break
     host = value.decode("latin-1").lower()
-    if host.count(":") == 1:
-        host = host.rsplit(":", 1)[0]
+    # Only a port may follow the name: the app builds links from its Host, and the name in
+    # "app:@evil.test" or "app:1@evil.test" is evil.test (such a Host is compared whole: 421).
+    named, colon, port = host.rpartition(":")
+    if colon and ":" not in named and _PORT.fullmatch(port):
+        host = named
     return host.rstrip(".")
 
 

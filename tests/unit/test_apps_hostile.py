@@ -175,3 +175,36 @@ def test_a_client_trickling_a_head_is_closed_and_one_address_cannot_hold_every_c
     assert closed == b"" and trickled < 40
     assert refused == b""
     assert answer == (200, b"/held signed")
+
+
+def test_a_host_header_with_anything_but_digits_after_the_name_never_reaches_the_app(tmp_path):
+    """The Host must name this app; what follows a colon must be a port. `Host: app:@evil.test`
+    used to pass (only the part before the last colon was compared), and the app, building
+    absolute links from its Host as apps do (password reset mails, redirects), wrote
+    https://app:@evil.test/..., which browsers read as user `app` at host evil.test."""
+    app_port, proxy_port = free_port(), free_port()
+    store, app, policy, client_tls = rig(tmp_path, app_port, proxy_port)
+    hosts = [f"{HOST}:@evil.test", f"{HOST}:8443@evil.test", f"{HOST}:8443/../x", f"{HOST}:\u00b9",
+             f"{HOST}:{proxy_port}", f"{HOST}:", HOST]
+
+    async def run():
+        server = await asyncio.get_running_loop().create_server(TheApp, "127.0.0.1", app_port)
+        service = AppsService(policy, store, decision_log=MemoryLog())
+        await service.start()
+        session = service.sessions.create(app, SignIn("bob", "bob", "Bob", (), "t"), 600)
+        cookie = service.sealer.seal(session.sid, HOST, session.expires)
+        seen = []
+        try:
+            for host in hosts:
+                reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port, ssl=client_tls,
+                                                               server_hostname=HOST)
+                writer.write(b"GET /page HTTP/1.1\r\nHost: %s\r\nCookie: __Host-skyguard-session=%s\r\n\r\n"
+                             % (host.encode("latin-1"), cookie.encode()))
+                seen.append((await asyncio.wait_for(read_response(reader), 10))[0])
+                writer.close()
+            return seen
+        finally:
+            await service.stop()
+            server.close()
+
+    assert asyncio.run(run()) == [421, 421, 421, 421, 200, 200, 200]
