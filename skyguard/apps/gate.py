@@ -1,6 +1,6 @@
 """What the identity-aware proxy answers to one request, apart from moving bytes (proxy.py):
 the Host check, skyguard's own paths (the issuer's callback, logout), the session and the access
-decision, and the pages the proxy writes itself (Reply).
+decision (an upgrade's too: upgrade_refusal), and the pages the proxy writes itself (Reply).
 
 Request order: the Host must name this app (421 otherwise: a cookie of one app is never
 presented to another through a shared listener); skyguard's own paths (/.skyguard/...); then the
@@ -125,6 +125,24 @@ class Checks:
             self.gate.deny(self.app, session, client=self.client)
             return Reply(403, f"{session.user} may not use {self.app.name}. Ask its owner for access.")
         return session
+
+    def upgrade_refusal(self, request: HttpRequest, session) -> Reply | None:
+        """Why an admitted upgrade request may not switch: the app takes no WebSockets, or a page
+        of another origin opened it (its Origin is not this app's). A WebSocket has no CORS: a
+        page of another app of the same site, whose requests carry this app's SameSite=Lax
+        cookie, would talk to this app as the user and read its answers. A request with no
+        Origin is not a browser's (browsers always send one on a WebSocket), so nobody's
+        cookie is ridden by it."""
+        gate, app = self.gate, self.app
+        if not app.websockets:
+            gate.refuse(app, "websockets_not_allowed", client=self.client, user=session.user)
+            return Reply(403, f"{app.name} does not take WebSockets.")
+        origins = [value for name, value in request.headers if name == b"origin"]
+        if origins and origins != [app.origin.encode("latin-1")]:
+            gate.refuse(app, "websocket_cross_origin", client=self.client, user=session.user,
+                        origin=origins[0][:300].decode("latin-1"))
+            return Reply(403, f"{app.name} takes WebSockets only from its own pages.")
+        return None
 
     async def decide(self, request: HttpRequest, outcome=None):
         """A Reply, or the session whose request goes to the app; `outcome` is check()'s when

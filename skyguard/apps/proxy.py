@@ -476,9 +476,9 @@ class AppConnection(Checks, asyncio.Protocol):
                 self._write(outcome.wire(request.method, False))
                 return
             session = outcome
-            if not self.app.websockets:
-                self.gate.refuse(self.app, "websockets_not_allowed", client=self.client, user=session.user)
-                self._write(Reply(403, f"{self.app.name} does not take WebSockets.").wire(request.method, False))
+            refusal = self.upgrade_refusal(request, session)
+            if refusal is not None:
+                self._write(refusal.wire(request.method, False))
                 return
             upgrade = next((v for n, v in request.headers if n == b"upgrade"), b"websocket")
             headers = [(n, v) for n, v in self._headers_for_app(request, session) if n not in HOP_BY_HOP]

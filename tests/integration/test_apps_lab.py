@@ -349,8 +349,10 @@ WS_CLIENT = r"""
 import json, sys, websocket
 url, host, cookie, ca = sys.argv[1:5]
 try:
-    # Connect to the lab host's address; the app's name goes in SNI, certificate check and Host.
+    # Connect to the lab host's address; the app's name goes in SNI, certificate check, Host and
+    # Origin (as from one of the app's own pages).
     ws = websocket.create_connection(url, host=host, header=[f"Cookie: __Host-skyguard-session={cookie}"],
+                                     origin=f"https://{host}",
                                      sslopt={"ca_certs": ca, "server_hostname": host.split(":")[0]}, timeout=20)
 except websocket.WebSocketBadStatusException as e:
     print(json.dumps({"status": e.status_code})); sys.exit(0)

@@ -77,7 +77,7 @@ def test_an_apps_101_cannot_set_skyguards_cookies_or_hop_by_hop_headers(tmp_path
         def client():  # the websocket-client library, as a browser's script would use a WebSocket
             ws = websocket.create_connection(
                 f"wss://127.0.0.1:{proxy_port}/socket", host=f"{HOST}:{proxy_port}", timeout=10,
-                header=[f"Cookie: __Host-skyguard-session={cookie}"],
+                header=[f"Cookie: __Host-skyguard-session={cookie}"], origin=f"https://{HOST}:{proxy_port}",
                 sslopt={"ca_certs": str(tmp_path / "ca" / "ca.pem"), "server_hostname": HOST})
             try:
                 first = ws.recv()
@@ -208,3 +208,45 @@ def test_a_host_header_with_anything_but_digits_after_the_name_never_reaches_the
             server.close()
 
     assert asyncio.run(run()) == [421, 421, 421, 421, 200, 200, 200]
+
+
+def test_a_websocket_opened_by_another_origins_page_is_refused(tmp_path):
+    """A page of another app of the same site (admin.apps.test beside wiki.apps.test: same
+    site, so the browser sends wiki's SameSite=Lax session cookie along) opens a WebSocket to
+    this app: nothing like CORS guards a WebSocket, so the other app's script would talk to
+    this one as the user and read every answer (cross-site WebSocket hijacking). The proxy used
+    to splice it like any; now an upgrade whose Origin is not this app's is refused (403,
+    logged). The app's own pages, and clients that send no Origin (not a browser's), pass."""
+    app_port, proxy_port = free_port(), free_port()
+    store, app, policy, client_tls = rig(tmp_path, app_port, proxy_port, websockets=True)
+    log = MemoryLog()
+
+    async def run():
+        server = await asyncio.get_running_loop().create_server(HostileSocketApp, "127.0.0.1", app_port)
+        service = AppsService(policy, store, decision_log=log)
+        await service.start()
+        session = service.sessions.create(app, SignIn("bob", "bob", "Bob", (), "t"), 600)
+        cookie = service.sealer.seal(session.sid, HOST, session.expires)
+
+        def client(origin: str | None):  # websocket-client sends the Origin a browser would
+            try:
+                ws = websocket.create_connection(
+                    f"wss://127.0.0.1:{proxy_port}/socket", host=f"{HOST}:{proxy_port}", timeout=10,
+                    header=[f"Cookie: __Host-skyguard-session={cookie}"], origin=origin,
+                    suppress_origin=origin is None,
+                    sslopt={"ca_certs": str(tmp_path / "ca" / "ca.pem"), "server_hostname": HOST})
+            except websocket.WebSocketBadStatusException as e:
+                return e.status_code
+            ws.close()
+            return 101
+
+        try:
+            return [await asyncio.to_thread(client, origin) for origin in (
+                f"https://admin.apps.test:{proxy_port}", "null", f"http://{HOST}:{proxy_port}",
+                f"https://{HOST}:{proxy_port}", None)]
+        finally:
+            await service.stop()
+            server.close()
+
+    assert asyncio.run(run()) == [403, 403, 403, 101, 101]
+    assert [e["reason"] for e in log.of_kind("apps_refused")].count("websocket_cross_origin") == 3
