@@ -127,16 +127,21 @@ class Checks:
         return session
 
     def upgrade_refusal(self, request: HttpRequest, session) -> Reply | None:
-        """Why an admitted upgrade request may not switch: the app takes no WebSockets, or a page
-        of another origin opened it (its Origin is not this app's). A WebSocket has no CORS: a
-        page of another app of the same site, whose requests carry this app's SameSite=Lax
-        cookie, would talk to this app as the user and read its answers. A request with no
-        Origin is not a browser's (browsers always send one on a WebSocket), so nobody's
-        cookie is ridden by it."""
+        """Why an admitted upgrade request may not switch: the app takes no WebSockets, the
+        protocol asked for is not WebSocket, or a page of another origin opened it (its Origin
+        is not this app's). A WebSocket has no CORS: a page of another app of the same site,
+        whose requests carry this app's SameSite=Lax cookie, would talk to this app as the user
+        and read its answers. A request with no Origin is not a browser's (browsers always send
+        one on a WebSocket), so nobody's cookie is ridden by it."""
         gate, app = self.gate, self.app
         if not app.websockets:
             gate.refuse(app, "websockets_not_allowed", client=self.client, user=session.user)
             return Reply(403, f"{app.name} does not take WebSockets.")
+        if [value.lower() for name, value in request.headers if name == b"upgrade"] != [b"websocket"]:
+            # h2c (or any other protocol) would carry requests to the app that no decision saw,
+            # with the client's own identity and forwarding headers (h2c smuggling)
+            gate.refuse(app, "upgrade_not_websocket", client=self.client, user=session.user)
+            return Reply(403, f"{app.name} takes WebSocket upgrades only.")
         origins = [value for name, value in request.headers if name == b"origin"]
         if origins and origins != [app.origin.encode("latin-1")]:
             gate.refuse(app, "websocket_cross_origin", client=self.client, user=session.user,

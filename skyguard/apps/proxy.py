@@ -42,6 +42,7 @@ from skyguard.credproxy.http1 import (
     ResponseReader,
     StaleConnection,
     Upgraded,
+    UpstreamProtocolError,
     client_keeps_alive,
     serialise_request,
     serialise_response,
@@ -480,9 +481,8 @@ class AppConnection(Checks, asyncio.Protocol):
             if refusal is not None:
                 self._write(refusal.wire(request.method, False))
                 return
-            upgrade = next((v for n, v in request.headers if n == b"upgrade"), b"websocket")
             headers = [(n, v) for n, v in self._headers_for_app(request, session) if n not in HOP_BY_HOP]
-            headers += [(b"connection", b"Upgrade"), (b"upgrade", upgrade)]
+            headers += [(b"connection", b"Upgrade"), (b"upgrade", b"websocket")]  # the only one upgrade_refusal lets by
             head = b"%s %s HTTP/1.1\r\n" % (request.method, request.target)
             head += b"".join(b"%s: %s\r\n" % pair for pair in headers) + b"\r\n"
             side = self.upstream if self.upstream is not None and self.upstream.ready else None
@@ -528,6 +528,8 @@ class AppConnection(Checks, asyncio.Protocol):
         hop-by-hop header) with the app's Upgrade and Connection: Upgrade; the splice goes on.
         Raises UnsafeHead (the caller answers 502) when a header cannot be written."""
         upgrade = next(v for n, v in headers if n == b"upgrade")
+        if upgrade.lower() != b"websocket":  # the client asked for a WebSocket (gate.upgrade_refusal)
+            raise UpstreamProtocolError("the app switched to another protocol than WebSocket")
         head = serialise_switching_head(_for_client(headers, HOP_BY_HOP)
                                         + [(b"connection", b"Upgrade"), (b"upgrade", upgrade)])
         self._done_waiting()

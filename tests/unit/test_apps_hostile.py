@@ -250,3 +250,64 @@ def test_a_websocket_opened_by_another_origins_page_is_refused(tmp_path):
 
     assert asyncio.run(run()) == [403, 403, 403, 101, 101]
     assert [e["reason"] for e in log.of_kind("apps_refused")].count("websocket_cross_origin") == 3
+
+
+class H2cApp(asyncio.Protocol):
+    """Switches to whatever protocol it is asked for (as servers that speak h2c do), then keeps
+    what comes through the tunnel: requests no decision saw."""
+
+    tunnelled: list = []
+
+    def connection_made(self, transport):
+        self.transport, self.buffer, self.switched = transport, b"", False
+
+    def data_received(self, data):
+        if self.switched:
+            H2cApp.tunnelled.append(data)
+            return
+        self.buffer += data
+        if b"\r\n\r\n" in self.buffer:
+            upgrade = next(line.split(b":", 1)[1].strip() for line in self.buffer.split(b"\r\n")
+                           if line.lower().startswith(b"upgrade:"))
+            self.switched = True
+            self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: %s\r\n\r\n" % upgrade)
+
+
+def test_only_websocket_upgrades_reach_the_app(tmp_path):
+    """On an app that takes WebSockets, a client asked for another protocol, h2c: the proxy
+    used to pass any Upgrade token, the app switched, and everything the client sent next went
+    through the tunnel unchecked (h2c smuggling): requests with the client's own forwarding
+    headers, which the proxy otherwise strips. Now an upgrade to anything but websocket is
+    refused before the app hears of it."""
+    app_port, proxy_port = free_port(), free_port()
+    store, app, policy, client_tls = rig(tmp_path, app_port, proxy_port, websockets=True)
+    log = MemoryLog()
+
+    async def run():
+        H2cApp.tunnelled = []
+        server = await asyncio.get_running_loop().create_server(H2cApp, "127.0.0.1", app_port)
+        service = AppsService(policy, store, decision_log=log)
+        await service.start()
+        session = service.sessions.create(app, SignIn("bob", "bob", "Bob", (), "t"), 600)
+        cookie = service.sealer.seal(session.sid, HOST, session.expires)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port, ssl=client_tls, server_hostname=HOST)
+            writer.write(b"GET / HTTP/1.1\r\nHost: %s\r\nCookie: __Host-skyguard-session=%s\r\n"
+                         b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA"
+                         b"\r\n\r\n" % (HOST.encode(), cookie.encode()))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            try:
+                writer.write(b"GET /admin HTTP/1.1\r\nHost: %s\r\nX-Forwarded-For: 203.0.113.9\r\n\r\n" % HOST.encode())
+                await asyncio.wait_for(reader.read(), 3)
+            except (ConnectionError, TimeoutError):
+                pass
+            writer.close()
+            await asyncio.sleep(0.1)
+            return head.split(b"\r\n")[0], H2cApp.tunnelled
+        finally:
+            await service.stop()
+            server.close()
+
+    status, tunnelled = asyncio.run(run())
+    assert status == b"HTTP/1.1 403 Forbidden" and tunnelled == []
+    assert "upgrade_not_websocket" in [e["reason"] for e in log.of_kind("apps_refused")]
