@@ -37,7 +37,9 @@ CALLBACK = PREFIX + "callback"
 LOGOUT = PREFIX + "logout"
 _PREFIX = PREFIX.encode("latin-1")  # request targets stay bytes (latin-1: one byte per character)
 REASONS = {200: b"OK", 302: b"Found", 303: b"See Other", 400: b"Bad Request", 403: b"Forbidden",
-           405: b"Method Not Allowed", 421: b"Misdirected Request", 502: b"Bad Gateway", 503: b"Service Unavailable"}
+           405: b"Method Not Allowed", 413: b"Content Too Large", 421: b"Misdirected Request",
+           431: b"Request Header Fields Too Large", 501: b"Not Implemented", 502: b"Bad Gateway",
+           503: b"Service Unavailable", 505: b"HTTP Version Not Supported"}
 # Why a request cannot be decided at once (Checks.check's "wait" outcomes).
 SIGN_IN, RECHECK, CALLBACK_STEP = "sign_in", "recheck", "callback"
 _PORT = re.compile(r"[0-9]{0,5}")  # after the Host's name (empty: RFC 3986 allows "host:")

@@ -34,6 +34,7 @@ from skyguard.apps.gate import Checks, Reply
 from skyguard.apps.sessions import LOGIN_COOKIE, SESSION_COOKIE, sets_our_cookie, without_cookies
 from skyguard.apps.upstream import AppSide
 from skyguard.credproxy.http1 import (
+    BODY,
     HEAD,
     IDLE,
     ProtocolRefusal,
@@ -58,6 +59,9 @@ CONNECT_TIMEOUT = 5.0  # seconds to reach the app in its VM
 WATCHDOG_PERIOD = 1.0  # seconds between a connection's timeout checks (timeouts fire up to this late)
 MAX_NAMES_REMEMBERED = 64  # header names whose verdict a connection keeps (_clients_own)
 MAX_PIPELINED = 2  # whole requests read ahead of the one being answered; reading pauses beyond
+# Bytes of body a request without a session may bring (a form posted after the session ended):
+# it is answered with the sign-in redirect anyway, so a longer one is refused (413), not held.
+MAX_UNSIGNED_BODY = 64 * 1024
 # Request headers a client may never hand the app: httpheaders.FORWARDED (apps read the client's
 # address, scheme, host or path prefix from them; the proxy writes some of them itself), and
 # the identity header, compared the same way (`_` as `-`).
@@ -107,6 +111,7 @@ class AppConnection(Checks, asyncio.Protocol):
         self._on_timeout: Any = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._head_of, self._head_due = 0, 0.0  # the message whose head is awaited, and its deadline
+        self._body_of, self._unsigned_body = 0, False  # the message whose body is awaited; without a session?
         self._counted = False  # holds one of its address's connections (gate.clients)
 
     # ---- the client's side (asyncio.Protocol) --------------------------------------------
@@ -151,6 +156,8 @@ class AppConnection(Checks, asyncio.Protocol):
             log.exception("app %s: connection failed", self.app_name)
             self._close()
             return
+        if self.requests.state is BODY and self._body_of != self.requests.messages_begun:
+            self._body_coming()
         if not self._busy:
             self._await_client()
         if len(self.requests.complete) >= MAX_PIPELINED:
@@ -286,6 +293,21 @@ class AppConnection(Checks, asyncio.Protocol):
     def _wait(self, seconds: float, on_timeout) -> None:
         self._deadline, self._on_timeout = self._loop.time() + seconds, on_timeout
 
+    def _body_coming(self) -> None:
+        """A request's body spans reads. Without a session the answer is the sign-in redirect
+        whatever the body: a long one is refused now (413) rather than held, and the whole
+        request must come within header_timeout (_await_client), so a client that has not
+        signed in cannot make the proxy keep bodies."""
+        self._body_of = self.requests.messages_begun
+        head = self.requests.head
+        self._unsigned_body = self.gate.session_for(self.app, head)[0] is None
+        if not self._unsigned_body:
+            return
+        lengths = [v for n, v in head if n == b"content-length"]
+        if not lengths or int(lengths[0]) > MAX_UNSIGNED_BODY:  # chunked, or too long to hold
+            self._refusal = ProtocolRefusal(413, "sign in before sending a body this long")
+            self._pause_reading()
+
     def _await_client(self) -> None:
         """Wait for what the client owes: the rest of a head within header_timeout of its first
         byte (a byte now and then does not extend it: slowloris), a body's next bytes within
@@ -293,7 +315,7 @@ class AppConnection(Checks, asyncio.Protocol):
         reader = self.requests
         if reader.state is IDLE:
             self._wait(LIMITS.idle_timeout, self._idle_too_long)
-        elif reader.state is HEAD:
+        elif reader.state is HEAD or self._unsigned_body:  # the body of a request without a session too
             if self._head_of != reader.messages_begun:  # a new head began in this read
                 self._head_of = reader.messages_begun
                 self._head_due = self._loop.time() + LIMITS.header_timeout

@@ -121,6 +121,12 @@ class RequestReader:
         self._head_size = 0  # request line and headers (and trailers) parsed so far
         self.head_reads = 0
 
+    @property
+    def head(self) -> list[tuple[bytes, bytes]]:
+        """The headers of the message being read (in state BODY: its body is still coming),
+        names lower-case as in the HttpRequests this reader makes."""
+        return self._headers
+
     def feed(self, data: bytes) -> None:
         begun = self.messages_begun
         try:

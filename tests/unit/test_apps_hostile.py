@@ -311,3 +311,54 @@ def test_only_websocket_upgrades_reach_the_app(tmp_path):
     status, tunnelled = asyncio.run(run())
     assert status == b"HTTP/1.1 403 Forbidden" and tunnelled == []
     assert "upgrade_not_websocket" in [e["reason"] for e in log.of_kind("apps_refused")]
+
+
+def test_a_client_not_signed_in_cannot_make_the_proxy_hold_a_body(tmp_path, monkeypatch):
+    """A request without a session is answered with the sign-in redirect whatever its body, yet
+    the proxy used to read that body first: up to 1 MiB each (three per connection while the
+    client reads no answers), at one byte per body_read_timeout if the client liked. Now a body
+    longer than MAX_UNSIGNED_BODY on a request without a session is refused at once (413), and
+    such a request must be whole within header_timeout of its first byte. A signed-in upload
+    sent in pieces still passes."""
+    from skyguard.apps import proxy
+
+    monkeypatch.setattr(proxy, "LIMITS", dataclasses.replace(proxy.LIMITS, header_timeout=1.0, body_read_timeout=5.0))
+    monkeypatch.setattr(proxy, "WATCHDOG_PERIOD", 0.1)
+    app_port, proxy_port = free_port(), free_port()
+    store, app, policy, client_tls = rig(tmp_path, app_port, proxy_port)
+
+    async def run():
+        server = await asyncio.get_running_loop().create_server(TheApp, "127.0.0.1", app_port)
+        service = AppsService(policy, store, decision_log=MemoryLog())
+        await service.start()
+        session = service.sessions.create(app, SignIn("bob", "bob", "Bob", (), "t"), 600)
+        cookie = service.sealer.seal(session.sid, HOST, session.expires)
+
+        async def post(length: int, pieces: list[bytes], signed: bool, pace: float = 0.01):
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port, ssl=client_tls, server_hostname=HOST)
+            cookies = f"Cookie: __Host-skyguard-session={cookie}\r\n" if signed else ""
+            writer.write(f"POST /upload HTTP/1.1\r\nHost: {HOST}\r\n{cookies}Content-Length: {length}\r\n\r\n".encode())
+            for piece in pieces:
+                await asyncio.sleep(pace)
+                if reader.at_eof():
+                    break
+                writer.write(piece)
+            try:
+                answer = await asyncio.wait_for(reader.readline(), 3)  # b"": closed without an answer
+            except TimeoutError:
+                answer = b"(no answer yet)"
+            writer.close()
+            return answer.rstrip(b"\r\n")
+
+        try:
+            return (await post(1_000_000, [], signed=False),  # the head, then the client waits
+                    await post(40, [b"a"] * 40, signed=False, pace=0.25),  # 10 s of body
+                    await post(200_000, [b"a" * 20_000] * 10, signed=True))
+        finally:
+            await service.stop()
+            server.close()
+
+    big, trickled, signed = asyncio.run(run())
+    assert big.startswith(b"HTTP/1.1 413 ")
+    assert trickled == b""  # closed before the 10 s it took to send
+    assert signed == b"HTTP/1.1 200 OK"
