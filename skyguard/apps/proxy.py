@@ -9,7 +9,7 @@ forwarding headers (any of them spelt with `_` for `-` too) and skyguard's own c
 reach the app; skyguard's cookies set by the app never reach the client, in any answer (a 101's
 head is read whole and filtered too, before the splice). Bodies are buffered whole, within
 ProxyLimits; a head must be whole within header_timeout of its first byte, and one client
-address holds at most the gate's share of connections. Requests are answered one at a time, in
+address holds at most the gate's share of connections that carried no signed-in request. Requests are answered one at a time, in
 order (pipelined ones wait, and reading pauses past MAX_PIPELINED). Bytes that came in the same
 read as an upgrade request, after it, are dropped (WebSocket clients wait for the 101), and so
 are those that come before the app's 101; an app that answers an upgrade request with anything
@@ -112,7 +112,7 @@ class AppConnection(Checks, asyncio.Protocol):
         self._watchdog: asyncio.TimerHandle | None = None
         self._head_of, self._head_due = 0, 0.0  # the message whose head is awaited, and its deadline
         self._body_of, self._unsigned_body = 0, False  # the message whose body is awaited; without a session?
-        self._counted = False  # holds one of its address's connections (gate.clients)
+        self._counted = False  # holds one of its address's connections not signed in (gate.clients)
 
     # ---- the client's side (asyncio.Protocol) --------------------------------------------
 
@@ -169,9 +169,7 @@ class AppConnection(Checks, asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self._closed = True
-        if self._counted:
-            self._counted = False
-            self.gate.clients.release(self.client)
+        self._uncount()
         if self._watchdog is not None:
             self._watchdog.cancel()
         if self._splice_done is not None and not self._splice_done.done():
@@ -405,7 +403,17 @@ class AppConnection(Checks, asyncio.Protocol):
         if side is not None:
             side.close()
 
+    def _uncount(self) -> None:
+        """This connection no longer counts against its address: it closed, or it carried a
+        signed-in request (people behind one NAT share an address; the cap is for connections
+        nobody signed in on)."""
+        if self._counted:
+            self._counted = False
+            self.gate.clients.release(self.client)
+
     def _forward(self, request: HttpRequest, session, keep: bool) -> None:
+        if self._counted:
+            self._uncount()
         self._busy = True
         try:
             data = serialise_request(request, self._headers_for_app(request, session))
@@ -499,6 +507,7 @@ class AppConnection(Checks, asyncio.Protocol):
                 self._write(outcome.wire(request.method, False))
                 return
             session = outcome
+            self._uncount()
             refusal = self.upgrade_refusal(request, session)
             if refusal is not None:
                 self._write(refusal.wire(request.method, False))

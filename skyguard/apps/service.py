@@ -40,9 +40,10 @@ log = logging.getLogger(__name__)
 COOKIE_KEY = "apps-cookie-key"  # the session cookie's key in the sealed store (32 random bytes)
 HOUSEKEEPING_PERIOD = 1.0  # seconds between sweeps: expiry, and re-checks of sessions with WebSockets
 HANDSHAKE_TIMEOUT = 10.0
-# Open client connections per client address, across all apps: each costs descriptors the whole
-# daemon shares (DNS and the credential proxy too), so one address must not take them all;
-# people behind one NAT share it (a browser opens about six per host).
+# Open client connections per client address, across all apps, until they carry a signed-in
+# request: each costs descriptors the whole daemon shares (DNS and the credential proxy too), so
+# an address nobody signed in from must not take them all. People behind one NAT share an
+# address: signed-in connections do not count.
 MAX_CONNECTIONS_PER_CLIENT = 256
 
 
@@ -62,7 +63,7 @@ class AppsService:
     def __init__(self, policy: Policy, secrets, *, decision_log, registry=None, ca_file: str | None = None,
                  max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT):
         self.policy = policy
-        self.clients = Slots(max_connections_per_client)  # open connections per client address
+        self.clients = Slots(max_connections_per_client)  # per client address: connections not signed in
         self.secrets = secrets
         self.log = decision_log
         self.ca_file = ca_file
