@@ -33,6 +33,10 @@ class DnsMetrics:
                                   registry=r)
         self.learn_failures = Counter("skyguard_dns_learn_failures",
                                       "Answers withheld because the datapath refused", registry=r)
+        self.cache_hits = Counter("skyguard_dns_cache_hits", "Queries answered from the "
+                                  "VM's answer cache (not sent upstream)", registry=r)
+        self.cache_misses = Counter("skyguard_dns_cache_misses", "Allowed queries the answer "
+                                    "cache did not hold (sent upstream)", registry=r)
         self.dropped = Counter("skyguard_dns_dropped", "Queries dropped unanswered by reason",
                                ["reason"], registry=r)
         self.latency = Histogram("skyguard_dns_latency_seconds", "Query to answer time",

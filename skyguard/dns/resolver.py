@@ -15,7 +15,10 @@ unless the rule says allow_private) unless a rule names their network, caps addr
 name, calls the Learner synchronously and only then returns the bytes to release. If the Learner
 raises, the VM gets SERVFAIL and nothing else: fail closed.
 
-Not a cache, a recursive resolver, or a transport. One event loop owns one (not thread-safe).
+An allowed question the VM's answer cache (answercache.py) holds is not forwarded: decide()
+returns a forward whose `cached` reply the server feeds to answer() at once, so a hit takes the
+same path (policy re-check, learning, logging) as an upstream reply, with TTLs aged.
+Not a recursive resolver or a transport. One event loop owns one (not thread-safe).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from skyguard.dns import rebinding, wire
+from skyguard.dns.answercache import AnswerCache
 from skyguard.dns.interfaces import DecisionLog, Learner, WorkloadDirectory
 from skyguard.dns.learned import MAX_IPS_PER_NAME, LearnedStore
 from skyguard.dns.metrics import DnsMetrics
@@ -73,6 +77,7 @@ class Decision:
     # For a forward: the client's question as the VM wrote it (its letter case), uncompressed;
     # what its answer carries, while upstream_query asks it in a random case (DNS 0x20).
     client_question: bytes = b""
+    cached: bytes = b""  # for a forward: the cached upstream reply to answer() with, if a hit
 
 
 @dataclass
@@ -105,6 +110,7 @@ class DnsPolicyResolver:
         self.set_host_addresses(host_addresses)
         self.detector = detector if detector is not None else TunnelDetector()
         self._children: dict[tuple[str, str], tuple] = {}
+        self.cache = AnswerCache(self.metrics)
         self.set_policy(policy)
 
     def set_host_addresses(self, host_addresses) -> None:
@@ -118,6 +124,7 @@ class DnsPolicyResolver:
         learned after the swap."""
         self.policy = policy
         self.dns = policy.dns
+        self.cache.clear()  # hits are decided again anyway; this drops the old upstreams' answers
         self.refuse_rcode = wire.RCODE_NXDOMAIN if policy.dns.refuse_with == "nxdomain" \
             else wire.RCODE_REFUSED
         self._fqdn_rules: dict[str, tuple[list[Rule], list[Rule]]] = {}
@@ -243,9 +250,14 @@ class DnsPolicyResolver:
         upstream += wire.random_case(client_question[:-4]) + client_question[-4:]
         if edns is not None:
             upstream += _OPT_FIXED.pack(0, wire.QTYPE_OPT, UPSTREAM_EDNS_SIZE, 0, 0)
-        return Decision("forward", "allowed", reason, upstream_query=upstream,
-                        upstream_id=upstream_id, rules=matching, tunnel=tunnel,
-                        policy=self.policy, client_question=client_question, **base)
+        decision = Decision("forward", "allowed", reason, upstream_query=upstream,
+                            upstream_id=upstream_id, rules=matching, tunnel=tunnel,
+                            policy=self.policy, client_question=client_question, **base)
+        hit = self.cache.lookup((workload, zone), AnswerCache.key(question, upstream), now)
+        if hit is not None:  # the reply and the upstream query it matched (ID and case)
+            decision.cached, decision.upstream_query = hit
+            decision.upstream_id = wire.parse_header(decision.upstream_query).id
+        return decision
 
     def _match(self, zone: str, name: str) -> tuple[str, str, tuple[Rule, ...]]:
         """(verdict, reason, allow rules naming it) for name in zone; cached per policy."""
@@ -319,6 +331,10 @@ class DnsPolicyResolver:
             records = wire.read_records(reply, header, question.end)
         except wire.WireError as e:
             return Answer(reply=self.fail(decision, "malformed", f"upstream reply: {e}"))
+        if not decision.cached:  # a replayed hit is never stored again (that would extend it)
+            self.cache.store((decision.workload, decision.zone),
+                             AnswerCache.key(question, decision.upstream_query), reply,
+                             decision.upstream_query, records, self.dns.min_ttl, self.dns.max_ttl, now)
         return self._release(decision, reply, header, question, records, now, wall)
 
     def _still_allowed(self, decision: Decision) -> bool:
@@ -447,7 +463,7 @@ class DnsPolicyResolver:
             self.metrics.rebinding.labels(decision.zone).inc(len(stripped))
         if strip:
             try:
-                out = bytearray(_without_records(bytes(out), strip))
+                out = bytearray(wire.without_records(bytes(out), strip))
             except Exception:  # noqa: BLE001 - dnslib cannot re-encode a hostile upstream reply
                 return Answer(reply=self.fail(decision, "malformed-upstream",
                                               "upstream reply could not be re-encoded without stripped records"))
@@ -571,25 +587,6 @@ def _query_like(decision: Decision) -> bytes:
 def _question_bytes(question: wire.Question) -> bytes:
     out = b"".join(bytes([len(label)]) + label for label in question.labels) + b"\x00"
     return out + struct.pack("!HH", question.qtype, question.qclass)
-
-
-def _without_records(reply: bytes, indexes: list[int]) -> bytes:
-    """Slow path (rare): drop records by their index over all sections (answer, authority,
-    additional, in wire order) and re-encode with dnslib, because removing bytes in place would
-    break compression pointers into the removed records."""
-    from dnslib import DNSRecord  # imported here: the fast path never needs it
-
-    record = DNSRecord.parse(reply)
-    drop = set(indexes)
-    sections = (record.rr, record.auth, record.ar)
-    position = 0
-    kept = []
-    for section in sections:
-        kept.append([rr for i, rr in enumerate(section, position) if i not in drop])
-        position += len(section)
-    record.rr, record.auth, record.ar = kept
-    record.header.a, record.header.auth, record.header.ar = (len(x) for x in kept)
-    return record.pack()
 
 
 def fit_udp(decision: Decision, reply: bytes) -> bytes:

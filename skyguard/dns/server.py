@@ -25,7 +25,8 @@ UPSTREAM_TIMEOUT from any upstream: SERVFAIL, counted.
 
 Fail closed: if this process dies, nothing answers the VMs (the steering keeps sending their
 queries here), and flows already allowed keep flowing because the datapath holds them.
-Not a resolver, not a cache. One event loop owns a server; it is not thread-safe.
+A question the VM's answer cache holds (decision.cached) is answered from it, never sent.
+Not a resolver. One event loop owns a server; it is not thread-safe.
 """
 
 from __future__ import annotations
@@ -317,6 +318,13 @@ class DnsServer:
     def _forward(self, decision: Decision, on_done) -> None:
         client_ip = decision.client_ip
         self._inflight[client_ip] = self._inflight.get(client_ip, 0) + 1
+        if decision.cached:  # the resolver's answer cache held it: no upstream query
+            try:  # answer() matched these bytes (never truncated ones) when they were stored
+                self._release(decision, on_done, self.resolver.answer(decision, decision.cached))
+            except Exception as e:  # noqa: BLE001 - a bug costs one answer, never the listener
+                self._finish(decision, on_done, self.resolver.fail(
+                    decision, "internal", f"internal error: {type(e).__name__}"))
+            return
         upstreams = self.upstreams
         if not upstreams:  # backstop: the resolver refuses before forwarding in this case
             self._finish(decision, on_done, self.resolver.fail(decision, "no-upstream",

@@ -246,3 +246,22 @@ def truncated_reply(reply: bytes, question_end: int) -> bytes:
     header = parse_header(reply)
     flags = header.flags | FLAG_TC
     return _HEADER.pack(header.id, flags, 1, 0, 0, 0) + reply[HEADER_LEN:question_end]
+
+
+def without_records(reply: bytes, indexes: list[int]) -> bytes:
+    """Slow path (rare): drop records by their index over all sections (answer, authority,
+    additional, in wire order) and re-encode with dnslib, because removing bytes in place would
+    break compression pointers into the removed records."""
+    from dnslib import DNSRecord  # imported here: the fast path never needs it
+
+    record = DNSRecord.parse(reply)
+    drop = set(indexes)
+    sections = (record.rr, record.auth, record.ar)
+    position = 0
+    kept = []
+    for section in sections:
+        kept.append([rr for i, rr in enumerate(section, position) if i not in drop])
+        position += len(section)
+    record.rr, record.auth, record.ar = kept
+    record.header.a, record.header.auth, record.header.ar = (len(x) for x in kept)
+    return record.pack()

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -107,13 +108,23 @@ def namespaces(root):
 
 class LabAuthority(BaseResolver):
     """Answers every name under .test with an A and AAAA derived from the name, plus a few
-    special names the tests need."""
+    special names the tests need. Counts the queries it gets per name: a TXT query for
+    `<name>.count.stats` (asked directly, not through the proxy) answers how many came for name."""
+
+    seen: Counter = Counter()  # one for the UDP and the TCP server
 
     def resolve(self, request, handler):
         reply = request.reply()
         name = str(request.q.qname).rstrip(".").lower()
         qtype = QTYPE[request.q.qtype]
-        if name == "alias.test":
+        if name.endswith(".count.stats"):
+            count = self.seen[name.removesuffix(".count.stats")]
+            reply.add_answer(RR(name, QTYPE.TXT, rdata=TXT(str(count)), ttl=0))
+            return reply
+        self.seen[name] += 1
+        if name.startswith("long.") and name.endswith(".cache.test"):
+            reply.add_answer(RR(name, QTYPE.A, rdata=A("203.0.113.60"), ttl=60))
+        elif name == "alias.test":
             reply.add_answer(RR("alias.test", QTYPE.CNAME, rdata=CNAME("hop.test"), ttl=60))
             reply.add_answer(RR("hop.test", QTYPE.CNAME, rdata=CNAME("target.test"), ttl=60))
             reply.add_answer(RR("target.test", QTYPE.A, rdata=A("203.0.113.77"), ttl=60))
@@ -562,6 +573,39 @@ def test_a_restart_with_an_edited_policy_drops_learned_state_of_removed_rules(up
             "  - {name: other, from: apps, to: {fqdns: [x.test]}, ports: [tcp/443]}\n"))
         assert dropped == {"rule-gone": 1}
         assert not service.proxy.store.answered("allowed.test", answers(text)[0], time.time())
+
+
+def upstream_count(name: str) -> int:
+    """Queries the upstream got for name (asked of it directly, from its own namespace)."""
+    out = in_ns(NS_UP, "dig", f"@{UP_IP}", "+tries=1", "+time=5", "+short", f"{name}.count.stats",
+                "TXT")
+    return int(out.stdout.strip().strip('"'))
+
+
+def test_a_repeated_question_is_answered_from_the_vms_cache_until_its_ttl_or_a_policy_change(
+        upstream, tmp_path):
+    # On main every repeat went upstream: a VM choosing among names it had resolved already
+    # under a base it controls (TTL 0 answers) sent log2(names) bits per query, uncounted.
+    rule = "  - {name: c, from: apps, to: {fqdns: ['**.cache.test']}, ports: [tcp/443]}\n"
+    dns = f"dns: {{upstreams: [{UP_IP}], min_ttl: 1}}"
+    with ServiceThread(yaml_policy(rule, dns=dns), tmp_path) as service:
+        for args in (("long.a.cache.test",), ("LONG.a.Cache.test",), ("+tcp", "long.a.cache.test")):
+            status, text = dig(*args)
+            assert status == "NOERROR" and answers(text) == ["203.0.113.60"], text
+        assert upstream_count("long.a.cache.test") == 1
+        # each hit was decided and learned again: the datapath holds what the VM gets
+        assert [c["ips"] for c in service.learner.calls] == [["203.0.113.60"]] * 3
+        metrics = service.proxy.metrics.registry
+        assert metrics.get_sample_value("skyguard_dns_cache_hits_total") == 2
+        # TTL 1 (the floor here): after it, the question goes upstream again
+        assert dig("short.cache.test")[0] == "NOERROR"
+        time.sleep(2.5)
+        assert dig("short.cache.test")[0] == "NOERROR"
+        assert upstream_count("short.cache.test") == 2
+        # the rule goes: the cached name is refused at once, and nothing went upstream
+        service.swap(yaml_policy(dns=dns))
+        assert dig("long.a.cache.test")[0] == "REFUSED"
+        assert upstream_count("long.a.cache.test") == 1
 
 
 class PortHolder:

@@ -44,6 +44,10 @@ def one_input(resolver, data: bytes) -> None:
         resolver.decide(data[1:], CLIENT)
         return
     decision = resolver.decide(SEED_QUERY, CLIENT)
+    if decision.cached:  # an earlier input's reply, from the answer cache: replay it, then ask anew
+        resolver.answer(decision, decision.cached)
+        resolver.cache.clear()
+        decision = resolver.decide(SEED_QUERY, CLIENT)
     if decision.action != "forward":
         return
     reply = data[1:]
