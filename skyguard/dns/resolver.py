@@ -223,7 +223,7 @@ class DnsPolicyResolver:
         tunnel = None
         action = self.dns.tunnel_detection.action
         if action != "off":
-            tunnel = self.detector.observe(workload, list(question.labels), qtype, now)
+            tunnel = self.detector.observe(workload, list(question.labels), qtype, now, blocking=action == "block")
             if tunnel.detected:
                 self.metrics.detections.labels(zone, action).inc()
             if action == "block" and (tunnel.detected or tunnel.flagged):

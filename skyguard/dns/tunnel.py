@@ -177,6 +177,16 @@ class _Budget:
             return 1.0
         return 0.0
 
+    def refund(self, base: str, sub: bytes) -> None:
+        """A name just charged was refused: nothing went out, so it is not seen either (else,
+        asked again once its base's flag lapses, it would pass free)."""
+        entry = self.names.pop((base, sub), None)
+        if entry is not None:
+            self.total -= entry[1]
+            self.per_base[base] -= 1
+            if self.per_base[base] <= 0:
+                del self.per_base[base]
+
 
 class TunnelDetector:
     """Keeps per-VM, per-base-domain history. Not thread-safe: one event loop owns it."""
@@ -205,7 +215,7 @@ class TunnelDetector:
             bases.move_to_end(base)
         return window
 
-    def observe(self, vm: str, labels: list[bytes], qtype: int, now: float) -> Verdict:
+    def observe(self, vm: str, labels: list[bytes], qtype: int, now: float, blocking: bool = False) -> Verdict:
         joined = b".".join(labels)
         cached = self._name_cache.get((joined, qtype))
         if cached is None:
@@ -217,10 +227,11 @@ class TunnelDetector:
             self._name_cache[(joined, qtype)] = cached
         name_parts, sub, base, bits = cached
         parts = dict(name_parts)
+        charged = None
         if sub:
-            over = self._budget(vm).spend(base, sub, bits, now)
-            if over:
-                parts["vm_budget"] = over
+            charged = self._budget(vm).spend(base, sub, bits, now)
+            if charged:
+                parts["vm_budget"] = charged
         window = self._window(vm, base)
         while window.seen and window.seen[0][0] < now - WINDOW_SECONDS:
             _, old = window.seen.popleft()
@@ -245,6 +256,8 @@ class TunnelDetector:
         flagged = window.flagged_until > now
         if detected:
             window.flagged_until = now + FLAG_SECONDS
+        if blocking and (detected or flagged) and charged is not None:
+            self._budget(vm).refund(base, sub)
         return Verdict(score, parts, base, detected, flagged and not detected)
 
     def _budget(self, vm: str) -> _Budget:
