@@ -62,7 +62,9 @@ class SftpRequestWatcher:
 #
 # Holding, not streaming: a file opened for writing under a content rule gets its WRITEs answered
 # here (status OK) and kept, bounded by content.max_inspect_bytes; at its CLOSE the whole file is
-# judged (skyguard/content). Allowed: the WRITEs are replayed to the VM (their answers swallowed,
+# judged (skyguard/content). Allowed: the file is truncated through its handle (so it holds the
+# judged image only, whatever another handle to it wrote meanwhile) and the WRITEs are replayed to
+# the VM (their answers swallowed,
 # a failure among them turns the CLOSE's answer into a failure), then the CLOSE goes on. Blocked:
 # the VM's handle is closed and the file (created empty by the OPEN) removed, by requests of our
 # own, and once the removal is answered the operator's CLOSE is answered PERMISSION_DENIED. So a blocked file
@@ -75,9 +77,10 @@ class SftpRequestWatcher:
 # writing into a file) is refused, as the judged bytes would not be the file's.
 
 SSH_FXP_INIT, SSH_FXP_VERSION = 1, 2
-SSH_FXP_OPEN, SSH_FXP_CLOSE, SSH_FXP_WRITE, SSH_FXP_REMOVE = 3, 4, 6, 13
+SSH_FXP_OPEN, SSH_FXP_CLOSE, SSH_FXP_WRITE, SSH_FXP_FSETSTAT, SSH_FXP_REMOVE = 3, 4, 6, 10, 13
 SSH_FXP_STATUS, SSH_FXP_HANDLE = 101, 102
 SSH_FX_OK, SSH_FX_FAILURE, SSH_FX_PERMISSION_DENIED = 0, 4, 3
+SSH_FILEXFER_ATTR_SIZE = 0x01
 SSH_FXF_WRITE, SSH_FXF_APPEND, SSH_FXF_CREAT, SSH_FXF_TRUNC, SSH_FXF_EXCL = 0x02, 0x04, 0x08, 0x10, 0x20
 _NEW_FILE = SSH_FXF_CREAT | SSH_FXF_EXCL  # created by this OPEN, so empty
 _OWN_IDS = 0xF0000000  # request ids skyguard sends on the operator's behalf (clients count up from 0)
@@ -279,7 +282,11 @@ class SftpUploadFilter:
         if self.metrics is not None and verdict is not None:
             self.metrics.count(self.zone, "sftp", verdict)
         if verdict is None or not verdict.blocked:
-            to_vm = bytearray()
+            # The file is cut to nothing through this handle first: another handle to it (of this
+            # channel or another) may have written bytes since this OPEN truncated it, and the
+            # file the VM keeps must be the image judged, not it merged with other halves.
+            to_vm = bytearray(_packet(SSH_FXP_FSETSTAT, self._own_id(handle), _sftp_string(handle),
+                                      struct.pack(">IQ", SSH_FILEXFER_ATTR_SIZE, 0)))
             for offset, chunk in held.writes:
                 to_vm += _packet(SSH_FXP_WRITE, self._own_id(handle), _sftp_string(handle), struct.pack(">Q", offset),
                                  _sftp_string(chunk))

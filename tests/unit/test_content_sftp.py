@@ -304,3 +304,35 @@ def test_a_reused_request_id_does_not_unhold_a_write_handle(rig):
     path = rig / "vm" / "reused.txt"
     assert not path.exists() or KEY not in path.read_bytes()
 
+
+
+def _handle(client: RawSftp, request_id: int, path: bytes, pflags: int) -> bytes | None:
+    """OPEN `path` with `pflags`: its handle, or None when refused."""
+    client.send_raw(client.packet(3, request_id, client.string(path), client.struct.pack(">II", pflags, 0)))
+    answer = client.recv()
+    if answer is None or answer[0] != 102:
+        return None
+    return answer[9:9 + int.from_bytes(answer[5:9], "big")]
+
+
+def test_two_handles_to_one_file_cannot_each_carry_half_of_it(rig):
+    """Each handle's bytes alone are harmless; the file both leave on the VM must not be."""
+    half = KEY.index(b"EFGH")
+    path = rig / "vm" / "two-handles.txt"
+    client = RawSftp(rig)
+    try:
+        first = _handle(client, 1, str(path).encode(), 0x02 | 0x08 | 0x10)  # WRITE|CREAT|TRUNC
+        second = _handle(client, 2, str(path).encode(), 0x02 | 0x10)  # WRITE|TRUNC, the same file
+        for request_id, handle, offset, data in ((3, first, 0, KEY[:half]), (4, second, half, KEY[half:])):
+            if handle is not None:
+                client.send_raw(client.packet(6, request_id, client.string(handle), client.struct.pack(">Q", offset),
+                                              client.string(data)))
+                client.recv()
+        for request_id, handle in ((5, first), (6, second)):
+            if handle is not None:
+                client.send_raw(client.packet(4, request_id, client.string(handle)))
+                client.recv()
+    finally:
+        client.close()
+    assert not path.exists() or KEY not in path.read_bytes()
+
