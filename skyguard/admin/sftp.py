@@ -74,16 +74,25 @@ class SftpRequestWatcher:
 # VM holds nothing before), and an upload larger than the inspection buffer is refused (its WRITE
 # fails) rather than streamed unscanned. A file is opened for writing only to be written whole
 # (truncated, or created new): an OPEN that appends or keeps the file's bytes (`reput`, sshfs
-# writing into a file) is refused, as the judged bytes would not be the file's.
+# writing into a file) is refused, as the judged bytes would not be the file's; so are extended
+# requests that may write (copy-data@openssh.com: PASSED_EXTENSIONS lists those passed).
 
 SSH_FXP_INIT, SSH_FXP_VERSION = 1, 2
 SSH_FXP_OPEN, SSH_FXP_CLOSE, SSH_FXP_WRITE, SSH_FXP_FSETSTAT, SSH_FXP_REMOVE = 3, 4, 6, 10, 13
-SSH_FXP_STATUS, SSH_FXP_HANDLE = 101, 102
-SSH_FX_OK, SSH_FX_FAILURE, SSH_FX_PERMISSION_DENIED = 0, 4, 3
+SSH_FXP_STATUS, SSH_FXP_HANDLE, SSH_FXP_EXTENDED = 101, 102, 200
+SSH_FX_OK, SSH_FX_FAILURE, SSH_FX_PERMISSION_DENIED, SSH_FX_OP_UNSUPPORTED = 0, 4, 3, 8
 SSH_FILEXFER_ATTR_SIZE = 0x01
 SSH_FXF_WRITE, SSH_FXF_APPEND, SSH_FXF_CREAT, SSH_FXF_TRUNC, SSH_FXF_EXCL = 0x02, 0x04, 0x08, 0x10, 0x20
 _NEW_FILE = SSH_FXF_CREAT | SSH_FXF_EXCL  # created by this OPEN, so empty
 _OWN_IDS = 0xF0000000  # request ids skyguard sends on the operator's behalf (clients count up from 0)
+# Extended requests (OpenSSH's) passed to the VM under content rules: none writes a file's bytes.
+# Any other is refused, copy-data@openssh.com first: it copies bytes between two handles on the
+# VM, so a file opened for writing would get bytes no content rule saw (two harmless uploads
+# copied into one), and they stay there if the channel ends without the CLOSE that judges it.
+PASSED_EXTENSIONS = frozenset({b"posix-rename@openssh.com", b"statvfs@openssh.com", b"fstatvfs@openssh.com",
+                               b"hardlink@openssh.com", b"fsync@openssh.com", b"lsetstat@openssh.com",
+                               b"limits@openssh.com", b"expand-path@openssh.com", b"home-directory",
+                               b"users-groups-by-id@openssh.com"})
 MAX_HELD_FILES = 64  # files held open for judging at once, per channel
 MAX_IN_FLIGHT = 1 << 16  # operator requests the VM has not answered yet, per channel
 
@@ -203,6 +212,11 @@ class SftpUploadFilter:
                     raise SftpProtocolError(f"request id {request_id} reused while in flight")
                 if len(self._in_flight) >= MAX_IN_FLIGHT:
                     raise SftpProtocolError(f"more than {MAX_IN_FLIGHT} requests unanswered")
+            if kind == SSH_FXP_EXTENDED and _string(packet, 5)[0] not in PASSED_EXTENSIONS:
+                to_operator += status_packet(request_id, SSH_FX_OP_UNSUPPORTED,
+                                             "skyguard: uploads here are judged by content rules: "
+                                             "this extended request is not passed")
+                continue
             if kind in (SSH_FXP_OPEN, SSH_FXP_WRITE, SSH_FXP_CLOSE):
                 if kind == SSH_FXP_OPEN:
                     path, at = _string(packet, 5)

@@ -336,3 +336,27 @@ def test_two_handles_to_one_file_cannot_each_carry_half_of_it(rig):
         client.close()
     assert not path.exists() or KEY not in path.read_bytes()
 
+
+
+def test_copy_data_cannot_put_a_file_together_from_files_judged_apart(rig):
+    """OpenSSH's copy-data@openssh.com copies between two handles on the VM: two harmless uploads
+    into a third file opened for writing (held for judging) must not leave the whole key there,
+    not even when the channel ends without the CLOSE that judges it."""
+    half = KEY.index(b"EFGH")
+    for name, data in (("copy-a.txt", KEY[:half]), ("copy-b.txt", KEY[half:])):
+        assert put(rig, name, data).returncode == 0
+    target = rig / "vm" / "copied.txt"
+    client = RawSftp(rig)
+    try:
+        out = _handle(client, 1, str(target).encode(), 0x02 | 0x08 | 0x10)
+        sources = [_handle(client, 2 + i, str(rig / "vm" / name).encode(), 0x01)
+                   for i, name in enumerate(("copy-a.txt", "copy-b.txt"))]
+        for i, (source, offset) in enumerate(zip(sources, (0, half))):
+            if out is not None and source is not None:
+                client.send_raw(client.packet(200, 10 + i, client.string(b"copy-data"), client.string(source),
+                                              client.struct.pack(">QQ", 0, 0), client.string(out),
+                                              client.struct.pack(">Q", offset)))
+                client.recv()
+    finally:
+        client.close()  # no CLOSE: the channel just ends, the VM's sftp-server closes the handle
+    assert not target.exists() or KEY not in target.read_bytes()
