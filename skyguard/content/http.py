@@ -13,6 +13,11 @@ A body arrives de-chunked (the proxy's llhttp reader undoes Transfer-Encoding). 
   is read as RFC 2045 parameters are (so `xboundary=` or a quoted "boundary=" is not it), and a
   message with two Content-Type headers or two boundary parameters is refused: upstreams
   disagree on which one counts, and the form judged must be the form the upstream reads.
+- application/x-www-form-urlencoded: the body, and besides it every field name and value that has
+  percent-escapes or '+' to undo, undone (as the upstream's form parser hands them to the
+  application), each a file of its own: a file sent as a form field is judged as the file it is
+  (its type, its signatures), a key escaped in a field is still the key. Fields are split at both
+  '&' and ';' (parsers differ). More than MAX_PARTS such fields are refused.
 - anything else is one file: the decoded body.
 
 Not here: judging the files (inspector.py), moving bytes (the credential proxy).
@@ -23,6 +28,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from urllib.parse import unquote_to_bytes
 
 from skyguard.httpcodings import decode_body
 
@@ -45,9 +51,23 @@ def body_files(headers: Headers, body: bytes, limit: int) -> list[bytes]:
     if len(content_types) > 1:
         raise Uninspectable("more than one Content-Type header")
     content_type = content_types[0] if content_types else b""
-    if content_type.split(b";", 1)[0].strip().lower().startswith(b"multipart/"):
+    media_type = content_type.split(b";", 1)[0].strip().lower()
+    if media_type.startswith(b"multipart/"):
         return multipart_parts(content_type, body)
+    if media_type == b"application/x-www-form-urlencoded":
+        fields = form_fields(body)
+        if len(fields) > MAX_PARTS:
+            raise Uninspectable(f"more than {MAX_PARTS} escaped form fields")
+        return [body, *fields]
     return [body]
+
+
+def form_fields(data: bytes) -> list[bytes]:
+    """The names and values of a form body or query string as a form parser reads them, '+' and
+    percent-escapes undone: only those that had anything to undo (the others are in `data` as
+    they are)."""
+    return [unquote_to_bytes(piece.replace(b"+", b" ")) for field in re.split(rb"[&;]", data)
+            for piece in field.split(b"=", 1) if b"%" in piece or b"+" in piece]
 
 
 def decode_content(headers: Headers, body: bytes, limit: int) -> bytes:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from urllib.parse import unquote_to_bytes
 
-from skyguard.content.http import Uninspectable, body_files
+from skyguard.content.http import Uninspectable, body_files, form_fields
 from skyguard.content.inspector import PATTERN, UNINSPECTABLE, ContentEngine, ContentVerdict, inspect_bytes
 from skyguard.content.record import ContentMetrics, record_block
 
@@ -24,13 +25,14 @@ async def judge_body(engine: ContentEngine, facts, host: str | None, direction: 
                      decision_log, metrics: ContentMetrics, target: bytes | None = None) -> ContentVerdict | None:
     """The blocking verdict for this body, or None when it may pass. `facts` is the proxy's
     ConnectionFacts (zone, workload). A request's `target`, header names and header values are
-    held to the rules' patterns too (a key in a query string or a header name is an upload). Every verdict is counted; a
+    held to the rules' patterns too (a key in a query string or a header name is an upload), the
+    target also with its escapes undone. Every verdict is counted; a
     block is logged."""
     rules = engine.content.rules_for(facts.zone, direction, "http")
     if not rules:
         return None
     verdicts = []
-    rule = engine.pattern_hit(facts.zone, direction, "http", [target, *(v for _, v in headers)],
+    rule = engine.pattern_hit(facts.zone, direction, "http", [*_target_forms(target), *(v for _, v in headers)],
                               [n for n, _ in headers]) \
         if target is not None else None
     if rule is not None:
@@ -60,6 +62,13 @@ async def judge_body(engine: ContentEngine, facts, host: str | None, direction: 
     record_block(decision_log, verdict, zone=facts.zone, workload=facts.workload, protocol="http",
                  direction=direction, destination=host, address=facts.address, port=facts.port)
     return verdict
+
+
+def _target_forms(target: bytes) -> list[bytes]:
+    """The target as sent, its path with percent-escapes undone and its query's fields as a form
+    parser reads them: a key escaped in the URL reaches the application unescaped."""
+    path, _, query = target.partition(b"?")
+    return [target, unquote_to_bytes(path), *form_fields(query)]
 
 
 BLOCKED_STATUS = (403, b"Forbidden")

@@ -160,6 +160,16 @@ ATTACKS = [
 ]
 
 
+# What the upstream's form and query parsers undo before the application sees a value.
+ATTACKS += [
+    ("EICAR percent-encoded as a form field", EICAR, ("--data-urlencode", "file@{path}"), "malware", "clamav"),
+    ("a key percent-encoded in a form field", b"", ("--data", "key=%41KIAABCDEFGHIJKLMNOP"), "no-keys", "pattern"),
+    ("a key percent-encoded in a form field's name", b"", ("--data", "%41KIAABCDEFGHIJKLMNOP=1"), "no-keys",
+     "pattern"),
+    ("a key percent-encoded in the query", b"", ("-G", "--data", "key=%41KIAABCDEFGHIJKLMNOP"), "no-keys", "pattern"),
+]
+
+
 @pytest.mark.parametrize("description,data,args,rule,engine", ATTACKS, ids=[a[0] for a in ATTACKS])
 def test_blocked_uploads_never_reach_the_upstream(rig, description, data, args, rule, engine):
     before = len(rig.echoed())
