@@ -18,6 +18,15 @@ A body arrives de-chunked (the proxy's llhttp reader undoes Transfer-Encoding). 
   application), each a file of its own: a file sent as a form field is judged as the file it is
   (its type, its signatures), a key escaped in a field is still the key. Fields are split at both
   '&' and ';' (parsers differ). More than MAX_PARTS such fields are refused.
+- JSON (application/json, */*+json, or any body that parses as a JSON object or array, since
+  APIs read JSON whatever its Content-Type): the body, and besides it, when it has escapes, its
+  strings (keys and values) with the escapes undone, joined into one file; and every string of at
+  least MIN_BASE64 characters that is base64 (standard or URL-safe, line breaks allowed),
+  decoded, each a file of its own: a file in a JSON API travels as base64 in a string (GitHub's
+  contents API stores it decoded). A body named JSON that does not parse (or nests deeper than
+  Python's parser goes) is refused; more than MAX_PARTS base64 strings are refused. Other encodings
+  an application applies itself (hex, encryption, ...) are not undone: content rules judge what
+  HTTP and its usual formats carry, not what a VM chooses to disguise.
 - anything else is one file: the decoded body.
 
 Not here: judging the files (inspector.py), moving bytes (the credential proxy).
@@ -27,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 from urllib.parse import unquote_to_bytes
 
@@ -34,6 +44,8 @@ from skyguard.httpcodings import decode_body
 
 Headers = tuple[tuple[bytes, bytes], ...]
 MAX_PARTS = 1000  # parts of one multipart body; more is refused (each part costs an inspection)
+MIN_BASE64 = 16  # shorter strings in a JSON body are not tried as base64
+_BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,200}")  # RFC 9110 token
 _BLANK_LINE = re.compile(rb"\r\n\r\n|\r\r|\n\n")
 _QUOTED = re.compile(rb'"((?:[^"\\\r\n]|\\[^\r\n]){1,200})"')  # quoted-string
@@ -59,7 +71,44 @@ def body_files(headers: Headers, body: bytes, limit: int) -> list[bytes]:
         if len(fields) > MAX_PARTS:
             raise Uninspectable(f"more than {MAX_PARTS} escaped form fields")
         return [body, *fields]
+    if media_type in (b"application/json", b"text/json") or media_type.endswith(b"+json"):
+        return [body, *json_files(body, declared=True)]
+    if body.lstrip()[:1] in (b"{", b"["):
+        return [body, *json_files(body, declared=False)]
     return [body]
+
+
+def json_files(body: bytes, declared: bool) -> list[bytes]:
+    """What a JSON body carries besides its bytes as sent (see the module's opening): [] for a
+    body not named JSON that does not parse as JSON."""
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        if declared:
+            raise Uninspectable("a JSON body that does not parse") from None
+        return []
+    strings, pending = [], [document]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            strings.append(item)
+        elif isinstance(item, dict):
+            strings.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    files = [b"\n".join(s.encode("utf-8", "surrogatepass") for s in strings)] if b"\\" in body else []
+    decoded = 0
+    for text in strings:
+        if len(text) < MIN_BASE64:
+            continue
+        compact = re.sub(r"\s+", "", text).replace("-", "+").replace("_", "/")
+        if _BASE64.fullmatch(compact):
+            decoded += 1
+            if decoded > MAX_PARTS:
+                raise Uninspectable(f"more than {MAX_PARTS} base64 strings in a JSON body")
+            files.append(base64.b64decode(compact))
+    return files
 
 
 def form_fields(data: bytes) -> list[bytes]:

@@ -7,6 +7,7 @@ The namespace test (tests/integration/test_content_lab.py) covers steering and a
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import hashlib
 import ipaddress
@@ -167,6 +168,20 @@ ATTACKS += [
     ("a key percent-encoded in a form field's name", b"", ("--data", "%41KIAABCDEFGHIJKLMNOP=1"), "no-keys",
      "pattern"),
     ("a key percent-encoded in the query", b"", ("-G", "--data", "key=%41KIAABCDEFGHIJKLMNOP"), "no-keys", "pattern"),
+]
+# JSON: the parser undoes string escapes; a file in a JSON API is base64 in a string (GitHub's
+# contents API stores it decoded), whatever Content-Type the VM names.
+_JSON = ("--data-binary", "@{path}", "-H", "Content-Type: application/json")
+ATTACKS += [
+    ("EICAR base64 in a JSON string", json.dumps({"message": "add", "content": base64.b64encode(EICAR).decode()})
+     .encode(), _JSON, "malware", "clamav"),
+    ("EICAR base64 in a JSON string sent as text/plain", json.dumps([base64.b64encode(EICAR).decode()]).encode(),
+     ("--data-binary", "@{path}", "-H", "Content-Type: text/plain"), "malware", "clamav"),
+    ("an executable base64 in a JSON string", json.dumps({"content": base64.b64encode(ELF).decode()}).encode(),
+     _JSON, "no-binaries", "mime"),
+    ("a key escaped in a JSON string", b'{"k": "\\u0041KIAABCDEFGHIJKLMNOP"}', _JSON,
+     "no-keys", "pattern"),
+    ("a body named JSON that is not JSON", b'{"content": "X', _JSON, "malware", "uninspectable"),
 ]
 
 
