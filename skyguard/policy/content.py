@@ -23,6 +23,18 @@ reports a file past MaxFileSize as clean unless AlertExceedsMax is on, and skips
 past it either way, so a file a clamav rule covers is refused unscanned past this size, and
 archives may expand to no more than it (skyguard/content/inspector.py).
 
+What each engine sees (skyguard/content/http.py): a body with its Content-Encoding undone (codings
+other than gzip and deflate are refused), each multipart part, each escaped form field, a JSON
+body's strings unescaped and its base64 strings decoded; an SFTP upload as the whole file. What
+passes a rule unseen, by design: yara, patterns and mime_types judge those bytes, not what is
+inside an archive (a key zipped or gzipped as the file's own bytes passes a yara or pattern rule:
+add the archive types, application/zip, application/gzip, application/x-7z-compressed, ... to
+mime_types where that matters; clamav looks into archives, and skyguard refuses an encrypted zip
+entry and bounds zip and gzip expansion itself); encodings a VM applies on its own (encryption,
+hex, an archive's password, a file cut into several requests each judged alone, as resumable or
+multipart-upload APIs take them) are not undone. Encrypted 7z, RAR or PDF content is what clamd
+makes of it (AlertEncrypted).
+
 YARA files are compiled here (so `policy validate` refuses exactly what `up` refuses) and stored
 as absolute paths; patterns are Python regular expressions over bytes.
 """
