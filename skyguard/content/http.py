@@ -13,18 +13,21 @@ A body arrives de-chunked (the proxy's llhttp reader undoes Transfer-Encoding). 
   is read as RFC 2045 parameters are (so `xboundary=` or a quoted "boundary=" is not it), and a
   message with two Content-Type headers or two boundary parameters is refused: upstreams
   disagree on which one counts, and the form judged must be the form the upstream reads.
-- application/x-www-form-urlencoded: the body, and besides it every field name and value that has
-  percent-escapes or '+' to undo, undone (as the upstream's form parser hands them to the
-  application), each a file of its own: a file sent as a form field is judged as the file it is
-  (its type, its signatures), a key escaped in a field is still the key. Fields are split at both
-  '&' and ';' (parsers differ). More than MAX_PARTS such fields are refused.
+- application/x-www-form-urlencoded (curl's default for any --data): the body, and besides it
+  every field name and value that has percent-escapes or '+' to undo, undone (as the upstream's
+  form parser hands them to the application): the first MAX_PARTS with a percent-escape each a
+  file of its own (a file sent as a form field is judged as the file it is: its type, its
+  signatures), the others joined in one file (a key escaped in a field is still the key). Fields
+  are split at both '&' and ';' (parsers differ). A binary body sent under this type has a few
+  pieces with an escape (a '%' that happens to be followed by two hex digits).
 - JSON (application/json, */*+json, or any body that parses as a JSON object or array, since
   APIs read JSON whatever its Content-Type): the body, and besides it, when it has escapes, its
   strings (keys and values) with the escapes undone, joined into one file; and every string of at
   least MIN_BASE64 characters that is base64 (standard or URL-safe, line breaks allowed),
   decoded, each a file of its own: a file in a JSON API travels as base64 in a string (GitHub's
   contents API stores it decoded). A body named JSON that does not parse (or nests deeper than
-  Python's parser goes) is refused; more than MAX_PARTS base64 strings are refused. Other encodings
+  Python's parser goes) is refused; base64 strings past the first MAX_PARTS are joined in one
+  file (a list of hashes is base64 too). Other encodings
   an application applies itself (hex, encryption, ...) are not undone: content rules judge what
   HTTP and its usual formats carry, not what a VM chooses to disguise.
 - anything else is one file: the decoded body.
@@ -47,6 +50,7 @@ MAX_PARTS = 1000  # parts of one multipart body; more is refused (each part cost
 MIN_BASE64 = 16  # shorter strings in a JSON body are not tried as base64
 _BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,200}")  # RFC 9110 token
+_ESCAPE = re.compile(rb"%[0-9A-Fa-f]{2}")
 _BLANK_LINE = re.compile(rb"\r\n\r\n|\r\r|\n\n")
 _QUOTED = re.compile(rb'"((?:[^"\\\r\n]|\\[^\r\n]){1,200})"')  # quoted-string
 
@@ -67,10 +71,12 @@ def body_files(headers: Headers, body: bytes, limit: int) -> list[bytes]:
     if media_type.startswith(b"multipart/"):
         return multipart_parts(content_type, body)
     if media_type == b"application/x-www-form-urlencoded":
-        fields = form_fields(body)
-        if len(fields) > MAX_PARTS:
-            raise Uninspectable(f"more than {MAX_PARTS} escaped form fields")
-        return [body, *fields]
+        escaped: list[bytes] = []
+        rest: list[bytes] = []
+        for raw in form_pieces(body):
+            target = escaped if len(escaped) < MAX_PARTS and _ESCAPE.search(raw) else rest
+            target.append(unquote_to_bytes(raw.replace(b"+", b" ")))
+        return [body, *escaped, *([b"\n".join(rest)] if rest else [])]
     if media_type in (b"application/json", b"text/json") or media_type.endswith(b"+json"):
         return [body, *json_files(body, declared=True)]
     if body.lstrip()[:1] in (b"{", b"["):
@@ -98,25 +104,26 @@ def json_files(body: bytes, declared: bool) -> list[bytes]:
         elif isinstance(item, list):
             pending.extend(item)
     files = [b"\n".join(s.encode("utf-8", "surrogatepass") for s in strings)] if b"\\" in body else []
-    decoded = 0
+    rest: list[bytes] = []
     for text in strings:
         if len(text) < MIN_BASE64:
             continue
         compact = re.sub(r"\s+", "", text).replace("-", "+").replace("_", "/")
         if _BASE64.fullmatch(compact):
-            decoded += 1
-            if decoded > MAX_PARTS:
-                raise Uninspectable(f"more than {MAX_PARTS} base64 strings in a JSON body")
-            files.append(base64.b64decode(compact))
-    return files
+            (files if len(files) <= MAX_PARTS else rest).append(base64.b64decode(compact))
+    return files + ([b"\n".join(rest)] if rest else [])
+
+
+def form_pieces(data: bytes) -> list[bytes]:
+    """The names and values of a form body or query string that a form parser changes ('+' or
+    percent-escapes to undo), as sent (the others are in `data` as they are)."""
+    return [piece for field in re.split(rb"[&;]", data) for piece in field.split(b"=", 1)
+            if b"%" in piece or b"+" in piece]
 
 
 def form_fields(data: bytes) -> list[bytes]:
-    """The names and values of a form body or query string as a form parser reads them, '+' and
-    percent-escapes undone: only those that had anything to undo (the others are in `data` as
-    they are)."""
-    return [unquote_to_bytes(piece.replace(b"+", b" ")) for field in re.split(rb"[&;]", data)
-            for piece in field.split(b"=", 1) if b"%" in piece or b"+" in piece]
+    """form_pieces(data) as a form parser reads them, '+' and percent-escapes undone."""
+    return [unquote_to_bytes(piece.replace(b"+", b" ")) for piece in form_pieces(data)]
 
 
 def decode_content(headers: Headers, body: bytes, limit: int) -> bytes:
