@@ -44,8 +44,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from skyguard.admin import commands, keys
 from skyguard.admin.connection import OperatorConnection, VmHostKeys
 from skyguard.admin.decisionlog import DecisionLog
-from skyguard.admin.ratelimit import AuthFailureLimiter, RefusalSummary, UnauthenticatedConnections
+from skyguard.admin.ratelimit import AuthFailureLimiter
 from skyguard.admin.recording import SessionArchive
+from skyguard.conncap import RefusalSummary, UnauthenticatedConnections
 from skyguard.content.record import ContentMetrics
 from skyguard.custody.store import SecretStore
 from skyguard.errors import AdminError, BadInput

@@ -45,7 +45,6 @@ import logging
 import mimetypes
 import ssl
 import time
-from collections import Counter
 from http import HTTPStatus
 from pathlib import Path
 from urllib.parse import parse_qs, quote, urlsplit
@@ -59,6 +58,7 @@ from websockets.protocol import State
 from skyguard.admin.access import AccessRefused
 from skyguard.admin.proxy import parse_listen
 from skyguard.apps.sessions import same_origin
+from skyguard.conncap import UnauthenticatedConnections
 from skyguard.console import access, rfb
 from skyguard.console.session import ConsoleSession
 from skyguard.errors import AdminError, BadInput
@@ -146,46 +146,6 @@ class WsWriter:
             asyncio.get_running_loop().create_task(self.ws.close())
 
 
-class PendingConnections:
-    """Connections not yet authenticated, by source address (no I/O): admit() counts one in or
-    says why not, release() counts it out. Refusals are counted for a log line a second."""
-
-    def __init__(self, per_source: int = MAX_PENDING_PER_SOURCE, total: int = MAX_PENDING):
-        self.per_source, self.total = per_source, total
-        self.by_source: Counter = Counter()
-        self.refused: Counter = Counter()  # (source, status) -> refusals not yet logged
-        self.logged_at: dict = {}
-
-    def count(self) -> int:
-        return sum(self.by_source.values())
-
-    def admit(self, source: str) -> int | None:
-        """None: counted in; else the status to refuse with (429 this source, 503 everyone)."""
-        if self.by_source[source] >= self.per_source:
-            return HTTPStatus.TOO_MANY_REQUESTS.value
-        if self.count() >= self.total:
-            return HTTPStatus.SERVICE_UNAVAILABLE.value
-        self.by_source[source] += 1
-        return None
-
-    def release(self, source: str) -> None:
-        self.by_source[source] -= 1
-        if self.by_source[source] <= 0:
-            del self.by_source[source]
-
-    def to_log(self, source: str, status: int, now: float) -> int:
-        """Count one refusal; how many the log line to write now stands for (0: one was written
-        in the last second; this one is in the next line's count)."""
-        kind = (source, status)
-        self.refused[kind] += 1
-        if now - self.logged_at.get(kind, float("-inf")) < 1.0:
-            return 0
-        if len(self.logged_at) > 4096:  # sources come and go: keep the table bounded
-            self.logged_at = {k: t for k, t in self.logged_at.items() if now - t < 1.0}
-        self.logged_at[kind] = now
-        return self.refused.pop(kind)
-
-
 def _refusal(status: int) -> bytes:
     phrase = HTTPStatus(status).phrase
     body = b"too many connections from your address; try again shortly\n" if status == 429 else \
@@ -198,9 +158,9 @@ def _refusal(status: int) -> bytes:
 
 class _CountedConnection(ServerConnection):
     """A connection of the web console's listener, counted pending from accept (after TLS) until
-    its session is authenticated or it closes (see PendingConnections)."""
+    its session is authenticated or it closes (skyguard/conncap.py)."""
 
-    pending: PendingConnections  # set on the subclass each WebConsole makes
+    pending: UnauthenticatedConnections  # set on the subclass each WebConsole makes
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -211,13 +171,14 @@ class _CountedConnection(ServerConnection):
         if refused is None:
             self.counted = source
             return
-        count = self.pending.to_log(source, refused, time.monotonic())
+        status = HTTPStatus.TOO_MANY_REQUESTS.value if refused == "source" else HTTPStatus.SERVICE_UNAVAILABLE.value
+        count = self.pending.refusals.to_log(source, time.monotonic())
         if count:
             log.warning("web console refused a connection from %s with %d: %d not yet authenticated from it, "
-                        "%d in all (limits %d, %d); %d refused since the last line", source, refused,
-                        self.pending.by_source[source], self.pending.count(), self.pending.per_source,
+                        "%d in all (limits %d, %d); %d refused since the last line", source, status,
+                        self.pending.by_source.get(source, 0), self.pending.count(), self.pending.per_source,
                         self.pending.total, count)
-        transport.write(_refusal(refused))  # type: ignore[attr-defined]
+        transport.write(_refusal(status))  # type: ignore[attr-defined]
         transport.close()
 
     def authenticated(self) -> None:
@@ -240,11 +201,11 @@ class WebConsole:
         self.app, self.tls = app, tls
         self.address: tuple[str, int] | None = None
         self._server: Server | None = None
-        self._pending = PendingConnections()
+        self._pending = UnauthenticatedConnections(MAX_PENDING_PER_SOURCE, MAX_PENDING)
         self._connection = type("CountedConnection", (_CountedConnection,), {"pending": self._pending})
 
     def pending(self) -> int:
-        """Connections open and not yet authenticated (see PendingConnections)."""
+        """Connections open and not yet authenticated (skyguard/conncap.py)."""
         return self._pending.count()
 
     async def start(self) -> None:

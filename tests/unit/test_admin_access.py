@@ -7,8 +7,9 @@ from ipaddress import ip_address
 import pytest
 
 from skyguard.admin import access
-from skyguard.admin.ratelimit import AuthFailureLimiter, UnauthenticatedConnections
+from skyguard.admin.ratelimit import AuthFailureLimiter
 from skyguard.admin.sftp import SftpRequestWatcher
+from skyguard.conncap import UnauthenticatedConnections
 from skyguard.errors import BadInput
 from skyguard.policy.model import AdminSsh, Policy, SshOperator, Workload, Zone
 

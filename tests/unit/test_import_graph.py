@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # own checks return); the numbers shared with bpf/abi.h and the C text of bpf/ (which the TPM
     # measures and the loader compiles); the key names and key errors the policy checks (no token
     # or file access in keys.types).
-    ("foundation", ("skyguard", "errors", "config", "fsutil", "httpcodings", "httpheaders", "checks", "datapath.abi",
+    ("foundation", ("skyguard", "errors", "config", "fsutil", "httpcodings", "httpheaders", "conncap", "checks", "datapath.abi",
                     "datapath.source", "keys.types")),
     # The policy as values: parsed, validated, immutable; what every part consumes.
     ("policy", ("policy",)),
