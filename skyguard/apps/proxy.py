@@ -126,7 +126,7 @@ class AppConnection(Checks, asyncio.Protocol):
             self._closed = True
             transport.close()  # fail closed: no app, or nobody can sign in
             return
-        if not self.gate.clients.acquire(self.client):  # this address holds its share already
+        if self.gate.clients.admit(self.client) is not None:  # this address holds its share, or all do
             self._closed = True
             transport.abort()
             return

@@ -28,8 +28,8 @@ from skyguard.apps.oidc import AppsError, IssuerClient
 from skyguard.apps.proxy import AppConnection
 from skyguard.apps.sessions import SESSION_COOKIE, CookieSealer, Session, SessionTable, allowed, cookie_value
 from skyguard.apps.upstream import IdleUpstreams
+from skyguard.conncap import UnauthenticatedConnections
 from skyguard.credproxy.ca import new_server_context
-from skyguard.credproxy.fairness import Slots
 from skyguard.custody.pemload import load_cert_chain_from_memory, split_pem
 from skyguard.parts import Degraded
 from skyguard.policy.apps import App
@@ -43,8 +43,10 @@ HANDSHAKE_TIMEOUT = 10.0
 # Open client connections per client address, across all apps, until they carry a signed-in
 # request: each costs descriptors the whole daemon shares (DNS and the credential proxy too), so
 # an address nobody signed in from must not take them all. People behind one NAT share an
-# address: signed-in connections do not count.
+# address: signed-in connections do not count. In all (many addresses: an IPv6 /64 is one
+# attacker), at most MAX_UNSIGNED_CONNECTIONS such connections.
 MAX_CONNECTIONS_PER_CLIENT = 256
+MAX_UNSIGNED_CONNECTIONS = 1024
 
 
 @dataclass(frozen=True)
@@ -61,9 +63,11 @@ class AppsService:
     """The part. Use on the daemon's event loop (constructor: off the loop, it reads the store)."""
 
     def __init__(self, policy: Policy, secrets, *, decision_log, registry=None, ca_file: str | None = None,
-                 max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT):
+                 max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT,
+                 max_unsigned_connections: int = MAX_UNSIGNED_CONNECTIONS):
         self.policy = policy
-        self.clients = Slots(max_connections_per_client)  # per client address: connections not signed in
+        # connections not signed in, per client address and in all (skyguard/conncap.py)
+        self.clients = UnauthenticatedConnections(max_connections_per_client, max_unsigned_connections)
         self.secrets = secrets
         self.log = decision_log
         self.ca_file = ca_file

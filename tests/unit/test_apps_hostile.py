@@ -183,6 +183,50 @@ def test_a_client_trickling_a_head_is_closed_and_one_address_cannot_hold_every_c
     assert answer == (200, b"/held signed") and more == (200, b"/more signed")
 
 
+
+def test_many_addresses_cannot_hold_every_connection_either(tmp_path):
+    """Connections nobody signed in on are capped in all, not only per address: a client with
+    many addresses (an IPv6 /64 is one attacker) used to hold as many as it had addresses times
+    256, each costing descriptors the whole daemon shares. Past the total a connection is closed
+    at once, whatever its address; one closing makes room again."""
+    app_port, proxy_port = free_port(), free_port()
+    store, app, policy, client_tls = rig(tmp_path, app_port, proxy_port)
+
+    async def run():
+        server = await asyncio.get_running_loop().create_server(TheApp, "127.0.0.1", app_port)
+        service = AppsService(policy, store, decision_log=MemoryLog(), max_connections_per_client=4,
+                              max_unsigned_connections=6)
+        await service.start()
+
+        async def connect(source):
+            return await asyncio.open_connection("127.0.0.1", proxy_port, ssl=client_tls, server_hostname=HOST,
+                                                 local_addr=(source, 0))
+
+        async def closed_at_once(reader):
+            try:
+                return await asyncio.wait_for(reader.read(), 3) == b""
+            except TimeoutError:
+                return False
+        try:
+            held = [await connect("127.0.0.1") for _ in range(4)] + [await connect("127.0.0.2") for _ in range(2)]
+            third, _ = await connect("127.0.0.3")
+            over = await closed_at_once(third)
+            held.pop(0)[1].close()
+            await asyncio.sleep(0.3)
+            room, room_writer = await connect("127.0.0.3")
+            room_writer.write(f"GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+            answer = await asyncio.wait_for(read_response(room), 10)  # answered (no issuer here: 503), not closed
+            for _, writer in held + [(room, room_writer)]:
+                writer.close()
+            return over, answer
+        finally:
+            await service.stop()
+            server.close()
+
+    over, answer = asyncio.run(run())
+    assert over, "a connection past the total was kept"
+    assert answer[0] == 503 and b"identity provider" in answer[1], answer
+
 def test_a_host_header_with_anything_but_digits_after_the_name_never_reaches_the_app(tmp_path):
     """The Host must name this app; what follows a colon must be a port. `Host: app:@evil.test`
     used to pass (only the part before the last colon was compared), and the app, building
