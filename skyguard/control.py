@@ -266,11 +266,13 @@ def wait_started(timeout: float) -> bool:
 
 
 def wait_gone(timeout: float = 30.0) -> None:
-    """Wait until the daemon has shut down and its socket no longer answers."""
+    """Wait until the daemon has shut down: its socket no longer answers and it has let go of the
+    run dir (it still holds it while it detaches and closes after the socket: `down && up` would
+    find it held)."""
     import time
 
     deadline = time.monotonic() + timeout
-    while daemon_running():
+    while daemon_running() or run_dir_held():
         if time.monotonic() > deadline:
             raise DaemonError(f"the daemon did not stop within {timeout:.0f}s; check its log")
         time.sleep(0.1)

@@ -452,6 +452,21 @@ def test_down_detaches_everything(lab, daemon):
     assert probe_one(lab, "agent1", "icmp", ADDR["dc1"][0])
 
 
+def test_down_returns_once_the_daemon_has_let_go_of_its_run_dir(lab, daemon):
+    """`down` returned as soon as the control socket stopped answering, while the daemon still
+    shut down holding its run dir: `skyguard down && skyguard up` was refused ("a skyguard daemon
+    already runs"), as an operator trial restarting with another policy found."""
+    daemon.ensure_running()
+    out = daemon.cli("down")
+    assert out.returncode == 0, out.stderr
+    fd = os.open(daemon.run_dir / "daemon.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: still held
+    finally:
+        os.close(fd)
+    daemon.proc.wait(timeout=30)
+
+
 def test_down_while_the_daemon_starts_stops_it_once_it_answers(lab, daemon):
     """`down` while `up` holds the run dir but has no control socket yet (compiling, loading the
     policy): it must stop that daemon, not take the "nothing running" path, clean up under it
