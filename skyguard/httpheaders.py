@@ -16,7 +16,23 @@ FORWARDED = frozenset({b"forwarded", b"x-real-ip", b"x-client-ip", b"true-client
 FORWARDED_PREFIX = b"x-forwarded-"
 
 
+# Both proxies ask for every header of every request, and a client sends the same few names each
+# time: verdicts are remembered, bounded since the names are the client's to choose (emptied when
+# full, long names never kept).
+_MEMO_ENTRIES = 1024
+_MEMO_KEY_BYTES = 255
+_memo: dict[bytes, bool] = {}
+
+
 def is_forwarding_header(name: bytes) -> bool:
     """Is `name` one of the FORWARDED headers, in any letter case and `_`/`-` spelling?"""
-    name = name.lower().replace(b"_", b"-")
-    return name.startswith(FORWARDED_PREFIX) or name in FORWARDED
+    known = _memo.get(name)
+    if known is not None:
+        return known
+    spelt = name.lower().replace(b"_", b"-")
+    verdict = spelt.startswith(FORWARDED_PREFIX) or spelt in FORWARDED
+    if len(name) <= _MEMO_KEY_BYTES:
+        if len(_memo) >= _MEMO_ENTRIES:
+            _memo.clear()
+        _memo[name] = verdict
+    return verdict

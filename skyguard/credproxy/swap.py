@@ -104,12 +104,10 @@ class Verdict:
         return f"Verdict({self.action}, {self.status}, {self.reason!r})"
 
 
-# Per-request lookups of pure functions of a header's bytes, remembered: a client sends the same
-# few names and the same Host on every request (issue 24). Bounded, since the bytes are the
-# client's to choose: emptied when full, and long keys are never kept.
+# The Host's normalised name, remembered: a client sends the same Host on every request (issue
+# 24). Bounded, since the bytes are the client's to choose: emptied when full, long keys never kept.
 _MEMO_ENTRIES = 1024
 _MEMO_KEY_BYTES = 255
-_forwarding_memo: dict[bytes, bool] = {}  # header name -> is_forwarding_header(name)
 _host_memo: dict[bytes, str | None] = {}  # Host header value -> normalise_name(value)
 
 
@@ -119,11 +117,6 @@ def _remember(memo: dict, key: bytes, value):
             memo.clear()
         memo[key] = value
     return value
-
-
-def _is_forwarding(name: bytes) -> bool:
-    known = _forwarding_memo.get(name)
-    return known if known is not None else _remember(_forwarding_memo, name, is_forwarding_header(name))
 
 
 def _normalised_host(value: bytes) -> str | None:
@@ -138,11 +131,11 @@ def _without_forwarding_headers(request: HttpRequest) -> HttpRequest:
     the real credential for the Host the decision checked, and no other host, scheme or path
     to act for. Done before the decision, so it is made on exactly the headers forwarded."""
     for name, _ in request.headers:
-        if _is_forwarding(name):
+        if is_forwarding_header(name):
             break
     else:
         return request
-    headers = tuple((n, v) for n, v in request.headers if not _is_forwarding(n))
+    headers = tuple((n, v) for n, v in request.headers if not is_forwarding_header(n))
     return HttpRequest(request.method, request.target, headers, request.body, request.http_version)
 
 

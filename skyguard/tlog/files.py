@@ -1,16 +1,13 @@
-"""The one way the log's readers open a file of a log directory: only a regular file.
+"""How the log's readers report a file of a log directory they could not read.
 
 Whoever can write the log directory can put a directory, a FIFO or a dangling link where a
-segment (or head.bin, checkpoints.log, a cache) should be. A FIFO would block every read
-forever, a directory cannot be read: both become an OSError whose reason says what is there,
-for the caller to report in one line naming the file. Not here: what the bytes mean.
+segment (or head.bin, checkpoints.log, a cache) should be. The readers open files only with
+fsutil.open_regular / read_regular_file (a FIFO would block every read forever, a directory
+cannot be read): both become an OSError whose reason (os_reason) the caller reports in one line
+naming the file. Not here: what the bytes mean.
 """
 
 from __future__ import annotations
-
-from skyguard.fsutil import open_regular, read_regular_file
-
-__all__ = ["open_regular", "os_reason", "read_regular_file"]  # open_regular, read_regular_file: fsutil's
 
 
 def os_reason(e: OSError) -> str:

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from skyguard import fsutil
+from skyguard.fsutil import open_regular
 from skyguard.tlog import records
-from skyguard.tlog.files import open_regular
 
 HEAD_FILE = "head.bin"
 SLOT_SIZE = 4096

@@ -26,10 +26,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from skyguard.errors import LogError
+from skyguard.fsutil import read_regular_file
 from skyguard.tlog import records
 from skyguard.tlog.checkpoint import Checkpoint, split_note
 from skyguard.tlog.errors import BadLogInput
-from skyguard.tlog.files import os_reason, read_regular_file
+from skyguard.tlog.files import os_reason
 from skyguard.tlog.hashing import HASH_SIZE, hash_leaf
 from skyguard.tlog.head import HEAD_FILE, read_head
 from skyguard.tlog.tree import NODE_SPAN

@@ -22,10 +22,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from skyguard.fsutil import open_regular, read_regular_file
 from skyguard.tlog import records
 from skyguard.tlog.checkpoint import Checkpoint, Verifier, split_note
 from skyguard.tlog.errors import BadLogInput, VerificationError
-from skyguard.tlog.files import open_regular, os_reason, read_regular_file
+from skyguard.tlog.files import os_reason
 from skyguard.tlog.hashing import HASH_SIZE, hash_leaf
 from skyguard.tlog.head import HEAD_FILE, read_head
 from skyguard.tlog.reader import _SEGMENT_RE, CHECKPOINTS_FILE, LEAVES_FILE, MAX_UNPROVEN, NODES_FILE, _read_meta, segment_name
