@@ -13,17 +13,22 @@ figure for an encoder is its best strategy: payload bytes delivered in 10 minute
 on, next to what that strategy delivers with detection off, and what the encoder carries with
 detection off at the grid's fastest strategy (the anchor).
 
-The repeated-name attack (`repeated-names`): the budget charges never-seen names only, so the VM
-re-asks names it has resolved already, under bases it controls (a wildcard rule, an authoritative
+The repeated-name attack (`repeated-names`): the name budget charges never-seen names only, so
+the VM re-asks names it has resolved already, under bases it controls (a wildcard rule, an authoritative
 server answering with TTL 0), and the payload is in which of them it asks, in what order. This
 one runs through the policy engine itself (DnsPolicyResolver.decide/answer, detector on, the
 per-VM answer cache, min_ttl 5 s): a repeat within the floored TTL is answered from the cache and
 carries nothing, so each round asks every name once in an order the payload chooses (log2(n!)
 bits, counted per query that reaches the upstream), then waits for the answers to expire. Grid:
-names per base x bases, 100 queries/s. Without the cache (before) every query reaches the
-upstream with log2(names) bits of free choice (its row's anchor). Timing beyond order is not
-counted (as for every encoder here). With more names than REPEAT_QPS x min_ttl a round outlasts
-the TTL and the cache never answers: the detector's budget, not the cache, would have to bound it.
+names per base x bases, 100 queries/s. Without the cache and the re-ask budget (before both)
+every query reaches the upstream with log2(names) bits of free choice (its row's anchor). With
+them, a query that reaches the upstream for a known name is charged its choice (tunnel.py's
+re-ask budget) and, past it, the VM is answered from its expired entries. Timing beyond order
+is not counted (as for every encoder here).
+
+The type-choice attack (`type-choice`): a few known names, each query with a type the payload
+picks among the types the proxy serves (each (name, type) is its own cache entry, so a new pair
+is a miss that reaches the upstream).
 
 False positives: one VM resolves the real names of bench/dns_tunnel_names.txt (host names from
 the installed software's documentation, see its header) in a fixed random order, every one a
@@ -62,6 +67,7 @@ BASES = (1, 4, 16, 64)
 REPEAT_NAMES_PER_BASE = (4, 8, 16, 24, 32, 39)  # 40 distinct names a minute is a detection
 REPEAT_BASES = (1, 4, 16, 64)
 REPEAT_QPS = 100
+TYPE_CHOICE_NAMES = (1, 4, 16)
 B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 LETTERS16 = "abcdefghijklmnop"
 
@@ -181,16 +187,23 @@ def _ttl0_reply(upstream_query: bytes) -> bytes:
             + b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x00\x00\x04\xcb\x00\x71\x09")
 
 
-def repeated_names(per_base: int, bases: int, cache: bool = True) -> int:
-    """Payload bytes (the information in the order of the names reaching the upstream) one
-    strategy of the repeated-name attack gets out in WINDOW."""
+def _resolver() -> DnsPolicyResolver:
+    """The policy engine for one VM allowed any name under .test (any base it registers)."""
     vm = Workload("vm1", "z", "sg-vm1", "02:00:00:00:00:01", (ipaddress.ip_address("10.0.0.2"),))
     rule = Rule("tun", "allow", ("z",), Destination(fqdns=("**.test",)), (PortRange("tcp", 443, 443),))
     policy = Policy("b", {"z": Zone("z", (vm,))}, {}, (rule,),
                     DnsConfig(("192.0.2.53",), "refused", 5, 3600, TunnelDetection("block")))
-    resolver = DnsPolicyResolver(policy, PolicyDirectory(policy), _NoLearner())
-    if not cache:
+    return DnsPolicyResolver(policy, PolicyDirectory(policy), _NoLearner())
+
+
+def repeated_names(per_base: int, bases: int, cache: bool = True) -> int:
+    """Payload bytes (the information in the order of the names reaching the upstream) one
+    strategy of the repeated-name attack gets out in WINDOW."""
+    resolver = _resolver()
+    policy = resolver.policy
+    if not cache:  # the anchor: no answer cache and no re-ask budget (before either)
         resolver.cache.lookup = lambda *args: None
+        resolver.detector.charge_reask = lambda *args: True
     subs = [a + b for b in ("",) + tuple(B36[10:]) for a in B36[10:]][:per_base]
     names = [f"{sub}.x{i}q.test".encode() for i in range(bases) for sub in subs]
     queries = {name: _query(name) for name in names}
@@ -211,6 +224,29 @@ def repeated_names(per_base: int, bases: int, cache: bool = True) -> int:
             t += 1 / REPEAT_QPS
         if cache:  # the next round once every answer of this one has expired
             t = max(t, started + len(names) / REPEAT_QPS + policy.dns.min_ttl + 0.01)
+    return int(bits / 8)
+
+
+def type_choice(names_count: int) -> int:
+    """Payload bytes the type-choice attack gets out in WINDOW: names_count names under one base
+    the VM resolved once, each query one of them with a type the payload picks among the types
+    the proxy serves (any of 65,536 reached the upstream before; the answer cache keys on the
+    type, so each new (name, type) is a miss). Counted: log2 of the (name, type) pairs the
+    upstream could have been asked, per query that reaches it."""
+    resolver = _resolver()
+    types = sorted(wire.SERVED_QTYPES - {wire.QTYPE_ANY, wire.QTYPE_NULL, wire.QTYPE_TXT})
+    names = [f"{B36[10 + i]}.t0q.test".encode() for i in range(names_count)]
+    rng = random.Random(f"types{names_count}")
+    bits, t = 0.0, 0.0
+    while t < WINDOW:
+        name, qtype = rng.choice(names), rng.choice(types)
+        query = _query(name)[:-4] + struct.pack("!HH", qtype, 1)
+        d = resolver.decide(query, "10.0.0.2", now=t)
+        if d.action == "forward":
+            if not d.cached:
+                bits += math.log2(len(names) * len(types))
+            resolver.answer(d, d.cached or _ttl0_reply(d.upstream_query), now=t, wall=t)
+        t += 1 / REPEAT_QPS
     return int(bits / 8)
 
 
@@ -251,6 +287,10 @@ def main() -> None:
                               "strategy": top[2]}
     progress(f"repeated-names {top[0]:6d} B / 10 min with detection and the answer cache "
              f"({top[1]} B without the cache) at {top[2]}")
+    choice = max((type_choice(n), n) for n in TYPE_CHOICE_NAMES)
+    rows["type-choice"] = {"with_detection": choice[0], "strategy": {"names": choice[1]}}
+    progress(f"type-choice    {choice[0]:6d} B / 10 min with detection (the payload in the query "
+             f"type of {choice[1]} known names)")
     quiet = Encoder("letters16", 4.0, ENCODERS[4].encode)
     issue_case = {"with_detection": attack(quiet, 40, 1, 39, 1),
                   "without_detection": attack(quiet, 40, 1, 39, 1, detect=False)}

@@ -16,6 +16,10 @@ removed rule applies at once, and the policy swap clears the cache anyway), with
 so its addresses are learned again (the datapath holds every address the VM gets, for as long
 as the released TTL says, plus the grace) and the hit is logged like any answer.
 
+An expired entry stays up to STALE_SECONDS more for lookup_stale(): a VM whose re-asks have spent
+their budget (tunnel.py) is answered from it, with TTLs of 0 (the resolver clamps them to
+dns.min_ttl), instead of the question reaching the upstream.
+
 Bounded: MAX_ENTRIES_PER_VM entries and MAX_BYTES_PER_VM octets per VM, least recently used
 first out, so one VM cannot push another's answers out; MAX_VMS VMs (least recently active
 first out) and MAX_BYTES in all. Only replies answer() matched to our query (source, port, ID,
@@ -36,6 +40,8 @@ MAX_BYTES_PER_VM = 512 * 1024
 MAX_VMS = 4096
 MAX_BYTES = 64 * 1024 * 1024  # all VMs together (reached only with > 128 VMs at their cap)
 MIN_LIFETIME = 1.0  # seconds, even under dns.min_ttl 0: a repeat in a tight loop stays here
+STALE_SECONDS = 900.0  # an expired entry is kept this long for lookup_stale (RFC 8767's
+# serve-stale, for a VM past its re-ask budget: tunnel.py), while the LRU bounds allow
 
 _TTL = struct.Struct("!I")
 
@@ -78,7 +84,8 @@ class AnswerCache:
         entries = self._vms.get(vm)
         entry = entries.get(key) if entries is not None else None
         if entry is not None and entry.expires <= now:
-            self._drop(vm, entries, key)
+            if entry.expires + STALE_SECONDS <= now:
+                self._drop(vm, entries, key)
             entry = None
         if entry is None:
             if self.metrics is not None:
@@ -94,6 +101,18 @@ class AnswerCache:
         out = bytearray(entry.reply)
         for offset, ttl in entry.ttls:
             _TTL.pack_into(out, offset, max(0, ttl - age))
+        return bytes(out), entry.query
+
+    def lookup_stale(self, vm: tuple[str, str], key: Key, now: float) -> tuple[bytes, bytes] | None:
+        """An expired entry's reply with every TTL 0, and its query, or None."""
+        entries = self._vms.get(vm)
+        entry = entries.get(key) if entries is not None else None
+        if entry is None or entry.expires > now or entry.expires + STALE_SECONDS <= now:
+            return None
+        entries.move_to_end(key)
+        out = bytearray(entry.reply)
+        for offset, _ in entry.ttls:
+            _TTL.pack_into(out, offset, 0)
         return bytes(out), entry.query
 
     def store(self, vm: tuple[str, str], key: Key, reply: bytes, query: bytes,

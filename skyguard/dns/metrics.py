@@ -37,6 +37,10 @@ class DnsMetrics:
                                   "VM's answer cache (not sent upstream)", registry=r)
         self.cache_misses = Counter("skyguard_dns_cache_misses", "Allowed queries the answer "
                                     "cache did not hold (sent upstream)", registry=r)
+        self.reasks_over_budget = Counter(
+            "skyguard_dns_reasks_over_budget", "Queries past the VM's re-ask budget (block: "
+            "answered from an expired cache entry, or refused without one)", ["zone", "action"],
+            registry=r)
         self.dropped = Counter("skyguard_dns_dropped", "Queries dropped unanswered by reason",
                                ["reason"], registry=r)
         self.latency = Histogram("skyguard_dns_latency_seconds", "Query to answer time",

@@ -17,8 +17,10 @@ raises, the VM gets SERVFAIL and nothing else: fail closed.
 
 An allowed question the VM's answer cache (answercache.py) holds is not forwarded: decide()
 returns a forward whose `cached` reply the server feeds to answer() at once, so a hit takes the
-same path (policy re-check, learning, logging) as an upstream reply, with TTLs aged.
-Not a recursive resolver or a transport. One event loop owns one (not thread-safe).
+same path (policy re-check, learning, logging) as an upstream reply, with TTLs aged. A miss for
+a name the VM asked before is charged to its re-ask budget (tunnel.py); past it, the expired
+entry answers (serve-stale) or the query is refused. Not a recursive resolver or a transport.
+One event loop owns one (not thread-safe).
 """
 
 from __future__ import annotations
@@ -89,11 +91,10 @@ class Answer:
     learned: list[str] = field(default_factory=list)
     stripped: list[str] = field(default_factory=list)  # rebinding targets removed
     denied: list[str] = field(default_factory=list)  # addresses a deny rule names, removed
-    unrelated: int = 0  # records removed: not in the question's CNAME chain, or addresses of a
-    # type the question did not ask for
+    unrelated: int = 0  # records removed: outside the CNAME chain, or addresses not asked for
     ttl: int = 0
-    # A new address was learned: the learned state must be on disk before this reply is
-    # released, so a restart right after still re-learns it (the server writes it off the loop).
+    # A new address was learned: on disk before this reply is released, so a restart right
+    # after still re-learns it (the server writes it off the loop).
     persist: bool = False
 
 
@@ -139,9 +140,8 @@ class DnsPolicyResolver:
                 for network_name in r.to.networks:
                     named.extend(policy.networks.get(network_name, ()))
                 self._named_networks[r.name] = [n for n in named if n.prefixlen > 0]
-        # Per zone: networks a deny rule names. An allowed name answering with such an address
-        # is not learned (the datapath would deny the flow anyway; learning it only adds noise
-        # and a confusing "allowed" log line).
+        # Per zone: networks a deny rule names. An allowed name's address in them is not learned
+        # (the datapath would deny the flow anyway; it would only add a confusing log line).
         self._denied_networks: dict[str, list] = {}
         for zone in policy.zones:
             denied: list = []
@@ -203,7 +203,7 @@ class DnsPolicyResolver:
         if question.qclass != wire.CLASS_IN:
             return self._error(query, wire.RCODE_REFUSED, question.end, "refused",
                                f"class {question.qclass} is not IN")
-        if qtype in (wire.QTYPE_OPT, 251, 252):
+        if qtype not in wire.SERVED_QTYPES:  # its 16 bits would reach the upstream unchecked
             return self._error(query, wire.RCODE_REFUSED, question.end, "refused",
                                f"query type {wire.qtype_name(qtype)} is not served")
         try:
@@ -244,9 +244,8 @@ class DnsPolicyResolver:
         # our choosing. It is never compressed: a pointer must lead back to a name's end, and
         # nothing before it in a question of letters, digits and hyphens can be one.
         client_question = query[wire.HEADER_LEN:question.end]
-        # DNS 0x20: a random letter case the reply's question must echo octet for octet
-        # (answer()), on top of the ID and the source port: each letter doubles what a blind
-        # spoofer has to guess, and the VM's own choice of case no longer helps it.
+        # DNS 0x20: a random letter case the reply must echo (answer()), on top of the ID and
+        # the source port: each letter doubles a blind spoofer's guesses; the VM's case is moot.
         upstream += wire.random_case(client_question[:-4]) + client_question[-4:]
         if edns is not None:
             upstream += _OPT_FIXED.pack(0, wire.QTYPE_OPT, UPSTREAM_EDNS_SIZE, 0, 0)
@@ -254,6 +253,14 @@ class DnsPolicyResolver:
                             upstream_id=upstream_id, rules=matching, tunnel=tunnel,
                             policy=self.policy, client_question=client_question, **base)
         hit = self.cache.lookup((workload, zone), AnswerCache.key(question, upstream), now)
+        if hit is None and tunnel is not None and not tunnel.new_name and \
+                not self.detector.charge_reask(workload, qtype, flags == wire.FLAG_RD, now):
+            self.metrics.reasks_over_budget.labels(zone, action).inc()
+            if action == "block":  # nothing more leaves: the expired answer, or a refusal
+                hit = self.cache.lookup_stale((workload, zone), AnswerCache.key(question, upstream), now)
+                if hit is None:
+                    return self._refuse(query, "tunnel", "re-asks over the VM's budget", tunnel=tunnel, **base)
+                decision.reason += " (stale: re-asks over the VM's budget)"
         if hit is not None:  # the reply and the upstream query it matched (ID and case)
             decision.cached, decision.upstream_query = hit
             decision.upstream_id = wire.parse_header(decision.upstream_query).id
@@ -502,8 +509,7 @@ class DnsPolicyResolver:
         return answer
 
     def _denied_link(self, zone: str, names) -> str:
-        """Why the CNAME chain of an answer is denied (a name in it that a deny rule of the zone
-        names), or ""."""
+        """Why an answer's CNAME chain is denied (a name in it a deny rule of the zone names), or ""."""
         if not self._fqdn_rules.get(zone, ((), ()))[0]:
             return ""
         for key in sorted(names):
@@ -514,9 +520,7 @@ class DnsPolicyResolver:
         return ""
 
     def _evicted(self, zone: str, count: int) -> None:
-        """A VM reached its cap of learned entries (learned.MAX_LEARNED_PER_WORKLOAD): count it,
-        and let a learner that can (an optional `forget(zone, rule, ips)`) close the addresses
-        no entry holds any more now instead of at their TTL."""
+        """A VM reached its cap of learned entries (learned.MAX_LEARNED_PER_WORKLOAD)."""
         self.metrics.learned_evicted.labels(zone).inc(count)
         self.forget_released()
 
@@ -579,7 +583,6 @@ class DnsPolicyResolver:
 
 
 def _query_like(decision: Decision) -> bytes:
-    """A query with the client's ID and question: what error replies to a forward are built on."""
     return struct.pack("!HHHHHH", decision.client_id, wire.FLAG_RD, 1, 0, 0, 0) + \
         _question_bytes(decision.question)
 

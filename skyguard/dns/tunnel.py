@@ -16,6 +16,14 @@ CHEAP_PER_BASE names of a base at CHEAP_WEIGHT (real traffic touches a few names
 a tunnel needs many names of the few bases it controls). Past VM_BUDGET_BYTES a new costly name
 is a detection. bench/dns_tunnel.py measures what each encoder gets out under it.
 
+Every other query that reaches the upstream (a name seen already, asked again once its cached
+answer expired, or with another type or flags) carries the VM's choice among what it knows, so
+it is charged too, to a second budget per VM (REASK_BUDGET_BYTES): the length of a code for that
+choice, log2 of the names and bases the VM has shown in the window plus a short code for the
+type and header flags (common choices cost a bit, rare ones more; no strategy carries more than
+it pays). Past it the resolver answers from the VM's expired cache entry instead (serve-stale,
+RFC 8767), so a busy VM keeps working on answers a few minutes old while nothing more leaves.
+
 Sans-io: the caller passes the current time. It does not decide what to do with a detection
 (block, alert): the resolver does, from policy.dns.tunnel_detection.action.
 """
@@ -61,6 +69,12 @@ CHEAP_PER_BASE = 2  # the first names of a base in the window cost CHEAP_WEIGHT 
 CHEAP_WEIGHT = 0.5  # lower lets real browsing through faster, and a tunnel over many bases too
 BUDGET_MIN_BITS = 32  # when over budget, cheaper names (www, api, ...) of a new base still pass
 MAX_BUDGET_NAMES = 4096  # names remembered per VM for the budget (the oldest leave first)
+REASK_BUDGET_BYTES = 320.0  # bits of choice per VM per window in the queries that reach the
+# upstream without a never-seen name (re-asks): with the names' own budget it stays under 1 KB
+REASK_QTYPE_BITS = {wire.QTYPE_A: 1.0, wire.QTYPE_AAAA: 2.0}  # a prefix code: any other
+REASK_OTHER_QTYPE_BITS = 2.0 + math.log2(len(wire.SERVED_QTYPES))  # served type costs this
+REASK_HEADER_BITS = {True: 2.0, False: 4.0}  # RD set and CD clear (what stubs send), or not;
+# one of the bits is EDNS or none
 
 QTYPE_WEIGHT = {wire.QTYPE_NULL: 1.0, wire.QTYPE_ANY: 0.5, wire.QTYPE_TXT: 0.3}
 
@@ -77,6 +91,7 @@ class Verdict:
     base: str
     detected: bool
     flagged: bool = False  # blocked because the base was flagged by an earlier detection
+    new_name: bool = False  # charged to the VM's budget as a never-seen name
 
 
 def shannon_bits(data: bytes) -> float:
@@ -140,6 +155,26 @@ class _BaseWindow:
     bulky: deque = field(default_factory=deque)  # times of long TXT/NULL answers
 
 
+class _Reasks:
+    """One VM's re-ask charges in the budget window: (time, bytes) in arrival order. Bounded:
+    every charge costs at least 2 bits, so the budget holds at most REASK_BUDGET_BYTES * 4."""
+
+    def __init__(self):
+        self.charges: deque = deque()
+        self.total = 0.0
+
+    def spend(self, cost: float, now: float) -> bool:
+        while self.charges and self.charges[0][0] < now - BUDGET_WINDOW_SECONDS:
+            self.total -= self.charges.popleft()[1]
+        if not self.charges:
+            self.total = 0.0  # no float drift across windows
+        if self.total + cost > REASK_BUDGET_BYTES:
+            return False
+        self.charges.append((now, cost))
+        self.total += cost
+        return True
+
+
 class _Budget:
     """One VM's never-seen names in the budget window: (base, subdomain) -> (first seen, cost)."""
 
@@ -194,6 +229,7 @@ class TunnelDetector:
     def __init__(self):
         self._vms: OrderedDict[str, OrderedDict[str, _BaseWindow]] = OrderedDict()
         self._budgets: OrderedDict[str, _Budget] = OrderedDict()
+        self._reasks: OrderedDict[str, _Reasks] = OrderedDict()
         # per-name parts depend only on the name and type: cached, because most traffic is the
         # same few names again (bounded; cleared when full, tunnels churn it and pay full cost)
         self._name_cache: dict[tuple[bytes, int], tuple[dict, bytes, str, float]] = {}
@@ -258,7 +294,25 @@ class TunnelDetector:
             window.flagged_until = now + FLAG_SECONDS
         if blocking and (detected or flagged) and charged is not None:
             self._budget(vm).refund(base, sub)
-        return Verdict(score, parts, base, detected, flagged and not detected)
+        return Verdict(score, parts, base, detected, flagged and not detected,
+                       new_name=charged is not None)
+
+    def charge_reask(self, vm: str, qtype: int, common_header: bool, now: float) -> bool:
+        """A query that reaches the upstream without a never-seen name: charge the choice it
+        carries. False when the VM's re-ask budget is spent (nothing is charged then)."""
+        budget = self._budgets.get(vm)
+        bases = self._vms.get(vm)
+        known = (len(budget.names) if budget else 0) + (len(bases) if bases else 0)
+        bits = math.log2(known + 1) + REASK_QTYPE_BITS.get(qtype, REASK_OTHER_QTYPE_BITS) \
+            + REASK_HEADER_BITS[common_header]
+        reasks = self._reasks.get(vm)
+        if reasks is None:
+            reasks = self._reasks[vm] = _Reasks()
+            if len(self._reasks) > MAX_VMS:
+                self._reasks.popitem(last=False)
+        else:
+            self._reasks.move_to_end(vm)
+        return reasks.spend(bits / 8, now)
 
     def _budget(self, vm: str) -> _Budget:
         budget = self._budgets.get(vm)

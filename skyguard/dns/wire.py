@@ -34,6 +34,12 @@ OPCODE_MASK = 0x7800
 QTYPE_NAMES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 10: "NULL", 12: "PTR", 15: "MX", 16: "TXT",
                28: "AAAA", 33: "SRV", 41: "OPT", 65: "HTTPS", 64: "SVCB", 255: "ANY", 252: "AXFR",
                251: "IXFR", 99: "SPF", 257: "CAA"}
+# The query types the proxy forwards: what real software asks (addresses, mail, services,
+# DNSSEC, TLS and SSH keys, text). Any other type is refused: the type a VM picks reaches the
+# upstream, so 65,536 of them would carry 16 bits a query past every name-based check.
+SERVED_QTYPES = frozenset({
+    1, 2, 5, 6, 10, 12, 13, 15, 16, 28, 29, 33, 35, 39, 43, 44, 46, 48, 52, 53, 61, 64, 65, 99,
+    255, 256, 257})
 
 _HEADER = struct.Struct("!HHHHHH")
 _RR_FIXED = struct.Struct("!HHIH")  # type, class, ttl, rdlength
