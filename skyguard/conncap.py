@@ -1,21 +1,48 @@
-"""Connections not yet authenticated, counted per source address, and the refusals of a flood
-summarised for the host's log: the one brake the SSH access proxy and the web console share
-against a client (or many) holding the daemon's file descriptors before anyone signed in.
-Sans-io: the clock is passed in, nothing here touches a socket.
+"""Connections not yet authenticated, counted per source, and the refusals of a flood
+summarised for the host's log: the one brake the SSH access proxy, the web console and the apps
+proxy share against a client (or many) holding the daemon's file descriptors before anyone
+signed in. Sans-io: the clock is passed in, nothing here touches a socket.
 
-Not here: what a proxy answers a refused connection (admin/connection.py, console/web.py).
+A source is what one client owns (source_of): an IPv4 address (an IPv4-mapped IPv6 address is
+that IPv4 address), or an IPv6 /64 (one host typically owns its whole /64: SLAAC, privacy
+addresses; counted per address, it would get a fresh share from each).
+
+Not here: what a proxy answers a refused connection (admin/connection.py, console/web.py,
+apps/proxy.py).
 """
 
 from __future__ import annotations
 
+import functools
+import ipaddress
+
+SOURCE_BITS_V6 = 64  # an IPv6 source is its /64
+
+
+@functools.lru_cache(maxsize=4096)
+def source_of(address: str) -> str:
+    """The source an address counts against: an IPv4 address as it is (an IPv4-mapped IPv6
+    address as its IPv4 address), an IPv6 address as its /64 ("2001:db8::/64"); anything that
+    is no address (a Unix socket's "", "?") as itself."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        host_bits = 128 - SOURCE_BITS_V6
+        return str(ipaddress.IPv6Network(((int(ip) >> host_bits) << host_bits, SOURCE_BITS_V6)))
+    return str(ip)
+
 
 class UnauthenticatedConnections:
-    """Connections not yet authenticated, by source address (like OpenSSH's MaxStartups): admit()
-    counts one in or says why not, release() counts it out. A client that connects and says
-    nothing holds a file descriptor until the login timeout; past `per_source` such connections
-    from one address, or `total` in all, the next is refused at once. Refusals are summarised
-    for the host's log (RefusalSummary), never one entry each in the signed log, which a flood
-    would grow."""
+    """Connections not yet authenticated, by source (source_of: an IPv4 address, an IPv6 /64;
+    like OpenSSH's MaxStartups): admit() counts one in or says why not, release() counts it out,
+    both given the client's address. A client that connects and says nothing holds a file
+    descriptor until the login timeout; past `per_source` such connections from one source, or
+    `total` in all, the next is refused at once. Refusals are summarised for the host's log
+    (RefusalSummary), never one entry each in the signed log, which a flood would grow."""
 
     def __init__(self, per_source: int, total: int):
         self.per_source, self.total = per_source, total
@@ -25,8 +52,13 @@ class UnauthenticatedConnections:
     def count(self) -> int:
         return sum(self.by_source.values())
 
-    def admit(self, source: str) -> str | None:
-        """None: counted in; else why not ('source': this address has too many, 'total')."""
+    def held(self, address: str) -> int:
+        """Connections counted against the source of `address`."""
+        return self.by_source.get(source_of(address), 0)
+
+    def admit(self, address: str) -> str | None:
+        """None: counted in; else why not ('source': this address's source has too many, 'total')."""
+        source = source_of(address)
         if self.by_source.get(source, 0) >= self.per_source:
             return "source"
         if self.count() >= self.total:
@@ -34,7 +66,8 @@ class UnauthenticatedConnections:
         self.by_source[source] = self.by_source.get(source, 0) + 1
         return None
 
-    def release(self, source: str) -> None:
+    def release(self, address: str) -> None:
+        source = source_of(address)
         left = self.by_source.get(source, 0) - 1
         if left > 0:
             self.by_source[source] = left
@@ -43,16 +76,19 @@ class UnauthenticatedConnections:
 
 
 class RefusalSummary:
-    """Refusals of a flood, summarised for the host's log: a line a second per source at most,
-    with how many refusals it stands for (never an entry each in the signed log)."""
+    """Refusals of a flood, summarised for the host's log: a line a second per source at most
+    (source_of: the addresses of one IPv6 /64 share their line), with how many refusals it
+    stands for (never an entry each in the signed log)."""
 
     def __init__(self):
         self.refused: dict[str, int] = {}  # refusals per source not yet in a log line
         self.logged_at: dict[str, float] = {}
 
-    def to_log(self, source: str, now: float) -> int:
+    def to_log(self, address: str, now: float) -> int:
         """Count one refusal; how many refusals the log line to write now stands for (0: a line
-        for this source was written in the last second; this one goes in the next line's count)."""
+        for this address's source was written in the last second; this one goes in the next
+        line's count)."""
+        source = source_of(address)
         self.refused[source] = self.refused.get(source, 0) + 1
         if now - self.logged_at.get(source, float("-inf")) < 1.0:
             return 0

@@ -115,9 +115,9 @@ class OperatorConnection(asyncssh.SSHServer):
         pending = self.proxy.unauthenticated
         count = pending.refusals.to_log(self.source, time.monotonic())
         if count:
-            log.warning("SSH access proxy refused a connection from %s: %d not yet authenticated from it, "
+            log.warning("SSH access proxy refused a connection from %s: %d not yet authenticated from its source, "
                         "%d in all (limits %d, %d); %d refused since the last line", self.source,
-                        pending.by_source.get(self.source, 0), pending.count(), pending.per_source,
+                        pending.held(self.source), pending.count(), pending.per_source,
                         pending.total, count)
         message = ("too many connections from your address are not yet logged in; try again shortly"
                    if refused == "source" else "the SSH access proxy has too many connections not yet "

@@ -25,8 +25,9 @@ Decisions, made here deliberately and all closed by default:
 - VM host keys are trusted on first use and pinned (`<state>/admin/vm_host_keys.json`); a
   changed key refuses the session until an administrator removes the pin.
 - An address with too many failed logins is refused before authentication (ratelimit.py).
-- Connections not yet authenticated are capped per address and in all (ratelimit.py): past the
-  cap the next is disconnected at once, so silent clients cannot hold the daemon's descriptors.
+- Connections not yet authenticated are capped per source (an address, an IPv6 /64) and in all
+  (skyguard/conncap.py): past the cap the next is disconnected at once, so silent clients
+  cannot hold the daemon's descriptors.
 This module is not the datapath rule that keeps direct SSH to VMs out, and not the signed log.
 """
 

@@ -9,8 +9,9 @@ forwarding headers (any of them spelt with `_` for `-` too) and skyguard's own c
 reach the app; skyguard's cookies set by the app never reach the client, in any answer (a 101's
 head is read whole and filtered too, before the splice). Bodies are buffered whole, within
 ProxyLimits; a head must be whole within header_timeout of its first byte, and one client
-address holds at most the gate's share of connections that carried no signed-in request. Requests are answered one at a time, in
-order (pipelined ones wait, and reading pauses past MAX_PIPELINED). Bytes that came in the same
+source (an address, an IPv6 /64) holds at most the gate's share of connections that carried no
+signed-in request. Requests are answered one at a time, in order (pipelined ones wait, and
+reading pauses past MAX_PIPELINED). Bytes that came in the same
 read as an upgrade request, after it, are dropped (WebSocket clients wait for the 101), and so
 are those that come before the app's 101; an app that answers an upgrade request with anything
 else has answered a request (written as any answer, then the connection closes): nothing more
@@ -126,7 +127,7 @@ class AppConnection(Checks, asyncio.Protocol):
             self._closed = True
             transport.close()  # fail closed: no app, or nobody can sign in
             return
-        if self.gate.clients.admit(self.client) is not None:  # this address holds its share, or all do
+        if self.gate.clients.admit(self.client) is not None:  # this address's source (its /64) holds its share, or all do
             self._closed = True
             transport.abort()
             return
@@ -404,7 +405,7 @@ class AppConnection(Checks, asyncio.Protocol):
             side.close()
 
     def _uncount(self) -> None:
-        """This connection no longer counts against its address: it closed, or it carried a
+        """This connection no longer counts against its source: it closed, or it carried a
         signed-in request (people behind one NAT share an address; the cap is for connections
         nobody signed in on)."""
         if self._counted:

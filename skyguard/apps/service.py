@@ -40,11 +40,11 @@ log = logging.getLogger(__name__)
 COOKIE_KEY = "apps-cookie-key"  # the session cookie's key in the sealed store (32 random bytes)
 HOUSEKEEPING_PERIOD = 1.0  # seconds between sweeps: expiry, and re-checks of sessions with WebSockets
 HANDSHAKE_TIMEOUT = 10.0
-# Open client connections per client address, across all apps, until they carry a signed-in
-# request: each costs descriptors the whole daemon shares (DNS and the credential proxy too), so
-# an address nobody signed in from must not take them all. People behind one NAT share an
-# address: signed-in connections do not count. In all (many addresses: an IPv6 /64 is one
-# attacker), at most MAX_UNSIGNED_CONNECTIONS such connections.
+# Open client connections per client source (an IPv4 address, an IPv6 /64: conncap.source_of),
+# across all apps, until they carry a signed-in request: each costs descriptors the whole daemon
+# shares (DNS and the credential proxy too), so a source nobody signed in from must not take them
+# all. People behind one NAT share an address: signed-in connections do not count. In all (many
+# sources), at most MAX_UNSIGNED_CONNECTIONS such connections.
 MAX_CONNECTIONS_PER_CLIENT = 256
 MAX_UNSIGNED_CONNECTIONS = 1024
 
@@ -66,7 +66,7 @@ class AppsService:
                  max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT,
                  max_unsigned_connections: int = MAX_UNSIGNED_CONNECTIONS):
         self.policy = policy
-        # connections not signed in, per client address and in all (skyguard/conncap.py)
+        # connections not signed in, per client source (an IPv6 /64 is one) and in all (skyguard/conncap.py)
         self.clients = UnauthenticatedConnections(max_connections_per_client, max_unsigned_connections)
         self.secrets = secrets
         self.log = decision_log

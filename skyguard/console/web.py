@@ -174,9 +174,9 @@ class _CountedConnection(ServerConnection):
         status = HTTPStatus.TOO_MANY_REQUESTS.value if refused == "source" else HTTPStatus.SERVICE_UNAVAILABLE.value
         count = self.pending.refusals.to_log(source, time.monotonic())
         if count:
-            log.warning("web console refused a connection from %s with %d: %d not yet authenticated from it, "
+            log.warning("web console refused a connection from %s with %d: %d not yet authenticated from its source, "
                         "%d in all (limits %d, %d); %d refused since the last line", source, status,
-                        self.pending.by_source.get(source, 0), self.pending.count(), self.pending.per_source,
+                        self.pending.held(source), self.pending.count(), self.pending.per_source,
                         self.pending.total, count)
         transport.write(_refusal(status))  # type: ignore[attr-defined]
         transport.close()

@@ -9,7 +9,7 @@ import pytest
 from skyguard.admin import access
 from skyguard.admin.ratelimit import AuthFailureLimiter
 from skyguard.admin.sftp import SftpRequestWatcher
-from skyguard.conncap import UnauthenticatedConnections
+from skyguard.conncap import UnauthenticatedConnections, source_of
 from skyguard.errors import BadInput
 from skyguard.policy.model import AdminSsh, Policy, SshOperator, Workload, Zone
 
@@ -113,6 +113,24 @@ def test_unauthenticated_connections_capped_per_source_and_in_all_and_refusals_s
     pending.release("192.0.2.1")
     assert pending.admit("192.0.2.3") is None and pending.count() == 3
     assert [pending.refusals.to_log("192.0.2.9", t) for t in (0.0, 0.2, 0.5, 1.1)] == [1, 0, 0, 3]
+
+
+def test_an_ipv6_64_is_one_source_and_an_ipv4_mapped_address_is_its_ipv4_address():
+    """A host owns its /64: counted per address, it got a fresh share from each of its
+    addresses. An IPv4 client on a dual-stack listener (::ffff:a.b.c.d) is its IPv4 address."""
+    assert source_of("2001:db8:1:2:aaaa::1") == source_of("2001:db8:1:2::ffff") == "2001:db8:1:2::/64"
+    assert source_of("2001:db8:1:3::1") == "2001:db8:1:3::/64"
+    assert source_of("::ffff:192.0.2.7") == source_of("192.0.2.7") == "192.0.2.7"
+    assert source_of("?") == "?"
+    pending = UnauthenticatedConnections(per_source=2, total=10)
+    assert pending.admit("2001:db8::1") is None and pending.admit("2001:db8::2") is None
+    assert pending.admit("2001:db8::3") == "source" and pending.held("2001:db8::99") == 2
+    assert pending.admit("2001:db8:0:1::1") is None  # the next /64: another host
+    assert pending.admit("::ffff:192.0.2.7") is None and pending.admit("192.0.2.7") is None
+    assert pending.admit("::ffff:192.0.2.7") == "source"
+    pending.release("2001:db8::2")  # any address of the /64 counts it out
+    assert pending.admit("2001:db8::4") is None
+    assert [pending.refusals.to_log(f"2001:db8::{n}", 0.0) for n in range(5)] == [1, 0, 0, 0, 0]
 
 
 def sftp_packet(kind: int, request_id: int, path: bytes, tail: bytes = b"") -> bytes:
