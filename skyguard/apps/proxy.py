@@ -6,8 +6,9 @@ as bytes while the session lives.
 
 What the client sent in the identity header, the X-Forwarded-* headers and the other
 forwarding headers (any of them spelt with `_` for `-` too) and skyguard's own cookies never
-reach the app; skyguard's cookies set by the app never reach the client, in any answer (a 101's
-head is read whole and filtered too, before the splice). Bodies are buffered whole, within
+reach the app; skyguard's cookies set by the app never reach the client, and the app's own
+reach it host-only (no Domain: none for sibling apps), in any answer (a 101's head is read whole
+and filtered too, before the splice). Bodies are buffered whole, within
 ProxyLimits; a head must be whole within header_timeout of its first byte, and one client
 source (an address, an IPv6 /64) holds at most the gate's share of connections that carried no
 signed-in request. Requests are answered one at a time, in order (pipelined ones wait, and
@@ -32,7 +33,7 @@ import logging
 from typing import Any
 
 from skyguard.apps.gate import Checks, Reply
-from skyguard.apps.sessions import LOGIN_COOKIE, SESSION_COOKIE, sets_our_cookie, without_cookies
+from skyguard.apps.sessions import LOGIN_COOKIE, SESSION_COOKIE, host_only, sets_our_cookie, without_cookies
 from skyguard.apps.upstream import AppSide
 from skyguard.credproxy.http1 import (
     BODY,
@@ -73,8 +74,18 @@ HOP_BY_HOP_BUT_LENGTH = HOP_BY_HOP - {b"content-length"}  # dropped from an answ
 def _for_client(headers, dropped: frozenset) -> list[tuple[bytes, bytes]]:
     """An app's answer's headers as the client may see them, whatever the status (a 101 too):
     one pass drops the names in `dropped` (hop-by-hop) and any Set-Cookie of skyguard's
-    cookies (sessions.sets_our_cookie: an app must not end, replace or fix a session)."""
-    return [(n, v) for n, v in headers if n not in dropped and not (n == b"set-cookie" and sets_our_cookie(v))]
+    cookies (sessions.sets_our_cookie: an app must not end, replace or fix a session), and
+    makes the app's own cookies host-only (sessions.host_only: no cookie for sibling apps)."""
+    out = []
+    for n, v in headers:
+        if n == b"set-cookie":
+            if sets_our_cookie(v):
+                continue
+            v = host_only(v)
+        elif n in dropped:
+            continue
+        out.append((n, v))
+    return out
 
 
 class AppConnection(Checks, asyncio.Protocol):

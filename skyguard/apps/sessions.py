@@ -178,6 +178,20 @@ def sets_our_cookie(value: bytes) -> bool:
     return value.partition(b"=")[0].strip() in _OURS
 
 
+def host_only(value: bytes) -> bytes:
+    """An app's Set-Cookie value without its Domain attribute(s): the cookie is kept by the
+    browser for the app's own host alone. With `Domain=apps.test`, app A's answer would set a
+    cookie every sibling app of the site receives (session fixation against an app that keeps
+    its own session, a forged double-submit CSRF token). Attribute names are case-insensitive
+    and may have spaces around the `=` (RFC 6265 5.2), as browsers read them. A compromised
+    app's script can still set a site-wide cookie (document.cookie): apps that must be kept
+    apart from that need host names under different sites."""
+    if b"domain" not in value.lower():
+        return value
+    parts = value.split(b";")
+    return b";".join([parts[0]] + [p for p in parts[1:] if p.partition(b"=")[0].strip().lower() != b"domain"])
+
+
 def set_cookie(name: str, value: str, max_age: int) -> tuple[bytes, bytes]:
     return (b"set-cookie", f"{name}={value}; Path=/; Max-Age={max_age}; Secure; HttpOnly; SameSite=Lax".encode())
 
