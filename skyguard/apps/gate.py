@@ -3,7 +3,8 @@ the Host check, skyguard's own paths (the issuer's callback, logout), the sessio
 decision (an upgrade's too: upgrade_refusal), and the pages the proxy writes itself (Reply).
 
 Request order: the Host must name this app (421 otherwise: a cookie of one app is never
-presented to another through a shared listener); skyguard's own paths (/.skyguard/...); then the
+presented to another through a shared listener); skyguard's own paths (/.skyguard/...); a change
+(any method but GET, HEAD, OPTIONS) from a page of another origin is refused (403); then the
 session (service.AppsService.session_for) and the access decision. Refusals are logged and
 counted by the service (refuse, deny). Checks.check decides at once what needs nothing but
 memory (the usual signed-in request); what needs the issuer (sign-in, callback, a session due
@@ -25,6 +26,7 @@ from skyguard.apps.sessions import (
     Pending,
     allowed,
     cookie_value,
+    from_another_origin,
     safe_return_path,
     same_origin,
     set_cookie,
@@ -40,6 +42,10 @@ REASONS = {200: b"OK", 302: b"Found", 303: b"See Other", 400: b"Bad Request", 40
            405: b"Method Not Allowed", 413: b"Content Too Large", 421: b"Misdirected Request",
            431: b"Request Header Fields Too Large", 501: b"Not Implemented", 502: b"Bad Gateway",
            503: b"Service Unavailable", 505: b"HTTP Version Not Supported"}
+# Methods a page of another origin may make a browser send with this app's cookie: they change
+# nothing (RFC 9110 9.2.1; a CORS preflight carries no cookie). Any other method from another
+# origin is refused (Checks.check: cross-app CSRF).
+SAFE_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS"))
 # Why a request cannot be decided at once (Checks.check's "wait" outcomes).
 SIGN_IN, RECHECK, CALLBACK_STEP = "sign_in", "recheck", "callback"
 _PORT = re.compile(r"[0-9]{0,5}")  # after the Host's name (empty: RFC 3986 allows "host:")
@@ -113,6 +119,8 @@ class Checks:
                 return (CALLBACK_STEP, target)
             if path == LOGOUT:
                 return self.logout(request)
+        if request.method not in SAFE_METHODS and from_another_origin(request.headers, app.origin):
+            return self.cross_origin(request)
         session, reason = gate.session_for(app, request.headers)
         if reason:
             gate.refuse(app, reason, client=self.client)
@@ -121,6 +129,18 @@ class Checks:
         if not gate.checked_recently(session):  # the issuer is asked once the check interval passed
             return (RECHECK, request.target.decode("latin-1"), session)
         return self.admit(session)
+
+    def cross_origin(self, request: HttpRequest) -> Reply:
+        """A change (POST, PUT, DELETE, ...) sent from a page of another origin: another app of
+        the same site, whose requests carry this app's SameSite=Lax session cookie, would act as
+        the signed-in user (cross-app CSRF). Refused before any session is looked at."""
+        def first(name: bytes, most: int) -> str:
+            return next((v[:most].decode("latin-1") for n, v in request.headers if n == name), "")
+
+        self.gate.refuse(self.app, "cross_origin_request", client=self.client,
+                         method=request.method[:20].decode("latin-1"), origin=first(b"origin", 300),
+                         site=first(b"sec-fetch-site", 40))
+        return Reply(403, f"{self.app.name} takes changes (POST, PUT, DELETE, ...) only from its own pages.")
 
     def admit(self, session):
         if not allowed(self.app, session.user, session.groups):

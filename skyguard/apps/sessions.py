@@ -140,6 +140,26 @@ def same_origin(headers, origin: str) -> bool:
     return sites == [b"same-origin"]
 
 
+def from_another_origin(headers, origin: str) -> bool:
+    """Whether a browser sent this request from a page of another origin than `origin` (a
+    sibling app of the same site, whose requests carry this app's SameSite=Lax cookie, is
+    another origin): its Origin header names another origin; or, with no Origin or `Origin:
+    null` (a page whose referrer policy hides it, a sandboxed frame), its Sec-Fetch-Site is
+    neither same-origin nor none (the person's own doing: the address bar, a bookmark); or it
+    has `Origin: null` and no Sec-Fetch-Site (a sandboxed frame in a browser without Fetch
+    Metadata). A request with neither header is not a browser's: nobody's cookie rides it. A
+    header sent twice counts as another origin."""
+    origins = [value for name, value in headers if name == b"origin"]
+    sites = [value for name, value in headers if name == b"sec-fetch-site"]
+    if len(origins) > 1 or len(sites) > 1:
+        return True
+    if origins and origins[0] != b"null":
+        return origins[0] != origin.encode("latin-1")
+    if sites:
+        return sites[0] not in (b"same-origin", b"none")
+    return bool(origins)
+
+
 def without_cookies(headers, names: tuple[str, ...]) -> list[tuple[bytes, bytes]]:
     """The headers with skyguard's own cookies removed (the app never sees them). A Cookie
     header naming none of them passes as it came."""

@@ -89,3 +89,84 @@ def test_an_app_cannot_set_cookies_that_its_sibling_apps_receive(tmp_path):
     assert sorted(sent_to(HOST).split("; ")) == ["fix2=2", "fix3=3", "fix=1", "own=4"]  # the app's own, kept
     assert sent_to(SIBLING) == ""
     assert b"domain" not in head.lower()
+
+
+class EchoApp(asyncio.Protocol):
+    """Answers each request with its method and path; remembers what reached it."""
+
+    seen: list = []
+
+    def connection_made(self, transport):
+        self.transport, self.buffer = transport, b""
+
+    def data_received(self, data):
+        self.buffer += data
+        while b"\r\n\r\n" in self.buffer:
+            head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            self.buffer = self.buffer[length:]  # the tests' bodies come whole with their head
+            line = b" ".join(head.split(b" ")[:2])
+            EchoApp.seen.append(line)
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(line), line))
+
+
+def test_a_page_of_a_sibling_app_cannot_post_to_this_app_as_the_user(tmp_path):
+    """A form (or a script's fetch) on admin.apps.test POSTs to keep.apps.test: both are one
+    site, so the browser sends keep's SameSite=Lax session cookie along, and the proxy used to
+    forward the request as the signed-in user (cross-app CSRF). Now a request of an unsafe
+    method whose Origin is another origin (or, with no Origin or `Origin: null`, whose
+    Sec-Fetch-Site is same-site or cross-site) is refused with 403 and logged; the app's own
+    pages, clients that are not browsers (neither header), and GETs (a link, the sign-in
+    redirects: top-level navigation) still pass."""
+    import httpx
+
+    app_port, proxy_port = free_port(), free_port()
+    store, app, policy, client_tls = rig(tmp_path, app_port, proxy_port)
+    own, sibling = f"https://{HOST}:{proxy_port}", f"https://{SIBLING}:{proxy_port}"
+    log = MemoryLog()
+    cases = {  # what a browser sends from where: (method, headers) -> status expected
+        "sibling form": ("POST", {"Origin": sibling, "Sec-Fetch-Site": "same-site"}, 403),
+        "other site": ("POST", {"Origin": "https://evil.test", "Sec-Fetch-Site": "cross-site"}, 403),
+        "sibling put": ("PUT", {"Origin": sibling, "Sec-Fetch-Site": "same-site"}, 403),
+        "sibling patch": ("PATCH", {"Origin": sibling}, 403),
+        "sibling delete": ("DELETE", {"Origin": sibling, "Sec-Fetch-Site": "same-site"}, 403),
+        "plain http origin": ("POST", {"Origin": f"http://{HOST}:{proxy_port}"}, 403),
+        "no origin, same site": ("POST", {"Sec-Fetch-Site": "same-site"}, 403),
+        "null origin, same site": ("POST", {"Origin": "null", "Sec-Fetch-Site": "same-site"}, 403),
+        "null origin, sandboxed page of an old browser": ("POST", {"Origin": "null"}, 403),
+        "own page": ("POST", {"Origin": own, "Sec-Fetch-Site": "same-origin"}, 200),
+        "own page, no-referrer policy": ("POST", {"Origin": "null", "Sec-Fetch-Site": "same-origin"}, 200),
+        "own page, delete": ("DELETE", {"Origin": own}, 200),
+        "not a browser": ("POST", {}, 200),
+        "link from a sibling": ("GET", {"Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "navigate"}, 200),
+        "sibling preflight": ("OPTIONS", {"Origin": sibling, "Sec-Fetch-Site": "same-site"}, 200),
+    }
+
+    async def run():
+        EchoApp.seen = []
+        server = await asyncio.get_running_loop().create_server(EchoApp, "127.0.0.1", app_port)
+        service = AppsService(policy, store, decision_log=log)
+        await service.start()
+        session = service.sessions.create(app, SignIn("bob", "bob", "Bob", (), "t"), 600)
+        cookie = service.sealer.seal(session.sid, HOST, session.expires)
+        got = {}
+        try:
+            async with httpx.AsyncClient(verify=client_tls, timeout=10) as client:
+                for what, (method, headers, _) in cases.items():
+                    answer = await client.request(
+                        method, f"https://127.0.0.1:{proxy_port}/form", content=b"amount=100",
+                        headers={"Host": f"{HOST}:{proxy_port}", "Cookie": f"__Host-skyguard-session={cookie}",
+                                 **headers}, extensions={"sni_hostname": HOST})
+                    got[what] = answer.status_code
+            return got
+        finally:
+            await service.stop()
+            server.close()
+
+    got = asyncio.run(run())
+    assert got == {what: status for what, (_, _, status) in cases.items()}
+    assert sorted(EchoApp.seen) == sorted([b"POST /form"] * 3 + [b"DELETE /form", b"GET /form", b"OPTIONS /form"])
+    refused = [e for e in log.of_kind("apps_refused") if e["reason"] == "cross_origin_request"]
+    assert len(refused) == 9
+    assert {"method": "POST", "origin": sibling, "site": "same-site", "client": "127.0.0.1"}.items() <= refused[0].items()
