@@ -24,14 +24,16 @@ from joserfc import jwe
 from joserfc.errors import JoseError
 from joserfc.jwk import OctKey
 
+from skyguard.conncap import source_of
 from skyguard.policy.apps import App
 
 SESSION_COOKIE = "__Host-skyguard-session"
 LOGIN_COOKIE = "__Host-skyguard-login"  # binds a sign-in under way to the browser that began it
 PENDING_TTL = 600.0  # seconds a sign-in may take at the issuer
-MAX_PENDING = 10_000  # sign-ins under way at once (oldest dropped): each costs a little memory
-# ... and per client address (its own oldest dropped), so that one client starting sign-ins in a
-# loop cannot push everyone else's out between their redirect and their return.
+MAX_PENDING = 10_000  # sign-ins under way at once: each costs a little memory
+# ... and per client source (an address, an IPv6 /64; its own oldest dropped), so that one client
+# starting sign-ins in a loop cannot push everyone else's out between their redirect and their
+# return (SessionTable).
 MAX_PENDING_PER_CLIENT = 32
 MAX_RETURN_PATH = 2048
 MAX_OPENED = 50_000  # opened cookies remembered (a few hundred bytes each)
@@ -231,22 +233,34 @@ def allowed(app: App, user: str, groups: tuple[str, ...]) -> bool:
 
 
 class SessionTable:
-    """Signed-in sessions and sign-ins under way. Use on the event loop only."""
+    """Signed-in sessions and sign-ins under way. Use on the event loop only.
+
+    Sign-ins under way are booked per source (conncap.source_of: an IPv4 address, an IPv6 /64):
+    a source keeps its last MAX_PENDING_PER_CLIENT; a full table (MAX_PENDING) drops the oldest
+    of the source holding the most. A flood of sign-ins, from one host's /64 or from many
+    addresses, pushes out its own, and a person's one sign-in goes only once every source in
+    the table holds as few."""
 
     def __init__(self):
         self.sessions: dict[str, Session] = {}
         self.pending: dict[str, Pending] = {}  # oldest first
-        self._by_client: dict[str, list[str]] = {}  # client address -> its pending states, oldest first
+        self._by_source: dict[str, list[str]] = {}  # source -> its pending states, oldest first
+        # sources by how many sign-ins they hold (1..MAX_PENDING_PER_CLIENT), each in the order
+        # they came to hold that many: the table's biggest holder without a scan
+        self._holding: dict[int, dict[str, None]] = {}
 
     def begin(self, state: str, pending: Pending) -> None:
         self._expire_pending(pending.created)
-        mine = [s for s in self._by_client.get(pending.client, ()) if s in self.pending]
-        if len(mine) >= MAX_PENDING_PER_CLIENT:
+        source = source_of(pending.client)
+        mine = self._by_source.get(source)
+        if mine is not None and len(mine) >= MAX_PENDING_PER_CLIENT:
             self._drop_pending(mine[0])
         if len(self.pending) >= MAX_PENDING:
-            self._drop_pending(next(iter(self.pending)))
+            self._drop_pending(self._by_source[self._biggest_holder()][0])
         self.pending[state] = pending
-        self._by_client.setdefault(pending.client, []).append(state)
+        states = self._by_source.setdefault(source, [])
+        self._move(source, len(states), len(states) + 1)
+        states.append(state)
 
     def take(self, state: str, now: float) -> Pending | None:
         """The sign-in for this state, once: a replayed state finds nothing."""
@@ -257,12 +271,30 @@ class SessionTable:
         self._drop_pending(state)
         return pending
 
+    def _biggest_holder(self) -> str:
+        for count in range(MAX_PENDING_PER_CLIENT, 0, -1):
+            holders = self._holding.get(count)
+            if holders:
+                return next(iter(holders))
+        raise LookupError("no sign-in under way")
+
+    def _move(self, source: str, before: int, after: int) -> None:
+        if before:
+            holders = self._holding[before]
+            del holders[source]
+            if not holders:
+                del self._holding[before]
+        if after:
+            self._holding.setdefault(after, {})[source] = None
+
     def _drop_pending(self, state: str) -> None:
         pending = self.pending.pop(state)
-        states = self._by_client[pending.client]
+        source = source_of(pending.client)
+        states = self._by_source[source]
+        self._move(source, len(states), len(states) - 1)
         states.remove(state)
         if not states:
-            del self._by_client[pending.client]
+            del self._by_source[source]
 
     def _expire_pending(self, now: float) -> None:
         """From the oldest (insertion order), so a sign-in costs what expired, not every entry."""

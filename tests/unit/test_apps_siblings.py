@@ -2,17 +2,19 @@
 app (a compromised one where it matters), real clients (raw TLS, Python's cookie jar with a
 browser's cookie rules). Sibling apps (keep.apps.test beside admin.apps.test) are one site to a
 browser: what one app's answers or pages can make a browser do must not reach the other as the
-user."""
+user. And clients against each other: how many sign-ins under way one may hold."""
 
 from __future__ import annotations
 
 import asyncio
 import email.message
 import http.cookiejar
+import time
 import urllib.request
 
 from skyguard.apps.oidc import SignIn
 from skyguard.apps.service import AppsService
+from skyguard.apps.sessions import MAX_PENDING, MAX_PENDING_PER_CLIENT, Pending, SessionTable
 from skyguard.parts import MemoryLog
 from tests.unit.test_apps_keepalive import HOST, free_port, rig
 
@@ -170,3 +172,25 @@ def test_a_page_of_a_sibling_app_cannot_post_to_this_app_as_the_user(tmp_path):
     refused = [e for e in log.of_kind("apps_refused") if e["reason"] == "cross_origin_request"]
     assert len(refused) == 9
     assert {"method": "POST", "origin": sibling, "site": "same-site", "client": "127.0.0.1"}.items() <= refused[0].items()
+
+
+def test_many_addresses_cannot_push_out_anyone_elses_sign_in():
+    """The addresses of one IPv6 /64 (one host's) each got their own MAX_PENDING_PER_CLIENT, and
+    past MAX_PENDING in all the oldest sign-in anywhere went, a real user's between their
+    redirect and their return included. Now a /64 is one source, and a full table drops the
+    oldest sign-in of the source holding the most: a user's one sign-in outlives floods from a
+    /64 and from hundreds of IPv4 addresses alike."""
+    table, now = SessionTable(), time.time()
+    table.begin("user", Pending("wiki", "n", "v", "/", now, "192.0.2.9"))
+    for n in range(12_000):
+        table.begin(f"v6-{n}", Pending("wiki", "n", "v", "/", now, f"2001:db8:66::{n:x}"))
+    assert len(table.pending) == 1 + MAX_PENDING_PER_CLIENT and "v6-11999" in table.pending
+    sources = MAX_PENDING // MAX_PENDING_PER_CLIENT + 40  # enough to fill the table, 32 each
+    for n in range(sources * MAX_PENDING_PER_CLIENT):
+        table.begin(f"v4-{n}", Pending("wiki", "n", "v", "/", now, f"10.{n % sources // 250}.{n % sources % 250}.1"))
+    assert len(table.pending) == MAX_PENDING
+    assert table.take("user", now) is not None
+    table.begin("late", Pending("wiki", "n", "v", "/", now + 601, "10.0.0.66"))  # expiry keeps the books in step
+    assert list(table.pending) == ["late"]
+    assert table.take("late", now + 601) is not None and not table.pending
+
