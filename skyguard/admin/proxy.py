@@ -51,7 +51,7 @@ from skyguard.conncap import RefusalSummary, UnauthenticatedConnections
 from skyguard.content.record import ContentMetrics
 from skyguard.custody.store import SecretStore
 from skyguard.errors import AdminError, BadInput
-from skyguard.parts import record_or_report
+from skyguard.parts import Degraded, record_or_report
 from skyguard.policy.model import Policy
 
 if TYPE_CHECKING:
@@ -163,6 +163,7 @@ class AdminSshProxy:
         self.policy, self.operator_keys = self._checked(policy)
         # Built here and in set_policy, never in a session's start path (on the loop).
         self.content_engine = sftp_content_engine(self.policy)
+        self.metrics.content.follow(lambda: self.content_engine)  # clamd's state, read at scrape time
 
     @staticmethod
     def _checked(policy: Policy) -> tuple[Policy, dict]:
@@ -179,6 +180,7 @@ class AdminSshProxy:
         has). Returns the address listened on, or None."""
         self._started = True
         await self._follow_policy()
+        await self._check_clamd()
         return self.address
 
     async def set_policy(self, policy: Policy) -> None:
@@ -186,7 +188,8 @@ class AdminSshProxy:
         Listener: closed when admin.ssh is gone, moved when `listen` changed. Open connections
         and sessions the new policy would not allow are ended at once (revocation), open port
         forwards closed if forwarding was turned off. If the new address cannot be listened on,
-        AdminError: the proxy then does not listen (it fails closed) until a policy or restart fixes it."""
+        AdminError: the proxy then does not listen (it fails closed) until a policy or restart fixes it.
+        Degraded, with the policy in force, when its SFTP content rules have no usable clamd."""
         checked, keys_of = self._checked(policy)
         engine = self.content_engine
         if engine is None or engine.content != checked.content:  # recompiled only when the rules changed
@@ -197,6 +200,15 @@ class AdminSshProxy:
                 await self._follow_policy()
         finally:
             self._end_revoked()
+        if self._started:
+            await self._check_clamd()
+
+    async def _check_clamd(self) -> None:
+        """Degraded when SFTP content rules need a clamd that is down or does not flag what it
+        skips (their uploads are refused meanwhile): said in status at once, not at the first upload."""
+        problem = await self.content_engine.clamd_problem() if self.content_engine is not None else None
+        if problem:
+            raise Degraded(f"SFTP content rules: {problem}")
 
     async def stop(self) -> None:
         """Stop listening and end every open session, telling the operators why."""

@@ -11,11 +11,21 @@ so nothing is buffered here. Every step runs under one deadline for the whole sc
 Fail closed: anything other than a clean `stream: OK` (clamd down, slow past the deadline, an
 ERROR line, a garbled answer, a connection closed early) is a ClamdUnavailable, and callers block
 the upload with its message. Not here: which uploads need a scan (inspector.py).
+
+ClamdCheck vouches for a clamd before its verdicts count: past MaxFileSize, MaxScanSize or
+MaxRecursion clamd stops looking and answers `stream: OK` unless AlertExceedsMax is on (Debian
+ships it off), so EICAR after 30 MiB of zeros in a 200-byte bzip2, xz or tar.bz2 file would pass
+as clean. The check sends a probe no clamd may open within its limits (gzip nested deeper than
+the largest MaxRecursion clamd accepts) and wants a Heuristics.Limits.Exceeded answer; without
+it every scan is refused, with the clamd setting named.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import gzip
+import logging
 import struct
 from dataclasses import dataclass
 
@@ -26,10 +36,22 @@ from skyguard.content.errors import ContentError
 MAX_FRAME = 64 * 1024
 MAX_REPLY = 4096  # a reply line is one signature name; anything longer is not clamd
 DEBIAN_SOCKET = "/run/clamav/clamd.ctl"  # LocalSocket in Debian's clamav-daemon package
+LIMITS_SIGNATURE = "Heuristics.Limits.Exceeded"  # how clamd names a file past its limits (AlertExceedsMax)
+# clamd refuses to start with MaxRecursion above 100 (CLI_MAX_MAXRECLEVEL in libclamav): a gzip
+# nested one level deeper is past the limit of every clamd, whatever its clamd.conf; 2 KiB.
+PROBE_DEPTH = 101
+CHECK_VALID_S = 60.0  # a clamd that passed is checked again after this long (it may have been restarted)
+RECHECK_FAILED_S = 1.0  # a failed check is repeated at most this often (not once per upload)
+
+log = logging.getLogger(__name__)
 
 
 class ClamdUnavailable(ContentError):
     """clamd could not give a verdict: the content counts as unscanned (block it)."""
+
+
+class ClamdMisconfigured(ClamdUnavailable):
+    """clamd answers, but its `stream: OK` cannot be trusted (AlertExceedsMax off): block."""
 
 
 @dataclass(frozen=True)
@@ -142,3 +164,75 @@ async def scan_bytes(socket_path: str, data: bytes, deadline: float) -> ClamdRes
         stream.close()
         raise
     return await stream.finish()
+
+
+@functools.cache
+def limits_probe() -> bytes:
+    """What ClamdCheck sends: a short text in PROBE_DEPTH layers of gzip."""
+    data = b"skyguard clamd limits probe\n"
+    for _ in range(PROBE_DEPTH):
+        data = gzip.compress(data, mtime=0)
+    return data
+
+
+async def check_limits_alert(socket_path: str, deadline: float) -> None:
+    """Raises ClamdMisconfigured unless clamd at `socket_path` flags a file past its limits,
+    ClamdUnavailable when it cannot be asked."""
+    result = await scan_bytes(socket_path, limits_probe(), deadline)
+    if not (result.infected and (result.signature or "").startswith(LIMITS_SIGNATURE)):
+        answer = f"found {result.signature}" if result.infected else "clean"
+        raise ClamdMisconfigured(
+            f"clamd at {socket_path} passes what it skips past its limits as clean (a gzip nested "
+            f"{PROBE_DEPTH} deep came back {answer}, not {LIMITS_SIGNATURE}.*): set `AlertExceedsMax yes` "
+            "(and `ScanArchive yes`) in clamd.conf and restart clamd; until then every file a clamav "
+            "rule covers is refused")
+
+
+class ClamdCheck:
+    """Whether clamd at one socket may give verdicts (check_limits_alert), remembered: checked
+    before the first scan, again CHECK_VALID_S later or after a scan that could not reach it, and
+    while it fails at most every RECHECK_FAILED_S. Callers waiting at once share one probe. Lives
+    on one event loop (each ContentEngine has its own); `problem` may be read from any thread."""
+
+    def __init__(self, socket_path: str, deadline: float):
+        self.socket_path = socket_path
+        self.deadline = deadline
+        self.problem: str | None = "clamd has not been checked yet"
+        self._error: ClamdUnavailable | None = None
+        self._checked_at: float | None = None
+        self._probe: asyncio.Future | None = None
+
+    def __repr__(self) -> str:
+        return f"ClamdCheck({self.socket_path!r}, problem={self.problem!r})"
+
+    async def ready(self) -> None:
+        """Returns when clamd may be used; ClamdUnavailable (or ClamdMisconfigured) saying why not."""
+        now = asyncio.get_running_loop().time()
+        fresh = self._checked_at is not None and \
+            now - self._checked_at < (RECHECK_FAILED_S if self._error else CHECK_VALID_S)
+        if not fresh:
+            if self._probe is None:
+                self._probe = asyncio.ensure_future(self._run_probe())
+            await asyncio.shield(self._probe)
+        if self._error is not None:
+            raise self._error
+
+    def forget(self) -> None:
+        """A scan could not reach clamd: it may come back another clamd, check it again."""
+        self._checked_at = None
+
+    async def _run_probe(self) -> None:
+        try:
+            await check_limits_alert(self.socket_path, self.deadline)
+            error = None
+        except ClamdUnavailable as failure:
+            error = failure
+        finally:
+            self._probe = None
+        if str(error or "") != str(self._error or ""):  # logged when it changes, not per upload
+            if error is None:
+                log.info("clamd at %s checked: it flags files past its limits", self.socket_path)
+            else:
+                log.error("clamd is not usable, files under clamav rules are refused: %s", error)
+        self._error, self.problem = error, str(error) if error else None
+        self._checked_at = asyncio.get_running_loop().time()

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from skyguard.content import engines
-from skyguard.content.clamd import ClamdStream, ClamdUnavailable
+from skyguard.content.clamd import ClamdCheck, ClamdMisconfigured, ClamdStream, ClamdUnavailable
 from skyguard.content.errors import ContentError
 from skyguard.policy.content import ContentPolicy, ContentRule
 
@@ -74,6 +74,21 @@ class ContentEngine:
             folded = tuple(re.compile(p.encode(), re.IGNORECASE) for p in rule.block.patterns)
             compiled.append(_CompiledRule(rule, patterns, folded, yara_rules, broken))
         self.rules = tuple(compiled)
+        # clamd is vouched for (AlertExceedsMax) before its first verdict counts: clamd.py
+        self.clamd = ClamdCheck(content.clamd_socket, content.scan_timeout) \
+            if any(r.block.clamav for r in content.rules) else None
+
+    async def clamd_problem(self) -> str | None:
+        """Why files under clamav rules are refused unscanned now (clamd down, or not flagging
+        what it skips: ClamdCheck), or None (also when no rule uses clamav). On the event loop:
+        the parts ask it as they take a policy, so the problem shows at once in their status."""
+        if self.clamd is None:
+            return None
+        try:
+            await self.clamd.ready()
+        except ClamdUnavailable as error:
+            return str(error)
+        return None
 
     def __repr__(self) -> str:
         return f"ContentEngine(rules={[r.rule.name for r in self.rules]})"
@@ -94,7 +109,7 @@ class ContentEngine:
     def inspector(self, zone: str | None, direction: str, protocol: str) -> Inspector | None:
         """An inspector for one file, or None when no rule covers it (nothing to inspect)."""
         rules = tuple(r for r in self.rules if r.rule.applies(zone, direction, protocol))
-        return Inspector(rules, self.content) if rules else None
+        return Inspector(rules, self.content, self.clamd) if rules else None
 
 
 class Inspector:
@@ -102,9 +117,10 @@ class Inspector:
     certain, so the caller can stop early), then `await finish()`; `close()` abandons it.
     One task at a time."""
 
-    def __init__(self, rules: Sequence[_CompiledRule], content: ContentPolicy):
+    def __init__(self, rules: Sequence[_CompiledRule], content: ContentPolicy, clamd_check: ClamdCheck | None = None):
         self.rules = tuple(rules)
         self.content = content
+        self._check = clamd_check or ClamdCheck(content.clamd_socket, content.scan_timeout)
         self.size = 0
         self._hash = hashlib.sha256()
         self._buffer: list[bytes] = []  # the chunks kept, joined once in finish()
@@ -146,7 +162,7 @@ class Inspector:
             try:
                 await (await self._open_clamd()).send(data)
             except ClamdUnavailable as error:
-                return self._block(self._clamav.rule.name, CLAMAV, f"virus scan unavailable, refused unscanned: {error}")
+                return self._clamd_failed(self._clamav.rule.name, error)
         return None
 
     async def finish(self) -> ContentVerdict:
@@ -186,7 +202,7 @@ class Inspector:
                 # Opened here for an empty file: still scanned, so a down clamd still refuses.
                 result = await (await self._open_clamd()).finish()
             except ClamdUnavailable as error:
-                return self._block(name, CLAMAV, f"virus scan unavailable, refused unscanned: {error}", digest, mime)
+                return self._clamd_failed(name, error, digest, mime)
             finally:
                 self._clamd = None
             if result.infected:
@@ -199,8 +215,14 @@ class Inspector:
         """Hex SHA-256 of the bytes fed until the verdict (all of them when it came at the end)."""
         return self._hash.hexdigest()
 
+    def _clamd_failed(self, rule: str, error: ClamdUnavailable, digest: str = "", mime: str | None = None) -> ContentVerdict:
+        if not isinstance(error, ClamdMisconfigured):
+            self._check.forget()  # clamd went away: the one that comes back is checked again
+        return self._block(rule, CLAMAV, f"virus scan unavailable, refused unscanned: {error}", digest, mime)
+
     async def _open_clamd(self) -> ClamdStream:
         if self._clamd is None:
+            await self._check.ready()
             self._clamd = ClamdStream(self.content.clamd_socket, self.content.scan_timeout)
             await self._clamd.open()
         return self._clamd

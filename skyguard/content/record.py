@@ -1,6 +1,8 @@
 """What a content decision leaves behind: one decision-log entry per block (`content_blocked`)
 and the Prometheus counter skyguard_content_decisions_total (SFTP at the access proxy:
-skyguard_admin_sftp_content_decisions_total) by zone, rule, protocol and verdict.
+skyguard_admin_sftp_content_decisions_total) by zone, rule, protocol and verdict; beside it the
+gauge skyguard_content_clamd_unusable (skyguard_admin_sftp_content_clamd_unusable), 1 while files
+under clamav rules are refused because clamd is down or does not flag what it skips.
 
 Entries carry who (zone, workload), what rule and engine, which protocol and destination, the
 size and SHA-256 of the content: never the content, never a file name's bytes beyond a bound.
@@ -12,28 +14,47 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported where used: `skyguard flows` (every CLI command) imports this module
+    from collections.abc import Callable
+
     from prometheus_client import CollectorRegistry
 
-    from skyguard.content.inspector import ContentVerdict
+    from skyguard.content.inspector import ContentEngine, ContentVerdict
 
 KIND = "content_blocked"
 MAX_LOGGED_NAME = 253
 
 
 class ContentMetrics:
-    """The counter of one part that judges content. The credential proxy (HTTP) counts in
-    skyguard_content_decisions_total; the SSH access proxy (SFTP) in its own family with the same
-    labels, skyguard_admin_sftp_content_decisions_total: each daemon part has its own registry,
-    and one family exported twice is a duplicate in the scrape."""
+    """The counter and clamd gauge of one part that judges content. The credential proxy (HTTP)
+    counts in skyguard_content_decisions_total; the SSH access proxy (SFTP) in its own family with
+    the same labels, skyguard_admin_sftp_content_decisions_total (and its gauge likewise): each
+    daemon part has its own registry, and one family exported twice is a duplicate in the scrape."""
 
     def __init__(self, registry: CollectorRegistry | None = None, name: str = "skyguard_content_decisions",
                  what: str = "Files judged by the content filter"):
-        from prometheus_client import CollectorRegistry, Counter
+        from prometheus_client import CollectorRegistry, Counter, Gauge
 
+        registry = registry if registry is not None else CollectorRegistry()
         self.decisions = Counter(
             name, f"{what}, by zone, rule (- when allowed), protocol and verdict.",
             ["zone", "rule", "protocol", "verdict"],
-            registry=registry if registry is not None else CollectorRegistry())
+            registry=registry)
+        self.clamd_unusable = Gauge(
+            name.removesuffix("_decisions") + "_clamd_unusable",
+            "1 while files under clamav rules are refused unscanned because clamd is down or does not "
+            "flag what it skips past its limits (AlertExceedsMax); the part's status says which.",
+            registry=registry)
+        self._engine: Callable[[], ContentEngine | None] = lambda: None
+        self.clamd_unusable.set_function(self._clamd_unusable)
+
+    def follow(self, engine: Callable[[], ContentEngine | None]) -> None:
+        """Read clamd's state from whatever `engine()` returns at scrape time (the part's
+        current ContentEngine, replaced with each policy)."""
+        self._engine = engine
+
+    def _clamd_unusable(self) -> float:
+        engine = self._engine()
+        return 1.0 if engine is not None and engine.clamd is not None and engine.clamd.problem else 0.0
 
     def count(self, zone: str | None, protocol: str, verdict: ContentVerdict) -> None:
         self.decisions.labels(zone or "-", verdict.rule or "-", protocol,

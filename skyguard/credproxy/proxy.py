@@ -172,6 +172,7 @@ class CredentialProxy:
         the system store."""
         self.secrets = secrets
         self.state = PolicyState.build(policy, secrets, client_certificates, content_patterns, limits)
+        metrics.content.follow(lambda: self.state.content)  # clamd's state, read at scrape time
         self.ca = ca
         self.address_matches = address_matches
         self.decision_log = decision_log

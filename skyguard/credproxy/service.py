@@ -199,6 +199,12 @@ class CredentialService:
         if not self._proxy_in_force(policy) and self.proxy_ports is not None:
             self.proxy_ports = None
             await self.proxy.stop()
+        # 4. clamd vouched for now, so an unusable one shows in status at once (uploads under
+        #    clamav rules are refused until it is fixed, whenever that is found).
+        content = self.proxy.state.content if self.proxy_ports is not None else None
+        clamd_problem = await content.clamd_problem() if content is not None else None
+        if clamd_problem:
+            problems.append(f"content rules: {clamd_problem}")
         if problems:  # the rest runs: what is missing stays off (not steered, so denied)
             raise Degraded("; ".join(problems))
 

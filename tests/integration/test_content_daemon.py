@@ -67,6 +67,7 @@ content:
                       ready_timeout=2 * STARTUP_WAIT_S)
     d.env["SKYGUARD_LAB_DIR"] = str(lab.lab_dir.parent)  # the daemon trusts this lab's CA upstream
     d.tmp = tmp
+    d.clamd_socket = clamd.socket
     try:
         d.start()
         assert d.status()["parts"]["credentials"] == "running", d.log_tail()
@@ -104,13 +105,18 @@ def arrived(lab) -> list[bytes]:
     return bodies
 
 
-def judged(lab, verdict: str) -> float:
-    """skyguard_content_decisions_total for the sandbox, from the daemon's exposition."""
+def metric(lab, name: str, **labels) -> float:
+    """One sample's value (summed over the labels not given) from the daemon's exposition."""
     text = lab.exec("host", ["curl", "-sf", f"http://{METRICS}/metrics"], lab_resolver=False, capture_output=True,
                     text=True, timeout=30, check=True).stdout
-    wanted = {"zone": "sandbox", "rule": RULE if verdict == "blocked" else "-", "protocol": "http", "verdict": verdict}
     return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
-               if s.name == "skyguard_content_decisions_total" and s.labels == wanted)
+               if s.name == name and labels.items() <= s.labels.items())
+
+
+def judged(lab, verdict: str) -> float:
+    """skyguard_content_decisions_total for the sandbox."""
+    return metric(lab, "skyguard_content_decisions_total", zone="sandbox", rule=RULE if verdict == "blocked" else "-",
+                  protocol="http", verdict=verdict)
 
 
 def test_eicar_upload_is_refused_logged_counted_and_shown_in_flows(lab, daemon):
@@ -144,6 +150,33 @@ def test_a_clean_file_arrives_byte_exact(lab, daemon):
     assert code == 200, body
     assert arrived(lab)[before:] == [data]
     assert judged(lab, "allowed") == allowed + 1
+
+
+def test_a_clamd_without_alert_exceeds_max_degrades_the_part_and_refuses_uploads(lab, daemon):
+    """clamd as Debian ships it (AlertExceedsMax off) answers clean for what it skips past its
+    limits: the part says so at once (status, log, metric) and refuses every upload the clamav
+    rule covers until a clamd that flags them is in place."""
+    lax = LocalClamd(daemon.tmp / "lax-clamd", alert_exceeds_max=False).start()
+    good = daemon.tmp / "content.yaml"
+    try:
+        (daemon.tmp / "lax.yaml").write_text(good.read_text().replace(daemon.clamd_socket, lax.socket))
+        out = daemon.cli("policy", "load", str(daemon.tmp / "lax.yaml"), "--json", check=True)
+        problem = json.loads(out.stdout)["part_problems"]["credentials"]
+        assert problem["state"] == "degraded" and "set `AlertExceedsMax yes`" in problem["problem"], problem
+        assert daemon.status()["parts"]["credentials"] == "degraded"
+        assert any("AlertExceedsMax" in e["error"] for e in daemon.log_entries("part_degraded"))
+        assert metric(lab, "skyguard_content_clamd_unusable") == 1
+        before = len(arrived(lab))
+        code, body = upload(lab, daemon, b"harmless words\n")
+        assert code == 403 and "AlertExceedsMax" in json.loads(body)["reason"], body
+        assert len(arrived(lab)) == before
+    finally:
+        out = daemon.cli("policy", "load", str(good), "--json", check=True)
+        lax.stop()
+    assert not json.loads(out.stdout)["part_problems"]
+    assert metric(lab, "skyguard_content_clamd_unusable") == 0
+    code, body = upload(lab, daemon, b"harmless words\n")
+    assert code == 200, body
 
 
 def test_loading_the_policy_without_the_rule_lets_the_upload_through(lab, daemon):

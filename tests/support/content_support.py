@@ -11,7 +11,8 @@ Signatures: the EICAR test string as a body signature (.ndb, any file type, any 
 MARKER_FILE by its MD5 (.hdb). ScanArchive is on, so both are found inside zip, tar and gzip;
 archive expansion is bounded (MaxScanSize, MaxFileSize, MaxRecursion, MaxFiles) and
 AlertExceedsMax turns a file past those bounds into a detection (a zip bomb is refused, not passed
-unscanned).
+unscanned), as the README asks of a production clamd; skyguard refuses to use one without it
+(`alert_exceeds_max=False` starts such a clamd, for the tests that show it).
 """
 
 from __future__ import annotations
@@ -29,15 +30,19 @@ import zipfile
 import zlib
 from pathlib import Path
 
+from skyguard.policy.content import DEFAULT_CLAMD_MAX_FILE
+
 # Split so that this file itself is not an EICAR file to a scanner of the repository.
 EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$" + b"EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 EICAR_SIGNATURE = "Skyguard.Test.EICAR"
 MARKER_FILE = b"skyguard blocked-by-hash test file\n"
 MARKER_SIGNATURE = "Skyguard.Test.Hash"
 CLAMD = "/usr/sbin/clamd"
-# Bounds on archive expansion (clamd.conf). Small, so a test bomb trips them quickly.
+# Bounds on archive expansion (clamd.conf). Small, so a test bomb trips them quickly. MaxFileSize
+# is Debian's, which the policy's content.clamd.max_file_bytes defaults to (a clamd under it would
+# skip, and with AlertExceedsMax refuse, files the policy lets through to it).
 MAX_SCAN_SIZE_MB = 64
-MAX_FILE_SIZE_MB = 32
+MAX_FILE_SIZE_MB = DEFAULT_CLAMD_MAX_FILE >> 20
 MAX_RECURSION = 8
 
 

@@ -5,8 +5,10 @@ apply, and the verdict (blocked or not, the engine and rule that blocked)."""
 from __future__ import annotations
 
 import asyncio
+import bz2
 import gzip
 import io
+import lzma
 import os
 import tarfile
 
@@ -135,22 +137,49 @@ def test_larger_than_the_inspection_buffer_is_refused(clamd, yara_file):
     assert verdict.blocked and verdict.engine == "uninspectable" and "inspection buffer" in verdict.reason
 
 
-def test_larger_than_clamd_scans_is_refused_not_passed(tmp_path):
+@pytest.fixture(scope="module")
+def small_clamds(tmp_path_factory):
+    """Two clamds with a 1 MiB MaxFileSize: one as clamd ships (AlertExceedsMax off), one as the
+    README asks (on)."""
+    tmp = tmp_path_factory.mktemp("small-clamds")
+    with LocalClamd(tmp / "lax", max_file_mb=1, alert_exceeds_max=False) as lax, \
+            LocalClamd(tmp / "strict", max_file_mb=1) as strict:
+        yield {"lax": lax, "strict": strict}
+
+
+def test_larger_than_clamd_scans_is_refused_not_passed(small_clamds):
     """A clamd as it ships (AlertExceedsMax off) answers clean for a file past its MaxFileSize
-    (1 MiB here): EICAR padded past it, plain or in a zip, must be refused unscanned, not passed."""
+    (1 MiB here): EICAR padded past content.clamd.max_file_bytes, plain or in a zip, is refused
+    unscanned by skyguard's own bounds, before clamd (one with AlertExceedsMax here) sees it."""
     padded = EICAR + bytes(2 << 20)
-    with LocalClamd(tmp_path / "lax", max_file_mb=1, alert_exceeds_max=False) as lax:
-        assert not run(scan_bytes(lax.socket, padded, 10)).infected  # the gap: clamd calls it clean
-        rule = ContentRule("r1", ("web",), ("upload",), ("http",), ContentBlock(clamav=True))
-        engine = ContentEngine(ContentPolicy((rule,), clamd_socket=lax.socket, scan_timeout=10,
+    assert not run(scan_bytes(small_clamds["lax"].socket, padded, 10)).infected  # the gap: clamd calls it clean
+    rule = ContentRule("r1", ("web",), ("upload",), ("http",), ContentBlock(clamav=True))
+    engine = ContentEngine(ContentPolicy((rule,), clamd_socket=small_clamds["strict"].socket, scan_timeout=10,
+                                         max_inspect_bytes=8 << 20, clamd_max_file_bytes=1 << 20))
+    verdict = run(inspect_bytes(engine, "web", "upload", "http", padded))
+    assert verdict.blocked and verdict.engine == "uninspectable", verdict
+    assert "larger than clamd scans (1048576 bytes" in verdict.reason
+    verdict = run(inspect_bytes(engine, "web", "upload", "http", zipped("padded.bin", padded)))
+    assert verdict.blocked and verdict.engine == "archive" and "expands past 1048576" in verdict.reason
+    verdict = run(inspect_bytes(engine, "web", "upload", "http", EICAR + bytes(900 << 10)))
+    assert verdict.blocked and verdict.engine == "clamav" and "EICAR" in verdict.reason  # within the limit: found
+
+
+@pytest.mark.parametrize("wrap", [bz2.compress, lzma.compress, lambda data: bz2.compress(tarred("in.bin", data))],
+                         ids=["bzip2", "xz", "tar-bzip2"])
+def test_a_file_clamd_skips_past_its_limits_is_refused(small_clamds, wrap):
+    """EICAR after 2 MiB of zeros, compressed to a few hundred bytes: past clamd's MaxFileSize
+    once expanded, where clamd without AlertExceedsMax skips the rest and answers clean. skyguard
+    refuses to scan with such a clamd (it probes it first), and a clamd with it flags the file."""
+    data = wrap(bytes(2 << 20) + EICAR)
+    assert len(data) < 64 << 10  # within every size skyguard itself bounds
+    assert not run(scan_bytes(small_clamds["lax"].socket, data, 10)).infected  # the gap: clamd calls it clean
+    rule = ContentRule("r1", ("web",), ("upload",), ("http",), ContentBlock(clamav=True))
+    for which, reason in (("lax", "AlertExceedsMax yes"), ("strict", "Heuristics.Limits.Exceeded")):
+        engine = ContentEngine(ContentPolicy((rule,), clamd_socket=small_clamds[which].socket, scan_timeout=10,
                                              max_inspect_bytes=8 << 20, clamd_max_file_bytes=1 << 20))
-        verdict = run(inspect_bytes(engine, "web", "upload", "http", padded))
-        assert verdict.blocked and verdict.engine == "uninspectable", verdict
-        assert "larger than clamd scans (1048576 bytes" in verdict.reason
-        verdict = run(inspect_bytes(engine, "web", "upload", "http", zipped("padded.bin", padded)))
-        assert verdict.blocked and verdict.engine == "archive" and "expands past 1048576" in verdict.reason
-        verdict = run(inspect_bytes(engine, "web", "upload", "http", EICAR + bytes(900 << 10)))
-        assert verdict.blocked and verdict.engine == "clamav"  # within the limit: clamd finds it
+        verdict = run(inspect_bytes(engine, "web", "upload", "http", data))
+        assert verdict.blocked and verdict.engine == "clamav" and reason in verdict.reason, (which, verdict)
 
 
 def test_zip_bomb_is_refused_by_its_bounds(clamd, yara_file):
@@ -173,7 +202,7 @@ def _without_central_directory(archive: bytes) -> bytes:
 
 
 def _past_clamd_file_limit() -> bytes:
-    """EICAR after 40 MiB of zeros in a zip: past the test clamd's MaxFileSize (32 MiB), where
+    """EICAR after 40 MiB of zeros in a zip: past the test clamd's MaxFileSize (25 MiB), where
     clamd 1.4 skips the entry as clean, AlertExceedsMax or not."""
     return zipped("padded.bin", bytes(40 << 20) + EICAR)
 
