@@ -5,8 +5,9 @@ A body arrives de-chunked (the proxy's llhttp reader undoes Transfer-Encoding). 
   the inspection buffer: a decompression bomb stops at the bound and is refused, it never grows
   in memory. Any other coding cannot be inspected: refused.
 - multipart/form-data (and other multipart/*) is split into its parts, each a file of its own
-  (a part's Content-Transfer-Encoding base64 is undone; a part's own headers, such as the file
-  name and Content-Type it claims, are ignored: types come from the bytes). Every part needs a
+  (a part's Content-Transfer-Encoding base64 is undone; a part's file name and Content-Type
+  never decide a type, which comes from the bytes, but a part that is JSON, by its Content-Type or
+  by parsing as an object or array, is also decoded as a JSON body is, below). Every part needs a
   header block ended by CRLF CRLF, with no bare CR or LF (upstreams that end headers at a bare
   blank line would otherwise read a file the filter took for headers). Parts are not split
   further; a body that does not parse as the multipart it claims to be is refused. The boundary
@@ -77,21 +78,23 @@ def body_files(headers: Headers, body: bytes, limit: int) -> list[bytes]:
             target = escaped if len(escaped) < MAX_PARTS and _ESCAPE.search(raw) else rest
             target.append(unquote_to_bytes(raw.replace(b"+", b" ")))
         return [body, *escaped, *([b"\n".join(rest)] if rest else [])]
-    if media_type in (b"application/json", b"text/json") or media_type.endswith(b"+json"):
-        return [body, *json_files(body, declared=True)]
-    if body.lstrip()[:1] in (b"{", b"["):
-        return [body, *json_files(body, declared=False)]
-    return [body]
+    return [body, *json_files(body, declared=_names_json(media_type))]
+
+
+def _names_json(media_type: bytes) -> bool:
+    return media_type in (b"application/json", b"text/json") or media_type.endswith(b"+json")
 
 
 def json_files(body: bytes, declared: bool) -> list[bytes]:
     """What a JSON body carries besides its bytes as sent (see the module's opening): [] for a
-    body not named JSON that does not parse as JSON."""
+    body not named JSON that is not an object or array, or does not parse."""
+    if not declared and body.lstrip()[:1] not in (b"{", b"["):
+        return []
     try:
         document = json.loads(body)
     except (ValueError, RecursionError):
         if declared:
-            raise Uninspectable("a JSON body that does not parse") from None
+            raise Uninspectable("a body or form part named JSON that does not parse") from None
         return []
     strings, pending = [], [document]
     while pending:
@@ -172,7 +175,8 @@ def multipart_parts(content_type: bytes, body: bytes) -> list[bytes]:
         raise Uninspectable("multipart body without its closing boundary")
     if len(pieces) - 2 > MAX_PARTS:
         raise Uninspectable(f"more than {MAX_PARTS} multipart parts")
-    parts = []
+    parts: list[bytes] = []
+    decoded: list[bytes] = []  # what the JSON parts carry (json_files)
     for piece in pieces[1:-1]:
         if not piece.startswith(b"\r\n") or not piece.endswith(b"\r\n"):
             raise Uninspectable("malformed multipart part")
@@ -187,11 +191,14 @@ def multipart_parts(content_type: bytes, body: bytes) -> list[bytes]:
         head, content = inner[:blank.start()], inner[blank.end():]
         if b"\r" in head.replace(b"\r\n", b"") or b"\n" in head.replace(b"\r\n", b""):
             raise Uninspectable("a multipart part whose headers have a bare CR or LF")
-        encoding = b""
+        encoding, declared_json = b"", False
         for line in head.split(b"\r\n"):
             name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-transfer-encoding":
+            name = name.strip().lower()
+            if name == b"content-transfer-encoding":
                 encoding = value.strip().lower()
+            elif name == b"content-type":  # any of them naming JSON: the part must parse as JSON
+                declared_json |= _names_json(value.split(b";", 1)[0].strip().lower())
         if encoding == b"base64":
             try:
                 content = base64.b64decode(re.sub(rb"\s+", b"", content), validate=True)
@@ -200,4 +207,6 @@ def multipart_parts(content_type: bytes, body: bytes) -> list[bytes]:
         elif encoding not in (b"", b"7bit", b"8bit", b"binary"):
             raise Uninspectable("a multipart part in a transfer encoding the filter cannot decode")
         parts.append(content)
-    return parts
+        decoded += json_files(content, declared_json)
+    # Bounded as one JSON body's are: past MAX_PARTS, what the parts' JSON carries is one file.
+    return parts + decoded[:MAX_PARTS] + ([b"\n".join(decoded[MAX_PARTS:])] if len(decoded) > MAX_PARTS else [])

@@ -25,7 +25,7 @@ archives may expand to no more than it (skyguard/content/inspector.py).
 
 What each engine sees (skyguard/content/http.py): a body with its Content-Encoding undone (codings
 other than gzip and deflate are refused), each multipart part, each escaped form field, a JSON
-body's strings unescaped and its base64 strings decoded; an SFTP upload as the whole file. What
+body's (or JSON form part's) strings unescaped and its base64 strings decoded; an SFTP upload as the whole file. What
 passes a rule unseen, by design: yara, patterns and mime_types judge those bytes, not what is
 inside an archive (a key zipped or gzipped as the file's own bytes passes a yara or pattern rule:
 add the archive types, application/zip, application/gzip, application/x-7z-compressed, ... to

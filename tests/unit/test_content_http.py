@@ -182,6 +182,13 @@ ATTACKS += [
     ("a key escaped in a JSON string", b'{"k": "\\u0041KIAABCDEFGHIJKLMNOP"}', _JSON,
      "no-keys", "pattern"),
     ("a body named JSON that is not JSON", b'{"content": "X', _JSON, "malware", "uninspectable"),
+    # ... and so is a JSON file in a form (an API's metadata part, or the file itself as JSON)
+    ("EICAR base64 in a JSON part of a multipart form", json.dumps({"content": base64.b64encode(EICAR).decode()})
+     .encode(), ("-F", "note=hello", "-F", "f=@{path};type=application/json"), "malware", "clamav"),
+    ("EICAR base64 in a JSON part sent as octet-stream", json.dumps([base64.b64encode(EICAR).decode()]).encode(),
+     ("-F", "f=@{path}"), "malware", "clamav"),
+    ("a form part named JSON that is not JSON", b'{"content": "X', ("-F", "f=@{path};type=application/json"),
+     "malware", "uninspectable"),
 ]
 
 
