@@ -8,17 +8,34 @@ body is blocked never leaves: the upstream receives no byte of it, let alone a c
 Empty bodies are not inspected (nothing is uploaded; a GET must not depend on clamd), but a
 request's target and header names and values are always held to the rules' patterns. Not here:
 which connections reach the proxy (steering), the engines (inspector.py).
+
+Off the event loop: decoding a body (content codings, multipart, JSON and its base64 strings:
+http.py) costs CPU in proportion to its size, up to seconds at max_inspect_bytes, and the loop
+carries every VM's traffic. Bodies past DECODE_INLINE_BYTES, or with a content coding (a small
+body may expand to the whole buffer), are decoded and hashed by DECODE_WORKERS threads of their
+own; at most that many decodes run at once (json and base64 hold the GIL, so more would only
+contend), the others wait their turn. Memory is as before: a judged body and its files, a few
+times max_inspect_bytes at most, for each body being judged.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import hashlib
 import json
+from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import unquote_to_bytes
 
 from skyguard.content.http import Uninspectable, body_files, form_fields
 from skyguard.content.inspector import PATTERN, UNINSPECTABLE, ContentEngine, ContentVerdict, inspect_bytes
 from skyguard.content.record import ContentMetrics, record_block
+
+DECODE_WORKERS = 2
+DECODE_INLINE_BYTES = 64 << 10  # smaller bodies without a content coding: decoded in place (a hop costs more)
+_decoders = concurrent.futures.ThreadPoolExecutor(DECODE_WORKERS, thread_name_prefix="sg-content-decode")
+_T = TypeVar("_T")
 
 
 async def judge_body(engine: ContentEngine, facts, host: str | None, direction: str, headers, body: bytes,
@@ -35,17 +52,19 @@ async def judge_body(engine: ContentEngine, facts, host: str | None, direction: 
     rule = engine.pattern_hit(facts.zone, direction, "http", [*_target_forms(target), *(v for _, v in headers)],
                               [n for n, _ in headers]) \
         if target is not None else None
+    inline = len(body) <= DECODE_INLINE_BYTES and not any(n == b"content-encoding" for n, _ in headers)
     if rule is not None:
         verdicts = [ContentVerdict(True, rule, PATTERN, f"request target or headers match a blocked pattern (rule {rule})",
-                                   len(body), hashlib.sha256(body).hexdigest())]
+                                   len(body), await _run(inline, _digest, body))]
     elif not body:
         return None
     limit = engine.content.max_inspect_bytes
     try:
-        files = body_files(headers, body, limit) if not verdicts else []
+        # body_files is looked up here, at each call: tests hold it to show the loop is free meanwhile
+        files = await _run(inline, body_files, headers, body, limit) if not verdicts else []
     except Uninspectable as error:
         verdicts = [ContentVerdict(True, rules[0].name, UNINSPECTABLE, f"refused unscanned: {error}", len(body),
-                                   hashlib.sha256(body).hexdigest())]
+                                   await _run(inline, _digest, body))]
         files = []
     for data in files:
         verdict = await inspect_bytes(engine, facts.zone, direction, "http", data)
@@ -62,6 +81,17 @@ async def judge_body(engine: ContentEngine, facts, host: str | None, direction: 
     record_block(decision_log, verdict, zone=facts.zone, workload=facts.workload, protocol="http",
                  direction=direction, destination=host, address=facts.address, port=facts.port)
     return verdict
+
+
+async def _run(inline: bool, function: Callable[..., _T], *args) -> _T:
+    """function(*args), here when `inline`, else in a decoding thread (see the module's opening)."""
+    if inline:
+        return function(*args)
+    return await asyncio.get_running_loop().run_in_executor(_decoders, function, *args)
+
+
+def _digest(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
 
 
 def _target_forms(target: bytes) -> list[bytes]:

@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import ipaddress
 import json
+import os
 import socket
 import ssl
 import subprocess
@@ -265,6 +266,38 @@ def test_clamd_down_means_refusal_not_a_pass(rig):
         assert code == 200
     finally:
         rig.run(rig.proxy.set_policy(rig.policy))
+
+
+def test_a_body_being_decoded_does_not_hold_up_other_connections(rig, monkeypatch):
+    """Undoing a large body's codings, multipart and JSON (up to max_inspect_bytes, 64 MiB by
+    default) is CPU work of up to seconds; the proxy serves every VM's connections meanwhile. Here
+    the decoding of a 2.7 MiB JSON upload is held until an upload on another connection has had
+    its answer: that answer must come first."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import skyguard.content.httpfilter as httpfilter
+
+    decoding, release = threading.Event(), threading.Event()
+    real = httpfilter.body_files
+
+    def held(headers, body, limit):
+        if len(body) > 1 << 20:  # the large upload only
+            decoding.set()
+            release.wait(60)
+        return real(headers, body, limit)
+
+    monkeypatch.setattr(httpfilter, "body_files", held)
+    large = json.dumps({"content": base64.b64encode(os.urandom(2 << 20)).decode()}).encode()
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(rig.upload, large, *_JSON, name="large.json")
+        try:
+            assert decoding.wait(30), "the large upload never reached the filter"
+            code, _ = rig.upload(b"small and harmless\n", name="small.txt")
+            assert code == 200 and not answer.done()
+        finally:
+            release.set()
+        code, body = answer.result()
+    assert code == 403 and json.loads(body)["engine"] == "size"  # judged as usual once decoded
 
 
 def test_content_zones_are_steered_whatever_the_destination():
