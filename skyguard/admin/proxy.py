@@ -47,6 +47,7 @@ from skyguard.admin.connection import OperatorConnection, VmHostKeys
 from skyguard.admin.decisionlog import DecisionLog
 from skyguard.admin.ratelimit import AuthFailureLimiter
 from skyguard.admin.recording import SessionArchive
+from skyguard.admin.sftp import ReplayTurn
 from skyguard.conncap import RefusalSummary, UnauthenticatedConnections
 from skyguard.content.record import ContentMetrics
 from skyguard.custody.store import SecretStore
@@ -156,6 +157,7 @@ class AdminSshProxy:
         self.vm_key: asyncssh.SSHKey | None = None
         self.host_key: asyncssh.SSHKey | None = None
         self.connections: set[OperatorConnection] = set()
+        self._sftp_turns: dict[str, ReplayTurn] = {}  # workload name -> its channels' turn (sftp.py)
         self.address: tuple[str, int] | None = None  # where it listens now
         self._server: SSHAcceptor | None = None
         self._serving: tuple[str, bool] | None = None  # (listen, agent_forwarding) of _server
@@ -283,6 +285,10 @@ class AdminSshProxy:
                 connection.close_tunnels()
             for session in list(connection.sessions):
                 session.recheck()
+
+    def sftp_turn(self, workload: str) -> ReplayTurn:
+        """The one ReplayTurn of a VM, shared by every SFTP channel to it (of any connection)."""
+        return self._sftp_turns.setdefault(workload, ReplayTurn())
 
     def record(self, kind: str, /, **fields) -> None:
         record_or_report(self.decision_log, log, kind, **fields)

@@ -360,6 +360,8 @@ class ProxySession(asyncssh.SSHServerSession):
 
     def _finish(self, result: str, exit_status, exit_signal):
         self.ended = True
+        if self.sftp_filter is not None:
+            self.sftp_filter.close()
         if self.active_counted:
             self.proxy.metrics.active.dec()
             self.active_counted = False

@@ -12,7 +12,9 @@ content rule (skyguard/policy/content.py) are held back and judged before the VM
 
 from __future__ import annotations
 
+import asyncio
 import struct
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -75,10 +77,18 @@ class SftpRequestWatcher:
 # fails) rather than streamed unscanned. A file is opened for writing only to be written whole
 # (truncated, or created new): an OPEN that appends or keeps the file's bytes (`reput`, sshfs
 # writing into a file) is refused, as the judged bytes would not be the file's; so are extended
-# requests that may write (copy-data@openssh.com: PASSED_EXTENSIONS lists those passed).
+# requests that may write (copy-data@openssh.com: PASSED_EXTENSIONS lists those passed), and a
+# SETSTAT, FSETSTAT or lsetstat that sets a size (cut to a prefix, or grown with zeros, a judged
+# file is one no rule saw: a file known by its hash, uploaded with a byte more).
+#
+# One VM, several channels (sessions of one operator or of several, each with its own sftp-server
+# on the VM): a replay (truncate, then the writes) and an OPEN for writing (which truncates) must
+# not run between another channel's truncation and its writes, or the file keeps both channels'
+# halves, each judged alone. So they take turns per VM (ReplayTurn, shared by the VM's channels):
+# a channel holds the turn from sending such requests until the VM has answered them.
 
 SSH_FXP_INIT, SSH_FXP_VERSION = 1, 2
-SSH_FXP_OPEN, SSH_FXP_CLOSE, SSH_FXP_WRITE, SSH_FXP_FSETSTAT, SSH_FXP_REMOVE = 3, 4, 6, 10, 13
+SSH_FXP_OPEN, SSH_FXP_CLOSE, SSH_FXP_WRITE, SSH_FXP_SETSTAT, SSH_FXP_FSETSTAT, SSH_FXP_REMOVE = 3, 4, 6, 9, 10, 13
 SSH_FXP_STATUS, SSH_FXP_HANDLE, SSH_FXP_EXTENDED = 101, 102, 200
 SSH_FX_OK, SSH_FX_FAILURE, SSH_FX_PERMISSION_DENIED, SSH_FX_OP_UNSUPPORTED = 0, 4, 3, 8
 SSH_FILEXFER_ATTR_SIZE = 0x01
@@ -95,6 +105,10 @@ PASSED_EXTENSIONS = frozenset({b"posix-rename@openssh.com", b"statvfs@openssh.co
                                b"users-groups-by-id@openssh.com"})
 MAX_HELD_FILES = 64  # files held open for judging at once, per channel
 MAX_IN_FLIGHT = 1 << 16  # operator requests the VM has not answered yet, per channel
+TURN_WAIT_S = 120.0  # how long a channel waits for another's replay to the VM before its stream fails
+# A channel that ended with a replay unanswered keeps the turn this long: the VM's sftp-server
+# may still be writing what reached it (at most an SSH window, 2 MiB in OpenSSH, after the end).
+TURN_GRACE_S = 10.0
 
 
 class SftpProtocolError(Exception):
@@ -149,6 +163,76 @@ class _Framer:
         return out
 
 
+class ReplayTurn:
+    """Whose turn it is to send one VM what truncates or rewrites a file under content rules (a
+    replay, an OPEN for writing): shared by the upload filters of the VM's channels, on their
+    event loop. The channel holding it may take it again (its requests run in order on its own
+    sftp-server); the others wait, first come first served, until the VM has answered all it sent."""
+
+    def __init__(self):
+        self.holder: object | None = None
+        self._unanswered = 0  # the holder's requests that needed the turn, not answered yet
+        self._queue: deque[tuple[object, asyncio.Future]] = deque()
+        self._grace: asyncio.TimerHandle | None = None
+
+    @property
+    def waiting(self) -> int:
+        """Channels waiting for the turn."""
+        return sum(1 for _, future in self._queue if not future.done())
+
+    async def take(self, channel: object, timeout: float = TURN_WAIT_S) -> None:
+        """The turn for one more request of `channel`; SftpProtocolError after `timeout` seconds."""
+        if self.holder is channel or (self.holder is None and not self.waiting):
+            self.holder = channel
+            self._unanswered += 1
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((channel, future))
+        try:
+            await asyncio.wait({future}, timeout=timeout)
+        except BaseException:  # cancelled: the channel ended while it waited
+            if future.done() and not future.cancelled():
+                self.answered(channel)  # handed over meanwhile: passed on
+            future.cancel()
+            raise
+        if not future.done() or future.cancelled():
+            future.cancel()
+            raise SftpProtocolError(f"another upload to this VM was still being written after {timeout:g} s")
+
+    def answered(self, channel: object) -> None:
+        """The VM answered one of `channel`'s requests that needed the turn."""
+        if self.holder is channel:
+            self._unanswered -= 1
+            if self._unanswered <= 0:
+                self._pass_on()
+
+    def leave(self, channel: object) -> None:
+        """`channel` ended: its waits end; a turn it holds is passed on after TURN_GRACE_S (the
+        VM may still be writing what it was sent)."""
+        for waiter, future in self._queue:
+            if waiter is channel:
+                future.cancel()
+        if self.holder is channel and self._grace is None:
+            self._grace = asyncio.get_running_loop().call_later(TURN_GRACE_S, self._expire, channel)
+
+    def _expire(self, channel: object) -> None:
+        self._grace = None
+        if self.holder is channel:
+            self._pass_on()
+
+    def _pass_on(self) -> None:
+        self.holder, self._unanswered = None, 0
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+        while self._queue:
+            channel, future = self._queue.popleft()
+            if not future.done():
+                self.holder, self._unanswered = channel, 1
+                future.set_result(None)
+                return
+
+
 class _HeldFile:
     def __init__(self, path: str):
         self.path = path
@@ -168,8 +252,11 @@ class SftpUploadFilter:
     `decision_log.record("content_blocked", **fields)`, with `log_fields` added to the fields."""
 
     def __init__(self, engine, zone: str | None, decision_log: DecisionLog, *, workload: str | None = None,
-                 metrics=None, **log_fields):
+                 metrics=None, turn: ReplayTurn | None = None, **log_fields):
+        """`turn`: the VM's, shared by all its channels (a filter of its own otherwise)."""
         self.engine = engine
+        self.turn = turn if turn is not None else ReplayTurn()
+        self._turn_ids: set[int] = set()  # operator's requests sent under the turn, not answered yet
         self.zone = zone
         self.decision_log = decision_log
         self.metrics = metrics
@@ -217,6 +304,11 @@ class SftpUploadFilter:
                                              "skyguard: uploads here are judged by content rules: "
                                              "this extended request is not passed")
                 continue
+            if _sets_size(kind, packet):
+                to_operator += status_packet(request_id, SSH_FX_PERMISSION_DENIED,
+                                             "skyguard: uploads here are judged by content rules: a file's "
+                                             "size is set only by writing it whole")
+                continue
             if kind in (SSH_FXP_OPEN, SSH_FXP_WRITE, SSH_FXP_CLOSE):
                 if kind == SSH_FXP_OPEN:
                     path, at = _string(packet, 5)
@@ -235,6 +327,7 @@ class SftpUploadFilter:
                                                          "writing into an existing file)")
                             continue
                         self._opening[request_id] = path.decode("utf-8", "replace")[:MAX_PATH_SHOWN]
+                        await self._take_turn(request_id)  # it truncates: never amid another channel's replay
                 elif kind == SSH_FXP_WRITE:
                     handle, at = _string(packet, 5)
                     held = self._held.get(handle)
@@ -298,7 +391,9 @@ class SftpUploadFilter:
         if verdict is None or not verdict.blocked:
             # The file is cut to nothing through this handle first: another handle to it (of this
             # channel or another) may have written bytes since this OPEN truncated it, and the
-            # file the VM keeps must be the image judged, not it merged with other halves.
+            # file the VM keeps must be the image judged, not it merged with other halves. No
+            # other channel truncates or replays until the VM has answered the CLOSE (ReplayTurn).
+            await self._take_turn(close_id)
             to_vm = bytearray(_packet(SSH_FXP_FSETSTAT, self._own_id(handle), _sftp_string(handle),
                                       struct.pack(">IQ", SSH_FILEXFER_ATTR_SIZE, 0)))
             for offset, chunk in held.writes:
@@ -319,6 +414,14 @@ class SftpUploadFilter:
                                                             f"skyguard: upload blocked: {verdict.reason}"))
         return cleanup, b""
 
+    async def _take_turn(self, request_id: int) -> None:
+        await self.turn.take(self)
+        self._turn_ids.add(request_id)
+
+    def close(self) -> None:
+        """The channel ended: see ReplayTurn.leave."""
+        self.turn.leave(self)
+
     def from_vm(self, data: bytes) -> bytes:
         if not self.active:
             return data
@@ -326,6 +429,9 @@ class SftpUploadFilter:
         for packet in self._from_vm.packets(data):
             if packet[0] != SSH_FXP_VERSION and len(packet) >= 5 and request_id_of(packet) not in self._own:
                 self._in_flight.discard(request_id_of(packet))  # every answer: STATUS, HANDLE, DATA, NAME, ...
+                if request_id_of(packet) in self._turn_ids:  # its OPEN or replay has run on the VM
+                    self._turn_ids.discard(request_id_of(packet))
+                    self.turn.answered(self)
             if packet[0] in (SSH_FXP_STATUS, SSH_FXP_HANDLE) and len(packet) >= 5:
                 request_id = request_id_of(packet)
                 if request_id in self._own:  # an answer to skyguard's own request: not the operator's
@@ -356,6 +462,22 @@ class SftpUploadFilter:
         return bytes(out)
 
 
+def _sets_size(kind: int, packet: bytes) -> bool:
+    """A SETSTAT, FSETSTAT or lsetstat@openssh.com whose attributes set a size."""
+    if kind == SSH_FXP_EXTENDED:
+        name, at = _string(packet, 5)
+        if name != b"lsetstat@openssh.com":
+            return False
+        _, at = _string(packet, at)
+    elif kind in (SSH_FXP_SETSTAT, SSH_FXP_FSETSTAT):
+        _, at = _string(packet, 5)
+    else:
+        return False
+    if at + 4 > len(packet):
+        raise SftpProtocolError("truncated SFTP SETSTAT")
+    return bool(struct.unpack_from(">I", packet, at)[0] & SSH_FILEXFER_ATTR_SIZE)
+
+
 class SftpFilterPump:
     """Drives one SftpUploadFilter from an SSH session's callbacks, which are synchronous: bytes
     from the operator queue up and are filtered in order by one task, with the operator's channel
@@ -367,6 +489,7 @@ class SftpFilterPump:
         self.write_vm, self.write_operator = write_vm, write_operator
         self.pause, self.resume, self.fail, self.write_vm_eof = pause, resume, fail, write_vm_eof
         self._eof = False  # the operator sent EOF: passed on once the queue is drained
+        self._closed = False  # the session ended (close())
         self._queue: list[bytes] = []
         self._task: Any = None  # the asyncio task draining the queue, while there is one
 
@@ -391,9 +514,18 @@ class SftpFilterPump:
             self.fail(f"skyguard: SFTP stream refused: {error}")
         finally:
             self._task = None
-            self.resume()
-            if self._eof:
-                self.write_vm_eof()
+            if not self._closed:
+                self.resume()
+                if self._eof:
+                    self.write_vm_eof()
+
+    def close(self) -> None:
+        """The session ended: what is queued is dropped, a wait for the VM's turn ends."""
+        self._closed = True
+        self._queue.clear()
+        if self._task is not None:
+            self._task.cancel()
+        self.filter.close()
 
     def eof(self) -> None:
         """The operator's EOF, after the bytes queued before it."""
@@ -425,8 +557,8 @@ def upload_pump(session, workload) -> SftpFilterPump | None:
     # The proxy's record() is its DecisionLog (a failing log is reported, not raised); who and
     # which recorded session go into every block's fields.
     upload_filter = SftpUploadFilter(engine, workload.zone, session.proxy, workload=workload.name,
-                                     metrics=session.proxy.metrics.content, operator=session.owner.operator_name,
-                                     session=recording.id if recording else None)
+                                     metrics=session.proxy.metrics.content, turn=session.proxy.sftp_turn(workload.name),
+                                     operator=session.owner.operator_name, session=recording.id if recording else None)
     return SftpFilterPump(upload_filter, lambda data: session.vm_chan.write(data), lambda data: session.chan.write(data),
                           session.chan.pause_reading, session.chan.resume_reading,
                           lambda message: session.end_with_message(message + "\r\n", 255, "sftp_refused"),

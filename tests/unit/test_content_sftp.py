@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from support.content_support import EICAR, LocalClamd, zipped
+from support.content_support import EICAR, MARKER_FILE, LocalClamd, zipped
 
 REPO = str(Path(__file__).resolve().parents[2])
 POLICY = """apiVersion: skyguard/v1
@@ -360,3 +360,148 @@ def test_copy_data_cannot_put_a_file_together_from_files_judged_apart(rig):
     finally:
         client.close()  # no CLOSE: the channel just ends, the VM's sftp-server closes the handle
     assert not target.exists() or KEY not in target.read_bytes()
+
+
+@pytest.mark.parametrize("kind,by", [(9, "path"), (10, "handle")], ids=["setstat", "fsetstat"])
+def test_a_judged_file_cannot_be_cut_to_one_no_rule_saw(rig, kind, by):
+    """A file clamd knows by its hash, uploaded with a byte more (another hash: clean), then cut
+    to its length by a SETSTAT or FSETSTAT of its size: the VM must not end up with it."""
+    name = f"cut-{kind}.bin"
+    assert put(rig, name, MARKER_FILE + b"!").returncode == 0
+    client = RawSftp(rig)
+    try:
+        target = client.string(str(rig / "vm" / name).encode())
+        if by == "handle":  # a handle opened for writing: held, judged and replayed at its CLOSE
+            handle = _handle(client, 1, str(rig / "vm" / name).encode(), 0x02 | 0x10)
+            target = client.string(handle or b"")
+        client.send_raw(client.packet(kind, 2, target, client.struct.pack(">IQ", 0x01, len(MARKER_FILE))))
+        client.recv()
+        if by == "handle":
+            client.send_raw(client.packet(4, 3, target))
+            client.recv()
+    finally:
+        client.close()
+    assert (rig / "vm" / name).read_bytes() != MARKER_FILE
+
+# ---- two channels to one VM: each replays its judged file, never interleaved --------------------
+
+class FilteredServer:
+    """One SFTP channel as the access proxy has it: an upload filter in front of a real sftp-server
+    (the VM's), with the test as the SSH transport between them, so it decides when the VM gets
+    what the filter sends it."""
+
+    def __init__(self, upload_filter, proc):
+        self.filter, self.proc = upload_filter, proc
+
+    @classmethod
+    async def start(cls, upload_filter, directory: Path) -> FilteredServer:
+        import asyncio
+
+        proc = await asyncio.create_subprocess_exec("/usr/lib/openssh/sftp-server", "-d", str(directory),
+                                                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        server = cls(upload_filter, proc)
+        await server.request(b"\0\0\0\x05\x01\0\0\0\x03")  # INIT, version 3
+        return server
+
+    async def deliver(self, packets: list[bytes]) -> list[bytes]:
+        """`packets` to the VM, and the answers the operator gets from the filter."""
+        self.proc.stdin.write(b"".join(packets))
+        answers = []
+        for _ in packets:
+            head = await self.proc.stdout.readexactly(4)
+            answers.append(self.filter.from_vm(head + await self.proc.stdout.readexactly(int.from_bytes(head, "big"))))
+        return answers
+
+    async def request(self, packet: bytes) -> list[bytes]:
+        to_vm, to_operator = await self.filter.from_operator(packet)
+        return ([to_operator] if to_operator else []) + (await self.deliver(packets_of(to_vm)) if to_vm else [])
+
+    async def close(self) -> None:
+        self.proc.stdin.close()
+        await self.proc.wait()
+
+
+def packets_of(data: bytes) -> list[bytes]:
+    out = []
+    while data:
+        end = 4 + int.from_bytes(data[:4], "big")
+        out.append(data[:end])
+        data = data[end:]
+    return out
+
+
+def test_two_channels_cannot_each_replay_half_of_a_file(tmp_path):
+    """Two SFTP sessions open one file and each writes a harmless half; each CLOSE is judged
+    alone and replayed (truncate, then the writes) on its own channel, so to its own sftp-server
+    process on the VM: if the second truncation runs between the first's and its writes, both
+    halves stay. Here the VM runs them in that order whenever it can."""
+    import asyncio
+    import struct
+
+    from skyguard.admin.decisionlog import JsonLinesDecisionLog
+    from skyguard.admin.sftp import ReplayTurn, SftpUploadFilter
+    from skyguard.content.inspector import ContentEngine
+    from skyguard.policy.content import ContentBlock, ContentPolicy, ContentRule
+
+    turn = ReplayTurn()  # the VM's, as the access proxy gives every channel to it (sftp_turn)
+    rule = ContentRule("keys", ("web",), ("upload",), ("sftp",), ContentBlock(patterns=(r"AKIA[0-9A-Z]{16}",)))
+    engine = ContentEngine(ContentPolicy((rule,)))
+    vm = tmp_path / "vm"
+    vm.mkdir()
+    target, half = b"halves.txt", KEY.index(b"EFGH")
+
+    def string(data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + data
+
+    async def scenario():
+        channels = [await FilteredServer.start(
+            SftpUploadFilter(engine, "web", JsonLinesDecisionLog(tmp_path / "log.jsonl"), workload="vm1", turn=turn), vm)
+            for _ in range(2)]
+        closes = []
+        for channel, (offset, data) in zip(channels, ((0, KEY[:half]), (half, KEY[half:]))):
+            answer = (await channel.request(_packet(3, 1, string(target) + struct.pack(">II", 0x1a, 0))))[0]
+            handle = answer[13:13 + int.from_bytes(answer[9:13], "big")]  # WRITE|CREAT|TRUNC: its HANDLE
+            await channel.request(_packet(6, 2, string(handle) + struct.pack(">Q", offset) + string(data)))
+            closes.append(_packet(4, 3, string(handle)))
+        first, second = (asyncio.ensure_future(c.filter.from_operator(p)) for c, p in zip(channels, closes))
+        replay = packets_of((await first)[0])
+        await channels[0].deliver(replay[:1])  # the first channel's truncation has run on the VM
+        while not second.done() and not turn.waiting:  # its replay is ready, or it waits its turn
+            await asyncio.sleep(0.01)
+        interleaved = second.done()
+        if interleaved:  # the second replay may start now: its truncation goes next
+            await channels[1].deliver(packets_of(second.result()[0])[:1])
+        await channels[0].deliver(replay[1:])
+        await channels[1].deliver(packets_of((await second)[0])[1 if interleaved else 0:])
+        for channel in channels:
+            await channel.close()
+
+    asyncio.run(scenario())
+    assert (vm / "halves.txt").read_bytes() == bytes(half) + KEY[half:]  # the last image judged, whole
+
+
+def test_a_vm_turn_outlives_a_channel_that_ended_mid_replay_then_passes_on(monkeypatch):
+    """A channel that ends with a replay unanswered keeps the VM's turn for TURN_GRACE_S (its
+    sftp-server may still be writing), then the next channel waiting gets it; a channel that ends
+    while waiting is not handed it."""
+    import asyncio
+
+    from skyguard.admin import sftp
+
+    monkeypatch.setattr(sftp, "TURN_GRACE_S", 0.05)
+
+    async def scenario():
+        turn, first, gone, second = sftp.ReplayTurn(), object(), object(), object()
+        await turn.take(first)
+        waits = [asyncio.ensure_future(turn.take(channel)) for channel in (gone, second)]
+        while turn.waiting < 2:
+            await asyncio.sleep(0)
+        turn.leave(gone)
+        turn.leave(first)
+        assert turn.holder is first  # its replay may still be running on the VM
+        with pytest.raises(sftp.SftpProtocolError):
+            await waits[0]
+        await waits[1]
+        assert turn.holder is second
+
+    asyncio.run(scenario())
