@@ -88,6 +88,9 @@ class TlsTerminator:
             return context, hashlib.sha256(chain).hexdigest()
         try:
             bundle = bytes(self.secrets.get(termination.certificate))
+        except CredentialError as error:  # the store's own words: missing, damaged, or shut (its key)
+            raise CredentialError(f"certificate {termination.certificate!r} for {termination.workload}:"
+                                  f"{termination.port}: {error}") from None
         except Exception:
             raise CredentialError(
                 f"certificate {termination.certificate!r} for {termination.workload}:{termination.port} "

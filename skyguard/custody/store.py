@@ -291,20 +291,26 @@ class SecretStore:
             finally:
                 tmp.unlink()
             fsutil.fsync_directory(self.key_file.parent)
-        st = self.key_file.stat()
-        if stat.S_IMODE(st.st_mode) & 0o077:
-            # Fail closed: a key others could read seals nothing.
-            raise CredentialError(
-                f"sealing key {self.key_file} has mode {stat.S_IMODE(st.st_mode):04o}; other users may "
-                f"have read it. Run `chmod 600 {self.key_file}` (and rotate the secrets if they did)"
-            )
-        # A plain read: a FIFO here blocks the reader (a part taking a policy, reported pending by
-        # the daemon; the hung-part test uses it as its hung disk), never `status`, which reads no key.
-        key = self.key_file.read_bytes()
+        # Opened as fsutil.open_regular does: whoever can write the directory can put a FIFO
+        # here, and a plain open() of one waits forever for a writer (the part taking a policy
+        # would hang); anything but a regular file is refused, and the store stays shut.
+        try:
+            with fsutil.open_regular(self.key_file) as f:
+                mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+                if mode & 0o077:
+                    # Fail closed: a key others could read seals nothing.
+                    raise CredentialError(
+                        f"sealing key {self.key_file} has mode {mode:04o}; other users may have read it. "
+                        f"Run `chmod 600 {self.key_file}` (and rotate the secrets if they did)"
+                    )
+                key = f.read(KEY_BYTES + 1)
+        except OSError as e:
+            raise CredentialError(f"cannot read the sealing key {self.key_file}: {e.strerror or e}; the "
+                                  "secrets stay closed until it is restored from backup") from None
         if len(key) != KEY_BYTES:
             raise CredentialError(
-                f"sealing key {self.key_file} is {len(key)} bytes, expected {KEY_BYTES}: the file is "
-                "damaged; restore it from backup"
+                f"sealing key {self.key_file} is {'over ' if len(key) > KEY_BYTES else ''}"
+                f"{min(len(key), KEY_BYTES)} bytes, expected {KEY_BYTES}: the file is damaged; restore it from backup"
             )
         return key
 

@@ -141,8 +141,10 @@ class SealedKey:
     def load(self) -> bytes:
         """The 32-byte store key. Raises SealedKeyError (never returns another key)."""
         try:
-            blob = json.loads(self.path.read_text())
-        except (OSError, ValueError) as e:
+            blob = json.loads(fsutil.read_regular_file(self.path))  # a FIFO is refused, never waited on
+        except OSError as e:
+            raise SealedKeyError(f"cannot read the sealed store key {self.path}: {e.strerror or e}") from None
+        except ValueError as e:
             raise SealedKeyError(f"cannot read the sealed store key {self.path}: {e}") from None
         try:
             return unseal(self._tpm(), blob)

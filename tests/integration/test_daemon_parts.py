@@ -6,6 +6,7 @@ Real daemon, real listeners, real CLI."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -136,22 +137,35 @@ SDN_TO_FIREWALL = "ports: [tcp/443, tcp/830, icmp, icmpv6]"  # keysystems' sdn -
 VFW1_V4 = "10.10.4.2"
 
 
-def _release(fifo, data: bytes) -> None:
-    """Hand `data` to a blocked read of `fifo`, if something reads it."""
-    try:
-        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-    except OSError:
-        return  # ENXIO: nobody reads it
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
+def _hold_the_tpm(state_dir):
+    """Seal the store's key "by a TPM" whose lock another process holds (as a `skyguard tpm`
+    command stuck on a hung TPM would): whoever needs the key waits for the lock. Returns the
+    undo: release the lock (the waiter then finds no TPM at that address and is refused the key)
+    and put the file key back."""
+    secrets, tpm_dir = state_dir / "secrets", state_dir / "tpm"
+    key_file, aside = secrets / "sealing.key", secrets / "sealing.key.aside"
+    sealed, tpm_config = secrets / "sealing.key.tpm", tpm_dir / "tpm.json"
+    tpm_dir.mkdir(mode=0o700, exist_ok=True)
+    tpm_config.write_text(json.dumps({"tcti": "swtpm:host=127.0.0.1,port=9"}))  # discard: nothing answers
+    lock = os.open(tpm_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    key_file.rename(aside)
+    sealed.write_text(json.dumps({"version": 1, "bank": "sha256", "pcrs": [0], "policy": "", "public": "",
+                                  "private": ""}))
+
+    def undo():
+        os.close(lock)
+        sealed.unlink()
+        tpm_config.unlink()
+        aside.rename(key_file)
+
+    return undo
 
 
 def test_a_load_whose_parts_outlast_the_wait_is_reported_as_the_datapath_enforces_it(lab, daemon, policies, tmp_path):
     # A part that takes longer to take a policy than the daemon waits for it (here TLS termination
-    # decrypting its certificate with a sealing key that reads from a FIFO nobody writes yet, as
-    # from a hung disk): the datapath enforces the new policy from the swap on, so the reply,
+    # decrypting its certificate with a store key sealed by a TPM that another process holds): the
+    # datapath enforces the new policy from the swap on, so the reply,
     # status, `policy show` and the signed log must say so, and no other load may start while the
     # parts still take this one (the two would interleave on the loop and could leave the parts on
     # the older policy under the newer datapath).
@@ -164,9 +178,7 @@ def test_a_load_whose_parts_outlast_the_wait_is_reported_as_the_datapath_enforce
     new_sha = load_policy(slow).sha256
     store = SecretStore(daemon.state_dir / "secrets")
     store.set("sg-slow-cert", b"not a certificate")  # present: the part goes on to decrypt it
-    key = store.key_file.read_bytes()
-    store.key_file.unlink()
-    os.mkfifo(store.key_file, 0o600)
+    release = _hold_the_tpm(daemon.state_dir)
     listener = start_listener(lab, "vfw1", tcp_ports=[8443])
     try:
         assert not probe_one(lab, "sdnctl1", "tcp", VFW1_V4, 8443)
@@ -192,16 +204,52 @@ def test_a_load_whose_parts_outlast_the_wait_is_reported_as_the_datapath_enforce
         assert probe_one(lab, "sdnctl1", "tcp", VFW1_V4, 8443), "a refused load changed the datapath"
         assert daemon.status()["policy"]["sha256"] == new_sha
     finally:
-        _release(store.key_file, key)
+        release()
         stop_process(listener)
-        wait_for(lambda: daemon.status()["parts"]["credentials"] != "pending", 30, "the credential part to finish")
-        store.key_file.unlink()
-        store.key_file.write_bytes(key)
-        store.key_file.chmod(0o600)
+        wait_for(lambda: daemon.status()["parts"]["credentials"] != "pending", 60, "the credential part to finish")
         store.remove("sg-slow-cert")
     load(daemon, policies["base"])  # and loads work again once the parts are done
     assert daemon.status()["parts"]["credentials"] == "degraded"
     assert not probe_one(lab, "sdnctl1", "tcp", VFW1_V4, 8443)
+
+
+def test_a_fifo_where_the_sealing_key_should_be_fails_the_part_closed_at_once(daemon, policies, tmp_path):
+    """Whoever can write the state directory can put a FIFO where the sealing key is: the part
+    that needs the key (TLS termination decrypting its certificate) is refused it at once, with
+    an error naming the file, instead of waiting for a writer that never comes; the load ends
+    (the part runs without that termination, so it stays denied) and the daemon answers."""
+    load(daemon, policies["base"])
+    fifo_cert = tmp_path / "fifo-cert.yaml"
+    fifo_cert.write_text(policies["base"].read_text().replace("certificate: sdnctl1", "certificate: sg-fifo-cert"))
+    store = SecretStore(daemon.state_dir / "secrets")
+    store.set("sg-fifo-cert", b"not a certificate")
+    key = store.key_file.read_bytes()
+    store.key_file.unlink()
+    os.mkfifo(store.key_file, 0o600)
+    try:
+        out = daemon.cli("policy", "load", str(fifo_cert), "--json", timeout=120)
+        reply = json.loads(out.stdout)
+        problem = reply["part_problems"]["credentials"]
+        assert problem["state"] == "degraded", reply
+        assert f"sealing key {store.key_file}" in problem["problem"], problem
+        assert "not a regular file" in problem["problem"], problem
+        assert out.returncode == 0, out.stderr
+        status = daemon.status()
+        assert status["parts"]["credentials"] == "degraded" and status["policy"]["sha256"] == reply["sha256"]
+    finally:
+        try:  # a reader blocked on it (before the fix) gets the key
+            fd = os.open(store.key_file, os.O_WRONLY | os.O_NONBLOCK)
+            os.write(fd, key)
+            os.close(fd)
+        except OSError:
+            pass
+        wait_for(lambda: daemon.status()["parts"]["credentials"] != "pending", 60, "the credential part to finish")
+        store.key_file.unlink()
+        store.key_file.write_bytes(key)
+        store.key_file.chmod(0o600)
+        store.remove("sg-fifo-cert")
+    load(daemon, policies["base"])
+    assert daemon.running()
 
 
 def test_a_policy_without_credentials_needs_no_secrets(daemon, policies):

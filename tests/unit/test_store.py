@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,29 @@ def test_another_sealing_key_cannot_open(store, tmp_path):
     store.key_file.write_bytes(os.urandom(32))
     with pytest.raises(CredentialError, match="sealing key"):
         SecretStore(store.directory).get("github")
+
+
+@pytest.mark.parametrize("key_name", ["sealing.key", "sealing.key.tpm"])
+def test_a_fifo_in_place_of_the_key_is_refused_not_waited_on(store, key_name):
+    store.set("github", VALUE)
+    key_file = store.directory / key_name
+    key_file.unlink(missing_ok=True)
+    os.mkfifo(key_file, 0o600)
+    outcome: list = []
+
+    def read():
+        try:
+            SecretStore(store.directory).get("github")
+        except CredentialError as e:
+            outcome.append(str(e))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(60)  # a bound against the hang, not a timing
+    if reader.is_alive():
+        os.close(os.open(key_file, os.O_WRONLY | os.O_NONBLOCK))  # let the blocked reader go
+        pytest.fail(f"reading the store waited on a FIFO at {key_file}")
+    assert outcome and str(key_file) in outcome[0] and "not a regular file" in outcome[0], outcome
 
 
 def test_world_readable_key_is_refused(store):
