@@ -14,7 +14,9 @@ Thread safety: one lock serialises apply_policy, learn and expire_learned.
 from __future__ import annotations
 
 import ctypes as ct
+import errno
 import ipaddress
+import logging
 import os
 import shutil
 import socket
@@ -45,6 +47,8 @@ GENERATION_MAPS = ("sg_ipcache", "sg_ipcache_host", "sg_policy", "sg_policy_exac
 TC_PRIO = 1  # our filters' prio/handle: `tc filter replace` at these swaps programs atomically
 TC_HANDLE = 1
 
+log = logging.getLogger("skyguard.datapath")
+
 
 def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -70,6 +74,7 @@ class Datapath:
         self._learned: dict = {}
         # interface name -> ifindex given by the caller of apply_policy (else resolved by name)
         self._ifindexes: dict[str, int] = {}
+        self.cleanup_failures = 0  # swaps after which entries of older generations stayed (_clean_after_swap)
 
     # ---- maps -------------------------------------------------------------------------------
     def map(self, name: str):
@@ -121,9 +126,33 @@ class Datapath:
                     raise
                 raise DatapathError(f"writing policy {policy.name!r} into the datapath failed ({e}); "
                                     f"the previous policy stays active") from e
-            self._set_config(new_gen, cfg.flags)  # the swap
-            self._delete_other_gens(new_gen)
+            try:
+                self._set_config(new_gen, cfg.flags)  # the swap: one map update, done or not done
+            except Exception as e:
+                self.policy, self.compiled, self._ifindexes = previous
+                self._delete_other_gens(cfg.gen)
+                raise DatapathError(f"switching the datapath to policy {policy.name!r} failed ({e}); "
+                                    f"the previous policy stays active") from e
+            # The commit point: the kernel enforces `policy` from here on, so nothing after it may
+            # raise (the daemon would go on naming and measuring the previous policy).
+            self._clean_after_swap(new_gen)
             return new_gen
+
+    def _clean_after_swap(self, gen: int) -> None:
+        """Delete every generation but `gen` (the active one). Entries it cannot delete are inert
+        (no packet matches a generation not in sg_config) but hold map space: they are logged,
+        counted in cleanup_failures (skyguard_datapath_cleanup_failures_total) and deleted by the
+        next swap, which deletes every generation but its own."""
+        try:
+            left = self._delete_other_gens(gen)
+        except Exception as e:  # noqa: BLE001 - after the commit point: reported, never raised
+            problem = f"{type(e).__name__}: {e}"
+        else:
+            problem = f"{left} entries refused" if left else ""
+        if problem:
+            self.cleanup_failures += 1
+            log.warning("the datapath enforces generation %d, but the old generation's entries could not all be "
+                        "deleted (%s); they match no packet and the next policy load deletes them", gen, problem)
 
     def _ifindex(self, ifname: str) -> int:
         if ifname in self._ifindexes:
@@ -162,7 +191,10 @@ class Datapath:
             key.addr[:] = abi.addr16(addr)
             self._put("sg_srcip", key, ct.c_uint8(1))
 
-    def _delete_other_gens(self, keep: int) -> None:
+    def _delete_other_gens(self, keep: int) -> int:
+        """Delete the entries of every generation but `keep`. Returns how many the kernel refused
+        (bcc reports any failed delete as KeyError; errno tells a refusal from one already gone)."""
+        refused = 0
         for name in GENERATION_MAPS:
             table = self.map(name)
             stale = [k for k in table.keys() if k.gen != keep]
@@ -170,7 +202,9 @@ class Datapath:
                 try:
                     del table[k]
                 except KeyError:
-                    pass
+                    if ct.get_errno() != errno.ENOENT:
+                        refused += 1
+        return refused
 
     # ---- DNS learning -----------------------------------------------------------------------
     def learn(self, zone: str, rule_name: str, ips, ttl: float) -> None:

@@ -114,7 +114,7 @@ class DatapathCollector(Collector):
         # Each reading stands alone: `tc` failing while an interface is re-attached must not take
         # the packet counters out of this scrape (Prometheus would mark them stale).
         ok = True
-        for read in (self._counters, self._flows, self._programs, self._maps, self._learned):
+        for read in (self._counters, self._flows, self._programs, self._maps, self._learned, self._cleanup):
             try:
                 families = read(dp, policy)
             except Exception:  # a failing reading must not break the scrape of the others
@@ -212,6 +212,18 @@ class DatapathCollector(Collector):
         for zone, n in sorted(per_zone_ips.items()):
             learned.add_metric([zone], n)
         return [learned]
+
+
+    @staticmethod
+    def _cleanup(dp, policy: _PolicyView) -> list:
+        failures = getattr(dp, "cleanup_failures", None)
+        if failures is None:
+            return []
+        counter = CounterMetricFamily("skyguard_datapath_cleanup_failures", "Policy swaps after which entries of "
+                                      "the previous generation could not all be deleted (the swap stands; they "
+                                      "match no packet and the next swap deletes them)")
+        counter.add_metric([], int(failures))
+        return [counter]
 
 
 def _learned_snapshot(dp) -> dict:

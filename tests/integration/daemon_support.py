@@ -35,12 +35,14 @@ class RunningDaemon:
     start() waits until `status` answers (and, with wait_attached, until every workload of the
     policy has its programs); kill() is SIGKILL (programs stay, fail closed); stop() is `skyguard
     down`; cleanup() leaves no process, program or pin behind. metrics: `up --metrics` (an
-    address serves Prometheus' exposition there).
+    address serves Prometheus' exposition there). preload: a module of tests/ (support.map_faults)
+    the daemon imports before it runs `up`: a fault injected where the kernel cannot be made to fail.
     """
 
     def __init__(self, lab, work_dir: Path, policy_path: Path | None = None, metrics: str = "off",
-                 wait_attached: bool = False, ready_timeout: float = READY_TIMEOUT):
+                 wait_attached: bool = False, ready_timeout: float = READY_TIMEOUT, preload: str | None = None):
         self.lab = lab
+        self.preload = preload
         self.metrics = metrics
         self.wait_attached = wait_attached
         self.ready_timeout = ready_timeout  # a bound against hangs, not a timing
@@ -72,9 +74,15 @@ class RunningDaemon:
         """`skyguard up`, not waiting for it to answer."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
+        argv = self.command("up", "--policy", str(self.policy_path), "--metrics", self.metrics)
+        env = self.env
+        if self.preload:
+            run = f"import {self.preload}, runpy; runpy.run_module('skyguard.cli.main', run_name='__main__')"
+            argv = [PY, "-c", run, *argv[3:]]
+            env = dict(env, PYTHONPATH=os.pathsep.join((env["PYTHONPATH"], str(config.REPO_ROOT / "tests"))))
         self.proc = subprocess.Popen(
-            self._in_host(self.command("up", "--policy", str(self.policy_path), "--metrics", self.metrics)),
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env, cwd="/")
+            self._in_host(argv),
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd="/")
         log.close()
 
     def wait_ready(self) -> dict:

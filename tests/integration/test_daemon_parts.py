@@ -62,10 +62,24 @@ def policies(tmp_path_factory):
     return paths
 
 
+METRICS = "127.0.0.1:26021"  # loopback of the lab's host namespace
+
+
 @pytest.fixture(scope="module")
-def daemon(lab, tmp_path_factory, policies):
-    d = RunningDaemon(lab, tmp_path_factory.mktemp("parts-daemon"), policy_path=policies["with_admin"])
+def map_fault(tmp_path_factory):
+    """Write "refuse" or "raise" here and the daemon's deletions of generation entries fail
+    (tests/support/map_faults.py); empty, they work."""
+    path = tmp_path_factory.mktemp("map-fault") / "mode"
+    path.write_text("")
+    return path
+
+
+@pytest.fixture(scope="module")
+def daemon(lab, tmp_path_factory, policies, map_fault):
+    d = RunningDaemon(lab, tmp_path_factory.mktemp("parts-daemon"), policy_path=policies["with_admin"],
+                      metrics=METRICS, preload="support.map_faults")
     d.env["SKYGUARD_PARTS_WAIT_S"] = "15"  # a load waits 15 s for a hung part, not 120 (every load here takes ~1 s)
+    d.env["SKYGUARD_TEST_MAP_FAULT"] = str(map_fault)
     try:
         d.start()
         yield d
@@ -250,6 +264,58 @@ def test_a_fifo_where_the_sealing_key_should_be_fails_the_part_closed_at_once(da
         store.remove("sg-fifo-cert")
     load(daemon, policies["base"])
     assert daemon.running()
+
+
+GENERATION_MAPS = ("sg_ipcache", "sg_ipcache_host", "sg_policy", "sg_policy_exact", "sg_srcip")
+
+
+def exposition(lab) -> str:
+    return lab.exec("host", ["curl", "-sf", f"http://{METRICS}/metrics"], lab_resolver=False,
+                    capture_output=True, text=True, timeout=20).stdout
+
+
+def metric(text: str, name: str) -> float:
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.split("{")[0].split(" ")[0] == name]
+    assert len(values) == 1, f"{name} in the exposition: {values}"
+    return values[0]
+
+
+def test_a_swap_whose_cleanup_fails_stands_and_the_failure_is_counted(lab, daemon, policies, map_fault, tmp_path):
+    # The generation flip is the commit point: once the datapath enforces the new policy, deleting
+    # the old generation's entries may fail (the kernel refuses a delete, or the delete raises),
+    # and the daemon must still name and log the policy the datapath enforces, count the failure
+    # in its metrics, and leave the leftovers to the next swap, which deletes them.
+    load(daemon, policies["base"])
+    open_8443 = tmp_path / "open-8443.yaml"
+    open_8443.write_text(policies["base"].read_text().replace(SDN_TO_FIREWALL,
+                                                              "ports: [tcp/443, tcp/830, tcp/8443, icmp, icmpv6]"))
+    settled = {name: daemon.status()["maps"][name] for name in GENERATION_MAPS}
+    failures_before = metric(exposition(lab), "skyguard_datapath_cleanup_failures_total")
+    listener = start_listener(lab, "vfw1", tcp_ports=[8443])
+    try:
+        for mode, path, reachable in (("raise", open_8443, True), ("refuse", policies["base"], False)):
+            sha = load_policy(path).sha256
+            map_fault.write_text(mode)
+            try:
+                out = daemon.cli("policy", "load", str(path), "--json")
+            finally:
+                map_fault.write_text("")
+            assert out.returncode == 0, (mode, out.stderr)
+            assert json.loads(out.stdout)["sha256"] == sha
+            assert daemon.status()["policy"]["sha256"] == sha, f"{mode}: status names a policy the datapath no longer enforces"
+            assert f'skyguard_policy_info{{name="keysystems",sha256="{sha}"}} 1.0' in exposition(lab)
+            assert daemon.log_entries("policy_load")[-1]["sha256"] == sha
+            assert probe_one(lab, "sdnctl1", "tcp", VFW1_V4, 8443) is reachable, f"{mode}: traffic follows another policy"
+        assert metric(exposition(lab), "skyguard_datapath_cleanup_failures_total") == failures_before + 2
+        left = {name: daemon.status()["maps"][name] for name in GENERATION_MAPS}
+        assert all(left[name] >= settled[name] for name in GENERATION_MAPS) and left != settled, (left, settled)
+        load(daemon, policies["base"])  # the next swap deletes what the failed cleanups left
+        assert {name: daemon.status()["maps"][name] for name in GENERATION_MAPS} == settled
+        assert metric(exposition(lab), "skyguard_datapath_cleanup_failures_total") == failures_before + 2
+        assert not probe_one(lab, "sdnctl1", "tcp", VFW1_V4, 8443)
+    finally:
+        stop_process(listener)
+    assert "the old generation's entries could not all be deleted" in daemon.log_tail(200000)
 
 
 def test_a_policy_without_credentials_needs_no_secrets(daemon, policies):
