@@ -61,6 +61,16 @@ class VmHostKeys:
         return pinned.split()[:2] == line
 
 
+# What asyncssh would otherwise take from the home and environment of the user skyguard runs as
+# (root): ~/.ssh/config (Hostname, ProxyCommand, ProxyJump, IdentityAgent... would redirect or
+# proxy skyguard's connection to a VM), ~/.ssh/ca-bundle.crt and ~/.ssh/crt (X.509 host keys
+# trusted past the pinning), Kerberos. The VM key, known_hosts (none: VmClient pins) and the
+# agent (the operator's, or none; never SSH_AUTH_SOCK) are given explicitly beside these.
+OWN_SETTINGS_ONLY: dict = {"config": [], "proxy_command": None, "tunnel": None, "x509_trusted_certs": None,
+                           "x509_trusted_cert_paths": None, "gss_kex": False, "gss_auth": False,
+                           "pkcs11_provider": None}
+
+
 class VmClient(asyncssh.SSHClient):
     def __init__(self, proxy: AdminSshProxy, workload: str):
         self.proxy = proxy
@@ -301,6 +311,7 @@ class OperatorConnection(asyncssh.SSHServer):
                     server_host_key_algs="default", agent_path=agent,
                     agent_forwarding=agent is not None, encoding=None,
                     preferred_auth="publickey", connect_timeout=cfg.connect_timeout,
+                    **OWN_SETTINGS_ONLY,
                 ), cfg.connect_timeout)
             except TimeoutError:
                 raise access.AccessRefused("vm_unreachable",

@@ -282,6 +282,29 @@ def test_unknown_vm_is_refused_with_a_clear_message(lab):
     assert "no workload named 'nosuchvm'" in out.stderr and "dc1" in out.stderr
 
 
+def test_the_proxys_own_ssh_client_ignores_the_users_ssh_files(lab, tmp_path, monkeypatch):
+    # skyguard connects to VMs with its own settings only: an OpenSSH config, known_hosts or agent
+    # of the user it runs as (root's ~/.ssh) must not redirect, proxy or otherwise change it.
+    ghost = json.loads((lab.tmp / "policy-spec.json").read_text())["ghost_ip"]
+    home, used = tmp_path / "home", tmp_path / "proxy-command-ran"
+    (home / ".ssh").mkdir(parents=True, mode=0o700)
+    (home / ".ssh" / "config").write_text(f"""Host *
+    Hostname {ghost}
+    Port 2
+    User nobody
+    ProxyCommand sh -c 'touch {used}; exec false'
+    UserKnownHostsFile {home}/.ssh/known_hosts
+    ConnectTimeout 1
+""")
+    (home / ".ssh" / "known_hosts").write_text(f"{lab.vm_ip} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIL3Bn450ZXB8e+M670v9a"
+                                               "/bGPeCAylCnYQHGLc0Q/ZkV\n")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("SSH_AUTH_SOCK", str(tmp_path / "no-agent.sock"))
+    out = lab.ssh("alice", "alice+dc1", "echo reached-$((6*7))")
+    assert out.returncode == 0 and out.stdout.strip() == "reached-42", out.stderr
+    assert not used.exists(), "the proxy ran a ProxyCommand from the user's ~/.ssh/config"
+
+
 def test_vm_that_does_not_answer_gets_a_clear_message(lab):
     out = lab.ssh("alice", "alice+ghost", "true")
     assert out.returncode == 255
