@@ -54,6 +54,7 @@ MATCH_CACHE_SIZE = 65536  # (zone, name) policy verdicts remembered until the ne
 MAX_ADDITIONAL = 2  # OPT and maybe TSIG; more is not a real client's query
 _OPT_FIXED = struct.Struct("!BHHIH")  # root name, type OPT, class = payload size, ttl, rdlen
 _ADDRESS = (wire.QTYPE_A, wire.QTYPE_AAAA)
+_TTL = struct.Struct("!I")
 
 
 @dataclass
@@ -376,8 +377,9 @@ class DnsPolicyResolver:
         for record in records:
             if record.rtype != wire.QTYPE_OPT:
                 clamped = min(max(record.ttl, lo), hi)
-                if clamped != record.ttl:
-                    struct.pack_into("!I", out, record.ttl_offset, clamped)
+                # against the wire's value: a TTL with the top bit set reads as 0 (read_records)
+                if clamped != _TTL.unpack_from(out, record.ttl_offset)[0]:
+                    _TTL.pack_into(out, record.ttl_offset, clamped)
 
         chain = {question.key}
         has_cname = any(r.rtype == wire.QTYPE_CNAME for r in records)
@@ -429,21 +431,19 @@ class DnsPolicyResolver:
                     strip.append(index)
                     unrelated += 1
                 continue
-            if record.rtype in (wire.QTYPE_A, wire.QTYPE_AAAA) and record.rtype not in wanted:
+            if record.rtype in _ADDRESS and (record.rtype not in wanted or record.rclass != wire.CLASS_IN):
                 # An address of a type the question did not ask for (an AAAA in an A answer, an
-                # A in a TXT answer): the VM asked for no such thing, so it is neither learned
-                # nor released.
+                # A in a TXT answer), or of a class not IN (CHAOS...): the VM asked for no such
+                # thing, and the datapath learns no such thing: neither learned nor released.
                 strip.append(index)
                 unrelated += 1
                 continue
-            if record.rclass != wire.CLASS_IN:
+            if record.rtype not in _ADDRESS:
                 continue
-            if record.rtype == wire.QTYPE_A and record.rdlength == 4:
-                version = 4
-            elif record.rtype == wire.QTYPE_AAAA and record.rdlength == 16:
-                version = 6
-            else:
-                continue
+            version = 4 if record.rtype == wire.QTYPE_A else 6
+            if record.rdlength != (4 if version == 4 else 16):  # which octets would the VM read?
+                return Answer(reply=self.fail(decision, "malformed", f"upstream {wire.qtype_name(record.rtype)} "
+                                              f"record of {record.rdlength} octets"))
             value = int.from_bytes(reply[record.rdata_offset:record.rdata_offset + record.rdlength], "big")
             ip = ipaddress.IPv4Address(value) if version == 4 else ipaddress.IPv6Address(value)
             if denied and any(ip in n for n in denied if n.version == ip.version):

@@ -195,7 +195,7 @@ class Record(NamedTuple):
     owner: bytes  # labels_key() of the owner name
     rtype: int
     rclass: int
-    ttl: int
+    ttl: int  # 0 for one with the top bit set (RFC 2181 section 8); the wire keeps what came
     ttl_offset: int
     rdata_offset: int
     rdlength: int
@@ -215,6 +215,8 @@ def read_records(buf: bytes, header: Header, offset: int) -> list[Record]:
             if pos + 10 > n:
                 raise WireError("record header truncated")
             rtype, rclass, ttl, rdlength = _RR_FIXED.unpack_from(buf, pos)
+            if ttl & 0x80000000 and rtype != QTYPE_OPT:  # RFC 2181 section 8: read as zero (OPT's
+                ttl = 0  # "TTL" is its extended RCODE and flags)
             rdata = pos + 10
             if rdata + rdlength > n:
                 raise WireError("record data truncated")

@@ -26,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from dnslib import AAAA, CNAME, QTYPE, RR, TXT, A
+from dnslib import AAAA, CNAME, QTYPE, RD, RR, TXT, A
 from dnslib.server import BaseResolver, DNSHandler, DNSLogger, DNSServer
 
 from skyguard.dns import steering
@@ -141,6 +141,15 @@ class LabAuthority(BaseResolver):
             reply.add_answer(RR("extra.test", QTYPE.A, rdata=A("203.0.113.30"), ttl=60))
             reply.add_answer(RR("bank.test", QTYPE.A, rdata=A("203.0.113.66"), ttl=60))
             reply.add_ar(RR("ns.bank.test", QTYPE.A, rdata=A("203.0.113.67"), ttl=60))
+        elif name == "oddclass.test":  # addresses of another class: not for the VM (nor the datapath)
+            reply.add_answer(RR(name, QTYPE.A, rdata=A("203.0.113.40"), ttl=60))
+            reply.add_answer(RR(name, QTYPE.A, rclass=3, rdata=A("203.0.113.41"), ttl=60))  # CHAOS
+            reply.add_answer(RR(name, QTYPE.A, rclass=4, rdata=A("203.0.113.42"), ttl=60))  # Hesiod
+        elif name == "badlength.test":  # an A of 5 octets: which 4 would the VM read?
+            reply.add_answer(RR(name, QTYPE.A, rdata=A("203.0.113.44"), ttl=60))
+            reply.add_answer(RR(name, QTYPE.A, rdata=RD(bytes([203, 0, 113, 45, 7])), ttl=60))
+        elif name == "hugettl.test":  # RFC 2181 section 8: a TTL with the top bit set means 0
+            reply.add_answer(RR(name, QTYPE.A, rdata=A("203.0.113.46"), ttl=0x80000E10))
         elif name == "big.test" and qtype == "TXT":
             for i in range(8):
                 reply.add_answer(RR(name, QTYPE.TXT, rdata=TXT(f"{i}" * 200), ttl=60))
@@ -206,7 +215,8 @@ def make_policy():
     rules = (
         Rule("web", "allow", ("apps",), Destination(fqdns=("allowed.test", "alias.test",
                                                             "rebind.test", "big.test",
-                                                            "inside.test", "extra.test")),
+                                                            "inside.test", "extra.test", "oddclass.test",
+                                                            "badlength.test", "hugettl.test", "ptype.test")),
              (PortRange("tcp", 443, 443),)),
         Rule("intranet", "allow", ("apps",), Destination(fqdns=("intranet.test",),
                                                          allow_private=True),
@@ -366,6 +376,36 @@ def test_records_for_other_names_are_stripped(proxy):
     assert status == "NOERROR", text
     assert answers(text) == ["203.0.113.30"]
     assert "bank.test" not in text  # neither in the answer nor in the additional section
+
+
+def test_addresses_of_another_class_or_length_never_reach_the_vm(proxy):
+    # The datapath learns only IN addresses of 4 or 16 octets: any other A or AAAA record the VM
+    # got would be an address it holds that the datapath never opened (or one read differently).
+    status, text = dig("oddclass.test")
+    assert status == "NOERROR", text
+    assert "203.0.113.41" not in text and "203.0.113.42" not in text and "ANSWER: 1," in text, text
+    assert answers(text) == ["203.0.113.40"] and proxy.learner.calls[-1]["ips"] == ["203.0.113.40"]
+    status, text = dig("badlength.test")
+    assert status == "SERVFAIL" and "203.0.113.4" not in text, text
+    entry = [e for e in proxy.log.entries if e["name"] == "badlength.test"][-1]
+    assert entry["verdict"] == "servfail" and "5 octets" in entry["reason"], entry
+
+
+def test_a_ttl_with_the_top_bit_set_is_read_as_zero(proxy):
+    status, text = dig("hugettl.test")
+    assert status == "NOERROR", text
+    [line] = [line.split() for line in text.splitlines() if line.startswith("hugettl.test.")]
+    assert line[4] == "203.0.113.46" and int(line[1]) == 5, line  # 0, raised to the policy's min_ttl
+    call = proxy.learner.calls[-1]
+    assert call["ips"] == ["203.0.113.46"] and call["ttl"] < 60, call  # held for 5 s and the grace
+
+
+def test_private_use_query_types_count_as_tunnel_types(proxy):
+    # RFC 6895: types 65280-65534 carry whatever two private parties agree on, as NULL does.
+    status, text = dig("ptype.test", "TYPE65400")
+    assert status == "REFUSED", text
+    entry = [e for e in proxy.log.entries if e["name"] == "ptype.test"][-1]
+    assert entry["verdict"] == "tunnel" and "qtype" in entry["tunnel"]["parts"], entry
 
 
 def test_truncated_upstream_falls_back_to_tcp_and_client_gets_tc(proxy):
