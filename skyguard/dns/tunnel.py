@@ -77,9 +77,6 @@ REASK_HEADER_BITS = {True: 2.0, False: 4.0}  # RD set and CD clear (what stubs s
 # one of the bits is EDNS or none
 
 QTYPE_WEIGHT = {wire.QTYPE_NULL: 1.0, wire.QTYPE_ANY: 0.5, wire.QTYPE_TXT: 0.3}
-# Private-use types (RFC 6895 section 3.1) carry whatever two parties agreed on, as NULL does;
-# no public name serves them
-PRIVATE_USE_QTYPES = range(65280, 65535)
 
 _HEX = re.compile(rb"[0-9a-f]{%d,}" % ENCODED_MIN_LEN)
 _B32 = re.compile(rb"[a-z2-7]{%d,}" % ENCODED_MIN_LEN)
@@ -147,8 +144,6 @@ def score_name(labels: list[bytes], qtype: int) -> tuple[dict[str, float], bytes
             parts["alphabet"] = round(part * min(1.0, alnum / 24), 3)
     if qtype in QTYPE_WEIGHT:
         parts["qtype"] = QTYPE_WEIGHT[qtype]
-    elif qtype in PRIVATE_USE_QTYPES:
-        parts["qtype"] = QTYPE_WEIGHT[wire.QTYPE_NULL]
     return parts, sub
 
 

@@ -400,12 +400,13 @@ def test_a_ttl_with_the_top_bit_set_is_read_as_zero(proxy):
     assert call["ips"] == ["203.0.113.46"] and call["ttl"] < 60, call  # held for 5 s and the grace
 
 
-def test_private_use_query_types_count_as_tunnel_types(proxy):
-    # RFC 6895: types 65280-65534 carry whatever two private parties agree on, as NULL does.
+def test_private_use_query_types_are_refused(proxy):
+    # RFC 6895: types 65280-65534 carry whatever two private parties agree on, as NULL does;
+    # no public name serves them, and the type itself reaches the upstream: refused (wire.SERVED_QTYPES).
     status, text = dig("ptype.test", "TYPE65400")
     assert status == "REFUSED", text
-    entry = [e for e in proxy.log.entries if e["name"] == "ptype.test"][-1]
-    assert entry["verdict"] == "tunnel" and "qtype" in entry["tunnel"]["parts"], entry
+    entry = proxy.log.entries[-1]
+    assert entry["verdict"] == "refused" and entry["reason"] == "query type TYPE65400 is not served", entry
 
 
 def test_truncated_upstream_falls_back_to_tcp_and_client_gets_tc(proxy):
