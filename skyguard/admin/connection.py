@@ -23,6 +23,7 @@ import asyncssh
 from skyguard import fsutil
 from skyguard.admin import access, keys
 from skyguard.admin.session import EXIT_UNREACHABLE, ProxySession, session_channel
+from skyguard.conncap import source_of
 from skyguard.errors import AdminError, BadInput
 from skyguard.policy.model import SshOperator, Workload
 
@@ -212,9 +213,11 @@ class OperatorConnection(asyncssh.SSHServer):
                           user=(self.login.operator if self.login else None))
         log.warning("SSH login failed from %s (%s)", self.source, reason)
         if self.proxy.limiter.failure(self.source):
-            self.proxy.record("admin_source_blocked", source=self.source,
+            # `blocks`: every address the block covers (its source: the address, or its IPv6 /64).
+            blocks = source_of(self.source)
+            self.proxy.record("admin_source_blocked", source=self.source, blocks=blocks,
                               seconds=self.proxy.config.block_for)
-            log.warning("blocking SSH logins from %s for %ss after repeated failures", self.source,
+            log.warning("blocking SSH logins from %s for %ss after repeated failures", blocks,
                         self.proxy.config.block_for)
 
     def begin_auth(self, username: str) -> bool:
@@ -224,10 +227,10 @@ class OperatorConnection(asyncssh.SSHServer):
             self.proxy.metrics.auth_failures.labels("rate_limited").inc()
             count = self.proxy.blocked_refusals.to_log(self.source, time.monotonic())
             if count:
-                log.warning("SSH access proxy refused %d login(s) from %s since the last line: the address "
-                            "is blocked after repeated failures", count, self.source)
+                log.warning("SSH access proxy refused %d login(s) from %s since the last line: it is "
+                            "blocked after repeated failures", count, source_of(self.source))
             self.conn.disconnect(asyncssh.DISC_HOST_NOT_ALLOWED_TO_CONNECT,
-                                 "too many failed logins from your address; try again later")
+                                 "too many failed logins from your address (or its network); try again later")
             return True
         self.auth_attempted = True
         try:

@@ -24,7 +24,8 @@ Decisions, made here deliberately and all closed by default:
   listed commands run, and no shell.
 - VM host keys are trusted on first use and pinned (`<state>/admin/vm_host_keys.json`); a
   changed key refuses the session until an administrator removes the pin.
-- An address with too many failed logins is refused before authentication (ratelimit.py).
+- A source (an address, an IPv6 /64) with too many failed logins is refused before
+  authentication (ratelimit.py).
 - Connections not yet authenticated are capped per source (an address, an IPv6 /64) and in all
   (skyguard/conncap.py): past the cap the next is disconnected at once, so silent clients
   cannot hold the daemon's descriptors.
@@ -74,9 +75,9 @@ class AdminProxyConfig:
     max_unauthenticated_per_source: int = 16
     max_unauthenticated: int = 128
     max_keys_per_connection: int = 6  # like OpenSSH's MaxAuthTries; key checks (offers and signatures): twice this
-    max_failures: int = 5  # failed logins per source address ...
+    max_failures: int = 5  # failed logins per source (an address, an IPv6 /64: conncap.source_of) ...
     failure_window: float = 60.0  # ... within this many seconds ...
-    block_for: float = 300.0  # ... block that address this long
+    block_for: float = 300.0  # ... block that source this long
 
 
 class AdminMetrics:
@@ -151,7 +152,7 @@ class AdminSshProxy:
                                           self.config.block_for)
         self.unauthenticated = UnauthenticatedConnections(self.config.max_unauthenticated_per_source,
                                                           self.config.max_unauthenticated)
-        self.blocked_refusals = RefusalSummary()  # logins refused from blocked addresses, for the host's log
+        self.blocked_refusals = RefusalSummary()  # logins refused from blocked sources, for the host's log
         # Loaded from the sealed store when the proxy first listens: a policy without admin.ssh
         # creates no SSH keys.
         self.vm_key: asyncssh.SSHKey | None = None

@@ -9,7 +9,7 @@ policy would not allow (target gone, operator no longer in the zone) is ended, r
 
 Decisions, closed by default: the clipboard passes only in the directions the target allows;
 RDP targets are served through a private Xvnc that FreeRDP draws into (rdp.py), Degraded
-if FreeRDP or Xvnc is missing; a source address that fails
+if FreeRDP or Xvnc is missing; a source (an address, an IPv6 /64) that fails
 too many logins is refused before authentication (the SSH door's limiter). Not here: the
 datapath grant that lets this host reach the VMs' console ports.
 """
@@ -50,9 +50,9 @@ SIGN_IN_CHECK = 2.0  # seconds between checks that a web session's operator is s
 @dataclass
 class ConsoleConfig:
     connect_timeout: float = 10.0  # seconds to reach a VM's VNC server
-    max_failures: int = 5  # bad tickets per source address ...
+    max_failures: int = 5  # bad tickets per source (an address, an IPv6 /64: conncap.source_of) ...
     failure_window: float = 60.0  # ... within this many seconds ...
-    block_for: float = 300.0  # ... block that address this long
+    block_for: float = 300.0  # ... block that source this long
 
 
 class ConsoleMetrics:

@@ -41,7 +41,7 @@ class ConsoleSession:
         self.signed_in = signed_in
         self.client_r, self.client_w = reader, writer
         peer = writer.get_extra_info("peername") or ("?", 0)
-        self.source_host = peer[0]  # what the failed-login limiter counts
+        self.source_host = peer[0]  # what the failed-login limiter counts (against its source: its /64)
         self.source = f"{peer[0]}:{peer[1]}"
         self.web = ticket is not None
         self.ticket: Ticket | None = ticket

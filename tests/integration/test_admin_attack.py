@@ -12,11 +12,12 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import asyncssh
 import pytest
 from asyncssh.public_key import SSHLocalKeyPair
-from test_admin_ssh import PROXY_PORT, lab  # noqa: F401 - lab: the module-scoped fixture
+from test_admin_ssh import IPV6_PORT, PROXY_PORT, lab, sh  # noqa: F401 - lab: the module-scoped fixture
 
 from skyguard.admin.proxy import AdminProxyConfig
 from support.netns_support import NamespaceLoop
@@ -134,6 +135,32 @@ def test_a_blocked_address_cannot_grow_the_signed_log(lab):  # noqa: F811
     from_it = [e for e in lab.entries() if e.get("source") == source]
     assert [e["type"] for e in from_it].count("admin_source_blocked") == 1
     assert len(from_it) <= lab.proxy.config.max_failures + 1, [e.get("reason") for e in from_it]
+
+
+def test_failures_from_the_addresses_of_one_ipv6_64_block_the_whole_64(lab):  # noqa: F811
+    """A host owns its /64 (SLAAC, privacy addresses). The brute-force brake counted failures per
+    address: going from one address of its /64 to the next, a guesser had `max_failures` fresh
+    guesses (and as many signed log entries) from each. Now the /64 is one source: past
+    `max_failures` from any of its addresses, all of them are refused; another /64 still logs in."""
+    one_64 = [f"2001:db8:5a::{n:x}" for n in range(1, lab.proxy.config.max_failures + 2)]
+    other_64 = "2001:db8:5b::1"
+    for address in one_64 + [other_64]:
+        sh("ip", "-n", lab.px_ns, "addr", "add", f"{address}/64", "dev", "lo", "nodad")
+    lab.set_policy(replace(lab.policy, admin_ssh=replace(lab.policy.admin_ssh, listen=f"[::1]:{IPV6_PORT}")))
+    try:
+        guesses = [lab.ssh("carol", "alice+dc1", "true", source=source, host="::1", port=IPV6_PORT)
+                   for source in one_64[:-1]]
+        same_64 = lab.ssh("alice", "alice+dc1", "echo should-not-run", source=one_64[-1], host="::1", port=IPV6_PORT)
+        elsewhere = lab.ssh("alice", "alice+dc1", "echo still-serving", source=other_64, host="::1", port=IPV6_PORT)
+    finally:
+        lab.set_policy(lab.policy)
+    assert all(g.returncode == 255 and "Permission denied" in g.stderr for g in guesses), [g.stderr for g in guesses]
+    assert same_64.returncode == 255 and "should-not-run" not in same_64.stdout, same_64.stderr
+    assert "too many failed logins" in same_64.stderr
+    assert elsewhere.returncode == 0 and elsewhere.stdout.strip() == "still-serving", elsewhere.stderr
+    [blocked] = [e for e in lab.entries("admin_source_blocked") if e["source"] in one_64]
+    assert blocked["blocks"] == "2001:db8:5a::/64"
+    assert "2001:db8" not in __import__("prometheus_client").generate_latest(lab.registry).decode()
 
 
 class ForgedKeyPair(SSHLocalKeyPair):

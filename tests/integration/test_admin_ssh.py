@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parents[2]
 PROXY_PORT = 24222
 KILLABLE_PROXY_PORT = 24223  # the proxy run as its own process, to be killed
 MOVED_PORT = 24224  # where a policy change moves the listener (test_admin_lifecycle.py)
+IPV6_PORT = 24225  # where a policy change moves it to [::1] (test_admin_attack.py, one IPv6 /64)
 
 
 def build_policy(spec: dict, port: int) -> Policy:
@@ -144,8 +145,10 @@ LogLevel VERBOSE
         config = AdminProxyConfig(connect_timeout=2.0, max_failures=3, failure_window=600, block_for=600)
         proxy = AdminSshProxy(policy, SecretStore(state / "secrets"), state, decision_log, registry, config)
         proxy_thread.run(proxy.start())
-        (tmp / "known_hosts").write_text("".join(f"[127.0.0.1]:{port} {keys.public_line(proxy.host_key)}\n"
-                                                 for port in (PROXY_PORT, KILLABLE_PROXY_PORT, MOVED_PORT)))
+        (tmp / "known_hosts").write_text("".join(f"[{host}]:{port} {keys.public_line(proxy.host_key)}\n"
+                                                 for host, port in (("127.0.0.1", PROXY_PORT),
+                                                                    ("127.0.0.1", KILLABLE_PROXY_PORT),
+                                                                    ("127.0.0.1", MOVED_PORT), ("::1", IPV6_PORT))))
 
         # Wait until the VM's sshd listens (a real TCP connect from the proxy's namespace).
         for _ in range(100):
@@ -176,7 +179,7 @@ class Lab:
         self.policy, self.proxy, self.proxy_thread = policy, proxy, proxy_thread
         self.registry, self.decision_log, self.env = registry, decision_log, env
 
-    def ssh_args(self, key: str, user: str, *extra, tool="ssh", source=None, port=PROXY_PORT):
+    def ssh_args(self, key: str, user: str, *extra, tool="ssh", source=None, port=PROXY_PORT, host="127.0.0.1"):
         port_flag = "-P" if tool == "sftp" else "-p"
         args = ["nsenter", f"--net=/run/netns/{self.px_ns}", tool, "-F", "/dev/null",
                 "-i", str(self.tmp / key), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
@@ -184,11 +187,11 @@ class Lab:
                 "-o", "ConnectTimeout=10", port_flag, str(port)]
         if source:
             args += ["-o", f"BindAddress={source}"]
-        return args + list(extra) + [f"{user}@127.0.0.1"]
+        return args + list(extra) + [f"{user}@{host}"]
 
     def ssh(self, key, user, *command, extra=(), input=None, tool="ssh", source=None, timeout=60,
-            port=PROXY_PORT):
-        return subprocess.run(self.ssh_args(key, user, *extra, tool=tool, source=source, port=port)
+            port=PROXY_PORT, host="127.0.0.1"):
+        return subprocess.run(self.ssh_args(key, user, *extra, tool=tool, source=source, port=port, host=host)
                               + list(command), input=input, capture_output=True, text=True, timeout=timeout)
 
     def set_policy(self, policy):
