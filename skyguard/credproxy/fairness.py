@@ -1,6 +1,8 @@
 """Per-VM shares of the credential proxy's resources: open connections and certificate
 minting. Keys are workload names (None: every client that is no workload of the policy, as one
-share), so one VM exhausting its share never touches another's. Loop-owned, no locking.
+share), so one VM exhausting its share never touches another's. TLS termination (termination.py)
+and the crypto proxy count clients the same way, by source where a client is not a VM
+(conncap.source_of: an IPv4 address, an IPv6 /64). Loop-owned, no locking.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import socket
 import ssl
 from dataclasses import dataclass, field
 
+from skyguard.conncap import source_of
 from skyguard.credproxy.ca import new_server_context
 from skyguard.credproxy.fairness import Slots
 from skyguard.credproxy.interfaces import CredentialMetrics, DecisionLog, SecretSource
@@ -36,9 +37,10 @@ HANDSHAKE_TIMEOUT = 10.0  # seconds for the client's TLS handshake
 CONNECT_TIMEOUT = 5.0  # seconds to reach the VM's plaintext port
 IDLE_TIMEOUT = 300.0  # seconds without a byte in either direction before both sides close
 CHUNK = 65536
-# Open connections per client address, across all terminated services: each costs two sockets
-# in the daemon, whose descriptors the credential proxy and DNS share, so one client must not
-# be able to take them all.
+# Open connections per client source (an IPv4 address, an IPv6 /64: conncap.source_of), across
+# all terminated services: each costs two sockets in the daemon, whose descriptors the credential
+# proxy and DNS share, so one client must not be able to take them all (nor, from the addresses
+# of its /64, a share per address).
 MAX_CONNECTIONS_PER_CLIENT = 256
 
 
@@ -178,7 +180,7 @@ class TlsTerminator:
                       running: _Running):
         task = asyncio.current_task()
         peer = writer.get_extra_info("peername")
-        client = peer[0] if peer else None
+        client = source_of(peer[0]) if peer else None  # what its share is counted against
         if not self.clients.acquire(client):
             writer.transport.abort()  # over this client's share: no log entry per refused connection
             self.metrics.terminations.labels(termination.workload, "refused_over_share").inc()

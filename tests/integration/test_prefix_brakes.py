@@ -8,7 +8,9 @@ host owns its whole /64 (SLAAC, privacy addresses), so each brake counts a /64 a
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import secrets
+import ssl
 import struct
 import subprocess
 from dataclasses import replace
@@ -16,6 +18,11 @@ from dataclasses import replace
 import pytest
 
 from skyguard.console import rfb
+from skyguard.credproxy.interfaces import CredentialMetrics, MemorySecretSource
+from skyguard.credproxy.termination import TlsTerminator
+from skyguard.lab.ca import LabCA
+from skyguard.parts import MemoryLog
+from skyguard.policy.model import Policy, TlsTermination, Workload, Zone
 from support.netns_support import NamespaceLoop
 from tests.unit.test_console_proxy import hostile_vm, start_proxy, two_policies
 
@@ -86,3 +93,53 @@ def test_bad_tickets_from_the_addresses_of_one_64_block_the_whole_64(ns, tmp_pat
     assert guesses == [struct.pack(">I", 1)] * 3  # each guess tried and refused
     assert same == b"", "a login from the blocked /64 was tried"
     assert other == bytes(4)  # another /64: logged in
+
+
+# ---- TLS termination: open connections per client ------------------------------------------------
+
+def test_a_64_holds_one_share_of_the_terminated_connections(ns, tmp_path):
+    """TLS termination caps the connections one client holds open (each costs two of the
+    daemon's descriptors). It counted per address: from the addresses of its /64 one host held a
+    share per address. Now the /64 is one source: past its share a connection from any of its
+    addresses is closed at once, while a client of another /64 still gets through."""
+    cert, key = LabCA(tmp_path / "ca").issue(["web1.test"])
+    workload = Workload("web1", "web", "sg-web1", "02:00:00:00:09:02", (ipaddress.ip_address("::1"),))
+    policy = Policy("t", {"web": Zone("web", (workload,))}, {}, (),
+                    tls_termination=(TlsTermination("web1", 443, 18443, "web1-tls"),))
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+
+    async def echo(reader, writer):  # the VM's plaintext service
+        while data := await reader.read(100):
+            writer.write(data)
+
+    async def run():
+        vm = await asyncio.start_server(echo, "::1", 18443)
+        terminator = TlsTerminator(policy, MemorySecretSource({"web1-tls": cert + key}), decision_log=MemoryLog(),
+                                   metrics=CredentialMetrics(), max_connections_per_client=2)
+        [listener] = await terminator.start("::1")
+
+        async def exchange(source):
+            reader, writer = await asyncio.open_connection("::1", listener.listen_port, ssl=context,
+                                                           server_hostname="web1.test", local_addr=(source, 0))
+            writer.write(b"ping")
+            try:
+                return await asyncio.wait_for(reader.read(4), 5), writer
+            except (ConnectionResetError, ssl.SSLError):
+                return b"", writer
+
+        try:
+            held = [await exchange(source) for source in ONE_PREFIX[:2]]
+            over = [await exchange(source) for source in ONE_PREFIX[2:4]]
+            other = await exchange(OTHER_PREFIX)
+            for _, writer in held + over + [other]:
+                writer.close()
+            return [answer for answer, _ in held], [answer for answer, _ in over], other[0]
+        finally:
+            await terminator.stop()
+            vm.close()
+
+    held, over, other = ns.run(run())
+    assert held == [b"ping", b"ping"]
+    assert over == [b"", b""], "connections past the /64's share were spliced to the VM"
+    assert other == b"ping"
