@@ -16,9 +16,12 @@ leaves (none is given when the log cannot take it). Refusals are summarised, so 
 not grow the log by an entry a request: at most about one entry per second per VM and key over
 its rate limit, and per VM, key ("-" for names not offered), operation and outcome for the others
 (its `refused` counts them; those after a second's entry are counted in an entry a second later,
-also when the flood stops). Prometheus counts operations by key, operation and outcome (key
-is "-" for names the policy does not offer, so a VM cannot grow the label set). Key operations run
-in a small thread pool; the rate limit is checked before, so one VM's flood never queues there.
+also when the flood stops). A caller that is no VM counts as its source (conncap.source_of: an
+IPv4 address, an IPv6 /64), for its entries and for its share of connections
+(MAX_CONNECTIONS_PER_VM): a host going through the addresses of its /64 has one of each.
+Prometheus counts operations by key, operation and outcome (key is "-" for names the policy does
+not offer, so a VM cannot grow the label set). Key operations run in a small thread pool; the rate
+limit is checked before, so one VM's flood never queues there.
 
 Fail closed: a backend that cannot open (no PIN, no token) stops the part; keys the policy names
 but the backend lacks are reported (Degraded) and answered 503. A backend that fails on a request
@@ -42,6 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import h11
 
+from skyguard.conncap import source_of
 from skyguard.credproxy.fairness import Slots
 from skyguard.keys import api
 from skyguard.keys.types import KeyInputRefused, KeyOperationRefused, verify_signature
@@ -75,7 +79,7 @@ class CryptoProxy:
         self.pool = ThreadPoolExecutor(KEY_WORKERS, thread_name_prefix="sg-keys")
         self.servers: list = []
         self.port = None
-        self._connections = Slots(MAX_CONNECTIONS_PER_VM)  # per VM (workload name, else address)
+        self._connections = Slots(MAX_CONNECTIONS_PER_VM)  # per VM (workload name, else the caller's source)
         self._tasks: set = set()
         self._pending: set[tuple] = set()  # kinds of refusal with refusals to log in a second
         self._routes: dict[str, tuple[str | None, float]] = {}
@@ -168,7 +172,7 @@ class CryptoProxy:
             log.exception("could not identify a crypto proxy client")
             writer.close()
             return
-        who = caller.workload or caller.address
+        who = caller.workload or source_of(caller.address)
         if not self._connections.acquire(who):
             self._metrics.labels("-", "-", "too-many-connections").inc()
             writer.close()
@@ -332,7 +336,7 @@ class CryptoProxy:
             count = self.limiter.refusals_to_log(name, workload)
             pending = lambda: self.limiter.refusals_to_log(name, workload, force=True)  # noqa: E731
         else:  # by bounded words only: a VM's made-up key names are "-", as in the metrics
-            kind = (caller.workload or caller.address, key, operation, reply.outcome)
+            kind = (caller.workload or source_of(caller.address), key, operation, reply.outcome)
             count = self.refusals.refused(kind)
             pending = lambda: self.refusals.to_log(kind, force=True)  # noqa: E731
         if not count:

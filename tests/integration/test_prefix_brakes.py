@@ -17,12 +17,18 @@ from dataclasses import replace
 
 import pytest
 
+from skyguard import config
 from skyguard.console import rfb
 from skyguard.credproxy.interfaces import CredentialMetrics, MemorySecretSource
 from skyguard.credproxy.termination import TlsTerminator
+from skyguard.keys import proxy as keys_proxy
+from skyguard.keys.backends import secret_store
+from skyguard.keys.filebackend import FileBackend
+from skyguard.keys.proxy import CryptoProxy
 from skyguard.lab.ca import LabCA
 from skyguard.parts import MemoryLog
 from skyguard.policy.model import Policy, TlsTermination, Workload, Zone
+from skyguard.policy.parse import parse_policy
 from support.netns_support import NamespaceLoop
 from tests.unit.test_console_proxy import hostile_vm, start_proxy, two_policies
 
@@ -143,3 +149,68 @@ def test_a_64_holds_one_share_of_the_terminated_connections(ns, tmp_path):
     assert held == [b"ping", b"ping"]
     assert over == [b"", b""], "connections past the /64's share were spliced to the VM"
     assert other == b"ping"
+
+
+# ---- the crypto proxy: open connections of a client that is no VM ------------------------------
+
+KEYS = """
+keys:
+  backend: file
+  port: 18201
+  keys:
+    - {name: release, zones: [auth], operations: [sign]}
+"""
+
+
+async def http_get(reader, writer, target: str) -> bytes:
+    """One kept-alive GET; the status line."""
+    writer.write(f"GET {target} HTTP/1.1\r\nHost: gateway\r\n\r\n".encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+    await reader.readexactly(length)
+    return head.split(b"\r\n")[0]
+
+
+async def closed_at_once(reader) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(), 3) == b""
+    except TimeoutError:
+        return False
+
+
+def test_a_64_that_is_no_vm_holds_one_share_of_the_crypto_proxys_connections(ns, tmp_path, monkeypatch):
+    """The crypto proxy caps the connections a VM holds open; a caller that is no VM (answered
+    403) was counted by its exact address, so from the addresses of its /64 one host held a
+    share per address (and each address had its own refusal entries in the signed log). Now
+    such a caller is counted by its source: past the /64's share a connection from any of its
+    addresses is closed at once, while a caller of another /64 is still answered."""
+    monkeypatch.setattr(keys_proxy, "MAX_CONNECTIONS_PER_VM", 4)
+    state = tmp_path / "state"
+    FileBackend(secret_store(state)).create("release", "ec-p256")
+    policy = parse_policy(config.DEFAULT_POLICY.read_text() + KEYS)
+
+    async def run():
+        proxy = CryptoProxy(policy, state, MemoryLog(), hosts=("::1",))
+        await proxy.start()
+        connections = []
+        try:
+            held = []
+            for source in ONE_PREFIX[:4]:  # each answered, then kept alive: it holds a slot
+                connections.append(await asyncio.open_connection("::1", proxy.port, local_addr=(source, 0)))
+                held.append(await http_get(*connections[-1], "/v1/keys"))
+            over = []
+            for source in ONE_PREFIX[4:]:
+                connections.append(await asyncio.open_connection("::1", proxy.port, local_addr=(source, 0)))
+                over.append(await closed_at_once(connections[-1][0]))
+            connections.append(await asyncio.open_connection("::1", proxy.port, local_addr=(OTHER_PREFIX, 0)))
+            other = await http_get(*connections[-1], "/v1/keys")
+            return held, over, other
+        finally:
+            for _, writer in connections:
+                writer.close()
+            await proxy.stop()
+
+    held, over, other = ns.run(run())
+    assert held == [b"HTTP/1.1 403 "] * 4, held
+    assert over == [True] * 4, "connections past the /64's share were kept"
+    assert other == b"HTTP/1.1 403 "  # another /64: answered (it is no VM either)
