@@ -60,6 +60,10 @@ MAX_HEADERS = 8192  # bytes of request line and headers
 MAX_CONNECTIONS_PER_VM = 16  # open connections one VM may hold; more are closed at once
 KEY_WORKERS = 2  # threads running key operations (each with its own token session)
 ROUTE_CACHE_SECONDS = 5.0
+# Interfaces remembered per caller address: callers that are no VM may come from ever new
+# addresses (a host owns its IPv6 /64), so when this many are remembered the old ones go (all of
+# them if none is old): a lookup more for a VM, memory that does not grow with the addresses seen.
+MAX_ROUTES_CACHED = 4096
 
 
 class CryptoProxy:
@@ -408,6 +412,10 @@ class CryptoProxy:
                 name = socket.if_indextoname(index) if index else None
             except Exception:  # noqa: BLE001 - no route: the caller is unidentified (refused)
                 name = None
+            if len(self._routes) >= MAX_ROUTES_CACHED:
+                self._routes = {a: seen for a, seen in self._routes.items() if now - seen[1] < ROUTE_CACHE_SECONDS}
+                if len(self._routes) >= MAX_ROUTES_CACHED:
+                    self._routes.clear()
             self._routes[address] = (name, now)
             return name
 
