@@ -33,6 +33,8 @@ def promtool(*args, cwd=None, stdin=None):
 class OneOfEverything:
     """A datapath source with one row of each kind, so every datapath family is exposed."""
 
+    cleanup_failures = 0
+
     def counters(self):
         return {"traffic": [{"zone": "auth", "direction": "egress", "verdict": "allow", "packets": 1, "bytes": 1}],
                 "drops": [{"zone": "auth", "direction": "egress", "reason": "no_rule", "packets": 1, "bytes": 1}],
