@@ -36,7 +36,8 @@ class DnsMetrics:
         self.cache_hits = Counter("skyguard_dns_cache_hits", "Queries answered from the "
                                   "VM's answer cache (not sent upstream)", registry=r)
         self.cache_misses = Counter("skyguard_dns_cache_misses", "Allowed queries the answer "
-                                    "cache did not hold (sent upstream)", registry=r)
+                                    "cache held no live answer for (sent upstream, or past the "
+                                    "re-ask budget: skyguard_dns_reasks_over_budget)", registry=r)
         self.reasks_over_budget = Counter(
             "skyguard_dns_reasks_over_budget", "Queries past the VM's re-ask budget (block: "
             "answered from an expired cache entry, or refused without one)", ["zone", "action"],
