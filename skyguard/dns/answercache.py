@@ -12,9 +12,9 @@ under MIN_LIFETIME, also for negative and SERVFAIL replies (RFC 2308, RFC 9520).
 What it keeps is the upstream reply as received (our ID, our random letter case) with the
 upstream query it answered. A hit is not released as such: the resolver replays it through
 answer(), the path every upstream reply takes, under the policy in force now (a deny rule or a
-removed rule applies at once, and the policy swap clears the cache anyway), with the TTLs aged;
-so its addresses are learned again (the datapath holds every address the VM gets, for as long
-as the released TTL says, plus the grace) and the hit is logged like any answer.
+removed rule applies at once, and a policy swap ends every entry's life: expire_all), with the
+TTLs aged; so its addresses are learned again (the datapath holds every address the VM gets,
+for as long as the released TTL says, plus the grace) and the hit is logged like any answer.
 
 An expired entry stays up to STALE_SECONDS more for lookup_stale(): a VM whose re-asks have spent
 their budget (tunnel.py) is answered from it, with TTLs of 0 (the resolver clamps them to
@@ -73,6 +73,14 @@ class AnswerCache:
 
     def __len__(self) -> int:
         return sum(len(entries) for entries in self._vms.values())
+
+    def expire_all(self) -> None:
+        """A policy swap: no entry answers as live any more (the new policy may name other
+        upstreams), but each stays for lookup_stale until STALE_SECONDS after it was stored, so a
+        VM past its re-ask budget is not refused every name it knew at the swap."""
+        for entries in self._vms.values():
+            for entry in entries.values():
+                entry.expires = min(entry.expires, entry.stored)
 
     def clear(self) -> None:
         self._vms.clear()

@@ -126,7 +126,7 @@ class DnsPolicyResolver:
         learned after the swap."""
         self.policy = policy
         self.dns = policy.dns
-        self.cache.clear()  # hits are decided again anyway; this drops the old upstreams' answers
+        self.cache.expire_all()  # the old upstreams' answers: only served stale (answercache.py)
         self.refuse_rcode = wire.RCODE_NXDOMAIN if policy.dns.refuse_with == "nxdomain" \
             else wire.RCODE_REFUSED
         self._fqdn_rules: dict[str, tuple[list[Rule], list[Rule]]] = {}

@@ -137,3 +137,18 @@ def test_through_the_proxy_a_vm_past_its_budget_gets_its_expired_answer(monkeypa
     finally:
         running.close()
         upstream.close()
+
+
+def test_a_policy_swap_leaves_a_vm_past_its_budget_its_earlier_answers():
+    # Found in an operator trial: a swap emptied the cache, so a VM past its re-ask budget was
+    # refused every name it knew (no earlier answer to serve) until the budget's window passed.
+    resolver, _, _ = make_resolver(make_policy(min_ttl=5))
+    resolver.detector = TunnelDetector()
+    served = sorted(wire.qtype_name(t) for t in wire.SERVED_QTYPES
+                    if t not in (wire.QTYPE_ANY, wire.QTYPE_NULL, wire.QTYPE_TXT))
+    _, _, _, stale = run(resolver, [(i * 0.03, "x.cdn.test", served[i % len(served)]) for i in range(9_000)])
+    assert stale  # past the budget
+    run(resolver, [(280.0, "deb.debian.test", "A")])  # a name never asked: charged as such
+    resolver.set_policy(make_policy(min_ttl=5))
+    sent, _, rcodes, stale = run(resolver, [(290.0, "deb.debian.test", "A"), (291.0, "x.cdn.test", "MX")])
+    assert sent == 0 and stale == 2 and rcodes == {RCODE.NOERROR: 2}
