@@ -122,8 +122,7 @@ class DnsPolicyResolver:
 
     def set_policy(self, policy: Policy) -> None:
         """Swap the policy (hot reload). Queries already forwarded keep their upstreams; their
-        answers are decided again under this policy (answer()), so nothing it no longer allows is
-        learned after the swap."""
+        answers are decided again under this policy (answer()): nothing it disallows is learned."""
         self.policy = policy
         self.dns = policy.dns
         self.cache.expire_all()  # the old upstreams' answers: only served stale (answercache.py)
@@ -257,10 +256,12 @@ class DnsPolicyResolver:
         if hit is None and tunnel is not None and not tunnel.new_name and \
                 not self.detector.charge_reask(workload, qtype, flags == wire.FLAG_RD, now):
             self.metrics.reasks_over_budget.labels(zone, action).inc()
-            if action == "block":  # nothing more leaves: the expired answer, or a refusal
+            if action == "block":  # nothing more leaves: the expired answer, or no records (NODATA,
+                # kinder than REFUSED: a stub asking A and AAAA still uses the one it gets)
                 hit = self.cache.lookup_stale((workload, zone), AnswerCache.key(question, upstream), now)
                 if hit is None:
-                    return self._refuse(query, "tunnel", "re-asks over the VM's budget", tunnel=tunnel, **base)
+                    return Decision("reply", "tunnel", "re-asks over the VM's budget: no records", tunnel=tunnel,
+                                    reply=wire.error_reply(query, wire.RCODE_NOERROR, question.end), **base)
                 decision.reason += " (stale: re-asks over the VM's budget)"
         if hit is not None:  # the reply and the upstream query it matched (ID and case)
             decision.cached, decision.upstream_query = hit
@@ -583,8 +584,7 @@ class DnsPolicyResolver:
 
 
 def _query_like(decision: Decision) -> bytes:
-    return struct.pack("!HHHHHH", decision.client_id, wire.FLAG_RD, 1, 0, 0, 0) + \
-        _question_bytes(decision.question)
+    return struct.pack("!HHHHHH", decision.client_id, wire.FLAG_RD, 1, 0, 0, 0) + _question_bytes(decision.question)
 
 
 def _question_bytes(question: wire.Question) -> bytes:

@@ -22,7 +22,8 @@ it is charged too, to a second budget per VM (REASK_BUDGET_BYTES): the length of
 choice, log2 of the names and bases the VM has shown in the window plus a short code for the
 type and header flags (common choices cost a bit, rare ones more; no strategy carries more than
 it pays). Past it the resolver answers from the VM's expired cache entry instead (serve-stale,
-RFC 8767), so a busy VM keeps working on answers a few minutes old while nothing more leaves.
+RFC 8767), or with no records if there is none, so a busy VM keeps working on answers a few
+minutes old while nothing more leaves.
 
 Sans-io: the caller passes the current time. It does not decide what to do with a detection
 (block, alert): the resolver does, from policy.dns.tunnel_detection.action.
