@@ -70,7 +70,7 @@ log = logging.getLogger("skyguard.fleet")
 # Heartbeat, checkpoint publication and cosigning round (SKYGUARD_FLEET_PERIOD: tests, benches).
 PERIOD_S = float(os.environ.get("SKYGUARD_FLEET_PERIOD", "2.0"))
 LEASE_TTL_S = 10       # a host silent this long drops out of `members/`
-RESYNC_S = 30.0        # a watch is re-listed at least this often (a silent, half-dead stream)
+RESYNC_S = 30.0        # a watch is re-listed at least this often (a backstop: etcd.py leaves a silent one in seconds)
 FLEET_DIR = "fleet"    # under the state dir: applied policy, witness state, cosignatures, peers
 
 

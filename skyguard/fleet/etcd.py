@@ -4,8 +4,9 @@ member on its client URL), spoken with h11 over asyncio streams.
 Why the gateway and not a gRPC client: it needs nothing beyond what skyguard already depends on
 (h11), and etcd serves it on the same port. Every call is one short request; a member that does
 not answer in time (killed, partitioned, or without quorum: etcd then times the request out) is
-skipped for the next, and the member that answered last is asked first. A watch is one streaming
-request whose body is newline-delimited JSON messages.
+skipped for the next, and the member that answered last is asked first. A watch is the gateway's
+WebSocket (/v3/watch, through `websockets`, a dependency already): JSON requests one way (create,
+then a progress request whenever it has been silent a while), JSON responses the other.
 
 Not here: what the fleet stores, and how a lost watch is recovered (agent.py re-lists).
 """
@@ -20,6 +21,8 @@ from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import h11
+from websockets.asyncio.client import connect
+from websockets.exceptions import WebSocketException
 
 from skyguard.errors import BadInput
 from skyguard.fleet.store import Change, Compacted, FleetError, Item, StoreUnavailable
@@ -28,6 +31,7 @@ log = logging.getLogger("skyguard.fleet.etcd")
 
 CALL_TIMEOUT_S = 3.0       # one member's answer; etcd itself times out a quorum-less write at ~7 s
 MAX_RESPONSE = 64 << 20    # a range of the fleet's keys is small; refuse to buffer more
+WATCH_IDLE_S = 2.0         # a watch silent this long is asked for progress (a frozen member answers nothing)
 
 
 def _b64(text: str | bytes) -> str:
@@ -126,9 +130,9 @@ class _Http:
 class EtcdStore:
     """The Store of store.py on an etcd cluster (any member's client URL; all are tried)."""
 
-    def __init__(self, endpoints: str | list[str], timeout: float = CALL_TIMEOUT_S):
+    def __init__(self, endpoints: str | list[str], timeout: float = CALL_TIMEOUT_S, watch_idle: float = WATCH_IDLE_S):
         self.endpoints = parse_endpoints(endpoints)
-        self.timeout = timeout
+        self.timeout, self.watch_idle = timeout, watch_idle
         self._preferred = 0
 
     def __repr__(self):
@@ -225,55 +229,78 @@ class EtcdStore:
 
     async def watch_prefix(self, prefix: str, after: int) -> AsyncIterator[list[Change]]:
         """Changes after revision `after`. Connects to the first member that answers; when its
-        stream ends (member gone) raises StoreUnavailable: the caller re-lists and watches again."""
+        stream ends (member gone) or goes silent (member frozen or cut off: the connection stays
+        open and says nothing), raises StoreUnavailable: the caller re-lists and watches again.
+
+        Silence is found by asking: after `watch_idle` seconds without a message the watch sends
+        a progress request, which a live member answers at once (a header, no events); no answer
+        within the call timeout, and the member is left, the next one put first. The gateway's
+        watch is a WebSocket for that (its plain HTTP stream takes one request body, so no
+        question can follow the first); progress_notify also lets a member configured with
+        --experimental-watch-progress-notify-interval speak unasked."""
         request = {"create_request": {"key": _b64(prefix), "range_end": _prefix_end(prefix),
-                                      "start_revision": str(after + 1)}}
-        http = None
+                                      "start_revision": str(after + 1), "progress_notify": True}}
+        ws, index, first = None, 0, None
         for index in self._order():
             host, port = self.endpoints[index]
-            http = _Http(host, port)
             try:
-                response = await asyncio.wait_for(http.send("/v3/watch", request), self.timeout)
-                if response.status_code == 200:
-                    break
-            except (TimeoutError, OSError, h11.ProtocolError, StoreUnavailable):
-                pass
-            http.close()
-            http = None
-        if http is None:
+                ws = await connect(f"ws://{host}:{port}/v3/watch", open_timeout=self.timeout, proxy=None,
+                                   ping_interval=None, compression=None, max_size=MAX_RESPONSE,
+                                   user_agent_header=None)
+                await asyncio.wait_for(ws.send(json.dumps(request)), self.timeout)
+                first = await asyncio.wait_for(ws.recv(), self.timeout)   # "created", or why not
+                break
+            except (TimeoutError, OSError, WebSocketException) as e:
+                log.debug("etcd %s:%s: no watch (%s)", host, port, type(e).__name__)
+                if ws is not None:
+                    ws.transport.abort()
+                ws = None
+        if ws is None:
             raise StoreUnavailable("no etcd member accepted a watch")
+        host, port = self.endpoints[index]
         try:
-            buffer = b""
+            message = first
             while True:
-                event = await http.next_event()
-                if not isinstance(event, h11.Data):
-                    raise StoreUnavailable("etcd closed the watch stream")
-                buffer += bytes(event.data)
-                if len(buffer) > MAX_RESPONSE:
-                    raise FleetError("etcd watch message over the size limit")
-                while b"\n" in buffer:
-                    line, buffer = buffer.split(b"\n", 1)
-                    if not line.strip():
-                        continue
-                    result = json.loads(line).get("result", {})
-                    if int(result.get("compact_revision", 0) or 0):
-                        raise Compacted(int(result["compact_revision"]))
-                    if result.get("canceled"):
-                        raise StoreUnavailable(f"etcd canceled the watch: {result.get('cancel_reason', '')}")
-                    changes = []
-                    for ev in result.get("events", []):
-                        kv = ev["kv"]
-                        deleted = ev.get("type") == "DELETE"
-                        changes.append(Change(_key(kv),
-                                              None if deleted else base64.b64decode(kv.get("value", "")),
-                                              int(kv.get("mod_revision", 0))))
-                    if changes:
-                        yield changes
+                changes = _watch_changes(message)
+                if changes:
+                    yield changes
+                try:
+                    message = await asyncio.wait_for(ws.recv(), self.watch_idle)
+                except TimeoutError:
+                    await asyncio.wait_for(ws.send('{"progress_request": {}}'), self.timeout)
+                    message = await asyncio.wait_for(ws.recv(), self.timeout)
+        except TimeoutError:
+            if self._preferred == index:   # the next call and watch ask another member first
+                self._preferred = (index + 1) % len(self.endpoints)
+            raise StoreUnavailable(f"etcd {host}:{port}: the watch went silent (no answer to a "
+                                   f"progress request in {self.timeout:.0f}s)") from None
+        except (OSError, WebSocketException) as e:
+            raise StoreUnavailable(f"etcd {host}:{port} closed the watch stream ({type(e).__name__})") from None
         finally:
-            http.close()
+            ws.transport.abort()   # a watch needs no closing handshake (the member may be frozen)
 
     async def close(self) -> None:
         pass
+
+
+def _watch_changes(message: str | bytes) -> list[Change]:
+    """The changes one watch message carries ([] for a progress or "created" message); Compacted
+    or StoreUnavailable when etcd ended the watch."""
+    try:
+        result = json.loads(message).get("result", {})
+    except (ValueError, AttributeError):
+        raise StoreUnavailable("etcd sent a watch message that is not a JSON object") from None
+    if int(result.get("compact_revision", 0) or 0):
+        raise Compacted(int(result["compact_revision"]))
+    if result.get("canceled"):
+        raise StoreUnavailable(f"etcd canceled the watch: {result.get('cancel_reason', '')}")
+    changes = []
+    for ev in result.get("events", []):
+        kv = ev["kv"]
+        deleted = ev.get("type") == "DELETE"
+        changes.append(Change(_key(kv), None if deleted else base64.b64decode(kv.get("value", "")),
+                              int(kv.get("mod_revision", 0))))
+    return changes
 
 
 async def _first_message(http: _Http) -> dict:

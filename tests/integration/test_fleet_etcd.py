@@ -188,16 +188,47 @@ def test_unsigned_foreign_and_older_policies_are_refused_by_every_host(fleet):
         assert 'skyguard_fleet_policy_refused_total{reason="rollback"} 1.0' in metrics
 
 
+# How long a push may take to reach every host when the member their watches are on stopped or
+# went silent: the agent asks a silent watch for progress (etcd.WATCH_IDLE_S) and leaves it when
+# no answer comes, within seconds; well below RESYNC_S, the period of its full re-list.
+MEMBER_LOST_WAIT_S = RESYNC_S / 2
+
+
 def test_one_member_killed_pushes_still_work(fleet):
     fleet.cluster.stop(0)
     try:
         pushed = push(fleet, 3)
-        # A watch on the stopped member can stay open and silent (CI-like run: no host had revision
-        # 3 after 30 s); the agent lists again at least every RESYNC_S, which bounds the wait.
-        wait_until(lambda: all(h.sha == pushed["sha256"] for h in fleet.hosts), timeout=RESYNC_S + 15,
+        wait_until(lambda: all(h.sha == pushed["sha256"] for h in fleet.hosts), timeout=MEMBER_LOST_WAIT_S,
                    what="revision 3")
     finally:
         fleet.cluster.start(0)
+    fleet.cluster.wait_ready(60)
+
+
+def test_a_frozen_member_s_silent_watch_is_left_within_seconds(fleet):
+    # The member every host watches the policy on is frozen (SIGSTOP: a hung machine or a
+    # partition): its connections stay open and say nothing. Before the fix each host's watch
+    # stayed on it, silent, until the agent's next full list (RESYNC_S = 30 s after the watch
+    # began): a push reached no host for up to 30 s. Now a watch silent for a few seconds is
+    # asked for progress, and left for another member when the question goes unanswered.
+    def watches_started():
+        try:
+            return [fleet.cluster.watches_started(0)]
+        except OSError:   # member 0 still starting (the test before stopped it)
+            return None
+    started = wait_until(watches_started, what="member 0 serving")[0]
+    for host in fleet.hosts:   # each watch begins now, on member 0 (the first a new agent asks)
+        host.stop_agent()
+        host.start_agent()
+    wait_until(lambda: (watches_started() or [0])[0] >= started + len(fleet.hosts),
+               what="every host watching the policy on member 0")
+    fleet.cluster.freeze(0)
+    try:
+        pushed = push(fleet, 12)
+        wait_until(lambda: all(h.sha == pushed["sha256"] for h in fleet.hosts), timeout=MEMBER_LOST_WAIT_S,
+                   what="revision 12 with member 0 frozen")
+    finally:
+        fleet.cluster.thaw(0)
 
 
 def test_quorum_lost_hosts_keep_enforcing_report_it_and_catch_up(fleet):

@@ -1,7 +1,8 @@
 """A real etcd cluster on loopback (Debian's etcd-server), for the fleet's tests and benchmark and
 for trying a fleet on one machine. Each member is a child process with its own data dir and two
 free loopback ports; `stop(i)` ends one by its pid (SIGTERM, then SIGKILL: a member that lost
-quorum may not exit on SIGTERM), `start(i)` brings it back with its data.
+quorum may not exit on SIGTERM), `start(i)` brings it back with its data; `freeze(i)` stops one
+by SIGSTOP (a hung host, a partition: its connections stay open and silent), `thaw(i)` resumes it.
 
 Not for production: no TLS, no auth, data under a temporary directory.
 """
@@ -72,12 +73,34 @@ class LocalEtcdCluster:
             return
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGCONT)   # a frozen member takes its SIGTERM once resumed
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 proc.kill()   # a member without quorum can hang in its shutdown
                 proc.wait(10)
         self.procs[i] = None
+
+    def freeze(self, i: int) -> None:
+        proc = self.procs[i]
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self, i: int) -> None:
+        proc = self.procs[i]
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+
+    def watches_started(self, i: int) -> int:
+        """How many watch streams member i has served since it started (its /metrics)."""
+        import urllib.request
+
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))   # loopback, never a proxy
+        with opener.open(f"{self.urls[i]}/metrics", timeout=5) as answer:
+            for line in answer.read().decode().splitlines():
+                if line.startswith("grpc_server_started_total{") and 'grpc_service="etcdserverpb.Watch"' in line:
+                    return int(float(line.rsplit(" ", 1)[1]))
+        return 0
 
     def stop_all(self) -> None:
         for i in range(len(self.names)):
