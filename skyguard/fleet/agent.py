@@ -20,7 +20,8 @@ that presents a rewritten log is a log entry, a metric and an alert key in the s
 exception that stops the agent.
 
 Not here: the store protocol (etcd.py), signatures (signing.py, tlog/cosign.py), the split-view
-check against other witnesses' cosignatures (witnessing.py).
+check against other witnesses' cosignatures (witnessing.py), the checkpoint this host publishes
+(publisher.py), the peers' keys pinned at first sight (peers.py).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from pathlib import Path
 from skyguard import fsutil
 from skyguard.errors import PolicyError, SkyguardError
 from skyguard.fleet import keys
+from skyguard.fleet.peers import PeerPins
+from skyguard.fleet.publisher import CheckpointPublisher
 from skyguard.fleet.signing import PolicyRefused, SignedPolicy, check_member_name, decide, open_policy
 from skyguard.fleet.store import Compacted, FleetError, Store, StoreUnavailable, load_value
 from skyguard.fleet.witnessing import (
@@ -47,13 +50,11 @@ from skyguard.fleet.witnessing import (
     peer_keys,
     proofs_attested,
     republish_alerts,
-    sign_proofs,
     unproven_witnesses,
 )
-from skyguard.tlog.checkpoint import Checkpoint, Verifier, parse_and_verify, split_note
+from skyguard.tlog.checkpoint import Verifier, parse_and_verify
 from skyguard.tlog.cosign import (
     COSIGNED_DIR,
-    PEERS_FILE,
     Cosigner,
     CosignerVerifier,
     Stale,
@@ -110,10 +111,10 @@ class FleetAgent:
         self.apply_hook, self.local_status, self.record = apply, local_status, record
         self.period = period
         self.log_dir = Path(log_dir or self.state_dir / "log")
-        self.head_note = head_note         # the daemon's LogWriter.latest_note, when hosted
-        self._published: tuple | None = None   # (note, witness sizes, value) last published
         self.log_signer = host_signer(self.state_dir)   # signs the proofs it publishes (witnessing.py)
         self.log_vkey = self.log_signer.verifier.vkey()
+        self.publisher = CheckpointPublisher(self.log_dir, self.log_signer, head_note)
+        self.pins = PeerPins(self.state_dir)
         self.cosigner = Cosigner(f"{name}.skyguard/witness", load_or_create_witness_key(self.state_dir))
         self.witness = Witness(self.dir / "witness", self.cosigner)
         self.metrics = FleetMetrics(registry)
@@ -185,7 +186,7 @@ class FleetAgent:
 
     def status(self) -> dict:
         local = self.local_status() or {}
-        head = self._log_head()
+        head = self.publisher.head()
         return {"name": self.name, "origin": head.get("origin"), "log_vkey": self.log_vkey,
                 "witness_vkey": self.cosigner.verifier.vkey(), "heartbeat": time.time(),
                 "policy": {"revision": self.revision, "sha256": (local.get("policy") or {}).get("sha256"),
@@ -325,49 +326,6 @@ class FleetAgent:
 
     # ---- witnessing -------------------------------------------------------------------------
 
-    def _log_head(self) -> dict:
-        """The log's latest signed checkpoint: from the daemon's writer when it gave one (in
-        memory), else read from the log directory (`fleet join` beside a daemon)."""
-        from skyguard.tlog.store import LogReader
-
-        try:
-            note = self.head_note() if self.head_note else LogReader(self.log_dir).latest_checkpoint_note()
-            if not note:
-                return {}
-            checkpoint = Checkpoint.parse_body(split_note(note)[0])
-        except (SkyguardError, OSError, ValueError):   # no log yet (or unreadable): nothing to report
-            return {}
-        return {"origin": checkpoint.origin, "size": checkpoint.size,
-                "root": base64.b64encode(checkpoint.hash).decode(), "note": note}
-
-    def _my_checkpoint(self, cosigned_sizes: set[int]) -> bytes | None:
-        """This log's latest checkpoint, with consistency proofs from each size a witness last
-        cosigned (so each can check it extends what it vouched for), as the store's value."""
-        from skyguard.tlog.store import LogReader
-        from skyguard.tlog.tree import consistency_proof
-
-        head = self._log_head()
-        published = (head.get("note"), tuple(sorted(cosigned_sizes)))
-        if not head or published == (self._published or ())[:2]:
-            return None   # nothing new: the proofs cost a pass over the log's tail, so not again
-        proofs = {}
-        try:
-            source = LogReader(self.log_dir).source()
-        except (SkyguardError, OSError):
-            return None
-        for old in sorted(cosigned_sizes):
-            if 0 < old < head["size"]:
-                try:
-                    proofs[str(old)] = [base64.b64encode(h).decode()
-                                        for h in consistency_proof(source, old, head["size"])]
-                except SkyguardError:
-                    continue
-        checkpoint = Checkpoint.parse_body(split_note(head["note"])[0])
-        value = json.dumps({"note": head["note"], "proofs": proofs,
-                            "proofs_note": sign_proofs(self.log_signer, checkpoint, proofs)}).encode()
-        self._published = (*published, value)
-        return value
-
     async def _witnessing(self) -> None:
         while True:
             try:
@@ -398,7 +356,7 @@ class FleetAgent:
         for item in items:
             witness_name = item.key.rsplit("/", 1)[-1]
             # The key pinned at first sight, not whatever the store says today.
-            record = self._pinned().get(witness_name) or peers.get(witness_name)
+            record = self.pins.all().get(witness_name) or peers.get(witness_name)
             if not record:
                 continue
             try:
@@ -418,16 +376,17 @@ class FleetAgent:
         # store replaced it (an old one put back would leave the witnesses nothing to cosign).
         checkpoints = {item.key: item for item in (await self.store.get_prefix(keys.CHECKPOINTS))[0]}
         stored = checkpoints.get(keys.checkpoint(self.name))
-        if self._published is not None and (stored is None or stored.value != self._published[2]):
+        published = self.publisher.published
+        if published is not None and (stored is None or stored.value != published[2]):
             log.warning("fleet: this host's published checkpoint was replaced or deleted in the store; "
                         "publishing it again")
-            self._published = None
-        mine = await asyncio.to_thread(self._my_checkpoint, sizes)
+            self.publisher.forget()
+        mine = await asyncio.to_thread(self.publisher.value, sizes)
         if mine is not None:
             try:
                 await self.store.put(keys.checkpoint(self.name), mine)
             except FleetError:
-                self._published = None   # publish it again next round
+                self.publisher.forget()   # publish it again next round
                 raise
         # 3. This host's alerts: those an operator cleared dropped, the others in the store again
         # if whoever writes it deleted one.
@@ -439,30 +398,13 @@ class FleetAgent:
         for peer, record in sorted(peers.items()):
             await self._cosign_peer(peer, record, checkpoints.get(keys.checkpoint(peer)),
                                     cosignatures.get(peer, []),
-                                    origin_rival(peer, record, peers, self._pinned(), self._log_head().get("origin")))
+                                    origin_rival(peer, record, peers, self.pins.all(), self.publisher.head().get("origin")))
         now = time.time()
         for peer, seen in self.fresh.items():   # kept when a peer leaves: it resumes, not restarts
             if peer in peers:
                 self.metrics.fresh_age.labels(peer=peer).set(round(now - seen, 1))
             elif self.metrics.forget(peer):
                 self.unverified.pop(peer, None)
-
-    def _pinned(self) -> dict:
-        path = self.state_dir / PEERS_FILE
-        return json.loads(path.read_text()) if path.exists() else {}
-
-    def _pin(self, peer: str, record: dict) -> str | None:
-        """Peers' keys are pinned at first sight; another key later is a problem, not an update."""
-        pinned = self._pinned()
-        keys_now = {"origin": record.get("origin"), "log_vkey": record.get("log_vkey"),
-                    "witness_vkey": record.get("witness_vkey")}
-        if peer not in pinned:
-            pinned[peer] = keys_now
-            fsutil.write_private(self.state_dir / PEERS_FILE, json.dumps(pinned, indent=1, sort_keys=True).encode())
-            return None
-        if pinned[peer] != keys_now:
-            return f"peer {peer} now presents other keys or origin than first seen ({pinned[peer]['origin']})"
-        return None
 
     async def _cosign_peer(self, peer: str, record: dict, item, cosignatures: list,
                            rival: str | None = None) -> None:
@@ -472,7 +414,7 @@ class FleetAgent:
         if item is None:
             return
         if not peer_keys(record):   # never pinned: peers.json holds only short printable text
-            if peer in self._pinned() and any(record.get(name) is not None for name in
+            if peer in self.pins.all() and any(record.get(name) is not None for name in
                                               ("origin", "log_vkey", "witness_vkey")):
                 await self._tamper(peer, None, f"peer {peer} now presents an origin or keys that "
                                                f"are not short printable text")
@@ -483,7 +425,7 @@ class FleetAgent:
             published = load_value(item.value)
             note = published["note"]
             proofs = published.get("proofs") or {}
-            changed = self._pin(peer, record)
+            changed = self.pins.pin(peer, record)
             if changed:
                 raise Tamper(changed)
             verifier = Verifier.from_vkey(record["log_vkey"])
@@ -493,7 +435,7 @@ class FleetAgent:
             self.witness.refuse_older(checkpoint, last)
             # Against a split view: what every other witness cosigned of this log (witnessing.py).
             attested = proofs_attested(published.get("proofs_note"), verifier, checkpoint, proofs)
-            unproven = unproven_witnesses(cosignatures, self._pinned(), self.name, verifier, checkpoint,
+            unproven = unproven_witnesses(cosignatures, self.pins.all(), self.name, verifier, checkpoint,
                                           proofs, attested)
             self._unproven(peer, unproven)
             if last is not None and last.size == checkpoint.size and last.root == checkpoint.hash:

@@ -571,7 +571,7 @@ def test_a_member_record_with_nested_keys_poisons_no_host_s_pinned_peers(fleet):
         wait_until(lambda: all(h.agent.given > before[h.name] for h in fleet.hosts),
                    what="every host cosigning its peers again")
         for host in fleet.hosts:
-            pinned = host.agent._pinned()
+            pinned = host.agent.pins.all()
             assert not any(name in pinned for name in names)
     finally:
         for name in names:
@@ -646,7 +646,7 @@ def test_members_sharing_an_origin_that_is_not_unicode_stop_no_witness_loop(flee
         names.append("sur3")
         asyncio.run(store.put(keys.checkpoint("sur3"), b'{"note": "x"}'))
         asyncio.run(store.put(keys.member("sur3"), json.dumps(record).encode()))
-        wait_until(lambda: all("sur3" in h.agent._pinned() for h in fleet.hosts), what="sur3 pinned")
+        wait_until(lambda: all("sur3" in h.agent.pins.all() for h in fleet.hosts), what="sur3 pinned")
         asyncio.run(store.put(keys.member("sur3"), json.dumps(dict(record, origin="o\ud800")).encode()))
         wait_until(lambda: all("sur3" in h.agent.alerts for h in fleet.hosts), what="sur3 refused")
     finally:
