@@ -205,10 +205,13 @@ def clear_alert(peer, state_dir):
 @fleet.command("status")
 @etcd_option
 @admin_key_option
+@state_dir_option
 @json_option
-def status(etcd, admin_keys, as_json):
+def status(etcd, admin_keys, state_dir, as_json):
     """Per host: policy hash and revision, heartbeat age, log size, cosignatures given and
-    received, alerts.
+    received, alerts. An alert is shown as the fleet's (ALERT) only when this host raised it or
+    a host key it pinned signed it (read from its state dir): anyone who can write etcd can
+    write an alert record, listed apart as UNVERIFIED.
 
     \b
     Examples:
@@ -218,8 +221,10 @@ def status(etcd, admin_keys, as_json):
     from skyguard.fleet.admin import fleet_view
     from skyguard.fleet.etcd import EtcdStore
     from skyguard.fleet.signing import load_admin_verifiers
+    from skyguard.fleet.witnessing import alert_trust
 
-    view = asyncio.run(fleet_view(EtcdStore(etcd), load_admin_verifiers(admin_keys)))
+    own_alerts, host_keys = alert_trust(Path(state_dir or config.STATE_DIR))
+    view = asyncio.run(fleet_view(EtcdStore(etcd), load_admin_verifiers(admin_keys), own_alerts, host_keys))
     if as_json:
         emit_json(view)
         return
@@ -239,7 +244,15 @@ def status(etcd, admin_keys, as_json):
                    + (f"  ({_cell(m['problem'])})" if "problem" in m else ""))
     for alert in view["alerts"]:
         click.echo(f"ALERT: {_cell(alert.get('witness'))} refuses to cosign {_cell(alert.get('peer'))}: "
-                   f"{_cell(alert.get('problem'))}")
+                   f"{_cell(alert.get('problem'))} ({_cell(alert.get('verified'))})")
+    for claim in view["unverified_alerts"]:
+        click.echo(f"UNVERIFIED, not an alert of the fleet ({_cell(claim['why'])}): {_cell(claim['record'])} says "
+                   f"{_cell(claim['witness'])} refuses to cosign {_cell(claim['peer'])}: {_cell(claim['problem'])}")
+    if view["unverified_total"] > len(view["unverified_alerts"]):
+        click.echo(f"UNVERIFIED: {view['unverified_total'] - len(view['unverified_alerts'])} more records")
+    if view["unverified_total"] and not view["host_keys_known"]:
+        click.echo(f"(no peer's host key is pinned in {_cell(str(state_dir or config.STATE_DIR))}: run this on a fleet host, "
+                   f"or give its --state-dir, to verify alerts)")
 
 
 def _field(record: dict, name: str) -> dict:

@@ -1,5 +1,6 @@
 """What an operator does to the fleet from anywhere that reaches the store: push a signed
-policy, and read the fleet's view (members, their status, cosignatures, alerts).
+policy, and read the fleet's view (members, their status, cosignatures, alerts: only those the
+host running it raised or a host key it pinned signed are the fleet's, the rest unverified).
 
 Not here: what a host does with a pushed policy (agent.py).
 """
@@ -12,7 +13,8 @@ import time
 from skyguard.fleet import keys
 from skyguard.fleet.signing import SignedPolicy, open_policy, sign_policy
 from skyguard.fleet.store import FleetError, Store, load_value
-from skyguard.tlog.checkpoint import Signer
+from skyguard.fleet.witnessing import open_alert
+from skyguard.tlog.checkpoint import Signer, Verifier
 
 
 async def push_policy(store: Store, text: str, signer: Signer, hosts: tuple[str, ...] = ("*",)) -> SignedPolicy:
@@ -56,13 +58,19 @@ def _revision_of(value: bytes) -> int:
     return 0
 
 
-async def fleet_view(store: Store, admins=None) -> dict:
-    """{members: {name: status + heartbeat_age_s + cosignatures received}, policy, alerts}."""
+async def fleet_view(store: Store, admins=None, own_alerts: dict[str, dict] | None = None,
+                     host_keys: dict[str, Verifier] | None = None) -> dict:
+    """{members: {name: status + heartbeat_age_s + cosignatures received}, policy, alerts,
+    unverified_alerts}. `alerts` are the fleet's: `own_alerts` (those the host running this
+    raised, from its state dir) and those signed by a host key of `host_keys` (witness name ->
+    its log key, pinned by that host); every other alert record of the store, which anyone who
+    can write it could have put there, is in `unverified_alerts` (at most MAX_UNVERIFIED)."""
     members, revision = await store.get_prefix(keys.MEMBERS)
     cosigs, _ = await store.get_prefix(keys.COSIGNATURES)
     alerts, _ = await store.get_prefix(keys.ALERTS)
     now = time.time()
-    view: dict = {"revision": revision, "members": {}, "alerts": [], "policy": None}
+    view: dict = {"revision": revision, "members": {}, "alerts": [], "unverified_alerts": [], "policy": None,
+                  "host_keys_known": sorted(host_keys or {})}
     # Each host writes its own record (and any alert): what one writes must not stop the view
     # of the others, so a record of the wrong shape is shown as such, never raised.
     for item in members:
@@ -87,27 +95,7 @@ async def fleet_view(store: Store, admins=None) -> dict:
             continue
         if log_name in view["members"]:
             view["members"][log_name]["witnessed_by"][witness] = size
-    for item in alerts:
-        try:
-            alert = load_value(item.value)
-        except ValueError:
-            alert = None
-        if not isinstance(alert, dict):
-            peer, _, witness = item.key[len(keys.ALERTS):].partition("/")
-            alert = {"witness": witness, "peer": peer, "problem": "the alert record is not a JSON object"}
-        view["alerts"].append(alert)
-    # A host's record lists its alerts too ("peer: problem"), and the host rewrites it every
-    # period: an alert whose key whoever writes the store deleted is still shown.
-    shown = {(a.get("witness"), a.get("peer")) for a in view["alerts"]
-             if isinstance(a.get("witness"), str) and isinstance(a.get("peer"), str)}
-    for name, status in view["members"].items():
-        listed = status.get("alerts")
-        for text in listed if isinstance(listed, list) else []:
-            peer, sep, problem = text.partition(": ") if isinstance(text, str) else ("", "", "")
-            if sep and (name, peer) not in shown:
-                shown.add((name, peer))
-                view["alerts"].append({"witness": name, "peer": peer, "problem": problem,
-                                       "from": "member record (the alert key is missing)"})
+    _alerts(view, alerts, own_alerts or {}, host_keys or {})
     item, _ = await store.get(keys.POLICY)
     if item is not None:
         try:
@@ -118,3 +106,47 @@ async def fleet_view(store: Store, admins=None) -> dict:
         except (ValueError, KeyError, TypeError, FleetError) as e:
             view["policy"] = {"problem": str(e)}
     return view
+
+
+MAX_UNVERIFIED = 100   # unverified alert records listed (whoever writes the store can write many)
+
+
+def _alerts(view: dict, items: list, own: dict[str, dict], host_keys: dict[str, Verifier]) -> None:
+    """The fleet's alerts and the unverified ones into `view`. Signed alerts come from the
+    alerts/ keys and from each host's own record (`alert_notes`, rewritten every period: an
+    alert whose key was deleted is still shown); a record's plain `alerts` list is unsigned."""
+    trusted: dict[tuple, dict] = {}
+    for alert in own.values():
+        trusted[(alert.get("witness"), alert.get("peer"))] = dict(alert, verified="raised by this host")
+    claims = []   # (where, witness, peer, what it says, the signed note if any)
+    for item in items:
+        peer, _, witness = item.key[len(keys.ALERTS):].partition("/")
+        try:
+            record = load_value(item.value)
+        except ValueError:
+            record = None
+        record = record if isinstance(record, dict) else {"problem": "the alert record is not a JSON object"}
+        claims.append((item.key, witness, peer, record.get("problem"), record.get("note")))
+    for name, status in view["members"].items():
+        notes, listed = status.get("alert_notes"), status.get("alerts")
+        for note in notes if isinstance(notes, list) else []:
+            claims.append((keys.member(name), name, None, None, note))
+        for text in listed if isinstance(listed, list) else []:
+            peer, sep, problem = text.partition(": ") if isinstance(text, str) else ("", "", "")
+            if sep:
+                claims.append((keys.member(name), name, peer, problem, None))
+    unverified = []
+    for where, witness, peer, problem, note in claims:
+        try:
+            alert = open_alert(note, host_keys)
+        except ValueError as e:
+            if peer is not None:   # a record's notes that fail: its plain list says the same, unsigned
+                unverified.append({"record": where, "witness": witness, "peer": peer,
+                                   "problem": str(problem)[:500], "why": str(e) if note is not None else "unsigned"})
+            continue
+        trusted.setdefault((alert.get("witness"), alert.get("peer")),
+                           dict(alert, verified=f"signed by {alert['witness']}'s host key, pinned here"))
+    view["alerts"] = [trusted[k] for k in sorted(trusted, key=str)]
+    unverified = [u for u in unverified if (u["witness"], u["peer"]) not in trusted]
+    view["unverified_alerts"] = unverified[:MAX_UNVERIFIED]
+    view["unverified_total"] = len(unverified)

@@ -43,6 +43,8 @@ from skyguard.fleet.publisher import CheckpointPublisher
 from skyguard.fleet.signing import PolicyRefused, SignedPolicy, check_member_name, decide, open_policy
 from skyguard.fleet.store import Compacted, FleetError, Store, StoreUnavailable, load_value
 from skyguard.fleet.witnessing import (
+    alert_note,
+    alert_value,
     clear_requests,
     keep_alerts,
     load_alerts,
@@ -195,6 +197,7 @@ class FleetAgent:
                 "programs": local.get("programs"), "store": "ok" if self.store_ok else "unreachable",
                 "cosignatures": {"given": self.given, "received": dict(self.received)},
                 "alerts": sorted(self.alerts.values())[-20:], "refused": dict(self.refused),
+                "alert_notes": [alert_note(self.log_signer, a) for _, a in sorted(dict(self.alert_records).items())][-20:],
                 "stale": dict(sorted(self.stale.items())[:20]),
                 "unverified": {peer: w for peer, w in sorted(self.unverified.items()) if w}}
 
@@ -393,7 +396,7 @@ class FleetAgent:
         for peer, request in await asyncio.to_thread(clear_requests, self.state_dir):
             await self._clear_alert(peer)
             request.unlink(missing_ok=True)
-        await republish_alerts(self.store, self.name, self.alert_records)
+        await republish_alerts(self.store, self.name, self.alert_records, self.log_signer)
         # 4. Cosign each peer's checkpoint.
         for peer, record in sorted(peers.items()):
             await self._cosign_peer(peer, record, checkpoints.get(keys.checkpoint(peer)),
@@ -523,7 +526,7 @@ class FleetAgent:
         except OSError as e:
             log.error("fleet: cannot keep the alert on %s in the state dir: %s", peer, e)
         try:
-            await self.store.put(keys.alert(peer, self.name), json.dumps(alert).encode())
+            await self.store.put(keys.alert(peer, self.name), alert_value(self.log_signer, alert))
         except FleetError:
             pass   # recorded locally; the store gets it at the next witness round
 

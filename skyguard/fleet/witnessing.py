@@ -17,7 +17,10 @@ witnesses cosigning at once, neither seeing the other's) the agent reports which
 And the alerts a witness raised (a refusal to cosign: a tamper event): besides the signed log
 entry and the metric, each is kept in the state dir (fleet/alerts.json) and published again in
 the store whenever it is missing there, so whoever can write the store cannot erase it by
-deleting its key, nor a restart make the host forget it. An operator clears one with `skyguard
+deleting its key, nor a restart make the host forget it. Each is published with a note by which
+the witness's host key signs it (alert_note): whoever can write the store can write an alert
+record too, so `fleet status` shows as the fleet's only the alerts its host raised and those a
+host key pinned there signed (open_alert); the rest is unverified. An operator clears one with `skyguard
 fleet clear-alert PEER` (request_clear): the agent takes the request at its next round, logs it
 in the signed log and drops the alert; a peer that still fails the checks is alerted on again.
 
@@ -39,8 +42,8 @@ from pathlib import Path
 from skyguard import fsutil
 from skyguard.fleet import keys
 from skyguard.fleet.store import Item, Store, load_value
-from skyguard.tlog.checkpoint import Checkpoint, Signer, Verifier, parse_and_verify
-from skyguard.tlog.cosign import CosignerVerifier, Tamper
+from skyguard.tlog.checkpoint import Checkpoint, Signer, Verifier, parse_and_verify, split_note
+from skyguard.tlog.cosign import PEERS_FILE, CosignerVerifier, Tamper
 from skyguard.tlog.errors import BadLogInput, VerificationError
 from skyguard.tlog.head import MAX_NOTE
 from skyguard.tlog.tree import verify_consistency
@@ -166,9 +169,9 @@ def peer_keys(record: dict) -> bool:
 def load_alerts(state_dir: Path) -> dict[str, dict]:
     """The alerts this host raised, kept in its state dir ({} when none, or unreadable: said)."""
     path = Path(state_dir) / ALERTS_FILE
-    if not path.exists():
-        return {}
     try:
+        if not path.exists():   # (a state dir this user may not read: said, below)
+            return {}
         kept = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         log.error("the fleet alerts kept in %s are unreadable (%s); the signed log holds them", path, e)
@@ -206,18 +209,68 @@ def clear_requests(state_dir: Path) -> list[tuple[str, Path]]:
     return requests
 
 
-async def republish_alerts(store: Store, me: str, alerts: dict[str, dict]) -> None:
+async def republish_alerts(store: Store, me: str, alerts: dict[str, dict], signer: Signer) -> None:
     """Each alert of `alerts` (this witness's, by peer) put back in the store where its key is
     missing or holds something else."""
     if not alerts:
         return
     stored = {item.key: item.value for item in (await store.get_prefix(keys.ALERTS))[0]}
     for peer, alert in sorted(alerts.items()):
-        key = keys.alert(peer, me)
+        key, value = keys.alert(peer, me), alert_value(signer, alert)
         try:
-            same = key in stored and load_value(stored[key]) == alert
+            same = key in stored and load_value(stored[key]) == json.loads(value)
         except ValueError:
             same = False
         if not same:
             log.warning("fleet: the alert on %s is gone or changed in the store; publishing it again", peer)
-            await store.put(key, json.dumps(alert).encode())
+            await store.put(key, value)
+
+
+ALERT_HEADER = "skyguard.fleet/alert/v1"
+
+
+def alert_note(signer: Signer, alert: dict) -> str:
+    """The note by which a witness's host key (its log key) signs an alert it raised: a header
+    line, then the alert as one line of JSON (ASCII: whatever text it quotes stays one line)."""
+    return signer.sign(f"{ALERT_HEADER}\n{json.dumps(alert, sort_keys=True)}\n")
+
+
+def alert_value(signer: Signer, alert: dict) -> bytes:
+    """An alert as the store holds it: its fields, and their signed note."""
+    return json.dumps({**alert, "note": alert_note(signer, alert)}, sort_keys=True).encode()
+
+
+def open_alert(note, host_keys: dict[str, Verifier]) -> dict:
+    """The alert `note` states, if the host key known here for the witness it names signed it
+    (`host_keys`: witness name -> its log key); ValueError saying why not."""
+    try:
+        text, _ = split_note(note)
+        header, line, end = text.split("\n") if text.count("\n") == 2 else ("", "", "x")
+        alert = load_value(line.encode()) if header == ALERT_HEADER and not end else None
+        if not isinstance(alert, dict) or not isinstance(alert.get("witness"), str):
+            raise ValueError("not a signed alert")
+        key = host_keys.get(alert["witness"])
+        if key is None:
+            raise ValueError(f"signed by no host key known here for {alert['witness']!r}")
+        key.verify(note)
+    except (BadLogInput, VerificationError) as e:
+        raise ValueError(f"not signed by a host key known here ({e})"[:300]) from None
+    return alert
+
+
+def alert_trust(state_dir: Path) -> tuple[dict[str, dict], dict[str, Verifier]]:
+    """What a host's state dir vouches for, for `fleet status`: (the alerts this host raised, by
+    peer; {peer: its log key pinned here}). Both empty when the state dir holds none."""
+    host_keys = {}
+    path = Path(state_dir) / PEERS_FILE
+    try:
+        pinned = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError) as e:
+        log.error("the peers' keys pinned in %s are unreadable (%s)", path, e)
+        pinned = {}
+    for peer, record in pinned.items() if isinstance(pinned, dict) else ():
+        try:
+            host_keys[peer] = Verifier.from_vkey(record["log_vkey"])
+        except (BadLogInput, KeyError, TypeError):
+            continue
+    return load_alerts(state_dir), host_keys

@@ -330,9 +330,11 @@ def test_hosts_witness_each_other_and_a_rewritten_log_is_refused(fleet):
         assert tampers and tampers[0]["peer"] == "charlie" and "not consistent" in tampers[0]["problem"]
         assert 'skyguard_fleet_witness_tamper_total{peer="charlie"} 1.0' in generate_latest(host.registry).decode()
         assert host.agent.witness.state(victim.writer.origin).size == witnessed[host.name]   # never moved on
-    view = json.loads(skyguard("fleet", "status", "--etcd", fleet.cluster.endpoints, "--json").stdout)
+    # Seen from alpha: its own alert (its state dir), and bravo's (signed by bravo's host key, pinned).
+    status = ("fleet", "status", "--etcd", fleet.cluster.endpoints, "--state-dir", str(honest.state))
+    view = json.loads(skyguard(*status, "--json").stdout)
     assert {(a["witness"], a["peer"]) for a in view["alerts"]} == {("alpha", "charlie"), ("bravo", "charlie")}
-    table = skyguard("fleet", "status", "--etcd", fleet.cluster.endpoints).stdout
+    table = skyguard(*status).stdout
     assert "ALERT: alpha refuses to cosign charlie" in table and "ALERT: bravo refuses to cosign charlie" in table
     bad = skyguard("log", "verify", "--state-dir", str(victim.state), "--witnesses", "2", check=False)
     assert bad.returncode == 1, bad.stdout
@@ -379,14 +381,14 @@ def test_a_hostile_member_record_neither_breaks_fleet_status_nor_hides_its_alert
     # A compromised host writes what it likes under members/ and alerts/. Before the fix a
     # heartbeat that is not a number (or a record that is not an object) made `fleet status`
     # crash, hiding every alert, and escape sequences in a record could erase the genuine ALERT
-    # lines on the operator's terminal.
-    genuine = {"witness": "alpha", "peer": "mallory", "problem": "not consistent", "time": 1}
+    # lines on the operator's terminal. (An unsigned alert record is listed as unverified.)
+    unsigned = {"witness": "alpha", "peer": "mallory", "problem": "not consistent", "time": 1}
     hostile = {
         keys.member("mallory"): {"name": "mallory", "heartbeat": "soon", "policy": ["x"],
                                  "log": 5, "cosignatures": "many", "alerts": 3},
         keys.member("mallory2"): ["not", "an", "object"],
         keys.member("mallory3"): {"name": "m3", "heartbeat": 1e400, "policy": {"revision": {"a": 1}}},
-        keys.alert("mallory", "alpha"): genuine,
+        keys.alert("mallory", "alpha"): unsigned,
         keys.alert("mallory", "zulu"): {"witness": "zulu\x1b[1A\x1b[2K", "peer": ["x"],
                                         "problem": "\r\x1b[2Kok\nALERT: none"},
         keys.alert("mallory", "zulu2"): ["not", "an", "object"],
@@ -394,17 +396,52 @@ def test_a_hostile_member_record_neither_breaks_fleet_status_nor_hides_its_alert
     try:
         for key, value in hostile.items():
             etcdctl_put(fleet, key, json.dumps(value))
-        view = json.loads(skyguard("fleet", "status", "--etcd", fleet.cluster.endpoints, "--json").stdout)
-        assert genuine in view["alerts"]
+        status = ("fleet", "status", "--etcd", fleet.cluster.endpoints, "--state-dir", str(fleet.hosts[0].state))
+        view = json.loads(skyguard(*status, "--json").stdout)
+        assert ("alpha", "mallory") in {(u["witness"], u["peer"]) for u in view["unverified_alerts"]}
         assert set(NAMES) <= set(view["members"])
-        table = skyguard("fleet", "status", "--etcd", fleet.cluster.endpoints).stdout
-        assert "ALERT: alpha refuses to cosign mallory: not consistent" in table
+        table = skyguard(*status).stdout
+        assert "says alpha refuses to cosign mallory: not consistent" in table
         assert "\x1b" not in table and "\r" not in table
         assert sum(line.startswith("ALERT:") for line in table.splitlines()) == len(view["alerts"])
+        assert sum(line.startswith("UNVERIFIED") for line in table.splitlines()) == len(view["unverified_alerts"])
         for name in NAMES:
             assert any(line.startswith(name) for line in table.splitlines())
     finally:
         for key in hostile:
+            subprocess.run(["etcdctl", "--endpoints", fleet.cluster.endpoints, "del", key],
+                           env=dict(os.environ, ETCDCTL_API="3"), check=True, capture_output=True,
+                           timeout=30)
+
+
+def test_an_alert_written_to_the_store_without_a_host_key_is_never_shown_as_the_fleet_s(fleet):
+    # Whoever can write etcd, with no host key, writes an alert record in bravo's name accusing
+    # honest alpha, and a member record listing an alert on alpha. Before the fix `fleet status`
+    # printed both as ALERT lines of the fleet. Now an alert is the fleet's only when this host
+    # raised it (its state dir) or a host key pinned here signed it; the rest is listed apart,
+    # as unverified, escaped.
+    charlie = fleet.hosts[2]
+    forged = {
+        keys.alert("alpha", "bravo"): {"witness": "bravo", "peer": "alpha", "problem": "forged history", "time": 1},
+        keys.member("mallory5"): {"name": "mallory5", "alerts": ["alpha: rewrote its log\x1b[2K"]},
+        keys.alert("alpha", "zulu\u2028ALERT: x"): {"witness": "zulu", "peer": "alpha", "problem": "\x9b2Kx\u202e",
+                                                   "note": "not a note"},
+    }
+    status = ("fleet", "status", "--etcd", fleet.cluster.endpoints, "--state-dir", str(charlie.state))
+    try:
+        for key, value in forged.items():
+            etcdctl_put(fleet, key, json.dumps(value))
+        view = json.loads(skyguard(*status, "--json").stdout)
+        assert not [a for a in view["alerts"] if a.get("peer") == "alpha"], view["alerts"]
+        claimed = {(u["witness"], u["peer"]) for u in view["unverified_alerts"]}
+        assert {("bravo", "alpha"), ("mallory5", "alpha"), ("zulu\u2028ALERT: x", "alpha")} <= claimed, claimed
+        table = skyguard(*status).stdout
+        lines = table.splitlines()
+        assert not [line for line in lines if line.startswith("ALERT") and "cosign alpha" in line], table
+        assert any(line.startswith("UNVERIFIED") and "forged history" in line for line in lines), table
+        assert all(line.isprintable() for line in lines), table
+    finally:
+        for key in forged:
             subprocess.run(["etcdctl", "--endpoints", fleet.cluster.endpoints, "del", key],
                            env=dict(os.environ, ETCDCTL_API="3"), check=True, capture_output=True,
                            timeout=30)
@@ -807,7 +844,7 @@ def test_a_tamper_alert_deleted_from_the_store_is_kept_by_the_host_that_raised_i
     fork = json.dumps({"note": Checkpoint(origin, 2, range_root(two, 0, 2)).sign(key), "proofs": {}})
 
     def status_table():
-        return skyguard("fleet", "status", "--etcd", fleet.cluster.endpoints).stdout
+        return skyguard("fleet", "status", "--etcd", fleet.cluster.endpoints, "--state-dir", str(alpha.state)).stdout
 
     def alert_stored():
         return asyncio.run(store.get(keys.alert("forker", "alpha")))[0] is not None
