@@ -102,8 +102,9 @@ class FleetAgent:
     def __init__(self, store: Store, name: str, state_dir: Path, admins: list[Verifier],
                  apply: Callable[[str, str], str], local_status: Callable[[], dict],
                  record: Callable[..., None], registry=None, period: float = PERIOD_S,
-                 log_dir: Path | None = None, head_note: Callable[[], str | None] | None = None):
-        from skyguard.fleet.metrics import FleetMetrics
+                 log_dir: Path | None = None, head_note: Callable[[], str | None] | None = None,
+                 max_peer_labels: int | None = None):
+        from skyguard.fleet.metrics import MAX_PEER_LABELS, FleetMetrics
         from skyguard.tlog.hostkey import host_signer
 
         self.store, self.name, self.admins = store, name, admins
@@ -119,7 +120,7 @@ class FleetAgent:
         self.pins = PeerPins(self.state_dir)
         self.cosigner = Cosigner(f"{name}.skyguard/witness", load_or_create_witness_key(self.state_dir))
         self.witness = Witness(self.dir / "witness", self.cosigner)
-        self.metrics = FleetMetrics(registry)
+        self.metrics = FleetMetrics(registry, max_peer_labels or MAX_PEER_LABELS, known=lambda p: p in self.pins.all())
         self.revision: int = 0
         self.policy_sha: str | None = None
         self.store_ok: bool | None = None
@@ -130,7 +131,7 @@ class FleetAgent:
         self.alert_records: dict[str, dict] = load_alerts(self.state_dir)
         self.alerts: dict[str, str] = {peer: f"{peer}: {a.get('problem')}" for peer, a in self.alert_records.items()}
         for peer in self.alert_records:
-            self.metrics.alert.labels(peer=peer).set(1)
+            self.metrics.set_alert(peer, True)
         self.refused: dict[str, str] = {}       # last refusal per reason
         self.stale: dict[str, str] = {}         # peer -> why its checkpoint shown now is stale
         self.fresh: dict[str, float] = {}       # peer -> when it last showed a checkpoint not stale
@@ -403,10 +404,11 @@ class FleetAgent:
                                     cosignatures.get(peer, []),
                                     origin_rival(peer, record, peers, self.pins.all(), self.publisher.head().get("origin")))
         now = time.time()
+        self.metrics.round(peers)
         for peer, seen in self.fresh.items():   # kept when a peer leaves: it resumes, not restarts
             if peer in peers:
-                self.metrics.fresh_age.labels(peer=peer).set(round(now - seen, 1))
-            elif self.metrics.forget(peer):
+                self.metrics.set_fresh_age(peer, round(now - seen, 1))
+            elif self.metrics.forget(peer, peer in self.alerts):
                 self.unverified.pop(peer, None)
 
     async def _cosign_peer(self, peer: str, record: dict, item, cosignatures: list,
@@ -477,7 +479,7 @@ class FleetAgent:
                 log.warning("fleet: %s's checkpoint is not proven consistent with what %s cosigned; "
                             "not cosigning it until the log shows a proof", peer, ", ".join(witnesses))
             self.unverified[peer] = witnesses
-        self.metrics.unverified.labels(peer=peer).set(len(witnesses))
+        self.metrics.set_unverified(peer, len(witnesses))
 
     def _fresh(self, peer: str) -> None:
         self.fresh[peer] = time.time()
@@ -491,7 +493,7 @@ class FleetAgent:
         if self.stale.get(peer) == problem:
             return
         self.stale[peer] = problem
-        self.metrics.stale.labels(peer=peer).inc()
+        self.metrics.count_stale(peer)
         log.warning("fleet: not cosigning %s: %s", peer, problem)
 
     async def _clear_alert(self, peer: str) -> None:
@@ -502,7 +504,7 @@ class FleetAgent:
         await self.store.delete(keys.alert(peer, self.name))   # FleetError: the request stays
         del self.alert_records[peer]
         self.alerts.pop(peer, None)
-        self.metrics.alert.labels(peer=peer).set(0)
+        self.metrics.set_alert(peer, False)
         self.record("fleet_alert_cleared", peer=peer, problem=str(alert.get("problem"))[:500])
         log.warning("fleet: the alert on %s was cleared by an operator", peer)
         await asyncio.to_thread(keep_alerts, self.state_dir, self.alert_records)
@@ -516,8 +518,8 @@ class FleetAgent:
         self.alerts[peer] = f"{peer}: {problem}"
         alert = {"witness": self.name, "peer": peer, "origin": origin, "problem": problem, "time": time.time()}
         self.alert_records[peer] = alert
-        self.metrics.tamper.labels(peer=peer).inc()
-        self.metrics.alert.labels(peer=peer).set(1)
+        self.metrics.count_tamper(peer)
+        self.metrics.set_alert(peer, True)
         self.record("tamper", source="fleet_witness", peer=peer, origin=origin or "", problem=problem[:500],
                     action="cosignature refused")
         log.error("fleet: refusing to cosign %s: %s", peer, problem)

@@ -1,14 +1,43 @@
-"""The fleet agent's Prometheus metrics (labels: refusal reason, peer member name; both bounded
-by the fleet, never an address)."""
+"""The fleet agent's Prometheus metrics (labels: refusal reason, peer member name; never an
+address).
+
+Per-peer series are bounded: anyone who can write the store can add members, each of which would
+otherwise get its own series on every host (memory, and every scrape). A peer gets them only once
+pinned here (its keys taken at first sight), and only while fewer than `max_peers` have them; the
+others are counted (skyguard_fleet_peers_unlabelled now, skyguard_fleet_peer_labels_refused_total
+ever) and logged at most once a minute; their tamper and stale events count under the one label
+value UNLABELLED, which no member name can take, and so do the alerts this host holds on them.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+
+log = logging.getLogger("skyguard.fleet")
+
+# Peers given per-peer series (SKYGUARD_FLEET_MAX_PEER_LABELS): a fleet larger than this shows its
+# other peers only in the counts of UNLABELLED; each peer costs five series.
+MAX_PEER_LABELS = int(os.environ.get("SKYGUARD_FLEET_MAX_PEER_LABELS", "256"))
+UNLABELLED = "_unlabelled"   # member names start with a letter or digit (signing.check_member_name)
+REFUSED_LOG_S = 60.0
+
 
 class FleetMetrics:
-    def __init__(self, registry=None):
+    """`known(peer)`: whether the peer's keys are pinned here (only those are labelled)."""
+
+    def __init__(self, registry=None, max_peers: int = MAX_PEER_LABELS,
+                 known: Callable[[str], bool] = lambda peer: True):
         from prometheus_client import CollectorRegistry, Counter, Gauge
 
         registry = registry if registry is not None else CollectorRegistry()
+        self.max_peers, self.known = max_peers, known
+        self.labelled: set[str] = set()
+        self._refused: set[str] = set()        # peers of the last round refused series
+        self._alerted: set[str] = set()        # unlabelled peers this host holds an alert on
+        self._logged = -REFUSED_LOG_S
         self.store_up = Gauge("skyguard_fleet_store_up", "1 while the fleet store (etcd) answers",
                               registry=registry)
         self.revision = Gauge("skyguard_fleet_policy_revision", "Revision of the fleet policy applied",
@@ -31,18 +60,74 @@ class FleetMetrics:
                                 "the peer's log not proven consistent with its checkpoint shown here "
                                 "(nothing cosigned meanwhile)", ["peer"], registry=registry)
         self.alert = Gauge("skyguard_fleet_witness_alert", "1 for each peer this host raised a tamper "
-                           "alert on (kept in the state dir: across restarts, whatever the store holds)",
-                           ["peer"], registry=registry)
+                           "alert on (kept in the state dir: across restarts, whatever the store holds); "
+                           f"peer=\"{UNLABELLED}\": how many on peers without series", ["peer"], registry=registry)
+        self.unlabelled = Gauge("skyguard_fleet_peers_unlabelled", "Peers in the store given no per-peer "
+                                "series: not pinned here, or over the cap (SKYGUARD_FLEET_MAX_PEER_LABELS)",
+                                registry=registry)
+        self.labels_refused = Counter("skyguard_fleet_peer_labels_refused", "Peers refused per-peer series "
+                                      "(each counted when it appears)", registry=registry)
 
-    def forget(self, peer: str) -> bool:
-        """A peer that left the fleet: its per-peer gauges go (True if it had them); the counters
-        and the alert gauge stay."""
-        try:
-            self.fresh_age.remove(peer)
-        except KeyError:
-            return False
-        try:
-            self.unverified.remove(peer)
-        except KeyError:
-            pass
-        return True
+    def label(self, peer: str) -> str | None:
+        """The peer's own label value, if it has (or may now take) series; else None."""
+        if peer in self.labelled:
+            return peer
+        if len(self.labelled) < self.max_peers and self.known(peer):
+            self.labelled.add(peer)
+            return peer
+        return None
+
+    def round(self, peers: Iterable[str]) -> None:
+        """Once per witness round, with the store's current peers: each pinned one takes series
+        while there is room; the others are counted and logged."""
+        refused = {peer for peer in sorted(peers) if self.label(peer) is None}
+        if refused - self._refused:
+            self.labels_refused.inc(len(refused - self._refused))
+        self._refused = refused
+        self.unlabelled.set(len(refused))
+        if refused and time.monotonic() - self._logged >= REFUSED_LOG_S:
+            self._logged = time.monotonic()
+            log.warning("fleet: %d peers get no metric series of their own (not pinned here, or over "
+                        "the %d allowed: SKYGUARD_FLEET_MAX_PEER_LABELS); they count under peer=%s",
+                        len(refused), self.max_peers, UNLABELLED)
+
+    def count_tamper(self, peer: str) -> None:
+        self.tamper.labels(peer=self.label(peer) or UNLABELLED).inc()
+
+    def count_stale(self, peer: str) -> None:
+        self.stale.labels(peer=self.label(peer) or UNLABELLED).inc()
+
+    def set_fresh_age(self, peer: str, seconds: float) -> None:
+        if self.label(peer):
+            self.fresh_age.labels(peer=peer).set(seconds)
+
+    def set_unverified(self, peer: str, witnesses: int) -> None:
+        if self.label(peer):
+            self.unverified.labels(peer=peer).set(witnesses)
+
+    def set_alert(self, peer: str, raised: bool) -> None:
+        if self.label(peer):
+            self.alert.labels(peer=peer).set(1 if raised else 0)
+            return
+        (self._alerted.add if raised else self._alerted.discard)(peer)
+        self.alert.labels(peer=UNLABELLED).set(len(self._alerted))
+
+    def forget(self, peer: str, alerted: bool) -> bool:
+        """A peer that left the fleet: its gauges go (True if it had them), and unless this host
+        holds an alert on it, its counters and its place among the labelled peers too (a fleet
+        that replaces its hosts does not fill the cap with hosts long gone)."""
+        had = False
+        for gauge in (self.fresh_age, self.unverified):
+            try:
+                gauge.remove(peer)
+                had = True
+            except KeyError:
+                pass
+        if not alerted and peer in self.labelled:
+            for series in (self.tamper, self.stale, self.alert):
+                try:
+                    series.remove(peer)
+                except KeyError:
+                    pass
+            self.labelled.discard(peer)
+        return had

@@ -95,13 +95,14 @@ class Host:
         return {"policy": {"name": self.policy.name, "sha256": self.policy.sha256} if self.policy else None,
                 "programs": 0}
 
-    def start_agent(self):
+    def start_agent(self, **options):
         self.registry = CollectorRegistry()
         self.agent = FleetAgent(EtcdStore(self.cluster.endpoints, timeout=1.0), self.name, self.state,
                                 load_admin_verifiers([self.admin_vkey]), apply=self.apply,
                                 local_status=self.local_status, record=self.record,
                                 registry=self.registry, period=0.5,
-                                head_note=lambda: self.writer.latest_note())   # as the daemon hook does
+                                head_note=lambda: self.writer.latest_note(),   # as the daemon hook does
+                                **options)
         self.loop.call(self.agent.start())
 
     def stop_agent(self):
@@ -146,6 +147,18 @@ def push(fleet, n, *extra):
 def etcdctl_put(fleet, key, value: str):
     subprocess.run(["etcdctl", "--endpoints", fleet.cluster.endpoints, "put", key, value],
                    env=dict(os.environ, ETCDCTL_API="3"), check=True, capture_output=True, timeout=30)
+
+
+def metric(host, name, peer):
+    """The value of the fleet metric `name` for `peer` (None: a metric without that label) on
+    `host`, or None when not exported."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(generate_latest(host.registry).decode()):
+        for sample in family.samples:
+            if sample.name == name and sample.labels.get("peer") == peer:
+                return sample.value
+    return None
 
 
 def test_pushed_policy_reaches_every_host_and_each_reports_its_hash(fleet):
@@ -616,6 +629,54 @@ def test_a_member_record_with_nested_keys_poisons_no_host_s_pinned_peers(fleet):
             asyncio.run(store.delete(keys.checkpoint(name)))
 
 
+def test_members_made_up_in_the_store_get_no_metric_series_past_the_cap(fleet):
+    # Whoever can write etcd adds members, each with a log key of its own and a checkpoint it
+    # signed. Before the fix every host gave each one its own series (the age of its checkpoint,
+    # and more), without bound: the hosts' memory and every scrape grew with what anyone wrote.
+    # Now at most max_peer_labels peers pinned here get series; the others are counted
+    # (skyguard_fleet_peers_unlabelled, skyguard_fleet_peer_labels_refused_total), and logged.
+    import asyncio
+
+    from skyguard.tlog.cosign import Cosigner
+    from skyguard.tlog.hashing import EMPTY_ROOT
+
+    bravo, cap = fleet.hosts[1], 4
+    store = EtcdStore(fleet.cluster.endpoints)
+    names = [f"made-up-{i:02d}" for i in range(12)]
+
+    def labelled():
+        from prometheus_client.parser import text_string_to_metric_families
+
+        return {sample.labels["peer"] for family in text_string_to_metric_families(generate_latest(bravo.registry).decode())
+                for sample in family.samples if "peer" in sample.labels}
+    bravo.stop_agent()
+    bravo.start_agent(max_peer_labels=cap)
+    try:
+        for name in names:
+            key = Signer(name, Ed25519PrivateKey.generate())
+            origin = f"{name}.skyguard/log"
+            record = {"name": name, "origin": origin, "log_vkey": key.verifier.vkey(), "witness_vkey":
+                      Cosigner(f"{name}.skyguard/witness", Ed25519PrivateKey.generate()).verifier.vkey()}
+            asyncio.run(store.put(keys.member(name), json.dumps(record).encode()))
+            asyncio.run(store.put(keys.checkpoint(name), json.dumps(
+                {"note": Checkpoint(origin, 0, EMPTY_ROOT).sign(key), "proofs": {}}).encode()))
+        wait_until(lambda: all(bravo.agent.witness.state(f"{n}.skyguard/log") for n in names),
+                   what="bravo cosigning every made-up member")
+        # alpha, charlie and the made-up members are pinned; peers it holds alerts on may be too.
+        wait_until(lambda: (metric(bravo, "skyguard_fleet_peers_unlabelled", None) or 0) >= len(names) + 2 - cap,
+                   what="bravo counting the peers it gives no series")
+        own = labelled() - {"_unlabelled"}
+        assert len(own) == cap and own <= set(bravo.agent.pins.all()), own
+        assert (metric(bravo, "skyguard_fleet_peer_labels_refused_total", None)
+                >= metric(bravo, "skyguard_fleet_peers_unlabelled", None))
+    finally:
+        bravo.stop_agent()
+        bravo.start_agent()
+        for prefix in (keys.MEMBERS, keys.CHECKPOINTS, keys.COSIGNATURES):
+            subprocess.run(["etcdctl", "--endpoints", fleet.cluster.endpoints, "del", "--prefix", prefix + "made-up-"],
+                           env=dict(os.environ, ETCDCTL_API="3"), check=True, capture_output=True, timeout=30)
+
+
 def test_a_refused_policy_with_a_huge_signer_name_is_still_on_the_signed_log(fleet):
     # A policy record signed under a key name of 1.1 MB: before the fix the refusal's message
     # (which names the signers) made a log entry over the 1 MiB limit, so the refusal never
@@ -692,15 +753,6 @@ def test_members_sharing_an_origin_that_is_not_unicode_stop_no_witness_loop(flee
             asyncio.run(store.delete(keys.checkpoint(name)))
 
 
-def metric(host, name, peer):
-    """The value of the fleet metric `name` for `peer` on `host`, or None when not exported."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(generate_latest(host.registry).decode()):
-        for sample in family.samples:
-            if sample.name == name and sample.labels.get("peer") == peer:
-                return sample.value
-    return None
 
 
 def test_an_old_checkpoint_replayed_in_the_store_is_stale_not_a_rollback(fleet):
