@@ -299,6 +299,37 @@ def test_watch_survives_compaction(fleet):
     wait_until(lambda: all(h.sha == pushed["sha256"] for h in fleet.hosts), what="revision 5 after compaction")
 
 
+def test_a_store_call_cancelled_as_its_answer_arrives_ends_cancelled(fleet):
+    # A fleet agent stops by cancelling its tasks. Before the fix a call to etcd cancelled just
+    # as its answer arrived returned the answer instead (asyncio.wait_for on Python 3.11 drops
+    # such a cancellation): the task went on, and a stopped agent (a hot swap, a restart) kept
+    # witnessing beside its successor ("fleet tasks still running at stop"). The cancellation is
+    # sent at every point of the call in turn, until the call is done before it.
+    import asyncio
+
+    store = EtcdStore(fleet.cluster.endpoints)
+
+    async def cancel_at_each_point():
+        returned, done_first = [], 0
+        for point in range(1000):
+            call = asyncio.create_task(store.get(keys.POLICY))
+            for _ in range(point):
+                await asyncio.sleep(0)
+            if call.done():
+                done_first += 1
+                if done_first == 20:
+                    return returned
+                continue
+            call.cancel()
+            try:
+                await call
+                returned.append(point)
+            except asyncio.CancelledError:
+                pass
+        return returned
+    assert asyncio.run(cancel_at_each_point()) == []
+
+
 def test_a_policy_for_some_hosts_is_applied_by_those_only(fleet):
     only = push(fleet, 6, "--hosts", "alpha")
     everyone = push(fleet, 7)   # the watch delivers in order: 7 arrives after 6 was handled
