@@ -11,8 +11,9 @@ does three things, each a task that survives the store going away:
   the store answers. Compaction, a lost member, a closed stream: re-list, then watch again;
 - witnessing: publish this log's latest checkpoint with consistency proofs from the sizes each
   peer last cosigned; cosign every peer's checkpoint through the durable Witness
-  (skyguard/tlog/cosign.py); collect peers' cosignatures of this log into the state dir, where
-  `skyguard log verify --witnesses N` finds them.
+  (skyguard/tlog/cosign.py), and put its cosignature back when deleted from the store; collect
+  peers' cosignatures of this log into the state dir, where `skyguard log verify --witnesses N`
+  finds them.
 
 Fail closed and keep enforcing: when the store is unreachable nothing changes locally; the agent
 logs `fleet_store_lost` once, reports it (metric, status) and retries. A refused policy or a peer
@@ -40,6 +41,7 @@ from skyguard.errors import PolicyError, SkyguardError
 from skyguard.fleet import keys
 from skyguard.fleet.peers import PeerPins
 from skyguard.fleet.publisher import CheckpointPublisher
+from skyguard.fleet.seen import SeenCosignatures
 from skyguard.fleet.signing import PolicyRefused, SignedPolicy, check_member_name, decide, open_policy
 from skyguard.fleet.store import Compacted, FleetError, Store, StoreUnavailable, load_value
 from skyguard.fleet.witnessing import (
@@ -54,7 +56,7 @@ from skyguard.fleet.witnessing import (
     republish_alerts,
     unproven_witnesses,
 )
-from skyguard.tlog.checkpoint import Verifier, parse_and_verify
+from skyguard.tlog.checkpoint import Checkpoint, Verifier, parse_and_verify
 from skyguard.tlog.cosign import (
     COSIGNED_DIR,
     Cosigner,
@@ -135,6 +137,8 @@ class FleetAgent:
         self.refused: dict[str, str] = {}       # last refusal per reason
         self.stale: dict[str, str] = {}         # peer -> why its checkpoint shown now is stale
         self.fresh: dict[str, float] = {}       # peer -> when it last showed a checkpoint not stale
+        self._given: dict[str, bytes] = {}      # peer -> this witness's cosignature as last put in the store
+        self.seen = SeenCosignatures(self.state_dir, self.metrics.vanished.inc)
         self.unverified: dict[str, list] = {}   # peer -> other witnesses not proven consistent
         self._tasks: list[asyncio.Task] = []
         self._applying = asyncio.Lock()
@@ -356,7 +360,7 @@ class FleetAgent:
                 continue
             if peer != self.name and item.key == keys.member(peer):
                 peers[peer] = record
-        sizes = set()
+        sizes = set(self.received.values())   # a witness's size offered a proof even if deleted from the store
         for item in items:
             witness_name = item.key.rsplit("/", 1)[-1]
             # The key pinned at first sight, not whatever the store says today.
@@ -440,16 +444,18 @@ class FleetAgent:
             self.witness.refuse_older(checkpoint, last)
             # Against a split view: what every other witness cosigned of this log (witnessing.py).
             attested = proofs_attested(published.get("proofs_note"), verifier, checkpoint, proofs)
-            unproven = unproven_witnesses(cosignatures, self.pins.all(), self.name, verifier, checkpoint,
-                                          proofs, attested)
+            # Those seen before count too: whoever writes the store can delete one (seen.py).
+            others = self.seen.merge(peer, cosignatures, self.pins.all(), self.name, verifier, checkpoint.origin)
+            unproven = unproven_witnesses(others, self.pins.all(), self.name, verifier, checkpoint, proofs, attested)
             self._unproven(peer, unproven)
-            if last is not None and last.size == checkpoint.size and last.root == checkpoint.hash:
+            again = last is not None and last.size == checkpoint.size and last.root == checkpoint.hash
+            if again and self._kept(peer, cosignatures, checkpoint):
                 self._fresh(peer)
-                return   # already cosigned (what it leaves unproven is reported)
-            if unproven:
+                return   # already cosigned, and in the store (what it leaves unproven is reported)
+            if unproven and not again:
                 return   # cosigned only once proven consistent with what they cosigned
             proof = None
-            if last is not None and str(last.size) in proofs:
+            if not again and last is not None and str(last.size) in proofs:
                 proof = [base64.b64decode(h) for h in proofs[str(last.size)]]
             cosigned, checkpoint = await asyncio.to_thread(self.witness.cosign, note, record["log_vkey"], proof,
                                                            None, attested)
@@ -466,10 +472,29 @@ class FleetAgent:
             log.debug("not cosigning %s yet: %s", peer, e)
             return
         self._fresh(peer)
-        await self.store.put(keys.cosignature(peer, self.name),
-                             json.dumps({"note": cosigned, "size": checkpoint.size}).encode())
-        self.given += 1
-        self.metrics.given.inc()
+        if again:   # as alerts are: whoever writes the store cannot erase what this witness vouched for
+            log.warning("fleet: this host's cosignature of %s is gone or changed in the store; publishing it again", peer)
+        value = json.dumps({"note": cosigned, "size": checkpoint.size}).encode()
+        await self.store.put(keys.cosignature(peer, self.name), value)
+        self._given[peer] = value
+        if not again:
+            self.given += 1
+            self.metrics.given.inc()
+
+    def _kept(self, peer: str, cosignatures: list, checkpoint: Checkpoint) -> bool:
+        """Whether the store (`cosignatures`: its records of `peer`'s log) holds this witness's
+        cosignature of `checkpoint`, the one it last cosigned."""
+        stored = next((i.value for i in cosignatures if i.key == keys.cosignature(peer, self.name)), None)
+        if stored is None or stored == self._given.get(peer):
+            return stored is not None
+        try:
+            cosigned, _ = self.cosigner.verifier.verify(load_value(stored)["note"])
+        except (ValueError, KeyError, TypeError, BadLogInput, VerificationError):
+            return False
+        if (cosigned.size, cosigned.hash) != (checkpoint.size, checkpoint.hash):
+            return False
+        self._given[peer] = stored
+        return True
 
     def _unproven(self, peer: str, witnesses: list[str]) -> None:
         """Other witnesses' cosignatures of `peer`'s log not proven consistent with the checkpoint

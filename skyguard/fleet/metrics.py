@@ -62,6 +62,9 @@ class FleetMetrics:
         self.alert = Gauge("skyguard_fleet_witness_alert", "1 for each peer this host raised a tamper "
                            "alert on (kept in the state dir: across restarts, whatever the store holds); "
                            f"peer=\"{UNLABELLED}\": how many on peers without series", ["peer"], registry=registry)
+        self.vanished = Counter("skyguard_fleet_cosignatures_vanished", "Other witnesses' cosignatures this "
+                                "host saw that are gone from the store (or older there): still held against "
+                                "what the log shows", registry=registry)
         self.unlabelled = Gauge("skyguard_fleet_peers_unlabelled", "Peers in the store given no per-peer "
                                 "series: not pinned here, or over the cap (SKYGUARD_FLEET_MAX_PEER_LABELS)",
                                 registry=registry)

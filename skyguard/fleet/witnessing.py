@@ -85,6 +85,19 @@ def proofs_attested(note, verifier: Verifier, checkpoint: Checkpoint, proofs: di
         return False
 
 
+def cosigned_by(value: bytes, witness: dict, verifier: Verifier, origin: str) -> tuple[Checkpoint, str] | None:
+    """(checkpoint, note) if `value` (a record under cosignatures/<log>/) holds the log's
+    checkpoint of `origin`, signed by `verifier`, cosigned by the witness whose pinned keys are
+    `witness`; None if not."""
+    try:
+        note = load_value(value)["note"]
+        checkpoint, _ = CosignerVerifier.from_vkey(witness["witness_vkey"]).verify(note)
+        parse_and_verify(note, verifier, origin=origin)
+    except (ValueError, KeyError, TypeError, BadLogInput, VerificationError):
+        return None
+    return checkpoint, note
+
+
 def unproven_witnesses(items: list[Item], pinned: dict, me: str, verifier: Verifier,
                        checkpoint: Checkpoint, proofs: dict, attested: bool = True) -> list[str]:
     """The other pinned witnesses whose cosignature of this log (`items`: the store's records
@@ -97,12 +110,10 @@ def unproven_witnesses(items: list[Item], pinned: dict, me: str, verifier: Verif
         witness = item.key.rsplit("/", 1)[-1]
         if witness == me or not isinstance(pinned.get(witness), dict):
             continue
-        try:
-            other_note = load_value(item.value)["note"]
-            other, _ = CosignerVerifier.from_vkey(pinned[witness]["witness_vkey"]).verify(other_note)
-            parse_and_verify(other_note, verifier, origin=checkpoint.origin)
-        except (ValueError, KeyError, TypeError, BadLogInput, VerificationError):
+        cosigned = cosigned_by(item.value, pinned[witness], verifier, checkpoint.origin)
+        if cosigned is None:
             continue
+        other = cosigned[0]
         if other.size == checkpoint.size:
             if other.hash != checkpoint.hash:
                 raise Tamper(f"split view: {witness} cosigned another root at size {other.size} "
@@ -125,7 +136,7 @@ def unproven_witnesses(items: list[Item], pinned: dict, me: str, verifier: Verif
                 raise Tamper(f"split view: log {checkpoint.origin!r} at size {checkpoint.size} "
                              f"is not consistent with size {other.size} cosigned by {witness}: "
                              f"{e}") from None
-    return sorted(unproven)
+    return sorted(set(unproven))
 
 
 def origin_rival(peer: str, record: dict, peers: dict, pinned: dict, own_origin: str | None) -> str | None:

@@ -834,8 +834,8 @@ def test_a_split_view_below_the_size_another_witness_cosigned_is_never_cosigned_
     # cosignature only at the same size or a smaller one, so it cosigned the fork: the log held
     # cosignatures of two histories. Now a checkpoint below a size another witness cosigned is
     # not cosigned until proven consistent (the log shows that size or more, with a proof), and
-    # a cosignature of bravo's own that such a cosignature leaves unproven (the two made at the
-    # same time) is shown as unverified; the fork, once shown at alpha's size, is a split view.
+    # a cosignature of a witness's own that such a cosignature leaves unproven (the two made at
+    # the same time) is shown as unverified; the fork, once shown at alpha's size, is a split view.
     import asyncio
     import base64
 
@@ -859,13 +859,14 @@ def test_a_split_view_below_the_size_another_witness_cosigned_is_never_cosigned_
                   for old in proofs_from}
         etcdctl_put(fleet, keys.checkpoint("splitter2"), json.dumps({"note": note, "proofs": proofs}))
 
-    def unverified():
-        return metric(bravo, "skyguard_fleet_witness_unverified", "splitter2")
+    def unverified(host):
+        return metric(host, "skyguard_fleet_witness_unverified", "splitter2")
 
     def pinned(host):
         path = host.state / "fleet" / "peers.json"
         return json.loads(path.read_text()) if path.exists() else {}
-    wait_until(lambda: "alpha" in pinned(bravo), what="bravo knowing alpha's witness key")
+    wait_until(lambda: "alpha" in pinned(bravo) and "alpha" in pinned(charlie),
+               what="bravo and charlie knowing alpha's witness key")
     bravo.stop_agent()
     charlie.stop_agent()
     try:
@@ -876,22 +877,32 @@ def test_a_split_view_below_the_size_another_witness_cosigned_is_never_cosigned_
         alpha.stop_agent()
         publish(two, 2)
         bravo.start_agent()
-        wait_until(lambda: unverified() or bravo.agent.witness.state(origin) is not None,
+        wait_until(lambda: unverified(bravo) or bravo.agent.witness.state(origin) is not None,
                    what="bravo deciding on the fork")
         assert bravo.agent.witness.state(origin) is None, "bravo cosigned a fork below alpha's size"
         assert "splitter2" not in bravo.agent.alerts
-        # alpha's cosignature out of sight (as when both cosign at once): bravo cosigns the fork,
-        # then shows alpha's, once back, as not proven consistent with its own.
+        # Whoever can write etcd deletes alpha's cosignature. Before the fix bravo, which had seen
+        # it, then cosigned the fork as if alpha had vouched for nothing; now it holds alpha's
+        # cosignature as it last saw it, and says it is gone from the store.
         cosigned, _ = asyncio.run(store.get(keys.cosignature("splitter2", "alpha")))
         asyncio.run(store.delete(keys.cosignature("splitter2", "alpha")))
-        wait_until(lambda: bravo.agent.witness.state(origin) is not None, what="bravo cosigning the fork")
+        wait_until(lambda: bravo.agent.witness.state(origin) is not None
+                   or metric(bravo, "skyguard_fleet_cosignatures_vanished_total", None),
+                   what="bravo deciding with alpha's cosignature gone from the store")
+        assert bravo.agent.witness.state(origin) is None, "bravo cosigned the fork once alpha's cosignature was deleted"
+        assert unverified(bravo) == 1, bravo.agent.unverified
+        # alpha's cosignature out of sight of a witness that never saw it (as when both cosign at
+        # once): charlie cosigns the fork, then shows alpha's, once back, as not proven
+        # consistent with its own.
+        charlie.start_agent()
+        wait_until(lambda: charlie.agent.witness.state(origin) is not None, what="charlie cosigning the fork")
         asyncio.run(store.put(keys.cosignature("splitter2", "alpha"), cosigned.value))
-        wait_until(lambda: unverified() == 1, what="bravo showing alpha's cosignature unverified")
-        assert "splitter2" in bravo.agent.status()["unverified"]
+        wait_until(lambda: unverified(charlie) == 1, what="charlie showing alpha's cosignature unverified")
+        assert "splitter2" in charlie.agent.status()["unverified"]
         publish(two, 3, proofs_from=[2])   # the fork grown to alpha's size, with its own proof
-        wait_until(lambda: "splitter2" in bravo.agent.alerts, what="bravo refusing the split view")
-        assert "split view" in bravo.agent.alerts["splitter2"], bravo.agent.alerts
-        assert bravo.agent.witness.state(origin).size == 2
+        wait_until(lambda: "splitter2" in charlie.agent.alerts, what="charlie refusing the split view")
+        assert "split view" in charlie.agent.alerts["splitter2"], charlie.agent.alerts
+        assert charlie.agent.witness.state(origin).size == 2
     finally:
         for host in (alpha, bravo, charlie):
             if host.agent._tasks == []:
@@ -966,6 +977,30 @@ def test_a_tamper_alert_deleted_from_the_store_is_kept_by_the_host_that_raised_i
             asyncio.run(store.delete(key_))
         if alpha.agent._tasks == []:
             alpha.start_agent()
+
+
+def test_a_cosignature_deleted_from_the_store_is_published_again_by_its_witness(fleet):
+    # Whoever can write etcd deletes alpha's cosignature of bravo's log, then puts junk in its
+    # place. Before the fix alpha never published it again (not until bravo's log grew): the
+    # other witnesses no longer saw what alpha vouched for. Now a witness puts its cosignature
+    # back whenever it is gone from the store or changed there, as it does its alerts.
+    import asyncio
+
+    alpha, bravo = fleet.hosts[:2]
+    store = EtcdStore(fleet.cluster.endpoints)
+    key = keys.cosignature(bravo.name, alpha.name)
+
+    def stored():
+        item, _ = asyncio.run(store.get(key))
+        return item.value if item is not None else None
+    wait_until(lambda: (state := alpha.agent.witness.state(bravo.writer.origin)) is not None
+               and state.size == head_size(bravo) and stored(),
+               what="alpha's cosignature of bravo's latest checkpoint in the store")
+    asyncio.run(store.delete(key))
+    wait_until(stored, what="alpha publishing its cosignature again")
+    asyncio.run(store.put(key, b'{"note": "junk"}'))
+    wait_until(lambda: stored() != b'{"note": "junk"}', what="alpha replacing the junk with its cosignature")
+    assert json.loads(stored())["size"] == head_size(bravo)
 
 
 def head_size(host):
