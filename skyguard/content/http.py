@@ -19,7 +19,7 @@ A body arrives de-chunked (the proxy's llhttp reader undoes Transfer-Encoding). 
   form parser hands them to the application): the first MAX_PARTS with a percent-escape each a
   file of its own (a file sent as a form field is judged as the file it is: its type, its
   signatures), the others joined in one file (a key escaped in a field is still the key). Fields
-  are split at both '&' and ';' (parsers differ). A binary body sent under this type has a few
+  are split at '&', at ';' and at both (parsers differ), each way judged. A binary body sent under this type has a few
   pieces with an escape (a '%' that happens to be followed by two hex digits).
 - JSON (application/json, */*+json, or any body that parses as a JSON object or array, since
   APIs read JSON whatever its Content-Type): the body, and besides it, when it has escapes, its
@@ -137,9 +137,13 @@ def _strict_base64(text: str) -> bytes | None:
 
 def form_pieces(data: bytes) -> list[bytes]:
     """The names and values of a form body or query string that a form parser changes ('+' or
-    percent-escapes to undo), as sent (the others are in `data` as they are)."""
-    return [piece for field in re.split(rb"[&;]", data) for piece in field.split(b"=", 1)
-            if b"%" in piece or b"+" in piece]
+    percent-escapes to undo), as sent (the others are in `data` as they are), as each parser
+    splits fields: at '&' only (Python since 3.10, most frameworks), at '&' and ';' (older ones),
+    at ';' only (a separator some take), so a value a parser reads whole is never judged only in
+    pieces (a file cut by a bare ';' reached an '&'-only parser whole, its halves judged apart)."""
+    pieces = dict.fromkeys(piece for pattern in (rb"&", rb";", rb"[&;]") for field in re.split(pattern, data)
+                           for piece in field.split(b"=", 1) if b"%" in piece or b"+" in piece)
+    return list(pieces)
 
 
 def form_fields(data: bytes) -> list[bytes]:

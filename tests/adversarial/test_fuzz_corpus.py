@@ -2,7 +2,7 @@
 that once found new coverage or a bug) plus MUTATIONS deterministic mutations of them, through
 the harnesses of tests/fuzz/harnesses.py: policy YAML, signed-log files, HTTP requests into the
 credential proxy's swap engine and upstream responses into its reader, DNS messages into the
-DNS proxy. The fuzz tier runs a million atheris inputs per target."""
+DNS proxy, request bodies into the content filter. The fuzz tier runs a million atheris inputs per target."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuzz"))
 
 import harnesses  # noqa: E402
 
-MUTATIONS = {"policy": 300, "tlog": 300, "http": 3000, "upstream": 3000, "dns": 3000}
+MUTATIONS = {"policy": 300, "tlog": 300, "http": 3000, "upstream": 3000, "dns": 3000, "content": 3000}
 
 
 @pytest.mark.parametrize("target", sorted(harnesses.TARGETS))

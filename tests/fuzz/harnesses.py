@@ -1,8 +1,8 @@
 """Fuzz harnesses for every parser that takes input from a VM, an upstream or a file: policy YAML,
 signed-log files, HTTP requests into the credential proxy and the responses its upstreams send
-back, DNS messages into the DNS proxy. One function per target, `(bytes) -> None`, that raises
-AssertionError (or any unexpected exception) on a bug and returns quietly otherwise: a
-SkyguardError for bad input is the expected outcome, a crash is not.
+back, DNS messages into the DNS proxy, request bodies into the content filter. One function per
+target, `(bytes) -> None`, that raises AssertionError (or any unexpected exception) on a bug and
+returns quietly otherwise: a SkyguardError for bad input is the expected outcome, a crash is not.
 
 Run by:
 - tests/adversarial/test_fuzz_corpus.py (CI): replays tests/fuzz/corpus/<target>/ plus a few
@@ -341,8 +341,68 @@ def fuzz_dns(data: bytes) -> None:
     dns_fuzz.one_input(_resolver, data)
 
 
+# ---- request bodies into the content filter ----------------------------------------------------
+
+CONTENT_LIMIT = 1 << 16  # the inspection buffer the target decodes within
+
+
+def fuzz_content(data: bytes) -> None:
+    """A request body as the content filter turns it into files (skyguard.content.http): the
+    input is header lines ("Name: value"), a blank line, then the body. Only Uninspectable (a
+    refusal) may come out; the files are bounded; and, against Python's own parsers, nothing a
+    form or JSON upstream would decode is missing from them: every form value urllib decodes
+    from an escape, every JSON string of base64 that base64.b64decode(validate=True) reads."""
+    import base64
+    import binascii
+    import json
+    from urllib.parse import parse_qsl
+
+    from skyguard.content.http import MAX_PARTS, MIN_BASE64, Uninspectable, body_files
+
+    head, _, body = data.partition(b"\n\n")
+    headers = tuple((n.strip().lower(), v.strip()) for n, _, v in
+                    (line.partition(b":") for line in head.split(b"\n")) if n.strip())
+    try:
+        files = body_files(headers, body, CONTENT_LIMIT)
+    except Uninspectable:
+        return
+    assert files and all(isinstance(f, bytes) for f in files)
+    assert len(files) <= 2 * MAX_PARTS + 3, f"{len(files)} files"
+    assert all(len(f) <= CONTENT_LIMIT for f in files), "a file larger than the inspection buffer"
+    if any(n == b"content-encoding" for n, _ in headers):
+        return  # the oracles below read the body as sent
+    media = next((v.split(b";")[0].strip().lower() for n, v in headers if n == b"content-type"), b"")
+    if media == b"application/x-www-form-urlencoded":
+        for separator in ("&", ";"):
+            for name, value in parse_qsl(body.decode("latin-1"), keep_blank_values=True,
+                                         encoding="latin-1", separator=separator):
+                for text in (name, value):
+                    decoded = text.encode("latin-1")
+                    assert decoded in body or any(decoded in f for f in files), \
+                        f"form field {decoded[:60]!r} decoded by urllib is in no file"
+    elif body.lstrip()[:1] in (b"{", b"[") and not media.startswith(b"multipart/"):
+        try:
+            document = json.loads(body)
+        except (ValueError, RecursionError):
+            return
+        pending = [document]
+        while pending:
+            item = pending.pop()
+            if isinstance(item, dict):
+                pending.extend(item)
+                pending.extend(item.values())
+            elif isinstance(item, list):
+                pending.extend(item)
+            elif isinstance(item, str) and len(item) >= MIN_BASE64:
+                try:
+                    decoded = base64.b64decode(item, validate=True)
+                except (binascii.Error, ValueError):
+                    continue
+                assert any(decoded in f for f in files), f"base64 string {item[:60]!r} is in no file"
+
+
 TARGETS = {"policy": fuzz_policy, "tlog": fuzz_tlog, "http": fuzz_http, "upstream": fuzz_upstream,
-           "dns": fuzz_dns}
+           "dns": fuzz_dns, "content": fuzz_content}
 
 
 # ---- mutation without atheris (CI) --------------------------------------------------------------
@@ -394,6 +454,7 @@ def main() -> None:
     target = sys.argv.pop(1)
     # httpcodings.py stays uninstrumented: atheris 2.3 breaks its try/except loop (see its docstring).
     with atheris.instrument_imports(include=["skyguard"], exclude=["skyguard.httpcodings"]):
+        import skyguard.content.http  # noqa: F401
         import skyguard.credproxy.http1  # noqa: F401
         import skyguard.credproxy.swap  # noqa: F401
         import skyguard.dns.resolver  # noqa: F401
