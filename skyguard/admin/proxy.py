@@ -130,6 +130,17 @@ def operator_keys(policy: Policy) -> dict[str, asyncssh.SSHKey]:
     return parsed
 
 
+def load_keys(store: SecretStore) -> tuple[asyncssh.SSHKey, asyncssh.SSHKey]:
+    """The VM key and the proxy's host key from the sealed store, each generated on first use.
+    Blocks (file lock, disk, TPM): call off the event loop. AdminError or CredentialError says why
+    they cannot be had."""
+    try:
+        return keys.vm_key(store), keys.proxy_host_key(store)
+    except OSError as e:  # the store's directory or lock file: no key material in the message
+        raise AdminError(f"cannot load the SSH access proxy's keys from the sealed store {store.directory}: "
+                         f"{e.strerror or type(e).__name__}; it does not listen until they can be") from None
+
+
 class AdminSshProxy:
     """The access proxy. start() listens if the policy has admin.ssh; set_policy() applies a new
     policy to the listener and to open connections; stop() stops listening and ends every open
@@ -238,9 +249,14 @@ class AdminSshProxy:
     async def _listen(self, listen: str, agent_forwarding: bool) -> None:
         host, port = parse_listen(listen)
         if self.host_key is None:
-            self.vm_key = keys.vm_key(self.store)
-            self.host_key = keys.proxy_host_key(self.store)
-        for session_id in self.archive.recover_once():
+            # Off the loop, which serves every other part's traffic: the sealed store may wait on
+            # its lock (`skyguard secret set` in another process), a slow disk, or the TPM that
+            # unseals its key. A failure raises here and nothing listens (fail closed).
+            self.vm_key, self.host_key = await asyncio.to_thread(load_keys, self.store)
+        recovered = await asyncio.to_thread(self.archive.recover_once)  # reads and hashes transcripts
+        if not self._started:
+            return  # stopped while the keys were loading: stay closed
+        for session_id in recovered:
             log.warning("session %s was interrupted by a proxy restart; its record is closed", session_id)
         try:
             server = await asyncssh.create_server(

@@ -26,6 +26,7 @@ import os
 import re
 import secrets
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -146,6 +147,7 @@ class SessionArchive:
         # The SSH and console proxies of one daemon share one archive, so one instance.
         self.instance = secrets.token_hex(8)
         self._recovered = False
+        self._recovering = threading.Lock()  # recover_once() runs in worker threads (it reads every transcript)
 
     def begin(self, *, operator: str, key_fingerprint: str, workload: str, zone: str, source: str,
               kind: str, command: str | None, width: int = 80, height: int = 24,
@@ -245,13 +247,15 @@ class SessionArchive:
     def recover_once(self) -> builtins.list[str]:
         """recover_interrupted() on this archive's first call only: every part recording into it
         calls this as it starts, and only the first start closes anything (a part started or
-        moved later must not touch the records of the parts already running)."""
-        if self._recovered:
-            return []
-        self.directory.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        recovered = self.recover_interrupted()
-        self._recovered = True
-        return recovered
+        moved later must not touch the records of the parts already running). Blocks (it hashes
+        transcripts): call off the event loop; thread-safe."""
+        with self._recovering:
+            if self._recovered:
+                return []
+            self.directory.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            recovered = self.recover_interrupted()
+            self._recovered = True
+            return recovered
 
 
 def _log_fields(meta: dict) -> dict:

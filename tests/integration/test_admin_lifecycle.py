@@ -1,5 +1,6 @@
 """The SSH access proxy as a part of the daemon: start(), stop() and set_policy() on its loop, seen
 by real OpenSSH clients (the lab of test_admin_ssh.py: its own namespaces, its own proxy).
+Its keys come from the sealed store off that loop, which it shares with the daemon's other parts.
 
 A new policy takes effect at once: operators removed lose their open sessions and cannot log in
 again, `admin.ssh` removed closes the listener, a new `listen` moves it, forwarding turned off
@@ -8,11 +9,24 @@ ends open tunnels; restoring the policy brings everything back.
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
+import os
 import subprocess
 import time
 from dataclasses import replace
+from pathlib import Path
 
+import pytest
 from test_admin_ssh import MOVED_PORT, PROXY_PORT, lab  # noqa: F401 - lab: the module-scoped fixture
+
+from skyguard.admin.keys import HOST_KEY_NAME
+from skyguard.admin.proxy import AdminSshProxy
+from skyguard.custody.store import SecretStore
+from skyguard.errors import AdminError
+from skyguard.parts import MemoryLog
+
+KEYS_WAIT_PORT = 24226  # a second proxy on the lab's loop, waiting for its keys
 
 
 def open_session(lab, command):  # noqa: F811
@@ -215,3 +229,49 @@ def test_a_revoked_connection_opens_nothing_more_while_its_sessions_close(lab): 
         assert not marker.exists()
     finally:
         lab.set_policy(lab.policy)
+
+
+def flock_waiters(fd) -> int:
+    """How many lock requests wait on the file open at `fd` (the kernel's /proc/locks)."""
+    st = os.fstat(fd)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino} "
+    return sum(1 for line in Path("/proc/locks").read_text().splitlines() if "->" in line and inode in line)
+
+
+def test_a_proxy_waiting_for_its_keys_holds_up_no_other_connection(lab):  # noqa: F811
+    """The sealed store is locked by another process (`skyguard secret set`, say) just as a
+    proxy on the shared loop needs its keys: while it waits for them, the loop serves the others
+    (here the lab's proxy logs an operator in); once the lock is let go it listens."""
+    store_dir = lab.tmp / "locked-store"
+    store_dir.mkdir(mode=0o700)
+    lock = os.open(store_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    policy = replace(lab.policy, admin_ssh=replace(lab.policy.admin_ssh, listen=f"127.0.0.1:{KEYS_WAIT_PORT}"))
+    other = AdminSshProxy(policy, SecretStore(store_dir), lab.tmp / "locked-state", MemoryLog())
+    starting = asyncio.run_coroutine_threadsafe(other.start(), lab.proxy_thread.loop)
+    try:
+        while not flock_waiters(lock):  # the new proxy waits for the store (bounded by the test's timeout)
+            assert not starting.done(), starting.result()
+            time.sleep(0.01)
+        meanwhile = lab.ssh("alice", "alice+dc1", "echo while-the-store-is-locked", timeout=20)
+        assert meanwhile.stdout.strip() == "while-the-store-is-locked", meanwhile.stderr
+        assert not starting.done()
+    finally:
+        os.close(lock)
+    try:
+        assert starting.result(30) == ("127.0.0.1", KEYS_WAIT_PORT)
+    finally:
+        lab.proxy_thread.run(other.stop())
+
+
+def test_keys_that_cannot_be_loaded_leave_the_proxy_closed_with_a_clear_error(lab):  # noqa: F811
+    store = SecretStore(lab.tmp / "damaged-store")
+    store.set(HOST_KEY_NAME, b"not a key at all")
+    policy = replace(lab.policy, admin_ssh=replace(lab.policy.admin_ssh, listen=f"127.0.0.1:{KEYS_WAIT_PORT}"))
+    other = AdminSshProxy(policy, store, lab.tmp / "damaged-state", MemoryLog())
+    with pytest.raises(AdminError, match=f"not an OpenSSH private key; remove it with `skyguard secret rm {HOST_KEY_NAME}`"):
+        lab.proxy_thread.run(other.start())
+    assert other.address is None
+    refused = lab.ssh("alice", "alice+dc1", "true", port=KEYS_WAIT_PORT)
+    assert refused.returncode == 255 and "Connection refused" in refused.stderr, refused.stderr
+    lab.proxy_thread.run(other.stop())
