@@ -12,6 +12,10 @@ certificates) is one immutable PolicyState; set_policy() replaces it with one as
 loop, and each request reads it once, so a request is decided and its response scrubbed wholly
 under the old policy or wholly under the new one.
 
+Off the loop, which carries every VM's traffic: a response past bodywork.INLINE_BYTES (64 KiB) or
+with a content coding is decoded and scrubbed in a body worker thread (skyguard/bodywork.py); a
+smaller one in place, where the hop would cost more than the work.
+
 Why protocols and llhttp rather than streams and h11: the proxy is CPU-bound in Python, and
 these halve the interpreter work per request (bench/credproxy.py).
 
@@ -32,6 +36,7 @@ import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from skyguard import bodywork
 from skyguard.content.httpfilter import BLOCKED_CONTENT_TYPE, BLOCKED_STATUS, blocked_body, judge_body
 from skyguard.content.inspector import ContentEngine, ContentVerdict
 from skyguard.credproxy.ca import CertificateAuthority
@@ -146,6 +151,22 @@ def blocked_response(verdict: ContentVerdict, method: bytes, keep_alive: bool) -
     does not import the proxy's HTTP/1 writer: the proxy imports the filter)."""
     return serialise_response(method, keep_alive, BLOCKED_STATUS, ((b"content-type", BLOCKED_CONTENT_TYPE),),
                               blocked_body(verdict))
+
+
+def safe_response(engine: SwapEngine, host: str | None, method: bytes, status, headers, body: bytes, limit: int):
+    """Every byte the upstream sent that goes on to the VM, scrubbed: the reason phrase, header
+    names and values, the body decoded (at most `limit` bytes: UnscrubbableResponse past it) and
+    scrubbed (trailers were already dropped). Returns (status, headers, body, occurrences removed).
+    No I/O, no state: any thread may run it (CredentialProxy._safe_response decides which)."""
+    body = decode_body(headers, body, limit)
+    code, reason = status
+    reason, scrubbed_reason = engine.forms.scrub(reason)
+    safe_headers, safe_body, scrubbed = engine.scrub_response(host, headers, body)
+    if method == b"HEAD":
+        length = next((v for n, v in headers if n == b"content-length"), None)
+        if length is not None:
+            safe_headers += ((b"content-length", length),)
+    return (code, reason), safe_headers, safe_body, scrubbed + scrubbed_reason
 
 
 class CredentialProxy:
@@ -337,7 +358,8 @@ class CredentialProxy:
         certificate = state.client_certificate_for(verdict.host, facts.zone)
         try:
             status, headers, body = await self.upstreams.exchange(facts, verdict.request, verdict.host, certificate)
-            status, headers, body = self._safe_response(state.engine, verdict.host, request, status, headers, body, facts)
+            status, headers, body = await self._safe_response(state.engine, verdict.host, request, status, headers,
+                                                              body, facts)
             if state.content is not None:
                 blocked = await judge_body(state.content, facts, verdict.host, "download", headers, body,
                                            self.decision_log, self.metrics.content)
@@ -351,26 +373,20 @@ class CredentialProxy:
         except (TimeoutError, OSError, ssl.SSLError, UpstreamProtocolError, UnsafeHead) as error:
             return ProtocolRefusal(502, f"upstream failed: {type(error).__name__}")
 
-    def _safe_response(self, engine: SwapEngine, host: str | None, request: HttpRequest, status, headers,
-                       body: bytes, facts: ConnectionFacts):
-        """Every byte the upstream sent that goes on to the VM, scrubbed: the reason phrase,
-        header names and values, the decoded body (trailers were already dropped)."""
-        body = decode_body(headers, body, self.limits.max_response_body)
-        code, reason = status
-        reason, scrubbed_reason = engine.forms.scrub(reason)
-        safe_headers, safe_body, scrubbed = engine.scrub_response(host, headers, body)
-        scrubbed += scrubbed_reason
+    async def _safe_response(self, engine: SwapEngine, host: str | None, request: HttpRequest, status, headers,
+                             body: bytes, facts: ConnectionFacts):
+        """safe_response(), in place for a small body, else in a body worker thread (bodywork.py):
+        the decoding and scrubbing of a large one would stall every VM's traffic on this loop."""
+        args = (engine, host, request.method, status, headers, body, self.limits.max_response_body)
+        status, headers, body, scrubbed = safe_response(*args) if bodywork.is_small(headers, body) \
+            else await bodywork.off_loop(safe_response, *args)
         if scrubbed:
             # Not a metric result (those count requests); the log says which response held it.
             self.decision_log.record(
                 "credential", credential=None, zone=facts.zone, workload=facts.workload,
                 destination=host, address=facts.address, port=facts.port,
                 result="scrubbed", reason=f"{scrubbed} secret occurrences removed from a response")
-        if request.method == b"HEAD":
-            length = next((v for n, v in headers if n == b"content-length"), None)
-            if length is not None:
-                safe_headers += ((b"content-length", length),)
-        return (code, reason), safe_headers, safe_body
+        return status, headers, body
 
     def _account(self, verdict) -> None:
         for credential, result in verdict.results:

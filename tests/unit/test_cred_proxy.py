@@ -358,3 +358,36 @@ def test_forwarding_headers_from_the_vm_never_reach_the_upstream(rig, swapped):
                                                                  "x-original"))
               or header[1] in ("http", "8443")]
     assert leaked == [], leaked
+
+
+def test_a_large_response_being_scrubbed_holds_up_no_other_vm(rig, monkeypatch, tmp_path):
+    """Decoding and scrubbing a response of up to 16 MiB is CPU work of up to a second, and every
+    VM's proxied requests share the loop. Here the decoding of a large answer (the echo of a
+    65000-byte upload, past bodywork.INLINE_BYTES) is held until another VM (agent1) has had its
+    answer: that answer must come first, and the large one is scrubbed as usual once let go."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import skyguard.credproxy.proxy as credproxy
+
+    decoding, release = threading.Event(), threading.Event()
+    real = credproxy.decode_body
+
+    def held(headers, body, limit):
+        if len(body) > 65000:  # the large answer only
+            decoding.set()
+            release.wait(60)
+        return real(headers, body, limit)
+
+    monkeypatch.setattr(credproxy, "decode_body", held)
+    upload = tmp_path / "upload"
+    upload.write_bytes(b"a" * 65000)
+    with ThreadPoolExecutor(1) as pool:
+        large = pool.submit(rig.curl, "https://api.github.test/large", "-H", AUTH, "--data-binary", f"@{upload}")
+        try:
+            assert decoding.wait(30), "the large answer never reached the scrubber"
+            code, body = rig.curl("https://api.github.test/other-vm", "--interface", "127.0.0.2")
+            assert code == 200 and b'"/other-vm"' in body and not large.done()
+        finally:
+            release.set()
+        code, body = large.result()
+    assert code == 200 and len(body) > 65000 and no_secret(body) and b"[skyguard-redacted]" in body
