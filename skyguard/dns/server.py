@@ -217,9 +217,11 @@ class DnsServer:
             self._close_socket(us)
         for server in self._servers:
             await server.wait_closed()
-        self.state_writer.close()
+        # Off the loop (the other parts go on): a write in flight is waited for, then the last one,
+        # each with its fsync. Nothing changes the store any more: every task here has ended.
+        await asyncio.to_thread(self.state_writer.close)
         if self.resolver.store.dirty:
-            self.resolver.store.save(time.time())
+            await asyncio.to_thread(self.resolver.store.save, time.time())
 
     async def _flush_state_periodically(self):
         rounds = 0

@@ -56,7 +56,7 @@ class DnsProxy:
         self.frozen_objects = 0  # set by start(): objects moved out of GC reach (latency.py)
 
     async def start(self) -> None:
-        self.store.load()
+        await asyncio.to_thread(self.store.load)
         result = self.store.relearn(self.resolver.learner, time.time(), self.policy)
         self.resolver.forget_released()  # what the saved state held but the policy no longer backs
         self.relearned = result.relearned
@@ -65,10 +65,10 @@ class DnsProxy:
             # Port 53 closed before the listeners bind: if they cannot (another program holds
             # the port), the VMs' queries to any resolver are dropped. Without any steering the
             # datapath passes them to the host, which would route them to that resolver.
-            self._install_steering(self.policy, closed=True)
+            await self._install_steering(self.policy, closed=True)
         await self.server.start()
         if self.steer:
-            self._install_steering(self.policy)
+            await self._install_steering(self.policy)
         # Last: the heap built so far (policy, state, metrics, the daemon's modules) leaves the
         # garbage collector's reach, so its pauses stay short while queries are in flight.
         self.frozen_objects = settle_for_latency()
@@ -90,7 +90,7 @@ class DnsProxy:
             self.resolver.directory = PolicyDirectory(policy)
         self.server.upstreams = upstreams
         if self.steer:
-            self._install_steering(policy)
+            await self._install_steering(policy)
         return dropped
 
     def _count_dropped(self, dropped: dict[str, int]) -> None:
@@ -100,14 +100,17 @@ class DnsProxy:
             self.dropped[reason] = self.dropped.get(reason, 0) + count
             self.metrics.learned_dropped.labels(reason).inc(count)
 
-    def _install_steering(self, policy: Policy, closed: bool = False) -> None:
+    async def _install_steering(self, policy: Policy, closed: bool = False) -> None:
+        """nft runs in a worker thread: it may take its time (a busy host, another program
+        holding the ruleset), and the loop answers every VM's queries (and serves the other
+        parts) meanwhile; the table in place until then keeps steering them."""
         interfaces = [w.interface for w in policy.workloads()]
         if interfaces:
-            steering.install(interfaces, None if closed else self.port, self.netns)
+            await asyncio.to_thread(steering.install, interfaces, None if closed else self.port, self.netns)
         else:  # zones without workloads are valid: nothing to steer, and no stale redirect
-            steering.remove(self.netns)
+            await asyncio.to_thread(steering.remove, self.netns)
 
     async def stop(self, remove_steering: bool = False) -> None:
         await self.server.close()
         if remove_steering and self.steer:
-            steering.remove(self.netns)
+            await asyncio.to_thread(steering.remove, self.netns)

@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import ctypes
+import fcntl
 import ipaddress
 import os
 import random
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -647,6 +649,43 @@ def test_a_repeated_question_is_answered_from_the_vms_cache_until_its_ttl_or_a_p
         service.swap(yaml_policy(dns=dns))
         assert dig("long.a.cache.test")[0] == "REFUSED"
         assert upstream_count("long.a.cache.test") == 1
+
+
+
+def flock_waiters(path: Path) -> int:
+    """How many lock requests wait on the file at `path` (the kernel's /proc/locks)."""
+    st = path.stat()
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino} "
+    return sum(1 for line in Path("/proc/locks").read_text().splitlines() if "->" in line and inode in line)
+
+
+def test_a_swap_waiting_for_nft_holds_up_no_query(upstream, tmp_path, monkeypatch):
+    """A hot swap re-installs the steering with nft, which may take its time (a busy host,
+    another program holding the ruleset). Here nft waits for a lock the test holds: meanwhile
+    the VM's queries are answered (the table in place still steers them), and the swap ends
+    once nft may go on."""
+    gate, bin_dir = tmp_path / "nft.gate", tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nft").write_text(f'#!/bin/sh\nflock {gate} true\nexec {shutil.which("nft")} "$@"\n')
+    (bin_dir / "nft").chmod(0o755)
+    web = "  - {name: web, from: apps, to: {fqdns: [allowed.test, alias.test]}, ports: [tcp/443]}\n"
+    with ServiceThread(yaml_policy(web), tmp_path) as service:
+        lock = os.open(gate, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+        service.learner.rules = {"web"}
+        swapping = asyncio.run_coroutine_threadsafe(service.proxy.set_policy(yaml_policy(web.replace(", alias.test", ""))),
+                                                    service.loop)
+        try:
+            while not flock_waiters(gate):  # nft waits (bounded by the test's timeout)
+                assert not swapping.done(), swapping.result()
+                time.sleep(0.01)
+            status, text = dig("allowed.test")
+            assert status == "NOERROR" and not swapping.done(), text
+        finally:
+            os.close(lock)
+        assert swapping.result(30) == {}
+        assert dig("alias.test")[0] == "REFUSED"  # the new policy, steered by the new table
 
 
 class PortHolder:
