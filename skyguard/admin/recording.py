@@ -66,6 +66,39 @@ def _atomic_write_json(path: Path, value: dict) -> None:
     fsutil.write_private(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())
 
 
+class Transcript:
+    """A session's transcript file (new, mode 0600), written through (each write flushed into the
+    kernel: it survives the proxy being killed) and hashed as it is written. So ending a session
+    reads nothing back: a long one's transcript (hundreds of MiB of screen updates) was read
+    whole to hash it, on the event loop that every session and part shares. After a failed write
+    the file may hold part of it: its hash is then taken from the file as it stands."""
+
+    def __init__(self, path: Path):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self.path = path
+        self._file = os.fdopen(fd, "wb")
+        self._digest = hashlib.sha256()
+        self._intact = True  # every byte written is in _digest
+
+    def write(self, data: bytes) -> None:
+        try:
+            self._file.write(data)
+            self._file.flush()
+        except BaseException:
+            self._intact = False
+            raise
+        self._digest.update(data)
+
+    def close(self) -> str:
+        """Flush, fsync and close; the SHA-256 of the file."""
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        finally:
+            self._file.close()
+        return self._digest.hexdigest() if self._intact else sha256_file(self.path)
+
+
 class SessionRecording:
     """One session being recorded. Create with SessionArchive.begin()."""
 
@@ -85,14 +118,12 @@ class SessionRecording:
                   "title": f"{meta['operator']}@{meta['workload']}"}
         if term:
             header["env"] = {"TERM": term}
-        fd = os.open(self.cast_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._cast = os.fdopen(fd, "w", encoding="utf-8")
+        self._cast = Transcript(self.cast_path)
         self._write_line(header)
         _atomic_write_json(self.meta_path, self.meta)
 
     def _write_line(self, value) -> None:
-        self._cast.write(json.dumps(value, ensure_ascii=False) + "\n")
-        self._cast.flush()  # into the kernel: survives the proxy being killed
+        self._cast.write((json.dumps(value, ensure_ascii=False) + "\n").encode("utf-8"))
 
     def _event(self, code: str, text: str) -> None:
         if not self._finished and text:
@@ -123,12 +154,10 @@ class SessionRecording:
         if self._input_decoder is not None:
             self._event("i", self._input_decoder.decode(b"", final=True))
         self._finished = True
-        self._cast.flush()
-        os.fsync(self._cast.fileno())
-        self._cast.close()
+        digest = self._cast.close()
         end = time.time()
         self.meta.update(end=utc_iso(end), end_ts=end, result=result, exit_status=exit_status,
-                         exit_signal=exit_signal, transcript_sha256=sha256_file(self.cast_path),
+                         exit_signal=exit_signal, transcript_sha256=digest,
                          duration=round(end - self.meta["start_ts"], 3))
         # Log first: a crash between the two leaves the record 'active', and recovery then logs
         # the same hash again, rather than a closed record the log never heard of.

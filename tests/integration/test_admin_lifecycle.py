@@ -275,3 +275,30 @@ def test_keys_that_cannot_be_loaded_leave_the_proxy_closed_with_a_clear_error(la
     refused = lab.ssh("alice", "alice+dc1", "true", port=KEYS_WAIT_PORT)
     assert refused.returncode == 255 and "Connection refused" in refused.stderr, refused.stderr
     lab.proxy_thread.run(other.stop())
+
+
+def test_a_session_ends_without_reading_its_transcript_back(lab, monkeypatch):  # noqa: F811
+    """Ending a session hashed its transcript by reading the file whole, on the loop every
+    connection shares (a long session's is hundreds of MiB). Here reading a transcript back is
+    held: sessions still end and others log in, and each record's hash is its file's."""
+    import threading
+
+    import skyguard.admin.recording as recording
+
+    release = threading.Event()
+    real = recording.sha256_file
+
+    def held(path):
+        release.wait(60)
+        return real(path)
+
+    monkeypatch.setattr(recording, "sha256_file", held)
+    try:
+        first = lab.ssh("alice", "alice+dc1", "echo first-of-two", timeout=20)
+        second = lab.ssh("alice", "alice+dc1", "echo second-of-two", timeout=20)
+    finally:
+        release.set()
+    assert (first.stdout.strip(), second.stdout.strip()) == ("first-of-two", "second-of-two"), first.stderr
+    for command in ("echo first-of-two", "echo second-of-two"):
+        [meta] = lab.session_by_command(command)
+        assert lab.proxy.archive.verify(meta["id"]) == meta["transcript_sha256"]
