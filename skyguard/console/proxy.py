@@ -139,7 +139,8 @@ class ConsoleProxy:
         self._started = True
         if self._watch is None:
             self._watch = asyncio.get_running_loop().create_task(self._watch_sign_ins())
-        for session_id in self.archive.recover_once():
+        # Off the loop, which the other parts share: recovery reads and hashes transcripts.
+        for session_id in await asyncio.to_thread(self.archive.recover_once):
             log.warning("session %s was interrupted by a restart; its record is closed", session_id)
         await self._follow_policy()
         if problem := self._unsupported():
@@ -191,7 +192,8 @@ class ConsoleProxy:
                 from skyguard.console.web import WebConsole  # websockets is imported only when needed
 
                 try:
-                    tls = self._web_tls(app) if app is not None else None
+                    # The sealed store (a slow disk, a TPM unsealing its key) in a worker thread.
+                    tls = await asyncio.to_thread(self._web_tls, app) if app is not None else None
                 except SkyguardError as e:
                     self.web_problem = f"the web console's certificate {app.certificate!r}: {e}; it stays closed"
                 else:

@@ -24,12 +24,11 @@ the encodings the proxy lets through (rfb.ALLOWED_ENCODINGS), so the renderer st
 from __future__ import annotations
 
 import json
-import os
 import struct
 import time
 from pathlib import Path
 
-from skyguard.admin.recording import SessionArchive, _atomic_write_json, new_session_id, sha256_file, utc_iso
+from skyguard.admin.recording import SessionArchive, Transcript, _atomic_write_json, new_session_id, utc_iso
 from skyguard.console import rfb
 from skyguard.errors import AdminError
 
@@ -65,10 +64,8 @@ class VncRecording:
                   "workload": target.workload, "start": self.meta["start"], "width": init.width,
                   "height": init.height, "pixel_format": init.pixel_format.as_dict(),
                   "desktop_name": init.name.decode("utf-8", "replace")}
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._file = os.fdopen(fd, "wb")
+        self._file = Transcript(self.path)  # hashed as written: ending reads nothing back
         self._file.write(json.dumps(header, sort_keys=True).encode() + b"\n")
-        self._file.flush()
         _atomic_write_json(archive.directory / f"{self.id}.json", self.meta)
         archive._log("admin_session_start", session=self.id, operator=operator, key_fingerprint=None,
                      workload=target.workload, zone=zone, source=source, kind="vnc", command=None,
@@ -77,7 +74,6 @@ class VncRecording:
     def _write(self, kind: int, payload: bytes) -> None:
         if not self._finished:
             self._file.write(_RECORD.pack(kind, time.monotonic() - self._t0, len(payload)) + payload)
-            self._file.flush()  # into the kernel: survives the proxy being killed
 
     def server(self, message: rfb.ServerMessage) -> None:
         self.meta["bytes_out"] += len(message.raw)
@@ -105,11 +101,9 @@ class VncRecording:
             return self.meta
         self._write(EVENT, json.dumps({"event": "end", "result": result}).encode())
         self._finished = True
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        digest = self._file.close()
         end = time.time()
-        self.meta.update(end=utc_iso(end), end_ts=end, result=result, transcript_sha256=sha256_file(self.path),
+        self.meta.update(end=utc_iso(end), end_ts=end, result=result, transcript_sha256=digest,
                          duration=round(end - self.meta["start_ts"], 3))
         self.archive.log_end(self.meta)  # before the record: see SessionRecording.finish
         _atomic_write_json(self.archive.directory / f"{self.id}.json", self.meta)

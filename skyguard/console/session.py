@@ -172,15 +172,18 @@ class ConsoleSession:
             return await self._vm_login_alone(address, target)
 
     async def _vm_login_alone(self, address: str, target):
+        # A Secret: never printed. Read in a worker thread: the sealed store may wait on a slow
+        # disk or a TPM unsealing its key, and the loop serves every other session and part.
+        credential = await asyncio.to_thread(self.proxy.store.get, target.credential)
         if target.protocol == "rdp":
             # FreeRDP draws the VM's RDP desktop into a private Xvnc (rdp.py); from here on that
             # Xvnc is the VNC server this session logs into, with the password only skyguard knows.
             self.rdp = RdpDesktop(self.proxy.state_dir / "console" / "rdp" / secrets.token_hex(8), address,
-                                  target.port, self.proxy.store.get(target.credential), target.clipboard != "none")
+                                  target.port, credential, target.clipboard != "none")
             password = self.rdp.vnc_password.encode()
             r, w = await self.rdp.start()
         else:
-            password = self.proxy.store.get(target.credential)  # a Secret: never printed
+            password = credential
             r, w = await asyncio.wait_for(asyncio.open_connection(address, target.port),
                                           self.proxy.config.connect_timeout)
         self.vm_w = w

@@ -110,3 +110,46 @@ def test_a_new_session_opens_while_others_stream(proxy):
     assert len(records) == STREAMS + 1 and all(r["transcript_sha256"] for r in records), \
         list(proxy.decision_log.entries())
     assert all(r["bytes_out"] >= 640 * 480 * 4 for r in records)
+    # hashed as written (ending a session reads nothing back): the hash is the file's all the same
+    assert all(proxy.archive.verify(r["id"]) == r["transcript_sha256"] for r in records)
+
+
+def test_a_session_waiting_for_the_sealed_store_holds_up_no_other(proxy, monkeypatch):
+    """The VM's password comes from the sealed store, which may wait on a slow disk or on the
+    TPM unsealing its key. Here the first session's read of it is held: meanwhile another
+    client's login is answered (refused: a wrong ticket; a good one would wait its turn at the
+    VM, one login at a time), and the first session gets its screen once the store answers."""
+    asked, release = threading.Event(), threading.Event()
+    real = proxy.store.get
+
+    def held(name):
+        asked.set()
+        release.wait(HANG)
+        return real(name)
+
+    monkeypatch.setattr(proxy.store, "get", held)
+
+    async def refused_login() -> bytes:
+        r, w = await asyncio.open_connection("127.0.0.1", PROXY_PORT)
+        await r.readexactly(12)
+        w.write(rfb.VERSION_3_8)
+        await r.readexactly(2)
+        w.write(bytes([rfb.SECURITY_VNC]))
+        w.write(rfb.vnc_auth_response(b"not-a-ticket", await r.readexactly(16)))
+        result = await r.readexactly(4)
+        w.close()
+        return result
+
+    async def main():
+        first = asyncio.create_task(session(proxy.tickets.issue("alice", "desk").password.encode(), 1))
+        try:
+            while not asked.is_set():
+                await asyncio.sleep(0.01)
+            # (a third of HANG: a loop held by the store would free itself after HANG)
+            other = await asyncio.wait_for(refused_login(), HANG / 3)
+            return other != bytes(4), first.done()
+        finally:
+            release.set()
+            assert await asyncio.wait_for(first, HANG) == 1
+
+    assert asyncio.run(main()) == (True, False)
