@@ -12,9 +12,10 @@ certificates) is one immutable PolicyState; set_policy() replaces it with one as
 loop, and each request reads it once, so a request is decided and its response scrubbed wholly
 under the old policy or wholly under the new one.
 
-Off the loop, which carries every VM's traffic: a response past bodywork.INLINE_BYTES (64 KiB) or
-with a content coding is decoded and scrubbed in a body worker thread (skyguard/bodywork.py); a
-smaller one in place, where the hop would cost more than the work.
+Off the loop, which carries every VM's traffic: a request body past bodywork.INLINE_BYTES (64 KiB)
+is searched for secrets and placeholders, and a response past it or with a content coding decoded
+and scrubbed, in a body worker thread (skyguard/bodywork.py); smaller ones in place, where the hop
+would cost more than the work.
 
 Why protocols and llhttp rather than streams and h11: the proxy is CPU-bound in Python, and
 these halve the interpreter work per request (bench/credproxy.py).
@@ -346,7 +347,10 @@ class CredentialProxy:
         to answer with before closing. The policy state is read once, here."""
         state = self.state
         facts = origin.facts(state)
-        verdict = state.engine.decide(request, facts)
+        # decide() scans every byte for secrets and placeholders: up to a second or more for the
+        # bodies of tens of MiB a zone under upload content rules may send (_zone_limits).
+        verdict = state.engine.decide(request, facts) if len(request.body) <= bodywork.INLINE_BYTES \
+            else await bodywork.off_loop(state.engine.decide, request, facts)
         self._account(verdict)
         if verdict.action == "block":
             return ProtocolRefusal(verdict.status, verdict.reason)

@@ -391,3 +391,44 @@ def test_a_large_response_being_scrubbed_holds_up_no_other_vm(rig, monkeypatch, 
             release.set()
         code, body = large.result()
     assert code == 200 and len(body) > 65000 and no_secret(body) and b"[skyguard-redacted]" in body
+
+
+def test_a_large_upload_being_searched_holds_up_no_other_vm(rig, monkeypatch, tmp_path):
+    """Every byte of a request is searched for secrets and placeholders before it leaves: for the
+    bodies of tens of MiB a zone under upload content rules may send, a second or more. Here
+    that search of a 200 KB upload is held until another VM (agent1) has had its answer: that
+    answer must come first, and the upload goes on, swapped, once let go."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from skyguard.credproxy.swap import SwapEngine
+
+    searching, release = threading.Event(), threading.Event()
+    real = SwapEngine.decide
+
+    def held(engine, request, facts):
+        if len(request.body) > 100_000:  # the large upload only
+            searching.set()
+            release.wait(60)
+        return real(engine, request, facts)
+
+    monkeypatch.setattr(SwapEngine, "decide", held)
+    proxy = rig.make_proxy(lambda s: ("127.0.0.1", rig.echo_port), limits=ProxyLimits(max_request_body=1 << 20))
+    _, port = rig.run(proxy.start("127.0.0.1"))
+    upload = tmp_path / "upload"
+    upload.write_bytes(b"a" * 200_000)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            large = pool.submit(rig.curl, "https://api.github.test/upload", "-H", AUTH, "--data-binary", f"@{upload}",
+                                port=port)
+            try:
+                assert searching.wait(30), "the upload never reached the search"
+                code, body = rig.curl("https://api.github.test/meanwhile", "--interface", "127.0.0.2", port=port)
+                assert code == 200 and b'"/meanwhile"' in body and not large.done()
+            finally:
+                release.set()
+            code, _ = large.result()
+    finally:
+        rig.run(proxy.stop())
+    assert code == 200
+    [seen] = [e for e in rig.echoed() if e["path"] == "/upload"]
+    assert ["authorization", "Bearer " + SECRET.decode()] in seen["headers"] and len(seen["body"]) == 200_000
