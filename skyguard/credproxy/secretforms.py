@@ -140,10 +140,10 @@ class _Views:
     def __init__(self, data: bytes):
         self.data = data
         if b"\n" in data or b"\r" in data:  # rare in headers and small bodies: the fast path skips this
-            positions = [m.start() for m in _BREAKS.finditer(data)]
-            # For each removed byte: the unwrapped offset it would have had.
-            self._removed = [at - k for k, at in enumerate(positions)]
-            self.unwrapped = _BREAKS.sub(b"", data)
+            # bytes.replace, not a regex: a twentieth of the time, and the GIL is held for one
+            # call at a time (a 16 MiB body is scrubbed in a worker thread, beside the loop).
+            self.unwrapped = data.replace(b"\r", b"").replace(b"\n", b"")
+            self._removed: list[int] | None = None  # found when a match needs mapping back (span)
         else:
             self._removed = []
             self.unwrapped = data
@@ -157,6 +157,9 @@ class _Views:
 
     def span(self, start: int, end: int) -> tuple[int, int]:
         """An unwrapped [start, end) as a span of the data (line breaks inside included)."""
+        if self._removed is None:
+            # For each removed byte: the unwrapped offset it would have had.
+            self._removed = [m.start() - k for k, m in enumerate(_BREAKS.finditer(self.data))]
         if not self._removed:
             return start, end
         return (start + bisect.bisect_right(self._removed, start),
