@@ -12,8 +12,7 @@ more would only contend), the others wait their turn. Smaller bodies without a c
 on in place: the hop to a thread would cost more than the work, and that is the path every
 ordinary request takes (bench/credproxy.py).
 
-The content filter (skyguard/content/httpfilter.py) does the same for the bodies it judges with two
-threads and the same threshold of its own.
+The content filter (skyguard/content/httpfilter.py) decodes the bodies it judges here too.
 """
 
 from __future__ import annotations

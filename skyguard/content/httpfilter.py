@@ -11,30 +11,26 @@ which connections reach the proxy (steering), the engines (inspector.py).
 
 Off the event loop: decoding a body (content codings, multipart, JSON and its base64 strings:
 http.py) costs CPU in proportion to its size, up to seconds at max_inspect_bytes, and the loop
-carries every VM's traffic. Bodies past DECODE_INLINE_BYTES, or with a content coding (a small
-body may expand to the whole buffer), are decoded and hashed by DECODE_WORKERS threads of their
-own; at most that many decodes run at once (json and base64 hold the GIL, so more would only
-contend), the others wait their turn. Memory is as before: a judged body and its files, a few
-times max_inspect_bytes at most, for each body being judged.
+carries every VM's traffic. Bodies past bodywork.INLINE_BYTES, or with a content coding (a small
+body may expand to the whole buffer), are decoded and hashed in skyguard.bodywork's threads, the
+ones the credential proxy scrubs bodies in (a few at once; json and base64 hold the GIL, so more
+would only contend). Memory is as before: a judged body and its files, a few times
+max_inspect_bytes at most, for each body being judged.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import hashlib
 import json
 from collections.abc import Callable
 from typing import TypeVar
 from urllib.parse import unquote_to_bytes
 
+from skyguard import bodywork
 from skyguard.content.http import Uninspectable, body_files, form_fields
 from skyguard.content.inspector import PATTERN, UNINSPECTABLE, ContentEngine, ContentVerdict, inspect_bytes
 from skyguard.content.record import ContentMetrics, record_block
 
-DECODE_WORKERS = 2
-DECODE_INLINE_BYTES = 64 << 10  # smaller bodies without a content coding: decoded in place (a hop costs more)
-_decoders = concurrent.futures.ThreadPoolExecutor(DECODE_WORKERS, thread_name_prefix="sg-content-decode")
 _T = TypeVar("_T")
 
 
@@ -52,7 +48,7 @@ async def judge_body(engine: ContentEngine, facts, host: str | None, direction: 
     rule = engine.pattern_hit(facts.zone, direction, "http", [*_target_forms(target), *(v for _, v in headers)],
                               [n for n, _ in headers]) \
         if target is not None else None
-    inline = len(body) <= DECODE_INLINE_BYTES and not any(n == b"content-encoding" for n, _ in headers)
+    inline = bodywork.is_small(headers, body)
     if rule is not None:
         verdicts = [ContentVerdict(True, rule, PATTERN, f"request target or headers match a blocked pattern (rule {rule})",
                                    len(body), await _run(inline, _digest, body))]
@@ -84,10 +80,10 @@ async def judge_body(engine: ContentEngine, facts, host: str | None, direction: 
 
 
 async def _run(inline: bool, function: Callable[..., _T], *args) -> _T:
-    """function(*args), here when `inline`, else in a decoding thread (see the module's opening)."""
+    """function(*args), here when `inline`, else in a bodywork thread (see the module's opening)."""
     if inline:
         return function(*args)
-    return await asyncio.get_running_loop().run_in_executor(_decoders, function, *args)
+    return await bodywork.off_loop(function, *args)
 
 
 def _digest(body: bytes) -> str:
