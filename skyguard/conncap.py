@@ -1,7 +1,9 @@
 """Connections not yet authenticated, counted per source, and the refusals of a flood
 summarised for the host's log: the one brake the SSH access proxy, the web console and the apps
 proxy share against a client (or many) holding the daemon's file descriptors before anyone
-signed in. Sans-io: the clock is passed in, nothing here touches a socket.
+signed in; and the brake on refusals a part records in the signed log (RefusalBrake), so that
+a client refused at request rate does not grow it at that rate. Sans-io: the clock is passed in,
+nothing here touches a socket.
 
 A source is what one client owns (source_of): an IPv4 address (an IPv4-mapped IPv6 address is
 that IPv4 address), or an IPv6 /64 (one host typically owns its whole /64: SLAAC, privacy
@@ -97,3 +99,56 @@ class RefusalSummary:
             self.refused = {s: n for s, n in self.refused.items() if s in self.logged_at or s == source}
         self.logged_at[source] = now
         return self.refused.pop(source)
+
+
+class RefusalBrake:
+    """The brake on refusals a part records in the signed log (fsync'd, append-only: a client
+    refused at request rate must not grow it, nor the disk, at that rate). Per source
+    (source_of) and kind of refusal (`words`: a tuple of bounded words, e.g. app and reason), the
+    first `burst` refusals are entries of their own, then about `per_second` entries a second:
+    a refusal with no entry left to spend is held, and the held ones go in one summary entry
+    with their count when the next is due (the caller asks held() after wait() seconds). A
+    burst a person makes keeps its detail; a flood costs the log a bounded number of entries.
+    Metrics count every refusal (the caller's). Sans-io: the clock is passed in."""
+
+    def __init__(self, burst: int = 10, per_second: float = 1.0, max_tracked: int = 4096):
+        self.burst, self.per_second, self.max_tracked = burst, per_second, max_tracked
+        self.kinds: dict[tuple, list] = {}  # (source, *words) -> [entries left, when counted, held]
+
+    def _kind(self, address: str, words: tuple, now: float) -> list:
+        key = (source_of(address), *words)
+        state = self.kinds.get(key)
+        if state is None:
+            if len(self.kinds) >= self.max_tracked:  # sources come and go: keep the table bounded
+                self.kinds = {k: s for k, s in self.kinds.items() if s[2] or self._left(s, now) < self.burst}
+                if len(self.kinds) >= self.max_tracked:  # a fresh burst for those forgotten, no count lost
+                    self.kinds = {k: s for k, s in self.kinds.items() if s[2]}
+            state = self.kinds[key] = [float(self.burst), now, 0]
+        state[0], state[1] = self._left(state, now), now
+        return state
+
+    def _left(self, state: list, now: float) -> float:
+        return min(float(self.burst), state[0] + (now - state[1]) * self.per_second)
+
+    def refused(self, address: str, words: tuple, now: float) -> bool:
+        """Count one refusal from `address` of kind `words`. True: record it as an entry of its
+        own now; False: it is held (see held())."""
+        state = self._kind(address, words, now)
+        if not state[2] and state[0] >= 1.0:
+            state[0] -= 1.0
+            return True
+        state[2] += 1
+        return False
+
+    def wait(self, address: str, words: tuple, now: float) -> float:
+        """Seconds until the summary of this kind's held refusals is due."""
+        return max(0.0, (1.0 - self._kind(address, words, now)[0]) / self.per_second)
+
+    def held(self, address: str, words: tuple, now: float) -> int:
+        """How many refusals of this kind the summary entry to make now stands for (0: none
+        held), taken as recorded."""
+        state = self._kind(address, words, now)
+        count, state[2] = state[2], 0
+        if count:
+            state[0] -= 1.0  # may go below zero when forced early (a part stopping): later ones wait longer
+        return count

@@ -10,7 +10,9 @@ A part is created for a policy, then driven only from the loop:
 Whether a policy needs a part at all is the daemon's question (`PartSlot.wanted`), not the part's:
 a part never runs in an "empty" mode. The daemon starts a part when a policy comes to need it,
 stops it when a policy no longer does, and hot-swaps it otherwise, all in one loop over its slots
-(skyguard/daemon.py). Decisions are reported through `DecisionLog.record(kind, **fields)`.
+(skyguard/daemon.py). Decisions are reported through `DecisionLog.record(kind, **fields)`;
+refusals a client can repeat at will through `BrakedRefusals.record` (a flood does not grow the
+signed log at its rate).
 
 Not here: what any part does, the signed log itself.
 """
@@ -20,10 +22,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from skyguard.conncap import RefusalBrake, source_of
 from skyguard.errors import SkyguardError
 from skyguard.policy.model import Policy
 
@@ -168,3 +172,49 @@ def record_or_report(decision_log: DecisionLog, logger: logging.Logger, kind: st
         decision_log.record(kind, **fields)
     except Exception:  # noqa: BLE001 - reported, not raised (see above)
         logger.exception("could not record %s in the decision log", kind)
+
+
+class BrakedRefusals:
+    """Refusals a part records in the signed log, braked per source and kind
+    (conncap.RefusalBrake): `record` writes `kind` with its fields while the brake allows, and
+    otherwise holds the refusal; the held ones of a kind go in one `<kind>_summary` entry (the
+    kind's words, the source, `refused`: how many) when the brake next allows, on the part's
+    loop, and at flush() (a part stopping). Call on the loop. The caller counts every refusal in
+    its metrics."""
+
+    def __init__(self, decision_log: DecisionLog, logger: logging.Logger, brake: RefusalBrake | None = None):
+        self.decision_log, self.logger = decision_log, logger
+        self.brake = brake or RefusalBrake()
+        self._due: dict[tuple, tuple] = {}  # (kind, source, *words) -> (address, words) with a summary scheduled
+
+    def record(self, kind: str, address: str, words: dict[str, Any], /, **fields) -> None:
+        """One refusal from `address`; `words`: the bounded fields that name its kind (app,
+        reason, ...), in its entry and in the summary; `fields`: the rest of its entry."""
+        now = time.monotonic()
+        key = tuple(words.items())
+        if self.brake.refused(address, key, now):
+            record_or_report(self.decision_log, self.logger, kind, **words, **fields)
+            return
+        due = (kind, source_of(address), *key)
+        if due in self._due:
+            return
+        self._due[due] = (address, words)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a tool, a test driving the part by hand): held until flush()
+            return
+        loop.call_later(self.brake.wait(address, key, now), self._summarise, due)
+
+    def _summarise(self, due: tuple) -> None:
+        address, words = self._due.pop(due, (None, None))
+        if address is None:
+            return  # flushed already
+        count = self.brake.held(address, tuple(words.items()), time.monotonic())
+        if count:
+            record_or_report(self.decision_log, self.logger, f"{due[0]}_summary", **words, source=due[1],
+                             refused=count)
+
+    def flush(self) -> None:
+        """Every held refusal into its summary now."""
+        for due in list(self._due):
+            self._summarise(due)

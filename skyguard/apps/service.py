@@ -31,7 +31,7 @@ from skyguard.apps.upstream import IdleUpstreams
 from skyguard.conncap import UnauthenticatedConnections
 from skyguard.credproxy.ca import new_server_context
 from skyguard.custody.pemload import load_cert_chain_from_memory, split_pem
-from skyguard.parts import Degraded
+from skyguard.parts import BrakedRefusals, Degraded
 from skyguard.policy.apps import App
 from skyguard.policy.model import Policy
 
@@ -70,6 +70,9 @@ class AppsService:
         self.clients = UnauthenticatedConnections(max_connections_per_client, max_unsigned_connections)
         self.secrets = secrets
         self.log = decision_log
+        # Refusals and denials, which anyone (signed in or not) can repeat at request rate: braked
+        # per client source and kind in the signed log (parts.BrakedRefusals); metrics count each.
+        self.refusals = BrakedRefusals(decision_log, log)
         self.ca_file = ca_file
         self.sessions = SessionTable()
         self.sealer = CookieSealer(bytes(secrets.get_or_create(COOKIE_KEY, lambda: os.urandom(32))))
@@ -109,6 +112,7 @@ class AppsService:
         self.upstreams.close()
         for session in list(self.sessions.sessions.values()):
             self.sessions.end(session.sid)
+        self.refusals.flush()
 
     async def set_policy(self, policy: Policy) -> None:
         """Hot swap: listeners of unchanged apps stay; sessions of removed apps (or apps whose host
@@ -260,12 +264,16 @@ class AppsService:
             self._record("apps_session_ended", session, reason=reason)
 
     def deny(self, app: App, session: Session, client: str) -> None:
-        self._record("apps_denied", session, client=client, reason="not_in_users_or_groups")
+        self.refusals.record("apps_denied", client, {"app": session.app, "user": session.user},
+                             groups=list(session.groups), client=client, reason="not_in_users_or_groups")
         self.count(app, "denied")
 
-    def refuse(self, app: App, reason: str, **fields) -> None:
-        """A request refused before any access decision (bad cookie, replayed state, ...)."""
-        self.log.record("apps_refused", app=app.name, reason=reason, **fields)
+    def refuse(self, app: App, reason: str, *, client: str, user: str | None = None, **fields) -> None:
+        """A request refused before any access decision (bad cookie, replayed state, ...), from
+        `client` (its address): an `apps_refused` entry, braked per client source, app, reason
+        and user (parts.BrakedRefusals: past a burst, about one summary entry a second)."""
+        words = {"app": app.name, "reason": reason} | ({"user": user} if user is not None else {})
+        self.refusals.record("apps_refused", client, words, client=client, **fields)
         self.count(app, reason)
 
     def count(self, app: App, result: str) -> None:

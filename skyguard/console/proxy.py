@@ -35,7 +35,7 @@ from skyguard.console.session import ConsoleSession
 from skyguard.console.tickets import TicketBook
 from skyguard.custody.store import SecretStore
 from skyguard.errors import AdminError, SkyguardError
-from skyguard.parts import Degraded, record_or_report
+from skyguard.parts import BrakedRefusals, Degraded, record_or_report
 from skyguard.policy.model import Policy
 
 if TYPE_CHECKING:
@@ -83,6 +83,9 @@ class ConsoleProxy:
         self.state_dir = Path(state_dir)
         self.store = store
         self.decision_log = decision_log
+        # Refused logins, which anyone can repeat at will (a forged ticket, a request from another
+        # origin): braked per source and kind in the signed log (parts.BrakedRefusals).
+        self.refusals = BrakedRefusals(decision_log, log)
         self.metrics = ConsoleMetrics(registry)
         self.archive = archive or SessionArchive(self.state_dir / "admin" / "sessions", decision_log)
         self.tickets = TicketBook(self.state_dir / "console" / "tickets")
@@ -168,6 +171,7 @@ class ConsoleProxy:
             self.web, self._web_key = None, None
         for session in list(self.sessions):
             session.end("shutdown")
+        self.refusals.flush()
 
     # -- the listener ------------------------------------------------------------------------------
 
@@ -260,11 +264,15 @@ class ConsoleProxy:
         """The lock that serialises skyguard's logins to one VM's VNC server (see session.py)."""
         return self._vm_locks.setdefault((address, port), asyncio.Lock())
 
-    def refused(self, reason: str, /, **fields) -> None:
+    def refused(self, reason: str, /, address: str, *, operator: str | None, door: str | None = None,
+                **fields) -> None:
         """Count and log one refused console login (bad ticket, target not allowed, VM side
-        failed, ...), whichever door it came through."""
+        failed, ...), whichever door it came through, from `address` (the client's): each counted
+        in the metrics, the `console_access_refused` entries braked per source, reason, door and
+        operator (parts.BrakedRefusals: past a burst, about one summary entry a second)."""
         self.metrics.auth_failures.labels(reason).inc()
-        self.record("console_access_refused", reason=reason, **fields)
+        words = {"reason": reason, "operator": operator} | ({"door": door} if door is not None else {})
+        self.refusals.record("console_access_refused", address, words, **fields)
 
     def record(self, kind: str, /, **fields) -> None:
         record_or_report(self.decision_log, log, kind, **fields)

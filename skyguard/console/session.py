@@ -160,8 +160,8 @@ class ConsoleSession:
         if reason == "bad_ticket":  # a guessed password; a refused operator has a valid ticket
             self.proxy.limiter.failure(self.source_host)  # before any await (see _admit)
         await self._send(rfb.security_failure(message))
-        self.proxy.refused(reason, source=self.source, operator=self.ticket.operator if self.ticket else None,
-                           target=self.ticket.target if self.ticket else None)
+        self.proxy.refused(reason, self.source_host, operator=self.ticket.operator if self.ticket else None,
+                           source=self.source, target=self.ticket.target if self.ticket else None)
         return None
 
     async def _vm_login(self, address: str, target):

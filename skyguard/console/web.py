@@ -34,6 +34,8 @@ nothing, held until the handshake timeout) is pending; past MAX_PENDING_PER_SOUR
 one address its next connection is answered 429, past MAX_PENDING in all 503, and closed at once,
 so a client cannot hold the daemon's file descriptors. Refusals go to the host's log (at most one
 line a second per source and status, with the count), not the signed log, which a flood would grow.
+Refused logins (a forged ticket, a request from another origin) are in the signed log, braked per
+source and kind (ConsoleProxy.refused: a burst, then a summary entry about every second).
 A TLS connection is counted once its TLS handshake is done (asyncio bounds that by OPEN_TIMEOUT).
 """
 
@@ -236,7 +238,7 @@ class WebConsole:
         if path == "/console/view":  # the session page; the ticket is in its fragment
             return _response(HTTPStatus.OK, PAGE.read_bytes(), "text/html; charset=utf-8")
         if path == "/console/open" and self.app is not None:
-            return self._open(request)
+            return self._open(request, connection)
         if path == "/console/console.js":
             return _response(HTTPStatus.OK, SCRIPT.read_bytes(), "text/javascript")
         if path.startswith("/novnc/") and (found := static_file(NOVNC_DIR, path[len("/novnc/"):])):
@@ -271,7 +273,7 @@ class WebConsole:
                 f"</b>.</p><ul id=targets>{items or '<li>no console you may open</li>'}</ul>")
         return _response(HTTPStatus.OK, body.encode(), "text/html; charset=utf-8")
 
-    def _open(self, request: Request) -> Response:
+    def _open(self, request: Request, connection: ServerConnection) -> Response:
         """Open a target for the signed-in operator: decided here, then a one-time web ticket in
         the redirect's fragment. A target they may not open (a forged request) is refused and
         logged; so is a request no page of this console sent (see the module's docstring)."""
@@ -279,20 +281,21 @@ class WebConsole:
             allow = Headers([("Allow", "POST"), ("Content-Length", "0"), *SECURITY_HEADERS])
             return Response(HTTPStatus.METHOD_NOT_ALLOWED.value, HTTPStatus.METHOD_NOT_ALLOWED.phrase, allow, b"")
         who = self._signed_in(request)
+        address, source = _address(connection), _source(connection)
         name = parse_qs(urlsplit(request.path).query).get("target", [""])[0]
         sent = [(k.lower().encode(), v.encode()) for k, v in request.headers.raw_items()]
         hosts = request.headers.get_all("Host")
         if (len(hosts) != 1 or hosts[0].rsplit(":", 1)[0].lower() != self.app.host
                 or not same_origin(sent, f"https://{hosts[0]}")):
-            self.proxy.refused("not_same_origin", source=None, operator=who.user if who else None,
-                               target=name[:64], door="web")
+            self.proxy.refused("not_same_origin", address, operator=who.user if who else None, door="web",
+                               source=source, target=name[:64])
             return _response(HTTPStatus.FORBIDDEN, b"open a console with the buttons of /console/\n")
         if who is None:
             return self._sign_in_first()
         try:
             target, _ = access.authorize(self.proxy.policy, who.user, tuple(who.groups), name)
         except AccessRefused as e:
-            self.proxy.refused(e.reason, source=None, operator=who.user, target=name[:64], door="web")
+            self.proxy.refused(e.reason, address, operator=who.user, door="web", source=source, target=name[:64])
             return _response(HTTPStatus.FORBIDDEN, (str(e) + "\n").encode())
         try:
             ticket = self.proxy.tickets.issue(who.user, target.name, tuple(who.groups), web=True)
@@ -306,7 +309,7 @@ class WebConsole:
         token = parse_qs(urlsplit(ws.request.path).query).get("ticket", [""])[0]
         ticket = self.proxy.tickets.redeem_token(token) if token else None
         if ticket is None:
-            self.proxy.refused("bad_ticket", source=_source(ws), operator=None, target=None, door="web")
+            self.proxy.refused("bad_ticket", _address(ws), operator=None, door="web", source=_source(ws), target=None)
             await ws.close(1008, "unknown, used or expired console ticket")
             return
         signed_in = None
@@ -318,8 +321,8 @@ class WebConsole:
             signed_in = lambda: self.proxy.identify(app.host, headers)  # noqa: E731
             who = signed_in()
             if who is None or who.user != ticket.operator:
-                self.proxy.refused("signed_out", source=_source(ws), operator=ticket.operator, target=ticket.target,
-                                   door="web")
+                self.proxy.refused("signed_out", _address(ws), operator=ticket.operator, door="web",
+                                   source=_source(ws), target=ticket.target)
                 await ws.close(1008, "not signed in as the ticket's operator")
                 return
         if isinstance(ws, _CountedConnection):
@@ -332,3 +335,8 @@ class WebConsole:
 def _source(ws: ServerConnection) -> str:
     peer = ws.remote_address or ("?", 0)
     return f"{peer[0]}:{peer[1]}"
+
+
+def _address(ws: ServerConnection) -> str:
+    """The client's address (what the signed log's brake counts against its source)."""
+    return str((ws.remote_address or ("?",))[0])

@@ -29,6 +29,8 @@ UPLINK = "100.64.0.1"  # the lab host's address toward the internet namespace
 CLIENT = "100.64.0.2"  # the internet namespace's address toward the lab host (people come from there)
 WIKI, ADMIN = "wiki.apps.test", "admin.apps.test"
 WIKI_URL, ADMIN_URL = f"https://{WIKI}:8443", f"https://{ADMIN}:8444"
+CONSOLE_URL = f"https://{WIKI}:8445"  # the web console behind the wiki's sign-in
+METRICS = "127.0.0.1:26031"  # loopback of the lab's host namespace
 PASSWORDS = {u["username"]: u["password"] for u in json.loads(DEFAULT_FIXTURE.read_text())["users"]}
 SESSION_CHECK = 2  # seconds: identity.session_check in this module's policy
 
@@ -54,6 +56,14 @@ apps:
     listen: "0.0.0.0:8444"
     certificate: admin-tls
     users: [alice]
+admin:
+  console:
+    web: "0.0.0.0:8445"
+    web_app: wiki
+    targets:
+      - {{name: dc1-desktop, workload: dc1, protocol: vnc, port: 5901, credential: dc1-vnc}}
+    operators:
+      - {{name: alice, may_access: [directory]}}
 """
 
 # The app in the VM: plain HTTP; verifies the identity header with the JWKS file (as a real app
@@ -125,7 +135,8 @@ def apps_lab(lab, tmp_path_factory):
     idp = LabIdp(lab, fixture=fixture, work_dir=tmp / "idp").start()
     policy = tmp / "policy.yaml"
     policy.write_text(config.DEFAULT_POLICY.read_text() + POLICY)
-    daemon = LabHostDaemon(lab, tmp / "daemon", policy_path=policy, ready_timeout=180)  # bcc on a loaded 2-core machine
+    daemon = LabHostDaemon(lab, tmp / "daemon", policy_path=policy, ready_timeout=180,
+                           metrics=METRICS)  # bcc on a loaded 2-core machine
     ca = LabCA(lab.lab_dir / "ca")
     secrets = json.loads(fixture.read_text())["clients"][0]["client_secret"]
     (tmp / "client-secret").write_text(secrets)
@@ -520,3 +531,87 @@ def test_with_the_issuer_down_nobody_gets_in_and_the_page_says_why(apps_lab):
     code, _, body, _ = Browser(apps_lab, "idp-back").sign_in("bob")
     assert code == 200 and app_view(body)["seen"] == "Hello, Bob Builder"
 
+
+# ---- floods of refusals: a bounded number of entries in the signed log, every one counted ----------
+
+FLOOD = 200  # requests of one kind, from one client
+BURST = 10  # conncap.RefusalBrake: entries of one kind from one source before summaries take over
+
+BAD_TICKETS = r"""
+import sys, websocket
+url, host, ca, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+for _ in range(n):  # each opens (101), and skyguard closes it: 1008, unknown ticket
+    ws = websocket.create_connection(url, host=host, sslopt={"ca_certs": ca, "server_hostname": host.split(":")[0]},
+                                     timeout=20)
+    try:
+        ws.recv()
+    except websocket.WebSocketException:
+        pass
+    print(ws.status)
+    ws.shutdown()  # the socket, at once: an open one counts against this address's share
+"""
+
+
+def curl_flood(apps_lab, url: str, *args: str) -> list[str]:
+    """The status of each request `url` globs to ([1-N]), sent by one curl in the internet namespace."""
+    out = apps_lab.lab.exec("internet", ["curl", "-sS", "--cacert", str(apps_lab.ca.cert_path), "--resolve",
+                                         f"{WIKI}:8443:{UPLINK}", "--resolve", f"{WIKI}:8445:{UPLINK}",
+                                         "-o", "/dev/null", "-w", "%{http_code}\\n", *args, url],
+                            capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.split()
+
+
+def bad_tickets(apps_lab) -> list[str]:
+    out = apps_lab.lab.exec("internet", [sys.executable, "-c", BAD_TICKETS, f"wss://{UPLINK}:8445/console/ws?ticket=x",
+                                         f"{WIKI}:8445", str(apps_lab.ca.cert_path), str(FLOOD)],
+                            capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.split()
+
+
+def metric(apps_lab, name: str, **labels: str) -> float:
+    text = apps_lab.lab.exec("host", ["curl", "-sf", f"http://{METRICS}/metrics"], lab_resolver=False,
+                             capture_output=True, text=True, timeout=20).stdout
+    wanted = name + "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "} "
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(wanted))
+
+
+def logged(apps_lab, kind: str, **words) -> tuple[int, int]:
+    """(entries, refusals they stand for) of `kind` with these fields, its summaries included."""
+    log = apps_lab.daemon.log_entries()
+    single = [e for e in log if e["type"] == kind and words.items() <= e.items()]
+    summaries = [e for e in log if e["type"] == kind + "_summary" and words.items() <= e.items()]
+    return len(single) + len(summaries), len(single) + sum(e["refused"] for e in summaries)
+
+
+def test_a_flood_of_refusals_takes_a_bounded_number_of_signed_entries_and_the_metrics_count_each(apps_lab):
+    floods = [  # (log kind, its fields, metric, its labels, the flood, the status of each request)
+        ("apps_refused", {"app": "wiki", "reason": "host_mismatch"},
+         "skyguard_apps_requests_total", {"app": "wiki", "result": "host_mismatch"},
+         lambda: curl_flood(apps_lab, WIKI_URL + f"/[1-{FLOOD}]", "-H", f"Host: {ADMIN}"), "421"),
+        ("apps_refused", {"app": "wiki", "reason": "state_mismatch"},
+         "skyguard_apps_requests_total", {"app": "wiki", "result": "state_mismatch"},
+         lambda: curl_flood(apps_lab, WIKI_URL + f"/.skyguard/callback?state=[1-{FLOOD}]&code=c"), "400"),
+        ("console_access_refused", {"reason": "not_same_origin", "door": "web"},
+         "skyguard_console_refused_total", {"reason": "not_same_origin"},
+         lambda: curl_flood(apps_lab, CONSOLE_URL + f"/console/open?target=[1-{FLOOD}]", "-X", "POST",
+                            "-H", "Origin: https://evil.test"), "403"),
+        ("console_access_refused", {"reason": "bad_ticket", "door": "web"},
+         "skyguard_console_refused_total", {"reason": "bad_ticket"}, lambda: bad_tickets(apps_lab), "101"),
+    ]
+    wait_for(lambda: apps_lab.daemon.status()["parts"].get("console") in ("running", "degraded"), 60,
+             "the console part")
+    for kind, words, name, labels, flood, status in floods:
+        entries_before, refusals_before = logged(apps_lab, kind, **words)
+        counted_before = metric(apps_lab, name, **labels)
+        began = time.monotonic()
+        assert flood() == [status] * FLOOD, words
+        # Refusals held when the flood ends go in a summary entry about a second later.
+        wait_for(lambda kind=kind, words=words, before=refusals_before: logged(apps_lab, kind, **words)[1] - before
+                 == FLOOD, 30,
+                 f"every {words} refusal accounted for in the signed log", interval=0.5)
+        seconds = time.monotonic() - began
+        entries = logged(apps_lab, kind, **words)[0] - entries_before
+        assert entries <= BURST + seconds + 2, (words, entries, seconds)  # about one a second past the burst
+        assert metric(apps_lab, name, **labels) - counted_before == FLOOD, words

@@ -9,7 +9,7 @@ import pytest
 from skyguard.admin import access
 from skyguard.admin.ratelimit import AuthFailureLimiter
 from skyguard.admin.sftp import SftpRequestWatcher
-from skyguard.conncap import UnauthenticatedConnections, source_of
+from skyguard.conncap import RefusalBrake, UnauthenticatedConnections, source_of
 from skyguard.errors import BadInput
 from skyguard.policy.model import AdminSsh, Policy, SshOperator, Workload, Zone
 
@@ -154,3 +154,21 @@ def test_sftp_watcher_gives_up_quietly_on_garbage():
     watcher = SftpRequestWatcher()
     assert watcher.feed(b"\xff\xff\xff\xff garbage") == []
     assert watcher.feed(sftp_packet(13, 1, b"/x")) == []
+
+
+def test_the_signed_logs_brake_lets_a_burst_through_then_one_summary_a_second_per_source_and_kind():
+    brake = RefusalBrake(burst=3, per_second=1.0, max_tracked=8)
+    kind = ("wiki", "host_mismatch")
+    # Two addresses of one IPv6 /64 are one source: their refusals share the burst.
+    got = [brake.refused(f"2001:db8::{i}", kind, 100.0) for i in range(6)]
+    assert got == [True, True, True, False, False, False]
+    assert brake.refused("2001:db8:1::1", kind, 100.0)  # another /64
+    assert brake.refused("2001:db8::1", ("wiki", "state_mismatch"), 100.0)  # another kind
+    assert brake.wait("2001:db8::9", kind, 100.0) == 1.0
+    assert brake.held("2001:db8::9", kind, 101.0) == 3  # one summary entry for the three held
+    assert brake.held("2001:db8::9", kind, 101.0) == 0
+    assert not brake.refused("2001:db8::1", kind, 101.5)  # the summary spent the second's entry
+    for n in range(100):  # many sources: the table stays bounded, no held count is dropped
+        brake.refused(f"10.0.0.{n}", kind, 200.0)
+    assert len(brake.kinds) <= 9
+    assert brake.held("2001:db8::1", kind, 300.0) == 1
