@@ -44,9 +44,12 @@ class VmHostKeys:
 
     def _load(self) -> dict:
         try:
-            return json.loads(self.path.read_text())
+            return json.loads(fsutil.read_regular_file(self.path))  # a FIFO is refused, never waited on
         except FileNotFoundError:
             return {}
+        except OSError as e:
+            raise AdminError(f"cannot read {self.path}: {e.strerror or e}; move it away (VM host keys are "
+                             "re-pinned)") from None
         except ValueError:
             raise AdminError(f"{self.path} is damaged; fix or remove it (VM host keys are re-pinned)") from None
 

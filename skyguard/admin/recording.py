@@ -22,6 +22,7 @@ import builtins  # `list` in SessionArchive's annotations is its method
 import codecs
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -35,6 +36,7 @@ from skyguard import fsutil
 from skyguard.admin.decisionlog import DecisionLog
 from skyguard.errors import AdminError, BadInput
 
+log = logging.getLogger("skyguard.admin")
 _SESSION_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
 FLUSH_EVERY_EVENTS = 1  # write-through: the transcript must survive a killed proxy
 
@@ -56,7 +58,7 @@ def validate_session_id(session_id: str) -> str:
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with fsutil.open_regular(path) as f:  # a FIFO is refused (OSError), never waited on
         for chunk in iter(lambda: f.read(1 << 16), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -213,7 +215,7 @@ class SessionArchive:
         for path in self.directory.glob("*.json"):
             if _SESSION_ID.fullmatch(path.stem):
                 try:
-                    out.append(json.loads(path.read_text()))
+                    out.append(json.loads(fsutil.read_regular_file(path)))  # a FIFO: refused, not waited on
                 except (OSError, ValueError):
                     out.append({"id": path.stem, "result": "unreadable"})
         return sorted(out, key=lambda m: (m.get("start") or "", m["id"]))
@@ -222,10 +224,12 @@ class SessionArchive:
         validate_session_id(session_id)
         path = self.directory / f"{session_id}.json"
         try:
-            return json.loads(path.read_text())
+            return json.loads(fsutil.read_regular_file(path))  # a FIFO is refused, never waited on
         except FileNotFoundError:
             raise BadInput(f"no session {session_id} in {self.directory}; "
                            "`skyguard admin sessions` lists them") from None
+        except OSError as e:
+            raise AdminError(f"cannot read session metadata {path}: {e.strerror or e}") from None
         except ValueError:
             raise AdminError(f"session metadata {path} is not valid JSON: it was damaged or edited") from None
 
@@ -266,8 +270,13 @@ class SessionArchive:
                 continue
             cast_path = self.transcript_path(meta["id"])
             end = cast_path.stat().st_mtime if cast_path.exists() else time.time()
-            meta.update(end=utc_iso(end), end_ts=end, result="interrupted",
-                        transcript_sha256=sha256_file(cast_path) if cast_path.exists() else None)
+            try:
+                digest = sha256_file(cast_path) if cast_path.exists() else None
+            except OSError as e:  # not a regular file (a FIFO would have hung the start): no digest
+                log.error("session %s: its transcript %s cannot be read (%s); closed without its SHA-256",
+                          meta["id"], cast_path, e.strerror or e)
+                digest = None
+            meta.update(end=utc_iso(end), end_ts=end, result="interrupted", transcript_sha256=digest)
             self.log_end(meta)
             _atomic_write_json(self.directory / f"{meta['id']}.json", meta)
             recovered.append(meta["id"])

@@ -102,7 +102,7 @@ class TicketBook:
         now, live = time.time(), []
         for path in self.directory.glob("*.json") if self.directory.is_dir() else ():
             try:
-                v = json.loads(path.read_text())
+                v = json.loads(fsutil.read_regular_file(path))  # a FIFO is refused (skipped), never waited on
                 ticket = Ticket(path.stem, v["operator"], tuple(v["groups"]), v["target"], float(v["expires"]),
                                 v["password"])
             except (OSError, ValueError, KeyError, TypeError):

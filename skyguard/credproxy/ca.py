@@ -67,11 +67,13 @@ class CertificateAuthority:
             )
         if key_path.exists() and cert_path.exists():
             try:
-                key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-                cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+                # regular files only: a FIFO put there is refused, never waited on (the part would hang)
+                key = serialization.load_pem_private_key(fsutil.read_regular_file(key_path), password=None)
+                cert = x509.load_pem_x509_certificate(fsutil.read_regular_file(cert_path))
             except (ValueError, OSError) as error:
+                reason = error.strerror if isinstance(error, OSError) and error.strerror else type(error).__name__
                 raise CredentialError(
-                    f"the CA in {self.directory} is unreadable ({type(error).__name__}); "
+                    f"the CA in {self.directory} is unreadable ({reason}); "
                     "move it away to have a new one created (VMs must then trust the new one)"
                 ) from None
             return key, cert

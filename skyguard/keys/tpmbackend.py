@@ -194,11 +194,13 @@ class TpmBackend:
     def _record(self, name: str) -> dict:
         path = self._path(name)
         try:
-            record = json.loads(path.read_text())
+            record = json.loads(fsutil.read_regular_file(path))  # a FIFO is refused, never waited on
         except FileNotFoundError:
             raise KeyCustodyError(f"no key named {name!r}; create it with `skyguard key create {name} "
                                   f"--type ec-p256`") from None
-        except (OSError, ValueError) as e:
+        except OSError as e:
+            raise KeyCustodyError(f"cannot read TPM key {name!r} ({path}): {e.strerror or e}") from None
+        except ValueError as e:
             raise KeyCustodyError(f"cannot read TPM key {name!r} ({path}): {e}") from None
         if not isinstance(record, dict) or record.get("key_type") != KEY_TYPE or "public_pem" not in record:
             raise KeyCustodyError(f"{path} is not a skyguard TPM key")

@@ -41,6 +41,7 @@ from skyguard import fsutil
 from skyguard.errors import LogError
 from skyguard.tlog.checkpoint import SIGNATURE_PREFIX, Checkpoint, Verifier, b64decode_canonical, split_note, valid_key_name
 from skyguard.tlog.errors import BadLogInput, VerificationError
+from skyguard.tlog.files import read_log_file
 from skyguard.tlog.tree import verify_consistency
 
 ALG_COSIGNATURE_V1 = 0x04
@@ -183,7 +184,7 @@ class Witness:
         path = self._path(origin)
         if not path.exists():
             return None
-        data = json.loads(path.read_text())
+        data = json.loads(read_log_file(path))  # a FIFO is refused (LogError), never waited on
         if data.get("origin") != origin:
             raise LogError(f"witness state {path} is for another origin; move it away")
         return Witnessed(origin, data["log_vkey"], int(data["size"]), base64.b64decode(data["root"]))

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from skyguard import fsutil
 from skyguard.errors import LogError
 from skyguard.tlog.checkpoint import Signer, valid_key_name
+from skyguard.tlog.files import os_reason
 
 HOST_KEY_FILE = "host-ed25519.pem"
 HOST_ID_FILE = "host-id"
@@ -37,7 +38,7 @@ def host_id(state_dir: Path, create: bool = True) -> str | None:
     """This host's random id (16 hex digits), made once per state dir."""
     path = Path(state_dir) / HOST_ID_FILE
     if path.exists():
-        value = path.read_text().strip()
+        value = _read(path, "the host id").decode(errors="replace").strip()
         if len(value) == 16 and all(c in "0123456789abcdef" for c in value):
             return value
         raise LogError(f"{path} does not hold a host id (16 hex digits); remove it to make a new "
@@ -61,7 +62,7 @@ def default_key_name(state_dir: Path | None = None, create: bool = True) -> str:
     logs had before host ids; used only to read such logs)."""
     configured = os.environ.get(ORIGIN_ENV, "").strip()
     if not configured and state_dir is not None and (Path(state_dir) / ORIGIN_FILE).exists():
-        configured = (Path(state_dir) / ORIGIN_FILE).read_text("utf-8").strip()
+        configured = _read(Path(state_dir) / ORIGIN_FILE, "the log origin").decode(errors="replace").strip()
     if configured:
         if not valid_key_name(configured) or not configured.isprintable():
             raise LogError(f"log origin {configured!r} (from {ORIGIN_ENV} or {ORIGIN_FILE}) must be "
@@ -72,6 +73,15 @@ def default_key_name(state_dir: Path | None = None, create: bool = True) -> str:
         return f"{hostname}.skyguard/log"
     ident = host_id(state_dir, create=create)
     return f"{hostname}-{ident}.skyguard/log" if ident else f"{hostname}.skyguard/log"
+
+
+def _read(path: Path, what: str) -> bytes:
+    """A file of the state dir, which must be a regular file: a FIFO put there is refused (LogError
+    naming it), never waited on (the daemon would hang at start)."""
+    try:
+        return fsutil.read_regular_file(path)
+    except OSError as e:
+        raise LogError(f"cannot read {what} {path}: {os_reason(e)}; move it away (a new one is made)") from None
 
 
 def key_path(state_dir: Path) -> Path:
@@ -102,8 +112,9 @@ def load_or_create_key_file(path: Path, what: str = "host key", create: bool = T
         # Fail closed: a key others could read may already be someone else's key.
         raise LogError(f"{what} {path} is readable by others (mode {mode:04o}); "
                        f"run `chmod 600 {path}` and consider the key compromised")
+    pem = _read(path, what)
     try:
-        loaded = load_pem_private_key(path.read_bytes(), password=None)
+        loaded = load_pem_private_key(pem, password=None)
     except (ValueError, TypeError):
         raise LogError(f"{what} {path} is not a PEM Ed25519 private key; move it away to "
                        f"create a new one (old checkpoints then need the old public key)") from None

@@ -62,7 +62,7 @@ def _read_meta(directory: Path) -> dict:
         raise LogError(f"no signed log at {directory} (no {META_FILE}); the daemon creates it "
                        f"on first start, or pass --log-dir to point at another one")
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(read_regular_file(path))  # a FIFO is refused, never waited on
         seg = int(meta["segment_entries"])
         origin, vkey = str(meta["origin"]), str(meta["verifier_key"])
     except (ValueError, KeyError, TypeError):

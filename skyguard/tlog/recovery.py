@@ -19,6 +19,7 @@ from skyguard import fsutil
 from skyguard.errors import LogError
 from skyguard.tlog import records
 from skyguard.tlog.entries import entry as make_entry
+from skyguard.tlog.files import read_log_file
 from skyguard.tlog.hashing import HASH_SIZE
 from skyguard.tlog.reader import LEAVES_FILE, MAX_UNPROVEN, NODES_FILE, TORN_DIR, _list_segments, leaf_hashes_of, segment_name
 from skyguard.tlog.tree import NODE_SPAN
@@ -74,7 +75,7 @@ def scan_segments(directory: Path, seg: int, covered: int) -> Segments:
         if first < rebuild_from:
             continue
         path = directory / segment_name(first)
-        buf = path.read_bytes() if path.exists() else b""
+        buf = read_log_file(path)
         scan = records.scan(buf, first, seg)
         is_last = first == firsts[-1]
         if scan.problem:
@@ -114,7 +115,7 @@ def set_aside(directory: Path, seg: int, segments: Segments, keep: int,
             fsutil.fsync_directory(directory)
             kept.append(target.name)
             continue
-        buf = path.read_bytes()
+        buf = read_log_file(path)
         payloads = records.scan(buf, first, seg).payloads
         offset = sum(records.HEADER_SIZE + len(p) for p in payloads[:keep - first])
         if offset < len(buf):

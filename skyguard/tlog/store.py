@@ -45,6 +45,7 @@ from skyguard.errors import LogError
 from skyguard.tlog import records
 from skyguard.tlog.checkpoint import MAX_TREE_SIZE, Checkpoint, Signer, Verifier
 from skyguard.tlog.errors import BadLogInput, VerificationError
+from skyguard.tlog.files import read_log_file
 from skyguard.tlog.hashing import EMPTY_ROOT, HASH_SIZE, hash_leaf
 from skyguard.tlog.head import MAX_NOTE, HeadWriter, read_head
 
@@ -153,7 +154,7 @@ class LogWriter:
 
         # Checkpoints first: they decide what may be cut and what must be set aside.
         self._cp_path = d / CHECKPOINTS_FILE
-        cp_buf = self._cp_path.read_bytes() if self._cp_path.exists() else b""
+        cp_buf = read_log_file(self._cp_path)
         cp_scan = records.scan(cp_buf, 0)
         if cp_scan.problem:
             cut_tail(d, self._cp_path, cp_buf, cp_scan.end_offset, cp_scan.problem)

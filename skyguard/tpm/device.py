@@ -74,10 +74,13 @@ class TpmConfig:
     def load(cls, state_dir: Path) -> TpmConfig:
         path = cls.path(state_dir)
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(fsutil.read_regular_file(path))  # a FIFO is refused, never waited on
         except FileNotFoundError:
             return cls()
-        except (OSError, ValueError) as e:
+        except OSError as e:
+            raise TpmError(f"cannot read {path}: {e.strerror or e}; move it away and run `skyguard tpm init` "
+                           f"again") from None
+        except ValueError as e:
             raise TpmError(f"cannot read {path}: {e}; run `skyguard tpm init` again") from None
         known = {k: raw[k] for k in asdict(cls()) if k in raw}
         config = cls(**known)

@@ -108,10 +108,12 @@ class EventLog:
 
     def lines(self) -> list[str]:
         try:
-            text = self.path.read_text(encoding="ascii")
+            text = fsutil.read_regular_file(self.path).decode("ascii")  # a FIFO is refused, never waited on
         except FileNotFoundError:
             return []
-        except (OSError, UnicodeDecodeError) as e:
+        except OSError as e:
+            raise EventLogError(f"cannot read the event log {self.path}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
             raise EventLogError(f"cannot read the event log {self.path}: {e}") from None
         # A crash inside an append can leave a last line without its newline: it was never
         # extended (the extend follows the write), so it is not part of the log.

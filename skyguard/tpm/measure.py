@@ -38,6 +38,7 @@ import os
 import time
 from pathlib import Path
 
+from skyguard import fsutil
 from skyguard.tpm import imports
 from skyguard.tpm.device import Tpm, TpmError, check_pcr
 from skyguard.tpm.eventlog import ZERO, EventLog, EventLogError, line_digest, make_base_line, make_line, replay
@@ -70,11 +71,12 @@ def stopped(state_dir: Path) -> str | None:
     """Why measurement stopped (the marker's text, or a generic reason), None while it works."""
     path = Path(state_dir) / "tpm" / STOPPED_FILE
     try:
-        return path.read_text(encoding="utf-8", errors="replace").strip() or "a TPM measurement failed"
+        text = fsutil.read_regular_file(path).decode("utf-8", errors="replace")  # a FIFO: refused, not waited on
+        return text.strip() or "a TPM measurement failed"
     except FileNotFoundError:
         return None
     except OSError as e:
-        return f"the marker {path} cannot be read: {e}"
+        return f"the marker {path} cannot be read: {e.strerror or e}"
 
 
 def sha256_hex(data: bytes) -> str:

@@ -111,7 +111,7 @@ class AttestationMonitor:
 
     def reference(self) -> dict | None:
         path = self.state_dir / "tpm" / REFERENCE_FILE
-        return quote.load_json(path, "reference") if path.exists() else None
+        return quote.load_json(path, "reference", regular=True) if path.exists() else None
 
     def attest_once(self) -> dict:
         """Quote with a fresh nonce, verify, record, export. Never raises (a watcher keeps watching)."""

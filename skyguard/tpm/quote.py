@@ -28,6 +28,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from skyguard import fsutil
 from skyguard.errors import BadInput
 from skyguard.tpm import measure
 from skyguard.tpm.device import (
@@ -109,10 +110,16 @@ class Verdict:
         return {"ok": self.ok, "failures": self.failures, "notes": self.notes, "state": self.state}
 
 
-def load_json(path: Path, what: str) -> dict:
+def load_json(path: Path, what: str, regular: bool = False) -> dict:
+    """The JSON object in `path`. regular: a file of the state dir, which must be a regular file
+    (a FIFO put there is refused, never waited on); else anything readable (a pipe a shell gives
+    the CLI)."""
     try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
+        raw = fsutil.read_regular_file(Path(path)) if regular else Path(path).read_bytes()
+        value = json.loads(raw.decode("utf-8"))
+    except OSError as e:
+        raise BadInput(f"cannot read the {what} {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
         raise BadInput(f"cannot read the {what} {path}: {e}") from None
     except ValueError as e:
         raise BadInput(f"the {what} {path} is not JSON: {e}") from None

@@ -107,3 +107,22 @@ def test_a_daemon_whose_tpm_is_missing_starts_and_says_so(lab, tpm_daemon, tmp_p
         assert not tpm["ok"] and "does not answer" in tpm["detail"] and tpm["fix"]
     finally:
         daemon.cleanup()
+
+
+def test_a_daemon_whose_tpm_json_is_a_fifo_starts_and_says_why(lab, tpm_daemon, tmp_path_factory):
+    """A FIFO where `tpm init` keeps tpm.json: read plainly, `skyguard up` waited on it forever."""
+    tpm_daemon.stop()  # one daemon per pin dir (the lab's)
+    work = tmp_path_factory.mktemp("tpmd-fifo")
+    daemon = RunningDaemon(lab, work)
+    (daemon.state_dir / "tpm").mkdir(parents=True, mode=0o700)
+    os.mkfifo(daemon.state_dir / "tpm" / "tpm.json", 0o600)
+    try:
+        status = daemon.start()
+        assert status["tpm"]["configured"] and not status["tpm"]["available"]
+        problem = status["tpm"]["problem"]
+        assert "tpm.json" in problem and "not a regular file" in problem and "move it away" in problem, problem
+        assert len(status["interfaces"]) == 7  # enforcement does not wait on the TPM
+        errors = log_entries(daemon, "tpm_error")
+        assert errors and "not a regular file" in errors[0]["error"]
+    finally:
+        daemon.cleanup()
