@@ -28,5 +28,11 @@ DEFAULT_METRICS_ADDR = "127.0.0.1:9464"
 # How long a policy load waits for the parts (DNS proxy, credential proxy, ...) to take a policy
 # the datapath already enforces, before answering with the busy part "pending" (daemon_apply.py).
 PARTS_WAIT_S = float(os.environ.get("SKYGUARD_PARTS_WAIT_S", "120"))
+# How long a skyguard process waits for a lock file another one holds (the sealed store's .lock,
+# the TPM's lock) before it gives up with an error naming the file and its holder: a holder stuck
+# on a hung TPM must not hang the waiter (a part taking a policy, a policy load). Well under
+# PARTS_WAIT_S, so a part waiting for a lock fails (and is tried again at the next load) before
+# the load stops waiting for it.
+LOCK_WAIT_S = float(os.environ.get("SKYGUARD_LOCK_WAIT_S", "30"))
 # `skyguard doctor` names its throwaway namespace this prefix + its pid (tests use their own).
 DOCTOR_NETNS_PREFIX = os.environ.get("SKYGUARD_DOCTOR_NETNS_PREFIX", "sgdoctor-")

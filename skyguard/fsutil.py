@@ -2,6 +2,8 @@
 half-written or by another user (keys, sealed secrets, pinned host keys, session metadata). And
 the one way to read a file of a state directory that must be a regular file (open_regular):
 whoever can write the directory can put a FIFO there, and a plain open() of it waits forever.
+And the one way to take a lock file shared by skyguard's processes (exclusive_lock): within a
+bound, so that a holder stuck on a hung TPM does not hang its waiters too.
 
 write_private() replaces a file atomically: a crash leaves the old file or the new one, never a
 mix, and no moment exists where the data is on disk with a wider mode. Not for append-only
@@ -11,9 +13,13 @@ files (the signed log keeps its own segment files).
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import secrets
 import stat
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -99,3 +105,51 @@ def fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class LockTimeout(TimeoutError):
+    """exclusive_lock waited its bound: another process holds the lock (str says which, if known)."""
+
+
+@contextmanager
+def exclusive_lock(path: Path, wait_s: float) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (created 0600 if missing) for the block, waiting at most
+    `wait_s` seconds for another process to release it; LockTimeout (naming the file and the
+    holder's pid and process name, never its command line) when it does not."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline, pause = time.monotonic() + wait_s, 0.01
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise LockTimeout(f"{path} is held by another process ({lock_holder(fd)}) for over "
+                                      f"{wait_s:.0f} s") from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.2)
+        yield
+    finally:
+        os.close(fd)
+
+
+def lock_holder(fd: int) -> str:
+    """Who holds the flock on the file open as `fd`, from /proc/locks: "pid N, NAME" (NAME from
+    /proc/N/comm: a command line may hold secrets), or "unknown"."""
+    st = os.fstat(fd)
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == device:
+                    pid = fields[4]
+                    try:
+                        name = Path(f"/proc/{pid}/comm").read_text(errors="replace").strip()
+                    except OSError:
+                        name = "?"
+                    return f"pid {pid}, {name}"
+    except OSError:
+        pass
+    return "unknown"

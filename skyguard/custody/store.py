@@ -7,7 +7,8 @@ just like editing the ciphertext. The 32-byte sealing key lives in `sealing.key`
 directory (mode 0600, directory 0700), created on first use; or, once `skyguard tpm seal-store`
 ran, sealed by the TPM in `sealing.key.tpm` (it opens only on this TPM in its measured state).
 Writes are atomic (temporary file, fsync, rename, fsync of the directory) and serialised between
-processes with a lock file.
+processes with a lock file, waited for at most config.LOCK_WAIT_S (then CredentialError naming it
+and its holder: a stuck holder must not hang a part taking a policy).
 
 Values leave this module only as `Secret`, a bytes subclass whose repr and str never show the
 value; no error message, log line or repr here ever contains one. This module is not the
@@ -20,7 +21,6 @@ threads and by processes on the same directory.
 from __future__ import annotations
 
 import base64
-import fcntl
 import json
 import os
 import re
@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from skyguard import fsutil
+from skyguard import config, fsutil
 from skyguard.errors import BadInput, CredentialError
 
 SEALING_KEY_FILE = "sealing.key"
@@ -317,9 +317,19 @@ class SecretStore:
     @contextmanager
     def _locked(self):
         self._ensure_directory()
-        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with store_lock(self.directory):
             yield
-        finally:
-            os.close(fd)
+
+
+@contextmanager
+def store_lock(directory: Path):
+    """The store's `.lock`, which serialises writes between processes: waited for at most
+    config.LOCK_WAIT_S (a holder stuck on a hung TPM, sealing the key, must not hang a part
+    taking a policy); CredentialError naming the file and its holder past that."""
+    path = Path(directory) / ".lock"
+    try:
+        with fsutil.exclusive_lock(path, config.LOCK_WAIT_S):
+            yield
+    except fsutil.LockTimeout as e:
+        raise CredentialError(f"the secret store's lock {e}: nothing was written; try again once it is done "
+                              f"(a part tries again at the next policy load)") from None

@@ -9,14 +9,15 @@ Transient handles are flushed after every command that may load an object (the e
 a resource manager has three object slots: without the flush it runs out after a few commands).
 Contexts are kept in files of a private temporary folder, so a flushed object is simply loaded
 again by the next command. Commands of skyguard processes sharing one state dir are serialised by
-a lock file: an extend and its event-log line, or a quote and the log it embeds, are one step.
+a lock file: an extend and its event-log line, or a quote and the log it embeds, are one step. A
+waiter gives up after config.LOCK_WAIT_S (TpmError naming the lock and its holder): a holder stuck
+on a hung TPM must not hang a part unsealing the store key, nor a policy load.
 
 Not here: what is measured or quoted (measure.py, quote.py).
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -27,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from skyguard import fsutil
+from skyguard import config, fsutil
 from skyguard.errors import BadInput, SkyguardError
 
 DEVICES = ("/dev/tpmrm0", "/dev/tpm0")
@@ -194,17 +195,19 @@ class Tpm:
 
     @contextmanager
     def locked(self):
-        """One step of several commands, alone among skyguard's processes on this state dir."""
+        """One step of several commands, alone among skyguard's processes on this state dir. The
+        lock is waited for at most config.LOCK_WAIT_S: a holder stuck on a hung TPM must not hang
+        its waiters (a part unsealing the store key, a policy load measuring the policy); past
+        that, TpmError naming the lock file and its holder (nothing was sent to the TPM)."""
         if self.lock_file is None:
             yield
             return
         self.lock_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+            with fsutil.exclusive_lock(self.lock_file, config.LOCK_WAIT_S):
+                yield
+        except fsutil.LockTimeout as e:
+            raise TpmError(f"the TPM lock {e}: nothing was sent to the TPM; try again once it is done") from None
 
     # ---- PCRs -------------------------------------------------------------------------------
 

@@ -24,14 +24,13 @@ Not here: the store itself (skyguard/custody/store.py), the AEAD.
 from __future__ import annotations
 
 import base64
-import fcntl
 import hmac
 import json
 import os
 import stat
 from pathlib import Path
 
-from skyguard import fsutil
+from skyguard import config, fsutil
 from skyguard.errors import BadInput, CredentialError
 from skyguard.tpm.device import BANK, PLATFORM_PCRS, Tpm, TpmError, TpmUnavailable, find_tcti
 
@@ -167,33 +166,36 @@ def key_in_use(store_dir: Path) -> str:
 def migrate(store_dir: Path, tpm: Tpm, pcrs=PLATFORM_PCRS) -> dict:
     """Move the store's file key into the TPM (see the module text). Idempotent."""
     store_dir = Path(store_dir)
-    key_file, sealed = store_dir / FILE_KEY, SealedKey(store_dir)
     store_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(store_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)  # the store's own lock
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        if sealed.exists() and not key_file.exists():
-            return {"key": "tpm", "changed": False, "sealed_file": str(sealed.path)}
-        if sealed.exists():
-            raise CredentialError(f"both {key_file} and {sealed.path} exist: an interrupted migration? Check that "
-                                  f"the sealed key opens (`skyguard tpm status`), then remove {key_file}")
-        if not key_file.exists():
-            key = os.urandom(KEY_BYTES)  # no secret yet: the store's first key is born sealed
-        else:
-            if stat.S_IMODE(key_file.stat().st_mode) & 0o077:
-                raise CredentialError(f"{key_file} is readable by others; fix its mode (chmod 600) and rotate "
-                                      f"the secrets before sealing it")
-            key = key_file.read_bytes()
-            if len(key) != KEY_BYTES:
-                raise CredentialError(f"{key_file} is {len(key)} bytes, expected {KEY_BYTES}: damaged")
-        blob = seal(tpm, key, pcrs)
-        if not hmac.compare_digest(unseal(tpm, blob), key):
-            raise CredentialError("the TPM unsealed another key than it sealed; the file key is kept")
-        sealed.save(blob)
-        if key_file.exists():
-            key_file.unlink()
-            fsutil.fsync_directory(store_dir)
-        return {"key": "tpm", "changed": True, "sealed_file": str(sealed.path), "pcrs": blob["pcrs"],
-                "bank": BANK}
-    finally:
-        os.close(fd)
+        with fsutil.exclusive_lock(store_dir / ".lock", config.LOCK_WAIT_S):  # the store's own lock
+            return _migrate_locked(store_dir, tpm, pcrs)
+    except fsutil.LockTimeout as e:
+        raise CredentialError(f"the secret store's lock {e}: nothing was sealed; try again once it is done") from None
+
+
+def _migrate_locked(store_dir: Path, tpm: Tpm, pcrs) -> dict:
+    key_file, sealed = store_dir / FILE_KEY, SealedKey(store_dir)
+    if sealed.exists() and not key_file.exists():
+        return {"key": "tpm", "changed": False, "sealed_file": str(sealed.path)}
+    if sealed.exists():
+        raise CredentialError(f"both {key_file} and {sealed.path} exist: an interrupted migration? Check that "
+                              f"the sealed key opens (`skyguard tpm status`), then remove {key_file}")
+    if not key_file.exists():
+        key = os.urandom(KEY_BYTES)  # no secret yet: the store's first key is born sealed
+    else:
+        if stat.S_IMODE(key_file.stat().st_mode) & 0o077:
+            raise CredentialError(f"{key_file} is readable by others; fix its mode (chmod 600) and rotate "
+                                  f"the secrets before sealing it")
+        key = fsutil.read_regular_file(key_file)  # a FIFO is refused, never waited on
+        if len(key) != KEY_BYTES:
+            raise CredentialError(f"{key_file} is {len(key)} bytes, expected {KEY_BYTES}: damaged")
+    blob = seal(tpm, key, pcrs)
+    if not hmac.compare_digest(unseal(tpm, blob), key):
+        raise CredentialError("the TPM unsealed another key than it sealed; the file key is kept")
+    sealed.save(blob)
+    if key_file.exists():
+        key_file.unlink()
+        fsutil.fsync_directory(store_dir)
+    return {"key": "tpm", "changed": True, "sealed_file": str(sealed.path), "pcrs": blob["pcrs"],
+            "bank": BANK}

@@ -79,6 +79,9 @@ def daemon(lab, tmp_path_factory, policies, map_fault):
     d = RunningDaemon(lab, tmp_path_factory.mktemp("parts-daemon"), policy_path=policies["with_admin"],
                       metrics=METRICS, preload="support.map_faults")
     d.env["SKYGUARD_PARTS_WAIT_S"] = "15"  # a load waits 15 s for a hung part, not 120 (every load here takes ~1 s)
+    # A waiter gives up on a lock another process holds after 90 s, not 30: a part waiting for the TPM
+    # lock must outlast the load's 15 s (test_a_load_whose_parts_outlast_the_wait_...)
+    d.env["SKYGUARD_LOCK_WAIT_S"] = "90"
     d.env["SKYGUARD_TEST_MAP_FAULT"] = str(map_fault)
     try:
         d.start()

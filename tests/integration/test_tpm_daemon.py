@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from daemon_support import RunningDaemon
@@ -124,5 +126,57 @@ def test_a_daemon_whose_tpm_json_is_a_fifo_starts_and_says_why(lab, tpm_daemon, 
         assert len(status["interfaces"]) == 7  # enforcement does not wait on the TPM
         errors = log_entries(daemon, "tpm_error")
         assert errors and "not a regular file" in errors[0]["error"]
+    finally:
+        daemon.cleanup()
+
+
+ADMIN = """
+admin:
+  ssh:
+    listen: "127.0.0.1:24312"
+    operators:
+      - {name: alice, public_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIL3Bn450ZXB8e+M670v9a/bGPeCAylCnYQHGLc0Q/ZkV", \
+may_access: [directory]}
+"""
+# Another process holding a lock file, as a `skyguard tpm` command stuck on a hung TPM would.
+HOLD = "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600); " \
+       "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)"
+
+
+def test_a_lock_another_process_holds_fails_the_part_waiting_on_it_and_the_next_load_retries(
+        lab, tpm_daemon, tmp_path_factory):
+    """The TPM's lock and the sealed store's .lock, held by a stuck process while the daemon loads a
+    policy whose new part (the SSH access proxy) must unseal the store key and make its host key:
+    waited on forever, the load hung (and every load after it); now the part fails, saying which
+    lock and who holds it, and the next load starts it."""
+    tpm_daemon.stop()  # one daemon per pin dir (the lab's)
+    work = tmp_path_factory.mktemp("tpmd-locks")
+    daemon = RunningDaemon(lab, work)
+    daemon.env["SKYGUARD_TPM_TCTI"] = tpm_daemon.env["SKYGUARD_TPM_TCTI"]
+    daemon.env["SKYGUARD_LOCK_WAIT_S"] = "3"  # how long a waiter waits (30 s by default)
+    with_admin = work / "with-admin.yaml"
+    with_admin.write_text(config.DEFAULT_POLICY.read_text() + ADMIN)
+    daemon.cli("tpm", "init", check=True)
+    daemon.cli("tpm", "seal-store", check=True)  # a part opening the store unseals its key with the TPM
+    try:
+        daemon.start()
+        for lock, what in ((daemon.state_dir / "tpm" / "lock", "the TPM lock"),
+                           (daemon.state_dir / "secrets" / ".lock", "the secret store's lock")):
+            holder = subprocess.Popen([sys.executable, "-c", HOLD, str(lock)], stdout=subprocess.PIPE, text=True)
+            try:
+                assert holder.stdout.readline().strip() == "held"
+                out = daemon.cli("policy", "load", str(with_admin), "--json", timeout=120)
+                problem = json.loads(out.stdout)["part_problems"]["admin"]
+                assert problem["state"] == "failed", problem
+                assert f"{what} {lock} is held by another process (pid {holder.pid}, python" in problem["problem"]
+                assert out.returncode == 1 and daemon.status()["parts"]["admin"] == "failed"
+            finally:
+                holder.kill()
+                holder.wait()
+        # Measuring the policy waited on the TPM's lock too: measurement stops (quotes fail closed).
+        assert "the TPM lock" in daemon.status()["tpm"]["problem"]
+        out = daemon.cli("policy", "load", str(with_admin), "--json", timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert daemon.status()["parts"]["admin"] == "running"
     finally:
         daemon.cleanup()
