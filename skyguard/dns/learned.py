@@ -197,7 +197,7 @@ class LearnedStore:
         if self.path is None or not self.path.exists():
             return
         try:
-            document = json.loads(self.path.read_text())
+            document = json.loads(fsutil.read_regular_file(self.path))  # a FIFO there must not hang the start
             if not isinstance(document, dict) or document.get("version") != FORMAT_VERSION:
                 version = document.get("version") if isinstance(document, dict) else None
                 raise ValueError(f"unknown version {version!r}")
@@ -205,7 +205,7 @@ class LearnedStore:
                 ipaddress.ip_address(item["ip"])
                 self.add(str(item["zone"]), str(item["rule"]), str(item["name"]),
                          [item["ip"]], float(item["expiry"]), workload=str(item.get("workload", "")))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise DnsError(f"learned DNS state {self.path} is unreadable ({e}); move it aside to "
                            "start with no learned names (pinned datapath entries remain)") from e
         self.dirty = self.urgent = False

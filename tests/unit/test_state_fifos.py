@@ -18,7 +18,8 @@ from skyguard.admin.connection import VmHostKeys
 from skyguard.admin.recording import SessionArchive
 from skyguard.console.tickets import TicketBook
 from skyguard.credproxy.ca import CA_CERT_FILE, CA_KEY_FILE, CertificateAuthority
-from skyguard.errors import AdminError, BadInput, CredentialError, LogError
+from skyguard.dns.learned import LearnedStore
+from skyguard.errors import AdminError, BadInput, CredentialError, DnsError, LogError
 from skyguard.tlog import hostkey
 from skyguard.tlog.cosign import Cosigner, Witness
 from skyguard.tlog.reader import CHECKPOINTS_FILE, META_FILE, LogReader, segment_name
@@ -93,6 +94,8 @@ CASES = {  # what: (the file made a FIFO, what reads it, the error expected)
     "VM host key pins": (lambda s: s / "admin" / "vm_host_keys.json",
                          lambda s: VmHostKeys(s / "admin" / "vm_host_keys.json").check(
                              "dc1", asyncssh.generate_private_key("ssh-ed25519")), AdminError),
+    "DNS learned state": (lambda s: s / "dns-learned.json", lambda s: LearnedStore(s / "dns-learned.json").load(),
+                          DnsError),
 }
 
 
