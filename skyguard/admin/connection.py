@@ -26,6 +26,7 @@ from skyguard.admin.session import EXIT_UNREACHABLE, ProxySession, session_chann
 from skyguard.conncap import source_of
 from skyguard.errors import AdminError, BadInput
 from skyguard.policy.model import SshOperator, Workload
+from skyguard.timeouts import within
 
 if TYPE_CHECKING:
     from skyguard.admin.proxy import AdminSshProxy
@@ -311,7 +312,7 @@ class OperatorConnection(asyncssh.SSHServer):
             ssh = self.proxy.policy.admin_ssh
             agent = self.conn.get_agent_path() if ssh is not None and ssh.agent_forwarding else None
             try:
-                conn, _ = await asyncio.wait_for(asyncssh.create_connection(
+                conn, _ = await within(asyncssh.create_connection(
                     lambda: client, address, cfg.vm_port, username=cfg.vm_user,
                     client_keys=[self.proxy.vm_key], known_hosts=([], [], []),
                     server_host_key_algs="default", agent_path=agent,

@@ -53,6 +53,7 @@ from skyguard.credproxy.http1 import (
 )
 from skyguard.credproxy.swap import HOP_BY_HOP, HttpRequest
 from skyguard.httpheaders import is_forwarding_header
+from skyguard.timeouts import within
 
 log = logging.getLogger(__name__)
 
@@ -396,7 +397,7 @@ class AppConnection(Checks, asyncio.Protocol):
         key = self._upstream_key()
         side = self.gate.upstreams.take(key)
         if side is None:
-            _, side = await asyncio.wait_for(self._loop.create_connection(AppSide, key[1], key[2]), CONNECT_TIMEOUT)
+            _, side = await within(self._loop.create_connection(AppSide, key[1], key[2]), CONNECT_TIMEOUT)
             side.key = key
         side.owner = self
         return side

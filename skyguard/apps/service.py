@@ -34,6 +34,7 @@ from skyguard.custody.pemload import load_cert_chain_from_memory, split_pem
 from skyguard.parts import BrakedRefusals, Degraded
 from skyguard.policy.apps import App
 from skyguard.policy.model import Policy
+from skyguard.timeouts import within
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ class AppsService:
             for server in entry[1]:
                 server.close()
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(server.wait_closed(), 2)
+                    await within(server.wait_closed(), 2)
 
     async def _sweep(self) -> None:
         """Expire sessions; re-check at the issuer the sessions that hold WebSockets (a request

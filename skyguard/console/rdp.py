@@ -33,6 +33,7 @@ import signal
 from pathlib import Path
 
 from skyguard.errors import AdminError
+from skyguard.timeouts import within
 
 log = logging.getLogger("skyguard.console")
 
@@ -103,7 +104,7 @@ class RdpDesktop:
             os.close(write_fd)
             xvnc_log.close()
         self._procs.append(xvnc)
-        self.display = await asyncio.wait_for(_read_display(read_fd), START_TIMEOUT)
+        self.display = await within(_read_display(read_fd), START_TIMEOUT)
         await _run(["xauth", "-f", str(xauth), "add", f":{self.display}", ".", cookie])
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.work),
                "DISPLAY": f":{self.display}", "XAUTHORITY": str(xauth)}
@@ -123,7 +124,7 @@ class RdpDesktop:
         xfreerdp.stdin.close()
         self._password = b""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(xfreerdp.wait(), SETTLE)
+            await within(xfreerdp.wait(), SETTLE)
         if xfreerdp.returncode is not None:
             raise AdminError(f"the RDP client could not connect to {self.address}:{self.port}: {self._why()}")
         reader, writer = await asyncio.open_unix_connection(str(self.socket))

@@ -23,6 +23,7 @@ from skyguard.console.recording import VncRecording
 from skyguard.console.tickets import Ticket
 from skyguard.errors import SkyguardError
 from skyguard.policy.console import ConsoleTarget
+from skyguard.timeouts import within
 
 log = logging.getLogger("skyguard.console")
 
@@ -59,7 +60,7 @@ class ConsoleSession:
     async def run(self) -> None:
         try:
             try:
-                vm = await asyncio.wait_for(self._admit(), HANDSHAKE_TIMEOUT)
+                vm = await within(self._admit(), HANDSHAKE_TIMEOUT)
             except TimeoutError:
                 raise rfb.RfbError("the VNC login took too long") from None
             if vm is None:
@@ -184,8 +185,7 @@ class ConsoleSession:
             r, w = await self.rdp.start()
         else:
             password = credential
-            r, w = await asyncio.wait_for(asyncio.open_connection(address, target.port),
-                                          self.proxy.config.connect_timeout)
+            r, w = await within(asyncio.open_connection(address, target.port), self.proxy.config.connect_timeout)
         self.vm_w = w
         if rfb.parse_version(await r.readexactly(12)) < (3, 8):
             # Also how a VNC server refuses a connection at once (RFB 3.3: type 0 and a reason).

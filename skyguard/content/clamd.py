@@ -30,6 +30,7 @@ import struct
 from dataclasses import dataclass
 
 from skyguard.content.errors import ContentError
+from skyguard.timeouts import within
 
 # Largest chunk put in one INSTREAM frame. clamd accepts up to StreamMaxLength per stream; big
 # frames only cost clamd memory, small ones per-frame overhead: 64 KiB is what clamdscan uses.
@@ -95,7 +96,7 @@ class ClamdStream:
 
     async def _timed(self, awaitable):
         try:
-            return await asyncio.wait_for(awaitable, self._remaining())
+            return await within(awaitable, self._remaining())
         except TimeoutError:
             raise ClamdUnavailable(f"clamd did not answer within {self.deadline:g}s") from None
 

@@ -30,6 +30,7 @@ from skyguard.errors import CredentialError
 from skyguard.keys.tlskey import certificate_of, install_key
 from skyguard.keys.types import KeyCustodyError
 from skyguard.policy.model import Policy, TlsTermination
+from skyguard.timeouts import within
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ class TlsTerminator:
         try:
             target = _pick_address(writer.get_extra_info("socket"), addresses)
             try:
-                vm_reader, vm_writer = await asyncio.wait_for(
+                vm_reader, vm_writer = await within(
                     asyncio.open_connection(target, termination.forward_to), CONNECT_TIMEOUT)
             except (TimeoutError, OSError):
                 result = "vm_unreachable"
@@ -231,7 +232,7 @@ async def _splice(client_reader, client_writer, vm_reader, vm_writer, idle_timeo
     async def pump(reader, writer):
         try:
             while True:
-                data = await asyncio.wait_for(reader.read(CHUNK), idle_timeout)
+                data = await within(reader.read(CHUNK), idle_timeout)
                 if not data:
                     break
                 writer.write(data)

@@ -44,6 +44,7 @@ from skyguard.dns.learned import StateWriter
 from skyguard.dns.listeners import ClientUdp, ClientUdp6
 from skyguard.dns.resolver import Decision, DnsPolicyResolver, fit_udp
 from skyguard.errors import DnsError
+from skyguard.timeouts import within
 
 DEFAULT_PORT = 5353  # where steering redirects VM queries (never 53: the host may run a resolver)
 UPSTREAM_TIMEOUT = 2.0  # seconds per upstream before trying the next one
@@ -273,12 +274,12 @@ class DnsServer:
         try:
             for _ in range(TCP_MAX_QUERIES):
                 try:
-                    prefix = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_TIMEOUT)
+                    prefix = await within(reader.readexactly(2), TCP_IDLE_TIMEOUT)
                     (length,) = struct.unpack("!H", prefix)
                     if length == 0 or length > MAX_QUERY_SIZE:
                         self.metrics.dropped.labels("tcp-size").inc()
                         return
-                    data = await asyncio.wait_for(reader.readexactly(length), TCP_READ_TIMEOUT)
+                    data = await within(reader.readexactly(length), TCP_READ_TIMEOUT)
                 except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
                     return
                 decision = self.resolver.decide(data, client_ip)
@@ -293,7 +294,7 @@ class DnsServer:
                     reply = await self.resolve(decision)
                 writer.write(struct.pack("!H", len(reply)) + reply)
                 try:  # a client that never reads must not hold its connection and buffers
-                    await asyncio.wait_for(writer.drain(), TCP_READ_TIMEOUT)
+                    await within(writer.drain(), TCP_READ_TIMEOUT)
                 except TimeoutError:
                     writer.transport.abort()  # what it did not read is dropped, not kept
                     return
@@ -583,7 +584,7 @@ class DnsServer:
                 writer.close()
 
         try:
-            data = await asyncio.wait_for(exchange(), self.upstream_timeout)
+            data = await within(exchange(), self.upstream_timeout)
         except asyncio.IncompleteReadError:
             return None, None
         answer = self.resolver.answer(decision, data)

@@ -56,6 +56,7 @@ from skyguard.fleet.witnessing import (
     republish_alerts,
     unproven_witnesses,
 )
+from skyguard.timeouts import within
 from skyguard.tlog.checkpoint import Checkpoint, Verifier, parse_and_verify
 from skyguard.tlog.cosign import (
     COSIGNED_DIR,
@@ -162,7 +163,7 @@ class FleetAgent:
         self._tasks.clear()
         if self.lease:
             try:
-                await asyncio.wait_for(self.store.revoke(self.lease), 2)
+                await within(self.store.revoke(self.lease), 2)
             except (TimeoutError, FleetError):
                 pass   # the lease expires by itself
         await self.store.close()

@@ -50,6 +50,7 @@ from skyguard.credproxy.fairness import Slots
 from skyguard.keys import api
 from skyguard.keys.types import KeyInputRefused, KeyOperationRefused, verify_signature
 from skyguard.parts import Degraded, record_or_report
+from skyguard.timeouts import within
 
 log = logging.getLogger("skyguard.keys")
 
@@ -228,7 +229,7 @@ class CryptoProxy:
             event = conn.next_event()
             if event is h11.NEED_DATA:
                 timeout = IDLE_TIMEOUT if request is None and not body else REQUEST_TIMEOUT
-                data = await asyncio.wait_for(reader.read(65536), timeout)
+                data = await within(reader.read(65536), timeout)
                 if deadline is None:
                     deadline = time.monotonic() + REQUEST_TIMEOUT
                 elif time.monotonic() > deadline:

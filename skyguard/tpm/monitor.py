@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from skyguard.errors import SkyguardError
+from skyguard.timeouts import within
 from skyguard.tpm import quote
 from skyguard.tpm.device import Tpm, TpmConfig
 
@@ -100,7 +101,7 @@ class AttestationMonitor:
     async def _run(self) -> None:
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.period_s)
+                await within(self._wake.wait(), timeout=self.period_s)
                 await asyncio.sleep(CHANGE_DELAY_S)
             except TimeoutError:
                 pass

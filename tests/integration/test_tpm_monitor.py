@@ -250,3 +250,33 @@ def test_a_damaged_event_log_stops_measuring_instead_of_failing_the_policy_load(
     hook.measure_policy("keysystems", GOOD_POLICY)  # must not raise
     assert not hook.available and hook.problem
 
+
+
+def test_a_monitor_stopped_just_as_a_change_wakes_it_stops(daemon_like):
+    # The daemon stops its parts by cancelling their tasks. Before the fix the monitor waited for
+    # a change with asyncio.wait_for, which on Python 3.11 drops a cancellation that arrives just
+    # as the wait is answered: the monitor went on quoting and its stop() never returned (the
+    # daemon's shutdown hung on it). The stop is sent at each point after a change in turn.
+    emu, state, writer, record = daemon_like
+    hook = DaemonTpm(state, record=record)
+    launch(hook, writer.signer.verifier.vkey())
+
+    async def scenario():
+        hung = []
+        for point in range(10):
+            monitor = hook.monitor(None, period_s=3600)   # only the first quote and changes
+            await monitor.start()
+            await wait_for(lambda monitor=monitor: monitor.last)
+            await asyncio.sleep(0.1)   # back to waiting for a change
+            monitor.changed()
+            for _ in range(point):
+                await asyncio.sleep(0)
+            stop = asyncio.create_task(monitor.stop())
+            _, pending = await asyncio.wait({stop}, timeout=5)
+            if pending:
+                hung.append(point)
+                await monitor.stop()   # a second cancellation, while it quotes or sleeps
+                await stop
+        return hung
+
+    assert asyncio.run(scenario()) == []
