@@ -3,8 +3,9 @@
 cosigning throughput per host.
 
 Three full daemons, each `skyguard up` in its own lab (host namespace, state, control socket, pin
-dir) and joined with `skyguard fleet join` to a real 3-member etcd cluster on loopback (as in
-tests/integration/test_fleet_daemons.py, whose harness this reuses). In each lab a prober in VM
+dir) and joined with `skyguard fleet join` to a real 3-member etcd cluster on loopback once each
+pinned the others' keys (`fleet identity`, `fleet trust`), as in tests/integration/test_fleet_daemons.py,
+whose harness this reuses. In each lab a prober in VM
 web1 opens a new TCP connection to db1:7000 every ~20 ms (50 ms timeout) and prints the verdict
 with a timestamp. 20 pushes alternate a policy that allows that flow and one that does not; a
 push is enforced on a host at the first probe after the push that shows the new verdict, and on
@@ -124,7 +125,7 @@ def cosign_rate(work: Path, seconds: float = 3.0) -> float:
 
 
 def main() -> None:
-    from test_fleet_daemons import FleetHost, cli, policy_text
+    from test_fleet_daemons import FleetHost, cli, pin_each_other, policy_text
 
     from skyguard.fleet.admin import push_policy
     from skyguard.fleet.etcd import EtcdStore
@@ -146,6 +147,8 @@ def main() -> None:
             for host in hosts:
                 progress(f"starting lab and daemon {host.name}")
                 host.start_daemon()
+            pin_each_other(hosts, work)   # what an operator does before the hosts witness each other
+            for host in hosts:
                 host.start_join(cluster.endpoints, admin_vkey)
             probers = [Prober(h.lab) for h in hosts]
             store = EtcdStore(cluster.endpoints)

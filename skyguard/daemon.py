@@ -57,7 +57,7 @@ class Daemon:
     def __init__(self, policy_path: Path, state_dir: Path | None = None, metrics_addr: str | None = None,
                  upstream_ca: str | None = None, fleet: dict | None = None):
         self.policy_path = Path(policy_path)
-        self.fleet = fleet  # {"etcd", "name", "admin_keys"} (skyguard/fleet/daemon_hook.py), or None
+        self.fleet = fleet  # {"etcd", "name", "admin_keys", "trust_first_use"} (skyguard/fleet/daemon_hook.py), or None
         self.upstream_ca = upstream_ca  # CA bundle for the credential proxy's upstream TLS (default: system)
         self.state_dir = Path(state_dir or config.STATE_DIR)
         self.metrics_addr = metrics_addr

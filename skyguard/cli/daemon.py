@@ -30,8 +30,12 @@ STARTING_TIMEOUT_S = 300  # how long `down` waits for a starting daemon: loading
 @click.option("--fleet-admin-key", "fleet_admin_keys", multiple=True, metavar="VKEY|FILE",
               envvar="SKYGUARD_FLEET_ADMIN_KEY",
               help="Admin verifier key (or a file of them): only policies one signed are applied.")
+@click.option("--fleet-trust-first-use", is_flag=True,
+              help="Witness each fleet member under the keys it first shows in etcd, not only those pinned "
+                   "with `skyguard fleet trust` (anyone who can write etcd can then add a member).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def up(policy_path, state_dir, metrics_addr, upstream_ca, fleet_etcd, fleet_name, fleet_admin_keys, verbose):
+def up(policy_path, state_dir, metrics_addr, upstream_ca, fleet_etcd, fleet_name, fleet_admin_keys,
+       fleet_trust_first_use, verbose):
     """Run the daemon in the foreground (systemd-friendly: logs to stderr, stops on SIGTERM).
 
     Attaches to every workload interface of the policy that exists and to each that appears
@@ -53,7 +57,7 @@ def up(policy_path, state_dir, metrics_addr, upstream_ca, fleet_etcd, fleet_name
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     require_privileges("skyguard up")
-    fleet = fleet_options(fleet_etcd, fleet_name, fleet_admin_keys)  # BadInput before anything starts
+    fleet = fleet_options(fleet_etcd, fleet_name, fleet_admin_keys, fleet_trust_first_use)  # BadInput before start
     Daemon(policy_path, state_dir=state_dir or config.STATE_DIR,
            metrics_addr=None if metrics_addr == "off" else metrics_addr, upstream_ca=upstream_ca,
            fleet=fleet).run()

@@ -33,6 +33,8 @@ def fleet():
       skyguard fleet admin-key admin.pem > admin.vkey       once, on the admin's machine
       skyguard up --policy p.yaml --fleet-etcd http://10.0.0.1:2379 --fleet-name host1 \\
                   --fleet-admin-key admin.vkey
+      skyguard fleet identity --name host1 > host1.json     on host1, once it runs
+      skyguard fleet trust host1 --key host1.json           on every other host
       skyguard fleet policy push new.yaml --sign-key admin.pem --etcd http://10.0.0.1:2379
       skyguard fleet status --etcd http://10.0.0.1:2379 --json
     """
@@ -68,8 +70,11 @@ def admin_key(path, name):
 @etcd_option
 @click.option("--name", required=True, help="This host's name in the fleet (unique).")
 @admin_key_option
+@click.option("--trust-first-use", is_flag=True,
+              help="Witness each member under the keys it first shows in etcd, not only those pinned with "
+                   "`skyguard fleet trust` (anyone who can write etcd can then add a member).")
 @state_dir_option
-def join(etcd, name, admin_keys, state_dir):
+def join(etcd, name, admin_keys, trust_first_use, state_dir):
     """Join the fleet beside a running daemon (`skyguard up`), until stopped: register under a
     lease, publish status and keys, apply signed policies through the daemon's control socket,
     witness peers' logs, and write fleet events (a tamper alert among them) to the daemon's
@@ -127,7 +132,7 @@ def join(etcd, name, admin_keys, state_dir):
         pending.put((kind, fields))
 
     agent = FleetAgent(EtcdStore(etcd), check_member_name(name), state, admins, apply=apply,
-                       local_status=local_status, record=record)
+                       local_status=local_status, record=record, trust_first_use=trust_first_use)
 
     async def run():
         await agent.start()
@@ -202,6 +207,85 @@ def clear_alert(peer, state_dir):
     click.echo(f"asked the fleet agent to clear the alert on {peer}; it does at its next round")
 
 
+@fleet.command("identity")
+@click.option("--name", required=True, help="This host's name in the fleet (as given to `up` or `join`).")
+@state_dir_option
+def identity(name, state_dir):
+    """Print this host's fleet identity (its log origin, log key and witness key: public) as one
+    line of JSON, for `skyguard fleet trust NAME --key FILE` on every other host. The daemon
+    must have started once (its log names the origin).
+
+    \b
+    Example:
+      skyguard fleet identity --name host1 > host1.json
+    """
+    from skyguard.errors import BadInput, LogError
+    from skyguard.fleet.signing import check_member_name
+    from skyguard.tlog.cosign import Cosigner, load_or_create_witness_key
+    from skyguard.tlog.hostkey import host_signer
+    from skyguard.tlog.reader import LogReader
+
+    state = Path(state_dir or config.STATE_DIR)
+    check_member_name(name)
+    try:
+        origin = LogReader(state / "log").origin
+        log_vkey = host_signer(state, create=False).verifier.vkey()
+    except (LogError, OSError, KeyError, ValueError) as e:
+        raise BadInput(f"no log of a started daemon in {state} ({e}): start `skyguard up` first") from None
+    witness = Cosigner(f"{name}.skyguard/witness", load_or_create_witness_key(state))   # as the agent names it
+    click.echo(json.dumps({"name": name, "origin": origin, "log_vkey": log_vkey, "witness_vkey": witness.verifier.vkey()}))
+
+
+@fleet.command("trust")
+@click.argument("peer")
+@click.option("--key", "key_file", required=True, type=click.File("r"),
+              help="The peer's identity, as `skyguard fleet identity` printed it on the peer (- for stdin).")
+@state_dir_option
+def trust_peer(peer, key_file, state_dir):
+    """Pin PEER's keys on this host: only then is it witnessed, and its cosignatures and alerts
+    count here (and in `fleet status` and `log verify --witnesses` run with this state dir). A
+    member no one pinned is listed as unverified. Pinned keys are never replaced: a peer that
+    presents others is alerted on (`fleet untrust` first if they really changed).
+
+    \b
+    Example:
+      skyguard fleet trust host2 --key host2.json
+    """
+    from skyguard.errors import BadInput, LogError
+    from skyguard.fleet.peers import trust
+    from skyguard.tlog.reader import LogReader
+
+    state = Path(state_dir or config.STATE_DIR)
+    try:
+        identity = json.loads(key_file.read(65536))
+    except ValueError:
+        raise BadInput("the --key file is not the JSON `skyguard fleet identity` prints") from None
+    try:
+        own = LogReader(state / "log").origin
+    except (LogError, OSError, KeyError, ValueError):
+        own = None
+    pin = trust(state, peer, identity, own_origin=own)
+    click.echo(f"pinned {peer}: log origin {_cell(pin['origin'])}")
+
+
+@fleet.command("untrust")
+@click.argument("peer")
+@state_dir_option
+def untrust_peer(peer, state_dir):
+    """Forget PEER's pinned keys on this host: it is unverified from then on.
+
+    \b
+    Example:
+      skyguard fleet untrust host2
+    """
+    from skyguard.errors import BadInput
+    from skyguard.fleet.peers import untrust
+
+    if not untrust(Path(state_dir or config.STATE_DIR), peer):
+        raise BadInput(f"no keys of {peer!r} are pinned here")
+    click.echo(f"forgot {peer}'s keys")
+
+
 @fleet.command("status")
 @etcd_option
 @admin_key_option
@@ -209,22 +293,23 @@ def clear_alert(peer, state_dir):
 @json_option
 def status(etcd, admin_keys, state_dir, as_json):
     """Per host: policy hash and revision, heartbeat age, log size, cosignatures given and
-    received, alerts. An alert is shown as the fleet's (ALERT) only when this host raised it or
-    a host key it pinned signed it (read from its state dir): anyone who can write etcd can
-    write an alert record, listed apart as UNVERIFIED.
+    received, alerts, as this host sees it (its state dir): anyone who can write etcd can add a
+    member, a cosignature or an alert record. A member whose keys are not pinned here (`fleet
+    trust`) is marked UNVERIFIED, and so are cosignatures by witness keys not pinned here; an
+    alert is shown as the fleet's (ALERT) only when this host raised it or a host key pinned here
+    signed it, the rest listed apart as UNVERIFIED.
 
     \b
     Examples:
       skyguard fleet status --etcd http://10.0.0.1:2379
       skyguard fleet status --etcd http://10.0.0.1:2379 --json | jq '.members[].policy'
     """
-    from skyguard.fleet.admin import fleet_view
+    from skyguard.fleet.admin import fleet_view, local_trust
     from skyguard.fleet.etcd import EtcdStore
     from skyguard.fleet.signing import load_admin_verifiers
-    from skyguard.fleet.witnessing import alert_trust
 
-    own_alerts, host_keys = alert_trust(Path(state_dir or config.STATE_DIR))
-    view = asyncio.run(fleet_view(EtcdStore(etcd), load_admin_verifiers(admin_keys), own_alerts, host_keys))
+    trust = local_trust(Path(state_dir or config.STATE_DIR))
+    view = asyncio.run(fleet_view(EtcdStore(etcd), load_admin_verifiers(admin_keys), trust))
     if as_json:
         emit_json(view)
         return
@@ -241,7 +326,10 @@ def status(etcd, admin_keys, state_dir, as_json):
                    f"{_cell(m.get('heartbeat_age_s', '?')):>5}s {_cell(_field(m, 'log').get('size')):>8} "
                    f"{_cell(_field(m, 'cosignatures').get('given', 0)):>6} {_cell(witnessed):<24} "
                    f"{len(alerts) if isinstance(alerts, list) else _cell(alerts)}"
-                   + (f"  ({_cell(m['problem'])})" if "problem" in m else ""))
+                   + (f"  ({_cell(m['problem'])})" if "problem" in m else "")
+                   + (f"  [{m['trust']}]" if m["trust"].startswith("UNVERIFIED") else "")
+                   + (f"  [{m['witnessed_by_unverified']} cosignatures by witnesses not pinned here]"
+                      if m["witnessed_by_unverified"] else ""))
     for alert in view["alerts"]:
         click.echo(f"ALERT: {_cell(alert.get('witness'))} refuses to cosign {_cell(alert.get('peer'))}: "
                    f"{_cell(alert.get('problem'))} ({_cell(alert.get('verified'))})")

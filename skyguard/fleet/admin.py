@@ -1,20 +1,32 @@
 """What an operator does to the fleet from anywhere that reaches the store: push a signed
-policy, and read the fleet's view (members, their status, cosignatures, alerts: only those the
-host running it raised or a host key it pinned signed are the fleet's, the rest unverified).
+policy, and read the fleet's view as a host sees it (`Trust`: what its state dir vouches for).
+Members no operator pinned there are unverified, and so are cosignatures not made by a witness
+key pinned there; alerts are the fleet's only when that host raised them or a host key pinned
+there signed them, the rest unverified.
 
 Not here: what a host does with a pushed policy (agent.py).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
+from skyguard.errors import SkyguardError
 from skyguard.fleet import keys
+from skyguard.fleet.peers import by_operator, keys_of
 from skyguard.fleet.signing import SignedPolicy, open_policy, sign_policy
 from skyguard.fleet.store import FleetError, Store, load_value
-from skyguard.fleet.witnessing import open_alert
+from skyguard.fleet.witnessing import load_alerts, open_alert
 from skyguard.tlog.checkpoint import Signer, Verifier
+from skyguard.tlog.cosign import PEERS_FILE, CosignerVerifier
+from skyguard.tlog.errors import BadLogInput, VerificationError
+
+log = logging.getLogger("skyguard.fleet")
 
 
 async def push_policy(store: Store, text: str, signer: Signer, hosts: tuple[str, ...] = ("*",)) -> SignedPolicy:
@@ -58,19 +70,103 @@ def _revision_of(value: bytes) -> int:
     return 0
 
 
-async def fleet_view(store: Store, admins=None, own_alerts: dict[str, dict] | None = None,
-                     host_keys: dict[str, Verifier] | None = None) -> dict:
-    """{members: {name: status + heartbeat_age_s + cosignatures received}, policy, alerts,
-    unverified_alerts}. `alerts` are the fleet's: `own_alerts` (those the host running this
-    raised, from its state dir) and those signed by a host key of `host_keys` (witness name ->
-    its log key, pinned by that host); every other alert record of the store, which anyone who
-    can write it could have put there, is in `unverified_alerts` (at most MAX_UNVERIFIED)."""
+@dataclass
+class Trust:
+    """What a host's state dir vouches for: the alerts it raised (by peer), the peers' keys an
+    operator pinned there, and its own keys when it has them (log_vkey; witness_key: the last
+    part of its witness's vkey, which does not depend on the member name)."""
+
+    own_alerts: dict[str, dict] = field(default_factory=dict)
+    pins: dict[str, dict] = field(default_factory=dict)
+    own: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def host_keys(self) -> dict[str, Verifier]:
+        """{peer: its log key, which signs its alerts}."""
+        found = {}
+        for peer, pin in self.pins.items():
+            try:
+                found[peer] = Verifier.from_vkey(pin["log_vkey"])
+            except (BadLogInput, KeyError, TypeError, ValueError):
+                continue
+        return found
+
+
+def local_trust(state_dir: Path) -> Trust:
+    """The Trust of the state dir `state_dir` (empty parts where it holds none)."""
+    from skyguard.tlog.cosign import WITNESS_KEY_FILE, Cosigner, load_or_create_witness_key
+    from skyguard.tlog.hostkey import host_signer, key_path
+
+    path, pins, own = Path(state_dir) / PEERS_FILE, {}, {}
+    try:
+        kept = json.loads(path.read_text()) if path.is_file() else {}
+        pins = {peer: keys_of(pin) for peer, pin in kept.items() if by_operator(pin)} if isinstance(kept, dict) else {}
+    except (OSError, ValueError) as e:
+        log.error("the peers' keys pinned in %s are unreadable (%s)", path, e)
+    try:
+        if key_path(state_dir).is_file():
+            own["log_vkey"] = host_signer(state_dir, create=False).verifier.vkey()
+        if (Path(state_dir) / WITNESS_KEY_FILE).is_file():
+            # its public key as a vkey ends with it, whatever the witness's name
+            own["witness_key"] = Cosigner("x", load_or_create_witness_key(state_dir)).verifier.vkey().rpartition("+")[2]
+    except (SkyguardError, OSError, ValueError) as e:
+        log.error("this host's keys in %s are unreadable (%s)", state_dir, e)
+    return Trust(load_alerts(state_dir), pins, own)
+
+
+def member_trust(name: str, status: dict, trust: Trust) -> str:
+    """How far `trust` vouches for the member record `status` of `name`."""
+    pin = trust.pins.get(name)
+    if pin is not None:
+        return "pinned here" if keys_of(status) == pin else "UNVERIFIED: presents other keys than pinned here"
+    if trust.own.get("log_vkey") and status.get("log_vkey") == trust.own["log_vkey"]:
+        return "this host"
+    return "UNVERIFIED: not pinned here"
+
+
+def _witness_key(witness: str, view: dict, trust: Trust) -> CosignerVerifier | None:
+    """The key that vouches for `witness`'s cosignatures: pinned here, or this host's own (for
+    the member that presents it)."""
+    vkey = (trust.pins.get(witness) or {}).get("witness_vkey")
+    record = view["members"].get(witness) or {}
+    if (vkey is None and record.get("trust") == "this host" and isinstance(record.get("witness_vkey"), str)
+            and record["witness_vkey"].rpartition("+")[2] == trust.own.get("witness_key")):
+        vkey = record["witness_vkey"]
+    try:
+        return CosignerVerifier.from_vkey(vkey) if isinstance(vkey, str) else None
+    except (BadLogInput, ValueError):
+        return None
+
+
+def _cosigned(log_name: str, witness: str, value: bytes, view: dict, trust: Trust) -> int | None:
+    """The size of `log_name`'s checkpoint the record `value` shows cosigned by `witness`, if a
+    witness key known here made it for the origin that log presents; else None."""
+    verifier = _witness_key(witness, view, trust)
+    origin = (trust.pins.get(log_name) or view["members"].get(log_name) or {}).get("origin")
+    if verifier is None or origin is None:
+        return None
+    try:
+        checkpoint, _ = verifier.verify(load_value(value)["note"])
+    except (ValueError, KeyError, TypeError, BadLogInput, VerificationError):
+        return None
+    return checkpoint.size if checkpoint.origin == origin else None
+
+
+async def fleet_view(store: Store, admins=None, trust: Trust | None = None) -> dict:
+    """{members: {name: status + heartbeat_age_s + trust + cosignatures received}, policy,
+    alerts, unverified_alerts}, as the host whose `trust` is given sees it. A member's
+    `witnessed_by` holds the cosignatures made by a witness key known there (pinned, or its
+    own), `witnessed_by_unverified` counts the others. `alerts` are the fleet's: those the host
+    raised and those signed by a host key pinned there; every other alert record of the store,
+    which anyone who can write it could have put there, is in `unverified_alerts` (at most
+    MAX_UNVERIFIED)."""
+    trust = trust or Trust()
     members, revision = await store.get_prefix(keys.MEMBERS)
     cosigs, _ = await store.get_prefix(keys.COSIGNATURES)
     alerts, _ = await store.get_prefix(keys.ALERTS)
     now = time.time()
     view: dict = {"revision": revision, "members": {}, "alerts": [], "unverified_alerts": [], "policy": None,
-                  "host_keys_known": sorted(host_keys or {})}
+                  "host_keys_known": sorted(trust.pins)}
     # Each host writes its own record (and any alert): what one writes must not stop the view
     # of the others, so a record of the wrong shape is shown as such, never raised.
     for item in members:
@@ -85,17 +181,20 @@ async def fleet_view(store: Store, admins=None, own_alerts: dict[str, dict] | No
         except (ValueError, TypeError, OverflowError):
             age = None
         status["heartbeat_age_s"] = age if age is not None and math.isfinite(age) else None
-        status["witnessed_by"] = {}
-        view["members"][item.key[len(keys.MEMBERS):]] = status
+        status["witnessed_by"], status["witnessed_by_unverified"] = {}, 0
+        name = item.key[len(keys.MEMBERS):]
+        status["trust"] = member_trust(name, status, trust)
+        view["members"][name] = status
     for item in cosigs:
         log_name, _, witness = item.key[len(keys.COSIGNATURES):].partition("/")
-        try:
-            size = int(load_value(item.value).get("size", 0))
-        except (ValueError, TypeError, AttributeError, OverflowError):
+        if log_name not in view["members"]:
             continue
-        if log_name in view["members"]:
+        size = _cosigned(log_name, witness, item.value, view, trust)
+        if size is None:
+            view["members"][log_name]["witnessed_by_unverified"] += 1
+        else:
             view["members"][log_name]["witnessed_by"][witness] = size
-    _alerts(view, alerts, own_alerts or {}, host_keys or {})
+    _alerts(view, alerts, trust.own_alerts, trust.host_keys)
     item, _ = await store.get(keys.POLICY)
     if item is not None:
         try:

@@ -22,7 +22,8 @@ exception that stops the agent.
 
 Not here: the store protocol (etcd.py), signatures (signing.py, tlog/cosign.py), the split-view
 check against other witnesses' cosignatures (witnessing.py), the checkpoint this host publishes
-(publisher.py), the peers' keys pinned at first sight (peers.py).
+(publisher.py), the peers' keys pinned (peers.py): a member no operator pinned here is not
+witnessed, and its cosignatures count for nothing (unless first-sight pinning is on).
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ class FleetAgent:
                  apply: Callable[[str, str], str], local_status: Callable[[], dict],
                  record: Callable[..., None], registry=None, period: float = PERIOD_S,
                  log_dir: Path | None = None, head_note: Callable[[], str | None] | None = None,
-                 max_peer_labels: int | None = None):
+                 max_peer_labels: int | None = None, trust_first_use: bool = False):
         from skyguard.fleet.metrics import MAX_PEER_LABELS, FleetMetrics
         from skyguard.tlog.hostkey import host_signer
 
@@ -120,10 +121,11 @@ class FleetAgent:
         self.log_signer = host_signer(self.state_dir)   # signs the proofs it publishes (witnessing.py)
         self.log_vkey = self.log_signer.verifier.vkey()
         self.publisher = CheckpointPublisher(self.log_dir, self.log_signer, head_note)
-        self.pins = PeerPins(self.state_dir)
+        self.metrics = FleetMetrics(registry, max_peer_labels or MAX_PEER_LABELS, known=lambda p: p in self.pins.all())
+        self.pins = PeerPins(self.state_dir, trust_first_use, dropped=self.metrics.pins_dropped.inc)
         self.cosigner = Cosigner(f"{name}.skyguard/witness", load_or_create_witness_key(self.state_dir))
         self.witness = Witness(self.dir / "witness", self.cosigner)
-        self.metrics = FleetMetrics(registry, max_peer_labels or MAX_PEER_LABELS, known=lambda p: p in self.pins.all())
+        self.members: set[str] = set()          # the store's members (not this host) last round
         self.revision: int = 0
         self.policy_sha: str | None = None
         self.store_ok: bool | None = None
@@ -364,8 +366,8 @@ class FleetAgent:
         sizes = set(self.received.values())   # a witness's size offered a proof even if deleted from the store
         for item in items:
             witness_name = item.key.rsplit("/", 1)[-1]
-            # The key pinned at first sight, not whatever the store says today.
-            record = self.pins.all().get(witness_name) or peers.get(witness_name)
+            # The key pinned here, not whatever the store says today.
+            record = self.pins.all().get(witness_name) or (peers.get(witness_name) if self.pins.first_sight else None)
             if not record:
                 continue
             try:
@@ -403,7 +405,8 @@ class FleetAgent:
             await self._clear_alert(peer)
             request.unlink(missing_ok=True)
         await republish_alerts(self.store, self.name, self.alert_records, self.log_signer)
-        # 4. Cosign each peer's checkpoint.
+        # 4. Cosign each peer's checkpoint (those pinned here: metrics.round counts the others).
+        self.members = set(peers)
         for peer, record in sorted(peers.items()):
             await self._cosign_peer(peer, record, checkpoints.get(keys.checkpoint(peer)),
                                     cosignatures.get(peer, []),
@@ -421,7 +424,7 @@ class FleetAgent:
         """Cosign the checkpoint `item` (the store's record under checkpoints/<peer>) if it
         extends what this witness cosigned of that log and what the others did (`cosignatures`:
         the store's records under cosignatures/<peer>/)."""
-        if item is None:
+        if item is None or not (self.pins.first_sight or peer in self.pins.all()):
             return
         if not peer_keys(record):   # never pinned: peers.json holds only short printable text
             if peer in self.pins.all() and any(record.get(name) is not None for name in
@@ -435,7 +438,7 @@ class FleetAgent:
             published = load_value(item.value)
             note = published["note"]
             proofs = published.get("proofs") or {}
-            changed = self.pins.pin(peer, record)
+            changed = self.pins.check(peer, record, self.members)
             if changed:
                 raise Tamper(changed)
             verifier = Verifier.from_vkey(record["log_vkey"])

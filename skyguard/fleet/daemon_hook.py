@@ -13,9 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def make_fleet_agent(daemon, registry, etcd: str, name: str, admin_keys: list[str]):
+def make_fleet_agent(daemon, registry, etcd: str, name: str, admin_keys: list[str], trust_first_use: bool = False):
     """The FleetAgent part for `daemon` (skyguard.daemon.Daemon), joining etcd at `etcd` as
-    `name` and applying only policies signed by one of `admin_keys` (vkeys or files)."""
+    `name` and applying only policies signed by one of `admin_keys` (vkeys or files); peers
+    pinned at first sight too when `trust_first_use` (peers.py)."""
     from skyguard.fleet.agent import FleetAgent
     from skyguard.fleet.etcd import EtcdStore
     from skyguard.fleet.signing import check_member_name, load_admin_verifiers
@@ -38,12 +39,12 @@ def make_fleet_agent(daemon, registry, etcd: str, name: str, admin_keys: list[st
 
     return FleetAgent(EtcdStore(etcd), check_member_name(name), Path(daemon.state_dir),
                       load_admin_verifiers(admin_keys), apply=apply, local_status=local_status,
-                      record=record, registry=registry,
+                      record=record, registry=registry, trust_first_use=trust_first_use,
                       head_note=lambda: daemon.tlog.latest_note() if daemon.tlog else None)
 
 
-def fleet_options(etcd: str | None, name: str | None, admin_keys) -> dict | None:
-    """`skyguard up --fleet-etcd/--fleet-name/--fleet-admin-key`, checked before the daemon
+def fleet_options(etcd: str | None, name: str | None, admin_keys, trust_first_use: bool = False) -> dict | None:
+    """`skyguard up --fleet-etcd/--fleet-name/--fleet-admin-key/--fleet-trust-first-use`, checked before the daemon
     starts (BadInput names what is wrong); None when no fleet is asked for."""
     from skyguard.errors import BadInput
     from skyguard.fleet.etcd import parse_endpoints
@@ -57,7 +58,7 @@ def fleet_options(etcd: str | None, name: str | None, admin_keys) -> dict | None
     parse_endpoints(etcd)
     check_member_name(name)
     load_admin_verifiers(list(admin_keys))
-    return {"etcd": etcd, "name": name, "admin_keys": list(admin_keys)}
+    return {"etcd": etcd, "name": name, "admin_keys": list(admin_keys), "trust_first_use": bool(trust_first_use)}
 
 
 def kept_fleet_policy(state_dir: Path, admin_keys) -> tuple[str, str] | None:

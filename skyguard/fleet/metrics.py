@@ -7,6 +7,10 @@ pinned here (its keys taken at first sight), and only while fewer than `max_peer
 others are counted (skyguard_fleet_peers_unlabelled now, skyguard_fleet_peer_labels_refused_total
 ever) and logged at most once a minute; their tamper and stale events count under the one label
 value UNLABELLED, which no member name can take, and so do the alerts this host holds on them.
+
+Members of the store whose keys no operator pinned here (peers.py) are not witnessed: counted
+(skyguard_fleet_peers_unpinned now, skyguard_fleet_unpinned_members_total ever) and named in a log
+line at most once a minute.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ class FleetMetrics:
         self._refused: set[str] = set()        # peers of the last round refused series
         self._alerted: set[str] = set()        # unlabelled peers this host holds an alert on
         self._logged = -REFUSED_LOG_S
+        self._unpinned: set[str] = set()       # members of the last round not pinned here
+        self._unpinned_logged = -REFUSED_LOG_S
         self.store_up = Gauge("skyguard_fleet_store_up", "1 while the fleet store (etcd) answers",
                               registry=registry)
         self.revision = Gauge("skyguard_fleet_policy_revision", "Revision of the fleet policy applied",
@@ -70,6 +76,13 @@ class FleetMetrics:
                                 registry=registry)
         self.labels_refused = Counter("skyguard_fleet_peer_labels_refused", "Peers refused per-peer series "
                                       "(each counted when it appears)", registry=registry)
+        self.unpinned = Gauge("skyguard_fleet_peers_unpinned", "Members in the store whose keys are not pinned "
+                              "here (`skyguard fleet trust`): not witnessed, their cosignatures and alerts "
+                              "count for nothing", registry=registry)
+        self.unpinned_seen = Counter("skyguard_fleet_unpinned_members", "Members not pinned here seen in the "
+                                     "store (each counted when it appears)", registry=registry)
+        self.pins_dropped = Counter("skyguard_fleet_first_sight_pins_dropped", "First-sight pins dropped or "
+                                    "refused over their cap (SKYGUARD_FLEET_MAX_FIRST_SIGHT_PINS)", registry=registry)
 
     def label(self, peer: str) -> str | None:
         """The peer's own label value, if it has (or may now take) series; else None."""
@@ -83,7 +96,18 @@ class FleetMetrics:
     def round(self, peers: Iterable[str]) -> None:
         """Once per witness round, with the store's current peers: each pinned one takes series
         while there is room; the others are counted and logged."""
-        refused = {peer for peer in sorted(peers) if self.label(peer) is None}
+        peers = sorted(peers)
+        unpinned = {peer for peer in peers if not self.known(peer)}
+        if unpinned - self._unpinned:
+            self.unpinned_seen.inc(len(unpinned - self._unpinned))
+        self._unpinned = unpinned
+        self.unpinned.set(len(unpinned))
+        if unpinned and time.monotonic() - self._unpinned_logged >= REFUSED_LOG_S:
+            self._unpinned_logged = time.monotonic()
+            log.warning("fleet: %d members in the store are not pinned here, so not witnessed and their "
+                        "cosignatures and alerts count for nothing (`skyguard fleet trust` pins one): %s",
+                        len(unpinned), ", ".join(sorted(unpinned)[:5]) + (", ..." if len(unpinned) > 5 else ""))
+        refused = {peer for peer in peers if self.label(peer) is None}
         if refused - self._refused:
             self.labels_refused.inc(len(refused - self._refused))
         self._refused = refused

@@ -1,48 +1,197 @@
-"""The peers' keys a host pinned at first sight: each peer's log origin, log key and witness key,
-kept in the state dir (tlog/cosign.py's PEERS_FILE, which `skyguard log verify --witnesses` and
-`skyguard fleet status` read too). Another key or origin later is a problem, never an update.
+"""The peers a host trusts: each peer's log origin, log key and witness key, pinned in the state
+dir (tlog/cosign.py's PEERS_FILE, which `skyguard log verify --witnesses` and `skyguard fleet
+status` read too). Another key or origin later is a problem, never an update.
+
+A peer is pinned by an operator: `skyguard fleet identity --name H` on host H prints its keys,
+`skyguard fleet trust H --key FILE` on each other host pins them (trust()). A member of the store
+that no one pinned here is unverified: not witnessed, its cosignatures and alerts count for
+nothing, whatever it wrote (whoever can write the store can register one). Pinning at first sight
+(the keys a member first shows in the store) happens only when the agent is told to
+(--fleet-trust-first-use); such pins count for the agent alone, never for `log verify` or `fleet
+status`, and at most MAX_FIRST_SIGHT of them are kept (those of peers gone from the store go first,
+counted; past that a new member is not pinned).
 
 Read again only when the file changed (its inode: it is replaced whole), not several times per
-peer and round: the agent is its one writer, but an operator may move it away.
+peer and round; every writer (the agent, `fleet trust`) holds a lock beside it.
 
 Not here: which records may be pinned (witnessing.peer_keys), the witness state (tlog/cosign.py).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from skyguard import fsutil
-from skyguard.tlog.cosign import PEERS_FILE
+from skyguard.errors import BadInput
+from skyguard.fleet.signing import check_member_name
+from skyguard.fleet.witnessing import peer_keys
+from skyguard.tlog.checkpoint import Verifier
+from skyguard.tlog.cosign import PEERS_FILE, PINNED_BY_OPERATOR, CosignerVerifier
+from skyguard.tlog.errors import BadLogInput
+
+log = logging.getLogger("skyguard.fleet")
+
+KEY_FIELDS = ("origin", "log_vkey", "witness_vkey")
+FIRST_SIGHT = "first sight"
+# First-sight pins kept (SKYGUARD_FLEET_MAX_FIRST_SIGHT_PINS): each is a member whoever writes the
+# store can make up.
+MAX_FIRST_SIGHT = int(os.environ.get("SKYGUARD_FLEET_MAX_FIRST_SIGHT_PINS", "256"))
+
+
+def keys_of(record: dict) -> dict:
+    return {name: record.get(name) for name in KEY_FIELDS}
+
+
+def by_operator(pin) -> bool:
+    return isinstance(pin, dict) and pin.get("pinned") == PINNED_BY_OPERATOR
 
 
 class PeerPins:
-    def __init__(self, state_dir: Path):
+    """`first_sight`: pin a member's keys when first seen (the opt-in); `dropped()` is called
+    for each first-sight pin dropped or refused over MAX_FIRST_SIGHT (a metric)."""
+
+    def __init__(self, state_dir: Path, first_sight: bool = False, max_first_sight: int | None = None,
+                 dropped: Callable[[], None] = lambda: None):
         self.path = Path(state_dir) / PEERS_FILE
+        self.first_sight = first_sight
+        self.max_first_sight = MAX_FIRST_SIGHT if max_first_sight is None else max_first_sight
+        self.dropped = dropped
         self._pins: dict = {}
+        self._trusted: dict = {}
         self._seen: tuple | None = None   # the file as last read: (inode, size, mtime), or () if none
 
-    def all(self) -> dict:
-        """{peer: {origin, log_vkey, witness_vkey}} (the caller must not change it)."""
+    def _read(self) -> dict:
         try:
             st = self.path.stat()
             now: tuple = (st.st_ino, st.st_size, st.st_mtime_ns)
         except FileNotFoundError:
             now = ()
         if now != self._seen:
-            self._pins = json.loads(self.path.read_text()) if now else {}
+            try:
+                pins = json.loads(self.path.read_text()) if now else {}
+            except (OSError, ValueError) as e:
+                log.error("fleet: the pinned peers in %s are unreadable (%s): none trusted", self.path, e)
+                pins = {}
+            self._pins = {peer: pin for peer, pin in pins.items() if isinstance(pin, dict)} if isinstance(pins, dict) else {}
+            self._trusted = {peer: pin for peer, pin in self._pins.items() if self.first_sight or by_operator(pin)}
             self._seen = now
         return self._pins
 
-    def pin(self, peer: str, record: dict) -> str | None:
-        """Pin `peer`'s keys from its member record if new; the problem if it presents others."""
-        pinned = self.all()
-        keys_now = {"origin": record.get("origin"), "log_vkey": record.get("log_vkey"),
-                    "witness_vkey": record.get("witness_vkey")}
-        if peer not in pinned:
-            fsutil.write_private(self.path, json.dumps({**pinned, peer: keys_now}, indent=1, sort_keys=True).encode())
+    def all(self) -> dict:
+        """{peer: {origin, log_vkey, witness_vkey, ...}} of the peers trusted here: pinned by an
+        operator, or at first sight when that is on (the caller must not change it)."""
+        self._read()
+        return self._trusted
+
+    def check(self, peer: str, record: dict, present: Iterable[str] = ()) -> str | None:
+        """The problem if trusted `peer` presents other keys in its member record than pinned;
+        a peer not trusted yet is pinned now when first sight is on (`present`: the store's
+        members now, whose first-sight pins are kept before those of peers gone)."""
+        pinned = self.all().get(peer)
+        if pinned is None:
+            if self.first_sight:
+                self._pin_first_sight(peer, record, set(present))
             return None
-        if pinned[peer] != keys_now:
-            return f"peer {peer} now presents other keys or origin than first seen ({pinned[peer]['origin']})"
+        if keys_of(pinned) != keys_of(record):
+            how = "pinned here" if by_operator(pinned) else "first seen"
+            return f"peer {peer} now presents other keys or origin than {how} ({pinned.get('origin')})"
         return None
+
+    def _pin_first_sight(self, peer: str, record: dict, present: set[str]) -> None:
+        with _locked(self.path):
+            self._seen = None
+            pins = dict(self._read())
+            if peer in pins:
+                return
+            first = sorted((pin.get("at", 0), name) for name, pin in pins.items() if not by_operator(pin))
+            if len(first) >= self.max_first_sight:
+                gone = [name for _, name in first if name not in present]
+                if not gone:
+                    self.dropped()
+                    log.warning("fleet: not pinning %s at first sight: %d first-sight pins already, all of "
+                                "members still in the store", peer, len(first))
+                    return
+                del pins[gone[0]]
+                self.dropped()
+                log.warning("fleet: first-sight pin of %s dropped (gone from the store) for %s", gone[0], peer)
+            pins[peer] = {**keys_of(record), "pinned": FIRST_SIGHT, "at": time.time()}
+            _write(self.path, pins)
+            self._seen = None
+
+
+def trust(state_dir: Path, name: str, identity: dict, own_origin: str | None = None) -> dict:
+    """Pin `identity` (as `fleet identity` prints it: name, origin, log_vkey, witness_vkey) as the
+    keys of peer `name` in `state_dir`; BadInput says why not. A first-sight pin of the same keys
+    becomes an operator's; one of other keys, or an operator's pin, is never replaced (`untrust`
+    first). `own_origin`: this host's log origin, which no peer may take."""
+    check_member_name(name)
+    if not isinstance(identity, dict) or not peer_keys(identity):
+        raise BadInput("a peer's identity is the JSON object `skyguard fleet identity` prints on it: "
+                       "origin, log_vkey and witness_vkey, each short printable text")
+    if identity.get("name", name) != name:
+        raise BadInput(f"this identity is {str(identity.get('name'))[:64]!r}'s, not {name!r}'s")
+    try:
+        Verifier.from_vkey(identity["log_vkey"])
+        CosignerVerifier.from_vkey(identity["witness_vkey"])
+    except (BadLogInput, ValueError) as e:
+        raise BadInput(f"the identity's keys are not a log key and a witness key: {e}"[:300]) from None
+    if identity["origin"] == own_origin:
+        raise BadInput(f"{identity['origin']!r} is this host's own log origin")
+    path = Path(state_dir) / PEERS_FILE
+    with _locked(path):
+        pins = _load(path)
+        holder = next((peer for peer, pin in sorted(pins.items())
+                       if peer != name and by_operator(pin) and pin.get("origin") == identity["origin"]), None)
+        if holder is not None:
+            raise BadInput(f"the log origin {identity['origin']!r} is pinned here for {holder}")
+        old = pins.get(name)
+        if old is not None and keys_of(old) != keys_of(identity):
+            raise BadInput(f"{name} is pinned here with other keys (origin {str(old.get('origin'))[:200]!r}); "
+                           f"`skyguard fleet untrust {name}` first if they really changed")
+        pins[name] = {**keys_of(identity), "pinned": PINNED_BY_OPERATOR, "at": time.time()}
+        _write(path, pins)
+    return pins[name]
+
+
+def untrust(state_dir: Path, name: str) -> bool:
+    """Forget peer `name`'s pinned keys; False if none were pinned."""
+    path = Path(state_dir) / PEERS_FILE
+    with _locked(path):
+        pins = _load(path)
+        if pins.pop(name, None) is None:
+            return False
+        _write(path, pins)
+    return True
+
+
+def _load(path: Path) -> dict:
+    try:
+        pins = json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:
+        raise BadInput(f"{path} is not JSON; move it away to pin peers anew") from None
+    return {peer: pin for peer, pin in pins.items() if isinstance(pin, dict)} if isinstance(pins, dict) else {}
+
+
+def _write(path: Path, pins: dict) -> None:
+    fsutil.write_private(path, json.dumps(pins, indent=1, sort_keys=True).encode())
+
+
+class _locked:
+    """The lock every writer of the pins file holds (a file beside it)."""
+
+    def __init__(self, path: Path):
+        self.path = path.with_name(path.name + ".lock")
+
+    def __enter__(self):
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc):
+        os.close(self.fd)

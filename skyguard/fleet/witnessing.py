@@ -20,7 +20,7 @@ the store whenever it is missing there, so whoever can write the store cannot er
 deleting its key, nor a restart make the host forget it. Each is published with a note by which
 the witness's host key signs it (alert_note): whoever can write the store can write an alert
 record too, so `fleet status` shows as the fleet's only the alerts its host raised and those a
-host key pinned there signed (open_alert); the rest is unverified. An operator clears one with `skyguard
+host key an operator pinned there signed (open_alert, admin.py); the rest is unverified. An operator clears one with `skyguard
 fleet clear-alert PEER` (request_clear): the agent takes the request at its next round, logs it
 in the signed log and drops the alert; a peer that still fails the checks is alerted on again.
 
@@ -43,7 +43,7 @@ from skyguard import fsutil
 from skyguard.fleet import keys
 from skyguard.fleet.store import Item, Store, load_value
 from skyguard.tlog.checkpoint import Checkpoint, Signer, Verifier, parse_and_verify, split_note
-from skyguard.tlog.cosign import PEERS_FILE, CosignerVerifier, Tamper
+from skyguard.tlog.cosign import CosignerVerifier, Tamper
 from skyguard.tlog.errors import BadLogInput, VerificationError
 from skyguard.tlog.head import MAX_NOTE
 from skyguard.tlog.tree import verify_consistency
@@ -267,21 +267,3 @@ def open_alert(note, host_keys: dict[str, Verifier]) -> dict:
     except (BadLogInput, VerificationError) as e:
         raise ValueError(f"not signed by a host key known here ({e})"[:300]) from None
     return alert
-
-
-def alert_trust(state_dir: Path) -> tuple[dict[str, dict], dict[str, Verifier]]:
-    """What a host's state dir vouches for, for `fleet status`: (the alerts this host raised, by
-    peer; {peer: its log key pinned here}). Both empty when the state dir holds none."""
-    host_keys = {}
-    path = Path(state_dir) / PEERS_FILE
-    try:
-        pinned = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError) as e:
-        log.error("the peers' keys pinned in %s are unreadable (%s)", path, e)
-        pinned = {}
-    for peer, record in pinned.items() if isinstance(pinned, dict) else ():
-        try:
-            host_keys[peer] = Verifier.from_vkey(record["log_vkey"])
-        except (BadLogInput, KeyError, TypeError):
-            continue
-    return load_alerts(state_dir), host_keys

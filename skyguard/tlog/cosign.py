@@ -270,15 +270,18 @@ def write_cosigned(directory: Path, witness_name: str, note: str) -> None:
     fsutil.write_private(directory / name, note.encode("utf-8"))
 
 
-# Where a host keeps its peers' cosignatures of its log and the peers' keys it pinned (the fleet
-# agent writes both; `skyguard log verify --witnesses N` reads them).
+# Where a host keeps its peers' cosignatures of its log and the peers' keys pinned (the fleet
+# agent writes the first, `skyguard fleet trust` the second; `skyguard log verify --witnesses N`
+# reads them). Only the keys an operator pinned count here (skyguard/fleet/peers.py: those
+# pinned at first sight, an opt-in of the agent, do not).
 COSIGNED_DIR = "fleet/cosigned"
 PEERS_FILE = "fleet/peers.json"
+PINNED_BY_OPERATOR = "operator"   # a pin's "pinned" field
 
 
 def witness_material(state_dir: Path, witness_keys: Sequence[str] = ()) -> tuple[list[str], list[CosignerVerifier]]:
     """(cosigned notes kept in the state dir, witness keys to trust): the keys given (vkeys or
-    files of them), else the peers' witness keys pinned in the state dir."""
+    files of them), else the peers' witness keys an operator pinned in the state dir."""
     verifiers = []
     for value in witness_keys:
         path = Path(value)
@@ -288,6 +291,8 @@ def witness_material(state_dir: Path, witness_keys: Sequence[str] = ()) -> tuple
         peers_path = Path(state_dir) / PEERS_FILE
         peers = json.loads(peers_path.read_text()) if peers_path.exists() else {}
         for record in peers.values():
+            if not isinstance(record, dict) or record.get("pinned") != PINNED_BY_OPERATOR:
+                continue
             try:
                 verifiers.append(CosignerVerifier.from_vkey(record["witness_vkey"]))
             except (BadLogInput, KeyError, TypeError):

@@ -1,6 +1,7 @@
 """Three full skyguard daemons in a fleet on a real 3-member etcd cluster on loopback: each
 `skyguard up` in its own lab's host namespace with its own state dir, control socket and bpffs
-pin dir, each joined with `skyguard fleet join` (beside the daemon, through its control socket).
+pin dir, each joined with `skyguard fleet join` (beside the daemon, through its control socket)
+once the hosts pinned each other's keys (`skyguard fleet identity`, `skyguard fleet trust`).
 A policy pushed with `skyguard fleet policy push` is enforced by every host's datapath (a real
 TCP connection between two lab VMs opens, then closes again with the next push), every daemon
 reports the pushed hash, `fleet status` shows the three hosts with their programs, and the
@@ -105,6 +106,16 @@ class FleetHost:
         self.lab.down()
 
 
+def pin_each_other(hosts, work):
+    """What an operator does once the daemons run: each host's identity pinned on every other."""
+    for host in hosts:
+        path = work / f"{host.name}.identity.json"
+        path.write_text(cli("fleet", "identity", "--name", host.name, "--state-dir", str(host.daemon.state_dir)).stdout)
+        for other in hosts:
+            if other is not host:
+                cli("fleet", "trust", host.name, "--key", str(path), "--state-dir", str(other.daemon.state_dir))
+
+
 @pytest.fixture(scope="module")
 def fleet(root, tmp_path_factory, etcd_cluster):
     work = tmp_path_factory.mktemp("fleetd")
@@ -115,6 +126,7 @@ def fleet(root, tmp_path_factory, etcd_cluster):
     try:
         for host in hosts:
             host.start_daemon()
+        pin_each_other(hosts, work)
         for host in hosts:
             host.start_join(cluster.endpoints, admin_vkey)
         yield type("Fleet", (), {"hosts": hosts, "cluster": cluster, "admin_pem": admin_pem,
@@ -172,6 +184,7 @@ def test_a_joined_agent_s_tamper_alert_is_in_its_daemon_s_signed_log(fleet):
 
     from skyguard.fleet import keys
     from skyguard.fleet.etcd import EtcdStore
+    from skyguard.fleet.peers import trust
     from skyguard.tlog.checkpoint import Checkpoint, Signer
     from skyguard.tlog.cosign import Cosigner
     from skyguard.tlog.hashing import hash_leaf
@@ -191,6 +204,8 @@ def test_a_joined_agent_s_tamper_alert_is_in_its_daemon_s_signed_log(fleet):
     def cosigned_by_all():
         items, _ = asyncio.run(store.get_prefix(keys.cosignatures_of("forker")))
         return {h.name for h in fleet.hosts} <= {i.key.rsplit("/", 1)[-1] for i in items}
+    for host in fleet.hosts:   # pinned by the operator, as a member of the fleet
+        trust(host.daemon.state_dir, "forker", record)
     try:
         asyncio.run(store.put(keys.member("forker"), json.dumps(record).encode()))
         checkpoint(b"entry")

@@ -7,7 +7,9 @@ other's logs, and one whose log is rewritten and re-signed is refused, alerted o
 
 Each host here is the fleet agent with its own state dir, its own real signed log and host key,
 and a hot swap that parses the policy as the daemon does; the daemon-hosted agent (the same part,
-skyguard/fleet/daemon_hook.py) is covered by test_fleet_daemons.py.
+skyguard/fleet/daemon_hook.py) is covered by test_fleet_daemons.py. The hosts pin each other's
+keys as an operator does (`skyguard fleet identity`, `skyguard fleet trust`); the members a test
+makes up are pinned with the same function where the test needs them witnessed.
 """
 
 import json
@@ -22,9 +24,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client import CollectorRegistry, generate_latest
 
 from skyguard import config
+from skyguard.errors import BadInput
 from skyguard.fleet import keys
 from skyguard.fleet.agent import RESYNC_S, FleetAgent
 from skyguard.fleet.etcd import EtcdStore
+from skyguard.fleet.peers import trust
 from skyguard.fleet.signing import load_admin_verifiers, sign_policy
 from skyguard.fleet.store import Compacted
 from skyguard.fleet.witnessing import sign_proofs
@@ -63,14 +67,14 @@ def skyguard(*args, check=True):
 class Host:
     """One fleet member: state dir, signed log, the agent; `apply` parses as the daemon does."""
 
-    def __init__(self, name, base, cluster, admin_vkey, loop):
+    def __init__(self, name, base, cluster, admin_vkey, loop, **options):
         self.name, self.state, self.loop = name, base / name, loop
         self.cluster, self.admin_vkey = cluster, admin_vkey
         self.policy = None
         self.daemon_down = False   # local_status fails as a control socket with no daemon does
         self.events: list[tuple[str, dict]] = []
         self.open_log()
-        self.start_agent()
+        self.start_agent(**options)
 
     def open_log(self):
         self.writer = LogWriter(self.state / "log", host_signer(self.state))
@@ -126,6 +130,7 @@ def fleet(tmp_path_factory, etcd_cluster):
     hosts = []
     try:
         hosts = [Host(name, base, cluster, admin_vkey, loop) for name in NAMES]
+        pin_each_other(hosts, base)
         yield type("Fleet", (), {"base": base, "cluster": cluster, "hosts": hosts,
                                  "admin_pem": admin_pem, "admin_vkey": admin_vkey})
         for host in hosts:
@@ -134,6 +139,22 @@ def fleet(tmp_path_factory, etcd_cluster):
         for host in hosts:
             host.writer.close()
         loop.stop()
+
+
+def pin_each_other(hosts, base):
+    """What an operator does: each host's identity, pinned on every other host."""
+    for host in hosts:
+        path = base / f"{host.name}.identity.json"
+        path.write_text(skyguard("fleet", "identity", "--name", host.name, "--state-dir", str(host.state)).stdout)
+        for other in hosts:
+            if other is not host:
+                skyguard("fleet", "trust", host.name, "--key", str(path), "--state-dir", str(other.state))
+
+
+def pin(hosts, record):
+    """The made-up member of `record` pinned on each of `hosts` (as `skyguard fleet trust`)."""
+    for host in hosts:
+        trust(host.state, record["name"], record)
 
 
 def push(fleet, n, *extra):
@@ -500,12 +521,77 @@ def test_an_alert_written_to_the_store_without_a_host_key_is_never_shown_as_the_
                            timeout=30)
 
 
+def test_a_member_made_up_in_the_store_counts_for_nothing_until_an_operator_pins_it(fleet):
+    # Whoever can write etcd registers "mallory" with keys of its own, a checkpoint, a
+    # cosignature of bravo's log and an alert accusing alpha, each signed with mallory's keys.
+    # Before the fix every host pinned mallory's keys at first sight: it was witnessed, bravo
+    # counted it as a witness of its log, it took metric label places, and `fleet status` showed
+    # its alert as an ALERT of the fleet. Now a member no operator pinned is unverified: counted
+    # (skyguard_fleet_peers_unpinned), marked in `fleet status`, and witnessed only once pinned
+    # with `skyguard fleet trust`.
+    import asyncio
+
+    from skyguard.fleet.witnessing import alert_value
+    from skyguard.tlog.checkpoint import split_note
+    from skyguard.tlog.cosign import Cosigner, add_signature
+    from skyguard.tlog.hashing import EMPTY_ROOT
+
+    alpha, bravo = fleet.hosts[:2]
+    store = EtcdStore(fleet.cluster.endpoints)
+    origin = "mallory-1.skyguard/log"
+    key = Signer(origin, Ed25519PrivateKey.generate())
+    cosigner = Cosigner("mallory.skyguard/witness", Ed25519PrivateKey.generate())
+    record = {"name": "mallory", "origin": origin, "log_vkey": key.verifier.vkey(), "witness_vkey": cosigner.verifier.vkey()}
+    bravo_note = json.loads(asyncio.run(store.get(keys.checkpoint(bravo.name)))[0].value)["note"]
+    bravo_checkpoint = Checkpoint.parse_body(split_note(bravo_note)[0])
+    made_up = {
+        keys.member("mallory"): json.dumps(record).encode(),
+        keys.checkpoint("mallory"): json.dumps({"note": Checkpoint(origin, 0, EMPTY_ROOT).sign(key), "proofs": {}}).encode(),
+        keys.cosignature(bravo.name, "mallory"): json.dumps({"note": add_signature(bravo_note, cosigner.line(
+            bravo_checkpoint.body())), "size": bravo_checkpoint.size}).encode(),
+        keys.alert(alpha.name, "mallory"): alert_value(key, {"witness": "mallory", "peer": alpha.name, "origin": None,
+                                                             "problem": "alpha rewrote its log", "time": time.time()}),
+    }
+    status = ("fleet", "status", "--etcd", fleet.cluster.endpoints, "--state-dir", str(alpha.state))
+    try:
+        for name, value in made_up.items():
+            asyncio.run(store.put(name, value))
+        wait_until(lambda: all(metric(h, "skyguard_fleet_peers_unpinned", None) for h in fleet.hosts),
+                   what="every host counting mallory as not pinned")
+        time.sleep(1)   # more rounds
+        for host in fleet.hosts:
+            assert host.agent.witness.state(origin) is None and "mallory" not in host.agent.pins.all()
+            assert metric(host, "skyguard_fleet_unpinned_members_total", None) >= 1
+            assert "peer=\"mallory\"" not in generate_latest(host.registry).decode()
+        assert "mallory" not in bravo.agent.received
+        view = json.loads(skyguard(*status, "--json").stdout)
+        assert view["members"]["mallory"]["trust"] == "UNVERIFIED: not pinned here"
+        assert view["members"]["alpha"]["trust"] == "this host" and view["members"]["bravo"]["trust"] == "pinned here"
+        assert "mallory" not in view["members"]["bravo"]["witnessed_by"]
+        assert view["members"]["bravo"]["witnessed_by_unverified"] >= 1
+        assert not [a for a in view["alerts"] if a.get("witness") == "mallory"], view["alerts"]
+        assert ("mallory", "alpha") in {(u["witness"], u["peer"]) for u in view["unverified_alerts"]}
+        row = next(line for line in skyguard(*status).stdout.splitlines() if line.startswith("mallory "))
+        assert "[UNVERIFIED: not pinned here]" in row
+        # The operator pins it on alpha: alpha witnesses it from then on.
+        (fleet.base / "mallory.json").write_text(json.dumps(record))
+        skyguard("fleet", "trust", "mallory", "--key", str(fleet.base / "mallory.json"), "--state-dir", str(alpha.state))
+        wait_until(lambda: alpha.agent.witness.state(origin) is not None, what="alpha witnessing mallory once pinned")
+        assert bravo.agent.witness.state(origin) is None
+    finally:
+        for name in made_up:
+            asyncio.run(store.delete(name))
+        skyguard("fleet", "untrust", "mallory", "--state-dir", str(alpha.state), check=False)
+
+
 def test_a_member_claiming_another_host_s_origin_cannot_take_it_at_a_new_witness(fleet):
     # Whoever can write etcd registers "aaa-mallory" (listed before "alpha") presenting alpha's
-    # log origin under its own log key. Before the fix, a host joining the fleet then witnessed
-    # that origin first under mallory's key, refused alpha's real log for good, and raised a
-    # tamper alert accusing alpha. Now two members presenting one origin are both refused (an
-    # alert names the collision) until one is gone; a host that pinned the origin keeps it.
+    # log origin under its own log key. Hosts that pin their peers ignore it (not pinned here),
+    # and `fleet trust` refuses to pin it (alpha holds the origin). With first-sight pinning on:
+    # before the fix, a host joining the fleet then witnessed that origin first under mallory's
+    # key, refused alpha's real log for good, and raised a tamper alert accusing alpha. Now two
+    # members presenting one origin are both refused (an alert names the collision) until one
+    # is gone; a host that pinned the origin keeps it.
     from skyguard.tlog.cosign import Cosigner
     from skyguard.tlog.hashing import EMPTY_ROOT
 
@@ -521,12 +607,15 @@ def test_a_member_claiming_another_host_s_origin_cannot_take_it_at_a_new_witness
     etcdctl_put(fleet, keys.checkpoint("aaa-mallory"), json.dumps({"note": note, "proofs": {}}))
     delta = None
     try:
-        # Hosts that know the origin refuse mallory: alpha's peers, and alpha (its own origin).
-        wait_until(lambda: all("aaa-mallory" in h.agent.alerts for h in fleet.hosts),
-                   what="every host refusing mallory")
+        with pytest.raises(BadInput, match="pinned here for alpha"):
+            trust(fleet.hosts[1].state, "aaa-mallory", record)
+        with pytest.raises(BadInput, match="own log origin"):
+            trust(alpha.state, "aaa-mallory", record, own_origin=origin)
+        wait_until(lambda: all(metric(h, "skyguard_fleet_peers_unpinned", None) for h in fleet.hosts),
+                   what="every host counting mallory as not pinned")
         assert alpha.agent.witness.state(origin) is None
-        assert all("alpha" not in h.agent.alerts for h in fleet.hosts)
-        delta = Host("delta", fleet.base, fleet.cluster, fleet.admin_vkey, alpha.loop)
+        assert all("alpha" not in h.agent.alerts and "aaa-mallory" not in h.agent.alerts for h in fleet.hosts)
+        delta = Host("delta", fleet.base, fleet.cluster, fleet.admin_vkey, alpha.loop, trust_first_use=True)
         wait_until(lambda: "aaa-mallory" in delta.agent.alerts, what="delta refusing mallory")
         wait_until(lambda: delta.agent.given >= 1, what="delta cosigning an honest peer")
         state = delta.agent.witness.state(origin)
@@ -575,6 +664,7 @@ def test_a_split_view_shown_to_two_witnesses_is_refused(fleet):
         etcdctl_put(fleet, keys.checkpoint("splitter"), json.dumps({   # proofs signed, as an agent does
             "note": checkpoint.sign(key), "proofs": proofs, "proofs_note": sign_proofs(key, checkpoint, proofs)}))
 
+    pin(fleet.hosts, record)
     bravo.stop_agent()
     charlie.stop_agent()
     try:
@@ -697,6 +787,7 @@ def test_members_made_up_in_the_store_get_no_metric_series_past_the_cap(fleet):
             origin = f"{name}.skyguard/log"
             record = {"name": name, "origin": origin, "log_vkey": key.verifier.vkey(), "witness_vkey":
                       Cosigner(f"{name}.skyguard/witness", Ed25519PrivateKey.generate()).verifier.vkey()}
+            pin([bravo], record)   # as an operator of a large fleet does
             asyncio.run(store.put(keys.member(name), json.dumps(record).encode()))
             asyncio.run(store.put(keys.checkpoint(name), json.dumps(
                 {"note": Checkpoint(origin, 0, EMPTY_ROOT).sign(key), "proofs": {}}).encode()))
@@ -779,8 +870,13 @@ def test_members_sharing_an_origin_that_is_not_unicode_stop_no_witness_loop(flee
             host.writer.append(entry("flow_start", after_surrogate_origin=True))
         wait_until(lambda: all(h.agent.given > before[h.name] for h in fleet.hosts),
                    what="every host cosigning its peers again")
-        # A member pinned with text keys that turns to such an origin is still refused, loudly.
-        record = {"name": "sur3", "origin": "sur3.skyguard/log", "log_vkey": "x", "witness_vkey": "y"}
+        # A member pinned that turns to such an origin is still refused, loudly.
+        from skyguard.tlog.cosign import Cosigner
+
+        record = {"name": "sur3", "origin": "sur3.skyguard/log",
+                  "log_vkey": Signer("sur3", Ed25519PrivateKey.generate()).verifier.vkey(),
+                  "witness_vkey": Cosigner("sur3.skyguard/witness", Ed25519PrivateKey.generate()).verifier.vkey()}
+        pin(fleet.hosts, record)
         names.append("sur3")
         asyncio.run(store.put(keys.checkpoint("sur3"), b'{"note": "x"}'))
         asyncio.run(store.put(keys.member("sur3"), json.dumps(record).encode()))
@@ -876,6 +972,7 @@ def test_a_split_view_below_the_size_another_witness_cosigned_is_never_cosigned_
         return json.loads(path.read_text()) if path.exists() else {}
     wait_until(lambda: "alpha" in pinned(bravo) and "alpha" in pinned(charlie),
                what="bravo and charlie knowing alpha's witness key")
+    pin(fleet.hosts, record)
     bravo.stop_agent()
     charlie.stop_agent()
     try:
@@ -951,6 +1048,7 @@ def test_a_tamper_alert_deleted_from_the_store_is_kept_by_the_host_that_raised_i
 
     def alert_stored():
         return asyncio.run(store.get(keys.alert("forker", "alpha")))[0] is not None
+    pin([alpha], record)
     try:
         etcdctl_put(fleet, keys.member("forker"), json.dumps(record))
         etcdctl_put(fleet, keys.checkpoint("forker"), good)

@@ -150,7 +150,7 @@ def test_witnessed_by_counts_distinct_trusted_witnesses(cosigner, log_signer):
 
 def _cosign_log(state, cosigners):
     """A real log in `state`, and each cosigner's cosignature of its latest checkpoint kept where
-    the fleet agent keeps them, their keys pinned as peers."""
+    the fleet agent keeps them, their keys pinned as peers by an operator (`fleet trust`)."""
     import json
 
     signer = host_signer(state)
@@ -161,7 +161,7 @@ def _cosign_log(state, cosigners):
     peers = {}
     for c in cosigners:
         write_cosigned(state / COSIGNED_DIR, c.name, note + c.line(note.split("\n\n")[0] + "\n"))
-        peers[c.name] = {"witness_vkey": c.verifier.vkey()}
+        peers[c.name] = {"witness_vkey": c.verifier.vkey(), "pinned": "operator"}
     (state / PEERS_FILE).write_text(json.dumps(peers))
     return signer
 
@@ -179,6 +179,12 @@ def test_log_verify_witnesses_counts_cosignatures(tmp_path, cosigner):
     one = runner.invoke(cli, ["log", "verify", "--state-dir", str(state), "--witnesses", "2",
                               "--witness-key", cosigner.verifier.vkey()])
     assert one.exit_code == 1
+    # Keys the agent pinned at first sight (its opt-in) are no operator's: they do not count.
+    import json
+
+    peers = json.loads((state / PEERS_FILE).read_text())
+    (state / PEERS_FILE).write_text(json.dumps({n: dict(pin, pinned="first sight") for n, pin in peers.items()}))
+    assert runner.invoke(cli, ["log", "verify", "--state-dir", str(state), "--witnesses", "1"]).exit_code == 1
 
 
 def test_default_origin_is_unique_per_state_dir_and_configurable(tmp_path, monkeypatch):

@@ -68,3 +68,49 @@ def test_the_daemon_s_fleet_record_operation_takes_only_fleet_events():
         with pytest.raises(BadInput, match=words):
             handle(args)
     assert len(written) == 1
+
+
+def test_fleet_trust_pins_a_peer_s_identity_and_never_replaces_a_pin(tmp_path):
+    import json
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from skyguard.tlog import LogWriter, entry, host_signer
+    from skyguard.tlog.checkpoint import Signer
+    from skyguard.tlog.cosign import Cosigner
+
+    runner = CliRunner()
+
+    def run(*args):
+        return runner.invoke(cli, ["fleet", *args], standalone_mode=False, env={})
+
+    def identity(name, origin):
+        return {"name": name, "origin": origin, "log_vkey": Signer(origin, Ed25519PrivateKey.generate()).verifier.vkey(),
+                "witness_vkey": Cosigner(f"{name}.skyguard/witness", Ed25519PrivateKey.generate()).verifier.vkey()}
+
+    def trust(name, value):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(value))
+        return run("trust", name, "--key", str(path), "--state-dir", str(tmp_path / "state"))
+    # `fleet identity` on a host whose daemon started (its log names the origin), pinned elsewhere.
+    peer = tmp_path / "peer"
+    assert "start `skyguard up` first" in str(run("identity", "--name", "h1", "--state-dir", str(peer)).exception)
+    with LogWriter(peer / "log", host_signer(peer)) as writer:
+        writer.append(entry("daemon_start"))
+    printed = run("identity", "--name", "h1", "--state-dir", str(peer))
+    assert printed.exception is None and json.loads(printed.output)["origin"] == writer.origin
+    (tmp_path / "h1.json").write_text(printed.output)
+    assert run("trust", "h1", "--key", str(tmp_path / "h1.json"), "--state-dir", str(tmp_path / "state")).exception is None
+    h2 = identity("h2", "h2.example/log")
+    assert trust("h2", h2).exception is None and trust("h2", h2).exception is None   # the same keys again
+    for name, value, words in (("h2", identity("h2", "h2.example/log"), "other keys"),
+                               ("h3", dict(identity("h3", "h3.example/log"), origin="h2.example/log"), "pinned here for h2"),
+                               ("h4", identity("h3", "h3.example/log"), "'h3''s, not 'h4''s"),
+                               ("h5", {"origin": "x"}, "fleet identity"),
+                               ("h6", dict(identity("h6", "h6.example/log"), log_vkey="not-a-key"), "not a log key")):
+        result = trust(name, value)
+        assert isinstance(result.exception, BadInput) and words in str(result.exception), (name, result.exception)
+    pinned = json.loads((tmp_path / "state" / "fleet" / "peers.json").read_text())
+    assert set(pinned) == {"h1", "h2"} and all(p["pinned"] == "operator" for p in pinned.values())
+    assert run("untrust", "h2", "--state-dir", str(tmp_path / "state")).exception is None
+    assert trust("h2", identity("h2", "h2.example/log")).exception is None   # new keys once forgotten
