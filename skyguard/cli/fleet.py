@@ -198,7 +198,7 @@ def clear_alert(peer, state_dir):
       skyguard fleet clear-alert charlie
     """
     from skyguard.errors import BadInput
-    from skyguard.fleet.witnessing import load_alerts, request_clear
+    from skyguard.fleet.alerts import load_alerts, request_clear
 
     state = Path(state_dir or config.STATE_DIR)
     if peer not in load_alerts(state):
@@ -336,6 +336,8 @@ def status(etcd, admin_keys, state_dir, as_json):
     for claim in view["unverified_alerts"]:
         click.echo(f"UNVERIFIED, not an alert of the fleet ({_cell(claim['why'])}): {_cell(claim['record'])} says "
                    f"{_cell(claim['witness'])} refuses to cosign {_cell(claim['peer'])}: {_cell(claim['problem'])}")
+    if view["cleared_alerts_hidden"]:
+        click.echo(f"({view['cleared_alerts_hidden']} alerts raised before an operator cleared them not shown)")
     if view["unverified_total"] > len(view["unverified_alerts"]):
         click.echo(f"UNVERIFIED: {view['unverified_total'] - len(view['unverified_alerts'])} more records")
     if view["unverified_total"] and not view["host_keys_known"]:

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from skyguard.errors import SkyguardError
 from skyguard.fleet import keys
+from skyguard.fleet.alerts import is_cleared, load_alerts, load_cleared, open_alert, open_cleared
 from skyguard.fleet.peers import by_operator, keys_of
 from skyguard.fleet.signing import SignedPolicy, open_policy, sign_policy
 from skyguard.fleet.store import FleetError, Store, load_value
-from skyguard.fleet.witnessing import load_alerts, open_alert
 from skyguard.tlog.checkpoint import Signer, Verifier
 from skyguard.tlog.cosign import PEERS_FILE, CosignerVerifier
 from skyguard.tlog.errors import BadLogInput, VerificationError
@@ -73,12 +73,14 @@ def _revision_of(value: bytes) -> int:
 @dataclass
 class Trust:
     """What a host's state dir vouches for: the alerts it raised (by peer), the peers' keys an
-    operator pinned there, and its own keys when it has them (log_vkey; witness_key: the last
-    part of its witness's vkey, which does not depend on the member name)."""
+    operator pinned there, its own keys when it has them (log_vkey; witness_key: the last part
+    of its witness's vkey, which does not depend on the member name), and the alert clearings
+    it knows ("<witness>/<peer>" -> when)."""
 
     own_alerts: dict[str, dict] = field(default_factory=dict)
     pins: dict[str, dict] = field(default_factory=dict)
     own: dict[str, str] = field(default_factory=dict)
+    cleared: dict[str, float] = field(default_factory=dict)
 
     @property
     def host_keys(self) -> dict[str, Verifier]:
@@ -111,7 +113,7 @@ def local_trust(state_dir: Path) -> Trust:
             own["witness_key"] = Cosigner("x", load_or_create_witness_key(state_dir)).verifier.vkey().rpartition("+")[2]
     except (SkyguardError, OSError, ValueError) as e:
         log.error("this host's keys in %s are unreadable (%s)", state_dir, e)
-    return Trust(load_alerts(state_dir), pins, own)
+    return Trust(load_alerts(state_dir), pins, own, load_cleared(state_dir))
 
 
 def member_trust(name: str, status: dict, trust: Trust) -> str:
@@ -194,7 +196,7 @@ async def fleet_view(store: Store, admins=None, trust: Trust | None = None) -> d
             view["members"][log_name]["witnessed_by_unverified"] += 1
         else:
             view["members"][log_name]["witnessed_by"][witness] = size
-    _alerts(view, alerts, trust.own_alerts, trust.host_keys)
+    _alerts(view, alerts, trust)
     item, _ = await store.get(keys.POLICY)
     if item is not None:
         try:
@@ -210,12 +212,26 @@ async def fleet_view(store: Store, admins=None, trust: Trust | None = None) -> d
 MAX_UNVERIFIED = 100   # unverified alert records listed (whoever writes the store can write many)
 
 
-def _alerts(view: dict, items: list, own: dict[str, dict], host_keys: dict[str, Verifier]) -> None:
+def _alerts(view: dict, items: list, trust: Trust) -> None:
     """The fleet's alerts and the unverified ones into `view`. Signed alerts come from the
     alerts/ keys and from each host's own record (`alert_notes`, rewritten every period: an
-    alert whose key was deleted is still shown); a record's plain `alerts` list is unsigned."""
+    alert whose key was deleted is still shown); a record's plain `alerts` list is unsigned. An
+    alert raised no later than its clearing (known here, or signed in its witness's record) is
+    not shown, only counted (`cleared_alerts_hidden`)."""
+    host_keys = trust.host_keys
+    own = Verifier.from_vkey(trust.own["log_vkey"]) if trust.own.get("log_vkey") else None   # its own in the store
+    cleared = dict(trust.cleared)
+    for status in view["members"].values():
+        notes = status.get("cleared_notes")
+        for note in notes[:100] if isinstance(notes, list) else []:
+            try:
+                which, when = open_cleared(note, host_keys, own)
+            except ValueError:
+                continue
+            cleared[which] = max(when, cleared.get(which, when))
     trusted: dict[tuple, dict] = {}
-    for alert in own.values():
+    hidden: set[tuple] = set()
+    for alert in trust.own_alerts.values():
         trusted[(alert.get("witness"), alert.get("peer"))] = dict(alert, verified="raised by this host")
     claims = []   # (where, witness, peer, what it says, the signed note if any)
     for item in items:
@@ -237,15 +253,20 @@ def _alerts(view: dict, items: list, own: dict[str, dict], host_keys: dict[str, 
     unverified = []
     for where, witness, peer, problem, note in claims:
         try:
-            alert = open_alert(note, host_keys)
+            alert = open_alert(note, host_keys, own)
         except ValueError as e:
             if peer is not None:   # a record's notes that fail: its plain list says the same, unsigned
                 unverified.append({"record": where, "witness": witness, "peer": peer,
                                    "problem": str(problem)[:500], "why": str(e) if note is not None else "unsigned"})
             continue
         trusted.setdefault((alert.get("witness"), alert.get("peer")),
-                           dict(alert, verified=f"signed by {alert['witness']}'s host key, pinned here"))
+                           dict(alert, verified=f"signed by {alert['witness']}'s host key, known here"))
+    for pair, alert in list(trusted.items()):
+        if is_cleared(alert, cleared):   # e.g. its signed record put back in the store
+            hidden.add(pair)
+            del trusted[pair]
+    view["cleared_alerts_hidden"] = len(hidden)
     view["alerts"] = [trusted[k] for k in sorted(trusted, key=str)]
-    unverified = [u for u in unverified if (u["witness"], u["peer"]) not in trusted]
+    unverified = [u for u in unverified if (u["witness"], u["peer"]) not in trusted.keys() | hidden]
     view["unverified_alerts"] = unverified[:MAX_UNVERIFIED]
     view["unverified_total"] = len(unverified)

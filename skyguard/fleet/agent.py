@@ -40,23 +40,13 @@ from pathlib import Path
 from skyguard import fsutil
 from skyguard.errors import PolicyError, SkyguardError
 from skyguard.fleet import keys
-from skyguard.fleet.peers import PeerPins
+from skyguard.fleet.alerts import AlertBook, alert_value, clear_requests, republish_alerts
+from skyguard.fleet.peers import PeerPins, by_operator
 from skyguard.fleet.publisher import CheckpointPublisher
 from skyguard.fleet.seen import SeenCosignatures
 from skyguard.fleet.signing import PolicyRefused, SignedPolicy, check_member_name, decide, open_policy
 from skyguard.fleet.store import Compacted, FleetError, Store, StoreUnavailable, load_value
-from skyguard.fleet.witnessing import (
-    alert_note,
-    alert_value,
-    clear_requests,
-    keep_alerts,
-    load_alerts,
-    origin_rival,
-    peer_keys,
-    proofs_attested,
-    republish_alerts,
-    unproven_witnesses,
-)
+from skyguard.fleet.witnessing import origin_rival, peer_keys, proofs_attested, unproven_witnesses
 from skyguard.timeouts import within
 from skyguard.tlog.checkpoint import Checkpoint, Verifier, parse_and_verify
 from skyguard.tlog.cosign import (
@@ -132,10 +122,9 @@ class FleetAgent:
         self.lease = 0
         self.given = 0
         self.received: dict[str, int] = {}      # witness name -> largest size it cosigned here
-        # peer -> the first refusal: as published, and as reported; kept in the state dir
-        self.alert_records: dict[str, dict] = load_alerts(self.state_dir)
-        self.alerts: dict[str, str] = {peer: f"{peer}: {a.get('problem')}" for peer, a in self.alert_records.items()}
-        for peer in self.alert_records:
+        # peer -> the first refusal, as published; kept in the state dir with the clearings known
+        self.book = AlertBook(self.state_dir, name)
+        for peer in self.book.records:
             self.metrics.set_alert(peer, True)
         self.refused: dict[str, str] = {}       # last refusal per reason
         self.stale: dict[str, str] = {}         # peer -> why its checkpoint shown now is stale
@@ -146,6 +135,11 @@ class FleetAgent:
         self._tasks: list[asyncio.Task] = []
         self._applying = asyncio.Lock()
         self._load_applied()
+
+    @property
+    def alerts(self) -> dict[str, str]:
+        """peer -> the refusal this host holds against it, as reported."""
+        return {peer: f"{peer}: {a.get('problem')}" for peer, a in self.book.records.items()}
 
     # ---- lifecycle (skyguard/parts.py) ------------------------------------------------------
 
@@ -205,7 +199,7 @@ class FleetAgent:
                 "programs": local.get("programs"), "store": "ok" if self.store_ok else "unreachable",
                 "cosignatures": {"given": self.given, "received": dict(self.received)},
                 "alerts": sorted(self.alerts.values())[-20:], "refused": dict(self.refused),
-                "alert_notes": [alert_note(self.log_signer, a) for _, a in sorted(dict(self.alert_records).items())][-20:],
+                **dict(zip(("alert_notes", "cleared_notes"), self.book.notes(self.log_signer))),
                 "stale": dict(sorted(self.stale.items())[:20]),
                 "unverified": {peer: w for peer, w in sorted(self.unverified.items()) if w}}
 
@@ -404,7 +398,11 @@ class FleetAgent:
         for peer, request in await asyncio.to_thread(clear_requests, self.state_dir):
             await self._clear_alert(peer)
             request.unlink(missing_ok=True)
-        await republish_alerts(self.store, self.name, self.alert_records, self.log_signer)
+        await republish_alerts(self.store, self.name, self.book.records, self.log_signer)
+        learnt = [self.book.learn(peer, record.get("cleared_notes"), pin["log_vkey"])
+                  for peer, record in peers.items() if (pin := self.pins.all().get(peer)) and by_operator(pin)]
+        if any(learnt):   # clearings pinned peers signed: kept, whatever the store holds later
+            await asyncio.to_thread(self.book.keep)
         # 4. Cosign each peer's checkpoint (those pinned here: metrics.round counts the others).
         self.members = set(peers)
         for peer, record in sorted(peers.items()):
@@ -526,34 +524,31 @@ class FleetAgent:
         log.warning("fleet: not cosigning %s: %s", peer, problem)
 
     async def _clear_alert(self, peer: str) -> None:
-        alert = self.alert_records.get(peer)
-        if alert is None:
+        if peer not in self.book.records:
             log.warning("fleet: asked to clear an alert on %s, but this host has none", peer)
             return
         await self.store.delete(keys.alert(peer, self.name))   # FleetError: the request stays
-        del self.alert_records[peer]
-        self.alerts.pop(peer, None)
+        alert = self.book.clear(peer) or {}
         self.metrics.set_alert(peer, False)
         self.record("fleet_alert_cleared", peer=peer, problem=str(alert.get("problem"))[:500])
         log.warning("fleet: the alert on %s was cleared by an operator", peer)
-        await asyncio.to_thread(keep_alerts, self.state_dir, self.alert_records)
+        await asyncio.to_thread(self.book.keep)
 
     async def _tamper(self, peer: str, origin: str | None, problem: str) -> None:
         """Once per peer: every later checkpoint of a rewritten log is refused the same way
         (the witness state never moves), and one alert says so."""
-        if peer in self.alerts:
+        if peer in self.book.records:
             log.debug("still refusing %s: %s", peer, problem)
             return
-        self.alerts[peer] = f"{peer}: {problem}"
         alert = {"witness": self.name, "peer": peer, "origin": origin, "problem": problem, "time": time.time()}
-        self.alert_records[peer] = alert
+        self.book.add(peer, alert)
         self.metrics.count_tamper(peer)
         self.metrics.set_alert(peer, True)
         self.record("tamper", source="fleet_witness", peer=peer, origin=origin or "", problem=problem[:500],
                     action="cosignature refused")
         log.error("fleet: refusing to cosign %s: %s", peer, problem)
         try:   # kept here (a restart, a deleted key in the store) beside the signed log entry
-            await asyncio.to_thread(keep_alerts, self.state_dir, self.alert_records)
+            await asyncio.to_thread(self.book.keep)
         except OSError as e:
             log.error("fleet: cannot keep the alert on %s in the state dir: %s", peer, e)
         try:

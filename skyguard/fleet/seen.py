@@ -82,6 +82,8 @@ class SeenCosignatures:
             fsutil.write_private(self._path(log_name), json.dumps(seen, sort_keys=True).encode())
         out = list(items)
         for witness, kept in sorted(seen.items()):
+            if not isinstance(pinned.get(witness), dict):
+                continue   # no longer pinned here: what it cosigned counts for nothing
             size = int(kept.get("size", -1))
             if shown.get(witness, -1) >= size:
                 self._missing.pop((log_name, witness), None)

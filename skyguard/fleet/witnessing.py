@@ -14,35 +14,21 @@ For each other witness's cosigned checkpoint (size n) and the checkpoint shown h
 A witness cosigns nothing while one is unverified; for a checkpoint it had already cosigned (two
 witnesses cosigning at once, neither seeing the other's) the agent reports which are unverified.
 
-And the alerts a witness raised (a refusal to cosign: a tamper event): besides the signed log
-entry and the metric, each is kept in the state dir (fleet/alerts.json) and published again in
-the store whenever it is missing there, so whoever can write the store cannot erase it by
-deleting its key, nor a restart make the host forget it. Each is published with a note by which
-the witness's host key signs it (alert_note): whoever can write the store can write an alert
-record too, so `fleet status` shows as the fleet's only the alerts its host raised and those a
-host key an operator pinned there signed (open_alert, admin.py); the rest is unverified. An operator clears one with `skyguard
-fleet clear-alert PEER` (request_clear): the agent takes the request at its next round, logs it
-in the signed log and drops the alert; a peer that still fails the checks is alerted on again.
-
 Also here: which member may not be witnessed under the origin it presents (origin_rival), and
 the note by which a log's key signs the proofs it publishes (a failing proof is evidence only
 then; Witness.cosign is told whether it is).
 
-Not here: the witness state and cosignatures (tlog/cosign.py), reading the store (agent.py).
+Not here: the witness state and cosignatures (tlog/cosign.py), reading the store (agent.py), the
+alerts a witness raises (alerts.py).
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
-import json
 import logging
-from pathlib import Path
 
-from skyguard import fsutil
-from skyguard.fleet import keys
-from skyguard.fleet.store import Item, Store, load_value
-from skyguard.tlog.checkpoint import Checkpoint, Signer, Verifier, parse_and_verify, split_note
+from skyguard.fleet.store import Item, load_value
+from skyguard.tlog.checkpoint import Checkpoint, Signer, Verifier, parse_and_verify
 from skyguard.tlog.cosign import CosignerVerifier, Tamper
 from skyguard.tlog.errors import BadLogInput, VerificationError
 from skyguard.tlog.head import MAX_NOTE
@@ -50,8 +36,6 @@ from skyguard.tlog.tree import verify_consistency
 
 log = logging.getLogger("skyguard.fleet")
 
-ALERTS_FILE = "fleet/alerts.json"   # under the state dir: {peer: the alert as published}
-CLEAR_DIR = "fleet/clear"   # under the state dir: one file per alert an operator cleared, naming its peer
 
 
 PROOFS_HEADER = "skyguard.fleet/proofs/v1"
@@ -175,95 +159,3 @@ def peer_keys(record: dict) -> bool:
     (valid JSON) would make the tamper entry that quotes it fail to encode."""
     return all(isinstance(record.get(name), str) and 0 < len(record[name]) <= MAX_NOTE
                and record[name].isprintable() for name in ("origin", "log_vkey", "witness_vkey"))
-
-
-def load_alerts(state_dir: Path) -> dict[str, dict]:
-    """The alerts this host raised, kept in its state dir ({} when none, or unreadable: said)."""
-    path = Path(state_dir) / ALERTS_FILE
-    try:
-        if not path.exists():   # (a state dir this user may not read: said, below)
-            return {}
-        kept = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        log.error("the fleet alerts kept in %s are unreadable (%s); the signed log holds them", path, e)
-        return {}
-    return {peer: alert for peer, alert in kept.items() if isinstance(alert, dict)} if isinstance(kept, dict) else {}
-
-
-def keep_alerts(state_dir: Path, alerts: dict[str, dict]) -> None:
-    fsutil.write_private(Path(state_dir) / ALERTS_FILE, json.dumps(alerts, indent=1, sort_keys=True).encode())
-
-
-def request_clear(state_dir: Path, peer: str) -> None:
-    """Ask the agent of this state dir to drop its alert on `peer` (taken at its next round, or
-    at its start). The agent is the one writer of the alerts file; this only leaves a request."""
-    directory = Path(state_dir) / CLEAR_DIR
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fsutil.write_private(directory / hashlib.sha256(peer.encode()).hexdigest()[:32], peer.encode())
-
-
-def clear_requests(state_dir: Path) -> list[tuple[str, Path]]:
-    """(peer, request file) for each alert an operator cleared; the agent removes a request once
-    it is done with it (so one it could not finish, the store unreachable, is taken again). What
-    is not a request (not a regular file, not a short printable name) is removed, said."""
-    directory = Path(state_dir) / CLEAR_DIR
-    requests = []
-    for path in sorted(directory.iterdir()) if directory.is_dir() else ():
-        try:
-            peer = fsutil.read_regular_file(path).decode()
-            if not (0 < len(peer) <= 255 and peer.isprintable()):
-                raise ValueError("not a peer's name")
-            requests.append((peer, path))
-        except (OSError, ValueError) as e:
-            log.error("fleet: ignoring %s, not a clear-alert request (%s)", path, e)
-            path.unlink(missing_ok=True)
-    return requests
-
-
-async def republish_alerts(store: Store, me: str, alerts: dict[str, dict], signer: Signer) -> None:
-    """Each alert of `alerts` (this witness's, by peer) put back in the store where its key is
-    missing or holds something else."""
-    if not alerts:
-        return
-    stored = {item.key: item.value for item in (await store.get_prefix(keys.ALERTS))[0]}
-    for peer, alert in sorted(alerts.items()):
-        key, value = keys.alert(peer, me), alert_value(signer, alert)
-        try:
-            same = key in stored and load_value(stored[key]) == json.loads(value)
-        except ValueError:
-            same = False
-        if not same:
-            log.warning("fleet: the alert on %s is gone or changed in the store; publishing it again", peer)
-            await store.put(key, value)
-
-
-ALERT_HEADER = "skyguard.fleet/alert/v1"
-
-
-def alert_note(signer: Signer, alert: dict) -> str:
-    """The note by which a witness's host key (its log key) signs an alert it raised: a header
-    line, then the alert as one line of JSON (ASCII: whatever text it quotes stays one line)."""
-    return signer.sign(f"{ALERT_HEADER}\n{json.dumps(alert, sort_keys=True)}\n")
-
-
-def alert_value(signer: Signer, alert: dict) -> bytes:
-    """An alert as the store holds it: its fields, and their signed note."""
-    return json.dumps({**alert, "note": alert_note(signer, alert)}, sort_keys=True).encode()
-
-
-def open_alert(note, host_keys: dict[str, Verifier]) -> dict:
-    """The alert `note` states, if the host key known here for the witness it names signed it
-    (`host_keys`: witness name -> its log key); ValueError saying why not."""
-    try:
-        text, _ = split_note(note)
-        header, line, end = text.split("\n") if text.count("\n") == 2 else ("", "", "x")
-        alert = load_value(line.encode()) if header == ALERT_HEADER and not end else None
-        if not isinstance(alert, dict) or not isinstance(alert.get("witness"), str):
-            raise ValueError("not a signed alert")
-        key = host_keys.get(alert["witness"])
-        if key is None:
-            raise ValueError(f"signed by no host key known here for {alert['witness']!r}")
-        key.verify(note)
-    except (BadLogInput, VerificationError) as e:
-        raise ValueError(f"not signed by a host key known here ({e})"[:300]) from None
-    return alert

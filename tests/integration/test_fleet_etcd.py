@@ -531,7 +531,7 @@ def test_a_member_made_up_in_the_store_counts_for_nothing_until_an_operator_pins
     # with `skyguard fleet trust`.
     import asyncio
 
-    from skyguard.fleet.witnessing import alert_value
+    from skyguard.fleet.alerts import alert_value
     from skyguard.tlog.checkpoint import split_note
     from skyguard.tlog.cosign import Cosigner, add_signature
     from skyguard.tlog.hashing import EMPTY_ROOT
@@ -1018,7 +1018,7 @@ def test_a_split_view_below_the_size_another_witness_cosigned_is_never_cosigned_
                        check=True, capture_output=True, timeout=30)
 
 
-def test_a_tamper_alert_deleted_from_the_store_is_kept_by_the_host_that_raised_it(fleet):
+def test_a_tamper_alert_deleted_from_the_store_is_kept_and_once_cleared_never_shown_again(fleet):
     # Whoever can write etcd deletes the alert a witness raised against a forking log. Before
     # the fix the witness never published it again (once per peer, in memory), and after a
     # restart it had forgotten it (the log showing a good checkpoint again): `fleet status`
@@ -1032,7 +1032,7 @@ def test_a_tamper_alert_deleted_from_the_store_is_kept_by_the_host_that_raised_i
     from skyguard.tlog.store import LogReader
     from skyguard.tlog.tree import MemorySource, range_root
 
-    alpha = fleet.hosts[0]
+    alpha, bravo = fleet.hosts[:2]
     store = EtcdStore(fleet.cluster.endpoints)
     key = Signer("forker", Ed25519PrivateKey.generate())
     origin = "forker-1.skyguard/log"
@@ -1070,6 +1070,7 @@ def test_a_tamper_alert_deleted_from_the_store_is_kept_by_the_host_that_raised_i
         logged = [json.loads(payload) for _, payload in LogReader(alpha.state / "log").entries()]
         assert any(r["type"] == "tamper" and r.get("peer") == "forker" for r in logged)
         # The operator looks into it and clears it: dropped, logged, gone from the store.
+        signed_record = asyncio.run(store.get(keys.alert("forker", "alpha")))[0].value
         cleared = skyguard("fleet", "clear-alert", "forker", "--state-dir", str(alpha.state))
         assert "clear the alert on forker" in cleared.stdout
         wait_until(lambda: "forker" not in alpha.agent.alerts and not alert_stored(), what="alpha clearing its alert")
@@ -1079,8 +1080,24 @@ def test_a_tamper_alert_deleted_from_the_store_is_kept_by_the_host_that_raised_i
                    what="fleet status without the cleared alert")
         again = skyguard("fleet", "clear-alert", "forker", "--state-dir", str(alpha.state), check=False)
         assert again.returncode != 0 and "no alert on 'forker'" in again.stderr, again.stderr
+        # Whoever can write etcd kept the alert's signed record and puts it back, alpha's record
+        # (with its signed clearing) gone. Before the fix `fleet status` showed it again, as an
+        # ALERT with its original time, wherever alpha's key is pinned. Now each host keeps the
+        # clearings it knows (its own, its pinned peers' signed ones): older records are hidden.
+        wait_until(lambda: "alpha/forker" in bravo.agent.book.cleared, what="bravo keeping alpha's clearing")
+        alpha.stop_agent()
+        asyncio.run(store.put(keys.alert("forker", "alpha"), signed_record))
+        for host in (bravo, alpha):
+            view = json.loads(skyguard("fleet", "status", "--etcd", fleet.cluster.endpoints, "--state-dir",
+                                       str(host.state), "--json").stdout)
+            assert not [a for a in view["alerts"] if a.get("peer") == "forker"], (host.name, view["alerts"])
+            assert view["cleared_alerts_hidden"] == 1 and not [u for u in view["unverified_alerts"] if u["peer"] == "forker"]
+        alpha.start_agent()
+        time.sleep(1)   # rounds: nothing taken back, nothing published
+        assert "forker" not in alpha.agent.alerts
+        assert asyncio.run(store.get(keys.alert("forker", "alpha")))[0].value == signed_record
     finally:
-        for key_ in (keys.member("forker"), keys.checkpoint("forker")):
+        for key_ in (keys.member("forker"), keys.checkpoint("forker"), keys.alert("forker", "alpha")):
             asyncio.run(store.delete(key_))
         if alpha.agent._tasks == []:
             alpha.start_agent()
