@@ -97,7 +97,8 @@ class FleetAgent:
                  apply: Callable[[str, str], str], local_status: Callable[[], dict],
                  record: Callable[..., None], registry=None, period: float = PERIOD_S,
                  log_dir: Path | None = None, head_note: Callable[[], str | None] | None = None,
-                 max_peer_labels: int | None = None, trust_first_use: bool = False):
+                 max_peer_labels: int | None = None, trust_first_use: bool = False, max_alerts: int | None = None,
+                 max_first_sight_pins: int | None = None):
         from skyguard.fleet.metrics import MAX_PEER_LABELS, FleetMetrics
         from skyguard.tlog.hostkey import host_signer
 
@@ -112,7 +113,7 @@ class FleetAgent:
         self.log_vkey = self.log_signer.verifier.vkey()
         self.publisher = CheckpointPublisher(self.log_dir, self.log_signer, head_note)
         self.metrics = FleetMetrics(registry, max_peer_labels or MAX_PEER_LABELS, known=lambda p: p in self.pins.all())
-        self.pins = PeerPins(self.state_dir, trust_first_use, dropped=self.metrics.pins_dropped.inc)
+        self.pins = PeerPins(self.state_dir, trust_first_use, max_first_sight_pins, self.metrics.pins_dropped.inc)
         self.cosigner = Cosigner(f"{name}.skyguard/witness", load_or_create_witness_key(self.state_dir))
         self.witness = Witness(self.dir / "witness", self.cosigner)
         self.members: set[str] = set()          # the store's members (not this host) last round
@@ -123,7 +124,8 @@ class FleetAgent:
         self.given = 0
         self.received: dict[str, int] = {}      # witness name -> largest size it cosigned here
         # peer -> the first refusal, as published; kept in the state dir with the clearings known
-        self.book = AlertBook(self.state_dir, name)
+        self.book = AlertBook(self.state_dir, name, lambda peer: by_operator(self.pins.all().get(peer)),
+                              self.metrics.alerts_dropped.inc, max_alerts)
         for peer in self.book.records:
             self.metrics.set_alert(peer, True)
         self.refused: dict[str, str] = {}       # last refusal per reason
@@ -537,13 +539,15 @@ class FleetAgent:
     async def _tamper(self, peer: str, origin: str | None, problem: str) -> None:
         """Once per peer: every later checkpoint of a rewritten log is refused the same way
         (the witness state never moves), and one alert says so."""
-        if peer in self.book.records:
+        if peer in self.book.records or peer in self.book.evicted:
             log.debug("still refusing %s: %s", peer, problem)
             return
         alert = {"witness": self.name, "peer": peer, "origin": origin, "problem": problem, "time": time.time()}
-        self.book.add(peer, alert)
+        dropped = self.book.add(peer, alert)   # over the limit: the oldest (on unpinned peers first) go
         self.metrics.count_tamper(peer)
         self.metrics.set_alert(peer, True)
+        for gone in dropped:
+            self.metrics.set_alert(gone, False)
         self.record("tamper", source="fleet_witness", peer=peer, origin=origin or "", problem=problem[:500],
                     action="cosignature refused")
         log.error("fleet: refusing to cosign %s: %s", peer, problem)
@@ -552,7 +556,10 @@ class FleetAgent:
         except OSError as e:
             log.error("fleet: cannot keep the alert on %s in the state dir: %s", peer, e)
         try:
-            await self.store.put(keys.alert(peer, self.name), alert_value(self.log_signer, alert))
+            for gone in dropped:
+                await self.store.delete(keys.alert(gone, self.name))
+            if peer not in dropped:
+                await self.store.put(keys.alert(peer, self.name), alert_value(self.log_signer, alert))
         except FleetError:
             pass   # recorded locally; the store gets it at the next witness round
 

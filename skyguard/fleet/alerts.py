@@ -7,7 +7,9 @@ can write the store cannot erase it by deleting its key, nor a restart make the 
 Each is published with a note by which the witness's host key signs it (alert_note): whoever can
 write the store can write an alert record too, so `fleet status` shows as the fleet's only the
 alerts its host raised and those a host key an operator pinned there signed (open_alert,
-admin.py); the rest is unverified.
+admin.py); the rest is unverified. At most MAX_ALERTS are kept (AlertBook): past it the oldest on
+a peer no operator pinned goes first, else the oldest; it is deleted from the store, counted, and
+not raised again while the agent runs. The signed log keeps every one.
 
 An operator clears one with `skyguard fleet clear-alert PEER` (request_clear): the agent takes the
 request at its next round, logs it in the signed log, drops the alert and remembers the clearing
@@ -26,7 +28,9 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from skyguard import fsutil
@@ -40,8 +44,11 @@ log = logging.getLogger("skyguard.fleet")
 ALERTS_FILE = "fleet/alerts.json"   # under the state dir: {peer: the alert as published}
 CLEARED_FILE = "fleet/cleared.json"   # under the state dir: {"<witness>/<peer>": when cleared}
 CLEAR_DIR = "fleet/clear"   # under the state dir: one file per alert an operator cleared, naming its peer
-MAX_CLEARED = 1024   # clearings a host remembers (the oldest go first)
+# Alerts a host keeps (SKYGUARD_FLEET_MAX_ALERTS); clearings it remembers (the oldest go first).
+MAX_ALERTS = int(os.environ.get("SKYGUARD_FLEET_MAX_ALERTS", "256"))
+MAX_CLEARED = 4 * MAX_ALERTS
 NOTES_PUBLISHED = 20   # alert and clearing notes in a member record, each
+EVICTED_REMEMBERED = 4096   # peers whose alert was dropped, not alerted on again while the agent runs
 
 
 def load_alerts(state_dir: Path) -> dict[str, dict]:
@@ -175,17 +182,35 @@ def is_cleared(alert: dict, cleared: dict[str, float]) -> bool:
 
 
 class AlertBook:
-    """This witness's alerts by peer (`records`), kept in the state dir; and the clearings known
-    here (`cleared`)."""
+    """This witness's alerts by peer (`records`), kept in the state dir, at most `limit`; and the
+    clearings known here (`cleared`). `pinned(peer)`: an operator pinned it (alerts on the
+    others go first); `dropped(n)`: n alerts dropped over the limit (a metric)."""
 
-    def __init__(self, state_dir: Path, me: str):
-        self.state_dir, self.me = Path(state_dir), me
+    def __init__(self, state_dir: Path, me: str, pinned: Callable[[str], bool] = lambda peer: True,
+                 dropped: Callable[[int], None] = lambda n: None, limit: int | None = None):
+        self.state_dir, self.me, self.pinned, self.dropped = Path(state_dir), me, pinned, dropped
+        self.limit = MAX_ALERTS if limit is None else limit
         self.cleared = load_cleared(state_dir)
         self.records = {peer: a for peer, a in load_alerts(state_dir).items() if not is_cleared(a, self.cleared)}
+        self.evicted: dict[str, None] = {}   # peers whose alert was dropped: not raised again while running
         self._learnt: dict[str, list] = {}   # peer -> its clearing notes as last read
 
-    def add(self, peer: str, alert: dict) -> None:
+    def add(self, peer: str, alert: dict) -> list[str]:
+        """Keep `alert` on `peer`; the peers whose alerts were dropped to make room (maybe it)."""
         self.records[peer] = alert
+        out = []
+        while len(self.records) > self.limit:
+            victim = min(self.records, key=lambda p: (self.pinned(p), _time(self.records[p]), p))
+            del self.records[victim]
+            out.append(victim)
+            self.evicted[victim] = None
+            while len(self.evicted) > EVICTED_REMEMBERED:
+                del self.evicted[next(iter(self.evicted))]
+        if out:
+            self.dropped(len(out))
+            log.warning("fleet: %d alerts kept already; dropped those on %s (the signed log keeps them)",
+                        self.limit, ", ".join(out)[:300])
+        return out
 
     def clear(self, peer: str) -> dict | None:
         alert = self.records.pop(peer, None)
@@ -226,3 +251,8 @@ class AlertBook:
         alerts = [alert_note(signer, a) for _, a in sorted(dict(self.records).items())][-NOTES_PUBLISHED:]
         mine = sorted((when, which) for which, when in self.cleared.items() if which.startswith(self.me + "/"))
         return alerts, [cleared_note(signer, self.me, which.split("/", 1)[1], when) for when, which in mine[-NOTES_PUBLISHED:]]
+
+
+def _time(alert: dict) -> float:
+    value = alert.get("time")
+    return float(value) if isinstance(value, (int, float)) else 0.0

@@ -81,6 +81,9 @@ class FleetMetrics:
                               "count for nothing", registry=registry)
         self.unpinned_seen = Counter("skyguard_fleet_unpinned_members", "Members not pinned here seen in the "
                                      "store (each counted when it appears)", registry=registry)
+        self.alerts_dropped = Counter("skyguard_fleet_alerts_dropped", "Alerts this host dropped over its cap "
+                                      "(SKYGUARD_FLEET_MAX_ALERTS; those on unpinned peers first): still in the "
+                                      "signed log", registry=registry)
         self.pins_dropped = Counter("skyguard_fleet_first_sight_pins_dropped", "First-sight pins dropped or "
                                     "refused over their cap (SKYGUARD_FLEET_MAX_FIRST_SIGHT_PINS)", registry=registry)
 

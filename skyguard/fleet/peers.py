@@ -42,6 +42,7 @@ FIRST_SIGHT = "first sight"
 # First-sight pins kept (SKYGUARD_FLEET_MAX_FIRST_SIGHT_PINS): each is a member whoever writes the
 # store can make up.
 MAX_FIRST_SIGHT = int(os.environ.get("SKYGUARD_FLEET_MAX_FIRST_SIGHT_PINS", "256"))
+LOG_EVERY_S = 60.0
 
 
 def keys_of(record: dict) -> dict:
@@ -65,6 +66,8 @@ class PeerPins:
         self._pins: dict = {}
         self._trusted: dict = {}
         self._seen: tuple | None = None   # the file as last read: (inode, size, mtime), or () if none
+        self._refused: tuple[frozenset, set] = (frozenset(), set())   # (members then, refused a pin since)
+        self._logged = -LOG_EVERY_S
 
     def _read(self) -> dict:
         try:
@@ -104,18 +107,25 @@ class PeerPins:
         return None
 
     def _pin_first_sight(self, peer: str, record: dict, present: set[str]) -> None:
+        if self._refused[0] != present:   # a member came or went: maybe room now
+            self._refused = (frozenset(present), set())
+        if peer in self._refused[1]:
+            return   # refused already (counted once), while the same members are there
         with _locked(self.path):
             self._seen = None
             pins = dict(self._read())
             if peer in pins:
                 return
-            first = sorted((pin.get("at", 0), name) for name, pin in pins.items() if not by_operator(pin))
+            first = sorted((_at(pin), name) for name, pin in pins.items() if not by_operator(pin))
             if len(first) >= self.max_first_sight:
                 gone = [name for _, name in first if name not in present]
                 if not gone:
+                    self._refused[1].add(peer)
                     self.dropped()
-                    log.warning("fleet: not pinning %s at first sight: %d first-sight pins already, all of "
-                                "members still in the store", peer, len(first))
+                    if time.monotonic() - self._logged >= LOG_EVERY_S:
+                        self._logged = time.monotonic()
+                        log.warning("fleet: not pinning %s at first sight (nor others for a minute): %d first-sight "
+                                    "pins already, all of members still in the store", peer, len(first))
                     return
                 del pins[gone[0]]
                 self.dropped()
@@ -123,6 +133,10 @@ class PeerPins:
             pins[peer] = {**keys_of(record), "pinned": FIRST_SIGHT, "at": time.time()}
             _write(self.path, pins)
             self._seen = None
+
+
+def _at(pin: dict) -> float:
+    return float(pin["at"]) if isinstance(pin.get("at"), (int, float)) else 0.0
 
 
 def trust(state_dir: Path, name: str, identity: dict, own_origin: str | None = None) -> dict:

@@ -808,6 +808,64 @@ def test_members_made_up_in_the_store_get_no_metric_series_past_the_cap(fleet):
                            env=dict(os.environ, ETCDCTL_API="3"), check=True, capture_output=True, timeout=30)
 
 
+def test_members_made_up_one_by_one_do_not_grow_a_host_s_alerts_and_pins_without_bound(fleet):
+    # A host pinning at first sight (the opt-in), and members made up in etcd one after another:
+    # some present this host's own log origin (each refused: an alert), others a new origin each
+    # (each pinned). Before the fix fleet/alerts.json and fleet/peers.json grew by one entry per
+    # member, without bound, kept across restarts. Now at most max_alerts alerts are kept (those
+    # on peers no operator pinned, oldest, go first: deleted from the store, counted, not raised
+    # again) and at most max_first_sight_pins first-sight pins (those of members gone from the
+    # store make room; while all are present a new member is not pinned, counted).
+    import asyncio
+
+    alpha = fleet.hosts[0]
+    echo = Host("echo", fleet.base, fleet.cluster, fleet.admin_vkey, alpha.loop, trust_first_use=True,
+                max_alerts=2, max_first_sight_pins=4)
+    store = EtcdStore(fleet.cluster.endpoints)
+    names = [f"fake-{i:02d}" for i in range(9)]
+
+    def make_up(name, origin):
+        asyncio.run(store.put(keys.member(name), json.dumps(
+            {"name": name, "origin": origin, "log_vkey": f"{name}-key", "witness_vkey": f"{name}-witness"}).encode()))
+        asyncio.run(store.put(keys.checkpoint(name), b'{"note": "x"}'))
+
+    def kept(path):
+        return json.loads((echo.state / "fleet" / path).read_text())
+    try:
+        wait_until(lambda: len(echo.agent.pins.all()) == 3, what="echo pinning alpha, bravo and charlie")
+        for name in names[:4]:
+            make_up(name, echo.writer.origin)   # this host's own origin: refused, an alert each
+        for name in names[4:8]:
+            make_up(name, f"{name}.skyguard/log")
+        # (echo may hold an alert on charlie too: an earlier test rewrote charlie's log)
+        wait_until(lambda: (metric(echo, "skyguard_fleet_alerts_dropped_total", None) or 0) >= 2
+                   and (metric(echo, "skyguard_fleet_first_sight_pins_dropped_total", None) or 0) >= 3
+                   and {"fake-02", "fake-03"} <= set(echo.agent.alerts),
+                   what="echo dropping alerts and refusing pins over its caps")
+        dropped = metric(echo, "skyguard_fleet_alerts_dropped_total", None)
+        time.sleep(1.5)   # more rounds: no alert raised again, none dropped again
+        assert metric(echo, "skyguard_fleet_alerts_dropped_total", None) == dropped
+        assert len(kept("alerts.json")) == 2 and len(echo.agent.alerts) == 2
+        wait_until(lambda: len([i for i in asyncio.run(store.get_prefix(keys.ALERTS))[0]
+                                if i.key.endswith("/echo")]) == 2, what="the dropped alerts gone from the store")
+        pins = kept("peers.json")
+        assert len(pins) == 4 and {"alpha", "bravo", "charlie"} <= set(pins), pins
+        # Members gone from the store make room for a new one.
+        for name in names[4:8]:
+            asyncio.run(store.delete(keys.member(name)))
+        make_up(names[8], f"{names[8]}.skyguard/log")
+        wait_until(lambda: names[8] in echo.agent.pins.all(), what="echo pinning a new member in a gone one's place")
+        assert len(kept("peers.json")) == 4
+    finally:
+        echo.stop_agent()
+        echo.writer.close()
+        for name in names:
+            asyncio.run(store.delete(keys.member(name)))
+            asyncio.run(store.delete(keys.checkpoint(name)))
+            asyncio.run(store.delete(keys.alert(name, "echo")))
+        asyncio.run(store.delete(keys.member("echo")))
+
+
 def test_a_refused_policy_with_a_huge_signer_name_is_still_on_the_signed_log(fleet):
     # A policy record signed under a key name of 1.1 MB: before the fix the refusal's message
     # (which names the signers) made a log entry over the 1 MiB limit, so the refusal never
