@@ -115,7 +115,7 @@ def log():
                    "the fleet agent kept in <state-dir>/fleet/cosigned.")
 @click.option("--witness-key", "witness_keys", multiple=True, metavar="VKEY|FILE",
               help="A witness key to trust (repeatable); default: the fleet peers' keys pinned "
-                   "in <state-dir>/fleet/peers.json.")
+                   "with `skyguard fleet trust` (<state-dir>/fleet/peers.json).")
 @json_option
 def verify(state_dir, log_dir, key, checkpoint_files, witnesses, witness_keys, as_json):
     """Recompute every leaf and the tree; check every checkpoint; name the first bad index.
