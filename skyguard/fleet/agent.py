@@ -401,7 +401,7 @@ class FleetAgent:
             await self._clear_alert(peer)
             request.unlink(missing_ok=True)
         await republish_alerts(self.store, self.name, self.book.records, self.log_signer)
-        learnt = [self.book.learn(peer, record.get("cleared_notes"), pin["log_vkey"])
+        learnt = [self.book.learn(peer, record.get("cleared_notes"), pin.get("log_vkey"))
                   for peer, record in peers.items() if (pin := self.pins.all().get(peer)) and by_operator(pin)]
         if any(learnt):   # clearings pinned peers signed: kept, whatever the store holds later
             await asyncio.to_thread(self.book.keep)

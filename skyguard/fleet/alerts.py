@@ -218,10 +218,10 @@ class AlertBook:
             self._remember(f"{self.me}/{peer}", time.time())
         return alert
 
-    def learn(self, peer: str, notes, vkey: str) -> bool:
+    def learn(self, peer: str, notes, vkey) -> bool:
         """Take the clearings pinned `peer` signed with its log key `vkey` (`notes`, from its member
         record); True if one is new here."""
-        notes = notes[:NOTES_PUBLISHED] if isinstance(notes, list) else []
+        notes = notes[:NOTES_PUBLISHED] if isinstance(notes, list) and isinstance(vkey, str) else []
         if self._learnt.get(peer) == notes:
             return False
         self._learnt[peer] = notes
