@@ -218,8 +218,7 @@ class DnsServer:
             self._close_socket(us)
         for server in self._servers:
             await server.wait_closed()
-        # Off the loop (the other parts go on): a write in flight is waited for, then the last one,
-        # each with its fsync. Nothing changes the store any more: every task here has ended.
+        # Off the loop (other parts go on): a write in flight, then the last one, each fsync'd.
         await asyncio.to_thread(self.state_writer.close)
         if self.resolver.store.dirty:
             await asyncio.to_thread(self.resolver.store.save, time.time())
