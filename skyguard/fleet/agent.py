@@ -233,8 +233,8 @@ class FleetAgent:
         if not path.exists():
             return
         try:
-            signed = open_policy(path.read_bytes(), self.admins)
-        except PolicyRefused as e:   # an edited file, or the admin keys changed: start from zero
+            signed = open_policy(fsutil.read_regular_file(path), self.admins)
+        except (OSError, PolicyRefused) as e:   # an edited file, or the admin keys changed: start from zero
             log.error("the applied fleet policy kept in %s is not valid any more: %s", path, e)
             return
         self.revision, self.policy_sha = signed.revision, signed.sha256

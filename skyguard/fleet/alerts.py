@@ -57,7 +57,7 @@ def load_alerts(state_dir: Path) -> dict[str, dict]:
     try:
         if not path.exists():   # (a state dir this user may not read: said, below)
             return {}
-        kept = json.loads(path.read_text())
+        kept = json.loads(fsutil.read_regular_file(path))
     except (OSError, ValueError) as e:
         log.error("the fleet alerts kept in %s are unreadable (%s); the signed log holds them", path, e)
         return {}
@@ -167,7 +167,7 @@ def load_cleared(state_dir: Path) -> dict[str, float]:
     """The clearings known in a state dir ({} when none, or unreadable: said)."""
     path = Path(state_dir) / CLEARED_FILE
     try:
-        kept = json.loads(path.read_text()) if path.exists() else {}
+        kept = json.loads(fsutil.read_regular_file(path)) if path.exists() else {}
     except (OSError, ValueError) as e:
         log.error("the fleet alert clearings kept in %s are unreadable (%s)", path, e)
         return {}

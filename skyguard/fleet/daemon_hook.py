@@ -65,6 +65,7 @@ def kept_fleet_policy(state_dir: Path, admin_keys) -> tuple[str, str] | None:
     """(text, source) of the last fleet policy this host applied, if it is still signed by one of
     `admin_keys`: what `skyguard up` with a fleet starts enforcing instead of its --policy file,
     so a restart never runs an older policy, not even until the agent restores the kept one."""
+    from skyguard import fsutil
     from skyguard.fleet.agent import FLEET_DIR
     from skyguard.fleet.signing import PolicyRefused, load_admin_verifiers, open_policy
 
@@ -72,8 +73,8 @@ def kept_fleet_policy(state_dir: Path, admin_keys) -> tuple[str, str] | None:
     if not path.exists():
         return None
     try:
-        signed = open_policy(path.read_bytes(), load_admin_verifiers(list(admin_keys)))
-    except PolicyRefused:
+        signed = open_policy(fsutil.read_regular_file(path), load_admin_verifiers(list(admin_keys)))
+    except (OSError, PolicyRefused):
         return None   # the agent logs why when it starts, and waits for a pushed one
     return signed.text, f"fleet revision {signed.revision}"
 

@@ -77,7 +77,7 @@ class PeerPins:
             now = ()
         if now != self._seen:
             try:
-                pins = json.loads(self.path.read_text()) if now else {}
+                pins = json.loads(fsutil.read_regular_file(self.path)) if now else {}
             except (OSError, ValueError) as e:
                 log.error("fleet: the pinned peers in %s are unreadable (%s): none trusted", self.path, e)
                 pins = {}
@@ -186,7 +186,9 @@ def untrust(state_dir: Path, name: str) -> bool:
 
 def _load(path: Path) -> dict:
     try:
-        pins = json.loads(path.read_text()) if path.exists() else {}
+        pins = json.loads(fsutil.read_regular_file(path)) if path.exists() else {}
+    except OSError as e:
+        raise BadInput(f"cannot read {path}: {e.strerror or e}") from None
     except ValueError:
         raise BadInput(f"{path} is not JSON; move it away to pin peers anew") from None
     return {peer: pin for peer, pin in pins.items() if isinstance(pin, dict)} if isinstance(pins, dict) else {}

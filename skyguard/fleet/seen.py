@@ -47,7 +47,7 @@ class SeenCosignatures:
         if log_name not in self.logs:
             path, kept = self._path(log_name), {}
             try:
-                kept = json.loads(path.read_text())
+                kept = json.loads(fsutil.read_regular_file(path))
             except FileNotFoundError:
                 pass
             except (OSError, ValueError) as e:

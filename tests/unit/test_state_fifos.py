@@ -20,8 +20,10 @@ from skyguard.console.tickets import TicketBook
 from skyguard.credproxy.ca import CA_CERT_FILE, CA_KEY_FILE, CertificateAuthority
 from skyguard.dns.learned import LearnedStore
 from skyguard.errors import AdminError, BadInput, CredentialError, DnsError, LogError
+from skyguard.fleet import alerts, peers
+from skyguard.fleet.daemon_hook import kept_fleet_policy
 from skyguard.tlog import hostkey
-from skyguard.tlog.cosign import Cosigner, Witness
+from skyguard.tlog.cosign import PEERS_FILE, Cosigner, Witness
 from skyguard.tlog.reader import CHECKPOINTS_FILE, META_FILE, LogReader, segment_name
 from skyguard.tlog.store import LogWriter
 from skyguard.tpm import measure, quote
@@ -122,3 +124,20 @@ def test_a_fifo_among_tickets_recordings_or_the_measurement_marker_is_skipped_no
     fifo = fifo_at(tmp_path / "tpm" / measure.STOPPED_FILE)
     stopped = outcome(fifo, lambda: measure.stopped(tmp_path))  # still says measurement stopped: fail closed
     assert "cannot be read" in stopped and "not a regular file" in stopped
+
+
+FLEET_CASES = {  # what: (the file made a FIFO, what reads it, what it gives instead of waiting)
+    "fleet alerts": (lambda s: s / alerts.ALERTS_FILE, lambda s: alerts.load_alerts(s), {}),
+    "fleet clearings": (lambda s: s / alerts.CLEARED_FILE, lambda s: alerts.load_cleared(s), {}),
+    "fleet policy kept": (lambda s: s / "fleet" / "policy.json", lambda s: kept_fleet_policy(s, []), None),
+    "fleet peers (fleet untrust)": (lambda s: s / PEERS_FILE, lambda s: peers.untrust(s, "bravo"), BadInput),
+}
+
+
+@pytest.mark.parametrize("what", FLEET_CASES)
+def test_a_fifo_in_the_fleet_state_is_unreadable_not_waited_on(what, tmp_path):
+    place, read, expected = FLEET_CASES[what]
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    got = outcome(fifo_at(place(state)), lambda: read(state))
+    assert isinstance(got, expected) if isinstance(expected, type) else got == expected, got
