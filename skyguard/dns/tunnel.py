@@ -156,6 +156,18 @@ class _BaseWindow:
     bulky: deque = field(default_factory=deque)  # times of long TXT/NULL answers
 
 
+def _lru_entry(table: OrderedDict, vm: str, make):
+    """table[vm], made if missing; the most recently used VM last, at most MAX_VMS of them."""
+    entry = table.get(vm)
+    if entry is None:
+        entry = table[vm] = make()
+        if len(table) > MAX_VMS:
+            table.popitem(last=False)
+    else:
+        table.move_to_end(vm)
+    return entry
+
+
 class _Reasks:
     """One VM's re-ask charges in the budget window: (time, bytes) in arrival order. Bounded:
     every charge costs at least 2 bits, so the budget holds at most REASK_BUDGET_BYTES * 4."""
@@ -236,13 +248,7 @@ class TunnelDetector:
         self._name_cache: dict[tuple[bytes, int], tuple[dict, bytes, str, float]] = {}
 
     def _window(self, vm: str, base: str) -> _BaseWindow:
-        bases = self._vms.get(vm)
-        if bases is None:
-            bases = self._vms[vm] = OrderedDict()
-            if len(self._vms) > MAX_VMS:
-                self._vms.popitem(last=False)
-        else:
-            self._vms.move_to_end(vm)
+        bases = _lru_entry(self._vms, vm, OrderedDict)
         window = bases.get(base)
         if window is None:
             window = bases[base] = _BaseWindow()
@@ -306,24 +312,10 @@ class TunnelDetector:
         known = (len(budget.names) if budget else 0) + (len(bases) if bases else 0)
         bits = math.log2(known + 1) + REASK_QTYPE_BITS.get(qtype, REASK_OTHER_QTYPE_BITS) \
             + REASK_HEADER_BITS[common_header]
-        reasks = self._reasks.get(vm)
-        if reasks is None:
-            reasks = self._reasks[vm] = _Reasks()
-            if len(self._reasks) > MAX_VMS:
-                self._reasks.popitem(last=False)
-        else:
-            self._reasks.move_to_end(vm)
-        return reasks.spend(bits / 8, now)
+        return _lru_entry(self._reasks, vm, _Reasks).spend(bits / 8, now)
 
     def _budget(self, vm: str) -> _Budget:
-        budget = self._budgets.get(vm)
-        if budget is None:
-            budget = self._budgets[vm] = _Budget()
-            if len(self._budgets) > MAX_VMS:
-                self._budgets.popitem(last=False)
-        else:
-            self._budgets.move_to_end(vm)
-        return budget
+        return _lru_entry(self._budgets, vm, _Budget)
 
     def observe_answer(self, vm: str, base: str, payload_octets: int, now: float) -> None:
         """Count a TXT/NULL answer of payload_octets for vm under base (scored on the next
