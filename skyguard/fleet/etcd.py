@@ -26,20 +26,13 @@ from websockets.exceptions import WebSocketException
 
 from skyguard.errors import BadInput
 from skyguard.fleet.store import Change, Compacted, FleetError, Item, StoreUnavailable
+from skyguard.timeouts import within
 
 log = logging.getLogger("skyguard.fleet.etcd")
 
 CALL_TIMEOUT_S = 3.0       # one member's answer; etcd itself times out a quorum-less write at ~7 s
 MAX_RESPONSE = 64 << 20    # a range of the fleet's keys is small; refuse to buffer more
 WATCH_IDLE_S = 2.0         # a watch silent this long is asked for progress (a frozen member answers nothing)
-
-
-async def _within(awaitable, seconds: float):
-    """`awaitable`'s result, or TimeoutError after `seconds`. Not asyncio.wait_for: on Python 3.11
-    it returns the result of an awaitable that finished just as its caller was cancelled, dropping
-    the cancellation (the task that should stop goes on); asyncio.timeout keeps it."""
-    async with asyncio.timeout(seconds):
-        return await awaitable
 
 
 def _b64(text: str | bytes) -> str:
@@ -156,8 +149,8 @@ class EtcdStore:
             host, port = self.endpoints[index]
             http = _Http(host, port)
             try:
-                response = await _within(http.send(path, body), self.timeout)
-                data = await _within(http.body(), self.timeout)
+                response = await within(http.send(path, body), self.timeout)
+                data = await within(http.body(), self.timeout)
             except (TimeoutError, OSError, h11.ProtocolError, StoreUnavailable) as e:
                 problems.append(f"{host}:{port}: {type(e).__name__} {e}".strip())
                 continue
@@ -227,8 +220,8 @@ class EtcdStore:
             host, port = self.endpoints[index]
             http = _Http(host, port)
             try:
-                await _within(http.send(path, body), self.timeout)
-                return await _within(_first_message(http), self.timeout)
+                await within(http.send(path, body), self.timeout)
+                return await within(_first_message(http), self.timeout)
             except (TimeoutError, OSError, h11.ProtocolError, StoreUnavailable, ValueError) as e:
                 problems.append(f"{host}:{port}: {type(e).__name__}")
             finally:
@@ -255,8 +248,8 @@ class EtcdStore:
                 ws = await connect(f"ws://{host}:{port}/v3/watch", open_timeout=self.timeout, proxy=None,
                                    ping_interval=None, compression=None, max_size=MAX_RESPONSE,
                                    user_agent_header=None)
-                await _within(ws.send(json.dumps(request)), self.timeout)
-                first = await _within(ws.recv(), self.timeout)   # "created", or why not
+                await within(ws.send(json.dumps(request)), self.timeout)
+                first = await within(ws.recv(), self.timeout)   # "created", or why not
                 break
             except (TimeoutError, OSError, WebSocketException) as e:
                 log.debug("etcd %s:%s: no watch (%s)", host, port, type(e).__name__)
@@ -273,10 +266,10 @@ class EtcdStore:
                 if changes:
                     yield changes
                 try:
-                    message = await _within(ws.recv(), self.watch_idle)
+                    message = await within(ws.recv(), self.watch_idle)
                 except TimeoutError:
-                    await _within(ws.send('{"progress_request": {}}'), self.timeout)
-                    message = await _within(ws.recv(), self.timeout)
+                    await within(ws.send('{"progress_request": {}}'), self.timeout)
+                    message = await within(ws.recv(), self.timeout)
         except TimeoutError:
             if self._preferred == index:   # the next call and watch ask another member first
                 self._preferred = (index + 1) % len(self.endpoints)
