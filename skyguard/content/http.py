@@ -72,12 +72,20 @@ def body_files(headers: Headers, body: bytes, limit: int) -> list[bytes]:
     if media_type.startswith(b"multipart/"):
         return multipart_parts(content_type, body)
     if media_type == b"application/x-www-form-urlencoded":
-        escaped: list[bytes] = []
-        rest: list[bytes] = []
-        for raw in form_pieces(body):
-            target = escaped if len(escaped) < MAX_PARTS and _ESCAPE.search(raw) else rest
-            target.append(unquote_to_bytes(raw.replace(b"+", b" ")))
-        return [body, *escaped, *([b"\n".join(rest)] if rest else [])]
+        # Each way of splitting (FORM_SEPARATORS) adds the pieces it reads that another did not:
+        # the escaped ones each a file (MAX_PARTS in all), the others joined, a file per way (so
+        # none is larger than the body: a size rule holds for what a parser can read).
+        files, seen = [body], set()
+        for separators in FORM_SEPARATORS:
+            rest: list[bytes] = []
+            for raw in form_pieces(body, separators):
+                if raw not in seen:
+                    seen.add(raw)
+                    decoded = unquote_to_bytes(raw.replace(b"+", b" "))
+                    (files if len(files) <= MAX_PARTS and _ESCAPE.search(raw) else rest).append(decoded)
+            if rest:
+                files.append(b"\n".join(rest))
+        return files
     return [body, *json_files(body, declared=_names_json(media_type))]
 
 
@@ -135,20 +143,25 @@ def _strict_base64(text: str) -> bytes | None:
         return None
 
 
-def form_pieces(data: bytes) -> list[bytes]:
-    """The names and values of a form body or query string that a form parser changes ('+' or
-    percent-escapes to undo), as sent (the others are in `data` as they are), as each parser
-    splits fields: at '&' only (Python since 3.10, most frameworks), at '&' and ';' (older ones),
-    at ';' only (a separator some take), so a value a parser reads whole is never judged only in
-    pieces (a file cut by a bare ';' reached an '&'-only parser whole, its halves judged apart)."""
-    pieces = dict.fromkeys(piece for pattern in (rb"&", rb";", rb"[&;]") for field in re.split(pattern, data)
-                           for piece in field.split(b"=", 1) if b"%" in piece or b"+" in piece)
-    return list(pieces)
+# How form parsers split fields: at '&' and ';' (older ones), at '&' only (Python since 3.10, most
+# frameworks), at ';' only (a separator some take). Each way is judged, so a value a parser reads
+# whole is never judged only in pieces (a file cut by a bare ';' reached an '&'-only parser whole
+# while the filter, splitting at both, judged its halves apart).
+FORM_SEPARATORS = (rb"[&;]", rb"&", rb";")
+
+
+def form_pieces(data: bytes, separators: bytes = FORM_SEPARATORS[0]) -> list[bytes]:
+    """The names and values of a form body or query string, split at `separators`, that a form
+    parser changes ('+' or percent-escapes to undo), as sent (the others are in `data` as they are)."""
+    return [piece for field in re.split(separators, data) for piece in field.split(b"=", 1)
+            if b"%" in piece or b"+" in piece]
 
 
 def form_fields(data: bytes) -> list[bytes]:
-    """form_pieces(data) as a form parser reads them, '+' and percent-escapes undone."""
-    return [unquote_to_bytes(piece.replace(b"+", b" ")) for piece in form_pieces(data)]
+    """form_pieces(data) split each way a parser does, as a parser reads them ('+' and
+    percent-escapes undone), each piece once."""
+    pieces = dict.fromkeys(p for separators in FORM_SEPARATORS for p in form_pieces(data, separators))
+    return [unquote_to_bytes(piece.replace(b"+", b" ")) for piece in pieces]
 
 
 def decode_content(headers: Headers, body: bytes, limit: int) -> bytes:

@@ -370,7 +370,9 @@ def fuzz_content(data: bytes) -> None:
     assert len(files) <= 2 * MAX_PARTS + 3, f"{len(files)} files"
     assert all(len(f) <= CONTENT_LIMIT for f in files), "a file larger than the inspection buffer"
     if any(n == b"content-encoding" for n, _ in headers):
-        return  # the oracles below read the body as sent
+        return  # the checks below read the body as sent
+    # every file is something a parser reads out of the body: never larger (a size rule holds)
+    assert all(len(f) <= len(body) for f in files), "a file larger than the body it came from"
     media = next((v.split(b";")[0].strip().lower() for n, v in headers if n == b"content-type"), b"")
     if media == b"application/x-www-form-urlencoded":
         for separator in ("&", ";"):
