@@ -19,7 +19,7 @@ An allowed question the VM's answer cache (answercache.py) holds is not forwarde
 returns a forward whose `cached` reply the server feeds to answer() at once, so a hit takes the
 same path (policy re-check, learning, logging) as an upstream reply, with TTLs aged. A miss for
 a name the VM asked before is charged to its re-ask budget (tunnel.py); past it, the expired
-entry answers (serve-stale) or the query is refused. Not a recursive resolver or a transport.
+entry answers (serve-stale) or no records do (NODATA). Not a recursive resolver or transport.
 One event loop owns one (not thread-safe).
 """
 
