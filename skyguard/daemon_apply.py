@@ -34,15 +34,8 @@ def apply_policy(daemon, policy, text: str, host_addresses: list[str]) -> dict:
                               f"({daemon.policy.sha256[:16]}...), which the datapath already enforces "
                               f"({daemon.parts_busy or 'a part'} has not finished); nothing changed: load it "
                               "again once `skyguard status` shows no part pending")
-        try:
-            daemon.datapath.apply_policy(policy, host_addresses=host_addresses)
-        except Exception:
-            # The generation flip is the commit point: a datapath that raised before it still
-            # enforces the previous policy (nothing changed); one that raised after it enforces
-            # `policy` (Datapath.policy says which), and the daemon must then name it.
-            if getattr(daemon.datapath, "policy", None) is not policy:
-                raise
-            log.exception("the datapath enforces policy %s but its swap raised after the flip", policy.sha256[:12])
+        # Raises only before its generation flip (nothing changed); never after it (Datapath.apply_policy).
+        daemon.datapath.apply_policy(policy, host_addresses=host_addresses)
         # From here on the datapath enforces `policy`: the daemon says so, whatever follows.
         daemon.policy, daemon.policy_text = policy, text
         try:

@@ -156,15 +156,15 @@ class _BaseWindow:
     bulky: deque = field(default_factory=deque)  # times of long TXT/NULL answers
 
 
-def _lru_entry(table: OrderedDict, vm: str, make):
-    """table[vm], made if missing; the most recently used VM last, at most MAX_VMS of them."""
-    entry = table.get(vm)
+def _lru_entry(table: OrderedDict, key, make, most: int = MAX_VMS):
+    """table[key], made if missing; the most recently used key last, at most `most` of them."""
+    entry = table.get(key)
     if entry is None:
-        entry = table[vm] = make()
-        if len(table) > MAX_VMS:
+        entry = table[key] = make()
+        if len(table) > most:
             table.popitem(last=False)
     else:
-        table.move_to_end(vm)
+        table.move_to_end(key)
     return entry
 
 
@@ -248,15 +248,7 @@ class TunnelDetector:
         self._name_cache: dict[tuple[bytes, int], tuple[dict, bytes, str, float]] = {}
 
     def _window(self, vm: str, base: str) -> _BaseWindow:
-        bases = _lru_entry(self._vms, vm, OrderedDict)
-        window = bases.get(base)
-        if window is None:
-            window = bases[base] = _BaseWindow()
-            if len(bases) > MAX_BASES_PER_VM:
-                bases.popitem(last=False)
-        else:
-            bases.move_to_end(base)
-        return window
+        return _lru_entry(_lru_entry(self._vms, vm, OrderedDict), base, _BaseWindow, MAX_BASES_PER_VM)
 
     def observe(self, vm: str, labels: list[bytes], qtype: int, now: float, blocking: bool = False) -> Verdict:
         joined = b".".join(labels)
