@@ -13,14 +13,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 
 import pytest
 from daemon_support import RunningDaemon, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from skyguard import config
-from support.content_support import EICAR, LocalClamd
+from support.content_support import EICAR, LocalClamd, harmless_bytes
 
 VM = "agent1"
 URL = "https://pypi.sandbox.test/upload"
@@ -144,7 +143,7 @@ def test_eicar_upload_is_refused_logged_counted_and_shown_in_flows(lab, daemon):
 
 
 def test_a_clean_file_arrives_byte_exact(lab, daemon):
-    data = os.urandom(300_000)
+    data = harmless_bytes(300_000)
     before, allowed = len(arrived(lab)), judged(lab, "allowed")
     code, body = upload(lab, daemon, data)
     assert code == 200, body

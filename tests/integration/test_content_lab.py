@@ -26,7 +26,7 @@ from skyguard.lab.internet import request_body
 from skyguard.parts import MemoryLog
 from skyguard.policy.content import ContentBlock, ContentPolicy, ContentRule
 from skyguard.policy.model import Policy, Workload, Zone
-from support.content_support import EICAR, LocalClamd, gzip_bomb, zipped
+from support.content_support import EICAR, LocalClamd, gzip_bomb, harmless_bytes, zipped
 from support.netns_support import NamespaceLoop, wait_for_port
 
 VM, HOST, NET = (f"cnt{os.getpid()}-{role}" for role in ("vm", "host", "net"))
@@ -145,7 +145,7 @@ def test_the_content_zone_is_steered_without_any_credential(lab):
 
 
 def test_a_clean_file_reaches_the_internet_byte_exact(lab):
-    data = os.urandom(100_000)
+    data = harmless_bytes(100_000)
     before = len(echoed(lab))
     code, _ = vm_upload(lab, data)
     assert code == 200
@@ -183,7 +183,7 @@ def test_clamd_killed_mid_run_means_refusals(lab):
 def test_a_content_zone_uploads_files_up_to_the_inspection_buffer(lab):
     """Past the proxy's own 1 MiB request limit, up to content.max_inspect_bytes (4 MiB here):
     judged and forwarded byte-exact; past the buffer, refused before the upstream sees a byte."""
-    data = os.urandom(2 << 20)
+    data = harmless_bytes(2 << 20)
     before = len(echoed(lab))
     code, body = vm_upload(lab, data)
     assert code == 200, body[:300]

@@ -14,7 +14,7 @@ import pytest
 from test_admin_ssh import lab  # noqa: F401 - the module-scoped fixture, a lab of this module's own
 
 from skyguard.policy.content import ContentBlock, ContentPolicy, ContentRule
-from support.content_support import EICAR, LocalClamd, zipped
+from support.content_support import EICAR, LocalClamd, harmless_bytes, zipped
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def judged(lab, verdict):  # noqa: F811
 
 
 def test_clean_upload_through_the_proxy_arrives_byte_exact(lab, guarded):  # noqa: F811
-    data = os.urandom(200_000)
+    data = harmless_bytes(200_000)
     (lab.tmp / "clean.bin").write_bytes(data)
     allowed = judged(lab, "allowed")
     result = put(lab, lab.tmp / "clean.bin", guarded / "clean.bin")

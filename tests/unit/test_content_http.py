@@ -12,7 +12,6 @@ import gzip
 import hashlib
 import ipaddress
 import json
-import os
 import socket
 import ssl
 import subprocess
@@ -28,7 +27,7 @@ from skyguard.lab.internet import EchoServer, request_body
 from skyguard.parts import MemoryLog
 from skyguard.policy.content import ContentBlock, ContentPolicy, ContentRule
 from skyguard.policy.model import Policy, Workload, Zone
-from support.content_support import EICAR, LocalClamd, gzip_bomb, zip_bomb, zipped
+from support.content_support import EICAR, LocalClamd, gzip_bomb, harmless_bytes, zip_bomb, zipped
 
 ELF = b"\x7fELF\x02\x01\x01\x00" + b"\0" * 8 + b"\x02\x00\x3e\x00\x01\x00\x00\x00" + b"\0" * 200
 DOWNLOAD_MARKER = "SKYGUARD-DOWNLOAD-MARKER-7731"
@@ -293,7 +292,7 @@ def test_a_body_being_decoded_does_not_hold_up_other_connections(rig, monkeypatc
         return real(headers, body, limit)
 
     monkeypatch.setattr(httpfilter, "body_files", held)
-    large = json.dumps({"content": base64.b64encode(os.urandom(2 << 20)).decode()}).encode()
+    large = json.dumps({"content": base64.b64encode(harmless_bytes(2 << 20)).decode()}).encode()
     with ThreadPoolExecutor(1) as pool:
         answer = pool.submit(rig.upload, large, *_JSON, name="large.json")
         try:

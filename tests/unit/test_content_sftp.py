@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from support.content_support import EICAR, MARKER_FILE, LocalClamd, zipped
+from support.content_support import EICAR, MARKER_FILE, LocalClamd, harmless_bytes, zipped
 
 REPO = str(Path(__file__).resolve().parents[2])
 POLICY = """apiVersion: skyguard/v1
@@ -66,7 +66,7 @@ def blocks(rig: Path) -> list[dict]:
 
 
 def test_clean_upload_arrives_byte_exact(rig):
-    data = os.urandom(300_000)  # several WRITEs, pipelined
+    data = harmless_bytes(300_000)  # several WRITEs, pipelined
     result = put(rig, "clean.bin", data)
     assert result.returncode == 0, result.stderr
     assert (rig / "vm" / "clean.bin").read_bytes() == data
