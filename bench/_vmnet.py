@@ -131,6 +131,29 @@ class VmNet:
         for vm in self.vms.values():
             self._worker.call(self.datapath.attach, vm.host_if)
 
+    def flow_log_on(self, log_dir: Path) -> None:
+        """The daemon's flow logging as deployed: FlowLogger reading the datapath's ring and
+        writing flow_start/flow_end entries durably to a real signed log in `log_dir`. Started
+        in the host namespace's thread, so its names resolve where the VMs' interfaces are."""
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from skyguard.datapath.flowlog import FlowLogger
+        from skyguard.tlog import LogWriter, Signer
+
+        self._flow_writer = LogWriter(log_dir, Signer("bench.skyguard.test/log", Ed25519PrivateKey.generate()))
+        self._flow_logger = self._worker.call(lambda: FlowLogger(self.datapath, self._flow_writer).start())
+
+    def flow_log_off(self) -> dict:
+        """Stop the flow log once it caught up; what it wrote and what the kernel could not
+        put in the ring (counted, never silently)."""
+        logger, writer = self._flow_logger, self._flow_writer
+        logger.sync(timeout=120)
+        lost = logger.lost_total
+        self._worker.call(logger.stop)
+        entries = writer.size
+        writer.close()
+        return {"entries": entries, "ring_lost": lost}
+
     def skyguard_detach(self) -> None:
         """Detach the programs but keep the loaded Datapath (the next skyguard_on re-attaches
         without compiling again)."""

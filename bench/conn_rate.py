@@ -4,6 +4,11 @@
 filter (the anchor), nftables holding the same rules as sets in the host's forward path, and a
 TC program that only passes every packet at skyguard's hooks (the floor of any TC datapath).
 
+skyguard is measured as deployed (the headline): the datapath and the daemon's flow logging
+(FlowLogger reading the ring buffer, each flow's start and end a durable entry in a real signed
+log), which share the machine's CPUs with the connections. The datapath alone (its ring buffer
+unread, events counted lost) is reported beside it: the kernel's part of the cost.
+
 Load generator: asyncio (uvloop) loops in VM a, each connecting to an accept-and-close server in
 VM b, waiting for the server's FIN, closing. The server closes first, so TIME_WAIT sits on the
 server and the client's ephemeral ports do not run out. Interleaved rounds, medians reported.
@@ -14,8 +19,11 @@ ratio is what this benchmark is for.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,9 +99,11 @@ def main() -> None:
     from skyguard.doctor import require_privileges
 
     require_privileges("bench/conn_rate.py")
-    samples = {"no filter": [], "skyguard": [], "tc pass-all": [], "nftables": []}
+    samples = {"no filter": [], "skyguard": [], "skyguard datapath alone": [], "tc pass-all": [], "nftables": []}
     failures = {k: 0 for k in samples}
     drops: dict[str, int] = {}
+    flow_log = {"entries": 0, "ring_lost": 0}
+    work = Path(tempfile.mkdtemp(prefix="sg-bench-conn-rate-"))
     with VmNet(("a", "b")) as net:
         for vm in net.vms.values():
             for key in ("net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=1024 65000",
@@ -103,8 +113,10 @@ def main() -> None:
         ruleset = nft_ruleset(net, RULES, ALLOW)
         for r in range(ROUNDS):
             for setup in samples:
-                if setup == "skyguard":
+                if setup.startswith("skyguard"):
                     net.skyguard_on(policy)
+                    if setup == "skyguard":
+                        net.flow_log_on(work / f"log-{r}")
                 elif setup == "nftables":
                     net.nft_on(ruleset)
                 elif setup == "tc pass-all":
@@ -113,6 +125,10 @@ def main() -> None:
                 samples[setup].append(rate)
                 failures[setup] += failed
                 if setup == "skyguard":
+                    logged = net.flow_log_off()
+                    flow_log = {k: flow_log[k] + v for k, v in logged.items()}
+                    shutil.rmtree(work / f"log-{r}", ignore_errors=True)
+                if setup.startswith("skyguard"):
                     counters = net.skyguard_counters()
                     allowed = sum(t["packets"] for t in counters["traffic"] if t["verdict"] == "allow")
                     # Every connection is allowed: a drop here (ct_full: a VM's share of the
@@ -131,6 +147,9 @@ def main() -> None:
                     if not passed:
                         raise SystemExit("nftables counted no new flow: the measurement did not go through it")
                 progress(f"round {r + 1}/{ROUNDS} {setup}: {rate:.0f} connections/s ({failed} failed)")
+    shutil.rmtree(work, ignore_errors=True)
+    if not flow_log["entries"]:
+        raise SystemExit("the flow log wrote nothing: skyguard was not measured as deployed")
     figures = {k: median(v) for k, v in samples.items()}
     paired = median([s / n for s, n in zip(samples["skyguard"], samples["no filter"])])
     plot("conn-rate", figures, xlabel="setup", ylabel="connections/s (median)", kind="bar",
@@ -141,6 +160,9 @@ def main() -> None:
            tc_pass_all=figures["tc pass-all"], tc_pass_all_ratio=figures["tc pass-all"] / figures["no filter"],
            ratio_vs_tc_pass_all=figures["skyguard"] / figures["tc pass-all"],
            ratio_vs_nftables=figures["skyguard"] / figures["nftables"],
+           datapath_alone=figures["skyguard datapath alone"],
+           datapath_alone_ratio=figures["skyguard datapath alone"] / figures["no filter"],
+           flow_log_entries=flow_log["entries"], flow_log_ring_lost=flow_log["ring_lost"],
            failed_connections=failures, skyguard_drops=drops, concurrency=CONCURRENCY, rules=RULES, seconds_per_run=SECONDS,
            rounds=ROUNDS, samples=samples)
 
