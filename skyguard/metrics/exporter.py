@@ -269,7 +269,9 @@ class DaemonCollector(Collector):
     facts: a callable returning a dict (daemon_facts(daemon) builds it from a Daemon):
       {"started_at": epoch seconds, "policy": {"name", "sha256"} or None,
        "log": {"size": entries, "checkpointed_size": entries, "bytes": on disk,
-               "checkpoint_age_s": seconds} (every key optional; LogWriter.head() gives them),
+               "checkpoint_age_s": seconds, "filesystem_free_bytes", "reserve_bytes",
+               "refused_entries", "refusing": why or None} (every key optional; LogWriter.head()
+               gives them),
        "tamper_events": int}
     """
 
@@ -317,6 +319,23 @@ class DaemonCollector(Collector):
         if "bytes" in log_info:
             g = GaugeMetricFamily("skyguard_log_size_bytes", "Bytes the signed log occupies on disk")
             g.add_metric([], int(log_info["bytes"]))
+            out.append(g)
+        if "filesystem_free_bytes" in log_info:  # what one VM's events fill: alert before the reserve
+            g = GaugeMetricFamily("skyguard_log_filesystem_free_bytes",
+                                  "Free bytes on the filesystem that holds the signed log")
+            g.add_metric([], int(log_info["filesystem_free_bytes"]))
+            out.append(g)
+            g = GaugeMetricFamily("skyguard_log_reserve_bytes", "Free bytes the signed log keeps on its "
+                                  "filesystem: below them it refuses new entries until space is back")
+            g.add_metric([], int(log_info.get("reserve_bytes", 0)))
+            out.append(g)
+            refused = CounterMetricFamily("skyguard_log_refused_entries", "Entries the signed log refused "
+                                          "because its filesystem was below its reserve")
+            refused.add_metric([], int(log_info.get("refused_entries", 0)))
+            out.append(refused)
+            g = GaugeMetricFamily("skyguard_log_accepting", "1 while the signed log accepts entries, 0 while "
+                                  "it refuses them (no space, or a write failed: `skyguard status` says which)")
+            g.add_metric([], 0 if log_info.get("refusing") else 1)
             out.append(g)
         if "checkpoint_age_s" in log_info and log_info["checkpoint_age_s"] is not None:
             g = GaugeMetricFamily("skyguard_log_checkpoint_age_seconds",

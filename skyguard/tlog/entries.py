@@ -18,7 +18,7 @@ from skyguard.tlog.errors import BadLogInput
 KNOWN_TYPES = frozenset({
     "flow_start", "flow_end", "deny", "dns", "credential_swap", "admin_session", "policy_load",
     "attach", "detach", "tamper", "daemon_start", "daemon_stop", "ring_loss", "checkpoint_note",
-    "log_recovery",
+    "log_recovery", "log_space_low", "log_space_restored",
 })
 _TYPE_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 

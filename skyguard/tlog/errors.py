@@ -15,3 +15,8 @@ class VerificationError(LogError):
 
 class BadLogInput(BadInput):
     """A malformed argument: a note that does not parse, an index outside the tree, a bad key."""
+
+
+class LogSpaceLow(LogError):
+    """The log's filesystem is below the writer's reserve: the entry was refused before anything
+    was written (nothing to distrust); the writer accepts entries again once space is back."""

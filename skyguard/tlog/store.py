@@ -23,6 +23,14 @@ What an acknowledgement means, and what a crash can leave (the design):
   which bounds where a careful rewrite can hide and what witnesses compare.
 Caches are fsynced when a segment is sealed; the last segment's are rebuilt on open.
 
+A full filesystem (one VM's events can fill it): the writer keeps a reserve of free space on the
+log's filesystem. A group that would eat into it is refused before anything is written (its
+waiters get LogSpaceLow, one `log_space_low` entry goes in from the reserve, and the daemon log
+says so once); later submits are refused at once, and accepted again, without a restart, once
+the space is back (a `log_space_restored` entry says how many were refused). Nothing was written,
+so nothing is distrusted. A write or fsync that fails is still final: after it the kernel may
+have dropped the pages, and nothing more is acknowledged until a restart re-reads the files.
+
 Not here: the layout and the reader (reader.py), full verification (verify.py), signing details
 (checkpoint.py).
 """
@@ -44,7 +52,8 @@ from skyguard import fsutil
 from skyguard.errors import LogError
 from skyguard.tlog import records
 from skyguard.tlog.checkpoint import MAX_TREE_SIZE, Checkpoint, Signer, Verifier
-from skyguard.tlog.errors import BadLogInput, VerificationError
+from skyguard.tlog.entries import entry
+from skyguard.tlog.errors import BadLogInput, LogSpaceLow, VerificationError
 from skyguard.tlog.files import read_log_file
 from skyguard.tlog.hashing import EMPTY_ROOT, HASH_SIZE, hash_leaf
 from skyguard.tlog.head import MAX_NOTE, HeadWriter, read_head
@@ -75,6 +84,17 @@ DEFAULT_SEGMENT_ENTRIES = 1 << 16   # ~65k entries (~10-20 MiB): bounds the resc
 DEFAULT_CHECKPOINT_EVERY = 10_000   # entries between checkpoints (a signature costs ~40 us)
 DEFAULT_CHECKPOINT_INTERVAL = 10.0  # seconds between checkpoints while entries are pending
 MAX_GROUP_ENTRIES = 1 << 16         # entries per group commit: bounds latency and memory
+# Free bytes the writer leaves on the log's filesystem: its final checkpoint, the entries saying
+# why it refuses, a new segment's first page. 64 MiB, or 1/50 of a smaller filesystem.
+DEFAULT_RESERVE_BYTES = 64 << 20
+RESERVE_FRACTION = 50
+SPACE_RECHECK_S = 1.0               # while refusing, how often a submit looks at the space again
+
+
+def filesystem_space(directory: Path) -> tuple[int, int]:
+    """(free bytes an unprivileged writer may use, total bytes) of the filesystem of `directory`."""
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
 
 def _write_all(fd: int, data) -> None:
@@ -88,13 +108,15 @@ class LogWriter:
     """Appends entries durably, in group commits by one writer thread; signs checkpoints.
 
     Thread-safe: any thread may call append/append_batch/submit. Only the writer thread touches
-    the files. After an I/O error every pending and later append fails (no silent acks).
+    the files. After an I/O error every pending and later append fails (no silent acks). Below
+    `reserve_bytes` free on its filesystem it refuses entries with LogSpaceLow until space is
+    back (the module's docstring); None: DEFAULT_RESERVE_BYTES or 1/RESERVE_FRACTION of it.
     """
 
     def __init__(self, directory: Path | str, signer: Signer, *, origin: str | None = None,
                  checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
                  checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
-                 segment_entries: int = DEFAULT_SEGMENT_ENTRIES):
+                 segment_entries: int = DEFAULT_SEGMENT_ENTRIES, reserve_bytes: int | None = None):
         self.directory = Path(directory)
         self.signer = signer
         self.checkpoint_every = checkpoint_every
@@ -103,8 +125,15 @@ class LogWriter:
         self._failure: LogError | None = None
         self._closed = False
         self._lock = threading.Lock()
+        self._refusal: LogSpaceLow | None = None   # set while the filesystem is below the reserve
+        self.refused_entries = 0                   # entries refused for space since the start
+        self._refused_now = 0                      # ... in the current episode
+        self._space_checked = 0.0
         try:
             recovery = self._open(origin, segment_entries)
+            self.free_bytes, total = filesystem_space(self.directory)
+            self.reserve_bytes = (reserve_bytes if reserve_bytes is not None
+                                  else min(DEFAULT_RESERVE_BYTES, total // RESERVE_FRACTION))
         except BaseException:
             self._release_files()   # a refused log keeps no descriptor and no lock
             raise
@@ -255,8 +284,31 @@ class LogWriter:
                 raise self._failure
             if self._closed:
                 raise LogError("the signed log is closed")
+            if self._refusal is not None and not self._space_back():
+                self.refused_entries += len(entries)
+                self._refused_now += len(entries)
+                raise self._refusal
             self._queue.put(("append", entries, future))
         return future
+
+    def _space_back(self) -> bool:
+        """Under self._lock, while refusing: is the filesystem back above the reserve (with a
+        margin of a quarter of it, so a log at the edge does not flap)? Looks at most every
+        SPACE_RECHECK_S; when it is, the writer resumes and says how many it refused."""
+        now = time.monotonic()
+        if now - self._space_checked < SPACE_RECHECK_S:
+            return False
+        self._space_checked = now
+        self.free_bytes, _total = filesystem_space(self.directory)
+        if self.free_bytes < self.reserve_bytes + self.reserve_bytes // 4:
+            return False
+        log.warning("the signed log at %s accepts entries again (%d bytes free); it refused %d",
+                    self.directory, self.free_bytes, self._refused_now)
+        restored = entry("log_space_restored", refused=self._refused_now, free_bytes=self.free_bytes,
+                         reserve_bytes=self.reserve_bytes)
+        self._queue.put(("append", [restored], Future()))
+        self._refusal, self._refused_now = None, 0
+        return True
 
     def append_batch(self, entries: Sequence[bytes]) -> int:
         return self.submit(entries).result()
@@ -276,12 +328,22 @@ class LogWriter:
     def head(self) -> dict:
         """What `skyguard status` and the metrics show: size, what the last signed checkpoint
         (the head) covers, what checkpoints.log covers and how old its last one is, the bytes on
-        disk."""
-        return {"size": self.size, "checkpointed_size": self._head_size,
-                "history_size": self._checkpointed_size,
-                "checkpoint_age_s": round(time.monotonic() - self._last_checkpoint_time, 3),
-                "origin": self.origin,
-                "bytes": sum(p.stat().st_size for p in self.directory.glob("*") if p.is_file())}
+        disk, the free bytes of their filesystem and the reserve kept there, entries refused for
+        space, and why it accepts none now (None while it accepts them)."""
+        with self._lock:
+            if self._refusal is not None:
+                self._space_back()
+            else:
+                self.free_bytes, _total = filesystem_space(self.directory)
+            refusing = self._failure or self._refusal
+            return {"size": self.size, "checkpointed_size": self._head_size,
+                    "history_size": self._checkpointed_size,
+                    "checkpoint_age_s": round(time.monotonic() - self._last_checkpoint_time, 3),
+                    "origin": self.origin,
+                    "bytes": sum(p.stat().st_size for p in self.directory.glob("*") if p.is_file()),
+                    "filesystem_free_bytes": self.free_bytes, "reserve_bytes": self.reserve_bytes,
+                    "refused_entries": self.refused_entries,
+                    "refusing": str(refusing) if refusing else None}
 
     def latest_note(self) -> str | None:
         """The signed checkpoint of everything acknowledged so far (the head)."""
@@ -350,6 +412,9 @@ class LogWriter:
                 self._fail_all(futures, checkpoint_requests)
                 continue
             try:
+                if group and not self._room_for(group):
+                    self._refuse(futures, len(group))
+                    futures, group = [], []
                 if group:
                     self._commit(group)
                 for future, first, _count in futures:
@@ -384,6 +449,33 @@ class LogWriter:
             future.set_exception(self._failure)
         for future in checkpoint_requests:
             future.set_exception(self._failure)
+
+    def _room_for(self, group: list[bytes]) -> bool:
+        """Would the filesystem keep its reserve after this group (records and cache hashes)?"""
+        needed = sum(len(e) for e in group) + len(group) * (records.HEADER_SIZE + 2 * HASH_SIZE)
+        self.free_bytes, _total = filesystem_space(self.directory)
+        return self.free_bytes - needed >= self.reserve_bytes
+
+    def _refuse(self, futures: list, count: int) -> None:
+        """Fail a group for space, writing none of it; the first refusal of an episode is logged
+        loudly and goes in the log, from the reserve (a write that fails there is final)."""
+        with self._lock:
+            self.refused_entries += count
+            self._refused_now += count
+            first = self._refusal is None
+            if first:
+                self._refusal = LogSpaceLow(
+                    f"the signed log at {self.directory} refuses new entries: its filesystem has "
+                    f"{self.free_bytes} bytes free, below the {self.reserve_bytes} it keeps; free "
+                    f"space there (`skyguard status` shows what fills the log) and it resumes")
+                self._space_checked = time.monotonic()
+            refusal = self._refusal
+        for future, *_ in futures:
+            future.set_exception(refusal)
+        if first:
+            log.critical("%s", refusal)
+            self._commit([entry("log_space_low", free_bytes=self.free_bytes,
+                                reserve_bytes=self.reserve_bytes)])
 
     def _commit(self, group: list[bytes]) -> None:
         """Write the group and sign a head after every MAX_UNPROVEN entries and at its end:

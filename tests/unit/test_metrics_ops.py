@@ -19,7 +19,8 @@ OPS = config.REPO_ROOT / "ops"
 RULES = OPS / "prometheus" / "skyguard-rules.yml"
 DASHBOARD = OPS / "grafana" / "skyguard-dashboard.json"
 ALERTS = {"SkyguardDaemonDown", "SkyguardDropsSpiking", "SkyguardDnsTunnellingDetected", "SkyguardTamperEvent",
-          "SkyguardRingBufferLosses", "SkyguardLogCheckpointStale"}
+          "SkyguardRingBufferLosses", "SkyguardLogCheckpointStale", "SkyguardLogFilesystemFillingUp",
+          "SkyguardLogRefusingEntries"}
 
 
 def promtool(*args, cwd=None, stdin=None):
@@ -68,7 +69,8 @@ def exported_names() -> set[str]:
     registry.register(DatapathCollector(OneOfEverything(), None))
     registry.register(DaemonCollector(lambda: {"started_at": 1.0, "policy": {"name": "p", "sha256": "0" * 64},
                                                "log": {"size": 1, "checkpointed_size": 1, "bytes": 1,
-                                                       "checkpoint_age_s": 1.0}}))
+                                                       "checkpoint_age_s": 1.0, "filesystem_free_bytes": 1,
+                                                       "reserve_bytes": 1, "refused_entries": 0, "refusing": None}}))
     AdminMetrics(registry)
     CredentialMetrics(registry)
     try:

@@ -8,10 +8,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from skyguard.errors import LogError
-from skyguard.tlog import records
+from skyguard.tlog import records, store
 from skyguard.tlog.checkpoint import Signer, parse_and_verify
 from skyguard.tlog.entries import canonical, decode, entry
-from skyguard.tlog.errors import BadLogInput
+from skyguard.tlog.errors import BadLogInput, LogSpaceLow
 from skyguard.tlog.hashing import hash_leaf
 from skyguard.tlog.store import CHECKPOINTS_FILE, LEAVES_FILE, NODES_FILE, TORN_DIR, LogReader, LogWriter, segment_name
 from skyguard.tlog.tree import CompactRange, MemorySource, inclusion_proof, range_root, verify_inclusion
@@ -279,3 +279,30 @@ def test_fields_measured_in_seconds_become_fixed_point_strings():
     fields = without_floats({"took_s": 0.12345, "nested": {1: [2.5, "x", 3]}, "ok": True})
     assert fields == {"took_s": "0.123", "nested": {"1": ["2.500", "x", 3]}, "ok": True}
     assert decode(entry("part_degraded", **fields))["took_s"] == "0.123"
+
+
+def test_below_its_reserve_the_writer_refuses_without_writing_and_resumes_on_its_own(tmp_path, signer, monkeypatch,
+                                                                                     caplog):
+    monkeypatch.setattr(store, "SPACE_RECHECK_S", 0.0)
+    with LogWriter(tmp_path / "log", signer) as w:
+        w.append(entry("deny", n=0))
+        assert w.head()["refusing"] is None and w.head()["filesystem_free_bytes"] > 0
+        w.reserve_bytes = w.head()["filesystem_free_bytes"] + (1 << 40)  # as if the disk were full
+        with caplog.at_level(logging.WARNING, "skyguard.tlog"):
+            with pytest.raises(LogSpaceLow, match="refuses new entries: its filesystem has"):
+                w.append(entry("deny", n=1))
+            with pytest.raises(LogSpaceLow):
+                w.submit([entry("deny", n=2), entry("deny", n=3)])  # refused at once, never queued
+            head = w.head()
+            assert head["refusing"].startswith(f"the signed log at {tmp_path / 'log'} refuses")
+            assert head["refused_entries"] == 3
+            w.reserve_bytes = 0  # space is back: no restart
+            assert w.append(entry("deny", n=4)) == 3
+        assert w.head()["refusing"] is None
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in said] == ["CRITICAL", "WARNING"], said  # once each, not per entry
+    reader = LogReader(tmp_path / "log")
+    kept = [decode(reader.entry(i)) for i in range(reader.size)]
+    assert [(e["type"], e.get("n"), e.get("refused")) for e in kept] == [
+        ("deny", 0, None), ("log_space_low", None, None), ("log_space_restored", None, 3), ("deny", 4, None)]
+    assert verify_log(tmp_path / "log", signer.verifier).ok
