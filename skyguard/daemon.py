@@ -8,6 +8,7 @@ programs in place (no window). Only `skyguard down` detaches.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import select
@@ -156,13 +157,13 @@ class Daemon:
         if self.datapath:
             if self.detach_on_exit:
                 guard.remove()
-                for ifname in self.datapath.detach_all():
-                    self.record("detach", interface=ifname, why="skyguard down")
+                for ifname in self.datapath.detach_all():  # a log that refuses must not stop `down`
+                    self._safely(functools.partial(self.record, "detach", interface=ifname, why="skyguard down"))
                 self.datapath.close()
                 self.datapath.remove_pins(self.datapath.pin_dir)
             else:
                 self.datapath.close()
-        self.record("daemon_stop", pid=os.getpid(), detached=self.detach_on_exit)
+        self._safely(functools.partial(self.record, "daemon_stop", pid=os.getpid(), detached=self.detach_on_exit))
         if self.tlog:
             self.tlog.close()  # writes the final checkpoint
 

@@ -39,6 +39,7 @@ from skyguard.dns.learned import MAX_IPS_PER_NAME, LearnedStore
 from skyguard.dns.metrics import DnsMetrics
 from skyguard.dns.names import pattern_matches
 from skyguard.dns.tunnel import TunnelDetector, Verdict
+from skyguard.errors import LogError
 from skyguard.parts import NullLog
 from skyguard.policy.model import Policy, Rule
 
@@ -392,8 +393,7 @@ class DnsPolicyResolver:
                     try:
                         target, _ = wire.read_name(reply, record.rdata_offset)
                     except wire.WireError as e:
-                        return Answer(reply=self.fail(decision, "malformed",
-                                                      f"upstream CNAME: {e}"))
+                        return Answer(reply=self.fail(decision, "malformed", f"upstream CNAME: {e}"))
                     key = wire.labels_key(target)
                     if key not in chain:
                         chain.add(key)
@@ -489,8 +489,7 @@ class DnsPolicyResolver:
                     self.learner.learn(decision.zone, rule_name, ips, ttl + LEARN_GRACE_SECONDS)
             except Exception as e:  # noqa: BLE001 - any learner failure must withhold the answer
                 self.metrics.learn_failures.inc()
-                return Answer(reply=self.fail(decision, "learn-failed",
-                                              f"datapath refused: {type(e).__name__}"))
+                return Answer(reply=self.fail(decision, "learn-failed", f"datapath refused: {type(e).__name__}"))
             self.metrics.learn_latency.observe(time.perf_counter() - t0)
             self.metrics.learned_ips.labels(decision.zone).inc(len(learn))
             evictions = self.store.evictions
@@ -504,8 +503,7 @@ class DnsPolicyResolver:
         answer = Answer(reply=bytes(out), learned=texts, stripped=stripped,
                         denied=denied_ips, ttl=ttl, persist=persist, unrelated=unrelated)
         rcode = header.rcode
-        reason = decision.reason if rcode == wire.RCODE_NOERROR else \
-            f"{decision.reason}; upstream rcode {rcode}"
+        reason = decision.reason if rcode == wire.RCODE_NOERROR else f"{decision.reason}; upstream rcode {rcode}"
         self._account(decision, answer=answer, reason=reason, now=now)
         return answer
 
@@ -546,7 +544,10 @@ class DnsPolicyResolver:
             self.metrics.upstream_errors.labels(kind).inc()
         decision.verdict, decision.reason = "servfail", reason
         query_like = _query_like(decision)
-        self._account(decision, now=now)
+        try:
+            self._account(decision, now=now)
+        except LogError:  # the signed log refuses entries: the SERVFAIL (no address) still goes
+            self.metrics.dropped.labels("log-refused").inc()
         return wire.error_reply(query_like, wire.RCODE_SERVFAIL, len(query_like))
 
     def _account(self, decision: Decision, answer: Answer | None = None, reason: str | None = None,
@@ -578,8 +579,7 @@ class DnsPolicyResolver:
                 entry["unrelated_stripped"] = answer.unrelated
         if decision.tunnel is not None and (decision.tunnel.parts or decision.tunnel.flagged):
             entry["tunnel"] = {"score": decision.tunnel.score, "parts": decision.tunnel.parts,
-                               "detected": decision.tunnel.detected,
-                               "base": decision.tunnel.base}
+                               "detected": decision.tunnel.detected, "base": decision.tunnel.base}
         self.log.record("dns", **entry)
 
 

@@ -43,7 +43,7 @@ from skyguard.dns import wire
 from skyguard.dns.learned import StateWriter
 from skyguard.dns.listeners import ClientUdp, ClientUdp6
 from skyguard.dns.resolver import Decision, DnsPolicyResolver, fit_udp
-from skyguard.errors import DnsError
+from skyguard.errors import DnsError, LogError
 from skyguard.timeouts import within
 
 DEFAULT_PORT = 5353  # where steering redirects VM queries (never 53: the host may run a resolver)
@@ -95,8 +95,7 @@ class _Pending:
     on_done) of clients that asked the same question meanwhile. Its deadline lives in
     DnsServer._deadlines."""
 
-    __slots__ = ("decision", "upstreams", "upstream_index", "on_done", "socket", "key",
-                 "joined", "group")
+    __slots__ = ("decision", "upstreams", "upstream_index", "on_done", "socket", "key", "joined", "group")
 
     def __init__(self, decision: Decision, upstreams: list, on_done):
         self.decision = decision
@@ -124,8 +123,7 @@ class _UpstreamSocket:
 
 class DnsServer:
     def __init__(self, resolver: DnsPolicyResolver, upstreams: list[Upstream],
-                 listen: list[tuple[str, int]] | None = None,
-                 upstream_timeout: float = UPSTREAM_TIMEOUT):
+                 listen: list[tuple[str, int]] | None = None, upstream_timeout: float = UPSTREAM_TIMEOUT):
         # No upstreams is valid (a policy without FQDN rules needs no dns section): the resolver
         # then refuses every query itself, and _forward() has a backstop if one slips through.
         self.resolver = resolver
@@ -164,8 +162,7 @@ class DnsServer:
             else:
                 transport, _ = await loop.create_datagram_endpoint(lambda: ClientUdp(self), sock=udp)
                 self._udp_transports.append(transport)
-            self._servers.append(await asyncio.start_server(self._on_tcp_client, sock=tcp,
-                                                            limit=MAX_TCP_REPLY + 2))
+            self._servers.append(await asyncio.start_server(self._on_tcp_client, sock=tcp, limit=MAX_TCP_REPLY + 2))
             self.bound.append((host, port))
         self._flusher = loop.create_task(self._flush_state_periodically())
 
@@ -238,7 +235,11 @@ class DnsServer:
 
     def on_udp_query(self, transport, data: bytes, addr) -> None:
         client_ip = addr[0]
-        decision = self.resolver.decide(data, client_ip)
+        try:
+            decision = self.resolver.decide(data, client_ip)
+        except LogError:  # the signed log refuses the decision: no answer (the writer said why, once)
+            self.metrics.dropped.labels("log-refused").inc()
+            return
         if decision.action == "reply":
             transport.sendto(decision.reply, addr)
         elif decision.action == "forward":
@@ -299,6 +300,8 @@ class DnsServer:
                     return
         except ConnectionError:
             pass
+        except LogError:  # as on_udp_query: the connection closes unanswered
+            self.metrics.dropped.labels("log-refused").inc()
         finally:
             self._tasks.discard(task)
             self._tcp_conns[client_ip] -= 1
@@ -338,8 +341,7 @@ class DnsServer:
         # list object: a hot swap's new list starts new groups).
         question = decision.question
         query = decision.upstream_query
-        group = (id(upstreams), question.key, question.qtype, question.qclass, query[2:12],
-                 query[question.end:])
+        group = (id(upstreams), question.key, question.qtype, question.qclass, query[2:12], query[question.end:])
         pending = self._groups.get(group)
         if pending is not None:
             pending.joined.append((decision, on_done))
@@ -390,8 +392,7 @@ class DnsServer:
                 answer = self.resolver.answer(decision, data)
             except Exception as e:  # noqa: BLE001 - a bug costs one answer, never the socket
                 answer = None
-                reply = self.resolver.fail(decision, "internal",
-                                           f"internal error: {type(e).__name__}")
+                reply = self.resolver.fail(decision, "internal", f"internal error: {type(e).__name__}")
             else:
                 if answer is None or answer.truncated:  # cannot be: the same bytes matched
                     answer = None
@@ -507,8 +508,7 @@ class DnsServer:
             if pending in self._deadlines:
                 self._on_upstream_timeout(pending)  # may re-send: a new deadline at the end
         if self._deadlines and self._sweep_timer is None:
-            self._sweep_timer = loop.call_at(next(iter(self._deadlines.values())),
-                                             self._sweep_deadlines)
+            self._sweep_timer = loop.call_at(next(iter(self._deadlines.values())), self._sweep_deadlines)
 
     def _unregister(self, pending: _Pending) -> None:
         self._deadlines.pop(pending, None)

@@ -208,6 +208,7 @@ class FlowLogger:
                 self._pending.discard(f)
                 if f.exception() is None:
                     self._stats["entries_durable"] += n
+                    self.failure = None  # the log takes entries again (it had refused them for space)
                 else:
                     self._stats["entries_failed"] += n
                     self.failure = f.exception()
@@ -218,9 +219,10 @@ class FlowLogger:
         future.add_done_callback(done)
 
     def _fail(self, error: SkyguardError, n: int) -> None:
-        self.failure = error
+        said, self.failure = self.failure, error
         self._stats["entries_failed"] += n
-        log.critical("flow log: %d entries could not be submitted: %s", n, error)
+        if str(said) != str(error):  # once per cause, not every poll while the log refuses
+            log.critical("flow log: entries could not be submitted (counted in entries_failed): %s", error)
 
     # ---- events -----------------------------------------------------------------------------
     def _take_events(self) -> list[bytes]:
