@@ -184,6 +184,10 @@ LOG_FIELDS = (  # (key in the log head, label, how to show it)
     ("checkpoint_age_s", "last checkpoint", lambda v: f"{human_duration(v)} ago"),
     ("bytes", "on disk", human_bytes),
     ("origin", "origin", str),
+    ("filesystem_free_bytes", "free on its filesystem", human_bytes),
+    ("reserve_bytes", "kept free (below it: refused)", human_bytes),
+    ("refused_entries", "refused for space", str),
+    ("refusing", "accepts no entries", str),
 )
 
 

@@ -110,7 +110,8 @@ class LogWriter:
     Thread-safe: any thread may call append/append_batch/submit. Only the writer thread touches
     the files. After an I/O error every pending and later append fails (no silent acks). Below
     `reserve_bytes` free on its filesystem it refuses entries with LogSpaceLow until space is
-    back (the module's docstring); None: DEFAULT_RESERVE_BYTES or 1/RESERVE_FRACTION of it.
+    back (the module's docstring); None: DEFAULT_RESERVE_BYTES or 1/RESERVE_FRACTION of it; a
+    negative one never refuses (tests of what a failed write does).
     """
 
     def __init__(self, directory: Path | str, signer: Signer, *, origin: str | None = None,
@@ -452,6 +453,8 @@ class LogWriter:
 
     def _room_for(self, group: list[bytes]) -> bool:
         """Would the filesystem keep its reserve after this group (records and cache hashes)?"""
+        if self.reserve_bytes < 0:
+            return True
         needed = sum(len(e) for e in group) + len(group) * (records.HEADER_SIZE + 2 * HASH_SIZE)
         self.free_bytes, _total = filesystem_space(self.directory)
         return self.free_bytes - needed >= self.reserve_bytes
@@ -466,8 +469,9 @@ class LogWriter:
             if first:
                 self._refusal = LogSpaceLow(
                     f"the signed log at {self.directory} refuses new entries: its filesystem has "
-                    f"{self.free_bytes} bytes free, below the {self.reserve_bytes} it keeps; free "
-                    f"space there (`skyguard status` shows what fills the log) and it resumes")
+                    f"{self.free_bytes} bytes free and it keeps {self.reserve_bytes} (its final "
+                    f"checkpoint's); free space there (`skyguard status` shows what fills the log) "
+                    f"and it resumes")
                 self._space_checked = time.monotonic()
             refusal = self._refusal
         for future, *_ in futures:

@@ -109,7 +109,8 @@ def test_write_failure_stops_acknowledgements_loudly(tmp_path, root):
                    check=True)
     try:
         signer = Signer("full.test/log", Ed25519PrivateKey.generate())
-        writer = LogWriter(mount / "log", signer, segment_entries=256)
+        # No reserve: the write itself fails (test_tlog_full.py fills a log that keeps one).
+        writer = LogWriter(mount / "log", signer, segment_entries=256, reserve_bytes=-1)
         acked = []
         with pytest.raises(LogError, match="failed to write"):
             for i in range(10_000):
