@@ -222,9 +222,10 @@ class DnsPolicyResolver:
                                     client_id=header.id, max_udp=max_udp)
 
         tunnel = None
+        flags = header.flags & (wire.FLAG_RD | 0x0010)  # keep RD and CD, nothing else
         action = self.dns.tunnel_detection.action
         if action != "off":
-            tunnel = self.detector.observe(workload, list(question.labels), qtype, now, blocking=action == "block")
+            tunnel = self.detector.observe(workload, list(question.labels), qtype, now, action == "block", flags == wire.FLAG_RD)
             if tunnel.detected:
                 self.metrics.detections.labels(zone, action).inc()
             if action == "block" and (tunnel.detected or tunnel.flagged):
@@ -239,7 +240,6 @@ class DnsPolicyResolver:
             return self._refuse(query, "refused", "the policy has no dns.upstreams",
                                 tunnel=tunnel, **base)
         upstream_id = secrets.randbits(16)
-        flags = header.flags & (wire.FLAG_RD | 0x0010)  # keep RD and CD, nothing else
         upstream = struct.pack("!HHHHHH", upstream_id, flags, 1, 0, 0, 1 if edns else 0)
         # The client's question is what the VM gets back; upstream, its name goes in a case of
         # our choosing. It is never compressed: a pointer must lead back to a name's end, and

@@ -11,7 +11,8 @@ names keep working.
 
 Quiet tunnels (short labels, few names a minute, spread over several base domains) are bounded
 by a budget per VM across all base domains: each never-seen name costs its estimated
-information (alphabet.bits of the subdomain, in bytes) over BUDGET_WINDOW_SECONDS, the first
+information (alphabet.bits of the subdomain, plus choice_bits for the type and header flags it
+is asked with, in bytes) over BUDGET_WINDOW_SECONDS, the first
 CHEAP_PER_BASE names of a base at CHEAP_WEIGHT (real traffic touches a few names of many sites;
 a tunnel needs many names of the few bases it controls). Past VM_BUDGET_BYTES a new costly name
 is a detection. bench/dns_tunnel.py measures what each encoder gets out under it.
@@ -100,6 +101,12 @@ def shannon_bits(data: bytes) -> float:
         return 0.0
     n = len(data)
     return -sum(c / n * math.log2(c / n) for c in Counter(data).values())
+
+
+def choice_bits(qtype: int, common_header: bool) -> float:
+    """The length of the code for a query's type and header flags (what a query carries besides
+    its name): charged with every query that reaches the upstream, new name or re-ask."""
+    return REASK_QTYPE_BITS.get(qtype, REASK_OTHER_QTYPE_BITS) + REASK_HEADER_BITS[common_header]
 
 
 def _encoded_score(sub: bytes) -> float:
@@ -250,7 +257,8 @@ class TunnelDetector:
     def _window(self, vm: str, base: str) -> _BaseWindow:
         return _lru_entry(_lru_entry(self._vms, vm, OrderedDict), base, _BaseWindow, MAX_BASES_PER_VM)
 
-    def observe(self, vm: str, labels: list[bytes], qtype: int, now: float, blocking: bool = False) -> Verdict:
+    def observe(self, vm: str, labels: list[bytes], qtype: int, now: float, blocking: bool = False,
+                common_header: bool = True) -> Verdict:
         joined = b".".join(labels)
         cached = self._name_cache.get((joined, qtype))
         if cached is None:
@@ -264,7 +272,8 @@ class TunnelDetector:
         parts = dict(name_parts)
         charged = None
         if sub:
-            charged = self._budget(vm).spend(base, sub, bits, now)
+            # the name, and the type and header flags it is asked with: all of it reaches the upstream
+            charged = self._budget(vm).spend(base, sub, bits + choice_bits(qtype, common_header), now)
             if charged:
                 parts["vm_budget"] = charged
         window = self._window(vm, base)
@@ -302,8 +311,7 @@ class TunnelDetector:
         budget = self._budgets.get(vm)
         bases = self._vms.get(vm)
         known = (len(budget.names) if budget else 0) + (len(bases) if bases else 0)
-        bits = math.log2(known + 1) + REASK_QTYPE_BITS.get(qtype, REASK_OTHER_QTYPE_BITS) \
-            + REASK_HEADER_BITS[common_header]
+        bits = math.log2(known + 1) + choice_bits(qtype, common_header)
         return _lru_entry(self._reasks, vm, _Reasks).spend(bits / 8, now)
 
     def _budget(self, vm: str) -> _Budget:

@@ -11,14 +11,14 @@ import math
 import random
 import time
 
-from dnslib import QTYPE, RCODE, RR, A, DNSRecord
+from dnslib import EDNS0, QTYPE, RCODE, RR, A, DNSRecord
 
 from skyguard.dns import tunnel, wire
 from skyguard.dns.server import Upstream
 from skyguard.dns.tunnel import TunnelDetector
 from skyguard.policy.model import Destination, DnsConfig, PortRange, Rule
 from tests.unit.test_dns_answer_cache import ask
-from tests.unit.test_dns_resolver import make_policy, make_resolver, upstream_reply
+from tests.unit.test_dns_resolver import VM_IP, make_policy, make_resolver, upstream_reply
 from tests.unit.test_dns_server import FakeUpstream, Proxy, policy
 
 
@@ -154,3 +154,29 @@ def test_a_policy_swap_leaves_a_vm_past_its_budget_its_earlier_answers():
     resolver.set_policy(make_policy(min_ttl=5))
     sent, _, rcodes, stale = run(resolver, [(290.0, "deb.debian.test", "A"), (291.0, "x.cdn.test", "MX")])
     assert sent == 0 and stale == 2 and rcodes == {RCODE.NOERROR: 2}
+
+
+def test_the_type_and_flags_of_a_never_seen_name_are_charged_with_it():
+    # Found in review: a never-seen name was charged its letters only, so the type (27 served)
+    # and the RD/CD/EDNS bits it was asked with (8 choices) went out free: one-letter names
+    # under 16 bases, 60 a minute, carried ~530 B in 10 minutes past both budgets (the names'
+    # budget is 400 B). Now the names' budget charges the whole query: name, type and flags.
+    resolver, _, _ = make_resolver(wildcard_policy(min_ttl=5))
+    resolver.detector = TunnelDetector()
+    types = sorted(wire.SERVED_QTYPES - {wire.QTYPE_ANY, wire.QTYPE_NULL, wire.QTYPE_TXT})
+    headers = [(rd | cd, edns) for rd in (0, wire.FLAG_RD) for cd in (0, 0x0010) for edns in (False, True)]
+    names = [f"{letter}.x{i}q.test" for letter in "abcdefghijklmnopqrstuvwxyz" for i in range(16)]
+    rng = random.Random(3)
+    bits = 0.0
+    for k, name in enumerate(names):
+        if k >= 600:
+            break
+        record = DNSRecord.question(name, wire.qtype_name(rng.choice(types)))
+        flags, edns = rng.choice(headers)
+        record.header.rd, record.header.cd = bool(flags & wire.FLAG_RD), bool(flags & 0x0010)
+        if edns:
+            record.add_ar(EDNS0(udp_len=1232))
+        d = resolver.decide(record.pack(), VM_IP, now=float(k))
+        if d.action == "forward" and not d.cached:
+            bits += math.log2(26) + math.log2(len(types) * len(headers))
+    assert bits / 8 < tunnel.VM_BUDGET_BYTES
