@@ -213,8 +213,7 @@ class DnsPolicyResolver:
             return self._error(query, wire.RCODE_REFUSED, question.end, "refused", str(e))
         who = self.directory.lookup(client_ip)
         if who is None:
-            d = self._error(query, wire.RCODE_REFUSED, question.end, "unknown-client",
-                            "source address belongs to no workload")
+            d = self._error(query, wire.RCODE_REFUSED, question.end, "unknown-client", "source address belongs to no workload")
             d.name, d.qtype = name, qtype
             return d
         workload, zone = who
@@ -235,6 +234,7 @@ class DnsPolicyResolver:
 
         verdict, reason, matching = self._match(zone, name)
         if verdict != "allowed":
+            self.detector.refund(workload, tunnel)  # nothing of it leaves: not charged (tunnel.py)
             return self._refuse(query, verdict, reason, tunnel=tunnel, **base)
         if not self.dns.upstreams:  # validate refuses FQDN rules without upstreams: a backstop
             return self._refuse(query, "refused", "the policy has no dns.upstreams",

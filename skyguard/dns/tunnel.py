@@ -94,6 +94,7 @@ class Verdict:
     detected: bool
     flagged: bool = False  # blocked because the base was flagged by an earlier detection
     new_name: bool = False  # charged to the VM's budget as a never-seen name
+    sub: bytes = b""  # the subdomain part of the name (left of base)
 
 
 def shannon_bits(data: bytes) -> float:
@@ -303,7 +304,14 @@ class TunnelDetector:
         if blocking and (detected or flagged) and charged is not None:
             self._budget(vm).refund(base, sub)
         return Verdict(score, parts, base, detected, flagged and not detected,
-                       new_name=charged is not None)
+                       new_name=charged is not None, sub=sub)
+
+    def refund(self, vm: str, verdict: Verdict | None) -> None:
+        """The query observe() gave verdict was refused for another reason (the policy names no
+        rule for it): nothing of it left, so its name is not charged (a stub walking its search
+        domains asks several names no rule names before each real one)."""
+        if verdict is not None and verdict.new_name:  # a second refund of a name is a no-op
+            self._budget(vm).refund(verdict.base, verdict.sub)
 
     def charge_reask(self, vm: str, qtype: int, common_header: bool, now: float) -> bool:
         """A query that reaches the upstream without a never-seen name: charge the choice it
