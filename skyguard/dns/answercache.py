@@ -36,14 +36,17 @@ from collections import OrderedDict
 from skyguard.dns import wire
 
 MAX_ENTRIES_PER_VM = 1024
-MAX_BYTES_PER_VM = 512 * 1024
+MAX_BYTES_PER_VM = 1024 * 1024  # as counted (_Entry.size): room for MAX_ENTRIES_PER_VM small replies
 MAX_VMS = 4096
-MAX_BYTES = 64 * 1024 * 1024  # all VMs together (reached only with > 128 VMs at their cap)
+MAX_BYTES = 64 * 1024 * 1024  # all VMs together (reached only with > 64 VMs at their cap)
 MIN_LIFETIME = 1.0  # seconds, even under dns.min_ttl 0: a repeat in a tight loop stays here
 STALE_SECONDS = 900.0  # an expired entry is kept this long for lookup_stale (RFC 8767's
 # serve-stale, for a VM past its re-ask budget: tunnel.py), while the LRU bounds allow
 
 _TTL = struct.Struct("!I")
+_TTL_AT = struct.Struct("=II")  # a record's TTL: its offset in the reply, its value
+ENTRY_OVERHEAD = 512  # octets an entry holds besides its reply, query and TTL table: the entry,
+# its key (the question's name, the flags and OPT octets) and the table slot
 
 Key = tuple  # (question key, qtype, qclass, upstream flags, upstream OPT)
 
@@ -51,10 +54,12 @@ Key = tuple  # (question key, qtype, qclass, upstream flags, upstream OPT)
 class _Entry:
     __slots__ = ("reply", "query", "ttls", "stored", "expires", "size")
 
-    def __init__(self, reply: bytes, query: bytes, ttls: tuple, stored: float, expires: float):
-        self.reply, self.query, self.ttls = reply, query, ttls
+    def __init__(self, reply: bytes, query: bytes, ttls: bytes, stored: float, expires: float):
+        self.reply, self.query, self.ttls = reply, query, ttls  # ttls: _TTL_AT packed, per record
         self.stored, self.expires = stored, expires
-        self.size = len(reply) + len(query) + 64
+        # what it really holds: a record's TTL is 8 octets here (a tuple of two ints held ~110,
+        # so hundreds of tiny records made the cache hold ~5x what its bounds said)
+        self.size = len(reply) + len(query) + len(ttls) + ENTRY_OVERHEAD
 
 
 class AnswerCache:
@@ -107,7 +112,7 @@ class AnswerCache:
         if age <= 0:
             return entry.reply, entry.query
         out = bytearray(entry.reply)
-        for offset, ttl in entry.ttls:
+        for offset, ttl in _TTL_AT.iter_unpack(entry.ttls):
             _TTL.pack_into(out, offset, max(0, ttl - age))
         return bytes(out), entry.query
 
@@ -119,16 +124,17 @@ class AnswerCache:
             return None
         entries.move_to_end(key)
         out = bytearray(entry.reply)
-        for offset, _ in entry.ttls:
+        for offset, _ in _TTL_AT.iter_unpack(entry.ttls):
             _TTL.pack_into(out, offset, 0)
         return bytes(out), entry.query
 
     def store(self, vm: tuple[str, str], key: Key, reply: bytes, query: bytes,
               records: list[wire.Record], min_ttl: int, max_ttl: int, now: float) -> None:
         """Keep reply (matched to query) for vm until its smallest clamped TTL has passed."""
-        ttls = tuple((r.ttl_offset, r.ttl) for r in records if r.rtype != wire.QTYPE_OPT)
+        ttls = [(r.ttl_offset, r.ttl) for r in records if r.rtype != wire.QTYPE_OPT]
         lifetime = min((min(max(ttl, min_ttl), max_ttl) for _, ttl in ttls), default=min_ttl)
-        entry = _Entry(reply, query, ttls, now, now + max(lifetime, MIN_LIFETIME))
+        entry = _Entry(reply, query, b"".join(_TTL_AT.pack(*pair) for pair in ttls), now,
+                       now + max(lifetime, MIN_LIFETIME))
         if entry.size > MAX_BYTES_PER_VM:
             return
         entries = self._vms.get(vm)

@@ -5,10 +5,12 @@ and logged again under the policy in force."""
 from __future__ import annotations
 
 import dataclasses
+import tracemalloc
 
 from dnslib import CNAME, QTYPE, RCODE, RR, TXT, A, DNSRecord
 
-from skyguard.dns import answercache
+from skyguard.dns import answercache, wire
+from skyguard.dns.answercache import AnswerCache
 from skyguard.dns.tunnel import TunnelDetector
 from tests.unit.test_dns_resolver import OTHER_VM_IP, VM_IP, make_policy, make_resolver, upstream_reply
 
@@ -128,3 +130,26 @@ def test_the_repeated_name_channel_reaches_the_upstream_once_per_name_per_ttl():
             resolver.answer(d, upstream_reply(d.upstream_query, [
                 RR(name, QTYPE.A, rdata=A("203.0.113.7"), ttl=0)]), now=now)
     assert upstream <= 16 * (60 // 5 + 1)
+
+
+def test_the_cache_counts_what_its_entries_really_hold():
+    # Found in review: an entry was counted as its reply and query octets, but kept a tuple of
+    # two ints per record besides (~110 octets each), so an upstream answering with hundreds of
+    # one-octet records made the cache hold ~5x what its bounds (MAX_BYTES_PER_VM, MAX_BYTES) say.
+    question = DNSRecord.question("many.cdn.test", "TXT")
+    reply = question.reply()
+    for i in range(500):
+        reply.add_answer(RR("many.cdn.test", QTYPE.TXT, rdata=TXT(""), ttl=300 + i))
+    data, query = reply.pack(), question.pack()
+    header, parsed = wire.parse_header(data), wire.read_question(data)
+    records = wire.read_records(data, header, parsed.end)
+    cache = AnswerCache()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(50):
+            cache.store(("vm", "z"), (i,), data, query, records, 5, 3600, 0.0)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held <= cache.bytes * 1.25
