@@ -10,7 +10,7 @@ a resource manager has three object slots: without the flush it runs out after a
 Contexts are kept in files of a private temporary folder, so a flushed object is simply loaded
 again by the next command. Commands of skyguard processes sharing one state dir are serialised by
 a lock file: an extend and its event-log line, or a quote and the log it embeds, are one step. A
-waiter gives up after config.LOCK_WAIT_S (TpmError naming the lock and its holder): a holder stuck
+waiter gives up after config.LOCK_WAIT_S (TpmLockBusy naming the lock and its holder): a holder stuck
 on a hung TPM must not hang a part unsealing the store key, nor a policy load.
 
 Not here: what is measured or quoted (measure.py, quote.py).
@@ -54,6 +54,11 @@ class TpmError(SkyguardError):
 
 class TpmUnavailable(TpmError):
     """No TPM is configured or reachable, or tpm2-tools are missing."""
+
+
+class TpmLockBusy(TpmError):
+    """Another process held the TPM lock for the whole wait: nothing was sent to the TPM, and the
+    same step can be tried again (the daemon retries a measurement, skyguard/tpm/hook.py)."""
 
 
 @dataclass
@@ -198,7 +203,7 @@ class Tpm:
         """One step of several commands, alone among skyguard's processes on this state dir. The
         lock is waited for at most config.LOCK_WAIT_S: a holder stuck on a hung TPM must not hang
         its waiters (a part unsealing the store key, a policy load measuring the policy); past
-        that, TpmError naming the lock file and its holder (nothing was sent to the TPM)."""
+        that, TpmLockBusy naming the lock file and its holder (nothing was sent to the TPM)."""
         if self.lock_file is None:
             yield
             return
@@ -207,7 +212,7 @@ class Tpm:
             with fsutil.exclusive_lock(self.lock_file, config.LOCK_WAIT_S):
                 yield
         except fsutil.LockTimeout as e:
-            raise TpmError(f"the TPM lock {e}: nothing was sent to the TPM; try again once it is done") from None
+            raise TpmLockBusy(f"the TPM lock {e}: nothing was sent to the TPM; try again once it is done") from None
 
     # ---- PCRs -------------------------------------------------------------------------------
 

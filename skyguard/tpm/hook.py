@@ -12,17 +12,27 @@ No TPM (none configured, no /dev/tpmrm0): every call is a no-op and status says 
 A TPM that fails at start or later: skyguard keeps running, the failure is logged and recorded in
 the signed log, and what needs the TPM fails closed: no quote verifies (the monitor reports
 `failed`), and a store whose key is sealed stays shut. Never raises into the daemon.
+
+A measurement that waited config.LOCK_WAIT_S for the TPM lock in vain (another process held it:
+`skyguard attest --quote`, `tpm seal-store`; nothing was sent to the TPM) is not a failure: it is
+pending, and retried in order with whatever is measured after it, LOCK_RETRIES times (each again
+waiting for the lock) before measurement stops as for a failed extend. While one is pending the
+PCR lacks what is enforced, so quotes fail closed (the marker of measure.py, the monitor), status
+says why, skyguard_tpm_measurements_pending counts it, and the signed log has a
+tpm_measure_deferred entry, then tpm_measure_resumed once it is in.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from skyguard.errors import SkyguardError
-from skyguard.tpm.device import Tpm, TpmConfig, TpmError, TpmUnavailable, find_tcti
+from skyguard.tpm import measure
+from skyguard.tpm.device import Tpm, TpmConfig, TpmError, TpmLockBusy, TpmUnavailable, find_tcti
 from skyguard.tpm.eventlog import EventLogError
 from skyguard.tpm.measure import Measurements, mark_stopped
 from skyguard.tpm.sealing import key_in_use
@@ -31,6 +41,9 @@ if TYPE_CHECKING:
     from skyguard.tpm.monitor import AttestationMonitor
 
 log = logging.getLogger("skyguard.tpm")
+
+LOCK_RETRIES = 10  # tries of a pending measurement, each waiting config.LOCK_WAIT_S for the lock
+RETRY_PAUSE_S = 1.0  # between two tries
 
 
 class DaemonTpm:
@@ -43,6 +56,7 @@ class DaemonTpm:
         self.measurements: Measurements | None = None
         self._monitor: AttestationMonitor | None = None
         self._lock = threading.Lock()
+        self._pending: list[measure.Item] = []  # waiting for the TPM lock, in order (see the module text)
         try:
             self.configured = find_tcti(self.state_dir, tcti) is not None
         except (SkyguardError, OSError) as e:  # a damaged tpm.json: configured, and failing
@@ -69,16 +83,27 @@ class DaemonTpm:
     def _failed(self, what: str, error: Exception) -> None:
         self.problem = f"{what}: {error}; quotes fail closed until the daemon restarts with a working TPM"
         self.measurements = None
+        self._pending.clear()
         mark_stopped(self.state_dir, self.problem)  # so `attest --quote` fails closed too (measure.py)
         log.error("%s", self.problem)
         self.record("tpm_error", error=self.problem[:400])
 
-    def _measure(self, fn, *args) -> None:
+    def _measure(self, items) -> None:
+        """items(): the measurements, as Measurements.extend's arguments (measure.py)."""
         with self._lock:
             if self.measurements is None:
                 return
             try:
-                fn(*args)
+                todo = items()
+                if self._pending:  # after those waiting for the lock: the log keeps the daemon's order
+                    self._pending.extend(todo)
+                    todo = []
+                for i, item in enumerate(todo):
+                    try:
+                        self.measurements.extend(*item)
+                    except TpmLockBusy as e:
+                        self._defer(todo[i:], e)
+                        break
             except (TpmError, OSError, EventLogError) as e:
                 # The PCR and the log may now differ by one line: quotes will show it, and no
                 # further extend is tried (a TPM that fails once is not trusted to be consistent).
@@ -88,20 +113,71 @@ class DaemonTpm:
         if self._monitor is not None:
             self._monitor.changed()
 
+    def _defer(self, items: list, error: TpmLockBusy) -> None:
+        """Under self._lock: `items` wait for the TPM lock; a thread retries them (module text)."""
+        self._pending.extend(items)
+        self.problem = (f"{measure.PENDING}the {items[0][0]} measurement waits for the TPM lock ({error}); "
+                        f"the daemon tries again {LOCK_RETRIES} times, quotes fail closed until it is in")
+        mark_stopped(self.state_dir, self.problem)  # so `attest --quote` fails closed meanwhile
+        log.warning("%s", self.problem)
+        self.record("tpm_measure_deferred", measured=items[0][0], error=str(error)[:400])
+        threading.Thread(target=self._retry, name="sg-tpm-retry", daemon=True).start()
+
+    def _retry(self) -> None:
+        """Extend the pending measurements in order; stop measuring after LOCK_RETRIES tries in a
+        row find the lock held, or at any other failure (as _measure)."""
+        tries = 0
+        while True:
+            time.sleep(RETRY_PAUSE_S)
+            with self._lock:
+                if self.measurements is None or not self._pending:
+                    return
+                measurements, item = self.measurements, self._pending[0]
+            try:
+                measurements.extend(*item)  # waits for the TPM lock without self._lock: loads queue meanwhile
+            except TpmLockBusy as e:
+                tries += 1
+                log.warning("the pending %s measurement still waits for the TPM lock (try %d of %d): %s",
+                            item[0], tries, LOCK_RETRIES, e)
+                if tries < LOCK_RETRIES:
+                    continue
+                with self._lock:
+                    self._failed(f"a measurement waited for the TPM lock {LOCK_RETRIES + 1} times", e)
+            except (TpmError, OSError, EventLogError) as e:
+                with self._lock:
+                    self._failed("a TPM extend failed", e)
+            else:
+                tries = 0
+                with self._lock:
+                    self._pending.pop(0)
+                    if self._pending:
+                        continue
+                    self.problem = ""
+                    measure.clear_stopped(self.state_dir)
+                    log.info("the pending TPM measurements are in: quotes show the enforced state again")
+                    self.record("tpm_measure_resumed", pcr=measurements.pcr, extends=measurements.extends)
+            if self._monitor is not None:
+                self._monitor.changed()
+            return
+
     # ---- what the daemon calls ------------------------------------------------------------
 
     def measure_launch(self, verifier_key: str) -> None:
-        self._measure(lambda: self.measurements.measure_launch(verifier_key))
+        self._measure(lambda: measure.launch_items(verifier_key))
 
     def measure_programs(self, infos: dict) -> None:
-        self._measure(lambda: self.measurements.measure_programs(infos))
+        self._measure(lambda: measure.program_items(infos))
 
     def measure_policy(self, name: str, sha256: str) -> None:
-        self._measure(lambda: self.measurements.measure_policy(name, sha256))
+        self._measure(lambda: [measure.policy_item(name, sha256)])
 
     def measure_attach(self, interface: str, info: dict) -> None:
         programs = {hook: str(p.get("tag")) for hook, p in info.items() if isinstance(p, dict)}
-        self._measure(lambda: self.measurements.measure_attach(interface, programs))
+        self._measure(lambda: [measure.attach_item(interface, programs)])
+
+    def pending(self) -> int:
+        """Measurements waiting for the TPM lock (skyguard_tpm_measurements_pending)."""
+        return len(self._pending)
 
     def wants_monitor(self, policy=None) -> bool:
         """The daemon's PartSlot.wanted: a TPM is configured and has an attestation key. A TPM that
@@ -114,13 +190,13 @@ class DaemonTpm:
         if self.tpm is None:
             raise TpmUnavailable(self.problem)
         self._monitor = AttestationMonitor(self.tpm, self.state_dir, self.record, registry,
-                                           period_s or DEFAULT_PERIOD_S, failed=self.failure)
+                                           period_s or DEFAULT_PERIOD_S, failed=self.failure, pending=self.pending)
         return self._monitor
 
     def failure(self) -> str:
-        """Why measurement stopped ("" while it works): the measured state is then stale, so the
-        monitor reports every quote as failed (fail closed) even when the quote itself verifies."""
-        return self.problem if self.configured and self.measurements is None else ""
+        """Why measurement stopped or waits ("" while it works): the measured state is then stale, so
+        the monitor reports every quote as failed (fail closed) even when the quote itself verifies."""
+        return self.problem if self.configured and (self.measurements is None or self._pending) else ""
 
     def status(self) -> dict:
         out = {"available": self.available, "configured": self.configured,
@@ -131,7 +207,8 @@ class DaemonTpm:
             out.update(tcti=self.tpm.tcti, pcr=self.config.pcr, attestation_key=bool(self.config.ak_public))
         if self.measurements is not None:
             out.update(event_log=self.measurements.started, event_log_lines=self.measurements.count,
-                       pcr_value=self.measurements.value.hex(), extends=self.measurements.extends)
+                       pcr_value=self.measurements.value.hex(), extends=self.measurements.extends,
+                       measurements_pending=len(self._pending))
         if self._monitor is not None and self._monitor.last:
             last = {k: v for k, v in self._monitor.last.items() if k != "failures"}
             last["failures"] = len(self._monitor.last.get("failures", []))

@@ -25,7 +25,10 @@ A failed extend (or a TPM that fails at the daemon's start) also leaves the mark
 <state dir>/tpm/measurement-stopped: the daemon measures nothing more, so the PCR and its log
 would go on showing the state of before while the daemon enforces what comes after (the next
 policy load). quote.make refuses to quote while the marker is there; the next open() (a daemon
-start with a working TPM, which measures everything again) removes it.
+start with a working TPM, which measures everything again) removes it. A measurement that only
+waited too long for the TPM lock (another process held it; nothing was sent to the TPM) leaves
+the same marker with text starting PENDING while the daemon retries it (skyguard/tpm/hook.py):
+quotes fail closed the same way until it is in, and the daemon removes the marker then.
 
 Not here: quoting (quote.py), the TPM commands (device.py).
 """
@@ -48,6 +51,7 @@ log = logging.getLogger("skyguard.tpm")
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # skyguard/
 KINDS = ("package", "bpf_object", "program", "policy", "log_key", "attach")
 STOPPED_FILE = "measurement-stopped"
+PENDING = "measurement pending: "  # the marker's text while a measurement waits for the lock
 
 
 def mark_stopped(state_dir: Path, why: str) -> None:
@@ -65,6 +69,11 @@ def mark_stopped(state_dir: Path, why: str) -> None:
     except OSError as e:
         if not path.exists():
             log.error("cannot leave the marker %s (%s): quotes made now show the state measured before", path, e)
+
+
+def clear_stopped(state_dir: Path) -> None:
+    """Measuring again (open(), or a pending measurement is in): quotes show the enforced state."""
+    (Path(state_dir) / "tpm" / STOPPED_FILE).unlink(missing_ok=True)
 
 
 def stopped(state_dir: Path) -> str | None:
@@ -201,7 +210,7 @@ class Measurements:
                 self.record("tpm_pcr_foreign", pcr=self.pcr, value=current.hex())
             self.base, self.value, _ = replay(lines, self.pcr)
             self.count = len(lines)
-            (self.state_dir / "tpm" / STOPPED_FILE).unlink(missing_ok=True)  # measuring again, from the launch
+            clear_stopped(self.state_dir)  # measuring again, from the launch
             return self.started
 
     def _replay(self, lines: list[str]) -> bytes | None:
@@ -235,22 +244,47 @@ class Measurements:
     # ---- what the daemon measures -----------------------------------------------------------
 
     def measure_launch(self, verifier_key: str) -> None:
-        manifest = imports.source_manifest(PACKAGE_DIR)
-        digest, files = package_digest()
-        # What is imported from here on must be what was just read (skyguard/tpm/imports.py).
-        imports.guard(PACKAGE_DIR.name, PACKAGE_DIR, manifest)
-        self.extend("package", digest, {"files": files})
-        self.extend("bpf_object", bpf_object_digest(), {"source": "bpf/sg_datapath.c"})
-        self.extend("log_key", log_key_digest(verifier_key), {"key": verifier_key})
+        for item in launch_items(verifier_key):
+            self.extend(*item)
 
     def measure_programs(self, infos: dict) -> None:
-        """infos: name -> object with .tag (skyguard.datapath.libbpf.ProgramInfo) or a tag string."""
-        for name, info in sorted(infos.items()):
-            tag = getattr(info, "tag", info)
-            self.extend("program", program_digest(tag), {"name": name, "tag": tag})
+        for item in program_items(infos):
+            self.extend(*item)
 
     def measure_policy(self, name: str, sha256: str) -> None:
-        self.extend("policy", sha256, {"name": name})
+        self.extend(*policy_item(name, sha256))
 
     def measure_attach(self, interface: str, programs: dict[str, str]) -> None:
-        self.extend("attach", attach_digest(programs), {"interface": interface, "programs": dict(programs)})
+        self.extend(*attach_item(interface, programs))
+
+
+# Each measurement as the arguments of one Measurements.extend: (kind, digest, detail). The daemon
+# queues them one by one when the TPM lock is busy (skyguard/tpm/hook.py).
+Item = tuple[str, str, dict]
+
+
+def launch_items(verifier_key: str) -> list[Item]:
+    manifest = imports.source_manifest(PACKAGE_DIR)
+    digest, files = package_digest()
+    # What is imported from here on must be what was just read (skyguard/tpm/imports.py).
+    imports.guard(PACKAGE_DIR.name, PACKAGE_DIR, manifest)
+    return [("package", digest, {"files": files}),
+            ("bpf_object", bpf_object_digest(), {"source": "bpf/sg_datapath.c"}),
+            ("log_key", log_key_digest(verifier_key), {"key": verifier_key})]
+
+
+def program_items(infos: dict) -> list[Item]:
+    """infos: name -> object with .tag (skyguard.datapath.libbpf.ProgramInfo) or a tag string."""
+    items = []
+    for name, info in sorted(infos.items()):
+        tag = getattr(info, "tag", info)
+        items.append(("program", program_digest(tag), {"name": name, "tag": tag}))
+    return items
+
+
+def policy_item(name: str, sha256: str) -> Item:
+    return ("policy", sha256, {"name": name})
+
+
+def attach_item(interface: str, programs: dict[str, str]) -> Item:
+    return ("attach", attach_digest(programs), {"interface": interface, "programs": dict(programs)})

@@ -16,6 +16,8 @@ verifier stays the judge, this tells the operator first. Metrics:
     skyguard_tpm_reference_configured         1 when a reference is set
     skyguard_tpm_quotes_total{result}         ok | outside_reference | failed (TPM error, bad quote)
     skyguard_tpm_last_quote_timestamp_seconds when the last quote was made
+    skyguard_tpm_measurements_pending         measurements waiting for the TPM lock (hook.py); quotes
+                                              fail closed while it is above 0
 
 Fail closed: a TPM that fails a quote counts as `failed` and sets attestation_ok to 0.
 Not here: the quote and its check (quote.py).
@@ -33,6 +35,7 @@ from skyguard.errors import SkyguardError
 from skyguard.timeouts import within
 from skyguard.tpm import quote
 from skyguard.tpm.device import Tpm, TpmConfig
+from skyguard.tpm.measure import PENDING
 
 log = logging.getLogger("skyguard.tpm")
 
@@ -57,17 +60,21 @@ class TpmMetrics:
                           registry=registry)
         for result in ("ok", "outside_reference", "failed"):
             self.quotes.labels(result)
+        self.pending = Gauge("skyguard_tpm_measurements_pending", "Measurements waiting for the TPM lock, "
+                             "held by another process (retried; quotes fail closed meanwhile)", registry=registry)
 
 
 class AttestationMonitor:
     def __init__(self, tpm: Tpm, state_dir: Path, record=None, registry=None, period_s: float = DEFAULT_PERIOD_S,
-                 failed=None):
+                 failed=None, pending=None):
         self.tpm = tpm
-        self.failed = failed or (lambda: "")  # why measurement stopped, from DaemonTpm
+        self.failed = failed or (lambda: "")  # why measurement stopped or waits, from DaemonTpm
         self.state_dir = Path(state_dir)
         self.record = record or (lambda kind, **fields: None)
         self.period_s = period_s
         self.metrics = TpmMetrics(registry) if registry is not None else None
+        if self.metrics is not None:
+            self.metrics.pending.set_function(pending or (lambda: 0))
         self.last: dict = {}  # the last result, for status
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -119,8 +126,11 @@ class AttestationMonitor:
         nonce = secrets.token_hex(16)
         now = time.time()
         try:
-            if self.failed():
-                raise SkyguardError(f"measurement stopped, the measured state is stale: {self.failed()}")
+            why = self.failed()
+            if why.startswith(PENDING):
+                raise SkyguardError(f"the measured state is stale: {why}")
+            if why:
+                raise SkyguardError(f"measurement stopped, the measured state is stale: {why}")
             reference = self.reference()
             evidence = quote.make(self.tpm, self.state_dir, nonce)
             config = TpmConfig.load(self.state_dir)

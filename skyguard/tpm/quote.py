@@ -76,6 +76,8 @@ def make(tpm: Tpm, state_dir: Path, nonce: str) -> dict:
     msg, sig, pcrs_file = tpm.file("quote.msg"), tpm.file("quote.sig"), tpm.file("quote.pcrs")
     with tpm.locked():
         why = measure.stopped(state_dir)
+        if why is not None and why.startswith(measure.PENDING):  # the daemon retries it (hook.py)
+            raise TpmError(f"{why}; a quote would show a stale state until it is in: try again shortly")
         if why is not None:  # the PCR shows an older state than the one enforced (measure.py)
             raise TpmError(f"measurement stopped, so a quote would show a stale state: {why}; restart the "
                            f"daemon with a working TPM (it measures everything again)")

@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from daemon_support import RunningDaemon
+from daemon_support import RunningDaemon, wait_for
 
 from skyguard import config
 from support.swtpm_support import Swtpm
@@ -148,7 +148,10 @@ def test_a_lock_another_process_holds_fails_the_part_waiting_on_it_and_the_next_
     """The TPM's lock and the sealed store's .lock, held by a stuck process while the daemon loads a
     policy whose new part (the SSH access proxy) must unseal the store key and make its host key:
     waited on forever, the load hung (and every load after it); now the part fails, saying which
-    lock and who holds it, and the next load starts it."""
+    lock and who holds it, and the next load starts it.
+    Measuring that policy waited on the TPM's lock too. It used to stop measurement until the
+    daemon restarted (quotes failed for good); a lock held for a while is transient: the
+    measurement is pending (quotes fail closed meanwhile), retried, and in once the lock is free."""
     tpm_daemon.stop()  # one daemon per pin dir (the lab's)
     work = tmp_path_factory.mktemp("tpmd-locks")
     daemon = RunningDaemon(lab, work)
@@ -170,11 +173,27 @@ def test_a_lock_another_process_holds_fails_the_part_waiting_on_it_and_the_next_
                 assert problem["state"] == "failed", problem
                 assert f"{what} {lock} is held by another process (pid {holder.pid}, python" in problem["problem"]
                 assert out.returncode == 1 and daemon.status()["parts"]["admin"] == "failed"
+                if what == "the TPM lock":  # the policy's measurement waits, and says so
+                    tpm = daemon.status()["tpm"]
+                    assert tpm["available"] and tpm["measurements_pending"] >= 1, tpm
+                    assert "waits for the TPM lock" in tpm["problem"] and f"pid {holder.pid}" in tpm["problem"]
+                    deferred = daemon.log_entries("tpm_measure_deferred")
+                    assert deferred and deferred[-1]["measured"] == "policy", deferred
+                    # meanwhile continuous attestation fails closed: the PCR lacks the enforced policy
+                    wait_for(lambda: any("pending" in q.get("error", "") for q in daemon.log_entries("tpm_quote")),
+                             60, "a quote refused while the policy's measurement is pending")
             finally:
                 holder.kill()
                 holder.wait()
-        # Measuring the policy waited on the TPM's lock too: measurement stops (quotes fail closed).
-        assert "the TPM lock" in daemon.status()["tpm"]["problem"]
+        # The lock is free again: the policy's measurement goes in, without a restart.
+        wait_for(lambda: "problem" not in daemon.status()["tpm"], 60, "the pending measurement to go in")
+        tpm = daemon.status()["tpm"]
+        assert tpm["available"] and tpm["measurements_pending"] == 0, tpm
+        sha = daemon.status()["policy"]["sha256"]
+        extends = daemon.log_entries("tpm_extend")
+        assert any(e["measured"] == "policy" and e["digest"] == sha for e in extends), extends
+        assert daemon.log_entries("tpm_measure_resumed")
+        assert daemon.cli("attest", "--quote", "--nonce", "02" * 16).returncode == 0
         out = daemon.cli("policy", "load", str(with_admin), "--json", timeout=120)
         assert out.returncode == 0, out.stderr
         assert daemon.status()["parts"]["admin"] == "running"

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from skyguard import config
 from skyguard.tlog import LogReader, LogWriter, entry, host_signer
 from skyguard.tlog.verify import verify_log
+from skyguard.tpm import hook as hook_module
 from skyguard.tpm import identity, quote
 from skyguard.tpm.device import Tpm
 from skyguard.tpm.hook import DaemonTpm
@@ -280,3 +281,42 @@ def test_a_monitor_stopped_just_as_a_change_wakes_it_stops(daemon_like):
         return hung
 
     assert asyncio.run(scenario()) == []
+
+
+HOLD = "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600); " \
+       "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)"
+
+
+def test_a_measurement_waiting_for_a_lock_held_too_long_stops_measuring(daemon_like, monkeypatch):
+    # The TPM lock held by another process through every retry: the pending measurement is bounded,
+    # and then measurement stops as for a failed extend (quotes fail closed until a restart).
+    emu, state, writer, record = daemon_like
+    monkeypatch.setattr(config, "LOCK_WAIT_S", 0.2)
+    monkeypatch.setattr(hook_module, "LOCK_RETRIES", 2)
+    monkeypatch.setattr(hook_module, "RETRY_PAUSE_S", 0.05)
+    hook = DaemonTpm(state, record=record)
+    launch(hook, writer.signer.verifier.vkey())
+    registry = CollectorRegistry()
+    monitor = hook.monitor(registry, period_s=3600)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(state / "tpm" / "lock")], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        hook.measure_policy("permissive", "5e" * 32)  # no exception: pending
+        hook.measure_attach("sg-web2", {"tc_egress": {"id": 8, "name": "sg_to_vm", "tag": TAGS["sg_to_vm"]}})
+        assert monitor.attest_once()["result"] == "failed"  # fail closed while it waits
+        assert sample(registry, "skyguard_tpm_measurements_pending") == 2
+        deadline = time.monotonic() + 60
+        while hook.available:
+            assert time.monotonic() < deadline, "the pending measurement was retried without bound"
+            time.sleep(0.05)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert "waited for the TPM lock 3 times" in hook.problem and hook.pending() == 0
+    hook.measure_policy("permissive", "5e" * 32)  # nothing more is measured
+    assert "measurement stopped" in monitor.attest_once()["error"]
+    assert [e["measured"] for e in entries(state, "tpm_measure_deferred")] == ["policy"]
+    assert not entries(state, "tpm_measure_resumed")
+    made = cli("attest", "--quote", "--nonce", "7c" * 16, "--state-dir", str(state), "--tcti", emu.tcti)
+    assert made.returncode == 1 and "measurement stopped" in made.stderr, made.stderr
