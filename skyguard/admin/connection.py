@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -38,10 +39,12 @@ MAX_LOGGED_REFUSALS = 10  # refused forwarding requests of a connection logged o
 
 
 class VmHostKeys:
-    """Trust-on-first-use pins of VM host keys, one per workload, in a JSON file."""
+    """Trust-on-first-use pins of VM host keys, one per workload, in a JSON file. Its methods read
+    and write that file: call them off the loop (asyncio.to_thread). Thread-safe."""
 
     def __init__(self, path: Path):
         self.path = path
+        self._lock = threading.Lock()  # one read-modify-write of the file at a time
 
     def _load(self) -> dict:
         try:
@@ -54,16 +57,28 @@ class VmHostKeys:
         except ValueError:
             raise AdminError(f"{self.path} is damaged; fix or remove it (VM host keys are re-pinned)") from None
 
+    def pinned(self, workload: str) -> str | None:
+        """The pinned key of `workload` (`TYPE BASE64`), None before its first use."""
+        with self._lock:
+            return self._load().get(workload)
+
     def check(self, workload: str, key: asyncssh.SSHKey) -> bool:
-        pins = self._load()
+        """Whether `key` is `workload`'s pinned key; the first key seen is pinned (written and
+        fsynced before this returns)."""
         line = keys.public_line(key).split()[:2]
-        pinned = pins.get(workload)
-        if pinned is None:
-            pins[workload] = " ".join(line)
-            fsutil.write_private(self.path, json.dumps(pins, indent=1, sort_keys=True).encode())
-            log.info("pinned host key of %s: %s", workload, keys.fingerprint(key))
-            return True
-        return pinned.split()[:2] == line
+        with self._lock:
+            pins = self._load()
+            pinned = pins.get(workload)
+            if pinned is None:
+                pins[workload] = " ".join(line)
+                fsutil.write_private(self.path, json.dumps(pins, indent=1, sort_keys=True).encode())
+                log.info("pinned host key of %s: %s", workload, keys.fingerprint(key))
+                return True
+        return matches(pinned, key)
+
+
+def matches(pinned: str, key: asyncssh.SSHKey) -> bool:
+    return pinned.split()[:2] == keys.public_line(key).split()[:2]
 
 
 # What asyncssh would otherwise take from the home and environment of the user skyguard runs as
@@ -77,13 +92,21 @@ OWN_SETTINGS_ONLY: dict = {"config": [], "proxy_command": None, "tunnel": None, 
 
 
 class VmClient(asyncssh.SSHClient):
-    def __init__(self, proxy: AdminSshProxy, workload: str):
-        self.proxy = proxy
+    """skyguard's client side to a VM. asyncssh asks for the host key on the loop, so the pin is
+    read before connecting (`pinned`) and a first key is only noted here (`first_key`): the
+    caller pins it off the loop before the connection is used (OperatorConnection.upstream)."""
+
+    def __init__(self, workload: str, pinned: str | None):
         self.workload = workload
+        self.pinned = pinned
+        self.first_key: asyncssh.SSHKey | None = None
         self.host_key_changed = False
 
     def validate_host_public_key(self, host, addr, port, key) -> bool:
-        if self.proxy.vm_host_keys.check(self.workload, key):
+        if self.pinned is None:
+            self.first_key = key
+            return True
+        if matches(self.pinned, key):
             return True
         self.host_key_changed = True
         return False
@@ -306,7 +329,11 @@ class OperatorConnection(asyncssh.SSHServer):
                 raise access.AccessRefused("no_target", "skyguard: no VM selected for this connection")
             address = access.workload_address(workload)
             cfg = self.proxy.config
-            client = VmClient(self.proxy, workload.name)
+            pins = self.proxy.vm_host_keys
+            try:
+                client = VmClient(workload.name, await asyncio.to_thread(pins.pinned, workload.name))
+            except AdminError as e:
+                raise access.AccessRefused("vm_host_keys_unreadable", f"skyguard: {e}") from None
             # Relay the VM's agent requests to the operator's agent only when policy allows it
             # and the operator forwarded one.
             ssh = self.proxy.policy.admin_ssh
@@ -332,12 +359,25 @@ class OperatorConnection(asyncssh.SSHServer):
                 if client.host_key_changed:
                     raise access.AccessRefused("vm_host_key_changed",
                         f"skyguard: the host key of {workload.name} changed since it was pinned; if "
-                        f"the VM was reinstalled, remove its entry from {self.proxy.vm_host_keys.path}") from None
+                        f"the VM was reinstalled, remove its entry from {pins.path}") from None
                 errno = getattr(e, "errno", None)
                 reason = (os.strerror(errno) if errno else None) or getattr(e, "reason", None) or type(e).__name__
                 raise access.AccessRefused("vm_unreachable",
                     f"skyguard: cannot reach {workload.name} ({address}:{cfg.vm_port}): {reason}; "
                     "is the VM up and its sshd running?") from None
+            if client.first_key is not None:  # trust on first use: pinned before the connection is used
+                try:
+                    pinned = await asyncio.to_thread(pins.check, workload.name, client.first_key)
+                except (AdminError, OSError) as e:
+                    conn.close()
+                    raise access.AccessRefused("vm_host_keys_unreadable",
+                        f"skyguard: cannot pin the host key of {workload.name} in {pins.path}: "
+                        f"{getattr(e, 'strerror', None) or e}") from None
+                if not pinned:  # another connection pinned another key meanwhile
+                    conn.close()
+                    raise access.AccessRefused("vm_host_key_changed",
+                        f"skyguard: the host key of {workload.name} changed since it was pinned; if "
+                        f"the VM was reinstalled, remove its entry from {pins.path}")
             if self.workload is None or access.workload_address(self.workload) != address:
                 conn.close()  # a policy change moved the workload while its old address was dialled
                 raise access.AccessRefused("revoked", f"skyguard: the address of {workload.name} was "

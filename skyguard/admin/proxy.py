@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -169,6 +170,7 @@ class AdminSshProxy:
         self.vm_key: asyncssh.SSHKey | None = None
         self.host_key: asyncssh.SSHKey | None = None
         self.connections: set[OperatorConnection] = set()
+        self._records_closing: set[asyncio.Task] = set()  # session records being closed off the loop
         self._sftp_turns: dict[str, ReplayTurn] = {}  # workload name -> its channels' turn (sftp.py)
         self.address: tuple[str, int] | None = None  # where it listens now
         self._server: SSHAcceptor | None = None
@@ -234,6 +236,8 @@ class AdminSshProxy:
             if not self.connections:
                 break
             await asyncio.sleep(0.05)
+        if self._records_closing:  # every ended session's record is on disk before stop() returns
+            await asyncio.gather(*self._records_closing, return_exceptions=True)
 
     # -- the listener -----------------------------------------------------------------------------
 
@@ -302,6 +306,12 @@ class AdminSshProxy:
                 connection.close_tunnels()
             for session in list(connection.sessions):
                 session.recheck()
+
+    def keep(self, closing: Coroutine) -> None:
+        """Run a session's record closing (session.close_record) on the loop; stop() waits for it."""
+        task = asyncio.get_running_loop().create_task(closing)
+        self._records_closing.add(task)
+        task.add_done_callback(self._records_closing.discard)
 
     def sftp_turn(self, workload: str) -> ReplayTurn:
         """The one ReplayTurn of a VM, shared by every SFTP channel to it (of any connection)."""

@@ -181,10 +181,21 @@ class ProxySession(asyncssh.SSHServerSession):
             self._refused(access.AccessRefused("error", "skyguard: internal error opening the session"))
             return
         width, height = self.size[0] or 80, self.size[1] or 24
-        self.recording = self.proxy.archive.begin(
-            operator=operator, key_fingerprint=owner.key_fingerprint or "?", workload=workload.name,
-            zone=workload.zone, source=owner.source, kind=self.kind or "?", command=self.command,
-            width=width, height=height, term=self.term, record_input=not self.term)
+        try:
+            # Off the loop (files created and fsynced, the start logged): a stalled disk holds up
+            # this session only. Its record is on disk before anything reaches the VM.
+            recording = await asyncio.to_thread(
+                self.proxy.archive.begin, operator=operator, key_fingerprint=owner.key_fingerprint or "?",
+                workload=workload.name, zone=workload.zone, source=owner.source, kind=self.kind or "?",
+                command=self.command, width=width, height=height, term=self.term, record_input=not self.term)
+        except (OSError, SkyguardError) as e:  # fail closed: no session runs unrecorded
+            log.error("cannot record a session of %s on %s: %s", operator, workload.name, e)
+            self._refused(access.AccessRefused("error", "skyguard: the session cannot be recorded"))
+            return
+        self.recording = recording
+        if self.ended:  # the operator left while the record was written
+            self.proxy.keep(close_record(recording, "client_disconnected", None, None))
+            return
         if self.decision.transfer and (self.kind == "subsystem" or _runs_sftp_server(self.command)):
             self.sftp_watch = SftpRequestWatcher()
             self.sftp_filter = upload_pump(self, workload)
@@ -261,11 +272,12 @@ class ProxySession(asyncssh.SSHServerSession):
 
     # operator -> VM
     def data_received(self, data, datatype):
+        if self.ended:  # the record is being closed off the loop: nothing more goes in it
+            return
         if self.vm_chan is None:
             # Reading is paused until the VM is connected; anything already in flight waits here
             # (bounded by the channel window the client was granted).
-            if not self.ended:
-                self.pending.append(data)
+            self.pending.append(data)
             return
         if self.recording:
             self.recording.input(data)
@@ -293,7 +305,7 @@ class ProxySession(asyncssh.SSHServerSession):
         self.size = (width, height, pixwidth, pixheight)
         if self.vm_chan is not None:
             self.vm_chan.change_terminal_size(width, height, pixwidth, pixheight)
-        if self.recording:
+        if self.recording and not self.ended:
             self.recording.resize(width, height)
 
     def signal_received(self, signal):
@@ -335,11 +347,9 @@ class ProxySession(asyncssh.SSHServerSession):
             self.end_with_message("\r\nskyguard: the VM ended the session with an invalid exit signal\r\n",
                                   EXIT_UNREACHABLE, "vm_bad_exit_signal")
         elif exit_signal:
-            self._finish("ok", exit_status, exit_signal)
-            self.chan.exit_with_signal(exit_signal)
+            self._finish("ok", exit_status, exit_signal, then=lambda: self.chan.exit_with_signal(exit_signal))
         elif exit_status is not None:
-            self._finish("ok", exit_status, None)
-            self.chan.exit(exit_status)
+            self._finish("ok", exit_status, None, then=lambda: self.chan.exit(exit_status))
         else:
             self.end_with_message("\r\nskyguard: the connection to the VM was lost\r\n",
                                   EXIT_UNREACHABLE, "vm_lost")
@@ -349,16 +359,18 @@ class ProxySession(asyncssh.SSHServerSession):
             return
         if self.recording:
             self.recording.output(message.encode())
-        self._finish(result, code, None)
-        try:
+
+        def tell():
             self.chan.write_stderr(message.encode())
             self.chan.exit(code)
-        except (asyncssh.Error, OSError, BrokenPipeError):
-            pass
+
+        self._finish(result, code, None, then=tell)
         if self.vm_chan is not None:
             self.vm_chan.close()
 
-    def _finish(self, result: str, exit_status, exit_signal):
+    def _finish(self, result: str, exit_status, exit_signal, then=None):
+        """End the session; its record is closed off the loop, and only then is `then` (what the
+        operator is told: the exit status) called, so the record is on disk before they hear it."""
         self.ended = True
         if self.sftp_filter is not None:
             self.sftp_filter.close()
@@ -367,10 +379,9 @@ class ProxySession(asyncssh.SSHServerSession):
             self.active_counted = False
         self.proxy.metrics.sessions.labels(self.owner.operator_name, result).inc()
         if self.recording:
-            try:
-                self.recording.finish(result, exit_status, exit_signal)
-            except (OSError, SkyguardError):
-                log.exception("could not finish the recording of session %s", self.recording.id)
+            self.proxy.keep(close_record(self.recording, result, exit_status, exit_signal, then))
+        elif then is not None:
+            told(then)
 
     def connection_lost(self, exc):
         """The operator's channel is gone (client exited or was killed): close the VM side and
@@ -380,3 +391,22 @@ class ProxySession(asyncssh.SSHServerSession):
             if self.vm_chan is not None:
                 self.vm_chan.close()
         self.owner.session_closed(self)
+
+
+async def close_record(recording: SessionRecording, result: str, exit_status, exit_signal, then=None) -> None:
+    """Close a session's record off the loop (transcript fsynced and hashed, end logged, metadata
+    written: a stalled disk holds up this session only), then call `then` on the loop."""
+    try:
+        await asyncio.to_thread(recording.finish, result, exit_status, exit_signal)
+    except (OSError, SkyguardError):
+        log.exception("could not finish the recording of session %s", recording.id)
+    finally:
+        if then is not None:
+            told(then)
+
+
+def told(then) -> None:
+    try:
+        then()
+    except (asyncssh.Error, OSError, BrokenPipeError):
+        pass  # the operator is already gone

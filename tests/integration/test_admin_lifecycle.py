@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import os
 import subprocess
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -305,3 +307,89 @@ def test_a_session_ends_without_reading_its_transcript_back(lab, monkeypatch):  
     for command in ("echo first-of-two", "echo second-of-two"):
         [meta] = lab.session_by_command(command)
         assert lab.proxy.archive.verify(meta["id"]) == meta["transcript_sha256"]
+
+
+SLOW_DISK_PORT = 24227  # a second proxy on the lab's loop, its state on a disk that stalls
+
+
+def blocked_in_the_kernel() -> bool:
+    """Some thread of this process waits uninterruptibly (state D): here, a write to the frozen disk."""
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            if (task / "stat").read_text().rsplit(")", 1)[1].split()[0] == "D":
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def test_a_stalled_disk_under_the_session_records_holds_up_no_other_connection(lab):  # noqa: F811
+    """A proxy whose state (the VM host key pins, the session records) is on a disk that stalls:
+    a frozen filesystem (fsfreeze) blocks every write to it until it is thawed, as a hung disk
+    would. The first host key of a VM (trust on first use), a session's record at its start and at
+    its end were written on the loop that every connection and part shares: a stall there
+    stalled them all. Now each write waits off the loop, the session waiting for it (its record is
+    on disk before it starts, its end before the operator hears the exit status), and the
+    lab's proxy on the same loop logs an operator in meanwhile."""
+    disk = lab.tmp / "slow-disk"
+    disk.mkdir(mode=0o700)
+    image = lab.tmp / "slow-disk.img"
+    subprocess.run(["truncate", "-s", "64M", str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(disk)], check=True)
+    policy = replace(lab.policy, admin_ssh=replace(lab.policy.admin_ssh, listen=f"127.0.0.1:{SLOW_DISK_PORT}"))
+    other = AdminSshProxy(policy, SecretStore(lab.state / "secrets"), disk, MemoryLog())
+    lab.proxy_thread.run(other.start())
+    through = ["-o", f"HostKeyAlias=[127.0.0.1]:{PROXY_PORT}"]  # the same host key as the lab's proxy
+    frozen = threading.Event()
+
+    def thaw():
+        if frozen.is_set():
+            subprocess.run(["fsfreeze", "-u", str(disk)], check=False)
+            frozen.clear()
+
+    def freeze():
+        subprocess.run(["fsfreeze", "-f", str(disk)], check=True)
+        frozen.set()
+
+    def held_while_another_gets_in(client, what):
+        """`client` is held by a write to the frozen disk; another operator gets in meanwhile."""
+        while not blocked_in_the_kernel():
+            assert client.poll() is None, client.communicate()
+            time.sleep(0.01)
+        meanwhile = lab.ssh("alice", "alice+dc1", f"echo meanwhile-{what}", timeout=30)
+        assert meanwhile.stdout.strip() == f"meanwhile-{what}", meanwhile.stderr
+        assert client.poll() is None  # still waiting for its record
+        thaw()
+        out, err = client.communicate(timeout=30)
+        return client.returncode, out, err
+
+    def session(command, **kw):
+        return subprocess.Popen(lab.ssh_args("alice", "alice+dc1", *through, port=SLOW_DISK_PORT) + [command],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+    safety = threading.Timer(120, thaw)  # never leave the disk frozen, whatever happens above
+    safety.start()
+    try:
+        # the first connection to dc1 pins its host key
+        freeze()
+        assert held_while_another_gets_in(session("echo pinned"), "pin")[:2] == (0, "pinned\n")
+        assert "dc1" in json.loads((disk / "admin" / "vm_host_keys.json").read_text())
+        # a session's record at its start: on disk before the session starts
+        freeze()
+        assert held_while_another_gets_in(session("echo started"), "start")[:2] == (0, "started\n")
+        # a session's end: the record is closed before the operator hears the exit status
+        client = session("echo up; read line; exit 3", stdin=subprocess.PIPE)
+        assert client.stdout.readline() == "up\n"
+        freeze()
+        client.stdin.close()  # the VM's `read` returns: the session ends, with no more output
+        client.stdin = None  # closed here: communicate() has nothing to flush
+        assert held_while_another_gets_in(client, "end")[0] == 3
+        [meta] = [m for m in other.archive.list() if (m.get("command") or "").startswith("echo up")]
+        assert meta["result"] == "ok" and meta["exit_status"] == 3
+        assert other.archive.verify(meta["id"]) == meta["transcript_sha256"]
+    finally:
+        thaw()
+        safety.cancel()
+        lab.proxy_thread.run(other.stop())
+        subprocess.run(["umount", str(disk)], check=False)
