@@ -13,12 +13,16 @@ content rule (skyguard/policy/content.py) are held back and judged before the VM
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from skyguard.parts import DecisionLog
+
+log = logging.getLogger("skyguard.admin")
 
 # Request types that carry a path as their first field after the request id.
 _PATH_REQUESTS = {3: "open", 11: "opendir", 13: "remove", 14: "mkdir", 15: "rmdir",
@@ -85,7 +89,11 @@ class SftpRequestWatcher:
 # on the VM): a replay (truncate, then the writes) and an OPEN for writing (which truncates) must
 # not run between another channel's truncation and its writes, or the file keeps both channels'
 # halves, each judged alone. So they take turns per VM (ReplayTurn, shared by the VM's channels):
-# a channel holds the turn from sending such requests until the VM has answered them.
+# a channel holds the turn from sending such requests until the VM has answered them. One channel
+# cannot keep the others waiting for good: while another waits it queues behind it for its next
+# request, and one that has held the turn for TURN_HOLD_S while another waits (a VM that never
+# answers its OPEN: a FIFO, a hung disk) has its SFTP stream ended, the turn passed on after
+# TURN_GRACE_S as for any channel that ends while holding it.
 
 SSH_FXP_INIT, SSH_FXP_VERSION = 1, 2
 SSH_FXP_OPEN, SSH_FXP_CLOSE, SSH_FXP_WRITE, SSH_FXP_SETSTAT, SSH_FXP_FSETSTAT, SSH_FXP_REMOVE = 3, 4, 6, 9, 10, 13
@@ -106,6 +114,7 @@ PASSED_EXTENSIONS = frozenset({b"posix-rename@openssh.com", b"statvfs@openssh.co
 MAX_HELD_FILES = 64  # files held open for judging at once, per channel
 MAX_IN_FLIGHT = 1 << 16  # operator requests the VM has not answered yet, per channel
 TURN_WAIT_S = 120.0  # how long a channel waits for another's replay to the VM before its stream fails
+TURN_HOLD_S = 60.0  # the turn held this long while another waits: the stream ends (< TURN_WAIT_S - TURN_GRACE_S)
 # A channel that ended with a replay unanswered keeps the turn this long: the VM's sftp-server
 # may still be writing what reached it (at most an SSH window, 2 MiB in OpenSSH, after the end).
 TURN_GRACE_S = 10.0
@@ -166,28 +175,36 @@ class _Framer:
 class ReplayTurn:
     """Whose turn it is to send one VM what truncates or rewrites a file under content rules (a
     replay, an OPEN for writing): shared by the upload filters of the VM's channels, on their
-    event loop. The channel holding it may take it again (its requests run in order on its own
-    sftp-server); the others wait, first come first served, until the VM has answered all it sent."""
+    event loop. The channel holding it may take it again while no other waits (its requests run in
+    order on its own sftp-server); the others wait, first come first served, until the VM has
+    answered all it sent. A holder past TURN_HOLD_S while another waits is ended: its `overrun`
+    (a callable taking the reason, if it has one) is called, then it leaves."""
 
     def __init__(self):
         self.holder: object | None = None
         self._unanswered = 0  # the holder's requests that needed the turn, not answered yet
         self._queue: deque[tuple[object, asyncio.Future]] = deque()
         self._grace: asyncio.TimerHandle | None = None
+        self._watch: asyncio.TimerHandle | None = None  # the TURN_HOLD_S check while someone waits
 
     @property
     def waiting(self) -> int:
         """Channels waiting for the turn."""
         return sum(1 for _, future in self._queue if not future.done())
 
-    async def take(self, channel: object, timeout: float = TURN_WAIT_S) -> None:
-        """The turn for one more request of `channel`; SftpProtocolError after `timeout` seconds."""
-        if self.holder is channel or (self.holder is None and not self.waiting):
+    async def take(self, channel: object, timeout: float | None = None) -> None:
+        """The turn for one more request of `channel`; SftpProtocolError after `timeout` seconds
+        (TURN_WAIT_S by default)."""
+        timeout = TURN_WAIT_S if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        if not self.waiting and self.holder in (None, channel):
             self.holder = channel
             self._unanswered += 1
             return
-        future = asyncio.get_running_loop().create_future()
+        future = loop.create_future()
         self._queue.append((channel, future))
+        if self._watch is None and self.holder is not None:  # the holder's clock runs from now
+            self._watch = loop.call_later(TURN_HOLD_S, self._check_hold)
         try:
             await asyncio.wait({future}, timeout=timeout)
         except BaseException:  # cancelled: the channel ended while it waited
@@ -220,16 +237,32 @@ class ReplayTurn:
         if self.holder is channel:
             self._pass_on()
 
+    def _check_hold(self) -> None:
+        """The holder held the turn TURN_HOLD_S while another waited: it is ended."""
+        self._watch = None
+        holder = self.holder
+        if holder is None or not self.waiting or self._grace is not None:
+            return
+        reason = f"this channel held the VM's upload turn for over {TURN_HOLD_S:g} s while another upload waited"
+        log.warning("SFTP: %s; ending it", reason)
+        overrun = getattr(holder, "overrun", None)
+        if overrun is not None:
+            overrun(reason)
+        self.leave(holder)
+
     def _pass_on(self) -> None:
         self.holder, self._unanswered = None, 0
-        if self._grace is not None:
-            self._grace.cancel()
-            self._grace = None
+        for timer in (self._grace, self._watch):
+            if timer is not None:
+                timer.cancel()
+        self._grace = self._watch = None
         while self._queue:
             channel, future = self._queue.popleft()
             if not future.done():
                 self.holder, self._unanswered = channel, 1
                 future.set_result(None)
+                if self.waiting:
+                    self._watch = asyncio.get_running_loop().call_later(TURN_HOLD_S, self._check_hold)
                 return
 
 
@@ -256,6 +289,7 @@ class SftpUploadFilter:
         """`turn`: the VM's, shared by all its channels (a filter of its own otherwise)."""
         self.engine = engine
         self.turn = turn if turn is not None else ReplayTurn()
+        self.overrun: Callable[[str], None] | None = None  # told when it held the turn too long (ReplayTurn)
         self._turn_ids: set[int] = set()  # operator's requests sent under the turn, not answered yet
         self.zone = zone
         self.decision_log = decision_log
@@ -492,6 +526,7 @@ class SftpFilterPump:
         self._closed = False  # the session ended (close())
         self._queue: list[bytes] = []
         self._task: Any = None  # the asyncio task draining the queue, while there is one
+        upload_filter.overrun = lambda reason: self.fail(f"skyguard: SFTP stream ended: {reason}")
 
     def from_operator(self, data: bytes) -> None:
         import asyncio

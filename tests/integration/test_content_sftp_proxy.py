@@ -8,11 +8,13 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import time
 from dataclasses import replace
 
 import pytest
 from test_admin_ssh import lab  # noqa: F401 - the module-scoped fixture, a lab of this module's own
 
+from skyguard.admin import sftp
 from skyguard.policy.content import ContentBlock, ContentPolicy, ContentRule
 from support.content_support import EICAR, LocalClamd, harmless_bytes, zipped
 
@@ -140,3 +142,40 @@ def test_an_sftp_session_open_before_content_rules_does_not_escape_them(lab, gua
             client.kill()
         lab.set_policy(before)
     assert not (guarded / "late.txt").exists() or (guarded / "late.txt").read_bytes() != b"more than ten bytes\n"
+
+
+def test_an_upload_the_vm_never_answers_holds_the_vms_turn_only_for_a_while(lab, guarded, monkeypatch):  # noqa: F811
+    """One operator's upload to a FIFO on the VM: the VM's sftp-server never answers its OPEN, so
+    that channel held the VM's replay turn for good and every other upload to the VM waited, then
+    failed after TURN_WAIT_S. Now a channel holding the turn past TURN_HOLD_S while another waits
+    is ended (saying why), and the other upload goes through."""
+    monkeypatch.setattr(sftp, "TURN_HOLD_S", 2.0)  # 60 s by default
+    monkeypatch.setattr(sftp, "TURN_GRACE_S", 0.5)
+    monkeypatch.setattr(sftp, "TURN_WAIT_S", 30.0)
+    stuck = guarded / "stuck"
+    os.mkfifo(stuck)
+    (lab.tmp / "small.txt").write_bytes(b"a small upload\n")
+    data = harmless_bytes(50_000)
+    (lab.tmp / "after.bin").write_bytes(data)
+    holder = subprocess.Popen(lab.ssh_args("alice", "alice+dc1", "-b", "-", tool="sftp"), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        holder.stdin.write(f"put {lab.tmp / 'small.txt'} {stuck}\n")
+        holder.stdin.flush()
+        turn = lab.proxy.sftp_turn("dc1")
+        deadline = time.monotonic() + 30
+        while turn.holder is None:  # its OPEN reached the VM, which waits for a reader of the FIFO
+            assert time.monotonic() < deadline and holder.poll() is None, holder.communicate()
+            time.sleep(0.05)
+        other = put(lab, lab.tmp / "after.bin", guarded / "after.bin")
+        assert other.returncode == 0, other.stderr
+        assert (guarded / "after.bin").read_bytes() == data
+        _, err = holder.communicate(timeout=30)
+        assert holder.returncode != 0 and "held the VM's upload turn" in err, err
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        reader = os.open(stuck, os.O_RDONLY | os.O_NONBLOCK)  # lets the VM's sftp-server go on
+        os.close(reader)
+        holder.wait()
+        stuck.unlink()
