@@ -30,16 +30,37 @@ The type-choice attack (`type-choice`): a few known names, each query with a typ
 picks among the types the proxy serves (each (name, type) is its own cache entry, so a new pair
 is a miss that reaches the upstream).
 
+The type-and-flags attack (`type-and-flags`): short never-seen names (labels of 1..length
+characters, a-z and 0-9) under many bases, each asked with a type (any served one but NULL) and
+header flags (RD, CD, EDNS present or not) the payload picks, so it carries bits in the name and
+in its type and flags; the names' budget charges all three (tunnel.choice_bits). The attacker's
+codebook keeps only the (label, type, flags) charged under `cap` bits (the budget refuses a name
+charged BUDGET_MIN_BITS or more once the VM is over it, even the first of a base). Through the
+policy engine; counted: log2 of the codebook's entries still unused under the query's base, per
+query that reaches the upstream (the base follows a fixed schedule and carries nothing). Grid:
+length x cap x bases (16-256) x deep (bases that take names past their first two, spending the
+budget at full price, before the others start) x names per minute. A refused base is left alone
+for the detector's FLAG_SECONDS.
+
+Both budgets at once (`both-budgets`): the best names attacks (the best few type-and-flags
+strategies and the best encoder, sent through the policy engine) and the best few repeated-name
+strategies from the same VM in the same 10 minutes, interleaved in time through one resolver, so
+they share the VM's budgets; every pair is tried and the best total is the figure (each part
+counted as in its own attack). This is what a tunnel using every channel gets.
+
 False positives: one VM resolves the real names of bench/dns_tunnel_names.txt (host names from
 the installed software's documentation, see its header) in a fixed random order, every one a
 name it never asked before, at FP_RATE per second; every detection is a false positive. The
-target: under 1 KB per 10 minutes per VM for every encoder, and no false positive.
+target: under 1 KB per 10 minutes per VM for every attack, and no false positive.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
+import heapq
 import ipaddress
+import itertools
 import math
 import random
 import re
@@ -50,7 +71,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import plot, progress, result  # noqa: E402
 
-from skyguard.dns import tunnel, wire  # noqa: E402
+from skyguard.dns import alphabet, tunnel, wire  # noqa: E402
 from skyguard.dns.interfaces import PolicyDirectory  # noqa: E402
 from skyguard.dns.resolver import DnsPolicyResolver  # noqa: E402
 from skyguard.policy.model import Destination, DnsConfig, Policy, PortRange, Rule, TunnelDetection, Workload, Zone  # noqa: E402
@@ -68,8 +89,16 @@ REPEAT_NAMES_PER_BASE = (4, 8, 16, 24, 32, 39)  # 40 distinct names a minute is 
 REPEAT_BASES = (1, 4, 16, 64)
 REPEAT_QPS = 100
 TYPE_CHOICE_NAMES = (1, 4, 16)
+FLAG_LENGTHS = (1, 2, 3)  # type-and-flags: labels of 1..length characters
+FLAG_CAPS = (24, 32)  # ... whose charge (name, type, flags) stays under this many bits
+FLAG_BASES = (16, 64, 256)
+FLAG_DEEP = (0, 4, 16)  # bases taking names past their first two before the others start
+FLAG_PER_MINUTE = (60, 600)
+BOTH_TOP = 2  # both budgets: the best few of each attack, every pair of them
 B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 LETTERS16 = "abcdefghijklmnop"
+FLAG_CD = 0x0010  # checking disabled: the resolver passes RD and CD upstream
+OPT = b"\x00" + struct.pack("!HHIH", wire.QTYPE_OPT, 1232, 0, 0)  # EDNS, 1232-octet payload
 
 
 def _words() -> list[str]:
@@ -174,9 +203,11 @@ class _NoLearner:
         pass
 
 
-def _query(name: bytes) -> bytes:
-    return struct.pack("!HHHHHH", 0x1234, wire.FLAG_RD, 1, 0, 0, 0) + b"".join(
-        bytes([len(label)]) + label for label in name.split(b".")) + b"\x00\x00\x01\x00\x01"
+def _query(name: bytes, qtype: int = wire.QTYPE_A, flags: int = wire.FLAG_RD, edns: bool = False) -> bytes:
+    """A stub's query: name and type, header flags (RD, CD) and an OPT record or none."""
+    return struct.pack("!HHHHHH", 0x1234, flags, 1, 0, 0, 1 if edns else 0) + b"".join(
+        bytes([len(label)]) + label for label in name.split(b".")) + b"\x00" + \
+        struct.pack("!HH", qtype, 1) + (OPT if edns else b"")
 
 
 def _ttl0_reply(upstream_query: bytes) -> bytes:
@@ -187,44 +218,81 @@ def _ttl0_reply(upstream_query: bytes) -> bytes:
             + b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x00\x00\x04\xcb\x00\x71\x09")
 
 
-def _resolver() -> DnsPolicyResolver:
+def _resolver(action="block") -> DnsPolicyResolver:
     """The policy engine for one VM allowed any name under .test (any base it registers)."""
     vm = Workload("vm1", "z", "sg-vm1", "02:00:00:00:00:01", (ipaddress.ip_address("10.0.0.2"),))
     rule = Rule("tun", "allow", ("z",), Destination(fqdns=("**.test",)), (PortRange("tcp", 443, 443),))
     policy = Policy("b", {"z": Zone("z", (vm,))}, {}, (rule,),
-                    DnsConfig(("192.0.2.53",), "refused", 5, 3600, TunnelDetection("block")))
+                    DnsConfig(("192.0.2.53",), "refused", 5, 3600, TunnelDetection(action)))
     return DnsPolicyResolver(policy, PolicyDirectory(policy), _NoLearner())
+
+
+class Tally:
+    """What one attack stream got through to the upstream: bits of payload, and queries."""
+
+    def __init__(self):
+        self.bits, self.queries = 0.0, 0
+
+    @property
+    def bytes(self) -> int:
+        return int(self.bits / 8)
+
+
+def run_streams(*streams) -> None:
+    """Run attack streams from one VM on one timeline until WINDOW. A stream is a generator that
+    yields the time of its next query and, resumed, sends it (every stream's queries go to the
+    same resolver in time order, so they share the VM's budgets as one tunnel would)."""
+    heap = []
+    for i, stream in enumerate(streams):
+        t = next(stream, None)
+        if t is not None and t < WINDOW:
+            heapq.heappush(heap, (t, i))
+    while heap:
+        _, i = heapq.heappop(heap)
+        t = next(streams[i], None)
+        if t is not None and t < WINDOW:
+            heapq.heappush(heap, (t, i))
+
+
+def _forward(resolver, d, now) -> bool:
+    """Answer a forwarded decision (the upstream: TTL 0); True if the query reached the upstream."""
+    if d.action != "forward":
+        return False
+    resolver.answer(d, d.cached or _ttl0_reply(d.upstream_query), now=now, wall=now)
+    return not d.cached
+
+
+def repeated_stream(resolver, tally, per_base, bases, cache=True, prefix="x"):
+    """The repeated-name attack as a stream (repeated_names)."""
+    subs = [a + b for b in ("",) + tuple(B36[10:]) for a in B36[10:]][:per_base]
+    names = [f"{sub}.{prefix}{i}q.test".encode() for i in range(bases) for sub in subs]
+    queries = {name: _query(name) for name in names}
+    rng = random.Random(f"{per_base}{bases}{cache}")
+    t = 0.0
+    while True:
+        started = t
+        order = rng.sample(names, len(names)) if cache else \
+            [rng.choice(names) for _ in range(len(names))]
+        for k, name in enumerate(order):
+            yield t
+            if _forward(resolver, resolver.decide(queries[name], "10.0.0.2", now=t), t):
+                tally.bits += math.log2(len(names) - k) if cache else math.log2(len(names))
+                tally.queries += 1
+            t += 1 / REPEAT_QPS
+        if cache:  # the next round once every answer of this one has expired
+            t = max(t, started + len(names) / REPEAT_QPS + resolver.policy.dns.min_ttl + 0.01)
 
 
 def repeated_names(per_base: int, bases: int, cache: bool = True) -> int:
     """Payload bytes (the information in the order of the names reaching the upstream) one
     strategy of the repeated-name attack gets out in WINDOW."""
     resolver = _resolver()
-    policy = resolver.policy
     if not cache:  # the anchor: no answer cache and no re-ask budget (before either)
         resolver.cache.lookup = lambda *args: None
         resolver.detector.charge_reask = lambda *args: True
-    subs = [a + b for b in ("",) + tuple(B36[10:]) for a in B36[10:]][:per_base]
-    names = [f"{sub}.x{i}q.test".encode() for i in range(bases) for sub in subs]
-    queries = {name: _query(name) for name in names}
-    rng = random.Random(f"{per_base}{bases}{cache}")
-    bits, t = 0.0, 0.0
-    while t < WINDOW:
-        started = t
-        order = rng.sample(names, len(names)) if cache else \
-            [rng.choice(names) for _ in range(len(names))]
-        for k, name in enumerate(order):
-            if t >= WINDOW:
-                break
-            d = resolver.decide(queries[name], "10.0.0.2", now=t)
-            if d.action == "forward":
-                resolver.answer(d, d.cached or _ttl0_reply(d.upstream_query), now=t, wall=t)
-                if not d.cached:
-                    bits += math.log2(len(names) - k) if cache else math.log2(len(names))
-            t += 1 / REPEAT_QPS
-        if cache:  # the next round once every answer of this one has expired
-            t = max(t, started + len(names) / REPEAT_QPS + policy.dns.min_ttl + 0.01)
-    return int(bits / 8)
+    tally = Tally()
+    run_streams(repeated_stream(resolver, tally, per_base, bases, cache))
+    return tally.bytes
 
 
 def type_choice(names_count: int) -> int:
@@ -248,6 +316,137 @@ def type_choice(names_count: int) -> int:
             resolver.answer(d, d.cached or _ttl0_reply(d.upstream_query), now=t, wall=t)
         t += 1 / REPEAT_QPS
     return int(bits / 8)
+
+
+class Codebook:
+    """What a query of the type-and-flags attack can say: every label of 1..length characters
+    (a-z, 0-9), asked with any served type but NULL (a detection on its own) and any of the 8
+    header choices (RD, CD, EDNS present or not), keeping only the (label, type, flags) whose
+    charge in the names' budget (alphabet.bits of the label plus tunnel.choice_bits) is under
+    `cap` bits: a name charged BUDGET_MIN_BITS or more is refused once the VM is over budget,
+    even the first ones of a base."""
+
+    def __init__(self, length: int, cap: float):
+        types = sorted(wire.SERVED_QTYPES - {wire.QTYPE_NULL})
+        type_classes = [[q] for q in (wire.QTYPE_A, wire.QTYPE_AAAA)] + \
+            [[q for q in types if q not in (wire.QTYPE_A, wire.QTYPE_AAAA)]]
+        headers = [(rd | cd, edns) for rd in (0, wire.FLAG_RD) for cd in (0, FLAG_CD) for edns in (False, True)]
+        header_classes = [[h for h in headers if (h[0] == wire.FLAG_RD) == common] for common in (True, False)]
+        labels = [label for n in range(1, length + 1) for label in itertools.product(B36, repeat=n)]
+        self.labels, self.combos, weights = [], [], []
+        for chars in labels:
+            label = "".join(chars).encode()
+            cost = alphabet.bits(label)
+            combos = [(tc, hc) for tc in type_classes for hc in header_classes
+                      if cost + tunnel.choice_bits(tc[0], hc[0][0] == wire.FLAG_RD) < cap]
+            weight = sum(len(tc) * len(hc) for tc, hc in combos)
+            if weight:
+                self.labels.append(label)
+                self.combos.append(combos)
+                weights.append(weight)
+        self.weights = weights
+        self.cumulative = list(itertools.accumulate(weights))
+        self.total = self.cumulative[-1] if weights else 0
+
+    def pick(self, rng, used: set) -> tuple[int, int, int, bool]:
+        """Uniformly one (label index, type, flags, EDNS) whose label is not in used."""
+        while True:
+            i = rng.choices(range(len(self.labels)), cum_weights=self.cumulative)[0]
+            if i not in used:
+                break
+        combos = self.combos[i]
+        tc, hc = rng.choices(combos, weights=[len(tc) * len(hc) for tc, hc in combos])[0]
+        flags, edns = rng.choice(hc)
+        return i, rng.choice(tc), flags, edns
+
+
+def flag_stream(resolver, tally, book: Codebook, bases: int, deep: int, per_minute: int, prefix="f"):
+    """The type-and-flags attack as a stream: each query one never-seen name of `book` under one
+    of `bases` bases in turn, with the type and flags the payload picks. Counted: log2 of the
+    (label, type, flags) the query could have been under its base (a label used there already
+    is not a new name), per query that reaches the upstream; the base is the schedule's (free).
+    With deep > 0, the first `deep` bases take every name until the first refusal (the budget
+    spent at full price), then the others take theirs (the first of a base pass cheap names
+    when over budget). A refused base is left alone FLAG_SECONDS (the VM sees REFUSED)."""
+    rng = random.Random(f"flags{book.total}{bases}{deep}{per_minute}")
+    names = [f".{prefix}{i}q.test".encode() for i in range(bases)]
+    used = [set() for _ in range(bases)]
+    used_weight = [0] * bases
+    blocked_until = [0.0] * bases
+    t, slot, deep_phase = 0.0, 0, deep > 0
+    while True:
+        pool = range(deep) if deep_phase else range(deep, bases)
+        free = [b for b in pool if blocked_until[b] <= t and used_weight[b] < book.total]
+        if not free:
+            if deep_phase:
+                deep_phase = False
+                continue
+            waiting = [blocked_until[b] for b in pool if used_weight[b] < book.total]
+            if not waiting:
+                return
+            t = min(waiting)
+            continue
+        b = free[slot % len(free)]
+        slot += 1
+        i, qtype, flags, edns = book.pick(rng, used[b])
+        yield t
+        d = resolver.decide(_query(book.labels[i] + names[b], qtype, flags, edns), "10.0.0.2", now=t)
+        if d.action == "forward":
+            if _forward(resolver, d, t):
+                tally.bits += math.log2(book.total - used_weight[b])
+                tally.queries += 1
+            used[b].add(i)
+            used_weight[b] += book.weights[i]
+        else:
+            blocked_until[b] = t + tunnel.FLAG_SECONDS
+            deep_phase = False
+        t += 60.0 / per_minute
+
+
+def type_and_flags(length: int, cap: float, bases: int, deep: int, names_per_minute: int, action="block") -> int:
+    """Payload bytes one strategy of the type-and-flags attack gets out in WINDOW."""
+    resolver, tally = _resolver(action), Tally()
+    run_streams(flag_stream(resolver, tally, _codebook(length, cap), bases, deep, names_per_minute))
+    return tally.bytes
+
+
+def encoder_stream(resolver, tally, encoder, strategy, prefix="e"):
+    """An encoder's strategy (attack()) as a stream through the policy engine: payload bytes in
+    names that reach the upstream."""
+    rng = random.Random(f"{encoder.name}{sorted(strategy.items())}")
+    payload = rng.randbytes(256 * 1024)
+    bases = [f"{prefix}{i}q.test".encode().split(b".") for i in range(strategy["bases"])]
+    delivered, slot, t = 0, 0, 0.0
+    while delivered < len(payload) - 400:
+        chunk, used = chunk_name(encoder, payload[delivered:], strategy["label_len"], strategy["labels"])
+        name = b".".join(chunk + bases[slot % len(bases)])
+        slot += 1
+        yield t
+        if _forward(resolver, resolver.decide(_query(name), "10.0.0.2", now=t), t):
+            delivered += used
+            tally.bits += used * 8
+            tally.queries += 1
+        t += 60.0 / strategy["names_per_minute"]
+
+
+def both_budgets(names_attack, reask, action="block") -> tuple[int, int]:
+    """Payload bytes of a names attack and a repeated-name attack from the same VM in the same
+    WINDOW, interleaved in time (one resolver: they share the VM's budgets): (names, re-asks).
+    names_attack: ("type-and-flags", its strategy) or (an Encoder, its strategy)."""
+    resolver, names, reasks = _resolver(action), Tally(), Tally()
+    kind, strategy = names_attack
+    if kind == "type-and-flags":
+        stream = flag_stream(resolver, names, _codebook(strategy["length"], strategy["cap"]),
+                             strategy["bases"], strategy["deep"], strategy["names_per_minute"])
+    else:
+        stream = encoder_stream(resolver, names, kind, strategy)
+    run_streams(stream, repeated_stream(resolver, reasks, reask["names_per_base"], reask["bases"]))
+    return names.bytes, reasks.bytes
+
+
+@functools.cache
+def _codebook(length: int, cap: float) -> Codebook:
+    return Codebook(length, cap)
 
 
 def false_positives(rate: float) -> tuple[int, int]:
@@ -276,13 +475,13 @@ def main() -> None:
         progress(f"{encoder.name:10s} {with_detection:6d} B / 10 min with detection "
                  f"({without} B without) at {strategy}; {capacity} B with detection off at "
                  f"60 names of 3 x 63 characters a minute")
-    top = (-1, 0, None)
-    for per_base in REPEAT_NAMES_PER_BASE:
-        for bases in REPEAT_BASES:
-            got = repeated_names(per_base, bases)
-            if got > top[0]:
-                top = (got, repeated_names(per_base, bases, cache=False),
-                       {"names_per_base": per_base, "bases": bases, "queries_per_second": REPEAT_QPS})
+    repeats = sorted(((repeated_names(per_base, bases), -per_base, -bases)
+                      for per_base in REPEAT_NAMES_PER_BASE for bases in REPEAT_BASES), reverse=True)
+    repeats = [{"names_per_base": -p, "bases": -b, "queries_per_second": REPEAT_QPS, "bytes": got}
+               for got, p, b in repeats]
+    best_repeat = repeats[0]
+    top = (best_repeat["bytes"], repeated_names(best_repeat["names_per_base"], best_repeat["bases"], cache=False),
+           {k: v for k, v in best_repeat.items() if k != "bytes"})
     rows["repeated-names"] = {"with_detection": top[0], "without_answer_cache": top[1],
                               "strategy": top[2]}
     progress(f"repeated-names {top[0]:6d} B / 10 min with detection and the answer cache "
@@ -291,6 +490,33 @@ def main() -> None:
     rows["type-choice"] = {"with_detection": choice[0], "strategy": {"names": choice[1]}}
     progress(f"type-choice    {choice[0]:6d} B / 10 min with detection (the payload in the query "
              f"type of {choice[1]} known names)")
+    flags = sorted(((type_and_flags(length, cap, bases, deep, per_minute), -length, -cap, -bases, -deep, -per_minute)
+                    for length in FLAG_LENGTHS for cap in FLAG_CAPS for bases in FLAG_BASES
+                    for deep in FLAG_DEEP for per_minute in FLAG_PER_MINUTE), reverse=True)
+    flags = [dict(zip(("bytes", "length", "cap", "bases", "deep", "names_per_minute"), (f[0], *(-v for v in f[1:]))))
+             for f in flags]
+    strategy = {k: v for k, v in flags[0].items() if k != "bytes"}
+    by_bases = {str(b): max(f["bytes"] for f in flags if f["bases"] == b) for b in FLAG_BASES}
+    rows["type-and-flags"] = {"with_detection": flags[0]["bytes"], "strategy": strategy, "best_by_bases": by_bases,
+                              "without_detection": type_and_flags(**strategy, action="off")}
+    progress(f"type-and-flags {flags[0]['bytes']:6d} B / 10 min with detection "
+             f"({rows['type-and-flags']['without_detection']} B without) at {strategy}; best by bases {by_bases} "
+             f"(never-seen names of 1..length characters, the payload in the name, its type and flags)")
+    best_encoder = max(ENCODERS, key=lambda e: rows[e.name]["with_detection"])
+    names_attacks = [("type-and-flags", {k: v for k, v in f.items() if k != "bytes"}) for f in flags[:BOTH_TOP]] + \
+        [(best_encoder, rows[best_encoder.name]["strategy"])]
+    pairs = [(*both_budgets(n, r), i, j) for i, n in enumerate(names_attacks) for j, r in enumerate(repeats[:BOTH_TOP])]
+    names_got, reasks_got, i, j = max(pairs, key=lambda pair: pair[0] + pair[1])
+    kind, names_strategy = names_attacks[i]
+    kind = kind if isinstance(kind, str) else kind.name
+    reask = {k: v for k, v in repeats[j].items() if k != "bytes"}
+    off = both_budgets(names_attacks[i], reask, action="off")
+    rows["both-budgets"] = {"with_detection": names_got + reasks_got, "names_bytes": names_got, "reask_bytes": reasks_got,
+                            "without_detection": off[0] + off[1],
+                            "strategy": {"names": {"attack": kind, **names_strategy}, "repeated_names": reask}}
+    progress(f"both-budgets   {names_got + reasks_got:6d} B / 10 min with detection ({names_got} B in new names, "
+             f"{reasks_got} B in re-asks; {off[0] + off[1]} B without) at {kind} {names_strategy} "
+             f"with repeated-names {reask}, interleaved")
     quiet = Encoder("letters16", 4.0, ENCODERS[4].encode)
     issue_case = {"with_detection": attack(quiet, 40, 1, 39, 1),
                   "without_detection": attack(quiet, 40, 1, 39, 1, detect=False)}
@@ -303,14 +529,14 @@ def main() -> None:
         progress(f"real names at {rate}/s per VM: {hits} false positives in {total} names"
                  f"{'' if rate in FP_RATES else ' (beyond the design point, not judged)'}")
     worst = max(r["with_detection"] for r in rows.values())
-    # the anchor: what the same worst encoder gets out with detection off, at its fastest
-    anchor = max(r.get("capacity_without_detection", r.get("without_answer_cache", 0))
+    # the anchor: what the same worst attack gets out with detection off (an encoder: at its fastest)
+    anchor = max(r.get("capacity_without_detection", r.get("without_answer_cache", r.get("without_detection", 0)))
                  for r in rows.values() if r["with_detection"] == worst)
     plot("dns-tunnel", {name: r["with_detection"] for name, r in rows.items()},
-         xlabel="encoder (its best strategy)", ylabel="bytes out per 10 min per VM, detection on",
+         xlabel="attack (its best strategy)", ylabel="bytes out per 10 min per VM, detection on",
          kind="bar")
     no_fp = all(v["false_positives"] == 0 for v in fp.values())
-    result("dns-tunnel", "bytes per 10 min per VM (worst encoder, its best strategy)",
+    result("dns-tunnel", "bytes per 10 min per VM (worst attack, its best strategy)",
            worst, anchor, target=TARGET_BYTES, higher_is_better=False,
            target_applies_to="skyguard", encoders=rows, issue_quiet_tunnel=issue_case,
            false_positives=fp, false_positives_beyond_design=beyond, no_false_positives=no_fp,
