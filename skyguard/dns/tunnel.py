@@ -15,7 +15,8 @@ information (alphabet.bits of the subdomain, plus choice_bits for the type and h
 is asked with, in bytes) over BUDGET_WINDOW_SECONDS, the first
 CHEAP_PER_BASE names of a base at CHEAP_WEIGHT (real traffic touches a few names of many sites;
 a tunnel needs many names of the few bases it controls). Past VM_BUDGET_BYTES a new costly name
-is a detection. bench/dns_tunnel.py measures what each encoder gets out under it.
+is a detection, and past NAMES_CAP_BYTES of their full information (the cheap names of many bases
+too) any new name is. bench/dns_tunnel.py measures what each encoder gets out under it.
 
 Every other query that reaches the upstream (a name seen already, asked again once its cached
 answer expired, or with another type or flags) carries the VM's choice among what it knows, so
@@ -70,6 +71,9 @@ VM_BUDGET_BYTES = 400.0  # estimated bytes of never-seen names per VM per window
 CHEAP_PER_BASE = 2  # the first names of a base in the window cost CHEAP_WEIGHT of their bytes
 CHEAP_WEIGHT = 0.5  # lower lets real browsing through faster, and a tunnel over many bases too
 BUDGET_MIN_BITS = 32  # when over budget, cheaper names (www, api, ...) of a new base still pass
+NAMES_CAP_BYTES = 640.0  # ... until the never-seen names that left carry this many bytes at full
+# weight: the first names of many bases (cheap, and passing past the budget) carried ~1.7 KB in 10
+# minutes over 256 bases, 5.8 KB over 1,024 (bench/dns_tunnel.py); with the re-asks' budget < 1 KB
 MAX_BUDGET_NAMES = 4096  # names remembered per VM for the budget (the oldest leave first)
 REASK_BUDGET_BYTES = 320.0  # bits of choice per VM per window in the queries that reach the
 # upstream without a never-seen name (re-asks): with the names' own budget it stays under 1 KB
@@ -197,25 +201,31 @@ class _Reasks:
 
 
 class _Budget:
-    """One VM's never-seen names in the budget window: (base, subdomain) -> (first seen, cost)."""
+    """One VM's never-seen names in the budget window: (base, subdomain) -> (first seen, cost,
+    bytes). `total`: their costs (cheap names at CHEAP_WEIGHT); `carried`: their full bytes."""
 
     def __init__(self):
-        self.names: OrderedDict[tuple[str, bytes], tuple[float, float]] = OrderedDict()
+        self.names: OrderedDict[tuple[str, bytes], tuple[float, float, float]] = OrderedDict()
         self.per_base: Counter = Counter()
         self.total = 0.0
+        self.carried = 0.0
 
     def expire(self, now: float) -> None:
         while self.names:
-            key, (seen, cost) = next(iter(self.names.items()))
+            key, (seen, cost, carried) = next(iter(self.names.items()))
             if seen >= now - BUDGET_WINDOW_SECONDS and len(self.names) <= MAX_BUDGET_NAMES:
                 break
             self.names.popitem(last=False)
-            self.total -= cost
-            self.per_base[key[0]] -= 1
-            if self.per_base[key[0]] <= 0:
-                del self.per_base[key[0]]
+            self._forget(key, cost, carried)
         if not self.names:
-            self.total = 0.0  # no float drift across windows
+            self.total = self.carried = 0.0  # no float drift across windows
+
+    def _forget(self, key: tuple[str, bytes], cost: float, carried: float) -> None:
+        self.total -= cost
+        self.carried -= carried
+        self.per_base[key[0]] -= 1
+        if self.per_base[key[0]] <= 0:
+            del self.per_base[key[0]]
 
     def spend(self, base: str, sub: bytes, bits: float, now: float) -> float | None:
         """Charge a name; None if it was already seen in the window (it costs nothing), else
@@ -226,9 +236,12 @@ class _Budget:
             return None
         rank = self.per_base[base] + 1
         cost = bits / 8 * (CHEAP_WEIGHT if rank <= CHEAP_PER_BASE else 1.0)
-        self.names[key] = (now, cost)
+        self.names[key] = (now, cost, bits / 8)
         self.per_base[base] = rank
         self.total += cost
+        self.carried += bits / 8
+        if self.carried > NAMES_CAP_BYTES:  # whatever the name: a tunnel over many bases ends here
+            return 1.0
         if self.total > VM_BUDGET_BYTES and (rank > CHEAP_PER_BASE or bits >= BUDGET_MIN_BITS):
             return 1.0
         return 0.0
@@ -238,10 +251,7 @@ class _Budget:
         asked again once its base's flag lapses, it would pass free)."""
         entry = self.names.pop((base, sub), None)
         if entry is not None:
-            self.total -= entry[1]
-            self.per_base[base] -= 1
-            if self.per_base[base] <= 0:
-                del self.per_base[base]
+            self._forget((base, sub), entry[1], entry[2])
 
 
 class TunnelDetector:

@@ -73,15 +73,22 @@ def test_a_vm_resolving_120_never_seen_real_names_every_10_minutes_is_never_flag
         assert not (verdict.detected or verdict.flagged), (name, verdict.parts)
 
 
+def tunnel_until_refused(detector, vm: str, bases: int, names: int = 200) -> None:
+    """A tunnel's names under `bases` bases, each refused one refunded as the resolver does
+    under `action: block` (nothing of it left)."""
+    rng = random.Random(3)
+    for i in range(names):
+        chunk = bytes(rng.randrange(256) for _ in range(6))
+        verdict = detector.observe(vm, [letters16(chunk).encode(), f"b{i % bases}x".encode(), b"test"],
+                                   wire.QTYPE_A, float(i))
+        if verdict.detected:
+            detector.refund(vm, verdict)
+
+
 def test_over_budget_a_vm_still_resolves_names_it_asked_before_and_short_new_ones():
     detector = tunnel.TunnelDetector()
-    rng = random.Random(3)
-    for i in range(200):
-        chunk = bytes(rng.randrange(256) for _ in range(6))
-        detector.observe("vm1", [letters16(chunk).encode(), f"b{i % 64}x".encode(), b"test"],
-                         wire.QTYPE_A, float(i))
-    over = detector.observe("vm1", [letters16(b"more!!").encode(), b"b1x", b"test"],
-                            wire.QTYPE_A, 201.0)
+    tunnel_until_refused(detector, "vm1", bases=2)
+    over = detector.observe("vm1", [letters16(b"more!!").encode(), b"b1x", b"test"], wire.QTYPE_A, 201.0)
     assert over.detected and "vm_budget" in over.parts
     www = detector.observe("vm1", [b"www", b"debian", b"org"], wire.QTYPE_A, 202.0)
     assert not www.detected and not www.flagged
@@ -90,3 +97,16 @@ def test_over_budget_a_vm_still_resolves_names_it_asked_before_and_short_new_one
     other_vm = detector.observe("vm2", [letters16(b"more!!").encode(), b"b1x", b"test"],
                                 wire.QTYPE_A, 204.0)
     assert not other_vm.detected  # the budget is per VM
+
+
+def test_past_what_its_new_names_may_carry_a_vm_gets_no_new_name_even_a_short_one():
+    """The first names of a base are cheap and pass past the budget, so a tunnel over many bases
+    (64 here) once carried a kilobyte and more in them; past NAMES_CAP_BYTES no new name leaves,
+    while the names it asked before still resolve."""
+    detector = tunnel.TunnelDetector()
+    detector.observe("vm1", [b"www", b"debian", b"org"], wire.QTYPE_A, 0.0)
+    tunnel_until_refused(detector, "vm1", bases=64, names=400)
+    www = detector.observe("vm1", [b"www", b"python", b"org"], wire.QTYPE_A, 401.0)
+    assert www.detected and "vm_budget" in www.parts
+    again = detector.observe("vm1", [b"www", b"debian", b"org"], wire.QTYPE_A, 402.0)
+    assert not again.detected
