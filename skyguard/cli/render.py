@@ -181,6 +181,7 @@ def drops_table(status: dict) -> Table:
 LOG_FIELDS = (  # (key in the log head, label, how to show it)
     ("size", "entries", str),
     ("checkpointed_size", "covered by the last checkpoint", str),
+    ("history_size", "covered by checkpoints.log", str),
     ("checkpoint_age_s", "last checkpoint", lambda v: f"{human_duration(v)} ago"),
     ("bytes", "on disk", human_bytes),
     ("origin", "origin", str),
