@@ -21,12 +21,14 @@ from skyguard.fleet import keys
 from skyguard.fleet.alerts import is_cleared, load_alerts, load_cleared, open_alert, open_cleared
 from skyguard.fleet.peers import by_operator, keys_of
 from skyguard.fleet.signing import SignedPolicy, open_policy, sign_policy
-from skyguard.fleet.store import FleetError, Store, load_value
+from skyguard.fleet.store import Compacted, FleetError, Item, Store, load_value
 from skyguard.tlog.checkpoint import Signer, Verifier
 from skyguard.tlog.cosign import PEERS_FILE, CosignerVerifier
 from skyguard.tlog.errors import BadLogInput, VerificationError
 
 log = logging.getLogger("skyguard.fleet")
+
+HISTORY_STEPS = 32   # the policy key's earlier values a push reads back for the highest revision
 
 
 async def push_policy(store: Store, text: str, signer: Signer, hosts: tuple[str, ...] = ("*",)) -> SignedPolicy:
@@ -34,17 +36,35 @@ async def push_policy(store: Store, text: str, signer: Signer, hosts: tuple[str,
     with the revision after it (compare-and-swap on the key's store revision)."""
     for _ in range(20):
         item, _ = await store.get(keys.POLICY)
-        current = 0
-        if item is not None:
-            try:
-                current = _revision_of(item.value)
-            except (ValueError, KeyError, TypeError):
-                current = 0   # an unreadable record is replaced; its revision is unknown
         # Never below what any host runs: the stored record may be a replayed older one.
-        signed = sign_policy(text, max(current, await _highest_running(store)) + 1, signer, hosts)
+        signed = sign_policy(text, max(await _highest_stored(store, item), await _highest_running(store)) + 1,
+                             signer, hosts)
         if await store.put_if(keys.POLICY, signed.to_json(), item.mod_revision if item else 0):
             return signed
     raise FleetError("another push kept winning; try again")
+
+
+async def _highest_stored(store: Store, item: Item | None) -> int:
+    """The highest revision among the policy key's values the store still keeps, from `item` (its
+    value now) back through its history, at most HISTORY_STEPS of them. A record put back by
+    whoever writes the store hides the newer ones from a read of the key, not from its history;
+    the hosts' reports (_highest_running) cover what the history no longer holds, but lag up to a
+    heartbeat behind what a host runs, and are gone while a host is away (its lease expired)."""
+    highest = 0
+    for _ in range(HISTORY_STEPS):
+        if item is None:
+            break
+        try:
+            highest = max(highest, _revision_of(item.value))
+        except (ValueError, KeyError, TypeError):
+            pass   # an unreadable record: its revision is unknown
+        if item.mod_revision <= 1:
+            break
+        try:
+            item, _ = await store.get(keys.POLICY, revision=item.mod_revision - 1)
+        except Compacted:
+            break
+    return highest
 
 
 async def _highest_running(store: Store) -> int:

@@ -168,6 +168,8 @@ class EtcdStore:
                 if response.status_code >= 500 or "leader" in message or "timed out" in message:
                     problems.append(f"{host}:{port}: {message}")
                     continue
+                if "compacted" in message:   # a read at a revision the store no longer keeps
+                    raise Compacted(int(body.get("revision") or 0))
                 raise FleetError(f"etcd refused {path}: {message}")
             self._preferred = index
             return answer
@@ -178,8 +180,11 @@ class EtcdStore:
         answer = await self._call("/v3/kv/range", {"key": _b64(prefix), "range_end": _prefix_end(prefix)})
         return [_item(kv) for kv in answer.get("kvs", [])], int(answer["header"]["revision"])
 
-    async def get(self, key: str) -> tuple[Item | None, int]:
-        answer = await self._call("/v3/kv/range", {"key": _b64(key)})
+    async def get(self, key: str, revision: int = 0) -> tuple[Item | None, int]:
+        body = {"key": _b64(key)}
+        if revision:
+            body["revision"] = str(revision)
+        answer = await self._call("/v3/kv/range", body)
         kvs = answer.get("kvs", [])
         return (_item(kvs[0]) if kvs else None), int(answer["header"]["revision"])
 

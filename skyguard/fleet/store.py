@@ -67,7 +67,9 @@ class Store(Protocol):
     async def get_prefix(self, prefix: str) -> tuple[list[Item], int]:
         """Every key under prefix, and the revision the answer is as of."""
 
-    async def get(self, key: str) -> tuple[Item | None, int]: ...
+    async def get(self, key: str, revision: int = 0) -> tuple[Item | None, int]:
+        """The key as it was at `revision` (0: now); Compacted when the store no longer keeps
+        that revision."""
 
     async def put(self, key: str, value: bytes, lease: int = 0) -> int:
         """Returns the revision of the write."""
