@@ -41,7 +41,7 @@ from skyguard import fsutil
 from skyguard.errors import PolicyError, SkyguardError
 from skyguard.fleet import keys
 from skyguard.fleet.alerts import AlertBook, alert_value, clear_requests, republish_alerts
-from skyguard.fleet.peers import PeerPins, by_operator
+from skyguard.fleet.peers import PeerPins, by_operator, fingerprint
 from skyguard.fleet.publisher import CheckpointPublisher
 from skyguard.fleet.seen import SeenCosignatures
 from skyguard.fleet.signing import PolicyRefused, SignedPolicy, check_member_name, decide, open_policy
@@ -57,6 +57,7 @@ from skyguard.tlog.cosign import (
     Tamper,
     Unproven,
     Witness,
+    Witnessed,
     load_or_create_witness_key,
     write_cosigned,
 )
@@ -445,6 +446,9 @@ class FleetAgent:
             checkpoint = parse_and_verify(note, verifier, origin=record["origin"])
             self.fresh.setdefault(peer, time.time())   # the age of a peer stale from the start
             last = self.witness.state(checkpoint.origin)
+            if last is not None and last.log_vkey != record["log_vkey"] and by_operator(self.pins.all().get(peer)):
+                self._rekeyed(peer, last, record["log_vkey"])
+                last = None   # its next checkpoint is cosigned as a first one
             self.witness.refuse_older(checkpoint, last)
             # Against a split view: what every other witness cosigned of this log (witnessing.py).
             attested = proofs_attested(published.get("proofs_note"), verifier, checkpoint, proofs)
@@ -484,6 +488,19 @@ class FleetAgent:
         if not again:
             self.given += 1
             self.metrics.given.inc()
+
+    def _rekeyed(self, peer: str, old: Witnessed, log_vkey: str) -> None:
+        """An operator pinned other keys for `peer` than its witness state holds (`fleet untrust`,
+        then `fleet trust` of the new ones): its record starts anew, the old one on the signed log.
+        Checkpoints under the old key stay refused (the pin)."""
+        self.witness.forget(old.origin)
+        self.seen.forget(peer)
+        for kept in (self._given, self.stale, self.unverified):
+            kept.pop(peer, None)
+        self.record("fleet_witness_restarted", peer=peer, origin=old.origin, old_key=fingerprint(old.log_vkey),
+                    old_size=old.size, new_key=fingerprint(log_vkey))
+        log.warning("fleet: %s's keys were pinned anew here; its witness record starts again (the old key %s "
+                    "had size %d cosigned)", peer, fingerprint(old.log_vkey), old.size)
 
     def _kept(self, peer: str, cosignatures: list, checkpoint: Checkpoint) -> bool:
         """Whether the store (`cosignatures`: its records of `peer`'s log) holds this witness's

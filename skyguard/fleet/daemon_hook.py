@@ -81,7 +81,7 @@ def kept_fleet_policy(state_dir: Path, admin_keys) -> tuple[str, str] | None:
 
 # The entries the fleet agent writes (agent.py), all a `fleet join` agent may hand the daemon.
 RECORD_KINDS = ("tamper", "fleet_policy_applied", "fleet_policy_refused", "fleet_store_lost",
-                "fleet_store_back", "fleet_task_failed", "fleet_alert_cleared")
+                "fleet_store_back", "fleet_task_failed", "fleet_alert_cleared", "fleet_witness_restarted")
 MAX_FIELD = 1000
 
 

@@ -1,6 +1,7 @@
 """The peers a host trusts: each peer's log origin, log key and witness key, pinned in the state
 dir (tlog/cosign.py's PEERS_FILE, which `skyguard log verify --witnesses` and `skyguard fleet
-status` read too). Another key or origin later is a problem, never an update.
+status` read too). Another key or origin later is a problem, never an update; an operator's
+`untrust` then `trust` of new keys is a rotation (the agent starts that peer's witness record anew).
 
 A peer is pinned by an operator: `skyguard fleet identity --name H` on host H prints its keys,
 `skyguard fleet trust H --key FILE` on each other host pins them (trust()). A member of the store
@@ -20,6 +21,7 @@ Not here: which records may be pinned (witnessing.peer_keys), the witness state 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -43,6 +45,11 @@ FIRST_SIGHT = "first sight"
 # store can make up.
 MAX_FIRST_SIGHT = int(os.environ.get("SKYGUARD_FLEET_MAX_FIRST_SIGHT_PINS", "256"))
 LOG_EVERY_S = 60.0
+
+
+def fingerprint(vkey: str) -> str:
+    """How a log or witness key is named in a log line or entry: its hash, short."""
+    return "sha256:" + hashlib.sha256(vkey.encode()).hexdigest()[:16]
 
 
 def keys_of(record: dict) -> dict:

@@ -95,3 +95,12 @@ class SeenCosignatures:
                 log.warning("fleet: %s's cosignature of %s at size %d, seen before, is gone from the store "
                             "(or older there); still holding %s's log to it", witness, log_name, size, log_name)
         return out
+
+    def forget(self, log_name: str) -> None:
+        """Drop what was seen of `log_name` (its keys pinned anew: what the other witnesses
+        cosigned under the old key proves nothing of the new log)."""
+        self.logs.pop(log_name, None)
+        for key in [k for k in (*self._checked, *self._missing) if k[0] == log_name]:
+            self._checked.pop(key, None)
+            self._missing.pop(key, None)
+        self._path(log_name).unlink(missing_ok=True)

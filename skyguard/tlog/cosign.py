@@ -189,6 +189,12 @@ class Witness:
             raise LogError(f"witness state {path} is for another origin; move it away")
         return Witnessed(origin, data["log_vkey"], int(data["size"]), base64.b64decode(data["root"]))
 
+    def forget(self, origin: str) -> None:
+        """Drop the state kept for `origin`: the log's next checkpoint is cosigned as a first
+        one. Only on an operator's decision (the fleet agent: a peer's keys pinned anew, or a
+        pin dropped); a key or fork the state refuses is otherwise refused for good."""
+        self._path(origin).unlink(missing_ok=True)
+
     def refuse_older(self, checkpoint: Checkpoint, last: Witnessed | None = None) -> None:
         """Stale if `checkpoint` is smaller than the one last cosigned for its origin."""
         last = last if last is not None else self.state(checkpoint.origin)

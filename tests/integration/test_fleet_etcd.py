@@ -1260,3 +1260,63 @@ def test_a_proof_changed_in_the_store_is_no_evidence_against_an_honest_host(flee
     wait_until(lambda: all(h.agent.witness.state(origin).size == head_size(alpha) for h in witnesses),
                what="alpha's own publication cosigned")
 
+
+def test_an_operator_rotating_a_peer_s_keys_starts_a_fresh_witness_record_without_an_alert(fleet):
+    # bravo is reinstalled with new keys under its origin (its host id kept: a new host key, a
+    # new witness key, a new log); the operator untrusts its old keys and trusts the new ones on
+    # alpha and charlie. Before the fix each witness still held the old key's record for that
+    # origin and raised a tamper alert on bravo. Now an operator's new pin starts a fresh
+    # record (logged with the old key's fingerprint); the old key stays refused.
+    import asyncio
+    import hashlib
+
+    alpha, bravo, charlie = fleet.hosts
+    rotated, witnesses = bravo, (alpha, charlie)   # (an earlier test rewrote charlie's log)
+    store = EtcdStore(fleet.cluster.endpoints)
+    origin = rotated.writer.origin
+    rotated.writer.append(entry("flow_start", before_rotation=True))
+    wait_until(lambda: all(h.agent.witness.state(origin).size == head_size(rotated) for h in witnesses),
+               what="bravo's checkpoint cosigned")
+    old_vkey = alpha.agent.witness.state(origin).log_vkey
+    old_member = asyncio.run(store.get(keys.member("bravo")))[0].value
+    old_checkpoint = asyncio.run(store.get(keys.checkpoint("bravo")))[0].value
+    rotated.stop_agent()
+    rotated.writer.close()
+    for name in ("host-ed25519.pem", "witness-ed25519.pem", "log", "fleet/witness", "fleet/policy.json"):
+        path = rotated.state / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    rotated.open_log()
+    for i in range(alpha.agent.witness.state(origin).size + 2):   # past what the witnesses hold
+        rotated.writer.append(entry("flow_start", after_rotation=i))
+    assert rotated.writer.origin == origin
+    identity = fleet.base / "bravo.rotated.json"
+    identity.write_text(skyguard("fleet", "identity", "--name", "bravo", "--state-dir", str(rotated.state)).stdout)
+    for host in witnesses:
+        skyguard("fleet", "untrust", "bravo", "--state-dir", str(host.state))
+        skyguard("fleet", "trust", "bravo", "--key", str(identity), "--state-dir", str(host.state))
+    rotated.start_agent()
+    new_vkey = json.loads(identity.read_text())["log_vkey"]
+
+    def cosigned_anew(host):
+        state = host.agent.witness.state(origin)
+        return state is not None and state.log_vkey == new_vkey and state.size == head_size(rotated)
+    wait_until(lambda: all(cosigned_anew(h) for h in witnesses), what="bravo's new checkpoint cosigned")
+    fingerprint = "sha256:" + hashlib.sha256(old_vkey.encode()).hexdigest()[:16]
+    for host in witnesses:
+        assert "bravo" not in host.agent.alerts, host.agent.alerts
+        assert not [t for t in host.kinds("tamper") if t["peer"] == "bravo"]
+        rekeyed = [r for r in host.kinds("fleet_witness_restarted") if r["peer"] == "bravo"]
+        assert len(rekeyed) == 1 and rekeyed[0]["old_key"] == fingerprint, rekeyed
+    # The old key after the rotation: its member record and checkpoint put back in the store
+    # (bravo away) are refused, and alerted on, as any key other than the one pinned.
+    rotated.stop_agent()
+    try:
+        asyncio.run(store.put(keys.member("bravo"), old_member))
+        asyncio.run(store.put(keys.checkpoint("bravo"), old_checkpoint))
+        wait_until(lambda: all("bravo" in h.agent.alerts for h in witnesses), what="the old key refused")
+        for host in witnesses:
+            assert "other keys" in host.agent.alerts["bravo"]
+            assert host.agent.witness.state(origin).log_vkey == new_vkey
+    finally:
+        asyncio.run(store.delete(keys.member("bravo")))
+        rotated.start_agent()
