@@ -57,8 +57,8 @@ from skyguard.tlog.cosign import (
     Tamper,
     Unproven,
     Witness,
-    Witnessed,
     load_or_create_witness_key,
+    remove_cosigned,
     write_cosigned,
 )
 from skyguard.tlog.errors import BadLogInput, VerificationError
@@ -114,7 +114,8 @@ class FleetAgent:
         self.log_vkey = self.log_signer.verifier.vkey()
         self.publisher = CheckpointPublisher(self.log_dir, self.log_signer, head_note)
         self.metrics = FleetMetrics(registry, max_peer_labels or MAX_PEER_LABELS, known=lambda p: p in self.pins.all())
-        self.pins = PeerPins(self.state_dir, trust_first_use, max_first_sight_pins, self.metrics.pins_dropped.inc)
+        self.pins = PeerPins(self.state_dir, trust_first_use, max_first_sight_pins, self.metrics.pins_dropped.inc,
+                             lambda peer, pin: self._forget(peer, pin["origin"]))
         self.cosigner = Cosigner(f"{name}.skyguard/witness", load_or_create_witness_key(self.state_dir))
         self.witness = Witness(self.dir / "witness", self.cosigner)
         self.members: set[str] = set()          # the store's members (not this host) last round
@@ -363,8 +364,8 @@ class FleetAgent:
         sizes = set(self.received.values())   # a witness's size offered a proof even if deleted from the store
         for item in items:
             witness_name = item.key.rsplit("/", 1)[-1]
-            # The key pinned here, not whatever the store says today.
-            record = self.pins.all().get(witness_name) or (peers.get(witness_name) if self.pins.first_sight else None)
+            # The key pinned here (first sight: once its checkpoint is seen), not what the store says today.
+            record = self.pins.all().get(witness_name)
             if not record:
                 continue
             try:
@@ -442,12 +443,18 @@ class FleetAgent:
             changed = self.pins.check(peer, record, self.members)
             if changed:
                 raise Tamper(changed)
+            if peer not in self.pins.all():
+                return   # first sight past its cap: not pinned, not witnessed (nothing kept of it)
             verifier = Verifier.from_vkey(record["log_vkey"])
             checkpoint = parse_and_verify(note, verifier, origin=record["origin"])
             self.fresh.setdefault(peer, time.time())   # the age of a peer stale from the start
             last = self.witness.state(checkpoint.origin)
             if last is not None and last.log_vkey != record["log_vkey"] and by_operator(self.pins.all().get(peer)):
-                self._rekeyed(peer, last, record["log_vkey"])
+                self._forget(peer, last.origin, unpinned=False)   # an operator's rotation
+                self.record("fleet_witness_restarted", peer=peer, origin=last.origin, old_size=last.size,
+                            old_key=fingerprint(last.log_vkey), new_key=fingerprint(record["log_vkey"]))
+                log.warning("fleet: %s's keys were pinned anew; its witness record starts again (the old key %s "
+                            "had size %d cosigned)", peer, fingerprint(last.log_vkey), last.size)
                 last = None   # its next checkpoint is cosigned as a first one
             self.witness.refuse_older(checkpoint, last)
             # Against a split view: what every other witness cosigned of this log (witnessing.py).
@@ -489,18 +496,18 @@ class FleetAgent:
             self.given += 1
             self.metrics.given.inc()
 
-    def _rekeyed(self, peer: str, old: Witnessed, log_vkey: str) -> None:
-        """An operator pinned other keys for `peer` than its witness state holds (`fleet untrust`,
-        then `fleet trust` of the new ones): its record starts anew, the old one on the signed log.
-        Checkpoints under the old key stay refused (the pin)."""
-        self.witness.forget(old.origin)
+    def _forget(self, peer: str, origin: str, unpinned: bool = True) -> None:
+        """Drop what this witness kept of `peer`: its first-sight pin dropped (peers.py: its member
+        gone), so members made up one after another leave nothing behind; or (not `unpinned`) its
+        keys pinned anew by an operator, a rotation: its record starts again, its pin stays."""
+        if not unpinned or not any(other.get("origin") == origin for other in self.pins.all().values()):
+            self.witness.forget(origin)
         self.seen.forget(peer)
-        for kept in (self._given, self.stale, self.unverified):
+        for kept in (self._given, self.stale, self.unverified, *((self.received, self.fresh) if unpinned else ())):
             kept.pop(peer, None)
-        self.record("fleet_witness_restarted", peer=peer, origin=old.origin, old_key=fingerprint(old.log_vkey),
-                    old_size=old.size, new_key=fingerprint(log_vkey))
-        log.warning("fleet: %s's keys were pinned anew here; its witness record starts again (the old key %s "
-                    "had size %d cosigned)", peer, fingerprint(old.log_vkey), old.size)
+        if unpinned:
+            remove_cosigned(self.state_dir / COSIGNED_DIR, peer)
+            self.metrics.forget(peer, peer in self.alerts)
 
     def _kept(self, peer: str, cosignatures: list, checkpoint: Checkpoint) -> bool:
         """Whether the store (`cosignatures`: its records of `peer`'s log) holds this witness's

@@ -10,7 +10,8 @@ nothing, whatever it wrote (whoever can write the store can register one). Pinni
 (the keys a member first shows in the store) happens only when the agent is told to
 (--fleet-trust-first-use); such pins count for the agent alone, never for `log verify` or `fleet
 status`, and at most MAX_FIRST_SIGHT of them are kept (those of peers gone from the store go first,
-counted; past that a new member is not pinned).
+counted, and what the agent kept of them with them; past that a new member is not pinned, nor
+witnessed).
 
 Read again only when the file changed (its inode: it is replaced whole), not several times per
 peer and round; every writer (the agent, `fleet trust`) holds a lock beside it.
@@ -62,14 +63,16 @@ def by_operator(pin) -> bool:
 
 class PeerPins:
     """`first_sight`: pin a member's keys when first seen (the opt-in); `dropped()` is called
-    for each first-sight pin dropped or refused over MAX_FIRST_SIGHT (a metric)."""
+    for each first-sight pin dropped or refused over MAX_FIRST_SIGHT (a metric), `forgotten(peer,
+    pin)` once a pin was dropped (what the agent kept of that peer goes with it)."""
 
     def __init__(self, state_dir: Path, first_sight: bool = False, max_first_sight: int | None = None,
-                 dropped: Callable[[], None] = lambda: None):
+                 dropped: Callable[[], None] = lambda: None,
+                 forgotten: Callable[[str, dict], None] = lambda peer, pin: None):
         self.path = Path(state_dir) / PEERS_FILE
         self.first_sight = first_sight
         self.max_first_sight = MAX_FIRST_SIGHT if max_first_sight is None else max_first_sight
-        self.dropped = dropped
+        self.dropped, self.forgotten = dropped, forgotten
         self._pins: dict = {}
         self._trusted: dict = {}
         self._seen: tuple | None = None   # the file as last read: (inode, size, mtime), or () if none
@@ -118,6 +121,7 @@ class PeerPins:
             self._refused = (frozenset(present), set())
         if peer in self._refused[1]:
             return   # refused already (counted once), while the same members are there
+        gone_pin = None
         with _locked(self.path):
             self._seen = None
             pins = dict(self._read())
@@ -134,12 +138,14 @@ class PeerPins:
                         log.warning("fleet: not pinning %s at first sight (nor others for a minute): %d first-sight "
                                     "pins already, all of members still in the store", peer, len(first))
                     return
-                del pins[gone[0]]
+                gone_pin = (gone[0], pins.pop(gone[0]))
                 self.dropped()
                 log.warning("fleet: first-sight pin of %s dropped (gone from the store) for %s", gone[0], peer)
             pins[peer] = {**keys_of(record), "pinned": FIRST_SIGHT, "at": time.time()}
             _write(self.path, pins)
             self._seen = None
+        if gone_pin is not None:
+            self.forgotten(*gone_pin)
 
 
 def _at(pin: dict) -> float:

@@ -269,11 +269,19 @@ def read_cosigned_dir(directory: Path) -> list[str]:
             if p.suffix == ".note" and p.is_file()]
 
 
+def _cosigned_name(witness_name: str) -> str:
+    return hashlib.sha256(witness_name.encode()).hexdigest()[:32] + ".note"
+
+
 def write_cosigned(directory: Path, witness_name: str, note: str) -> None:
     directory = Path(directory)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    name = hashlib.sha256(witness_name.encode()).hexdigest()[:32] + ".note"
-    fsutil.write_private(directory / name, note.encode("utf-8"))
+    fsutil.write_private(directory / _cosigned_name(witness_name), note.encode("utf-8"))
+
+
+def remove_cosigned(directory: Path, witness_name: str) -> None:
+    """Forget a witness's cosignature kept by write_cosigned (it is trusted here no more)."""
+    (Path(directory) / _cosigned_name(witness_name)).unlink(missing_ok=True)
 
 
 # Where a host keeps its peers' cosignatures of its log and the peers' keys pinned (the fleet

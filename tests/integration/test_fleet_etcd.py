@@ -1320,3 +1320,70 @@ def test_an_operator_rotating_a_peer_s_keys_starts_a_fresh_witness_record_withou
     finally:
         asyncio.run(store.delete(keys.member("bravo")))
         rotated.start_agent()
+
+
+def test_members_made_up_with_real_keys_leave_no_witness_files_past_the_pins(fleet):
+    # A host pinning at first sight (the opt-in), and members made up in etcd with real keys, each
+    # publishing a valid checkpoint and cosigning this host's log and another made-up log; made up
+    # in waves, each gone from the store before the next (first-sight pins of members gone make
+    # room). Before the fix each left a file in fleet/witness, fleet/seen and fleet/cosigned, for
+    # good, and those refused a pin (the cap reached) were witnessed all the same. Now a member is
+    # witnessed, and its cosignatures kept, only while pinned here; a dropped pin takes its files
+    # along: each directory holds at most one file per peer pinned.
+    import asyncio
+
+    from skyguard.tlog.cosign import Cosigner, add_signature
+
+    foxtrot = Host("foxtrot", fleet.base, fleet.cluster, fleet.admin_vkey, fleet.hosts[0].loop,
+                   trust_first_use=True, max_first_sight_pins=5)
+    store = EtcdStore(fleet.cluster.endpoints)
+    names = [f"made-up-real-{i}" for i in range(8)]
+
+    def files(sub):
+        directory = foxtrot.state / "fleet" / sub
+        return sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+
+    def cosign(witness, note):
+        checkpoint = Checkpoint.parse_body(note.split("\n\n")[0] + "\n")
+        return json.dumps({"note": add_signature(note, witness.line(checkpoint.body())), "size": checkpoint.size}).encode()
+
+    def make_up(name, previous_note):
+        origin = f"{name}.skyguard/log"
+        log_signer = Signer(origin, Ed25519PrivateKey.generate())
+        witness = Cosigner(f"{name}.skyguard/witness", Ed25519PrivateKey.generate())
+        note = Checkpoint(origin, 1, os.urandom(32)).sign(log_signer)
+        asyncio.run(store.put(keys.member(name), json.dumps(
+            {"name": name, "origin": origin, "log_vkey": log_signer.verifier.vkey(),
+             "witness_vkey": witness.verifier.vkey()}).encode()))
+        asyncio.run(store.put(keys.checkpoint(name), json.dumps({"note": note}).encode()))
+        asyncio.run(store.put(keys.cosignature("foxtrot", name), cosign(witness, foxtrot.writer.latest_note())))
+        if previous_note:
+            asyncio.run(store.put(keys.cosignature(previous_note[0], name), cosign(witness, previous_note[1])))
+        return name, note
+
+    def within_pins():
+        pinned = len(foxtrot.agent.pins.all())
+        return all(len(files(sub)) <= pinned for sub in ("witness", "seen", "cosigned"))
+    try:
+        wait_until(lambda: len(foxtrot.agent.pins.all()) == 3, what="foxtrot pinning alpha, bravo and charlie")
+        for wave in (names[:4], names[4:]):
+            previous = None
+            for name in wave:
+                previous = make_up(name, previous)
+            wait_until(lambda wave=wave: len(set(wave) & set(foxtrot.agent.pins.all())) == 2,
+                       what="two of the wave pinned (the cap)")
+            wait_until(lambda wave=wave: sum(n in foxtrot.agent.received for n in wave) >= 2,
+                       what="their cosignatures of foxtrot's log taken")
+            time.sleep(2)   # rounds: those refused a pin witnessed or not
+            assert within_pins(), ({sub: files(sub) for sub in ("witness", "seen", "cosigned")},
+                                   sorted(foxtrot.agent.pins.all()))
+            for name in wave:
+                asyncio.run(store.delete(keys.member(name)))
+        assert not set(names[:4]) & set(foxtrot.agent.received)
+    finally:
+        foxtrot.stop_agent()
+        foxtrot.writer.close()
+        for prefix in (keys.MEMBERS, keys.CHECKPOINTS, keys.cosignatures_of("foxtrot"), keys.COSIGNATURES):
+            subprocess.run(["etcdctl", "--endpoints", fleet.cluster.endpoints, "del", "--prefix", prefix + "made-up-real-"],
+                           env=dict(os.environ, ETCDCTL_API="3"), check=True, capture_output=True, timeout=30)
+        asyncio.run(store.delete(keys.member("foxtrot")))
