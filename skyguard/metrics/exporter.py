@@ -308,45 +308,41 @@ class DaemonCollector(Collector):
             out.append(info)
         log_info = facts.get("log") or {}
         if "size" in log_info:
-            g = GaugeMetricFamily("skyguard_log_entries", "Entries in the signed log")
-            g.add_metric([], int(log_info["size"]))
-            out.append(g)
+            out.append(_one(GaugeMetricFamily, "skyguard_log_entries", "Entries in the signed log",
+                            int(log_info["size"])))
         if "checkpointed_size" in log_info:
-            g = GaugeMetricFamily("skyguard_log_checkpointed_entries",
-                                  "Entries covered by the signed log's latest checkpoint")
-            g.add_metric([], int(log_info["checkpointed_size"]))
-            out.append(g)
+            out.append(_one(GaugeMetricFamily, "skyguard_log_checkpointed_entries",
+                            "Entries covered by the signed log's latest checkpoint", int(log_info["checkpointed_size"])))
         if "bytes" in log_info:
-            g = GaugeMetricFamily("skyguard_log_size_bytes", "Bytes the signed log occupies on disk")
-            g.add_metric([], int(log_info["bytes"]))
-            out.append(g)
+            out.append(_one(GaugeMetricFamily, "skyguard_log_size_bytes", "Bytes the signed log occupies on disk",
+                            int(log_info["bytes"])))
         if "filesystem_free_bytes" in log_info:  # what one VM's events fill: alert before the reserve
-            g = GaugeMetricFamily("skyguard_log_filesystem_free_bytes",
-                                  "Free bytes on the filesystem that holds the signed log")
-            g.add_metric([], int(log_info["filesystem_free_bytes"]))
-            out.append(g)
-            g = GaugeMetricFamily("skyguard_log_reserve_bytes", "Free bytes the signed log keeps on its "
-                                  "filesystem: below them it refuses new entries until space is back")
-            g.add_metric([], int(log_info.get("reserve_bytes", 0)))
-            out.append(g)
-            refused = CounterMetricFamily("skyguard_log_refused_entries", "Entries the signed log refused "
-                                          "because its filesystem was below its reserve")
-            refused.add_metric([], int(log_info.get("refused_entries", 0)))
-            out.append(refused)
-            g = GaugeMetricFamily("skyguard_log_accepting", "1 while the signed log accepts entries, 0 while "
-                                  "it refuses them (no space, or a write failed: `skyguard status` says which)")
-            g.add_metric([], 0 if log_info.get("refusing") else 1)
-            out.append(g)
+            out.append(_one(GaugeMetricFamily, "skyguard_log_filesystem_free_bytes",
+                            "Free bytes on the filesystem that holds the signed log",
+                            int(log_info["filesystem_free_bytes"])))
+            out.append(_one(GaugeMetricFamily, "skyguard_log_reserve_bytes", "Free bytes the signed log keeps on "
+                            "its filesystem: below them it refuses new entries until space is back",
+                            int(log_info.get("reserve_bytes", 0))))
+            out.append(_one(CounterMetricFamily, "skyguard_log_refused_entries", "Entries the signed log refused "
+                            "because its filesystem was below its reserve", int(log_info.get("refused_entries", 0))))
+            out.append(_one(GaugeMetricFamily, "skyguard_log_accepting", "1 while the signed log accepts entries, 0 "
+                            "while it refuses them (no space, or a write failed: `skyguard status` says which)",
+                            0 if log_info.get("refusing") else 1))
         if "checkpoint_age_s" in log_info and log_info["checkpoint_age_s"] is not None:
-            g = GaugeMetricFamily("skyguard_log_checkpoint_age_seconds",
-                                  "Seconds since the signed log's last checkpoint was written")
-            g.add_metric([], float(log_info["checkpoint_age_s"]))
-            out.append(g)
+            out.append(_one(GaugeMetricFamily, "skyguard_log_checkpoint_age_seconds",
+                            "Seconds since the signed log's last checkpoint was written", float(log_info["checkpoint_age_s"])))
         tamper = CounterMetricFamily("skyguard_tamper_events", "Times the daemon found its programs replaced or "
                                      "detached behind its back (it re-attaches and logs each)")
         tamper.add_metric([], int(facts.get("tamper_events", 0)))
         out.append(tamper)
         return out
+
+
+def _one(family, name: str, documentation: str, value):
+    """A metric family of one unlabelled sample."""
+    metric = family(name, documentation)
+    metric.add_metric([], value)
+    return metric
 
 
 _POLICY_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
