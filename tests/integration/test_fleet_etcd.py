@@ -167,9 +167,14 @@ def push(fleet, n, *extra):
     return json.loads(out.stdout)
 
 
+def etcdctl(fleet, *args: str) -> str:
+    """Run etcdctl against the test cluster (as whoever can write etcd would); its output."""
+    return subprocess.run(["etcdctl", "--endpoints", fleet.cluster.endpoints, *args], env=dict(os.environ, ETCDCTL_API="3"),
+                          check=True, capture_output=True, text=True, timeout=30).stdout
+
+
 def etcdctl_put(fleet, key, value: str):
-    subprocess.run(["etcdctl", "--endpoints", fleet.cluster.endpoints, "put", key, value],
-                   env=dict(os.environ, ETCDCTL_API="3"), check=True, capture_output=True, timeout=30)
+    etcdctl(fleet, "put", key, value)
 
 
 def metric(host, name, peer):
@@ -457,9 +462,7 @@ def test_hosts_witness_each_other_and_a_rewritten_log_is_refused(fleet):
 
 
 def etcdctl_get(fleet, key: str) -> str:
-    return subprocess.run(["etcdctl", "--endpoints", fleet.cluster.endpoints, "get", "--print-value-only", key],
-                          env=dict(os.environ, ETCDCTL_API="3"), check=True, capture_output=True, text=True,
-                          timeout=30).stdout.strip()
+    return etcdctl(fleet, "get", "--print-value-only", key).strip()
 
 
 def etcdctl_raw(fleet, *args: bytes):
@@ -523,9 +526,7 @@ def test_a_hostile_member_record_neither_breaks_fleet_status_nor_hides_its_alert
             assert any(line.startswith(name) for line in table.splitlines())
     finally:
         for key in hostile:
-            subprocess.run(["etcdctl", "--endpoints", fleet.cluster.endpoints, "del", key],
-                           env=dict(os.environ, ETCDCTL_API="3"), check=True, capture_output=True,
-                           timeout=30)
+            etcdctl(fleet, "del", key)
 
 
 def test_an_alert_written_to_the_store_without_a_host_key_is_never_shown_as_the_fleet_s(fleet):
@@ -556,9 +557,7 @@ def test_an_alert_written_to_the_store_without_a_host_key_is_never_shown_as_the_
         assert all(line.isprintable() for line in lines), table
     finally:
         for key in forged:
-            subprocess.run(["etcdctl", "--endpoints", fleet.cluster.endpoints, "del", key],
-                           env=dict(os.environ, ETCDCTL_API="3"), check=True, capture_output=True,
-                           timeout=30)
+            etcdctl(fleet, "del", key)
 
 
 def test_a_member_made_up_in_the_store_counts_for_nothing_until_an_operator_pins_it(fleet):
@@ -662,15 +661,11 @@ def test_a_member_claiming_another_host_s_origin_cannot_take_it_at_a_new_witness
         assert state is None or state.log_vkey == alpha.agent.log_vkey
         assert not any(f.get("peer") == "alpha" and "now presents key" in f["problem"]
                        for f in delta.kinds("tamper"))
-        subprocess.run(["etcdctl", "--endpoints", fleet.cluster.endpoints, "del", "--prefix",
-                        keys.member("aaa-mallory")], env=dict(os.environ, ETCDCTL_API="3"),
-                       check=True, capture_output=True, timeout=30)
+        etcdctl(fleet, "del", "--prefix", keys.member("aaa-mallory"))
         wait_until(lambda: (s := delta.agent.witness.state(origin)) is not None
                    and s.log_vkey == alpha.agent.log_vkey, what="delta witnessing alpha's real log")
     finally:
-        subprocess.run(["etcdctl", "--endpoints", fleet.cluster.endpoints, "del", "--prefix",
-                        keys.member("aaa-mallory")], env=dict(os.environ, ETCDCTL_API="3"),
-                       check=True, capture_output=True, timeout=30)
+        etcdctl(fleet, "del", "--prefix", keys.member("aaa-mallory"))
         if delta is not None:
             delta.stop_agent()
             delta.writer.close()
@@ -723,9 +718,7 @@ def test_a_split_view_shown_to_two_witnesses_is_refused(fleet):
             if host.agent._tasks == []:
                 host.start_agent()
         charlie.start_agent()
-        subprocess.run(["etcdctl", "--endpoints", fleet.cluster.endpoints, "del", "--prefix",
-                        keys.member("splitter")], env=dict(os.environ, ETCDCTL_API="3"),
-                       check=True, capture_output=True, timeout=30)
+        etcdctl(fleet, "del", "--prefix", keys.member("splitter"))
 
 
 def test_deeply_nested_json_in_the_store_stops_no_host_and_no_command(fleet):
@@ -844,8 +837,7 @@ def test_members_made_up_in_the_store_get_no_metric_series_past_the_cap(fleet):
         bravo.stop_agent()
         bravo.start_agent()
         for prefix in (keys.MEMBERS, keys.CHECKPOINTS, keys.COSIGNATURES):
-            subprocess.run(["etcdctl", "--endpoints", fleet.cluster.endpoints, "del", "--prefix", prefix + "made-up-"],
-                           env=dict(os.environ, ETCDCTL_API="3"), check=True, capture_output=True, timeout=30)
+            etcdctl(fleet, "del", "--prefix", prefix + "made-up-")
 
 
 def test_members_made_up_one_by_one_do_not_grow_a_host_s_alerts_and_pins_without_bound(fleet):
@@ -1111,9 +1103,7 @@ def test_a_split_view_below_the_size_another_witness_cosigned_is_never_cosigned_
         for host in (alpha, bravo, charlie):
             if host.agent._tasks == []:
                 host.start_agent()
-        subprocess.run(["etcdctl", "--endpoints", fleet.cluster.endpoints, "del", "--prefix",
-                        keys.member("splitter2")], env=dict(os.environ, ETCDCTL_API="3"),
-                       check=True, capture_output=True, timeout=30)
+        etcdctl(fleet, "del", "--prefix", keys.member("splitter2"))
 
 
 def test_a_tamper_alert_deleted_from_the_store_is_kept_and_once_cleared_never_shown_again(fleet):
@@ -1391,6 +1381,5 @@ def test_members_made_up_with_real_keys_leave_no_witness_files_past_the_pins(fle
         foxtrot.stop_agent()
         foxtrot.writer.close()
         for prefix in (keys.MEMBERS, keys.CHECKPOINTS, keys.cosignatures_of("foxtrot"), keys.COSIGNATURES):
-            subprocess.run(["etcdctl", "--endpoints", fleet.cluster.endpoints, "del", "--prefix", prefix + "made-up-real-"],
-                           env=dict(os.environ, ETCDCTL_API="3"), check=True, capture_output=True, timeout=30)
+            etcdctl(fleet, "del", "--prefix", prefix + "made-up-real-")
         asyncio.run(store.delete(keys.member("foxtrot")))
