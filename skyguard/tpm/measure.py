@@ -241,22 +241,6 @@ class Measurements:
                     event=line_digest(line).hex(), **({"detail": detail} if detail else {}))
         return line
 
-    # ---- what the daemon measures -----------------------------------------------------------
-
-    def measure_launch(self, verifier_key: str) -> None:
-        for item in launch_items(verifier_key):
-            self.extend(*item)
-
-    def measure_programs(self, infos: dict) -> None:
-        for item in program_items(infos):
-            self.extend(*item)
-
-    def measure_policy(self, name: str, sha256: str) -> None:
-        self.extend(*policy_item(name, sha256))
-
-    def measure_attach(self, interface: str, programs: dict[str, str]) -> None:
-        self.extend(*attach_item(interface, programs))
-
 
 # Each measurement as the arguments of one Measurements.extend: (kind, digest, detail). The daemon
 # queues them one by one when the TPM lock is busy (skyguard/tpm/hook.py).

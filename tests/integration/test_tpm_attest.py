@@ -20,7 +20,7 @@ from skyguard.policy.parse import parse_policy
 from skyguard.tpm import identity, imports, quote
 from skyguard.tpm.device import Tpm
 from skyguard.tpm.hook import DaemonTpm
-from skyguard.tpm.measure import Measurements
+from skyguard.tpm.measure import Measurements, attach_item, launch_items, policy_item, program_items
 
 VKEY = "host+0a1b2c3d+AQIDBA=="
 TAGS = {"sg_from_vm": "0011223344556677", "sg_from_vm_tc": "1122334455667788", "sg_to_vm": "8899aabbccddeeff"}
@@ -62,10 +62,9 @@ def boot_and_launch(emulator, host, policy_sha=POLICY.sha256) -> Measurements:
     emulator.reboot()
     m = Measurements(Tpm(emulator.tcti, host["state"] / "tpm" / "lock"), host["state"], 13)
     assert m.open() == "fresh"
-    m.measure_launch(VKEY)
-    m.measure_programs(TAGS)
-    m.measure_policy(POLICY.name, policy_sha)
-    m.measure_attach("sg-web1", {"tc_egress": TAGS["sg_to_vm"], "tc_ingress": TAGS["sg_from_vm_tc"]})
+    for item in [*launch_items(VKEY), *program_items(TAGS), policy_item(POLICY.name, policy_sha),
+                 attach_item("sg-web1", {"tc_egress": TAGS["sg_to_vm"], "tc_ingress": TAGS["sg_from_vm_tc"]})]:
+        m.extend(*item)
     return m
 
 
@@ -230,7 +229,7 @@ def test_a_host_that_loaded_another_policy_fails_the_reference(emulator, host, r
     Measurements(Tpm(emulator.tcti, host["state"] / "tpm" / "lock"), host["state"], 13).open()
     m = Measurements(Tpm(emulator.tcti, host["state"] / "tpm" / "lock"), host["state"], 13)
     assert m.open() == "continued"
-    m.measure_policy("permissive", "5e" * 32)
+    m.extend(*policy_item("permissive", "5e" * 32))
     nonce = os.urandom(16).hex()
     result = verify(host, make_evidence(host, nonce), nonce, reference)
     assert result.returncode == 1
