@@ -19,6 +19,10 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter, Gauge
 
 log = logging.getLogger("skyguard.fleet")
 
@@ -100,21 +104,15 @@ class FleetMetrics:
         """Once per witness round, with the store's current peers: each pinned one takes series
         while there is room; the others are counted and logged."""
         peers = sorted(peers)
-        unpinned = {peer for peer in peers if not self.known(peer)}
-        if unpinned - self._unpinned:
-            self.unpinned_seen.inc(len(unpinned - self._unpinned))
-        self._unpinned = unpinned
-        self.unpinned.set(len(unpinned))
+        unpinned = self._unpinned = _counted({peer for peer in peers if not self.known(peer)}, self._unpinned,
+                                             self.unpinned_seen, self.unpinned)
         if unpinned and time.monotonic() - self._unpinned_logged >= REFUSED_LOG_S:
             self._unpinned_logged = time.monotonic()
             log.warning("fleet: %d members in the store are not pinned here, so not witnessed and their "
                         "cosignatures and alerts count for nothing (`skyguard fleet trust` pins one): %s",
                         len(unpinned), ", ".join(sorted(unpinned)[:5]) + (", ..." if len(unpinned) > 5 else ""))
-        refused = {peer for peer in peers if self.label(peer) is None}
-        if refused - self._refused:
-            self.labels_refused.inc(len(refused - self._refused))
-        self._refused = refused
-        self.unlabelled.set(len(refused))
+        refused = self._refused = _counted({peer for peer in peers if self.label(peer) is None}, self._refused,
+                                           self.labels_refused, self.unlabelled)
         if refused and time.monotonic() - self._logged >= REFUSED_LOG_S:
             self._logged = time.monotonic()
             log.warning("fleet: %d peers get no metric series of their own (not pinned here, or over "
@@ -161,3 +159,11 @@ class FleetMetrics:
                     pass
             self.labelled.discard(peer)
         return had
+
+
+def _counted(now: set, before: set, appeared: Counter, gauge: Gauge) -> set:
+    """`now`, after counting those not in `before` (each once, when it appears) and setting
+    `gauge` to how many there are."""
+    appeared.inc(len(now - before))
+    gauge.set(len(now))
+    return now
