@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import json
 import re
 import sys
 import time
@@ -201,6 +202,13 @@ def _format_time(value) -> str:
     return str(value)
 
 
+def _field_text(value) -> str:
+    """A field as its JSON would say it (null, true, {"k": ...}), a string as it is."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def _print_entry(index: int, payload: bytes, as_json: bool) -> None:
     try:
         record = tlog_entries.decode(payload)
@@ -209,7 +217,7 @@ def _print_entry(index: int, payload: bytes, as_json: bool) -> None:
     if as_json:
         click.echo(tlog_entries.canonical({"index": index, "entry": record}).decode())
         return
-    fields = " ".join(f"{k}={v}" for k, v in record.items() if k not in ("type", "time"))
+    fields = " ".join(f"{k}={_field_text(v)}" for k, v in record.items() if k not in ("type", "time"))
     click.echo(printable(f"{index:>8}  {_format_time(record.get('time'))}  {record.get('type', '?'):<15} "
                           f"{fields}"))
 

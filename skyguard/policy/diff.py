@@ -9,6 +9,7 @@ live flows; the daemon decides that when it swaps.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from skyguard.policy.canonical import policy_to_dict
@@ -141,4 +142,8 @@ def _short(value) -> str:
         return "[" + ", ".join(_short(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str) and (not value or value != value.strip() or any(c in value for c in '{}[],"')):
+        return json.dumps(value)  # quoted as YAML would need it: `Bearer {secret}` is not a mapping
     return str(value)

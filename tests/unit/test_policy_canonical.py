@@ -119,3 +119,13 @@ def test_apps_identity_and_consoles_round_trip_and_diff():
     assert "~ console_target dc1-desktop:\n    clipboard: to_vm -> none" in text
     assert "~ app wiki:\n    users: [alice] -> [alice, bob]" in text
     assert "~ setting admin.console:\n    listen: 0.0.0.0:5999 -> 0.0.0.0:5998" in text
+
+
+def test_a_credentials_inject_change_reads_as_yaml_would_say_it():
+    # It printed `{body: False, format: Bearer {secret}, ...}`: Python's False, and a format that
+    # reads as a nested mapping.
+    policy = parse_policy(DEFAULT.read_text())
+    changed = parse_policy(DEFAULT.read_text().replace('format: "Bearer {secret}"', 'format: "token {secret}"'))
+    text = format_diff(diff_policies(policy, changed))
+    assert 'format: "Bearer {secret}"' in text and 'format: "token {secret}"' in text
+    assert "body: false" in text and "False" not in text

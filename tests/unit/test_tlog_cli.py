@@ -130,6 +130,17 @@ def test_show_and_tail_print_one_line_per_entry_whatever_its_fields_hold(env, tm
         assert "\\n" in lines[1] and "\\x1b" in lines[1]   # shown escaped, not dropped
 
 
+def test_show_prints_fields_as_their_json_says_them(env, tmp_path):
+    # A missing value printed as Python's `None`, a flag as `True` and an object as a Python dict.
+    _, _, signer = env
+    log_dir = tmp_path / "values"
+    with LogWriter(log_dir, signer) as writer:
+        writer.append(entry("content_blocked", time=1, mime=None, tls=True, where={"port": 443}))
+    out = run(env, "show", "--log-dir", str(log_dir))
+    assert out.returncode == 0, out.stderr
+    assert 'mime=null tls=true where={"port":443}' in out.stdout
+
+
 def test_tail_prints_the_last_entries(env):
     out = run(env, "tail", "-n", "3", "--json")
     assert [json.loads(line)["index"] for line in out.stdout.splitlines()] == [302, 303, 304]
