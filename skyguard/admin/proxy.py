@@ -48,7 +48,7 @@ from skyguard.admin import commands, keys
 from skyguard.admin.connection import OperatorConnection, VmHostKeys
 from skyguard.admin.decisionlog import DecisionLog
 from skyguard.admin.ratelimit import AuthFailureLimiter
-from skyguard.admin.recording import SessionArchive
+from skyguard.admin.recording import SessionArchive, SessionRecording
 from skyguard.admin.sftp import ReplayTurn
 from skyguard.conncap import RefusalSummary, UnauthenticatedConnections
 from skyguard.content.record import ContentMetrics
@@ -79,6 +79,12 @@ class AdminProxyConfig:
     max_failures: int = 5  # failed logins per source (an address, an IPv6 /64: conncap.source_of) ...
     failure_window: float = 60.0  # ... within this many seconds ...
     block_for: float = 300.0  # ... block that source this long
+    # A session whose transcript's writer falls behind (admin/transcript.py: a slow or stalled
+    # disk) is paused; after recording_notice_after seconds the operator is told, after
+    # recording_stall_timeout it is ended (fail closed). Longer rides out a longer disk hiccup,
+    # with the operator's session frozen meanwhile.
+    recording_notice_after: float = 5.0
+    recording_stall_timeout: float = 60.0
 
 
 class AdminMetrics:
@@ -97,6 +103,17 @@ class AdminMetrics:
         self.refusals = Counter("skyguard_admin_ssh_refused_requests_total",
                                 "Requests refused by policy (forwarding, file transfer, commands, shells)",
                                 ["request"], registry=registry)
+        # Sessions ended because their recording stalled or failed are counted above, under results
+        # recording_stalled and recording_failed (and logged: admin_session_recording_failed).
+        self.recording_paused = Gauge("skyguard_admin_ssh_recording_paused_sessions",
+                                      "SSH sessions paused now because their transcript's writer is behind "
+                                      "(the disk under the session records is slow or stalled)", registry=registry)
+        self.recording_pauses = Counter("skyguard_admin_ssh_recording_pauses_total",
+                                        "Times an SSH session was paused because its transcript's writer fell behind",
+                                        registry=registry)
+        self.recording_backlog = Gauge("skyguard_admin_ssh_recording_backlog_bytes",
+                                       "Bytes of SSH session transcripts recorded but not yet written to disk",
+                                       registry=registry)
         # SFTP uploads judged under content rules (admin/sftp.py), by zone, rule and verdict.
         self.content = ContentMetrics(registry, "skyguard_admin_sftp_content_decisions",
                                       "SFTP uploads judged by the content filter at the SSH access proxy")
@@ -170,7 +187,7 @@ class AdminSshProxy:
         self.vm_key: asyncssh.SSHKey | None = None
         self.host_key: asyncssh.SSHKey | None = None
         self.connections: set[OperatorConnection] = set()
-        self._records_closing: set[asyncio.Task] = set()  # session records being closed off the loop
+        self._records_closing: dict[asyncio.Task, SessionRecording] = {}  # records being closed off the loop
         self._sftp_turns: dict[str, ReplayTurn] = {}  # workload name -> its channels' turn (sftp.py)
         self.address: tuple[str, int] | None = None  # where it listens now
         self._server: SSHAcceptor | None = None
@@ -180,6 +197,14 @@ class AdminSshProxy:
         # Built here and in set_policy, never in a session's start path (on the loop).
         self.content_engine = sftp_content_engine(self.policy)
         self.metrics.content.follow(lambda: self.content_engine)  # clamd's state, read at scrape time
+        self.metrics.recording_backlog.set_function(self._recording_backlog)
+
+    def _recording_backlog(self) -> int:
+        """Of open sessions and of records still closing. Read at scrape time, in the exporter's
+        thread: list() copies a set or a dict's values in one step."""
+        recordings = {session.recording for connection in list(self.connections)
+                      for session in list(connection.sessions) if session.recording is not None}
+        return sum(recording.queued for recording in recordings | set(list(self._records_closing.values())))
 
     @staticmethod
     def _checked(policy: Policy) -> tuple[Policy, dict]:
@@ -307,11 +332,12 @@ class AdminSshProxy:
             for session in list(connection.sessions):
                 session.recheck()
 
-    def keep(self, closing: Coroutine) -> None:
-        """Run a session's record closing (session.close_record) on the loop; stop() waits for it."""
+    def keep(self, closing: Coroutine, recording: SessionRecording) -> None:
+        """Run a session's record closing (session.close_record) on the loop; stop() waits for it,
+        and the recording's backlog is counted until it is done."""
         task = asyncio.get_running_loop().create_task(closing)
-        self._records_closing.add(task)
-        task.add_done_callback(self._records_closing.discard)
+        self._records_closing[task] = recording
+        task.add_done_callback(lambda done: self._records_closing.pop(done, None))
 
     def sftp_turn(self, workload: str) -> ReplayTurn:
         """The one ReplayTurn of a VM, shared by every SFTP channel to it (of any connection)."""

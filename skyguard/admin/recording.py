@@ -4,7 +4,8 @@ For session ID there are two files under `<state>/admin/sessions/`:
 - `ID.cast`: the transcript in asciicast v2 (a JSON header line, then one `[time, "o", text]`
   line per piece of output, `[time, "i", text]` per piece of input when it is recorded (below),
   and `[time, "r", "WxH"]` per resize). Each event is written through to the file as it happens,
-  so a session killed mid-way leaves a transcript complete up to then. In a session with a
+  by the transcript's own thread (transcript.py: never on the event loop, in order, bounded), so
+  a session killed mid-way leaves a transcript complete up to then. In a session with a
   terminal (pty), what the operator types is recorded as the terminal echoes it, not as raw
   keystrokes, so a password typed at a no-echo prompt is not stored. A session without one
   (`ssh host sh`, `ssh -T host`, SFTP) echoes nothing: there everything the operator sends is
@@ -23,7 +24,6 @@ import codecs
 import hashlib
 import json
 import logging
-import os
 import re
 import secrets
 import sys
@@ -34,11 +34,11 @@ from pathlib import Path
 
 from skyguard import fsutil
 from skyguard.admin.decisionlog import DecisionLog
+from skyguard.admin.transcript import RecordingError, Transcript
 from skyguard.errors import AdminError, BadInput
 
 log = logging.getLogger("skyguard.admin")
 _SESSION_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
-FLUSH_EVERY_EVENTS = 1  # write-through: the transcript must survive a killed proxy
 
 
 def utc_iso(ts: float) -> str:
@@ -68,44 +68,11 @@ def _atomic_write_json(path: Path, value: dict) -> None:
     fsutil.write_private(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())
 
 
-class Transcript:
-    """A session's transcript file (new, mode 0600), written through (each write flushed into the
-    kernel: it survives the proxy being killed) and hashed as it is written. So ending a session
-    reads nothing back: a long one's transcript (hundreds of MiB of screen updates) was read
-    whole to hash it, on the event loop that every session and part shares. After a failed write
-    the file may hold part of it: its hash is then taken from the file as it stands."""
-
-    def __init__(self, path: Path):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self.path = path
-        self._file = os.fdopen(fd, "wb")
-        self._digest = hashlib.sha256()
-        self._intact = True  # every byte written is in _digest
-
-    def write(self, data: bytes) -> None:
-        try:
-            self._file.write(data)
-            self._file.flush()
-        except BaseException:
-            self._intact = False
-            raise
-        self._digest.update(data)
-
-    def close(self) -> str:
-        """Flush, fsync and close; the SHA-256 of the file."""
-        try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-        finally:
-            self._file.close()
-        return self._digest.hexdigest() if self._intact else sha256_file(self.path)
-
-
 class SessionRecording:
     """One session being recorded. Create with SessionArchive.begin()."""
 
     def __init__(self, archive: SessionArchive, meta: dict, width: int, height: int, term: str | None,
-                 record_input: bool = False):
+                 record_input: bool = False, notify=None):
         self.archive = archive
         self.meta = meta
         self.id = meta["id"]
@@ -120,9 +87,24 @@ class SessionRecording:
                   "title": f"{meta['operator']}@{meta['workload']}"}
         if term:
             header["env"] = {"TERM": term}
-        self._cast = Transcript(self.cast_path)
+        self._cast = Transcript(self.cast_path, notify)  # notify: see Transcript
         self._write_line(header)
         _atomic_write_json(self.meta_path, self.meta)
+
+    @property
+    def behind(self) -> bool:
+        """The transcript's writer is behind (transcript.PAUSE_AT): the session should pause."""
+        return self._cast.behind
+
+    @property
+    def queued(self) -> int:
+        """Bytes recorded, not yet written to the transcript."""
+        return self._cast.queued
+
+    @property
+    def failed(self) -> bool:
+        """A write to the transcript failed: it takes nothing more."""
+        return self._cast.error is not None
 
     def _write_line(self, value) -> None:
         self._cast.write((json.dumps(value, ensure_ascii=False) + "\n").encode("utf-8"))
@@ -131,6 +113,8 @@ class SessionRecording:
         if not self._finished and text:
             self._write_line([round(time.monotonic() - self._t0, 6), code, text])
 
+    # output, input and resize raise RecordingError when the transcript cannot take the event
+    # (transcript.py): the session must then end without relaying it.
     def output(self, data: bytes) -> None:
         self.meta["bytes_out"] += len(data)
         self._event("o", self._decoder.decode(data))
@@ -149,18 +133,24 @@ class SessionRecording:
         self.meta.setdefault(key, []).append(value)
 
     def finish(self, result: str, exit_status: int | None = None, exit_signal: str | None = None) -> dict:
-        """Close the transcript, hash it, store the metadata and log the end. Idempotent."""
+        """Close the transcript (waiting for its writer), hash it, store the metadata and log the
+        end. Blocks on the disk: call off the event loop. Idempotent."""
         if self._finished:
             return self.meta
-        self._event("o", self._decoder.decode(b"", final=True))
-        if self._input_decoder is not None:
-            self._event("i", self._input_decoder.decode(b"", final=True))
+        try:
+            self._event("o", self._decoder.decode(b"", final=True))
+            if self._input_decoder is not None:
+                self._event("i", self._input_decoder.decode(b"", final=True))
+        except RecordingError:
+            pass  # the session was ended for it; the hash is of what was written
         self._finished = True
         digest = self._cast.close()
         end = time.time()
         self.meta.update(end=utc_iso(end), end_ts=end, result=result, exit_status=exit_status,
                          exit_signal=exit_signal, transcript_sha256=digest,
                          duration=round(end - self.meta["start_ts"], 3))
+        if self._cast.error is not None:  # the transcript stops where its writing failed
+            self.meta["transcript_error"] = self._cast.error.strerror or str(self._cast.error)
         # Log first: a crash between the two leaves the record 'active', and recovery then logs
         # the same hash again, rather than a closed record the log never heard of.
         self.archive.log_end(self.meta)
@@ -182,8 +172,10 @@ class SessionArchive:
 
     def begin(self, *, operator: str, key_fingerprint: str, workload: str, zone: str, source: str,
               kind: str, command: str | None, width: int = 80, height: int = 24,
-              term: str | None = None, record_input: bool = False) -> SessionRecording:
-        """`record_input`: store what the operator sends too (a session without a pty)."""
+              term: str | None = None, record_input: bool = False, notify=None) -> SessionRecording:
+        """`record_input`: store what the operator sends too (a session without a pty). `notify`:
+        called from the transcript's writer thread when it has caught up or failed (Transcript).
+        Blocks on the disk (files created, the record fsynced): call off the event loop."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         start = time.time()
         meta = {
@@ -194,7 +186,7 @@ class SessionArchive:
             "transcript_sha256": None, "archive_instance": self.instance,
         }
         meta["input_recorded"] = record_input
-        recording = SessionRecording(self, meta, width, height, term, record_input)
+        recording = SessionRecording(self, meta, width, height, term, record_input, notify)
         self._log("admin_session_start", **_log_fields(meta))
         return recording
 

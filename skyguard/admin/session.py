@@ -3,7 +3,12 @@
 ProxySession is what the operator opened (a shell with or without a pty, an exec, a subsystem);
 it asks commands.decide() whether it may run, opens the same kind of channel on skyguard's own
 connection to the VM (connection.py), records it (recording.py) and relays data, window and exit
-status both ways. VmSession is the VM's end of that channel. Errors meant for the operator go to
+status both ways. VmSession is the VM's end of that channel. Each side's reading is paused while
+anything holds it (ReadHold): the other side's window, the session opening, an SFTP upload being
+judged, and the recording: a session whose transcript's writer falls behind (a slow or stalled
+disk: transcript.py) reads nothing more from either side until it catches up, and is ended when it
+has not within `recording_stall_timeout` (fail closed: nothing is relayed unrecorded past a
+bounded backlog), the operator told at once and the end logged. Errors meant for the operator go to
 the session's stderr with a non-zero exit status (1 refused, 255 VM unreachable or session ended
 by skyguard), so the OpenSSH client shows them. Not authentication, not forwarding.
 """
@@ -20,6 +25,7 @@ import asyncssh
 from skyguard.admin import access, commands
 from skyguard.admin.recording import SessionRecording
 from skyguard.admin.sftp import SftpFilterPump, SftpRequestWatcher, upload_pump, uploads_judged
+from skyguard.admin.transcript import RecordingError, RecordingStalled, on_loop
 from skyguard.errors import SkyguardError
 
 if TYPE_CHECKING:
@@ -65,6 +71,32 @@ def session_channel(conn) -> asyncssh.SSHServerChannel:
     return chan
 
 
+class ReadHold:
+    """One side's reading of a session, paused while anything holds it. asyncssh's pause_reading
+    and resume_reading are one switch: two reasons flipping it directly would let one resume what
+    the other paused (the operator's window opening again while the recording is behind)."""
+
+    def __init__(self):
+        self.chan: Any = None
+        self.reasons: set[str] = set()
+
+    def attach(self, chan) -> None:
+        self.chan = chan
+        if self.reasons:
+            chan.pause_reading()
+
+    def hold(self, reason: str) -> None:
+        if not self.reasons and self.chan is not None:
+            self.chan.pause_reading()
+        self.reasons.add(reason)
+
+    def release(self, reason: str) -> None:
+        if reason in self.reasons:
+            self.reasons.discard(reason)
+            if not self.reasons and self.chan is not None:
+                self.chan.resume_reading()
+
+
 class VmSession(asyncssh.SSHClientSession):
     """The VM's side of one bridged channel: output goes to the operator and the transcript."""
 
@@ -81,10 +113,10 @@ class VmSession(asyncssh.SSHClientSession):
         return True
 
     def pause_writing(self):
-        self.front.chan.pause_reading()  # the VM is not keeping up: stop reading the operator
+        self.front.operator_reading.hold("vm_window")  # the VM is not keeping up: stop reading the operator
 
     def resume_writing(self):
-        self.front.chan.resume_reading()
+        self.front.operator_reading.release("vm_window")
 
     def exit_status_received(self, status):
         self.exit_status = status
@@ -119,9 +151,15 @@ class ProxySession(asyncssh.SSHServerSession):
         self.active_counted = False
         self.pending: list[bytes] = []
         self.pending_eof = False
+        self.operator_reading = ReadHold()  # the operator's channel
+        self.vm_reading = ReadHold()  # the VM's channel, once open
+        self.paused_at: float | None = None  # loop time the recording's writer fell behind
+        self._pause_timer: asyncio.TimerHandle | None = None
+        self._pause_told = False
 
     def connection_made(self, chan):
         self.chan = chan
+        self.operator_reading.attach(chan)
         self.owner.sessions.add(self)
 
     def pty_requested(self, term_type, term_size, term_modes):
@@ -141,7 +179,7 @@ class ProxySession(asyncssh.SSHServerSession):
         return True
 
     def session_started(self):
-        self.chan.pause_reading()  # nothing reaches the VM before it is authorised and connected
+        self.operator_reading.hold("opening")  # nothing reaches the VM before it is authorised and connected
         self._opening = asyncio.get_running_loop().create_task(self._open())  # keep a reference
 
     async def _open(self):
@@ -187,14 +225,15 @@ class ProxySession(asyncssh.SSHServerSession):
             recording = await asyncio.to_thread(
                 self.proxy.archive.begin, operator=operator, key_fingerprint=owner.key_fingerprint or "?",
                 workload=workload.name, zone=workload.zone, source=owner.source, kind=self.kind or "?",
-                command=self.command, width=width, height=height, term=self.term, record_input=not self.term)
+                command=self.command, width=width, height=height, term=self.term, record_input=not self.term,
+                notify=on_loop(asyncio.get_running_loop(), self._recording_moved))
         except (OSError, SkyguardError) as e:  # fail closed: no session runs unrecorded
             log.error("cannot record a session of %s on %s: %s", operator, workload.name, e)
             self._refused(access.AccessRefused("error", "skyguard: the session cannot be recorded"))
             return
         self.recording = recording
         if self.ended:  # the operator left while the record was written
-            self.proxy.keep(close_record(recording, "client_disconnected", None, None))
+            self.proxy.keep(close_record(recording, "client_disconnected", None, None), recording)
             return
         if self.decision.transfer and (self.kind == "subsystem" or _runs_sftp_server(self.command)):
             self.sftp_watch = SftpRequestWatcher()
@@ -216,12 +255,13 @@ class ProxySession(asyncssh.SSHServerSession):
         if self.ended:  # the operator went away while the VM was being reached
             self.vm_chan.close()
             return
+        self.vm_reading.attach(self.vm_chan)
         pending, self.pending = self.pending, []
         for data in pending:
             self.data_received(data, None)
         if self.pending_eof:
             self.eof_received()
-        self.chan.resume_reading()
+        self.operator_reading.release("opening")
 
     def _refused(self, refused: access.AccessRefused):
         if self.ended:
@@ -279,8 +319,8 @@ class ProxySession(asyncssh.SSHServerSession):
             # (bounded by the channel window the client was granted).
             self.pending.append(data)
             return
-        if self.recording:
-            self.recording.input(data)
+        if self.recording and not self._record(self.recording.input, data):
+            return
         if self.sftp_watch is not None and self.recording is not None:
             for op, path in self.sftp_watch.feed(data):
                 self.recording.note("files", {"op": op, "path": path})
@@ -306,7 +346,7 @@ class ProxySession(asyncssh.SSHServerSession):
         if self.vm_chan is not None:
             self.vm_chan.change_terminal_size(width, height, pixwidth, pixheight)
         if self.recording and not self.ended:
-            self.recording.resize(width, height)
+            self._record(self.recording.resize, width, height)
 
     def signal_received(self, signal):
         if self.vm_chan is not None:
@@ -319,19 +359,17 @@ class ProxySession(asyncssh.SSHServerSession):
         return False
 
     def pause_writing(self):
-        if self.vm_chan is not None:
-            self.vm_chan.pause_reading()
+        self.vm_reading.hold("operator_window")  # the operator is not keeping up: stop reading the VM
 
     def resume_writing(self):
-        if self.vm_chan is not None:
-            self.vm_chan.resume_reading()
+        self.vm_reading.release("operator_window")
 
     # VM -> operator
     def from_vm(self, data: bytes, datatype):
         if self.ended:
             return
-        if self.recording:
-            self.recording.output(data)
+        if self.recording and not self._record(self.recording.output, data):
+            return
         if self.sftp_filter is not None and datatype != asyncssh.EXTENDED_DATA_STDERR:
             data = self.sftp_filter.from_vm(data)
         if datatype == asyncssh.EXTENDED_DATA_STDERR:
@@ -357,8 +395,7 @@ class ProxySession(asyncssh.SSHServerSession):
     def end_with_message(self, message: str, code: int, result: str):
         if self.ended:
             return
-        if self.recording:
-            self.recording.output(message.encode())
+        self._record_notice(message)
 
         def tell():
             self.chan.write_stderr(message.encode())
@@ -372,6 +409,7 @@ class ProxySession(asyncssh.SSHServerSession):
         """End the session; its record is closed off the loop, and only then is `then` (what the
         operator is told: the exit status) called, so the record is on disk before they hear it."""
         self.ended = True
+        self._unpause()
         if self.sftp_filter is not None:
             self.sftp_filter.close()
         if self.active_counted:
@@ -379,9 +417,113 @@ class ProxySession(asyncssh.SSHServerSession):
             self.active_counted = False
         self.proxy.metrics.sessions.labels(self.owner.operator_name, result).inc()
         if self.recording:
-            self.proxy.keep(close_record(self.recording, result, exit_status, exit_signal, then))
+            self.proxy.keep(close_record(self.recording, result, exit_status, exit_signal, then), self.recording)
         elif then is not None:
             told(then)
+
+    # -- the recording's pace ---------------------------------------------------------------------
+
+    def _record(self, event, *args) -> bool:
+        """Record one event (recording.py: written behind by the transcript's thread). False when
+        the recording cannot take it: the session is then ended, and the event must not be relayed."""
+        try:
+            event(*args)
+        except RecordingError as e:
+            self._end_unrecorded(e)
+            return False
+        if self.recording.behind and self.paused_at is None and not self.ended:
+            loop = asyncio.get_running_loop()
+            self.paused_at = loop.time()
+            self.proxy.metrics.recording_pauses.inc()
+            self.proxy.metrics.recording_paused.inc()
+            self.operator_reading.hold("recording")
+            self.vm_reading.hold("recording")
+            config = self.proxy.config
+            self._pause_timer = loop.call_later(min(config.recording_notice_after, config.recording_stall_timeout),
+                                                self._still_paused)
+        return True
+
+    def _record_notice(self, message: str) -> None:
+        """What skyguard itself tells the operator goes in the transcript too, where it still can."""
+        if self.recording is not None:
+            try:
+                self.recording.output(message.encode())
+            except RecordingError:
+                pass  # being ended for it
+
+    def _still_paused(self) -> None:
+        """The recording has not caught up: the operator is told (and the host's log), then, past
+        recording_stall_timeout, the session is ended."""
+        if self.ended or self.paused_at is None:
+            return
+        loop = asyncio.get_running_loop()
+        limit = self.proxy.config.recording_stall_timeout
+        left = limit - (loop.time() - self.paused_at)
+        if left <= 0:
+            self._end_unrecorded(RecordingStalled(
+                f"its recording has not caught up in {limit:g} s ({self.recording.queued} bytes not yet written): "
+                "the disk under the session records is not keeping up"))
+            return
+        if not self._pause_told:
+            self._pause_told = True
+            log.warning("session %s of %s on %s is paused: its transcript is %d bytes behind (the disk under the "
+                        "session records is not keeping up); it ends in %.0f s unless it catches up",
+                        self.recording.id, self.owner.operator_name, self.owner.workload_name,
+                        self.recording.queued, left)
+            self._tell(f"\r\nskyguard: output is paused: this session's recording is not keeping up; the session "
+                       f"ends in {left:.0f} s unless it catches up\r\n")
+        self._pause_timer = loop.call_later(left, self._still_paused)
+
+    def _recording_moved(self) -> None:
+        """On the loop, from the transcript's writer: it caught up, or a write failed."""
+        if self.ended or self.recording is None:
+            return
+        if self.recording.failed:
+            self._end_unrecorded(RecordingError("its transcript could not be written"))
+        elif self.paused_at is not None and not self.recording.behind:
+            if self._pause_told:
+                log.info("session %s: its recording caught up; it goes on", self.recording.id)
+                self._tell("\r\nskyguard: output resumed\r\n")
+            self._unpause()
+            self.operator_reading.release("recording")
+            self.vm_reading.release("recording")
+
+    def _unpause(self) -> None:
+        if self.paused_at is not None:
+            self.paused_at = None
+            self._pause_told = False
+            self.proxy.metrics.recording_paused.dec()
+        if self._pause_timer is not None:
+            self._pause_timer.cancel()
+            self._pause_timer = None
+
+    def _tell(self, message: str) -> None:
+        self._record_notice(message)
+        told(lambda: self.chan.write_stderr(message.encode()))
+
+    def _end_unrecorded(self, error: RecordingError) -> None:
+        """End a session whose recording cannot take more (fail closed). The operator is told at
+        once: the record's end cannot be on disk first (it is closed when the disk lets it)."""
+        if self.ended:
+            return
+        operator, workload = self.owner.operator_name, self.owner.workload_name
+        log.error("session %s of %s on %s is ended: %s", self.recording.id, operator, workload, error)
+        self.proxy.record("admin_session_recording_failed", session=self.recording.id, operator=operator,
+                          workload=workload, result=error.result, reason=str(error),
+                          queued_bytes=self.recording.queued)
+        stalled = "is not keeping up" if isinstance(error, RecordingStalled) else "could not be written"
+        message = (f"\r\nskyguard: this session is ended: its recording {stalled} (the disk under the session "
+                   "records); open a new one once it is back\r\n")
+        self._record_notice(message)
+
+        def tell():
+            self.chan.write_stderr(message.encode())
+            self.chan.exit(EXIT_UNREACHABLE)
+
+        told(tell)
+        self._finish(error.result, EXIT_UNREACHABLE, None)
+        if self.vm_chan is not None:
+            self.vm_chan.close()
 
     def connection_lost(self, exc):
         """The operator's channel is gone (client exited or was killed): close the VM side and

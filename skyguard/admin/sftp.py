@@ -595,6 +595,6 @@ def upload_pump(session, workload) -> SftpFilterPump | None:
                                      metrics=session.proxy.metrics.content, turn=session.proxy.sftp_turn(workload.name),
                                      operator=session.owner.operator_name, session=recording.id if recording else None)
     return SftpFilterPump(upload_filter, lambda data: session.vm_chan.write(data), lambda data: session.chan.write(data),
-                          session.chan.pause_reading, session.chan.resume_reading,
+                          lambda: session.operator_reading.hold("sftp"), lambda: session.operator_reading.release("sftp"),
                           lambda message: session.end_with_message(message + "\r\n", 255, "sftp_refused"),
                           lambda: session.vm_chan.write_eof())

@@ -20,14 +20,17 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 from test_admin_ssh import MOVED_PORT, PROXY_PORT, lab  # noqa: F401 - lab: the module-scoped fixture
 
 from skyguard import config
 from skyguard.admin.keys import HOST_KEY_NAME
-from skyguard.admin.proxy import AdminSshProxy
+from skyguard.admin.proxy import AdminProxyConfig, AdminSshProxy
+from skyguard.admin.transcript import PAUSE_AT
 from skyguard.custody.store import SecretStore
 from skyguard.errors import AdminError
 from skyguard.parts import MemoryLog
+from support.frozen_disk import FrozenDisk, blocked_in_the_kernel
 
 KEYS_WAIT_PORT = 24226  # a second proxy on the lab's loop, waiting for its keys
 
@@ -286,8 +289,6 @@ def test_a_session_ends_without_reading_its_transcript_back(lab, monkeypatch):  
     """Ending a session hashed its transcript by reading the file whole, on the loop every
     connection shares (a long session's is hundreds of MiB). Here reading a transcript back is
     held: sessions still end and others log in, and each record's hash is its file's."""
-    import threading
-
     import skyguard.admin.recording as recording
 
     release = threading.Event()
@@ -310,17 +311,8 @@ def test_a_session_ends_without_reading_its_transcript_back(lab, monkeypatch):  
 
 
 SLOW_DISK_PORT = 24227  # a second proxy on the lab's loop, its state on a disk that stalls
-
-
-def blocked_in_the_kernel() -> bool:
-    """Some thread of this process waits uninterruptibly (state D): here, a write to the frozen disk."""
-    for task in Path("/proc/self/task").iterdir():
-        try:
-            if (task / "stat").read_text().rsplit(")", 1)[1].split()[0] == "D":
-                return True
-        except OSError:
-            continue
-    return False
+STALLED_RECORDING_PORT = 24228  # another, its transcripts on a disk that stalls mid-session
+THROUGH = ["-o", f"HostKeyAlias=[127.0.0.1]:{PROXY_PORT}"]  # the second proxies' host key is the lab proxy's
 
 
 def test_a_stalled_disk_under_the_session_records_holds_up_no_other_connection(lab):  # noqa: F811
@@ -331,65 +323,104 @@ def test_a_stalled_disk_under_the_session_records_holds_up_no_other_connection(l
     stalled them all. Now each write waits off the loop, the session waiting for it (its record is
     on disk before it starts, its end before the operator hears the exit status), and the
     lab's proxy on the same loop logs an operator in meanwhile."""
-    disk = lab.tmp / "slow-disk"
-    disk.mkdir(mode=0o700)
-    image = lab.tmp / "slow-disk.img"
-    subprocess.run(["truncate", "-s", "64M", str(image)], check=True)
-    subprocess.run(["mkfs.ext4", "-q", str(image)], check=True)
-    subprocess.run(["mount", "-o", "loop", str(image), str(disk)], check=True)
-    policy = replace(lab.policy, admin_ssh=replace(lab.policy.admin_ssh, listen=f"127.0.0.1:{SLOW_DISK_PORT}"))
-    other = AdminSshProxy(policy, SecretStore(lab.state / "secrets"), disk, MemoryLog())
-    lab.proxy_thread.run(other.start())
-    through = ["-o", f"HostKeyAlias=[127.0.0.1]:{PROXY_PORT}"]  # the same host key as the lab's proxy
-    frozen = threading.Event()
+    with FrozenDisk(lab.tmp / "slow-disk") as disk:
+        policy = replace(lab.policy, admin_ssh=replace(lab.policy.admin_ssh, listen=f"127.0.0.1:{SLOW_DISK_PORT}"))
+        other = AdminSshProxy(policy, SecretStore(lab.state / "secrets"), disk.path, MemoryLog())
+        lab.proxy_thread.run(other.start())
 
-    def thaw():
-        if frozen.is_set():
-            subprocess.run(["fsfreeze", "-u", str(disk)], check=False)
-            frozen.clear()
+        def held_while_another_gets_in(client, what):
+            """`client` is held by a write to the frozen disk; another operator gets in meanwhile."""
+            while not blocked_in_the_kernel():
+                assert client.poll() is None, client.communicate()
+                time.sleep(0.01)
+            meanwhile = lab.ssh("alice", "alice+dc1", f"echo meanwhile-{what}", timeout=30)
+            assert meanwhile.stdout.strip() == f"meanwhile-{what}", meanwhile.stderr
+            assert client.poll() is None  # still waiting for its record
+            disk.thaw()
+            out, err = client.communicate(timeout=30)
+            return client.returncode, out, err
 
-    def freeze():
-        subprocess.run(["fsfreeze", "-f", str(disk)], check=True)
-        frozen.set()
+        def session(command, **kw):
+            return subprocess.Popen(lab.ssh_args("alice", "alice+dc1", *THROUGH, port=SLOW_DISK_PORT) + [command],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
-    def held_while_another_gets_in(client, what):
-        """`client` is held by a write to the frozen disk; another operator gets in meanwhile."""
-        while not blocked_in_the_kernel():
-            assert client.poll() is None, client.communicate()
-            time.sleep(0.01)
-        meanwhile = lab.ssh("alice", "alice+dc1", f"echo meanwhile-{what}", timeout=30)
-        assert meanwhile.stdout.strip() == f"meanwhile-{what}", meanwhile.stderr
-        assert client.poll() is None  # still waiting for its record
-        thaw()
-        out, err = client.communicate(timeout=30)
-        return client.returncode, out, err
+        try:
+            # the first connection to dc1 pins its host key
+            disk.freeze()
+            assert held_while_another_gets_in(session("echo pinned"), "pin")[:2] == (0, "pinned\n")
+            assert "dc1" in json.loads((disk.path / "admin" / "vm_host_keys.json").read_text())
+            # a session's record at its start: on disk before the session starts
+            disk.freeze()
+            assert held_while_another_gets_in(session("echo started"), "start")[:2] == (0, "started\n")
+            # a session's end: the record is closed before the operator hears the exit status
+            client = session("echo up; read line; exit 3", stdin=subprocess.PIPE)
+            assert client.stdout.readline() == "up\n"
+            disk.freeze()
+            client.stdin.close()  # the VM's `read` returns: the session ends, with no more output
+            client.stdin = None  # closed here: communicate() has nothing to flush
+            assert held_while_another_gets_in(client, "end")[0] == 3
+            [meta] = [m for m in other.archive.list() if (m.get("command") or "").startswith("echo up")]
+            assert meta["result"] == "ok" and meta["exit_status"] == 3
+            assert other.archive.verify(meta["id"]) == meta["transcript_sha256"]
+        finally:
+            disk.thaw()
+            lab.proxy_thread.run(other.stop())
 
-    def session(command, **kw):
-        return subprocess.Popen(lab.ssh_args("alice", "alice+dc1", *through, port=SLOW_DISK_PORT) + [command],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
-    safety = threading.Timer(120, thaw)  # never leave the disk frozen, whatever happens above
-    safety.start()
-    try:
-        # the first connection to dc1 pins its host key
-        freeze()
-        assert held_while_another_gets_in(session("echo pinned"), "pin")[:2] == (0, "pinned\n")
-        assert "dc1" in json.loads((disk / "admin" / "vm_host_keys.json").read_text())
-        # a session's record at its start: on disk before the session starts
-        freeze()
-        assert held_while_another_gets_in(session("echo started"), "start")[:2] == (0, "started\n")
-        # a session's end: the record is closed before the operator hears the exit status
-        client = session("echo up; read line; exit 3", stdin=subprocess.PIPE)
-        assert client.stdout.readline() == "up\n"
-        freeze()
-        client.stdin.close()  # the VM's `read` returns: the session ends, with no more output
-        client.stdin = None  # closed here: communicate() has nothing to flush
-        assert held_while_another_gets_in(client, "end")[0] == 3
-        [meta] = [m for m in other.archive.list() if (m.get("command") or "").startswith("echo up")]
-        assert meta["result"] == "ok" and meta["exit_status"] == 3
-        assert other.archive.verify(meta["id"]) == meta["transcript_sha256"]
-    finally:
-        thaw()
-        safety.cancel()
-        lab.proxy_thread.run(other.stop())
-        subprocess.run(["umount", str(disk)], check=False)
+# ~1.3 MB/s of output, a line every 50 ms: past the transcript's pause mark within a second of a
+# stall, not enough to fill the small disk before it.
+STREAM = "while :; do head -c 65536 /dev/zero | tr '\\0' x; echo; sleep 0.05; done"
+
+
+def test_a_transcript_on_a_stalled_disk_holds_up_no_other_session(lab):  # noqa: F811
+    """Each piece of a session's output went into its transcript on the loop every connection
+    shares (written through): with the transcripts' disk stalled, one session printing stopped
+    every other. Here a session streams output when its transcripts' disk freezes: another
+    operator still logs in (on the lab's proxy, on the same loop). The session whose recording
+    cannot keep up is paused, told so, then ended (fail closed) while the disk is still frozen;
+    once it is thawed its record closes with the hash of exactly what was written."""
+    registry, decisions = CollectorRegistry(), MemoryLog()
+    with FrozenDisk(lab.tmp / "stalled-transcripts") as disk:
+        policy = replace(lab.policy, admin_ssh=replace(lab.policy.admin_ssh,
+                                                       listen=f"127.0.0.1:{STALLED_RECORDING_PORT}"))
+        other = AdminSshProxy(policy, SecretStore(lab.state / "secrets"), disk.path, decisions, registry,
+                              AdminProxyConfig(recording_notice_after=1.0, recording_stall_timeout=4.0))
+        lab.proxy_thread.run(other.start())
+        client = subprocess.Popen(lab.ssh_args("alice", "alice+dc1", *THROUGH, port=STALLED_RECORDING_PORT) + [STREAM],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            while not (records := [m for m in other.archive.list() if m.get("command") == STREAM]) or \
+                    (cast := disk.path / "admin" / "sessions" / f"{records[0]['id']}.cast").stat().st_size < 1 << 18:
+                assert client.poll() is None, client.communicate()
+                time.sleep(0.05)
+            disk.freeze()
+            while not blocked_in_the_kernel():  # the next piece of output waits on the disk
+                assert client.poll() is None, client.communicate()
+                time.sleep(0.01)
+            meanwhile = lab.ssh("alice", "alice+dc1", "echo meanwhile-streaming", timeout=30)
+            assert meanwhile.stdout.strip() == "meanwhile-streaming", meanwhile.stderr
+            _, stderr = client.communicate(timeout=60)
+            assert disk.frozen  # told at once, not when the disk is back
+            assert client.returncode == 255 and "output is paused: this session's recording is not keeping up" \
+                in stderr and "this session is ended: its recording is not keeping up" in stderr, stderr
+            # streamed on for seconds: what waits in memory is bounded by the pause
+            assert 0 < registry.get_sample_value("skyguard_admin_ssh_recording_backlog_bytes") <= PAUSE_AT + (1 << 17)
+            assert registry.get_sample_value("skyguard_admin_ssh_recording_pauses_total") >= 1
+            assert registry.get_sample_value("skyguard_admin_ssh_sessions_total",
+                                             {"operator": "alice", "result": "recording_stalled"}) == 1
+            [stalled] = decisions.of_kind("admin_session_recording_failed")
+            assert (stalled["session"], stalled["result"]) == (records[0]["id"], "recording_stalled")
+            disk.thaw()
+            for _ in range(600):  # a bound against a hang, not a timing
+                if (meta := other.archive.load(records[0]["id"]))["result"] != "active":
+                    break
+                time.sleep(0.05)
+            assert meta["result"] == "recording_stalled"
+            assert other.archive.verify(meta["id"]) == meta["transcript_sha256"]
+            assert "this session is ended" in cast.read_text().splitlines()[-1]
+            assert registry.get_sample_value("skyguard_admin_ssh_recording_backlog_bytes") == 0
+        finally:
+            client.kill()
+            client.wait()
+            disk.thaw()
+            lab.proxy_thread.run(other.stop())

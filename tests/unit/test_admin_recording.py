@@ -1,11 +1,13 @@
 """Session recording (asciicast v2 transcripts, metadata, hashes in the decision log), tamper
 detection, recovery after a dead proxy, replay timing, VM host key pinning and the admin CLI."""
 
+import hashlib
 import io
 import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from skyguard.admin.connection import VmHostKeys
 from skyguard.admin.decisionlog import JsonLinesDecisionLog
 from skyguard.admin.proxy import parse_listen
 from skyguard.admin.recording import SessionArchive, TerminalFilter, caret, replay, sha256_file, validate_session_id
+from skyguard.admin.transcript import PAUSE_AT, RecordingError, Transcript
 from skyguard.custody.store import SecretStore
 from skyguard.errors import AdminError, BadInput
 
@@ -85,6 +88,8 @@ def test_edited_transcript_is_detected_even_when_its_record_is_edited_too(archiv
 def test_session_of_a_dead_proxy_is_closed_complete_up_to_then(archive, log):
     rec = begin(archive, kind="exec", command="long-job")
     rec.output(b"step 1 done\r\n")
+    while rec.queued:  # written behind (transcript.py): with the kernel an instant later
+        time.sleep(0.001)
     # The proxy is killed here: no finish(). The next proxy's archive recovers it at start.
     restarted = SessionArchive(archive.directory, log)
     recovered = restarted.recover_interrupted()
@@ -94,6 +99,22 @@ def test_session_of_a_dead_proxy_is_closed_complete_up_to_then(archive, log):
     assert "step 1 done" in rec.cast_path.read_text()
     assert archive.verify(rec.id, list(log.entries())) == meta["transcript_sha256"]
     assert SessionArchive(archive.directory, log).recover_interrupted() == []  # once only
+
+
+def test_a_transcript_is_written_behind_in_order_and_hashed_as_written(tmp_path):
+    """Events are queued, not written, by whoever records them (the event loop); the
+    transcript's thread writes them in order, and the hash is of exactly those bytes."""
+    transcript = Transcript(tmp_path / "t.cast")
+    events = [os.urandom(n) for n in (1, 10, 4096, 70_000, 3, PAUSE_AT + 1, 5)] * 20
+    for event in events:
+        transcript.write(event)
+    digest = transcript.close()
+    written = (tmp_path / "t.cast").read_bytes()
+    assert written == b"".join(events) and transcript.written == len(written)
+    assert digest == hashlib.sha256(written).hexdigest() and transcript.queued == 0
+    with pytest.raises(RecordingError, match="is closed"):
+        transcript.write(b"late")
+    assert oct(os.stat(tmp_path / "t.cast").st_mode & 0o777) == "0o600"
 
 
 def test_active_sessions_of_this_proxy_are_not_recovered(archive):
