@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -48,8 +47,9 @@ from skyguard.admin import commands, keys
 from skyguard.admin.connection import OperatorConnection, VmHostKeys
 from skyguard.admin.decisionlog import DecisionLog
 from skyguard.admin.ratelimit import AuthFailureLimiter
-from skyguard.admin.recording import SessionArchive, SessionRecording
+from skyguard.admin.recording import SessionArchive
 from skyguard.admin.sftp import ReplayTurn
+from skyguard.admin.transcript import ClosingRecords
 from skyguard.conncap import RefusalSummary, UnauthenticatedConnections
 from skyguard.content.record import ContentMetrics
 from skyguard.custody.store import SecretStore
@@ -187,7 +187,7 @@ class AdminSshProxy:
         self.vm_key: asyncssh.SSHKey | None = None
         self.host_key: asyncssh.SSHKey | None = None
         self.connections: set[OperatorConnection] = set()
-        self._records_closing: dict[asyncio.Task, SessionRecording] = {}  # records being closed off the loop
+        self.records_closing = ClosingRecords()  # of sessions ended (session.close_record)
         self._sftp_turns: dict[str, ReplayTurn] = {}  # workload name -> its channels' turn (sftp.py)
         self.address: tuple[str, int] | None = None  # where it listens now
         self._server: SSHAcceptor | None = None
@@ -200,11 +200,9 @@ class AdminSshProxy:
         self.metrics.recording_backlog.set_function(self._recording_backlog)
 
     def _recording_backlog(self) -> int:
-        """Of open sessions and of records still closing. Read at scrape time, in the exporter's
-        thread: list() copies a set or a dict's values in one step."""
-        recordings = {session.recording for connection in list(self.connections)
-                      for session in list(connection.sessions) if session.recording is not None}
-        return sum(recording.queued for recording in recordings | set(list(self._records_closing.values())))
+        """At scrape time, in the exporter's thread: list() copies a set in one step."""
+        return self.records_closing.backlog(session.recording for connection in list(self.connections)
+                                            for session in list(connection.sessions) if session.recording is not None)
 
     @staticmethod
     def _checked(policy: Policy) -> tuple[Policy, dict]:
@@ -261,8 +259,7 @@ class AdminSshProxy:
             if not self.connections:
                 break
             await asyncio.sleep(0.05)
-        if self._records_closing:  # every ended session's record is on disk before stop() returns
-            await asyncio.gather(*self._records_closing, return_exceptions=True)
+        await self.records_closing.wait()  # every ended session's record is on disk before stop() returns
 
     # -- the listener -----------------------------------------------------------------------------
 
@@ -331,13 +328,6 @@ class AdminSshProxy:
                 connection.close_tunnels()
             for session in list(connection.sessions):
                 session.recheck()
-
-    def keep(self, closing: Coroutine, recording: SessionRecording) -> None:
-        """Run a session's record closing (session.close_record) on the loop; stop() waits for it,
-        and the recording's backlog is counted until it is done."""
-        task = asyncio.get_running_loop().create_task(closing)
-        self._records_closing[task] = recording
-        task.add_done_callback(lambda done: self._records_closing.pop(done, None))
 
     def sftp_turn(self, workload: str) -> ReplayTurn:
         """The one ReplayTurn of a VM, shared by every SFTP channel to it (of any connection)."""

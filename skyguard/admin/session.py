@@ -233,7 +233,7 @@ class ProxySession(asyncssh.SSHServerSession):
             return
         self.recording = recording
         if self.ended:  # the operator left while the record was written
-            self.proxy.keep(close_record(recording, "client_disconnected", None, None), recording)
+            self.proxy.records_closing.keep(close_record(recording, "client_disconnected", None, None), recording)
             return
         if self.decision.transfer and (self.kind == "subsystem" or _runs_sftp_server(self.command)):
             self.sftp_watch = SftpRequestWatcher()
@@ -417,7 +417,7 @@ class ProxySession(asyncssh.SSHServerSession):
             self.active_counted = False
         self.proxy.metrics.sessions.labels(self.owner.operator_name, result).inc()
         if self.recording:
-            self.proxy.keep(close_record(self.recording, result, exit_status, exit_signal, then), self.recording)
+            self.proxy.records_closing.keep(close_record(self.recording, result, exit_status, exit_signal, then), self.recording)
         elif then is not None:
             told(then)
 

@@ -14,8 +14,9 @@ RESUME_AT, when `notify` is called (from the thread: see on_loop). How long a se
 paused, and what it tells the operator, is the session's decision (admin/session.py,
 console/session.py): it ends the session, fail closed. A write past MAX_QUEUED bytes (a session
 that did not pause) or after a failed write raises RecordingStalled / RecordingError: an event
-that cannot be recorded is never relayed. Not the transcript's format (recording.py), not the
-session archive.
+that cannot be recorded is never relayed. ClosingRecords keeps a part's records still being closed
+(their last bytes written, fsynced, hashed) for its stop() and its backlog metric. Not the
+transcript's format (recording.py, console/recording.py), not the session archive.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
+from typing import Protocol
 
 from skyguard.errors import AdminError
 
@@ -169,3 +171,33 @@ class Transcript:
         finally:
             os.close(self._fd)
         return self._digest.hexdigest()
+
+
+class Queued(Protocol):
+    """A session's recording as ClosingRecords sees it (SessionRecording, VncRecording)."""
+
+    @property
+    def queued(self) -> int: ...
+
+
+class ClosingRecords:
+    """A part's session records being closed off the loop (the transcript's queue written, fsync,
+    hash, the end logged: a stalled disk holds them, not the loop). On the loop."""
+
+    def __init__(self):
+        self._tasks: dict[asyncio.Task, Queued] = {}  # -> the recording (queued bytes: `backlog`)
+
+    def keep(self, closing: Coroutine, recording: Queued) -> None:
+        task = asyncio.get_running_loop().create_task(closing)
+        self._tasks[task] = recording
+        task.add_done_callback(lambda done: self._tasks.pop(done, None))
+
+    async def wait(self) -> None:
+        """Until every record kept so far is closed (a part's stop(): ended sessions on disk)."""
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def backlog(self, open_recordings: Iterable[Queued]) -> int:
+        """Bytes not yet written of `open_recordings` and of the records closing. Safe from the
+        exporter's thread at scrape time (list() copies the dict's values in one step)."""
+        return sum(recording.queued for recording in set(open_recordings) | set(list(self._tasks.values())))

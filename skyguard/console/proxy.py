@@ -30,6 +30,7 @@ from skyguard.admin.decisionlog import DecisionLog
 from skyguard.admin.proxy import parse_listen
 from skyguard.admin.ratelimit import AuthFailureLimiter
 from skyguard.admin.recording import SessionArchive
+from skyguard.admin.transcript import ClosingRecords
 from skyguard.console.rdp import missing_tools
 from skyguard.console.session import ConsoleSession
 from skyguard.console.tickets import TicketBook
@@ -53,6 +54,11 @@ class ConsoleConfig:
     max_failures: int = 5  # bad tickets per source (an address, an IPv6 /64: conncap.source_of) ...
     failure_window: float = 60.0  # ... within this many seconds ...
     block_for: float = 300.0  # ... block that source this long
+    # A session whose recording's writer falls behind (admin/transcript.py: a slow or stalled
+    # disk) relays nothing more from the VM; after recording_notice_after seconds the host's log
+    # is told, after recording_stall_timeout the session is ended (fail closed).
+    recording_notice_after: float = 5.0
+    recording_stall_timeout: float = 60.0
 
 
 class ConsoleMetrics:
@@ -67,6 +73,17 @@ class ConsoleMetrics:
                                      "Console logins refused, by reason", ["reason"], registry=registry)
         self.clipboard = Counter("skyguard_console_clipboard_total", "Clipboard transfers, by direction and verdict",
                                  ["direction", "verdict"], registry=registry)
+        # Sessions ended because their recording stalled or failed: sessions_total under results
+        # recording_stalled and recording_failed (and admin_session_recording_failed in the log).
+        self.recording_paused = Gauge("skyguard_console_recording_paused_sessions",
+                                      "Console sessions waiting now because their recording's writer is behind "
+                                      "(the disk under the session records is slow or stalled)", registry=registry)
+        self.recording_pauses = Counter("skyguard_console_recording_pauses_total",
+                                        "Times a console session waited because its recording's writer fell behind",
+                                        registry=registry)
+        self.recording_backlog = Gauge("skyguard_console_recording_backlog_bytes",
+                                       "Bytes of console session recordings not yet written to disk",
+                                       registry=registry)
 
 
 class ConsoleProxy:
@@ -92,6 +109,9 @@ class ConsoleProxy:
         self.limiter = AuthFailureLimiter(self.config.max_failures, self.config.failure_window,
                                           self.config.block_for)
         self.sessions: set[ConsoleSession] = set()
+        self.records_closing = ClosingRecords()  # of sessions ended (session.py)
+        self.metrics.recording_backlog.set_function(  # at scrape time: list() copies the set in one step
+            lambda: self.records_closing.backlog(s.recording for s in list(self.sessions) if s.recording is not None))
         self.address: tuple[str, int] | None = None
         self._server: asyncio.AbstractServer | None = None
         self._listen: str | None = None
@@ -172,6 +192,7 @@ class ConsoleProxy:
         for session in list(self.sessions):
             session.end("shutdown")
         self.refusals.flush()
+        await self.records_closing.wait()  # every ended session's record is on disk before stop() returns
 
     # -- the listener ------------------------------------------------------------------------------
 

@@ -14,8 +14,9 @@ recording, in this open format (all integers big-endian):
                2  a new pixel format (16 bytes, RFC 6143 7.4), from then on
                3  an event as JSON: clipboard (direction, bytes, allowed), end (result)
 
-Each record is written through as it happens: a killed proxy leaves a recording complete up to
-then, which recovery hashes. With `recording: false` the screen records (1) are left out; the
+Each record is written through as it happens, by the recording's own thread (admin/transcript.py:
+never on the event loop, in order, bounded; the session waits while it is behind): a killed proxy
+leaves a recording complete up to then, which recovery hashes. With `recording: false` the screen records (1) are left out; the
 events are still kept. Clipboard contents are never stored (they may hold passwords), only their
 length and whether they passed; keystrokes are counted, not stored. The recording decodes only
 the encodings the proxy lets through (rfb.ALLOWED_ENCODINGS), so the renderer stays small.
@@ -28,7 +29,8 @@ import struct
 import time
 from pathlib import Path
 
-from skyguard.admin.recording import SessionArchive, Transcript, _atomic_write_json, new_session_id, utc_iso
+from skyguard.admin.recording import SessionArchive, _atomic_write_json, new_session_id, utc_iso
+from skyguard.admin.transcript import RecordingError, Transcript
 from skyguard.console import rfb
 from skyguard.errors import AdminError
 
@@ -39,10 +41,14 @@ SUFFIX = ".vnc"
 
 
 class VncRecording:
-    """One console session being recorded; `finish()` hashes it and logs the end."""
+    """One console session being recorded; `finish()` hashes it and logs the end. Creating one and
+    finishing it block on the disk (files created, fsynced): do both off the event loop. The
+    events in between are queued (server, pixel_format, clipboard raise RecordingError when the
+    recording cannot take them: the session must end without relaying them)."""
 
     def __init__(self, archive: SessionArchive, *, operator: str, groups: tuple[str, ...], target,
-                 zone: str, source: str, auth: str, init: rfb.ServerInit):
+                 zone: str, source: str, auth: str, init: rfb.ServerInit, notify=None):
+        """`notify`: called from the writer thread when it has caught up or failed (Transcript)."""
         archive.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         start = time.time()
         self.archive, self.screen = archive, target.recording
@@ -64,12 +70,25 @@ class VncRecording:
                   "workload": target.workload, "start": self.meta["start"], "width": init.width,
                   "height": init.height, "pixel_format": init.pixel_format.as_dict(),
                   "desktop_name": init.name.decode("utf-8", "replace")}
-        self._file = Transcript(self.path)  # hashed as written: ending reads nothing back
+        self._file = Transcript(self.path, notify)  # hashed as written: ending reads nothing back
         self._file.write(json.dumps(header, sort_keys=True).encode() + b"\n")
         _atomic_write_json(archive.directory / f"{self.id}.json", self.meta)
         archive._log("admin_session_start", session=self.id, operator=operator, key_fingerprint=None,
                      workload=target.workload, zone=zone, source=source, kind="vnc", command=None,
                      start=self.meta["start"], target=target.name)
+
+    @property
+    def behind(self) -> bool:
+        """The writer is behind (transcript.PAUSE_AT): the session should wait before relaying more."""
+        return self._file.behind
+
+    @property
+    def queued(self) -> int:
+        return self._file.queued
+
+    @property
+    def failed(self) -> bool:
+        return self._file.error is not None
 
     def _write(self, kind: int, payload: bytes) -> None:
         if not self._finished:
@@ -96,15 +115,21 @@ class VncRecording:
                                        "allowed": allowed}).encode())
 
     def finish(self, result: str) -> dict:
-        """Close, hash, store the record and log the end (with the hash). Idempotent."""
+        """Close (waiting for the writer), hash, store the record and log the end (with the hash).
+        Blocks on the disk: call off the event loop. Idempotent."""
         if self._finished:
             return self.meta
-        self._write(EVENT, json.dumps({"event": "end", "result": result}).encode())
+        try:
+            self._write(EVENT, json.dumps({"event": "end", "result": result}).encode())
+        except RecordingError:
+            pass  # the session was ended for it; the hash is of what was written
         self._finished = True
         digest = self._file.close()
         end = time.time()
         self.meta.update(end=utc_iso(end), end_ts=end, result=result, transcript_sha256=digest,
                          duration=round(end - self.meta["start_ts"], 3))
+        if self._file.error is not None:  # the recording stops where its writing failed
+            self.meta["transcript_error"] = self._file.error.strerror or str(self._file.error)
         self.archive.log_end(self.meta)  # before the record: see SessionRecording.finish
         _atomic_write_json(self.archive.directory / f"{self.id}.json", self.meta)
         return self.meta

@@ -6,6 +6,13 @@ The two legs are separate RFB connections: the operator's client sees skyguard's
 the VM's, and the VM's password is used only here, on the skyguard -> VM leg. Whatever goes wrong
 in a session (a malformed message from either side, a VM that refuses the password, a revoked
 operator) ends that session only, with a reason in the log and the metrics.
+
+The recording never waits on the disk on the loop every session shares: it is created and closed
+in worker threads and written behind by its own thread (admin/transcript.py). While its writer is
+behind (a slow or stalled disk) the session relays nothing more from the VM; past
+`recording_stall_timeout` it is ended (fail closed), result recording_stalled, and logged. The
+operator's connection is closed once the record is (its end is on disk first), except when the
+recording itself is what failed.
 """
 
 from __future__ import annotations
@@ -17,11 +24,12 @@ import secrets
 import struct
 
 from skyguard.admin.access import AccessRefused, workload_address
+from skyguard.admin.transcript import RecordingError, RecordingStalled, on_loop
 from skyguard.console import access, rfb
 from skyguard.console.rdp import RdpDesktop
 from skyguard.console.recording import VncRecording
 from skyguard.console.tickets import Ticket
-from skyguard.errors import SkyguardError
+from skyguard.errors import AdminError, SkyguardError
 from skyguard.policy.console import ConsoleTarget
 from skyguard.timeouts import within
 
@@ -54,6 +62,7 @@ class ConsoleSession:
         self._ended: str | None = None
         self.admitted = False  # authorized under the policy in force after the VM login (revocable from then)
         self._tasks: list[asyncio.Task] = []
+        self._recording_moved = asyncio.Event()  # the recording's writer caught up or failed
 
     # -- admission --------------------------------------------------------------------------------
 
@@ -68,12 +77,14 @@ class ConsoleSession:
             await self._relay(*vm)
         except (asyncio.IncompleteReadError, ConnectionError):
             self._end("disconnected")
+        except RecordingError as e:
+            self._recording_lost(e)
         except rfb.RfbError as e:
             self._end("protocol_error", str(e))
         except SkyguardError as e:
             self._end("error", str(e))
         finally:
-            self._close()
+            self._end("disconnected")  # (ended already, but for a refused login)
 
     async def _send(self, data: bytes) -> None:
         self.client_w.write(data)
@@ -129,13 +140,23 @@ class ConsoleSession:
         vm_r, vm_w = vm
         vm_w.write(shared)
         init = await rfb.read_server_init(vm_r)
-        await self._send(init.raw)
         if self._ended is not None:  # revoked by a swap while the client and the VM said hello
             return None
-        self.recording = VncRecording(self.proxy.archive, operator=self.ticket.operator, groups=self.ticket.groups,
-                                      target=self.target, zone=self.zone, source=self.source,
-                                      auth="web" if self.web else "ticket",
-                                      init=init)
+        try:
+            # Off the loop (files created and fsynced, the start logged): a stalled disk holds up
+            # this session only. Its record is on disk before the operator sees the screen.
+            recording = await asyncio.to_thread(
+                VncRecording, self.proxy.archive, operator=self.ticket.operator, groups=self.ticket.groups,
+                target=self.target, zone=self.zone, source=self.source, auth="web" if self.web else "ticket",
+                init=init, notify=on_loop(asyncio.get_running_loop(), self._recording_moved.set))
+        except OSError as e:  # fail closed: no session runs unrecorded
+            raise AdminError(f"the session cannot be recorded: {e.strerror or e}") from None
+        if self._ended is not None:  # revoked, or shut down, while its record was written
+            self.recording = recording
+            self.proxy.records_closing.keep(self._close_record(self._ended), recording)
+            return None
+        self.recording = recording
+        await self._send(init.raw)
         self.proxy.metrics.active.inc()
         log.info("console session %s: %s opened %s from %s", self.recording.id, self.ticket.operator,
                  self.target.name, self.source)
@@ -269,6 +290,8 @@ class ConsoleSession:
                 if not allowed:
                     continue
             self.recording.server(message)
+            if self.recording.behind:
+                await self._recording_caught_up()
             self.client_w.write(message.raw)
             await self.client_w.drain()
 
@@ -279,6 +302,41 @@ class ConsoleSession:
             self.proxy.record("console_clipboard_dropped", session=self.recording.id, direction=direction,
                               bytes=length, operator=self.ticket.operator, target=self.target.name)
 
+    async def _recording_caught_up(self) -> None:
+        """Wait while the recording's writer is behind (nothing more is read from the VM). The
+        host's log hears of a wait past recording_notice_after; RecordingStalled past
+        recording_stall_timeout, RecordingError when its writing failed."""
+        loop = asyncio.get_running_loop()
+        config, metrics = self.proxy.config, self.proxy.metrics
+        start, told = loop.time(), False
+        metrics.recording_pauses.inc()
+        metrics.recording_paused.inc()
+        try:
+            while self.recording.behind and not self.recording.failed:
+                self._recording_moved.clear()
+                if not self.recording.behind:  # caught up since the check above
+                    break
+                waited = loop.time() - start
+                if waited >= config.recording_stall_timeout:
+                    raise RecordingStalled(f"its recording has not caught up in {config.recording_stall_timeout:g} s "
+                                           f"({self.recording.queued} bytes not yet written): the disk under "
+                                           "the session records is not keeping up")
+                if waited >= config.recording_notice_after and not told:
+                    told = True
+                    log.warning("console session %s of %s is paused: its recording is %d bytes behind (the disk "
+                                "under the session records is not keeping up)", self.recording.id,
+                                self.ticket.operator, self.recording.queued)
+                next_check = config.recording_stall_timeout if told else \
+                    min(config.recording_notice_after, config.recording_stall_timeout)
+                try:
+                    await within(self._recording_moved.wait(), max(next_check - waited, 0.001))
+                except TimeoutError:
+                    pass
+        finally:
+            metrics.recording_paused.dec()
+        if self.recording.failed:
+            raise RecordingError("its recording could not be written")
+
     # -- ending -----------------------------------------------------------------------------------
 
     def end(self, result: str, reason: str = "") -> None:
@@ -286,29 +344,53 @@ class ConsoleSession:
         self._end(result, reason)
         for task in self._tasks:
             task.cancel()
-        self._close()
+
+    def _recording_lost(self, error: RecordingError) -> None:
+        """End a session whose recording cannot take more (fail closed)."""
+        log.error("console session %s of %s is ended: %s", self.recording.id, self.ticket.operator, error)
+        self.proxy.record("admin_session_recording_failed", session=self.recording.id, operator=self.ticket.operator,
+                          workload=self.target.workload, result=error.result, reason=str(error),
+                          queued_bytes=self.recording.queued)
+        self._end(error.result, str(error))
 
     def _end(self, result: str, reason: str = "") -> None:
+        """Stop relaying; the record is closed off the loop, and the operator's connection only
+        after it (the end is on disk first), unless the recording is what failed."""
         if self._ended is not None:
             return
         self._ended = result
+        self._close_vm()
         if self.recording is None:
             if reason:
                 log.info("console connection from %s ended before a session began: %s", self.source, reason)
+            self._close_client()
             return
-        meta = self.recording.finish(result)
         self.proxy.metrics.active.dec()
         self.proxy.metrics.sessions.labels(self.ticket.operator, result).inc()
-        log.info("console session %s ended: %s%s", meta["id"], result, f" ({reason})" if reason else "")
+        log.info("console session %s ended: %s%s", self.recording.id, result, f" ({reason})" if reason else "")
         if reason:
-            self.proxy.record("console_session_error", session=meta["id"], result=result, reason=reason)
+            self.proxy.record("console_session_error", session=self.recording.id, result=result, reason=reason)
+        if result in (RecordingError.result, RecordingStalled.result):
+            self._close_client()  # not kept waiting on a disk that does not answer
+        self.proxy.records_closing.keep(self._close_record(result), self.recording)
 
-    def _close(self) -> None:
-        for w in (self.client_w, self.vm_w):
-            if w is not None and not w.is_closing():
-                w.close()
+    async def _close_record(self, result: str) -> None:
+        try:
+            await asyncio.to_thread(self.recording.finish, result)
+        except (OSError, SkyguardError):
+            log.exception("could not finish the recording of console session %s", self.recording.id)
+        finally:
+            self._close_client()
+
+    def _close_vm(self) -> None:
+        if self.vm_w is not None and not self.vm_w.is_closing():
+            self.vm_w.close()
         if self.rdp is not None:
             self.rdp.stop()
+
+    def _close_client(self) -> None:
+        if not self.client_w.is_closing():
+            self.client_w.close()
 
 
 def _safe_error(e: BaseException) -> str:

@@ -16,13 +16,17 @@ import time
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from skyguard.admin.decisionlog import JsonLinesDecisionLog
+from skyguard.admin.transcript import PAUSE_AT
 from skyguard.console import rfb
-from skyguard.console.proxy import ConsoleProxy
+from skyguard.console.proxy import ConsoleConfig, ConsoleProxy
 from skyguard.custody.store import SecretStore
+from skyguard.parts import MemoryLog
 from skyguard.policy.console import AdminConsole, ConsoleGrant, ConsoleTarget
 from skyguard.policy.model import Policy, Workload, Zone
+from support.frozen_disk import FrozenDisk, blocked_in_the_kernel
 
 PASSWORD = b"load-pw1"
 VNC_PORT, PROXY_PORT = 24261, 24262
@@ -30,8 +34,31 @@ STREAMS = 6
 HANG = 60.0  # seconds after which a session that has not finished counts as hung
 
 
+def load_policy(port: int) -> Policy:
+    workload = Workload("vm", "lab", "sg-vm", "02:00:00:00:00:01", (ipaddress.ip_address("127.0.0.1"),))
+    return Policy(name="load", zones={"lab": Zone("lab", (workload,))}, networks={}, rules=(),
+                  admin_console=AdminConsole(listen=f"127.0.0.1:{port}",
+                                             targets=(ConsoleTarget("desk", "vm", "vnc", VNC_PORT, "vm-vnc"),),
+                                             operators=(ConsoleGrant("alice", ("lab",)),)))
+
+
 @pytest.fixture(scope="module")
-def proxy(tmp_path_factory):
+def loop():
+    """The loop the proxies run on, in a thread of its own (as the daemon's)."""
+    the_loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=the_loop.run_forever, daemon=True)
+    thread.start()
+    yield the_loop
+    the_loop.call_soon_threadsafe(the_loop.stop)
+    thread.join(10)
+
+
+def on(loop, coro, timeout: float = 10):
+    return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+
+
+@pytest.fixture(scope="module")
+def proxy(loop, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("console-load")
     (tmp / "passwd").write_bytes(subprocess.run(["vncpasswd", "-f"], input=PASSWORD, capture_output=True,
                                                 check=True).stdout)
@@ -40,35 +67,25 @@ def proxy(tmp_path_factory):
                              "127.0.0.1", "-geometry", "640x480", "-depth", "24", "-SecurityTypes", "VncAuth",
                              "-PasswordFile", str(tmp / "passwd"), "-nolisten", "tcp"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    workload = Workload("vm", "lab", "sg-vm", "02:00:00:00:00:01", (ipaddress.ip_address("127.0.0.1"),))
-    policy = Policy(name="load", zones={"lab": Zone("lab", (workload,))}, networks={}, rules=(),
-                    admin_console=AdminConsole(listen=f"127.0.0.1:{PROXY_PORT}",
-                                               targets=(ConsoleTarget("desk", "vm", "vnc", VNC_PORT, "vm-vnc"),),
-                                               operators=(ConsoleGrant("alice", ("lab",)),)))
     store = SecretStore(tmp / "secrets")
     store.set("vm-vnc", PASSWORD)
-    the_proxy = ConsoleProxy(policy, store, tmp, JsonLinesDecisionLog(tmp / "log.jsonl"))
+    the_proxy = ConsoleProxy(load_policy(PROXY_PORT), store, tmp, JsonLinesDecisionLog(tmp / "log.jsonl"))
     try:
         for _ in range(100):
             if subprocess.run(["ss", "-Hltn", f"sport = :{VNC_PORT}"], capture_output=True, text=True).stdout:
                 break
             time.sleep(0.1)
-        asyncio.run_coroutine_threadsafe(the_proxy.start(), loop).result(10)
+        on(loop, the_proxy.start())
         yield the_proxy
     finally:
-        asyncio.run_coroutine_threadsafe(the_proxy.stop(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
+        on(loop, the_proxy.stop())
         xvnc.terminate()
         xvnc.wait(10)
 
 
-async def session(password: bytes, frames: int) -> int:
+async def session(password: bytes, frames: int, port: int = PROXY_PORT) -> int:
     """Log in through the proxy and fetch `frames` full screens; the number fetched."""
-    r, w = await asyncio.open_connection("127.0.0.1", PROXY_PORT)
+    r, w = await asyncio.open_connection("127.0.0.1", port)
     await r.readexactly(12)
     w.write(rfb.VERSION_3_8)
     await r.readexactly(2)
@@ -153,3 +170,60 @@ def test_a_session_waiting_for_the_sealed_store_holds_up_no_other(proxy, monkeyp
             assert await asyncio.wait_for(first, HANG) == 1
 
     assert asyncio.run(main()) == (True, False)
+
+
+STALLED_PORT = 24263  # a second proxy on the same loop, its recordings on a disk that stalls
+
+
+def test_a_recording_on_a_stalled_disk_holds_up_no_other_session(proxy, loop, tmp_path):
+    """Each relayed screen update went into its session's recording on the loop every session
+    shares: with the recordings' disk stalled, one session's screen stopped every other. Here a
+    session streams full screens through a second proxy whose state is on a disk that freezes
+    (fsfreeze): a session through the first proxy, on the same loop, still gets its screen. The
+    stalled session waits (what waits in memory bounded), then is ended while the disk is still
+    frozen, and its record closes, hashed as written, once the disk is back."""
+    registry, decisions = CollectorRegistry(), MemoryLog()
+    with FrozenDisk(tmp_path / "stalled-recordings") as disk:
+        other = ConsoleProxy(load_policy(STALLED_PORT), proxy.store, disk.path, decisions, registry,
+                             ConsoleConfig(recording_notice_after=1.0, recording_stall_timeout=4.0))
+        on(loop, other.start())
+
+        async def main():
+            stream = asyncio.create_task(session(other.tickets.issue("alice", "desk").password.encode(), 100_000,
+                                                 STALLED_PORT))
+            while not any(disk.path.glob("admin/sessions/*.vnc")) or \
+                    next(disk.path.glob("admin/sessions/*.vnc")).stat().st_size < 1 << 20:
+                assert not stream.done(), stream.result()
+                await asyncio.sleep(0.05)
+            disk.freeze()
+            while not blocked_in_the_kernel():  # the next update waits on the disk
+                assert not stream.done(), stream.result()
+                await asyncio.sleep(0.01)
+            first = await asyncio.wait_for(session(proxy.tickets.issue("alice", "desk").password.encode(), 1),
+                                           HANG / 3)
+            ended, _ = await asyncio.wait([stream], timeout=HANG)  # (a bound against a hang)
+            assert ended and isinstance(stream.exception(), (asyncio.IncompleteReadError, ConnectionError))
+            then = await asyncio.wait_for(session(proxy.tickets.issue("alice", "desk").password.encode(), 1),
+                                          HANG / 3)
+            return first, then
+
+        try:
+            assert asyncio.run(main()) == (1, 1)
+            assert disk.frozen  # ended while the disk is frozen
+            backlog = registry.get_sample_value("skyguard_console_recording_backlog_bytes")
+            assert 0 < backlog <= PAUSE_AT + 640 * 480 * 4 + 4096  # at most one screen past the pause
+            assert registry.get_sample_value("skyguard_console_recording_pauses_total") >= 1
+            assert registry.get_sample_value("skyguard_console_sessions_total",
+                                             {"operator": "alice", "result": "recording_stalled"}) == 1
+            [stalled] = decisions.of_kind("admin_session_recording_failed")
+            assert stalled["result"] == "recording_stalled" and "not keeping up" in stalled["reason"]
+            disk.thaw()
+            for _ in range(600):  # a bound against a hang, not a timing
+                if (record := other.archive.load(stalled["session"]))["result"] != "active":
+                    break
+                time.sleep(0.05)
+            assert record["result"] == "recording_stalled"
+            assert other.archive.verify(record["id"]) == record["transcript_sha256"]
+        finally:
+            disk.thaw()
+            on(loop, other.stop(), HANG)
