@@ -20,7 +20,7 @@ RULES = OPS / "prometheus" / "skyguard-rules.yml"
 DASHBOARD = OPS / "grafana" / "skyguard-dashboard.json"
 ALERTS = {"SkyguardDaemonDown", "SkyguardDropsSpiking", "SkyguardDnsTunnellingDetected", "SkyguardTamperEvent",
           "SkyguardRingBufferLosses", "SkyguardLogCheckpointStale", "SkyguardLogFilesystemFillingUp",
-          "SkyguardLogRefusingEntries"}
+          "SkyguardLogRefusingEntries", "SkyguardSessionRecordingStalled"}
 
 
 def promtool(*args, cwd=None, stdin=None):
@@ -63,6 +63,7 @@ class OneOfEverything:
 def exported_names() -> set[str]:
     """Every sample name skyguard can expose: this part's collectors and the other parts' metrics."""
     from skyguard.admin.proxy import AdminMetrics
+    from skyguard.console.proxy import ConsoleMetrics
     from skyguard.credproxy.interfaces import CredentialMetrics
 
     registry = CollectorRegistry()
@@ -72,6 +73,7 @@ def exported_names() -> set[str]:
                                                        "checkpoint_age_s": 1.0, "filesystem_free_bytes": 1,
                                                        "reserve_bytes": 1, "refused_entries": 0, "refusing": None}}))
     AdminMetrics(registry)
+    ConsoleMetrics(registry)
     CredentialMetrics(registry)
     try:
         from skyguard.dns.metrics import DnsMetrics
