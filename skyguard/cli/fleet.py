@@ -158,11 +158,18 @@ def policy_group():
               help="The admin's private key (from `fleet admin-key`).")
 @click.option("--key-name", default="skyguard-admin", show_default=True, help="The admin key's name.")
 @click.option("--hosts", default="*", show_default=True, help="Comma-separated member names, or *.")
+@click.option("--admin-key", "admin_keys", multiple=True, envvar="SKYGUARD_FLEET_ADMIN_KEY", metavar="VKEY|FILE",
+              help="The fleet's other admin keys (the hosts' --admin-key): revisions they signed count "
+                   "towards the next one, as the --sign-key's own do. Repeatable.")
 @etcd_option
 @json_option
-def push(file, sign_key, key_name, hosts, etcd, as_json):
+def push(file, sign_key, key_name, hosts, admin_keys, etcd, as_json):
     """Validate FILE, sign it with the admin key as the next revision, store it in etcd; every
     host it names applies it (hosts refuse unsigned, foreign-signed and older revisions).
+
+    The next revision is one above the highest signed by the --sign-key or an --admin-key among
+    the policy key's values in etcd (its history too) and what the hosts report running (with
+    the signed note of it); revisions anyone else wrote to etcd are not counted, and said so.
 
     \b
     Example:
@@ -170,15 +177,15 @@ def push(file, sign_key, key_name, hosts, etcd, as_json):
     """
     from skyguard.fleet.admin import push_policy
     from skyguard.fleet.etcd import EtcdStore
-    from skyguard.fleet.signing import admin_signer
+    from skyguard.fleet.signing import admin_signer, load_admin_verifiers
     from skyguard.policy.parse import parse_policy
 
     text = file.read_text(encoding="utf-8")
     parse_policy(text, source=str(file))   # nothing invalid is ever pushed
     signer = admin_signer(sign_key, key_name)
     host_list = tuple(h.strip() for h in hosts.split(",") if h.strip()) or ("*",)
-    signed = asyncio.run(push_policy(EtcdStore(etcd), text, signer, host_list))
-    result = {"revision": signed.revision, "sha256": signed.sha256, "hosts": list(signed.hosts)}
+    signed, ignored = asyncio.run(push_policy(EtcdStore(etcd), text, signer, host_list, load_admin_verifiers(admin_keys)))
+    result = {"revision": signed.revision, "sha256": signed.sha256, "hosts": list(signed.hosts), "ignored": ignored}
     if as_json:
         emit_json(result)
     else:

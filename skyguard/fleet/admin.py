@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from skyguard.errors import SkyguardError
 from skyguard.fleet import keys
 from skyguard.fleet.alerts import is_cleared, load_alerts, load_cleared, open_alert, open_cleared
 from skyguard.fleet.peers import by_operator, keys_of
-from skyguard.fleet.signing import SignedPolicy, open_policy, sign_policy
+from skyguard.fleet.signing import PolicyRefused, SignedPolicy, open_note, open_policy, sign_policy
 from skyguard.fleet.store import Compacted, FleetError, Item, Store, load_value
 from skyguard.tlog.checkpoint import Signer, Verifier
 from skyguard.tlog.cosign import PEERS_FILE, CosignerVerifier
@@ -31,33 +32,48 @@ log = logging.getLogger("skyguard.fleet")
 HISTORY_STEPS = 32   # the policy key's earlier values a push reads back for the highest revision
 
 
-async def push_policy(store: Store, text: str, signer: Signer, hosts: tuple[str, ...] = ("*",)) -> SignedPolicy:
+async def push_policy(store: Store, text: str, signer: Signer, hosts: tuple[str, ...] = ("*",),
+                      admins: Sequence[Verifier] = ()) -> tuple[SignedPolicy, dict]:
     """Sign `text` as the next revision and store it; a concurrent push makes this one retry
-    with the revision after it (compare-and-swap on the key's store revision)."""
+    with the revision after it (compare-and-swap on the key's store revision). The next revision
+    is one above the highest the fleet's admins signed (`admins`, and `signer`'s own key) among
+    the policy key's values and the policies the hosts report running; also returned: what was
+    not counted, {"records"|"reports": {reason: count}}."""
+    trusted = [signer.verifier, *admins]
     for _ in range(20):
         item, _ = await store.get(keys.POLICY)
+        ignored: dict[str, dict[str, int]] = {"records": {}, "reports": {}}
         # Never below what any host runs: the stored record may be a replayed older one.
-        signed = sign_policy(text, max(await _highest_stored(store, item), await _highest_running(store)) + 1,
-                             signer, hosts)
+        highest = max(await _highest_stored(store, item, trusted, ignored["records"]),
+                      await _highest_running(store, trusted, ignored["reports"]))
+        signed = sign_policy(text, highest + 1, signer, hosts)
         if await store.put_if(keys.POLICY, signed.to_json(), item.mod_revision if item else 0):
-            return signed
+            ignored = {kind: counts for kind, counts in ignored.items() if counts}
+            for kind, counts in ignored.items():
+                log.warning("fleet push: %d %s not counted for the next revision (%s): none signed by a trusted "
+                            "admin key (--sign-key, --admin-key)", sum(counts.values()),
+                            "policy records in the store's history" if kind == "records" else "members' reports",
+                            ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items())))
+            return signed, ignored
     raise FleetError("another push kept winning; try again")
 
 
-async def _highest_stored(store: Store, item: Item | None) -> int:
-    """The highest revision among the policy key's values the store still keeps, from `item` (its
-    value now) back through its history, at most HISTORY_STEPS of them. A record put back by
-    whoever writes the store hides the newer ones from a read of the key, not from its history;
-    the hosts' reports (_highest_running) cover what the history no longer holds, but lag up to a
-    heartbeat behind what a host runs, and are gone while a host is away (its lease expired)."""
+async def _highest_stored(store: Store, item: Item | None, admins: list[Verifier], ignored: dict[str, int]) -> int:
+    """The highest revision `admins` signed among the policy key's values the store still keeps,
+    from `item` (its value now) back through its history, at most HISTORY_STEPS of them; the
+    others counted in `ignored` by reason (whoever writes the store can put any revision there).
+    A record put back by whoever writes the store hides the newer ones from a read of the key,
+    not from its history; the hosts' reports (_highest_running) cover what the history no longer
+    holds, but lag up to a heartbeat behind what a host runs, and are gone while a host is away
+    (its lease expired)."""
     highest = 0
     for _ in range(HISTORY_STEPS):
         if item is None:
             break
         try:
-            highest = max(highest, _revision_of(item.value))
-        except (ValueError, KeyError, TypeError):
-            pass   # an unreadable record: its revision is unknown
+            highest = max(highest, open_policy(item.value, admins).revision)
+        except PolicyRefused as e:   # the check hosts make before applying one
+            ignored[e.reason] = ignored.get(e.reason, 0) + 1
         if item.mod_revision <= 1:
             break
         try:
@@ -67,20 +83,37 @@ async def _highest_stored(store: Store, item: Item | None) -> int:
     return highest
 
 
-async def _highest_running(store: Store) -> int:
+async def _highest_running(store: Store, admins: list[Verifier], ignored: dict[str, int]) -> int:
+    """The highest revision members report running, counted only with the note `admins` signed
+    for it that the member reports beside it (agent.py): a member record is unsigned, and anyone
+    who writes the store can make one up or change a real one, but not sign a revision."""
     members, _ = await store.get_prefix(keys.MEMBERS)
     highest = 0
     for item in members:
         try:
-            highest = max(highest, int(load_value(item.value)["policy"]["revision"]))
-        except (ValueError, KeyError, TypeError, OverflowError):
+            policy = load_value(item.value)["policy"]
+            revision, note = policy["revision"], policy.get("note")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            ignored["malformed"] = ignored.get("malformed", 0) + 1
             continue
+        if not revision:
+            continue   # runs no fleet policy yet
+        try:
+            if note is None:
+                raise PolicyRefused("no_note", "no signed note beside the revision reported")
+            signed_revision = open_note(note, admins)[0]
+            if signed_revision != revision:
+                raise PolicyRefused("revision_mismatch", "the revision reported is not the one its note signs")
+        except PolicyRefused as e:
+            ignored[e.reason] = ignored.get(e.reason, 0) + 1
+            continue
+        highest = max(highest, signed_revision)
     return highest
 
 
 def _revision_of(value: bytes) -> int:
-    """The revision in a stored record, read without trusting it (any admin's signature will do
-    for counting; hosts check signatures themselves)."""
+    """The revision a stored record claims, read without checking its signature (`fleet status`
+    without --admin-key shows it so; a push counts only what open_policy opens)."""
     note = load_value(value)["note"]
     if not isinstance(note, str):
         raise TypeError("the stored policy note is not text")

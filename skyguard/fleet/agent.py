@@ -2,9 +2,9 @@
 
 It runs on the daemon's event loop as a part (start / stop / set_policy, skyguard/parts.py) and
 does three things, each a task that survives the store going away:
-- membership: a lease, and under it `members/<name>`: this host's status (policy hash and
-  revision, log size and root, heartbeat, programs attached, store health, cosignatures given and
-  received, alerts) and its keys (log verifier key, witness key), refreshed every period;
+- membership: a lease, and under it `members/<name>`: this host's status (policy hash, revision
+  and its signed note, log size and root, heartbeat, programs attached, store health, cosignatures
+  given and received, alerts) and its keys (log verifier key, witness key), refreshed every period;
 - policy: list `policy`, then watch it; each change is opened (signing.py) and, if signed by an
   admin key and newer than what runs, applied through the daemon's hot swap. The last applied
   policy (note and text) is kept in the state dir, so a restarted host goes back to it before
@@ -120,7 +120,7 @@ class FleetAgent:
         self.witness = Witness(self.dir / "witness", self.cosigner)
         self.members: set[str] = set()          # the store's members (not this host) last round
         self.revision: int = 0
-        self.policy_sha: str | None = None
+        self.applied: SignedPolicy | None = None   # its note reported: a push counts the revision with it
         self.store_ok: bool | None = None
         self.lease = 0
         self.given = 0
@@ -198,7 +198,8 @@ class FleetAgent:
         return {"name": self.name, "origin": head.get("origin"), "log_vkey": self.log_vkey,
                 "witness_vkey": self.cosigner.verifier.vkey(), "heartbeat": time.time(),
                 "policy": {"revision": self.revision, "sha256": (local.get("policy") or {}).get("sha256"),
-                           "name": (local.get("policy") or {}).get("name"), "fleet_sha256": self.policy_sha},
+                           "name": (local.get("policy") or {}).get("name"),
+                           "fleet_sha256": self.applied and self.applied.sha256, "note": self.applied and self.applied.note},
                 "log": {"size": head.get("size"), "root": head.get("root")},
                 "programs": local.get("programs"), "store": "ok" if self.store_ok else "unreachable",
                 "cosignatures": {"given": self.given, "received": dict(self.received)},
@@ -239,13 +240,12 @@ class FleetAgent:
         except (OSError, PolicyRefused) as e:   # an edited file, or the admin keys changed: start from zero
             log.error("the applied fleet policy kept in %s is not valid any more: %s", path, e)
             return
-        self.revision, self.policy_sha = signed.revision, signed.sha256
-        self._applied = signed
+        self.revision, self.applied = signed.revision, signed
 
     async def _restore_applied(self) -> None:
         """After a restart the daemon runs its --policy file; the fleet's last applied policy,
         kept here, is put back before anything else (the store may not answer)."""
-        signed = getattr(self, "_applied", None)
+        signed = self.applied
         if signed is None:
             return
         try:
@@ -261,7 +261,7 @@ class FleetAgent:
             return   # deleting the policy key changes nothing: a host keeps enforcing what it has
         try:
             signed = open_policy(value, self.admins)
-            if not decide(signed, self.name, self.revision, self.policy_sha):
+            if not decide(signed, self.name, self.revision, self.applied.sha256 if self.applied else None):
                 return
         except PolicyRefused as e:
             self._refuse(e)
@@ -295,7 +295,7 @@ class FleetAgent:
                 self._refuse(PolicyRefused("apply_failed", f"revision {signed.revision} not applied: {e}"))
                 return
             fsutil.write_private(self._applied_path(), signed.to_json())
-            self.revision, self.policy_sha, self._applied = signed.revision, signed.sha256, signed
+            self.revision, self.applied = signed.revision, signed
             self.metrics.revision.set(signed.revision)
             self.record("fleet_policy_applied", member=self.name, revision=signed.revision,
                         sha256=signed.sha256, restored=restoring)

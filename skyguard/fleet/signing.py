@@ -104,10 +104,25 @@ def open_policy(value: bytes, admins: list[Verifier]) -> SignedPolicy:
         note, text = record["note"], record["text"]
         if not isinstance(note, str) or not isinstance(text, str):
             raise TypeError
-        check_note_characters(note)
         text.encode("utf-8")   # JSON can carry lone surrogates: UnicodeEncodeError, a ValueError
-    except (ValueError, KeyError, TypeError, BadLogInput):
+    except (ValueError, KeyError, TypeError):
         raise PolicyRefused("malformed", "the stored policy record is not {note, text} JSON") from None
+    revision, sha, hosts = open_note(note, admins)
+    if sha256_text(text) != sha:
+        raise PolicyRefused("hash_mismatch", "the policy text does not have the hash its signature covers")
+    return SignedPolicy(revision, sha, hosts, text, note)
+
+
+def open_note(note: str, admins: list[Verifier]) -> tuple[int, str, tuple[str, ...]]:
+    """(revision, policy hash, hosts) of a policy's signed note, if one of `admins` signed it;
+    PolicyRefused else. What open_policy checks but the text: a host reports the note of the
+    policy it runs (agent.py), so what it claims to run is checked without the policy."""
+    try:
+        if not isinstance(note, str):
+            raise TypeError
+        check_note_characters(note)
+    except (ValueError, TypeError, BadLogInput):
+        raise PolicyRefused("malformed", "the policy's note is not text") from None
     try:
         _, signatures = split_note(note)
     except BadLogInput:
@@ -123,10 +138,7 @@ def open_policy(value: bytes, admins: list[Verifier]) -> SignedPolicy:
         names = ", ".join(sorted({n for n, _ in signatures})) or "none"
         raise PolicyRefused("not_admin", f"the policy is not signed by a configured admin key "
                                          f"(it carries signatures by: {names})")
-    revision, sha, hosts = _parse_body(body)
-    if sha256_text(text) != sha:
-        raise PolicyRefused("hash_mismatch", "the policy text does not have the hash its signature covers")
-    return SignedPolicy(revision, sha, hosts, text, note)
+    return _parse_body(body)
 
 
 def decide(signed: SignedPolicy, name: str, running_revision: int, running_sha: str | None) -> bool:

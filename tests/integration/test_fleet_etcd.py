@@ -255,6 +255,63 @@ def test_a_push_outranks_what_hosts_run_when_an_older_record_was_put_back_while_
                    for h in fleet.hosts)
 
 
+def test_revisions_no_admin_key_signed_do_not_raise_the_next_push_s(fleet):
+    # Whoever writes etcd claims huge revisions where the push looks for the highest: the policy
+    # key's history (a record unsigned, one signed by a key of its own) and member reports (a
+    # made-up member, a copy of a real host's report with the number changed). Before the fix
+    # the push counted them unchecked and signed 10**12 + 4. Now only records an admin key signed
+    # count, and reports only with the admin-signed note of what they run: the push is the next
+    # of the fleet's, and says what it left out. Then an old record put back and the history
+    # compacted leave the hosts' reports alone to show what they run: those still count.
+    import asyncio
+
+    from skyguard.fleet.signing import admin_signer
+
+    store = EtcdStore(fleet.cluster.endpoints)
+
+    def report(name):
+        item = asyncio.run(store.get(keys.member(name)))[0]
+        return json.loads(item.value) if item else {}
+
+    def push_checked(n):
+        path = fleet.base / f"policy-{n}.yaml"
+        path.write_text(policy_text(n))
+        out = skyguard("fleet", "policy", "push", str(path), "--sign-key", str(fleet.admin_pem),
+                       "--admin-key", fleet.admin_vkey, "--etcd", fleet.cluster.endpoints, "--json")
+        pushed = json.loads(out.stdout)
+        wait_until(lambda: all(h.sha == pushed["sha256"] for h in fleet.hosts), what=f"revision {n}")
+        wait_until(lambda: all(report(h.name)["policy"]["revision"] == pushed["revision"] for h in fleet.hosts),
+                   what=f"every host reporting revision {n}")
+        return pushed, out.stderr
+
+    current, _ = push_checked(15)
+    huge = 10**12
+    unsigned = {"note": f"skyguard.fleet/policy/v1\nrevision {huge}\nsha256 {'0' * 64}\nhosts *\n", "text": "x"}
+    foreign = sign_policy(policy_text(71), huge + 1, Signer("skyguard-admin", Ed25519PrivateKey.generate()))
+    copied = report("alpha")
+    copied.update(name="mallory2", policy=dict(copied["policy"], revision=huge + 3))
+    made_up = {keys.member("mallory1"): {"name": "mallory1", "policy": {"revision": huge + 2}},
+               keys.member("mallory2"): copied}
+    try:
+        etcdctl_put(fleet, keys.POLICY, json.dumps(unsigned))
+        etcdctl_put(fleet, keys.POLICY, foreign.to_json().decode())
+        for key, value in made_up.items():
+            etcdctl_put(fleet, key, json.dumps(value))
+        pushed, stderr = push_checked(16)
+        assert pushed["revision"] == current["revision"] + 1, pushed
+        assert {"unsigned", "not_admin"} <= set(pushed["ignored"]["records"]), pushed
+        assert pushed["ignored"]["reports"] == {"no_note": 1, "revision_mismatch": 1}, pushed
+        assert "not counted" in stderr and str(huge) not in stderr, stderr
+        # The hosts' reports alone: an old record put back, the history before it compacted.
+        etcdctl_put(fleet, keys.POLICY, sign_policy(policy_text(1), 1, admin_signer(fleet.admin_pem)).to_json().decode())
+        asyncio.run(store.compact(asyncio.run(store.get(keys.POLICY))[1]))
+        again, _ = push_checked(17)
+        assert again["revision"] == pushed["revision"] + 1, again
+    finally:
+        for key in made_up:
+            etcdctl(fleet, "del", key)
+
+
 # How long a push may take to reach every host when the member their watches are on stopped or
 # went silent: the agent asks a silent watch for progress (etcd.WATCH_IDLE_S) and leaves it when
 # no answer comes, within seconds; well below RESYNC_S, the period of its full re-list.
