@@ -125,8 +125,8 @@ def exclusive_lock(path: Path, wait_s: float) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise LockTimeout(f"{path} is held by another process ({lock_holder(fd)}) for over "
-                                      f"{wait_s:.0f} s") from None
+                    raise LockTimeout(f"{path} is held by another process ({lock_holder(fd)})"
+                                      + (f" for over {wait_s:.0f} s" if wait_s > 0 else "")) from None
                 time.sleep(pause)
                 pause = min(pause * 2, 0.2)
         yield

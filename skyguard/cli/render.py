@@ -104,10 +104,12 @@ def summary_table(status: dict) -> Table:
         table.add_row("store key", {"tpm": "sealed by the TPM", "none": "none yet",
                                     "file": "a file (`skyguard tpm seal-store` seals it to the TPM)"}
                       .get(tpm.get("store_key"), "?"))
-        if tpm.get("available"):
+        if tpm.get("available"):  # a problem then: measurements wait for the TPM lock (quotes fail meanwhile)
             last = (tpm.get("last_quote") or {}).get("result", "none yet")
-            table.add_row("TPM", Text(f"PCR {tpm.get('pcr')}, {tpm.get('event_log_lines')} measurements, "
-                                      f"last quote {last}", style="" if last in ("ok", "none yet") else "bold red"))
+            table.add_row("TPM", Text(f"PCR {tpm.get('pcr')}, {tpm.get('event_log_lines', 0)} measurements, "
+                                      f"{tpm.get('measurements_pending', 0)} pending, last quote {last}"
+                                      + (f"; {tpm['problem']}" if tpm.get("problem") else ""),
+                                      style="" if last in ("ok", "none yet") and not tpm.get("problem") else "bold red"))
         else:
             table.add_row("TPM", Text(str(tpm.get("problem", "none")), style="bold red" if tpm.get("configured") else ""))
     return table

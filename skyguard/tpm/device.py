@@ -199,17 +199,18 @@ class Tpm:
         return Path(self.workdir) / name
 
     @contextmanager
-    def locked(self):
+    def locked(self, wait_s: float | None = None):
         """One step of several commands, alone among skyguard's processes on this state dir. The
-        lock is waited for at most config.LOCK_WAIT_S: a holder stuck on a hung TPM must not hang
-        its waiters (a part unsealing the store key, a policy load measuring the policy); past
-        that, TpmLockBusy naming the lock file and its holder (nothing was sent to the TPM)."""
+        lock is waited for at most `wait_s` (config.LOCK_WAIT_S by default): a holder stuck on a
+        hung TPM must not hang its waiters (a part unsealing the store key, a policy load measuring
+        the policy); past that, TpmLockBusy naming the lock file and its holder (nothing was sent
+        to the TPM)."""
         if self.lock_file is None:
             yield
             return
         self.lock_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
-            with fsutil.exclusive_lock(self.lock_file, config.LOCK_WAIT_S):
+            with fsutil.exclusive_lock(self.lock_file, config.LOCK_WAIT_S if wait_s is None else wait_s):
                 yield
         except fsutil.LockTimeout as e:
             raise TpmLockBusy(f"the TPM lock {e}: nothing was sent to the TPM; try again once it is done") from None

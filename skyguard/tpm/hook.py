@@ -20,6 +20,13 @@ waiting for the lock) before measurement stops as for a failed extend. While one
 PCR lacks what is enforced, so quotes fail closed (the marker of measure.py, the monitor), status
 says why, skyguard_tpm_measurements_pending counts it, and the signed log has a
 tpm_measure_deferred entry, then tpm_measure_resumed once it is in.
+
+The same at the daemon's start: the event log is opened (brought in line with the PCR, measure.py)
+without waiting for a lock another process holds; when held, the opening is pending
+(tpm_measure_deferred of `event_log`, status `event_log: pending`), retried first, and the
+launch's measurements are queued behind it in the daemon's order, so the PCR holds them in the
+order a verifier replays, as after an unhindered start. A TPM that fails once the lock is free
+stops measuring as at any start.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ class DaemonTpm:
         self._monitor: AttestationMonitor | None = None
         self._lock = threading.Lock()
         self._pending: list[measure.Item] = []  # waiting for the TPM lock, in order (see the module text)
+        self._opened = False  # the event log in line with the PCR: until then every measurement waits
         try:
             self.configured = find_tcti(self.state_dir, tcti) is not None
         except (SkyguardError, OSError) as e:  # a damaged tpm.json: configured, and failing
@@ -69,9 +77,14 @@ class DaemonTpm:
         try:
             self.config = TpmConfig.load(self.state_dir)
             self.tpm = Tpm.for_state_dir(self.state_dir, tcti)
-            measurements = Measurements(self.tpm, self.state_dir, self.config.pcr, self.record)
-            started = measurements.open()
-            self.measurements = measurements
+            self.measurements = Measurements(self.tpm, self.state_dir, self.config.pcr, self.record)
+            try:
+                started = self.measurements.open(lock_wait_s=0)  # the start waits on no other process
+            except TpmLockBusy as e:
+                with self._lock:
+                    self._defer([], e)  # opened by the retries, before what is measured meanwhile
+                return
+            self._opened = True
             log.info("TPM at %s: PCR %d, event log %s", self.tpm.tcti, self.config.pcr, started)
         except (SkyguardError, OSError) as e:
             self._failed("the TPM failed at start", e)
@@ -95,7 +108,7 @@ class DaemonTpm:
                 return
             try:
                 todo = items()
-                if self._pending:  # after those waiting for the lock: the log keeps the daemon's order
+                if self._pending or not self._opened:  # after those waiting: the log keeps the daemon's order
                     self._pending.extend(todo)
                     todo = []
                 for i, item in enumerate(todo):
@@ -114,13 +127,15 @@ class DaemonTpm:
             self._monitor.changed()
 
     def _defer(self, items: list, error: TpmLockBusy) -> None:
-        """Under self._lock: `items` wait for the TPM lock; a thread retries them (module text)."""
+        """Under self._lock: `items` (none: the event log's opening) wait for the TPM lock; a thread
+        retries them (module text)."""
         self._pending.extend(items)
-        self.problem = (f"{measure.PENDING}the {items[0][0]} measurement waits for the TPM lock ({error}); "
+        what = f"the {items[0][0]} measurement" if items else "opening the event log (the launch's measurements)"
+        self.problem = (f"{measure.PENDING}{what} waits for the TPM lock ({error}); "
                         f"the daemon tries again {LOCK_RETRIES} times, quotes fail closed until it is in")
         mark_stopped(self.state_dir, self.problem)  # so `attest --quote` fails closed meanwhile
         log.warning("%s", self.problem)
-        self.record("tpm_measure_deferred", measured=items[0][0], error=str(error)[:400])
+        self.record("tpm_measure_deferred", measured=items[0][0] if items else "event_log", error=str(error)[:400])
         threading.Thread(target=self._retry, name="sg-tpm-retry", daemon=True).start()
 
     def _retry(self) -> None:
@@ -130,26 +145,36 @@ class DaemonTpm:
         while True:
             time.sleep(RETRY_PAUSE_S)
             with self._lock:
-                if self.measurements is None or not self._pending:
+                if self.measurements is None or (self._opened and not self._pending):
                     return
-                measurements, item = self.measurements, self._pending[0]
+                measurements, item = self.measurements, self._pending[0] if self._opened else None
+                still_pending = self.problem if self._pending else ""
+            # Waits for the TPM lock without self._lock: loads queue meanwhile.
+            what = item[0] if item else "event_log"
             try:
-                measurements.extend(*item)  # waits for the TPM lock without self._lock: loads queue meanwhile
+                if item is None:
+                    started = measurements.open(still_pending=still_pending)
+                    log.info("TPM at %s: PCR %d, event log %s", measurements.tpm.tcti, measurements.pcr, started)
+                else:
+                    measurements.extend(*item)
             except TpmLockBusy as e:
                 tries += 1
                 log.warning("the pending %s measurement still waits for the TPM lock (try %d of %d): %s",
-                            item[0], tries, LOCK_RETRIES, e)
+                            what, tries, LOCK_RETRIES, e)
                 if tries < LOCK_RETRIES:
                     continue
                 with self._lock:
                     self._failed(f"a measurement waited for the TPM lock {LOCK_RETRIES + 1} times", e)
             except (TpmError, OSError, EventLogError) as e:
                 with self._lock:
-                    self._failed("a TPM extend failed", e)
+                    self._failed("a TPM extend failed" if item else "the TPM failed at start", e)
             else:
                 tries = 0
                 with self._lock:
-                    self._pending.pop(0)
+                    if item is None:
+                        self._opened = True
+                    else:
+                        self._pending.pop(0)
                     if self._pending:
                         continue
                     self.problem = ""
@@ -196,7 +221,7 @@ class DaemonTpm:
     def failure(self) -> str:
         """Why measurement stopped or waits ("" while it works): the measured state is then stale, so
         the monitor reports every quote as failed (fail closed) even when the quote itself verifies."""
-        return self.problem if self.configured and (self.measurements is None or self._pending) else ""
+        return self.problem if self.configured and (self.measurements is None or self._pending or not self._opened) else ""
 
     def status(self) -> dict:
         out = {"available": self.available, "configured": self.configured,
@@ -205,7 +230,9 @@ class DaemonTpm:
             out["problem"] = self.problem
         if self.tpm is not None:
             out.update(tcti=self.tpm.tcti, pcr=self.config.pcr, attestation_key=bool(self.config.ak_public))
-        if self.measurements is not None:
+        if self.measurements is not None and not self._opened:
+            out.update(event_log="pending", measurements_pending=len(self._pending))
+        elif self.measurements is not None:
             out.update(event_log=self.measurements.started, event_log_lines=self.measurements.count,
                        pcr_value=self.measurements.value.hex(), extends=self.measurements.extends,
                        measurements_pending=len(self._pending))

@@ -28,7 +28,9 @@ policy load). quote.make refuses to quote while the marker is there; the next op
 start with a working TPM, which measures everything again) removes it. A measurement that only
 waited too long for the TPM lock (another process held it; nothing was sent to the TPM) leaves
 the same marker with text starting PENDING while the daemon retries it (skyguard/tpm/hook.py):
-quotes fail closed the same way until it is in, and the daemon removes the marker then.
+quotes fail closed the same way until it is in, and the daemon removes the marker then. So does
+an open() at the daemon's start that found the lock held: it is retried first, the launch's
+measurements queued behind it.
 
 Not here: quoting (quote.py), the TPM commands (device.py).
 """
@@ -182,11 +184,13 @@ class Measurements:
         self.extends = 0  # extends made by this process
         self.started = ""  # how open() found the PCR: "fresh", "continued", "foreign"
 
-    def open(self) -> str:
+    def open(self, lock_wait_s: float | None = None, still_pending: str = "") -> str:
         """Bring the event log in line with the PCR (see eventlog.py). Returns how: "fresh" (the
         PCR was zero: a new log), "continued" (the log replays to the PCR) or "foreign" (it does
-        not: a new log starts from a base line, and verifiers will say so)."""
-        with self.tpm.locked():
+        not: a new log starts from a base line, and verifiers will say so). The TPM lock is waited
+        for `lock_wait_s` (Tpm.locked); the marker is removed, or with `still_pending` (the
+        daemon's measurements wait in its queue, skyguard/tpm/hook.py) left saying so."""
+        with self.tpm.locked(lock_wait_s):
             current = self.tpm.pcr_read([self.pcr])[self.pcr]
             lines = self.log.lines()
             replayed, without_last = self._replay(lines), self._replay(lines[:-1]) if lines else None
@@ -210,7 +214,10 @@ class Measurements:
                 self.record("tpm_pcr_foreign", pcr=self.pcr, value=current.hex())
             self.base, self.value, _ = replay(lines, self.pcr)
             self.count = len(lines)
-            clear_stopped(self.state_dir)  # measuring again, from the launch
+            if still_pending:  # under the lock: no quote of another process sees the PCR without them
+                mark_stopped(self.state_dir, still_pending)
+            else:
+                clear_stopped(self.state_dir)  # measuring again, from the launch
             return self.started
 
     def _replay(self, lines: list[str]) -> bytes | None:

@@ -199,3 +199,60 @@ def test_a_lock_another_process_holds_fails_the_part_waiting_on_it_and_the_next_
         assert daemon.status()["parts"]["admin"] == "running"
     finally:
         daemon.cleanup()
+
+
+def test_the_tpm_lock_held_at_the_daemon_s_start_leaves_the_launch_pending_until_it_is_free(
+        lab, tpm_daemon, tmp_path_factory, tmp_path):
+    """Another process holds the TPM's lock as `skyguard up` starts (`attest --quote`, `tpm
+    seal-store`, or one stuck on a hung TPM). Before the fix the start waited for it, then took
+    the TPM for failed: nothing was measured and quotes failed until a restart. Now the start
+    does not wait: its measurements are pending, in the daemon's order, quotes fail closed and
+    status says why; once the lock is free they go in, and a verifier replays them."""
+    tpm_daemon.stop()  # one daemon per pin dir (the lab's)
+    work = tmp_path_factory.mktemp("tpmd-startlock")
+    emulator = Swtpm(work / "swtpm", netns=str(lab.netns_path("host")))  # its own: the reference needs a fresh PCR
+    emulator.start()
+    daemon = RunningDaemon(lab, work)
+    daemon.env["SKYGUARD_TPM_TCTI"] = emulator.tcti
+    daemon.env["SKYGUARD_LOCK_WAIT_S"] = "3"  # how long a retry waits (30 s by default)
+    try:
+        daemon.cli("tpm", "init", check=True)
+        holder = subprocess.Popen([sys.executable, "-c", HOLD, str(daemon.state_dir / "tpm" / "lock")],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            status = daemon.start()
+            assert len(status["interfaces"]) == 7  # enforcement did not wait on the TPM
+            tpm = status["tpm"]
+            assert tpm["available"] and tpm["event_log"] == "pending" and tpm["measurements_pending"] >= 7, tpm
+            assert "waits for the TPM lock" in tpm["problem"] and f"pid {holder.pid}" in tpm["problem"], tpm
+            assert daemon.log_entries("tpm_measure_deferred")[0]["measured"] == "event_log"
+            assert "TPM lock" in " ".join(daemon.cli("status", check=True).stdout.split())  # the table says why
+            wait_for(lambda: any("pending" in q.get("error", "") for q in daemon.log_entries("tpm_quote")),
+                     60, "a quote refused while the launch's measurements are pending")
+        finally:
+            holder.kill()
+            holder.wait()
+        wait_for(lambda: "problem" not in daemon.status()["tpm"], 60, "the pending measurements to go in")
+        status = daemon.status()
+        tpm = status["tpm"]
+        assert tpm["available"] and tpm["measurements_pending"] == 0 and tpm["event_log"] != "pending", tpm
+        assert daemon.log_entries("tpm_measure_resumed")
+        ak = tmp_path / "ak.pem"
+        ak.write_text(json.loads((daemon.state_dir / "tpm" / "tpm.json").read_text())["ak_public"])
+        good = tmp_path / "good.json"
+        good.write_text(daemon.cli("attest", "--quote", "--nonce", "03" * 16, check=True).stdout)
+        kinds = [json.loads(line)["kind"] for line in json.loads(good.read_text())["tpm_quote"]["event_log"]]
+        assert kinds[:7] == ["package", "bpf_object", "log_key", "program", "program", "program", "policy"], kinds
+        assert kinds.count("attach") == len(status["interfaces"]), kinds
+        ref = tmp_path / "ref.json"
+        ref.write_text(daemon.cli("attest", "--reference-from", str(good), "--ak", str(ak), "--nonce", "03" * 16,
+                                  check=True).stdout)
+        nonce = os.urandom(16).hex()
+        fresh = tmp_path / "fresh.json"
+        fresh.write_text(daemon.cli("attest", "--quote", "--nonce", nonce, check=True).stdout)
+        ok = daemon.cli("attest", "--verify", str(fresh), "--ak", str(ak), "--nonce", nonce, "--reference", str(ref))
+        assert ok.returncode == 0 and "TPM quote OK" in ok.stdout, ok.stderr
+    finally:
+        daemon.cleanup()
+        emulator.stop()

@@ -320,3 +320,33 @@ def test_a_measurement_waiting_for_a_lock_held_too_long_stops_measuring(daemon_l
     assert not entries(state, "tpm_measure_resumed")
     made = cli("attest", "--quote", "--nonce", "7c" * 16, "--state-dir", str(state), "--tcti", emu.tcti)
     assert made.returncode == 1 and "measurement stopped" in made.stderr, made.stderr
+
+
+def test_a_tpm_failing_once_the_lock_held_at_start_is_free_stops_measuring(daemon_like, monkeypatch):
+    # The TPM lock held as the daemon starts leaves its launch pending (test_tpm_daemon.py shows it
+    # going in); a TPM that fails once the lock is free stops measurement as at any start: nothing
+    # left pending for ever, quotes refused until a restart, never `pending` again.
+    from skyguard.tpm import measure
+
+    emu, state, writer, record = daemon_like
+    monkeypatch.setattr(hook_module, "RETRY_PAUSE_S", 0.05)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(state / "tpm" / "lock")], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        hook = DaemonTpm(state, record=record)  # does not wait for the lock
+        launch(hook, writer.signer.verifier.vkey())  # 7 measurements: queued behind the opening
+        assert hook.available and hook.pending() == 7 and hook.status()["event_log"] == "pending"
+        assert hook.failure().startswith(measure.PENDING) and measure.stopped(state).startswith(measure.PENDING)
+        emu.stop()
+    finally:
+        holder.kill()
+        holder.wait()
+    deadline = time.monotonic() + 60
+    while hook.available:
+        assert time.monotonic() < deadline, "a TPM that failed once the lock was free left the launch pending"
+        time.sleep(0.05)
+    assert "the TPM failed at start" in hook.problem and hook.pending() == 0
+    assert not measure.stopped(state).startswith(measure.PENDING)
+    assert [e["measured"] for e in entries(state, "tpm_measure_deferred")] == ["event_log"]
+    assert entries(state, "tpm_error") and not entries(state, "tpm_measure_resumed")
