@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from skyguard import config
-from skyguard.cli.common import emit_json, json_option, state_dir_option
+from skyguard.cli.common import emit_json, json_option, state_dir_option, warn
 
 etcd_option = click.option(
     "--etcd", "etcd", required=True, envvar="SKYGUARD_FLEET_ETCD", metavar="URLS",
@@ -36,6 +36,7 @@ def fleet():
       skyguard fleet identity --name host1 > host1.json     on host1, once it runs
       skyguard fleet trust host1 --key host1.json           on every other host
       skyguard fleet policy push new.yaml --sign-key admin.pem --etcd http://10.0.0.1:2379
+                  (waits until every host enforces it; exit 1 names those that refuse)
       skyguard fleet status --etcd http://10.0.0.1:2379 --json
     """
 
@@ -161,22 +162,45 @@ def policy_group():
 @click.option("--admin-key", "admin_keys", multiple=True, envvar="SKYGUARD_FLEET_ADMIN_KEY", metavar="VKEY|FILE",
               help="The fleet's other admin keys (the hosts' --admin-key): revisions they signed count "
                    "towards the next one, as the --sign-key's own do. Repeatable.")
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=60.0, show_default=True, metavar="SECONDS",
+              help="How long to wait for every host named to report enforcing the pushed revision.")
+@click.option("--no-wait", is_flag=True, help="Return once the policy is stored in etcd, as a script that "
+                                              "checks the hosts itself wants.")
 @etcd_option
 @json_option
-def push(file, sign_key, key_name, hosts, admin_keys, etcd, as_json):
-    """Validate FILE, sign it with the admin key as the next revision, store it in etcd; every
-    host it names applies it (hosts refuse unsigned, foreign-signed and older revisions).
+def push(file, sign_key, key_name, hosts, admin_keys, wait_s, no_wait, etcd, as_json):
+    """Validate FILE, sign it with the admin key as the next revision, store it in etcd, then wait
+    until every host it names reports enforcing it: exit 0 then, 1 when a host refused it (with
+    the reason it reports: not newer than what it runs, not signed by an admin key it has, does
+    not load there...) or did not report it within --wait seconds, each such host named.
+
+    The hosts named are those of --hosts; with *, the members of the fleet once the policy is
+    stored (a host down then is listed as absent, not waited for: it applies the newest revision
+    when it joins again; name hosts with --hosts to wait for them). What a host reports is its
+    member record in etcd, which anyone who can write etcd could forge: its signed log
+    (`skyguard log verify`) and `skyguard attest` prove what it enforces.
 
     The next revision is one above the highest signed by the --sign-key or an --admin-key among
     the policy key's values in etcd (its history too) and what the hosts report running (with
-    the signed note of it); revisions anyone else wrote to etcd are not counted, and said so.
+    the signed note of it); revisions anyone else wrote to etcd are not counted, and said so. A
+    fleet of several admins: give each other admin's key with --admin-key, or the hosts refuse
+    the push as a rollback when another admin pushed last.
 
     \b
-    Example:
+    Examples:
       skyguard fleet policy push site.yaml --sign-key admin.pem --etcd http://10.0.0.1:2379
+        pushed revision 7 (3f0c12ab34cd) to *; waiting up to 60 s for the fleet's members to enforce it
+        1/3 hosts enforce revision 7 (host1)
+        2/3 hosts enforce revision 7 (host2)
+        host3 refused revision 7 (rollback): revision 7 is not newer than the revision 7 ...
+        error: revision 7 is not enforced by 1 of the 3 hosts named; not enforcing: host3 (refused it ...
+      skyguard fleet policy push site.yaml --sign-key admin.pem --admin-key other-admin.vkey \\
+          --hosts host1,host2 --wait 120 --json | jq '.results'
+      skyguard fleet policy push site.yaml --sign-key admin.pem --no-wait    store it, wait for nothing
     """
     from skyguard.fleet.admin import push_policy
     from skyguard.fleet.etcd import EtcdStore
+    from skyguard.fleet.rollout import wait_for_hosts
     from skyguard.fleet.signing import admin_signer, load_admin_verifiers
     from skyguard.policy.parse import parse_policy
 
@@ -184,12 +208,64 @@ def push(file, sign_key, key_name, hosts, admin_keys, etcd, as_json):
     parse_policy(text, source=str(file))   # nothing invalid is ever pushed
     signer = admin_signer(sign_key, key_name)
     host_list = tuple(h.strip() for h in hosts.split(",") if h.strip()) or ("*",)
-    signed, ignored = asyncio.run(push_policy(EtcdStore(etcd), text, signer, host_list, load_admin_verifiers(admin_keys)))
-    result = {"revision": signed.revision, "sha256": signed.sha256, "hosts": list(signed.hosts), "ignored": ignored}
+    say = warn if as_json else click.echo   # progress: stderr beside --json's one document
+
+    def progress(name, result, rollout):
+        if result.outcome == "enforcing":
+            say(f"{len(rollout.enforcing)}/{len(rollout.named)} hosts enforce revision {rollout.revision} ({name})")
+        elif result.outcome == "refused":
+            say(f"{name} refused revision {rollout.revision} ({_cell(result.reason)}): {_cell(result.problem)}")
+        elif result.outcome == "superseded" or result.reason:
+            say(f"{name}: {_cell(result.detail)}")
+
+    async def run():
+        store = EtcdStore(etcd)
+        signed, ignored = await push_policy(store, text, signer, host_list, load_admin_verifiers(admin_keys))
+        if no_wait:
+            return signed, ignored, None
+        named = "the fleet's members" if signed.hosts == ("*",) else ", ".join(signed.hosts)
+        say(f"pushed revision {signed.revision} ({signed.sha256[:12]}) to {hosts}; waiting up to {wait_s:g} s "
+            f"for {named} to enforce it")
+        return signed, ignored, await wait_for_hosts(store, signed, wait_s, progress)
+
+    signed, ignored, rollout = asyncio.run(run())
+    result = {"revision": signed.revision, "sha256": signed.sha256, "hosts": list(signed.hosts), "ignored": ignored,
+              "waited": rollout is not None, **(rollout.to_json() if rollout else {})}
     if as_json:
         emit_json(result)
-    else:
-        click.echo(f"pushed revision {signed.revision} ({signed.sha256[:12]}) to {hosts}")
+    if rollout is None:
+        if not as_json:
+            click.echo(f"pushed revision {signed.revision} ({signed.sha256[:12]}) to {hosts}")
+        return
+    _report_rollout(rollout, as_json)
+
+
+def _report_rollout(rollout, as_json: bool) -> None:
+    """A push's outcome: a line when every host named enforces it; else FleetError (exit 1)
+    naming each host that does not, and why."""
+    from skyguard.fleet.store import FleetError
+
+    if rollout.absent:
+        warn(f"not members of the fleet, not waited for: {', '.join(_cell(n) for n in rollout.absent)} (down, or "
+             "gone for good; a host applies the newest revision when it joins again)")
+    if not rollout.named:
+        raise FleetError(f"no host is a member of the fleet: none enforces revision {rollout.revision} yet (each "
+                         "applies it when it joins; --no-wait pushes without waiting)")
+    if rollout.ok:
+        if not as_json:
+            click.echo(f"{len(rollout.enforcing)}/{len(rollout.named)} hosts enforce revision {rollout.revision} "
+                       f"({rollout.waited_s:.1f} s)")
+        return
+    failed = rollout.failed
+    late = f"timed out after {rollout.waited_s:.0f} s: "
+    lines = [f"{_cell(name)} ({late if r.outcome == 'timed_out' else ''}{_cell(r.detail)})"
+             for name, r in sorted(failed.items())]
+    hint = ""
+    if any(r.reason == "rollback" for r in failed.values()):
+        hint = ("\na host refuses a revision no newer than the one it runs: another admin's revision was not "
+                "counted; push again giving each of the fleet's other admin keys with --admin-key")
+    raise FleetError(f"revision {rollout.revision} is not enforced by {len(failed)} of the {len(rollout.named)} "
+                     f"hosts named; not enforcing: " + "; ".join(lines) + hint)
 
 
 @fleet.command("clear-alert")

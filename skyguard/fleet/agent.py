@@ -3,12 +3,12 @@
 It runs on the daemon's event loop as a part (start / stop / set_policy, skyguard/parts.py) and
 does three things, each a task that survives the store going away:
 - membership: a lease, and under it `members/<name>`: this host's status (policy hash, revision
-  and its signed note, log size and root, heartbeat, programs attached, store health, cosignatures
-  given and received, alerts) and its keys (log verifier key, witness key), refreshed every period;
-- policy: list `policy`, then watch it; each change is opened (signing.py) and, if signed by an
-  admin key and newer than what runs, applied through the daemon's hot swap. The last applied
-  policy (note and text) is kept in the state dir, so a restarted host goes back to it before
-  the store answers. Compaction, a lost member, a closed stream: re-list, then watch again;
+  and its signed note, the last policies refused, log size and root, heartbeat, programs
+  attached, store health, cosignatures given and received, alerts) and its keys (log verifier
+  key, witness key), refreshed every period, and soon after a policy is applied or refused (a
+  push waits on it);
+- policy (follower.py): list `policy`, then watch it; apply what an admin signed for this host,
+  newer than what runs, through the daemon's hot swap; report what it refuses;
 - witnessing: publish this log's latest checkpoint with consistency proofs from the sizes each
   peer last cosigned; cosign every peer's checkpoint through the durable Witness
   (skyguard/tlog/cosign.py), and put its cosignature back when deleted from the store; collect
@@ -37,15 +37,15 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from skyguard import fsutil
-from skyguard.errors import PolicyError, SkyguardError
+from skyguard.errors import SkyguardError
 from skyguard.fleet import keys
 from skyguard.fleet.alerts import AlertBook, alert_value, clear_requests, republish_alerts
+from skyguard.fleet.follower import PolicyFollower
 from skyguard.fleet.peers import PeerPins, by_operator, fingerprint
 from skyguard.fleet.publisher import CheckpointPublisher
 from skyguard.fleet.seen import SeenCosignatures
-from skyguard.fleet.signing import PolicyRefused, SignedPolicy, check_member_name, decide, open_policy
-from skyguard.fleet.store import Compacted, FleetError, Store, StoreUnavailable, load_value
+from skyguard.fleet.signing import check_member_name
+from skyguard.fleet.store import FleetError, Store, StoreUnavailable, load_value
 from skyguard.fleet.witnessing import origin_rival, peer_keys, proofs_attested, unproven_witnesses
 from skyguard.timeouts import within
 from skyguard.tlog.checkpoint import Checkpoint, Verifier, parse_and_verify
@@ -68,7 +68,6 @@ log = logging.getLogger("skyguard.fleet")
 # Heartbeat, checkpoint publication and cosigning round (SKYGUARD_FLEET_PERIOD: tests, benches).
 PERIOD_S = float(os.environ.get("SKYGUARD_FLEET_PERIOD", "2.0"))
 LEASE_TTL_S = 10       # a host silent this long drops out of `members/`
-RESYNC_S = 30.0        # a watch is re-listed at least this often (a backstop: etcd.py leaves a silent one in seconds)
 FLEET_DIR = "fleet"    # under the state dir: applied policy, witness state, cosignatures, peers
 
 
@@ -119,8 +118,9 @@ class FleetAgent:
         self.cosigner = Cosigner(f"{name}.skyguard/witness", load_or_create_witness_key(self.state_dir))
         self.witness = Witness(self.dir / "witness", self.cosigner)
         self.members: set[str] = set()          # the store's members (not this host) last round
-        self.revision: int = 0
-        self.applied: SignedPolicy | None = None   # its note reported: a push counts the revision with it
+        self.report_soon = asyncio.Event()      # set: publish the member record now, not at the period's end
+        self.follower = PolicyFollower(store, name, self.dir, admins, apply, local_status, record, self.metrics,
+                                       period, self._store_state, self.report_soon.set)
         self.store_ok: bool | None = None
         self.lease = 0
         self.given = 0
@@ -130,15 +130,17 @@ class FleetAgent:
                               self.metrics.alerts_dropped.inc, max_alerts)
         for peer in self.book.records:
             self.metrics.set_alert(peer, True)
-        self.refused: dict[str, str] = {}       # last refusal per reason
         self.stale: dict[str, str] = {}         # peer -> why its checkpoint shown now is stale
         self.fresh: dict[str, float] = {}       # peer -> when it last showed a checkpoint not stale
         self._given: dict[str, bytes] = {}      # peer -> this witness's cosignature as last put in the store
         self.seen = SeenCosignatures(self.state_dir, self.metrics.vanished.inc)
         self.unverified: dict[str, list] = {}   # peer -> other witnesses not proven consistent
         self._tasks: list[asyncio.Task] = []
-        self._applying = asyncio.Lock()
-        self._load_applied()
+
+    @property
+    def refused(self) -> dict[str, str]:
+        """reason -> the last policy refused for it (follower.py)."""
+        return self.follower.refused
 
     @property
     def alerts(self) -> dict[str, str]:
@@ -148,7 +150,7 @@ class FleetAgent:
     # ---- lifecycle (skyguard/parts.py) ------------------------------------------------------
 
     async def start(self) -> None:
-        for make, label in ((self._membership, "members"), (self._policy_watch, "policy"),
+        for make, label in ((self._membership, "members"), (self.follower.run, "policy"),
                             (self._witnessing, "witness")):
             self._tasks.append(asyncio.create_task(run_forever(make, label, self.period, self._task_failed),
                                                    name=f"fleet-{label}"))
@@ -197,9 +199,7 @@ class FleetAgent:
         head = self.publisher.head()
         return {"name": self.name, "origin": head.get("origin"), "log_vkey": self.log_vkey,
                 "witness_vkey": self.cosigner.verifier.vkey(), "heartbeat": time.time(),
-                "policy": {"revision": self.revision, "sha256": (local.get("policy") or {}).get("sha256"),
-                           "name": (local.get("policy") or {}).get("name"),
-                           "fleet_sha256": self.applied and self.applied.sha256, "note": self.applied and self.applied.note},
+                "policy": self.follower.report(local),
                 "log": {"size": head.get("size"), "root": head.get("root")},
                 "programs": local.get("programs"), "store": "ok" if self.store_ok else "unreachable",
                 "cosignatures": {"given": self.given, "received": dict(self.received)},
@@ -210,6 +210,7 @@ class FleetAgent:
 
     async def _membership(self) -> None:
         while True:
+            self.report_soon.clear()   # what it asks for is in this report
             try:
                 if not self.lease or not await self.store.keep_alive(self.lease):
                     self.lease = await self.store.grant_lease(LEASE_TTL_S)
@@ -224,114 +225,19 @@ class FleetAgent:
                 self.lease = 0
             except SkyguardError as e:   # the daemon did not answer for its status: try again
                 log.warning("fleet membership: %s", e)
-            await asyncio.sleep(self.period)
+            await self._next_report()
 
-    # ---- policy -----------------------------------------------------------------------------
-
-    def _applied_path(self) -> Path:
-        return self.dir / "policy.json"
-
-    def _load_applied(self) -> None:
-        path = self._applied_path()
-        if not path.exists():
-            return
+    async def _next_report(self) -> None:
+        """Until the period is over, or sooner once a policy was applied or refused (a push waits
+        for the hosts' reports); never within a quarter period of the last report, so that
+        records written to the store one after another make no storm of reports."""
+        await asyncio.sleep(self.period / 4)
         try:
-            signed = open_policy(fsutil.read_regular_file(path), self.admins)
-        except (OSError, PolicyRefused) as e:   # an edited file, or the admin keys changed: start from zero
-            log.error("the applied fleet policy kept in %s is not valid any more: %s", path, e)
-            return
-        self.revision, self.applied = signed.revision, signed
-
-    async def _restore_applied(self) -> None:
-        """After a restart the daemon runs its --policy file; the fleet's last applied policy,
-        kept here, is put back before anything else (the store may not answer)."""
-        signed = self.applied
-        if signed is None:
-            return
-        try:
-            running = ((await asyncio.to_thread(self.local_status) or {}).get("policy") or {}).get("sha256")
-        except SkyguardError as e:
-            log.warning("fleet: cannot read the running policy (%s); applying the kept one", e)
-            running = None
-        if running != signed.sha256:
-            await self._apply(signed, restoring=True)
-
-    async def _handle(self, value: bytes | None) -> None:
-        if value is None:
-            return   # deleting the policy key changes nothing: a host keeps enforcing what it has
-        try:
-            signed = open_policy(value, self.admins)
-            if not decide(signed, self.name, self.revision, self.applied.sha256 if self.applied else None):
-                return
-        except PolicyRefused as e:
-            self._refuse(e)
-            return
-        await self._apply(signed)
-
-    def _refuse(self, e: PolicyRefused) -> None:
-        # Bounded: the message quotes the record (its signers' names), which whoever writes the
-        # store chooses; whole, it could exceed a log entry's size (the refusal would never be
-        # logged) or the store's request size (this host's status would stop being published).
-        problem = str(e)[:500]
-        key = f"{e.reason}:{problem}"
-        if self.refused.get(e.reason) == problem:
-            return   # the same record seen again (re-list): reported once
-        self.refused[e.reason] = problem
-        self.metrics.refused.labels(reason=e.reason).inc()
-        self.record("fleet_policy_refused", member=self.name, reason=e.reason, problem=problem)
-        log.warning("fleet policy refused (%s): %s", e.reason, key)
-
-    async def _apply(self, signed: SignedPolicy, restoring: bool = False) -> None:
-        async with self._applying:
-            if not restoring and signed.revision <= self.revision:
-                return
-            source = f"fleet revision {signed.revision}"
-            try:
-                await asyncio.to_thread(self.apply_hook, signed.text, source)
-            except PolicyError as e:   # an invalid policy is refused; the running one stays
-                self._refuse(PolicyRefused("invalid", f"revision {signed.revision} does not load: {e}"))
-                return
-            except Exception as e:   # the swap failed (daemon busy, a part): retried at the next list
-                self._refuse(PolicyRefused("apply_failed", f"revision {signed.revision} not applied: {e}"))
-                return
-            fsutil.write_private(self._applied_path(), signed.to_json())
-            self.revision, self.applied = signed.revision, signed
-            self.metrics.revision.set(signed.revision)
-            self.record("fleet_policy_applied", member=self.name, revision=signed.revision,
-                        sha256=signed.sha256, restored=restoring)
-            log.info("fleet policy revision %d applied (%s)", signed.revision, signed.sha256[:12])
-
-    async def _policy_watch(self) -> None:
-        """List, then watch; on any loss of the watch (compaction, member gone, silence) list again."""
-        # Not in start(): the daemon's hot swap reconciles its parts, this one among them.
-        await self._restore_applied()
-        backoff = 0.2
-        while True:
-            try:
-                item, revision = await self.store.get(keys.POLICY)
-                self._store_state(True)
-                await self._handle(item.value if item else None)
-                backoff = 0.2
-                async with asyncio.timeout(RESYNC_S):
-                    async for changes in _watch(self.store, keys.POLICY, revision):
-                        for change in changes:
-                            if change.key == keys.POLICY:
-                                await self._handle(change.value)
-            except TimeoutError:
-                if asyncio.current_task().cancelling():   # a stop that raced the resync timer
-                    raise asyncio.CancelledError from None
-                continue
-            except _WatchLost as e:   # one member went away: the next list finds another
-                log.info("fleet policy watch lost (%s); listing again", e.__cause__ or e)
-            except Compacted as e:
-                log.info("fleet policy watch: %s; listing again", e)
-                continue
-            except StoreUnavailable as e:
-                self._store_state(False, str(e))
-            except SkyguardError as e:
-                log.warning("fleet policy watch: %s", e)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self.period)
+            async with asyncio.timeout(self.period * 3 / 4):
+                await self.report_soon.wait()
+        except TimeoutError:
+            if asyncio.current_task().cancelling():   # a stop that raced the timer
+                raise asyncio.CancelledError from None
 
     # ---- witnessing -------------------------------------------------------------------------
 
@@ -587,14 +493,3 @@ class FleetAgent:
         except FleetError:
             pass   # recorded locally; the store gets it at the next witness round
 
-
-class _WatchLost(FleetError):
-    """The watch stream ended (its member went away): not the store being unreachable."""
-
-
-async def _watch(store: Store, prefix: str, revision: int):
-    try:
-        async for changes in store.watch_prefix(prefix, revision):
-            yield changes
-    except StoreUnavailable as e:
-        raise _WatchLost("watch stream ended") from e

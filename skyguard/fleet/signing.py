@@ -141,6 +141,23 @@ def open_note(note: str, admins: list[Verifier]) -> tuple[int, str, tuple[str, .
     return _parse_body(body)
 
 
+def claimed(value: bytes) -> tuple[int | None, str | None]:
+    """The revision and policy hash the stored record `value` claims, read without checking its
+    signature (None where it claims none): to name a refused record, never to decide anything."""
+    try:
+        lines = load_value(value)["note"].split("\n")[:8]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None, None
+    revision = sha = None
+    for line in lines:
+        key, _, field = line.partition(" ")
+        if key == "revision" and re.fullmatch(r"[0-9]{1,18}", field):
+            revision = int(field)
+        elif key == "sha256" and re.fullmatch(r"[0-9a-f]{64}", field):
+            sha = field
+    return revision, sha
+
+
 def decide(signed: SignedPolicy, name: str, running_revision: int, running_sha: str | None) -> bool:
     """True: apply it. False: nothing to do (not for this host, or the one already running).
     PolicyRefused: an older revision, or another policy under the running revision."""

@@ -3,9 +3,11 @@
 pin dir, each joined with `skyguard fleet join` (beside the daemon, through its control socket)
 once the hosts pinned each other's keys (`skyguard fleet identity`, `skyguard fleet trust`).
 A policy pushed with `skyguard fleet policy push` is enforced by every host's datapath (a real
-TCP connection between two lab VMs opens, then closes again with the next push), every daemon
-reports the pushed hash, `fleet status` shows the three hosts with their programs, and the
-daemons' real signed logs are cosigned by both peers (`log verify --witnesses 2`)."""
+TCP connection between two lab VMs opens, then closes again with the next push) once the push
+returns, which it does when every daemon reports the pushed revision; a push the hosts refuse (a
+second admin's revision not counted) or one a host does not answer (its agent stopped) exits
+non-zero naming each host and why. `fleet status` shows the three hosts with their programs, and
+the daemons' real signed logs are cosigned by both peers (`log verify --witnesses 2`)."""
 
 import json
 import os
@@ -77,11 +79,11 @@ class FleetHost:
         self.daemon.start()
         self.listener = start_listener(self.lab, "db1", tcp_ports=[7000])
 
-    def start_join(self, endpoints, admin_vkey):
+    def start_join(self, endpoints, admin_keys):
         log = open(self.work / "join.log", "ab")
         self.join = subprocess.Popen(
             [PY, "-m", "skyguard.cli.main", "fleet", "join", "--etcd", endpoints, "--name", self.name,
-             "--admin-key", admin_vkey, "--state-dir", str(self.daemon.state_dir)],
+             "--admin-key", str(admin_keys), "--state-dir", str(self.daemon.state_dir)],
             env=dict(self.daemon.env, SKYGUARD_FLEET_PERIOD="0.5"), stdin=subprocess.DEVNULL,
             stdout=log, stderr=log)
         log.close()
@@ -121,6 +123,10 @@ def fleet(root, tmp_path_factory, etcd_cluster):
     work = tmp_path_factory.mktemp("fleetd")
     admin_pem = work / "admin.pem"
     admin_vkey = cli("fleet", "admin-key", str(admin_pem)).stdout.strip()
+    admin2_pem = work / "admin2.pem"   # a second admin of the fleet: every host applies what either signs
+    admin2_vkey = cli("fleet", "admin-key", str(admin2_pem)).stdout.strip()
+    admin_keys = work / "admins.vkey"
+    admin_keys.write_text(f"{admin_vkey}\n{admin2_vkey}\n")
     hosts = [FleetHost(i, work) for i in range(3)]
     cluster = etcd_cluster  # conftest.py: started and ready; stopped after this fixture
     try:
@@ -128,8 +134,12 @@ def fleet(root, tmp_path_factory, etcd_cluster):
             host.start_daemon()
         pin_each_other(hosts, work)
         for host in hosts:
-            host.start_join(cluster.endpoints, admin_vkey)
+            host.start_join(cluster.endpoints, admin_keys)
+        # As an operator would before pushing to *: the members of the fleet then are what it names.
+        wait_for(lambda: len(json.loads(cli("fleet", "status", "--etcd", cluster.endpoints, "--json").stdout)["members"])
+                 == len(hosts), what="every host a member of the fleet")
         yield type("Fleet", (), {"hosts": hosts, "cluster": cluster, "admin_pem": admin_pem,
+                                 "admin_vkey": admin_vkey, "admin2_pem": admin2_pem, "admin2_vkey": admin2_vkey,
                                  "work": work})
     finally:
         for host in hosts:
@@ -139,21 +149,34 @@ def fleet(root, tmp_path_factory, etcd_cluster):
                 print(f"cleanup of {host.name}: {e}")
 
 
-def push(fleet, allow, marker):
+def push_run(fleet, allow, marker, *extra, key=None):
+    """`fleet policy push --json` as an admin runs it (by default the first admin, without the
+    second's key); its exit code, JSON and stderr."""
     path = fleet.work / f"push-{marker}.yaml"
     path.write_text(policy_text(allow, marker))
-    out = cli("fleet", "policy", "push", str(path), "--sign-key", str(fleet.admin_pem),
-              "--etcd", fleet.cluster.endpoints, "--json")
-    return json.loads(out.stdout)
+    return cli("fleet", "policy", "push", str(path), "--sign-key", str(key or fleet.admin_pem),
+               "--etcd", fleet.cluster.endpoints, "--json", *extra, check=False)
+
+
+def push(fleet, allow, marker, *extra, key=None):
+    """A push every host enforces once it returns: exit 0, each host listed as enforcing."""
+    out = push_run(fleet, allow, marker, *extra, key=key)
+    assert out.returncode == 0, out.stderr
+    pushed = json.loads(out.stdout)
+    assert {name: r["outcome"] for name, r in pushed["results"].items()} == \
+        {h.name: "enforcing" for h in fleet.hosts}, pushed
+    return pushed
 
 
 def test_a_pushed_policy_is_enforced_by_every_daemons_datapath(fleet):
+    # Before the fix the push returned once the policy was in etcd, whether or not a host had
+    # applied it. Now it returns once every host reports enforcing it: the datapaths do already.
     assert not any(h.open_to_db() for h in fleet.hosts)   # the local policy denies
     opened = push(fleet, True, 1)
-    wait_for(lambda: all(h.sha() == opened["sha256"] for h in fleet.hosts), what="every daemon on revision 1")
+    assert all(h.sha() == opened["sha256"] for h in fleet.hosts)
     assert all(h.open_to_db() for h in fleet.hosts)
     closed = push(fleet, False, 2)
-    wait_for(lambda: all(h.sha() == closed["sha256"] for h in fleet.hosts), what="every daemon on revision 2")
+    assert all(h.sha() == closed["sha256"] for h in fleet.hosts)
     assert not any(h.open_to_db() for h in fleet.hosts)
     view = wait_for(lambda: (v := json.loads(cli("fleet", "status", "--etcd", fleet.cluster.endpoints,
                                                  "--json").stdout))
@@ -161,6 +184,43 @@ def test_a_pushed_policy_is_enforced_by_every_daemons_datapath(fleet):
                     and len(v["members"]) == 3 and v, what="fleet status on revision 2")
     for member in view["members"].values():
         assert member["programs"] >= 2 and member["policy"]["revision"] == closed["revision"]
+
+
+def test_a_push_the_hosts_refuse_exits_non_zero_naming_each_host_and_why(fleet):
+    # Session 12's CI logs: a fleet of two admins; one pushes without the other's --admin-key, so
+    # the other's newer revision is not counted and the push signs a revision the hosts already
+    # run. Every host refused it as a rollback, and the push had exited 0. Now it says so.
+    current = push(fleet, False, 3, "--admin-key", fleet.admin_vkey, key=fleet.admin2_pem)
+    out = push_run(fleet, False, 4)
+    assert out.returncode == 1, out.stderr
+    refused = json.loads(out.stdout)
+    assert refused["revision"] == current["revision"]   # the second admin's revision not counted
+    for host in fleet.hosts:
+        result = refused["results"][host.name]
+        assert result["outcome"] == "refused" and result["reason"] == "rollback", result
+        assert f"revision {current['revision']} is not newer" in result["problem"], result
+        assert f"{host.name} refused revision {current['revision']} (rollback)" in out.stderr, out.stderr
+        assert host.sha() == current["sha256"]   # still the second admin's policy
+    assert "--admin-key" in out.stderr   # what to do about it
+    fixed = push(fleet, False, 5, "--admin-key", fleet.admin2_vkey)
+    assert fixed["revision"] == current["revision"] + 1
+
+
+def test_a_push_a_host_does_not_answer_times_out_naming_it(fleet):
+    # The agent of host2 hangs (SIGSTOP: a hung machine; its member record stays until its lease
+    # expires). Before the fix the push exited 0; now it waits --wait seconds, then names it.
+    stuck = fleet.hosts[2]
+    stuck.join.send_signal(signal.SIGSTOP)
+    try:
+        out = push_run(fleet, True, 6, "--wait", "6")
+    finally:
+        stuck.join.send_signal(signal.SIGCONT)
+    assert out.returncode == 1, out.stderr
+    pushed = json.loads(out.stdout)
+    outcomes = {name: r["outcome"] for name, r in pushed["results"].items()}
+    assert outcomes == {"host0": "enforcing", "host1": "enforcing", "host2": "timed_out"}, pushed
+    assert "host2" in out.stderr.rpartition("not enforcing")[2], out.stderr
+    wait_for(lambda: stuck.sha() == pushed["sha256"], what="host2 applying it once it runs again")
 
 
 def test_the_daemons_logs_are_cosigned_by_both_peers(fleet):

@@ -26,8 +26,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from skyguard import config
 from skyguard.errors import BadInput
 from skyguard.fleet import keys
-from skyguard.fleet.agent import RESYNC_S, FleetAgent
+from skyguard.fleet.agent import FleetAgent
 from skyguard.fleet.etcd import EtcdStore
+from skyguard.fleet.follower import RESYNC_S
 from skyguard.fleet.peers import trust
 from skyguard.fleet.signing import load_admin_verifiers, sign_policy
 from skyguard.fleet.store import Compacted
@@ -133,6 +134,8 @@ def fleet(tmp_path_factory, etcd_cluster):
     try:
         hosts = [Host(name, base, cluster, admin_vkey, loop) for name in NAMES]
         pin_each_other(hosts, base)
+        store = EtcdStore(cluster.endpoints)   # a push to * names the members there are: all of them
+        wait_until(lambda: len(loop.call(store.get_prefix(keys.MEMBERS))[0]) == len(NAMES), what="every host a member")
         yield type("Fleet", (), {"base": base, "cluster": cluster, "hosts": hosts,
                                  "admin_pem": admin_pem, "admin_vkey": admin_vkey})
         for host in hosts:
@@ -245,7 +248,7 @@ def test_a_push_outranks_what_hosts_run_when_an_older_record_was_put_back_while_
     try:
         old = sign_policy(policy_text(1), 1, admin_signer(fleet.admin_pem))
         etcdctl_put(fleet, keys.POLICY, old.to_json().decode())
-        pushed = push(fleet, 14)
+        pushed = push(fleet, 14, "--no-wait")   # no host to wait for
         assert pushed["revision"] > current["revision"]
     finally:
         for host in fleet.hosts:
@@ -277,7 +280,8 @@ def test_revisions_no_admin_key_signed_do_not_raise_the_next_push_s(fleet):
         path = fleet.base / f"policy-{n}.yaml"
         path.write_text(policy_text(n))
         out = skyguard("fleet", "policy", "push", str(path), "--sign-key", str(fleet.admin_pem),
-                       "--admin-key", fleet.admin_vkey, "--etcd", fleet.cluster.endpoints, "--json")
+                       "--admin-key", fleet.admin_vkey, "--etcd", fleet.cluster.endpoints, "--json",
+                       "--no-wait")   # the members made up below never enforce it: waited for here
         pushed = json.loads(out.stdout)
         wait_until(lambda: all(h.sha == pushed["sha256"] for h in fleet.hosts), what=f"revision {n}")
         wait_until(lambda: all(report(h.name)["policy"]["revision"] == pushed["revision"] for h in fleet.hosts),
@@ -455,6 +459,29 @@ def test_a_policy_for_some_hosts_is_applied_by_those_only(fleet):
     for host in fleet.hosts:
         applied = [f["revision"] for f in host.kinds("fleet_policy_applied")]
         assert (only["revision"] in applied) == (host.name == "alpha"), (host.name, applied)
+
+
+def test_a_push_to_a_stopped_host_names_it_once_the_wait_is_over(fleet):
+    # A host's agent stopped: its member record went with its lease. Before the fix a push that
+    # named it exited 0 all the same. Now it waits --wait seconds, then names it, exit 1; a push
+    # to * (the members now) lists it as absent, not waited for.
+    charlie = fleet.hosts[2]
+    charlie.stop_agent()
+    try:
+        path = fleet.base / "policy-20.yaml"
+        path.write_text(policy_text(20))
+        out = skyguard("fleet", "policy", "push", str(path), "--sign-key", str(fleet.admin_pem), "--etcd",
+                       fleet.cluster.endpoints, "--hosts", "alpha,bravo,charlie", "--wait", "3", "--json", check=False)
+        assert out.returncode == 1, out.stderr
+        named = json.loads(out.stdout)
+        assert {name: r["outcome"] for name, r in named["results"].items()} == \
+            {"alpha": "enforcing", "bravo": "enforcing", "charlie": "timed_out"}, named
+        assert "charlie (timed out after" in out.stderr and "not a member of the fleet" in out.stderr, out.stderr
+        everyone = push(fleet, 21)
+        assert set(everyone["results"]) == {"alpha", "bravo"} and "charlie" in everyone["absent"], everyone
+    finally:
+        charlie.start_agent()
+    wait_until(lambda: charlie.sha == everyone["sha256"], what="charlie applying it once back")
 
 
 def test_hosts_witness_each_other_and_a_rewritten_log_is_refused(fleet):
@@ -793,7 +820,7 @@ def test_deeply_nested_json_in_the_store_stops_no_host_and_no_command(fleet):
         for key in bad:
             asyncio.run(store.put(key, deep))
         time.sleep(2)   # several witness rounds and the policy watch's event
-        pushed = push(fleet, 9)
+        pushed = push(fleet, 9, "--no-wait")   # "deep" is a member that never enforces it: waited for here
         wait_until(lambda: all(h.sha == pushed["sha256"] for h in fleet.hosts), what="revision 9")
         before = {h.name: h.agent.given for h in fleet.hosts}
         for host in fleet.hosts:
@@ -804,7 +831,13 @@ def test_deeply_nested_json_in_the_store_stops_no_host_and_no_command(fleet):
         asyncio.run(store.put(keys.POLICY, b'{"note": 5, "text": 1}'))
         asyncio.run(store.put(keys.member("deep"), b'{"policy": {"revision": 1e400}}'))
         asyncio.run(store.put(keys.cosignature(NAMES[0], "deep"), b'{"size": 1e400}'))
-        pushed = push(fleet, 10)
+        path = fleet.base / "policy-10.yaml"
+        path.write_text(policy_text(10))
+        waited = skyguard("fleet", "policy", "push", str(path), "--sign-key", str(fleet.admin_pem), "--etcd",
+                          fleet.cluster.endpoints, "--json", "--wait", "1", check=False)
+        assert waited.returncode == 1 and "Traceback" not in waited.stderr, waited.stderr
+        pushed = json.loads(waited.stdout)
+        assert pushed["results"]["deep"]["outcome"] == "timed_out", pushed   # the push's wait reads it too
         wait_until(lambda: all(h.sha == pushed["sha256"] for h in fleet.hosts), what="revision 10")
         asyncio.run(store.put(keys.POLICY, deep))
         asyncio.run(store.put(keys.member("deep"), deep))
