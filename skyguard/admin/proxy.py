@@ -279,7 +279,7 @@ class AdminSshProxy:
             # its lock (`skyguard secret set` in another process), a slow disk, or the TPM that
             # unseals its key. A failure raises here and nothing listens (fail closed).
             self.vm_key, self.host_key = await asyncio.to_thread(load_keys, self.store)
-        recovered = await asyncio.to_thread(self.archive.recover_once)  # reads and hashes transcripts
+        recovered = await self.archive.work.run(self.archive.recover_once)  # reads and hashes transcripts
         if not self._started:
             return  # stopped while the keys were loading: stay closed
         for session_id in recovered:

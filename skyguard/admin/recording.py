@@ -14,7 +14,9 @@ For session ID there are two files under `<state>/admin/sessions/`:
   bytes each way, result, and the transcript's SHA-256 once the session ends.
 A start entry and an end entry (with the SHA-256) go to the DecisionLog, so `verify()` can prove
 a transcript untouched against the log. `recover_interrupted()` closes the records of sessions
-whose proxy died, hashing what was written. Not the SSH server, not the signed log itself.
+whose proxy died, hashing what was written. Creating and closing records (and recovery) block on
+the disk: the archive's `work` runs them, in threads of its own (skyguard/diskwork.py), never on
+the event loop nor in its default executor. Not the SSH server, not the signed log itself.
 """
 
 from __future__ import annotations
@@ -35,10 +37,18 @@ from pathlib import Path
 from skyguard import fsutil
 from skyguard.admin.decisionlog import DecisionLog
 from skyguard.admin.transcript import RecordingError, Transcript
+from skyguard.diskwork import DiskWork
 from skyguard.errors import AdminError, BadInput
 
 log = logging.getLogger("skyguard.admin")
 _SESSION_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
+# An archive's threads for creating and closing records (SessionArchive.work), and the record
+# operations in flight (running or waiting) at which a new session is refused. A record's start
+# or end takes milliseconds on a healthy disk (a closing transcript's fsync longer); on a stalled
+# one each waits until the disk answers, and sessions past the bound are refused at once rather
+# than queued behind them. Higher: more sessions may wait on a disk hiccup instead of being refused.
+RECORD_WORKERS = 4
+MAX_RECORD_WORK = 8
 
 
 def utc_iso(ts: float) -> str:
@@ -169,6 +179,9 @@ class SessionArchive:
         self.instance = secrets.token_hex(8)
         self._recovered = False
         self._recovering = threading.Lock()  # recover_once() runs in worker threads (it reads every transcript)
+        # What blocks on the disk (begin, finish, recover_once), off the loop, on the proxies' loop:
+        # `await archive.work.start(archive.begin, ...)` (Busy: refuse the session), `.run(...)`.
+        self.work = DiskWork("session record operations", RECORD_WORKERS, MAX_RECORD_WORK)
 
     def begin(self, *, operator: str, key_fingerprint: str, workload: str, zone: str, source: str,
               kind: str, command: str | None, width: int = 80, height: int = 24,

@@ -26,6 +26,7 @@ from skyguard.admin import access, commands
 from skyguard.admin.recording import SessionRecording
 from skyguard.admin.sftp import SftpFilterPump, SftpRequestWatcher, upload_pump, uploads_judged
 from skyguard.admin.transcript import RecordingError, RecordingStalled, on_loop
+from skyguard.diskwork import Busy
 from skyguard.errors import SkyguardError
 
 if TYPE_CHECKING:
@@ -219,14 +220,22 @@ class ProxySession(asyncssh.SSHServerSession):
             self._refused(access.AccessRefused("error", "skyguard: internal error opening the session"))
             return
         width, height = self.size[0] or 80, self.size[1] or 24
+        archive = self.proxy.archive
         try:
-            # Off the loop (files created and fsynced, the start logged): a stalled disk holds up
-            # this session only. Its record is on disk before anything reaches the VM.
-            recording = await asyncio.to_thread(
-                self.proxy.archive.begin, operator=operator, key_fingerprint=owner.key_fingerprint or "?",
+            # Off the loop, in the archive's own threads (files created and fsynced, the start
+            # logged): a stalled disk holds up this session only, and past MAX_RECORD_WORK record
+            # operations waiting on it new sessions are refused. Its record is on disk before
+            # anything reaches the VM.
+            recording = await archive.work.start(
+                archive.begin, operator=operator, key_fingerprint=owner.key_fingerprint or "?",
                 workload=workload.name, zone=workload.zone, source=owner.source, kind=self.kind or "?",
                 command=self.command, width=width, height=height, term=self.term, record_input=not self.term,
                 notify=on_loop(asyncio.get_running_loop(), self._recording_moved))
+        except Busy as e:
+            log.warning("a session of %s on %s is refused: %s", operator, workload.name, e)
+            self._refused(access.AccessRefused("recording_busy", f"skyguard: this session cannot be recorded now ({e}); "
+                                                                 "try again later"))
+            return
         except (OSError, SkyguardError) as e:  # fail closed: no session runs unrecorded
             log.error("cannot record a session of %s on %s: %s", operator, workload.name, e)
             self._refused(access.AccessRefused("error", "skyguard: the session cannot be recorded"))
@@ -536,10 +545,11 @@ class ProxySession(asyncssh.SSHServerSession):
 
 
 async def close_record(recording: SessionRecording, result: str, exit_status, exit_signal, then=None) -> None:
-    """Close a session's record off the loop (transcript fsynced and hashed, end logged, metadata
-    written: a stalled disk holds up this session only), then call `then` on the loop."""
+    """Close a session's record off the loop, in the archive's threads (transcript fsynced and
+    hashed, end logged, metadata written: a stalled disk holds up this session only), then call
+    `then` on the loop."""
     try:
-        await asyncio.to_thread(recording.finish, result, exit_status, exit_signal)
+        await recording.archive.work.run(recording.finish, result, exit_status, exit_signal)
     except (OSError, SkyguardError):
         log.exception("could not finish the recording of session %s", recording.id)
     finally:

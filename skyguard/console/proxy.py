@@ -163,7 +163,7 @@ class ConsoleProxy:
         if self._watch is None:
             self._watch = asyncio.get_running_loop().create_task(self._watch_sign_ins())
         # Off the loop, which the other parts share: recovery reads and hashes transcripts.
-        for session_id in await asyncio.to_thread(self.archive.recover_once):
+        for session_id in await self.archive.work.run(self.archive.recover_once):
             log.warning("session %s was interrupted by a restart; its record is closed", session_id)
         await self._follow_policy()
         if problem := self._unsupported():

@@ -8,8 +8,9 @@ in a session (a malformed message from either side, a VM that refuses the passwo
 operator) ends that session only, with a reason in the log and the metrics.
 
 The recording never waits on the disk on the loop every session shares: it is created and closed
-in worker threads and written behind by its own thread (admin/transcript.py). While its writer is
-behind (a slow or stalled disk) the session relays nothing more from the VM; past
+in the session archive's own threads (a bounded number in flight: past it a new session is
+refused, skyguard/diskwork.py) and written behind by its own thread (admin/transcript.py). While
+its writer is behind (a slow or stalled disk) the session relays nothing more from the VM; past
 `recording_stall_timeout` it is ended (fail closed), result recording_stalled, and logged. The
 operator's connection is closed once the record is (its end is on disk first), except when the
 recording itself is what failed.
@@ -29,6 +30,7 @@ from skyguard.console import access, rfb
 from skyguard.console.rdp import RdpDesktop
 from skyguard.console.recording import VncRecording
 from skyguard.console.tickets import Ticket
+from skyguard.diskwork import Busy
 from skyguard.errors import AdminError, SkyguardError
 from skyguard.policy.console import ConsoleTarget
 from skyguard.timeouts import within
@@ -134,6 +136,12 @@ class ConsoleSession:
             self.recheck()
         except AccessRefused as e:
             return await self._refuse(e.reason, str(e))
+        if self.proxy.archive.work.full:  # told while the client can still be (the record is made below)
+            log.warning("a console session of %s on %s is refused: %s session record operations are under way, "
+                        "the most at once (the disk under the session records is not keeping up)",
+                        self.ticket.operator, self.target.name, self.proxy.archive.work.in_flight)
+            return await self._refuse("recording_busy", "skyguard: this session cannot be recorded now (the disk "
+                                                        "under the session records is not keeping up); try again later")
         self.admitted = True  # from here a swap that refuses it ends it (proxy._end_revoked)
         await self._send(struct.pack(">I", 0))  # SecurityResult OK
         shared = await self.client_r.readexactly(1)  # ClientInit
@@ -142,13 +150,17 @@ class ConsoleSession:
         init = await rfb.read_server_init(vm_r)
         if self._ended is not None:  # revoked by a swap while the client and the VM said hello
             return None
+        archive = self.proxy.archive
         try:
-            # Off the loop (files created and fsynced, the start logged): a stalled disk holds up
-            # this session only. Its record is on disk before the operator sees the screen.
-            recording = await asyncio.to_thread(
-                VncRecording, self.proxy.archive, operator=self.ticket.operator, groups=self.ticket.groups,
+            # Off the loop, in the archive's own threads (files created and fsynced, the start
+            # logged): a stalled disk holds up this session only (Busy past MAX_RECORD_WORK
+            # record operations waiting on it). Its record is on disk before the operator sees the screen.
+            recording = await archive.work.start(
+                VncRecording, archive, operator=self.ticket.operator, groups=self.ticket.groups,
                 target=self.target, zone=self.zone, source=self.source, auth="web" if self.web else "ticket",
                 init=init, notify=on_loop(asyncio.get_running_loop(), self._recording_moved.set))
+        except Busy as e:  # full since the check at admission
+            raise AdminError(f"the session cannot be recorded now: {e}") from None
         except OSError as e:  # fail closed: no session runs unrecorded
             raise AdminError(f"the session cannot be recorded: {e.strerror or e}") from None
         if self._ended is not None:  # revoked, or shut down, while its record was written
@@ -376,7 +388,7 @@ class ConsoleSession:
 
     async def _close_record(self, result: str) -> None:
         try:
-            await asyncio.to_thread(self.recording.finish, result)
+            await self.recording.archive.work.run(self.recording.finish, result)
         except (OSError, SkyguardError):
             log.exception("could not finish the recording of console session %s", self.recording.id)
         finally:

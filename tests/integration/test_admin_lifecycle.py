@@ -26,11 +26,12 @@ from test_admin_ssh import MOVED_PORT, PROXY_PORT, lab  # noqa: F401 - lab: the 
 from skyguard import config
 from skyguard.admin.keys import HOST_KEY_NAME
 from skyguard.admin.proxy import AdminProxyConfig, AdminSshProxy
+from skyguard.admin.recording import MAX_RECORD_WORK, SessionArchive
 from skyguard.admin.transcript import PAUSE_AT
 from skyguard.custody.store import SecretStore
 from skyguard.errors import AdminError
 from skyguard.parts import MemoryLog
-from support.frozen_disk import FrozenDisk, blocked_in_the_kernel
+from support.frozen_disk import FrozenDisk, blocked_in_the_kernel, threads_blocked_in_the_kernel
 
 KEYS_WAIT_PORT = 24226  # a second proxy on the lab's loop, waiting for its keys
 
@@ -422,5 +423,57 @@ def test_a_transcript_on_a_stalled_disk_holds_up_no_other_session(lab):  # noqa:
         finally:
             client.kill()
             client.wait()
+            disk.thaw()
+            lab.proxy_thread.run(other.stop())
+
+
+BUSY_DISK_PORT = 24229  # another proxy on the lab's loop, its session records on a disk that stalls
+HELD = MAX_RECORD_WORK + 1  # sessions started on the stalled disk: more than asyncio's default executor has threads
+
+
+def test_session_records_waiting_on_a_stalled_disk_take_no_thread_from_the_rest(lab):  # noqa: F811
+    """Session records were created and closed in asyncio's default executor, the threads every
+    part's blocking work shares (the sealed store, the TPM, DNS state, the fleet, the log): six
+    sessions starting on a stalled disk took them all, and the whole daemon waited on that disk.
+    Now records have threads of their own and a bound on the record operations in flight: past it
+    a new session is refused at once with a clear message. Meanwhile other work on the loop's
+    executor is done and another operator logs in; once the disk is back the held sessions run."""
+    with FrozenDisk(lab.tmp / "busy-disk") as disk:
+        policy = replace(lab.policy, admin_ssh=replace(lab.policy.admin_ssh, listen=f"127.0.0.1:{BUSY_DISK_PORT}"))
+        archive = SessionArchive(disk.path / "sessions", MemoryLog())
+        (lab.tmp / "busy-state" / "admin").mkdir(parents=True, mode=0o700)  # the VM host key pins: not on the disk
+        other = AdminSshProxy(policy, SecretStore(lab.state / "secrets"), lab.tmp / "busy-state", MemoryLog(),
+                              archive=archive)
+        lab.proxy_thread.run(other.start())
+        clients = []
+        try:
+            disk.freeze()
+            clients = [subprocess.Popen(lab.ssh_args("alice", "alice+dc1", *THROUGH, port=BUSY_DISK_PORT)
+                                        + [f"echo held-{n}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                       for n in range(HELD)]
+            # every session is held by its record, or refused (the bound reached)
+            while not any(c.poll() is not None for c in clients) and threads_blocked_in_the_kernel() < 6:
+                # (6: the threads of asyncio's default executor on 2 cores, which the records once used)
+                time.sleep(0.01)
+            done = lab.proxy_thread.run(asyncio.to_thread(str, "another part's work"), timeout=30)
+            assert done == "another part's work"
+            meanwhile = lab.ssh("alice", "alice+dc1", "echo meanwhile-held", timeout=30)
+            assert meanwhile.stdout.strip() == "meanwhile-held", meanwhile.stderr
+            assert disk.frozen
+            refused = [c for c in clients if c.poll() is not None]
+            assert len(refused) == 1, [c.communicate() for c in refused]
+            _, stderr = refused[0].communicate()
+            assert refused[0].returncode == 1 and "cannot be recorded now" in stderr, stderr
+            disk.thaw()
+            for client in clients:
+                if client is not refused[0]:
+                    out, err = client.communicate(timeout=30)
+                    assert client.returncode == 0 and out.startswith("held-"), err
+            held = [m for m in archive.list() if (m.get("command") or "").startswith("echo held-")]
+            assert len(held) == HELD - 1
+        finally:
+            for client in clients:
+                client.kill()
+                client.wait()
             disk.thaw()
             lab.proxy_thread.run(other.stop())

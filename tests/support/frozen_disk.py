@@ -63,12 +63,23 @@ class FrozenDisk:
         subprocess.run(["umount", str(self.path)], check=False)
 
 
-def blocked_in_the_kernel() -> bool:
-    """Some thread of this process waits uninterruptibly (state D): a write to the frozen disk."""
-    for task in Path("/proc/self/task").iterdir():
+def blocked_in_the_kernel(pid: int | str = "self") -> bool:
+    """Some thread of process `pid` (this one by default) waits uninterruptibly (state D): a
+    write to the frozen disk."""
+    return threads_blocked_in_the_kernel(pid) > 0
+
+
+def threads_blocked_in_the_kernel(pid: int | str = "self") -> int:
+    """How many threads of process `pid` (this one by default) wait uninterruptibly (state D)."""
+    blocked = 0
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:  # the process is gone
+        return 0
+    for task in tasks:
         try:
             if (task / "stat").read_text().rsplit(")", 1)[1].split()[0] == "D":
-                return True
+                blocked += 1
         except OSError:
             continue
-    return False
+    return blocked

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import ipaddress
 import struct
+import threading
 from dataclasses import replace
 
 from skyguard.admin.decisionlog import JsonLinesDecisionLog
@@ -303,3 +304,30 @@ def test_a_vm_cannot_frame_its_updates_in_a_pixel_format_the_proxy_does_not_foll
     rest, proxy = asyncio.run(run(unasked))
     assert unasked not in rest and secret not in rest
     assert [s["result"] for s in proxy.archive.list()] == ["protocol_error"]
+
+
+def test_a_session_is_refused_with_a_clear_message_while_the_records_wait_on_the_disk(tmp_path):
+    # The archive's record operations are held (as a stalled disk holds them) up to their bound: a
+    # new session is refused at login, with a reason the client shows, instead of queueing.
+    from skyguard.admin.recording import MAX_RECORD_WORK
+
+    async def run():
+        vm = await asyncio.start_server(lambda r, w: hostile_vm(r, w, b""), "127.0.0.1", 0)
+        policy, _ = two_policies(vm.sockets[0].getsockname()[1])
+        proxy, port, log = await start_proxy(tmp_path, policy)
+        release = threading.Event()
+        held = [asyncio.create_task(proxy.archive.work.run(release.wait, 30)) for _ in range(MAX_RECORD_WORK)]
+        try:
+            refused = await operator(port, proxy.tickets.issue("alice", "desk").password)
+            release.set()
+            await asyncio.gather(*held)
+            served = await operator(port, proxy.tickets.issue("alice", "desk").password)
+        finally:
+            release.set()
+            await proxy.stop()
+            vm.close()
+        return refused, served, log
+    refused, served, log = asyncio.run(run())
+    assert refused[0] == struct.pack(">I", 1) and b"cannot be recorded now" in refused[1]
+    assert served[0] == bytes(4)  # once the disk answers
+    assert [e["reason"] for e in log.entries() if e["type"] == "console_access_refused"] == ["recording_busy"]

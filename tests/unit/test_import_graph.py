@@ -27,12 +27,12 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # Foundation: no skyguard imports but each other. The package root, the one error root, paths
     # and defaults, file helpers, an await bounded in time (timeouts), HTTP content codings and
     # forwarding headers, the threads that work on large HTTP bodies off the event loop
-    # (bodywork), the result of a doctor check (which parts'
-    # own checks return); the numbers shared with bpf/abi.h and the C text of bpf/ (which the TPM
+    # (bodywork) and those of a part's blocking file work (diskwork), the result of a doctor
+    # check (which parts' own checks return); the numbers shared with bpf/abi.h and the C text of bpf/ (which the TPM
     # measures and the loader compiles); the key names and key errors the policy checks (no token
     # or file access in keys.types).
     ("foundation", ("skyguard", "errors", "config", "fsutil", "timeouts", "httpcodings", "httpheaders", "bodywork",
-                    "conncap", "checks",
+                    "diskwork", "conncap", "checks",
                     "datapath.abi", "datapath.source", "keys.types")),
     # The policy as values: parsed, validated, immutable; what every part consumes.
     ("policy", ("policy",)),
