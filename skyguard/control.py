@@ -88,6 +88,18 @@ def claim_pin_dir(pin_dir: Path) -> int:
     return fd
 
 
+def let_go(claims) -> None:
+    """Let go of the run and pin dirs (claim_run_dir, claim_pin_dir's descriptors) at the end of a
+    daemon's shutdown, not at the process's exit: a thread the kernel holds in a write to a disk
+    that does not answer (a session record whose closing the proxies stopped waiting for:
+    admin/transcript.py report_left_open) keeps the process from ending until that write returns.
+    Everything else is let go by then (programs detached, sockets and log closed), so `down`
+    returns and the next `up` may start: its recovery waits for that process's hold on the records
+    it left (admin/recording.py recover_interrupted)."""
+    for fd in claims:
+        os.close(fd)
+
+
 def _peer_uid(sock: socket.socket) -> int:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from skyguard import config, fsutil
-from skyguard.control import ControlServer
+from skyguard import __version__, config, fsutil
+from skyguard.control import ControlServer, let_go
 from skyguard.daemon_apply import apply_policy, part_states
 from skyguard.datapath import guard
 from skyguard.errors import BadInput, SkyguardError
@@ -110,7 +110,7 @@ class Daemon:
         _raise_open_file_limit()
         fsutil.private_dir(self.state_dir)
         self._open_log()
-        self.record("daemon_start", pid=os.getpid(), version=_version())
+        self.record("daemon_start", pid=os.getpid(), version=__version__)
         self._open_tpm()
         self.datapath = Datapath(pin_dir=config.PIN_DIR)
         self.tpm.measure_programs(self.datapath.program_infos())
@@ -166,6 +166,7 @@ class Daemon:
         self._safely(functools.partial(self.record, "daemon_stop", pid=os.getpid(), detached=self.detach_on_exit))
         if self.tlog:
             self.tlog.close()  # writes the final checkpoint
+        let_go(getattr(self, "_locks", ()))  # now, not at exit: a stalled disk may hold the process (control.let_go)
 
     def _spawn(self, target, name: str) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
@@ -592,9 +593,3 @@ def _raise_open_file_limit() -> None:
 def _prog_summary(info: dict) -> dict:
     """hook -> "name id tag", the part of an attachment worth logging."""
     return {hook: f"{p.get('name')} id={p.get('id')} tag={p.get('tag')}" for hook, p in info.items()}
-
-
-def _version() -> str:
-    from skyguard import __version__
-
-    return __version__

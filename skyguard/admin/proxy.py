@@ -49,7 +49,7 @@ from skyguard.admin.decisionlog import DecisionLog
 from skyguard.admin.ratelimit import AuthFailureLimiter
 from skyguard.admin.recording import SessionArchive
 from skyguard.admin.sftp import ReplayTurn
-from skyguard.admin.transcript import ClosingRecords
+from skyguard.admin.transcript import ClosingRecords, report_left_open
 from skyguard.conncap import RefusalSummary, UnauthenticatedConnections
 from skyguard.content.record import ContentMetrics
 from skyguard.custody.store import SecretStore
@@ -85,6 +85,11 @@ class AdminProxyConfig:
     # with the operator's session frozen meanwhile.
     recording_notice_after: float = 5.0
     recording_stall_timeout: float = 60.0
+    # stop() waits this long for the records of ended sessions to close (on a healthy disk:
+    # milliseconds), then goes on; the ones left are logged and closed later (transcript.py
+    # report_left_open). Longer: a slow disk's records close as 'ok' more often, a stalled one
+    # holds a shutdown (and the programs' detaching) longer.
+    recording_close_wait: float = 5.0
 
 
 class AdminMetrics:
@@ -259,7 +264,9 @@ class AdminSshProxy:
             if not self.connections:
                 break
             await asyncio.sleep(0.05)
-        await self.records_closing.wait()  # every ended session's record is on disk before stop() returns
+        # Every ended session's record is on disk before stop() returns, unless the disk does not answer.
+        if left := await self.records_closing.wait(self.config.recording_close_wait):
+            report_left_open(left, self.config.recording_close_wait, "admin", self.record)
 
     # -- the listener -----------------------------------------------------------------------------
 

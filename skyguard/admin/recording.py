@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import builtins  # `list` in SessionArchive's annotations is its method
 import codecs
+import fcntl
 import hashlib
 import json
 import logging
@@ -66,9 +67,14 @@ def validate_session_id(session_id: str) -> str:
     return session_id
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, wait_for_writer: bool = False) -> str:
+    """`wait_for_writer`: first wait until no other process holds the file as a Transcript being
+    written (its lock: an earlier proxy whose last write waits on a stalled disk, see
+    recover_interrupted)."""
     digest = hashlib.sha256()
     with fsutil.open_regular(path) as f:  # a FIFO is refused (OSError), never waited on
+        if wait_for_writer:
+            fcntl.lockf(f, fcntl.LOCK_SH)
         for chunk in iter(lambda: f.read(1 << 16), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -267,20 +273,24 @@ class SessionArchive:
 
     def recover_interrupted(self) -> builtins.list[str]:
         """Close the records of sessions left 'active' by an earlier proxy (one proxy per state
-        directory; call at start): the transcript is hashed as it stands and an end entry with
-        result 'interrupted' is logged. Sessions recorded through this archive object are left."""
+        directory; call at start): the transcript is hashed as it stands once no other process
+        writes it (an earlier daemon whose stop gave up on a stalled disk lingers until its last
+        write returns: waited for) and an end entry with result 'interrupted' is logged. Sessions
+        recorded through this archive object are left."""
         recovered = []
         for meta in self.list():
             if meta.get("result") != "active" or meta.get("archive_instance") == self.instance:
                 continue
             cast_path = self.transcript_path(meta["id"])
-            end = cast_path.stat().st_mtime if cast_path.exists() else time.time()
             try:
-                digest = sha256_file(cast_path) if cast_path.exists() else None
+                # Once its writer has let go: a proxy that stopped without closing the record (the
+                # disk did not answer) may still be in the kernel's hands, its last write pending.
+                digest = sha256_file(cast_path, wait_for_writer=True) if cast_path.exists() else None
             except OSError as e:  # not a regular file (a FIFO would have hung the start): no digest
                 log.error("session %s: its transcript %s cannot be read (%s); closed without its SHA-256",
                           meta["id"], cast_path, e.strerror or e)
                 digest = None
+            end = cast_path.stat().st_mtime if cast_path.exists() else time.time()
             meta.update(end=utc_iso(end), end_ts=end, result="interrupted", transcript_sha256=digest)
             self.log_end(meta)
             _atomic_write_json(self.directory / f"{meta['id']}.json", meta)

@@ -22,6 +22,7 @@ transcript's format (recording.py, console/recording.py), not the session archiv
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import logging
 import os
@@ -78,6 +79,9 @@ class Transcript:
     def __init__(self, path: Path, notify: Callable[[], None] | None = None):
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        # Held until closed, or until this process has ended (a write the kernel holds on a stalled
+        # disk keeps it past `skyguard down`): another process's recovery waits for it (recording.py).
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)
         self._notify = notify
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -176,6 +180,8 @@ class Transcript:
 class Queued(Protocol):
     """A session's recording as ClosingRecords sees it (SessionRecording, VncRecording)."""
 
+    id: str
+
     @property
     def queued(self) -> int: ...
 
@@ -192,12 +198,28 @@ class ClosingRecords:
         self._tasks[task] = recording
         task.add_done_callback(lambda done: self._tasks.pop(done, None))
 
-    async def wait(self) -> None:
-        """Until every record kept so far is closed (a part's stop(): ended sessions on disk)."""
-        if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+    async def wait(self, timeout: float) -> list[str]:
+        """Until every record kept so far is closed (a part's stop(): ended sessions on disk), for
+        at most `timeout` seconds: a disk that does not answer must not hold up the shutdown
+        (programs detached, the daemon restarted). The ids of the records still not closed then
+        (they go on closing while the process lives; else the next start's recovery closes them)."""
+        tasks = list(self._tasks)
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        return sorted(self._tasks[task].id for task in tasks if not task.done() and task in self._tasks)
 
     def backlog(self, open_recordings: Iterable[Queued]) -> int:
         """Bytes not yet written of `open_recordings` and of the records closing. Safe from the
         exporter's thread at scrape time (list() copies the dict's values in one step)."""
         return sum(recording.queued for recording in set(open_recordings) | set(list(self._tasks.values())))
+
+
+def report_left_open(sessions: list[str], waited: float, part: str, record: Callable[..., None]) -> None:
+    """A part stopped with `sessions`' records still closing (ClosingRecords.wait): said in the
+    host's log and the decision log (`record(kind, **fields)`). Their records stay 'active' on
+    disk until this process closes them or, if it ends first, the next start's recovery does
+    (result interrupted, the transcript hashed as it is then)."""
+    log.error("the %s part stopped with %d session record(s) not closed after %g s: the disk under the session "
+              "records is not answering; left open: %s (closed when the disk answers, else at the next start, "
+              "result interrupted)", part, len(sessions), waited, ", ".join(sessions))
+    record("admin_session_records_left_open", part=part, sessions=sessions)

@@ -30,7 +30,7 @@ from skyguard.admin.decisionlog import DecisionLog
 from skyguard.admin.proxy import parse_listen
 from skyguard.admin.ratelimit import AuthFailureLimiter
 from skyguard.admin.recording import SessionArchive
-from skyguard.admin.transcript import ClosingRecords
+from skyguard.admin.transcript import ClosingRecords, report_left_open
 from skyguard.console.rdp import missing_tools
 from skyguard.console.session import ConsoleSession
 from skyguard.console.tickets import TicketBook
@@ -59,6 +59,7 @@ class ConsoleConfig:
     # is told, after recording_stall_timeout the session is ended (fail closed).
     recording_notice_after: float = 5.0
     recording_stall_timeout: float = 60.0
+    recording_close_wait: float = 5.0  # how long stop() waits for ended sessions' records (AdminProxyConfig)
 
 
 class ConsoleMetrics:
@@ -192,7 +193,9 @@ class ConsoleProxy:
         for session in list(self.sessions):
             session.end("shutdown")
         self.refusals.flush()
-        await self.records_closing.wait()  # every ended session's record is on disk before stop() returns
+        # Every ended session's record is on disk before stop() returns, unless the disk does not answer.
+        if left := await self.records_closing.wait(self.config.recording_close_wait):
+            report_left_open(left, self.config.recording_close_wait, "console", self.record)
 
     # -- the listener ------------------------------------------------------------------------------
 

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from daemon_support import RunningDaemon
 
 from skyguard import config
+from skyguard.admin.recording import SessionArchive
+from support.frozen_disk import FrozenDisk, blocked_in_the_kernel
 
 PROXY_PORT = 24299
 UPLINK = "100.64.0.1"  # the lab host's address toward the internet namespace
@@ -133,3 +136,49 @@ def test_file_transfer_by_another_name_is_refused_and_in_the_signed_log(admin_la
     assert "C0644" not in out.stdout
     [entry] = [e for e in admin_lab.daemon.log_entries("admin_session_refused") if e.get("command") == command]
     assert entry["reason"] == "file_transfer_refused" and entry["transfer_programs"] == ["scp"]
+
+
+def test_down_returns_while_a_session_record_waits_on_a_stalled_disk(admin_lab):
+    """The disk under the session records stalls (fsfreeze) as a session ends: its last output and
+    its record's end wait on that disk. `skyguard down` waited for that record without a bound, so
+    the programs stayed attached and `down` failed; now the proxy's stop() gives up after
+    recording_close_wait, says which record it left open, and the rest of the shutdown (programs
+    detached) goes on: `down` returns while the disk is still frozen. The daemon's process lingers
+    until the disk answers (the kernel holds the thread in its write); the next start closes the
+    record, hashed as the file ended up, and it verifies against the signed log. (The disk is
+    unmounted under the running daemon: the records before this test are back in view.)"""
+    daemon = admin_lab.daemon
+    sessions = daemon.state_dir / "admin" / "sessions"
+    sessions.mkdir(parents=True, exist_ok=True, mode=0o700)
+    args = ["ssh", "-i", str(admin_lab.tmp / "alice"), "-p", str(PROXY_PORT), "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10",
+            f"alice+dc1@{UPLINK}", "echo record-up; read line; echo record-bye"]
+    with FrozenDisk(sessions) as disk:
+        client = admin_lab.lab.popen("internet", args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        try:
+            assert client.stdout.readline() == "record-up\n", client.stderr.read()
+            [meta] = [m for m in SessionArchive(sessions).list() if m["result"] == "active"]
+            disk.freeze()
+            client.stdin.close()  # the VM prints its last line and exits: both wait on the disk
+            client.stdin = None
+            while not blocked_in_the_kernel(daemon.proc.pid):
+                assert daemon.proc.poll() is None, daemon.log_tail()
+                time.sleep(0.01)
+            down = daemon.cli("down", timeout=90)
+            assert down.returncode == 0 and "programs detached" in down.stdout, down.stderr + daemon.log_tail()
+            assert disk.frozen
+            assert f"left open: {meta['id']}" in daemon.log_tail(), daemon.log_tail()
+            assert not daemon.pin_dir.exists()  # the programs detached, their pins removed
+            disk.thaw()
+            daemon.proc.wait(30)  # the process ends once its write returns
+        finally:
+            client.kill()
+            client.wait()
+            disk.thaw()
+        daemon.start()  # its recovery closes the record left open (and the module's other tests go on)
+        meta = SessionArchive(sessions).load(meta["id"])
+        assert meta["result"] == "interrupted"
+        replayed = daemon.cli("admin", "replay", meta["id"], "--text")  # hashed as the file ended up
+        assert replayed.returncode == 0 and "matches the session record" in replayed.stderr, replayed.stderr
+        assert "record-up" in replayed.stdout

@@ -181,11 +181,13 @@ def test_a_recording_on_a_stalled_disk_holds_up_no_other_session(proxy, loop, tm
     session streams full screens through a second proxy whose state is on a disk that freezes
     (fsfreeze): a session through the first proxy, on the same loop, still gets its screen. The
     stalled session waits (what waits in memory bounded), then is ended while the disk is still
-    frozen, and its record closes, hashed as written, once the disk is back."""
+    frozen, and its record closes, hashed as written, once the disk is back; the proxy's stop()
+    meanwhile waits for that record a while, not for the disk, and says it left it open."""
     registry, decisions = CollectorRegistry(), MemoryLog()
     with FrozenDisk(tmp_path / "stalled-recordings") as disk:
         other = ConsoleProxy(load_policy(STALLED_PORT), proxy.store, disk.path, decisions, registry,
-                             ConsoleConfig(recording_notice_after=1.0, recording_stall_timeout=4.0))
+                             ConsoleConfig(recording_notice_after=1.0, recording_stall_timeout=4.0,
+                                           recording_close_wait=0.5))
         on(loop, other.start())
 
         async def main():
@@ -217,6 +219,10 @@ def test_a_recording_on_a_stalled_disk_holds_up_no_other_session(proxy, loop, tm
                                              {"operator": "alice", "result": "recording_stalled"}) == 1
             [stalled] = decisions.of_kind("admin_session_recording_failed")
             assert stalled["result"] == "recording_stalled" and "not keeping up" in stalled["reason"]
+            on(loop, other.stop(), HANG)  # a stop waits for the record a while, not for the disk
+            assert disk.frozen
+            [left] = decisions.of_kind("admin_session_records_left_open")
+            assert (left["part"], left["sessions"]) == ("console", [stalled["session"]])
             disk.thaw()
             for _ in range(600):  # a bound against a hang, not a timing
                 if (record := other.archive.load(stalled["session"]))["result"] != "active":

@@ -9,6 +9,7 @@ writes block, in whichever thread makes them.
         while not blocked_in_the_kernel(): ...     # a write of the part waits now
         disk.thaw()
 
+A folder that exists already is mounted over (what it holds is hidden until the block is left).
 Leaving the block thaws and unmounts (stop the part that uses it first, inside the block); a
 safety timer thaws it anyway after SAFETY seconds, so a failing test never leaves a frozen
 filesystem behind. Not a slow disk (writes do not trickle): a
@@ -33,7 +34,7 @@ class FrozenDisk:
         self._safety.daemon = True
 
     def __enter__(self) -> FrozenDisk:
-        self.path.mkdir(mode=0o700)
+        self.path.mkdir(mode=0o700, exist_ok=True)
         subprocess.run(["truncate", "-s", self.size, str(self.image)], check=True)
         subprocess.run(["mkfs.ext4", "-q", str(self.image)], check=True)
         subprocess.run(["mount", "-o", "loop", str(self.image), str(self.path)], check=True)

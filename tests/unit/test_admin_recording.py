@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -99,6 +100,58 @@ def test_session_of_a_dead_proxy_is_closed_complete_up_to_then(archive, log):
     assert "step 1 done" in rec.cast_path.read_text()
     assert archive.verify(rec.id, list(log.entries())) == meta["transcript_sha256"]
     assert SessionArchive(archive.directory, log).recover_interrupted() == []  # once only
+
+
+EARLIER_PROCESS = """import os, sys, time
+from skyguard.admin.recording import SessionArchive
+rec = SessionArchive(sys.argv[1]).begin(operator="alice", key_fingerprint="SHA256:abc", workload="dc1",
+                                        zone="directory", source="192.0.2.1:1", kind="exec", command="job")
+rec.output(b"first line\\r\\n")
+print(rec.id, flush=True)
+sys.stdin.readline()
+rec.output(b"last line\\r\\n")  # the write a stalled disk held, returning as the process ends
+while rec.queued:
+    time.sleep(0.001)
+os._exit(0)  # never finished: its record is left active
+"""
+
+
+def transcript_lock_waited(path: Path) -> bool:
+    """Some process waits for a lock on `path` (a '->' line of /proc/locks for its inode)."""
+    inode = f":{os.stat(path).st_ino} "
+    return any("->" in line and inode in line for line in Path("/proc/locks").read_text().splitlines())
+
+
+def test_recovery_waits_for_an_earlier_process_still_writing_a_transcript(tmp_path, log):
+    """`skyguard down` returns while the old daemon's process lingers, the kernel holding its last
+    write to a stalled disk: the next start's recovery must not hash that transcript before the
+    write lands (the hash would not be the file's). It waits for the earlier process to let go of
+    the transcript, then closes the record with the hash of the file as it ended up."""
+    directory = tmp_path / "sessions"
+    earlier = subprocess.Popen([sys.executable, "-c", EARLIER_PROCESS, str(directory)], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        session_id = earlier.stdout.readline().strip()
+        cast = directory / f"{session_id}.cast"
+        while "first line" not in cast.read_text():
+            time.sleep(0.01)
+        recovered = []
+        recovery = threading.Thread(target=lambda: recovered.extend(SessionArchive(directory, log).recover_interrupted()))
+        recovery.start()
+        while recovery.is_alive() and not transcript_lock_waited(cast):
+            time.sleep(0.01)
+        assert recovery.is_alive()  # waiting for the earlier process
+        earlier.stdin.write("\n")
+        earlier.stdin.close()
+        earlier.wait(30)
+        recovery.join(30)
+    finally:
+        earlier.kill()
+        earlier.wait()
+    assert recovered == [session_id]
+    meta = SessionArchive(directory).load(session_id)
+    assert meta["result"] == "interrupted" and "last line" in cast.read_text()
+    assert SessionArchive(directory).verify(session_id, list(log.entries())) == meta["transcript_sha256"]
 
 
 def test_a_transcript_is_written_behind_in_order_and_hashed_as_written(tmp_path):
