@@ -33,8 +33,9 @@ from skyguard.admin.recording import SessionArchive
 from skyguard.admin.transcript import ClosingRecords, report_left_open
 from skyguard.console.rdp import missing_tools
 from skyguard.console.session import ConsoleSession
-from skyguard.console.tickets import TicketBook
+from skyguard.console.tickets import Ticket, TicketBook, match_token
 from skyguard.custody.store import SecretStore
+from skyguard.diskwork import DiskWork
 from skyguard.errors import AdminError, SkyguardError
 from skyguard.parts import BrakedRefusals, Degraded, record_or_report
 from skyguard.policy.model import Policy
@@ -46,6 +47,11 @@ log = logging.getLogger("skyguard.console")
 
 
 SIGN_IN_CHECK = 2.0  # seconds between checks that a web session's operator is still signed in
+# Threads for the console tickets' file work, and the operations in flight (running or waiting)
+# past which a login is refused ("try again later"): each takes milliseconds on a healthy disk; on
+# a stalled one each login waits until it answers (tickets.py).
+TICKET_WORKERS = 2
+MAX_TICKET_WORK = 16
 
 
 @dataclass
@@ -107,6 +113,8 @@ class ConsoleProxy:
         self.metrics = ConsoleMetrics(registry)
         self.archive = archive or SessionArchive(self.state_dir / "admin" / "sessions", decision_log)
         self.tickets = TicketBook(self.state_dir / "console" / "tickets")
+        # The tickets' reads and deletes, off the loop and out of its default executor (diskwork.py).
+        self.ticket_work = DiskWork("console ticket operations", TICKET_WORKERS, MAX_TICKET_WORK)
         self.limiter = AuthFailureLimiter(self.config.max_failures, self.config.failure_window,
                                           self.config.block_for)
         self.sessions: set[ConsoleSession] = set()
@@ -283,6 +291,11 @@ class ConsoleProxy:
             await asyncio.sleep(SIGN_IN_CHECK)
             if any(s.signed_in is not None for s in self.sessions):
                 self._end_revoked()
+
+    async def redeem_token(self, token: str) -> Ticket | None:
+        """TicketBook.redeem_token, its file work off the loop (Busy while that work is at its bound)."""
+        ticket = match_token(await self.ticket_work.start(self.tickets.load), token)
+        return ticket if ticket is not None and await self.ticket_work.run(self.tickets.consume, ticket) else None
 
     def vm_login_lock(self, address: str, port: int) -> asyncio.Lock:
         """The lock that serialises skyguard's logins to one VM's VNC server (see session.py)."""

@@ -29,7 +29,7 @@ from skyguard.admin.transcript import RecordingError, RecordingStalled, on_loop
 from skyguard.console import access, rfb
 from skyguard.console.rdp import RdpDesktop
 from skyguard.console.recording import VncRecording
-from skyguard.console.tickets import Ticket
+from skyguard.console.tickets import Ticket, match_vnc
 from skyguard.diskwork import Busy
 from skyguard.errors import AdminError, SkyguardError
 from skyguard.policy.console import ConsoleTarget
@@ -108,12 +108,21 @@ class ConsoleSession:
             challenge = os.urandom(16)
             await self._send(challenge)
             response = await self.client_r.readexactly(16)
+            try:  # read off the loop: the tickets' disk may stall
+                tickets = await self.proxy.ticket_work.start(self.proxy.tickets.load)
+            except Busy as e:
+                log.warning("a console login from %s is refused: %s", self.source, e)
+                return await self._refuse("tickets_busy", "skyguard: console tickets cannot be checked now (the disk "
+                                                          "under skyguard's state is not keeping up); try again later")
             # Again: a guesser opens many connections at once, each past the check above before
             # any guess failed. From here to the failure counted in _refuse nothing awaits.
             if self.proxy.limiter.is_blocked(self.source_host):
                 self.proxy.metrics.auth_failures.labels("rate_limited").inc()
                 return None
-            self.ticket = self.proxy.tickets.redeem_vnc(challenge, response)
+            ticket = match_vnc(tickets, challenge, response)
+            if ticket is not None and not await self.proxy.ticket_work.run(self.proxy.tickets.consume, ticket):
+                ticket = None  # another connection redeemed it first (a right password: no guess to count)
+            self.ticket = ticket
         if self.ticket is None:
             return await self._refuse("bad_ticket", "skyguard: unknown, used or expired console ticket; "
                                                     "ask for a new one")

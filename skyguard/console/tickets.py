@@ -8,6 +8,12 @@ are files in a root-only folder (0700, each file 0600), so `skyguard admin conso
 an administrator on the host) and the daemon share them without a socket; redeeming one deletes
 its file, and of two racing redeemers only the one whose unlink succeeds gets it.
 
+Every method touches the disk (it may stall: a hung or frozen filesystem), so the proxy calls
+them through its own bounded threads (skyguard/diskwork.py), never on its event loop: `load` and
+`consume` off the loop, and `match_vnc`/`match_token` (no I/O) on it, so that its guess limiter
+judges each VNC guess at once (console/session.py). `issue`, `redeem_vnc` and `redeem_token` do all
+of it in one call, for the CLI and other callers off any loop.
+
 Issuing a ticket does not grant access: the proxy checks the policy in force when it is used.
 """
 
@@ -57,7 +63,7 @@ class TicketBook:
         """A new ticket. `web`: for the web console's WebSocket, a long token instead of a VNC
         password (a URL carries any length; VNC authentication never accepts a web ticket)."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        live = self._load_all()
+        live = self.load()
         mine = sorted((t for t in live if t.operator == operator), key=lambda t: t.expires)
         for old in mine[:max(0, len(mine) - MAX_PER_OPERATOR + 1)]:
             (self.directory / f"{old.id}.json").unlink(missing_ok=True)
@@ -75,30 +81,25 @@ class TicketBook:
 
     def redeem_vnc(self, challenge: bytes, response: bytes) -> Ticket | None:
         """The ticket whose password answers `challenge` with `response`, consumed; else None."""
-        for ticket in self._load_all():
-            if len(ticket.password) != PASSWORD_LENGTH:
-                continue  # a web ticket: DES would use only its first 8 characters
-            expected = vnc_auth_response(ticket.password.encode(), challenge)
-            if hmac.compare_digest(expected, response):
-                return ticket if self._consume(ticket) else None
-        return None
+        ticket = match_vnc(self.load(), challenge, response)
+        return ticket if ticket is not None and self.consume(ticket) else None
 
     def redeem_token(self, token: str) -> Ticket | None:
         """The web ticket `token`, consumed; else None (unknown, used, expired, or a VNC password)."""
-        for ticket in self._load_all():
-            if len(ticket.password) > PASSWORD_LENGTH and hmac.compare_digest(ticket.password.encode(),
-                                                                               token.encode()):
-                return ticket if self._consume(ticket) else None
-        return None
+        ticket = match_token(self.load(), token)
+        return ticket if ticket is not None and self.consume(ticket) else None
 
-    def _consume(self, ticket: Ticket) -> bool:
+    def consume(self, ticket: Ticket) -> bool:
+        """Use `ticket` up: True for the one caller whose delete succeeds, False for any other
+        (another connection redeemed it first), whatever threads or processes race for it."""
         try:
             os.unlink(self.directory / f"{ticket.id}.json")
             return True
-        except FileNotFoundError:  # another connection redeemed it first
+        except FileNotFoundError:
             return False
 
-    def _load_all(self) -> list[Ticket]:
+    def load(self) -> list[Ticket]:
+        """The tickets not yet used nor expired (expired ones are deleted on the way)."""
         now, live = time.time(), []
         for path in self.directory.glob("*.json") if self.directory.is_dir() else ():
             try:
@@ -112,3 +113,21 @@ class TicketBook:
             else:
                 live.append(ticket)
         return live
+
+
+def match_vnc(tickets: list[Ticket], challenge: bytes, response: bytes) -> Ticket | None:
+    """The VNC ticket of `tickets` whose password answers `challenge` with `response` (no I/O)."""
+    for ticket in tickets:
+        if len(ticket.password) != PASSWORD_LENGTH:
+            continue  # a web ticket: DES would use only its first 8 characters
+        if hmac.compare_digest(vnc_auth_response(ticket.password.encode(), challenge), response):
+            return ticket
+    return None
+
+
+def match_token(tickets: list[Ticket], token: str) -> Ticket | None:
+    """The web ticket of `tickets` that is `token` (no I/O)."""
+    for ticket in tickets:
+        if len(ticket.password) > PASSWORD_LENGTH and hmac.compare_digest(ticket.password.encode(), token.encode()):
+            return ticket
+    return None

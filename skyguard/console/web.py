@@ -63,6 +63,7 @@ from skyguard.apps.sessions import same_origin
 from skyguard.conncap import UnauthenticatedConnections
 from skyguard.console import access, rfb
 from skyguard.console.session import ConsoleSession
+from skyguard.diskwork import Busy
 from skyguard.errors import AdminError, BadInput
 
 log = logging.getLogger("skyguard.console")
@@ -227,7 +228,7 @@ class WebConsole:
             await self._server.wait_closed()
             self._server = None
 
-    def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def _http(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
         if path == WS_PATH:
             return None  # on to the WebSocket handshake
@@ -238,7 +239,7 @@ class WebConsole:
         if path == "/console/view":  # the session page; the ticket is in its fragment
             return _response(HTTPStatus.OK, PAGE.read_bytes(), "text/html; charset=utf-8")
         if path == "/console/open" and self.app is not None:
-            return self._open(request, connection)
+            return await self._open(request, connection)
         if path == "/console/console.js":
             return _response(HTTPStatus.OK, SCRIPT.read_bytes(), "text/javascript")
         if path.startswith("/novnc/") and (found := static_file(NOVNC_DIR, path[len("/novnc/"):])):
@@ -273,7 +274,7 @@ class WebConsole:
                 f"</b>.</p><ul id=targets>{items or '<li>no console you may open</li>'}</ul>")
         return _response(HTTPStatus.OK, body.encode(), "text/html; charset=utf-8")
 
-    def _open(self, request: Request, connection: ServerConnection) -> Response:
+    async def _open(self, request: Request, connection: ServerConnection) -> Response:
         """Open a target for the signed-in operator: decided here, then a one-time web ticket in
         the redirect's fragment. A target they may not open (a forged request) is refused and
         logged; so is a request no page of this console sent (see the module's docstring)."""
@@ -297,17 +298,27 @@ class WebConsole:
         except AccessRefused as e:
             self.proxy.refused(e.reason, address, operator=who.user, door="web", source=source, target=name[:64])
             return _response(HTTPStatus.FORBIDDEN, (str(e) + "\n").encode())
-        try:
-            ticket = self.proxy.tickets.issue(who.user, target.name, tuple(who.groups), web=True)
+        try:  # written off the loop: the tickets' disk may stall
+            ticket = await self.proxy.ticket_work.start(self.proxy.tickets.issue, who.user, target.name,
+                                                        tuple(who.groups), web=True)
         except BadInput as e:  # too many tickets waiting
             return _response(HTTPStatus.SERVICE_UNAVAILABLE, (str(e) + "\n").encode())
+        except Busy as e:
+            log.warning("a web console ticket for %s is refused: %s", who.user, e)
+            return _response(HTTPStatus.SERVICE_UNAVAILABLE, b"console tickets cannot be issued now (the disk under "
+                                                             b"skyguard's state is not keeping up); try again later\n")
         headers = Headers([("Location", f"/console/view#ticket={ticket.password}"), ("Content-Length", "0"),
                            *SECURITY_HEADERS])
         return Response(HTTPStatus.SEE_OTHER.value, HTTPStatus.SEE_OTHER.phrase, headers, b"")
 
     async def _session(self, ws: ServerConnection) -> None:
         token = parse_qs(urlsplit(ws.request.path).query).get("ticket", [""])[0]
-        ticket = self.proxy.tickets.redeem_token(token) if token else None
+        try:  # off the loop: the tickets' disk may stall
+            ticket = await self.proxy.redeem_token(token) if token else None
+        except Busy as e:
+            log.warning("a web console login is refused: %s", e)
+            await ws.close(1013, "console tickets cannot be checked now; try again later")
+            return
         if ticket is None:
             self.proxy.refused("bad_ticket", _address(ws), operator=None, door="web", source=_source(ws), target=None)
             await ws.close(1008, "unknown, used or expired console ticket")

@@ -26,7 +26,7 @@ from skyguard.custody.store import SecretStore
 from skyguard.parts import MemoryLog
 from skyguard.policy.console import AdminConsole, ConsoleGrant, ConsoleTarget
 from skyguard.policy.model import Policy, Workload, Zone
-from support.frozen_disk import FrozenDisk, blocked_in_the_kernel
+from support.frozen_disk import FrozenDisk, blocked_in_the_kernel, threads_blocked_in_the_kernel
 
 PASSWORD = b"load-pw1"
 VNC_PORT, PROXY_PORT = 24261, 24262
@@ -230,6 +230,52 @@ def test_a_recording_on_a_stalled_disk_holds_up_no_other_session(proxy, loop, tm
                 time.sleep(0.05)
             assert record["result"] == "recording_stalled"
             assert other.archive.verify(record["id"]) == record["transcript_sha256"]
+        finally:
+            disk.thaw()
+            on(loop, other.stop(), HANG)
+
+
+TICKETS_PORT = 24264  # a third proxy on the same loop, its tickets on a disk that stalls
+
+
+async def admitted(password: bytes, port: int) -> bool:
+    """A login with `password` gets its screen (True), or is refused as a used ticket (False)."""
+    try:
+        return await session(password, 1, port) == 1
+    except AssertionError as e:
+        assert "unknown, used or expired console ticket" in str(e), e
+        return False
+
+
+def test_a_console_login_on_a_stalled_disk_holds_up_no_other_session(proxy, loop, tmp_path):
+    """A console ticket was read and deleted (redeemed) on the loop every session shares: a login
+    whose tickets' disk stalled stopped every console and SSH session. Here a proxy's tickets are
+    on a disk that freezes (fsfreeze): two logins with the same ticket wait, each to delete it,
+    while a session through another proxy on the same loop gets its screen. Once the disk is
+    back the ticket admits one of the two, and only one."""
+    with FrozenDisk(tmp_path / "stalled-tickets") as disk:
+        other = ConsoleProxy(load_policy(TICKETS_PORT), proxy.store, disk.path, MemoryLog())
+        on(loop, other.start())
+        password = other.tickets.issue("alice", "desk").password.encode()
+
+        async def main():
+            disk.freeze()
+            twice = [asyncio.create_task(admitted(password, TICKETS_PORT)) for _ in range(2)]
+            while not blocked_in_the_kernel():  # a redemption waits on the disk
+                assert not any(t.done() for t in twice), [t.result() for t in twice if t.done()]
+                await asyncio.sleep(0.01)
+            meanwhile = await asyncio.wait_for(session(proxy.tickets.issue("alice", "desk").password.encode(), 1),
+                                               HANG / 3)
+            while threads_blocked_in_the_kernel() < 2:  # both redemptions wait on the disk
+                assert not any(t.done() for t in twice), [t.result() for t in twice if t.done()]
+                await asyncio.sleep(0.01)
+            assert disk.frozen and not any(t.done() for t in twice)
+            disk.thaw()
+            return meanwhile, await asyncio.wait_for(asyncio.gather(*twice), HANG)
+
+        try:
+            meanwhile, results = asyncio.run(main())
+            assert meanwhile == 1 and sorted(results) == [False, True]
         finally:
             disk.thaw()
             on(loop, other.stop(), HANG)
