@@ -35,9 +35,11 @@ def fleet():
                   --fleet-admin-key admin.vkey
       skyguard fleet identity --name host1 > host1.json     on host1, once it runs
       skyguard fleet trust host1 --key host1.json           on every other host
-      skyguard fleet policy push new.yaml --sign-key admin.pem --etcd http://10.0.0.1:2379
-                  (waits until every host enforces it; exit 1 names those that refuse)
-      skyguard fleet status --etcd http://10.0.0.1:2379 --json
+      skyguard fleet trust host1 --key host1.json --state-dir ~/fleet-admin   the admin's pins too
+      skyguard fleet policy push new.yaml --sign-key admin.pem --etcd http://10.0.0.1:2379 \\
+                  --state-dir ~/fleet-admin
+                  (waits until every host signs that it enforces it; exit 1 names those that do not)
+      skyguard fleet status --etcd http://10.0.0.1:2379 --state-dir ~/fleet-admin --json
     """
 
 
@@ -167,8 +169,9 @@ def policy_group():
 @click.option("--no-wait", is_flag=True, help="Return once the policy is stored in etcd, as a script that "
                                               "checks the hosts itself wants.")
 @etcd_option
+@state_dir_option
 @json_option
-def push(file, sign_key, key_name, hosts, admin_keys, wait_s, no_wait, etcd, as_json):
+def push(file, sign_key, key_name, hosts, admin_keys, wait_s, no_wait, etcd, state_dir, as_json):
     """Validate FILE, sign it with the admin key as the next revision, store it in etcd, then wait
     until every host it names reports enforcing it: exit 0 then, 1 when a host refused it (with
     the reason it reports: not newer than what it runs, not signed by an admin key it has, does
@@ -177,8 +180,12 @@ def push(file, sign_key, key_name, hosts, admin_keys, wait_s, no_wait, etcd, as_
     The hosts named are those of --hosts; with *, the members of the fleet once the policy is
     stored (a host down then is listed as absent, not waited for: it applies the newest revision
     when it joins again; name hosts with --hosts to wait for them). What a host reports is its
-    member record in etcd, which anyone who can write etcd could forge: its signed log
-    (`skyguard log verify`) and `skyguard attest` prove what it enforces.
+    member record in etcd, which anyone who can write etcd could write: a host counts only by
+    what its host key signed, pinned in --state-dir (`fleet trust`; on a fleet host, its own
+    too), after the push began. A host whose key is not pinned there is UNVERIFIED, a record its
+    key did not sign (or changed) FORGED, an old signed one put back STALE: never enforcing,
+    named so once the wait is over. Its signed log (`skyguard log verify`) and `skyguard attest`
+    prove what it enforces.
 
     The next revision is one above the highest signed by the --sign-key or an --admin-key among
     the policy key's values in etcd (its history too) and what the hosts report running (with
@@ -197,10 +204,12 @@ def push(file, sign_key, key_name, hosts, admin_keys, wait_s, no_wait, etcd, as_
       skyguard fleet policy push site.yaml --sign-key admin.pem --admin-key other-admin.vkey \\
           --hosts host1,host2 --wait 120 --json | jq '.results'
       skyguard fleet policy push site.yaml --sign-key admin.pem --no-wait    store it, wait for nothing
+      skyguard fleet trust host3 --key host3.json --state-dir ~/fleet-admin     the admin's pins, once a host
+      skyguard fleet policy push site.yaml --sign-key admin.pem --state-dir ~/fleet-admin   hosts checked on them
     """
-    from skyguard.fleet.admin import push_policy
+    from skyguard.fleet.admin import local_trust, push_policy
     from skyguard.fleet.etcd import EtcdStore
-    from skyguard.fleet.rollout import wait_for_hosts
+    from skyguard.fleet.rollout import DOUBTED, wait_for_hosts
     from skyguard.fleet.signing import admin_signer, load_admin_verifiers
     from skyguard.policy.parse import parse_policy
 
@@ -208,6 +217,8 @@ def push(file, sign_key, key_name, hosts, admin_keys, wait_s, no_wait, etcd, as_
     parse_policy(text, source=str(file))   # nothing invalid is ever pushed
     signer = admin_signer(sign_key, key_name)
     host_list = tuple(h.strip() for h in hosts.split(",") if h.strip()) or ("*",)
+    state = Path(state_dir or config.STATE_DIR)
+    host_keys = local_trust(state).member_keys   # the hosts' keys `fleet trust` pinned there
     say = warn if as_json else click.echo   # progress: stderr beside --json's one document
 
     def progress(name, result, rollout):
@@ -215,7 +226,7 @@ def push(file, sign_key, key_name, hosts, admin_keys, wait_s, no_wait, etcd, as_
             say(f"{len(rollout.enforcing)}/{len(rollout.named)} hosts enforce revision {rollout.revision} ({name})")
         elif result.outcome == "refused":
             say(f"{name} refused revision {rollout.revision} ({_cell(result.reason)}): {_cell(result.problem)}")
-        elif result.outcome == "superseded" or result.reason:
+        elif result.outcome in ("superseded", *DOUBTED) or result.reason:
             say(f"{name}: {_cell(result.detail)}")
 
     async def run():
@@ -226,7 +237,7 @@ def push(file, sign_key, key_name, hosts, admin_keys, wait_s, no_wait, etcd, as_
         named = "the fleet's members" if signed.hosts == ("*",) else ", ".join(signed.hosts)
         say(f"pushed revision {signed.revision} ({signed.sha256[:12]}) to {hosts}; waiting up to {wait_s:g} s "
             f"for {named} to enforce it")
-        return signed, ignored, await wait_for_hosts(store, signed, wait_s, progress)
+        return signed, ignored, await wait_for_hosts(store, signed, wait_s, host_keys, progress)
 
     signed, ignored, rollout = asyncio.run(run())
     result = {"revision": signed.revision, "sha256": signed.sha256, "hosts": list(signed.hosts), "ignored": ignored,
@@ -237,12 +248,13 @@ def push(file, sign_key, key_name, hosts, admin_keys, wait_s, no_wait, etcd, as_
         if not as_json:
             click.echo(f"pushed revision {signed.revision} ({signed.sha256[:12]}) to {hosts}")
         return
-    _report_rollout(rollout, as_json)
+    _report_rollout(rollout, as_json, state)
 
 
-def _report_rollout(rollout, as_json: bool) -> None:
+def _report_rollout(rollout, as_json: bool, state: Path) -> None:
     """A push's outcome: a line when every host named enforces it; else FleetError (exit 1)
     naming each host that does not, and why."""
+    from skyguard.fleet.report import UNVERIFIED
     from skyguard.fleet.store import FleetError
 
     if rollout.absent:
@@ -257,15 +269,27 @@ def _report_rollout(rollout, as_json: bool) -> None:
                        f"({rollout.waited_s:.1f} s)")
         return
     failed = rollout.failed
-    late = f"timed out after {rollout.waited_s:.0f} s: "
-    lines = [f"{_cell(name)} ({late if r.outcome == 'timed_out' else ''}{_cell(r.detail)})"
-             for name, r in sorted(failed.items())]
+    lines = [f"{_cell(name)} ({_why(r, rollout.waited_s)})" for name, r in sorted(failed.items())]
     hint = ""
     if any(r.reason == "rollback" for r in failed.values()):
         hint = ("\na host refuses a revision no newer than the one it runs: another admin's revision was not "
                 "counted; push again giving each of the fleet's other admin keys with --admin-key")
+    if any(r.outcome == UNVERIFIED for r in failed.values()):
+        hint += (f"\na host's member record counts only when its host key is pinned in {_cell(str(state))}: "
+                 "`skyguard fleet trust HOST --key HOST.json` there (or --state-dir: a fleet host's)")
     raise FleetError(f"revision {rollout.revision} is not enforced by {len(failed)} of the {len(rollout.named)} "
                      f"hosts named; not enforcing: " + "; ".join(lines) + hint)
+
+
+def _why(result, waited_s: float) -> str:
+    """Why a host does not enforce a push: what it reports, or that the wait ran out and on what
+    (a record not taken as its host's word is named so: UNVERIFIED, FORGED, STALE)."""
+    from skyguard.fleet.rollout import FINAL, TIMED_OUT
+
+    if result.outcome in FINAL:
+        return _cell(result.detail)
+    doubt = "" if result.outcome == TIMED_OUT else f"{result.outcome.upper()}: "
+    return f"timed out after {waited_s:.0f} s: {doubt}{_cell(result.detail)}"
 
 
 @fleet.command("clear-alert")
@@ -380,7 +404,9 @@ def status(etcd, admin_keys, state_dir, as_json):
     member, a cosignature or an alert record. A member whose keys are not pinned here (`fleet
     trust`) is marked UNVERIFIED, and so are cosignatures by witness keys not pinned here; an
     alert is shown as the fleet's (ALERT) only when this host raised it or a host key pinned here
-    signed it, the rest listed apart as UNVERIFIED.
+    signed it, the rest listed apart as UNVERIFIED. A member record whose revision, hash,
+    refusals and heartbeat its host key pinned here did not sign is marked [record UNVERIFIED],
+    [record FORGED] (changed, or another key's), or [record STALE] (signed long ago: put back).
 
     \b
     Examples:
@@ -411,6 +437,8 @@ def status(etcd, admin_keys, state_dir, as_json):
                    f"{len(alerts) if isinstance(alerts, list) else _cell(alerts)}"
                    + (f"  ({_cell(m['problem'])})" if "problem" in m else "")
                    + (f"  [{m['trust']}]" if m["trust"].startswith("UNVERIFIED") else "")
+                   + (f"  [record {m['record'].upper()}: {_cell(m['record_problem'])}]" if m["record"] != "verified"
+                      else "")
                    + (f"  [{m['witnessed_by_unverified']} cosignatures by witnesses not pinned here]"
                       if m["witnessed_by_unverified"] else ""))
     for alert in view["alerts"]:

@@ -2,7 +2,8 @@
 policy, and read the fleet's view as a host sees it (`Trust`: what its state dir vouches for).
 Members no operator pinned there are unverified, and so are cosignatures not made by a witness
 key pinned there; alerts are the fleet's only when that host raised them or a host key pinned
-there signed them, the rest unverified.
+there signed them, the rest unverified; a member record is its host's word only as far as its
+host key known there signed it (report.py: `record` verified, else unverified, forged, stale).
 
 Not here: what a host does with a pushed policy (agent.py).
 """
@@ -21,6 +22,7 @@ from skyguard.errors import SkyguardError
 from skyguard.fleet import keys
 from skyguard.fleet.alerts import is_cleared, load_alerts, load_cleared, open_alert, open_cleared
 from skyguard.fleet.peers import by_operator, keys_of
+from skyguard.fleet.report import MAX_AGE_S, HostKeys, RecordDoubt, fresh, open_member
 from skyguard.fleet.signing import PolicyRefused, SignedPolicy, open_note, open_policy, sign_policy
 from skyguard.fleet.store import Compacted, FleetError, Item, Store, load_value
 from skyguard.tlog.checkpoint import Signer, Verifier
@@ -85,8 +87,9 @@ async def _highest_stored(store: Store, item: Item | None, admins: list[Verifier
 
 async def _highest_running(store: Store, admins: list[Verifier], ignored: dict[str, int]) -> int:
     """The highest revision members report running, counted only with the note `admins` signed
-    for it that the member reports beside it (agent.py): a member record is unsigned, and anyone
-    who writes the store can make one up or change a real one, but not sign a revision."""
+    for it that the member reports beside it (agent.py): anyone who writes the store can make a
+    member record up or put an old one back (the host key signing one is not pinned everywhere a
+    push runs), but not sign a revision."""
     members, _ = await store.get_prefix(keys.MEMBERS)
     highest = 0
     for item in members:
@@ -145,6 +148,15 @@ class Trust:
             except (BadLogInput, KeyError, TypeError, ValueError):
                 continue
         return found
+
+    @property
+    def member_keys(self) -> HostKeys:
+        """The keys that vouch for member records here (report.py): pinned, and this host's own."""
+        try:
+            own = Verifier.from_vkey(self.own["log_vkey"]) if self.own.get("log_vkey") else None
+        except BadLogInput:
+            own = None
+        return HostKeys(self.host_keys, own)
 
 
 def local_trust(state_dir: Path) -> Trust:
@@ -216,6 +228,7 @@ async def fleet_view(store: Store, admins=None, trust: Trust | None = None) -> d
     which anyone who can write it could have put there, is in `unverified_alerts` (at most
     MAX_UNVERIFIED)."""
     trust = trust or Trust()
+    member_keys = trust.member_keys
     members, revision = await store.get_prefix(keys.MEMBERS)
     cosigs, _ = await store.get_prefix(keys.COSIGNATURES)
     alerts, _ = await store.get_prefix(keys.ALERTS)
@@ -239,6 +252,7 @@ async def fleet_view(store: Store, admins=None, trust: Trust | None = None) -> d
         status["witnessed_by"], status["witnessed_by_unverified"] = {}, 0
         name = item.key[len(keys.MEMBERS):]
         status["trust"] = member_trust(name, status, trust)
+        _check_record(name, status, member_keys, now)
         view["members"][name] = status
     for item in cosigs:
         log_name, _, witness = item.key[len(keys.COSIGNATURES):].partition("/")
@@ -260,6 +274,21 @@ async def fleet_view(store: Store, admins=None, trust: Trust | None = None) -> d
         except (ValueError, KeyError, TypeError, FleetError) as e:
             view["policy"] = {"problem": str(e)}
     return view
+
+
+def _check_record(name: str, status: dict, member_keys: HostKeys, now: float) -> None:
+    """`record`: whether the member record `status` is what its host key known here signed, and
+    recent (report.py): "verified" (`signed_by` says which key: pinned here, this host), else
+    "unverified", "forged" or "stale", with `record_problem`. The heartbeat's age shown is the
+    signed one's when it is verified."""
+    try:
+        report = open_member(name, status, member_keys)
+        fresh(report, now, what="`fleet status` read it", allowed=MAX_AGE_S)
+    except RecordDoubt as e:
+        status["record"], status["record_problem"] = e.kind, str(e)
+        return
+    status["record"], status["signed_by"] = "verified", report.key
+    status["heartbeat_age_s"] = round(now - report.time, 1)
 
 
 MAX_UNVERIFIED = 100   # unverified alert records listed (whoever writes the store can write many)

@@ -6,7 +6,8 @@ does three things, each a task that survives the store going away:
   and its signed note, the last policies refused, log size and root, heartbeat, programs
   attached, store health, cosignatures given and received, alerts) and its keys (log verifier
   key, witness key), refreshed every period, and soon after a policy is applied or refused (a
-  push waits on it);
+  push waits on it); what a push and `fleet status` rely on of it (revision, hash, refusals,
+  heartbeat) signed with its log key (report.py);
 - policy (follower.py): list `policy`, then watch it; apply what an admin signed for this host,
   newer than what runs, through the daemon's hot swap; report what it refuses;
 - witnessing: publish this log's latest checkpoint with consistency proofs from the sizes each
@@ -43,6 +44,7 @@ from skyguard.fleet.alerts import AlertBook, alert_value, clear_requests, republ
 from skyguard.fleet.follower import PolicyFollower
 from skyguard.fleet.peers import PeerPins, by_operator, fingerprint
 from skyguard.fleet.publisher import CheckpointPublisher
+from skyguard.fleet.report import sign_member
 from skyguard.fleet.seen import SeenCosignatures
 from skyguard.fleet.signing import check_member_name
 from skyguard.fleet.store import FleetError, Store, StoreUnavailable, load_value
@@ -197,9 +199,10 @@ class FleetAgent:
     def status(self) -> dict:
         local = self.local_status() or {}
         head = self.publisher.head()
+        now, policy = time.time(), self.follower.report(local)
         return {"name": self.name, "origin": head.get("origin"), "log_vkey": self.log_vkey,
-                "witness_vkey": self.cosigner.verifier.vkey(), "heartbeat": time.time(),
-                "policy": self.follower.report(local),
+                "witness_vkey": self.cosigner.verifier.vkey(), "heartbeat": now, "policy": policy,
+                "signed": sign_member(self.log_signer, self.name, policy, now),   # what a push counts (report.py)
                 "log": {"size": head.get("size"), "root": head.get("root")},
                 "programs": local.get("programs"), "store": "ok" if self.store_ok else "unreachable",
                 "cosignatures": {"given": self.given, "received": dict(self.received)},

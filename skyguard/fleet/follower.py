@@ -8,8 +8,8 @@ A record refused (unsigned, foreign-signed, not newer than what runs, invalid he
 failed) is a log entry, a metric, and one of the last few refusals this host reports in its
 member record (`report`): each with the revision and policy hash the record claims (read without
 checking its signature), the reason and the problem, bounded. That is how `fleet policy push`
-learns that a host refused what it pushed (rollout.py); whoever writes the store can write any
-member record, so a refusal reported there is shown to an operator, never acted on.
+learns that a host refused what it pushed (rollout.py), as signed by this host's log key with
+the rest of what it reports (report.py); a refusal is shown to an operator, never acted on.
 
 Not here: the store protocol (etcd.py), signatures and the apply decision (signing.py), the member
 record and the other tasks (agent.py).

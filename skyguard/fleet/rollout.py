@@ -6,10 +6,14 @@ A host that is no member then (down, or gone for good) is listed as absent, not 
 store keeps no roster of hosts a push could trust (anyone who writes it can add one), and a host
 gone for good would fail every later push. A push that names hosts waits for each, member or not.
 
-What the hosts report is their member records (agent.py, follower.py), which are unsigned:
-whoever writes the store can make one up. So an outcome here is what a host (or the store) says,
-shown to the operator and never acted on; that a host enforces a policy is proven by its signed
-log (`skyguard log verify`) and `skyguard attest`.
+What the hosts report is their member records (agent.py, follower.py), which whoever writes the
+store can make up; each host signs what a push relies on of it with its log key (report.py). A
+host counts as enforcing, or as refusing, only by what its key pinned where the push runs
+signed, after the push and no earlier than what it showed before: a record no key known there
+vouches for is UNVERIFIED, one its key did not sign (or changed since) FORGED, an old one put
+back STALE; none of them is final, and at the deadline the host is named so. An outcome is shown
+to the operator, never acted on; what a host enforces is proven by its signed log (`skyguard log
+verify`) and `skyguard attest`.
 
 Not here: signing and storing the push (admin.py), printing (skyguard/cli/fleet.py).
 """
@@ -24,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from skyguard.errors import SkyguardError
 from skyguard.fleet import keys
 from skyguard.fleet.follower import MAX_PROBLEM, MAX_REFUSALS
+from skyguard.fleet.report import FORGED, STALE, UNVERIFIED, HostKeys, RecordDoubt, fresh, open_member
 from skyguard.fleet.signing import SignedPolicy, check_member_name
 from skyguard.fleet.store import Store, StoreUnavailable, load_value
 
@@ -32,6 +37,7 @@ DEFAULT_WAIT_S = 60.0  # above a host's worst case: its watch re-listed (RESYNC_
 
 ENFORCING, REFUSED, SUPERSEDED, WAITING, TIMED_OUT = "enforcing", "refused", "superseded", "waiting", "timed_out"
 FINAL = (ENFORCING, REFUSED, SUPERSEDED)   # what waiting longer does not change
+DOUBTED = (UNVERIFIED, FORGED, STALE)      # a record not taken as the host's word (report.py): kept at the deadline
 RETRIED = ("apply_failed",)                # refusals a host tries again (the swap failed: a busy daemon)
 
 
@@ -44,6 +50,7 @@ class HostResult:
     reason: str | None = None     # a refusal's label (signing.py, follower.py)
     problem: str | None = None    # a refusal's message, as the host reported it (at most MAX_PROBLEM)
     revision: int | None = None   # the revision it reports running
+    signed_at: float | None = field(default=None, compare=False)   # when it signed its record
 
 
 @dataclass
@@ -75,38 +82,51 @@ class Rollout:
                 "waited_s": round(self.waited_s, 1), "ok": self.ok}
 
 
-def host_result(value: bytes | None, revision: int, sha256: str) -> HostResult:
-    """The outcome of a push of (`revision`, `sha256`) on the host whose member record is
-    `value` (None: no member record). Whoever writes the store chooses the record: any shape is
-    an outcome, never an exception."""
+def host_result(name: str, value: bytes | None, revision: int, sha256: str, host_keys: HostKeys, since: float,
+                seen: float | None = None) -> HostResult:
+    """The outcome of a push of (`revision`, `sha256`), started at `since` (time.time()), on the
+    host `name` whose member record is `value` (None: no member record), as far as its host key
+    in `host_keys` signed it, no earlier than `seen` (its newest record seen so far). Whoever writes
+    the store chooses the record: any shape is an outcome, never an exception."""
     if value is None:
         return HostResult(WAITING, "not a member of the fleet (down, or not joined)")
     try:
         record = load_value(value)
     except ValueError:
         record = None
-    policy = record.get("policy") if isinstance(record, dict) else None
-    if not isinstance(policy, dict):
+    if not isinstance(record, dict) or not isinstance(record.get("policy"), dict):
         return HostResult(WAITING, "its member record is not a host's report")
-    running = policy.get("revision") if type(policy.get("revision")) is int else None
-    if running == revision and policy.get("sha256") == sha256:
-        return HostResult(ENFORCING, f"enforces revision {revision}", revision=running)
-    refusals = policy.get("refusals")
-    for refusal in refusals[-MAX_REFUSALS:] if isinstance(refusals, list) else []:
+    try:
+        report = open_member(name, record, host_keys)
+        fresh(report, since, seen)
+    except RecordDoubt as e:
+        return HostResult(e.kind, f"{e}{_claims(record['policy'], revision, sha256)}")
+    running, at = report.revision, report.time
+    if running == revision and report.sha256 == sha256:
+        return HostResult(ENFORCING, f"enforces revision {revision}", revision=running, signed_at=at)
+    for refusal in report.refusals[-MAX_REFUSALS:]:
         if not (isinstance(refusal, dict) and refusal.get("revision") == revision and refusal.get("sha256") == sha256
                 and type(refusal.get("revision")) is int):
             continue
         reason = str(refusal.get("reason"))[:40]
         problem = str(refusal.get("problem"))[:MAX_PROBLEM]
         if reason in RETRIED:
-            return HostResult(WAITING, f"could not apply it ({reason}), tries again: {problem}", reason, problem, running)
-        return HostResult(REFUSED, f"refused it ({reason}): {problem}", reason, problem, running)
-    if running is not None and running > revision:
-        return HostResult(SUPERSEDED, f"runs revision {running}, newer (another push)", revision=running)
+            return HostResult(WAITING, f"could not apply it ({reason}), tries again: {problem}", reason, problem,
+                              running, at)
+        return HostResult(REFUSED, f"refused it ({reason}): {problem}", reason, problem, running, at)
+    if running > revision:
+        return HostResult(SUPERSEDED, f"runs revision {running}, newer (another push)", revision=running, signed_at=at)
     if running == revision:
         return HostResult(WAITING, f"runs revision {revision} with another policy (one loaded on the host?)",
-                          revision=running)
-    return HostResult(WAITING, f"runs revision {running if running is not None else '?'}", revision=running)
+                          revision=running, signed_at=at)
+    return HostResult(WAITING, f"runs revision {running}", revision=running, signed_at=at)
+
+
+def _claims(policy: dict, revision: int, sha256: str) -> str:
+    """What a record not taken as its host's word claims of this push, said as a claim."""
+    if policy.get("revision") == revision and policy.get("sha256") == sha256:
+        return f" (it claims to enforce revision {revision}: not counted)"
+    return ""
 
 
 async def _members(store: Store) -> dict[str, bytes]:
@@ -122,14 +142,17 @@ def _member_name(name: str) -> bool:
         return False
 
 
-async def wait_for_hosts(store: Store, signed: SignedPolicy, timeout: float,
+async def wait_for_hosts(store: Store, signed: SignedPolicy, timeout: float, host_keys: HostKeys,
                          changed: Callable[[str, HostResult, Rollout], None] = lambda *_: None) -> Rollout:
     """Read the members' records every POLL_S until each host `signed` names has a final outcome,
     or `timeout` seconds; `changed(name, result, rollout)` is called as a host's outcome or
-    detail changes (progress). A store that does not answer meanwhile is tried again until the
-    deadline. Hosts still waiting then are TIMED_OUT (not told to `changed`)."""
-    started = time.monotonic()
+    detail changes (progress). A record counts only as far as the host's key in `host_keys` signed
+    it (report.py), after this wait began and no earlier than one seen of that host before. A
+    store that does not answer meanwhile is tried again until the deadline. Hosts still waiting
+    then are TIMED_OUT (not told to `changed`); those whose record is doubted stay so."""
+    started, since = time.monotonic(), time.time()
     rollout = Rollout(signed.revision, signed.sha256)
+    seen: dict[str, float] = {}   # host -> when it signed the newest record of it seen here
     members: dict[str, bytes] = {}
     unreachable = None
     try:
@@ -149,7 +172,10 @@ async def wait_for_hosts(store: Store, signed: SignedPolicy, timeout: float,
     rollout.named = names
     while True:
         for name in names:
-            result = host_result(members.get(name), signed.revision, signed.sha256)
+            result = host_result(name, members.get(name), signed.revision, signed.sha256, host_keys, since,
+                                 seen.get(name))
+            if result.signed_at is not None:
+                seen[name] = max(result.signed_at, seen.get(name, result.signed_at))
             if unreachable is not None and result.outcome not in FINAL:
                 result.detail = f"{result.detail}; the store does not answer ({unreachable})"
             if rollout.results.get(name) != result:

@@ -109,13 +109,17 @@ class FleetHost:
 
 
 def pin_each_other(hosts, work):
-    """What an operator does once the daemons run: each host's identity pinned on every other."""
+    """What an operator does once the daemons run: each host's identity pinned on every other,
+    and in the admin's own state dir (`admin_state`), from which pushes and `fleet status` run."""
     for host in hosts:
         path = work / f"{host.name}.identity.json"
         path.write_text(cli("fleet", "identity", "--name", host.name, "--state-dir", str(host.daemon.state_dir)).stdout)
-        for other in hosts:
-            if other is not host:
-                cli("fleet", "trust", host.name, "--key", str(path), "--state-dir", str(other.daemon.state_dir))
+        for state in [other.daemon.state_dir for other in hosts if other is not host] + [admin_state(work)]:
+            cli("fleet", "trust", host.name, "--key", str(path), "--state-dir", str(state))
+
+
+def admin_state(work):
+    return work / "admin-state"
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +159,8 @@ def push_run(fleet, allow, marker, *extra, key=None):
     path = fleet.work / f"push-{marker}.yaml"
     path.write_text(policy_text(allow, marker))
     return cli("fleet", "policy", "push", str(path), "--sign-key", str(key or fleet.admin_pem),
-               "--etcd", fleet.cluster.endpoints, "--json", *extra, check=False)
+               "--etcd", fleet.cluster.endpoints, "--json", *extra, check=False,
+               env=dict(os.environ, PYTHONPATH=str(config.REPO_ROOT), SKYGUARD_STATE_DIR=str(admin_state(fleet.work))))
 
 
 def push(fleet, allow, marker, *extra, key=None):
@@ -221,6 +226,39 @@ def test_a_push_a_host_does_not_answer_times_out_naming_it(fleet):
     assert outcomes == {"host0": "enforcing", "host1": "enforcing", "host2": "timed_out"}, pushed
     assert "host2" in out.stderr.rpartition("not enforcing")[2], out.stderr
     wait_for(lambda: stuck.sha() == pushed["sha256"], what="host2 applying it once it runs again")
+
+
+def test_a_forged_enforcing_record_of_a_host_whose_agent_is_stopped_never_counts(fleet):
+    # Member records were unsigned: with host2's agent stopped, whoever writes etcd put host2's
+    # record back saying it enforces the revision being pushed, and the push counted it (exit 0)
+    # while host2's daemon ran the one before. Now each host signs its record with its log key,
+    # pinned in the admin's state dir, and the push counts only what that key signed: once the
+    # wait is over host2 is named, forged.
+    import asyncio
+
+    from skyguard.fleet import keys
+    from skyguard.fleet.etcd import EtcdStore
+    from skyguard.fleet.signing import claimed, sha256_text
+
+    store = EtcdStore(fleet.cluster.endpoints)
+    stopped = fleet.hosts[2]
+    stopped.join.send_signal(signal.SIGSTOP)
+    try:
+        genuine = json.loads(asyncio.run(store.get(keys.member(stopped.name)))[0].value)
+        revision = claimed(asyncio.run(store.get(keys.POLICY))[0].value)[0] + 1   # the push's next one
+        forged = dict(genuine, heartbeat=time.time(),
+                      policy=dict(genuine["policy"], revision=revision, sha256=sha256_text(policy_text(True, 7))))
+        asyncio.run(store.put(keys.member(stopped.name), json.dumps(forged).encode()))
+        out = push_run(fleet, True, 7, "--wait", "6")
+        pushed = json.loads(out.stdout)
+        assert stopped.sha() != pushed["sha256"]   # what host2's datapath really runs
+    finally:
+        stopped.join.send_signal(signal.SIGCONT)
+    assert pushed["revision"] == revision, pushed
+    outcomes = {name: r["outcome"] for name, r in pushed["results"].items()}
+    assert outcomes == {"host0": "enforcing", "host1": "enforcing", "host2": "forged"}, pushed
+    assert out.returncode == 1 and "host2 (timed out after" in out.stderr.rpartition("not enforcing")[2], out.stderr
+    wait_for(lambda: stopped.sha() == pushed["sha256"], what="host2 applying it once its agent runs again")
 
 
 def test_the_daemons_logs_are_cosigned_by_both_peers(fleet):

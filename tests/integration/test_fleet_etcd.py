@@ -59,8 +59,8 @@ def wait_until(check, timeout=30.0, what="condition"):
         time.sleep(0.1)
 
 
-def skyguard(*args, check=True):
-    result = subprocess.run([sys.executable, "-m", "skyguard.cli.main", *args], env=ENV,
+def skyguard(*args, check=True, env=None):
+    result = subprocess.run([sys.executable, "-m", "skyguard.cli.main", *args], env=env or ENV,
                             capture_output=True, text=True, timeout=60)
     if check and result.returncode != 0:
         raise AssertionError(f"skyguard {' '.join(args)} -> {result.returncode}: {result.stderr}")
@@ -134,9 +134,14 @@ def fleet(tmp_path_factory, etcd_cluster):
     try:
         hosts = [Host(name, base, cluster, admin_vkey, loop) for name in NAMES]
         pin_each_other(hosts, base)
+        # The admin's own state dir, where `fleet trust` pinned every host: a push and `fleet
+        # status` run there (SKYGUARD_STATE_DIR) check the hosts' member records against it.
+        admin_env = dict(ENV, SKYGUARD_STATE_DIR=str(base / "admin"))
+        for host in hosts:
+            skyguard("fleet", "trust", host.name, "--key", str(base / f"{host.name}.identity.json"), env=admin_env)
         store = EtcdStore(cluster.endpoints)   # a push to * names the members there are: all of them
         wait_until(lambda: len(loop.call(store.get_prefix(keys.MEMBERS))[0]) == len(NAMES), what="every host a member")
-        yield type("Fleet", (), {"base": base, "cluster": cluster, "hosts": hosts,
+        yield type("Fleet", (), {"base": base, "cluster": cluster, "hosts": hosts, "admin_env": admin_env,
                                  "admin_pem": admin_pem, "admin_vkey": admin_vkey})
         for host in hosts:
             host.stop_agent()
@@ -163,10 +168,11 @@ def pin(hosts, record):
 
 
 def push(fleet, n, *extra):
+    """A push as the admin runs it (their state dir pins every host); exit 0 required."""
     path = fleet.base / f"policy-{n}.yaml"
     path.write_text(policy_text(n))
     out = skyguard("fleet", "policy", "push", str(path), "--sign-key", str(fleet.admin_pem),
-                   "--etcd", fleet.cluster.endpoints, "--json", *extra)
+                   "--etcd", fleet.cluster.endpoints, "--json", *extra, env=fleet.admin_env)
     return json.loads(out.stdout)
 
 
@@ -471,7 +477,8 @@ def test_a_push_to_a_stopped_host_names_it_once_the_wait_is_over(fleet):
         path = fleet.base / "policy-20.yaml"
         path.write_text(policy_text(20))
         out = skyguard("fleet", "policy", "push", str(path), "--sign-key", str(fleet.admin_pem), "--etcd",
-                       fleet.cluster.endpoints, "--hosts", "alpha,bravo,charlie", "--wait", "3", "--json", check=False)
+                       fleet.cluster.endpoints, "--hosts", "alpha,bravo,charlie", "--wait", "3", "--json", check=False,
+                       env=fleet.admin_env)
         assert out.returncode == 1, out.stderr
         named = json.loads(out.stdout)
         assert {name: r["outcome"] for name, r in named["results"].items()} == \
@@ -482,6 +489,61 @@ def test_a_push_to_a_stopped_host_names_it_once_the_wait_is_over(fleet):
     finally:
         charlie.start_agent()
     wait_until(lambda: charlie.sha == everyone["sha256"], what="charlie applying it once back")
+
+
+def test_a_forged_enforcing_record_of_a_stopped_host_never_counts(fleet):
+    # A host's member record was unsigned: with charlie's agent stopped, whoever writes etcd put
+    # charlie's last record back claiming the revision being pushed, and the push counted it:
+    # exit 0, charlie "enforcing" what it never received. Now a host signs its record with its
+    # log key, which the admin pinned (`fleet trust`), and the push counts only what that key
+    # signed: once the wait is over charlie is named, forged; `fleet status` shows it so.
+    import asyncio
+
+    from skyguard.fleet.signing import claimed, sha256_text
+
+    store = EtcdStore(fleet.cluster.endpoints)
+    charlie = fleet.hosts[2]
+    genuine = json.loads(asyncio.run(store.get(keys.member(charlie.name)))[0].value)
+    charlie.stop_agent()   # its lease revoked: its own record gone
+    try:
+        path = fleet.base / "policy-30.yaml"
+        path.write_text(policy_text(30))
+        revision = claimed(asyncio.run(store.get(keys.POLICY))[0].value)[0] + 1   # the push's next one
+        forged = dict(genuine, heartbeat=time.time(),
+                      policy=dict(genuine["policy"], revision=revision, sha256=sha256_text(policy_text(30))))
+        asyncio.run(store.put(keys.member(charlie.name), json.dumps(forged).encode()))
+        out = skyguard("fleet", "policy", "push", str(path), "--sign-key", str(fleet.admin_pem), "--etcd",
+                       fleet.cluster.endpoints, "--hosts", "alpha,bravo,charlie", "--wait", "3", "--json",
+                       check=False, env=fleet.admin_env)
+        pushed = json.loads(out.stdout)
+        assert pushed["revision"] == revision, pushed
+        assert {name: r["outcome"] for name, r in pushed["results"].items()} == \
+            {"alpha": "enforcing", "bravo": "enforcing", "charlie": "forged"}, pushed
+        assert out.returncode == 1 and "charlie (timed out after" in out.stderr, out.stderr
+        assert "FORGED: its member record says otherwise than charlie's host key signed" in \
+            out.stderr.rpartition("not enforcing")[2], out.stderr
+        view = json.loads(skyguard("fleet", "status", "--etcd", fleet.cluster.endpoints, "--json",
+                                   env=fleet.admin_env).stdout)
+        assert view["members"]["charlie"]["record"] == "forged", view["members"]["charlie"]
+        assert {view["members"][n]["record"] for n in ("alpha", "bravo")} == {"verified"}
+        # charlie's own record signed an hour ago, put back: stale. A state dir that pins no
+        # host (an admin who never ran `fleet trust`): every record unverified.
+        from skyguard.fleet.report import sign_member
+
+        hour_ago = time.time() - 3600
+        old = dict(genuine, heartbeat=hour_ago, signed=sign_member(host_signer(charlie.state), "charlie",
+                                                                   genuine["policy"], hour_ago))
+        asyncio.run(store.put(keys.member(charlie.name), json.dumps(old).encode()))
+        view = json.loads(skyguard("fleet", "status", "--etcd", fleet.cluster.endpoints, "--json",
+                                   env=fleet.admin_env).stdout)
+        assert view["members"]["charlie"]["record"] == "stale", view["members"]["charlie"]
+        assert "signed 36" in view["members"]["charlie"]["record_problem"]
+        unpinned = skyguard("fleet", "status", "--etcd", fleet.cluster.endpoints, "--state-dir",
+                            str(fleet.base / "nobody"))
+        assert unpinned.stdout.count("[record UNVERIFIED: no host key of") == 3, unpinned.stdout
+    finally:
+        charlie.start_agent()
+    wait_until(lambda: charlie.sha == pushed["sha256"], what="charlie applying it once back")
 
 
 def test_hosts_witness_each_other_and_a_rewritten_log_is_refused(fleet):
@@ -837,7 +899,8 @@ def test_deeply_nested_json_in_the_store_stops_no_host_and_no_command(fleet):
                           fleet.cluster.endpoints, "--json", "--wait", "1", check=False)
         assert waited.returncode == 1 and "Traceback" not in waited.stderr, waited.stderr
         pushed = json.loads(waited.stdout)
-        assert pushed["results"]["deep"]["outcome"] == "timed_out", pushed   # the push's wait reads it too
+        # The push's wait reads it too: a member no key pinned here vouches for.
+        assert pushed["results"]["deep"]["outcome"] == "unverified", pushed
         wait_until(lambda: all(h.sha == pushed["sha256"] for h in fleet.hosts), what="revision 10")
         asyncio.run(store.put(keys.POLICY, deep))
         asyncio.run(store.put(keys.member("deep"), deep))
