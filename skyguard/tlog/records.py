@@ -27,6 +27,19 @@ def frame(index: int, payload: bytes) -> bytes:
     return struct.pack("<I", zlib.crc32(body)) + body
 
 
+def frames(first_index: int, payloads) -> bytes:
+    """b"".join(frame(first_index + i, p) for i, p in enumerate(payloads)), without copying each
+    payload twice: the CRC runs over the header's tail, then on over the payload."""
+    crc32, length_index, header = zlib.crc32, _LENGTH_INDEX.pack, HEADER.pack
+    parts: list[bytes] = []
+    append = parts.append
+    for index, payload in enumerate(payloads, first_index):
+        n = len(payload)
+        append(header(crc32(payload, crc32(length_index(n, index))), n, index))
+        append(payload)
+    return b"".join(parts)
+
+
 @dataclass
 class Scan:
     """What a buffer of records holds: the good records, where they end, and why they stop."""

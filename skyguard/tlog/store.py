@@ -55,7 +55,7 @@ from skyguard.tlog.checkpoint import MAX_TREE_SIZE, Checkpoint, Signer, Verifier
 from skyguard.tlog.entries import entry
 from skyguard.tlog.errors import BadLogInput, LogSpaceLow, VerificationError
 from skyguard.tlog.files import read_log_file
-from skyguard.tlog.hashing import EMPTY_ROOT, HASH_SIZE, hash_leaf
+from skyguard.tlog.hashing import EMPTY_ROOT, HASH_SIZE, hash_leaves
 from skyguard.tlog.head import MAX_NOTE, HeadWriter, read_head
 
 # The layout and the reader live in reader.py; these names stay importable from here.
@@ -76,7 +76,7 @@ from skyguard.tlog.reader import (  # noqa: F401
     segment_name,
 )
 from skyguard.tlog.recovery import cut_tail, scan_segments, set_aside
-from skyguard.tlog.tree import NODE_SPAN, CompactRange, fold_perfect, range_root
+from skyguard.tlog.tree import NODE_LEVEL, NODE_SPAN, CompactRange, fold_perfect, range_root
 
 log = logging.getLogger("skyguard.tlog")
 
@@ -491,32 +491,25 @@ class LogWriter:
     def _write_entries(self, group: list[bytes]) -> None:
         seg = self.segment_entries
         position = 0
-        tree = self._tree
-        frame = records.frame
         while position < len(group):
             if self._segment_fd is None or self._segment_count == seg:
                 self._start_segment()
             room = seg - self._segment_count
             chunk = group[position:position + room]
-            first = self.size
-            hashes = [hash_leaf(e) for e in chunk]
-            data = b"".join([frame(first + i, e) for i, e in enumerate(chunk)])
-            _write_all(self._segment_fd, data)
+            hashes = hash_leaves(chunk)
+            _write_all(self._segment_fd, records.frames(self.size, chunk))
             _write_all(self._leaves_fd, b"".join(hashes))
-            tail = self._tail
-            before = len(tail)
-            tail.extend(hashes)
-            done_nodes = before // NODE_SPAN
-            full_nodes = len(tail) // NODE_SPAN
-            if full_nodes > done_nodes:
-                _write_all(self._nodes_fd, b"".join(
-                    fold_perfect(tail[i * NODE_SPAN:(i + 1) * NODE_SPAN])
-                    for i in range(done_nodes, full_nodes)))
+            # The tree's merges give the roots of the NODE_SPAN-leaf subtrees this chunk completes
+            # (segments start aligned to them): each interior hash is computed once.
+            tree = self._tree.copy()
+            nodes = tree.extend(hashes, NODE_LEVEL)
+            if nodes:
+                _write_all(self._nodes_fd, b"".join(nodes))
             # Of the files, only the segment must be durable before the head is signed: the
             # caches of the tail segment are rebuilt from it on open, fsynced when it is sealed.
             os.fdatasync(self._segment_fd)
-            for h in hashes:
-                tree.append(h)
+            self._tree = tree
+            self._tail.extend(hashes)
             self.size += len(chunk)
             self._segment_count += len(chunk)
             position += len(chunk)

@@ -125,9 +125,24 @@ class CompactRange:
             size >>= 1
         self.size += 1 << level
 
-    def extend(self, leaf_hashes) -> None:
+    def extend(self, leaf_hashes, level: int = NODE_LEVEL) -> list[bytes]:
+        """Append leaves; returns the roots of the aligned perfect subtrees of 2**level leaves
+        they complete, left to right. The merges are the same hashes as fold_perfect over those
+        leaves: the writer stores them as nodes instead of hashing every leaf twice."""
+        hashes = self.hashes
+        size = self.size
+        completed: list[bytes] = []
         for h in leaf_hashes:
-            self.append(h)
+            merges = 0
+            while size >> merges & 1:  # each trailing 1 bit: a perfect subtree this leaf completes
+                h = hash_children(hashes.pop(), h)
+                merges += 1
+                if merges == level:
+                    completed.append(h)
+            hashes.append(h)
+            size += 1
+        self.size = size
+        return completed
 
     def root(self) -> bytes:
         if not self.hashes:

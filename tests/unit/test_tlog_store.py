@@ -306,3 +306,9 @@ def test_below_its_reserve_the_writer_refuses_without_writing_and_resumes_on_its
     assert [(e["type"], e.get("n"), e.get("refused")) for e in kept] == [
         ("deny", 0, None), ("log_space_low", None, None), ("log_space_restored", None, 3), ("deny", 4, None)]
     assert verify_log(tmp_path / "log", signer.verifier).ok
+
+
+def test_a_batch_of_frames_is_the_frames_one_by_one():
+    payloads = [b'{"type":"flow_start"}', b"", b"x" * 70_000]
+    assert records.frames(41, payloads) == b"".join(records.frame(41 + i, p) for i, p in enumerate(payloads))
+    assert records.scan(records.frames(41, payloads), 41).payloads == payloads

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from skyguard.tlog.errors import BadLogInput, VerificationError
-from skyguard.tlog.hashing import EMPTY_ROOT, hash_children, hash_leaf
+from skyguard.tlog.hashing import EMPTY_ROOT, hash_children, hash_leaf, hash_leaves
 from skyguard.tlog.tree import (
     NODE_SPAN,
     CompactRange,
@@ -92,6 +92,7 @@ def test_hashes_match_their_definitions():
     assert hash_leaf(b"abc") == hashlib.sha256(b"\x00abc").digest()
     assert hash_children(b"L" * 32, b"R" * 32) == hashlib.sha256(b"\x01" + b"L" * 32 + b"R" * 32).digest()
     assert EMPTY_ROOT == MTH([])
+    assert hash_leaves([b"abc", b"", b"d" * 5000]) == [hash_leaf(b"abc"), hash_leaf(b""), hash_leaf(b"d" * 5000)]
 
 
 def test_compact_range_root_matches_mth_for_every_size_up_to_300():
@@ -117,6 +118,23 @@ def test_compact_range_from_stored_nodes_and_subtree_appends():
                 tree.append(LEAVES[i])
                 i += 1
         assert tree.root() == expected
+
+
+def test_extending_a_compact_range_returns_the_aligned_subtree_roots_it_completes():
+    # The writer stores these as nodes: they must be fold_perfect's roots, and the range the same
+    # as leaf-by-leaf appends, from any starting size and in batches of any length.
+    leaves = [hash_leaf(str(i).encode()) for i in range(3 * NODE_SPAN + 7)]
+    for start in (0, 1, NODE_SPAN - 1, NODE_SPAN, 300):
+        for batch in (1, 7, NODE_SPAN, 500):
+            tree = CompactRange.for_size(MemorySource(leaves), start)
+            completed = []
+            for i in range(start, len(leaves), batch):
+                completed += tree.extend(leaves[i:i + batch])
+            first = start // NODE_SPAN  # the first block with a leaf at or after start
+            assert completed == [fold_perfect(leaves[n * NODE_SPAN:(n + 1) * NODE_SPAN])
+                                 for n in range(first, len(leaves) // NODE_SPAN)], (start, batch)
+            assert tree.hashes == CompactRange.for_size(MemorySource(leaves), len(leaves)).hashes
+            assert tree.size == len(leaves)
 
 
 def _indexes(size):
