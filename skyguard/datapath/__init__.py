@@ -30,7 +30,7 @@ Details and additions (bpf/README.md explains the design):
                    "drops": [{zone, direction, reason, packets, bytes}], "events_lost": n}
     flows() -> [{ifindex, proto, src, dst, sport, dport, zone, direction, state, rule, packets, bytes}]
     occupancy() -> {map name: entries}
-    set_events(True) + events().open_ring_buffer(cb) + dp._bpf.ring_buffer_poll(): abi.Event records
+    set_events(True) + events(): the ring of abi.Event records (flowlog/ring.py reads its memory map)
     reasons.DROP_REASONS / reason_name(code): the drop-reason table, parsed from bpf/abi.h
 """
 

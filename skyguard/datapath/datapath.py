@@ -503,7 +503,7 @@ class Datapath:
         return {name: libbpf.count(self.map(name)) for name in abi.PINNED_MAPS}
 
     def events(self):
-        """The ring buffer table (bcc): open_ring_buffer(callback) then ring_buffer_poll()."""
+        """The ring buffer table (bcc); flowlog/ring.py reads it through its map_fd."""
         return self._bpf[b"sg_events"]
 
     def close(self) -> None:

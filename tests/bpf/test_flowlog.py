@@ -258,3 +258,37 @@ def test_scrape_counts_from_batch_reads_match_the_per_entry_walk(kernel):
     assert sum(1 for _ in in_small_batches) == occupancy["sg_ct"]  # a dozen batches, none lost or repeated
     assert occupancy["sg_policy"] == len(list(dp.map("sg_policy").keys())) > 0  # an LPM trie: no batch reads
     assert occupancy["sg_traffic"] == dp.map("sg_traffic").max_entries
+
+
+def test_events_many_times_the_rings_size_arrive_complete_and_in_order(kernel, logged):
+    # The one-page ring holds about 40 records: five rounds wrap it several times, and every
+    # read takes what the programs committed, across the end of the ring, in order.
+    logger, entries = logged
+    sports = list(range(43000, 43150))
+    for i in range(0, len(sports), 30):
+        for sport in sports[i:i + 30]:
+            frame = e_from("w1") / IP(src=v4("w1"), dst=v4("d1")) / TCP(sport=sport, dport=5432, flags="S")
+            assert kernel.run(frame, "w1", "egress")
+        logger.sync()
+    assert [e["sport"] for e in entries("flow_start")] == sports
+    assert logger.lost_total == 0 and logger.stats()["events"] == len(sports)
+
+
+def test_a_long_batch_interval_delays_neither_sync_nor_stop(kernel, tmp_path):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    writer = LogWriter(tmp_path / "log", Signer("flx.test/log", Ed25519PrivateKey.generate()))
+    logger = FlowLogger(kernel.dp, writer, names=kernel.names(), ct_scan_interval=3600, deny_interval=3600,
+                        batch_interval=3600).start()
+    try:
+        for sport in (44000, 44001):  # the second read falls inside the first one's interval
+            frame = e_from("w1") / IP(src=v4("w1"), dst=v4("d1")) / TCP(sport=sport, dport=5432, flags="S")
+            assert kernel.run(frame, "w1", "egress")
+            logger.sync(timeout=10)
+        frame = e_from("w1") / IP(src=v4("w1"), dst=v4("d1")) / TCP(sport=44002, dport=5432, flags="S")
+        assert kernel.run(frame, "w1", "egress")
+    finally:
+        logger.stop(timeout=10)
+        writer.close()
+    starts = [json.loads(p) for _, p in LogReader(tmp_path / "log").entries()]
+    assert [e["sport"] for e in starts if e["type"] == "flow_start"] == [44000, 44001, 44002]

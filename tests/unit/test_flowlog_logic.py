@@ -1,7 +1,7 @@
 """The flow log's decisions without a kernel: which conntrack entries ended and why (ctscan), how
 denied packets become a bounded number of entries (denies), the records `skyguard flows` returns
-after a cursor (recent), and the checks of its arguments. The whole path against the real
-programs is tests/bpf/test_flowlog.py."""
+after a cursor (recent), the checks of its arguments, and how a read takes the ring's records
+(ring). The whole path against the real programs is tests/bpf/test_flowlog.py."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import ctypes
 import ipaddress
 import json
 import socket
+import struct
 
 import pytest
 
@@ -18,6 +19,7 @@ from skyguard.datapath.flowlog.ctscan import CtEntry, classify, ct_record, vanis
 from skyguard.datapath.flowlog.denies import DenyAggregator
 from skyguard.datapath.flowlog.names import AddressText
 from skyguard.datapath.flowlog.recent import RecentRecords, query_args
+from skyguard.datapath.flowlog.ring import BUSY, DISCARD, record_size, take_records
 from skyguard.errors import BadInput
 
 VM = abi.addr16(ipaddress.ip_address("10.1.0.2"))
@@ -146,6 +148,60 @@ def test_recent_returns_what_follows_the_cursor_and_counts_what_it_missed():
     assert recent.query(since=3, limit=2) == {"records": after["records"][-2:], "cursor": 9, "missed": 4}
     assert [r["seq"] for r in recent.query(verdict="deny", zone="db")["records"]] == [5, 6, 7, 8, 9]
     assert recent.query(zone="web")["records"] == []
+
+
+def test_compact_records_become_the_same_dicts_with_their_own_values():
+    recent = RecentRecords(maxlen=4)
+    base = {"type": "flow_start", "verdict": "allow", "src_zone": "web", "dst_zone": "db"}
+    fields = (("sport", 1), ("dport", 0))
+    recent.remember([{"verdict": "deny", "src_zone": "web"}])
+    recent.remember_compact([(base, fields, (5432, 41000 + i)) for i in range(4)])  # seq 2..5; 1 falls out
+    got = recent.query(since=1, zone="db")
+    assert got["records"] == [dict(base, sport=41000 + i, dport=5432, seq=2 + i) for i in range(4)]
+    assert list(got["records"][0]) == ["type", "verdict", "src_zone", "dst_zone", "sport", "dport", "seq"]
+    assert got["cursor"] == 5 and got["missed"] == 0
+    got["records"][0]["verdict"] = "changed"
+    assert base["verdict"] == "allow" and recent.query(verdict="deny")["records"] == []
+
+
+def _ring(records, size=512, data=64):
+    """A ring's producer page (`data` bytes here) and data area mapped twice, holding `records`
+    [(header, sample)] from position 0; returns (buffer, its u32 words, the producer position)."""
+    area = bytearray(size)
+    position = 0
+    for header, sample in records:
+        at = position % size
+        record = struct.pack("<II", header, 0) + sample
+        record += bytes(record_size(len(sample)) - len(record))
+        for i, b in enumerate(record):
+            area[(at + i) % size] = b
+        position += record_size(header & ~(BUSY | DISCARD))
+    buf = bytearray(data) + area + area
+    return buf, memoryview(buf).cast("I"), position
+
+
+def test_a_ring_read_takes_committed_records_in_order_and_stops_at_one_being_written():
+    sample = [bytes([i]) * 12 for i in range(8)]  # 12-byte samples: 24-byte records
+    records = [(12, sample[0]), (12, sample[1]), (12 | DISCARD, sample[2]), (12, sample[3]), (4, b"odd!"),
+               (12, sample[5]), (12 | BUSY, sample[6]), (12, sample[7])]
+    buf, words, producer = _ring(records)
+    pieces, odd, position = take_records(buf, words, 64, 511, 0, producer, 12)
+    got = b"".join(pieces)
+    assert [got[i + 8:i + 20] for i in range(0, len(got), 24)] == [sample[0], sample[1], sample[3], sample[5]]
+    assert odd == 1  # the 4-byte record; the discarded one is not counted
+    assert position == 24 * 4 + 16 + 24  # up to the busy record, which the next read retries
+
+
+def test_a_ring_read_takes_records_that_wrap_around_the_data_area():
+    # Positions only grow; a record that crosses the end of the area is contiguous in the
+    # second mapping, and the read comes back as if it had not wrapped.
+    start = 512 - 24 * 3 - 8
+    samples = [bytes([i]) * 16 for i in range(10)]
+    buf, words, producer = _ring([(8, b"x" * 8)] * (start // 16) + [(16, s) for s in samples], size=512)
+    pieces, odd, position = take_records(buf, words, 64, 511, start, producer, 16)
+    got = b"".join(pieces)
+    assert odd == 0 and position == producer
+    assert [got[i + 8:i + 24] for i in range(0, len(got), 24)] == samples
 
 
 def test_query_records_are_copies():

@@ -7,9 +7,10 @@
               scan saw it end (its slot given to a new flow, its tuple reopened by a SYN)
   ring_loss   whenever the kernel could not put events in the ring: no loss is silent
 
-consumer.py holds the thread (FlowLogger) that wires these together; names.py turns ids into
-names and encodes entries; recent.py keeps what `skyguard flows` shows. Not here: the decisions
-themselves (bpf/), the log's format and durability (skyguard.tlog), the daemon's wiring.
+consumer.py holds the thread (FlowLogger) that wires these together; ring.py reads the ring
+buffer's records in batches; names.py turns ids into names and encodes entries; recent.py keeps
+what `skyguard flows` shows. Not here: the decisions themselves (bpf/), the log's format and
+durability (skyguard.tlog), the daemon's wiring.
 """
 
 from skyguard.datapath.flowlog.consumer import (

@@ -1,8 +1,12 @@
-"""The flow log's consumer: one thread that reads the datapath's ring buffer (bcc
-open_ring_buffer + ring_buffer_poll) and writes, in group commits through LogWriter.submit,
+"""The flow log's consumer: one thread that reads the datapath's ring buffer (ring.py: from its
+memory map, a batch at a time) and writes, in group commits through LogWriter.submit,
 flow_start entries (one per new allowed flow per interface), the deny aggregates (denies.py), the
 flow_end entries of the conntrack scans (ctscan.py) and ring_loss entries whenever the kernel's
 per-CPU sg_ev_lost grew. Records also go to the ring `skyguard flows` reads (recent.py).
+
+Batches, for CPU: at most one read of the ring per `batch_interval` (events wait in the ring
+meanwhile), so the per-read costs (the loss counter, a submit, the writer's fsyncs and signed
+head) are shared by many entries, and each read is decoded with one struct.iter_unpack.
 
 Backpressure is deliberate: when more than `max_inflight` entries wait for durability the
 consumer stops reading the ring, the ring fills and the kernel counts what it cannot take; those
@@ -19,9 +23,9 @@ import ctypes as ct
 import logging
 import queue
 import socket
+import struct
 import threading
 import time
-import weakref
 from concurrent.futures import Future
 from typing import Any
 
@@ -30,6 +34,7 @@ from skyguard.datapath.flowlog.ctscan import ConntrackScanner
 from skyguard.datapath.flowlog.denies import DenyAggregator, collect_kernel
 from skyguard.datapath.flowlog.names import AddressText, FlowNames, encode_entry, flow_fields
 from skyguard.datapath.flowlog.recent import RecentRecords
+from skyguard.datapath.flowlog.ring import RingReader, record_size
 from skyguard.errors import DatapathError, SkyguardError
 
 log = logging.getLogger("skyguard.flowlog")
@@ -38,29 +43,40 @@ DEFAULT_DENY_INTERVAL_S = 1.0  # userspace deny aggregation window (and kernel-s
 DEFAULT_CT_SCAN_INTERVAL_S = 2.0  # how late a flow_end may be, and how often conntrack is read
 DEFAULT_RECENT = 20_000  # records kept in memory for `skyguard flows`
 DEFAULT_MAX_INFLIGHT = 200_000  # entries waiting for fsync before the consumer stops reading
+# At most one read of the ring per interval: at 100k events/s a batch is 2,000 events, under a
+# twentieth of the 4 MiB ring; a lone event is read at once (no read in the interval before it).
+DEFAULT_BATCH_INTERVAL_S = 0.02
 KERNEL_DENY_INTERVAL_NS = abi.DENY_EVENT_INTERVAL_NS
 POLL_TIMEOUT_MS = 100
 
 _EVENT = abi.EVENT  # struct sg_event, with the two network-order ports read raw
+_RECORD = struct.Struct("<8x" + _EVENT.format[1:])  # a ring record: its 8-byte header, the event
+assert _RECORD.size == record_size(_EVENT.size)
+_NTOHS = [socket.ntohs(port) for port in range(65536)]  # a list index is cheaper than a call
 
 # Values no real port, time or count takes, marking where each goes in an entry template.
 _SENTINELS = {"bytes": 7_000_000_004, "dport": 7_000_000_002, "packets": 7_000_000_005, "sport": 7_000_000_001,
               "time": 7_000_000_003}
 _START_VARYING = ("dport", "sport", "time")  # in sorted order: their order in the canonical text
 _END_VARYING = ("bytes", "dport", "packets", "sport", "time")
+# Where each varying value goes in a flow record (`skyguard flows`), in the record's field order.
+_START_FIELDS = (("sport", 1), ("dport", 0), ("time", 2))
+_END_FIELDS = (("sport", 3), ("dport", 1), ("time", 4), ("packets", 2), ("bytes", 0))
 
 
 class FlowLogger:
     """FlowLogger(datapath, writer).start() ... .stop(). `names` turns ids into names (default:
     from the datapath's active policy, interfaces resolved in this process's netns); intervals
-    in seconds; `recent` bounds the records kept for `skyguard flows`; `max_inflight` bounds
-    the entries waiting for durability. `lost_total` and stats() are what metrics read."""
+    in seconds (`batch_interval`: at most one read of the ring per interval); `recent` bounds
+    the records kept for `skyguard flows`; `max_inflight` bounds the entries waiting for
+    durability. `lost_total` and stats() are what metrics read."""
 
     def __init__(self, datapath, writer, *, names: FlowNames | None = None,
                  deny_interval: float = DEFAULT_DENY_INTERVAL_S,
                  ct_scan_interval: float = DEFAULT_CT_SCAN_INTERVAL_S,
                  recent: int = DEFAULT_RECENT, max_inflight: int = DEFAULT_MAX_INFLIGHT,
-                 kernel_deny_interval_ns: int = KERNEL_DENY_INTERVAL_NS):
+                 kernel_deny_interval_ns: int = KERNEL_DENY_INTERVAL_NS,
+                 batch_interval: float = DEFAULT_BATCH_INTERVAL_S):
         self.datapath = datapath
         self.writer = writer
         self.names = names or FlowNames(datapath)
@@ -68,10 +84,12 @@ class FlowLogger:
         self.ct_scan_interval = ct_scan_interval
         self.max_inflight = max_inflight
         self.kernel_deny_interval_ns = kernel_deny_interval_ns
+        self.batch_interval = batch_interval
         self._stop = threading.Event()
+        self._wake = threading.Event()  # cuts a batch's wait short (sync, stop)
         self._paused = threading.Event()  # tests and benchmarks: stop reading the ring
         self._thread: threading.Thread | None = None
-        self._raw: list[bytes] = []
+        self._ring: RingReader | None = None
         self._addr = AddressText()
         self._lock = threading.Lock()
         self._recent = RecentRecords(recent)
@@ -92,7 +110,7 @@ class FlowLogger:
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> FlowLogger:
         self._lost_baseline = self._kernel_lost()
-        _open_ring(self.datapath, self._on_event)
+        self._ring = RingReader(self.datapath.events().map_fd, _EVENT.size)
         self.datapath.set_events(True)
         self._thread = threading.Thread(target=self._run, name="sg-flowlog", daemon=True)
         self._thread.start()
@@ -103,9 +121,13 @@ class FlowLogger:
         if self._thread is None:
             return
         self._stop.set()
+        self._wake.set()
         self._paused.clear()
         self._thread.join(timeout)
         self._thread = None
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
         self.flush(timeout)
 
     def pause(self) -> None:
@@ -131,32 +153,34 @@ class FlowLogger:
         wait until it is durable (tests and `skyguard flows` freshness; the thread runs on)."""
         done = threading.Event()
         self._sync_requests.put(done)
+        self._wake.set()
         if not done.wait(timeout):
             raise DatapathError("flow log: the consumer did not answer a sync request")
         self.flush(timeout)
 
     # ---- the consumer thread ----------------------------------------------------------------
-    def _on_event(self, _ctx, data, size):
-        self._raw.append(ct.string_at(data, _EVENT.size))
-        return 0
-
     def _run(self) -> None:
-        bpf = self.datapath._bpf
+        ring = self._ring
+        assert ring is not None
         next_deny = time.monotonic() + self.deny_interval
         next_ct = time.monotonic() + self.ct_scan_interval
+        last_read = 0.0
         while not self._stop.is_set():
             try:
                 if self._paused.is_set() or self._inflight > self.max_inflight:
                     self._stats["backpressure_pauses" if not self._paused.is_set() else "paused_ticks"] += 1
                     time.sleep(POLL_TIMEOUT_MS / 1000)
-                else:
-                    bpf.ring_buffer_poll(POLL_TIMEOUT_MS)
+                elif self._wake.is_set() or ring.wait(POLL_TIMEOUT_MS / 1000):
+                    # Let the batch build up: one read per batch_interval however fast events come.
+                    wait = last_read + self.batch_interval - time.monotonic()
+                    if wait > 0:
+                        self._wake.wait(wait)
+                self._wake.clear()
                 requests = []
                 while not self._sync_requests.empty():
                     requests.append(self._sync_requests.get())
-                if requests:
-                    bpf.ring_buffer_consume()
-                entries = self._take_events()
+                last_read = time.monotonic()
+                entries = self._take_events(*ring.read())
                 now = time.monotonic()
                 if now >= next_deny or requests:
                     entries += self._flush_kernel_denies(force=bool(requests))
@@ -179,8 +203,7 @@ class FlowLogger:
         # Stopping: nothing new is emitted; what is in the ring and the aggregates is logged.
         try:
             self.datapath.set_events(False)
-            bpf.ring_buffer_consume()
-            entries = self._take_events()
+            entries = self._take_events(*ring.read())
             entries += self._flush_kernel_denies(force=True)
             entries += self._flush_denies()
             entries += self._check_losses()
@@ -225,72 +248,73 @@ class FlowLogger:
             log.critical("flow log: entries could not be submitted (counted in entries_failed): %s", error)
 
     # ---- events -----------------------------------------------------------------------------
-    def _take_events(self) -> list[bytes]:
-        raw, self._raw = self._raw, []
+    def _take_events(self, raw: bytes, odd: int = 0) -> list[bytes]:
+        """Entries of the ring records in `raw` (RingReader.read: _RECORD after _RECORD); `odd`
+        records of another size were skipped by the reader (counted as unknown)."""
+        if odd:
+            self._stats["unknown_events"] += odd
         if not raw:
             return []
         offset = time.time_ns() - time.monotonic_ns()  # ts_ns is CLOCK_MONOTONIC
-        out = []
-        records = []
-        ntohs = socket.ntohs
+        out: list[bytes] = []
+        records: list[tuple] = []
+        remember, emit = records.append, out.append
+        ntohs = _NTOHS
         if self.names.refresh() != self._templates_version:
             self._templates.clear()
             self._templates_version = self.names.version
         templates = self._templates
         starts = ends = 0
-        for buf in raw:
-            (ts, ifindex, rule_id, zone, etype, direction, reason, proto, saddr, daddr,
-             sport, dport, length, count, packets, nbytes) = _EVENT.unpack(buf)
-            self._stats["events"] += 1
-            if etype == abi.EVENT_FLOW_START:
+        values: tuple
+        flow_start, flow_end, drop = abi.EVENT_FLOW_START, abi.EVENT_FLOW_END, abi.EVENT_DROP
+        for (ts, ifindex, rule_id, zone, etype, direction, reason, proto, saddr, daddr,
+             sport, dport, _length, count, packets, nbytes) in _RECORD.iter_unpack(raw):
+            if etype == flow_start:
                 flow = (ifindex, zone, direction, proto, saddr, daddr, rule_id, "rule")
                 tpl = templates.get(flow) or self._template("flow_start", flow, _START_VARYING)
-                sp, dp, when = ntohs(sport), ntohs(dport), ts + offset
-                out.append((tpl[0] % (dp, sp, when)).encode("utf-8"))
-                rec = dict(tpl[1])
-                rec["sport"], rec["dport"], rec["time"] = sp, dp, when
-                records.append(rec)
+                values = (ntohs[dport], ntohs[sport], ts + offset)
+                emit(tpl[0] % values)
+                remember((tpl[1], _START_FIELDS, values))
                 starts += 1
-            elif etype == abi.EVENT_DROP:
+            elif etype == drop:
                 self._denies.add(ifindex, direction, reason, proto, saddr, daddr, sport, dport, count,
                                  ts + offset, zone)
-            elif etype == abi.EVENT_FLOW_END:
+            elif etype == flow_end:
                 # reason: the entry's conntrack state. Its key is what the event carries, as scans see it.
                 if not self._conntrack.claim_end(abi.CT_KEY.pack(ifindex, proto, saddr, daddr, sport, dport)):
                     continue  # the last scan already logged it (vanished)
                 flow = (ifindex, zone, direction, proto, saddr, daddr, rule_id,
                         "closed" if reason == abi.CT_CLOSING else "expired")
                 tpl = templates.get(flow) or self._template("flow_end", flow, _END_VARYING)
-                sp, dp, when = ntohs(sport), ntohs(dport), ts + offset
-                out.append((tpl[0] % (nbytes, dp, packets, sp, when)).encode("utf-8"))
-                rec = dict(tpl[1])
-                rec["sport"], rec["dport"], rec["time"], rec["packets"], rec["bytes"] = sp, dp, when, packets, nbytes
-                records.append(rec)
+                values = (nbytes, ntohs[dport], packets, ntohs[sport], ts + offset)
+                emit(tpl[0] % values)
+                remember((tpl[1], _END_FIELDS, values))
                 ends += 1
             else:
                 self._stats["unknown_events"] += 1
+        self._stats["events"] += len(raw) // _RECORD.size
         self._stats["flow_start"] += starts
         self._stats["flow_end"] += ends
-        self._recent.remember(records)
+        self._recent.remember_compact(records)
         return out
 
     def _template(self, kind: str, flow: tuple, varying: tuple[str, ...]) -> tuple:
-        """(canonical entry text with %d for each `varying` field, the record without them) of a
+        """(canonical entry bytes with %d for each `varying` field, the record without them) of a
         `kind` entry for `flow` = (ifindex, zone, direction, proto, saddr, daddr, rule_id, reason).
         At tens of thousands of flows per second most share everything but ports, time and counts:
-        encoding the rest once per flow shape makes an entry one string format.
+        encoding the rest once per flow shape makes an entry one bytes format.
         tests/bpf/test_flowlog.py checks it is the canonical form."""
         ifindex, zone, direction, proto, saddr, daddr, rule_id, reason = flow
         base = flow_fields(self.names, self._addr, ifindex, zone, direction, proto, saddr, daddr,
                            _SENTINELS["sport"], _SENTINELS["dport"])
         base.update(verdict="allow", rule=self.names.rule(rule_id), reason=reason,
                     **{name: _SENTINELS[name] for name in varying if name not in ("sport", "dport")})
-        text = encode_entry(kind, base).decode("utf-8").replace("%", "%%")
+        text = encode_entry(kind, base).replace(b"%", b"%%")
         for name in varying:  # sorted: the canonical text holds them in this order
-            marker = f'"{name}":{_SENTINELS[name]}'
+            marker = f'"{name}":{_SENTINELS[name]}'.encode()
             if text.count(marker) != 1:
                 raise DatapathError(f"flow log: cannot build an entry template ({name})")
-            text = text.replace(marker, f'"{name}":%d')
+            text = text.replace(marker, f'"{name}":%d'.encode())
         for name in varying:
             del base[name]
         base["type"] = kind
@@ -347,22 +371,3 @@ class FlowLogger:
         out["ring_lost_total"] = self.lost_total
         out["failing"] = str(self.failure) if self.failure else None
         return out
-
-
-# ---- the ring: opened once per Datapath ------------------------------------------------------
-# bcc cannot open the same ring buffer twice on one BPF object, so the callback it holds
-# forwards to whichever logger consumes now (a restarted logger, tests with one Datapath).
-_RING_SINKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _open_ring(datapath, sink) -> None:
-    if datapath in _RING_SINKS:
-        _RING_SINKS[datapath][0] = sink
-        return
-    holder = [sink]
-
-    def forward(ctx, data, size, holder=holder):
-        return holder[0](ctx, data, size)
-
-    datapath.events().open_ring_buffer(forward)
-    _RING_SINKS[datapath] = holder

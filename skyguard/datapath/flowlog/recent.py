@@ -13,6 +13,11 @@ MAX_QUERY_LIMIT = 10_000
 
 
 class RecentRecords:
+    """The newest `maxlen` records, oldest first. A record is a dict, or, for the flow records the
+    consumer makes by the ten thousand a second, (shared base record, ((field, index), ...),
+    values): the dict is only built when a query returns it. Seqs are implicit: the newest
+    record's is the count of records ever remembered, and they are consecutive."""
+
     def __init__(self, maxlen: int):
         self._lock = threading.Lock()
         self._recent: collections.deque = collections.deque(maxlen=maxlen)
@@ -20,13 +25,16 @@ class RecentRecords:
 
     def remember(self, records: list[dict]) -> None:
         """Append records (each gets the next `seq`); the oldest fall out past maxlen."""
+        self.remember_compact(records)
+
+    def remember_compact(self, records: list) -> None:
+        """Append records, dicts or (base, fields, values) as the class says; `base` is never
+        changed, so many records may share one."""
         if not records:
             return
         with self._lock:
-            for rec in records:
-                self._seq += 1
-                rec["seq"] = self._seq
-                self._recent.append(rec)
+            self._recent.extend(records)
+            self._seq += len(records)
 
     def query(self, since: int = 0, zone: str | None = None, verdict: str | None = None,
               limit: int = 100) -> dict:
@@ -35,18 +43,21 @@ class RecentRecords:
         cursor is the last record's seq, to pass as `since` next time."""
         with self._lock:
             cursor = self._seq
-            oldest = self._recent[0]["seq"] if self._recent else cursor + 1
+            oldest = cursor - len(self._recent) + 1
             picked: list[dict] = []
             cut = 0
-            for rec in reversed(self._recent):
-                if rec["seq"] <= since:
+            seq = cursor + 1
+            for item in reversed(self._recent):
+                seq -= 1
+                if seq <= since:
                     break
-                if verdict and rec.get("verdict") != verdict:
+                base = item if isinstance(item, dict) else item[0]
+                if verdict and base.get("verdict") != verdict:
                     continue
-                if zone and zone not in (rec.get("src_zone"), rec.get("dst_zone")):
+                if zone and zone not in (base.get("src_zone"), base.get("dst_zone")):
                     continue
                 if len(picked) < limit:
-                    picked.append(dict(rec))
+                    picked.append(_record(item, seq))
                 else:
                     cut += 1
         picked.reverse()
@@ -54,6 +65,18 @@ class RecentRecords:
         # missed: records after the cursor that this reply cannot show (evicted from memory, or
         # past the limit); a follower learns it fell behind.
         return {"records": picked, "cursor": cursor, "missed": evicted + (cut if since else 0)}
+
+
+def _record(item, seq: int) -> dict:
+    """A new dict of a remembered record, with its seq."""
+    if isinstance(item, dict):
+        return dict(item, seq=seq)
+    base, fields, values = item
+    rec = dict(base)
+    for name, index in fields:
+        rec[name] = values[index]
+    rec["seq"] = seq
+    return rec
 
 
 def query_args(args: dict) -> tuple[dict, bool]:
