@@ -15,9 +15,9 @@ import struct
 import pytest
 
 from skyguard.datapath import abi
-from skyguard.datapath.flowlog.ctscan import CtEntry, classify, ct_record, vanished
+from skyguard.datapath.flowlog.ctscan import CtEntry, classify, ct_values, vanished
 from skyguard.datapath.flowlog.denies import DenyAggregator
-from skyguard.datapath.flowlog.names import AddressText
+from skyguard.datapath.flowlog.names import AddressText, FlowTemplates, encode_entry
 from skyguard.datapath.flowlog.recent import RecentRecords, query_args
 from skyguard.datapath.flowlog.ring import BUSY, DISCARD, record_size, take_records
 from skyguard.errors import BadInput
@@ -30,6 +30,11 @@ TCP = abi.IPPROTO["tcp"]
 
 class Names:
     """The two workloads of these tests, as FlowNames would name them."""
+
+    version = 1
+
+    def refresh(self):
+        return self.version
 
     def interface(self, ifindex):
         return {7: ("sg-web1", "web1")}.get(ifindex, (f"ifindex-{ifindex}", None))
@@ -75,13 +80,19 @@ def test_flows_gone_without_the_scan_are_removed_or_closed():
     assert sorted(vanished(prev, seen, ended)) == [(b"evicted", "removed"), (b"reused", "closed")]
 
 
-def test_ct_record_names_both_ends_and_the_rule():
+def test_a_flow_end_from_a_scan_is_canonical_and_names_both_ends_and_the_rule():
     key = abi.CT_KEY.pack(7, TCP, VM, PEER, socket.htons(40000), socket.htons(5432))
-    rec = ct_record(Names(), AddressText(), key, entry(packets=4), "closed", 123)
-    assert rec == {"interface": "sg-web1", "direction": "egress", "proto": "tcp", "src": "10.1.0.2", "sport": 40000,
-                   "dst": "10.2.0.2", "dport": 5432, "src_zone": "web", "src_workload": "web1", "dst_zone": "db",
-                   "dst_workload": "db1", "time": 123, "verdict": "allow", "rule": "web-to-db", "reason": "closed",
-                   "packets": 4, "bytes": 400}
+    templates = FlowTemplates(Names(), AddressText())
+    flow, values = ct_values(key, entry(packets=4), "closed", 123)
+    text, base, fields = templates.current().get(flow) or templates.make(flow)
+    record = {"interface": "sg-web1", "direction": "egress", "proto": "tcp", "src": "10.1.0.2", "sport": 40000,
+              "dst": "10.2.0.2", "dport": 5432, "src_zone": "web", "src_workload": "web1", "dst_zone": "db",
+              "dst_workload": "db1", "time": 123, "verdict": "allow", "rule": "web-to-db", "reason": "closed",
+              "packets": 4, "bytes": 400}
+    assert text % values == encode_entry("flow_end", record)
+    recent = RecentRecords(maxlen=1)
+    recent.remember_compact([(base, fields, values)])
+    assert recent.query()["records"] == [dict(record, type="flow_end", seq=1)]
 
 
 def test_ct_entry_reads_the_mirrored_struct_fields():

@@ -32,7 +32,7 @@ from typing import Any
 from skyguard.datapath import abi
 from skyguard.datapath.flowlog.ctscan import ConntrackScanner
 from skyguard.datapath.flowlog.denies import DenyAggregator, collect_kernel
-from skyguard.datapath.flowlog.names import AddressText, FlowNames, encode_entry, flow_fields
+from skyguard.datapath.flowlog.names import AddressText, FlowNames, FlowTemplates, encode_entry
 from skyguard.datapath.flowlog.recent import RecentRecords
 from skyguard.datapath.flowlog.ring import RingReader, record_size
 from skyguard.errors import DatapathError, SkyguardError
@@ -53,15 +53,6 @@ _EVENT = abi.EVENT  # struct sg_event, with the two network-order ports read raw
 _RECORD = struct.Struct("<8x" + _EVENT.format[1:])  # a ring record: its 8-byte header, the event
 assert _RECORD.size == record_size(_EVENT.size)
 _NTOHS = [socket.ntohs(port) for port in range(65536)]  # a list index is cheaper than a call
-
-# Values no real port, time or count takes, marking where each goes in an entry template.
-_SENTINELS = {"bytes": 7_000_000_004, "dport": 7_000_000_002, "packets": 7_000_000_005, "sport": 7_000_000_001,
-              "time": 7_000_000_003}
-_START_VARYING = ("dport", "sport", "time")  # in sorted order: their order in the canonical text
-_END_VARYING = ("bytes", "dport", "packets", "sport", "time")
-# Where each varying value goes in a flow record (`skyguard flows`), in the record's field order.
-_START_FIELDS = (("sport", 1), ("dport", 0), ("time", 2))
-_END_FIELDS = (("sport", 3), ("dport", 1), ("time", 4), ("packets", 2), ("bytes", 0))
 
 
 class FlowLogger:
@@ -99,8 +90,7 @@ class FlowLogger:
         self.lost_total = 0  # events the kernel could not put in the ring, since start
         self._lost_baseline = 0
         self._lost_table: Any = None  # bcc per-CPU array, opened on first use
-        self._templates: dict[tuple, tuple] = {}
-        self._templates_version = -1
+        self._templates = FlowTemplates(self.names, self._addr)
         self._stats: collections.Counter[str] = collections.Counter()
         self._denies = DenyAggregator(self._stats)
         self._conntrack = ConntrackScanner(self._stats)
@@ -260,10 +250,7 @@ class FlowLogger:
         records: list[tuple] = []
         remember, emit = records.append, out.append
         ntohs = _NTOHS
-        if self.names.refresh() != self._templates_version:
-            self._templates.clear()
-            self._templates_version = self.names.version
-        templates = self._templates
+        templates, make = self._templates.current(), self._templates.make
         starts = ends = 0
         values: tuple
         flow_start, flow_end, drop = abi.EVENT_FLOW_START, abi.EVENT_FLOW_END, abi.EVENT_DROP
@@ -271,10 +258,10 @@ class FlowLogger:
              sport, dport, _length, count, packets, nbytes) in _RECORD.iter_unpack(raw):
             if etype == flow_start:
                 flow = (ifindex, zone, direction, proto, saddr, daddr, rule_id, "rule")
-                tpl = templates.get(flow) or self._template("flow_start", flow, _START_VARYING)
-                values = (ntohs[dport], ntohs[sport], ts + offset)
+                tpl = templates.get(flow) or make(flow)
+                values = (ntohs[dport], ntohs[sport], ts + offset)  # START_VALUES
                 emit(tpl[0] % values)
-                remember((tpl[1], _START_FIELDS, values))
+                remember((tpl[1], tpl[2], values))
                 starts += 1
             elif etype == drop:
                 self._denies.add(ifindex, direction, reason, proto, saddr, daddr, sport, dport, count,
@@ -285,10 +272,10 @@ class FlowLogger:
                     continue  # the last scan already logged it (vanished)
                 flow = (ifindex, zone, direction, proto, saddr, daddr, rule_id,
                         "closed" if reason == abi.CT_CLOSING else "expired")
-                tpl = templates.get(flow) or self._template("flow_end", flow, _END_VARYING)
-                values = (nbytes, ntohs[dport], packets, ntohs[sport], ts + offset)
+                tpl = templates.get(flow) or make(flow)
+                values = (nbytes, ntohs[dport], packets, ntohs[sport], ts + offset)  # END_VALUES
                 emit(tpl[0] % values)
-                remember((tpl[1], _END_FIELDS, values))
+                remember((tpl[1], tpl[2], values))
                 ends += 1
             else:
                 self._stats["unknown_events"] += 1
@@ -297,34 +284,6 @@ class FlowLogger:
         self._stats["flow_end"] += ends
         self._recent.remember_compact(records)
         return out
-
-    def _template(self, kind: str, flow: tuple, varying: tuple[str, ...]) -> tuple:
-        """(canonical entry bytes with %d for each `varying` field, the record without them) of a
-        `kind` entry for `flow` = (ifindex, zone, direction, proto, saddr, daddr, rule_id, reason).
-        At tens of thousands of flows per second most share everything but ports, time and counts:
-        encoding the rest once per flow shape makes an entry one bytes format.
-        tests/bpf/test_flowlog.py checks it is the canonical form."""
-        ifindex, zone, direction, proto, saddr, daddr, rule_id, reason = flow
-        base = flow_fields(self.names, self._addr, ifindex, zone, direction, proto, saddr, daddr,
-                           _SENTINELS["sport"], _SENTINELS["dport"])
-        base.update(verdict="allow", rule=self.names.rule(rule_id), reason=reason,
-                    **{name: _SENTINELS[name] for name in varying if name not in ("sport", "dport")})
-        text = encode_entry(kind, base).replace(b"%", b"%%")
-        for name in varying:  # sorted: the canonical text holds them in this order
-            marker = f'"{name}":{_SENTINELS[name]}'.encode()
-            if text.count(marker) != 1:
-                raise DatapathError(f"flow log: cannot build an entry template ({name})")
-            text = text.replace(marker, f'"{name}":%d'.encode())
-        for name in varying:
-            del base[name]
-        base["type"] = kind
-        tpl = (text, base)
-        if base["src_workload"] is None and base["dst_workload"] is None:
-            return tpl  # an interface not resolved yet: do not remember a name that may change
-        if len(self._templates) > 4096:  # e.g. a VM talking to many outside addresses
-            self._templates.clear()
-        self._templates[flow] = tpl
-        return tpl
 
     # ---- denies and conntrack (denies.py, ctscan.py) -------------------------------------------
     def _flush_kernel_denies(self, force: bool = False) -> list[bytes]:
@@ -337,8 +296,8 @@ class FlowLogger:
         return out
 
     def _scan_conntrack(self) -> list[bytes]:
-        out, records = self._conntrack.scan(self.datapath.map("sg_ct"), self.names, self._addr)
-        self._recent.remember(records)
+        out, records = self._conntrack.scan(self.datapath.map("sg_ct"), self._templates)
+        self._recent.remember_compact(records)
         return out
 
     # ---- losses -----------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from skyguard.datapath import abi, libbpf
-from skyguard.datapath.flowlog.names import AddressText, encode_entry, flow_fields
+from skyguard.datapath.flowlog.names import FlowTemplates
 
 BPF_NOEXIST = 1
 
@@ -67,13 +67,12 @@ def vanished(prev: dict[bytes, CtEntry], seen: dict[bytes, CtEntry], ended: list
     return [(k, "closed" if prev[k].state == abi.CT_CLOSING else "removed") for k in gone]
 
 
-def ct_record(names, addr: AddressText, key: bytes, val: CtEntry, why: str, when: int) -> dict:
+def ct_values(key: bytes, val: CtEntry, why: str, when: int) -> tuple[tuple, tuple]:
+    """(flow shape, END_VALUES) of a conntrack entry that ended `why` at `when`: a flow_end
+    through names.FlowTemplates."""
     ifindex, proto, saddr, daddr, sport, dport = abi.CT_KEY.unpack(key)
-    rec = flow_fields(names, addr, ifindex, val.zone, val.direction, proto, saddr, daddr, socket.ntohs(sport),
-                      socket.ntohs(dport))
-    rec.update(time=when, verdict="allow", rule=names.rule(val.rule_id), reason=why,
-               packets=val.packets, bytes=val.bytes)
-    return rec
+    flow = (ifindex, val.zone, val.direction, proto, saddr, daddr, val.rule_id, why)
+    return flow, (val.bytes, socket.ntohs(dport), val.packets, socket.ntohs(sport), when)
 
 
 class ConntrackScanner:
@@ -92,39 +91,42 @@ class ConntrackScanner:
         self.prev.pop(key, None)  # the next scan must not find it vanished
         return True
 
-    def scan(self, table, names, addr: AddressText) -> tuple[list[bytes], list[dict]]:
-        """(entries, records) of the flows that ended since the last scan; `table` is sg_ct (bcc)."""
+    def scan(self, table, templates: FlowTemplates) -> tuple[list[bytes], list[tuple]]:
+        """(entries, records) of the flows that ended since the last scan; `table` is sg_ct (bcc),
+        records as recent.RecentRecords.remember_compact takes them."""
         started = time.monotonic()
         now = time.monotonic_ns()
         offset = time.time_ns() - now
         rows = ((k, CtEntry._make(val)) for k, val in libbpf.dump(table, abi.CT_KEY.size, abi.CT_VAL_PADDED))
         seen, ended = classify(rows, self.prev, now)
-        out, records = [], []
+        out: list[bytes] = []
+        records: list[tuple] = []
+        shapes, make = templates.current(), templates.make
+
+        def emit(key: bytes, val: CtEntry, why: str) -> None:
+            flow, values = ct_values(key, val, why, offset + now)
+            tpl = shapes.get(flow) or make(flow)
+            out.append(tpl[0] % values)
+            records.append((tpl[1], tpl[2], values))
+
         fd = table.map_fd
         raw_val = (ct.c_uint8 * ct.sizeof(abi.CtVal))()
+        lookup_and_delete, unpack = libbpf.lib().bpf_map_lookup_and_delete_elem, abi.CT_VAL.unpack_from
         for k, val, why in ended:
-            kbuf = ct.create_string_buffer(k, len(k))
-            if libbpf.lib().bpf_map_lookup_and_delete_elem(fd, kbuf, raw_val) == 0:
-                current = CtEntry._make(abi.CT_VAL.unpack_from(bytes(raw_val)))
+            if lookup_and_delete(fd, k, raw_val) == 0:  # the kernel only reads the key
+                current = CtEntry._make(unpack(raw_val))
                 revived = current.expires_ns > now if why == "expired" else current.packets != val.packets
                 if revived:
                     # A packet came between the read and the delete: the flow lives on.
-                    libbpf.lib().bpf_map_update_elem(fd, kbuf, raw_val, ct.c_uint64(BPF_NOEXIST))
+                    libbpf.lib().bpf_map_update_elem(fd, k, raw_val, ct.c_uint64(BPF_NOEXIST))
                     seen[k] = current
                     continue
                 val = current
-            rec = ct_record(names, addr, k, val, why, offset + now)
-            out.append(encode_entry("flow_end", rec))
-            rec["type"] = "flow_end"
-            records.append(rec)
+            emit(k, val, why)
         gone = vanished(self.prev, seen, ended)
         self.reported_vanished = {k for k, _ in gone}
         for k, why in gone:
-            # Its counts are those of the last scan.
-            rec = ct_record(names, addr, k, self.prev[k], why, offset + now)
-            out.append(encode_entry("flow_end", rec))
-            rec["type"] = "flow_end"
-            records.append(rec)
+            emit(k, self.prev[k], why)  # its counts are those of the last scan
         self.prev = seen
         self.stats["flow_end"] += len(out)
         took_ms = int((time.monotonic() - started) * 1000)

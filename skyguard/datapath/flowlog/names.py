@@ -1,6 +1,7 @@
 """Names for the datapath's numbers in flow records: zone and rule ids, ifindex -> workload,
-address -> workload (FlowNames), the fields every flow record carries (flow_fields), and the
-canonical encoding of a record as a log entry (encode_entry). No thread, no ring: pure lookups.
+address -> workload (FlowNames), the fields every flow record carries (flow_fields), the
+canonical encoding of a record as a log entry (encode_entry), and flow_start/flow_end entries as
+formats made once per flow shape (FlowTemplates). No thread, no ring: lookups and encodings.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import time
 from collections.abc import Callable
 
 from skyguard.datapath import abi
+from skyguard.errors import DatapathError
 
 PROTO_NAMES = abi.PROTO_NAMES
 
@@ -127,3 +129,67 @@ def flow_fields(names, addr: AddressText, ifindex, zone, direction, proto, saddr
             "proto": PROTO_NAMES.get(proto, str(proto)), "src": src, "sport": sport, "dst": dst,
             "dport": dport, "src_zone": src_zone, "src_workload": src_wl, "dst_zone": dst_zone,
             "dst_workload": dst_wl}
+
+
+# Values no real port, time or count takes, marking where each goes in an entry template.
+_SENTINELS = {"bytes": 7_000_000_004, "dport": 7_000_000_002, "packets": 7_000_000_005, "sport": 7_000_000_001,
+              "time": 7_000_000_003}
+# The values of a flow entry, in sorted order (their order in the canonical text): what a
+# template's format takes, in this order.
+START_VALUES = ("dport", "sport", "time")
+END_VALUES = ("bytes", "dport", "packets", "sport", "time")
+_RECORD_ORDER = ("sport", "dport", "time", "packets", "bytes")  # where a record has them
+
+
+class FlowTemplates:
+    """flow_start and flow_end entries as bytes formats, one per flow shape = (ifindex, zone,
+    direction, proto, saddr, daddr, rule_id, reason): reason "rule" makes a flow_start, whose
+    values are START_VALUES; any other ("closed", "expired", "removed") a flow_end, END_VALUES.
+    At tens of thousands of flows a second most share everything but ports, time and counts:
+    encoding the rest once per shape makes an entry one bytes format.
+
+    A template is (format, base record, fields): `format % values` is the canonical entry
+    (tests/bpf/test_flowlog.py checks every one), and (base, fields, values) the record
+    `skyguard flows` shows (recent.RecentRecords). Not thread-safe: the consumer thread owns it.
+    """
+
+    MAX_SHAPES = 4096  # past this (a VM talking to many outside addresses) the cache starts again
+
+    def __init__(self, names: FlowNames, addr: AddressText):
+        self.names, self.addr = names, addr
+        self.cache: dict[tuple, tuple] = {}
+        self._version = -1
+
+    def current(self) -> dict[tuple, tuple]:
+        """The templates by flow shape (use .get(flow) or make(flow)), emptied whenever the
+        names changed (another policy)."""
+        if self.names.refresh() != self._version:
+            self.cache.clear()
+            self._version = self.names.version
+        return self.cache
+
+    def make(self, flow: tuple) -> tuple:
+        """The template of a flow shape, remembered unless its interface is not resolved yet."""
+        ifindex, zone, direction, proto, saddr, daddr, rule_id, reason = flow
+        kind, varying = ("flow_start", START_VALUES) if reason == "rule" else ("flow_end", END_VALUES)
+        base = flow_fields(self.names, self.addr, ifindex, zone, direction, proto, saddr, daddr,
+                           _SENTINELS["sport"], _SENTINELS["dport"])
+        base.update(verdict="allow", rule=self.names.rule(rule_id), reason=reason,
+                    **{name: _SENTINELS[name] for name in varying if name not in ("sport", "dport")})
+        text = encode_entry(kind, base).replace(b"%", b"%%")
+        for name in varying:  # sorted: the canonical text holds them in this order
+            marker = f'"{name}":{_SENTINELS[name]}'.encode()
+            if text.count(marker) != 1:
+                raise DatapathError(f"flow log: cannot build an entry template ({name})")
+            text = text.replace(marker, f'"{name}":%d'.encode())
+        for name in varying:
+            del base[name]
+        base["type"] = kind
+        fields = tuple((name, varying.index(name)) for name in _RECORD_ORDER if name in varying)
+        tpl = (text, base, fields)
+        if base["src_workload"] is None and base["dst_workload"] is None:
+            return tpl  # an interface not resolved yet: do not remember a name that may change
+        if len(self.cache) > self.MAX_SHAPES:
+            self.cache.clear()
+        self.cache[flow] = tpl
+        return tpl
