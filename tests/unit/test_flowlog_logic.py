@@ -84,15 +84,12 @@ def test_a_flow_end_from_a_scan_is_canonical_and_names_both_ends_and_the_rule():
     key = abi.CT_KEY.pack(7, TCP, VM, PEER, socket.htons(40000), socket.htons(5432))
     templates = FlowTemplates(Names(), AddressText())
     flow, values = ct_values(key, entry(packets=4), "closed", 123)
-    text, base, fields = templates.current().get(flow) or templates.make(flow)
+    template = templates.current().get(flow) or templates.make(flow)
     record = {"interface": "sg-web1", "direction": "egress", "proto": "tcp", "src": "10.1.0.2", "sport": 40000,
               "dst": "10.2.0.2", "dport": 5432, "src_zone": "web", "src_workload": "web1", "dst_zone": "db",
               "dst_workload": "db1", "time": 123, "verdict": "allow", "rule": "web-to-db", "reason": "closed",
               "packets": 4, "bytes": 400}
-    assert text % values == encode_entry("flow_end", record)
-    recent = RecentRecords(maxlen=1)
-    recent.remember_compact([(base, fields, values)])
-    assert recent.query()["records"] == [dict(record, type="flow_end", seq=1)]
+    assert template % values == encode_entry("flow_end", record)
 
 
 def test_ct_entry_reads_the_mirrored_struct_fields():
@@ -161,18 +158,15 @@ def test_recent_returns_what_follows_the_cursor_and_counts_what_it_missed():
     assert recent.query(zone="web")["records"] == []
 
 
-def test_compact_records_become_the_same_dicts_with_their_own_values():
+def test_entries_kept_for_flows_come_back_as_their_records():
     recent = RecentRecords(maxlen=4)
-    base = {"type": "flow_start", "verdict": "allow", "src_zone": "web", "dst_zone": "db"}
-    fields = (("sport", 1), ("dport", 0))
+    record = {"type": "flow_start", "verdict": "allow", "src_zone": "web", "dst_zone": "db", "sport": 41000}
     recent.remember([{"verdict": "deny", "src_zone": "web"}])
-    recent.remember_compact([(base, fields, (5432, 41000 + i)) for i in range(4)])  # seq 2..5; 1 falls out
+    recent.remember([encode_entry("flow_start", dict(record, sport=41000 + i)) for i in range(4)])  # seq 2..5
     got = recent.query(since=1, zone="db")
-    assert got["records"] == [dict(base, sport=41000 + i, dport=5432, seq=2 + i) for i in range(4)]
-    assert list(got["records"][0]) == ["type", "verdict", "src_zone", "dst_zone", "sport", "dport", "seq"]
+    assert got["records"] == [dict(record, sport=41000 + i, seq=2 + i) for i in range(4)]
     assert got["cursor"] == 5 and got["missed"] == 0
-    got["records"][0]["verdict"] = "changed"
-    assert base["verdict"] == "allow" and recent.query(verdict="deny")["records"] == []
+    assert recent.query(verdict="deny")["records"] == []  # the first fell out
 
 
 def _ring(records, size=512, data=64):

@@ -247,42 +247,36 @@ class FlowLogger:
             return []
         offset = time.time_ns() - time.monotonic_ns()  # ts_ns is CLOCK_MONOTONIC
         out: list[bytes] = []
-        records: list[tuple] = []
-        remember, emit = records.append, out.append
+        emit = out.append
         ntohs = _NTOHS
         templates, make = self._templates.current(), self._templates.make
         starts = ends = 0
-        values: tuple
         flow_start, flow_end, drop = abi.EVENT_FLOW_START, abi.EVENT_FLOW_END, abi.EVENT_DROP
+        claim_end, ct_key, closing = self._conntrack.claim_end, abi.CT_KEY.pack, abi.CT_CLOSING
         for (ts, ifindex, rule_id, zone, etype, direction, reason, proto, saddr, daddr,
              sport, dport, _length, count, packets, nbytes) in _RECORD.iter_unpack(raw):
             if etype == flow_start:
                 flow = (ifindex, zone, direction, proto, saddr, daddr, rule_id, "rule")
-                tpl = templates.get(flow) or make(flow)
-                values = (ntohs[dport], ntohs[sport], ts + offset)  # START_VALUES
-                emit(tpl[0] % values)
-                remember((tpl[1], tpl[2], values))
+                emit((templates.get(flow) or make(flow)) % (ntohs[dport], ntohs[sport], ts + offset))  # START_VALUES
                 starts += 1
             elif etype == drop:
                 self._denies.add(ifindex, direction, reason, proto, saddr, daddr, sport, dport, count,
                                  ts + offset, zone)
             elif etype == flow_end:
                 # reason: the entry's conntrack state. Its key is what the event carries, as scans see it.
-                if not self._conntrack.claim_end(abi.CT_KEY.pack(ifindex, proto, saddr, daddr, sport, dport)):
+                if not claim_end(ct_key(ifindex, proto, saddr, daddr, sport, dport)):
                     continue  # the last scan already logged it (vanished)
                 flow = (ifindex, zone, direction, proto, saddr, daddr, rule_id,
-                        "closed" if reason == abi.CT_CLOSING else "expired")
-                tpl = templates.get(flow) or make(flow)
-                values = (nbytes, ntohs[dport], packets, ntohs[sport], ts + offset)  # END_VALUES
-                emit(tpl[0] % values)
-                remember((tpl[1], tpl[2], values))
+                        "closed" if reason == closing else "expired")
+                emit((templates.get(flow) or make(flow)) % (nbytes, ntohs[dport], packets, ntohs[sport],
+                                                            ts + offset))  # END_VALUES
                 ends += 1
             else:
                 self._stats["unknown_events"] += 1
         self._stats["events"] += len(raw) // _RECORD.size
         self._stats["flow_start"] += starts
         self._stats["flow_end"] += ends
-        self._recent.remember_compact(records)
+        self._recent.remember(out)  # each entry's JSON is its record
         return out
 
     # ---- denies and conntrack (denies.py, ctscan.py) -------------------------------------------
@@ -296,8 +290,8 @@ class FlowLogger:
         return out
 
     def _scan_conntrack(self) -> list[bytes]:
-        out, records = self._conntrack.scan(self.datapath.map("sg_ct"), self._templates)
-        self._recent.remember_compact(records)
+        out = self._conntrack.scan(self.datapath.map("sg_ct"), self._templates)
+        self._recent.remember(out)
         return out
 
     # ---- losses -----------------------------------------------------------------------------

@@ -91,23 +91,20 @@ class ConntrackScanner:
         self.prev.pop(key, None)  # the next scan must not find it vanished
         return True
 
-    def scan(self, table, templates: FlowTemplates) -> tuple[list[bytes], list[tuple]]:
-        """(entries, records) of the flows that ended since the last scan; `table` is sg_ct (bcc),
-        records as recent.RecentRecords.remember_compact takes them."""
+    def scan(self, table, templates: FlowTemplates) -> list[bytes]:
+        """The flow_end entries of the flows that ended since the last scan; `table` is sg_ct
+        (bcc)."""
         started = time.monotonic()
         now = time.monotonic_ns()
         offset = time.time_ns() - now
         rows = ((k, CtEntry._make(val)) for k, val in libbpf.dump(table, abi.CT_KEY.size, abi.CT_VAL_PADDED))
         seen, ended = classify(rows, self.prev, now)
         out: list[bytes] = []
-        records: list[tuple] = []
         shapes, make = templates.current(), templates.make
 
         def emit(key: bytes, val: CtEntry, why: str) -> None:
             flow, values = ct_values(key, val, why, offset + now)
-            tpl = shapes.get(flow) or make(flow)
-            out.append(tpl[0] % values)
-            records.append((tpl[1], tpl[2], values))
+            out.append((shapes.get(flow) or make(flow)) % values)
 
         fd = table.map_fd
         raw_val = (ct.c_uint8 * ct.sizeof(abi.CtVal))()
@@ -133,4 +130,4 @@ class ConntrackScanner:
         self.stats["ct_scan_last_ms"] = took_ms
         self.stats["ct_scan_max_ms"] = max(self.stats["ct_scan_max_ms"], took_ms)
         self.stats["ct_tracked"] = len(seen)
-        return out, records
+        return out

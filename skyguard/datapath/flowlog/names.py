@@ -135,10 +135,9 @@ def flow_fields(names, addr: AddressText, ifindex, zone, direction, proto, saddr
 _SENTINELS = {"bytes": 7_000_000_004, "dport": 7_000_000_002, "packets": 7_000_000_005, "sport": 7_000_000_001,
               "time": 7_000_000_003}
 # The values of a flow entry, in sorted order (their order in the canonical text): what a
-# template's format takes, in this order.
+# template takes, in this order.
 START_VALUES = ("dport", "sport", "time")
 END_VALUES = ("bytes", "dport", "packets", "sport", "time")
-_RECORD_ORDER = ("sport", "dport", "time", "packets", "bytes")  # where a record has them
 
 
 class FlowTemplates:
@@ -146,21 +145,19 @@ class FlowTemplates:
     direction, proto, saddr, daddr, rule_id, reason): reason "rule" makes a flow_start, whose
     values are START_VALUES; any other ("closed", "expired", "removed") a flow_end, END_VALUES.
     At tens of thousands of flows a second most share everything but ports, time and counts:
-    encoding the rest once per shape makes an entry one bytes format.
-
-    A template is (format, base record, fields): `format % values` is the canonical entry
-    (tests/bpf/test_flowlog.py checks every one), and (base, fields, values) the record
-    `skyguard flows` shows (recent.RecentRecords). Not thread-safe: the consumer thread owns it.
+    encoding the rest once per shape makes an entry one bytes format: `template % values` is the
+    canonical entry (tests/bpf/test_flowlog.py checks every one), whose JSON is the record
+    `skyguard flows` shows. Not thread-safe: the consumer thread owns it.
     """
 
     MAX_SHAPES = 4096  # past this (a VM talking to many outside addresses) the cache starts again
 
     def __init__(self, names: FlowNames, addr: AddressText):
         self.names, self.addr = names, addr
-        self.cache: dict[tuple, tuple] = {}
+        self.cache: dict[tuple, bytes] = {}
         self._version = -1
 
-    def current(self) -> dict[tuple, tuple]:
+    def current(self) -> dict[tuple, bytes]:
         """The templates by flow shape (use .get(flow) or make(flow)), emptied whenever the
         names changed (another policy)."""
         if self.names.refresh() != self._version:
@@ -168,7 +165,7 @@ class FlowTemplates:
             self._version = self.names.version
         return self.cache
 
-    def make(self, flow: tuple) -> tuple:
+    def make(self, flow: tuple) -> bytes:
         """The template of a flow shape, remembered unless its interface is not resolved yet."""
         ifindex, zone, direction, proto, saddr, daddr, rule_id, reason = flow
         kind, varying = ("flow_start", START_VALUES) if reason == "rule" else ("flow_end", END_VALUES)
@@ -182,14 +179,9 @@ class FlowTemplates:
             if text.count(marker) != 1:
                 raise DatapathError(f"flow log: cannot build an entry template ({name})")
             text = text.replace(marker, f'"{name}":%d'.encode())
-        for name in varying:
-            del base[name]
-        base["type"] = kind
-        fields = tuple((name, varying.index(name)) for name in _RECORD_ORDER if name in varying)
-        tpl = (text, base, fields)
         if base["src_workload"] is None and base["dst_workload"] is None:
-            return tpl  # an interface not resolved yet: do not remember a name that may change
+            return text  # an interface not resolved yet: do not remember a name that may change
         if len(self.cache) > self.MAX_SHAPES:
             self.cache.clear()
-        self.cache[flow] = tpl
-        return tpl
+        self.cache[flow] = text
+        return text

@@ -6,6 +6,8 @@ consumer remembers, the control thread queries.
 from __future__ import annotations
 
 import collections
+import itertools
+import json
 import threading
 
 VERDICT_FILTERS = ("allow", "deny", "loss")
@@ -13,23 +15,20 @@ MAX_QUERY_LIMIT = 10_000
 
 
 class RecentRecords:
-    """The newest `maxlen` records, oldest first. A record is a dict, or, for the flow records the
-    consumer makes by the ten thousand a second, (shared base record, ((field, index), ...),
-    values): the dict is only built when a query returns it. Seqs are implicit: the newest
-    record's is the count of records ever remembered, and they are consecutive."""
+    """The newest `maxlen` records, oldest first. A record is a dict, or the canonical log entry
+    (bytes) whose JSON is the record, as for flow_start and flow_end: the consumer makes those by
+    the ten thousand a second and keeps the entries it logs, and only a query parses them (bytes
+    are not tracked by the garbage collector; a dict per flow kept it busy). Seqs are implicit:
+    the newest record's is the count of records ever remembered, and they are consecutive."""
 
     def __init__(self, maxlen: int):
         self._lock = threading.Lock()
         self._recent: collections.deque = collections.deque(maxlen=maxlen)
         self._seq = 0
 
-    def remember(self, records: list[dict]) -> None:
-        """Append records (each gets the next `seq`); the oldest fall out past maxlen."""
-        self.remember_compact(records)
-
-    def remember_compact(self, records: list) -> None:
-        """Append records, dicts or (base, fields, values) as the class says; `base` is never
-        changed, so many records may share one."""
+    def remember(self, records: list) -> None:
+        """Append records, dicts or entries (each gets the next `seq`); the oldest fall out past
+        maxlen. A dict is kept as it is: the caller must not change it afterwards."""
         if not records:
             return
         with self._lock:
@@ -41,42 +40,30 @@ class RecentRecords:
         """Records after cursor `since` (oldest first, at most `limit`: the newest ones when
         there are more), filtered by zone (source or destination) and verdict. The returned
         cursor is the last record's seq, to pass as `since` next time."""
-        with self._lock:
+        with self._lock:  # only the references: parsing happens outside the consumer's way
             cursor = self._seq
             oldest = cursor - len(self._recent) + 1
-            picked: list[dict] = []
-            cut = 0
-            seq = cursor + 1
-            for item in reversed(self._recent):
-                seq -= 1
-                if seq <= since:
-                    break
-                base = item if isinstance(item, dict) else item[0]
-                if verdict and base.get("verdict") != verdict:
-                    continue
-                if zone and zone not in (base.get("src_zone"), base.get("dst_zone")):
-                    continue
-                if len(picked) < limit:
-                    picked.append(_record(item, seq))
-                else:
-                    cut += 1
+            newer = list(itertools.islice(reversed(self._recent), max(0, cursor - since)))
+        picked: list[dict] = []
+        cut = 0
+        for seq, item in enumerate(newer):
+            if len(picked) >= limit and not since:
+                break  # what is cut only matters to a follower (since > 0)
+            rec = json.loads(item) if isinstance(item, bytes) else dict(item)
+            if verdict and rec.get("verdict") != verdict:
+                continue
+            if zone and zone not in (rec.get("src_zone"), rec.get("dst_zone")):
+                continue
+            if len(picked) < limit:
+                rec["seq"] = cursor - seq
+                picked.append(rec)
+            else:
+                cut += 1
         picked.reverse()
         evicted = max(0, oldest - since - 1) if since else 0
         # missed: records after the cursor that this reply cannot show (evicted from memory, or
         # past the limit); a follower learns it fell behind.
         return {"records": picked, "cursor": cursor, "missed": evicted + (cut if since else 0)}
-
-
-def _record(item, seq: int) -> dict:
-    """A new dict of a remembered record, with its seq."""
-    if isinstance(item, dict):
-        return dict(item, seq=seq)
-    base, fields, values = item
-    rec = dict(base)
-    for name, index in fields:
-        rec[name] = values[index]
-    rec["seq"] = seq
-    return rec
 
 
 def query_args(args: dict) -> tuple[dict, bool]:
