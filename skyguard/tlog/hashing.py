@@ -25,6 +25,14 @@ def hash_children(left: bytes, right: bytes) -> bytes:
     return _sha256(b"\x01" + left + right).digest()
 
 
+def hash_pairs(hashes: list[bytes]) -> list[bytes]:
+    """[hash_children(hashes[0], hashes[1]), hash_children(hashes[2], hashes[3]), ...] (an even
+    count), without a call per pair: a level of a tree built bottom up."""
+    sha = _sha256
+    pairs = iter(hashes)
+    return [sha(b"\x01" + left + right).digest() for left, right in zip(pairs, pairs)]
+
+
 def hash_leaves(entries) -> list[bytes]:
     """[hash_leaf(e) for e in entries], without a call per entry (the writer's hot path)."""
     sha = _sha256

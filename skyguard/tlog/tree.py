@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from skyguard.tlog.errors import BadLogInput, VerificationError
-from skyguard.tlog.hashing import EMPTY_ROOT, HASH_SIZE, hash_children
+from skyguard.tlog.hashing import EMPTY_ROOT, HASH_SIZE, hash_children, hash_pairs
 
 # Stored interior nodes are the roots of aligned subtrees of 2**NODE_LEVEL leaves. 256 leaves
 # means 32 bytes of node per 8 KiB of leaf hashes: negligible space, 256x fewer hashes per proof.
@@ -55,7 +55,7 @@ def fold_perfect(hashes: Sequence[bytes]) -> bytes:
     """Root of a perfect subtree given its 2**k bottom hashes, left to right."""
     level = list(hashes)
     while len(level) > 1:
-        level = [hash_children(level[i], level[i + 1]) for i in range(0, len(level), 2)]
+        level = hash_pairs(level)
     return level[0]
 
 
@@ -125,23 +125,34 @@ class CompactRange:
             size >>= 1
         self.size += 1 << level
 
-    def extend(self, leaf_hashes, level: int = NODE_LEVEL) -> list[bytes]:
+    def extend(self, leaf_hashes: Sequence[bytes], level: int = NODE_LEVEL) -> list[bytes]:
         """Append leaves; returns the roots of the aligned perfect subtrees of 2**level leaves
         they complete, left to right. The merges are the same hashes as fold_perfect over those
-        leaves: the writer stores them as nodes instead of hashing every leaf twice."""
+        leaves: the writer stores them as nodes instead of hashing every leaf twice.
+
+        Level by level, as the tree is built: at level k the new nodes start at position
+        size >> k; if that is odd, the range's smallest root (the one of level k) is their left
+        sibling and joins them; pairs make level k + 1, and an odd one out is a root of the new
+        range. Each interior hash is computed once, a level at a time."""
         hashes = self.hashes
-        size = self.size
+        nodes = list(leaf_hashes)
+        position = self.size
+        self.size += len(nodes)
+        odd_ones: list[bytes] = []  # the new range's roots below the levels still merging, lowest first
         completed: list[bytes] = []
-        for h in leaf_hashes:
-            merges = 0
-            while size >> merges & 1:  # each trailing 1 bit: a perfect subtree this leaf completes
-                h = hash_children(hashes.pop(), h)
-                merges += 1
-                if merges == level:
-                    completed.append(h)
-            hashes.append(h)
-            size += 1
-        self.size = size
+        k = 0
+        while nodes:
+            if k == level:
+                completed = list(nodes)  # every node made at this level roots a whole new subtree
+            if position & 1:
+                nodes.insert(0, hashes.pop())
+                position -= 1
+            if len(nodes) & 1:
+                odd_ones.append(nodes.pop())
+            nodes = hash_pairs(nodes)
+            position >>= 1
+            k += 1
+        hashes.extend(reversed(odd_ones))
         return completed
 
     def root(self) -> bytes:

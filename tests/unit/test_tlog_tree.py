@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from skyguard.tlog.errors import BadLogInput, VerificationError
-from skyguard.tlog.hashing import EMPTY_ROOT, hash_children, hash_leaf, hash_leaves
+from skyguard.tlog.hashing import EMPTY_ROOT, hash_children, hash_leaf, hash_leaves, hash_pairs
 from skyguard.tlog.tree import (
     NODE_SPAN,
     CompactRange,
@@ -93,6 +93,8 @@ def test_hashes_match_their_definitions():
     assert hash_children(b"L" * 32, b"R" * 32) == hashlib.sha256(b"\x01" + b"L" * 32 + b"R" * 32).digest()
     assert EMPTY_ROOT == MTH([])
     assert hash_leaves([b"abc", b"", b"d" * 5000]) == [hash_leaf(b"abc"), hash_leaf(b""), hash_leaf(b"d" * 5000)]
+    four = [bytes([i]) * 32 for i in range(4)]
+    assert hash_pairs(four) == [hash_children(four[0], four[1]), hash_children(four[2], four[3])]
 
 
 def test_compact_range_root_matches_mth_for_every_size_up_to_300():
