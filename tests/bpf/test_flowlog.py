@@ -292,3 +292,18 @@ def test_a_long_batch_interval_delays_neither_sync_nor_stop(kernel, tmp_path):
         writer.close()
     starts = [json.loads(p) for _, p in LogReader(tmp_path / "log").entries()]
     assert [e["sport"] for e in starts if e["type"] == "flow_start"] == [44000, 44001, 44002]
+
+
+def test_a_paused_logger_leaves_events_in_the_ring_until_resumed(kernel, logged):
+    logger, entries = logged
+    logger.pause()
+    logger.sync()  # the loop has seen the pause: from here it holds
+    before = logger.stats().get("events", 0)
+    for sport in range(45000, 45005):
+        frame = e_from("w1") / IP(src=v4("w1"), dst=v4("d1")) / TCP(sport=sport, dport=5432, flags="S")
+        assert kernel.run(frame, "w1", "egress")
+    time.sleep(0.5)  # a few of the paused loop's ticks
+    assert logger.stats().get("events", 0) == before and entries("flow_start") == []
+    logger.resume()
+    logger.sync()
+    assert len(entries("flow_start")) == 5

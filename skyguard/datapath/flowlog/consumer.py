@@ -101,7 +101,12 @@ class FlowLogger:
     def start(self) -> FlowLogger:
         self._lost_baseline = self._kernel_lost()
         self._ring = RingReader(self.datapath.events().map_fd, _EVENT.size)
-        self.datapath.set_events(True)
+        try:
+            self.datapath.set_events(True)
+        except BaseException:
+            self._ring.close()
+            self._ring = None
+            raise
         self._thread = threading.Thread(target=self._run, name="sg-flowlog", daemon=True)
         self._thread.start()
         return self
@@ -113,9 +118,9 @@ class FlowLogger:
         self._stop.set()
         self._wake.set()
         self._paused.clear()
-        self._thread.join(timeout)
-        self._thread = None
-        if self._ring is not None:
+        thread, self._thread = self._thread, None
+        thread.join(timeout)
+        if self._ring is not None and not thread.is_alive():  # never unmapped under a reader
             self._ring.close()
             self._ring = None
         self.flush(timeout)
@@ -157,9 +162,10 @@ class FlowLogger:
         last_read = 0.0
         while not self._stop.is_set():
             try:
-                if self._paused.is_set() or self._inflight > self.max_inflight:
+                holding = self._paused.is_set() or self._inflight > self.max_inflight
+                if holding:
                     self._stats["backpressure_pauses" if not self._paused.is_set() else "paused_ticks"] += 1
-                    time.sleep(POLL_TIMEOUT_MS / 1000)
+                    self._wake.wait(POLL_TIMEOUT_MS / 1000)
                 elif self._wake.is_set() or ring.wait(POLL_TIMEOUT_MS / 1000):
                     # Let the batch build up: one read per batch_interval however fast events come.
                     wait = last_read + self.batch_interval - time.monotonic()
@@ -169,8 +175,10 @@ class FlowLogger:
                 requests = []
                 while not self._sync_requests.empty():
                     requests.append(self._sync_requests.get())
-                last_read = time.monotonic()
-                entries = self._take_events(*ring.read())
+                entries = []
+                if requests or not holding:  # held: the ring fills (a sync still reads it)
+                    last_read = time.monotonic()
+                    entries = self._take_events(*ring.read())
                 now = time.monotonic()
                 if now >= next_deny or requests:
                     entries += self._flush_kernel_denies(force=bool(requests))
