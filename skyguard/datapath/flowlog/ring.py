@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import mmap
+import platform
 import select
 import struct
 
@@ -77,6 +78,9 @@ class RingReader:
     header included; any other record is skipped and counted. close() unmaps."""
 
     def __init__(self, map_fd: int, sample_size: int):
+        if platform.machine() != "x86_64":  # elsewhere the header loads would need acquire barriers
+            raise DatapathError(f"the flow log's ring reader relies on x86-64's load ordering; this "
+                                f"machine is {platform.machine()}: it needs libbpf's reader ported first")
         info = libbpf.map_info(map_fd)
         if info.type != BPF_MAP_TYPE_RINGBUF:
             raise DatapathError(f"map {info.name!r} is not a ring buffer (type {info.type})")
