@@ -9,10 +9,10 @@ Decision: reply these bytes, drop, or forward this upstream query. For a forward
 `answer(decision, upstream_reply, now)` checks the reply matches (ID, question), clamps TTLs,
 follows the CNAME chain inside the answer (refused whole if a deny rule of the zone names a name
 in it) and strips every record outside it (and every A/AAAA the question's type did not ask
-for: ADDRESS_TYPES_ASKED), strips rebinding
-addresses (rebinding.py: loopback, link-local, metadata, the host's own, and private ranges
-unless the rule says allow_private) unless a rule names their network, caps addresses per
-name, calls the Learner synchronously and only then returns the bytes to release. If the Learner
+for: ADDRESS_TYPES_ASKED), strips rebinding addresses (rebinding.py: loopback, link-local,
+metadata, the host's own, and private ranges unless the rule says allow_private) unless a rule
+names their network, caps addresses per name, logs the decision, and only then calls the Learner
+(synchronously) and returns the bytes to release. If the log refuses the entry or the Learner
 raises, the VM gets SERVFAIL and nothing else: fail closed.
 
 An allowed question the VM's answer cache (answercache.py) holds is not forwarded: decide()
@@ -476,8 +476,13 @@ class DnsPolicyResolver:
                 return Answer(reply=self.fail(decision, "malformed-upstream",
                                               "upstream reply could not be re-encoded without stripped records"))
 
-        texts = [str(ip) for ip, _ in learn.values()]
-        persist = False
+        answer = Answer(reply=bytes(out), learned=[str(ip) for ip, _ in learn.values()], stripped=stripped,
+                        denied=denied_ips, ttl=ttl, unrelated=unrelated)
+        reason = decision.reason if header.rcode == wire.RCODE_NOERROR else f"{decision.reason}; upstream rcode {header.rcode}"
+        try:  # on record before it opens anything: the datapath never allows what the log does not hold
+            self._account(decision, answer=answer, reason=reason, now=now)
+        except LogError:  # nothing learned; a learner failing below is on record too (a servfail follows)
+            return Answer(reply=self.fail(decision, "log-refused", "the signed log refuses entries"))
         if learn:
             by_rule: dict[str, list] = {}
             for ip, rules in learn.values():
@@ -499,12 +504,7 @@ class DnsPolicyResolver:
             if self.store.evictions != evictions:
                 self._evicted(decision.zone, self.store.evictions - evictions)
             # Refreshes of known addresses are saved lazily (the server's periodic flush).
-            persist = self.store.urgent and self.store.path is not None
-        answer = Answer(reply=bytes(out), learned=texts, stripped=stripped,
-                        denied=denied_ips, ttl=ttl, persist=persist, unrelated=unrelated)
-        rcode = header.rcode
-        reason = decision.reason if rcode == wire.RCODE_NOERROR else f"{decision.reason}; upstream rcode {rcode}"
-        self._account(decision, answer=answer, reason=reason, now=now)
+            answer.persist = self.store.urgent and self.store.path is not None
         return answer
 
     def _denied_link(self, zone: str, names) -> str:
@@ -539,8 +539,8 @@ class DnsPolicyResolver:
                 pass
 
     def fail(self, decision: Decision, kind: str, reason: str, now: float | None = None) -> bytes:
-        """SERVFAIL for a forwarded query (upstream timeout or error, learner failure)."""
-        if kind != "learn-failed":
+        """SERVFAIL for a forwarded query (upstream timeout or error, learner failure, log refusal)."""
+        if kind not in ("learn-failed", "log-refused"):
             self.metrics.upstream_errors.labels(kind).inc()
         decision.verdict, decision.reason = "servfail", reason
         query_like = _query_like(decision)

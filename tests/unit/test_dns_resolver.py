@@ -13,7 +13,7 @@ from dnslib import AAAA, CNAME, QTYPE, RCODE, RR, TXT, A, DNSRecord
 from skyguard.dns.interfaces import PolicyDirectory
 from skyguard.dns.learned import MAX_IPS_PER_NAME, LearnedStore
 from skyguard.dns.resolver import DnsPolicyResolver, fit_udp
-from skyguard.errors import DnsError
+from skyguard.errors import DnsError, LogError
 from skyguard.parts import MemoryLog
 from skyguard.policy.model import Destination, DnsConfig, Policy, PortRange, Rule, TunnelDetection, Workload, Zone
 
@@ -192,7 +192,27 @@ def test_learner_failure_withholds_the_answer():
     up = upstream_reply(d.upstream_query, [RR("deb.debian.test", QTYPE.A, rdata=A("203.0.113.7"))])
     released = DNSRecord.parse(resolver.answer(d, up).reply)
     assert released.header.rcode == RCODE.SERVFAIL and not released.rr
-    assert log.entries[-1]["verdict"] == "servfail"
+    # the decision went on record before the datapath was asked; its failure follows it
+    assert [e["verdict"] for e in log.entries] == ["allowed", "servfail"]
+
+
+class RefusingLog:
+    """The signed log below its reserve: every entry refused."""
+
+    def record(self, kind, /, **fields):
+        raise LogError("the log's filesystem is at its reserve")
+
+
+def test_an_answer_the_log_refuses_learns_nothing_and_is_withheld(tmp_path):
+    store = LearnedStore(tmp_path / "dns-learned.json")
+    resolver, learner, _ = make_resolver(store=store)
+    d = ask(resolver, "deb.debian.test")
+    resolver.log = RefusingLog()
+    up = upstream_reply(d.upstream_query, [RR("deb.debian.test", QTYPE.A, rdata=A("203.0.113.7"))])
+    answer = resolver.answer(d, up)
+    released = DNSRecord.parse(answer.reply)
+    assert released.header.rcode == RCODE.SERVFAIL and not released.rr and not answer.persist
+    assert learner.calls == [] and not store.answered("deb.debian.test", "203.0.113.7", 0.0)
 
 
 def test_addresses_per_name_are_capped_and_extra_records_not_released():
