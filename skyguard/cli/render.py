@@ -190,6 +190,9 @@ LOG_FIELDS = (  # (key in the log head, label, how to show it)
     ("filesystem_free_bytes", "free on its filesystem", human_bytes),
     ("reserve_bytes", "kept free (below it: refused)", human_bytes),
     ("refused_entries", "refused for space", str),
+    ("queued_entries", "waiting to be written", str),
+    ("write_wait_s", "current write waiting for", lambda v: f"{v:.3f} s"),
+    ("stall_refused_entries", "refused while behind (disk stalled)", str),
     ("refusing", "accepts no entries", str),
 )
 

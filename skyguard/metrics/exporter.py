@@ -270,8 +270,8 @@ class DaemonCollector(Collector):
       {"started_at": epoch seconds, "policy": {"name", "sha256"} or None,
        "log": {"size": entries, "checkpointed_size": entries, "bytes": on disk,
                "checkpoint_age_s": seconds, "filesystem_free_bytes", "reserve_bytes",
-               "refused_entries", "refusing": why or None} (every key optional; LogWriter.head()
-               gives them),
+               "refused_entries", "stall_refused_entries", "queued_entries", "write_wait_s",
+               "refusing": why or None} (every key optional; LogWriter.head() gives them),
        "tamper_events": int}
     """
 
@@ -326,8 +326,18 @@ class DaemonCollector(Collector):
             out.append(_one(CounterMetricFamily, "skyguard_log_refused_entries", "Entries the signed log refused "
                             "because its filesystem was below its reserve", int(log_info.get("refused_entries", 0))))
             out.append(_one(GaugeMetricFamily, "skyguard_log_accepting", "1 while the signed log accepts entries, 0 "
-                            "while it refuses them (no space, or a write failed: `skyguard status` says which)",
+                            "while it refuses them (no space, a stalled disk, or a write failed: `skyguard status` "
+                            "says which)",
                             0 if log_info.get("refusing") else 1))
+        if "write_wait_s" in log_info:  # a disk that stops answering: the wait grows, entries queue, then refusals
+            out.append(_one(GaugeMetricFamily, "skyguard_log_write_wait_seconds", "Seconds the signed log's current "
+                            "write has waited on its disk (0 between writes; a healthy disk answers in milliseconds)",
+                            float(log_info["write_wait_s"])))
+            out.append(_one(GaugeMetricFamily, "skyguard_log_queued_entries", "Entries waiting to be written to the "
+                            "signed log", int(log_info.get("queued_entries", 0))))
+            out.append(_one(CounterMetricFamily, "skyguard_log_stall_refused_entries", "Entries the signed log refused "
+                            "while behind (its disk stalled, or its bound of entries waiting reached)",
+                            int(log_info.get("stall_refused_entries", 0))))
         if "checkpoint_age_s" in log_info and log_info["checkpoint_age_s"] is not None:
             out.append(_one(GaugeMetricFamily, "skyguard_log_checkpoint_age_seconds",
                             "Seconds since the signed log's last checkpoint was written", float(log_info["checkpoint_age_s"])))

@@ -8,7 +8,8 @@
     report = verify_log(config.STATE_DIR / "log", signer.verifier)
 
 An append returns once its entries are durable and under a signed checkpoint (store.py says
-why that lets `log verify` tell a crash from a rewrite). Not here: what the other parts decide to
+why that lets `log verify` tell a crash from a rewrite), or raises when the log refuses them (no
+space, a stalled disk: intake.py). Not here: what the other parts decide to
 log (they call entry() and append()).
 """
 

@@ -20,3 +20,9 @@ class BadLogInput(BadInput):
 class LogSpaceLow(LogError):
     """The log's filesystem is below the writer's reserve: the entry was refused before anything
     was written (nothing to distrust); the writer accepts entries again once space is back."""
+
+
+class LogStalled(LogError):
+    """The log's writer is behind: it has waited on its disk too long (a hung or frozen disk), or
+    too many entries wait for it. New entries are refused, and a wait for durability ends, with
+    this; what was queued is written when the disk answers (tlog/intake.py)."""

@@ -23,13 +23,11 @@ What an acknowledgement means, and what a crash can leave (the design):
   which bounds where a careful rewrite can hide and what witnesses compare.
 Caches are fsynced when a segment is sealed; the last segment's are rebuilt on open.
 
-A full filesystem (one VM's events can fill it): the writer keeps a reserve of free space on the
-log's filesystem. A group that would eat into it is refused before anything is written (its
-waiters get LogSpaceLow, one `log_space_low` entry goes in from the reserve, and the daemon log
-says so once); later submits are refused at once, and accepted again, without a restart, once
-the space is back (a `log_space_restored` entry says how many were refused). Nothing was written,
-so nothing is distrusted. A write or fsync that fails is still final: after it the kernel may
-have dropped the pages, and nothing more is acknowledged until a restart re-reads the files.
+A full filesystem (one VM's events can fill it), a disk that stalls (a write that does not
+return) and a backlog past its bound are refused at the gate (intake.py), each until it is over,
+without a restart; a wait for durability ends when the disk stalls. A write or fsync that fails
+is final: after it the kernel may have dropped the pages, and nothing more is acknowledged until a
+restart re-reads the files.
 
 Not here: the layout and the reader (reader.py), full verification (verify.py), signing details
 (checkpoint.py).
@@ -53,10 +51,11 @@ from skyguard.errors import LogError
 from skyguard.tlog import records
 from skyguard.tlog.checkpoint import MAX_TREE_SIZE, Checkpoint, Signer, Verifier
 from skyguard.tlog.entries import entry
-from skyguard.tlog.errors import BadLogInput, LogSpaceLow, VerificationError
+from skyguard.tlog.errors import BadLogInput, VerificationError
 from skyguard.tlog.files import read_log_file
 from skyguard.tlog.hashing import EMPTY_ROOT, HASH_SIZE, hash_leaves
 from skyguard.tlog.head import MAX_NOTE, HeadWriter, read_head
+from skyguard.tlog.intake import MAX_QUEUED_BYTES, MAX_QUEUED_ENTRIES, STALL_AFTER_S, Intake
 
 # The layout and the reader live in reader.py; these names stay importable from here.
 from skyguard.tlog.reader import (  # noqa: F401
@@ -84,17 +83,7 @@ DEFAULT_SEGMENT_ENTRIES = 1 << 16   # ~65k entries (~10-20 MiB): bounds the resc
 DEFAULT_CHECKPOINT_EVERY = 10_000   # entries between checkpoints (a signature costs ~40 us)
 DEFAULT_CHECKPOINT_INTERVAL = 10.0  # seconds between checkpoints while entries are pending
 MAX_GROUP_ENTRIES = 1 << 16         # entries per group commit: bounds latency and memory
-# Free bytes the writer leaves on the log's filesystem: its final checkpoint, the entries saying
-# why it refuses, a new segment's first page. 64 MiB, or 1/50 of a smaller filesystem.
-DEFAULT_RESERVE_BYTES = 64 << 20
-RESERVE_FRACTION = 50
-SPACE_RECHECK_S = 1.0               # while refusing, how often a submit looks at the space again
-
-
-def filesystem_space(directory: Path) -> tuple[int, int]:
-    """(free bytes an unprivileged writer may use, total bytes) of the filesystem of `directory`."""
-    st = os.statvfs(directory)
-    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+WAIT_SLICE_S = 0.25                 # how often a wait for the writer looks whether it stalled
 
 
 def _write_all(fd: int, data) -> None:
@@ -108,16 +97,18 @@ class LogWriter:
     """Appends entries durably, in group commits by one writer thread; signs checkpoints.
 
     Thread-safe: any thread may call append/append_batch/submit. Only the writer thread touches
-    the files. After an I/O error every pending and later append fails (no silent acks). Below
-    `reserve_bytes` free on its filesystem it refuses entries with LogSpaceLow until space is
-    back (the module's docstring); None: DEFAULT_RESERVE_BYTES or 1/RESERVE_FRACTION of it; a
-    negative one never refuses (tests of what a failed write does).
+    the files. After an I/O error every pending and later append fails (no silent acks). It
+    refuses entries while its filesystem is below `reserve_bytes` (LogSpaceLow), while it waits
+    on its disk past `stall_after` seconds or has `max_entries` or `max_bytes` waiting
+    (LogStalled): see intake.py (reserve_bytes None: its default; negative: never refuses for space).
     """
 
     def __init__(self, directory: Path | str, signer: Signer, *, origin: str | None = None,
                  checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
                  checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL,
-                 segment_entries: int = DEFAULT_SEGMENT_ENTRIES, reserve_bytes: int | None = None):
+                 segment_entries: int = DEFAULT_SEGMENT_ENTRIES, reserve_bytes: int | None = None,
+                 stall_after: float = STALL_AFTER_S, max_entries: int = MAX_QUEUED_ENTRIES,
+                 max_bytes: int = MAX_QUEUED_BYTES):
         self.directory = Path(directory)
         self.signer = signer
         self.checkpoint_every = checkpoint_every
@@ -125,16 +116,11 @@ class LogWriter:
         self._queue: queue.Queue = queue.Queue()
         self._failure: LogError | None = None
         self._closed = False
-        self._lock = threading.Lock()
-        self._refusal: LogSpaceLow | None = None   # set while the filesystem is below the reserve
-        self.refused_entries = 0                   # entries refused for space since the start
-        self._refused_now = 0                      # ... in the current episode
-        self._space_checked = 0.0
         try:
             recovery = self._open(origin, segment_entries)
-            self.free_bytes, total = filesystem_space(self.directory)
-            self.reserve_bytes = (reserve_bytes if reserve_bytes is not None
-                                  else min(DEFAULT_RESERVE_BYTES, total // RESERVE_FRACTION))
+            self.intake = Intake(self.directory, reserve_bytes,
+                                 lambda entries: self._queue.put(("append", entries, Future())),
+                                 stall_after=stall_after, max_entries=max_entries, max_bytes=max_bytes)
         except BaseException:
             self._release_files()   # a refused log keeps no descriptor and no lock
             raise
@@ -142,6 +128,18 @@ class LogWriter:
         self._thread.start()
         if recovery is not None:
             self.append(recovery)   # what was set aside is on record before anything else
+
+    @property
+    def _lock(self) -> threading.Lock:
+        return self.intake.lock
+
+    @property
+    def reserve_bytes(self) -> int:
+        return self.intake.reserve_bytes
+
+    @reserve_bytes.setter
+    def reserve_bytes(self, value: int) -> None:
+        self.intake.reserve_bytes = value
 
     # --- opening and recovery ----------------------------------------------------------------
     def _open(self, origin: str | None, segment_entries: int) -> bytes | None:
@@ -285,37 +283,32 @@ class LogWriter:
                 raise self._failure
             if self._closed:
                 raise LogError("the signed log is closed")
-            if self._refusal is not None and not self._space_back():
-                self.refused_entries += len(entries)
-                self._refused_now += len(entries)
-                raise self._refusal
+            self.intake.admit(entries)   # or raises LogSpaceLow, LogStalled (intake.py)
             self._queue.put(("append", entries, future))
         return future
 
-    def _space_back(self) -> bool:
-        """Under self._lock, while refusing: is the filesystem back above the reserve (with a
-        margin of a quarter of it, so a log at the edge does not flap)? Looks at most every
-        SPACE_RECHECK_S; when it is, the writer resumes and says how many it refused."""
-        now = time.monotonic()
-        if now - self._space_checked < SPACE_RECHECK_S:
-            return False
-        self._space_checked = now
-        self.free_bytes, _total = filesystem_space(self.directory)
-        if self.free_bytes < self.reserve_bytes + self.reserve_bytes // 4:
-            return False
-        log.warning("the signed log at %s accepts entries again (%d bytes free); it refused %d",
-                    self.directory, self.free_bytes, self._refused_now)
-        restored = entry("log_space_restored", refused=self._refused_now, free_bytes=self.free_bytes,
-                         reserve_bytes=self.reserve_bytes)
-        self._queue.put(("append", [restored], Future()))
-        self._refusal, self._refused_now = None, 0
-        return True
+    def stalled(self) -> bool:
+        """Has the writer waited on its disk past stall_after (intake.py)?"""
+        return self.intake.stalled()
+
+    def wait(self, future: Future):
+        """The future's result once the writer has it; LogStalled once the writer has waited on
+        its disk past stall_after (the entry is then not acknowledged; it may be written later)."""
+        while True:
+            try:
+                return future.result(WAIT_SLICE_S)
+            except TimeoutError:
+                if self.intake.stalled():
+                    with self._lock:
+                        stalled = self.intake.behind()
+                    if stalled is not None:
+                        raise stalled from None
 
     def append_batch(self, entries: Sequence[bytes]) -> int:
-        return self.submit(entries).result()
+        return self.wait(self.submit(entries))
 
     def append(self, entry: bytes) -> int:
-        return self.submit([entry]).result()
+        return self.wait(self.submit([entry]))
 
     def checkpoint(self) -> str:
         """Sign and store a checkpoint of everything durable now; returns the note."""
@@ -324,27 +317,23 @@ class LogWriter:
             if self._failure:
                 raise self._failure
             self._queue.put(("checkpoint", None, future))
-        return future.result()
+        return self.wait(future)
 
     def head(self) -> dict:
         """What `skyguard status` and the metrics show: size, what the last signed checkpoint
         (the head) covers, what checkpoints.log covers and how old its last one is, the bytes on
-        disk, the free bytes of their filesystem and the reserve kept there, entries refused for
-        space, and why it accepts none now (None while it accepts them)."""
+        disk, and the gate's facts (intake.py): free bytes and reserve, entries refused for space
+        and while behind, entries waiting, how long the current write has waited, and why it
+        accepts none now (None while it accepts them)."""
+        on_disk = sum(p.stat().st_size for p in self.directory.glob("*") if p.is_file())  # not under the lock
         with self._lock:
-            if self._refusal is not None:
-                self._space_back()
-            else:
-                self.free_bytes, _total = filesystem_space(self.directory)
-            refusing = self._failure or self._refusal
+            facts = self.intake.facts()
+            if self._failure:
+                facts["refusing"] = str(self._failure)
             return {"size": self.size, "checkpointed_size": self._head_size,
                     "history_size": self._checkpointed_size,
                     "checkpoint_age_s": round(time.monotonic() - self._last_checkpoint_time, 3),
-                    "origin": self.origin,
-                    "bytes": sum(p.stat().st_size for p in self.directory.glob("*") if p.is_file()),
-                    "filesystem_free_bytes": self.free_bytes, "reserve_bytes": self.reserve_bytes,
-                    "refused_entries": self.refused_entries,
-                    "refusing": str(refusing) if refusing else None}
+                    "origin": self.origin, "bytes": on_disk, **facts}
 
     def latest_note(self) -> str | None:
         """The signed checkpoint of everything acknowledged so far (the head)."""
@@ -394,6 +383,7 @@ class LogWriter:
             group: list = []
             futures: list = []
             checkpoint_requests: list = []
+            self.intake.writing()
             while item is not None:
                 kind, entries, future = item
                 if kind == "stop":
@@ -409,33 +399,10 @@ class LogWriter:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     item = None
-            if self._failure:
-                self._fail_all(futures, checkpoint_requests)
-                continue
             try:
-                if group and not self._room_for(group):
-                    self._refuse(futures, len(group))
-                    futures, group = [], []
-                if group:
-                    self._commit(group)
-                for future, first, _count in futures:
-                    future.set_result(first)
-                futures = []
-                due = (self.size - self._checkpointed_size >= self.checkpoint_every
-                       or time.monotonic() - self._last_checkpoint_time >= self.checkpoint_interval)
-                unsigned = self.size > self._checkpointed_size or self.latest_checkpoint is None
-                if checkpoint_requests or (unsigned and (stopping or due)):
-                    note = self._write_checkpoint()
-                    for future in checkpoint_requests:
-                        future.set_result(note)
-                    checkpoint_requests = []
-            except Exception as e:  # noqa: BLE001 - any failure here must fail every waiter
-                # Loud and final: after a failed write or fsync nothing more is acknowledged.
-                self._failure = LogError(f"the signed log at {self.directory} failed to write "
-                                         f"({getattr(e, 'strerror', None) or e}); no entry is "
-                                         f"acknowledged any more: fix the disk and restart")
-                log.critical("%s", self._failure)
-                self._fail_all(futures, checkpoint_requests)
+                self._write_group(group, futures, checkpoint_requests, stopping)
+            finally:
+                self.intake.written(len(group), sum(map(len, group)))
         # Fail whatever arrived after stop.
         while True:
             try:
@@ -445,40 +412,51 @@ class LogWriter:
             if future:
                 future.set_exception(LogError("the signed log is closed"))
 
+    def _write_group(self, group: list[bytes], futures: list, checkpoint_requests: list, stopping: bool) -> None:
+        """Commit a group, acknowledge it, write a checkpoint when due (or asked for)."""
+        if self._failure:
+            self._fail_all(futures, checkpoint_requests)
+            return
+        try:
+            if group and not self.intake.room_for(group):
+                self._refuse(futures, len(group))
+                futures, group = [], []
+            if group:
+                self._commit(group)
+            for future, first, _count in futures:
+                future.set_result(first)
+            futures = []
+            due = (self.size - self._checkpointed_size >= self.checkpoint_every
+                   or time.monotonic() - self._last_checkpoint_time >= self.checkpoint_interval)
+            unsigned = self.size > self._checkpointed_size or self.latest_checkpoint is None
+            if checkpoint_requests or (unsigned and (stopping or due)):
+                note = self._write_checkpoint()
+                for future in checkpoint_requests:
+                    future.set_result(note)
+                checkpoint_requests = []
+        except Exception as e:  # noqa: BLE001 - any failure here must fail every waiter
+            # Loud and final: after a failed write or fsync nothing more is acknowledged.
+            self._failure = LogError(f"the signed log at {self.directory} failed to write "
+                                     f"({getattr(e, 'strerror', None) or e}); no entry is "
+                                     f"acknowledged any more: fix the disk and restart")
+            log.critical("%s", self._failure)
+            self._fail_all(futures, checkpoint_requests)
+
     def _fail_all(self, futures, checkpoint_requests) -> None:
         for future, *_ in futures:
             future.set_exception(self._failure)
         for future in checkpoint_requests:
             future.set_exception(self._failure)
 
-    def _room_for(self, group: list[bytes]) -> bool:
-        """Would the filesystem keep its reserve after this group (records and cache hashes)?"""
-        if self.reserve_bytes < 0:
-            return True
-        needed = sum(len(e) for e in group) + len(group) * (records.HEADER_SIZE + 2 * HASH_SIZE)
-        self.free_bytes, _total = filesystem_space(self.directory)
-        return self.free_bytes - needed >= self.reserve_bytes
-
     def _refuse(self, futures: list, count: int) -> None:
         """Fail a group for space, writing none of it; the first refusal of an episode is logged
         loudly and goes in the log, from the reserve (a write that fails there is final)."""
-        with self._lock:
-            self.refused_entries += count
-            self._refused_now += count
-            first = self._refusal is None
-            if first:
-                self._refusal = LogSpaceLow(
-                    f"the signed log at {self.directory} refuses new entries: its filesystem has "
-                    f"{self.free_bytes} bytes free and it keeps {self.reserve_bytes} (its final "
-                    f"checkpoint's); free space there (`skyguard status` shows what fills the log) "
-                    f"and it resumes")
-                self._space_checked = time.monotonic()
-            refusal = self._refusal
+        refusal, first = self.intake.refuse_for_space(count)
         for future, *_ in futures:
             future.set_exception(refusal)
         if first:
             log.critical("%s", refusal)
-            self._commit([entry("log_space_low", free_bytes=self.free_bytes,
+            self._commit([entry("log_space_low", free_bytes=self.intake.free_bytes,
                                 reserve_bytes=self.reserve_bytes)])
 
     def _commit(self, group: list[bytes]) -> None:

@@ -1,9 +1,13 @@
-"""The signed log's filesystem fills up under a real `skyguard up` in the lab (one VM's events can
-do it): the writer refuses entries below its reserve, before writing anything; DNS then answers
-nothing (fail closed), enforcement goes on, status and metrics say why, the daemon lives, and once
-the space is back logging resumes on its own and `skyguard log verify` passes.
+"""The signed log's filesystem fills up, or its disk stalls, under a real `skyguard up` in the lab.
 
-The log directory is a small tmpfs this module mounts and unmounts, never the machine's disk.
+Full (one VM's events can do it): the writer refuses entries below its reserve, before writing
+anything; DNS then answers nothing (fail closed), enforcement goes on, status and metrics say why,
+the daemon lives, and once the space is back logging resumes on its own and `skyguard log verify`
+passes. Stalled (a hung disk, frozen with fsfreeze): after the writer has waited on it for a
+bound, the same refusal, and the same recovery once it answers.
+
+The log directory is a small ext4 image this module mounts and unmounts (tests/support/frozen_disk.py),
+never the machine's disk.
 """
 
 import os
@@ -11,27 +15,29 @@ import subprocess
 import sys
 
 import pytest
-from daemon_support import RunningDaemon, probe_one, wait_for
+from daemon_support import RunningDaemon, Stream, probe_one, wait_for
+
+from support.frozen_disk import FrozenDisk, blocked_in_the_kernel
 
 from skyguard.lab.addressing import addresses_for_name
 
 EXPORTER = "127.0.0.1:26031"  # loopback of the lab's host namespace
-LOG_FS_BYTES = 8 << 20  # its reserve is then 1/50 of it (skyguard/tlog/store.py)
+LOG_FS_BYTES = 8 << 20  # its reserve is then 1/50 of it (skyguard/tlog/intake.py)
 
 
 @pytest.fixture(scope="module")
 def daemon(lab, tmp_path_factory):
     work = tmp_path_factory.mktemp("logfull-daemon")
-    mount = work / "state" / "log"
-    mount.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={LOG_FS_BYTES},mode=0700", "tmpfs", str(mount)], check=True)
-    d = RunningDaemon(lab, work, metrics=EXPORTER, wait_attached=True)
-    try:
-        d.start()
-        yield d
-    finally:
-        d.cleanup()
-        subprocess.run(["umount", str(mount)], check=False)
+    (work / "state").mkdir(mode=0o700)
+    with FrozenDisk(work / "state" / "log", size=f"{LOG_FS_BYTES}") as disk:
+        d = RunningDaemon(lab, work, metrics=EXPORTER, wait_attached=True)
+        d.disk = disk
+        try:
+            d.start()
+            yield d
+        finally:
+            disk.thaw()
+            d.cleanup()
 
 
 def dig(lab, vm: str, name: str) -> str:
@@ -124,3 +130,44 @@ def test_an_answer_the_log_refuses_opens_nothing_in_the_datapath_and_closes_no_l
         filler.unlink()
     wait_for(lambda: "status: NOERROR" in dig(lab, "agent1", "wheels.pythonhosted.test"), 60, "DNS answering again")
     assert connects(lab, "agent1", refused, 443)  # logged now: open
+
+
+def frozen_log(daemon):
+    """Freeze the log's disk and make the writer wait on it (a DNS decision's entry)."""
+    daemon.disk.freeze()
+    dig(daemon.lab, "agent1", "pypi.sandbox.test")
+    wait_for(lambda: blocked_in_the_kernel(daemon.proc.pid), 60, "the log writer waiting on the frozen disk")
+
+
+def test_a_stalled_log_disk_fails_closed_keeps_the_daemon_answering_and_resumes_on_thaw(lab, daemon):
+    """The log's disk frozen under a running daemon: the writer queued every entry behind it
+    without a bound and never refused one, so DNS went on answering on entries that could not be
+    written, and status said nothing. Now it refuses once a write has waited past its bound."""
+    assert "status: NOERROR" in dig(lab, "agent1", "pypi.sandbox.test")
+    stream = Stream(lab, "radius1", "dc1", "10.10.2.2", 50011)  # decided before the stall
+    try:
+        frozen_log(daemon)
+        refusing = wait_for(lambda: daemon.status()["log"]["refusing"], 60, "the log refusing entries")
+        assert "has waited on its disk" in refusing, refusing
+        # Fail closed: nothing new is answered that cannot be logged; the loop still answers.
+        assert "status: SERVFAIL" in dig(lab, "agent1", "pypi.sandbox.test")
+        assert "status:" not in dig(lab, "agent1", "payroll.corp.test")
+        assert stream.flowing()  # what was decided keeps its decision
+        assert probe_one(lab, "radius1", "icmp", "10.10.2.2")  # the datapath decides without the log
+        status = daemon.status()
+        assert status["parts"]["dns"] == "running" and status["log"]["queued_entries"] >= 1
+        assert status["log"]["write_wait_s"] > 0 and status["log"]["stall_refused_entries"] >= 2
+        seen = metrics(daemon)
+        assert seen["skyguard_log_accepting"] == 0 and seen["skyguard_log_write_wait_seconds"] > 0
+        assert seen["skyguard_log_queued_entries"] >= 1 and seen["skyguard_log_stall_refused_entries_total"] >= 2
+        assert daemon.cli("flows", "--json").returncode == 0
+        assert daemon.disk.frozen and daemon.running()
+    finally:
+        daemon.disk.thaw()
+        stream.close()
+    wait_for(lambda: "status: NOERROR" in dig(lab, "agent1", "pypi.sandbox.test"), 60, "DNS answering again")
+    assert daemon.status()["log"]["refusing"] is None
+    ended = daemon.log_entries("log_stall_ended")
+    assert len(ended) == 1 and ended[0]["refused"] >= 2, ended
+    daemon.cli("log", "verify", check=True)
+

@@ -20,7 +20,7 @@ RULES = OPS / "prometheus" / "skyguard-rules.yml"
 DASHBOARD = OPS / "grafana" / "skyguard-dashboard.json"
 ALERTS = {"SkyguardDaemonDown", "SkyguardDropsSpiking", "SkyguardDnsTunnellingDetected", "SkyguardTamperEvent",
           "SkyguardRingBufferLosses", "SkyguardLogCheckpointStale", "SkyguardLogFilesystemFillingUp",
-          "SkyguardLogRefusingEntries", "SkyguardSessionRecordingStalled"}
+          "SkyguardLogRefusingEntries", "SkyguardLogWriteStalled", "SkyguardSessionRecordingStalled"}
 
 
 def promtool(*args, cwd=None, stdin=None):
@@ -71,7 +71,9 @@ def exported_names() -> set[str]:
     registry.register(DaemonCollector(lambda: {"started_at": 1.0, "policy": {"name": "p", "sha256": "0" * 64},
                                                "log": {"size": 1, "checkpointed_size": 1, "bytes": 1,
                                                        "checkpoint_age_s": 1.0, "filesystem_free_bytes": 1,
-                                                       "reserve_bytes": 1, "refused_entries": 0, "refusing": None}}))
+                                                       "reserve_bytes": 1, "refused_entries": 0, "refusing": None,
+                                                       "write_wait_s": 0.0, "queued_entries": 0,
+                                                       "stall_refused_entries": 0}}))
     AdminMetrics(registry)
     ConsoleMetrics(registry)
     CredentialMetrics(registry)

@@ -8,7 +8,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from skyguard.errors import LogError
-from skyguard.tlog import records, store
+from skyguard.tlog import intake, records
 from skyguard.tlog.checkpoint import Signer, parse_and_verify
 from skyguard.tlog.entries import canonical, decode, entry
 from skyguard.tlog.errors import BadLogInput, LogSpaceLow
@@ -283,7 +283,7 @@ def test_fields_measured_in_seconds_become_fixed_point_strings():
 
 def test_below_its_reserve_the_writer_refuses_without_writing_and_resumes_on_its_own(tmp_path, signer, monkeypatch,
                                                                                      caplog):
-    monkeypatch.setattr(store, "SPACE_RECHECK_S", 0.0)
+    monkeypatch.setattr(intake, "SPACE_RECHECK_S", 0.0)
     with LogWriter(tmp_path / "log", signer) as w:
         w.append(entry("deny", n=0))
         assert w.head()["refusing"] is None and w.head()["filesystem_free_bytes"] > 0
