@@ -8,7 +8,6 @@ programs in place (no window). Only `skyguard down` detaches.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import select
@@ -26,7 +25,7 @@ from skyguard.datapath import guard
 from skyguard.errors import BadInput, SkyguardError
 from skyguard.keys.record import control_handler as key_record_handler
 from skyguard.metrics.views import flows_handler, workload_names
-from skyguard.parts import PartLog, make_part, stop_part
+from skyguard.parts import PartLog, make_part, stop_logged, stop_part
 from skyguard.storenames import secrets_status
 from skyguard.tlog.entries import entry, without_floats
 
@@ -157,15 +156,15 @@ class Daemon:
         if self.datapath:
             if self.detach_on_exit:
                 guard.remove()
-                for ifname in self.datapath.detach_all():  # a log that refuses must not stop `down`
-                    self._safely(functools.partial(self.record, "detach", interface=ifname, why="skyguard down"))
+                for ifname in self.datapath.detach_all():
+                    self._record_at_stop("detach", interface=ifname, why="skyguard down")
                 self.datapath.close()
                 self.datapath.remove_pins(self.datapath.pin_dir)
             else:
                 self.datapath.close()
-        self._safely(functools.partial(self.record, "daemon_stop", pid=os.getpid(), detached=self.detach_on_exit))
-        if self.tlog:
-            self.tlog.close()  # writes the final checkpoint
+        self._record_at_stop("daemon_stop", pid=os.getpid(), detached=self.detach_on_exit)
+        if self.tlog:  # the final checkpoint; a writer stalled on its disk is left (tlog/store.py close)
+            self._safely(self.tlog.close)
         let_go(getattr(self, "_locks", ()))  # now, not at exit: a stalled disk may hold the process (control.let_go)
 
     def _spawn(self, target, name: str) -> None:
@@ -197,9 +196,18 @@ class Daemon:
             self.tlog.submit([entry(kind, **without_floats(fields))])
 
     def record(self, kind: str, /, **fields) -> None:
-        """Append one entry and wait until it is durable (decisions are acknowledged only then)."""
+        """Append one entry and wait until it is durable (decisions are acknowledged only then);
+        LogStalled once the log's disk has not answered for a bound (tlog/intake.py)."""
         if self.tlog is not None:
             self.tlog.append(entry(kind, **without_floats(fields)))
+
+    def _record_at_stop(self, kind: str, /, **fields) -> None:
+        """While stopping, best effort: a log that refuses (a stalled or full disk) must not stop `down`."""
+        try:
+            self.record(kind, **fields)
+        except SkyguardError as e:
+            what = f"{kind} of {fields['interface']}" if "interface" in fields else kind
+            log.error("%s was not written to the signed log: %s", what, e)
 
     # ---- parts that run on the asyncio loop (skyguard/parts.py) ------------------------------
 
@@ -366,7 +374,7 @@ class Daemon:
                 log.error("%s NOT running: %s", slot.name, slot.problem, exc_info=not isinstance(e, SkyguardError))
                 self.record_nowait("part_failed", part=slot.name, error=slot.problem)
                 part, slot.part = slot.part, None
-                await _stop_logged(slot.name, part)
+                await stop_logged(slot.name, part, log)
         return {slot.name: {"state": slot.state, "problem": slot.problem} for slot in self.slots if slot.problem}
 
     def _dns_learned(self, name: str, address: str) -> bool:
@@ -390,7 +398,7 @@ class Daemon:
     async def _stop_parts(self) -> None:
         for slot in reversed(self.slots):
             part, slot.part = slot.part, None
-            await _stop_logged(slot.name, part)
+            await stop_logged(slot.name, part, log)
 
     def _stop_async_parts(self) -> None:
         if self.loop_thread is None:
@@ -465,6 +473,8 @@ class Daemon:
     def _safely(self, fn) -> None:
         try:
             fn()
+        except SkyguardError as e:  # says what is wrong itself
+            log.error("%s failed: %s", getattr(fn, "__qualname__", fn), e)
         except Exception:  # a watcher must keep watching; the error is logged for the operator
             log.exception("%s failed", getattr(fn, "__name__", fn))
 
@@ -567,16 +577,6 @@ class Daemon:
             "secrets": secrets_status(policy, self.state_dir / "secrets"),
             "tpm": self.tpm.status() if self.tpm else None,
         }
-
-
-async def _stop_logged(name: str, part) -> None:
-    """Stop a part (if any); a failure to stop is logged, never raised: the others stop too."""
-    if part is None:
-        return
-    try:
-        await stop_part(part)
-    except Exception:
-        log.exception("stopping %s failed", name)
 
 
 def _raise_open_file_limit() -> None:

@@ -165,6 +165,16 @@ async def stop_part(part) -> None:
     await part.stop()
 
 
+async def stop_logged(name: str, part, logger: logging.Logger) -> None:
+    """Stop a part (if any); a failure to stop is logged on `logger`, never raised: the others stop too."""
+    if part is None:
+        return
+    try:
+        await stop_part(part)
+    except Exception:
+        logger.exception("stopping %s failed", name)
+
+
 def record_or_report(decision_log: DecisionLog, logger: logging.Logger, kind: str, /, **fields) -> None:
     """decision_log.record(kind, **fields) for a part's session code: a log that fails is reported
     on `logger` with its traceback instead of crashing the session that made the decision."""

@@ -25,9 +25,10 @@ Caches are fsynced when a segment is sealed; the last segment's are rebuilt on o
 
 A full filesystem (one VM's events can fill it), a disk that stalls (a write that does not
 return) and a backlog past its bound are refused at the gate (intake.py), each until it is over,
-without a restart; a wait for durability ends when the disk stalls. A write or fsync that fails
-is final: after it the kernel may have dropped the pages, and nothing more is acknowledged until a
-restart re-reads the files.
+without a restart; a wait for durability ends when the disk stalls, and close() gives up waiting
+for a writer stalled on its disk (the final checkpoint is then not written, and the host's log
+says so). A write or fsync that fails is final: after it the kernel may have dropped the pages,
+and nothing more is acknowledged until a restart re-reads the files.
 
 Not here: the layout and the reader (reader.py), full verification (verify.py), signing details
 (checkpoint.py).
@@ -340,13 +341,24 @@ class LogWriter:
         return self._head_note or LogReader(self.directory).latest_checkpoint_note()
 
     def close(self) -> None:
-        """Commit what is queued, write a final checkpoint, stop the thread, close files."""
+        """Commit what is queued, write a final checkpoint, stop the thread, close files. Waits
+        while the writer makes progress; once it has waited on its disk past stall_after, says in
+        the host's log what it did not write and returns (the thread keeps its files: the kernel
+        holds it in a write, and whatever it finishes is set aside at the next open unless a
+        signed head covers it)."""
         with self._lock:
-            if self._closed:
+            stopping, self._closed = not self._closed, True
+            if stopping:
+                self._queue.put(("stop", None, None))
+            elif self._lock_fd is None:
+                return   # closed already (called again after a stall: its files are let go now)
+        while self._thread.is_alive():
+            self._thread.join(WAIT_SLICE_S)
+            if self._thread.is_alive() and self.intake.stalled():
+                log.error("the signed log at %s: its writer has waited on its disk for %.0f s; its final "
+                          "checkpoint was not written, nor %d entries waiting (none of them acknowledged)",
+                          self.directory, self.intake.write_wait(), self.intake.queued_entries)
                 return
-            self._closed = True
-            self._queue.put(("stop", None, None))
-        self._thread.join()
         self._release_files()
         if self._failure:
             raise self._failure

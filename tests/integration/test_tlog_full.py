@@ -4,10 +4,11 @@ Full (one VM's events can do it): the writer refuses entries below its reserve, 
 anything; DNS then answers nothing (fail closed), enforcement goes on, status and metrics say why,
 the daemon lives, and once the space is back logging resumes on its own and `skyguard log verify`
 passes. Stalled (a hung disk, frozen with fsfreeze): after the writer has waited on it for a
-bound, the same refusal, and the same recovery once it answers.
+bound, the same refusal, and the same recovery once it answers; `skyguard down` returns while it
+is still frozen.
 
 The log directory is a small ext4 image this module mounts and unmounts (tests/support/frozen_disk.py),
-never the machine's disk.
+never the machine's disk. The down test stops the module's daemon: it comes last.
 """
 
 import os
@@ -171,3 +172,26 @@ def test_a_stalled_log_disk_fails_closed_keeps_the_daemon_answering_and_resumes_
     assert len(ended) == 1 and ended[0]["refused"] >= 2, ended
     daemon.cli("log", "verify", check=True)
 
+
+def test_down_returns_while_the_log_disk_is_stalled(lab, daemon):
+    """`skyguard down` waited for the daemon_stop entry and the final checkpoint without a bound:
+    with the log's disk frozen it never returned. Now the programs are detached and the pins
+    removed while the disk is still frozen; what could not be written is named in the host's log;
+    once thawed the log verifies and holds what was acknowledged before."""
+    daemon.ensure_running()
+    assert "status: NOERROR" in dig(lab, "agent1", "pypi.sandbox.test")
+    acknowledged = daemon.status()["log"]["checkpointed_size"]  # under the head: acknowledged
+    before = daemon.log_entries()[:acknowledged]
+    try:
+        frozen_log(daemon)
+        down = daemon.cli("down", timeout=120)
+        assert down.returncode == 0 and "programs detached" in down.stdout, down.stderr + daemon.log_tail()
+        assert daemon.disk.frozen and not daemon.pin_dir.exists()
+        said = daemon.log_tail(1 << 20)
+        assert "daemon_stop was not written to the signed log" in said, said[-4000:]
+        assert "its final checkpoint was not written" in said, said[-4000:]
+    finally:
+        daemon.disk.thaw()
+    daemon.proc.wait(60)  # the process ends once the kernel lets its write return
+    daemon.cli("log", "verify", check=True)
+    assert daemon.log_entries()[:acknowledged] == before

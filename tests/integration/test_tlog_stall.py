@@ -1,8 +1,8 @@
 """The signed log's writer on a disk that stalls (a real ext4 image frozen with fsfreeze:
 tests/support/frozen_disk.py), not full: it refuses new entries once a write has waited past its
-bound, a wait for durability ends then, its backlog is bounded, and once the disk answers what was
-queued is written, the writer says how long it was behind, and the log verifies with every
-acknowledged entry."""
+bound, a wait for durability ends then, its backlog is bounded, close() returns while the disk is
+still frozen, and once the disk answers what was queued is written, the writer says how long it
+was behind, and the log verifies with every acknowledged entry."""
 
 import logging
 import time
@@ -99,3 +99,23 @@ def test_entries_waiting_behind_a_stalled_writer_are_bounded(disk, signer):
     assert [e["refused"] for e in entries if e["type"] == "log_stall_ended"] == [1]
     assert verify_log(path, signer.verifier).ok
 
+
+def test_close_returns_while_the_disk_is_frozen_and_the_log_verifies_once_it_answers(disk, signer, caplog):
+    path = disk.path / "log"
+    w = LogWriter(path, signer, stall_after=STALL_AFTER)
+    w.append(entry("deny", n=0))
+    disk.freeze()
+    try:
+        w.submit([entry("deny", n=1)])
+        wait_blocked()
+        with caplog.at_level(logging.ERROR, "skyguard.tlog"):
+            w.close()  # returned, the disk still frozen
+        assert disk.frozen
+        assert "its final checkpoint was not written, nor 1 entries waiting" in caplog.text
+    finally:
+        disk.thaw()
+    w.close()  # called again once the disk answers: the writer finished, its files are let go
+    with LogWriter(path, signer) as again:
+        assert again.size >= 1
+    assert kept(path)[0]["n"] == 0
+    assert verify_log(path, signer.verifier).ok

@@ -133,15 +133,17 @@ class FlowLogger:
         self._paused.clear()
 
     def flush(self, timeout: float = 30.0) -> None:
-        """Wait until every entry submitted so far is durable (or failed)."""
+        """Wait until every entry submitted so far is durable (or failed). DatapathError after
+        `timeout`, or at once while the log's writer is stalled on its disk (LogWriter.stalled:
+        they are written if it answers, and a `down` must not wait for that)."""
         deadline = time.monotonic() + timeout
         with self._idle:
             while self._inflight:
                 left = deadline - time.monotonic()
-                if left <= 0:
-                    raise DatapathError(f"flow log: {self._inflight} entries still not durable "
-                                        f"after {timeout:.0f}s")
-                self._idle.wait(left)
+                if left <= 0 or self.writer.stalled():
+                    why = "the signed log's disk does not answer" if left > 0 else f"after {timeout:.0f}s"
+                    raise DatapathError(f"flow log: {self._inflight} entries still not durable ({why})")
+                self._idle.wait(min(left, 0.25))
 
     def sync(self, timeout: float = 30.0) -> None:
         """Consume what the ring holds now, log every aggregate and scan conntrack once, then
