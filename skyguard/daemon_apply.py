@@ -34,6 +34,10 @@ def apply_policy(daemon, policy, text: str, host_addresses: list[str]) -> dict:
                               f"({daemon.policy.sha256[:16]}...), which the datapath already enforces "
                               f"({daemon.parts_busy or 'a part'} has not finished); nothing changed: load it "
                               "again once `skyguard status` shows no part pending")
+        refusal = daemon.tlog.refusal() if daemon.tlog is not None else None
+        if refusal is not None:  # a load is on record or not made (fail closed)
+            raise DaemonError(f"policy {policy.name} was not loaded (nothing changed): the signed log "
+                              f"cannot take its policy_load entry: {refusal}")
         # Raises only before its generation flip (nothing changed); never after it (Datapath.apply_policy).
         daemon.datapath.apply_policy(policy, host_addresses=host_addresses)
         # From here on the datapath enforces `policy`: the daemon says so, whatever follows.

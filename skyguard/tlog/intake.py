@@ -136,13 +136,17 @@ class Intake:
         log.critical("%s", self.stall)
         return self.stall
 
-    def facts(self) -> dict:
-        """The gate's part of the writer's head(): space, backlog, and why it refuses (or None)."""
+    def refusing(self) -> LogStalled | LogSpaceLow | None:
+        """Why the gate would refuse an entry now (space looked at again when due), or None."""
         if self.refusal is not None:
             self._space_back()
-        else:
+        return self.behind() or self.refusal
+
+    def facts(self) -> dict:
+        """The gate's part of the writer's head(): space, backlog, and why it refuses (or None)."""
+        if self.refusal is None:
             self.free_bytes, _total = filesystem_space(self.directory)
-        refusing = self.behind() or self.refusal
+        refusing = self.refusing()
         return {"filesystem_free_bytes": self.free_bytes, "reserve_bytes": self.reserve_bytes,
                 "refused_entries": self.refused_entries, "stall_refused_entries": self.stall_refused_entries,
                 "queued_entries": self.queued_entries, "write_wait_s": round(self.write_wait(), 3),

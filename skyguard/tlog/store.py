@@ -288,6 +288,11 @@ class LogWriter:
             self._queue.put(("append", entries, future))
         return future
 
+    def refusal(self) -> LogError | None:
+        """Why the log would refuse an entry now (a failed write, a stalled disk, no space), or None."""
+        with self._lock:
+            return self._failure or self.intake.refusing()
+
     def stalled(self) -> bool:
         """Has the writer waited on its disk past stall_after (intake.py)?"""
         return self.intake.stalled()

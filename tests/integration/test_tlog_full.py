@@ -162,6 +162,12 @@ def test_a_stalled_log_disk_fails_closed_keeps_the_daemon_answering_and_resumes_
         assert seen["skyguard_log_accepting"] == 0 and seen["skyguard_log_write_wait_seconds"] > 0
         assert seen["skyguard_log_queued_entries"] >= 1 and seen["skyguard_log_stall_refused_entries_total"] >= 2
         assert daemon.cli("flows", "--json").returncode == 0
+        # A policy load must be on record: refused, nothing changed (the datapath flipped first, before).
+        variant = daemon.work_dir / "policy-variant.yaml"
+        variant.write_text(daemon.policy_path.read_text() + "\n# another revision\n")
+        load = daemon.cli("policy", "load", str(variant))
+        assert load.returncode == 1 and "was not loaded (nothing changed)" in load.stderr, load.stderr
+        assert daemon.status()["policy"]["sha256"] == status["policy"]["sha256"]
         assert daemon.disk.frozen and daemon.running()
     finally:
         daemon.disk.thaw()
