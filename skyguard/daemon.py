@@ -432,21 +432,23 @@ class Daemon:
             for ifname, problem in sorted(self.datapath.verify().items()):
                 ifindex, info = self.datapath.attach(ifname)
                 guard.mark_attached(ifindex)
+                # Known, counted and said before the entries: a log that refuses them (its disk
+                # stalled or full) must not hide this tamper, nor make a later one look like a first attach.
+                known, programs = ifname in self._known, _prog_summary(info)
+                self._known.add(ifname)
                 self.tpm.measure_attach(ifname, info)
-                if ifname not in self._known:
-                    self.record("attach", interface=ifname, programs=_prog_summary(info))
+                if not known:
                     log.info("attached to %s", ifname)
+                    self.record("attach", interface=ifname, programs=programs)
                 else:
-                    self.record("tamper", interface=ifname, problem=problem, action="reattached",
-                                programs=_prog_summary(info))
                     self.tamper_events += 1
                     log.warning("tamper on %s: %s; re-attached", ifname, problem)
-                self._known.add(ifname)
+                    self.record("tamper", interface=ifname, problem=problem, action="reattached", programs=programs)
             present = {name for _, name in socket.if_nameindex()}
             for ifname in sorted(self._known - present):
                 self._known.discard(ifname)
-                self.record("detach", interface=ifname, why="interface removed")
                 log.info("%s went away", ifname)
+                self.record("detach", interface=ifname, why="interface removed")
 
     def _watch_netlink(self) -> None:
         """New and removed links are noticed within a second through netlink events."""

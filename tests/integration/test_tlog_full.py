@@ -168,6 +168,12 @@ def test_a_stalled_log_disk_fails_closed_keeps_the_daemon_answering_and_resumes_
         load = daemon.cli("policy", "load", str(variant))
         assert load.returncode == 1 and "was not loaded (nothing changed)" in load.stderr, load.stderr
         assert daemon.status()["policy"]["sha256"] == status["policy"]["sha256"]
+        # A tamper is repaired, counted and said even though its entry cannot be written.
+        tampered = lab.exec("host", ["tc", "filter", "del", "dev", "sg-vfw1", "ingress"], lab_resolver=False,
+                            capture_output=True, text=True)
+        assert tampered.returncode == 0, tampered.stderr
+        wait_for(lambda: daemon.status()["tamper_events"] == 1, 60, "the tamper counted while the log is stalled")
+        assert "tamper on sg-vfw1" in daemon.log_tail(1 << 20)
         assert daemon.disk.frozen and daemon.running()
     finally:
         daemon.disk.thaw()
