@@ -18,9 +18,8 @@ import sys
 import pytest
 from daemon_support import RunningDaemon, Stream, probe_one, wait_for
 
-from support.frozen_disk import FrozenDisk, blocked_in_the_kernel
-
 from skyguard.lab.addressing import addresses_for_name
+from support.frozen_disk import FrozenDisk, blocked_in_the_kernel
 
 EXPORTER = "127.0.0.1:26031"  # loopback of the lab's host namespace
 LOG_FS_BYTES = 8 << 20  # its reserve is then 1/50 of it (skyguard/tlog/intake.py)
