@@ -30,6 +30,8 @@ from skyguard.storenames import secrets_status
 from skyguard.tlog.entries import entry, without_floats
 
 if TYPE_CHECKING:  # the parts are imported where they start (a daemon without them never loads them)
+    from concurrent.futures import Future
+
     from skyguard.datapath.datapath import Datapath
     from skyguard.datapath.flowlog import FlowLogger
     from skyguard.metrics.exporter import MetricsExporter
@@ -189,11 +191,12 @@ class Daemon:
 
         self.tlog = LogWriter(self.state_dir / "log", host_signer(self.state_dir))
 
-    def record_nowait(self, kind: str, /, **fields) -> None:
-        """Queue one entry for the next group commit without waiting (hot paths: DNS answers
-        must not wait for an fsync). A log failure is still raised by the writer to later calls."""
+    def record_nowait(self, kind: str, /, **fields) -> Future | None:
+        """Queue one entry for the next group commit without waiting (DNS answers must not wait for an
+        fsync); returns its Future, which fails if the writer refuses it after all. A failed log raises here."""
         if self.tlog is not None:
-            self.tlog.submit([entry(kind, **without_floats(fields))])
+            return self.tlog.submit([entry(kind, **without_floats(fields))])
+        return None
 
     def record(self, kind: str, /, **fields) -> None:
         """Append one entry and wait until it is durable (decisions are acknowledged only then);
@@ -576,6 +579,7 @@ class Daemon:
             "log": self.tlog.head() if self.tlog else None,
             "flowlog": self.flowlog.stats() if self.flowlog else None,
             "parts": part_states(self),
+            "dns": self.dns.status() if self.dns is not None else None,
             "secrets": secrets_status(policy, self.state_dir / "secrets"),
             "tpm": self.tpm.status() if self.tpm else None,
         }

@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -47,9 +48,12 @@ class Part(Protocol):
 
 
 class DecisionLog(Protocol):
-    """Where a part reports what it decided. Must not block (the daemon queues for the signed log)."""
+    """Where a part reports what it decided. Must not block (the daemon queues for the signed log).
+    record may return the queued entry's concurrent.futures.Future, which resolves once the entry
+    is durable or fails (LogError) if the log refuses it after all: for a part that must take back
+    what it did ahead of the log (skyguard/dns/learning.py). None: nothing to wait for."""
 
-    def record(self, kind: str, /, **fields) -> None: ...
+    def record(self, kind: str, /, **fields) -> Future | None: ...
 
 
 class NullLog:
@@ -146,13 +150,13 @@ class PartRegistry:
 
 class PartLog:
     """A part's DecisionLog over the daemon's non-blocking log writer (`record_nowait(kind,
-    **fields)`)."""
+    **fields)`, which returns the queued entry's Future or None)."""
 
-    def __init__(self, record_nowait: Callable[..., None]):
+    def __init__(self, record_nowait: Callable[..., Future | None]):
         self.record_nowait = record_nowait
 
-    def record(self, kind: str, /, **fields) -> None:
-        self.record_nowait(kind, **fields)
+    def record(self, kind: str, /, **fields) -> Future | None:
+        return self.record_nowait(kind, **fields)
 
 
 async def make_part(slot: PartSlot, policy: Policy):

@@ -91,6 +91,11 @@ def summary_table(status: dict) -> Table:
     if parts:
         table.add_row("parts", Text(", ".join(f"{name} {state}" for name, state in parts.items()),
                                     style="bold red" if {"failed", "degraded", "pending"} & set(parts.values()) else ""))
+    dns = status.get("dns") or {}
+    if dns.get("log_refused_after_answer"):
+        table.add_row("dns", Text(f"{dns['log_refused_after_answer']} answer(s) left before the log refused their "
+                                  f"entries; {dns.get('unlearned', 0)} address(es) only they opened closed again "
+                                  f"(last: {dns.get('last_refusal')})", style="bold red"))
     secrets = status.get("secrets") or {}
     if secrets.get("problem"):
         table.add_row("secrets", Text(secrets["problem"], style="bold red"))

@@ -19,7 +19,9 @@ from skyguard.policy.model import IPAddress, Policy
 class Learner(Protocol):
     def learn(self, zone: str, rule_name: str, ips: list[IPAddress], ttl: int) -> None:
         """Open ips for zone's rule_name ports for ttl seconds. Called synchronously before the
-        answer is released to the VM; if it raises, the answer is withheld (fail closed)."""
+        answer is released to the VM; if it raises, the answer is withheld (fail closed). A
+        learner may also have `forget(zone, rule_name, ips)`: close them before their TTL (a cap
+        evicted them, the policy no longer backs them, the log refused the answer: learning.py)."""
 
 
 # The DNS proxy reports each decision as record("dns", name=..., qtype=..., verdict=...), and the

@@ -15,6 +15,12 @@ first: it bounds what one answer can open. MAX_LEARNED_PER_WORKLOAD (name, addre
 workload, the least recently answered evicted first: one VM asking for endless names cannot grow
 this state (or, through `take_evicted`, the datapath's) without limit. Not thread-safe: one event
 loop owns it; write() alone runs on the state writer's thread.
+
+Holds. An answer whose log entry is still queued (dns/learning.py) adds under a hold: until
+`confirm(hold)` (the entry is durable) it can be taken back with `release(hold)` (the log refused
+it), which gives each entry back the expiry the other holds on it give, and removes an entry no
+other hold keeps (queued for take_evicted, like a cap's eviction). Only entries with a hold
+unsettled are tracked.
 """
 
 from __future__ import annotations
@@ -58,6 +64,11 @@ class LearnedStore:
         self._order: dict[str, OrderedDict[tuple[Key, str], None]] = {}  # per workload, LRU
         self._held: Counter = Counter()  # (zone, rule, ip) -> entries holding it
         self._evicted: list[tuple[str, str, str]] = []  # (zone, rule, ip) no entry holds any more
+        # Unsettled holds (see the module's docstring): hold -> the entries it added or refreshed;
+        # per such entry, the expiry its settled holds give (None: none, the entry is new) and
+        # each unsettled hold's.
+        self._holds: dict[int, list[tuple[Key, str]]] = {}
+        self._unsettled: dict[tuple[Key, str], tuple[float | None, dict[int, float]]] = {}
         self.evictions = 0  # entries evicted by a cap since start (for metrics)
         self.dirty = False
         self.urgent = False  # an address we never saw: persist before the next answer if possible
@@ -65,8 +76,9 @@ class LearnedStore:
     # ---- the tables ------------------------------------------------------------------------
 
     def add(self, zone: str, rule: str, name: str, ips: list[str], expiry: float,
-            workload: str = "") -> bool:
-        """Remember ips; returns True if an address is new (callers persist at once then)."""
+            workload: str = "", hold: int | None = None) -> bool:
+        """Remember ips (under `hold`, if given: see the module's docstring); returns True if an
+        address is new (callers persist at once then)."""
         key = (workload, zone, rule, name)
         table = self._entries.get(key)
         if table is None:
@@ -78,6 +90,10 @@ class LearnedStore:
             if ip not in table:
                 new = True
                 self._held[(zone, rule, ip)] += 1
+            if hold is not None:
+                _settled, unsettled = self._unsettled.setdefault((key, ip), (table.get(ip), {}))
+                unsettled[hold] = max(expiry, unsettled.get(hold, 0.0))
+                self._holds.setdefault(hold, []).append((key, ip))
             table[ip] = max(expiry, table.get(ip, 0.0))
             table.move_to_end(ip)
             order[(key, ip)] = None
@@ -101,6 +117,7 @@ class LearnedStore:
             keys.discard(key)
             if not keys:
                 del self._keys_by_name[name]
+        self._unsettled.pop((key, ip), None)  # a hold settled later finds nothing to do
         order = self._order[workload]
         order.pop((key, ip), None)
         if not order:
@@ -114,6 +131,52 @@ class LearnedStore:
         if evicted:
             self.evictions += 1
         self.dirty = True
+
+    def confirm(self, hold: int) -> None:
+        """The log holds the decision `hold` stood for: its entries stay as any other."""
+        for entry in self._holds.pop(hold, ()):
+            tracked = self._unsettled.get(entry)
+            if tracked is not None and hold in tracked[1]:
+                expiry = tracked[1].pop(hold)
+                settled = max(expiry, tracked[0] or 0.0)
+                if tracked[1]:
+                    self._unsettled[entry] = (settled, tracked[1])
+                else:
+                    del self._unsettled[entry]
+
+    def release(self, hold: int) -> list[tuple[str, str, str]]:
+        """The log refused the decision `hold` stood for: take back what it added. Returns the
+        (zone, rule, ip) it touched that other entries or holds still keep (the datapath must
+        get their expiry back: `held_until`); the ones nothing keeps go to take_evicted()."""
+        kept = []
+        for key, ip in self._holds.pop(hold, ()):
+            tracked = self._unsettled.get((key, ip))
+            if tracked is None or hold not in tracked[1]:
+                continue  # removed meanwhile (a cap, a policy swap), or released already
+            settled, unsettled = tracked
+            del unsettled[hold]
+            if not unsettled:
+                del self._unsettled[(key, ip)]
+            expiry = max([settled or 0.0, *unsettled.values()])
+            if settled is None and not unsettled:
+                self._remove(key, ip, released=True)
+            else:
+                self._entries[key][ip] = expiry
+                self.dirty = True
+            if (key[1], key[2], ip) in self._held:
+                kept.append((key[1], key[2], ip))
+        return kept
+
+    def held_until(self, zone: str, rule: str, ips) -> dict[str, float]:
+        """ip -> the latest expiry any entry gives it under (zone, rule), for ips with one.
+        O(entries): for the rare release(), not the path of an answer."""
+        wanted = set(ips)
+        out: dict[str, float] = {}
+        for (_workload, z, r, _name), table in self._entries.items():
+            if z == zone and r == rule:
+                for ip in wanted.intersection(table):
+                    out[ip] = max(out.get(ip, 0.0), table[ip])
+        return out
 
     def take_evicted(self) -> list[tuple[str, str, str]]:
         """(zone, rule, ip) that a cap evicted or forget_stale() dropped and that no entry holds

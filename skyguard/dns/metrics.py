@@ -31,6 +31,12 @@ class DnsMetrics:
         self.mismatched = Counter("skyguard_dns_upstream_mismatched",
                                   "Upstream replies discarded (wrong id, source or question)",
                                   registry=r)
+        self.refused_after_answer = Counter(
+            "skyguard_dns_log_refused_after_answer", "Answers released before the signed log "
+            "refused their entry (what only they opened is closed again)", ["zone"], registry=r)
+        self.unlearned = Counter("skyguard_dns_unlearned_ips", "Addresses closed again: only answers "
+                                 "whose entry the signed log refused after they left opened them",
+                                 ["zone"], registry=r)
         self.learn_failures = Counter("skyguard_dns_learn_failures",
                                       "Answers withheld because the datapath refused", registry=r)
         self.cache_hits = Counter("skyguard_dns_cache_hits", "Queries answered from the "

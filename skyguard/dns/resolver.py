@@ -11,9 +11,10 @@ follows the CNAME chain inside the answer (refused whole if a deny rule of the z
 in it) and strips every record outside it (and every A/AAAA the question's type did not ask
 for: ADDRESS_TYPES_ASKED), strips rebinding addresses (rebinding.py: loopback, link-local,
 metadata, the host's own, and private ranges unless the rule says allow_private) unless a rule
-names their network, caps addresses per name, logs the decision, and only then calls the Learner
-(synchronously) and returns the bytes to release. If the log refuses the entry or the Learner
-raises, the VM gets SERVFAIL and nothing else: fail closed.
+names their network, caps addresses per name, logs the decision, and only then learns (the
+Learner, synchronously: learning.py) and returns the bytes to release. If the log refuses the
+entry or the Learner raises, the VM gets SERVFAIL and nothing else: fail closed; if the log
+refuses the queued entry after the answer left, learning.py takes back what it opened.
 
 An allowed question the VM's answer cache (answercache.py) holds is not forwarded: decide()
 returns a forward whose `cached` reply the server feeds to answer() at once, so a hit takes the
@@ -29,6 +30,7 @@ import ipaddress
 import secrets
 import struct
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,6 +38,7 @@ from skyguard.dns import rebinding, wire
 from skyguard.dns.answercache import AnswerCache
 from skyguard.dns.interfaces import DecisionLog, Learner, WorkloadDirectory
 from skyguard.dns.learned import MAX_IPS_PER_NAME, LearnedStore
+from skyguard.dns.learning import Learning
 from skyguard.dns.metrics import DnsMetrics
 from skyguard.dns.names import pattern_matches
 from skyguard.dns.tunnel import TunnelDetector, Verdict
@@ -106,15 +109,19 @@ class DnsPolicyResolver:
                  store: LearnedStore | None = None, host_addresses=(),
                  detector: TunnelDetector | None = None):
         self.directory = directory
-        self.learner = learner
         self.log = log if log is not None else NullLog()
         self.metrics = metrics if metrics is not None else DnsMetrics()
         self.store = store if store is not None else LearnedStore(None)
+        self.learning = Learning(learner, self.store, self.metrics)
         self.set_host_addresses(host_addresses)
         self.detector = detector if detector is not None else TunnelDetector()
         self._children: dict[tuple[str, str], tuple] = {}
         self.cache = AnswerCache(self.metrics)
         self.set_policy(policy)
+
+    @property
+    def learner(self) -> Learner:
+        return self.learning.learner
 
     def set_host_addresses(self, host_addresses) -> None:
         """The host's own addresses (rebinding targets: never learned unless a rule names them)."""
@@ -479,32 +486,19 @@ class DnsPolicyResolver:
         answer = Answer(reply=bytes(out), learned=[str(ip) for ip, _ in learn.values()], stripped=stripped,
                         denied=denied_ips, ttl=ttl, unrelated=unrelated)
         reason = decision.reason if header.rcode == wire.RCODE_NOERROR else f"{decision.reason}; upstream rcode {header.rcode}"
-        try:  # on record before it opens anything: the datapath never allows what the log does not hold
-            self._account(decision, answer=answer, reason=reason, now=now)
+        try:  # on record (or queued for it) before it opens anything: the datapath never allows
+            # what the log does not hold, and takes back what it opened under a queued entry the
+            # log refuses later (learning.py)
+            logged = self._account(decision, answer=answer, reason=reason, now=now)
         except LogError:  # nothing learned; a learner failing below is on record too (a servfail follows)
             return Answer(reply=self.fail(decision, "log-refused", "the signed log refuses entries"))
         if learn:
-            by_rule: dict[str, list] = {}
-            for ip, rules in learn.values():
-                for rule in rules:
-                    by_rule.setdefault(rule.name, []).append(ip)
-            t0 = time.perf_counter()
             try:
-                for rule_name, ips in by_rule.items():
-                    self.learner.learn(decision.zone, rule_name, ips, ttl + LEARN_GRACE_SECONDS)
+                answer.persist = self.learning.open(decision.zone, decision.workload, decision.name, learn,
+                                                    ttl + LEARN_GRACE_SECONDS, wall + ttl + LEARN_GRACE_SECONDS, logged)
             except Exception as e:  # noqa: BLE001 - any learner failure must withhold the answer
                 self.metrics.learn_failures.inc()
                 return Answer(reply=self.fail(decision, "learn-failed", f"datapath refused: {type(e).__name__}"))
-            self.metrics.learn_latency.observe(time.perf_counter() - t0)
-            self.metrics.learned_ips.labels(decision.zone).inc(len(learn))
-            evictions = self.store.evictions
-            for rule_name, ips in by_rule.items():
-                self.store.add(decision.zone, rule_name, decision.name, [str(ip) for ip in ips],
-                               wall + ttl + LEARN_GRACE_SECONDS, workload=decision.workload)
-            if self.store.evictions != evictions:
-                self._evicted(decision.zone, self.store.evictions - evictions)
-            # Refreshes of known addresses are saved lazily (the server's periodic flush).
-            answer.persist = self.store.urgent and self.store.path is not None
         return answer
 
     def _denied_link(self, zone: str, names) -> str:
@@ -517,26 +511,6 @@ class DnsPolicyResolver:
             if verdict == "denied":
                 return f"CNAME chain reaches {name}: {reason}"
         return ""
-
-    def _evicted(self, zone: str, count: int) -> None:
-        """A VM reached its cap of learned entries (learned.MAX_LEARNED_PER_WORKLOAD)."""
-        self.metrics.learned_evicted.labels(zone).inc(count)
-        self.forget_released()
-
-    def forget_released(self) -> None:
-        """Let a learner that can (an optional `forget(zone, rule, ips)`) close now what the
-        store no longer holds (a cap evicted it, or a policy swap stopped backing it)."""
-        groups: dict[tuple[str, str], list] = {}
-        for z, rule, ip in self.store.take_evicted():
-            groups.setdefault((z, rule), []).append(ipaddress.ip_address(ip))
-        forget = getattr(self.learner, "forget", None)
-        if forget is None:
-            return
-        for (z, rule), ips in groups.items():
-            try:
-                forget(z, rule, ips)
-            except Exception:  # noqa: BLE001 - the address then closes at its TTL instead
-                pass
 
     def fail(self, decision: Decision, kind: str, reason: str, now: float | None = None) -> bytes:
         """SERVFAIL for a forwarded query (upstream timeout or error, learner failure, log refusal)."""
@@ -551,7 +525,8 @@ class DnsPolicyResolver:
         return wire.error_reply(query_like, wire.RCODE_SERVFAIL, len(query_like))
 
     def _account(self, decision: Decision, answer: Answer | None = None, reason: str | None = None,
-                 now: float | None = None) -> None:
+                 now: float | None = None) -> Future | None:
+        """Count and log the decision; the log's Future of its entry, if it is only queued."""
         zone = decision.zone or "-"
         key = (zone, decision.verdict)
         counter = self._children.get(key)
@@ -580,7 +555,7 @@ class DnsPolicyResolver:
         if decision.tunnel is not None and (decision.tunnel.parts or decision.tunnel.flagged):
             entry["tunnel"] = {"score": decision.tunnel.score, "parts": decision.tunnel.parts,
                                "detected": decision.tunnel.detected, "base": decision.tunnel.base}
-        self.log.record("dns", **entry)
+        return self.log.record("dns", **entry)
 
 
 def _query_like(decision: Decision) -> bytes:

@@ -50,6 +50,8 @@ class DnsProxy:
             host_addresses=local_addresses() if host_addresses is None else host_addresses)
         self.server = DnsServer(self.resolver, [Upstream.parse(u) for u in policy.dns.upstreams],
                                 listen=[("0.0.0.0", port), ("::", port)])
+        # What a refusal of the log takes back leaves the saved state at once, not at the next flush.
+        self.resolver.learning.save = self.server.state_writer.save
         self.log = log
         self.relearned = 0
         self.dropped: dict[str, int] = {}  # learned entries the policy no longer backs, per reason
@@ -58,7 +60,7 @@ class DnsProxy:
     async def start(self) -> None:
         await asyncio.to_thread(self.store.load)
         result = self.store.relearn(self.resolver.learner, time.time(), self.policy)
-        self.resolver.forget_released()  # what the saved state held but the policy no longer backs
+        self.resolver.learning.forget_released()  # what the saved state held but the policy no longer backs
         self.relearned = result.relearned
         self._count_dropped(result.dropped)
         if self.steer:
@@ -84,7 +86,7 @@ class DnsProxy:
         self.policy = policy
         self.resolver.set_policy(policy)
         dropped = self.store.forget_stale(policy)
-        self.resolver.forget_released()  # the datapath closes them now, not at their TTL
+        self.resolver.learning.forget_released()  # the datapath closes them now, not at their TTL
         self._count_dropped(dropped)
         if isinstance(self.resolver.directory, PolicyDirectory):
             self.resolver.directory = PolicyDirectory(policy)
@@ -109,6 +111,10 @@ class DnsProxy:
             await asyncio.to_thread(steering.install, interfaces, None if closed else self.port, self.netns)
         else:  # zones without workloads are valid: nothing to steer, and no stale redirect
             await asyncio.to_thread(steering.remove, self.netns)
+
+    def status(self) -> dict:
+        """For `skyguard status`: answers whose log entry was refused after they left (learning.py)."""
+        return self.resolver.learning.status()
 
     async def stop(self, remove_steering: bool = False) -> None:
         await self.server.close()

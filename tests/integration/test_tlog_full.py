@@ -40,16 +40,16 @@ def daemon(lab, tmp_path_factory):
             d.cleanup()
 
 
-def dig(lab, vm: str, name: str) -> str:
-    return lab.exec(vm, ["dig", "+tries=1", "+time=1", "+noall", "+comments", name], capture_output=True,
+def dig(lab, vm: str, name: str, qtype: str = "A") -> str:
+    return lab.exec(vm, ["dig", "+tries=1", "+time=1", "+noall", "+comments", name, qtype], capture_output=True,
                     text=True, timeout=60).stdout
 
 
-def metrics(daemon) -> dict[str, float]:
+def metrics(daemon, prefix: str = "skyguard_log_") -> dict[str, float]:
     out = subprocess.run(["nsenter", f"--net={daemon.host_netns}", "--", "curl", "-sf", f"http://{EXPORTER}/metrics"],
                          capture_output=True, text=True, timeout=30, check=True).stdout
     return {line.split()[0]: float(line.split()[1]) for line in out.splitlines()
-            if line.startswith("skyguard_log_")}
+            if line.startswith(prefix)}
 
 
 def connects(lab, vm: str, address: str, port: int) -> bool:
@@ -130,6 +130,46 @@ def test_an_answer_the_log_refuses_opens_nothing_in_the_datapath_and_closes_no_l
         filler.unlink()
     wait_for(lambda: "status: NOERROR" in dig(lab, "agent1", "wheels.pythonhosted.test"), 60, "DNS answering again")
     assert connects(lab, "agent1", refused, 443)  # logged now: open
+
+
+def taken_back(daemon) -> dict | None:
+    """What status says of answers whose queued entry the log refused after they left, once any."""
+    dns = daemon.status()["dns"] or {}
+    return dns if dns.get("log_refused_after_answer") else None
+
+
+def test_an_answer_whose_queued_entry_the_log_refuses_later_is_closed_again(lab, daemon):
+    # DNS does not wait for the disk: an allowed answer's entry is queued and the answer leaves at
+    # once. The first entry to find the log below its reserve is refused after its answer went out.
+    logged, refused = "simple.pythonhosted.test", "blobs.pythonhosted.test"  # same IPv4 address
+    shared, v6 = (str(a) for a in addresses_for_name(refused))
+    assert str(addresses_for_name(logged)[0]) == shared
+    assert "status: NOERROR" in dig(lab, "agent1", logged)
+    wait_for(lambda: any(e.get("name") == logged for e in daemon.log_entries("dns")), 30, "the logged answer on record")
+    log_dir = daemon.state_dir / "log"
+    filler = log_dir / "filler"
+    space = os.statvfs(log_dir)
+    with open(filler, "wb") as f:  # nothing has found the log below its reserve yet
+        os.posix_fallocate(f.fileno(), 0, space.f_bavail * space.f_frsize - daemon.status()["log"]["reserve_bytes"] // 2)
+    try:
+        assert daemon.status()["log"]["refusing"] is None
+        answer = dig(lab, "agent1", refused, "ANY")  # its A and AAAA learned, the answer released
+        assert "status: NOERROR" in answer, answer
+        wait_for(lambda: daemon.status()["log"]["refusing"], 30, "the log refusing the queued entry")
+        dns = wait_for(lambda: taken_back(daemon), 30, "DNS taking the refused answer back")
+        assert not connects(lab, "agent1", v6, 443)  # only the refused decision opened it: closed again
+        assert connects(lab, "agent1", shared, 443)  # the logged decision for the other name still holds
+        assert dns["log_refused_after_answer"] == 1 and dns["unlearned"] == 1
+        assert "refuses new entries" in dns["last_refusal"]
+        seen = metrics(daemon, "skyguard_dns_")
+        assert sum(v for k, v in seen.items() if k.startswith("skyguard_dns_log_refused_after_answer_total")) == 1
+        assert sum(v for k, v in seen.items() if k.startswith("skyguard_dns_unlearned_ips_total")) == 1
+        assert "DNS answers released before the signed log refused their entries: 1 (" in daemon.log_tail(1 << 20)
+        assert "1 answer(s) left before the log refused" in daemon.cli("status", check=True).stdout
+    finally:
+        filler.unlink()
+    wait_for(lambda: "status: NOERROR" in dig(lab, "agent1", refused, "ANY"), 60, "DNS answering again")
+    assert connects(lab, "agent1", v6, 443)  # logged now: open
 
 
 def frozen_log(daemon):
