@@ -194,9 +194,7 @@ class Daemon:
     def record_nowait(self, kind: str, /, **fields) -> Future | None:
         """Queue one entry for the next group commit without waiting (DNS answers must not wait for an
         fsync); returns its Future, which fails if the writer refuses it after all. A failed log raises here."""
-        if self.tlog is not None:
-            return self.tlog.submit([entry(kind, **without_floats(fields))])
-        return None
+        return self.tlog.submit([entry(kind, **without_floats(fields))]) if self.tlog is not None else None
 
     def record(self, kind: str, /, **fields) -> None:
         """Append one entry and wait until it is durable (decisions are acknowledged only then);
