@@ -49,7 +49,7 @@ from skyguard.admin.decisionlog import DecisionLog
 from skyguard.admin.ratelimit import AuthFailureLimiter
 from skyguard.admin.recording import SessionArchive
 from skyguard.admin.sftp import ReplayTurn
-from skyguard.admin.transcript import ClosingRecords, report_left_open
+from skyguard.admin.transcript import ClosingRecords, recording_metrics, report_left_open
 from skyguard.conncap import RefusalSummary, UnauthenticatedConnections
 from skyguard.content.record import ContentMetrics
 from skyguard.custody.store import SecretStore
@@ -108,17 +108,8 @@ class AdminMetrics:
         self.refusals = Counter("skyguard_admin_ssh_refused_requests_total",
                                 "Requests refused by policy (forwarding, file transfer, commands, shells)",
                                 ["request"], registry=registry)
-        # Sessions ended because their recording stalled or failed are counted above, under results
-        # recording_stalled and recording_failed (and logged: admin_session_recording_failed).
-        self.recording_paused = Gauge("skyguard_admin_ssh_recording_paused_sessions",
-                                      "SSH sessions paused now because their transcript's writer is behind "
-                                      "(the disk under the session records is slow or stalled)", registry=registry)
-        self.recording_pauses = Counter("skyguard_admin_ssh_recording_pauses_total",
-                                        "Times an SSH session was paused because its transcript's writer fell behind",
-                                        registry=registry)
-        self.recording_backlog = Gauge("skyguard_admin_ssh_recording_backlog_bytes",
-                                       "Bytes of SSH session transcripts recorded but not yet written to disk",
-                                       registry=registry)
+        self.recording_paused, self.recording_pauses, self.recording_backlog = recording_metrics(
+            registry, "skyguard_admin_ssh", "SSH")
         # SFTP uploads judged under content rules (admin/sftp.py), by zone, rule and verdict.
         self.content = ContentMetrics(registry, "skyguard_admin_sftp_content_decisions",
                                       "SFTP uploads judged by the content filter at the SSH access proxy")

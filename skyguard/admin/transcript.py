@@ -31,6 +31,8 @@ from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Protocol
 
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
 from skyguard.errors import AdminError
 
 log = logging.getLogger("skyguard.admin")
@@ -223,3 +225,17 @@ def report_left_open(sessions: list[str], waited: float, part: str, record: Call
               "records is not answering; left open: %s (closed when the disk answers, else at the next start, "
               "result interrupted)", part, len(sessions), waited, ", ".join(sessions))
     record("admin_session_records_left_open", part=part, sessions=sessions)
+
+
+def recording_metrics(registry: CollectorRegistry, prefix: str, sessions: str) -> tuple[Gauge, Counter, Gauge]:
+    """A proxy's recording gauges (paused sessions, pauses, backlog bytes) under `prefix`
+    (skyguard_admin_ssh, skyguard_console). Sessions ended because their recording stalled or
+    failed count in the proxy's sessions_total (results recording_stalled, recording_failed)."""
+    paused = Gauge(f"{prefix}_recording_paused_sessions", f"{sessions} sessions paused now because their "
+                   "recording's writer is behind (the disk under the session records is slow or stalled)",
+                   registry=registry)
+    pauses = Counter(f"{prefix}_recording_pauses_total",
+                     f"Times a {sessions} session was paused because its recording's writer fell behind", registry=registry)
+    backlog = Gauge(f"{prefix}_recording_backlog_bytes",
+                    f"Bytes of {sessions} session recordings not yet written to disk", registry=registry)
+    return paused, pauses, backlog

@@ -30,7 +30,7 @@ from skyguard.admin.decisionlog import DecisionLog
 from skyguard.admin.proxy import parse_listen
 from skyguard.admin.ratelimit import AuthFailureLimiter
 from skyguard.admin.recording import SessionArchive
-from skyguard.admin.transcript import ClosingRecords, report_left_open
+from skyguard.admin.transcript import ClosingRecords, recording_metrics, report_left_open
 from skyguard.console.rdp import missing_tools
 from skyguard.console.session import ConsoleSession
 from skyguard.console.tickets import Ticket, TicketBook, match_token
@@ -80,18 +80,8 @@ class ConsoleMetrics:
                                      "Console logins refused, by reason", ["reason"], registry=registry)
         self.clipboard = Counter("skyguard_console_clipboard_total", "Clipboard transfers, by direction and verdict",
                                  ["direction", "verdict"], registry=registry)
-        # Sessions ended because their recording stalled or failed: sessions_total under results
-        # recording_stalled and recording_failed (and admin_session_recording_failed in the log).
-        self.recording_paused = Gauge("skyguard_console_recording_paused_sessions",
-                                      "Console sessions waiting now because their recording's writer is behind "
-                                      "(the disk under the session records is slow or stalled)", registry=registry)
-        self.recording_pauses = Counter("skyguard_console_recording_pauses_total",
-                                        "Times a console session waited because its recording's writer fell behind",
-                                        registry=registry)
-        self.recording_backlog = Gauge("skyguard_console_recording_backlog_bytes",
-                                       "Bytes of console session recordings not yet written to disk",
-                                       registry=registry)
-
+        self.recording_paused, self.recording_pauses, self.recording_backlog = recording_metrics(
+            registry, "skyguard_console", "console")
 
 class ConsoleProxy:
     def __init__(self, policy: Policy, store: SecretStore, state_dir: Path | str, decision_log: DecisionLog,
