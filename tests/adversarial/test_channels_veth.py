@@ -38,7 +38,9 @@ from scapy.layers.inet6 import (
 )
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
-from veth_lab import COLLECTORS, GW_MAC, PEER4, VMS, Sniffer, VethLab, settle
+from veth_lab import COLLECTORS, GW_MAC, PEER4, VMS, Sniffer, VethLab, eventually, settle
+
+from support.client_waits import ANSWER_WAIT_S, dig_argv
 
 A_MAC, A4, A6 = VMS["a"][1], VMS["a"][2], VMS["a"][3]
 B4, B6 = VMS["b"][2], VMS["b"][3]
@@ -74,7 +76,7 @@ def payload(tag: str) -> bytes:
     return (marker(tag) * 64)[:1000]
 
 
-def udp_query(lab, where: str, family, dst: str, sport: int, timeout: float = 3.0) -> bytes:
+def udp_query(lab, where: str, family, dst: str, sport: int, timeout: float = ANSWER_WAIT_S) -> bytes:
     """A real DNS query from `where`, from a known source port; returns the answer."""
     from dnslib import DNSRecord
 
@@ -128,6 +130,7 @@ def test_icmp_errors_reach_only_the_flow_peer_and_never_ride_dns(lab, sniffers):
     probe.close()
     send.close()
     i = sniffers["i"]
+    assert eventually(lambda: i.count(marker("related")) >= 1), "the error about a real flow did not reach its peer"
     assert (i.count(marker("icmp4")), i.count(marker("icmp6"))) == (0, 0)
     assert (i.count(marker("related")), i.count(marker("unrel"))) == (1, 0)
     after = lab.drops()
@@ -175,7 +178,8 @@ def test_nd_and_mld_carry_nothing_off_the_link(lab, sniffers):
         assert sniffers[where].count(marker(tag)) == 0, tag
     assert sniffers["a"].count(marker("ra-in")) == 0
     assert sniffers["a"].count(marker("ns-in")) == 0
-    assert lab.drops().get(("sandbox", "nd_spoof"), 0) == before.get(("sandbox", "nd_spoof"), 0) + 1
+    spoofs = lambda: lab.drops().get(("sandbox", "nd_spoof"), 0) - before.get(("sandbox", "nd_spoof"), 0)  # noqa: E731
+    assert eventually(lambda: spoofs() >= 1) and spoofs() == 1
     assert lab.drops().get(("sandbox", "nd_not_local"), 0) >= len(attacks), lab.drops()
 
     # Neighbour discovery itself still works both ways: the host solicits the VM from its global
@@ -208,7 +212,7 @@ def test_port_53_leaves_the_host_only_through_the_proxy(lab, sniffers):
 
     # Real DNS to any address is answered by the proxy, from the address asked (UDP, TCP, IPv6).
     for args in (["@198.51.100.77"], ["@198.51.100.77", "+tcp"], ["-6", "@2001:db8::99"]):
-        out = lab.run("a", "dig", "+short", "+time=2", "+tries=2", *args, "x.test", "A")
+        out = lab.run("a", *dig_argv("+short", *args, "x.test", "A"))
         assert out.stdout.split() == ["192.0.2.1"], (args, out.stdout, out.stderr)
 
     # Nothing the remote side starts is related to a VM's DNS: not an "answer" from port 53 to the
@@ -238,7 +242,8 @@ def test_a_busy_vm_asking_from_a_new_port_each_time_is_answered_past_the_cap(lab
     """A resolver without a cache (glibc's) asks from a new port each time: each query is an
     entry of the connection table, which kept it 30 s, so past ~68 queries/s sustained the
     per-VM cap dropped queries unanswered. 2,300 queries at ~200/s: each entry now lives
-    steering.DNS_QUERY_TIMEOUT_S, and every query is answered."""
+    steering.DNS_QUERY_TIMEOUT_S, and every query is answered. Each batch's answers are waited
+    for ANSWER_WAIT_S (a loaded machine may hold them seconds); a batch with one missing ends it."""
     from dnslib import DNSRecord
 
     query = DNSRecord.question("x.test").pack()
@@ -249,7 +254,7 @@ def test_a_busy_vm_asking_from_a_new_port_each_time_is_answered_past_the_cap(lab
         for s in sockets:
             s.sendto(query, ("198.51.100.77", 53))
             asked += 1
-        deadline = started + 1.0
+        deadline = started + ANSWER_WAIT_S
         for s in sockets:
             s.settimeout(max(0.01, deadline - time.monotonic()))
             try:
@@ -257,6 +262,8 @@ def test_a_busy_vm_asking_from_a_new_port_each_time_is_answered_past_the_cap(lab
             except OSError:
                 pass
             s.close()
+        if answered < asked:
+            break  # a query went unanswered: no need to wait out the other batches
         time.sleep(max(0.0, started + 0.25 - time.monotonic()))
     assert answered == asked, f"{asked - answered} of {asked} queries unanswered"
 
@@ -277,7 +284,7 @@ def test_a_port_53_flood_holds_a_bounded_share_of_the_hosts_connection_table(lab
     settle(1)
     assert count() - before <= DNS_CONNECTIONS_PER_VM + 100
     # another VM's DNS is still answered
-    out = lab.run("b", "dig", "+short", "+time=2", "+tries=2", "@198.51.100.77", "x.test", "A")
+    out = lab.run("b", *dig_argv("+short", "@198.51.100.77", "x.test", "A"))
     assert out.stdout.split() == ["192.0.2.1"], out.stdout + out.stderr
 
 
@@ -309,26 +316,26 @@ def test_a_flood_from_one_vm_breaks_no_flow_of_another(lab):
     # S serves udp/1812 and tcp/5432 (v4 and v6); B serves tcp/7000.
     radius = t("s", socket.AF_INET, socket.SOCK_DGRAM)
     radius.bind((S4, 1812))
-    radius.settimeout(5)
+    radius.settimeout(ANSWER_WAIT_S)
     servers = {}
     for where, fam, addr, port in (("s", socket.AF_INET, S4, 5432), ("s", socket.AF_INET6, S6, 5432),
                                    ("b", socket.AF_INET, B4, 7000)):
         srv = t(where, fam, socket.SOCK_STREAM)
         srv.bind((addr, port))
         srv.listen(1)
-        srv.settimeout(5)
+        srv.settimeout(ANSWER_WAIT_S)
         servers[(fam, port)] = srv
     # B -> S request whose answer comes late; B -> S and S -> B connections, idle.
     client = t("b", socket.AF_INET, socket.SOCK_DGRAM)
     client.bind((B4, 41812))
-    client.settimeout(5)
+    client.settimeout(ANSWER_WAIT_S)
     client.sendto(b"access-request", (S4, 1812))
     request, requester = radius.recvfrom(100)
     conns = []
     for (fam, port), srv in servers.items():
         where, dst = ("s", B4) if port == 7000 else ("b", S6 if fam == socket.AF_INET6 else S4)
         c = t(where, fam, socket.SOCK_STREAM)
-        c.settimeout(5)
+        c.settimeout(ANSWER_WAIT_S)
         c.connect((dst, port))
         conns.append((c, srv.accept()[0]))
     # B sends the first fragment of a datagram to S; the rest follows after the flood.

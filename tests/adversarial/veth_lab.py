@@ -30,6 +30,7 @@ from dnslib import QTYPE, RR, A, DNSRecord
 from skyguard.datapath import progrun
 from skyguard.dns import steering
 from skyguard.policy.model import Destination, Policy, PortRange, Rule, Workload, Zone
+from support.client_waits import ANSWER_WAIT_S
 
 TAG = f"avc{os.getpid() % 100000}"
 GW_MAC = "02:00:00:00:81:01"
@@ -152,7 +153,7 @@ class DnsStandIn:
                 try:
                     if s is self.tcp:
                         conn, _ = s.accept()
-                        conn.settimeout(2)
+                        conn.settimeout(ANSWER_WAIT_S)  # the client's question must come
                         with conn:
                             size = int.from_bytes(conn.recv(2), "big")
                             data = b""
@@ -280,3 +281,14 @@ class VethLab:
 def settle(seconds: float = 0.3):
     """Let frames written to a veth cross it and reach sniffers (nothing is asserted on time)."""
     time.sleep(seconds)
+
+
+def eventually(predicate, within: float = ANSWER_WAIT_S) -> bool:
+    """Poll predicate() until it holds or `within` seconds passed: for what must arrive (a frame
+    at a sniffer, a counted drop), which on a loaded machine may take seconds."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

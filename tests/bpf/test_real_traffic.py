@@ -21,6 +21,7 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
 from skyguard.datapath import progrun
+from support.client_waits import ping_argv, wait_s
 
 TAG = f"bpx-{os.getpid() % 100000}"
 HOST, VMA, VMB = f"{TAG}h", f"{TAG}a", f"{TAG}b"
@@ -118,14 +119,15 @@ def pins(root):
     sh("rm", "-rf", str(path))
 
 
-def client(kind, host, port, timeout=1.0):
-    """A connection from VM A. Expected-to-fail calls wait `timeout`; expected-to-work ones pass a
-    longer one so a loaded machine (first neighbour discovery, 2 busy cores) does not fail them."""
-    return in_ns(VMA, "python3", "-c", CLIENT, kind, host, str(port), str(timeout)).stdout.strip()
+def client(kind, host, port, answer=False):
+    """A connection from VM A. Expected-to-fail calls listen SILENCE_WAIT_S; expected-to-work ones
+    (answer=True) wait ANSWER_WAIT_S, so a loaded machine (first neighbour discovery, 2 busy cores)
+    does not fail them (support.client_waits)."""
+    return in_ns(VMA, "python3", "-c", CLIENT, kind, host, str(port), str(wait_s(answer))).stdout.strip()
 
 
 def ping(host):
-    return in_ns(VMA, "ping", "-c", "1", "-W", "5", host, check=False).returncode == 0
+    return in_ns(VMA, *ping_argv("-c", "1", host), check=False).returncode == 0
 
 
 def drops(dp, worker, reason):
@@ -156,9 +158,9 @@ def add_intruder_filter(pins: Path, ifname: str, where: str = "ingress", prio: i
 
 
 def check_enforcement(dp, worker):
-    assert client("tcp", ADDR["d1"][0], 5432, 5.0) == "hello"  # allowed v4
-    assert client("tcp", ADDR["d1"][1], 5432, 5.0) == "hello"  # allowed v6 (ND passes both ways)
-    assert client("udp", ADDR["d1"][0], 5000, 5.0) == "ping"  # allowed UDP and its reply
+    assert client("tcp", ADDR["d1"][0], 5432, answer=True) == "hello"  # allowed v4
+    assert client("tcp", ADDR["d1"][1], 5432, answer=True) == "hello"  # allowed v6 (ND passes both ways)
+    assert client("udp", ADDR["d1"][0], 5000, answer=True) == "ping"  # allowed UDP and its reply
     assert ping(ADDR["d1"][0])  # icmp allowed by web-to-db
     before = drops(dp, worker, "no_rule")
     assert client("tcp", ADDR["d1"][0], 22).startswith("failed")  # denied port
@@ -235,7 +237,7 @@ def test_veth_and_tap_enforcement_readoption_and_detach(host_thread, pins):
         ids_before = host_thread.call(dp.attached)
         host_thread.call(dp.close)
         assert client("tcp", ADDR["d1"][0], 22).startswith("failed")
-        assert client("tcp", ADDR["d1"][0], 5432, 5.0) == "hello"
+        assert client("tcp", ADDR["d1"][0], 5432, answer=True) == "hello"
 
         # a new Datapath re-adopts the pinned maps and replaces the programs (here TC -> XDP)
         dp2 = host_thread.call(Datapath, pins, "xdp")
@@ -256,7 +258,7 @@ def test_veth_and_tap_enforcement_readoption_and_detach(host_thread, pins):
         removed = host_thread.call(dp2.detach_all)
         assert set(removed) == {IFACES["w1"], IFACES["d1"], IFACES["x1"]}
         assert host_thread.call(dp2.attached) == {}
-        assert client("tcp", ADDR["d1"][0], 22, 5.0) == "hello"  # nothing enforces any more
+        assert client("tcp", ADDR["d1"][0], 22, answer=True) == "hello"  # nothing enforces any more
         host_thread.call(dp2.close)
     finally:
         os.close(tap_fd)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from skyguard import config
 from skyguard.lab import addressing as plan
+from support.client_waits import ANSWER_WAIT_S, wait_s
 
 PY = sys.executable
 READY_TIMEOUT = 90.0  # seconds for `skyguard up` to answer status (bcc compiles the programs)
@@ -272,12 +273,12 @@ print("ready", flush=True)
 sys.stdin.read()
 """
 
-# argv[1]: JSON list of [kind, host, port, source-or-null]; prints a JSON list of booleans:
-# did the echo (TCP, UDP) or the echo reply (ICMP) come back.
+# argv[1]: JSON list of [kind, host, port, source-or-null, seconds to wait]; prints a JSON list of
+# booleans: did the echo (TCP, UDP) or the echo reply (ICMP) come back.
 PROBE = r"""
 import json, socket, subprocess, sys, threading
-probes = json.loads(sys.argv[1]); timeout = float(sys.argv[2]); out = [None] * len(probes)
-def one(i, kind, host, port, source):
+probes = json.loads(sys.argv[1]); out = [None] * len(probes)
+def one(i, kind, host, port, source, timeout):
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         if kind == "icmp":
@@ -316,18 +317,36 @@ def stop_process(proc: subprocess.Popen | None) -> None:
         proc.wait()
 
 
-def probe(lab, vm: str, probes, timeout: float = 2.0) -> list[bool]:
-    """Run every probe ((kind, host, port[, source])) from inside `vm` at once; True = answered."""
-    items = [list(p) + [None] * (4 - len(p)) for p in probes]
-    out = lab.exec(vm, [PY, "-c", PROBE, json.dumps(items), str(timeout)], lab_resolver=False,
-                   capture_output=True, text=True, timeout=30 + timeout)
+def probe(lab, vm: str, probes, expect) -> list[bool]:
+    """Run every probe ((kind, host, port[, source])) from inside `vm` at once; True = answered.
+    expect[i] says whether the test expects probe i answered: it is waited for ANSWER_WAIT_S
+    then, for SILENCE_WAIT_S otherwise (support.client_waits)."""
+    probes, expect = list(probes), list(expect)
+    assert len(probes) == len(expect), (probes, expect)
+    items = [(list(p) + [None] * (4 - len(p)))[:4] + [wait_s(want)] for p, want in zip(probes, expect)]
+    out = lab.exec(vm, [PY, "-c", PROBE, json.dumps(items)], lab_resolver=False,
+                   capture_output=True, text=True, timeout=30 + max([wait_s(w) for w in expect], default=0))
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
 
-def probe_one(lab, vm: str, kind: str, host: str, port: int = 0, source: str | None = None,
-              timeout: float = 2.0) -> bool:
-    return probe(lab, vm, [(kind, host, port, source)], timeout)[0]
+def expect_probes(lab, vm: str, probes, expect) -> None:
+    """probe(), then fail naming every probe whose outcome is not the expected one."""
+    probes = list(probes)
+    got = probe(lab, vm, probes, expect)
+    wrong = [f"{vm} -> {' '.join(str(x) for x in p if x is not None)}: expected {'pass' if want else 'drop'}, "
+             f"got {'pass' if seen else 'drop'}" for p, want, seen in zip(probes, expect, got) if seen != want]
+    assert not wrong, "\n".join(wrong)
+
+
+def reaches(lab, vm: str, kind: str, host: str, port: int = 0, source: str | None = None) -> bool:
+    """Is one probe from `vm` answered (waited for ANSWER_WAIT_S)?"""
+    return probe(lab, vm, [(kind, host, port, source)], [True])[0]
+
+
+def dropped(lab, vm: str, kind: str, host: str, port: int = 0, source: str | None = None) -> bool:
+    """Does one probe from `vm` stay unanswered (listened for SILENCE_WAIT_S)?"""
+    return not probe(lab, vm, [(kind, host, port, source)], [False])[0]
 
 
 STREAM_SINK = r"""
@@ -351,7 +370,7 @@ print(total, flush=True); print("closed", flush=True)
 
 STREAM_SOURCE = r"""
 import socket, sys, time
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[4]))
 s.settimeout(None)
 chunk = b"x" * 16384
 rate = float(sys.argv[3])  # bytes per second, paced so the stream does not hog a shared CPU
@@ -378,7 +397,7 @@ class Stream:
         self.closed = False
         self._lock = threading.Lock()
         threading.Thread(target=self._read, daemon=True).start()
-        self.source = lab.popen(src, [PY, "-c", STREAM_SOURCE, dst_addr, str(port), str(rate)],
+        self.source = lab.popen(src, [PY, "-c", STREAM_SOURCE, dst_addr, str(port), str(rate), str(ANSWER_WAIT_S)],
                                 lab_resolver=False, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.source.stdout.readline().strip()
         if line != "connected":
@@ -399,8 +418,8 @@ class Stream:
         with self._lock:
             return self.total
 
-    def flowing(self, min_bytes: int = 64 * 1024, within: float = 5.0) -> bool:
-        """Did at least min_bytes more arrive within `within` seconds?"""
+    def flowing(self, min_bytes: int = 64 * 1024, within: float = ANSWER_WAIT_S) -> bool:
+        """Did at least min_bytes more arrive within `within` seconds (returns as soon as they did)?"""
         start = self.received()
         deadline = time.monotonic() + within
         while time.monotonic() < deadline:
@@ -436,7 +455,7 @@ def udp(dst, timeout):
         s.close()
 import select
 while not select.select([sys.stdin], [], [], 0)[0]:
-    counts["allowed_ok" if udp(allowed, 2.0) else "allowed_lost"] += 1
+    counts["allowed_ok" if udp(allowed, float(sys.argv[5])) else "allowed_lost"] += 1
     counts["denied_ok" if udp(denied, 0.2) else "denied_lost"] += 1
 print(json.dumps(counts), flush=True)
 """
@@ -444,15 +463,16 @@ print(json.dumps(counts), flush=True)
 
 class ContinuousProber:
     """From VM `vm`, alternately a new allowed and a new denied UDP exchange (a fresh socket each,
-    so each is a new flow), until stop(); stop() returns the counts."""
+    so each is a new flow), until stop(); stop() returns the counts. An allowed answer is waited
+    for ANSWER_WAIT_S, a denied one listened for 0.2 s."""
 
     def __init__(self, lab, vm: str, allowed: tuple[str, int], denied: tuple[str, int]):
         self.proc = lab.popen(vm, [PY, "-c", CONTINUOUS_PROBER, allowed[0], str(allowed[1]), denied[0],
-                                   str(denied[1])], lab_resolver=False, stdin=subprocess.PIPE,
+                                   str(denied[1]), str(ANSWER_WAIT_S)], lab_resolver=False, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
 
     def stop(self) -> dict:
         self.proc.stdin.write("stop\n")
         self.proc.stdin.flush()
-        out, _ = self.proc.communicate(timeout=10)
+        out, _ = self.proc.communicate(timeout=ANSWER_WAIT_S + 10)  # the exchange under way ends first
         return json.loads(out.strip().splitlines()[-1])

@@ -15,6 +15,7 @@ from daemon_support import RunningDaemon
 
 from skyguard import config
 from skyguard.admin.recording import SessionArchive
+from support.client_waits import ssh_wait_options
 from support.frozen_disk import FrozenDisk, blocked_in_the_kernel
 
 PROXY_PORT = 24299
@@ -77,7 +78,7 @@ PermitRootLogin prohibit-password
 def operator_ssh(admin_lab, who: str, login: str, command: str) -> subprocess.CompletedProcess:
     return admin_lab.lab.exec("internet", [
         "ssh", "-i", str(admin_lab.tmp / who), "-p", str(PROXY_PORT), "-o", "BatchMode=yes",
-        "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10",
+        "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", *ssh_wait_options(),
         f"{login}@{UPLINK}", command], capture_output=True, text=True, timeout=60)
 
 
@@ -109,7 +110,7 @@ def test_sessions_are_in_the_signed_log(admin_lab):
 
 def test_policy_load_without_an_operator_ends_their_session_and_refuses_them(admin_lab):
     args = ["ssh", "-i", str(admin_lab.tmp / "alice"), "-p", str(PROXY_PORT), "-o", "BatchMode=yes",
-            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", *ssh_wait_options(),
             f"alice+dc1@{UPLINK}", "echo session-up; sleep 60"]
     client = admin_lab.lab.popen("internet", args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -151,7 +152,7 @@ def test_down_returns_while_a_session_record_waits_on_a_stalled_disk(admin_lab):
     sessions = daemon.state_dir / "admin" / "sessions"
     sessions.mkdir(parents=True, exist_ok=True, mode=0o700)
     args = ["ssh", "-i", str(admin_lab.tmp / "alice"), "-p", str(PROXY_PORT), "-o", "BatchMode=yes",
-            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", *ssh_wait_options(),
             f"alice+dc1@{UPLINK}", "echo record-up; read line; echo record-bye"]
     with FrozenDisk(sessions) as disk:
         client = admin_lab.lab.popen("internet", args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

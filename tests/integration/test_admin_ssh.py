@@ -32,6 +32,7 @@ from skyguard.admin.recording import SessionArchive
 from skyguard.custody.store import SecretStore
 from skyguard.errors import AdminError
 from skyguard.policy.model import AdminSsh, Policy, SshOperator, Workload, Zone
+from support.client_waits import ssh_wait_options
 from support.netns_support import NamespaceLoop
 
 REPO = Path(__file__).resolve().parents[2]
@@ -184,7 +185,7 @@ class Lab:
         args = ["nsenter", f"--net=/run/netns/{self.px_ns}", tool, "-F", "/dev/null",
                 "-i", str(self.tmp / key), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
                 "-o", f"UserKnownHostsFile={self.tmp / 'known_hosts'}", "-o", "StrictHostKeyChecking=yes",
-                "-o", "ConnectTimeout=10", port_flag, str(port)]
+                *ssh_wait_options(), port_flag, str(port)]
         if source:
             args += ["-o", f"BindAddress={source}"]
         return args + list(extra) + [f"{user}@{host}"]

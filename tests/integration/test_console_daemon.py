@@ -24,6 +24,7 @@ from PIL import Image
 
 from skyguard import config
 from skyguard.custody.store import SecretStore
+from support.client_waits import ANSWER_WAIT_S, SILENCE_WAIT_S
 from support.console_support import start_xvnc
 
 PORT = 24267
@@ -114,9 +115,10 @@ def test_a_vm_connecting_straight_to_the_console_port_is_dropped(console_daemon)
         return sum(drop_count(status, zone, "policy_deny") for zone in ("auth", "directory"))
 
     before = denied()
+    # 5901: dropped (listened for SILENCE_WAIT_S); 389: dc1's RST must come (ANSWER_WAIT_S)
     probe = ("import socket, sys\n"
-             "for port in (5901, 389):\n"
-             "    s = socket.socket(); s.settimeout(3)\n"
+             f"for port, wait in ((5901, {SILENCE_WAIT_S}), (389, {ANSWER_WAIT_S})):\n"
+             "    s = socket.socket(); s.settimeout(wait)\n"
              "    try:\n        s.connect(('10.10.2.2', port)); print('open')\n"
              "    except ConnectionRefusedError:\n        print('refused')\n"
              "    except OSError:\n        print('blocked')\n")

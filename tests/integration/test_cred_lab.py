@@ -26,6 +26,7 @@ from skyguard.credproxy.steering import CredentialSteering
 from skyguard.lab.ca import LabCA
 from skyguard.parts import MemoryLog
 from skyguard.policy.model import Credential, Injection, Policy, TlsTermination, Workload, Zone
+from support.client_waits import curl_argv
 from support.netns_support import NamespaceLoop, wait_for_port
 
 # Namespaces named by this process (parallel runs never share them); links live inside them.
@@ -151,8 +152,8 @@ def lab(root, tmp_path_factory):
 
 def vm_curl(lab, url, *args, connect=API4, cacert="skyca.pem"):
     target = f"[{connect}]" if ":" in connect else connect
-    result = in_ns(VM, "curl", "-sS", "--max-time", "10", "--cacert", str(lab["tmp"] / cacert),
-                   "--connect-to", f"::{target}:", "-w", "\n%{http_code}", *args, url, check=False)
+    result = in_ns(VM, *curl_argv("--cacert", str(lab["tmp"] / cacert), "--connect-to", f"::{target}:",
+                                  "-w", "\n%{http_code}", *args, url), check=False)
     body, _, code = result.stdout.rpartition(b"\n")
     return int(code or 0), body, result.returncode
 
@@ -227,8 +228,8 @@ def test_cleartext_http_never_gets_the_secret(lab):
 
 
 def test_tls_termination_serves_the_vm_with_a_key_the_vm_never_has(lab):
-    result = in_ns(UP, "curl", "-sS", "--max-time", "10", "--cacert", str(lab["tmp"] / "svcca.pem"),
-                   "--resolve", "crxvm.test:443:10.77.1.2", "https://crxvm.test/index.html", check=False)
+    result = in_ns(UP, *curl_argv("--cacert", str(lab["tmp"] / "svcca.pem"), "--resolve", "crxvm.test:443:10.77.1.2",
+                                  "https://crxvm.test/index.html"), check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout == b"served by the VM in plaintext\n"
     # The VM's port 443 is skyguard's: nothing listens there inside the VM.
@@ -310,8 +311,8 @@ def test_a_policy_with_nothing_to_do_stops_everything_and_the_next_one_starts_it
         assert steered_table(lab) is None  # no steering left behind
         listening = in_ns(HOST, "ss", "-Htln").stdout.decode()
         assert ":25443 " not in listening and ":25080 " not in listening  # the proxy closed its ports
-        result = in_ns(UP, "curl", "-sS", "--max-time", "5", "--cacert", str(lab["tmp"] / "svcca.pem"),
-                       "--resolve", "crxvm.test:443:10.77.1.2", "https://crxvm.test/index.html", check=False)
+        result = in_ns(UP, *curl_argv("--cacert", str(lab["tmp"] / "svcca.pem"), "--resolve", "crxvm.test:443:10.77.1.2",
+                                      "https://crxvm.test/index.html", answer=False), check=False)
         assert result.returncode != 0  # TLS termination is gone with its entry
     finally:
         loop.run(service.set_policy(policy))
@@ -321,7 +322,7 @@ def test_a_policy_with_nothing_to_do_stops_everything_and_the_next_one_starts_it
     before = len(echoed(lab))
     code, _, _ = vm_curl(lab, "https://api.github.test/started-again", "-H", AUTH)
     assert code == 200 and swapped_last(lab, before) is True
-    result = in_ns(UP, "curl", "-sS", "--max-time", "10", "--cacert", str(lab["tmp"] / "svcca.pem"),
-                   "--resolve", "crxvm.test:443:10.77.1.2", "https://crxvm.test/index.html", check=False)
+    result = in_ns(UP, *curl_argv("--cacert", str(lab["tmp"] / "svcca.pem"), "--resolve", "crxvm.test:443:10.77.1.2",
+                                  "https://crxvm.test/index.html"), check=False)
     assert result.returncode == 0 and result.stdout == b"served by the VM in plaintext\n"
 

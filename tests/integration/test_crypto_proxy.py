@@ -24,6 +24,7 @@ from daemon_support import RunningDaemon, drop_count, wait_for
 from skyguard import config
 from skyguard.custody.store import SecretStore
 from skyguard.keys.softhsm import SoftHsmToken
+from support.client_waits import ANSWER_WAIT_S, curl_argv, wait_s
 
 GATEWAY = "169.254.1.1"  # every lab VM's gateway (skyguard/lab/addressing.py)
 GATEWAY6 = "fe80::1"
@@ -75,14 +76,15 @@ def crypto(lab, tmp_path_factory):
         daemon.cleanup()
 
 
-def call(crypto, vm: str, path: str, body=None, extra=(), timeout=5):
-    """curl inside `vm` to the key API on its gateway: (HTTP status, parsed JSON or raw text)."""
-    argv = ["curl", "-sS", "-m", str(timeout), "-o", "-", "-w", "\n%{http_code}"]
+def call(crypto, vm: str, path: str, body=None, extra=(), answer=True):
+    """curl inside `vm` to the key API on its gateway: (HTTP status, parsed JSON or raw text).
+    answer=False: the test expects no answer (curl gives up after SILENCE_WAIT_S, status 0)."""
+    argv = curl_argv("-o", "-", "-w", "\n%{http_code}", answer=answer)
     if body is not None:
         argv += ["-X", "POST", "-H", "content-type: application/json",
                  "--data-binary", body if isinstance(body, str) else json.dumps(body)]
     argv += list(extra) + [f"http://{GATEWAY}:{PORT}{path}"]
-    out = crypto.lab.exec(vm, argv, capture_output=True, text=True, timeout=timeout + 10)
+    out = crypto.lab.exec(vm, argv, capture_output=True, text=True, timeout=wait_s(answer) + 10)
     text, _, status = out.stdout.rpartition("\n")
     try:
         return int(status), json.loads(text) if text.strip() else None
@@ -90,7 +92,7 @@ def call(crypto, vm: str, path: str, body=None, extra=(), timeout=5):
         return int(status or 0), text
 
 
-def key_uses(crypto, expect=None, timeout: float = 5.0) -> list[dict]:
+def key_uses(crypto, expect=None, timeout: float = ANSWER_WAIT_S) -> list[dict]:
     """The daemon's key_use entries, read from its log directory; with `expect`, wait (entries are
     group-committed) until one matches it."""
     from skyguard.tlog.entries import decode
@@ -150,9 +152,9 @@ def test_a_vm_signs_and_openssl_verifies_against_key_public(crypto, tmp_path):
 
 def test_a_vm_reaches_the_api_on_its_ipv6_gateway_and_is_known_by_its_interface(crypto):
     digest = hashlib.sha256(b"over IPv6").hexdigest()
-    out = crypto.lab.exec("tacacs1", ["curl", "-sS", "-m", "5", "-g", "-d", json.dumps({"digest": digest}),
-                                      f"http://[{GATEWAY6}%eth0]:{PORT}/v1/keys/release/sign"],
-                          capture_output=True, text=True, timeout=20)
+    out = crypto.lab.exec("tacacs1", curl_argv("-g", "-d", json.dumps({"digest": digest}),
+                                               f"http://[{GATEWAY6}%eth0]:{PORT}/v1/keys/release/sign"),
+                          capture_output=True, text=True, timeout=60)
     assert "signature" in json.loads(out.stdout), out.stdout + out.stderr
     entry = next(e for e in key_uses(crypto, lambda e: e.get("digest") == digest) if e.get("digest") == digest)
     assert (entry["workload"], entry["interface"], entry["outcome"]) == ("tacacs1", "sg-tacacs1", "ok")
@@ -197,7 +199,7 @@ def test_a_zone_no_key_names_is_dropped_by_the_datapath(crypto):
     """auth and sdn reach the proxy with no rule of the operator's (the other tests); sandbox,
     named by no key, gets no connection at all: its SYN is dropped (no rule), not refused by the API."""
     before, uses = drop_count(crypto.daemon.status(), "sandbox", "no_rule"), len(key_uses(crypto))
-    status, _ = call(crypto, "agent1", "/v1/keys", timeout=2)
+    status, _ = call(crypto, "agent1", "/v1/keys", answer=False)
     assert status == 0
     assert drop_count(crypto.daemon.status(), "sandbox", "no_rule") > before
     assert not [e for e in key_uses(crypto)[uses:] if e.get("workload") == "agent1"]
@@ -213,7 +215,7 @@ def test_a_spoofed_vm_address_is_dropped_before_the_api(crypto):
                              for reason in ("spoof_ip", "arp_spoof"))  # the SYN, or the ARP before it
         spoof_drops = spoofs()
         status, _ = call(crypto, "radius1", "/v1/keys/wrap/decrypt", {"ciphertext": "AAAA"},
-                         extra=["--interface", "10.10.3.2"], timeout=2)
+                         extra=["--interface", "10.10.3.2"], answer=False)
         assert status == 0
         assert not [e for e in key_uses(crypto)[before:] if e.get("address") == "10.10.3.2"]
         assert spoofs() > spoof_drops  # dropped by the datapath, counted as spoofing
@@ -239,8 +241,8 @@ def test_malformed_and_oversized_requests_are_refused_and_the_daemon_keeps_servi
     big.write_text(json.dumps({"digest": "00" * 32, "pad": "x" * 200_000}))
     status, reply = call(crypto, "radius1", "/v1/keys/release/sign", "@" + str(big))
     assert status == 413
-    garbage = crypto.lab.exec("radius1", ["sh", "-c", f"printf 'GARBAGE\\r\\n\\r\\n' | nc -w 3 {GATEWAY} {PORT}"],
-                              capture_output=True, text=True, timeout=15)
+    garbage = crypto.lab.exec("radius1", ["sh", "-c", f"printf 'GARBAGE\\r\\n\\r\\n' | nc -w {ANSWER_WAIT_S} {GATEWAY} {PORT}"],
+                              capture_output=True, text=True, timeout=ANSWER_WAIT_S + 30)
     assert garbage.stdout.startswith("HTTP/1.1 400"), garbage.stdout
     assert call(crypto, "radius1", "/v1/keys/release/sign", {"digest": "11" * 32})[0] == 200
     assert crypto.daemon.running()

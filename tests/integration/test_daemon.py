@@ -25,8 +25,9 @@ from daemon_support import (
     Stream,
     attached_programs,
     drop_count,
-    probe,
-    probe_one,
+    dropped,
+    expect_probes,
+    reaches,
     recreate_vm_link,
     start_listener,
     stop_process,
@@ -106,10 +107,7 @@ MATRIX = _matrix()
 @pytest.mark.parametrize("source", sorted({r[0] for r in MATRIX}))
 def test_allowed_passes_and_denied_does_not(lab, daemon, source):
     rows = [r for r in MATRIX if r[0] == source]
-    got = probe(lab, source, [(kind, dst, port) for _, kind, dst, port, _ in rows])
-    wrong = [f"{source} -> {kind} {dst} {port}: expected {'pass' if want else 'drop'}, got "
-             f"{'pass' if seen else 'drop'}" for (_, kind, dst, port, want), seen in zip(rows, got) if seen != want]
-    assert not wrong, "\n".join(wrong)
+    expect_probes(lab, source, [(kind, dst, port) for _, kind, dst, port, _ in rows], [want for *_, want in rows])
 
 
 def test_status_reports_every_interface_policy_and_drop_reasons(lab, daemon):
@@ -120,7 +118,7 @@ def test_status_reports_every_interface_policy_and_drop_reasons(lab, daemon):
     assert s["policy"]["sha256"] == load_policy(lab.policy_path).sha256
     # denied traffic of this test is counted by zone and reason
     before = drop_count(s, "sandbox", "no_rule") + drop_count(s, "sandbox", "policy_deny")
-    assert not probe_one(lab, "agent1", "tcp", ADDR["dc1"][0], 389)
+    assert dropped(lab, "agent1", "tcp", ADDR["dc1"][0], 389)
     after = daemon.status()
     assert drop_count(after, "sandbox", "no_rule") + drop_count(after, "sandbox", "policy_deny") > before
 
@@ -128,13 +126,12 @@ def test_status_reports_every_interface_policy_and_drop_reasons(lab, daemon):
 @pytest.mark.parametrize("fam", [0, 1], ids=["v4", "v6"])
 def test_replies_pass_but_unsolicited_inbound_is_dropped(lab, daemon, fam):
     # radius1 -> dc1 works (the echo is a reply through sg_to_vm of radius1)...
-    assert probe_one(lab, "radius1", "tcp", ADDR["dc1"][fam], 389)
+    assert reaches(lab, "radius1", "tcp", ADDR["dc1"][fam], 389)
     # ... but dc1 opening toward radius1's listener, and the internet doing so, is dropped.
     before = drop_count(daemon.status(), "auth", "no_rule")
-    assert not probe_one(lab, "dc1", "tcp", ADDR["radius1"][fam], 49)
-    got = probe(lab, "internet", [("tcp", ADDR["radius1"][fam], 49), ("udp", ADDR["radius1"][fam], 1812),
-                                  ("icmp", ADDR["radius1"][fam], 0)])
-    assert got == [False, False, False]
+    assert dropped(lab, "dc1", "tcp", ADDR["radius1"][fam], 49)
+    expect_probes(lab, "internet", [("tcp", ADDR["radius1"][fam], 49), ("udp", ADDR["radius1"][fam], 1812),
+                                    ("icmp", ADDR["radius1"][fam], 0)], [False, False, False])
     assert drop_count(daemon.status(), "auth", "no_rule") > before
 
 
@@ -147,11 +144,11 @@ def test_spoofed_source_address_is_dropped_with_its_reason(lab, daemon, fam):
     assert lab.exec("agent1", add, lab_resolver=False).returncode == 0
     try:
         # the same allowed exchange (syslog) passes from the VM's own address ...
-        assert probe_one(lab, "agent1", "udp", syslog, 514, source=ADDR["agent1"][fam])
+        assert reaches(lab, "agent1", "udp", syslog, 514, source=ADDR["agent1"][fam])
         before = drop_count(daemon.status(), "sandbox", "spoof_ip")
         # ... and is dropped from the foreign one, counted as spoofing
-        assert not probe_one(lab, "agent1", "udp", syslog, 514, source=foreign)
-        assert not probe_one(lab, "agent1", "tcp", syslog, 6514, source=foreign)
+        assert dropped(lab, "agent1", "udp", syslog, 514, source=foreign)
+        assert dropped(lab, "agent1", "tcp", syslog, 6514, source=foreign)
         assert drop_count(daemon.status(), "sandbox", "spoof_ip") >= before + 2
     finally:
         lab.exec("agent1", ["ip", "addr", "del", f"{foreign}/{plen}", "dev", "eth0"], lab_resolver=False)
@@ -170,12 +167,11 @@ def test_a_new_interface_is_attached_and_enforced(lab, daemon):
     assert _ifindex(lab, "sg-tacacs1") != old_ifindex
     wait_for(lambda: attached_programs(daemon.status()).get("sg-tacacs1") == before, 10,
              "the daemon to attach its programs to the new sg-tacacs1")
-    got = probe(lab, "tacacs1", [("tcp", ADDR["dc1"][0], 389), ("tcp", ADDR["dc1"][1], 389),
-                                 ("udp", SYSLOG_V4, 7), ("tcp", ADDR["vfw1"][0], 443)])
-    assert got == [True, True, False, False]
+    expect_probes(lab, "tacacs1", [("tcp", ADDR["dc1"][0], 389), ("tcp", ADDR["dc1"][1], 389),
+                                   ("udp", SYSLOG_V4, 7), ("tcp", ADDR["vfw1"][0], 443)], [True, True, False, False])
     # the listener in tacacs1 was in its namespace all along; inbound enforcement works too
-    assert probe_one(lab, "vfw1", "tcp", ADDR["tacacs1"][0], 49)
-    assert not probe_one(lab, "agent1", "tcp", ADDR["tacacs1"][0], 49)
+    assert reaches(lab, "vfw1", "tcp", ADDR["tacacs1"][0], 49)
+    assert dropped(lab, "agent1", "tcp", ADDR["tacacs1"][0], 49)
 
 
 # Runs inside agent1: denied UDP probes to the syslog collector's echo port, as fast as they go,
@@ -229,8 +225,8 @@ def test_policy_swap_under_traffic(lab, daemon, tmp_path):
     cut = Stream(lab, "dc1", "dc2", ADDR["dc2"][0], 50002)  # directory-replication range: revoked
     try:
         assert kept.flowing() and cut.flowing()
-        assert probe(lab, "dc1", [("tcp", ADDR["dc2"][0], 50100)]) == [True]
-        assert probe(lab, "sdnctl1", [("tcp", ADDR["vfw1"][0], 8443)]) == [False]
+        assert reaches(lab, "dc1", "tcp", ADDR["dc2"][0], 50100)
+        assert dropped(lab, "sdnctl1", "tcp", ADDR["vfw1"][0], 8443)
         revoked_before = drop_count(daemon.status(), "directory", "policy_revoked")
 
         out = daemon.cli("policy", "load", str(new_policy), "--json")
@@ -241,9 +237,9 @@ def test_policy_swap_under_traffic(lab, daemon, tmp_path):
         assert cut.stalled(), "an established flow the new policy denies kept flowing"
         assert drop_count(daemon.status(), "directory", "policy_revoked") > revoked_before
         # new connections follow the new policy both ways
-        assert probe(lab, "dc1", [("tcp", ADDR["dc2"][0], 50100), ("tcp", ADDR["dc2"][1], 50100),
-                                  ("tcp", ADDR["dc2"][0], 389)]) == [False, False, True]
-        assert probe(lab, "sdnctl1", [("tcp", ADDR["vfw1"][0], 8443), ("tcp", ADDR["vfw1"][1], 8443)]) == [True, True]
+        expect_probes(lab, "dc1", [("tcp", ADDR["dc2"][0], 50100), ("tcp", ADDR["dc2"][1], 50100),
+                                   ("tcp", ADDR["dc2"][0], 389)], [False, False, True])
+        expect_probes(lab, "sdnctl1", [("tcp", ADDR["vfw1"][0], 8443), ("tcp", ADDR["vfw1"][1], 8443)], [True, True])
         assert kept.flowing()
     finally:
         kept.close()
@@ -265,7 +261,7 @@ def test_a_bad_policy_file_exits_2_and_changes_nothing(lab, daemon, tmp_path):
     after = json.loads(daemon.cli("policy", "show", "--json").stdout)["sha256"]
     assert after == running_sha
     # and enforcement is the running policy's
-    assert probe(lab, "radius1", [("udp", SYSLOG_V4, 514), ("udp", SYSLOG_V4, 7)]) == [True, False]
+    expect_probes(lab, "radius1", [("udp", SYSLOG_V4, 514), ("udp", SYSLOG_V4, 7)], [True, False])
 
 
 def test_tampering_with_a_program_is_repaired_and_logged(lab, daemon):
@@ -280,7 +276,7 @@ def test_tampering_with_a_program_is_repaired_and_logged(lab, daemon):
                       "a tamper entry for sg-vfw1 in the signed log")
     assert tamper[-1]["action"] == "reattached"
     assert daemon.status()["tamper_events"] >= 1
-    assert probe(lab, "vfw1", [("tcp", SYSLOG_V4, 7), ("tcp", ADDR["radius1"][0], 49)]) == [False, True]
+    expect_probes(lab, "vfw1", [("tcp", SYSLOG_V4, 7), ("tcp", ADDR["radius1"][0], 49)], [False, True])
 
 
 def test_the_control_socket_is_root_only(daemon):
@@ -347,7 +343,7 @@ def test_a_second_up_changes_nothing_of_the_running_daemons_enforcement(lab, dae
     assert daemon.running()
     assert json.loads(daemon.cli("policy", "show", "--json").stdout)["sha256"] == running_sha
     assert attached_programs(daemon.status()) == before, "the second up replaced the running daemon's programs"
-    assert probe(lab, "radius1", [("udp", SYSLOG_V4, 514), ("udp", SYSLOG_V4, 7)]) == [True, False]
+    expect_probes(lab, "radius1", [("udp", SYSLOG_V4, 514), ("udp", SYSLOG_V4, 7)], [True, False])
     assert daemon.status()["parts"]["dns"] == "running"
 
 
@@ -373,7 +369,7 @@ def test_a_second_daemon_with_its_own_run_dir_but_the_same_pin_dir_is_refused(la
     assert daemon.running() and daemon.pin_dir.exists()
     assert json.loads(daemon.cli("policy", "show", "--json").stdout)["sha256"] == running_sha
     assert attached_programs(daemon.status()) == before, "the second daemon replaced the first one's programs"
-    assert probe(lab, "radius1", [("udp", SYSLOG_V4, 514), ("udp", SYSLOG_V4, 7)]) == [True, False]
+    expect_probes(lab, "radius1", [("udp", SYSLOG_V4, 514), ("udp", SYSLOG_V4, 7)], [True, False])
 
 
 @pytest.mark.parametrize("whose", ["state", "run"])
@@ -417,7 +413,7 @@ def test_sigkill_under_traffic_keeps_enforcing_and_restart_readopts(lab, daemon)
         assert not daemon.run_dir.joinpath("control.sock").exists() or daemon.cli("status").returncode != 0
         # programs stay attached and keep the last policy
         assert stream.flowing(), "the established allowed stream stopped when the daemon died"
-        assert probe(lab, "agent1", [("icmp", ADDR["dc1"][0], 0), ("udp", SYSLOG_V4, 514)]) == [False, True]
+        expect_probes(lab, "agent1", [("icmp", ADDR["dc1"][0], 0), ("udp", SYSLOG_V4, 514)], [False, True])
         after_kill = subprocess.run(["nsenter", f"--net={daemon.host_netns}", "tc", "filter", "show", "dev",
                                      "sg-dc1", "ingress"], capture_output=True, text=True).stdout
         assert "sg_from_vm" in after_kill
@@ -435,7 +431,7 @@ def test_sigkill_under_traffic_keeps_enforcing_and_restart_readopts(lab, daemon)
 
 def test_down_detaches_everything(lab, daemon):
     daemon.ensure_running()
-    assert not probe_one(lab, "agent1", "icmp", ADDR["dc1"][0])
+    assert dropped(lab, "agent1", "icmp", ADDR["dc1"][0])
     out = daemon.stop()
     assert out.returncode == 0, out.stderr
     assert not daemon.running()
@@ -449,7 +445,7 @@ def test_down_detaches_everything(lab, daemon):
     assert "prog/xdp" not in links
     assert not daemon.pin_dir.exists()
     # with nothing attached the lab is plain routing again: what was denied now passes
-    assert probe_one(lab, "agent1", "icmp", ADDR["dc1"][0])
+    assert reaches(lab, "agent1", "icmp", ADDR["dc1"][0])
 
 
 def test_down_returns_once_the_daemon_has_let_go_of_its_run_dir(lab, daemon):
@@ -494,4 +490,4 @@ def test_down_while_the_daemon_starts_stops_it_once_it_answers(lab, daemon):
     assert "no daemon was running" not in out.stdout, out.stdout
     daemon.proc.wait(timeout=60)
     assert not daemon.pin_dir.exists()
-    assert probe_one(lab, "agent1", "icmp", ADDR["dc1"][0])  # nothing enforces any more
+    assert reaches(lab, "agent1", "icmp", ADDR["dc1"][0])  # nothing enforces any more

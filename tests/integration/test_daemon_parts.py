@@ -14,11 +14,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from daemon_support import PY, RunningDaemon, probe_one, start_listener, stop_process, wait_for
+from daemon_support import PY, RunningDaemon, dropped, reaches, start_listener, stop_process, wait_for
 
 from skyguard import config
 from skyguard.custody.store import SecretStore
 from skyguard.policy.parse import load_policy
+from support.client_waits import ANSWER_WAIT_S
 
 ADMIN_PORT = 24311
 ALICE_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIL3Bn450ZXB8e+M670v9a/bGPeCAylCnYQHGLc0Q/ZkV alice@ops"
@@ -91,7 +92,9 @@ def daemon(lab, tmp_path_factory, policies, map_fault):
 
 
 def listening(daemon, port: int) -> bool:
-    probe = ("import socket,sys\ns=socket.socket()\ns.settimeout(2)\n"
+    """Does something accept on 127.0.0.1:port in the host namespace? (Nothing there: refused at
+    once; so the connection is waited for as an answer, ANSWER_WAIT_S.)"""
+    probe = (f"import socket,sys\ns=socket.socket()\ns.settimeout({ANSWER_WAIT_S})\n"
              f"sys.exit(s.connect_ex(('127.0.0.1',{port})))")
     return subprocess.run(daemon._in_host([PY, "-c", probe]), capture_output=True, timeout=30).returncode == 0
 
@@ -198,10 +201,10 @@ def test_a_load_whose_parts_outlast_the_wait_is_reported_as_the_datapath_enforce
     release = _hold_the_tpm(daemon.state_dir)
     listener = start_listener(lab, "vfw1", tcp_ports=[8443])
     try:
-        assert not probe_one(lab, "sdnctl1", "tcp", VFW1_V4, 8443)
+        assert dropped(lab, "sdnctl1", "tcp", VFW1_V4, 8443)
         loads_before = len(daemon.log_entries("policy_load"))
         loading = ThreadPoolExecutor(1).submit(daemon.cli, "policy", "load", str(slow), "--json", timeout=300)
-        wait_for(lambda: probe_one(lab, "sdnctl1", "tcp", VFW1_V4, 8443), 60, "the datapath to enforce the new policy")
+        wait_for(lambda: reaches(lab, "sdnctl1", "tcp", VFW1_V4, 8443), 60, "the datapath to enforce the new policy")
         # status answers while the load still waits for its parts (it waited for the whole load)
         during = json.loads(daemon.cli("status", "--json", check=True, timeout=12).stdout)
         assert not loading.done(), "status answered only once the load was over"
@@ -218,7 +221,7 @@ def test_a_load_whose_parts_outlast_the_wait_is_reported_as_the_datapath_enforce
         assert "credentials has not finished taking the new policy" in out.stderr, out.stderr
         again = daemon.cli("policy", "load", str(policies["base"]), "--json")
         assert again.returncode != 0 and "still taking" in again.stderr, again.stderr
-        assert probe_one(lab, "sdnctl1", "tcp", VFW1_V4, 8443), "a refused load changed the datapath"
+        assert reaches(lab, "sdnctl1", "tcp", VFW1_V4, 8443), "a refused load changed the datapath"
         assert daemon.status()["policy"]["sha256"] == new_sha
     finally:
         release()
@@ -227,7 +230,7 @@ def test_a_load_whose_parts_outlast_the_wait_is_reported_as_the_datapath_enforce
         store.remove("sg-slow-cert")
     load(daemon, policies["base"])  # and loads work again once the parts are done
     assert daemon.status()["parts"]["credentials"] == "degraded"
-    assert not probe_one(lab, "sdnctl1", "tcp", VFW1_V4, 8443)
+    assert dropped(lab, "sdnctl1", "tcp", VFW1_V4, 8443)
 
 
 def test_a_fifo_where_the_sealing_key_should_be_fails_the_part_closed_at_once(daemon, policies, tmp_path):
@@ -308,14 +311,15 @@ def test_a_swap_whose_cleanup_fails_stands_and_the_failure_is_counted(lab, daemo
             assert daemon.status()["policy"]["sha256"] == sha, f"{mode}: status names a policy the datapath no longer enforces"
             assert f'skyguard_policy_info{{name="keysystems",sha256="{sha}"}} 1.0' in exposition(lab)
             assert daemon.log_entries("policy_load")[-1]["sha256"] == sha
-            assert probe_one(lab, "sdnctl1", "tcp", VFW1_V4, 8443) is reachable, f"{mode}: traffic follows another policy"
+            follows = (reaches if reachable else dropped)(lab, "sdnctl1", "tcp", VFW1_V4, 8443)
+            assert follows, f"{mode}: traffic follows another policy"
         assert metric(exposition(lab), "skyguard_datapath_cleanup_failures_total") == failures_before + 2
         left = {name: daemon.status()["maps"][name] for name in GENERATION_MAPS}
         assert all(left[name] >= settled[name] for name in GENERATION_MAPS) and left != settled, (left, settled)
         load(daemon, policies["base"])  # the next swap deletes what the failed cleanups left
         assert {name: daemon.status()["maps"][name] for name in GENERATION_MAPS} == settled
         assert metric(exposition(lab), "skyguard_datapath_cleanup_failures_total") == failures_before + 2
-        assert not probe_one(lab, "sdnctl1", "tcp", VFW1_V4, 8443)
+        assert dropped(lab, "sdnctl1", "tcp", VFW1_V4, 8443)
     finally:
         stop_process(listener)
     assert "the old generation's entries could not all be deleted" in daemon.log_tail(200000)

@@ -41,6 +41,7 @@ from skyguard.errors import BadInput, DnsError
 from skyguard.parts import MemoryLog
 from skyguard.policy.model import Destination, DnsConfig, Policy, PortRange, Rule, TunnelDetection, Workload, Zone
 from skyguard.policy.parse import parse_policy
+from support.client_waits import dig_argv
 
 SUFFIX = uuid.uuid4().hex[:5]
 NS_VM, NS_HOST, NS_UP = f"dnx-vm-{SUFFIX}", f"dnx-host-{SUFFIX}", f"dnx-up-{SUFFIX}"
@@ -185,7 +186,8 @@ def serve_upstream() -> None:
 def upstream(namespaces):
     # A process of its own, not a thread of pytest: it must not share a GIL with the proxy
     # under test, or a busy machine shows up as upstream timeouts.
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    tests = Path(__file__).resolve().parents[1]  # tests/: this module imports support.client_waits
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join((str(tests.parent), str(tests))))
     process = subprocess.Popen(["ip", "netns", "exec", NS_UP, sys.executable, __file__,
                                 "--serve-upstream", UP_IP], stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, text=True, env=env)
@@ -295,17 +297,14 @@ def proxy(upstream, state_dir):
 
 
 # dig sends its question once (a second try would be a second query: the learner's calls, the
-# log and the caches the tests count would change) and waits DIG_WAIT for the answer: a bound
-# against a hang, not a timing. On a loaded machine an answer may wait seconds (the proxy, a
-# thread of this process, not scheduled; vCPUs stolen by the hypervisor; a new address's fsync
-# queued behind other writers): with 5 s, twice at load ~9, a test failed as "no answer". A query
-# that is lost still fails, and no_answer_report() says where it went.
-DIG_WAIT = 20
-
-
+# log and the caches the tests count would change) and waits support.client_waits.ANSWER_WAIT_S
+# for the answer: a bound against a hang, not a timing. On a loaded machine an answer may wait
+# seconds (the proxy, a thread of this process, not scheduled; vCPUs stolen by the hypervisor; a
+# new address's fsync queued behind other writers): with 5 s, twice at load ~9, a test failed as
+# "no answer". A query that is lost still fails, and no_answer_report() says where it went.
 def dig(*args: str, server: str = FOREIGN_RESOLVER) -> tuple[str, str]:
     started, steal = time.monotonic(), stolen_ticks()
-    out = in_ns(NS_VM, "dig", f"@{server}", "+tries=1", f"+time={DIG_WAIT}", *args, check=False)
+    out = in_ns(NS_VM, *dig_argv(f"@{server}", *args), check=False)
     status = re.findall(r"status: (\w+)", out.stdout)
     if status:
         return status[-1], out.stdout
@@ -458,8 +457,8 @@ def test_tunnelling_burst_is_blocked_while_ordinary_names_work(proxy, tmp_path):
              .rstrip("=") + ".x.tun.test" for _ in range(60)]
     batch = tmp_path / "queries"
     batch.write_text("".join(f"{n} A\n" for n in names))
-    out = in_ns(NS_VM, "dig", f"@{FOREIGN_RESOLVER}", "+tries=1", f"+time={DIG_WAIT}", "+noall",
-                "+comments", "-f", str(batch), check=False).stdout
+    out = in_ns(NS_VM, *dig_argv(f"@{FOREIGN_RESOLVER}", "+noall", "+comments", "-f", str(batch)),
+                check=False).stdout
     statuses = re.findall(r"status: (\w+)", out)
     assert len(statuses) == 60
     assert statuses[0] == "NOERROR"  # the policy allows the base: it is detection that stops it
@@ -652,8 +651,7 @@ def test_a_restart_with_an_edited_policy_drops_learned_state_of_removed_rules(up
 
 def upstream_count(name: str) -> int:
     """Queries the upstream got for name (asked of it directly, from its own namespace)."""
-    out = in_ns(NS_UP, "dig", f"@{UP_IP}", "+tries=1", f"+time={DIG_WAIT}", "+short", f"{name}.count.stats",
-                "TXT")
+    out = in_ns(NS_UP, *dig_argv(f"@{UP_IP}", "+short", f"{name}.count.stats", "TXT"))
     return int(out.stdout.strip().strip('"'))
 
 
@@ -752,9 +750,8 @@ def test_a_proxy_that_cannot_start_leaves_vm_dns_unanswered_not_routed(upstream,
     try:
         with pytest.raises(DnsError, match="cannot listen"), ServiceThread(yaml_policy(), tmp_path):
             pass
-        for extra in ((), ("+tcp",)):  # +time=1: an answer comes at once or not at all
-            out = in_ns(NS_VM, "dig", f"@{UP_IP}", "+tries=1", "+time=1", *extra,
-                        "forbidden.test", check=False).stdout
+        for extra in ((), ("+tcp",)):  # no answer must come: listened for SILENCE_WAIT_S
+            out = in_ns(NS_VM, *dig_argv(f"@{UP_IP}", *extra, "forbidden.test", answer=False), check=False).stdout
             assert "status:" not in out, out
     finally:
         holder.close()

@@ -16,7 +16,7 @@ import subprocess
 import time
 
 import pytest
-from daemon_support import PY, RunningDaemon, probe_one, start_listener, stop_process
+from daemon_support import PY, RunningDaemon, dropped, reaches, start_listener, stop_process
 
 from skyguard import config
 from skyguard.lab import Lab
@@ -88,8 +88,11 @@ class FleetHost:
             stdout=log, stderr=log)
         log.close()
 
-    def open_to_db(self) -> bool:
-        return probe_one(self.lab, "web1", "tcp", "10.10.6.2", 7000, timeout=1.0)
+    def reaches_db(self) -> bool:
+        return reaches(self.lab, "web1", "tcp", "10.10.6.2", 7000)
+
+    def dropped_to_db(self) -> bool:
+        return dropped(self.lab, "web1", "tcp", "10.10.6.2", 7000)
 
     def sha(self):
         return self.daemon.status()["policy"]["sha256"]
@@ -176,13 +179,13 @@ def push(fleet, allow, marker, *extra, key=None):
 def test_a_pushed_policy_is_enforced_by_every_daemons_datapath(fleet):
     # Before the fix the push returned once the policy was in etcd, whether or not a host had
     # applied it. Now it returns once every host reports enforcing it: the datapaths do already.
-    assert not any(h.open_to_db() for h in fleet.hosts)   # the local policy denies
+    assert all(h.dropped_to_db() for h in fleet.hosts)   # the local policy denies
     opened = push(fleet, True, 1)
     assert all(h.sha() == opened["sha256"] for h in fleet.hosts)
-    assert all(h.open_to_db() for h in fleet.hosts)
+    assert all(h.reaches_db() for h in fleet.hosts)
     closed = push(fleet, False, 2)
     assert all(h.sha() == closed["sha256"] for h in fleet.hosts)
-    assert not any(h.open_to_db() for h in fleet.hosts)
+    assert all(h.dropped_to_db() for h in fleet.hosts)
     view = wait_for(lambda: (v := json.loads(cli("fleet", "status", "--etcd", fleet.cluster.endpoints,
                                                  "--json").stdout))
                     and all(m["policy"]["sha256"] == closed["sha256"] for m in v["members"].values())

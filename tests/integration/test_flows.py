@@ -18,6 +18,8 @@ import time
 import pytest
 from daemon_support import RunningDaemon, wait_for
 
+from support.client_waits import ANSWER_WAIT_S
+
 RADIUS1, DC1, AGENT1 = "10.10.1.2", "10.10.2.2", "10.10.5.2"
 
 SERVER = r"""
@@ -35,7 +37,7 @@ while True:
 """
 CLIENT = r"""
 import socket, sys
-c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3]))
 c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 c.sendall(b"x" * 3000)
 got = b""
@@ -91,8 +93,8 @@ def tcp_server(lab, skyguard):
 
 
 def test_allowed_tcp_flow_has_start_and_end_with_counts(lab, skyguard, tcp_server):
-    out = lab.exec("radius1", [sys.executable, "-c", CLIENT, DC1, "389"], capture_output=True, text=True,
-                   timeout=30)
+    out = lab.exec("radius1", [sys.executable, "-c", CLIENT, DC1, "389", str(ANSWER_WAIT_S)], capture_output=True,
+                   text=True, timeout=ANSWER_WAIT_S + 30)
     assert out.returncode == 0 and out.stdout.strip() == "3000", out.stderr
 
     def ours(records, kind):

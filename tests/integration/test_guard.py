@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from skyguard.datapath import guard
+from support.client_waits import ANSWER_WAIT_S, SILENCE_WAIT_S
 
 pytestmark = pytest.mark.integration
 NS = f"sg-guard-{os.getpid()}"
@@ -58,8 +59,12 @@ for port in (53, 5300):
             s.listen()
         socks.append(s)
 print("ready", flush=True)
-got, deadline = set(), time.monotonic() + 4
+# 5300 must come (waited for up to argv[1] s); once it has, what was sent before it (53) has had
+# its chance too: listen argv[2] s more for it
+got, deadline = set(), time.monotonic() + float(sys.argv[1])
 while time.monotonic() < deadline:
+    if deadline - time.monotonic() > float(sys.argv[2]) and {"udp/5300", "tcp/5300"} <= got:
+        deadline = time.monotonic() + float(sys.argv[2])
     for s in select.select(socks, [], [], 0.2)[0]:
         port = s.getsockname()[1]
         if s.type == socket.SOCK_DGRAM:
@@ -73,9 +78,9 @@ print(" ".join(sorted(got)), flush=True)
 
 SEND = """
 import socket, sys
-for port in (53, 5300):
+for port, wait in ((53, float(sys.argv[2])), (5300, float(sys.argv[3]))):  # 53 is dropped, 5300 passes
     socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"q", (sys.argv[1], port))
-    s = socket.socket(); s.settimeout(1)
+    s = socket.socket(); s.settimeout(wait)
     try:
         s.connect((sys.argv[1], port))
     except OSError:
@@ -113,11 +118,12 @@ def test_port_53_forwarded_from_a_workload_interface_is_dropped(routed):
     code = ("import sys; from skyguard.datapath import guard; "
             "guard.install(['sg-vm1']); guard.mark_attached(int(sys.argv[1]))")
     subprocess.run(["ip", "netns", "exec", NS, os.sys.executable, "-c", code, str(_index("sg-vm1"))], check=True)
-    receiver = subprocess.Popen(["ip", "netns", "exec", routed["up"], os.sys.executable, "-c", RECEIVE],
-                                stdout=subprocess.PIPE, text=True)
+    receiver = subprocess.Popen(["ip", "netns", "exec", routed["up"], os.sys.executable, "-c", RECEIVE,
+                                 str(ANSWER_WAIT_S), str(SILENCE_WAIT_S)], stdout=subprocess.PIPE, text=True)
     try:
         assert receiver.stdout.readline().strip() == "ready"
-        subprocess.run(["ip", "netns", "exec", routed["vm"], os.sys.executable, "-c", SEND, "10.77.2.2"], check=True)
+        subprocess.run(["ip", "netns", "exec", routed["vm"], os.sys.executable, "-c", SEND, "10.77.2.2",
+                        str(SILENCE_WAIT_S), str(ANSWER_WAIT_S)], check=True)
         assert receiver.stdout.readline().split() == ["tcp/5300", "udp/5300"]  # routed, but not DNS
     finally:
         receiver.kill()

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from skyguard.lab import Lab, addresses_for_name
+from support.client_waits import ANSWER_WAIT_S, curl_argv, dig_argv, ping_argv
 
 VMS = ["radius1", "tacacs1", "dc1", "dc2", "sdnctl1", "vfw1", "agent1"]
 # Never on any real network and not owned by the lab internet: RFC 2544 benchmarking and the
@@ -22,7 +23,7 @@ OUTSIDE_V6 = "3fff::1"
 
 
 def run(lab, name, argv, **kw):
-    return lab.exec(name, argv, capture_output=True, text=True, timeout=30, **kw)
+    return lab.exec(name, argv, capture_output=True, text=True, timeout=ANSWER_WAIT_S + 40, **kw)
 
 
 def cli(lab_env, *args):
@@ -36,9 +37,9 @@ def test_up_creates_every_namespace_and_each_vm_reaches_its_gateway(lab):
     assert set(status["namespaces"]) == {lab.prefix + n for n in VMS + ["host", "internet"]}
     assert all(status["namespaces"].values())
     for vm in VMS:
-        out = run(lab, vm, ["ping", "-c1", "-W2", "169.254.1.1"])
+        out = run(lab, vm, ping_argv("-c1", "169.254.1.1"))
         assert out.returncode == 0, out.stdout + out.stderr
-        out = run(lab, vm, ["ping", "-6", "-c1", "-W2", "fe80::1%eth0"])
+        out = run(lab, vm, ping_argv("-6", "-c1", "fe80::1%eth0"))
         assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -53,7 +54,7 @@ def test_vm_side_carries_the_workload_mac_and_addresses_host_side_its_interface(
 
 @pytest.mark.parametrize("target, ttl_field", [("10.10.2.2", "ttl=63"), ("fd00:10:2::2", "ttl=63")])
 def test_vm_to_vm_is_routed_through_the_host(lab, target, ttl_field):
-    out = run(lab, "radius1", ["ping", "-c1", "-W2", target])
+    out = run(lab, "radius1", ping_argv("-c1", target))
     assert out.returncode == 0, out.stdout + out.stderr
     # One hop: the host namespace forwarded it (a bridge would leave the TTL at 64).
     assert ttl_field in out.stdout
@@ -63,14 +64,14 @@ def test_vm_to_vm_is_routed_through_the_host(lab, target, ttl_field):
                                          ("2001:db8::53", False), ("2001:db8::53", True)])
 def test_dig_resolves_test_names_to_their_deterministic_addresses(lab, server, tcp):
     v4, v6 = addresses_for_name("foo.test")
-    args = ["dig", "+short", "+time=2", "+tries=1", f"@{server}"] + (["+tcp"] if tcp else [])
+    args = dig_argv("+short", f"@{server}", *(["+tcp"] if tcp else []))
     assert run(lab, "dc1", args + ["foo.test", "A"]).stdout.split() == [str(v4)]
     assert run(lab, "dc1", args + ["FOO.Test.", "AAAA"]).stdout.split() == [str(v6)]
     assert ipaddress.ip_address(str(v4)) in ipaddress.ip_network("203.0.113.0/24")
 
 
 def test_names_outside_test_are_nxdomain(lab):
-    out = run(lab, "agent1", ["dig", "+time=2", "+tries=1", "@192.0.2.53", "example.com", "A"])
+    out = run(lab, "agent1", dig_argv("@192.0.2.53", "example.com", "A"))
     assert "status: NXDOMAIN" in out.stdout
 
 
@@ -81,8 +82,8 @@ def _log_lines(lab):
 def test_http_echo_returns_headers_and_body_and_logs_the_request(lab):
     marker = f"http-{time.monotonic_ns()}"
     v4, _ = addresses_for_name("deb.debian.test")
-    out = run(lab, "radius1", ["curl", "-sS", "--max-time", "5", "-H", f"X-Marker: {marker}",
-                               "--data-binary", "payload-1", "http://deb.debian.test/pool/x?y=1"])
+    out = run(lab, "radius1", curl_argv("-H", f"X-Marker: {marker}", "--data-binary", "payload-1",
+                                        "http://deb.debian.test/pool/x?y=1"))
     assert out.returncode == 0, out.stderr
     echoed = json.loads(out.stdout)
     assert ["X-Marker", marker] in echoed["headers"]
@@ -99,7 +100,7 @@ def test_http_echo_returns_headers_and_body_and_logs_the_request(lab):
 def test_https_echo_presents_a_lab_ca_certificate_for_the_sni_name(lab, family):
     marker = f"https{family}-{time.monotonic_ns()}"
     url = "https://api.github.test/user"
-    base = ["curl", family, "-sS", "--max-time", "5", "-H", f"X-Marker: {marker}"]
+    base = curl_argv(family, "-H", f"X-Marker: {marker}")
     untrusted = run(lab, "sdnctl1", base + [url])
     assert untrusted.returncode == 60, untrusted.stderr  # not trusted without the lab CA
     out = run(lab, "sdnctl1", base + ["--cacert", str(lab.ca_cert), url])
@@ -113,12 +114,13 @@ def test_https_echo_presents_a_lab_ca_certificate_for_the_sni_name(lab, family):
 
 ECHO_CLIENT = r"""
 import socket, sys
-for addr in sys.argv[1:]:
+WAIT = float(sys.argv[1])
+for addr in sys.argv[2:]:
     fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
     for port in (7, 514, 6514, 5001):
-        u = socket.socket(fam, socket.SOCK_DGRAM); u.settimeout(3); u.connect((addr, port))
+        u = socket.socket(fam, socket.SOCK_DGRAM); u.settimeout(WAIT); u.connect((addr, port))
         u.send(b"udp-%d" % port); assert u.recv(100) == b"udp-%d" % port, (addr, port)
-        t = socket.create_connection((addr, port), timeout=3); t.sendall(b"tcp-%d" % port)
+        t = socket.create_connection((addr, port), timeout=WAIT); t.sendall(b"tcp-%d" % port)
         assert t.recv(100) == b"tcp-%d" % port, (addr, port)
         print(addr, port, "ok")
 """
@@ -126,7 +128,7 @@ for addr in sys.argv[1:]:
 
 def test_udp_and_tcp_echo_on_every_port_and_internet_address(lab):
     targets = ["192.0.2.10", "2001:db8::10", "198.51.100.7", "203.0.113.200", "2001:db8:203::9"]
-    out = run(lab, "vfw1", [sys.executable, "-c", ECHO_CLIENT, *targets])
+    out = run(lab, "vfw1", [sys.executable, "-c", ECHO_CLIENT, str(ANSWER_WAIT_S), *targets])
     assert out.returncode == 0, out.stderr
     assert out.stdout.count(" ok") == len(targets) * 4
 
@@ -134,7 +136,7 @@ def test_udp_and_tcp_echo_on_every_port_and_internet_address(lab):
 @pytest.mark.parametrize("member", ["radius1", "agent1", "host"])
 def test_sealed_nothing_outside_the_lab_is_reachable(lab, member):
     for target in (OUTSIDE_V4, OUTSIDE_V6):
-        out = run(lab, member, ["ping", "-c1", "-W2", target])
+        out = run(lab, member, ping_argv("-c1", target))  # the "unreachable" must come
         assert out.returncode != 0
         assert "unreachable" in (out.stdout + out.stderr).lower(), out.stdout + out.stderr
 
@@ -215,7 +217,7 @@ def test_cli_exec_passes_the_exit_status_through(lab_env):
 
 def test_exec_gives_vms_the_lab_resolver(lab):
     v4, _ = addresses_for_name("files.pythonhosted.test")
-    out = run(lab, "agent1", ["dig", "+short", "+time=2", "+tries=1", "files.pythonhosted.test"])
+    out = run(lab, "agent1", dig_argv("+short", "files.pythonhosted.test"))
     assert out.stdout.split() == [str(v4)]
 
 
@@ -228,14 +230,13 @@ def test_exec_keeps_bpffs_visible(lab):
 def test_the_host_namespace_reaches_the_internet_servers(lab):
     # skyguard's DNS and credential proxies run in the host namespace and talk to the internet.
     v4, _ = addresses_for_name("api.github.test")
-    out = run(lab, "host", ["dig", "+short", "+time=2", "+tries=1", "@192.0.2.53", "api.github.test"])
+    out = run(lab, "host", dig_argv("+short", "@192.0.2.53", "api.github.test"))
     assert out.stdout.split() == [str(v4)]
-    out = run(lab, "host", ["curl", "-sS", "--max-time", "5", "--cacert", str(lab.ca_cert),
-                            "https://api.github.test/from-host"])
+    out = run(lab, "host", curl_argv("--cacert", str(lab.ca_cert), "https://api.github.test/from-host"))
     assert out.returncode == 0 and json.loads(out.stdout)["client"] == "100.64.0.1"
 
 
 @pytest.mark.parametrize("target", ["203.0.113.5", "2001:db8:203::5", "198.51.100.1", "192.0.2.53"])
 def test_internet_addresses_answer_ping(lab, target):
-    out = run(lab, "tacacs1", ["ping", "-c1", "-W2", target])
+    out = run(lab, "tacacs1", ping_argv("-c1", target))
     assert out.returncode == 0, out.stdout + out.stderr

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from skyguard import config
 from skyguard.lab import Lab
+from support.client_waits import ping_argv
 
 
 def lab_prefix(tag):
@@ -82,7 +83,7 @@ def test_killed_up_leaves_leftovers_that_the_next_up_cleans(root, labs_dir):
         status = lab.up()
         assert status["up"] and all(status["namespaces"].values())
         assert any("cleaning" in m for m in messages)
-        out = lab.exec("radius1", ["ping", "-c1", "-W2", "10.10.2.2"], capture_output=True, text=True)
+        out = lab.exec("radius1", ping_argv("-c1", "10.10.2.2"), capture_output=True, text=True)
         assert out.returncode == 0, out.stdout
     finally:
         lab.down()
@@ -105,7 +106,7 @@ def test_stray_namespaces_and_a_dead_server_are_repaired(root, labs_dir):
         assert out.returncode == 1 and "NOT running" in out.stdout
         again = lab.up()
         assert again["up"] and again["internet"]["servers"]["pid"] != first["internet"]["servers"]["pid"]
-        out = lab.exec("dc1", ["ping", "-c1", "-W2", "10.10.2.3"], capture_output=True, text=True)
+        out = lab.exec("dc1", ping_argv("-c1", "10.10.2.3"), capture_output=True, text=True)
         assert out.returncode == 0, out.stdout
     finally:
         lab.down()

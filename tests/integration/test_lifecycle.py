@@ -45,13 +45,12 @@ from daemon_support import PROBE, PY, stop_process  # noqa: E402
 from skyguard import config  # noqa: E402
 from skyguard.lab import Lab  # noqa: E402
 from skyguard.policy.parse import parse_policy  # noqa: E402
+from support.client_waits import ANSWER_WAIT_S, wait_s  # noqa: E402
 from support.refmodel import EGRESS, INGRESS, PROTOCOLS, Packet, decide  # noqa: E402
 
 WORKAROUNDS = set(filter(None, os.environ.get("LIFECYCLE_WORKAROUNDS", "").split(",")))
 READY_TIMEOUT = 90.0  # seconds for `up` to answer status (bcc compiles); a bound against hangs
 CLI_TIMEOUT = 60.0
-PROBE_TIMEOUT = 1.0  # seconds a probe waits for its echo; an allowed one that fails is retried
-RETRY_TIMEOUT = 5.0
 METRICS_PORT = 9464
 CRASH_MARKS = ("Traceback (most recent call last)", "Fatal Python error", "Segmentation fault",
                "malloc(): ", "free(): ", "double free", "corrupted")
@@ -289,19 +288,20 @@ def choose_probes(rnd: random.Random, topology, per_vm: int = 3) -> list[Probe]:
     return out
 
 
-def run_probes(lab: Lab, probes: list[Probe], timeout: float) -> list[bool]:
-    """Every VM's probes at once (one process per VM); True = the echo came back."""
+def run_probes(lab: Lab, probes: list[Probe], want: list[bool]) -> list[bool]:
+    """Every VM's probes at once (one process per VM); True = the echo came back. A probe the
+    model allows waits ANSWER_WAIT_S for its echo, one it drops SILENCE_WAIT_S (support.client_waits)."""
     by_vm: dict[str, list[int]] = {}
     for i, p in enumerate(probes):
         by_vm.setdefault(p.vm, []).append(i)
     procs = {}
     for vm, idx in by_vm.items():
-        items = [[probes[i].kind, probes[i].dst, probes[i].port, probes[i].src] for i in idx]
-        procs[vm] = lab.popen(vm, [PY, "-c", PROBE, json.dumps(items), str(timeout)], lab_resolver=False,
+        items = [[probes[i].kind, probes[i].dst, probes[i].port, probes[i].src, wait_s(want[i])] for i in idx]
+        procs[vm] = lab.popen(vm, [PY, "-c", PROBE, json.dumps(items)], lab_resolver=False,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     got: list[bool] = [False] * len(probes)
     for vm, proc in procs.items():
-        out, err = proc.communicate(timeout=60 + timeout)
+        out, err = proc.communicate(timeout=60 + ANSWER_WAIT_S)
         assert proc.returncode == 0, f"probe process in {vm} failed: {err}"
         for i, value in zip(by_vm[vm], json.loads(out)):
             got[i] = bool(value)
@@ -354,10 +354,10 @@ def start_listener(lab: Lab, vm) -> subprocess.Popen:
 DNS_QUERY = r"""
 import socket, sys
 from dnslib import DNSRecord, QTYPE
-name, server, source = sys.argv[1], sys.argv[2], sys.argv[3]
+name, server, source, wait = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 q = DNSRecord.question(name, "AAAA" if ":" in server else "A")
 s = socket.socket(socket.AF_INET6 if ":" in server else socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(4); s.bind((source, 0))
+s.settimeout(wait); s.bind((source, 0))
 try:
     s.sendto(q.pack(), (server, 53)); reply = DNSRecord.parse(s.recv(4096)); print(reply.header.rcode)
 except OSError:
@@ -430,12 +430,7 @@ class Run:
         policy = policy or self.in_force
         probes = choose_probes(self.rnd, self.scenario.topology)
         want = [expected(policy, p, self.vm_of) for p in probes]
-        got = run_probes(self.op.lab, probes, PROBE_TIMEOUT)
-        late = [i for i, (w, g) in enumerate(zip(want, got)) if w and not g]
-        if late:  # an allowed probe that timed out on a busy machine gets a second, longer chance
-            again = run_probes(self.op.lab, [probes[i] for i in late], RETRY_TIMEOUT)
-            for i, g in zip(late, again):
-                got[i] = g
+        got = run_probes(self.op.lab, probes, want)
         self.stats["probes"] += len(probes)
         wrong = [f"{p.vm} {p.kind} {p.src} -> {p.dst}:{p.port}: model says {'pass' if w else 'drop'}, "
                  f"got {'pass' if g else 'drop'}" for p, w, g in zip(probes, want, got) if w != g]
@@ -458,10 +453,11 @@ class Run:
             return
         host, _, port = target.rpartition(":")
         host = {"0.0.0.0": "127.0.0.1", "[::]": "::1"}.get(host, host.strip("[]"))
-        code = ("import socket,sys\ntry:\n socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)"
+        # nothing listening there refuses at once: the connection is waited for as an answer
+        code = ("import socket,sys\ntry:\n socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3]))"
                 ".close(); print('open')\nexcept OSError: print('closed')")
-        out = self.op.lab.exec("host", [PY, "-c", code, host, port], lab_resolver=False, capture_output=True,
-                               text=True, timeout=30)
+        out = self.op.lab.exec("host", [PY, "-c", code, host, port, str(ANSWER_WAIT_S)], lab_resolver=False,
+                               capture_output=True, text=True, timeout=ANSWER_WAIT_S + 30)
         state = out.stdout.strip()
         want = "open" if listen else "closed"
         assert state == want, (f"the SSH access proxy's {target} is {state}, but the policy in force "
@@ -592,8 +588,8 @@ class Run:
         source = vm.addresses[0]
         server = "2001:db8::53" if ":" in source else "192.0.2.53"
         for _ in range(2):  # an unanswered query is asked once more (a busy machine, a lost datagram)
-            out = self.op.lab.exec(vm.name, [PY, "-c", DNS_QUERY, name, server, source], lab_resolver=False,
-                                   capture_output=True, text=True, timeout=30)
+            out = self.op.lab.exec(vm.name, [PY, "-c", DNS_QUERY, name, server, source, str(ANSWER_WAIT_S)],
+                                   lab_resolver=False, capture_output=True, text=True, timeout=ANSWER_WAIT_S + 30)
             assert out.returncode == 0, out.stderr
             if out.stdout.strip() != "none":
                 break

@@ -16,6 +16,7 @@ import pytest
 from daemon_support import RunningDaemon
 
 from skyguard import config
+from support.client_waits import dig_argv, ping_argv
 from support.metrics_support import FLOOD, PrometheusServer
 
 EXPORTER = "127.0.0.1:26001"  # loopback of the lab's host namespace (brief's port range)
@@ -59,8 +60,9 @@ def wait_for(predicate, what: str, timeout: float = 30.0):
     raise AssertionError(f"{what} did not happen within {timeout:.0f}s")
 
 
-def ping(lab, vm: str, target: str, count: int) -> subprocess.CompletedProcess:
-    return lab.exec(vm, ["ping", "-n", "-q", "-c", str(count), "-i", "0.2", "-W", "1", target],
+def ping(lab, vm: str, target: str, count: int, answer: bool) -> subprocess.CompletedProcess:
+    """`count` echo requests; answer: whether the test expects replies (how long ping waits for one)."""
+    return lab.exec(vm, ping_argv("-q", "-c", str(count), "-i", "0.2", target, answer=answer),
                     capture_output=True, text=True, timeout=60)
 
 
@@ -72,9 +74,9 @@ def test_counters_in_prometheus_match_the_pings_sent(lab, daemon, prometheus):
     before = {q: prometheus.value(q) for q in (auth_out, denied, denied_bytes)}
 
     allowed_pings, denied_pings = 6, 4
-    ok = ping(lab, "radius1", "10.10.2.2", allowed_pings)  # auth -> directory: icmp allowed
+    ok = ping(lab, "radius1", "10.10.2.2", allowed_pings, answer=True)  # auth -> directory: icmp allowed
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    refused = ping(lab, "agent1", "10.10.2.2", denied_pings)  # sandbox -> corp: deny rule
+    refused = ping(lab, "agent1", "10.10.2.2", denied_pings, answer=False)  # sandbox -> corp: deny rule
     assert refused.returncode != 0, "the sandbox reached the directory: policy not enforced"
 
     settled(prometheus)
@@ -128,8 +130,7 @@ def series(prometheus) -> list[dict]:
 
 
 def dig(lab, vm: str, *args: str) -> str:
-    return lab.exec(vm, ["dig", "+tries=1", "+time=3", "+noall", "+comments", *args], capture_output=True,
-                    text=True, timeout=120).stdout
+    return lab.exec(vm, dig_argv("+noall", "+comments", *args), capture_output=True, text=True, timeout=120).stdout
 
 
 def test_dns_decisions_and_tunnelling_reach_prometheus(lab, daemon, prometheus, tmp_path):

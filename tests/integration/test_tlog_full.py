@@ -16,9 +16,10 @@ import subprocess
 import sys
 
 import pytest
-from daemon_support import RunningDaemon, Stream, probe_one, wait_for
+from daemon_support import RunningDaemon, Stream, reaches, wait_for
 
 from skyguard.lab.addressing import addresses_for_name
+from support.client_waits import dig_argv, wait_s
 from support.frozen_disk import FrozenDisk, blocked_in_the_kernel
 
 EXPORTER = "127.0.0.1:26031"  # loopback of the lab's host namespace
@@ -40,8 +41,9 @@ def daemon(lab, tmp_path_factory):
             d.cleanup()
 
 
-def dig(lab, vm: str, name: str, qtype: str = "A") -> str:
-    return lab.exec(vm, ["dig", "+tries=1", "+time=1", "+noall", "+comments", name, qtype], capture_output=True,
+def dig(lab, vm: str, name: str, qtype: str = "A", answer: bool = True) -> str:
+    """dig's header lines for one question of `name` from `vm`; answer=False: the test expects none."""
+    return lab.exec(vm, dig_argv("+noall", "+comments", name, qtype, answer=answer), capture_output=True,
                     text=True, timeout=60).stdout
 
 
@@ -52,17 +54,18 @@ def metrics(daemon, prefix: str = "skyguard_log_") -> dict[str, float]:
             if line.startswith(prefix)}
 
 
-def connects(lab, vm: str, address: str, port: int) -> bool:
-    """Does a TCP connection from vm to address:port open (the datapath passes its SYN)?"""
-    out = lab.exec(vm, [sys.executable, "-c", CONNECT, address, str(port)], lab_resolver=False,
-                   capture_output=True, text=True, timeout=30)
+def connects(lab, vm: str, address: str, port: int, expected: bool) -> bool:
+    """Does a TCP connection from vm to address:port open (the datapath passes its SYN)? Waited for
+    as long as the test's expectation says (support.client_waits)."""
+    out = lab.exec(vm, [sys.executable, "-c", CONNECT, address, str(port), str(wait_s(expected))], lab_resolver=False,
+                   capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip() == "open"
 
 
 CONNECT = """import socket, sys
 try:
-    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2).close()
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])).close()
     print("open")
 except OSError:
     print("closed")
@@ -77,7 +80,7 @@ def fill_below_reserve(lab, daemon):
     space = os.statvfs(log_dir)
     with open(filler, "wb") as f:
         os.posix_fallocate(f.fileno(), 0, space.f_bavail * space.f_frsize - daemon.status()["log"]["reserve_bytes"] // 2)
-    dig(lab, "agent1", "payroll.corp.test")  # its entry finds the log below its reserve
+    dig(lab, "agent1", "payroll.corp.test", answer=False)  # its entry finds the log below its reserve
     refusing = wait_for(lambda: daemon.status()["log"]["refusing"], 30, "the log refusing entries")
     assert "refuses new entries: its filesystem has" in refusing
     return filler
@@ -93,8 +96,8 @@ def test_a_full_log_filesystem_refuses_entries_fails_dns_closed_and_recovers_wit
 
     # Fail closed: a decision that cannot be logged gives no address (SERVFAIL once forwarded) or no answer.
     assert "status: SERVFAIL" in dig(lab, "agent1", "pypi.sandbox.test")
-    assert "status:" not in dig(lab, "agent1", "payroll.corp.test")
-    assert probe_one(lab, "radius1", "icmp", "10.10.2.2")  # enforcement does not need the log
+    assert "status:" not in dig(lab, "agent1", "payroll.corp.test", answer=False)
+    assert reaches(lab, "radius1", "icmp", "10.10.2.2")  # enforcement does not need the log
     assert daemon.running()
     status = daemon.status()
     assert status["parts"]["dns"] == "running" and status["log"]["refused_entries"] >= 2
@@ -124,12 +127,12 @@ def test_an_answer_the_log_refuses_opens_nothing_in_the_datapath_and_closes_no_l
         # Fail closed: the VM gets no address, and the datapath does not open it behind its back.
         assert "status: SERVFAIL" in dig(lab, "agent1", "wheels.pythonhosted.test")
         assert "status: SERVFAIL" in dig(lab, "agent1", "mirror.pythonhosted.test")  # asked again: refused too
-        assert not connects(lab, "agent1", refused, 443)
-        assert connects(lab, "agent1", logged, 443)  # the earlier, logged decision still holds
+        assert not connects(lab, "agent1", refused, 443, expected=False)
+        assert connects(lab, "agent1", logged, 443, expected=True)  # the earlier, logged decision still holds
     finally:
         filler.unlink()
     wait_for(lambda: "status: NOERROR" in dig(lab, "agent1", "wheels.pythonhosted.test"), 60, "DNS answering again")
-    assert connects(lab, "agent1", refused, 443)  # logged now: open
+    assert connects(lab, "agent1", refused, 443, expected=True)  # logged now: open
 
 
 def taken_back(daemon) -> dict | None:
@@ -157,8 +160,8 @@ def test_an_answer_whose_queued_entry_the_log_refuses_later_is_closed_again(lab,
         assert "status: NOERROR" in answer, answer
         wait_for(lambda: daemon.status()["log"]["refusing"], 30, "the log refusing the queued entry")
         dns = wait_for(lambda: taken_back(daemon), 30, "DNS taking the refused answer back")
-        assert not connects(lab, "agent1", v6, 443)  # only the refused decision opened it: closed again
-        assert connects(lab, "agent1", shared, 443)  # the logged decision for the other name still holds
+        assert not connects(lab, "agent1", v6, 443, expected=False)  # only the refused decision opened it: closed again
+        assert connects(lab, "agent1", shared, 443, expected=True)  # the logged decision for the other name still holds
         assert dns["log_refused_after_answer"] == 1 and dns["unlearned"] == 1
         assert "refuses new entries" in dns["last_refusal"]
         seen = metrics(daemon, "skyguard_dns_")
@@ -169,7 +172,7 @@ def test_an_answer_whose_queued_entry_the_log_refuses_later_is_closed_again(lab,
     finally:
         filler.unlink()
     wait_for(lambda: "status: NOERROR" in dig(lab, "agent1", refused, "ANY"), 60, "DNS answering again")
-    assert connects(lab, "agent1", v6, 443)  # logged now: open
+    assert connects(lab, "agent1", v6, 443, expected=True)  # logged now: open
 
 
 def frozen_log(daemon):
@@ -191,9 +194,9 @@ def test_a_stalled_log_disk_fails_closed_keeps_the_daemon_answering_and_resumes_
         assert "has waited on its disk" in refusing, refusing
         # Fail closed: nothing new is answered that cannot be logged; the loop still answers.
         assert "status: SERVFAIL" in dig(lab, "agent1", "pypi.sandbox.test")
-        assert "status:" not in dig(lab, "agent1", "payroll.corp.test")
+        assert "status:" not in dig(lab, "agent1", "payroll.corp.test", answer=False)
         assert stream.flowing()  # what was decided keeps its decision
-        assert probe_one(lab, "radius1", "icmp", "10.10.2.2")  # the datapath decides without the log
+        assert reaches(lab, "radius1", "icmp", "10.10.2.2")  # the datapath decides without the log
         status = daemon.status()
         assert status["parts"]["dns"] == "running" and status["log"]["queued_entries"] >= 1
         assert status["log"]["write_wait_s"] > 0 and status["log"]["stall_refused_entries"] >= 2

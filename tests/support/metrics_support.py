@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from skyguard.errors import DaemonError
+from support.client_waits import curl_argv
 
 
 class PrometheusServer:
@@ -57,7 +58,7 @@ class PrometheusServer:
         raise DaemonError("prometheus did not become ready within 30s")
 
     def _get(self, path: str, params: dict | None = None, check: bool = True):
-        argv = ["curl", "-sf", "--max-time", "10", "--get"]
+        argv = curl_argv("-f", "--get")
         for k, v in (params or {}).items():
             argv += ["--data-urlencode", f"{k}={v}"]
         argv.append(f"http://{self.listen}{path}")

@@ -14,6 +14,8 @@ import subprocess
 import sys
 import threading
 
+from support.client_waits import ANSWER_WAIT_S
+
 CLONE_NEWNET = 0x40000000
 
 
@@ -63,10 +65,10 @@ class NamespaceLoop:
             self.loop.close()
 
 
-# Runs inside the namespace: exit 0 once something accepts on (address, port), 1 after 5 s.
+# Runs inside the namespace: exit 0 once something accepts on (address, port), 1 after argv[3] s.
 _PROBE = """import socket, sys, time
-address, port = sys.argv[1], int(sys.argv[2])
-for _ in range(100):
+address, port, deadline = sys.argv[1], int(sys.argv[2]), time.monotonic() + float(sys.argv[3])
+while time.monotonic() < deadline:
     try:
         socket.create_connection((address, port), 0.2).close()
         sys.exit(0)
@@ -78,6 +80,6 @@ sys.exit(1)
 
 def wait_for_port(ns: str, address: str, port: int) -> None:
     """Wait until something in namespace `ns` accepts TCP connections on address:port (up to
-    about 5 s; a bound against hangs); raise CalledProcessError when nothing does."""
-    subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", _PROBE, address, str(port)],
-                   check=True, capture_output=True, timeout=60)
+    ANSWER_WAIT_S; a bound against hangs); raise CalledProcessError when nothing does."""
+    subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", _PROBE, address, str(port), str(ANSWER_WAIT_S)],
+                   check=True, capture_output=True, timeout=ANSWER_WAIT_S + 60)

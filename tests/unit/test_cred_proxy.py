@@ -25,6 +25,7 @@ from skyguard.lab.ca import LabCA
 from skyguard.lab.internet import EchoServer
 from skyguard.parts import MemoryLog
 from skyguard.policy.model import Credential, Injection, Policy, Workload, Zone
+from support.client_waits import ANSWER_WAIT_S, curl_argv
 
 SECRET = b"ghp_L00pbackSecret/42+=="
 PH = "sg-placeholder-github-7f3a"
@@ -95,9 +96,9 @@ class Rig:
 
     def curl(self, url, *args, port=None):
         result = subprocess.run(
-            ["curl", "-sS", "--max-time", "10", "--cacert", str(self.tmp / "skyca.pem"),
-             "--connect-to", f"::127.0.0.1:{port or self.https_port}", "-w", "\n%{http_code}", *args, url],
-            capture_output=True, timeout=20)
+            curl_argv("--cacert", str(self.tmp / "skyca.pem"), "--connect-to", f"::127.0.0.1:{port or self.https_port}",
+                      "-w", "\n%{http_code}", *args, url),
+            capture_output=True, timeout=ANSWER_WAIT_S + 20)
         body, _, code = result.stdout.rpartition(b"\n")
         return int(code or 0), body
 
@@ -173,10 +174,10 @@ def test_keep_alive_and_chunked_bodies(rig):
     before = len(rig.echoed())
     common = ["--cacert", str(rig.tmp / "skyca.pem"), "--connect-to", f"::127.0.0.1:{rig.https_port}", "-H", AUTH]
     result = subprocess.run(
-        ["curl", "-sS", "--max-time", "10", *common, "-H", "Transfer-Encoding: chunked", "--data-binary", "hello=1",
-         "-o", "/dev/null", "https://api.github.test/a",
-         "--next", *common, "-o", "/dev/null", "-w", "%{http_code} %{num_connects}", "https://api.github.test/b"],
-        capture_output=True, timeout=20)
+        curl_argv(*common, "-H", "Transfer-Encoding: chunked", "--data-binary", "hello=1",
+                  "-o", "/dev/null", "https://api.github.test/a",
+                  "--next", *common, "-o", "/dev/null", "-w", "%{http_code} %{num_connects}", "https://api.github.test/b"),
+        capture_output=True, timeout=ANSWER_WAIT_S + 20)
     assert result.stdout == b"200 0"  # second request answered on the same (kept-alive) connection
     seen = rig.echoed()[before:]
     assert [s["path"] for s in seen] == ["/a", "/b"] and seen[0]["body"] == "hello=1"

@@ -18,6 +18,7 @@ from dnslib.dns import RD
 
 from skyguard.dns.server import Upstream
 from skyguard.policy.model import Destination, Rule
+from support.client_waits import ANSWER_WAIT_S
 from tests.unit.test_dns_server import Proxy, policy
 
 V4_NAME, V4_CHAIN, V4_OTHER = "203.0.113.51", "203.0.113.50", "203.0.113.99"
@@ -81,7 +82,7 @@ def proxy():
 
 
 def ask(proxy, name: str, qtype: str) -> DNSRecord:
-    return DNSRecord.parse(DNSRecord.question(name, qtype).send("127.0.0.1", proxy.port, timeout=5))
+    return DNSRecord.parse(DNSRecord.question(name, qtype).send("127.0.0.1", proxy.port, timeout=ANSWER_WAIT_S))
 
 
 def learned(proxy) -> set[str]:
@@ -167,7 +168,7 @@ def test_a_stream_of_bulky_answers_under_one_base_is_detected_whatever_the_recor
     try:
         question = DNSRecord.question("c2.site.test", "TXT")
         question.q.qtype = QTYPE.reverse.get(qtype) or int(qtype[4:])
-        rcodes = [DNSRecord.parse(question.send("127.0.0.1", running.port, tcp=True, timeout=5))
+        rcodes = [DNSRecord.parse(question.send("127.0.0.1", running.port, tcp=True, timeout=ANSWER_WAIT_S))
                   .header.rcode for _ in range(12)]
         assert rcodes[0] == RCODE.NOERROR or qtype == "NULL"  # NULL is a signal on its own
         assert rcodes[-1] == RCODE.REFUSED
@@ -187,7 +188,7 @@ def test_a_query_type_real_software_does_not_ask_is_refused_before_the_upstream(
     try:
         question = DNSRecord.question("c2.site.test", "A")
         question.q.qtype = qtype
-        reply = DNSRecord.parse(question.send("127.0.0.1", running.port, timeout=5))
+        reply = DNSRecord.parse(question.send("127.0.0.1", running.port, timeout=ANSWER_WAIT_S))
         assert reply.header.rcode == RCODE.REFUSED
         assert running.log.entries[-1]["verdict"] == "refused"
         assert "is not served" in running.log.entries[-1]["reason"]

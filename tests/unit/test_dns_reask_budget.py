@@ -17,6 +17,7 @@ from skyguard.dns import tunnel, wire
 from skyguard.dns.server import Upstream
 from skyguard.dns.tunnel import TunnelDetector
 from skyguard.policy.model import Destination, DnsConfig, PortRange, Rule
+from support.client_waits import ANSWER_WAIT_S
 from tests.unit.test_dns_answer_cache import ask
 from tests.unit.test_dns_resolver import VM_IP, make_policy, make_resolver, upstream_reply
 from tests.unit.test_dns_server import FakeUpstream, Proxy, policy
@@ -126,7 +127,7 @@ def test_through_the_proxy_a_vm_past_its_budget_gets_its_expired_answer(monkeypa
         assert first.header.rcode == RCODE.NOERROR
         for qtype in ("MX", "TXT", "SRV", "CAA", "NS", "SOA"):  # spends the budget
             q = DNSRecord.question("www.site.test", qtype)
-            last = DNSRecord.parse(q.send("127.0.0.1", running.port, timeout=5))
+            last = DNSRecord.parse(q.send("127.0.0.1", running.port, timeout=ANSWER_WAIT_S))
         # no earlier answer of that type: none (NODATA, so a stub asking A and AAAA uses the other)
         assert last.header.rcode == RCODE.NOERROR and not last.rr
         assert running.log.entries[-1]["verdict"] == "tunnel"

@@ -26,6 +26,7 @@ from skyguard.dns.server import DnsServer, Upstream
 from skyguard.errors import DnsError
 from skyguard.parts import MemoryLog, new_event_loop
 from skyguard.policy.model import Destination, DnsConfig, Policy, PortRange, Rule, TunnelDetection, Workload, Zone
+from support.client_waits import ANSWER_WAIT_S
 
 
 @pytest.fixture(autouse=True)
@@ -123,7 +124,7 @@ class Proxy:
 
     def ask(self, name, tcp=False):
         return DNSRecord.parse(DNSRecord.question(name).send("127.0.0.1", self.port, tcp=tcp,
-                                                             timeout=5))
+                                                             timeout=ANSWER_WAIT_S))
 
     def close(self):
         if not self.thread.is_alive():
@@ -197,7 +198,7 @@ def test_a_reply_whose_question_is_in_another_letter_case_is_ignored_and_the_rea
     up = FakeUpstream("other-case-first")
     proxy = make_proxy([Upstream("127.0.0.1", up.port)])
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(5)
+        s.settimeout(ANSWER_WAIT_S)
         query = raw_query("WwW.SiTe.test", 0x4242)
         s.sendto(query, ("127.0.0.1", proxy.port))
         data = s.recv(4096)
@@ -231,7 +232,7 @@ def test_identical_questions_in_flight_share_one_upstream_query_each_answered_as
     asked = [("www.same.test", 0x1111), ("WWW.Same.TEST", 0x2222), ("wWw.sAmE.tEsT", 0x3333)]
     queries = [raw_query(name, qid) for name, qid in asked]
     for client, query in zip(clients, queries):
-        client.settimeout(5)
+        client.settimeout(ANSWER_WAIT_S)
         client.sendto(query, ("127.0.0.1", proxy.port))
     for client, query in zip(clients, queries):
         data = client.recv(4096)
@@ -280,10 +281,10 @@ def test_blind_spoofs_from_the_upstream_s_own_address_and_port_are_ignored(make_
 def test_hostile_tcp_client_is_cut_off_and_the_proxy_keeps_serving(make_proxy):
     up = FakeUpstream()
     proxy = make_proxy([Upstream("127.0.0.1", up.port)])
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=ANSWER_WAIT_S) as s:
         s.sendall(struct.pack("!H", 60000) + b"\x00" * 100)  # claims a 60 kB query
         assert s.recv(10) == b""  # closed on us
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=ANSWER_WAIT_S) as s:
         s.sendall(struct.pack("!H", 5) + b"\x01\x02\x03\x04\x05")  # shorter than a header
         assert s.recv(10) == b""
     assert proxy.ask("www.site.test", tcp=True).header.rcode == RCODE.NOERROR
@@ -332,7 +333,7 @@ def test_close_ends_the_clients_tcp_connections(make_proxy):
     # collection (logged errors; once a CPython SystemError inside a later test's ast.parse).
     up = FakeUpstream()
     proxy = make_proxy([Upstream("127.0.0.1", up.port)])
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as idle:
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=ANSWER_WAIT_S) as idle:
         assert proxy.ask("www.site.test", tcp=True).header.rcode == RCODE.NOERROR
         proxy.close()
         assert idle.recv(10) == b""
@@ -471,7 +472,7 @@ def test_a_slow_state_write_holds_back_only_the_answer_that_waits_for_it(tmp_pat
             first = pool.submit(proxy.ask, "new.test")
             assert store.writing.wait(5)
             assert not first.done()  # held back: its address is not on disk yet
-            refused = DNSRecord.question("example.invalid").send("127.0.0.1", proxy.port, timeout=5)
+            refused = DNSRecord.question("example.invalid").send("127.0.0.1", proxy.port, timeout=ANSWER_WAIT_S)
             assert DNSRecord.parse(refused).header.rcode == RCODE.REFUSED  # the loop still answers
             assert not (tmp_path / "dns-learned.json").exists()
             store.go_on.set()

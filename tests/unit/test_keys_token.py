@@ -27,6 +27,7 @@ from skyguard.keys.types import KeyCustodyError, verify_signature
 from skyguard.parts import Degraded, LoopThread
 from skyguard.policy.keys import KeyGrant, KeysConfig
 from skyguard.policy.model import Policy, Workload, Zone
+from support.client_waits import ANSWER_WAIT_S, curl_argv
 
 PIN = secrets.token_hex(10).encode()
 
@@ -323,9 +324,9 @@ def test_the_credential_proxy_presents_a_token_held_client_certificate(token, tl
 
     echo, proxy, https = loop.call(start())
     try:
-        out = subprocess.run(["curl", "-sS", "--max-time", "10", "--cacert", str(tmp_path / "skyca.pem"),
-                              "--connect-to", f"::127.0.0.1:{https}", "-H", f"Authorization: Bearer {placeholder}",
-                              "https://api.github.test/user"], capture_output=True, timeout=30)
+        out = subprocess.run(curl_argv("--cacert", str(tmp_path / "skyca.pem"), "--connect-to", f"::127.0.0.1:{https}",
+                                       "-H", f"Authorization: Bearer {placeholder}", "https://api.github.test/user"),
+                             capture_output=True, timeout=ANSWER_WAIT_S + 20)
         assert out.returncode == 0, out.stderr
         seen = json.loads((tmp_path / "echo.jsonl").read_text().splitlines()[-1])
         assert seen["client_certificate"] == "sdnctl1-in-token"  # the key stayed in the token
@@ -363,8 +364,8 @@ def test_tls_termination_serves_with_a_token_held_key(token, tls_backend, tmp_pa
     terminator = TlsTerminator(policy, store, decision_log=MemoryLog(), metrics=CredentialMetrics())
     try:
         listeners = loop.call(terminator.start("127.0.0.1"))
-        out = subprocess.run(["curl", "-sS", "--max-time", "10", "--cacert", str(ca.cert_path),
-                              f"https://127.0.0.1:{listeners[0].listen_port}/hello"], capture_output=True, timeout=30)
+        out = subprocess.run(curl_argv("--cacert", str(ca.cert_path), f"https://127.0.0.1:{listeners[0].listen_port}/hello"),
+                             capture_output=True, timeout=ANSWER_WAIT_S + 20)
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["path"] == "/hello"
     finally:
