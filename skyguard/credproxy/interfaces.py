@@ -21,7 +21,8 @@ PASSED = "passed"
 BLOCKED_EXFILTRATION = "blocked_exfiltration"
 BLOCKED_CONTENT = "blocked_content"
 BLOCKED_PROTOCOL = "blocked_protocol"  # malformed, smuggling, upgrades: not tied to a credential
-RESULTS = (SWAPPED, PASSED, BLOCKED_EXFILTRATION, BLOCKED_CONTENT, BLOCKED_PROTOCOL)
+LOG_REFUSED = "log_refused"  # not forwarded: the signed log refused its entry (disk full or stalled)
+RESULTS = (SWAPPED, PASSED, BLOCKED_EXFILTRATION, BLOCKED_CONTENT, BLOCKED_PROTOCOL, LOG_REFUSED)
 NO_CREDENTIAL = "-"  # credential label when a decision concerns no credential
 
 

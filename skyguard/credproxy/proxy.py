@@ -22,7 +22,9 @@ these halve the interpreter work per request (bench/credproxy.py).
 
 Failure policy: fail closed. Malformed or unreadable requests get 4xx and the connection is
 closed; anything the proxy cannot inspect (upgrades, h2, unknown content codings) is refused;
-an upstream failure is a 502. No client input can raise out of a connection handler.
+an upstream failure is a 502; a request whose entry the signed log refuses (its disk full or
+stalled) is a 503 with a JSON reason, before anything is forwarded. No client input can raise
+out of a connection handler.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import ipaddress
+import json
 import logging
 import socket
 import ssl
@@ -51,7 +54,7 @@ from skyguard.credproxy.http1 import (
     UpstreamProtocolError,
     serialise_response,
 )
-from skyguard.credproxy.interfaces import BLOCKED_PROTOCOL, CredentialMetrics, DecisionLog, SecretSource
+from skyguard.credproxy.interfaces import BLOCKED_PROTOCOL, LOG_REFUSED, CredentialMetrics, DecisionLog, SecretSource
 from skyguard.credproxy.sockets import listen, original_destination
 from skyguard.credproxy.swap import (
     ConnectionFacts,
@@ -61,7 +64,7 @@ from skyguard.credproxy.swap import (
 )
 from skyguard.credproxy.tlsaccept import ALERT_UNRECOGNIZED_NAME, PeekingTlsListener
 from skyguard.credproxy.upstream import UpstreamPool, UpstreamTls
-from skyguard.errors import CredentialError
+from skyguard.errors import CredentialError, LogError
 from skyguard.keys.tlskey import ClientCertificate  # a value of the key custody services (below this part)
 from skyguard.policy.model import Policy
 
@@ -152,6 +155,20 @@ def blocked_response(verdict: ContentVerdict, method: bytes, keep_alive: bool) -
     does not import the proxy's HTTP/1 writer: the proxy imports the filter)."""
     return serialise_response(method, keep_alive, BLOCKED_STATUS, ((b"content-type", BLOCKED_CONTENT_TYPE),),
                               blocked_body(verdict))
+
+
+LOG_REFUSED_STATUS = (503, b"Service Unavailable")
+LOG_REFUSED_BODY = json.dumps({
+    "error": LOG_REFUSED,
+    "reason": "skyguard's signed log refuses entries (the host's `skyguard status` says why): "
+              "the request was not forwarded; retry later"}).encode() + b"\n"
+
+
+def log_refused_response(method: bytes, keep_alive: bool) -> bytes:
+    """The 503 for a request whose entry the signed log refused: fixed words (the log's own
+    reason names host paths and sizes, none of the VM's business)."""
+    return serialise_response(method, keep_alive, LOG_REFUSED_STATUS, ((b"content-type", b"application/json"),),
+                              LOG_REFUSED_BODY)
 
 
 def safe_response(engine: SwapEngine, host: str | None, method: bytes, status, headers, body: bytes, limit: int):
@@ -351,6 +368,14 @@ class CredentialProxy:
         # bodies of tens of MiB a zone under upload content rules may send (_zone_limits).
         verdict = state.engine.decide(request, facts) if len(request.body) <= bodywork.INLINE_BYTES \
             else await bodywork.off_loop(state.engine.decide, request, facts)
+        try:
+            return await self._answer(state, request, facts, verdict, keep_alive)
+        except LogError:  # its entry was not written: nothing (more) goes on (the writer said why, once)
+            return log_refused_response(request.method, keep_alive)
+
+    async def _answer(self, state: PolicyState, request: HttpRequest, facts: ConnectionFacts, verdict,
+                      keep_alive: bool) -> bytes | ProtocolRefusal:
+        """answer() once decided; LogError when the signed log refuses an entry on the way."""
         self._account(verdict)
         if verdict.action == "block":
             return ProtocolRefusal(verdict.status, verdict.reason)
@@ -393,18 +418,25 @@ class CredentialProxy:
         return status, headers, body
 
     def _account(self, verdict) -> None:
+        """Record the verdict's entries, then count it; a request whose entry the signed log
+        refuses is counted as LOG_REFUSED (it is not forwarded) and LogError raised."""
+        try:
+            for entry in verdict.entries:
+                self.decision_log.record("credential", **entry)
+        except LogError:
+            for credential, _ in verdict.results:
+                self.metrics.count(credential, LOG_REFUSED)
+            raise
         for credential, result in verdict.results:
             self.metrics.count(credential, result)
-        for entry in verdict.entries:
-            self.decision_log.record("credential", **entry)
 
     def account_protocol_block(self, origin: Origin, reason: str) -> None:
         state = self.state
         facts = origin.facts(state)
         self.metrics.count(None, BLOCKED_PROTOCOL)
         sni = facts.sni if facts.sni and not state.engine.forms.found_in(facts.sni.encode()) else "-"  # never a secret
-        self.decision_log.record(
-            "credential", credential=None, zone=facts.zone, workload=facts.workload,
+        self._record_block(
+            credential=None, zone=facts.zone, workload=facts.workload,
             destination=sni, address=facts.address, port=facts.port,
             result=BLOCKED_PROTOCOL, reason=reason)
 
@@ -412,7 +444,15 @@ class CredentialProxy:
         workload, zone = self.state.identify(peer)
         destination = self.destination_of(sock)
         self.metrics.count(None, BLOCKED_PROTOCOL)
-        self.decision_log.record(
-            "credential", credential=None, zone=zone, workload=workload, destination="-",
+        self._record_block(
+            credential=None, zone=zone, workload=workload, destination="-",
             address=destination[0] if destination else None, port=destination[1] if destination else None,
             result=BLOCKED_PROTOCOL, reason=reason)
+
+    def _record_block(self, **fields) -> None:
+        """A refusal's entry: the refusal goes whether or not the signed log takes it (nothing is
+        forwarded either way; the log counts what it refused and says why, once)."""
+        try:
+            self.decision_log.record("credential", **fields)
+        except LogError:
+            pass

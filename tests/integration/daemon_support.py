@@ -135,8 +135,8 @@ class RunningDaemon:
             return "(no daemon log)"
 
     def cli(self, *args: str, user: str | None = None, caps: str | None = None,
-            timeout: float = CLI_TIMEOUT, check: bool = False) -> subprocess.CompletedProcess:
-        """Run `skyguard ARGS` in the host namespace with this daemon's environment. With user,
+            timeout: float = CLI_TIMEOUT, check: bool = False, input: str | None = None) -> subprocess.CompletedProcess:
+        """Run `skyguard ARGS` in the host namespace with this daemon's environment (input: its stdin). With user,
         as that user (setpriv), optionally keeping capabilities `caps` (e.g. "+dac_override").
         With check, a non-zero exit fails the test with the command's stderr."""
         argv = self.command(*args)
@@ -147,7 +147,7 @@ class RunningDaemon:
                 drop += [f"--inh-caps={caps}", f"--ambient-caps={caps}"]
             argv = drop + ["--"] + argv
         out = subprocess.run(self._in_host(argv), capture_output=True, text=True, env=self.env,
-                             timeout=timeout, cwd="/")
+                             timeout=timeout, cwd="/", input=input)
         if check and out.returncode != 0:
             raise AssertionError(f"skyguard {' '.join(args)} exited {out.returncode}: {out.stderr}")
         return out

@@ -11,18 +11,22 @@ The log directory is a small ext4 image this module mounts and unmounts (tests/s
 never the machine's disk. The down test stops the module's daemon: it comes last.
 """
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 from daemon_support import RunningDaemon, Stream, reaches, wait_for
+from prometheus_client.parser import text_string_to_metric_families
 
 from skyguard.lab.addressing import addresses_for_name
 from support.client_waits import dig_argv, wait_s
 from support.frozen_disk import FrozenDisk, blocked_in_the_kernel
 
 EXPORTER = "127.0.0.1:26031"  # loopback of the lab's host namespace
+SECRET = "ghp-logfull-real-token"  # the github credential's secret (policies/keysystems.yaml)
+PLACEHOLDER = "sg-placeholder-github-7f3a"
 LOG_FS_BYTES = 8 << 20  # its reserve is then 1/50 of it (skyguard/tlog/intake.py)
 
 
@@ -33,8 +37,12 @@ def daemon(lab, tmp_path_factory):
     with FrozenDisk(work / "state" / "log", size=f"{LOG_FS_BYTES}") as disk:
         d = RunningDaemon(lab, work, metrics=EXPORTER, wait_attached=True)
         d.disk = disk
+        d.env["SKYGUARD_LAB_DIR"] = str(lab.lab_dir.parent)  # the daemon trusts this lab's CA upstream
         try:
+            d.cli("secret", "set", "github", input=SECRET, check=True)
             d.start()
+            d.trust = work / "trust.pem"
+            d.trust.write_text(d.cli("ca", "export", check=True).stdout)
             yield d
         finally:
             disk.thaw()
@@ -52,6 +60,14 @@ def metrics(daemon, prefix: str = "skyguard_log_") -> dict[str, float]:
                          capture_output=True, text=True, timeout=30, check=True).stdout
     return {line.split()[0]: float(line.split()[1]) for line in out.splitlines()
             if line.startswith(prefix)}
+
+
+def metric_of(daemon, name: str, **labels) -> float:
+    """One sample's value (summed over the labels not given) from the daemon's exposition."""
+    out = subprocess.run(["nsenter", f"--net={daemon.host_netns}", "--", "curl", "-sf", f"http://{EXPORTER}/metrics"],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    return sum(s.value for family in text_string_to_metric_families(out) for s in family.samples
+               if s.name == name and labels.items() <= s.labels.items())
 
 
 def connects(lab, vm: str, address: str, port: int, expected: bool) -> bool:
@@ -175,6 +191,64 @@ def test_an_answer_whose_queued_entry_the_log_refuses_later_is_closed_again(lab,
     assert connects(lab, "agent1", v6, 443, expected=True)  # logged now: open
 
 
+def swap(lab, daemon, path: str, resolve: bool = False) -> tuple[int, str]:
+    """curl from sdnctl1 (zone sdn) to api.github.test with the credential's placeholder:
+    (HTTP status, body). With resolve, no DNS query (the address it was answered before)."""
+    pinned = ["--resolve", f"api.github.test:443:{addresses_for_name('api.github.test')[0]}"] if resolve else []
+    out = lab.exec("sdnctl1", ["curl", "-sS", "--max-time", "20", "--cacert", str(daemon.trust), *pinned,
+                               "-H", f"Authorization: Bearer {PLACEHOLDER}", "-w", "\n%{http_code}",
+                               f"https://api.github.test{path}"], capture_output=True, text=True, timeout=60)
+    body, _, code = out.stdout.rpartition("\n")
+    return int(code or 0), body + out.stderr
+
+
+def upstream_got(lab, path: str) -> list[dict]:
+    lines = lab.requests_log.read_text().splitlines() if lab.requests_log.exists() else []
+    return [r for r in map(json.loads, lines) if r.get("path") == path]
+
+
+MALFORMED = """import socket, ssl, sys
+tls = ssl.create_default_context(cafile=sys.argv[2])
+s = tls.wrap_socket(socket.create_connection((sys.argv[1], 443), 5), server_hostname="api.github.test")
+s.sendall(b"GET / HTTP/1.1\\r\\nHost: api.github.test\\r\\nX: a\\r\\n folded\\r\\n\\r\\n")
+print(s.recv(100).split(b" ")[1].decode())
+"""
+
+
+def carried_secret(request: dict) -> bool:
+    return any(n.lower() == "authorization" and v == f"Bearer {SECRET}" for n, v in request["headers"])
+
+
+def test_a_credential_swap_the_log_refuses_is_refused_with_503_and_never_forwarded(lab, daemon):
+    """With the log refusing, the proxy's swap entry raised inside its answer: the connection
+    closed unanswered (curl: empty reply), a traceback in the host's log, and nothing counted."""
+    assert swap(lab, daemon, "/logfull-before")[0] == 200  # learned (DNS) and swapped
+    assert [carried_secret(r) for r in upstream_got(lab, "/logfull-before")] == [True]
+    counted = metric_of(daemon, "skyguard_credential_swaps_total", result="log_refused")
+    part = daemon.status()["parts"]["credentials"]  # degraded: sdnctl1's TLS key is not in the store
+    filler = fill_below_reserve(lab, daemon)
+    try:
+        code, body = swap(lab, daemon, "/logfull-refused", resolve=True)
+        assert code == 503, body + daemon.log_tail(2000)
+        answer = json.loads(body)
+        assert answer["error"] == "log_refused" and "signed log" in answer["reason"], answer
+        assert SECRET not in body and not upstream_got(lab, "/logfull-refused")  # fail closed
+        assert metric_of(daemon, "skyguard_credential_swaps_total", result="log_refused") == counted + 1
+        # A malformed request is still refused with its 400 (its entry refused too), not dropped.
+        malformed = lab.exec("sdnctl1", [sys.executable, "-c", MALFORMED, str(addresses_for_name("api.github.test")[0]),
+                                         str(daemon.trust)],
+                             lab_resolver=False, capture_output=True, text=True, timeout=30)
+        assert malformed.stdout.strip() == "400", malformed.stdout + malformed.stderr
+        assert daemon.status()["parts"]["credentials"] == part
+        said = daemon.log_tail(1 << 20)
+        assert "Traceback" not in said and "credential proxy connection failed" not in said, said[-3000:]
+    finally:
+        filler.unlink()
+    wait_for(lambda: "status: NOERROR" in dig(lab, "agent1", "pypi.sandbox.test"), 60, "DNS answering again")
+    assert swap(lab, daemon, "/logfull-after", resolve=True)[0] == 200  # the proxy kept serving
+    assert any(e["result"] == "swapped" for e in daemon.log_entries("credential"))
+
+
 def frozen_log(daemon):
     """Freeze the log's disk and make the writer wait on it (a DNS decision's entry)."""
     daemon.disk.freeze()
@@ -204,6 +278,8 @@ def test_a_stalled_log_disk_fails_closed_keeps_the_daemon_answering_and_resumes_
         assert seen["skyguard_log_accepting"] == 0 and seen["skyguard_log_write_wait_seconds"] > 0
         assert seen["skyguard_log_queued_entries"] >= 1 and seen["skyguard_log_stall_refused_entries_total"] >= 2
         assert daemon.cli("flows", "--json").returncode == 0
+        assert swap(lab, daemon, "/logstall-refused", resolve=True)[0] == 503  # no secret out without its entry
+        assert not upstream_got(lab, "/logstall-refused")
         # A policy load must be on record: refused, nothing changed (the datapath flipped first, before).
         variant = daemon.work_dir / "policy-variant.yaml"
         variant.write_text(daemon.policy_path.read_text() + "\n# another revision\n")
