@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from skyguard.conncap import RefusalBrake, source_of
-from skyguard.errors import SkyguardError
+from skyguard.errors import LogError, SkyguardError
 from skyguard.policy.model import Policy
 
 
@@ -184,6 +184,8 @@ def record_or_report(decision_log: DecisionLog, logger: logging.Logger, kind: st
     on `logger` with its traceback instead of crashing the session that made the decision."""
     try:
         decision_log.record(kind, **fields)
+    except LogError as e:  # the signed log refuses entries (full or stalled disk): said, without a traceback
+        logger.error("%s was not written to the signed log: %s", kind, e)
     except Exception:  # noqa: BLE001 - reported, not raised (see above)
         logger.exception("could not record %s in the decision log", kind)
 

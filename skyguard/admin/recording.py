@@ -39,7 +39,7 @@ from skyguard import fsutil
 from skyguard.admin.decisionlog import DecisionLog
 from skyguard.admin.transcript import RecordingError, Transcript
 from skyguard.diskwork import DiskWork
-from skyguard.errors import AdminError, BadInput
+from skyguard.errors import AdminError, BadInput, LogError
 
 log = logging.getLogger("skyguard.admin")
 _SESSION_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
@@ -50,6 +50,16 @@ _SESSION_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
 # than queued behind them. Higher: more sessions may wait on a disk hiccup instead of being refused.
 RECORD_WORKERS = 4
 MAX_RECORD_WORK = 8
+
+
+def abandon(transcript: Transcript, *paths: Path) -> None:
+    """A record whose start the signed log refused: its transcript closed, its files removed
+    (the session never started). Blocks on the disk."""
+    try:
+        transcript.close()
+    finally:
+        for path in paths:
+            path.unlink(missing_ok=True)
 
 
 def utc_iso(ts: float) -> str:
@@ -206,16 +216,26 @@ class SessionArchive:
         }
         meta["input_recorded"] = record_input
         recording = SessionRecording(self, meta, width, height, term, record_input, notify)
-        self._log("admin_session_start", **_log_fields(meta))
+        try:
+            self._log("admin_session_start", **_log_fields(meta))
+        except LogError:  # no session without its start entry: nothing was recorded, nothing is kept
+            abandon(recording._cast, recording.cast_path, recording.meta_path)
+            raise
         return recording
 
     def log_end(self, meta: dict) -> None:
-        self._log("admin_session_end", **_log_fields(meta),
-                  end=meta["end"], result=meta["result"], exit_status=meta["exit_status"],
-                  exit_signal=meta.get("exit_signal"), bytes_in=meta["bytes_in"],
-                  bytes_out=meta["bytes_out"], transcript_sha256=meta["transcript_sha256"],
-                  files=meta.get("files", []),
-                  **({"console": meta["console"]} if "console" in meta else {}))
+        """Best effort: a session that ran is closed (its record written) even when the signed
+        log refuses its end entry (a full or stalled disk); the host's log says so."""
+        try:
+            self._log("admin_session_end", **_log_fields(meta),
+                      end=meta["end"], result=meta["result"], exit_status=meta["exit_status"],
+                      exit_signal=meta.get("exit_signal"), bytes_in=meta["bytes_in"],
+                      bytes_out=meta["bytes_out"], transcript_sha256=meta["transcript_sha256"],
+                      files=meta.get("files", []),
+                      **({"console": meta["console"]} if "console" in meta else {}))
+        except LogError as e:
+            log.error("admin_session_end of session %s was not written to the signed log (its record is closed "
+                      "without it): %s", meta["id"], e)
 
     def _log(self, kind: str, /, **fields) -> None:
         if self.decision_log is not None:

@@ -27,7 +27,7 @@ from skyguard.admin.recording import SessionRecording
 from skyguard.admin.sftp import SftpFilterPump, SftpRequestWatcher, upload_pump, uploads_judged
 from skyguard.admin.transcript import RecordingError, RecordingStalled, on_loop
 from skyguard.diskwork import Busy
-from skyguard.errors import SkyguardError
+from skyguard.errors import LogError, SkyguardError
 
 if TYPE_CHECKING:
     from skyguard.admin.connection import OperatorConnection
@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("skyguard.admin")
 
 EXIT_REFUSED = 1
+# What an operator is told when a session's start entry cannot be logged (the log's own reason,
+# with host paths, goes to the host's log).
+LOG_REFUSED_WORDS = ("skyguard: the session cannot start: the signed log refuses entries now (its disk is full "
+                     "or stalled); try again later")
 EXIT_UNREACHABLE = 255  # what OpenSSH itself returns when it cannot reach a host
 LOGGED_COMMAND_CHARS = commands.MAX_COMMAND_CHARS  # a refused command is logged up to this length
 # Refusal reasons also counted in skyguard_admin_ssh_refused_requests_total, under this label.
@@ -235,6 +239,10 @@ class ProxySession(asyncssh.SSHServerSession):
             log.warning("a session of %s on %s is refused: %s", operator, workload.name, e)
             self._refused(access.AccessRefused("recording_busy", f"skyguard: this session cannot be recorded now ({e}); "
                                                                  "try again later"))
+            return
+        except LogError as e:  # fail closed: no session runs without its start entry
+            log.error("a session of %s on %s is refused: its start cannot be logged: %s", operator, workload.name, e)
+            self._refused(access.AccessRefused("log_refused", LOG_REFUSED_WORDS))
             return
         except (OSError, SkyguardError) as e:  # fail closed: no session runs unrecorded
             log.error("cannot record a session of %s on %s: %s", operator, workload.name, e)

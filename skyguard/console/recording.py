@@ -29,10 +29,10 @@ import struct
 import time
 from pathlib import Path
 
-from skyguard.admin.recording import SessionArchive, _atomic_write_json, new_session_id, utc_iso
+from skyguard.admin.recording import SessionArchive, _atomic_write_json, abandon, new_session_id, utc_iso
 from skyguard.admin.transcript import RecordingError, Transcript
 from skyguard.console import rfb
-from skyguard.errors import AdminError
+from skyguard.errors import AdminError, LogError
 
 FORMAT = "skyguard-vnc-recording"
 SERVER, PIXEL_FORMAT, EVENT = 1, 2, 3
@@ -73,9 +73,13 @@ class VncRecording:
         self._file = Transcript(self.path, notify)  # hashed as written: ending reads nothing back
         self._file.write(json.dumps(header, sort_keys=True).encode() + b"\n")
         _atomic_write_json(archive.directory / f"{self.id}.json", self.meta)
-        archive._log("admin_session_start", session=self.id, operator=operator, key_fingerprint=None,
-                     workload=target.workload, zone=zone, source=source, kind="vnc", command=None,
-                     start=self.meta["start"], target=target.name)
+        try:
+            archive._log("admin_session_start", session=self.id, operator=operator, key_fingerprint=None,
+                         workload=target.workload, zone=zone, source=source, kind="vnc", command=None,
+                         start=self.meta["start"], target=target.name)
+        except LogError:  # no session without its start entry (see SessionArchive.begin)
+            abandon(self._file, self.path, archive.directory / f"{self.id}.json")
+            raise
 
     @property
     def behind(self) -> bool:

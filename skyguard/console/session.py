@@ -31,7 +31,7 @@ from skyguard.console.rdp import RdpDesktop
 from skyguard.console.recording import VncRecording
 from skyguard.console.tickets import Ticket, match_vnc
 from skyguard.diskwork import Busy
-from skyguard.errors import AdminError, SkyguardError
+from skyguard.errors import AdminError, LogError, SkyguardError
 from skyguard.policy.console import ConsoleTarget
 from skyguard.timeouts import within
 
@@ -172,6 +172,11 @@ class ConsoleSession:
             raise AdminError(f"the session cannot be recorded now: {e}") from None
         except OSError as e:  # fail closed: no session runs unrecorded
             raise AdminError(f"the session cannot be recorded: {e.strerror or e}") from None
+        except LogError as e:  # fail closed: no session runs without its start entry
+            log.error("a console session of %s on %s is refused: its start cannot be logged: %s",
+                      self.ticket.operator, self.target.name, e)
+            raise AdminError("the session cannot start: the signed log refuses entries now (its disk is full "
+                             "or stalled); try again later") from None
         if self._ended is not None:  # revoked, or shut down, while its record was written
             self.recording = recording
             self.proxy.records_closing.keep(self._close_record(self._ended), recording)

@@ -5,13 +5,14 @@ proxy reach tcp/22 of a VM."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from daemon_support import RunningDaemon
+from daemon_support import RunningDaemon, wait_for
 
 from skyguard import config
 from skyguard.admin.recording import SessionArchive
@@ -19,6 +20,7 @@ from support.client_waits import ssh_wait_options
 from support.frozen_disk import FrozenDisk, blocked_in_the_kernel
 
 PROXY_PORT = 24299
+LOG_FS_BYTES = 32 << 20  # the signed log's own small filesystem: its reserve is 1/50 of it
 UPLINK = "100.64.0.1"  # the lab host's address toward the internet namespace
 
 
@@ -49,6 +51,8 @@ admin:
     (tmp / "without-alice.yaml").write_text(config.DEFAULT_POLICY.read_text()
                                             + "".join(line + "\n" for line in admin.splitlines() if "alice" not in line))
     daemon = RunningDaemon(lab, tmp / "daemon", policy_path=policy)
+    (tmp / "daemon" / "state").mkdir(parents=True, mode=0o700)
+    log_disk = FrozenDisk(daemon.state_dir / "log", size=f"{LOG_FS_BYTES}")  # filled by one test
     vm_key = daemon.cli("admin", "vm-key")  # made in the sealed store on first use, before `up`
     assert vm_key.returncode == 0, vm_key.stderr
     (tmp / "authorized_keys").write_text(vm_key.stdout.strip() + "\n")
@@ -67,10 +71,13 @@ PermitRootLogin prohibit-password
     sshd = lab.popen("dc1", ["/usr/sbin/sshd", "-D", "-e", "-f", str(tmp / "sshd_config")],
                      stdout=subprocess.DEVNULL, stderr=open(tmp / "sshd.log", "w"))
     try:
-        daemon.start()
-        yield type("AdminLab", (), {"tmp": tmp, "lab": lab, "daemon": daemon, "policy": policy})
+        with log_disk:
+            try:
+                daemon.start()
+                yield type("AdminLab", (), {"tmp": tmp, "lab": lab, "daemon": daemon, "policy": policy})
+            finally:
+                daemon.cleanup()
     finally:
-        daemon.cleanup()
         sshd.terminate()
         sshd.wait(10)
 
@@ -137,6 +144,52 @@ def test_file_transfer_by_another_name_is_refused_and_in_the_signed_log(admin_la
     assert "C0644" not in out.stdout
     [entry] = [e for e in admin_lab.daemon.log_entries("admin_session_refused") if e.get("command") == command]
     assert entry["reason"] == "file_transfer_refused" and entry["transfer_programs"] == ["scp"]
+
+
+def test_a_session_whose_start_the_log_refuses_is_refused_and_running_ones_go_on(admin_lab):
+    """The signed log's filesystem below its reserve: a new session was refused only as "the
+    session cannot be recorded", its record left 'active' and its transcript's writer running; the
+    running session's end entry raised out of closing its record (a traceback; the record stayed
+    'active'). Now the operator is told the log refuses entries, a refused session keeps no record,
+    and the running session goes on and is closed, its end entry best effort, said in the host's log."""
+    daemon = admin_lab.daemon
+    args = ["ssh", "-i", str(admin_lab.tmp / "alice"), "-p", str(PROXY_PORT), "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10",
+            f"alice+dc1@{UPLINK}", "echo running-up; read line; echo running-bye"]
+    client = admin_lab.lab.popen("internet", args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+    log_dir = daemon.state_dir / "log"
+    filler = log_dir / "filler"
+    try:
+        assert client.stdout.readline() == "running-up\n", client.stderr.read()
+        space = os.statvfs(log_dir)
+        with open(filler, "wb") as f:  # another file leaves half the log's reserve free
+            os.posix_fallocate(f.fileno(), 0, space.f_bavail * space.f_frsize - daemon.status()["log"]["reserve_bytes"] // 2)
+        refused = operator_ssh(admin_lab, "alice", "alice+dc1", "echo should-not-run")
+        assert daemon.status()["log"]["refusing"], daemon.log_tail()
+        if "signed log" not in refused.stderr:  # the first entry may have found the space still there
+            refused = operator_ssh(admin_lab, "alice", "alice+dc1", "echo should-not-run")
+        assert refused.returncode != 0 and "should-not-run" not in refused.stdout
+        assert "the signed log refuses entries" in refused.stderr, refused.stderr
+        # The session that was running goes on; its end entry is best effort, said in the host's log.
+        client.stdin.write("go on\n")
+        client.stdin.close()
+        client.stdin = None
+        assert client.stdout.readline() == "running-bye\n"
+        assert client.wait(30) == 0
+        archive = SessionArchive(daemon.state_dir / "admin" / "sessions")
+        # Every record closed (the running one once its end is through), none kept for the refused ones.
+        wait_for(lambda: not [m for m in archive.list() if m["result"] == "active"], 30, "every record closed")
+        said = daemon.log_tail(1 << 20)
+        assert "admin_session_end of session" in said and "was not written to the signed log" in said, said[-4000:]
+        assert "Traceback" not in said, said[-4000:]
+    finally:
+        client.kill()
+        client.wait()
+        filler.unlink(missing_ok=True)
+    wait_for(lambda: daemon.status()["log"]["refusing"] is None, 60, "the log accepting entries")
+    assert operator_ssh(admin_lab, "alice", "alice+dc1", "echo back").stdout.strip() == "back"
+    assert daemon.cli("log", "verify").returncode == 0
 
 
 def test_down_returns_while_a_session_record_waits_on_a_stalled_disk(admin_lab):

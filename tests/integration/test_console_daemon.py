@@ -23,9 +23,11 @@ from daemon_support import RunningDaemon, drop_count, wait_for
 from PIL import Image
 
 from skyguard import config
+from skyguard.admin.recording import SessionArchive
 from skyguard.custody.store import SecretStore
 from support.client_waits import ANSWER_WAIT_S, SILENCE_WAIT_S
 from support.console_support import start_xvnc
+from support.frozen_disk import FrozenDisk
 
 PORT = 24267
 UPLINK = "100.64.0.1"  # the lab host's address toward the internet namespace
@@ -33,6 +35,7 @@ VM = "10.10.2.2"  # dc1
 MARKER = (0x33, 0x66, 0xCC)
 VM_PASSWORD = "Vd-" + secrets.token_hex(3)  # 8 characters: all VNC authentication uses
 PY = sys.executable
+LOG_FS_BYTES = 32 << 20  # the signed log's own small filesystem: its reserve is 1/50 of it
 READY = 180.0  # seconds for `skyguard up` to answer on a loaded machine (bcc compiles); a bound, not a timing
 
 # auth may reach the directory on tcp/5901 by an ordinary rule: the console target's port is
@@ -66,12 +69,15 @@ def console_daemon(lab, tmp_path_factory):
     SecretStore(daemon.state_dir / "secrets").set("dc1-vnc", VM_PASSWORD.encode())
     xvnc, _ = start_xvnc(lab, "dc1", tmp, VM_PASSWORD, 5901, VM, display_base=500)
     try:
-        daemon.start()  # every workload attached
-        status = wait_for(lambda: (s := daemon.status())["parts"].get("console") == "running" and s, READY,
-                          "the console part running", interval=0.5)
-        yield type("ConsoleDaemon", (), {"tmp": tmp, "lab": lab, "daemon": daemon, "status": status})
+        with FrozenDisk(daemon.state_dir / "log", size=f"{LOG_FS_BYTES}"):  # filled by one test
+            try:
+                daemon.start()  # every workload attached
+                status = wait_for(lambda: (s := daemon.status())["parts"].get("console") == "running" and s, READY,
+                                  "the console part running", interval=0.5)
+                yield type("ConsoleDaemon", (), {"tmp": tmp, "lab": lab, "daemon": daemon, "status": status})
+            finally:
+                daemon.cleanup()
     finally:
-        daemon.cleanup()
         xvnc.terminate()
         xvnc.wait(10)
 
@@ -97,6 +103,31 @@ def test_an_operator_sees_the_vm_desktop_through_the_daemon_and_the_session_is_s
     verified = daemon.cli("log", "verify")
     assert verified.returncode == 0, verified.stderr
     assert VM_PASSWORD not in (daemon.work_dir / "daemon.log").read_text(errors="replace")
+
+
+def test_a_console_session_whose_start_the_log_refuses_is_refused_and_keeps_no_record(console_daemon):
+    """With the signed log's filesystem below its reserve, the session's start entry raised out of
+    its recording: the record was left 'active', its writer running. Now the session is refused
+    before the operator sees the screen, the host's log says why, and nothing of it is kept."""
+    daemon = console_daemon.daemon
+    ticket = daemon.cli("admin", "console-ticket", "alice", "dc1-desktop", check=True).stdout.strip()
+    log_dir = daemon.state_dir / "log"
+    filler = log_dir / "filler"
+    space = os.statvfs(log_dir)
+    try:
+        with open(filler, "wb") as f:  # another file leaves half the log's reserve free
+            os.posix_fallocate(f.fileno(), 0, space.f_bavail * space.f_frsize - daemon.status()["log"]["reserve_bytes"] // 2)
+        out = vncdo(console_daemon, ticket, "capture", str(console_daemon.tmp / "refused.png"))
+        assert out.returncode != 0 and not (console_daemon.tmp / "refused.png").exists()
+        said = daemon.log_tail(1 << 20)
+        assert "a console session of alice on dc1-desktop is refused: its start cannot be logged" in said, said[-4000:]
+        records = SessionArchive(daemon.state_dir / "admin" / "sessions").list()
+        assert not [m for m in records if m["result"] == "active"], records
+    finally:
+        filler.unlink()
+    wait_for(lambda: daemon.status()["log"]["refusing"] is None, 60, "the log accepting entries")
+    ticket = daemon.cli("admin", "console-ticket", "alice", "dc1-desktop", check=True).stdout.strip()
+    assert vncdo(console_daemon, ticket, "capture", str(console_daemon.tmp / "again.png")).returncode == 0
 
 
 def test_status_counts_the_console_credential_as_used(console_daemon):
