@@ -26,3 +26,11 @@ class LogStalled(LogError):
     """The log's writer is behind: it has waited on its disk too long (a hung or frozen disk), or
     too many entries wait for it. New entries are refused, and a wait for durability ends, with
     this; what was queued is written when the disk answers (tlog/intake.py)."""
+
+
+def anew(error: LogError) -> LogError:
+    """A fresh copy (same class, same words) of a refusal or failure the writer keeps and raises
+    again and again: raising one instance each time chains every raise's frames onto its one
+    traceback, keeping alive whatever each refused caller held (a request with a secret swapped
+    in) for as long as the log refuses, and every logged traceback longer than the last."""
+    return type(error)(*error.args)

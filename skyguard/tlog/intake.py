@@ -32,7 +32,7 @@ from pathlib import Path
 
 from skyguard.tlog import records
 from skyguard.tlog.entries import entry
-from skyguard.tlog.errors import LogSpaceLow, LogStalled
+from skyguard.tlog.errors import LogSpaceLow, LogStalled, anew
 from skyguard.tlog.hashing import HASH_SIZE
 
 log = logging.getLogger("skyguard.tlog")
@@ -93,11 +93,11 @@ class Intake:
         if behind is not None:
             self.stall_refused_entries += len(entries)
             self._stall_refused_now += len(entries)
-            raise behind
+            raise anew(behind)
         if self.refusal is not None and not self._space_back():
             self.refused_entries += len(entries)
             self._refused_now += len(entries)
-            raise self.refusal
+            raise anew(self.refusal)
         self.queued_entries += len(entries)
         self.queued_bytes += size
 

@@ -52,7 +52,7 @@ from skyguard.errors import LogError
 from skyguard.tlog import records
 from skyguard.tlog.checkpoint import MAX_TREE_SIZE, Checkpoint, Signer, Verifier
 from skyguard.tlog.entries import entry
-from skyguard.tlog.errors import BadLogInput, VerificationError
+from skyguard.tlog.errors import BadLogInput, VerificationError, anew
 from skyguard.tlog.files import read_log_file
 from skyguard.tlog.hashing import EMPTY_ROOT, HASH_SIZE, hash_leaves
 from skyguard.tlog.head import MAX_NOTE, HeadWriter, read_head
@@ -281,7 +281,7 @@ class LogWriter:
         future: Future = Future()
         with self._lock:
             if self._failure:
-                raise self._failure
+                raise anew(self._failure)
             if self._closed:
                 raise LogError("the signed log is closed")
             self.intake.admit(entries)   # or raises LogSpaceLow, LogStalled (intake.py)
@@ -308,7 +308,7 @@ class LogWriter:
                     with self._lock:
                         stalled = self.intake.behind()
                     if stalled is not None:
-                        raise stalled from None
+                        raise anew(stalled) from None
 
     def append_batch(self, entries: Sequence[bytes]) -> int:
         return self.wait(self.submit(entries))
@@ -321,7 +321,7 @@ class LogWriter:
         future: Future = Future()
         with self._lock:
             if self._failure:
-                raise self._failure
+                raise anew(self._failure)
             self._queue.put(("checkpoint", None, future))
         return self.wait(future)
 
@@ -366,7 +366,7 @@ class LogWriter:
                 return
         self._release_files()
         if self._failure:
-            raise self._failure
+            raise anew(self._failure)
 
     def _release_files(self) -> None:
         """Close every descriptor the writer holds, the lock's last (that releases it)."""
@@ -461,16 +461,16 @@ class LogWriter:
 
     def _fail_all(self, futures, checkpoint_requests) -> None:
         for future, *_ in futures:
-            future.set_exception(self._failure)
+            future.set_exception(anew(self._failure))
         for future in checkpoint_requests:
-            future.set_exception(self._failure)
+            future.set_exception(anew(self._failure))
 
     def _refuse(self, futures: list, count: int) -> None:
         """Fail a group for space, writing none of it; the first refusal of an episode is logged
         loudly and goes in the log, from the reserve (a write that fails there is final)."""
         refusal, first = self.intake.refuse_for_space(count)
         for future, *_ in futures:
-            future.set_exception(refusal)
+            future.set_exception(anew(refusal))
         if first:
             log.critical("%s", refusal)
             self._commit([entry("log_space_low", free_bytes=self.intake.free_bytes,

@@ -1,8 +1,11 @@
 """The durable store: indexes, group commit from many threads, checkpoints, reopening, segment
 rotation, torn-tail repair, cache rebuild, and refusal to extend a damaged log."""
 
+import gc
 import logging
 import threading
+import traceback
+import weakref
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -312,3 +315,35 @@ def test_a_batch_of_frames_is_the_frames_one_by_one():
     payloads = [b'{"type":"flow_start"}', b"", b"x" * 70_000]
     assert records.frames(41, payloads) == b"".join(records.frame(41 + i, p) for i, p in enumerate(payloads))
     assert records.scan(records.frames(41, payloads), 41).payloads == payloads
+
+
+def test_a_refusal_raised_again_keeps_no_frames_of_the_callers_it_refused_before(tmp_path, signer, monkeypatch):
+    """The writer raised one kept LogSpaceLow (likewise LogStalled, a failed write) for every entry
+    it refused: each raise chained that caller's frames onto the one traceback, so while the log
+    refused, every refused caller's locals (a proxy's request with the secret swapped in) stayed in
+    memory and each traceback the host log printed was longer than the last."""
+    monkeypatch.setattr(intake, "SPACE_RECHECK_S", 0.0)
+
+    class Held:  # what a refused caller holds
+        pass
+
+    def refused_caller(held):
+        try:
+            w.submit([entry("deny", n=1)])
+        except LogSpaceLow as e:
+            return len(traceback.extract_tb(e.__traceback__))
+
+    with LogWriter(tmp_path / "log", signer) as w:
+        w.append(entry("deny", n=0))
+        w.reserve_bytes = w.head()["filesystem_free_bytes"] + (1 << 40)  # as if the disk were full
+        with pytest.raises(LogSpaceLow):
+            w.append(entry("deny", n=1))  # found below the reserve: refusing from now on
+        held = Held()
+        kept = weakref.ref(held)
+        first = refused_caller(held)
+        del held
+        gc.collect()
+        depths = [refused_caller(Held()) for _ in range(3)]
+        assert depths == [first] * 3  # no frame of an earlier caller
+        assert kept() is None  # what the first caller held is let go
+        w.reserve_bytes = 0
