@@ -25,7 +25,7 @@ from skyguard import fsutil
 from skyguard.admin import access, keys
 from skyguard.admin.session import EXIT_UNREACHABLE, ProxySession, session_channel
 from skyguard.conncap import source_of
-from skyguard.errors import AdminError, BadInput
+from skyguard.errors import AdminError, BadInput, LogError
 from skyguard.policy.model import SshOperator, Workload
 from skyguard.timeouts import within
 
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from skyguard.admin.proxy import AdminSshProxy
 
 log = logging.getLogger("skyguard.admin")
+FORWARD_LOG_REFUSED = ("skyguard: the port forward cannot open: the signed log refuses entries now (its disk is "
+                       "full or stalled); try again later")
 
 SHUTDOWN_GRACE = 2.0  # seconds a revoked or shut-down connection gets to deliver its last words
 MAX_LOGGED_REFUSALS = 10  # refused forwarding requests of a connection logged one by one (then summed)
@@ -417,8 +419,13 @@ class OperatorConnection(asyncssh.SSHServer):
         if ssh is None or not ssh.port_forwarding:
             self._refuse("port_forward", "port forwarding is disabled by skyguard policy "
                          "(admin.ssh.port_forwarding)", dest=f"{dest_host}:{dest_port}")
-        self.proxy.record("admin_port_forward", operator=self.operator_name,
-                          workload=self.workload_name, dest=f"{dest_host}:{dest_port}")
+        try:  # fail closed: no forward opens without its entry (record_or_report would only say so)
+            self.proxy.decision_log.record("admin_port_forward", operator=self.operator_name,
+                                           workload=self.workload_name, dest=f"{dest_host}:{dest_port}")
+        except (LogError, OSError) as e:  # the signed log refuses entries (or the fallback log cannot write)
+            log.error("a port forward of %s to %s:%s is refused: its entry cannot be logged: %s",
+                      self.operator_name, dest_host, dest_port, e)
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, FORWARD_LOG_REFUSED) from None
 
         async def bridge(reader, writer):
             try:

@@ -42,6 +42,7 @@ def admin_lab(lab, tmp_path_factory):
 admin:
   ssh:
     listen: "0.0.0.0:{PROXY_PORT}"
+    port_forwarding: true
     operators:
       - {{name: alice, public_key: "{alice}", may_access: [directory]}}
       - {{name: bob, public_key: "{bob}", may_access: [sandbox]}}
@@ -150,8 +151,9 @@ def test_a_session_whose_start_the_log_refuses_is_refused_and_running_ones_go_on
     """The signed log's filesystem below its reserve: a new session was refused only as "the
     session cannot be recorded", its record left 'active' and its transcript's writer running; the
     running session's end entry raised out of closing its record (a traceback; the record stayed
-    'active'). Now the operator is told the log refuses entries, a refused session keeps no record,
-    and the running session goes on and is closed, its end entry best effort, said in the host's log."""
+    'active'); a port forward opened without its entry. Now the operator is told the log refuses
+    entries, a refused session keeps no record, a forward does not open, and the running session
+    goes on and is closed, its end entry best effort, said in the host's log."""
     daemon = admin_lab.daemon
     args = ["ssh", "-i", str(admin_lab.tmp / "alice"), "-p", str(PROXY_PORT), "-o", "BatchMode=yes",
             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10",
@@ -171,6 +173,13 @@ def test_a_session_whose_start_the_log_refuses_is_refused_and_running_ones_go_on
             refused = operator_ssh(admin_lab, "alice", "alice+dc1", "echo should-not-run")
         assert refused.returncode != 0 and "should-not-run" not in refused.stdout
         assert "the signed log refuses entries" in refused.stderr, refused.stderr
+        # A port forward is refused too (-W: the VM would open a TCP connection to its own sshd).
+        forward = admin_lab.lab.exec("internet", [
+            "ssh", "-i", str(admin_lab.tmp / "alice"), "-p", str(PROXY_PORT), "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10",
+            "-W", "10.10.2.2:22", f"alice+dc1@{UPLINK}"], input="", capture_output=True, text=True, timeout=60)
+        assert not forward.stdout.startswith("SSH-2.0"), forward.stdout
+        assert "the signed log refuses entries" in forward.stderr, forward.stderr
         # The session that was running goes on; its end entry is best effort, said in the host's log.
         client.stdin.write("go on\n")
         client.stdin.close()
@@ -189,6 +198,11 @@ def test_a_session_whose_start_the_log_refuses_is_refused_and_running_ones_go_on
         filler.unlink(missing_ok=True)
     wait_for(lambda: daemon.status()["log"]["refusing"] is None, 60, "the log accepting entries")
     assert operator_ssh(admin_lab, "alice", "alice+dc1", "echo back").stdout.strip() == "back"
+    forward = admin_lab.lab.exec("internet", [
+        "ssh", "-i", str(admin_lab.tmp / "alice"), "-p", str(PROXY_PORT), "-o", "BatchMode=yes",
+        "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10",
+        "-W", "10.10.2.2:22", f"alice+dc1@{UPLINK}"], input="", capture_output=True, text=True, timeout=60)
+    assert forward.stdout.startswith("SSH-2.0"), forward.stderr
     assert daemon.cli("log", "verify").returncode == 0
 
 
