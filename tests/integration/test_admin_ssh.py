@@ -482,14 +482,21 @@ def test_proxy_killed_midway_leaves_a_complete_record(lab):
     command = "echo before-the-kill; sleep 60"
     client = subprocess.Popen(lab.ssh_args("alice", "alice+dc1", port=KILLABLE_PROXY_PORT) + [command],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    archive = SessionArchive(state / "admin" / "sessions")
     try:
         assert client.stdout.readline().strip() == "before-the-kill"
+        # The transcript is written behind, by its own thread (transcript.py): what the kernel has
+        # survives the kill, what was still queued in that instant does not. Kill once it is there.
+        [meta] = archive.list()
+        deadline = time.monotonic() + 20
+        while "before-the-kill" not in archive.transcript_path(meta["id"]).read_text():
+            assert time.monotonic() < deadline, "the transcript never got the session's output"
+            time.sleep(0.02)
     finally:
         proxy.kill()  # SIGKILL: no cleanup code runs
         proxy.wait()
         client.kill()
         client.wait()
-    archive = SessionArchive(state / "admin" / "sessions")
     [meta] = archive.list()
     assert meta["result"] == "active" and "before-the-kill" in archive.transcript_path(meta["id"]).read_text()
     log = JsonLinesDecisionLog(fallback_log_path(state))
