@@ -23,8 +23,9 @@ these halve the interpreter work per request (bench/credproxy.py).
 Failure policy: fail closed. Malformed or unreadable requests get 4xx and the connection is
 closed; anything the proxy cannot inspect (upgrades, h2, unknown content codings) is refused;
 an upstream failure is a 502; a request whose entry the signed log refuses (its disk full or
-stalled) is a 503 with a JSON reason, before anything is forwarded. No client input can raise
-out of a connection handler.
+stalled) is a 503 with a JSON reason, before anything is forwarded. A swap waits until its entry is
+durable (the writer's next group commit): a secret leaves only on record. No client input can
+raise out of a connection handler.
 """
 
 from __future__ import annotations
@@ -162,6 +163,30 @@ LOG_REFUSED_BODY = json.dumps({
     "error": LOG_REFUSED,
     "reason": "skyguard's signed log refuses entries (the host's `skyguard status` says why): "
               "the request was not forwarded; retry later"}).encode() + b"\n"
+
+
+# How long a swap waits for its entries to be durable before it is refused. A healthy disk makes
+# them durable in the writer's next group commit (milliseconds); past the log's own stall bound
+# (tlog/intake.py, 5 s) the writer refuses new entries, and a swap queued just before must not
+# wait for the disk longer than those.
+ENTRY_WAIT_S = 6.0
+
+
+async def entries_durable(entries: list[concurrent.futures.Future]) -> None:
+    """Until the log writer's futures of `entries` resolve: LogError if it refused one (a full
+    disk) or has not written them within ENTRY_WAIT_S (a stalled disk). The futures are never
+    cancelled: they stay the writer's, which may still write them later."""
+    if not entries:
+        return
+    done, pending = await asyncio.wait([asyncio.wrap_future(future) for future in entries], timeout=ENTRY_WAIT_S)
+    for late in pending:  # written or refused later: the writer says so, not this request
+        late.add_done_callback(lambda settled: settled.cancelled() or settled.exception())
+    refused = [error for error in (settled.exception() for settled in done) if error is not None]
+    if pending:
+        raise LogError(f"the signed log has not written the swap's entry within {ENTRY_WAIT_S:g} s: its disk "
+                       "is not answering")
+    if refused:
+        raise refused[0]  # the writer's fresh copy (tlog.errors.anew) for this entry
 
 
 def log_refused_response(method: bytes, keep_alive: bool) -> bytes:
@@ -376,7 +401,7 @@ class CredentialProxy:
     async def _answer(self, state: PolicyState, request: HttpRequest, facts: ConnectionFacts, verdict,
                       keep_alive: bool) -> bytes | ProtocolRefusal:
         """answer() once decided; LogError when the signed log refuses an entry on the way."""
-        self._account(verdict)
+        await self._account(verdict)
         if verdict.action == "block":
             return ProtocolRefusal(verdict.status, verdict.reason)
         if state.content is not None:  # judged whole before a byte is forwarded (fail closed)
@@ -417,12 +442,14 @@ class CredentialProxy:
                 result="scrubbed", reason=f"{scrubbed} secret occurrences removed from a response")
         return status, headers, body
 
-    def _account(self, verdict) -> None:
-        """Record the verdict's entries, then count it; a request whose entry the signed log
-        refuses is counted as LOG_REFUSED (it is not forwarded) and LogError raised."""
+    async def _account(self, verdict) -> None:
+        """Record the verdict's entries, then count it. A swap waits until its entries are durable
+        (entries_durable): a secret goes out only once its release is on record. A request whose
+        entry the signed log refuses is counted as LOG_REFUSED (it is not forwarded) and LogError raised."""
         try:
-            for entry in verdict.entries:
-                self.decision_log.record("credential", **entry)
+            queued = [self.decision_log.record("credential", **entry) for entry in verdict.entries]
+            if verdict.action == "swap":
+                await entries_durable([future for future in queued if future is not None])
         except LogError:
             for credential, _ in verdict.results:
                 self.metrics.count(credential, LOG_REFUSED)

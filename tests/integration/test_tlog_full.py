@@ -249,6 +249,25 @@ def test_a_credential_swap_the_log_refuses_is_refused_with_503_and_never_forward
     assert any(e["result"] == "swapped" for e in daemon.log_entries("credential"))
 
 
+def test_a_swap_waits_for_its_entry_so_no_secret_leaves_while_the_log_disk_stalls(lab, daemon):
+    """A swap's entry was queued and the secret forwarded at once: in the first seconds of a stall
+    (before the writer refuses new entries) the secret went out with its entry written nowhere (a
+    crash then, and no record of it). Now a swap waits until its entry is durable: with the disk
+    frozen it is refused with 503 and the upstream never sees the request."""
+    assert swap(lab, daemon, "/stall-before")[0] == 200  # learned (DNS) and swapped
+    refused = metric_of(daemon, "skyguard_credential_swaps_total", result="log_refused")
+    daemon.disk.freeze()
+    try:
+        code, body = swap(lab, daemon, "/stall-swap", resolve=True)  # at once: the log is not refusing yet
+        assert code == 503 and json.loads(body)["error"] == "log_refused", body
+        assert not upstream_got(lab, "/stall-swap") and SECRET not in body
+        assert metric_of(daemon, "skyguard_credential_swaps_total", result="log_refused") == refused + 1
+    finally:
+        daemon.disk.thaw()
+    wait_for(lambda: daemon.status()["log"]["refusing"] is None, 60, "the log accepting again")
+    assert swap(lab, daemon, "/stall-after", resolve=True)[0] == 200
+
+
 def frozen_log(daemon):
     """Freeze the log's disk and make the writer wait on it (a DNS decision's entry)."""
     daemon.disk.freeze()
@@ -261,6 +280,7 @@ def test_a_stalled_log_disk_fails_closed_keeps_the_daemon_answering_and_resumes_
     without a bound and never refused one, so DNS went on answering on entries that could not be
     written, and status said nothing. Now it refuses once a write has waited past its bound."""
     assert "status: NOERROR" in dig(lab, "agent1", "pypi.sandbox.test")
+    stalls_before = len(daemon.log_entries("log_stall_ended"))
     stream = Stream(lab, "radius1", "dc1", "10.10.2.2", 50011)  # decided before the stall
     try:
         frozen_log(daemon)
@@ -299,7 +319,7 @@ def test_a_stalled_log_disk_fails_closed_keeps_the_daemon_answering_and_resumes_
     wait_for(lambda: "status: NOERROR" in dig(lab, "agent1", "pypi.sandbox.test"), 60, "DNS answering again")
     assert daemon.status()["log"]["refusing"] is None
     ended = daemon.log_entries("log_stall_ended")
-    assert len(ended) == 1 and ended[0]["refused"] >= 2, ended
+    assert len(ended) == stalls_before + 1 and ended[-1]["refused"] >= 2, ended
     daemon.cli("log", "verify", check=True)
 
 
