@@ -8,7 +8,9 @@ certificate from a lab CA of its own), the
 skyguard proxy and mitmdump (reverse mode, a 3-line addon swapping the placeholder for the
 secret), each in its own process; wrk is the load generator. Two scenarios: keep-alive
 (many requests per TLS connection) and resumed TLS (Connection: close, so a new connection per
-request, with TLS session resumption, which wrk does). Reported: requests/s, p50/p99 latency
+request, with TLS session resumption, which wrk does). The proxy runs as deployed: each swap's
+entry written to a real signed log (in the run's temporary directory), the swap forwarded once
+its entry is durable. Reported: requests/s, p50/p99 latency
 and the added latency over direct. Targets (SPEC.md section 8): >= 10x mitmdump keep-alive,
 >= 5x with resumed TLS.
 
@@ -84,15 +86,22 @@ def serve_skyguard(tmp: Path) -> None:
     from skyguard.credproxy.ca import CertificateAuthority
     from skyguard.credproxy.interfaces import CredentialMetrics, MemorySecretSource
     from skyguard.credproxy.proxy import CredentialProxy
-    from skyguard.parts import NullLog  # keeps nothing: memory does not grow during the run
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from skyguard.parts import PartLog
     from skyguard.policy.model import Credential, Injection, Policy, Workload, Zone
+    from skyguard.tlog import LogWriter, Signer
+    from skyguard.tlog.entries import entry, without_floats
+
+    # As deployed: every swap's entry goes to a real signed log, and the swap waits until it is durable.
+    writer = LogWriter(tmp / "log", Signer("bench.skyguard.test/log", Ed25519PrivateKey.generate()))
 
     workload = Workload("bench", "sdn", "lo", "02:00:00:00:00:01", (ipaddress.ip_address("127.0.0.1"),))
     policy = Policy("bench", {"sdn": Zone("sdn", (workload,))}, {}, (), credentials=(
         Credential("bench", PLACEHOLDER, "bench", ("sdn",), ("localhost",), Injection("Authorization", "Bearer {secret}")),))
     proxy = CredentialProxy(
         policy, MemorySecretSource({"bench": SECRET}), CertificateAuthority(tmp / "skyca"),
-        address_matches=lambda name, ip: ip == "127.0.0.1", decision_log=NullLog(),
+        address_matches=lambda name, ip: ip == "127.0.0.1", decision_log=PartLog(lambda kind, **fields: writer.submit([entry(kind, **without_floats(fields))])),
         metrics=CredentialMetrics(), upstream_ca_file=str(tmp / "upca.pem"),
         destination_of=lambda sock: ("127.0.0.1", UPSTREAM_PORT),
     )
