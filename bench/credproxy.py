@@ -83,11 +83,11 @@ def serve_skyguard(tmp: Path) -> None:
     """Child process: the skyguard proxy, forwarding everything to the echo upstream."""
     import ipaddress
 
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     from skyguard.credproxy.ca import CertificateAuthority
     from skyguard.credproxy.interfaces import CredentialMetrics, MemorySecretSource
     from skyguard.credproxy.proxy import CredentialProxy
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
     from skyguard.parts import PartLog
     from skyguard.policy.model import Credential, Injection, Policy, Workload, Zone
     from skyguard.tlog import LogWriter, Signer
@@ -96,12 +96,15 @@ def serve_skyguard(tmp: Path) -> None:
     # As deployed: every swap's entry goes to a real signed log, and the swap waits until it is durable.
     writer = LogWriter(tmp / "log", Signer("bench.skyguard.test/log", Ed25519PrivateKey.generate()))
 
+    def record_nowait(kind: str, /, **fields):  # the daemon's, over this writer
+        return writer.submit([entry(kind, **without_floats(fields))])
+
     workload = Workload("bench", "sdn", "lo", "02:00:00:00:00:01", (ipaddress.ip_address("127.0.0.1"),))
     policy = Policy("bench", {"sdn": Zone("sdn", (workload,))}, {}, (), credentials=(
         Credential("bench", PLACEHOLDER, "bench", ("sdn",), ("localhost",), Injection("Authorization", "Bearer {secret}")),))
     proxy = CredentialProxy(
         policy, MemorySecretSource({"bench": SECRET}), CertificateAuthority(tmp / "skyca"),
-        address_matches=lambda name, ip: ip == "127.0.0.1", decision_log=PartLog(lambda kind, **fields: writer.submit([entry(kind, **without_floats(fields))])),
+        address_matches=lambda name, ip: ip == "127.0.0.1", decision_log=PartLog(record_nowait),
         metrics=CredentialMetrics(), upstream_ca_file=str(tmp / "upca.pem"),
         destination_of=lambda sock: ("127.0.0.1", UPSTREAM_PORT),
     )
