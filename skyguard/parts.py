@@ -56,6 +56,44 @@ class DecisionLog(Protocol):
     def record(self, kind: str, /, **fields) -> Future | None: ...
 
 
+# How long a decision that must be on record before it takes effect (a secret released, an
+# operator's session opened) waits for its entry to be durable. A healthy disk makes it durable in
+# the writer's next group commit (milliseconds); past the log's own stall bound (tlog/intake.py,
+# 5 s) the writer refuses new entries, and one queued just before must not wait on the disk longer.
+ENTRY_WAIT_S = 6.0
+
+
+def _not_durable() -> LogError:
+    return LogError(f"the signed log has not written the entry within {ENTRY_WAIT_S:g} s: its disk is not answering")
+
+
+def wait_durable(queued: Future | None) -> None:
+    """In a worker thread: until the log writer's Future of an entry (DecisionLog.record) resolves.
+    LogError if the writer refused it, or has not made it durable within ENTRY_WAIT_S. The Future is
+    never cancelled: it stays the writer's, which may still write it later."""
+    if queued is None:
+        return
+    try:
+        queued.result(ENTRY_WAIT_S)  # raises the writer's LogError if it refused the entry
+    except TimeoutError:
+        raise _not_durable() from None
+
+
+async def entries_durable(queued: list[Future | None]) -> None:
+    """wait_durable() on the event loop, for several entries."""
+    waiting = [asyncio.wrap_future(future) for future in queued if future is not None]
+    if not waiting:
+        return
+    done, pending = await asyncio.wait(waiting, timeout=ENTRY_WAIT_S)
+    for late in pending:  # written or refused later: the writer says so, not this caller
+        late.add_done_callback(lambda settled: settled.cancelled() or settled.exception())
+    refused = [error for error in (settled.exception() for settled in done) if error is not None]
+    if pending:
+        raise _not_durable()
+    if refused:
+        raise refused[0]  # the writer's fresh copy (tlog.errors.anew) for this entry
+
+
 class NullLog:
     """A DecisionLog that keeps nothing (benchmarks, tools that have no log)."""
 

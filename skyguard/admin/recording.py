@@ -32,6 +32,7 @@ import secrets
 import sys
 import threading
 import time
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from skyguard.admin.decisionlog import DecisionLog
 from skyguard.admin.transcript import RecordingError, Transcript
 from skyguard.diskwork import DiskWork
 from skyguard.errors import AdminError, BadInput, LogError
+from skyguard.parts import wait_durable
 
 log = logging.getLogger("skyguard.admin")
 _SESSION_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
@@ -216,8 +218,8 @@ class SessionArchive:
         }
         meta["input_recorded"] = record_input
         recording = SessionRecording(self, meta, width, height, term, record_input, notify)
-        try:
-            self._log("admin_session_start", **_log_fields(meta))
+        try:  # the session opens only once its start is on record (durable)
+            wait_durable(self._log("admin_session_start", **_log_fields(meta)))
         except LogError:  # no session without its start entry: nothing was recorded, nothing is kept
             abandon(recording._cast, recording.cast_path, recording.meta_path)
             raise
@@ -237,9 +239,9 @@ class SessionArchive:
             log.error("admin_session_end of session %s was not written to the signed log (its record is closed "
                       "without it): %s", meta["id"], e)
 
-    def _log(self, kind: str, /, **fields) -> None:
-        if self.decision_log is not None:
-            self.decision_log.record(kind, **fields)
+    def _log(self, kind: str, /, **fields) -> Future | None:
+        """The entry's Future (parts.DecisionLog), for what must wait until it is durable."""
+        return self.decision_log.record(kind, **fields) if self.decision_log is not None else None
 
     def list(self) -> list[dict]:
         out = []

@@ -33,6 +33,7 @@ from skyguard.admin.recording import SessionArchive, _atomic_write_json, abandon
 from skyguard.admin.transcript import RecordingError, Transcript
 from skyguard.console import rfb
 from skyguard.errors import AdminError, LogError
+from skyguard.parts import wait_durable
 
 FORMAT = "skyguard-vnc-recording"
 SERVER, PIXEL_FORMAT, EVENT = 1, 2, 3
@@ -74,9 +75,9 @@ class VncRecording:
         self._file.write(json.dumps(header, sort_keys=True).encode() + b"\n")
         _atomic_write_json(archive.directory / f"{self.id}.json", self.meta)
         try:
-            archive._log("admin_session_start", session=self.id, operator=operator, key_fingerprint=None,
+            wait_durable(archive._log("admin_session_start", session=self.id, operator=operator, key_fingerprint=None,
                          workload=target.workload, zone=zone, source=source, kind="vnc", command=None,
-                         start=self.meta["start"], target=target.name)
+                         start=self.meta["start"], target=target.name))
         except LogError:  # no session without its start entry (see SessionArchive.begin)
             abandon(self._file, self.path, archive.directory / f"{self.id}.json")
             raise

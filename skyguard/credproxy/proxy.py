@@ -67,6 +67,7 @@ from skyguard.credproxy.tlsaccept import ALERT_UNRECOGNIZED_NAME, PeekingTlsList
 from skyguard.credproxy.upstream import UpstreamPool, UpstreamTls
 from skyguard.errors import CredentialError, LogError
 from skyguard.keys.tlskey import ClientCertificate  # a value of the key custody services (below this part)
+from skyguard.parts import entries_durable
 from skyguard.policy.model import Policy
 
 log = logging.getLogger(__name__)
@@ -163,30 +164,6 @@ LOG_REFUSED_BODY = json.dumps({
     "error": LOG_REFUSED,
     "reason": "skyguard's signed log refuses entries (the host's `skyguard status` says why): "
               "the request was not forwarded; retry later"}).encode() + b"\n"
-
-
-# How long a swap waits for its entries to be durable before it is refused. A healthy disk makes
-# them durable in the writer's next group commit (milliseconds); past the log's own stall bound
-# (tlog/intake.py, 5 s) the writer refuses new entries, and a swap queued just before must not
-# wait for the disk longer than those.
-ENTRY_WAIT_S = 6.0
-
-
-async def entries_durable(entries: list[concurrent.futures.Future]) -> None:
-    """Until the log writer's futures of `entries` resolve: LogError if it refused one (a full
-    disk) or has not written them within ENTRY_WAIT_S (a stalled disk). The futures are never
-    cancelled: they stay the writer's, which may still write them later."""
-    if not entries:
-        return
-    done, pending = await asyncio.wait([asyncio.wrap_future(future) for future in entries], timeout=ENTRY_WAIT_S)
-    for late in pending:  # written or refused later: the writer says so, not this request
-        late.add_done_callback(lambda settled: settled.cancelled() or settled.exception())
-    refused = [error for error in (settled.exception() for settled in done) if error is not None]
-    if pending:
-        raise LogError(f"the signed log has not written the swap's entry within {ENTRY_WAIT_S:g} s: its disk "
-                       "is not answering")
-    if refused:
-        raise refused[0]  # the writer's fresh copy (tlog.errors.anew) for this entry
 
 
 def log_refused_response(method: bytes, keep_alive: bool) -> bytes:
@@ -449,7 +426,7 @@ class CredentialProxy:
         try:
             queued = [self.decision_log.record("credential", **entry) for entry in verdict.entries]
             if verdict.action == "swap":
-                await entries_durable([future for future in queued if future is not None])
+                await entries_durable(queued)
         except LogError:
             for credential, _ in verdict.results:
                 self.metrics.count(credential, LOG_REFUSED)

@@ -75,7 +75,8 @@ PermitRootLogin prohibit-password
         with log_disk:
             try:
                 daemon.start()
-                yield type("AdminLab", (), {"tmp": tmp, "lab": lab, "daemon": daemon, "policy": policy})
+                yield type("AdminLab", (), {"tmp": tmp, "lab": lab, "daemon": daemon, "policy": policy,
+                                            "log_disk": log_disk})
             finally:
                 daemon.cleanup()
     finally:
@@ -203,6 +204,27 @@ def test_a_session_whose_start_the_log_refuses_is_refused_and_running_ones_go_on
         "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10",
         "-W", "10.10.2.2:22", f"alice+dc1@{UPLINK}"], input="", capture_output=True, text=True, timeout=60)
     assert forward.stdout.startswith("SSH-2.0"), forward.stderr
+    assert daemon.cli("log", "verify").returncode == 0
+
+
+def test_a_session_opens_only_once_its_start_is_durable(admin_lab):
+    """The signed log's disk stalled (fsfreeze): for the first 5 s, before the writer refuses new
+    entries, a session's start entry was queued and the session opened at once, so an operator
+    worked on a VM with no record of it written anywhere (a crash then, and none at all). Now the
+    session waits until its start is durable: refused with the log's reason, no record kept."""
+    daemon = admin_lab.daemon
+    archive = SessionArchive(daemon.state_dir / "admin" / "sessions")
+    records = len(archive.list())
+    admin_lab.log_disk.freeze()
+    try:
+        refused = operator_ssh(admin_lab, "alice", "alice+dc1", "echo should-not-run")  # at once
+        assert refused.returncode != 0 and "should-not-run" not in refused.stdout
+        assert "signed log" in refused.stderr, refused.stderr
+        assert len(archive.list()) == records  # no record kept of a session that never opened
+    finally:
+        admin_lab.log_disk.thaw()
+    wait_for(lambda: daemon.status()["log"]["refusing"] is None, 60, "the log accepting entries")
+    assert operator_ssh(admin_lab, "alice", "alice+dc1", "echo back").stdout.strip() == "back"
     assert daemon.cli("log", "verify").returncode == 0
 
 

@@ -69,12 +69,13 @@ def console_daemon(lab, tmp_path_factory):
     SecretStore(daemon.state_dir / "secrets").set("dc1-vnc", VM_PASSWORD.encode())
     xvnc, _ = start_xvnc(lab, "dc1", tmp, VM_PASSWORD, 5901, VM, display_base=500)
     try:
-        with FrozenDisk(daemon.state_dir / "log", size=f"{LOG_FS_BYTES}"):  # filled by one test
+        with FrozenDisk(daemon.state_dir / "log", size=f"{LOG_FS_BYTES}") as log_disk:  # filled, frozen by tests
             try:
                 daemon.start()  # every workload attached
                 status = wait_for(lambda: (s := daemon.status())["parts"].get("console") == "running" and s, READY,
                                   "the console part running", interval=0.5)
-                yield type("ConsoleDaemon", (), {"tmp": tmp, "lab": lab, "daemon": daemon, "status": status})
+                yield type("ConsoleDaemon", (), {"tmp": tmp, "lab": lab, "daemon": daemon, "status": status,
+                                                 "log_disk": log_disk})
             finally:
                 daemon.cleanup()
     finally:
@@ -128,6 +129,26 @@ def test_a_console_session_whose_start_the_log_refuses_is_refused_and_keeps_no_r
     wait_for(lambda: daemon.status()["log"]["refusing"] is None, 60, "the log accepting entries")
     ticket = daemon.cli("admin", "console-ticket", "alice", "dc1-desktop", check=True).stdout.strip()
     assert vncdo(console_daemon, ticket, "capture", str(console_daemon.tmp / "again.png")).returncode == 0
+
+
+def test_a_console_session_opens_only_once_its_start_is_durable(console_daemon):
+    """The signed log's disk stalled (fsfreeze): for its first 5 s the session's start entry was
+    queued and the operator saw the VM's screen at once, with the session on record nowhere. Now
+    the session waits until its start is durable: refused, nothing of it kept."""
+    daemon = console_daemon.daemon
+    ticket = daemon.cli("admin", "console-ticket", "alice", "dc1-desktop", check=True).stdout.strip()
+    shot = console_daemon.tmp / "stalled.png"
+    console_daemon.log_disk.freeze()
+    try:
+        out = vncdo(console_daemon, ticket, "capture", str(shot))  # at once: the log is not refusing yet
+        assert out.returncode != 0 and not shot.exists(), out.stderr
+        records = SessionArchive(daemon.state_dir / "admin" / "sessions").list()
+        assert not [m for m in records if m["result"] == "active"], records
+    finally:
+        console_daemon.log_disk.thaw()
+    wait_for(lambda: daemon.status()["log"]["refusing"] is None, 60, "the log accepting entries")
+    ticket = daemon.cli("admin", "console-ticket", "alice", "dc1-desktop", check=True).stdout.strip()
+    assert vncdo(console_daemon, ticket, "capture", str(shot)).returncode == 0
 
 
 def test_status_counts_the_console_credential_as_used(console_daemon):
