@@ -26,6 +26,7 @@ from skyguard.admin import access, keys
 from skyguard.admin.session import EXIT_UNREACHABLE, ProxySession, session_channel
 from skyguard.conncap import source_of
 from skyguard.errors import AdminError, BadInput, LogError
+from skyguard.parts import entries_durable
 from skyguard.policy.model import SshOperator, Workload
 from skyguard.timeouts import within
 
@@ -420,14 +421,21 @@ class OperatorConnection(asyncssh.SSHServer):
             self._refuse("port_forward", "port forwarding is disabled by skyguard policy "
                          "(admin.ssh.port_forwarding)", dest=f"{dest_host}:{dest_port}")
         try:  # fail closed: no forward opens without its entry (record_or_report would only say so)
-            self.proxy.decision_log.record("admin_port_forward", operator=self.operator_name,
-                                           workload=self.workload_name, dest=f"{dest_host}:{dest_port}")
+            queued = self.proxy.decision_log.record("admin_port_forward", operator=self.operator_name,
+                                                    workload=self.workload_name, dest=f"{dest_host}:{dest_port}")
         except (LogError, OSError) as e:  # the signed log refuses entries (or the fallback log cannot write)
             log.error("a port forward of %s to %s:%s is refused: its entry cannot be logged: %s",
                       self.operator_name, dest_host, dest_port, e)
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, FORWARD_LOG_REFUSED) from None
 
         async def bridge(reader, writer):
+            try:  # nothing reaches the VM until the forward is on record (durable)
+                await entries_durable([queued])
+            except LogError as e:
+                log.error("a port forward of %s to %s:%s is closed before it reached the VM: its entry was not "
+                          "written: %s", self.operator_name, dest_host, dest_port, e)
+                writer.close()
+                return
             try:
                 upstream = await self.upstream()
                 vm_reader, vm_writer = await upstream.open_connection(dest_host, dest_port)

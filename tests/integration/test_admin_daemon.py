@@ -211,13 +211,23 @@ def test_a_session_opens_only_once_its_start_is_durable(admin_lab):
     """The signed log's disk stalled (fsfreeze): for the first 5 s, before the writer refuses new
     entries, a session's start entry was queued and the session opened at once, so an operator
     worked on a VM with no record of it written anywhere (a crash then, and none at all). Now the
-    session waits until its start is durable: refused with the log's reason, no record kept."""
+    session waits until its start is durable: refused with the log's reason, no record kept; a port
+    forward reaches the VM only once its entry is durable."""
     daemon = admin_lab.daemon
     archive = SessionArchive(daemon.state_dir / "admin" / "sessions")
     records = len(archive.list())
     admin_lab.log_disk.freeze()
-    try:
-        refused = operator_ssh(admin_lab, "alice", "alice+dc1", "echo should-not-run")  # at once
+    try:  # each at once: the log refuses new entries only after 5 s
+        # A port forward does not reach the VM (-W: the VM's sshd would answer with its banner).
+        forward = admin_lab.lab.exec("internet", [
+            "ssh", "-i", str(admin_lab.tmp / "alice"), "-p", str(PROXY_PORT), "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10",
+            "-W", "10.10.2.2:22", f"alice+dc1@{UPLINK}"], input="", capture_output=True, text=True, timeout=60)
+        assert not forward.stdout.startswith("SSH-2.0"), forward.stdout
+        admin_lab.log_disk.thaw()
+        wait_for(lambda: daemon.status()["log"]["refusing"] is None, 60, "the log accepting entries")
+        admin_lab.log_disk.freeze()
+        refused = operator_ssh(admin_lab, "alice", "alice+dc1", "echo should-not-run")
         assert refused.returncode != 0 and "should-not-run" not in refused.stdout
         assert "signed log" in refused.stderr, refused.stderr
         assert len(archive.list()) == records  # no record kept of a session that never opened
