@@ -114,7 +114,14 @@ def test_close_returns_while_the_disk_is_frozen_and_the_log_verifies_once_it_ans
         assert "its final checkpoint was not written, nor 1 entries waiting" in caplog.text
     finally:
         disk.thaw()
-    w.close()  # called again once the disk answers: the writer finished, its files are let go
+    # Called again once the disk answers: the writer finished, its files are let go. (At once after
+    # the thaw the writer thread may not have run yet, so its write still counts as stalled and close()
+    # would give up again: wait until the writer is past it.)
+    deadline = time.monotonic() + 60
+    while w.stalled():
+        assert time.monotonic() < deadline, "the writer never got past its write after the thaw"
+        time.sleep(0.01)
+    w.close()
     with LogWriter(path, signer) as again:
         assert again.size >= 1
     assert kept(path)[0]["n"] == 0
