@@ -8,7 +8,8 @@ presented to another through a shared listener); skyguard's own paths (/.skyguar
 session (service.AppsService.session_for) and the access decision. Refusals are logged and
 counted by the service (refuse, deny). Checks.check decides at once what needs nothing but
 memory (the usual signed-in request); what needs the issuer (sign-in, callback, a session due
-for its check) finishes in Checks.decide.
+for its check) finishes in Checks.decide. A sign-in the signed log cannot record is a 503 page
+and no cookie (service.AppsService.signed_in); a sign-out signs out whatever the log does.
 """
 
 from __future__ import annotations
@@ -228,7 +229,10 @@ class Checks:
         except IssuerUnavailable as e:
             gate.refuse(app, "issuer_unavailable", client=self.client, detail=str(e))
             return Reply(503, "The identity provider cannot be reached, so nobody can sign in until it is back.")
-        session = gate.signed_in(app, sign_in, client=self.client)
+        session = await gate.signed_in(app, sign_in, client=self.client)
+        if session is None:  # the signed log cannot record it: nobody is let in off the record
+            return Reply(503, "skyguard cannot record sign-ins now, so you are not signed in. Try again shortly.",
+                         [set_cookie(LOGIN_COOKIE, "", 0)])
         cookie = gate.sealer.seal(session.sid, app.host, session.expires)
         return redirect(pending.return_path, set_cookie(SESSION_COOKIE, cookie, int(session.expires - time.time())),
                         set_cookie(LOGIN_COOKIE, "", 0), status=303)

@@ -8,6 +8,12 @@ across restarts). A listener whose certificate is missing stays closed and the p
 Degraded; an issuer that cannot be reached does not stop the part (sign-in fails closed with a
 page saying so, and recovers when the issuer is back).
 
+The signed log: a sign-in, and a group gained at the issuer, grant access only once their entries
+are durable (parts.entries_durable); a log that refuses or does not write them in time refuses the
+sign-in (a 503 page, counted LOG_REFUSED) or holds the group back. What ends access (a sign-out,
+expiry, a revocation, a lost group, a policy change, an operator's logout) never waits for or
+depends on the log: its entry is best effort, and one the log refuses is said in the host log.
+
 For other parts (the web console of issue 21): `AppsService.identify(host, headers)` says who is
 signed in on a request, see its docstring.
 """
@@ -21,17 +27,27 @@ import hashlib
 import logging
 import os
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from skyguard.apps import assertion
 from skyguard.apps.oidc import AppsError, IssuerClient
 from skyguard.apps.proxy import AppConnection
-from skyguard.apps.sessions import SESSION_COOKIE, CookieSealer, Session, SessionTable, allowed, cookie_value
+from skyguard.apps.sessions import (
+    SESSION_COOKIE,
+    CookieSealer,
+    Session,
+    SessionTable,
+    allowed,
+    cookie_value,
+    new_session,
+)
 from skyguard.apps.upstream import IdleUpstreams
 from skyguard.conncap import UnauthenticatedConnections
 from skyguard.credproxy.ca import new_server_context
 from skyguard.custody.pemload import load_cert_chain_from_memory, split_pem
-from skyguard.parts import BrakedRefusals, Degraded
+from skyguard.errors import LogError
+from skyguard.parts import BrakedRefusals, Degraded, entries_durable
 from skyguard.policy.apps import App
 from skyguard.policy.model import Policy
 from skyguard.timeouts import within
@@ -48,6 +64,7 @@ HANDSHAKE_TIMEOUT = 10.0
 # sources), at most MAX_UNSIGNED_CONNECTIONS such connections.
 MAX_CONNECTIONS_PER_CLIENT = 256
 MAX_UNSIGNED_CONNECTIONS = 1024
+LOG_REFUSED = "log_refused"  # a sign-in refused because the signed log cannot record it (a result label)
 
 
 @dataclass(frozen=True)
@@ -131,10 +148,8 @@ class AppsService:
                 problems.append(f"the identity client secret {identity.client_secret!r} is not in the store; "
                                 f"add it with `skyguard secret set {identity.client_secret}` (nobody can sign in)")
         apps = {a.name: a for a in policy.apps}
-        for session in list(self.sessions.sessions.values()):
-            app = apps.get(session.app)
-            if app is None or app.host != session.host:
-                self.end_session(session, "app_removed_from_policy")
+        self.end_sessions([s for s in self.sessions.sessions.values()
+                           if (app := apps.get(s.app)) is None or app.host != s.host], "app_removed_from_policy")
         for name in [n for n in self._servers if n not in apps]:
             await self._close(name)
         for app in policy.apps:
@@ -187,8 +202,7 @@ class AppsService:
 
     async def _sweep_once(self) -> None:
         now = time.time()
-        for session in self.sessions.expire(now):
-            self._record("apps_session_ended", session, reason="expired")
+        self._best_effort("apps_session_ended", self.sessions.expire(now), reason="expired")
         for session in [s for s in self.sessions.sessions.values() if s.tunnels]:
             app = self.app(session.app)
             try:
@@ -202,7 +216,7 @@ class AppsService:
                 for task in list(session.tunnels):
                     task.cancel()
                 reason = "websockets_not_allowed" if allowed(app, session.user, session.groups) else "access_withdrawn"
-                self._record("apps_denied", session, reason=reason, websockets_cut=True)
+                self._best_effort("apps_denied", [session], reason=reason, websockets_cut=True)
 
     # ---- what connections share --------------------------------------------------------------
 
@@ -249,20 +263,52 @@ class AppsService:
             self.end_session(session, "revoked_at_issuer")
             return False
         if groups != session.groups:
-            self._record("apps_groups_changed", session, before=list(session.groups), after=list(groups))
+            groups = await self._groups_on_record(session, groups)
         session.groups, session.checked = groups, time.time()
         return True
 
-    def signed_in(self, app: App, sign_in, client: str) -> Session:
-        lifetime = self.policy.identity.session_lifetime
-        session = self.sessions.create(app, sign_in, lifetime)
-        self._record("apps_signin", session, client=client)
+    async def _groups_on_record(self, session: Session, groups: tuple[str, ...]) -> tuple[str, ...]:
+        """The groups the session goes on with now that the issuer names `groups`: all of them once
+        apps_groups_changed is durable. A lost group takes effect whatever the log does; a gained
+        one (access granted) only on record: if the log refuses the entry or does not write it
+        within ENTRY_WAIT_S, the session keeps the groups it had and still has (the next check
+        tries again), said in the host log."""
+        gained = [group for group in groups if group not in session.groups]
+        try:
+            queued = self._record("apps_groups_changed", session, before=list(session.groups), after=list(groups))
+            if gained:
+                await entries_durable([queued])
+        except LogError as e:
+            log.error("apps: %s's change of groups on %s was not written to the signed log (%s): %s", session.user,
+                      session.app, f"gained {gained} held back until it is" if gained else "it takes effect anyway", e)
+            return tuple(group for group in groups if group in session.groups)
+        return groups
+
+    async def signed_in(self, app: App, sign_in, client: str) -> Session | None:
+        """The session of a sign-in the issuer confirmed, kept (its cookie then lets the user in)
+        only once its apps_signin entry is durable: nobody is let in with no record of it. None
+        when the signed log refuses the entry or has not written it within ENTRY_WAIT_S: nothing
+        of the sign-in is kept, it is counted LOG_REFUSED and said in the host log (a 503 page)."""
+        session = new_session(app, sign_in, self.policy.identity.session_lifetime)
+        try:
+            await entries_durable([self._record("apps_signin", session, client=client)])
+        except LogError as e:
+            self.count(app, LOG_REFUSED)
+            log.error("apps: %s: skyguard cannot record the sign-in of %s from %s, so it is refused: %s", app.name,
+                      session.user, client, e)
+            return None
         self.count(app, "signed_in")
-        return session
+        return self.sessions.add(session)
 
     def end_session(self, session: Session, reason: str) -> None:
-        if self.sessions.end(session.sid) is not None:
-            self._record("apps_session_ended", session, reason=reason)
+        self.end_sessions([session], reason)
+
+    def end_sessions(self, sessions: list[Session], reason: str) -> int:
+        """End `sessions` now (their cookies let nobody in, their WebSockets are cut), whatever
+        the signed log does; their apps_session_ended entries are best effort. How many ended."""
+        ended = [s for s in sessions if self.sessions.end(s.sid) is not None]
+        self._best_effort("apps_session_ended", ended, reason=reason)
+        return len(ended)
 
     def deny(self, app: App, session: Session, client: str) -> None:
         self.refusals.record("apps_denied", client, {"app": session.app, "user": session.user},
@@ -285,8 +331,29 @@ class AppsService:
             child = self._counters[(app.name, result)] = self.requests.labels(app.name, result)
         child.inc()
 
-    def _record(self, kind: str, session: Session, **fields) -> None:
-        self.log.record(kind, app=session.app, user=session.user, groups=list(session.groups), **fields)
+    def _record(self, kind: str, session: Session, **fields) -> Future | None:
+        """Queue the entry (LogError if the log refuses it now); its Future, for what must wait."""
+        return self.log.record(kind, app=session.app, user=session.user, groups=list(session.groups), **fields)
+
+    def _best_effort(self, kind: str, sessions: list[Session], **fields) -> None:
+        """Record `kind` for each session, for what has taken effect already (access ended, a
+        WebSocket cut) and stands whatever the log does: entries the log refuses are said in the
+        host log, once for the lot, without a traceback; nothing is raised."""
+        refused: list[Session] = []
+        error: LogError | None = None
+        for session in sessions:
+            try:
+                self._record(kind, session, **fields)
+            except LogError as e:
+                refused.append(session)
+                error = e
+            except Exception:  # noqa: BLE001 - the end of access must not fail on its record
+                log.exception("apps: could not record %s", kind)
+        if refused:
+            who = sorted({f"{s.user} on {s.app}" for s in refused})
+            log.error("apps: %d %s %s (%s: %s%s) not written to the signed log; what they record stands: %s",
+                      len(refused), kind, "entry was" if len(refused) == 1 else "entries were", fields.get("reason", ""),
+                      ", ".join(who[:5]), f" and {len(who) - 5} more" if len(who) > 5 else "", error)
 
     # ---- for other parts and the CLI ---------------------------------------------------------
 
@@ -322,10 +389,8 @@ class AppsService:
             user = args.get("user")
             if not isinstance(user, str) or not user:
                 raise AppsError("apps logout needs a user name")
-            ended = self.sessions.of_user(user)
-            for session in ended:
-                self.end_session(session, "logged_out_by_operator")
-            return {"user": user, "ended": len(ended)}
+            ended = self.end_sessions(self.sessions.of_user(user), "logged_out_by_operator")
+            return {"user": user, "ended": ended}
         if op == "jwks":
             return self.signer.jwks()
         raise AppsError(f"unknown apps operation {op!r}")

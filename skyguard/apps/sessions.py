@@ -232,6 +232,13 @@ def allowed(app: App, user: str, groups: tuple[str, ...]) -> bool:
     return user in app.users or any(group in app.groups for group in groups)
 
 
+def new_session(app: App, sign_in, lifetime: int, now: float | None = None) -> Session:
+    """A session for `sign_in` (oidc.SignIn), not yet in any table (SessionTable.add)."""
+    now = time.time() if now is None else now
+    return Session(secrets.token_urlsafe(32), app.name, app.host, sign_in.user, sign_in.subject, sign_in.name,
+                   sign_in.groups, sign_in.access_token, now, now + lifetime, now)
+
+
 class SessionTable:
     """Signed-in sessions and sign-ins under way. Use on the event loop only.
 
@@ -305,9 +312,10 @@ class SessionTable:
             self._drop_pending(state)
 
     def create(self, app: App, sign_in, lifetime: int, now: float | None = None) -> Session:
-        now = time.time() if now is None else now
-        session = Session(secrets.token_urlsafe(32), app.name, app.host, sign_in.user, sign_in.subject,
-                          sign_in.name, sign_in.groups, sign_in.access_token, now, now + lifetime, now)
+        return self.add(new_session(app, sign_in, lifetime, now))
+
+    def add(self, session: Session) -> Session:
+        """Keep a session made by new_session: from now on its cookie lets its user in."""
         self.sessions[session.sid] = session
         return session
 

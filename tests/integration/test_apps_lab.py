@@ -24,6 +24,7 @@ from skyguard import config
 from skyguard.apps.assertion import verify
 from skyguard.lab.ca import LabCA
 from skyguard.lab.idp import DEFAULT_FIXTURE, ISSUER, LabIdp
+from support.frozen_disk import FrozenDisk
 
 UPLINK = "100.64.0.1"  # the lab host's address toward the internet namespace
 CLIENT = "100.64.0.2"  # the internet namespace's address toward the lab host (people come from there)
@@ -146,22 +147,26 @@ def apps_lab(lab, tmp_path_factory):
         (tmp / name).write_bytes(chain.read_bytes() + key.read_bytes())
         daemon.cli("secret", "set", name, "--file", str(tmp / name), check=True)
     apps = []
+    log_disk = FrozenDisk(daemon.state_dir / "log")  # the signed log's own disk, frozen by one test
     try:
-        daemon.start()
-        (tmp / "jwks.json").write_text(daemon.cli("apps", "jwks", check=True).stdout)
-        for vm, port, origin in (("vfw1", 443, WIKI_URL), ("dc1", 8080, ADMIN_URL)):
-            app = lab.popen(vm, [sys.executable, "-c", APP, str(tmp / "jwks.json"), str(port), origin],
-                            stdout=subprocess.PIPE, stderr=open(tmp / f"{vm}-app.log", "w"), text=True,
-                            env={"PYTHONPATH": str(config.REPO_ROOT)})
-            apps.append(app)
-            assert app.stdout.readline().strip() == "ready"
-        yield type("AppsLab", (), {"tmp": tmp, "lab": lab, "daemon": daemon, "idp": idp, "ca": ca,
-                                   "fixture": fixture})
+        with log_disk:
+            try:
+                daemon.start()
+                (tmp / "jwks.json").write_text(daemon.cli("apps", "jwks", check=True).stdout)
+                for vm, port, origin in (("vfw1", 443, WIKI_URL), ("dc1", 8080, ADMIN_URL)):
+                    app = lab.popen(vm, [sys.executable, "-c", APP, str(tmp / "jwks.json"), str(port), origin],
+                                    stdout=subprocess.PIPE, stderr=open(tmp / f"{vm}-app.log", "w"), text=True,
+                                    env={"PYTHONPATH": str(config.REPO_ROOT)})
+                    apps.append(app)
+                    assert app.stdout.readline().strip() == "ready"
+                yield type("AppsLab", (), {"tmp": tmp, "lab": lab, "daemon": daemon, "idp": idp, "ca": ca,
+                                           "fixture": fixture, "log_disk": log_disk})
+            finally:
+                for app in apps:
+                    app.terminate()
+                    app.wait(10)
+                daemon.cleanup()
     finally:
-        for app in apps:
-            app.terminate()
-            app.wait(10)
-        daemon.cleanup()
         idp.stop()
 
 
@@ -449,6 +454,84 @@ def test_a_user_removed_from_the_group_is_refused_within_the_session_check(apps_
         apps_lab.idp.write_users(users)
     changed = [e for e in entries(apps_lab, "apps_groups_changed") if e["user"] == "bob"]
     assert changed and changed[-1]["after"] == []
+
+
+# ---- the signed log cannot record a sign-in ------------------------------------------------------
+
+def test_a_sign_in_the_log_cannot_record_is_refused_with_503_and_leaves_no_session(apps_lab):
+    """A sign-in's apps_signin entry was only queued: with the log's disk stalled the session
+    cookie went out at once, the sign-in on record nowhere (a crash then: no record at all); once
+    the log refused entries the callback raised out of the connection (no answer, a traceback in
+    the host log). Now a sign-in waits until its entry is durable, else a 503 saying why: no
+    session, no cookie, counted log_refused, said once in the host log."""
+    daemon = apps_lab.daemon
+    stalled, refusing = Browser(apps_lab, "bob-stalled"), Browser(apps_lab, "bob-refusing")
+    callbacks = [(browser, browser.sign_in("bob", stop_at_callback=True)) for browser in (stalled, refusing)]
+    counted = metric(apps_lab, "skyguard_apps_requests_total", app="wiki", result="log_refused")
+    host_log = daemon.log_path.stat().st_size
+    frozen_at = time.time()
+    apps_lab.log_disk.freeze()
+    try:
+        for browser, callback in callbacks:
+            if browser is refusing:  # the second once the log refuses new entries
+                wait_for(lambda: daemon.status()["log"]["refusing"], 60, "the log refusing entries")
+            code, headers, body, _ = browser.curl(callback)  # the first at once: the log is not refusing yet
+            assert code == 503 and "cannot record sign-ins" in body, (code, body)
+            assert "set-cookie" not in headers or not any(c.startswith("__Host-skyguard-session=")
+                                                          for c in headers["set-cookie"]), headers
+            assert browser.cookie("__Host-skyguard-session") is None
+        assert metric(apps_lab, "skyguard_apps_requests_total", app="wiki", result="log_refused") == counted + 2
+    finally:
+        apps_lab.log_disk.thaw()
+    wait_for(lambda: daemon.status()["log"]["refusing"] is None, 60, "the log accepting entries")
+    sessions = json.loads(daemon.cli("apps", "sessions", "--json", check=True).stdout)["sessions"]
+    assert not [s for s in sessions if s["signed_in"] >= frozen_at], sessions  # nothing kept of either
+    said = daemon.log_path.read_bytes()[host_log:].decode(errors="replace")
+    assert said.count("cannot record the sign-in") == 2 and "Traceback" not in said, said
+    code, _, body, _ = Browser(apps_lab, "bob-thawed").sign_in("bob")
+    assert code == 200 and app_view(body)["seen"] == "Hello, Bob Builder"
+    daemon.cli("log", "verify", check=True)
+
+
+def test_while_the_log_refuses_a_sign_out_signs_out_and_only_a_lost_group_takes_effect(apps_lab):
+    """With the log refusing entries, ending a session and a change of groups raised LogError out
+    of the request: a sign-out got no answer (the browser kept its cookie), and so did every
+    request of a user whose groups changed. Now ending access never depends on the log (its entry
+    is best effort, said in the host log): the sign-out page, the session gone, a lost group
+    taking effect; a gained group, which grants access, only once its entry is on record."""
+    daemon = apps_lab.daemon
+    first, leaving, bob, carol = (Browser(apps_lab, name) for name in ("bob-out-1", "bob-out-2", "bob-regrouped",
+                                                                        "carol-regrouped"))
+    for browser, user, code in ((first, "bob", 200), (leaving, "bob", 200), (bob, "bob", 200), (carol, "carol", 403)):
+        assert browser.sign_in(user)[0] == code
+    users = json.loads(apps_lab.fixture.read_text())["users"]
+    regrouped = {"bob": [], "carol": ["wiki-editors"]}
+    host_log = daemon.log_path.stat().st_size
+    apps_lab.idp.write_users([dict(u, groups=regrouped.get(u["username"], u["groups"])) for u in users])
+    apps_lab.log_disk.freeze()
+    try:
+        sign_out = ("-X", "POST", "-H", f"Origin: {WIKI_URL}")
+        assert first.curl(WIKI_URL + "/.skyguard/logout", *sign_out)[0] == 200  # its entry waits on the disk
+        wait_for(lambda: daemon.status()["log"]["refusing"], 60, "the log refusing entries")
+        code, headers, body, _ = leaving.curl(WIKI_URL + "/.skyguard/logout", *sign_out)
+        assert code == 200 and "signed out" in body, (code, body)
+        assert any(c.startswith("__Host-skyguard-session=;") for c in headers["set-cookie"])
+        assert leaving.curl(WIKI_URL + "/")[0] == 302
+        wait_for(lambda: bob.curl(WIKI_URL + "/")[0] == 403, SESSION_CHECK * 10, "bob's lost group taking effect")
+        said = lambda: daemon.log_path.read_bytes()[host_log:].decode(errors="replace")  # noqa: E731
+        wait_for(lambda: carol.curl(WIKI_URL + "/")[0] == 403 and "carol" in said(), SESSION_CHECK * 10,
+                 "carol's gained group held back, said in the host log")
+        assert "Traceback" not in said(), said()
+    finally:
+        apps_lab.log_disk.thaw()
+    try:
+        wait_for(lambda: daemon.status()["log"]["refusing"] is None, 60, "the log accepting entries")
+        wait_for(lambda: carol.curl(WIKI_URL + "/")[0] == 200, SESSION_CHECK * 10, "carol's gained group on record")
+    finally:
+        apps_lab.idp.write_users(users)
+    changed = [e for e in entries(apps_lab, "apps_groups_changed") if e["user"] == "carol"]
+    assert changed and changed[-1]["after"] == ["wiki-editors"], changed
+    daemon.cli("log", "verify", check=True)
 
 
 # ---- a real browser ---------------------------------------------------------------------------
