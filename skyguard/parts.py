@@ -24,13 +24,16 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from skyguard.conncap import RefusalBrake, source_of
 from skyguard.errors import LogError, SkyguardError
 from skyguard.policy.model import Policy
+from skyguard.tlog.errors import LogStalled
+
+log = logging.getLogger("skyguard.parts")
 
 
 class Degraded(SkyguardError):
@@ -67,31 +70,80 @@ def _not_durable() -> LogError:
     return LogError(f"the signed log has not written the entry within {ENTRY_WAIT_S:g} s: its disk is not answering")
 
 
-def wait_durable(queued: Future | None) -> None:
-    """In a worker thread: until the log writer's Future of an entry (DecisionLog.record) resolves.
-    LogError if the writer refused it, or has not made it durable within ENTRY_WAIT_S. The Future is
-    never cancelled: it stays the writer's, which may still write it later."""
+# Records the withdrawals (below): the writer's thread resolves the Futures, and must not wait on itself.
+_withdrawals = ThreadPoolExecutor(1, thread_name_prefix="skyguard-withdrawals")
+WITHDRAW_TRIES_S = 60.0
+
+
+def _withdraw_once_written(queued: Future, decisions: DecisionLog) -> None:
+    """The decision `queued` records did not take effect (its caller stopped waiting, or another of
+    its entries was refused), but the writer may still write it (once the disk answers): then a
+    `decision_withdrawn` entry naming its index follows it, so the log never claims what did not happen."""
+    def settled(future: Future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            _withdrawals.submit(_withdraw, decisions, future.result())
+    queued.add_done_callback(settled)
+
+
+def _withdraw(decisions: DecisionLog, index: int) -> None:
+    """In the withdrawals' thread. The late entry's Future resolves as the writer's stalled write
+    returns, a moment before the log accepts entries again: that refusal is tried again, for a while
+    (a log that is closed or refuses for space is not waited for)."""
+    deadline = time.monotonic() + WITHDRAW_TRIES_S
+    while True:
+        try:
+            decisions.record("decision_withdrawn", index=index, reason="its decision did not take effect: the "
+                             "entry was not durable in time, or another entry of the decision was refused")
+            return
+        except LogStalled:
+            if time.monotonic() < deadline:
+                time.sleep(0.5)
+                continue
+            error: Exception = LogStalled("the signed log still refuses entries")
+        except Exception as e:  # noqa: BLE001 - best effort, said in the host's log
+            error = e
+        log.error("the withdrawal of the signed log's entry %d (a decision that did not take effect) was not "
+                  "written: %s", index, error)
+        return
+
+
+def wait_durable(queued: Future | None, decisions: DecisionLog) -> None:
+    """In a worker thread: until the log writer's Future of an entry (`decisions.record`) resolves.
+    LogError if the writer refused it, or has not made it durable within ENTRY_WAIT_S (then the
+    decision must not take effect; if the entry is written later, a withdrawal follows it). The
+    Future is never cancelled: it stays the writer's."""
     if queued is None:
         return
     try:
         queued.result(ENTRY_WAIT_S)  # raises the writer's LogError if it refused the entry
     except TimeoutError:
+        _withdraw_once_written(queued, decisions)
         raise _not_durable() from None
 
 
-async def entries_durable(queued: list[Future | None]) -> None:
-    """wait_durable() on the event loop, for several entries."""
-    waiting = [asyncio.wrap_future(future) for future in queued if future is not None]
-    if not waiting:
+async def entries_durable(queued: list[Future | None], decisions: DecisionLog) -> None:
+    """wait_durable() on the event loop, for the entries of one decision: all durable, or LogError
+    (or the caller cancelled: its connection ended) and a withdrawal after each of them that is
+    written, now or later."""
+    entries = [future for future in queued if future is not None]
+    if not entries:
         return
-    done, pending = await asyncio.wait(waiting, timeout=ENTRY_WAIT_S)
-    for late in pending:  # written or refused later: the writer says so, not this caller
-        late.add_done_callback(lambda settled: settled.cancelled() or settled.exception())
-    refused = [error for error in (settled.exception() for settled in done) if error is not None]
-    if pending:
-        raise _not_durable()
-    if refused:
-        raise refused[0]  # the writer's fresh copy (tlog.errors.anew) for this entry
+    waiting = [asyncio.wrap_future(future) for future in entries]
+    durable = False
+    try:
+        done, pending = await asyncio.wait(waiting, timeout=ENTRY_WAIT_S)
+        refused = [error for error in (settled.exception() for settled in done) if error is not None]
+        if pending:
+            raise _not_durable()
+        if refused:
+            raise refused[0]  # the writer's fresh copy (tlog.errors.anew) for this entry
+        durable = True
+    finally:
+        if not durable:
+            for late in waiting:  # written or refused later: the writer says so, not this caller
+                late.add_done_callback(lambda settled: settled.cancelled() or settled.exception())
+            for future in entries:
+                _withdraw_once_written(future, decisions)
 
 
 class NullLog:

@@ -430,7 +430,7 @@ class OperatorConnection(asyncssh.SSHServer):
 
         async def bridge(reader, writer):
             try:  # nothing reaches the VM until the forward is on record (durable)
-                await entries_durable([queued])
+                await entries_durable([queued], self.proxy.decision_log)
             except LogError as e:
                 log.error("a port forward of %s to %s:%s is closed before it reached the VM: its entry was not "
                           "written: %s", self.operator_name, dest_host, dest_port, e)

@@ -219,7 +219,7 @@ class SessionArchive:
         meta["input_recorded"] = record_input
         recording = SessionRecording(self, meta, width, height, term, record_input, notify)
         try:  # the session opens only once its start is on record (durable)
-            wait_durable(self._log("admin_session_start", **_log_fields(meta)))
+            wait_durable(self._log("admin_session_start", **_log_fields(meta)), self.decision_log)
         except LogError:  # no session without its start entry: nothing was recorded, nothing is kept
             abandon(recording._cast, recording.cast_path, recording.meta_path)
             raise

@@ -277,7 +277,7 @@ class AppsService:
         try:
             queued = self._record("apps_groups_changed", session, before=list(session.groups), after=list(groups))
             if gained:
-                await entries_durable([queued])
+                await entries_durable([queued], self.log)
         except LogError as e:
             log.error("apps: %s's change of groups on %s was not written to the signed log (%s): %s", session.user,
                       session.app, f"gained {gained} held back until it is" if gained else "it takes effect anyway", e)
@@ -291,7 +291,7 @@ class AppsService:
         of the sign-in is kept, it is counted LOG_REFUSED and said in the host log (a 503 page)."""
         session = new_session(app, sign_in, self.policy.identity.session_lifetime)
         try:
-            await entries_durable([self._record("apps_signin", session, client=client)])
+            await entries_durable([self._record("apps_signin", session, client=client)], self.log)
         except LogError as e:
             self.count(app, LOG_REFUSED)
             log.error("apps: %s: skyguard cannot record the sign-in of %s from %s, so it is refused: %s", app.name,

@@ -77,7 +77,7 @@ class VncRecording:
         try:
             wait_durable(archive._log("admin_session_start", session=self.id, operator=operator, key_fingerprint=None,
                          workload=target.workload, zone=zone, source=source, kind="vnc", command=None,
-                         start=self.meta["start"], target=target.name))
+                         start=self.meta["start"], target=target.name), archive.decision_log)
         except LogError:  # no session without its start entry (see SessionArchive.begin)
             abandon(self._file, self.path, archive.directory / f"{self.id}.json")
             raise

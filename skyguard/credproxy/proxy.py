@@ -426,7 +426,7 @@ class CredentialProxy:
         try:
             queued = [self.decision_log.record("credential", **entry) for entry in verdict.entries]
             if verdict.action == "swap":
-                await entries_durable(queued)
+                await entries_durable(queued, self.decision_log)
         except LogError:
             for credential, _ in verdict.results:
                 self.metrics.count(credential, LOG_REFUSED)

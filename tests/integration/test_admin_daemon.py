@@ -5,6 +5,7 @@ proxy reach tcp/22 of a VM."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -216,6 +217,7 @@ def test_a_session_opens_only_once_its_start_is_durable(admin_lab):
     daemon = admin_lab.daemon
     archive = SessionArchive(daemon.state_dir / "admin" / "sessions")
     records = len(archive.list())
+    size = daemon.status()["log"]["size"]
     admin_lab.log_disk.freeze()
     try:  # each at once: the log refuses new entries only after 5 s
         # A port forward does not reach the VM (-W: the VM's sshd would answer with its banner).
@@ -235,6 +237,14 @@ def test_a_session_opens_only_once_its_start_is_durable(admin_lab):
         admin_lab.log_disk.thaw()
     wait_for(lambda: daemon.status()["log"]["refusing"] is None, 60, "the log accepting entries")
     assert operator_ssh(admin_lab, "alice", "alice+dc1", "echo back").stdout.strip() == "back"
+    # Their entries, queued before the refusal, are written once the disk answers: each is followed
+    # by a withdrawal, so the log does not claim a session or a forward that never opened.
+    def withdrawn() -> list[str]:
+        rows = [json.loads(line) for line in daemon.cli("log", "show", "--json", check=True).stdout.splitlines()]
+        entries = {row["index"]: row["entry"] for row in rows}
+        return sorted(entries[e["index"]]["type"] for e in entries.values()
+                      if e["type"] == "decision_withdrawn" and e["index"] >= size)
+    wait_for(lambda: withdrawn() == ["admin_port_forward", "admin_session_start"], 30, "both withdrawn")
     assert daemon.cli("log", "verify").returncode == 0
 
 

@@ -256,6 +256,7 @@ def test_a_swap_waits_for_its_entry_so_no_secret_leaves_while_the_log_disk_stall
     frozen it is refused with 503 and the upstream never sees the request."""
     assert swap(lab, daemon, "/stall-before")[0] == 200  # learned (DNS) and swapped
     refused = metric_of(daemon, "skyguard_credential_swaps_total", result="log_refused")
+    before = daemon.status()["log"]["size"]
     daemon.disk.freeze()
     try:
         code, body = swap(lab, daemon, "/stall-swap", resolve=True)  # at once: the log is not refusing yet
@@ -266,6 +267,12 @@ def test_a_swap_waits_for_its_entry_so_no_secret_leaves_while_the_log_disk_stall
         daemon.disk.thaw()
     wait_for(lambda: daemon.status()["log"]["refusing"] is None, 60, "the log accepting again")
     assert swap(lab, daemon, "/stall-after", resolve=True)[0] == 200
+    # Its entry, queued before the refusal, is written once the disk answers: a withdrawal follows it,
+    # so the log does not claim a swap that never happened.
+    rows = [json.loads(line) for line in daemon.cli("log", "show", "--json", check=True).stdout.splitlines()]
+    entries = {row["index"]: row["entry"] for row in rows}
+    [withdrawn] = [e for e in entries.values() if e["type"] == "decision_withdrawn" and e["index"] > before]
+    assert entries[withdrawn["index"]]["type"] == "credential" and entries[withdrawn["index"]]["result"] == "swapped"
 
 
 def frozen_log(daemon):
