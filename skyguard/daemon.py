@@ -558,8 +558,8 @@ class Daemon:
 
     def _op_down(self, args: dict) -> dict:
         self.detach_on_exit = True
-        self.stop_event.set()
-        return {"stopping": True}
+        self.stop_event.set()  # pid and log: `down` names this process if it is left waiting on its log's disk
+        return {"stopping": True, "pid": os.getpid(), "log": str(self.tlog.directory) if self.tlog else None}
 
     def status(self) -> dict:
         # Not under self._lock: a policy swap holds it while its parts take the policy (up to

@@ -5,11 +5,15 @@ from __future__ import annotations
 import logging
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from skyguard import config
 from skyguard.cli.common import emit_json, json_option, state_dir_option
+
+if TYPE_CHECKING:
+    from skyguard.tlog.holder import LogHolder
 
 STARTING_TIMEOUT_S = 300  # how long `down` waits for a starting daemon: loading a policy may take 180 s
 
@@ -85,9 +89,14 @@ def down(state_dir):
         click.echo("a daemon is starting; stopping it once it answers", err=True)
         control.wait_started(timeout=STARTING_TIMEOUT_S)
     if control.daemon_running():
-        control.request("down", state_dir=state_dir)
+        reply = control.request("down", state_dir=state_dir)
         control.wait_gone()
         click.echo("skyguard stopped; programs detached")
+        holder = _left_waiting(Path(reply["log"])) if reply.get("log") else None
+        if holder is not None and holder.pid == reply.get("pid"):  # its log's disk does not answer (tlog/store.py close)
+            click.echo(f"its process (pid {holder.pid}) {holder.waits_on(Path(reply['log']))}: it ends once the "
+                       "disk answers (its final checkpoint is then not written: see its log), and `skyguard up` "
+                       "can start then", err=True)
         return
     from skyguard.credproxy import steering as credential_steering
     from skyguard.datapath import guard
@@ -106,6 +115,26 @@ def down(state_dir):
     Datapath.remove_pins(config.PIN_DIR)
     click.echo(f"no daemon was running; detached {len(detached)} interfaces left by an earlier one"
                if detached else "no daemon was running and nothing was attached")
+    said = _still_waiting(state_dir)
+    if said:
+        click.echo(said, err=True)
+
+
+def _left_waiting(log_dir: Path) -> LogHolder | None:
+    """The process holding the log at `log_dir` if it waits on the log's disk (tlog/holder.py), else None."""
+    from skyguard.tlog.holder import log_holder
+
+    holder = log_holder(log_dir)
+    return holder if holder is not None and holder.waiting else None
+
+
+def _still_waiting(state_dir) -> str | None:
+    """With no daemon running: what `down` and `status` say of a previous daemon's process that a
+    `down` left waiting on its log's disk (it holds the log, and a new `up` is refused, until then)."""
+    log_dir = Path(state_dir or config.STATE_DIR) / "log"
+    holder = _left_waiting(log_dir)
+    return (f"{holder.who} {holder.waits_on(log_dir)}; it ends once the disk answers, and `skyguard up` can "
+            "start then") if holder is not None else None
 
 
 @click.command("status")
@@ -135,6 +164,9 @@ def status(wait_s, state_dir, as_json):
             break
         except DaemonError:
             if time.monotonic() >= deadline:
+                said = None if control.daemon_running() else _still_waiting(state_dir)
+                if said:
+                    raise DaemonError(f"no skyguard daemon is running: {said}") from None
                 raise
             time.sleep(0.2)
     reply.pop("ok", None)

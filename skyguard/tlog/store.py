@@ -56,6 +56,7 @@ from skyguard.tlog.errors import BadLogInput, VerificationError, anew
 from skyguard.tlog.files import read_log_file
 from skyguard.tlog.hashing import EMPTY_ROOT, HASH_SIZE, hash_leaves
 from skyguard.tlog.head import MAX_NOTE, HeadWriter, read_head
+from skyguard.tlog.holder import held_refusal
 from skyguard.tlog.intake import MAX_QUEUED_BYTES, MAX_QUEUED_ENTRIES, STALL_AFTER_S, Intake
 
 # The layout and the reader live in reader.py; these names stay importable from here.
@@ -156,8 +157,9 @@ class LogWriter:
         except BlockingIOError:
             os.close(self._lock_fd)
             self._lock_fd = None
-            raise LogError(f"another writer (a running skyguard daemon?) has the log at {d} "
-                           f"open; stop it first") from None
+            # Who, and whether it waits on this disk (a daemon `down` left waiting on it: close()).
+            raise LogError(held_refusal(d) or f"another writer has the log at {d} open (it has let go "
+                           f"since: try again)") from None
         if created:
             if segment_entries < NODE_SPAN or segment_entries % NODE_SPAN:
                 raise BadLogInput(f"segment_entries must be a multiple of {NODE_SPAN}")

@@ -334,19 +334,35 @@ def test_down_returns_while_the_log_disk_is_stalled(lab, daemon):
     """`skyguard down` waited for the daemon_stop entry and the final checkpoint without a bound:
     with the log's disk frozen it never returned. Now the programs are detached and the pins
     removed while the disk is still frozen; what could not be written is named in the host's log;
-    once thawed the log verifies and holds what was acknowledged before."""
+    once thawed the log verifies and holds what was acknowledged before.
+
+    Its process then holds the log until the disk answers: `down`, `status`, a new `up` and a
+    second `down` said nothing of it (`up`: "another writer (a running skyguard daemon?) has the
+    log open"); each now names that process and the disk it waits on."""
     daemon.ensure_running()
     assert "status: NOERROR" in dig(lab, "agent1", "pypi.sandbox.test")
     acknowledged = daemon.status()["log"]["checkpointed_size"]  # under the head: acknowledged
     before = daemon.log_entries()[:acknowledged]
+    log_dir, pid = daemon.state_dir / "log", daemon.proc.pid
+    waiting = f"the previous skyguard daemon's process (pid {pid}) is still waiting on the log's disk at {log_dir}"
     try:
         frozen_log(daemon)
         down = daemon.cli("down", timeout=120)
         assert down.returncode == 0 and "programs detached" in down.stdout, down.stderr + daemon.log_tail()
+        assert f"its process (pid {pid}) is still waiting on the log's disk at {log_dir}" in down.stderr, down.stderr
         assert daemon.disk.frozen and not daemon.pin_dir.exists()
         said = daemon.log_tail(1 << 20)
         assert "daemon_stop was not written to the signed log" in said, said[-4000:]
         assert "its final checkpoint was not written" in said, said[-4000:]
+        status = daemon.cli("status", timeout=60)
+        assert status.returncode == 1 and "no skyguard daemon is running" in status.stderr, status.stderr
+        assert waiting in status.stderr, status.stderr
+        up = daemon.cli("up", "--policy", str(daemon.policy_path), "--metrics", "off", timeout=60)
+        assert up.returncode == 1 and waiting in up.stderr, up.stderr[-4000:]
+        assert not daemon.pin_dir.exists()
+        again = daemon.cli("down", timeout=60)
+        assert again.returncode == 0 and "nothing was attached" in again.stdout, again.stdout + again.stderr
+        assert waiting in again.stderr, again.stderr
     finally:
         daemon.disk.thaw()
     daemon.proc.wait(60)  # the process ends once the kernel lets its write return
