@@ -25,7 +25,7 @@ from skyguard.datapath import guard
 from skyguard.errors import BadInput, SkyguardError
 from skyguard.keys.record import control_handler as key_record_handler
 from skyguard.metrics.views import flows_handler, workload_names
-from skyguard.parts import PartLog, make_part, stop_logged, stop_part
+from skyguard.parts import PartLog, make_part, raise_open_file_limit, stop_logged, stop_part
 from skyguard.storenames import secrets_status
 from skyguard.tlog.entries import entry, without_floats
 
@@ -108,8 +108,7 @@ class Daemon:
 
             text, source = kept_fleet_policy(self.state_dir, self.fleet["admin_keys"]) or (text, source)
         policy = parse_policy(text, source=source)  # bad policy: nothing changes
-        _raise_open_file_limit()
-        fsutil.private_dir(self.state_dir)
+        raise_open_file_limit()
         self._open_log()
         self.record("daemon_start", pid=os.getpid(), version=__version__)
         self._open_tpm()
@@ -137,7 +136,11 @@ class Daemon:
     def run(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop_event.set())
-        self.start()
+        try:
+            self.start()
+        except BaseException:  # the run and pin dirs let go now: a start that gave up on the log's disk
+            let_go(getattr(self, "_locks", ()))  # may hold the process until it answers (tlog/opening.py)
+            raise
         try:
             while not self.stop_event.wait(0.5):
                 pass
@@ -187,9 +190,12 @@ class Daemon:
     # ---- the signed log --------------------------------------------------------------------
 
     def _open_log(self) -> None:
+        """Within the log's stall bound: a disk that does not answer fails the start (tlog/opening.py)."""
         from skyguard.tlog import LogWriter, host_signer
+        from skyguard.tlog.opening import open_log
 
-        self.tlog = LogWriter(self.state_dir / "log", host_signer(self.state_dir))
+        directory = self.state_dir / "log"
+        self.tlog = open_log(directory, lambda: LogWriter(directory, host_signer(fsutil.private_dir(self.state_dir))))
 
     def record_nowait(self, kind: str, /, **fields) -> Future | None:
         """Queue one entry for the next group commit without waiting (DNS answers must not wait for an
@@ -581,17 +587,6 @@ class Daemon:
             "secrets": secrets_status(policy, self.state_dir / "secrets"),
             "tpm": self.tpm.status() if self.tpm else None,
         }
-
-
-def _raise_open_file_limit() -> None:
-    """The parts share one process: per-VM connection caps, TLS terminations and idle upstream
-    connections together can pass the default soft limit of 1,024 descriptors."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        log.info("open file limit raised from %d to %d", soft, hard)
 
 
 def _prog_summary(info: dict) -> dict:

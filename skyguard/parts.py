@@ -324,3 +324,14 @@ class BrakedRefusals:
         """Every held refusal into its summary now."""
         for due in list(self._due):
             self._summarise(due)
+
+
+def raise_open_file_limit() -> None:
+    """The parts share one process: per-VM connection caps, TLS terminations and idle upstream
+    connections together can pass the default soft limit of 1,024 descriptors."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        logging.getLogger("skyguard.daemon").info("open file limit raised from %d to %d", soft, hard)

@@ -6,7 +6,7 @@ process keeps the log until its write returns; `up`, `down` and `status` name it
 Waiting means a thread of the holder sleeps uninterruptibly (state D) in a call on a file of the
 log's filesystem (the syscall's first argument, a descriptor, checked in /proc/PID/task/TID), so a
 daemon that merely reads a slow disk elsewhere is not taken for one stuck on its log. Not here:
-taking the lock (store.py).
+taking the lock (store.py), bounding the start (opening.py).
 """
 
 from __future__ import annotations

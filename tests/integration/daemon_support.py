@@ -146,8 +146,16 @@ class RunningDaemon:
             if caps:
                 drop += [f"--inh-caps={caps}", f"--ambient-caps={caps}"]
             argv = drop + ["--"] + argv
-        out = subprocess.run(self._in_host(argv), capture_output=True, text=True, env=self.env,
-                             timeout=timeout, cwd="/", input=input)
+        proc = subprocess.Popen(self._in_host(argv), stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env, cwd="/")
+        try:
+            stdout, stderr = proc.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # Killed, not waited for: a process the kernel holds in a write to a disk that does
+            # not answer ends only once that write returns (subprocess.run would wait for it).
+            proc.kill()
+            raise AssertionError(f"skyguard {' '.join(args)} did not exit within {timeout:.0f}s") from None
+        out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
         if check and out.returncode != 0:
             raise AssertionError(f"skyguard {' '.join(args)} exited {out.returncode}: {out.stderr}")
         return out

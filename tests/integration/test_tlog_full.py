@@ -5,10 +5,10 @@ anything; DNS then answers nothing (fail closed), enforcement goes on, status an
 the daemon lives, and once the space is back logging resumes on its own and `skyguard log verify`
 passes. Stalled (a hung disk, frozen with fsfreeze): after the writer has waited on it for a
 bound, the same refusal, and the same recovery once it answers; `skyguard down` returns while it
-is still frozen.
+is still frozen, and `up` fails while it does not answer.
 
 The log directory is a small ext4 image this module mounts and unmounts (tests/support/frozen_disk.py),
-never the machine's disk. The down test stops the module's daemon: it comes last.
+never the machine's disk. The down test stops the module's daemon: it and the up test come last.
 """
 
 import json
@@ -368,3 +368,32 @@ def test_down_returns_while_the_log_disk_is_stalled(lab, daemon):
     daemon.proc.wait(60)  # the process ends once the kernel lets its write return
     daemon.cli("log", "verify", check=True)
     assert daemon.log_entries()[:acknowledged] == before
+
+
+def test_up_fails_while_the_log_disk_does_not_answer(lab, daemon):
+    """The log's disk frozen before `skyguard up`: opening the log (its tail, its last checkpoint)
+    had no bound, so `up` waited silently for ever, nothing answered status and nothing was
+    attached. Now it fails once the disk has not answered for the log's stall bound, naming the
+    log's path; nothing is started or attached, and once the disk answers the log verifies and
+    `up` starts."""
+    if daemon.running():  # stopped by the test before, unless this one runs alone
+        daemon.stop()
+    log_dir = daemon.state_dir / "log"
+    daemon.disk.freeze()
+    try:
+        up = daemon.cli("up", "--policy", str(daemon.policy_path), "--metrics", "off", timeout=60)
+        assert up.returncode == 1, up.stderr[-4000:]
+        assert f"the signed log at {log_dir}: its disk does not answer" in up.stderr, up.stderr[-4000:]
+        assert not daemon.pin_dir.exists()
+        attached = lab.exec("host", ["tc", "filter", "show", "dev", "sg-vfw1", "ingress"], lab_resolver=False,
+                            capture_output=True, text=True)
+        assert attached.returncode == 0 and not attached.stdout.strip(), attached.stdout
+        status = daemon.cli("status", timeout=60)
+        assert status.returncode == 1 and "no skyguard daemon is running" in status.stderr, status.stderr
+        down = daemon.cli("down", timeout=60)  # no daemon half-started ("a daemon is starting" and a wait)
+        assert down.returncode == 0 and "nothing was attached" in down.stdout, down.stdout + down.stderr
+        assert "starting" not in down.stderr, down.stderr
+    finally:
+        daemon.disk.thaw()
+    daemon.cli("log", "verify", check=True)
+    assert daemon.start()["policy"]["name"]

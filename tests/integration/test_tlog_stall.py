@@ -2,9 +2,11 @@
 tests/support/frozen_disk.py), not full: it refuses new entries once a write has waited past its
 bound, a wait for durability ends then, its backlog is bounded, close() returns while the disk is
 still frozen, and once the disk answers what was queued is written, the writer says how long it
-was behind, and the log verifies with every acknowledged entry."""
+was behind, and the log verifies with every acknowledged entry. Opening a log at the daemon's start
+fails within the same bound when its disk does not answer, before it or in the middle of it."""
 
 import logging
+import threading
 import time
 
 import pytest
@@ -13,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from skyguard.tlog.checkpoint import Signer
 from skyguard.tlog.entries import decode, entry
 from skyguard.tlog.errors import LogStalled
+from skyguard.tlog.opening import open_log
 from skyguard.tlog.store import LogReader, LogWriter
 from skyguard.tlog.verify import verify_log
 from support.frozen_disk import FrozenDisk, blocked_in_the_kernel
@@ -125,4 +128,46 @@ def test_close_returns_while_the_disk_is_frozen_and_the_log_verifies_once_it_ans
     with LogWriter(path, signer) as again:
         assert again.size >= 1
     assert kept(path)[0]["n"] == 0
+    assert verify_log(path, signer.verifier).ok
+
+
+def test_opening_a_log_whose_disk_does_not_answer_fails_within_the_bound(disk, signer):
+    """At the daemon's start (tlog/opening.py): the disk is asked before the log is opened, by a
+    child process, so a frozen disk fails the open with nothing of this process waiting on it."""
+    path = disk.path / "log"
+    with LogWriter(path, signer) as w:
+        w.append(entry("deny", n=0))
+    opened = []
+    disk.freeze()
+    try:
+        with pytest.raises(LogStalled, match=f"the signed log at {path}: its disk does not answer"):
+            open_log(path, lambda: opened.append(LogWriter(path, signer)), stall_after=STALL_AFTER)
+        assert opened == [] and not blocked_in_the_kernel()
+    finally:
+        disk.thaw()
+    assert verify_log(path, signer.verifier).ok
+
+
+def test_an_open_the_disk_stops_answering_in_the_middle_of_fails_and_lets_go_of_the_log_after(disk, signer):
+    """The disk answers when asked, then stops while the log is being opened: the open fails the
+    same way once it has not answered for the bound; once it answers, what the abandoned open made
+    is closed (its lock let go) and the log opens and verifies."""
+    path = disk.path / "log"
+    with LogWriter(path, signer) as w:
+        w.append(entry("deny", n=0))
+
+    def opener():
+        disk.freeze()  # after the disk was asked
+        return LogWriter(path, signer)
+
+    try:
+        with pytest.raises(LogStalled, match=f"the signed log at {path}: its disk does not answer"):
+            open_log(path, opener, stall_after=STALL_AFTER)
+        assert blocked_in_the_kernel()  # the abandoned open waits there
+    finally:
+        disk.thaw()
+    until(lambda: not any(t.name == "skyguard-tlog-open" for t in threading.enumerate()), "the abandoned open to end")
+    with LogWriter(path, signer) as again:
+        assert again.append(entry("deny", n=1)) == 1
+    assert [e.get("n") for e in kept(path)] == [0, 1]
     assert verify_log(path, signer.verifier).ok
