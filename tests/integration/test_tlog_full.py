@@ -269,10 +269,12 @@ def test_a_swap_waits_for_its_entry_so_no_secret_leaves_while_the_log_disk_stall
     assert swap(lab, daemon, "/stall-after", resolve=True)[0] == 200
     # Its entry, queued before the refusal, is written once the disk answers: a withdrawal follows it,
     # so the log does not claim a swap that never happened.
-    rows = [json.loads(line) for line in daemon.cli("log", "show", "--json", check=True).stdout.splitlines()]
-    entries = {row["index"]: row["entry"] for row in rows}
-    [withdrawn] = [e for e in entries.values() if e["type"] == "decision_withdrawn" and e["index"] > before]
-    assert entries[withdrawn["index"]]["type"] == "credential" and entries[withdrawn["index"]]["result"] == "swapped"
+    def withdrawn() -> list[dict]:
+        rows = [json.loads(line) for line in daemon.cli("log", "show", "--json", check=True).stdout.splitlines()]
+        entries = {row["index"]: row["entry"] for row in rows}
+        return [entries[e["index"]] for e in entries.values() if e["type"] == "decision_withdrawn" and e["index"] >= before]
+    [late] = wait_for(withdrawn, 30, "the late swap entry withdrawn")
+    assert late["type"] == "credential" and late["result"] == "swapped", late
 
 
 def frozen_log(daemon):
@@ -287,6 +289,7 @@ def test_a_stalled_log_disk_fails_closed_keeps_the_daemon_answering_and_resumes_
     without a bound and never refused one, so DNS went on answering on entries that could not be
     written, and status said nothing. Now it refuses once a write has waited past its bound."""
     assert "status: NOERROR" in dig(lab, "agent1", "pypi.sandbox.test")
+    assert swap(lab, daemon, "/logstall-before")[0] == 200  # its address learned (the refused swap below pins it)
     stalls_before = len(daemon.log_entries("log_stall_ended"))
     stream = Stream(lab, "radius1", "dc1", "10.10.2.2", 50011)  # decided before the stall
     try:
@@ -305,7 +308,8 @@ def test_a_stalled_log_disk_fails_closed_keeps_the_daemon_answering_and_resumes_
         assert seen["skyguard_log_accepting"] == 0 and seen["skyguard_log_write_wait_seconds"] > 0
         assert seen["skyguard_log_queued_entries"] >= 1 and seen["skyguard_log_stall_refused_entries_total"] >= 2
         assert daemon.cli("flows", "--json").returncode == 0
-        assert swap(lab, daemon, "/logstall-refused", resolve=True)[0] == 503  # no secret out without its entry
+        code, body = swap(lab, daemon, "/logstall-refused", resolve=True)
+        assert code == 503, body + daemon.log_tail(3000)  # no secret out without its entry
         assert not upstream_got(lab, "/logstall-refused")
         # A policy load must be on record: refused, nothing changed (the datapath flipped first, before).
         variant = daemon.work_dir / "policy-variant.yaml"
