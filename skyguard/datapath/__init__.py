@@ -8,6 +8,7 @@ Contract other parts code against (implemented in skyguard/datapath/datapath.py)
     dp.attach(ifname) / dp.detach(ifname)    # XDP (VM -> host) + TC egress (host -> VM)
     dp.attached() -> dict[ifname, info]      # program ids and tags per interface
     dp.learn(zone, rule_name, ips, ttl)      # DNS learning: open ips for that zone+rule's ports
+                                             # (for the longest ttl any call gave them)
     dp.counters() -> dict                    # per zone/direction/verdict/reason, summed per-CPU
     dp.close()                               # drops Python handles; pinned state stays
 
@@ -24,6 +25,8 @@ Details and additions (bpf/README.md explains the design):
     verify() -> {ifname: problem}            # watchdog: missing or foreign programs ({} = all ours)
     program_ids() -> {"sg_from_vm": id, "sg_from_vm_tc": id, "sg_to_vm": id}
     detach_all() -> [ifname]                 # `skyguard down`; then Datapath.remove_pins()
+    hold(zone, rule_name, ips, ttl)          # learn(), but exactly ttl: shortens (an answer taken back)
+    forget(zone, rule_name, ips) -> removed  # close ips for that zone+rule now (others' holds stay)
     expire_learned() -> removed              # call periodically (the datapath already ignores expired)
     learned() -> {ip: {"zone/rule": expiry_monotonic_ns}}
     counters() -> {"traffic": [{zone, direction, verdict, packets, bytes}],

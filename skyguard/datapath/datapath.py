@@ -8,7 +8,7 @@ Fail-closed decisions written here once:
   same prio/handle), so a restart never opens a window.
 - An attached interface whose workload is not in the active policy drops everything.
 Not here: deciding what to write (compile.py) or parsing YAML (skyguard.policy).
-Thread safety: one lock serialises apply_policy, learn and expire_learned.
+Thread safety: one lock serialises apply_policy, learn, hold, forget and expire_learned.
 """
 
 from __future__ import annotations
@@ -208,8 +208,19 @@ class Datapath:
 
     # ---- DNS learning -----------------------------------------------------------------------
     def learn(self, zone: str, rule_name: str, ips, ttl: float) -> None:
-        """Open `ips` for `zone` under FQDN rule `rule_name` (its ports only) for `ttl` seconds.
+        """Open `ips` for `zone` under FQDN rule `rule_name` (its ports only) for `ttl` seconds, or
+        for longer if an answer before opened them for longer under the same zone and rule (two
+        names a CDN answers with one address: the VM may use it while any answer it holds says so).
         Expiry stops new flows; established ones stay in conntrack."""
+        self._learn(zone, rule_name, ips, ttl, exact=False)
+
+    def hold(self, zone: str, rule_name: str, ips, ttl: float) -> None:
+        """learn(), but for exactly `ttl` seconds from now, shorter than before if need be: the DNS
+        proxy gives addresses back the expiry the answers it still holds give them, once the log
+        refused a later answer or the policy stopped backing one (dns/learning.py)."""
+        self._learn(zone, rule_name, ips, ttl, exact=True)
+
+    def _learn(self, zone: str, rule_name: str, ips, ttl: float, exact: bool) -> None:
         with self._lock:
             if self.policy is None:
                 raise DatapathError("learn() before apply_policy(): no policy is active")
@@ -218,19 +229,22 @@ class Datapath:
                 raise BadInput(f"rule {rule_name!r} does not exist or has no fqdns: nothing to learn for it")
             if zone not in rule.from_zones:
                 raise BadInput(f"zone {zone!r} is not a source of rule {rule_name!r}")
-            for ip in self.remember(zone, rule_name, ips, ttl):
+            for ip in self.remember(zone, rule_name, ips, ttl, exact):
                 self._write_learned_ip(self.gen, ip)
 
-    def remember(self, zone: str, rule_name: str, ips, ttl: float) -> list:
+    def remember(self, zone: str, rule_name: str, ips, ttl: float, exact: bool = False) -> list:
         """Hold learned addresses without writing maps: a restarting daemon calls this with its
         saved DNS answers BEFORE apply_policy, so the first generation it writes already holds
-        them and conntrack entries to learned addresses survive the re-check (no window)."""
+        them and conntrack entries to learned addresses survive the re-check (no window). Like
+        learn(), an address keeps the latest expiry any call gave it, unless `exact` (hold())."""
         expiry = time.monotonic_ns() + int(ttl * 1e9)
         out = []
         with self._lock:
             for ip in ips:
                 ip = ipaddress.ip_address(ip)
-                self._learned.setdefault(ip, {})[(zone, rule_name)] = expiry
+                selectors = self._learned.setdefault(ip, {})
+                key = (zone, rule_name)
+                selectors[key] = expiry if exact else max(expiry, selectors.get(key, 0))
                 out.append(ip)
         return out
 

@@ -18,10 +18,13 @@ from skyguard.policy.model import IPAddress, Policy
 @runtime_checkable
 class Learner(Protocol):
     def learn(self, zone: str, rule_name: str, ips: list[IPAddress], ttl: int) -> None:
-        """Open ips for zone's rule_name ports for ttl seconds. Called synchronously before the
-        answer is released to the VM; if it raises, the answer is withheld (fail closed). A
-        learner may also have `forget(zone, rule_name, ips)`: close them before their TTL (a cap
-        evicted them, the policy no longer backs them, the log refused the answer: learning.py)."""
+        """Open ips for zone's rule_name ports for ttl seconds, or longer if an earlier call
+        opened them for longer (names sharing an address: open while any answer says so). Called
+        synchronously before the answer is released to the VM; if it raises, the answer is
+        withheld (fail closed). A learner may also have `forget(zone, rule_name, ips)`: close them
+        before their TTL (a cap evicted them, the policy no longer backs them, the log refused the
+        answer: learning.py); and `hold(zone, rule_name, ips, ttl)`: exactly ttl seconds more,
+        shorter if need be (the longer answer was refused, or its name is no longer allowed)."""
 
 
 # The DNS proxy reports each decision as record("dns", name=..., qtype=..., verdict=...), and the

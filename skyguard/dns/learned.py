@@ -64,6 +64,9 @@ class LearnedStore:
         self._order: dict[str, OrderedDict[tuple[Key, str], None]] = {}  # per workload, LRU
         self._held: Counter = Counter()  # (zone, rule, ip) -> entries holding it
         self._evicted: list[tuple[str, str, str]] = []  # (zone, rule, ip) no entry holds any more
+        # (zone, rule, ip) that lost an entry or part of one's expiry (a refused hold, a policy swap)
+        # while other entries still hold it: the datapath must come back to their expiry.
+        self._shortened: set[tuple[str, str, str]] = set()
         # Unsettled holds (see the module's docstring): hold -> the entries it added or refreshed;
         # per such entry, the expiry its settled holds give (None: none, the entry is new) and
         # each unsettled hold's.
@@ -128,6 +131,8 @@ class LearnedStore:
             del self._held[held]
             if evicted or released:
                 self._evicted.append(held)
+        elif released:  # a cap's eviction (evicted) leaves the others' hold as the datapath has it
+            self._shortened.add(held)
         if evicted:
             self.evictions += 1
         self.dirty = True
@@ -147,7 +152,8 @@ class LearnedStore:
     def release(self, hold: int) -> list[tuple[str, str, str]]:
         """The log refused the decision `hold` stood for: take back what it added. Returns the
         (zone, rule, ip) it touched that other entries or holds still keep (the datapath must
-        get their expiry back: `held_until`); the ones nothing keeps go to take_evicted()."""
+        get their expiry back: `held_until`, take_shortened()); the ones nothing keeps go to
+        take_evicted()."""
         kept = []
         for key, ip in self._holds.pop(hold, ()):
             tracked = self._unsettled.get((key, ip))
@@ -165,6 +171,7 @@ class LearnedStore:
                 self.dirty = True
             if (key[1], key[2], ip) in self._held:
                 kept.append((key[1], key[2], ip))
+        self._shortened.update(kept)
         return kept
 
     def held_until(self, zone: str, rule: str, ips) -> dict[str, float]:
@@ -183,6 +190,13 @@ class LearnedStore:
         any more, since the last call: what the datapath must forget before its TTL."""
         evicted, self._evicted = self._evicted, []
         return evicted
+
+    def take_shortened(self) -> list[tuple[str, str, str]]:
+        """(zone, rule, ip) that a refused hold or forget_stale() took an entry or some expiry from
+        while other entries still hold them, since the last call: the datapath must give them
+        the expiry those give (held_until), which may be shorter than the one it has."""
+        shortened, self._shortened = sorted(self._shortened), set()
+        return shortened
 
     def count(self, workload: str | None = None) -> int:
         if workload is not None:

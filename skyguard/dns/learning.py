@@ -9,9 +9,11 @@ that first finds it there is always one already queued) or fails. So what an ans
 queued entry is a hold in the learned store (LearnedStore.add(hold=)): once the entry is durable
 the hold stands like any other; once it is refused, the hold is released. An address no other
 entry holds is then closed in the datapath (Learner.forget) and leaves the store; one that another
-entry holds (an earlier, logged answer) keeps it, with the expiry those entries give it (learned
-again with it). Each such answer is counted (skyguard_dns_log_refused_after_answer,
-skyguard_dns_unlearned_ips), said in the host's log and shown in status.
+entry holds (an earlier, logged answer) keeps it, with the expiry those entries give it (the
+learner's `hold`: the datapath keeps the longest expiry any answer gave an address, so a refused
+answer's longer one is taken back exactly, as is a name's the policy stops allowing). Each such
+answer is counted (skyguard_dns_log_refused_after_answer, skyguard_dns_unlearned_ips), said in the
+host's log and shown in status.
 
 What stays open: the time between the answer and the refusal (the writer's next group commit,
 milliseconds), and a connection the VM opened in it, which conntrack keeps.
@@ -83,10 +85,12 @@ class Learning:
         # Refreshes of known addresses are saved lazily (the server's periodic flush).
         return self.store.urgent and self.store.path is not None
 
-    def forget_released(self) -> list[tuple[str, str, str]]:
+    def forget_released(self, wall: float | None = None) -> list[tuple[str, str, str]]:
         """Let a learner that can (an optional `forget(zone, rule, ips)`) close now what the
         store no longer holds (a cap evicted it, a policy swap stopped backing it, the log
-        refused the answer that opened it). Returns those (zone, rule, ip)."""
+        refused the answer that opened it); what it holds with less expiry than before (an entry
+        of it dropped or refused: take_shortened) goes back to the expiry the store still gives
+        it. Returns the (zone, rule, ip) closed."""
         released = self.store.take_evicted()
         groups: dict[tuple[str, str], list] = {}
         for z, rule, ip in released:
@@ -98,7 +102,26 @@ class Learning:
                     forget(z, rule, ips)
                 except Exception:  # noqa: BLE001 - the address then closes at its TTL instead
                     pass
+        self._give_back(self.store.take_shortened(), time.time() if wall is None else wall)
         return released
+
+    def _give_back(self, shortened: list[tuple[str, str, str]], wall: float) -> None:
+        """Each (zone, rule, ip) back to the expiry the store's entries give it: exactly (the
+        learner's optional `hold`; `learn` keeps the longer one it has), or closed if past."""
+        kept: dict[tuple[str, str], list] = {}
+        for zone, rule, ip in shortened:
+            kept.setdefault((zone, rule), []).append(ip)
+        hold = getattr(self.learner, "hold", None) or self.learner.learn
+        forget = getattr(self.learner, "forget", None)
+        for (zone, rule), ips in kept.items():
+            for ip, expiry in self.store.held_until(zone, rule, ips).items():
+                try:
+                    if expiry > wall:
+                        hold(zone, rule, [ipaddress.ip_address(ip)], max(1, int(expiry - wall)))
+                    elif forget is not None:
+                        forget(zone, rule, [ipaddress.ip_address(ip)])
+                except Exception:  # noqa: BLE001 - it then closes at the longer expiry
+                    log.exception("could not give %s its expiry back", ip)
 
     def _watch(self) -> None:
         """Wake the loop once the oldest queued entry is settled. One callback per wake, not per
@@ -139,21 +162,10 @@ class Learning:
             self._take_back(refused, why, time.time() if wall is None else wall)
 
     def _take_back(self, refused: dict[str, list[int]], why: str, wall: float) -> None:
-        kept: dict[tuple[str, str], set] = {}
         for holds in refused.values():
             for hold in holds:
-                for zone, rule, ip in self.store.release(hold):
-                    kept.setdefault((zone, rule), set()).add(ip)
-        closed = self.forget_released()
-        for (zone, rule), ips in kept.items():  # back to the expiry the other entries give them
-            for ip, expiry in self.store.held_until(zone, rule, ips).items():
-                try:
-                    if expiry > wall:
-                        self.learner.learn(zone, rule, [ipaddress.ip_address(ip)], max(1, int(expiry - wall)))
-                    elif getattr(self.learner, "forget", None) is not None:
-                        self.learner.forget(zone, rule, [ipaddress.ip_address(ip)])
-                except Exception:  # noqa: BLE001 - it then closes at the refused answer's TTL
-                    log.exception("could not give %s its logged expiry back", ip)
+                self.store.release(hold)
+        closed = self.forget_released(wall)  # what the other entries still hold: back to their expiry
         answers = sum(len(holds) for holds in refused.values())
         self.refused_answers += answers
         self.unlearned += len(closed)

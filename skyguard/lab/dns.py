@@ -1,7 +1,8 @@
 """The lab's authoritative DNS answers for `.test`, as a dnslib resolver that does no I/O.
 
 Every name strictly under `.test` gets one A and one AAAA derived from the name
-(addressing.addresses_for_name); anything else is NXDOMAIN. This is the sealed internet's DNS,
+(addressing.addresses_for_name), for ANSWER_TTL seconds, or N seconds for a name whose first label
+is `ttlN` (`ttl5.cdn.test`: tests of how TTLs are honoured); anything else is NXDOMAIN. This is the sealed internet's DNS,
 not skyguard's DNS proxy (skyguard/dns), which forwards to it.
 
 Thread safety: `resolve` keeps no state, so any number of transport threads may call it.
@@ -9,12 +10,21 @@ Thread safety: `resolve` keeps no state, so any number of transport threads may 
 
 from __future__ import annotations
 
+import re
+
 from dnslib import AAAA, QTYPE, RCODE, RR, SOA, A, DNSRecord
 
 from skyguard.lab.addressing import TEST_DOMAIN, addresses_for_name, is_test_name, normalize_name
 
 ANSWER_TTL = 300
 NEGATIVE_TTL = 60
+_TTL_LABEL = re.compile(r"ttl([0-9]{1,5})")
+
+
+def answer_ttl(name: str) -> int:
+    """The TTL of `name`'s addresses: N for a first label `ttlN`, else ANSWER_TTL."""
+    chosen = _TTL_LABEL.fullmatch(normalize_name(name).split(".", 1)[0])
+    return int(chosen.group(1)) if chosen else ANSWER_TTL
 
 
 class LabResolver:
@@ -45,10 +55,11 @@ class LabResolver:
             reply.add_auth(self._soa())
             return reply
         v4, v6 = addresses_for_name(name)
+        ttl = answer_ttl(name)
         if question.qtype in (QTYPE.A, QTYPE.ANY):
-            reply.add_answer(RR(qname, QTYPE.A, rdata=A(str(v4)), ttl=ANSWER_TTL))
+            reply.add_answer(RR(qname, QTYPE.A, rdata=A(str(v4)), ttl=ttl))
         if question.qtype in (QTYPE.AAAA, QTYPE.ANY):
-            reply.add_answer(RR(qname, QTYPE.AAAA, rdata=AAAA(str(v6)), ttl=ANSWER_TTL))
+            reply.add_answer(RR(qname, QTYPE.AAAA, rdata=AAAA(str(v6)), ttl=ttl))
         if not reply.rr:
             reply.add_auth(self._soa())  # NODATA: the name exists, this type does not
         return reply

@@ -190,6 +190,21 @@ def test_learn_opens_the_address_for_that_zone_and_rule_ports_until_ttl(h):
     assert h.run(bytes(later_new), "w1", OUT) == DROP("no_rule")
 
 
+def test_an_address_keeps_the_longest_expiry_learned_until_it_is_held_shorter(h):
+    ip = "203.0.113.81"
+
+    def syn(port):
+        return bytes(e_from("w1") / IP(src=v4("w1"), dst=ip) / TCP(sport=port, dport=443, flags="S"))
+
+    h.worker.call(h.dp.learn, "web", "web-updates", [ip], 60)
+    h.worker.call(h.dp.learn, "web", "web-updates", [ip], 0.5)  # another name, the same address, shorter
+    time.sleep(0.6)  # past the shorter answer
+    assert h.run(syn(44100), "w1", OUT) == ALLOW  # the 60 s answer holds it (it closed here before)
+    h.worker.call(h.dp.hold, "web", "web-updates", [ip], 0.5)  # the 60 s one taken back
+    time.sleep(0.6)
+    assert h.run(syn(44101), "w1", OUT) == DROP("no_rule")
+
+
 def test_learn_refuses_what_the_policy_does_not_say(h):
     with pytest.raises(BadInput):
         h.worker.call(h.dp.learn, "web", "web-to-db", ["203.0.113.1"], 30)  # not an FQDN rule

@@ -357,6 +357,24 @@ def dropped(lab, vm: str, kind: str, host: str, port: int = 0, source: str | Non
     return not probe(lab, vm, [(kind, host, port, source)], [False])[0]
 
 
+def connects(lab, vm: str, address: str, port: int, expected: bool) -> bool:
+    """Does a TCP connection from vm to address:port open (the datapath passes its SYN)? Waited for
+    as long as the test's expectation says (support.client_waits). Any server: nothing is sent."""
+    out = lab.exec(vm, [PY, "-c", CONNECT, address, str(port), str(wait_s(expected))], lab_resolver=False,
+                   capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip() == "open"
+
+
+CONNECT = """import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])).close()
+    print("open")
+except OSError:
+    print("closed")
+"""
+
+
 STREAM_SINK = r"""
 import socket, sys, threading, time
 fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET

@@ -16,6 +16,7 @@ import os
 import re
 import stat
 import subprocess
+import time
 
 import pytest
 from daemon_support import (
@@ -24,6 +25,7 @@ from daemon_support import (
     RunningDaemon,
     Stream,
     attached_programs,
+    connects,
     drop_count,
     dropped,
     expect_probes,
@@ -34,7 +36,10 @@ from daemon_support import (
     wait_for,
 )
 
+from skyguard.dns.resolver import LEARN_GRACE_SECONDS
+from skyguard.lab.addressing import addresses_for_name
 from skyguard.policy.parse import load_policy
+from support.client_waits import dig_argv
 
 WORKLOAD_IFACES = {f"sg-{vm}" for vm in ("radius1", "tacacs1", "dc1", "dc2", "sdnctl1", "vfw1", "agent1")}
 SYSLOG_V4, SYSLOG_V6 = "192.0.2.10", "2001:db8::10"
@@ -158,6 +163,29 @@ def _ifindex(lab, ifname):
     out = lab.exec("host", ["ip", "-j", "link", "show", "dev", ifname], lab_resolver=False,
                    capture_output=True, text=True)
     return json.loads(out.stdout)[0]["ifindex"]
+
+
+def answered(lab, vm: str, name: str, qtype: str) -> list[tuple[int, str]]:
+    """(TTL, address) of each address record dig in `vm` got for `name` (steered to the proxy)."""
+    out = lab.exec(vm, dig_argv("+noall", "+answer", name, qtype), capture_output=True, text=True, timeout=60)
+    return [(int(f[1]), f[4]) for f in (line.split() for line in out.stdout.splitlines()) if f[3:4] in (["A"], ["AAAA"])]
+
+
+def test_an_address_two_names_answer_stays_open_while_the_longer_answer_says(lab, daemon):
+    """A CDN: two names of the sandbox's rule answer one address, one for 300 s, the other for 5 s.
+    The datapath held the address for the latest answer's TTL: it closed after 5 s while the VM
+    kept the first name's answer for 300 s, and the VM's next connection to it was dropped."""
+    daemon.ensure_running()
+    shared = str(addresses_for_name("cdn.pythonhosted.test")[0])
+    short = next(n for n in (f"ttl5.e{i}.pythonhosted.test" for i in range(10_000))
+                 if str(addresses_for_name(n)[0]) == shared)
+    only_short = str(addresses_for_name(short)[1])  # its AAAA: no other answer holds it
+    assert answered(lab, "agent1", "cdn.pythonhosted.test", "A") == [(300, shared)]
+    assert sorted(answered(lab, "agent1", short, "ANY")) == [(5, only_short), (5, shared)]
+    past_short = time.monotonic() + 5 + LEARN_GRACE_SECONDS + 1
+    time.sleep(past_short - time.monotonic())  # the 5 s answer (and the proxy's grace) runs out
+    assert dropped(lab, "agent1", "tcp", only_short, 443)  # the short answer alone: closed at its TTL
+    assert connects(lab, "agent1", shared, 443, expected=True)  # the VM still holds the 300 s answer
 
 
 def test_a_new_interface_is_attached_and_enforced(lab, daemon):

@@ -17,11 +17,11 @@ import subprocess
 import sys
 
 import pytest
-from daemon_support import RunningDaemon, Stream, reaches, wait_for
+from daemon_support import RunningDaemon, Stream, connects, reaches, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from skyguard.lab.addressing import addresses_for_name
-from support.client_waits import dig_argv, wait_s
+from support.client_waits import dig_argv
 from support.frozen_disk import FrozenDisk, blocked_in_the_kernel
 
 EXPORTER = "127.0.0.1:26031"  # loopback of the lab's host namespace
@@ -68,24 +68,6 @@ def metric_of(daemon, name: str, **labels) -> float:
                          capture_output=True, text=True, timeout=30, check=True).stdout
     return sum(s.value for family in text_string_to_metric_families(out) for s in family.samples
                if s.name == name and labels.items() <= s.labels.items())
-
-
-def connects(lab, vm: str, address: str, port: int, expected: bool) -> bool:
-    """Does a TCP connection from vm to address:port open (the datapath passes its SYN)? Waited for
-    as long as the test's expectation says (support.client_waits)."""
-    out = lab.exec(vm, [sys.executable, "-c", CONNECT, address, str(port), str(wait_s(expected))], lab_resolver=False,
-                   capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip() == "open"
-
-
-CONNECT = """import socket, sys
-try:
-    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])).close()
-    print("open")
-except OSError:
-    print("closed")
-"""
 
 
 def fill_below_reserve(lab, daemon):

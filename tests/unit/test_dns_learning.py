@@ -136,6 +136,31 @@ def test_a_hold_on_an_entry_a_cap_evicted_meanwhile_releases_nothing():
     assert store.release(1) == [] and [e[-1] for e in store.entries(0.0)] == [1400.0]
 
 
+class HoldingLearner(Learner):
+    """A learner with the datapath's hold(): an exact expiry, shorter than before if need be."""
+
+    def __init__(self):
+        super().__init__()
+        self.held = []
+
+    def hold(self, zone, rule_name, ips, ttl):
+        self.held.append((rule_name, [str(i) for i in ips], ttl))
+
+
+def test_a_name_the_policy_stops_allowing_gives_a_shared_address_back_the_other_names_expiry():
+    resolver, log, _, store = make()
+    resolver.learning.learner = learner = HoldingLearner()
+    now = time.time()
+    resolve(resolver, "a.cdn.test", ["203.0.113.1"], now).set_result(1)
+    resolve(resolver, "b.cdn.test", ["203.0.113.1"], now + 100).set_result(2)  # the datapath: 402 s from now
+    denied = POLICY.replace("rules:\n", "rules:\n  - {name: no-b, action: deny, from: apps, to: {fqdns: [b.cdn.test]}}\n")
+    assert store.forget_stale(parse_policy(denied, source="test.yaml")) == {"name-denied": 1}
+    resolver.learning.forget_released(now + 100)
+    assert learner.forgotten == []  # a.cdn.test still holds it...
+    [(rule, ips, ttl)] = learner.held  # ...until a.cdn.test's answer runs out, not b.cdn.test's
+    assert (rule, ips) == ("cdn", ["203.0.113.1"]) and 190 < ttl <= 202
+
+
 def test_the_writer_thread_settles_an_entry_on_the_loop():
     async def main():
         resolver, log, learner, store = make()

@@ -20,6 +20,14 @@ def test_a_and_aaaa_are_the_deterministic_addresses():
     assert sorted(QTYPE[r.rtype] for r in ask("deb.debian.test", "ANY").rr) == ["A", "AAAA"]
 
 
+@pytest.mark.parametrize("name, ttl", [("deb.debian.test", 300), ("ttl5.cdn.test", 5), ("TTL0.cdn.test.", 0),
+                                       ("cdn.ttl5.test", 300), ("ttl5x.cdn.test", 300)])
+def test_a_first_label_ttl_n_sets_the_answers_ttl(name, ttl):
+    reply = ask(name, "ANY")
+    assert [r.ttl for r in reply.rr] == [ttl, ttl]
+    assert [str(r.rdata) for r in reply.rr] == [str(a) for a in addresses_for_name(name)]
+
+
 @pytest.mark.parametrize("name", ["example.com", "test.example", "localhost"])
 def test_names_outside_test_are_nxdomain(name):
     reply = ask(name, "A")
