@@ -4,13 +4,14 @@ ProxySession is what the operator opened (a shell with or without a pty, an exec
 it asks commands.decide() whether it may run, opens the same kind of channel on skyguard's own
 connection to the VM (connection.py), records it (recording.py) and relays data, window and exit
 status both ways. VmSession is the VM's end of that channel. Each side's reading is paused while
-anything holds it (ReadHold): the other side's window, the session opening, an SFTP upload being
-judged, and the recording: a session whose transcript's writer falls behind (a slow or stalled
-disk: transcript.py) reads nothing more from either side until it catches up, and is ended when it
-has not within `recording_stall_timeout` (fail closed: nothing is relayed unrecorded past a
-bounded backlog), the operator told at once and the end logged. Errors meant for the operator go to
-the session's stderr with a non-zero exit status (1 refused, 255 VM unreachable or session ended
-by skyguard), so the OpenSSH client shows them. Not authentication, not forwarding.
+anything holds it (ReadHold): the other side's window, the session opening, an SFTP file request
+waiting for its log entry (sftplog.py) or an upload being judged, and the recording: a session
+whose transcript's writer falls behind (a slow or stalled disk: transcript.py) reads nothing more
+from either side until it catches up, and is ended when it has not within
+`recording_stall_timeout` (fail closed: nothing is relayed unrecorded past a bounded backlog), the
+operator told at once and the end logged. Errors meant for the operator go to the session's stderr
+with a non-zero exit status (1 refused, 255 VM unreachable or session ended by skyguard), so the
+OpenSSH client shows them. Not authentication, not forwarding.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import asyncssh
 
 from skyguard.admin import access, commands
 from skyguard.admin.recording import SessionRecording
-from skyguard.admin.sftp import SftpFilterPump, SftpRequestWatcher, upload_pump, uploads_judged
+from skyguard.admin.sftp import SftpFilterPump, upload_pump, uploads_judged
+from skyguard.admin.sftplog import SftpLogGate, log_gate
 from skyguard.admin.transcript import RecordingError, RecordingStalled, on_loop
 from skyguard.diskwork import Busy
 from skyguard.errors import LogError, SkyguardError
@@ -149,7 +151,7 @@ class ProxySession(asyncssh.SSHServerSession):
         self.kind: str | None = None  # shell, exec or subsystem: set before session_started()
         self.command: str | None = None
         self.recording: SessionRecording | None = None
-        self.sftp_watch: SftpRequestWatcher | None = None
+        self.sftp_log: SftpLogGate | None = None  # SFTP file requests on record first (sftplog.py)
         self.sftp_filter: SftpFilterPump | None = None  # content rules on SFTP uploads (sftp.py)
         self.decision: commands.Decision | None = None  # set once the session may run
         self.ended = False
@@ -253,7 +255,7 @@ class ProxySession(asyncssh.SSHServerSession):
             self.proxy.records_closing.keep(close_record(recording, "client_disconnected", None, None), recording)
             return
         if self.decision.transfer and (self.kind == "subsystem" or _runs_sftp_server(self.command)):
-            self.sftp_watch = SftpRequestWatcher()
+            self.sftp_log = log_gate(self)
             self.sftp_filter = upload_pump(self, workload)
         self.proxy.metrics.active.inc()
         self.active_counted = True
@@ -311,7 +313,7 @@ class ProxySession(asyncssh.SSHServerSession):
         zone = self.owner.workload.zone if self.owner.workload else None
         try:
             commands.decide(self.proxy.policy, self.kind, self.command, self.decision.programs)
-            if self.sftp_watch is not None:  # SFTP: judged under the content rules in force now
+            if self.sftp_log is not None:  # SFTP: judged under the content rules in force now
                 engine = self.proxy.content_engine
                 if engine is not None and engine.content.rules_for(zone, "upload", "sftp"):
                     if self.sftp_filter is None:  # began unfiltered: its stream cannot be taken up midway
@@ -338,24 +340,23 @@ class ProxySession(asyncssh.SSHServerSession):
             return
         if self.recording and not self._record(self.recording.input, data):
             return
-        if self.sftp_watch is not None and self.recording is not None:
-            for op, path in self.sftp_watch.feed(data):
-                self.recording.note("files", {"op": op, "path": path})
-                self.proxy.record("admin_file_transfer", session=self.recording.id,
-                                  operator=self.owner.operator_name,
-                                  workload=self.owner.workload_name, op=op, path=path)
+        if self.sftp_log is not None:  # a file request goes on once on record, to the filter or the VM
+            self.sftp_log.from_operator(data)
+            return
         if self.sftp_filter is not None:  # files under content rules are held and judged first
             self.sftp_filter.from_operator(data)
             return
         self.vm_chan.write(data)
 
     def eof_received(self):
-        if self.vm_chan is not None and self.sftp_filter is not None:
-            self.sftp_filter.eof()
-        elif self.vm_chan is not None:
-            self.vm_chan.write_eof()
-        else:
+        if self.vm_chan is None:
             self.pending_eof = True
+        elif self.sftp_log is not None:
+            self.sftp_log.eof()
+        elif self.sftp_filter is not None:
+            self.sftp_filter.eof()
+        else:
+            self.vm_chan.write_eof()
         return True
 
     def terminal_size_changed(self, width, height, pixwidth, pixheight):
@@ -389,6 +390,8 @@ class ProxySession(asyncssh.SSHServerSession):
             return
         if self.sftp_filter is not None and datatype != asyncssh.EXTENDED_DATA_STDERR:
             data = self.sftp_filter.from_vm(data)
+        if self.sftp_log is not None and datatype != asyncssh.EXTENDED_DATA_STDERR:
+            data = self.sftp_log.from_vm(data)  # with its answers to requests the log refused
         if datatype == asyncssh.EXTENDED_DATA_STDERR:
             self.chan.write_stderr(data)
         else:
@@ -427,8 +430,9 @@ class ProxySession(asyncssh.SSHServerSession):
         operator is told: the exit status) called, so the record is on disk before they hear it."""
         self.ended = True
         self._unpause()
-        if self.sftp_filter is not None:
-            self.sftp_filter.close()
+        for sftp in (self.sftp_log, self.sftp_filter):
+            if sftp is not None:
+                sftp.close()
         if self.active_counted:
             self.proxy.metrics.active.dec()
             self.active_counted = False

@@ -248,6 +248,93 @@ def test_a_session_opens_only_once_its_start_is_durable(admin_lab):
     assert daemon.cli("log", "verify").returncode == 0
 
 
+class SftpBatch:
+    """OpenSSH's sftp through the proxy (sftp-server by exec: the lab VM's sshd has no subsystem),
+    reading its batch from a pipe, a step at a time: step() sends commands (a leading '-' goes on
+    past a failure) and returns what they printed, up to a `pwd` sent after them."""
+
+    def __init__(self, admin_lab):
+        self.client = admin_lab.lab.popen("internet", [
+            "sftp", "-i", str(admin_lab.tmp / "alice"), "-P", str(PROXY_PORT), "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", *ssh_wait_options(),
+            "-s", "/usr/lib/openssh/sftp-server", "-b", "-", f"alice+dc1@{UPLINK}"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+
+    def step(self, *commands: str) -> str:
+        self.client.stdin.write("".join(c + "\n" for c in (*commands, "pwd")))
+        self.client.stdin.flush()
+        out = []
+        while not (line := self.client.stdout.readline()).startswith("Remote working directory"):
+            assert line, "".join(out) + self.client.stderr.read()
+            out.append(line)
+        return "".join(out)
+
+    def close(self) -> str:
+        """Its stderr, once it ended."""
+        _, stderr = self.client.communicate("bye\n", timeout=60)
+        return stderr
+
+
+def test_an_sftp_transfer_the_log_refuses_is_not_carried_out(admin_lab):
+    """With the signed log refusing entries (its disk below the reserve, or stalled), an SFTP
+    session already open went on transferring files: each request's admin_file_transfer entry was
+    dropped (a line in the host's log), the file moved. Now a request that names a file reaches the
+    VM only once its entry is durable; one the log refuses is answered PERMISSION_DENIED and the
+    operator told why, and the session goes on once the log takes entries again."""
+    daemon, tmp = admin_lab.daemon, admin_lab.tmp
+    on_vm = tmp / "vm-file.txt"
+    on_vm.write_text("on the vm\n")
+    uploaded, fetched = tmp / "uploaded.txt", tmp / "fetched.txt"
+    (tmp / "local.txt").write_text("from the operator\n")
+    with_sftp = tmp / "with-sftp.yaml"
+    with_sftp.write_text(admin_lab.policy.read_text().replace("    port_forwarding: true\n",
+                                                              "    port_forwarding: true\n    sftp: true\n"))
+    daemon.cli("policy", "load", str(with_sftp), check=True)
+    filler = daemon.state_dir / "log" / "filler"
+    sftp = SftpBatch(admin_lab)
+    try:
+        sftp.step()  # the session is open (its start on record)
+        space = os.statvfs(filler.parent)
+        with open(filler, "wb") as f:  # another file leaves half the log's reserve free
+            os.posix_fallocate(f.fileno(), 0, space.f_bavail * space.f_frsize - daemon.status()["log"]["reserve_bytes"] // 2)
+        operator_ssh(admin_lab, "alice", "alice+dc1", "true")  # an entry that finds the space gone
+        wait_for(lambda: daemon.status()["log"]["refusing"], 30, "the log refusing entries")
+        sftp.step(f"-get {on_vm} {fetched}", f"-put {tmp / 'local.txt'} {uploaded}")
+        assert not fetched.exists() and not uploaded.exists()  # neither carried out
+        filler.unlink()
+        wait_for(lambda: daemon.status()["log"]["refusing"] is None, 60, "the log accepting entries")
+        sftp.step(f"get {on_vm} {fetched}")  # the same session goes on
+        assert fetched.read_text() == "on the vm\n"
+        # A stalled disk: the request waits for its entry, then is refused (the log is not refusing yet).
+        admin_lab.log_disk.freeze()
+        try:
+            sftp.step(f"-put {tmp / 'local.txt'} {uploaded}")
+            assert not uploaded.exists()
+        finally:
+            admin_lab.log_disk.thaw()
+        wait_for(lambda: daemon.status()["log"]["refusing"] is None, 60, "the log accepting entries")
+        stderr = sftp.close()
+        assert sftp.client.returncode == 0, stderr
+        assert stderr.count("the signed log refuses entries now") >= 2, stderr
+        assert str(on_vm) in stderr and str(uploaded) in stderr, stderr
+    finally:
+        sftp.client.kill()
+        sftp.client.wait()
+        filler.unlink(missing_ok=True)
+        admin_lab.log_disk.thaw()
+        wait_for(lambda: daemon.status()["log"]["refusing"] is None, 60, "the log accepting entries")
+        daemon.cli("policy", "load", str(admin_lab.policy), check=True)
+    assert ("open-read", str(on_vm)) in [(e["op"], e["path"]) for e in daemon.log_entries("admin_file_transfer")]
+    [record] = wait_for(lambda: [m for m in SessionArchive(daemon.state_dir / "admin" / "sessions").list()
+                                 if m["result"] != "active" and any(f["path"] == str(on_vm) for f in m.get("files", []))],
+                        30, "the SFTP session's record closed")
+    refused = {f["path"] for f in record["files"] if f.get("refused") == "log_refused"}
+    assert {str(on_vm), str(uploaded)} <= refused, record["files"]
+    said = daemon.log_tail(1 << 20)
+    assert f" of '{on_vm}' by alice on dc1" in said and "Traceback" not in said, said[-4000:]
+    assert daemon.cli("log", "verify").returncode == 0
+
+
 def test_down_returns_while_a_session_record_waits_on_a_stalled_disk(admin_lab):
     """The disk under the session records stalls (fsfreeze) as a session ends: its last output and
     its record's end wait on that disk. `skyguard down` waited for that record without a bound, so

@@ -1,14 +1,12 @@
-"""Who may reach which VM (access.py), the brute-force brake (ratelimit.py) and the SFTP file-name
-watcher (sftp.py): the SSH access proxy's decisions, without sockets."""
+"""Who may reach which VM (access.py) and the brute-force brake (ratelimit.py): the SSH access
+proxy's decisions, without sockets."""
 
-import struct
 from ipaddress import ip_address
 
 import pytest
 
 from skyguard.admin import access
 from skyguard.admin.ratelimit import AuthFailureLimiter
-from skyguard.admin.sftp import SftpRequestWatcher
 from skyguard.conncap import RefusalBrake, UnauthenticatedConnections, source_of
 from skyguard.errors import BadInput
 from skyguard.policy.model import AdminSsh, Policy, SshOperator, Workload, Zone
@@ -131,29 +129,6 @@ def test_an_ipv6_64_is_one_source_and_an_ipv4_mapped_address_is_its_ipv4_address
     pending.release("2001:db8::2")  # any address of the /64 counts it out
     assert pending.admit("2001:db8::4") is None
     assert [pending.refusals.to_log(f"2001:db8::{n}", 0.0) for n in range(5)] == [1, 0, 0, 0, 0]
-
-
-def sftp_packet(kind: int, request_id: int, path: bytes, tail: bytes = b"") -> bytes:
-    body = bytes([kind]) + struct.pack(">I", request_id) + struct.pack(">I", len(path)) + path + tail
-    return struct.pack(">I", len(body)) + body
-
-
-def test_sftp_watcher_reads_names_across_split_packets():
-    stream = sftp_packet(1, 3, b"")  # a well-formed INIT first
-    stream += (sftp_packet(3, 1, b"/etc/passwd", struct.pack(">I", 0x01) + b"\0\0\0\0")
-               + sftp_packet(3, 2, b"/tmp/upload", struct.pack(">I", 0x1A) + b"\0\0\0\0")
-               + sftp_packet(13, 3, b"/tmp/old") + sftp_packet(5, 4, b"handle"))
-    watcher = SftpRequestWatcher()
-    found = []
-    for i in range(0, len(stream), 7):
-        found += watcher.feed(stream[i:i + 7])
-    assert found == [("open-read", "/etc/passwd"), ("open-write", "/tmp/upload"), ("remove", "/tmp/old")]
-
-
-def test_sftp_watcher_gives_up_quietly_on_garbage():
-    watcher = SftpRequestWatcher()
-    assert watcher.feed(b"\xff\xff\xff\xff garbage") == []
-    assert watcher.feed(sftp_packet(13, 1, b"/x")) == []
 
 
 def test_the_signed_logs_brake_lets_a_burst_through_then_one_summary_a_second_per_source_and_kind():
