@@ -7,7 +7,8 @@ loop-hosted part (skyguard/parts.py): start(), set_policy(), stop(), on the daem
 policy takes effect at once: the listener follows `listen`, and every open session the new
 policy would not allow (target gone, operator no longer in the zone) is ended, result "revoked".
 
-Decisions, closed by default: the clipboard passes only in the directions the target allows;
+Decisions, closed by default: the clipboard passes only in the directions the target allows,
+each transfer once its `console_clipboard` entry is durable in the signed log (session.py);
 RDP targets are served through a private Xvnc that FreeRDP draws into (rdp.py), Degraded
 if FreeRDP or Xvnc is missing; a source (an address, an IPv6 /64) that fails
 too many logins is refused before authentication (the SSH door's limiter). Not here: the

@@ -32,6 +32,7 @@ from skyguard.console.recording import VncRecording
 from skyguard.console.tickets import Ticket, match_vnc
 from skyguard.diskwork import Busy
 from skyguard.errors import AdminError, LogError, SkyguardError
+from skyguard.parts import entries_durable
 from skyguard.policy.console import ConsoleTarget
 from skyguard.timeouts import within
 
@@ -290,9 +291,7 @@ class ConsoleSession:
             elif message.type == rfb.FB_UPDATE_REQUEST:
                 self.updates_asked = True
             elif message.type == rfb.CLIENT_CUT_TEXT:
-                allowed = self.target.clipboard_to_vm
-                self._clipboard("to_vm", message.text_length, allowed)
-                if not allowed:
+                if not await self._clipboard("to_vm", message.text_length, self.target.clipboard_to_vm):
                     continue
             vm_w.write(out)
             await vm_w.drain()
@@ -311,9 +310,7 @@ class ConsoleSession:
             if message.new_size:
                 self.size = message.new_size
             if message.type == rfb.SERVER_CUT_TEXT:
-                allowed = self.target.clipboard_from_vm
-                self._clipboard("from_vm", message.text_length, allowed)
-                if not allowed:
+                if not await self._clipboard("from_vm", message.text_length, self.target.clipboard_from_vm):
                     continue
             self.recording.server(message)
             if self.recording.behind:
@@ -321,12 +318,25 @@ class ConsoleSession:
             self.client_w.write(message.raw)
             await self.client_w.drain()
 
-    def _clipboard(self, direction: str, length: int, allowed: bool) -> None:
+    async def _clipboard(self, direction: str, length: int, allowed: bool) -> bool:
+        """Whether a clipboard transfer the target's rule `allowed` is relayed: only once its
+        `console_clipboard` entry is durable (fail closed). One the signed log refuses (its disk full
+        or stalled) is dropped, counted under verdict log_refused; a dropped one's entry is best effort."""
+        fields = dict(session=self.recording.id, direction=direction, bytes=length, operator=self.ticket.operator,
+                      target=self.target.name)
+        verdict = "allowed" if allowed else "dropped"
+        if allowed:
+            try:
+                await entries_durable([self.proxy.decision_log.record("console_clipboard", **fields)])
+            except (LogError, OSError) as e:  # the signed log refuses (or the fallback log cannot write)
+                log.error("a clipboard transfer (%s, %d bytes) of console session %s is dropped: its entry cannot be "
+                          "logged: %s", direction, length, self.recording.id, e)
+                allowed, verdict = False, "log_refused"
+        else:
+            self.proxy.record("console_clipboard_dropped", **fields)
         self.recording.clipboard(direction, length, allowed)
-        self.proxy.metrics.clipboard.labels(direction, "allowed" if allowed else "dropped").inc()
-        if not allowed:
-            self.proxy.record("console_clipboard_dropped", session=self.recording.id, direction=direction,
-                              bytes=length, operator=self.ticket.operator, target=self.target.name)
+        self.proxy.metrics.clipboard.labels(direction, verdict).inc()
+        return allowed
 
     async def _recording_caught_up(self) -> None:
         """Wait while the recording's writer is behind (nothing more is read from the VM). The

@@ -17,6 +17,7 @@ import os
 import secrets
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from daemon_support import RunningDaemon, drop_count, wait_for
@@ -25,7 +26,7 @@ from PIL import Image
 from skyguard import config
 from skyguard.admin.recording import SessionArchive
 from skyguard.custody.store import SecretStore
-from support.client_waits import ANSWER_WAIT_S, SILENCE_WAIT_S
+from support.client_waits import ANSWER_WAIT_S, SILENCE_WAIT_S, dig_argv
 from support.console_support import start_xvnc
 from support.frozen_disk import FrozenDisk
 
@@ -51,7 +52,7 @@ admin:
   console:
     listen: "0.0.0.0:{PORT}"
     targets:
-      - {{name: dc1-desktop, workload: dc1, protocol: vnc, port: 5901, credential: dc1-vnc}}
+      - {{name: dc1-desktop, workload: dc1, protocol: vnc, port: 5901, credential: dc1-vnc, clipboard: to_vm}}
     operators:
       - {{name: alice, may_access: [directory]}}
 """
@@ -67,7 +68,7 @@ def console_daemon(lab, tmp_path_factory):
     policy.write_text(base.replace("\nrules:\n", "\nrules:\n" + VNC_RULE, 1) + CONSOLE)
     daemon = RunningDaemon(lab, tmp / "daemon", policy_path=policy, ready_timeout=READY, wait_attached=True)
     SecretStore(daemon.state_dir / "secrets").set("dc1-vnc", VM_PASSWORD.encode())
-    xvnc, _ = start_xvnc(lab, "dc1", tmp, VM_PASSWORD, 5901, VM, display_base=500)
+    xvnc, display = start_xvnc(lab, "dc1", tmp, VM_PASSWORD, 5901, VM, display_base=500)
     try:
         with FrozenDisk(daemon.state_dir / "log", size=f"{LOG_FS_BYTES}") as log_disk:  # filled, frozen by tests
             try:
@@ -75,7 +76,7 @@ def console_daemon(lab, tmp_path_factory):
                 status = wait_for(lambda: (s := daemon.status())["parts"].get("console") == "running" and s, READY,
                                   "the console part running", interval=0.5)
                 yield type("ConsoleDaemon", (), {"tmp": tmp, "lab": lab, "daemon": daemon, "status": status,
-                                                 "log_disk": log_disk})
+                                                 "log_disk": log_disk, "display": display})
             finally:
                 daemon.cleanup()
     finally:
@@ -149,6 +150,87 @@ def test_a_console_session_opens_only_once_its_start_is_durable(console_daemon):
     wait_for(lambda: daemon.status()["log"]["refusing"] is None, 60, "the log accepting entries")
     ticket = daemon.cli("admin", "console-ticket", "alice", "dc1-desktop", check=True).stdout.strip()
     assert vncdo(console_daemon, ticket, "capture", str(shot)).returncode == 0
+
+
+def fill_log(console_daemon) -> Path:
+    """Another file leaves half the log's reserve free; returns it once the log refuses entries
+    (a DNS decision's entry finds the space gone). Unlink it to give the space back."""
+    daemon = console_daemon.daemon
+    filler = daemon.state_dir / "log" / "filler"
+    space = os.statvfs(filler.parent)
+    with open(filler, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, space.f_bavail * space.f_frsize - daemon.status()["log"]["reserve_bytes"] // 2)
+    console_daemon.lab.exec("agent1", dig_argv("pypi.sandbox.test", answer=False), capture_output=True, timeout=60)
+    wait_for(lambda: daemon.status()["log"]["refusing"], 30, "the log refusing entries")
+    return filler
+
+
+# A VNC client that stays in its session and pastes each line it reads, then asks for the screen:
+# once that comes, skyguard has relayed or dropped the paste (one connection, in order).
+PASTER = """import sys
+from vncdotool import api
+client = api.connect(sys.argv[1], password=sys.argv[2])
+client.refreshScreen()
+print("open", flush=True)
+for line in sys.stdin:
+    client.paste(line.rstrip("\\n"))
+    client.refreshScreen()
+    print("pasted", flush=True)
+client.disconnect()
+api.shutdown()
+"""
+
+
+def test_a_clipboard_transfer_the_log_refuses_is_not_relayed(console_daemon):
+    """With the signed log refusing entries (its disk below the reserve, or stalled), a paste into
+    the VM went through with nothing in the log (an allowed transfer had no entry at all; a
+    dropped one's went through record_or_report). Now each allowed transfer is a console_clipboard
+    entry and is relayed only once it is durable; one the log refuses is dropped, counted and said
+    in the host's log, and the session goes on."""
+    daemon, lab = console_daemon.daemon, console_daemon.lab
+    ticket = daemon.cli("admin", "console-ticket", "alice", "dc1-desktop", check=True).stdout.strip()
+    client = lab.popen("internet", [PY, "-W", "ignore", "-c", PASTER, f"{UPLINK}::{PORT}", ticket],
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+
+    def paste(text: str) -> None:
+        client.stdin.write(text + "\n")
+        client.stdin.flush()
+        assert client.stdout.readline() == "pasted\n", client.stderr.read()
+
+    def vm_clipboard() -> str:
+        return lab.exec("dc1", ["xclip", "-display", f":{console_daemon.display}", "-selection", "clipboard", "-o"],
+                        capture_output=True, text=True, timeout=10).stdout
+
+    filler = None
+    try:
+        assert client.stdout.readline() == "open\n", client.stderr.read()
+        paste("pasted-while-logged")
+        wait_for(lambda: vm_clipboard() == "pasted-while-logged", ANSWER_WAIT_S, "the paste on the VM")
+        filler = fill_log(console_daemon)
+        paste("pasted-while-refused")
+        assert vm_clipboard() == "pasted-while-logged"  # not relayed
+        filler.unlink()
+        wait_for(lambda: daemon.status()["log"]["refusing"] is None, 60, "the log accepting entries")
+        console_daemon.log_disk.freeze()  # stalled: the paste waits for its entry, then is dropped
+        try:
+            paste("pasted-while-stalled")
+            assert vm_clipboard() == "pasted-while-logged"
+        finally:
+            console_daemon.log_disk.thaw()
+        wait_for(lambda: daemon.status()["log"]["refusing"] is None, 60, "the log accepting entries")
+        paste("pasted-again")  # the same session goes on
+        wait_for(lambda: vm_clipboard() == "pasted-again", ANSWER_WAIT_S, "the paste on the VM")
+    finally:
+        client.stdin.close()
+        client.wait(30)
+        if filler is not None:
+            filler.unlink(missing_ok=True)
+        console_daemon.log_disk.thaw()
+    logged = [e["bytes"] for e in daemon.log_entries("console_clipboard") if e["direction"] == "to_vm"]
+    assert len("pasted-while-logged") in logged and len("pasted-again") in logged, logged
+    said = daemon.log_tail(1 << 20)
+    assert said.count("a clipboard transfer (to_vm, 20 bytes) of console session") == 2, said[-4000:]
+    assert "Traceback" not in said
 
 
 def test_status_counts_the_console_credential_as_used(console_daemon):
