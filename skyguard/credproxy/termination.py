@@ -3,9 +3,14 @@ store and forwards plaintext to the VM's `forward_to` port, so the VM never hold
 
 Each tls_termination entry gets its own listener on the host; steering.py redirects connections
 for the workload's address and port to it. After the handshake the streams are spliced as bytes
-(no HTTP parsing: the VM's service may speak anything over TLS). set_policy() keeps the listeners
-of unchanged entries (same workload, ports, addresses and certificate bytes), closes those of
-removed or changed ones (ending their connections) and opens the new ones. Not here:
+(no HTTP parsing: the VM's service may speak anything over TLS). A connection is on record before
+a byte of it reaches the VM: its `tls_termination_start` entry (workload, client address and port,
+the name it asked for (SNI), TLS version) is durable in the signed log, or the connection is
+closed (fail closed, counted as result log_refused: the log refuses entries, its disk full or
+stalled); its `tls_termination` entry, with the same `connection` id, gives its result.
+set_policy() keeps the listeners of unchanged entries (same workload, ports, addresses and
+certificate bytes), closes those of removed or changed ones (ending their connections) and opens
+the new ones. Not here:
 certificate issuance, the store itself (custody/store.py), outbound client certificates (the
 proxy loads those).
 """
@@ -19,6 +24,7 @@ import logging
 import socket
 import ssl
 from dataclasses import dataclass, field
+from secrets import token_hex
 
 from skyguard.conncap import source_of
 from skyguard.credproxy.ca import new_server_context
@@ -26,9 +32,10 @@ from skyguard.credproxy.fairness import Slots
 from skyguard.credproxy.interfaces import CredentialMetrics, DecisionLog, SecretSource
 from skyguard.credproxy.sockets import original_destination, start_servers
 from skyguard.custody.pemload import load_cert_chain_from_memory, split_pem
-from skyguard.errors import CredentialError
+from skyguard.errors import CredentialError, LogError
 from skyguard.keys.tlskey import certificate_of, install_key
 from skyguard.keys.types import KeyCustodyError
+from skyguard.parts import entries_durable, record_or_report
 from skyguard.policy.model import Policy, TlsTermination
 from skyguard.timeouts import within
 
@@ -43,6 +50,8 @@ CHUNK = 65536
 # proxy and DNS share, so one client must not be able to take them all (nor, from the addresses
 # of its /64, a share per address).
 MAX_CONNECTIONS_PER_CLIENT = 256
+SNI_ATTRIBUTE = "skyguard_sni"  # where _keep_sni leaves a handshake's server name on its ssl.SSLObject
+MAX_SNI_CHARS = 253  # a DNS name's length: the rest of a longer one is not logged
 
 
 @dataclass(frozen=True)
@@ -80,7 +89,13 @@ class TlsTerminator:
         return f"TlsTerminator({[t.workload for t in self.policy.tls_termination]})"
 
     def _context(self, termination: TlsTermination, keys=None) -> tuple[ssl.SSLContext, str]:
-        """The server context for one entry, and a digest of its certificate bundle."""
+        """The server context for one entry (keeping each handshake's SNI: _keep_sni), and a digest
+        of its certificate bundle."""
+        context, digest = self._context_of(termination, keys)
+        context.sni_callback = _keep_sni
+        return context, digest
+
+    def _context_of(self, termination: TlsTermination, keys=None) -> tuple[ssl.SSLContext, str]:
         if keys is not None and certificate_of(self.secrets, termination.certificate) is not None:
             # A key in the policy's key backend (a token): it never leaves it (skyguard/keys/tlskey.py).
             context = new_server_context()
@@ -188,7 +203,20 @@ class TlsTerminator:
             return
         running.tasks.add(task)
         result = "terminated"
+        tls = writer.get_extra_info("ssl_object")
+        who = dict(connection=token_hex(8), credential=termination.certificate, zone=zone,
+                   workload=termination.workload, destination=f"{termination.workload}:{termination.port}",
+                   forward_to=termination.forward_to, client=peer[0] if peer else None)
         try:
+            try:  # nothing reaches the VM before the connection is on record (durable)
+                await entries_durable([self.decision_log.record(
+                    "tls_termination_start", **who, client_port=peer[1] if peer else None,
+                    sni=getattr(tls, SNI_ATTRIBUTE, None), tls_version=tls.version() if tls else None)])
+            except (LogError, OSError) as error:  # the signed log refuses (or the fallback log cannot write)
+                result = "log_refused"
+                log.error("a TLS connection from %s to %s:%s is refused: its entry cannot be logged: %s",
+                          who["client"], termination.workload, termination.port, error)
+                return
             target = _pick_address(writer.get_extra_info("socket"), addresses)
             try:
                 vm_reader, vm_writer = await within(
@@ -211,10 +239,15 @@ class TlsTerminator:
             self.clients.release(client)
             writer.close()
             self.metrics.terminations.labels(termination.workload, result).inc()
-            self.decision_log.record(
-                "tls_termination", credential=termination.certificate, zone=zone,
-                workload=termination.workload, destination=f"{termination.workload}:{termination.port}",
-                forward_to=termination.forward_to, client=peer[0] if peer else None, result=result)
+            if result != "log_refused":  # the end of a connection on record: best effort (said when refused)
+                record_or_report(self.decision_log, log, "tls_termination", **who, result=result)
+
+
+def _keep_sni(tls: ssl.SSLObject, server_name: str | None, _context: ssl.SSLContext) -> None:
+    """The name the client asked for (SNI), kept on its TLS object for the connection's entry:
+    OpenSSL's own reading of the ClientHello, at most MAX_SNI_CHARS of it. Any name is served (the
+    entry's certificate is the one there is); None without SNI."""
+    setattr(tls, SNI_ATTRIBUTE, server_name[:MAX_SNI_CHARS] if server_name else None)
 
 
 def _pick_address(sock: socket.socket, addresses: tuple[str, ...]) -> str:

@@ -24,7 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from skyguard.dns.learned import FILE_NAME, LearnedStore
 from skyguard.lab.addressing import addresses_for_name
-from support.client_waits import dig_argv
+from skyguard.lab.ca import LabCA
+from support.client_waits import dig_argv, wait_s
 from support.frozen_disk import FrozenDisk, blocked_in_the_kernel
 
 EXPORTER = "127.0.0.1:26031"  # loopback of the lab's host namespace
@@ -43,6 +44,9 @@ def daemon(lab, tmp_path_factory):
         d.env["SKYGUARD_LAB_DIR"] = str(lab.lab_dir.parent)  # the daemon trusts this lab's CA upstream
         try:
             d.cli("secret", "set", "github", input=SECRET, check=True)
+            cert, key = LabCA(work / "sdnctl1-ca", "sdnctl1").issue(["sdnctl1.test"])  # sdnctl1's TLS termination
+            (work / "sdnctl1.pem").write_bytes(cert + key)
+            d.cli("secret", "set", "sdnctl1", "--file", str(work / "sdnctl1.pem"), check=True)
             d.start()
             d.trust = work / "trust.pem"
             d.trust.write_text(d.cli("ca", "export", check=True).stdout)
@@ -260,6 +264,66 @@ def test_a_swap_waits_for_its_entry_so_no_secret_leaves_while_the_log_disk_stall
         return [entries[e["index"]] for e in entries.values() if e["type"] == "decision_withdrawn" and e["index"] >= before]
     [late] = wait_for(withdrawn, 30, "the late swap entry withdrawn")
     assert late["type"] == "credential" and late["result"] == "swapped", late
+
+
+# A client of sdnctl1's terminated TLS service (tcp/443, steered to skyguard from anywhere, the host
+# included): prints whether the handshake completed and what came back before the connection ended.
+TLS_CLIENT = """import socket, ssl, sys
+tls = ssl.create_default_context(cafile=sys.argv[2])
+s = tls.wrap_socket(socket.create_connection((sys.argv[1], 443), 20), server_hostname="sdnctl1.test")
+print("handshake", s.version())
+s.sendall(b"GET / HTTP/1.0\\r\\nHost: sdnctl1.test\\r\\n\\r\\n")
+got = b""
+try:
+    while chunk := s.recv(4096):
+        got += chunk
+except (OSError, ssl.SSLError):
+    pass
+print("received", len(got))
+"""
+
+
+def terminated(lab, daemon) -> str:
+    """sdnctl1.test's TLS service asked from the lab host, as TLS_CLIENT prints it."""
+    out = lab.exec("host", [sys.executable, "-c", TLS_CLIENT, "10.10.3.2", str(daemon.work_dir / "sdnctl1-ca" / "ca.pem")],
+                   lab_resolver=False, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_a_tls_termination_the_log_refuses_never_reaches_the_vm(lab, daemon):
+    """TLS termination (sdnctl1:443) wrote one entry per connection, at its end: nothing said a
+    connection had begun (who, what name) while it ran, and with the log refusing entries the end
+    entry raised out of the connection's task after it had been carried to the VM. Now a
+    connection's start is on record (durable) before a byte reaches the VM: client, SNI, TLS
+    version; with the log below its reserve, or its disk stalled, the connection is closed after
+    the handshake, counted log_refused and said in the host's log."""
+    assert "handshake" in terminated(lab, daemon)
+    start = daemon.log_entries("tls_termination_start")[-1]
+    assert (start["workload"], start["zone"], start["destination"], start["sni"]) == (
+        "sdnctl1", "sdn", "sdnctl1:443", "sdnctl1.test"), start
+    assert start["client"] and start["client_port"] and start["tls_version"].startswith("TLS")
+    end = wait_for(lambda: [e for e in daemon.log_entries("tls_termination") if e["connection"] == start["connection"]],
+                   30, "the connection's end entry")[-1]
+    assert end["client"] == start["client"]
+    refused = metric_of(daemon, "skyguard_tls_terminations_total", workload="sdnctl1", result="log_refused")
+    filler = fill_below_reserve(lab, daemon)
+    try:
+        assert terminated(lab, daemon).split()[-2:] == ["received", "0"]
+        assert metric_of(daemon, "skyguard_tls_terminations_total", workload="sdnctl1", result="log_refused") == refused + 1
+    finally:
+        filler.unlink()
+    wait_for(lambda: daemon.status()["log"]["refusing"] is None, 60, "the log accepting again")
+    daemon.disk.freeze()
+    try:
+        assert terminated(lab, daemon).split()[-2:] == ["received", "0"]  # at once: the log is not refusing yet
+        assert metric_of(daemon, "skyguard_tls_terminations_total", workload="sdnctl1", result="log_refused") == refused + 2
+    finally:
+        daemon.disk.thaw()
+    wait_for(lambda: daemon.status()["log"]["refusing"] is None, 60, "the log accepting again")
+    said = daemon.log_tail(1 << 20)
+    assert said.count(f"a TLS connection from {start['client']} to sdnctl1:443 is refused") == 2, said[-4000:]
+    assert "Traceback" not in said, said[-4000:]
 
 
 def frozen_log(daemon):
