@@ -285,8 +285,9 @@ class Daemon:
             apps = self._part("apps")
             return apps.identify(host, headers) if apps is not None else None
 
+        refusal = lambda: self.tlog.refusal() if self.tlog is not None else None  # noqa: E731 - a login asks first
         return ConsoleProxy(policy, SecretStore(self.state_dir / "secrets"), self.state_dir,
-                            PartLog(self.record_nowait), registry=registry, identify=identify,
+                            PartLog(self.record_nowait, refusal), registry=registry, identify=identify,
                             archive=self._sessions())
 
     def _make_apps(self, policy, registry):

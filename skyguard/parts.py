@@ -240,13 +240,27 @@ class PartRegistry:
 
 class PartLog:
     """A part's DecisionLog over the daemon's non-blocking log writer (`record_nowait(kind,
-    **fields)`, which returns the queued entry's Future or None)."""
+    **fields)`, which returns the queued entry's Future or None). `refusal()`: why the log would
+    refuse an entry now (the writer's LogWriter.refusal), for a part that must not begin what it
+    could not put on record; None without one."""
 
-    def __init__(self, record_nowait: Callable[..., Future | None]):
-        self.record_nowait = record_nowait
+    def __init__(self, record_nowait: Callable[..., Future | None],
+                 refusal: Callable[[], LogError | None] | None = None):
+        self.record_nowait, self._refusal = record_nowait, refusal
 
     def record(self, kind: str, /, **fields) -> Future | None:
         return self.record_nowait(kind, **fields)
+
+    def refusal(self) -> LogError | None:
+        return self._refusal() if self._refusal is not None else None
+
+
+def log_refusal(decision_log: DecisionLog) -> LogError | None:
+    """Why `decision_log` would refuse an entry now (its disk full or stalled, a failed write),
+    where it can tell (a PartLog given the writer's refusal); None otherwise. A hint for refusing
+    early and saying why: an entry may still be refused after it said None."""
+    refusal = getattr(decision_log, "refusal", None)
+    return refusal() if callable(refusal) else None
 
 
 async def make_part(slot: PartSlot, policy: Policy):

@@ -11,7 +11,8 @@ Decisions, closed by default: the clipboard passes only in the directions the ta
 each transfer once its `console_clipboard` entry is durable in the signed log (session.py);
 RDP targets are served through a private Xvnc that FreeRDP draws into (rdp.py), Degraded
 if FreeRDP or Xvnc is missing; a source (an address, an IPv6 /64) that fails
-too many logins is refused before authentication (the SSH door's limiter). Not here: the
+too many logins is refused before authentication (the SSH door's limiter), and every login while
+the signed log refuses entries (its disk full or stalled) before its ticket is judged. Not here: the
 datapath grant that lets this host reach the VMs' console ports.
 """
 

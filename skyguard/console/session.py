@@ -32,13 +32,17 @@ from skyguard.console.recording import VncRecording
 from skyguard.console.tickets import Ticket, match_vnc
 from skyguard.diskwork import Busy
 from skyguard.errors import AdminError, LogError, SkyguardError
-from skyguard.parts import entries_durable
+from skyguard.parts import entries_durable, log_refusal
 from skyguard.policy.console import ConsoleTarget
 from skyguard.timeouts import within
 
 log = logging.getLogger("skyguard.console")
 
 HANDSHAKE_TIMEOUT = 20.0  # seconds an unauthenticated client (or a VM's VNC server) may take to log in
+# What an operator is told while the signed log refuses entries (its own reason, with host paths,
+# goes to the host's log).
+LOG_REFUSED_WORDS = ("skyguard: the session cannot start: the signed log refuses entries now (its disk is full or "
+                     "stalled); try again later")
 
 
 class ConsoleSession:
@@ -109,6 +113,14 @@ class ConsoleSession:
             challenge = os.urandom(16)
             await self._send(challenge)
             response = await self.client_r.readexactly(16)
+        if (refusal := log_refusal(self.proxy.decision_log)) is not None:
+            # Nothing is judged that could not be put on record (a ticket guess, a VM login): the
+            # ticket is not looked at, nor used up; the operator is told why.
+            log.error("a console login from %s is refused: %s", self.source, refusal)
+            self.proxy.metrics.auth_failures.labels("log_refused").inc()
+            await self._send(rfb.security_failure(LOG_REFUSED_WORDS))
+            return None
+        if not self.web:
             try:  # read off the loop: the tickets' disk may stall
                 tickets = await self.proxy.ticket_work.start(self.proxy.tickets.load)
             except Busy as e:
@@ -176,8 +188,7 @@ class ConsoleSession:
         except LogError as e:  # fail closed: no session runs without its start entry
             log.error("a console session of %s on %s is refused: its start cannot be logged: %s",
                       self.ticket.operator, self.target.name, e)
-            raise AdminError("the session cannot start: the signed log refuses entries now (its disk is full "
-                             "or stalled); try again later") from None
+            raise AdminError(LOG_REFUSED_WORDS.removeprefix("skyguard: ")) from None
         if self._ended is not None:  # revoked, or shut down, while its record was written
             self.recording = recording
             self.proxy.records_closing.keep(self._close_record(self._ended), recording)

@@ -90,6 +90,19 @@ def vncdo(console_daemon, password: str, *commands: str) -> subprocess.Completed
                                    capture_output=True, text=True, timeout=90)
 
 
+def fill_log(console_daemon) -> Path:
+    """Another file leaves half the log's reserve free; returns it once the log refuses entries
+    (a DNS decision's entry finds the space gone). Unlink it to give the space back."""
+    daemon = console_daemon.daemon
+    filler = daemon.state_dir / "log" / "filler"
+    space = os.statvfs(filler.parent)
+    with open(filler, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, space.f_bavail * space.f_frsize - daemon.status()["log"]["reserve_bytes"] // 2)
+    console_daemon.lab.exec("agent1", dig_argv("pypi.sandbox.test", answer=False), capture_output=True, timeout=60)
+    wait_for(lambda: daemon.status()["log"]["refusing"], 30, "the log refusing entries")
+    return filler
+
+
 def test_an_operator_sees_the_vm_desktop_through_the_daemon_and_the_session_is_signed(console_daemon):
     daemon = console_daemon.daemon
     issued = daemon.cli("admin", "console-ticket", "alice", "dc1-desktop", check=True)
@@ -132,6 +145,30 @@ def test_a_console_session_whose_start_the_log_refuses_is_refused_and_keeps_no_r
     assert vncdo(console_daemon, ticket, "capture", str(console_daemon.tmp / "again.png")).returncode == 0
 
 
+def test_a_console_login_while_the_log_refuses_is_refused_with_its_reason_and_keeps_the_ticket(console_daemon):
+    """With the signed log known to refuse entries (its disk below the reserve), a login with a
+    good ticket used the ticket up, logged into the VM with its stored password and answered the
+    client "OK", then closed on it when the session's start entry was refused: the operator saw
+    a dropped connection and needed a new ticket, and a refused login's entry was dropped too.
+    Now the login is refused before anything is judged, with the reason, and the ticket still
+    works once the log takes entries again."""
+    daemon = console_daemon.daemon
+    ticket = daemon.cli("admin", "console-ticket", "alice", "dc1-desktop", check=True).stdout.strip()
+    shot = console_daemon.tmp / "log-refused.png"
+    filler = fill_log(console_daemon)
+    try:
+        out = vncdo(console_daemon, ticket, "capture", str(shot))
+        assert out.returncode != 0 and not shot.exists()
+        assert "the signed log refuses entries now" in out.stderr, out.stderr
+        said = daemon.log_tail(1 << 20)
+        assert "a console login from" in said and "is refused: the signed log" in said, said[-4000:]
+    finally:
+        filler.unlink()
+    wait_for(lambda: daemon.status()["log"]["refusing"] is None, 60, "the log accepting entries")
+    out = vncdo(console_daemon, ticket, "capture", str(shot))  # the same ticket
+    assert out.returncode == 0, out.stderr
+
+
 def test_a_console_session_opens_only_once_its_start_is_durable(console_daemon):
     """The signed log's disk stalled (fsfreeze): for its first 5 s the session's start entry was
     queued and the operator saw the VM's screen at once, with the session on record nowhere. Now
@@ -150,19 +187,6 @@ def test_a_console_session_opens_only_once_its_start_is_durable(console_daemon):
     wait_for(lambda: daemon.status()["log"]["refusing"] is None, 60, "the log accepting entries")
     ticket = daemon.cli("admin", "console-ticket", "alice", "dc1-desktop", check=True).stdout.strip()
     assert vncdo(console_daemon, ticket, "capture", str(shot)).returncode == 0
-
-
-def fill_log(console_daemon) -> Path:
-    """Another file leaves half the log's reserve free; returns it once the log refuses entries
-    (a DNS decision's entry finds the space gone). Unlink it to give the space back."""
-    daemon = console_daemon.daemon
-    filler = daemon.state_dir / "log" / "filler"
-    space = os.statvfs(filler.parent)
-    with open(filler, "wb") as f:
-        os.posix_fallocate(f.fileno(), 0, space.f_bavail * space.f_frsize - daemon.status()["log"]["reserve_bytes"] // 2)
-    console_daemon.lab.exec("agent1", dig_argv("pypi.sandbox.test", answer=False), capture_output=True, timeout=60)
-    wait_for(lambda: daemon.status()["log"]["refusing"], 30, "the log refusing entries")
-    return filler
 
 
 # A VNC client that stays in its session and pastes each line it reads, then asks for the screen:
