@@ -75,10 +75,13 @@ _withdrawals = ThreadPoolExecutor(1, thread_name_prefix="skyguard-withdrawals")
 WITHDRAW_TRIES_S = 60.0
 
 
-def _withdraw_once_written(queued: Future, decisions: DecisionLog) -> None:
+def _withdraw_once_written(queued: Future, decisions: DecisionLog | None) -> None:
     """The decision `queued` records did not take effect (its caller stopped waiting, or another of
     its entries was refused), but the writer may still write it (once the disk answers): then a
     `decision_withdrawn` entry naming its index follows it, so the log never claims what did not happen."""
+    if decisions is None:  # (a caller with nowhere to say it)
+        return
+
     def settled(future: Future) -> None:
         if not future.cancelled() and future.exception() is None:
             _withdrawals.submit(_withdraw, decisions, future.result())
@@ -107,7 +110,7 @@ def _withdraw(decisions: DecisionLog, index: int) -> None:
         return
 
 
-def wait_durable(queued: Future | None, decisions: DecisionLog) -> None:
+def wait_durable(queued: Future | None, decisions: DecisionLog | None) -> None:
     """In a worker thread: until the log writer's Future of an entry (`decisions.record`) resolves.
     LogError if the writer refused it, or has not made it durable within ENTRY_WAIT_S (then the
     decision must not take effect; if the entry is written later, a withdrawal follows it). The
@@ -121,7 +124,7 @@ def wait_durable(queued: Future | None, decisions: DecisionLog) -> None:
         raise _not_durable() from None
 
 
-async def entries_durable(queued: list[Future | None], decisions: DecisionLog) -> None:
+async def entries_durable(queued: list[Future | None], decisions: DecisionLog | None) -> None:
     """wait_durable() on the event loop, for the entries of one decision: all durable, or LogError
     (or the caller cancelled: its connection ended) and a withdrawal after each of them that is
     written, now or later."""

@@ -29,7 +29,7 @@ import asyncssh
 
 from skyguard.admin.sftp import MAX_PATH_SHOWN, SSH_FX_PERMISSION_DENIED, PacketFramer, SftpProtocolError, status_packet
 from skyguard.errors import LogError
-from skyguard.parts import entries_durable
+from skyguard.parts import DecisionLog, entries_durable
 
 log = logging.getLogger("skyguard.admin")
 
@@ -95,8 +95,8 @@ class SftpLogGate:
     def __init__(self, log_request: Callable[[str, str], Future | None], note: Callable[[str, str, bool], None],
                  forward: Callable[[bytes], None], answer: Callable[[bytes], None], tell: Callable[[str], None],
                  pause: Callable[[], None], resume: Callable[[], None], fail: Callable[[str], None],
-                 eof: Callable[[], None], who: str):
-        self.log_request, self.note, self.who = log_request, note, who
+                 eof: Callable[[], None], who: str, decisions: DecisionLog | None = None):
+        self.log_request, self.note, self.who, self.decisions = log_request, note, who, decisions
         self.forward, self.answer, self.tell = forward, answer, tell
         self.pause, self.resume, self.fail, self.write_eof = pause, resume, fail, eof
         self._framer = PacketFramer()
@@ -167,7 +167,7 @@ class SftpLogGate:
     async def _on_record(self, packet: bytes, op: str, path: str) -> bool:
         """Whether the request may go on: its entry is durable. Else it is answered here."""
         try:
-            await entries_durable([self.log_request(op, path)])
+            await entries_durable([self.log_request(op, path)], self.decisions)
         except (LogError, OSError) as error:  # the signed log refuses (or the fallback log cannot write)
             log.error("SFTP %s of %r by %s is refused: its admin_file_transfer entry cannot be logged: %s",
                       op, path, self.who, error)
@@ -225,4 +225,5 @@ def log_gate(session) -> SftpLogGate:
                        lambda: session.operator_reading.hold("sftp_log"),
                        lambda: session.operator_reading.release("sftp_log"),
                        lambda message: session.end_with_message(message + "\r\n", 255, "sftp_refused"), eof,
-                       f"{owner.operator_name} on {owner.workload_name} (session {recording.id})")
+                       f"{owner.operator_name} on {owner.workload_name} (session {recording.id})",
+                       session.proxy.decision_log)

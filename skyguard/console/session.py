@@ -338,7 +338,7 @@ class ConsoleSession:
         verdict = "allowed" if allowed else "dropped"
         if allowed:
             try:
-                await entries_durable([self.proxy.decision_log.record("console_clipboard", **fields)])
+                await entries_durable([self.proxy.decision_log.record("console_clipboard", **fields)], self.proxy.decision_log)
             except (LogError, OSError) as e:  # the signed log refuses (or the fallback log cannot write)
                 log.error("a clipboard transfer (%s, %d bytes) of console session %s is dropped: its entry cannot be "
                           "logged: %s", direction, length, self.recording.id, e)

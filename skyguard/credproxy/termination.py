@@ -211,7 +211,7 @@ class TlsTerminator:
             try:  # nothing reaches the VM before the connection is on record (durable)
                 await entries_durable([self.decision_log.record(
                     "tls_termination_start", **who, client_port=peer[1] if peer else None,
-                    sni=getattr(tls, SNI_ATTRIBUTE, None), tls_version=tls.version() if tls else None)])
+                    sni=getattr(tls, SNI_ATTRIBUTE, None), tls_version=tls.version() if tls else None)], self.decision_log)
             except (LogError, OSError) as error:  # the signed log refuses (or the fallback log cannot write)
                 result = "log_refused"
                 log.error("a TLS connection from %s to %s:%s is refused: its entry cannot be logged: %s",

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from skyguard.dns.learned import FILE_NAME, LearnedStore
 from skyguard.lab.addressing import addresses_for_name
 from skyguard.lab.ca import LabCA
-from support.client_waits import dig_argv, wait_s
+from support.client_waits import dig_argv
 from support.frozen_disk import FrozenDisk, blocked_in_the_kernel
 
 EXPORTER = "127.0.0.1:26031"  # loopback of the lab's host namespace
