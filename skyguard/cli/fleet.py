@@ -246,7 +246,8 @@ def push(file, sign_key, key_name, hosts, admin_keys, wait_s, no_wait, etcd, sta
         emit_json(result)
     if rollout is None:
         if not as_json:
-            click.echo(f"pushed revision {signed.revision} ({signed.sha256[:12]}) to {hosts}")
+            click.echo(f"pushed revision {signed.revision} ({signed.sha256[:12]}) to {hosts}; `skyguard fleet status` "
+                       "shows which hosts enforce it and which refused it")
         return
     _report_rollout(rollout, as_json, state)
 
@@ -408,10 +409,31 @@ def status(etcd, admin_keys, state_dir, as_json):
     refusals and heartbeat its host key pinned here did not sign is marked [record UNVERIFIED],
     [record FORGED] (changed, or another key's), or [record STALE] (signed long ago: put back).
 
+    Then the fleet's newest revision: the highest an --admin-key signed (of two under one
+    number, the one pushed last) among the policy key's values in etcd and what the hosts report
+    running, as a push counts them; without --admin-key, the one the stored policy record
+    claims, its signature unchecked (said so). A host that refused it is named on a REFUSED
+    line with the revision, the reason it reports (rollback: not newer than what it runs;
+    not_admin: not signed by an admin key it has; invalid: does not load there; apply_failed:
+    the swap failed, it tries again) and when it first refused it; a host's refusals of other
+    revisions later than the one it enforces are listed too. --json gives `newest`, each
+    member's `standing` (state: enforcing, refusing, behind, newer, not_named, or the record's
+    unverified/forged/stale; `enforces`; `refused`), `refusing`, `not_verified` and `ok`.
+
+    Exit status: 0 when no host refuses the newest revision and every member record is
+    verified; 1 when a host refuses it or a member record is UNVERIFIED, FORGED or STALE (each
+    named on stderr), or etcd does not answer; 2 on bad input. A host still applying it, or one
+    it does not name, does not change the exit status.
+
     \b
     Examples:
-      skyguard fleet status --etcd http://10.0.0.1:2379
-      skyguard fleet status --etcd http://10.0.0.1:2379 --json | jq '.members[].policy'
+      skyguard fleet status --etcd http://10.0.0.1:2379 --state-dir ~/fleet-admin --admin-key admin.vkey
+        ...
+        newest revision 8 (3f0c12ab34cd, for *, signed by an admin key given): enforced by 2 of 3 members
+        REFUSED: host-b refuses revision 8 (not_admin, 42 s ago): the policy is not signed by a configured ...
+        error: 1 member refuses revision 8, the newest: host-b (not_admin)
+      skyguard fleet status --etcd http://10.0.0.1:2379 --json | jq '.members[].standing'
+      skyguard fleet status --etcd http://10.0.0.1:2379 --state-dir ~/fleet-admin >/dev/null || page-the-admin
     """
     from skyguard.fleet.admin import fleet_view, local_trust
     from skyguard.fleet.etcd import EtcdStore
@@ -421,7 +443,12 @@ def status(etcd, admin_keys, state_dir, as_json):
     view = asyncio.run(fleet_view(EtcdStore(etcd), load_admin_verifiers(admin_keys), trust))
     if as_json:
         emit_json(view)
-        return
+    else:
+        _print_status(view, state_dir)
+    _status_verdict(view, state_dir)
+
+
+def _print_status(view: dict, state_dir) -> None:
     click.echo(f"policy: {view['policy']}")   # a dict's repr escapes control characters
     click.echo(f"{'host':<16} {'rev':>4} {'policy':<14} {'beat':>6} {'log':>8} {'given':>6} "
                f"{'witnessed by':<24} alerts")
@@ -430,17 +457,32 @@ def status(etcd, admin_keys, state_dir, as_json):
         policy = _field(m, "policy")
         witnessed = ",".join(f"{w}@{s}" for w, s in sorted(m.get("witnessed_by", {}).items())) or "-"
         alerts = m.get("alerts")
+        refuses = [r for r in m["standing"]["refused"] if r["newest"]]
         click.echo(f"{_cell(name):<16} {_cell(policy.get('revision', 0)):>4} "
                    f"{_cell(policy.get('sha256') or '-')[:12]:<14} "
                    f"{_cell(m.get('heartbeat_age_s', '?')):>5}s {_cell(_field(m, 'log').get('size')):>8} "
                    f"{_cell(_field(m, 'cosignatures').get('given', 0)):>6} {_cell(witnessed):<24} "
                    f"{len(alerts) if isinstance(alerts, list) else _cell(alerts)}"
                    + (f"  ({_cell(m['problem'])})" if "problem" in m else "")
+                   + (f"  [REFUSES revision {refuses[0]['revision']}]" if refuses else "")
                    + (f"  [{m['trust']}]" if m["trust"].startswith("UNVERIFIED") else "")
                    + (f"  [record {m['record'].upper()}: {_cell(m['record_problem'])}]" if m["record"] != "verified"
                       else "")
                    + (f"  [{m['witnessed_by_unverified']} cosignatures by witnesses not pinned here]"
                       if m["witnessed_by_unverified"] else ""))
+    newest = view["newest"]
+    if newest is None:
+        click.echo("newest revision: none (no policy pushed that an --admin-key given signed)")
+    else:
+        enforcing = sum(m["standing"]["state"] == "enforcing" for m in view["members"].values())
+        signed = "signed by an admin key given" if newest["signed"] else \
+            "as the stored policy record claims: its signature not checked, give --admin-key"
+        click.echo(f"newest revision {newest['revision']} ({newest['sha256'][:12]}, for {','.join(newest['hosts'])}, "
+                   f"{signed}): enforced by {enforcing} of {len(view['members'])} members")
+    for name, m in sorted(view["members"].items()):
+        for r in m["standing"]["refused"]:
+            click.echo(f"{'REFUSED: ' if r['newest'] else ''}{_cell(name)} {'refuses' if r['newest'] else 'refused'} "
+                       f"revision {r['revision']} ({_cell(r['reason'])}, {_ago(r['age_s'])}): {_cell(r['problem'])}")
     for alert in view["alerts"]:
         click.echo(f"ALERT: {_cell(alert.get('witness'))} refuses to cosign {_cell(alert.get('peer'))}: "
                    f"{_cell(alert.get('problem'))} ({_cell(alert.get('verified'))})")
@@ -454,6 +496,33 @@ def status(etcd, admin_keys, state_dir, as_json):
     if view["unverified_total"] and not view["host_keys_known"]:
         click.echo(f"(no peer's host key is pinned in {_cell(str(state_dir or config.STATE_DIR))}: run this on a fleet host, "
                    f"or give its --state-dir, to verify alerts)")
+
+
+def _ago(age_s) -> str:
+    return "when not reported" if age_s is None else f"{max(age_s, 0):.0f} s ago"
+
+
+def _status_verdict(view: dict, state_dir) -> None:
+    """Exit 1 (FleetError, on stderr) naming each host refusing the newest revision and each
+    member whose record is not verified; nothing when there is none."""
+    from skyguard.fleet.store import FleetError
+
+    if view["ok"]:
+        return
+    members, problems = view["members"], []
+    if view["refusing"]:
+        reasons = {n: next(r["reason"] for r in members[n]["standing"]["refused"] if r["newest"])
+                   for n in view["refusing"]}
+        problems.append(f"{len(reasons)} member{'s' if len(reasons) > 1 else ''} refuse"
+                        f"{'' if len(reasons) > 1 else 's'} revision {view['newest']['revision']}, the newest: "
+                        + ", ".join(f"{_cell(n)} ({_cell(why)})" for n, why in reasons.items()))
+    if view["not_verified"]:
+        problems.append("member records not verified: " + ", ".join(
+            f"{_cell(n)} ({members[n]['record'].upper()})" for n in view["not_verified"][:20])
+            + (", ..." if len(view["not_verified"]) > 20 else "")
+            + f" (pin each host's key here with `skyguard fleet trust HOST --key HOST.json`, in "
+              f"{_cell(str(state_dir or config.STATE_DIR))} or the --state-dir given)")
+    raise FleetError("; ".join(problems))
 
 
 def _field(record: dict, name: str) -> dict:

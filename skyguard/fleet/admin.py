@@ -3,7 +3,8 @@ policy, and read the fleet's view as a host sees it (`Trust`: what its state dir
 Members no operator pinned there are unverified, and so are cosignatures not made by a witness
 key pinned there; alerts are the fleet's only when that host raised them or a host key pinned
 there signed them, the rest unverified; a member record is its host's word only as far as its
-host key known there signed it (report.py: `record` verified, else unverified, forged, stale).
+host key known there signed it (report.py: `record` verified, else unverified, forged, stale),
+and so is what it says of the newest revision: whether it enforces or refused it (standing.py).
 
 Not here: what a host does with a pushed policy (agent.py).
 """
@@ -22,8 +23,9 @@ from skyguard.errors import SkyguardError
 from skyguard.fleet import keys
 from skyguard.fleet.alerts import is_cleared, load_alerts, load_cleared, open_alert, open_cleared
 from skyguard.fleet.peers import by_operator, keys_of
-from skyguard.fleet.report import MAX_AGE_S, HostKeys, RecordDoubt, fresh, open_member
-from skyguard.fleet.signing import PolicyRefused, SignedPolicy, open_note, open_policy, sign_policy
+from skyguard.fleet.report import MAX_AGE_S, HostKeys, MemberReport, RecordDoubt, fresh, open_member
+from skyguard.fleet.signing import PolicyRefused, SignedPolicy, claimed, claimed_hosts, open_note, open_policy, sign_policy
+from skyguard.fleet.standing import REFUSING, Newest, standing
 from skyguard.fleet.store import Compacted, FleetError, Item, Store, load_value
 from skyguard.tlog.checkpoint import Signer, Verifier
 from skyguard.tlog.cosign import PEERS_FILE, CosignerVerifier
@@ -46,9 +48,9 @@ async def push_policy(store: Store, text: str, signer: Signer, hosts: tuple[str,
         item, _ = await store.get(keys.POLICY)
         ignored: dict[str, dict[str, int]] = {"records": {}, "reports": {}}
         # Never below what any host runs: the stored record may be a replayed older one.
-        highest = max(await _highest_stored(store, item, trusted, ignored["records"]),
-                      await _highest_running(store, trusted, ignored["reports"]))
-        signed = sign_policy(text, highest + 1, signer, hosts)
+        found = await _signed_stored(store, item, trusted, ignored["records"]) + \
+            await _signed_running(store, trusted, ignored["reports"])
+        signed = sign_policy(text, max((n.revision for n in found), default=0) + 1, signer, hosts)
         if await store.put_if(keys.POLICY, signed.to_json(), item.mod_revision if item else 0):
             ignored = {kind: counts for kind, counts in ignored.items() if counts}
             for kind, counts in ignored.items():
@@ -60,20 +62,31 @@ async def push_policy(store: Store, text: str, signer: Signer, hosts: tuple[str,
     raise FleetError("another push kept winning; try again")
 
 
-async def _highest_stored(store: Store, item: Item | None, admins: list[Verifier], ignored: dict[str, int]) -> int:
-    """The highest revision `admins` signed among the policy key's values the store still keeps,
-    from `item` (its value now) back through its history, at most HISTORY_STEPS of them; the
-    others counted in `ignored` by reason (whoever writes the store can put any revision there).
+async def newest_signed(store: Store, admins: Sequence[Verifier]) -> Newest | None:
+    """The fleet's newest revision as far as `admins` signed it (standing.py): the highest among
+    the policy key's values and the hosts' reports (what a push numbers the next one from), of
+    two under one number the one stored last."""
+    item, _ = await store.get(keys.POLICY)
+    found = await _signed_stored(store, item, list(admins), {}) + await _signed_running(store, list(admins), {})
+    return max(found, key=lambda n: n.revision, default=None)   # the first of the highest: stored last
+
+
+async def _signed_stored(store: Store, item: Item | None, admins: list[Verifier],
+                         ignored: dict[str, int]) -> list[Newest]:
+    """The revisions `admins` signed among the policy key's values the store still keeps, from
+    `item` (its value now) back through its history, at most HISTORY_STEPS of them; the others
+    counted in `ignored` by reason (whoever writes the store can put any revision there).
     A record put back by whoever writes the store hides the newer ones from a read of the key,
-    not from its history; the hosts' reports (_highest_running) cover what the history no longer
+    not from its history; the hosts' reports (_signed_running) cover what the history no longer
     holds, but lag up to a heartbeat behind what a host runs, and are gone while a host is away
     (its lease expired)."""
-    highest = 0
+    found = []
     for _ in range(HISTORY_STEPS):
         if item is None:
             break
         try:
-            highest = max(highest, open_policy(item.value, admins).revision)
+            signed = open_policy(item.value, admins)
+            found.append(Newest(signed.revision, signed.sha256, signed.hosts))
         except PolicyRefused as e:   # the check hosts make before applying one
             ignored[e.reason] = ignored.get(e.reason, 0) + 1
         if item.mod_revision <= 1:
@@ -82,16 +95,16 @@ async def _highest_stored(store: Store, item: Item | None, admins: list[Verifier
             item, _ = await store.get(keys.POLICY, revision=item.mod_revision - 1)
         except Compacted:
             break
-    return highest
+    return found
 
 
-async def _highest_running(store: Store, admins: list[Verifier], ignored: dict[str, int]) -> int:
-    """The highest revision members report running, counted only with the note `admins` signed
+async def _signed_running(store: Store, admins: list[Verifier], ignored: dict[str, int]) -> list[Newest]:
+    """The revisions members report running, counted only with the note `admins` signed
     for it that the member reports beside it (agent.py): anyone who writes the store can make a
     member record up or put an old one back (the host key signing one is not pinned everywhere a
     push runs), but not sign a revision."""
     members, _ = await store.get_prefix(keys.MEMBERS)
-    highest = 0
+    found = []
     for item in members:
         try:
             policy = load_value(item.value)["policy"]
@@ -104,14 +117,14 @@ async def _highest_running(store: Store, admins: list[Verifier], ignored: dict[s
         try:
             if note is None:
                 raise PolicyRefused("no_note", "no signed note beside the revision reported")
-            signed_revision = open_note(note, admins)[0]
+            signed_revision, sha256, hosts = open_note(note, admins)
             if signed_revision != revision:
                 raise PolicyRefused("revision_mismatch", "the revision reported is not the one its note signs")
         except PolicyRefused as e:
             ignored[e.reason] = ignored.get(e.reason, 0) + 1
             continue
-        highest = max(highest, signed_revision)
-    return highest
+        found.append(Newest(signed_revision, sha256, hosts))
+    return found
 
 
 def _revision_of(value: bytes) -> int:
@@ -220,8 +233,14 @@ def _cosigned(log_name: str, witness: str, value: bytes, view: dict, trust: Trus
 
 
 async def fleet_view(store: Store, admins=None, trust: Trust | None = None) -> dict:
-    """{members: {name: status + heartbeat_age_s + trust + cosignatures received}, policy,
-    alerts, unverified_alerts}, as the host whose `trust` is given sees it. A member's
+    """{members: {name: status + heartbeat_age_s + trust + cosignatures received + standing},
+    policy, newest, alerts, unverified_alerts, refusing, not_verified, ok}, as the host whose
+    `trust` is given sees it. `newest` is the fleet's newest revision (standing.py) as far as
+    `admins` signed it; without admin keys, what the policy key's record claims (`signed`
+    false). A member's `standing` says whether it enforces it or refused it (and which later
+    revisions it refused, why and when), as far as its record is verified; `refusing` names the
+    members refusing it, `not_verified` those whose record is not verified, and `ok` is true
+    when neither names any. A member's
     `witnessed_by` holds the cosignatures made by a witness key known there (pinned, or its
     own), `witnessed_by_unverified` counts the others. `alerts` are the fleet's: those the host
     raised and those signed by a host key pinned there; every other alert record of the store,
@@ -232,9 +251,10 @@ async def fleet_view(store: Store, admins=None, trust: Trust | None = None) -> d
     members, revision = await store.get_prefix(keys.MEMBERS)
     cosigs, _ = await store.get_prefix(keys.COSIGNATURES)
     alerts, _ = await store.get_prefix(keys.ALERTS)
+    newest = await _newest(store, admins)
     now = time.time()
     view: dict = {"revision": revision, "members": {}, "alerts": [], "unverified_alerts": [], "policy": None,
-                  "host_keys_known": sorted(trust.pins)}
+                  "host_keys_known": sorted(trust.pins), "newest": newest and newest.to_json()}
     # Each host writes its own record (and any alert): what one writes must not stop the view
     # of the others, so a record of the wrong shape is shown as such, never raised.
     for item in members:
@@ -252,7 +272,9 @@ async def fleet_view(store: Store, admins=None, trust: Trust | None = None) -> d
         status["witnessed_by"], status["witnessed_by_unverified"] = {}, 0
         name = item.key[len(keys.MEMBERS):]
         status["trust"] = member_trust(name, status, trust)
-        _check_record(name, status, member_keys, now)
+        report = _check_record(name, status, member_keys, now)
+        status["standing"] = standing(name, report, newest, now) if report else \
+            {"state": status["record"], "enforces": None, "refused": []}
         view["members"][name] = status
     for item in cosigs:
         log_name, _, witness = item.key[len(keys.COSIGNATURES):].partition("/")
@@ -273,10 +295,24 @@ async def fleet_view(store: Store, admins=None, trust: Trust | None = None) -> d
                 view["policy"].update(sha256=signed.sha256, hosts=list(signed.hosts), signed=True)
         except (ValueError, KeyError, TypeError, FleetError) as e:
             view["policy"] = {"problem": str(e)}
+    view["refusing"] = sorted(n for n, m in view["members"].items() if m["standing"]["state"] == REFUSING)
+    view["not_verified"] = sorted(n for n, m in view["members"].items() if m["record"] != "verified")
+    view["ok"] = not view["refusing"] and not view["not_verified"]
     return view
 
 
-def _check_record(name: str, status: dict, member_keys: HostKeys, now: float) -> None:
+async def _newest(store: Store, admins) -> Newest | None:
+    """The newest revision `admins` signed; without them, the one the policy key's record claims."""
+    if admins:
+        return await newest_signed(store, admins)
+    item, _ = await store.get(keys.POLICY)
+    revision, sha256 = claimed(item.value) if item is not None else (None, None)
+    if revision is None or sha256 is None:
+        return None
+    return Newest(revision, sha256, claimed_hosts(item.value), signed=False)
+
+
+def _check_record(name: str, status: dict, member_keys: HostKeys, now: float) -> MemberReport | None:
     """`record`: whether the member record `status` is what its host key known here signed, and
     recent (report.py): "verified" (`signed_by` says which key: pinned here, this host), else
     "unverified", "forged" or "stale", with `record_problem`. The heartbeat's age shown is the
@@ -286,9 +322,10 @@ def _check_record(name: str, status: dict, member_keys: HostKeys, now: float) ->
         fresh(report, now, what="`fleet status` read it", allowed=MAX_AGE_S)
     except RecordDoubt as e:
         status["record"], status["record_problem"] = e.kind, str(e)
-        return
+        return None
     status["record"], status["signed_by"] = "verified", report.key
     status["heartbeat_age_s"] = round(now - report.time, 1)
+    return report
 
 
 MAX_UNVERIFIED = 100   # unverified alert records listed (whoever writes the store can write many)

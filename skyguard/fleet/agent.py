@@ -14,7 +14,8 @@ does three things, each a task that survives the store going away:
   peer last cosigned; cosign every peer's checkpoint through the durable Witness
   (skyguard/tlog/cosign.py), and put its cosignature back when deleted from the store; collect
   peers' cosignatures of this log into the state dir, where `skyguard log verify --witnesses N`
-  finds them.
+  finds them; and count the members (pinned here, and itself) whose signed record says they
+  refuse the newest revision (standing.py), a gauge.
 
 Fail closed and keep enforcing: when the store is unreachable nothing changes locally; the agent
 logs `fleet_store_lost` once, reports it (metric, status) and retries. A refused policy or a peer
@@ -47,6 +48,7 @@ from skyguard.fleet.publisher import CheckpointPublisher
 from skyguard.fleet.report import sign_member
 from skyguard.fleet.seen import SeenCosignatures
 from skyguard.fleet.signing import check_member_name
+from skyguard.fleet.standing import Newest, host_keys, refusing_newest
 from skyguard.fleet.store import FleetError, Store, StoreUnavailable, load_value
 from skyguard.fleet.witnessing import origin_rival, peer_keys, proofs_attested, unproven_witnesses
 from skyguard.timeouts import within
@@ -261,15 +263,17 @@ class FleetAgent:
             cosignatures.setdefault(item.key[len(keys.COSIGNATURES):].partition("/")[0], []).append(item)
         items = cosignatures.get(self.name, [])
         members, _ = await self.store.get_prefix(keys.MEMBERS)
-        peers = {}
+        peers, records = {}, {}
         for item in members:
             try:
                 record = load_value(item.value)
                 peer = check_member_name(record["name"])
             except (ValueError, KeyError, TypeError, SkyguardError):
                 continue
-            if peer != self.name and item.key == keys.member(peer):
-                peers[peer] = record
+            if item.key == keys.member(peer):
+                records[peer] = record
+                if peer != self.name:
+                    peers[peer] = record
         sizes = set(self.received.values())   # a witness's size offered a proof even if deleted from the store
         for item in items:
             witness_name = item.key.rsplit("/", 1)[-1]
@@ -324,6 +328,7 @@ class FleetAgent:
                                     origin_rival(peer, record, peers, self.pins.all(), self.publisher.head().get("origin")))
         now = time.time()
         self.metrics.round(peers)
+        self._count_refusing(records, now)
         for peer, seen in self.fresh.items():   # kept when a peer leaves: it resumes, not restarts
             if peer in peers:
                 self.metrics.set_fresh_age(peer, round(now - seen, 1))
@@ -404,6 +409,14 @@ class FleetAgent:
         if not again:
             self.given += 1
             self.metrics.given.inc()
+
+    def _count_refusing(self, records: dict[str, dict], now: float) -> None:
+        signed = self.follower.newest
+        newest = Newest(signed.revision, signed.sha256, signed.hosts) if signed else None
+        pinned = {peer: pin for peer, pin in self.pins.all().items() if by_operator(pin)}
+        refusing = refusing_newest(records, newest, host_keys(pinned, self.log_signer.verifier), now)
+        self.metrics.newest.set(newest.revision if newest else 0)
+        self.metrics.refusing.set(len(refusing))
 
     def _forget(self, peer: str, origin: str, unpinned: bool = True) -> None:
         """Drop what this witness kept of `peer`: its first-sight pin dropped (peers.py: its member

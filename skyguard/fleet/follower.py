@@ -7,9 +7,12 @@ before the store answers. Compaction, a lost member, a closed stream: re-list, t
 A record refused (unsigned, foreign-signed, not newer than what runs, invalid here, or the swap
 failed) is a log entry, a metric, and one of the last few refusals this host reports in its
 member record (`report`): each with the revision and policy hash the record claims (read without
-checking its signature), the reason and the problem, bounded. That is how `fleet policy push`
-learns that a host refused what it pushed (rollout.py), as signed by this host's log key with
-the rest of what it reports (report.py); a refusal is shown to an operator, never acted on.
+checking its signature), the reason, the problem (bounded) and when it was first refused. That is
+how `fleet policy push` learns that a host refused what it pushed (rollout.py), and `fleet
+status` which host refuses the newest revision (standing.py), as signed by this host's log key
+with the rest of what it reports (report.py); a refusal is shown to an operator, never acted on.
+The follower also keeps the newest revision an admin key signed that it saw in the store
+(`newest`, whether applied or refused), against which the agent counts the hosts refusing it.
 
 Not here: the store protocol (etcd.py), signatures and the apply decision (signing.py), the member
 record and the other tasks (agent.py).
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,6 +58,7 @@ class PolicyFollower:
         self.applied: SignedPolicy | None = None   # its note reported: a push counts the revision with it
         self.refused: dict[str, str] = {}          # last refusal per reason
         self.refusals: list[dict] = []             # the last MAX_REFUSALS records refused, newest last
+        self.newest: SignedPolicy | None = None    # the highest revision an admin signed seen (ties: the last)
         self._applying = asyncio.Lock()
         self._load_applied()
 
@@ -73,6 +78,7 @@ class PolicyFollower:
             log.error("the applied fleet policy kept in %s is not valid any more: %s", self.path, e)
             return
         self.revision, self.applied = signed.revision, signed
+        self.newest = signed
 
     async def _restore_applied(self) -> None:
         """After a restart the daemon runs its --policy file; the fleet's last applied policy,
@@ -93,6 +99,8 @@ class PolicyFollower:
             return   # deleting the policy key changes nothing: a host keeps enforcing what it has
         try:
             signed = open_policy(value, self.admins)
+            if self.newest is None or signed.revision >= self.newest.revision:
+                self.newest = signed
             if not decide(signed, self.name, self.revision, self.applied.sha256 if self.applied else None):
                 return
         except PolicyRefused as e:
@@ -106,9 +114,10 @@ class PolicyFollower:
         # logged) or the store's request size (this host's status would stop being published).
         problem = str(e)[:MAX_PROBLEM]
         refusal = {"revision": revision, "sha256": sha256, "reason": e.reason, "problem": problem}
-        if refusal not in self.refusals:   # the record it claims to be, refused (again) for this reason
+        if not any(all(r.get(k) == v for k, v in refusal.items()) for r in self.refusals):
+            # the record it claims to be, refused anew or for another reason: when is now
             self.refusals = [r for r in self.refusals if (r["revision"], r["sha256"]) != (revision, sha256)]
-            self.refusals = [*self.refusals, refusal][-MAX_REFUSALS:]
+            self.refusals = [*self.refusals, {**refusal, "time": time.time()}][-MAX_REFUSALS:]
             self.changed()
         if self.refused.get(e.reason) == problem:
             return   # the same record seen again (re-list): reported once

@@ -52,6 +52,12 @@ class FleetMetrics:
                               registry=registry)
         self.revision = Gauge("skyguard_fleet_policy_revision", "Revision of the fleet policy applied",
                               registry=registry)
+        self.newest = Gauge("skyguard_fleet_policy_newest_revision", "Newest fleet policy revision an admin key "
+                            "signed that this host saw in the store (applied or refused)", registry=registry)
+        self.refusing = Gauge("skyguard_fleet_hosts_refusing_newest_policy", "Fleet members (this host, and those "
+                              "whose host key an operator pinned here) whose signed member record says they refused "
+                              "the newest policy revision (`skyguard fleet status` names them, with why)",
+                              registry=registry)
         self.refused = Counter("skyguard_fleet_policy_refused", "Pushed policies refused, by reason",
                                ["reason"], registry=registry)
         self.given = Counter("skyguard_fleet_cosignatures_given", "Peer checkpoints this host cosigned",

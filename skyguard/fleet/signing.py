@@ -158,6 +158,20 @@ def claimed(value: bytes) -> tuple[int | None, str | None]:
     return revision, sha
 
 
+def claimed_hosts(value: bytes) -> tuple[str, ...]:
+    """The hosts the stored record `value` claims to be for, read without checking its signature
+    (* when it names none): to show a claim, never to decide anything."""
+    try:
+        lines = load_value(value)["note"].split("\n")[:8]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return ("*",)
+    for line in lines:
+        key, _, field = line.partition(" ")
+        if key == "hosts" and field:
+            return tuple(field.split(","))
+    return ("*",)
+
+
 def decide(signed: SignedPolicy, name: str, running_revision: int, running_sha: str | None) -> bool:
     """True: apply it. False: nothing to do (not for this host, or the one already running).
     PolicyRefused: an older revision, or another policy under the running revision."""

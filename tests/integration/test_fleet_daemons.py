@@ -125,6 +125,12 @@ def admin_state(work):
     return work / "admin-state"
 
 
+def admin_env(work):
+    """What the admin runs `fleet policy push` and `fleet status` with: their state dir, where
+    every host's key is pinned."""
+    return dict(os.environ, PYTHONPATH=str(config.REPO_ROOT), SKYGUARD_STATE_DIR=str(admin_state(work)))
+
+
 @pytest.fixture(scope="module")
 def fleet(root, tmp_path_factory, etcd_cluster):
     work = tmp_path_factory.mktemp("fleetd")
@@ -143,7 +149,8 @@ def fleet(root, tmp_path_factory, etcd_cluster):
         for host in hosts:
             host.start_join(cluster.endpoints, admin_keys)
         # As an operator would before pushing to *: the members of the fleet then are what it names.
-        wait_for(lambda: len(json.loads(cli("fleet", "status", "--etcd", cluster.endpoints, "--json").stdout)["members"])
+        wait_for(lambda: len(json.loads(cli("fleet", "status", "--etcd", cluster.endpoints, "--json",
+                                            env=admin_env(work)).stdout)["members"])
                  == len(hosts), what="every host a member of the fleet")
         yield type("Fleet", (), {"hosts": hosts, "cluster": cluster, "admin_pem": admin_pem,
                                  "admin_vkey": admin_vkey, "admin2_pem": admin2_pem, "admin2_vkey": admin2_vkey,
@@ -162,8 +169,7 @@ def push_run(fleet, allow, marker, *extra, key=None):
     path = fleet.work / f"push-{marker}.yaml"
     path.write_text(policy_text(allow, marker))
     return cli("fleet", "policy", "push", str(path), "--sign-key", str(key or fleet.admin_pem),
-               "--etcd", fleet.cluster.endpoints, "--json", *extra, check=False,
-               env=dict(os.environ, PYTHONPATH=str(config.REPO_ROOT), SKYGUARD_STATE_DIR=str(admin_state(fleet.work))))
+               "--etcd", fleet.cluster.endpoints, "--json", *extra, check=False, env=admin_env(fleet.work))
 
 
 def push(fleet, allow, marker, *extra, key=None):
@@ -187,7 +193,7 @@ def test_a_pushed_policy_is_enforced_by_every_daemons_datapath(fleet):
     assert all(h.sha() == closed["sha256"] for h in fleet.hosts)
     assert all(h.dropped_to_db() for h in fleet.hosts)
     view = wait_for(lambda: (v := json.loads(cli("fleet", "status", "--etcd", fleet.cluster.endpoints,
-                                                 "--json").stdout))
+                                                 "--json", env=admin_env(fleet.work)).stdout))
                     and all(m["policy"]["sha256"] == closed["sha256"] for m in v["members"].values())
                     and len(v["members"]) == 3 and v, what="fleet status on revision 2")
     for member in view["members"].values():
@@ -210,8 +216,26 @@ def test_a_push_the_hosts_refuse_exits_non_zero_naming_each_host_and_why(fleet):
         assert f"{host.name} refused revision {current['revision']} (rollback)" in out.stderr, out.stderr
         assert host.sha() == current["sha256"]   # still the second admin's policy
     assert "--admin-key" in out.stderr   # what to do about it
+    # `fleet status` run after it (or after a push with --no-wait) says the same. Before the
+    # fix it showed each host enforcing the second admin's revision, exit 0: nothing said every
+    # host refused the push, nor why, nor when. Now each names the revision it refuses, the
+    # reason and when (as its host key signed it), and the status exits 1.
+    status = cli("fleet", "status", "--etcd", fleet.cluster.endpoints, "--admin-key", str(fleet.work / "admins.vkey"),
+                 "--json", env=admin_env(fleet.work), check=False)
+    view = json.loads(status.stdout)
+    assert status.returncode == 1 and "3 members refuse revision" in status.stderr, status.stderr
+    assert view["newest"]["sha256"] == refused["sha256"] and view["refusing"] == ["host0", "host1", "host2"], view
+    for host in fleet.hosts:
+        standing = view["members"][host.name]["standing"]
+        assert standing["state"] == "refusing" and standing["enforces"]["sha256"] == current["sha256"], standing
+        (refusal,) = standing["refused"]
+        assert (refusal["revision"], refusal["reason"], refusal["newest"]) == (current["revision"], "rollback", True)
+        assert "is not newer" in refusal["problem"] and refusal["age_s"] >= 0, refusal
     fixed = push(fleet, False, 5, "--admin-key", fleet.admin2_vkey)
     assert fixed["revision"] == current["revision"] + 1
+    view = json.loads(cli("fleet", "status", "--etcd", fleet.cluster.endpoints, "--admin-key",
+                          str(fleet.work / "admins.vkey"), "--json", env=admin_env(fleet.work)).stdout)   # exit 0
+    assert view["ok"] and {m["standing"]["state"] for m in view["members"].values()} == {"enforcing"}, view
 
 
 def test_a_push_a_host_does_not_answer_times_out_naming_it(fleet):

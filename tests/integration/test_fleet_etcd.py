@@ -75,6 +75,7 @@ class Host:
         self.cluster, self.admin_vkey = cluster, admin_vkey
         self.policy = None
         self.daemon_down = False   # local_status fails as a control socket with no daemon does
+        self.refuse_loads = None   # a problem: the hot swap refuses the policy, as the daemon one that does not load
         self.events: list[tuple[str, dict]] = []
         self.open_log()
         self.start_agent(**options)
@@ -84,9 +85,12 @@ class Host:
         self.writer.append(entry("daemon_start", host=self.name))
 
     def apply(self, text, source):
+        from skyguard.errors import PolicyError
         from skyguard.policy.parse import parse_policy
 
         policy = parse_policy(text, source=source)
+        if self.refuse_loads:
+            raise PolicyError([self.refuse_loads])
         self.policy = policy
         self.writer.append(entry("policy_load", sha256=policy.sha256, source=source))
         return policy.sha256
@@ -203,7 +207,8 @@ def test_pushed_policy_reaches_every_host_and_each_reports_its_hash(fleet):
     wait_until(lambda: all(h.sha == pushed["sha256"] for h in fleet.hosts), what="all hosts on revision 1")
 
     def reported():
-        view = json.loads(skyguard("fleet", "status", "--etcd", fleet.cluster.endpoints, "--json").stdout)
+        view = json.loads(skyguard("fleet", "status", "--etcd", fleet.cluster.endpoints, "--json",
+                                   env=fleet.admin_env).stdout)
         members = view["members"]
         return (set(members) == set(NAMES)
                 and all(m["policy"]["sha256"] == pushed["sha256"] and m["policy"]["revision"] == pushed["revision"]
@@ -522,9 +527,11 @@ def test_a_forged_enforcing_record_of_a_stopped_host_never_counts(fleet):
         assert out.returncode == 1 and "charlie (timed out after" in out.stderr, out.stderr
         assert "FORGED: its member record says otherwise than charlie's host key signed" in \
             out.stderr.rpartition("not enforcing")[2], out.stderr
-        view = json.loads(skyguard("fleet", "status", "--etcd", fleet.cluster.endpoints, "--json",
-                                   env=fleet.admin_env).stdout)
+        forged_status = skyguard("fleet", "status", "--etcd", fleet.cluster.endpoints, "--json", check=False,
+                                 env=fleet.admin_env)
+        view = json.loads(forged_status.stdout)
         assert view["members"]["charlie"]["record"] == "forged", view["members"]["charlie"]
+        assert forged_status.returncode == 1 and "charlie (FORGED)" in forged_status.stderr, forged_status.stderr
         assert {view["members"][n]["record"] for n in ("alpha", "bravo")} == {"verified"}
         # charlie's own record signed an hour ago, put back: stale. A state dir that pins no
         # host (an admin who never ran `fleet trust`): every record unverified.
@@ -534,16 +541,71 @@ def test_a_forged_enforcing_record_of_a_stopped_host_never_counts(fleet):
         old = dict(genuine, heartbeat=hour_ago, signed=sign_member(host_signer(charlie.state), "charlie",
                                                                    genuine["policy"], hour_ago))
         asyncio.run(store.put(keys.member(charlie.name), json.dumps(old).encode()))
-        view = json.loads(skyguard("fleet", "status", "--etcd", fleet.cluster.endpoints, "--json",
+        view = json.loads(skyguard("fleet", "status", "--etcd", fleet.cluster.endpoints, "--json", check=False,
                                    env=fleet.admin_env).stdout)
         assert view["members"]["charlie"]["record"] == "stale", view["members"]["charlie"]
+        assert view["not_verified"] == ["charlie"] and not view["ok"]
         assert "signed 36" in view["members"]["charlie"]["record_problem"]
         unpinned = skyguard("fleet", "status", "--etcd", fleet.cluster.endpoints, "--state-dir",
-                            str(fleet.base / "nobody"))
+                            str(fleet.base / "nobody"), check=False)
         assert unpinned.stdout.count("[record UNVERIFIED: no host key of") == 3, unpinned.stdout
+        assert unpinned.returncode == 1 and "alpha (UNVERIFIED)" in unpinned.stderr, unpinned.stderr
     finally:
         charlie.start_agent()
     wait_until(lambda: charlie.sha == pushed["sha256"], what="charlie applying it once back")
+
+
+def test_fleet_status_names_each_host_refusing_the_newest_revision_its_reason_and_when(fleet):
+    # After a push with --no-wait (or one that already exited), bravo refuses the revision: it
+    # does not load there. Before the fix `fleet status` showed only what each host enforces,
+    # exit 0: nothing said that bravo refused revision N, nor why. Now each host's row says what
+    # it enforces and which later revision it refused, the reason and when (as its host key
+    # signed them), the status exits 1 naming it, and every host's agent counts it in a gauge.
+    status = ("fleet", "status", "--etcd", fleet.cluster.endpoints, "--admin-key", fleet.admin_vkey)
+    bravo = fleet.hosts[1]
+    bravo.refuse_loads = "interface sg-db1 of workload db1 is not on this host"
+    started = time.time()
+    try:
+        pushed = push(fleet, 40, "--no-wait")
+
+        def refusing():
+            out = skyguard(*status, "--json", check=False, env=fleet.admin_env)
+            view = json.loads(out.stdout)
+            states = {name: m.get("standing", {}).get("state") for name, m in view["members"].items()}
+            return states == {"alpha": "enforcing", "bravo": "refusing", "charlie": "enforcing"} and (out, view)
+        out, view = wait_until(refusing, what="fleet status showing bravo refusing the push")
+        assert out.returncode == 1 and "bravo" in out.stderr and "alpha" not in out.stderr, out.stderr
+        assert view["newest"] == {"revision": pushed["revision"], "sha256": pushed["sha256"], "hosts": ["*"],
+                                  "signed": True}, view["newest"]
+        assert view["refusing"] == ["bravo"] and view["ok"] is False
+        standing = view["members"]["bravo"]["standing"]
+        assert standing["enforces"]["revision"] == pushed["revision"] - 1, standing
+        refused = standing["refused"][-1]
+        assert (refused["revision"], refused["sha256"], refused["reason"], refused["newest"]) == \
+            (pushed["revision"], pushed["sha256"], "invalid", True), refused
+        assert "does not load" in refused["problem"] and "sg-db1" in refused["problem"], refused
+        assert started - 1 <= refused["time"] <= time.time() and refused["age_s"] >= 0, refused
+        table = skyguard(*status, check=False, env=fleet.admin_env)
+        assert table.returncode == 1
+        line = next(line for line in table.stdout.splitlines() if line.startswith("REFUSED"))
+        assert line.startswith(f"REFUSED: bravo refuses revision {pushed['revision']} (invalid, ") and \
+            " s ago): revision" in line and "sg-db1" in line, table.stdout
+        assert f"newest revision {pushed['revision']}" in table.stdout and "2 of 3" in table.stdout, table.stdout
+        for host in fleet.hosts:   # what an operator's Prometheus sees, from each host
+            wait_until(lambda host=host: metric(host, "skyguard_fleet_hosts_refusing_newest_policy", None) == 1,
+                       what=f"{host.name}'s gauge of hosts refusing the newest revision")
+            assert metric(host, "skyguard_fleet_policy_newest_revision", None) == pushed["revision"]
+    finally:
+        bravo.refuse_loads = None
+    again = push(fleet, 41)
+    assert again["ok"], again
+    out = skyguard(*status, "--json", env=fleet.admin_env)   # exit 0: every host enforces the newest
+    view = json.loads(out.stdout)
+    assert view["ok"] and view["refusing"] == [] and view["newest"]["revision"] == again["revision"]
+    assert {m["standing"]["state"] for m in view["members"].values()} == {"enforcing"}
+    assert view["members"]["bravo"]["standing"]["refused"] == []   # an older revision's refusal: not shown
+    wait_until(lambda: metric(fleet.hosts[0], "skyguard_fleet_hosts_refusing_newest_policy", None) == 0,
+               what="the gauge back to 0")
 
 
 def test_hosts_witness_each_other_and_a_rewritten_log_is_refused(fleet):
@@ -660,10 +722,13 @@ def test_a_hostile_member_record_neither_breaks_fleet_status_nor_hides_its_alert
         for key, value in hostile.items():
             etcdctl_put(fleet, key, json.dumps(value))
         status = ("fleet", "status", "--etcd", fleet.cluster.endpoints, "--state-dir", str(fleet.hosts[0].state))
-        view = json.loads(skyguard(*status, "--json").stdout)
+        view = json.loads(skyguard(*status, "--json", check=False).stdout)
         assert ("alpha", "mallory") in {(u["witness"], u["peer"]) for u in view["unverified_alerts"]}
         assert set(NAMES) <= set(view["members"])
-        table = skyguard(*status).stdout
+        assert {"mallory", "mallory2", "mallory3"} <= set(view["not_verified"]), view["not_verified"]
+        out = skyguard(*status, check=False)   # exit 1: member records not verified, named
+        assert out.returncode == 1 and "mallory2 (UNVERIFIED)" in out.stderr and "\x1b" not in out.stderr, out.stderr
+        table = out.stdout
         assert "says alpha refuses to cosign mallory: not consistent" in table
         assert "\x1b" not in table and "\r" not in table
         assert sum(line.startswith("ALERT:") for line in table.splitlines()) == len(view["alerts"])
@@ -692,11 +757,11 @@ def test_an_alert_written_to_the_store_without_a_host_key_is_never_shown_as_the_
     try:
         for key, value in forged.items():
             etcdctl_put(fleet, key, json.dumps(value))
-        view = json.loads(skyguard(*status, "--json").stdout)
+        view = json.loads(skyguard(*status, "--json", check=False).stdout)   # exit 1: mallory5 unverified
         assert not [a for a in view["alerts"] if a.get("peer") == "alpha"], view["alerts"]
         claimed = {(u["witness"], u["peer"]) for u in view["unverified_alerts"]}
         assert {("bravo", "alpha"), ("mallory5", "alpha"), ("zulu\u2028ALERT: x", "alpha")} <= claimed, claimed
-        table = skyguard(*status).stdout
+        table = skyguard(*status, check=False).stdout
         lines = table.splitlines()
         assert not [line for line in lines if line.startswith("ALERT") and "cosign alpha" in line], table
         assert any(line.startswith("UNVERIFIED") and "forged history" in line for line in lines), table
@@ -749,14 +814,14 @@ def test_a_member_made_up_in_the_store_counts_for_nothing_until_an_operator_pins
             assert metric(host, "skyguard_fleet_unpinned_members_total", None) >= 1
             assert "peer=\"mallory\"" not in generate_latest(host.registry).decode()
         assert "mallory" not in bravo.agent.received
-        view = json.loads(skyguard(*status, "--json").stdout)
+        view = json.loads(skyguard(*status, "--json", check=False).stdout)   # exit 1: mallory unverified
         assert view["members"]["mallory"]["trust"] == "UNVERIFIED: not pinned here"
         assert view["members"]["alpha"]["trust"] == "this host" and view["members"]["bravo"]["trust"] == "pinned here"
         assert "mallory" not in view["members"]["bravo"]["witnessed_by"]
         assert view["members"]["bravo"]["witnessed_by_unverified"] >= 1
         assert not [a for a in view["alerts"] if a.get("witness") == "mallory"], view["alerts"]
         assert ("mallory", "alpha") in {(u["witness"], u["peer"]) for u in view["unverified_alerts"]}
-        row = next(line for line in skyguard(*status).stdout.splitlines() if line.startswith("mallory "))
+        row = next(line for line in skyguard(*status, check=False).stdout.splitlines() if line.startswith("mallory "))
         assert "[UNVERIFIED: not pinned here]" in row
         # The operator pins it on alpha: alpha witnesses it from then on.
         (fleet.base / "mallory.json").write_text(json.dumps(record))
@@ -905,8 +970,10 @@ def test_deeply_nested_json_in_the_store_stops_no_host_and_no_command(fleet):
         asyncio.run(store.put(keys.POLICY, deep))
         asyncio.run(store.put(keys.member("deep"), deep))
         assert set(NAMES) <= set(json.loads(skyguard("fleet", "status", "--etcd", fleet.cluster.endpoints,
-                                                     "--json").stdout)["members"])
-        assert skyguard("fleet", "status", "--etcd", fleet.cluster.endpoints).returncode == 0
+                                                     "--json", check=False).stdout)["members"])
+        table = skyguard("fleet", "status", "--etcd", fleet.cluster.endpoints, check=False, env=fleet.admin_env)
+        assert table.returncode == 1 and "deep (UNVERIFIED)" in table.stderr, table.stderr   # a verdict, no crash
+        assert "Traceback" not in table.stderr
     finally:
         for key in bad:
             if key != keys.POLICY:
@@ -1285,7 +1352,8 @@ def test_a_tamper_alert_deleted_from_the_store_is_kept_and_once_cleared_never_sh
     fork = json.dumps({"note": Checkpoint(origin, 2, range_root(two, 0, 2)).sign(key), "proofs": {}})
 
     def status_table():
-        return skyguard("fleet", "status", "--etcd", fleet.cluster.endpoints, "--state-dir", str(alpha.state)).stdout
+        return skyguard("fleet", "status", "--etcd", fleet.cluster.endpoints, "--state-dir", str(alpha.state),
+                        check=False).stdout   # exit 1: forker's record is not signed
 
     def alert_stored():
         return asyncio.run(store.get(keys.alert("forker", "alpha")))[0] is not None
@@ -1330,7 +1398,7 @@ def test_a_tamper_alert_deleted_from_the_store_is_kept_and_once_cleared_never_sh
         asyncio.run(store.put(keys.alert("forker", "alpha"), signed_record))
         for host in (bravo, alpha):
             view = json.loads(skyguard("fleet", "status", "--etcd", fleet.cluster.endpoints, "--state-dir",
-                                       str(host.state), "--json").stdout)
+                                       str(host.state), "--json", check=False).stdout)
             assert not [a for a in view["alerts"] if a.get("peer") == "forker"], (host.name, view["alerts"])
             assert view["cleared_alerts_hidden"] == 1 and not [u for u in view["unverified_alerts"] if u["peer"] == "forker"]
         alpha.start_agent()

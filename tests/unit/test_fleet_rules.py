@@ -38,6 +38,7 @@ def test_rules_name_only_metrics_the_agent_exports():
     metrics.unverified.labels(peer="p").set(1)
     metrics.alert.labels(peer="p").set(1)
     metrics.refused.labels(reason="rollback").inc()
+    metrics.refusing.set(1)
     names = set()
     for family in text_string_to_metric_families(generate_latest(registry).decode()):
         names |= {s.name for s in family.samples}
