@@ -17,7 +17,7 @@ import asyncio
 import base64
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from urllib.parse import urlsplit
 
 import h11
@@ -233,7 +233,7 @@ class EtcdStore:
                 http.close()
         raise StoreUnavailable("no etcd member answered (" + "; ".join(problems) + ")")
 
-    async def watch_prefix(self, prefix: str, after: int) -> AsyncIterator[list[Change]]:
+    async def watch_prefix(self, prefix: str, after: int) -> AsyncGenerator[list[Change], None]:
         """Changes after revision `after`. Connects to the first member that answers; when its
         stream ends (member gone) or goes silent (member frozen or cut off: the connection stays
         open and says nothing), raises StoreUnavailable: the caller re-lists and watches again.

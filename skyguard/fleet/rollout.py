@@ -15,14 +15,21 @@ back STALE; none of them is final, and at the deadline the host is named so. An 
 to the operator, never acted on; what a host enforces is proven by its signed log (`skyguard log
 verify`) and `skyguard attest`.
 
+The wait reads the members' records once, then follows them through a watch of their prefix (the
+store's, as a host follows the policy key): a waiting push costs the store one read of every
+member, and then only the records that change; it reads them all again (each POLL_S at most) only
+while the watch is broken.
+
 Not here: signing and storing the push (admin.py), printing (skyguard/cli/fleet.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
+from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
 
 from skyguard.errors import SkyguardError
@@ -30,9 +37,11 @@ from skyguard.fleet import keys
 from skyguard.fleet.follower import MAX_PROBLEM, MAX_REFUSALS
 from skyguard.fleet.report import FORGED, STALE, UNVERIFIED, HostKeys, RecordDoubt, fresh, open_member
 from skyguard.fleet.signing import SignedPolicy, check_member_name
-from skyguard.fleet.store import Store, StoreUnavailable, load_value
+from skyguard.fleet.store import Compacted, Store, StoreUnavailable, load_value
 
-POLL_S = 0.5           # how often the members' records are read while waiting
+log = logging.getLogger("skyguard.fleet")
+
+POLL_S = 0.5           # how often the members' records are read again while their watch is broken
 DEFAULT_WAIT_S = 60.0  # above a host's worst case: its watch re-listed (RESYNC_S, 30 s) and one report
 
 ENFORCING, REFUSED, SUPERSEDED, WAITING, TIMED_OUT = "enforcing", "refused", "superseded", "waiting", "timed_out"
@@ -129,9 +138,9 @@ def _claims(policy: dict, revision: int, sha256: str) -> str:
     return ""
 
 
-async def _members(store: Store) -> dict[str, bytes]:
-    items, _ = await store.get_prefix(keys.MEMBERS)
-    return {item.key[len(keys.MEMBERS):]: item.value for item in items}
+async def _members(store: Store) -> tuple[dict[str, bytes], int]:
+    items, revision = await store.get_prefix(keys.MEMBERS)
+    return {item.key[len(keys.MEMBERS):]: item.value for item in items}, revision
 
 
 def _member_name(name: str) -> bool:
@@ -144,19 +153,22 @@ def _member_name(name: str) -> bool:
 
 async def wait_for_hosts(store: Store, signed: SignedPolicy, timeout: float, host_keys: HostKeys,
                          changed: Callable[[str, HostResult, Rollout], None] = lambda *_: None) -> Rollout:
-    """Read the members' records every POLL_S until each host `signed` names has a final outcome,
-    or `timeout` seconds; `changed(name, result, rollout)` is called as a host's outcome or
-    detail changes (progress). A record counts only as far as the host's key in `host_keys` signed
-    it (report.py), after this wait began and no earlier than one seen of that host before. A
-    store that does not answer meanwhile is tried again until the deadline. Hosts still waiting
-    then are TIMED_OUT (not told to `changed`); those whose record is doubted stay so."""
+    """Read the members' records once, then watch them (the members' prefix) until each host
+    `signed` names has a final outcome, or `timeout` seconds; `changed(name, result, rollout)` is
+    called as a host's outcome or detail changes (progress). A record counts only as far as the
+    host's key in `host_keys` signed it (report.py), after this wait began and no earlier than
+    one seen of that host before. When the watch breaks (its member gone or silent, the history
+    compacted) the records are read again after POLL_S and watched from there; a store that does
+    not answer meanwhile is tried again each POLL_S until the deadline. Hosts still waiting then
+    are TIMED_OUT (not told to `changed`); those whose record is doubted stay so."""
     started, since = time.monotonic(), time.time()
     rollout = Rollout(signed.revision, signed.sha256)
     seen: dict[str, float] = {}   # host -> when it signed the newest record of it seen here
     members: dict[str, bytes] = {}
+    watched: int | None = None    # the store revision `members` is as of; None: read them again
     unreachable = None
     try:
-        members = await _members(store)
+        members, watched = await _members(store)
     except StoreUnavailable as e:
         unreachable = str(e)
     if signed.hosts == ("*",):
@@ -170,8 +182,10 @@ async def wait_for_hosts(store: Store, signed: SignedPolicy, timeout: float, hos
     else:
         names = list(dict.fromkeys(signed.hosts))
     rollout.named = names
-    while True:
-        for name in names:
+
+    def update(which) -> bool:
+        """The outcomes of the hosts `which` from `members`; True once every host's is final."""
+        for name in which:
             result = host_result(name, members.get(name), signed.revision, signed.sha256, host_keys, since,
                                  seen.get(name))
             if result.signed_at is not None:
@@ -181,14 +195,34 @@ async def wait_for_hosts(store: Store, signed: SignedPolicy, timeout: float, hos
             if rollout.results.get(name) != result:
                 rollout.results[name] = result
                 changed(name, result, rollout)
-        remaining = timeout - (time.monotonic() - started)
-        if all(r.outcome in FINAL for r in rollout.results.values()) or remaining <= 0:
-            break
-        await asyncio.sleep(min(POLL_S, remaining))
+        return all(r.outcome in FINAL for r in rollout.results.values())
+
+    done = update(names)
+    while not done and (remaining := timeout - (time.monotonic() - started)) > 0:
+        if watched is None:   # the watch broke, or the store did not answer: read them again
+            await asyncio.sleep(min(POLL_S, remaining))
+            try:
+                (members, watched), unreachable = await _members(store), None
+            except StoreUnavailable as e:
+                unreachable = str(e)
+            done = update(names)
+            continue
         try:
-            members, unreachable = await _members(store), None
-        except StoreUnavailable as e:
-            unreachable = str(e)
+            async with asyncio.timeout(remaining), aclosing(store.watch_prefix(keys.MEMBERS, watched)) as changes:
+                async for batch in changes:
+                    for change in batch:
+                        name = change.key[len(keys.MEMBERS):]
+                        if change.value is None:
+                            members.pop(name, None)
+                        else:
+                            members[name] = change.value
+                    if done := update(sorted({c.key[len(keys.MEMBERS):] for c in batch} & set(names))):
+                        break
+        except TimeoutError:
+            watched = None   # the deadline (the loop ends), or a call of the watch's that timed out
+        except (StoreUnavailable, Compacted) as e:
+            log.info("fleet push: the watch of the members' records broke (%s); reading them again", e)
+            watched = None
     for result in rollout.results.values():
         if result.outcome == WAITING:
             result.outcome = TIMED_OUT

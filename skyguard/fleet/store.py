@@ -14,7 +14,7 @@ Not here: what the fleet stores (keys.py), who trusts what (policy signing, witn
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -86,7 +86,8 @@ class Store(Protocol):
 
     async def revoke(self, lease: int) -> None: ...
 
-    def watch_prefix(self, prefix: str, after: int) -> AsyncIterator[list[Change]]:
-        """Changes after revision `after`, in order; raises Compacted or StoreUnavailable."""
+    def watch_prefix(self, prefix: str, after: int) -> AsyncGenerator[list[Change], None]:
+        """Changes after revision `after`, in order; raises Compacted or StoreUnavailable. An
+        async generator: a caller done early closes it (aclose), which ends the watch."""
 
     async def close(self) -> None: ...

@@ -31,7 +31,7 @@ from skyguard.fleet.etcd import EtcdStore
 from skyguard.fleet.follower import RESYNC_S
 from skyguard.fleet.peers import trust
 from skyguard.fleet.signing import load_admin_verifiers, sign_policy
-from skyguard.fleet.store import Compacted
+from skyguard.fleet.store import Compacted, StoreUnavailable
 from skyguard.fleet.witnessing import sign_proofs
 from skyguard.parts import LoopThread
 from skyguard.tlog import LogWriter, entry, host_signer
@@ -494,6 +494,65 @@ def test_a_push_to_a_stopped_host_names_it_once_the_wait_is_over(fleet):
     finally:
         charlie.start_agent()
     wait_until(lambda: charlie.sha == everyone["sha256"], what="charlie applying it once back")
+
+
+class CountingStore(EtcdStore):
+    """The etcd store as a push uses it, counting its reads of the members' prefix; with
+    `watch_broken`, every watch it starts breaks at once (a member that closes it)."""
+
+    def __init__(self, endpoints, watch_broken=False):
+        super().__init__(endpoints)
+        self.member_reads, self.watch_broken = 0, watch_broken
+
+    async def get_prefix(self, prefix):
+        self.member_reads += prefix == keys.MEMBERS
+        return await super().get_prefix(prefix)
+
+    async def watch_prefix(self, prefix, after):
+        if self.watch_broken:
+            raise StoreUnavailable("the watch stream ended")
+        async for changes in super().watch_prefix(prefix, after):
+            yield changes
+
+
+def test_a_push_s_wait_watches_the_members_and_reads_them_again_only_when_the_watch_breaks(fleet):
+    # Before the fix a push's wait read every member record each 0.5 s until every host named
+    # had answered or the deadline: on a large fleet, a read of all members twice a second per
+    # waiting admin. Now it reads them once, then watches the members' prefix; it reads them
+    # again (each 0.5 s at most) only while the watch is broken. The outcomes are the same.
+    import asyncio
+
+    from skyguard.fleet.admin import local_trust, push_policy
+    from skyguard.fleet.rollout import wait_for_hosts
+    from skyguard.fleet.signing import admin_signer
+
+    signer, host_keys = admin_signer(fleet.admin_pem), local_trust(fleet.base / "admin").member_keys
+    named = tuple(NAMES)
+
+    def push_and_wait(store, n, wait):
+        async def run():
+            signed, _ = await push_policy(store, policy_text(n), signer, named)
+            store.member_reads, progress = 0, []
+            rollout = await wait_for_hosts(store, signed, wait, host_keys,
+                                           lambda name, result, _: progress.append((name, result.outcome)))
+            return signed, rollout, progress
+        return asyncio.run(run())
+    charlie = fleet.hosts[2]
+    charlie.stop_agent()   # charlie named, but not answering: the wait lasts until its deadline
+    try:
+        store = CountingStore(fleet.cluster.endpoints)
+        signed, rollout, progress = push_and_wait(store, 50, 3)
+    finally:
+        charlie.start_agent()
+    assert {name: r.outcome for name, r in rollout.results.items()} == \
+        {"alpha": "enforcing", "bravo": "enforcing", "charlie": "timed_out"}, rollout.results
+    assert {("alpha", "enforcing"), ("bravo", "enforcing")} <= set(progress), progress
+    assert store.member_reads <= 2, store.member_reads   # before: 7 (one, then one each 0.5 s of 3 s)
+    wait_until(lambda: charlie.sha == signed.sha256, what="charlie applying it once back")
+    broken = CountingStore(fleet.cluster.endpoints, watch_broken=True)
+    signed, rollout, progress = push_and_wait(broken, 51, 30)
+    assert rollout.ok and {name for name, outcome in progress if outcome == "enforcing"} == set(NAMES), progress
+    assert broken.member_reads >= 2   # the first, and those while the watch is broken
 
 
 def test_a_forged_enforcing_record_of_a_stopped_host_never_counts(fleet):
