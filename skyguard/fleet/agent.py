@@ -4,18 +4,20 @@ It runs on the daemon's event loop as a part (start / stop / set_policy, skyguar
 does three things, each a task that survives the store going away:
 - membership: a lease, and under it `members/<name>`: this host's status (policy hash, revision
   and its signed note, the last policies refused, log size and root, heartbeat, programs
-  attached, store health, cosignatures given and received, alerts) and its keys (log verifier
-  key, witness key), refreshed every period, and soon after a policy is applied or refused (a
-  push waits on it); what a push and `fleet status` rely on of it (revision, hash, refusals,
-  heartbeat) signed with its log key (report.py);
+  attached, store health, cosignatures given, received and held, alerts) and its keys (log
+  verifier key, witness key), refreshed every period, and soon after a policy is applied or
+  refused (a push waits on it); what a push and `fleet status` rely on of it (revision, hash,
+  refusals, heartbeat) signed with its log key (report.py);
 - policy (follower.py): list `policy`, then watch it; apply what an admin signed for this host,
   newer than what runs, through the daemon's hot swap; report what it refuses;
 - witnessing: publish this log's latest checkpoint with consistency proofs from the sizes each
-  peer last cosigned; cosign every peer's checkpoint through the durable Witness
-  (skyguard/tlog/cosign.py), and put its cosignature back when deleted from the store; collect
-  peers' cosignatures of this log into the state dir, where `skyguard log verify --witnesses N`
-  finds them; and count the members (pinned here, and itself) whose signed record says they
-  refuse the newest revision (standing.py), a gauge.
+  peer last cosigned (its cosignatures in the store, and the size its member record says it
+  holds: a witness stopped before its cosignature reached the store needs a proof from that
+  one); cosign every peer's checkpoint through the durable Witness (skyguard/tlog/cosign.py),
+  and put its cosignature back when deleted from the store; collect peers' cosignatures of this
+  log into the state dir, where `skyguard log verify --witnesses N` finds them; and count the
+  members (pinned here, and itself) whose signed record says they refuse the newest revision
+  (standing.py), a gauge.
 
 Fail closed and keep enforcing: when the store is unreachable nothing changes locally; the agent
 logs `fleet_store_lost` once, reports it (metric, status) and retries. A refused policy or a peer
@@ -129,6 +131,7 @@ class FleetAgent:
         self.lease = 0
         self.given = 0
         self.received: dict[str, int] = {}      # witness name -> largest size it cosigned here
+        self.held: dict[str, int] = {}          # peer -> the size of its log this witness last cosigned
         # peer -> the first refusal, as published; kept in the state dir with the clearings known
         self.book = AlertBook(self.state_dir, name, lambda peer: by_operator(self.pins.all().get(peer)),
                               self.metrics.alerts_dropped.inc, max_alerts)
@@ -207,7 +210,7 @@ class FleetAgent:
                 "signed": sign_member(self.log_signer, self.name, policy, now),   # what a push counts (report.py)
                 "log": {"size": head.get("size"), "root": head.get("root")},
                 "programs": local.get("programs"), "store": "ok" if self.store_ok else "unreachable",
-                "cosignatures": {"given": self.given, "received": dict(self.received)},
+                "cosignatures": {"given": self.given, "received": dict(self.received), "held": dict(self.held)},
                 "alerts": sorted(self.alerts.values())[-20:], "refused": dict(self.refused),
                 **dict(zip(("alert_notes", "cleared_notes"), self.book.notes(self.log_signer))),
                 "stale": dict(sorted(self.stale.items())[:20]),
@@ -275,6 +278,10 @@ class FleetAgent:
                 if peer != self.name:
                     peers[peer] = record
         sizes = set(self.received.values())   # a witness's size offered a proof even if deleted from the store
+        for peer, record in peers.items():   # and one whose cosignature never reached it (stopped first)
+            held = _field(_field(record, "cosignatures"), "held").get(self.name)
+            if peer in self.pins.all() and type(held) is int and held > 0:
+                sizes.add(held)
         for item in items:
             witness_name = item.key.rsplit("/", 1)[-1]
             # The key pinned here (first sight: once its checkpoint is seen), not what the store says today.
@@ -363,6 +370,8 @@ class FleetAgent:
             checkpoint = parse_and_verify(note, verifier, origin=record["origin"])
             self.fresh.setdefault(peer, time.time())   # the age of a peer stale from the start
             last = self.witness.state(checkpoint.origin)
+            if last is not None:
+                self.held[peer] = last.size   # reported: the log offers a proof from it (_witness_round)
             if last is not None and last.log_vkey != record["log_vkey"] and by_operator(self.pins.all().get(peer)):
                 self._forget(peer, last.origin, unpinned=False)   # an operator's rotation
                 self.record("fleet_witness_restarted", peer=peer, origin=last.origin, old_size=last.size,
@@ -388,6 +397,7 @@ class FleetAgent:
                 proof = [base64.b64decode(h) for h in proofs[str(last.size)]]
             cosigned, checkpoint = await asyncio.to_thread(self.witness.cosign, note, record["log_vkey"], proof,
                                                            None, attested)
+            self.held[peer] = checkpoint.size
         except Tamper as e:
             await self._tamper(peer, record.get("origin"), str(e))
             return
@@ -425,7 +435,8 @@ class FleetAgent:
         if not unpinned or not any(other.get("origin") == origin for other in self.pins.all().values()):
             self.witness.forget(origin)
         self.seen.forget(peer)
-        for kept in (self._given, self.stale, self.unverified, *((self.received, self.fresh) if unpinned else ())):
+        for kept in (self._given, self.stale, self.unverified, self.held,
+                     *((self.received, self.fresh) if unpinned else ())):
             kept.pop(peer, None)
         if unpinned:
             remove_cosigned(self.state_dir / COSIGNED_DIR, peer)
@@ -509,3 +520,9 @@ class FleetAgent:
         except FleetError:
             pass   # recorded locally; the store gets it at the next witness round
 
+
+def _field(record: dict, name: str) -> dict:
+    """record[name] when it is an object, else {}: a peer's record holds what whoever writes the
+    store put there."""
+    value = record.get(name) if isinstance(record, dict) else None
+    return value if isinstance(value, dict) else {}

@@ -1499,6 +1499,37 @@ def head_size(host):
     return Checkpoint.parse_body(host.writer.latest_note().split("\n\n")[0] + "\n").size
 
 
+def test_a_witness_stopped_before_its_cosignature_reached_the_store_cosigns_the_log_again(fleet):
+    # A witness's agent stopped (a restart, a crash) once it had cosigned a checkpoint durably
+    # but before its cosignature reached the store, and the log's host restarted too: the host
+    # never learnt that size, so it offered no consistency proof from it, and once its log had
+    # grown the witness refused each later checkpoint ("no consistency proof from size N
+    # offered"): it never witnessed that log again. Full runs of this file hit it (3 of 7, after
+    # test_a_push_outranks_..., which stops every agent as they cosign what they just applied).
+    # Now each witness reports the size it holds of each peer's log in its member record, and
+    # the log's host offers a proof from it.
+    import asyncio
+
+    alpha, witnesses = fleet.hosts[0], fleet.hosts[1:]
+    store = EtcdStore(fleet.cluster.endpoints)
+    origin = alpha.writer.origin
+    alpha.writer.append(entry("flow_start", before_lost_cosignatures=True))
+    wait_until(lambda: all(h.agent.witness.state(origin).size == head_size(alpha) for h in witnesses),
+               what="alpha's latest checkpoint cosigned")
+    for host in fleet.hosts:
+        host.stop_agent()
+    try:
+        for witness in witnesses:   # as if each had stopped before publishing it
+            asyncio.run(store.delete(keys.cosignature(alpha.name, witness.name)))
+        for i in range(3):   # the log moves on meanwhile
+            alpha.writer.append(entry("flow_start", lost_cosignatures=i))
+    finally:
+        for host in fleet.hosts:
+            host.start_agent()
+    wait_until(lambda: all(h.agent.witness.state(origin).size == head_size(alpha) for h in witnesses),
+               what="alpha's log cosigned again by both witnesses")
+
+
 def test_a_proof_changed_in_the_store_is_no_evidence_against_an_honest_host(fleet):
     # Whoever can write etcd (no host key) publishes alpha's real, newer checkpoint with the
     # consistency proofs replaced by other hashes. Before the fix each witness took the failing
