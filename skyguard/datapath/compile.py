@@ -23,7 +23,16 @@ from dataclasses import dataclass, field
 from skyguard.datapath import abi
 from skyguard.errors import BadInput
 from skyguard.policy.console import console_ports
-from skyguard.policy.model import ADMIN_SSH_RULE, APPS_RULE, CONSOLE_RULE, KEYS_RULE, IPNetwork, Policy, PortRange
+from skyguard.policy.model import (
+    ADMIN_SSH_RULE,
+    APPS_RULE,
+    CONSOLE_RULE,
+    KEYS_RULE,
+    TLS_TERMINATION_RULE,
+    IPNetwork,
+    Policy,
+    PortRange,
+)
 
 Selector = tuple  # ("zone", name) | ("cidr", IPNetwork) | ("learned", zone, rule_name)
 
@@ -218,6 +227,16 @@ def _console_ports(policy: Policy) -> list[tuple[str, int]]:
 
 
 
+def _terminated_ports(policy: Policy) -> list[tuple[str, int]]:
+    """(zone, forward_to) of every tls_termination entry whose workload the policy has: where
+    skyguard's TLS terminator (skyguard/credproxy/termination.py) carries the plaintext to, from
+    the host."""
+    zone_of = {w.name: w.zone for w in policy.workloads()}
+    return sorted({(zone_of[t.workload], t.forward_to) for t in policy.tls_termination if t.workload in zone_of})
+
+
+
+
 def _key_zones(policy: Policy) -> list[str]:
     """Zones some key of the keys: section names (skyguard/policy/keys.py): only they reach the
     crypto proxy's port on the host (the VMs' gateway)."""
@@ -230,7 +249,8 @@ def compile_policy(policy: Policy, host_addresses=()) -> Compiled:
     """Policy -> map entries. `host_addresses` are the addresses of the host skyguard runs on:
     they get the reserved `host` selector, which the policy's admin.ssh section (and nothing else)
     lets in to tcp/22 of the zones operators may access, so only skyguard's SSH proxy reaches a
-    VM's sshd (and apps, consoles and keys use the same way, see the synthetic rules above)."""
+    VM's sshd (and apps, consoles, keys and TLS termination use the same way, see the synthetic
+    rules below)."""
     if len(policy.zones) >= abi.MAX_ZONES:
         raise BadInput(f"policy {policy.name!r} has {len(policy.zones)} zones; the datapath counts at most "
                        f"{abi.MAX_ZONES - 1} (merge zones, or raise SG_MAX_ZONES in bpf/abi.h and abi.py)")
@@ -238,8 +258,10 @@ def compile_policy(policy: Policy, host_addresses=()) -> Compiled:
     rule_ids = {rule.name: i for i, rule in enumerate(policy.rules, start=1)}
     admin_zones, app_ports = _admin_zones(policy), _app_ports(policy)
     console_targets, key_zones = _console_ports(policy), _key_zones(policy)
+    terminated = _terminated_ports(policy)
     # The rules skyguard adds for its own proxies, numbered after the policy's, when in use.
-    own_rules = {ADMIN_SSH_RULE: admin_zones, APPS_RULE: app_ports, CONSOLE_RULE: console_targets, KEYS_RULE: key_zones}
+    own_rules = {ADMIN_SSH_RULE: admin_zones, APPS_RULE: app_ports, CONSOLE_RULE: console_targets, KEYS_RULE: key_zones,
+                 TLS_TERMINATION_RULE: terminated}
     for name, used in own_rules.items():
         if used:
             rule_ids[name] = len(rule_ids) + 1
@@ -295,6 +317,11 @@ def compile_policy(policy: Policy, host_addresses=()) -> Compiled:
             for other in policy.zones:
                 grants.setdefault(("zone", other), []).append(
                     (abi.DIR_INGRESS, zone_ids[zone], _Grant(rule_ids[synthetic], "deny", only)))
+    # A terminated workload's forward_to port (in its zone): the host, where the TLS terminator
+    # connects from, may reach it; zones reach it only as the policy's rules say (nothing more).
+    for zone, port in terminated:
+        plaintext = _Grant(rule_ids[TLS_TERMINATION_RULE], "allow", ((abi.IPPROTO["tcp"], port, port),))
+        grants.setdefault(("host",), []).append((abi.DIR_INGRESS, zone_ids[zone], plaintext))
     # The zones a key names reach the crypto proxy (listening on every host address, the VMs'
     # gateway among them) on keys.port, with no rule of the operator's; other zones do not unless
     # a rule says so. An operator's deny rule to those addresses still wins.

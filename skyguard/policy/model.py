@@ -30,7 +30,8 @@ ADMIN_SSH_RULE = "admin-ssh"  # skyguard's SSH access proxy -> tcp/22 of the zon
 APPS_RULE = "apps-proxy"  # an app's port is the identity-aware proxy's alone
 CONSOLE_RULE = "admin-console"  # a console target's VNC/RDP port is the console proxy's alone
 KEYS_RULE = "keys-proxy"  # the zones a key names -> the crypto proxy on the gateway addresses
-SYNTHETIC_RULES = (ADMIN_SSH_RULE, APPS_RULE, CONSOLE_RULE, KEYS_RULE)
+TLS_TERMINATION_RULE = "tls-termination"  # skyguard's TLS terminator -> a terminated VM's forward_to port
+SYNTHETIC_RULES = (ADMIN_SSH_RULE, APPS_RULE, CONSOLE_RULE, KEYS_RULE, TLS_TERMINATION_RULE)
 
 if TYPE_CHECKING:  # the keys section's shapes live with its checker (keys.py imports this module)
     from skyguard.policy.keys import KeysConfig

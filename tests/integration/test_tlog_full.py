@@ -7,6 +7,10 @@ passes. Stalled (a hung disk, frozen with fsfreeze): after the writer has waited
 bound, the same refusal, and the same recovery once it answers; `skyguard down` returns while it
 is still frozen, and `up` fails while it does not answer.
 
+Its daemon also holds sdnctl1's TLS key and sdnctl1 serves HTTP on 8080, so TLS termination runs
+as deployed: a terminated connection reaches sdnctl1's service through the datapath (and is what
+the log must hold before it does).
+
 The log directory is a small ext4 image this module mounts and unmounts (tests/support/frozen_disk.py),
 never the machine's disk. The down test stops the module's daemon: it and the up test come last.
 """
@@ -19,19 +23,37 @@ import sys
 import time
 
 import pytest
-from daemon_support import RunningDaemon, Stream, connects, reaches, wait_for
+from daemon_support import PY, RunningDaemon, Stream, connects, reaches, stop_process, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from skyguard.dns.learned import FILE_NAME, LearnedStore
 from skyguard.lab.addressing import addresses_for_name
 from skyguard.lab.ca import LabCA
-from support.client_waits import dig_argv
+from support.client_waits import curl_argv, dig_argv
 from support.frozen_disk import FrozenDisk, blocked_in_the_kernel
 
 EXPORTER = "127.0.0.1:26031"  # loopback of the lab's host namespace
 SECRET = "ghp-logfull-real-token"  # the github credential's secret (policies/keysystems.yaml)
 PLACEHOLDER = "sg-placeholder-github-7f3a"
 LOG_FS_BYTES = 8 << 20  # its reserve is then 1/50 of it (skyguard/tlog/intake.py)
+SDNCTL1 = ("10.10.3.2", "fd00:10:3::2")
+# sdnctl1's own service on its tls_termination forward_to port (8080): plain HTTP on both families.
+VM_SERVICE = """import http.server, socket
+class Service(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"served by sdnctl1 in plaintext\\n"
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args): pass
+class DualStack(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+server = DualStack(("::", 8080), Service)
+print("ready", flush=True)
+server.serve_forever()
+"""
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +64,9 @@ def daemon(lab, tmp_path_factory):
         d = RunningDaemon(lab, work, metrics=EXPORTER, wait_attached=True)
         d.disk = disk
         d.env["SKYGUARD_LAB_DIR"] = str(lab.lab_dir.parent)  # the daemon trusts this lab's CA upstream
+        service = lab.popen("sdnctl1", [PY, "-c", VM_SERVICE], lab_resolver=False, stdout=subprocess.PIPE, text=True)
         try:
+            assert service.stdout.readline().strip() == "ready", "sdnctl1's service on 8080 did not start"
             d.cli("secret", "set", "github", input=SECRET, check=True)
             cert, key = LabCA(work / "sdnctl1-ca", "sdnctl1").issue(["sdnctl1.test"])  # sdnctl1's TLS termination
             (work / "sdnctl1.pem").write_bytes(cert + key)
@@ -54,6 +78,7 @@ def daemon(lab, tmp_path_factory):
         finally:
             disk.thaw()
             d.cleanup()
+            stop_process(service)
 
 
 def dig(lab, vm: str, name: str, qtype: str = "A", answer: bool = True) -> str:
@@ -266,6 +291,34 @@ def test_a_swap_waits_for_its_entry_so_no_secret_leaves_while_the_log_disk_stall
     assert late["type"] == "credential" and late["result"] == "swapped", late
 
 
+def test_a_terminated_connection_reaches_the_vms_service_and_no_one_else_its_plaintext_port(lab, daemon):
+    """sdnctl1's TLS is terminated by skyguard, which carries the plaintext to sdnctl1:8080
+    (forward_to) from the host. The datapath let nothing reach that port, the host included: every
+    terminated connection ended vm_unreachable. Now curl from the internet, through the termination,
+    gets sdnctl1's own answer, its flow allowed by the tls-termination rule; a VM or the internet
+    connecting straight to 8080 is still dropped."""
+    ca, before = daemon.work_dir / "sdnctl1-ca" / "ca.pem", len(daemon.log_entries("tls_termination"))
+    for address in SDNCTL1[:1]:
+        target = f"[{address}]" if ":" in address else address
+        out = lab.exec("internet", curl_argv("--cacert", str(ca), "--resolve", f"sdnctl1.test:443:{target}",
+                                             "https://sdnctl1.test/"), lab_resolver=False,
+                       capture_output=True, text=True, timeout=60)
+        assert (out.returncode, out.stdout) == (0, "served by sdnctl1 in plaintext\n"), (address, out.stderr)
+        ends = wait_for(lambda seen=before: daemon.log_entries("tls_termination")[seen:], 30, "the connection's end entry")
+        assert [(e["workload"], e["result"]) for e in ends] == [("sdnctl1", "terminated")], ends
+        before += 1
+
+    def to_the_service():
+        out = daemon.cli("flows", "--json", "--limit", "10000", "--verdict", "allow", check=True).stdout
+        return [r for r in json.loads(out)["records"]
+                if r["type"] == "flow_start" and r["dport"] == 8080 and r["dst_workload"] == "sdnctl1"]
+
+    assert {r["rule"] for r in wait_for(to_the_service, 30, "the flows to sdnctl1:8080")} == {"tls-termination"}
+    for client in ("vfw1", "agent1", "internet"):
+        for address in SDNCTL1:
+            assert not connects(lab, client, address, 8080, expected=False), f"{client} reached {address}:8080"
+
+
 # A client of sdnctl1's terminated TLS service (tcp/443, steered to skyguard from anywhere, the host
 # included): prints whether the handshake completed and what came back before the connection ended.
 TLS_CLIENT = """import socket, ssl, sys
@@ -298,14 +351,15 @@ def test_a_tls_termination_the_log_refuses_never_reaches_the_vm(lab, daemon):
     connection's start is on record (durable) before a byte reaches the VM: client, SNI, TLS
     version; with the log below its reserve, or its disk stalled, the connection is closed after
     the handshake, counted log_refused and said in the host's log."""
-    assert "handshake" in terminated(lab, daemon)
+    answered = terminated(lab, daemon).split()  # sdnctl1's service answers through the termination
+    assert answered[0] == "handshake" and answered[-2] == "received" and int(answered[-1]) > 0, answered
     start = daemon.log_entries("tls_termination_start")[-1]
     assert (start["workload"], start["zone"], start["destination"], start["sni"]) == (
         "sdnctl1", "sdn", "sdnctl1:443", "sdnctl1.test"), start
     assert start["client"] and start["client_port"] and start["tls_version"].startswith("TLS")
     end = wait_for(lambda: [e for e in daemon.log_entries("tls_termination") if e["connection"] == start["connection"]],
                    30, "the connection's end entry")[-1]
-    assert end["client"] == start["client"]
+    assert (end["client"], end["result"]) == (start["client"], "terminated"), end
     refused = metric_of(daemon, "skyguard_tls_terminations_total", workload="sdnctl1", result="log_refused")
     filler = fill_below_reserve(lab, daemon)
     try:

@@ -181,3 +181,28 @@ def test_only_this_host_reaches_ssh_of_zones_operators_may_access():
     assert lookup(c, abi.DIR_INGRESS, "b", "10.0.1.1", tcp, 22) is None  # another VM may not
     without_admin = compile_policy(policy([]), host_addresses=["169.254.1.1"])
     assert lookup(without_admin, abi.DIR_INGRESS, "b", "169.254.1.1", tcp, 22) is None
+
+
+def test_only_this_host_reaches_a_terminated_workloads_forward_to_port():
+    """skyguard's TLS terminator carries the plaintext to forward_to from the host: the host (and
+    no one else) gets exactly that port in that workload's zone; a zone's rule to it stays as it was."""
+    from dataclasses import replace
+
+    from skyguard.policy.model import TlsTermination
+
+    terminated = (TlsTermination("b1", 443, 8080, "b1-tls"),)
+    c = compile_policy(replace(policy([]), tls_termination=terminated), host_addresses=["169.254.1.1", "fd00:ff::1"])
+    tcp = abi.IPPROTO["tcp"]
+    for host in ("169.254.1.1", "fd00:ff::1"):
+        assert lookup(c, abi.DIR_INGRESS, "b", host, tcp, 8080) == (abi.POLICY_ALLOW, c.rule_ids["tls-termination"])
+        assert lookup(c, abi.DIR_INGRESS, "b", host, tcp, 443) is None  # the TLS port is the terminator's own
+        assert lookup(c, abi.DIR_INGRESS, "b", host, tcp, 8081) is None
+        assert lookup(c, abi.DIR_INGRESS, "b", host, abi.IPPROTO["udp"], 8080) is None
+        assert lookup(c, abi.DIR_INGRESS, "a", host, tcp, 8080) is None  # another zone's workloads
+    assert lookup(c, abi.DIR_INGRESS, "b", "10.0.1.1", tcp, 8080) is None  # another VM may not
+    assert lookup(c, abi.DIR_INGRESS, "b", "192.0.2.7", tcp, 8080) is None  # nor the internet
+    assert lookup(compile_policy(policy([]), host_addresses=["169.254.1.1"]),
+                  abi.DIR_INGRESS, "b", "169.254.1.1", tcp, 8080) is None  # nor the host without the entry
+    rule = Rule("a-to-b", "allow", ("a",), Destination(zones=("b",)), (PortRange("tcp", 8080, 8080),))
+    with_rule = compile_policy(replace(policy([rule]), tls_termination=terminated), host_addresses=["169.254.1.1"])
+    assert lookup(with_rule, abi.DIR_INGRESS, "b", "10.0.1.1", tcp, 8080) == (abi.POLICY_ALLOW, with_rule.rule_ids["a-to-b"])

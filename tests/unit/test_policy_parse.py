@@ -464,7 +464,7 @@ def test_allow_private_lets_a_rule_s_names_resolve_privately():
     assert parse_policy(HEADER + fqdn_rule("[a.test]")).rules[0].to.allow_private is False
 
 
-@pytest.mark.parametrize("reserved", ["admin-ssh", "apps-proxy", "admin-console", "keys-proxy"])
+@pytest.mark.parametrize("reserved", ["admin-ssh", "apps-proxy", "admin-console", "keys-proxy", "tls-termination"])
 def test_a_rule_may_not_take_the_name_of_a_rule_skyguard_adds(reserved):
     """The datapath adds these rules itself (skyguard/datapath/compile.py); a policy rule of the
     same name took over its rule id, so flows were attributed to the wrong rule."""
