@@ -83,8 +83,9 @@ class CredentialService:
         self.content_patterns = tuple(content_patterns)
         self.limits = limits
         self.metrics = CredentialMetrics(registry)
-        self.terminator = TlsTerminator(policy, secrets, decision_log=decision_log, metrics=self.metrics)
         self.listen = list(listen)
+        self.terminator = TlsTerminator(policy, secrets, decision_log=decision_log, metrics=self.metrics,
+                                        listen=self.listen)
         self.ports = (http_port, https_port)
         self.steer_all_destinations = steer_all_destinations
         self.nft = tuple(nft)

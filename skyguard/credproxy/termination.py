@@ -1,8 +1,8 @@
 """TLS termination: skyguard terminates TLS on workload:port with a certificate and key from the
 store and forwards plaintext to the VM's `forward_to` port, so the VM never holds the private key.
 
-Each tls_termination entry gets its own listener on the host; steering.py redirects connections
-for the workload's address and port to it. After the handshake the streams are spliced as bytes
+Each tls_termination entry gets its own listener on the host (one port, IPv4 and IPv6); steering.py
+redirects connections for the workload's addresses and port to it. After the handshake the streams are spliced as bytes
 (no HTTP parsing: the VM's service may speak anything over TLS). A connection is on record before
 a byte of it reaches the VM: its `tls_termination_start` entry (workload, client address and port,
 the name it asked for (SNI), TLS version) is durable in the signed log, or the connection is
@@ -52,6 +52,9 @@ CHUNK = 65536
 MAX_CONNECTIONS_PER_CLIENT = 256
 SNI_ATTRIBUTE = "skyguard_sni"  # where _keep_sni leaves a handshake's server name on its ssl.SSLObject
 MAX_SNI_CHARS = 253  # a DNS name's length: the rest of a longer one is not logged
+# Where the listeners listen (one port for all): steering redirects both families of a terminated
+# workload's addresses to it, so an IPv4-only listener would reset every IPv6 client.
+LISTEN = ["0.0.0.0", "::"]
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,8 @@ class TlsTerminator:
 
     def __init__(self, policy: Policy, secrets: SecretSource, *, decision_log: DecisionLog,
                  metrics: CredentialMetrics, idle_timeout: float = IDLE_TIMEOUT,
-                 max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT):
+                 max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT,
+                 listen: str | list[str] = LISTEN):
         self.policy = policy
         self.clients = Slots(max_connections_per_client)
         self.secrets = secrets
@@ -82,7 +86,7 @@ class TlsTerminator:
         self.metrics = metrics
         self.idle_timeout = idle_timeout
         self.listeners: list[TerminationListener] = []
-        self._host: str | list[str] = "0.0.0.0"
+        self._host = listen if isinstance(listen, str) else list(listen)  # where set_policy() listens
         self._running: dict[tuple, _Running] = {}  # plan key -> what runs for it
 
     def __repr__(self) -> str:
@@ -144,10 +148,11 @@ class TlsTerminator:
             plans.append(((termination, workload.zone, addresses, digest), termination, workload.zone, addresses, context))
         return plans, problems
 
-    async def start(self, host: str | list[str] = "0.0.0.0") -> list[TerminationListener]:
-        """Listen for every entry that can run; raises CredentialError naming those that
-        cannot (the others run)."""
-        self._host = host
+    async def start(self, host: str | list[str] | None = None) -> list[TerminationListener]:
+        """Listen (on `host`, else where the constructor said) for every entry that can run; raises
+        CredentialError naming those that cannot (the others run)."""
+        if host is not None:
+            self._host = host
         return await self.set_policy(self.policy)
 
     async def set_policy(self, policy: Policy) -> list[TerminationListener]:

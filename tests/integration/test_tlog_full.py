@@ -294,11 +294,12 @@ def test_a_swap_waits_for_its_entry_so_no_secret_leaves_while_the_log_disk_stall
 def test_a_terminated_connection_reaches_the_vms_service_and_no_one_else_its_plaintext_port(lab, daemon):
     """sdnctl1's TLS is terminated by skyguard, which carries the plaintext to sdnctl1:8080
     (forward_to) from the host. The datapath let nothing reach that port, the host included: every
-    terminated connection ended vm_unreachable. Now curl from the internet, through the termination,
-    gets sdnctl1's own answer, its flow allowed by the tls-termination rule; a VM or the internet
-    connecting straight to 8080 is still dropped."""
+    terminated connection ended vm_unreachable; and the terminator listened on IPv4 only, so an IPv6
+    client steered to it was reset. Now curl from the internet, through the termination, gets
+    sdnctl1's own answer on both families, its flow allowed by the tls-termination rule; a VM or the
+    internet connecting straight to 8080 is still dropped."""
     ca, before = daemon.work_dir / "sdnctl1-ca" / "ca.pem", len(daemon.log_entries("tls_termination"))
-    for address in SDNCTL1[:1]:
+    for address in SDNCTL1:
         target = f"[{address}]" if ":" in address else address
         out = lab.exec("internet", curl_argv("--cacert", str(ca), "--resolve", f"sdnctl1.test:443:{target}",
                                              "https://sdnctl1.test/"), lab_resolver=False,
