@@ -108,6 +108,11 @@ class AdminMetrics:
         self.refusals = Counter("skyguard_admin_ssh_refused_requests_total",
                                 "Requests refused by policy (forwarding, file transfer, commands, shells)",
                                 ["request"], registry=registry)
+        # SFTP requests skyguard answered itself, never passed to the VM (admin/sftplog.py, sftp.py).
+        self.sftp_refused = Counter("skyguard_admin_ssh_sftp_refused_requests_total",
+                                    "SFTP requests refused at the access proxy, never passed to the VM, by reason "
+                                    "(log_refused, unsupported, unknown_handle)",
+                                    ["reason"], registry=registry)
         self.recording_paused, self.recording_pauses, self.recording_backlog = recording_metrics(
             registry, "skyguard_admin_ssh", "SSH")
         # SFTP uploads judged under content rules (admin/sftp.py), by zone, rule and verdict.

@@ -555,7 +555,9 @@ def upload_pump(session, workload) -> SftpFilterPump | None:
     upload_filter = SftpUploadFilter(engine, workload.zone, session.proxy, workload=workload.name,
                                      metrics=session.proxy.metrics.content, turn=session.proxy.sftp_turn(workload.name),
                                      operator=session.owner.operator_name, session=recording.id if recording else None)
-    return SftpFilterPump(upload_filter, lambda data: session.vm_chan.write(data), lambda data: session.chan.write(data),
+    # Its own answers reach the operator through the log gate's view too (which names handles from answers).
+    return SftpFilterPump(upload_filter, lambda data: session.vm_chan.write(data),
+                          lambda data: session.chan.write(session.sftp_log.from_vm(data) if session.sftp_log else data),
                           lambda: session.operator_reading.hold("sftp"), lambda: session.operator_reading.release("sftp"),
                           lambda message: session.end_with_message(message + "\r\n", 255, "sftp_refused"),
                           lambda: session.vm_chan.write_eof())

@@ -1,18 +1,33 @@
 """The files an operator's SFTP session names, on record before the VM acts on them.
 
 Every request of the operator's SFTP stream that names a file (open for reading or writing,
-remove, rename, mkdir, stat, ...) is an `admin_file_transfer` entry in the signed log, and goes on
-to the VM only once that entry is durable (fail closed). One the log refuses (its disk full or
-stalled, skyguard/tlog/intake.py), or has not made durable within parts.ENTRY_WAIT_S, never reaches
-the VM: skyguard answers it with an SFTP PERMISSION_DENIED status saying why, and tells the
-operator on the session's stderr (OpenSSH's sftp shows that, not a status's words). Requests that
-name no file (READ, WRITE and CLOSE on a handle, ...) pass in order behind the ones that do: a
-handle exists only for an OPEN that went through.
+remove, rename, link, mkdir, stat, set attributes, copy between two open files, ...) is an
+`admin_file_transfer` entry in the signed log (`op`, `path`; for a request with two paths,
+`new_path`: the name it makes, renamed or linked to, or copied into; `attrs`: what a SETSTAT or
+MKDIR sets), and goes on to the VM only once that entry is durable (fail closed). One the log
+refuses (its disk full or stalled, skyguard/tlog/intake.py), or has not made durable within
+parts.ENTRY_WAIT_S, never reaches the VM: skyguard answers it with an SFTP PERMISSION_DENIED
+status saying why, and tells the operator on the session's stderr (OpenSSH's sftp shows that, not
+a status's words). Requests that name no file (READ, WRITE and CLOSE on a handle, ...) pass in
+order behind the ones that do: a handle exists only for an OPEN that went through.
 
-file_request() is sans-io; SftpLogGate drives one session's stream from
-its (synchronous) SSH callbacks. Packet layout from draft-ietf-secsh-filexfer-02 (the version
-OpenSSH speaks): uint32 length, byte type, uint32 request id, then fields. Not here: content
-rules on uploads (sftp.py), which see only what this gate let through.
+Extended requests (OpenSSH's PROTOCOL, section 4) are read like the others: posix-rename and
+hardlink name two paths, lsetstat a path and attributes, statvfs a path (a read, like STAT),
+copy-data two handles (named by the files their OPENs named: the gate follows the VM's HANDLE
+answers). Passed unlogged, as REALPATH is: limits, expand-path and home-directory (sftp asks them
+at start and for every `~` path; they read no file, only canonicalise a name or tell limits),
+users-groups-by-id (names of ids), and fstatvfs and fsync on a handle (a read, and a flush of what
+was written through a logged OPEN). Any other extended request, or a request type of no SFTP
+version 3 (what OpenSSH speaks), is answered OP_UNSUPPORTED and never reaches the VM (fail
+closed: skyguard passes only what it can put on record), the first of a session logged
+(`admin_sftp_refused`). A FSETSTAT or copy-data on a handle the gate cannot name (its OPEN not
+answered yet, or its request id reused while in flight) is refused likewise (FAILURE).
+
+SftpRequests reads requests (sans-io); SftpLogGate drives one session's stream from its
+(synchronous) SSH callbacks. Packet layout from draft-ietf-secsh-filexfer-02 (the version OpenSSH
+speaks): uint32 length, byte type, uint32 request id, then fields; SSH_FXP_SYMLINK's paths in
+OpenSSH's order (target, then the link: PROTOCOL 4.1). Not here: content rules on uploads
+(sftp.py), which see only what this gate let through.
 """
 
 from __future__ import annotations
@@ -23,89 +38,283 @@ import struct
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import asyncssh
 
-from skyguard.admin.sftp import MAX_PATH_SHOWN, SSH_FX_PERMISSION_DENIED, PacketFramer, SftpProtocolError, status_packet
+from skyguard.admin.sftp import (
+    MAX_PATH_SHOWN,
+    SSH_FX_FAILURE,
+    SSH_FX_OP_UNSUPPORTED,
+    SSH_FX_PERMISSION_DENIED,
+    PacketFramer,
+    SftpProtocolError,
+    status_packet,
+)
 from skyguard.errors import LogError
 from skyguard.parts import DecisionLog, entries_durable
 
 log = logging.getLogger("skyguard.admin")
 
-# Request types that carry a path as their first field after the request id.
-PATH_REQUESTS = {3: "open", 11: "opendir", 13: "remove", 14: "mkdir", 15: "rmdir",
-                 17: "stat", 18: "rename", 20: "symlink", 7: "lstat", 9: "setstat", 19: "readlink"}
+SSH_FXP_INIT, SSH_FXP_OPEN, SSH_FXP_CLOSE, SSH_FXP_OPENDIR, SSH_FXP_EXTENDED = 1, 3, 4, 11, 200
+SSH_FXP_STATUS, SSH_FXP_HANDLE = 101, 102
 SSH_FXF_WRITE = 0x02
+# Request types whose fields after the request id are: one path ("path"), a path then ATTRS
+# ("attrs"), two paths ("two"), a handle then ATTRS ("handle-attrs"), or one path then pflags
+# (OPEN). Types 1-20 and 200 are all of SFTP version 3; those not here name no file (READ, WRITE,
+# FSTAT, READDIR, REALPATH on a handle or a name only canonicalised).
+NAMED = {3: ("open", "open"), 7: ("lstat", "path"), 9: ("setstat", "attrs"), 10: ("fsetstat", "handle-attrs"),
+         11: ("opendir", "path"), 13: ("remove", "path"), 14: ("mkdir", "attrs"), 15: ("rmdir", "path"),
+         17: ("stat", "path"), 18: ("rename", "two"), 19: ("readlink", "path"), 20: ("symlink", "two")}
+VERSION_3_TYPES = frozenset({1, *range(3, 21), 200})
+EXTENDED_NAMED = {b"posix-rename@openssh.com": ("posix-rename", "two"), b"hardlink@openssh.com": ("hardlink", "two"),
+                  b"lsetstat@openssh.com": ("lsetstat", "attrs"), b"statvfs@openssh.com": ("statvfs", "path"),
+                  b"copy-data": ("copy-data", "copy")}
+# Read-only, or on a handle whose OPEN was logged: passed unlogged (see the module note).
+EXTENDED_PASSED = frozenset({b"limits@openssh.com", b"expand-path@openssh.com", b"home-directory",
+                             b"users-groups-by-id@openssh.com", b"fstatvfs@openssh.com", b"fsync@openssh.com"})
+MAX_NAMED_HANDLES = 4096  # handles (and OPENs in flight) named per session; past it the oldest is forgotten
+HEAD_BYTES = 4 + 1 + 4 + 4 + 256  # of the VM's packets: a HANDLE's id and handle (at most 256 bytes)
+MAX_EXTENSION_SHOWN = 64  # characters of an unsupported extension's name in the log
 # What the operator is told of a request the signed log would not take (the log's own reason,
 # with host paths, goes to the host's log).
 LOG_REFUSED_WORDS = "skyguard: not done: the signed log refuses entries now (its disk is full or stalled); try again later"
+UNSUPPORTED_WORDS = "skyguard: this SFTP request is not passed (skyguard cannot put it on record)"
+UNKNOWN_HANDLE_WORDS = "skyguard: not done: the file of this handle is not known here (open it again)"
 
 
-def file_request(packet: bytes) -> tuple[str, str] | None:
-    """(operation, path) of one whole SFTP packet (without its length) that names a file, else None."""
-    op = PATH_REQUESTS.get(packet[0]) if packet else None
-    if op is None or len(packet) < 9:
-        return None
-    (path_len,) = struct.unpack_from(">I", packet, 5)
-    path = packet[9:9 + min(path_len, MAX_PATH_SHOWN)].decode("utf-8", "replace")
-    if op == "open" and len(packet) >= 9 + path_len + 4:
-        (pflags,) = struct.unpack_from(">I", packet, 9 + path_len)
-        op = "open-write" if pflags & SSH_FXF_WRITE else "open-read"
-    return op, path
+@dataclass(frozen=True)
+class FileRequest:
+    """One request that names a file: what goes on record before the VM gets it."""
+
+    op: str
+    path: str
+    new_path: str | None = None  # rename, link, copy: the name made; symlink: the link (path: its target)
+    attrs: dict | None = None  # SETSTAT, MKDIR, ...: what it sets
+
+    def fields(self) -> dict:
+        return {"op": self.op, "path": self.path} | ({"new_path": self.new_path} if self.new_path is not None else {}) \
+            | ({"attrs": self.attrs} if self.attrs is not None else {})
+
+    def __str__(self) -> str:  # quoted: a path may hold a line break, and this goes into the host's log
+        return f"{self.op} of {self.path!r}" + (f" to {self.new_path!r}" if self.new_path is not None else "")
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A request answered by skyguard, never passed: its status code, words, and the reason counted."""
+
+    code: int
+    words: str
+    reason: str  # "unsupported" or "unknown_handle"
+    what: str  # the request, for the host's log (an extension's name, bounded)
+
+
+class _Fields:
+    """The fields of one request packet after its request id; a field cut short is SftpProtocolError."""
+
+    def __init__(self, packet: bytes):
+        self.packet, self.at = packet, 5
+
+    def string(self) -> bytes:
+        (length,) = self._take(">I", 4)
+        if self.at + length > len(self.packet):
+            raise SftpProtocolError("truncated SFTP request")
+        self.at += length
+        return self.packet[self.at - length:self.at]
+
+    def path(self) -> str:
+        return self.string()[:MAX_PATH_SHOWN * 4].decode("utf-8", "replace")[:MAX_PATH_SHOWN]
+
+    def uint32(self) -> int:
+        return self._take(">I", 4)[0]
+
+    def uint64(self) -> int:
+        return self._take(">Q", 8)[0]
+
+    def attrs(self) -> dict:
+        """ATTRS (filexfer-02 5): what is set, mode as octal digits."""
+        flags, out = self.uint32(), dict[str, Any]()
+        if flags & 0x01:
+            out["size"] = self.uint64()
+        if flags & 0x02:
+            out["uid"], out["gid"] = self.uint32(), self.uint32()
+        if flags & 0x04:
+            out["mode"] = f"{self.uint32() & 0o7777:04o}"
+        if flags & 0x08:
+            out["atime"], out["mtime"] = self.uint32(), self.uint32()
+        if flags & 0x80000000:
+            names = []
+            for _ in range(self.uint32()):  # a count past the packet's end is cut short below
+                name, _value = self.string(), self.string()
+                names.append(name[:MAX_EXTENSION_SHOWN].decode("ascii", "replace"))
+            out["extended"] = names[:16]
+        return out
+
+    def _take(self, layout: str, size: int) -> tuple:
+        if self.at + size > len(self.packet):
+            raise SftpProtocolError("truncated SFTP request")
+        self.at += size
+        return struct.unpack_from(layout, self.packet, self.at - size)
+
+
+class SftpRequests:
+    """Reads one session's requests (see the module note). `request(packet)` for each packet of
+    the operator, in order: a FileRequest to put on record, a Refused to answer, or None to pass.
+    `forwarded(packet)` once it goes to the VM, `from_vm_packet(head)` for the start of each packet
+    the operator gets: the handles of OPENs are named from their answers."""
+
+    def __init__(self):
+        self._opening: dict[int, str | None] = {}  # request id of an OPEN/OPENDIR in flight -> its path (None: ambiguous)
+        self._handles: dict[bytes, str] = {}  # handle -> the path its OPEN named
+
+    def request(self, packet: bytes) -> FileRequest | Refused | None:
+        kind = packet[0]
+        if kind == SSH_FXP_INIT:
+            return None
+        if len(packet) < 5:
+            raise SftpProtocolError("truncated SFTP packet")
+        if kind not in VERSION_3_TYPES:
+            return Refused(SSH_FX_OP_UNSUPPORTED, UNSUPPORTED_WORDS, "unsupported", f"request type {kind}")
+        fields = _Fields(packet)
+        if kind == SSH_FXP_EXTENDED:
+            name = fields.string()
+            if name in EXTENDED_PASSED:
+                return None
+            if name not in EXTENDED_NAMED:
+                shown = name[:MAX_EXTENSION_SHOWN].decode("ascii", "replace")
+                return Refused(SSH_FX_OP_UNSUPPORTED, UNSUPPORTED_WORDS, "unsupported",
+                               f"extended request {''.join(c if c.isprintable() else '?' for c in shown)!r}")
+            op, layout = EXTENDED_NAMED[name]
+        elif kind == SSH_FXP_CLOSE:
+            self._handles.pop(fields.string(), None)  # the VM may give its handle to the next OPEN
+            return None
+        elif kind in NAMED:
+            op, layout = NAMED[kind]
+        else:
+            return None
+        if layout == "path":
+            return FileRequest(op, fields.path())
+        if layout == "open":
+            path = fields.path()
+            return FileRequest("open-write" if fields.uint32() & SSH_FXF_WRITE else "open-read", path)
+        if layout == "attrs":
+            path = fields.path()
+            return FileRequest(op, path, attrs=fields.attrs())
+        if layout == "two":
+            path = fields.path()
+            return FileRequest(op, path, fields.path())
+        if layout == "handle-attrs":
+            path = self._handles.get(fields.string())
+            return _unknown_handle(op) if path is None else FileRequest(op, path, attrs=fields.attrs())
+        source = self._handles.get(fields.string())  # copy-data: from a handle to a handle
+        fields.uint64(), fields.uint64()
+        target = self._handles.get(fields.string())
+        fields.uint64()
+        return _unknown_handle(op) if source is None or target is None else FileRequest(op, source, target)
+
+    def forwarded(self, packet: bytes, request: FileRequest | None) -> None:
+        if request is not None and packet[0] in (SSH_FXP_OPEN, SSH_FXP_OPENDIR):
+            (request_id,) = struct.unpack_from(">I", packet, 1)
+            # An id reused while in flight: which answer is whose is not known, so neither is named.
+            self._opening[request_id] = None if request_id in self._opening else request.path
+            _bound(self._opening)
+
+    def from_vm_packet(self, head: bytes) -> None:
+        if len(head) < 5 or head[0] not in (SSH_FXP_STATUS, SSH_FXP_HANDLE):
+            return
+        (request_id,) = struct.unpack_from(">I", head, 1)
+        if request_id not in self._opening:
+            return
+        path = self._opening.pop(request_id)
+        if head[0] == SSH_FXP_HANDLE and path is not None and len(head) >= 9:
+            (length,) = struct.unpack_from(">I", head, 5)
+            if 9 + length <= len(head):
+                self._handles[head[9:9 + length]] = path
+                _bound(self._handles)
+
+
+def _unknown_handle(op: str) -> Refused:
+    return Refused(SSH_FX_FAILURE, UNKNOWN_HANDLE_WORDS, "unknown_handle", f"{op} on an unknown handle")
+
+
+def _bound(names: dict) -> None:
+    while len(names) > MAX_NAMED_HANDLES:  # the oldest is forgotten: a request on it is refused, never misnamed
+        del names[next(iter(names))]
+
+
+def file_request(packet: bytes) -> FileRequest | Refused | None:
+    """What one whole SFTP packet (without its length) is, read without a session's handles."""
+    return SftpRequests().request(packet)
 
 
 class PacketEdge:
     """Whether a byte stream of SFTP packets is between two packets: where skyguard's own answers
-    may go into the stream the VM's sftp-server writes to the operator."""
+    may go into the stream the VM's sftp-server writes to the operator. `on_packet(head)` gets the
+    first HEAD_BYTES of each packet (without its length) once the packet has passed."""
 
-    def __init__(self):
+    def __init__(self, on_packet: Callable[[bytes], None] = lambda head: None):
+        self.on_packet = on_packet
         self._left = 0  # bytes of the current packet's body still to come
-        self._head = b""  # bytes of the current packet's length seen so far
+        self._length = b""  # bytes of the current packet's length seen so far
+        self._head = bytearray()  # the current packet's first bytes
 
     def feed(self, data: bytes) -> None:
         at = 0
         while at < len(data):
             if self._left:
                 taken = min(self._left, len(data) - at)
+                if len(self._head) < HEAD_BYTES:
+                    self._head += data[at:at + min(taken, HEAD_BYTES - len(self._head))]
                 self._left -= taken
                 at += taken
+                if not self._left:
+                    head, self._head = bytes(self._head), bytearray()
+                    self.on_packet(head)
                 continue
-            taken = data[at:at + 4 - len(self._head)]
-            self._head += taken
-            at += len(taken)
-            if len(self._head) == 4:
-                (self._left,) = struct.unpack(">I", self._head)
-                self._head = b""
+            piece = data[at:at + 4 - len(self._length)]
+            self._length += piece
+            at += len(piece)
+            if len(self._length) == 4:
+                (self._left,) = struct.unpack(">I", self._length)
+                self._length = b""
 
     @property
     def between(self) -> bool:
-        return not self._left and not self._head
+        return not self._left and not self._length
 
 
 class SftpLogGate:
     """One SFTP session's operator -> VM stream, each file request held until its entry is durable
-    (see the module note). `log_request(op, path)` writes the entry (DecisionLog.record: its Future,
-    or None; raises LogError or OSError when the log refuses it); `note(op, path, refused)` tells
-    the session's record. Bytes go on through `forward`, then `eof` after the operator's EOF;
-    skyguard's answers through `answer`, between the VM's packets (from_vm() carries them), and
-    `tell(words)` reaches the operator's stderr. While the queue drains the operator's channel is
-    paused (`pause`, `resume`); a stream that cannot be framed ends the session (`fail`)."""
+    (see the module note). `log_request(request)` writes the entry (DecisionLog.record: its Future,
+    or None; raises LogError or OSError when the log refuses it); `note(request, refused)` tells
+    the session's record; `count(reason)` counts a request answered here (log_refused,
+    unsupported, unknown_handle); `unsupported(what)` is called for the session's first request
+    refused as unsupported. Bytes go on through `forward`, then `eof` after the operator's EOF;
+    skyguard's answers through `answer`, between the VM's packets (from_vm() carries them, and
+    must see every packet the operator gets), and `tell(words)` reaches the operator's stderr.
+    While the queue drains the operator's channel is paused (`pause`, `resume`); a stream that
+    cannot be framed or read ends the session (`fail`)."""
 
-    def __init__(self, log_request: Callable[[str, str], Future | None], note: Callable[[str, str, bool], None],
+    def __init__(self, log_request: Callable[[FileRequest], Future | None],
+                 note: Callable[[FileRequest, bool], None],
                  forward: Callable[[bytes], None], answer: Callable[[bytes], None], tell: Callable[[str], None],
                  pause: Callable[[], None], resume: Callable[[], None], fail: Callable[[str], None],
-                 eof: Callable[[], None], who: str, decisions: DecisionLog | None = None):
+                 eof: Callable[[], None], who: str, decisions: DecisionLog | None = None,
+                 count: Callable[[str], None] = lambda reason: None,
+                 unsupported: Callable[[str], None] = lambda what: None):
         self.log_request, self.note, self.who, self.decisions = log_request, note, who, decisions
-        self.forward, self.answer, self.tell = forward, answer, tell
+        self.forward, self.answer, self.tell, self.count, self.unsupported = forward, answer, tell, count, unsupported
         self.pause, self.resume, self.fail, self.write_eof = pause, resume, fail, eof
         self._framer = PacketFramer()
-        self._to_operator = PacketEdge()
+        self._requests = SftpRequests()
+        self._to_operator = PacketEdge(self._requests.from_vm_packet)
         self._answers: list[bytes] = []  # waiting for the VM's stream to reach a packet's end
         self._queue: deque[bytes] = deque()
         self._task: Any = None
-        self._eof = self._closed = self._told = False
-        self.refused = 0  # file requests refused for the log
+        self._eof = self._closed = self._told = self._said_unsupported = False
+        self.refused = 0  # requests answered here, never passed
 
     def from_operator(self, data: bytes) -> None:
         self._queue.append(data)
@@ -126,7 +335,8 @@ class SftpLogGate:
             self._eof = True
 
     def from_vm(self, data: bytes) -> bytes:
-        """The VM's bytes for the operator, with skyguard's answers that waited for a packet's end."""
+        """The bytes for the operator (the VM's, or the upload filter's own answers: whole
+        packets), with skyguard's answers that waited for a packet's end."""
         self._to_operator.feed(data)
         if self._answers and self._to_operator.between:
             data, self._answers = data + b"".join(self._answers), []
@@ -144,13 +354,17 @@ class SftpLogGate:
             while self._queue:
                 ready = bytearray()
                 for packet in self._framer.packets(self._queue.popleft()):
-                    named = file_request(packet)
-                    if named is not None:
+                    request = self._requests.request(packet)
+                    if isinstance(request, Refused):
+                        self._refuse(packet, request)
+                        continue
+                    if request is not None:
                         if ready:  # what came before does not wait for this one's entry
                             self.forward(bytes(ready))
                             ready.clear()
-                        if not await self._on_record(packet, *named) or self._closed:
+                        if not await self._on_record(packet, request) or self._closed:
                             continue
+                    self._requests.forwarded(packet, request)
                     ready += struct.pack(">I", len(packet)) + packet
                 if ready and not self._closed:
                     self.forward(bytes(ready))
@@ -164,44 +378,48 @@ class SftpLogGate:
                 if self._eof:
                     self.write_eof()
 
-    async def _on_record(self, packet: bytes, op: str, path: str) -> bool:
+    async def _on_record(self, packet: bytes, request: FileRequest) -> bool:
         """Whether the request may go on: its entry is durable. Else it is answered here."""
         try:
-            await entries_durable([self.log_request(op, path)], self.decisions)
+            await entries_durable([self.log_request(request)], self.decisions)
         except (LogError, OSError) as error:  # the signed log refuses (or the fallback log cannot write)
-            log.error("SFTP %s of %r by %s is refused: its admin_file_transfer entry cannot be logged: %s",
-                      op, path, self.who, error)
-            self.refused += 1
-            self.note(op, path, True)
-            self._reply(status_packet(struct.unpack_from(">I", packet, 1)[0], SSH_FX_PERMISSION_DENIED,
-                                      LOG_REFUSED_WORDS))
+            log.error("SFTP %s by %s is refused: its admin_file_transfer entry cannot be logged: %s",
+                      request, self.who, error)
+            self.note(request, True)
+            self._refuse(packet, Refused(SSH_FX_PERMISSION_DENIED, LOG_REFUSED_WORDS, "log_refused", str(request)))
             if not self._told:  # once while the log refuses: a client may ask many at once
                 self._told = True
-                self.tell(f"{LOG_REFUSED_WORDS} ({op} {path})\r\n")
+                self.tell(f"{LOG_REFUSED_WORDS} ({request})\r\n")
             return False
         self._told = False
-        self.note(op, path, False)
+        self.note(request, False)
         return True
 
-    def _reply(self, packet: bytes) -> None:
+    def _refuse(self, packet: bytes, refused: Refused) -> None:
+        self.refused += 1
+        self.count(refused.reason)
+        if refused.reason == "unsupported" and not self._said_unsupported:  # once a session: a client may loop
+            self._said_unsupported = True
+            log.warning("SFTP %s by %s is refused: not passed (unsupported)", refused.what, self.who)
+            self.unsupported(refused.what)
+        reply = status_packet(struct.unpack_from(">I", packet, 1)[0], refused.code, refused.words)
         if self._to_operator.between:
-            self.answer(packet)
+            self.answer(reply)
         else:
-            self._answers.append(packet)
+            self._answers.append(reply)
 
 
 def log_gate(session) -> SftpLogGate:
     """The gate of an SFTP session of the access proxy (admin/session.py's ProxySession), whose
     recording is open: to its upload filter (sftp.py) when it has one, else to the VM."""
-    owner, recording = session.owner, session.recording
+    owner, recording, proxy = session.owner, session.recording, session.proxy
 
-    def log_request(op: str, path: str) -> Future | None:
-        return session.proxy.decision_log.record("admin_file_transfer", session=recording.id,
-                                                 operator=owner.operator_name, workload=owner.workload_name,
-                                                 op=op, path=path)
+    def log_request(request: FileRequest) -> Future | None:
+        return proxy.decision_log.record("admin_file_transfer", session=recording.id, operator=owner.operator_name,
+                                         workload=owner.workload_name, **request.fields())
 
-    def note(op: str, path: str, refused: bool) -> None:
-        recording.note("files", {"op": op, "path": path} | ({"refused": "log_refused"} if refused else {}))
+    def note(request: FileRequest, refused: bool) -> None:
+        recording.note("files", request.fields() | ({"refused": "log_refused"} if refused else {}))
 
     def forward(data: bytes) -> None:
         if session.sftp_filter is not None:
@@ -221,9 +439,14 @@ def log_gate(session) -> SftpLogGate:
         except (asyncssh.Error, OSError):
             pass  # the operator is already gone
 
+    def unsupported(what: str) -> None:  # best effort: the request is refused whatever the log does
+        proxy.record("admin_sftp_refused", session=recording.id, operator=owner.operator_name,
+                     workload=owner.workload_name, request=what, reason="unsupported")
+
     return SftpLogGate(log_request, note, forward, lambda data: session.chan.write(data), tell,
                        lambda: session.operator_reading.hold("sftp_log"),
                        lambda: session.operator_reading.release("sftp_log"),
                        lambda message: session.end_with_message(message + "\r\n", 255, "sftp_refused"), eof,
                        f"{owner.operator_name} on {owner.workload_name} (session {recording.id})",
-                       session.proxy.decision_log)
+                       proxy.decision_log, count=lambda reason: proxy.metrics.sftp_refused.labels(reason).inc(),
+                       unsupported=unsupported)

@@ -335,6 +335,71 @@ def test_an_sftp_transfer_the_log_refuses_is_not_carried_out(admin_lab):
     assert daemon.cli("log", "verify").returncode == 0
 
 
+def test_sftp_renames_links_and_changes_are_on_record_and_wait_for_the_log(admin_lab):
+    """OpenSSH's sftp renames with posix-rename@openssh.com and links with hardlink@openssh.com
+    (SFTP extended requests), `chmod -h` is lsetstat@openssh.com and `cp` is copy-data: the log
+    gate passed every extended request as naming no file, so these reached the VM with no entry,
+    and while the log refused entries a file was renamed or linked anyway; SSH_FXP_RENAME and
+    SYMLINK had only their first path logged, SETSTAT not what it sets. Now each is an
+    admin_file_transfer entry with both paths (path: the file there; new_path: the name made) and
+    the attributes set, and goes to the VM only once that entry is durable."""
+    daemon, tmp = admin_lab.daemon, admin_lab.tmp
+    work = tmp / "sftp-ops"
+    work.mkdir()
+    a, b, c, d, e, f, g = (str(work / n) for n in "abcdefg")
+    (work / "a").write_text("audit config\n")
+    local = tmp / "local-script"
+    local.write_text("#!/bin/sh\n")
+    local.chmod(0o750)
+    os.utime(local, (1_700_000_000, 1_700_000_000))
+    with_sftp = tmp / "with-sftp-ops.yaml"
+    with_sftp.write_text(admin_lab.policy.read_text().replace("    port_forwarding: true\n",
+                                                              "    port_forwarding: true\n    sftp: true\n"))
+    daemon.cli("policy", "load", str(with_sftp), check=True)
+    filler = daemon.state_dir / "log" / "filler"
+    sftp = SftpBatch(admin_lab)
+    try:
+        sftp.step(f"rename {a} {b}", f"rename -l {b} {c}", f"ln {c} {d}", f"symlink {c} {e}", f"chmod 640 {d}",
+                  f"-chmod -h 600 {e}", f"mkdir {g}", f"rmdir {g}", f"cp {c} {f}", f"rm {d}", f"put -p {local} {work / 'p'}")
+        assert sorted(p.name for p in work.iterdir()) == ["c", "e", "f", "p"] and os.readlink(e) == c
+        space = os.statvfs(filler.parent)
+        with open(filler, "wb") as out:  # another file leaves half the log's reserve free
+            os.posix_fallocate(out.fileno(), 0, space.f_bavail * space.f_frsize - daemon.status()["log"]["reserve_bytes"] // 2)
+        operator_ssh(admin_lab, "alice", "alice+dc1", "true")  # an entry that finds the space gone
+        wait_for(lambda: daemon.status()["log"]["refusing"], 30, "the log refusing entries")
+        sftp.step(f"-rename {c} {a}", f"-rename -l {c} {b}", f"-ln {c} {d}", f"-symlink {c} {g}",
+                  f"-chmod 600 {c}", f"-mkdir {work / 'h'}", f"-rm {f}")
+        assert sorted(p.name for p in work.iterdir()) == ["c", "e", "f", "p"]  # none carried out
+        assert (work / "c").stat().st_mode & 0o777 == 0o640
+        filler.unlink()
+        wait_for(lambda: daemon.status()["log"]["refusing"] is None, 60, "the log accepting entries")
+        stderr = sftp.close()
+        assert sftp.client.returncode == 0, stderr
+        assert "the signed log refuses entries now (its disk is full or stalled); try again later (posix-rename of " \
+            f"'{c}' to '{a}')" in stderr, stderr
+    finally:
+        sftp.client.kill()
+        sftp.client.wait()
+        filler.unlink(missing_ok=True)
+        wait_for(lambda: daemon.status()["log"]["refusing"] is None, 60, "the log accepting entries")
+        daemon.cli("policy", "load", str(admin_lab.policy), check=True)
+    logged = [(e["op"], e["path"], e.get("new_path"), e.get("attrs")) for e in daemon.log_entries("admin_file_transfer")
+              if e["path"].startswith(str(work))]
+    reads = ("stat", "lstat", "opendir", "readlink", "statvfs", "open-read", "open-write")
+    assert [row for row in logged if row[0] not in reads] == [
+        ("posix-rename", a, b, None), ("rename", b, c, None), ("hardlink", c, d, None), ("symlink", c, e, None),
+        ("setstat", d, None, {"mode": "0640"}), ("lsetstat", e, None, {"mode": "0600"}), ("mkdir", g, None, {"mode": "0777"}),
+        ("rmdir", g, None, None), ("copy-data", c, f, None), ("remove", d, None, None),
+        ("fsetstat", str(work / "p"), None, {"mode": "0750", "atime": 1_700_000_000, "mtime": 1_700_000_000})], logged
+    [record] = wait_for(lambda: [m for m in SessionArchive(daemon.state_dir / "admin" / "sessions").list()
+                                 if m["result"] != "active" and any(x["path"] == a for x in m.get("files", []))],
+                        30, "the SFTP session's record closed")
+    refused = {(x["op"], x["path"], x.get("new_path")) for x in record["files"] if x.get("refused") == "log_refused"}
+    assert {("posix-rename", c, a), ("rename", c, b), ("hardlink", c, d), ("symlink", c, g), ("setstat", c, None),
+            ("mkdir", str(work / "h"), None)} <= refused, record["files"]
+    assert daemon.cli("log", "verify").returncode == 0
+
+
 def test_down_returns_while_a_session_record_waits_on_a_stalled_disk(admin_lab):
     """The disk under the session records stalls (fsfreeze) as a session ends: its last output and
     its record's end wait on that disk. `skyguard down` waited for that record without a bound, so

@@ -15,8 +15,10 @@ import json
 import os
 import secrets
 import signal
+import struct
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from ipaddress import ip_address
@@ -412,6 +414,60 @@ def test_sftp_refused_by_default_and_logged_with_file_names_when_allowed(lab):
     assert (lab.tmp / "fetched").read_text() == Path("/etc/hostname").read_text()
     transfers = lab.entries("admin_file_transfer")
     assert {"op": "open-read", "path": "/etc/hostname"}.items() <= transfers[-1].items()
+
+
+def sftp_packet(kind: int, request_id: int, *strings: bytes, tail: bytes = b"") -> bytes:
+    body = bytes([kind]) + struct.pack(">I", request_id) + b"".join(struct.pack(">I", len(s)) + s for s in strings) + tail
+    return struct.pack(">I", len(body)) + body
+
+
+def test_sftp_requests_skyguard_cannot_put_on_record_never_reach_the_vm(lab):
+    """Extended requests the log gate does not know (any name a client makes up), request types of
+    no SFTP version 3, and copy-data on handles no OPEN named were passed to the VM unlogged. Now
+    skyguard answers them itself (OP_UNSUPPORTED; FAILURE for the handles), counts each in
+    skyguard_admin_ssh_sftp_refused_requests_total and logs a session's first unsupported one; the
+    session goes on. An SFTP client speaking raw packets through OpenSSH's ssh (sftp-server by exec)."""
+    evil = sftp_packet(200, 1, b"evil@example.com", b"/etc/shadow", b"/tmp/shadow")
+    stream = (struct.pack(">IBI", 5, 1, 3) + evil + sftp_packet(21, 2, b"/etc/shadow", b"/tmp/l")
+              + sftp_packet(200, 3, b"copy-data", b"\0\0\0\0", tail=bytes(16) + struct.pack(">I4sQ", 4, bytes(4), 0))
+              + evil.replace(struct.pack(">I", 1), struct.pack(">I", 4), 1) + sftp_packet(16, 5, b"/"))
+    unsupported = lab.metric("skyguard_admin_ssh_sftp_refused_requests_total", reason="unsupported")
+    unknown = lab.metric("skyguard_admin_ssh_sftp_refused_requests_total", reason="unknown_handle")
+    lab.set_policy(replace(lab.policy, admin_ssh=replace(lab.policy.admin_ssh, sftp=True)))
+    client = subprocess.Popen(lab.ssh_args("alice", "alice+dc1") + ["/usr/lib/openssh/sftp-server"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    answers: dict[int, tuple[int, str]] = {}
+    hang = threading.Timer(60, client.kill)  # a bound on the reads below, never reached when answers come
+    hang.start()
+    try:
+        client.stdin.write(stream)
+        client.stdin.flush()
+        while 5 not in answers:  # until the VM answers the last (sftp-server drops what it has not sent at EOF)
+            head = client.stdout.read(4)
+            assert len(head) == 4, (answers, client.stderr.read())
+            body = client.stdout.read(struct.unpack(">I", head)[0])
+            if body[0] == 101:  # STATUS: id, code, message
+                request_id, code, size = struct.unpack_from(">III", body, 1)
+                answers[request_id] = (code, body[13:13 + size].decode())
+            elif body[0] != 2:  # not the VERSION
+                answers[struct.unpack_from(">I", body, 1)[0]] = (body[0], "")
+        client.stdin.close()
+        assert client.wait(30) == 0
+    finally:
+        hang.cancel()
+        client.kill()
+        client.wait()
+        lab.set_policy(lab.policy)
+    not_passed = "skyguard: this SFTP request is not passed (skyguard cannot put it on record)"
+    assert answers == {1: (8, not_passed), 2: (8, not_passed), 4: (8, not_passed),
+                       3: (4, "skyguard: not done: the file of this handle is not known here (open it again)"),
+                       5: (104, "")}, answers  # the REALPATH after them: the VM's NAME
+    assert lab.metric("skyguard_admin_ssh_sftp_refused_requests_total", reason="unsupported") == unsupported + 3
+    assert lab.metric("skyguard_admin_ssh_sftp_refused_requests_total", reason="unknown_handle") == unknown + 1
+    [meta] = lab.session_by_command("/usr/lib/openssh/sftp-server")[-1:]
+    logged = [e for e in lab.entries("admin_sftp_refused") if e["session"] == meta["id"]]
+    assert [(e["request"], e["reason"], e["operator"]) for e in logged] == [
+        ("extended request 'evil@example.com'", "unsupported", "alice")]
 
 
 def test_session_killed_midway_is_complete_up_to_then(lab):
