@@ -1,6 +1,5 @@
-"""Content rules on SFTP uploads through the access proxy (SftpUploadFilter), and the SFTP packet
-helpers it and sftplog.py share. Packet layout from draft-ietf-secsh-filexfer-02 (the version
-OpenSSH speaks): uint32 length, byte type, then fields.
+"""Content rules on SFTP uploads through the access proxy (SftpUploadFilter). Packets as
+sftpwire.py reads and makes them.
 
 The filter changes the stream: files an operator writes under a content rule
 (skyguard/policy/content.py) are held back and judged before the VM gets a byte. Not here: which
@@ -16,13 +15,42 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from skyguard.admin.sftpwire import (
+    MAX_PATH_SHOWN,
+    SSH_FILEXFER_ATTR_SIZE,
+    SSH_FX_FAILURE,
+    SSH_FX_OK,
+    SSH_FX_OP_UNSUPPORTED,
+    SSH_FX_PERMISSION_DENIED,
+    SSH_FXF_APPEND,
+    SSH_FXF_CREAT,
+    SSH_FXF_EXCL,
+    SSH_FXF_TRUNC,
+    SSH_FXF_WRITE,
+    SSH_FXP_CLOSE,
+    SSH_FXP_EXTENDED,
+    SSH_FXP_FSETSTAT,
+    SSH_FXP_HANDLE,
+    SSH_FXP_INIT,
+    SSH_FXP_OPEN,
+    SSH_FXP_REMOVE,
+    SSH_FXP_SETSTAT,
+    SSH_FXP_STATUS,
+    SSH_FXP_VERSION,
+    SSH_FXP_WRITE,
+    PacketFramer,
+    SftpProtocolError,
+    make_packet,
+    read_string,
+    request_id_of,
+    sftp_string,
+    status_packet,
+)
+
 if TYPE_CHECKING:
     from skyguard.parts import DecisionLog
 
 log = logging.getLogger("skyguard.admin")
-
-MAX_PACKET = 256 * 1024  # OpenSSH's limit on an SFTP message
-MAX_PATH_SHOWN = 1024  # characters of a path in a log entry
 
 
 # ---- content rules on uploads --------------------------------------------------------------------
@@ -56,12 +84,6 @@ MAX_PATH_SHOWN = 1024  # characters of a path in a log entry
 # answers its OPEN: a FIFO, a hung disk) has its SFTP stream ended, the turn passed on after
 # TURN_GRACE_S as for any channel that ends while holding it.
 
-SSH_FXP_INIT, SSH_FXP_VERSION = 1, 2
-SSH_FXP_OPEN, SSH_FXP_CLOSE, SSH_FXP_WRITE, SSH_FXP_SETSTAT, SSH_FXP_FSETSTAT, SSH_FXP_REMOVE = 3, 4, 6, 9, 10, 13
-SSH_FXP_STATUS, SSH_FXP_HANDLE, SSH_FXP_EXTENDED = 101, 102, 200
-SSH_FX_OK, SSH_FX_FAILURE, SSH_FX_PERMISSION_DENIED, SSH_FX_OP_UNSUPPORTED = 0, 4, 3, 8
-SSH_FILEXFER_ATTR_SIZE = 0x01
-SSH_FXF_WRITE, SSH_FXF_APPEND, SSH_FXF_CREAT, SSH_FXF_TRUNC, SSH_FXF_EXCL = 0x02, 0x04, 0x08, 0x10, 0x20
 _NEW_FILE = SSH_FXF_CREAT | SSH_FXF_EXCL  # created by this OPEN, so empty
 _OWN_IDS = 0xF0000000  # request ids skyguard sends on the operator's behalf (clients count up from 0)
 # Extended requests (OpenSSH's) passed to the VM under content rules: none writes a file's bytes.
@@ -79,58 +101,6 @@ TURN_HOLD_S = 60.0  # the turn held this long while another waits: the stream en
 # A channel that ended with a replay unanswered keeps the turn this long: the VM's sftp-server
 # may still be writing what reached it (at most an SSH window, 2 MiB in OpenSSH, after the end).
 TURN_GRACE_S = 10.0
-
-
-class SftpProtocolError(Exception):
-    """The operator's SFTP stream cannot be followed: the channel must end (fail closed)."""
-
-
-def _string(packet: bytes, at: int) -> tuple[bytes, int]:
-    if at + 4 > len(packet):
-        raise SftpProtocolError("truncated SFTP packet")
-    (length,) = struct.unpack_from(">I", packet, at)
-    end = at + 4 + length
-    if end > len(packet):
-        raise SftpProtocolError("truncated SFTP packet")
-    return packet[at + 4:end], end
-
-
-def request_id_of(packet: bytes) -> int:
-    return struct.unpack_from(">I", packet, 1)[0]
-
-
-def _packet(kind: int, request_id: int, *fields: bytes) -> bytes:
-    body = bytes([kind]) + struct.pack(">I", request_id) + b"".join(fields)
-    return struct.pack(">I", len(body)) + body
-
-
-def _sftp_string(data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + data
-
-
-def status_packet(request_id: int, code: int, message: str) -> bytes:
-    return _packet(SSH_FXP_STATUS, request_id, struct.pack(">I", code), _sftp_string(message.encode()),
-                   _sftp_string(b"en"))
-
-
-class PacketFramer:
-    """Whole SFTP packets out of a byte stream."""
-
-    def __init__(self):
-        self.buffer = bytearray()
-
-    def packets(self, data: bytes) -> list[bytes]:
-        self.buffer += data
-        out = []
-        while len(self.buffer) >= 4:
-            (length,) = struct.unpack_from(">I", self.buffer)
-            if length < 1 or length > MAX_PACKET + 1024:
-                raise SftpProtocolError(f"SFTP packet of {length} bytes")
-            if len(self.buffer) < 4 + length:
-                break
-            out.append(bytes(self.buffer[4:4 + length]))
-            del self.buffer[:4 + length]
-        return out
 
 
 class ReplayTurn:
@@ -294,7 +264,7 @@ class SftpUploadFilter:
                     raise SftpProtocolError(f"request id {request_id} reused while in flight")
                 if len(self._in_flight) >= MAX_IN_FLIGHT:
                     raise SftpProtocolError(f"more than {MAX_IN_FLIGHT} requests unanswered")
-            if kind == SSH_FXP_EXTENDED and _string(packet, 5)[0] not in PASSED_EXTENSIONS:
+            if kind == SSH_FXP_EXTENDED and read_string(packet, 5)[0] not in PASSED_EXTENSIONS:
                 to_operator += status_packet(request_id, SSH_FX_OP_UNSUPPORTED,
                                              "skyguard: uploads here are judged by content rules: "
                                              "this extended request is not passed")
@@ -306,7 +276,7 @@ class SftpUploadFilter:
                 continue
             if kind in (SSH_FXP_OPEN, SSH_FXP_WRITE, SSH_FXP_CLOSE):
                 if kind == SSH_FXP_OPEN:
-                    path, at = _string(packet, 5)
+                    path, at = read_string(packet, 5)
                     if at + 4 > len(packet):
                         raise SftpProtocolError("truncated SFTP OPEN")
                     (pflags,) = struct.unpack_from(">I", packet, at)
@@ -324,13 +294,13 @@ class SftpUploadFilter:
                         self._opening[request_id] = path.decode("utf-8", "replace")[:MAX_PATH_SHOWN]
                         await self._take_turn(request_id)  # it truncates: never amid another channel's replay
                 elif kind == SSH_FXP_WRITE:
-                    handle, at = _string(packet, 5)
+                    handle, at = read_string(packet, 5)
                     held = self._held.get(handle)
                     if held is not None:
                         if at + 8 > len(packet):
                             raise SftpProtocolError("truncated SFTP WRITE")
                         (offset,) = struct.unpack_from(">Q", packet, at)
-                        chunk, _ = _string(packet, at + 8)
+                        chunk, _ = read_string(packet, at + 8)
                         to_operator += self._hold(held, request_id, offset, chunk)
                     else:
                         # Every file opened for writing is held from its HANDLE on, so this is a
@@ -341,7 +311,7 @@ class SftpUploadFilter:
                                                      "skyguard: upload blocked: not a file opened for writing")
                     continue
                 else:  # CLOSE
-                    handle, _ = _string(packet, 5)
+                    handle, _ = read_string(packet, 5)
                     held = self._held.pop(handle, None)
                     if held is not None:
                         vm, operator = await self._judge(held, handle, request_id, packet)
@@ -389,11 +359,11 @@ class SftpUploadFilter:
             # file the VM keeps must be the image judged, not it merged with other halves. No
             # other channel truncates or replays until the VM has answered the CLOSE (ReplayTurn).
             await self._take_turn(close_id)
-            to_vm = bytearray(_packet(SSH_FXP_FSETSTAT, self._own_id(handle), _sftp_string(handle),
+            to_vm = bytearray(make_packet(SSH_FXP_FSETSTAT, self._own_id(handle), sftp_string(handle),
                                       struct.pack(">IQ", SSH_FILEXFER_ATTR_SIZE, 0)))
             for offset, chunk in held.writes:
-                to_vm += _packet(SSH_FXP_WRITE, self._own_id(handle), _sftp_string(handle), struct.pack(">Q", offset),
-                                 _sftp_string(chunk))
+                to_vm += make_packet(SSH_FXP_WRITE, self._own_id(handle), sftp_string(handle), struct.pack(">Q", offset),
+                                 sftp_string(chunk))
             to_vm += struct.pack(">I", len(close_packet)) + close_packet
             self._closing[close_id] = held
             self._held[handle] = held  # marks replay failures until the CLOSE's answer
@@ -401,8 +371,8 @@ class SftpUploadFilter:
         record_block(self.decision_log, verdict, zone=self.zone, workload=self.workload, protocol="sftp",
                      direction="upload", destination=self.workload, path=held.path, **self.log_fields)
         remove_id = self._own_id()
-        cleanup = _packet(SSH_FXP_CLOSE, self._own_id(), _sftp_string(handle)) + \
-            _packet(SSH_FXP_REMOVE, remove_id, _sftp_string(held.path.encode()))
+        cleanup = make_packet(SSH_FXP_CLOSE, self._own_id(), sftp_string(handle)) + \
+            make_packet(SSH_FXP_REMOVE, remove_id, sftp_string(held.path.encode()))
         # The operator hears of the refusal once the VM has removed the file: a client that quits
         # on the error (sftp -b) cannot end the channel before the removal ran.
         self._denials[remove_id] = (close_id, status_packet(close_id, SSH_FX_PERMISSION_DENIED,
@@ -441,7 +411,7 @@ class SftpUploadFilter:
                     continue
                 if packet[0] == SSH_FXP_HANDLE and request_id in self._opening:
                     path = self._opening.pop(request_id)
-                    handle, _ = _string(packet, 5)
+                    handle, _ = read_string(packet, 5)
                     if len(self._held) >= MAX_HELD_FILES:
                         raise SftpProtocolError(f"more than {MAX_HELD_FILES} files open for writing")
                     self._held[handle] = _HeldFile(path)
@@ -460,12 +430,12 @@ class SftpUploadFilter:
 def _sets_size(kind: int, packet: bytes) -> bool:
     """A SETSTAT, FSETSTAT or lsetstat@openssh.com whose attributes set a size."""
     if kind == SSH_FXP_EXTENDED:
-        name, at = _string(packet, 5)
+        name, at = read_string(packet, 5)
         if name != b"lsetstat@openssh.com":
             return False
-        _, at = _string(packet, at)
+        _, at = read_string(packet, at)
     elif kind in (SSH_FXP_SETSTAT, SSH_FXP_FSETSTAT):
-        _, at = _string(packet, 5)
+        _, at = read_string(packet, 5)
     else:
         return False
     if at + 4 > len(packet):

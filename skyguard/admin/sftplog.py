@@ -24,8 +24,7 @@ closed: skyguard passes only what it can put on record), the first of a session 
 answered yet, or its request id reused while in flight) is refused likewise (FAILURE).
 
 SftpRequests reads requests (sans-io); SftpLogGate drives one session's stream from its
-(synchronous) SSH callbacks. Packet layout from draft-ietf-secsh-filexfer-02 (the version OpenSSH
-speaks): uint32 length, byte type, uint32 request id, then fields; SSH_FXP_SYMLINK's paths in
+(synchronous) SSH callbacks. Packets as sftpwire.py reads them; SSH_FXP_SYMLINK's paths in
 OpenSSH's order (target, then the link: PROTOCOL 4.1). Not here: content rules on uploads
 (sftp.py), which see only what this gate let through.
 """
@@ -43,11 +42,20 @@ from typing import Any
 
 import asyncssh
 
-from skyguard.admin.sftp import (
-    MAX_PATH_SHOWN,
+from skyguard.admin.sftpwire import (
+    MAX_NAME_SHOWN,
     SSH_FX_FAILURE,
     SSH_FX_OP_UNSUPPORTED,
     SSH_FX_PERMISSION_DENIED,
+    SSH_FXF_WRITE,
+    SSH_FXP_CLOSE,
+    SSH_FXP_EXTENDED,
+    SSH_FXP_HANDLE,
+    SSH_FXP_INIT,
+    SSH_FXP_OPEN,
+    SSH_FXP_OPENDIR,
+    SSH_FXP_STATUS,
+    Fields,
     PacketFramer,
     SftpProtocolError,
     status_packet,
@@ -57,9 +65,6 @@ from skyguard.parts import DecisionLog, entries_durable
 
 log = logging.getLogger("skyguard.admin")
 
-SSH_FXP_INIT, SSH_FXP_OPEN, SSH_FXP_CLOSE, SSH_FXP_OPENDIR, SSH_FXP_EXTENDED = 1, 3, 4, 11, 200
-SSH_FXP_STATUS, SSH_FXP_HANDLE = 101, 102
-SSH_FXF_WRITE = 0x02
 # Request types whose fields after the request id are: one path ("path"), a path then ATTRS
 # ("attrs"), two paths ("two"), a handle then ATTRS ("handle-attrs"), or one path then pflags
 # (OPEN). Types 1-20 and 200 are all of SFTP version 3; those not here name no file (READ, WRITE,
@@ -76,7 +81,6 @@ EXTENDED_PASSED = frozenset({b"limits@openssh.com", b"expand-path@openssh.com", 
                              b"users-groups-by-id@openssh.com", b"fstatvfs@openssh.com", b"fsync@openssh.com"})
 MAX_NAMED_HANDLES = 4096  # handles (and OPENs in flight) named per session; past it the oldest is forgotten
 HEAD_BYTES = 4 + 1 + 4 + 4 + 256  # of the VM's packets: a HANDLE's id and handle (at most 256 bytes)
-MAX_EXTENSION_SHOWN = 64  # characters of an unsupported extension's name in the log
 # What the operator is told of a request the signed log would not take (the log's own reason,
 # with host paths, goes to the host's log).
 LOG_REFUSED_WORDS = "skyguard: not done: the signed log refuses entries now (its disk is full or stalled); try again later"
@@ -111,54 +115,6 @@ class Refused:
     what: str  # the request, for the host's log (an extension's name, bounded)
 
 
-class _Fields:
-    """The fields of one request packet after its request id; a field cut short is SftpProtocolError."""
-
-    def __init__(self, packet: bytes):
-        self.packet, self.at = packet, 5
-
-    def string(self) -> bytes:
-        (length,) = self._take(">I", 4)
-        if self.at + length > len(self.packet):
-            raise SftpProtocolError("truncated SFTP request")
-        self.at += length
-        return self.packet[self.at - length:self.at]
-
-    def path(self) -> str:
-        return self.string()[:MAX_PATH_SHOWN * 4].decode("utf-8", "replace")[:MAX_PATH_SHOWN]
-
-    def uint32(self) -> int:
-        return self._take(">I", 4)[0]
-
-    def uint64(self) -> int:
-        return self._take(">Q", 8)[0]
-
-    def attrs(self) -> dict:
-        """ATTRS (filexfer-02 5): what is set, mode as octal digits."""
-        flags, out = self.uint32(), dict[str, Any]()
-        if flags & 0x01:
-            out["size"] = self.uint64()
-        if flags & 0x02:
-            out["uid"], out["gid"] = self.uint32(), self.uint32()
-        if flags & 0x04:
-            out["mode"] = f"{self.uint32() & 0o7777:04o}"
-        if flags & 0x08:
-            out["atime"], out["mtime"] = self.uint32(), self.uint32()
-        if flags & 0x80000000:
-            names = []
-            for _ in range(self.uint32()):  # a count past the packet's end is cut short below
-                name, _value = self.string(), self.string()
-                names.append(name[:MAX_EXTENSION_SHOWN].decode("ascii", "replace"))
-            out["extended"] = names[:16]
-        return out
-
-    def _take(self, layout: str, size: int) -> tuple:
-        if self.at + size > len(self.packet):
-            raise SftpProtocolError("truncated SFTP request")
-        self.at += size
-        return struct.unpack_from(layout, self.packet, self.at - size)
-
-
 class SftpRequests:
     """Reads one session's requests (see the module note). `request(packet)` for each packet of
     the operator, in order: a FileRequest to put on record, a Refused to answer, or None to pass.
@@ -177,13 +133,13 @@ class SftpRequests:
             raise SftpProtocolError("truncated SFTP packet")
         if kind not in VERSION_3_TYPES:
             return Refused(SSH_FX_OP_UNSUPPORTED, UNSUPPORTED_WORDS, "unsupported", f"request type {kind}")
-        fields = _Fields(packet)
+        fields = Fields(packet)
         if kind == SSH_FXP_EXTENDED:
             name = fields.string()
             if name in EXTENDED_PASSED:
                 return None
             if name not in EXTENDED_NAMED:
-                shown = name[:MAX_EXTENSION_SHOWN].decode("ascii", "replace")
+                shown = name[:MAX_NAME_SHOWN].decode("ascii", "replace")
                 return Refused(SSH_FX_OP_UNSUPPORTED, UNSUPPORTED_WORDS, "unsupported",
                                f"extended request {''.join(c if c.isprintable() else '?' for c in shown)!r}")
             op, layout = EXTENDED_NAMED[name]

@@ -11,8 +11,8 @@ from concurrent.futures import Future
 
 import pytest
 
-from skyguard.admin.sftp import SftpProtocolError
 from skyguard.admin.sftplog import LOG_REFUSED_WORDS, FileRequest, Refused, SftpLogGate, file_request
+from skyguard.admin.sftpwire import SftpProtocolError
 from skyguard.tlog.errors import LogSpaceLow
 
 
