@@ -111,7 +111,7 @@ class AdminMetrics:
         # SFTP requests skyguard answered itself, never passed to the VM (admin/sftplog.py, sftp.py).
         self.sftp_refused = Counter("skyguard_admin_ssh_sftp_refused_requests_total",
                                     "SFTP requests refused at the access proxy, never passed to the VM, by reason "
-                                    "(log_refused, unsupported, unknown_handle)",
+                                    "(log_refused, unsupported, unknown_handle, content_rules)",
                                     ["reason"], registry=registry)
         self.recording_paused, self.recording_pauses, self.recording_backlog = recording_metrics(
             registry, "skyguard_admin_ssh", "SSH")

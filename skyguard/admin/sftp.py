@@ -9,6 +9,7 @@ files a session names and their log entries (sftplog.py).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import struct
 from collections import deque
@@ -32,12 +33,16 @@ from skyguard.admin.sftpwire import (
     SSH_FXP_FSETSTAT,
     SSH_FXP_HANDLE,
     SSH_FXP_INIT,
+    SSH_FXP_MKDIR,
     SSH_FXP_OPEN,
     SSH_FXP_REMOVE,
+    SSH_FXP_RENAME,
     SSH_FXP_SETSTAT,
     SSH_FXP_STATUS,
+    SSH_FXP_SYMLINK,
     SSH_FXP_VERSION,
     SSH_FXP_WRITE,
+    Fields,
     PacketFramer,
     SftpProtocolError,
     make_packet,
@@ -72,7 +77,10 @@ log = logging.getLogger("skyguard.admin")
 # writing into a file) is refused, as the judged bytes would not be the file's; so are extended
 # requests that may write (copy-data@openssh.com: PASSED_EXTENSIONS lists those passed), and a
 # SETSTAT, FSETSTAT or lsetstat that sets a size (cut to a prefix, or grown with zeros, a judged
-# file is one no rule saw: a file known by its hash, uploaded with a byte more).
+# file is one no rule saw: a file known by its hash, uploaded with a byte more). Names are bytes the
+# VM keeps too (a symlink's target up to 4 KiB: readlink gives it back), so the names a request
+# writes (an OPEN for writing, MKDIR, a rename's or link's new name, both paths of a SYMLINK) are
+# held to the rules' patterns, as an HTTP request's target is; such a block is logged without them.
 #
 # One VM, several channels (sessions of one operator or of several, each with its own sftp-server
 # on the VM): a replay (truncate, then the writes) and an OPEN for writing (which truncates) must
@@ -221,6 +229,7 @@ class SftpUploadFilter:
         self.engine = engine
         self.turn = turn if turn is not None else ReplayTurn()
         self.overrun: Callable[[str], None] | None = None  # told when it held the turn too long (ReplayTurn)
+        self.refused: Callable[[], None] = lambda: None  # told of each request its rules refuse (a metric)
         self._turn_ids: set[int] = set()  # operator's requests sent under the turn, not answered yet
         self.zone = zone
         self.decision_log = decision_log
@@ -265,14 +274,16 @@ class SftpUploadFilter:
                 if len(self._in_flight) >= MAX_IN_FLIGHT:
                     raise SftpProtocolError(f"more than {MAX_IN_FLIGHT} requests unanswered")
             if kind == SSH_FXP_EXTENDED and read_string(packet, 5)[0] not in PASSED_EXTENSIONS:
-                to_operator += status_packet(request_id, SSH_FX_OP_UNSUPPORTED,
-                                             "skyguard: uploads here are judged by content rules: "
-                                             "this extended request is not passed")
+                to_operator += self._refuse(request_id, SSH_FX_OP_UNSUPPORTED, "this extended request is not passed")
                 continue
             if _sets_size(kind, packet):
-                to_operator += status_packet(request_id, SSH_FX_PERMISSION_DENIED,
-                                             "skyguard: uploads here are judged by content rules: a file's "
-                                             "size is set only by writing it whole")
+                to_operator += self._refuse(request_id, SSH_FX_PERMISSION_DENIED,
+                                            "a file's size is set only by writing it whole")
+                continue
+            written = names_written(kind, packet)
+            rule = self.engine.pattern_hit(self.zone, "upload", "sftp", written[1]) if written else None
+            if written and rule is not None:
+                to_operator += self._name_blocked(request_id, rule, *written)
                 continue
             if kind in (SSH_FXP_OPEN, SSH_FXP_WRITE, SSH_FXP_CLOSE):
                 if kind == SSH_FXP_OPEN:
@@ -286,10 +297,9 @@ class SftpUploadFilter:
                             # What the file already holds, or the order appends land in, would not
                             # be judged with the bytes written: a file put together from pieces
                             # judged apart (`put` half, `reput` the rest).
-                            to_operator += status_packet(request_id, SSH_FX_PERMISSION_DENIED,
-                                                         "skyguard: uploads here are judged by content rules: "
-                                                         "a file is written whole (no append, resume or "
-                                                         "writing into an existing file)")
+                            to_operator += self._refuse(request_id, SSH_FX_PERMISSION_DENIED,
+                                                        "a file is written whole (no append, resume or "
+                                                        "writing into an existing file)")
                             continue
                         self._opening[request_id] = path.decode("utf-8", "replace")[:MAX_PATH_SHOWN]
                         await self._take_turn(request_id)  # it truncates: never amid another channel's replay
@@ -307,6 +317,7 @@ class SftpUploadFilter:
                         # handle the VM has not answered yet (OpenSSH's are numbered: a client can
                         # guess the next one and write before it is held), one whose OPEN went
                         # unseen, or a read-only one (the VM would refuse the WRITE): never passed.
+                        self.refused()
                         to_operator += status_packet(request_id, SSH_FX_FAILURE,
                                                      "skyguard: upload blocked: not a file opened for writing")
                     continue
@@ -323,6 +334,24 @@ class SftpUploadFilter:
                 self._in_flight.add(request_id)
             to_vm += struct.pack(">I", len(packet)) + packet
         return bytes(to_vm), bytes(to_operator)
+
+    def _refuse(self, request_id: int, code: int, why: str) -> bytes:
+        self.refused()
+        return status_packet(request_id, code, f"skyguard: uploads here are judged by content rules: {why}")
+
+    def _name_blocked(self, request_id: int, rule: str, op: str, names: list[bytes]) -> bytes:
+        from skyguard.content.inspector import PATTERN, ContentVerdict
+        from skyguard.content.record import record_block
+
+        joined = b"\0".join(names)
+        verdict = ContentVerdict(True, rule, PATTERN, f"a name it writes matches a blocked pattern (rule {rule})",
+                                 len(joined), hashlib.sha256(joined).hexdigest())
+        if self.metrics is not None:
+            self.metrics.count(self.zone, "sftp", verdict)
+        record_block(self.decision_log, verdict, zone=self.zone, workload=self.workload, protocol="sftp",
+                     direction="upload", destination=self.workload, request=op, **self.log_fields)
+        self.refused()
+        return status_packet(request_id, SSH_FX_PERMISSION_DENIED, f"skyguard: upload blocked: {verdict.reason}")
 
     def _hold(self, held: _HeldFile, request_id: int, offset: int, chunk: bytes) -> bytes:
         limit = self.engine.content.max_inspect_bytes
@@ -427,6 +456,25 @@ class SftpUploadFilter:
         return bytes(out)
 
 
+# Requests that write names on the VM: the operation, how many paths it has, which it writes.
+NAMING = {SSH_FXP_MKDIR: ("mkdir", 1, (0,)), SSH_FXP_RENAME: ("rename", 2, (1,)), SSH_FXP_SYMLINK: ("symlink", 2, (0, 1)),
+          b"posix-rename@openssh.com": ("posix-rename", 2, (1,)), b"hardlink@openssh.com": ("hardlink", 2, (1,))}
+
+
+def names_written(kind: int, packet: bytes) -> tuple[str, list[bytes]] | None:
+    """(operation, the names it writes on the VM) of a request that writes names, else None."""
+    fields = Fields(packet)
+    if kind == SSH_FXP_OPEN:
+        path = fields.string()
+        return ("open-write", [path]) if fields.uint32() & SSH_FXF_WRITE else None
+    key: int | bytes = fields.string() if kind == SSH_FXP_EXTENDED else kind
+    if key not in NAMING:
+        return None
+    op, count, written = NAMING[key]
+    paths = [fields.string() for _ in range(count)]
+    return op, [paths[i] for i in written]
+
+
 def _sets_size(kind: int, packet: bytes) -> bool:
     """A SETSTAT, FSETSTAT or lsetstat@openssh.com whose attributes set a size."""
     if kind == SSH_FXP_EXTENDED:
@@ -526,6 +574,7 @@ def upload_pump(session, workload) -> SftpFilterPump | None:
                                      metrics=session.proxy.metrics.content, turn=session.proxy.sftp_turn(workload.name),
                                      operator=session.owner.operator_name, session=recording.id if recording else None)
     # Its own answers reach the operator through the log gate's view too (which names handles from answers).
+    upload_filter.refused = lambda: session.proxy.metrics.sftp_refused.labels("content_rules").inc()
     return SftpFilterPump(upload_filter, lambda data: session.vm_chan.write(data),
                           lambda data: session.chan.write(session.sftp_log.from_vm(data) if session.sftp_log else data),
                           lambda: session.operator_reading.hold("sftp"), lambda: session.operator_reading.release("sftp"),

@@ -77,6 +77,22 @@ def test_blocked_upload_through_the_proxy_fails_and_leaves_nothing(lab, guarded,
     assert (entry["direction"], entry["destination"], entry["rule"]) == ("upload", "dc1", "operator-uploads")
 
 
+def test_a_server_side_copy_is_on_record_and_refused_where_uploads_are_judged(lab, guarded):  # noqa: F811
+    """`cp` in OpenSSH's sftp is copy-data: bytes copied on the VM into a file opened for writing,
+    which no rule would see. The log gate puts it on record with both files, the upload filter
+    refuses it (counted as content_rules), and the copy holds nothing."""
+    data = harmless_bytes(10_000)
+    (guarded / "on-vm.bin").write_bytes(data)
+    refused = lab.metric("skyguard_admin_ssh_sftp_refused_requests_total", reason="content_rules")
+    result = lab.ssh("alice", "alice+dc1", extra=["-b", "-"], tool="sftp",
+                     input=f"cp {guarded / 'on-vm.bin'} {guarded / 'copy.bin'}\n")
+    assert result.returncode != 0
+    assert not (guarded / "copy.bin").exists() or (guarded / "copy.bin").stat().st_size == 0
+    assert lab.metric("skyguard_admin_ssh_sftp_refused_requests_total", reason="content_rules") == refused + 1
+    assert [(e["path"], e["new_path"]) for e in lab.entries("admin_file_transfer") if e["op"] == "copy-data"][-1] == (
+        str(guarded / "on-vm.bin"), str(guarded / "copy.bin"))
+
+
 @pytest.mark.parametrize("how", ["sftp-server-after-env", "legacy-scp"])
 def test_an_upload_by_a_transfer_command_the_filter_cannot_follow_is_refused(lab, guarded, how):  # noqa: F811
     """With content rules on SFTP uploads, a transfer program run by a command (sftp-server behind

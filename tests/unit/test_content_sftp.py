@@ -362,6 +362,31 @@ def test_copy_data_cannot_put_a_file_together_from_files_judged_apart(rig):
     assert not target.exists() or KEY not in target.read_bytes()
 
 
+def test_names_a_request_writes_on_the_vm_are_held_to_the_patterns(rig):
+    """A symbolic link's target is bytes the VM keeps (readlink gives them back), and so is every
+    name: `symlink`, `mkdir`, `rename` (posix-rename@openssh.com), `ln` (hardlink@openssh.com) and
+    `put` to such a name put a key on the VM that no rule saw (patterns held only a file's bytes).
+    Now the names a request writes are held to the rules' patterns, as an HTTP request's target is:
+    refused, logged (without the name) and counted as a pattern block."""
+    assert put(rig, "plain-name.txt", b"plain\n").returncode == 0
+    key = "AKIAABCDEFGHIJKLMNOP"  # what KEY holds, the rule's pattern
+    local = rig / "local" / "plain-name.txt"
+    batch = rig / "names-batch"
+    batch.write_text(f"-symlink aws={key} link-to-key\n-mkdir dir-{key}\n-rename plain-name.txt renamed-{key}\n"
+                     f"-ln plain-name.txt linked-{key}\n-put {local} put-{key}\nsymlink plain-name.txt plain-link\n")
+    before = len(blocks(rig))
+    result = subprocess.run(["sftp", "-b", str(batch), "-D", str(rig / "relay.sh")], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    on_vm = [p.name + "->" + os.readlink(p) if p.is_symlink() else p.name for p in (rig / "vm").iterdir()]
+    assert "plain-link->plain-name.txt" in on_vm and not [n for n in on_vm if key in n], on_vm
+    entries = blocks(rig)[before:]
+    assert [(e["engine"], e["request"]) for e in entries] == [
+        ("pattern", "symlink"), ("pattern", "mkdir"), ("pattern", "posix-rename"), ("pattern", "hardlink"),
+        ("pattern", "open-write")], entries
+    assert key not in json.dumps(entries)
+
+
 @pytest.mark.parametrize("kind,by", [(9, "path"), (10, "handle")], ids=["setstat", "fsetstat"])
 def test_a_judged_file_cannot_be_cut_to_one_no_rule_saw(rig, kind, by):
     """A file clamd knows by its hash, uploaded with a byte more (another hash: clean), then cut
