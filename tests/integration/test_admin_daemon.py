@@ -92,6 +92,23 @@ def operator_ssh(admin_lab, who: str, login: str, command: str) -> subprocess.Co
         f"{login}@{UPLINK}", command], capture_output=True, text=True, timeout=60)
 
 
+def forward_to_vm_sshd(admin_lab) -> subprocess.CompletedProcess:
+    """alice's `ssh -W` through the proxy to dc1's own sshd: its stdout starts with the VM's banner
+    when the forward reached the VM."""
+    return admin_lab.lab.exec("internet", [
+        "ssh", "-i", str(admin_lab.tmp / "alice"), "-p", str(PROXY_PORT), "-o", "BatchMode=yes",
+        "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10",
+        "-W", "10.10.2.2:22", f"alice+dc1@{UPLINK}"], input="", capture_output=True, text=True, timeout=60)
+
+
+def load_with_sftp(admin_lab, name: str) -> None:
+    """Load the module's policy with SFTP allowed (as `name` in the module's directory)."""
+    with_sftp = admin_lab.tmp / name
+    with_sftp.write_text(admin_lab.policy.read_text().replace("    port_forwarding: true\n",
+                                                              "    port_forwarding: true\n    sftp: true\n"))
+    admin_lab.daemon.cli("policy", "load", str(with_sftp), check=True)
+
+
 def test_operator_runs_a_command_on_an_allowed_vm(admin_lab):
     out = operator_ssh(admin_lab, "alice", "alice+dc1", "echo through-skyguard; exit 3")
     assert out.stdout.strip() == "through-skyguard", out.stderr
@@ -176,10 +193,7 @@ def test_a_session_whose_start_the_log_refuses_is_refused_and_running_ones_go_on
         assert refused.returncode != 0 and "should-not-run" not in refused.stdout
         assert "the signed log refuses entries" in refused.stderr, refused.stderr
         # A port forward is refused too (-W: the VM would open a TCP connection to its own sshd).
-        forward = admin_lab.lab.exec("internet", [
-            "ssh", "-i", str(admin_lab.tmp / "alice"), "-p", str(PROXY_PORT), "-o", "BatchMode=yes",
-            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10",
-            "-W", "10.10.2.2:22", f"alice+dc1@{UPLINK}"], input="", capture_output=True, text=True, timeout=60)
+        forward = forward_to_vm_sshd(admin_lab)
         assert not forward.stdout.startswith("SSH-2.0"), forward.stdout
         assert "the signed log refuses entries" in forward.stderr, forward.stderr
         # The session that was running goes on; its end entry is best effort, said in the host's log.
@@ -200,10 +214,7 @@ def test_a_session_whose_start_the_log_refuses_is_refused_and_running_ones_go_on
         filler.unlink(missing_ok=True)
     wait_for(lambda: daemon.status()["log"]["refusing"] is None, 60, "the log accepting entries")
     assert operator_ssh(admin_lab, "alice", "alice+dc1", "echo back").stdout.strip() == "back"
-    forward = admin_lab.lab.exec("internet", [
-        "ssh", "-i", str(admin_lab.tmp / "alice"), "-p", str(PROXY_PORT), "-o", "BatchMode=yes",
-        "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10",
-        "-W", "10.10.2.2:22", f"alice+dc1@{UPLINK}"], input="", capture_output=True, text=True, timeout=60)
+    forward = forward_to_vm_sshd(admin_lab)
     assert forward.stdout.startswith("SSH-2.0"), forward.stderr
     assert daemon.cli("log", "verify").returncode == 0
 
@@ -221,10 +232,7 @@ def test_a_session_opens_only_once_its_start_is_durable(admin_lab):
     admin_lab.log_disk.freeze()
     try:  # each at once: the log refuses new entries only after 5 s
         # A port forward does not reach the VM (-W: the VM's sshd would answer with its banner).
-        forward = admin_lab.lab.exec("internet", [
-            "ssh", "-i", str(admin_lab.tmp / "alice"), "-p", str(PROXY_PORT), "-o", "BatchMode=yes",
-            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10",
-            "-W", "10.10.2.2:22", f"alice+dc1@{UPLINK}"], input="", capture_output=True, text=True, timeout=60)
+        forward = forward_to_vm_sshd(admin_lab)
         assert not forward.stdout.startswith("SSH-2.0"), forward.stdout
         admin_lab.log_disk.thaw()
         wait_for(lambda: daemon.status()["log"]["refusing"] is None, 60, "the log accepting entries")
@@ -286,10 +294,7 @@ def test_an_sftp_transfer_the_log_refuses_is_not_carried_out(admin_lab):
     on_vm.write_text("on the vm\n")
     uploaded, fetched = tmp / "uploaded.txt", tmp / "fetched.txt"
     (tmp / "local.txt").write_text("from the operator\n")
-    with_sftp = tmp / "with-sftp.yaml"
-    with_sftp.write_text(admin_lab.policy.read_text().replace("    port_forwarding: true\n",
-                                                              "    port_forwarding: true\n    sftp: true\n"))
-    daemon.cli("policy", "load", str(with_sftp), check=True)
+    load_with_sftp(admin_lab, "with-sftp.yaml")
     filler = daemon.state_dir / "log" / "filler"
     sftp = SftpBatch(admin_lab)
     try:
@@ -352,10 +357,7 @@ def test_sftp_renames_links_and_changes_are_on_record_and_wait_for_the_log(admin
     local.write_text("#!/bin/sh\n")
     local.chmod(0o750)
     os.utime(local, (1_700_000_000, 1_700_000_000))
-    with_sftp = tmp / "with-sftp-ops.yaml"
-    with_sftp.write_text(admin_lab.policy.read_text().replace("    port_forwarding: true\n",
-                                                              "    port_forwarding: true\n    sftp: true\n"))
-    daemon.cli("policy", "load", str(with_sftp), check=True)
+    load_with_sftp(admin_lab, "with-sftp-ops.yaml")
     filler = daemon.state_dir / "log" / "filler"
     sftp = SftpBatch(admin_lab)
     try:
