@@ -328,6 +328,8 @@ def no_answer_report(seconds: float, steal: int) -> str:
         names, values = [line.split()[1:] for line in in_ns(ns, "cat", "/proc/net/snmp").stdout.splitlines()
                          if line.startswith("Udp:")]
         lines.append(f"UDP in {ns}: " + " ".join(f"{n}={v}" for n, v in zip(names, values)))
+    bound = in_ns(NS_HOST, "ss", "-uanp", check=False).stdout.splitlines()  # is the proxy's listener there?
+    lines += [f"UDP socket in {NS_HOST}: {line}" for line in bound[1:]] or [f"no UDP socket in {NS_HOST}"]
     return "\n" + "\n".join(lines) + "\n"
 
 
@@ -551,6 +553,9 @@ class StrictLearner(RecordingLearner):
         super().learn(zone, rule_name, ips, ttl)
 
 
+FLUSH_CONNTRACK = "from pyroute2 import Conntrack\nct = Conntrack()\ntry:\n    ct.flush()\nfinally:\n    ct.close()"
+
+
 class ServiceThread:
     """A DnsProxy (listeners, steering, learned state) on an event loop in the host namespace."""
 
@@ -588,6 +593,11 @@ class ServiceThread:
         return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
 
     def __enter__(self):
+        # Each service starts with the host namespace's conntrack empty: a query whose flow (same
+        # ports) the kernel still remembers from an earlier test, NATed to a proxy that is gone,
+        # skips the new steering's redirect and is refused (seen: the redirect's counters at 0,
+        # the listener bound, dig "connection refused").
+        in_ns(NS_HOST, sys.executable, "-c", FLUSH_CONNTRACK)
         self.thread.start()
         # A busy machine can take a while to install the steering; querying before start() has
         # returned would see no answer and blame the proxy.
