@@ -20,7 +20,10 @@ Holds. An answer whose log entry is still queued (dns/learning.py) adds under a 
 `confirm(hold)` (the entry is durable) it can be taken back with `release(hold)` (the log refused
 it), which gives each entry back the expiry the other holds on it give, and removes an entry no
 other hold keeps (queued for take_evicted, like a cap's eviction). Only entries with a hold
-unsettled are tracked.
+unsettled are tracked. The file holds only answers on record: an entry is saved with the expiry
+its settled holds give it, and not at all while it has none (a daemon killed before the log wrote
+the answer's entry must not open it again when it restarts); `confirm` marks it to be saved
+(`urgent` for a new one: the server saves at once).
 """
 
 from __future__ import annotations
@@ -107,7 +110,7 @@ class LearnedStore:
             old_key, old_ip = next(iter(order))
             self._remove(old_key, old_ip, evicted=True)
         self.dirty = True
-        self.urgent = self.urgent or new
+        self.urgent = self.urgent or (new and hold is None)  # a held one: once confirmed
         return new
 
     def _remove(self, key: Key, ip: str, evicted: bool = False, released: bool = False) -> None:
@@ -138,10 +141,13 @@ class LearnedStore:
         self.dirty = True
 
     def confirm(self, hold: int) -> None:
-        """The log holds the decision `hold` stood for: its entries stay as any other."""
+        """The log holds the decision `hold` stood for: its entries stay as any other, and are
+        saved with what it gave them (at once if it added them: `urgent`)."""
         for entry in self._holds.pop(hold, ()):
             tracked = self._unsettled.get(entry)
             if tracked is not None and hold in tracked[1]:
+                self.dirty = True
+                self.urgent = self.urgent or tracked[0] is None
                 expiry = tracked[1].pop(hold)
                 settled = max(expiry, tracked[0] or 0.0)
                 if tracked[1]:
@@ -240,11 +246,21 @@ class LearnedStore:
     # ---- the file --------------------------------------------------------------------------
 
     def snapshot(self, now: float) -> list[tuple]:
-        """A copy of the unexpired entries, for encode() and write() on another thread (on the
-        event loop this is the only part of a save: ~1 us per entry). What it holds is no
-        longer dirty."""
+        """A copy of the unexpired entries on record (see the module's docstring: an unsettled
+        hold's expiry is left out), for encode() and write() on another thread (on the event loop
+        this is the only part of a save: ~1 us per entry). What it holds is no longer dirty."""
         self.dirty = self.urgent = False
-        return list(self.entries(now))
+        if not self._unsettled:
+            return list(self.entries(now))
+        out = []
+        for key, table in self._entries.items():
+            for ip, expiry in table.items():
+                tracked = self._unsettled.get((key, ip))
+                if tracked is not None:
+                    expiry = tracked[0] or 0.0  # what the log holds of it
+                if expiry > now:
+                    out.append((*key, ip, expiry))
+        return out
 
     @staticmethod
     def encode(entries: list[tuple]) -> bytes:

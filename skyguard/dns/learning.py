@@ -18,6 +18,11 @@ host's log and shown in status.
 What stays open: the time between the answer and the refusal (the writer's next group commit,
 milliseconds), and a connection the VM opened in it, which conntrack keeps.
 
+A restart opens only what the log holds: the learned state saves an answer once its entry is
+durable (learned.py; a new address is saved then, by `save`, not before the answer leaves), so a
+daemon killed in between comes back without it (fail closed: the VM's next connection to it is
+dropped until it asks again). Stopping waits a bound for what is queued (drain).
+
 Not the policy (resolver.py), nor the file (learned.py). One event loop owns it: the callback
 on a Future (the log writer's thread) only wakes the loop.
 """
@@ -30,6 +35,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable, Coroutine
+from concurrent import futures
 from concurrent.futures import Future
 from typing import Any
 
@@ -38,6 +44,8 @@ from skyguard.dns.metrics import DnsMetrics
 from skyguard.errors import LogError
 
 log = logging.getLogger("skyguard.dns")
+DRAIN_S = 2.0  # at stop, how long the queued entries of answers may take to settle (a healthy log:
+# its next group commit, milliseconds; a stalled one's are left out of the saved state: fail closed)
 
 
 class Learning:
@@ -82,8 +90,9 @@ class Learning:
             self._queued.append((logged, hold, zone))
             if len(self._queued) == 1:
                 self._watch()
-        # Refreshes of known addresses are saved lazily (the server's periodic flush).
-        return self.store.urgent and self.store.path is not None
+        # Refreshes of known addresses are saved lazily (the server's periodic flush); a new one
+        # under a queued entry once the entry is durable (settle), so not before this answer.
+        return hold is None and self.store.urgent and self.store.path is not None
 
     def forget_released(self, wall: float | None = None) -> list[tuple[str, str, str]]:
         """Let a learner that can (an optional `forget(zone, rule, ips)`) close now what the
@@ -160,6 +169,17 @@ class Learning:
         self._watch()
         if refused:
             self._take_back(refused, why, time.time() if wall is None else wall)
+        if self.store.urgent:  # an answer on record now that added an address: saved at once
+            self._save_soon()
+
+    async def drain(self, timeout: float = DRAIN_S) -> None:
+        """At stop, before the last save: wait up to `timeout` s for the queued entries to settle
+        (a stalled log's are left out of the saved state), settle them, and save nothing before
+        the caller does."""
+        self.save = None
+        if self._queued:  # in a thread: the log's Futures stay the writer's (never cancelled)
+            await asyncio.to_thread(futures.wait, [logged for logged, _hold, _zone in self._queued], timeout)
+        self.settle()
 
     def _take_back(self, refused: dict[str, list[int]], why: str, wall: float) -> None:
         for holds in refused.values():
@@ -176,13 +196,19 @@ class Learning:
         self.last_refusal = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(wall))}: {why}"
         log.error("DNS answers released before the signed log refused their entries: %d (%s); "
                   "addresses only they opened, closed again: %d", answers, why, len(closed))
-        if self.save is not None and self.store.dirty:  # a restart must not learn them again
-            try:
-                task = asyncio.get_running_loop().create_task(self.save())
-            except RuntimeError:  # no loop: the next flush or stop writes it
-                return
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        if self.store.dirty:  # a restart must not learn them again
+            self._save_soon()
+
+    def _save_soon(self) -> None:
+        """Write the store now (off the loop: `save`), without waiting for it."""
+        if self.save is None:
+            return
+        try:
+            task = asyncio.get_running_loop().create_task(self.save())
+        except RuntimeError:  # no loop: the next flush or stop writes it
+            return
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def status(self) -> dict:
         return {"log_refused_after_answer": self.refused_answers, "unlearned": self.unlearned,

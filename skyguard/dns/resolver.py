@@ -98,8 +98,9 @@ class Answer:
     denied: list[str] = field(default_factory=list)  # addresses a deny rule names, removed
     unrelated: int = 0  # records removed: outside the CNAME chain, or addresses not asked for
     ttl: int = 0
-    # A new address was learned: on disk before this reply is released, so a restart right
-    # after still re-learns it (the server writes it off the loop).
+    # A new address was learned under a decision on record already: on disk before this reply
+    # is released, so a restart right after still re-learns it (the server writes it off the
+    # loop). Under a queued entry it is saved once the entry is durable (learning.py).
     persist: bool = False
 
 

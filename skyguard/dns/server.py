@@ -199,10 +199,8 @@ class DnsServer:
         if self._sweep_timer is not None:
             self._sweep_timer.cancel()
             self._sweep_timer = None
-        for server in self._servers:
-            server.close()
-        for transport in self._udp_transports:
-            transport.close()
+        for listener in (*self._servers, *self._udp_transports):
+            listener.close()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -215,6 +213,7 @@ class DnsServer:
             self._close_socket(us)
         for server in self._servers:
             await server.wait_closed()
+        await self.resolver.learning.drain()  # what the log writes of the answers queued for it is saved
         # Off the loop (other parts go on): a write in flight, then the last one, each fsync'd.
         await asyncio.to_thread(self.state_writer.close)
         if self.resolver.store.dirty:

@@ -17,13 +17,16 @@ never the machine's disk. The down test stops the module's daemon: it and the up
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from daemon_support import PY, RunningDaemon, Stream, connects, reaches, stop_process, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
+from skyguard.dns.learned import FILE_NAME, LearnedStore
 from skyguard.lab.addressing import addresses_for_name
 from skyguard.lab.ca import LabCA
 from support.client_waits import curl_argv, dig_argv
@@ -433,6 +436,44 @@ def test_a_stalled_log_disk_fails_closed_keeps_the_daemon_answering_and_resumes_
     ended = daemon.log_entries("log_stall_ended")
     assert len(ended) == stalls_before + 1 and ended[-1]["refused"] >= 2, ended
     daemon.cli("log", "verify", check=True)
+
+
+def test_an_answer_a_crash_kept_from_the_log_is_not_opened_again_by_the_restarted_daemon(lab, daemon):
+    """An answer's entry is queued and the answer leaves at once (learning.py holds what it opened
+    until the entry settles). Killed before the entry was written, the daemon had saved the answer
+    to its learned state, and the restarted one opened the address again with no entry in the log
+    for it."""
+    daemon.ensure_running()
+    wait_for(lambda: daemon.status()["log"]["refusing"] is None, 60, "the log accepting entries")
+    name = "crash.pythonhosted.test"  # allowed to agent1 (sandbox-packages), asked by no other test
+    address = str(addresses_for_name(name)[1])  # its AAAA: no other name of the lab answers it
+    daemon.disk.freeze()
+    try:
+        assert "status: NOERROR" in dig(lab, "agent1", name, "AAAA")  # its entry queued, not written
+        wait_for(lambda: blocked_in_the_kernel(daemon.proc.pid), 60, "the log writer waiting on the frozen disk")
+        assert connects(lab, "agent1", address, 443, expected=True)  # open, under the queued entry
+        daemon.proc.send_signal(signal.SIGKILL)  # it dies once its writer's write returns
+    finally:
+        daemon.disk.thaw()
+    daemon.proc.wait(60)
+    daemon.start()
+    assert not connects(lab, "agent1", address, 443, expected=False)
+    assert not [e for e in daemon.log_entries("dns") if e.get("name") == name]
+    daemon.cli("log", "verify", check=True)
+    assert "status: NOERROR" in dig(lab, "agent1", name, "AAAA")  # asked again: on record, open
+    wait_for(lambda: [e for e in daemon.log_entries("dns") if e.get("name") == name], 30, "the answer on record")
+    assert connects(lab, "agent1", address, 443, expected=True)
+    wait_for(lambda: saved_answer(daemon, name, address), 30, "the answer saved once its entry is written")
+    daemon.kill()
+    daemon.start()
+    assert connects(lab, "agent1", address, 443, expected=True)  # on record: a restart opens it again
+
+
+def saved_answer(daemon, name: str, address: str) -> bool:
+    """Does the daemon's saved learned state (what a restart opens) hold `address` for `name`?"""
+    saved = LearnedStore(daemon.state_dir / FILE_NAME)
+    saved.load()
+    return saved.answered(name, address, time.time())
 
 
 def test_down_returns_while_the_log_disk_is_stalled(lab, daemon):

@@ -136,6 +136,35 @@ def test_a_hold_on_an_entry_a_cap_evicted_meanwhile_releases_nothing():
     assert store.release(1) == [] and [e[-1] for e in store.entries(0.0)] == [1400.0]
 
 
+def test_the_saved_state_holds_only_answers_whose_entries_the_log_wrote():
+    resolver, log, learner, store = make()
+    now = time.time()
+    first = resolve(resolver, "a.cdn.test", ["203.0.113.1"], now)
+    assert store.snapshot(now) == [] and not store.urgent  # queued: a restart must not open it
+    first.set_result(1)
+    assert store.urgent  # on record: saved at once
+    assert [e[-2:] for e in store.snapshot(now)] == [("203.0.113.1", now + 302)]
+    later = resolve(resolver, "a.cdn.test", ["203.0.113.1"], now + 100)  # a refresh, queued
+    assert [e[-1] for e in store.snapshot(now)] == [now + 302] and not store.urgent
+    later.set_result(2)
+    assert store.dirty and [e[-1] for e in store.snapshot(now)] == [now + 402]
+
+
+def test_stopping_waits_for_queued_entries_so_the_last_save_holds_what_the_log_wrote():
+    async def main():
+        resolver, log, learner, store = make()
+        now = time.time()
+        written = resolve(resolver, "a.cdn.test", ["203.0.113.1"], now)
+        threading.Thread(target=written.set_result, args=(1,)).start()  # the writer's next group commit
+        await resolver.learning.drain(timeout=60)  # returns once it is settled
+        saved = [e[-2] for e in store.snapshot(now)]
+        resolve(resolver, "b.cdn.test", ["203.0.113.2"], now)  # its disk stalled: never settled
+        await resolver.learning.drain(timeout=0.1)
+        return saved, [e[-2] for e in store.snapshot(now)]
+
+    assert asyncio.run(main()) == (["203.0.113.1"], ["203.0.113.1"])
+
+
 class HoldingLearner(Learner):
     """A learner with the datapath's hold(): an exact expiry, shorter than before if need be."""
 
